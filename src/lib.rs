@@ -1,0 +1,21 @@
+//! ferry moves a running virtual machine's memory from one host to another while
+//! the guest keeps running (pre-copy), then switches it over with a short pause.
+//!
+//! The core is synchronous and free of sockets: [`memory`] (guest memory, dirty
+//! bitmaps, the synthetic guest), [`codec`] (zero pages, lz4, zstd), [`wire`]
+//! (frames and messages), [`digest`] (the switchover memory digest) and
+//! [`migration::policy`] (convergence). The `net` feature adds the async shell:
+//! [`transport`] (sessions of TCP channels, credits, the bandwidth cap) and the
+//! source and destination drivers in [`migration`].
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod cpu;
+pub mod digest;
+pub mod memory;
+pub mod migration;
+#[cfg(feature = "net")]
+pub mod transport;
+pub mod units;
+pub mod wire;

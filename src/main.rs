@@ -1,0 +1,558 @@
+//! The `ferry` command line: `demo`, `send` and `receive`.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry::codec::Codec;
+use ferry::cpu::CpuMeter;
+use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
+use ferry::migration::{
+    migrate, migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, Phase, Progress,
+    Receiver, ReceiverConfig, Report, RunContext,
+};
+use ferry::units::{parse_bandwidth, parse_duration, parse_rate, parse_size, Bytes, Rate};
+use ferry::wire::VerifyMode;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ferry: live migration of VM memory over a multichannel TCP session.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Migrate a running synthetic guest over loopback, inside this process.
+    Demo(DemoArgs),
+    /// Migrate a running synthetic guest to a `ferry receive`.
+    Send(SendArgs),
+    /// Wait for migrations and run the guests that arrive.
+    Receive(ReceiveArgs),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+fn rate_arg(s: &str) -> Result<u64, String> {
+    parse_rate(s).map_err(|e| e.to_string())
+}
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// A bandwidth cap: `unlimited` or a rate.
+#[derive(Debug, Clone, Copy)]
+struct Bandwidth(Option<u64>);
+
+fn bandwidth_arg(s: &str) -> Result<Bandwidth, String> {
+    parse_bandwidth(s).map(Bandwidth).map_err(|e| e.to_string())
+}
+
+#[derive(Args, Debug)]
+struct GuestArgs {
+    /// Guest memory size (e.g. 512MiB, 1GiB). Default: 1GiB, or the image's size.
+    #[arg(long, value_parser = size_arg)]
+    memory: Option<u64>,
+    /// Initial content mix by weight: zero, text, binary, random.
+    #[arg(long, default_value = "zero:35,text:30,binary:20,random:15")]
+    fill: FillSpec,
+    /// Load memory from a raw RAM image instead (its size sets --memory).
+    #[arg(long, value_name = "FILE", conflicts_with = "fill")]
+    image: Option<PathBuf>,
+    /// Write pattern: idle, uniform, sequential, or hot:<size>.
+    #[arg(long, default_value = "hot:64MiB")]
+    workload: WorkloadPattern,
+    /// Bytes the guest writes per second (e.g. 100MB/s, 1Gbit/s).
+    #[arg(long, default_value = "100MB/s", value_parser = rate_arg)]
+    dirty_rate: u64,
+    /// Guest writer threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    writers: u32,
+    /// Seed of the initial content and the workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct MigrateArgs {
+    /// TCP channels (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    channels: u16,
+    /// Batch codec: none, lz4, zstd[:level].
+    #[arg(long, default_value = "lz4")]
+    codec: Codec,
+    /// Cap on wire bytes/s across all channels, switchover included (e.g. 1Gbit/s).
+    #[arg(long, default_value = "unlimited", value_parser = bandwidth_arg)]
+    max_bandwidth: Bandwidth,
+    /// The switchover pause to aim under.
+    #[arg(long, default_value = "300ms", value_parser = duration_arg)]
+    downtime_limit: Duration,
+    /// Digest: fast (per-page hashes kept as pages move) or full (hash all memory in the pause).
+    #[arg(long, default_value = "fast")]
+    verify: VerifyMode,
+    /// Throttle the guest when rounds do not converge: on or off.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    auto_converge: String,
+    /// Give up after this long (default: 150 s per GiB of guest memory).
+    #[arg(long, value_parser = duration_arg)]
+    completion_timeout: Option<Duration>,
+    /// Give up when the remaining bytes stop falling for this long.
+    #[arg(long, default_value = "150s", value_parser = duration_arg)]
+    progress_timeout: Duration,
+    /// Leave the guest paused on the destination after the hand-off.
+    #[arg(long)]
+    leave_paused: bool,
+    /// Print the report as one line of JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl MigrateArgs {
+    fn config(&self) -> MigrationConfig {
+        MigrationConfig {
+            channels: self.channels,
+            codec: self.codec,
+            max_bandwidth: self.max_bandwidth.0,
+            downtime_limit: self.downtime_limit,
+            verify: self.verify,
+            auto_converge: self.auto_converge == "on",
+            completion_timeout: self.completion_timeout,
+            progress_timeout: self.progress_timeout,
+            leave_paused: self.leave_paused,
+            ..MigrationConfig::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// The receiver, host:port.
+    #[arg(long, value_name = "ADDR")]
+    to: String,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReceiveArgs {
+    /// Address to listen on, host:port.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Exit after one migration.
+    #[arg(long)]
+    once: bool,
+    /// Largest guest accepted.
+    #[arg(long, default_value = "1TiB", value_parser = size_arg)]
+    max_memory: u64,
+    /// Print each report as one line of JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A usage error found after parsing: one line, exit status 2.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Demo(a) => demo(a),
+        Command::Send(a) => send(a),
+        Command::Receive(a) => receive(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+fn build_guest(g: &GuestArgs) -> Result<Arc<SyntheticGuest>> {
+    let (memory, content) = match &g.image {
+        Some(path) => {
+            let mem = GuestMemory::from_image(path).map_err(|e| usage(format!("{e:#}")))?;
+            if let Some(m) = g.memory {
+                if m != mem.len_bytes() {
+                    return Err(usage(format!(
+                        "--memory {} disagrees with the image's size {} ({})",
+                        m,
+                        mem.len_bytes(),
+                        path.display()
+                    )));
+                }
+            }
+            (mem, FillSpec::default())
+        }
+        None => {
+            let bytes = g.memory.unwrap_or(1 << 30);
+            let mem = GuestMemory::new(bytes).map_err(|e| usage(format!("--memory: {e}")))?;
+            g.fill.fill(&mem, g.seed, 2);
+            (mem, g.fill.clone())
+        }
+    };
+    if let WorkloadPattern::Hot { bytes } = g.workload {
+        if bytes > memory.len_bytes() {
+            return Err(usage(format!(
+                "--workload hot:{} is larger than the guest's {}",
+                Bytes(bytes),
+                Bytes(memory.len_bytes())
+            )));
+        }
+    }
+    let workload = Workload {
+        pattern: g.workload,
+        dirty_rate: g.dirty_rate,
+        content,
+        writers: g.writers,
+        seed: g.seed,
+    };
+    Ok(Arc::new(SyntheticGuest::start(Arc::new(memory), workload)))
+}
+
+fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest) -> String {
+    let content = match &g.image {
+        Some(p) => format!("image {}", p.display()),
+        None => format!("fill {}", g.fill),
+    };
+    format!(
+        "{} synthetic guest ({content}), workload {} at {}",
+        Bytes(guest.memory().len_bytes()),
+        g.workload,
+        Rate(g.dirty_rate as f64)
+    )
+}
+
+/// Draws one progress bar per phase (each round, then the switchover) on stderr
+/// until `done` is set.
+fn progress_ui(progress: Arc<Progress>, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let style = ProgressStyle::with_template(
+            "{prefix:>11} [{bar:28}] {bytes:>10}/{total_bytes:<10} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        let mut current: Option<((Phase, u32), ProgressBar)> = None;
+        loop {
+            let finished = done.load(Ordering::Acquire);
+            let s = progress.snapshot();
+            if matches!(s.phase, Phase::Precopy | Phase::Switchover | Phase::Handoff) {
+                let phase = if s.phase == Phase::Handoff {
+                    Phase::Switchover
+                } else {
+                    s.phase
+                };
+                let key = (phase, s.round);
+                if current.as_ref().map(|c| c.0) != Some(key) {
+                    if let Some((_, bar)) = current.take() {
+                        bar.finish();
+                    }
+                    let bar = mp.add(ProgressBar::new(s.round_pages * 4096));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(match phase {
+                        Phase::Switchover => "switchover".to_string(),
+                        _ => format!("round {}", s.round),
+                    });
+                    current = Some((key, bar));
+                }
+                let (_, bar) = current.as_ref().unwrap();
+                bar.set_position(s.round_pages_done * 4096);
+                let left = (s.round_pages - s.round_pages_done) * 4096;
+                let mut msg = format!("left {}", Bytes(left));
+                if s.throughput_bps > 0.0 {
+                    msg += &format!("  {}", Rate(s.throughput_bps));
+                }
+                if let Some(d) = s.expected_downtime_ms {
+                    msg += &format!("  est. downtime {d:.1} ms");
+                }
+                if s.throttle_pct > 0 {
+                    msg += &format!("  throttle {}%", s.throttle_pct);
+                }
+                if s.phase == Phase::Handoff {
+                    msg = "hand-off: READY/GO".into();
+                }
+                bar.set_message(msg);
+            }
+            if finished {
+                if let Some((_, bar)) = current.take() {
+                    bar.finish();
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+fn ms(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{:.2} s", x / 1000.0)
+    } else {
+        format!("{x:.1} ms")
+    }
+}
+
+fn summary(r: &Report, limit: Option<Duration>) -> String {
+    let mut out = String::new();
+    let where_ = match r.outcome {
+        Outcome::Completed => "the guest now runs on the destination",
+        Outcome::Unresolved => {
+            "GO was sent but not acknowledged: the guest is paused on the source"
+        }
+        _ => "the guest keeps running on the source",
+    };
+    out += &format!("  outcome     {}: {where_}\n", outcome_name(r.outcome));
+    if let Some(e) = &r.error {
+        out += &format!("  error       {e}\n");
+    }
+    out += &format!(
+        "  verified    {} ({} digest, {})\n",
+        if r.verified {
+            "yes, memory identical"
+        } else {
+            "no"
+        },
+        r.verify,
+        ms(r.verify_ms)
+    );
+    let limit = limit
+        .map(|l| format!(" (limit {})", ms(l.as_secs_f64() * 1e3)))
+        .unwrap_or_default();
+    out += &format!(
+        "  time        total {}, setup {}, downtime {}{limit}\n",
+        ms(r.total_ms),
+        ms(r.setup_ms),
+        ms(r.downtime_ms)
+    );
+    out += &format!(
+        "  rounds      {} pre-copy + final; pages {} (zero {}, raw {}, compressed {})\n",
+        r.rounds, r.pages.total, r.pages.zero, r.pages.raw, r.pages.compressed
+    );
+    out += &format!(
+        "  data        {} of guest memory as {} on the wire (ratio {:.2}, {})\n",
+        Bytes(r.guest_bytes_sent),
+        Bytes(r.wire_bytes),
+        r.compression_ratio,
+        r.codec
+    );
+    let cap = r
+        .max_bandwidth_bps
+        .map(|b| format!(", cap {}", Rate(b as f64)))
+        .unwrap_or_default();
+    out += &format!(
+        "  throughput  {} guest, {} wire over {} channels{cap}\n",
+        Rate(r.throughput_guest_bps),
+        Rate(r.throughput_wire_bps),
+        r.channels
+    );
+    out += &format!(
+        "  guest       dirty rate {}, max throttle {}%\n",
+        Rate(r.dirty_rate_bps),
+        r.throttle_pct_max
+    );
+    let cpu = |v: Option<f64>| v.map(ms).unwrap_or_else(|| "n/a".into());
+    out += &format!(
+        "  cpu         source {}, destination {}\n",
+        cpu(r.cpu_ms.source),
+        cpu(r.cpu_ms.destination)
+    );
+    out
+}
+
+fn exit_for(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Completed => ExitCode::SUCCESS,
+        Outcome::Unresolved => ExitCode::from(3),
+        Outcome::Failed | Outcome::Cancelled => ExitCode::from(1),
+    }
+}
+
+fn cancel_on_ctrl_c(rt: &tokio::runtime::Runtime, ctx: &RunContext) {
+    let cancel = ctx.cancel.clone();
+    rt.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: cancelling (the guest stays on the source)");
+            cancel.cancel();
+        }
+    });
+}
+
+fn demo(a: DemoArgs) -> Result<ExitCode> {
+    let config = a.migrate.config();
+    config.validate().map_err(usage)?;
+    eprintln!("building the guest...");
+    let guest = build_guest(&a.guest)?;
+    eprintln!(
+        "ferry demo: {}\n            {} channels, codec {}, over loopback",
+        describe_guest(&a.guest, &guest),
+        config.channels,
+        config.codec
+    );
+    // Let the workload reach its steady state before migrating.
+    std::thread::sleep(Duration::from_millis(200));
+    let ctx = RunContext::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let ui = progress_ui(ctx.progress.clone(), done.clone());
+    let result = migrate_over_loopback(guest.clone(), &config, ctx, ReceiverConfig::default());
+    done.store(true, Ordering::Release);
+    let _ = ui.join();
+    let (report, incoming) = result.context("loopback migration")?;
+    if let Some(dest_guest) = &incoming.guest {
+        // Show the guest runs on: its counter grows there.
+        let before = dest_guest.progress_counter();
+        std::thread::sleep(Duration::from_millis(100));
+        let after = dest_guest.progress_counter();
+        tracing::info!(before, after, "destination guest running");
+    }
+    if a.migrate.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("migration {}", outcome_name(report.outcome));
+        print!("{}", summary(&report, Some(config.downtime_limit)));
+    }
+    Ok(exit_for(report.outcome))
+}
+
+fn send(a: SendArgs) -> Result<ExitCode> {
+    let config = a.migrate.config();
+    config.validate().map_err(usage)?;
+    let guest = build_guest(&a.guest)?;
+    tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest));
+    let cpu = CpuMeter::new();
+    let rt = ferry::transport::runtime("ferry-src", 2, &cpu)?;
+    let ctx = RunContext {
+        cpu,
+        ..RunContext::default()
+    };
+    cancel_on_ctrl_c(&rt, &ctx);
+    let done = Arc::new(AtomicBool::new(false));
+    let ui = progress_ui(ctx.progress.clone(), done.clone());
+    let target = a.to.clone();
+    let g: Arc<dyn MigratableGuest> = guest.clone();
+    let c2 = config.clone();
+    let ctx2 = ctx.clone();
+    let report = rt.block_on(rt.spawn(async move { migrate(g, &target, &c2, &ctx2).await }))?;
+    done.store(true, Ordering::Release);
+    let _ = ui.join();
+    if a.migrate.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("migration to {} {}", a.to, outcome_name(report.outcome));
+        print!("{}", summary(&report, Some(config.downtime_limit)));
+    }
+    Ok(exit_for(report.outcome))
+}
+
+fn receive(a: ReceiveArgs) -> Result<ExitCode> {
+    let cpu = CpuMeter::new();
+    let rt = ferry::transport::runtime("ferry-dst", 2, &cpu)?;
+    let ctx = RunContext {
+        cpu,
+        ..RunContext::default()
+    };
+    let receiver = rt
+        .block_on(Receiver::bind(
+            &a.listen,
+            ReceiverConfig {
+                max_memory: a.max_memory,
+                ..ReceiverConfig::default()
+            },
+        ))
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let addr = receiver.local_addr()?;
+    tracing::info!(%addr, "listening for migrations");
+    let stop = ctx.cancel.clone();
+    rt.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop.cancel();
+        }
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = rt.spawn(receiver.serve(ctx.clone(), tx));
+    // The guest that arrived last keeps running here until the next arrives.
+    let mut _running: Option<Arc<dyn MigratableGuest>> = None;
+    let mut last = Outcome::Cancelled;
+    loop {
+        let got = rt.block_on(async {
+            tokio::select! {
+                r = rx.recv() => r,
+                _ = ctx.cancel.cancelled() => None,
+            }
+        });
+        let Some(incoming) = got else { break };
+        let r = &incoming.report;
+        last = r.outcome;
+        if a.json {
+            println!("{}", r.to_json());
+        } else {
+            println!(
+                "incoming migration {} (session {})",
+                outcome_name(r.outcome),
+                r.session_id
+            );
+            print!("{}", summary(r, None));
+        }
+        if incoming.guest.is_some() {
+            _running = incoming.guest;
+        }
+        if a.once {
+            break;
+        }
+    }
+    ctx.cancel.cancel();
+    let _ = rt.block_on(server);
+    Ok(exit_for(last))
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Completed => "completed",
+        Outcome::Failed => "failed",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Unresolved => "unresolved",
+    }
+}

@@ -1,0 +1,358 @@
+//! Page content that looks like a real guest's: zero pages, text, binary
+//! structures and random (incompressible) bytes, mixed in set proportions.
+
+use super::{GuestMemory, PAGE_SIZE};
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::fmt;
+use std::str::FromStr;
+
+/// Pages per extent: initial content comes in 64 KiB extents of one kind, as real
+/// memory holds runs of zero pages, heaps and page cache rather than a salad.
+pub const FILL_EXTENT_PAGES: u64 = 16;
+
+/// What a page holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentKind {
+    /// All zero bytes.
+    Zero,
+    /// English-like words and line breaks (compresses about 2-4x).
+    Text,
+    /// Binary structures: pointers, small integers, zero padding (about 1.5-3x).
+    Binary,
+    /// Uniformly random bytes (does not compress).
+    Random,
+}
+
+impl ContentKind {
+    /// All kinds, in the order the spec lists them.
+    pub const ALL: [ContentKind; 4] = [Self::Zero, Self::Text, Self::Binary, Self::Random];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Zero => "zero",
+            Self::Text => "text",
+            Self::Binary => "binary",
+            Self::Random => "random",
+        }
+    }
+
+    /// Writes one page of this kind into `page` from `rng`.
+    pub fn generate(self, rng: &mut ChaCha8Rng, page: &mut [u8]) {
+        match self {
+            Self::Zero => page.fill(0),
+            Self::Random => rng.fill_bytes(page),
+            Self::Text => generate_text(rng, page),
+            Self::Binary => generate_binary(rng, page),
+        }
+    }
+}
+
+const WORDS: [&str; 64] = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "had",
+    "they",
+    "you",
+    "were",
+    "their",
+    "one",
+    "all",
+    "we",
+    "can",
+    "her",
+    "has",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "memory",
+    "page",
+    "guest",
+    "kernel",
+    "migration",
+    "network",
+    "request",
+    "server",
+    "value",
+    "error",
+    "user",
+    "data",
+    "time",
+    "state",
+    "node",
+    "cluster",
+];
+
+fn generate_text(rng: &mut ChaCha8Rng, page: &mut [u8]) {
+    let mut i = 0;
+    let mut bits = 0u64;
+    let mut left = 0;
+    while i < page.len() {
+        if left == 0 {
+            bits = rng.next_u64();
+            left = 10;
+        }
+        let w = WORDS[(bits & 63) as usize].as_bytes();
+        let sep = if (bits >> 6) & 15 == 0 { b'\n' } else { b' ' };
+        bits >>= 6;
+        left -= 1;
+        let n = w.len().min(page.len() - i);
+        page[i..i + n].copy_from_slice(&w[..n]);
+        i += n;
+        if i < page.len() {
+            page[i] = sep;
+            i += 1;
+        }
+    }
+}
+
+fn generate_binary(rng: &mut ChaCha8Rng, page: &mut [u8]) {
+    // A heap-like page: 8-byte slots holding pointers into one region, small
+    // counters, zero padding and the odd random word.
+    let base = 0x0000_7f00_0000_0000u64 | ((rng.next_u64() & 0xff_ffff) << 16);
+    let mut bits = 0u64;
+    let mut left = 0;
+    for slot in page.chunks_exact_mut(8) {
+        if left == 0 {
+            bits = rng.next_u64();
+            left = 16;
+        }
+        let v = match bits & 3 {
+            0 => base + ((bits >> 2) & 0xfff0),
+            1 => (bits >> 2) & 0xff,
+            2 => 0,
+            _ => rng.next_u64(),
+        };
+        bits >>= 4;
+        left -= 1;
+        slot.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Why a `--fill` spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid fill {input:?}: {reason} (e.g. zero:35,text:30,binary:20,random:15 or random)")]
+pub struct FillError {
+    input: String,
+    reason: String,
+}
+
+/// A mix of page kinds with integer weights, e.g. `zero:35,text:30,binary:20,random:15`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FillSpec {
+    weights: [u32; 4],
+}
+
+impl Default for FillSpec {
+    /// A realistic idle-server mix: a third zero pages, then text, heap, and
+    /// already-compressed data.
+    fn default() -> Self {
+        Self {
+            weights: [35, 30, 20, 15],
+        }
+    }
+}
+
+impl FillSpec {
+    /// A spec of only one kind.
+    pub fn only(kind: ContentKind) -> Self {
+        let mut weights = [0; 4];
+        weights[kind as usize] = 1;
+        Self { weights }
+    }
+
+    /// The weight of one kind.
+    pub fn weight(&self, kind: ContentKind) -> u32 {
+        self.weights[kind as usize]
+    }
+
+    /// Chooses a kind from 32 random bits by the weights.
+    pub fn pick(&self, r: u32) -> ContentKind {
+        let total: u32 = self.weights.iter().sum();
+        let mut x = r % total;
+        for kind in ContentKind::ALL {
+            let w = self.weights[kind as usize];
+            if x < w {
+                return kind;
+            }
+            x -= w;
+        }
+        ContentKind::Zero
+    }
+
+    fn extent_rng(seed: u64, extent: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed ^ extent.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// Generates the initial content of extent `extent` (16 pages) into `out`,
+    /// which holds `out.len() / PAGE_SIZE` pages. Deterministic in `seed`.
+    /// Returns the extent's kind.
+    pub fn generate_extent(&self, seed: u64, extent: u64, out: &mut [u8]) -> ContentKind {
+        let mut rng = Self::extent_rng(seed, extent);
+        let kind = self.pick(rng.next_u32());
+        for page in out.chunks_exact_mut(PAGE_SIZE) {
+            kind.generate(&mut rng, page);
+        }
+        kind
+    }
+
+    /// Writes the initial content into all of `mem`, in parallel on `threads`
+    /// threads. Zero extents are not touched, so they stay unbacked.
+    pub fn fill(&self, mem: &GuestMemory, seed: u64, threads: usize) {
+        let extents = mem.pages().div_ceil(FILL_EXTENT_PAGES);
+        let threads = threads.max(1) as u64;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || {
+                    let mut buf = vec![0u8; FILL_EXTENT_PAGES as usize * PAGE_SIZE];
+                    let mut e = t;
+                    while e < extents {
+                        let first = e * FILL_EXTENT_PAGES;
+                        let n = FILL_EXTENT_PAGES.min(mem.pages() - first);
+                        let out = &mut buf[..n as usize * PAGE_SIZE];
+                        if self.generate_extent(seed, e, out) != ContentKind::Zero {
+                            for (i, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
+                                mem.write_page(first + i as u64, page);
+                            }
+                        }
+                        e += threads;
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl FromStr for FillSpec {
+    type Err = FillError;
+
+    fn from_str(s: &str) -> Result<Self, FillError> {
+        let err = |reason: &str| FillError {
+            input: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut weights = [0u32; 4];
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, weight) = match part.split_once(':') {
+                Some((n, w)) => (
+                    n.trim(),
+                    w.trim()
+                        .parse::<u32>()
+                        .map_err(|_| err("weights are whole numbers"))?,
+                ),
+                None => (part, 1),
+            };
+            let kind = ContentKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| err(&format!("unknown kind {name:?}")))?;
+            weights[kind as usize] += weight;
+        }
+        if weights.iter().sum::<u32>() == 0 {
+            return Err(err("no weight given"));
+        }
+        Ok(Self { weights })
+    }
+}
+
+impl fmt::Display for FillSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for kind in ContentKind::ALL {
+            let w = self.weights[kind as usize];
+            if w > 0 {
+                if !first {
+                    f.write_str(",")?;
+                }
+                write!(f, "{}:{w}", kind.name())?;
+                first = false;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_specs() {
+        let s: FillSpec = "zero:35,text:30,binary:20,random:15".parse().unwrap();
+        assert_eq!(s, FillSpec::default());
+        assert_eq!(
+            "random".parse::<FillSpec>().unwrap(),
+            FillSpec::only(ContentKind::Random)
+        );
+        assert_eq!(s.to_string(), "zero:35,text:30,binary:20,random:15");
+        assert!("zero:x".parse::<FillSpec>().is_err());
+        assert!("gold:3".parse::<FillSpec>().is_err());
+        assert!("zero:0".parse::<FillSpec>().is_err());
+    }
+
+    #[test]
+    fn kinds_compress_as_labelled() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut page = vec![0u8; PAGE_SIZE * 16];
+        let mut ratio = |kind: ContentKind| {
+            for p in page.chunks_exact_mut(PAGE_SIZE) {
+                kind.generate(&mut rng, p);
+            }
+            page.len() as f64 / lz4_flex::block::compress(&page).len() as f64
+        };
+        assert!(ratio(ContentKind::Zero) > 100.0);
+        let text = ratio(ContentKind::Text);
+        assert!(text > 1.8, "text ratio {text}");
+        let bin = ratio(ContentKind::Binary);
+        assert!(bin > 1.2 && bin < text * 2.0, "binary ratio {bin}");
+        assert!(ratio(ContentKind::Random) < 1.01);
+    }
+
+    #[test]
+    fn fill_is_deterministic_and_mixed() {
+        let mem = GuestMemory::new(1024 * PAGE_SIZE as u64).unwrap();
+        FillSpec::default().fill(&mem, 42, 2);
+        let other = GuestMemory::new(1024 * PAGE_SIZE as u64).unwrap();
+        FillSpec::default().fill(&other, 42, 1);
+        mem.with_pages(0, 1024, |a| other.with_pages(0, 1024, |b| assert!(a == b)));
+        let zero = mem.with_pages(0, 1024, |s| {
+            s.chunks_exact(PAGE_SIZE)
+                .filter(|p| crate::codec::is_zero_page(p))
+                .count()
+        });
+        assert!((200..600).contains(&zero), "{zero} zero pages of 1024");
+    }
+}

@@ -1,0 +1,265 @@
+//! Guest memory: the mmap'd page array, its dirty bitmap, initial content and the
+//! synthetic guest that dirties it.
+//!
+//! Guest memory is shared, volatile memory in the sense every VMM uses: the guest
+//! (here the synthetic writer threads) writes pages while the migration reads them.
+//! The dirty-log protocol makes a torn read harmless: a writer writes a page *and
+//! then* marks it dirty, the migration clears the mark *and then* copies the page,
+//! so any write that overlaps a copy leaves the page marked and it is sent again.
+
+mod bitmap;
+mod fill;
+mod synthetic;
+
+pub use bitmap::{DirtyBitmap, DirtySnapshot, Runs};
+pub use fill::{ContentKind, FillError, FillSpec};
+pub use synthetic::{GuestState, SyntheticGuest, Workload, WorkloadError, WorkloadPattern};
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+/// Bytes in one guest page.
+pub const PAGE_SIZE: usize = 4096;
+/// `log2(PAGE_SIZE)`.
+pub const PAGE_SHIFT: u32 = 12;
+/// The largest guest memory ferry will map: 16 TiB.
+pub const MAX_MEMORY_BYTES: u64 = 16 << 40;
+
+/// Errors creating or loading guest memory.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // variant fields are named in the messages
+pub enum MemoryError {
+    /// The size is zero, not a multiple of the page size, or too large.
+    #[error("guest memory size {bytes} is invalid: {reason}")]
+    BadSize { bytes: u64, reason: &'static str },
+    /// The anonymous mapping could not be created.
+    #[error("cannot map {bytes} bytes of guest memory")]
+    Map {
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The RAM image could not be read.
+    #[error("cannot read RAM image {path}")]
+    Image {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A guest's physical memory: one anonymous, lazily backed mapping of 4 KiB pages.
+///
+/// Pages are accessed by index through copies in and out; many threads may read
+/// and write distinct (or even the same) pages at once, as a VMM's would.
+pub struct GuestMemory {
+    map: memmap2::MmapRaw,
+    pages: u64,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory")
+            .field("pages", &self.pages)
+            .finish()
+    }
+}
+
+impl GuestMemory {
+    /// Maps `bytes` of zeroed guest memory. Nothing is backed until written.
+    pub fn new(bytes: u64) -> Result<Self, MemoryError> {
+        if bytes == 0 {
+            return Err(MemoryError::BadSize {
+                bytes,
+                reason: "must not be zero",
+            });
+        }
+        if bytes % PAGE_SIZE as u64 != 0 {
+            return Err(MemoryError::BadSize {
+                bytes,
+                reason: "must be a multiple of 4 KiB",
+            });
+        }
+        if bytes > MAX_MEMORY_BYTES {
+            return Err(MemoryError::BadSize {
+                bytes,
+                reason: "larger than 16 TiB",
+            });
+        }
+        let len = usize::try_from(bytes).map_err(|_| MemoryError::BadSize {
+            bytes,
+            reason: "larger than the address space",
+        })?;
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .no_reserve_swap()
+            .map_anon()
+            .map_err(|source| MemoryError::Map { bytes, source })?;
+        Ok(Self {
+            map: memmap2::MmapRaw::from(map),
+            pages: bytes >> PAGE_SHIFT,
+        })
+    }
+
+    /// Maps guest memory holding a raw RAM image, byte for byte. The image's size
+    /// (a multiple of 4 KiB) is the guest's memory size. Zero pages are skipped, so
+    /// they stay unbacked.
+    pub fn from_image(path: &Path) -> Result<Self, MemoryError> {
+        let image_err = |source| MemoryError::Image {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = File::open(path).map_err(image_err)?;
+        let bytes = file.metadata().map_err(image_err)?.len();
+        let mem = Self::new(bytes)?;
+        let mut buf = vec![0u8; 256 * PAGE_SIZE];
+        let mut page = 0u64;
+        while page < mem.pages {
+            let n = ((mem.pages - page) as usize).min(256);
+            let chunk = &mut buf[..n * PAGE_SIZE];
+            file.read_exact(chunk).map_err(image_err)?;
+            for (i, p) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
+                if !crate::codec::is_zero_page(p) {
+                    mem.write_page(page + i as u64, p);
+                }
+            }
+            page += n as u64;
+        }
+        Ok(mem)
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Size in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.pages << PAGE_SHIFT
+    }
+
+    fn page_ptr(&self, index: u64) -> *mut u8 {
+        assert!(
+            index < self.pages,
+            "page {index} outside guest of {} pages",
+            self.pages
+        );
+        // The offset is inside the mapping: index < pages, and pages * PAGE_SIZE == len.
+        self.map
+            .as_mut_ptr()
+            .wrapping_add((index as usize) << PAGE_SHIFT)
+    }
+
+    /// Copies page `index` into `dst`.
+    ///
+    /// # Panics
+    /// If `index` is outside the guest or `dst` is not one page long.
+    #[allow(unsafe_code)]
+    pub fn read_page(&self, index: u64, dst: &mut [u8]) {
+        assert_eq!(dst.len(), PAGE_SIZE);
+        let src = self.page_ptr(index);
+        // SAFETY: `src` points at PAGE_SIZE mapped bytes (checked by page_ptr) that
+        // live as long as `self`; `dst` is a distinct Rust buffer of PAGE_SIZE bytes.
+        // A guest writer may modify the page during the copy: guest memory is shared
+        // volatile memory (see the module doc), a torn copy is re-sent because the
+        // writer marks the page dirty after writing.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) }
+    }
+
+    /// Copies `src` (one page) into page `index`.
+    ///
+    /// # Panics
+    /// If `index` is outside the guest or `src` is not one page long.
+    #[allow(unsafe_code)]
+    pub fn write_page(&self, index: u64, src: &[u8]) {
+        assert_eq!(src.len(), PAGE_SIZE);
+        let dst = self.page_ptr(index);
+        // SAFETY: `dst` points at PAGE_SIZE mapped, writable bytes (checked by
+        // page_ptr, the mapping is PROT_WRITE); `src` is a distinct Rust slice.
+        // Concurrent access to the same page is the shared-guest-memory contract of
+        // the module doc: the bytes are plain data with no validity invariant.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) }
+    }
+
+    /// Fills page `index` with zeros.
+    #[allow(unsafe_code)]
+    pub fn zero_page(&self, index: u64) {
+        let dst = self.page_ptr(index);
+        // SAFETY: as for write_page: PAGE_SIZE mapped, writable bytes.
+        unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) }
+    }
+
+    /// Runs `f` over the bytes of pages `[first, first + count)` as one slice.
+    ///
+    /// Meant for whole-memory passes (digests, audits) while the guest is paused;
+    /// with the guest running the bytes may change underneath, which only makes the
+    /// result stale, never unsound to compute on plain bytes.
+    #[allow(unsafe_code)]
+    pub fn with_pages<R>(&self, first: u64, count: u64, f: impl FnOnce(&[u8]) -> R) -> R {
+        assert!(
+            first
+                .checked_add(count)
+                .is_some_and(|end| end <= self.pages),
+            "pages {first}+{count} outside guest of {} pages",
+            self.pages
+        );
+        let ptr = self
+            .map
+            .as_ptr()
+            .wrapping_add((first as usize) << PAGE_SHIFT);
+        // SAFETY: the range is inside the mapping (checked above) and lives as long
+        // as `self`. The bytes are plain data; see the doc comment on concurrent writers.
+        let slice = unsafe { std::slice::from_raw_parts(ptr, (count as usize) << PAGE_SHIFT) };
+        f(slice)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(GuestMemory::new(0).is_err());
+        assert!(GuestMemory::new(4095).is_err());
+        assert!(GuestMemory::new(MAX_MEMORY_BYTES + 4096).is_err());
+    }
+
+    #[test]
+    fn pages_round_trip() {
+        let mem = GuestMemory::new(16 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(mem.pages(), 16);
+        let page = vec![0xabu8; PAGE_SIZE];
+        mem.write_page(3, &page);
+        let mut out = vec![0u8; PAGE_SIZE];
+        mem.read_page(3, &mut out);
+        assert_eq!(out, page);
+        mem.read_page(4, &mut out);
+        assert!(out.iter().all(|&b| b == 0));
+        mem.zero_page(3);
+        mem.read_page(3, &mut out);
+        assert!(out.iter().all(|&b| b == 0));
+        mem.with_pages(2, 3, |s| assert_eq!(s.len(), 3 * PAGE_SIZE));
+    }
+
+    #[test]
+    fn large_memory_is_lazy() {
+        // 64 GiB of address space costs nothing until written.
+        let mem = GuestMemory::new(64 << 30).unwrap();
+        mem.write_page(mem.pages() - 1, &[1u8; PAGE_SIZE]);
+    }
+
+    #[test]
+    fn image_round_trip() {
+        let dir = std::env::temp_dir().join(format!("ferry-img-{}", std::process::id()));
+        let mut data = vec![0u8; 8 * PAGE_SIZE];
+        data[PAGE_SIZE * 2..PAGE_SIZE * 3].fill(7);
+        data[PAGE_SIZE * 7 + 5] = 9;
+        std::fs::write(&dir, &data).unwrap();
+        let mem = GuestMemory::from_image(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(mem.len_bytes(), data.len() as u64);
+        mem.with_pages(0, 8, |s| assert_eq!(s, &data[..]));
+    }
+}

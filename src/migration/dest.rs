@@ -1,0 +1,833 @@
+//! The destination driver: accepts sessions and channel binds, applies page
+//! batches, verifies the digest and takes the guest over on GO.
+//!
+//! Every accepted connection's first frame says what it is: NEGOTIATE opens a
+//! session, CHANNEL_BIND joins one by id and token. Each channel's task reads
+//! frames, applies batches on the blocking pool and acknowledges them with one
+//! more credit; control messages go to the session's controller, which drives
+//! the [`DestMachine`].
+
+use super::dest_state::{DestMachine, DestState};
+use super::progress::RunContext;
+use super::report::{round3, CpuMs, Outcome, PageCounts, Report, Side};
+use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
+use crate::codec::CodecId;
+use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
+use crate::memory::GuestMemory;
+use crate::transport::{FrameReader, FrameWriter};
+use crate::wire::{
+    Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
+    PageBatch, SessionSetupResponse, VerifyMode, SETUP_LEAVE_PAUSED,
+};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Receiver limits.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Largest guest accepted, bytes. Default: 1 TiB.
+    pub max_memory: u64,
+    /// Batches in flight per channel. Default: 4.
+    pub initial_credits: u16,
+    /// Longest silence from the source inside a session before giving up.
+    /// Default: 60 s.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            max_memory: 1 << 40,
+            initial_credits: DEFAULT_INITIAL_CREDITS,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A finished incoming migration: the report and, when it completed, the guest
+/// that now runs here.
+pub struct Incoming {
+    /// The destination's report.
+    pub report: Report,
+    /// The guest, when the migration completed.
+    pub guest: Option<Arc<dyn MigratableGuest>>,
+    /// Its memory (also when the session failed after allocating it).
+    pub memory: Option<Arc<GuestMemory>>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("report", &self.report)
+            .finish()
+    }
+}
+
+struct Bind {
+    channel: u16,
+    reader: FrameReader,
+    writer: FrameWriter,
+}
+
+struct SessionEntry {
+    token: [u8; 16],
+    channels: u16,
+    bound: Vec<bool>,
+    tx: mpsc::UnboundedSender<Bind>,
+}
+
+type Sessions = Arc<Mutex<HashMap<u64, SessionEntry>>>;
+
+/// Listens for migrations.
+pub struct Receiver {
+    listener: TcpListener,
+    config: ReceiverConfig,
+}
+
+impl Receiver {
+    /// Binds the listening socket.
+    pub async fn bind(addr: &str, config: ReceiverConfig) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            config,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts sessions until `ctx.cancel` fires, sending each finished one to
+    /// `done`. Sessions run concurrently.
+    pub async fn serve(self, ctx: RunContext, done: mpsc::UnboundedSender<Incoming>) {
+        let sessions: Sessions = Arc::default();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = ctx.cancel.cancelled() => return,
+                a = self.listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let at = Instant::now();
+            let sessions = sessions.clone();
+            let ctx = ctx.clone();
+            let done = done.clone();
+            let config = self.config.clone();
+            tokio::spawn(async move {
+                if let Some(incoming) =
+                    handle_connection(stream, peer, at, sessions, config, ctx).await
+                {
+                    let _ = done.send(incoming);
+                }
+            });
+        }
+    }
+
+    /// Serves until the first session ends and returns it.
+    pub async fn receive_one(self, ctx: RunContext) -> Option<Incoming> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stop = ctx.cancel.child_token();
+        let serve_ctx = RunContext {
+            cancel: stop.clone(),
+            ..ctx.clone()
+        };
+        let server = tokio::spawn(self.serve(serve_ctx, tx));
+        let got = tokio::select! {
+            r = rx.recv() => r,
+            _ = ctx.cancel.cancelled() => None,
+        };
+        stop.cancel();
+        let _ = server.await;
+        got
+    }
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    at: Instant,
+    sessions: Sessions,
+    config: ReceiverConfig,
+    ctx: RunContext,
+) -> Option<Incoming> {
+    let _ = stream.set_nodelay(true);
+    let rx_bytes = Arc::new(AtomicU64::new(0));
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r, 0, rx_bytes.clone());
+    let mut writer = FrameWriter::new(w, 0, None, Arc::new(AtomicU64::new(0)));
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.read_frame()).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "rejected connection");
+            reject(&mut writer, &e).await;
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "no frame within {FIRST_FRAME_TIMEOUT:?}; closing");
+            return None;
+        }
+    };
+    match Message::decode(&first.header, first.payload.clone(), Limits::BEFORE_SETUP) {
+        Ok(Message::Negotiate(n)) => {
+            let session = Session::new(config, ctx, sessions, rx_bytes);
+            Some(session.run(at, peer, reader, writer, n).await)
+        }
+        Ok(Message::ChannelBind(b)) => {
+            let h = first.header;
+            let routed = {
+                let mut map = sessions.lock().unwrap();
+                match map.get_mut(&h.session_id) {
+                    Some(s)
+                        if s.token == b.bind_token
+                            && h.channel >= 1
+                            && h.channel < s.channels
+                            && !s.bound[h.channel as usize] =>
+                    {
+                        s.bound[h.channel as usize] = true;
+                        Some(s.tx.clone())
+                    }
+                    _ => None,
+                }
+            };
+            match routed {
+                Some(tx) => {
+                    reader.set_channel(h.channel);
+                    writer.set_channel(h.channel);
+                    let _ = tx.send(Bind {
+                        channel: h.channel,
+                        reader,
+                        writer,
+                    });
+                }
+                None => {
+                    let e = MigrationError::Protocol(format!(
+                        "bind of channel {} to unknown session {:016x} or with a wrong token",
+                        h.channel, h.session_id
+                    ));
+                    tracing::warn!(%peer, error = %e, "rejected channel bind");
+                    reject(&mut writer, &e).await;
+                }
+            }
+            None
+        }
+        Ok(m) => {
+            let e = MigrationError::Protocol(format!(
+                "first frame is {:?}, not NEGOTIATE or CHANNEL_BIND",
+                m.command()
+            ));
+            tracing::warn!(%peer, error = %e, "rejected connection");
+            reject(&mut writer, &e).await;
+            None
+        }
+        Err(e) => {
+            let e = MigrationError::from(e);
+            tracing::warn!(%peer, error = %e, "rejected connection");
+            reject(&mut writer, &e).await;
+            None
+        }
+    }
+}
+
+async fn reject(writer: &mut FrameWriter, e: &MigrationError) {
+    let msg = Message::Abort(Abort {
+        code: e.abort_code(),
+        message: e.to_string(),
+    });
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        writer.send(Header::new(Command::Abort), &msg),
+    )
+    .await;
+    writer.shutdown().await;
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut b = [0u8; N];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        // No urandom: fall back to the std hasher's per-process random keys.
+        use std::hash::{BuildHasher, Hasher};
+        for (i, chunk) in b.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(i);
+            let v = h.finish().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+    b
+}
+
+enum Event {
+    Control(Header, Message),
+    Failed(u16, MigrationError),
+}
+
+#[derive(Default)]
+struct Counts {
+    total: AtomicU64,
+    zero: AtomicU64,
+    raw: AtomicU64,
+    compressed: AtomicU64,
+}
+
+struct Shared {
+    memory: Arc<GuestMemory>,
+    hashes: PageHashes,
+    limits: Limits,
+    machine: Mutex<DestMachine>,
+    counts: Counts,
+    events: mpsc::UnboundedSender<Event>,
+    session_id: u64,
+    next_msg: AtomicU64,
+    cancel: CancellationToken,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Shared {
+    fn apply(&self, batch: &PageBatch) -> Result<(), MigrationError> {
+        let zero_hash = zero_page_hash();
+        let first_pass = batch.round == 0;
+        SCRATCH.with(|s| {
+            batch.apply(&mut s.borrow_mut(), |page, data| match data {
+                Some(bytes) => {
+                    self.memory.write_page(page, bytes);
+                    self.hashes.set(page, page_hash(bytes));
+                }
+                None => {
+                    // Round 0 is every page's first copy and fresh memory is
+                    // zero: leave zero pages unbacked.
+                    if !first_pass {
+                        self.memory.zero_page(page);
+                    }
+                    self.hashes.set(page, zero_hash);
+                }
+            })
+        })?;
+        let pages = u64::from(batch.page_count());
+        let nonzero = u64::from(batch.nonzero_pages());
+        self.counts.total.fetch_add(pages, Ordering::Relaxed);
+        self.counts
+            .zero
+            .fetch_add(pages - nonzero, Ordering::Relaxed);
+        if batch.codec == CodecId::None {
+            self.counts.raw.fetch_add(nonzero, Ordering::Relaxed);
+        } else {
+            self.counts.compressed.fetch_add(nonzero, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+async fn channel_task(
+    sh: Arc<Shared>,
+    ch: u16,
+    mut rd: FrameReader,
+    wr: Arc<tokio::sync::Mutex<FrameWriter>>,
+    idle: Duration,
+) {
+    let result: Result<(), MigrationError> = async {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = sh.cancel.cancelled() => return Ok(()),
+                f = tokio::time::timeout(idle, rd.read_frame()) => f.map_err(|_| MigrationError::Timeout {
+                    what: "the source (channel silent)",
+                    after: idle,
+                })??,
+            };
+            let Some(frame) = frame else {
+                return Err(MigrationError::PeerClosed { channel: ch });
+            };
+            if frame.header.command == Command::PageBatch {
+                let batch = PageBatch::decode(frame.payload, sh.limits)?;
+                sh.machine.lock().unwrap().check_batch(batch.round)?;
+                let pages = batch.page_count();
+                let sh2 = sh.clone();
+                tokio::task::spawn_blocking(move || sh2.apply(&batch))
+                    .await
+                    .map_err(|e| MigrationError::Protocol(format!("apply task failed: {e}")))??;
+                let header = Header {
+                    credit_grant: 1,
+                    message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                    session_id: sh.session_id,
+                    ..Header::new(Command::BatchAck)
+                };
+                let ack = Message::BatchAck(BatchAck {
+                    message_id: frame.header.message_id,
+                    pages,
+                });
+                wr.lock().await.send(header, &ack).await?;
+            } else {
+                let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
+                match msg {
+                    Message::RoundEnd(_) | Message::Switchover(_) | Message::Go | Message::Abort(_) => {
+                        let _ = sh.events.send(Event::Control(frame.header, msg));
+                    }
+                    other => {
+                        return Err(MigrationError::Protocol(format!(
+                            "unexpected {:?} on channel {ch}",
+                            other.command()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        if !sh.cancel.is_cancelled() {
+            let _ = sh.events.send(Event::Failed(ch, e));
+        }
+    }
+}
+
+/// What the session controller counts.
+#[derive(Default)]
+struct Tally {
+    session_id: u64,
+    memory_bytes: u64,
+    channels: u16,
+    codec: String,
+    max_bandwidth: Option<u64>,
+    setup: Option<Duration>,
+    paused_at: Option<Instant>,
+    downtime: Duration,
+    verify: VerifyMode,
+    verify_time: Duration,
+    verified: bool,
+    rounds: u32,
+    dirty_rate: u64,
+    throttle_max: u8,
+    source_cpu_ms: Option<f64>,
+    guest_kind: Option<GuestKind>,
+}
+
+struct Session {
+    config: ReceiverConfig,
+    ctx: RunContext,
+    sessions: Sessions,
+    rx_bytes: Arc<AtomicU64>,
+}
+
+impl Session {
+    fn new(
+        config: ReceiverConfig,
+        ctx: RunContext,
+        sessions: Sessions,
+        rx_bytes: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            config,
+            ctx,
+            sessions,
+            rx_bytes,
+        }
+    }
+
+    async fn run(
+        self,
+        at: Instant,
+        peer: SocketAddr,
+        reader: FrameReader,
+        writer: FrameWriter,
+        negotiate: crate::wire::Negotiate,
+    ) -> Incoming {
+        let mut tally = Tally::default();
+        let mut shared: Option<Arc<Shared>> = None;
+        let mut guest: Option<Arc<dyn MigratableGuest>> = None;
+        let cancel = self.ctx.cancel.child_token();
+        let result = self
+            .drive(
+                peer,
+                reader,
+                writer,
+                negotiate,
+                &mut tally,
+                &mut shared,
+                &mut guest,
+                &cancel,
+                at,
+            )
+            .await;
+        cancel.cancel();
+        self.sessions.lock().unwrap().remove(&tally.session_id);
+        let total = at.elapsed();
+        let (outcome, error) = match &result {
+            Ok(()) => (Outcome::Completed, None),
+            Err(MigrationError::Cancelled) => (
+                Outcome::Cancelled,
+                Some(MigrationError::Cancelled.to_string()),
+            ),
+            Err(MigrationError::RemoteAbort {
+                code: crate::wire::AbortCode::Cancelled,
+                message,
+            }) => (
+                Outcome::Cancelled,
+                Some(format!("source cancelled: {message}")),
+            ),
+            Err(e) => (Outcome::Failed, Some(e.to_string())),
+        };
+        match &result {
+            Ok(()) => {
+                tracing::info!(%peer, session = format!("{:016x}", tally.session_id), "incoming migration completed")
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "incoming migration failed; copy discarded")
+            }
+        }
+        if outcome != Outcome::Completed {
+            // Discard the copy: it must never run.
+            guest = None;
+        }
+        let pages = shared
+            .as_ref()
+            .map_or(PageCounts::default(), |sh| PageCounts {
+                total: sh.counts.total.load(Ordering::Relaxed),
+                zero: sh.counts.zero.load(Ordering::Relaxed),
+                raw: sh.counts.raw.load(Ordering::Relaxed),
+                compressed: sh.counts.compressed.load(Ordering::Relaxed),
+            });
+        let mut report = Report {
+            side: Side::Destination,
+            outcome,
+            error,
+            guest_location: "",
+            verified: tally.verified,
+            verify: tally.verify,
+            verify_ms: round3(tally.verify_time.as_secs_f64() * 1e3),
+            memory_bytes: tally.memory_bytes,
+            pages,
+            rounds: tally.rounds,
+            total_ms: round3(total.as_secs_f64() * 1e3),
+            setup_ms: round3(tally.setup.unwrap_or_default().as_secs_f64() * 1e3),
+            downtime_ms: round3(tally.downtime.as_secs_f64() * 1e3),
+            guest_bytes_sent: 0,
+            wire_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            compression_ratio: 0.0,
+            throughput_guest_bps: 0.0,
+            throughput_wire_bps: 0.0,
+            dirty_rate_bps: tally.dirty_rate as f64,
+            throttle_pct_max: tally.throttle_max,
+            channels: tally.channels,
+            codec: tally.codec.clone(),
+            max_bandwidth_bps: tally.max_bandwidth,
+            cpu_ms: CpuMs {
+                source: tally.source_cpu_ms,
+                destination: Some(round3(self.ctx.cpu.total().as_secs_f64() * 1e3)),
+            },
+            guest: tally.guest_kind.unwrap_or(GuestKind::Sim),
+            session_id: format!("{:016x}", tally.session_id),
+            round_log: Vec::new(),
+        };
+        report.finish_derived();
+        Incoming {
+            report,
+            guest,
+            memory: shared.map(|s| s.memory.clone()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        &self,
+        peer: SocketAddr,
+        mut reader: FrameReader,
+        mut writer: FrameWriter,
+        negotiate: crate::wire::Negotiate,
+        tally: &mut Tally,
+        shared_out: &mut Option<Arc<Shared>>,
+        guest_out: &mut Option<Arc<dyn MigratableGuest>>,
+        cancel: &CancellationToken,
+        at: Instant,
+    ) -> Result<(), MigrationError> {
+        let mut machine = DestMachine::new(self.config.max_memory);
+        let response = match machine.handle_negotiate(&negotiate) {
+            Ok(r) => r,
+            Err(e) => {
+                reject(&mut writer, &e).await;
+                return Err(e);
+            }
+        };
+        writer
+            .send(
+                Header::new(Command::NegotiateResponse),
+                &Message::NegotiateResponse(response),
+            )
+            .await?;
+        let frame = tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.read_frame())
+            .await
+            .map_err(|_| MigrationError::Timeout {
+                what: "SESSION_SETUP",
+                after: FIRST_FRAME_TIMEOUT,
+            })??
+            .ok_or(MigrationError::PeerClosed { channel: 0 })?;
+        let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)? {
+            Message::SessionSetup(s) => s,
+            Message::Abort(a) => {
+                return Err(MigrationError::RemoteAbort {
+                    code: a.code,
+                    message: a.message,
+                })
+            }
+            m => {
+                let e = MigrationError::Protocol(format!(
+                    "expected SESSION_SETUP, got {:?}",
+                    m.command()
+                ));
+                reject(&mut writer, &e).await;
+                return Err(e);
+            }
+        };
+        let limits = match machine.handle_setup(&setup) {
+            Ok(l) => l,
+            Err(e) => {
+                reject(&mut writer, &e).await;
+                return Err(e);
+            }
+        };
+        tally.memory_bytes = setup.memory_bytes;
+        tally.channels = setup.channels;
+        tally.verify = setup.verify;
+        tally.guest_kind = Some(setup.guest_kind);
+        tally.max_bandwidth = (setup.max_bandwidth > 0).then_some(setup.max_bandwidth);
+        tally.codec = match CodecId::from_u8(setup.codec) {
+            Some(CodecId::Zstd) => format!("zstd:{}", setup.codec_level),
+            Some(CodecId::Lz4) => "lz4".into(),
+            _ => "none".into(),
+        };
+        let memory = match GuestMemory::new(setup.memory_bytes) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                let e = MigrationError::Resources(e.to_string());
+                reject(&mut writer, &e).await;
+                return Err(e);
+            }
+        };
+        let session_id = u64::from_le_bytes(random_bytes::<8>()) | 1;
+        let token = random_bytes::<16>();
+        tally.session_id = session_id;
+        let (bind_tx, mut bind_rx) = mpsc::unbounded_channel();
+        self.sessions.lock().unwrap().insert(
+            session_id,
+            SessionEntry {
+                token,
+                channels: setup.channels,
+                bound: vec![false; setup.channels as usize],
+                tx: bind_tx,
+            },
+        );
+        tracing::info!(%peer, session = format!("{session_id:016x}"), memory = setup.memory_bytes, channels = setup.channels, "incoming migration");
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let sh = Arc::new(Shared {
+            hashes: PageHashes::new(limits.guest_pages),
+            memory,
+            limits,
+            machine: Mutex::new(machine),
+            counts: Counts::default(),
+            events: events_tx,
+            session_id,
+            next_msg: AtomicU64::new(1),
+            cancel: cancel.clone(),
+        });
+        *shared_out = Some(sh.clone());
+        let credits = self.config.initial_credits;
+        let header = Header {
+            session_id,
+            credit_grant: credits,
+            message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+            ..Header::new(Command::SessionSetupResponse)
+        };
+        writer
+            .send(
+                header,
+                &Message::SessionSetupResponse(SessionSetupResponse {
+                    bind_token: token,
+                    initial_credits: credits,
+                }),
+            )
+            .await?;
+        let ch0 = Arc::new(tokio::sync::Mutex::new(writer));
+        tokio::spawn(channel_task(
+            sh.clone(),
+            0,
+            reader,
+            ch0.clone(),
+            self.config.idle_timeout,
+        ));
+        let mut bound = 1u16;
+        if bound == setup.channels {
+            tally.setup = Some(at.elapsed());
+        }
+        let leave_paused = setup.flags & SETUP_LEAVE_PAUSED != 0;
+        let send0 = |msg: Message| {
+            let ch0 = ch0.clone();
+            let header = Header {
+                session_id,
+                message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                ..Header::new(msg.command())
+            };
+            async move { ch0.lock().await.send(header, &msg).await }
+        };
+        let result = loop {
+            let ev = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Err(MigrationError::Cancelled),
+                b = bind_rx.recv() => {
+                    let Some(b) = b else { continue };
+                    let rx_bytes = self.rx_bytes.clone();
+                    let Bind { channel, mut reader, mut writer } = b;
+                    reader.share_counter(rx_bytes);
+                    let header = Header {
+                        session_id,
+                        channel,
+                        credit_grant: credits,
+                        message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                        ..Header::new(Command::ChannelBindResponse)
+                    };
+                    if let Err(e) = writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse)).await {
+                        break Err(e);
+                    }
+                    let wr = Arc::new(tokio::sync::Mutex::new(writer));
+                    tokio::spawn(channel_task(sh.clone(), channel, reader, wr, self.config.idle_timeout));
+                    bound += 1;
+                    if bound == setup.channels {
+                        tally.setup = Some(at.elapsed());
+                    }
+                    continue;
+                }
+                ev = events.recv() => ev,
+            };
+            let Some(ev) = ev else {
+                break Err(MigrationError::Protocol("all channels ended".into()));
+            };
+            match ev {
+                Event::Failed(ch, e) => {
+                    tracing::debug!(ch, error = %e, "channel failed");
+                    break Err(e);
+                }
+                Event::Control(_, Message::Abort(a)) => {
+                    break Err(MigrationError::RemoteAbort {
+                        code: a.code,
+                        message: a.message,
+                    })
+                }
+                Event::Control(_, Message::RoundEnd(m)) => {
+                    if let Err(e) = sh.machine.lock().unwrap().handle_round_end(&m) {
+                        break Err(e);
+                    }
+                    if m.final_next {
+                        tally.paused_at = Some(Instant::now());
+                    }
+                }
+                Event::Control(_, Message::Switchover(m)) => {
+                    tally.rounds = m.rounds;
+                    tally.dirty_rate = m.dirty_rate_bps;
+                    tally.throttle_max = m.throttle_pct_max;
+                    tally.source_cpu_ms = Some(m.source_cpu_ms as f64);
+                    let t = Instant::now();
+                    let digest = match m.verify {
+                        VerifyMode::Fast => sh.hashes.digest(),
+                        VerifyMode::Full => {
+                            let mem = sh.memory.clone();
+                            match tokio::task::spawn_blocking(move || full_digest(&mem, 2)).await {
+                                Ok(d) => d,
+                                Err(e) => {
+                                    break Err(MigrationError::Protocol(format!(
+                                        "digest task failed: {e}"
+                                    )))
+                                }
+                            }
+                        }
+                    };
+                    tally.verify = m.verify;
+                    tally.verify_time = t.elapsed();
+                    let ready = sh.machine.lock().unwrap().handle_switchover(&m, digest);
+                    let ready = match ready {
+                        Ok(r) => r,
+                        Err(e) => break Err(e),
+                    };
+                    // Build the guest now (paused) so GO only has to resume it.
+                    match restore_guest(
+                        tally.guest_kind.unwrap_or(GuestKind::Sim),
+                        sh.memory.clone(),
+                        &m.state,
+                    ) {
+                        Ok(g) => *guest_out = Some(g),
+                        Err(e) => break Err(MigrationError::Incompatible(e)),
+                    }
+                    tally.verified = true;
+                    if let Err(e) = send0(Message::Ready(ready)).await {
+                        break Err(e);
+                    }
+                }
+                Event::Control(_, Message::Go) => {
+                    if let Err(e) = sh.machine.lock().unwrap().handle_go() {
+                        break Err(e);
+                    }
+                    // The guest is ours now, whatever happens to the connection.
+                    let guest = guest_out.as_ref().expect("guest restored before READY");
+                    if !leave_paused {
+                        guest.resume();
+                    }
+                    if let Some(p) = tally.paused_at {
+                        tally.downtime = p.elapsed();
+                    }
+                    let complete = Message::Complete(Complete {
+                        destination_cpu_ms: self.ctx.cpu.total().as_millis() as u64,
+                        resumed: !leave_paused,
+                    });
+                    if let Err(e) = send0(complete).await {
+                        tracing::warn!(error = %e, "could not acknowledge GO; the guest runs here regardless");
+                    }
+                    break Ok(());
+                }
+                Event::Control(h, m) => {
+                    break Err(MigrationError::Protocol(format!(
+                        "unexpected {:?} on channel {}",
+                        m.command(),
+                        h.channel
+                    )))
+                }
+            }
+        };
+        if let Err(e) = &result {
+            let state = {
+                let mut m = sh.machine.lock().unwrap();
+                m.abort();
+                m.state()
+            };
+            if state != DestState::Running && !matches!(e, MigrationError::RemoteAbort { .. }) {
+                let abort = Message::Abort(Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                });
+                let _ = tokio::time::timeout(Duration::from_secs(1), send0(abort)).await;
+            }
+        }
+        result
+    }
+}

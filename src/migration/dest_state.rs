@@ -1,0 +1,366 @@
+//! The destination's protocol state machine, free of sockets and clocks.
+//!
+//! ```text
+//! AwaitNegotiate ─Negotiate─▶ AwaitSetup ─SessionSetup─▶ Receiving{round 0}
+//! Receiving{r} ─RoundEnd(r)─▶ Receiving{r+1}      (final_next: the guest is paused
+//!                                                  on the source, r+1 is the last)
+//! Receiving{r, final} ─Switchover(digest ok)─▶ AwaitGo ─Go─▶ Running
+//! any ─Abort, bad message, digest mismatch─▶ Aborted
+//! ```
+//!
+//! Batches of round `r + 1` may overtake the `RoundEnd(r)` that travels on
+//! channel 0, so a round-`r` state accepts both; the source only starts round
+//! `r + 1` after every batch of round `r` was acknowledged, so no page of round
+//! `r + 1` can be overwritten by a stale one.
+
+use super::MigrationError;
+use crate::codec::CodecId;
+use crate::memory::{MAX_MEMORY_BYTES, PAGE_SIZE};
+use crate::wire::{
+    GuestKind, Limits, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionSetup, Switchover,
+    VERSION,
+};
+
+/// Where the destination is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestState {
+    /// Waiting for the first frame.
+    AwaitNegotiate,
+    /// Negotiated; waiting for the session setup.
+    AwaitSetup,
+    /// Applying pages of a round.
+    Receiving {
+        /// The round in progress.
+        round: u32,
+        /// Whether this is the final round (guest paused on the source).
+        final_round: bool,
+    },
+    /// READY sent; waiting for GO.
+    AwaitGo,
+    /// GO received: the guest is ours.
+    Running,
+    /// The session failed; the copy is discarded.
+    Aborted,
+}
+
+/// The destination's protocol logic.
+#[derive(Debug, Clone)]
+pub struct DestMachine {
+    state: DestState,
+    max_memory: u64,
+    setup: Option<SessionSetup>,
+}
+
+impl DestMachine {
+    /// A machine that accepts guests of up to `max_memory` bytes.
+    pub fn new(max_memory: u64) -> Self {
+        Self {
+            state: DestState::AwaitNegotiate,
+            max_memory: max_memory.min(MAX_MEMORY_BYTES),
+            setup: None,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> DestState {
+        self.state
+    }
+
+    /// The accepted session setup.
+    pub fn setup(&self) -> Option<&SessionSetup> {
+        self.setup.as_ref()
+    }
+
+    fn expect(&self, want: DestState, what: &str) -> Result<(), MigrationError> {
+        if self.state != want {
+            return Err(MigrationError::Protocol(format!(
+                "{what} received in state {:?}",
+                self.state
+            )));
+        }
+        Ok(())
+    }
+
+    fn fail<T>(&mut self, e: MigrationError) -> Result<T, MigrationError> {
+        self.state = DestState::Aborted;
+        Err(e)
+    }
+
+    /// Handles NEGOTIATE: picks the version, checks codecs and page size.
+    pub fn handle_negotiate(&mut self, m: &Negotiate) -> Result<NegotiateResponse, MigrationError> {
+        self.expect(DestState::AwaitNegotiate, "NEGOTIATE")?;
+        if !(m.min_version..=m.max_version).contains(&VERSION) {
+            return self.fail(MigrationError::Incompatible(format!(
+                "source speaks versions {}..={}, this destination speaks {VERSION}",
+                m.min_version, m.max_version
+            )));
+        }
+        if m.page_size != PAGE_SIZE as u32 {
+            return self.fail(MigrationError::Incompatible(format!(
+                "page size {} (this destination uses {PAGE_SIZE})",
+                m.page_size
+            )));
+        }
+        let ours = CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit();
+        self.state = DestState::AwaitSetup;
+        Ok(NegotiateResponse {
+            version: VERSION,
+            capabilities: 0,
+            codecs: ours & m.codecs,
+            page_size: PAGE_SIZE as u32,
+        })
+    }
+
+    /// Handles SESSION_SETUP: checks the guest fits. Returns the page limits for
+    /// every later batch.
+    pub fn handle_setup(&mut self, m: &SessionSetup) -> Result<Limits, MigrationError> {
+        self.expect(DestState::AwaitSetup, "SESSION_SETUP")?;
+        if m.memory_bytes == 0 || m.memory_bytes % PAGE_SIZE as u64 != 0 {
+            return self.fail(MigrationError::Protocol(format!(
+                "guest memory of {} bytes is not a positive multiple of the page size",
+                m.memory_bytes
+            )));
+        }
+        if m.memory_bytes > self.max_memory {
+            return self.fail(MigrationError::Resources(format!(
+                "guest of {} bytes exceeds this receiver's limit of {} bytes",
+                m.memory_bytes, self.max_memory
+            )));
+        }
+        if m.guest_kind != GuestKind::Sim {
+            return self.fail(MigrationError::Incompatible(format!(
+                "guest kind {:?} is not supported by this receiver",
+                m.guest_kind
+            )));
+        }
+        self.setup = Some(m.clone());
+        self.state = DestState::Receiving {
+            round: 0,
+            final_round: false,
+        };
+        Ok(Limits {
+            guest_pages: m.memory_bytes / PAGE_SIZE as u64,
+        })
+    }
+
+    /// Checks that a batch of `round` may be applied now.
+    pub fn check_batch(&self, round: u32) -> Result<(), MigrationError> {
+        match self.state {
+            DestState::Receiving {
+                round: r,
+                final_round,
+            } if round == r || (!final_round && Some(round) == r.checked_add(1)) => Ok(()),
+            state => Err(MigrationError::Protocol(format!(
+                "page batch of round {round} received in state {state:?}"
+            ))),
+        }
+    }
+
+    /// Handles ROUND_END.
+    pub fn handle_round_end(&mut self, m: &RoundEnd) -> Result<(), MigrationError> {
+        match self.state {
+            DestState::Receiving {
+                round,
+                final_round: false,
+            } if round == m.round => {
+                let Some(next) = round.checked_add(1) else {
+                    return self.fail(MigrationError::Protocol("round counter overflow".into()));
+                };
+                self.state = DestState::Receiving {
+                    round: next,
+                    final_round: m.final_next,
+                };
+                Ok(())
+            }
+            state => self.fail(MigrationError::Protocol(format!(
+                "ROUND_END({}) received in state {state:?}",
+                m.round
+            ))),
+        }
+    }
+
+    /// Handles SWITCHOVER once every page is applied: compares the digests.
+    pub fn handle_switchover(
+        &mut self,
+        m: &Switchover,
+        local_digest: u64,
+    ) -> Result<Ready, MigrationError> {
+        match self.state {
+            DestState::Receiving {
+                round,
+                final_round: true,
+            } if round == m.final_round => {}
+            state => {
+                return self.fail(MigrationError::Protocol(format!(
+                    "SWITCHOVER(final round {}) received in state {state:?}",
+                    m.final_round
+                )))
+            }
+        }
+        if m.digest != local_digest {
+            return self.fail(MigrationError::DigestMismatch {
+                source_digest: m.digest,
+                destination_digest: local_digest,
+            });
+        }
+        self.state = DestState::AwaitGo;
+        Ok(Ready {
+            digest: local_digest,
+        })
+    }
+
+    /// Handles GO: the guest is ours from now on.
+    pub fn handle_go(&mut self) -> Result<(), MigrationError> {
+        if self.state != DestState::AwaitGo {
+            let state = self.state;
+            return self.fail(MigrationError::Protocol(format!(
+                "GO received in state {state:?}"
+            )));
+        }
+        self.state = DestState::Running;
+        Ok(())
+    }
+
+    /// Marks the session aborted (peer abort, broken channel). A session that is
+    /// already `Running` stays so: after GO the guest is ours whatever happens.
+    pub fn abort(&mut self) {
+        if self.state != DestState::Running {
+            self.state = DestState::Aborted;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::VerifyMode;
+    use bytes::Bytes;
+
+    fn negotiate() -> Negotiate {
+        Negotiate {
+            min_version: 1,
+            max_version: 1,
+            capabilities: 0,
+            codecs: 7,
+            page_size: 4096,
+        }
+    }
+
+    fn setup(bytes: u64) -> SessionSetup {
+        SessionSetup {
+            memory_bytes: bytes,
+            channels: 2,
+            codec: 1,
+            codec_level: 0,
+            guest_kind: GuestKind::Sim,
+            verify: VerifyMode::Fast,
+            max_bandwidth: 0,
+            flags: 0,
+        }
+    }
+
+    fn switchover(final_round: u32, digest: u64) -> Switchover {
+        Switchover {
+            final_round,
+            digest,
+            verify: VerifyMode::Fast,
+            rounds: final_round,
+            dirty_rate_bps: 0,
+            throttle_pct_max: 0,
+            source_cpu_ms: 0,
+            state: Bytes::new(),
+        }
+    }
+
+    fn end(round: u32, final_next: bool) -> RoundEnd {
+        RoundEnd {
+            round,
+            pages: 1,
+            final_next,
+        }
+    }
+
+    #[test]
+    fn happy_path() {
+        let mut m = DestMachine::new(1 << 30);
+        m.handle_negotiate(&negotiate()).unwrap();
+        let limits = m.handle_setup(&setup(1 << 20)).unwrap();
+        assert_eq!(limits.guest_pages, 256);
+        m.check_batch(0).unwrap();
+        m.check_batch(1).unwrap(); // may overtake ROUND_END(0)
+        assert!(m.check_batch(2).is_err());
+        m.handle_round_end(&end(0, false)).unwrap();
+        m.handle_round_end(&end(1, true)).unwrap();
+        m.check_batch(2).unwrap();
+        assert!(m.check_batch(3).is_err(), "nothing after the final round");
+        m.handle_switchover(&switchover(2, 42), 42).unwrap();
+        assert!(m.check_batch(2).is_err(), "no batch after switchover");
+        m.handle_go().unwrap();
+        m.abort();
+        assert_eq!(m.state(), DestState::Running, "after GO the guest stays");
+    }
+
+    #[test]
+    fn out_of_order_messages_abort() {
+        let mut m = DestMachine::new(1 << 30);
+        assert!(m.handle_setup(&setup(4096)).is_err());
+        let mut m = DestMachine::new(1 << 30);
+        m.handle_negotiate(&negotiate()).unwrap();
+        assert!(m.handle_negotiate(&negotiate()).is_err());
+        m.handle_setup(&setup(4096)).unwrap();
+        assert!(m.handle_go().is_err());
+        assert_eq!(m.state(), DestState::Aborted);
+
+        let mut m = DestMachine::new(1 << 30);
+        m.handle_negotiate(&negotiate()).unwrap();
+        m.handle_setup(&setup(4096)).unwrap();
+        assert!(
+            m.handle_switchover(&switchover(0, 1), 1).is_err(),
+            "switchover before the final round"
+        );
+        let mut m = DestMachine::new(1 << 30);
+        m.handle_negotiate(&negotiate()).unwrap();
+        m.handle_setup(&setup(4096)).unwrap();
+        assert!(m.handle_round_end(&end(3, false)).is_err(), "wrong round");
+    }
+
+    #[test]
+    fn limits_and_incompatibilities() {
+        let mut m = DestMachine::new(1 << 20);
+        assert!(m
+            .handle_negotiate(&Negotiate {
+                page_size: 65536,
+                ..negotiate()
+            })
+            .is_err());
+        let mut m = DestMachine::new(1 << 20);
+        assert!(m
+            .handle_negotiate(&Negotiate {
+                min_version: 2,
+                max_version: 3,
+                ..negotiate()
+            })
+            .is_err());
+        let mut m = DestMachine::new(1 << 20);
+        m.handle_negotiate(&negotiate()).unwrap();
+        assert!(matches!(
+            m.handle_setup(&setup(2 << 20)),
+            Err(MigrationError::Resources(_))
+        ));
+        let mut m = DestMachine::new(1 << 20);
+        m.handle_negotiate(&negotiate()).unwrap();
+        assert!(m.handle_setup(&setup(1000)).is_err());
+    }
+
+    #[test]
+    fn digest_mismatch_aborts() {
+        let mut m = DestMachine::new(1 << 30);
+        m.handle_negotiate(&negotiate()).unwrap();
+        m.handle_setup(&setup(4096)).unwrap();
+        m.handle_round_end(&end(0, true)).unwrap();
+        let e = m.handle_switchover(&switchover(1, 1), 2).unwrap_err();
+        assert!(matches!(e, MigrationError::DigestMismatch { .. }));
+        assert_eq!(m.state(), DestState::Aborted);
+        assert!(m.handle_go().is_err(), "never GO after a mismatch");
+    }
+}

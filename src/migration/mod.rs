@@ -1,0 +1,33 @@
+//! The migration: the guest interface the engine drives, its configuration, the
+//! convergence policy, the destination's protocol state machine, the report,
+//! and (with the `net` feature) the source and destination drivers.
+
+mod config;
+pub mod dest_state;
+mod error;
+mod guest;
+pub mod policy;
+mod report;
+
+#[cfg(feature = "net")]
+mod dest;
+#[cfg(feature = "net")]
+mod local;
+#[cfg(feature = "net")]
+mod progress;
+#[cfg(feature = "net")]
+mod source;
+
+pub use config::{MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS, DEFAULT_INITIAL_CREDITS};
+pub use error::MigrationError;
+pub use guest::{restore_guest, MigratableGuest};
+pub use report::{CpuMs, Outcome, PageCounts, Report, RoundLog, Side};
+
+#[cfg(feature = "net")]
+pub use dest::{Incoming, Receiver, ReceiverConfig};
+#[cfg(feature = "net")]
+pub use local::migrate_over_loopback;
+#[cfg(feature = "net")]
+pub use progress::{Phase, Progress, ProgressSnapshot, RunContext};
+#[cfg(feature = "net")]
+pub use source::migrate;

@@ -1,0 +1,159 @@
+//! The migration report: one JSON object per side, the same from the library,
+//! the CLI's `--json` and (later) the agent's API.
+
+use crate::wire::{GuestKind, VerifyMode};
+use serde::Serialize;
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The guest runs on the destination.
+    Completed,
+    /// The guest runs on the source; the destination discarded its copy.
+    Failed,
+    /// Cancelled by an operator; the guest runs on the source.
+    Cancelled,
+    /// GO was sent but not acknowledged: the source holds a paused copy and
+    /// does not know whether the destination runs the guest.
+    Unresolved,
+}
+
+/// Which end wrote a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The sending host.
+    Source,
+    /// The receiving host.
+    Destination,
+}
+
+/// Page transmissions by kind, summed over all rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PageCounts {
+    /// All pages sent (zero pages included).
+    pub total: u64,
+    /// Pages sent as a zero bit.
+    pub zero: u64,
+    /// Pages sent uncompressed.
+    pub raw: u64,
+    /// Pages sent compressed.
+    pub compressed: u64,
+}
+
+/// CPU time of each side's own threads, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuMs {
+    /// The source's migration threads (null when unknown).
+    pub source: Option<f64>,
+    /// The destination's migration threads (null when unknown).
+    pub destination: Option<f64>,
+}
+
+/// One pre-copy round, for the curious.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RoundLog {
+    /// Round number.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Duration in ms.
+    pub ms: f64,
+    /// Pages dirty when it ended.
+    pub dirty_pages_after: u64,
+    /// Throttle in force after it, percent.
+    pub throttle_pct: u8,
+}
+
+/// Everything one side knows about a migration. Field names are a contract.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Which end wrote this.
+    pub side: Side,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The error, when it did not complete.
+    pub error: Option<String>,
+    /// Where the guest runs (or waits, paused) now: `source`, `destination`, or
+    /// `unknown` when unresolved.
+    pub guest_location: &'static str,
+    /// Destination memory equals source memory at switchover, by the digest.
+    pub verified: bool,
+    /// How the digest was computed.
+    pub verify: VerifyMode,
+    /// Time this side spent computing its digest during the pause.
+    pub verify_ms: f64,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Page transmissions by kind.
+    pub pages: PageCounts,
+    /// Pre-copy passes before the pause, round 0 included.
+    pub rounds: u32,
+    /// First connection to final acknowledgement (includes `setup_ms`).
+    pub total_ms: f64,
+    /// Connecting, negotiating and binding every channel.
+    pub setup_ms: f64,
+    /// The guest's pause: from stopping on the source to running on the destination.
+    pub downtime_ms: f64,
+    /// 4 KiB × `pages.total`.
+    pub guest_bytes_sent: u64,
+    /// Bytes on the wire from source to destination, headers included.
+    pub wire_bytes: u64,
+    /// `guest_bytes_sent / wire_bytes` (1 when nothing was sent).
+    pub compression_ratio: f64,
+    /// `guest_bytes_sent` per second of `total_ms`.
+    pub throughput_guest_bps: f64,
+    /// `wire_bytes` per second of `total_ms`.
+    pub throughput_wire_bps: f64,
+    /// Bytes/s of distinct pages the guest dirtied during pre-copy.
+    pub dirty_rate_bps: f64,
+    /// Highest auto-converge throttle applied, percent.
+    pub throttle_pct_max: u8,
+    /// TCP channels.
+    pub channels: u16,
+    /// The codec asked for.
+    pub codec: String,
+    /// The bandwidth cap, bytes/s (null when unlimited).
+    pub max_bandwidth_bps: Option<u64>,
+    /// CPU time of each side's own threads.
+    pub cpu_ms: CpuMs,
+    /// The guest backend.
+    pub guest: GuestKind,
+    /// The session id, hex.
+    pub session_id: String,
+    /// Pre-copy rounds (source side; empty on the destination).
+    pub round_log: Vec<RoundLog>,
+}
+
+impl Report {
+    /// Fills the derived figures from the counted ones.
+    pub fn finish_derived(&mut self) {
+        self.guest_bytes_sent = self.pages.total * crate::memory::PAGE_SIZE as u64;
+        self.compression_ratio = if self.wire_bytes == 0 {
+            1.0
+        } else {
+            round3(self.guest_bytes_sent as f64 / self.wire_bytes as f64)
+        };
+        let secs = self.total_ms / 1e3;
+        if secs > 0.0 {
+            self.throughput_guest_bps = (self.guest_bytes_sent as f64 / secs).round();
+            self.throughput_wire_bps = (self.wire_bytes as f64 / secs).round();
+        }
+        self.guest_location = match self.outcome {
+            Outcome::Completed => "destination",
+            Outcome::Unresolved => "unknown",
+            Outcome::Failed | Outcome::Cancelled => "source",
+        };
+    }
+
+    /// One line of compact JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("report serializes")
+    }
+}
+
+/// Rounds to three decimals (microsecond precision for milliseconds).
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,836 @@
+//! The source driver: connects the channels, runs the pre-copy rounds, switches
+//! over and hands the guest off.
+//!
+//! Each channel has a writer task (take a batch job, encode it on the blocking
+//! pool, wait for the channel's credit and the shared bandwidth cap, write) and
+//! a reader task (acknowledgements and hand-off replies). Jobs come from one
+//! shared queue, so a channel that is free takes the next batch: every channel
+//! stays busy. A round ends when every one of its batches is acknowledged, which
+//! also orders rounds: no page of round `r + 1` can be applied before its
+//! round-`r` copy.
+
+use super::policy::{Convergence, Decision, RoundStats};
+use super::progress::{Phase, RunContext};
+use super::report::{round3, CpuMs, Outcome, PageCounts, Report, RoundLog, Side};
+use super::{MigratableGuest, MigrationConfig, MigrationError};
+use crate::codec::{is_zero_page, Codec};
+use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
+use crate::memory::{DirtySnapshot, PAGE_SIZE};
+use crate::transport::{connect, FrameReader, FrameWriter, TokenBucket};
+use crate::wire::{
+    Abort, BatchEncoder, ChannelBind, Command, EncodedBatch, Header, Limits, Message, Negotiate,
+    RoundEnd, SessionSetup, Switchover, VerifyMode, MAX_CREDITS, MAX_RUNS_PER_BATCH,
+    SETUP_LEAVE_PAUSED, VERSION,
+};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One batch to send: a round and up to a batch of page runs.
+#[derive(Debug)]
+struct Job {
+    round: u32,
+    runs: Vec<(u64, u32)>,
+}
+
+/// Something the channel tasks tell the driver.
+#[derive(Debug)]
+enum Event {
+    Reply(Message),
+    Failed(MigrationError),
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: AtomicU64,
+    zero: AtomicU64,
+    raw: AtomicU64,
+    compressed: AtomicU64,
+}
+
+struct Shared {
+    guest: Arc<dyn MigratableGuest>,
+    hashes: PageHashes,
+    codec: Codec,
+    session_id: u64,
+    next_msg: AtomicU64,
+    jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
+    credits: Vec<Semaphore>,
+    inflight: Mutex<HashMap<u64, u32>>,
+    acked: watch::Sender<u64>,
+    counts: Counts,
+    ctx: RunContext,
+    events: mpsc::UnboundedSender<Event>,
+    writers: Vec<Arc<tokio::sync::Mutex<FrameWriter>>>,
+    cancel: CancellationToken,
+}
+
+thread_local! {
+    static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
+}
+
+impl Shared {
+    fn header(&self, command: Command) -> Header {
+        Header {
+            message_id: self.next_msg.fetch_add(1, Ordering::Relaxed),
+            session_id: self.session_id,
+            ..Header::new(command)
+        }
+    }
+
+    /// Copies, classifies and hashes the pages of a job and encodes the batch.
+    fn encode(&self, job: &Job) -> Result<EncodedBatch, MigrationError> {
+        let mem = self.guest.memory();
+        let zero_hash = zero_page_hash();
+        let batch = ENCODER.with(|e| {
+            e.borrow_mut()
+                .encode(job.round, self.codec, &job.runs, |page, buf| {
+                    mem.read_page(page, buf);
+                    let zero = is_zero_page(buf);
+                    self.hashes
+                        .set(page, if zero { zero_hash } else { page_hash(buf) });
+                    zero
+                })
+        })?;
+        Ok(batch)
+    }
+
+    async fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
+        let header = self.header(msg.command());
+        self.writers[0].lock().await.send(header, msg).await
+    }
+}
+
+async fn writer_task(sh: Arc<Shared>, ch: u16) {
+    let run = async {
+        loop {
+            let job = {
+                let mut rx = sh.jobs.lock().await;
+                tokio::select! {
+                    biased;
+                    _ = sh.cancel.cancelled() => return Ok(()),
+                    job = rx.recv() => job,
+                }
+            };
+            let Some(job) = job else { return Ok(()) };
+            let sh2 = sh.clone();
+            let batch = tokio::task::spawn_blocking(move || sh2.encode(&job))
+                .await
+                .map_err(|e| MigrationError::Protocol(format!("encoder task failed: {e}")))??;
+            tokio::select! {
+                biased;
+                _ = sh.cancel.cancelled() => return Ok(()),
+                permit = sh.credits[ch as usize].acquire() => permit.expect("semaphore never closed").forget(),
+            }
+            let header = Header {
+                channel: ch,
+                credit_request: 1,
+                ..sh.header(Command::PageBatch)
+            };
+            sh.inflight
+                .lock()
+                .unwrap()
+                .insert(header.message_id, batch.pages);
+            sh.writers[ch as usize]
+                .lock()
+                .await
+                .send_raw(&header, &batch.payload)
+                .await?;
+            let c = &sh.counts;
+            c.total.fetch_add(batch.pages.into(), Ordering::Relaxed);
+            c.zero.fetch_add(batch.zero.into(), Ordering::Relaxed);
+            c.raw.fetch_add(batch.raw.into(), Ordering::Relaxed);
+            c.compressed
+                .fetch_add(batch.compressed.into(), Ordering::Relaxed);
+        }
+    };
+    let result: Result<(), MigrationError> = run.await;
+    if let Err(e) = result {
+        let _ = sh.events.send(Event::Failed(e));
+    }
+}
+
+async fn reader_task(sh: Arc<Shared>, ch: u16, mut rd: FrameReader) {
+    let result: Result<(), MigrationError> = async {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = sh.cancel.cancelled() => return Ok(()),
+                f = rd.read_frame() => f?,
+            };
+            let Some(frame) = frame else {
+                return Err(MigrationError::PeerClosed { channel: ch });
+            };
+            match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)? {
+                Message::BatchAck(ack) => {
+                    let pages = sh
+                        .inflight
+                        .lock()
+                        .unwrap()
+                        .remove(&ack.message_id)
+                        .ok_or_else(|| {
+                            MigrationError::Protocol(format!(
+                                "acknowledgement of unknown batch {}",
+                                ack.message_id
+                            ))
+                        })?;
+                    let grant = frame.header.credit_grant;
+                    let sem = &sh.credits[ch as usize];
+                    if sem.available_permits() + usize::from(grant) > usize::from(MAX_CREDITS) {
+                        return Err(MigrationError::Protocol(format!(
+                            "credit grant of {grant} on channel {ch} exceeds {MAX_CREDITS}"
+                        )));
+                    }
+                    sem.add_permits(grant.into());
+                    sh.ctx
+                        .progress
+                        .pages_acked
+                        .fetch_add(pages.into(), Ordering::Relaxed);
+                    sh.acked.send_modify(|n| *n += 1);
+                }
+                m @ (Message::Ready(_) | Message::Complete(_) | Message::Abort(_)) => {
+                    let _ = sh.events.send(Event::Reply(m));
+                }
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "unexpected {:?} from the destination",
+                        other.command()
+                    )))
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        if !sh.cancel.is_cancelled() {
+            let _ = sh.events.send(Event::Failed(e));
+        }
+    }
+}
+
+/// Reads one message during the handshake, with a timeout.
+async fn handshake_read(
+    rd: &mut FrameReader,
+    what: &'static str,
+) -> Result<(Header, Message), MigrationError> {
+    let frame = tokio::time::timeout(CONNECT_TIMEOUT, rd.read_frame())
+        .await
+        .map_err(|_| MigrationError::Timeout {
+            what,
+            after: CONNECT_TIMEOUT,
+        })??
+        .ok_or(MigrationError::PeerClosed {
+            channel: rd.channel(),
+        })?;
+    let msg = Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)?;
+    if let Message::Abort(a) = msg {
+        return Err(MigrationError::RemoteAbort {
+            code: a.code,
+            message: a.message,
+        });
+    }
+    Ok((frame.header, msg))
+}
+
+/// What the driver counts besides the shared counters.
+#[derive(Debug, Default)]
+struct Tally {
+    session_id: u64,
+    setup: Duration,
+    rounds: u32,
+    downtime: Duration,
+    verify: Duration,
+    verified: bool,
+    dirty_bytes: u64,
+    dirty_time: Duration,
+    throttle_max: u8,
+    destination_cpu_ms: Option<f64>,
+    go_sent: bool,
+    paused: bool,
+    round_log: Vec<RoundLog>,
+}
+
+struct Driver {
+    sh: Arc<Shared>,
+    events: mpsc::UnboundedReceiver<Event>,
+    jobs: mpsc::UnboundedSender<Job>,
+    queued: u64,
+    batch_pages: u32,
+    deadline: Instant,
+    timeout: Duration,
+    handoff: Duration,
+}
+
+impl Driver {
+    /// Splits a dirty set into batch jobs and queues them. Returns the pages.
+    fn enqueue(&mut self, snap: &DirtySnapshot, round: u32) -> u64 {
+        let max = u64::from(self.batch_pages);
+        let mut runs = Vec::new();
+        let mut n = 0u64;
+        let mut total = 0u64;
+        for (mut first, mut len) in snap.runs() {
+            while len > 0 {
+                let take = len.min(max - n);
+                runs.push((first, take as u32));
+                n += take;
+                first += take;
+                len -= take;
+                if n == max || runs.len() == MAX_RUNS_PER_BATCH as usize {
+                    total += n;
+                    self.push(round, std::mem::take(&mut runs));
+                    n = 0;
+                }
+            }
+        }
+        if n > 0 {
+            total += n;
+            self.push(round, runs);
+        }
+        total
+    }
+
+    fn push(&mut self, round: u32, runs: Vec<(u64, u32)>) {
+        self.queued += 1;
+        // The receiver lives in Shared, which outlives the driver.
+        let _ = self.jobs.send(Job { round, runs });
+    }
+
+    fn event_error(ev: Option<Event>) -> MigrationError {
+        match ev {
+            Some(Event::Failed(e)) => e,
+            Some(Event::Reply(Message::Abort(a))) => MigrationError::RemoteAbort {
+                code: a.code,
+                message: a.message,
+            },
+            Some(Event::Reply(m)) => MigrationError::Protocol(format!(
+                "unexpected {:?} before the hand-off",
+                m.command()
+            )),
+            None => MigrationError::Protocol("all channel tasks ended".into()),
+        }
+    }
+
+    /// Waits until every queued batch is acknowledged.
+    async fn drain(&mut self, deadline: Option<Instant>) -> Result<(), MigrationError> {
+        let mut acked = self.sh.acked.subscribe();
+        let target = self.queued;
+        let until = deadline.unwrap_or(self.deadline);
+        tokio::select! {
+            biased;
+            _ = self.sh.ctx.cancel.cancelled() => Err(MigrationError::Cancelled),
+            ev = self.events.recv() => Err(Self::event_error(ev)),
+            r = acked.wait_for(|&n| n >= target) => {
+                r.map(|_| ()).map_err(|_| MigrationError::Protocol("ack counter closed".into()))
+            }
+            _ = tokio::time::sleep_until(until.into()) => Err(match deadline {
+                None => MigrationError::NotConverging(super::policy::GiveUp::CompletionTimeout(self.timeout)),
+                Some(_) => MigrationError::Timeout { what: "the final pages to be applied", after: self.handoff },
+            }),
+        }
+    }
+
+    /// Waits for a hand-off reply.
+    async fn reply(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Message, MigrationError> {
+        tokio::select! {
+            biased;
+            _ = self.sh.ctx.cancel.cancelled() => Err(MigrationError::Cancelled),
+            ev = self.events.recv() => match ev {
+                Some(Event::Reply(Message::Abort(a))) => Err(MigrationError::RemoteAbort { code: a.code, message: a.message }),
+                Some(Event::Reply(m)) => Ok(m),
+                other => Err(Self::event_error(other)),
+            },
+            _ = tokio::time::sleep(timeout) => Err(MigrationError::Timeout { what, after: timeout }),
+        }
+    }
+}
+
+/// Migrates `guest` to the receiver at `target` (host:port). Always returns a
+/// report; on any failure before GO the guest runs on the source again.
+pub async fn migrate(
+    guest: Arc<dyn MigratableGuest>,
+    target: &str,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+) -> Report {
+    let start = Instant::now();
+    let mut tally = Tally::default();
+    let counts = Arc::new(Mutex::new(PageCounts::default()));
+    let result = match config.validate() {
+        Err(e) => Err(MigrationError::Config(e)),
+        Ok(()) => {
+            run(
+                guest.clone(),
+                target,
+                config,
+                ctx,
+                start,
+                &mut tally,
+                &counts,
+            )
+            .await
+        }
+    };
+    let total = start.elapsed();
+    let (outcome, error) = match &result {
+        Ok(()) => (Outcome::Completed, None),
+        Err(e) => {
+            let outcome = if tally.go_sent {
+                Outcome::Unresolved
+            } else if matches!(e, MigrationError::Cancelled) {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            (outcome, Some(e.to_string()))
+        }
+    };
+    if outcome != Outcome::Completed && outcome != Outcome::Unresolved {
+        // Nothing was handed over: the guest runs here, unthrottled.
+        guest.set_throttle(0);
+        if tally.paused {
+            guest.resume();
+        }
+    }
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, ?outcome, "migration did not complete");
+    }
+    ctx.progress.update(|s| s.phase = Phase::Done);
+    let mut report = Report {
+        side: Side::Source,
+        outcome,
+        error,
+        guest_location: "",
+        verified: tally.verified,
+        verify: config.verify,
+        verify_ms: round3(tally.verify.as_secs_f64() * 1e3),
+        memory_bytes: guest.memory().len_bytes(),
+        pages: *counts.lock().unwrap(),
+        rounds: tally.rounds,
+        total_ms: round3(total.as_secs_f64() * 1e3),
+        setup_ms: round3(tally.setup.as_secs_f64() * 1e3),
+        downtime_ms: round3(tally.downtime.as_secs_f64() * 1e3),
+        guest_bytes_sent: 0,
+        wire_bytes: ctx.progress.wire_bytes.load(Ordering::Relaxed),
+        compression_ratio: 0.0,
+        throughput_guest_bps: 0.0,
+        throughput_wire_bps: 0.0,
+        dirty_rate_bps: if tally.dirty_time.is_zero() {
+            0.0
+        } else {
+            (tally.dirty_bytes as f64 / tally.dirty_time.as_secs_f64()).round()
+        },
+        throttle_pct_max: tally.throttle_max,
+        channels: config.channels,
+        codec: config.codec.to_string(),
+        max_bandwidth_bps: config.max_bandwidth,
+        cpu_ms: CpuMs {
+            source: Some(round3(ctx.cpu.total().as_secs_f64() * 1e3)),
+            destination: tally.destination_cpu_ms,
+        },
+        guest: guest.kind(),
+        session_id: format!("{:016x}", tally.session_id),
+        round_log: std::mem::take(&mut tally.round_log),
+    };
+    report.finish_derived();
+    report
+}
+
+async fn run(
+    guest: Arc<dyn MigratableGuest>,
+    target: &str,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+    start: Instant,
+    tally: &mut Tally,
+    counts_out: &Arc<Mutex<PageCounts>>,
+) -> Result<(), MigrationError> {
+    let memory_bytes = guest.memory().len_bytes();
+    let pages = guest.memory().pages();
+    let batch_pages = config.batch_pages();
+    let bucket = config.max_bandwidth.map(|bps| {
+        // Bursts of at most one batch (plus headers) or 10 ms at the rate.
+        let batch = u64::from(batch_pages) * PAGE_SIZE as u64 + 4096;
+        Arc::new(TokenBucket::new(bps, batch.max(bps / 100)))
+    });
+    let wire = ctx.progress.wire_bytes.clone();
+    let rx_bytes = Arc::new(AtomicU64::new(0));
+    ctx.progress.start_round(Phase::Setup, 0, 0);
+
+    // Channel 0: negotiate and set up the session.
+    let target_owned = target.to_string();
+    let connect_one = |ch: u16| {
+        let target = target_owned.clone();
+        let bucket = bucket.clone();
+        let wire = wire.clone();
+        let rx_bytes = rx_bytes.clone();
+        async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target))
+                .await
+                .map_err(|_| MigrationError::Timeout {
+                    what: "the TCP connection",
+                    after: CONNECT_TIMEOUT,
+                })?
+                .map_err(|e| MigrationError::io(format!("connect channel {ch} to {target}"), e))?;
+            let (r, w) = stream.into_split();
+            Ok::<_, MigrationError>((
+                FrameReader::new(r, ch, rx_bytes),
+                FrameWriter::new(w, ch, bucket, wire),
+            ))
+        }
+    };
+    let (mut rd0, mut wr0) = tokio::select! {
+        biased;
+        _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+        c = connect_one(0) => c?,
+    };
+    let codec_id = config.codec.id();
+    wr0.send(
+        Header::new(Command::Negotiate),
+        &Message::Negotiate(Negotiate {
+            min_version: VERSION,
+            max_version: VERSION,
+            capabilities: 0,
+            codecs: codec_id.bit() | crate::codec::CodecId::None.bit(),
+            page_size: PAGE_SIZE as u32,
+        }),
+    )
+    .await?;
+    match handshake_read(&mut rd0, "NEGOTIATE_RESPONSE").await? {
+        (_, Message::NegotiateResponse(r)) => {
+            if r.version != VERSION || r.page_size != PAGE_SIZE as u32 {
+                return Err(MigrationError::Incompatible(format!(
+                    "destination chose version {} and page size {}",
+                    r.version, r.page_size
+                )));
+            }
+            if r.codecs & codec_id.bit() == 0 {
+                return Err(MigrationError::Incompatible(format!(
+                    "destination cannot decode {}",
+                    config.codec
+                )));
+            }
+        }
+        (_, m) => {
+            return Err(MigrationError::Protocol(format!(
+                "expected NEGOTIATE_RESPONSE, got {:?}",
+                m.command()
+            )))
+        }
+    }
+    let level = match config.codec {
+        Codec::Zstd { level } => level as i8,
+        _ => 0,
+    };
+    wr0.send(
+        Header::new(Command::SessionSetup),
+        &Message::SessionSetup(SessionSetup {
+            memory_bytes,
+            channels: config.channels,
+            codec: codec_id as u8,
+            codec_level: level,
+            guest_kind: guest.kind(),
+            verify: config.verify,
+            max_bandwidth: config.max_bandwidth.unwrap_or(0),
+            flags: if config.leave_paused {
+                SETUP_LEAVE_PAUSED
+            } else {
+                0
+            },
+        }),
+    )
+    .await?;
+    let (header, setup) = match handshake_read(&mut rd0, "SESSION_SETUP_RESPONSE").await? {
+        (h, Message::SessionSetupResponse(r)) => (h, r),
+        (_, m) => {
+            return Err(MigrationError::Protocol(format!(
+                "expected SESSION_SETUP_RESPONSE, got {:?}",
+                m.command()
+            )))
+        }
+    };
+    let session_id = header.session_id;
+    tally.session_id = session_id;
+    if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
+        return Err(MigrationError::Protocol(format!(
+            "initial credits {} out of range",
+            setup.initial_credits
+        )));
+    }
+
+    // Channels 1..N bind to the session, concurrently.
+    let mut binds = tokio::task::JoinSet::new();
+    for ch in 1..config.channels {
+        let conn = connect_one(ch);
+        let token = setup.bind_token;
+        binds.spawn(async move {
+            let (mut rd, mut wr) = conn.await?;
+            let header = Header {
+                session_id,
+                channel: ch,
+                ..Header::new(Command::ChannelBind)
+            };
+            wr.send(
+                header,
+                &Message::ChannelBind(ChannelBind { bind_token: token }),
+            )
+            .await?;
+            match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
+                (h, Message::ChannelBindResponse(_)) => Ok((ch, rd, wr, h.credit_grant)),
+                (_, m) => Err(MigrationError::Protocol(format!(
+                    "expected CHANNEL_BIND_RESPONSE, got {:?}",
+                    m.command()
+                ))),
+            }
+        });
+    }
+    let mut channels: Vec<Option<(FrameReader, FrameWriter, u16)>> =
+        (0..config.channels).map(|_| None).collect();
+    channels[0] = Some((rd0, wr0, setup.initial_credits));
+    loop {
+        let joined = tokio::select! {
+            biased;
+            _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+            j = binds.join_next() => j,
+        };
+        let Some(joined) = joined else { break };
+        let (ch, rd, wr, credits) =
+            joined.map_err(|e| MigrationError::Protocol(format!("bind task failed: {e}")))??;
+        if credits == 0 || credits > MAX_CREDITS {
+            return Err(MigrationError::Protocol(format!(
+                "channel {ch} granted {credits} credits"
+            )));
+        }
+        channels[ch as usize] = Some((rd, wr, credits));
+    }
+    tally.setup = start.elapsed();
+
+    // Start the channel tasks.
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let cancel = ctx.cancel.child_token();
+    let _stop_tasks = cancel.clone().drop_guard();
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    let mut credits = Vec::new();
+    for c in channels {
+        let (rd, wr, cr) = c.expect("every channel bound");
+        readers.push(rd);
+        writers.push(Arc::new(tokio::sync::Mutex::new(wr)));
+        credits.push(Semaphore::new(cr.into()));
+    }
+    let sh = Arc::new(Shared {
+        guest: guest.clone(),
+        hashes: PageHashes::new(pages),
+        codec: config.codec,
+        session_id,
+        next_msg: AtomicU64::new(1),
+        jobs: tokio::sync::Mutex::new(jobs_rx),
+        credits,
+        inflight: Mutex::new(HashMap::new()),
+        acked: watch::channel(0).0,
+        counts: Counts::default(),
+        ctx: ctx.clone(),
+        events: events_tx,
+        writers,
+        cancel: cancel.clone(),
+    });
+    for (ch, rd) in readers.into_iter().enumerate() {
+        tokio::spawn(reader_task(sh.clone(), ch as u16, rd));
+        tokio::spawn(writer_task(sh.clone(), ch as u16));
+    }
+    let policy = config.policy(memory_bytes);
+    let mut driver = Driver {
+        sh: sh.clone(),
+        events: events_rx,
+        jobs: jobs_tx,
+        queued: 0,
+        batch_pages,
+        deadline: start + policy.completion_timeout,
+        timeout: policy.completion_timeout,
+        handoff: config.handoff_timeout,
+    };
+    let result = precopy_and_handoff(&mut driver, config, ctx, start, tally, policy).await;
+    let c = &sh.counts;
+    *counts_out.lock().unwrap() = PageCounts {
+        total: c.total.load(Ordering::Relaxed),
+        zero: c.zero.load(Ordering::Relaxed),
+        raw: c.raw.load(Ordering::Relaxed),
+        compressed: c.compressed.load(Ordering::Relaxed),
+    };
+    if let Err(e) = &result {
+        if !tally.go_sent && !matches!(e, MigrationError::RemoteAbort { .. }) {
+            // Tell the destination to discard its copy; best effort.
+            let abort = Message::Abort(Abort {
+                code: e.abort_code(),
+                message: e.to_string(),
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(1), sh.send_control(&abort)).await;
+        }
+    }
+    cancel.cancel();
+    for w in &sh.writers {
+        if let Ok(mut w) = w.try_lock() {
+            w.shutdown().await;
+        }
+    }
+    result
+}
+
+async fn precopy_and_handoff(
+    d: &mut Driver,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+    start: Instant,
+    tally: &mut Tally,
+    policy: super::policy::ConvergencePolicy,
+) -> Result<(), MigrationError> {
+    let guest = d.sh.guest.clone();
+    let pages = guest.memory().pages();
+    let mut conv = Convergence::new(policy);
+    let mut snap = DirtySnapshot::all(pages);
+    // Forget writes from before the migration: round 0 sends every page.
+    let mut discard = DirtySnapshot::new();
+    guest.snapshot_dirty(&mut discard);
+    let mut round = 0u32;
+    loop {
+        let t0 = Instant::now();
+        let n = d.enqueue(&snap, round);
+        ctx.progress.start_round(Phase::Precopy, round, n);
+        d.drain(None).await?;
+        let duration = t0.elapsed();
+        let dirty = guest.dirty_pages();
+        let stats = RoundStats {
+            round,
+            elapsed: start.elapsed(),
+            duration,
+            bytes_sent: n * PAGE_SIZE as u64,
+            dirty_bytes: dirty * PAGE_SIZE as u64,
+        };
+        tally.rounds = round + 1;
+        tally.dirty_bytes += stats.dirty_bytes;
+        tally.dirty_time += duration;
+        let decision = conv.decide(&stats);
+        if let Decision::Throttle(p) = decision {
+            guest.set_throttle(p);
+            tally.throttle_max = tally.throttle_max.max(p);
+            tracing::info!(
+                round,
+                throttle_pct = p,
+                "auto-converge: throttling the guest"
+            );
+        }
+        tally.round_log.push(RoundLog {
+            round,
+            pages: n,
+            ms: round3(duration.as_secs_f64() * 1e3),
+            dirty_pages_after: dirty,
+            throttle_pct: conv.throttle_pct(),
+        });
+        ctx.progress.update(|s| {
+            s.dirty_pages = dirty;
+            s.throughput_bps = conv.throughput_bps().unwrap_or(0.0);
+            s.expected_downtime_ms = conv
+                .expected_downtime(stats.dirty_bytes)
+                .map(|d| d.as_secs_f64() * 1e3);
+            s.throttle_pct = conv.throttle_pct();
+        });
+        tracing::debug!(round, pages = n, ?duration, dirty, ?decision, "round done");
+        let final_next = match decision {
+            Decision::GiveUp(g) => return Err(MigrationError::NotConverging(g)),
+            Decision::Switchover => true,
+            Decision::Continue | Decision::Throttle(_) => false,
+        };
+        d.sh.send_control(&Message::RoundEnd(RoundEnd {
+            round,
+            pages: n,
+            final_next,
+        }))
+        .await?;
+        round += 1;
+        if final_next {
+            break;
+        }
+        guest.snapshot_dirty(&mut snap);
+    }
+
+    // Switchover: pause, send the last dirty pages with every channel, the
+    // state and the digest.
+    let paused_at = Instant::now();
+    guest.pause();
+    tally.paused = true;
+    guest.set_throttle(0);
+    guest.snapshot_dirty(&mut snap);
+    let n = d.enqueue(&snap, round);
+    ctx.progress.start_round(Phase::Switchover, round, n);
+    let final_deadline = Instant::now() + config.handoff_timeout;
+    d.drain(Some(final_deadline)).await?;
+    let t = Instant::now();
+    let digest = match config.verify {
+        VerifyMode::Fast => d.sh.hashes.digest(),
+        VerifyMode::Full => {
+            let mem = guest.memory().clone();
+            tokio::task::spawn_blocking(move || full_digest(&mem, 2))
+                .await
+                .map_err(|e| MigrationError::Protocol(format!("digest task failed: {e}")))?
+        }
+    };
+    tally.verify = t.elapsed();
+    let state = guest.save_state();
+    d.sh.send_control(&Message::Switchover(Switchover {
+        final_round: round,
+        digest,
+        verify: config.verify,
+        rounds: tally.rounds,
+        dirty_rate_bps: if tally.dirty_time.is_zero() {
+            0
+        } else {
+            (tally.dirty_bytes as f64 / tally.dirty_time.as_secs_f64()) as u64
+        },
+        throttle_pct_max: tally.throttle_max,
+        source_cpu_ms: ctx.cpu.total().as_millis() as u64,
+        state: state.into(),
+    }))
+    .await?;
+    ctx.progress.update(|s| s.phase = Phase::Handoff);
+    match d.reply("READY", config.handoff_timeout).await? {
+        Message::Ready(r) if r.digest == digest => tally.verified = true,
+        Message::Ready(r) => {
+            return Err(MigrationError::DigestMismatch {
+                source_digest: digest,
+                destination_digest: r.digest,
+            })
+        }
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected READY, got {:?}",
+                m.command()
+            )))
+        }
+    }
+    // From here on the source never resumes the guest.
+    tally.go_sent = true;
+    d.sh.send_control(&Message::Go).await?;
+    match d.reply("COMPLETE", config.handoff_timeout).await? {
+        Message::Complete(c) => {
+            tally.downtime = paused_at.elapsed();
+            tally.destination_cpu_ms = Some(c.destination_cpu_ms as f64);
+        }
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected COMPLETE, got {:?}",
+                m.command()
+            )))
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! The page batch: runs of pages, a zero bitmap, and the non-zero pages
+//! compressed together by the batch's codec.
+//!
+//! ```text
+//! offset size field
+//!      0    4 round
+//!      4    1 codec id (0 none, 1 lz4, 2 zstd)
+//!      5    1 reserved (0)
+//!      6    2 run count (1..=1024)
+//!      8    4 page count (1..=1024), the sum of the run lengths
+//!     12    4 data length: bytes after the zero bitmap
+//!     16    4 uncompressed length: 4096 × non-zero pages
+//!     20 12×n runs: first page u64, length u32; ascending, disjoint, inside the guest
+//!      …    ⌈pages/8⌉ zero bitmap, bit i set = page i of the batch is zero
+//!      …    data
+//! ```
+
+use super::{DecodeError, Limits, Reader};
+use crate::codec::{self, Codec, CodecError, CodecId};
+use crate::memory::PAGE_SIZE;
+use bytes::Bytes;
+
+/// Most pages one batch may carry (4 MiB).
+pub const MAX_PAGES_PER_BATCH: u32 = 1024;
+/// Most runs one batch may carry.
+pub const MAX_RUNS_PER_BATCH: u16 = 1024;
+const FIXED: usize = 20;
+const RUN: usize = 12;
+
+/// A decoded, checked page batch. Its page data is still encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBatch {
+    /// The pre-copy round it belongs to.
+    pub round: u32,
+    /// How `data` is encoded.
+    pub codec: CodecId,
+    runs: Vec<(u64, u32)>,
+    zero_bits: Bytes,
+    data: Bytes,
+    page_count: u32,
+    nonzero: u32,
+}
+
+impl PageBatch {
+    /// Decodes and checks a batch payload against the guest's size. Allocates only
+    /// the run list, after its count has been checked.
+    pub fn decode(payload: Bytes, limits: Limits) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(&payload);
+        let round = r.u32("batch.round")?;
+        let codec = CodecId::from_u8(r.u8("batch.codec")?).ok_or(DecodeError::Invalid {
+            field: "batch.codec",
+        })?;
+        if r.u8("batch.reserved")? != 0 {
+            return Err(DecodeError::Reserved {
+                field: "batch.reserved",
+            });
+        }
+        let run_count = r.u16("batch.run_count")?;
+        if run_count == 0 || run_count > MAX_RUNS_PER_BATCH {
+            return Err(DecodeError::OutOfRange {
+                field: "batch.run_count",
+                value: run_count.into(),
+                limit: MAX_RUNS_PER_BATCH.into(),
+            });
+        }
+        let page_count = r.u32("batch.page_count")?;
+        if page_count == 0 || page_count > MAX_PAGES_PER_BATCH {
+            return Err(DecodeError::OutOfRange {
+                field: "batch.page_count",
+                value: page_count.into(),
+                limit: MAX_PAGES_PER_BATCH.into(),
+            });
+        }
+        let data_len = r.u32("batch.data_len")?;
+        let uncompressed_len = r.u32("batch.uncompressed_len")?;
+        let run_bytes = r.bytes(run_count as usize * RUN, "batch.runs")?;
+        let mut runs = Vec::with_capacity(run_count as usize);
+        let mut next_free = 0u64;
+        let mut total = 0u64;
+        for run in run_bytes.chunks_exact(RUN) {
+            let first = u64::from_le_bytes(run[..8].try_into().unwrap());
+            let len = u32::from_le_bytes(run[8..].try_into().unwrap());
+            if len == 0 {
+                return Err(DecodeError::Invalid {
+                    field: "batch.run.len",
+                });
+            }
+            if first < next_free {
+                return Err(DecodeError::Invalid {
+                    field: "batch.run.first",
+                });
+            }
+            let end = first.saturating_add(len.into());
+            if end > limits.guest_pages {
+                return Err(DecodeError::OutOfRange {
+                    field: "batch.run.first",
+                    value: end.saturating_sub(1),
+                    limit: limits.guest_pages,
+                });
+            }
+            next_free = end;
+            total += u64::from(len);
+            runs.push((first, len));
+        }
+        if total != u64::from(page_count) {
+            return Err(DecodeError::Mismatch {
+                field: "batch.page_count",
+                declared: page_count.into(),
+                actual: total,
+            });
+        }
+        let zero_bits = r.bytes(page_count.div_ceil(8) as usize, "batch.zero_bitmap")?;
+        let tail = page_count % 8;
+        if tail != 0 && zero_bits[zero_bits.len() - 1] >> tail != 0 {
+            return Err(DecodeError::Invalid {
+                field: "batch.zero_bitmap",
+            });
+        }
+        let zeros: u32 = zero_bits.iter().map(|b| b.count_ones()).sum();
+        let nonzero = page_count - zeros;
+        if u64::from(uncompressed_len) != u64::from(nonzero) * PAGE_SIZE as u64 {
+            return Err(DecodeError::Mismatch {
+                field: "batch.uncompressed_len",
+                declared: uncompressed_len.into(),
+                actual: u64::from(nonzero) * PAGE_SIZE as u64,
+            });
+        }
+        if data_len as usize != r.remaining() {
+            return Err(DecodeError::Mismatch {
+                field: "batch.data_len",
+                declared: data_len.into(),
+                actual: r.remaining() as u64,
+            });
+        }
+        if (codec == CodecId::None || nonzero == 0) && data_len != uncompressed_len {
+            return Err(DecodeError::Mismatch {
+                field: "batch.data_len",
+                declared: data_len.into(),
+                actual: uncompressed_len.into(),
+            });
+        }
+        let bits_at = r.position() - zero_bits.len();
+        let data_at = r.position();
+        Ok(Self {
+            round,
+            codec,
+            runs,
+            zero_bits: payload.slice(bits_at..data_at),
+            data: payload.slice(data_at..),
+            page_count,
+            nonzero,
+        })
+    }
+
+    /// Pages in the batch.
+    pub fn page_count(&self) -> u32 {
+        self.page_count
+    }
+
+    /// Non-zero pages in the batch.
+    pub fn nonzero_pages(&self) -> u32 {
+        self.nonzero
+    }
+
+    /// The runs `(first_page, count)`.
+    pub fn runs(&self) -> &[(u64, u32)] {
+        &self.runs
+    }
+
+    /// Decodes the pages and hands each to `store`: `Some(bytes)` for a data page,
+    /// `None` for a zero page. `scratch` is reused between batches.
+    pub fn apply(
+        &self,
+        scratch: &mut Vec<u8>,
+        mut store: impl FnMut(u64, Option<&[u8]>),
+    ) -> Result<(), CodecError> {
+        let len = self.nonzero as usize * PAGE_SIZE;
+        let pages: &[u8] = if len == 0 {
+            &[]
+        } else if self.codec == CodecId::None {
+            &self.data
+        } else {
+            scratch.resize(len, 0);
+            codec::decompress(self.codec, &self.data, &mut scratch[..])?;
+            &scratch[..]
+        };
+        let mut data = pages.chunks_exact(PAGE_SIZE);
+        let mut i = 0usize;
+        for &(first, len) in &self.runs {
+            for page in first..first + u64::from(len) {
+                if self.zero_bits[i / 8] & (1 << (i % 8)) != 0 {
+                    store(page, None);
+                } else {
+                    store(
+                        page,
+                        Some(data.next().expect("nonzero count checked at decode")),
+                    );
+                }
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-encodes the batch as it arrived (for tests of the message layer).
+    pub(crate) fn encode_for_test(&self) -> Vec<u8> {
+        let mut o = Vec::new();
+        write_fixed(&mut o, self.round, self.codec, &self.runs, self.page_count);
+        o.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+        o.extend_from_slice(&(self.nonzero * PAGE_SIZE as u32).to_le_bytes());
+        write_runs(&mut o, &self.runs);
+        o.extend_from_slice(&self.zero_bits);
+        o.extend_from_slice(&self.data);
+        o
+    }
+}
+
+fn write_fixed(o: &mut Vec<u8>, round: u32, codec: CodecId, runs: &[(u64, u32)], pages: u32) {
+    o.extend_from_slice(&round.to_le_bytes());
+    o.push(codec as u8);
+    o.push(0);
+    o.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+    o.extend_from_slice(&pages.to_le_bytes());
+}
+
+fn write_runs(o: &mut Vec<u8>, runs: &[(u64, u32)]) {
+    for &(first, len) in runs {
+        o.extend_from_slice(&first.to_le_bytes());
+        o.extend_from_slice(&len.to_le_bytes());
+    }
+}
+
+/// A batch ready for the wire, with its page counts by kind.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    /// The `PageBatch` payload.
+    pub payload: Bytes,
+    /// Pages in the batch.
+    pub pages: u32,
+    /// Pages sent as a zero bit.
+    pub zero: u32,
+    /// Pages sent uncompressed.
+    pub raw: u32,
+    /// Pages sent compressed.
+    pub compressed: u32,
+}
+
+/// Builds page batches, reusing its page buffer from batch to batch.
+#[derive(Debug, Default)]
+pub struct BatchEncoder {
+    pages: Vec<u8>,
+    zero_bits: Vec<u8>,
+}
+
+impl BatchEncoder {
+    /// An encoder with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Encodes the pages of `runs`. `read(page, buf)` copies page `page` into
+    /// `buf` (one page) and returns whether it is all zero. Non-zero pages are
+    /// compressed together with `codec`; if that does not make them smaller the
+    /// batch goes raw.
+    ///
+    /// # Panics
+    /// If the runs break the wire limits (more than [`MAX_PAGES_PER_BATCH`] pages,
+    /// [`MAX_RUNS_PER_BATCH`] runs, or an empty run): callers split their runs.
+    pub fn encode(
+        &mut self,
+        round: u32,
+        codec: Codec,
+        runs: &[(u64, u32)],
+        mut read: impl FnMut(u64, &mut [u8]) -> bool,
+    ) -> Result<EncodedBatch, CodecError> {
+        let pages: u32 = runs.iter().map(|r| r.1).sum();
+        assert!(
+            pages > 0 && pages <= MAX_PAGES_PER_BATCH,
+            "{pages} pages in a batch"
+        );
+        assert!(runs.len() <= MAX_RUNS_PER_BATCH as usize && runs.iter().all(|r| r.1 > 0));
+        self.pages.clear();
+        self.zero_bits.clear();
+        self.zero_bits.resize(pages.div_ceil(8) as usize, 0);
+        let mut i = 0usize;
+        let mut zero = 0u32;
+        for &(first, len) in runs {
+            for page in first..first + u64::from(len) {
+                let at = self.pages.len();
+                self.pages.resize(at + PAGE_SIZE, 0);
+                if read(page, &mut self.pages[at..]) {
+                    self.pages.truncate(at);
+                    self.zero_bits[i / 8] |= 1 << (i % 8);
+                    zero += 1;
+                }
+                i += 1;
+            }
+        }
+        let nonzero = pages - zero;
+        let raw_len = self.pages.len();
+        let head = FIXED + runs.len() * RUN + self.zero_bits.len();
+        let mut out = Vec::with_capacity(head + codec::max_compressed_len(codec, raw_len));
+        let mut used = if nonzero == 0 { Codec::None } else { codec };
+        write_fixed(&mut out, round, used.id(), runs, pages);
+        out.extend_from_slice(&[0; 8]); // data_len and uncompressed_len, below
+        write_runs(&mut out, runs);
+        out.extend_from_slice(&self.zero_bits);
+        let mut data_len = codec::compress(used, &self.pages, &mut out)?;
+        if used != Codec::None && data_len >= raw_len {
+            // Incompressible: send the pages as they are.
+            out.truncate(head);
+            out.extend_from_slice(&self.pages);
+            used = Codec::None;
+            data_len = raw_len;
+            out[4] = CodecId::None as u8;
+        }
+        out[12..16].copy_from_slice(&(data_len as u32).to_le_bytes());
+        out[16..20].copy_from_slice(&(raw_len as u32).to_le_bytes());
+        let (raw, compressed) = if used == Codec::None {
+            (nonzero, 0)
+        } else {
+            (0, nonzero)
+        };
+        Ok(EncodedBatch {
+            payload: Bytes::from(out),
+            pages,
+            zero,
+            raw,
+            compressed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        guest_pages: 10_000,
+    };
+
+    /// Page `p`'s content in these tests: zero when p % 3 == 0, else a pattern.
+    fn content(p: u64, buf: &mut [u8]) -> bool {
+        if p % 3 == 0 {
+            buf.fill(0);
+            return true;
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = ((p as usize * 31 + i / 16) % 251) as u8;
+        }
+        false
+    }
+
+    fn encoded(codec: Codec, runs: &[(u64, u32)]) -> EncodedBatch {
+        BatchEncoder::new().encode(5, codec, runs, content).unwrap()
+    }
+
+    #[test]
+    fn round_trip_every_codec() {
+        let runs = [(0u64, 10u32), (100, 1), (200, 50)];
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
+            let e = encoded(codec, &runs);
+            assert_eq!(e.pages, 61);
+            assert_eq!(e.zero + e.raw + e.compressed, 61);
+            let b = PageBatch::decode(e.payload.clone(), LIMITS).unwrap();
+            assert_eq!(b.round, 5);
+            assert_eq!(b.runs(), &runs);
+            let mut seen = vec![];
+            b.apply(&mut Vec::new(), |p, data| {
+                let mut want = vec![0u8; PAGE_SIZE];
+                let zero = content(p, &mut want);
+                assert_eq!(data.is_none(), zero, "page {p}");
+                if let Some(d) = data {
+                    assert_eq!(d, &want[..]);
+                }
+                seen.push(p);
+            })
+            .unwrap();
+            assert_eq!(seen.len(), 61);
+        }
+    }
+
+    #[test]
+    fn incompressible_pages_go_raw_and_all_zero_batches_carry_no_data() {
+        let mut x = 1u64;
+        let e = BatchEncoder::new()
+            .encode(0, Codec::Lz4, &[(0, 4)], |_, buf| {
+                for b in buf.iter_mut() {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    *b = (x >> 56) as u8;
+                }
+                false
+            })
+            .unwrap();
+        assert_eq!((e.raw, e.compressed), (4, 0));
+        assert_eq!(
+            PageBatch::decode(e.payload, LIMITS).unwrap().codec,
+            CodecId::None
+        );
+        let e = encoded(Codec::Zstd { level: 1 }, &[(0, 1), (3, 1)]);
+        assert_eq!(e.zero, 2);
+        assert_eq!(e.payload.len(), FIXED + 2 * RUN + 1);
+    }
+
+    fn mutated(f: impl FnOnce(&mut Vec<u8>)) -> Result<PageBatch, DecodeError> {
+        let mut p = encoded(Codec::Lz4, &[(1, 4), (10, 2)]).payload.to_vec();
+        f(&mut p);
+        PageBatch::decode(Bytes::from(p), LIMITS)
+    }
+
+    #[test]
+    fn rejects_bad_batches_naming_the_field() {
+        let field = |r: Result<PageBatch, DecodeError>| match r.unwrap_err() {
+            DecodeError::OutOfRange { field, .. }
+            | DecodeError::Mismatch { field, .. }
+            | DecodeError::Invalid { field }
+            | DecodeError::Truncated { field }
+            | DecodeError::Reserved { field } => field,
+            e => panic!("unexpected {e}"),
+        };
+        assert_eq!(field(mutated(|p| p[4] = 9)), "batch.codec");
+        assert_eq!(field(mutated(|p| p[5] = 1)), "batch.reserved");
+        assert_eq!(
+            field(mutated(|p| p[6..8].copy_from_slice(&0u16.to_le_bytes()))),
+            "batch.run_count"
+        );
+        assert_eq!(
+            field(mutated(|p| p[6..8].copy_from_slice(&5000u16.to_le_bytes()))),
+            "batch.run_count"
+        );
+        assert_eq!(
+            field(mutated(|p| p[8..12].copy_from_slice(&5000u32.to_le_bytes()))),
+            "batch.page_count"
+        );
+        assert_eq!(
+            field(mutated(|p| p[8..12].copy_from_slice(&7u32.to_le_bytes()))),
+            "batch.page_count"
+        );
+        // First run starts past the guest's end.
+        assert_eq!(
+            field(mutated(
+                |p| p[20..28].copy_from_slice(&9_999u64.to_le_bytes())
+            )),
+            "batch.run.first"
+        );
+        assert_eq!(
+            field(mutated(
+                |p| p[20..28].copy_from_slice(&u64::MAX.to_le_bytes())
+            )),
+            "batch.run.first"
+        );
+        // Second run overlaps the first.
+        assert_eq!(
+            field(mutated(|p| p[32..40].copy_from_slice(&2u64.to_le_bytes()))),
+            "batch.run.first"
+        );
+        assert_eq!(
+            field(mutated(|p| p[28..32].copy_from_slice(&0u32.to_le_bytes()))),
+            "batch.run.len"
+        );
+        assert_eq!(field(mutated(|p| p[16] ^= 1)), "batch.uncompressed_len");
+        assert_eq!(field(mutated(|p| p[12] ^= 1)), "batch.data_len");
+        assert_eq!(field(mutated(|p| p[44] |= 0x80)), "batch.zero_bitmap");
+        assert_eq!(field(mutated(|p| p.truncate(30))), "batch.runs");
+    }
+
+    #[test]
+    fn corrupt_data_fails_at_apply_with_a_size_error() {
+        // Claim one more non-zero page than the data holds: flip a zero bit off.
+        let e = encoded(Codec::Lz4, &[(0, 6)]);
+        let mut p = e.payload.to_vec();
+        let bits_at = FIXED + RUN;
+        assert_eq!(p[bits_at] & 1, 1, "page 0 is zero");
+        p[bits_at] &= !1;
+        let len = u32::from_le_bytes(p[16..20].try_into().unwrap()) + PAGE_SIZE as u32;
+        p[16..20].copy_from_slice(&len.to_le_bytes());
+        let b = PageBatch::decode(Bytes::from(p), LIMITS).unwrap();
+        assert!(b.apply(&mut Vec::new(), |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let e = encoded(Codec::Zstd { level: 1 }, &[(1, 4), (10, 2)]);
+        for cut in 0..e.payload.len() {
+            assert!(
+                PageBatch::decode(e.payload.slice(..cut), LIMITS).is_err(),
+                "cut {cut}"
+            );
+        }
+    }
+}

@@ -1,0 +1,712 @@
+//! The protocol's messages: one struct per command with its encoder and its
+//! checked decoder.
+
+use super::{
+    Command, DecodeError, Header, Limits, PageBatch, Reader, MAX_ABORT_MESSAGE, MAX_CHANNELS,
+};
+use bytes::Bytes;
+
+/// The kind of guest a session moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum GuestKind {
+    /// ferry's synthetic guest.
+    Sim = 0,
+    /// A KVM guest.
+    Kvm = 1,
+}
+
+/// How the switchover digest is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum VerifyMode {
+    /// Per-page hashes kept current as pages move; the pause sums them.
+    #[default]
+    Fast = 0,
+    /// Both sides hash all of memory during the pause.
+    Full = 1,
+}
+
+impl std::str::FromStr for VerifyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fast" => Ok(Self::Fast),
+            "full" => Ok(Self::Full),
+            _ => Err(format!("invalid verify mode {s:?}: use fast or full")),
+        }
+    }
+}
+
+impl std::fmt::Display for VerifyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fast => "fast",
+            Self::Full => "full",
+        })
+    }
+}
+
+/// Why a migration was aborted, as a stable number on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u16)]
+pub enum AbortCode {
+    /// An operator cancelled it.
+    Cancelled = 1,
+    /// The completion or progress timeout passed.
+    Timeout = 2,
+    /// The destination's memory digest differs from the source's.
+    DigestMismatch = 3,
+    /// The peer broke the protocol.
+    Protocol = 4,
+    /// Something failed inside the sender of the abort.
+    Internal = 5,
+    /// The receiver cannot host the guest (memory, limits).
+    Resources = 6,
+    /// The peer's versions, codecs or page size do not match.
+    Incompatible = 7,
+}
+
+impl AbortCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        use AbortCode::*;
+        Some(match v {
+            1 => Cancelled,
+            2 => Timeout,
+            3 => DigestMismatch,
+            4 => Protocol,
+            5 => Internal,
+            6 => Resources,
+            7 => Incompatible,
+            _ => return None,
+        })
+    }
+}
+
+/// Source → destination, first frame of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiate {
+    /// Oldest protocol version the source speaks.
+    pub min_version: u8,
+    /// Newest protocol version the source speaks.
+    pub max_version: u8,
+    /// Capability bits (none defined yet).
+    pub capabilities: u32,
+    /// Codecs the source can send, as a mask of `CodecId::bit`.
+    pub codecs: u32,
+    /// Guest page size in bytes.
+    pub page_size: u32,
+}
+
+/// Destination → source: what both sides will use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NegotiateResponse {
+    /// The version chosen.
+    pub version: u8,
+    /// Capabilities both support.
+    pub capabilities: u32,
+    /// Codecs the destination can decode.
+    pub codecs: u32,
+    /// Page size, echoed.
+    pub page_size: u32,
+}
+
+/// Flag in [`SessionSetup::flags`]: leave the guest paused on the destination
+/// after the hand-off (as libvirt's `--suspend`).
+pub const SETUP_LEAVE_PAUSED: u32 = 1;
+
+/// Source → destination: creates the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSetup {
+    /// Guest memory size in bytes.
+    pub memory_bytes: u64,
+    /// Channels the source will open, this one included.
+    pub channels: u16,
+    /// The codec the source sends with (informational: each batch names its own).
+    pub codec: u8,
+    /// The zstd level, when the codec is zstd.
+    pub codec_level: i8,
+    /// The guest's kind.
+    pub guest_kind: GuestKind,
+    /// The verification mode.
+    pub verify: VerifyMode,
+    /// The source's bandwidth cap in bytes/s, 0 for none.
+    pub max_bandwidth: u64,
+    /// `SETUP_*` flags.
+    pub flags: u32,
+}
+
+/// Destination → source: the session exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSetupResponse {
+    /// The proof further channels present to bind to this session.
+    pub bind_token: [u8; 16],
+    /// Credits each channel starts with.
+    pub initial_credits: u16,
+}
+
+/// Source → destination, on channels 1..N: join the session in the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelBind {
+    /// The token from [`SessionSetupResponse`].
+    pub bind_token: [u8; 16],
+}
+
+/// Destination → source: the channel is bound (credits in the header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelBindResponse;
+
+/// Destination → source: a batch was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchAck {
+    /// The message id of the applied batch.
+    pub message_id: u64,
+    /// Pages it held.
+    pub pages: u32,
+}
+
+/// Source → destination: all batches of a round are acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundEnd {
+    /// The round that ended.
+    pub round: u32,
+    /// Pages sent in it.
+    pub pages: u64,
+    /// Whether the next round is the final one, with the guest paused.
+    pub final_next: bool,
+}
+
+/// Source → destination: the guest is paused and every page is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switchover {
+    /// The final round's number.
+    pub final_round: u32,
+    /// The source's memory digest.
+    pub digest: u64,
+    /// How the digest was computed.
+    pub verify: VerifyMode,
+    /// Pre-copy rounds before the pause.
+    pub rounds: u32,
+    /// Measured dirty rate, bytes/s.
+    pub dirty_rate_bps: u64,
+    /// Highest auto-converge throttle applied.
+    pub throttle_pct_max: u8,
+    /// The source's CPU time so far.
+    pub source_cpu_ms: u64,
+    /// The guest's device/vCPU state, opaque to the wire.
+    pub state: Bytes,
+}
+
+/// Destination → source: applied and verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    /// The destination's digest.
+    pub digest: u64,
+}
+
+/// Destination → source: the guest runs (or waits paused) here now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Complete {
+    /// The destination's CPU time for the session.
+    pub destination_cpu_ms: u64,
+    /// Whether the guest was resumed (false when asked to leave it paused).
+    pub resumed: bool,
+}
+
+/// Either way: the session ends with this error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abort {
+    /// What kind of failure.
+    pub code: AbortCode,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Negotiate`].
+    Negotiate(Negotiate),
+    /// See [`NegotiateResponse`].
+    NegotiateResponse(NegotiateResponse),
+    /// See [`SessionSetup`].
+    SessionSetup(SessionSetup),
+    /// See [`SessionSetupResponse`].
+    SessionSetupResponse(SessionSetupResponse),
+    /// See [`ChannelBind`].
+    ChannelBind(ChannelBind),
+    /// See [`ChannelBindResponse`].
+    ChannelBindResponse(ChannelBindResponse),
+    /// See [`PageBatch`].
+    PageBatch(PageBatch),
+    /// See [`BatchAck`].
+    BatchAck(BatchAck),
+    /// See [`RoundEnd`].
+    RoundEnd(RoundEnd),
+    /// See [`Switchover`].
+    Switchover(Switchover),
+    /// See [`Ready`].
+    Ready(Ready),
+    /// Source → destination: run the guest.
+    Go,
+    /// See [`Complete`].
+    Complete(Complete),
+    /// See [`Abort`].
+    Abort(Abort),
+}
+
+impl Message {
+    /// The command this message travels under.
+    pub fn command(&self) -> Command {
+        match self {
+            Self::Negotiate(_) => Command::Negotiate,
+            Self::NegotiateResponse(_) => Command::NegotiateResponse,
+            Self::SessionSetup(_) => Command::SessionSetup,
+            Self::SessionSetupResponse(_) => Command::SessionSetupResponse,
+            Self::ChannelBind(_) => Command::ChannelBind,
+            Self::ChannelBindResponse(_) => Command::ChannelBindResponse,
+            Self::PageBatch(_) => Command::PageBatch,
+            Self::BatchAck(_) => Command::BatchAck,
+            Self::RoundEnd(_) => Command::RoundEnd,
+            Self::Switchover(_) => Command::Switchover,
+            Self::Ready(_) => Command::Ready,
+            Self::Go => Command::Go,
+            Self::Complete(_) => Command::Complete,
+            Self::Abort(_) => Command::Abort,
+        }
+    }
+
+    /// Encodes the payload (not the header). Page batches are encoded by
+    /// [`BatchEncoder`](super::BatchEncoder) and are re-encoded here only for tests.
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut o = Vec::new();
+        match self {
+            Self::Negotiate(m) => {
+                o.push(m.min_version);
+                o.push(m.max_version);
+                o.extend_from_slice(&0u16.to_le_bytes());
+                o.extend_from_slice(&m.capabilities.to_le_bytes());
+                o.extend_from_slice(&m.codecs.to_le_bytes());
+                o.extend_from_slice(&m.page_size.to_le_bytes());
+            }
+            Self::NegotiateResponse(m) => {
+                o.push(m.version);
+                o.extend_from_slice(&[0, 0, 0]);
+                o.extend_from_slice(&m.capabilities.to_le_bytes());
+                o.extend_from_slice(&m.codecs.to_le_bytes());
+                o.extend_from_slice(&m.page_size.to_le_bytes());
+            }
+            Self::SessionSetup(m) => {
+                o.extend_from_slice(&m.memory_bytes.to_le_bytes());
+                o.extend_from_slice(&m.channels.to_le_bytes());
+                o.push(m.codec);
+                o.push(m.codec_level as u8);
+                o.push(m.guest_kind as u8);
+                o.push(m.verify as u8);
+                o.extend_from_slice(&0u16.to_le_bytes());
+                o.extend_from_slice(&m.max_bandwidth.to_le_bytes());
+                o.extend_from_slice(&m.flags.to_le_bytes());
+            }
+            Self::SessionSetupResponse(m) => {
+                o.extend_from_slice(&m.bind_token);
+                o.extend_from_slice(&m.initial_credits.to_le_bytes());
+            }
+            Self::ChannelBind(m) => o.extend_from_slice(&m.bind_token),
+            Self::ChannelBindResponse(_) | Self::Go => {}
+            Self::PageBatch(b) => o.extend_from_slice(&b.encode_for_test()),
+            Self::BatchAck(m) => {
+                o.extend_from_slice(&m.message_id.to_le_bytes());
+                o.extend_from_slice(&m.pages.to_le_bytes());
+            }
+            Self::RoundEnd(m) => {
+                o.extend_from_slice(&m.round.to_le_bytes());
+                o.extend_from_slice(&m.pages.to_le_bytes());
+                o.push(u8::from(m.final_next));
+            }
+            Self::Switchover(m) => {
+                o.extend_from_slice(&m.final_round.to_le_bytes());
+                o.extend_from_slice(&m.digest.to_le_bytes());
+                o.push(m.verify as u8);
+                o.push(m.throttle_pct_max);
+                o.extend_from_slice(&m.rounds.to_le_bytes());
+                o.extend_from_slice(&m.dirty_rate_bps.to_le_bytes());
+                o.extend_from_slice(&m.source_cpu_ms.to_le_bytes());
+                o.extend_from_slice(&(m.state.len() as u32).to_le_bytes());
+                o.extend_from_slice(&m.state);
+            }
+            Self::Ready(m) => o.extend_from_slice(&m.digest.to_le_bytes()),
+            Self::Complete(m) => {
+                o.extend_from_slice(&m.destination_cpu_ms.to_le_bytes());
+                o.push(u8::from(m.resumed));
+            }
+            Self::Abort(m) => {
+                let msg = truncate_utf8(&m.message, MAX_ABORT_MESSAGE);
+                o.extend_from_slice(&(m.code as u16).to_le_bytes());
+                o.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+                o.extend_from_slice(msg.as_bytes());
+            }
+        }
+        o
+    }
+
+    /// Decodes the payload of a frame whose header was already checked.
+    pub fn decode(header: &Header, payload: Bytes, limits: Limits) -> Result<Message, DecodeError> {
+        let cmd = header.command;
+        if cmd == Command::PageBatch {
+            return PageBatch::decode(payload, limits).map(Self::PageBatch);
+        }
+        let mut r = Reader::new(&payload);
+        let msg = match cmd {
+            Command::Negotiate => {
+                let min_version = r.u8("negotiate.min_version")?;
+                let max_version = r.u8("negotiate.max_version")?;
+                if r.u16("negotiate.reserved")? != 0 {
+                    return Err(DecodeError::Reserved {
+                        field: "negotiate.reserved",
+                    });
+                }
+                if min_version > max_version {
+                    return Err(DecodeError::Invalid {
+                        field: "negotiate.min_version",
+                    });
+                }
+                Self::Negotiate(Negotiate {
+                    min_version,
+                    max_version,
+                    capabilities: r.u32("negotiate.capabilities")?,
+                    codecs: r.u32("negotiate.codecs")?,
+                    page_size: r.u32("negotiate.page_size")?,
+                })
+            }
+            Command::NegotiateResponse => {
+                let version = r.u8("negotiate_response.version")?;
+                if r.bytes(3, "negotiate_response.reserved")? != [0, 0, 0] {
+                    return Err(DecodeError::Reserved {
+                        field: "negotiate_response.reserved",
+                    });
+                }
+                Self::NegotiateResponse(NegotiateResponse {
+                    version,
+                    capabilities: r.u32("negotiate_response.capabilities")?,
+                    codecs: r.u32("negotiate_response.codecs")?,
+                    page_size: r.u32("negotiate_response.page_size")?,
+                })
+            }
+            Command::SessionSetup => {
+                let memory_bytes = r.u64("setup.memory_bytes")?;
+                let channels = r.u16("setup.channels")?;
+                if channels == 0 || channels > MAX_CHANNELS {
+                    return Err(DecodeError::OutOfRange {
+                        field: "setup.channels",
+                        value: channels.into(),
+                        limit: MAX_CHANNELS.into(),
+                    });
+                }
+                let codec = r.u8("setup.codec")?;
+                if crate::codec::CodecId::from_u8(codec).is_none() {
+                    return Err(DecodeError::Invalid {
+                        field: "setup.codec",
+                    });
+                }
+                let codec_level = r.u8("setup.codec_level")? as i8;
+                let guest_kind = match r.u8("setup.guest_kind")? {
+                    0 => GuestKind::Sim,
+                    1 => GuestKind::Kvm,
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            field: "setup.guest_kind",
+                        })
+                    }
+                };
+                let verify = decode_verify(r.u8("setup.verify")?, "setup.verify")?;
+                if r.u16("setup.reserved")? != 0 {
+                    return Err(DecodeError::Reserved {
+                        field: "setup.reserved",
+                    });
+                }
+                Self::SessionSetup(SessionSetup {
+                    memory_bytes,
+                    channels,
+                    codec,
+                    codec_level,
+                    guest_kind,
+                    verify,
+                    max_bandwidth: r.u64("setup.max_bandwidth")?,
+                    flags: r.u32("setup.flags")?,
+                })
+            }
+            Command::SessionSetupResponse => Self::SessionSetupResponse(SessionSetupResponse {
+                bind_token: r
+                    .bytes(16, "setup_response.bind_token")?
+                    .try_into()
+                    .unwrap(),
+                initial_credits: r.u16("setup_response.initial_credits")?,
+            }),
+            Command::ChannelBind => Self::ChannelBind(ChannelBind {
+                bind_token: r.bytes(16, "bind.bind_token")?.try_into().unwrap(),
+            }),
+            Command::ChannelBindResponse => Self::ChannelBindResponse(ChannelBindResponse),
+            Command::BatchAck => Self::BatchAck(BatchAck {
+                message_id: r.u64("ack.message_id")?,
+                pages: r.u32("ack.pages")?,
+            }),
+            Command::RoundEnd => Self::RoundEnd(RoundEnd {
+                round: r.u32("round_end.round")?,
+                pages: r.u64("round_end.pages")?,
+                final_next: decode_bool(r.u8("round_end.final_next")?, "round_end.final_next")?,
+            }),
+            Command::Switchover => {
+                let final_round = r.u32("switchover.final_round")?;
+                let digest = r.u64("switchover.digest")?;
+                let verify = decode_verify(r.u8("switchover.verify")?, "switchover.verify")?;
+                let throttle_pct_max = r.u8("switchover.throttle_pct_max")?;
+                if throttle_pct_max > 99 {
+                    return Err(DecodeError::OutOfRange {
+                        field: "switchover.throttle_pct_max",
+                        value: throttle_pct_max.into(),
+                        limit: 99,
+                    });
+                }
+                let rounds = r.u32("switchover.rounds")?;
+                let dirty_rate_bps = r.u64("switchover.dirty_rate_bps")?;
+                let source_cpu_ms = r.u64("switchover.source_cpu_ms")?;
+                let len = r.u32("switchover.state_len")? as usize;
+                if len != r.remaining() {
+                    return Err(DecodeError::Mismatch {
+                        field: "switchover.state_len",
+                        declared: len as u64,
+                        actual: r.remaining() as u64,
+                    });
+                }
+                let start = r.position();
+                r.bytes(len, "switchover.state")?;
+                Self::Switchover(Switchover {
+                    final_round,
+                    digest,
+                    verify,
+                    rounds,
+                    dirty_rate_bps,
+                    throttle_pct_max,
+                    source_cpu_ms,
+                    state: payload.slice(start..start + len),
+                })
+            }
+            Command::Ready => Self::Ready(Ready {
+                digest: r.u64("ready.digest")?,
+            }),
+            Command::Go => Self::Go,
+            Command::Complete => Self::Complete(Complete {
+                destination_cpu_ms: r.u64("complete.destination_cpu_ms")?,
+                resumed: decode_bool(r.u8("complete.resumed")?, "complete.resumed")?,
+            }),
+            Command::Abort => {
+                let code =
+                    AbortCode::from_u16(r.u16("abort.code")?).ok_or(DecodeError::Invalid {
+                        field: "abort.code",
+                    })?;
+                let len = r.u16("abort.message_len")? as usize;
+                if len > MAX_ABORT_MESSAGE {
+                    return Err(DecodeError::OutOfRange {
+                        field: "abort.message_len",
+                        value: len as u64,
+                        limit: MAX_ABORT_MESSAGE as u64,
+                    });
+                }
+                let text = r.bytes(len, "abort.message")?;
+                let message = std::str::from_utf8(text)
+                    .map_err(|_| DecodeError::Invalid {
+                        field: "abort.message",
+                    })?
+                    .to_string();
+                Self::Abort(Abort { code, message })
+            }
+            Command::PageBatch => unreachable!("handled above"),
+        };
+        r.finish(cmd)?;
+        Ok(msg)
+    }
+}
+
+fn decode_bool(v: u8, field: &'static str) -> Result<bool, DecodeError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::Invalid { field }),
+    }
+}
+
+fn decode_verify(v: u8, field: &'static str) -> Result<VerifyMode, DecodeError> {
+    match v {
+        0 => Ok(VerifyMode::Fast),
+        1 => Ok(VerifyMode::Full),
+        _ => Err(DecodeError::Invalid { field }),
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{encode_frame, FrameDecoder};
+    use bytes::BytesMut;
+
+    pub(crate) fn samples() -> Vec<Message> {
+        vec![
+            Message::Negotiate(Negotiate {
+                min_version: 1,
+                max_version: 1,
+                capabilities: 0,
+                codecs: 7,
+                page_size: 4096,
+            }),
+            Message::NegotiateResponse(NegotiateResponse {
+                version: 1,
+                capabilities: 0,
+                codecs: 7,
+                page_size: 4096,
+            }),
+            Message::SessionSetup(SessionSetup {
+                memory_bytes: 1 << 30,
+                channels: 4,
+                codec: 2,
+                codec_level: 3,
+                guest_kind: GuestKind::Sim,
+                verify: VerifyMode::Full,
+                max_bandwidth: 125_000_000,
+                flags: SETUP_LEAVE_PAUSED,
+            }),
+            Message::SessionSetupResponse(SessionSetupResponse {
+                bind_token: [7; 16],
+                initial_credits: 8,
+            }),
+            Message::ChannelBind(ChannelBind {
+                bind_token: [9; 16],
+            }),
+            Message::ChannelBindResponse(ChannelBindResponse),
+            Message::BatchAck(BatchAck {
+                message_id: 77,
+                pages: 256,
+            }),
+            Message::RoundEnd(RoundEnd {
+                round: 3,
+                pages: 1000,
+                final_next: true,
+            }),
+            Message::Switchover(Switchover {
+                final_round: 4,
+                digest: 0xdead_beef,
+                verify: VerifyMode::Fast,
+                rounds: 4,
+                dirty_rate_bps: 100_000_000,
+                throttle_pct_max: 30,
+                source_cpu_ms: 1234,
+                state: Bytes::from_static(b"{\"state\":1}"),
+            }),
+            Message::Ready(Ready { digest: 5 }),
+            Message::Go,
+            Message::Complete(Complete {
+                destination_cpu_ms: 99,
+                resumed: true,
+            }),
+            Message::Abort(Abort {
+                code: AbortCode::DigestMismatch,
+                message: "digest differs".into(),
+            }),
+        ]
+    }
+
+    fn frame_of(m: &Message) -> Vec<u8> {
+        let payload = m.encode_payload();
+        encode_frame(&Header::new(m.command()), &payload)
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let bytes = frame_of(&m);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let f = FrameDecoder::new().decode(&mut buf).unwrap().unwrap();
+            assert_eq!(
+                Message::decode(&f.header, f.payload, Limits::BEFORE_SETUP).unwrap(),
+                m
+            );
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_an_error() {
+        for m in samples() {
+            let payload = m.encode_payload();
+            let header = Header::new(m.command());
+            for cut in 0..payload.len() {
+                let r = Message::decode(
+                    &header,
+                    Bytes::copy_from_slice(&payload[..cut]),
+                    Limits::BEFORE_SETUP,
+                );
+                assert!(r.is_err(), "{:?} cut at {cut} decoded", m.command());
+            }
+            let mut long = payload.clone();
+            long.push(0);
+            let r = Message::decode(&header, Bytes::from(long), Limits::BEFORE_SETUP);
+            assert!(r.is_err(), "{:?} with a trailing byte decoded", m.command());
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let mut setup = samples()[2].encode_payload();
+        setup[8] = 0; // channels = 0
+        setup[9] = 0;
+        let err = Message::decode(
+            &Header::new(Command::SessionSetup),
+            Bytes::from(setup),
+            Limits::BEFORE_SETUP,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("setup.channels"), "{err}");
+        let abort = [1u8, 0, 2, 0, 0xff, 0xfe];
+        let err = Message::decode(
+            &Header::new(Command::Abort),
+            Bytes::copy_from_slice(&abort),
+            Limits::BEFORE_SETUP,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Invalid {
+                field: "abort.message"
+            }
+        );
+    }
+
+    #[test]
+    fn long_abort_messages_are_truncated_on_a_char_boundary() {
+        let m = Message::Abort(Abort {
+            code: AbortCode::Internal,
+            message: "é".repeat(3000),
+        });
+        let p = m.encode_payload();
+        let back = Message::decode(
+            &Header::new(Command::Abort),
+            Bytes::from(p),
+            Limits::BEFORE_SETUP,
+        )
+        .unwrap();
+        let Message::Abort(a) = back else { panic!() };
+        assert_eq!(a.message.len(), MAX_ABORT_MESSAGE);
+    }
+}
