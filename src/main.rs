@@ -9,7 +9,9 @@ use ferry::migration::{
     migrate, migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, Phase, Progress,
     Receiver, ReceiverConfig, Report, RunContext,
 };
-use ferry::units::{parse_bandwidth, parse_duration, parse_rate, parse_size, Bytes, Rate};
+use ferry::units::{
+    compact_size, parse_bandwidth, parse_duration, parse_rate, parse_size, Bytes, Rate,
+};
 use ferry::wire::VerifyMode;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
@@ -65,9 +67,10 @@ struct GuestArgs {
     /// Load memory from a raw RAM image instead (its size sets --memory).
     #[arg(long, value_name = "FILE", conflicts_with = "fill")]
     image: Option<PathBuf>,
-    /// Write pattern: idle, uniform, sequential, or hot:<size>.
-    #[arg(long, default_value = "hot:64MiB")]
-    workload: WorkloadPattern,
+    /// Write pattern: idle, uniform, sequential, or hot:<size> [default: hot:64MiB,
+    /// or all of a smaller guest].
+    #[arg(long)]
+    workload: Option<WorkloadPattern>,
     /// Bytes the guest writes per second (e.g. 100MB/s, 1Gbit/s).
     #[arg(long, default_value = "100MB/s", value_parser = rate_arg)]
     dirty_rate: u64,
@@ -177,7 +180,30 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // A bad flag or value: one line, exit status 2.
+            // Clap's message ends at its first blank line; fold it into one line.
+            let text = e.to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", line.join(" "));
+            return ExitCode::from(2);
+        }
+    };
     let default_log = match cli.command {
         Command::Demo(_) => "warn",
         _ => "info",
@@ -211,7 +237,25 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
-fn build_guest(g: &GuestArgs) -> Result<Arc<SyntheticGuest>> {
+/// The workload asked for, or the default hot set (64 MiB, at most all memory).
+fn workload_for(g: &GuestArgs, memory_bytes: u64) -> Result<WorkloadPattern> {
+    match g.workload {
+        None => Ok(WorkloadPattern::Hot {
+            bytes: (64u64 << 20).min(memory_bytes),
+        }),
+        Some(WorkloadPattern::Hot { bytes }) if bytes > memory_bytes => Err(usage(format!(
+            "--workload hot:{} is larger than the guest's {}",
+            compact_size(bytes),
+            compact_size(memory_bytes)
+        ))),
+        Some(w) => Ok(w),
+    }
+}
+
+fn build_guest(g: &GuestArgs, announce: bool) -> Result<(Arc<SyntheticGuest>, WorkloadPattern)> {
+    if g.image.is_none() {
+        workload_for(g, g.memory.unwrap_or(1 << 30))?;
+    }
     let (memory, content) = match &g.image {
         Some(path) => {
             let mem = GuestMemory::from_image(path).map_err(|e| usage(format!("{e:#}")))?;
@@ -230,30 +274,28 @@ fn build_guest(g: &GuestArgs) -> Result<Arc<SyntheticGuest>> {
         None => {
             let bytes = g.memory.unwrap_or(1 << 30);
             let mem = GuestMemory::new(bytes).map_err(|e| usage(format!("--memory: {e}")))?;
+            if announce {
+                eprintln!("filling {} of guest memory...", Bytes(bytes));
+            }
             g.fill.fill(&mem, g.seed, 2);
             (mem, g.fill.clone())
         }
     };
-    if let WorkloadPattern::Hot { bytes } = g.workload {
-        if bytes > memory.len_bytes() {
-            return Err(usage(format!(
-                "--workload hot:{} is larger than the guest's {}",
-                Bytes(bytes),
-                Bytes(memory.len_bytes())
-            )));
-        }
-    }
+    let pattern = workload_for(g, memory.len_bytes())?;
     let workload = Workload {
-        pattern: g.workload,
+        pattern,
         dirty_rate: g.dirty_rate,
         content,
         writers: g.writers,
         seed: g.seed,
     };
-    Ok(Arc::new(SyntheticGuest::start(Arc::new(memory), workload)))
+    Ok((
+        Arc::new(SyntheticGuest::start(Arc::new(memory), workload)),
+        pattern,
+    ))
 }
 
-fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest) -> String {
+fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest, pattern: WorkloadPattern) -> String {
     let content = match &g.image {
         Some(p) => format!("image {}", p.display()),
         None => format!("fill {}", g.fill),
@@ -261,7 +303,7 @@ fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest) -> String {
     format!(
         "{} synthetic guest ({content}), workload {} at {}",
         Bytes(guest.memory().len_bytes()),
-        g.workload,
+        pattern,
         Rate(g.dirty_rate as f64)
     )
 }
@@ -424,11 +466,10 @@ fn cancel_on_ctrl_c(rt: &tokio::runtime::Runtime, ctx: &RunContext) {
 fn demo(a: DemoArgs) -> Result<ExitCode> {
     let config = a.migrate.config();
     config.validate().map_err(usage)?;
-    eprintln!("building the guest...");
-    let guest = build_guest(&a.guest)?;
+    let (guest, pattern) = build_guest(&a.guest, true)?;
     eprintln!(
         "ferry demo: {}\n            {} channels, codec {}, over loopback",
-        describe_guest(&a.guest, &guest),
+        describe_guest(&a.guest, &guest, pattern),
         config.channels,
         config.codec
     );
@@ -460,8 +501,8 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
 fn send(a: SendArgs) -> Result<ExitCode> {
     let config = a.migrate.config();
     config.validate().map_err(usage)?;
-    let guest = build_guest(&a.guest)?;
-    tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest));
+    let (guest, pattern) = build_guest(&a.guest, false)?;
+    tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest, pattern));
     let cpu = CpuMeter::new();
     let rt = ferry::transport::runtime("ferry-src", 2, &cpu)?;
     let ctx = RunContext {

@@ -12,7 +12,7 @@ mod fill;
 mod synthetic;
 
 pub use bitmap::{DirtyBitmap, DirtySnapshot, Runs};
-pub use fill::{ContentKind, FillError, FillSpec};
+pub use fill::{ContentKind, FillError, FillSpec, FILL_EXTENT_PAGES};
 pub use synthetic::{GuestState, SyntheticGuest, Workload, WorkloadError, WorkloadPattern};
 
 use std::fs::File;

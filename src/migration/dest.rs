@@ -424,6 +424,7 @@ struct Tally {
     throttle_max: u8,
     source_cpu_ms: Option<f64>,
     guest_kind: Option<GuestKind>,
+    finished: Option<Duration>,
 }
 
 struct Session {
@@ -475,7 +476,7 @@ impl Session {
             .await;
         cancel.cancel();
         self.sessions.lock().unwrap().remove(&tally.session_id);
-        let total = at.elapsed();
+        let total = tally.finished.unwrap_or_else(|| at.elapsed());
         let (outcome, error) = match &result {
             Ok(()) => (Outcome::Completed, None),
             Err(MigrationError::Cancelled) => (
@@ -727,6 +728,28 @@ impl Session {
             match ev {
                 Event::Failed(ch, e) => {
                     tracing::debug!(ch, error = %e, "channel failed");
+                    // A source that aborts closes its channels right after:
+                    // prefer the abort's reason to the closed channel.
+                    if matches!(e, MigrationError::PeerClosed { .. }) {
+                        let deadline = tokio::time::sleep(Duration::from_millis(250));
+                        tokio::pin!(deadline);
+                        let abort = loop {
+                            tokio::select! {
+                                _ = &mut deadline => break None,
+                                next = events.recv() => match next {
+                                    Some(Event::Control(_, Message::Abort(a))) => break Some(a),
+                                    Some(_) => continue,
+                                    None => break None,
+                                },
+                            }
+                        };
+                        if let Some(a) = abort {
+                            break Err(MigrationError::RemoteAbort {
+                                code: a.code,
+                                message: a.message,
+                            });
+                        }
+                    }
                     break Err(e);
                 }
                 Event::Control(_, Message::Abort(a)) => {
@@ -803,6 +826,7 @@ impl Session {
                     if let Err(e) = send0(complete).await {
                         tracing::warn!(error = %e, "could not acknowledge GO; the guest runs here regardless");
                     }
+                    tally.finished = Some(at.elapsed());
                     break Ok(());
                 }
                 Event::Control(h, m) => {
@@ -814,6 +838,21 @@ impl Session {
                 }
             }
         };
+        if result.is_ok() {
+            // The source ends the session: wait (briefly) for it to close
+            // channel 0 so our closing does not race its reading COMPLETE.
+            let linger = tokio::time::sleep(Duration::from_secs(5));
+            tokio::pin!(linger);
+            loop {
+                tokio::select! {
+                    _ = &mut linger => break,
+                    ev = events.recv() => match ev {
+                        None | Some(Event::Failed(0, _)) => break,
+                        Some(_) => continue,
+                    },
+                }
+            }
+        }
         if let Err(e) = &result {
             let state = {
                 let mut m = sh.machine.lock().unwrap();

@@ -316,23 +316,46 @@ impl Driver {
         }
     }
 
+    /// A peer that aborts closes its channels right after: when a channel
+    /// closes, look briefly for the abort that explains it.
+    async fn explain(&mut self, ev: Option<Event>) -> MigrationError {
+        if let Some(Event::Failed(MigrationError::PeerClosed { .. })) = &ev {
+            let wait = tokio::time::sleep(Duration::from_millis(250));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    next = self.events.recv() => match next {
+                        Some(Event::Reply(Message::Abort(a))) => {
+                            return MigrationError::RemoteAbort { code: a.code, message: a.message }
+                        }
+                        Some(_) => continue,
+                        None => break,
+                    },
+                }
+            }
+        }
+        Self::event_error(ev)
+    }
+
     /// Waits until every queued batch is acknowledged.
     async fn drain(&mut self, deadline: Option<Instant>) -> Result<(), MigrationError> {
         let mut acked = self.sh.acked.subscribe();
         let target = self.queued;
         let until = deadline.unwrap_or(self.deadline);
-        tokio::select! {
+        let ev = tokio::select! {
             biased;
-            _ = self.sh.ctx.cancel.cancelled() => Err(MigrationError::Cancelled),
-            ev = self.events.recv() => Err(Self::event_error(ev)),
+            _ = self.sh.ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+            ev = self.events.recv() => ev,
             r = acked.wait_for(|&n| n >= target) => {
-                r.map(|_| ()).map_err(|_| MigrationError::Protocol("ack counter closed".into()))
+                return r.map(|_| ()).map_err(|_| MigrationError::Protocol("ack counter closed".into()));
             }
-            _ = tokio::time::sleep_until(until.into()) => Err(match deadline {
+            _ = tokio::time::sleep_until(until.into()) => return Err(match deadline {
                 None => MigrationError::NotConverging(super::policy::GiveUp::CompletionTimeout(self.timeout)),
                 Some(_) => MigrationError::Timeout { what: "the final pages to be applied", after: self.handoff },
             }),
-        }
+        };
+        Err(self.explain(ev).await)
     }
 
     /// Waits for a hand-off reply.
@@ -341,15 +364,19 @@ impl Driver {
         what: &'static str,
         timeout: Duration,
     ) -> Result<Message, MigrationError> {
-        tokio::select! {
+        let ev = tokio::select! {
             biased;
-            _ = self.sh.ctx.cancel.cancelled() => Err(MigrationError::Cancelled),
-            ev = self.events.recv() => match ev {
-                Some(Event::Reply(Message::Abort(a))) => Err(MigrationError::RemoteAbort { code: a.code, message: a.message }),
-                Some(Event::Reply(m)) => Ok(m),
-                other => Err(Self::event_error(other)),
-            },
-            _ = tokio::time::sleep(timeout) => Err(MigrationError::Timeout { what, after: timeout }),
+            _ = self.sh.ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+            ev = self.events.recv() => ev,
+            _ = tokio::time::sleep(timeout) => return Err(MigrationError::Timeout { what, after: timeout }),
+        };
+        match ev {
+            Some(Event::Reply(Message::Abort(a))) => Err(MigrationError::RemoteAbort {
+                code: a.code,
+                message: a.message,
+            }),
+            Some(Event::Reply(m)) => Ok(m),
+            other => Err(self.explain(other).await),
         }
     }
 }

@@ -1,0 +1,231 @@
+//! The `ferry` binary as users run it: `send` and `receive` as two processes,
+//! `demo`, JSON reports on stdout, and one-line errors with exit status 2.
+
+mod common;
+
+use common::parse_report;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn send_and_receive_as_separate_processes() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let receiver = ferry()
+        .args(["receive", "--listen", &addr, "--once", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens.
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "receiver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let send = ferry()
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--memory",
+            "64MiB",
+            "--workload",
+            "hot:8MiB",
+            "--dirty-rate",
+            "20MB/s",
+            "--channels",
+            "3",
+            "--codec",
+            "zstd:1",
+            "--verify",
+            "full",
+            "--max-bandwidth",
+            "1Gbit/s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let recv = receiver.wait_with_output().unwrap();
+    let send_out = String::from_utf8(send.stdout).unwrap();
+    let recv_out = String::from_utf8(recv.stdout).unwrap();
+    assert!(
+        send.status.success(),
+        "send failed: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    assert!(
+        recv.status.success(),
+        "receive failed: {}",
+        String::from_utf8_lossy(&recv.stderr)
+    );
+    assert_eq!(
+        send_out.lines().count(),
+        1,
+        "exactly one JSON line: {send_out}"
+    );
+    assert_eq!(
+        recv_out.lines().count(),
+        1,
+        "exactly one JSON line: {recv_out}"
+    );
+    let s = parse_report(send_out.trim());
+    let r = parse_report(recv_out.trim());
+    assert_eq!(s["outcome"], "completed");
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(r["verified"], true);
+    assert_eq!(s["verify"], "full");
+    assert_eq!(s["channels"], 3);
+    assert_eq!(s["codec"], "zstd:1");
+    assert_eq!(s["max_bandwidth_bps"], 125_000_000);
+    assert_eq!(s["memory_bytes"], 64 << 20);
+    assert_eq!(s["pages"], r["pages"], "both sides count the same pages");
+    assert_eq!(s["wire_bytes"], r["wire_bytes"]);
+    assert!(s["cpu_ms"]["source"].as_f64().unwrap() > 0.0);
+    assert!(
+        s["cpu_ms"]["destination"].as_f64().unwrap() > 0.0,
+        "the destination reports its CPU time"
+    );
+    assert_eq!(
+        s["guest_bytes_sent"].as_u64().unwrap(),
+        s["pages"]["total"].as_u64().unwrap() * 4096
+    );
+}
+
+#[test]
+fn demo_prints_one_json_line() {
+    let out = ferry()
+        .args([
+            "demo",
+            "--memory",
+            "32MiB",
+            "--workload",
+            "hot:2MiB",
+            "--dirty-rate",
+            "10MB/s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let r = parse_report(stdout.trim());
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["codec"], "lz4");
+    assert_eq!(r["channels"], 4);
+    assert!(r["max_bandwidth_bps"].is_null());
+}
+
+#[test]
+fn demo_prints_a_readable_summary() {
+    let out = ferry()
+        .args(["demo", "--memory", "16MiB", "--workload", "idle"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("migration completed"), "{stdout}");
+    for word in ["downtime", "rounds", "verified", "throughput", "cpu"] {
+        assert!(stdout.contains(word), "summary lacks {word}: {stdout}");
+    }
+}
+
+fn assert_usage_error(args: &[&str], needle: &str) {
+    let out = ferry().args(args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line for {args:?}: {stderr}"
+    );
+    assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn bad_flags_and_values_are_one_line_errors_with_status_2() {
+    assert_usage_error(&["demo", "--codec", "gzip"], "gzip");
+    assert_usage_error(&["demo", "--memory", "lots"], "lots");
+    assert_usage_error(&["demo", "--channels", "65"], "65");
+    assert_usage_error(&["demo", "--max-bandwidth", "fast"], "fast");
+    assert_usage_error(&["demo", "--fill", "gold:3"], "gold");
+    assert_usage_error(&["demo", "--workload", "busy"], "busy");
+    assert_usage_error(&["demo", "--no-such-flag"], "--no-such-flag");
+    assert_usage_error(&["send", "--memory", "1GiB"], "--to");
+    assert_usage_error(
+        &["demo", "--memory", "4MiB", "--workload", "hot:8MiB"],
+        "larger than",
+    );
+}
+
+#[test]
+fn an_image_sets_the_memory_size_and_a_disagreeing_memory_is_an_error() {
+    let path = std::env::temp_dir().join(format!("ferry-cli-image-{}", std::process::id()));
+    let mut data = vec![0u8; 2 << 20];
+    for (i, b) in data.iter_mut().enumerate().skip(4096) {
+        *b = (i % 253) as u8;
+    }
+    std::fs::write(&path, &data).unwrap();
+    let p = path.to_str().unwrap();
+    assert_usage_error(&["demo", "--image", p, "--memory", "4MiB"], "disagrees");
+    let out = ferry()
+        .args(["demo", "--image", p, "--workload", "idle", "--json"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = parse_report(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(r["memory_bytes"], 2 << 20);
+    assert_eq!(r["outcome"], "completed");
+    assert!(
+        r["pages"]["zero"].as_u64().unwrap() >= 1,
+        "the image's zero page"
+    );
+}
+
+#[test]
+fn a_send_with_no_receiver_exits_1_with_a_failed_report() {
+    let port = free_port();
+    let out = ferry()
+        .args([
+            "send",
+            "--to",
+            &format!("127.0.0.1:{port}"),
+            "--memory",
+            "8MiB",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let r = parse_report(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(r["outcome"], "failed");
+    assert_eq!(r["guest_location"], "source");
+    assert!(r["error"].as_str().unwrap().contains("connect"));
+}

@@ -1,0 +1,133 @@
+//! Helpers shared by the integration tests: guests, loopback migrations, and
+//! byte-for-byte memory comparison.
+#![allow(dead_code)]
+
+use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern, PAGE_SIZE};
+use ferry::migration::{
+    migrate_over_loopback, Incoming, MigrationConfig, ReceiverConfig, Report, RunContext,
+};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Migrations in one test binary run one at a time: they share two cores and
+/// some tests measure time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub const SEED: u64 = 7;
+
+/// A running synthetic guest with `fill` content.
+pub fn guest(
+    memory: u64,
+    fill: FillSpec,
+    pattern: WorkloadPattern,
+    dirty_rate: u64,
+) -> Arc<SyntheticGuest> {
+    let mem = Arc::new(GuestMemory::new(memory).unwrap());
+    fill.fill(&mem, SEED, 2);
+    Arc::new(SyntheticGuest::start(
+        mem,
+        Workload {
+            pattern,
+            dirty_rate,
+            content: fill,
+            writers: 1,
+            seed: SEED,
+        },
+    ))
+}
+
+/// Migrates over loopback, leaving the guest paused on the destination so its
+/// memory can be compared with the source's paused copy.
+pub fn migrate_paused(guest: &Arc<SyntheticGuest>, config: MigrationConfig) -> (Report, Incoming) {
+    let config = MigrationConfig {
+        leave_paused: true,
+        ..config
+    };
+    migrate_over_loopback(
+        guest.clone(),
+        &config,
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap()
+}
+
+/// Index of the first page where two memories differ.
+pub fn first_difference(a: &GuestMemory, b: &GuestMemory) -> Option<u64> {
+    assert_eq!(a.pages(), b.pages(), "memory sizes differ");
+    a.with_pages(0, a.pages(), |x| {
+        b.with_pages(0, b.pages(), |y| {
+            x.chunks_exact(PAGE_SIZE)
+                .zip(y.chunks_exact(PAGE_SIZE))
+                .position(|(p, q)| p != q)
+                .map(|i| i as u64)
+        })
+    })
+}
+
+/// Whether pages `[from, to)` still hold their initial fill content.
+pub fn holds_initial_fill(mem: &GuestMemory, fill: &FillSpec, from: u64, to: u64) -> bool {
+    const EXT: u64 = ferry::memory::FILL_EXTENT_PAGES;
+    let mut buf = vec![0u8; EXT as usize * PAGE_SIZE];
+    let mut ext = from / EXT;
+    while ext * EXT < to {
+        let first = ext * EXT;
+        let n = EXT.min(mem.pages() - first);
+        let out = &mut buf[..n as usize * PAGE_SIZE];
+        fill.generate_extent(SEED, ext, out);
+        for i in 0..n {
+            let p = first + i;
+            if p < from || p >= to {
+                continue;
+            }
+            let same = mem.with_pages(p, 1, |page| {
+                page == &out[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
+            });
+            if !same {
+                return false;
+            }
+        }
+        ext += 1;
+    }
+    true
+}
+
+/// Parses a report line and checks it carries every contract field.
+pub fn parse_report(line: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    for key in [
+        "outcome",
+        "error",
+        "verified",
+        "verify",
+        "verify_ms",
+        "memory_bytes",
+        "pages",
+        "rounds",
+        "total_ms",
+        "setup_ms",
+        "downtime_ms",
+        "guest_bytes_sent",
+        "wire_bytes",
+        "compression_ratio",
+        "throughput_guest_bps",
+        "throughput_wire_bps",
+        "dirty_rate_bps",
+        "throttle_pct_max",
+        "channels",
+        "codec",
+        "max_bandwidth_bps",
+        "cpu_ms",
+    ] {
+        assert!(v.get(key).is_some(), "report lacks {key}: {line}");
+    }
+    for key in ["total", "zero", "raw", "compressed"] {
+        assert!(v["pages"][key].is_u64(), "pages.{key}");
+    }
+    assert!(v["cpu_ms"].get("source").is_some() && v["cpu_ms"].get("destination").is_some());
+    assert!(v["compression_ratio"].is_number());
+    v
+}

@@ -1,0 +1,278 @@
+//! Hostile and broken peers against a live receiver: every bad frame ends its
+//! session with an error naming what was wrong, and the receiver keeps serving.
+
+mod common;
+
+use bytes::BytesMut;
+use ferry::codec::Codec;
+use ferry::cpu::CpuMeter;
+use ferry::memory::{FillSpec, WorkloadPattern};
+use ferry::migration::{Incoming, MigrationConfig, Outcome, Receiver, ReceiverConfig, RunContext};
+use ferry::wire::{
+    encode_frame, BatchEncoder, ChannelBind, Command, FrameDecoder, GuestKind, Header, Limits,
+    Message, Negotiate, SessionSetup, VerifyMode,
+};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    addr: String,
+    done: mpsc::UnboundedReceiver<Incoming>,
+    ctx: RunContext,
+}
+
+fn start() -> Harness {
+    let rt = ferry::transport::runtime("hostile", 2, &CpuMeter::new()).unwrap();
+    let recv = rt
+        .block_on(Receiver::bind(
+            "127.0.0.1:0",
+            ReceiverConfig {
+                max_memory: 64 << 20,
+                ..ReceiverConfig::default()
+            },
+        ))
+        .unwrap();
+    let addr = recv.local_addr().unwrap().to_string();
+    let ctx = RunContext::default();
+    let (tx, done) = mpsc::unbounded_channel();
+    rt.spawn(recv.serve(ctx.clone(), tx));
+    Harness {
+        rt,
+        addr,
+        done,
+        ctx,
+    }
+}
+
+impl Harness {
+    fn next_session(&mut self) -> Incoming {
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), self.done.recv()).await
+            })
+            .expect("a session ended")
+            .unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.ctx.cancel.cancel();
+    }
+}
+
+fn send(s: &mut TcpStream, header: Header, msg: &Message) {
+    let header = Header {
+        command: msg.command(),
+        ..header
+    };
+    s.write_all(&encode_frame(&header, &msg.encode_payload()))
+        .unwrap();
+}
+
+/// Reads frames until one decodes to a message or the peer closes.
+fn recv(s: &mut TcpStream) -> Option<(Header, Message)> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = BytesMut::new();
+    let mut dec = FrameDecoder::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(f) = dec.decode(&mut buf).expect("receiver sends valid frames") {
+            let m = Message::decode(&f.header, f.payload, Limits::BEFORE_SETUP).unwrap();
+            return Some((f.header, m));
+        }
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn abort_text(reply: Option<(Header, Message)>) -> String {
+    match reply {
+        Some((_, Message::Abort(a))) => a.message,
+        other => panic!("expected ABORT, got {other:?}"),
+    }
+}
+
+fn negotiate() -> Message {
+    Message::Negotiate(Negotiate {
+        min_version: 1,
+        max_version: 1,
+        capabilities: 0,
+        codecs: 7,
+        page_size: 4096,
+    })
+}
+
+fn setup(memory: u64) -> Message {
+    Message::SessionSetup(SessionSetup {
+        memory_bytes: memory,
+        channels: 2,
+        codec: 1,
+        codec_level: 0,
+        guest_kind: GuestKind::Sim,
+        verify: VerifyMode::Fast,
+        max_bandwidth: 0,
+        flags: 0,
+    })
+}
+
+/// Negotiates and sets up a session of `memory` bytes; returns the session id
+/// and the bind token.
+fn open_session(s: &mut TcpStream, memory: u64) -> (u64, [u8; 16]) {
+    send(s, Header::new(Command::Negotiate), &negotiate());
+    assert!(matches!(recv(s), Some((_, Message::NegotiateResponse(_)))));
+    send(s, Header::new(Command::SessionSetup), &setup(memory));
+    match recv(s) {
+        Some((h, Message::SessionSetupResponse(r))) => (h.session_id, r.bind_token),
+        other => panic!("expected SESSION_SETUP_RESPONSE, got {other:?}"),
+    }
+}
+
+#[test]
+fn garbage_first_frames_are_refused_and_the_receiver_keeps_serving() {
+    let mut h = start();
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n\r\n"[..],
+        &[0xffu8; 64][..],
+    ] {
+        let mut s = TcpStream::connect(&h.addr).unwrap();
+        s.write_all(garbage).unwrap();
+        let text = abort_text(recv(&mut s));
+        assert!(text.contains("magic"), "{text}");
+        assert!(recv(&mut s).is_none(), "closed after the abort");
+    }
+    // A length over the frame limit is refused from the header alone.
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let mut frame = encode_frame(
+        &Header::new(Command::Negotiate),
+        &negotiate().encode_payload(),
+    );
+    frame[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&frame[..40]).unwrap();
+    assert!(abort_text(recv(&mut s)).contains("exceeds"));
+
+    // A real migration still works afterwards.
+    let g = common::guest(
+        8 << 20,
+        FillSpec::default(),
+        WorkloadPattern::Uniform,
+        5_000_000,
+    );
+    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
+    let report = src_rt.block_on(ferry::migration::migrate(
+        gd,
+        &h.addr,
+        &MigrationConfig::default(),
+        &RunContext::default(),
+    ));
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+    assert_eq!(h.next_session().report.outcome, Outcome::Completed);
+}
+
+#[test]
+fn a_bind_with_a_wrong_token_or_unknown_session_is_refused() {
+    let h = start();
+    let mut s0 = TcpStream::connect(&h.addr).unwrap();
+    let (session, token) = open_session(&mut s0, 1 << 20);
+    let mut wrong = token;
+    wrong[0] ^= 1;
+    for (sid, tok, ch) in [
+        (session, wrong, 1u16),
+        (session ^ 2, token, 1),
+        (session, token, 7),
+    ] {
+        let mut s = TcpStream::connect(&h.addr).unwrap();
+        let header = Header {
+            session_id: sid,
+            channel: ch,
+            ..Header::new(Command::ChannelBind)
+        };
+        send(
+            &mut s,
+            header,
+            &Message::ChannelBind(ChannelBind { bind_token: tok }),
+        );
+        assert!(abort_text(recv(&mut s)).contains("bind"));
+    }
+    // The right token binds.
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let header = Header {
+        session_id: session,
+        channel: 1,
+        ..Header::new(Command::ChannelBind)
+    };
+    send(
+        &mut s,
+        header,
+        &Message::ChannelBind(ChannelBind { bind_token: token }),
+    );
+    assert!(matches!(
+        recv(&mut s),
+        Some((_, Message::ChannelBindResponse(_)))
+    ));
+}
+
+#[test]
+fn a_page_index_outside_the_guest_ends_the_session_naming_the_field() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20); // 256 pages
+    let batch = BatchEncoder::new()
+        .encode(0, Codec::Lz4, &[(300, 2)], |_, buf| {
+            buf.fill(1);
+            false
+        })
+        .unwrap();
+    let header = Header {
+        session_id: session,
+        message_id: 1,
+        ..Header::new(Command::PageBatch)
+    };
+    s.write_all(&encode_frame(&header, &batch.payload)).unwrap();
+    let text = abort_text(recv(&mut s));
+    assert!(text.contains("batch.run.first"), "{text}");
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(incoming.report.error.unwrap().contains("batch.run.first"));
+    assert!(
+        incoming.guest.is_none(),
+        "nothing runs from a failed session"
+    );
+}
+
+#[test]
+fn an_oversized_guest_is_refused_before_allocating() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    send(&mut s, Header::new(Command::Negotiate), &negotiate());
+    assert!(matches!(
+        recv(&mut s),
+        Some((_, Message::NegotiateResponse(_)))
+    ));
+    send(&mut s, Header::new(Command::SessionSetup), &setup(1 << 40));
+    assert!(abort_text(recv(&mut s)).contains("limit"));
+    assert_eq!(h.next_session().report.outcome, Outcome::Failed);
+}
+
+#[test]
+fn a_go_before_switchover_is_a_protocol_error() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let header = Header {
+        session_id: session,
+        ..Header::new(Command::Go)
+    };
+    send(&mut s, header, &Message::Go);
+    assert!(abort_text(recv(&mut s)).contains("GO received in state"));
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(incoming.guest.is_none());
+}

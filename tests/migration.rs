@@ -1,0 +1,255 @@
+//! Real migrations over loopback TCP with several channels: every codec moves
+//! memory byte for byte, hot sets converge, fast dirtiers are throttled, and a
+//! migration that cannot converge leaves the guest running on the source.
+
+mod common;
+
+use common::*;
+use ferry::codec::Codec;
+use ferry::memory::{ContentKind, FillSpec, WorkloadPattern};
+use ferry::migration::{MigrationConfig, Outcome, ReceiverConfig, RunContext};
+use ferry::wire::VerifyMode;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn every_codec_moves_memory_byte_for_byte() {
+    let _serial = serial();
+    for codec in [
+        Codec::None,
+        Codec::Lz4,
+        Codec::Zstd { level: 1 },
+        Codec::Zstd { level: 3 },
+    ] {
+        let g = guest(
+            128 * MIB,
+            FillSpec::default(),
+            WorkloadPattern::Hot { bytes: 16 * MIB },
+            30_000_000,
+        );
+        let (src, dst) = migrate_paused(
+            &g,
+            MigrationConfig {
+                channels: 4,
+                codec,
+                ..MigrationConfig::default()
+            },
+        );
+        assert_eq!(src.outcome, Outcome::Completed, "{codec}: {:?}", src.error);
+        assert_eq!(
+            dst.report.outcome,
+            Outcome::Completed,
+            "{codec}: {:?}",
+            dst.report.error
+        );
+        assert!(src.verified && dst.report.verified, "{codec}");
+        assert!(!g.is_running(), "the source never resumes after GO");
+        let dm = dst.memory.as_ref().unwrap();
+        assert_eq!(
+            first_difference(g.memory(), dm),
+            None,
+            "{codec}: memories differ"
+        );
+        // Both sides count the same pages and bytes.
+        assert_eq!(src.pages, dst.report.pages, "{codec}");
+        assert_eq!(src.wire_bytes, dst.report.wire_bytes, "{codec}");
+        assert_eq!(src.guest_bytes_sent, src.pages.total * 4096);
+        assert!(src.pages.zero > 0, "{codec}: zero pages are detected");
+        match codec {
+            Codec::None => assert_eq!(src.pages.compressed, 0),
+            _ => assert!(
+                src.pages.compressed > 0 && src.compression_ratio > 1.5,
+                "{codec}: {src:?}"
+            ),
+        }
+        assert_eq!(src.channels, 4);
+        assert_eq!(src.codec, codec.to_string());
+    }
+}
+
+#[test]
+fn full_verification_hashes_all_memory_and_agrees() {
+    let _serial = serial();
+    let g = guest(
+        64 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Uniform,
+        20_000_000,
+    );
+    let (src, dst) = migrate_paused(
+        &g,
+        MigrationConfig {
+            verify: VerifyMode::Full,
+            channels: 2,
+            ..MigrationConfig::default()
+        },
+    );
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(src.verified && dst.report.verified);
+    assert_eq!(src.verify, VerifyMode::Full);
+    assert!(src.verify_ms > 0.0 && dst.report.verify_ms > 0.0);
+    assert_eq!(
+        first_difference(g.memory(), dst.memory.as_ref().unwrap()),
+        None
+    );
+}
+
+#[test]
+fn a_hot_set_below_link_speed_converges_in_a_few_rounds() {
+    let _serial = serial();
+    let g = guest(
+        256 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Hot { bytes: 32 * MIB },
+        50_000_000,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let (src, dst) = migrate_paused(&g, MigrationConfig::default());
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(
+        src.rounds <= 6,
+        "{} rounds: {:?}",
+        src.rounds,
+        src.round_log
+    );
+    assert!(src.downtime_ms < 300.0, "downtime {} ms", src.downtime_ms);
+    assert_eq!(src.throttle_pct_max, 0, "no throttling needed");
+    assert!(src.dirty_rate_bps > 0.0);
+    assert_eq!(
+        first_difference(g.memory(), dst.memory.as_ref().unwrap()),
+        None
+    );
+}
+
+#[test]
+fn the_guest_runs_on_the_destination_after_the_handoff() {
+    let _serial = serial();
+    let g = guest(
+        32 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Hot { bytes: 4 * MIB },
+        20_000_000,
+    );
+    let (src, dst) = ferry::migration::migrate_over_loopback(
+        g.clone(),
+        &MigrationConfig::default(),
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(!g.is_running());
+    let moved = dst.guest.expect("the destination runs the guest");
+    let at_pause = g.pages_written();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        moved.progress_counter() > at_pause,
+        "the workload continues from its counter on the destination"
+    );
+    assert_eq!(g.pages_written(), at_pause, "the source copy stays paused");
+}
+
+/// Fast incompressible writes into a hot set over a capped link.
+fn fast_dirtier() -> std::sync::Arc<ferry::memory::SyntheticGuest> {
+    guest(
+        32 * MIB,
+        FillSpec::only(ContentKind::Random),
+        WorkloadPattern::Hot { bytes: 8 * MIB },
+        200_000_000,
+    )
+}
+
+/// 40 MB/s with a 50 ms limit: the 8 MiB hot set alone is a 210 ms pause, so
+/// only throttling can bring the estimate under the limit.
+fn capped(auto_converge: bool, timeout: Option<Duration>) -> MigrationConfig {
+    MigrationConfig {
+        codec: Codec::None,
+        max_bandwidth: Some(40_000_000),
+        downtime_limit: Duration::from_millis(50),
+        auto_converge,
+        completion_timeout: timeout,
+        ..MigrationConfig::default()
+    }
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_is_throttled_and_completes() {
+    let _serial = serial();
+    let g = fast_dirtier();
+    let (src, dst) = migrate_paused(&g, capped(true, Some(Duration::from_secs(60))));
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(
+        src.throttle_pct_max >= 20,
+        "auto-converge throttled: {:?}",
+        src.round_log
+    );
+    assert!(src.downtime_ms < 150.0, "downtime {} ms", src.downtime_ms);
+    assert_eq!(
+        first_difference(g.memory(), dst.memory.as_ref().unwrap()),
+        None
+    );
+}
+
+#[test]
+fn without_auto_converge_it_times_out_and_the_guest_keeps_running_on_the_source() {
+    let _serial = serial();
+    let g = fast_dirtier();
+    let fill = FillSpec::only(ContentKind::Random);
+    let (src, dst) = migrate_paused(&g, capped(false, Some(Duration::from_secs(2))));
+    assert_eq!(src.outcome, Outcome::Failed);
+    let err = src.error.as_deref().unwrap();
+    assert!(
+        err.contains("completion timeout") && err.contains("keeps running on the source"),
+        "{err}"
+    );
+    assert_eq!(src.throttle_pct_max, 0);
+    assert_eq!(src.guest_location, "source");
+    // The destination discarded its copy.
+    assert_ne!(dst.report.outcome, Outcome::Completed);
+    assert!(dst.guest.is_none());
+    // The guest runs on the source, unthrottled, and memory outside the hot
+    // set is exactly what it was.
+    assert!(g.is_running());
+    assert_eq!(g.throttle(), 0);
+    let before = g.pages_written();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(g.pages_written() > before, "the source guest still runs");
+    let hot_pages = 8 * MIB / 4096;
+    assert!(holds_initial_fill(
+        g.memory(),
+        &fill,
+        hot_pages,
+        g.memory().pages()
+    ));
+}
+
+#[test]
+fn a_refused_connection_fails_cleanly_with_the_guest_on_the_source() {
+    let _serial = serial();
+    let g = guest(
+        8 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Uniform,
+        10_000_000,
+    );
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cpu = ferry::cpu::CpuMeter::new();
+    let rt = ferry::transport::runtime("t", 1, &cpu).unwrap();
+    let ctx = RunContext::default();
+    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+    let report = rt.block_on(ferry::migration::migrate(
+        gd,
+        &format!("127.0.0.1:{port}"),
+        &MigrationConfig::default(),
+        &ctx,
+    ));
+    assert_eq!(report.outcome, Outcome::Failed);
+    assert!(report.error.unwrap().contains("connect channel 0"));
+    assert!(g.is_running());
+}
