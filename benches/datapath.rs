@@ -1,1 +1,204 @@
-fn main() {}
+//! Data-path stages, each beside its physical limit: memcpy for page
+//! handling, a byte-by-byte scan for zero detection.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ferry::codec::{self, is_zero_page, Codec};
+use ferry::digest::page_hash;
+use ferry::memory::{ContentKind, DirtyBitmap, DirtySnapshot, FillSpec, GuestMemory, PAGE_SIZE};
+use ferry::wire::{encode_header, BatchEncoder, Command, FrameDecoder, Header};
+use rand_chacha::rand_core::SeedableRng;
+use std::hint::black_box;
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+
+fn pages_of(kind: ContentKind, n: usize) -> Vec<u8> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut v = vec![0u8; n * PAGE_SIZE];
+    for p in v.chunks_exact_mut(PAGE_SIZE) {
+        kind.generate(&mut rng, p);
+    }
+    v
+}
+
+fn baseline(c: &mut Criterion) {
+    let mut g = c.benchmark_group("baseline");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let src = pages_of(ContentKind::Random, 256);
+    let mut dst = vec![0u8; MIB];
+    g.bench_function("memcpy/1MiB", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&src)))
+    });
+    g.finish();
+}
+
+fn zero_detection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("zero_detect");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let zeros = vec![0u8; MIB];
+    g.bench_function("or_reduce/zero", |b| {
+        b.iter(|| {
+            black_box(&zeros)
+                .chunks_exact(PAGE_SIZE)
+                .filter(|p| is_zero_page(p))
+                .count()
+        })
+    });
+    g.bench_function("bytewise/zero", |b| {
+        b.iter(|| {
+            black_box(&zeros)
+                .chunks_exact(PAGE_SIZE)
+                .filter(|p| p.iter().all(|&x| x == 0))
+                .count()
+        })
+    });
+    let data = pages_of(ContentKind::Text, 256);
+    g.bench_function("or_reduce/nonzero", |b| {
+        b.iter(|| {
+            black_box(&data)
+                .chunks_exact(PAGE_SIZE)
+                .filter(|p| is_zero_page(p))
+                .count()
+        })
+    });
+    g.finish();
+}
+
+fn bitmap(c: &mut Criterion) {
+    // 1 GiB of guest: 262,144 pages.
+    let pages = 262_144u64;
+    let mut g = c.benchmark_group("bitmap");
+    g.throughput(Throughput::Elements(pages));
+    for pct in [0u64, 1, 50, 100] {
+        let b = DirtyBitmap::new(pages);
+        let mut snap = DirtySnapshot::new();
+        let step = 100u64.checked_div(pct).unwrap_or(u64::MAX);
+        g.bench_with_input(
+            BenchmarkId::new("snapshot_and_clear", format!("{pct}pct")),
+            &pct,
+            |bench, _| {
+                bench.iter(|| {
+                    if pct > 0 {
+                        let mut p = 0;
+                        while p < pages {
+                            b.mark(p);
+                            p += step;
+                        }
+                    }
+                    b.snapshot_and_clear(&mut snap);
+                    black_box(snap.count())
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("runs", format!("{pct}pct")),
+            &pct,
+            |bench, _| {
+                let mut s = DirtySnapshot::from_words(vec![], pages);
+                if pct > 0 {
+                    let mut p = 0;
+                    while p < pages {
+                        s.set(p);
+                        p += step;
+                    }
+                }
+                bench.iter(|| black_box(&s).runs().map(|r| r.1).sum::<u64>())
+            },
+        );
+    }
+    g.finish();
+}
+
+fn codecs(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    for kind in [ContentKind::Text, ContentKind::Binary, ContentKind::Random] {
+        let input = pages_of(kind, 256);
+        for codec in [
+            Codec::Lz4,
+            Codec::Zstd { level: 1 },
+            Codec::Zstd { level: 3 },
+        ] {
+            let name = format!("{kind:?}/{codec}").to_lowercase();
+            let mut out = Vec::with_capacity(2 * MIB);
+            g.bench_function(format!("compress/{name}"), |b| {
+                b.iter(|| {
+                    out.clear();
+                    codec::compress(codec, black_box(&input), &mut out).unwrap()
+                })
+            });
+            out.clear();
+            codec::compress(codec, &input, &mut out).unwrap();
+            let mut back = vec![0u8; MIB];
+            g.bench_function(format!("decompress/{name}"), |b| {
+                b.iter(|| codec::decompress(codec.id(), black_box(&out), &mut back).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+fn frames_and_batches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let payload = pages_of(ContentKind::Random, 256);
+    let header = Header::new(Command::PageBatch);
+    g.bench_function("encode_header_crc/1MiB", |b| {
+        b.iter(|| encode_header(&header, black_box(&payload)))
+    });
+    let frame = ferry::wire::encode_frame(&header, &payload);
+    g.bench_function("decode/1MiB", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(black_box(&frame[..]));
+            FrameDecoder::new().decode(&mut buf).unwrap().unwrap()
+        })
+    });
+    g.bench_function("xxh3_page_hash/1MiB", |b| {
+        b.iter(|| {
+            black_box(&payload)
+                .chunks_exact(PAGE_SIZE)
+                .map(page_hash)
+                .fold(0u64, u64::wrapping_add)
+        })
+    });
+    g.finish();
+
+    // A whole batch from guest memory: copy, zero-detect, hash, compress.
+    let mut g = c.benchmark_group("batch_encode");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let mem = GuestMemory::new(64 * MIB as u64).unwrap();
+    FillSpec::default().fill(&mem, 1, 2);
+    for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 1 }] {
+        let mut enc = BatchEncoder::new();
+        let mut first = 0u64;
+        g.bench_function(format!("mix/{codec}"), |b| {
+            b.iter(|| {
+                first = (first + 256) % mem.pages();
+                enc.encode(0, codec, &[(first, 256)], |p, buf| {
+                    mem.read_page(p, buf);
+                    let z = is_zero_page(buf);
+                    if !z {
+                        black_box(page_hash(buf));
+                    }
+                    z
+                })
+                .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = baseline, zero_detection, bitmap, codecs, frames_and_batches
+}
+criterion_main!(benches);

@@ -1,1 +1,110 @@
-fn main() {}
+//! A whole migration of an idle 1 GiB guest over loopback, beside the physical
+//! limit of the same path: raw TCP over the same number of loopback connections.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
+use ferry::migration::{
+    migrate_over_loopback, MigrationConfig, Outcome, ReceiverConfig, RunContext,
+};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const GIB: u64 = 1 << 30;
+const CHANNELS: usize = 4;
+
+/// Moves `GIB` bytes over `CHANNELS` loopback TCP connections, 1 MiB writes.
+fn raw_tcp() -> Duration {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let per = GIB as usize / CHANNELS;
+    let readers = std::thread::spawn(move || {
+        let socks: Vec<_> = (0..CHANNELS)
+            .map(|_| listener.accept().unwrap().0)
+            .collect();
+        let hs: Vec<_> = socks
+            .into_iter()
+            .map(|mut s| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut got = 0;
+                    while got < per {
+                        let n = s.read(&mut buf).unwrap();
+                        assert!(n > 0);
+                        got += n;
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().for_each(|h| h.join().unwrap());
+    });
+    let socks: Vec<_> = (0..CHANNELS)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let t = Instant::now();
+    let hs: Vec<_> = socks
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let buf = vec![7u8; 1 << 20];
+                for _ in 0..per / buf.len() {
+                    s.write_all(&buf).unwrap();
+                }
+            })
+        })
+        .collect();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+    readers.join().unwrap();
+    t.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("loopback");
+    g.throughput(Throughput::Bytes(GIB));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    g.bench_function("raw_tcp/4ch", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| raw_tcp()).sum())
+    });
+
+    let mem = Arc::new(GuestMemory::new(GIB).unwrap());
+    FillSpec::default().fill(&mem, 1, 2);
+    let guest = Arc::new(SyntheticGuest::start(
+        mem,
+        Workload {
+            pattern: WorkloadPattern::Idle,
+            ..Workload::default()
+        },
+    ));
+    for codec in ["none", "lz4", "zstd:1"] {
+        let config = MigrationConfig {
+            codec: codec.parse().unwrap(),
+            leave_paused: true,
+            ..MigrationConfig::default()
+        };
+        g.bench_function(format!("migrate_idle_1GiB/4ch/{codec}"), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        guest.resume();
+                        let t = Instant::now();
+                        let (r, _) = migrate_over_loopback(
+                            guest.clone(),
+                            &config,
+                            RunContext::default(),
+                            ReceiverConfig::default(),
+                        )
+                        .unwrap();
+                        let d = t.elapsed();
+                        assert_eq!(r.outcome, Outcome::Completed);
+                        d
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -9,7 +9,7 @@
 
 use super::dest_state::{DestMachine, DestState};
 use super::progress::RunContext;
-use super::report::{round3, CpuMs, Outcome, PageCounts, Report, Side};
+use super::report::{round3, CpuMs, Outcome, PageCounter, PageCounts, Report, Side};
 use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
 use crate::codec::CodecId;
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
@@ -283,20 +283,12 @@ enum Event {
     Failed(u16, MigrationError),
 }
 
-#[derive(Default)]
-struct Counts {
-    total: AtomicU64,
-    zero: AtomicU64,
-    raw: AtomicU64,
-    compressed: AtomicU64,
-}
-
 struct Shared {
     memory: Arc<GuestMemory>,
     hashes: PageHashes,
     limits: Limits,
     machine: Mutex<DestMachine>,
-    counts: Counts,
+    counts: PageCounter,
     events: mpsc::UnboundedSender<Event>,
     session_id: u64,
     next_msg: AtomicU64,
@@ -329,15 +321,12 @@ impl Shared {
         })?;
         let pages = u64::from(batch.page_count());
         let nonzero = u64::from(batch.nonzero_pages());
-        self.counts.total.fetch_add(pages, Ordering::Relaxed);
-        self.counts
-            .zero
-            .fetch_add(pages - nonzero, Ordering::Relaxed);
-        if batch.codec == CodecId::None {
-            self.counts.raw.fetch_add(nonzero, Ordering::Relaxed);
+        let (raw, compressed) = if batch.codec == CodecId::None {
+            (nonzero, 0)
         } else {
-            self.counts.compressed.fetch_add(nonzero, Ordering::Relaxed);
-        }
+            (0, nonzero)
+        };
+        self.counts.add(pages, pages - nonzero, raw, compressed);
         Ok(())
     }
 }
@@ -506,12 +495,7 @@ impl Session {
         }
         let pages = shared
             .as_ref()
-            .map_or(PageCounts::default(), |sh| PageCounts {
-                total: sh.counts.total.load(Ordering::Relaxed),
-                zero: sh.counts.zero.load(Ordering::Relaxed),
-                raw: sh.counts.raw.load(Ordering::Relaxed),
-                compressed: sh.counts.compressed.load(Ordering::Relaxed),
-            });
+            .map_or(PageCounts::default(), |sh| sh.counts.snapshot());
         let mut report = Report {
             side: Side::Destination,
             outcome,
@@ -648,7 +632,7 @@ impl Session {
             memory,
             limits,
             machine: Mutex::new(machine),
-            counts: Counts::default(),
+            counts: PageCounter::default(),
             events: events_tx,
             session_id,
             next_msg: AtomicU64::new(1),

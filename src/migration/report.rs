@@ -3,6 +3,7 @@
 
 use crate::wire::{GuestKind, VerifyMode};
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How a migration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,6 +41,36 @@ pub struct PageCounts {
     pub raw: u64,
     /// Pages sent compressed.
     pub compressed: u64,
+}
+
+/// Page counts that many channel tasks add to at once.
+#[derive(Debug, Default)]
+pub(crate) struct PageCounter {
+    total: AtomicU64,
+    zero: AtomicU64,
+    raw: AtomicU64,
+    compressed: AtomicU64,
+}
+
+impl PageCounter {
+    /// Adds one batch: its pages, and how many of them were zero, raw and
+    /// compressed.
+    pub(crate) fn add(&self, total: u64, zero: u64, raw: u64, compressed: u64) {
+        self.total.fetch_add(total, Ordering::Relaxed);
+        self.zero.fetch_add(zero, Ordering::Relaxed);
+        self.raw.fetch_add(raw, Ordering::Relaxed);
+        self.compressed.fetch_add(compressed, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub(crate) fn snapshot(&self) -> PageCounts {
+        PageCounts {
+            total: self.total.load(Ordering::Relaxed),
+            zero: self.zero.load(Ordering::Relaxed),
+            raw: self.raw.load(Ordering::Relaxed),
+            compressed: self.compressed.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// CPU time of each side's own threads, in milliseconds.

@@ -11,7 +11,7 @@
 
 use super::policy::{Convergence, Decision, RoundStats};
 use super::progress::{Phase, RunContext};
-use super::report::{round3, CpuMs, Outcome, PageCounts, Report, RoundLog, Side};
+use super::report::{round3, CpuMs, Outcome, PageCounter, PageCounts, Report, RoundLog, Side};
 use super::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::codec::{is_zero_page, Codec};
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
@@ -46,14 +46,6 @@ enum Event {
     Failed(MigrationError),
 }
 
-#[derive(Debug, Default)]
-struct Counts {
-    total: AtomicU64,
-    zero: AtomicU64,
-    raw: AtomicU64,
-    compressed: AtomicU64,
-}
-
 struct Shared {
     guest: Arc<dyn MigratableGuest>,
     hashes: PageHashes,
@@ -64,7 +56,7 @@ struct Shared {
     credits: Vec<Semaphore>,
     inflight: Mutex<HashMap<u64, u32>>,
     acked: watch::Sender<u64>,
-    counts: Counts,
+    counts: PageCounter,
     ctx: RunContext,
     events: mpsc::UnboundedSender<Event>,
     writers: Vec<Arc<tokio::sync::Mutex<FrameWriter>>>,
@@ -142,12 +134,12 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
                 .await
                 .send_raw(&header, &batch.payload)
                 .await?;
-            let c = &sh.counts;
-            c.total.fetch_add(batch.pages.into(), Ordering::Relaxed);
-            c.zero.fetch_add(batch.zero.into(), Ordering::Relaxed);
-            c.raw.fetch_add(batch.raw.into(), Ordering::Relaxed);
-            c.compressed
-                .fetch_add(batch.compressed.into(), Ordering::Relaxed);
+            sh.counts.add(
+                batch.pages.into(),
+                batch.zero.into(),
+                batch.raw.into(),
+                batch.compressed.into(),
+            );
         }
     };
     let result: Result<(), MigrationError> = run.await;
@@ -665,7 +657,7 @@ async fn run(
         credits,
         inflight: Mutex::new(HashMap::new()),
         acked: watch::channel(0).0,
-        counts: Counts::default(),
+        counts: PageCounter::default(),
         ctx: ctx.clone(),
         events: events_tx,
         writers,
@@ -687,13 +679,7 @@ async fn run(
         handoff: config.handoff_timeout,
     };
     let result = precopy_and_handoff(&mut driver, config, ctx, start, tally, policy).await;
-    let c = &sh.counts;
-    *counts_out.lock().unwrap() = PageCounts {
-        total: c.total.load(Ordering::Relaxed),
-        zero: c.zero.load(Ordering::Relaxed),
-        raw: c.raw.load(Ordering::Relaxed),
-        compressed: c.compressed.load(Ordering::Relaxed),
-    };
+    *counts_out.lock().unwrap() = sh.counts.snapshot();
     if let Err(e) = &result {
         if !tally.go_sent && !matches!(e, MigrationError::RemoteAbort { .. }) {
             // Tell the destination to discard its copy; best effort.

@@ -20,6 +20,7 @@
 
 mod batch;
 mod frame;
+pub mod fuzz;
 mod message;
 
 pub use batch::{BatchEncoder, EncodedBatch, PageBatch, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH};

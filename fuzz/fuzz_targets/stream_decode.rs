@@ -1,0 +1,6 @@
+//! Any byte stream, fed to the resumable decoder in arbitrary pieces, gives the
+//! same frames as fed whole.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    ferry::wire::fuzz::stream(data);
+});
