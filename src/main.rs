@@ -308,8 +308,9 @@ fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest, pattern: WorkloadPatter
     )
 }
 
-/// Draws one progress bar per phase (each round, then the switchover) on stderr
-/// until `done` is set.
+/// Draws one progress bar per phase on stderr until `done` is set: each
+/// pre-copy round (live, then with its final figures, also for rounds too
+/// short to be seen live) and the switchover.
 fn progress_ui(progress: Arc<Progress>, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
@@ -318,35 +319,56 @@ fn progress_ui(progress: Arc<Progress>, done: Arc<AtomicBool>) -> std::thread::J
         )
         .expect("valid template")
         .progress_chars("=> ");
-        let mut current: Option<((Phase, u32), ProgressBar)> = None;
+        let new_bar = |prefix: String, len: u64| {
+            let bar = mp.add(ProgressBar::new(len));
+            bar.set_style(style.clone());
+            bar.set_prefix(prefix);
+            bar
+        };
+        // The live bar: the round it shows (None for the switchover).
+        let mut live: Option<(Option<u32>, ProgressBar)> = None;
+        let mut drawn = 0usize;
         loop {
             let finished = done.load(Ordering::Acquire);
             let s = progress.snapshot();
-            if matches!(s.phase, Phase::Precopy | Phase::Switchover | Phase::Handoff) {
-                let phase = if s.phase == Phase::Handoff {
-                    Phase::Switchover
-                } else {
-                    s.phase
-                };
-                let key = (phase, s.round);
-                if current.as_ref().map(|c| c.0) != Some(key) {
-                    if let Some((_, bar)) = current.take() {
-                        bar.finish();
+            let rounds = progress.completed_rounds();
+            for r in &rounds[drawn..] {
+                let bar = match live.take() {
+                    Some((Some(n), bar)) if n == r.round => bar,
+                    other => {
+                        live = other;
+                        new_bar(format!("round {}", r.round), 0)
                     }
-                    let bar = mp.add(ProgressBar::new(s.round_pages * 4096));
-                    bar.set_style(style.clone());
-                    bar.set_prefix(match phase {
-                        Phase::Switchover => "switchover".to_string(),
-                        _ => format!("round {}", s.round),
-                    });
-                    current = Some((key, bar));
+                };
+                bar.set_length(r.pages * 4096);
+                bar.set_position(r.pages * 4096);
+                let mut msg = format!(
+                    "in {}, {} dirty after",
+                    ms(r.ms),
+                    Bytes(r.dirty_pages_after * 4096)
+                );
+                if r.throttle_pct > 0 {
+                    msg += &format!(", throttle {}%", r.throttle_pct);
                 }
-                let (_, bar) = current.as_ref().unwrap();
+                bar.finish_with_message(msg);
+            }
+            drawn = rounds.len();
+            let current = match s.phase {
+                Phase::Precopy if s.round as usize >= drawn => Some(Some(s.round)),
+                Phase::Switchover | Phase::Handoff => Some(None),
+                _ => None,
+            };
+            if let Some(key) = current {
+                if live.as_ref().map(|l| l.0) != Some(key) {
+                    let prefix = key.map_or("switchover".to_string(), |r| format!("round {r}"));
+                    live = Some((key, new_bar(prefix, s.round_pages * 4096)));
+                }
+                let (_, bar) = live.as_ref().unwrap();
+                bar.set_length(s.round_pages * 4096);
                 bar.set_position(s.round_pages_done * 4096);
-                let left = (s.round_pages - s.round_pages_done) * 4096;
-                let mut msg = format!("left {}", Bytes(left));
+                let mut msg = String::new();
                 if s.throughput_bps > 0.0 {
-                    msg += &format!("  {}", Rate(s.throughput_bps));
+                    msg += &format!("{}", Rate(s.throughput_bps));
                 }
                 if let Some(d) = s.expected_downtime_ms {
                     msg += &format!("  est. downtime {d:.1} ms");
@@ -354,14 +376,31 @@ fn progress_ui(progress: Arc<Progress>, done: Arc<AtomicBool>) -> std::thread::J
                 if s.throttle_pct > 0 {
                     msg += &format!("  throttle {}%", s.throttle_pct);
                 }
-                if s.phase == Phase::Handoff {
-                    msg = "hand-off: READY/GO".into();
+                if key.is_none() {
+                    msg = if s.phase == Phase::Handoff {
+                        "guest paused: state and digest sent, READY/GO".into()
+                    } else {
+                        "guest paused: the last dirty pages".into()
+                    };
                 }
                 bar.set_message(msg);
             }
             if finished {
-                if let Some((_, bar)) = current.take() {
-                    bar.finish();
+                let bar = match live.take() {
+                    Some((None, bar)) => Some(bar),
+                    Some((Some(_), bar)) => {
+                        bar.abandon();
+                        None
+                    }
+                    // A switchover too short to be seen live.
+                    None => s
+                        .final_pages
+                        .map(|n| new_bar("switchover".into(), n * 4096)),
+                };
+                if let (Some(bar), Some(n)) = (bar, s.final_pages) {
+                    bar.set_length(n * 4096);
+                    bar.set_position(n * 4096);
+                    bar.finish_with_message("the last dirty pages, sent with the guest paused");
                 }
                 return;
             }

@@ -31,6 +31,7 @@ fn start() -> Harness {
             "127.0.0.1:0",
             ReceiverConfig {
                 max_memory: 64 << 20,
+                idle_timeout: Duration::from_secs(1),
                 ..ReceiverConfig::default()
             },
         ))
@@ -272,6 +273,19 @@ fn a_go_before_switchover_is_a_protocol_error() {
     };
     send(&mut s, header, &Message::Go);
     assert!(abort_text(recv(&mut s)).contains("GO received in state"));
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(incoming.guest.is_none());
+}
+
+#[test]
+fn a_source_that_goes_silent_is_given_up_on() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let _ = open_session(&mut s, 1 << 20);
+    // Say nothing more: the receiver gives up after its idle timeout (1 s here).
+    let text = abort_text(recv(&mut s));
+    assert!(text.contains("no frame on any channel"), "{text}");
     let incoming = h.next_session();
     assert_eq!(incoming.report.outcome, Outcome::Failed);
     assert!(incoming.guest.is_none());

@@ -253,3 +253,51 @@ fn a_refused_connection_fails_cleanly_with_the_guest_on_the_source() {
     assert!(report.error.unwrap().contains("connect channel 0"));
     assert!(g.is_running());
 }
+
+#[test]
+fn cancelling_mid_migration_leaves_the_guest_on_the_source() {
+    let _serial = serial();
+    let g = guest(
+        64 * MIB,
+        FillSpec::only(ContentKind::Random),
+        WorkloadPattern::Uniform,
+        10_000_000,
+    );
+    let ctx = RunContext::default();
+    let cancel = ctx.cancel.clone();
+    let progress = ctx.progress.clone();
+    let canceller = std::thread::spawn(move || {
+        // Cancel once the transfer is under way.
+        while progress
+            .wire_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 8 << 20
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        cancel.cancel();
+    });
+    let config = MigrationConfig {
+        max_bandwidth: Some(20_000_000),
+        ..MigrationConfig::default()
+    };
+    let (src, dst) =
+        ferry::migration::migrate_over_loopback(g.clone(), &config, ctx, ReceiverConfig::default())
+            .unwrap();
+    canceller.join().unwrap();
+    assert_eq!(src.outcome, Outcome::Cancelled, "{:?}", src.error);
+    assert_eq!(src.guest_location, "source");
+    assert_eq!(
+        dst.report.outcome,
+        Outcome::Cancelled,
+        "{:?}",
+        dst.report.error
+    );
+    assert!(dst.guest.is_none());
+    assert!(g.is_running());
+    assert!(
+        src.total_ms < 2000.0,
+        "cancelled promptly: {} ms",
+        src.total_ms
+    );
+}

@@ -38,8 +38,8 @@ pub struct ReceiverConfig {
     pub max_memory: u64,
     /// Batches in flight per channel. Default: 4.
     pub initial_credits: u16,
-    /// Longest silence from the source inside a session before giving up.
-    /// Default: 60 s.
+    /// Longest time without a byte from the source on any channel of a session
+    /// before giving up on it. Default: 60 s.
     pub idle_timeout: Duration,
 }
 
@@ -336,17 +336,13 @@ async fn channel_task(
     ch: u16,
     mut rd: FrameReader,
     wr: Arc<tokio::sync::Mutex<FrameWriter>>,
-    idle: Duration,
 ) {
     let result: Result<(), MigrationError> = async {
         loop {
             let frame = tokio::select! {
                 biased;
                 _ = sh.cancel.cancelled() => return Ok(()),
-                f = tokio::time::timeout(idle, rd.read_frame()) => f.map_err(|_| MigrationError::Timeout {
-                    what: "the source (channel silent)",
-                    after: idle,
-                })??,
+                f = rd.read_frame() => f?,
             };
             let Some(frame) = frame else {
                 return Err(MigrationError::PeerClosed { channel: ch });
@@ -373,7 +369,10 @@ async fn channel_task(
             } else {
                 let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
                 match msg {
-                    Message::RoundEnd(_) | Message::Switchover(_) | Message::Go | Message::Abort(_) => {
+                    Message::RoundEnd(_)
+                    | Message::Switchover(_)
+                    | Message::Go
+                    | Message::Abort(_) => {
                         let _ = sh.events.send(Event::Control(frame.header, msg));
                     }
                     other => {
@@ -656,13 +655,13 @@ impl Session {
             )
             .await?;
         let ch0 = Arc::new(tokio::sync::Mutex::new(writer));
-        tokio::spawn(channel_task(
-            sh.clone(),
-            0,
-            reader,
-            ch0.clone(),
-            self.config.idle_timeout,
-        ));
+        tokio::spawn(channel_task(sh.clone(), 0, reader, ch0.clone()));
+        // The source is silent when no byte arrives on any channel: a single
+        // channel may rightly idle for long while others carry the rounds.
+        let idle = self.config.idle_timeout;
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1).min(idle));
+        let mut last_bytes = self.rx_bytes.load(Ordering::Relaxed);
+        let mut last_change = Instant::now();
         let mut bound = 1u16;
         if bound == setup.channels {
             tally.setup = Some(at.elapsed());
@@ -681,6 +680,16 @@ impl Session {
             let ev = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Err(MigrationError::Cancelled),
+                _ = watchdog.tick() => {
+                    let now = self.rx_bytes.load(Ordering::Relaxed);
+                    if now != last_bytes {
+                        last_bytes = now;
+                        last_change = Instant::now();
+                    } else if last_change.elapsed() >= idle {
+                        break Err(MigrationError::Timeout { what: "the source (no frame on any channel)", after: idle });
+                    }
+                    continue;
+                }
                 b = bind_rx.recv() => {
                     let Some(b) = b else { continue };
                     let rx_bytes = self.rx_bytes.clone();
@@ -697,7 +706,7 @@ impl Session {
                         break Err(e);
                     }
                     let wr = Arc::new(tokio::sync::Mutex::new(writer));
-                    tokio::spawn(channel_task(sh.clone(), channel, reader, wr, self.config.idle_timeout));
+                    tokio::spawn(channel_task(sh.clone(), channel, reader, wr));
                     bound += 1;
                     if bound == setup.channels {
                         tally.setup = Some(at.elapsed());

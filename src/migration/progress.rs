@@ -1,5 +1,6 @@
 //! Live progress of a migration, for progress bars and (later) the agent API.
 
+use super::RoundLog;
 use crate::cpu::CpuMeter;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,12 +45,15 @@ pub struct ProgressSnapshot {
     pub throttle_pct: u8,
     /// Bytes written to the wire so far.
     pub wire_bytes: u64,
+    /// Pages sent with the guest paused, once the switchover started.
+    pub final_pages: Option<u64>,
 }
 
 /// Shared between a migration and its observers.
 #[derive(Debug, Default)]
 pub struct Progress {
     snap: Mutex<ProgressSnapshot>,
+    rounds: Mutex<Vec<RoundLog>>,
     round_base: AtomicU64,
     /// Pages acknowledged by the destination, all rounds.
     pub pages_acked: AtomicU64,
@@ -74,6 +78,15 @@ impl Progress {
         s
     }
 
+    /// The pre-copy rounds finished so far, in order.
+    pub fn completed_rounds(&self) -> Vec<RoundLog> {
+        self.rounds.lock().unwrap().clone()
+    }
+
+    pub(crate) fn round_done(&self, log: RoundLog) {
+        self.rounds.lock().unwrap().push(log);
+    }
+
     pub(crate) fn update(&self, f: impl FnOnce(&mut ProgressSnapshot)) {
         f(&mut self.snap.lock().unwrap());
     }
@@ -85,6 +98,9 @@ impl Progress {
             s.phase = phase;
             s.round = round;
             s.round_pages = pages;
+            if phase == Phase::Switchover {
+                s.final_pages = Some(pages);
+            }
         });
     }
 }

@@ -742,13 +742,14 @@ async fn precopy_and_handoff(
                 "auto-converge: throttling the guest"
             );
         }
-        tally.round_log.push(RoundLog {
+        let log = RoundLog {
             round,
             pages: n,
             ms: round3(duration.as_secs_f64() * 1e3),
             dirty_pages_after: dirty,
             throttle_pct: conv.throttle_pct(),
-        });
+        };
+        tally.round_log.push(log);
         ctx.progress.update(|s| {
             s.dirty_pages = dirty;
             s.throughput_bps = conv.throughput_bps().unwrap_or(0.0);
@@ -757,6 +758,7 @@ async fn precopy_and_handoff(
                 .map(|d| d.as_secs_f64() * 1e3);
             s.throttle_pct = conv.throttle_pct();
         });
+        ctx.progress.round_done(log);
         tracing::debug!(round, pages = n, ?duration, dirty, ?decision, "round done");
         let final_next = match decision {
             Decision::GiveUp(g) => return Err(MigrationError::NotConverging(g)),
