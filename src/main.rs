@@ -366,9 +366,10 @@ fn progress_ui(progress: Arc<Progress>, done: Arc<AtomicBool>) -> std::thread::J
                 let (_, bar) = live.as_ref().unwrap();
                 bar.set_length(s.round_pages * 4096);
                 bar.set_position(s.round_pages_done * 4096);
-                let mut msg = String::new();
+                let left = s.round_pages.saturating_sub(s.round_pages_done) * 4096;
+                let mut msg = format!("left {}", Bytes(left));
                 if s.throughput_bps > 0.0 {
-                    msg += &format!("{}", Rate(s.throughput_bps));
+                    msg += &format!("  {}", Rate(s.throughput_bps));
                 }
                 if let Some(d) = s.expected_downtime_ms {
                     msg += &format!("  est. downtime {d:.1} ms");
