@@ -36,6 +36,76 @@ enum Command {
     Send(SendArgs),
     /// Wait for migrations and run the guests that arrive.
     Receive(ReceiveArgs),
+    /// Measure the parts: the link's raw ceiling, the codecs on guest memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Raw TCP throughput of N connections: the ceiling a migration is compared with.
+    Link(LinkArgs),
+    /// Each codec's encode/decode speed per core and its ratio on guest memory.
+    Codecs(CodecsArgs),
+}
+
+#[derive(Args, Debug)]
+struct LinkArgs {
+    /// TCP connections (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    channels: u16,
+    /// Bytes per run, over all connections.
+    #[arg(long, default_value = "1GiB", value_parser = size_arg)]
+    bytes: u64,
+    /// Runs; the median and spread are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    repeats: u32,
+    /// Measure the path to a `ferry bench link --listen` on another host
+    /// (default: loopback, inside this process).
+    #[arg(long, value_name = "ADDR", conflicts_with = "listen")]
+    to: Option<String>,
+    /// Be the sink for `ferry bench link --to` on another host, until interrupted.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Print the result as one line of JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A comma-separated list of codecs.
+#[derive(Debug, Clone)]
+struct CodecList(Vec<Codec>);
+
+fn codec_list_arg(s: &str) -> Result<CodecList, String> {
+    s.split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| c.parse::<Codec>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("no codec given".into())
+            } else {
+                Ok(CodecList(v))
+            }
+        })
+}
+
+#[derive(Args, Debug)]
+struct CodecsArgs {
+    #[command(flatten)]
+    mem: MemoryArgs,
+    /// Codecs to measure.
+    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3", value_parser = codec_list_arg)]
+    codecs: CodecList,
+    /// Pages per batch, as the migration sends them.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batch_pages: u32,
+    /// Guest bytes measured per codec, spread evenly over memory.
+    #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+    sample: u64,
+    /// Print the results as one line of JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -57,7 +127,7 @@ fn bandwidth_arg(s: &str) -> Result<Bandwidth, String> {
 }
 
 #[derive(Args, Debug)]
-struct GuestArgs {
+struct MemoryArgs {
     /// Guest memory size (e.g. 512MiB, 1GiB). Default: 1GiB, or the image's size.
     #[arg(long, value_parser = size_arg)]
     memory: Option<u64>,
@@ -67,6 +137,15 @@ struct GuestArgs {
     /// Load memory from a raw RAM image instead (its size sets --memory).
     #[arg(long, value_name = "FILE", conflicts_with = "fill")]
     image: Option<PathBuf>,
+    /// Seed of the initial content and the workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct GuestArgs {
+    #[command(flatten)]
+    mem: MemoryArgs,
     /// Write pattern: idle, uniform, sequential, or hot:<size> [default: hot:64MiB,
     /// or all of a smaller guest].
     #[arg(long)]
@@ -77,9 +156,6 @@ struct GuestArgs {
     /// Guest writer threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     writers: u32,
-    /// Seed of the initial content and the workload.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +295,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo(a),
         Command::Send(a) => send(a),
         Command::Receive(a) => receive(a),
+        Command::Bench(BenchCommand::Link(a)) => bench_link(a),
+        Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
     };
     match result {
         Ok(code) => code,
@@ -252,42 +330,48 @@ fn workload_for(g: &GuestArgs, memory_bytes: u64) -> Result<WorkloadPattern> {
     }
 }
 
-fn build_guest(g: &GuestArgs, announce: bool) -> Result<(Arc<SyntheticGuest>, WorkloadPattern)> {
-    if g.image.is_none() {
-        workload_for(g, g.memory.unwrap_or(1 << 30))?;
-    }
-    let (memory, content) = match &g.image {
+/// Guest memory from `--image` or `--memory` and `--fill`, and the content mix
+/// its workload writes.
+fn build_memory(m: &MemoryArgs, announce: bool) -> Result<(GuestMemory, FillSpec)> {
+    match &m.image {
         Some(path) => {
             let mem = GuestMemory::from_image(path).map_err(|e| usage(format!("{e:#}")))?;
-            if let Some(m) = g.memory {
-                if m != mem.len_bytes() {
+            if let Some(bytes) = m.memory {
+                if bytes != mem.len_bytes() {
                     return Err(usage(format!(
                         "--memory {} disagrees with the image's size {} ({})",
-                        m,
+                        bytes,
                         mem.len_bytes(),
                         path.display()
                     )));
                 }
             }
-            (mem, FillSpec::default())
+            Ok((mem, FillSpec::default()))
         }
         None => {
-            let bytes = g.memory.unwrap_or(1 << 30);
+            let bytes = m.memory.unwrap_or(1 << 30);
             let mem = GuestMemory::new(bytes).map_err(|e| usage(format!("--memory: {e}")))?;
             if announce {
                 eprintln!("filling {} of guest memory...", Bytes(bytes));
             }
-            g.fill.fill(&mem, g.seed, 2);
-            (mem, g.fill.clone())
+            m.fill.fill(&mem, m.seed, 2);
+            Ok((mem, m.fill.clone()))
         }
-    };
+    }
+}
+
+fn build_guest(g: &GuestArgs, announce: bool) -> Result<(Arc<SyntheticGuest>, WorkloadPattern)> {
+    if g.mem.image.is_none() {
+        workload_for(g, g.mem.memory.unwrap_or(1 << 30))?;
+    }
+    let (memory, content) = build_memory(&g.mem, announce)?;
     let pattern = workload_for(g, memory.len_bytes())?;
     let workload = Workload {
         pattern,
         dirty_rate: g.dirty_rate,
         content,
         writers: g.writers,
-        seed: g.seed,
+        seed: g.mem.seed,
     };
     Ok((
         Arc::new(SyntheticGuest::start(Arc::new(memory), workload)),
@@ -295,14 +379,19 @@ fn build_guest(g: &GuestArgs, announce: bool) -> Result<(Arc<SyntheticGuest>, Wo
     ))
 }
 
-fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest, pattern: WorkloadPattern) -> String {
-    let content = match &g.image {
+/// Where memory content comes from: `fill zero:35,...` or `image FILE`.
+fn content_of(m: &MemoryArgs) -> String {
+    match &m.image {
         Some(p) => format!("image {}", p.display()),
-        None => format!("fill {}", g.fill),
-    };
+        None => format!("fill {}", m.fill),
+    }
+}
+
+fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest, pattern: WorkloadPattern) -> String {
     format!(
-        "{} synthetic guest ({content}), workload {} at {}",
+        "{} synthetic guest ({}), workload {} at {}",
         Bytes(guest.memory().len_bytes()),
+        content_of(&g.mem),
         pattern,
         Rate(g.dirty_rate as f64)
     )
@@ -636,4 +725,107 @@ fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Cancelled => "cancelled",
         Outcome::Unresolved => "unresolved",
     }
+}
+
+fn bench_link(a: LinkArgs) -> Result<ExitCode> {
+    let rt = ferry::transport::runtime("ferry-bench", 2, &CpuMeter::new())?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    if let Some(listen) = &a.listen {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!(
+            "link sink listening on {}; Ctrl-C to stop",
+            listener.local_addr()?
+        );
+        let stop = cancel.clone();
+        rt.spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        rt.block_on(ferry::bench::serve_link_sink(listener, cancel));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (addr, path) = match &a.to {
+        Some(to) => (to.clone(), to.clone()),
+        None => {
+            let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+            let addr = listener.local_addr()?.to_string();
+            rt.spawn(ferry::bench::serve_link_sink(listener, cancel.clone()));
+            (addr, "loopback".to_string())
+        }
+    };
+    let mut runs = Vec::new();
+    for i in 0..a.repeats {
+        let r = rt
+            .block_on(ferry::bench::link_once(&addr, a.channels, a.bytes))
+            .with_context(|| format!("link run {} to {addr}", i + 1))?;
+        runs.push(r);
+    }
+    cancel.cancel();
+    let bps = ferry::bench::Spread::of(&runs.iter().map(|r| r.bps).collect::<Vec<_>>())
+        .expect("at least one run");
+    if a.json {
+        let out = serde_json::json!({
+            "path": path,
+            "channels": a.channels,
+            "bytes": runs[0].bytes,
+            "repeats": a.repeats,
+            "bps": bps,
+            "runs": runs,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "link {path}: {} channels, {} per run, {} runs",
+            a.channels,
+            Bytes(runs[0].bytes),
+            a.repeats
+        );
+        println!(
+            "  throughput  {} median ({} to {})",
+            Rate(bps.median),
+            Rate(bps.min),
+            Rate(bps.max)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
+    let (mem, _) = build_memory(&a.mem, !a.json)?;
+    let results = ferry::bench::measure_codecs(&mem, &a.codecs.0, a.batch_pages, a.sample);
+    let sampled = results.first().map_or(0, |r| r.guest_bytes);
+    if a.json {
+        let out = serde_json::json!({
+            "memory_bytes": mem.len_bytes(),
+            "sampled_bytes": sampled,
+            "batch_pages": a.batch_pages,
+            "codecs": results,
+        });
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "codecs on {} of guest memory ({}): {} sampled in {}-page batches, one core",
+        Bytes(mem.len_bytes()),
+        content_of(&a.mem),
+        Bytes(sampled),
+        a.batch_pages
+    );
+    println!(
+        "  {:<9} {:>7} {:>14} {:>14} {:>11}",
+        "codec", "ratio", "encode/core", "decode/core", "zero pages"
+    );
+    for r in &results {
+        println!(
+            "  {:<9} {:>7.2} {:>14} {:>14} {:>10.1}%",
+            r.codec,
+            r.ratio,
+            Rate(r.encode_bps).to_string(),
+            Rate(r.decode_bps).to_string(),
+            r.zero_bytes as f64 * 100.0 / r.guest_bytes.max(1) as f64
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -229,3 +229,115 @@ fn a_send_with_no_receiver_exits_1_with_a_failed_report() {
     assert_eq!(r["guest_location"], "source");
     assert!(r["error"].as_str().unwrap().contains("connect"));
 }
+
+#[test]
+fn bench_link_measures_loopback_and_a_remote_sink() {
+    let out = ferry()
+        .args([
+            "bench",
+            "link",
+            "--channels",
+            "2",
+            "--bytes",
+            "32MiB",
+            "--repeats",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["path"], "loopback");
+    assert_eq!(v["channels"], 2);
+    assert_eq!(v["repeats"], 3);
+    assert_eq!(v["bytes"], 32 << 20);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 3);
+    let bps = &v["bps"];
+    assert!(bps["min"].as_f64().unwrap() <= bps["median"].as_f64().unwrap());
+    assert!(bps["median"].as_f64().unwrap() <= bps["max"].as_f64().unwrap());
+    assert!(bps["min"].as_f64().unwrap() > 0.0);
+
+    // A sink in one process, the sender in another.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut sink = ferry()
+        .args(["bench", "link", "--listen", &addr])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = ferry()
+        .args([
+            "bench",
+            "link",
+            "--to",
+            &addr,
+            "--bytes",
+            "16MiB",
+            "--repeats",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    sink.kill().unwrap();
+    let _ = sink.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["path"], addr);
+    assert_eq!(v["bytes"], 16 << 20);
+}
+
+#[test]
+fn bench_codecs_reports_each_codec_on_the_given_memory() {
+    let out = ferry()
+        .args([
+            "bench",
+            "codecs",
+            "--memory",
+            "16MiB",
+            "--fill",
+            "text",
+            "--codecs",
+            "none,lz4,zstd:3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["memory_bytes"], 16 << 20);
+    assert_eq!(v["sampled_bytes"], 16 << 20);
+    let codecs = v["codecs"].as_array().unwrap();
+    let names: Vec<&str> = codecs
+        .iter()
+        .map(|c| c["codec"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["none", "lz4", "zstd:3"]);
+    let ratio = |i: usize| codecs[i]["ratio"].as_f64().unwrap();
+    assert!(
+        ratio(0) < 1.01 && ratio(1) > 1.8 && ratio(2) > ratio(1),
+        "{v}"
+    );
+    for c in codecs {
+        assert!(c["encode_bps"].as_f64().unwrap() > 0.0 && c["decode_bps"].as_f64().unwrap() > 0.0);
+    }
+    assert_usage_error(&["bench", "codecs", "--codecs", "lz4,brotli"], "brotli");
+}
