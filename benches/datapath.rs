@@ -120,7 +120,7 @@ fn codecs(c: &mut Criterion) {
             Codec::Zstd { level: 3 },
         ] {
             let name = format!("{kind:?}/{codec}").to_lowercase();
-            let mut out = Vec::with_capacity(2 * MIB);
+            let mut out = bytes::BytesMut::with_capacity(2 * MIB);
             g.bench_function(format!("compress/{name}"), |b| {
                 b.iter(|| {
                     out.clear();

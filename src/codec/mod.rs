@@ -1,6 +1,7 @@
 //! Page codecs: zero-page detection and the batch payload compressors (none,
 //! lz4, zstd at a level).
 
+use bytes::BytesMut;
 use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
@@ -156,7 +157,7 @@ pub fn max_compressed_len(codec: Codec, len: usize) -> usize {
 }
 
 /// Compresses `input` and appends the result to `out`. Returns the bytes appended.
-pub fn compress(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> Result<usize, CodecError> {
+pub fn compress(codec: Codec, input: &[u8], out: &mut BytesMut) -> Result<usize, CodecError> {
     let start = out.len();
     out.resize(start + max_compressed_len(codec, input.len()), 0);
     let n = match codec {
@@ -269,7 +270,7 @@ mod tests {
             Codec::Zstd { level: 1 },
             Codec::Zstd { level: 9 },
         ] {
-            let mut out = vec![9u8; 3]; // compress appends after existing bytes
+            let mut out = BytesMut::from(&[9u8; 3][..]); // compress appends after existing bytes
             let n = compress(codec, &input, &mut out).unwrap();
             assert_eq!(out.len(), 3 + n);
             let mut back = vec![0u8; input.len()];

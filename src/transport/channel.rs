@@ -16,6 +16,7 @@ pub struct FrameReader {
     rd: BufReader<OwnedReadHalf>,
     channel: u16,
     bytes: Arc<AtomicU64>,
+    buf: BytesMut,
 }
 
 impl FrameReader {
@@ -25,6 +26,7 @@ impl FrameReader {
             rd: BufReader::with_capacity(64 << 10, rd),
             channel,
             bytes,
+            buf: BytesMut::new(),
         }
     }
 
@@ -67,17 +69,26 @@ impl FrameReader {
             got += n;
         }
         let (header, crc) = Header::parse(&raw)?;
-        let mut payload = BytesMut::zeroed(header.payload_len as usize);
-        self.rd.read_exact(&mut payload).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                MigrationError::Protocol(format!(
+        // Read into a buffer that is reclaimed once earlier payloads are
+        // dropped, without zeroing it first; only the checked length is reserved.
+        let len = header.payload_len as usize;
+        self.buf.clear();
+        self.buf.reserve(len);
+        while self.buf.len() < len {
+            let want = (len - self.buf.len()) as u64;
+            let n = (&mut self.rd)
+                .take(want)
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| MigrationError::io(format!("read from channel {}", self.channel), e))?;
+            if n == 0 {
+                return Err(MigrationError::Protocol(format!(
                     "channel {} closed inside a {:?} payload",
                     self.channel, header.command
-                ))
-            } else {
-                MigrationError::io(format!("read from channel {}", self.channel), e)
+                )));
             }
-        })?;
+        }
+        let payload = self.buf.split_to(len);
         Header::verify_crc(&raw, crc, &payload)?;
         self.bytes
             .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);

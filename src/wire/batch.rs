@@ -18,7 +18,7 @@
 use super::{DecodeError, Limits, Reader};
 use crate::codec::{self, Codec, CodecError, CodecId};
 use crate::memory::PAGE_SIZE;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Most pages one batch may carry (4 MiB).
 pub const MAX_PAGES_PER_BATCH: u32 = 1024;
@@ -245,11 +245,14 @@ pub struct EncodedBatch {
     pub compressed: u32,
 }
 
-/// Builds page batches, reusing its page buffer from batch to batch.
+/// Builds page batches. Raw pages go straight from guest memory into the
+/// payload (one copy); compressed batches stage their pages once. The payload
+/// buffer is reclaimed for the next batch once the previous one has been sent
+/// and dropped, so steady state allocates nothing.
 #[derive(Debug, Default)]
 pub struct BatchEncoder {
     pages: Vec<u8>,
-    zero_bits: Vec<u8>,
+    out: BytesMut,
 }
 
 impl BatchEncoder {
@@ -274,55 +277,75 @@ impl BatchEncoder {
         mut read: impl FnMut(u64, &mut [u8]) -> bool,
     ) -> Result<EncodedBatch, CodecError> {
         let pages: u32 = runs.iter().map(|r| r.1).sum();
-        assert!(
-            pages > 0 && pages <= MAX_PAGES_PER_BATCH,
-            "{pages} pages in a batch"
-        );
+        assert!(pages > 0 && pages <= MAX_PAGES_PER_BATCH, "{pages} pages in a batch");
         assert!(runs.len() <= MAX_RUNS_PER_BATCH as usize && runs.iter().all(|r| r.1 > 0));
+        let bits_len = pages.div_ceil(8) as usize;
+        let head = FIXED + runs.len() * RUN + bits_len;
+        let raw_max = pages as usize * PAGE_SIZE;
+        let out = &mut self.out;
+        out.clear();
+        out.reserve(head + codec::max_compressed_len(codec, raw_max).max(raw_max));
+        let mut fixed = Vec::with_capacity(FIXED);
+        write_fixed(&mut fixed, round, codec.id(), runs, pages);
+        out.extend_from_slice(&fixed);
+        out.extend_from_slice(&[0; 8]); // data_len and uncompressed_len, below
+        let mut run_bytes = Vec::with_capacity(runs.len() * RUN);
+        write_runs(&mut run_bytes, runs);
+        out.extend_from_slice(&run_bytes);
+        let bits_at = out.len();
+        out.resize(head, 0);
+
+        // Raw: pages land in the payload directly. Compressed: staged once.
+        let direct = codec == Codec::None;
         self.pages.clear();
-        self.zero_bits.clear();
-        self.zero_bits.resize(pages.div_ceil(8) as usize, 0);
         let mut i = 0usize;
         let mut zero = 0u32;
         for &(first, len) in runs {
             for page in first..first + u64::from(len) {
-                let at = self.pages.len();
-                self.pages.resize(at + PAGE_SIZE, 0);
-                if read(page, &mut self.pages[at..]) {
-                    self.pages.truncate(at);
-                    self.zero_bits[i / 8] |= 1 << (i % 8);
+                let is_zero = if direct {
+                    let at = out.len();
+                    out.resize(at + PAGE_SIZE, 0);
+                    let z = read(page, &mut out[at..]);
+                    if z {
+                        out.truncate(at);
+                    }
+                    z
+                } else {
+                    let at = self.pages.len();
+                    self.pages.resize(at + PAGE_SIZE, 0);
+                    let z = read(page, &mut self.pages[at..]);
+                    if z {
+                        self.pages.truncate(at);
+                    }
+                    z
+                };
+                if is_zero {
+                    out[bits_at + i / 8] |= 1 << (i % 8);
                     zero += 1;
                 }
                 i += 1;
             }
         }
         let nonzero = pages - zero;
-        let raw_len = self.pages.len();
-        let head = FIXED + runs.len() * RUN + self.zero_bits.len();
-        let mut out = Vec::with_capacity(head + codec::max_compressed_len(codec, raw_len));
+        let raw_len = nonzero as usize * PAGE_SIZE;
         let mut used = if nonzero == 0 { Codec::None } else { codec };
-        write_fixed(&mut out, round, used.id(), runs, pages);
-        out.extend_from_slice(&[0; 8]); // data_len and uncompressed_len, below
-        write_runs(&mut out, runs);
-        out.extend_from_slice(&self.zero_bits);
-        let mut data_len = codec::compress(used, &self.pages, &mut out)?;
-        if used != Codec::None && data_len >= raw_len {
-            // Incompressible: send the pages as they are.
-            out.truncate(head);
-            out.extend_from_slice(&self.pages);
-            used = Codec::None;
-            data_len = raw_len;
-            out[4] = CodecId::None as u8;
+        let mut data_len = raw_len;
+        if !direct && nonzero > 0 {
+            data_len = codec::compress(codec, &self.pages, out)?;
+            if data_len >= raw_len {
+                // Incompressible: send the pages as they are.
+                out.truncate(head);
+                out.extend_from_slice(&self.pages);
+                used = Codec::None;
+                data_len = raw_len;
+            }
         }
+        out[4] = used.id() as u8;
         out[12..16].copy_from_slice(&(data_len as u32).to_le_bytes());
         out[16..20].copy_from_slice(&(raw_len as u32).to_le_bytes());
-        let (raw, compressed) = if used == Codec::None {
-            (nonzero, 0)
-        } else {
-            (0, nonzero)
-        };
+        let (raw, compressed) = if used == Codec::None { (nonzero, 0) } else { (0, nonzero) };
         Ok(EncodedBatch {
-            payload: Bytes::from(out),
+            payload: out.split().freeze(),
             pages,
             zero,
             raw,
