@@ -47,6 +47,37 @@ enum BenchCommand {
     Link(LinkArgs),
     /// Each codec's encode/decode speed per core and its ratio on guest memory.
     Codecs(CodecsArgs),
+    /// Real migrations over a grid of codecs × link speeds × guests.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Use a built-in guest set instead of the guest flags: `standard` is an
+    /// idle realistic mix, a busy hot set and incompressible data (of --memory
+    /// each, default 256MiB).
+    #[arg(long, value_parser = ["standard"])]
+    guest_set: Option<String>,
+    /// Codecs to compare.
+    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3", value_parser = codec_list_arg)]
+    codecs: CodecList,
+    /// Link speeds, emulated with ferry's bandwidth cap (`unlimited` for none).
+    #[arg(long, default_value = "100Mbit,1Gbit,10Gbit,unlimited", value_parser = link_list_arg)]
+    bandwidth: LinkList,
+    /// Migrations per cell; medians and spreads are over these.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: u32,
+    /// TCP channels per migration.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    channels: u16,
+    /// Write results.json, results.csv and report.md into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the cells as one line of JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -72,22 +103,42 @@ struct LinkArgs {
     json: bool,
 }
 
-/// A comma-separated list of codecs.
+/// A comma-separated list of codecs, each with the label it was given as.
 #[derive(Debug, Clone)]
-struct CodecList(Vec<Codec>);
+struct CodecList(Vec<(String, Codec)>);
 
 fn codec_list_arg(s: &str) -> Result<CodecList, String> {
-    s.split(',')
-        .filter(|c| !c.trim().is_empty())
-        .map(|c| c.parse::<Codec>().map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|v| {
-            if v.is_empty() {
-                Err("no codec given".into())
-            } else {
-                Ok(CodecList(v))
-            }
+    let v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<Codec>()
+                .map(|codec| (c.to_string(), codec))
+                .map_err(|e| e.to_string())
         })
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("no codec given".into());
+    }
+    Ok(CodecList(v))
+}
+
+/// A comma-separated list of link speeds; `unlimited` for no cap.
+#[derive(Debug, Clone)]
+struct LinkList(Vec<Option<u64>>);
+
+fn link_list_arg(s: &str) -> Result<LinkList, String> {
+    let v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| parse_bandwidth(c).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("no link speed given".into());
+    }
+    Ok(LinkList(v))
 }
 
 #[derive(Args, Debug)]
@@ -280,8 +331,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The demo and the benches run many sessions in-process: keep them quiet.
     let default_log = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Bench(_) => "warn",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -297,6 +349,7 @@ fn main() -> ExitCode {
         Command::Receive(a) => receive(a),
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
+        Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
     };
     match result {
         Ok(code) => code,
@@ -794,7 +847,8 @@ fn bench_link(a: LinkArgs) -> Result<ExitCode> {
 
 fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
     let (mem, _) = build_memory(&a.mem, !a.json)?;
-    let results = ferry::bench::measure_codecs(&mem, &a.codecs.0, a.batch_pages, a.sample);
+    let codecs: Vec<Codec> = a.codecs.0.iter().map(|c| c.1).collect();
+    let results = ferry::bench::measure_codecs(&mem, &codecs, a.batch_pages, a.sample);
     let sampled = results.first().map_or(0, |r| r.guest_bytes);
     if a.json {
         let out = serde_json::json!({
@@ -828,4 +882,105 @@ fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
+    use ferry::bench::sweep::{
+        mark_winners, run_cell, summarize, table, write_outputs, GuestSpec, SweepMeta, SweepPlan,
+    };
+    let memory = a.guest.mem.memory.unwrap_or(256 << 20);
+    let guests = match a.guest_set.as_deref() {
+        Some(_) => GuestSpec::standard_set(memory),
+        None => {
+            let g = &a.guest;
+            let bytes = match &g.mem.image {
+                Some(p) => std::fs::metadata(p)
+                    .with_context(|| format!("RAM image {}", p.display()))?
+                    .len(),
+                None => memory,
+            };
+            let workload = workload_for(g, bytes)?;
+            let label = match &g.mem.image {
+                Some(p) => p
+                    .file_stem()
+                    .map_or("image".into(), |s| s.to_string_lossy().into_owned()),
+                None => format!("{}-{}", compact_size(bytes), workload),
+            };
+            vec![GuestSpec {
+                label,
+                memory: bytes,
+                fill: g.mem.fill.clone(),
+                image: g.mem.image.clone(),
+                workload,
+                dirty_rate: g.dirty_rate,
+            }]
+        }
+    };
+    let plan = SweepPlan {
+        codecs: a.codecs.0.clone(),
+        links: a.bandwidth.0.clone(),
+        guests,
+        repeats: a.repeats,
+        channels: a.channels,
+    };
+    let bar =
+        ProgressBar::with_draw_target(Some(plan.runs()), ProgressDrawTarget::stderr_with_hz(10));
+    bar.set_style(
+        ProgressStyle::with_template("sweep [{bar:30}] {pos}/{len} migrations  {msg}  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut cells = Vec::new();
+    for spec in &plan.guests {
+        bar.set_message(format!("building guest {}", spec.label));
+        let guest = spec
+            .build(a.guest.mem.seed)
+            .map_err(|e| usage(format!("{e:#}")))?;
+        guest.pause();
+        for &link in &plan.links {
+            for (label, codec) in &plan.codecs {
+                bar.set_message(format!(
+                    "{} · {} · {label}",
+                    spec.label,
+                    ferry::bench::sweep::link_label(link)
+                ));
+                let reports = run_cell(&guest, *codec, link, plan.channels, plan.repeats, || {
+                    bar.inc(1)
+                });
+                cells.push(summarize(label, link, &spec.label, &reports));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    mark_winners(&mut cells);
+    if let Some(dir) = &a.out {
+        let meta = SweepMeta {
+            link: "cap".into(),
+            channels: plan.channels,
+            repeats: plan.repeats,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        write_outputs(dir, &meta, &cells)
+            .with_context(|| format!("writing results to {}", dir.display()))?;
+        if !a.json {
+            eprintln!(
+                "wrote results.json, results.csv and report.md to {}",
+                dir.display()
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "cells": cells }));
+    } else {
+        print!("{}", table(&cells));
+    }
+    let failed = cells.iter().any(|c| c.failures > 0);
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

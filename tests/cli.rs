@@ -341,3 +341,78 @@ fn bench_codecs_reports_each_codec_on_the_given_memory() {
     }
     assert_usage_error(&["bench", "codecs", "--codecs", "lz4,brotli"], "brotli");
 }
+
+#[test]
+fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
+    let dir = std::env::temp_dir().join(format!("ferry-sweep-cli-{}", std::process::id()));
+    let out = ferry()
+        .args([
+            "bench",
+            "sweep",
+            "--memory",
+            "8MiB",
+            "--workload",
+            "idle",
+            "--codecs",
+            "none,zstd",
+            "--bandwidth",
+            "50MB/s,unlimited",
+            "--repeats",
+            "2",
+            "--channels",
+            "2",
+            "--out",
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("guest 8MiB-idle") && table.contains("unlimited") && table.contains('*'),
+        "{table}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 4, "2 codecs × 2 links × 1 guest");
+    let labels: std::collections::BTreeSet<&str> =
+        cells.iter().map(|c| c["codec"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["none", "zstd"].into(), "codec labels as given");
+    for link in [serde_json::json!(50_000_000), serde_json::Value::Null] {
+        let winners = cells
+            .iter()
+            .filter(|c| c["link_bps"] == link && c["winner"] == true)
+            .count();
+        assert_eq!(winners, 1, "one winner for link {link}");
+    }
+    for c in cells {
+        assert_eq!(c["repeats"], 2);
+        assert_eq!(c["guest"], "8MiB-idle");
+        let t = &c["total_ms"];
+        assert!(t["min"].as_f64().unwrap() <= t["median"].as_f64().unwrap());
+        assert!(c["wire_bytes"].as_u64().unwrap() > 0);
+        assert!(c["cpu_ms"]["source"].as_f64().unwrap() > 0.0);
+    }
+    // Over a 50 MB/s cap, compression wins on the realistic mix.
+    let capped_winner = cells
+        .iter()
+        .find(|c| c["link_bps"] == 50_000_000 && c["winner"] == true)
+        .unwrap();
+    assert_eq!(capped_winner["codec"], "zstd");
+    assert!(
+        std::fs::read_to_string(dir.join("results.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            == 5
+    );
+    assert!(std::fs::read_to_string(dir.join("report.md"))
+        .unwrap()
+        .contains("## Winners"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

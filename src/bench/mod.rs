@@ -3,6 +3,7 @@
 
 #[cfg(feature = "net")]
 mod link;
+pub mod sweep;
 
 #[cfg(feature = "net")]
 pub use link::{link_once, serve_link_sink, LinkResult};

@@ -3,6 +3,7 @@
 
 use crate::wire::{GuestKind, VerifyMode};
 use serde::Serialize;
+#[cfg(feature = "net")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How a migration ended.
@@ -44,6 +45,7 @@ pub struct PageCounts {
 }
 
 /// Page counts that many channel tasks add to at once.
+#[cfg(feature = "net")]
 #[derive(Debug, Default)]
 pub(crate) struct PageCounter {
     total: AtomicU64,
@@ -52,6 +54,7 @@ pub(crate) struct PageCounter {
     compressed: AtomicU64,
 }
 
+#[cfg(feature = "net")]
 impl PageCounter {
     /// Adds one batch: its pages, and how many of them were zero, raw and
     /// compressed.

@@ -80,7 +80,9 @@ impl FrameReader {
                 .take(want)
                 .read_buf(&mut self.buf)
                 .await
-                .map_err(|e| MigrationError::io(format!("read from channel {}", self.channel), e))?;
+                .map_err(|e| {
+                    MigrationError::io(format!("read from channel {}", self.channel), e)
+                })?;
             if n == 0 {
                 return Err(MigrationError::Protocol(format!(
                     "channel {} closed inside a {:?} payload",

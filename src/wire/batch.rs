@@ -277,7 +277,10 @@ impl BatchEncoder {
         mut read: impl FnMut(u64, &mut [u8]) -> bool,
     ) -> Result<EncodedBatch, CodecError> {
         let pages: u32 = runs.iter().map(|r| r.1).sum();
-        assert!(pages > 0 && pages <= MAX_PAGES_PER_BATCH, "{pages} pages in a batch");
+        assert!(
+            pages > 0 && pages <= MAX_PAGES_PER_BATCH,
+            "{pages} pages in a batch"
+        );
         assert!(runs.len() <= MAX_RUNS_PER_BATCH as usize && runs.iter().all(|r| r.1 > 0));
         let bits_len = pages.div_ceil(8) as usize;
         let head = FIXED + runs.len() * RUN + bits_len;
@@ -343,7 +346,11 @@ impl BatchEncoder {
         out[4] = used.id() as u8;
         out[12..16].copy_from_slice(&(data_len as u32).to_le_bytes());
         out[16..20].copy_from_slice(&(raw_len as u32).to_le_bytes());
-        let (raw, compressed) = if used == Codec::None { (nonzero, 0) } else { (0, nonzero) };
+        let (raw, compressed) = if used == Codec::None {
+            (nonzero, 0)
+        } else {
+            (0, nonzero)
+        };
         Ok(EncodedBatch {
             payload: out.split().freeze(),
             pages,

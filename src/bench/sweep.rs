@@ -1,0 +1,649 @@
+//! The compression-versus-bandwidth sweep: real migrations over a grid of
+//! codecs × link speeds × guests, summarised per cell (median and spread over
+//! repeats), with the winner of each link speed and guest marked.
+//!
+//! The grid's bookkeeping (summaries, winners, the files written) is pure and
+//! tested on its own; [`run_cell`] does the migrating.
+
+use super::Spread;
+use crate::codec::Codec;
+use crate::memory::{ContentKind, FillSpec, WorkloadPattern};
+use crate::migration::{Outcome, Report};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// One guest of the grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestSpec {
+    /// A short label for tables and files (`idle-mix`, `hot-64MiB`).
+    pub label: String,
+    /// Memory size (ignored with an image).
+    pub memory: u64,
+    /// Initial content.
+    pub fill: FillSpec,
+    /// A RAM image instead of `fill`.
+    pub image: Option<PathBuf>,
+    /// Write pattern.
+    pub workload: WorkloadPattern,
+    /// Bytes written per second.
+    pub dirty_rate: u64,
+}
+
+impl GuestSpec {
+    /// Builds the guest, running its workload.
+    pub fn build(
+        &self,
+        seed: u64,
+    ) -> Result<std::sync::Arc<crate::memory::SyntheticGuest>, crate::memory::MemoryError> {
+        use crate::memory::{GuestMemory, SyntheticGuest, Workload};
+        let memory = match &self.image {
+            Some(path) => GuestMemory::from_image(path)?,
+            None => {
+                let m = GuestMemory::new(self.memory)?;
+                self.fill.fill(&m, seed, 2);
+                m
+            }
+        };
+        let workload = Workload {
+            pattern: self.workload,
+            dirty_rate: self.dirty_rate,
+            content: self.fill.clone(),
+            writers: 1,
+            seed,
+        };
+        Ok(std::sync::Arc::new(SyntheticGuest::start(
+            std::sync::Arc::new(memory),
+            workload,
+        )))
+    }
+
+    /// The standard set: an idle realistic mix, a busy hot set, and
+    /// incompressible data, each of `memory` bytes.
+    pub fn standard_set(memory: u64) -> Vec<GuestSpec> {
+        let hot = (memory / 8).max(4096) & !4095;
+        vec![
+            GuestSpec {
+                label: "idle-mix".into(),
+                memory,
+                fill: FillSpec::default(),
+                image: None,
+                workload: WorkloadPattern::Idle,
+                dirty_rate: 0,
+            },
+            GuestSpec {
+                label: format!("hot-{}", crate::units::compact_size(hot)),
+                memory,
+                fill: FillSpec::default(),
+                image: None,
+                workload: WorkloadPattern::Hot { bytes: hot },
+                dirty_rate: 50_000_000,
+            },
+            GuestSpec {
+                label: "random".into(),
+                memory,
+                fill: FillSpec::only(ContentKind::Random),
+                image: None,
+                workload: WorkloadPattern::Idle,
+                dirty_rate: 0,
+            },
+        ]
+    }
+}
+
+/// What the grid is made of.
+#[derive(Debug, Clone)]
+pub struct SweepPlan {
+    /// Codecs, with the label the user gave.
+    pub codecs: Vec<(String, Codec)>,
+    /// Link speeds in bytes/s; `None` is unlimited.
+    pub links: Vec<Option<u64>>,
+    /// Guests.
+    pub guests: Vec<GuestSpec>,
+    /// Migrations per cell.
+    pub repeats: u32,
+    /// TCP channels per migration.
+    pub channels: u16,
+}
+
+impl SweepPlan {
+    /// Migrations the whole grid runs.
+    pub fn runs(&self) -> u64 {
+        (self.codecs.len() * self.links.len() * self.guests.len()) as u64 * u64::from(self.repeats)
+    }
+}
+
+/// CPU medians of a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CellCpu {
+    /// Source side, ms.
+    pub source: f64,
+    /// Destination side, ms.
+    pub destination: f64,
+}
+
+/// One codec × link × guest, over its repeats. Field names are a contract.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cell {
+    /// The codec label as given (`zstd:1`).
+    pub codec: String,
+    /// Link speed, bytes/s; null when unlimited.
+    pub link_bps: Option<u64>,
+    /// The guest's label.
+    pub guest: String,
+    /// Migrations that completed (failed ones are counted in `failures`).
+    pub repeats: u32,
+    /// Migrations that did not complete.
+    pub failures: u32,
+    /// Total time, ms.
+    pub total_ms: Option<Spread>,
+    /// Downtime, ms.
+    pub downtime_ms: Option<Spread>,
+    /// Median wire bytes.
+    pub wire_bytes: u64,
+    /// Median compression ratio.
+    pub compression_ratio: f64,
+    /// Median guest throughput, bytes/s.
+    pub throughput_guest_bps: f64,
+    /// Median wire throughput, bytes/s.
+    pub throughput_wire_bps: f64,
+    /// Median pre-copy rounds.
+    pub rounds: f64,
+    /// Median CPU time of each side.
+    pub cpu_ms: CellCpu,
+    /// Fastest completed codec for this link speed and guest.
+    pub winner: bool,
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.collect();
+    Spread::of(&v).map_or(0.0, |s| s.median)
+}
+
+/// Summarises one cell's reports (pure).
+pub fn summarize(codec: &str, link_bps: Option<u64>, guest: &str, reports: &[Report]) -> Cell {
+    let ok: Vec<&Report> = reports
+        .iter()
+        .filter(|r| r.outcome == Outcome::Completed)
+        .collect();
+    let of = |f: fn(&Report) -> f64| median(ok.iter().map(|r| f(r)));
+    Cell {
+        codec: codec.to_string(),
+        link_bps,
+        guest: guest.to_string(),
+        repeats: ok.len() as u32,
+        failures: (reports.len() - ok.len()) as u32,
+        total_ms: Spread::of(&ok.iter().map(|r| r.total_ms).collect::<Vec<_>>()),
+        downtime_ms: Spread::of(&ok.iter().map(|r| r.downtime_ms).collect::<Vec<_>>()),
+        wire_bytes: of(|r| r.wire_bytes as f64) as u64,
+        compression_ratio: of(|r| r.compression_ratio),
+        throughput_guest_bps: of(|r| r.throughput_guest_bps),
+        throughput_wire_bps: of(|r| r.throughput_wire_bps),
+        rounds: of(|r| f64::from(r.rounds)),
+        cpu_ms: CellCpu {
+            source: of(|r| r.cpu_ms.source.unwrap_or(0.0)),
+            destination: of(|r| r.cpu_ms.destination.unwrap_or(0.0)),
+        },
+        winner: false,
+    }
+}
+
+/// Marks, for each link speed and guest, the cell with the lowest median
+/// total time among those that completed every repeat (ties: lower downtime).
+pub fn mark_winners(cells: &mut [Cell]) {
+    for c in cells.iter_mut() {
+        c.winner = false;
+    }
+    let mut groups: Vec<(Option<u64>, String)> = cells
+        .iter()
+        .map(|c| (c.link_bps, c.guest.clone()))
+        .collect();
+    groups.dedup();
+    groups.sort();
+    groups.dedup();
+    for (link, guest) in groups {
+        let key = |c: &Cell| {
+            (
+                c.total_ms.map_or(f64::INFINITY, |s| s.median),
+                c.downtime_ms.map_or(f64::INFINITY, |s| s.median),
+            )
+        };
+        let best = cells
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.link_bps == link && c.guest == guest && c.failures == 0 && c.total_ms.is_some()
+            })
+            .min_by(|(_, a), (_, b)| {
+                key(a)
+                    .partial_cmp(&key(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            cells[i].winner = true;
+        }
+    }
+}
+
+/// A link speed as a label: `unlimited`, `1Gbit/s`, `12.5 MB/s`.
+pub fn link_label(bps: Option<u64>) -> String {
+    match bps {
+        None => "unlimited".into(),
+        Some(b) if (b * 8) % 1_000_000_000 == 0 => format!("{}Gbit/s", b * 8 / 1_000_000_000),
+        Some(b) if (b * 8) % 1_000_000 == 0 => format!("{}Mbit/s", b * 8 / 1_000_000),
+        Some(b) => crate::units::Rate(b as f64).to_string(),
+    }
+}
+
+fn ms_text(s: Option<Spread>) -> String {
+    s.map_or("failed".into(), |s| {
+        if s.median >= 1000.0 {
+            format!("{:.2} s", s.median / 1000.0)
+        } else {
+            format!("{:.0} ms", s.median)
+        }
+    })
+}
+
+/// The terminal table: per guest, codecs down and link speeds across, total
+/// time (median) with the winner of each column starred.
+pub fn table(cells: &[Cell]) -> String {
+    let mut out = String::new();
+    let mut guests: Vec<&str> = cells.iter().map(|c| c.guest.as_str()).collect();
+    guests.dedup();
+    let mut links: Vec<Option<u64>> = cells.iter().map(|c| c.link_bps).collect();
+    links.sort_by_key(|l| l.unwrap_or(u64::MAX));
+    links.dedup();
+    let mut codecs: Vec<&str> = cells.iter().map(|c| c.codec.as_str()).collect();
+    let mut seen = std::collections::HashSet::new();
+    codecs.retain(|c| seen.insert(*c));
+    let mut seen_guests = std::collections::HashSet::new();
+    guests.retain(|g| seen_guests.insert(*g));
+    for guest in guests {
+        let _ = writeln!(
+            out,
+            "guest {guest}: total time (median), * = fastest for the link"
+        );
+        let _ = write!(out, "  {:<10}", "codec");
+        for l in &links {
+            let _ = write!(out, "{:>16}", link_label(*l));
+        }
+        out.push('\n');
+        for codec in &codecs {
+            let _ = write!(out, "  {codec:<10}");
+            for l in &links {
+                let cell = cells
+                    .iter()
+                    .find(|c| c.guest == guest && c.codec == *codec && c.link_bps == *l);
+                let text = cell.map_or("-".into(), |c| {
+                    format!(
+                        "{}{}",
+                        ms_text(c.total_ms),
+                        if c.winner { " *" } else { "  " }
+                    )
+                });
+                let _ = write!(out, "{text:>16}");
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// What a sweep ran on, for the files.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepMeta {
+    /// How links were emulated (`cap`: ferry's own bandwidth cap).
+    pub link: String,
+    /// TCP channels per migration.
+    pub channels: u16,
+    /// Requested repeats per cell.
+    pub repeats: u32,
+    /// Cores on this machine.
+    pub cores: usize,
+    /// When the sweep ran (seconds since the Unix epoch).
+    pub unix_time: u64,
+}
+
+/// Writes `results.json`, `results.csv` and `report.md` directly in `dir`.
+pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::json!({ "meta": meta, "cells": cells });
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+
+    let mut csv = String::from(
+        "codec,link_bps,guest,repeats,failures,total_ms_median,total_ms_min,total_ms_max,\
+         downtime_ms_median,downtime_ms_min,downtime_ms_max,wire_bytes,compression_ratio,\
+         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner\n",
+    );
+    let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+    for c in cells {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{}",
+            c.codec,
+            c.link_bps.map_or(String::new(), |b| b.to_string()),
+            c.guest,
+            c.repeats,
+            c.failures,
+            num(c.total_ms.map(|s| s.median)),
+            num(c.total_ms.map(|s| s.min)),
+            num(c.total_ms.map(|s| s.max)),
+            num(c.downtime_ms.map(|s| s.median)),
+            num(c.downtime_ms.map(|s| s.min)),
+            num(c.downtime_ms.map(|s| s.max)),
+            c.wire_bytes,
+            c.compression_ratio,
+            c.throughput_guest_bps,
+            c.cpu_ms.source,
+            c.cpu_ms.destination,
+            c.winner
+        );
+    }
+    std::fs::write(dir.join("results.csv"), csv)?;
+
+    let mut md = String::from("# ferry compression-versus-bandwidth sweep\n\n");
+    let _ = writeln!(
+        md,
+        "Links emulated with ferry's `{}`; {} channels; {} repeats per cell; {} cores. \
+         Times are medians; `*` marks the fastest codec for each link and guest.\n",
+        meta.link, meta.channels, meta.repeats, meta.cores
+    );
+    let _ = writeln!(md, "```\n{}```\n", table(cells));
+    md.push_str("## Winners\n\n| guest | link | codec | total | downtime | wire bytes | ratio | CPU source / destination |\n|---|---|---|---|---|---|---|---|\n");
+    for c in cells.iter().filter(|c| c.winner) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} / {:.0} ms |",
+            c.guest,
+            link_label(c.link_bps),
+            c.codec,
+            ms_text(c.total_ms),
+            c.downtime_ms
+                .map_or("-".into(), |s| format!("{:.1} ms", s.median)),
+            crate::units::Bytes(c.wire_bytes),
+            c.compression_ratio,
+            c.cpu_ms.source,
+            c.cpu_ms.destination
+        );
+    }
+    let failed: Vec<&Cell> = cells.iter().filter(|c| c.failures > 0).collect();
+    if !failed.is_empty() {
+        md.push_str("\n## Failures\n\n");
+        for c in failed {
+            let _ = writeln!(
+                md,
+                "- {} on {} for {}: {} of {} runs failed",
+                c.codec,
+                link_label(c.link_bps),
+                c.guest,
+                c.failures,
+                c.failures + c.repeats
+            );
+        }
+    }
+    std::fs::write(dir.join("report.md"), md)
+}
+
+#[cfg(feature = "net")]
+/// Runs one cell's migrations over loopback with ferry's cap as the link.
+/// `guest` is reused across repeats: it is resumed before each and left
+/// paused by each (the destination's copy is dropped).
+pub fn run_cell(
+    guest: &std::sync::Arc<crate::memory::SyntheticGuest>,
+    codec: Codec,
+    link_bps: Option<u64>,
+    channels: u16,
+    repeats: u32,
+    mut after_each: impl FnMut(),
+) -> Vec<Report> {
+    use crate::migration::{migrate_over_loopback, MigrationConfig, ReceiverConfig, RunContext};
+    let config = MigrationConfig {
+        codec,
+        channels,
+        max_bandwidth: link_bps,
+        leave_paused: true,
+        ..MigrationConfig::default()
+    };
+    (0..repeats)
+        .map(|_| {
+            guest.resume();
+            // Let a busy workload reach its steady state.
+            if guest.workload().pattern != WorkloadPattern::Idle {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let report = match migrate_over_loopback(
+                guest.clone(),
+                &config,
+                RunContext::default(),
+                ReceiverConfig::default(),
+            ) {
+                Ok((report, _incoming)) => report,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep run failed to start");
+                    let mut r = failed_report(codec, link_bps, channels);
+                    r.error = Some(e.to_string());
+                    r
+                }
+            };
+            if report.outcome != Outcome::Completed {
+                // A failed run leaves the guest running on the source.
+                guest.pause();
+            }
+            after_each();
+            report
+        })
+        .collect()
+}
+
+#[cfg(feature = "net")]
+fn failed_report(codec: Codec, link_bps: Option<u64>, channels: u16) -> Report {
+    Report {
+        side: crate::migration::Side::Source,
+        outcome: Outcome::Failed,
+        error: None,
+        guest_location: "source",
+        verified: false,
+        verify: crate::wire::VerifyMode::Fast,
+        verify_ms: 0.0,
+        memory_bytes: 0,
+        pages: Default::default(),
+        rounds: 0,
+        total_ms: 0.0,
+        setup_ms: 0.0,
+        downtime_ms: 0.0,
+        guest_bytes_sent: 0,
+        wire_bytes: 0,
+        compression_ratio: 1.0,
+        throughput_guest_bps: 0.0,
+        throughput_wire_bps: 0.0,
+        dirty_rate_bps: 0.0,
+        throttle_pct_max: 0,
+        channels,
+        codec: codec.to_string(),
+        max_bandwidth_bps: link_bps,
+        cpu_ms: Default::default(),
+        guest: crate::wire::GuestKind::Sim,
+        session_id: String::new(),
+        round_log: vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::{CpuMs, PageCounts, Side};
+    use crate::wire::{GuestKind, VerifyMode};
+
+    fn report(total: f64, downtime: f64, outcome: Outcome) -> Report {
+        Report {
+            side: Side::Source,
+            outcome,
+            error: None,
+            guest_location: "destination",
+            verified: true,
+            verify: VerifyMode::Fast,
+            verify_ms: 0.1,
+            memory_bytes: 1 << 20,
+            pages: PageCounts::default(),
+            rounds: 2,
+            total_ms: total,
+            setup_ms: 1.0,
+            downtime_ms: downtime,
+            guest_bytes_sent: 1 << 20,
+            wire_bytes: 500_000,
+            compression_ratio: 2.0,
+            throughput_guest_bps: 1e8,
+            throughput_wire_bps: 5e7,
+            dirty_rate_bps: 0.0,
+            throttle_pct_max: 0,
+            channels: 4,
+            codec: "lz4".into(),
+            max_bandwidth_bps: None,
+            cpu_ms: CpuMs {
+                source: Some(10.0),
+                destination: Some(5.0),
+            },
+            guest: GuestKind::Sim,
+            session_id: String::new(),
+            round_log: vec![],
+        }
+    }
+
+    #[test]
+    fn summaries_take_medians_of_completed_runs() {
+        let runs = [
+            report(100.0, 5.0, Outcome::Completed),
+            report(300.0, 7.0, Outcome::Completed),
+            report(200.0, 6.0, Outcome::Completed),
+            report(1.0, 1.0, Outcome::Failed),
+        ];
+        let c = summarize("lz4", Some(125_000_000), "idle-mix", &runs);
+        assert_eq!(c.repeats, 3);
+        assert_eq!(c.failures, 1);
+        assert_eq!(
+            c.total_ms,
+            Some(Spread {
+                median: 200.0,
+                min: 100.0,
+                max: 300.0
+            })
+        );
+        assert_eq!(c.downtime_ms.unwrap().median, 6.0);
+        assert_eq!(
+            c.cpu_ms,
+            CellCpu {
+                source: 10.0,
+                destination: 5.0
+            }
+        );
+        assert_eq!(c.compression_ratio, 2.0);
+        let none = summarize("lz4", None, "g", &[report(1.0, 1.0, Outcome::Failed)]);
+        assert_eq!(none.total_ms, None);
+    }
+
+    fn cell(codec: &str, link: Option<u64>, guest: &str, total: f64, failures: u32) -> Cell {
+        let mut c = summarize(
+            codec,
+            link,
+            guest,
+            &[report(total, 5.0, Outcome::Completed)],
+        );
+        c.failures = failures;
+        c
+    }
+
+    #[test]
+    fn one_winner_per_link_and_guest_and_never_a_failing_cell() {
+        let mut cells = vec![
+            cell("none", None, "a", 100.0, 0),
+            cell("lz4", None, "a", 150.0, 0),
+            cell("none", Some(1), "a", 900.0, 0),
+            cell("lz4", Some(1), "a", 400.0, 0),
+            cell("zstd:1", Some(1), "a", 300.0, 1), // fastest but one run failed
+            cell("none", Some(1), "b", 50.0, 0),
+        ];
+        mark_winners(&mut cells);
+        let winners: Vec<(&str, Option<u64>, &str)> = cells
+            .iter()
+            .filter(|c| c.winner)
+            .map(|c| (c.codec.as_str(), c.link_bps, c.guest.as_str()))
+            .collect();
+        assert_eq!(
+            winners,
+            [
+                ("none", None, "a"),
+                ("lz4", Some(1), "a"),
+                ("none", Some(1), "b")
+            ]
+        );
+        let t = table(&cells);
+        assert!(
+            t.contains("guest a") && t.contains("guest b") && t.contains("unlimited"),
+            "{t}"
+        );
+        assert!(t.contains("400 ms *"), "{t}");
+    }
+
+    #[test]
+    fn link_labels() {
+        assert_eq!(link_label(None), "unlimited");
+        assert_eq!(link_label(Some(125_000_000)), "1Gbit/s");
+        assert_eq!(link_label(Some(12_500_000)), "100Mbit/s");
+        assert_eq!(link_label(Some(1_000_001)), "1.00 MB/s");
+    }
+
+    #[test]
+    fn outputs_are_written_and_parse() {
+        let mut cells = vec![
+            cell("none", None, "a", 100.0, 0),
+            cell("lz4", None, "a", 150.0, 0),
+        ];
+        mark_winners(&mut cells);
+        let dir = std::env::temp_dir().join(format!("ferry-sweep-{}", std::process::id()));
+        let meta = SweepMeta {
+            link: "cap".into(),
+            channels: 4,
+            repeats: 1,
+            cores: 2,
+            unix_time: 0,
+        };
+        write_outputs(&dir, &meta, &cells).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+                .unwrap();
+        let c = &v["cells"][0];
+        for key in [
+            "codec",
+            "link_bps",
+            "guest",
+            "repeats",
+            "total_ms",
+            "downtime_ms",
+            "wire_bytes",
+            "compression_ratio",
+            "cpu_ms",
+            "winner",
+        ] {
+            assert!(c.get(key).is_some(), "cell lacks {key}");
+        }
+        assert!(c["link_bps"].is_null());
+        assert_eq!(c["total_ms"]["median"], 100.0);
+        assert_eq!(c["cpu_ms"]["source"], 10.0);
+        assert_eq!(c["winner"], true);
+        let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 3);
+        assert!(csv
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("none,,a,1,0,100.000"));
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(md.contains("| a | unlimited | none |"), "{md}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
