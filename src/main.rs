@@ -965,9 +965,12 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
         };
         write_outputs(dir, &meta, &cells)
             .with_context(|| format!("writing results to {}", dir.display()))?;
+        let charts = ferry::bench::charts::write_charts(dir, &cells)
+            .map_err(|e| anyhow::anyhow!("drawing charts in {}: {e}", dir.display()))?;
         if !a.json {
             eprintln!(
-                "wrote results.json, results.csv and report.md to {}",
+                "wrote results.json, results.csv, report.md and {} charts to {}",
+                charts.len(),
                 dir.display()
             );
         }

@@ -414,5 +414,18 @@ fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
     assert!(std::fs::read_to_string(dir.join("report.md"))
         .unwrap()
         .contains("## Winners"));
+    // Charts, as SVG and PNG, for the one guest.
+    for chart in ["total-time", "wire-bytes", "cpu"] {
+        let svg = std::fs::read_to_string(dir.join(format!("{chart}-8MiB-idle.svg"))).unwrap();
+        assert!(
+            svg.contains("<svg") && svg.contains("<text"),
+            "{chart}.svg has text"
+        );
+        let png = std::fs::read(dir.join(format!("{chart}-8MiB-idle.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{chart}.png"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

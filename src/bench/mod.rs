@@ -2,6 +2,8 @@
 //! core) and, with the `net` feature, the raw TCP ceiling of a path.
 
 #[cfg(feature = "net")]
+pub mod charts;
+#[cfg(feature = "net")]
 mod link;
 pub mod sweep;
 

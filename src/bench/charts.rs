@@ -1,0 +1,281 @@
+//! The sweep's charts, as SVG and PNG: per guest, total time against link
+//! speed for each codec, and wire bytes and CPU time per codec. Text is drawn
+//! from a bundled font, so the PNGs render on machines with no fonts.
+
+use super::sweep::{link_label, Cell};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+const SIZE: (u32, u32) = (900, 560);
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bundled font is valid TrueType: registration cannot fail on it.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn ordered<T: PartialEq + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+fn total_time<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    guest: &str,
+    cells: &[&Cell],
+) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let mut links = ordered(cells.iter().map(|c| c.link_bps));
+    links.sort_by_key(|l| l.unwrap_or(u64::MAX));
+    let codecs = ordered(cells.iter().map(|c| c.codec.clone()));
+    let times: Vec<f64> = cells
+        .iter()
+        .filter_map(|c| c.total_ms.map(|s| s.median))
+        .collect();
+    let lo = times.iter().cloned().fold(f64::INFINITY, f64::min).max(0.1) / 1.5;
+    let hi = times.iter().cloned().fold(0.0, f64::max).max(lo * 2.0) * 1.5;
+    let n = links.len() as i32;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("total time by link speed: {guest}"),
+            ("sans-serif", 24),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo..hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_labels(links.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < links.len() {
+                link_label(links[i as usize])
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("total time, ms (log)")
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()?;
+    for (k, codec) in codecs.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let points: Vec<(f64, f64)> = links
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                cells
+                    .iter()
+                    .find(|c| &c.codec == codec && c.link_bps == *l)
+                    .and_then(|c| c.total_ms)
+                    .map(|s| (i as f64, s.median))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(codec.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Bars per codec; `values` gives each codec's stacked parts and their names.
+fn bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    y_desc: &str,
+    codecs: &[String],
+    parts: &[&str],
+    values: &[Vec<f64>],
+) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let max = values
+        .iter()
+        .map(|v| v.iter().sum::<f64>())
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.15;
+    let n = codecs.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.5f64..(n - 0.5), 0.0..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(codecs.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < codecs.len() {
+                codecs[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()?;
+    for (p, name) in parts.iter().enumerate() {
+        let color = PALETTE[p % PALETTE.len()];
+        let rects: Vec<Rectangle<(f64, f64)>> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let base: f64 = v[..p].iter().sum();
+                let x = i as f64;
+                Rectangle::new([(x - 0.3, base), (x + 0.3, base + v[p])], color.filled())
+            })
+            .collect();
+        chart
+            .draw_series(rects)?
+            .label(name.to_string())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    if parts.len() > 1 {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes the charts for `cells` into `dir`; returns the files written.
+pub fn write_charts(dir: &Path, cells: &[Cell]) -> DrawResult<Vec<PathBuf>> {
+    register_font();
+    let mut written = Vec::new();
+    for guest in ordered(cells.iter().map(|c| c.guest.clone())) {
+        let of_guest: Vec<&Cell> = cells.iter().filter(|c| c.guest == guest).collect();
+        let codecs = ordered(of_guest.iter().map(|c| c.codec.clone()));
+        // Wire bytes and CPU: the median over the link speeds of each codec's cells.
+        let per_codec = |f: &dyn Fn(&Cell) -> f64| -> Vec<f64> {
+            codecs
+                .iter()
+                .map(|k| {
+                    let v: Vec<f64> = of_guest
+                        .iter()
+                        .filter(|c| &c.codec == k && c.repeats > 0)
+                        .map(|c| f(c))
+                        .collect();
+                    super::Spread::of(&v).map_or(0.0, |s| s.median)
+                })
+                .collect()
+        };
+        let wire: Vec<Vec<f64>> = per_codec(&|c| c.wire_bytes as f64 / (1 << 20) as f64)
+            .into_iter()
+            .map(|v| vec![v])
+            .collect();
+        let src = per_codec(&|c| c.cpu_ms.source);
+        let dst = per_codec(&|c| c.cpu_ms.destination);
+        let cpu: Vec<Vec<f64>> = src.iter().zip(&dst).map(|(s, d)| vec![*s, *d]).collect();
+        let g = slug(&guest);
+        for (name, draw) in [("total-time", 0usize), ("wire-bytes", 1), ("cpu", 2)] {
+            let svg = dir.join(format!("{name}-{g}.svg"));
+            let png = dir.join(format!("{name}-{g}.png"));
+            let title_wire = format!("wire bytes per codec: {guest}");
+            let title_cpu = format!("CPU time per codec: {guest}");
+            {
+                let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
+                match draw {
+                    0 => total_time(root, &guest, &of_guest)?,
+                    1 => bars(
+                        root,
+                        &title_wire,
+                        "MiB on the wire (median over links)",
+                        &codecs,
+                        &["wire"],
+                        &wire,
+                    )?,
+                    _ => bars(
+                        root,
+                        &title_cpu,
+                        "CPU ms (median over links)",
+                        &codecs,
+                        &["source", "destination"],
+                        &cpu,
+                    )?,
+                }
+            }
+            {
+                let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
+                match draw {
+                    0 => total_time(root, &guest, &of_guest)?,
+                    1 => bars(
+                        root,
+                        &title_wire,
+                        "MiB on the wire (median over links)",
+                        &codecs,
+                        &["wire"],
+                        &wire,
+                    )?,
+                    _ => bars(
+                        root,
+                        &title_cpu,
+                        "CPU ms (median over links)",
+                        &codecs,
+                        &["source", "destination"],
+                        &cpu,
+                    )?,
+                }
+            }
+            written.push(svg);
+            written.push(png);
+        }
+    }
+    Ok(written)
+}
