@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry::codec::Codec;
+use ferry::codec::{Codec, CodecChoice};
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
 use ferry::migration::{
@@ -60,9 +60,9 @@ struct SweepArgs {
     /// each, default 256MiB).
     #[arg(long, value_parser = ["standard"])]
     guest_set: Option<String>,
-    /// Codecs to compare.
-    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3", value_parser = codec_list_arg)]
-    codecs: CodecList,
+    /// Codecs to compare (`auto` included).
+    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3,auto", value_parser = choice_list_arg)]
+    codecs: ChoiceList,
     /// Link speeds, emulated with ferry's bandwidth cap (`unlimited` for none).
     #[arg(long, default_value = "100Mbit,1Gbit,10Gbit,unlimited", value_parser = link_list_arg)]
     bandwidth: LinkList,
@@ -122,6 +122,27 @@ fn codec_list_arg(s: &str) -> Result<CodecList, String> {
         return Err("no codec given".into());
     }
     Ok(CodecList(v))
+}
+
+/// A comma-separated list of codecs or `auto`, each with its label as given.
+#[derive(Debug, Clone)]
+struct ChoiceList(Vec<(String, CodecChoice)>);
+
+fn choice_list_arg(s: &str) -> Result<ChoiceList, String> {
+    let v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<CodecChoice>()
+                .map(|codec| (c.to_string(), codec))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("no codec given".into());
+    }
+    Ok(ChoiceList(v))
 }
 
 /// A comma-separated list of link speeds; `unlimited` for no cap.
@@ -214,9 +235,10 @@ struct MigrateArgs {
     /// TCP channels (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     channels: u16,
-    /// Batch codec: none, lz4, zstd[:level].
+    /// Batch codec: none, lz4, zstd[:level], or auto (chosen per batch from the
+    /// measured link rate and codec speeds).
     #[arg(long, default_value = "lz4")]
-    codec: Codec,
+    codec: CodecChoice,
     /// Cap on wire bytes/s across all channels, switchover included (e.g. 1Gbit/s).
     #[arg(long, default_value = "unlimited", value_parser = bandwidth_arg)]
     max_bandwidth: Bandwidth,

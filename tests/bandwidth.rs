@@ -38,7 +38,7 @@ fn the_cap_holds_within_five_percent_over_every_two_second_window() {
         })
     };
     let config = MigrationConfig {
-        codec: Codec::Lz4, // random pages do not compress: they go raw
+        codec: Codec::Lz4.into(), // random pages do not compress: they go raw
         max_bandwidth: Some(CAP),
         ..MigrationConfig::default()
     };

@@ -429,3 +429,31 @@ fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn demo_with_the_auto_codec() {
+    let out = ferry()
+        .args([
+            "demo",
+            "--memory",
+            "16MiB",
+            "--workload",
+            "idle",
+            "--codec",
+            "auto",
+            "--max-bandwidth",
+            "200MB/s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = parse_report(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(r["codec"], "auto");
+    assert_usage_error(&["demo", "--codec", "auto:3"], "auto:3");
+}

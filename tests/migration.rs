@@ -32,7 +32,7 @@ fn every_codec_moves_memory_byte_for_byte() {
             &g,
             MigrationConfig {
                 channels: 4,
-                codec,
+                codec: codec.into(),
                 ..MigrationConfig::default()
             },
         );
@@ -164,7 +164,7 @@ fn fast_dirtier() -> std::sync::Arc<ferry::memory::SyntheticGuest> {
 /// only throttling can bring the estimate under the limit.
 fn capped(auto_converge: bool, timeout: Option<Duration>) -> MigrationConfig {
     MigrationConfig {
-        codec: Codec::None,
+        codec: Codec::None.into(),
         max_bandwidth: Some(40_000_000),
         downtime_limit: Duration::from_millis(50),
         auto_converge,
@@ -299,5 +299,39 @@ fn cancelling_mid_migration_leaves_the_guest_on_the_source() {
         src.total_ms < 2000.0,
         "cancelled promptly: {} ms",
         src.total_ms
+    );
+}
+
+#[test]
+fn auto_picks_compression_on_a_slow_link_and_moves_memory_byte_for_byte() {
+    let _serial = serial();
+    let g = guest(
+        64 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Hot { bytes: 4 * MIB },
+        10_000_000,
+    );
+    let (src, dst) = migrate_paused(
+        &g,
+        MigrationConfig {
+            codec: ferry::codec::CodecChoice::Auto,
+            max_bandwidth: Some(25_000_000),
+            ..MigrationConfig::default()
+        },
+    );
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert_eq!(src.codec, "auto");
+    assert_eq!(dst.report.codec, "auto");
+    assert_eq!(
+        first_difference(g.memory(), dst.memory.as_ref().unwrap()),
+        None
+    );
+    // On a 25 MB/s link the realistic mix is worth compressing: after one raw
+    // batch to measure `none`, nearly every batch is compressed.
+    assert!(src.pages.compressed > 10 * src.pages.raw, "{:?}", src.pages);
+    assert!(
+        src.compression_ratio > 2.0,
+        "ratio {}",
+        src.compression_ratio
     );
 }

@@ -6,7 +6,7 @@
 //! tested on its own; [`run_cell`] does the migrating.
 
 use super::Spread;
-use crate::codec::Codec;
+use crate::codec::CodecChoice;
 use crate::memory::{ContentKind, FillSpec, WorkloadPattern};
 use crate::migration::{Outcome, Report};
 use serde::Serialize;
@@ -94,8 +94,8 @@ impl GuestSpec {
 /// What the grid is made of.
 #[derive(Debug, Clone)]
 pub struct SweepPlan {
-    /// Codecs, with the label the user gave.
-    pub codecs: Vec<(String, Codec)>,
+    /// Codecs (or `auto`), with the label the user gave.
+    pub codecs: Vec<(String, CodecChoice)>,
     /// Link speeds in bytes/s; `None` is unlimited.
     pub links: Vec<Option<u64>>,
     /// Guests.
@@ -395,7 +395,7 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
 /// paused by each (the destination's copy is dropped).
 pub fn run_cell(
     guest: &std::sync::Arc<crate::memory::SyntheticGuest>,
-    codec: Codec,
+    codec: CodecChoice,
     link_bps: Option<u64>,
     channels: u16,
     repeats: u32,
@@ -441,7 +441,7 @@ pub fn run_cell(
 }
 
 #[cfg(feature = "net")]
-fn failed_report(codec: Codec, link_bps: Option<u64>, channels: u16) -> Report {
+fn failed_report(codec: CodecChoice, link_bps: Option<u64>, channels: u16) -> Report {
     Report {
         side: crate::migration::Side::Source,
         outcome: Outcome::Failed,

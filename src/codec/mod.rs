@@ -1,6 +1,10 @@
 //! Page codecs: zero-page detection and the batch payload compressors (none,
 //! lz4, zstd at a level).
 
+mod auto;
+
+pub use auto::{AutoChooser, CANDIDATES, PROBE_EVERY};
+
 use bytes::BytesMut;
 use std::cell::RefCell;
 use std::fmt;
@@ -23,6 +27,54 @@ pub enum Codec {
         level: i32,
     },
 }
+
+/// What a migration is asked to compress with: one codec throughout, or
+/// `auto`, which picks per batch from live measurements ([`AutoChooser`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CodecChoice {
+    /// The same codec for every batch.
+    Fixed(Codec),
+    /// Chosen per batch.
+    Auto,
+}
+
+impl Default for CodecChoice {
+    fn default() -> Self {
+        Self::Fixed(Codec::Lz4)
+    }
+}
+
+impl From<Codec> for CodecChoice {
+    fn from(c: Codec) -> Self {
+        Self::Fixed(c)
+    }
+}
+
+impl FromStr for CodecChoice {
+    type Err = CodecParseError;
+
+    fn from_str(s: &str) -> Result<Self, CodecParseError> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            other => other
+                .parse::<Codec>()
+                .map(Self::Fixed)
+                .map_err(|_| CodecParseError(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for CodecChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(c) => c.fmt(f),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+/// The session-setup value that announces `auto` (batches still name their own codec).
+pub const SETUP_CODEC_AUTO: u8 = 3;
 
 /// The codec of a batch as it travels: the wire carries the id, not the level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,7 +118,7 @@ impl Codec {
 
 /// Why a codec name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid codec {0:?}: use none, lz4 or zstd[:level] with level 1..=22")]
+#[error("invalid codec {0:?}: use none, lz4, zstd[:level] with level 1..=22, or auto")]
 pub struct CodecParseError(String);
 
 impl FromStr for Codec {
@@ -259,6 +311,17 @@ mod tests {
         assert!("zstd:23".parse::<Codec>().is_err());
         assert!("gzip".parse::<Codec>().is_err());
         assert_eq!(Codec::Zstd { level: 1 }.to_string(), "zstd:1");
+        assert_eq!("auto".parse::<CodecChoice>().unwrap(), CodecChoice::Auto);
+        assert_eq!(
+            "zstd:2".parse::<CodecChoice>().unwrap(),
+            CodecChoice::Fixed(Codec::Zstd { level: 2 })
+        );
+        assert!("auto:3".parse::<CodecChoice>().is_err());
+        assert_eq!(CodecChoice::Auto.to_string(), "auto");
+        assert!(
+            "auto".parse::<Codec>().is_err(),
+            "a batch codec is concrete"
+        );
     }
 
     #[test]

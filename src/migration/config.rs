@@ -4,7 +4,7 @@ use super::policy::{
     completion_timeout_for, AutoConverge, ConvergencePolicy, DEFAULT_DOWNTIME_LIMIT,
     DEFAULT_PROGRESS_TIMEOUT, DEFAULT_SWITCHOVER_FLOOR,
 };
-use crate::codec::Codec;
+use crate::codec::{Codec, CodecChoice};
 use crate::wire::VerifyMode;
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ pub const DEFAULT_INITIAL_CREDITS: u16 = 4;
 pub struct MigrationConfig {
     /// TCP connections, 1 to 64. Default: 4.
     pub channels: u16,
-    /// The batch codec. Default: lz4.
-    pub codec: Codec,
+    /// The batch codec, or `auto`. Default: lz4.
+    pub codec: CodecChoice,
     /// Bytes/s on the wire across all channels, switchover included. Default: none.
     pub max_bandwidth: Option<u64>,
     /// The pause to aim under. Default: 300 ms.
@@ -47,7 +47,7 @@ impl Default for MigrationConfig {
     fn default() -> Self {
         Self {
             channels: DEFAULT_CHANNELS,
-            codec: Codec::Lz4,
+            codec: CodecChoice::Fixed(Codec::Lz4),
             max_bandwidth: None,
             downtime_limit: DEFAULT_DOWNTIME_LIMIT,
             verify: VerifyMode::Fast,

@@ -599,6 +599,7 @@ impl Session {
         tally.guest_kind = Some(setup.guest_kind);
         tally.max_bandwidth = (setup.max_bandwidth > 0).then_some(setup.max_bandwidth);
         tally.codec = match CodecId::from_u8(setup.codec) {
+            None if setup.codec == crate::codec::SETUP_CODEC_AUTO => "auto".into(),
             Some(CodecId::Zstd) => format!("zstd:{}", setup.codec_level),
             Some(CodecId::Lz4) => "lz4".into(),
             _ => "none".into(),

@@ -13,7 +13,7 @@ use super::policy::{Convergence, Decision, RoundStats};
 use super::progress::{Phase, RunContext};
 use super::report::{round3, CpuMs, Outcome, PageCounter, PageCounts, Report, RoundLog, Side};
 use super::{MigratableGuest, MigrationConfig, MigrationError};
-use crate::codec::{is_zero_page, Codec};
+use crate::codec::{is_zero_page, AutoChooser, Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, PAGE_SIZE};
 use crate::transport::{connect, FrameReader, FrameWriter, TokenBucket};
@@ -49,7 +49,12 @@ enum Event {
 struct Shared {
     guest: Arc<dyn MigratableGuest>,
     hashes: PageHashes,
-    codec: Codec,
+    codec: CodecChoice,
+    /// With `auto`: the chooser, and the measured rate at which the sockets
+    /// absorb bytes (per channel, a moving average) when no cap sets the link.
+    chooser: Mutex<AutoChooser>,
+    capped: bool,
+    socket_bps: Mutex<Option<f64>>,
     session_id: u64,
     next_msg: AtomicU64,
     jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
@@ -80,9 +85,22 @@ impl Shared {
     fn encode(&self, job: &Job) -> Result<EncodedBatch, MigrationError> {
         let mem = self.guest.memory();
         let zero_hash = zero_page_hash();
+        let codec = match self.codec {
+            CodecChoice::Fixed(c) => c,
+            CodecChoice::Auto => {
+                let mut chooser = self.chooser.lock().unwrap();
+                if !self.capped {
+                    if let Some(bps) = *self.socket_bps.lock().unwrap() {
+                        chooser.set_link_rate(bps * self.writers.len() as f64);
+                    }
+                }
+                chooser.pick()
+            }
+        };
+        let t = std::time::Instant::now();
         let batch = ENCODER.with(|e| {
             e.borrow_mut()
-                .encode(job.round, self.codec, &job.runs, |page, buf| {
+                .encode(job.round, codec, &job.runs, |page, buf| {
                     mem.read_page(page, buf);
                     let zero = is_zero_page(buf);
                     self.hashes
@@ -90,7 +108,27 @@ impl Shared {
                     zero
                 })
         })?;
+        if self.codec == CodecChoice::Auto && batch.zero < batch.pages {
+            // What this codec cost and gave on these pages, fallback to raw included.
+            let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
+            let secs = t.elapsed().as_secs_f64();
+            self.chooser
+                .lock()
+                .unwrap()
+                .record(codec, guest, batch.payload.len() as u64, secs);
+        }
         Ok(batch)
+    }
+
+    /// Records how fast a channel's socket took a frame (no cap in the way).
+    fn record_socket(&self, bytes: usize, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        if self.capped || self.codec != CodecChoice::Auto || secs <= 0.0 || bytes < 64 << 10 {
+            return;
+        }
+        let rate = bytes as f64 / secs;
+        let mut avg = self.socket_bps.lock().unwrap();
+        *avg = Some(avg.map_or(rate, |a| a + 0.2 * (rate - a)));
     }
 
     async fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
@@ -129,11 +167,11 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
                 .lock()
                 .unwrap()
                 .insert(header.message_id, batch.pages);
-            sh.writers[ch as usize]
-                .lock()
-                .await
-                .send_raw(&header, &batch.payload)
-                .await?;
+            let mut writer = sh.writers[ch as usize].lock().await;
+            let t = std::time::Instant::now();
+            writer.send_raw(&header, &batch.payload).await?;
+            sh.record_socket(batch.payload.len(), t.elapsed());
+            drop(writer);
             sh.counts.add(
                 batch.pages.into(),
                 batch.zero.into(),
@@ -512,14 +550,18 @@ async fn run(
         _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
         c = connect_one(0) => c?,
     };
-    let codec_id = config.codec.id();
+    // With auto every codec may be used: the destination must decode them all.
+    let needed = match config.codec {
+        CodecChoice::Fixed(c) => c.id().bit() | CodecId::None.bit(),
+        CodecChoice::Auto => CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit(),
+    };
     wr0.send(
         Header::new(Command::Negotiate),
         &Message::Negotiate(Negotiate {
             min_version: VERSION,
             max_version: VERSION,
             capabilities: 0,
-            codecs: codec_id.bit() | crate::codec::CodecId::None.bit(),
+            codecs: needed,
             page_size: PAGE_SIZE as u32,
         }),
     )
@@ -532,7 +574,7 @@ async fn run(
                     r.version, r.page_size
                 )));
             }
-            if r.codecs & codec_id.bit() == 0 {
+            if r.codecs & needed != needed {
                 return Err(MigrationError::Incompatible(format!(
                     "destination cannot decode {}",
                     config.codec
@@ -546,16 +588,17 @@ async fn run(
             )))
         }
     }
-    let level = match config.codec {
-        Codec::Zstd { level } => level as i8,
-        _ => 0,
+    let (setup_codec, level) = match config.codec {
+        CodecChoice::Fixed(Codec::Zstd { level }) => (CodecId::Zstd as u8, level as i8),
+        CodecChoice::Fixed(c) => (c.id() as u8, 0),
+        CodecChoice::Auto => (SETUP_CODEC_AUTO, 0),
     };
     wr0.send(
         Header::new(Command::SessionSetup),
         &Message::SessionSetup(SessionSetup {
             memory_bytes,
             channels: config.channels,
-            codec: codec_id as u8,
+            codec: setup_codec,
             codec_level: level,
             guest_kind: guest.kind(),
             verify: config.verify,
@@ -651,6 +694,16 @@ async fn run(
         guest: guest.clone(),
         hashes: PageHashes::new(pages),
         codec: config.codec,
+        chooser: Mutex::new({
+            let mut c =
+                AutoChooser::new(std::thread::available_parallelism().map_or(1, |n| n.get()));
+            if let Some(cap) = config.max_bandwidth {
+                c.set_link_rate(cap as f64);
+            }
+            c
+        }),
+        capped: config.max_bandwidth.is_some(),
+        socket_bps: Mutex::new(None),
         session_id,
         next_msg: AtomicU64::new(1),
         jobs: tokio::sync::Mutex::new(jobs_rx),

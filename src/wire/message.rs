@@ -125,7 +125,8 @@ pub struct SessionSetup {
     pub memory_bytes: u64,
     /// Channels the source will open, this one included.
     pub channels: u16,
-    /// The codec the source sends with (informational: each batch names its own).
+    /// The codec the source sends with: a `CodecId`, or 3 for `auto`
+    /// (informational: each batch names its own).
     pub codec: u8,
     /// The zstd level, when the codec is zstd.
     pub codec_level: i8,
@@ -406,7 +407,9 @@ impl Message {
                     });
                 }
                 let codec = r.u8("setup.codec")?;
-                if crate::codec::CodecId::from_u8(codec).is_none() {
+                if crate::codec::CodecId::from_u8(codec).is_none()
+                    && codec != crate::codec::SETUP_CODEC_AUTO
+                {
                     return Err(DecodeError::Invalid {
                         field: "setup.codec",
                     });
