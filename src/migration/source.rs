@@ -70,6 +70,7 @@ struct Shared {
 
 thread_local! {
     static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
+    static PROBE_OUT: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
 }
 
 impl Shared {
@@ -85,8 +86,8 @@ impl Shared {
     fn encode(&self, job: &Job) -> Result<EncodedBatch, MigrationError> {
         let mem = self.guest.memory();
         let zero_hash = zero_page_hash();
-        let codec = match self.codec {
-            CodecChoice::Fixed(c) => c,
+        let (codec, probe) = match self.codec {
+            CodecChoice::Fixed(c) => (c, false),
             CodecChoice::Auto => {
                 let mut chooser = self.chooser.lock().unwrap();
                 if !self.capped {
@@ -97,27 +98,46 @@ impl Shared {
                 chooser.pick()
             }
         };
-        let t = std::time::Instant::now();
-        let batch = ENCODER.with(|e| {
-            e.borrow_mut()
-                .encode(job.round, codec, &job.runs, |page, buf| {
-                    mem.read_page(page, buf);
-                    let zero = is_zero_page(buf);
-                    self.hashes
-                        .set(page, if zero { zero_hash } else { page_hash(buf) });
-                    zero
-                })
-        })?;
-        if self.codec == CodecChoice::Auto && batch.zero < batch.pages {
-            // What this codec cost and gave on these pages, fallback to raw included.
-            let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
-            let secs = t.elapsed().as_secs_f64();
-            self.chooser
-                .lock()
-                .unwrap()
-                .record(codec, guest, batch.payload.len() as u64, secs);
-        }
-        Ok(batch)
+        ENCODER.with(|e| {
+            let mut enc = e.borrow_mut();
+            let t = std::time::Instant::now();
+            let batch = enc.encode(job.round, codec, &job.runs, |page, buf| {
+                mem.read_page(page, buf);
+                let zero = is_zero_page(buf);
+                self.hashes
+                    .set(page, if zero { zero_hash } else { page_hash(buf) });
+                zero
+            })?;
+            if self.codec == CodecChoice::Auto {
+                let secs = t.elapsed().as_secs_f64();
+                let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
+                let nonzero = u64::from(batch.pages - batch.zero) * PAGE_SIZE as u64;
+                // Measure the other candidates on a sample of these pages.
+                let mut samples = Vec::new();
+                let sample = enc.sample(&batch, crate::codec::PROBE_BYTES);
+                if probe && !sample.is_empty() {
+                    PROBE_OUT.with(|out| {
+                        let mut out = out.borrow_mut();
+                        for &c in crate::codec::CANDIDATES
+                            .iter()
+                            .filter(|&&c| c != codec && c != Codec::None)
+                        {
+                            out.clear();
+                            let t = std::time::Instant::now();
+                            if let Ok(n) = crate::codec::compress(c, sample, &mut out) {
+                                samples.push((c, n as u64, t.elapsed().as_secs_f64()));
+                            }
+                        }
+                    });
+                }
+                let mut chooser = self.chooser.lock().unwrap();
+                chooser.record_batch(codec, guest, nonzero, batch.data_bytes as u64, secs);
+                for (c, n, secs) in samples {
+                    chooser.record_sample(c, sample.len() as u64, n, secs);
+                }
+            }
+            Ok(batch)
+        })
     }
 
     /// Records how fast a channel's socket took a frame (no cap in the way).
@@ -695,8 +715,10 @@ async fn run(
         hashes: PageHashes::new(pages),
         codec: config.codec,
         chooser: Mutex::new({
-            let mut c =
-                AutoChooser::new(std::thread::available_parallelism().map_or(1, |n| n.get()));
+            // The host's cores also run guests (and, on loopback, the
+            // destination): count on half of them for encoding.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let mut c = AutoChooser::new((cores / 2).max(1));
             if let Some(cap) = config.max_bandwidth {
                 c.set_link_rate(cap as f64);
             }

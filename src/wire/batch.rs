@@ -243,6 +243,8 @@ pub struct EncodedBatch {
     pub raw: u32,
     /// Pages sent compressed.
     pub compressed: u32,
+    /// Bytes of page data in the payload (after the runs and the zero bitmap).
+    pub data_bytes: usize,
 }
 
 /// Builds page batches. Raw pages go straight from guest memory into the
@@ -357,7 +359,23 @@ impl BatchEncoder {
             zero,
             raw,
             compressed,
+            data_bytes: data_len,
         })
+    }
+
+    /// Up to `max` bytes of the last batch's non-zero pages, uncompressed: a
+    /// sample for measuring other codecs on the pages being sent now.
+    pub fn sample<'a>(&'a self, batch: &'a EncodedBatch, max: usize) -> &'a [u8] {
+        if !self.pages.is_empty() {
+            // Compressed (or tried and sent raw): the pages were staged.
+            &self.pages[..max.min(self.pages.len())]
+        } else if batch.compressed == 0 {
+            // Raw: the pages are the payload's data.
+            let data = &batch.payload[batch.payload.len() - batch.data_bytes..];
+            &data[..max.min(data.len())]
+        } else {
+            &[]
+        }
     }
 }
 
