@@ -103,25 +103,33 @@ struct LinkArgs {
     json: bool,
 }
 
-/// A comma-separated list of codecs, each with the label it was given as.
-#[derive(Debug, Clone)]
-struct CodecList(Vec<(String, Codec)>);
-
-fn codec_list_arg(s: &str) -> Result<CodecList, String> {
+/// Parses a comma-separated list, keeping each item's text as given.
+fn labelled_list<T: std::str::FromStr>(s: &str) -> Result<Vec<(String, T)>, String>
+where
+    T::Err: std::fmt::Display,
+{
     let v = s
         .split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            c.parse::<Codec>()
-                .map(|codec| (c.to_string(), codec))
+            c.parse::<T>()
+                .map(|t| (c.to_string(), t))
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
     if v.is_empty() {
-        return Err("no codec given".into());
+        return Err("the list is empty".into());
     }
-    Ok(CodecList(v))
+    Ok(v)
+}
+
+/// A comma-separated list of codecs, each with the label it was given as.
+#[derive(Debug, Clone)]
+struct CodecList(Vec<(String, Codec)>);
+
+fn codec_list_arg(s: &str) -> Result<CodecList, String> {
+    labelled_list(s).map(CodecList)
 }
 
 /// A comma-separated list of codecs or `auto`, each with its label as given.
@@ -129,20 +137,7 @@ fn codec_list_arg(s: &str) -> Result<CodecList, String> {
 struct ChoiceList(Vec<(String, CodecChoice)>);
 
 fn choice_list_arg(s: &str) -> Result<ChoiceList, String> {
-    let v = s
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(|c| {
-            c.parse::<CodecChoice>()
-                .map(|codec| (c.to_string(), codec))
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if v.is_empty() {
-        return Err("no codec given".into());
-    }
-    Ok(ChoiceList(v))
+    labelled_list(s).map(ChoiceList)
 }
 
 /// A comma-separated list of link speeds; `unlimited` for no cap.

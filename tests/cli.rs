@@ -11,6 +11,15 @@ fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
 
+/// Waits until something accepts connections on `addr`.
+fn wait_listening(addr: &str, what: &str) {
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -30,14 +39,7 @@ fn send_and_receive_as_separate_processes() {
         .spawn()
         .unwrap();
     // Wait until it listens.
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "receiver did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&addr, "receiver did not start");
     let send = ferry()
         .args([
             "send",
@@ -270,11 +272,7 @@ fn bench_link_measures_loopback_and_a_remote_sink() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&addr, "sink did not start");
     let out = ferry()
         .args([
             "bench",

@@ -183,6 +183,40 @@ where
     Ok(())
 }
 
+/// One chart of a guest, drawn the same on any backend.
+enum Chart<'a> {
+    TotalTime,
+    Bars {
+        title: &'a str,
+        y_desc: &'a str,
+        parts: &'a [&'a str],
+        values: &'a [Vec<f64>],
+    },
+}
+
+impl Chart<'_> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: DrawingArea<DB, Shift>,
+        guest: &str,
+        cells: &[&Cell],
+        codecs: &[String],
+    ) -> DrawResult<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        match self {
+            Chart::TotalTime => total_time(root, guest, cells),
+            Chart::Bars {
+                title,
+                y_desc,
+                parts,
+                values,
+            } => bars(root, title, y_desc, codecs, parts, values),
+        }
+    }
+}
+
 fn slug(s: &str) -> String {
     s.chars()
         .map(|c| {
@@ -224,55 +258,38 @@ pub fn write_charts(dir: &Path, cells: &[Cell]) -> DrawResult<Vec<PathBuf>> {
         let dst = per_codec(&|c| c.cpu_ms.destination);
         let cpu: Vec<Vec<f64>> = src.iter().zip(&dst).map(|(s, d)| vec![*s, *d]).collect();
         let g = slug(&guest);
-        for (name, draw) in [("total-time", 0usize), ("wire-bytes", 1), ("cpu", 2)] {
+        let title_wire = format!("wire bytes per codec: {guest}");
+        let title_cpu = format!("CPU time per codec: {guest}");
+        let charts = [
+            Chart::TotalTime,
+            Chart::Bars {
+                title: &title_wire,
+                y_desc: "MiB on the wire (median over links)",
+                parts: &["wire"],
+                values: &wire,
+            },
+            Chart::Bars {
+                title: &title_cpu,
+                y_desc: "CPU ms (median over links)",
+                parts: &["source", "destination"],
+                values: &cpu,
+            },
+        ];
+        for (name, chart) in ["total-time", "wire-bytes", "cpu"].into_iter().zip(&charts) {
             let svg = dir.join(format!("{name}-{g}.svg"));
             let png = dir.join(format!("{name}-{g}.png"));
-            let title_wire = format!("wire bytes per codec: {guest}");
-            let title_cpu = format!("CPU time per codec: {guest}");
-            {
-                let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
-                match draw {
-                    0 => total_time(root, &guest, &of_guest)?,
-                    1 => bars(
-                        root,
-                        &title_wire,
-                        "MiB on the wire (median over links)",
-                        &codecs,
-                        &["wire"],
-                        &wire,
-                    )?,
-                    _ => bars(
-                        root,
-                        &title_cpu,
-                        "CPU ms (median over links)",
-                        &codecs,
-                        &["source", "destination"],
-                        &cpu,
-                    )?,
-                }
-            }
-            {
-                let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
-                match draw {
-                    0 => total_time(root, &guest, &of_guest)?,
-                    1 => bars(
-                        root,
-                        &title_wire,
-                        "MiB on the wire (median over links)",
-                        &codecs,
-                        &["wire"],
-                        &wire,
-                    )?,
-                    _ => bars(
-                        root,
-                        &title_cpu,
-                        "CPU ms (median over links)",
-                        &codecs,
-                        &["source", "destination"],
-                        &cpu,
-                    )?,
-                }
-            }
+            chart.draw(
+                SVGBackend::new(&svg, SIZE).into_drawing_area(),
+                &guest,
+                &of_guest,
+                &codecs,
+            )?;
+            chart.draw(
+                BitMapBackend::new(&png, SIZE).into_drawing_area(),
+                &guest,
+                &of_guest,
+                &codecs,
+            )?;
             written.push(svg);
             written.push(png);
         }
