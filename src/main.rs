@@ -681,7 +681,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     done.store(true, Ordering::Release);
     let _ = ui.join();
     let (report, incoming) = result.context("loopback migration")?;
-    if let Some(dest_guest) = &incoming.guest {
+    if let Some(dest_guest) = incoming.as_ref().and_then(|i| i.guest.as_ref()) {
         // Show the guest runs on: its counter grows there.
         let before = dest_guest.progress_counter();
         std::thread::sleep(Duration::from_millis(100));
@@ -963,7 +963,8 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
                 ));
                 let reports = run_cell(&guest, *codec, link, plan.channels, plan.repeats, || {
                     bar.inc(1)
-                });
+                })
+                .context("setting up a loopback migration")?;
                 cells.push(summarize(label, link, &spec.label, &reports));
             }
         }

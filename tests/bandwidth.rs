@@ -46,6 +46,7 @@ fn the_cap_holds_within_five_percent_over_every_two_second_window() {
         migrate_over_loopback(g.clone(), &config, ctx, ReceiverConfig::default()).unwrap();
     done.store(true, Ordering::Release);
     let samples = sampler.join().unwrap();
+    let dst = dst.expect("the destination reports the session");
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
     assert!(dst.report.verified);
     assert_eq!(src.max_bandwidth_bps, Some(CAP));

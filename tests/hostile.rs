@@ -290,3 +290,23 @@ fn a_source_that_goes_silent_is_given_up_on() {
     assert_eq!(incoming.report.outcome, Outcome::Failed);
     assert!(incoming.guest.is_none());
 }
+
+#[test]
+fn a_frame_for_another_session_ends_the_session() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let header = Header {
+        session_id: session ^ 2,
+        ..Header::new(Command::Go)
+    };
+    send(&mut s, header, &Message::Go);
+    let text = abort_text(recv(&mut s));
+    assert!(
+        text.contains(&format!("frame for session {:016x}", session ^ 2)),
+        "{text}"
+    );
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(incoming.guest.is_none());
+}

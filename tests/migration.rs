@@ -140,7 +140,10 @@ fn the_guest_runs_on_the_destination_after_the_handoff() {
     .unwrap();
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
     assert!(!g.is_running());
-    let moved = dst.guest.expect("the destination runs the guest");
+    let moved = dst
+        .expect("the destination reports the session")
+        .guest
+        .expect("the destination runs the guest");
     let at_pause = g.pages_written();
     std::thread::sleep(Duration::from_millis(200));
     assert!(
@@ -285,6 +288,7 @@ fn cancelling_mid_migration_leaves_the_guest_on_the_source() {
         ferry::migration::migrate_over_loopback(g.clone(), &config, ctx, ReceiverConfig::default())
             .unwrap();
     canceller.join().unwrap();
+    let dst = dst.expect("the destination reports the session");
     assert_eq!(src.outcome, Outcome::Cancelled, "{:?}", src.error);
     assert_eq!(src.guest_location, "source");
     assert_eq!(
@@ -334,4 +338,36 @@ fn auto_picks_compression_on_a_slow_link_and_moves_memory_byte_for_byte() {
         "ratio {}",
         src.compression_ratio
     );
+}
+
+#[test]
+fn a_source_that_fails_before_its_session_reports_why_at_once() {
+    let _serial = serial();
+    let g = guest(4 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
+    let t = std::time::Instant::now();
+    let (src, dst) = ferry::migration::migrate_over_loopback(
+        g.clone(),
+        &MigrationConfig {
+            channels: 0,
+            ..MigrationConfig::default()
+        },
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Failed);
+    assert!(
+        src.error
+            .as_deref()
+            .unwrap()
+            .contains("channels must be 1 to 64"),
+        "{:?}",
+        src.error
+    );
+    assert!(dst.is_none(), "no session, so nothing on the destination");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "no wait for a session that never came"
+    );
+    assert!(g.is_running());
 }

@@ -392,7 +392,9 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
 #[cfg(feature = "net")]
 /// Runs one cell's migrations over loopback with ferry's cap as the link.
 /// `guest` is reused across repeats: it is resumed before each and left
-/// paused by each (the destination's copy is dropped).
+/// paused by each (the destination's copy is dropped). A migration that fails
+/// is a report like any other; an error here means the loopback pair itself
+/// could not be set up (no runtime, no socket).
 pub fn run_cell(
     guest: &std::sync::Arc<crate::memory::SyntheticGuest>,
     codec: CodecChoice,
@@ -400,7 +402,7 @@ pub fn run_cell(
     channels: u16,
     repeats: u32,
     mut after_each: impl FnMut(),
-) -> Vec<Report> {
+) -> std::io::Result<Vec<Report>> {
     use crate::migration::{migrate_over_loopback, MigrationConfig, ReceiverConfig, RunContext};
     let config = MigrationConfig {
         codec,
@@ -416,61 +418,20 @@ pub fn run_cell(
             if guest.workload().pattern != WorkloadPattern::Idle {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
-            let report = match migrate_over_loopback(
+            let (report, _incoming) = migrate_over_loopback(
                 guest.clone(),
                 &config,
                 RunContext::default(),
                 ReceiverConfig::default(),
-            ) {
-                Ok((report, _incoming)) => report,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sweep run failed to start");
-                    let mut r = failed_report(codec, link_bps, channels);
-                    r.error = Some(e.to_string());
-                    r
-                }
-            };
+            )?;
             if report.outcome != Outcome::Completed {
                 // A failed run leaves the guest running on the source.
                 guest.pause();
             }
             after_each();
-            report
+            Ok(report)
         })
         .collect()
-}
-
-#[cfg(feature = "net")]
-fn failed_report(codec: CodecChoice, link_bps: Option<u64>, channels: u16) -> Report {
-    Report {
-        side: crate::migration::Side::Source,
-        outcome: Outcome::Failed,
-        error: None,
-        guest_location: "source",
-        verified: false,
-        verify: crate::wire::VerifyMode::Fast,
-        verify_ms: 0.0,
-        memory_bytes: 0,
-        pages: Default::default(),
-        rounds: 0,
-        total_ms: 0.0,
-        setup_ms: 0.0,
-        downtime_ms: 0.0,
-        guest_bytes_sent: 0,
-        wire_bytes: 0,
-        compression_ratio: 1.0,
-        throughput_guest_bps: 0.0,
-        throughput_wire_bps: 0.0,
-        dirty_rate_bps: 0.0,
-        throttle_pct_max: 0,
-        channels,
-        codec: codec.to_string(),
-        max_bandwidth_bps: link_bps,
-        cpu_ms: Default::default(),
-        guest: crate::wire::GuestKind::Sim,
-        session_id: String::new(),
-        round_log: vec![],
-    }
 }
 
 #[cfg(test)]

@@ -347,6 +347,12 @@ async fn channel_task(
             let Some(frame) = frame else {
                 return Err(MigrationError::PeerClosed { channel: ch });
             };
+            if frame.header.session_id != sh.session_id {
+                return Err(MigrationError::Protocol(format!(
+                    "frame for session {:016x} on channel {ch} of session {:016x}",
+                    frame.header.session_id, sh.session_id
+                )));
+            }
             if frame.header.command == Command::PageBatch {
                 let batch = PageBatch::decode(frame.payload, sh.limits)?;
                 sh.machine.lock().unwrap().check_batch(batch.round)?;

@@ -45,13 +45,17 @@ pub fn migrate_paused(guest: &Arc<SyntheticGuest>, config: MigrationConfig) -> (
         leave_paused: true,
         ..config
     };
-    migrate_over_loopback(
+    let (report, incoming) = migrate_over_loopback(
         guest.clone(),
         &config,
         RunContext::default(),
         ReceiverConfig::default(),
     )
-    .unwrap()
+    .unwrap();
+    (
+        report,
+        incoming.expect("the destination reports every session"),
+    )
 }
 
 /// Index of the first page where two memories differ.
