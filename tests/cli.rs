@@ -11,6 +11,17 @@ fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
 
+/// Runs `ferry` with `args` and checks it succeeded, showing its stderr if not.
+fn run_ok(args: &[&str]) -> std::process::Output {
+    let out = ferry().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Waits until something accepts connections on `addr`.
 fn wait_listening(addr: &str, what: &str) {
     let t = std::time::Instant::now();
@@ -111,24 +122,16 @@ fn send_and_receive_as_separate_processes() {
 
 #[test]
 fn demo_prints_one_json_line() {
-    let out = ferry()
-        .args([
-            "demo",
-            "--memory",
-            "32MiB",
-            "--workload",
-            "hot:2MiB",
-            "--dirty-rate",
-            "10MB/s",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&[
+        "demo",
+        "--memory",
+        "32MiB",
+        "--workload",
+        "hot:2MiB",
+        "--dirty-rate",
+        "10MB/s",
+        "--json",
+    ]);
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let r = parse_report(stdout.trim());
@@ -234,25 +237,17 @@ fn a_send_with_no_receiver_exits_1_with_a_failed_report() {
 
 #[test]
 fn bench_link_measures_loopback_and_a_remote_sink() {
-    let out = ferry()
-        .args([
-            "bench",
-            "link",
-            "--channels",
-            "2",
-            "--bytes",
-            "32MiB",
-            "--repeats",
-            "3",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&[
+        "bench",
+        "link",
+        "--channels",
+        "2",
+        "--bytes",
+        "32MiB",
+        "--repeats",
+        "3",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["path"], "loopback");
     assert_eq!(v["channels"], 2);
@@ -301,25 +296,17 @@ fn bench_link_measures_loopback_and_a_remote_sink() {
 
 #[test]
 fn bench_codecs_reports_each_codec_on_the_given_memory() {
-    let out = ferry()
-        .args([
-            "bench",
-            "codecs",
-            "--memory",
-            "16MiB",
-            "--fill",
-            "text",
-            "--codecs",
-            "none,lz4,zstd:3",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&[
+        "bench",
+        "codecs",
+        "--memory",
+        "16MiB",
+        "--fill",
+        "text",
+        "--codecs",
+        "none,lz4,zstd:3",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["memory_bytes"], 16 << 20);
     assert_eq!(v["sampled_bytes"], 16 << 20);
@@ -343,32 +330,24 @@ fn bench_codecs_reports_each_codec_on_the_given_memory() {
 #[test]
 fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
     let dir = std::env::temp_dir().join(format!("ferry-sweep-cli-{}", std::process::id()));
-    let out = ferry()
-        .args([
-            "bench",
-            "sweep",
-            "--memory",
-            "8MiB",
-            "--workload",
-            "idle",
-            "--codecs",
-            "none,zstd",
-            "--bandwidth",
-            "50MB/s,unlimited",
-            "--repeats",
-            "2",
-            "--channels",
-            "2",
-            "--out",
-            dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&[
+        "bench",
+        "sweep",
+        "--memory",
+        "8MiB",
+        "--workload",
+        "idle",
+        "--codecs",
+        "none,zstd",
+        "--bandwidth",
+        "50MB/s,unlimited",
+        "--repeats",
+        "2",
+        "--channels",
+        "2",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(
         table.contains("guest 8MiB-idle") && table.contains("unlimited") && table.contains('*'),
@@ -430,26 +409,18 @@ fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
 
 #[test]
 fn demo_with_the_auto_codec() {
-    let out = ferry()
-        .args([
-            "demo",
-            "--memory",
-            "16MiB",
-            "--workload",
-            "idle",
-            "--codec",
-            "auto",
-            "--max-bandwidth",
-            "200MB/s",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&[
+        "demo",
+        "--memory",
+        "16MiB",
+        "--workload",
+        "idle",
+        "--codec",
+        "auto",
+        "--max-bandwidth",
+        "200MB/s",
+        "--json",
+    ]);
     let r = parse_report(String::from_utf8(out.stdout).unwrap().trim());
     assert_eq!(r["outcome"], "completed");
     assert_eq!(r["codec"], "auto");

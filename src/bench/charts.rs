@@ -29,6 +29,17 @@ fn register_font() {
 
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// The label of category `x` on an axis whose categories sit at 0, 1, 2, ...
+/// (empty between them, where plotters may also put a tick).
+fn index_label(x: f64, labels: &[String]) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+        labels[i as usize].clone()
+    } else {
+        String::new()
+    }
+}
+
 fn ordered<T: PartialEq + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
     let mut out: Vec<T> = Vec::new();
     for i in items {
@@ -50,6 +61,7 @@ where
     root.fill(&WHITE)?;
     let mut links = ordered(cells.iter().map(|c| c.link_bps));
     links.sort_by_key(|l| l.unwrap_or(u64::MAX));
+    let link_names: Vec<String> = links.iter().map(|l| link_label(*l)).collect();
     let codecs = ordered(cells.iter().map(|c| c.codec.clone()));
     let times: Vec<f64> = cells
         .iter()
@@ -70,14 +82,7 @@ where
     chart
         .configure_mesh()
         .x_labels(links.len())
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < links.len() {
-                link_label(links[i as usize])
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| index_label(*x, &link_names))
         .y_desc("total time, ms (log)")
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
@@ -143,14 +148,7 @@ where
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(codecs.len())
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < codecs.len() {
-                codecs[i as usize].clone()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| index_label(*x, codecs))
         .y_desc(y_desc)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
