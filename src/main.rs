@@ -912,7 +912,7 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
             let g = &a.guest;
             let bytes = match &g.mem.image {
                 Some(p) => std::fs::metadata(p)
-                    .with_context(|| format!("RAM image {}", p.display()))?
+                    .map_err(|e| usage(format!("cannot read RAM image {}: {e}", p.display())))?
                     .len(),
                 None => memory,
             };

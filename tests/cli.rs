@@ -325,6 +325,18 @@ fn bench_codecs_reports_each_codec_on_the_given_memory() {
         assert!(c["encode_bps"].as_f64().unwrap() > 0.0 && c["decode_bps"].as_f64().unwrap() > 0.0);
     }
     assert_usage_error(&["bench", "codecs", "--codecs", "lz4,brotli"], "brotli");
+    assert_usage_error(
+        &["bench", "codecs", "--image", "/nonexistent/ram.img"],
+        "/nonexistent/ram.img",
+    );
+    assert_usage_error(
+        &["bench", "sweep", "--image", "/nonexistent/ram.img"],
+        "/nonexistent/ram.img",
+    );
+    assert_usage_error(
+        &["demo", "--image", "/nonexistent/ram.img"],
+        "/nonexistent/ram.img",
+    );
 }
 
 #[test]
