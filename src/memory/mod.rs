@@ -96,6 +96,12 @@ impl GuestMemory {
             .no_reserve_swap()
             .map_anon()
             .map_err(|source| MemoryError::Map { bytes, source })?;
+        // Back the guest with transparent huge pages where the kernel allows, as
+        // QEMU does for guest RAM: a first write then costs one fault per 2 MiB
+        // instead of per 4 KiB (on this kind of VM, 18 GB/s against 3 GB/s), and
+        // reading unbacked memory maps the huge zero page. Dirty tracking stays at
+        // 4 KiB: the bitmap is ferry's own. Advice only: failure changes nothing.
+        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(Self {
             map: memmap2::MmapRaw::from(map),
             pages: bytes >> PAGE_SHIFT,
@@ -241,6 +247,35 @@ mod tests {
         mem.read_page(3, &mut out);
         assert!(out.iter().all(|&b| b == 0));
         mem.with_pages(2, 3, |s| assert_eq!(s.len(), 3 * PAGE_SIZE));
+    }
+
+    /// The VmFlags line of the mapping that holds `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    #[test]
+    fn memory_asks_for_huge_pages() {
+        let mem = GuestMemory::new(64 << 20).unwrap();
+        let flags = vm_flags(mem.map.as_ptr() as usize);
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
     }
 
     #[test]
