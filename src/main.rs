@@ -63,9 +63,15 @@ struct SweepArgs {
     /// Codecs to compare (`auto` included).
     #[arg(long, default_value = "none,lz4,zstd:1,zstd:3,auto", value_parser = choice_list_arg)]
     codecs: ChoiceList,
-    /// Link speeds, emulated with ferry's bandwidth cap (`unlimited` for none).
+    /// Link speeds (`unlimited` for none), emulated as --link says.
     #[arg(long, default_value = "100Mbit,1Gbit,10Gbit,unlimited", value_parser = link_list_arg)]
     bandwidth: LinkList,
+    /// How to emulate a link: `cap` (ferry's own bandwidth cap, over loopback)
+    /// or `tbf` (root, Linux: the receiver and the sender in two network
+    /// namespaces joined by a veth pair shaped by a `tc` tbf qdisc; set up and
+    /// torn down by the sweep itself).
+    #[arg(long, default_value = "cap", value_parser = ["cap", "tbf"])]
+    link: String,
     /// Migrations per cell; medians and spreads are over these.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     repeats: u32,
@@ -652,6 +658,31 @@ fn exit_for(outcome: Outcome) -> ExitCode {
     }
 }
 
+/// Cancels `cancel` on SIGINT or SIGTERM, from a thread of its own (for work
+/// that runs outside any long-lived runtime, such as the sweep).
+fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("interrupted: cancelling");
+            cancel.cancel();
+        });
+    });
+}
+
 fn cancel_on_ctrl_c(rt: &tokio::runtime::Runtime, ctx: &RunContext) {
     let cancel = ctx.cancel.clone();
     rt.spawn(async move {
@@ -903,7 +934,8 @@ fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
 
 fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
     use ferry::bench::sweep::{
-        mark_winners, run_cell, summarize, table, write_outputs, GuestSpec, SweepMeta, SweepPlan,
+        mark_winners, run_cell, summarize, table, write_outputs, CellEnv, GuestSpec, SweepMeta,
+        SweepPlan,
     };
     let memory = a.guest.mem.memory.unwrap_or(256 << 20);
     let guests = match a.guest_set.as_deref() {
@@ -940,6 +972,23 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
         repeats: a.repeats,
         channels: a.channels,
     };
+    let mut env = CellEnv::loopback(plan.channels, plan.repeats);
+    let mut tbf = None;
+    if a.link == "tbf" {
+        ferry::transport::netns::tbf_available().map_err(usage)?;
+        let link = ferry::transport::netns::TbfLink::new()
+            .context("setting up the tbf link (network namespaces, veth, tc)")?;
+        env.path = ferry::migration::LocalPath {
+            listen: link.listen_addr(),
+            source_ns: Some(link.source().clone()),
+            destination_ns: Some(link.destination().clone()),
+        };
+        env.kernel_shaped = true;
+        tbf = Some(link);
+    }
+    // Interrupted: cancel the running migration, stop, and (on drop) tear the
+    // tbf link down.
+    cancel_on_signals(env.cancel.clone());
     let bar =
         ProgressBar::with_draw_target(Some(plan.runs()), ProgressDrawTarget::stderr_with_hz(10));
     bar.set_style(
@@ -948,32 +997,42 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
             .progress_chars("=> "),
     );
     let mut cells = Vec::new();
-    for spec in &plan.guests {
+    'grid: for spec in &plan.guests {
         bar.set_message(format!("building guest {}", spec.label));
         let guest = spec
             .build(a.guest.mem.seed)
             .map_err(|e| usage(format!("{e:#}")))?;
         guest.pause();
         for &link in &plan.links {
+            if let Some(t) = tbf.as_mut() {
+                t.set_rate(link).context("shaping the tbf link")?;
+            }
             for (label, codec) in &plan.codecs {
                 bar.set_message(format!(
                     "{} · {} · {label}",
                     spec.label,
                     ferry::bench::sweep::link_label(link)
                 ));
-                let reports = run_cell(&guest, *codec, link, plan.channels, plan.repeats, || {
-                    bar.inc(1)
-                })
-                .context("setting up a loopback migration")?;
+                let reports = run_cell(&guest, *codec, link, &env, || bar.inc(1))
+                    .context("setting up a migration pair")?;
+                if env.cancel.is_cancelled() {
+                    break 'grid;
+                }
                 cells.push(summarize(label, link, &spec.label, &reports));
             }
         }
+    }
+    if env.cancel.is_cancelled() {
+        bar.abandon();
+        drop(tbf);
+        eprintln!("interrupted: sweep stopped, nothing written");
+        return Ok(ExitCode::from(130));
     }
     bar.finish_and_clear();
     mark_winners(&mut cells);
     if let Some(dir) = &a.out {
         let meta = SweepMeta {
-            link: "cap".into(),
+            link: a.link.clone(),
             channels: plan.channels,
             repeats: plan.repeats,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),

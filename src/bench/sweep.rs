@@ -389,49 +389,90 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
     std::fs::write(dir.join("report.md"), md)
 }
 
+/// How a sweep's migrations run: channels, repeats, where the two ends meet,
+/// and who enforces the link speed.
 #[cfg(feature = "net")]
-/// Runs one cell's migrations over loopback with ferry's cap as the link.
-/// `guest` is reused across repeats: it is resumed before each and left
-/// paused by each (the destination's copy is dropped). A migration that fails
-/// is a report like any other; an error here means the loopback pair itself
-/// could not be set up (no runtime, no socket).
+#[derive(Debug, Clone)]
+pub struct CellEnv {
+    /// TCP channels per migration.
+    pub channels: u16,
+    /// Migrations per cell.
+    pub repeats: u32,
+    /// Loopback, or the namespaces of a tbf link.
+    pub path: crate::migration::LocalPath,
+    /// `true`: the kernel shapes the link (tbf) and ferry runs uncapped;
+    /// `false`: the link speed is ferry's own bandwidth cap.
+    pub kernel_shaped: bool,
+    /// Cancels the running migration and the rest of the cell.
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+#[cfg(feature = "net")]
+impl CellEnv {
+    /// Loopback with ferry's cap as the link.
+    pub fn loopback(channels: u16, repeats: u32) -> Self {
+        Self {
+            channels,
+            repeats,
+            path: Default::default(),
+            kernel_shaped: false,
+            cancel: Default::default(),
+        }
+    }
+}
+
+/// Runs one cell's migrations in this process, over `env`'s path. With ferry's
+/// cap as the link, `link_bps` is the migration's `max_bandwidth`; on a
+/// kernel-shaped link the caller has set the link to `link_bps` already.
+/// `guest` is reused across repeats: it is resumed before each and left paused
+/// by each (the destination's copy is dropped). A migration that fails is a
+/// report like any other; an error here means the pair itself could not be set
+/// up (no runtime, no socket). A cancelled cell stops early with the reports so far.
+#[cfg(feature = "net")]
 pub fn run_cell(
     guest: &std::sync::Arc<crate::memory::SyntheticGuest>,
     codec: CodecChoice,
     link_bps: Option<u64>,
-    channels: u16,
-    repeats: u32,
+    env: &CellEnv,
     mut after_each: impl FnMut(),
 ) -> std::io::Result<Vec<Report>> {
-    use crate::migration::{migrate_over_loopback, MigrationConfig, ReceiverConfig, RunContext};
+    use crate::migration::{migrate_locally, MigrationConfig, ReceiverConfig, RunContext};
     let config = MigrationConfig {
         codec,
-        channels,
-        max_bandwidth: link_bps,
+        channels: env.channels,
+        max_bandwidth: if env.kernel_shaped { None } else { link_bps },
         leave_paused: true,
         ..MigrationConfig::default()
     };
-    (0..repeats)
-        .map(|_| {
-            guest.resume();
-            // Let a busy workload reach its steady state.
-            if guest.workload().pattern != WorkloadPattern::Idle {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            let (report, _incoming) = migrate_over_loopback(
-                guest.clone(),
-                &config,
-                RunContext::default(),
-                ReceiverConfig::default(),
-            )?;
-            if report.outcome != Outcome::Completed {
-                // A failed run leaves the guest running on the source.
-                guest.pause();
-            }
-            after_each();
-            Ok(report)
-        })
-        .collect()
+    let mut reports = Vec::new();
+    for _ in 0..env.repeats {
+        if env.cancel.is_cancelled() {
+            break;
+        }
+        guest.resume();
+        // Let a busy workload reach its steady state.
+        if guest.workload().pattern != WorkloadPattern::Idle {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let ctx = RunContext {
+            cancel: env.cancel.child_token(),
+            ..RunContext::default()
+        };
+        let (report, _incoming) = migrate_locally(
+            guest.clone(),
+            &config,
+            ctx,
+            ReceiverConfig::default(),
+            &env.path,
+        )?;
+        if report.outcome != Outcome::Completed {
+            // A failed run leaves the guest running on the source.
+            guest.pause();
+        }
+        after_each();
+        reports.push(report);
+    }
+    Ok(reports)
 }
 
 #[cfg(test)]

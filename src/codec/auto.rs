@@ -185,9 +185,56 @@ impl AutoChooser {
     }
 }
 
+/// The rate at which one channel's socket takes bytes, from timed writes: a
+/// moving sum of bytes over a moving sum of seconds (not an average of
+/// per-write rates, which writes that land in an empty send buffer at memory
+/// speed would dominate). While the buffer absorbs writes the estimate is
+/// high; once the link is the bottleneck every write waits for it and the
+/// estimate settles on the link's rate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketRate {
+    bytes: f64,
+    secs: f64,
+}
+
+impl SocketRate {
+    /// Weight of the newest write.
+    const ALPHA: f64 = 0.2;
+
+    /// Records that a write of `bytes` took `secs`.
+    pub fn record(&mut self, bytes: f64, secs: f64) {
+        if self.secs == 0.0 {
+            (self.bytes, self.secs) = (bytes, secs);
+        } else {
+            self.bytes += Self::ALPHA * (bytes - self.bytes);
+            self.secs += Self::ALPHA * (secs - self.secs);
+        }
+    }
+
+    /// Bytes per second; `None` before the first write.
+    pub fn rate(&self) -> Option<f64> {
+        (self.secs > 0.0).then(|| self.bytes / self.secs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_rate_is_bytes_over_time_not_an_average_of_rates() {
+        let mut r = SocketRate::default();
+        assert_eq!(r.rate(), None);
+        // Alternating: a 1 MB write absorbed in 0.1 ms, one that waited 80 ms.
+        // The average of the two rates would say 5 GB/s; the socket took
+        // 2 MB per 80.1 ms.
+        for _ in 0..50 {
+            r.record(1e6, 1e-4);
+            r.record(1e6, 0.08);
+        }
+        let bps = r.rate().unwrap();
+        assert!((20e6..30e6).contains(&bps), "{bps}");
+    }
 
     const MB: f64 = 1e6;
 

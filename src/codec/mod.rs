@@ -3,7 +3,7 @@
 
 mod auto;
 
-pub use auto::{AutoChooser, CANDIDATES, PROBE_BYTES, PROBE_EVERY};
+pub use auto::{AutoChooser, SocketRate, CANDIDATES, PROBE_BYTES, PROBE_EVERY};
 
 use bytes::BytesMut;
 use std::cell::RefCell;

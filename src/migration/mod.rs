@@ -26,7 +26,7 @@ pub use report::{CpuMs, Outcome, PageCounts, Report, RoundLog, Side};
 #[cfg(feature = "net")]
 pub use dest::{Incoming, Receiver, ReceiverConfig};
 #[cfg(feature = "net")]
-pub use local::migrate_over_loopback;
+pub use local::{migrate_locally, migrate_over_loopback, LocalPath};
 #[cfg(feature = "net")]
 pub use progress::{Phase, Progress, ProgressSnapshot, RunContext};
 #[cfg(feature = "net")]

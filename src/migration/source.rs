@@ -13,7 +13,9 @@ use super::policy::{Convergence, Decision, RoundStats};
 use super::progress::{Phase, RunContext};
 use super::report::{round3, CpuMs, Outcome, PageCounter, PageCounts, Report, RoundLog, Side};
 use super::{MigratableGuest, MigrationConfig, MigrationError};
-use crate::codec::{is_zero_page, AutoChooser, Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
+use crate::codec::{
+    is_zero_page, AutoChooser, Codec, CodecChoice, CodecId, SocketRate, SETUP_CODEC_AUTO,
+};
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, PAGE_SIZE};
 use crate::transport::{connect, FrameReader, FrameWriter, TokenBucket};
@@ -51,10 +53,10 @@ struct Shared {
     hashes: PageHashes,
     codec: CodecChoice,
     /// With `auto`: the chooser, and the measured rate at which the sockets
-    /// absorb bytes (per channel, a moving average) when no cap sets the link.
+    /// take bytes (per channel) when no cap sets the link.
     chooser: Mutex<AutoChooser>,
     capped: bool,
-    socket_bps: Mutex<Option<f64>>,
+    socket_bps: Mutex<SocketRate>,
     session_id: u64,
     next_msg: AtomicU64,
     jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
@@ -91,7 +93,7 @@ impl Shared {
             CodecChoice::Auto => {
                 let mut chooser = self.chooser.lock().unwrap();
                 if !self.capped {
-                    if let Some(bps) = *self.socket_bps.lock().unwrap() {
+                    if let Some(bps) = self.socket_bps.lock().unwrap().rate() {
                         chooser.set_link_rate(bps * self.writers.len() as f64);
                     }
                 }
@@ -146,9 +148,7 @@ impl Shared {
         if self.capped || self.codec != CodecChoice::Auto || secs <= 0.0 || bytes < 64 << 10 {
             return;
         }
-        let rate = bytes as f64 / secs;
-        let mut avg = self.socket_bps.lock().unwrap();
-        *avg = Some(avg.map_or(rate, |a| a + 0.2 * (rate - a)));
+        self.socket_bps.lock().unwrap().record(bytes as f64, secs);
     }
 
     async fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
@@ -725,7 +725,7 @@ async fn run(
             c
         }),
         capped: config.max_bandwidth.is_some(),
-        socket_bps: Mutex::new(None),
+        socket_bps: Mutex::new(SocketRate::default()),
         session_id,
         next_msg: AtomicU64::new(1),
         jobs: tokio::sync::Mutex::new(jobs_rx),

@@ -3,6 +3,8 @@
 
 mod bucket;
 mod channel;
+#[cfg(target_os = "linux")]
+pub mod netns;
 
 pub use bucket::TokenBucket;
 pub use channel::{FrameReader, FrameWriter};
@@ -16,11 +18,42 @@ pub fn runtime(
     workers: usize,
     cpu: &CpuMeter,
 ) -> std::io::Result<tokio::runtime::Runtime> {
+    runtime_in(name, workers, cpu, None)
+}
+
+/// A network namespace a runtime's threads enter (Linux).
+#[cfg(target_os = "linux")]
+pub type Namespace = std::sync::Arc<netns::NetNs>;
+/// A network namespace a runtime's threads enter (Linux only).
+#[cfg(not(target_os = "linux"))]
+pub type Namespace = std::convert::Infallible;
+
+/// As [`runtime`], with every thread inside network namespace `ns` (when given),
+/// so the sockets the runtime's tasks open live there.
+///
+/// # Panics
+/// A thread that cannot enter `ns` panics; [`netns::TbfLink::new`] checks that
+/// threads can before handing out its namespaces.
+pub fn runtime_in(
+    name: &str,
+    workers: usize,
+    cpu: &CpuMeter,
+    ns: Option<Namespace>,
+) -> std::io::Result<tokio::runtime::Runtime> {
     let (start, stop) = (cpu.clone(), cpu.clone());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
         .thread_name(name)
-        .on_thread_start(move || start.register_current_thread())
+        .on_thread_start(move || {
+            #[cfg(target_os = "linux")]
+            if let Some(ns) = &ns {
+                ns.enter()
+                    .expect("entering the runtime's network namespace");
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = &ns;
+            start.register_current_thread()
+        })
         .on_thread_stop(move || stop.unregister_current_thread())
         .enable_all()
         .build()

@@ -1,0 +1,163 @@
+//! `ferry bench sweep --link tbf`: a kernel-shaped link between two network
+//! namespaces, set up and torn down by the sweep, interrupted or not. Needs
+//! root and iproute2; says so and skips otherwise.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// Why this machine cannot run the tbf tests, if it cannot.
+fn unavailable() -> Option<String> {
+    ferry::transport::netns::tbf_available().err()
+}
+
+/// Network namespaces named for process `pid`.
+fn namespaces_of(pid: u32) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("ferry-{pid}-")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A process id that no process has now.
+fn dead_pid() -> u32 {
+    (3_000_000..)
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .unwrap()
+}
+
+#[test]
+fn sweep_over_a_kernel_shaped_link_is_shaped_and_cleans_up() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    // A namespace left by a ferry that was killed outright: removed on the way in.
+    let stale = format!("ferry-{}-src", dead_pid());
+    let made = Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let dir = std::env::temp_dir().join(format!("ferry-tbf-{}", std::process::id()));
+    let child = ferry()
+        .args([
+            "bench",
+            "sweep",
+            "--link",
+            "tbf",
+            "--memory",
+            "16MiB",
+            "--fill",
+            "random",
+            "--workload",
+            "idle",
+            "--codecs",
+            "none",
+            "--bandwidth",
+            "100Mbit,unlimited",
+            "--repeats",
+            "1",
+            "--out",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(&stale),
+        "stale namespace {stale} left in place"
+    );
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(results["meta"]["link"], "tbf");
+    let cells = results["cells"].as_array().unwrap();
+    let shaped = cells
+        .iter()
+        .find(|c| c["link_bps"] == 12_500_000)
+        .expect("a 100 Mbit/s cell");
+    let free = cells
+        .iter()
+        .find(|c| c["link_bps"].is_null())
+        .expect("an unlimited cell");
+    // 16 MiB of incompressible pages through 12.5 MB/s take at least 1.3 s, and
+    // only the kernel can have held them back: ferry ran uncapped.
+    let wire = shaped["wire_bytes"].as_f64().unwrap();
+    let ms = shaped["total_ms"]["median"].as_f64().unwrap();
+    assert!(wire > 16e6, "{wire}");
+    assert!(ms >= 0.9 * wire / 12_500_000.0 * 1e3, "{ms} ms for {wire} B");
+    assert!(ms <= 2.0 * wire / 12_500_000.0 * 1e3, "{ms} ms for {wire} B");
+    let free_ms = free["total_ms"]["median"].as_f64().unwrap();
+    assert!(free_ms * 3.0 < ms, "unlimited {free_ms} ms, shaped {ms} ms");
+}
+
+#[test]
+fn an_interrupted_sweep_tears_its_link_down() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    // About 5 s of migration at 10 Mbit/s: long enough to interrupt.
+    let mut child = ferry()
+        .args([
+            "bench",
+            "sweep",
+            "--link",
+            "tbf",
+            "--memory",
+            "8MiB",
+            "--fill",
+            "random",
+            "--workload",
+            "idle",
+            "--codecs",
+            "none",
+            "--bandwidth",
+            "10Mbit",
+            "--repeats",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let t = Instant::now();
+    while namespaces_of(pid).len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no namespaces appeared");
+        assert!(child.try_wait().unwrap().is_none(), "sweep ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "interrupt was not prompt"
+    );
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+}
