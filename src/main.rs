@@ -39,6 +39,25 @@ enum Command {
     /// Measure the parts: the link's raw ceiling, the codecs on guest memory.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write a synthetic guest's initial memory as a raw RAM image (for
+    /// `--image`, and for QEMU's memory-backend-file in scripts/qemu-compare).
+    Image(ImageArgs),
+}
+
+#[derive(Args, Debug)]
+struct ImageArgs {
+    /// Image size (e.g. 512MiB, 1GiB).
+    #[arg(long, default_value = "1GiB", value_parser = size_arg)]
+    memory: u64,
+    /// Content mix by weight: zero, text, binary, random.
+    #[arg(long, default_value = "zero:35,text:30,binary:20,random:15")]
+    fill: FillSpec,
+    /// Seed of the content.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The file to write (zero pages become holes).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -373,6 +392,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
+        Command::Image(a) => image(a),
     };
     match result {
         Ok(code) => code,
@@ -929,6 +949,23 @@ fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
             r.zero_bytes as f64 * 100.0 / r.guest_bytes.max(1) as f64
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn image(a: ImageArgs) -> Result<ExitCode> {
+    let mem = GuestMemory::new(a.memory).map_err(|e| usage(format!("--memory: {e}")))?;
+    a.fill.fill(&mem, a.seed, 2);
+    let written = mem
+        .save_image(&a.out)
+        .with_context(|| format!("writing the image {}", a.out.display()))?;
+    println!(
+        "wrote {} image to {}: fill {}, seed {}, {:.1}% non-zero pages",
+        Bytes(a.memory),
+        a.out.display(),
+        a.fill,
+        a.seed,
+        100.0 * written as f64 / mem.pages() as f64
+    );
     Ok(ExitCode::SUCCESS)
 }
 

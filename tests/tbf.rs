@@ -104,8 +104,14 @@ fn sweep_over_a_kernel_shaped_link_is_shaped_and_cleans_up() {
     let wire = shaped["wire_bytes"].as_f64().unwrap();
     let ms = shaped["total_ms"]["median"].as_f64().unwrap();
     assert!(wire > 16e6, "{wire}");
-    assert!(ms >= 0.9 * wire / 12_500_000.0 * 1e3, "{ms} ms for {wire} B");
-    assert!(ms <= 2.0 * wire / 12_500_000.0 * 1e3, "{ms} ms for {wire} B");
+    assert!(
+        ms >= 0.9 * wire / 12_500_000.0 * 1e3,
+        "{ms} ms for {wire} B"
+    );
+    assert!(
+        ms <= 2.0 * wire / 12_500_000.0 * 1e3,
+        "{ms} ms for {wire} B"
+    );
     let free_ms = free["total_ms"]["median"].as_f64().unwrap();
     assert!(free_ms * 3.0 < ms, "unlimited {free_ms} ms, shaped {ms} ms");
 }
@@ -143,7 +149,10 @@ fn an_interrupted_sweep_tears_its_link_down() {
     let pid = child.id();
     let t = Instant::now();
     while namespaces_of(pid).len() < 2 {
-        assert!(t.elapsed() < Duration::from_secs(20), "no namespaces appeared");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no namespaces appeared"
+        );
         assert!(child.try_wait().unwrap().is_none(), "sweep ended early");
         std::thread::sleep(Duration::from_millis(20));
     }

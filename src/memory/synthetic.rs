@@ -397,6 +397,11 @@ mod tests {
 
     fn guest(pages: u64, pattern: WorkloadPattern, rate: u64) -> SyntheticGuest {
         let mem = Arc::new(GuestMemory::new(pages * PAGE_SIZE as u64).unwrap());
+        // Back the memory first, as a booted guest's is: the pacing tests time the
+        // writer, not the kernel faulting in (and zeroing) 2 MiB huge pages.
+        for p in 0..pages {
+            mem.zero_page(p);
+        }
         SyntheticGuest::start(
             mem,
             Workload {
