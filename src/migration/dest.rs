@@ -357,10 +357,18 @@ async fn channel_task(
                 let batch = PageBatch::decode(frame.payload, sh.limits)?;
                 sh.machine.lock().unwrap().check_batch(batch.round)?;
                 let pages = batch.page_count();
-                let sh2 = sh.clone();
-                tokio::task::spawn_blocking(move || sh2.apply(&batch))
-                    .await
-                    .map_err(|e| MigrationError::Protocol(format!("apply task failed: {e}")))??;
+                // Raw pages are a copy and a hash: cheaper here than a hop to
+                // the blocking pool. Decompression goes to the pool.
+                if batch.codec == CodecId::None {
+                    sh.apply(&batch)?;
+                } else {
+                    let sh2 = sh.clone();
+                    tokio::task::spawn_blocking(move || sh2.apply(&batch))
+                        .await
+                        .map_err(|e| {
+                            MigrationError::Protocol(format!("apply task failed: {e}"))
+                        })??;
+                }
                 let header = Header {
                     credit_grant: 1,
                     message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),

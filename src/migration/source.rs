@@ -84,11 +84,10 @@ impl Shared {
         }
     }
 
-    /// Copies, classifies and hashes the pages of a job and encodes the batch.
-    fn encode(&self, job: &Job) -> Result<EncodedBatch, MigrationError> {
-        let mem = self.guest.memory();
-        let zero_hash = zero_page_hash();
-        let (codec, probe) = match self.codec {
+    /// The codec for the next batch, and whether to probe the other candidates
+    /// on its pages (`auto` only).
+    fn choose(&self) -> (Codec, bool) {
+        match self.codec {
             CodecChoice::Fixed(c) => (c, false),
             CodecChoice::Auto => {
                 let mut chooser = self.chooser.lock().unwrap();
@@ -99,7 +98,14 @@ impl Shared {
                 }
                 chooser.pick()
             }
-        };
+        }
+    }
+
+    /// Copies, classifies and hashes the pages of a job and encodes the batch
+    /// with `codec` (probing the other candidates when `probe`).
+    fn encode(&self, job: &Job, codec: Codec, probe: bool) -> Result<EncodedBatch, MigrationError> {
+        let mem = self.guest.memory();
+        let zero_hash = zero_page_hash();
         ENCODER.with(|e| {
             let mut enc = e.borrow_mut();
             let t = std::time::Instant::now();
@@ -169,10 +175,18 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
                 }
             };
             let Some(job) = job else { return Ok(()) };
-            let sh2 = sh.clone();
-            let batch = tokio::task::spawn_blocking(move || sh2.encode(&job))
-                .await
-                .map_err(|e| MigrationError::Protocol(format!("encoder task failed: {e}")))??;
+            // Raw batches cost a copy and a hash (about 0.1 ms per MiB): cheaper
+            // here than a hop to the blocking pool and back. Compression takes
+            // milliseconds and goes to the pool, off the runtime's workers.
+            let (codec, probe) = sh.choose();
+            let batch = if codec == Codec::None && !probe {
+                sh.encode(&job, codec, probe)?
+            } else {
+                let sh2 = sh.clone();
+                tokio::task::spawn_blocking(move || sh2.encode(&job, codec, probe))
+                    .await
+                    .map_err(|e| MigrationError::Protocol(format!("encoder task failed: {e}")))??
+            };
             tokio::select! {
                 biased;
                 _ = sh.cancel.cancelled() => return Ok(()),
