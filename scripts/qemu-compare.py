@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""ferry against QEMU's own live migration, on the same memory, in one run.
+
+Writes a RAM image of the realistic mix with `ferry image` (or takes yours with
+--image), then migrates it over loopback:
+
+  * QEMU (qemu-system-x86_64, KVM): the source guest's RAM is a
+    memory-backend-file over the image (share=off: the guest gets a private
+    copy), the destination's is anonymous RAM; multifd on, max-bandwidth
+    lifted, every --qemu-channels x --qemu-compression combination;
+  * ferry: `ferry send --image` to a `ferry receive` in a second process,
+    idle guest, for each --ferry-codecs.
+
+Each configuration runs --repeats times; the table gives the median total
+time (ferry's `total_ms`; for QEMU the time from `migrate` until
+query-migrate says `completed`, polled every 5 ms), min-max,
+downtime and wire bytes, and the ratio of ferry's best to QEMU's best.
+
+Needs: qemu-system-x86 (Debian: apt-get install qemu-system-x86), /dev/kvm,
+and a release build of ferry (cargo build --release).
+
+    scripts/qemu-compare.py --memory 1GiB --repeats 3
+"""
+
+import argparse
+import json
+import random
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_size(text):
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "": 1}
+    t = text.strip().lower()
+    for u in ("kib", "mib", "gib"):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(t)
+
+
+class Qmp:
+    """A QMP connection over a unix socket."""
+
+    def __init__(self, path, timeout=20.0):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"QEMU's QMP socket {path} never appeared")
+                time.sleep(0.02)
+        self.file = self.sock.makefile("rw")
+        json.loads(self.file.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.file.write(json.dumps(msg) + "\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    def close(self):
+        self.sock.close()
+
+
+def qemu(ram_object, qmp_path, extra):
+    args = [
+        "qemu-system-x86_64",
+        "-machine", "pc,accel=kvm,memory-backend=ram",
+        "-m", str(MEMORY >> 20) + "M",
+        "-object", ram_object,
+        "-nodefaults", "-display", "none", "-serial", "none", "-parallel", "none",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+    ] + extra
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def qemu_once(image, channels, compression, workdir):
+    src_qmp = os.path.join(workdir, "src.qmp")
+    dst_qmp = os.path.join(workdir, "dst.qmp")
+    for p in (src_qmp, dst_qmp):
+        if os.path.exists(p):
+            os.unlink(p)
+    size = MEMORY
+    src = qemu(f"memory-backend-file,id=ram,size={size},mem-path={image},share=off", src_qmp, [])
+    dst = qemu(f"memory-backend-ram,id=ram,size={size}", dst_qmp, ["-incoming", "defer"])
+    try:
+        s, d = Qmp(src_qmp), Qmp(dst_qmp)
+        for q in (s, d):
+            q.cmd("migrate-set-capabilities",
+                  capabilities=[{"capability": "multifd", "state": True}])
+            q.cmd("migrate-set-parameters", **{
+                "multifd-channels": channels,
+                "multifd-compression": compression,
+                "max-bandwidth": 100 << 30,  # lift the default 128 MiB/s cap
+                "downtime-limit": 300,
+            })
+        port = free_port()
+        d.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        s.cmd("cont")  # a live guest: the firmware runs, finds nothing to boot, idles
+        time.sleep(0.2)
+        started = time.monotonic()
+        s.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        deadline = time.time() + 300
+        while True:
+            info = s.cmd("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                wall_ms = (time.monotonic() - started) * 1e3
+                break
+            if status in ("failed", "cancelled") or time.time() > deadline:
+                raise RuntimeError(f"QEMU migration {status}: {info}")
+            time.sleep(0.005)
+        ram = info.get("ram", {})
+        return {
+            # From the migrate command to `completed` seen (5 ms polls); QEMU's
+            # own total-time agrees but has read 0 on some runs.
+            "total_ms": wall_ms,
+            "qemu_total_time_ms": float(info["total-time"]),
+            "downtime_ms": float(info.get("downtime", 0)),
+            "wire_bytes": int(ram.get("transferred", 0)),
+            "zero_pages": int(ram.get("duplicate", 0)),
+        }
+    finally:
+        for p in (src, dst):
+            p.kill()
+            p.wait()
+
+
+def ferry_once(ferry, image, codec, channels):
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    recv = subprocess.Popen(
+        [ferry, "receive", "--listen", addr, "--once", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("ferry receive did not start")
+                time.sleep(0.02)
+        # The probe connection above is refused as a session; receive --once
+        # keeps waiting for a real one.
+        out = subprocess.run(
+            [ferry, "send", "--to", addr, "--image", image, "--workload", "idle",
+             "--codec", codec, "--channels", str(channels), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"ferry send failed: {out.stderr.strip()}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if r["outcome"] != "completed":
+            raise RuntimeError(f"ferry migration {r['outcome']}: {r.get('error')}")
+        recv.wait(timeout=60)
+        return {
+            "total_ms": float(r["total_ms"]),
+            "downtime_ms": float(r["downtime_ms"]),
+            "wire_bytes": int(r["wire_bytes"]),
+            "zero_pages": int(r["pages"]["zero"]),
+        }
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+
+
+def summarize(name, runs):
+    totals = [r["total_ms"] for r in runs]
+    return {
+        "config": name,
+        "total_ms": {"median": statistics.median(totals), "min": min(totals), "max": max(totals)},
+        "downtime_ms": statistics.median(r["downtime_ms"] for r in runs),
+        "wire_bytes": int(statistics.median(r["wire_bytes"] for r in runs)),
+        "zero_pages": int(statistics.median(r["zero_pages"] for r in runs)),
+        "repeats": len(runs),
+    }
+
+
+def main():
+    global MEMORY
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memory", default="1GiB", help="guest size for the generated image")
+    ap.add_argument("--image", help="use this RAM image instead of generating one")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--qemu-channels", default="2,4,8")
+    ap.add_argument("--qemu-compression", default="none,zstd")
+    ap.add_argument("--ferry-codecs", default="auto,none,lz4")
+    ap.add_argument("--ferry-channels", type=int, default=4)
+    ap.add_argument("--ferry", default=os.path.join(ROOT, "target", "release", "ferry"))
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the run order")
+    a = ap.parse_args()
+
+    if not os.path.exists(a.ferry):
+        sys.exit(f"no ferry binary at {a.ferry}: run `cargo build --release` first")
+    if subprocess.run(["which", "qemu-system-x86_64"], stdout=subprocess.DEVNULL).returncode:
+        sys.exit("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        sys.exit("/dev/kvm is not usable: QEMU's side needs KVM")
+
+    with tempfile.TemporaryDirectory(prefix="ferry-qemu-") as work:
+        image = a.image
+        if image is None:
+            image = os.path.join(work, "ram.img")
+            subprocess.run([a.ferry, "image", "--memory", a.memory, "--out", image],
+                           check=True, stdout=sys.stderr)
+        MEMORY = os.path.getsize(image)
+        # Interleaved, in a shuffled order each pass: every configuration runs
+        # once per pass, so that the machine's slow and fast spells (a shared
+        # host, memory the hypervisor reclaimed) fall on all of them alike.
+        configs = []
+        for ch in [int(c) for c in a.qemu_channels.split(",")]:
+            for comp in a.qemu_compression.split(","):
+                configs.append(("qemu", f"qemu multifd channels={ch} compression={comp}",
+                                lambda ch=ch, comp=comp: qemu_once(image, ch, comp, work)))
+        for codec in a.ferry_codecs.split(","):
+            configs.append(("ferry", f"ferry channels={a.ferry_channels} codec={codec}",
+                            lambda codec=codec: ferry_once(a.ferry, image, codec, a.ferry_channels)))
+        runs = {name: [] for _, name, _ in configs}
+        rng = random.Random(a.seed)
+        for i in range(a.repeats):
+            order = configs[:]
+            rng.shuffle(order)
+            for tool, name, once in order:
+                print(f"pass {i + 1}/{a.repeats}: {name}", file=sys.stderr)
+                runs[name].append(once())
+        results = [dict(summarize(name, runs[name]), tool=tool) for tool, name, _ in configs]
+
+    best = {t: min((r for r in results if r["tool"] == t), key=lambda r: r["total_ms"]["median"])
+            for t in ("qemu", "ferry")}
+    ratio = best["ferry"]["total_ms"]["median"] / best["qemu"]["total_ms"]["median"]
+    if a.json:
+        print(json.dumps({"memory_bytes": MEMORY, "results": results,
+                          "best": {t: b["config"] for t, b in best.items()},
+                          "ferry_over_qemu": ratio}))
+        return
+    print(f"{MEMORY >> 20} MiB guest, loopback, {a.repeats} runs each; total time median (min-max)")
+    print(f"{'configuration':44} {'total':>10} {'spread':>17} {'downtime':>9} {'wire':>10}")
+    for r in results:
+        t = r["total_ms"]
+        mark = " *" if r in best.values() else ""
+        print(f"{r['config']:44} {t['median']:8.0f} ms {t['min']:7.0f}-{t['max']:<7.0f}ms"
+              f" {r['downtime_ms']:6.1f} ms {r['wire_bytes'] / 2**20:7.0f} MiB{mark}")
+    print(f"ferry's best / QEMU's best: {ratio:.3f} (target: at most 0.25)")
+
+
+MEMORY = 0
+if __name__ == "__main__":
+    main()
