@@ -118,6 +118,16 @@ fn send_and_receive_as_separate_processes() {
         s["guest_bytes_sent"].as_u64().unwrap(),
         s["pages"]["total"].as_u64().unwrap() * 4096
     );
+    // Each process reports what it holds: its guest's memory, and the rest.
+    for (side, rep) in [("source", &s), ("destination", &r)] {
+        let m = &rep["memory_use"];
+        let resident = m["guest_resident_bytes"].as_u64().unwrap();
+        let peak = m["peak_rss_bytes"].as_u64().unwrap();
+        let overhead = m["overhead_bytes"].as_u64().unwrap();
+        assert!(resident > 16 << 20 && resident <= 64 << 20, "{side}: {m}");
+        assert_eq!(overhead, peak - resident, "{side}: {m}");
+        assert!(overhead > 0 && overhead < 256 << 20, "{side}: {m}");
+    }
 }
 
 #[test]

@@ -513,6 +513,7 @@ mod tests {
             guest: GuestKind::Sim,
             session_id: String::new(),
             round_log: vec![],
+            memory_use: Default::default(),
         }
     }
 

@@ -179,6 +179,24 @@ impl GuestMemory {
         Ok(written)
     }
 
+    /// Bytes of this memory resident in RAM now (`mincore`); `None` where the
+    /// kernel does not say.
+    #[allow(unsafe_code)]
+    pub fn resident_bytes(&self) -> Option<u64> {
+        let mut vec = vec![0u8; self.pages as usize];
+        // SAFETY: the range is exactly this mapping (page-aligned start, length
+        // pages × PAGE_SIZE), and `vec` has one byte per page for the kernel to
+        // fill. mincore reads page tables only, never the memory.
+        let rc = unsafe {
+            libc::mincore(
+                self.map.as_mut_ptr().cast(),
+                (self.pages as usize) << PAGE_SHIFT,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        (rc == 0).then(|| vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * PAGE_SIZE as u64)
+    }
+
     /// Number of 4 KiB pages.
     pub fn pages(&self) -> u64 {
         self.pages
@@ -265,6 +283,20 @@ impl GuestMemory {
     }
 }
 
+/// The process's peak resident memory (Linux: `VmHWM`); `None` where that
+/// cannot be read.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line["VmHWM:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
+}
+
 /// An IO error on `path`, naming it.
 fn annotate(path: &Path, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
@@ -298,22 +330,23 @@ mod tests {
         mem.with_pages(2, 3, |s| assert_eq!(s.len(), 3 * PAGE_SIZE));
     }
 
+    /// The address range of an smaps mapping header line (`lo-hi perms ...`).
+    fn mapping_range(line: &str) -> Option<(usize, usize)> {
+        let (range, _) = line.split_once(' ')?;
+        let (lo, hi) = range.split_once('-')?;
+        Some((
+            usize::from_str_radix(lo, 16).ok()?,
+            usize::from_str_radix(hi, 16).ok()?,
+        ))
+    }
     /// The VmFlags line of the mapping that holds `addr`, from /proc/self/smaps.
     fn vm_flags(addr: usize) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((lo, hi)) = range.split_once('-') {
-                    if let (Ok(lo), Ok(hi)) =
-                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-                    {
-                        inside = (lo..hi).contains(&addr);
-                        continue;
-                    }
-                }
-            }
-            if inside && line.starts_with("VmFlags:") {
+            if let Some((lo, hi)) = mapping_range(line) {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && line.starts_with("VmFlags:") {
                 return line.to_string();
             }
         }
@@ -325,6 +358,19 @@ mod tests {
         let mem = GuestMemory::new(64 << 20).unwrap();
         let flags = vm_flags(mem.map.as_ptr() as usize);
         assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+    }
+
+    #[test]
+    fn resident_bytes_count_what_was_touched() {
+        let mem = GuestMemory::new(64 << 20).unwrap();
+        assert_eq!(mem.resident_bytes(), Some(0));
+        for p in 0..1024 {
+            mem.write_page(p, &[1u8; PAGE_SIZE]);
+        }
+        let rss = mem.resident_bytes().unwrap();
+        // 4 MiB written; huge pages may back up to the 2 MiB boundaries around it.
+        assert!((4 << 20..=8 << 20).contains(&rss), "{rss}");
+        assert!(peak_rss_bytes().unwrap() >= rss);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use super::dest_state::{DestMachine, DestState};
 use super::progress::RunContext;
-use super::report::{round3, CpuMs, Outcome, PageCounter, PageCounts, Report, Side};
+use super::report::{round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side};
 use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
 use crate::codec::CodecId;
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
@@ -540,6 +540,7 @@ impl Session {
             guest: tally.guest_kind.unwrap_or(GuestKind::Sim),
             session_id: format!("{:016x}", tally.session_id),
             round_log: Vec::new(),
+            memory_use: MemoryUse::measure(shared.as_ref().map(|s| &*s.memory)),
         };
         report.finish_derived();
         Incoming {

@@ -21,7 +21,7 @@ mod source;
 pub use config::{MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS, DEFAULT_INITIAL_CREDITS};
 pub use error::MigrationError;
 pub use guest::{restore_guest, MigratableGuest};
-pub use report::{CpuMs, Outcome, PageCounts, Report, RoundLog, Side};
+pub use report::{CpuMs, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};
 
 #[cfg(feature = "net")]
 pub use dest::{Incoming, Receiver, ReceiverConfig};

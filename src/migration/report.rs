@@ -158,6 +158,37 @@ pub struct Report {
     pub session_id: String,
     /// Pre-copy rounds (source side; empty on the destination).
     pub round_log: Vec<RoundLog>,
+    /// Memory this process holds, read when the report is written.
+    pub memory_use: MemoryUse,
+}
+
+/// Resident memory of the process that wrote a report. The figures are the
+/// whole process's: with both ends in one process (`demo`) they cover both.
+/// `null` where the platform does not tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MemoryUse {
+    /// Peak resident memory of the process (`VmHWM`).
+    pub peak_rss_bytes: Option<u64>,
+    /// This side's guest memory resident now.
+    pub guest_resident_bytes: Option<u64>,
+    /// `peak_rss_bytes - guest_resident_bytes`: what ferry itself cost (buffers,
+    /// bitmaps, digests, threads, the binary) on top of guest memory.
+    pub overhead_bytes: Option<u64>,
+}
+
+impl MemoryUse {
+    /// Reads the process's peak and `guest`'s resident memory now.
+    pub fn measure(guest: Option<&crate::memory::GuestMemory>) -> Self {
+        let peak = crate::memory::peak_rss_bytes();
+        let resident = guest.and_then(|g| g.resident_bytes());
+        Self {
+            peak_rss_bytes: peak,
+            guest_resident_bytes: resident,
+            overhead_bytes: peak
+                .zip(resident.or(Some(0)))
+                .map(|(p, r)| p.saturating_sub(r)),
+        }
+    }
 }
 
 impl Report {

@@ -11,7 +11,9 @@
 
 use super::policy::{Convergence, Decision, RoundStats};
 use super::progress::{Phase, RunContext};
-use super::report::{round3, CpuMs, Outcome, PageCounter, PageCounts, Report, RoundLog, Side};
+use super::report::{
+    round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, RoundLog, Side,
+};
 use super::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::codec::{
     is_zero_page, AutoChooser, Codec, CodecChoice, CodecId, SocketRate, SETUP_CODEC_AUTO,
@@ -531,6 +533,7 @@ pub async fn migrate(
         guest: guest.kind(),
         session_id: format!("{:016x}", tally.session_id),
         round_log: std::mem::take(&mut tally.round_log),
+        memory_use: MemoryUse::measure(Some(guest.memory())),
     };
     report.finish_derived();
     report

@@ -105,6 +105,7 @@ pub fn parse_report(line: &str) -> serde_json::Value {
     for key in [
         "outcome",
         "error",
+        "memory_use",
         "verified",
         "verify",
         "verify_ms",
