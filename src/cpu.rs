@@ -6,6 +6,46 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The calling thread's CPU time so far (`CLOCK_THREAD_CPUTIME_ID`): what a
+/// piece of work cost this thread, unlike wall time, which grows while the
+/// thread waits for a core. `None` where the clock is missing.
+#[allow(unsafe_code)]
+pub fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call writes only it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Times work by this thread's CPU clock, falling back to wall time.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTimer {
+    cpu: Option<Duration>,
+    wall: std::time::Instant,
+}
+
+impl CpuTimer {
+    /// Starts timing.
+    pub fn start() -> Self {
+        Self {
+            cpu: thread_cpu_time(),
+            wall: std::time::Instant::now(),
+        }
+    }
+
+    /// Seconds of this thread's CPU since `start` (wall seconds where the CPU
+    /// clock is missing).
+    pub fn secs(&self) -> f64 {
+        match (self.cpu, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64(),
+            _ => self.wall.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// Sums the CPU time of the threads registered with it, live or finished.
 #[derive(Debug, Clone, Default)]
 pub struct CpuMeter {
@@ -79,6 +119,20 @@ impl CpuMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_timer_counts_work_not_sleep() {
+        let t = CpuTimer::start();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(t.secs() < 0.01, "sleeping cost {} s of CPU", t.secs());
+        let t = CpuTimer::start();
+        let mut x = 0u64;
+        let begin = std::time::Instant::now();
+        while begin.elapsed() < Duration::from_millis(20) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(t.secs() > 0.005, "spinning cost {} s of CPU", t.secs());
+    }
 
     #[test]
     fn counts_only_registered_threads() {

@@ -75,9 +75,10 @@ struct SweepArgs {
     #[command(flatten)]
     guest: GuestArgs,
     /// Use a built-in guest set instead of the guest flags: `standard` is an
-    /// idle realistic mix, a busy hot set and incompressible data (of --memory
-    /// each, default 256MiB).
-    #[arg(long, value_parser = ["standard"])]
+    /// idle realistic mix, a busy hot set and incompressible data; `changing` is
+    /// one idle guest whose page mix changes part by part (text, incompressible,
+    /// binary, the realistic mix). Of --memory each, default 256MiB.
+    #[arg(long, value_parser = ["standard", "changing"])]
     guest_set: Option<String>,
     /// Codecs to compare (`auto` included).
     #[arg(long, default_value = "none,lz4,zstd:1,zstd:3,auto", value_parser = choice_list_arg)]
@@ -976,6 +977,7 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
     };
     let memory = a.guest.mem.memory.unwrap_or(256 << 20);
     let guests = match a.guest_set.as_deref() {
+        Some("changing") => GuestSpec::changing_set(memory),
         Some(_) => GuestSpec::standard_set(memory),
         None => {
             let g = &a.guest;

@@ -91,6 +91,27 @@ impl GuestSpec {
     }
 }
 
+impl GuestSpec {
+    /// The changing set: one idle guest whose memory runs through four
+    /// differently compressible parts in turn (text-heavy, incompressible,
+    /// binary, the realistic mix), so the page mix changes as the migration
+    /// walks memory and no one fixed codec suits all of it.
+    pub fn changing_set(memory: u64) -> Vec<GuestSpec> {
+        vec![GuestSpec {
+            label: "changing".into(),
+            memory,
+            fill: CHANGING_FILL.parse().expect("valid fill"),
+            image: None,
+            workload: WorkloadPattern::Idle,
+            dirty_rate: 0,
+        }]
+    }
+}
+
+/// The changing guest's memory, part by part.
+pub const CHANGING_FILL: &str =
+    "zero:10,text:90|random|binary:80,zero:20|zero:35,text:30,binary:20,random:15";
+
 /// What the grid is made of.
 #[derive(Debug, Clone)]
 pub struct SweepPlan {

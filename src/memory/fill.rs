@@ -170,10 +170,14 @@ pub struct FillError {
     reason: String,
 }
 
-/// A mix of page kinds with integer weights, e.g. `zero:35,text:30,binary:20,random:15`.
+/// A mix of page kinds with integer weights, e.g. `zero:35,text:30,binary:20,random:15`;
+/// or several mixes separated by `|`, each for an equal, consecutive share of
+/// memory (`text|random`: the first half text, the second incompressible), so
+/// the page mix a migration sees changes as it walks memory.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct FillSpec {
-    weights: [u32; 4],
+    segments: Vec<[u32; 4]>,
 }
 
 impl Default for FillSpec {
@@ -181,8 +185,21 @@ impl Default for FillSpec {
     /// already-compressed data.
     fn default() -> Self {
         Self {
-            weights: [35, 30, 20, 15],
+            segments: vec![[35, 30, 20, 15]],
         }
+    }
+}
+
+impl TryFrom<String> for FillSpec {
+    type Error = FillError;
+    fn try_from(s: String) -> Result<Self, FillError> {
+        s.parse()
+    }
+}
+
+impl From<FillSpec> for String {
+    fn from(f: FillSpec) -> String {
+        f.to_string()
     }
 }
 
@@ -191,20 +208,38 @@ impl FillSpec {
     pub fn only(kind: ContentKind) -> Self {
         let mut weights = [0; 4];
         weights[kind as usize] = 1;
-        Self { weights }
+        Self {
+            segments: vec![weights],
+        }
     }
 
-    /// The weight of one kind.
+    /// The weight of one kind, summed over the segments (each segment's weights
+    /// normalised to 1000, so segments count equally).
     pub fn weight(&self, kind: ContentKind) -> u32 {
-        self.weights[kind as usize]
+        self.segments
+            .iter()
+            .map(|w| w[kind as usize] * 1000 / w.iter().sum::<u32>())
+            .sum()
     }
 
-    /// Chooses a kind from 32 random bits by the weights.
-    pub fn pick(&self, r: u32) -> ContentKind {
-        let total: u32 = self.weights.iter().sum();
+    /// How many consecutive segments memory is split into.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The segment that item `index` of `count` (a page, an extent) falls in.
+    pub fn segment_of(&self, index: u64, count: u64) -> usize {
+        let n = self.segments.len() as u64;
+        (index.min(count.saturating_sub(1)) * n / count.max(1)) as usize
+    }
+
+    /// Chooses a kind from 32 random bits by segment `segment`'s weights.
+    pub fn pick(&self, segment: usize, r: u32) -> ContentKind {
+        let weights = &self.segments[segment.min(self.segments.len() - 1)];
+        let total: u32 = weights.iter().sum();
         let mut x = r % total;
         for kind in ContentKind::ALL {
-            let w = self.weights[kind as usize];
+            let w = weights[kind as usize];
             if x < w {
                 return kind;
             }
@@ -217,12 +252,18 @@ impl FillSpec {
         ChaCha8Rng::seed_from_u64(seed ^ extent.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
 
-    /// Generates the initial content of extent `extent` (16 pages) into `out`,
-    /// which holds `out.len() / PAGE_SIZE` pages. Deterministic in `seed`.
-    /// Returns the extent's kind.
-    pub fn generate_extent(&self, seed: u64, extent: u64, out: &mut [u8]) -> ContentKind {
+    /// Generates the initial content of extent `extent` of `extents` (16 pages
+    /// each) into `out`, which holds `out.len() / PAGE_SIZE` pages.
+    /// Deterministic in `seed`. Returns the extent's kind.
+    pub fn generate_extent(
+        &self,
+        seed: u64,
+        extent: u64,
+        extents: u64,
+        out: &mut [u8],
+    ) -> ContentKind {
         let mut rng = Self::extent_rng(seed, extent);
-        let kind = self.pick(rng.next_u32());
+        let kind = self.pick(self.segment_of(extent, extents), rng.next_u32());
         for page in out.chunks_exact_mut(PAGE_SIZE) {
             kind.generate(&mut rng, page);
         }
@@ -243,7 +284,7 @@ impl FillSpec {
                         let first = e * FILL_EXTENT_PAGES;
                         let n = FILL_EXTENT_PAGES.min(mem.pages() - first);
                         let out = &mut buf[..n as usize * PAGE_SIZE];
-                        if self.generate_extent(seed, e, out) != ContentKind::Zero {
+                        if self.generate_extent(seed, e, extents, out) != ContentKind::Zero {
                             for (i, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
                                 mem.write_page(first + i as u64, page);
                             }
@@ -264,41 +305,60 @@ impl FromStr for FillSpec {
             input: s.to_string(),
             reason: reason.to_string(),
         };
-        let mut weights = [0u32; 4];
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, weight) = match part.split_once(':') {
-                Some((n, w)) => (
-                    n.trim(),
-                    w.trim()
-                        .parse::<u32>()
-                        .map_err(|_| err("weights are whole numbers"))?,
-                ),
-                None => (part, 1),
-            };
-            let kind = ContentKind::ALL
-                .into_iter()
-                .find(|k| k.name() == name)
-                .ok_or_else(|| err(&format!("unknown kind {name:?}")))?;
-            weights[kind as usize] += weight;
+        let mut segments = Vec::new();
+        for mix in s.split('|') {
+            let mut weights = [0u32; 4];
+            for part in mix.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (name, weight) = match part.split_once(':') {
+                    Some((n, w)) => (
+                        n.trim(),
+                        w.trim()
+                            .parse::<u32>()
+                            .map_err(|_| err("weights are whole numbers"))?,
+                    ),
+                    None => (part, 1),
+                };
+                if weight > 1_000_000 {
+                    return Err(err("weights are at most 1000000"));
+                }
+                let kind = ContentKind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == name)
+                    .ok_or_else(|| err(&format!("unknown kind {name:?}")))?;
+                weights[kind as usize] += weight;
+            }
+            if weights.iter().sum::<u32>() == 0 {
+                return Err(err(if segments.is_empty() && !s.contains('|') {
+                    "no weight given"
+                } else {
+                    "a |-separated part has no weight"
+                }));
+            }
+            segments.push(weights);
         }
-        if weights.iter().sum::<u32>() == 0 {
-            return Err(err("no weight given"));
+        if segments.len() > 64 {
+            return Err(err("at most 64 |-separated parts"));
         }
-        Ok(Self { weights })
+        Ok(Self { segments })
     }
 }
 
 impl fmt::Display for FillSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        for kind in ContentKind::ALL {
-            let w = self.weights[kind as usize];
-            if w > 0 {
-                if !first {
-                    f.write_str(",")?;
+        for (i, weights) in self.segments.iter().enumerate() {
+            if i > 0 {
+                f.write_str("|")?;
+            }
+            let mut first = true;
+            for kind in ContentKind::ALL {
+                let w = weights[kind as usize];
+                if w > 0 {
+                    if !first {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{}:{w}", kind.name())?;
+                    first = false;
                 }
-                write!(f, "{}:{w}", kind.name())?;
-                first = false;
             }
         }
         Ok(())
@@ -321,6 +381,30 @@ mod tests {
         assert!("zero:x".parse::<FillSpec>().is_err());
         assert!("gold:3".parse::<FillSpec>().is_err());
         assert!("zero:0".parse::<FillSpec>().is_err());
+    }
+
+    #[test]
+    fn segments_split_memory_in_order() {
+        let s: FillSpec = "text|random".parse().unwrap();
+        assert_eq!(s.to_string(), "text:1|random:1");
+        assert_eq!(s.segments(), 2);
+        assert_eq!((s.segment_of(0, 100), s.segment_of(49, 100)), (0, 0));
+        assert_eq!((s.segment_of(50, 100), s.segment_of(99, 100)), (1, 1));
+        assert!("text|".parse::<FillSpec>().is_err());
+        assert!("|".parse::<FillSpec>().is_err());
+        let mem = GuestMemory::new(512 * PAGE_SIZE as u64).unwrap();
+        s.fill(&mem, 3, 2);
+        let ratio = |first: u64| {
+            mem.with_pages(first, 256, |b| {
+                b.len() as f64 / lz4_flex::block::compress(b).len() as f64
+            })
+        };
+        assert!(ratio(0) > 1.8, "first half compresses: {}", ratio(0));
+        assert!(ratio(256) < 1.01, "second half does not: {}", ratio(256));
+        // Serialised as the string users write.
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(json, "\"text:1|random:1\"");
+        assert_eq!(serde_json::from_str::<FillSpec>(&json).unwrap(), s);
     }
 
     #[test]

@@ -366,7 +366,9 @@ fn writer(shared: Arc<Shared>, index: usize, mut ws: WriterState) {
                     }
                     WorkloadPattern::Idle => unreachable!(),
                 };
-                let kind = wl.content.pick(rng.next_u32());
+                let kind = wl
+                    .content
+                    .pick(wl.content.segment_of(page, pages), rng.next_u32());
                 kind.generate(&mut rng, &mut buf);
                 // Write, then mark: a migration that drains the mark copies the
                 // page after this write (see the memory module doc).

@@ -110,7 +110,9 @@ impl Shared {
         let zero_hash = zero_page_hash();
         ENCODER.with(|e| {
             let mut enc = e.borrow_mut();
-            let t = std::time::Instant::now();
+            // CPU time, not wall: with more encoders than cores a batch waits
+            // for a core, and wall time would make every codec look slower.
+            let t = crate::cpu::CpuTimer::start();
             let batch = enc.encode(job.round, codec, &job.runs, |page, buf| {
                 mem.read_page(page, buf);
                 let zero = is_zero_page(buf);
@@ -119,7 +121,7 @@ impl Shared {
                 zero
             })?;
             if self.codec == CodecChoice::Auto {
-                let secs = t.elapsed().as_secs_f64();
+                let secs = t.secs();
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
                 let nonzero = u64::from(batch.pages - batch.zero) * PAGE_SIZE as u64;
                 // Measure the other candidates on a sample of these pages.
@@ -133,9 +135,9 @@ impl Shared {
                             .filter(|&&c| c != codec && c != Codec::None)
                         {
                             out.clear();
-                            let t = std::time::Instant::now();
+                            let t = crate::cpu::CpuTimer::start();
                             if let Ok(n) = crate::codec::compress(c, sample, &mut out) {
-                                samples.push((c, n as u64, t.elapsed().as_secs_f64()));
+                                samples.push((c, n as u64, t.secs()));
                             }
                         }
                     });
@@ -732,10 +734,9 @@ async fn run(
         hashes: PageHashes::new(pages),
         codec: config.codec,
         chooser: Mutex::new({
-            // The host's cores also run guests (and, on loopback, the
-            // destination): count on half of them for encoding.
+            // The chooser leaves the receiving side its share of the cores.
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let mut c = AutoChooser::new((cores / 2).max(1));
+            let mut c = AutoChooser::new(cores);
             if let Some(cap) = config.max_bandwidth {
                 c.set_link_rate(cap as f64);
             }

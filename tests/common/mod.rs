@@ -75,12 +75,13 @@ pub fn first_difference(a: &GuestMemory, b: &GuestMemory) -> Option<u64> {
 pub fn holds_initial_fill(mem: &GuestMemory, fill: &FillSpec, from: u64, to: u64) -> bool {
     const EXT: u64 = ferry::memory::FILL_EXTENT_PAGES;
     let mut buf = vec![0u8; EXT as usize * PAGE_SIZE];
+    let extents = mem.pages().div_ceil(EXT);
     let mut ext = from / EXT;
     while ext * EXT < to {
         let first = ext * EXT;
         let n = EXT.min(mem.pages() - first);
         let out = &mut buf[..n as usize * PAGE_SIZE];
-        fill.generate_extent(SEED, ext, out);
+        fill.generate_extent(SEED, ext, extents, out);
         for i in 0..n {
             let p = first + i;
             if p < from || p >= to {
