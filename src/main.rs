@@ -258,7 +258,7 @@ struct MigrateArgs {
     channels: u16,
     /// Batch codec: none, lz4, zstd[:level], or auto (chosen per batch from the
     /// measured link rate and codec speeds).
-    #[arg(long, default_value = "lz4")]
+    #[arg(long, default_value = "auto")]
     codec: CodecChoice,
     /// Cap on wire bytes/s across all channels, switchover included (e.g. 1Gbit/s).
     #[arg(long, default_value = "unlimited", value_parser = bandwidth_arg)]

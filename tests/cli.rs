@@ -147,7 +147,7 @@ fn demo_prints_one_json_line() {
     let r = parse_report(stdout.trim());
     assert_eq!(r["outcome"], "completed");
     assert_eq!(r["verified"], true);
-    assert_eq!(r["codec"], "lz4");
+    assert_eq!(r["codec"], "auto", "auto is the default codec");
     assert_eq!(r["channels"], 4);
     assert!(r["max_bandwidth_bps"].is_null());
 }

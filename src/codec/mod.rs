@@ -195,7 +195,10 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 }
 
 thread_local! {
-    static ZSTD_C: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    /// One compressor per level in use on this thread: `auto` alternates levels
+    /// (a batch at one, a probe at others), and making a context costs as much
+    /// as compressing a 64 KiB probe.
+    static ZSTD_C: RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(Vec::new()) };
     static ZSTD_D: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
@@ -223,14 +226,22 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut BytesMut) -> Result<usize,
             }
         })?,
         Codec::Zstd { level } => ZSTD_C.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            if cell.as_ref().is_none_or(|(l, _)| *l != level) {
-                let c = zstd::bulk::Compressor::new(level).map_err(|_| CodecError::Compress {
-                    codec: CodecId::Zstd,
-                })?;
-                *cell = Some((level, c));
-            }
-            let (_, c) = cell.as_mut().unwrap();
+            let mut cached = cell.borrow_mut();
+            let at = match cached.iter().position(|(l, _)| *l == level) {
+                Some(at) => at,
+                None => {
+                    let c =
+                        zstd::bulk::Compressor::new(level).map_err(|_| CodecError::Compress {
+                            codec: CodecId::Zstd,
+                        })?;
+                    if cached.len() >= 4 {
+                        cached.remove(0);
+                    }
+                    cached.push((level, c));
+                    cached.len() - 1
+                }
+            };
+            let (_, c) = &mut cached[at];
             c.compress_to_buffer(input, &mut out[start..])
                 .map_err(|_| CodecError::Compress {
                     codec: CodecId::Zstd,

@@ -4,7 +4,7 @@ use super::policy::{
     completion_timeout_for, AutoConverge, ConvergencePolicy, DEFAULT_DOWNTIME_LIMIT,
     DEFAULT_PROGRESS_TIMEOUT, DEFAULT_SWITCHOVER_FLOOR,
 };
-use crate::codec::{Codec, CodecChoice};
+use crate::codec::CodecChoice;
 use crate::wire::VerifyMode;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ impl Default for MigrationConfig {
     fn default() -> Self {
         Self {
             channels: DEFAULT_CHANNELS,
-            codec: CodecChoice::Fixed(Codec::Lz4),
+            codec: CodecChoice::Auto,
             max_bandwidth: None,
             downtime_limit: DEFAULT_DOWNTIME_LIMIT,
             verify: VerifyMode::Fast,

@@ -54,8 +54,8 @@ struct Shared {
     guest: Arc<dyn MigratableGuest>,
     hashes: PageHashes,
     codec: CodecChoice,
-    /// With `auto`: the chooser, and the measured rate at which the sockets
-    /// take bytes (per channel) when no cap sets the link.
+    /// With `auto`: the chooser, and the link's rate as the sockets show it
+    /// when no cap sets the link.
     chooser: Mutex<AutoChooser>,
     capped: bool,
     socket_bps: Mutex<SocketRate>,
@@ -95,7 +95,7 @@ impl Shared {
                 let mut chooser = self.chooser.lock().unwrap();
                 if !self.capped {
                     if let Some(bps) = self.socket_bps.lock().unwrap().rate() {
-                        chooser.set_link_rate(bps * self.writers.len() as f64);
+                        chooser.set_link_rate(bps);
                     }
                 }
                 chooser.pick()
@@ -132,7 +132,7 @@ impl Shared {
                         let mut out = out.borrow_mut();
                         for &c in crate::codec::CANDIDATES
                             .iter()
-                            .filter(|&&c| c != codec && c != Codec::None)
+                            .filter(|&&c| c != Codec::None)
                         {
                             out.clear();
                             let t = crate::cpu::CpuTimer::start();
@@ -158,7 +158,12 @@ impl Shared {
         if self.capped || self.codec != CodecChoice::Auto || secs <= 0.0 || bytes < 64 << 10 {
             return;
         }
-        self.socket_bps.lock().unwrap().record(bytes as f64, secs);
+        self.socket_bps.lock().unwrap().record(
+            bytes as f64,
+            secs,
+            self.writers.len(),
+            std::time::Instant::now(),
+        );
     }
 
     async fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
