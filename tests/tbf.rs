@@ -25,6 +25,16 @@ fn namespaces_of(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// `ferry bench sweep --link tbf` of one idle, incompressible guest, codec
+/// `none`, one repeat per link speed.
+fn tbf_sweep(memory: &str, bandwidth: &str) -> Command {
+    let mut c = ferry();
+    c.args(["bench", "sweep", "--link", "tbf", "--memory", memory])
+        .args(["--fill", "random", "--workload", "idle", "--codecs", "none"])
+        .args(["--bandwidth", bandwidth, "--repeats", "1"]);
+    c
+}
+
 /// A process id that no process has now.
 fn dead_pid() -> u32 {
     (3_000_000..)
@@ -47,26 +57,8 @@ fn sweep_over_a_kernel_shaped_link_is_shaped_and_cleans_up() {
     assert!(made.success());
 
     let dir = std::env::temp_dir().join(format!("ferry-tbf-{}", std::process::id()));
-    let child = ferry()
-        .args([
-            "bench",
-            "sweep",
-            "--link",
-            "tbf",
-            "--memory",
-            "16MiB",
-            "--fill",
-            "random",
-            "--workload",
-            "idle",
-            "--codecs",
-            "none",
-            "--bandwidth",
-            "100Mbit,unlimited",
-            "--repeats",
-            "1",
-            "--out",
-        ])
+    let child = tbf_sweep("16MiB", "100Mbit,unlimited")
+        .arg("--out")
         .arg(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -123,25 +115,7 @@ fn an_interrupted_sweep_tears_its_link_down() {
         return;
     }
     // About 5 s of migration at 10 Mbit/s: long enough to interrupt.
-    let mut child = ferry()
-        .args([
-            "bench",
-            "sweep",
-            "--link",
-            "tbf",
-            "--memory",
-            "8MiB",
-            "--fill",
-            "random",
-            "--workload",
-            "idle",
-            "--codecs",
-            "none",
-            "--bandwidth",
-            "10Mbit",
-            "--repeats",
-            "1",
-        ])
+    let mut child = tbf_sweep("8MiB", "10Mbit")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

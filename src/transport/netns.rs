@@ -207,53 +207,27 @@ impl TbfLink {
     /// Shapes the source's egress to `rate` bytes per second with a `tbf` qdisc,
     /// or removes the shaping (`None`).
     pub fn set_rate(&mut self, rate: Option<u64>) -> io::Result<()> {
-        let ns = self.source.name().to_string();
         match rate {
-            None => {
-                if self.rate.is_some() {
-                    run(
-                        "ip",
-                        &[
-                            "netns",
-                            "exec",
-                            &ns,
-                            "tc",
-                            "qdisc",
-                            "del",
-                            "dev",
-                            &self.source_dev,
-                            "root",
-                        ],
-                    )?;
-                }
-            }
+            None if self.rate.is_some() => self.root_qdisc(&["del"])?,
+            None => {}
             Some(bps) => {
                 let (rate, burst, limit) = tbf_params(bps);
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &ns,
-                        "tc",
-                        "qdisc",
-                        "replace",
-                        "dev",
-                        &self.source_dev,
-                        "root",
-                        "tbf",
-                        "rate",
-                        &rate,
-                        "burst",
-                        &burst,
-                        "limit",
-                        &limit,
-                    ],
-                )?;
+                self.root_qdisc(&[
+                    "replace", "tbf", "rate", &rate, "burst", &burst, "limit", &limit,
+                ])?;
             }
         }
         self.rate = rate;
         Ok(())
+    }
+
+    /// `tc qdisc <verb> dev <source veth> root <rest...>` in the source's namespace.
+    fn root_qdisc(&self, verb_and_rest: &[&str]) -> io::Result<()> {
+        let (verb, rest) = verb_and_rest.split_first().expect("a verb");
+        let mut args = vec!["netns", "exec", self.source.name(), "tc", "qdisc", verb];
+        args.extend(["dev", self.source_dev.as_str(), "root"]);
+        args.extend(rest);
+        run("ip", &args)
     }
 }
 
