@@ -124,6 +124,14 @@ struct LinkArgs {
     /// Be the sink for `ferry bench link --to` on another host, until interrupted.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// `tbf`: measure through the kernel-shaped link `bench sweep --link tbf`
+    /// uses (two network namespaces, a veth pair, a tbf qdisc at --bandwidth;
+    /// root, Linux) instead of loopback.
+    #[arg(long, value_parser = ["loopback", "tbf"], default_value = "loopback", conflicts_with_all = ["to", "listen"])]
+    link: String,
+    /// With --link tbf: the link's rate [default: unlimited, no qdisc].
+    #[arg(long, value_parser = link_list_arg)]
+    bandwidth: Option<LinkList>,
     /// Print the result as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -852,6 +860,11 @@ fn outcome_name(o: Outcome) -> &'static str {
 fn bench_link(a: LinkArgs) -> Result<ExitCode> {
     let rt = ferry::transport::runtime("ferry-bench", 2, &CpuMeter::new())?;
     let cancel = tokio_util::sync::CancellationToken::new();
+    if a.bandwidth.is_some() && a.link != "tbf" {
+        return Err(usage(
+            "--bandwidth shapes a --link tbf; loopback and --to measure the path as it is",
+        ));
+    }
     if let Some(listen) = &a.listen {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(listen))
@@ -868,8 +881,42 @@ fn bench_link(a: LinkArgs) -> Result<ExitCode> {
         rt.block_on(ferry::bench::serve_link_sink(listener, cancel));
         return Ok(ExitCode::SUCCESS);
     }
+    // With --link tbf: the sink runs in the destination's namespace, the
+    // client (`rt`, rebuilt) in the source's; `_tbf` tears them down at the end.
+    let (mut rt, mut _sink_rt, mut _tbf) = (rt, None, None);
     let (addr, path) = match &a.to {
         Some(to) => (to.clone(), to.clone()),
+        None if a.link == "tbf" => {
+            let rate = match a.bandwidth.as_ref().map(|l| &l.0[..]) {
+                None => None,
+                Some(&[rate]) => rate,
+                Some(_) => return Err(usage("--link tbf takes one --bandwidth")),
+            };
+            ferry::transport::netns::tbf_available().map_err(usage)?;
+            let mut link = ferry::transport::netns::TbfLink::new()
+                .context("setting up the tbf link (network namespaces, veth, tc)")?;
+            link.set_rate(rate).context("shaping the tbf link")?;
+            let cpu = CpuMeter::new();
+            let sink_rt = ferry::transport::runtime_in(
+                "ferry-sink",
+                2,
+                &cpu,
+                Some(link.destination().clone()),
+            )?;
+            rt = ferry::transport::runtime_in("ferry-bench", 2, &cpu, Some(link.source().clone()))?;
+            let listen = link.listen_addr();
+            let listener = sink_rt.block_on(
+                sink_rt.spawn(async move { tokio::net::TcpListener::bind(listen).await }),
+            )??;
+            let addr = listener.local_addr()?.to_string();
+            sink_rt.spawn(ferry::bench::serve_link_sink(listener, cancel.clone()));
+            _sink_rt = Some(sink_rt);
+            _tbf = Some(link);
+            (
+                addr,
+                format!("tbf {}", ferry::bench::sweep::link_label(rate)),
+            )
+        }
         None => {
             let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
             let addr = listener.local_addr()?.to_string();
@@ -879,8 +926,10 @@ fn bench_link(a: LinkArgs) -> Result<ExitCode> {
     };
     let mut runs = Vec::new();
     for i in 0..a.repeats {
+        // On a runtime thread: with --link tbf that is inside the source's namespace.
+        let (to, channels, bytes) = (addr.clone(), a.channels, a.bytes);
         let r = rt
-            .block_on(ferry::bench::link_once(&addr, a.channels, a.bytes))
+            .block_on(rt.spawn(async move { ferry::bench::link_once(&to, channels, bytes).await }))?
             .with_context(|| format!("link run {} to {addr}", i + 1))?;
         runs.push(r);
     }

@@ -144,3 +144,26 @@ fn an_interrupted_sweep_tears_its_link_down() {
     );
     assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
 }
+
+#[test]
+fn bench_link_measures_the_shaped_path() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let out = ferry()
+        .args(["bench", "link", "--link", "tbf", "--bandwidth", "100Mbit"])
+        .args(["--bytes", "8MiB", "--repeats", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["path"], "tbf 100Mbit/s");
+    // The payload rate sits just under the shaped rate (tbf counts headers).
+    let bps = v["bps"]["median"].as_f64().unwrap();
+    assert!((0.8 * 12.5e6..=1.05 * 12.5e6).contains(&bps), "{bps}");
+}
