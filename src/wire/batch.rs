@@ -263,8 +263,9 @@ impl BatchEncoder {
         Self::default()
     }
 
-    /// Encodes the pages of `runs`. `read(page, buf)` copies page `page` into
-    /// `buf` (one page) and returns whether it is all zero. Non-zero pages are
+    /// Encodes the pages of `runs`. `read(page, buf)` returns whether page
+    /// `page` is all zero, and if it is not, copies it into `buf` (one page;
+    /// for a zero page `buf` is dropped unread). Non-zero pages are
     /// compressed together with `codec`; if that does not make them smaller the
     /// batch goes raw.
     ///
