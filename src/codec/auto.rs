@@ -3,8 +3,8 @@
 //! The model, per guest byte of a batch:
 //!
 //! ```text
-//! cpu(c)  = base + (1 - z) / speed(c)        base: copy, zero check, hash
-//! wire(c) = (1 - z) / ratio(c)               z: fraction of zero pages
+//! cpu(c)  = base + (1 - z) * cost(c)         base: copy, zero check, hash
+//! wire(c) = (1 - z) * shrink(c)              z: fraction of zero pages
 //! throughput(c) = min(encode_cores / cpu(c), link_rate / wire(c))
 //! encode_cores  = cores - min(cores / 2, link_rate / RECEIVE_BPS_PER_CORE)
 //! ```
@@ -16,8 +16,9 @@
 //! the link is unknown or fast: on a 1 Gbit/s link that leaves it 1.9 of 2
 //! cores, uncapped on loopback 1.
 //!
-//! `speed` and `ratio` are each compressor's measured speed and ratio on the
-//! non-zero bytes being sent now (`none`: infinite and 1). The candidate with
+//! `cost` (CPU seconds per byte) and `shrink` (compressed bytes per byte) are
+//! each compressor's, on the non-zero bytes being sent now (`none`: 0 and 1),
+//! averaged as costs rather than as speeds and ratios. The candidate with
 //! the highest throughput wins; a stronger one must beat a cheaper one by 3%,
 //! so near-ties go to the cheaper. When the link is the bottleneck this favours
 //! the best ratio; when the CPU is, the cheapest; pages that measurably do not
@@ -25,10 +26,11 @@
 //!
 //! Batches are encoded whole only with the chosen codec. The other candidates
 //! are measured on a small sample of a batch's non-zero pages (64 KiB), on the
-//! first batch and then one batch in [`PROBE_EVERY`], or in
+//! first batch and then one batch in [`PROBE_EVERY`]: in
 //! [`PROBE_EVERY_CLOSE`] while another candidate comes within 30% of the
-//! chosen one (a change in the page mix could tip the choice; on loopback,
-//! where raw wins by far, probing stays rare). Probes weigh more than whole
+//! chosen one (a change in the page mix could tip the choice), in
+//! [`PROBE_EVERY_FAR`] while none comes within 60% (on loopback, where raw wins
+//! by far, a probe costs more than it could gain). Probes weigh more than whole
 //! batches in the ratio's average, so a new kind of page is followed within a
 //! few probes.
 
@@ -45,8 +47,12 @@ pub const CANDIDATES: [Codec; 4] = [
 pub const PROBE_EVERY: u64 = 16;
 /// ... or in this many while the decision is close.
 pub const PROBE_EVERY_CLOSE: u64 = 4;
+/// ... or in this many while no other candidate is anywhere near.
+pub const PROBE_EVERY_FAR: u64 = 64;
 /// How close (runner-up throughput over the best's) counts as close.
 const CLOSE: f64 = 0.7;
+/// How far (runner-up throughput over the best's) counts as far.
+const FAR: f64 = 0.4;
 /// What a compressor is assumed to do per core on non-zero bytes (speed,
 /// ratio) until it is measured: lz4, zstd:1, zstd:3 on real RAM content on
 /// this kind of machine (`ferry bench codecs --image`, realistic mix). With a
@@ -78,10 +84,13 @@ fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Estimate {
-    /// Non-zero bytes per second of compression on one core.
-    speed: Option<f64>,
-    /// Non-zero bytes per compressed byte (at least 1: raw is the fallback).
-    ratio: Option<f64>,
+    /// Seconds of one core per non-zero byte compressed. Costs are averaged,
+    /// not speeds: a sample of incompressible pages compresses at 10 GB/s and
+    /// would swamp an average of speeds, though it costs next to nothing.
+    cost: Option<f64>,
+    /// Compressed bytes per non-zero byte (at most 1: raw is the fallback),
+    /// averaged for the same reason.
+    wire: Option<f64>,
 }
 
 /// The chooser's state. The source shares one behind a mutex, taken briefly
@@ -175,7 +184,7 @@ impl AutoChooser {
         }
         if codec == Codec::None {
             self.base = ewma(self.base, seconds / guest_bytes as f64);
-        } else if !self.estimates[i].speed.is_some_and(|s| s > 0.0) && nonzero_bytes > 0 {
+        } else if self.estimates[i].cost.is_none() && nonzero_bytes > 0 {
             // Nothing probed yet: the batch is better than no figure at all.
             let base = self.base.unwrap_or(BASE_PRIOR) * guest_bytes as f64;
             let compress = (seconds - base).max(seconds * 0.1);
@@ -203,10 +212,10 @@ impl AutoChooser {
             return;
         }
         let e = &mut self.estimates[i];
-        e.speed = ewma(e.speed, bytes as f64 / seconds);
-        // Data that does not shrink is sent raw: a ratio below 1 never happens.
-        let ratio = (bytes as f64 / compressed.max(1) as f64).max(1.0);
-        e.ratio = Some(e.ratio.map_or(ratio, |o| o + alpha * (ratio - o)));
+        e.cost = ewma(e.cost, seconds / bytes as f64);
+        // Data that does not shrink is sent raw: never more than it was.
+        let wire = (compressed as f64 / bytes as f64).min(1.0);
+        e.wire = Some(e.wire.map_or(wire, |o| o + alpha * (wire - o)));
     }
 
     /// Expected pipeline throughput (guest bytes/s) with candidate `i`.
@@ -219,8 +228,8 @@ impl AutoChooser {
             let e = self.estimates[i];
             let (speed, ratio) = PRIORS[i - 1];
             (
-                base + (1.0 - z) / e.speed.unwrap_or(speed),
-                (1.0 - z) / e.ratio.unwrap_or(ratio),
+                base + (1.0 - z) * e.cost.unwrap_or(1.0 / speed),
+                (1.0 - z) * e.wire.unwrap_or(1.0 / ratio),
             )
         };
         let by_cpu = self.encode_cores() / cpu;
@@ -234,7 +243,7 @@ impl AutoChooser {
     /// Whether every compressor has been measured.
     pub fn measured(&self) -> bool {
         (0..CANDIDATES.len())
-            .all(|i| CANDIDATES[i] == Codec::None || self.estimates[i].speed.is_some())
+            .all(|i| CANDIDATES[i] == Codec::None || self.estimates[i].cost.is_some())
     }
 
     /// The best candidate by the current estimates.
@@ -242,8 +251,8 @@ impl AutoChooser {
         CANDIDATES[self.ranked().0]
     }
 
-    /// The best candidate's index, and whether another comes close to it.
-    fn ranked(&self) -> (usize, bool) {
+    /// The best candidate's index, and the runner-up's throughput over its.
+    fn ranked(&self) -> (usize, f64) {
         let tps: Vec<f64> = (0..CANDIDATES.len())
             .map(|i| self.throughput(i).unwrap_or(0.0))
             .collect();
@@ -253,17 +262,27 @@ impl AutoChooser {
                 best = i;
             }
         }
-        let close = (0..CANDIDATES.len()).any(|i| i != best && tps[i] >= tps[best] * CLOSE);
-        (best, close)
+        let runner_up = (0..CANDIDATES.len())
+            .filter(|&i| i != best)
+            .map(|i| tps[i])
+            .fold(0.0, f64::max);
+        let near = if tps[best] > 0.0 {
+            runner_up / tps[best]
+        } else {
+            1.0
+        };
+        (best, near)
     }
 
     /// The codec for the next batch, and whether that batch should also
     /// measure the other candidates on a sample.
     pub fn pick(&mut self) -> (Codec, bool) {
         self.batches += 1;
-        let (best, close) = self.ranked();
-        let every = if close {
+        let (best, near) = self.ranked();
+        let every = if near >= CLOSE {
             PROBE_EVERY_CLOSE
+        } else if near < FAR {
+            PROBE_EVERY_FAR
         } else {
             PROBE_EVERY
         };
@@ -439,8 +458,8 @@ mod tests {
         let probes = (1..=64).filter(|_| a.pick().1).count();
         assert_eq!(probes, 16, "100 Mbit/s: zstd:1 and zstd:3 are close");
         let mut a = measured(2, None, 0.36, MIX);
-        let probes = (1..=64).filter(|_| a.pick().1).count();
-        assert_eq!(probes, 4, "loopback: raw wins by far");
+        let probes = (1..=128).filter(|_| a.pick().1).count();
+        assert_eq!(probes, 2, "loopback: raw wins by far");
     }
 
     #[test]

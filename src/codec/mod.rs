@@ -3,7 +3,10 @@
 
 mod auto;
 
-pub use auto::{AutoChooser, SocketRate, CANDIDATES, PROBE_BYTES, PROBE_EVERY};
+pub use auto::{
+    AutoChooser, SocketRate, CANDIDATES, PROBE_BYTES, PROBE_EVERY, PROBE_EVERY_CLOSE,
+    PROBE_EVERY_FAR,
+};
 
 use bytes::BytesMut;
 use std::cell::RefCell;

@@ -74,7 +74,8 @@ struct Shared {
 
 thread_local! {
     static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
-    static PROBE_OUT: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
+    /// A probe's sample of pages, and the compressors' output.
+    static PROBE: RefCell<(Vec<u8>, bytes::BytesMut)> = RefCell::new((Vec::new(), bytes::BytesMut::new()));
 }
 
 impl Shared {
@@ -129,19 +130,24 @@ impl Shared {
                 let secs = t.secs();
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
                 let nonzero = u64::from(batch.pages - batch.zero) * PAGE_SIZE as u64;
-                // Measure the other candidates on a sample of these pages.
+                // Measure every compressor on a sample of these pages.
                 let mut samples = Vec::new();
-                let sample = enc.sample(&batch, crate::codec::PROBE_BYTES);
-                if probe && !sample.is_empty() {
-                    PROBE_OUT.with(|out| {
-                        let mut out = out.borrow_mut();
+                let mut sampled = 0;
+                if probe {
+                    PROBE.with(|cell| {
+                        let (sample, out) = &mut *cell.borrow_mut();
+                        enc.sample_into(&batch, crate::codec::PROBE_BYTES, sample);
+                        sampled = sample.len() as u64;
+                        if sample.is_empty() {
+                            return;
+                        }
                         for &c in crate::codec::CANDIDATES
                             .iter()
                             .filter(|&&c| c != Codec::None)
                         {
                             out.clear();
                             let t = crate::cpu::CpuTimer::start();
-                            if let Ok(n) = crate::codec::compress(c, sample, &mut out) {
+                            if let Ok(n) = crate::codec::compress(c, sample, out) {
                                 samples.push((c, n as u64, t.secs()));
                             }
                         }
@@ -150,7 +156,7 @@ impl Shared {
                 let mut chooser = self.chooser.lock().unwrap();
                 chooser.record_batch(codec, guest, nonzero, batch.data_bytes as u64, secs);
                 for (c, n, secs) in samples {
-                    chooser.record_sample(c, sample.len() as u64, n, secs);
+                    chooser.record_sample(c, sampled, n, secs);
                 }
             }
             Ok(batch)

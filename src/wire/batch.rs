@@ -364,18 +364,26 @@ impl BatchEncoder {
         })
     }
 
-    /// Up to `max` bytes of the last batch's non-zero pages, uncompressed: a
-    /// sample for measuring other codecs on the pages being sent now.
-    pub fn sample<'a>(&'a self, batch: &'a EncodedBatch, max: usize) -> &'a [u8] {
-        if !self.pages.is_empty() {
+    /// Up to `max` bytes of the last batch's non-zero pages, uncompressed, into
+    /// `out`: a sample for measuring other codecs on the pages being sent now.
+    /// The pages are spread evenly over the batch, so the sample holds its mix
+    /// of content rather than whatever kind its first pages happen to be.
+    pub fn sample_into(&self, batch: &EncodedBatch, max: usize, out: &mut Vec<u8>) {
+        out.clear();
+        let pages: &[u8] = if !self.pages.is_empty() {
             // Compressed (or tried and sent raw): the pages were staged.
-            &self.pages[..max.min(self.pages.len())]
+            &self.pages
         } else if batch.compressed == 0 {
             // Raw: the pages are the payload's data.
-            let data = &batch.payload[batch.payload.len() - batch.data_bytes..];
-            &data[..max.min(data.len())]
+            &batch.payload[batch.payload.len() - batch.data_bytes..]
         } else {
-            &[]
+            return;
+        };
+        let total = pages.len() / PAGE_SIZE;
+        let n = (max / PAGE_SIZE).min(total);
+        for k in 0..n {
+            let p = k * total / n;
+            out.extend_from_slice(&pages[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
         }
     }
 }
@@ -527,6 +535,26 @@ mod tests {
         p[16..20].copy_from_slice(&len.to_le_bytes());
         let b = PageBatch::decode(Bytes::from(p), LIMITS).unwrap();
         assert!(b.apply(&mut Vec::new(), |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn samples_spread_over_the_batch() {
+        let mut enc = BatchEncoder::new();
+        // Pages 1..=40 minus every third (zero): 27 non-zero pages, raw.
+        let e = enc.encode(0, Codec::None, &[(1, 40)], content).unwrap();
+        let mut out = Vec::new();
+        enc.sample_into(&e, 4 * PAGE_SIZE, &mut out);
+        assert_eq!(out.len(), 4 * PAGE_SIZE);
+        let data = &e.payload[e.payload.len() - e.data_bytes..];
+        // Pages 0, 6, 13 and 20 of the 27, not the first four.
+        for (k, p) in [0usize, 6, 13, 20].into_iter().enumerate() {
+            assert_eq!(
+                &out[k * PAGE_SIZE..(k + 1) * PAGE_SIZE],
+                &data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+            );
+        }
+        enc.sample_into(&e, 1 << 20, &mut out);
+        assert_eq!(out.len(), 27 * PAGE_SIZE, "no more than the batch has");
     }
 
     #[test]
