@@ -89,13 +89,11 @@ impl GuestSpec {
             },
         ]
     }
-}
 
-impl GuestSpec {
     /// The changing set: one idle guest whose memory runs through four
     /// differently compressible parts in turn (text-heavy, incompressible,
     /// binary, the realistic mix), so the page mix changes as the migration
-    /// walks memory and no one fixed codec suits all of it.
+    /// walks memory.
     pub fn changing_set(memory: u64) -> Vec<GuestSpec> {
         vec![GuestSpec {
             label: "changing".into(),

@@ -180,21 +180,38 @@ impl GuestMemory {
     }
 
     /// Bytes of this memory resident in RAM now (`mincore`); `None` where the
-    /// kernel does not say.
+    /// kernel does not say. Asks a GiB at a time, so a large, mostly unbacked
+    /// guest (a peer may declare up to the receiver's `--max-memory`) costs a
+    /// 256 KiB buffer, not one byte per page.
     #[allow(unsafe_code)]
     pub fn resident_bytes(&self) -> Option<u64> {
-        let mut vec = vec![0u8; self.pages as usize];
-        // SAFETY: the range is exactly this mapping (page-aligned start, length
-        // pages × PAGE_SIZE), and `vec` has one byte per page for the kernel to
-        // fill. mincore reads page tables only, never the memory.
-        let rc = unsafe {
-            libc::mincore(
-                self.map.as_mut_ptr().cast(),
-                (self.pages as usize) << PAGE_SHIFT,
-                vec.as_mut_ptr().cast(),
-            )
-        };
-        (rc == 0).then(|| vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * PAGE_SIZE as u64)
+        const CHUNK: u64 = 1 << 18; // pages: 1 GiB
+        let mut vec = vec![0u8; CHUNK.min(self.pages) as usize];
+        let mut resident = 0u64;
+        let mut first = 0u64;
+        while first < self.pages {
+            let count = CHUNK.min(self.pages - first);
+            // SAFETY: pages [first, first + count) lie inside this mapping
+            // (page-aligned start, checked bounds), and `vec` has at least one
+            // byte per page for the kernel to fill. mincore reads page tables
+            // only, never the memory.
+            let rc = unsafe {
+                libc::mincore(
+                    self.page_ptr(first).cast(),
+                    (count as usize) << PAGE_SHIFT,
+                    vec.as_mut_ptr().cast(),
+                )
+            };
+            if rc != 0 {
+                return None;
+            }
+            resident += vec[..count as usize]
+                .iter()
+                .filter(|&&b| b & 1 == 1)
+                .count() as u64;
+            first += count;
+        }
+        Some(resident * PAGE_SIZE as u64)
     }
 
     /// Number of 4 KiB pages.
@@ -371,6 +388,11 @@ mod tests {
         // 4 MiB written; huge pages may back up to the 2 MiB boundaries around it.
         assert!((4 << 20..=8 << 20).contains(&rss), "{rss}");
         assert!(peak_rss_bytes().unwrap() >= rss);
+        // Counted a GiB at a time: a page in the third GiB of a lazy guest.
+        let big = GuestMemory::new(3 << 30).unwrap();
+        big.write_page(big.pages() - 1, &[1u8; PAGE_SIZE]);
+        let rss = big.resident_bytes().unwrap();
+        assert!((PAGE_SIZE as u64..=2 << 20).contains(&rss), "{rss}");
     }
 
     #[test]

@@ -111,9 +111,10 @@ impl Shared {
         let zero_hash = zero_page_hash();
         ENCODER.with(|e| {
             let mut enc = e.borrow_mut();
-            // CPU time, not wall: with more encoders than cores a batch waits
-            // for a core, and wall time would make every codec look slower.
-            let t = crate::cpu::CpuTimer::start();
+            // Only auto times batches. CPU time, not wall: with more encoders
+            // than cores a batch waits for a core, and wall time would make
+            // every codec look slower.
+            let t = (self.codec == CodecChoice::Auto).then(crate::cpu::CpuTimer::start);
             let batch = enc.encode(job.round, codec, &job.runs, |page, buf| {
                 // Check in place first: a zero page (a third of a typical
                 // guest) is then never copied. A write racing the check or the
@@ -126,7 +127,7 @@ impl Shared {
                     .set(page, if zero { zero_hash } else { page_hash(buf) });
                 zero
             })?;
-            if self.codec == CodecChoice::Auto {
+            if let Some(t) = t {
                 let secs = t.secs();
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
                 let nonzero = u64::from(batch.pages - batch.zero) * PAGE_SIZE as u64;
