@@ -310,3 +310,81 @@ fn a_frame_for_another_session_ends_the_session() {
     assert_eq!(incoming.report.outcome, Outcome::Failed);
     assert!(incoming.guest.is_none());
 }
+
+/// A raw batch of `pages` pages from page 0: every third page zero, the rest
+/// filled with their index; its frame encoded for `session`.
+fn raw_batch_frame(session: u64, pages: u32) -> Vec<u8> {
+    let batch = BatchEncoder::new()
+        .encode(0, Codec::None, &[(0, pages)], |p, buf| {
+            buf.fill(if p % 3 == 0 { 0 } else { p as u8 });
+            p % 3 == 0
+        })
+        .unwrap();
+    let header = Header {
+        session_id: session,
+        message_id: 1,
+        ..Header::new(Command::PageBatch)
+    };
+    encode_frame(&header, &batch.payload)
+}
+
+/// Writes `bytes` in small uneven pieces with pauses, so the receiver sees
+/// the frame arrive part by part (headers, metadata and pages split).
+fn dribble(s: &mut TcpStream, bytes: &[u8]) {
+    s.set_nodelay(true).unwrap();
+    let mut at = 0;
+    let mut step = 7;
+    while at < bytes.len() {
+        let n = step.min(bytes.len() - at);
+        s.write_all(&bytes[at..at + n]).unwrap();
+        at += n;
+        step = step * 3 % 9001 + 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_raw_batch_arriving_in_pieces_is_placed_and_acknowledged() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    dribble(&mut s, &raw_batch_frame(session, 40));
+    match recv(&mut s) {
+        Some((_, Message::BatchAck(a))) => assert_eq!((a.message_id, a.pages), (1, 40)),
+        other => panic!("expected BATCH_ACK, got {other:?}"),
+    }
+    drop(s);
+    assert_eq!(h.next_session().report.outcome, Outcome::Failed);
+}
+
+#[test]
+fn a_raw_batch_with_a_corrupt_page_ends_the_session_on_its_crc() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let mut frame = raw_batch_frame(session, 40);
+    let last = frame.len() - 100; // inside the last data page
+    frame[last] ^= 0x40;
+    dribble(&mut s, &frame);
+    let text = abort_text(recv(&mut s));
+    assert!(text.contains("CRC mismatch"), "{text}");
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(incoming.guest.is_none());
+}
+
+#[test]
+fn a_raw_batch_for_another_session_is_refused_before_its_pages() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let frame = raw_batch_frame(session ^ 4, 40);
+    // Only the header and metadata: the refusal must not wait for the pages.
+    s.write_all(&frame[..100]).unwrap();
+    let text = abort_text(recv(&mut s));
+    assert!(
+        text.contains(&format!("frame for session {:016x}", session ^ 4)),
+        "{text}"
+    );
+    assert_eq!(h.next_session().report.outcome, Outcome::Failed);
+}

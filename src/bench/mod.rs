@@ -12,7 +12,7 @@ pub use link::{link_once, serve_link_sink, LinkResult};
 
 use crate::codec::{is_zero_page, Codec};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::{BatchEncoder, Limits, PageBatch};
+use crate::wire::{BatchEncoder, Limits, Page, PageBatch};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -114,8 +114,9 @@ pub fn measure_codecs(
                     .apply(&mut scratch, |p, data| {
                         let at = ((p - first) as usize) * PAGE_SIZE;
                         match data {
-                            Some(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
-                            None => placed[at..at + PAGE_SIZE].fill(0),
+                            Page::Data(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
+                            Page::Zero => placed[at..at + PAGE_SIZE].fill(0),
+                            Page::Placed => unreachable!("whole payloads are not placed"),
                         }
                     })
                     .expect("own batches apply");

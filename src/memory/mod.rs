@@ -300,6 +300,126 @@ impl GuestMemory {
     }
 }
 
+/// Page regions `(first_page, count)` of a [`GuestMemory`] that a receiver
+/// fills in order with bytes from the network: the data pages of a raw batch,
+/// read straight from the socket into the guest, without a staging buffer.
+///
+/// Every region is checked to lie inside the guest when the set is made; the
+/// fill position only moves forward and never past the end.
+#[derive(Debug)]
+pub struct PageFill<'a> {
+    memory: &'a GuestMemory,
+    regions: &'a [(u64, u32)],
+    /// Bytes filled so far, across the regions.
+    done: usize,
+    total: usize,
+}
+
+impl<'a> PageFill<'a> {
+    /// Regions of `memory` to fill; `None` if one lies outside the guest.
+    pub fn new(memory: &'a GuestMemory, regions: &'a [(u64, u32)]) -> Option<Self> {
+        let mut total = 0usize;
+        for &(first, count) in regions {
+            let end = first.checked_add(count.into())?;
+            if end > memory.pages {
+                return None;
+            }
+            total += (count as usize) << PAGE_SHIFT;
+        }
+        Some(Self {
+            memory,
+            regions,
+            done: 0,
+            total,
+        })
+    }
+
+    /// Bytes still to fill.
+    pub fn remaining(&self) -> usize {
+        self.total - self.done
+    }
+
+    /// The unfilled parts of the regions, as `(pointer, length)`, at most `max`.
+    fn pending(&self, max: usize) -> Vec<(*mut u8, usize)> {
+        let mut out = Vec::new();
+        let mut skip = self.done;
+        for &(first, count) in self.regions {
+            let len = (count as usize) << PAGE_SHIFT;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            // Inside the mapping: the region was checked in `new`, skip < len.
+            let ptr = self.memory.page_ptr(first).wrapping_add(skip);
+            out.push((ptr, len - skip));
+            skip = 0;
+            if out.len() == max {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Copies bytes that arrived buffered; returns how many were taken (at most
+    /// [`PageFill::remaining`]).
+    #[allow(unsafe_code)]
+    pub fn copy_from(&mut self, mut src: &[u8]) -> usize {
+        let mut taken = 0;
+        for (ptr, len) in self.pending(usize::MAX) {
+            if src.is_empty() {
+                break;
+            }
+            let n = len.min(src.len());
+            // SAFETY: `ptr..ptr+n` lies inside the mapping (PageFill::new checked
+            // the regions, pending() stays inside them) and is writable; `src`
+            // is a distinct Rust slice. Guest bytes are plain data (module doc).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr, n) };
+            src = &src[n..];
+            taken += n;
+        }
+        self.done += taken;
+        taken
+    }
+
+    /// One `readv(2)` from `fd` into the unfilled parts of the regions; returns
+    /// the bytes read (0 at end of stream). Errors are the system call's,
+    /// `WouldBlock` included, for the caller's readiness loop.
+    #[allow(unsafe_code)]
+    pub fn read_from(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // Linux's IOV_MAX.
+        let iov: Vec<libc::iovec> = self
+            .pending(1024)
+            .into_iter()
+            .map(|(ptr, len)| libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            })
+            .collect();
+        if iov.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: every iovec covers writable bytes inside the mapping, which
+        // outlives this call (see copy_from); the kernel writes at most the sum
+        // of their lengths and returns how many it wrote.
+        let n = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        debug_assert!(n <= self.remaining());
+        self.done += n;
+        Ok(n)
+    }
+
+    /// Runs `f` over each region's bytes in order (after the fill: checksums).
+    pub fn for_each_region(&self, mut f: impl FnMut(&[u8])) {
+        for &(first, count) in self.regions {
+            self.memory.with_pages(first, count.into(), &mut f);
+        }
+    }
+}
+
 /// The process's peak resident memory (Linux: `VmHWM`); `None` where that
 /// cannot be read.
 pub fn peak_rss_bytes() -> Option<u64> {

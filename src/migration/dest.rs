@@ -14,10 +14,10 @@ use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CRED
 use crate::codec::CodecId;
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::GuestMemory;
-use crate::transport::{FrameReader, FrameWriter};
+use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
-    PageBatch, SessionSetupResponse, VerifyMode, SETUP_LEAVE_PAUSED,
+    Page, PageBatch, SessionSetupResponse, VerifyMode, SETUP_LEAVE_PAUSED,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -305,11 +305,15 @@ impl Shared {
         let first_pass = batch.round == 0;
         SCRATCH.with(|s| {
             batch.apply(&mut s.borrow_mut(), |page, data| match data {
-                Some(bytes) => {
+                Page::Data(bytes) => {
                     self.memory.write_page(page, bytes);
                     self.hashes.set(page, page_hash(bytes));
                 }
-                None => {
+                Page::Placed => {
+                    let hash = self.memory.with_pages(page, 1, page_hash);
+                    self.hashes.set(page, hash);
+                }
+                Page::Zero => {
                     // Round 0 is every page's first copy and fresh memory is
                     // zero: leave zero pages unbacked.
                     if !first_pass {
@@ -331,6 +335,17 @@ impl Shared {
     }
 }
 
+/// Frames of another session on a channel end it.
+fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(), MigrationError> {
+    if header.session_id != sh.session_id {
+        return Err(MigrationError::Protocol(format!(
+            "frame for session {:016x} on channel {ch} of session {:016x}",
+            header.session_id, sh.session_id
+        )));
+    }
+    Ok(())
+}
+
 async fn channel_task(
     sh: Arc<Shared>,
     ch: u16,
@@ -339,26 +354,53 @@ async fn channel_task(
 ) {
     let result: Result<(), MigrationError> = async {
         loop {
-            let frame = tokio::select! {
+            // A placed batch's pages land in guest memory: check the session
+            // and the state before the first byte does.
+            let accept = |h: &Header, b: &PageBatch| {
+                check_session(&sh, ch, h)?;
+                sh.machine.lock().unwrap().check_batch(b.round)
+            };
+            let received = tokio::select! {
                 biased;
                 _ = sh.cancel.cancelled() => return Ok(()),
-                f = rd.read_frame() => f?,
+                f = rd.read_placing(&sh.memory, sh.limits, accept) => f?,
             };
-            let Some(frame) = frame else {
-                return Err(MigrationError::PeerClosed { channel: ch });
+            let (header, batch) = match received {
+                None => return Err(MigrationError::PeerClosed { channel: ch }),
+                Some(Received::Placed(header, batch)) => (header, Some(batch)),
+                Some(Received::Frame(frame)) if frame.header.command == Command::PageBatch => {
+                    let batch = PageBatch::decode(frame.payload, sh.limits)?;
+                    (frame.header, Some(batch))
+                }
+                Some(Received::Frame(frame)) => {
+                    check_session(&sh, ch, &frame.header)?;
+                    let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
+                    match msg {
+                        Message::RoundEnd(_)
+                        | Message::Switchover(_)
+                        | Message::Go
+                        | Message::Abort(_) => {
+                            let _ = sh.events.send(Event::Control(frame.header, msg));
+                        }
+                        other => {
+                            return Err(MigrationError::Protocol(format!(
+                                "unexpected {:?} on channel {ch}",
+                                other.command()
+                            )))
+                        }
+                    }
+                    (frame.header, None)
+                }
             };
-            if frame.header.session_id != sh.session_id {
-                return Err(MigrationError::Protocol(format!(
-                    "frame for session {:016x} on channel {ch} of session {:016x}",
-                    frame.header.session_id, sh.session_id
-                )));
-            }
-            if frame.header.command == Command::PageBatch {
-                let batch = PageBatch::decode(frame.payload, sh.limits)?;
-                sh.machine.lock().unwrap().check_batch(batch.round)?;
+            if let Some(batch) = batch {
+                if !batch.is_placed() {
+                    check_session(&sh, ch, &header)?;
+                    sh.machine.lock().unwrap().check_batch(batch.round)?;
+                }
                 let pages = batch.page_count();
-                // Raw pages are a copy and a hash: cheaper here than a hop to
-                // the blocking pool. Decompression goes to the pool.
+                // Raw pages are a hash (placed) or a copy and a hash: cheaper
+                // here than a hop to the blocking pool. Decompression goes to
+                // the pool.
                 if batch.codec == CodecId::None {
                     sh.apply(&batch)?;
                 } else {
@@ -369,33 +411,17 @@ async fn channel_task(
                             MigrationError::Protocol(format!("apply task failed: {e}"))
                         })??;
                 }
-                let header = Header {
+                let ack_header = Header {
                     credit_grant: 1,
                     message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
                     session_id: sh.session_id,
                     ..Header::new(Command::BatchAck)
                 };
                 let ack = Message::BatchAck(BatchAck {
-                    message_id: frame.header.message_id,
+                    message_id: header.message_id,
                     pages,
                 });
-                wr.lock().await.send(header, &ack).await?;
-            } else {
-                let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
-                match msg {
-                    Message::RoundEnd(_)
-                    | Message::Switchover(_)
-                    | Message::Go
-                    | Message::Abort(_) => {
-                        let _ = sh.events.send(Event::Control(frame.header, msg));
-                    }
-                    other => {
-                        return Err(MigrationError::Protocol(format!(
-                            "unexpected {:?} on channel {ch}",
-                            other.command()
-                        )))
-                    }
-                }
+                wr.lock().await.send(ack_header, &ack).await?;
             }
         }
     }

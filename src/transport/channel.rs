@@ -1,14 +1,30 @@
 //! One TCP channel's framed halves: checked frame reads, vectored frame writes.
 
 use super::TokenBucket;
+use crate::codec::CodecId;
+use crate::memory::{GuestMemory, PageFill};
 use crate::migration::MigrationError;
-use crate::wire::{encode_header, Frame, Header, Message, HEADER_LEN};
+use crate::wire::{
+    encode_header, Command, Frame, FrameCrc, Header, Limits, Message, PageBatch, HEADER_LEN,
+};
 use bytes::BytesMut;
 use std::io::IoSlice;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// What [`FrameReader::read_placing`] read.
+#[derive(Debug)]
+pub enum Received {
+    /// A whole, CRC-checked frame.
+    Frame(Frame),
+    /// A raw page batch whose pages were read straight into guest memory and
+    /// CRC-checked there; the batch carries its metadata only.
+    Placed(Header, PageBatch),
+}
 
 /// Reads whole, CRC-checked frames from a channel.
 #[derive(Debug)]
@@ -51,12 +67,106 @@ impl FrameReader {
     /// frame, a bad header or a bad CRC is an error. The payload is allocated
     /// only after the header's length has been checked.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, MigrationError> {
+        let Some((raw, header, crc)) = self.read_header().await? else {
+            return Ok(None);
+        };
+        self.buf.clear();
+        self.read_payload(raw, header, crc).await.map(Some)
+    }
+
+    /// The next frame, reading a raw page batch's pages straight from the
+    /// socket into `memory` (no staging copy), after its metadata has been
+    /// decoded against `limits` and `accept`ed (the receiver's state check, so
+    /// no page is written unless a batch is welcome). The CRC is then checked
+    /// over the pages in place; on any error the session ends, and the pages
+    /// written are the destination's discarded copy. Other frames come back
+    /// whole, as from [`FrameReader::read_frame`].
+    pub async fn read_placing(
+        &mut self,
+        memory: &GuestMemory,
+        limits: Limits,
+        accept: impl FnOnce(&Header, &PageBatch) -> Result<(), MigrationError>,
+    ) -> Result<Option<Received>, MigrationError> {
+        let Some((raw, header, crc)) = self.read_header().await? else {
+            return Ok(None);
+        };
+        self.buf.clear();
+        let len = header.payload_len as usize;
+        if header.command != Command::PageBatch || len < PageBatch::FIXED_LEN {
+            return self
+                .read_payload(raw, header, crc)
+                .await
+                .map(|f| Some(Received::Frame(f)));
+        }
+        self.fill_to(PageBatch::FIXED_LEN, header.command).await?;
+        let fixed = &self.buf[..PageBatch::FIXED_LEN];
+        let prefix = match (PageBatch::codec_of(fixed), PageBatch::prefix_len(fixed)) {
+            (Some(CodecId::None), Ok(prefix)) if prefix < len => prefix,
+            // Compressed, all-zero or malformed: read it whole; decoding names
+            // what is wrong.
+            _ => {
+                return self
+                    .read_payload(raw, header, crc)
+                    .await
+                    .map(|f| Some(Received::Frame(f)))
+            }
+        };
+        self.fill_to(prefix, header.command).await?;
+        let meta = self.buf.split_to(prefix).freeze();
+        let batch = PageBatch::decode_split(meta.clone(), len - prefix, limits)?;
+        accept(&header, &batch)?;
+        let regions = batch.data_regions();
+        let mut fill = PageFill::new(memory, &regions).expect("decode checked the runs");
+        let buffered = fill.copy_from(self.rd.buffer());
+        std::pin::Pin::new(&mut self.rd).consume(buffered);
+        let stream: &TcpStream = self.rd.get_ref().as_ref();
+        while fill.remaining() > 0 {
+            let read = || fill.read_from(stream.as_fd());
+            let n = match stream.try_io(Interest::READABLE, read) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    stream.readable().await.map_err(|e| self.read_error(e))?;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_error(e)),
+            };
+            if n == 0 {
+                return Err(self.closed_inside(header.command));
+            }
+        }
+        let mut check = FrameCrc::new(&raw);
+        check.update(&meta);
+        fill.for_each_region(|b| check.update(b));
+        check.check(crc)?;
+        self.bytes
+            .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
+        Ok(Some(Received::Placed(header, batch)))
+    }
+
+    fn read_error(&self, e: std::io::Error) -> MigrationError {
+        MigrationError::io(format!("read from channel {}", self.channel), e)
+    }
+
+    fn closed_inside(&self, command: Command) -> MigrationError {
+        MigrationError::Protocol(format!(
+            "channel {} closed inside a {command:?} payload",
+            self.channel
+        ))
+    }
+
+    /// Reads and checks a frame header; `None` on a clean close before it.
+    async fn read_header(
+        &mut self,
+    ) -> Result<Option<([u8; HEADER_LEN], Header, u32)>, MigrationError> {
         let mut raw = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
-            let n = self.rd.read(&mut raw[got..]).await.map_err(|e| {
-                MigrationError::io(format!("read from channel {}", self.channel), e)
-            })?;
+            let n = self
+                .rd
+                .read(&mut raw[got..])
+                .await
+                .map_err(|e| self.read_error(e))?;
             if n == 0 {
                 if got == 0 {
                     return Ok(None);
@@ -69,35 +179,46 @@ impl FrameReader {
             got += n;
         }
         let (header, crc) = Header::parse(&raw)?;
+        Ok(Some((raw, header, crc)))
+    }
+
+    /// Reads into `buf` until it holds `want` bytes (a checked length).
+    async fn fill_to(&mut self, want: usize, command: Command) -> Result<(), MigrationError> {
         // Read into a buffer that is reclaimed once earlier payloads are
         // dropped, without zeroing it first; only the checked length is reserved.
-        let len = header.payload_len as usize;
-        self.buf.clear();
-        self.buf.reserve(len);
-        while self.buf.len() < len {
-            let want = (len - self.buf.len()) as u64;
+        self.buf.reserve(want.saturating_sub(self.buf.len()));
+        while self.buf.len() < want {
+            let more = (want - self.buf.len()) as u64;
             let n = (&mut self.rd)
-                .take(want)
+                .take(more)
                 .read_buf(&mut self.buf)
                 .await
-                .map_err(|e| {
-                    MigrationError::io(format!("read from channel {}", self.channel), e)
-                })?;
+                .map_err(|e| self.read_error(e))?;
             if n == 0 {
-                return Err(MigrationError::Protocol(format!(
-                    "channel {} closed inside a {:?} payload",
-                    self.channel, header.command
-                )));
+                return Err(self.closed_inside(command));
             }
         }
+        Ok(())
+    }
+
+    /// Reads the rest of a frame's payload into `buf` (which may hold its
+    /// start) and checks the CRC.
+    async fn read_payload(
+        &mut self,
+        raw: [u8; HEADER_LEN],
+        header: Header,
+        crc: u32,
+    ) -> Result<Frame, MigrationError> {
+        let len = header.payload_len as usize;
+        self.fill_to(len, header.command).await?;
         let payload = self.buf.split_to(len);
         Header::verify_crc(&raw, crc, &payload)?;
         self.bytes
             .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
-        Ok(Some(Frame {
+        Ok(Frame {
             header,
             payload: payload.freeze(),
-        }))
+        })
     }
 }
 

@@ -7,7 +7,7 @@ mod channel;
 pub mod netns;
 
 pub use bucket::TokenBucket;
-pub use channel::{FrameReader, FrameWriter};
+pub use channel::{FrameReader, FrameWriter, Received};
 
 use crate::cpu::CpuMeter;
 

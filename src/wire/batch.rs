@@ -27,6 +27,17 @@ pub const MAX_RUNS_PER_BATCH: u16 = 1024;
 const FIXED: usize = 20;
 const RUN: usize = 12;
 
+/// One page of a batch, as [`PageBatch::apply`] hands it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page<'a> {
+    /// The page is all zeros.
+    Zero,
+    /// The page's bytes.
+    Data(&'a [u8]),
+    /// The page's bytes are already in guest memory (a placed batch).
+    Placed,
+}
+
 /// A decoded, checked page batch. Its page data is still encoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageBatch {
@@ -39,22 +50,31 @@ pub struct PageBatch {
     data: Bytes,
     page_count: u32,
     nonzero: u32,
+    placed: bool,
 }
 
 impl PageBatch {
-    /// Decodes and checks a batch payload against the guest's size. Allocates only
-    /// the run list, after its count has been checked.
-    pub fn decode(payload: Bytes, limits: Limits) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(&payload);
-        let round = r.u32("batch.round")?;
-        let codec = CodecId::from_u8(r.u8("batch.codec")?).ok_or(DecodeError::Invalid {
-            field: "batch.codec",
-        })?;
-        if r.u8("batch.reserved")? != 0 {
-            return Err(DecodeError::Reserved {
-                field: "batch.reserved",
-            });
-        }
+    /// Bytes of a batch's metadata (fixed fields, runs, zero bitmap), read from
+    /// its first [`PageBatch::FIXED_LEN`] bytes; the run and page counts are
+    /// range-checked here. What follows the metadata is the page data.
+    pub fn prefix_len(fixed: &[u8]) -> Result<usize, DecodeError> {
+        let mut r = Reader::new(fixed);
+        r.u32("batch.round")?;
+        r.u8("batch.codec")?;
+        r.u8("batch.reserved")?;
+        let (run_count, page_count) = Self::counts(&mut r)?;
+        Ok(FIXED + run_count as usize * RUN + page_count.div_ceil(8) as usize)
+    }
+
+    /// The codec byte of a batch's fixed fields, if it names a known codec.
+    pub fn codec_of(fixed: &[u8]) -> Option<CodecId> {
+        fixed.get(4).copied().and_then(CodecId::from_u8)
+    }
+
+    /// Bytes of a batch's fixed fields: enough for [`PageBatch::prefix_len`].
+    pub const FIXED_LEN: usize = FIXED;
+
+    fn counts(r: &mut Reader<'_>) -> Result<(u16, u32), DecodeError> {
         let run_count = r.u16("batch.run_count")?;
         if run_count == 0 || run_count > MAX_RUNS_PER_BATCH {
             return Err(DecodeError::OutOfRange {
@@ -71,6 +91,36 @@ impl PageBatch {
                 limit: MAX_PAGES_PER_BATCH.into(),
             });
         }
+        Ok((run_count, page_count))
+    }
+
+    /// Decodes and checks a batch payload against the guest's size. Allocates only
+    /// the run list, after its count has been checked.
+    pub fn decode(payload: Bytes, limits: Limits) -> Result<Self, DecodeError> {
+        Self::decode_split(payload, 0, limits)
+    }
+
+    /// Decodes a batch whose last `elsewhere` bytes of data are not in
+    /// `payload`: the metadata of a raw batch whose pages a receiver reads
+    /// straight into guest memory. Every check of [`PageBatch::decode`] applies,
+    /// with the data length counting those bytes. Such a batch is *placed*: its
+    /// pages are already where they belong, see [`PageBatch::apply`].
+    pub fn decode_split(
+        payload: Bytes,
+        elsewhere: usize,
+        limits: Limits,
+    ) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(&payload);
+        let round = r.u32("batch.round")?;
+        let codec = CodecId::from_u8(r.u8("batch.codec")?).ok_or(DecodeError::Invalid {
+            field: "batch.codec",
+        })?;
+        if r.u8("batch.reserved")? != 0 {
+            return Err(DecodeError::Reserved {
+                field: "batch.reserved",
+            });
+        }
+        let (run_count, page_count) = Self::counts(&mut r)?;
         let data_len = r.u32("batch.data_len")?;
         let uncompressed_len = r.u32("batch.uncompressed_len")?;
         let run_bytes = r.bytes(run_count as usize * RUN, "batch.runs")?;
@@ -125,11 +175,17 @@ impl PageBatch {
                 actual: u64::from(nonzero) * PAGE_SIZE as u64,
             });
         }
-        if data_len as usize != r.remaining() {
+        let actual = r.remaining() as u64 + elsewhere as u64;
+        if u64::from(data_len) != actual {
             return Err(DecodeError::Mismatch {
                 field: "batch.data_len",
                 declared: data_len.into(),
-                actual: r.remaining() as u64,
+                actual,
+            });
+        }
+        if elsewhere > 0 && (codec != CodecId::None || r.remaining() != 0) {
+            return Err(DecodeError::Invalid {
+                field: "batch.data",
             });
         }
         if (codec == CodecId::None || nonzero == 0) && data_len != uncompressed_len {
@@ -149,6 +205,7 @@ impl PageBatch {
             data: payload.slice(data_at..),
             page_count,
             nonzero,
+            placed: elsewhere > 0,
         })
     }
 
@@ -167,15 +224,45 @@ impl PageBatch {
         &self.runs
     }
 
-    /// Decodes the pages and hands each to `store`: `Some(bytes)` for a data page,
-    /// `None` for a zero page. `scratch` is reused between batches.
+    /// Whether the batch's pages were read straight into guest memory (see
+    /// [`PageBatch::decode_split`]).
+    pub fn is_placed(&self) -> bool {
+        self.placed
+    }
+
+    fn is_zero(&self, i: usize) -> bool {
+        self.zero_bits[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    /// Where the batch's data pages go, in wire order: runs `(first_page,
+    /// count)` of consecutive non-zero pages. A raw batch's data is these
+    /// pages back to back, so a receiver can read it straight into them.
+    pub fn data_regions(&self) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut i = 0usize;
+        for &(first, len) in &self.runs {
+            for page in first..first + u64::from(len) {
+                if !self.is_zero(i) {
+                    match out.last_mut() {
+                        Some((f, n)) if *f + u64::from(*n) == page => *n += 1,
+                        _ => out.push((page, 1)),
+                    }
+                }
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Decodes the pages and hands each to `store` with its [`Page`]. `scratch`
+    /// is reused between batches.
     pub fn apply(
         &self,
         scratch: &mut Vec<u8>,
-        mut store: impl FnMut(u64, Option<&[u8]>),
+        mut store: impl FnMut(u64, Page<'_>),
     ) -> Result<(), CodecError> {
         let len = self.nonzero as usize * PAGE_SIZE;
-        let pages: &[u8] = if len == 0 {
+        let pages: &[u8] = if len == 0 || self.placed {
             &[]
         } else if self.codec == CodecId::None {
             &self.data
@@ -188,14 +275,14 @@ impl PageBatch {
         let mut i = 0usize;
         for &(first, len) in &self.runs {
             for page in first..first + u64::from(len) {
-                if self.zero_bits[i / 8] & (1 << (i % 8)) != 0 {
-                    store(page, None);
+                let kind = if self.is_zero(i) {
+                    Page::Zero
+                } else if self.placed {
+                    Page::Placed
                 } else {
-                    store(
-                        page,
-                        Some(data.next().expect("nonzero count checked at decode")),
-                    );
-                }
+                    Page::Data(data.next().expect("nonzero count checked at decode"))
+                };
+                store(page, kind);
                 i += 1;
             }
         }
@@ -426,8 +513,8 @@ mod tests {
             b.apply(&mut Vec::new(), |p, data| {
                 let mut want = vec![0u8; PAGE_SIZE];
                 let zero = content(p, &mut want);
-                assert_eq!(data.is_none(), zero, "page {p}");
-                if let Some(d) = data {
+                assert_eq!(data == Page::Zero, zero, "page {p}");
+                if let Page::Data(d) = data {
                     assert_eq!(d, &want[..]);
                 }
                 seen.push(p);
@@ -435,6 +522,48 @@ mod tests {
             .unwrap();
             assert_eq!(seen.len(), 61);
         }
+    }
+
+    #[test]
+    fn raw_data_can_be_placed_region_by_region() {
+        // Pages 0, 3, 6 and 9 are zero: the data pages form these regions.
+        let runs = [(0u64, 10u32), (10, 2), (200, 3)];
+        let e = encoded(Codec::None, &runs);
+        let fixed = &e.payload[..PageBatch::FIXED_LEN];
+        let prefix = PageBatch::prefix_len(fixed).unwrap();
+        assert_eq!(PageBatch::codec_of(fixed), Some(CodecId::None));
+        let data = e.payload.len() - prefix;
+        let b = PageBatch::decode_split(e.payload.slice(..prefix), data, LIMITS).unwrap();
+        assert!(b.is_placed());
+        let regions = b.data_regions();
+        assert_eq!(
+            regions,
+            [(1, 2), (4, 2), (7, 2), (10, 2), (200, 1), (202, 1)]
+        );
+        // The wire data is exactly those pages, in that order.
+        let mut want = Vec::new();
+        for &(first, n) in &regions {
+            for p in first..first + u64::from(n) {
+                let mut page = vec![0u8; PAGE_SIZE];
+                content(p, &mut page);
+                want.extend_from_slice(&page);
+            }
+        }
+        assert_eq!(&e.payload[prefix..], &want[..]);
+        let mut kinds = vec![];
+        b.apply(&mut Vec::new(), |p, k| {
+            let want = if p % 3 == 0 { Page::Zero } else { Page::Placed };
+            assert_eq!(k, want, "page {p}");
+            kinds.push(p);
+        })
+        .unwrap();
+        assert_eq!(kinds.len(), 15);
+        // A wrong split is a length mismatch; a compressed batch cannot be split.
+        assert!(PageBatch::decode_split(e.payload.slice(..prefix), data - 1, LIMITS).is_err());
+        let z = encoded(Codec::Lz4, &runs);
+        let zp = PageBatch::prefix_len(&z.payload).unwrap();
+        let zl = z.payload.len() - zp;
+        assert!(PageBatch::decode_split(z.payload.slice(..zp), zl, LIMITS).is_err());
     }
 
     #[test]

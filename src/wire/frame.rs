@@ -85,22 +85,48 @@ impl Header {
 
     /// Checks the CRC of a parsed header's raw bytes and its payload.
     pub fn verify_crc(raw: &[u8; HEADER_LEN], crc: u32, payload: &[u8]) -> Result<(), DecodeError> {
-        let actual = frame_crc(raw, payload);
-        if actual != crc {
-            return Err(DecodeError::Crc {
-                expected: crc,
-                actual,
-            });
-        }
-        Ok(())
+        let mut c = FrameCrc::new(raw);
+        c.update(payload);
+        c.check(crc)
     }
 }
 
 fn frame_crc(header: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&header[..36]);
-    h.update(payload);
-    h.finalize()
+    let mut c = FrameCrc::new(header);
+    c.update(payload);
+    c.value()
+}
+
+/// A frame's CRC computed piece by piece, for a payload that does not arrive
+/// in one buffer (a raw batch read straight into guest memory).
+#[derive(Debug, Clone)]
+pub struct FrameCrc(crc32fast::Hasher);
+
+impl FrameCrc {
+    /// Starts with the header's raw bytes (its CRC field excluded).
+    pub fn new(header: &[u8; HEADER_LEN]) -> Self {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&header[..36]);
+        Self(h)
+    }
+
+    /// Adds the next piece of the payload.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn value(self) -> u32 {
+        self.0.finalize()
+    }
+
+    /// Checks the whole payload's CRC against the header's CRC field.
+    pub fn check(self, expected: u32) -> Result<(), DecodeError> {
+        let actual = self.value();
+        if actual != expected {
+            return Err(DecodeError::Crc { expected, actual });
+        }
+        Ok(())
+    }
 }
 
 /// Encodes a header for `payload`: sets the length and the CRC. The payload is

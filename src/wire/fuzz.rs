@@ -2,7 +2,7 @@
 //! tests too (which replay `fuzz/regressions/`). Each panics only when the
 //! property fails.
 
-use super::{FrameDecoder, Header, Limits, Message, PageBatch, HEADER_LEN};
+use super::{FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
 use crate::memory::PAGE_SIZE;
 use bytes::{Bytes, BytesMut};
 
@@ -38,14 +38,32 @@ pub fn batch(data: &[u8]) {
     if let Ok(b) = PageBatch::decode(Bytes::copy_from_slice(data), limits) {
         let mut scratch = Vec::new();
         let mut count = 0u32;
-        let _ = b.apply(&mut scratch, |page, bytes| {
+        let _ = b.apply(&mut scratch, |page, kind| {
             assert!(page < FUZZ_GUEST_PAGES, "page {page} outside the guest");
-            if let Some(bytes) = bytes {
+            if let Page::Data(bytes) = kind {
                 assert_eq!(bytes.len(), PAGE_SIZE);
             }
+            assert_ne!(kind, Page::Placed, "a whole payload is never placed");
             count += 1;
         });
         assert!(count == 0 || count == b.page_count());
+    }
+    // The receiver's direct path: metadata decoded apart from the data that it
+    // reads straight into the pages the batch names.
+    if let Ok(prefix) = PageBatch::prefix_len(data) {
+        if prefix <= data.len() {
+            let meta = Bytes::copy_from_slice(&data[..prefix]);
+            if let Ok(b) = PageBatch::decode_split(meta, data.len() - prefix, limits) {
+                assert!(b.is_placed());
+                let regions = b.data_regions();
+                let pages: u64 = regions.iter().map(|&(_, n)| u64::from(n)).sum();
+                assert_eq!(pages, u64::from(b.nonzero_pages()));
+                assert_eq!(pages as usize * PAGE_SIZE, data.len() - prefix);
+                for (first, n) in regions {
+                    assert!(first + u64::from(n) <= FUZZ_GUEST_PAGES);
+                }
+            }
+        }
     }
 }
 

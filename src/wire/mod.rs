@@ -23,8 +23,10 @@ mod frame;
 pub mod fuzz;
 mod message;
 
-pub use batch::{BatchEncoder, EncodedBatch, PageBatch, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH};
-pub use frame::{encode_frame, encode_header, Frame, FrameDecoder, Header, HEADER_LEN};
+pub use batch::{
+    BatchEncoder, EncodedBatch, Page, PageBatch, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH,
+};
+pub use frame::{encode_frame, encode_header, Frame, FrameCrc, FrameDecoder, Header, HEADER_LEN};
 pub use message::{
     Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, GuestKind, Message,
     Negotiate, NegotiateResponse, Ready, RoundEnd, SessionSetup, SessionSetupResponse, Switchover,
