@@ -63,7 +63,8 @@ struct Shared {
     next_msg: AtomicU64,
     jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
     credits: Vec<Semaphore>,
-    inflight: Mutex<HashMap<u64, u32>>,
+    /// Batches sent and not yet acknowledged: pages and frame bytes.
+    inflight: Mutex<HashMap<u64, (u32, usize)>>,
     acked: watch::Sender<u64>,
     counts: PageCounter,
     ctx: RunContext,
@@ -99,7 +100,9 @@ impl Shared {
                         chooser.set_link_rate(bps);
                     }
                 }
-                chooser.pick()
+                let (codec, probe) = chooser.pick();
+                tracing::trace!(%codec, probe, link = ?chooser.link_rate(), "auto picked");
+                (codec, probe)
             }
         }
     }
@@ -170,12 +173,17 @@ impl Shared {
         if self.capped || self.codec != CodecChoice::Auto || secs <= 0.0 || bytes < 64 << 10 {
             return;
         }
-        self.socket_bps.lock().unwrap().record(
-            bytes as f64,
-            secs,
-            self.writers.len(),
-            std::time::Instant::now(),
-        );
+        self.socket_bps
+            .lock()
+            .unwrap()
+            .record(secs, self.writers.len(), std::time::Instant::now());
+    }
+
+    /// Records that the destination acknowledged a frame of `bytes`.
+    fn record_ack(&self, bytes: usize) {
+        if !self.capped && self.codec == CodecChoice::Auto {
+            self.socket_bps.lock().unwrap().record_ack(bytes as f64);
+        }
     }
 
     async fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
@@ -221,8 +229,12 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
             sh.inflight
                 .lock()
                 .unwrap()
-                .insert(header.message_id, batch.pages);
+                .insert(header.message_id, (batch.pages, batch.payload.len()));
             let mut writer = sh.writers[ch as usize].lock().await;
+            // Only a blocked write says the link is the bottleneck. Waiting for
+            // credit may be waiting for a receiver busy applying pages, which
+            // is counted in guest bytes: taken for a link rate in wire bytes,
+            // it would make compressing look better the more it compresses.
             let t = std::time::Instant::now();
             writer.send_raw(&header, &batch.payload).await?;
             sh.record_socket(batch.payload.len(), t.elapsed());
@@ -254,7 +266,7 @@ async fn reader_task(sh: Arc<Shared>, ch: u16, mut rd: FrameReader) {
             };
             match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)? {
                 Message::BatchAck(ack) => {
-                    let pages = sh
+                    let (pages, bytes) = sh
                         .inflight
                         .lock()
                         .unwrap()
@@ -278,6 +290,7 @@ async fn reader_task(sh: Arc<Shared>, ch: u16, mut rd: FrameReader) {
                         .pages_acked
                         .fetch_add(pages.into(), Ordering::Relaxed);
                     sh.acked.send_modify(|n| *n += 1);
+                    sh.record_ack(bytes);
                 }
                 m @ (Message::Ready(_) | Message::Complete(_) | Message::Abort(_)) => {
                     let _ = sh.events.send(Event::Reply(m));
