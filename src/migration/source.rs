@@ -77,6 +77,8 @@ thread_local! {
     static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
     /// A probe's sample of pages, and the compressors' output.
     static PROBE: RefCell<(Vec<u8>, bytes::BytesMut)> = RefCell::new((Vec::new(), bytes::BytesMut::new()));
+    /// Whether this thread's compressors and probe buffers exist yet.
+    static PROBE_WARM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl Shared {
@@ -145,10 +147,20 @@ impl Shared {
                         if sample.is_empty() {
                             return;
                         }
-                        for &c in crate::codec::CANDIDATES
+                        let compressors = crate::codec::CANDIDATES
                             .iter()
-                            .filter(|&&c| c != Codec::None)
-                        {
+                            .filter(|&&c| c != Codec::None);
+                        // A thread's first compression of each kind builds its
+                        // context and faults its buffers in: a one-off cost
+                        // that would make a codec look several times slower
+                        // than it is. Pay it untimed.
+                        if !PROBE_WARM.replace(true) {
+                            for &c in compressors.clone() {
+                                out.clear();
+                                let _ = crate::codec::compress(c, sample, out);
+                            }
+                        }
+                        for &c in compressors {
                             out.clear();
                             let t = crate::cpu::CpuTimer::start();
                             if let Ok(n) = crate::codec::compress(c, sample, out) {
