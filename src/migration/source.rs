@@ -92,9 +92,9 @@ impl Shared {
 
     /// The codec for the next batch, and whether to probe the other candidates
     /// on its pages (`auto` only).
-    fn choose(&self) -> (Codec, bool) {
+    fn choose(&self) -> (Codec, Option<[bool; 4]>) {
         match self.codec {
-            CodecChoice::Fixed(c) => (c, false),
+            CodecChoice::Fixed(c) => (c, None),
             CodecChoice::Auto => {
                 let mut chooser = self.chooser.lock().unwrap();
                 if !self.capped {
@@ -104,14 +104,20 @@ impl Shared {
                 }
                 let (codec, probe) = chooser.pick();
                 tracing::trace!(%codec, probe, link = ?chooser.link_rate(), "auto picked");
-                (codec, probe)
+                let set = crate::codec::CANDIDATES.map(|c| chooser.probes(c));
+                (codec, probe.then_some(set))
             }
         }
     }
 
     /// Copies, classifies and hashes the pages of a job and encodes the batch
     /// with `codec` (probing the other candidates when `probe`).
-    fn encode(&self, job: &Job, codec: Codec, probe: bool) -> Result<EncodedBatch, MigrationError> {
+    fn encode(
+        &self,
+        job: &Job,
+        codec: Codec,
+        probe: Option<[bool; 4]>,
+    ) -> Result<EncodedBatch, MigrationError> {
         let mem = self.guest.memory();
         let zero_hash = zero_page_hash();
         ENCODER.with(|e| {
@@ -139,7 +145,7 @@ impl Shared {
                 // Measure every compressor on a sample of these pages.
                 let mut samples = Vec::new();
                 let mut sampled = 0;
-                if probe {
+                if let Some(set) = probe {
                     PROBE.with(|cell| {
                         let (sample, out) = &mut *cell.borrow_mut();
                         enc.sample_into(&batch, crate::codec::PROBE_BYTES, sample);
@@ -149,13 +155,18 @@ impl Shared {
                         }
                         let compressors = crate::codec::CANDIDATES
                             .iter()
-                            .filter(|&&c| c != Codec::None);
+                            .zip(set)
+                            .filter(|&(&c, wanted)| c != Codec::None && wanted)
+                            .map(|(c, _)| c);
                         // A thread's first compression of each kind builds its
                         // context and faults its buffers in: a one-off cost
                         // that would make a codec look several times slower
                         // than it is. Pay it untimed.
                         if !PROBE_WARM.replace(true) {
-                            for &c in compressors.clone() {
+                            for &c in crate::codec::CANDIDATES
+                                .iter()
+                                .filter(|&&c| c != Codec::None)
+                            {
                                 out.clear();
                                 let _ = crate::codec::compress(c, sample, out);
                             }
@@ -220,7 +231,7 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
             // here than a hop to the blocking pool and back. Compression takes
             // milliseconds and goes to the pool, off the runtime's workers.
             let (codec, probe) = sh.choose();
-            let batch = if codec == Codec::None && !probe {
+            let batch = if codec == Codec::None && probe.is_none() {
                 sh.encode(&job, codec, probe)?
             } else {
                 let sh2 = sh.clone();
