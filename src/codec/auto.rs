@@ -484,6 +484,10 @@ impl SocketRate {
     /// The share of a window the writers must spend blocked for it to measure
     /// the link.
     const BLOCKED: f64 = 0.1;
+    /// An unblocked window that carried this share of the estimate ...
+    const HEADROOM: f64 = 0.9;
+    /// ... grows it by this factor.
+    const GROWTH: f64 = 1.5;
 
     /// Records that the receiver acknowledged `bytes` of frames.
     pub fn record_ack(&mut self, bytes: f64) {
@@ -512,7 +516,17 @@ impl SocketRate {
             // buffers filling at memory speed, and should be forgotten fast.
             self.rate = Some(self.rate.map_or(through, |o| o + 0.75 * (through - o)));
         } else if let Some(o) = self.rate {
-            self.rate = Some(o.max(through));
+            // Not blocked while sending at about the estimate: the link has
+            // room the estimate does not know of. Grow it, or an estimate
+            // taken while the receiver was the bottleneck (its memory still
+            // cold, at the start) would keep a fast link compressed for good:
+            // compressing makes the encoder the bottleneck, whose output
+            // never blocks and never says the link is faster.
+            self.rate = Some(if through >= Self::HEADROOM * o {
+                (o * Self::GROWTH).max(through)
+            } else {
+                o.max(through)
+            });
         }
         (self.started, self.acked, self.secs) = (Some(now), 0.0, 0.0);
     }
@@ -572,6 +586,29 @@ mod tests {
             step(&mut r, at, 3e6, 1e-4);
         }
         assert!(r.rate().unwrap() >= 280e6, "{:?}", r.rate());
+    }
+
+    #[test]
+    fn an_estimate_the_encoder_keeps_up_with_grows_until_writes_block() {
+        // The first window saw a cold receiver: 220 MB/s. Compressing, the
+        // encoder then sends 220 MB/s without ever blocking; the link (1.25
+        // GB/s) has room, so the estimate must grow rather than stay put.
+        let ms = std::time::Duration::from_millis;
+        let mut at = std::time::Instant::now();
+        let mut r = SocketRate::default();
+        r.record(0.0, 4, at);
+        at += ms(30);
+        r.record_ack(220e6 * 0.03);
+        r.record(0.05, 4, at);
+        assert!((200e6..240e6).contains(&r.rate().unwrap()));
+        for _ in 0..6 {
+            // The encoder sends what the estimate allows, unblocked.
+            let rate = r.rate().unwrap().min(1.25e9);
+            at += ms(100);
+            r.record_ack(rate * 0.1);
+            r.record(1e-4, 4, at);
+        }
+        assert!(r.rate().unwrap() >= 1.0e9, "{:?}", r.rate());
     }
 
     #[test]
