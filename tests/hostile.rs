@@ -120,6 +120,7 @@ fn setup(memory: u64) -> Message {
         verify: VerifyMode::Fast,
         max_bandwidth: 0,
         flags: 0,
+        label: None,
     })
 }
 

@@ -371,3 +371,70 @@ fn a_source_that_fails_before_its_session_reports_why_at_once() {
     );
     assert!(g.is_running());
 }
+
+#[test]
+fn a_labelled_session_reaches_the_receiver_whose_admission_can_refuse_it() {
+    use ferry::wire::SessionLabel;
+    use std::sync::{Arc, Mutex};
+    let _serial = serial();
+    let label = SessionLabel {
+        vm: "web-1".into(),
+        migration_id: "m-7".into(),
+        source_node: "a".into(),
+    };
+    let config = MigrationConfig {
+        label: Some(label.clone()),
+        ..MigrationConfig::default()
+    };
+    // Admitted: the admission sees the label, and so does the result.
+    let seen = Arc::new(Mutex::new(None));
+    let seen2 = seen.clone();
+    let receiver = ReceiverConfig {
+        admit: Some(Arc::new(move |s: &ferry::wire::SessionSetup| {
+            *seen2.lock().unwrap() = s.label.clone();
+            Ok(())
+        })),
+        ..ReceiverConfig::default()
+    };
+    let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
+    let (src, dst) = ferry::migration::migrate_over_loopback(
+        g.clone(),
+        &config,
+        RunContext::default(),
+        receiver,
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert_eq!(seen.lock().unwrap().as_ref(), Some(&label));
+    assert_eq!(dst.unwrap().label, Some(label));
+    // Refused: the source fails with the reason, its guest running.
+    let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
+    let receiver = ReceiverConfig {
+        admit: Some(Arc::new(|_: &ferry::wire::SessionSetup| {
+            Err("node b is paused".to_string())
+        })),
+        ..ReceiverConfig::default()
+    };
+    let (src, dst) = ferry::migration::migrate_over_loopback(
+        g.clone(),
+        &config,
+        RunContext::default(),
+        receiver,
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Failed);
+    assert!(
+        src.error.as_deref().unwrap().contains("node b is paused"),
+        "{src:?}"
+    );
+    assert!(
+        g.is_running(),
+        "a refused migration leaves the guest running"
+    );
+    let dst = dst.expect("the receiver reports the refused session");
+    assert_eq!(dst.report.outcome, Outcome::Failed);
+    assert!(
+        dst.memory.is_none(),
+        "nothing allocated for a refused session"
+    );
+}

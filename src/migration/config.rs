@@ -5,7 +5,7 @@ use super::policy::{
     DEFAULT_PROGRESS_TIMEOUT, DEFAULT_SWITCHOVER_FLOOR,
 };
 use crate::codec::CodecChoice;
-use crate::wire::VerifyMode;
+use crate::wire::{SessionLabel, VerifyMode};
 use std::time::Duration;
 
 /// TCP channels per migration by default.
@@ -41,6 +41,8 @@ pub struct MigrationConfig {
     pub batch_pages: Option<u32>,
     /// Longest wait for the destination at each hand-off step. Default: 30 s.
     pub handoff_timeout: Duration,
+    /// Who the session is for, sent in its setup (agents name the VM).
+    pub label: Option<SessionLabel>,
 }
 
 impl Default for MigrationConfig {
@@ -57,6 +59,7 @@ impl Default for MigrationConfig {
             leave_paused: false,
             batch_pages: None,
             handoff_timeout: Duration::from_secs(30),
+            label: None,
         }
     }
 }

@@ -17,7 +17,8 @@ use crate::memory::GuestMemory;
 use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
-    Page, PageBatch, SessionSetupResponse, VerifyMode, SETUP_LEAVE_PAUSED,
+    Page, PageBatch, SessionLabel, SessionSetup, SessionSetupResponse, VerifyMode,
+    SETUP_LEAVE_PAUSED,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -31,8 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Decides whether a session may start, from its setup (an agent checks that
+/// it takes VMs, has the memory, and does not host one of that name);
+/// `Err(reason)` refuses it before any memory is allocated.
+pub type AdmitFn = Arc<dyn Fn(&SessionSetup) -> Result<(), String> + Send + Sync>;
+
 /// Receiver limits.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReceiverConfig {
     /// Largest guest accepted, bytes. Default: 1 TiB.
     pub max_memory: u64,
@@ -41,6 +47,19 @@ pub struct ReceiverConfig {
     /// Longest time without a byte from the source on any channel of a session
     /// before giving up on it. Default: 60 s.
     pub idle_timeout: Duration,
+    /// Admission of each session (default: every session within the limits).
+    pub admit: Option<AdmitFn>,
+}
+
+impl std::fmt::Debug for ReceiverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("max_memory", &self.max_memory)
+            .field("initial_credits", &self.initial_credits)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("admit", &self.admit.is_some())
+            .finish()
+    }
 }
 
 impl Default for ReceiverConfig {
@@ -49,6 +68,7 @@ impl Default for ReceiverConfig {
             max_memory: 1 << 40,
             initial_credits: DEFAULT_INITIAL_CREDITS,
             idle_timeout: Duration::from_secs(60),
+            admit: None,
         }
     }
 }
@@ -62,6 +82,8 @@ pub struct Incoming {
     pub guest: Option<Arc<dyn MigratableGuest>>,
     /// Its memory (also when the session failed after allocating it).
     pub memory: Option<Arc<GuestMemory>>,
+    /// Who the session was for, as its setup said (agents' migrations).
+    pub label: Option<SessionLabel>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -453,6 +475,7 @@ struct Tally {
     source_cpu_ms: Option<f64>,
     guest_kind: Option<GuestKind>,
     finished: Option<Duration>,
+    label: Option<SessionLabel>,
 }
 
 struct Session {
@@ -573,6 +596,7 @@ impl Session {
             report,
             guest,
             memory: shared.map(|s| s.memory.clone()),
+            label: tally.label,
         }
     }
 
@@ -634,6 +658,14 @@ impl Session {
                 return Err(e);
             }
         };
+        tally.label = setup.label.clone();
+        if let Some(admit) = &self.config.admit {
+            if let Err(why) = admit(&setup) {
+                let e = MigrationError::Resources(why);
+                reject(&mut writer, &e).await;
+                return Err(e);
+            }
+        }
         tally.memory_bytes = setup.memory_bytes;
         tally.channels = setup.channels;
         tally.verify = setup.verify;

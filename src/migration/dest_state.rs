@@ -256,6 +256,7 @@ mod tests {
             verify: VerifyMode::Fast,
             max_bandwidth: 0,
             flags: 0,
+            label: None,
         }
     }
 

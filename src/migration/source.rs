@@ -700,6 +700,7 @@ async fn run(
             } else {
                 0
             },
+            label: config.label.clone(),
         }),
     )
     .await?;

@@ -118,6 +118,26 @@ pub struct NegotiateResponse {
 /// after the hand-off (as libvirt's `--suspend`).
 pub const SETUP_LEAVE_PAUSED: u32 = 1;
 
+/// Flag in [`SessionSetup::flags`]: a [`SessionLabel`] follows the fixed
+/// fields (set by the encoder when `label` is `Some`).
+pub const SETUP_LABELLED: u32 = 2;
+/// Longest string in a [`SessionLabel`], bytes.
+pub const MAX_LABEL_LEN: usize = 255;
+
+/// Who a session is for, when agents migrate: the VM's name, the migration's
+/// id and the source node, so the destination agent can host the VM under its
+/// name and list the migration. Each is UTF-8, at most [`MAX_LABEL_LEN`]
+/// bytes, sent as a length byte and the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionLabel {
+    /// The VM's name.
+    pub vm: String,
+    /// The migration's id, as the source agent lists it.
+    pub migration_id: String,
+    /// The source node's name.
+    pub source_node: String,
+}
+
 /// Source → destination: creates the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionSetup {
@@ -136,8 +156,10 @@ pub struct SessionSetup {
     pub verify: VerifyMode,
     /// The source's bandwidth cap in bytes/s, 0 for none.
     pub max_bandwidth: u64,
-    /// `SETUP_*` flags.
+    /// `SETUP_*` flags ([`SETUP_LABELLED`] follows `label`).
     pub flags: u32,
+    /// Who the session is for (agents' migrations).
+    pub label: Option<SessionLabel>,
 }
 
 /// Destination → source: the session exists.
@@ -309,7 +331,23 @@ impl Message {
                 o.push(m.verify as u8);
                 o.extend_from_slice(&0u16.to_le_bytes());
                 o.extend_from_slice(&m.max_bandwidth.to_le_bytes());
-                o.extend_from_slice(&m.flags.to_le_bytes());
+                let flags = match m.label {
+                    Some(_) => m.flags | SETUP_LABELLED,
+                    None => m.flags & !SETUP_LABELLED,
+                };
+                o.extend_from_slice(&flags.to_le_bytes());
+                if let Some(l) = &m.label {
+                    for text in [&l.vm, &l.migration_id, &l.source_node] {
+                        // Encoders keep to the limit; a longer string is cut at
+                        // a character boundary rather than sent malformed.
+                        let mut end = text.len().min(MAX_LABEL_LEN);
+                        while !text.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        o.push(end as u8);
+                        o.extend_from_slice(&text.as_bytes()[..end]);
+                    }
+                }
             }
             Self::SessionSetupResponse(m) => {
                 o.extend_from_slice(&m.bind_token);
@@ -430,7 +468,7 @@ impl Message {
                         field: "setup.reserved",
                     });
                 }
-                Self::SessionSetup(SessionSetup {
+                let mut setup = SessionSetup {
                     memory_bytes,
                     channels,
                     codec,
@@ -439,7 +477,23 @@ impl Message {
                     verify,
                     max_bandwidth: r.u64("setup.max_bandwidth")?,
                     flags: r.u32("setup.flags")?,
-                })
+                    label: None,
+                };
+                let SessionSetup { flags, .. } = setup;
+                if flags & SETUP_LABELLED != 0 {
+                    let mut text = |field: &'static str| -> Result<String, DecodeError> {
+                        let len = r.u8(field)?;
+                        let bytes = r.bytes(len.into(), field)?;
+                        String::from_utf8(bytes.to_vec())
+                            .map_err(|_| DecodeError::Invalid { field })
+                    };
+                    setup.label = Some(SessionLabel {
+                        vm: text("setup.label.vm")?,
+                        migration_id: text("setup.label.migration_id")?,
+                        source_node: text("setup.label.source_node")?,
+                    });
+                }
+                Self::SessionSetup(setup)
             }
             Command::SessionSetupResponse => Self::SessionSetupResponse(SessionSetupResponse {
                 bind_token: r
@@ -590,6 +644,22 @@ mod tests {
                 verify: VerifyMode::Full,
                 max_bandwidth: 125_000_000,
                 flags: SETUP_LEAVE_PAUSED,
+                label: None,
+            }),
+            Message::SessionSetup(SessionSetup {
+                memory_bytes: 1 << 30,
+                channels: 4,
+                codec: 3,
+                codec_level: 0,
+                guest_kind: GuestKind::Sim,
+                verify: VerifyMode::Fast,
+                max_bandwidth: 0,
+                flags: SETUP_LABELLED,
+                label: Some(SessionLabel {
+                    vm: "web-1".into(),
+                    migration_id: "m-0042".into(),
+                    source_node: "nöde-a".into(),
+                }),
             }),
             Message::SessionSetupResponse(SessionSetupResponse {
                 bind_token: [7; 16],

@@ -29,8 +29,9 @@ pub use batch::{
 pub use frame::{encode_frame, encode_header, Frame, FrameCrc, FrameDecoder, Header, HEADER_LEN};
 pub use message::{
     Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, GuestKind, Message,
-    Negotiate, NegotiateResponse, Ready, RoundEnd, SessionSetup, SessionSetupResponse, Switchover,
-    VerifyMode, SETUP_LEAVE_PAUSED,
+    Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
+    SessionSetupResponse, Switchover, VerifyMode, MAX_LABEL_LEN, SETUP_LABELLED,
+    SETUP_LEAVE_PAUSED,
 };
 
 /// `"FRY1"` as a little-endian u32.
