@@ -6,10 +6,13 @@
 //! (frames and messages), [`digest`] (the switchover memory digest) and
 //! [`migration::policy`] (convergence). The `net` feature adds the async shell:
 //! [`transport`] (sessions of TCP channels, credits, the bandwidth cap) and the
-//! source and destination drivers in [`migration`].
+//! source and destination drivers in [`migration`], and the node agent with
+//! its control API in [`agent`].
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "net")]
+pub mod agent;
 pub mod bench;
 pub mod codec;
 pub mod cpu;

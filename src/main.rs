@@ -42,6 +42,19 @@ enum Command {
     /// Write a synthetic guest's initial memory as a raw RAM image (for
     /// `--image`, and for QEMU's memory-backend-file in scripts/qemu-compare).
     Image(ImageArgs),
+    /// Run a node agent: host VMs, take migrations from the cluster's other
+    /// nodes, serve the control API (HTTP, bearer token) and /metrics.
+    Agent(AgentArgs),
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// The cluster file (nodes, addresses, token).
+    #[arg(long, default_value = "cluster.toml", value_name = "FILE")]
+    cluster: PathBuf,
+    /// This node's name in the cluster file.
+    #[arg(long)]
+    node: String,
 }
 
 #[derive(Args, Debug)]
@@ -402,6 +415,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
         Command::Image(a) => image(a),
+        Command::Agent(a) => agent(a),
     };
     match result {
         Ok(code) => code,
@@ -412,6 +426,45 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+    }
+}
+
+fn agent(a: AgentArgs) -> Result<ExitCode> {
+    let cluster = ferry::agent::Cluster::load(&a.cluster).map_err(|e| usage(e.to_string()))?;
+    cluster
+        .require_node(&a.node)
+        .map_err(|e| usage(format!("--node: {e}")))?;
+    let cpu = CpuMeter::new();
+    let rt = ferry::transport::runtime("ferry-agent", 2, &cpu)?;
+    rt.block_on(async {
+        let handle = ferry::agent::serve_agent(cluster, &a.node)
+            .await
+            .with_context(|| format!("cannot start node {}", a.node))?;
+        eprintln!(
+            "node {} running: control API http://{}/v1, migrations on {}",
+            a.node, handle.control_addr, handle.data_addr
+        );
+        wait_for_stop_signal().await;
+        tracing::info!("stopping: cancelling outgoing migrations, guests stay here");
+        handle.shutdown().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Returns on SIGINT or SIGTERM.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -87,7 +87,7 @@ impl GuestMemory {
     }
 
     /// Checks a guest memory size; returns it as a length.
-    fn check_size(bytes: u64) -> Result<usize, MemoryError> {
+    pub fn check_size(bytes: u64) -> Result<usize, MemoryError> {
         if bytes == 0 {
             return Err(MemoryError::BadSize {
                 bytes,

@@ -193,7 +193,7 @@ async fn handle_connection(
     let rx_bytes = Arc::new(AtomicU64::new(0));
     let (r, w) = stream.into_split();
     let mut reader = FrameReader::new(r, 0, rx_bytes.clone());
-    let mut writer = FrameWriter::new(w, 0, None, Arc::new(AtomicU64::new(0)));
+    let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::new(AtomicU64::new(0)));
     let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.read_frame()).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) => return None,

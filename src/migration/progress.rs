@@ -115,4 +115,7 @@ pub struct RunContext {
     pub cancel: CancellationToken,
     /// CPU time of this side's threads.
     pub cpu: CpuMeter,
+    /// A bandwidth cap shared with other migrations (a node's), on top of the
+    /// migration's own.
+    pub shared_bucket: Option<Arc<crate::transport::TokenBucket>>,
 }

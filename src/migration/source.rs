@@ -606,11 +606,13 @@ async fn run(
     let memory_bytes = guest.memory().len_bytes();
     let pages = guest.memory().pages();
     let batch_pages = config.batch_pages();
-    let bucket = config.max_bandwidth.map(|bps| {
+    let own = config.max_bandwidth.map(|bps| {
         // Bursts of at most one batch (plus headers) or 10 ms at the rate.
         let batch = u64::from(batch_pages) * PAGE_SIZE as u64 + 4096;
         Arc::new(TokenBucket::new(bps, batch.max(bps / 100)))
     });
+    // The migration's own cap, and the one it shares with others (a node's).
+    let buckets: Vec<Arc<TokenBucket>> = own.into_iter().chain(ctx.shared_bucket.clone()).collect();
     let wire = ctx.progress.wire_bytes.clone();
     let rx_bytes = Arc::new(AtomicU64::new(0));
     ctx.progress.start_round(Phase::Setup, 0, 0);
@@ -619,7 +621,7 @@ async fn run(
     let target_owned = target.to_string();
     let connect_one = |ch: u16| {
         let target = target_owned.clone();
-        let bucket = bucket.clone();
+        let buckets = buckets.clone();
         let wire = wire.clone();
         let rx_bytes = rx_bytes.clone();
         async move {
@@ -633,7 +635,7 @@ async fn run(
             let (r, w) = stream.into_split();
             Ok::<_, MigrationError>((
                 FrameReader::new(r, ch, rx_bytes),
-                FrameWriter::new(w, ch, bucket, wire),
+                FrameWriter::new(w, ch, buckets, wire),
             ))
         }
     };
@@ -791,12 +793,13 @@ async fn run(
             // The chooser leaves the receiving side its share of the cores.
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let mut c = AutoChooser::new(cores);
-            if let Some(cap) = config.max_bandwidth {
+            let shared = ctx.shared_bucket.as_ref().map(|b| b.rate());
+            if let Some(cap) = config.max_bandwidth.into_iter().chain(shared).min() {
                 c.set_link_rate(cap as f64);
             }
             c
         }),
-        capped: config.max_bandwidth.is_some(),
+        capped: config.max_bandwidth.is_some() || ctx.shared_bucket.is_some(),
         socket_bps: Mutex::new(SocketRate::default()),
         session_id,
         next_msg: AtomicU64::new(1),

@@ -228,22 +228,23 @@ impl FrameReader {
 pub struct FrameWriter {
     wr: OwnedWriteHalf,
     channel: u16,
-    bucket: Option<Arc<TokenBucket>>,
+    buckets: Vec<Arc<TokenBucket>>,
     bytes: Arc<AtomicU64>,
 }
 
 impl FrameWriter {
-    /// Wraps a write half; counts bytes written into `bytes`.
+    /// Wraps a write half; every frame waits for each of `buckets` (the
+    /// migration's cap, the node's) and is counted into `bytes`.
     pub fn new(
         wr: OwnedWriteHalf,
         channel: u16,
-        bucket: Option<Arc<TokenBucket>>,
+        buckets: Vec<Arc<TokenBucket>>,
         bytes: Arc<AtomicU64>,
     ) -> Self {
         Self {
             wr,
             channel,
-            bucket,
+            buckets,
             bytes,
         }
     }
@@ -261,7 +262,7 @@ impl FrameWriter {
     ) -> Result<(), MigrationError> {
         let head = encode_header(header, payload);
         let total = HEADER_LEN + payload.len();
-        if let Some(b) = &self.bucket {
+        for b in &self.buckets {
             b.acquire(total as u64).await;
         }
         let mut written = 0;

@@ -1,0 +1,530 @@
+//! The agent's control API (HTTP/JSON under `/v1`, bearer token on every
+//! route, Prometheus metrics at `/metrics`) and the agent's lifetime: its
+//! listeners, its incoming migrations, its shutdown.
+//!
+//! JSON keys are the CLI's flag names in snake_case; values take the CLI's
+//! unit strings, or integers (bytes, bytes per second, milliseconds for
+//! durations). Errors are `{"error": {"code", "message"}}` with a fitting
+//! status.
+
+use super::cluster::Cluster;
+use super::node::{Node, NodeError, NodeMode, VmSpec};
+use crate::codec::CodecChoice;
+use crate::memory::{FillSpec, WorkloadPattern};
+use crate::migration::{MigrationConfig, Receiver, ReceiverConfig, RunContext};
+use crate::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
+use crate::wire::{GuestKind, VerifyMode};
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// An API error: status, code and message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let status = match e {
+            NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Conflict(_) | NodeError::InsufficientMemory(_) => StatusCode::CONFLICT,
+            NodeError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+        };
+        Self {
+            status,
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// A size, rate or duration as the CLI writes it, or a plain integer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Amount {
+    Int(u64),
+    Text(String),
+}
+
+impl Amount {
+    fn size(&self, field: &str) -> Result<u64, ApiError> {
+        match self {
+            Amount::Int(n) => Ok(*n),
+            Amount::Text(s) => {
+                parse_size(s).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+            }
+        }
+    }
+
+    fn rate(&self, field: &str) -> Result<u64, ApiError> {
+        match self {
+            Amount::Int(n) => Ok(*n),
+            Amount::Text(s) => {
+                parse_rate(s).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+            }
+        }
+    }
+
+    fn bandwidth(&self, field: &str) -> Result<Option<u64>, ApiError> {
+        match self {
+            Amount::Int(0) => Ok(None),
+            Amount::Int(n) => Ok(Some(*n)),
+            Amount::Text(s) => {
+                parse_bandwidth(s).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+            }
+        }
+    }
+
+    fn duration(&self, field: &str) -> Result<Duration, ApiError> {
+        match self {
+            Amount::Int(ms) => Ok(Duration::from_millis(*ms)),
+            Amount::Text(s) => {
+                parse_duration(s).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+            }
+        }
+    }
+}
+
+/// `on`/`off` as the CLI takes it, or a JSON boolean.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Switch {
+    Bool(bool),
+    Text(String),
+}
+
+impl Switch {
+    fn on(&self, field: &str) -> Result<bool, ApiError> {
+        match self {
+            Switch::Bool(b) => Ok(*b),
+            Switch::Text(s) if s == "on" => Ok(true),
+            Switch::Text(s) if s == "off" => Ok(false),
+            Switch::Text(s) => Err(ApiError::bad_request(format!(
+                "{field}: {s:?} is not on or off"
+            ))),
+        }
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the request needs a JSON body"));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVm {
+    name: String,
+    memory: Amount,
+    workload: Option<String>,
+    dirty_rate: Option<Amount>,
+    fill: Option<String>,
+    guest: Option<String>,
+}
+
+impl CreateVm {
+    fn spec(self) -> Result<VmSpec, ApiError> {
+        if self.name.is_empty()
+            || self.name.len() > crate::wire::MAX_LABEL_LEN
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ApiError::bad_request(format!(
+                "name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
+                self.name
+            )));
+        }
+        let memory = self.memory.size("memory")?;
+        crate::memory::GuestMemory::check_size(memory)
+            .map_err(|e| ApiError::bad_request(format!("memory: {e}")))?;
+        let workload = match &self.workload {
+            None => WorkloadPattern::Hot {
+                bytes: (64u64 << 20).min(memory),
+            },
+            Some(w) => w
+                .parse::<WorkloadPattern>()
+                .map_err(|e| ApiError::bad_request(format!("workload: {e}")))?,
+        };
+        if let WorkloadPattern::Hot { bytes } = workload {
+            if bytes > memory {
+                return Err(ApiError::bad_request(format!(
+                    "workload hot:{bytes} is larger than the VM's memory ({memory})"
+                )));
+            }
+        }
+        let dirty_rate = match &self.dirty_rate {
+            None => 100_000_000,
+            Some(r) => r.rate("dirty_rate")?,
+        };
+        let fill = match &self.fill {
+            None => FillSpec::default(),
+            Some(f) => f
+                .parse::<FillSpec>()
+                .map_err(|e| ApiError::bad_request(format!("fill: {e}")))?,
+        };
+        let guest = match self.guest.as_deref() {
+            None | Some("sim") => GuestKind::Sim,
+            Some("kvm") => GuestKind::Kvm,
+            Some(g) => {
+                return Err(ApiError::bad_request(format!(
+                    "guest: {g:?} is not sim or kvm"
+                )))
+            }
+        };
+        Ok(VmSpec {
+            name: self.name,
+            memory,
+            workload,
+            dirty_rate,
+            fill,
+            guest,
+        })
+    }
+}
+
+/// The migration parameters as the CLI names them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrationParams {
+    channels: Option<u16>,
+    codec: Option<String>,
+    max_bandwidth: Option<Amount>,
+    downtime_limit: Option<Amount>,
+    verify: Option<String>,
+    auto_converge: Option<Switch>,
+    completion_timeout: Option<Amount>,
+    progress_timeout: Option<Amount>,
+    leave_paused: Option<bool>,
+}
+
+impl MigrationParams {
+    fn config(&self) -> Result<MigrationConfig, ApiError> {
+        let mut c = MigrationConfig::default();
+        if let Some(n) = self.channels {
+            c.channels = n;
+        }
+        if let Some(codec) = &self.codec {
+            c.codec = codec
+                .parse::<CodecChoice>()
+                .map_err(|e| ApiError::bad_request(format!("codec: {e}")))?;
+        }
+        if let Some(b) = &self.max_bandwidth {
+            c.max_bandwidth = b.bandwidth("max_bandwidth")?;
+        }
+        if let Some(d) = &self.downtime_limit {
+            c.downtime_limit = d.duration("downtime_limit")?;
+        }
+        if let Some(v) = &self.verify {
+            c.verify = v
+                .parse::<VerifyMode>()
+                .map_err(|e| ApiError::bad_request(format!("verify: {e}")))?;
+        }
+        if let Some(a) = &self.auto_converge {
+            c.auto_converge = a.on("auto_converge")?;
+        }
+        if let Some(t) = &self.completion_timeout {
+            c.completion_timeout = Some(t.duration("completion_timeout")?);
+        }
+        if let Some(t) = &self.progress_timeout {
+            c.progress_timeout = t.duration("progress_timeout")?;
+        }
+        if let Some(p) = self.leave_paused {
+            c.leave_paused = p;
+        }
+        c.validate().map_err(ApiError::bad_request)?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateMigration {
+    vm: String,
+    target: String,
+    #[serde(flatten)]
+    params: MigrationParams,
+}
+
+fn json_status<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    (status, Json(body)).into_response()
+}
+
+async fn get_node(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.view()))
+}
+
+async fn list_vms(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.vms()))
+}
+
+async fn create_vm(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let spec = parse_body::<CreateVm>(&body)?.spec()?;
+    // Filling a large guest's memory takes a while: off the runtime's workers.
+    let view = tokio::task::spawn_blocking(move || node.create_vm(spec))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: format!("creating the VM failed: {e}"),
+        })??;
+    Ok(json_status(StatusCode::CREATED, &view))
+}
+
+async fn get_vm(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.vm(&name)?))
+}
+
+async fn delete_vm(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.delete_vm(&name)?))
+}
+
+async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.migrations()))
+}
+
+async fn create_migration(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let req = parse_body::<CreateMigration>(&body)?;
+    let config = req.params.config()?;
+    let view = node.request_migration(&req.vm, &req.target, config, None)?;
+    Ok(json_status(StatusCode::ACCEPTED, &view))
+}
+
+async fn get_migration(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.migration(&id)?))
+}
+
+async fn cancel_migration(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.cancel_migration(&id)?))
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let m = &node.metrics;
+    let (vms, running, queued, rate) = node.gauges();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, f64)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in lines {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let outcomes = ["completed", "failed", "cancelled", "unresolved"];
+    metric(
+        "ferry_migrations_total",
+        "counter",
+        "Outgoing migrations finished, by outcome.",
+        &outcomes
+            .iter()
+            .zip(&m.outcomes)
+            .map(|(o, c)| {
+                (
+                    format!("{{outcome=\"{o}\"}}"),
+                    c.load(Ordering::Relaxed) as f64,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "ferry_migrations_received_total",
+        "counter",
+        "Incoming migrations completed on this node.",
+        &[(String::new(), m.received.load(Ordering::Relaxed) as f64)],
+    );
+    metric(
+        "ferry_migration_bytes_sent_total",
+        "counter",
+        "Wire bytes of finished outgoing migrations.",
+        &[(String::new(), m.bytes_sent.load(Ordering::Relaxed) as f64)],
+    );
+    metric(
+        "ferry_migration_rate_bytes_per_second",
+        "gauge",
+        "Wire rate of the outgoing migrations running now.",
+        &[(String::new(), rate.round())],
+    );
+    metric(
+        "ferry_migrations_running",
+        "gauge",
+        "Outgoing migrations running now.",
+        &[(String::new(), running as f64)],
+    );
+    metric(
+        "ferry_migration_queue_depth",
+        "gauge",
+        "Outgoing migrations waiting for a slot.",
+        &[(String::new(), queued as f64)],
+    );
+    metric(
+        "ferry_vms_hosted",
+        "gauge",
+        "VMs on this node, arriving ones included.",
+        &[(String::new(), vms as f64)],
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Every route wants `Authorization: Bearer <token>`, compared in constant
+/// time.
+async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    use subtle::ConstantTimeEq;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = node.cluster.token.as_bytes();
+    if given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want)) {
+        return next.run(req).await;
+    }
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        message: "this API wants the cluster's token as a bearer token".into(),
+    }
+    .into_response()
+}
+
+/// The control API's routes for `node`.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/node", get(get_node))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route(
+            "/v1/migrations",
+            get(list_migrations).post(create_migration),
+        )
+        .route(
+            "/v1/migrations/{id}",
+            get(get_migration).delete(cancel_migration),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                code: "not_found",
+                message: "no such route; the API lives under /v1".into(),
+            }
+        })
+        .layer(middleware::from_fn_with_state(node.clone(), require_token))
+        .with_state(node)
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// The node it runs.
+    pub node: Arc<Node>,
+    /// Where its control API listens.
+    pub control_addr: SocketAddr,
+    /// Where it takes incoming migrations.
+    pub data_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// Stops taking requests and migrations and waits for the listeners to
+    /// close. Outgoing migrations in flight are cancelled first, which
+    /// leaves each guest running here.
+    pub async fn shutdown(self) {
+        self.node.cancel_all();
+        self.node.wait_idle(Duration::from_secs(30)).await;
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts node `name` of `cluster`: binds its control and data addresses
+/// from the cluster file and serves until [`AgentHandle::shutdown`].
+pub async fn serve_agent(cluster: Cluster, name: &str) -> std::io::Result<AgentHandle> {
+    let node = Node::new(cluster, name).map_err(std::io::Error::other)?;
+    let stop = CancellationToken::new();
+    let weak = Arc::downgrade(&node);
+    let receiver = Receiver::bind(
+        &node.spec.data,
+        ReceiverConfig {
+            max_memory: node.spec.memory_capacity,
+            admit: Some(Arc::new(move |setup| match weak.upgrade() {
+                Some(node) => node.admit_incoming(setup),
+                None => Err("the agent is shutting down".into()),
+            })),
+            ..ReceiverConfig::default()
+        },
+    )
+    .await?;
+    let data_addr = receiver.local_addr()?;
+    let listener = tokio::net::TcpListener::bind(&node.spec.control).await?;
+    let control_addr = listener.local_addr()?;
+    let mut tasks = Vec::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let ctx = RunContext {
+        cancel: stop.child_token(),
+        ..RunContext::default()
+    };
+    tasks.push(tokio::spawn(receiver.serve(ctx, tx)));
+    let n = node.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(incoming) = rx.recv().await {
+            n.incoming_done(incoming);
+        }
+    }));
+    let app = router(node.clone());
+    let s = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await;
+    }));
+    tracing::info!(node = %node.spec.name, control = %control_addr, data = %data_addr, "agent running");
+    node.set_mode(NodeMode::Active);
+    Ok(AgentHandle {
+        node,
+        control_addr,
+        data_addr,
+        stop,
+        tasks,
+    })
+}

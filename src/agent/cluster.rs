@@ -1,0 +1,403 @@
+//! The cluster file: one TOML file naming every node of a cluster, its
+//! addresses and capacity, and the shared token, read by every agent and by
+//! the orchestrator's commands.
+//!
+//! ```toml
+//! token_file = "cluster.token"        # bearer token for the API and shared key for migrations
+//! [defaults]
+//! max_concurrent_migrations = 2
+//! [[node]]
+//! name = "a"
+//! control = "127.0.0.1:7411"          # HTTP control API
+//! data = "127.0.0.1:7511"             # incoming migrations
+//! memory_capacity = "8GiB"            # what VMs on this node may use in total
+//! ```
+//!
+//! Relative paths resolve against the file's own folder; the token is the
+//! token file's content with surrounding white space trimmed. Sizes and rates
+//! take the CLI's unit strings (or plain integers: bytes, bytes per second).
+
+use crate::units::{parse_bandwidth, parse_size};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Outgoing live migrations per node at once, as Hyper-V's default.
+pub const DEFAULT_MAX_CONCURRENT_MIGRATIONS: u32 = 2;
+
+/// Errors reading a cluster file, each naming the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The file (or the token file it names) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has fields of the wrong type.
+    #[error("{path} is not a valid cluster file: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message (line and column included).
+        message: String,
+    },
+    /// A field has a value that cannot be used.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the node and field.
+        message: String,
+    },
+}
+
+/// A size or rate as the CLI writes it ("8GiB", "1Gbit/s") or in plain bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Amount {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    token_file: PathBuf,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default, rename = "node")]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    max_concurrent_migrations: Option<u32>,
+    max_bandwidth: Option<Amount>,
+    update_hook: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    control: String,
+    data: String,
+    memory_capacity: Amount,
+    max_concurrent_migrations: Option<u32>,
+    max_bandwidth: Option<Amount>,
+    update_hook: Option<Vec<String>>,
+}
+
+/// One node of the cluster, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Its name, unique in the cluster.
+    pub name: String,
+    /// `host:port` of its HTTP control API.
+    pub control: String,
+    /// `host:port` where it listens for incoming migrations.
+    pub data: String,
+    /// What its VMs may use in total, bytes.
+    pub memory_capacity: u64,
+    /// Outgoing live migrations at once; more wait in a queue.
+    pub max_concurrent_migrations: u32,
+    /// Cap on all its outgoing migrations together, bytes/s (`None`: no cap).
+    pub max_bandwidth: Option<u64>,
+    /// The program (and its first arguments) that runs a rolling update's
+    /// command on this node, the command appended as the last argument; no
+    /// hook, no updates.
+    pub update_hook: Option<Vec<String>>,
+}
+
+/// A cluster file, read and checked.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The bearer token of every agent's control API.
+    pub token: String,
+    /// The key migrations between the cluster's agents are proved with (the
+    /// token unless `key_file` names another).
+    pub key: Vec<u8>,
+    /// The nodes, in the file's order.
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl Cluster {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ClusterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses a cluster file's text; `path` locates it (relative paths in it
+    /// resolve against its folder) and names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ClusterError> {
+        let shown = path.display().to_string();
+        let invalid = |message: String| ClusterError::Invalid {
+            path: shown.clone(),
+            message,
+        };
+        let raw: RawCluster = toml::from_str(text).map_err(|e| ClusterError::Syntax {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let read_secret = |file: &Path, what: &str| -> Result<String, ClusterError> {
+            let file = dir.join(file);
+            let text = std::fs::read_to_string(&file).map_err(|source| ClusterError::Read {
+                path: file.display().to_string(),
+                source,
+            })?;
+            let text = text.trim().to_string();
+            if text.is_empty() {
+                return Err(invalid(format!("{what} {} is empty", file.display())));
+            }
+            Ok(text)
+        };
+        let token = read_secret(&raw.token_file, "token_file")?;
+        let key = match &raw.key_file {
+            Some(f) => read_secret(f, "key_file")?,
+            None => token.clone(),
+        }
+        .into_bytes();
+        if raw.nodes.is_empty() {
+            return Err(invalid("no [[node]] in the cluster".into()));
+        }
+        let amount = |a: &Amount,
+                      node: &str,
+                      field: &str,
+                      rate: bool|
+         -> Result<Option<u64>, ClusterError> {
+            match a {
+                Amount::Bytes(0) if rate => Ok(None),
+                Amount::Bytes(n) => Ok(Some(*n)),
+                Amount::Text(s) if rate => {
+                    parse_bandwidth(s).map_err(|e| invalid(format!("node {node}: {field}: {e}")))
+                }
+                Amount::Text(s) => parse_size(s)
+                    .map(Some)
+                    .map_err(|e| invalid(format!("node {node}: {field}: {e}"))),
+            }
+        };
+        let default_bandwidth = match &raw.defaults.max_bandwidth {
+            Some(a) => amount(a, "defaults", "max_bandwidth", true)?,
+            None => None,
+        };
+        let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.nodes.len());
+        for n in raw.nodes {
+            if n.name.is_empty()
+                || !n
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(invalid(format!(
+                    "node name {:?}: use letters, digits, '-', '_' and '.'",
+                    n.name
+                )));
+            }
+            if nodes.iter().any(|o| o.name == n.name) {
+                return Err(invalid(format!("node {} is named twice", n.name)));
+            }
+            for (field, addr) in [("control", &n.control), ("data", &n.data)] {
+                check_address(addr)
+                    .map_err(|why| invalid(format!("node {}: {field} {addr:?}: {why}", n.name)))?;
+            }
+            let memory_capacity =
+                amount(&n.memory_capacity, &n.name, "memory_capacity", false)?.unwrap_or(0);
+            if memory_capacity == 0 {
+                return Err(invalid(format!("node {}: memory_capacity is zero", n.name)));
+            }
+            let max_concurrent_migrations = n
+                .max_concurrent_migrations
+                .or(raw.defaults.max_concurrent_migrations)
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_MIGRATIONS);
+            if max_concurrent_migrations == 0 {
+                return Err(invalid(format!(
+                    "node {}: max_concurrent_migrations must be at least 1",
+                    n.name
+                )));
+            }
+            let max_bandwidth = match &n.max_bandwidth {
+                Some(a) => amount(a, &n.name, "max_bandwidth", true)?,
+                None => default_bandwidth,
+            };
+            let update_hook = n.update_hook.or_else(|| raw.defaults.update_hook.clone());
+            if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
+                return Err(invalid(format!("node {}: update_hook is empty", n.name)));
+            }
+            nodes.push(NodeSpec {
+                name: n.name,
+                control: n.control,
+                data: n.data,
+                memory_capacity,
+                max_concurrent_migrations,
+                max_bandwidth,
+                update_hook,
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            token,
+            key,
+            nodes,
+        })
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The node named `name`, or an error listing the cluster's nodes.
+    pub fn require_node(&self, name: &str) -> Result<&NodeSpec, String> {
+        self.node(name).ok_or_else(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            format!(
+                "no node {name:?} in {} (nodes: {})",
+                self.path.display(),
+                names.join(", ")
+            )
+        })
+    }
+}
+
+/// `host:port` with a non-empty host and a port number.
+fn check_address(addr: &str) -> Result<(), &'static str> {
+    let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
+    if host.is_empty() {
+        return Err("the host is empty");
+    }
+    port.parse::<u16>()
+        .map_err(|_| "the port is not a number from 0 to 65535")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_token(token: &str) -> tempdir::Dir {
+        let d = tempdir::Dir::new();
+        std::fs::write(d.path().join("cluster.token"), token).unwrap();
+        d
+    }
+
+    /// A throwaway folder for a test's files.
+    mod tempdir {
+        pub struct Dir(std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "ferry-cluster-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+            pub fn path(&self) -> &std::path::Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    const EXAMPLE: &str = r#"
+token_file = "cluster.token"        # bearer token for the API and shared key for migrations
+[defaults]
+max_concurrent_migrations = 2
+[[node]]
+name = "a"
+control = "127.0.0.1:7411"          # HTTP control API
+data = "127.0.0.1:7511"             # incoming migrations
+memory_capacity = "8GiB"            # what VMs on this node may use in total
+[[node]]
+name = "b"
+control = "127.0.0.1:7412"
+data = "127.0.0.1:7512"
+memory_capacity = 4294967296
+max_concurrent_migrations = 3
+max_bandwidth = "1Gbit/s"
+update_hook = ["sh", "-c"]
+"#;
+
+    #[test]
+    fn the_issue_example_reads_with_defaults_applied() {
+        let d = dir_with_token("  s3cret\n");
+        let c = Cluster::parse(EXAMPLE, &d.path().join("cluster.toml")).unwrap();
+        assert_eq!(c.token, "s3cret");
+        assert_eq!(c.key, b"s3cret");
+        assert_eq!(c.nodes.len(), 2);
+        let a = c.node("a").unwrap();
+        assert_eq!(a.control, "127.0.0.1:7411");
+        assert_eq!(a.data, "127.0.0.1:7511");
+        assert_eq!(a.memory_capacity, 8 << 30);
+        assert_eq!(a.max_concurrent_migrations, 2);
+        assert_eq!(a.max_bandwidth, None);
+        assert_eq!(a.update_hook, None);
+        let b = c.node("b").unwrap();
+        assert_eq!(b.memory_capacity, 4 << 30);
+        assert_eq!(b.max_concurrent_migrations, 3);
+        assert_eq!(b.max_bandwidth, Some(125_000_000));
+        assert_eq!(b.update_hook, Some(vec!["sh".into(), "-c".into()]));
+        assert!(c.require_node("z").unwrap_err().contains("nodes: a, b"));
+    }
+
+    #[test]
+    fn a_separate_key_file_is_the_migration_key() {
+        let d = dir_with_token("tok");
+        std::fs::write(d.path().join("k"), "key-bytes\n").unwrap();
+        let text = EXAMPLE.replace(
+            "token_file = \"cluster.token\"",
+            "token_file = \"cluster.token\"\nkey_file = \"k\"",
+        );
+        let c = Cluster::parse(&text, &d.path().join("cluster.toml")).unwrap();
+        assert_eq!(
+            (c.token.as_str(), c.key.as_slice()),
+            ("tok", &b"key-bytes"[..])
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_what_is_wrong() {
+        let d = dir_with_token("tok");
+        let path = d.path().join("cluster.toml");
+        let err = |text: &str| Cluster::parse(text, &path).unwrap_err().to_string();
+        assert!(err("token_file = 1").contains("not a valid cluster file"));
+        assert!(err("token_file = \"cluster.token\"").contains("no [[node]]"));
+        assert!(err("token_file = \"missing\"\n[[node]]\nname=\"a\"\ncontrol=\"h:1\"\ndata=\"h:2\"\nmemory_capacity=1")
+            .contains("cannot read"));
+        let with = |from: &str, to: &str| err(&EXAMPLE.replace(from, to));
+        assert!(with("name = \"b\"", "name = \"a\"").contains("node a is named twice"));
+        assert!(with("\"127.0.0.1:7412\"", "\"127.0.0.1\"").contains("node b: control"));
+        assert!(with("\"8GiB\"", "\"8 parsecs\"").contains("node a: memory_capacity"));
+        assert!(with(
+            "max_concurrent_migrations = 3",
+            "max_concurrent_migrations = 0"
+        )
+        .contains("at least 1"));
+        assert!(with(
+            "memory_capacity = \"8GiB\"",
+            "memory_capacity = \"8GiB\"\ncolour = 1"
+        )
+        .contains("colour"));
+        std::fs::write(d.path().join("cluster.token"), " \n").unwrap();
+        assert!(err(EXAMPLE).contains("is empty"));
+    }
+}

@@ -1,0 +1,14 @@
+//! The node agent: one per host, it hosts VMs, takes incoming migrations from
+//! the other nodes of its cluster, runs its outgoing ones at most
+//! `max_concurrent_migrations` at a time, and serves the control API.
+
+mod api;
+pub mod cluster;
+mod node;
+
+pub use api::{router, serve_agent, AgentHandle};
+pub use cluster::{Cluster, ClusterError, NodeSpec};
+pub use node::{
+    Direction, Limits, MigrationState, MigrationView, Node, NodeError, NodeMode, NodeView,
+    ProgressView, VmSpec, VmState, VmView,
+};

@@ -1,0 +1,974 @@
+//! A node's state: the VMs it hosts, its migrations in and out, the queue that
+//! keeps at most `max_concurrent_migrations` outgoing ones running, and the
+//! counters its metrics show.
+
+use super::cluster::{Cluster, NodeSpec};
+use crate::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
+use crate::migration::{
+    migrate, Incoming, MigratableGuest, MigrationConfig, Outcome, Phase, Report, RunContext,
+};
+use crate::wire::{GuestKind, SessionLabel, SessionSetup};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Whether a node takes VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeMode {
+    /// Hosts VMs and takes new ones.
+    Active,
+    /// Moving its VMs away; takes none.
+    Draining,
+    /// Takes no VMs (after a drain, or paused by an operator).
+    Paused,
+}
+
+/// Where a VM is in its life on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Running here.
+    Running,
+    /// Here, stopped (left paused by a hand-off, or unresolved).
+    Paused,
+    /// Running here while it migrates away.
+    MigratingOut,
+    /// Arriving: its memory is being received.
+    MigratingIn,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Waiting for one of the node's migration slots.
+    Queued,
+    /// Moving memory.
+    Running,
+    /// The VM runs on the target.
+    Completed,
+    /// The VM runs on the source.
+    Failed,
+    /// Cancelled; the VM runs on the source.
+    Cancelled,
+    /// The hand-off was interrupted after GO: the source holds the paused VM
+    /// and the target may run it; an operator must settle which.
+    Unresolved,
+}
+
+impl MigrationState {
+    /// Whether the migration has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+
+    fn of(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Completed => Self::Completed,
+            Outcome::Failed => Self::Failed,
+            Outcome::Cancelled => Self::Cancelled,
+            Outcome::Unresolved => Self::Unresolved,
+        }
+    }
+}
+
+/// Which way a migration goes, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// This node is the source.
+    Outgoing,
+    /// This node is the target.
+    Incoming,
+}
+
+/// What a VM is made of: the body of `POST /v1/vms`, checked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmSpec {
+    /// Unique on the cluster.
+    pub name: String,
+    /// Guest memory, bytes.
+    pub memory: u64,
+    /// Where its writes land.
+    #[serde(serialize_with = "as_display")]
+    pub workload: WorkloadPattern,
+    /// Bytes it writes per second.
+    pub dirty_rate: u64,
+    /// Its initial content mix.
+    #[serde(serialize_with = "as_display")]
+    pub fill: FillSpec,
+    /// The backend.
+    #[serde(serialize_with = "guest_kind")]
+    pub guest: GuestKind,
+}
+
+fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn guest_kind<S: serde::Serializer>(g: &GuestKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match g {
+        GuestKind::Sim => "sim",
+        GuestKind::Kvm => "kvm",
+    })
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmView {
+    /// What it is.
+    #[serde(flatten)]
+    pub spec: VmSpec,
+    /// Where it is in its life here.
+    pub state: VmState,
+    /// Pages its workload has written (grows while it runs).
+    pub pages_written: u64,
+}
+
+struct Vm {
+    spec: VmSpec,
+    state: VmState,
+    guest: Option<Arc<dyn MigratableGuest>>,
+}
+
+impl Vm {
+    fn view(&self) -> VmView {
+        VmView {
+            spec: self.spec.clone(),
+            state: self.state,
+            pages_written: self.guest.as_ref().map_or(0, |g| g.progress_counter()),
+        }
+    }
+}
+
+/// Live figures of a running migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressView {
+    /// The phase.
+    pub phase: Phase,
+    /// The pre-copy round.
+    pub round: u32,
+    /// Guest bytes still to send in this round and the dirty ones after it.
+    pub bytes_left: u64,
+    /// Guest bytes per second.
+    pub throughput_bps: f64,
+    /// Wire bytes per second since the start.
+    pub wire_bps: f64,
+    /// Wire bytes so far.
+    pub wire_bytes: u64,
+    /// The pause if the guest stopped now, ms.
+    pub expected_downtime_ms: Option<f64>,
+    /// Seconds to the end at the current rate; never later than the last
+    /// estimate's end unless that end has passed.
+    pub eta_s: Option<f64>,
+    /// Auto-converge throttle, percent.
+    pub throttle_pct: u8,
+}
+
+/// A migration as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationView {
+    /// Its id (the source node's).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The source node.
+    pub source: String,
+    /// The target node.
+    pub target: String,
+    /// Seen from this node.
+    pub direction: Direction,
+    /// Where it is.
+    pub state: MigrationState,
+    /// While running: the engine's phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// When it was asked for, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When it started moving memory, ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// When it ended, ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// Seconds it waited in the queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_s: Option<f64>,
+    /// The operation (drain, resume, update) that started it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// Why it failed, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Live figures (`GET /v1/migrations/{id}` while it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressView>,
+    /// The engine's report, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<Report>,
+}
+
+struct MigrationEntry {
+    id: String,
+    vm: String,
+    source: String,
+    target: String,
+    direction: Direction,
+    state: MigrationState,
+    created_at_ms: u64,
+    started_at_ms: Option<u64>,
+    finished_at_ms: Option<u64>,
+    created: Instant,
+    started: Option<Instant>,
+    operation: Option<String>,
+    config: MigrationConfig,
+    ctx: RunContext,
+    report: Option<Report>,
+    error: Option<String>,
+    /// The end the last ETA promised.
+    eta_end: Option<Instant>,
+}
+
+impl MigrationEntry {
+    fn view(&mut self, with_progress: bool) -> MigrationView {
+        let progress = (with_progress
+            && self.state == MigrationState::Running
+            && self.direction == Direction::Outgoing)
+            .then(|| self.progress());
+        MigrationView {
+            id: self.id.clone(),
+            vm: self.vm.clone(),
+            source: self.source.clone(),
+            target: self.target.clone(),
+            direction: self.direction,
+            state: self.state,
+            phase: (self.state == MigrationState::Running)
+                .then(|| self.ctx.progress.snapshot().phase),
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            queued_s: self
+                .started
+                .map(|s| s.duration_since(self.created).as_secs_f64()),
+            operation: self.operation.clone(),
+            error: self.error.clone(),
+            progress,
+            report: self.report.clone(),
+        }
+    }
+
+    fn progress(&mut self) -> ProgressView {
+        let s = self.ctx.progress.snapshot();
+        let left_pages = s.round_pages.saturating_sub(s.round_pages_done) + s.dirty_pages;
+        let bytes_left = left_pages * crate::memory::PAGE_SIZE as u64;
+        let elapsed = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let wire_bps = if elapsed > 0.0 {
+            s.wire_bytes as f64 / elapsed
+        } else {
+            0.0
+        };
+        let now = Instant::now();
+        let estimate = (s.throughput_bps > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(bytes_left as f64 / s.throughput_bps));
+        // The ETA counts down: a new estimate may bring the end closer, but
+        // moves it later only once the promised end has passed.
+        let end = match (estimate, self.eta_end) {
+            (Some(e), Some(prev)) if prev > now => Some(prev.min(now + e)),
+            (Some(e), _) => Some(now + e),
+            (None, prev) => prev.filter(|p| *p > now),
+        };
+        self.eta_end = end;
+        ProgressView {
+            phase: s.phase,
+            round: s.round,
+            bytes_left,
+            throughput_bps: s.throughput_bps,
+            wire_bps,
+            wire_bytes: s.wire_bytes,
+            expected_downtime_ms: s.expected_downtime_ms,
+            eta_s: end.map(|e| e.saturating_duration_since(now).as_secs_f64()),
+            throttle_pct: s.throttle_pct,
+        }
+    }
+}
+
+/// The node's figures for `GET /v1/node`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// Its name.
+    pub name: String,
+    /// Whether it takes VMs.
+    pub state: NodeMode,
+    /// What its VMs may use in total, bytes.
+    pub memory_capacity: u64,
+    /// What its VMs (arriving ones included) use, bytes.
+    pub memory_used: u64,
+    /// Its VMs.
+    pub vms: Vec<VmView>,
+    /// Migrations moving memory now, in and out.
+    pub migrations_in_flight: usize,
+    /// Outgoing migrations waiting for a slot.
+    pub migrations_queued: usize,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// A node's migration limits.
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    /// Outgoing migrations at once.
+    pub max_concurrent_migrations: u32,
+    /// Cap on all outgoing migrations together, bytes/s.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Why the node refused a request; the API maps each to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such VM or migration (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Not enough memory on the node (409, code `insufficient_memory`).
+    #[error("{0}")]
+    InsufficientMemory(String),
+    /// Not supported by this build (501).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl NodeError {
+    /// The machine-readable code of the API's error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::InsufficientMemory(_) => "insufficient_memory",
+            Self::Unsupported(_) => "unsupported",
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Finished outgoing migrations by outcome: completed, failed, cancelled,
+    /// unresolved.
+    pub outcomes: [AtomicU64; 4],
+    /// Wire bytes of finished outgoing migrations.
+    pub bytes_sent: AtomicU64,
+    /// Incoming migrations completed here.
+    pub received: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    mode: Option<NodeMode>,
+    vms: BTreeMap<String, Vm>,
+    migrations: Vec<MigrationEntry>,
+    queue: VecDeque<String>,
+    running_out: usize,
+    next_id: u64,
+}
+
+impl State {
+    fn mode(&self) -> NodeMode {
+        self.mode.unwrap_or(NodeMode::Active)
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.vms.values().map(|v| v.spec.memory).sum()
+    }
+
+    fn entry(&mut self, id: &str) -> Option<&mut MigrationEntry> {
+        self.migrations.iter_mut().find(|m| m.id == id)
+    }
+}
+
+/// One node: its spec, its cluster, and everything it hosts and moves.
+pub struct Node {
+    /// The cluster it belongs to.
+    pub cluster: Cluster,
+    /// Its own entry in the cluster file.
+    pub spec: NodeSpec,
+    state: Mutex<State>,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// The cap shared by all outgoing migrations, when the node has one.
+    bucket: Option<Arc<crate::transport::TokenBucket>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.spec.name)
+            .finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Node `name` of `cluster`, hosting nothing yet.
+    pub fn new(cluster: Cluster, name: &str) -> Result<Arc<Self>, String> {
+        let spec = cluster.require_node(name)?.clone();
+        let bucket = spec.max_bandwidth.map(|bps| {
+            Arc::new(crate::transport::TokenBucket::new(
+                bps,
+                (bps / 100).max(1 << 20),
+            ))
+        });
+        Ok(Arc::new(Self {
+            cluster,
+            spec,
+            state: Mutex::new(State::default()),
+            metrics: Metrics::default(),
+            bucket,
+        }))
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Whether it takes VMs now.
+    pub fn mode(&self) -> NodeMode {
+        self.state.lock().unwrap().mode()
+    }
+
+    /// Sets whether it takes VMs.
+    pub fn set_mode(&self, mode: NodeMode) {
+        self.state.lock().unwrap().mode = Some(mode);
+    }
+
+    /// `GET /v1/node`.
+    pub fn view(&self) -> NodeView {
+        let st = self.state.lock().unwrap();
+        let in_flight = st
+            .migrations
+            .iter()
+            .filter(|m| m.state == MigrationState::Running)
+            .count();
+        NodeView {
+            name: self.spec.name.clone(),
+            state: st.mode(),
+            memory_capacity: self.spec.memory_capacity,
+            memory_used: st.memory_used(),
+            vms: st.vms.values().map(Vm::view).collect(),
+            migrations_in_flight: in_flight,
+            migrations_queued: st.queue.len(),
+            limits: Limits {
+                max_concurrent_migrations: self.spec.max_concurrent_migrations,
+                max_bandwidth: self.spec.max_bandwidth,
+            },
+        }
+    }
+
+    /// `GET /v1/vms`.
+    pub fn vms(&self) -> Vec<VmView> {
+        self.state
+            .lock()
+            .unwrap()
+            .vms
+            .values()
+            .map(Vm::view)
+            .collect()
+    }
+
+    /// `GET /v1/vms/{name}`.
+    pub fn vm(&self, name: &str) -> Result<VmView, NodeError> {
+        let st = self.state.lock().unwrap();
+        st.vms.get(name).map(Vm::view).ok_or_else(|| {
+            NodeError::NotFound(format!("no VM {name:?} on node {}", self.spec.name))
+        })
+    }
+
+    /// The running guest of VM `name` (tests compare its memory).
+    pub fn guest(&self, name: &str) -> Option<Arc<dyn MigratableGuest>> {
+        self.state.lock().unwrap().vms.get(name)?.guest.clone()
+    }
+
+    /// `POST /v1/vms`: creates and starts a VM. Filling its memory takes a
+    /// while for large guests: it is done before the VM is listed, with the
+    /// VM's memory reserved meanwhile.
+    pub fn create_vm(&self, spec: VmSpec) -> Result<VmView, NodeError> {
+        if spec.guest == GuestKind::Kvm {
+            return Err(NodeError::Unsupported(
+                "KVM guests are not available in this build yet; use \"guest\": \"sim\"".into(),
+            ));
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            self.admit_locked(&st, &spec.name, spec.memory)?;
+            // Reserve the name and the memory while the guest is built.
+            st.vms.insert(
+                spec.name.clone(),
+                Vm {
+                    spec: spec.clone(),
+                    state: VmState::MigratingIn,
+                    guest: None,
+                },
+            );
+        }
+        let built = (|| {
+            let memory = GuestMemory::new(spec.memory).map_err(|e| e.to_string())?;
+            spec.fill.fill(&memory, 1, 2);
+            Ok::<_, String>(Arc::new(SyntheticGuest::start(
+                Arc::new(memory),
+                Workload {
+                    pattern: spec.workload,
+                    dirty_rate: spec.dirty_rate,
+                    content: spec.fill.clone(),
+                    writers: 1,
+                    seed: 1,
+                },
+            )))
+        })();
+        let mut st = self.state.lock().unwrap();
+        match built {
+            Ok(guest) => {
+                let vm = st.vms.get_mut(&spec.name).expect("reserved above");
+                vm.guest = Some(guest);
+                vm.state = VmState::Running;
+                Ok(vm.view())
+            }
+            Err(e) => {
+                st.vms.remove(&spec.name);
+                Err(NodeError::InsufficientMemory(format!(
+                    "cannot create VM {}: {e}",
+                    spec.name
+                )))
+            }
+        }
+    }
+
+    /// Whether a VM of `memory` bytes named `name` may be placed here.
+    fn admit_locked(&self, st: &State, name: &str, memory: u64) -> Result<(), NodeError> {
+        if st.mode() != NodeMode::Active {
+            return Err(NodeError::Conflict(
+                format!(
+                    "node {} is {:?} and takes no VMs",
+                    self.spec.name,
+                    st.mode()
+                )
+                .to_lowercase(),
+            ));
+        }
+        if st.vms.contains_key(name) {
+            return Err(NodeError::Conflict(format!(
+                "node {} already hosts a VM named {name:?}",
+                self.spec.name
+            )));
+        }
+        let used = st.memory_used();
+        if used + memory > self.spec.memory_capacity {
+            return Err(NodeError::InsufficientMemory(format!(
+                "node {} has {} free, VM {name} needs {}",
+                self.spec.name,
+                crate::units::Bytes(self.spec.memory_capacity.saturating_sub(used)),
+                crate::units::Bytes(memory)
+            )));
+        }
+        Ok(())
+    }
+
+    /// `DELETE /v1/vms/{name}`: stops and removes a VM that is not migrating.
+    pub fn delete_vm(&self, name: &str) -> Result<VmView, NodeError> {
+        let mut st = self.state.lock().unwrap();
+        let vm = st.vms.get(name).ok_or_else(|| {
+            NodeError::NotFound(format!("no VM {name:?} on node {}", self.spec.name))
+        })?;
+        if matches!(vm.state, VmState::MigratingIn | VmState::MigratingOut)
+            || st
+                .queue
+                .iter()
+                .any(|id| st.migrations.iter().any(|m| &m.id == id && m.vm == name))
+        {
+            return Err(NodeError::Conflict(format!(
+                "VM {name} is migrating; cancel the migration first"
+            )));
+        }
+        let vm = st.vms.remove(name).expect("checked above");
+        Ok(vm.view())
+    }
+
+    /// `POST /v1/migrations`: queues the migration of `vm` to `target`;
+    /// it starts when one of the node's slots is free.
+    pub fn request_migration(
+        self: &Arc<Self>,
+        vm: &str,
+        target: &str,
+        config: MigrationConfig,
+        operation: Option<String>,
+    ) -> Result<MigrationView, NodeError> {
+        let target_spec = self
+            .cluster
+            .require_node(target)
+            .map_err(NodeError::BadRequest)?;
+        if target_spec.name == self.spec.name {
+            return Err(NodeError::BadRequest(format!(
+                "VM {vm} is already on node {target}"
+            )));
+        }
+        config.validate().map_err(NodeError::BadRequest)?;
+        let view =
+            {
+                let mut st = self.state.lock().unwrap();
+                let Some(v) = st.vms.get(vm) else {
+                    return Err(NodeError::NotFound(format!(
+                        "no VM {vm:?} on node {}",
+                        self.spec.name
+                    )));
+                };
+                if v.state != VmState::Running {
+                    return Err(NodeError::Conflict(format!(
+                        "VM {vm} is {:?}, not running",
+                        v.state
+                    )));
+                }
+                if st.migrations.iter().any(|m| {
+                    m.vm == vm && m.direction == Direction::Outgoing && !m.state.is_final()
+                }) {
+                    return Err(NodeError::Conflict(format!("VM {vm} is already migrating")));
+                }
+                st.next_id += 1;
+                let id = format!(
+                    "{}-{}-{}",
+                    self.spec.name,
+                    now_ms() % 1_000_000_000,
+                    st.next_id
+                );
+                st.migrations.push(MigrationEntry {
+                    id: id.clone(),
+                    vm: vm.to_string(),
+                    source: self.spec.name.clone(),
+                    target: target.to_string(),
+                    direction: Direction::Outgoing,
+                    state: MigrationState::Queued,
+                    created_at_ms: now_ms(),
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    created: Instant::now(),
+                    started: None,
+                    operation,
+                    config,
+                    ctx: RunContext::default(),
+                    report: None,
+                    error: None,
+                    eta_end: None,
+                });
+                st.queue.push_back(id.clone());
+                st.entry(&id).expect("just pushed").view(false)
+            };
+        self.pump();
+        Ok(view)
+    }
+
+    /// Starts queued migrations while slots are free.
+    fn pump(self: &Arc<Self>) {
+        let mut st = self.state.lock().unwrap();
+        while st.running_out < self.spec.max_concurrent_migrations as usize {
+            let Some(id) = st.queue.pop_front() else {
+                break;
+            };
+            let Some(entry) = st.entry(&id) else { continue };
+            entry.state = MigrationState::Running;
+            entry.started = Some(Instant::now());
+            entry.started_at_ms = Some(now_ms());
+            let vm_name = entry.vm.clone();
+            let config = entry.config.clone();
+            let ctx = entry.ctx.clone();
+            let target = entry.target.clone();
+            let Some(vm) = st.vms.get_mut(&vm_name) else {
+                let e = st.entry(&id).expect("found above");
+                e.state = MigrationState::Failed;
+                e.error = Some(format!("VM {vm_name} is gone"));
+                continue;
+            };
+            let Some(guest) = vm.guest.clone() else {
+                let e = st.entry(&id).expect("found above");
+                e.state = MigrationState::Failed;
+                e.error = Some(format!("VM {vm_name} is not running"));
+                continue;
+            };
+            vm.state = VmState::MigratingOut;
+            st.running_out += 1;
+            let node = self.clone();
+            tokio::spawn(async move {
+                node.run_outgoing(id, vm_name, target, guest, config, ctx)
+                    .await
+            });
+        }
+    }
+
+    async fn run_outgoing(
+        self: Arc<Self>,
+        id: String,
+        vm: String,
+        target: String,
+        guest: Arc<dyn MigratableGuest>,
+        mut config: MigrationConfig,
+        mut ctx: RunContext,
+    ) {
+        config.label = Some(SessionLabel {
+            vm: vm.clone(),
+            migration_id: id.clone(),
+            source_node: self.spec.name.clone(),
+        });
+        ctx.shared_bucket = self.bucket.clone();
+        let addr = self
+            .cluster
+            .node(&target)
+            .map(|n| n.data.clone())
+            .unwrap_or_default();
+        tracing::info!(%id, %vm, %target, "migration started");
+        let report = migrate(guest, &addr, &config, &ctx).await;
+        tracing::info!(%id, %vm, %target, outcome = ?report.outcome, error = ?report.error, "migration ended");
+        let i = match report.outcome {
+            Outcome::Completed => 0,
+            Outcome::Failed => 1,
+            Outcome::Cancelled => 2,
+            Outcome::Unresolved => 3,
+        };
+        self.metrics.outcomes[i].fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .bytes_sent
+            .fetch_add(report.wire_bytes, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock().unwrap();
+            st.running_out -= 1;
+            match report.outcome {
+                // The guest runs on the target now; the paused copy here goes.
+                Outcome::Completed => {
+                    st.vms.remove(&vm);
+                }
+                Outcome::Unresolved => {
+                    if let Some(v) = st.vms.get_mut(&vm) {
+                        v.state = VmState::Paused;
+                    }
+                }
+                Outcome::Failed | Outcome::Cancelled => {
+                    if let Some(v) = st.vms.get_mut(&vm) {
+                        v.state = VmState::Running;
+                    }
+                }
+            }
+            if let Some(e) = st.entry(&id) {
+                e.finished_at_ms = Some(now_ms());
+                e.state = MigrationState::of(report.outcome);
+                e.error = report.error.clone();
+                e.report = Some(report);
+            }
+        }
+        self.pump();
+    }
+
+    /// `GET /v1/migrations`, newest last.
+    pub fn migrations(&self) -> Vec<MigrationView> {
+        let mut st = self.state.lock().unwrap();
+        st.migrations.iter_mut().map(|m| m.view(false)).collect()
+    }
+
+    /// `GET /v1/migrations/{id}`, with live progress while it runs.
+    pub fn migration(&self, id: &str) -> Result<MigrationView, NodeError> {
+        let mut st = self.state.lock().unwrap();
+        st.entry(id).map(|m| m.view(true)).ok_or_else(|| {
+            NodeError::NotFound(format!("no migration {id:?} on node {}", self.spec.name))
+        })
+    }
+
+    /// `DELETE /v1/migrations/{id}`: a queued migration is dropped from the
+    /// queue, a running one is stopped (the VM stays on the source).
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationView, NodeError> {
+        let mut st = self.state.lock().unwrap();
+        let Some(e) = st.entry(id) else {
+            return Err(NodeError::NotFound(format!(
+                "no migration {id:?} on node {}",
+                self.spec.name
+            )));
+        };
+        if e.direction == Direction::Incoming {
+            return Err(NodeError::Conflict(format!(
+                "migration {id} is incoming; cancel it on its source, node {}",
+                e.source
+            )));
+        }
+        match e.state {
+            MigrationState::Queued => {
+                e.finished_at_ms = Some(now_ms());
+                e.state = MigrationState::Cancelled;
+                e.error = Some("cancelled while queued".into());
+                let view = e.view(false);
+                st.queue.retain(|q| q != id);
+                Ok(view)
+            }
+            MigrationState::Running => {
+                e.ctx.cancel.cancel();
+                Ok(e.view(false))
+            }
+            s => Err(NodeError::Conflict(format!(
+                "migration {id} has already ended ({s:?})"
+            ))),
+        }
+    }
+
+    /// The receiver's admission of an incoming session: only labelled
+    /// sessions from another node of the cluster, for a VM this node has room
+    /// for while it takes VMs. Admitted, the VM is listed as arriving.
+    pub fn admit_incoming(&self, setup: &SessionSetup) -> Result<(), String> {
+        let Some(label) = &setup.label else {
+            return Err(format!(
+                "node {} takes migrations from its cluster's agents only",
+                self.spec.name
+            ));
+        };
+        if label.source_node == self.spec.name || self.cluster.node(&label.source_node).is_none() {
+            return Err(format!(
+                "node {:?} is not a node of this cluster",
+                label.source_node
+            ));
+        }
+        let mut st = self.state.lock().unwrap();
+        self.admit_locked(&st, &label.vm, setup.memory_bytes)
+            .map_err(|e| e.to_string())?;
+        st.vms.insert(
+            label.vm.clone(),
+            Vm {
+                spec: VmSpec {
+                    name: label.vm.clone(),
+                    memory: setup.memory_bytes,
+                    workload: WorkloadPattern::Idle,
+                    dirty_rate: 0,
+                    fill: FillSpec::default(),
+                    guest: setup.guest_kind,
+                },
+                state: VmState::MigratingIn,
+                guest: None,
+            },
+        );
+        st.migrations.push(MigrationEntry {
+            id: label.migration_id.clone(),
+            vm: label.vm.clone(),
+            source: label.source_node.clone(),
+            target: self.spec.name.clone(),
+            direction: Direction::Incoming,
+            state: MigrationState::Running,
+            created_at_ms: now_ms(),
+            started_at_ms: Some(now_ms()),
+            finished_at_ms: None,
+            created: Instant::now(),
+            started: Some(Instant::now()),
+            operation: None,
+            config: MigrationConfig {
+                leave_paused: setup.flags & crate::wire::SETUP_LEAVE_PAUSED != 0,
+                ..MigrationConfig::default()
+            },
+            ctx: RunContext::default(),
+            report: None,
+            error: None,
+            eta_end: None,
+        });
+        Ok(())
+    }
+
+    /// An incoming session ended: the VM runs here, or its arrival is undone.
+    pub fn incoming_done(&self, incoming: Incoming) {
+        let Some(label) = incoming.label else { return };
+        let mut st = self.state.lock().unwrap();
+        let outcome = incoming.report.outcome;
+        let arrived = match (outcome, incoming.guest) {
+            (Outcome::Completed, Some(guest)) => {
+                let paused = st
+                    .migrations
+                    .iter()
+                    .any(|m| m.id == label.migration_id && m.config.leave_paused);
+                if let Some(vm) = st.vms.get_mut(&label.vm) {
+                    vm.state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                    vm.guest = Some(guest);
+                }
+                self.metrics.received.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => {
+                if st
+                    .vms
+                    .get(&label.vm)
+                    .is_some_and(|v| v.state == VmState::MigratingIn)
+                {
+                    st.vms.remove(&label.vm);
+                }
+                false
+            }
+        };
+        let state = MigrationState::of(outcome);
+        if let Some(e) = st
+            .migrations
+            .iter_mut()
+            .find(|m| m.id == label.migration_id && m.direction == Direction::Incoming)
+        {
+            e.finished_at_ms = Some(now_ms());
+            e.state = state;
+            e.error = incoming.report.error.clone();
+            e.report = Some(incoming.report);
+        }
+        tracing::info!(vm = %label.vm, from = %label.source_node, arrived, "incoming migration ended");
+    }
+
+    /// Cancels every outgoing migration, queued or running (the agent is
+    /// shutting down): each guest stays here.
+    pub fn cancel_all(&self) {
+        let mut st = self.state.lock().unwrap();
+        let queued: Vec<String> = st.queue.drain(..).collect();
+        for id in queued {
+            if let Some(e) = st.entry(&id) {
+                e.finished_at_ms = Some(now_ms());
+                e.state = MigrationState::Cancelled;
+                e.error = Some("the agent shut down".into());
+            }
+        }
+        for e in st.migrations.iter() {
+            if e.direction == Direction::Outgoing && e.state == MigrationState::Running {
+                e.ctx.cancel.cancel();
+            }
+        }
+    }
+
+    /// Waits until no outgoing migration runs, at most `limit`.
+    pub async fn wait_idle(&self, limit: std::time::Duration) {
+        let deadline = Instant::now() + limit;
+        while self.state.lock().unwrap().running_out > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Counts for `/metrics`: VMs hosted, migrations running, queued.
+    pub fn gauges(&self) -> (usize, usize, usize, f64) {
+        let mut st = self.state.lock().unwrap();
+        let running = st.running_out;
+        let rate: f64 = st
+            .migrations
+            .iter_mut()
+            .filter(|m| m.state == MigrationState::Running && m.direction == Direction::Outgoing)
+            .map(|m| m.progress().wire_bps)
+            .sum();
+        (st.vms.len(), running, st.queue.len(), rate)
+    }
+}

@@ -1,0 +1,464 @@
+//! Real node agents on loopback, driven through their HTTP API: the token,
+//! bad bodies, VMs created and migrated between agents (memory compared byte
+//! for byte), both agents' records, the concurrency limit and its queue.
+
+mod common;
+
+use common::first_difference;
+use ferry::agent::{serve_agent, AgentHandle, Cluster};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// A folder for a test's cluster file, removed at the end.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a cluster file of `nodes` (name, extra TOML lines) with free ports.
+fn write_cluster(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
+    std::fs::write(dir.join("cluster.token"), format!("{TOKEN}\n")).unwrap();
+    let mut text = String::from("token_file = \"cluster.token\"\n");
+    for (name, extra) in nodes {
+        text.push_str(&format!(
+            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"1GiB\"\n{extra}\n",
+            free_port(),
+            free_port()
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Agents {
+    rt: tokio::runtime::Runtime,
+    agents: Vec<AgentHandle>,
+    http: reqwest::Client,
+    _dir: Dir,
+}
+
+impl Agents {
+    fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+        let dir = Dir::new(test);
+        let path = write_cluster(&dir.0, nodes);
+        let cluster = Cluster::load(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let agents = nodes
+            .iter()
+            .map(|(name, _)| rt.block_on(serve_agent(cluster.clone(), name)).unwrap())
+            .collect();
+        Self {
+            rt,
+            agents,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    fn agent(&self, name: &str) -> &AgentHandle {
+        self.agents.iter().find(|a| a.node.name() == name).unwrap()
+    }
+
+    /// One request to `node`'s API; `token` None sends none.
+    fn call_with(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        node: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
+        let url = format!("http://{}{path}", self.agent(node).control_addr);
+        self.rt.block_on(async {
+            let mut req = self.http.request(method, url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.header("content-type", "application/json").body(b);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            (status, value)
+        })
+    }
+
+    fn call(
+        &self,
+        method: Method,
+        node: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(Some(TOKEN), method, node, path, body.map(|b| b.to_string()))
+    }
+
+    /// Waits for migration `id` on `node` to end; returns its record.
+    fn wait(&self, node: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, m) = self.call(Method::GET, node, &format!("/v1/migrations/{id}"), None);
+            assert_eq!(s, StatusCode::OK, "{m}");
+            if !matches!(m["state"].as_str(), Some("queued" | "running")) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "migration {id} did not end: {m}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for a in self.agents.drain(..) {
+            self.rt.block_on(a.shutdown());
+        }
+    }
+}
+
+fn error_of(v: &Value) -> (String, String) {
+    (
+        v["error"]["code"].as_str().unwrap_or_default().to_string(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[test]
+fn the_api_wants_its_token_and_well_formed_bodies() {
+    let _serial = common::serial();
+    let c = Agents::start("api", &[("a", ""), ("b", "")]);
+    for token in [None, Some("wrong"), Some("test-token-012345678")] {
+        let (s, v) = c.call_with(token, Method::GET, "a", "/v1/node", None);
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert_eq!(error_of(&v).0, "unauthorized");
+    }
+    let (s, _) = c.call_with(None, Method::GET, "a", "/metrics", None);
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "metrics too");
+    let (s, v) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["name"], "a");
+    assert_eq!(v["state"], "active");
+    assert_eq!(v["memory_capacity"], 1u64 << 30);
+    assert_eq!(v["limits"]["max_concurrent_migrations"], 2);
+
+    let bad = |body: &str, want: &str| {
+        let (s, v) = c.call_with(Some(TOKEN), Method::POST, "a", "/v1/vms", Some(body.into()));
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        let (code, msg) = error_of(&v);
+        assert_eq!(code, "bad_request");
+        assert!(msg.contains(want), "{body}: {msg}");
+    };
+    bad("{", "invalid JSON");
+    bad("{\"name\": \"x\"}", "memory");
+    bad("{\"name\": \"x\", \"memory\": \"8 parsecs\"}", "memory");
+    bad(
+        "{\"name\": \"x\", \"memory\": \"64MiB\", \"colour\": 1}",
+        "colour",
+    );
+    bad("{\"name\": \"x y\", \"memory\": \"64MiB\"}", "name");
+    bad(
+        "{\"name\": \"x\", \"memory\": \"64MiB\", \"workload\": \"hot:1GiB\"}",
+        "larger",
+    );
+    bad(
+        "{\"name\": \"x\", \"memory\": \"64MiB\", \"guest\": \"xen\"}",
+        "guest",
+    );
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "x", "memory": "64MiB", "guest": "kvm"})),
+    );
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{v}");
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "big", "memory": "2GiB"})),
+    );
+    assert_eq!(
+        (s, error_of(&v).0.as_str()),
+        (StatusCode::CONFLICT, "insufficient_memory"),
+        "{v}"
+    );
+    let (s, v) = c.call(Method::GET, "a", "/v1/vms/nope", None);
+    assert_eq!(
+        (s, error_of(&v).0.as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let (s, _) = c.call(Method::GET, "a", "/v2/anything", None);
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "nope", "target": "b"})),
+    );
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "nope", "target": "z"})),
+    );
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).1.contains("nodes: a, b"), "{v}");
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "nope", "target": "b", "codec": "gzip"})),
+    );
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).1.contains("codec"), "{v}");
+}
+
+#[test]
+fn a_vm_migrates_between_agents_byte_for_byte_and_both_record_it() {
+    let _serial = common::serial();
+    let c = Agents::start("migrate", &[("a", ""), ("b", "")]);
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "vm1", "memory": "64MiB", "workload": "hot:8MiB", "dirty_rate": "20MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["memory"], 64u64 << 20);
+    assert_eq!(v["workload"], "hot:8MiB");
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "vm1", "memory": "64MiB"})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "a second vm1: {v}");
+    let source = c.agent("a").node.guest("vm1").unwrap();
+    // Let the workload write a while, so the migration has dirty pages.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(source.progress_counter() > 0);
+
+    let (s, m) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "vm1", "target": "b", "codec": "lz4", "channels": 2, "leave_paused": true})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (m["vm"].as_str(), m["source"].as_str(), m["target"].as_str()),
+        (Some("vm1"), Some("a"), Some("b"))
+    );
+    let done = c.wait("a", &id);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["direction"], "outgoing");
+    assert_eq!(done["report"]["outcome"], "completed");
+    assert_eq!(done["report"]["verified"], true);
+
+    // The VM is on b, paused as asked, and gone from a.
+    let (s, v) = c.call(Method::GET, "b", "/v1/vms/vm1", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "paused");
+    assert_eq!(v["memory"], 64u64 << 20);
+    let (s, _) = c.call(Method::GET, "a", "/v1/vms/vm1", None);
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let target = c.agent("b").node.guest("vm1").unwrap();
+    let written = source.progress_counter();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        source.progress_counter(),
+        written,
+        "the source never resumes after GO"
+    );
+    assert_eq!(first_difference(source.memory(), target.memory()), None);
+
+    // b lists the same migration as incoming.
+    let (_, list) = c.call(Method::GET, "b", "/v1/migrations", None);
+    let incoming = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .expect("b lists it");
+    assert_eq!(incoming["direction"], "incoming");
+    assert_eq!(incoming["state"], "completed");
+    assert_eq!(incoming["source"], "a");
+    assert_eq!(incoming["report"]["side"], "destination");
+
+    let (s, text) = c.call(Method::GET, "a", "/metrics", None);
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().unwrap().to_string();
+    assert!(
+        text.contains("ferry_migrations_total{outcome=\"completed\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("ferry_vms_hosted 0"), "{text}");
+    let (_, text) = c.call(Method::GET, "b", "/metrics", None);
+    assert!(
+        text.as_str().unwrap().contains("ferry_vms_hosted 1"),
+        "{text}"
+    );
+
+    // A migration it cannot take leaves the VM where it is: b already hosts vm1.
+    let (s, _) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "vm1", "memory": "16MiB", "workload": "idle"})),
+    );
+    assert_eq!(s, StatusCode::CREATED);
+    let (_, m) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "vm1", "target": "b"})),
+    );
+    let failed = c.wait("a", m["id"].as_str().unwrap());
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("already hosts"),
+        "{failed}"
+    );
+    let (_, v) = c.call(Method::GET, "a", "/v1/vms/vm1", None);
+    assert_eq!(v["state"], "running");
+}
+
+#[test]
+fn outgoing_migrations_beyond_the_limit_wait_in_order_and_can_be_cancelled() {
+    let _serial = common::serial();
+    let c = Agents::start(
+        "queue",
+        &[("a", "max_concurrent_migrations = 1"), ("b", "")],
+    );
+    for i in 1..=4 {
+        let (s, v) = c.call(
+            Method::POST,
+            "a",
+            "/v1/vms",
+            Some(json!({"name": format!("vm{i}"), "memory": "32MiB", "workload": "idle"})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    // 32 MiB at 100 MB/s: about a third of a second each.
+    let ids: Vec<String> = (1..=4)
+        .map(|i| {
+            let (s, m) = c.call(
+                Method::POST,
+                "a",
+                "/v1/migrations",
+                Some(json!({"vm": format!("vm{i}"), "target": "b", "max_bandwidth": "100MB/s", "codec": "none"})),
+            );
+            assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+            m["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["migrations_queued"], 3, "{node}");
+    let (_, first) = c.call(
+        Method::GET,
+        "a",
+        &format!("/v1/migrations/{}", ids[0]),
+        None,
+    );
+    assert_eq!(first["state"], "running", "{first}");
+    let (_, q) = c.call(
+        Method::GET,
+        "a",
+        &format!("/v1/migrations/{}", ids[3]),
+        None,
+    );
+    assert_eq!(q["state"], "queued");
+    let (_, vm) = c.call(Method::GET, "a", "/v1/vms/vm4", None);
+    assert_eq!(vm["state"], "running", "a queued VM still runs");
+    let (s, cancelled) = c.call(
+        Method::DELETE,
+        "a",
+        &format!("/v1/migrations/{}", ids[3]),
+        None,
+    );
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(cancelled["state"], "cancelled");
+    let (_, text) = c.call(Method::GET, "a", "/metrics", None);
+    assert!(
+        text.as_str()
+            .unwrap()
+            .contains("ferry_migration_queue_depth 2"),
+        "{text}"
+    );
+
+    let done: Vec<Value> = ids[..3].iter().map(|id| c.wait("a", id)).collect();
+    for d in &done {
+        assert_eq!(d["state"], "completed", "{d}");
+    }
+    // Never two at once, and in the order asked.
+    let span = |d: &Value| {
+        (
+            d["started_at_ms"].as_u64().unwrap(),
+            d["finished_at_ms"].as_u64().unwrap(),
+        )
+    };
+    for w in done.windows(2) {
+        let (_, end) = span(&w[0]);
+        let (start, _) = span(&w[1]);
+        assert!(start >= end, "overlap: {} then {}", w[0], w[1]);
+        assert!(w[1]["queued_s"].as_f64().unwrap() > 0.1);
+    }
+    let (_, vms) = c.call(Method::GET, "b", "/v1/vms", None);
+    let names: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vm1", "vm2", "vm3"]);
+    let (_, vm) = c.call(Method::GET, "a", "/v1/vms/vm4", None);
+    assert_eq!(vm["state"], "running", "the cancelled one stays");
+    let (s, v) = c.call(
+        Method::DELETE,
+        "a",
+        &format!("/v1/migrations/{}", ids[0]),
+        None,
+    );
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "an ended migration cannot be cancelled: {v}"
+    );
+}
