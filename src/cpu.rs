@@ -138,11 +138,16 @@ mod tests {
     fn counts_only_registered_threads() {
         let meter = CpuMeter::new();
         let m = meter.clone();
+        // Spin until the thread itself has used `ms` of CPU: on a loaded
+        // machine wall time says little about CPU time.
         let busy = |ms: u64| {
-            let t = std::time::Instant::now();
+            let now = || thread_cpu_time().expect("Linux has thread CPU clocks");
+            let start = now();
             let mut x = 0u64;
-            while t.elapsed() < Duration::from_millis(ms) {
-                x = x.wrapping_mul(31).wrapping_add(1);
+            while now().saturating_sub(start) < Duration::from_millis(ms) {
+                for _ in 0..1000 {
+                    x = x.wrapping_mul(31).wrapping_add(1);
+                }
             }
             std::hint::black_box(x);
         };
@@ -155,8 +160,9 @@ mod tests {
         .unwrap();
         std::thread::spawn(move || busy(150)).join().unwrap();
         let t = meter.total();
+        // The registered thread's 150 ms, not the other's.
         assert!(
-            t >= Duration::from_millis(100) && t < Duration::from_millis(280),
+            t >= Duration::from_millis(150) && t < Duration::from_millis(290),
             "{t:?}"
         );
     }

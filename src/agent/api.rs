@@ -337,6 +337,56 @@ async fn cancel_migration(State(node): State<Arc<Node>>, Path(id): Path<String>)
     Ok(json_status(StatusCode::OK, &node.cancel_migration(&id)?))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    max_concurrent: Option<u32>,
+    allow_partial: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeBody {
+    failback: Option<bool>,
+}
+
+/// An optional JSON body: empty means defaults.
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse_body(body)
+}
+
+async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let b: DrainBody = optional_body(&body)?;
+    let op = node
+        .drain(super::ops::DrainRequest {
+            max_concurrent: b.max_concurrent,
+            allow_partial: b.allow_partial.unwrap_or(false),
+        })
+        .await?;
+    Ok(json_status(StatusCode::ACCEPTED, &op))
+}
+
+async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let b: ResumeBody = optional_body(&body)?;
+    let op = node.resume(b.failback.unwrap_or(false)).await?;
+    Ok(json_status(StatusCode::ACCEPTED, &op))
+}
+
+async fn list_operations(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.operations()))
+}
+
+async fn get_operation(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.operation(&id)?))
+}
+
+async fn cancel_operation(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.cancel_operation(&id)?))
+}
+
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     let m = &node.metrics;
     let (vms, running, queued, rate) = node.gauges();
@@ -437,6 +487,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(
             "/v1/migrations/{id}",
             get(get_migration).delete(cancel_migration),
+        )
+        .route("/v1/node/drain", axum::routing::post(drain))
+        .route("/v1/node/resume", axum::routing::post(resume))
+        .route("/v1/operations", get(list_operations))
+        .route(
+            "/v1/operations/{id}",
+            get(get_operation).delete(cancel_operation),
         )
         .route("/metrics", get(metrics))
         .fallback(|| async {

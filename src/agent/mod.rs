@@ -5,6 +5,8 @@
 mod api;
 pub mod cluster;
 mod node;
+mod ops;
+pub mod peer;
 
 pub use api::{router, serve_agent, AgentHandle};
 pub use cluster::{Cluster, ClusterError, NodeSpec};
@@ -12,3 +14,4 @@ pub use node::{
     Direction, Limits, MigrationState, MigrationView, Node, NodeError, NodeMode, NodeView,
     ProgressView, VmSpec, VmState, VmView,
 };
+pub use ops::{place, DrainRequest, OpKind, OpState, OperationView, Placement, Step};

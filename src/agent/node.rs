@@ -271,8 +271,19 @@ impl MigrationEntry {
             0.0
         };
         let now = Instant::now();
-        let estimate = (s.throughput_bps > 0.0)
-            .then(|| std::time::Duration::from_secs_f64(bytes_left as f64 / s.throughput_bps));
+        // The engine measures throughput at the end of each round; during the
+        // first, the pages acknowledged so far tell.
+        let acked = self.ctx.progress.pages_acked.load(Ordering::Relaxed) as f64
+            * crate::memory::PAGE_SIZE as f64;
+        let rate = if s.throughput_bps > 0.0 {
+            s.throughput_bps
+        } else if elapsed > 0.0 {
+            acked / elapsed
+        } else {
+            0.0
+        };
+        let estimate =
+            (rate > 0.0).then(|| std::time::Duration::from_secs_f64(bytes_left as f64 / rate));
         // The ETA counts down: a new estimate may bring the end closer, but
         // moves it later only once the promised end has passed.
         let end = match (estimate, self.eta_end) {
@@ -285,7 +296,7 @@ impl MigrationEntry {
             phase: s.phase,
             round: s.round,
             bytes_left,
-            throughput_bps: s.throughput_bps,
+            throughput_bps: rate,
             wire_bps,
             wire_bytes: s.wire_bytes,
             expected_downtime_ms: s.expected_downtime_ms,
@@ -405,6 +416,12 @@ pub struct Node {
     pub metrics: Metrics,
     /// The cap shared by all outgoing migrations, when the node has one.
     bucket: Option<Arc<crate::transport::TokenBucket>>,
+    /// Calls to the other agents.
+    pub(crate) peers: super::peer::Peers,
+    /// Drains and resumes, oldest first.
+    pub(crate) ops: Mutex<Vec<super::ops::Operation>>,
+    /// Woken whenever a migration ends.
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Node {
@@ -432,11 +449,14 @@ impl Node {
             ))
         });
         Ok(Arc::new(Self {
+            peers: super::peer::Peers::new(&cluster),
             cluster,
             spec,
             state: Mutex::new(State::default()),
             metrics: Metrics::default(),
             bucket,
+            ops: Mutex::new(Vec::new()),
+            changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -775,6 +795,7 @@ impl Node {
             }
         }
         self.pump();
+        self.changed.notify_waiters();
     }
 
     /// `GET /v1/migrations`, newest last.
@@ -814,6 +835,8 @@ impl Node {
                 e.error = Some("cancelled while queued".into());
                 let view = e.view(false);
                 st.queue.retain(|q| q != id);
+                drop(st);
+                self.changed.notify_waiters();
                 Ok(view)
             }
             MigrationState::Running => {
@@ -897,6 +920,11 @@ impl Node {
                     .iter()
                     .any(|m| m.id == label.migration_id && m.config.leave_paused);
                 if let Some(vm) = st.vms.get_mut(&label.vm) {
+                    if let Some(w) = guest.workload() {
+                        vm.spec.workload = w.pattern;
+                        vm.spec.dirty_rate = w.dirty_rate;
+                        vm.spec.fill = w.content;
+                    }
                     vm.state = if paused {
                         VmState::Paused
                     } else {
@@ -968,7 +996,7 @@ impl Node {
             .iter_mut()
             .filter(|m| m.state == MigrationState::Running && m.direction == Direction::Outgoing)
             .map(|m| m.progress().wire_bps)
-            .sum();
+            .fold(0.0, |a, b| a + b);
         (st.vms.len(), running, st.queue.len(), rate)
     }
 }

@@ -1,7 +1,7 @@
 //! The guest as the engine sees it: memory, a dirty log, pause/resume/throttle,
 //! and a state to carry across.
 
-use crate::memory::{DirtySnapshot, GuestMemory, GuestState, SyntheticGuest};
+use crate::memory::{DirtySnapshot, GuestMemory, GuestState, SyntheticGuest, Workload};
 use crate::wire::GuestKind;
 use std::sync::Arc;
 
@@ -26,6 +26,11 @@ pub trait MigratableGuest: Send + Sync + 'static {
     /// A counter that grows while the guest runs (pages written, for the
     /// synthetic guest), to show where it runs.
     fn progress_counter(&self) -> u64;
+    /// What the guest writes and how fast, when it is a synthetic guest (an
+    /// agent lists an arriving VM with its source's workload).
+    fn workload(&self) -> Option<Workload> {
+        None
+    }
 }
 
 impl MigratableGuest for SyntheticGuest {
@@ -55,6 +60,9 @@ impl MigratableGuest for SyntheticGuest {
     }
     fn progress_counter(&self) -> u64 {
         self.pages_written()
+    }
+    fn workload(&self) -> Option<Workload> {
+        Some(SyntheticGuest::workload(self).clone())
     }
 }
 

@@ -2,6 +2,8 @@
 //! byte-for-byte memory comparison.
 #![allow(dead_code)]
 
+pub mod agents;
+
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern, PAGE_SIZE};
 use ferry::migration::{
     migrate_over_loopback, Incoming, MigrationConfig, ReceiverConfig, Report, RunContext,

@@ -1,0 +1,655 @@
+//! Node operations: drain (pause the node and move every VM to the other
+//! active nodes, largest first, where free memory allows) and resume (take
+//! VMs again, with or without failback of what the last drain moved). Each
+//! runs in the background as an operation that can be watched and cancelled,
+//! and stays in the node's log afterwards.
+
+use super::node::{MigrationState, Node, NodeError, NodeMode};
+use crate::migration::MigrationConfig;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpKind {
+    /// Pause the node and move its VMs away.
+    Drain,
+    /// Take VMs again (and bring back what the drain moved, with failback).
+    Resume,
+}
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpState {
+    /// Moving VMs.
+    Running,
+    /// Every step completed.
+    Completed,
+    /// A step failed; the others ran to their end.
+    Failed,
+    /// Cancelled by an operator; steps not yet started were not.
+    Cancelled,
+}
+
+/// One VM's move within an operation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// The VM.
+    pub vm: String,
+    /// Its memory, bytes.
+    pub memory: u64,
+    /// Where it moves from.
+    pub source: String,
+    /// Where it moves to (empty when no node had room).
+    pub target: String,
+    /// `planned`, then the migration's state (`queued`, `running`,
+    /// `completed`, `failed`, `cancelled`, `unresolved`), or `skipped`.
+    pub state: String,
+    /// The migration, once asked for (on the source node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+    /// Why it did not complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it started moving memory, ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// When it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+}
+
+impl Step {
+    fn is_final(&self) -> bool {
+        !matches!(self.state.as_str(), "planned" | "queued" | "running")
+    }
+}
+
+/// An operation as `GET /v1/operations/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OperationView {
+    /// Its id.
+    pub id: String,
+    /// Drain or resume.
+    pub kind: OpKind,
+    /// The node it was asked of.
+    pub node: String,
+    /// Where it is.
+    pub state: OpState,
+    /// What it was asked with.
+    pub params: Value,
+    /// Ms since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Once ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// Per VM.
+    pub steps: Vec<Step>,
+    /// What went wrong, once ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub(crate) struct Operation {
+    pub(crate) view: OperationView,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// The body of `POST /v1/node/drain`.
+#[derive(Debug, Clone, Default)]
+pub struct DrainRequest {
+    /// Migrations of this drain at once (default: the node's limit, which
+    /// also bounds it).
+    pub max_concurrent: Option<u32>,
+    /// Move what fits instead of refusing when the other nodes cannot hold
+    /// every VM.
+    pub allow_partial: bool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn gib(bytes: u64) -> String {
+    crate::units::Bytes(bytes).to_string()
+}
+
+/// A placement: (vm, node) pairs, and the (vm, memory) that fit nowhere.
+pub type Placement = (Vec<(String, String)>, Vec<(String, u64)>);
+
+/// Places `vms` (name, memory) on `free` nodes (name, free bytes): largest VM
+/// first, each on the node with the most free memory that holds it, so the
+/// load spreads.
+pub fn place(vms: &[(String, u64)], free: &[(String, u64)]) -> Placement {
+    let mut vms = vms.to_vec();
+    vms.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut free = free.to_vec();
+    let mut placed = Vec::new();
+    let mut left = Vec::new();
+    for (vm, mem) in vms {
+        let best = free
+            .iter_mut()
+            .filter(|(_, f)| *f >= mem)
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
+        match best {
+            Some((node, f)) => {
+                *f -= mem;
+                placed.push((vm, node.clone()));
+            }
+            None => left.push((vm, mem)),
+        }
+    }
+    (placed, left)
+}
+
+impl Node {
+    /// `GET /v1/operations`.
+    pub fn operations(&self) -> Vec<OperationView> {
+        self.ops
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|o| o.view.clone())
+            .collect()
+    }
+
+    /// `GET /v1/operations/{id}`.
+    pub fn operation(&self, id: &str) -> Result<OperationView, NodeError> {
+        self.ops
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|o| o.view.id == id)
+            .map(|o| o.view.clone())
+            .ok_or_else(|| {
+                NodeError::NotFound(format!("no operation {id:?} on node {}", self.spec.name))
+            })
+    }
+
+    /// `DELETE /v1/operations/{id}`: stops a running operation. Migrations in
+    /// flight are cancelled (their VMs stay where they were), steps not yet
+    /// started never start.
+    pub fn cancel_operation(&self, id: &str) -> Result<OperationView, NodeError> {
+        let ops = self.ops.lock().unwrap();
+        let op = ops.iter().find(|o| o.view.id == id).ok_or_else(|| {
+            NodeError::NotFound(format!("no operation {id:?} on node {}", self.spec.name))
+        })?;
+        if op.view.state != OpState::Running {
+            return Err(NodeError::Conflict(format!(
+                "operation {id} has already ended ({:?})",
+                op.view.state
+            )));
+        }
+        op.cancel.cancel();
+        Ok(op.view.clone())
+    }
+
+    fn new_op(&self, kind: OpKind, params: Value, steps: Vec<Step>) -> (String, CancellationToken) {
+        let mut ops = self.ops.lock().unwrap();
+        let id = format!(
+            "{}-{}-{}",
+            self.spec.name,
+            match kind {
+                OpKind::Drain => "drain",
+                OpKind::Resume => "resume",
+            },
+            ops.len() + 1
+        );
+        let cancel = CancellationToken::new();
+        ops.push(Operation {
+            view: OperationView {
+                id: id.clone(),
+                kind,
+                node: self.spec.name.clone(),
+                state: OpState::Running,
+                params,
+                started_at_ms: now_ms(),
+                finished_at_ms: None,
+                steps,
+                error: None,
+            },
+            cancel: cancel.clone(),
+        });
+        (id, cancel)
+    }
+
+    fn with_op<R>(&self, id: &str, f: impl FnOnce(&mut OperationView) -> R) -> Option<R> {
+        let mut ops = self.ops.lock().unwrap();
+        ops.iter_mut()
+            .find(|o| o.view.id == id)
+            .map(|o| f(&mut o.view))
+    }
+
+    /// The other nodes that take VMs now, with their free memory; and why the
+    /// others do not.
+    async fn free_elsewhere(&self) -> (Vec<(String, u64)>, Vec<String>) {
+        let mut free = Vec::new();
+        let mut excluded = Vec::new();
+        for n in self
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.spec.name)
+        {
+            match self.peers.get(n, "/v1/node").await {
+                Ok(v) if v["state"] == "active" => {
+                    let cap = v["memory_capacity"].as_u64().unwrap_or(0);
+                    let used = v["memory_used"].as_u64().unwrap_or(cap);
+                    free.push((n.name.clone(), cap.saturating_sub(used)));
+                }
+                Ok(v) => excluded.push(format!(
+                    "{} is {}",
+                    n.name,
+                    v["state"].as_str().unwrap_or("unknown")
+                )),
+                Err(e) => excluded.push(format!("{} is unreachable ({e})", n.name)),
+            }
+        }
+        (free, excluded)
+    }
+
+    /// `POST /v1/node/drain`: pauses the node and moves every running VM to
+    /// the other active nodes. Refuses, before moving anything, when they
+    /// cannot hold every VM, naming the shortfall, unless `allow_partial`.
+    /// Returns the operation at once; it runs in the background.
+    pub async fn drain(self: &Arc<Self>, req: DrainRequest) -> Result<OperationView, NodeError> {
+        if self.mode() == NodeMode::Draining {
+            return Err(NodeError::Conflict(format!(
+                "node {} is already draining",
+                self.spec.name
+            )));
+        }
+        let max = req
+            .max_concurrent
+            .unwrap_or(self.spec.max_concurrent_migrations);
+        if max == 0 {
+            return Err(NodeError::BadRequest(
+                "max_concurrent must be at least 1".into(),
+            ));
+        }
+        let vms = self.running_vms();
+        let (free, excluded) = self.free_elsewhere().await;
+        let (placed, left) = place(&vms, &free);
+        if !left.is_empty() && !req.allow_partial {
+            let need: u64 = left.iter().map(|(_, m)| m).sum();
+            let names: Vec<String> = left
+                .iter()
+                .map(|(v, m)| format!("{v} ({})", gib(*m)))
+                .collect();
+            let room: Vec<String> = free
+                .iter()
+                .map(|(n, f)| format!("{n} {} free", gib(*f)))
+                .collect();
+            return Err(NodeError::InsufficientMemory(format!(
+                "cannot drain node {}: the other nodes cannot hold {} of its VMs, {} short: {}; {}{}",
+                self.spec.name,
+                left.len(),
+                gib(need),
+                names.join(", "),
+                if room.is_empty() { "no other node is active".to_string() } else { room.join(", ") },
+                if excluded.is_empty() { String::new() } else { format!(" ({})", excluded.join(", ")) }
+            )));
+        }
+        let memory_of = |vm: &str| vms.iter().find(|(n, _)| n == vm).map_or(0, |(_, m)| *m);
+        let mut steps: Vec<Step> = placed
+            .iter()
+            .map(|(vm, target)| Step {
+                vm: vm.clone(),
+                memory: memory_of(vm),
+                source: self.spec.name.clone(),
+                target: target.clone(),
+                state: "planned".into(),
+                migration_id: None,
+                error: None,
+                started_at_ms: None,
+                finished_at_ms: None,
+            })
+            .collect();
+        steps.extend(left.iter().map(|(vm, mem)| Step {
+            vm: vm.clone(),
+            memory: *mem,
+            source: self.spec.name.clone(),
+            target: String::new(),
+            state: "skipped".into(),
+            migration_id: None,
+            error: Some("no active node has room for it".into()),
+            started_at_ms: None,
+            finished_at_ms: None,
+        }));
+        self.set_mode(NodeMode::Draining);
+        let params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
+        let (id, cancel) = self.new_op(OpKind::Drain, params, steps);
+        tracing::info!(op = %id, vms = placed.len(), left = left.len(), "drain started");
+        let node = self.clone();
+        let op = id.clone();
+        tokio::spawn(async move { node.run_drain(op, max as usize, cancel).await });
+        self.operation(&id)
+    }
+
+    /// Running VMs, (name, memory).
+    fn running_vms(&self) -> Vec<(String, u64)> {
+        self.vms()
+            .into_iter()
+            .filter(|v| v.state == super::node::VmState::Running)
+            .map(|v| (v.spec.name, v.spec.memory))
+            .collect()
+    }
+
+    async fn run_drain(self: Arc<Self>, op: String, max: usize, cancel: CancellationToken) {
+        loop {
+            // Start planned steps while this drain has room.
+            let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+            let active = steps
+                .iter()
+                .filter(|s| matches!(s.state.as_str(), "queued" | "running"))
+                .count();
+            if !cancel.is_cancelled() {
+                let mut room = max.saturating_sub(active);
+                for (i, s) in steps.iter().enumerate() {
+                    if room == 0 {
+                        break;
+                    }
+                    if s.state != "planned" {
+                        continue;
+                    }
+                    room -= 1;
+                    let asked = self.request_migration(
+                        &s.vm,
+                        &s.target,
+                        MigrationConfig::default(),
+                        Some(op.clone()),
+                    );
+                    self.with_op(&op, |v| {
+                        let step = &mut v.steps[i];
+                        match asked {
+                            Ok(m) => {
+                                step.migration_id = Some(m.id);
+                                step.state = "queued".into();
+                            }
+                            Err(e) => {
+                                step.state = "failed".into();
+                                step.error = Some(e.to_string());
+                            }
+                        }
+                    });
+                }
+            } else {
+                // Cancelled: steps not started never will; those in flight stop.
+                self.with_op(&op, |v| {
+                    for s in v.steps.iter_mut().filter(|s| s.state == "planned") {
+                        s.state = "cancelled".into();
+                        s.error = Some("the drain was cancelled".into());
+                    }
+                });
+                for s in &steps {
+                    if let (Some(id), "queued" | "running") = (&s.migration_id, s.state.as_str()) {
+                        let _ = self.cancel_migration(id);
+                    }
+                }
+            }
+            self.refresh_steps(&op);
+            let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+            if steps.iter().all(Step::is_final) {
+                break;
+            }
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = cancel.cancelled(), if !cancel.is_cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        // A drained node takes no VMs until it is resumed, whatever happened.
+        self.set_mode(NodeMode::Paused);
+        let cancelled = cancel.is_cancelled();
+        self.with_op(&op, |v| {
+            let failed: Vec<String> = v
+                .steps
+                .iter()
+                .filter(|s| s.state != "completed")
+                .map(|s| format!("{}: {}", s.vm, s.error.as_deref().unwrap_or(&s.state)))
+                .collect();
+            v.state = if cancelled {
+                OpState::Cancelled
+            } else if v
+                .steps
+                .iter()
+                .any(|s| s.state != "completed" && s.state != "skipped")
+            {
+                OpState::Failed
+            } else {
+                OpState::Completed
+            };
+            if !failed.is_empty() {
+                v.error = Some(format!("not moved: {}", failed.join("; ")));
+            }
+            v.finished_at_ms = Some(now_ms());
+        });
+        tracing::info!(%op, "drain ended");
+    }
+
+    /// Copies this node's migration states into the operation's steps.
+    fn refresh_steps(&self, op: &str) {
+        let migrations = self.migrations();
+        self.with_op(op, |v| {
+            for s in v.steps.iter_mut() {
+                let Some(id) = &s.migration_id else { continue };
+                if let Some(m) = migrations.iter().find(|m| &m.id == id) {
+                    s.state = state_name(m.state).into();
+                    s.error = m.error.clone();
+                    s.started_at_ms = m.started_at_ms;
+                    s.finished_at_ms = m.finished_at_ms;
+                }
+            }
+        });
+    }
+
+    /// `POST /v1/node/resume`: the node takes VMs again. With `failback`,
+    /// each VM the last drain moved away and that is still where it went is
+    /// migrated back, as an operation returned at once.
+    pub async fn resume(self: &Arc<Self>, failback: bool) -> Result<OperationView, NodeError> {
+        if self.mode() == NodeMode::Draining {
+            return Err(NodeError::Conflict(format!(
+                "node {} is draining; cancel the drain first",
+                self.spec.name
+            )));
+        }
+        let moved: Vec<Step> = if failback {
+            let ops = self.ops.lock().unwrap();
+            ops.iter()
+                .rev()
+                .find(|o| o.view.kind == OpKind::Drain)
+                .map(|o| {
+                    o.view
+                        .steps
+                        .iter()
+                        .filter(|s| s.state == "completed")
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.set_mode(NodeMode::Active);
+        let mut steps = Vec::new();
+        for s in moved {
+            let Some(node) = self.cluster.node(&s.target) else {
+                continue;
+            };
+            let here = self.peers.get(node, &format!("/v1/vms/{}", s.vm)).await;
+            let (state, error) = match here {
+                Ok(v) if v["state"] == "running" => ("planned", None),
+                Ok(v) => (
+                    "skipped",
+                    Some(format!("it is {} on node {}", v["state"], s.target)),
+                ),
+                Err(e) => (
+                    "skipped",
+                    Some(format!("it is no longer on node {}: {e}", s.target)),
+                ),
+            };
+            steps.push(Step {
+                vm: s.vm,
+                memory: s.memory,
+                source: s.target,
+                target: self.spec.name.clone(),
+                state: state.into(),
+                migration_id: None,
+                error,
+                started_at_ms: None,
+                finished_at_ms: None,
+            });
+        }
+        let (id, cancel) = self.new_op(OpKind::Resume, json!({ "failback": failback }), steps);
+        let node = self.clone();
+        let op = id.clone();
+        tokio::spawn(async move { node.run_failback(op, cancel).await });
+        self.operation(&id)
+    }
+
+    async fn run_failback(self: Arc<Self>, op: String, cancel: CancellationToken) {
+        // Ask each VM's current node to send it back; each node's own limit
+        // paces its share.
+        let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+        for (i, s) in steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == "planned")
+        {
+            let Some(node) = self.cluster.node(&s.source) else {
+                continue;
+            };
+            let body = json!({ "vm": s.vm, "target": self.spec.name });
+            let asked = self.peers.post(node, "/v1/migrations", &body).await;
+            self.with_op(&op, |v| {
+                let step = &mut v.steps[i];
+                match asked {
+                    Ok(m) => {
+                        step.migration_id = m["id"].as_str().map(String::from);
+                        step.state = "queued".into();
+                    }
+                    Err(e) => {
+                        step.state = "failed".into();
+                        step.error = Some(e.to_string());
+                    }
+                }
+            });
+        }
+        let mut cancel_sent = false;
+        loop {
+            let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+            for (i, s) in steps.iter().enumerate() {
+                let (Some(id), false) = (&s.migration_id, s.is_final()) else {
+                    continue;
+                };
+                let Some(node) = self.cluster.node(&s.source) else {
+                    continue;
+                };
+                if cancel.is_cancelled() && !cancel_sent {
+                    let _ = self
+                        .peers
+                        .call(
+                            node,
+                            reqwest::Method::DELETE,
+                            &format!("/v1/migrations/{id}"),
+                            None,
+                        )
+                        .await;
+                }
+                if let Ok(m) = self.peers.get(node, &format!("/v1/migrations/{id}")).await {
+                    self.with_op(&op, |v| {
+                        let step = &mut v.steps[i];
+                        step.state = m["state"].as_str().unwrap_or("running").into();
+                        step.error = m["error"].as_str().map(String::from);
+                        step.started_at_ms = m["started_at_ms"].as_u64();
+                        step.finished_at_ms = m["finished_at_ms"].as_u64();
+                    });
+                }
+            }
+            cancel_sent |= cancel.is_cancelled();
+            let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+            if steps.iter().all(Step::is_final) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cancelled = cancel.is_cancelled();
+        self.with_op(&op, |v| {
+            let bad: Vec<String> = v
+                .steps
+                .iter()
+                .filter(|s| s.state != "completed" && s.state != "skipped")
+                .map(|s| format!("{}: {}", s.vm, s.error.as_deref().unwrap_or(&s.state)))
+                .collect();
+            v.state = if cancelled {
+                OpState::Cancelled
+            } else if bad.is_empty() {
+                OpState::Completed
+            } else {
+                OpState::Failed
+            };
+            if !bad.is_empty() {
+                v.error = Some(format!("not moved back: {}", bad.join("; ")));
+            }
+            v.finished_at_ms = Some(now_ms());
+        });
+    }
+}
+
+fn state_name(s: MigrationState) -> &'static str {
+    match s {
+        MigrationState::Queued => "queued",
+        MigrationState::Running => "running",
+        MigrationState::Completed => "completed",
+        MigrationState::Failed => "failed",
+        MigrationState::Cancelled => "cancelled",
+        MigrationState::Unresolved => "unresolved",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 1 << 30;
+
+    fn vms(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+        list.iter().map(|(n, m)| (n.to_string(), *m)).collect()
+    }
+
+    #[test]
+    fn the_largest_go_first_each_to_the_emptiest_node_that_holds_it() {
+        let (placed, left) = place(
+            &vms(&[("a", G), ("b", 4 * G), ("c", 2 * G), ("d", G)]),
+            &vms(&[("n1", 5 * G), ("n2", 4 * G)]),
+        );
+        // b (4) -> n1 (5 free, the emptiest), c (2) -> n2 (4 free), then a and
+        // d (1 each) -> n2 (2 free), n1 (1 free) or the other way.
+        assert_eq!(placed[0], ("b".into(), "n1".into()));
+        assert_eq!(placed[1], ("c".into(), "n2".into()));
+        assert_eq!(placed.len(), 4);
+        assert!(left.is_empty());
+        let on = |n: &str| placed.iter().filter(|(_, t)| t == n).count();
+        assert_eq!(on("n1") + on("n2"), 4);
+    }
+
+    #[test]
+    fn what_fits_nowhere_is_named() {
+        let (placed, left) = place(
+            &vms(&[("big", 8 * G), ("small", G)]),
+            &vms(&[("n1", 4 * G), ("n2", 2 * G)]),
+        );
+        assert_eq!(placed, vec![("small".to_string(), "n1".to_string())]);
+        assert_eq!(left, vec![("big".to_string(), 8 * G)]);
+        let (placed, left) = place(&vms(&[("x", G)]), &[]);
+        assert!(placed.is_empty());
+        assert_eq!(left.len(), 1);
+    }
+}

@@ -1,0 +1,160 @@
+//! Real agents on loopback for the tests: a cluster file with free ports, the
+//! agents in one runtime, and calls to their HTTP API.
+
+use ferry::agent::{serve_agent, AgentHandle, Cluster};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A folder for a test's cluster file, removed at the end.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a cluster file of `nodes` (name, extra TOML lines) with free ports.
+fn write_cluster(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
+    std::fs::write(dir.join("cluster.token"), format!("{TOKEN}\n")).unwrap();
+    let mut text = String::from("token_file = \"cluster.token\"\n");
+    for (name, extra) in nodes {
+        // 1 GiB unless the extra lines say otherwise.
+        let capacity = if extra.contains("memory_capacity") {
+            ""
+        } else {
+            "memory_capacity = \"1GiB\"\n"
+        };
+        text.push_str(&format!(
+            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\n{capacity}{extra}\n",
+            free_port(),
+            free_port()
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub struct Agents {
+    pub rt: tokio::runtime::Runtime,
+    pub agents: Vec<AgentHandle>,
+    http: reqwest::Client,
+    _dir: Dir,
+}
+
+impl Agents {
+    pub fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+        let dir = Dir::new(test);
+        let path = write_cluster(&dir.0, nodes);
+        let cluster = Cluster::load(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let agents = nodes
+            .iter()
+            .map(|(name, _)| rt.block_on(serve_agent(cluster.clone(), name)).unwrap())
+            .collect();
+        Self {
+            rt,
+            agents,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn agent(&self, name: &str) -> &AgentHandle {
+        self.agents.iter().find(|a| a.node.name() == name).unwrap()
+    }
+
+    /// One request to `node`'s API; `token` None sends none.
+    pub fn call_with(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        node: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> (StatusCode, Value) {
+        let url = format!("http://{}{path}", self.agent(node).control_addr);
+        self.rt.block_on(async {
+            let mut req = self.http.request(method, url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.header("content-type", "application/json").body(b);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            (status, value)
+        })
+    }
+
+    pub fn call(
+        &self,
+        method: Method,
+        node: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(Some(TOKEN), method, node, path, body.map(|b| b.to_string()))
+    }
+
+    /// Waits for migration `id` on `node` to end; returns its record.
+    pub fn wait(&self, node: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, m) = self.call(Method::GET, node, &format!("/v1/migrations/{id}"), None);
+            assert_eq!(s, StatusCode::OK, "{m}");
+            if !matches!(m["state"].as_str(), Some("queued" | "running")) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "migration {id} did not end: {m}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for a in self.agents.drain(..) {
+            self.rt.block_on(a.shutdown());
+        }
+    }
+}
+
+pub fn error_of(v: &Value) -> (String, String) {
+    (
+        v["error"]["code"].as_str().unwrap_or_default().to_string(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}

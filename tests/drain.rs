@@ -1,0 +1,251 @@
+//! Drain and resume with three real agents on loopback: every VM moves to the
+//! other nodes within the concurrency limit and comes back with failback; a
+//! drain the other nodes cannot hold is refused before anything moves; a
+//! cancelled drain leaves every guest running somewhere, none lost.
+
+mod common;
+
+use common::agents::{error_of, Agents};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Creates `n` VMs `vm1..` of `memory` on `node`, dirtying a hot set.
+fn create_vms(c: &Agents, node: &str, n: usize, memory: &str) {
+    for i in 1..=n {
+        let (s, v) = c.call(
+            Method::POST,
+            node,
+            "/v1/vms",
+            Some(json!({"name": format!("vm{i}"), "memory": memory, "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+}
+
+/// Waits for operation `id` on `node` to end.
+fn wait_op(c: &Agents, node: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (s, op) = c.call(Method::GET, node, &format!("/v1/operations/{id}"), None);
+        assert_eq!(s, StatusCode::OK, "{op}");
+        if op["state"] != "running" {
+            return op;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {id} did not end: {op}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn vm_names(c: &Agents, node: &str) -> Vec<String> {
+    let (_, vms) = c.call(Method::GET, node, "/v1/vms", None);
+    vms.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The most migrations of `node`'s records whose [start, end) overlap.
+fn max_overlap(migrations: &[Value]) -> usize {
+    let spans: Vec<(u64, u64)> = migrations
+        .iter()
+        .filter_map(|m| Some((m["started_at_ms"].as_u64()?, m["finished_at_ms"].as_u64()?)))
+        .collect();
+    spans
+        .iter()
+        .map(|&(s, _)| spans.iter().filter(|&&(a, b)| a <= s && s < b).count())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_drain_moves_every_vm_within_the_limit_and_failback_brings_them_home() {
+    let _serial = common::serial();
+    let c = Agents::start("drain", &[("a", ""), ("b", ""), ("c", "")]);
+    create_vms(&c, "a", 5, "48MiB");
+    let (s, op) = c.call(Method::POST, "a", "/v1/node/drain", None);
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(op["kind"], "drain");
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert!(
+        node["state"] == "draining" || node["state"] == "paused",
+        "{node}"
+    );
+    let done = wait_op(&c, "a", op["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["steps"].as_array().unwrap().len(), 5);
+
+    // A is paused and empty; B and C hold the five, spread between them.
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["state"], "paused");
+    assert!(vm_names(&c, "a").is_empty());
+    let (on_b, on_c) = (vm_names(&c, "b"), vm_names(&c, "c"));
+    assert_eq!(on_b.len() + on_c.len(), 5, "b {on_b:?} c {on_c:?}");
+    assert!(
+        !on_b.is_empty() && !on_c.is_empty(),
+        "spread: b {on_b:?} c {on_c:?}"
+    );
+    // A's own records: all five completed and verified, never more than 2 at once.
+    let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
+    let list = list.as_array().unwrap().clone();
+    assert_eq!(list.len(), 5);
+    for m in &list {
+        assert_eq!(m["state"], "completed", "{m}");
+        assert_eq!(m["operation"], done["id"]);
+        assert_eq!(m["report"]["verified"], true, "{m}");
+    }
+    let overlap = max_overlap(&list);
+    assert!((1..=2).contains(&overlap), "{overlap} at once");
+    // A paused node takes no VMs.
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "late", "memory": "16MiB"})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+
+    // Resume with failback: the same five come back, and A takes VMs again.
+    let (s, op) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/resume",
+        Some(json!({"failback": true})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = wait_op(&c, "a", op["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    let mut home = vm_names(&c, "a");
+    home.sort();
+    assert_eq!(home, ["vm1", "vm2", "vm3", "vm4", "vm5"]);
+    assert!(vm_names(&c, "b").is_empty() && vm_names(&c, "c").is_empty());
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["state"], "active");
+    for name in &home {
+        let (_, v) = c.call(Method::GET, "a", &format!("/v1/vms/{name}"), None);
+        assert_eq!(v["state"], "running", "{v}");
+        assert_eq!(v["workload"], "hot:4MiB", "{v}");
+    }
+    let (_, ops) = c.call(Method::GET, "a", "/v1/operations", None);
+    let kinds: Vec<&str> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["drain", "resume"]);
+}
+
+#[test]
+fn a_drain_the_other_nodes_cannot_hold_is_refused_before_anything_moves() {
+    let _serial = common::serial();
+    let c = Agents::start(
+        "refused",
+        &[
+            ("a", ""),
+            ("b", "memory_capacity = \"100MiB\""),
+            ("c", "memory_capacity = \"100MiB\""),
+        ],
+    );
+    create_vms(&c, "a", 5, "48MiB");
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"max_concurrent": 2})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (code, msg) = error_of(&v);
+    assert_eq!(code, "insufficient_memory");
+    assert!(msg.contains("cannot hold 1 of its VMs"), "{msg}");
+    assert!(
+        msg.contains("b 4 MiB free") || msg.contains("MiB free"),
+        "{msg}"
+    );
+    assert_eq!(vm_names(&c, "a").len(), 5, "nothing moved");
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["state"], "active");
+    let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
+    assert!(list.as_array().unwrap().is_empty());
+    // Told to move what fits, it moves four and names the fifth.
+    let (s, op) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"allow_partial": true})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = wait_op(&c, "a", op["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    let skipped: Vec<&Value> = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "skipped")
+        .collect();
+    assert_eq!(skipped.len(), 1, "{done}");
+    assert_eq!(vm_names(&c, "a").len(), 1);
+    assert_eq!(vm_names(&c, "b").len() + vm_names(&c, "c").len(), 4);
+}
+
+#[test]
+fn a_cancelled_drain_stops_where_it_is_and_loses_nothing() {
+    let _serial = common::serial();
+    // A's outgoing migrations share 10 MB/s: each 48 MiB VM (about 10 MB
+    // compressed) takes a second or more.
+    let c = Agents::start(
+        "cancel",
+        &[("a", "max_bandwidth = \"10MB/s\""), ("b", ""), ("c", "")],
+    );
+    create_vms(&c, "a", 5, "48MiB");
+    let (s, op) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"max_concurrent": 1})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let id = op["id"].as_str().unwrap().to_string();
+    // Wait until the first migration moves memory, then cancel.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
+        if list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["state"] == "running")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (s, v) = c.call(Method::DELETE, "a", &format!("/v1/operations/{id}"), None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let done = wait_op(&c, "a", &id);
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let steps = done["steps"].as_array().unwrap();
+    let cancelled = steps.iter().filter(|s| s["state"] == "cancelled").count();
+    assert_eq!(
+        cancelled, 5,
+        "the one in flight and the four not started: {done}"
+    );
+    // Every VM runs, on a, in one place only; the node stays paused.
+    let on_a = vm_names(&c, "a");
+    assert_eq!(on_a.len(), 5, "{on_a:?}");
+    assert!(vm_names(&c, "b").is_empty() && vm_names(&c, "c").is_empty());
+    for name in &on_a {
+        let (_, v) = c.call(Method::GET, "a", &format!("/v1/vms/{name}"), None);
+        assert_eq!(v["state"], "running", "{v}");
+    }
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["state"], "paused");
+    let (s, _) = c.call(Method::DELETE, "a", &format!("/v1/operations/{id}"), None);
+    assert_eq!(s, StatusCode::CONFLICT, "an ended operation");
+}
