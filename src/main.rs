@@ -20,6 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod cli {
+    pub mod orchestrate;
+}
+use cli::orchestrate;
+
 /// ferry: live migration of VM memory over a multichannel TCP session.
 #[derive(Parser, Debug)]
 #[command(name = "ferry", version, about, long_about = None)]
@@ -45,6 +50,37 @@ enum Command {
     /// Run a node agent: host VMs, take migrations from the cluster's other
     /// nodes, serve the control API (HTTP, bearer token) and /metrics.
     Agent(AgentArgs),
+    /// List, create and delete the cluster's VMs (through their agents).
+    Vm(VmArgs),
+    /// Live-migrate a VM of the cluster to another node.
+    Migrate(MigrateCmd),
+    /// Show, drain and resume the cluster's nodes.
+    #[command(name = "node")]
+    Node(NodeArgs),
+}
+
+#[derive(Args, Debug)]
+struct VmArgs {
+    #[command(flatten)]
+    cluster: orchestrate::ClusterArg,
+    #[command(subcommand)]
+    cmd: orchestrate::VmCommand,
+}
+
+#[derive(Args, Debug)]
+struct MigrateCmd {
+    #[command(flatten)]
+    cluster: orchestrate::ClusterArg,
+    #[command(flatten)]
+    args: orchestrate::MigrateVmArgs,
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    #[command(flatten)]
+    cluster: orchestrate::ClusterArg,
+    #[command(subcommand)]
+    cmd: orchestrate::NodeCommand,
 }
 
 #[derive(Args, Debug)]
@@ -416,6 +452,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
         Command::Image(a) => image(a),
         Command::Agent(a) => agent(a),
+        Command::Vm(a) => orchestrate::vm(a.cmd, &a.cluster),
+        Command::Migrate(a) => orchestrate::migrate(a.args, &a.cluster),
+        Command::Node(a) => orchestrate::node(a.cmd, &a.cluster),
     };
     match result {
         Ok(code) => code,

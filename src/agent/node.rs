@@ -579,14 +579,14 @@ impl Node {
     /// Whether a VM of `memory` bytes named `name` may be placed here.
     fn admit_locked(&self, st: &State, name: &str, memory: u64) -> Result<(), NodeError> {
         if st.mode() != NodeMode::Active {
-            return Err(NodeError::Conflict(
-                format!(
-                    "node {} is {:?} and takes no VMs",
-                    self.spec.name,
-                    st.mode()
-                )
-                .to_lowercase(),
-            ));
+            let mode = match st.mode() {
+                NodeMode::Draining => "draining",
+                _ => "paused",
+            };
+            return Err(NodeError::Conflict(format!(
+                "node {} is {mode} and takes no VMs",
+                self.spec.name
+            )));
         }
         if st.vms.contains_key(name) {
             return Err(NodeError::Conflict(format!(

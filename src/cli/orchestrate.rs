@@ -1,0 +1,627 @@
+//! The orchestrator's commands: `ferry vm`, `ferry migrate`, `ferry node`.
+//! Each reads the cluster file, talks to the agents' control APIs, and for
+//! long operations waits with progress bars (or returns the id with
+//! `--detach`); `--json` prints the final record as one line on stdout.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry::agent::peer::{PeerError, Peers};
+use ferry::agent::{Cluster, NodeSpec};
+use ferry::units::{Bytes, Rate};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Where the cluster file is.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArg {
+    /// The cluster file (nodes, addresses, token).
+    #[arg(
+        long,
+        default_value = "cluster.toml",
+        value_name = "FILE",
+        global = true
+    )]
+    pub cluster: PathBuf,
+}
+
+/// How a command reports.
+#[derive(Args, Debug, Clone)]
+pub struct Output {
+    /// Print the final result as one line of JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a long command waits.
+#[derive(Args, Debug, Clone)]
+pub struct Wait {
+    /// Print the migration or operation id and return at once.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// `ferry vm ...`
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Every VM of the cluster, by node.
+    List {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Create and start a VM on a node.
+    Create {
+        /// Its name, unique in the cluster.
+        name: String,
+        /// The node to run it on.
+        #[arg(long)]
+        node: String,
+        /// Guest memory (e.g. 512MiB, 4GiB).
+        #[arg(long, default_value = "1GiB")]
+        memory: String,
+        /// Write pattern: idle, uniform, sequential, hot:<size> [default: hot:64MiB].
+        #[arg(long)]
+        workload: Option<String>,
+        /// Bytes written per second [default: 100MB/s].
+        #[arg(long)]
+        dirty_rate: Option<String>,
+        /// Initial content mix.
+        #[arg(long)]
+        fill: Option<String>,
+        /// Backend: sim (synthetic) or kvm.
+        #[arg(long, default_value = "sim")]
+        guest: String,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Stop and remove a VM, wherever it runs.
+    Delete {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+/// `ferry node ...`
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Every node's state, memory, VMs and migrations.
+    Status {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Pause a node and move all its VMs to the other active nodes.
+    Drain {
+        /// The node.
+        node: String,
+        /// Migrations of this drain at once [default: the node's limit].
+        #[arg(long)]
+        max_concurrent: Option<u32>,
+        /// Move what fits when the other nodes cannot hold every VM.
+        #[arg(long)]
+        allow_partial: bool,
+        #[command(flatten)]
+        wait: Wait,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Let a node take VMs again.
+    Resume {
+        /// The node.
+        node: String,
+        /// Bring back the VMs its last drain moved away.
+        #[arg(long)]
+        failback: bool,
+        #[command(flatten)]
+        wait: Wait,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+/// `ferry migrate VM --to NODE`.
+#[derive(Args, Debug)]
+pub struct MigrateVmArgs {
+    /// The VM (found on whichever node runs it).
+    pub vm: String,
+    /// The node to move it to.
+    #[arg(long)]
+    pub to: String,
+    /// TCP channels.
+    #[arg(long)]
+    pub channels: Option<u16>,
+    /// none, lz4, zstd[:level] or auto.
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Cap on wire bytes/s (e.g. 1Gbit/s).
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// The pause to aim under (e.g. 300ms).
+    #[arg(long)]
+    pub downtime_limit: Option<String>,
+    /// fast or full.
+    #[arg(long)]
+    pub verify: Option<String>,
+    /// on or off.
+    #[arg(long)]
+    pub auto_converge: Option<String>,
+    /// Give up after this long.
+    #[arg(long)]
+    pub completion_timeout: Option<String>,
+    /// Give up when the remaining bytes stop falling for this long.
+    #[arg(long)]
+    pub progress_timeout: Option<String>,
+    /// Leave the VM paused on the target.
+    #[arg(long)]
+    pub leave_paused: bool,
+    #[command(flatten)]
+    pub wait: Wait,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+struct Ctx {
+    cluster: Cluster,
+    peers: Peers,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Ctx {
+    fn new(cluster: &ClusterArg) -> Result<Self> {
+        let cluster = Cluster::load(&cluster.cluster).map_err(|e| crate::usage(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            peers: Peers::new(&cluster),
+            cluster,
+            rt,
+        })
+    }
+
+    fn node(&self, name: &str) -> Result<&NodeSpec> {
+        self.cluster.require_node(name).map_err(crate::usage)
+    }
+
+    fn call(
+        &self,
+        node: &NodeSpec,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, PeerError> {
+        self.rt.block_on(self.peers.call(node, method, path, body))
+    }
+
+    /// The node that runs `vm`.
+    fn find_vm(&self, vm: &str) -> Result<(&NodeSpec, Value)> {
+        for n in &self.cluster.nodes {
+            match self.call(n, Method::GET, &format!("/v1/vms/{vm}"), None) {
+                Ok(v) => return Ok((n, v)),
+                Err(PeerError::Api { status: 404, .. }) => continue,
+                Err(e) => eprintln!("warning: {e}"),
+            }
+        }
+        bail!(
+            "no node of {} runs a VM named {vm:?}",
+            self.cluster.path.display()
+        )
+    }
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string(v).expect("JSON values serialize")
+    );
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>14} [{bar:28}] {msg}")
+        .expect("valid template")
+        .progress_chars("=> ")
+}
+
+/// One line on a migration's progress.
+fn migration_line(m: &Value) -> (u64, u64, String) {
+    let p = &m["progress"];
+    let memory = m["report"]["memory_bytes"].as_u64().unwrap_or(0);
+    let left = p["bytes_left"].as_u64().unwrap_or(0);
+    let mut msg = format!(
+        "{} {}",
+        m["phase"].as_str().or(m["state"].as_str()).unwrap_or(""),
+        p["round"]
+            .as_u64()
+            .map_or(String::new(), |r| format!("round {r}"))
+    );
+    if let Some(t) = p["throughput_bps"].as_f64().filter(|t| *t > 0.0) {
+        msg += &format!("  {}", Rate(t));
+    }
+    msg += &format!("  left {}", Bytes(left));
+    if let Some(eta) = p["eta_s"].as_f64() {
+        msg += &format!("  ETA {eta:.1} s");
+    }
+    if let Some(t) = p["throttle_pct"].as_u64().filter(|t| *t > 0) {
+        msg += &format!("  throttle {t}%");
+    }
+    (memory, left, msg)
+}
+
+/// `ferry vm ...`
+pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    match cmd {
+        VmCommand::List { out } => {
+            let mut all = Vec::new();
+            for n in &ctx.cluster.nodes {
+                match ctx.call(n, Method::GET, "/v1/vms", None) {
+                    Ok(Value::Array(vms)) => {
+                        for mut v in vms {
+                            v["node"] = json!(n.name);
+                            all.push(v);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("warning: {e}"),
+                }
+            }
+            if out.json {
+                print_json(&Value::Array(all));
+            } else {
+                println!(
+                    "{:<16} {:<8} {:>10} {:<14} {:<12} DIRTY RATE",
+                    "VM", "NODE", "MEMORY", "STATE", "WORKLOAD"
+                );
+                for v in &all {
+                    println!(
+                        "{:<16} {:<8} {:>10} {:<14} {:<12} {}",
+                        v["name"].as_str().unwrap_or(""),
+                        v["node"].as_str().unwrap_or(""),
+                        Bytes(v["memory"].as_u64().unwrap_or(0)).to_string(),
+                        v["state"].as_str().unwrap_or(""),
+                        v["workload"].as_str().unwrap_or(""),
+                        Rate(v["dirty_rate"].as_f64().unwrap_or(0.0))
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Create {
+            name,
+            node,
+            memory,
+            workload,
+            dirty_rate,
+            fill,
+            guest,
+            out,
+        } => {
+            let n = ctx.node(&node)?;
+            let mut body = json!({ "name": name, "memory": memory, "guest": guest });
+            for (k, v) in [
+                ("workload", workload),
+                ("dirty_rate", dirty_rate),
+                ("fill", fill),
+            ] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            let v = ctx.call(n, Method::POST, "/v1/vms", Some(&body))?;
+            if out.json {
+                print_json(&v);
+            } else {
+                println!("VM {name} runs on node {node}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Delete { name, out } => {
+            let (n, _) = ctx.find_vm(&name)?;
+            let v = ctx.call(n, Method::DELETE, &format!("/v1/vms/{name}"), None)?;
+            if out.json {
+                print_json(&v);
+            } else {
+                println!("VM {name} stopped and removed from node {}", n.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `ferry migrate VM --to NODE`
+pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    ctx.node(&a.to)?;
+    let (source, _) = ctx.find_vm(&a.vm)?;
+    let mut body = Map::new();
+    body.insert("vm".into(), json!(a.vm));
+    body.insert("target".into(), json!(a.to));
+    if let Some(c) = a.channels {
+        body.insert("channels".into(), json!(c));
+    }
+    for (k, v) in [
+        ("codec", &a.codec),
+        ("max_bandwidth", &a.max_bandwidth),
+        ("downtime_limit", &a.downtime_limit),
+        ("verify", &a.verify),
+        ("auto_converge", &a.auto_converge),
+        ("completion_timeout", &a.completion_timeout),
+        ("progress_timeout", &a.progress_timeout),
+    ] {
+        if let Some(v) = v {
+            body.insert(k.into(), json!(v));
+        }
+    }
+    if a.leave_paused {
+        body.insert("leave_paused".into(), json!(true));
+    }
+    let m = ctx.call(
+        source,
+        Method::POST,
+        "/v1/migrations",
+        Some(&Value::Object(body)),
+    )?;
+    let id = m["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the agent gave no migration id"))?
+        .to_string();
+    if a.wait.detach {
+        if a.out.json {
+            print_json(&m);
+        } else {
+            println!("{id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "migrating {} from node {} to node {} ({id})",
+        a.vm, source.name, a.to
+    );
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
+    bar.set_style(bar_style());
+    bar.set_prefix(a.vm.clone());
+    let done = loop {
+        let m = ctx.call(source, Method::GET, &format!("/v1/migrations/{id}"), None)?;
+        let state = m["state"].as_str().unwrap_or("").to_string();
+        if state != "queued" && state != "running" {
+            break m;
+        }
+        let (_, left, msg) = migration_line(&m);
+        let total = m["progress"]["wire_bytes"].as_u64().unwrap_or(0) + left;
+        bar.set_length(total.max(1));
+        bar.set_position(total - left);
+        bar.set_message(if state == "queued" {
+            "queued".to_string()
+        } else {
+            msg
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish_and_clear();
+    let state = done["state"].as_str().unwrap_or("");
+    if a.out.json {
+        print_json(&done);
+    } else {
+        let r = &done["report"];
+        match state {
+            "completed" => println!(
+                "{} runs on node {}: {} in {:.0} ms, downtime {:.1} ms, {} rounds, {} on the wire",
+                a.vm,
+                a.to,
+                Bytes(r["memory_bytes"].as_u64().unwrap_or(0)),
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["downtime_ms"].as_f64().unwrap_or(0.0),
+                r["rounds"].as_u64().unwrap_or(0),
+                Bytes(r["wire_bytes"].as_u64().unwrap_or(0))
+            ),
+            _ => println!(
+                "migration {id} {state}: {}; {} runs on node {}",
+                done["error"].as_str().unwrap_or("no reason given"),
+                a.vm,
+                if state == "unresolved" {
+                    "(unresolved: see the agents)"
+                } else {
+                    &source.name
+                }
+            ),
+        }
+    }
+    Ok(match state {
+        "completed" => ExitCode::SUCCESS,
+        "unresolved" => ExitCode::from(3),
+        _ => ExitCode::from(1),
+    })
+}
+
+/// `ferry node ...`
+pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    match cmd {
+        NodeCommand::Status { out } => {
+            let mut all = Vec::new();
+            for n in &ctx.cluster.nodes {
+                let v = match ctx.call(n, Method::GET, "/v1/node", None) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        json!({ "name": n.name, "state": "unreachable", "error": e.to_string() })
+                    }
+                };
+                all.push(v);
+            }
+            if out.json {
+                print_json(&Value::Array(all));
+            } else {
+                println!(
+                    "{:<8} {:<12} {:>21} {:>4} {:>9} {:>7}",
+                    "NODE", "STATE", "MEMORY USED", "VMS", "IN FLIGHT", "QUEUED"
+                );
+                for v in &all {
+                    let used = format!(
+                        "{} / {}",
+                        Bytes(v["memory_used"].as_u64().unwrap_or(0)),
+                        Bytes(v["memory_capacity"].as_u64().unwrap_or(0))
+                    );
+                    println!(
+                        "{:<8} {:<12} {:>21} {:>4} {:>9} {:>7}",
+                        v["name"].as_str().unwrap_or(""),
+                        v["state"].as_str().unwrap_or(""),
+                        used,
+                        v["vms"].as_array().map_or(0, Vec::len),
+                        v["migrations_in_flight"].as_u64().unwrap_or(0),
+                        v["migrations_queued"].as_u64().unwrap_or(0)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Drain {
+            node,
+            max_concurrent,
+            allow_partial,
+            wait,
+            out,
+        } => {
+            let n = ctx.node(&node)?;
+            let mut body = json!({ "allow_partial": allow_partial });
+            if let Some(m) = max_concurrent {
+                body["max_concurrent"] = json!(m);
+            }
+            let op = ctx.call(n, Method::POST, "/v1/node/drain", Some(&body))?;
+            follow(&ctx, n, op, &wait, &out)
+        }
+        NodeCommand::Resume {
+            node,
+            failback,
+            wait,
+            out,
+        } => {
+            let n = ctx.node(&node)?;
+            let op = ctx.call(
+                n,
+                Method::POST,
+                "/v1/node/resume",
+                Some(&json!({ "failback": failback })),
+            )?;
+            follow(&ctx, n, op, &wait, &out)
+        }
+    }
+}
+
+/// Waits for operation `op` on `node` with bars: overall, and one per
+/// migration in flight.
+fn follow(ctx: &Ctx, node: &NodeSpec, op: Value, wait: &Wait, out: &Output) -> Result<ExitCode> {
+    let id = op["id"]
+        .as_str()
+        .context("the agent gave no operation id")?
+        .to_string();
+    if wait.detach {
+        if out.json {
+            print_json(&op);
+        } else {
+            println!("{id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+    let total = op["steps"].as_array().map_or(0, Vec::len) as u64;
+    let overall = mp.add(ProgressBar::new(total.max(1)));
+    overall.set_style(bar_style());
+    overall.set_prefix(format!(
+        "{} {}",
+        op["kind"].as_str().unwrap_or(""),
+        node.name
+    ));
+    let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+    let done = loop {
+        let op = ctx.call(node, Method::GET, &format!("/v1/operations/{id}"), None)?;
+        let steps = op["steps"].as_array().cloned().unwrap_or_default();
+        let finished = steps
+            .iter()
+            .filter(|s| !matches!(s["state"].as_str(), Some("planned" | "queued" | "running")))
+            .count() as u64;
+        overall.set_position(finished);
+        overall.set_message(format!("{finished}/{total} VMs"));
+        for s in &steps {
+            let vm = s["vm"].as_str().unwrap_or("").to_string();
+            let state = s["state"].as_str().unwrap_or("");
+            match (state, s["migration_id"].as_str()) {
+                ("running", Some(mid)) => {
+                    let source = ctx
+                        .cluster
+                        .node(s["source"].as_str().unwrap_or(""))
+                        .unwrap_or(node);
+                    let Ok(m) =
+                        ctx.call(source, Method::GET, &format!("/v1/migrations/{mid}"), None)
+                    else {
+                        continue;
+                    };
+                    let bar = bars.entry(vm.clone()).or_insert_with(|| {
+                        let b = mp.add(ProgressBar::new(1));
+                        b.set_style(bar_style());
+                        b.set_prefix(format!("{vm} → {}", s["target"].as_str().unwrap_or("")));
+                        b
+                    });
+                    let (_, left, msg) = migration_line(&m);
+                    let sent = m["progress"]["wire_bytes"].as_u64().unwrap_or(0);
+                    bar.set_length((sent + left).max(1));
+                    bar.set_position(sent);
+                    bar.set_message(msg);
+                }
+                (s, _) if !matches!(s, "planned" | "queued" | "running") => {
+                    if let Some(b) = bars.remove(&vm) {
+                        b.finish_and_clear();
+                        mp.remove(&b);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if op["state"] != "running" {
+            break op;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    };
+    for (_, b) in bars {
+        b.finish_and_clear();
+    }
+    overall.finish_and_clear();
+    let state = done["state"].as_str().unwrap_or("");
+    if out.json {
+        print_json(&done);
+    } else {
+        for s in done["steps"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "  {:<16} {:>10}  {} → {}  {}{}",
+                s["vm"].as_str().unwrap_or(""),
+                Bytes(s["memory"].as_u64().unwrap_or(0)).to_string(),
+                s["source"].as_str().unwrap_or(""),
+                s["target"]
+                    .as_str()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or("-"),
+                s["state"].as_str().unwrap_or(""),
+                s["error"]
+                    .as_str()
+                    .map_or(String::new(), |e| format!(": {e}"))
+            );
+        }
+        println!(
+            "{} of node {} {state}{}",
+            done["kind"].as_str().unwrap_or("operation"),
+            node.name,
+            done["error"]
+                .as_str()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        );
+    }
+    Ok(if state == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,258 @@
+//! The orchestrator's commands as users run them, against three real
+//! `ferry agent` processes: `vm create|list|delete`, `migrate`, `node
+//! status|drain|resume` (waiting, `--json`, `--detach`), their exit statuses,
+//! and an agent stopped with SIGTERM.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three agents (`a`, `b`, `c`) as processes, killed at the end.
+struct Cluster {
+    dir: PathBuf,
+    file: PathBuf,
+    agents: Vec<(String, Child, String)>,
+}
+
+impl Cluster {
+    fn start(test: &str, b_capacity: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferry-orch-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cluster.token"), "orchestrator-test-token\n").unwrap();
+        let mut text = "token_file = \"cluster.token\"\n".to_string();
+        let mut controls = Vec::new();
+        for (name, cap) in [("a", "1GiB"), ("b", b_capacity), ("c", "256MiB")] {
+            let control = format!("127.0.0.1:{}", free_port());
+            text += &format!(
+                "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"{cap}\"\n",
+                free_port()
+            );
+            controls.push((name, control));
+        }
+        let file = dir.join("cluster.toml");
+        std::fs::write(&file, text).unwrap();
+        let agents = controls
+            .into_iter()
+            .map(|(name, control)| {
+                let child = ferry()
+                    .args(["agent", "--cluster", file.to_str().unwrap(), "--node", name])
+                    .env("RUST_LOG", "warn")
+                    .spawn()
+                    .unwrap();
+                (name.to_string(), child, control)
+            })
+            .collect::<Vec<_>>();
+        for (name, _, control) in &agents {
+            let t = Instant::now();
+            while std::net::TcpStream::connect(control).is_err() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "agent {name} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Self { dir, file, agents }
+    }
+
+    /// `ferry ARGS --cluster FILE`.
+    fn run(&self, args: &[&str]) -> Output {
+        ferry()
+            .args(args)
+            .args(["--cluster", self.file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let text = self.ok(&all);
+        serde_json::from_str(text.trim().lines().last().unwrap()).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.agents {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn vms_on(c: &Cluster) -> Vec<(String, String)> {
+    let v = c.json(&["vm", "list"]);
+    let mut out: Vec<(String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().into(),
+                v["node"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn vms_migrate_drain_and_come_back_through_the_command_line() {
+    let c = Cluster::start("cli", "1GiB");
+    for i in 1..=3 {
+        let name = format!("vm{i}");
+        let v = c.json(&[
+            "vm",
+            "create",
+            &name,
+            "--node",
+            "a",
+            "--memory",
+            "64MiB",
+            "--workload",
+            "hot:8MiB",
+            "--dirty-rate",
+            "20MB/s",
+        ]);
+        assert_eq!(v["state"], "running");
+    }
+    let text = c.ok(&["vm", "list"]);
+    assert!(text.contains("vm1") && text.contains("hot:8MiB"), "{text}");
+
+    // One migration, waited for.
+    let m = c.json(&["migrate", "vm1", "--to", "b", "--codec", "lz4"]);
+    assert_eq!(m["state"], "completed", "{m}");
+    assert_eq!(m["report"]["verified"], true);
+    assert_eq!(m["report"]["codec"], "lz4");
+    // Detached: the id at once, then the agent's record.
+    let id = c.ok(&["migrate", "vm2", "--to", "c", "--detach"]);
+    let id = id.trim();
+    assert!(id.starts_with("a-"), "{id}");
+    let t = Instant::now();
+    while vms_on(&c)
+        .iter()
+        .all(|(n, node)| !(n == "vm2" && node == "c"))
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "vm2 never reached c");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A VM no node runs is an error (1); a node not in the file a usage error (2).
+    let out = c.run(&["migrate", "nope", "--to", "b"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node"),
+        "{out:?}"
+    );
+    let out = c.run(&["migrate", "vm3", "--to", "z"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // Drain a: vm3 goes to b or c; a ends paused.
+    let op = c.json(&["node", "drain", "a"]);
+    assert_eq!(op["state"], "completed", "{op}");
+    let status = c.json(&["node", "status"]);
+    let a = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "a")
+        .unwrap();
+    assert_eq!(a["state"], "paused");
+    assert!(vms_on(&c).iter().all(|(_, node)| node != "a"));
+    let text = c.ok(&["node", "status"]);
+    assert!(text.contains("paused"), "{text}");
+    // Resume with failback: vm3 comes home; vm1 and vm2 stay where they were sent.
+    let op = c.json(&["node", "resume", "a", "--failback"]);
+    assert_eq!(op["state"], "completed", "{op}");
+    assert_eq!(
+        vms_on(&c),
+        [
+            ("vm1".into(), "b".into()),
+            ("vm2".into(), "c".into()),
+            ("vm3".into(), "a".into())
+        ]
+    );
+    let v = c.json(&["vm", "delete", "vm2"]);
+    assert_eq!(v["name"], "vm2");
+    assert_eq!(vms_on(&c).len(), 2);
+}
+
+#[test]
+fn a_drain_that_cannot_fit_fails_with_the_shortfall_and_an_agent_stops_on_sigterm() {
+    let mut c = Cluster::start("refuse", "64MiB");
+    for i in 1..=3 {
+        c.ok(&[
+            "vm",
+            "create",
+            &format!("vm{i}"),
+            "--node",
+            "a",
+            "--memory",
+            "128MiB",
+            "--workload",
+            "idle",
+        ]);
+    }
+    let out = c.run(&["node", "drain", "a"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot drain node a") && err.contains("short"),
+        "{err}"
+    );
+    assert_eq!(vms_on(&c).len(), 3);
+    let op = c.ok(&["node", "drain", "a", "--allow-partial", "--detach"]);
+    assert!(op.trim().starts_with("a-drain-"), "{op}");
+
+    // SIGTERM: the agent stops cleanly.
+    let (_, child, _) = c.agents.iter_mut().find(|(n, _, _)| n == "b").unwrap();
+    let pid = child.id() as i32;
+    assert_eq!(sigterm(pid), 0);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "agent b ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// SIGTERM to `pid` (a child of this test), by kill(1).
+fn sigterm(pid: i32) -> i32 {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map_or(-1, |s| s.code().unwrap_or(-1))
+}
