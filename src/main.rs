@@ -57,6 +57,16 @@ enum Command {
     /// Show, drain and resume the cluster's nodes.
     #[command(name = "node")]
     Node(NodeArgs),
+    /// Cluster-wide operations: a rolling update.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    #[command(flatten)]
+    cluster: orchestrate::ClusterArg,
+    #[command(subcommand)]
+    cmd: orchestrate::ClusterCommand,
 }
 
 #[derive(Args, Debug)]
@@ -455,6 +465,7 @@ fn main() -> ExitCode {
         Command::Vm(a) => orchestrate::vm(a.cmd, &a.cluster),
         Command::Migrate(a) => orchestrate::migrate(a.args, &a.cluster),
         Command::Node(a) => orchestrate::node(a.cmd, &a.cluster),
+        Command::Cluster(a) => orchestrate::cluster(a.cmd, &a.cluster),
     };
     match result {
         Ok(code) => code,

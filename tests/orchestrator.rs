@@ -29,11 +29,16 @@ struct Cluster {
 
 impl Cluster {
     fn start(test: &str, b_capacity: &str) -> Self {
+        Self::start_with(test, b_capacity, "")
+    }
+
+    /// As `start`, with `defaults` lines in the file's `[defaults]`.
+    fn start_with(test: &str, b_capacity: &str, defaults: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("ferry-orch-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("cluster.token"), "orchestrator-test-token\n").unwrap();
-        let mut text = "token_file = \"cluster.token\"\n".to_string();
+        let mut text = format!("token_file = \"cluster.token\"\n[defaults]\n{defaults}\n");
         let mut controls = Vec::new();
         for (name, cap) in [("a", "1GiB"), ("b", b_capacity), ("c", "256MiB")] {
             let control = format!("127.0.0.1:{}", free_port());
@@ -255,4 +260,90 @@ fn sigterm(pid: i32) -> i32 {
         .args(["-TERM", &pid.to_string()])
         .status()
         .map_or(-1, |s| s.code().unwrap_or(-1))
+}
+
+#[test]
+fn a_rolling_update_runs_node_by_node_and_stops_at_the_first_failure() {
+    let dir = std::env::temp_dir().join(format!("ferry-orch-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("updated.log");
+    let _ = std::fs::remove_file(&log);
+    let c = Cluster::start_with("update", "1GiB", "update_hook = [\"sh\", \"-c\"]");
+    for (vm, node) in [("vm1", "a"), ("vm2", "b"), ("vm3", "b")] {
+        c.ok(&[
+            "vm",
+            "create",
+            vm,
+            "--node",
+            node,
+            "--memory",
+            "32MiB",
+            "--workload",
+            "hot:4MiB",
+            "--dirty-rate",
+            "10MB/s",
+        ]);
+    }
+    // The plan: order, and where each VM would go; nothing moves.
+    let plan = c.json(&["cluster", "update", "--run", "true", "--dry-run"]);
+    let nodes: Vec<&str> = plan["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["a", "b", "c"]);
+    assert_eq!(
+        plan["plan"][1]["moves"].as_array().unwrap().len(),
+        2,
+        "{plan}"
+    );
+    let text = c.ok(&["cluster", "update", "--run", "true", "--dry-run"]);
+    assert!(text.contains("1. node a") && text.contains("vm1"), "{text}");
+
+    // Every node in turn: drained, updated, failed back.
+    let cmd = format!("echo \"$FERRY_NODE\" >> {}", log.display());
+    let r = c.json(&["cluster", "update", "--run", &cmd]);
+    assert_eq!(r["state"], "completed", "{r}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nc\n");
+    for n in r["nodes"].as_array().unwrap() {
+        assert_eq!(n["update"]["update"]["exit_code"], 0, "{n}");
+        assert_eq!(n["resume"]["state"], "completed", "{n}");
+    }
+    assert_eq!(
+        vms_on(&c),
+        [
+            ("vm1".into(), "a".into()),
+            ("vm2".into(), "b".into()),
+            ("vm3".into(), "b".into())
+        ],
+        "every VM back home"
+    );
+
+    // A hook that fails on b stops the update there: b stays paused, c is
+    // never touched, and the output is recorded.
+    let cmd = format!(
+        "echo \"$FERRY_NODE\" >> {0}; echo oops >&2; test \"$FERRY_NODE\" != b",
+        log.display()
+    );
+    let out = c.run(&["cluster", "update", "--run", &cmd, "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["state"], "failed");
+    assert_eq!(r["stopped_at"], "b");
+    assert_eq!(r["nodes"][1]["update"]["update"]["stderr"], "oops\n", "{r}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nc\na\nb\n");
+    let status = c.json(&["node", "status"]);
+    let states: Vec<&str> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["active", "paused", "active"]);
+    assert!(
+        vms_on(&c).iter().all(|(_, node)| node != "b"),
+        "b was drained"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -375,6 +375,21 @@ async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    command: String,
+}
+
+async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let b: UpdateBody = parse_body(&body)?;
+    if b.command.trim().is_empty() {
+        return Err(ApiError::bad_request("command is empty"));
+    }
+    let op = node.update(b.command)?;
+    Ok(json_status(StatusCode::ACCEPTED, &op))
+}
+
 async fn list_operations(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.operations()))
 }
@@ -490,6 +505,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/node/drain", axum::routing::post(drain))
         .route("/v1/node/resume", axum::routing::post(resume))
+        .route("/v1/node/update", axum::routing::post(update))
         .route("/v1/operations", get(list_operations))
         .route(
             "/v1/operations/{id}",

@@ -20,6 +20,8 @@ pub enum OpKind {
     Drain,
     /// Take VMs again (and bring back what the drain moved, with failback).
     Resume,
+    /// Run an update command on the (drained) node through its hook.
+    Update,
 }
 
 /// Where an operation is.
@@ -93,6 +95,32 @@ pub struct OperationView {
     /// What went wrong, once ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// An update's command run, once it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateRun>,
+}
+
+/// What an update command did.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdateRun {
+    /// The program and arguments run (the hook, then the command).
+    pub argv: Vec<String>,
+    /// Its exit status (`None`: killed by a signal, or it did not start).
+    pub exit_code: Option<i32>,
+    /// The end of its standard output.
+    pub stdout: String,
+    /// The end of its standard error.
+    pub stderr: String,
+    /// How long it ran, ms.
+    pub duration_ms: u64,
+}
+
+/// The most output of an update command kept, per stream.
+const MAX_OUTPUT: usize = 64 << 10;
+
+fn tail(bytes: &[u8]) -> String {
+    let from = bytes.len().saturating_sub(MAX_OUTPUT);
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
 }
 
 pub(crate) struct Operation {
@@ -199,6 +227,7 @@ impl Node {
             match kind {
                 OpKind::Drain => "drain",
                 OpKind::Resume => "resume",
+                OpKind::Update => "update",
             },
             ops.len() + 1
         );
@@ -214,6 +243,7 @@ impl Node {
                 finished_at_ms: None,
                 steps,
                 error: None,
+                update: None,
             },
             cancel: cancel.clone(),
         });
@@ -598,6 +628,104 @@ impl Node {
             if !bad.is_empty() {
                 v.error = Some(format!("not moved back: {}", bad.join("; ")));
             }
+            v.finished_at_ms = Some(now_ms());
+        });
+    }
+}
+
+impl Node {
+    /// `POST /v1/node/update`: runs `command` on this node through its
+    /// `update_hook` (the hook's program and arguments, the command last),
+    /// with `FERRY_NODE` set to the node's name. The node must be paused (a
+    /// drained node: no VM runs on it); the command's exit status and output
+    /// are kept in the operation. Returns the operation at once.
+    pub fn update(self: &Arc<Self>, command: String) -> Result<OperationView, NodeError> {
+        let Some(hook) = self.spec.update_hook.clone() else {
+            return Err(NodeError::Conflict(format!(
+                "node {} has no update_hook in the cluster file: it runs no update commands",
+                self.spec.name
+            )));
+        };
+        if self.mode() != NodeMode::Paused {
+            return Err(NodeError::Conflict(format!(
+                "node {} is {:?}: drain it before updating it",
+                self.spec.name,
+                self.mode()
+            )));
+        }
+        if self
+            .ops
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|o| o.view.kind == OpKind::Update && o.view.state == OpState::Running)
+        {
+            return Err(NodeError::Conflict(format!(
+                "node {} is already running an update",
+                self.spec.name
+            )));
+        }
+        let mut argv = hook;
+        argv.push(command.clone());
+        let (id, cancel) = self.new_op(OpKind::Update, json!({ "command": command }), Vec::new());
+        let node = self.clone();
+        let op = id.clone();
+        tokio::spawn(async move { node.run_update(op, argv, cancel).await });
+        self.operation(&id)
+    }
+
+    async fn run_update(self: Arc<Self>, op: String, argv: Vec<String>, cancel: CancellationToken) {
+        tracing::info!(%op, ?argv, "update command started");
+        let start = std::time::Instant::now();
+        let child = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("FERRY_NODE", &self.spec.name)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let (exit_code, stdout, stderr, error, cancelled) = match child {
+            Err(e) => (
+                None,
+                String::new(),
+                String::new(),
+                Some(format!("cannot run {}: {e}", argv[0])),
+                false,
+            ),
+            Ok(child) => {
+                tokio::select! {
+                    out = child.wait_with_output() => match out {
+                        Ok(o) => {
+                            let code = o.status.code();
+                            let error = (!o.status.success())
+                                .then(|| format!("the update command exited with {}", o.status));
+                            (code, tail(&o.stdout), tail(&o.stderr), error, false)
+                        }
+                        Err(e) => (None, String::new(), String::new(), Some(format!("waiting for the update command: {e}")), false),
+                    },
+                    // Dropping the child kills it.
+                    _ = cancel.cancelled() => (None, String::new(), String::new(), Some("cancelled: the command was killed".into()), true),
+                }
+            }
+        };
+        tracing::info!(%op, ?exit_code, "update command ended");
+        self.with_op(&op, |v| {
+            v.state = if cancelled {
+                OpState::Cancelled
+            } else if error.is_none() {
+                OpState::Completed
+            } else {
+                OpState::Failed
+            };
+            v.error = error;
+            v.update = Some(UpdateRun {
+                argv,
+                exit_code,
+                stdout,
+                stderr,
+                duration_ms: start.elapsed().as_millis() as u64,
+            });
             v.finished_at_ms = Some(now_ms());
         });
     }

@@ -512,21 +512,64 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
     }
 }
 
-/// Waits for operation `op` on `node` with bars: overall, and one per
-/// migration in flight.
+/// Prints operation `op` (or its id with `--detach`), waiting for it first.
 fn follow(ctx: &Ctx, node: &NodeSpec, op: Value, wait: &Wait, out: &Output) -> Result<ExitCode> {
-    let id = op["id"]
-        .as_str()
-        .context("the agent gave no operation id")?
-        .to_string();
     if wait.detach {
         if out.json {
             print_json(&op);
         } else {
-            println!("{id}");
+            println!("{}", op["id"].as_str().unwrap_or(""));
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let done = watch_op(ctx, node, op)?;
+    let state = done["state"].as_str().unwrap_or("");
+    if out.json {
+        print_json(&done);
+    } else {
+        print_steps(&done);
+        println!(
+            "{} of node {} {state}{}",
+            done["kind"].as_str().unwrap_or("operation"),
+            node.name,
+            done["error"]
+                .as_str()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        );
+    }
+    Ok(if state == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_steps(op: &Value) {
+    for s in op["steps"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  {:<16} {:>10}  {} → {}  {}{}",
+            s["vm"].as_str().unwrap_or(""),
+            Bytes(s["memory"].as_u64().unwrap_or(0)).to_string(),
+            s["source"].as_str().unwrap_or(""),
+            s["target"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .unwrap_or("-"),
+            s["state"].as_str().unwrap_or(""),
+            s["error"]
+                .as_str()
+                .map_or(String::new(), |e| format!(": {e}"))
+        );
+    }
+}
+
+/// Waits for operation `op` on `node` with bars: overall, and one per
+/// migration in flight. Returns its final record.
+fn watch_op(ctx: &Ctx, node: &NodeSpec, op: Value) -> Result<Value> {
+    let id = op["id"]
+        .as_str()
+        .context("the agent gave no operation id")?
+        .to_string();
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
     let total = op["steps"].as_array().map_or(0, Vec::len) as u64;
     let overall = mp.add(ProgressBar::new(total.max(1)));
@@ -545,7 +588,10 @@ fn follow(ctx: &Ctx, node: &NodeSpec, op: Value, wait: &Wait, out: &Output) -> R
             .filter(|s| !matches!(s["state"].as_str(), Some("planned" | "queued" | "running")))
             .count() as u64;
         overall.set_position(finished);
-        overall.set_message(format!("{finished}/{total} VMs"));
+        overall.set_message(match op["params"]["command"].as_str() {
+            Some(cmd) => format!("running {cmd:?}"),
+            None => format!("{finished}/{total} VMs"),
+        });
         for s in &steps {
             let vm = s["vm"].as_str().unwrap_or("").to_string();
             let state = s["state"].as_str().unwrap_or("");
@@ -590,38 +636,204 @@ fn follow(ctx: &Ctx, node: &NodeSpec, op: Value, wait: &Wait, out: &Output) -> R
         b.finish_and_clear();
     }
     overall.finish_and_clear();
-    let state = done["state"].as_str().unwrap_or("");
-    if out.json {
-        print_json(&done);
-    } else {
-        for s in done["steps"].as_array().cloned().unwrap_or_default() {
-            println!(
-                "  {:<16} {:>10}  {} → {}  {}{}",
-                s["vm"].as_str().unwrap_or(""),
-                Bytes(s["memory"].as_u64().unwrap_or(0)).to_string(),
-                s["source"].as_str().unwrap_or(""),
-                s["target"]
-                    .as_str()
-                    .filter(|t| !t.is_empty())
-                    .unwrap_or("-"),
-                s["state"].as_str().unwrap_or(""),
-                s["error"]
-                    .as_str()
-                    .map_or(String::new(), |e| format!(": {e}"))
-            );
+    Ok(done)
+}
+
+/// `ferry cluster ...`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Roll an update through the cluster, one node at a time: drain it, run
+    /// the command on it through its agent's update_hook, resume it with
+    /// failback. Stops at the first failure, leaving that node paused.
+    Update {
+        /// The update command, given to each node's update_hook.
+        #[arg(long, value_name = "COMMAND")]
+        run: String,
+        /// Print the plan (the order, where each VM would go) and move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+/// One node's part of a rolling update: drain, update, resume with failback.
+fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut Value) -> Result<(), String> {
+    let steps: [(&str, &str, Value); 3] = [
+        ("drain", "/v1/node/drain", json!({})),
+        ("update", "/v1/node/update", json!({ "command": run })),
+        ("resume", "/v1/node/resume", json!({ "failback": true })),
+    ];
+    for (what, path, body) in steps {
+        eprintln!("node {}: {what}", n.name);
+        let op = ctx
+            .call(n, Method::POST, path, Some(&body))
+            .map_err(|e| format!("the {what}: {e}"))?;
+        let op = watch_op(ctx, n, op).map_err(|e| format!("the {what}: {e}"))?;
+        entry[what] = op.clone();
+        if op["state"] != "completed" {
+            return Err(format!(
+                "the {what} {}: {}",
+                op["state"].as_str().unwrap_or(""),
+                op["error"].as_str().unwrap_or("")
+            ));
         }
-        println!(
-            "{} of node {} {state}{}",
-            done["kind"].as_str().unwrap_or("operation"),
-            node.name,
-            done["error"]
-                .as_str()
-                .map_or(String::new(), |e| format!(" ({e})"))
-        );
     }
-    Ok(if state == "completed" {
-        ExitCode::SUCCESS
+    Ok(())
+}
+
+/// `ferry cluster ...`
+pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    let ClusterCommand::Update { run, dry_run, out } = cmd;
+    let mut states = Vec::new();
+    for n in &ctx.cluster.nodes {
+        let v = ctx
+            .call(n, Method::GET, "/v1/node", None)
+            .with_context(|| {
+                format!(
+                    "a rolling update needs every node; node {} does not answer",
+                    n.name
+                )
+            })?;
+        states.push(v);
+    }
+    if dry_run {
+        let plan = plan_update(&ctx, &states);
+        if out.json {
+            print_json(&json!({ "command": run, "plan": plan }));
+        } else {
+            println!("rolling update {run:?}, one node at a time:");
+            for (i, step) in plan.iter().enumerate() {
+                println!(
+                    "{}. node {}: drain, run the command, resume with failback",
+                    i + 1,
+                    step["node"].as_str().unwrap_or("")
+                );
+                for m in step["moves"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "     {:<16} {:>10} → {}",
+                        m["vm"].as_str().unwrap_or(""),
+                        Bytes(m["memory"].as_u64().unwrap_or(0)).to_string(),
+                        m["target"].as_str().unwrap_or("")
+                    );
+                }
+                for m in step["unplaced"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "     {:<16} no node has room: the drain would be refused",
+                        m["vm"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        let blocked = plan
+            .iter()
+            .any(|p| p["unplaced"].as_array().is_some_and(|u| !u.is_empty()));
+        return Ok(if blocked {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    let mut report = Vec::new();
+    let mut failure: Option<(String, String)> = None;
+    for n in &ctx.cluster.nodes {
+        let mut entry = json!({ "node": n.name });
+        let result = update_node(&ctx, n, &run, &mut entry);
+        report.push(entry);
+        if let Err(e) = result {
+            failure = Some((n.name.clone(), e));
+            break;
+        }
+    }
+    if out.json {
+        let mut v = json!({
+            "command": run,
+            "state": if failure.is_some() { "failed" } else { "completed" },
+            "nodes": report,
+        });
+        if let Some((node, error)) = &failure {
+            v["stopped_at"] = json!(node);
+            v["error"] = json!(error);
+        }
+        print_json(&v);
     } else {
+        for e in &report {
+            let mut line = format!("node {}:", e["node"].as_str().unwrap_or(""));
+            if let Some(d) = e.get("drain") {
+                line += &format!(
+                    " drained ({} VMs)",
+                    d["steps"].as_array().map_or(0, Vec::len)
+                );
+            }
+            if let Some(u) = e.get("update") {
+                let code = u["update"]["exit_code"]
+                    .as_i64()
+                    .map_or("abnormally".to_string(), |c| c.to_string());
+                line += &format!(
+                    ", update exited {code} in {} ms",
+                    u["update"]["duration_ms"].as_u64().unwrap_or(0)
+                );
+            }
+            if let Some(r) = e.get("resume") {
+                let back = r["steps"].as_array().map_or(0, |s| {
+                    s.iter().filter(|s| s["state"] == "completed").count()
+                });
+                line += &format!(", resumed ({back} VMs back)");
+            }
+            println!("{line}");
+        }
+        match &failure {
+            None => println!("rolling update completed on {} nodes", report.len()),
+            Some((node, e)) => {
+                println!("rolling update stopped at node {node}, which is left paused: {e}")
+            }
+        }
+    }
+    Ok(if failure.is_some() {
         ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     })
+}
+
+/// Where each node's VMs would go when it is drained in turn, the others as
+/// they are now (each node's VMs come back before the next is drained).
+fn plan_update(ctx: &Ctx, states: &[Value]) -> Vec<Value> {
+    let nodes = || ctx.cluster.nodes.iter().zip(states);
+    nodes()
+        .map(|(n, st)| {
+            let vms: Vec<(String, u64)> = st["vms"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|v| {
+                    let name = v["name"].as_str().unwrap_or("").to_string();
+                    (name, v["memory"].as_u64().unwrap_or(0))
+                })
+                .collect();
+            let free: Vec<(String, u64)> = nodes()
+                .filter(|(o, s)| o.name != n.name && s["state"] == "active")
+                .map(|(o, s)| {
+                    let cap = s["memory_capacity"].as_u64().unwrap_or(0);
+                    let used = s["memory_used"].as_u64().unwrap_or(cap);
+                    (o.name.clone(), cap.saturating_sub(used))
+                })
+                .collect();
+            let (placed, left) = ferry::agent::place(&vms, &free);
+            let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
+            json!({
+                "node": n.name,
+                "moves": placed
+                    .iter()
+                    .map(|(vm, t)| json!({ "vm": vm, "memory": memory(vm), "target": t }))
+                    .collect::<Vec<_>>(),
+                "unplaced": left
+                    .iter()
+                    .map(|(vm, m)| json!({ "vm": vm, "memory": m }))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }

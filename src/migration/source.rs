@@ -534,12 +534,19 @@ pub async fn migrate(
         Err(e) => {
             let outcome = if tally.go_sent {
                 Outcome::Unresolved
-            } else if matches!(e, MigrationError::Cancelled) {
+            } else if matches!(e, MigrationError::Cancelled) || ctx.cancel.is_cancelled() {
+                // A cancel may surface first as its consequence (the peer
+                // closing a channel mid-write): it is still a cancel.
                 Outcome::Cancelled
             } else {
                 Outcome::Failed
             };
-            (outcome, Some(e.to_string()))
+            let error = if outcome == Outcome::Cancelled {
+                MigrationError::Cancelled.to_string()
+            } else {
+                e.to_string()
+            };
+            (outcome, Some(error))
         }
     };
     if outcome != Outcome::Completed && outcome != Outcome::Unresolved {
