@@ -371,11 +371,21 @@ impl MigrateArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 struct DemoArgs {
+    #[command(subcommand)]
+    sub: Option<DemoCommand>,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
     migrate: MigrateArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum DemoCommand {
+    /// Three agents in this process on loopback: VMs on node a, a drain of a
+    /// to b and c with progress bars, then a resume with failback.
+    Cluster(orchestrate::DemoClusterArgs),
 }
 
 #[derive(Args, Debug)]
@@ -835,6 +845,9 @@ fn cancel_on_ctrl_c(rt: &tokio::runtime::Runtime, ctx: &RunContext) {
 }
 
 fn demo(a: DemoArgs) -> Result<ExitCode> {
+    if let Some(DemoCommand::Cluster(c)) = a.sub {
+        return orchestrate::demo_cluster(c);
+    }
     let config = a.migrate.config();
     config.validate().map_err(usage)?;
     let (guest, pattern) = build_guest(&a.guest, true)?;

@@ -347,3 +347,21 @@ fn a_rolling_update_runs_node_by_node_and_stops_at_the_first_failure() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_cluster_demo_drains_and_fails_back_in_one_command() {
+    let out = ferry()
+        .args(["demo", "cluster", "--vms", "3", "--memory", "32MiB"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("drain of node a completed"), "{text}");
+    assert!(text.contains("resume of node a completed"), "{text}");
+    assert_eq!(text.matches(" a → ").count(), 3, "{text}");
+    assert_eq!(text.matches(" → a ").count(), 3, "{text}");
+}

@@ -837,3 +837,113 @@ fn plan_update(ctx: &Ctx, states: &[Value]) -> Vec<Value> {
         })
         .collect()
 }
+
+/// `ferry demo cluster`.
+#[derive(Args, Debug)]
+pub struct DemoClusterArgs {
+    /// VMs to create on node a.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub vms: u32,
+    /// Memory of each VM.
+    #[arg(long, default_value = "256MiB")]
+    pub memory: String,
+    /// Bytes each VM writes per second.
+    #[arg(long, default_value = "50MB/s")]
+    pub dirty_rate: String,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Three agents in this process: create VMs on a, drain a, fail back.
+pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("ferry-demo-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let token: String = format!("demo-{:x}", std::process::id() as u64 * 2654435761);
+    std::fs::write(dir.join("cluster.token"), &token)?;
+    let mut text =
+        "token_file = \"cluster.token\"\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
+    for name in ["a", "b", "c"] {
+        text += &format!(
+            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"16GiB\"\n",
+            free_port()?,
+            free_port()?
+        );
+    }
+    let file = dir.join("cluster.toml");
+    std::fs::write(&file, &text)?;
+    let result = (|| {
+        let cluster = Cluster::load(&file).map_err(|e| anyhow!("{e}"))?;
+        let cpu = ferry::cpu::CpuMeter::new();
+        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
+        let agents = ["a", "b", "c"]
+            .iter()
+            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        eprintln!(
+            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once",
+            file.display()
+        );
+        let ctx = Ctx::new(&ClusterArg {
+            cluster: file.clone(),
+        })?;
+        let a_node = ctx.node("a")?.clone();
+        for i in 1..=a.vms {
+            let body = json!({ "name": format!("vm{i}"), "memory": a.memory, "workload": "hot:32MiB", "dirty_rate": a.dirty_rate });
+            ctx.call(&a_node, Method::POST, "/v1/vms", Some(&body))?;
+        }
+        let show = |title: &str| -> Result<()> {
+            println!("\n{title}");
+            node(
+                NodeCommand::Status {
+                    out: Output { json: false },
+                },
+                &ClusterArg {
+                    cluster: file.clone(),
+                },
+            )?;
+            Ok(())
+        };
+        show(&format!(
+            "{} VMs of {} each on node a, each writing {}:",
+            a.vms, a.memory, a.dirty_rate
+        ))?;
+        println!("\n$ ferry node drain a");
+        let op = ctx.call(&a_node, Method::POST, "/v1/node/drain", Some(&json!({})))?;
+        let drained = watch_op(&ctx, &a_node, op)?;
+        print_steps(&drained);
+        println!(
+            "drain of node a {}",
+            drained["state"].as_str().unwrap_or("")
+        );
+        show("after the drain:")?;
+        println!("\n$ ferry node resume a --failback");
+        let op = ctx.call(
+            &a_node,
+            Method::POST,
+            "/v1/node/resume",
+            Some(&json!({ "failback": true })),
+        )?;
+        let resumed = watch_op(&ctx, &a_node, op)?;
+        print_steps(&resumed);
+        println!(
+            "resume of node a {}",
+            resumed["state"].as_str().unwrap_or("")
+        );
+        show("after the failback:")?;
+        for agent in agents {
+            rt.block_on(agent.shutdown());
+        }
+        let ok = drained["state"] == "completed" && resumed["state"] == "completed";
+        Ok::<_, anyhow::Error>(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
