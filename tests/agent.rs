@@ -99,6 +99,58 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
     );
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(error_of(&v).1.contains("codec"), "{v}");
+
+    // The data address takes only sessions that prove the cluster's key.
+    let data = c.agent("b").data_addr.to_string();
+    let attempt = |label: Option<ferry::wire::SessionLabel>, key: Option<&str>| {
+        let g = common::guest(
+            8 << 20,
+            ferry::memory::FillSpec::default(),
+            ferry::memory::WorkloadPattern::Idle,
+            0,
+        );
+        let config = ferry::migration::MigrationConfig {
+            label,
+            session_key: key.map(|k| ferry::migration::auth::SessionKey(k.as_bytes().to_vec())),
+            ..ferry::migration::MigrationConfig::default()
+        };
+        let report = c.rt.block_on(ferry::migration::migrate(
+            g.clone(),
+            &data,
+            &config,
+            &ferry::migration::RunContext::default(),
+        ));
+        (report, g.is_running())
+    };
+    let label = ferry::wire::SessionLabel {
+        vm: "intruder".into(),
+        migration_id: "x-1".into(),
+        source_node: "a".into(),
+        proof: [0; 32],
+    };
+    let (r, running) = attempt(None, None);
+    assert!(r.error.unwrap().contains("cluster's agents only"));
+    assert!(running, "a refused guest keeps running");
+    let (r, running) = attempt(Some(label.clone()), Some("a guessed token"));
+    assert!(r
+        .error
+        .unwrap()
+        .contains("does not prove the cluster's key"));
+    assert!(running);
+    let (_, vms) = c.call(Method::GET, "b", "/v1/vms", None);
+    assert!(
+        vms.as_array().unwrap().is_empty(),
+        "nothing was let in: {vms}"
+    );
+    // With the cluster's key, a labelled session is let in.
+    let (r, running) = attempt(Some(label), Some(TOKEN));
+    assert_eq!(
+        r.outcome,
+        ferry::migration::Outcome::Completed,
+        "{:?}",
+        r.error
+    );
+    assert!(!running, "it runs on b now");
 }
 
 #[test]

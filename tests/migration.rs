@@ -373,58 +373,71 @@ fn a_source_that_fails_before_its_session_reports_why_at_once() {
 }
 
 #[test]
-fn a_labelled_session_reaches_the_receiver_whose_admission_can_refuse_it() {
-    use ferry::wire::SessionLabel;
+fn a_labelled_session_proves_its_key_and_the_receivers_admission_can_refuse_it() {
+    use ferry::migration::auth::{verify_session_proof, SessionKey};
+    use ferry::wire::{SessionLabel, SessionSetup};
     use std::sync::{Arc, Mutex};
     let _serial = serial();
+    let key = SessionKey(b"the cluster's key".to_vec());
     let label = SessionLabel {
         vm: "web-1".into(),
         migration_id: "m-7".into(),
         source_node: "a".into(),
+        proof: [0; 32],
     };
-    let config = MigrationConfig {
+    let config = |key: &SessionKey| MigrationConfig {
         label: Some(label.clone()),
+        session_key: Some(key.clone()),
         ..MigrationConfig::default()
     };
-    // Admitted: the admission sees the label, and so does the result.
+    // A receiver that wants the key's proof, and records what it saw.
     let seen = Arc::new(Mutex::new(None));
-    let seen2 = seen.clone();
-    let receiver = ReceiverConfig {
-        admit: Some(Arc::new(move |s: &ferry::wire::SessionSetup| {
-            *seen2.lock().unwrap() = s.label.clone();
-            Ok(())
+    let receiver = |seen: Arc<Mutex<Option<SessionLabel>>>| ReceiverConfig {
+        admit: Some(Arc::new(move |s: &SessionSetup, nonce: &[u8; 16]| {
+            *seen.lock().unwrap() = s.label.clone();
+            if verify_session_proof(&SessionKey(b"the cluster's key".to_vec()), nonce, s) {
+                Ok(())
+            } else {
+                Err("no proof of the cluster's key".to_string())
+            }
         })),
         ..ReceiverConfig::default()
     };
     let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
     let (src, dst) = ferry::migration::migrate_over_loopback(
         g.clone(),
-        &config,
+        &config(&key),
         RunContext::default(),
-        receiver,
+        receiver(seen.clone()),
     )
     .unwrap();
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
-    assert_eq!(seen.lock().unwrap().as_ref(), Some(&label));
-    assert_eq!(dst.unwrap().label, Some(label));
-    // Refused: the source fails with the reason, its guest running.
+    let got = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        (
+            got.vm.as_str(),
+            got.migration_id.as_str(),
+            got.source_node.as_str()
+        ),
+        ("web-1", "m-7", "a")
+    );
+    assert_ne!(got.proof, [0; 32], "the source proved its key");
+    assert_eq!(dst.unwrap().label, Some(got));
+    // The wrong key: refused before anything is allocated, the guest runs.
     let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
-    let receiver = ReceiverConfig {
-        admit: Some(Arc::new(|_: &ferry::wire::SessionSetup| {
-            Err("node b is paused".to_string())
-        })),
-        ..ReceiverConfig::default()
-    };
     let (src, dst) = ferry::migration::migrate_over_loopback(
         g.clone(),
-        &config,
+        &config(&SessionKey(b"a guess".to_vec())),
         RunContext::default(),
-        receiver,
+        receiver(seen.clone()),
     )
     .unwrap();
     assert_eq!(src.outcome, Outcome::Failed);
     assert!(
-        src.error.as_deref().unwrap().contains("node b is paused"),
+        src.error
+            .as_deref()
+            .unwrap()
+            .contains("no proof of the cluster's key"),
         "{src:?}"
     );
     assert!(

@@ -560,8 +560,8 @@ pub async fn serve_agent(cluster: Cluster, name: &str) -> std::io::Result<AgentH
         &node.spec.data,
         ReceiverConfig {
             max_memory: node.spec.memory_capacity,
-            admit: Some(Arc::new(move |setup| match weak.upgrade() {
-                Some(node) => node.admit_incoming(setup),
+            admit: Some(Arc::new(move |setup, nonce| match weak.upgrade() {
+                Some(node) => node.admit_incoming(setup, nonce),
                 None => Err("the agent is shutting down".into()),
             })),
             ..ReceiverConfig::default()

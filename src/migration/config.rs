@@ -43,6 +43,10 @@ pub struct MigrationConfig {
     pub handoff_timeout: Duration,
     /// Who the session is for, sent in its setup (agents name the VM).
     pub label: Option<SessionLabel>,
+    /// The cluster's key: a labelled setup carries a proof of it over the
+    /// destination's nonce (agents' migrations).
+    #[cfg(feature = "net")]
+    pub session_key: Option<super::auth::SessionKey>,
 }
 
 impl Default for MigrationConfig {
@@ -60,6 +64,8 @@ impl Default for MigrationConfig {
             batch_pages: None,
             handoff_timeout: Duration::from_secs(30),
             label: None,
+            #[cfg(feature = "net")]
+            session_key: None,
         }
     }
 }

@@ -32,10 +32,11 @@ use tokio_util::sync::CancellationToken;
 
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Decides whether a session may start, from its setup (an agent checks that
-/// it takes VMs, has the memory, and does not host one of that name);
+/// Decides whether a session may start, from its setup and the nonce this
+/// receiver sent it (an agent checks the setup's proof of the cluster's key,
+/// that it takes VMs, has the memory, and hosts none of that name);
 /// `Err(reason)` refuses it before any memory is allocated.
-pub type AdmitFn = Arc<dyn Fn(&SessionSetup) -> Result<(), String> + Send + Sync>;
+pub type AdmitFn = Arc<dyn Fn(&SessionSetup, &[u8; 16]) -> Result<(), String> + Send + Sync>;
 
 /// Receiver limits.
 #[derive(Clone)]
@@ -614,13 +615,17 @@ impl Session {
         at: Instant,
     ) -> Result<(), MigrationError> {
         let mut machine = DestMachine::new(self.config.max_memory);
-        let response = match machine.handle_negotiate(&negotiate) {
+        let mut response = match machine.handle_negotiate(&negotiate) {
             Ok(r) => r,
             Err(e) => {
                 reject(&mut writer, &e).await;
                 return Err(e);
             }
         };
+        // A fresh challenge per session: a labelled setup proves the
+        // cluster's key over it, so a recorded setup cannot be replayed.
+        response.nonce = random_bytes::<16>();
+        let nonce = response.nonce;
         writer
             .send(
                 Header::new(Command::NegotiateResponse),
@@ -660,7 +665,7 @@ impl Session {
         };
         tally.label = setup.label.clone();
         if let Some(admit) = &self.config.admit {
-            if let Err(why) = admit(&setup) {
+            if let Err(why) = admit(&setup, &nonce) {
                 let e = MigrationError::Resources(why);
                 reject(&mut writer, &e).await;
                 return Err(e);

@@ -108,6 +108,8 @@ impl DestMachine {
             capabilities: 0,
             codecs: ours & m.codecs,
             page_size: PAGE_SIZE as u32,
+            // The driver draws the challenge.
+            nonce: [0; 16],
         })
     }
 

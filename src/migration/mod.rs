@@ -10,6 +10,8 @@ pub mod policy;
 mod report;
 
 #[cfg(feature = "net")]
+pub mod auth;
+#[cfg(feature = "net")]
 mod dest;
 #[cfg(feature = "net")]
 mod local;

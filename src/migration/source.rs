@@ -667,7 +667,7 @@ async fn run(
         }),
     )
     .await?;
-    match handshake_read(&mut rd0, "NEGOTIATE_RESPONSE").await? {
+    let nonce = match handshake_read(&mut rd0, "NEGOTIATE_RESPONSE").await? {
         (_, Message::NegotiateResponse(r)) => {
             if r.version != VERSION || r.page_size != PAGE_SIZE as u32 {
                 return Err(MigrationError::Incompatible(format!(
@@ -681,6 +681,7 @@ async fn run(
                     config.codec
                 )));
             }
+            r.nonce
         }
         (_, m) => {
             return Err(MigrationError::Protocol(format!(
@@ -688,29 +689,36 @@ async fn run(
                 m.command()
             )))
         }
-    }
+    };
     let (setup_codec, level) = match config.codec {
         CodecChoice::Fixed(Codec::Zstd { level }) => (CodecId::Zstd as u8, level as i8),
         CodecChoice::Fixed(c) => (c.id() as u8, 0),
         CodecChoice::Auto => (SETUP_CODEC_AUTO, 0),
     };
+    let mut setup = SessionSetup {
+        memory_bytes,
+        channels: config.channels,
+        codec: setup_codec,
+        codec_level: level,
+        guest_kind: guest.kind(),
+        verify: config.verify,
+        max_bandwidth: config.max_bandwidth.unwrap_or(0),
+        flags: if config.leave_paused {
+            SETUP_LEAVE_PAUSED
+        } else {
+            0
+        },
+        label: config.label.clone(),
+    };
+    if let Some(key) = &config.session_key {
+        let proof = super::auth::session_proof(key, &nonce, &setup);
+        if let Some(label) = setup.label.as_mut() {
+            label.proof = proof;
+        }
+    }
     wr0.send(
         Header::new(Command::SessionSetup),
-        &Message::SessionSetup(SessionSetup {
-            memory_bytes,
-            channels: config.channels,
-            codec: setup_codec,
-            codec_level: level,
-            guest_kind: guest.kind(),
-            verify: config.verify,
-            max_bandwidth: config.max_bandwidth.unwrap_or(0),
-            flags: if config.leave_paused {
-                SETUP_LEAVE_PAUSED
-            } else {
-                0
-            },
-            label: config.label.clone(),
-        }),
+        &Message::SessionSetup(setup),
     )
     .await?;
     let (header, setup) = match handshake_read(&mut rd0, "SESSION_SETUP_RESPONSE").await? {

@@ -112,6 +112,9 @@ pub struct NegotiateResponse {
     pub codecs: u32,
     /// Page size, echoed.
     pub page_size: u32,
+    /// A fresh random challenge: a labelled session's setup proves the
+    /// cluster's key over it (see [`SessionLabel::proof`]).
+    pub nonce: [u8; 16],
 }
 
 /// Flag in [`SessionSetup::flags`]: leave the guest paused on the destination
@@ -136,6 +139,9 @@ pub struct SessionLabel {
     pub migration_id: String,
     /// The source node's name.
     pub source_node: String,
+    /// HMAC-SHA256 under the cluster's key of the destination's nonce and
+    /// the session's fields (all zero without a key).
+    pub proof: [u8; 32],
 }
 
 /// Source → destination: creates the session.
@@ -321,6 +327,7 @@ impl Message {
                 o.extend_from_slice(&m.capabilities.to_le_bytes());
                 o.extend_from_slice(&m.codecs.to_le_bytes());
                 o.extend_from_slice(&m.page_size.to_le_bytes());
+                o.extend_from_slice(&m.nonce);
             }
             Self::SessionSetup(m) => {
                 o.extend_from_slice(&m.memory_bytes.to_le_bytes());
@@ -347,6 +354,7 @@ impl Message {
                         o.push(end as u8);
                         o.extend_from_slice(&text.as_bytes()[..end]);
                     }
+                    o.extend_from_slice(&l.proof);
                 }
             }
             Self::SessionSetupResponse(m) => {
@@ -432,6 +440,10 @@ impl Message {
                     capabilities: r.u32("negotiate_response.capabilities")?,
                     codecs: r.u32("negotiate_response.codecs")?,
                     page_size: r.u32("negotiate_response.page_size")?,
+                    nonce: r
+                        .bytes(16, "negotiate_response.nonce")?
+                        .try_into()
+                        .expect("16 bytes"),
                 })
             }
             Command::SessionSetup => {
@@ -491,6 +503,10 @@ impl Message {
                         vm: text("setup.label.vm")?,
                         migration_id: text("setup.label.migration_id")?,
                         source_node: text("setup.label.source_node")?,
+                        proof: r
+                            .bytes(32, "setup.label.proof")?
+                            .try_into()
+                            .expect("32 bytes"),
                     });
                 }
                 Self::SessionSetup(setup)
@@ -634,6 +650,7 @@ mod tests {
                 capabilities: 0,
                 codecs: 7,
                 page_size: 4096,
+                nonce: [5; 16],
             }),
             Message::SessionSetup(SessionSetup {
                 memory_bytes: 1 << 30,
@@ -659,6 +676,7 @@ mod tests {
                     vm: "web-1".into(),
                     migration_id: "m-0042".into(),
                     source_node: "nöde-a".into(),
+                    proof: [9; 32],
                 }),
             }),
             Message::SessionSetupResponse(SessionSetupResponse {
