@@ -371,3 +371,52 @@ fn outgoing_migrations_beyond_the_limit_wait_in_order_and_can_be_cancelled() {
         "an ended migration cannot be cancelled: {v}"
     );
 }
+
+#[test]
+fn a_node_bandwidth_limit_caps_its_migrations_together() {
+    let _serial = common::serial();
+    // Two incompressible 16 MiB VMs leave a together under a's 20 MB/s.
+    let c = Agents::start("nodecap", &[("a", "max_bandwidth = \"20MB/s\""), ("b", "")]);
+    for vm in ["vm1", "vm2"] {
+        let (s, v) = c.call(
+            Method::POST,
+            "a",
+            "/v1/vms",
+            Some(json!({"name": vm, "memory": "16MiB", "workload": "idle", "fill": "random"})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let ids: Vec<String> = ["vm1", "vm2"]
+        .iter()
+        .map(|vm| {
+            let (s, m) = c.call(
+                Method::POST,
+                "a",
+                "/v1/migrations",
+                Some(json!({"vm": vm, "target": "b"})),
+            );
+            assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+            m["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let done: Vec<Value> = ids.iter().map(|id| c.wait("a", id)).collect();
+    let mut wire = 0;
+    let (mut first, mut last) = (u64::MAX, 0);
+    for d in &done {
+        assert_eq!(d["state"], "completed", "{d}");
+        wire += d["report"]["wire_bytes"].as_u64().unwrap();
+        first = first.min(d["started_at_ms"].as_u64().unwrap());
+        last = last.max(d["finished_at_ms"].as_u64().unwrap());
+    }
+    // They ran together, and together stayed under the node's limit (the
+    // bucket starts with a burst of 1 MiB).
+    let overlap =
+        done[1]["started_at_ms"].as_u64().unwrap() < done[0]["finished_at_ms"].as_u64().unwrap();
+    assert!(overlap, "{done:?}");
+    let rate = (wire - (1 << 20)) as f64 / ((last - first) as f64 / 1e3);
+    assert!(rate <= 20e6 * 1.05, "{rate} B/s over {} ms", last - first);
+    assert!(
+        rate >= 20e6 * 0.7,
+        "the cap, not something else, set the pace: {rate}"
+    );
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::parse_report;
+use common::{free_port, parse_report};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -29,14 +29,6 @@ fn wait_listening(addr: &str, what: &str) {
         assert!(t.elapsed() < Duration::from_secs(10), "{what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -248,4 +248,26 @@ fn a_cancelled_drain_stops_where_it_is_and_loses_nothing() {
     assert_eq!(node["state"], "paused");
     let (s, _) = c.call(Method::DELETE, "a", &format!("/v1/operations/{id}"), None);
     assert_eq!(s, StatusCode::CONFLICT, "an ended operation");
+    // The drain can be taken up again from the paused node, one at a time;
+    // cancelled again, every VM still runs in exactly one place.
+    let (s, op) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"max_concurrent": 2})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let (s, v) = c.call(Method::POST, "a", "/v1/node/drain", None);
+    assert_eq!(s, StatusCode::CONFLICT, "one drain at a time: {v}");
+    std::thread::sleep(Duration::from_millis(300));
+    let id = op["id"].as_str().unwrap();
+    c.call(Method::DELETE, "a", &format!("/v1/operations/{id}"), None);
+    let done = wait_op(&c, "a", id);
+    assert_ne!(done["state"], "running");
+    let mut all: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|n| vm_names(&c, n))
+        .collect();
+    all.sort();
+    assert_eq!(all, ["vm1", "vm2", "vm3", "vm4", "vm5"], "each VM once");
 }

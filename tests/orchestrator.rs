@@ -3,6 +3,9 @@
 //! status|drain|resume` (waiting, `--json`, `--detach`), their exit statuses,
 //! and an agent stopped with SIGTERM.
 
+mod common;
+
+use common::free_port;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output};
@@ -10,14 +13,6 @@ use std::time::{Duration, Instant};
 
 fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Three agents (`a`, `b`, `c`) as processes, killed at the end.

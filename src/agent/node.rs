@@ -1011,3 +1011,56 @@ impl Node {
         (st.vms.len(), running, st.queue.len(), rate)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::Progress;
+
+    fn entry(progress: Arc<Progress>) -> MigrationEntry {
+        MigrationEntry {
+            id: "a-1".into(),
+            vm: "vm".into(),
+            source: "a".into(),
+            target: "b".into(),
+            direction: Direction::Outgoing,
+            state: MigrationState::Running,
+            created_at_ms: 0,
+            started_at_ms: Some(0),
+            finished_at_ms: None,
+            created: Instant::now(),
+            started: Some(Instant::now()),
+            operation: None,
+            config: MigrationConfig::default(),
+            ctx: RunContext {
+                progress,
+                ..RunContext::default()
+            },
+            report: None,
+            error: None,
+            eta_end: None,
+        }
+    }
+
+    #[test]
+    fn the_eta_counts_down_even_when_the_rate_drops() {
+        let progress = Progress::new();
+        let mut e = entry(progress.clone());
+        // 100 MB left at 10 MB/s: 10 s.
+        progress.update(|s| {
+            s.phase = Phase::Precopy;
+            s.round_pages = 100_000_000 / 4096;
+            s.throughput_bps = 10e6;
+        });
+        let first = e.progress().eta_s.unwrap();
+        assert!((9.0..=10.1).contains(&first), "{first}");
+        // The rate halves: the estimate doubles, the ETA does not go back.
+        progress.update(|s| s.throughput_bps = 5e6);
+        let second = e.progress().eta_s.unwrap();
+        assert!(second <= first, "{second} after {first}");
+        // The rate doubles: the ETA comes closer at once.
+        progress.update(|s| s.throughput_bps = 40e6);
+        let third = e.progress().eta_s.unwrap();
+        assert!(third < 3.0, "{third}");
+    }
+}

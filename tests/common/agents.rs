@@ -1,6 +1,7 @@
 //! Real agents on loopback for the tests: a cluster file with free ports, the
 //! agents in one runtime, and calls to their HTTP API.
 
+use super::free_port;
 use ferry::agent::{serve_agent, AgentHandle, Cluster};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -25,14 +26,6 @@ impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Writes a cluster file of `nodes` (name, extra TOML lines) with free ports.

@@ -139,3 +139,12 @@ pub fn parse_report(line: &str) -> serde_json::Value {
     assert!(v["compression_ratio"].is_number());
     v
 }
+
+/// A TCP port nothing listens on now (for addresses a test must name up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
