@@ -1,4 +1,4 @@
-//! The `ferry` command line: `demo`, `send` and `receive`.
+//! The `ferry` command line: the migration engine (`demo`, `send`, `receive`, `bench`, `image`), the node agent (`agent`) and the orchestrator's commands (`vm`, `migrate`, `node`, `cluster`).
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
