@@ -370,6 +370,10 @@ fn outgoing_migrations_beyond_the_limit_wait_in_order_and_can_be_cancelled() {
         StatusCode::CONFLICT,
         "an ended migration cannot be cancelled: {v}"
     );
+    assert!(
+        error_of(&v).1.ends_with("has already ended (completed)"),
+        "{v}"
+    );
 }
 
 #[test]

@@ -432,6 +432,14 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// A state's name as the API writes it (`migrating-out`, `completed`, ...).
+pub(crate) fn name_of<T: Serialize>(state: &T) -> String {
+    match serde_json::to_value(state) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -579,13 +587,10 @@ impl Node {
     /// Whether a VM of `memory` bytes named `name` may be placed here.
     fn admit_locked(&self, st: &State, name: &str, memory: u64) -> Result<(), NodeError> {
         if st.mode() != NodeMode::Active {
-            let mode = match st.mode() {
-                NodeMode::Draining => "draining",
-                _ => "paused",
-            };
             return Err(NodeError::Conflict(format!(
-                "node {} is {mode} and takes no VMs",
-                self.spec.name
+                "node {} is {} and takes no VMs",
+                self.spec.name,
+                name_of(&st.mode())
             )));
         }
         if st.vms.contains_key(name) {
@@ -656,8 +661,8 @@ impl Node {
                 };
                 if v.state != VmState::Running {
                     return Err(NodeError::Conflict(format!(
-                        "VM {vm} is {:?}, not running",
-                        v.state
+                        "VM {vm} is {}, not running",
+                        name_of(&v.state)
                     )));
                 }
                 if st.migrations.iter().any(|m| {
@@ -716,12 +721,14 @@ impl Node {
             let Some(vm) = st.vms.get_mut(&vm_name) else {
                 let e = st.entry(&id).expect("found above");
                 e.state = MigrationState::Failed;
+                e.finished_at_ms = Some(now_ms());
                 e.error = Some(format!("VM {vm_name} is gone"));
                 continue;
             };
             let Some(guest) = vm.guest.clone() else {
                 let e = st.entry(&id).expect("found above");
                 e.state = MigrationState::Failed;
+                e.finished_at_ms = Some(now_ms());
                 e.error = Some(format!("VM {vm_name} is not running"));
                 continue;
             };
@@ -846,7 +853,8 @@ impl Node {
                 Ok(e.view(false))
             }
             s => Err(NodeError::Conflict(format!(
-                "migration {id} has already ended ({s:?})"
+                "migration {id} has already ended ({})",
+                name_of(&s)
             ))),
         }
     }

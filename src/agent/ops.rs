@@ -211,8 +211,8 @@ impl Node {
         })?;
         if op.view.state != OpState::Running {
             return Err(NodeError::Conflict(format!(
-                "operation {id} has already ended ({:?})",
-                op.view.state
+                "operation {id} has already ended ({})",
+                super::node::name_of(&op.view.state)
             )));
         }
         op.cancel.cancel();
@@ -648,9 +648,9 @@ impl Node {
         };
         if self.mode() != NodeMode::Paused {
             return Err(NodeError::Conflict(format!(
-                "node {} is {:?}: drain it before updating it",
+                "node {} is {}: drain it before updating it",
                 self.spec.name,
-                self.mode()
+                super::node::name_of(&self.mode())
             )));
         }
         if self

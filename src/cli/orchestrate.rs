@@ -227,11 +227,18 @@ fn bar_style() -> ProgressStyle {
         .progress_chars("=> ")
 }
 
-/// One line on a migration's progress.
-fn migration_line(m: &Value) -> (u64, u64, String) {
+/// Shows migration record `m` of a VM of `memory` bytes on `bar`: guest
+/// bytes sent of the memory (what is left counts the dirty pages too), the
+/// phase, round, rate, ETA and throttle.
+fn show_migration(bar: &ProgressBar, memory: u64, m: &Value) {
     let p = &m["progress"];
-    let memory = m["report"]["memory_bytes"].as_u64().unwrap_or(0);
     let left = p["bytes_left"].as_u64().unwrap_or(0);
+    bar.set_length(memory.max(1));
+    bar.set_position(memory.saturating_sub(left));
+    if m["state"] == "queued" {
+        bar.set_message("queued");
+        return;
+    }
     let mut msg = format!(
         "{} {}",
         m["phase"].as_str().or(m["state"].as_str()).unwrap_or(""),
@@ -249,7 +256,7 @@ fn migration_line(m: &Value) -> (u64, u64, String) {
     if let Some(t) = p["throttle_pct"].as_u64().filter(|t| *t > 0) {
         msg += &format!("  throttle {t}%");
     }
-    (memory, left, msg)
+    bar.set_message(msg);
 }
 
 /// `ferry vm ...`
@@ -337,7 +344,8 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
 pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
     let ctx = Ctx::new(cluster)?;
     ctx.node(&a.to)?;
-    let (source, _) = ctx.find_vm(&a.vm)?;
+    let (source, vm) = ctx.find_vm(&a.vm)?;
+    let memory = vm["memory"].as_u64().unwrap_or(0);
     let mut body = Map::new();
     body.insert("vm".into(), json!(a.vm));
     body.insert("target".into(), json!(a.to));
@@ -391,15 +399,7 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
         if state != "queued" && state != "running" {
             break m;
         }
-        let (_, left, msg) = migration_line(&m);
-        let total = m["progress"]["wire_bytes"].as_u64().unwrap_or(0) + left;
-        bar.set_length(total.max(1));
-        bar.set_position(total - left);
-        bar.set_message(if state == "queued" {
-            "queued".to_string()
-        } else {
-            msg
-        });
+        show_migration(&bar, memory, &m);
         std::thread::sleep(Duration::from_millis(100));
     };
     bar.finish_and_clear();
@@ -612,11 +612,7 @@ fn watch_op(ctx: &Ctx, node: &NodeSpec, op: Value) -> Result<Value> {
                         b.set_prefix(format!("{vm} → {}", s["target"].as_str().unwrap_or("")));
                         b
                     });
-                    let (_, left, msg) = migration_line(&m);
-                    let sent = m["progress"]["wire_bytes"].as_u64().unwrap_or(0);
-                    bar.set_length((sent + left).max(1));
-                    bar.set_position(sent);
-                    bar.set_message(msg);
+                    show_migration(bar, s["memory"].as_u64().unwrap_or(0), &m);
                 }
                 (s, _) if !matches!(s, "planned" | "queued" | "running") => {
                     if let Some(b) = bars.remove(&vm) {
@@ -862,7 +858,16 @@ fn free_port() -> Result<u16> {
 pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("ferry-demo-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let token: String = format!("demo-{:x}", std::process::id() as u64 * 2654435761);
+    // A random token, though the agents listen on loopback only and for
+    // seconds: the demo should not teach a guessable one.
+    let token: String = (0..2)
+        .map(|_| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            format!("{:016x}", h.finish())
+        })
+        .collect();
     std::fs::write(dir.join("cluster.token"), &token)?;
     let mut text =
         "token_file = \"cluster.token\"\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
