@@ -393,6 +393,10 @@ struct SendArgs {
     /// The receiver, host:port.
     #[arg(long, value_name = "ADDR")]
     to: String,
+    /// The shared key file (mode 600): both sides prove it, and no page is
+    /// sent to a receiver that cannot.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
@@ -410,6 +414,14 @@ struct ReceiveArgs {
     /// Largest guest accepted.
     #[arg(long, default_value = "1TiB", value_parser = size_arg)]
     max_memory: u64,
+    /// The shared key file (mode 600): every source must prove it. Without
+    /// one, only sources on loopback addresses are taken.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Without --key, take unauthenticated sources from any address (for
+    /// trusted, isolated links).
+    #[arg(long, conflicts_with = "key")]
+    insecure: bool,
     /// Print each report as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -789,6 +801,25 @@ fn summary(r: &Report, limit: Option<Duration>) -> String {
         cpu(r.cpu_ms.source),
         cpu(r.cpu_ms.destination)
     );
+    out += &format!(
+        "  security    {}, {}\n",
+        if r.authenticated {
+            "authenticated (both sides proved the key)"
+        } else {
+            "NOT authenticated (no key)"
+        },
+        if r.encrypted {
+            "encrypted (TLS 1.3)"
+        } else {
+            "NOT encrypted (plain CRC-checked frames)"
+        }
+    );
+    if r.channel_failures > 0 {
+        out += &format!(
+            "  failover    {} channel failures, {} batches resent\n",
+            r.channel_failures, r.batches_resent
+        );
+    }
     out
 }
 
@@ -848,8 +879,11 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     if let Some(DemoCommand::Cluster(c)) = a.sub {
         return orchestrate::demo_cluster(c);
     }
-    let config = a.migrate.config();
+    let mut config = a.migrate.config();
     config.validate().map_err(usage)?;
+    // Both ends are in this process: they prove a one-off key to each other.
+    let key = ferry::migration::auth::SessionKey::random();
+    config.session_key = Some(key.clone());
     let (guest, pattern) = build_guest(&a.guest, true)?;
     eprintln!(
         "ferry demo: {}\n            {} channels, codec {}, over loopback",
@@ -862,7 +896,11 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     let ctx = RunContext::default();
     let done = Arc::new(AtomicBool::new(false));
     let ui = progress_ui(ctx.progress.clone(), done.clone());
-    let result = migrate_over_loopback(guest.clone(), &config, ctx, ReceiverConfig::default());
+    let receiver = ReceiverConfig {
+        key: Some(key),
+        ..ReceiverConfig::default()
+    };
+    let result = migrate_over_loopback(guest.clone(), &config, ctx, receiver);
     done.store(true, Ordering::Release);
     let _ = ui.join();
     let (report, incoming) = result.context("loopback migration")?;
@@ -883,8 +921,9 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
 }
 
 fn send(a: SendArgs) -> Result<ExitCode> {
-    let config = a.migrate.config();
+    let mut config = a.migrate.config();
     config.validate().map_err(usage)?;
+    config.session_key = a.key.as_deref().map(load_key).transpose()?;
     let (guest, pattern) = build_guest(&a.guest, false)?;
     tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest, pattern));
     let cpu = CpuMeter::new();
@@ -924,6 +963,12 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
             &a.listen,
             ReceiverConfig {
                 max_memory: a.max_memory,
+                key: a.key.as_deref().map(load_key).transpose()?,
+                unauthenticated: if a.insecure {
+                    ferry::migration::Unauthenticated::Anywhere
+                } else {
+                    ferry::migration::Unauthenticated::Loopback
+                },
                 ..ReceiverConfig::default()
             },
         ))
@@ -971,6 +1016,11 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     ctx.cancel.cancel();
     let _ = rt.block_on(server);
     Ok(exit_for(last))
+}
+
+/// Reads a `--key` file, refusing one every user may read.
+fn load_key(path: &std::path::Path) -> Result<ferry::migration::auth::SessionKey> {
+    ferry::migration::auth::SessionKey::load(path).map_err(|e| usage(format!("--key: {e}")))
 }
 
 fn outcome_name(o: Outcome) -> &'static str {

@@ -126,16 +126,18 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         vm: "intruder".into(),
         migration_id: "x-1".into(),
         source_node: "a".into(),
-        proof: [0; 32],
     };
     let (r, running) = attempt(None, None);
-    assert!(r.error.unwrap().contains("cluster's agents only"));
+    assert!(r.error.unwrap().contains("requires the shared key"));
     assert!(running, "a refused guest keeps running");
+    let (r, running) = attempt(None, Some(TOKEN));
+    assert!(r.error.unwrap().contains("cluster's agents only"));
+    assert!(running);
     let (r, running) = attempt(Some(label.clone()), Some("a guessed token"));
     assert!(r
         .error
         .unwrap()
-        .contains("does not prove the cluster's key"));
+        .contains("the source's proof of the key is wrong"));
     assert!(running);
     let (_, vms) = c.call(Method::GET, "b", "/v1/vms", None);
     assert!(

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use ferry::codec::Codec;
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, WorkloadPattern};
+use ferry::migration::auth::BindSecret;
 use ferry::migration::{Incoming, MigrationConfig, Outcome, Receiver, ReceiverConfig, RunContext};
 use ferry::wire::{
     encode_frame, BatchEncoder, ChannelBind, Command, FrameDecoder, GuestKind, Header, Limits,
@@ -100,13 +101,16 @@ fn abort_text(reply: Option<(Header, Message)>) -> String {
     }
 }
 
+const SOURCE_NONCE: [u8; 16] = [1; 16];
+
 fn negotiate() -> Message {
     Message::Negotiate(Negotiate {
-        min_version: 1,
-        max_version: 1,
+        min_version: ferry::wire::VERSION,
+        max_version: ferry::wire::VERSION,
         capabilities: 0,
         codecs: 7,
         page_size: 4096,
+        nonce: SOURCE_NONCE,
     })
 }
 
@@ -121,19 +125,47 @@ fn setup(memory: u64) -> Message {
         max_bandwidth: 0,
         flags: 0,
         label: None,
+        proof: None,
     })
 }
 
 /// Negotiates and sets up a session of `memory` bytes; returns the session id
-/// and the bind token.
-fn open_session(s: &mut TcpStream, memory: u64) -> (u64, [u8; 16]) {
+/// and the secret that proves its binds.
+fn open_session(s: &mut TcpStream, memory: u64) -> (u64, BindSecret) {
     send(s, Header::new(Command::Negotiate), &negotiate());
-    assert!(matches!(recv(s), Some((_, Message::NegotiateResponse(_)))));
+    let dest_nonce = match recv(s) {
+        Some((_, Message::NegotiateResponse(r))) => r.nonce,
+        other => panic!("expected NEGOTIATE_RESPONSE, got {other:?}"),
+    };
     send(s, Header::new(Command::SessionSetup), &setup(memory));
     match recv(s) {
-        Some((h, Message::SessionSetupResponse(r))) => (h.session_id, r.bind_token),
+        Some((h, Message::SessionSetupResponse(r))) => (
+            h.session_id,
+            BindSecret::derive(
+                None,
+                &SOURCE_NONCE,
+                &dest_nonce,
+                h.session_id,
+                &r.bind_token,
+            ),
+        ),
         other => panic!("expected SESSION_SETUP_RESPONSE, got {other:?}"),
     }
+}
+
+/// A CHANNEL_BIND of `channel` to `session`, proved by `secret` over `nonce`.
+fn bind(s: &mut TcpStream, session: u64, channel: u16, secret: &BindSecret, nonce: [u8; 16]) {
+    let header = Header {
+        session_id: session,
+        channel,
+        ..Header::new(Command::ChannelBind)
+    };
+    let proof = secret.bind_proof(session, channel, &nonce);
+    send(
+        s,
+        header,
+        &Message::ChannelBind(ChannelBind { nonce, proof }),
+    );
 }
 
 #[test]
@@ -179,46 +211,35 @@ fn garbage_first_frames_are_refused_and_the_receiver_keeps_serving() {
 }
 
 #[test]
-fn a_bind_with_a_wrong_token_or_unknown_session_is_refused() {
+fn a_bind_with_a_wrong_proof_unknown_session_or_replayed_nonce_is_refused() {
     let h = start();
     let mut s0 = TcpStream::connect(&h.addr).unwrap();
-    let (session, token) = open_session(&mut s0, 1 << 20);
-    let mut wrong = token;
-    wrong[0] ^= 1;
-    for (sid, tok, ch) in [
-        (session, wrong, 1u16),
-        (session ^ 2, token, 1),
-        (session, token, 7),
+    let (session, secret) = open_session(&mut s0, 1 << 20);
+    let stranger = BindSecret::derive(None, &[2; 16], &[3; 16], session, &[4; 16]);
+    for (sid, secret, ch, nonce, why) in [
+        (session, &stranger, 1u16, [5; 16], "wrong proof"),
+        (session ^ 2, &secret, 1, [6; 16], "unknown session"),
+        (session, &secret, 7, [7; 16], "of 2 channels"),
     ] {
         let mut s = TcpStream::connect(&h.addr).unwrap();
-        let header = Header {
-            session_id: sid,
-            channel: ch,
-            ..Header::new(Command::ChannelBind)
-        };
-        send(
-            &mut s,
-            header,
-            &Message::ChannelBind(ChannelBind { bind_token: tok }),
-        );
-        assert!(abort_text(recv(&mut s)).contains("bind"));
+        bind(&mut s, sid, ch, secret, nonce);
+        let text = abort_text(recv(&mut s));
+        assert!(text.contains(why), "{why}: {text}");
     }
-    // The right token binds.
+    // The right proof binds, and its answer proves the secret back.
     let mut s = TcpStream::connect(&h.addr).unwrap();
-    let header = Header {
-        session_id: session,
-        channel: 1,
-        ..Header::new(Command::ChannelBind)
-    };
-    send(
-        &mut s,
-        header,
-        &Message::ChannelBind(ChannelBind { bind_token: token }),
-    );
-    assert!(matches!(
-        recv(&mut s),
-        Some((_, Message::ChannelBindResponse(_)))
-    ));
+    bind(&mut s, session, 1, &secret, [8; 16]);
+    match recv(&mut s) {
+        Some((_, Message::ChannelBindResponse(r))) => {
+            assert!(secret.verify_bound(session, 1, &[8; 16], &r.proof))
+        }
+        other => panic!("expected CHANNEL_BIND_RESPONSE, got {other:?}"),
+    }
+    // The same bind recorded and played again is refused.
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    bind(&mut s, session, 1, &secret, [8; 16]);
+    let text = abort_text(recv(&mut s));
+    assert!(text.contains("replays a used nonce"), "{text}");
 }
 
 #[test]

@@ -372,82 +372,154 @@ fn a_source_that_fails_before_its_session_reports_why_at_once() {
     assert!(g.is_running());
 }
 
+fn key(text: &str) -> ferry::migration::auth::SessionKey {
+    ferry::migration::auth::SessionKey(text.as_bytes().to_vec())
+}
+
 #[test]
-fn a_labelled_session_proves_its_key_and_the_receivers_admission_can_refuse_it() {
-    use ferry::migration::auth::{verify_session_proof, SessionKey};
-    use ferry::wire::{SessionLabel, SessionSetup};
-    use std::sync::{Arc, Mutex};
+fn sessions_prove_the_key_both_ways_and_a_refused_one_allocates_nothing() {
+    use ferry::migration::Unauthenticated;
+    use ferry::wire::SessionLabel;
     let _serial = serial();
-    let key = SessionKey(b"the cluster's key".to_vec());
     let label = SessionLabel {
         vm: "web-1".into(),
         migration_id: "m-7".into(),
         source_node: "a".into(),
-        proof: [0; 32],
     };
-    let config = |key: &SessionKey| MigrationConfig {
-        label: Some(label.clone()),
-        session_key: Some(key.clone()),
-        ..MigrationConfig::default()
+    let run = |source_key: Option<&str>, receiver_key: Option<&str>, policy: Unauthenticated| {
+        let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
+        let config = MigrationConfig {
+            label: Some(label.clone()),
+            session_key: source_key.map(key),
+            ..MigrationConfig::default()
+        };
+        let receiver = ReceiverConfig {
+            key: receiver_key.map(key),
+            unauthenticated: policy,
+            ..ReceiverConfig::default()
+        };
+        let (src, dst) = ferry::migration::migrate_over_loopback(
+            g.clone(),
+            &config,
+            RunContext::default(),
+            receiver,
+        )
+        .unwrap();
+        (src, dst.expect("the receiver reports every session"), g)
     };
-    // A receiver that wants the key's proof, and records what it saw.
-    let seen = Arc::new(Mutex::new(None));
-    let receiver = |seen: Arc<Mutex<Option<SessionLabel>>>| ReceiverConfig {
-        admit: Some(Arc::new(move |s: &SessionSetup, nonce: &[u8; 16]| {
-            *seen.lock().unwrap() = s.label.clone();
-            if verify_session_proof(&SessionKey(b"the cluster's key".to_vec()), nonce, s) {
-                Ok(())
-            } else {
-                Err("no proof of the cluster's key".to_string())
-            }
-        })),
-        ..ReceiverConfig::default()
-    };
-    let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
-    let (src, dst) = ferry::migration::migrate_over_loopback(
-        g.clone(),
-        &config(&key),
-        RunContext::default(),
-        receiver(seen.clone()),
-    )
-    .unwrap();
+    let the_key = "the cluster's key, 32 bytes long";
+    // Both hold the key: each proves it, and the label arrives.
+    let (src, dst, _) = run(Some(the_key), Some(the_key), Unauthenticated::Refuse);
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
-    let got = seen.lock().unwrap().clone().unwrap();
-    assert_eq!(
+    assert!(src.authenticated && dst.report.authenticated);
+    assert!(!src.encrypted && !dst.report.encrypted);
+    assert_eq!(dst.label, Some(label.clone()));
+    // Every mismatch is refused before a page moves, with a reason on both
+    // sides; the guest keeps running and the receiver allocated nothing.
+    for (source_key, receiver_key, policy, why) in [
         (
-            got.vm.as_str(),
-            got.migration_id.as_str(),
-            got.source_node.as_str()
+            Some("a guess at the key, 32 bytes ."),
+            Some(the_key),
+            Unauthenticated::Refuse,
+            "the source's proof of the key is wrong",
         ),
-        ("web-1", "m-7", "a")
-    );
-    assert_ne!(got.proof, [0; 32], "the source proved its key");
-    assert_eq!(dst.unwrap().label, Some(got));
-    // The wrong key: refused before anything is allocated, the guest runs.
-    let g = guest(16 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
-    let (src, dst) = ferry::migration::migrate_over_loopback(
-        g.clone(),
-        &config(&SessionKey(b"a guess".to_vec())),
-        RunContext::default(),
-        receiver(seen.clone()),
-    )
-    .unwrap();
+        (
+            None,
+            Some(the_key),
+            Unauthenticated::Loopback,
+            "requires the shared key and the source proved none",
+        ),
+        (
+            Some(the_key),
+            None,
+            Unauthenticated::Loopback,
+            "proves a key but this receiver has none",
+        ),
+        (
+            None,
+            None,
+            Unauthenticated::Refuse,
+            "takes authenticated sessions only",
+        ),
+    ] {
+        let (src, dst, g) = run(source_key, receiver_key, policy);
+        assert_eq!(src.outcome, Outcome::Failed, "{why}");
+        assert!(
+            src.error.as_deref().unwrap().contains(why),
+            "{why}: {:?}",
+            src.error
+        );
+        assert!(
+            dst.report.error.as_deref().unwrap().contains(why),
+            "{why}: {:?}",
+            dst.report.error
+        );
+        assert_eq!(src.pages.total, 0, "{why}: no page was sent");
+        assert!(dst.memory.is_none(), "{why}: nothing allocated");
+        assert!(g.is_running(), "{why}: the guest keeps running");
+    }
+    // Without keys on loopback: taken, and reported as unauthenticated.
+    let (src, dst, _) = run(None, None, Unauthenticated::Loopback);
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(!src.authenticated && !dst.report.authenticated);
+}
+
+/// An address of this host that is not loopback, if it has one.
+fn outside_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
+    use ferry::migration::{Receiver, Unauthenticated};
+    let _serial = serial();
+    let Some(ip) = outside_address() else {
+        eprintln!("SKIP: this host has no address besides loopback");
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let run = |policy: Unauthenticated| {
+        let receiver = rt
+            .block_on(Receiver::bind(
+                "0.0.0.0:0",
+                ReceiverConfig {
+                    unauthenticated: policy,
+                    ..ReceiverConfig::default()
+                },
+            ))
+            .unwrap();
+        let target = format!("{ip}:{}", receiver.local_addr().unwrap().port());
+        let incoming = rt.spawn(receiver.receive_one(RunContext::default()));
+        let g = guest(8 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
+        let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+        let src = rt.block_on(ferry::migration::migrate(
+            gd,
+            &target,
+            &MigrationConfig::default(),
+            &RunContext::default(),
+        ));
+        let dst = rt.block_on(incoming).unwrap().unwrap();
+        (src, dst, g)
+    };
+    let (src, dst, g) = run(Unauthenticated::Loopback);
     assert_eq!(src.outcome, Outcome::Failed);
+    let why = format!("unauthenticated session from {ip}:");
     assert!(
+        src.error.as_deref().unwrap().contains(&why),
+        "{:?}",
         src.error
-            .as_deref()
-            .unwrap()
-            .contains("no proof of the cluster's key"),
-        "{src:?}"
     );
-    assert!(
-        g.is_running(),
-        "a refused migration leaves the guest running"
-    );
-    let dst = dst.expect("the receiver reports the refused session");
-    assert_eq!(dst.report.outcome, Outcome::Failed);
-    assert!(
-        dst.memory.is_none(),
-        "nothing allocated for a refused session"
-    );
+    assert!(dst
+        .report
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("loopback peers only"));
+    assert!(dst.memory.is_none() && g.is_running());
+    let (src, dst, _) = run(Unauthenticated::Anywhere);
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(!dst.report.authenticated);
 }

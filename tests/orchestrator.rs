@@ -32,7 +32,11 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("ferry-orch-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cluster.token"), "orchestrator-test-token\n").unwrap();
+        ferry::migration::auth::write_secret_file(
+            &dir.join("cluster.token"),
+            b"orchestrator-test-token\n",
+        )
+        .unwrap();
         let mut text = format!("token_file = \"cluster.token\"\n[defaults]\n{defaults}\n");
         let mut controls = Vec::new();
         for (name, cap) in [("a", "1GiB"), ("b", b_capacity), ("c", "256MiB")] {

@@ -560,8 +560,11 @@ pub async fn serve_agent(cluster: Cluster, name: &str) -> std::io::Result<AgentH
         &node.spec.data,
         ReceiverConfig {
             max_memory: node.spec.memory_capacity,
-            admit: Some(Arc::new(move |setup, nonce| match weak.upgrade() {
-                Some(node) => node.admit_incoming(setup, nonce),
+            // Every session proves the cluster's key, or is refused.
+            key: Some(crate::migration::auth::SessionKey(node.cluster.key.clone())),
+            unauthenticated: crate::migration::Unauthenticated::Refuse,
+            admit: Some(Arc::new(move |setup| match weak.upgrade() {
+                Some(node) => node.admit_incoming(setup),
                 None => Err("the agent is shutting down".into()),
             })),
             ..ReceiverConfig::default()

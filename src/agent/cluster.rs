@@ -151,17 +151,15 @@ impl Cluster {
             message: e.to_string(),
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
+        // Secrets: refused when every user may read them, as ssh refuses
+        // an open private key.
         let read_secret = |file: &Path, what: &str| -> Result<String, ClusterError> {
             let file = dir.join(file);
-            let text = std::fs::read_to_string(&file).map_err(|source| ClusterError::Read {
-                path: file.display().to_string(),
-                source,
-            })?;
-            let text = text.trim().to_string();
-            if text.is_empty() {
-                return Err(invalid(format!("{what} {} is empty", file.display())));
-            }
-            Ok(text)
+            let bytes = crate::migration::auth::read_secret_file(&file)
+                .map_err(|e| invalid(format!("{what}: {e}")))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| invalid(format!("{what} {} is not UTF-8", file.display())))?;
+            Ok(text.trim().to_string())
         };
         let token = read_secret(&raw.token_file, "token_file")?;
         let key = match &raw.key_file {
@@ -288,7 +286,11 @@ mod tests {
 
     fn dir_with_token(token: &str) -> tempdir::Dir {
         let d = tempdir::Dir::new();
-        std::fs::write(d.path().join("cluster.token"), token).unwrap();
+        crate::migration::auth::write_secret_file(
+            &d.path().join("cluster.token"),
+            token.as_bytes(),
+        )
+        .unwrap();
         d
     }
 
@@ -362,7 +364,7 @@ update_hook = ["sh", "-c"]
     #[test]
     fn a_separate_key_file_is_the_migration_key() {
         let d = dir_with_token("tok");
-        std::fs::write(d.path().join("k"), "key-bytes\n").unwrap();
+        crate::migration::auth::write_secret_file(&d.path().join("k"), b"key-bytes\n").unwrap();
         let text = EXAMPLE.replace(
             "token_file = \"cluster.token\"",
             "token_file = \"cluster.token\"\nkey_file = \"k\"",
@@ -382,7 +384,7 @@ update_hook = ["sh", "-c"]
         assert!(err("token_file = 1").contains("not a valid cluster file"));
         assert!(err("token_file = \"cluster.token\"").contains("no [[node]]"));
         assert!(err("token_file = \"missing\"\n[[node]]\nname=\"a\"\ncontrol=\"h:1\"\ndata=\"h:2\"\nmemory_capacity=1")
-            .contains("cannot read"));
+            .contains("No such file"));
         let with = |from: &str, to: &str| err(&EXAMPLE.replace(from, to));
         assert!(with("name = \"b\"", "name = \"a\"").contains("node a is named twice"));
         assert!(with("\"127.0.0.1:7412\"", "\"127.0.0.1\"").contains("node b: control"));
@@ -397,7 +399,13 @@ update_hook = ["sh", "-c"]
             "memory_capacity = \"8GiB\"\ncolour = 1"
         )
         .contains("colour"));
-        std::fs::write(d.path().join("cluster.token"), " \n").unwrap();
+        let token = d.path().join("cluster.token");
+        crate::migration::auth::write_secret_file(&token, b" \n").unwrap();
         assert!(err(EXAMPLE).contains("is empty"));
+        // A secret every user can read is refused.
+        crate::migration::auth::write_secret_file(&token, b"tok").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(err(EXAMPLE).contains("readable or writable by every user"));
     }
 }

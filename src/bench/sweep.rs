@@ -456,11 +456,14 @@ pub fn run_cell(
     mut after_each: impl FnMut(),
 ) -> std::io::Result<Vec<Report>> {
     use crate::migration::{migrate_locally, MigrationConfig, ReceiverConfig, RunContext};
+    // Both ends are ours: they prove a one-off key, as agents do.
+    let key = crate::migration::auth::SessionKey::random();
     let config = MigrationConfig {
         codec,
         channels: env.channels,
         max_bandwidth: if env.kernel_shaped { None } else { link_bps },
         leave_paused: true,
+        session_key: Some(key.clone()),
         ..MigrationConfig::default()
     };
     let mut reports = Vec::new();
@@ -481,7 +484,10 @@ pub fn run_cell(
             guest.clone(),
             &config,
             ctx,
-            ReceiverConfig::default(),
+            ReceiverConfig {
+                key: Some(key.clone()),
+                ..ReceiverConfig::default()
+            },
             &env.path,
         )?;
         if report.outcome != Outcome::Completed {
@@ -531,6 +537,10 @@ mod tests {
             },
             guest: GuestKind::Sim,
             session_id: String::new(),
+            authenticated: false,
+            encrypted: false,
+            channel_failures: 0,
+            batches_resent: 0,
             round_log: vec![],
             memory_use: Default::default(),
         }

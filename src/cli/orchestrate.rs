@@ -868,7 +868,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             format!("{:016x}", h.finish())
         })
         .collect();
-    std::fs::write(dir.join("cluster.token"), &token)?;
+    ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
     let mut text =
         "token_file = \"cluster.token\"\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
     for name in ["a", "b", "c"] {

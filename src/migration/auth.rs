@@ -1,14 +1,30 @@
-//! Proof of a cluster's key in a labelled session's setup: HMAC-SHA256 over
-//! the destination's fresh nonce and the fields that say what the session is
-//! (the guest's size and kind, the VM, the migration, the source node), so a
-//! peer without the key is refused before any page is accepted, and a
-//! recorded setup cannot be replayed to another session.
+//! Mutual proof of a shared key, HMAC-SHA256 throughout (no home-made
+//! primitives).
+//!
+//! ```text
+//! source                                   destination
+//!   NEGOTIATE(ns)                  ──▶
+//!                                  ◀──   NEGOTIATE_RESPONSE(nd)
+//!   SESSION_SETUP(fields, P_s)     ──▶   P_s = HMAC(K, "setup"    ns nd fields)
+//!                                  ◀──   SESSION_SETUP_RESPONSE(id, token, P_d)
+//!                                        P_d = HMAC(K, "response" ns nd id token)
+//!   CHANNEL_BIND(id, c, nb, P_b)   ──▶   B   = HMAC(K, "bind key" ns nd id token)
+//!                                        P_b = HMAC(B, "bind"     id c nb)
+//!                                  ◀──   CHANNEL_BIND_RESPONSE(HMAC(B, "bound" id c nb))
+//! ```
+//!
+//! Both nonces are fresh random values, so a recorded setup or response
+//! proves nothing in another session; the destination accepts each bind
+//! nonce once per session, so a recorded bind cannot be replayed. Without a
+//! key, binds are proved with the session's token as the key: only the peer
+//! that set the session up can add channels to it.
 
 use crate::wire::SessionSetup;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use std::path::Path;
 
-/// A key that proves membership of a cluster (never printed).
+/// A shared key that proves membership of a cluster (never printed).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionKey(pub Vec<u8>);
 
@@ -18,37 +34,271 @@ impl std::fmt::Debug for SessionKey {
     }
 }
 
-fn mac(key: &[u8], nonce: &[u8; 16], setup: &SessionSetup) -> Hmac<Sha256> {
-    let mut m =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length");
-    m.update(b"ferry session setup v1\0");
-    m.update(nonce);
-    m.update(&setup.memory_bytes.to_le_bytes());
-    m.update(&[setup.guest_kind as u8]);
-    if let Some(l) = &setup.label {
-        for text in [&l.vm, &l.migration_id, &l.source_node] {
-            m.update(&(text.len() as u32).to_le_bytes());
-            m.update(text.as_bytes());
+/// The shortest key accepted from a file, bytes.
+pub const MIN_KEY_LEN: usize = 16;
+
+impl SessionKey {
+    /// A fresh random 32-byte key, for runs that own both ends (the demo,
+    /// the benchmarks).
+    pub fn random() -> Self {
+        Self(random_bytes::<32>().to_vec())
+    }
+
+    /// Reads a key file: its bytes, trailing whitespace trimmed. Refuses a
+    /// file that others than its owner and group may read or write, and a
+    /// key shorter than [`MIN_KEY_LEN`].
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let bytes = read_secret_file(path)?;
+        if bytes.len() < MIN_KEY_LEN {
+            return Err(format!(
+                "key file {} holds {} bytes; a key needs at least {MIN_KEY_LEN}",
+                path.display(),
+                bytes.len()
+            ));
         }
+        Ok(Self(bytes))
+    }
+}
+
+/// Reads a secret (key or token) file, trailing whitespace trimmed, refusing
+/// one that is world-readable or world-writable.
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o006 != 0 {
+        return Err(format!(
+            "{} is readable or writable by every user (mode {mode:03o}); \
+             a key must not be: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    let mut bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// Writes a secret file that only its owner may read (mode 600).
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode: restrict it too.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(key: &[u8], label: &[u8]) -> HmacSha256 {
+    let mut m =
+        <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(b"ferry v2 ");
+    m.update(label);
+    m.update(b"\0");
+    m
+}
+
+fn finish(m: HmacSha256) -> [u8; 32] {
+    m.finalize().into_bytes().into()
+}
+
+fn setup_mac(key: &SessionKey, ns: &[u8; 16], nd: &[u8; 16], setup: &SessionSetup) -> HmacSha256 {
+    let mut m = mac(&key.0, b"setup");
+    m.update(ns);
+    m.update(nd);
+    m.update(&setup.memory_bytes.to_le_bytes());
+    m.update(&setup.channels.to_le_bytes());
+    m.update(&[
+        setup.codec,
+        setup.codec_level as u8,
+        setup.guest_kind as u8,
+        setup.verify as u8,
+    ]);
+    m.update(&setup.max_bandwidth.to_le_bytes());
+    // The encoder sets the flags that say which parts follow.
+    let flags = setup.flags & !(crate::wire::SETUP_LABELLED | crate::wire::SETUP_PROVEN);
+    m.update(&flags.to_le_bytes());
+    match &setup.label {
+        Some(l) => {
+            m.update(&[1]);
+            for text in [&l.vm, &l.migration_id, &l.source_node] {
+                m.update(&(text.len() as u32).to_le_bytes());
+                m.update(text.as_bytes());
+            }
+        }
+        None => m.update(&[0]),
     }
     m
 }
 
-/// The proof a source puts in `setup.label.proof`.
-pub fn session_proof(key: &SessionKey, nonce: &[u8; 16], setup: &SessionSetup) -> [u8; 32] {
-    let out = mac(&key.0, nonce, setup).finalize().into_bytes();
-    let mut proof = [0u8; 32];
-    proof.copy_from_slice(&out);
-    proof
+/// The source's proof over both nonces and every field of its setup (the
+/// `proof` field itself aside).
+pub fn setup_proof(
+    key: &SessionKey,
+    source_nonce: &[u8; 16],
+    dest_nonce: &[u8; 16],
+    setup: &SessionSetup,
+) -> [u8; 32] {
+    finish(setup_mac(key, source_nonce, dest_nonce, setup))
 }
 
-/// Whether `setup` carries a proof of `key` over `nonce` (compared in
-/// constant time).
-pub fn verify_session_proof(key: &SessionKey, nonce: &[u8; 16], setup: &SessionSetup) -> bool {
-    let Some(label) = &setup.label else {
+/// Whether `setup` carries the proof of `key` (compared in constant time).
+pub fn verify_setup_proof(
+    key: &SessionKey,
+    source_nonce: &[u8; 16],
+    dest_nonce: &[u8; 16],
+    setup: &SessionSetup,
+) -> bool {
+    let Some(proof) = &setup.proof else {
         return false;
     };
-    mac(&key.0, nonce, setup).verify_slice(&label.proof).is_ok()
+    setup_mac(key, source_nonce, dest_nonce, setup)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+fn response_mac(
+    key: &SessionKey,
+    ns: &[u8; 16],
+    nd: &[u8; 16],
+    session_id: u64,
+    token: &[u8; 16],
+) -> HmacSha256 {
+    let mut m = mac(&key.0, b"response");
+    m.update(ns);
+    m.update(nd);
+    m.update(&session_id.to_le_bytes());
+    m.update(token);
+    m
+}
+
+/// The destination's proof, in its setup response.
+pub fn response_proof(
+    key: &SessionKey,
+    source_nonce: &[u8; 16],
+    dest_nonce: &[u8; 16],
+    session_id: u64,
+    token: &[u8; 16],
+) -> [u8; 32] {
+    finish(response_mac(
+        key,
+        source_nonce,
+        dest_nonce,
+        session_id,
+        token,
+    ))
+}
+
+/// Whether `proof` is the destination's proof of `key` (constant time).
+pub fn verify_response_proof(
+    key: &SessionKey,
+    source_nonce: &[u8; 16],
+    dest_nonce: &[u8; 16],
+    session_id: u64,
+    token: &[u8; 16],
+    proof: &[u8; 32],
+) -> bool {
+    response_mac(key, source_nonce, dest_nonce, session_id, token)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+/// The secret that proves channel binds of one session.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BindSecret([u8; 32]);
+
+impl std::fmt::Debug for BindSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BindSecret(<32 bytes>)")
+    }
+}
+
+impl BindSecret {
+    /// Derives a session's bind secret: from the shared key and both nonces
+    /// when there is a key, from the session's token when not.
+    pub fn derive(
+        key: Option<&SessionKey>,
+        source_nonce: &[u8; 16],
+        dest_nonce: &[u8; 16],
+        session_id: u64,
+        token: &[u8; 16],
+    ) -> Self {
+        let mut m = match key {
+            Some(k) => mac(&k.0, b"bind key"),
+            None => mac(token, b"bind key (no shared key)"),
+        };
+        m.update(source_nonce);
+        m.update(dest_nonce);
+        m.update(&session_id.to_le_bytes());
+        m.update(token);
+        Self(finish(m))
+    }
+
+    fn mac(&self, what: &[u8], session_id: u64, channel: u16, nonce: &[u8; 16]) -> HmacSha256 {
+        let mut m = mac(&self.0, what);
+        m.update(&session_id.to_le_bytes());
+        m.update(&channel.to_le_bytes());
+        m.update(nonce);
+        m
+    }
+
+    /// The source's proof in a CHANNEL_BIND.
+    pub fn bind_proof(&self, session_id: u64, channel: u16, nonce: &[u8; 16]) -> [u8; 32] {
+        finish(self.mac(b"bind", session_id, channel, nonce))
+    }
+
+    /// Whether a CHANNEL_BIND's proof holds (constant time).
+    pub fn verify_bind(
+        &self,
+        session_id: u64,
+        channel: u16,
+        nonce: &[u8; 16],
+        proof: &[u8; 32],
+    ) -> bool {
+        self.mac(b"bind", session_id, channel, nonce)
+            .verify_slice(proof)
+            .is_ok()
+    }
+
+    /// The destination's proof in a CHANNEL_BIND_RESPONSE.
+    pub fn bound_proof(&self, session_id: u64, channel: u16, nonce: &[u8; 16]) -> [u8; 32] {
+        finish(self.mac(b"bound", session_id, channel, nonce))
+    }
+
+    /// Whether a CHANNEL_BIND_RESPONSE's proof holds (constant time).
+    pub fn verify_bound(
+        &self,
+        session_id: u64,
+        channel: u16,
+        nonce: &[u8; 16],
+        proof: &[u8; 32],
+    ) -> bool {
+        self.mac(b"bound", session_id, channel, nonce)
+            .verify_slice(proof)
+            .is_ok()
+    }
+}
+
+/// Fresh random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut b = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("/dev/urandom is readable");
+    b
 }
 
 #[cfg(test)]
@@ -70,36 +320,97 @@ mod tests {
                 vm: "web-1".into(),
                 migration_id: "a-1".into(),
                 source_node: "a".into(),
-                proof: [0; 32],
             }),
+            proof: None,
         }
     }
 
     #[test]
-    fn a_proof_holds_for_its_key_nonce_and_fields_only() {
+    fn a_setup_proof_holds_for_its_key_nonces_and_fields_only() {
         let key = SessionKey(b"cluster key".to_vec());
-        let nonce = [7u8; 16];
+        let (ns, nd) = ([1u8; 16], [7u8; 16]);
         let mut s = setup();
-        s.label.as_mut().unwrap().proof = session_proof(&key, &nonce, &s);
-        assert!(verify_session_proof(&key, &nonce, &s));
-        assert!(!verify_session_proof(
+        s.proof = Some(setup_proof(&key, &ns, &nd, &s));
+        assert!(verify_setup_proof(&key, &ns, &nd, &s));
+        assert!(!verify_setup_proof(
             &SessionKey(b"other".to_vec()),
-            &nonce,
+            &ns,
+            &nd,
             &s
         ));
         assert!(
-            !verify_session_proof(&key, &[8u8; 16], &s),
+            !verify_setup_proof(&key, &ns, &[8u8; 16], &s),
             "another session's nonce"
         );
+        assert!(!verify_setup_proof(&key, &[2u8; 16], &nd, &s));
         let mut renamed = s.clone();
         renamed.label.as_mut().unwrap().vm = "web-2".into();
-        assert!(!verify_session_proof(&key, &nonce, &renamed));
+        assert!(!verify_setup_proof(&key, &ns, &nd, &renamed));
         let mut bigger = s.clone();
         bigger.memory_bytes *= 2;
-        assert!(!verify_session_proof(&key, &nonce, &bigger));
+        assert!(!verify_setup_proof(&key, &ns, &nd, &bigger));
+        let mut wider = s.clone();
+        wider.channels = 8;
+        assert!(!verify_setup_proof(&key, &ns, &nd, &wider));
         let mut bare = s.clone();
-        bare.label = None;
-        assert!(!verify_session_proof(&key, &nonce, &bare));
+        bare.proof = None;
+        assert!(!verify_setup_proof(&key, &ns, &nd, &bare));
         assert_eq!(format!("{key:?}"), "SessionKey(<11 bytes>)");
+    }
+
+    #[test]
+    fn the_response_and_binds_prove_the_same_key_both_ways() {
+        let key = SessionKey(b"cluster key".to_vec());
+        let (ns, nd, token) = ([1u8; 16], [7u8; 16], [3u8; 16]);
+        let p = response_proof(&key, &ns, &nd, 42, &token);
+        assert!(verify_response_proof(&key, &ns, &nd, 42, &token, &p));
+        assert!(!verify_response_proof(&key, &ns, &nd, 43, &token, &p));
+        assert!(!verify_response_proof(
+            &SessionKey(b"x".to_vec()),
+            &ns,
+            &nd,
+            42,
+            &token,
+            &p
+        ));
+
+        let b = BindSecret::derive(Some(&key), &ns, &nd, 42, &token);
+        let nb = [5u8; 16];
+        let proof = b.bind_proof(42, 2, &nb);
+        assert!(b.verify_bind(42, 2, &nb, &proof));
+        assert!(!b.verify_bind(42, 3, &nb, &proof), "another channel");
+        assert!(!b.verify_bind(42, 2, &[6u8; 16], &proof), "another nonce");
+        assert!(
+            !b.verify_bound(42, 2, &nb, &proof),
+            "a bind proof is no bound proof"
+        );
+        assert!(b.verify_bound(42, 2, &nb, &b.bound_proof(42, 2, &nb)));
+        // Another session (nonces), or no key: another secret.
+        assert_ne!(
+            b,
+            BindSecret::derive(Some(&key), &ns, &[9u8; 16], 42, &token)
+        );
+        assert_ne!(b, BindSecret::derive(None, &ns, &nd, 42, &token));
+        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
+    }
+
+    #[test]
+    fn key_files_must_not_be_open_to_everyone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SessionKey::load(&path).unwrap_err();
+        assert!(
+            err.contains("readable or writable by every user (mode 644)"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(SessionKey::load(&path).unwrap().0, b"0123456789abcdef0123");
+        std::fs::write(&path, "short").unwrap();
+        assert!(SessionKey::load(&path).unwrap_err().contains("at least 16"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@
 //! more credit; control messages go to the session's controller, which drives
 //! the [`DestMachine`].
 
+use super::auth::{random_bytes, BindSecret, SessionKey};
 use super::dest_state::{DestMachine, DestState};
 use super::progress::RunContext;
 use super::report::{round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side};
@@ -32,11 +33,23 @@ use tokio_util::sync::CancellationToken;
 
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Decides whether a session may start, from its setup and the nonce this
-/// receiver sent it (an agent checks the setup's proof of the cluster's key,
-/// that it takes VMs, has the memory, and hosts none of that name);
-/// `Err(reason)` refuses it before any memory is allocated.
-pub type AdmitFn = Arc<dyn Fn(&SessionSetup, &[u8; 16]) -> Result<(), String> + Send + Sync>;
+/// Decides whether a session may start, from its setup, once its peer is
+/// authenticated (an agent checks that it takes VMs, has the memory, and
+/// hosts none of that name); `Err(reason)` refuses it before any memory is
+/// allocated.
+pub type AdmitFn = Arc<dyn Fn(&SessionSetup) -> Result<(), String> + Send + Sync>;
+
+/// Whom a receiver without a key takes sessions from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unauthenticated {
+    /// Nobody: every session must prove the key.
+    Refuse,
+    /// Peers on loopback addresses only (the default).
+    #[default]
+    Loopback,
+    /// Anyone (`--insecure`): for trusted, isolated links.
+    Anywhere,
+}
 
 /// Receiver limits.
 #[derive(Clone)]
@@ -50,6 +63,11 @@ pub struct ReceiverConfig {
     pub idle_timeout: Duration,
     /// Admission of each session (default: every session within the limits).
     pub admit: Option<AdmitFn>,
+    /// The shared key every session must prove (and this receiver proves
+    /// back). Default: none.
+    pub key: Option<SessionKey>,
+    /// Without a key: whom to take sessions from. Default: loopback peers.
+    pub unauthenticated: Unauthenticated,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -59,6 +77,8 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("initial_credits", &self.initial_credits)
             .field("idle_timeout", &self.idle_timeout)
             .field("admit", &self.admit.is_some())
+            .field("key", &self.key)
+            .field("unauthenticated", &self.unauthenticated)
             .finish()
     }
 }
@@ -70,6 +90,8 @@ impl Default for ReceiverConfig {
             initial_credits: DEFAULT_INITIAL_CREDITS,
             idle_timeout: Duration::from_secs(60),
             admit: None,
+            key: None,
+            unauthenticated: Unauthenticated::default(),
         }
     }
 }
@@ -99,12 +121,15 @@ struct Bind {
     channel: u16,
     reader: FrameReader,
     writer: FrameWriter,
+    /// The destination's proof for the CHANNEL_BIND_RESPONSE.
+    proof: [u8; 32],
 }
 
 struct SessionEntry {
-    token: [u8; 16],
+    secret: BindSecret,
     channels: u16,
-    bound: Vec<bool>,
+    /// Bind nonces already used: each proves one bind only.
+    nonces: std::collections::HashSet<[u8; 16]>,
     tx: mpsc::UnboundedSender<Bind>,
 }
 
@@ -215,36 +240,55 @@ async fn handle_connection(
         }
         Ok(Message::ChannelBind(b)) => {
             let h = first.header;
+            // A bind joins a live session as one of its channels, proves the
+            // session's secret over a nonce never used before in it, and may
+            // replace a channel that failed (the same number again).
             let routed = {
                 let mut map = sessions.lock().unwrap();
                 match map.get_mut(&h.session_id) {
+                    None => Err(MigrationError::Protocol(format!(
+                        "bind of channel {} to unknown session {:016x}",
+                        h.channel, h.session_id
+                    ))),
+                    Some(s) if h.channel >= s.channels => Err(MigrationError::Protocol(format!(
+                        "bind of channel {} to session {:016x} of {} channels",
+                        h.channel, h.session_id, s.channels
+                    ))),
                     Some(s)
-                        if s.token == b.bind_token
-                            && h.channel >= 1
-                            && h.channel < s.channels
-                            && !s.bound[h.channel as usize] =>
+                        if !s
+                            .secret
+                            .verify_bind(h.session_id, h.channel, &b.nonce, &b.proof) =>
                     {
-                        s.bound[h.channel as usize] = true;
-                        Some(s.tx.clone())
+                        Err(MigrationError::Unauthenticated(format!(
+                            "bind of channel {} to session {:016x} with a wrong proof",
+                            h.channel, h.session_id
+                        )))
                     }
-                    _ => None,
+                    Some(s) if s.nonces.contains(&b.nonce) => {
+                        Err(MigrationError::Unauthenticated(format!(
+                            "bind of channel {} to session {:016x} replays a used nonce",
+                            h.channel, h.session_id
+                        )))
+                    }
+                    Some(s) => Ok((
+                        s.nonces.insert(b.nonce),
+                        s.tx.clone(),
+                        s.secret.bound_proof(h.session_id, h.channel, &b.nonce),
+                    )),
                 }
             };
             match routed {
-                Some(tx) => {
+                Ok((_, tx, proof)) => {
                     reader.set_channel(h.channel);
                     writer.set_channel(h.channel);
                     let _ = tx.send(Bind {
                         channel: h.channel,
                         reader,
                         writer,
+                        proof,
                     });
                 }
-                None => {
-                    let e = MigrationError::Protocol(format!(
-                        "bind of channel {} to unknown session {:016x} or with a wrong token",
-                        h.channel, h.session_id
-                    ));
+                Err(e) => {
                     tracing::warn!(%peer, error = %e, "rejected channel bind");
                     reject(&mut writer, &e).await;
                 }
@@ -280,25 +324,6 @@ async fn reject(writer: &mut FrameWriter, e: &MigrationError) {
     )
     .await;
     writer.shutdown().await;
-}
-
-fn random_bytes<const N: usize>() -> [u8; N] {
-    use std::io::Read;
-    let mut b = [0u8; N];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        // No urandom: fall back to the std hasher's per-process random keys.
-        use std::hash::{BuildHasher, Hasher};
-        for (i, chunk) in b.chunks_mut(8).enumerate() {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_usize(i);
-            let v = h.finish().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    b
 }
 
 enum Event {
@@ -477,6 +502,7 @@ struct Tally {
     guest_kind: Option<GuestKind>,
     finished: Option<Duration>,
     label: Option<SessionLabel>,
+    authenticated: bool,
 }
 
 struct Session {
@@ -589,6 +615,10 @@ impl Session {
             },
             guest: tally.guest_kind.unwrap_or(GuestKind::Sim),
             session_id: format!("{:016x}", tally.session_id),
+            authenticated: tally.authenticated,
+            encrypted: false,
+            channel_failures: 0,
+            batches_resent: 0,
             round_log: Vec::new(),
             memory_use: MemoryUse::measure(shared.as_ref().map(|s| &*s.memory)),
         };
@@ -598,6 +628,50 @@ impl Session {
             guest,
             memory: shared.map(|s| s.memory.clone()),
             label: tally.label,
+        }
+    }
+
+    /// Checks the source's proof of the key, or that this receiver may take
+    /// it without one.
+    fn authenticate(
+        &self,
+        peer: SocketAddr,
+        setup: &SessionSetup,
+        source_nonce: &[u8; 16],
+        nonce: &[u8; 16],
+    ) -> Result<(), MigrationError> {
+        match (&self.config.key, &setup.proof) {
+            (Some(key), Some(_)) => {
+                if super::auth::verify_setup_proof(key, source_nonce, nonce, setup) {
+                    Ok(())
+                } else {
+                    Err(MigrationError::Unauthenticated(
+                        "the source's proof of the key is wrong: it holds another key".into(),
+                    ))
+                }
+            }
+            (Some(_), None) => Err(MigrationError::Unauthenticated(
+                "this receiver requires the shared key and the source proved none (give the source --key)".into(),
+            )),
+            (None, Some(_)) => Err(MigrationError::Unauthenticated(
+                "the source proves a key but this receiver has none to check it (give the receiver --key)".into(),
+            )),
+            (None, None) => match self.config.unauthenticated {
+                Unauthenticated::Anywhere => {
+                    tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
+                    Ok(())
+                }
+                Unauthenticated::Loopback if peer.ip().is_loopback() => {
+                    tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
+                    Ok(())
+                }
+                Unauthenticated::Loopback => Err(MigrationError::Unauthenticated(format!(
+                    "unauthenticated session from {peer} refused: without --key this receiver takes loopback peers only (or --insecure)"
+                ))),
+                Unauthenticated::Refuse => Err(MigrationError::Unauthenticated(
+                    "this receiver takes authenticated sessions only".into(),
+                )),
+            },
         }
     }
 
@@ -622,10 +696,11 @@ impl Session {
                 return Err(e);
             }
         };
-        // A fresh challenge per session: a labelled setup proves the
-        // cluster's key over it, so a recorded setup cannot be replayed.
+        // A fresh challenge per session: the setup proves the key over it,
+        // so a recorded setup cannot be replayed.
         response.nonce = random_bytes::<16>();
         let nonce = response.nonce;
+        let source_nonce = negotiate.nonce;
         writer
             .send(
                 Header::new(Command::NegotiateResponse),
@@ -664,8 +739,14 @@ impl Session {
             }
         };
         tally.label = setup.label.clone();
+        if let Err(e) = self.authenticate(peer, &setup, &source_nonce, &nonce) {
+            tracing::warn!(%peer, error = %e, "refused a session");
+            reject(&mut writer, &e).await;
+            return Err(e);
+        }
+        tally.authenticated = self.config.key.is_some();
         if let Some(admit) = &self.config.admit {
-            if let Err(why) = admit(&setup, &nonce) {
+            if let Err(why) = admit(&setup) {
                 let e = MigrationError::Resources(why);
                 reject(&mut writer, &e).await;
                 return Err(e);
@@ -693,13 +774,14 @@ impl Session {
         let session_id = u64::from_le_bytes(random_bytes::<8>()) | 1;
         let token = random_bytes::<16>();
         tally.session_id = session_id;
+        let key = self.config.key.as_ref();
         let (bind_tx, mut bind_rx) = mpsc::unbounded_channel();
         self.sessions.lock().unwrap().insert(
             session_id,
             SessionEntry {
-                token,
+                secret: BindSecret::derive(key, &source_nonce, &nonce, session_id, &token),
                 channels: setup.channels,
-                bound: vec![false; setup.channels as usize],
+                nonces: Default::default(),
                 tx: bind_tx,
             },
         );
@@ -730,6 +812,9 @@ impl Session {
                 &Message::SessionSetupResponse(SessionSetupResponse {
                     bind_token: token,
                     initial_credits: credits,
+                    proof: key.map(|k| {
+                        super::auth::response_proof(k, &source_nonce, &nonce, session_id, &token)
+                    }),
                 }),
             )
             .await?;
@@ -772,7 +857,7 @@ impl Session {
                 b = bind_rx.recv() => {
                     let Some(b) = b else { continue };
                     let rx_bytes = self.rx_bytes.clone();
-                    let Bind { channel, mut reader, mut writer } = b;
+                    let Bind { channel, mut reader, mut writer, proof } = b;
                     reader.share_counter(rx_bytes);
                     let header = Header {
                         session_id,
@@ -781,7 +866,7 @@ impl Session {
                         message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
                         ..Header::new(Command::ChannelBindResponse)
                     };
-                    if let Err(e) = writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse)).await {
+                    if let Err(e) = writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse { proof })).await {
                         break Err(e);
                     }
                     let wr = Arc::new(tokio::sync::Mutex::new(writer));

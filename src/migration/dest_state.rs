@@ -240,11 +240,12 @@ mod tests {
 
     fn negotiate() -> Negotiate {
         Negotiate {
-            min_version: 1,
-            max_version: 1,
+            min_version: VERSION,
+            max_version: VERSION,
             capabilities: 0,
             codecs: 7,
             page_size: 4096,
+            nonce: [0; 16],
         }
     }
 
@@ -259,6 +260,7 @@ mod tests {
             max_bandwidth: 0,
             flags: 0,
             label: None,
+            proof: None,
         }
     }
 
@@ -339,8 +341,8 @@ mod tests {
         let mut m = DestMachine::new(1 << 20);
         assert!(m
             .handle_negotiate(&Negotiate {
-                min_version: 2,
-                max_version: 3,
+                min_version: VERSION + 1,
+                max_version: VERSION + 2,
                 ..negotiate()
             })
             .is_err());

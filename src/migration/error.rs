@@ -38,6 +38,10 @@ pub enum MigrationError {
     /// The receiver cannot host the guest.
     #[error("cannot host the guest: {0}")]
     Resources(String),
+    /// The peer did not prove the shared key, or this side may not take it
+    /// unauthenticated.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
     /// An operator cancelled the migration.
     #[error("cancelled")]
     Cancelled,
@@ -109,6 +113,7 @@ impl MigrationError {
             Self::Incompatible(_) => AbortCode::Incompatible,
             Self::Resources(_) | Self::Memory(_) => AbortCode::Resources,
             Self::Cancelled => AbortCode::Cancelled,
+            Self::Unauthenticated(_) => AbortCode::Unauthenticated,
             Self::NotConverging(_) | Self::Timeout { .. } => AbortCode::Timeout,
             Self::Config(_) | Self::Io { .. } | Self::Codec(_) => AbortCode::Internal,
         }
@@ -123,6 +128,7 @@ impl MigrationError {
                 | Self::RemoteAbort { .. }
                 | Self::DigestMismatch { .. }
                 | Self::Incompatible(_)
+                | Self::Unauthenticated(_)
         )
     }
 }

@@ -84,8 +84,16 @@ pub fn migrate_locally(
     let incoming = dest_rt.block_on(async {
         let wait = if session_started {
             std::time::Duration::from_secs(30)
-        } else {
+        } else if report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("bad configuration"))
+        {
+            // It never connected.
             std::time::Duration::ZERO
+        } else {
+            // Refused during setup: the receiver reports it at once.
+            std::time::Duration::from_secs(2)
         };
         match tokio::time::timeout(wait, incoming).await {
             Ok(joined) => joined.ok().flatten(),

@@ -156,6 +156,17 @@ pub struct Report {
     pub guest: GuestKind,
     /// The session id, hex.
     pub session_id: String,
+    /// Both sides proved the shared key (mutual HMAC challenge–response);
+    /// `false`: the peer was taken on trust (loopback or `--insecure`).
+    pub authenticated: bool,
+    /// Migration traffic was encrypted; `false`: plain, CRC-protected
+    /// frames that anyone on the path can read.
+    pub encrypted: bool,
+    /// Channels that failed during the session (each rebound, or the
+    /// session went on without it).
+    pub channel_failures: u32,
+    /// Batches sent again on another channel after theirs failed.
+    pub batches_resent: u64,
     /// Pre-copy rounds (source side; empty on the destination).
     pub round_log: Vec<RoundLog>,
     /// Memory this process holds, read when the report is written.

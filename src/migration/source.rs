@@ -374,6 +374,7 @@ struct Tally {
     destination_cpu_ms: Option<f64>,
     go_sent: bool,
     paused: bool,
+    authenticated: bool,
     round_log: Vec<RoundLog>,
 }
 
@@ -594,6 +595,10 @@ pub async fn migrate(
         },
         guest: guest.kind(),
         session_id: format!("{:016x}", tally.session_id),
+        authenticated: tally.authenticated,
+        encrypted: false,
+        channel_failures: 0,
+        batches_resent: 0,
         round_log: std::mem::take(&mut tally.round_log),
         memory_use: MemoryUse::measure(Some(guest.memory())),
     };
@@ -656,6 +661,7 @@ async fn run(
         CodecChoice::Fixed(c) => c.id().bit() | CodecId::None.bit(),
         CodecChoice::Auto => CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit(),
     };
+    let source_nonce = super::auth::random_bytes::<16>();
     wr0.send(
         Header::new(Command::Negotiate),
         &Message::Negotiate(Negotiate {
@@ -664,6 +670,7 @@ async fn run(
             capabilities: 0,
             codecs: needed,
             page_size: PAGE_SIZE as u32,
+            nonce: source_nonce,
         }),
     )
     .await?;
@@ -709,13 +716,10 @@ async fn run(
             0
         },
         label: config.label.clone(),
+        proof: None,
     };
-    if let Some(key) = &config.session_key {
-        let proof = super::auth::session_proof(key, &nonce, &setup);
-        if let Some(label) = setup.label.as_mut() {
-            label.proof = proof;
-        }
-    }
+    let key = config.session_key.as_ref();
+    setup.proof = key.map(|k| super::auth::setup_proof(k, &source_nonce, &nonce, &setup));
     wr0.send(
         Header::new(Command::SessionSetup),
         &Message::SessionSetup(setup),
@@ -732,6 +736,34 @@ async fn run(
     };
     let session_id = header.session_id;
     tally.session_id = session_id;
+    // With a key, the destination must prove it too before it sees a page.
+    if let Some(k) = key {
+        let proven = setup.proof.is_some_and(|p| {
+            super::auth::verify_response_proof(
+                k,
+                &source_nonce,
+                &nonce,
+                session_id,
+                &setup.bind_token,
+                &p,
+            )
+        });
+        if !proven {
+            let e = MigrationError::Unauthenticated(
+                "the destination did not prove the shared key: not sending it the guest".into(),
+            );
+            tracing::warn!(%target, "{e}");
+            return Err(e);
+        }
+        tally.authenticated = true;
+    }
+    let secret = Arc::new(super::auth::BindSecret::derive(
+        key,
+        &source_nonce,
+        &nonce,
+        session_id,
+        &setup.bind_token,
+    ));
     if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
         return Err(MigrationError::Protocol(format!(
             "initial credits {} out of range",
@@ -743,7 +775,7 @@ async fn run(
     let mut binds = tokio::task::JoinSet::new();
     for ch in 1..config.channels {
         let conn = connect_one(ch);
-        let token = setup.bind_token;
+        let secret = secret.clone();
         binds.spawn(async move {
             let (mut rd, mut wr) = conn.await?;
             let header = Header {
@@ -751,13 +783,19 @@ async fn run(
                 channel: ch,
                 ..Header::new(Command::ChannelBind)
             };
-            wr.send(
-                header,
-                &Message::ChannelBind(ChannelBind { bind_token: token }),
-            )
-            .await?;
+            let nonce = super::auth::random_bytes::<16>();
+            let proof = secret.bind_proof(session_id, ch, &nonce);
+            wr.send(header, &Message::ChannelBind(ChannelBind { nonce, proof }))
+                .await?;
             match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
-                (h, Message::ChannelBindResponse(_)) => Ok((ch, rd, wr, h.credit_grant)),
+                (h, Message::ChannelBindResponse(r)) => {
+                    if !secret.verify_bound(session_id, ch, &nonce, &r.proof) {
+                        return Err(MigrationError::Unauthenticated(format!(
+                            "the destination's answer to the bind of channel {ch} does not prove the session's secret"
+                        )));
+                    }
+                    Ok((ch, rd, wr, h.credit_grant))
+                }
                 (_, m) => Err(MigrationError::Protocol(format!(
                     "expected CHANNEL_BIND_RESPONSE, got {:?}",
                     m.command()

@@ -68,6 +68,8 @@ pub enum AbortCode {
     Resources = 6,
     /// The peer's versions, codecs or page size do not match.
     Incompatible = 7,
+    /// The peer did not prove the shared key (or proved a wrong one).
+    Unauthenticated = 8,
 }
 
 impl AbortCode {
@@ -81,6 +83,7 @@ impl AbortCode {
             5 => Internal,
             6 => Resources,
             7 => Incompatible,
+            8 => Unauthenticated,
             _ => return None,
         })
     }
@@ -99,6 +102,9 @@ pub struct Negotiate {
     pub codecs: u32,
     /// Guest page size in bytes.
     pub page_size: u32,
+    /// A fresh random challenge: a destination that holds the key proves it
+    /// over this in [`SessionSetupResponse::proof`].
+    pub nonce: [u8; 16],
 }
 
 /// Destination → source: what both sides will use.
@@ -112,8 +118,8 @@ pub struct NegotiateResponse {
     pub codecs: u32,
     /// Page size, echoed.
     pub page_size: u32,
-    /// A fresh random challenge: a labelled session's setup proves the
-    /// cluster's key over it (see [`SessionLabel::proof`]).
+    /// A fresh random challenge: a source that holds the key proves it over
+    /// this in [`SessionSetup::proof`].
     pub nonce: [u8; 16],
 }
 
@@ -124,6 +130,10 @@ pub const SETUP_LEAVE_PAUSED: u32 = 1;
 /// Flag in [`SessionSetup::flags`]: a [`SessionLabel`] follows the fixed
 /// fields (set by the encoder when `label` is `Some`).
 pub const SETUP_LABELLED: u32 = 2;
+/// Flag in [`SessionSetup::flags`]: a proof of the key follows (set by the
+/// encoder when `proof` is `Some`).
+pub const SETUP_PROVEN: u32 = 4;
+
 /// Longest string in a [`SessionLabel`], bytes.
 pub const MAX_LABEL_LEN: usize = 255;
 
@@ -139,9 +149,6 @@ pub struct SessionLabel {
     pub migration_id: String,
     /// The source node's name.
     pub source_node: String,
-    /// HMAC-SHA256 under the cluster's key of the destination's nonce and
-    /// the session's fields (all zero without a key).
-    pub proof: [u8; 32],
 }
 
 /// Source → destination: creates the session.
@@ -162,10 +169,14 @@ pub struct SessionSetup {
     pub verify: VerifyMode,
     /// The source's bandwidth cap in bytes/s, 0 for none.
     pub max_bandwidth: u64,
-    /// `SETUP_*` flags ([`SETUP_LABELLED`] follows `label`).
+    /// `SETUP_*` flags ([`SETUP_LABELLED`] follows `label`,
+    /// [`SETUP_PROVEN`] follows `proof`).
     pub flags: u32,
     /// Who the session is for (agents' migrations).
     pub label: Option<SessionLabel>,
+    /// HMAC-SHA256 under the shared key of both nonces and this setup's
+    /// fields (see `migration::auth`), when the source holds a key.
+    pub proof: Option<[u8; 32]>,
 }
 
 /// Destination → source: the session exists.
@@ -175,18 +186,36 @@ pub struct SessionSetupResponse {
     pub bind_token: [u8; 16],
     /// Credits each channel starts with.
     pub initial_credits: u16,
+    /// The destination's proof of the shared key over both nonces and the
+    /// session id, when the setup carried the source's.
+    pub proof: Option<[u8; 32]>,
 }
 
-/// Source → destination, on channels 1..N: join the session in the header.
+/// Source → destination: join (or rejoin, after a failure) the session in
+/// the header as the channel in the header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelBind {
-    /// The token from [`SessionSetupResponse`].
-    pub bind_token: [u8; 16],
+    /// A fresh random nonce for this bind; the destination accepts each
+    /// once per session.
+    pub nonce: [u8; 16],
+    /// HMAC-SHA256 under the session's bind secret of the session, channel
+    /// and nonce.
+    pub proof: [u8; 32],
 }
 
 /// Destination → source: the channel is bound (credits in the header).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChannelBindResponse;
+pub struct ChannelBindResponse {
+    /// The destination's proof of the bind secret over the same fields.
+    pub proof: [u8; 32],
+}
+
+/// Either way: a keepalive on an idle channel; the peer echoes the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Echo {
+    /// Any value, returned in the [`Message::EchoResponse`].
+    pub value: u64,
+}
 
 /// Destination → source: a batch was applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,6 +314,10 @@ pub enum Message {
     Complete(Complete),
     /// See [`Abort`].
     Abort(Abort),
+    /// See [`Echo`].
+    Echo(Echo),
+    /// The answer to an [`Echo`], with its value.
+    EchoResponse(Echo),
 }
 
 impl Message {
@@ -305,6 +338,8 @@ impl Message {
             Self::Go => Command::Go,
             Self::Complete(_) => Command::Complete,
             Self::Abort(_) => Command::Abort,
+            Self::Echo(_) => Command::Echo,
+            Self::EchoResponse(_) => Command::EchoResponse,
         }
     }
 
@@ -320,6 +355,7 @@ impl Message {
                 o.extend_from_slice(&m.capabilities.to_le_bytes());
                 o.extend_from_slice(&m.codecs.to_le_bytes());
                 o.extend_from_slice(&m.page_size.to_le_bytes());
+                o.extend_from_slice(&m.nonce);
             }
             Self::NegotiateResponse(m) => {
                 o.push(m.version);
@@ -338,10 +374,13 @@ impl Message {
                 o.push(m.verify as u8);
                 o.extend_from_slice(&0u16.to_le_bytes());
                 o.extend_from_slice(&m.max_bandwidth.to_le_bytes());
-                let flags = match m.label {
-                    Some(_) => m.flags | SETUP_LABELLED,
-                    None => m.flags & !SETUP_LABELLED,
-                };
+                let mut flags = m.flags & !(SETUP_LABELLED | SETUP_PROVEN);
+                if m.label.is_some() {
+                    flags |= SETUP_LABELLED;
+                }
+                if m.proof.is_some() {
+                    flags |= SETUP_PROVEN;
+                }
                 o.extend_from_slice(&flags.to_le_bytes());
                 if let Some(l) = &m.label {
                     for text in [&l.vm, &l.migration_id, &l.source_node] {
@@ -354,15 +393,26 @@ impl Message {
                         o.push(end as u8);
                         o.extend_from_slice(&text.as_bytes()[..end]);
                     }
-                    o.extend_from_slice(&l.proof);
+                }
+                if let Some(proof) = &m.proof {
+                    o.extend_from_slice(proof);
                 }
             }
             Self::SessionSetupResponse(m) => {
                 o.extend_from_slice(&m.bind_token);
                 o.extend_from_slice(&m.initial_credits.to_le_bytes());
+                o.push(u8::from(m.proof.is_some()));
+                if let Some(proof) = &m.proof {
+                    o.extend_from_slice(proof);
+                }
             }
-            Self::ChannelBind(m) => o.extend_from_slice(&m.bind_token),
-            Self::ChannelBindResponse(_) | Self::Go => {}
+            Self::ChannelBind(m) => {
+                o.extend_from_slice(&m.nonce);
+                o.extend_from_slice(&m.proof);
+            }
+            Self::ChannelBindResponse(m) => o.extend_from_slice(&m.proof),
+            Self::Echo(m) | Self::EchoResponse(m) => o.extend_from_slice(&m.value.to_le_bytes()),
+            Self::Go => {}
             Self::PageBatch(b) => o.extend_from_slice(&b.encode_for_test()),
             Self::BatchAck(m) => {
                 o.extend_from_slice(&m.message_id.to_le_bytes());
@@ -426,6 +476,10 @@ impl Message {
                     capabilities: r.u32("negotiate.capabilities")?,
                     codecs: r.u32("negotiate.codecs")?,
                     page_size: r.u32("negotiate.page_size")?,
+                    nonce: r
+                        .bytes(16, "negotiate.nonce")?
+                        .try_into()
+                        .expect("16 bytes"),
                 })
             }
             Command::NegotiateResponse => {
@@ -490,6 +544,7 @@ impl Message {
                     max_bandwidth: r.u64("setup.max_bandwidth")?,
                     flags: r.u32("setup.flags")?,
                     label: None,
+                    proof: None,
                 };
                 let SessionSetup { flags, .. } = setup;
                 if flags & SETUP_LABELLED != 0 {
@@ -503,11 +558,10 @@ impl Message {
                         vm: text("setup.label.vm")?,
                         migration_id: text("setup.label.migration_id")?,
                         source_node: text("setup.label.source_node")?,
-                        proof: r
-                            .bytes(32, "setup.label.proof")?
-                            .try_into()
-                            .expect("32 bytes"),
                     });
+                }
+                if flags & SETUP_PROVEN != 0 {
+                    setup.proof = Some(r.bytes(32, "setup.proof")?.try_into().expect("32 bytes"));
                 }
                 Self::SessionSetup(setup)
             }
@@ -517,11 +571,36 @@ impl Message {
                     .try_into()
                     .unwrap(),
                 initial_credits: r.u16("setup_response.initial_credits")?,
+                proof: match r.u8("setup_response.proven")? {
+                    0 => None,
+                    1 => Some(
+                        r.bytes(32, "setup_response.proof")?
+                            .try_into()
+                            .expect("32 bytes"),
+                    ),
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            field: "setup_response.proven",
+                        })
+                    }
+                },
             }),
             Command::ChannelBind => Self::ChannelBind(ChannelBind {
-                bind_token: r.bytes(16, "bind.bind_token")?.try_into().unwrap(),
+                nonce: r.bytes(16, "bind.nonce")?.try_into().expect("16 bytes"),
+                proof: r.bytes(32, "bind.proof")?.try_into().expect("32 bytes"),
             }),
-            Command::ChannelBindResponse => Self::ChannelBindResponse(ChannelBindResponse),
+            Command::ChannelBindResponse => Self::ChannelBindResponse(ChannelBindResponse {
+                proof: r
+                    .bytes(32, "bind_response.proof")?
+                    .try_into()
+                    .expect("32 bytes"),
+            }),
+            Command::Echo => Self::Echo(Echo {
+                value: r.u64("echo.value")?,
+            }),
+            Command::EchoResponse => Self::EchoResponse(Echo {
+                value: r.u64("echo_response.value")?,
+            }),
             Command::BatchAck => Self::BatchAck(BatchAck {
                 message_id: r.u64("ack.message_id")?,
                 pages: r.u32("ack.pages")?,
@@ -644,6 +723,7 @@ mod tests {
                 capabilities: 0,
                 codecs: 7,
                 page_size: 4096,
+                nonce: [4; 16],
             }),
             Message::NegotiateResponse(NegotiateResponse {
                 version: 1,
@@ -662,6 +742,7 @@ mod tests {
                 max_bandwidth: 125_000_000,
                 flags: SETUP_LEAVE_PAUSED,
                 label: None,
+                proof: None,
             }),
             Message::SessionSetup(SessionSetup {
                 memory_bytes: 1 << 30,
@@ -671,22 +752,31 @@ mod tests {
                 guest_kind: GuestKind::Sim,
                 verify: VerifyMode::Fast,
                 max_bandwidth: 0,
-                flags: SETUP_LABELLED,
+                flags: SETUP_LABELLED | SETUP_PROVEN,
                 label: Some(SessionLabel {
                     vm: "web-1".into(),
                     migration_id: "m-0042".into(),
                     source_node: "nöde-a".into(),
-                    proof: [9; 32],
                 }),
+                proof: Some([9; 32]),
             }),
             Message::SessionSetupResponse(SessionSetupResponse {
                 bind_token: [7; 16],
                 initial_credits: 8,
+                proof: None,
+            }),
+            Message::SessionSetupResponse(SessionSetupResponse {
+                bind_token: [7; 16],
+                initial_credits: 8,
+                proof: Some([3; 32]),
             }),
             Message::ChannelBind(ChannelBind {
-                bind_token: [9; 16],
+                nonce: [9; 16],
+                proof: [8; 32],
             }),
-            Message::ChannelBindResponse(ChannelBindResponse),
+            Message::ChannelBindResponse(ChannelBindResponse { proof: [6; 32] }),
+            Message::Echo(Echo { value: 41 }),
+            Message::EchoResponse(Echo { value: 41 }),
             Message::BatchAck(BatchAck {
                 message_id: 77,
                 pages: 256,

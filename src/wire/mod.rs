@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "FRY1"
-//!      4    1 version (1)
+//!      4    1 version (2)
 //!      5    1 command
 //!      6    2 flags
 //!      8    2 channel
@@ -28,16 +28,21 @@ pub use batch::{
 };
 pub use frame::{encode_frame, encode_header, Frame, FrameCrc, FrameDecoder, Header, HEADER_LEN};
 pub use message::{
-    Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, GuestKind, Message,
-    Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
+    Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, Echo, GuestKind,
+    Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
     SessionSetupResponse, Switchover, VerifyMode, MAX_LABEL_LEN, SETUP_LABELLED,
-    SETUP_LEAVE_PAUSED,
+    SETUP_LEAVE_PAUSED, SETUP_PROVEN,
 };
 
 /// `"FRY1"` as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks (2: mutual proofs of the key,
+/// proven channel binds, keepalives and resends).
+pub const VERSION: u8 = 2;
+/// Header flag on a page batch sent again after the channel that carried it
+/// failed: the receiver applies each message id once and acknowledges a
+/// resend of one it already applied without applying it again.
+pub const FLAG_RESEND: u16 = 1;
 /// The largest payload a frame may carry: 8 MiB.
 pub const MAX_FRAME_LEN: u32 = 8 << 20;
 /// Most channels in one session.
@@ -79,6 +84,10 @@ pub enum Command {
     Complete = 13,
     /// Either way: the migration ends with an error.
     Abort = 14,
+    /// Keepalive on an idle channel.
+    Echo = 15,
+    /// The answer to a keepalive.
+    EchoResponse = 16,
 }
 
 impl Command {
@@ -100,6 +109,8 @@ impl Command {
             12 => Go,
             13 => Complete,
             14 => Abort,
+            15 => Echo,
+            16 => EchoResponse,
             _ => return None,
         })
     }

@@ -30,7 +30,11 @@ impl Drop for Dir {
 
 /// Writes a cluster file of `nodes` (name, extra TOML lines) with free ports.
 fn write_cluster(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
-    std::fs::write(dir.join("cluster.token"), format!("{TOKEN}\n")).unwrap();
+    ferry::migration::auth::write_secret_file(
+        &dir.join("cluster.token"),
+        format!("{TOKEN}\n").as_bytes(),
+    )
+    .unwrap();
     let mut text = String::from("token_file = \"cluster.token\"\n");
     for (name, extra) in nodes {
         // 1 GiB unless the extra lines say otherwise.
