@@ -541,6 +541,7 @@ mod tests {
             encrypted: false,
             channel_failures: 0,
             batches_resent: 0,
+            channel_rebinds: 0,
             round_log: vec![],
             memory_use: Default::default(),
         }

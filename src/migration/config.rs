@@ -16,6 +16,9 @@ pub const DEFAULT_BATCH_PAGES: u32 = 256;
 /// the receiver: channels × this × batch size. Default: 4.
 pub const DEFAULT_INITIAL_CREDITS: u16 = 4;
 
+/// How long a peer may be silent before its channel counts as dead.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to migrate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MigrationConfig {
@@ -41,6 +44,11 @@ pub struct MigrationConfig {
     pub batch_pages: Option<u32>,
     /// Longest wait for the destination at each hand-off step. Default: 30 s.
     pub handoff_timeout: Duration,
+    /// A channel with something outstanding that hears nothing (and whose
+    /// socket takes nothing) for this long is dead: its batches go to the
+    /// other channels and it rebinds. With every channel dead this long,
+    /// the migration fails. Default: 10 s.
+    pub peer_timeout: Duration,
     /// Who the session is for, sent in its setup (agents name the VM).
     pub label: Option<SessionLabel>,
     /// The cluster's key: a labelled setup carries a proof of it over the
@@ -63,6 +71,7 @@ impl Default for MigrationConfig {
             leave_paused: false,
             batch_pages: None,
             handoff_timeout: Duration::from_secs(30),
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
             label: None,
             #[cfg(feature = "net")]
             session_key: None,
@@ -112,6 +121,9 @@ impl MigrationConfig {
         }
         if self.downtime_limit.is_zero() {
             return Err("downtime-limit must be positive".into());
+        }
+        if self.peer_timeout < Duration::from_millis(100) {
+            return Err("peer-timeout must be at least 100ms".into());
         }
         Ok(())
     }

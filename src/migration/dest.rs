@@ -18,7 +18,7 @@ use crate::memory::GuestMemory;
 use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
-    Page, PageBatch, SessionLabel, SessionSetup, SessionSetupResponse, VerifyMode,
+    Page, PageBatch, SessionLabel, SessionSetup, SessionSetupResponse, VerifyMode, FLAG_RESEND,
     SETUP_LEAVE_PAUSED,
 };
 use std::cell::RefCell;
@@ -59,7 +59,8 @@ pub struct ReceiverConfig {
     /// Batches in flight per channel. Default: 4.
     pub initial_credits: u16,
     /// Longest time without a byte from the source on any channel of a session
-    /// before giving up on it. Default: 60 s.
+    /// before giving up on it (sources keep idle channels alive every 3 s at
+    /// most). Default: 10 s.
     pub idle_timeout: Duration,
     /// Admission of each session (default: every session within the limits).
     pub admit: Option<AdmitFn>,
@@ -88,7 +89,7 @@ impl Default for ReceiverConfig {
         Self {
             max_memory: 1 << 40,
             initial_credits: DEFAULT_INITIAL_CREDITS,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: super::DEFAULT_PEER_TIMEOUT,
             admit: None,
             key: None,
             unauthenticated: Unauthenticated::default(),
@@ -328,7 +329,14 @@ async fn reject(writer: &mut FrameWriter, e: &MigrationError) {
 
 enum Event {
     Control(Header, Message),
-    Failed(u16, MigrationError),
+    Failed(u16, u32, MigrationError),
+}
+
+/// A channel's current connection.
+struct DestChan {
+    gen: u32,
+    writer: Arc<tokio::sync::Mutex<FrameWriter>>,
+    stop: CancellationToken,
 }
 
 struct Shared {
@@ -341,6 +349,11 @@ struct Shared {
     session_id: u64,
     next_msg: AtomicU64,
     cancel: CancellationToken,
+    /// Each batch id seen this round and the last, and its wake-up.
+    claims: Mutex<HashMap<u64, Claim>>,
+    claims_changed: tokio::sync::Notify,
+    /// Channels up now.
+    chans: Mutex<HashMap<u16, DestChan>>,
 }
 
 thread_local! {
@@ -394,36 +407,184 @@ fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(), MigrationE
     Ok(())
 }
 
+/// Where a batch's message id stands. Each id is applied once: a batch sent
+/// again after its channel failed (flagged as a resend) is applied only if
+/// its first copy never arrived, and acknowledged either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Its pages are being read into guest memory on this connection.
+    Receiving { chan: u16, gen: u32 },
+    /// Received whole and being applied.
+    Applying,
+    /// Applied (in this round).
+    Done { round: u32 },
+}
+
+impl Shared {
+    /// Claims a batch's id for this connection. `Ok(true)`: new, apply it;
+    /// `Ok(false)`: a resend of an id already here; a duplicate id without
+    /// the resend flag is an error.
+    fn claim(&self, h: &Header, state: Claim) -> Result<bool, MigrationError> {
+        let mut claims = self.claims.lock().unwrap();
+        if let std::collections::hash_map::Entry::Vacant(e) = claims.entry(h.message_id) {
+            e.insert(state);
+            return Ok(true);
+        }
+        if h.flags & FLAG_RESEND == 0 {
+            return Err(MigrationError::Protocol(format!(
+                "duplicate message id {} on channel {} (not marked as a resend)",
+                h.message_id, h.channel
+            )));
+        }
+        Ok(false)
+    }
+
+    fn set_claim(&self, id: u64, state: Option<Claim>) {
+        let mut claims = self.claims.lock().unwrap();
+        match state {
+            Some(s) => claims.insert(id, s),
+            None => claims.remove(&id),
+        };
+        drop(claims);
+        self.claims_changed.notify_waiters();
+    }
+
+    /// Settles a resend of `id`: waits while another connection still holds
+    /// its first copy (stopping that connection, which the source has given
+    /// up on, if it is stuck reading it). `Ok(true)`: the first copy never
+    /// landed, apply this one; `Ok(false)`: it is applied, acknowledge only.
+    async fn settle_resend(&self, id: u64) -> Result<bool, MigrationError> {
+        loop {
+            let changed = self.claims_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let holder = {
+                let mut claims = self.claims.lock().unwrap();
+                match claims.get(&id).copied() {
+                    None => {
+                        claims.insert(id, Claim::Applying);
+                        return Ok(true);
+                    }
+                    Some(Claim::Done { .. }) => return Ok(false),
+                    Some(Claim::Applying) => None,
+                    Some(Claim::Receiving { chan, gen }) => Some((chan, gen)),
+                }
+            };
+            if let Some((chan, gen)) = holder {
+                self.stop_channel(chan, gen);
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = &mut changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Stops connection `gen` of channel `chan` (replaced or given up on).
+    fn stop_channel(&self, chan: u16, gen: u32) {
+        if let Some(c) = self.chans.lock().unwrap().get(&chan) {
+            if c.gen == gen {
+                c.stop.cancel();
+            }
+        }
+    }
+
+    /// Forgets what a connection that ended was reading.
+    fn release(&self, chan: u16, gen: u32) {
+        self.claims
+            .lock()
+            .unwrap()
+            .retain(|_, c| *c != Claim::Receiving { chan, gen });
+        self.claims_changed.notify_waiters();
+    }
+
+    /// Drops a lost connection from the channels replies may use.
+    fn forget_channel(&self, chan: u16, gen: u32) {
+        let mut chans = self.chans.lock().unwrap();
+        if chans.get(&chan).is_some_and(|c| c.gen == gen) {
+            chans.remove(&chan);
+        }
+    }
+
+    /// Sends a reply on channel `on` if it is up, else on any channel that is.
+    async fn reply(&self, on: u16, msg: &Message) -> Result<(), MigrationError> {
+        let mut order: Vec<(u16, Arc<tokio::sync::Mutex<FrameWriter>>)> = {
+            let chans = self.chans.lock().unwrap();
+            chans.iter().map(|(&i, c)| (i, c.writer.clone())).collect()
+        };
+        order.sort_by_key(|&(i, _)| (i != on, i));
+        let mut last = MigrationError::ChannelLost {
+            channel: on,
+            why: "no channel is up to reply on".into(),
+        };
+        for (_, w) in order {
+            let header = Header {
+                session_id: self.session_id,
+                message_id: self.next_msg.fetch_add(1, Ordering::Relaxed),
+                ..Header::new(msg.command())
+            };
+            match w.lock().await.send(header, msg).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
 async fn channel_task(
     sh: Arc<Shared>,
     ch: u16,
+    gen: u32,
     mut rd: FrameReader,
     wr: Arc<tokio::sync::Mutex<FrameWriter>>,
+    stop: CancellationToken,
 ) {
     let result: Result<(), MigrationError> = async {
         loop {
-            // A placed batch's pages land in guest memory: check the session
-            // and the state before the first byte does.
+            // A placed batch's pages land in guest memory: check the session,
+            // the state and that this id is new before the first byte does.
             let accept = |h: &Header, b: &PageBatch| {
                 check_session(&sh, ch, h)?;
-                sh.machine.lock().unwrap().check_batch(b.round)
+                sh.machine.lock().unwrap().check_batch(b.round)?;
+                sh.claim(h, Claim::Receiving { chan: ch, gen })
             };
             let received = tokio::select! {
                 biased;
-                _ = sh.cancel.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 f = rd.read_placing(&sh.memory, sh.limits, accept) => f?,
             };
-            let (header, batch) = match received {
+            let (header, batch, fresh) = match received {
                 None => return Err(MigrationError::PeerClosed { channel: ch }),
-                Some(Received::Placed(header, batch)) => (header, Some(batch)),
+                Some(Received::Placed(header, batch)) => {
+                    sh.set_claim(header.message_id, Some(Claim::Applying));
+                    (header, batch, true)
+                }
                 Some(Received::Frame(frame)) if frame.header.command == Command::PageBatch => {
+                    check_session(&sh, ch, &frame.header)?;
                     let batch = PageBatch::decode(frame.payload, sh.limits)?;
-                    (frame.header, Some(batch))
+                    sh.machine.lock().unwrap().check_batch(batch.round)?;
+                    let h = frame.header;
+                    let fresh =
+                        sh.claim(&h, Claim::Applying)? || sh.settle_resend(h.message_id).await?;
+                    (h, batch, fresh)
                 }
                 Some(Received::Frame(frame)) => {
                     check_session(&sh, ch, &frame.header)?;
                     let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
                     match msg {
+                        Message::Echo(e) => {
+                            let header = Header {
+                                session_id: sh.session_id,
+                                message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                                ..Header::new(Command::EchoResponse)
+                            };
+                            wr.lock()
+                                .await
+                                .send(header, &Message::EchoResponse(e))
+                                .await?;
+                        }
                         Message::RoundEnd(_)
                         | Message::Switchover(_)
                         | Message::Go
@@ -437,46 +598,51 @@ async fn channel_task(
                             )))
                         }
                     }
-                    (frame.header, None)
+                    continue;
                 }
             };
-            if let Some(batch) = batch {
-                if !batch.is_placed() {
-                    check_session(&sh, ch, &header)?;
-                    sh.machine.lock().unwrap().check_batch(batch.round)?;
-                }
-                let pages = batch.page_count();
+            let pages = batch.page_count();
+            if fresh {
+                let round = batch.round;
                 // Raw pages are a hash (placed) or a copy and a hash: cheaper
                 // here than a hop to the blocking pool. Decompression goes to
                 // the pool.
-                if batch.codec == CodecId::None {
-                    sh.apply(&batch)?;
+                let applied = if batch.codec == CodecId::None {
+                    sh.apply(&batch)
                 } else {
                     let sh2 = sh.clone();
                     tokio::task::spawn_blocking(move || sh2.apply(&batch))
                         .await
-                        .map_err(|e| {
-                            MigrationError::Protocol(format!("apply task failed: {e}"))
-                        })??;
-                }
-                let ack_header = Header {
-                    credit_grant: 1,
-                    message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
-                    session_id: sh.session_id,
-                    ..Header::new(Command::BatchAck)
+                        .map_err(|e| MigrationError::Protocol(format!("apply task failed: {e}")))?
                 };
-                let ack = Message::BatchAck(BatchAck {
-                    message_id: header.message_id,
-                    pages,
-                });
-                wr.lock().await.send(ack_header, &ack).await?;
+                if let Err(e) = applied {
+                    sh.set_claim(header.message_id, None);
+                    return Err(e);
+                }
+                sh.set_claim(header.message_id, Some(Claim::Done { round }));
+            }
+            let ack_header = Header {
+                credit_grant: 1,
+                message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                session_id: sh.session_id,
+                ..Header::new(Command::BatchAck)
+            };
+            let ack = Message::BatchAck(BatchAck {
+                message_id: header.message_id,
+                pages,
+            });
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                r = async { wr.lock().await.send(ack_header, &ack).await } => r?,
             }
         }
     }
     .await;
+    sh.release(ch, gen);
     if let Err(e) = result {
-        if !sh.cancel.is_cancelled() {
-            let _ = sh.events.send(Event::Failed(ch, e));
+        if !sh.cancel.is_cancelled() && !stop.is_cancelled() {
+            let _ = sh.events.send(Event::Failed(ch, gen, e));
         }
     }
 }
@@ -503,6 +669,8 @@ struct Tally {
     finished: Option<Duration>,
     label: Option<SessionLabel>,
     authenticated: bool,
+    failures: u32,
+    rebinds: u32,
 }
 
 struct Session {
@@ -617,8 +785,9 @@ impl Session {
             session_id: format!("{:016x}", tally.session_id),
             authenticated: tally.authenticated,
             encrypted: false,
-            channel_failures: 0,
+            channel_failures: tally.failures,
             batches_resent: 0,
+            channel_rebinds: tally.rebinds,
             round_log: Vec::new(),
             memory_use: MemoryUse::measure(shared.as_ref().map(|s| &*s.memory)),
         };
@@ -797,6 +966,9 @@ impl Session {
             session_id,
             next_msg: AtomicU64::new(1),
             cancel: cancel.clone(),
+            claims: Mutex::new(HashMap::new()),
+            claims_changed: tokio::sync::Notify::new(),
+            chans: Mutex::new(HashMap::new()),
         });
         *shared_out = Some(sh.clone());
         let credits = self.config.initial_credits;
@@ -818,28 +990,46 @@ impl Session {
                 }),
             )
             .await?;
-        let ch0 = Arc::new(tokio::sync::Mutex::new(writer));
-        tokio::spawn(channel_task(sh.clone(), 0, reader, ch0.clone()));
+        // Starts a connection as channel `channel`, replacing (and stopping)
+        // the one before it.
+        let start = |channel: u16, reader: FrameReader, writer: FrameWriter| {
+            let writer = Arc::new(tokio::sync::Mutex::new(writer));
+            let stop = cancel.child_token();
+            let gen = {
+                let mut chans = sh.chans.lock().unwrap();
+                let gen = chans.get(&channel).map_or(1, |c| {
+                    c.stop.cancel();
+                    c.gen + 1
+                });
+                chans.insert(
+                    channel,
+                    DestChan {
+                        gen,
+                        writer: writer.clone(),
+                        stop: stop.clone(),
+                    },
+                );
+                gen
+            };
+            tokio::spawn(channel_task(sh.clone(), channel, gen, reader, writer, stop));
+        };
+        start(0, reader, writer);
+        let mut ever_bound = std::collections::HashSet::from([0u16]);
+        // Control ids seen, and the last reply with the id it answered: a
+        // control message sent again after its channel failed gets the same
+        // reply again, and is not acted on twice.
+        let mut control_ids = std::collections::HashSet::new();
+        let mut last_reply: Option<(u64, Message)> = None;
         // The source is silent when no byte arrives on any channel: a single
         // channel may rightly idle for long while others carry the rounds.
         let idle = self.config.idle_timeout;
         let mut watchdog = tokio::time::interval(Duration::from_secs(1).min(idle));
         let mut last_bytes = self.rx_bytes.load(Ordering::Relaxed);
         let mut last_change = Instant::now();
-        let mut bound = 1u16;
-        if bound == setup.channels {
+        if setup.channels == 1 {
             tally.setup = Some(at.elapsed());
         }
         let leave_paused = setup.flags & SETUP_LEAVE_PAUSED != 0;
-        let send0 = |msg: Message| {
-            let ch0 = ch0.clone();
-            let header = Header {
-                session_id,
-                message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
-                ..Header::new(msg.command())
-            };
-            async move { ch0.lock().await.send(header, &msg).await }
-        };
         let result = loop {
             let ev = tokio::select! {
                 biased;
@@ -869,10 +1059,12 @@ impl Session {
                     if let Err(e) = writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse { proof })).await {
                         break Err(e);
                     }
-                    let wr = Arc::new(tokio::sync::Mutex::new(writer));
-                    tokio::spawn(channel_task(sh.clone(), channel, reader, wr));
-                    bound += 1;
-                    if bound == setup.channels {
+                    if !ever_bound.insert(channel) {
+                        tally.rebinds += 1;
+                        tracing::info!(channel, "channel rebound to the session");
+                    }
+                    start(channel, reader, writer);
+                    if ever_bound.len() == usize::from(setup.channels) && tally.setup.is_none() {
                         tally.setup = Some(at.elapsed());
                     }
                     continue;
@@ -882,8 +1074,34 @@ impl Session {
             let Some(ev) = ev else {
                 break Err(MigrationError::Protocol("all channels ended".into()));
             };
+            if let Event::Control(h, m) = &ev {
+                if !control_ids.insert(h.message_id) {
+                    if h.flags & FLAG_RESEND == 0 {
+                        break Err(MigrationError::Protocol(format!(
+                            "duplicate message id {} ({:?}) on channel {}",
+                            h.message_id,
+                            m.command(),
+                            h.channel
+                        )));
+                    }
+                    if let Some((id, reply)) = &last_reply {
+                        if *id == h.message_id {
+                            let _ = sh.reply(h.channel, reply).await;
+                        }
+                    }
+                    continue;
+                }
+            }
             match ev {
-                Event::Failed(ch, e) => {
+                Event::Failed(ch, gen, e) if e.is_channel_loss() => {
+                    sh.forget_channel(ch, gen);
+                    // The source sends its batches again on the others and
+                    // rebinds it; silence on every channel ends the session.
+                    tally.failures += 1;
+                    tracing::warn!(ch, error = %e, "channel lost; waiting for the source to rebind it");
+                    continue;
+                }
+                Event::Failed(ch, _, e) => {
                     tracing::debug!(ch, error = %e, "channel failed");
                     // A source that aborts closes its channels right after:
                     // prefer the abort's reason to the closed channel.
@@ -919,11 +1137,17 @@ impl Session {
                     if let Err(e) = sh.machine.lock().unwrap().handle_round_end(&m) {
                         break Err(e);
                     }
+                    // Every batch of earlier rounds was acknowledged: none
+                    // comes again.
+                    sh.claims
+                        .lock()
+                        .unwrap()
+                        .retain(|_, c| !matches!(c, Claim::Done { round } if *round < m.round));
                     if m.final_next {
                         tally.paused_at = Some(Instant::now());
                     }
                 }
-                Event::Control(_, Message::Switchover(m)) => {
+                Event::Control(h, Message::Switchover(m)) => {
                     tally.rounds = m.rounds;
                     tally.dirty_rate = m.dirty_rate_bps;
                     tally.throttle_max = m.throttle_pct_max;
@@ -960,11 +1184,14 @@ impl Session {
                         Err(e) => break Err(MigrationError::Incompatible(e)),
                     }
                     tally.verified = true;
-                    if let Err(e) = send0(Message::Ready(ready)).await {
-                        break Err(e);
+                    let ready = Message::Ready(ready);
+                    last_reply = Some((h.message_id, ready.clone()));
+                    if let Err(e) = sh.reply(h.channel, &ready).await {
+                        // The source sends SWITCHOVER again once a channel is back.
+                        tracing::warn!(error = %e, "could not send READY yet");
                     }
                 }
-                Event::Control(_, Message::Go) => {
+                Event::Control(h, Message::Go) => {
                     if let Err(e) = sh.machine.lock().unwrap().handle_go() {
                         break Err(e);
                     }
@@ -980,7 +1207,8 @@ impl Session {
                         destination_cpu_ms: self.ctx.cpu.total().as_millis() as u64,
                         resumed: !leave_paused,
                     });
-                    if let Err(e) = send0(complete).await {
+                    last_reply = Some((h.message_id, complete.clone()));
+                    if let Err(e) = sh.reply(h.channel, &complete).await {
                         tracing::warn!(error = %e, "could not acknowledge GO; the guest runs here regardless");
                     }
                     tally.finished = Some(at.elapsed());
@@ -996,15 +1224,27 @@ impl Session {
             }
         };
         if result.is_ok() {
-            // The source ends the session: wait (briefly) for it to close
-            // channel 0 so our closing does not race its reading COMPLETE.
+            // The source ends the session: wait (briefly) for it to close its
+            // channels so our closing does not race its reading COMPLETE, and
+            // answer a GO it sends again (its channel failed) with COMPLETE.
             let linger = tokio::time::sleep(Duration::from_secs(5));
             tokio::pin!(linger);
             loop {
                 tokio::select! {
                     _ = &mut linger => break,
                     ev = events.recv() => match ev {
-                        None | Some(Event::Failed(0, _)) => break,
+                        None => break,
+                        Some(Event::Failed(ch, gen, _)) => {
+                            sh.forget_channel(ch, gen);
+                            if sh.chans.lock().unwrap().is_empty() {
+                                break;
+                            }
+                        }
+                        Some(Event::Control(h, Message::Go)) if h.flags & FLAG_RESEND != 0 => {
+                            if let Some((_, reply)) = &last_reply {
+                                let _ = sh.reply(h.channel, reply).await;
+                            }
+                        }
                         Some(_) => continue,
                     },
                 }
@@ -1021,7 +1261,7 @@ impl Session {
                     code: e.abort_code(),
                     message: e.to_string(),
                 });
-                let _ = tokio::time::timeout(Duration::from_secs(1), send0(abort)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), sh.reply(0, &abort)).await;
             }
         }
         result

@@ -65,6 +65,15 @@ pub enum MigrationError {
         /// The channel.
         channel: u16,
     },
+    /// A channel broke (closed mid-frame, silent past the peer timeout):
+    /// its batches go to the others while it rebinds.
+    #[error("channel {channel} lost: {why}")]
+    ChannelLost {
+        /// The channel.
+        channel: u16,
+        /// What happened to it.
+        why: String,
+    },
     /// A socket operation failed.
     #[error("{context}")]
     Io {
@@ -107,7 +116,10 @@ impl MigrationError {
     /// The code an abort for this error carries to the peer.
     pub fn abort_code(&self) -> AbortCode {
         match self {
-            Self::Decode(_) | Self::Protocol(_) | Self::PeerClosed { .. } => AbortCode::Protocol,
+            Self::Decode(_)
+            | Self::Protocol(_)
+            | Self::PeerClosed { .. }
+            | Self::ChannelLost { .. } => AbortCode::Protocol,
             Self::RemoteAbort { code, .. } => *code,
             Self::DigestMismatch { .. } => AbortCode::DigestMismatch,
             Self::Incompatible(_) => AbortCode::Incompatible,
@@ -117,6 +129,15 @@ impl MigrationError {
             Self::NotConverging(_) | Self::Timeout { .. } => AbortCode::Timeout,
             Self::Config(_) | Self::Io { .. } | Self::Codec(_) => AbortCode::Internal,
         }
+    }
+
+    /// Whether this is a channel's transport failing (closed, reset, silent),
+    /// which failover survives, rather than a fault in what the peer sent.
+    pub fn is_channel_loss(&self) -> bool {
+        matches!(
+            self,
+            Self::PeerClosed { .. } | Self::ChannelLost { .. } | Self::Io { .. }
+        )
     }
 
     /// Whether the peer is at fault (as opposed to us or the environment).

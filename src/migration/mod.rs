@@ -20,7 +20,10 @@ mod progress;
 #[cfg(feature = "net")]
 mod source;
 
-pub use config::{MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS, DEFAULT_INITIAL_CREDITS};
+pub use config::{
+    MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS, DEFAULT_INITIAL_CREDITS,
+    DEFAULT_PEER_TIMEOUT,
+};
 pub use error::MigrationError;
 pub use guest::{restore_guest, MigratableGuest};
 pub use report::{CpuMs, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};

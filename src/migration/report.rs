@@ -167,6 +167,8 @@ pub struct Report {
     pub channel_failures: u32,
     /// Batches sent again on another channel after theirs failed.
     pub batches_resent: u64,
+    /// Channels connected again and bound to the session after a failure.
+    pub channel_rebinds: u32,
     /// Pre-copy rounds (source side; empty on the destination).
     pub round_log: Vec<RoundLog>,
     /// Memory this process holds, read when the report is written.

@@ -23,15 +23,15 @@ use crate::memory::{DirtySnapshot, PAGE_SIZE};
 use crate::transport::{connect, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::{
     Abort, BatchEncoder, ChannelBind, Command, EncodedBatch, Header, Limits, Message, Negotiate,
-    RoundEnd, SessionSetup, Switchover, VerifyMode, MAX_CREDITS, MAX_RUNS_PER_BATCH,
+    RoundEnd, SessionSetup, Switchover, VerifyMode, FLAG_RESEND, MAX_CREDITS, MAX_RUNS_PER_BATCH,
     SETUP_LEAVE_PAUSED, VERSION,
 };
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,11 +43,154 @@ struct Job {
     runs: Vec<(u64, u32)>,
 }
 
+/// Work for a channel's writer.
+#[derive(Debug)]
+enum Work {
+    /// A batch sent for the first time.
+    New(Job),
+    /// A batch whose channel failed before it was acknowledged: encoded
+    /// again from the same pages and sent under its message id, flagged as a
+    /// resend (the destination applies each id once).
+    Again(u64, Job),
+}
+
 /// Something the channel tasks tell the driver.
 #[derive(Debug)]
 enum Event {
     Reply(Message),
     Failed(MigrationError),
+}
+
+/// One channel's current connection; a rebind replaces it with the next
+/// generation under the same channel number.
+struct Chan {
+    index: u16,
+    gen: u32,
+    writer: tokio::sync::Mutex<FrameWriter>,
+    /// Bytes its socket took (moves while the peer reads).
+    tx_progress: Arc<AtomicU64>,
+    credits: Semaphore,
+    /// Fired once, when the connection is declared dead.
+    dead: CancellationToken,
+    /// When it was bound and when it last received a frame, ms since
+    /// `Shared::epoch`.
+    born_ms: u64,
+    last_rx_ms: AtomicU64,
+    /// Batches in flight on it.
+    outstanding: AtomicU64,
+    /// A keepalive awaits its echo.
+    echo_pending: AtomicBool,
+}
+
+impl Chan {
+    fn new(
+        index: u16,
+        gen: u32,
+        wr: FrameWriter,
+        credits: u16,
+        session: &CancellationToken,
+        now_ms: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            index,
+            gen,
+            tx_progress: wr.progress(),
+            writer: tokio::sync::Mutex::new(wr),
+            credits: Semaphore::new(credits.into()),
+            dead: session.child_token(),
+            born_ms: now_ms,
+            last_rx_ms: AtomicU64::new(now_ms),
+            outstanding: AtomicU64::new(0),
+            echo_pending: AtomicBool::new(false),
+        })
+    }
+}
+
+/// A batch sent and not yet acknowledged: where it went and what it holds.
+struct Inflight {
+    chan: u16,
+    gen: u32,
+    job: Job,
+    pages: u32,
+    bytes: usize,
+}
+
+/// The latest control message: sent again on another channel when its
+/// channel fails before it was answered.
+struct LastControl {
+    id: u64,
+    msg: Message,
+    chan: u16,
+    gen: u32,
+    answered: bool,
+    resend: bool,
+}
+
+/// What it takes to connect a channel and bind it to the session.
+struct Connector {
+    target: String,
+    buckets: Vec<Arc<TokenBucket>>,
+    wire: Arc<AtomicU64>,
+    rx_bytes: Arc<AtomicU64>,
+    session_id: u64,
+    secret: Arc<super::auth::BindSecret>,
+}
+
+impl Connector {
+    async fn connect(&self, ch: u16) -> Result<(FrameReader, FrameWriter), MigrationError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.target))
+            .await
+            .map_err(|_| MigrationError::Timeout {
+                what: "the TCP connection",
+                after: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| {
+                MigrationError::io(format!("connect channel {ch} to {}", self.target), e)
+            })?;
+        let (r, w) = stream.into_split();
+        Ok((
+            FrameReader::new(r, ch, self.rx_bytes.clone()),
+            FrameWriter::new(w, ch, self.buckets.clone(), self.wire.clone()),
+        ))
+    }
+
+    /// Connects channel `ch` and binds it to the session, each side proving
+    /// the session's secret over a fresh nonce. Returns its credits.
+    async fn bind(&self, ch: u16) -> Result<(FrameReader, FrameWriter, u16), MigrationError> {
+        let (mut rd, mut wr) = self.connect(ch).await?;
+        let header = Header {
+            session_id: self.session_id,
+            channel: ch,
+            ..Header::new(Command::ChannelBind)
+        };
+        let nonce = super::auth::random_bytes::<16>();
+        let proof = self.secret.bind_proof(self.session_id, ch, &nonce);
+        wr.send(header, &Message::ChannelBind(ChannelBind { nonce, proof }))
+            .await?;
+        match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
+            (h, Message::ChannelBindResponse(r)) => {
+                if !self
+                    .secret
+                    .verify_bound(self.session_id, ch, &nonce, &r.proof)
+                {
+                    return Err(MigrationError::Unauthenticated(format!(
+                        "the destination's answer to the bind of channel {ch} does not prove the session's secret"
+                    )));
+                }
+                let credits = h.credit_grant;
+                if credits == 0 || credits > MAX_CREDITS {
+                    return Err(MigrationError::Protocol(format!(
+                        "channel {ch} granted {credits} credits"
+                    )));
+                }
+                Ok((rd, wr, credits))
+            }
+            (_, m) => Err(MigrationError::Protocol(format!(
+                "expected CHANNEL_BIND_RESPONSE, got {:?}",
+                m.command()
+            ))),
+        }
+    }
 }
 
 struct Shared {
@@ -62,15 +205,31 @@ struct Shared {
     session_id: u64,
     next_msg: AtomicU64,
     jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
-    credits: Vec<Semaphore>,
-    /// Batches sent and not yet acknowledged: pages and frame bytes.
-    inflight: Mutex<HashMap<u64, (u32, usize)>>,
+    /// Batches to send again (before new ones), and its wake-up.
+    again: Mutex<VecDeque<Work>>,
+    work_ready: Notify,
+    /// Each channel's current connection, and the wake-up when one is bound.
+    chans: Vec<RwLock<Arc<Chan>>>,
+    chan_bound: Notify,
+    /// Batches sent and not yet acknowledged, by message id.
+    inflight: Mutex<HashMap<u64, Inflight>>,
     acked: watch::Sender<u64>,
     counts: PageCounter,
     ctx: RunContext,
     events: mpsc::UnboundedSender<Event>,
-    writers: Vec<Arc<tokio::sync::Mutex<FrameWriter>>>,
     cancel: CancellationToken,
+    /// Control messages go out one at a time, in order.
+    control: tokio::sync::Mutex<()>,
+    last_control: Mutex<Option<LastControl>>,
+    control_lost: Notify,
+    connector: Connector,
+    epoch: Instant,
+    peer_timeout: Duration,
+    /// Since when no channel is alive.
+    all_dead_since: Mutex<Option<Instant>>,
+    failures: AtomicU32,
+    resent: AtomicU64,
+    rebinds: AtomicU32,
 }
 
 thread_local! {
@@ -82,11 +241,137 @@ thread_local! {
 }
 
 impl Shared {
-    fn header(&self, command: Command) -> Header {
-        Header {
-            message_id: self.next_msg.fetch_add(1, Ordering::Relaxed),
-            session_id: self.session_id,
-            ..Header::new(command)
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn chan(&self, index: u16) -> Arc<Chan> {
+        self.chans[index as usize].read().unwrap().clone()
+    }
+
+    /// The channels alive now, lowest number first.
+    fn live(&self) -> Vec<Arc<Chan>> {
+        (0..self.chans.len() as u16)
+            .map(|i| self.chan(i))
+            .filter(|c| !c.dead.is_cancelled())
+            .collect()
+    }
+
+    /// Makes a bound connection channel `index`'s current one and starts its
+    /// reader and writer.
+    fn install(
+        self: &Arc<Self>,
+        index: u16,
+        gen: u32,
+        rd: FrameReader,
+        wr: FrameWriter,
+        credits: u16,
+    ) {
+        let chan = Chan::new(index, gen, wr, credits, &self.cancel, self.now_ms());
+        *self.chans[index as usize].write().unwrap() = chan.clone();
+        *self.all_dead_since.lock().unwrap() = None;
+        self.start(chan, rd);
+        self.chan_bound.notify_waiters();
+    }
+
+    /// Starts a connection's reader and writer.
+    fn start(self: &Arc<Self>, chan: Arc<Chan>, rd: FrameReader) {
+        tokio::spawn(reader_task(self.clone(), chan.clone(), rd));
+        tokio::spawn(writer_task(self.clone(), chan));
+    }
+
+    /// Declares a channel's connection dead: its unacknowledged batches go
+    /// back to the queue for the other channels, an unanswered control
+    /// message is sent again, and the channel rebinds.
+    fn fail_channel(self: &Arc<Self>, chan: &Arc<Chan>, e: MigrationError) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let moved = {
+            let mut inflight = self.inflight.lock().unwrap();
+            if chan.dead.is_cancelled() {
+                return;
+            }
+            // Under the lock: no ack from this connection is counted after.
+            chan.dead.cancel();
+            let ids: Vec<u64> = inflight
+                .iter()
+                .filter(|(_, b)| b.chan == chan.index && b.gen == chan.gen)
+                .map(|(&id, _)| id)
+                .collect();
+            let mut again = self.again.lock().unwrap();
+            for id in &ids {
+                let b = inflight.remove(id).expect("listed");
+                again.push_back(Work::Again(*id, b.job));
+            }
+            ids.len()
+        };
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.resent.fetch_add(moved as u64, Ordering::Relaxed);
+        self.work_ready.notify_waiters();
+        if let Some(c) = self.last_control.lock().unwrap().as_mut() {
+            if !c.answered && c.chan == chan.index && c.gen == chan.gen {
+                c.resend = true;
+                self.control_lost.notify_one();
+            }
+        }
+        if self.live().is_empty() {
+            self.all_dead_since
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
+        }
+        tracing::warn!(
+            channel = chan.index,
+            error = %e,
+            resent = moved,
+            "channel failed; its batches go to the other channels while it rebinds"
+        );
+        tokio::spawn(rebind_task(self.clone(), chan.index, chan.gen + 1));
+    }
+
+    /// The next batch for `chan`: one to send again first, else a new one;
+    /// `None` when the channel or the session ends.
+    async fn next_work(&self, chan: &Chan) -> Option<Work> {
+        loop {
+            if let Some(w) = self.again.lock().unwrap().pop_front() {
+                return Some(w);
+            }
+            let ready = self.work_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(w) = self.again.lock().unwrap().pop_front() {
+                return Some(w);
+            }
+            tokio::select! {
+                biased;
+                _ = chan.dead.cancelled() => return None,
+                _ = &mut ready => continue,
+                job = async { self.jobs.lock().await.recv().await } => return job.map(Work::New),
+            }
+        }
+    }
+
+    /// Puts work back at the head of the queue (its channel died before it
+    /// was sent).
+    fn requeue(&self, w: Work) {
+        self.again.lock().unwrap().push_front(w);
+        self.work_ready.notify_waiters();
+    }
+
+    /// The lowest-numbered live channel, waiting for a rebind when none is.
+    async fn wait_live(&self) -> Result<Arc<Chan>, MigrationError> {
+        loop {
+            let bound = self.chan_bound.notified();
+            tokio::pin!(bound);
+            bound.as_mut().enable();
+            if let Some(c) = self.live().into_iter().next() {
+                return Ok(c);
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = &mut bound => {}
+            }
         }
     }
 
@@ -199,7 +484,7 @@ impl Shared {
         self.socket_bps
             .lock()
             .unwrap()
-            .record(secs, self.writers.len(), std::time::Instant::now());
+            .record(secs, self.chans.len(), std::time::Instant::now());
     }
 
     /// Records that the destination acknowledged a frame of `bytes`.
@@ -209,59 +494,169 @@ impl Shared {
         }
     }
 
-    async fn send_control(&self, msg: &Message) -> Result<(), MigrationError> {
-        let header = self.header(msg.command());
-        self.writers[0].lock().await.send(header, msg).await
+    /// Sends a control message on the lowest-numbered live channel, moving
+    /// to another (and marking it a resend) when that one fails.
+    async fn send_control(self: &Arc<Self>, msg: &Message) -> Result<(), MigrationError> {
+        let _order = self.control.lock().await;
+        let id = self.next_msg.fetch_add(1, Ordering::Relaxed);
+        self.send_control_locked(id, msg, false).await
+    }
+
+    async fn send_control_locked(
+        self: &Arc<Self>,
+        id: u64,
+        msg: &Message,
+        mut resend: bool,
+    ) -> Result<(), MigrationError> {
+        // A control message of the last one's channel lost goes again first,
+        // so the destination sees them in order.
+        self.resend_lost_control().await?;
+        loop {
+            let chan = self.wait_live().await?;
+            let header = Header {
+                message_id: id,
+                session_id: self.session_id,
+                flags: if resend { FLAG_RESEND } else { 0 },
+                ..Header::new(msg.command())
+            };
+            let sent = tokio::select! {
+                biased;
+                _ = chan.dead.cancelled() => Err(MigrationError::ChannelLost { channel: chan.index, why: "failed while sending a control message".into() }),
+                r = async { chan.writer.lock().await.send(header, msg).await } => r,
+            };
+            match sent {
+                Ok(()) => {
+                    *self.last_control.lock().unwrap() = Some(LastControl {
+                        id,
+                        msg: msg.clone(),
+                        chan: chan.index,
+                        gen: chan.gen,
+                        answered: false,
+                        resend: false,
+                    });
+                    // Failed just after the write: its failure missed it.
+                    if !chan.dead.is_cancelled() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    if !e.is_channel_loss() {
+                        return Err(e);
+                    }
+                    self.fail_channel(&chan, e);
+                }
+            }
+            resend = true;
+        }
+    }
+
+    /// Sends the last control message again if its channel failed before
+    /// the destination answered it. Call with `control` held.
+    async fn resend_lost_control(self: &Arc<Self>) -> Result<(), MigrationError> {
+        let lost = {
+            let mut last = self.last_control.lock().unwrap();
+            match last.as_mut() {
+                Some(c) if c.resend && !c.answered => {
+                    c.resend = false;
+                    Some((c.id, c.msg.clone()))
+                }
+                _ => None,
+            }
+        };
+        if let Some((id, msg)) = lost {
+            tracing::info!(command = ?msg.command(), "sending a control message again on another channel");
+            Box::pin(self.send_control_locked(id, &msg, true)).await?;
+        }
+        Ok(())
     }
 }
 
-async fn writer_task(sh: Arc<Shared>, ch: u16) {
+async fn writer_task(sh: Arc<Shared>, chan: Arc<Chan>) {
     let run = async {
-        loop {
-            let job = {
-                let mut rx = sh.jobs.lock().await;
-                tokio::select! {
-                    biased;
-                    _ = sh.cancel.cancelled() => return Ok(()),
-                    job = rx.recv() => job,
-                }
+        while let Some(work) = sh.next_work(&chan).await {
+            let (id, job) = match work {
+                Work::New(job) => (None, job),
+                Work::Again(id, job) => (Some(id), job),
             };
-            let Some(job) = job else { return Ok(()) };
             // Raw batches cost a copy and a hash (about 0.1 ms per MiB): cheaper
             // here than a hop to the blocking pool and back. Compression takes
             // milliseconds and goes to the pool, off the runtime's workers.
-            let (codec, probe) = sh.choose();
-            let batch = if codec == Codec::None && probe.is_none() {
-                sh.encode(&job, codec, probe)?
+            let (codec, probe) = match id {
+                // A resend is no sample of anything.
+                Some(_) => (sh.choose().0, None),
+                None => sh.choose(),
+            };
+            let (batch, job) = if codec == Codec::None && probe.is_none() {
+                (sh.encode(&job, codec, probe)?, job)
             } else {
                 let sh2 = sh.clone();
-                tokio::task::spawn_blocking(move || sh2.encode(&job, codec, probe))
+                tokio::task::spawn_blocking(move || (sh2.encode(&job, codec, probe), job))
                     .await
+                    .map(|(b, job)| b.map(|b| (b, job)))
                     .map_err(|e| MigrationError::Protocol(format!("encoder task failed: {e}")))??
+            };
+            let back = |job| match id {
+                Some(id) => Work::Again(id, job),
+                None => Work::New(job),
             };
             tokio::select! {
                 biased;
-                _ = sh.cancel.cancelled() => return Ok(()),
-                permit = sh.credits[ch as usize].acquire() => permit.expect("semaphore never closed").forget(),
+                _ = chan.dead.cancelled() => {
+                    sh.requeue(back(job));
+                    return Ok(());
+                }
+                permit = chan.credits.acquire() => permit.expect("semaphore never closed").forget(),
+            }
+            let message_id = id.unwrap_or_else(|| sh.next_msg.fetch_add(1, Ordering::Relaxed));
+            {
+                let mut inflight = sh.inflight.lock().unwrap();
+                if chan.dead.is_cancelled() {
+                    drop(inflight);
+                    sh.requeue(back(job));
+                    return Ok(());
+                }
+                // From here a failure of the channel sends it again.
+                inflight.insert(
+                    message_id,
+                    Inflight {
+                        chan: chan.index,
+                        gen: chan.gen,
+                        job,
+                        pages: batch.pages,
+                        bytes: batch.payload.len(),
+                    },
+                );
+                chan.outstanding.fetch_add(1, Ordering::Relaxed);
             }
             let header = Header {
-                channel: ch,
+                channel: chan.index,
                 credit_request: 1,
-                ..sh.header(Command::PageBatch)
+                message_id,
+                session_id: sh.session_id,
+                flags: if id.is_some() { FLAG_RESEND } else { 0 },
+                ..Header::new(Command::PageBatch)
             };
-            sh.inflight
-                .lock()
-                .unwrap()
-                .insert(header.message_id, (batch.pages, batch.payload.len()));
-            let mut writer = sh.writers[ch as usize].lock().await;
             // Only a blocked write says the link is the bottleneck. Waiting for
             // credit may be waiting for a receiver busy applying pages, which
             // is counted in guest bytes: taken for a link rate in wire bytes,
             // it would make compressing look better the more it compresses.
-            let t = std::time::Instant::now();
-            writer.send_raw(&header, &batch.payload).await?;
-            sh.record_socket(batch.payload.len(), t.elapsed());
-            drop(writer);
+            let sent = tokio::select! {
+                biased;
+                _ = chan.dead.cancelled() => return Ok(()),
+                r = async {
+                    let mut writer = chan.writer.lock().await;
+                    let t = std::time::Instant::now();
+                    writer.send_raw(&header, &batch.payload).await.map(|()| t.elapsed())
+                } => r,
+            };
+            match sent {
+                Ok(elapsed) => sh.record_socket(batch.payload.len(), elapsed),
+                Err(e) if e.is_channel_loss() => {
+                    sh.fail_channel(&chan, e);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
             sh.counts.add(
                 batch.pages.into(),
                 batch.zero.into(),
@@ -269,6 +664,7 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
                 batch.compressed.into(),
             );
         }
+        Ok(())
     };
     let result: Result<(), MigrationError> = run.await;
     if let Err(e) = result {
@@ -276,32 +672,40 @@ async fn writer_task(sh: Arc<Shared>, ch: u16) {
     }
 }
 
-async fn reader_task(sh: Arc<Shared>, ch: u16, mut rd: FrameReader) {
+async fn reader_task(sh: Arc<Shared>, chan: Arc<Chan>, mut rd: FrameReader) {
+    let ch = chan.index;
     let result: Result<(), MigrationError> = async {
         loop {
             let frame = tokio::select! {
                 biased;
-                _ = sh.cancel.cancelled() => return Ok(()),
+                _ = chan.dead.cancelled() => return Ok(()),
                 f = rd.read_frame() => f?,
             };
             let Some(frame) = frame else {
                 return Err(MigrationError::PeerClosed { channel: ch });
             };
+            chan.last_rx_ms.store(sh.now_ms(), Ordering::Relaxed);
             match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)? {
                 Message::BatchAck(ack) => {
-                    let (pages, bytes) = sh
-                        .inflight
-                        .lock()
-                        .unwrap()
-                        .remove(&ack.message_id)
-                        .ok_or_else(|| {
-                            MigrationError::Protocol(format!(
-                                "acknowledgement of unknown batch {}",
+                    let (pages, bytes) = {
+                        let mut inflight = sh.inflight.lock().unwrap();
+                        if chan.dead.is_cancelled() {
+                            // Its batches were sent again: their acks count.
+                            return Ok(());
+                        }
+                        match inflight.get(&ack.message_id) {
+                            Some(b) if b.chan == ch && b.gen == chan.gen => {}
+                            _ => return Err(MigrationError::Protocol(format!(
+                                "acknowledgement on channel {ch} of batch {} not in flight on it",
                                 ack.message_id
-                            ))
-                        })?;
+                            ))),
+                        }
+                        let b = inflight.remove(&ack.message_id).expect("checked");
+                        chan.outstanding.fetch_sub(1, Ordering::Relaxed);
+                        (b.pages, b.bytes)
+                    };
                     let grant = frame.header.credit_grant;
-                    let sem = &sh.credits[ch as usize];
+                    let sem = &chan.credits;
                     if sem.available_permits() + usize::from(grant) > usize::from(MAX_CREDITS) {
                         return Err(MigrationError::Protocol(format!(
                             "credit grant of {grant} on channel {ch} exceeds {MAX_CREDITS}"
@@ -315,7 +719,11 @@ async fn reader_task(sh: Arc<Shared>, ch: u16, mut rd: FrameReader) {
                     sh.acked.send_modify(|n| *n += 1);
                     sh.record_ack(bytes);
                 }
+                Message::EchoResponse(_) => chan.echo_pending.store(false, Ordering::Relaxed),
                 m @ (Message::Ready(_) | Message::Complete(_) | Message::Abort(_)) => {
+                    if let Some(c) = sh.last_control.lock().unwrap().as_mut() {
+                        c.answered = true;
+                    }
                     let _ = sh.events.send(Event::Reply(m));
                 }
                 other => {
@@ -328,9 +736,152 @@ async fn reader_task(sh: Arc<Shared>, ch: u16, mut rd: FrameReader) {
         }
     }
     .await;
-    if let Err(e) = result {
-        if !sh.cancel.is_cancelled() {
-            let _ = sh.events.send(Event::Failed(e));
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_channel_loss() => sh.fail_channel(&chan, e),
+        Err(e) => {
+            if !sh.cancel.is_cancelled() {
+                let _ = sh.events.send(Event::Failed(e));
+            }
+        }
+    }
+}
+
+/// Connects channel `index` again and binds it to the session as
+/// generation `gen`, with backoff, until it is bound or the session ends.
+async fn rebind_task(sh: Arc<Shared>, index: u16, gen: u32) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = tokio::select! {
+            _ = sh.cancel.cancelled() => return,
+            r = tokio::time::timeout(sh.peer_timeout, sh.connector.bind(index)) => r,
+        };
+        let e = match attempt {
+            Ok(Ok((rd, wr, credits))) => {
+                sh.rebinds.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    channel = index,
+                    generation = gen,
+                    "channel rebound to the session"
+                );
+                sh.install(index, gen, rd, wr, credits);
+                return;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => MigrationError::Timeout {
+                what: "a channel's rebind",
+                after: sh.peer_timeout,
+            },
+        };
+        // With no channel left, a peer that refuses connections or the bind
+        // is gone for this session.
+        let definitive = matches!(
+            &e,
+            MigrationError::RemoteAbort { .. } | MigrationError::Unauthenticated(_)
+        ) || matches!(&e, MigrationError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused);
+        tracing::debug!(channel = index, error = %e, "rebind failed");
+        if definitive && sh.live().is_empty() {
+            let _ = sh.events.send(Event::Failed(MigrationError::ChannelLost {
+                channel: index,
+                why: format!("every channel is lost and none can rebind: {e}"),
+            }));
+            return;
+        }
+        tokio::select! {
+            _ = sh.cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Watches the channels: a channel that owes an answer and has heard and
+/// sent nothing for the peer timeout is dead; an idle one gets a keepalive;
+/// a lost control message goes again; with every channel dead for the peer
+/// timeout, the migration fails.
+async fn supervisor(sh: Arc<Shared>) {
+    let timeout = sh.peer_timeout.as_millis() as u64;
+    let tick = (sh.peer_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    // Each connection's last socket progress seen, and when it moved.
+    let mut moved: HashMap<(u16, u32), (u64, u64)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = sh.cancel.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+            _ = sh.control_lost.notified() => {}
+        }
+        let now = sh.now_ms();
+        for chan in sh.live() {
+            let progress = chan.tx_progress.load(Ordering::Relaxed);
+            let m = moved
+                .entry((chan.index, chan.gen))
+                .or_insert((progress, chan.born_ms));
+            if m.0 != progress {
+                *m = (progress, now);
+            }
+            let heard = chan.last_rx_ms.load(Ordering::Relaxed).max(m.1);
+            let owed = chan.outstanding.load(Ordering::Relaxed) > 0
+                || chan.echo_pending.load(Ordering::Relaxed);
+            let quiet = now.saturating_sub(heard);
+            // Keepalives at least every 3 s: receivers give up on a source
+            // silent for their own timeout (10 s by default).
+            let keepalive = (timeout / 3).min(3000);
+            if owed && quiet > timeout {
+                sh.fail_channel(
+                    &chan,
+                    MigrationError::ChannelLost {
+                        channel: chan.index,
+                        why: format!("the peer was silent for {:?}", sh.peer_timeout),
+                    },
+                );
+            } else if !owed && quiet > keepalive {
+                chan.echo_pending.store(true, Ordering::Relaxed);
+                let (sh, chan) = (sh.clone(), chan.clone());
+                tokio::spawn(async move {
+                    let header = Header {
+                        session_id: sh.session_id,
+                        message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                        ..Header::new(Command::Echo)
+                    };
+                    let echo = Message::Echo(crate::wire::Echo { value: sh.now_ms() });
+                    let sent = tokio::select! {
+                        _ = chan.dead.cancelled() => Ok(()),
+                        r = async { chan.writer.lock().await.send(header, &echo).await } => r,
+                    };
+                    if let Err(e) = sent {
+                        sh.fail_channel(&chan, e);
+                    }
+                });
+            }
+        }
+        moved.retain(|&(i, g), _| sh.chan(i).gen == g);
+        let lost = sh
+            .last_control
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|c| c.resend && !c.answered);
+        if lost && !sh.live().is_empty() {
+            let sh2 = sh.clone();
+            tokio::spawn(async move {
+                let _order = sh2.control.lock().await;
+                if let Err(e) = sh2.resend_lost_control().await {
+                    let _ = sh2.events.send(Event::Failed(e));
+                }
+            });
+        }
+        let dead_since = *sh.all_dead_since.lock().unwrap();
+        if let Some(since) = dead_since {
+            if sh.live().is_empty() && since.elapsed() > sh.peer_timeout {
+                let _ = sh.events.send(Event::Failed(MigrationError::ChannelLost {
+                    channel: 0,
+                    why: format!(
+                        "every channel is lost and none rebound within {:?}",
+                        sh.peer_timeout
+                    ),
+                }));
+                return;
+            }
         }
     }
 }
@@ -375,6 +926,9 @@ struct Tally {
     go_sent: bool,
     paused: bool,
     authenticated: bool,
+    channel_failures: u32,
+    batches_resent: u64,
+    channel_rebinds: u32,
     round_log: Vec<RoundLog>,
 }
 
@@ -486,19 +1040,25 @@ impl Driver {
         what: &'static str,
         timeout: Duration,
     ) -> Result<Message, MigrationError> {
-        let ev = tokio::select! {
-            biased;
-            _ = self.sh.ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
-            ev = self.events.recv() => ev,
-            _ = tokio::time::sleep(timeout) => return Err(MigrationError::Timeout { what, after: timeout }),
-        };
-        match ev {
-            Some(Event::Reply(Message::Abort(a))) => Err(MigrationError::RemoteAbort {
-                code: a.code,
-                message: a.message,
-            }),
-            Some(Event::Reply(m)) => Ok(m),
-            other => Err(self.explain(other).await),
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let ev = tokio::select! {
+                biased;
+                _ = self.sh.ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+                ev = self.events.recv() => ev,
+                _ = tokio::time::sleep_until(until) => return Err(MigrationError::Timeout { what, after: timeout }),
+            };
+            return match ev {
+                Some(Event::Reply(Message::Abort(a))) => Err(MigrationError::RemoteAbort {
+                    code: a.code,
+                    message: a.message,
+                }),
+                // A second READY: the answer to a SWITCHOVER sent again after
+                // its channel failed, when the first answer got through too.
+                Some(Event::Reply(Message::Ready(_))) if what != "READY" => continue,
+                Some(Event::Reply(m)) => Ok(m),
+                other => Err(self.explain(other).await),
+            };
         }
     }
 }
@@ -597,8 +1157,9 @@ pub async fn migrate(
         session_id: format!("{:016x}", tally.session_id),
         authenticated: tally.authenticated,
         encrypted: false,
-        channel_failures: 0,
-        batches_resent: 0,
+        channel_failures: tally.channel_failures,
+        batches_resent: tally.batches_resent,
+        channel_rebinds: tally.channel_rebinds,
         round_log: std::mem::take(&mut tally.round_log),
         memory_use: MemoryUse::measure(Some(guest.memory())),
     };
@@ -630,31 +1191,20 @@ async fn run(
     ctx.progress.start_round(Phase::Setup, 0, 0);
 
     // Channel 0: negotiate and set up the session.
-    let target_owned = target.to_string();
-    let connect_one = |ch: u16| {
-        let target = target_owned.clone();
-        let buckets = buckets.clone();
-        let wire = wire.clone();
-        let rx_bytes = rx_bytes.clone();
-        async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target))
-                .await
-                .map_err(|_| MigrationError::Timeout {
-                    what: "the TCP connection",
-                    after: CONNECT_TIMEOUT,
-                })?
-                .map_err(|e| MigrationError::io(format!("connect channel {ch} to {target}"), e))?;
-            let (r, w) = stream.into_split();
-            Ok::<_, MigrationError>((
-                FrameReader::new(r, ch, rx_bytes),
-                FrameWriter::new(w, ch, buckets, wire),
-            ))
-        }
+    let mut connector = Connector {
+        target: target.to_string(),
+        buckets,
+        wire,
+        rx_bytes,
+        session_id: 0,
+        secret: Arc::new(super::auth::BindSecret::derive(
+            None, &[0; 16], &[0; 16], 0, &[0; 16],
+        )),
     };
     let (mut rd0, mut wr0) = tokio::select! {
         biased;
         _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
-        c = connect_one(0) => c?,
+        c = connector.connect(0) => c?,
     };
     // With auto every codec may be used: the destination must decode them all.
     let needed = match config.codec {
@@ -757,13 +1307,15 @@ async fn run(
         }
         tally.authenticated = true;
     }
-    let secret = Arc::new(super::auth::BindSecret::derive(
+    connector.session_id = session_id;
+    connector.secret = Arc::new(super::auth::BindSecret::derive(
         key,
         &source_nonce,
         &nonce,
         session_id,
         &setup.bind_token,
     ));
+    let connector = Arc::new(connector);
     if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
         return Err(MigrationError::Protocol(format!(
             "initial credits {} out of range",
@@ -774,34 +1326,8 @@ async fn run(
     // Channels 1..N bind to the session, concurrently.
     let mut binds = tokio::task::JoinSet::new();
     for ch in 1..config.channels {
-        let conn = connect_one(ch);
-        let secret = secret.clone();
-        binds.spawn(async move {
-            let (mut rd, mut wr) = conn.await?;
-            let header = Header {
-                session_id,
-                channel: ch,
-                ..Header::new(Command::ChannelBind)
-            };
-            let nonce = super::auth::random_bytes::<16>();
-            let proof = secret.bind_proof(session_id, ch, &nonce);
-            wr.send(header, &Message::ChannelBind(ChannelBind { nonce, proof }))
-                .await?;
-            match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
-                (h, Message::ChannelBindResponse(r)) => {
-                    if !secret.verify_bound(session_id, ch, &nonce, &r.proof) {
-                        return Err(MigrationError::Unauthenticated(format!(
-                            "the destination's answer to the bind of channel {ch} does not prove the session's secret"
-                        )));
-                    }
-                    Ok((ch, rd, wr, h.credit_grant))
-                }
-                (_, m) => Err(MigrationError::Protocol(format!(
-                    "expected CHANNEL_BIND_RESPONSE, got {:?}",
-                    m.command()
-                ))),
-            }
-        });
+        let connector = connector.clone();
+        binds.spawn(async move { connector.bind(ch).await.map(|(rd, wr, c)| (ch, rd, wr, c)) });
     }
     let mut channels: Vec<Option<(FrameReader, FrameWriter, u16)>> =
         (0..config.channels).map(|_| None).collect();
@@ -815,11 +1341,6 @@ async fn run(
         let Some(joined) = joined else { break };
         let (ch, rd, wr, credits) =
             joined.map_err(|e| MigrationError::Protocol(format!("bind task failed: {e}")))??;
-        if credits == 0 || credits > MAX_CREDITS {
-            return Err(MigrationError::Protocol(format!(
-                "channel {ch} granted {credits} credits"
-            )));
-        }
         channels[ch as usize] = Some((rd, wr, credits));
     }
     tally.setup = start.elapsed();
@@ -827,16 +1348,19 @@ async fn run(
     // Start the channel tasks.
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let cancel = ctx.cancel.child_token();
+    // The channels outlive an operator's cancel long enough to carry the
+    // ABORT that tells the destination to discard its copy: the driver
+    // watches `ctx.cancel`, and this ends the tasks when it returns.
+    let cancel = CancellationToken::new();
     let _stop_tasks = cancel.clone().drop_guard();
     let mut readers = Vec::new();
-    let mut writers = Vec::new();
-    let mut credits = Vec::new();
-    for c in channels {
-        let (rd, wr, cr) = c.expect("every channel bound");
+    let mut slots = Vec::new();
+    for (ch, c) in channels.into_iter().enumerate() {
+        let (rd, wr, credits) = c.expect("every channel bound");
         readers.push(rd);
-        writers.push(Arc::new(tokio::sync::Mutex::new(wr)));
-        credits.push(Semaphore::new(cr.into()));
+        slots.push(RwLock::new(Chan::new(
+            ch as u16, 0, wr, credits, &cancel, 0,
+        )));
     }
     let sh = Arc::new(Shared {
         guest: guest.clone(),
@@ -857,19 +1381,32 @@ async fn run(
         session_id,
         next_msg: AtomicU64::new(1),
         jobs: tokio::sync::Mutex::new(jobs_rx),
-        credits,
+        again: Mutex::new(VecDeque::new()),
+        work_ready: Notify::new(),
+        chans: slots,
+        chan_bound: Notify::new(),
         inflight: Mutex::new(HashMap::new()),
         acked: watch::channel(0).0,
         counts: PageCounter::default(),
         ctx: ctx.clone(),
         events: events_tx,
-        writers,
         cancel: cancel.clone(),
+        control: tokio::sync::Mutex::new(()),
+        last_control: Mutex::new(None),
+        control_lost: Notify::new(),
+        connector: Arc::try_unwrap(connector)
+            .unwrap_or_else(|_| unreachable!("the bind tasks have ended")),
+        epoch: Instant::now(),
+        peer_timeout: config.peer_timeout,
+        all_dead_since: Mutex::new(None),
+        failures: AtomicU32::new(0),
+        resent: AtomicU64::new(0),
+        rebinds: AtomicU32::new(0),
     });
     for (ch, rd) in readers.into_iter().enumerate() {
-        tokio::spawn(reader_task(sh.clone(), ch as u16, rd));
-        tokio::spawn(writer_task(sh.clone(), ch as u16));
+        sh.start(sh.chan(ch as u16), rd);
     }
+    tokio::spawn(supervisor(sh.clone()));
     let policy = config.policy(memory_bytes);
     let mut driver = Driver {
         sh: sh.clone(),
@@ -883,6 +1420,9 @@ async fn run(
     };
     let result = precopy_and_handoff(&mut driver, config, ctx, start, tally, policy).await;
     *counts_out.lock().unwrap() = sh.counts.snapshot();
+    tally.channel_failures = sh.failures.load(Ordering::Relaxed);
+    tally.batches_resent = sh.resent.load(Ordering::Relaxed);
+    tally.channel_rebinds = sh.rebinds.load(Ordering::Relaxed);
     if let Err(e) = &result {
         if !tally.go_sent && !matches!(e, MigrationError::RemoteAbort { .. }) {
             // Tell the destination to discard its copy; best effort.
@@ -894,8 +1434,8 @@ async fn run(
         }
     }
     cancel.cancel();
-    for w in &sh.writers {
-        if let Ok(mut w) = w.try_lock() {
+    for i in 0..sh.chans.len() as u16 {
+        if let Ok(mut w) = sh.chan(i).writer.try_lock() {
             w.shutdown().await;
         }
     }

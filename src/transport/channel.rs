@@ -77,7 +77,8 @@ impl FrameReader {
     /// The next frame, reading a raw page batch's pages straight from the
     /// socket into `memory` (no staging copy), after its metadata has been
     /// decoded against `limits` and `accept`ed (the receiver's state check, so
-    /// no page is written unless a batch is welcome). The CRC is then checked
+    /// no page is written unless a batch is welcome; `Ok(false)` reads the
+    /// batch whole instead, unplaced). The CRC is then checked
     /// over the pages in place; on any error the session ends, and the pages
     /// written are the destination's discarded copy. Other frames come back
     /// whole, as from [`FrameReader::read_frame`].
@@ -85,7 +86,7 @@ impl FrameReader {
         &mut self,
         memory: &GuestMemory,
         limits: Limits,
-        accept: impl FnOnce(&Header, &PageBatch) -> Result<(), MigrationError>,
+        accept: impl FnOnce(&Header, &PageBatch) -> Result<bool, MigrationError>,
     ) -> Result<Option<Received>, MigrationError> {
         let Some((raw, header, crc)) = self.read_header().await? else {
             return Ok(None);
@@ -112,9 +113,17 @@ impl FrameReader {
             }
         };
         self.fill_to(prefix, header.command).await?;
-        let meta = self.buf.split_to(prefix).freeze();
+        let meta = bytes::Bytes::copy_from_slice(&self.buf[..prefix]);
         let batch = PageBatch::decode_split(meta.clone(), len - prefix, limits)?;
-        accept(&header, &batch)?;
+        if !accept(&header, &batch)? {
+            // Not to be placed (a resend of a batch already here): read it
+            // whole, prefix included.
+            return self
+                .read_payload(raw, header, crc)
+                .await
+                .map(|f| Some(Received::Frame(f)));
+        }
+        let _ = self.buf.split_to(prefix);
         let regions = batch.data_regions();
         let mut fill = PageFill::new(memory, &regions).expect("decode checked the runs");
         let buffered = fill.copy_from(self.rd.buffer());
@@ -149,10 +158,10 @@ impl FrameReader {
     }
 
     fn closed_inside(&self, command: Command) -> MigrationError {
-        MigrationError::Protocol(format!(
-            "channel {} closed inside a {command:?} payload",
-            self.channel
-        ))
+        MigrationError::ChannelLost {
+            channel: self.channel,
+            why: format!("closed inside a {command:?} payload"),
+        }
     }
 
     /// Reads and checks a frame header; `None` on a clean close before it.
@@ -171,10 +180,10 @@ impl FrameReader {
                 if got == 0 {
                     return Ok(None);
                 }
-                return Err(MigrationError::Protocol(format!(
-                    "channel {} closed inside a frame header",
-                    self.channel
-                )));
+                return Err(MigrationError::ChannelLost {
+                    channel: self.channel,
+                    why: "closed inside a frame header".into(),
+                });
             }
             got += n;
         }
@@ -230,6 +239,7 @@ pub struct FrameWriter {
     channel: u16,
     buckets: Vec<Arc<TokenBucket>>,
     bytes: Arc<AtomicU64>,
+    progress: Arc<AtomicU64>,
 }
 
 impl FrameWriter {
@@ -246,7 +256,14 @@ impl FrameWriter {
             channel,
             buckets,
             bytes,
+            progress: Arc::default(),
         }
+    }
+
+    /// Bytes this channel's socket took so far, counted as each write
+    /// returns (a stalled peer stops it moving).
+    pub fn progress(&self) -> Arc<AtomicU64> {
+        self.progress.clone()
     }
 
     /// Sets the channel number (once bound).
@@ -285,6 +302,7 @@ impl FrameWriter {
                 });
             }
             written += n;
+            self.progress.fetch_add(n as u64, Ordering::Relaxed);
         }
         self.bytes.fetch_add(total as u64, Ordering::Relaxed);
         Ok(())

@@ -1,0 +1,160 @@
+//! Channel failover over real sockets: a proxy between source and receiver
+//! resets or silences channels mid-migration; the lost channels' batches go
+//! to the others, the channels rebind, and the destination's memory equals
+//! the source's byte for byte. With every channel gone for good, the
+//! migration fails within the peer timeout and the guest keeps running.
+
+mod common;
+
+use common::proxy::Proxy;
+use common::*;
+use ferry::cpu::CpuMeter;
+use ferry::memory::{FillSpec, SyntheticGuest, WorkloadPattern};
+use ferry::migration::{
+    Incoming, MigratableGuest, MigrationConfig, Outcome, Receiver, ReceiverConfig, Report,
+    RunContext,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// Migrates a dirtying 128 MiB guest through a proxy over 4 channels, capped
+/// so that it takes a second or two; `fault` breaks the proxy once the
+/// channels are up. Returns both reports, the guest and how long it took.
+fn through_proxy(
+    peer_timeout: Duration,
+    fault: impl FnOnce(&Proxy) + Send + 'static,
+) -> (Report, Option<Incoming>, Arc<SyntheticGuest>, Duration) {
+    let rt = ferry::transport::runtime("dst", 2, &CpuMeter::new()).unwrap();
+    let receiver = rt
+        .block_on(Receiver::bind(
+            "127.0.0.1:0",
+            ReceiverConfig {
+                idle_timeout: peer_timeout * 2,
+                ..ReceiverConfig::default()
+            },
+        ))
+        .unwrap();
+    let proxy = Arc::new(Proxy::start(&receiver.local_addr().unwrap().to_string()));
+    let incoming = rt.spawn(receiver.receive_one(RunContext::default()));
+    let g = guest(
+        128 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Hot { bytes: 8 * MIB },
+        20_000_000,
+    );
+    let config = MigrationConfig {
+        channels: 4,
+        max_bandwidth: Some(100_000_000),
+        leave_paused: true,
+        peer_timeout,
+        ..MigrationConfig::default()
+    };
+    let p2 = proxy.clone();
+    let breaker = std::thread::spawn(move || {
+        while p2.connections() < 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        fault(&p2);
+    });
+    let src_rt = ferry::transport::runtime("src", 2, &CpuMeter::new()).unwrap();
+    let gd: Arc<dyn MigratableGuest> = g.clone();
+    let target = proxy.addr.clone();
+    let t = Instant::now();
+    let report = src_rt.block_on(async move {
+        ferry::migration::migrate(gd, &target, &config, &RunContext::default()).await
+    });
+    let took = t.elapsed();
+    breaker.join().unwrap();
+    let dst = rt
+        .block_on(async { tokio::time::timeout(peer_timeout * 4, incoming).await })
+        .ok()
+        .and_then(|j| j.ok().flatten());
+    (report, dst, g, took)
+}
+
+/// The migration completed and the destination holds the source's memory.
+fn assert_moved_intact(src: &Report, dst: Option<Incoming>, g: &SyntheticGuest) -> Report {
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(src.verified);
+    let dst = dst.expect("the destination reports the session");
+    assert_eq!(
+        dst.report.outcome,
+        Outcome::Completed,
+        "{:?}",
+        dst.report.error
+    );
+    let mem = dst.memory.as_ref().unwrap();
+    assert_eq!(first_difference(g.memory(), mem), None, "memory differs");
+    dst.report
+}
+
+#[test]
+fn a_reset_channel_hands_its_batches_to_the_others_and_rebinds() {
+    let _serial = serial();
+    // Connection 2 is one of channels 1..3 (they bind concurrently).
+    let (src, dst, g, _) = through_proxy(Duration::from_secs(10), |p| p.reset(2));
+    let dst = assert_moved_intact(&src, dst, &g);
+    assert!(src.channel_failures >= 1, "{src:?}");
+    assert!(src.channel_rebinds >= 1, "back to full width: {src:?}");
+    assert!(dst.channel_rebinds >= 1, "{dst:?}");
+}
+
+#[test]
+fn losing_the_control_channel_moves_control_to_another() {
+    let _serial = serial();
+    let (src, dst, g, _) = through_proxy(Duration::from_secs(10), |p| p.reset(0));
+    assert_moved_intact(&src, dst, &g);
+    assert!(
+        src.channel_failures >= 1 && src.channel_rebinds >= 1,
+        "{src:?}"
+    );
+}
+
+#[test]
+fn a_silent_channel_is_declared_dead_within_the_peer_timeout() {
+    let _serial = serial();
+    let (src, dst, g, _) = through_proxy(Duration::from_millis(800), |p| p.silence(1));
+    assert_moved_intact(&src, dst, &g);
+    assert!(src.channel_failures >= 1, "{src:?}");
+}
+
+#[test]
+fn every_channel_reset_at_once_rebinds_to_the_same_session() {
+    let _serial = serial();
+    let (src, dst, g, _) = through_proxy(Duration::from_secs(10), |p| p.reset_all());
+    assert_moved_intact(&src, dst, &g);
+    assert!(
+        src.channel_failures >= 4 && src.channel_rebinds >= 4,
+        "{src:?}"
+    );
+}
+
+#[test]
+fn with_every_channel_gone_for_good_the_migration_fails_and_the_guest_runs_on() {
+    let _serial = serial();
+    let timeout = Duration::from_millis(800);
+    let (src, dst, g, took) = through_proxy(timeout, |p| {
+        p.refuse_new();
+        p.silence_all();
+    });
+    assert_eq!(src.outcome, Outcome::Failed, "{src:?}");
+    assert!(
+        src.error
+            .as_deref()
+            .unwrap()
+            .contains("every channel is lost"),
+        "{:?}",
+        src.error
+    );
+    // Declared dead after the timeout, then the timeout again with none
+    // rebinding: well under 10 s here.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(g.is_running(), "the guest runs on the source");
+    if let Some(d) = dst {
+        assert_ne!(d.report.outcome, Outcome::Completed);
+        assert!(d.guest.is_none(), "the destination discarded its copy");
+    }
+}
