@@ -348,6 +348,11 @@ struct MigrateArgs {
     /// Leave the guest paused on the destination after the hand-off.
     #[arg(long)]
     leave_paused: bool,
+    /// A channel owing an answer that hears nothing for this long is dead:
+    /// its batches go to the others and it rebinds; with every channel dead
+    /// this long, the migration fails.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    peer_timeout: Duration,
     /// Print the report as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -365,6 +370,7 @@ impl MigrateArgs {
             completion_timeout: self.completion_timeout,
             progress_timeout: self.progress_timeout,
             leave_paused: self.leave_paused,
+            peer_timeout: self.peer_timeout,
             ..MigrationConfig::default()
         }
     }
@@ -397,6 +403,14 @@ struct SendArgs {
     /// sent to a receiver that cannot.
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
+    /// Migrate the guest saved in FILE (by an unresolved `ferry send`)
+    /// instead of a new one.
+    #[arg(long, value_name = "FILE")]
+    saved: Option<PathBuf>,
+    /// Where to save the paused guest if the migration ends unresolved
+    /// [default: ferry-unresolved-SESSION.guest in this folder].
+    #[arg(long, value_name = "FILE")]
+    save_to: Option<PathBuf>,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
@@ -422,6 +436,13 @@ struct ReceiveArgs {
     /// trusted, isolated links).
     #[arg(long, conflicts_with = "key")]
     insecure: bool,
+    /// Give up on a session when no byte arrives on any of its channels for
+    /// this long.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    peer_timeout: Duration,
+    /// Inject a fault (tests of the hand-off rules): POINT:KIND.
+    #[arg(long, hide = true)]
+    fault: Option<ferry::migration::fault::Fault>,
     /// Print each report as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -814,6 +835,9 @@ fn summary(r: &Report, limit: Option<Duration>) -> String {
             "NOT encrypted (plain CRC-checked frames)"
         }
     );
+    if let Some(file) = &r.saved_to {
+        out += &format!("  saved       the paused guest is in {file}\n");
+    }
     if r.channel_failures > 0 {
         out += &format!(
             "  failover    {} channel failures, {} batches resent\n",
@@ -924,8 +948,18 @@ fn send(a: SendArgs) -> Result<ExitCode> {
     let mut config = a.migrate.config();
     config.validate().map_err(usage)?;
     config.session_key = a.key.as_deref().map(load_key).transpose()?;
-    let (guest, pattern) = build_guest(&a.guest, false)?;
-    tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest, pattern));
+    let guest: Arc<dyn MigratableGuest> = match &a.saved {
+        Some(file) => {
+            let g = ferry::migration::saved::load_guest(file).map_err(usage)?;
+            tracing::info!(to = %a.to, file = %file.display(), memory = %Bytes(g.memory().len_bytes()), "migrating a saved guest");
+            g
+        }
+        None => {
+            let (guest, pattern) = build_guest(&a.guest, false)?;
+            tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest, pattern));
+            guest
+        }
+    };
     let cpu = CpuMeter::new();
     let rt = ferry::transport::runtime("ferry-src", 2, &cpu)?;
     let ctx = RunContext {
@@ -936,12 +970,28 @@ fn send(a: SendArgs) -> Result<ExitCode> {
     let done = Arc::new(AtomicBool::new(false));
     let ui = progress_ui(ctx.progress.clone(), done.clone());
     let target = a.to.clone();
-    let g: Arc<dyn MigratableGuest> = guest.clone();
+    let g = guest.clone();
     let c2 = config.clone();
     let ctx2 = ctx.clone();
-    let report = rt.block_on(rt.spawn(async move { migrate(g, &target, &c2, &ctx2).await }))?;
+    let mut report = rt.block_on(rt.spawn(async move { migrate(g, &target, &c2, &ctx2).await }))?;
     done.store(true, Ordering::Release);
     let _ = ui.join();
+    if report.outcome == Outcome::Unresolved {
+        // GO went out unanswered: the guest may run on the destination, or
+        // nowhere. Keep the paused copy where an operator can find it.
+        let path = a.save_to.clone().unwrap_or_else(|| {
+            PathBuf::from(format!("ferry-unresolved-{}.guest", report.session_id))
+        });
+        match ferry::migration::saved::save_guest(&*guest, &path) {
+            Ok(()) => {
+                tracing::warn!(file = %path.display(), "migration unresolved: the paused guest is saved; run `ferry send --saved FILE --to ADDR` if the destination does not run it");
+                report.saved_to = Some(path.display().to_string());
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "could not save the paused guest");
+            }
+        }
+    }
     if a.migrate.json {
         println!("{}", report.to_json());
     } else {
@@ -964,6 +1014,8 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
             ReceiverConfig {
                 max_memory: a.max_memory,
                 key: a.key.as_deref().map(load_key).transpose()?,
+                idle_timeout: a.peer_timeout,
+                fault: a.fault,
                 unauthenticated: if a.insecure {
                     ferry::migration::Unauthenticated::Anywhere
                 } else {

@@ -158,3 +158,70 @@ fn with_every_channel_gone_for_good_the_migration_fails_and_the_guest_runs_on() 
         assert!(d.guest.is_none(), "the destination discarded its copy");
     }
 }
+
+#[test]
+fn a_failed_migration_can_be_retried_and_succeed() {
+    use ferry::migration::Incoming;
+    let _serial = serial();
+    let rt = ferry::transport::runtime("dst", 2, &CpuMeter::new()).unwrap();
+    let receiver = rt
+        .block_on(Receiver::bind(
+            "127.0.0.1:0",
+            ReceiverConfig {
+                idle_timeout: Duration::from_secs(1),
+                ..ReceiverConfig::default()
+            },
+        ))
+        .unwrap();
+    let direct = receiver.local_addr().unwrap().to_string();
+    let proxy = Proxy::start(&direct);
+    let (tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Incoming>();
+    let ctx = RunContext::default();
+    rt.spawn(receiver.serve(ctx.clone(), tx));
+    let g = guest(
+        64 * MIB,
+        FillSpec::default(),
+        WorkloadPattern::Hot { bytes: 4 * MIB },
+        10_000_000,
+    );
+    let config = MigrationConfig {
+        max_bandwidth: Some(100_000_000),
+        leave_paused: true,
+        peer_timeout: Duration::from_millis(500),
+        ..MigrationConfig::default()
+    };
+    let src_rt = ferry::transport::runtime("src", 2, &CpuMeter::new()).unwrap();
+    let migrate_to = |target: String| {
+        let gd: Arc<dyn MigratableGuest> = g.clone();
+        let config = config.clone();
+        src_rt.block_on(async move {
+            ferry::migration::migrate(gd, &target, &config, &RunContext::default()).await
+        })
+    };
+    // The first attempt loses its path for good halfway.
+    let p = Arc::new(proxy);
+    let p2 = p.clone();
+    let breaker = std::thread::spawn(move || {
+        while p2.connections() < 4 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        p2.refuse_new();
+        p2.reset_all();
+    });
+    let first = migrate_to(p.addr.clone());
+    breaker.join().unwrap();
+    assert_eq!(first.outcome, Outcome::Failed, "{first:?}");
+    assert!(g.is_running());
+    let failed = rt.block_on(done.recv()).unwrap();
+    assert_ne!(failed.report.outcome, Outcome::Completed);
+    // The second, on a good path, moves it whole.
+    let second = migrate_to(direct);
+    assert_eq!(second.outcome, Outcome::Completed, "{:?}", second.error);
+    let arrived = rt.block_on(done.recv()).unwrap();
+    assert_eq!(
+        first_difference(g.memory(), arrived.memory.as_ref().unwrap()),
+        None
+    );
+    ctx.cancel.cancel();
+}

@@ -542,6 +542,7 @@ mod tests {
             channel_failures: 0,
             batches_resent: 0,
             channel_rebinds: 0,
+            saved_to: None,
             round_log: vec![],
             memory_use: Default::default(),
         }

@@ -9,6 +9,7 @@
 
 use super::auth::{random_bytes, BindSecret, SessionKey};
 use super::dest_state::{DestMachine, DestState};
+use super::fault::{Fault, FaultKind, FaultPoint};
 use super::progress::RunContext;
 use super::report::{round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side};
 use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
@@ -69,6 +70,8 @@ pub struct ReceiverConfig {
     pub key: Option<SessionKey>,
     /// Without a key: whom to take sessions from. Default: loopback peers.
     pub unauthenticated: Unauthenticated,
+    /// A fault to inject (tests of the hand-off rules only).
+    pub fault: Option<Fault>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -80,6 +83,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("admit", &self.admit.is_some())
             .field("key", &self.key)
             .field("unauthenticated", &self.unauthenticated)
+            .field("fault", &self.fault)
             .finish()
     }
 }
@@ -93,6 +97,7 @@ impl Default for ReceiverConfig {
             admit: None,
             key: None,
             unauthenticated: Unauthenticated::default(),
+            fault: None,
         }
     }
 }
@@ -337,6 +342,7 @@ struct DestChan {
     gen: u32,
     writer: Arc<tokio::sync::Mutex<FrameWriter>>,
     stop: CancellationToken,
+    fd: std::os::fd::RawFd,
 }
 
 struct Shared {
@@ -354,6 +360,8 @@ struct Shared {
     claims_changed: tokio::sync::Notify,
     /// Channels up now.
     chans: Mutex<HashMap<u16, DestChan>>,
+    /// The fault to inject, until it has been.
+    fault: Mutex<Option<Fault>>,
 }
 
 thread_local! {
@@ -499,6 +507,32 @@ impl Shared {
         self.claims_changed.notify_waiters();
     }
 
+    /// Injects the configured fault if it is for `point` (once).
+    fn fault_at(&self, point: FaultPoint) {
+        let fault = {
+            let mut f = self.fault.lock().unwrap();
+            match *f {
+                Some(x) if x.point == point => f.take(),
+                _ => None,
+            }
+        };
+        let Some(fault) = fault else { return };
+        if fault.kind != FaultKind::Reset {
+            super::fault::strike_process(fault.kind);
+            return;
+        }
+        // Every connection closes with an RST; the session takes rebinds.
+        tracing::warn!(
+            ?point,
+            "injected fault: resetting every channel of the session"
+        );
+        let chans: Vec<DestChan> = self.chans.lock().unwrap().drain().map(|(_, c)| c).collect();
+        for c in chans {
+            super::fault::linger_zero(c.fd);
+            c.stop.cancel();
+        }
+    }
+
     /// Drops a lost connection from the channels replies may use.
     fn forget_channel(&self, chan: u16, gen: u32) {
         let mut chans = self.chans.lock().unwrap();
@@ -548,6 +582,7 @@ async fn channel_task(
             let accept = |h: &Header, b: &PageBatch| {
                 check_session(&sh, ch, h)?;
                 sh.machine.lock().unwrap().check_batch(b.round)?;
+                sh.fault_at(FaultPoint::BeforeRound0);
                 sh.claim(h, Claim::Receiving { chan: ch, gen })
             };
             let received = tokio::select! {
@@ -565,6 +600,7 @@ async fn channel_task(
                     check_session(&sh, ch, &frame.header)?;
                     let batch = PageBatch::decode(frame.payload, sh.limits)?;
                     sh.machine.lock().unwrap().check_batch(batch.round)?;
+                    sh.fault_at(FaultPoint::BeforeRound0);
                     let h = frame.header;
                     let fresh =
                         sh.claim(&h, Claim::Applying)? || sh.settle_resend(h.message_id).await?;
@@ -620,6 +656,9 @@ async fn channel_task(
                     return Err(e);
                 }
                 sh.set_claim(header.message_id, Some(Claim::Done { round }));
+                if round == 0 && sh.counts.snapshot().total * 2 >= sh.limits.guest_pages {
+                    sh.fault_at(FaultPoint::MidRound);
+                }
             }
             let ack_header = Header {
                 credit_grant: 1,
@@ -788,6 +827,7 @@ impl Session {
             channel_failures: tally.failures,
             batches_resent: 0,
             channel_rebinds: tally.rebinds,
+            saved_to: None,
             round_log: Vec::new(),
             memory_use: MemoryUse::measure(shared.as_ref().map(|s| &*s.memory)),
         };
@@ -969,6 +1009,7 @@ impl Session {
             claims: Mutex::new(HashMap::new()),
             claims_changed: tokio::sync::Notify::new(),
             chans: Mutex::new(HashMap::new()),
+            fault: Mutex::new(self.config.fault),
         });
         *shared_out = Some(sh.clone());
         let credits = self.config.initial_credits;
@@ -1001,12 +1042,14 @@ impl Session {
                     c.stop.cancel();
                     c.gen + 1
                 });
+                let fd = writer.try_lock().expect("new").raw_fd();
                 chans.insert(
                     channel,
                     DestChan {
                         gen,
                         writer: writer.clone(),
                         stop: stop.clone(),
+                        fd,
                     },
                 );
                 gen
@@ -1148,6 +1191,7 @@ impl Session {
                     }
                 }
                 Event::Control(h, Message::Switchover(m)) => {
+                    sh.fault_at(FaultPoint::BeforeReady);
                     tally.rounds = m.rounds;
                     tally.dirty_rate = m.dirty_rate_bps;
                     tally.throttle_max = m.throttle_pct_max;
@@ -1190,6 +1234,7 @@ impl Session {
                         // The source sends SWITCHOVER again once a channel is back.
                         tracing::warn!(error = %e, "could not send READY yet");
                     }
+                    sh.fault_at(FaultPoint::AfterReady);
                 }
                 Event::Control(h, Message::Go) => {
                     if let Err(e) = sh.machine.lock().unwrap().handle_go() {
@@ -1203,6 +1248,7 @@ impl Session {
                     if let Some(p) = tally.paused_at {
                         tally.downtime = p.elapsed();
                     }
+                    sh.fault_at(FaultPoint::AfterGo);
                     let complete = Message::Complete(Complete {
                         destination_cpu_ms: self.ctx.cpu.total().as_millis() as u64,
                         resumed: !leave_paused,
@@ -1232,6 +1278,22 @@ impl Session {
             loop {
                 tokio::select! {
                     _ = &mut linger => break,
+                    b = bind_rx.recv() => {
+                        // A channel rebinding to send GO again.
+                        let Some(Bind { channel, mut reader, mut writer, proof }) = b else { continue };
+                        reader.share_counter(self.rx_bytes.clone());
+                        let header = Header {
+                            session_id,
+                            channel,
+                            credit_grant: credits,
+                            message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                            ..Header::new(Command::ChannelBindResponse)
+                        };
+                        if writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse { proof })).await.is_ok() {
+                            tally.rebinds += 1;
+                            start(channel, reader, writer);
+                        }
+                    }
                     ev = events.recv() => match ev {
                         None => break,
                         Some(Event::Failed(ch, gen, _)) => {

@@ -74,6 +74,9 @@ pub enum MigrationError {
         /// What happened to it.
         why: String,
     },
+    /// Every channel of the session is lost and none could rebind.
+    #[error("the destination is unreachable: {0}")]
+    SessionLost(String),
     /// A socket operation failed.
     #[error("{context}")]
     Io {
@@ -120,6 +123,7 @@ impl MigrationError {
             | Self::Protocol(_)
             | Self::PeerClosed { .. }
             | Self::ChannelLost { .. } => AbortCode::Protocol,
+            Self::SessionLost(_) => AbortCode::Timeout,
             Self::RemoteAbort { code, .. } => *code,
             Self::DigestMismatch { .. } => AbortCode::DigestMismatch,
             Self::Incompatible(_) => AbortCode::Incompatible,

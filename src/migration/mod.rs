@@ -8,11 +8,14 @@ mod error;
 mod guest;
 pub mod policy;
 mod report;
+pub mod saved;
 
 #[cfg(feature = "net")]
 pub mod auth;
 #[cfg(feature = "net")]
 mod dest;
+#[cfg(feature = "net")]
+pub mod fault;
 #[cfg(feature = "net")]
 mod local;
 #[cfg(feature = "net")]

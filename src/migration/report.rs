@@ -169,6 +169,9 @@ pub struct Report {
     pub batches_resent: u64,
     /// Channels connected again and bound to the session after a failure.
     pub channel_rebinds: u32,
+    /// Where the paused guest was saved when the migration ended unresolved
+    /// (`ferry send`), so that nothing is lost.
+    pub saved_to: Option<String>,
     /// Pre-copy rounds (source side; empty on the destination).
     pub round_log: Vec<RoundLog>,
     /// Memory this process holds, read when the report is written.

@@ -227,6 +227,9 @@ struct Shared {
     peer_timeout: Duration,
     /// Since when no channel is alive.
     all_dead_since: Mutex<Option<Instant>>,
+    /// Why the session gave up on its channels, once it has.
+    gave_up: Mutex<Option<String>>,
+    gave_up_now: CancellationToken,
     failures: AtomicU32,
     resent: AtomicU64,
     rebinds: AtomicU32,
@@ -370,9 +373,34 @@ impl Shared {
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = self.gave_up_now.cancelled() => return Err(self.lost_error()),
                 _ = &mut bound => {}
             }
         }
+    }
+
+    /// Gives up on the session's channels: every one is lost and none can
+    /// rebind. Whoever waits for a channel, and the driver, learn why.
+    fn give_up(&self, why: String) {
+        {
+            let mut g = self.gave_up.lock().unwrap();
+            if g.is_some() {
+                return;
+            }
+            *g = Some(why);
+        }
+        self.gave_up_now.cancel();
+        let _ = self.events.send(Event::Failed(self.lost_error()));
+    }
+
+    fn lost_error(&self) -> MigrationError {
+        MigrationError::SessionLost(
+            self.gave_up
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_else(|| "every channel is lost".into()),
+        )
     }
 
     /// The codec for the next batch, and whether to probe the other candidates
@@ -695,10 +723,12 @@ async fn reader_task(sh: Arc<Shared>, chan: Arc<Chan>, mut rd: FrameReader) {
                         }
                         match inflight.get(&ack.message_id) {
                             Some(b) if b.chan == ch && b.gen == chan.gen => {}
-                            _ => return Err(MigrationError::Protocol(format!(
+                            _ => {
+                                return Err(MigrationError::Protocol(format!(
                                 "acknowledgement on channel {ch} of batch {} not in flight on it",
                                 ack.message_id
-                            ))),
+                            )))
+                            }
                         }
                         let b = inflight.remove(&ack.message_id).expect("checked");
                         chan.outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -781,10 +811,9 @@ async fn rebind_task(sh: Arc<Shared>, index: u16, gen: u32) {
         ) || matches!(&e, MigrationError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused);
         tracing::debug!(channel = index, error = %e, "rebind failed");
         if definitive && sh.live().is_empty() {
-            let _ = sh.events.send(Event::Failed(MigrationError::ChannelLost {
-                channel: index,
-                why: format!("every channel is lost and none can rebind: {e}"),
-            }));
+            sh.give_up(format!(
+                "every channel is lost and none can rebind (channel {index}: {e})"
+            ));
             return;
         }
         tokio::select! {
@@ -873,13 +902,10 @@ async fn supervisor(sh: Arc<Shared>) {
         let dead_since = *sh.all_dead_since.lock().unwrap();
         if let Some(since) = dead_since {
             if sh.live().is_empty() && since.elapsed() > sh.peer_timeout {
-                let _ = sh.events.send(Event::Failed(MigrationError::ChannelLost {
-                    channel: 0,
-                    why: format!(
-                        "every channel is lost and none rebound within {:?}",
-                        sh.peer_timeout
-                    ),
-                }));
+                sh.give_up(format!(
+                    "every channel is lost and none rebound within {:?}",
+                    sh.peer_timeout
+                ));
                 return;
             }
         }
@@ -1160,6 +1186,7 @@ pub async fn migrate(
         channel_failures: tally.channel_failures,
         batches_resent: tally.batches_resent,
         channel_rebinds: tally.channel_rebinds,
+        saved_to: None,
         round_log: std::mem::take(&mut tally.round_log),
         memory_use: MemoryUse::measure(Some(guest.memory())),
     };
@@ -1399,6 +1426,8 @@ async fn run(
         epoch: Instant::now(),
         peer_timeout: config.peer_timeout,
         all_dead_since: Mutex::new(None),
+        gave_up: Mutex::new(None),
+        gave_up_now: CancellationToken::new(),
         failures: AtomicU32::new(0),
         resent: AtomicU64::new(0),
         rebinds: AtomicU32::new(0),

@@ -271,6 +271,12 @@ impl FrameWriter {
         self.channel = channel;
     }
 
+    /// The socket's descriptor (for socket options).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.wr.as_ref().as_raw_fd()
+    }
+
     /// Sends one frame with `payload` (length and CRC are filled in).
     pub async fn send_raw(
         &mut self,

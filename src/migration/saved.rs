@@ -1,0 +1,181 @@
+//! A paused guest saved to a file (memory and state), so that nothing is
+//! lost when a standalone migration ends unresolved: `ferry send` writes one,
+//! and `ferry send --saved FILE` moves it later.
+//!
+//! ```text
+//! offset size field
+//!      0    8 magic "FERRYGST"
+//!      8    4 version (1)
+//!     12    1 guest kind
+//!     13    3 reserved (0)
+//!     16    8 memory bytes (a multiple of 4096)
+//!     24    8 full digest of the memory
+//!     32    4 state length (at most 16 MiB)
+//!     36    4 reserved (0)
+//!     40    … state, then zeros up to the next 4096-byte boundary
+//!      M    … memory; all-zero pages are holes in a sparse file
+//! ```
+
+use super::{restore_guest, MigratableGuest};
+use crate::codec::is_zero_page;
+use crate::digest::full_digest;
+use crate::memory::{GuestMemory, MAX_MEMORY_BYTES, PAGE_SIZE};
+use crate::wire::GuestKind;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+const MAGIC: &[u8; 8] = b"FERRYGST";
+const VERSION: u32 = 1;
+const HEADER: usize = 40;
+/// The largest state a saved guest may hold.
+pub const MAX_STATE: usize = 16 << 20;
+
+fn memory_offset(state_len: usize) -> u64 {
+    ((HEADER + state_len) as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
+}
+
+/// Writes paused `guest` to `path` (through a temporary file renamed into
+/// place, so a crash leaves no half-written file under the name).
+pub fn save_guest(guest: &dyn MigratableGuest, path: &Path) -> std::io::Result<()> {
+    let mem = guest.memory();
+    let state = guest.save_state();
+    if state.len() > MAX_STATE {
+        return Err(std::io::Error::other("guest state exceeds 16 MiB"));
+    }
+    let digest = full_digest(mem, 2);
+    let mut head = Vec::with_capacity(HEADER + state.len());
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.push(guest.kind() as u8);
+    head.extend_from_slice(&[0; 3]);
+    head.extend_from_slice(&mem.len_bytes().to_le_bytes());
+    head.extend_from_slice(&digest.to_le_bytes());
+    head.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    head.extend_from_slice(&[0; 4]);
+    head.extend_from_slice(&state);
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&head)?;
+    let base = memory_offset(state.len());
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..mem.pages() {
+        mem.read_page(i, &mut page);
+        if !is_zero_page(&page) {
+            f.write_all_at(&page, base + i * PAGE_SIZE as u64)?;
+        }
+    }
+    f.set_len(base + mem.len_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a saved guest back, paused, after checking its digest.
+pub fn load_guest(path: &Path) -> Result<Arc<dyn MigratableGuest>, String> {
+    let what = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f = std::fs::File::open(path).map_err(what)?;
+    let size = f.metadata().map_err(what)?.len();
+    let mut head = [0u8; HEADER];
+    f.read_exact_at(&mut head, 0)
+        .map_err(|_| format!("{} is too short to be a saved guest", path.display()))?;
+    if &head[..8] != MAGIC {
+        return Err(format!("{} is not a saved ferry guest", path.display()));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap());
+    if u32_at(8) != VERSION {
+        return Err(format!(
+            "{}: saved-guest version {} (this build reads {VERSION})",
+            path.display(),
+            u32_at(8)
+        ));
+    }
+    let kind = match head[12] {
+        0 => GuestKind::Sim,
+        1 => GuestKind::Kvm,
+        k => return Err(format!("{}: unknown guest kind {k}", path.display())),
+    };
+    let (memory_bytes, digest, state_len) = (u64_at(16), u64_at(24), u32_at(32) as usize);
+    if memory_bytes == 0 || memory_bytes % PAGE_SIZE as u64 != 0 || memory_bytes > MAX_MEMORY_BYTES
+    {
+        return Err(format!(
+            "{}: memory size {memory_bytes} is invalid",
+            path.display()
+        ));
+    }
+    if state_len > MAX_STATE {
+        return Err(format!(
+            "{}: state of {state_len} bytes exceeds 16 MiB",
+            path.display()
+        ));
+    }
+    let base = memory_offset(state_len);
+    if size != base + memory_bytes {
+        return Err(format!(
+            "{}: {size} bytes where the header promises {}: truncated or damaged",
+            path.display(),
+            base + memory_bytes
+        ));
+    }
+    let mut state = vec![0u8; state_len];
+    f.read_exact_at(&mut state, HEADER as u64).map_err(what)?;
+    let mem = Arc::new(GuestMemory::new(memory_bytes).map_err(|e| e.to_string())?);
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..mem.pages() {
+        f.read_exact_at(&mut page, base + i * PAGE_SIZE as u64)
+            .map_err(what)?;
+        if !is_zero_page(&page) {
+            mem.write_page(i, &page);
+        }
+    }
+    if full_digest(&mem, 2) != digest {
+        return Err(format!(
+            "{}: memory does not match its digest: damaged",
+            path.display()
+        ));
+    }
+    restore_guest(kind, mem, &state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{FillSpec, SyntheticGuest, Workload, WorkloadPattern};
+
+    #[test]
+    fn a_saved_guest_comes_back_identical_and_damage_is_refused() {
+        let mem = Arc::new(GuestMemory::new(8 << 20).unwrap());
+        FillSpec::default().fill(&mem, 3, 1);
+        let g = SyntheticGuest::start(
+            mem.clone(),
+            Workload {
+                pattern: WorkloadPattern::Uniform,
+                dirty_rate: 10_000_000,
+                content: FillSpec::default(),
+                writers: 1,
+                seed: 3,
+            },
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        g.pause();
+        let dir = std::env::temp_dir().join(format!("ferry-saved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("g.guest");
+        save_guest(&g, &path).unwrap();
+        let back = load_guest(&path).unwrap();
+        assert_eq!(full_digest(back.memory(), 1), full_digest(&mem, 1));
+        assert_eq!(back.save_state(), MigratableGuest::save_state(&g));
+        // One flipped byte of memory, or a cut file, is refused.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.write_all_at(&[0x5a], len - 100).unwrap();
+        assert!(load_guest(&path).err().unwrap().contains("digest"));
+        f.set_len(len - 4096).unwrap();
+        assert!(load_guest(&path).err().unwrap().contains("truncated"));
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(load_guest(&path).err().unwrap().contains("too short"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
