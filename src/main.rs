@@ -54,6 +54,9 @@ enum Command {
     Vm(VmArgs),
     /// Live-migrate a VM of the cluster to another node.
     Migrate(MigrateCmd),
+    /// Settle an unresolved migration: say where the VM runs, after its
+    /// source node has asked the target.
+    Resolve(ResolveCmd),
     /// Show, drain and resume the cluster's nodes.
     #[command(name = "node")]
     Node(NodeArgs),
@@ -86,6 +89,14 @@ struct MigrateCmd {
 }
 
 #[derive(Args, Debug)]
+struct ResolveCmd {
+    #[command(flatten)]
+    cluster: orchestrate::ClusterArg,
+    #[command(flatten)]
+    args: orchestrate::ResolveArgs,
+}
+
+#[derive(Args, Debug)]
 struct NodeArgs {
     #[command(flatten)]
     cluster: orchestrate::ClusterArg,
@@ -101,6 +112,9 @@ struct AgentArgs {
     /// This node's name in the cluster file.
     #[arg(long)]
     node: String,
+    /// Inject a fault into incoming migrations (tests): POINT:KIND.
+    #[arg(long, hide = true)]
+    fault: Option<ferry::migration::fault::Fault>,
 }
 
 #[derive(Args, Debug)]
@@ -507,6 +521,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent(a),
         Command::Vm(a) => orchestrate::vm(a.cmd, &a.cluster),
         Command::Migrate(a) => orchestrate::migrate(a.args, &a.cluster),
+        Command::Resolve(a) => orchestrate::resolve(a.args, &a.cluster),
         Command::Node(a) => orchestrate::node(a.cmd, &a.cluster),
         Command::Cluster(a) => orchestrate::cluster(a.cmd, &a.cluster),
     };
@@ -531,7 +546,7 @@ fn agent(a: AgentArgs) -> Result<ExitCode> {
     let cpu = CpuMeter::new();
     let rt = ferry::transport::runtime("ferry-agent", 2, &cpu)?;
     rt.block_on(async {
-        let handle = ferry::agent::serve_agent(cluster, &a.node)
+        let handle = ferry::agent::serve_agent_with(cluster, &a.node, a.fault)
             .await
             .with_context(|| format!("cannot start node {}", a.node))?;
         eprintln!(

@@ -234,6 +234,7 @@ struct MigrationParams {
     auto_converge: Option<Switch>,
     completion_timeout: Option<Amount>,
     progress_timeout: Option<Amount>,
+    peer_timeout: Option<Amount>,
     leave_paused: Option<bool>,
 }
 
@@ -264,6 +265,9 @@ impl MigrationParams {
         }
         if let Some(t) = &self.completion_timeout {
             c.completion_timeout = Some(t.duration("completion_timeout")?);
+        }
+        if let Some(t) = &self.peer_timeout {
+            c.peer_timeout = t.duration("peer_timeout")?;
         }
         if let Some(t) = &self.progress_timeout {
             c.progress_timeout = t.duration("progress_timeout")?;
@@ -335,6 +339,26 @@ async fn get_migration(State(node): State<Arc<Node>>, Path(id): Path<String>) ->
 
 async fn cancel_migration(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.cancel_migration(&id)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    run_on: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn resolve_migration(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let b: ResolveBody = parse_body(&body)?;
+    Ok(json_status(
+        StatusCode::OK,
+        &node.resolve(&id, &b.run_on, b.force).await?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -503,6 +527,10 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/migrations/{id}",
             get(get_migration).delete(cancel_migration),
         )
+        .route(
+            "/v1/migrations/{id}/resolve",
+            axum::routing::post(resolve_migration),
+        )
         .route("/v1/node/drain", axum::routing::post(drain))
         .route("/v1/node/resume", axum::routing::post(resume))
         .route("/v1/node/update", axum::routing::post(update))
@@ -553,6 +581,16 @@ impl AgentHandle {
 /// Starts node `name` of `cluster`: binds its control and data addresses
 /// from the cluster file and serves until [`AgentHandle::shutdown`].
 pub async fn serve_agent(cluster: Cluster, name: &str) -> std::io::Result<AgentHandle> {
+    serve_agent_with(cluster, name, None).await
+}
+
+/// As [`serve_agent`], injecting `fault` into incoming migrations (tests of
+/// the hand-off rules; the hidden `--fault` option of `ferry agent`).
+pub async fn serve_agent_with(
+    cluster: Cluster,
+    name: &str,
+    fault: Option<crate::migration::fault::Fault>,
+) -> std::io::Result<AgentHandle> {
     let node = Node::new(cluster, name).map_err(std::io::Error::other)?;
     let stop = CancellationToken::new();
     let weak = Arc::downgrade(&node);
@@ -563,6 +601,7 @@ pub async fn serve_agent(cluster: Cluster, name: &str) -> std::io::Result<AgentH
             // Every session proves the cluster's key, or is refused.
             key: Some(crate::migration::auth::SessionKey(node.cluster.key.clone())),
             unauthenticated: crate::migration::Unauthenticated::Refuse,
+            fault,
             admit: Some(Arc::new(move |setup| match weak.upgrade() {
                 Some(node) => node.admit_incoming(setup),
                 None => Err("the agent is shutting down".into()),

@@ -8,7 +8,7 @@ mod node;
 mod ops;
 pub mod peer;
 
-pub use api::{router, serve_agent, AgentHandle};
+pub use api::{router, serve_agent, serve_agent_with, AgentHandle};
 pub use cluster::{Cluster, ClusterError, NodeSpec};
 pub use node::{
     Direction, Limits, MigrationState, MigrationView, Node, NodeError, NodeMode, NodeView,

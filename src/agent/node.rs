@@ -209,6 +209,9 @@ pub struct MigrationView {
     /// The engine's report, once finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<Report>,
+    /// How an unresolved migration was settled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
 }
 
 struct MigrationEntry {
@@ -230,6 +233,20 @@ struct MigrationEntry {
     error: Option<String>,
     /// The end the last ETA promised.
     eta_end: Option<Instant>,
+    resolution: Option<Resolution>,
+}
+
+/// How an operator settled an unresolved migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resolution {
+    /// Where the VM runs now: `source` or `destination`.
+    pub run_on: String,
+    /// What the check of the other node found.
+    pub checked: String,
+    /// Whether the operator overrode a check that could not be made.
+    pub forced: bool,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
 }
 
 impl MigrationEntry {
@@ -257,6 +274,7 @@ impl MigrationEntry {
             error: self.error.clone(),
             progress,
             report: self.report.clone(),
+            resolution: self.resolution.clone(),
         }
     }
 
@@ -695,6 +713,7 @@ impl Node {
                     report: None,
                     error: None,
                     eta_end: None,
+                    resolution: None,
                 });
                 st.queue.push_back(id.clone());
                 st.entry(&id).expect("just pushed").view(false)
@@ -820,6 +839,106 @@ impl Node {
         })
     }
 
+    /// `POST /v1/migrations/{id}/resolve`: settles an unresolved migration
+    /// after asking the target whether it runs the VM. `destination` needs
+    /// the target to host it, and drops the paused copy here; `source` needs
+    /// the target not to, and resumes the copy here. When the target cannot
+    /// be asked, only `force` (the operator vouches that it is down for
+    /// good) lets either through.
+    pub async fn resolve(
+        &self,
+        id: &str,
+        run_on: &str,
+        force: bool,
+    ) -> Result<MigrationView, NodeError> {
+        let (vm, target) = {
+            let mut st = self.state.lock().unwrap();
+            let e = st.entry(id).ok_or_else(|| {
+                NodeError::NotFound(format!("no migration {id:?} on node {}", self.spec.name))
+            })?;
+            if e.state != MigrationState::Unresolved || e.direction != Direction::Outgoing {
+                return Err(NodeError::Conflict(format!(
+                    "migration {id} is {}, not an unresolved migration from this node",
+                    name_of(&e.state)
+                )));
+            }
+            (e.vm.clone(), e.target.clone())
+        };
+        if run_on != "source" && run_on != "destination" {
+            return Err(NodeError::BadRequest(format!(
+                "run_on must be \"source\" or \"destination\", not {run_on:?}"
+            )));
+        }
+        let spec = self
+            .cluster
+            .node(&target)
+            .ok_or_else(|| NodeError::Conflict(format!("node {target} left the cluster")))?;
+        // Does the target host the VM?
+        let hosted = match self.peers.get(spec, &format!("/v1/vms/{vm}")).await {
+            Ok(v) => Some(v["state"].as_str().unwrap_or("").to_string()),
+            Err(super::peer::PeerError::Api { status: 404, .. }) => None,
+            Err(e) if force => {
+                tracing::warn!(%id, %vm, error = %e, "resolving without the target's word (forced)");
+                Some("unknown".into())
+            }
+            Err(e) => {
+                return Err(NodeError::Conflict(format!(
+                    "cannot ask node {target} whether it runs {vm} ({e}); settle it with \"force\": true only once {target} is known to be down for good"
+                )))
+            }
+        };
+        let checked = match hosted.as_deref() {
+            None => format!("node {target} does not host {vm}"),
+            Some("unknown") => format!("node {target} could not be asked"),
+            Some(s) => format!("node {target} hosts {vm} ({s})"),
+        };
+        let runs_there = matches!(hosted.as_deref(), Some(s) if s != "unknown");
+        match run_on {
+            "destination" if hosted.is_none() => {
+                return Err(NodeError::Conflict(format!(
+                    "{checked}: it cannot run there; resolve to the source"
+                )))
+            }
+            "source" if runs_there => {
+                return Err(NodeError::Conflict(format!(
+                    "{checked}: resolve to the destination, or delete it there first"
+                )))
+            }
+            _ => {}
+        }
+        let mut st = self.state.lock().unwrap();
+        let forced = hosted.as_deref() == Some("unknown");
+        let entry_state = if run_on == "destination" {
+            // The target runs it: the paused copy here goes.
+            st.vms.remove(&vm);
+            MigrationState::Completed
+        } else {
+            let Some(v) = st.vms.get_mut(&vm) else {
+                return Err(NodeError::Conflict(format!(
+                    "the paused copy of {vm} is no longer here"
+                )));
+            };
+            if let Some(g) = &v.guest {
+                g.resume();
+            }
+            v.state = VmState::Running;
+            MigrationState::Failed
+        };
+        let e = st.entry(id).expect("found above");
+        e.state = entry_state;
+        e.resolution = Some(Resolution {
+            run_on: run_on.to_string(),
+            checked,
+            forced,
+            at_ms: now_ms(),
+        });
+        tracing::info!(%id, %vm, run_on, forced, "unresolved migration settled");
+        let view = e.view(false);
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(view)
+    }
+
     /// `DELETE /v1/migrations/{id}`: a queued migration is dropped from the
     /// queue, a running one is stopped (the VM stays on the source).
     pub fn cancel_migration(&self, id: &str) -> Result<MigrationView, NodeError> {
@@ -914,6 +1033,7 @@ impl Node {
             report: None,
             error: None,
             eta_end: None,
+            resolution: None,
         });
         Ok(())
     }
@@ -1038,6 +1158,7 @@ mod tests {
             report: None,
             error: None,
             eta_end: None,
+            resolution: None,
         }
     }
 

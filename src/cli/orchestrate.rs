@@ -156,11 +156,30 @@ pub struct MigrateVmArgs {
     /// Give up when the remaining bytes stop falling for this long.
     #[arg(long)]
     pub progress_timeout: Option<String>,
+    /// Declare a silent target dead after this long (e.g. 10s).
+    #[arg(long)]
+    pub peer_timeout: Option<String>,
     /// Leave the VM paused on the target.
     #[arg(long)]
     pub leave_paused: bool,
     #[command(flatten)]
     pub wait: Wait,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+/// `ferry resolve ID --run-on source|destination`.
+#[derive(Args, Debug)]
+pub struct ResolveArgs {
+    /// The unresolved migration's id.
+    pub id: String,
+    /// Where the VM is to run: source or destination.
+    #[arg(long, value_parser = ["source", "destination"])]
+    pub run_on: String,
+    /// Settle it even though the other node cannot be asked (only once it is
+    /// known to be down for good).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub out: Output,
 }
@@ -360,6 +379,7 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
         ("auto_converge", &a.auto_converge),
         ("completion_timeout", &a.completion_timeout),
         ("progress_timeout", &a.progress_timeout),
+        ("peer_timeout", &a.peer_timeout),
     ] {
         if let Some(v) = v {
             body.insert(k.into(), json!(v));
@@ -436,6 +456,54 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
         "unresolved" => ExitCode::from(3),
         _ => ExitCode::from(1),
     })
+}
+
+/// `ferry resolve`: settles an unresolved migration on its source node,
+/// which first asks the target whether it runs the VM.
+pub fn resolve(a: ResolveArgs, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    let mut source = None;
+    for n in &ctx.cluster.nodes {
+        match ctx.call(n, Method::GET, &format!("/v1/migrations/{}", a.id), None) {
+            Ok(m) if m["direction"] == "outgoing" => {
+                source = Some(n);
+                break;
+            }
+            Ok(_) | Err(PeerError::Api { status: 404, .. }) => continue,
+            Err(e) => eprintln!("warning: {e}"),
+        }
+    }
+    let Some(source) = source else {
+        bail!(
+            "no reachable node of {} sent migration {:?}",
+            ctx.cluster.path.display(),
+            a.id
+        );
+    };
+    let body = json!({"run_on": a.run_on, "force": a.force});
+    let m = ctx.call(
+        source,
+        Method::POST,
+        &format!("/v1/migrations/{}/resolve", a.id),
+        Some(&body),
+    )?;
+    if a.out.json {
+        print_json(&m);
+    } else {
+        let node = if a.run_on == "source" {
+            &m["source"]
+        } else {
+            &m["target"]
+        };
+        println!(
+            "migration {} settled: {} runs on node {} ({})",
+            a.id,
+            m["vm"].as_str().unwrap_or("?"),
+            node.as_str().unwrap_or("?"),
+            m["resolution"]["checked"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ferry node ...`

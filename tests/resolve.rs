@@ -1,0 +1,207 @@
+//! Unresolved migrations between real `ferry agent` processes: the target
+//! faults after GO (killed, or stopped and continued), the source agent
+//! reports the migration unresolved with the VM paused and whole, and
+//! `POST /v1/migrations/{id}/resolve` (through `ferry resolve`) settles it only
+//! after asking the target, so the VM never runs twice.
+
+mod common;
+
+use common::free_port;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// Agents `a` and `b` as processes; `b` injects `fault` into what it receives.
+struct Pair {
+    dir: PathBuf,
+    file: PathBuf,
+    a: Child,
+    b: Option<Child>,
+    b_control: String,
+}
+
+impl Pair {
+    fn start(test: &str, fault: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferry-resolve-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ferry::migration::auth::write_secret_file(
+            &dir.join("cluster.token"),
+            b"resolve-test-token",
+        )
+        .unwrap();
+        let mut text = "token_file = \"cluster.token\"\n".to_string();
+        let mut controls = Vec::new();
+        for name in ["a", "b"] {
+            let control = format!("127.0.0.1:{}", free_port());
+            text += &format!(
+                "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"1GiB\"\n",
+                free_port()
+            );
+            controls.push(control);
+        }
+        let file = dir.join("cluster.toml");
+        std::fs::write(&file, text).unwrap();
+        let mut pair = Self {
+            a: Self::agent(&file, "a", None, &controls[0]),
+            b: None,
+            b_control: controls[1].clone(),
+            dir,
+            file,
+        };
+        pair.b = Some(Self::agent(&pair.file, "b", Some(fault), &controls[1]));
+        pair
+    }
+
+    fn agent(file: &std::path::Path, name: &str, fault: Option<&str>, control: &str) -> Child {
+        let mut cmd = ferry();
+        cmd.args(["agent", "--cluster", file.to_str().unwrap(), "--node", name])
+            .env("RUST_LOG", "error");
+        if let Some(f) = fault {
+            cmd.args(["--fault", f]);
+        }
+        let child = cmd.spawn().unwrap();
+        let t = Instant::now();
+        while std::net::TcpStream::connect(control).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "agent {name} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry()
+            .args(args)
+            .args(["--cluster", self.file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> (i32, Value) {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.run(&all);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(text.trim().lines().last().unwrap_or("null"))
+            .unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    fn vms(&self) -> Vec<(String, String, String)> {
+        let (_, v) = self.json(&["vm", "list"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().to_string(),
+                    v["node"].as_str().unwrap().to_string(),
+                    v["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Creates `web` on a and migrates it to b: it ends unresolved.
+    fn unresolved_migration(&self) -> String {
+        let (s, _) = self.json(&["vm", "create", "web", "--node", "a", "--memory", "64MiB"]);
+        assert_eq!(s, 0);
+        let (s, m) = self.json(&["migrate", "web", "--to", "b", "--peer-timeout", "1s"]);
+        assert_eq!(s, 3, "{m}");
+        assert_eq!(m["state"], "unresolved", "{m}");
+        m["id"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for c in [Some(&mut self.a), self.b.as_mut()].into_iter().flatten() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_target_killed_after_go_leaves_the_vm_paused_on_the_source_until_resolved() {
+    let _serial = common::serial();
+    let mut p = Pair::start("kill", "after-go:kill");
+    let id = p.unresolved_migration();
+    assert!(
+        p.b.as_mut().unwrap().wait().unwrap().code().is_none(),
+        "b was killed"
+    );
+    // The source keeps the VM, paused, and says the migration is unresolved.
+    let (_, m) = p.json(&["vm", "list"]);
+    assert!(m.to_string().contains("\"paused\""), "{m}");
+    // b cannot be asked: neither side is settled without force.
+    for run_on in ["source", "destination"] {
+        let out = p.run(&["resolve", &id, "--run-on", run_on]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot ask node b"),
+            "{out:?}"
+        );
+    }
+    // b comes back without the VM: it cannot run there; back to the source.
+    p.b = Some(Pair::agent(&p.file, "b", None, &p.b_control));
+    let out = p.run(&["resolve", &id, "--run-on", "destination"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not host web"),
+        "{out:?}"
+    );
+    let (s, m) = p.json(&["resolve", &id, "--run-on", "source"]);
+    assert_eq!(s, 0, "{m}");
+    assert_eq!(m["state"], "failed");
+    assert_eq!(m["resolution"]["run_on"], "source");
+    assert_eq!(p.vms(), [("web".into(), "a".into(), "running".into())]);
+    // Settled once only.
+    let out = p.run(&["resolve", &id, "--run-on", "source"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_target_stopped_after_go_runs_the_vm_once_resumed_and_resolution_follows_it() {
+    let _serial = common::serial();
+    let p = Pair::start("stop", "after-go:silent");
+    let id = p.unresolved_migration();
+    // b stopped itself after resuming the guest; let it carry on.
+    let b = p.b.as_ref().unwrap();
+    Command::new("kill")
+        .args(["-CONT", &b.id().to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !p
+        .vms()
+        .contains(&("web".into(), "b".into(), "running".into()))
+    {
+        assert!(Instant::now() < until, "b never ran web: {:?}", p.vms());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // a still holds the paused copy; resolving to a would run it twice.
+    assert!(p
+        .vms()
+        .contains(&("web".into(), "a".into(), "paused".into())));
+    let out = p.run(&["resolve", &id, "--run-on", "source"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node b hosts web"),
+        "{out:?}"
+    );
+    let (s, m) = p.json(&["resolve", &id, "--run-on", "destination"]);
+    assert_eq!(s, 0, "{m}");
+    assert_eq!(m["state"], "completed");
+    assert_eq!(p.vms(), [("web".into(), "b".into(), "running".into())]);
+}
