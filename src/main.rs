@@ -454,6 +454,12 @@ struct ReceiveArgs {
     /// this long.
     #[arg(long, default_value = "10s", value_parser = duration_arg)]
     peer_timeout: Duration,
+    /// Sessions received at once; more are refused.
+    #[arg(long, default_value_t = 16)]
+    max_sessions: usize,
+    /// Longest wait for a connection's first frame and a session's setup.
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    handshake_timeout: Duration,
     /// Inject a fault (tests of the hand-off rules): POINT:KIND.
     #[arg(long, hide = true)]
     fault: Option<ferry::migration::fault::Fault>,
@@ -1031,6 +1037,8 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                 key: a.key.as_deref().map(load_key).transpose()?,
                 idle_timeout: a.peer_timeout,
                 fault: a.fault,
+                max_sessions: a.max_sessions,
+                handshake_timeout: a.handshake_timeout,
                 unauthenticated: if a.insecure {
                     ferry::migration::Unauthenticated::Anywhere
                 } else {

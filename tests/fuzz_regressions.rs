@@ -2,29 +2,103 @@
 //! deterministic mutation sweep over valid frames, so every CI run exercises
 //! the decoders on hostile input even without a fuzzer.
 
-use ferry::codec::Codec;
+use ferry::codec::{Codec, CodecId};
+use ferry::migration::dest_state::DestState;
 use ferry::wire::{encode_frame, fuzz, BatchEncoder, Command, Header};
 use std::path::Path;
 
-fn replay(dir: &str, property: fn(&[u8])) -> usize {
+/// A fuzz target's property.
+type Property = fn(&[u8]);
+
+/// Every target, as `cargo fuzz` names it, with the property it checks.
+const TARGETS: [(&str, Property); 6] = [
+    ("frame_decode", fuzz::frame),
+    ("batch_decode", fuzz::batch),
+    ("stream_decode", fuzz::stream),
+    ("lz4_decode", |d| fuzz::codec(CodecId::Lz4, d)),
+    ("zstd_decode", |d| fuzz::codec(CodecId::Zstd, d)),
+    ("receiver", |d| {
+        fuzz::receiver(d);
+    }),
+];
+
+/// Runs every file of `fuzz/<kind>/<target>/` through the target's property.
+fn replay(kind: &str, target: &str, property: Property) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/regressions")
-        .join(dir);
+        .join("fuzz")
+        .join(kind)
+        .join(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    for entry in entries {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
         property(&data);
-        fuzz::stream(&data);
         n += 1;
     }
     n
 }
 
 #[test]
-fn regressions_replay() {
-    assert!(replay("frame", fuzz::frame) > 0);
-    assert!(replay("batch", fuzz::batch) > 0);
+fn regressions_and_seeds_replay() {
+    for (target, property) in TARGETS {
+        let n = replay("regressions", target, property) + replay("seeds", target, property);
+        assert!(n > 0, "no saved inputs for {target}");
+    }
+}
+
+#[test]
+fn the_receiver_seed_is_a_whole_session() {
+    // The committed seed is what the generator makes, and it runs a guest:
+    // the fuzzer starts from every state.
+    let seed = fuzz::receiver_seed();
+    assert_eq!(fuzz::receiver(&seed), DestState::Running);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/receiver/session.bin");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        seed,
+        "regenerate with write_seeds"
+    );
+    // Cut anywhere, it stops short of running.
+    for cut in [10, seed.len() / 2, seed.len() - 4] {
+        assert_ne!(fuzz::receiver(&seed[..cut]), DestState::Running);
+    }
+}
+
+/// Writes the seed corpus (`cargo test --test fuzz_regressions -- --ignored`).
+#[test]
+#[ignore]
+fn write_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let put = |target: &str, name: &str, data: &[u8]| {
+        std::fs::create_dir_all(root.join(target)).unwrap();
+        std::fs::write(root.join(target).join(name), data).unwrap();
+    };
+    put("receiver", "session.bin", &fuzz::receiver_seed());
+    for (i, (frame, payload)) in seeds().into_iter().enumerate() {
+        put("frame_decode", &format!("batch-{i}.bin"), &frame);
+        put("stream_decode", &format!("batch-{i}.bin"), &frame);
+        put("batch_decode", &format!("batch-{i}.bin"), &payload);
+    }
+    // Control messages too, so the fuzzer starts inside every decoder.
+    for (i, seed) in fuzz::receiver_seed_frames().into_iter().enumerate() {
+        put("frame_decode", &format!("message-{i}.bin"), &seed);
+    }
+    let page: Vec<u8> = (0..8192u32)
+        .map(|i| (i % 251) as u8 ^ (i / 97) as u8)
+        .collect();
+    for (target, codec) in [
+        ("lz4_decode", Codec::Lz4),
+        ("zstd_decode", Codec::Zstd { level: 3 }),
+    ] {
+        let mut out = bytes::BytesMut::new();
+        ferry::codec::compress(codec, &page, &mut out).unwrap();
+        let mut data = (page.len() as u32).to_le_bytes().to_vec();
+        data.extend_from_slice(&out);
+        put(target, "two-pages.bin", &data);
+    }
 }
 
 /// A deterministic xorshift generator: the sweep is the same on every run.

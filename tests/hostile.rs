@@ -26,6 +26,12 @@ struct Harness {
 }
 
 fn start() -> Harness {
+    start_with(ReceiverConfig::default())
+}
+
+/// A receiver with `config`'s limits, a 64 MiB guest at most, giving up on
+/// silent sources after 1 s.
+fn start_with(config: ReceiverConfig) -> Harness {
     let rt = ferry::transport::runtime("hostile", 2, &CpuMeter::new()).unwrap();
     let recv = rt
         .block_on(Receiver::bind(
@@ -33,7 +39,7 @@ fn start() -> Harness {
             ReceiverConfig {
                 max_memory: 64 << 20,
                 idle_timeout: Duration::from_secs(1),
-                ..ReceiverConfig::default()
+                ..config
             },
         ))
         .unwrap();
@@ -409,4 +415,289 @@ fn a_raw_batch_for_another_session_is_refused_before_its_pages() {
         "{text}"
     );
     assert_eq!(h.next_session().report.outcome, Outcome::Failed);
+}
+
+/// A page batch payload built field by field (see the layout in
+/// `ferry::wire`'s batch module), so that it can lie.
+fn batch_payload(
+    codec: u8,
+    runs: &[(u64, u32)],
+    bitmap: &[u8],
+    uncompressed: u32,
+    data: &[u8],
+) -> Vec<u8> {
+    let pages: u32 = runs.iter().map(|r| r.1).sum();
+    let mut p = Vec::new();
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.push(codec);
+    p.push(0);
+    p.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+    p.extend_from_slice(&pages.to_le_bytes());
+    p.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    p.extend_from_slice(&uncompressed.to_le_bytes());
+    for (first, n) in runs {
+        p.extend_from_slice(&first.to_le_bytes());
+        p.extend_from_slice(&n.to_le_bytes());
+    }
+    p.extend_from_slice(bitmap);
+    p.extend_from_slice(data);
+    p
+}
+
+fn batch_frame(session: u64, message_id: u64, payload: &[u8]) -> Vec<u8> {
+    let header = Header {
+        session_id: session,
+        message_id,
+        ..Header::new(Command::PageBatch)
+    };
+    encode_frame(&header, payload)
+}
+
+/// Sends `frame` in a fresh session and returns the abort's text and the
+/// session's recorded error.
+fn one_bad_frame(h: &mut Harness, frame: impl Fn(u64) -> Vec<u8>) -> (String, String) {
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    s.write_all(&frame(session)).unwrap();
+    let text = abort_text(recv(&mut s));
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(
+        incoming.guest.is_none(),
+        "nothing runs from a failed session"
+    );
+    (text, incoming.report.error.unwrap())
+}
+
+#[test]
+fn an_unsupported_version_or_unknown_command_is_named() {
+    let mut h = start();
+    for (byte, value, why) in [
+        (4usize, 9u8, "unsupported protocol version 9"),
+        (5, 99, "unknown command 99"),
+    ] {
+        let (text, error) = one_bad_frame(&mut h, |session| {
+            let mut f = encode_frame(
+                &Header {
+                    session_id: session,
+                    ..Header::new(Command::RoundEnd)
+                },
+                &[0; 13],
+            );
+            f[byte] = value;
+            f
+        });
+        assert!(
+            text.contains(why) && error.contains(why),
+            "{why}: {text} / {error}"
+        );
+    }
+}
+
+#[test]
+fn a_decompressed_size_mismatch_and_a_compression_bomb_are_refused_within_limits() {
+    let mut h = start();
+    // Two pages declared, one page of LZ4 data.
+    let page = vec![7u8; 4096];
+    let mut one = bytes::BytesMut::new();
+    ferry::codec::compress(Codec::Lz4, &page, &mut one).unwrap();
+    let (text, _) = one_bad_frame(&mut h, |session| {
+        batch_frame(session, 1, &batch_payload(1, &[(0, 2)], &[0], 8192, &one))
+    });
+    assert!(text.contains("decompressed to"), "{text}");
+    // A tiny zstd frame that declares and expands to 1 GiB, sent as two
+    // pages' worth (made in pieces, so that making it costs no memory).
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+    enc.set_pledged_src_size(Some(1 << 30)).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        std::io::Write::write_all(&mut enc, &chunk).unwrap();
+    }
+    let bomb = enc.finish().unwrap();
+    assert!(bomb.len() < 256 << 10, "{} bytes", bomb.len());
+    let before = ferry::memory::peak_rss_bytes().unwrap();
+    let (text, _) = one_bad_frame(&mut h, |session| {
+        batch_frame(session, 1, &batch_payload(2, &[(0, 2)], &[0], 8192, &bomb))
+    });
+    assert!(text.contains("Zstd"), "{text}");
+    let grew = ferry::memory::peak_rss_bytes()
+        .unwrap()
+        .saturating_sub(before);
+    assert!(grew < 256 << 20, "the bomb cost {grew} bytes");
+}
+
+#[test]
+fn a_duplicate_message_id_is_refused_and_a_marked_resend_is_acknowledged_once() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let frame = raw_batch_frame(session, 4);
+    s.write_all(&frame).unwrap();
+    assert!(matches!(recv(&mut s), Some((_, Message::BatchAck(_)))));
+    // The same id again, flagged as a resend: acknowledged, not applied again.
+    let mut resend = frame.clone();
+    resend[6..8].copy_from_slice(&ferry::wire::FLAG_RESEND.to_le_bytes());
+    let payload = resend[40..].to_vec();
+    let (head, _) = ferry::wire::Header::parse(resend[..40].try_into().unwrap()).unwrap();
+    let resend = encode_frame(&head, &payload);
+    s.write_all(&resend).unwrap();
+    match recv(&mut s) {
+        Some((_, Message::BatchAck(a))) => assert_eq!(a.message_id, 1),
+        other => panic!("expected BATCH_ACK, got {other:?}"),
+    }
+    // Unflagged, it is a replay.
+    s.write_all(&frame).unwrap();
+    let text = abort_text(recv(&mut s));
+    assert!(text.contains("duplicate message id 1"), "{text}");
+    assert_eq!(h.next_session().report.outcome, Outcome::Failed);
+}
+
+#[test]
+fn a_truncated_frame_ends_the_session_naming_it() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let frame = raw_batch_frame(session, 8);
+    s.write_all(&frame[..frame.len() / 2]).unwrap();
+    drop(s);
+    // The channel is lost; no other comes back within the idle timeout.
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    let error = incoming.report.error.unwrap();
+    assert!(
+        error.contains("closed inside a PageBatch payload"),
+        "{error}"
+    );
+    assert!(incoming.guest.is_none());
+}
+
+#[test]
+fn slowloris_connections_are_closed_and_limited_while_migrations_go_on() {
+    let h = start_with(ReceiverConfig {
+        handshake_timeout: Duration::from_millis(500),
+        max_pending: 8,
+        ..ReceiverConfig::default()
+    });
+    // Eight connections that say nothing fill the pending slots; the ninth
+    // is closed at once.
+    let mut quiet: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(&h.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ninth = TcpStream::connect(&h.addr).unwrap();
+    ninth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(ninth.read(&mut [0u8; 1]).unwrap_or(0), 0);
+    assert!(t.elapsed() < Duration::from_millis(400), "closed at once");
+    // The eight are closed after the handshake timeout.
+    for q in &mut quiet {
+        q.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        assert_eq!(q.read(&mut [0u8; 1]).unwrap_or(0), 0);
+    }
+    // And a real migration goes through.
+    let g = common::guest(
+        8 << 20,
+        FillSpec::default(),
+        WorkloadPattern::Uniform,
+        5_000_000,
+    );
+    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
+    let report = src_rt.block_on(ferry::migration::migrate(
+        gd,
+        &h.addr,
+        &MigrationConfig::default(),
+        &RunContext::default(),
+    ));
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+}
+
+#[test]
+fn sessions_over_the_limits_are_refused_before_allocating() {
+    let mut h = start_with(ReceiverConfig {
+        max_sessions: 1,
+        max_inflight_bytes: 8 * ferry::migration::CHANNEL_MEMORY,
+        ..ReceiverConfig::default()
+    });
+    let mut first = TcpStream::connect(&h.addr).unwrap();
+    let _ = open_session(&mut first, 1 << 20);
+    let mut second = TcpStream::connect(&h.addr).unwrap();
+    send(&mut second, Header::new(Command::Negotiate), &negotiate());
+    assert!(abort_text(recv(&mut second)).contains("limit of 1 sessions"));
+    drop(first);
+    assert_eq!(h.next_session().report.outcome, Outcome::Failed);
+    // Sixteen channels could hold more frames than the limit of eight's.
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    send(&mut s, Header::new(Command::Negotiate), &negotiate());
+    assert!(matches!(
+        recv(&mut s),
+        Some((_, Message::NegotiateResponse(_)))
+    ));
+    let Message::SessionSetup(mut wide) = setup(1 << 20) else {
+        unreachable!()
+    };
+    wide.channels = 16;
+    send(
+        &mut s,
+        Header::new(Command::SessionSetup),
+        &Message::SessionSetup(wide),
+    );
+    let text = abort_text(recv(&mut s));
+    assert!(text.contains("16 channels may hold"), "{text}");
+    let incoming = h.next_session();
+    assert!(incoming.memory.is_none(), "nothing allocated");
+}
+
+#[test]
+fn a_source_that_stops_reading_cannot_stall_the_receiver() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    // Batches keep coming; their acknowledgements are never read.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for id in 1..=2000u64 {
+            let mut f = raw_batch_frame(session, 1);
+            f[16..24].copy_from_slice(&id.to_le_bytes());
+            let payload = f[40..].to_vec();
+            let (head, _) = ferry::wire::Header::parse(f[..40].try_into().unwrap()).unwrap();
+            if w.write_all(&encode_frame(&head, &payload)).is_err() {
+                break;
+            }
+        }
+    });
+    // Meanwhile another migration completes.
+    let g = common::guest(
+        8 << 20,
+        FillSpec::default(),
+        WorkloadPattern::Uniform,
+        5_000_000,
+    );
+    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
+    let report = src_rt.block_on(ferry::migration::migrate(
+        gd,
+        &h.addr,
+        &MigrationConfig::default(),
+        &RunContext::default(),
+    ));
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+    writer.join().unwrap();
+    let mut outcomes = [h.next_session().report, h.next_session().report];
+    outcomes.sort_by_key(|r| r.outcome == Outcome::Completed);
+    assert_eq!(outcomes[1].outcome, Outcome::Completed);
+    // The reader that never read is given up on once it stops sending.
+    assert_eq!(outcomes[0].outcome, Outcome::Failed);
+    assert!(
+        outcomes[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("no frame on any channel"),
+        "{:?}",
+        outcomes[0].error
+    );
+    drop(s);
 }

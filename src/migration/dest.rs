@@ -32,7 +32,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Memory one channel of a session may hold at once: a frame being read and
+/// a batch's decompressed pages.
+pub const CHANNEL_MEMORY: u64 = crate::wire::MAX_FRAME_LEN as u64
+    + crate::wire::MAX_PAGES_PER_BATCH as u64 * crate::memory::PAGE_SIZE as u64;
 
 /// Decides whether a session may start, from its setup, once its peer is
 /// authenticated (an agent checks that it takes VMs, has the memory, and
@@ -72,6 +75,18 @@ pub struct ReceiverConfig {
     pub unauthenticated: Unauthenticated,
     /// A fault to inject (tests of the hand-off rules only).
     pub fault: Option<Fault>,
+    /// Longest wait for a connection's first frame, and for a session's
+    /// setup after it. Default: 10 s.
+    pub handshake_timeout: Duration,
+    /// Sessions received at once; more are refused at NEGOTIATE. Default: 16.
+    pub max_sessions: usize,
+    /// Connections that have not yet sent their first frame; more are
+    /// closed at once (slowloris). Default: 64.
+    pub max_pending: usize,
+    /// Frame and batch memory a session's channels may hold at once
+    /// (channels × [`CHANNEL_MEMORY`]); a session that could hold more is
+    /// refused before anything is allocated. Default: 768 MiB (64 channels).
+    pub max_inflight_bytes: u64,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -84,6 +99,10 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("key", &self.key)
             .field("unauthenticated", &self.unauthenticated)
             .field("fault", &self.fault)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_pending", &self.max_pending)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
             .finish()
     }
 }
@@ -98,6 +117,10 @@ impl Default for ReceiverConfig {
             key: None,
             unauthenticated: Unauthenticated::default(),
             fault: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions: 16,
+            max_pending: 64,
+            max_inflight_bytes: 64 * CHANNEL_MEMORY,
         }
     }
 }
@@ -165,6 +188,7 @@ impl Receiver {
     /// `done`. Sessions run concurrently.
     pub async fn serve(self, ctx: RunContext, done: mpsc::UnboundedSender<Incoming>) {
         let sessions: Sessions = Arc::default();
+        let counts = Arc::new(Counts::default());
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -180,13 +204,19 @@ impl Receiver {
                 }
             };
             let at = Instant::now();
+            let Some(pending) = Slot::take(&counts.pending, self.config.max_pending) else {
+                tracing::warn!(%peer, limit = self.config.max_pending, "too many connections without a first frame; closing this one");
+                continue;
+            };
             let sessions = sessions.clone();
             let ctx = ctx.clone();
             let done = done.clone();
             let config = self.config.clone();
+            let counts = counts.clone();
             tokio::spawn(async move {
                 if let Some(incoming) =
-                    handle_connection(stream, peer, at, sessions, config, ctx).await
+                    handle_connection(stream, peer, at, sessions, config, ctx, pending, counts)
+                        .await
                 {
                     let _ = done.send(incoming);
                 }
@@ -213,6 +243,34 @@ impl Receiver {
     }
 }
 
+/// Connections in their handshake and sessions under way, against the limits.
+#[derive(Default)]
+struct Counts {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One unit of a counted limit, given back on drop.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -220,13 +278,16 @@ async fn handle_connection(
     sessions: Sessions,
     config: ReceiverConfig,
     ctx: RunContext,
+    pending: Slot,
+    counts: Arc<Counts>,
 ) -> Option<Incoming> {
     let _ = stream.set_nodelay(true);
     let rx_bytes = Arc::new(AtomicU64::new(0));
     let (r, w) = stream.into_split();
     let mut reader = FrameReader::new(r, 0, rx_bytes.clone());
     let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::new(AtomicU64::new(0)));
-    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.read_frame()).await {
+    let handshake = config.handshake_timeout;
+    let first = match tokio::time::timeout(handshake, reader.read_frame()).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
@@ -235,12 +296,23 @@ async fn handle_connection(
             return None;
         }
         Err(_) => {
-            tracing::warn!(%peer, "no frame within {FIRST_FRAME_TIMEOUT:?}; closing");
+            tracing::warn!(%peer, "no frame within the handshake timeout of {handshake:?}; closing");
             return None;
         }
     };
     match Message::decode(&first.header, first.payload.clone(), Limits::BEFORE_SETUP) {
         Ok(Message::Negotiate(n)) => {
+            drop(pending);
+            let Some(slot) = Slot::take(&counts.sessions, config.max_sessions) else {
+                let e = MigrationError::Resources(format!(
+                    "this receiver is at its limit of {} sessions at once",
+                    config.max_sessions
+                ));
+                tracing::warn!(%peer, error = %e, "refused a session");
+                reject(&mut writer, &e).await;
+                return None;
+            };
+            let _slot = slot;
             let session = Session::new(config, ctx, sessions, rx_bytes);
             Some(session.run(at, peer, reader, writer, n).await)
         }
@@ -916,11 +988,12 @@ impl Session {
                 &Message::NegotiateResponse(response),
             )
             .await?;
-        let frame = tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.read_frame())
+        let handshake = self.config.handshake_timeout;
+        let frame = tokio::time::timeout(handshake, reader.read_frame())
             .await
             .map_err(|_| MigrationError::Timeout {
                 what: "SESSION_SETUP",
-                after: FIRST_FRAME_TIMEOUT,
+                after: handshake,
             })??
             .ok_or(MigrationError::PeerClosed { channel: 0 })?;
         let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)? {
@@ -948,6 +1021,15 @@ impl Session {
             }
         };
         tally.label = setup.label.clone();
+        let inflight = u64::from(setup.channels) * CHANNEL_MEMORY;
+        if inflight > self.config.max_inflight_bytes {
+            let e = MigrationError::Resources(format!(
+                "{} channels may hold {inflight} bytes of frames in flight, over this receiver's limit of {} bytes",
+                setup.channels, self.config.max_inflight_bytes
+            ));
+            reject(&mut writer, &e).await;
+            return Err(e);
+        }
         if let Err(e) = self.authenticate(peer, &setup, &source_nonce, &nonce) {
             tracing::warn!(%peer, error = %e, "refused a session");
             reject(&mut writer, &e).await;
@@ -1062,6 +1144,7 @@ impl Session {
         // control message sent again after its channel failed gets the same
         // reply again, and is not acted on twice.
         let mut control_ids = std::collections::HashSet::new();
+        let mut last_loss: Option<String> = None;
         let mut last_reply: Option<(u64, Message)> = None;
         // The source is silent when no byte arrives on any channel: a single
         // channel may rightly idle for long while others carry the rounds.
@@ -1083,7 +1166,12 @@ impl Session {
                         last_bytes = now;
                         last_change = Instant::now();
                     } else if last_change.elapsed() >= idle {
-                        break Err(MigrationError::Timeout { what: "the source (no frame on any channel)", after: idle });
+                        break Err(match &last_loss {
+                            None => MigrationError::Timeout { what: "the source (no frame on any channel)", after: idle },
+                            Some(why) => MigrationError::SessionLost(format!(
+                                "no frame on any channel for {idle:?} after {why}"
+                            )),
+                        });
                     }
                     continue;
                 }
@@ -1138,6 +1226,7 @@ impl Session {
             match ev {
                 Event::Failed(ch, gen, e) if e.is_channel_loss() => {
                     sh.forget_channel(ch, gen);
+                    last_loss = Some(e.to_string());
                     // The source sends its batches again on the others and
                     // rebinds it; silence on every channel ends the session.
                     tally.failures += 1;

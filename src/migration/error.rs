@@ -75,7 +75,7 @@ pub enum MigrationError {
         why: String,
     },
     /// Every channel of the session is lost and none could rebind.
-    #[error("the destination is unreachable: {0}")]
+    #[error("the peer is unreachable: {0}")]
     SessionLost(String),
     /// A socket operation failed.
     #[error("{context}")]

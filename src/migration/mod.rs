@@ -32,7 +32,7 @@ pub use guest::{restore_guest, MigratableGuest};
 pub use report::{CpuMs, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};
 
 #[cfg(feature = "net")]
-pub use dest::{AdmitFn, Incoming, Receiver, ReceiverConfig, Unauthenticated};
+pub use dest::{AdmitFn, Incoming, Receiver, ReceiverConfig, Unauthenticated, CHANNEL_MEMORY};
 #[cfg(feature = "net")]
 pub use local::{migrate_locally, migrate_over_loopback, LocalPath};
 #[cfg(feature = "net")]

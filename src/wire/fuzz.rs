@@ -2,7 +2,8 @@
 //! tests too (which replay `fuzz/regressions/`). Each panics only when the
 //! property fails.
 
-use super::{FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
+use super::{Command, FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
+use crate::codec::CodecId;
 use crate::memory::PAGE_SIZE;
 use bytes::{Bytes, BytesMut};
 
@@ -107,4 +108,259 @@ fn decode_stream(
         }
     }
     (out, None)
+}
+
+/// Largest output a fuzzed codec input may declare: a batch's data at most.
+pub const FUZZ_MAX_OUTPUT: usize = super::MAX_PAGES_PER_BATCH as usize * PAGE_SIZE;
+
+/// Decompresses `data` with `codec`: the first 4 bytes declare the output
+/// size (as a batch declares its pages), the rest is the compressed input.
+/// Must not panic or write past the declared size, whatever the input claims
+/// (a compression bomb declaring a huge output fails without allocating
+/// it); a success fills exactly the declared bytes.
+pub fn codec(codec: CodecId, data: &[u8]) {
+    let Some((head, input)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let declared = (u32::from_le_bytes(*head) as usize) % (FUZZ_MAX_OUTPUT + 1);
+    // A guard zone after the declared size catches writes past it.
+    let mut out = vec![0xa5u8; declared + 64];
+    let _ = crate::codec::decompress(codec, input, &mut out[..declared]);
+    assert!(
+        out[declared..].iter().all(|&b| b == 0xa5),
+        "{codec:?} wrote past the declared size"
+    );
+}
+
+/// Reads `data` as records `[command u8][length u16 LE][payload]` and feeds
+/// their messages to the receiver's state machine, applying the batches it
+/// accepts to the page hashes of a guest of [`FUZZ_GUEST_PAGES`] (as the
+/// receiver does). Must not panic; every page touched is inside the guest;
+/// a malformed or unexpected message aborts the session, which never leaves
+/// `Aborted`; `Running` is reached only through a SWITCHOVER whose digest
+/// matches the pages applied. Returns the final state.
+pub fn receiver(data: &[u8]) -> crate::migration::dest_state::DestState {
+    use crate::digest::{page_hash, zero_page_hash, PageHashes};
+    use crate::migration::dest_state::{DestMachine, DestState};
+    let mut m = DestMachine::new(FUZZ_GUEST_PAGES * PAGE_SIZE as u64);
+    let hashes = PageHashes::new(FUZZ_GUEST_PAGES);
+    let mut limits = Limits::BEFORE_SETUP;
+    let mut switched = false;
+    let mut scratch = Vec::new();
+    let mut rest = data;
+    while let Some((&[cmd, l0, l1], tail)) = rest.split_first_chunk::<3>() {
+        let len = usize::from(u16::from_le_bytes([l0, l1])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        rest = next;
+        let before = m.state();
+        let Some(command) = Command::from_u8(cmd) else {
+            m.abort();
+            continue;
+        };
+        let header = Header {
+            payload_len: payload.len() as u32,
+            ..Header::new(command)
+        };
+        let ok = match Message::decode(&header, Bytes::copy_from_slice(payload), limits) {
+            Err(_) => false,
+            Ok(Message::Negotiate(n)) => m.handle_negotiate(&n).is_ok(),
+            Ok(Message::SessionSetup(s)) => match m.handle_setup(&s) {
+                Ok(l) => {
+                    assert!(l.guest_pages <= FUZZ_GUEST_PAGES);
+                    limits = l;
+                    true
+                }
+                Err(_) => false,
+            },
+            Ok(Message::PageBatch(b)) => {
+                m.check_batch(b.round).is_ok()
+                    && b.apply(&mut scratch, |page, kind| {
+                        assert!(page < limits.guest_pages, "page {page} outside the guest");
+                        let h = match kind {
+                            Page::Data(bytes) => page_hash(bytes),
+                            _ => zero_page_hash(),
+                        };
+                        hashes.set(page, h);
+                    })
+                    .is_ok()
+            }
+            Ok(Message::RoundEnd(r)) => m.handle_round_end(&r).is_ok(),
+            Ok(Message::Switchover(s)) => {
+                let digest = hashes.digest();
+                let ok = m.handle_switchover(&s, digest).is_ok();
+                if ok {
+                    assert_eq!(s.digest, digest);
+                    switched = true;
+                }
+                ok
+            }
+            Ok(Message::Go) => m.handle_go().is_ok(),
+            Ok(_) => false,
+        };
+        if !ok {
+            m.abort();
+        }
+        if before == DestState::Aborted {
+            assert_eq!(m.state(), DestState::Aborted, "left Aborted");
+        }
+        if m.state() == DestState::Running {
+            assert!(switched, "running without a verified switchover");
+        }
+    }
+    m.state()
+}
+
+/// A whole, valid session in [`receiver`]'s record format: the seed the
+/// fuzzer starts from, so that it reaches every state.
+pub fn receiver_seed() -> Vec<u8> {
+    use super::{
+        BatchEncoder, GuestKind, Negotiate, RoundEnd, SessionSetup, Switchover, VerifyMode, VERSION,
+    };
+    use crate::codec::Codec;
+    use crate::digest::{page_hash, zero_page_hash, PageHashes};
+    let mut out = Vec::new();
+    let mut push = |m: &Message, payload: Option<&[u8]>| {
+        let p = payload.map_or_else(|| m.encode_payload(), <[u8]>::to_vec);
+        out.push(m.command() as u8);
+        out.extend_from_slice(&(p.len() as u16).to_le_bytes());
+        out.extend_from_slice(&p);
+    };
+    push(
+        &Message::Negotiate(Negotiate {
+            min_version: VERSION,
+            max_version: VERSION,
+            capabilities: 0,
+            codecs: 7,
+            page_size: PAGE_SIZE as u32,
+            nonce: [1; 16],
+        }),
+        None,
+    );
+    push(
+        &Message::SessionSetup(SessionSetup {
+            memory_bytes: FUZZ_GUEST_PAGES * PAGE_SIZE as u64,
+            channels: 1,
+            codec: 1,
+            codec_level: 0,
+            guest_kind: GuestKind::Sim,
+            verify: VerifyMode::Fast,
+            max_bandwidth: 0,
+            flags: 0,
+            label: None,
+            proof: None,
+        }),
+        None,
+    );
+    let hashes = PageHashes::new(FUZZ_GUEST_PAGES);
+    for p in 0..FUZZ_GUEST_PAGES {
+        hashes.set(p, zero_page_hash());
+    }
+    let content = |p: u64, buf: &mut [u8]| {
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i as u64 ^ p) as u8);
+    };
+    let batch = |round: u32, codec: Codec, runs: &[(u64, u32)]| {
+        let b = BatchEncoder::new()
+            .encode(round, codec, runs, |p, buf| {
+                if p % 5 == 0 {
+                    buf.fill(0);
+                    hashes.set(p, zero_page_hash());
+                    return true;
+                }
+                content(p, buf);
+                hashes.set(p, page_hash(buf));
+                false
+            })
+            .unwrap();
+        b.payload.to_vec()
+    };
+    let b0 = batch(0, Codec::Lz4, &[(0, 8), (100, 4)]);
+    let b1 = batch(1, Codec::None, &[(3, 2)]);
+    let b2 = batch(1, Codec::Zstd { level: 1 }, &[(200, 3)]);
+    let digest = hashes.digest();
+    let batch_msg = |p: &[u8]| {
+        Message::PageBatch(
+            PageBatch::decode(
+                Bytes::copy_from_slice(p),
+                Limits {
+                    guest_pages: FUZZ_GUEST_PAGES,
+                },
+            )
+            .unwrap(),
+        )
+    };
+    push(&batch_msg(&b0), Some(&b0));
+    push(
+        &Message::RoundEnd(RoundEnd {
+            round: 0,
+            pages: 12,
+            final_next: true,
+        }),
+        None,
+    );
+    push(&batch_msg(&b1), Some(&b1));
+    push(&batch_msg(&b2), Some(&b2));
+    push(
+        &Message::Switchover(Switchover {
+            final_round: 1,
+            digest,
+            verify: VerifyMode::Fast,
+            rounds: 1,
+            dirty_rate_bps: 0,
+            throttle_pct_max: 0,
+            source_cpu_ms: 0,
+            state: Bytes::from_static(b"{}"),
+        }),
+        None,
+    );
+    push(&Message::Go, None);
+    out
+}
+
+/// The messages of [`receiver_seed`] as whole frames (seeds for the frame
+/// decoder), with a few it does not hold: a labelled, proven setup, a bind,
+/// an echo and an abort.
+pub fn receiver_seed_frames() -> Vec<Vec<u8>> {
+    use super::{encode_frame, Abort, AbortCode, ChannelBind, Echo, SessionLabel, SessionSetup};
+    let seed = receiver_seed();
+    let mut out = Vec::new();
+    let mut rest = &seed[..];
+    while let Some((&[cmd, l0, l1], tail)) = rest.split_first_chunk::<3>() {
+        let len = usize::from(u16::from_le_bytes([l0, l1]));
+        let command = Command::from_u8(cmd).expect("the seed's commands");
+        out.push(encode_frame(&Header::new(command), &tail[..len]));
+        rest = &tail[len..];
+    }
+    let extra = [
+        Message::SessionSetup(SessionSetup {
+            memory_bytes: FUZZ_GUEST_PAGES * PAGE_SIZE as u64,
+            channels: 4,
+            codec: 3,
+            codec_level: 0,
+            guest_kind: super::GuestKind::Sim,
+            verify: super::VerifyMode::Full,
+            max_bandwidth: 1 << 30,
+            flags: super::SETUP_LEAVE_PAUSED,
+            label: Some(SessionLabel {
+                vm: "web-1".into(),
+                migration_id: "a-1".into(),
+                source_node: "a".into(),
+            }),
+            proof: Some([7; 32]),
+        }),
+        Message::ChannelBind(ChannelBind {
+            nonce: [1; 16],
+            proof: [2; 32],
+        }),
+        Message::Echo(Echo { value: 9 }),
+        Message::Abort(Abort {
+            code: AbortCode::Protocol,
+            message: "a reason".into(),
+        }),
+    ];
+    for m in extra {
+        out.push(encode_frame(&Header::new(m.command()), &m.encode_payload()));
+    }
+    out
 }
