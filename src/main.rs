@@ -22,6 +22,7 @@ use std::time::Duration;
 
 mod cli {
     pub mod orchestrate;
+    pub mod soak;
 }
 use cli::orchestrate;
 
@@ -141,6 +142,9 @@ enum BenchCommand {
     Codecs(CodecsArgs),
     /// Real migrations over a grid of codecs × link speeds × guests.
     Sweep(SweepArgs),
+    /// Guests moved back and forth between two agent processes, hundreds of
+    /// times: mismatches, failures, and the agents' memory and descriptors.
+    Soak(cli::soak::SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -523,6 +527,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
+        Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
         Command::Image(a) => image(a),
         Command::Agent(a) => agent(a),
         Command::Vm(a) => orchestrate::vm(a.cmd, &a.cluster),

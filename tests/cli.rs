@@ -459,3 +459,34 @@ fn image_writes_a_ram_image_that_image_flags_read() {
     assert!(r["pages"]["zero"].as_u64().unwrap() > 0);
     assert_usage_error(&["image", "--memory", "0", "--out", p], "--memory");
 }
+
+#[test]
+fn a_short_soak_moves_guests_back_and_forth_with_nothing_lost_or_leaked() {
+    let out = ferry()
+        .args([
+            "bench", "soak", "--count", "12", "--vms", "2", "--memory", "16MiB", "--json",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["migrations"], 12, "{v}");
+    assert_eq!(
+        (v["failed"].as_u64(), v["mismatches"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["ok"], true, "{v}");
+    for agent in v["agents"].as_array().unwrap() {
+        assert!(
+            agent["fds_end"].as_u64() <= Some(agent["fds_start"].as_u64().unwrap() + 4),
+            "{v}"
+        );
+        assert!(agent["rss_start"].as_u64().unwrap() > 0, "{v}");
+    }
+}

@@ -1,0 +1,304 @@
+//! `ferry bench soak`: two real `ferry agent` processes, guests with
+//! dirtying workloads moved back and forth between them, hundreds of times;
+//! counts mismatches (must be none) and failures, and shows each agent's
+//! resident memory and open file descriptors at the start and the end
+//! (which must stay flat).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use ferry::agent::peer::Peers;
+use ferry::agent::{Cluster, NodeSpec};
+use ferry::units::Bytes;
+use serde_json::{json, Value};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// `ferry bench soak`.
+#[derive(Args, Debug)]
+pub struct SoakArgs {
+    /// Migrations in all (each move of one VM counts one); rounded up to
+    /// whole round trips.
+    #[arg(long, default_value_t = 200)]
+    pub count: u32,
+    /// Stop after this long even if `--count` is not reached.
+    #[arg(long, default_value = "10m", value_parser = crate::duration_arg)]
+    pub duration: Duration,
+    /// VMs moved at once (each node runs at most 2 migrations at a time).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub vms: u32,
+    /// Memory of each VM.
+    #[arg(long, default_value = "64MiB", value_parser = crate::size_arg)]
+    pub memory: u64,
+    /// Bytes each VM writes per second (to a hot set of a quarter of it).
+    #[arg(long, default_value = "50MB/s", value_parser = crate::rate_arg)]
+    pub dirty_rate: u64,
+    /// Print the result as one line of JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// An agent process and what it cost.
+struct Agent {
+    name: String,
+    child: Child,
+    spec: NodeSpec,
+}
+
+/// Resident memory and open descriptors of a process, from /proc.
+fn usage_of(pid: u32) -> (u64, u64) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    (rss, fds)
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs the soak.
+pub fn soak(a: SoakArgs) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("ferry-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&a, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
+    let token: String = ferry::migration::auth::SessionKey::random()
+        .0
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
+    let mut text = "token_file = \"cluster.token\"\n".to_string();
+    for name in ["a", "b"] {
+        text += &format!(
+            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"64GiB\"\n",
+            free_port()?,
+            free_port()?
+        );
+    }
+    let file = dir.join("cluster.toml");
+    std::fs::write(&file, &text)?;
+    let cluster = Cluster::load(&file).map_err(|e| anyhow!("{e}"))?;
+    let exe = std::env::current_exe()?;
+    let mut agents = Vec::new();
+    for name in ["a", "b"] {
+        let child = Command::new(&exe)
+            .args(["agent", "--cluster"])
+            .arg(&file)
+            .args(["--node", name])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting an agent")?;
+        let spec = cluster.node(name).expect("written above").clone();
+        agents.push(Agent {
+            name: name.into(),
+            child,
+            spec,
+        });
+    }
+    for ag in &agents {
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&ag.spec.control).is_err() {
+            if Instant::now() > until {
+                bail!("agent {} did not start", ag.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let peers = Peers::new(&cluster);
+    let call = |node: &NodeSpec, method: reqwest::Method, path: &str, body: Option<&Value>| {
+        rt.block_on(peers.call(node, method, path, body))
+            .map_err(|e| anyhow!("{e}"))
+    };
+    let names: Vec<String> = (1..=a.vms).map(|i| format!("soak-{i}")).collect();
+    let hot = (a.memory / 4).max(4096);
+    for n in &names {
+        call(
+            &agents[0].spec,
+            reqwest::Method::POST,
+            "/v1/vms",
+            Some(
+                &json!({ "name": n, "memory": a.memory, "workload": format!("hot:{hot}"), "dirty_rate": a.dirty_rate }),
+            ),
+        )?;
+    }
+    let round_trips = a.count.div_ceil(2 * a.vms).max(1);
+    let start = Instant::now();
+    let (mut moved, mut failed, mut mismatches) = (0u64, 0u64, 0u64);
+    let mut errors: Vec<String> = Vec::new();
+    let mut baseline: Option<Vec<(u64, u64)>> = None;
+    let measure = |agents: &[Agent]| {
+        agents
+            .iter()
+            .map(|g| usage_of(g.child.id()))
+            .collect::<Vec<_>>()
+    };
+    let mut trips = 0;
+    'trips: for trip in 0..=round_trips {
+        // Trip 0 warms both agents up (each has sent and received); the
+        // measured ones follow.
+        for (from, to) in [(0usize, 1usize), (1, 0)] {
+            if trip > 0 && start.elapsed() > a.duration {
+                break 'trips;
+            }
+            let mut ids = Vec::new();
+            for n in &names {
+                let m = call(
+                    &agents[from].spec,
+                    reqwest::Method::POST,
+                    "/v1/migrations",
+                    Some(&json!({ "vm": n, "target": agents[to].name })),
+                );
+                match m {
+                    Ok(m) => ids.push(m["id"].as_str().unwrap_or_default().to_string()),
+                    // Not there: an earlier move failed and left it behind.
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            for id in ids {
+                let done = loop {
+                    let m = call(
+                        &agents[from].spec,
+                        reqwest::Method::GET,
+                        &format!("/v1/migrations/{id}"),
+                        None,
+                    )?;
+                    if !matches!(m["state"].as_str(), Some("queued" | "running")) {
+                        break m;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                moved += u64::from(trip > 0);
+                let completed = done["state"] == "completed";
+                let verified = done["report"]["verified"] == true;
+                let error = done["error"].as_str().unwrap_or("").to_string();
+                if trip > 0 && !completed {
+                    failed += 1;
+                }
+                if trip > 0 && ((completed && !verified) || error.contains("digest mismatch")) {
+                    mismatches += 1;
+                }
+                if !completed {
+                    errors.push(format!("{id}: {error}"));
+                }
+            }
+        }
+        if trip == 0 {
+            baseline = Some(measure(&agents));
+        } else {
+            trips += 1;
+        }
+        if !a.json {
+            eprint!(
+                "\r{} migrations, {failed} failed, {mismatches} mismatches",
+                moved
+            );
+        }
+    }
+    if !a.json {
+        eprintln!();
+    }
+    let end = measure(&agents);
+    let baseline = baseline.expect("trip 0 ran");
+    let elapsed = start.elapsed().as_secs_f64();
+    let per_agent: Vec<Value> = agents
+        .iter()
+        .zip(baseline.iter().zip(&end))
+        .map(|(g, (s, e))| {
+            json!({"node": g.name, "rss_start": s.0, "rss_end": e.0, "fds_start": s.1, "fds_end": e.1})
+        })
+        .collect();
+    // Flat: descriptors back where they were (a few in flight allowed), and
+    // resident memory within a quarter (plus 32 MiB) of the start's.
+    let flat = baseline
+        .iter()
+        .zip(&end)
+        .all(|(s, e)| e.1 <= s.1 + 4 && e.0 <= s.0 + s.0 / 4 + (32 << 20));
+    let ok = mismatches == 0 && failed == 0 && flat && trips > 0;
+    let out = json!({
+        "migrations": moved,
+        "round_trips": trips,
+        "failed": failed,
+        "mismatches": mismatches,
+        "flat": flat,
+        "ok": ok,
+        "elapsed_s": (elapsed * 10.0).round() / 10.0,
+        "vms": a.vms,
+        "memory": a.memory,
+        "dirty_rate": a.dirty_rate,
+        "agents": per_agent,
+        "errors": errors.iter().take(10).collect::<Vec<_>>(),
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "soak: {moved} migrations of {} VMs of {} ({} round trips) in {:.1} s: {failed} failed, {mismatches} mismatches",
+            a.vms,
+            Bytes(a.memory),
+            trips,
+            elapsed
+        );
+        println!("  node  rss start   rss end  fds start  fds end");
+        for (g, (s, e)) in agents.iter().zip(baseline.iter().zip(&end)) {
+            println!(
+                "  {:<4} {:>10} {:>9} {:>10} {:>8}",
+                g.name,
+                Bytes(s.0).to_string(),
+                Bytes(e.0).to_string(),
+                s.1,
+                e.1
+            );
+        }
+        for e in errors.iter().take(5) {
+            println!("  error: {e}");
+        }
+        println!(
+            "{}",
+            if ok {
+                "ok: no mismatch, no failure, memory and descriptors flat"
+            } else {
+                "NOT ok"
+            }
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
