@@ -48,6 +48,9 @@ enum Command {
     /// Write a synthetic guest's initial memory as a raw RAM image (for
     /// `--image`, and for QEMU's memory-backend-file in scripts/qemu-compare).
     Image(ImageArgs),
+    /// Write a TLS certificate and key (PEM) for `receive --tls-cert/--tls-key`,
+    /// the certificate being what `send --tls-ca` pins.
+    TlsCert(TlsCertArgs),
     /// Run a node agent: host VMs, take migrations from the cluster's other
     /// nodes, serve the control API (HTTP, bearer token) and /metrics.
     Agent(AgentArgs),
@@ -116,6 +119,16 @@ struct AgentArgs {
     /// Inject a fault into incoming migrations (tests): POINT:KIND.
     #[arg(long, hide = true)]
     fault: Option<ferry::migration::fault::Fault>,
+}
+
+#[derive(Args, Debug)]
+struct TlsCertArgs {
+    /// Where to write the certificate.
+    #[arg(long, default_value = "ferry-cert.pem", value_name = "FILE")]
+    cert: PathBuf,
+    /// Where to write the private key (mode 600).
+    #[arg(long, default_value = "ferry-key.pem", value_name = "FILE")]
+    key: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -371,6 +384,9 @@ struct MigrateArgs {
     /// this long, the migration fails.
     #[arg(long, default_value = "10s", value_parser = duration_arg)]
     peer_timeout: Duration,
+    /// Encrypt every channel with TLS 1.3.
+    #[arg(long)]
+    tls: bool,
     /// Print the report as one line of JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -429,6 +445,10 @@ struct SendArgs {
     /// [default: ferry-unresolved-SESSION.guest in this folder].
     #[arg(long, value_name = "FILE")]
     save_to: Option<PathBuf>,
+    /// With --tls: trust only the receiver presenting this certificate
+    /// (PEM). Without it, --key proves the receiver over each TLS channel.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    tls_ca: Option<PathBuf>,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
@@ -454,6 +474,16 @@ struct ReceiveArgs {
     /// trusted, isolated links).
     #[arg(long, conflicts_with = "key")]
     insecure: bool,
+    /// Take TLS 1.3 channels only.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: the certificate to present (PEM) [default: one made at
+    /// start, which sources know through --key].
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// With --tls: the certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "tls_cert"])]
+    tls_key: Option<PathBuf>,
     /// Give up on a session when no byte arrives on any of its channels for
     /// this long.
     #[arg(long, default_value = "10s", value_parser = duration_arg)]
@@ -529,6 +559,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
         Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
         Command::Image(a) => image(a),
+        Command::TlsCert(a) => tls_cert(a),
         Command::Agent(a) => agent(a),
         Command::Vm(a) => orchestrate::vm(a.cmd, &a.cluster),
         Command::Migrate(a) => orchestrate::migrate(a.args, &a.cluster),
@@ -934,6 +965,12 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     // Both ends are in this process: they prove a one-off key to each other.
     let key = ferry::migration::auth::SessionKey::random();
     config.session_key = Some(key.clone());
+    let tls = if a.migrate.tls {
+        config.tls = Some(ferry::transport::tls::TlsClient::bound_to_key());
+        Some(ferry::transport::tls::TlsServer::ephemeral().map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
     let (guest, pattern) = build_guest(&a.guest, true)?;
     eprintln!(
         "ferry demo: {}\n            {} channels, codec {}, over loopback",
@@ -948,6 +985,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     let ui = progress_ui(ctx.progress.clone(), done.clone());
     let receiver = ReceiverConfig {
         key: Some(key),
+        tls,
         ..ReceiverConfig::default()
     };
     let result = migrate_over_loopback(guest.clone(), &config, ctx, receiver);
@@ -974,6 +1012,19 @@ fn send(a: SendArgs) -> Result<ExitCode> {
     let mut config = a.migrate.config();
     config.validate().map_err(usage)?;
     config.session_key = a.key.as_deref().map(load_key).transpose()?;
+    if a.migrate.tls {
+        config.tls = Some(match &a.tls_ca {
+            Some(ca) => ferry::transport::tls::TlsClient::pinned(ca).map_err(usage)?,
+            None if config.session_key.is_some() => {
+                ferry::transport::tls::TlsClient::bound_to_key()
+            }
+            None => {
+                return Err(usage(
+                    "--tls needs --tls-ca FILE (the receiver's certificate) or --key FILE to know the receiver by",
+                ))
+            }
+        });
+    }
     let guest: Arc<dyn MigratableGuest> = match &a.saved {
         Some(file) => {
             let g = ferry::migration::saved::load_guest(file).map_err(usage)?;
@@ -1042,6 +1093,15 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                 key: a.key.as_deref().map(load_key).transpose()?,
                 idle_timeout: a.peer_timeout,
                 fault: a.fault,
+                tls: match (&a.tls_cert, &a.tls_key) {
+                    (Some(c), Some(k)) => {
+                        Some(ferry::transport::tls::TlsServer::from_pem(c, k).map_err(usage)?)
+                    }
+                    _ if a.tls => {
+                        Some(ferry::transport::tls::TlsServer::ephemeral().map_err(usage)?)
+                    }
+                    _ => None,
+                },
                 max_sessions: a.max_sessions,
                 handshake_timeout: a.handshake_timeout,
                 unauthenticated: if a.insecure {
@@ -1096,6 +1156,15 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
     ctx.cancel.cancel();
     let _ = rt.block_on(server);
     Ok(exit_for(last))
+}
+
+fn tls_cert(a: TlsCertArgs) -> Result<ExitCode> {
+    let (cert, key) =
+        ferry::transport::tls::TlsServer::generate_pem().map_err(anyhow::Error::msg)?;
+    std::fs::write(&a.cert, cert)?;
+    ferry::migration::auth::write_secret_file(&a.key, key.as_bytes())?;
+    println!("wrote {} and {}", a.cert.display(), a.key.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Reads a `--key` file, refusing one every user may read.

@@ -112,6 +112,8 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         let config = ferry::migration::MigrationConfig {
             label,
             session_key: key.map(|k| ferry::migration::auth::SessionKey(k.as_bytes().to_vec())),
+            // Agents take TLS only; a source with a key proves it over TLS.
+            tls: key.map(|_| ferry::transport::tls::TlsClient::bound_to_key()),
             ..ferry::migration::MigrationConfig::default()
         };
         let report = c.rt.block_on(ferry::migration::migrate(
@@ -128,7 +130,7 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         source_node: "a".into(),
     };
     let (r, running) = attempt(None, None);
-    assert!(r.error.unwrap().contains("requires the shared key"));
+    assert!(r.error.unwrap().contains("takes TLS only"));
     assert!(running, "a refused guest keeps running");
     let (r, running) = attempt(None, Some(TOKEN));
     assert!(r.error.unwrap().contains("cluster's agents only"));

@@ -166,7 +166,12 @@ fn bind(s: &mut TcpStream, session: u64, channel: u16, secret: &BindSecret, nonc
         channel,
         ..Header::new(Command::ChannelBind)
     };
-    let proof = secret.bind_proof(session, channel, &nonce);
+    let proof = secret.bind_proof(&ferry::migration::auth::Bind {
+        session_id: session,
+        channel,
+        nonce: &nonce,
+        binding: &[],
+    });
     send(
         s,
         header,
@@ -237,7 +242,13 @@ fn a_bind_with_a_wrong_proof_unknown_session_or_replayed_nonce_is_refused() {
     bind(&mut s, session, 1, &secret, [8; 16]);
     match recv(&mut s) {
         Some((_, Message::ChannelBindResponse(r))) => {
-            assert!(secret.verify_bound(session, 1, &[8; 16], &r.proof))
+            let bound = ferry::migration::auth::Bind {
+                session_id: session,
+                channel: 1,
+                nonce: &[8; 16],
+                binding: &[],
+            };
+            assert!(secret.verify_bound(&bound, &r.proof))
         }
         other => panic!("expected CHANNEL_BIND_RESPONSE, got {other:?}"),
     }

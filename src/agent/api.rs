@@ -598,8 +598,14 @@ pub async fn serve_agent_with(
         &node.spec.data,
         ReceiverConfig {
             max_memory: node.spec.memory_capacity,
-            // Every session proves the cluster's key, or is refused.
+            // Every session proves the cluster's key, or is refused; with
+            // TLS the proofs are bound to each channel's TLS session.
             key: Some(crate::migration::auth::SessionKey(node.cluster.key.clone())),
+            tls: if node.cluster.tls {
+                Some(crate::transport::tls::TlsServer::ephemeral().map_err(std::io::Error::other)?)
+            } else {
+                None
+            },
             unauthenticated: crate::migration::Unauthenticated::Refuse,
             fault,
             admit: Some(Arc::new(move |setup| match weak.upgrade() {

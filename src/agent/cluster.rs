@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! token_file = "cluster.token"        # bearer token for the API and shared key for migrations
+//! tls = true                           # migrations over TLS 1.3 (the default)
 //! [defaults]
 //! max_concurrent_migrations = 2
 //! [[node]]
@@ -67,6 +68,7 @@ enum Amount {
 struct RawCluster {
     token_file: PathBuf,
     key_file: Option<PathBuf>,
+    tls: Option<bool>,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default, rename = "node")]
@@ -124,6 +126,10 @@ pub struct Cluster {
     /// The key migrations between the cluster's agents are proved with (the
     /// token unless `key_file` names another).
     pub key: Vec<u8>,
+    /// Whether migrations between agents run over TLS 1.3 (`tls`, default
+    /// true): each agent presents a certificate of its own, and the key's
+    /// proofs are bound to each TLS channel.
+    pub tls: bool,
     /// The nodes, in the file's order.
     pub nodes: Vec<NodeSpec>,
 }
@@ -247,6 +253,7 @@ impl Cluster {
             path: path.to_path_buf(),
             token,
             key,
+            tls: raw.tls.unwrap_or(true),
             nodes,
         })
     }

@@ -776,6 +776,9 @@ impl Node {
             source_node: self.spec.name.clone(),
         });
         config.session_key = Some(crate::migration::auth::SessionKey(self.cluster.key.clone()));
+        if self.cluster.tls {
+            config.tls = Some(crate::transport::tls::TlsClient::bound_to_key());
+        }
         ctx.shared_bucket = self.bucket.clone();
         let addr = self
             .cluster

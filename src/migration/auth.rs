@@ -114,10 +114,37 @@ fn finish(m: HmacSha256) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-fn setup_mac(key: &SessionKey, ns: &[u8; 16], nd: &[u8; 16], setup: &SessionSetup) -> HmacSha256 {
-    let mut m = mac(&key.0, b"setup");
-    m.update(ns);
-    m.update(nd);
+/// A TLS channel's exported keying material (empty on plain channels), so
+/// that a proof made over one TLS session fails over another.
+fn bind_to(m: &mut HmacSha256, binding: &[u8]) {
+    m.update(&(binding.len() as u32).to_le_bytes());
+    m.update(binding);
+}
+
+/// What a session's setup proofs cover besides the key: both nonces and
+/// channel 0's TLS keying material (empty when plain).
+#[derive(Debug, Clone, Copy)]
+pub struct Handshake<'a> {
+    /// The source's nonce, from NEGOTIATE.
+    pub source_nonce: &'a [u8; 16],
+    /// The destination's nonce, from NEGOTIATE_RESPONSE.
+    pub dest_nonce: &'a [u8; 16],
+    /// Channel 0's TLS keying material (empty when plain).
+    pub binding: &'a [u8],
+}
+
+impl Handshake<'_> {
+    fn start(&self, key: &SessionKey, what: &[u8]) -> HmacSha256 {
+        let mut m = mac(&key.0, what);
+        m.update(self.source_nonce);
+        m.update(self.dest_nonce);
+        bind_to(&mut m, self.binding);
+        m
+    }
+}
+
+fn setup_mac(key: &SessionKey, h: &Handshake, setup: &SessionSetup) -> HmacSha256 {
+    let mut m = h.start(key, b"setup");
     m.update(&setup.memory_bytes.to_le_bytes());
     m.update(&setup.channels.to_le_bytes());
     m.update(&[
@@ -143,42 +170,22 @@ fn setup_mac(key: &SessionKey, ns: &[u8; 16], nd: &[u8; 16], setup: &SessionSetu
     m
 }
 
-/// The source's proof over both nonces and every field of its setup (the
+/// The source's proof over the handshake and every field of its setup (the
 /// `proof` field itself aside).
-pub fn setup_proof(
-    key: &SessionKey,
-    source_nonce: &[u8; 16],
-    dest_nonce: &[u8; 16],
-    setup: &SessionSetup,
-) -> [u8; 32] {
-    finish(setup_mac(key, source_nonce, dest_nonce, setup))
+pub fn setup_proof(key: &SessionKey, h: &Handshake, setup: &SessionSetup) -> [u8; 32] {
+    finish(setup_mac(key, h, setup))
 }
 
 /// Whether `setup` carries the proof of `key` (compared in constant time).
-pub fn verify_setup_proof(
-    key: &SessionKey,
-    source_nonce: &[u8; 16],
-    dest_nonce: &[u8; 16],
-    setup: &SessionSetup,
-) -> bool {
+pub fn verify_setup_proof(key: &SessionKey, h: &Handshake, setup: &SessionSetup) -> bool {
     let Some(proof) = &setup.proof else {
         return false;
     };
-    setup_mac(key, source_nonce, dest_nonce, setup)
-        .verify_slice(proof)
-        .is_ok()
+    setup_mac(key, h, setup).verify_slice(proof).is_ok()
 }
 
-fn response_mac(
-    key: &SessionKey,
-    ns: &[u8; 16],
-    nd: &[u8; 16],
-    session_id: u64,
-    token: &[u8; 16],
-) -> HmacSha256 {
-    let mut m = mac(&key.0, b"response");
-    m.update(ns);
-    m.update(nd);
+fn response_mac(key: &SessionKey, h: &Handshake, session_id: u64, token: &[u8; 16]) -> HmacSha256 {
+    let mut m = h.start(key, b"response");
     m.update(&session_id.to_le_bytes());
     m.update(token);
     m
@@ -187,32 +194,37 @@ fn response_mac(
 /// The destination's proof, in its setup response.
 pub fn response_proof(
     key: &SessionKey,
-    source_nonce: &[u8; 16],
-    dest_nonce: &[u8; 16],
+    h: &Handshake,
     session_id: u64,
     token: &[u8; 16],
 ) -> [u8; 32] {
-    finish(response_mac(
-        key,
-        source_nonce,
-        dest_nonce,
-        session_id,
-        token,
-    ))
+    finish(response_mac(key, h, session_id, token))
 }
 
 /// Whether `proof` is the destination's proof of `key` (constant time).
 pub fn verify_response_proof(
     key: &SessionKey,
-    source_nonce: &[u8; 16],
-    dest_nonce: &[u8; 16],
+    h: &Handshake,
     session_id: u64,
     token: &[u8; 16],
     proof: &[u8; 32],
 ) -> bool {
-    response_mac(key, source_nonce, dest_nonce, session_id, token)
+    response_mac(key, h, session_id, token)
         .verify_slice(proof)
         .is_ok()
+}
+
+/// What one channel bind proves itself over.
+#[derive(Debug, Clone, Copy)]
+pub struct Bind<'a> {
+    /// The session.
+    pub session_id: u64,
+    /// The channel being bound.
+    pub channel: u16,
+    /// The bind's fresh nonce.
+    pub nonce: &'a [u8; 16],
+    /// The connection's TLS keying material (empty when plain).
+    pub binding: &'a [u8],
 }
 
 /// The secret that proves channel binds of one session.
@@ -246,48 +258,33 @@ impl BindSecret {
         Self(finish(m))
     }
 
-    fn mac(&self, what: &[u8], session_id: u64, channel: u16, nonce: &[u8; 16]) -> HmacSha256 {
+    fn mac(&self, what: &[u8], b: &Bind) -> HmacSha256 {
         let mut m = mac(&self.0, what);
-        m.update(&session_id.to_le_bytes());
-        m.update(&channel.to_le_bytes());
-        m.update(nonce);
+        m.update(&b.session_id.to_le_bytes());
+        m.update(&b.channel.to_le_bytes());
+        m.update(b.nonce);
+        bind_to(&mut m, b.binding);
         m
     }
 
     /// The source's proof in a CHANNEL_BIND.
-    pub fn bind_proof(&self, session_id: u64, channel: u16, nonce: &[u8; 16]) -> [u8; 32] {
-        finish(self.mac(b"bind", session_id, channel, nonce))
+    pub fn bind_proof(&self, b: &Bind) -> [u8; 32] {
+        finish(self.mac(b"bind", b))
     }
 
     /// Whether a CHANNEL_BIND's proof holds (constant time).
-    pub fn verify_bind(
-        &self,
-        session_id: u64,
-        channel: u16,
-        nonce: &[u8; 16],
-        proof: &[u8; 32],
-    ) -> bool {
-        self.mac(b"bind", session_id, channel, nonce)
-            .verify_slice(proof)
-            .is_ok()
+    pub fn verify_bind(&self, b: &Bind, proof: &[u8; 32]) -> bool {
+        self.mac(b"bind", b).verify_slice(proof).is_ok()
     }
 
     /// The destination's proof in a CHANNEL_BIND_RESPONSE.
-    pub fn bound_proof(&self, session_id: u64, channel: u16, nonce: &[u8; 16]) -> [u8; 32] {
-        finish(self.mac(b"bound", session_id, channel, nonce))
+    pub fn bound_proof(&self, b: &Bind) -> [u8; 32] {
+        finish(self.mac(b"bound", b))
     }
 
     /// Whether a CHANNEL_BIND_RESPONSE's proof holds (constant time).
-    pub fn verify_bound(
-        &self,
-        session_id: u64,
-        channel: u16,
-        nonce: &[u8; 16],
-        proof: &[u8; 32],
-    ) -> bool {
-        self.mac(b"bound", session_id, channel, nonce)
-            .verify_slice(proof)
-            .is_ok()
+    pub fn verify_bound(&self, b: &Bind, proof: &[u8; 32]) -> bool {
+        self.mac(b"bound", b).verify_slice(proof).is_ok()
     }
 }
 
@@ -326,35 +323,47 @@ mod tests {
     }
 
     #[test]
-    fn a_setup_proof_holds_for_its_key_nonces_and_fields_only() {
+    fn a_setup_proof_holds_for_its_key_nonces_channel_and_fields_only() {
         let key = SessionKey(b"cluster key".to_vec());
         let (ns, nd) = ([1u8; 16], [7u8; 16]);
+        let h = Handshake {
+            source_nonce: &ns,
+            dest_nonce: &nd,
+            binding: b"tls",
+        };
         let mut s = setup();
-        s.proof = Some(setup_proof(&key, &ns, &nd, &s));
-        assert!(verify_setup_proof(&key, &ns, &nd, &s));
-        assert!(!verify_setup_proof(
-            &SessionKey(b"other".to_vec()),
-            &ns,
-            &nd,
-            &s
-        ));
+        s.proof = Some(setup_proof(&key, &h, &s));
+        assert!(verify_setup_proof(&key, &h, &s));
+        assert!(!verify_setup_proof(&SessionKey(b"other".to_vec()), &h, &s));
+        let other_nonce = [8u8; 16];
+        let replayed = Handshake {
+            dest_nonce: &other_nonce,
+            ..h
+        };
         assert!(
-            !verify_setup_proof(&key, &ns, &[8u8; 16], &s),
+            !verify_setup_proof(&key, &replayed, &s),
             "another session's nonce"
         );
-        assert!(!verify_setup_proof(&key, &[2u8; 16], &nd, &s));
+        let relayed = Handshake {
+            binding: b"another TLS session",
+            ..h
+        };
+        assert!(
+            !verify_setup_proof(&key, &relayed, &s),
+            "relayed through a middle"
+        );
         let mut renamed = s.clone();
         renamed.label.as_mut().unwrap().vm = "web-2".into();
-        assert!(!verify_setup_proof(&key, &ns, &nd, &renamed));
+        assert!(!verify_setup_proof(&key, &h, &renamed));
         let mut bigger = s.clone();
         bigger.memory_bytes *= 2;
-        assert!(!verify_setup_proof(&key, &ns, &nd, &bigger));
+        assert!(!verify_setup_proof(&key, &h, &bigger));
         let mut wider = s.clone();
         wider.channels = 8;
-        assert!(!verify_setup_proof(&key, &ns, &nd, &wider));
+        assert!(!verify_setup_proof(&key, &h, &wider));
         let mut bare = s.clone();
         bare.proof = None;
-        assert!(!verify_setup_proof(&key, &ns, &nd, &bare));
+        assert!(!verify_setup_proof(&key, &h, &bare));
         assert_eq!(format!("{key:?}"), "SessionKey(<11 bytes>)");
     }
 
@@ -362,13 +371,19 @@ mod tests {
     fn the_response_and_binds_prove_the_same_key_both_ways() {
         let key = SessionKey(b"cluster key".to_vec());
         let (ns, nd, token) = ([1u8; 16], [7u8; 16], [3u8; 16]);
-        let p = response_proof(&key, &ns, &nd, 42, &token);
-        assert!(verify_response_proof(&key, &ns, &nd, 42, &token, &p));
-        assert!(!verify_response_proof(&key, &ns, &nd, 43, &token, &p));
+        let h = Handshake {
+            source_nonce: &ns,
+            dest_nonce: &nd,
+            binding: b"",
+        };
+        let p = response_proof(&key, &h, 42, &token);
+        assert!(verify_response_proof(&key, &h, 42, &token, &p));
+        assert!(!verify_response_proof(&key, &h, 43, &token, &p));
+        let relayed = Handshake { binding: b"x", ..h };
+        assert!(!verify_response_proof(&key, &relayed, 42, &token, &p));
         assert!(!verify_response_proof(
             &SessionKey(b"x".to_vec()),
-            &ns,
-            &nd,
+            &h,
             42,
             &token,
             &p
@@ -376,15 +391,32 @@ mod tests {
 
         let b = BindSecret::derive(Some(&key), &ns, &nd, 42, &token);
         let nb = [5u8; 16];
-        let proof = b.bind_proof(42, 2, &nb);
-        assert!(b.verify_bind(42, 2, &nb, &proof));
-        assert!(!b.verify_bind(42, 3, &nb, &proof), "another channel");
-        assert!(!b.verify_bind(42, 2, &[6u8; 16], &proof), "another nonce");
+        let other = [6u8; 16];
+        let bind = |channel, nonce, binding| Bind {
+            session_id: 42,
+            channel,
+            nonce,
+            binding,
+        };
+        let proof = b.bind_proof(&bind(2, &nb, b""));
+        assert!(b.verify_bind(&bind(2, &nb, b""), &proof));
         assert!(
-            !b.verify_bound(42, 2, &nb, &proof),
+            !b.verify_bind(&bind(3, &nb, b""), &proof),
+            "another channel"
+        );
+        assert!(
+            !b.verify_bind(&bind(2, &other, b""), &proof),
+            "another nonce"
+        );
+        assert!(
+            !b.verify_bind(&bind(2, &nb, b"tls"), &proof),
+            "another TLS session"
+        );
+        assert!(
+            !b.verify_bound(&bind(2, &nb, b""), &proof),
             "a bind proof is no bound proof"
         );
-        assert!(b.verify_bound(42, 2, &nb, &b.bound_proof(42, 2, &nb)));
+        assert!(b.verify_bound(&bind(2, &nb, b""), &b.bound_proof(&bind(2, &nb, b""))));
         // Another session (nonces), or no key: another secret.
         assert_ne!(
             b,

@@ -20,7 +20,7 @@ pub const DEFAULT_INITIAL_CREDITS: u16 = 4;
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to migrate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MigrationConfig {
     /// TCP connections, 1 to 64. Default: 4.
     pub channels: u16,
@@ -55,6 +55,9 @@ pub struct MigrationConfig {
     /// destination's nonce (agents' migrations).
     #[cfg(feature = "net")]
     pub session_key: Option<super::auth::SessionKey>,
+    /// TLS 1.3 on every channel. Default: none (plain, CRC-checked frames).
+    #[cfg(feature = "net")]
+    pub tls: Option<crate::transport::tls::TlsClient>,
 }
 
 impl Default for MigrationConfig {
@@ -75,6 +78,8 @@ impl Default for MigrationConfig {
             label: None,
             #[cfg(feature = "net")]
             session_key: None,
+            #[cfg(feature = "net")]
+            tls: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CRED
 use crate::codec::CodecId;
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::GuestMemory;
-use crate::transport::{FrameReader, FrameWriter, Received};
+use crate::transport::{Conn, FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
     Page, PageBatch, SessionLabel, SessionSetup, SessionSetupResponse, VerifyMode, FLAG_RESEND,
@@ -87,6 +87,9 @@ pub struct ReceiverConfig {
     /// (channels × [`CHANNEL_MEMORY`]); a session that could hold more is
     /// refused before anything is allocated. Default: 768 MiB (64 channels).
     pub max_inflight_bytes: u64,
+    /// TLS 1.3 on every channel (sources without it are refused). Default:
+    /// none: plain, CRC-checked frames.
+    pub tls: Option<crate::transport::tls::TlsServer>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -103,6 +106,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("max_sessions", &self.max_sessions)
             .field("max_pending", &self.max_pending)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -121,6 +125,7 @@ impl Default for ReceiverConfig {
             max_sessions: 16,
             max_pending: 64,
             max_inflight_bytes: 64 * CHANNEL_MEMORY,
+            tls: None,
         }
     }
 }
@@ -283,14 +288,54 @@ async fn handle_connection(
 ) -> Option<Incoming> {
     let _ = stream.set_nodelay(true);
     let rx_bytes = Arc::new(AtomicU64::new(0));
-    let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r, 0, rx_bytes.clone());
-    let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::new(AtomicU64::new(0)));
     let handshake = config.handshake_timeout;
+    let (conn, binding) = match &config.tls {
+        None => (Conn::Plain(stream), Vec::new()),
+        Some(tls) => {
+            // A plain ferry source on a TLS receiver: say so in its terms.
+            let mut head = [0u8; 4];
+            if let Ok(Ok(4)) = tokio::time::timeout(handshake, stream.peek(&mut head)).await {
+                if u32::from_le_bytes(head) == crate::wire::MAGIC {
+                    let (r, w) = stream.into_split();
+                    drop(r);
+                    let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::default());
+                    let e = MigrationError::Incompatible(
+                        "this receiver takes TLS only: start the source with --tls".into(),
+                    );
+                    tracing::warn!(%peer, error = %e, "rejected connection");
+                    reject(&mut writer, &e).await;
+                    return None;
+                }
+            }
+            match tokio::time::timeout(handshake, tls.accept(stream)).await {
+                Ok(Ok((s, b))) => (Conn::Tls(Box::new(s)), b.to_vec()),
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "rejected connection");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "no TLS handshake within {handshake:?}; closing");
+                    return None;
+                }
+            }
+        }
+    };
+    let (mut reader, mut writer) = conn.split(0, rx_bytes.clone(), Vec::new(), Arc::default());
     let first = match tokio::time::timeout(handshake, reader.read_frame()).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
+            // A TLS client hello where a frame should start.
+            let e = match e {
+                MigrationError::Decode(crate::wire::DecodeError::BadMagic { found })
+                    if found & 0xffff == 0x0316 =>
+                {
+                    MigrationError::Incompatible(
+                        "the source speaks TLS: this receiver runs without --tls".into(),
+                    )
+                }
+                e => e,
+            };
             tracing::warn!(%peer, error = %e, "rejected connection");
             reject(&mut writer, &e).await;
             return None;
@@ -314,10 +359,16 @@ async fn handle_connection(
             };
             let _slot = slot;
             let session = Session::new(config, ctx, sessions, rx_bytes);
-            Some(session.run(at, peer, reader, writer, n).await)
+            Some(session.run(at, peer, reader, writer, n, binding).await)
         }
         Ok(Message::ChannelBind(b)) => {
             let h = first.header;
+            let bind = super::auth::Bind {
+                session_id: h.session_id,
+                channel: h.channel,
+                nonce: &b.nonce,
+                binding: &binding,
+            };
             // A bind joins a live session as one of its channels, proves the
             // session's secret over a nonce never used before in it, and may
             // replace a channel that failed (the same number again).
@@ -332,11 +383,7 @@ async fn handle_connection(
                         "bind of channel {} to session {:016x} of {} channels",
                         h.channel, h.session_id, s.channels
                     ))),
-                    Some(s)
-                        if !s
-                            .secret
-                            .verify_bind(h.session_id, h.channel, &b.nonce, &b.proof) =>
-                    {
+                    Some(s) if !s.secret.verify_bind(&bind, &b.proof) => {
                         Err(MigrationError::Unauthenticated(format!(
                             "bind of channel {} to session {:016x} with a wrong proof",
                             h.channel, h.session_id
@@ -351,7 +398,7 @@ async fn handle_connection(
                     Some(s) => Ok((
                         s.nonces.insert(b.nonce),
                         s.tx.clone(),
-                        s.secret.bound_proof(h.session_id, h.channel, &b.nonce),
+                        s.secret.bound_proof(&bind),
                     )),
                 }
             };
@@ -789,6 +836,8 @@ struct Session {
     ctx: RunContext,
     sessions: Sessions,
     rx_bytes: Arc<AtomicU64>,
+    /// Channel 0's TLS keying material (empty when plain).
+    binding: Vec<u8>,
 }
 
 impl Session {
@@ -803,17 +852,20 @@ impl Session {
             ctx,
             sessions,
             rx_bytes,
+            binding: Vec::new(),
         }
     }
 
     async fn run(
-        self,
+        mut self,
         at: Instant,
         peer: SocketAddr,
         reader: FrameReader,
         writer: FrameWriter,
         negotiate: crate::wire::Negotiate,
+        binding: Vec<u8>,
     ) -> Incoming {
+        self.binding = binding;
         let mut tally = Tally::default();
         let mut shared: Option<Arc<Shared>> = None;
         let mut guest: Option<Arc<dyn MigratableGuest>> = None;
@@ -895,7 +947,7 @@ impl Session {
             guest: tally.guest_kind.unwrap_or(GuestKind::Sim),
             session_id: format!("{:016x}", tally.session_id),
             authenticated: tally.authenticated,
-            encrypted: false,
+            encrypted: !self.binding.is_empty(),
             channel_failures: tally.failures,
             batches_resent: 0,
             channel_rebinds: tally.rebinds,
@@ -918,12 +970,11 @@ impl Session {
         &self,
         peer: SocketAddr,
         setup: &SessionSetup,
-        source_nonce: &[u8; 16],
-        nonce: &[u8; 16],
+        handshake: &super::auth::Handshake,
     ) -> Result<(), MigrationError> {
         match (&self.config.key, &setup.proof) {
             (Some(key), Some(_)) => {
-                if super::auth::verify_setup_proof(key, source_nonce, nonce, setup) {
+                if super::auth::verify_setup_proof(key, handshake, setup) {
                     Ok(())
                 } else {
                     Err(MigrationError::Unauthenticated(
@@ -1030,7 +1081,12 @@ impl Session {
             reject(&mut writer, &e).await;
             return Err(e);
         }
-        if let Err(e) = self.authenticate(peer, &setup, &source_nonce, &nonce) {
+        let handshake = super::auth::Handshake {
+            source_nonce: &source_nonce,
+            dest_nonce: &nonce,
+            binding: &self.binding,
+        };
+        if let Err(e) = self.authenticate(peer, &setup, &handshake) {
             tracing::warn!(%peer, error = %e, "refused a session");
             reject(&mut writer, &e).await;
             return Err(e);
@@ -1107,9 +1163,8 @@ impl Session {
                 &Message::SessionSetupResponse(SessionSetupResponse {
                     bind_token: token,
                     initial_credits: credits,
-                    proof: key.map(|k| {
-                        super::auth::response_proof(k, &source_nonce, &nonce, session_id, &token)
-                    }),
+                    proof: key
+                        .map(|k| super::auth::response_proof(k, &handshake, session_id, &token)),
                 }),
             )
             .await?;

@@ -20,7 +20,7 @@ use crate::codec::{
 };
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, PAGE_SIZE};
-use crate::transport::{connect, FrameReader, FrameWriter, TokenBucket};
+use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::{
     Abort, BatchEncoder, ChannelBind, Command, EncodedBatch, Header, Limits, Message, Negotiate,
     RoundEnd, SessionSetup, Switchover, VerifyMode, FLAG_RESEND, MAX_CREDITS, MAX_RUNS_PER_BATCH,
@@ -134,10 +134,16 @@ struct Connector {
     rx_bytes: Arc<AtomicU64>,
     session_id: u64,
     secret: Arc<super::auth::BindSecret>,
+    tls: Option<crate::transport::tls::TlsClient>,
 }
 
 impl Connector {
-    async fn connect(&self, ch: u16) -> Result<(FrameReader, FrameWriter), MigrationError> {
+    /// Connects channel `ch` (TLS when asked); returns its halves and its
+    /// TLS keying material (empty when plain).
+    async fn connect(
+        &self,
+        ch: u16,
+    ) -> Result<(FrameReader, FrameWriter, Vec<u8>), MigrationError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.target))
             .await
             .map_err(|_| MigrationError::Timeout {
@@ -147,32 +153,55 @@ impl Connector {
             .map_err(|e| {
                 MigrationError::io(format!("connect channel {ch} to {}", self.target), e)
             })?;
-        let (r, w) = stream.into_split();
-        Ok((
-            FrameReader::new(r, ch, self.rx_bytes.clone()),
-            FrameWriter::new(w, ch, self.buckets.clone(), self.wire.clone()),
-        ))
+        let (conn, binding) = match &self.tls {
+            None => (Conn::Plain(stream), Vec::new()),
+            Some(tls) => {
+                let (s, b) = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(stream))
+                    .await
+                    .map_err(|_| MigrationError::Timeout {
+                        what: "the TLS handshake",
+                        after: CONNECT_TIMEOUT,
+                    })?
+                    .map_err(|e| {
+                        MigrationError::Incompatible(format!(
+                            "channel {ch} to {}: {e} (does the receiver run with --tls?)",
+                            self.target
+                        ))
+                    })?;
+                (Conn::Tls(Box::new(s)), b.to_vec())
+            }
+        };
+        let (rd, wr) = conn.split(
+            ch,
+            self.rx_bytes.clone(),
+            self.buckets.clone(),
+            self.wire.clone(),
+        );
+        Ok((rd, wr, binding))
     }
 
     /// Connects channel `ch` and binds it to the session, each side proving
     /// the session's secret over a fresh nonce. Returns its credits.
     async fn bind(&self, ch: u16) -> Result<(FrameReader, FrameWriter, u16), MigrationError> {
-        let (mut rd, mut wr) = self.connect(ch).await?;
+        let (mut rd, mut wr, binding) = self.connect(ch).await?;
         let header = Header {
             session_id: self.session_id,
             channel: ch,
             ..Header::new(Command::ChannelBind)
         };
         let nonce = super::auth::random_bytes::<16>();
-        let proof = self.secret.bind_proof(self.session_id, ch, &nonce);
+        let bind = super::auth::Bind {
+            session_id: self.session_id,
+            channel: ch,
+            nonce: &nonce,
+            binding: &binding,
+        };
+        let proof = self.secret.bind_proof(&bind);
         wr.send(header, &Message::ChannelBind(ChannelBind { nonce, proof }))
             .await?;
         match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
             (h, Message::ChannelBindResponse(r)) => {
-                if !self
-                    .secret
-                    .verify_bound(self.session_id, ch, &nonce, &r.proof)
-                {
+                if !self.secret.verify_bound(&bind, &r.proof) {
                     return Err(MigrationError::Unauthenticated(format!(
                         "the destination's answer to the bind of channel {ch} does not prove the session's secret"
                     )));
@@ -1182,7 +1211,7 @@ pub async fn migrate(
         guest: guest.kind(),
         session_id: format!("{:016x}", tally.session_id),
         authenticated: tally.authenticated,
-        encrypted: false,
+        encrypted: config.tls.is_some(),
         channel_failures: tally.channel_failures,
         batches_resent: tally.batches_resent,
         channel_rebinds: tally.channel_rebinds,
@@ -1227,8 +1256,14 @@ async fn run(
         secret: Arc::new(super::auth::BindSecret::derive(
             None, &[0; 16], &[0; 16], 0, &[0; 16],
         )),
+        tls: config.tls.clone(),
     };
-    let (mut rd0, mut wr0) = tokio::select! {
+    if config.tls.as_ref().is_some_and(|t| !t.is_pinned()) && config.session_key.is_none() {
+        return Err(MigrationError::Config(
+            "TLS without a pinned certificate needs a shared key to know the receiver by".into(),
+        ));
+    }
+    let (mut rd0, mut wr0, binding0) = tokio::select! {
         biased;
         _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
         c = connector.connect(0) => c?,
@@ -1296,7 +1331,12 @@ async fn run(
         proof: None,
     };
     let key = config.session_key.as_ref();
-    setup.proof = key.map(|k| super::auth::setup_proof(k, &source_nonce, &nonce, &setup));
+    let handshake = super::auth::Handshake {
+        source_nonce: &source_nonce,
+        dest_nonce: &nonce,
+        binding: &binding0,
+    };
+    setup.proof = key.map(|k| super::auth::setup_proof(k, &handshake, &setup));
     wr0.send(
         Header::new(Command::SessionSetup),
         &Message::SessionSetup(setup),
@@ -1316,14 +1356,7 @@ async fn run(
     // With a key, the destination must prove it too before it sees a page.
     if let Some(k) = key {
         let proven = setup.proof.is_some_and(|p| {
-            super::auth::verify_response_proof(
-                k,
-                &source_nonce,
-                &nonce,
-                session_id,
-                &setup.bind_token,
-                &p,
-            )
+            super::auth::verify_response_proof(k, &handshake, session_id, &setup.bind_token, &p)
         });
         if !proven {
             let e = MigrationError::Unauthenticated(

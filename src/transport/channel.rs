@@ -26,18 +26,143 @@ pub enum Received {
     Placed(Header, PageBatch),
 }
 
+/// A channel's connection: plain TCP, or TLS over it.
+pub enum Conn {
+    /// Plain, CRC-checked frames.
+    Plain(TcpStream),
+    /// TLS 1.3.
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// Splits it into a frame reader and writer.
+    pub fn split(
+        self,
+        channel: u16,
+        rx: Arc<AtomicU64>,
+        buckets: Vec<Arc<TokenBucket>>,
+        tx: Arc<AtomicU64>,
+    ) -> (FrameReader, FrameWriter) {
+        use std::os::fd::AsRawFd;
+        match self {
+            Conn::Plain(s) => {
+                let fd = s.as_raw_fd();
+                let (r, w) = s.into_split();
+                (
+                    FrameReader::with(ReadSide::Plain(r), channel, rx),
+                    FrameWriter::with(WriteSide::Plain(w), fd, channel, buckets, tx),
+                )
+            }
+            Conn::Tls(s) => {
+                let fd = s.get_ref().0.as_raw_fd();
+                let (r, w) = tokio::io::split(*s);
+                (
+                    FrameReader::with(ReadSide::Tls(r), channel, rx),
+                    FrameWriter::with(WriteSide::Tls(w), fd, channel, buckets, tx),
+                )
+            }
+        }
+    }
+}
+
+/// The read half of a channel's connection.
+#[derive(Debug)]
+pub enum ReadSide {
+    /// Plain TCP: pages can be read straight into guest memory.
+    Plain(OwnedReadHalf),
+    /// TLS: records are decrypted first.
+    Tls(tokio::io::ReadHalf<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+/// The write half of a channel's connection.
+#[derive(Debug)]
+pub enum WriteSide {
+    /// Plain TCP.
+    Plain(OwnedWriteHalf),
+    /// TLS.
+    Tls(tokio::io::WriteHalf<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for ReadSide {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ReadSide::Plain(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+            ReadSide::Tls(r) => std::pin::Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteSide {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            WriteSide::Tls(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
+            WriteSide::Tls(w) => std::pin::Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WriteSide::Plain(w) => w.is_write_vectored(),
+            WriteSide::Tls(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => std::pin::Pin::new(w).poll_flush(cx),
+            WriteSide::Tls(w) => std::pin::Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WriteSide::Plain(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            WriteSide::Tls(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Reads whole, CRC-checked frames from a channel.
 #[derive(Debug)]
 pub struct FrameReader {
-    rd: BufReader<OwnedReadHalf>,
+    rd: BufReader<ReadSide>,
     channel: u16,
     bytes: Arc<AtomicU64>,
     buf: BytesMut,
 }
 
 impl FrameReader {
-    /// Wraps a read half; counts bytes read into `bytes`.
+    /// Wraps a plain read half; counts bytes read into `bytes`.
     pub fn new(rd: OwnedReadHalf, channel: u16, bytes: Arc<AtomicU64>) -> Self {
+        Self::with(ReadSide::Plain(rd), channel, bytes)
+    }
+
+    fn with(rd: ReadSide, channel: u16, bytes: Arc<AtomicU64>) -> Self {
         Self {
             rd: BufReader::with_capacity(64 << 10, rd),
             channel,
@@ -101,8 +226,10 @@ impl FrameReader {
         }
         self.fill_to(PageBatch::FIXED_LEN, header.command).await?;
         let fixed = &self.buf[..PageBatch::FIXED_LEN];
+        let plain = matches!(self.rd.get_ref(), ReadSide::Plain(_));
         let prefix = match (PageBatch::codec_of(fixed), PageBatch::prefix_len(fixed)) {
-            (Some(CodecId::None), Ok(prefix)) if prefix < len => prefix,
+            // Over TLS the pages are decrypted first: read whole.
+            (Some(CodecId::None), Ok(prefix)) if prefix < len && plain => prefix,
             // Compressed, all-zero or malformed: read it whole; decoding names
             // what is wrong.
             _ => {
@@ -128,7 +255,10 @@ impl FrameReader {
         let mut fill = PageFill::new(memory, &regions).expect("decode checked the runs");
         let buffered = fill.copy_from(self.rd.buffer());
         std::pin::Pin::new(&mut self.rd).consume(buffered);
-        let stream: &TcpStream = self.rd.get_ref().as_ref();
+        let ReadSide::Plain(rd) = self.rd.get_ref() else {
+            unreachable!("placing reads plain channels only")
+        };
+        let stream: &TcpStream = rd.as_ref();
         while fill.remaining() > 0 {
             let read = || fill.read_from(stream.as_fd());
             let n = match stream.try_io(Interest::READABLE, read) {
@@ -235,7 +365,8 @@ impl FrameReader {
 /// the bandwidth cap (if any) allowed their bytes.
 #[derive(Debug)]
 pub struct FrameWriter {
-    wr: OwnedWriteHalf,
+    wr: WriteSide,
+    fd: std::os::fd::RawFd,
     channel: u16,
     buckets: Vec<Arc<TokenBucket>>,
     bytes: Arc<AtomicU64>,
@@ -251,8 +382,21 @@ impl FrameWriter {
         buckets: Vec<Arc<TokenBucket>>,
         bytes: Arc<AtomicU64>,
     ) -> Self {
+        use std::os::fd::AsRawFd;
+        let fd = wr.as_ref().as_raw_fd();
+        Self::with(WriteSide::Plain(wr), fd, channel, buckets, bytes)
+    }
+
+    fn with(
+        wr: WriteSide,
+        fd: std::os::fd::RawFd,
+        channel: u16,
+        buckets: Vec<Arc<TokenBucket>>,
+        bytes: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             wr,
+            fd,
             channel,
             buckets,
             bytes,
@@ -273,8 +417,12 @@ impl FrameWriter {
 
     /// The socket's descriptor (for socket options).
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.wr.as_ref().as_raw_fd()
+        self.fd
+    }
+
+    /// Whether the channel is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.wr, WriteSide::Tls(_))
     }
 
     /// Sends one frame with `payload` (length and CRC are filled in).
@@ -309,6 +457,12 @@ impl FrameWriter {
             }
             written += n;
             self.progress.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let WriteSide::Tls(w) = &mut self.wr {
+            // TLS holds records back until flushed.
+            w.flush()
+                .await
+                .map_err(|e| MigrationError::io(format!("write to channel {}", self.channel), e))?;
         }
         self.bytes.fetch_add(total as u64, Ordering::Relaxed);
         Ok(())

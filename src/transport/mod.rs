@@ -5,9 +5,10 @@ mod bucket;
 mod channel;
 #[cfg(target_os = "linux")]
 pub mod netns;
+pub mod tls;
 
 pub use bucket::TokenBucket;
-pub use channel::{FrameReader, FrameWriter, Received};
+pub use channel::{Conn, FrameReader, FrameWriter, ReadSide, Received, WriteSide};
 
 use crate::cpu::CpuMeter;
 

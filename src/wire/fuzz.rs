@@ -50,9 +50,10 @@ pub fn batch(data: &[u8]) {
         assert!(count == 0 || count == b.page_count());
     }
     // The receiver's direct path: metadata decoded apart from the data that it
-    // reads straight into the pages the batch names.
+    // reads straight into the pages the batch names (only when data follows
+    // the metadata: a batch without any is decoded whole).
     if let Ok(prefix) = PageBatch::prefix_len(data) {
-        if prefix <= data.len() {
+        if prefix < data.len() {
             let meta = Bytes::copy_from_slice(&data[..prefix]);
             if let Ok(b) = PageBatch::decode_split(meta, data.len() - prefix, limits) {
                 assert!(b.is_placed());
