@@ -26,12 +26,24 @@ fn through_proxy(
     peer_timeout: Duration,
     fault: impl FnOnce(&Proxy) + Send + 'static,
 ) -> (Report, Option<Incoming>, Arc<SyntheticGuest>, Duration) {
+    through_proxy_with(peer_timeout, false, fault)
+}
+
+/// As [`through_proxy`], over TLS with a shared key when `tls`.
+fn through_proxy_with(
+    peer_timeout: Duration,
+    tls: bool,
+    fault: impl FnOnce(&Proxy) + Send + 'static,
+) -> (Report, Option<Incoming>, Arc<SyntheticGuest>, Duration) {
+    let key = ferry::migration::auth::SessionKey(b"failover over TLS, 32 bytes long".to_vec());
     let rt = ferry::transport::runtime("dst", 2, &CpuMeter::new()).unwrap();
     let receiver = rt
         .block_on(Receiver::bind(
             "127.0.0.1:0",
             ReceiverConfig {
                 idle_timeout: peer_timeout * 2,
+                key: tls.then(|| key.clone()),
+                tls: tls.then(|| ferry::transport::tls::TlsServer::ephemeral().unwrap()),
                 ..ReceiverConfig::default()
             },
         ))
@@ -49,6 +61,8 @@ fn through_proxy(
         max_bandwidth: Some(100_000_000),
         leave_paused: true,
         peer_timeout,
+        session_key: tls.then(|| key.clone()),
+        tls: tls.then(ferry::transport::tls::TlsClient::bound_to_key),
         ..MigrationConfig::default()
     };
     let p2 = proxy.clone();
@@ -224,4 +238,16 @@ fn a_failed_migration_can_be_retried_and_succeed() {
         None
     );
     ctx.cancel.cancel();
+}
+
+#[test]
+fn over_tls_a_reset_channel_rebinds_with_a_fresh_handshake() {
+    let _serial = serial();
+    let (src, dst, g, _) = through_proxy_with(Duration::from_secs(10), true, |p| p.reset(1));
+    let dst = assert_moved_intact(&src, dst, &g);
+    assert!(src.encrypted && dst.encrypted);
+    assert!(
+        src.channel_failures >= 1 && src.channel_rebinds >= 1,
+        "{src:?}"
+    );
 }
