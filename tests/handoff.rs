@@ -48,6 +48,29 @@ fn stdout_of(child: &mut Child) -> String {
     s
 }
 
+/// Starts `ferry receive --once --json` with `extra` flags on a free port,
+/// once it listens.
+fn start_receiver(extra: &[&str]) -> (String, Child) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut receiver = ferry()
+        .args(["receive", "--listen", &addr, "--once", "--json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < until, "receiver never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        receiver.try_wait().unwrap().is_none(),
+        "the port was taken by another listener"
+    );
+    (addr, receiver)
+}
+
 /// How one fault case ended.
 #[derive(Debug)]
 struct Ending {
@@ -58,30 +81,12 @@ struct Ending {
 
 /// Runs `ferry send` against a `ferry receive --fault point:kind`.
 fn run_case(dir: &Path, point: &str, kind: &str) -> Ending {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut receiver = ferry()
-        .args(["receive", "--listen", &addr, "--once", "--json"])
-        .args([
-            "--peer-timeout",
-            "2s",
-            "--fault",
-            &format!("{point}:{kind}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait for it to listen.
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < until, "receiver never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        receiver.try_wait().unwrap().is_none(),
-        "the port was taken by another listener"
-    );
+    let (addr, mut receiver) = start_receiver(&[
+        "--peer-timeout",
+        "2s",
+        "--fault",
+        &format!("{point}:{kind}"),
+    ]);
     let saved = dir.join(format!("{point}-{kind}.guest"));
     let mut sender = ferry()
         .args(["send", "--to", &addr, "--json", "--memory", "64MiB"])
@@ -170,19 +175,7 @@ fn check(point: &str, kind: &str, e: &Ending) {
 
 /// Sends a saved guest to a new receiver; it completes.
 fn retry_saved(file: &str) {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut receiver = ferry()
-        .args(["receive", "--listen", &addr, "--once", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < until, "receiver never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (addr, mut receiver) = start_receiver(&[]);
     let out = ferry()
         .args(["send", "--to", &addr, "--json", "--saved", file])
         .output()

@@ -66,6 +66,26 @@ impl Harness {
     }
 }
 
+/// A real 8 MiB migration to the harness's receiver completes (it keeps
+/// serving whatever else went on).
+fn a_real_migration_completes(h: &Harness) {
+    let g = common::guest(
+        8 << 20,
+        FillSpec::default(),
+        WorkloadPattern::Uniform,
+        5_000_000,
+    );
+    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
+    let report = src_rt.block_on(ferry::migration::migrate(
+        gd,
+        &h.addr,
+        &MigrationConfig::default(),
+        &RunContext::default(),
+    ));
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+}
+
 impl Drop for Harness {
     fn drop(&mut self) {
         self.ctx.cancel.cancel();
@@ -203,21 +223,7 @@ fn garbage_first_frames_are_refused_and_the_receiver_keeps_serving() {
     assert!(abort_text(recv(&mut s)).contains("exceeds"));
 
     // A real migration still works afterwards.
-    let g = common::guest(
-        8 << 20,
-        FillSpec::default(),
-        WorkloadPattern::Uniform,
-        5_000_000,
-    );
-    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
-    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
-    let report = src_rt.block_on(ferry::migration::migrate(
-        gd,
-        &h.addr,
-        &MigrationConfig::default(),
-        &RunContext::default(),
-    ));
-    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+    a_real_migration_completes(&h);
     assert_eq!(h.next_session().report.outcome, Outcome::Completed);
 }
 
@@ -608,21 +614,7 @@ fn slowloris_connections_are_closed_and_limited_while_migrations_go_on() {
         assert_eq!(q.read(&mut [0u8; 1]).unwrap_or(0), 0);
     }
     // And a real migration goes through.
-    let g = common::guest(
-        8 << 20,
-        FillSpec::default(),
-        WorkloadPattern::Uniform,
-        5_000_000,
-    );
-    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
-    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
-    let report = src_rt.block_on(ferry::migration::migrate(
-        gd,
-        &h.addr,
-        &MigrationConfig::default(),
-        &RunContext::default(),
-    ));
-    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+    a_real_migration_completes(&h);
 }
 
 #[test]
@@ -680,21 +672,7 @@ fn a_source_that_stops_reading_cannot_stall_the_receiver() {
         }
     });
     // Meanwhile another migration completes.
-    let g = common::guest(
-        8 << 20,
-        FillSpec::default(),
-        WorkloadPattern::Uniform,
-        5_000_000,
-    );
-    let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
-    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
-    let report = src_rt.block_on(ferry::migration::migrate(
-        gd,
-        &h.addr,
-        &MigrationConfig::default(),
-        &RunContext::default(),
-    ));
-    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+    a_real_migration_completes(&h);
     writer.join().unwrap();
     let mut outcomes = [h.next_session().report, h.next_session().report];
     outcomes.sort_by_key(|r| r.outcome == Outcome::Completed);

@@ -805,6 +805,37 @@ async fn channel_task(
     }
 }
 
+/// Answers a proven bind with the channel's credits and the destination's
+/// proof; the connection then counts into the session's received bytes.
+async fn answer_bind(
+    b: Bind,
+    sh: &Shared,
+    credits: u16,
+    rx_bytes: &Arc<AtomicU64>,
+) -> Result<(u16, FrameReader, FrameWriter), MigrationError> {
+    let Bind {
+        channel,
+        mut reader,
+        mut writer,
+        proof,
+    } = b;
+    reader.share_counter(rx_bytes.clone());
+    let header = Header {
+        session_id: sh.session_id,
+        channel,
+        credit_grant: credits,
+        message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+        ..Header::new(Command::ChannelBindResponse)
+    };
+    writer
+        .send(
+            header,
+            &Message::ChannelBindResponse(ChannelBindResponse { proof }),
+        )
+        .await?;
+    Ok((channel, reader, writer))
+}
+
 /// What the session controller counts.
 #[derive(Default)]
 struct Tally {
@@ -1232,19 +1263,10 @@ impl Session {
                 }
                 b = bind_rx.recv() => {
                     let Some(b) = b else { continue };
-                    let rx_bytes = self.rx_bytes.clone();
-                    let Bind { channel, mut reader, mut writer, proof } = b;
-                    reader.share_counter(rx_bytes);
-                    let header = Header {
-                        session_id,
-                        channel,
-                        credit_grant: credits,
-                        message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
-                        ..Header::new(Command::ChannelBindResponse)
+                    let (channel, reader, writer) = match answer_bind(b, &sh, credits, &self.rx_bytes).await {
+                        Ok(bound) => bound,
+                        Err(e) => break Err(e),
                     };
-                    if let Err(e) = writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse { proof })).await {
-                        break Err(e);
-                    }
                     if !ever_bound.insert(channel) {
                         tally.rebinds += 1;
                         tracing::info!(channel, "channel rebound to the session");
@@ -1424,16 +1446,8 @@ impl Session {
                     _ = &mut linger => break,
                     b = bind_rx.recv() => {
                         // A channel rebinding to send GO again.
-                        let Some(Bind { channel, mut reader, mut writer, proof }) = b else { continue };
-                        reader.share_counter(self.rx_bytes.clone());
-                        let header = Header {
-                            session_id,
-                            channel,
-                            credit_grant: credits,
-                            message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
-                            ..Header::new(Command::ChannelBindResponse)
-                        };
-                        if writer.send(header, &Message::ChannelBindResponse(ChannelBindResponse { proof })).await.is_ok() {
+                        let Some(b) = b else { continue };
+                        if let Ok((channel, reader, writer)) = answer_bind(b, &sh, credits, &self.rx_bytes).await {
                             tally.rebinds += 1;
                             start(channel, reader, writer);
                         }
