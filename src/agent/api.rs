@@ -594,6 +594,7 @@ pub async fn serve_agent_with(
     let node = Node::new(cluster, name).map_err(std::io::Error::other)?;
     let stop = CancellationToken::new();
     let weak = Arc::downgrade(&node);
+    let weak_go = weak.clone();
     let receiver = Receiver::bind(
         &node.spec.data,
         ReceiverConfig {
@@ -611,6 +612,11 @@ pub async fn serve_agent_with(
             admit: Some(Arc::new(move |setup| match weak.upgrade() {
                 Some(node) => node.admit_incoming(setup),
                 None => Err("the agent is shutting down".into()),
+            })),
+            on_go: Some(Arc::new(move |label, guest, resumed| {
+                if let (Some(node), Some(label)) = (weak_go.upgrade(), label) {
+                    node.vm_arrived(label, guest, resumed);
+                }
             })),
             ..ReceiverConfig::default()
         },

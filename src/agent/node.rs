@@ -1041,33 +1041,56 @@ impl Node {
         Ok(())
     }
 
-    /// An incoming session ended: the VM runs here, or its arrival is undone.
+    /// A guest handed over at GO: the VM runs here from this moment (or
+    /// waits paused), before its session's last messages and report.
+    pub fn vm_arrived(
+        &self,
+        label: &SessionLabel,
+        guest: &Arc<dyn MigratableGuest>,
+        resumed: bool,
+    ) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(vm) = st.vms.get_mut(&label.vm) {
+            if vm.state != VmState::MigratingIn {
+                return;
+            }
+            if let Some(w) = guest.workload() {
+                vm.spec.workload = w.pattern;
+                vm.spec.dirty_rate = w.dirty_rate;
+                vm.spec.fill = w.content;
+            }
+            vm.state = if resumed {
+                VmState::Running
+            } else {
+                VmState::Paused
+            };
+            vm.guest = Some(guest.clone());
+            self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// An incoming session ended: the VM runs here, or its arrival is undone;
+    /// the migration's record gets the report.
     pub fn incoming_done(&self, incoming: Incoming) {
         let Some(label) = incoming.label else { return };
-        let mut st = self.state.lock().unwrap();
-        let outcome = incoming.report.outcome;
-        let arrived = match (outcome, incoming.guest) {
-            (Outcome::Completed, Some(guest)) => {
-                let paused = st
+        if let (Outcome::Completed, Some(guest)) = (incoming.report.outcome, &incoming.guest) {
+            // Normally already told at GO.
+            let resumed = incoming.report.guest_location == "destination"
+                && !self
+                    .state
+                    .lock()
+                    .unwrap()
                     .migrations
                     .iter()
                     .any(|m| m.id == label.migration_id && m.config.leave_paused);
-                if let Some(vm) = st.vms.get_mut(&label.vm) {
-                    if let Some(w) = guest.workload() {
-                        vm.spec.workload = w.pattern;
-                        vm.spec.dirty_rate = w.dirty_rate;
-                        vm.spec.fill = w.content;
-                    }
-                    vm.state = if paused {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
-                    };
-                    vm.guest = Some(guest);
-                }
-                self.metrics.received.fetch_add(1, Ordering::Relaxed);
-                true
-            }
+            self.vm_arrived(&label, guest, resumed);
+        }
+        let mut st = self.state.lock().unwrap();
+        let outcome = incoming.report.outcome;
+        let arrived = match (outcome, incoming.guest) {
+            (Outcome::Completed, Some(_)) => true,
             _ => {
                 if st
                     .vms

@@ -156,7 +156,10 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             ),
         )?;
     }
-    let round_trips = a.count.div_ceil(2 * a.vms).max(1);
+    // Warm-up round trips before the baseline: each agent has sent and
+    // received, and its thread pools and buffers have grown to their size.
+    const WARMUP: u32 = 2;
+    let round_trips = a.count.div_ceil(2 * a.vms).max(1) + WARMUP + 1;
     let start = Instant::now();
     let (mut moved, mut failed, mut mismatches) = (0u64, 0u64, 0u64);
     let mut errors: Vec<String> = Vec::new();
@@ -168,11 +171,9 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             .collect::<Vec<_>>()
     };
     let mut trips = 0;
-    'trips: for trip in 0..=round_trips {
-        // Trip 0 warms both agents up (each has sent and received); the
-        // measured ones follow.
+    'trips: for trip in 0..round_trips {
         for (from, to) in [(0usize, 1usize), (1, 0)] {
-            if trip > 0 && start.elapsed() > a.duration {
+            if trip > WARMUP && start.elapsed() > a.duration {
                 break 'trips;
             }
             let mut ids = Vec::new();
@@ -185,8 +186,14 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
                 );
                 match m {
                     Ok(m) => ids.push(m["id"].as_str().unwrap_or_default().to_string()),
-                    // Not there: an earlier move failed and left it behind.
-                    Err(e) => errors.push(e.to_string()),
+                    // Refused (or not there: an earlier move failed and left
+                    // it behind): a failure too.
+                    Err(e) => {
+                        if trip > WARMUP {
+                            failed += 1;
+                        }
+                        errors.push(e.to_string());
+                    }
                 }
             }
             for id in ids {
@@ -202,14 +209,15 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 };
-                moved += u64::from(trip > 0);
+                moved += u64::from(trip > WARMUP);
                 let completed = done["state"] == "completed";
                 let verified = done["report"]["verified"] == true;
                 let error = done["error"].as_str().unwrap_or("").to_string();
-                if trip > 0 && !completed {
+                if trip > WARMUP && !completed {
                     failed += 1;
                 }
-                if trip > 0 && ((completed && !verified) || error.contains("digest mismatch")) {
+                if trip > WARMUP && ((completed && !verified) || error.contains("digest mismatch"))
+                {
                     mismatches += 1;
                 }
                 if !completed {
@@ -217,9 +225,9 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
                 }
             }
         }
-        if trip == 0 {
+        if trip == WARMUP {
             baseline = Some(measure(&agents));
-        } else {
+        } else if trip > WARMUP {
             trips += 1;
         }
         if !a.json {
@@ -233,7 +241,7 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
         eprintln!();
     }
     let end = measure(&agents);
-    let baseline = baseline.expect("trip 0 ran");
+    let baseline = baseline.expect("the warm-up ran");
     let elapsed = start.elapsed().as_secs_f64();
     let per_agent: Vec<Value> = agents
         .iter()

@@ -43,6 +43,11 @@ pub const CHANNEL_MEMORY: u64 = crate::wire::MAX_FRAME_LEN as u64
 /// allocated.
 pub type AdmitFn = Arc<dyn Fn(&SessionSetup) -> Result<(), String> + Send + Sync>;
 
+/// Told at GO, the moment a guest runs (or waits paused) here: its session's
+/// label, the guest, and whether it was resumed. The session's report
+/// follows when the session ends.
+pub type OnGoFn = Arc<dyn Fn(Option<&SessionLabel>, &Arc<dyn MigratableGuest>, bool) + Send + Sync>;
+
 /// Whom a receiver without a key takes sessions from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Unauthenticated {
@@ -68,6 +73,8 @@ pub struct ReceiverConfig {
     pub idle_timeout: Duration,
     /// Admission of each session (default: every session within the limits).
     pub admit: Option<AdmitFn>,
+    /// Told when a guest is handed over (agents list the VM as running then).
+    pub on_go: Option<OnGoFn>,
     /// The shared key every session must prove (and this receiver proves
     /// back). Default: none.
     pub key: Option<SessionKey>,
@@ -118,6 +125,7 @@ impl Default for ReceiverConfig {
             initial_credits: DEFAULT_INITIAL_CREDITS,
             idle_timeout: super::DEFAULT_PEER_TIMEOUT,
             admit: None,
+            on_go: None,
             key: None,
             unauthenticated: Unauthenticated::default(),
             fault: None,
@@ -1413,6 +1421,9 @@ impl Session {
                     }
                     if let Some(p) = tally.paused_at {
                         tally.downtime = p.elapsed();
+                    }
+                    if let Some(on_go) = &self.config.on_go {
+                        on_go(tally.label.as_ref(), guest, !leave_paused);
                     }
                     sh.fault_at(FaultPoint::AfterGo);
                     let complete = Message::Complete(Complete {

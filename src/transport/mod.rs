@@ -12,6 +12,9 @@ pub use channel::{Conn, FrameReader, FrameWriter, ReadSide, Received, WriteSide}
 
 use crate::cpu::CpuMeter;
 
+/// Blocking-pool threads per runtime worker (encoders and appliers).
+pub const BLOCKING_PER_WORKER: usize = 4;
+
 /// Builds a multi-threaded tokio runtime whose threads (workers and blocking
 /// pool) are counted by `cpu`.
 pub fn runtime(
@@ -35,6 +38,9 @@ pub type Namespace = std::convert::Infallible;
 /// # Panics
 /// A thread that cannot enter `ns` panics; [`netns::TbfLink::new`] checks that
 /// threads can before handing out its namespaces.
+///
+/// Its blocking pool holds at most [`BLOCKING_PER_WORKER`] threads per
+/// worker.
 pub fn runtime_in(
     name: &str,
     workers: usize,
@@ -44,6 +50,10 @@ pub fn runtime_in(
     let (start, stop) = (cpu.clone(), cpu.clone());
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
+        // The blocking pool encodes and applies batches: CPU-bound work, so
+        // a few threads per core are plenty, and each keeps buffers of a
+        // batch's size (a soak showed hundreds of MiB with tokio's 512).
+        .max_blocking_threads(BLOCKING_PER_WORKER * workers.max(1))
         .thread_name(name)
         .on_thread_start(move || {
             #[cfg(target_os = "linux")]
