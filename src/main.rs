@@ -1097,6 +1097,12 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                     (Some(c), Some(k)) => {
                         Some(ferry::transport::tls::TlsServer::from_pem(c, k).map_err(usage)?)
                     }
+                    // A certificate made now can be known only through the key.
+                    _ if a.tls && a.key.is_none() => {
+                        return Err(usage(
+                            "--tls needs --tls-cert/--tls-key (for sources to pin) or --key FILE",
+                        ))
+                    }
                     _ if a.tls => {
                         Some(ferry::transport::tls::TlsServer::ephemeral().map_err(usage)?)
                     }

@@ -490,3 +490,72 @@ fn a_short_soak_moves_guests_back_and_forth_with_nothing_lost_or_leaked() {
         assert!(agent["rss_start"].as_u64().unwrap() > 0, "{v}");
     }
 }
+
+#[test]
+fn tls_with_a_pinned_certificate_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("ferry-cli-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = ferry()
+        .args(["tls-cert", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // TLS with a certificate made at start needs a key to be known by.
+    let out = ferry()
+        .args(["receive", "--listen", "127.0.0.1:0", "--tls"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let receiver = ferry()
+        .args([
+            "receive",
+            "--listen",
+            &addr,
+            "--once",
+            "--json",
+            "--tls",
+            "--tls-cert",
+        ])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(std::time::Instant::now() < until);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = ferry()
+        .args([
+            "send", "--to", &addr, "--memory", "16MiB", "--json", "--tls", "--tls-ca",
+        ])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let src: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(src["outcome"], "completed", "{src}");
+    assert_eq!(
+        (src["encrypted"].as_bool(), src["authenticated"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let dst = receiver.wait_with_output().unwrap();
+    let dst: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&dst.stdout).trim()).unwrap();
+    assert_eq!(dst["outcome"], "completed");
+    assert_eq!(dst["encrypted"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
