@@ -487,8 +487,10 @@ struct Shared {
     claims_changed: tokio::sync::Notify,
     /// Channels up now.
     chans: Mutex<HashMap<u16, DestChan>>,
-    /// The fault to inject, until it has been.
+    /// The fault to inject, until it has been; `fault_armed` keeps the
+    /// per-batch checks to one load when there is none (always, but in tests).
     fault: Mutex<Option<Fault>>,
+    fault_armed: std::sync::atomic::AtomicBool,
 }
 
 thread_local! {
@@ -636,10 +638,16 @@ impl Shared {
 
     /// Injects the configured fault if it is for `point` (once).
     fn fault_at(&self, point: FaultPoint) {
+        if !self.fault_armed.load(Ordering::Relaxed) {
+            return;
+        }
         let fault = {
             let mut f = self.fault.lock().unwrap();
             match *f {
-                Some(x) if x.point == point => f.take(),
+                Some(x) if x.point == point => {
+                    self.fault_armed.store(false, Ordering::Relaxed);
+                    f.take()
+                }
                 _ => None,
             }
         };
@@ -783,7 +791,10 @@ async fn channel_task(
                     return Err(e);
                 }
                 sh.set_claim(header.message_id, Some(Claim::Done { round }));
-                if round == 0 && sh.counts.snapshot().total * 2 >= sh.limits.guest_pages {
+                if round == 0
+                    && sh.fault_armed.load(Ordering::Relaxed)
+                    && sh.counts.snapshot().total * 2 >= sh.limits.guest_pages
+                {
                     sh.fault_at(FaultPoint::MidRound);
                 }
             }
@@ -1187,6 +1198,7 @@ impl Session {
             claims_changed: tokio::sync::Notify::new(),
             chans: Mutex::new(HashMap::new()),
             fault: Mutex::new(self.config.fault),
+            fault_armed: std::sync::atomic::AtomicBool::new(self.config.fault.is_some()),
         });
         *shared_out = Some(sh.clone());
         let credits = self.config.initial_credits;

@@ -420,11 +420,6 @@ impl FrameWriter {
         self.fd
     }
 
-    /// Whether the channel is encrypted.
-    pub fn is_tls(&self) -> bool {
-        matches!(self.wr, WriteSide::Tls(_))
-    }
-
     /// Sends one frame with `payload` (length and CRC are filled in).
     pub async fn send_raw(
         &mut self,

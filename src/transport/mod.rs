@@ -8,7 +8,7 @@ pub mod netns;
 pub mod tls;
 
 pub use bucket::TokenBucket;
-pub use channel::{Conn, FrameReader, FrameWriter, ReadSide, Received, WriteSide};
+pub use channel::{Conn, FrameReader, FrameWriter, Received};
 
 use crate::cpu::CpuMeter;
 
