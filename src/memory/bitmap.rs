@@ -62,6 +62,21 @@ impl DirtyBitmap {
         }
     }
 
+    /// ORs raw bitmap words (64 pages a word, as a kernel dirty log has them)
+    /// into this bitmap; bits beyond the last page are ignored.
+    pub fn merge_words(&self, words: &[u64]) {
+        for (i, (&w, word)) in words.iter().zip(self.words.iter()).enumerate() {
+            let mut w = w;
+            if i == self.words.len() - 1 && self.pages % 64 != 0 {
+                w &= (1u64 << (self.pages % 64)) - 1;
+            }
+            if w != 0 {
+                // Release, as mark(): the pages were written before the log said so.
+                word.fetch_or(w, Ordering::Release);
+            }
+        }
+    }
+
     /// Marks every page dirty (the start of round 0).
     pub fn mark_all(&self) {
         if self.pages > 0 {

@@ -267,6 +267,49 @@ impl GuestMemory {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) }
     }
 
+    /// Reads the little-endian `u64` at byte `offset` (8-aligned) of guest
+    /// memory: the KVM guest's control page.
+    ///
+    /// # Panics
+    /// If the word lies outside the guest or is not aligned.
+    #[allow(unsafe_code)]
+    pub fn read_u64(&self, offset: u64) -> u64 {
+        let ptr = self.word_ptr(offset);
+        // SAFETY: word_ptr checked that 8 aligned bytes at `ptr` lie inside the
+        // mapping. A guest may write the word concurrently (shared guest
+        // memory, module doc); a volatile read of plain bytes is still sound.
+        u64::from_le(unsafe { std::ptr::read_volatile(ptr) })
+    }
+
+    /// Writes the little-endian `u64` at byte `offset` (8-aligned).
+    ///
+    /// # Panics
+    /// As [`GuestMemory::read_u64`].
+    #[allow(unsafe_code)]
+    pub fn write_u64(&self, offset: u64, value: u64) {
+        let ptr = self.word_ptr(offset);
+        // SAFETY: as for read_u64; the mapping is writable.
+        unsafe { std::ptr::write_volatile(ptr, value.to_le()) }
+    }
+
+    fn word_ptr(&self, offset: u64) -> *mut u64 {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len_bytes(),
+            "word at {offset:#x} outside guest of {} bytes or unaligned",
+            self.len_bytes()
+        );
+        self.page_ptr(offset >> PAGE_SHIFT)
+            .wrapping_add((offset as usize) & (PAGE_SIZE - 1))
+            .cast()
+    }
+
+    /// The host address of the first byte, for registering the memory with a
+    /// hypervisor (the KVM guest's memory slot). The mapping lives as long as
+    /// `self`.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
     /// Fills page `index` with zeros.
     #[allow(unsafe_code)]
     pub fn zero_page(&self, index: u64) {
