@@ -415,10 +415,23 @@ impl MigrateArgs {
 struct DemoArgs {
     #[command(subcommand)]
     sub: Option<DemoCommand>,
+    /// The guest: sim (ferry's synthetic guest) or kvm (a real KVM guest:
+    /// a small guest program on one vCPU; needs /dev/kvm).
+    #[arg(long = "guest", value_enum, default_value_t = GuestBackend::Sim)]
+    backend: GuestBackend,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
     migrate: MigrateArgs,
+}
+
+/// Which guest backend `--guest` names.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum GuestBackend {
+    /// Writer threads dirtying memory at the set rate.
+    Sim,
+    /// A KVM virtual machine running ferry's guest program.
+    Kvm,
 }
 
 #[derive(Subcommand, Debug)]
@@ -449,6 +462,10 @@ struct SendArgs {
     /// (PEM). Without it, --key proves the receiver over each TLS channel.
     #[arg(long, value_name = "FILE", requires = "tls")]
     tls_ca: Option<PathBuf>,
+    /// The guest: sim (ferry's synthetic guest) or kvm (a real KVM guest:
+    /// a small guest program on one vCPU; needs /dev/kvm).
+    #[arg(long = "guest", value_enum, default_value_t = GuestBackend::Sim, conflicts_with = "saved")]
+    backend: GuestBackend,
     #[command(flatten)]
     guest: GuestArgs,
     #[command(flatten)]
@@ -668,7 +685,19 @@ fn build_memory(m: &MemoryArgs, announce: bool) -> Result<(GuestMemory, FillSpec
     }
 }
 
-fn build_guest(g: &GuestArgs, announce: bool) -> Result<(Arc<SyntheticGuest>, WorkloadPattern)> {
+fn build_guest(
+    g: &GuestArgs,
+    backend: GuestBackend,
+    announce: bool,
+) -> Result<(Arc<dyn MigratableGuest>, WorkloadPattern)> {
+    if backend == GuestBackend::Kvm {
+        check_kvm()?;
+        if g.writers != 1 {
+            return Err(usage(
+                "--writers applies to --guest sim: a KVM guest runs one vCPU",
+            ));
+        }
+    }
     if g.mem.image.is_none() {
         workload_for(g, g.mem.memory.unwrap_or(1 << 30))?;
     }
@@ -681,10 +710,37 @@ fn build_guest(g: &GuestArgs, announce: bool) -> Result<(Arc<SyntheticGuest>, Wo
         writers: g.writers,
         seed: g.mem.seed,
     };
-    Ok((
-        Arc::new(SyntheticGuest::start(Arc::new(memory), workload)),
-        pattern,
-    ))
+    let memory = Arc::new(memory);
+    let guest: Arc<dyn MigratableGuest> = match backend {
+        GuestBackend::Sim => Arc::new(SyntheticGuest::start(memory, workload)),
+        GuestBackend::Kvm => start_kvm(memory, workload)?,
+    };
+    Ok((guest, pattern))
+}
+
+/// `--guest kvm` needs a working `/dev/kvm`: one line saying so, if not.
+fn check_kvm() -> Result<()> {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    return ferry::kvm::available().map_err(|e| {
+        let why = std::error::Error::source(&e)
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default();
+        anyhow::anyhow!("--guest kvm needs a working {}{why}", ferry::kvm::device())
+    });
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    Err(anyhow::anyhow!("--guest kvm needs Linux on x86-64"))
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn start_kvm(memory: Arc<GuestMemory>, workload: Workload) -> Result<Arc<dyn MigratableGuest>> {
+    let guest = ferry::kvm::KvmGuest::start(memory, workload)
+        .map_err(|e| anyhow::Error::new(e).context("cannot start the KVM guest"))?;
+    Ok(Arc::new(guest))
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn start_kvm(_: Arc<GuestMemory>, _: Workload) -> Result<Arc<dyn MigratableGuest>> {
+    Err(anyhow::anyhow!("--guest kvm needs Linux on x86-64"))
 }
 
 /// Where memory content comes from: `fill zero:35,...` or `image FILE`.
@@ -695,9 +751,13 @@ fn content_of(m: &MemoryArgs) -> String {
     }
 }
 
-fn describe_guest(g: &GuestArgs, guest: &SyntheticGuest, pattern: WorkloadPattern) -> String {
+fn describe_guest(g: &GuestArgs, guest: &dyn MigratableGuest, pattern: WorkloadPattern) -> String {
+    let kind = match guest.kind() {
+        ferry::wire::GuestKind::Sim => "synthetic guest",
+        ferry::wire::GuestKind::Kvm => "KVM guest (1 vCPU)",
+    };
     format!(
-        "{} synthetic guest ({}), workload {} at {}",
+        "{} {kind} ({}), workload {} at {}",
         Bytes(guest.memory().len_bytes()),
         content_of(&g.mem),
         pattern,
@@ -869,10 +929,18 @@ fn summary(r: &Report, limit: Option<Duration>) -> String {
         r.channels
     );
     out += &format!(
-        "  guest       dirty rate {}, max throttle {}%\n",
+        "  guest       {}, dirty rate {}, max throttle {}%\n",
+        r.guest,
         Rate(r.dirty_rate_bps),
         r.throttle_pct_max
     );
+    if let Some(at) = r.guest_counter_at_pause {
+        let after = r
+            .guest_counter_after_resume
+            .map(|c| format!(", {c} a second after it resumed here"))
+            .unwrap_or_default();
+        out += &format!("  counter     {at} at the pause{after}\n");
+    }
     let cpu = |v: Option<f64>| v.map(ms).unwrap_or_else(|| "n/a".into());
     out += &format!(
         "  cpu         source {}, destination {}\n",
@@ -971,10 +1039,10 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let (guest, pattern) = build_guest(&a.guest, true)?;
+    let (guest, pattern) = build_guest(&a.guest, a.backend, true)?;
     eprintln!(
         "ferry demo: {}\n            {} channels, codec {}, over loopback",
-        describe_guest(&a.guest, &guest, pattern),
+        describe_guest(&a.guest, &*guest, pattern),
         config.channels,
         config.codec
     );
@@ -986,18 +1054,16 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     let receiver = ReceiverConfig {
         key: Some(key),
         tls,
+        // Show the guest runs on there: its counter, a second after GO.
+        resume_check: Some(Duration::from_secs(1)),
         ..ReceiverConfig::default()
     };
     let result = migrate_over_loopback(guest.clone(), &config, ctx, receiver);
     done.store(true, Ordering::Release);
     let _ = ui.join();
-    let (report, incoming) = result.context("loopback migration")?;
-    if let Some(dest_guest) = incoming.as_ref().and_then(|i| i.guest.as_ref()) {
-        // Show the guest runs on: its counter grows there.
-        let before = dest_guest.progress_counter();
-        std::thread::sleep(Duration::from_millis(100));
-        let after = dest_guest.progress_counter();
-        tracing::info!(before, after, "destination guest running");
+    let (mut report, incoming) = result.context("loopback migration")?;
+    if let Some(i) = &incoming {
+        report.guest_counter_after_resume = i.report.guest_counter_after_resume;
     }
     if a.migrate.json {
         println!("{}", report.to_json());
@@ -1032,8 +1098,8 @@ fn send(a: SendArgs) -> Result<ExitCode> {
             g
         }
         None => {
-            let (guest, pattern) = build_guest(&a.guest, false)?;
-            tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &guest, pattern));
+            let (guest, pattern) = build_guest(&a.guest, a.backend, false)?;
+            tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &*guest, pattern));
             guest
         }
     };
@@ -1110,6 +1176,7 @@ fn receive(a: ReceiveArgs) -> Result<ExitCode> {
                 },
                 max_sessions: a.max_sessions,
                 handshake_timeout: a.handshake_timeout,
+                resume_check: Some(Duration::from_secs(1)),
                 unauthenticated: if a.insecure {
                     ferry::migration::Unauthenticated::Anywhere
                 } else {

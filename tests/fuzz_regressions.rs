@@ -11,7 +11,7 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 6] = [
+const TARGETS: [(&str, Property); 7] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
@@ -20,6 +20,7 @@ const TARGETS: [(&str, Property); 6] = [
     ("receiver", |d| {
         fuzz::receiver(d);
     }),
+    ("guest_state", fuzz::guest_state),
 ];
 
 /// Runs every file of `fuzz/<kind>/<target>/` through the target's property.
@@ -182,6 +183,34 @@ fn mutated_valid_frames_never_panic() {
             fuzz::stream(&target);
         } else {
             fuzz::batch(&target);
+        }
+    }
+}
+
+#[test]
+fn guest_state_seeds_decode_and_their_mutations_never_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/guest_state");
+    let kvm = std::fs::read(dir.join("kvm.bin")).unwrap();
+    // The committed KVM state is a real one (a paused guest's), so the
+    // fuzzer starts from inputs that pass every check.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        let st = ferry::kvm::KvmGuestState::decode(&kvm[1..], fuzz::FUZZ_GUEST_PAGES).unwrap();
+        assert!(!st.vcpu.msrs.is_empty());
+    }
+    let sim = std::fs::read(dir.join("sim.bin")).unwrap();
+    let mut rng = Rng(0x5eed);
+    for seed in [kvm, sim] {
+        for cut in (0..seed.len()).step_by(61) {
+            fuzz::guest_state(&seed[..cut]);
+        }
+        for _ in 0..2000 {
+            let mut m = seed.clone();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(m.len());
+                m[at] = rng.next() as u8;
+            }
+            fuzz::guest_state(&m);
         }
     }
 }

@@ -536,6 +536,8 @@ mod tests {
                 destination: Some(5.0),
             },
             guest: GuestKind::Sim,
+            guest_counter_at_pause: None,
+            guest_counter_after_resume: None,
             session_id: String::new(),
             authenticated: false,
             encrypted: false,

@@ -97,6 +97,10 @@ pub struct ReceiverConfig {
     /// TLS 1.3 on every channel (sources without it are refused). Default:
     /// none: plain, CRC-checked frames.
     pub tls: Option<crate::transport::tls::TlsServer>,
+    /// Read a resumed guest's counter again this long after GO, for the
+    /// report's `guest_counter_after_resume` (the report waits for it; the
+    /// wait is not part of `total_ms`). Default: none (`ferry receive`: 1 s).
+    pub resume_check: Option<Duration>,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -114,6 +118,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("max_pending", &self.max_pending)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("tls", &self.tls.is_some())
+            .field("resume_check", &self.resume_check)
             .finish()
     }
 }
@@ -134,6 +139,7 @@ impl Default for ReceiverConfig {
             max_pending: 64,
             max_inflight_bytes: 64 * CHANNEL_MEMORY,
             tls: None,
+            resume_check: None,
         }
     }
 }
@@ -637,9 +643,9 @@ impl Shared {
     }
 
     /// Injects the configured fault if it is for `point` (once).
-    fn fault_at(&self, point: FaultPoint) {
+    fn fault_at(&self, point: FaultPoint) -> Result<(), MigrationError> {
         if !self.fault_armed.load(Ordering::Relaxed) {
-            return;
+            return Ok(());
         }
         let fault = {
             let mut f = self.fault.lock().unwrap();
@@ -651,10 +657,19 @@ impl Shared {
                 _ => None,
             }
         };
-        let Some(fault) = fault else { return };
-        if fault.kind != FaultKind::Reset {
-            super::fault::strike_process(fault.kind);
-            return;
+        let Some(fault) = fault else { return Ok(()) };
+        match fault.kind {
+            FaultKind::Reset => {}
+            FaultKind::Abort => {
+                tracing::warn!(?point, "injected fault: giving up on the session");
+                return Err(MigrationError::Resources(format!(
+                    "injected fault at {point:?}"
+                )));
+            }
+            kind => {
+                super::fault::strike_process(kind);
+                return Ok(());
+            }
         }
         // Every connection closes with an RST; the session takes rebinds.
         tracing::warn!(
@@ -666,6 +681,7 @@ impl Shared {
             super::fault::linger_zero(c.fd);
             c.stop.cancel();
         }
+        Ok(())
     }
 
     /// Drops a lost connection from the channels replies may use.
@@ -717,7 +733,7 @@ async fn channel_task(
             let accept = |h: &Header, b: &PageBatch| {
                 check_session(&sh, ch, h)?;
                 sh.machine.lock().unwrap().check_batch(b.round)?;
-                sh.fault_at(FaultPoint::BeforeRound0);
+                sh.fault_at(FaultPoint::BeforeRound0)?;
                 sh.claim(h, Claim::Receiving { chan: ch, gen })
             };
             let received = tokio::select! {
@@ -735,7 +751,7 @@ async fn channel_task(
                     check_session(&sh, ch, &frame.header)?;
                     let batch = PageBatch::decode(frame.payload, sh.limits)?;
                     sh.machine.lock().unwrap().check_batch(batch.round)?;
-                    sh.fault_at(FaultPoint::BeforeRound0);
+                    sh.fault_at(FaultPoint::BeforeRound0)?;
                     let h = frame.header;
                     let fresh =
                         sh.claim(&h, Claim::Applying)? || sh.settle_resend(h.message_id).await?;
@@ -795,7 +811,7 @@ async fn channel_task(
                     && sh.fault_armed.load(Ordering::Relaxed)
                     && sh.counts.snapshot().total * 2 >= sh.limits.guest_pages
                 {
-                    sh.fault_at(FaultPoint::MidRound);
+                    sh.fault_at(FaultPoint::MidRound)?;
                 }
             }
             let ack_header = Header {
@@ -874,6 +890,8 @@ struct Tally {
     throttle_max: u8,
     source_cpu_ms: Option<f64>,
     guest_kind: Option<GuestKind>,
+    counter_at_pause: Option<u64>,
+    resumed_at: Option<Instant>,
     finished: Option<Duration>,
     label: Option<SessionLabel>,
     authenticated: bool,
@@ -963,6 +981,14 @@ impl Session {
             // Discard the copy: it must never run.
             guest = None;
         }
+        let mut counter_after_resume = None;
+        if let (Some(g), Some(at), Some(wait)) =
+            (&guest, tally.resumed_at, self.config.resume_check)
+        {
+            // Show the guest runs on here: its counter, a while after GO.
+            tokio::time::sleep_until((at + wait).into()).await;
+            counter_after_resume = Some(g.progress_counter());
+        }
         let pages = shared
             .as_ref()
             .map_or(PageCounts::default(), |sh| sh.counts.snapshot());
@@ -995,6 +1021,8 @@ impl Session {
                 destination: Some(round3(self.ctx.cpu.total().as_secs_f64() * 1e3)),
             },
             guest: tally.guest_kind.unwrap_or(GuestKind::Sim),
+            guest_counter_at_pause: tally.counter_at_pause,
+            guest_counter_after_resume: counter_after_resume,
             session_id: format!("{:016x}", tally.session_id),
             authenticated: tally.authenticated,
             encrypted: !self.binding.is_empty(),
@@ -1070,7 +1098,7 @@ impl Session {
         cancel: &CancellationToken,
         at: Instant,
     ) -> Result<(), MigrationError> {
-        let mut machine = DestMachine::new(self.config.max_memory);
+        let mut machine = DestMachine::new(self.config.max_memory).hosting_kvm(kvm_here());
         let mut response = match machine.handle_negotiate(&negotiate) {
             Ok(r) => r,
             Err(e) => {
@@ -1377,7 +1405,9 @@ impl Session {
                     }
                 }
                 Event::Control(h, Message::Switchover(m)) => {
-                    sh.fault_at(FaultPoint::BeforeReady);
+                    if let Err(e) = sh.fault_at(FaultPoint::BeforeReady) {
+                        break Err(e);
+                    }
                     tally.rounds = m.rounds;
                     tally.dirty_rate = m.dirty_rate_bps;
                     tally.throttle_max = m.throttle_pct_max;
@@ -1410,7 +1440,10 @@ impl Session {
                         sh.memory.clone(),
                         &m.state,
                     ) {
-                        Ok(g) => *guest_out = Some(g),
+                        Ok(g) => {
+                            tally.counter_at_pause = Some(g.progress_counter());
+                            *guest_out = Some(g);
+                        }
                         Err(e) => break Err(MigrationError::Incompatible(e)),
                     }
                     tally.verified = true;
@@ -1420,7 +1453,9 @@ impl Session {
                         // The source sends SWITCHOVER again once a channel is back.
                         tracing::warn!(error = %e, "could not send READY yet");
                     }
-                    sh.fault_at(FaultPoint::AfterReady);
+                    if let Err(e) = sh.fault_at(FaultPoint::AfterReady) {
+                        break Err(e);
+                    }
                 }
                 Event::Control(h, Message::Go) => {
                     if let Err(e) = sh.machine.lock().unwrap().handle_go() {
@@ -1430,6 +1465,7 @@ impl Session {
                     let guest = guest_out.as_ref().expect("guest restored before READY");
                     if !leave_paused {
                         guest.resume();
+                        tally.resumed_at = Some(Instant::now());
                     }
                     if let Some(p) = tally.paused_at {
                         tally.downtime = p.elapsed();
@@ -1437,7 +1473,9 @@ impl Session {
                     if let Some(on_go) = &self.config.on_go {
                         on_go(tally.label.as_ref(), guest, !leave_paused);
                     }
-                    sh.fault_at(FaultPoint::AfterGo);
+                    if let Err(e) = sh.fault_at(FaultPoint::AfterGo) {
+                        break Err(e);
+                    }
                     let complete = Message::Complete(Complete {
                         destination_cpu_ms: self.ctx.cpu.total().as_millis() as u64,
                         resumed: !leave_paused,
@@ -1509,4 +1547,15 @@ impl Session {
         }
         result
     }
+}
+
+/// Whether this host runs KVM guests, asked once per process.
+fn kvm_here() -> bool {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        static KVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *KVM.get_or_init(|| crate::kvm::available().is_ok())
+    }
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    false
 }

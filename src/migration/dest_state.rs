@@ -52,6 +52,7 @@ pub enum DestState {
 pub struct DestMachine {
     state: DestState,
     max_memory: u64,
+    hosts_kvm: bool,
     setup: Option<SessionSetup>,
 }
 
@@ -61,8 +62,17 @@ impl DestMachine {
         Self {
             state: DestState::AwaitNegotiate,
             max_memory: max_memory.min(MAX_MEMORY_BYTES),
+            hosts_kvm: false,
             setup: None,
         }
+    }
+
+    /// Whether this host can run KVM guests (a working `/dev/kvm`); without
+    /// it, KVM guests are refused at SESSION_SETUP, before any memory is
+    /// allocated. Default: no, synthetic guests only.
+    pub fn hosting_kvm(mut self, yes: bool) -> Self {
+        self.hosts_kvm = yes;
+        self
     }
 
     /// The current state.
@@ -133,11 +143,10 @@ impl DestMachine {
                 m.memory_bytes, self.max_memory
             )));
         }
-        if m.guest_kind != GuestKind::Sim {
-            return self.fail(MigrationError::Incompatible(format!(
-                "guest kind {:?} is not supported by this receiver",
-                m.guest_kind
-            )));
+        if m.guest_kind == GuestKind::Kvm && !self.hosts_kvm {
+            return self.fail(MigrationError::Incompatible(
+                "a KVM guest, and this receiver has no working /dev/kvm".into(),
+            ));
         }
         self.setup = Some(m.clone());
         self.state = DestState::Receiving {
@@ -360,6 +369,18 @@ mod tests {
         let mut m = DestMachine::new(1 << 20);
         m.handle_negotiate(&negotiate()).unwrap();
         assert!(m.handle_setup(&setup(1000)).is_err());
+        // KVM guests only where the host runs them.
+        let kvm = SessionSetup {
+            guest_kind: GuestKind::Kvm,
+            ..setup(4096)
+        };
+        let mut m = DestMachine::new(1 << 20);
+        m.handle_negotiate(&negotiate()).unwrap();
+        let e = m.handle_setup(&kvm).unwrap_err().to_string();
+        assert!(e.contains("/dev/kvm"), "{e}");
+        let mut m = DestMachine::new(1 << 20).hosting_kvm(true);
+        m.handle_negotiate(&negotiate()).unwrap();
+        m.handle_setup(&kvm).unwrap();
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub enum MigrationError {
     /// Guest memory could not be created.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The guest backend failed (its vCPU state could not be read).
+    #[error("guest: {0}")]
+    Guest(String),
     /// A batch failed to compress or decompress.
     #[error("page batch codec: {0}")]
     Codec(#[from] CodecError),
@@ -131,7 +134,9 @@ impl MigrationError {
             Self::Cancelled => AbortCode::Cancelled,
             Self::Unauthenticated(_) => AbortCode::Unauthenticated,
             Self::NotConverging(_) | Self::Timeout { .. } => AbortCode::Timeout,
-            Self::Config(_) | Self::Io { .. } | Self::Codec(_) => AbortCode::Internal,
+            Self::Config(_) | Self::Io { .. } | Self::Codec(_) | Self::Guest(_) => {
+                AbortCode::Internal
+            }
         }
     }
 

@@ -29,6 +29,9 @@ pub enum FaultKind {
     Kill,
     /// The process stops itself with SIGSTOP: silent until continued.
     Silent,
+    /// The receiver gives up on the session: it discards its copy and
+    /// sends ABORT, as when it runs out of resources.
+    Abort,
 }
 
 /// A fault: a point and a kind.
@@ -64,7 +67,8 @@ impl FromStr for Fault {
             "reset" => FaultKind::Reset,
             "kill" => FaultKind::Kill,
             "silent" => FaultKind::Silent,
-            _ => return Err(format!("fault kind {k:?}: reset, kill or silent")),
+            "abort" => FaultKind::Abort,
+            _ => return Err(format!("fault kind {k:?}: reset, kill, silent or abort")),
         };
         Ok(Self { point, kind })
     }
@@ -84,7 +88,7 @@ pub(crate) fn strike_process(kind: FaultKind) {
         FaultKind::Silent => unsafe {
             libc::raise(libc::SIGSTOP);
         },
-        FaultKind::Reset => {}
+        FaultKind::Reset | FaultKind::Abort => {}
     }
 }
 

@@ -22,7 +22,7 @@ pub trait MigratableGuest: Send + Sync + 'static {
     /// Sets the share of time the guest is kept asleep, 0-99%.
     fn set_throttle(&self, pct: u8);
     /// The guest's vCPU/device state, serialized. Called while paused.
-    fn save_state(&self) -> Vec<u8>;
+    fn save_state(&self) -> Result<Vec<u8>, String>;
     /// A counter that grows while the guest runs (pages written, for the
     /// synthetic guest), to show where it runs.
     fn progress_counter(&self) -> u64;
@@ -55,8 +55,8 @@ impl MigratableGuest for SyntheticGuest {
     fn set_throttle(&self, pct: u8) {
         SyntheticGuest::set_throttle(self, pct)
     }
-    fn save_state(&self) -> Vec<u8> {
-        serde_json::to_vec(&SyntheticGuest::save_state(self)).expect("guest state serializes")
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(&SyntheticGuest::save_state(self)).map_err(|e| e.to_string())
     }
     fn progress_counter(&self) -> u64 {
         self.pages_written()
@@ -84,6 +84,59 @@ pub fn restore_guest(
             }
             Ok(Arc::new(SyntheticGuest::restore(memory, state)))
         }
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        GuestKind::Kvm => match crate::kvm::KvmGuest::restore(memory, state) {
+            Ok(g) => Ok(Arc::new(g)),
+            Err(e) => Err(error_chain(&e)),
+        },
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
         GuestKind::Kvm => Err("this build has no KVM guest backend".into()),
+    }
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+impl MigratableGuest for crate::kvm::KvmGuest {
+    fn kind(&self) -> GuestKind {
+        GuestKind::Kvm
+    }
+    fn memory(&self) -> &Arc<GuestMemory> {
+        crate::kvm::KvmGuest::memory(self)
+    }
+    fn snapshot_dirty(&self, out: &mut DirtySnapshot) {
+        crate::kvm::KvmGuest::snapshot_dirty(self, out)
+    }
+    fn dirty_pages(&self) -> u64 {
+        crate::kvm::KvmGuest::dirty_pages(self)
+    }
+    fn pause(&self) {
+        crate::kvm::KvmGuest::pause(self)
+    }
+    fn resume(&self) {
+        crate::kvm::KvmGuest::resume(self)
+    }
+    fn set_throttle(&self, pct: u8) {
+        crate::kvm::KvmGuest::set_throttle(self, pct)
+    }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        let state = crate::kvm::KvmGuest::save_state(self).map_err(|e| error_chain(&e))?;
+        serde_json::to_vec(&state).map_err(|e| e.to_string())
+    }
+    fn progress_counter(&self) -> u64 {
+        self.counter()
+    }
+    fn workload(&self) -> Option<Workload> {
+        Some(crate::kvm::KvmGuest::workload(self).clone())
     }
 }

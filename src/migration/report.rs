@@ -154,6 +154,16 @@ pub struct Report {
     pub cpu_ms: CpuMs,
     /// The guest backend.
     pub guest: GuestKind,
+    /// The guest's counter (it only grows while the guest runs) when it was
+    /// paused for the switchover: read on the source after the pause, and on
+    /// the destination from the state that arrived. `null` when it never
+    /// paused.
+    pub guest_counter_at_pause: Option<u64>,
+    /// Destination only: the counter read again a while after the guest
+    /// resumed here ([`crate::migration::ReceiverConfig::resume_check`], one
+    /// second for `ferry receive`; not part of `total_ms`). Greater than
+    /// `guest_counter_at_pause` when the guest runs on. `null` when not read.
+    pub guest_counter_after_resume: Option<u64>,
     /// The session id, hex.
     pub session_id: String,
     /// Both sides proved the shared key (mutual HMAC challenge–response);

@@ -40,7 +40,7 @@ fn memory_offset(state_len: usize) -> u64 {
 /// place, so a crash leaves no half-written file under the name).
 pub fn save_guest(guest: &dyn MigratableGuest, path: &Path) -> std::io::Result<()> {
     let mem = guest.memory();
-    let state = guest.save_state();
+    let state = guest.save_state().map_err(std::io::Error::other)?;
     if state.len() > MAX_STATE {
         return Err(std::io::Error::other("guest state exceeds 16 MiB"));
     }

@@ -980,6 +980,7 @@ struct Tally {
     destination_cpu_ms: Option<f64>,
     go_sent: bool,
     paused: bool,
+    counter_at_pause: Option<u64>,
     authenticated: bool,
     channel_failures: u32,
     batches_resent: u64,
@@ -1209,6 +1210,8 @@ pub async fn migrate(
             destination: tally.destination_cpu_ms,
         },
         guest: guest.kind(),
+        guest_counter_at_pause: tally.counter_at_pause,
+        guest_counter_after_resume: None,
         session_id: format!("{:016x}", tally.session_id),
         authenticated: tally.authenticated,
         encrypted: config.tls.is_some(),
@@ -1588,6 +1591,7 @@ async fn precopy_and_handoff(
     let paused_at = Instant::now();
     guest.pause();
     tally.paused = true;
+    tally.counter_at_pause = Some(guest.progress_counter());
     guest.set_throttle(0);
     guest.snapshot_dirty(&mut snap);
     let n = d.enqueue(&snap, round);
@@ -1605,7 +1609,7 @@ async fn precopy_and_handoff(
         }
     };
     tally.verify = t.elapsed();
-    let state = guest.save_state();
+    let state = guest.save_state().map_err(MigrationError::Guest)?;
     d.sh.send_control(&Message::Switchover(Switchover {
         final_round: round,
         digest,

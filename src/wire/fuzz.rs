@@ -365,3 +365,24 @@ pub fn receiver_seed_frames() -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// Any bytes, decoded as a guest's saved state (the first byte picks the
+/// kind: even for the synthetic guest, odd for KVM), never panic; a KVM state
+/// that decodes fits the guest it names.
+pub fn guest_state(data: &[u8]) {
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    if kind % 2 == 0 {
+        let _ = serde_json::from_slice::<crate::memory::GuestState>(rest);
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        let pages = FUZZ_GUEST_PAGES;
+        if let Ok(st) = crate::kvm::KvmGuestState::decode(rest, pages) {
+            assert_eq!(st.layout.pages, pages);
+            assert!(st.vcpu.msrs.len() <= crate::kvm::state::MAX_MSRS);
+        }
+    }
+}

@@ -17,6 +17,15 @@ pub enum GuestKind {
     Kvm = 1,
 }
 
+impl std::fmt::Display for GuestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sim => "sim",
+            Self::Kvm => "kvm",
+        })
+    }
+}
+
 /// How the switchover digest is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -130,6 +130,9 @@ pub fn parse_report(line: &str) -> serde_json::Value {
         "codec",
         "max_bandwidth_bps",
         "cpu_ms",
+        "guest",
+        "guest_counter_at_pause",
+        "guest_counter_after_resume",
     ] {
         assert!(v.get(key).is_some(), "report lacks {key}: {line}");
     }

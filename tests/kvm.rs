@@ -1,0 +1,300 @@
+//! Real KVM guests: moved between two `ferry` processes and inside one,
+//! memory checked byte for byte, the guest's counter going on at the
+//! destination, auto-converge on a vCPU, and the guest running again on the
+//! source after a failure before GO. Every test skips, saying so, where there
+//! is no working `/dev/kvm`.
+
+mod common;
+
+use common::{first_difference, free_port, parse_report, serial, SEED};
+use ferry::codec::Codec;
+use ferry::kvm::KvmGuest;
+use ferry::memory::{ContentKind, FillSpec, GuestMemory, Workload, WorkloadPattern};
+use ferry::migration::fault::Fault;
+use ferry::migration::{
+    migrate_over_loopback, MigrationConfig, Outcome, ReceiverConfig, RunContext,
+};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn kvm_here() -> bool {
+    match ferry::kvm::available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "skipping: KVM guests need a working /dev/kvm ({e}: {:?})",
+                std::error::Error::source(&e)
+            );
+            false
+        }
+    }
+}
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// A running KVM guest on `memory` bytes of the default content mix.
+fn kvm_guest(memory: u64, pattern: WorkloadPattern, dirty_rate: u64) -> Arc<KvmGuest> {
+    let mem = Arc::new(GuestMemory::new(memory).unwrap());
+    FillSpec::default().fill(&mem, SEED, 2);
+    let workload = Workload {
+        pattern,
+        dirty_rate,
+        seed: SEED,
+        ..Workload::default()
+    };
+    Arc::new(KvmGuest::start(mem, workload).unwrap())
+}
+
+#[test]
+fn two_processes_move_a_running_512mib_kvm_guest_and_it_runs_on() {
+    if !kvm_here() {
+        return;
+    }
+    let _serial = serial();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let receiver = ferry()
+        .args(["receive", "--listen", &addr, "--once", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "receiver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let send = ferry()
+        .args([
+            "send",
+            "--to",
+            &addr,
+            "--guest",
+            "kvm",
+            "--memory",
+            "512MiB",
+            "--workload",
+            "hot:64MiB",
+            "--dirty-rate",
+            "100MB/s",
+            "--channels",
+            "4",
+            "--verify",
+            "full",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let recv = receiver.wait_with_output().unwrap();
+    let (s_out, r_out) = (
+        String::from_utf8(send.stdout).unwrap(),
+        String::from_utf8(recv.stdout).unwrap(),
+    );
+    assert!(
+        send.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    assert!(
+        recv.status.success(),
+        "receive: {}",
+        String::from_utf8_lossy(&recv.stderr)
+    );
+    let s = parse_report(s_out.trim());
+    let r = parse_report(r_out.trim());
+    for rep in [&s, &r] {
+        assert_eq!(rep["outcome"], "completed", "{rep}");
+        assert_eq!(rep["guest"], "kvm");
+        assert_eq!(rep["channels"], 4);
+        assert_eq!(rep["memory_bytes"], 512 * MIB);
+    }
+    // Both sides hashed all of memory in the pause: the same bytes.
+    assert_eq!(s["verify"], "full");
+    assert_eq!(r["verified"], true);
+    // The counter arrived as it was at the pause and grew on the destination.
+    let at_pause = s["guest_counter_at_pause"].as_u64().unwrap();
+    assert!(at_pause > 0);
+    assert_eq!(r["guest_counter_at_pause"], at_pause);
+    let after = r["guest_counter_after_resume"].as_u64().unwrap();
+    assert!(
+        after > at_pause,
+        "counter {at_pause} at the pause, {after} after"
+    );
+    assert!(s["guest_counter_after_resume"].is_null());
+}
+
+#[test]
+fn a_kvm_guest_arrives_byte_for_byte_and_carries_on() {
+    if !kvm_here() {
+        return;
+    }
+    let _serial = serial();
+    let g = kvm_guest(
+        64 * MIB,
+        WorkloadPattern::Hot { bytes: 8 * MIB },
+        100_000_000,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let config = MigrationConfig {
+        leave_paused: true,
+        ..MigrationConfig::default()
+    };
+    let (src, dst) = migrate_over_loopback(
+        g.clone(),
+        &config,
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    let dst = dst.unwrap();
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert_eq!(dst.report.guest, ferry::wire::GuestKind::Kvm);
+    let moved = dst.guest.clone().unwrap();
+    // Paused on both sides: the same bytes, page for page.
+    assert_eq!(first_difference(g.memory(), moved.memory()), None);
+    let at_pause = src.guest_counter_at_pause.unwrap();
+    assert_eq!(g.counter(), at_pause);
+    assert_eq!(moved.progress_counter(), at_pause);
+    assert_eq!(dst.report.guest_counter_at_pause, Some(at_pause));
+    // The destination's vCPU runs it on; the source's never again.
+    moved.resume();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(moved.progress_counter() > at_pause);
+    assert_eq!(g.counter(), at_pause, "the source's copy ran after GO");
+    // And it moves again, from its new home (a guest restored from a
+    // state is a guest like any other).
+    let (again, back) = migrate_over_loopback(
+        moved.clone(),
+        &config,
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(again.outcome, Outcome::Completed, "{:?}", again.error);
+    let back = back.unwrap().guest.unwrap();
+    assert_eq!(first_difference(moved.memory(), back.memory()), None);
+    assert_eq!(
+        back.progress_counter(),
+        again.guest_counter_at_pause.unwrap()
+    );
+}
+
+#[test]
+fn a_failure_before_go_runs_the_kvm_guest_again_on_the_source() {
+    if !kvm_here() {
+        return;
+    }
+    let _serial = serial();
+    let g = kvm_guest(32 * MIB, WorkloadPattern::Uniform, 50_000_000);
+    let receiver = ReceiverConfig {
+        fault: Some("before-ready:abort".parse::<Fault>().unwrap()),
+        ..ReceiverConfig::default()
+    };
+    let (src, dst) = migrate_over_loopback(
+        g.clone(),
+        &MigrationConfig::default(),
+        RunContext::default(),
+        receiver,
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Failed);
+    assert_eq!(src.guest_location, "source");
+    assert!(
+        src.guest_counter_at_pause.is_some(),
+        "it failed after the pause"
+    );
+    assert!(dst.unwrap().guest.is_none(), "the destination kept no copy");
+    assert!(g.is_running());
+    let c = g.counter();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(g.counter() > c, "the source's vCPU runs again");
+}
+
+/// 40 MB/s with a 50 ms limit while the guest dirties 200 MB/s of random
+/// content in a 16 MiB hot set: only throttling brings the pause under it.
+fn capped(auto_converge: bool, timeout: Duration) -> MigrationConfig {
+    MigrationConfig {
+        codec: Codec::None.into(),
+        max_bandwidth: Some(40_000_000),
+        downtime_limit: Duration::from_millis(50),
+        auto_converge,
+        completion_timeout: Some(timeout),
+        ..MigrationConfig::default()
+    }
+}
+
+fn fast_kvm_dirtier() -> Arc<KvmGuest> {
+    let mem = Arc::new(GuestMemory::new(64 * MIB).unwrap());
+    FillSpec::only(ContentKind::Random).fill(&mem, SEED, 2);
+    let workload = Workload {
+        pattern: WorkloadPattern::Hot { bytes: 16 * MIB },
+        dirty_rate: 200_000_000,
+        seed: SEED,
+        ..Workload::default()
+    };
+    Arc::new(KvmGuest::start(mem, workload).unwrap())
+}
+
+#[test]
+fn auto_converge_throttles_a_kvm_guest_that_outruns_the_link() {
+    if !kvm_here() {
+        return;
+    }
+    let _serial = serial();
+    // Without throttling it cannot converge: it gives up, the guest runs on.
+    let g = fast_kvm_dirtier();
+    let (src, _) = migrate_over_loopback(
+        g.clone(),
+        &capped(false, Duration::from_secs(3)),
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Failed);
+    assert!(src.error.as_deref().unwrap().contains("completion timeout"));
+    assert_eq!(src.throttle_pct_max, 0);
+    assert!(g.is_running());
+    assert_eq!(g.throttle(), 0);
+    drop(g);
+    // With auto-converge the vCPU is throttled and the migration completes.
+    let g = fast_kvm_dirtier();
+    let config = MigrationConfig {
+        leave_paused: true,
+        ..capped(true, Duration::from_secs(60))
+    };
+    let (src, dst) = migrate_over_loopback(
+        g.clone(),
+        &config,
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(src.throttle_pct_max >= 20, "throttled: {:?}", src.round_log);
+    let moved = dst.unwrap().guest.unwrap();
+    assert_eq!(first_difference(g.memory(), moved.memory()), None);
+}
+
+#[test]
+fn guest_kvm_without_a_kvm_device_is_a_one_line_error() {
+    let out = ferry()
+        .env(ferry::kvm::DEVICE_ENV, "/nonexistent/kvm")
+        .args(["demo", "--guest", "kvm", "--memory", "64MiB"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--guest kvm needs a working /nonexistent/kvm"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
