@@ -298,3 +298,143 @@ fn guest_kvm_without_a_kvm_device_is_a_one_line_error() {
     );
     assert!(out.stdout.is_empty());
 }
+
+mod agents {
+    //! KVM VMs on node agents: created through the API, moved byte for byte,
+    //! drained away and failed back home, running wherever they land.
+
+    use super::{common, kvm_here};
+    use common::agents::Agents;
+    use common::first_difference;
+    use reqwest::{Method, StatusCode};
+    use serde_json::{json, Value};
+    use std::time::{Duration, Instant};
+
+    fn wait_op(c: &Agents, node: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let (s, op) = c.call(Method::GET, node, &format!("/v1/operations/{id}"), None);
+            assert_eq!(s, StatusCode::OK, "{op}");
+            if op["state"] != "running" {
+                return op;
+            }
+            assert!(Instant::now() < deadline, "operation {id}: {op}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn vms(c: &Agents, node: &str) -> Vec<Value> {
+        let (_, v) = c.call(Method::GET, node, "/v1/vms", None);
+        v.as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn kvm_vms_move_between_agents_drain_and_fail_back() {
+        if !kvm_here() {
+            return;
+        }
+        let _serial = common::serial();
+        let c = Agents::start("kvm", &[("a", ""), ("b", ""), ("c", "")]);
+        for i in 1..=3 {
+            let (s, v) = c.call(
+                Method::POST,
+                "a",
+                "/v1/vms",
+                Some(json!({"name": format!("vm{i}"), "memory": "48MiB", "workload": "hot:4MiB", "dirty_rate": "20MB/s", "guest": "kvm"})),
+            );
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            assert_eq!(
+                (v["guest"].as_str(), v["state"].as_str()),
+                (Some("kvm"), Some("running"))
+            );
+        }
+        // One VM moved by hand, left paused: the same bytes on both nodes, and
+        // the source's vCPU never runs again.
+        let source = c.agent("a").node.guest("vm1").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (s, m) = c.call(
+            Method::POST,
+            "a",
+            "/v1/migrations",
+            Some(json!({"vm": "vm1", "target": "b", "leave_paused": true})),
+        );
+        assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+        let done = c.wait("a", m["id"].as_str().unwrap());
+        assert_eq!(done["state"], "completed", "{done}");
+        assert_eq!(done["report"]["guest"], "kvm");
+        let target = c.agent("b").node.guest("vm1").unwrap();
+        assert_eq!(first_difference(source.memory(), target.memory()), None);
+        let at_pause = done["report"]["guest_counter_at_pause"].as_u64().unwrap();
+        assert_eq!(target.progress_counter(), at_pause);
+        let (_, v) = c.call(Method::GET, "b", "/v1/vms/vm1", None);
+        assert_eq!(
+            (v["guest"].as_str(), v["state"].as_str()),
+            (Some("kvm"), Some("paused"))
+        );
+        target.resume();
+
+        // Drain a: the other two go to b and c; fail back: those two come
+        // home (vm1 left before the drain and stays on b).
+        let (s, op) = c.call(Method::POST, "a", "/v1/node/drain", None);
+        assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+        let drained = wait_op(&c, "a", op["id"].as_str().unwrap());
+        assert_eq!(drained["state"], "completed", "{drained}");
+        assert!(vms(&c, "a").is_empty());
+        let away: Vec<Value> = [vms(&c, "b"), vms(&c, "c")].concat();
+        assert_eq!(away.len(), 3);
+        for v in &away {
+            assert_eq!(v["guest"], "kvm", "{v}");
+        }
+        let (s, op) = c.call(
+            Method::POST,
+            "a",
+            "/v1/node/resume",
+            Some(json!({"failback": true})),
+        );
+        assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+        let back = wait_op(&c, "a", op["id"].as_str().unwrap());
+        assert_eq!(back["state"], "completed", "{back}");
+        let home = vms(&c, "a");
+        let mut names: Vec<&str> = home.iter().map(|v| v["name"].as_str().unwrap()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["vm2", "vm3"], "{home:?}");
+        for v in &home {
+            assert_eq!(
+                (v["guest"].as_str(), v["state"].as_str()),
+                (Some("kvm"), Some("running")),
+                "{v}"
+            );
+            let g = c
+                .agent("a")
+                .node
+                .guest(v["name"].as_str().unwrap())
+                .unwrap();
+            let before = g.progress_counter();
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(g.progress_counter() > before, "{} runs at home", v["name"]);
+        }
+    }
+}
+
+#[test]
+fn demo_cluster_drains_and_fails_back_kvm_guests() {
+    if !kvm_here() {
+        return;
+    }
+    let _serial = serial();
+    let out = ferry()
+        .args([
+            "demo", "cluster", "--guest", "kvm", "--vms", "2", "--memory", "32MiB",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2 KVM VMs of 32MiB each on node a"), "{text}");
+    assert!(text.contains("drain of node a completed"), "{text}");
+    assert!(text.contains("resume of node a completed"), "{text}");
+}

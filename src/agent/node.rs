@@ -105,6 +105,34 @@ pub struct VmSpec {
     pub guest: GuestKind,
 }
 
+/// Why this node cannot run KVM guests, if it cannot.
+fn kvm_available() -> Result<(), String> {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    return crate::kvm::available().map_err(|e| {
+        let why = std::error::Error::source(&e)
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default();
+        format!(
+            "this node has no working {}{why}; use \"guest\": \"sim\"",
+            crate::kvm::device()
+        )
+    });
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    Err("KVM guests need Linux on x86-64; use \"guest\": \"sim\"".into())
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn start_kvm(memory: GuestMemory, workload: Workload) -> Result<Arc<dyn MigratableGuest>, String> {
+    crate::kvm::KvmGuest::start(Arc::new(memory), workload)
+        .map(|g| Arc::new(g) as Arc<dyn MigratableGuest>)
+        .map_err(|e| format!("cannot start the KVM guest: {e}"))
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn start_kvm(_: GuestMemory, _: Workload) -> Result<Arc<dyn MigratableGuest>, String> {
+    Err("KVM guests need Linux on x86-64".into())
+}
+
 fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -553,9 +581,7 @@ impl Node {
     /// VM's memory reserved meanwhile.
     pub fn create_vm(&self, spec: VmSpec) -> Result<VmView, NodeError> {
         if spec.guest == GuestKind::Kvm {
-            return Err(NodeError::Unsupported(
-                "KVM guests are not available in this build yet; use \"guest\": \"sim\"".into(),
-            ));
+            kvm_available().map_err(NodeError::Unsupported)?;
         }
         {
             let mut st = self.state.lock().unwrap();
@@ -571,18 +597,24 @@ impl Node {
             );
         }
         let built = (|| {
-            let memory = GuestMemory::new(spec.memory).map_err(|e| e.to_string())?;
+            let memory = GuestMemory::new(spec.memory).map_err(|e| {
+                NodeError::InsufficientMemory(format!("cannot create VM {}: {e}", spec.name))
+            })?;
             spec.fill.fill(&memory, 1, 2);
-            Ok::<_, String>(Arc::new(SyntheticGuest::start(
-                Arc::new(memory),
-                Workload {
-                    pattern: spec.workload,
-                    dirty_rate: spec.dirty_rate,
-                    content: spec.fill.clone(),
-                    writers: 1,
-                    seed: 1,
-                },
-            )))
+            let workload = Workload {
+                pattern: spec.workload,
+                dirty_rate: spec.dirty_rate,
+                content: spec.fill.clone(),
+                writers: 1,
+                seed: 1,
+            };
+            let guest: Arc<dyn MigratableGuest> = match spec.guest {
+                GuestKind::Sim => Arc::new(SyntheticGuest::start(Arc::new(memory), workload)),
+                GuestKind::Kvm => start_kvm(memory, workload).map_err(|e| {
+                    NodeError::Unsupported(format!("cannot create VM {}: {e}", spec.name))
+                })?,
+            };
+            Ok::<_, NodeError>(guest)
         })();
         let mut st = self.state.lock().unwrap();
         match built {
@@ -594,10 +626,7 @@ impl Node {
             }
             Err(e) => {
                 st.vms.remove(&spec.name);
-                Err(NodeError::InsufficientMemory(format!(
-                    "cannot create VM {}: {e}",
-                    spec.name
-                )))
+                Err(e)
             }
         }
     }

@@ -300,14 +300,15 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 print_json(&Value::Array(all));
             } else {
                 println!(
-                    "{:<16} {:<8} {:>10} {:<14} {:<12} DIRTY RATE",
-                    "VM", "NODE", "MEMORY", "STATE", "WORKLOAD"
+                    "{:<16} {:<8} {:<5} {:>10} {:<14} {:<12} DIRTY RATE",
+                    "VM", "NODE", "GUEST", "MEMORY", "STATE", "WORKLOAD"
                 );
                 for v in &all {
                     println!(
-                        "{:<16} {:<8} {:>10} {:<14} {:<12} {}",
+                        "{:<16} {:<8} {:<5} {:>10} {:<14} {:<12} {}",
                         v["name"].as_str().unwrap_or(""),
                         v["node"].as_str().unwrap_or(""),
+                        v["guest"].as_str().unwrap_or(""),
                         Bytes(v["memory"].as_u64().unwrap_or(0)).to_string(),
                         v["state"].as_str().unwrap_or(""),
                         v["workload"].as_str().unwrap_or(""),
@@ -914,6 +915,10 @@ pub struct DemoClusterArgs {
     /// Bytes each VM writes per second.
     #[arg(long, default_value = "50MB/s")]
     pub dirty_rate: String,
+    /// The VMs' backend: sim (synthetic guests) or kvm (KVM guests; needs
+    /// /dev/kvm).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
+    pub guest: String,
 }
 
 fn free_port() -> Result<u16> {
@@ -965,7 +970,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         })?;
         let a_node = ctx.node("a")?.clone();
         for i in 1..=a.vms {
-            let body = json!({ "name": format!("vm{i}"), "memory": a.memory, "workload": "hot:32MiB", "dirty_rate": a.dirty_rate });
+            let body = json!({ "name": format!("vm{i}"), "memory": a.memory, "workload": "hot:32MiB", "dirty_rate": a.dirty_rate, "guest": a.guest });
             ctx.call(&a_node, Method::POST, "/v1/vms", Some(&body))?;
         }
         let show = |title: &str| -> Result<()> {
@@ -980,8 +985,9 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             )?;
             Ok(())
         };
+        let kind = if a.guest == "kvm" { "KVM" } else { "synthetic" };
         show(&format!(
-            "{} VMs of {} each on node a, each writing {}:",
+            "{} {kind} VMs of {} each on node a, each writing {}:",
             a.vms, a.memory, a.dirty_rate
         ))?;
         println!("\n$ ferry node drain a");
