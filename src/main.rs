@@ -155,6 +155,9 @@ enum BenchCommand {
     Codecs(CodecsArgs),
     /// Real migrations over a grid of codecs × link speeds × guests.
     Sweep(SweepArgs),
+    /// What a KVM guest's parts cost here: the dirty log's sync per GiB, the
+    /// guest's write rate under dirty tracking, and the switchover's steps.
+    Kvm(KvmBenchArgs),
     /// Guests moved back and forth between two agent processes, hundreds of
     /// times: mismatches, failures, and the agents' memory and descriptors.
     Soak(cli::soak::SoakArgs),
@@ -162,6 +165,10 @@ enum BenchCommand {
 
 #[derive(Args, Debug)]
 struct SweepArgs {
+    /// The guests' backend: sim (synthetic) or kvm (KVM guests; needs
+    /// /dev/kvm). Applies to every guest of the grid.
+    #[arg(long = "guest", value_enum, default_value_t = GuestBackend::Sim)]
+    backend: GuestBackend,
     #[command(flatten)]
     guest: GuestArgs,
     /// Use a built-in guest set instead of the guest flags: `standard` is an
@@ -279,6 +286,18 @@ fn link_list_arg(s: &str) -> Result<LinkList, String> {
         return Err("no link speed given".into());
     }
     Ok(LinkList(v))
+}
+
+#[derive(Args, Debug)]
+struct KvmBenchArgs {
+    #[command(flatten)]
+    mem: MemoryArgs,
+    /// Samples per figure.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    repeats: u32,
+    /// Print the results as one line of JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -574,6 +593,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
+        Command::Bench(BenchCommand::Kvm(a)) => bench_kvm(a),
         Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
         Command::Image(a) => image(a),
         Command::TlsCert(a) => tls_cert(a),
@@ -1399,6 +1419,63 @@ fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn bench_kvm(a: KvmBenchArgs) -> Result<ExitCode> {
+    check_kvm()?;
+    let (mem, _) = build_memory(&a.mem, !a.json)?;
+    let r = ferry::bench::kvm::measure(Arc::new(mem), a.repeats)
+        .map_err(|e| anyhow::Error::new(e).context("measuring the KVM guest"))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sp = |s: ferry::bench::Spread, unit: &str| {
+        format!("{:.1} {unit} ({:.1}-{:.1})", s.median, s.min, s.max)
+    };
+    println!(
+        "KVM guest of {} ({}), {} samples each, medians (min-max)",
+        Bytes(r.memory_bytes),
+        content_of(&a.mem),
+        r.repeats
+    );
+    println!(
+        "  dirty log sync, clean   {}  = {:.1} µs per GiB",
+        sp(r.sync_clean_us, "µs"),
+        r.sync_clean_us_per_gib
+    );
+    println!(
+        "  dirty log sync, dirty   {}  for {:.0} pages: {:.0} ns per dirty page",
+        sp(r.sync_dirty_us, "µs"),
+        r.sync_dirty_pages,
+        r.sync_ns_per_dirty_page
+    );
+    println!(
+        "  page writes/s, hot 4MiB {:.2} M not harvested, {:.2} M harvested every 100 ms, {:.2} M every 10 ms",
+        r.writes_per_sec_hot_unharvested / 1e6,
+        r.writes_per_sec_hot_harvest_100ms / 1e6,
+        r.writes_per_sec_hot_harvest_10ms / 1e6
+    );
+    println!(
+        "  page writes/s, uniform  {:.3} M: each a first write since a harvest, {:.1} µs apiece",
+        r.writes_per_sec_uniform / 1e6,
+        1e6 / r.writes_per_sec_uniform.max(1.0)
+    );
+    println!("  pause                   {}", sp(r.pause_us, "µs"));
+    println!(
+        "  save vCPU state         {}, {} serialized",
+        sp(r.save_us, "µs"),
+        Bytes(r.state_bytes)
+    );
+    println!("  restore on a new VM     {}", sp(r.restore_ms, "ms"));
+    println!("  resume                  {}", sp(r.resume_us, "µs"));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn bench_kvm(_: KvmBenchArgs) -> Result<ExitCode> {
+    check_kvm().map(|_| ExitCode::SUCCESS)
+}
+
 fn image(a: ImageArgs) -> Result<ExitCode> {
     let mem = GuestMemory::new(a.memory).map_err(|e| usage(format!("--memory: {e}")))?;
     a.fill.fill(&mem, a.seed, 2);
@@ -1422,6 +1499,13 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
         SweepPlan,
     };
     let memory = a.guest.mem.memory.unwrap_or(256 << 20);
+    if a.backend == GuestBackend::Kvm {
+        check_kvm()?;
+    }
+    let kind = match a.backend {
+        GuestBackend::Sim => ferry::wire::GuestKind::Sim,
+        GuestBackend::Kvm => ferry::wire::GuestKind::Kvm,
+    };
     let guests = match a.guest_set.as_deref() {
         Some("changing") => GuestSpec::changing_set(memory),
         Some(_) => GuestSpec::standard_set(memory),
@@ -1447,9 +1531,11 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
                 image: g.mem.image.clone(),
                 workload,
                 dirty_rate: g.dirty_rate,
+                kind: ferry::wire::GuestKind::Sim,
             }]
         }
     };
+    let guests: Vec<GuestSpec> = guests.into_iter().map(|g| g.on(kind)).collect();
     let plan = SweepPlan {
         codecs: a.codecs.0.clone(),
         links: a.bandwidth.0.clone(),
@@ -1484,9 +1570,7 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
     let mut cells = Vec::new();
     'grid: for spec in &plan.guests {
         bar.set_message(format!("building guest {}", spec.label));
-        let guest = spec
-            .build(a.guest.mem.seed)
-            .map_err(|e| usage(format!("{e:#}")))?;
+        let guest = spec.build(a.guest.mem.seed).map_err(usage)?;
         guest.pause();
         for &link in &plan.links {
             if let Some(t) = tbf.as_mut() {

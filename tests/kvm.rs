@@ -438,3 +438,56 @@ fn demo_cluster_drains_and_fails_back_kvm_guests() {
     assert!(text.contains("drain of node a completed"), "{text}");
     assert!(text.contains("resume of node a completed"), "{text}");
 }
+
+#[test]
+fn bench_kvm_measures_the_dirty_log_and_the_switchover_steps() {
+    if !kvm_here() {
+        return;
+    }
+    let _serial = serial();
+    let out = ferry()
+        .args([
+            "bench",
+            "kvm",
+            "--memory",
+            "32MiB",
+            "--repeats",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["memory_bytes"], 32 * MIB);
+    for key in [
+        "sync_clean_us_per_gib",
+        "writes_per_sec_hot_unharvested",
+        "writes_per_sec_uniform",
+        "state_bytes",
+    ] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    for key in [
+        "sync_clean_us",
+        "sync_dirty_us",
+        "pause_us",
+        "save_us",
+        "restore_ms",
+        "resume_us",
+    ] {
+        let s = &v[key];
+        let (lo, med, hi) = (
+            s["min"].as_f64().unwrap(),
+            s["median"].as_f64().unwrap(),
+            s["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < lo && lo <= med && med <= hi, "{key}: {s}");
+    }
+    // The unpaced guest dirtied pages between samples: the log saw them.
+    assert!(v["sync_dirty_pages"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -1,8 +1,11 @@
 //! Measurements behind `ferry bench`: the codecs on a guest's own memory (per
-//! core) and, with the `net` feature, the raw TCP ceiling of a path.
+//! core), the KVM guest's parts, and, with the `net` feature, the raw TCP
+//! ceiling of a path.
 
 #[cfg(feature = "net")]
 pub mod charts;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
 #[cfg(feature = "net")]
 mod link;
 pub mod sweep;

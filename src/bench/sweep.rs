@@ -8,10 +8,12 @@
 use super::Spread;
 use crate::codec::CodecChoice;
 use crate::memory::{ContentKind, FillSpec, WorkloadPattern};
-use crate::migration::{Outcome, Report};
+use crate::migration::{MigratableGuest, Outcome, Report};
+use crate::wire::GuestKind;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One guest of the grid.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,19 +30,18 @@ pub struct GuestSpec {
     pub workload: WorkloadPattern,
     /// Bytes written per second.
     pub dirty_rate: u64,
+    /// The backend: ferry's synthetic guest or a KVM guest.
+    pub kind: GuestKind,
 }
 
 impl GuestSpec {
     /// Builds the guest, running its workload.
-    pub fn build(
-        &self,
-        seed: u64,
-    ) -> Result<std::sync::Arc<crate::memory::SyntheticGuest>, crate::memory::MemoryError> {
+    pub fn build(&self, seed: u64) -> Result<Arc<dyn MigratableGuest>, String> {
         use crate::memory::{GuestMemory, SyntheticGuest, Workload};
         let memory = match &self.image {
-            Some(path) => GuestMemory::from_image(path)?,
+            Some(path) => GuestMemory::from_image(path).map_err(|e| e.to_string())?,
             None => {
-                let m = GuestMemory::new(self.memory)?;
+                let m = GuestMemory::new(self.memory).map_err(|e| e.to_string())?;
                 self.fill.fill(&m, seed, 2);
                 m
             }
@@ -52,10 +53,25 @@ impl GuestSpec {
             writers: 1,
             seed,
         };
-        Ok(std::sync::Arc::new(SyntheticGuest::start(
-            std::sync::Arc::new(memory),
-            workload,
-        )))
+        let memory = Arc::new(memory);
+        match self.kind {
+            GuestKind::Sim => Ok(Arc::new(SyntheticGuest::start(memory, workload))),
+            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+            GuestKind::Kvm => crate::kvm::KvmGuest::start(memory, workload)
+                .map(|g| Arc::new(g) as Arc<dyn MigratableGuest>)
+                .map_err(|e| format!("cannot start the KVM guest: {e}")),
+            #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+            GuestKind::Kvm => Err("KVM guests need Linux on x86-64".into()),
+        }
+    }
+
+    /// The same guest on another backend, labelled `kvm-…` for KVM.
+    pub fn on(mut self, kind: GuestKind) -> Self {
+        if kind == GuestKind::Kvm && self.kind != GuestKind::Kvm {
+            self.label = format!("kvm-{}", self.label);
+        }
+        self.kind = kind;
+        self
     }
 
     /// The standard set: an idle realistic mix, a busy hot set, and
@@ -70,6 +86,7 @@ impl GuestSpec {
                 image: None,
                 workload: WorkloadPattern::Idle,
                 dirty_rate: 0,
+                kind: GuestKind::Sim,
             },
             GuestSpec {
                 label: format!("hot-{}", crate::units::compact_size(hot)),
@@ -78,6 +95,7 @@ impl GuestSpec {
                 image: None,
                 workload: WorkloadPattern::Hot { bytes: hot },
                 dirty_rate: 50_000_000,
+                kind: GuestKind::Sim,
             },
             GuestSpec {
                 label: "random".into(),
@@ -86,6 +104,7 @@ impl GuestSpec {
                 image: None,
                 workload: WorkloadPattern::Idle,
                 dirty_rate: 0,
+                kind: GuestKind::Sim,
             },
         ]
     }
@@ -102,6 +121,7 @@ impl GuestSpec {
             image: None,
             workload: WorkloadPattern::Idle,
             dirty_rate: 0,
+            kind: GuestKind::Sim,
         }]
     }
 }
@@ -449,7 +469,7 @@ impl CellEnv {
 /// up (no runtime, no socket). A cancelled cell stops early with the reports so far.
 #[cfg(feature = "net")]
 pub fn run_cell(
-    guest: &std::sync::Arc<crate::memory::SyntheticGuest>,
+    guest: &Arc<dyn MigratableGuest>,
     codec: CodecChoice,
     link_bps: Option<u64>,
     env: &CellEnv,
@@ -473,7 +493,10 @@ pub fn run_cell(
         }
         guest.resume();
         // Let a busy workload reach its steady state.
-        if guest.workload().pattern != WorkloadPattern::Idle {
+        if guest
+            .workload()
+            .is_some_and(|w| w.pattern != WorkloadPattern::Idle)
+        {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
         let ctx = RunContext {

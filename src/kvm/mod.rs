@@ -456,6 +456,14 @@ impl KvmGuest {
         log.1.total += t.elapsed();
     }
 
+    /// Fetches the kernel's dirty log into the guest's bitmap (what a
+    /// snapshot does first); returns the pages the kernel reported.
+    pub fn sync_dirty_log(&self) -> u64 {
+        let before = self.sync_stats().pages;
+        self.harvest();
+        self.sync_stats().pages - before
+    }
+
     /// Moves the dirty pages (the kernel's log and the VMM's own writes) into
     /// `out` and clears them.
     pub fn snapshot_dirty(&self, out: &mut DirtySnapshot) {
