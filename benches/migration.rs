@@ -1,5 +1,6 @@
 //! A whole migration of an idle 1 GiB guest over loopback, beside the physical
-//! limit of the same path: raw TCP over the same number of loopback connections.
+//! limit of the same path: raw TCP over the same number of loopback connections;
+//! the same for a KVM guest, and the KVM dirty log's sync (where /dev/kvm works).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
@@ -103,6 +104,83 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+    drop(guest);
+    kvm(c);
+}
+
+/// The KVM guest: an idle 1 GiB one migrated (beside the synthetic one
+/// above), and one harvest of its dirty log, clean and after 10 ms of writes.
+fn kvm(c: &mut Criterion) {
+    if let Err(e) = ferry::kvm::available() {
+        eprintln!("skipping the KVM benches: {e}");
+        return;
+    }
+    use ferry::kvm::KvmGuest;
+    let mem = Arc::new(GuestMemory::new(GIB).unwrap());
+    FillSpec::default().fill(&mem, 1, 2);
+    let idle = Workload {
+        pattern: WorkloadPattern::Idle,
+        ..Workload::default()
+    };
+    let guest = Arc::new(KvmGuest::start(mem.clone(), idle).unwrap());
+    let mut g = c.benchmark_group("loopback");
+    g.throughput(Throughput::Bytes(GIB));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let config = MigrationConfig {
+        codec: "none".parse().unwrap(),
+        leave_paused: true,
+        ..MigrationConfig::default()
+    };
+    g.bench_function("migrate_idle_1GiB_kvm/4ch/none", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    guest.resume();
+                    let t = Instant::now();
+                    let (r, _) = migrate_over_loopback(
+                        guest.clone(),
+                        &config,
+                        RunContext::default(),
+                        ReceiverConfig::default(),
+                    )
+                    .unwrap();
+                    let d = t.elapsed();
+                    assert_eq!(r.outcome, Outcome::Completed);
+                    d
+                })
+                .sum()
+        })
+    });
+    g.finish();
+    drop(guest);
+
+    let mut g = c.benchmark_group("kvm_dirty_log");
+    g.throughput(Throughput::Bytes(GIB));
+    let busy = Workload {
+        pattern: WorkloadPattern::Uniform,
+        dirty_rate: 1 << 40,
+        ..Workload::default()
+    };
+    let guest = KvmGuest::start(mem, busy).unwrap();
+    guest.pause();
+    guest.sync_dirty_log();
+    g.bench_function("sync/1GiB/clean", |b| b.iter(|| guest.sync_dirty_log()));
+    g.bench_function("sync/1GiB/after_10ms_of_writes", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                guest.resume();
+                std::thread::sleep(Duration::from_millis(10));
+                guest.pause();
+                let t = Instant::now();
+                guest.sync_dirty_log();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
     g.finish();
 }
 
