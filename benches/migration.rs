@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
 use ferry::migration::{
-    migrate_over_loopback, MigrationConfig, Outcome, ReceiverConfig, RunContext,
+    migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, ReceiverConfig, RunContext,
 };
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -59,6 +59,22 @@ fn raw_tcp() -> Duration {
     t.elapsed()
 }
 
+/// One migration of `guest` (resumed first; left paused by `config`), timed.
+fn migrate_once(guest: &Arc<dyn MigratableGuest>, config: &MigrationConfig) -> Duration {
+    guest.resume();
+    let t = Instant::now();
+    let (r, _) = migrate_over_loopback(
+        guest.clone(),
+        config,
+        RunContext::default(),
+        ReceiverConfig::default(),
+    )
+    .unwrap();
+    let d = t.elapsed();
+    assert_eq!(r.outcome, Outcome::Completed);
+    d
+}
+
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("loopback");
     g.throughput(Throughput::Bytes(GIB));
@@ -83,25 +99,9 @@ fn bench(c: &mut Criterion) {
             leave_paused: true,
             ..MigrationConfig::default()
         };
+        let guest: Arc<dyn MigratableGuest> = guest.clone();
         g.bench_function(format!("migrate_idle_1GiB/4ch/{codec}"), |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        guest.resume();
-                        let t = Instant::now();
-                        let (r, _) = migrate_over_loopback(
-                            guest.clone(),
-                            &config,
-                            RunContext::default(),
-                            ReceiverConfig::default(),
-                        )
-                        .unwrap();
-                        let d = t.elapsed();
-                        assert_eq!(r.outcome, Outcome::Completed);
-                        d
-                    })
-                    .sum()
-            })
+            b.iter_custom(|iters| (0..iters).map(|_| migrate_once(&guest, &config)).sum())
         });
     }
     g.finish();
@@ -133,26 +133,11 @@ fn kvm(c: &mut Criterion) {
         leave_paused: true,
         ..MigrationConfig::default()
     };
+    let dyn_guest: Arc<dyn MigratableGuest> = guest.clone();
     g.bench_function("migrate_idle_1GiB_kvm/4ch/none", |b| {
-        b.iter_custom(|iters| {
-            (0..iters)
-                .map(|_| {
-                    guest.resume();
-                    let t = Instant::now();
-                    let (r, _) = migrate_over_loopback(
-                        guest.clone(),
-                        &config,
-                        RunContext::default(),
-                        ReceiverConfig::default(),
-                    )
-                    .unwrap();
-                    let d = t.elapsed();
-                    assert_eq!(r.outcome, Outcome::Completed);
-                    d
-                })
-                .sum()
-        })
+        b.iter_custom(|iters| (0..iters).map(|_| migrate_once(&dyn_guest, &config)).sum())
     });
+    drop(dyn_guest);
     g.finish();
     drop(guest);
 

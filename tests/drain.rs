@@ -23,23 +23,6 @@ fn create_vms(c: &Agents, node: &str, n: usize, memory: &str) {
     }
 }
 
-/// Waits for operation `id` on `node` to end.
-fn wait_op(c: &Agents, node: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (s, op) = c.call(Method::GET, node, &format!("/v1/operations/{id}"), None);
-        assert_eq!(s, StatusCode::OK, "{op}");
-        if op["state"] != "running" {
-            return op;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "operation {id} did not end: {op}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn vm_names(c: &Agents, node: &str) -> Vec<String> {
     let (_, vms) = c.call(Method::GET, node, "/v1/vms", None);
     vms.as_array()
@@ -75,7 +58,7 @@ fn a_drain_moves_every_vm_within_the_limit_and_failback_brings_them_home() {
         node["state"] == "draining" || node["state"] == "paused",
         "{node}"
     );
-    let done = wait_op(&c, "a", op["id"].as_str().unwrap());
+    let done = c.wait_op("a", op["id"].as_str().unwrap());
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["steps"].as_array().unwrap().len(), 5);
 
@@ -117,7 +100,7 @@ fn a_drain_moves_every_vm_within_the_limit_and_failback_brings_them_home() {
         Some(json!({"failback": true})),
     );
     assert_eq!(s, StatusCode::ACCEPTED, "{op}");
-    let done = wait_op(&c, "a", op["id"].as_str().unwrap());
+    let done = c.wait_op("a", op["id"].as_str().unwrap());
     assert_eq!(done["state"], "completed", "{done}");
     let mut home = vm_names(&c, "a");
     home.sort();
@@ -179,7 +162,7 @@ fn a_drain_the_other_nodes_cannot_hold_is_refused_before_anything_moves() {
         Some(json!({"allow_partial": true})),
     );
     assert_eq!(s, StatusCode::ACCEPTED, "{op}");
-    let done = wait_op(&c, "a", op["id"].as_str().unwrap());
+    let done = c.wait_op("a", op["id"].as_str().unwrap());
     assert_eq!(done["state"], "completed", "{done}");
     let skipped: Vec<&Value> = done["steps"]
         .as_array()
@@ -228,7 +211,7 @@ fn a_cancelled_drain_stops_where_it_is_and_loses_nothing() {
     std::thread::sleep(Duration::from_millis(200));
     let (s, v) = c.call(Method::DELETE, "a", &format!("/v1/operations/{id}"), None);
     assert_eq!(s, StatusCode::OK, "{v}");
-    let done = wait_op(&c, "a", &id);
+    let done = c.wait_op("a", &id);
     assert_eq!(done["state"], "cancelled", "{done}");
     let steps = done["steps"].as_array().unwrap();
     let cancelled = steps.iter().filter(|s| s["state"] == "cancelled").count();
@@ -262,7 +245,7 @@ fn a_cancelled_drain_stops_where_it_is_and_loses_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     let id = op["id"].as_str().unwrap();
     c.call(Method::DELETE, "a", &format!("/v1/operations/{id}"), None);
-    let done = wait_op(&c, "a", id);
+    let done = c.wait_op("a", id);
     assert_ne!(done["state"], "running");
     let mut all: Vec<String> = ["a", "b", "c"]
         .iter()

@@ -39,8 +39,17 @@ fn ferry() -> Command {
 
 /// A running KVM guest on `memory` bytes of the default content mix.
 fn kvm_guest(memory: u64, pattern: WorkloadPattern, dirty_rate: u64) -> Arc<KvmGuest> {
+    kvm_guest_of(FillSpec::default(), memory, pattern, dirty_rate)
+}
+
+fn kvm_guest_of(
+    fill: FillSpec,
+    memory: u64,
+    pattern: WorkloadPattern,
+    dirty_rate: u64,
+) -> Arc<KvmGuest> {
     let mem = Arc::new(GuestMemory::new(memory).unwrap());
-    FillSpec::default().fill(&mem, SEED, 2);
+    fill.fill(&mem, SEED, 2);
     let workload = Workload {
         pattern,
         dirty_rate,
@@ -231,15 +240,12 @@ fn capped(auto_converge: bool, timeout: Duration) -> MigrationConfig {
 }
 
 fn fast_kvm_dirtier() -> Arc<KvmGuest> {
-    let mem = Arc::new(GuestMemory::new(64 * MIB).unwrap());
-    FillSpec::only(ContentKind::Random).fill(&mem, SEED, 2);
-    let workload = Workload {
-        pattern: WorkloadPattern::Hot { bytes: 16 * MIB },
-        dirty_rate: 200_000_000,
-        seed: SEED,
-        ..Workload::default()
-    };
-    Arc::new(KvmGuest::start(mem, workload).unwrap())
+    kvm_guest_of(
+        FillSpec::only(ContentKind::Random),
+        64 * MIB,
+        WorkloadPattern::Hot { bytes: 16 * MIB },
+        200_000_000,
+    )
 }
 
 #[test]
@@ -308,20 +314,7 @@ mod agents {
     use common::first_difference;
     use reqwest::{Method, StatusCode};
     use serde_json::{json, Value};
-    use std::time::{Duration, Instant};
-
-    fn wait_op(c: &Agents, node: &str, id: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let (s, op) = c.call(Method::GET, node, &format!("/v1/operations/{id}"), None);
-            assert_eq!(s, StatusCode::OK, "{op}");
-            if op["state"] != "running" {
-                return op;
-            }
-            assert!(Instant::now() < deadline, "operation {id}: {op}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    use std::time::Duration;
 
     fn vms(c: &Agents, node: &str) -> Vec<Value> {
         let (_, v) = c.call(Method::GET, node, "/v1/vms", None);
@@ -377,7 +370,7 @@ mod agents {
         // home (vm1 left before the drain and stays on b).
         let (s, op) = c.call(Method::POST, "a", "/v1/node/drain", None);
         assert_eq!(s, StatusCode::ACCEPTED, "{op}");
-        let drained = wait_op(&c, "a", op["id"].as_str().unwrap());
+        let drained = c.wait_op("a", op["id"].as_str().unwrap());
         assert_eq!(drained["state"], "completed", "{drained}");
         assert!(vms(&c, "a").is_empty());
         let away: Vec<Value> = [vms(&c, "b"), vms(&c, "c")].concat();
@@ -392,7 +385,7 @@ mod agents {
             Some(json!({"failback": true})),
         );
         assert_eq!(s, StatusCode::ACCEPTED, "{op}");
-        let back = wait_op(&c, "a", op["id"].as_str().unwrap());
+        let back = c.wait_op("a", op["id"].as_str().unwrap());
         assert_eq!(back["state"], "completed", "{back}");
         let home = vms(&c, "a");
         let mut names: Vec<&str> = home.iter().map(|v| v["name"].as_str().unwrap()).collect();

@@ -81,6 +81,12 @@ pub fn migrate_locally(
     // nothing to report: stop it rather than wait. Otherwise the destination
     // ends its session on its own (completed, or on the source's abort).
     let session_started = report.session_id != format!("{:016x}", 0);
+    if ctx.cancel.is_cancelled() {
+        // Both ends are ours and were stopped together: the destination need
+        // not wait out its peer timeout for a source that will not rebind
+        // (the source's ABORT may sit behind a full, slow link).
+        stop_dest.cancel();
+    }
     let incoming = dest_rt.block_on(async {
         let wait = if session_started {
             std::time::Duration::from_secs(30)

@@ -123,6 +123,24 @@ impl Agents {
         self.call_with(Some(TOKEN), method, node, path, body.map(|b| b.to_string()))
     }
 
+    /// Waits for operation `id` (a drain, a resume, an update) on `node` to
+    /// end; returns its record.
+    pub fn wait_op(&self, node: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let (s, op) = self.call(Method::GET, node, &format!("/v1/operations/{id}"), None);
+            assert_eq!(s, StatusCode::OK, "{op}");
+            if op["state"] != "running" {
+                return op;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operation {id} did not end: {op}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits for migration `id` on `node` to end; returns its record.
     pub fn wait(&self, node: &str, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
