@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry::codec::{Codec, CodecChoice};
 use ferry::cpu::CpuMeter;
-use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
+use ferry::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
 use ferry::migration::{
     migrate, migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, Phase, Progress,
     Receiver, ReceiverConfig, Report, RunContext,
@@ -453,6 +453,15 @@ enum GuestBackend {
     Kvm,
 }
 
+impl GuestBackend {
+    fn kind(self) -> ferry::wire::GuestKind {
+        match self {
+            Self::Sim => ferry::wire::GuestKind::Sim,
+            Self::Kvm => ferry::wire::GuestKind::Kvm,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum DemoCommand {
     /// Three agents in this process on loopback: VMs on node a, a drain of a
@@ -730,37 +739,17 @@ fn build_guest(
         writers: g.writers,
         seed: g.mem.seed,
     };
-    let memory = Arc::new(memory);
-    let guest: Arc<dyn MigratableGuest> = match backend {
-        GuestBackend::Sim => Arc::new(SyntheticGuest::start(memory, workload)),
-        GuestBackend::Kvm => start_kvm(memory, workload)?,
-    };
+    let guest = ferry::migration::start_guest(backend.kind(), Arc::new(memory), workload)
+        .map_err(anyhow::Error::msg)?;
     Ok((guest, pattern))
 }
 
 /// `--guest kvm` needs a working `/dev/kvm`: one line saying so, if not.
 fn check_kvm() -> Result<()> {
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    return ferry::kvm::available().map_err(|e| {
-        let why = std::error::Error::source(&e)
-            .map(|s| format!(" ({s})"))
-            .unwrap_or_default();
-        anyhow::anyhow!("--guest kvm needs a working {}{why}", ferry::kvm::device())
-    });
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-    Err(anyhow::anyhow!("--guest kvm needs Linux on x86-64"))
-}
-
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn start_kvm(memory: Arc<GuestMemory>, workload: Workload) -> Result<Arc<dyn MigratableGuest>> {
-    let guest = ferry::kvm::KvmGuest::start(memory, workload)
-        .map_err(|e| anyhow::Error::new(e).context("cannot start the KVM guest"))?;
-    Ok(Arc::new(guest))
-}
-
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn start_kvm(_: Arc<GuestMemory>, _: Workload) -> Result<Arc<dyn MigratableGuest>> {
-    Err(anyhow::anyhow!("--guest kvm needs Linux on x86-64"))
+    match ferry::migration::kvm_unavailable() {
+        Some(why) => Err(anyhow::anyhow!("--guest kvm needs a working {why}")),
+        None => Ok(()),
+    }
 }
 
 /// Where memory content comes from: `fill zero:35,...` or `image FILE`.
@@ -1502,10 +1491,7 @@ fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
     if a.backend == GuestBackend::Kvm {
         check_kvm()?;
     }
-    let kind = match a.backend {
-        GuestBackend::Sim => ferry::wire::GuestKind::Sim,
-        GuestBackend::Kvm => ferry::wire::GuestKind::Kvm,
-    };
+    let kind = a.backend.kind();
     let guests = match a.guest_set.as_deref() {
         Some("changing") => GuestSpec::changing_set(memory),
         Some(_) => GuestSpec::standard_set(memory),

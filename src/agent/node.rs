@@ -3,7 +3,7 @@
 //! counters its metrics show.
 
 use super::cluster::{Cluster, NodeSpec};
-use crate::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
+use crate::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
 use crate::migration::{
     migrate, Incoming, MigratableGuest, MigrationConfig, Outcome, Phase, Report, RunContext,
 };
@@ -103,34 +103,6 @@ pub struct VmSpec {
     /// The backend.
     #[serde(serialize_with = "guest_kind")]
     pub guest: GuestKind,
-}
-
-/// Why this node cannot run KVM guests, if it cannot.
-fn kvm_available() -> Result<(), String> {
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    return crate::kvm::available().map_err(|e| {
-        let why = std::error::Error::source(&e)
-            .map(|s| format!(" ({s})"))
-            .unwrap_or_default();
-        format!(
-            "this node has no working {}{why}; use \"guest\": \"sim\"",
-            crate::kvm::device()
-        )
-    });
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-    Err("KVM guests need Linux on x86-64; use \"guest\": \"sim\"".into())
-}
-
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn start_kvm(memory: GuestMemory, workload: Workload) -> Result<Arc<dyn MigratableGuest>, String> {
-    crate::kvm::KvmGuest::start(Arc::new(memory), workload)
-        .map(|g| Arc::new(g) as Arc<dyn MigratableGuest>)
-        .map_err(|e| format!("cannot start the KVM guest: {e}"))
-}
-
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn start_kvm(_: GuestMemory, _: Workload) -> Result<Arc<dyn MigratableGuest>, String> {
-    Err("KVM guests need Linux on x86-64".into())
 }
 
 fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -581,7 +553,11 @@ impl Node {
     /// VM's memory reserved meanwhile.
     pub fn create_vm(&self, spec: VmSpec) -> Result<VmView, NodeError> {
         if spec.guest == GuestKind::Kvm {
-            kvm_available().map_err(NodeError::Unsupported)?;
+            if let Some(why) = crate::migration::kvm_unavailable() {
+                return Err(NodeError::Unsupported(format!(
+                    "this node has no working {why}; use \"guest\": \"sim\""
+                )));
+            }
         }
         {
             let mut st = self.state.lock().unwrap();
@@ -608,13 +584,8 @@ impl Node {
                 writers: 1,
                 seed: 1,
             };
-            let guest: Arc<dyn MigratableGuest> = match spec.guest {
-                GuestKind::Sim => Arc::new(SyntheticGuest::start(Arc::new(memory), workload)),
-                GuestKind::Kvm => start_kvm(memory, workload).map_err(|e| {
-                    NodeError::Unsupported(format!("cannot create VM {}: {e}", spec.name))
-                })?,
-            };
-            Ok::<_, NodeError>(guest)
+            crate::migration::start_guest(spec.guest, Arc::new(memory), workload)
+                .map_err(|e| NodeError::Unsupported(format!("cannot create VM {}: {e}", spec.name)))
         })();
         let mut st = self.state.lock().unwrap();
         match built {

@@ -37,7 +37,7 @@ pub struct GuestSpec {
 impl GuestSpec {
     /// Builds the guest, running its workload.
     pub fn build(&self, seed: u64) -> Result<Arc<dyn MigratableGuest>, String> {
-        use crate::memory::{GuestMemory, SyntheticGuest, Workload};
+        use crate::memory::{GuestMemory, Workload};
         let memory = match &self.image {
             Some(path) => GuestMemory::from_image(path).map_err(|e| e.to_string())?,
             None => {
@@ -53,16 +53,7 @@ impl GuestSpec {
             writers: 1,
             seed,
         };
-        let memory = Arc::new(memory);
-        match self.kind {
-            GuestKind::Sim => Ok(Arc::new(SyntheticGuest::start(memory, workload))),
-            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-            GuestKind::Kvm => crate::kvm::KvmGuest::start(memory, workload)
-                .map(|g| Arc::new(g) as Arc<dyn MigratableGuest>)
-                .map_err(|e| format!("cannot start the KVM guest: {e}")),
-            #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-            GuestKind::Kvm => Err("KVM guests need Linux on x86-64".into()),
-        }
+        crate::migration::start_guest(self.kind, Arc::new(memory), workload)
     }
 
     /// The same guest on another backend, labelled `kvm-…` for KVM.

@@ -1551,11 +1551,6 @@ impl Session {
 
 /// Whether this host runs KVM guests, asked once per process.
 fn kvm_here() -> bool {
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    {
-        static KVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *KVM.get_or_init(|| crate::kvm::available().is_ok())
-    }
-    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-    false
+    static KVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KVM.get_or_init(|| super::kvm_unavailable().is_none())
 }

@@ -94,6 +94,39 @@ pub fn restore_guest(
     }
 }
 
+/// Why this host cannot run KVM guests, as "DEVICE (reason)", or `None`
+/// when it can (the device opens and makes a VM).
+pub fn kvm_unavailable() -> Option<String> {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    return crate::kvm::available().err().map(|e| {
+        let why = std::error::Error::source(&e)
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default();
+        format!("{}{why}", crate::kvm::device())
+    });
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    Some("/dev/kvm (KVM guests need Linux on x86-64)".into())
+}
+
+/// Starts a guest of `kind` on `memory` (its content already loaded),
+/// running `workload`.
+pub fn start_guest(
+    kind: GuestKind,
+    memory: Arc<GuestMemory>,
+    workload: Workload,
+) -> Result<Arc<dyn MigratableGuest>, String> {
+    match kind {
+        GuestKind::Sim => Ok(Arc::new(SyntheticGuest::start(memory, workload))),
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        GuestKind::Kvm => match crate::kvm::KvmGuest::start(memory, workload) {
+            Ok(g) => Ok(Arc::new(g)),
+            Err(e) => Err(format!("cannot start the KVM guest: {}", error_chain(&e))),
+        },
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        GuestKind::Kvm => Err("KVM guests need Linux on x86-64".into()),
+    }
+}
+
 /// An error and its sources, one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

@@ -28,7 +28,7 @@ pub use config::{
     DEFAULT_PEER_TIMEOUT,
 };
 pub use error::MigrationError;
-pub use guest::{restore_guest, MigratableGuest};
+pub use guest::{kvm_unavailable, restore_guest, start_guest, MigratableGuest};
 pub use report::{CpuMs, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};
 
 #[cfg(feature = "net")]
