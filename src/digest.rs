@@ -1,10 +1,13 @@
 //! The switchover memory digest, kept current page by page as pages move so the
 //! pause only hashes the last dirty pages.
 //!
-//! Each page's hash is xxh3-64 of its bytes; the digest is the wrapping sum of
-//! every page's hash mixed with its index, so it can be kept per page in any order
-//! and summed at the end. A zero page hashes to a constant without reading it.
-//! Memory: 8 bytes per 4 KiB page (2 MiB per GiB) on each side.
+//! Each page's hash is xxh3-64 of its bytes; the digest is the wrapping sum,
+//! over every page that is not all zeros, of its hash mixed with its index, so
+//! it can be kept per page in any order and summed at the end. A zero page
+//! hashes to a constant without reading it and adds nothing, so memory that
+//! never held data costs nothing to track. Memory: 8 bytes per 4 KiB page
+//! (2 MiB per GiB) on each side, allocated 256 KiB at a time as pages with
+//! content arrive (an announced size alone allocates only the chunk index).
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,39 +34,90 @@ fn mix(index: u64, hash: u64) -> u64 {
     x ^ (x >> 32)
 }
 
+/// A page's share of the digest: nothing for a zero page.
+#[inline]
+fn share(index: u64, hash: u64, zero: u64) -> u64 {
+    if hash == zero {
+        0
+    } else {
+        mix(index, hash)
+    }
+}
+
+/// Pages per chunk of the hash table: 32 Ki pages (128 MiB of guest), 256 KiB
+/// of hashes.
+const CHUNK_PAGES: u64 = 1 << 15;
+
 /// Per-page hashes of guest memory as it was sent or applied.
 #[derive(Debug)]
 pub struct PageHashes {
-    hashes: Box<[AtomicU64]>,
+    pages: u64,
+    /// Chunks of hashes, each made when a page of it first gets content.
+    chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
 }
 
 impl PageHashes {
-    /// Hashes for `pages` pages, all starting as zero pages.
+    /// Hashes for `pages` pages, all starting as zero pages. Allocates 8
+    /// bytes per 128 MiB of guest now; the rest as content arrives.
     pub fn new(pages: u64) -> Self {
-        let zero = zero_page_hash();
         Self {
-            hashes: (0..pages).map(|_| AtomicU64::new(zero)).collect(),
+            pages,
+            chunks: (0..pages.div_ceil(CHUNK_PAGES))
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 
     /// Records that page `index` now holds content hashing to `hash`.
     #[inline]
     pub fn set(&self, index: u64, hash: u64) {
+        let cell = &self.chunks[(index / CHUNK_PAGES) as usize];
+        let zero = zero_page_hash();
+        let chunk = match cell.get() {
+            Some(c) => c,
+            // A zero page where nothing was ever set: already so.
+            None if hash == zero => return,
+            None => cell.get_or_init(|| (0..CHUNK_PAGES).map(|_| AtomicU64::new(zero)).collect()),
+        };
         // Relaxed: the digest is summed after the round barrier (a channel ack or
         // the switchover message), which orders these stores before the read.
-        self.hashes[index as usize].store(hash, Ordering::Relaxed);
+        chunk[(index % CHUNK_PAGES) as usize].store(hash, Ordering::Relaxed);
     }
 
     /// The digest of all pages.
     pub fn digest(&self) -> u64 {
-        self.hashes.iter().enumerate().fold(0u64, |acc, (i, h)| {
-            acc.wrapping_add(mix(i as u64, h.load(Ordering::Relaxed)))
-        })
+        let zero = zero_page_hash();
+        let mut acc = 0u64;
+        for (c, cell) in self.chunks.iter().enumerate() {
+            let Some(chunk) = cell.get() else { continue };
+            let first = c as u64 * CHUNK_PAGES;
+            let n = CHUNK_PAGES.min(self.pages - first) as usize;
+            for (i, h) in chunk[..n].iter().enumerate() {
+                acc = acc.wrapping_add(share(first + i as u64, h.load(Ordering::Relaxed), zero));
+            }
+        }
+        acc
+    }
+
+    /// Bytes of hashes allocated so far.
+    pub fn allocated_bytes(&self) -> u64 {
+        let made = self.chunks.iter().filter(|c| c.get().is_some()).count() as u64;
+        made * CHUNK_PAGES * 8
     }
 }
 
 /// The digest of all of `mem`, hashed now on `threads` threads (`--verify full`).
 pub fn full_digest(mem: &GuestMemory, threads: usize) -> u64 {
+    hash_all(mem, threads, false)
+}
+
+/// The digest as ferry 0.1's first saved-guest files hold it: zero pages
+/// counted too (their mixed hash added like any other page's).
+pub fn full_digest_v1(mem: &GuestMemory, threads: usize) -> u64 {
+    hash_all(mem, threads, true)
+}
+
+fn hash_all(mem: &GuestMemory, threads: usize, zero_pages_count: bool) -> u64 {
     let pages = mem.pages();
     let threads = (threads.max(1) as u64).min(pages.max(1));
     let per = pages.div_ceil(threads);
@@ -76,12 +130,18 @@ pub fn full_digest(mem: &GuestMemory, threads: usize) -> u64 {
                     if count == 0 {
                         return 0u64;
                     }
+                    let zero = zero_page_hash();
                     mem.with_pages(first, count, |bytes| {
                         bytes
                             .chunks_exact(PAGE_SIZE)
                             .enumerate()
                             .fold(0u64, |acc, (i, p)| {
-                                acc.wrapping_add(mix(first + i as u64, page_hash(p)))
+                                let (index, hash) = (first + i as u64, page_hash(p));
+                                acc.wrapping_add(if zero_pages_count {
+                                    mix(index, hash)
+                                } else {
+                                    share(index, hash, zero)
+                                })
                             })
                     })
                 })
@@ -117,5 +177,34 @@ mod tests {
         mem.write_page(0, &page);
         mem.write_page(5, &a);
         assert_ne!(hashes.digest(), full_digest(&mem, 2));
+    }
+
+    #[test]
+    fn the_table_grows_only_where_pages_have_content() {
+        // A 1 TiB guest announced: only the chunk index is allocated.
+        let hashes = PageHashes::new(1 << 28);
+        assert_eq!(hashes.allocated_bytes(), 0);
+        // Zero pages anywhere allocate nothing; a page with content, one chunk.
+        hashes.set(5, zero_page_hash());
+        hashes.set((1 << 28) - 1, zero_page_hash());
+        assert_eq!(hashes.allocated_bytes(), 0);
+        assert_eq!(hashes.digest(), 0);
+        hashes.set(1 << 20, 42);
+        assert_eq!(hashes.allocated_bytes(), CHUNK_PAGES * 8);
+        assert_eq!(hashes.digest(), mix(1 << 20, 42));
+        // Back to zero: the digest is that of an empty guest again.
+        hashes.set(1 << 20, zero_page_hash());
+        assert_eq!(hashes.digest(), 0);
+    }
+
+    #[test]
+    fn a_partial_last_chunk_is_summed_to_the_guest_end_only() {
+        let pages = CHUNK_PAGES + 3;
+        let mem = GuestMemory::new(pages * PAGE_SIZE as u64).unwrap();
+        let hashes = PageHashes::new(pages);
+        let page = vec![9u8; PAGE_SIZE];
+        mem.write_page(pages - 1, &page);
+        hashes.set(pages - 1, page_hash(&page));
+        assert_eq!(hashes.digest(), full_digest(&mem, 2));
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!      0    8 magic "FERRYGST"
-//!      8    4 version (1)
+//!      8    4 version (2; 1: the digest counts zero pages too)
 //!     12    1 guest kind
 //!     13    3 reserved (0)
 //!     16    8 memory bytes (a multiple of 4096)
@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"FERRYGST";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: usize = 40;
 /// The largest state a saved guest may hold.
 pub const MAX_STATE: usize = 16 << 20;
@@ -85,11 +85,11 @@ pub fn load_guest(path: &Path) -> Result<Arc<dyn MigratableGuest>, String> {
     }
     let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap());
-    if u32_at(8) != VERSION {
+    let version = u32_at(8);
+    if version != VERSION && version != 1 {
         return Err(format!(
-            "{}: saved-guest version {} (this build reads {VERSION})",
+            "{}: saved-guest version {version} (this build reads 1 and {VERSION})",
             path.display(),
-            u32_at(8)
         ));
     }
     let kind = match head[12] {
@@ -130,7 +130,12 @@ pub fn load_guest(path: &Path) -> Result<Arc<dyn MigratableGuest>, String> {
             mem.write_page(i, &page);
         }
     }
-    if full_digest(&mem, 2) != digest {
+    let computed = if version == 1 {
+        crate::digest::full_digest_v1(&mem, 2)
+    } else {
+        full_digest(&mem, 2)
+    };
+    if computed != digest {
         return Err(format!(
             "{}: memory does not match its digest: damaged",
             path.display()
@@ -176,6 +181,34 @@ mod tests {
         assert!(load_guest(&path).err().unwrap().contains("truncated"));
         std::fs::write(&path, b"hello").unwrap();
         assert!(load_guest(&path).err().unwrap().contains("too short"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_file_with_its_digest_still_loads() {
+        let mem = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        FillSpec::default().fill(&mem, 5, 1);
+        let idle = Workload {
+            pattern: WorkloadPattern::Idle,
+            dirty_rate: 0,
+            content: FillSpec::default(),
+            writers: 1,
+            seed: 1,
+        };
+        let g = SyntheticGuest::start(mem.clone(), idle);
+        g.pause();
+        let dir = std::env::temp_dir().join(format!("ferry-saved-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("g.guest");
+        save_guest(&g, &path).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+        // The new digest under the old version is refused: the file says v1.
+        assert!(load_guest(&path).err().unwrap().contains("digest"));
+        let v1 = crate::digest::full_digest_v1(&mem, 1);
+        f.write_all_at(&v1.to_le_bytes(), 24).unwrap();
+        let back = load_guest(&path).unwrap();
+        assert_eq!(full_digest(back.memory(), 1), full_digest(&mem, 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
