@@ -7,7 +7,7 @@ use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
 use ferry::migration::{
     migrate, migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, Phase, Progress,
-    Receiver, ReceiverConfig, Report, RunContext,
+    ReceiverConfig, Report, RunContext,
 };
 use ferry::units::{
     compact_size, parse_bandwidth, parse_duration, parse_rate, parse_size, Bytes, Rate,
@@ -22,6 +22,7 @@ use std::time::Duration;
 
 mod cli {
     pub mod orchestrate;
+    pub mod receive;
     pub mod soak;
 }
 use cli::orchestrate;
@@ -505,10 +506,12 @@ struct ReceiveArgs {
     /// Address to listen on, host:port.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// Exit after one migration.
+    /// Exit after one migration (completed or failed; sessions refused
+    /// before admission do not count).
     #[arg(long)]
     once: bool,
-    /// Largest guest accepted.
+    /// Most guest memory held at once: every guest that arrived (each keeps
+    /// running here until ferry exits) and those arriving.
     #[arg(long, default_value = "1TiB", value_parser = size_arg)]
     max_memory: u64,
     /// The shared key file (mode 600): every source must prove it. Without
@@ -598,7 +601,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo(a),
         Command::Send(a) => send(a),
-        Command::Receive(a) => receive(a),
+        Command::Receive(a) => cli::receive::receive(a),
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
@@ -1151,93 +1154,6 @@ fn send(a: SendArgs) -> Result<ExitCode> {
         print!("{}", summary(&report, Some(config.downtime_limit)));
     }
     Ok(exit_for(report.outcome))
-}
-
-fn receive(a: ReceiveArgs) -> Result<ExitCode> {
-    let cpu = CpuMeter::new();
-    let rt = ferry::transport::runtime("ferry-dst", 2, &cpu)?;
-    let ctx = RunContext {
-        cpu,
-        ..RunContext::default()
-    };
-    let receiver = rt
-        .block_on(Receiver::bind(
-            &a.listen,
-            ReceiverConfig {
-                max_memory: a.max_memory,
-                key: a.key.as_deref().map(load_key).transpose()?,
-                idle_timeout: a.peer_timeout,
-                fault: a.fault,
-                tls: match (&a.tls_cert, &a.tls_key) {
-                    (Some(c), Some(k)) => {
-                        Some(ferry::transport::tls::TlsServer::from_pem(c, k).map_err(usage)?)
-                    }
-                    // A certificate made now can be known only through the key.
-                    _ if a.tls && a.key.is_none() => {
-                        return Err(usage(
-                            "--tls needs --tls-cert/--tls-key (for sources to pin) or --key FILE",
-                        ))
-                    }
-                    _ if a.tls => {
-                        Some(ferry::transport::tls::TlsServer::ephemeral().map_err(usage)?)
-                    }
-                    _ => None,
-                },
-                max_sessions: a.max_sessions,
-                handshake_timeout: a.handshake_timeout,
-                resume_check: Some(Duration::from_secs(1)),
-                unauthenticated: if a.insecure {
-                    ferry::migration::Unauthenticated::Anywhere
-                } else {
-                    ferry::migration::Unauthenticated::Loopback
-                },
-                ..ReceiverConfig::default()
-            },
-        ))
-        .with_context(|| format!("cannot listen on {}", a.listen))?;
-    let addr = receiver.local_addr()?;
-    tracing::info!(%addr, "listening for migrations");
-    let stop = ctx.cancel.clone();
-    rt.spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            stop.cancel();
-        }
-    });
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let server = rt.spawn(receiver.serve(ctx.clone(), tx));
-    // The guest that arrived last keeps running here until the next arrives.
-    let mut _running: Option<Arc<dyn MigratableGuest>> = None;
-    let mut last = Outcome::Cancelled;
-    loop {
-        let got = rt.block_on(async {
-            tokio::select! {
-                r = rx.recv() => r,
-                _ = ctx.cancel.cancelled() => None,
-            }
-        });
-        let Some(incoming) = got else { break };
-        let r = &incoming.report;
-        last = r.outcome;
-        if a.json {
-            println!("{}", r.to_json());
-        } else {
-            println!(
-                "incoming migration {} (session {})",
-                outcome_name(r.outcome),
-                r.session_id
-            );
-            print!("{}", summary(r, None));
-        }
-        if incoming.guest.is_some() {
-            _running = incoming.guest;
-        }
-        if a.once {
-            break;
-        }
-    }
-    ctx.cancel.cancel();
-    let _ = rt.block_on(server);
-    Ok(exit_for(last))
 }
 
 fn tls_cert(a: TlsCertArgs) -> Result<ExitCode> {

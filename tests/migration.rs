@@ -405,17 +405,19 @@ fn sessions_prove_the_key_both_ways_and_a_refused_one_allocates_nothing() {
             receiver,
         )
         .unwrap();
-        (src, dst.expect("the receiver reports every session"), g)
+        (src, dst, g)
     };
     let the_key = "the cluster's key, 32 bytes long";
     // Both hold the key: each proves it, and the label arrives.
     let (src, dst, _) = run(Some(the_key), Some(the_key), Unauthenticated::Refuse);
+    let dst = dst.expect("an admitted session is reported");
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
     assert!(src.authenticated && dst.report.authenticated);
     assert!(!src.encrypted && !dst.report.encrypted);
     assert_eq!(dst.label, Some(label.clone()));
-    // Every mismatch is refused before a page moves, with a reason on both
-    // sides; the guest keeps running and the receiver allocated nothing.
+    // Every mismatch is refused before a page moves, with a reason for the
+    // source; the guest keeps running, and the receiver allocated nothing
+    // and keeps no report of a peer that proved nothing.
     for (source_key, receiver_key, policy, why) in [
         (
             Some("a guess at the key, 32 bytes ."),
@@ -449,19 +451,14 @@ fn sessions_prove_the_key_both_ways_and_a_refused_one_allocates_nothing() {
             "{why}: {:?}",
             src.error
         );
-        assert!(
-            dst.report.error.as_deref().unwrap().contains(why),
-            "{why}: {:?}",
-            dst.report.error
-        );
         assert_eq!(src.pages.total, 0, "{why}: no page was sent");
-        assert!(dst.memory.is_none(), "{why}: nothing allocated");
+        assert!(dst.is_none(), "{why}: no report, nothing allocated");
         assert!(g.is_running(), "{why}: the guest keeps running");
     }
     // Without keys on loopback: taken, and reported as unauthenticated.
     let (src, dst, _) = run(None, None, Unauthenticated::Loopback);
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
-    assert!(!src.authenticated && !dst.report.authenticated);
+    assert!(!src.authenticated && !dst.unwrap().report.authenticated);
 }
 
 /// An address of this host that is not loopback, if it has one.
@@ -492,7 +489,8 @@ fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
             ))
             .unwrap();
         let target = format!("{ip}:{}", receiver.local_addr().unwrap().port());
-        let incoming = rt.spawn(receiver.receive_one(RunContext::default()));
+        let ctx = RunContext::default();
+        let incoming = rt.spawn(receiver.receive_one(ctx.clone()));
         let g = guest(8 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
         let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
         let src = rt.block_on(ferry::migration::migrate(
@@ -501,7 +499,12 @@ fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
             &MigrationConfig::default(),
             &RunContext::default(),
         ));
-        let dst = rt.block_on(incoming).unwrap().unwrap();
+        // A refused peer leaves no report: stop waiting for one.
+        if src.outcome != Outcome::Completed {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            ctx.cancel.cancel();
+        }
+        let dst = rt.block_on(incoming).unwrap();
         (src, dst, g)
     };
     let (src, dst, g) = run(Unauthenticated::Loopback);
@@ -512,14 +515,17 @@ fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
         "{:?}",
         src.error
     );
-    assert!(dst
-        .report
-        .error
-        .as_deref()
-        .unwrap()
-        .contains("loopback peers only"));
-    assert!(dst.memory.is_none() && g.is_running());
+    assert!(
+        src.error
+            .as_deref()
+            .unwrap()
+            .contains("loopback peers only"),
+        "{:?}",
+        src.error
+    );
+    assert!(dst.is_none(), "an unproved session leaves no report");
+    assert!(g.is_running());
     let (src, dst, _) = run(Unauthenticated::Anywhere);
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
-    assert!(!dst.report.authenticated);
+    assert!(!dst.unwrap().report.authenticated);
 }

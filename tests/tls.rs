@@ -173,7 +173,9 @@ fn a_middle_relaying_between_two_tls_sessions_fails_every_proof() {
         ))
         .unwrap();
     let upstream = receiver.local_addr().unwrap().to_string();
-    let incoming = rt.spawn(receiver.receive_one(RunContext::default()));
+    let stats = receiver.stats();
+    let recv_ctx = RunContext::default();
+    let incoming = rt.spawn(receiver.receive_one(recv_ctx.clone()));
     let listen = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
@@ -203,6 +205,12 @@ fn a_middle_relaying_between_two_tls_sessions_fails_every_proof() {
     );
     assert_eq!(src.pages.total, 0, "no page crossed the middle");
     assert!(g.is_running());
-    let dst = rt.block_on(incoming).unwrap().unwrap();
-    assert!(dst.memory.is_none(), "the receiver allocated nothing");
+    // The receiver refused the relayed session as unproved: it keeps no
+    // report of it, and allocated nothing.
+    assert_eq!(
+        stats.refused_for(ferry::migration::Refusal::Unauthenticated),
+        1
+    );
+    recv_ctx.cancel.cancel();
+    assert!(rt.block_on(incoming).unwrap().is_none());
 }

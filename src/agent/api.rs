@@ -482,6 +482,18 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         "Outgoing migrations waiting for a slot.",
         &[(String::new(), queued as f64)],
     );
+    if let Some(stats) = node.refusals.get() {
+        metric(
+            "ferry_sessions_refused_total",
+            "counter",
+            "Connections and sessions the migration listener refused, by reason.",
+            &stats
+                .refused()
+                .into_iter()
+                .map(|(why, n)| (format!("{{reason=\"{why}\"}}"), n as f64))
+                .collect::<Vec<_>>(),
+        );
+    }
     metric(
         "ferry_vms_hosted",
         "gauge",
@@ -609,13 +621,13 @@ pub async fn serve_agent_with(
             },
             unauthenticated: crate::migration::Unauthenticated::Refuse,
             fault,
-            admit: Some(Arc::new(move |setup| match weak.upgrade() {
-                Some(node) => node.admit_incoming(setup),
+            admit: Some(Arc::new(move |session, setup| match weak.upgrade() {
+                Some(node) => node.admit_incoming(session, setup),
                 None => Err("the agent is shutting down".into()),
             })),
-            on_go: Some(Arc::new(move |label, guest, resumed| {
-                if let (Some(node), Some(label)) = (weak_go.upgrade(), label) {
-                    node.vm_arrived(label, guest, resumed);
+            on_go: Some(Arc::new(move |session, _label, guest, resumed| {
+                if let Some(node) = weak_go.upgrade() {
+                    node.vm_arrived(session, guest, resumed);
                 }
             })),
             ..ReceiverConfig::default()
@@ -623,6 +635,7 @@ pub async fn serve_agent_with(
     )
     .await?;
     let data_addr = receiver.local_addr()?;
+    let _ = node.refusals.set(receiver.stats());
     let listener = tokio::net::TcpListener::bind(&node.spec.control).await?;
     let control_addr = listener.local_addr()?;
     let mut tasks = Vec::new();

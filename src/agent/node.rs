@@ -132,6 +132,9 @@ struct Vm {
     spec: VmSpec,
     state: VmState,
     guest: Option<Arc<dyn MigratableGuest>>,
+    /// While it arrives: the incoming session that reserved it. Only that
+    /// session's end can remove or complete the record.
+    arriving: Option<u64>,
 }
 
 impl Vm {
@@ -234,6 +237,8 @@ struct MigrationEntry {
     /// The end the last ETA promised.
     eta_end: Option<Instant>,
     resolution: Option<Resolution>,
+    /// Incoming: the receiving session's id, the key of its record here.
+    session: Option<u64>,
 }
 
 /// How an operator settled an unresolved migration.
@@ -440,6 +445,8 @@ pub struct Node {
     pub(crate) ops: Mutex<Vec<super::ops::Operation>>,
     /// Woken whenever a migration ends.
     pub(crate) changed: tokio::sync::Notify,
+    /// The migration listener's refusals, once it listens.
+    pub(crate) refusals: std::sync::OnceLock<Arc<crate::migration::ReceiverStats>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -483,6 +490,7 @@ impl Node {
             bucket,
             ops: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
+            refusals: std::sync::OnceLock::new(),
         }))
     }
 
@@ -569,6 +577,7 @@ impl Node {
                     spec: spec.clone(),
                     state: VmState::MigratingIn,
                     guest: None,
+                    arriving: None,
                 },
             );
         }
@@ -714,6 +723,7 @@ impl Node {
                     error: None,
                     eta_end: None,
                     resolution: None,
+                    session: None,
                 });
                 st.queue.push_back(id.clone());
                 st.entry(&id).expect("just pushed").view(false)
@@ -895,19 +905,8 @@ impl Node {
             Some("unknown") => format!("node {target} could not be asked"),
             Some(s) => format!("node {target} hosts {vm} ({s})"),
         };
-        let runs_there = matches!(hosted.as_deref(), Some(s) if s != "unknown");
-        match run_on {
-            "destination" if hosted.is_none() => {
-                return Err(NodeError::Conflict(format!(
-                    "{checked}: it cannot run there; resolve to the source"
-                )))
-            }
-            "source" if runs_there => {
-                return Err(NodeError::Conflict(format!(
-                    "{checked}: resolve to the destination, or delete it there first"
-                )))
-            }
-            _ => {}
+        if let Err(why) = settle(run_on, hosted.as_deref()) {
+            return Err(NodeError::Conflict(format!("{checked}: {why}")));
         }
         let mut st = self.state.lock().unwrap();
         let forced = hosted.as_deref() == Some("unknown");
@@ -970,7 +969,12 @@ impl Node {
                 Ok(view)
             }
             MigrationState::Running => {
-                e.ctx.cancel.cancel();
+                if !e.ctx.request_cancel() {
+                    return Err(NodeError::Conflict(format!(
+                        "migration {id} has sent GO: the hand-off finishes and VM {} runs on node {}; it can no longer be cancelled",
+                        e.vm, e.target
+                    )));
+                }
                 Ok(e.view(false))
             }
             s => Err(NodeError::Conflict(format!(
@@ -980,10 +984,11 @@ impl Node {
         }
     }
 
-    /// The receiver's admission of an incoming session: only labelled
-    /// sessions from another node of the cluster, for a VM this node has room
-    /// for while it takes VMs. Admitted, the VM is listed as arriving.
-    pub fn admit_incoming(&self, setup: &SessionSetup) -> Result<(), String> {
+    /// The receiver's admission of an incoming session, once its peer has
+    /// proved the cluster's key: only labelled sessions from another node of
+    /// the cluster, for a VM this node has room for while it takes VMs.
+    /// Admitted, the VM is listed as arriving, under the session's id.
+    pub fn admit_incoming(&self, session: u64, setup: &SessionSetup) -> Result<(), String> {
         let Some(label) = &setup.label else {
             tracing::warn!("refused an unlabelled session: not from an agent of this cluster");
             return Err(format!(
@@ -1013,6 +1018,7 @@ impl Node {
                 },
                 state: VmState::MigratingIn,
                 guest: None,
+                arriving: Some(session),
             },
         );
         st.migrations.push(MigrationEntry {
@@ -1037,21 +1043,26 @@ impl Node {
             error: None,
             eta_end: None,
             resolution: None,
+            session: Some(session),
         });
         Ok(())
     }
 
-    /// A guest handed over at GO: the VM runs here from this moment (or
-    /// waits paused), before its session's last messages and report.
-    pub fn vm_arrived(
-        &self,
-        label: &SessionLabel,
-        guest: &Arc<dyn MigratableGuest>,
-        resumed: bool,
-    ) {
+    /// A guest handed over at GO by session `session`: the VM runs here from
+    /// this moment (or waits paused), before the session's last messages and
+    /// report.
+    pub fn vm_arrived(&self, session: u64, guest: &Arc<dyn MigratableGuest>, resumed: bool) {
         let mut st = self.state.lock().unwrap();
-        if let Some(vm) = st.vms.get_mut(&label.vm) {
-            if vm.state != VmState::MigratingIn {
+        let Some(name) = st
+            .migrations
+            .iter()
+            .find(|m| m.session == Some(session))
+            .map(|m| m.vm.clone())
+        else {
+            return;
+        };
+        if let Some(vm) = st.vms.get_mut(&name) {
+            if vm.arriving != Some(session) {
                 return;
             }
             if let Some(w) = guest.workload() {
@@ -1065,16 +1076,22 @@ impl Node {
                 VmState::Paused
             };
             vm.guest = Some(guest.clone());
+            vm.arriving = None;
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
         }
         drop(st);
         self.changed.notify_waiters();
     }
 
-    /// An incoming session ended: the VM runs here, or its arrival is undone;
-    /// the migration's record gets the report.
+    /// An incoming session ended: the VM runs here, or its arrival is
+    /// undone; the migration's record gets the report. Only an admitted
+    /// session has a record, found by its id: a session refused before its
+    /// admission touches nothing.
     pub fn incoming_done(&self, incoming: Incoming) {
-        let Some(label) = incoming.label else { return };
+        if !incoming.admitted {
+            return;
+        }
+        let session = incoming.session_id;
         if let (Outcome::Completed, Some(guest)) = (incoming.report.outcome, &incoming.guest) {
             // Normally already told at GO.
             let resumed = incoming.report.guest_location == "destination"
@@ -1084,36 +1101,28 @@ impl Node {
                     .unwrap()
                     .migrations
                     .iter()
-                    .any(|m| m.id == label.migration_id && m.config.leave_paused);
-            self.vm_arrived(&label, guest, resumed);
+                    .any(|m| m.session == Some(session) && m.config.leave_paused);
+            self.vm_arrived(session, guest, resumed);
         }
         let mut st = self.state.lock().unwrap();
         let outcome = incoming.report.outcome;
-        let arrived = match (outcome, incoming.guest) {
-            (Outcome::Completed, Some(_)) => true,
-            _ => {
-                if st
-                    .vms
-                    .get(&label.vm)
-                    .is_some_and(|v| v.state == VmState::MigratingIn)
-                {
-                    st.vms.remove(&label.vm);
-                }
-                false
-            }
-        };
-        let state = MigrationState::of(outcome);
-        if let Some(e) = st
+        let Some(e) = st
             .migrations
             .iter_mut()
-            .find(|m| m.id == label.migration_id && m.direction == Direction::Incoming)
-        {
-            e.finished_at_ms = Some(now_ms());
-            e.state = state;
-            e.error = incoming.report.error.clone();
-            e.report = Some(incoming.report);
+            .find(|m| m.session == Some(session))
+        else {
+            return;
+        };
+        e.finished_at_ms = Some(now_ms());
+        e.state = MigrationState::of(outcome);
+        e.error = incoming.report.error.clone();
+        e.report = Some(incoming.report);
+        let (vm, from) = (e.vm.clone(), e.source.clone());
+        let arrived = outcome == Outcome::Completed && incoming.guest.is_some();
+        if !arrived && st.vms.get(&vm).is_some_and(|v| v.arriving == Some(session)) {
+            st.vms.remove(&vm);
         }
-        tracing::info!(vm = %label.vm, from = %label.source_node, arrived, "incoming migration ended");
+        tracing::info!(%vm, %from, arrived, "incoming migration ended");
     }
 
     /// Cancels every outgoing migration, queued or running (the agent is
@@ -1157,10 +1166,61 @@ impl Node {
     }
 }
 
+/// Whether an unresolved migration may be settled to `run_on` given the
+/// target's word on the VM: `None` (it does not host it), its state there,
+/// or `"unknown"` (it could not be asked, and the operator forced it). Only
+/// a VM `running` or `paused` on the target runs there; any other state
+/// (still `migrating-in`: its session has not seen GO yet, and may) keeps
+/// the source's paused copy and refuses both ways until it settles.
+fn settle(run_on: &str, hosted: Option<&str>) -> Result<(), String> {
+    match (run_on, hosted) {
+        (_, Some("unknown")) => Ok(()),
+        ("destination", Some("running" | "paused")) => Ok(()),
+        ("destination", None) => Err("it cannot run there; resolve to the source".into()),
+        ("source", None) => Ok(()),
+        ("source", Some("running" | "paused")) => {
+            Err("resolve to the destination, or delete it there first".into())
+        }
+        (_, Some(_)) => Err(
+            "it does not run there yet and may still start there: the paused copy stays here; resolve once the target's session has ended".into(),
+        ),
+        _ => Err(format!("run_on must be \"source\" or \"destination\", not {run_on:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::migration::Progress;
+
+    #[test]
+    fn only_a_vm_running_or_paused_on_the_target_runs_there() {
+        let table = [
+            // (run_on, the target's word, allowed)
+            ("destination", Some("running"), true),
+            ("destination", Some("paused"), true),
+            ("destination", Some("migrating-in"), false),
+            ("destination", Some("migrating-out"), false),
+            ("destination", None, false),
+            ("destination", Some("unknown"), true),
+            ("source", None, true),
+            ("source", Some("running"), false),
+            ("source", Some("paused"), false),
+            ("source", Some("migrating-in"), false),
+            ("source", Some("migrating-out"), false),
+            ("source", Some("unknown"), true),
+        ];
+        for (run_on, hosted, allowed) in table {
+            assert_eq!(
+                settle(run_on, hosted).is_ok(),
+                allowed,
+                "{run_on} with the target saying {hosted:?}"
+            );
+        }
+        assert!(settle("destination", Some("migrating-in"))
+            .unwrap_err()
+            .contains("paused copy stays"));
+    }
 
     fn entry(progress: Arc<Progress>) -> MigrationEntry {
         MigrationEntry {
@@ -1185,6 +1245,7 @@ mod tests {
             error: None,
             eta_end: None,
             resolution: None,
+            session: None,
         }
     }
 

@@ -561,6 +561,7 @@ mod tests {
             saved_to: None,
             round_log: vec![],
             memory_use: Default::default(),
+            guests_here: None,
         }
     }
 

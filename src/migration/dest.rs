@@ -7,16 +7,18 @@
 //! more credit; control messages go to the session's controller, which drives
 //! the [`DestMachine`].
 
+use super::accept::Admitted;
 use super::auth::{random_bytes, BindSecret, SessionKey};
 use super::dest_state::{DestMachine, DestState};
 use super::fault::{Fault, FaultKind, FaultPoint};
+use super::gate::{Handshakes, ReceiverStats};
 use super::progress::RunContext;
 use super::report::{round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side};
 use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
 use crate::codec::CodecId;
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::GuestMemory;
-use crate::transport::{Conn, FrameReader, FrameWriter, Received};
+use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
     Page, PageBatch, SessionLabel, SessionSetup, SessionSetupResponse, VerifyMode, FLAG_RESEND,
@@ -28,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -37,16 +39,18 @@ use tokio_util::sync::CancellationToken;
 pub const CHANNEL_MEMORY: u64 = crate::wire::MAX_FRAME_LEN as u64
     + crate::wire::MAX_PAGES_PER_BATCH as u64 * crate::memory::PAGE_SIZE as u64;
 
-/// Decides whether a session may start, from its setup, once its peer is
-/// authenticated (an agent checks that it takes VMs, has the memory, and
-/// hosts none of that name); `Err(reason)` refuses it before any memory is
-/// allocated.
-pub type AdmitFn = Arc<dyn Fn(&SessionSetup) -> Result<(), String> + Send + Sync>;
+/// Decides whether a session may start, from its id and setup, once its peer
+/// has proved the key (an agent checks that it takes VMs, has the memory,
+/// and hosts none of that name); `Err(reason)` refuses it before any memory
+/// is allocated. A session it admits always ends in an [`Incoming`] with
+/// that id, so whatever the admission recorded can be settled by it.
+pub type AdmitFn = Arc<dyn Fn(u64, &SessionSetup) -> Result<(), String> + Send + Sync>;
 
 /// Told at GO, the moment a guest runs (or waits paused) here: its session's
-/// label, the guest, and whether it was resumed. The session's report
+/// id and label, the guest, and whether it was resumed. The session's report
 /// follows when the session ends.
-pub type OnGoFn = Arc<dyn Fn(Option<&SessionLabel>, &Arc<dyn MigratableGuest>, bool) + Send + Sync>;
+pub type OnGoFn =
+    Arc<dyn Fn(u64, Option<&SessionLabel>, &Arc<dyn MigratableGuest>, bool) + Send + Sync>;
 
 /// Whom a receiver without a key takes sessions from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,8 +91,11 @@ pub struct ReceiverConfig {
     pub handshake_timeout: Duration,
     /// Sessions received at once; more are refused at NEGOTIATE. Default: 16.
     pub max_sessions: usize,
-    /// Connections that have not yet sent their first frame; more are
-    /// closed at once (slowloris). Default: 64.
+    /// Connections whose peer has not proved the key yet (in TLS, their
+    /// first frame or the session handshake). When all are taken, a new
+    /// connection evicts the oldest of the peer address holding the most,
+    /// so a flood of silent connections cannot lock sources out. Memory:
+    /// each holds at most a 4 KiB buffer and an 8 KiB frame. Default: 256.
     pub max_pending: usize,
     /// Frame and batch memory a session's channels may hold at once
     /// (channels × [`CHANNEL_MEMORY`]); a session that could hold more is
@@ -136,7 +143,7 @@ impl Default for ReceiverConfig {
             fault: None,
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 16,
-            max_pending: 64,
+            max_pending: 256,
             max_inflight_bytes: 64 * CHANNEL_MEMORY,
             tls: None,
             resume_check: None,
@@ -153,8 +160,18 @@ pub struct Incoming {
     pub guest: Option<Arc<dyn MigratableGuest>>,
     /// Its memory (also when the session failed after allocating it).
     pub memory: Option<Arc<GuestMemory>>,
-    /// Who the session was for, as its setup said (agents' migrations).
+    /// Who the session was for, as its setup said (agents' migrations);
+    /// kept only once the session was proved and admitted.
     pub label: Option<SessionLabel>,
+    /// The session's id (0 when it was refused before it had one).
+    pub session_id: u64,
+    /// Whether the session was admitted: a migration that ran here,
+    /// completed or failed. `false`: its proved peer was refused in the
+    /// handshake (too large, at the session limit, not admitted).
+    pub admitted: bool,
+    /// The session's slot, held until this report is handed to the
+    /// receiver's owner, so a session counts as under way until then.
+    pub(super) slot: Option<super::accept::Slot>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -165,28 +182,31 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
-struct Bind {
-    channel: u16,
-    reader: FrameReader,
-    writer: FrameWriter,
+pub(super) struct Bind {
+    pub(super) channel: u16,
+    pub(super) reader: FrameReader,
+    pub(super) writer: FrameWriter,
     /// The destination's proof for the CHANNEL_BIND_RESPONSE.
-    proof: [u8; 32],
+    pub(super) proof: [u8; 32],
 }
 
-struct SessionEntry {
-    secret: BindSecret,
-    channels: u16,
+pub(super) struct SessionEntry {
+    pub(super) secret: BindSecret,
+    pub(super) channels: u16,
     /// Bind nonces already used: each proves one bind only.
-    nonces: std::collections::HashSet<[u8; 16]>,
-    tx: mpsc::UnboundedSender<Bind>,
+    pub(super) nonces: std::collections::HashSet<[u8; 16]>,
+    pub(super) tx: mpsc::UnboundedSender<Bind>,
 }
 
-type Sessions = Arc<Mutex<HashMap<u64, SessionEntry>>>;
+pub(super) type Sessions = Arc<Mutex<HashMap<u64, SessionEntry>>>;
 
 /// Listens for migrations.
 pub struct Receiver {
     listener: TcpListener,
     config: ReceiverConfig,
+    stats: Arc<ReceiverStats>,
+    /// Sessions proved and holding a slot now.
+    session_count: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Receiver {
@@ -195,6 +215,8 @@ impl Receiver {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             config,
+            stats: Arc::default(),
+            session_count: Arc::default(),
         })
     }
 
@@ -203,47 +225,27 @@ impl Receiver {
         self.listener.local_addr()
     }
 
-    /// Accepts sessions until `ctx.cancel` fires, sending each finished one to
-    /// `done`. Sessions run concurrently.
-    pub async fn serve(self, ctx: RunContext, done: mpsc::UnboundedSender<Incoming>) {
-        let sessions: Sessions = Arc::default();
-        let counts = Arc::new(Counts::default());
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = ctx.cancel.cancelled() => return,
-                a = self.listener.accept() => a,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let at = Instant::now();
-            let Some(pending) = Slot::take(&counts.pending, self.config.max_pending) else {
-                tracing::warn!(%peer, limit = self.config.max_pending, "too many connections without a first frame; closing this one");
-                continue;
-            };
-            let sessions = sessions.clone();
-            let ctx = ctx.clone();
-            let done = done.clone();
-            let config = self.config.clone();
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                if let Some(incoming) =
-                    handle_connection(stream, peer, at, sessions, config, ctx, pending, counts)
-                        .await
-                {
-                    let _ = done.send(incoming);
-                }
-            });
-        }
+    /// Its counters of refused connections and sessions.
+    pub fn stats(&self) -> Arc<ReceiverStats> {
+        self.stats.clone()
     }
 
-    /// Serves until the first session ends and returns it.
+    /// Accepts sessions until `ctx.cancel` fires, sending each finished one
+    /// whose peer proved the key to `done`. Sessions run concurrently.
+    pub async fn serve(self, ctx: RunContext, done: mpsc::UnboundedSender<Incoming>) {
+        let rx = Arc::new(super::accept::Shared {
+            handshakes: Handshakes::new(self.config.max_pending),
+            config: self.config,
+            sessions: Arc::default(),
+            session_count: self.session_count,
+            stats: self.stats,
+        });
+        super::accept::serve(self.listener, rx, ctx, done).await
+    }
+
+    /// Serves until one migration ends (a session admitted here, completed
+    /// or failed) and returns it. Sessions refused before their admission do
+    /// not count.
     pub async fn receive_one(self, ctx: RunContext) -> Option<Incoming> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let stop = ctx.cancel.child_token();
@@ -251,218 +253,44 @@ impl Receiver {
             cancel: stop.clone(),
             ..ctx.clone()
         };
+        let in_flight = self.session_count.clone();
         let server = tokio::spawn(self.serve(serve_ctx, tx));
-        let got = tokio::select! {
-            r = rx.recv() => r,
-            _ = ctx.cancel.cancelled() => None,
+        let got = loop {
+            tokio::select! {
+                biased;
+                r = rx.recv() => match r {
+                    Some(i) if !i.admitted => continue,
+                    other => break other,
+                },
+                _ = ctx.cancel.cancelled() => {
+                    // Sessions under way end cancelled at once: report theirs.
+                    let wait = async {
+                        loop {
+                            // A session hands its report over, then frees its
+                            // slot: with none under way, every report is here.
+                            let none_left = in_flight.load(Ordering::Acquire) == 0;
+                            while let Ok(i) = rx.try_recv() {
+                                if i.admitted {
+                                    return Some(i);
+                                }
+                            }
+                            if none_left {
+                                return None;
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    };
+                    break tokio::time::timeout(Duration::from_secs(2), wait)
+                        .await
+                        .ok()
+                        .flatten();
+                }
+            }
         };
         stop.cancel();
         let _ = server.await;
         got
     }
-}
-
-/// Connections in their handshake and sessions under way, against the limits.
-#[derive(Default)]
-struct Counts {
-    pending: Arc<std::sync::atomic::AtomicUsize>,
-    sessions: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// One unit of a counted limit, given back on drop.
-struct Slot(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Slot {
-    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(count.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn handle_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    at: Instant,
-    sessions: Sessions,
-    config: ReceiverConfig,
-    ctx: RunContext,
-    pending: Slot,
-    counts: Arc<Counts>,
-) -> Option<Incoming> {
-    let _ = stream.set_nodelay(true);
-    let rx_bytes = Arc::new(AtomicU64::new(0));
-    let handshake = config.handshake_timeout;
-    let (conn, binding) = match &config.tls {
-        None => (Conn::Plain(stream), Vec::new()),
-        Some(tls) => {
-            // A plain ferry source on a TLS receiver: say so in its terms.
-            let mut head = [0u8; 4];
-            if let Ok(Ok(4)) = tokio::time::timeout(handshake, stream.peek(&mut head)).await {
-                if u32::from_le_bytes(head) == crate::wire::MAGIC {
-                    let (r, w) = stream.into_split();
-                    drop(r);
-                    let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::default());
-                    let e = MigrationError::Incompatible(
-                        "this receiver takes TLS only: start the source with --tls".into(),
-                    );
-                    tracing::warn!(%peer, error = %e, "rejected connection");
-                    reject(&mut writer, &e).await;
-                    return None;
-                }
-            }
-            match tokio::time::timeout(handshake, tls.accept(stream)).await {
-                Ok(Ok((s, b))) => (Conn::Tls(Box::new(s)), b.to_vec()),
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "rejected connection");
-                    return None;
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, "no TLS handshake within {handshake:?}; closing");
-                    return None;
-                }
-            }
-        }
-    };
-    let (mut reader, mut writer) = conn.split(0, rx_bytes.clone(), Vec::new(), Arc::default());
-    let first = match tokio::time::timeout(handshake, reader.read_frame()).await {
-        Ok(Ok(Some(f))) => f,
-        Ok(Ok(None)) => return None,
-        Ok(Err(e)) => {
-            // A TLS client hello where a frame should start.
-            let e = match e {
-                MigrationError::Decode(crate::wire::DecodeError::BadMagic { found })
-                    if found & 0xffff == 0x0316 =>
-                {
-                    MigrationError::Incompatible(
-                        "the source speaks TLS: this receiver runs without --tls".into(),
-                    )
-                }
-                e => e,
-            };
-            tracing::warn!(%peer, error = %e, "rejected connection");
-            reject(&mut writer, &e).await;
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!(%peer, "no frame within the handshake timeout of {handshake:?}; closing");
-            return None;
-        }
-    };
-    match Message::decode(&first.header, first.payload.clone(), Limits::BEFORE_SETUP) {
-        Ok(Message::Negotiate(n)) => {
-            drop(pending);
-            let Some(slot) = Slot::take(&counts.sessions, config.max_sessions) else {
-                let e = MigrationError::Resources(format!(
-                    "this receiver is at its limit of {} sessions at once",
-                    config.max_sessions
-                ));
-                tracing::warn!(%peer, error = %e, "refused a session");
-                reject(&mut writer, &e).await;
-                return None;
-            };
-            let _slot = slot;
-            let session = Session::new(config, ctx, sessions, rx_bytes);
-            Some(session.run(at, peer, reader, writer, n, binding).await)
-        }
-        Ok(Message::ChannelBind(b)) => {
-            let h = first.header;
-            let bind = super::auth::Bind {
-                session_id: h.session_id,
-                channel: h.channel,
-                nonce: &b.nonce,
-                binding: &binding,
-            };
-            // A bind joins a live session as one of its channels, proves the
-            // session's secret over a nonce never used before in it, and may
-            // replace a channel that failed (the same number again).
-            let routed = {
-                let mut map = sessions.lock().unwrap();
-                match map.get_mut(&h.session_id) {
-                    None => Err(MigrationError::Protocol(format!(
-                        "bind of channel {} to unknown session {:016x}",
-                        h.channel, h.session_id
-                    ))),
-                    Some(s) if h.channel >= s.channels => Err(MigrationError::Protocol(format!(
-                        "bind of channel {} to session {:016x} of {} channels",
-                        h.channel, h.session_id, s.channels
-                    ))),
-                    Some(s) if !s.secret.verify_bind(&bind, &b.proof) => {
-                        Err(MigrationError::Unauthenticated(format!(
-                            "bind of channel {} to session {:016x} with a wrong proof",
-                            h.channel, h.session_id
-                        )))
-                    }
-                    Some(s) if s.nonces.contains(&b.nonce) => {
-                        Err(MigrationError::Unauthenticated(format!(
-                            "bind of channel {} to session {:016x} replays a used nonce",
-                            h.channel, h.session_id
-                        )))
-                    }
-                    Some(s) => Ok((
-                        s.nonces.insert(b.nonce),
-                        s.tx.clone(),
-                        s.secret.bound_proof(&bind),
-                    )),
-                }
-            };
-            match routed {
-                Ok((_, tx, proof)) => {
-                    reader.set_channel(h.channel);
-                    writer.set_channel(h.channel);
-                    let _ = tx.send(Bind {
-                        channel: h.channel,
-                        reader,
-                        writer,
-                        proof,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "rejected channel bind");
-                    reject(&mut writer, &e).await;
-                }
-            }
-            None
-        }
-        Ok(m) => {
-            let e = MigrationError::Protocol(format!(
-                "first frame is {:?}, not NEGOTIATE or CHANNEL_BIND",
-                m.command()
-            ));
-            tracing::warn!(%peer, error = %e, "rejected connection");
-            reject(&mut writer, &e).await;
-            None
-        }
-        Err(e) => {
-            let e = MigrationError::from(e);
-            tracing::warn!(%peer, error = %e, "rejected connection");
-            reject(&mut writer, &e).await;
-            None
-        }
-    }
-}
-
-async fn reject(writer: &mut FrameWriter, e: &MigrationError) {
-    let msg = Message::Abort(Abort {
-        code: e.abort_code(),
-        message: e.to_string(),
-    });
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        writer.send(Header::new(Command::Abort), &msg),
-    )
-    .await;
-    writer.shutdown().await;
 }
 
 enum Event {
@@ -899,7 +727,32 @@ struct Tally {
     rebinds: u32,
 }
 
-struct Session {
+impl Tally {
+    /// The figures an admitted session starts with.
+    fn of(a: &Admitted) -> Self {
+        let setup = &a.setup;
+        Self {
+            session_id: a.session_id,
+            memory_bytes: setup.memory_bytes,
+            channels: setup.channels,
+            verify: setup.verify,
+            guest_kind: Some(setup.guest_kind),
+            max_bandwidth: (setup.max_bandwidth > 0).then_some(setup.max_bandwidth),
+            codec: match CodecId::from_u8(setup.codec) {
+                None if setup.codec == crate::codec::SETUP_CODEC_AUTO => "auto".into(),
+                Some(CodecId::Zstd) => format!("zstd:{}", setup.codec_level),
+                Some(CodecId::Lz4) => "lz4".into(),
+                _ => "none".into(),
+            },
+            // Kept only now that the session is proved and admitted.
+            label: setup.label.clone(),
+            authenticated: a.proved_key,
+            ..Self::default()
+        }
+    }
+}
+
+pub(super) struct Session {
     config: ReceiverConfig,
     ctx: RunContext,
     sessions: Sessions,
@@ -908,8 +761,18 @@ struct Session {
     binding: Vec<u8>,
 }
 
+/// What a session leaves for its report.
+struct Ending {
+    slot: Option<super::accept::Slot>,
+    tally: Tally,
+    shared: Option<Arc<Shared>>,
+    guest: Option<Arc<dyn MigratableGuest>>,
+    result: Result<(), MigrationError>,
+    admitted: bool,
+}
+
 impl Session {
-    fn new(
+    pub(super) fn new(
         config: ReceiverConfig,
         ctx: RunContext,
         sessions: Sessions,
@@ -924,17 +787,20 @@ impl Session {
         }
     }
 
-    async fn run(
+    /// Runs an admitted session to its end.
+    pub(super) async fn run(
         mut self,
         at: Instant,
         peer: SocketAddr,
         reader: FrameReader,
         writer: FrameWriter,
-        negotiate: crate::wire::Negotiate,
+        admitted: Admitted,
         binding: Vec<u8>,
     ) -> Incoming {
         self.binding = binding;
-        let mut tally = Tally::default();
+        let mut admitted = admitted;
+        let slot = admitted.slot.take();
+        let mut tally = Tally::of(&admitted);
         let mut shared: Option<Arc<Shared>> = None;
         let mut guest: Option<Arc<dyn MigratableGuest>> = None;
         let cancel = self.ctx.cancel.child_token();
@@ -943,7 +809,7 @@ impl Session {
                 peer,
                 reader,
                 writer,
-                negotiate,
+                admitted,
                 &mut tally,
                 &mut shared,
                 &mut guest,
@@ -953,6 +819,64 @@ impl Session {
             .await;
         cancel.cancel();
         self.sessions.lock().unwrap().remove(&tally.session_id);
+        match &result {
+            Ok(()) => {
+                tracing::info!(%peer, session = format!("{:016x}", tally.session_id), "incoming migration completed")
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "incoming migration failed; copy discarded")
+            }
+        }
+        let ending = Ending {
+            slot,
+            tally,
+            shared,
+            guest,
+            result,
+            admitted: true,
+        };
+        self.finish(at, ending).await
+    }
+
+    /// The report of a session whose proved peer was refused in its
+    /// handshake; `admitted` names it when the admission had taken it.
+    pub(super) async fn refused(
+        mut self,
+        at: Instant,
+        error: MigrationError,
+        admitted: Option<(u64, Option<SessionLabel>)>,
+        memory_bytes: u64,
+        binding: Vec<u8>,
+    ) -> Incoming {
+        self.binding = binding;
+        let (session_id, label) = admitted.clone().unwrap_or_default();
+        let tally = Tally {
+            session_id,
+            label,
+            memory_bytes,
+            authenticated: self.config.key.is_some(),
+            ..Tally::default()
+        };
+        let ending = Ending {
+            slot: None,
+            tally,
+            shared: None,
+            guest: None,
+            result: Err(error),
+            admitted: admitted.is_some(),
+        };
+        self.finish(at, ending).await
+    }
+
+    async fn finish(self, at: Instant, ending: Ending) -> Incoming {
+        let Ending {
+            slot,
+            tally,
+            shared,
+            mut guest,
+            result,
+            admitted,
+        } = ending;
         let total = tally.finished.unwrap_or_else(|| at.elapsed());
         let (outcome, error) = match &result {
             Ok(()) => (Outcome::Completed, None),
@@ -965,18 +889,13 @@ impl Session {
                 message,
             }) => (
                 Outcome::Cancelled,
-                Some(format!("source cancelled: {message}")),
+                Some(format!(
+                    "source cancelled: {}",
+                    crate::wire::escape_text(message)
+                )),
             ),
             Err(e) => (Outcome::Failed, Some(e.to_string())),
         };
-        match &result {
-            Ok(()) => {
-                tracing::info!(%peer, session = format!("{:016x}", tally.session_id), "incoming migration completed")
-            }
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "incoming migration failed; copy discarded")
-            }
-        }
         if outcome != Outcome::Completed {
             // Discard the copy: it must never run.
             guest = None;
@@ -1032,6 +951,7 @@ impl Session {
             saved_to: None,
             round_log: Vec::new(),
             memory_use: MemoryUse::measure(shared.as_ref().map(|s| &*s.memory)),
+            guests_here: None,
         };
         report.finish_derived();
         Incoming {
@@ -1039,49 +959,9 @@ impl Session {
             guest,
             memory: shared.map(|s| s.memory.clone()),
             label: tally.label,
-        }
-    }
-
-    /// Checks the source's proof of the key, or that this receiver may take
-    /// it without one.
-    fn authenticate(
-        &self,
-        peer: SocketAddr,
-        setup: &SessionSetup,
-        handshake: &super::auth::Handshake,
-    ) -> Result<(), MigrationError> {
-        match (&self.config.key, &setup.proof) {
-            (Some(key), Some(_)) => {
-                if super::auth::verify_setup_proof(key, handshake, setup) {
-                    Ok(())
-                } else {
-                    Err(MigrationError::Unauthenticated(
-                        "the source's proof of the key is wrong: it holds another key".into(),
-                    ))
-                }
-            }
-            (Some(_), None) => Err(MigrationError::Unauthenticated(
-                "this receiver requires the shared key and the source proved none (give the source --key)".into(),
-            )),
-            (None, Some(_)) => Err(MigrationError::Unauthenticated(
-                "the source proves a key but this receiver has none to check it (give the receiver --key)".into(),
-            )),
-            (None, None) => match self.config.unauthenticated {
-                Unauthenticated::Anywhere => {
-                    tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
-                    Ok(())
-                }
-                Unauthenticated::Loopback if peer.ip().is_loopback() => {
-                    tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
-                    Ok(())
-                }
-                Unauthenticated::Loopback => Err(MigrationError::Unauthenticated(format!(
-                    "unauthenticated session from {peer} refused: without --key this receiver takes loopback peers only (or --insecure)"
-                ))),
-                Unauthenticated::Refuse => Err(MigrationError::Unauthenticated(
-                    "this receiver takes authenticated sessions only".into(),
-                )),
-            },
+            session_id: tally.session_id,
+            admitted,
+            slot,
         }
     }
 
@@ -1089,122 +969,39 @@ impl Session {
     async fn drive(
         &self,
         peer: SocketAddr,
-        mut reader: FrameReader,
+        reader: FrameReader,
         mut writer: FrameWriter,
-        negotiate: crate::wire::Negotiate,
+        admitted: Admitted,
         tally: &mut Tally,
         shared_out: &mut Option<Arc<Shared>>,
         guest_out: &mut Option<Arc<dyn MigratableGuest>>,
         cancel: &CancellationToken,
         at: Instant,
     ) -> Result<(), MigrationError> {
-        let mut machine = DestMachine::new(self.config.max_memory).hosting_kvm(kvm_here());
-        let mut response = match machine.handle_negotiate(&negotiate) {
-            Ok(r) => r,
-            Err(e) => {
-                reject(&mut writer, &e).await;
-                return Err(e);
-            }
-        };
-        // A fresh challenge per session: the setup proves the key over it,
-        // so a recorded setup cannot be replayed.
-        response.nonce = random_bytes::<16>();
-        let nonce = response.nonce;
-        let source_nonce = negotiate.nonce;
-        writer
-            .send(
-                Header::new(Command::NegotiateResponse),
-                &Message::NegotiateResponse(response),
-            )
-            .await?;
-        let handshake = self.config.handshake_timeout;
-        let frame = tokio::time::timeout(handshake, reader.read_frame())
-            .await
-            .map_err(|_| MigrationError::Timeout {
-                what: "SESSION_SETUP",
-                after: handshake,
-            })??
-            .ok_or(MigrationError::PeerClosed { channel: 0 })?;
-        let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)? {
-            Message::SessionSetup(s) => s,
-            Message::Abort(a) => {
-                return Err(MigrationError::RemoteAbort {
-                    code: a.code,
-                    message: a.message,
-                })
-            }
-            m => {
-                let e = MigrationError::Protocol(format!(
-                    "expected SESSION_SETUP, got {:?}",
-                    m.command()
-                ));
-                reject(&mut writer, &e).await;
-                return Err(e);
-            }
-        };
-        let limits = match machine.handle_setup(&setup) {
-            Ok(l) => l,
-            Err(e) => {
-                reject(&mut writer, &e).await;
-                return Err(e);
-            }
-        };
-        tally.label = setup.label.clone();
-        let inflight = u64::from(setup.channels) * CHANNEL_MEMORY;
-        if inflight > self.config.max_inflight_bytes {
-            let e = MigrationError::Resources(format!(
-                "{} channels may hold {inflight} bytes of frames in flight, over this receiver's limit of {} bytes",
-                setup.channels, self.config.max_inflight_bytes
-            ));
-            reject(&mut writer, &e).await;
-            return Err(e);
-        }
+        let token = random_bytes::<16>();
+        let secret = super::accept::bind_secret(&self.config, &admitted, &token);
+        let Admitted {
+            machine,
+            setup,
+            limits,
+            memory,
+            session_id,
+            source_nonce,
+            nonce,
+            proved_key: _,
+            slot: _,
+        } = admitted;
+        let key = self.config.key.as_ref();
         let handshake = super::auth::Handshake {
             source_nonce: &source_nonce,
             dest_nonce: &nonce,
             binding: &self.binding,
         };
-        if let Err(e) = self.authenticate(peer, &setup, &handshake) {
-            tracing::warn!(%peer, error = %e, "refused a session");
-            reject(&mut writer, &e).await;
-            return Err(e);
-        }
-        tally.authenticated = self.config.key.is_some();
-        if let Some(admit) = &self.config.admit {
-            if let Err(why) = admit(&setup) {
-                let e = MigrationError::Resources(why);
-                reject(&mut writer, &e).await;
-                return Err(e);
-            }
-        }
-        tally.memory_bytes = setup.memory_bytes;
-        tally.channels = setup.channels;
-        tally.verify = setup.verify;
-        tally.guest_kind = Some(setup.guest_kind);
-        tally.max_bandwidth = (setup.max_bandwidth > 0).then_some(setup.max_bandwidth);
-        tally.codec = match CodecId::from_u8(setup.codec) {
-            None if setup.codec == crate::codec::SETUP_CODEC_AUTO => "auto".into(),
-            Some(CodecId::Zstd) => format!("zstd:{}", setup.codec_level),
-            Some(CodecId::Lz4) => "lz4".into(),
-            _ => "none".into(),
-        };
-        let memory = match GuestMemory::new(setup.memory_bytes) {
-            Ok(m) => Arc::new(m),
-            Err(e) => {
-                let e = MigrationError::Resources(e.to_string());
-                reject(&mut writer, &e).await;
-                return Err(e);
-            }
-        };
-        let session_id = u64::from_le_bytes(random_bytes::<8>()) | 1;
-        let token = random_bytes::<16>();
-        tally.session_id = session_id;
-        let key = self.config.key.as_ref();
         let (bind_tx, mut bind_rx) = mpsc::unbounded_channel();
         self.sessions.lock().unwrap().insert(
             session_id,
             SessionEntry {
-                secret: BindSecret::derive(key, &source_nonce, &nonce, session_id, &token),
+                secret,
                 channels: setup.channels,
                 nonces: Default::default(),
                 tx: bind_tx,
@@ -1471,7 +1268,7 @@ impl Session {
                         tally.downtime = p.elapsed();
                     }
                     if let Some(on_go) = &self.config.on_go {
-                        on_go(tally.label.as_ref(), guest, !leave_paused);
+                        on_go(tally.session_id, tally.label.as_ref(), guest, !leave_paused);
                     }
                     if let Err(e) = sh.fault_at(FaultPoint::AfterGo) {
                         break Err(e);
@@ -1550,7 +1347,7 @@ impl Session {
 }
 
 /// Whether this host runs KVM guests, asked once per process.
-fn kvm_here() -> bool {
+pub(super) fn kvm_here() -> bool {
     static KVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *KVM.get_or_init(|| super::kvm_unavailable().is_none())
 }

@@ -17,7 +17,7 @@ pub enum MigrationError {
     #[error("protocol violation: {0}")]
     Protocol(String),
     /// The peer aborted the migration.
-    #[error("peer aborted ({code:?}): {message}")]
+    #[error("peer aborted ({code:?}): {}", crate::wire::escape_text(message))]
     RemoteAbort {
         /// The peer's reason code.
         code: AbortCode,

@@ -88,18 +88,12 @@ pub fn migrate_locally(
         stop_dest.cancel();
     }
     let incoming = dest_rt.block_on(async {
+        // A session the source never saw set up was refused before its
+        // admission (or never connected): the receiver reports nothing of it.
         let wait = if session_started {
             std::time::Duration::from_secs(30)
-        } else if report
-            .error
-            .as_deref()
-            .is_some_and(|e| e.starts_with("bad configuration"))
-        {
-            // It never connected.
-            std::time::Duration::ZERO
         } else {
-            // Refused during setup: the receiver reports it at once.
-            std::time::Duration::from_secs(2)
+            std::time::Duration::ZERO
         };
         match tokio::time::timeout(wait, incoming).await {
             Ok(joined) => joined.ok().flatten(),

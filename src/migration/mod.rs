@@ -11,11 +11,15 @@ mod report;
 pub mod saved;
 
 #[cfg(feature = "net")]
+mod accept;
+#[cfg(feature = "net")]
 pub mod auth;
 #[cfg(feature = "net")]
 mod dest;
 #[cfg(feature = "net")]
 pub mod fault;
+#[cfg(feature = "net")]
+mod gate;
 #[cfg(feature = "net")]
 mod local;
 #[cfg(feature = "net")]
@@ -29,10 +33,12 @@ pub use config::{
 };
 pub use error::MigrationError;
 pub use guest::{kvm_unavailable, restore_guest, start_guest, MigratableGuest};
-pub use report::{CpuMs, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};
+pub use report::{CpuMs, GuestsHere, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};
 
 #[cfg(feature = "net")]
 pub use dest::{AdmitFn, Incoming, Receiver, ReceiverConfig, Unauthenticated, CHANNEL_MEMORY};
+#[cfg(feature = "net")]
+pub use gate::{ReceiverStats, Refusal};
 #[cfg(feature = "net")]
 pub use local::{migrate_locally, migrate_over_loopback, LocalPath};
 #[cfg(feature = "net")]

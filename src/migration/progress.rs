@@ -3,7 +3,7 @@
 use super::RoundLog;
 use crate::cpu::CpuMeter;
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +59,15 @@ pub struct Progress {
     pub pages_acked: AtomicU64,
     /// Bytes on the wire, source to destination.
     pub wire_bytes: Arc<AtomicU64>,
+    /// Whether a cancel still keeps the guest on the source: [`OPEN`], a
+    /// cancel asked ([`CANCELLING`]), or GO about to go out ([`COMMITTED`]).
+    /// The first of a cancel and a commit wins.
+    gate: AtomicU8,
 }
+
+const OPEN: u8 = 0;
+const CANCELLING: u8 = 1;
+const COMMITTED: u8 = 2;
 
 impl Progress {
     /// A fresh progress record.
@@ -91,6 +99,25 @@ impl Progress {
         f(&mut self.snap.lock().unwrap());
     }
 
+    /// The source is about to send GO: `true` when no cancel came first (from
+    /// then on cancels are refused and the hand-off finishes), `false` when
+    /// one did.
+    pub(crate) fn commit(&self) -> bool {
+        match self
+            .gate
+            .compare_exchange(OPEN, COMMITTED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now == COMMITTED,
+        }
+    }
+
+    /// Whether GO has gone out (or is going): the guest will run on the
+    /// destination and the migration can no longer be cancelled.
+    pub fn committed(&self) -> bool {
+        self.gate.load(Ordering::Acquire) == COMMITTED
+    }
+
     pub(crate) fn start_round(&self, phase: Phase, round: u32, pages: u64) {
         self.round_base
             .store(self.pages_acked.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -118,4 +145,42 @@ pub struct RunContext {
     /// A bandwidth cap shared with other migrations (a node's), on top of the
     /// migration's own.
     pub shared_bucket: Option<Arc<crate::transport::TokenBucket>>,
+}
+
+impl RunContext {
+    /// Asks the migration to stop with its guest on the source. `true`: it
+    /// will (or has). `false`: GO has gone out, so the hand-off finishes and
+    /// the guest runs on the destination; nothing is cancelled. (Cancelling
+    /// `cancel` directly after GO is ignored the same way.)
+    pub fn request_cancel(&self) -> bool {
+        let gate = &self.progress.gate;
+        match gate.compare_exchange(OPEN, CANCELLING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) | Err(CANCELLING) => {
+                self.cancel.cancel();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_of_a_cancel_and_go_wins() {
+        let ctx = RunContext::default();
+        assert!(ctx.request_cancel());
+        assert!(ctx.cancel.is_cancelled());
+        assert!(!ctx.progress.commit(), "GO after a cancel does not go out");
+        assert!(ctx.request_cancel(), "a second cancel is still a cancel");
+
+        let ctx = RunContext::default();
+        assert!(ctx.progress.commit());
+        assert!(ctx.progress.committed());
+        assert!(!ctx.request_cancel(), "no cancel after GO");
+        assert!(!ctx.cancel.is_cancelled());
+        assert!(ctx.progress.commit(), "committing twice is harmless");
+    }
 }

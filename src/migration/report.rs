@@ -186,6 +186,22 @@ pub struct Report {
     pub round_log: Vec<RoundLog>,
     /// Memory this process holds, read when the report is written.
     pub memory_use: MemoryUse,
+    /// `ferry receive` only: every guest it holds after this session (it
+    /// keeps each one that arrived until it exits). Absent elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guests_here: Option<GuestsHere>,
+}
+
+/// The guests a receiver holds, and the memory they take of its limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GuestsHere {
+    /// Their session ids (hex), in order of arrival.
+    pub sessions: Vec<String>,
+    /// Their memory, bytes.
+    pub memory_bytes: u64,
+    /// The receiver's limit on the memory of the guests it holds and
+    /// receives (`--max-memory`), bytes.
+    pub max_memory_bytes: u64,
 }
 
 /// Resident memory of the process that wrote a report. The figures are the

@@ -946,15 +946,31 @@ async fn handshake_read(
     rd: &mut FrameReader,
     what: &'static str,
 ) -> Result<(Header, Message), MigrationError> {
+    let channel = rd.channel();
+    // A receiver that refuses says why in an ABORT; one that closes or
+    // resets the connection instead is named as such, with the OS's word.
+    let closed = |detail: String| {
+        MigrationError::ChannelLost {
+        channel,
+        why: format!(
+            "the receiver closed the connection instead of sending {what} ({detail}); it gave no reason: its log says why"
+        ),
+    }
+    };
     let frame = tokio::time::timeout(CONNECT_TIMEOUT, rd.read_frame())
         .await
         .map_err(|_| MigrationError::Timeout {
             what,
             after: CONNECT_TIMEOUT,
-        })??
-        .ok_or(MigrationError::PeerClosed {
-            channel: rd.channel(),
-        })?;
+        })?
+        .map_err(|e| match e {
+            MigrationError::Io { context, source } => closed(format!("{context}: {source}")),
+            e @ (MigrationError::PeerClosed { .. } | MigrationError::ChannelLost { .. }) => {
+                closed(e.to_string())
+            }
+            e => e,
+        })?
+        .ok_or_else(|| closed("end of stream".into()))?;
     let msg = Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)?;
     if let Message::Abort(a) = msg {
         return Err(MigrationError::RemoteAbort {
@@ -1090,17 +1106,36 @@ impl Driver {
         Err(self.explain(ev).await)
     }
 
-    /// Waits for a hand-off reply.
+    /// Waits for a hand-off reply; an operator's cancel ends the wait.
     async fn reply(
         &mut self,
         what: &'static str,
         timeout: Duration,
     ) -> Result<Message, MigrationError> {
+        self.await_reply(what, timeout, true).await
+    }
+
+    /// Waits for the answer to GO: no cancel ends this wait (the guest is
+    /// the destination's from GO on), only the answer or the timeout.
+    async fn reply_committed(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Message, MigrationError> {
+        self.await_reply(what, timeout, false).await
+    }
+
+    async fn await_reply(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+        cancellable: bool,
+    ) -> Result<Message, MigrationError> {
         let until = tokio::time::Instant::now() + timeout;
         loop {
             let ev = tokio::select! {
                 biased;
-                _ = self.sh.ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = self.sh.ctx.cancel.cancelled(), if cancellable => return Err(MigrationError::Cancelled),
                 ev = self.events.recv() => ev,
                 _ = tokio::time::sleep_until(until) => return Err(MigrationError::Timeout { what, after: timeout }),
             };
@@ -1221,6 +1256,7 @@ pub async fn migrate(
         saved_to: None,
         round_log: std::mem::take(&mut tally.round_log),
         memory_use: MemoryUse::measure(Some(guest.memory())),
+        guests_here: None,
     };
     report.finish_derived();
     report
@@ -1641,10 +1677,18 @@ async fn precopy_and_handoff(
             )))
         }
     }
+    // A cancel that came first keeps the guest here; once committed, cancels
+    // are refused and the hand-off finishes.
+    if ctx.cancel.is_cancelled() || !ctx.progress.commit() {
+        return Err(MigrationError::Cancelled);
+    }
     // From here on the source never resumes the guest.
     tally.go_sent = true;
     d.sh.send_control(&Message::Go).await?;
-    match d.reply("COMPLETE", config.handoff_timeout).await? {
+    match d
+        .reply_committed("COMPLETE", config.handoff_timeout)
+        .await?
+    {
         Message::Complete(c) => {
             tally.downtime = paused_at.elapsed();
             tally.destination_cpu_ms = Some(c.destination_cpu_ms as f64);

@@ -147,6 +147,16 @@ impl tokio::io::AsyncWrite for WriteSide {
     }
 }
 
+/// The largest payload a peer may send before it has proved the key: the
+/// handshake's messages (a labelled, proven setup is under 1 KiB; an abort's
+/// text at most 4 KiB) and no more, so an unproven connection never makes the
+/// reader reserve more than this.
+pub const HANDSHAKE_MAX_PAYLOAD: u32 = 8 << 10;
+
+/// Read buffer of a connection before its peer is proved, and after.
+const HANDSHAKE_BUFFER: usize = 4 << 10;
+const SESSION_BUFFER: usize = 64 << 10;
+
 /// Reads whole, CRC-checked frames from a channel.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -154,6 +164,8 @@ pub struct FrameReader {
     channel: u16,
     bytes: Arc<AtomicU64>,
     buf: BytesMut,
+    /// Payloads above this are refused from the header alone.
+    max_payload: u32,
 }
 
 impl FrameReader {
@@ -162,13 +174,36 @@ impl FrameReader {
         Self::with(ReadSide::Plain(rd), channel, bytes)
     }
 
+    /// A reader for a connection whose peer has not proved anything yet:
+    /// payloads of at most [`HANDSHAKE_MAX_PAYLOAD`] and a small buffer,
+    /// until [`FrameReader::open_up`].
     fn with(rd: ReadSide, channel: u16, bytes: Arc<AtomicU64>) -> Self {
         Self {
-            rd: BufReader::with_capacity(64 << 10, rd),
+            rd: BufReader::with_capacity(HANDSHAKE_BUFFER, rd),
             channel,
             bytes,
             buf: BytesMut::new(),
+            max_payload: HANDSHAKE_MAX_PAYLOAD,
         }
+    }
+
+    /// The peer proved the key: take frames up to [`MAX_FRAME_LEN`] and read
+    /// through a larger buffer.
+    ///
+    /// [`MAX_FRAME_LEN`]: crate::wire::MAX_FRAME_LEN
+    #[must_use]
+    pub fn open_up(mut self) -> Self {
+        if self.max_payload < crate::wire::MAX_FRAME_LEN && self.rd.buffer().is_empty() {
+            // Nothing buffered is lost by swapping the buffer.
+            self.rd = BufReader::with_capacity(SESSION_BUFFER, self.rd.into_inner());
+        }
+        self.max_payload = crate::wire::MAX_FRAME_LEN;
+        self
+    }
+
+    /// The largest payload this reader takes now.
+    pub fn max_payload(&self) -> u32 {
+        self.max_payload
     }
 
     /// The channel number.
@@ -318,6 +353,13 @@ impl FrameReader {
             got += n;
         }
         let (header, crc) = Header::parse(&raw)?;
+        if header.payload_len > self.max_payload {
+            return Err(crate::wire::DecodeError::FrameTooLong {
+                len: header.payload_len,
+                max: self.max_payload,
+            }
+            .into());
+        }
         Ok(Some((raw, header, crc)))
     }
 

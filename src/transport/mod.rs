@@ -8,7 +8,7 @@ pub mod netns;
 pub mod tls;
 
 pub use bucket::TokenBucket;
-pub use channel::{Conn, FrameReader, FrameWriter, Received};
+pub use channel::{Conn, FrameReader, FrameWriter, Received, HANDSHAKE_MAX_PAYLOAD};
 
 use crate::cpu::CpuMeter;
 

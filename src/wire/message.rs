@@ -148,8 +148,9 @@ pub const MAX_LABEL_LEN: usize = 255;
 
 /// Who a session is for, when agents migrate: the VM's name, the migration's
 /// id and the source node, so the destination agent can host the VM under its
-/// name and list the migration. Each is UTF-8, at most [`MAX_LABEL_LEN`]
-/// bytes, sent as a length byte and the bytes.
+/// name and list the migration. Each is 1 to [`MAX_LABEL_LEN`] letters,
+/// digits, '-', '_' or '.' (as names in the cluster file), sent as a length
+/// byte and the bytes; anything else is refused at decoding.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SessionLabel {
     /// The VM's name.
@@ -557,11 +558,20 @@ impl Message {
                 };
                 let SessionSetup { flags, .. } = setup;
                 if flags & SETUP_LABELLED != 0 {
+                    // Names as the cluster file allows them: letters, digits,
+                    // '-', '_', '.'; nothing a log line or terminal would
+                    // take as markup.
                     let mut text = |field: &'static str| -> Result<String, DecodeError> {
                         let len = r.u8(field)?;
                         let bytes = r.bytes(len.into(), field)?;
-                        String::from_utf8(bytes.to_vec())
-                            .map_err(|_| DecodeError::Invalid { field })
+                        if bytes.is_empty()
+                            || !bytes
+                                .iter()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+                        {
+                            return Err(DecodeError::Invalid { field });
+                        }
+                        Ok(String::from_utf8(bytes.to_vec()).expect("checked ASCII"))
                     };
                     setup.label = Some(SessionLabel {
                         vm: text("setup.label.vm")?,
@@ -765,7 +775,7 @@ mod tests {
                 label: Some(SessionLabel {
                     vm: "web-1".into(),
                     migration_id: "m-0042".into(),
-                    source_node: "nöde-a".into(),
+                    source_node: "node-a.example".into(),
                 }),
                 proof: Some([9; 32]),
             }),
@@ -821,6 +831,42 @@ mod tests {
     fn frame_of(m: &Message) -> Vec<u8> {
         let payload = m.encode_payload();
         encode_frame(&Header::new(m.command()), &payload)
+    }
+
+    #[test]
+    fn a_label_outside_the_name_alphabet_is_refused_naming_its_field() {
+        for (vm, node, field) in [
+            ("web\n1", "a", "setup.label.vm"),
+            ("web-1", "\x1b[2Jnode", "setup.label.source_node"),
+            ("", "a", "setup.label.vm"),
+            ("web 1", "a", "setup.label.vm"),
+            ("wéb", "a", "setup.label.vm"),
+        ] {
+            let m = Message::SessionSetup(SessionSetup {
+                memory_bytes: 1 << 20,
+                channels: 1,
+                codec: 1,
+                codec_level: 0,
+                guest_kind: GuestKind::Sim,
+                verify: VerifyMode::Fast,
+                max_bandwidth: 0,
+                flags: 0,
+                label: Some(SessionLabel {
+                    vm: vm.into(),
+                    migration_id: "m-1".into(),
+                    source_node: node.into(),
+                }),
+                proof: None,
+            });
+            let bytes = frame_of(&m);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let f = FrameDecoder::new().decode(&mut buf).unwrap().unwrap();
+            assert_eq!(
+                Message::decode(&f.header, f.payload, Limits::BEFORE_SETUP),
+                Err(DecodeError::Invalid { field }),
+                "{vm:?} {node:?}"
+            );
+        }
     }
 
     #[test]

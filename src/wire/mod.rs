@@ -221,6 +221,26 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A peer's text (an abort's reason) made safe to print: control characters
+/// (newlines, escape sequences) are written escaped, so a peer cannot forge
+/// log lines or drive a terminal.
+pub fn escape_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// Limits the receiver applies to what a peer sends, known after setup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

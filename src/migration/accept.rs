@@ -1,0 +1,597 @@
+//! A receiver's connections up to their proof: TLS, the first frame, the
+//! session handshake (negotiate, setup, the key's proof, the session slot,
+//! admission) and channel binds. Nothing here is kept for a peer that has not
+//! proved the key: no session slot, no record, no label, no report, and no
+//! frame larger than the handshake needs ([`HANDSHAKE_MAX_PAYLOAD`]).
+//!
+//! [`HANDSHAKE_MAX_PAYLOAD`]: crate::transport::HANDSHAKE_MAX_PAYLOAD
+
+use super::auth::{random_bytes, BindSecret};
+use super::dest::{Bind, ReceiverConfig, Session, SessionEntry, Sessions, Unauthenticated};
+use super::dest_state::DestMachine;
+use super::gate::{Handshakes, ReceiverStats, Refusal, Ticket};
+use super::progress::RunContext;
+use super::{Incoming, MigrationError};
+use crate::memory::GuestMemory;
+use crate::transport::{Conn, FrameReader, FrameWriter};
+use crate::wire::{Abort, Command, Header, Limits, Message, Negotiate, SessionLabel, SessionSetup};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// What every connection of one receiver shares.
+pub(super) struct Shared {
+    pub(super) config: ReceiverConfig,
+    pub(super) sessions: Sessions,
+    pub(super) session_count: Arc<AtomicUsize>,
+    pub(super) handshakes: Arc<Handshakes>,
+    pub(super) stats: Arc<ReceiverStats>,
+}
+
+/// One unit of a counted limit, given back on drop.
+pub(super) struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A session past its proof and admission.
+pub(super) struct Admitted {
+    pub(super) machine: DestMachine,
+    pub(super) setup: SessionSetup,
+    pub(super) limits: Limits,
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) session_id: u64,
+    pub(super) source_nonce: [u8; 16],
+    pub(super) nonce: [u8; 16],
+    /// Whether its peer proved the key (rather than being taken without one).
+    pub(super) proved_key: bool,
+    /// Its place among the receiver's sessions (taken by the session to
+    /// hold until its report is handed over).
+    pub(super) slot: Option<Slot>,
+}
+
+/// A session refused during its handshake.
+pub(super) struct Refused {
+    pub(super) error: MigrationError,
+    /// What to count it as (`None`: the source gave up itself).
+    why: Option<Refusal>,
+    /// Whether its peer proved the key: only then is it reported.
+    proved: bool,
+    /// Its id and label, once the admission took it: the admitter must hear
+    /// that it ended.
+    admitted: Option<(u64, Option<SessionLabel>)>,
+    /// The guest's size, for the report.
+    memory_bytes: u64,
+}
+
+impl Refused {
+    fn before_proof(error: MigrationError, why: Refusal) -> Self {
+        Self {
+            error,
+            why: Some(why),
+            proved: false,
+            admitted: None,
+            memory_bytes: 0,
+        }
+    }
+
+    fn after_proof(error: MigrationError, why: Refusal, setup: &SessionSetup) -> Self {
+        Self {
+            error,
+            why: Some(why),
+            proved: true,
+            admitted: None,
+            memory_bytes: setup.memory_bytes,
+        }
+    }
+}
+
+/// Why a handshake was cut short from outside.
+enum Cut {
+    Evicted,
+    Timeout,
+}
+
+/// Runs `f` until the connection is evicted or its handshake time is up.
+async fn within<T>(
+    ticket: &Ticket,
+    deadline: tokio::time::Instant,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, Cut> {
+    tokio::select! {
+        biased;
+        _ = ticket.evicted.cancelled() => Err(Cut::Evicted),
+        r = tokio::time::timeout_at(deadline, f) => r.map_err(|_| Cut::Timeout),
+    }
+}
+
+/// Sends an ABORT saying why, then closes.
+pub(super) async fn reject(writer: &mut FrameWriter, e: &MigrationError) {
+    let msg = Message::Abort(Abort {
+        code: e.abort_code(),
+        message: e.to_string(),
+    });
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        writer.send(Header::new(Command::Abort), &msg),
+    )
+    .await;
+    writer.shutdown().await;
+}
+
+impl Shared {
+    /// Counts, logs and answers a refusal.
+    async fn refuse(
+        &self,
+        peer: SocketAddr,
+        writer: Option<&mut FrameWriter>,
+        why: Refusal,
+        e: &MigrationError,
+    ) {
+        self.stats.count(why);
+        tracing::warn!(%peer, reason = why.name(), error = %e, "refused a connection");
+        if let Some(w) = writer {
+            reject(w, e).await;
+        }
+    }
+
+    fn cut_error(&self, cut: Cut) -> (Refusal, MigrationError) {
+        match cut {
+            Cut::Evicted => (
+                Refusal::Evicted,
+                MigrationError::Resources(format!(
+                    "this receiver holds its limit of {} connections that have not proved the key, and closed this one, its peer address's oldest, for a newer one: try again",
+                    self.config.max_pending
+                )),
+            ),
+            Cut::Timeout => (
+                Refusal::Timeout,
+                MigrationError::Timeout {
+                    what: "the handshake (the receiver's handshake timeout)",
+                    after: self.config.handshake_timeout,
+                },
+            ),
+        }
+    }
+}
+
+/// Serves one accepted connection: its handshake, then its session or its
+/// channel bind. Returns the session's end for the receiver's owner: only
+/// for sessions whose peer proved the key.
+pub(super) async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    at: Instant,
+    rx: Arc<Shared>,
+    ctx: RunContext,
+    ticket: Ticket,
+) -> Option<Incoming> {
+    let _ = stream.set_nodelay(true);
+    let deadline = tokio::time::Instant::from_std(at + rx.config.handshake_timeout);
+    let rx_bytes = Arc::new(AtomicU64::new(0));
+    let (conn, binding) = match within(&ticket, deadline, accept_conn(stream, peer, &rx)).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return None,
+        Err(cut) => {
+            let (why, e) = rx.cut_error(cut);
+            rx.refuse(peer, None, why, &e).await;
+            return None;
+        }
+    };
+    let (mut reader, mut writer) = conn.split(0, rx_bytes.clone(), Vec::new(), Arc::default());
+    let first = match within(&ticket, deadline, reader.read_frame()).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            let e = name_tls_hello(e);
+            rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
+                .await;
+            return None;
+        }
+        Err(cut) => {
+            let (why, e) = rx.cut_error(cut);
+            rx.refuse(peer, Some(&mut writer), why, &e).await;
+            return None;
+        }
+    };
+    match Message::decode(&first.header, first.payload.clone(), Limits::BEFORE_SETUP) {
+        Ok(Message::Negotiate(n)) => {
+            let hs = session_handshake(&rx, peer, &mut reader, &mut writer, &n, &binding);
+            let refused = match within(&ticket, deadline, hs).await {
+                Ok(Ok(admitted)) => {
+                    drop(ticket);
+                    let session =
+                        Session::new(rx.config.clone(), ctx, rx.sessions.clone(), rx_bytes);
+                    let reader = reader.open_up();
+                    return Some(
+                        session
+                            .run(at, peer, reader, writer, admitted, binding)
+                            .await,
+                    );
+                }
+                Ok(Err(refused)) => refused,
+                Err(cut) => {
+                    let (why, e) = rx.cut_error(cut);
+                    Refused::before_proof(e, why)
+                }
+            };
+            match refused.why {
+                Some(why) => {
+                    rx.refuse(peer, Some(&mut writer), why, &refused.error)
+                        .await
+                }
+                None => {
+                    tracing::info!(%peer, error = %refused.error, "the source gave up during the handshake")
+                }
+            }
+            if !refused.proved {
+                return None;
+            }
+            let session = Session::new(rx.config.clone(), ctx, rx.sessions.clone(), rx_bytes);
+            Some(
+                session
+                    .refused(
+                        at,
+                        refused.error,
+                        refused.admitted,
+                        refused.memory_bytes,
+                        binding,
+                    )
+                    .await,
+            )
+        }
+        Ok(Message::ChannelBind(b)) => {
+            if let Err((why, e, mut writer)) =
+                route_bind(&rx, &first.header, &b, &binding, reader, writer)
+            {
+                rx.refuse(peer, Some(&mut writer), why, &e).await;
+            }
+            None
+        }
+        Ok(m) => {
+            let e = MigrationError::Protocol(format!(
+                "first frame is {:?}, not NEGOTIATE or CHANNEL_BIND",
+                m.command()
+            ));
+            rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
+                .await;
+            None
+        }
+        Err(e) => {
+            let e = MigrationError::from(e);
+            rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
+                .await;
+            None
+        }
+    }
+}
+
+/// A TLS client hello where a frame should start: say so in the source's terms.
+fn name_tls_hello(e: MigrationError) -> MigrationError {
+    match e {
+        MigrationError::Decode(crate::wire::DecodeError::BadMagic { found })
+            if found & 0xffff == 0x0316 =>
+        {
+            MigrationError::Incompatible(
+                "the source speaks TLS: this receiver runs without --tls".into(),
+            )
+        }
+        e => e,
+    }
+}
+
+/// The connection, with TLS when the receiver takes TLS only; `None` when it
+/// was refused (logged and counted here).
+async fn accept_conn(stream: TcpStream, peer: SocketAddr, rx: &Shared) -> Option<(Conn, Vec<u8>)> {
+    let Some(tls) = &rx.config.tls else {
+        return Some((Conn::Plain(stream), Vec::new()));
+    };
+    // A plain ferry source on a TLS receiver: say so in its terms.
+    let mut head = [0u8; 4];
+    if let Ok(4) = stream.peek(&mut head).await {
+        if u32::from_le_bytes(head) == crate::wire::MAGIC {
+            let (r, w) = stream.into_split();
+            drop(r);
+            let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::default());
+            let e = MigrationError::Incompatible(
+                "this receiver takes TLS only: start the source with --tls".into(),
+            );
+            rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
+                .await;
+            return None;
+        }
+    }
+    match tls.accept(stream).await {
+        Ok((s, b)) => Some((Conn::Tls(Box::new(s)), b.to_vec())),
+        Err(e) => {
+            let e = MigrationError::Incompatible(format!("TLS handshake failed: {e}"));
+            rx.refuse(peer, None, Refusal::Malformed, &e).await;
+            None
+        }
+    }
+}
+
+/// A session's handshake on channel 0: NEGOTIATE (given), NEGOTIATE_RESPONSE,
+/// SESSION_SETUP, the key's proof, then (proved) the session slot, the
+/// setup's checks and the admission, and the guest's memory. Everything
+/// after the last read is synchronous, so a cut (eviction, timeout) never
+/// lands between an admission and its report.
+async fn session_handshake(
+    rx: &Shared,
+    peer: SocketAddr,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    negotiate: &Negotiate,
+    binding: &[u8],
+) -> Result<Admitted, Refused> {
+    let config = &rx.config;
+    let mut machine = DestMachine::new(config.max_memory).hosting_kvm(super::dest::kvm_here());
+    let malformed = |e| Refused::before_proof(e, Refusal::Malformed);
+    let mut response = machine.handle_negotiate(negotiate).map_err(malformed)?;
+    // A fresh challenge per session: the setup proves the key over it, so a
+    // recorded setup cannot be replayed.
+    response.nonce = random_bytes::<16>();
+    let nonce = response.nonce;
+    writer
+        .send(
+            Header::new(Command::NegotiateResponse),
+            &Message::NegotiateResponse(response),
+        )
+        .await
+        .map_err(malformed)?;
+    let frame = reader
+        .read_frame()
+        .await
+        .map_err(malformed)?
+        .ok_or_else(|| malformed(MigrationError::PeerClosed { channel: 0 }))?;
+    let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP) {
+        Ok(Message::SessionSetup(s)) => s,
+        Ok(Message::Abort(a)) => {
+            return Err(Refused {
+                why: None,
+                ..Refused::before_proof(
+                    MigrationError::RemoteAbort {
+                        code: a.code,
+                        message: a.message,
+                    },
+                    Refusal::Malformed,
+                )
+            })
+        }
+        Ok(m) => {
+            return Err(malformed(MigrationError::Protocol(format!(
+                "expected SESSION_SETUP, got {:?}",
+                m.command()
+            ))))
+        }
+        Err(e) => return Err(malformed(e.into())),
+    };
+    let handshake = super::auth::Handshake {
+        source_nonce: &negotiate.nonce,
+        dest_nonce: &nonce,
+        binding,
+    };
+    authenticate(config, peer, &setup, &handshake)
+        .map_err(|e| Refused::before_proof(e, Refusal::Unauthenticated))?;
+    // Proved: from here on the session may hold a slot and be reported.
+    let slot = Slot::take(&rx.session_count, config.max_sessions).ok_or_else(|| {
+        let e = MigrationError::Resources(format!(
+            "this receiver is at its limit of {} sessions at once",
+            config.max_sessions
+        ));
+        Refused::after_proof(e, Refusal::SessionLimit, &setup)
+    })?;
+    let refused = |e| Refused::after_proof(e, Refusal::Refused, &setup);
+    let limits = machine.handle_setup(&setup).map_err(refused)?;
+    let inflight = u64::from(setup.channels) * super::CHANNEL_MEMORY;
+    if inflight > config.max_inflight_bytes {
+        return Err(refused(MigrationError::Resources(format!(
+            "{} channels may hold {inflight} bytes of frames in flight, over this receiver's limit of {} bytes",
+            setup.channels, config.max_inflight_bytes
+        ))));
+    }
+    let session_id = u64::from_le_bytes(random_bytes::<8>()) | 1;
+    if let Some(admit) = &config.admit {
+        admit(session_id, &setup).map_err(|why| refused(MigrationError::Resources(why)))?;
+    }
+    let memory = GuestMemory::new(setup.memory_bytes).map_err(|e| Refused {
+        admitted: Some((session_id, setup.label.clone())),
+        ..refused(MigrationError::Resources(e.to_string()))
+    })?;
+    Ok(Admitted {
+        machine,
+        limits,
+        memory: Arc::new(memory),
+        session_id,
+        source_nonce: negotiate.nonce,
+        nonce,
+        proved_key: config.key.is_some(),
+        slot: Some(slot),
+        setup,
+    })
+}
+
+/// Checks the source's proof of the key, or that this receiver may take it
+/// without one.
+fn authenticate(
+    config: &ReceiverConfig,
+    peer: SocketAddr,
+    setup: &SessionSetup,
+    handshake: &super::auth::Handshake,
+) -> Result<(), MigrationError> {
+    match (&config.key, &setup.proof) {
+        (Some(key), Some(_)) => {
+            if super::auth::verify_setup_proof(key, handshake, setup) {
+                Ok(())
+            } else {
+                Err(MigrationError::Unauthenticated(
+                    "the source's proof of the key is wrong: it holds another key".into(),
+                ))
+            }
+        }
+        (Some(_), None) => Err(MigrationError::Unauthenticated(
+            "this receiver requires the shared key and the source proved none (give the source --key)".into(),
+        )),
+        (None, Some(_)) => Err(MigrationError::Unauthenticated(
+            "the source proves a key but this receiver has none to check it (give the receiver --key)".into(),
+        )),
+        (None, None) => match config.unauthenticated {
+            Unauthenticated::Anywhere => {
+                tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
+                Ok(())
+            }
+            Unauthenticated::Loopback if peer.ip().is_loopback() => {
+                tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
+                Ok(())
+            }
+            Unauthenticated::Loopback => Err(MigrationError::Unauthenticated(format!(
+                "unauthenticated session from {peer} refused: without --key this receiver takes loopback peers only (or --insecure)"
+            ))),
+            Unauthenticated::Refuse => Err(MigrationError::Unauthenticated(
+                "this receiver takes authenticated sessions only".into(),
+            )),
+        },
+    }
+}
+
+/// A bind joins a live session as one of its channels, proves the session's
+/// secret over a nonce never used before in it, and may replace a channel
+/// that failed (the same number again). Proved, the connection goes to its
+/// session.
+fn route_bind(
+    rx: &Shared,
+    h: &Header,
+    b: &crate::wire::ChannelBind,
+    binding: &[u8],
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
+) -> Result<(), (Refusal, MigrationError, FrameWriter)> {
+    let bind = super::auth::Bind {
+        session_id: h.session_id,
+        channel: h.channel,
+        nonce: &b.nonce,
+        binding,
+    };
+    let mut map = rx.sessions.lock().unwrap();
+    let s: &mut SessionEntry = match map.get_mut(&h.session_id) {
+        None => {
+            return Err((
+                Refusal::BadBind,
+                MigrationError::Protocol(format!(
+                    "bind of channel {} to unknown session {:016x}",
+                    h.channel, h.session_id
+                )),
+                writer,
+            ))
+        }
+        Some(s) => s,
+    };
+    let refuse = |e, writer| Err((Refusal::BadBind, e, writer));
+    if h.channel >= s.channels {
+        return refuse(
+            MigrationError::Protocol(format!(
+                "bind of channel {} to session {:016x} of {} channels",
+                h.channel, h.session_id, s.channels
+            )),
+            writer,
+        );
+    }
+    if !s.secret.verify_bind(&bind, &b.proof) {
+        return refuse(
+            MigrationError::Unauthenticated(format!(
+                "bind of channel {} to session {:016x} with a wrong proof",
+                h.channel, h.session_id
+            )),
+            writer,
+        );
+    }
+    if !s.nonces.insert(b.nonce) {
+        return refuse(
+            MigrationError::Unauthenticated(format!(
+                "bind of channel {} to session {:016x} replays a used nonce",
+                h.channel, h.session_id
+            )),
+            writer,
+        );
+    }
+    let proof = s.secret.bound_proof(&bind);
+    reader.set_channel(h.channel);
+    writer.set_channel(h.channel);
+    let _ = s.tx.send(Bind {
+        channel: h.channel,
+        reader: reader.open_up(),
+        writer,
+        proof,
+    });
+    Ok(())
+}
+
+/// Secrets proving the binds of a new session.
+pub(super) fn bind_secret(
+    config: &ReceiverConfig,
+    admitted: &Admitted,
+    token: &[u8; 16],
+) -> BindSecret {
+    BindSecret::derive(
+        config.key.as_ref(),
+        &admitted.source_nonce,
+        &admitted.nonce,
+        admitted.session_id,
+        token,
+    )
+}
+
+/// Starts serving: one task per accepted connection, each through its
+/// handshake with a ticket from the budget.
+pub(super) async fn serve(
+    listener: tokio::net::TcpListener,
+    rx: Arc<Shared>,
+    ctx: RunContext,
+    done: tokio::sync::mpsc::UnboundedSender<Incoming>,
+) {
+    let cancel: &CancellationToken = &ctx.cancel;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let at = Instant::now();
+        let ticket = rx.handshakes.enter(peer.ip(), at);
+        let rx = rx.clone();
+        let ctx = ctx.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            if let Some(mut incoming) = handle_connection(stream, peer, at, rx, ctx, ticket).await {
+                let slot = incoming.slot.take();
+                let _ = done.send(incoming);
+                drop(slot);
+            }
+        });
+    }
+}

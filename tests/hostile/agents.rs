@@ -1,0 +1,144 @@
+//! Hostile and clumsy peers against live agents: sessions that do not prove
+//! the key, second arrivals of a name, and what their records then say.
+
+use super::common::agents::Agents;
+use super::*;
+use ferry::migration::auth::SessionKey;
+use ferry::wire::SessionLabel;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+/// Migrates a small guest labelled as VM `vm` from `source_node` to the
+/// agent `target`'s data port, proving `key` (agents take TLS).
+fn labelled_migration(
+    a: &Agents,
+    target: &str,
+    vm: &str,
+    source_node: &str,
+    key: Vec<u8>,
+) -> ferry::migration::Report {
+    let g = common::guest(4 << 20, FillSpec::default(), WorkloadPattern::Idle, 0);
+    let config = MigrationConfig {
+        label: Some(SessionLabel {
+            vm: vm.into(),
+            migration_id: "impostor-1".into(),
+            source_node: source_node.into(),
+        }),
+        session_key: Some(SessionKey(key)),
+        tls: Some(ferry::transport::tls::TlsClient::bound_to_key()),
+        channels: 1,
+        ..MigrationConfig::default()
+    };
+    let addr = a.agent(target).data_addr.to_string();
+    a.rt.block_on(ferry::migration::migrate(
+        g,
+        &addr,
+        &config,
+        &RunContext::default(),
+    ))
+}
+
+/// Starts moving VM `vm` (64 MiB, busy) from `from` to `to` at 16 MB/s, so it
+/// takes about four seconds; returns the migration's id.
+fn slow_migration(a: &Agents, from: &str, vm: &str, to: &str) -> String {
+    let (s, v) = a.call(
+        Method::POST,
+        from,
+        "/v1/vms",
+        Some(json!({"name": vm, "memory": "64MiB", "fill": "random", "workload": "hot:8MiB", "dirty_rate": "4MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, m) = a.call(
+        Method::POST,
+        from,
+        "/v1/migrations",
+        Some(json!({"vm": vm, "target": to, "max_bandwidth": "16MB/s", "codec": "none"})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    // Wait until the target lists it as arriving.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = a.call(Method::GET, to, &format!("/v1/vms/{vm}"), None);
+        if s == StatusCode::OK && v["state"] == "migrating-in" {
+            return id;
+        }
+        assert!(std::time::Instant::now() < deadline, "never arrived: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM runs on `node` after the migration `id` from `from` completed.
+fn runs_there(a: &Agents, from: &str, id: &str, node: &str, vm: &str) {
+    let m = a.wait(from, id);
+    assert_eq!(m["state"], "completed", "{m}");
+    let (s, v) = a.call(Method::GET, node, &format!("/v1/vms/{vm}"), None);
+    assert_eq!(s, StatusCode::OK, "{vm} is not on {node}: {v}");
+    assert_eq!(v["state"], "running", "{v}");
+    let (s, _) = a.call(Method::GET, from, &format!("/v1/vms/{vm}"), None);
+    assert_eq!(s, StatusCode::NOT_FOUND, "{vm} is still on {from}");
+}
+
+#[test]
+fn an_unauthenticated_labelled_session_cannot_touch_an_arriving_vm() {
+    let _serial = common::serial();
+    let a = Agents::start("hostile-label", &[("a", ""), ("b", ""), ("c", "")]);
+    let id = slow_migration(&a, "a", "web", "c");
+    // Sessions naming the arriving VM, with a wrong key, and with none at
+    // all, while the real one runs: refused, and they change nothing.
+    for key in [b"not-the-cluster-key-000".to_vec(), Vec::new()] {
+        let r = labelled_migration(&a, "c", "web", "b", key);
+        assert_eq!(r.outcome, Outcome::Failed);
+        let error = r.error.unwrap();
+        assert!(error.contains("Unauthenticated"), "{error}");
+    }
+    let (_, v) = a.call(Method::GET, "c", "/v1/vms/web", None);
+    assert_eq!(v["state"], "migrating-in", "{v}");
+    runs_there(&a, "a", &id, "c", "web");
+    // The impostor left no migration record on the target.
+    let (_, list) = a.call(Method::GET, "c", "/v1/migrations", None);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let (_, text) = a.call(Method::GET, "c", "/metrics", None);
+    let text = text.as_str().unwrap().to_string();
+    assert!(
+        text.contains("ferry_sessions_refused_total{reason=\"unauthenticated\"} 2"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_second_arrival_of_the_same_name_is_refused_and_the_first_arrives() {
+    let _serial = common::serial();
+    let a = Agents::start("hostile-twins", &[("a", ""), ("b", ""), ("c", "")]);
+    let id = slow_migration(&a, "a", "web", "c");
+    // Node b has a VM of the same name and sends it to c meanwhile.
+    let (s, v) = a.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "8MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, m) = a.call(
+        Method::POST,
+        "b",
+        "/v1/migrations",
+        Some(json!({"vm": "web", "target": "c"})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    let twin = a.wait("b", m["id"].as_str().unwrap());
+    assert_eq!(twin["state"], "failed", "{twin}");
+    assert!(
+        twin["error"]
+            .as_str()
+            .unwrap()
+            .contains("already hosts a VM named"),
+        "{twin}"
+    );
+    // b's VM runs on at b; a's arrives at c whole.
+    let (_, v) = a.call(Method::GET, "b", "/v1/vms/web", None);
+    assert_eq!(v["state"], "running", "{v}");
+    runs_there(&a, "a", &id, "c", "web");
+    let src = a.agent("c").node.guest("web").unwrap();
+    assert_eq!(src.memory().len_bytes(), 64 << 20);
+}
