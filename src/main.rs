@@ -730,6 +730,13 @@ fn build_guest(
             ));
         }
     }
+    if g.dirty_rate > ferry::memory::MAX_DIRTY_RATE {
+        return Err(usage(format!(
+            "--dirty-rate: {} is out of range (at most {}/s)",
+            g.dirty_rate,
+            Bytes(ferry::memory::MAX_DIRTY_RATE)
+        )));
+    }
     if g.mem.image.is_none() {
         workload_for(g, g.mem.memory.unwrap_or(1 << 30))?;
     }
@@ -1041,7 +1048,9 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         return orchestrate::demo_cluster(c);
     }
     let mut config = a.migrate.config();
-    config.validate().map_err(usage)?;
+    config
+        .validate()
+        .map_err(|e| usage(format!("{}: {}", e.flag(), e.message)))?;
     // Both ends are in this process: they prove a one-off key to each other.
     let key = ferry::migration::auth::SessionKey::random();
     config.session_key = Some(key.clone());
@@ -1088,7 +1097,9 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
 
 fn send(a: SendArgs) -> Result<ExitCode> {
     let mut config = a.migrate.config();
-    config.validate().map_err(usage)?;
+    config
+        .validate()
+        .map_err(|e| usage(format!("{}: {}", e.flag(), e.message)))?;
     config.session_key = a.key.as_deref().map(load_key).transpose()?;
     if a.migrate.tls {
         config.tls = Some(match &a.tls_ca {

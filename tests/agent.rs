@@ -45,7 +45,7 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
     bad("{\"name\": \"x y\", \"memory\": \"64MiB\"}", "name");
     bad(
         "{\"name\": \"x\", \"memory\": \"64MiB\", \"workload\": \"hot:1GiB\"}",
-        "larger",
+        "workload: a hot set of 1073741824 bytes is out of range",
     );
     bad(
         "{\"name\": \"x\", \"memory\": \"64MiB\", \"guest\": \"xen\"}",

@@ -185,6 +185,26 @@ fn bad_flags_and_values_are_one_line_errors_with_status_2() {
         &["demo", "--memory", "4MiB", "--workload", "hot:8MiB"],
         "larger than",
     );
+    // Values that parse but are out of range name their flag.
+    for (flag, value) in [
+        ("--completion-timeout", "4000000000000000h"),
+        ("--completion-timeout", "31d"),
+        ("--peer-timeout", "2h"),
+        ("--progress-timeout", "0s"),
+        ("--downtime-limit", "0ms"),
+        ("--max-bandwidth", "1B/s"),
+        ("--dirty-rate", "100TB/s"),
+    ] {
+        assert_usage_error(&["demo", "--memory", "8MiB", flag, value], flag);
+    }
+    for (flag, value) in [
+        ("--max-sessions", "0"),
+        ("--handshake-timeout", "1h"),
+        ("--peer-timeout", "1ms"),
+        ("--max-memory", "1KiB"),
+    ] {
+        assert_usage_error(&["receive", "--listen", "127.0.0.1:0", flag, value], flag);
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 7] = [
+const TARGETS: [(&str, Property); 8] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
@@ -21,6 +21,7 @@ const TARGETS: [(&str, Property); 7] = [
         fuzz::receiver(d);
     }),
     ("guest_state", fuzz::guest_state),
+    ("guest_restore", fuzz::guest_restore),
 ];
 
 /// Runs every file of `fuzz/<kind>/<target>/` through the target's property.

@@ -360,7 +360,7 @@ fn a_source_that_fails_before_its_session_reports_why_at_once() {
         src.error
             .as_deref()
             .unwrap()
-            .contains("channels must be 1 to 64"),
+            .contains("channels: 0 is out of range (1 to 64)"),
         "{:?}",
         src.error
     );

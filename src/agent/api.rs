@@ -185,17 +185,20 @@ impl CreateVm {
                 .parse::<WorkloadPattern>()
                 .map_err(|e| ApiError::bad_request(format!("workload: {e}")))?,
         };
-        if let WorkloadPattern::Hot { bytes } = workload {
-            if bytes > memory {
-                return Err(ApiError::bad_request(format!(
-                    "workload hot:{bytes} is larger than the VM's memory ({memory})"
-                )));
-            }
-        }
         let dirty_rate = match &self.dirty_rate {
             None => 100_000_000,
             Some(r) => r.rate("dirty_rate")?,
         };
+        let workload_check = crate::memory::Workload {
+            pattern: workload,
+            dirty_rate,
+            content: FillSpec::default(),
+            writers: 1,
+            seed: 1,
+        };
+        workload_check
+            .validate(memory)
+            .map_err(ApiError::bad_request)?;
         let fill = match &self.fill {
             None => FillSpec::default(),
             Some(f) => f
@@ -275,7 +278,8 @@ impl MigrationParams {
         if let Some(p) = self.leave_paused {
             c.leave_paused = p;
         }
-        c.validate().map_err(ApiError::bad_request)?;
+        c.validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(c)
     }
 }
@@ -382,8 +386,20 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Resu
     parse_body(body)
 }
 
+/// Most migrations one drain may run at once.
+const MAX_DRAIN_CONCURRENCY: u32 = 64;
+/// Longest update command, bytes.
+const MAX_COMMAND_LEN: usize = 4096;
+
 async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     let b: DrainBody = optional_body(&body)?;
+    if let Some(n) = b.max_concurrent {
+        if n == 0 || n > MAX_DRAIN_CONCURRENCY {
+            return Err(ApiError::bad_request(format!(
+                "max_concurrent: {n} is out of range (1 to {MAX_DRAIN_CONCURRENCY})"
+            )));
+        }
+    }
     let op = node
         .drain(super::ops::DrainRequest {
             max_concurrent: b.max_concurrent,
@@ -408,7 +424,13 @@ struct UpdateBody {
 async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     let b: UpdateBody = parse_body(&body)?;
     if b.command.trim().is_empty() {
-        return Err(ApiError::bad_request("command is empty"));
+        return Err(ApiError::bad_request("command: it is empty"));
+    }
+    if b.command.len() > MAX_COMMAND_LEN {
+        return Err(ApiError::bad_request(format!(
+            "command: {} bytes is out of range (at most {MAX_COMMAND_LEN})",
+            b.command.len()
+        )));
     }
     let op = node.update(b.command)?;
     Ok(json_status(StatusCode::ACCEPTED, &op))

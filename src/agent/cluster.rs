@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 
 /// Outgoing live migrations per node at once, as Hyper-V's default.
 pub const DEFAULT_MAX_CONCURRENT_MIGRATIONS: u32 = 2;
+/// Most outgoing migrations a node runs at once.
+pub const MAX_CONCURRENT: u32 = 64;
+/// The largest `memory_capacity`: 1 PiB.
+pub const MAX_NODE_MEMORY: u64 = 1 << 50;
 
 /// Errors reading a cluster file, each naming the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -196,16 +200,17 @@ impl Cluster {
             Some(a) => amount(a, "defaults", "max_bandwidth", true)?,
             None => None,
         };
-        let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.nodes.len());
+        let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.nodes.len().min(4096));
         for n in raw.nodes {
             if n.name.is_empty()
+                || n.name.len() > crate::wire::MAX_LABEL_LEN
                 || !n
                     .name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
             {
                 return Err(invalid(format!(
-                    "node name {:?}: use letters, digits, '-', '_' and '.'",
+                    "node name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
                     n.name
                 )));
             }
@@ -218,16 +223,19 @@ impl Cluster {
             }
             let memory_capacity =
                 amount(&n.memory_capacity, &n.name, "memory_capacity", false)?.unwrap_or(0);
-            if memory_capacity == 0 {
-                return Err(invalid(format!("node {}: memory_capacity is zero", n.name)));
+            if memory_capacity == 0 || memory_capacity > MAX_NODE_MEMORY {
+                return Err(invalid(format!(
+                    "node {}: memory_capacity {memory_capacity} is out of range (1 byte to 1 PiB)",
+                    n.name
+                )));
             }
             let max_concurrent_migrations = n
                 .max_concurrent_migrations
                 .or(raw.defaults.max_concurrent_migrations)
                 .unwrap_or(DEFAULT_MAX_CONCURRENT_MIGRATIONS);
-            if max_concurrent_migrations == 0 {
+            if max_concurrent_migrations == 0 || max_concurrent_migrations > MAX_CONCURRENT {
                 return Err(invalid(format!(
-                    "node {}: max_concurrent_migrations must be at least 1",
+                    "node {}: max_concurrent_migrations {max_concurrent_migrations} is out of range (1 to {MAX_CONCURRENT})",
                     n.name
                 )));
             }
@@ -235,6 +243,13 @@ impl Cluster {
                 Some(a) => amount(a, &n.name, "max_bandwidth", true)?,
                 None => default_bandwidth,
             };
+            let (lo, hi) = crate::migration::ranges::BANDWIDTH;
+            if let Some(b) = max_bandwidth.filter(|b| *b < lo || *b > hi) {
+                return Err(invalid(format!(
+                    "node {}: max_bandwidth {b} B/s is out of range ({lo} to {hi})",
+                    n.name
+                )));
+            }
             let update_hook = n.update_hook.or_else(|| raw.defaults.update_hook.clone());
             if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
                 return Err(invalid(format!("node {}: update_hook is empty", n.name)));
@@ -396,11 +411,18 @@ update_hook = ["sh", "-c"]
         assert!(with("name = \"b\"", "name = \"a\"").contains("node a is named twice"));
         assert!(with("\"127.0.0.1:7412\"", "\"127.0.0.1\"").contains("node b: control"));
         assert!(with("\"8GiB\"", "\"8 parsecs\"").contains("node a: memory_capacity"));
-        assert!(with(
-            "max_concurrent_migrations = 3",
-            "max_concurrent_migrations = 0"
-        )
-        .contains("at least 1"));
+        for n in ["0", "100000"] {
+            assert!(with(
+                "max_concurrent_migrations = 3",
+                &format!("max_concurrent_migrations = {n}")
+            )
+            .contains("max_concurrent_migrations"));
+        }
+        assert!(with("\"8GiB\"", "\"2048TiB\"").contains("out of range"));
+        assert!(with("\"8GiB\"", "\"8GiB\"\nmax_bandwidth = \"10B/s\"").contains("max_bandwidth"));
+        assert!(
+            with("name = \"b\"", &format!("name = \"{}\"", "b".repeat(300))).contains("node name")
+        );
         assert!(with(
             "memory_capacity = \"8GiB\"",
             "memory_capacity = \"8GiB\"\ncolour = 1"

@@ -676,7 +676,9 @@ impl Node {
                 "VM {vm} is already on node {target}"
             )));
         }
-        config.validate().map_err(NodeError::BadRequest)?;
+        config
+            .validate()
+            .map_err(|e| NodeError::BadRequest(e.to_string()))?;
         let view =
             {
                 let mut st = self.state.lock().unwrap();

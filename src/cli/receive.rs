@@ -77,7 +77,50 @@ impl Held {
     }
 }
 
+/// Checks the flags a receiver runs under, naming the one out of range.
+fn check_ranges(a: &ReceiveArgs) -> Result<()> {
+    let out = |flag: &str, what: String| usage(format!("{flag}: {what} is out of range"));
+    if a.max_sessions == 0 || a.max_sessions > MAX_SESSIONS {
+        return Err(out(
+            "--max-sessions",
+            format!("{} (1 to {MAX_SESSIONS})", a.max_sessions),
+        ));
+    }
+    let (lo, hi) = HANDSHAKE;
+    if a.handshake_timeout < lo || a.handshake_timeout > hi {
+        return Err(out(
+            "--handshake-timeout",
+            format!("{:?} ({lo:?} to {hi:?})", a.handshake_timeout),
+        ));
+    }
+    let (lo, hi) = ferry::migration::ranges::PEER;
+    if a.peer_timeout < lo || a.peer_timeout > hi {
+        return Err(out(
+            "--peer-timeout",
+            format!("{:?} ({lo:?} to {hi:?})", a.peer_timeout),
+        ));
+    }
+    let page = ferry::memory::PAGE_SIZE as u64;
+    if a.max_memory < page || a.max_memory > ferry::memory::MAX_MEMORY_BYTES {
+        return Err(out(
+            "--max-memory",
+            format!(
+                "{} (4 KiB to {})",
+                Bytes(a.max_memory),
+                Bytes(ferry::memory::MAX_MEMORY_BYTES)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Most sessions a receiver takes at once.
+const MAX_SESSIONS: usize = 4096;
+/// The handshake timeout's range: 100 ms to 10 min.
+const HANDSHAKE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(600));
+
 fn config(a: &ReceiveArgs, held: &Arc<Mutex<Held>>) -> Result<ReceiverConfig> {
+    check_ranges(a)?;
     let held = held.clone();
     Ok(ReceiverConfig {
         max_memory: a.max_memory,

@@ -167,6 +167,9 @@ impl KvmGuestState {
             )));
         }
         st.vcpu.check().map_err(KvmError::State)?;
+        st.workload
+            .validate(pages * PAGE_SIZE as u64)
+            .map_err(KvmError::BadState)?;
         Ok(st)
     }
 }

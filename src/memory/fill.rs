@@ -318,14 +318,15 @@ impl FromStr for FillSpec {
                     ),
                     None => (part, 1),
                 };
-                if weight > 1_000_000 {
-                    return Err(err("weights are at most 1000000"));
-                }
                 let kind = ContentKind::ALL
                     .into_iter()
                     .find(|k| k.name() == name)
                     .ok_or_else(|| err(&format!("unknown kind {name:?}")))?;
-                weights[kind as usize] += weight;
+                weights[kind as usize] = weights[kind as usize].saturating_add(weight);
+                // A part's weights together, so no sum of them overflows.
+                if weights.iter().fold(0u32, |a, w| a.saturating_add(*w)) > 1_000_000 {
+                    return Err(err("the weights of a part add up to at most 1000000"));
+                }
             }
             if weights.iter().sum::<u32>() == 0 {
                 return Err(err(if segments.is_empty() && !s.contains('|') {
@@ -405,6 +406,18 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(json, "\"text:1|random:1\"");
         assert_eq!(serde_json::from_str::<FillSpec>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn weights_that_would_overflow_are_refused() {
+        let many = vec!["zero:1000000"; 5000].join(",");
+        let e = many.parse::<FillSpec>().unwrap_err();
+        assert!(e.to_string().contains("at most 1000000"), "{e}");
+        assert!("zero:600000,text:600000".parse::<FillSpec>().is_err());
+        let s: FillSpec = "zero:500000,text:500000".parse().unwrap();
+        assert_eq!(s.weight(ContentKind::Zero), 500);
+        // Deserialised from a peer's state, the same rules apply.
+        assert!(serde_json::from_str::<FillSpec>(&format!("{many:?}")).is_err());
     }
 
     #[test]

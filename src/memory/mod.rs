@@ -13,7 +13,10 @@ mod synthetic;
 
 pub use bitmap::{DirtyBitmap, DirtySnapshot, Runs};
 pub use fill::{ContentKind, FillError, FillSpec, FILL_EXTENT_PAGES};
-pub use synthetic::{GuestState, SyntheticGuest, Workload, WorkloadError, WorkloadPattern};
+pub use synthetic::{
+    GuestState, SyntheticGuest, Workload, WorkloadError, WorkloadPattern, MAX_DIRTY_RATE,
+    MAX_WRITERS,
+};
 
 use std::fs::File;
 use std::path::Path;

@@ -74,6 +74,12 @@ impl fmt::Display for WorkloadPattern {
     }
 }
 
+/// The most bytes per second a workload may write: 64 GB/s, more than one
+/// host core's memory bandwidth.
+pub const MAX_DIRTY_RATE: u64 = 64_000_000_000;
+/// The most writer threads a synthetic guest runs.
+pub const MAX_WRITERS: u32 = 256;
+
 /// What the synthetic guest does while it runs.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Workload {
@@ -121,6 +127,34 @@ pub struct GuestState {
     pub writers: Vec<WriterState>,
     /// The throttle in force at the pause.
     pub throttle_pct: u8,
+}
+
+impl Workload {
+    /// Checks it for a guest of `memory_bytes`, naming the field at fault:
+    /// `dirty_rate` at most [`MAX_DIRTY_RATE`], 1 to [`MAX_WRITERS`]
+    /// `writers`, a hot set of at least a page and at most the memory.
+    pub fn validate(&self, memory_bytes: u64) -> Result<(), String> {
+        if self.dirty_rate > MAX_DIRTY_RATE {
+            return Err(format!(
+                "dirty_rate: {} B/s is out of range (at most {MAX_DIRTY_RATE})",
+                self.dirty_rate
+            ));
+        }
+        if self.writers == 0 || self.writers > MAX_WRITERS {
+            return Err(format!(
+                "writers: {} is out of range (1 to {MAX_WRITERS})",
+                self.writers
+            ));
+        }
+        if let WorkloadPattern::Hot { bytes } = self.pattern {
+            if bytes < PAGE_SIZE as u64 || bytes > memory_bytes {
+                return Err(format!(
+                    "workload: a hot set of {bytes} bytes is out of range (one page to the guest's {memory_bytes})"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 const RUNNING: u8 = 0;
@@ -191,7 +225,12 @@ impl SyntheticGuest {
             },
             state: AtomicU8::new(initial),
             throttle: AtomicU8::new(state.throttle_pct.min(99)),
-            pages_written: AtomicU64::new(state.writers.iter().map(|w| w.pages_written).sum()),
+            pages_written: AtomicU64::new(
+                state
+                    .writers
+                    .iter()
+                    .fold(0u64, |a, w| a.wrapping_add(w.pages_written)),
+            ),
             park: Mutex::new(Park {
                 parked: 0,
                 saved: state.writers.clone(),
@@ -347,8 +386,10 @@ fn writer(shared: Arc<Shared>, index: usize, mut ws: WriterState) {
         }
         let idle = wl.pattern == WorkloadPattern::Idle || wl.dirty_rate == 0;
         if !idle {
-            let throttle = f64::from(shared.throttle.load(Ordering::Relaxed));
-            carry += per_slice * (100.0 - throttle) / 100.0;
+            let throttle = f64::from(shared.throttle.load(Ordering::Relaxed).min(99));
+            // A writer that fell behind does not bank more than two slices.
+            carry = (carry + per_slice * (100.0 - throttle) / 100.0)
+                .min(2.0 * per_slice + PAGE_SIZE as f64);
             while carry >= PAGE_SIZE as f64 {
                 if shared.state.load(Ordering::Acquire) != RUNNING {
                     break;
@@ -360,9 +401,11 @@ fn writer(shared: Arc<Shared>, index: usize, mut ws: WriterState) {
                         rng.next_u64() % (bytes / PAGE_SIZE as u64).clamp(1, pages)
                     }
                     WorkloadPattern::Sequential => {
-                        let p = (ws.cursor * writers + index as u64) % pages;
+                        // In u128: a cursor from a peer's state may be any u64.
+                        let p = (u128::from(ws.cursor) * u128::from(writers) + index as u128)
+                            % u128::from(pages);
                         ws.cursor = ws.cursor.wrapping_add(1);
-                        p
+                        p as u64
                     }
                     WorkloadPattern::Idle => unreachable!(),
                 };
@@ -374,7 +417,7 @@ fn writer(shared: Arc<Shared>, index: usize, mut ws: WriterState) {
                 // page after this write (see the memory module doc).
                 mem.write_page(page, &buf);
                 shared.bitmap.mark(page);
-                ws.pages_written += 1;
+                ws.pages_written = ws.pages_written.wrapping_add(1);
                 shared.pages_written.fetch_add(1, Ordering::Relaxed);
             }
         }

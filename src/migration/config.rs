@@ -19,6 +19,74 @@ pub const DEFAULT_INITIAL_CREDITS: u16 = 4;
 /// How long a peer may be silent before its channel counts as dead.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The ranges outside which a parameter is refused, naming its field: wide
+/// enough for any real use, narrow enough that no arithmetic on them
+/// overflows (deadlines, bucket sizes, batch sizes).
+pub mod ranges {
+    use std::time::Duration;
+    /// `max_bandwidth`: 1 Mbit/s to 8 Tbit/s, bytes/s.
+    pub const BANDWIDTH: (u64, u64) = (125_000, 1_000_000_000_000);
+    /// `downtime_limit`: 1 ms to 1 h.
+    pub const DOWNTIME: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(3600));
+    /// `completion_timeout` and `progress_timeout`: 1 s to 30 days.
+    pub const GIVE_UP: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(30 * 86_400));
+    /// `peer_timeout`: 100 ms to 1 h.
+    pub const PEER: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+    /// `handoff_timeout`: 1 s to 1 h.
+    pub const HANDOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+}
+
+/// A parameter out of its range: the field (as the API names it) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// The field, snake_case (`completion_timeout`).
+    pub field: &'static str,
+    /// What is wrong with its value.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// The field as a command-line flag (`--completion-timeout`).
+    pub fn flag(&self) -> String {
+        format!("--{}", self.field.replace('_', "-"))
+    }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Debug>(
+    field: &'static str,
+    value: T,
+    (lo, hi): (T, T),
+    show: impl Fn(&T) -> String,
+) -> Result<(), ConfigError> {
+    if value < lo || value > hi {
+        return Err(ConfigError {
+            field,
+            message: format!(
+                "{} is out of range ({} to {})",
+                show(&value),
+                show(&lo),
+                show(&hi)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A duration as a person reads it (`1.5s`, `300ms`, `30d`).
+pub(crate) fn show_duration(d: &Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 86_400.0 {
+        format!("{}d", s / 86_400.0)
+    } else if s >= 1.0 {
+        format!("{s}s")
+    } else {
+        format!("{}ms", s * 1e3)
+    }
+}
+
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
@@ -112,23 +180,53 @@ impl MigrationConfig {
         }
     }
 
-    /// Checks the values a user can get wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.channels == 0 || self.channels > crate::wire::MAX_CHANNELS {
-            return Err(format!(
-                "channels must be 1 to {}, not {}",
-                crate::wire::MAX_CHANNELS,
-                self.channels
-            ));
+    /// Checks every value against its range ([`ranges`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        in_range(
+            "channels",
+            self.channels,
+            (1, crate::wire::MAX_CHANNELS),
+            |c| c.to_string(),
+        )?;
+        if let Some(b) = self.max_bandwidth {
+            in_range("max_bandwidth", b, ranges::BANDWIDTH, |b| {
+                format!("{}/s", crate::units::Bytes(*b))
+            })?;
         }
-        if self.max_bandwidth == Some(0) {
-            return Err("max-bandwidth must be positive (or unlimited)".into());
+        in_range(
+            "downtime_limit",
+            self.downtime_limit,
+            ranges::DOWNTIME,
+            show_duration,
+        )?;
+        if let Some(t) = self.completion_timeout {
+            in_range("completion_timeout", t, ranges::GIVE_UP, show_duration)?;
         }
-        if self.downtime_limit.is_zero() {
-            return Err("downtime-limit must be positive".into());
-        }
-        if self.peer_timeout < Duration::from_millis(100) {
-            return Err("peer-timeout must be at least 100ms".into());
+        in_range(
+            "progress_timeout",
+            self.progress_timeout,
+            ranges::GIVE_UP,
+            show_duration,
+        )?;
+        in_range(
+            "peer_timeout",
+            self.peer_timeout,
+            ranges::PEER,
+            show_duration,
+        )?;
+        in_range(
+            "handoff_timeout",
+            self.handoff_timeout,
+            ranges::HANDOFF,
+            show_duration,
+        )?;
+        if let Some(n) = self.batch_pages {
+            in_range(
+                "batch_pages",
+                n,
+                (1, crate::wire::MAX_PAGES_PER_BATCH),
+                |n| n.to_string(),
+            )?;
         }
         Ok(())
     }
@@ -155,5 +253,97 @@ mod tests {
         .validate()
         .is_err());
         assert!(MigrationConfig { channels: 0, ..c }.validate().is_err());
+    }
+
+    #[test]
+    fn every_value_out_of_range_is_refused_naming_its_field() {
+        let ok = MigrationConfig::default();
+        ok.validate().unwrap();
+        // "4000000000000000h", as the hostile review sent it.
+        let huge = Duration::from_secs(4_000_000_000_000_000 * 3600);
+        let cases: Vec<(MigrationConfig, &str)> = vec![
+            (
+                MigrationConfig {
+                    max_bandwidth: Some(1),
+                    ..ok.clone()
+                },
+                "max_bandwidth",
+            ),
+            (
+                MigrationConfig {
+                    max_bandwidth: Some(u64::MAX),
+                    ..ok.clone()
+                },
+                "max_bandwidth",
+            ),
+            (
+                MigrationConfig {
+                    downtime_limit: Duration::ZERO,
+                    ..ok.clone()
+                },
+                "downtime_limit",
+            ),
+            (
+                MigrationConfig {
+                    completion_timeout: Some(huge),
+                    ..ok.clone()
+                },
+                "completion_timeout",
+            ),
+            (
+                MigrationConfig {
+                    completion_timeout: Some(Duration::MAX),
+                    ..ok.clone()
+                },
+                "completion_timeout",
+            ),
+            (
+                MigrationConfig {
+                    progress_timeout: Duration::ZERO,
+                    ..ok.clone()
+                },
+                "progress_timeout",
+            ),
+            (
+                MigrationConfig {
+                    peer_timeout: Duration::from_millis(10),
+                    ..ok.clone()
+                },
+                "peer_timeout",
+            ),
+            (
+                MigrationConfig {
+                    peer_timeout: Duration::MAX,
+                    ..ok.clone()
+                },
+                "peer_timeout",
+            ),
+            (
+                MigrationConfig {
+                    handoff_timeout: Duration::ZERO,
+                    ..ok.clone()
+                },
+                "handoff_timeout",
+            ),
+            (
+                MigrationConfig {
+                    batch_pages: Some(0),
+                    ..ok.clone()
+                },
+                "batch_pages",
+            ),
+        ];
+        for (c, field) in cases {
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.to_string().contains("out of range"), "{e}");
+        }
+        let e = MigrationConfig {
+            completion_timeout: Some(huge),
+            ..ok
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.flag(), "--completion-timeout");
     }
 }

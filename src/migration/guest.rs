@@ -76,12 +76,13 @@ pub fn restore_guest(
         GuestKind::Sim => {
             let state: GuestState = serde_json::from_slice(state)
                 .map_err(|e| format!("synthetic guest state is invalid: {e}"))?;
-            if state.writers.len() > 256 {
-                return Err(format!(
-                    "synthetic guest state has {} writers (at most 256)",
-                    state.writers.len()
-                ));
-            }
+            let workload = Workload {
+                writers: u32::try_from(state.writers.len()).unwrap_or(u32::MAX),
+                ..state.workload.clone()
+            };
+            workload
+                .validate(memory.len_bytes())
+                .map_err(|e| format!("synthetic guest state is invalid: {e}"))?;
             Ok(Arc::new(SyntheticGuest::restore(memory, state)))
         }
         #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -171,5 +172,63 @@ impl MigratableGuest for crate::kvm::KvmGuest {
     }
     fn workload(&self) -> Option<Workload> {
         Some(crate::kvm::KvmGuest::workload(self).clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restore(state: &str) -> Result<Arc<dyn MigratableGuest>, String> {
+        let mem = Arc::new(GuestMemory::new(64 * 4096).unwrap());
+        restore_guest(GuestKind::Sim, mem, state.as_bytes())
+    }
+
+    fn state(workload: &str, writer: &str) -> String {
+        format!(
+            r#"{{"workload":{{"pattern":{workload},"content":"zero:1,random:1","writers":1,"seed":1,{{RATE}}}},"writers":[{writer}],"throttle_pct":0}}"#
+        )
+    }
+
+    #[test]
+    fn a_peer_s_extreme_counters_run_on_without_overflow() {
+        // Counters at their limits from a peer: the writer wraps, never panics.
+        let s = state(
+            r#"{"kind":"sequential"}"#,
+            &format!(
+                r#"{{"word_pos":[{m},{m}],"pages_written":{m},"cursor":{m}}}"#,
+                m = u64::MAX
+            ),
+        )
+        .replace("{RATE}", r#""dirty_rate":100000000"#);
+        let g = restore(&s).unwrap();
+        g.resume();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        g.pause();
+        assert!(
+            g.progress_counter() < 1 << 40,
+            "it wrapped: {}",
+            g.progress_counter()
+        );
+    }
+
+    #[test]
+    fn a_peer_s_out_of_range_workload_is_refused_naming_its_field() {
+        let writer = r#"{"word_pos":[0,0],"pages_written":0,"cursor":0}"#;
+        for (pattern, rate, field) in [
+            (r#"{"kind":"uniform"}"#, u64::MAX, "dirty_rate"),
+            (r#"{"kind":"hot","bytes":0}"#, 1000, "workload"),
+            (
+                r#"{"kind":"hot","bytes":18446744073709551615}"#,
+                1000,
+                "workload",
+            ),
+        ] {
+            let s = state(pattern, writer).replace("{RATE}", &format!(r#""dirty_rate":{rate}"#));
+            let e = restore(&s).err().expect("refused");
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let none = state(r#"{"kind":"idle"}"#, "").replace("{RATE}", r#""dirty_rate":0"#);
+        assert!(restore(&none).err().unwrap().contains("writers"));
     }
 }

@@ -28,8 +28,8 @@ mod progress;
 mod source;
 
 pub use config::{
-    MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS, DEFAULT_INITIAL_CREDITS,
-    DEFAULT_PEER_TIMEOUT,
+    ranges, ConfigError, MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS,
+    DEFAULT_INITIAL_CREDITS, DEFAULT_PEER_TIMEOUT,
 };
 pub use error::MigrationError;
 pub use guest::{kvm_unavailable, restore_guest, start_guest, MigratableGuest};

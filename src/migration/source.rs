@@ -1166,7 +1166,7 @@ pub async fn migrate(
     let mut tally = Tally::default();
     let counts = Arc::new(Mutex::new(PageCounts::default()));
     let result = match config.validate() {
-        Err(e) => Err(MigrationError::Config(e)),
+        Err(e) => Err(MigrationError::Config(e.to_string())),
         Ok(()) => {
             run(
                 guest.clone(),
@@ -1515,7 +1515,10 @@ async fn run(
         jobs: jobs_tx,
         queued: 0,
         batch_pages,
-        deadline: start + policy.completion_timeout,
+        // Far future rather than overflow (the range check bounds it anyway).
+        deadline: start
+            .checked_add(policy.completion_timeout)
+            .unwrap_or(start + Duration::from_secs(30 * 86_400)),
         timeout: policy.completion_timeout,
         handoff: config.handoff_timeout,
     };

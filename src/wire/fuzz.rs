@@ -386,3 +386,34 @@ pub fn guest_state(data: &[u8]) {
         }
     }
 }
+
+/// Any bytes, restored as a guest (the first byte picks the kind as for
+/// [`guest_state`]) on a small memory and then run for a moment, never
+/// panic: a peer's state is range-checked before a guest is made of it, and
+/// a guest made of it runs and pauses with any counters it carries. KVM
+/// states are restored only where `/dev/kvm` works.
+pub fn guest_restore(data: &[u8]) {
+    use crate::migration::restore_guest;
+    use crate::wire::GuestKind;
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = if kind % 2 == 0 {
+        GuestKind::Sim
+    } else if crate::migration::kvm_unavailable().is_none() {
+        GuestKind::Kvm
+    } else {
+        return;
+    };
+    let Ok(memory) =
+        crate::memory::GuestMemory::new(FUZZ_GUEST_PAGES * crate::memory::PAGE_SIZE as u64)
+    else {
+        return;
+    };
+    if let Ok(guest) = restore_guest(kind, std::sync::Arc::new(memory), rest) {
+        guest.resume();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        guest.pause();
+        let _ = guest.save_state();
+    }
+}

@@ -142,3 +142,140 @@ fn a_second_arrival_of_the_same_name_is_refused_and_the_first_arrives() {
     let src = a.agent("c").node.guest("web").unwrap();
     assert_eq!(src.memory().len_bytes(), 64 << 20);
 }
+
+#[test]
+fn every_out_of_range_api_value_is_refused_naming_its_field() {
+    let a = Agents::start("hostile-ranges", &[("a", ""), ("b", "")]);
+    let (s, v) = a.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "8MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let migration = |extra: serde_json::Value| {
+        let mut body = json!({"vm": "web", "target": "b"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "/v1/migrations",
+            migration(json!({"completion_timeout": "4000000000000000h"})),
+            "completion_timeout",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"completion_timeout": "31d"})),
+            "completion_timeout",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"progress_timeout": 0})),
+            "progress_timeout",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"peer_timeout": "1ms"})),
+            "peer_timeout",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"peer_timeout": "2h"})),
+            "peer_timeout",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"downtime_limit": 0})),
+            "downtime_limit",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"downtime_limit": "2h"})),
+            "downtime_limit",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"max_bandwidth": 1})),
+            "max_bandwidth",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"max_bandwidth": u64::MAX})),
+            "max_bandwidth",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"channels": 65})),
+            "channels",
+        ),
+        (
+            "/v1/migrations",
+            migration(json!({"channels": 0})),
+            "channels",
+        ),
+        (
+            "/v1/vms",
+            json!({"name": "x", "memory": "8MiB", "dirty_rate": u64::MAX}),
+            "dirty_rate",
+        ),
+        (
+            "/v1/vms",
+            json!({"name": "x", "memory": "8MiB", "dirty_rate": "100TB/s"}),
+            "dirty_rate",
+        ),
+        (
+            "/v1/vms",
+            json!({"name": "x", "memory": "8MiB", "workload": "hot:1GiB"}),
+            "workload",
+        ),
+        (
+            "/v1/vms",
+            json!({"name": "x", "memory": u64::MAX}),
+            "memory",
+        ),
+        ("/v1/vms", json!({"name": "x", "memory": 0}), "memory"),
+        ("/v1/vms", json!({"name": "x\ny", "memory": "8MiB"}), "name"),
+        (
+            "/v1/vms",
+            json!({"name": "x", "memory": "8MiB", "fill": "zero:900000,text:900000"}),
+            "fill",
+        ),
+        (
+            "/v1/node/drain",
+            json!({"max_concurrent": 0}),
+            "max_concurrent",
+        ),
+        (
+            "/v1/node/drain",
+            json!({"max_concurrent": 100000}),
+            "max_concurrent",
+        ),
+        (
+            "/v1/node/update",
+            json!({"command": "x".repeat(5000)}),
+            "command",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (s, v) = a.call(Method::POST, "a", path, Some(body.clone()));
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path} {body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{path} {body}: {message}");
+    }
+    // Nothing was queued or created by any of them, and the node still works.
+    let (_, list) = a.call(Method::GET, "a", "/v1/migrations", None);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+    let (_, node) = a.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["state"], "active", "{node}");
+    let (s, m) = a.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(migration(json!({}))),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    assert_eq!(a.wait("a", m["id"].as_str().unwrap())["state"], "completed");
+}
