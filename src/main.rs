@@ -6,7 +6,7 @@ use ferry::codec::{Codec, CodecChoice};
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
 use ferry::migration::{
-    migrate, migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, Phase, Progress,
+    migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, Phase, Progress,
     ReceiverConfig, Report, RunContext,
 };
 use ferry::units::{
@@ -23,6 +23,7 @@ use std::time::Duration;
 mod cli {
     pub mod orchestrate;
     pub mod receive;
+    pub mod send;
     pub mod soak;
 }
 use cli::orchestrate;
@@ -600,7 +601,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Demo(a) => demo(a),
-        Command::Send(a) => send(a),
+        Command::Send(a) => cli::send::send(a),
         Command::Receive(a) => cli::receive::receive(a),
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
@@ -1033,16 +1034,6 @@ fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) {
     });
 }
 
-fn cancel_on_ctrl_c(rt: &tokio::runtime::Runtime, ctx: &RunContext) {
-    let cancel = ctx.cancel.clone();
-    rt.spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: cancelling (the guest stays on the source)");
-            cancel.cancel();
-        }
-    });
-}
-
 fn demo(a: DemoArgs) -> Result<ExitCode> {
     if let Some(DemoCommand::Cluster(c)) = a.sub {
         return orchestrate::demo_cluster(c);
@@ -1090,78 +1081,6 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         println!("{}", report.to_json());
     } else {
         println!("migration {}", outcome_name(report.outcome));
-        print!("{}", summary(&report, Some(config.downtime_limit)));
-    }
-    Ok(exit_for(report.outcome))
-}
-
-fn send(a: SendArgs) -> Result<ExitCode> {
-    let mut config = a.migrate.config();
-    config
-        .validate()
-        .map_err(|e| usage(format!("{}: {}", e.flag(), e.message)))?;
-    config.session_key = a.key.as_deref().map(load_key).transpose()?;
-    if a.migrate.tls {
-        config.tls = Some(match &a.tls_ca {
-            Some(ca) => ferry::transport::tls::TlsClient::pinned(ca).map_err(usage)?,
-            None if config.session_key.is_some() => {
-                ferry::transport::tls::TlsClient::bound_to_key()
-            }
-            None => {
-                return Err(usage(
-                    "--tls needs --tls-ca FILE (the receiver's certificate) or --key FILE to know the receiver by",
-                ))
-            }
-        });
-    }
-    let guest: Arc<dyn MigratableGuest> = match &a.saved {
-        Some(file) => {
-            let g = ferry::migration::saved::load_guest(file).map_err(usage)?;
-            tracing::info!(to = %a.to, file = %file.display(), memory = %Bytes(g.memory().len_bytes()), "migrating a saved guest");
-            g
-        }
-        None => {
-            let (guest, pattern) = build_guest(&a.guest, a.backend, false)?;
-            tracing::info!(to = %a.to, "migrating {}", describe_guest(&a.guest, &*guest, pattern));
-            guest
-        }
-    };
-    let cpu = CpuMeter::new();
-    let rt = ferry::transport::runtime("ferry-src", 2, &cpu)?;
-    let ctx = RunContext {
-        cpu,
-        ..RunContext::default()
-    };
-    cancel_on_ctrl_c(&rt, &ctx);
-    let done = Arc::new(AtomicBool::new(false));
-    let ui = progress_ui(ctx.progress.clone(), done.clone());
-    let target = a.to.clone();
-    let g = guest.clone();
-    let c2 = config.clone();
-    let ctx2 = ctx.clone();
-    let mut report = rt.block_on(rt.spawn(async move { migrate(g, &target, &c2, &ctx2).await }))?;
-    done.store(true, Ordering::Release);
-    let _ = ui.join();
-    if report.outcome == Outcome::Unresolved {
-        // GO went out unanswered: the guest may run on the destination, or
-        // nowhere. Keep the paused copy where an operator can find it.
-        let path = a.save_to.clone().unwrap_or_else(|| {
-            PathBuf::from(format!("ferry-unresolved-{}.guest", report.session_id))
-        });
-        match ferry::migration::saved::save_guest(&*guest, &path) {
-            Ok(()) => {
-                tracing::warn!(file = %path.display(), "migration unresolved: the paused guest is saved; run `ferry send --saved FILE --to ADDR` if the destination does not run it");
-                report.saved_to = Some(path.display().to_string());
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "could not save the paused guest");
-            }
-        }
-    }
-    if a.migrate.json {
-        println!("{}", report.to_json());
-    } else {
-        println!("migration to {} {}", a.to, outcome_name(report.outcome));
         print!("{}", summary(&report, Some(config.downtime_limit)));
     }
     Ok(exit_for(report.outcome))

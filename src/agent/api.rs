@@ -15,7 +15,7 @@ use crate::migration::{MigrationConfig, Receiver, ReceiverConfig, RunContext};
 use crate::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use crate::wire::{GuestKind, VerifyMode};
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -322,8 +322,24 @@ async fn get_vm(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiR
     Ok(json_status(StatusCode::OK, &node.vm(&name)?))
 }
 
-async fn delete_vm(State(node): State<Arc<Node>>, Path(name): Path<String>) -> ApiResult {
-    Ok(json_status(StatusCode::OK, &node.delete_vm(&name)?))
+/// `?force=true` where a request may override a safety check.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    q: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    Ok(json_status(
+        StatusCode::OK,
+        &node.delete_vm(&name, q.force)?,
+    ))
 }
 
 async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
@@ -419,6 +435,9 @@ async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
 #[serde(deny_unknown_fields)]
 struct UpdateBody {
     command: String,
+    /// Run it although the node still hosts VMs.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
@@ -432,7 +451,7 @@ async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
             b.command.len()
         )));
     }
-    let op = node.update(b.command)?;
+    let op = node.update(b.command, b.force)?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 

@@ -126,6 +126,9 @@ pub struct VmView {
     pub state: VmState,
     /// Pages its workload has written (grows while it runs).
     pub pages_written: u64,
+    /// `DELETE` with `force` only: what was discarded with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
 }
 
 struct Vm {
@@ -143,6 +146,7 @@ impl Vm {
             spec: self.spec.clone(),
             state: self.state,
             pages_written: self.guest.as_ref().map_or(0, |g| g.progress_counter()),
+            lost: None,
         }
     }
 }
@@ -639,7 +643,10 @@ impl Node {
     }
 
     /// `DELETE /v1/vms/{name}`: stops and removes a VM that is not migrating.
-    pub fn delete_vm(&self, name: &str) -> Result<VmView, NodeError> {
+    /// A paused VM may be the last copy of a guest (the source's copy of an
+    /// unresolved migration, or one left paused by a hand-off): it is removed
+    /// only with `force`, and the answer's `lost` says what went with it.
+    pub fn delete_vm(&self, name: &str, force: bool) -> Result<VmView, NodeError> {
         let mut st = self.state.lock().unwrap();
         let vm = st.vms.get(name).ok_or_else(|| {
             NodeError::NotFound(format!("no VM {name:?} on node {}", self.spec.name))
@@ -654,8 +661,32 @@ impl Node {
                 "VM {name} is migrating; cancel the migration first"
             )));
         }
+        let lost = (vm.state == VmState::Paused).then(|| {
+            let unresolved = st.migrations.iter().rev().find(|m| {
+                m.vm == name
+                    && m.direction == Direction::Outgoing
+                    && m.state == MigrationState::Unresolved
+            });
+            match unresolved {
+                Some(m) => format!(
+                    "the paused copy of VM {name} held for unresolved migration {} to node {}: if node {} does not run it, VM {name} is gone",
+                    m.id, m.target, m.target
+                ),
+                None => format!(
+                    "VM {name}, paused here and running nowhere else as far as this node knows: it is gone"
+                ),
+            }
+        });
+        if let (Some(lost), false) = (&lost, force) {
+            return Err(NodeError::Conflict(format!(
+                "refusing to delete {lost} (resolve the migration, or delete with force)"
+            )));
+        }
         let vm = st.vms.remove(name).expect("checked above");
-        Ok(vm.view())
+        if let Some(lost) = &lost {
+            tracing::warn!(vm = %name, "deleted with force: {lost}");
+        }
+        Ok(VmView { lost, ..vm.view() })
     }
 
     /// `POST /v1/migrations`: queues the migration of `vm` to `target`;

@@ -30,8 +30,11 @@ pub enum OpKind {
 pub enum OpState {
     /// Moving VMs.
     Running,
-    /// Every step completed.
+    /// Every step completed, and (a drain) the node hosts nothing.
     Completed,
+    /// A drain whose steps ended, but VMs are still on the node: those that
+    /// fit nowhere, paused ones (listed in `remaining`).
+    Partial,
     /// A step failed; the others ran to their end.
     Failed,
     /// Cancelled by an operator; steps not yet started were not.
@@ -98,6 +101,18 @@ pub struct OperationView {
     /// An update's command run, once it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateRun>,
+    /// A drain, once ended: the VMs still on the node, with their state.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remaining: Vec<RemainingVm>,
+}
+
+/// A VM a drain left on its node.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemainingVm {
+    /// The VM.
+    pub vm: String,
+    /// Its state there (`running`, `paused`, ...).
+    pub state: String,
 }
 
 /// What an update command did.
@@ -244,6 +259,7 @@ impl Node {
                 steps,
                 error: None,
                 update: None,
+                remaining: Vec::new(),
             },
             cancel: cancel.clone(),
         });
@@ -353,6 +369,26 @@ impl Node {
             started_at_ms: None,
             finished_at_ms: None,
         }));
+        // VMs that are not running cannot move: they stay, and say why.
+        steps.extend(
+            self.vms()
+                .into_iter()
+                .filter(|v| v.state != super::node::VmState::Running)
+                .map(|v| Step {
+                    error: Some(format!(
+                        "it is {} here: only running VMs move",
+                        super::node::name_of(&v.state)
+                    )),
+                    vm: v.spec.name,
+                    memory: v.spec.memory,
+                    source: self.spec.name.clone(),
+                    target: String::new(),
+                    state: "skipped".into(),
+                    migration_id: None,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                }),
+        );
         self.set_mode(NodeMode::Draining);
         let params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
         let (id, cancel) = self.new_op(OpKind::Drain, params, steps);
@@ -438,7 +474,16 @@ impl Node {
         // A drained node takes no VMs until it is resumed, whatever happened.
         self.set_mode(NodeMode::Paused);
         let cancelled = cancel.is_cancelled();
+        let remaining: Vec<RemainingVm> = self
+            .vms()
+            .into_iter()
+            .map(|v| RemainingVm {
+                vm: v.spec.name,
+                state: super::node::name_of(&v.state),
+            })
+            .collect();
         self.with_op(&op, |v| {
+            v.remaining = remaining;
             let failed: Vec<String> = v
                 .steps
                 .iter()
@@ -453,11 +498,25 @@ impl Node {
                 .any(|s| s.state != "completed" && s.state != "skipped")
             {
                 OpState::Failed
+            } else if !v.remaining.is_empty() {
+                OpState::Partial
             } else {
                 OpState::Completed
             };
+            let mut why = Vec::new();
             if !failed.is_empty() {
-                v.error = Some(format!("not moved: {}", failed.join("; ")));
+                why.push(format!("not moved: {}", failed.join("; ")));
+            }
+            if !v.remaining.is_empty() {
+                let names: Vec<String> = v
+                    .remaining
+                    .iter()
+                    .map(|r| format!("{} ({})", r.vm, r.state))
+                    .collect();
+                why.push(format!("still on the node: {}", names.join(", ")));
+            }
+            if !why.is_empty() {
+                v.error = Some(why.join("; "));
             }
             v.finished_at_ms = Some(now_ms());
         });
@@ -636,10 +695,15 @@ impl Node {
 impl Node {
     /// `POST /v1/node/update`: runs `command` on this node through its
     /// `update_hook` (the hook's program and arguments, the command last),
-    /// with `FERRY_NODE` set to the node's name. The node must be paused (a
-    /// drained node: no VM runs on it); the command's exit status and output
-    /// are kept in the operation. Returns the operation at once.
-    pub fn update(self: &Arc<Self>, command: String) -> Result<OperationView, NodeError> {
+    /// with `FERRY_NODE` set to the node's name. The node must be paused and
+    /// host no VM (a drained node), unless `force` overrides the latter; the
+    /// command's exit status and output are kept in the operation. Returns
+    /// the operation at once.
+    pub fn update(
+        self: &Arc<Self>,
+        command: String,
+        force: bool,
+    ) -> Result<OperationView, NodeError> {
         let Some(hook) = self.spec.update_hook.clone() else {
             return Err(NodeError::Conflict(format!(
                 "node {} has no update_hook in the cluster file: it runs no update commands",
@@ -651,6 +715,14 @@ impl Node {
                 "node {} is {}: drain it before updating it",
                 self.spec.name,
                 super::node::name_of(&self.mode())
+            )));
+        }
+        let hosted: Vec<String> = self.vms().into_iter().map(|v| v.spec.name).collect();
+        if !hosted.is_empty() && !force {
+            return Err(NodeError::Conflict(format!(
+                "node {} still hosts {}: move them first, or update with force",
+                self.spec.name,
+                hosted.join(", ")
             )));
         }
         if self

@@ -82,6 +82,10 @@ pub enum VmCommand {
     Delete {
         /// The VM.
         name: String,
+        /// Remove it even when it is paused: the source's copy of an
+        /// unresolved migration, or a guest left paused, may be its last.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -347,13 +351,17 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        VmCommand::Delete { name, out } => {
+        VmCommand::Delete { name, force, out } => {
             let (n, _) = ctx.find_vm(&name)?;
-            let v = ctx.call(n, Method::DELETE, &format!("/v1/vms/{name}"), None)?;
+            let query = if force { "?force=true" } else { "" };
+            let v = ctx.call(n, Method::DELETE, &format!("/v1/vms/{name}{query}"), None)?;
             if out.json {
                 print_json(&v);
             } else {
                 println!("VM {name} stopped and removed from node {}", n.name);
+                if let Some(lost) = v["lost"].as_str() {
+                    println!("discarded: {lost}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -126,6 +126,20 @@ pub struct MigrationConfig {
     /// TLS 1.3 on every channel. Default: none (plain, CRC-checked frames).
     #[cfg(feature = "net")]
     pub tls: Option<crate::transport::tls::TlsClient>,
+    /// Runs once the destination is READY and no cancel came first, just
+    /// before GO: an `Err` stops there, the guest staying on the source.
+    /// (`ferry send --saved` marks its file consumed here.) Default: none.
+    pub before_go: Option<BeforeGo>,
+}
+
+/// A step that must succeed before GO goes out.
+#[derive(Clone)]
+pub struct BeforeGo(pub std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for BeforeGo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeGo")
+    }
 }
 
 impl Default for MigrationConfig {
@@ -146,6 +160,7 @@ impl Default for MigrationConfig {
             label: None,
             #[cfg(feature = "net")]
             session_key: None,
+            before_go: None,
             #[cfg(feature = "net")]
             tls: None,
         }

@@ -28,7 +28,7 @@ mod progress;
 mod source;
 
 pub use config::{
-    ranges, ConfigError, MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS,
+    ranges, BeforeGo, ConfigError, MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS,
     DEFAULT_INITIAL_CREDITS, DEFAULT_PEER_TIMEOUT,
 };
 pub use error::MigrationError;

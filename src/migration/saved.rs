@@ -7,11 +7,12 @@
 //!      0    8 magic "FERRYGST"
 //!      8    4 version (2; 1: the digest counts zero pages too)
 //!     12    1 guest kind
-//!     13    3 reserved (0)
+//!     13    1 flags (1: consumed: its guest was handed over by a send)
+//!     14    2 reserved (0)
 //!     16    8 memory bytes (a multiple of 4096)
 //!     24    8 full digest of the memory
 //!     32    4 state length (at most 16 MiB)
-//!     36    4 reserved (0)
+//!     36    4 when it was consumed, Unix seconds (0 until then)
 //!     40    … state, then zeros up to the next 4096-byte boundary
 //!      M    … memory; all-zero pages are holes in a sparse file
 //! ```
@@ -36,9 +37,23 @@ fn memory_offset(state_len: usize) -> u64 {
     ((HEADER + state_len) as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
 }
 
-/// Writes paused `guest` to `path` (through a temporary file renamed into
-/// place, so a crash leaves no half-written file under the name).
+/// Header flag: the file's guest was handed over (GO sent) by a send.
+const CONSUMED: u8 = 1;
+
+/// Writes paused `guest` to `path`, which must not exist: it is written to a
+/// temporary file (mode 600) beside it and linked into place only when
+/// whole, so a crash leaves no half-written file under the name and an
+/// existing file (another guest's last copy) is never replaced.
 pub fn save_guest(guest: &dyn MigratableGuest, path: &Path) -> std::io::Result<()> {
+    if path.symlink_metadata().is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists: refusing to overwrite it (it may hold another guest)",
+                path.display()
+            ),
+        ));
+    }
     let mem = guest.memory();
     let state = guest.save_state().map_err(std::io::Error::other)?;
     if state.len() > MAX_STATE {
@@ -55,21 +70,52 @@ pub fn save_guest(guest: &dyn MigratableGuest, path: &Path) -> std::io::Result<(
     head.extend_from_slice(&(state.len() as u32).to_le_bytes());
     head.extend_from_slice(&[0; 4]);
     head.extend_from_slice(&state);
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&head)?;
-    let base = memory_offset(state.len());
-    let mut page = vec![0u8; PAGE_SIZE];
-    for i in 0..mem.pages() {
-        mem.read_page(i, &mut page);
-        if !is_zero_page(&page) {
-            f.write_all_at(&page, base + i * PAGE_SIZE as u64)?;
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    let written = (|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&head)?;
+        let base = memory_offset(state.len());
+        let mut page = vec![0u8; PAGE_SIZE];
+        for i in 0..mem.pages() {
+            mem.read_page(i, &mut page);
+            if !is_zero_page(&page) {
+                f.write_all_at(&page, base + i * PAGE_SIZE as u64)?;
+            }
         }
-    }
-    f.set_len(base + mem.len_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+        f.set_len(base + mem.len_bytes())?;
+        f.sync_all()?;
+        // A link fails if the name was taken meanwhile: nothing is replaced.
+        std::fs::hard_link(&tmp, path)?;
+        sync_dir(path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written
+}
+
+/// Makes a new name in `path`'s folder durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Marks the saved guest in `path` consumed: its guest was handed over (GO
+/// sent), so the file must never be sent again. Durable before it returns.
+pub fn mark_consumed(path: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    f.write_all_at(&(now.min(u64::from(u32::MAX)) as u32).to_le_bytes(), 36)?;
+    f.write_all_at(&[CONSUMED], 13)?;
+    f.sync_all()
 }
 
 /// Reads a saved guest back, paused, after checking its digest.
@@ -97,6 +143,13 @@ pub fn load_guest(path: &Path) -> Result<Arc<dyn MigratableGuest>, String> {
         1 => GuestKind::Kvm,
         k => return Err(format!("{}: unknown guest kind {k}", path.display())),
     };
+    if head[13] & CONSUMED != 0 {
+        return Err(format!(
+            "{} was consumed: its guest was handed over to a destination at Unix time {} (GO sent); sending it again could run it twice, so it is refused. If that migration ended unresolved, ferry saved the guest again under a new name",
+            path.display(),
+            u32_at(36)
+        ));
+    }
     let (memory_bytes, digest, state_len) = (u64_at(16), u64_at(24), u32_at(32) as usize);
     if memory_bytes == 0 || memory_bytes % PAGE_SIZE as u64 != 0 || memory_bytes > MAX_MEMORY_BYTES
     {
@@ -181,6 +234,43 @@ mod tests {
         assert!(load_guest(&path).err().unwrap().contains("truncated"));
         std::fs::write(&path, b"hello").unwrap();
         assert!(load_guest(&path).err().unwrap().contains("too short"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_save_never_replaces_a_file_and_is_private_and_a_consumed_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let mem = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        let idle = Workload {
+            pattern: WorkloadPattern::Idle,
+            dirty_rate: 0,
+            content: FillSpec::default(),
+            writers: 1,
+            seed: 1,
+        };
+        let g = SyntheticGuest::start(mem, idle);
+        g.pause();
+        let dir = std::env::temp_dir().join(format!("ferry-saved-once-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("g.guest");
+        std::fs::write(&path, b"another guest's last copy").unwrap();
+        let e = save_guest(&g, &path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"another guest's last copy");
+        std::fs::remove_file(&path).unwrap();
+        save_guest(&g, &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        load_guest(&path).unwrap();
+        mark_consumed(&path).unwrap();
+        let e = load_guest(&path).err().unwrap();
+        assert!(e.contains("was consumed"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1685,6 +1685,11 @@ async fn precopy_and_handoff(
     if ctx.cancel.is_cancelled() || !ctx.progress.commit() {
         return Err(MigrationError::Cancelled);
     }
+    // A step that must hold before the guest is handed over (a saved
+    // guest's file marked consumed): failing, GO does not go out.
+    if let Some(step) = &config.before_go {
+        (step.0)().map_err(|e| MigrationError::Guest(format!("before GO: {e}")))?;
+    }
     // From here on the source never resumes the guest.
     tally.go_sent = true;
     d.sh.send_control(&Message::Go).await?;

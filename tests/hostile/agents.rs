@@ -279,3 +279,92 @@ fn every_out_of_range_api_value_is_refused_naming_its_field() {
     assert_eq!(s, StatusCode::ACCEPTED, "{m}");
     assert_eq!(a.wait("a", m["id"].as_str().unwrap())["state"], "completed");
 }
+
+#[test]
+fn a_paused_last_copy_is_kept_from_deletes_drains_and_updates() {
+    let _serial = common::serial();
+    let a = Agents::start(
+        "hostile-paused",
+        &[
+            ("a", ""),
+            ("b", "update_hook = [\"sh\", \"-c\"]"),
+            ("c", ""),
+        ],
+    );
+    // A hand-off that leaves the guest paused on b: its only copy.
+    let (s, v) = a.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "8MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, m) = a.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "web", "target": "b", "leave_paused": true})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    assert_eq!(a.wait("a", m["id"].as_str().unwrap())["state"], "completed");
+    let (_, v) = a.call(Method::GET, "b", "/v1/vms/web", None);
+    assert_eq!(v["state"], "paused", "{v}");
+    // A plain delete is refused, saying what would be lost.
+    let (s, v) = a.call(Method::DELETE, "b", "/v1/vms/web", None);
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("it is gone"),
+        "{v}"
+    );
+    // A drain moves nothing and says the node is not empty: partial.
+    let (s, op) = a.call(Method::POST, "b", "/v1/node/drain", Some(json!({})));
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let op = a.wait_op("b", op["id"].as_str().unwrap());
+    assert_eq!(op["state"], "partial", "{op}");
+    assert_eq!(
+        op["remaining"],
+        json!([{"vm": "web", "state": "paused"}]),
+        "{op}"
+    );
+    assert!(
+        op["error"].as_str().unwrap().contains("web (paused)"),
+        "{op}"
+    );
+    // An update refuses a node that still hosts a VM, unless forced.
+    let (s, v) = a.call(
+        Method::POST,
+        "b",
+        "/v1/node/update",
+        Some(json!({"command": "true"})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still hosts web"),
+        "{v}"
+    );
+    let (s, op) = a.call(
+        Method::POST,
+        "b",
+        "/v1/node/update",
+        Some(json!({"command": "true", "force": true})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(
+        a.wait_op("b", op["id"].as_str().unwrap())["state"],
+        "completed"
+    );
+    // With force, the delete goes through and names what went.
+    let (s, v) = a.call(Method::DELETE, "b", "/v1/vms/web?force=true", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["lost"].as_str().unwrap().contains("VM web"), "{v}");
+    let (s, _) = a.call(Method::GET, "b", "/v1/vms/web", None);
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = a.call(Method::DELETE, "a", "/v1/vms/nothing?force=maybe", None);
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
