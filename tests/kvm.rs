@@ -24,10 +24,10 @@ fn kvm_here() -> bool {
     match ferry::kvm::available() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!(
-                "skipping: KVM guests need a working /dev/kvm ({e}: {:?})",
+            common::missing(&format!(
+                "KVM guests need a working /dev/kvm ({e}: {:?})",
                 std::error::Error::source(&e)
-            );
+            ));
             false
         }
     }

@@ -474,7 +474,7 @@ fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
     use ferry::migration::{Receiver, Unauthenticated};
     let _serial = serial();
     let Some(ip) = outside_address() else {
-        eprintln!("SKIP: this host has no address besides loopback");
+        common::missing("this host has no address besides loopback");
         return;
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

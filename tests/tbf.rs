@@ -1,6 +1,8 @@
 //! `ferry bench sweep --link tbf`: a kernel-shaped link between two network
 //! namespaces, set up and torn down by the sweep, interrupted or not. Needs
-//! root and iproute2; says so and skips otherwise.
+//! root and iproute2; says so and skips otherwise (fails where `CI` is set).
+
+mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,7 +47,7 @@ fn dead_pid() -> u32 {
 #[test]
 fn sweep_over_a_kernel_shaped_link_is_shaped_and_cleans_up() {
     if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: {why}");
+        common::missing(&why);
         return;
     }
     // A namespace left by a ferry that was killed outright: removed on the way in.
@@ -111,7 +113,7 @@ fn sweep_over_a_kernel_shaped_link_is_shaped_and_cleans_up() {
 #[test]
 fn an_interrupted_sweep_tears_its_link_down() {
     if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: {why}");
+        common::missing(&why);
         return;
     }
     // About 5 s of migration at 10 Mbit/s: long enough to interrupt.
@@ -148,7 +150,7 @@ fn an_interrupted_sweep_tears_its_link_down() {
 #[test]
 fn bench_link_measures_the_shaped_path() {
     if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: {why}");
+        common::missing(&why);
         return;
     }
     let out = ferry()

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The dirty rate asked of an unpaced guest: far above what it can write.
-const UNPACED: u64 = 1 << 50;
+const UNPACED: u64 = crate::memory::MAX_DIRTY_RATE;
 
 /// What `ferry bench kvm` measured.
 #[derive(Debug, Clone, Serialize)]

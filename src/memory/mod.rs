@@ -563,9 +563,13 @@ mod tests {
 
     #[test]
     fn large_memory_is_lazy() {
-        // 64 GiB of address space costs nothing until written.
+        // 64 GiB of address space costs nothing until written: one page
+        // written is backed by at most one huge page.
         let mem = GuestMemory::new(64 << 30).unwrap();
+        assert_eq!(mem.resident_bytes(), Some(0));
         mem.write_page(mem.pages() - 1, &[1u8; PAGE_SIZE]);
+        let rss = mem.resident_bytes().unwrap();
+        assert!((PAGE_SIZE as u64..=2 << 20).contains(&rss), "{rss}");
     }
 
     #[test]
