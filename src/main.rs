@@ -111,16 +111,39 @@ struct NodeArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 struct AgentArgs {
+    #[command(subcommand)]
+    sub: Option<AgentCommand>,
     /// The cluster file (nodes, addresses, token).
     #[arg(long, default_value = "cluster.toml", value_name = "FILE")]
     cluster: PathBuf,
     /// This node's name in the cluster file.
     #[arg(long)]
-    node: String,
+    node: Option<String>,
     /// Inject a fault into incoming migrations (tests): POINT:KIND.
     #[arg(long, hide = true)]
     fault: Option<ferry::migration::fault::Fault>,
+}
+
+/// `ferry agent stop`.
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Ask a running agent to stop: it drains its node (its VMs move to the
+    /// other nodes) and exits once it hosts nothing, as on SIGTERM.
+    Stop {
+        /// The node whose agent stops.
+        #[arg(long)]
+        node: String,
+        /// Stop now, discarding the VMs still on the node (named in the answer).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        cluster: orchestrate::ClusterArg,
+        /// Print the answer as one line of JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -631,23 +654,55 @@ fn main() -> ExitCode {
 }
 
 fn agent(a: AgentArgs) -> Result<ExitCode> {
+    if let Some(AgentCommand::Stop {
+        node,
+        force,
+        cluster,
+        json,
+    }) = a.sub
+    {
+        return orchestrate::agent_stop(&node, force, json, &cluster);
+    }
+    let node = a
+        .node
+        .ok_or_else(|| usage("--node: which node of the cluster file to run"))?;
     let cluster = ferry::agent::Cluster::load(&a.cluster).map_err(|e| usage(e.to_string()))?;
     cluster
-        .require_node(&a.node)
+        .require_node(&node)
         .map_err(|e| usage(format!("--node: {e}")))?;
     let cpu = CpuMeter::new();
     let rt = ferry::transport::runtime("ferry-agent", 2, &cpu)?;
     rt.block_on(async {
-        let handle = ferry::agent::serve_agent_with(cluster, &a.node, a.fault)
+        let handle = ferry::agent::serve_agent_with(cluster, &node, a.fault)
             .await
-            .with_context(|| format!("cannot start node {}", a.node))?;
+            .with_context(|| format!("cannot start node {node}"))?;
         eprintln!(
-            "node {} running: control API http://{}/v1, migrations on {}",
-            a.node, handle.control_addr, handle.data_addr
+            "node {node} running: control API http://{}/v1, migrations on {}",
+            handle.control_addr, handle.data_addr
         );
-        wait_for_stop_signal().await;
-        tracing::info!("stopping: cancelling outgoing migrations, guests stay here");
-        handle.shutdown().await;
+        tokio::select! {
+            _ = wait_for_stop_signal() => {}
+            _ = handle.node.stop.wait_asked() => {}
+        }
+        eprintln!(
+            "stopping: moving node {node}'s VMs to the other nodes; it exits once it hosts nothing (`ferry agent stop --node {node} --force` stops now)"
+        );
+        // Further signals do not kill an agent that may hold a VM's only copy.
+        tokio::spawn(async move {
+            loop {
+                wait_for_stop_signal().await;
+                eprintln!("still stopping: the node's VMs are moving away (`ferry agent stop --force` stops now, discarding them)");
+            }
+        });
+        match handle.drain_and_shutdown().await {
+            ferry::agent::StopEnd::Empty => eprintln!("node {node} hosts nothing: stopped"),
+            ferry::agent::StopEnd::Forced(vms) if vms.is_empty() => {
+                eprintln!("node {node} stopped")
+            }
+            ferry::agent::StopEnd::Forced(vms) => {
+                eprintln!("node {node} stopped with force; discarded: {}", vms.join(", "))
+            }
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

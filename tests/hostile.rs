@@ -5,6 +5,8 @@ mod common;
 
 #[path = "hostile/agents.rs"]
 mod agents;
+#[path = "hostile/api.rs"]
+mod api;
 #[path = "hostile/preauth.rs"]
 mod preauth;
 

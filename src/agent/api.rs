@@ -455,6 +455,26 @@ async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/node/stop`: the agent drains its node and exits once it hosts
+/// nothing; with `force`, at once, discarding what is still here.
+async fn stop(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let b: StopBody = optional_body(&body)?;
+    node.stop.ask(b.force);
+    let vms: Vec<String> = node.vms().into_iter().map(|v| v.spec.name).collect();
+    tracing::warn!(force = b.force, ?vms, "asked to stop");
+    Ok(json_status(
+        StatusCode::ACCEPTED,
+        &json!({ "node": node.name(), "stopping": true, "force": b.force, "vms": vms }),
+    ))
+}
+
 async fn list_operations(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.operations()))
 }
@@ -536,6 +556,17 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         );
     }
     metric(
+        "ferry_api_requests_refused_total",
+        "counter",
+        "Control API connections and requests refused, by reason.",
+        &node
+            .api_stats
+            .refused()
+            .into_iter()
+            .map(|(why, n)| (format!("{{reason=\"{why}\"}}"), n as f64))
+            .collect::<Vec<_>>(),
+    );
+    metric(
         "ferry_vms_hosted",
         "gauge",
         "VMs on this node, arriving ones included.",
@@ -568,6 +599,8 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
 
 /// The control API's routes for `node`.
 pub fn router(node: Arc<Node>) -> Router {
+    let stats = node.api_stats.clone();
+    let limit = node.api_limits.request_timeout;
     Router::new()
         .route("/v1/node", get(get_node))
         .route("/v1/vms", get(list_vms).post(create_vm))
@@ -587,6 +620,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/node/drain", axum::routing::post(drain))
         .route("/v1/node/resume", axum::routing::post(resume))
         .route("/v1/node/update", axum::routing::post(update))
+        .route("/v1/node/stop", axum::routing::post(stop))
         .route("/v1/operations", get(list_operations))
         .route(
             "/v1/operations/{id}",
@@ -601,6 +635,9 @@ pub fn router(node: Arc<Node>) -> Router {
             }
         })
         .layer(middleware::from_fn_with_state(node.clone(), require_token))
+        .layer(middleware::from_fn(move |req, next| {
+            super::listen::time_and_count(stats.clone(), limit, req, next)
+        }))
         .with_state(node)
 }
 
@@ -618,9 +655,25 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
+    /// The agent's stop as SIGTERM asks for it: drains the node (its VMs move
+    /// to the other nodes), then shuts down once it hosts nothing, or at once
+    /// when the stop is forced (`POST /v1/node/stop` with `force`), naming
+    /// the VMs discarded.
+    pub async fn drain_and_shutdown(self) -> super::StopEnd {
+        self.node.stop.ask(false);
+        let end = self.node.drain_for_stop().await;
+        if let super::StopEnd::Forced(vms) = &end {
+            if !vms.is_empty() {
+                tracing::error!(?vms, "stopping with force: these VMs are discarded");
+            }
+        }
+        self.shutdown().await;
+        end
+    }
+
     /// Stops taking requests and migrations and waits for the listeners to
     /// close. Outgoing migrations in flight are cancelled first, which
-    /// leaves each guest running here.
+    /// leaves each guest running here; whatever it hosts is discarded.
     pub async fn shutdown(self) {
         self.node.cancel_all();
         self.node.wait_idle(Duration::from_secs(30)).await;
@@ -644,6 +697,11 @@ pub async fn serve_agent_with(
     name: &str,
     fault: Option<crate::migration::fault::Fault>,
 ) -> std::io::Result<AgentHandle> {
+    // Connections in flight on both listeners and the guests' files must
+    // not run out of descriptors: take all the hard limit allows.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
     let node = Node::new(cluster, name).map_err(std::io::Error::other)?;
     let stop = CancellationToken::new();
     let weak = Arc::downgrade(&node);
@@ -693,12 +751,14 @@ pub async fn serve_agent_with(
         }
     }));
     let app = router(node.clone());
-    let s = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await;
-    }));
+    let (stats, limits) = (node.api_stats.clone(), node.api_limits);
+    tasks.push(tokio::spawn(super::listen::serve_api(
+        listener,
+        app,
+        limits,
+        stats,
+        stop.clone(),
+    )));
     tracing::info!(node = %node.spec.name, control = %control_addr, data = %data_addr, "agent running");
     node.set_mode(NodeMode::Active);
     Ok(AgentHandle {

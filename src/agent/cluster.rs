@@ -75,8 +75,18 @@ struct RawCluster {
     tls: Option<bool>,
     #[serde(default)]
     defaults: RawDefaults,
+    #[serde(default)]
+    api: RawApi,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    request_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,8 +144,47 @@ pub struct Cluster {
     /// true): each agent presents a certificate of its own, and the key's
     /// proofs are bound to each TLS channel.
     pub tls: bool,
+    /// The control API's limits (`[api]`: `max_connections`,
+    /// `header_timeout`, `request_timeout`).
+    pub api: super::listen::ApiLimits,
     /// The nodes, in the file's order.
     pub nodes: Vec<NodeSpec>,
+}
+
+/// The `[api]` table, defaults applied, each value in its range.
+fn api_limits(raw: &RawApi) -> Result<super::listen::ApiLimits, String> {
+    use std::time::Duration;
+    let mut limits = super::listen::ApiLimits::default();
+    if let Some(n) = raw.max_connections {
+        if !(1..=65_536).contains(&n) {
+            return Err(format!("max_connections: {n} is out of range (1 to 65536)"));
+        }
+        limits.max_connections = n;
+    }
+    let duration = |field: &str, text: &str, lo: Duration, hi: Duration| {
+        let d = crate::units::parse_duration(text).map_err(|e| format!("{field}: {e}"))?;
+        if d < lo || d > hi {
+            return Err(format!("{field}: {d:?} is out of range ({lo:?} to {hi:?})"));
+        }
+        Ok(d)
+    };
+    if let Some(t) = &raw.header_timeout {
+        limits.header_timeout = duration(
+            "header_timeout",
+            t,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )?;
+    }
+    if let Some(t) = &raw.request_timeout {
+        limits.request_timeout = duration(
+            "request_timeout",
+            t,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+    }
+    Ok(limits)
 }
 
 impl Cluster {
@@ -180,6 +229,7 @@ impl Cluster {
         if raw.nodes.is_empty() {
             return Err(invalid("no [[node]] in the cluster".into()));
         }
+        let api = api_limits(&raw.api).map_err(|e| invalid(format!("api.{e}")))?;
         let amount = |a: &Amount,
                       node: &str,
                       field: &str,
@@ -269,6 +319,7 @@ impl Cluster {
             token,
             key,
             tls: raw.tls.unwrap_or(true),
+            api,
             nodes,
         })
     }

@@ -4,14 +4,18 @@
 
 mod api;
 pub mod cluster;
+mod listen;
 mod node;
 mod ops;
 pub mod peer;
+mod shutdown;
 
 pub use api::{router, serve_agent, serve_agent_with, AgentHandle};
 pub use cluster::{Cluster, ClusterError, NodeSpec};
+pub use listen::{ApiLimits, ApiStats};
 pub use node::{
     Direction, Limits, MigrationState, MigrationView, Node, NodeError, NodeMode, NodeView,
     ProgressView, VmSpec, VmState, VmView,
 };
-pub use ops::{place, DrainRequest, OpKind, OpState, OperationView, Placement, Step};
+pub use ops::{place, DrainRequest, OpKind, OpState, OperationView, Placement, RemainingVm, Step};
+pub use shutdown::{Stop, StopEnd};

@@ -451,6 +451,12 @@ pub struct Node {
     pub(crate) changed: tokio::sync::Notify,
     /// The migration listener's refusals, once it listens.
     pub(crate) refusals: std::sync::OnceLock<Arc<crate::migration::ReceiverStats>>,
+    /// The agent's stop, once asked (a drain on shutdown).
+    pub stop: super::shutdown::Stop,
+    /// The control API's refusals, by reason.
+    pub api_stats: Arc<super::listen::ApiStats>,
+    /// The control API's limits.
+    pub api_limits: super::listen::ApiLimits,
 }
 
 impl std::fmt::Debug for Node {
@@ -485,6 +491,7 @@ impl Node {
                 (bps / 100).max(1 << 20),
             ))
         });
+        let api_limits = cluster.api;
         Ok(Arc::new(Self {
             peers: super::peer::Peers::new(&cluster),
             cluster,
@@ -495,6 +502,9 @@ impl Node {
             ops: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
             refusals: std::sync::OnceLock::new(),
+            stop: super::shutdown::Stop::default(),
+            api_stats: Arc::default(),
+            api_limits,
         }))
     }
 

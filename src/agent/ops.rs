@@ -275,7 +275,7 @@ impl Node {
 
     /// The other nodes that take VMs now, with their free memory; and why the
     /// others do not.
-    async fn free_elsewhere(&self) -> (Vec<(String, u64)>, Vec<String>) {
+    pub(crate) async fn free_elsewhere(&self) -> (Vec<(String, u64)>, Vec<String>) {
         let mut free = Vec::new();
         let mut excluded = Vec::new();
         for n in self

@@ -1034,3 +1034,35 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
+
+/// `ferry agent stop --node NODE [--force]`: asks the node's agent to stop.
+pub fn agent_stop(node: &str, force: bool, json: bool, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    let n = ctx.node(node)?;
+    let v = ctx.call(
+        n,
+        Method::POST,
+        "/v1/node/stop",
+        Some(&json!({ "force": force })),
+    )?;
+    if json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let vms: Vec<&str> = v["vms"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    match (force, vms.is_empty()) {
+        (_, true) => println!("node {node} hosts nothing: its agent stops"),
+        (false, false) => println!(
+            "node {node} is stopping: moving {} to the other nodes; its agent exits once it hosts nothing",
+            vms.join(", ")
+        ),
+        (true, false) => println!(
+            "node {node} stops now with force, discarding {}",
+            vms.join(", ")
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}

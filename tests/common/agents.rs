@@ -28,14 +28,15 @@ impl Drop for Dir {
     }
 }
 
-/// Writes a cluster file of `nodes` (name, extra TOML lines) with free ports.
-fn write_cluster(dir: &Path, nodes: &[(&str, &str)]) -> PathBuf {
+/// Writes a cluster file of `nodes` (name, extra TOML lines) with free ports,
+/// `top` (TOML tables such as `[api]`) before them.
+fn write_cluster(dir: &Path, top: &str, nodes: &[(&str, &str)]) -> PathBuf {
     ferry::migration::auth::write_secret_file(
         &dir.join("cluster.token"),
         format!("{TOKEN}\n").as_bytes(),
     )
     .unwrap();
-    let mut text = String::from("token_file = \"cluster.token\"\n");
+    let mut text = format!("token_file = \"cluster.token\"\n{top}\n");
     for (name, extra) in nodes {
         // 1 GiB unless the extra lines say otherwise.
         let capacity = if extra.contains("memory_capacity") {
@@ -63,8 +64,14 @@ pub struct Agents {
 
 impl Agents {
     pub fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+        Self::start_with(test, "", nodes)
+    }
+
+    /// As [`Agents::start`], with `top` (such as an `[api]` table) in the
+    /// cluster file.
+    pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Self {
         let dir = Dir::new(test);
-        let path = write_cluster(&dir.0, nodes);
+        let path = write_cluster(&dir.0, top, nodes);
         let cluster = Cluster::load(&path).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

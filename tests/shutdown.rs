@@ -1,0 +1,228 @@
+//! Drain on shutdown with real `ferry agent` processes: SIGTERM moves a
+//! node's VMs to the other nodes and the agent exits once it hosts nothing; a
+//! VM that fits nowhere keeps the agent running until `ferry agent stop
+//! --force`; a node that hosts nothing exits at once.
+
+mod common;
+
+use common::free_port;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// Agent processes of one cluster file.
+struct Procs {
+    dir: PathBuf,
+    file: PathBuf,
+    agents: Vec<(String, Child)>,
+}
+
+impl Procs {
+    /// Nodes `(name, memory_capacity)`, each an agent process.
+    fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ferry-shutdown-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ferry::migration::auth::write_secret_file(
+            &dir.join("cluster.token"),
+            b"shutdown-test-token",
+        )
+        .unwrap();
+        let mut text = "token_file = \"cluster.token\"\n".to_string();
+        let mut controls = Vec::new();
+        for (name, capacity) in nodes {
+            let control = format!("127.0.0.1:{}", free_port());
+            text += &format!(
+                "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"{capacity}\"\n",
+                free_port()
+            );
+            controls.push(control);
+        }
+        let file = dir.join("cluster.toml");
+        std::fs::write(&file, text).unwrap();
+        let mut agents = Vec::new();
+        for ((name, _), control) in nodes.iter().zip(&controls) {
+            let child = ferry()
+                .args(["agent", "--cluster", file.to_str().unwrap(), "--node", name])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let t = Instant::now();
+            while std::net::TcpStream::connect(control).is_err() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "agent {name} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            agents.push((name.to_string(), child));
+        }
+        Self { dir, file, agents }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry()
+            .args(args)
+            .args(["--cluster", self.file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.run(&all);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn agent(&mut self, name: &str) -> &mut Child {
+        &mut self.agents.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    fn signal(&mut self, name: &str, sig: &str) {
+        let pid = self.agent(name).id().to_string();
+        Command::new("kill").args([sig, &pid]).status().unwrap();
+    }
+
+    /// Waits up to `limit` for agent `name` to exit.
+    fn exited(&mut self, name: &str, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(s) = self.agent(name).try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// What agent `name` wrote on stderr (it has exited).
+    fn stderr(&mut self, name: &str) -> String {
+        let mut s = String::new();
+        use std::io::Read;
+        self.agent(name)
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    }
+
+    /// `(vm, node, state)` for every VM of the nodes still up.
+    fn vms(&self) -> Vec<(String, String, String)> {
+        let v = self.json(&["vm", "list"]);
+        let mut all: Vec<(String, String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().into(),
+                    v["node"].as_str().unwrap().into(),
+                    v["state"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn sigterm_moves_every_vm_away_and_the_agent_exits_once_empty() {
+    let _serial = common::serial();
+    let mut p = Procs::start("drain", &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    for vm in ["web-1", "web-2", "web-3"] {
+        p.json(&["vm", "create", vm, "--node", "a", "--memory", "32MiB"]);
+    }
+    p.signal("a", "-TERM");
+    let status = p
+        .exited("a", Duration::from_secs(60))
+        .expect("a exits once empty");
+    assert!(status.success(), "{status}");
+    let log = p.stderr("a");
+    assert!(log.contains("hosts nothing: stopped"), "{log}");
+    // Every VM runs elsewhere; none was lost.
+    let vms = p.vms();
+    assert_eq!(vms.len(), 3, "{vms:?}");
+    for (vm, node, state) in &vms {
+        assert!(node == "b" || node == "c", "{vm} on {node}");
+        assert_eq!(state, "running", "{vm}");
+    }
+}
+
+#[test]
+fn a_vm_that_fits_nowhere_keeps_its_agent_until_the_stop_is_forced() {
+    let _serial = common::serial();
+    let mut p = Procs::start("force", &[("a", "1GiB"), ("b", "64MiB")]);
+    p.json(&["vm", "create", "small", "--node", "a", "--memory", "16MiB"]);
+    p.json(&["vm", "create", "big", "--node", "a", "--memory", "128MiB"]);
+    p.signal("a", "-TERM");
+    // The small one moves; the big one fits nowhere: a stays up, paused.
+    let until = Instant::now() + Duration::from_secs(30);
+    while !p
+        .vms()
+        .contains(&("small".into(), "b".into(), "running".into()))
+    {
+        assert!(Instant::now() < until, "small never moved: {:?}", p.vms());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        p.exited("a", Duration::from_secs(3)).is_none(),
+        "a exited holding big"
+    );
+    let status = p.json(&["node", "status"]);
+    assert!(status.to_string().contains("paused"), "{status}");
+    // A second SIGTERM does not kill it either.
+    p.signal("a", "-TERM");
+    assert!(p.exited("a", Duration::from_secs(1)).is_none());
+    // Forced: it stops, naming what it discards.
+    let out = p.run(&["agent", "stop", "--node", "a", "--force"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("discarding big"),
+        "{out:?}"
+    );
+    let status = p
+        .exited("a", Duration::from_secs(15))
+        .expect("a stops when forced");
+    assert!(status.success());
+    let log = p.stderr("a");
+    assert!(log.contains("fits on no active node"), "{log}");
+    assert!(log.contains("discarded: big"), "{log}");
+}
+
+#[test]
+fn an_agent_that_hosts_nothing_exits_at_once() {
+    let _serial = common::serial();
+    let mut p = Procs::start("empty", &[("a", "1GiB"), ("b", "1GiB")]);
+    let t = Instant::now();
+    p.signal("a", "-TERM");
+    let status = p.exited("a", Duration::from_secs(5)).expect("a exits");
+    assert!(status.success());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // And `ferry agent stop` asks the same of b.
+    let out = p.run(&["agent", "stop", "--node", "b"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(p.exited("b", Duration::from_secs(5)).is_some());
+}
