@@ -131,19 +131,26 @@ fn hash_all(mem: &GuestMemory, threads: usize, zero_pages_count: bool) -> u64 {
                         return 0u64;
                     }
                     let zero = zero_page_hash();
-                    mem.with_pages(first, count, |bytes| {
-                        bytes
-                            .chunks_exact(PAGE_SIZE)
-                            .enumerate()
-                            .fold(0u64, |acc, (i, p)| {
-                                let (index, hash) = (first + i as u64, page_hash(p));
-                                acc.wrapping_add(if zero_pages_count {
-                                    mix(index, hash)
-                                } else {
-                                    share(index, hash, zero)
+                    let mut acc = 0u64;
+                    let mut at = first;
+                    while at < first + count {
+                        let n = crate::memory::VIEW_PAGES.min(first + count - at);
+                        acc = mem.with_pages(at, n, |bytes| {
+                            bytes
+                                .chunks_exact(PAGE_SIZE)
+                                .enumerate()
+                                .fold(acc, |acc, (i, p)| {
+                                    let (index, hash) = (at + i as u64, page_hash(p));
+                                    acc.wrapping_add(if zero_pages_count {
+                                        mix(index, hash)
+                                    } else {
+                                        share(index, hash, zero)
+                                    })
                                 })
-                            })
-                    })
+                        });
+                        at += n;
+                    }
+                    acc
                 })
             })
             .collect();

@@ -1,11 +1,17 @@
 //! Guest memory: the mmap'd page array, its dirty bitmap, initial content and the
 //! synthetic guest that dirties it.
 //!
-//! Guest memory is shared, volatile memory in the sense every VMM uses: the guest
-//! (here the synthetic writer threads) writes pages while the migration reads them.
-//! The dirty-log protocol makes a torn read harmless: a writer writes a page *and
-//! then* marks it dirty, the migration clears the mark *and then* copies the page,
-//! so any write that overlaps a copy leaves the page marked and it is sent again.
+//! Guest memory is shared memory in the sense every VMM uses: the guest (the
+//! synthetic writer threads, or a KVM vCPU) writes pages while the migration
+//! reads them. Every access from Rust goes through 8-byte atomic words
+//! (relaxed: [`GuestMemory::read_page`], [`GuestMemory::write_page`], ...), so
+//! concurrent accesses are atomic ones, never a data race; no `&[u8]` is ever
+//! made over guest memory (views copy, [`GuestMemory::with_pages`]). The
+//! kernel's writes (`readv` into a page, a vCPU's stores) are outside the Rust
+//! abstract machine, as a second process's would be. The dirty-log protocol
+//! makes a torn read harmless: a writer writes a page *and then* marks it
+//! dirty, the migration clears the mark *and then* copies the page, so any
+//! write that overlaps a copy leaves the page marked and it is sent again.
 
 mod bitmap;
 mod fill;
@@ -20,11 +26,16 @@ pub use synthetic::{
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes in one guest page.
 pub const PAGE_SIZE: usize = 4096;
 /// `log2(PAGE_SIZE)`.
 pub const PAGE_SHIFT: u32 = 12;
+/// 8-byte words in one page.
+const PAGE_WORDS: usize = PAGE_SIZE / 8;
+/// Pages a view ([`GuestMemory::with_pages`]) copies at a time.
+pub const VIEW_PAGES: u64 = 64;
 /// The largest guest memory ferry will map: 16 TiB.
 pub const MAX_MEMORY_BYTES: u64 = 16 << 40;
 
@@ -115,31 +126,36 @@ impl GuestMemory {
         })
     }
 
-    /// Maps a raw RAM image as guest memory, byte for byte, as QEMU's
-    /// `memory-backend-file` with `share=off` does: a private, copy-on-write
-    /// mapping of the file. Nothing is read up front (pages come from the page
-    /// cache as they are first touched) and the guest's writes stay in this
-    /// process; the file is never written. The image's size (a non-zero multiple
-    /// of 4 KiB) is the guest's memory size. Changing the file while it is
-    /// mapped is not supported: pages not yet written may show the change.
+    /// Loads a raw RAM image as guest memory, byte for byte. The image's
+    /// size (a non-zero multiple of 4 KiB) is the guest's memory size. The
+    /// file is copied into the guest's own anonymous memory when it is opened
+    /// (its all-zero pages left unbacked) and never written: a file changed or
+    /// truncated afterwards cannot change a migration under way, and one
+    /// truncated while it is read is refused, naming it.
     pub fn from_image(path: &Path) -> Result<Self, MemoryError> {
+        use std::os::unix::fs::FileExt;
         let image_err = |source| MemoryError::Image {
             path: path.display().to_string(),
             source,
         };
         let file = File::open(path).map_err(image_err)?;
         let bytes = file.metadata().map_err(image_err)?.len();
-        Self::check_size(bytes)?;
-        // SAFETY (of memmap2's map_copy): the mapping is private, so no other
-        // mapping sees our writes; if another process truncated the file under
-        // us, touching the lost pages would fault (SIGBUS). That is the
-        // documented contract of --image: the file is not changed while in use.
-        #[allow(unsafe_code)]
-        let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(image_err)?;
-        Ok(Self {
-            map: memmap2::MmapRaw::from(map),
-            pages: bytes >> PAGE_SHIFT,
-        })
+        let mem = Self::new(bytes)?;
+        let mut chunk = vec![0u8; (VIEW_PAGES as usize) << PAGE_SHIFT];
+        let mut first = 0u64;
+        while first < mem.pages {
+            let count = VIEW_PAGES.min(mem.pages - first);
+            let buf = &mut chunk[..(count as usize) << PAGE_SHIFT];
+            file.read_exact_at(buf, first << PAGE_SHIFT)
+                .map_err(image_err)?;
+            for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                if !crate::codec::is_zero_page(page) {
+                    mem.write_page(first + i as u64, page);
+                }
+            }
+            first += count;
+        }
+        Ok(mem)
     }
 
     /// Writes the memory to `path` as a raw RAM image, byte for byte (the format
@@ -156,10 +172,9 @@ impl GuestMemory {
             .map_err(|e| annotate(path, e))?;
         let mut written = 0u64;
         let mut at = 0u64; // the file position after the last write
-        const CHUNK: u64 = 256;
         let mut first = 0u64;
         while first < self.pages {
-            let count = CHUNK.min(self.pages - first);
+            let count = VIEW_PAGES.min(self.pages - first);
             self.with_pages(first, count, |bytes| -> std::io::Result<()> {
                 for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
                     if crate::codec::is_zero_page(page) {
@@ -227,6 +242,23 @@ impl GuestMemory {
         self.pages << PAGE_SHIFT
     }
 
+    /// Page `index` as 512 atomic words: how Rust code reads and writes
+    /// memory a guest may be writing at the same time.
+    #[allow(unsafe_code)]
+    fn words(&self, index: u64) -> &[AtomicU64] {
+        let ptr = self.page_ptr(index);
+        // SAFETY: page_ptr checked that the page lies inside the mapping,
+        // which lives as long as `self`; a page starts on a 4096-byte boundary
+        // of a page-aligned mapping, so the words are 8-aligned; AtomicU64 has
+        // u64's size and alignment and every bit pattern is a valid value.
+        // Shared references to atomics may alias freely, and no `&[u8]` or
+        // `&mut` to guest memory exists anywhere (this module makes none), so
+        // every concurrent access from Rust is an atomic one; writes by the
+        // kernel (readv) or a vCPU are outside the abstract machine, as
+        // another process's writes to shared memory are.
+        unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), PAGE_WORDS) }
+    }
+
     fn page_ptr(&self, index: u64) -> *mut u8 {
         assert!(
             index < self.pages,
@@ -239,71 +271,81 @@ impl GuestMemory {
             .wrapping_add((index as usize) << PAGE_SHIFT)
     }
 
-    /// Copies page `index` into `dst`.
+    /// Copies page `index` into `dst`, a word at a time (relaxed atomic
+    /// loads: a guest writing the page meanwhile gives a torn copy, never a
+    /// data race; the page is dirty then and is sent again).
     ///
     /// # Panics
     /// If `index` is outside the guest or `dst` is not one page long.
-    #[allow(unsafe_code)]
     pub fn read_page(&self, index: u64, dst: &mut [u8]) {
         assert_eq!(dst.len(), PAGE_SIZE);
-        let src = self.page_ptr(index);
-        // SAFETY: `src` points at PAGE_SIZE mapped bytes (checked by page_ptr) that
-        // live as long as `self`; `dst` is a distinct Rust buffer of PAGE_SIZE bytes.
-        // A guest writer may modify the page during the copy: guest memory is shared
-        // volatile memory (see the module doc), a torn copy is re-sent because the
-        // writer marks the page dirty after writing.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) }
+        for (d, w) in dst.chunks_exact_mut(8).zip(self.words(index)) {
+            d.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
     }
 
-    /// Copies `src` (one page) into page `index`.
+    /// Copies page `index` into `dst` unless it is all zeros; returns whether
+    /// it was (then `dst` is untouched): a zero page, a third of a typical
+    /// guest, is checked where it lies and never copied.
+    ///
+    /// # Panics
+    /// As [`GuestMemory::read_page`].
+    pub fn read_page_unless_zero(&self, index: u64, dst: &mut [u8]) -> bool {
+        assert_eq!(dst.len(), PAGE_SIZE);
+        let words = self.words(index);
+        // Blocks of 32 words: one branch per 256 bytes.
+        let zero = words.chunks_exact(32).all(|block| {
+            block
+                .iter()
+                .fold(0u64, |acc, w| acc | w.load(Ordering::Relaxed))
+                == 0
+        });
+        if !zero {
+            self.read_page(index, dst);
+        }
+        zero
+    }
+
+    /// Copies `src` (one page) into page `index`, a word at a time (relaxed
+    /// atomic stores).
     ///
     /// # Panics
     /// If `index` is outside the guest or `src` is not one page long.
-    #[allow(unsafe_code)]
     pub fn write_page(&self, index: u64, src: &[u8]) {
         assert_eq!(src.len(), PAGE_SIZE);
-        let dst = self.page_ptr(index);
-        // SAFETY: `dst` points at PAGE_SIZE mapped, writable bytes (checked by
-        // page_ptr, the mapping is PROT_WRITE); `src` is a distinct Rust slice.
-        // Concurrent access to the same page is the shared-guest-memory contract of
-        // the module doc: the bytes are plain data with no validity invariant.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) }
+        for (s, w) in src.chunks_exact(8).zip(self.words(index)) {
+            w.store(
+                u64::from_ne_bytes(s.try_into().expect("8 bytes")),
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Reads the little-endian `u64` at byte `offset` (8-aligned) of guest
-    /// memory: the KVM guest's control page.
+    /// memory (the KVM guest's control page), with a relaxed atomic load.
     ///
     /// # Panics
     /// If the word lies outside the guest or is not aligned.
-    #[allow(unsafe_code)]
     pub fn read_u64(&self, offset: u64) -> u64 {
-        let ptr = self.word_ptr(offset);
-        // SAFETY: word_ptr checked that 8 aligned bytes at `ptr` lie inside the
-        // mapping. A guest may write the word concurrently (shared guest
-        // memory, module doc); a volatile read of plain bytes is still sound.
-        u64::from_le(unsafe { std::ptr::read_volatile(ptr) })
+        u64::from_le(self.word(offset).load(Ordering::Relaxed))
     }
 
-    /// Writes the little-endian `u64` at byte `offset` (8-aligned).
+    /// Writes the little-endian `u64` at byte `offset` (8-aligned), with a
+    /// relaxed atomic store.
     ///
     /// # Panics
     /// As [`GuestMemory::read_u64`].
-    #[allow(unsafe_code)]
     pub fn write_u64(&self, offset: u64, value: u64) {
-        let ptr = self.word_ptr(offset);
-        // SAFETY: as for read_u64; the mapping is writable.
-        unsafe { std::ptr::write_volatile(ptr, value.to_le()) }
+        self.word(offset).store(value.to_le(), Ordering::Relaxed)
     }
 
-    fn word_ptr(&self, offset: u64) -> *mut u64 {
+    fn word(&self, offset: u64) -> &AtomicU64 {
         assert!(
             offset % 8 == 0 && offset + 8 <= self.len_bytes(),
             "word at {offset:#x} outside guest of {} bytes or unaligned",
             self.len_bytes()
         );
-        self.page_ptr(offset >> PAGE_SHIFT)
-            .wrapping_add((offset as usize) & (PAGE_SIZE - 1))
-            .cast()
+        &self.words(offset >> PAGE_SHIFT)[(offset as usize & (PAGE_SIZE - 1)) / 8]
     }
 
     /// The host address of the first byte, for registering the memory with a
@@ -314,19 +356,21 @@ impl GuestMemory {
     }
 
     /// Fills page `index` with zeros.
-    #[allow(unsafe_code)]
     pub fn zero_page(&self, index: u64) {
-        let dst = self.page_ptr(index);
-        // SAFETY: as for write_page: PAGE_SIZE mapped, writable bytes.
-        unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) }
+        for w in self.words(index) {
+            w.store(0, Ordering::Relaxed);
+        }
     }
 
-    /// Runs `f` over the bytes of pages `[first, first + count)` as one slice.
+    /// Runs `f` over a copy of the bytes of pages `[first, first + count)`,
+    /// read a word at a time: a view is never a reference into memory a
+    /// guest may be writing. The copy is `count` pages in a buffer of this
+    /// thread's: keep views small (passes over all memory go
+    /// [`VIEW_PAGES`] at a time). With the guest running the copy may be torn
+    /// between pages, which only makes the result stale.
     ///
-    /// Meant for whole-memory passes (digests, audits) while the guest is paused;
-    /// with the guest running the bytes may change underneath, which only makes the
-    /// result stale, never unsound to compute on plain bytes.
-    #[allow(unsafe_code)]
+    /// # Panics
+    /// If the range is outside the guest.
     pub fn with_pages<R>(&self, first: u64, count: u64, f: impl FnOnce(&[u8]) -> R) -> R {
         assert!(
             first
@@ -335,14 +379,27 @@ impl GuestMemory {
             "pages {first}+{count} outside guest of {} pages",
             self.pages
         );
-        let ptr = self
-            .map
-            .as_ptr()
-            .wrapping_add((first as usize) << PAGE_SHIFT);
-        // SAFETY: the range is inside the mapping (checked above) and lives as long
-        // as `self`. The bytes are plain data; see the doc comment on concurrent writers.
-        let slice = unsafe { std::slice::from_raw_parts(ptr, (count as usize) << PAGE_SHIFT) };
-        f(slice)
+        thread_local! {
+            static VIEW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let fill = |buf: &mut Vec<u8>| {
+            buf.resize((count as usize) << PAGE_SHIFT, 0);
+            for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                self.read_page(first + i as u64, page);
+            }
+        };
+        VIEW.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                fill(&mut buf);
+                f(&buf)
+            }
+            // A view inside a view: a buffer of its own.
+            Err(_) => {
+                let mut buf = Vec::new();
+                fill(&mut buf);
+                f(&buf)
+            }
+        })
     }
 }
 
@@ -408,7 +465,6 @@ impl<'a> PageFill<'a> {
 
     /// Copies bytes that arrived buffered; returns how many were taken (at most
     /// [`PageFill::remaining`]).
-    #[allow(unsafe_code)]
     pub fn copy_from(&mut self, mut src: &[u8]) -> usize {
         let mut taken = 0;
         for (ptr, len) in self.pending(usize::MAX) {
@@ -416,10 +472,7 @@ impl<'a> PageFill<'a> {
                 break;
             }
             let n = len.min(src.len());
-            // SAFETY: `ptr..ptr+n` lies inside the mapping (PageFill::new checked
-            // the regions, pending() stays inside them) and is writable; `src`
-            // is a distinct Rust slice. Guest bytes are plain data (module doc).
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), ptr, n) };
+            store_bytes(ptr, &src[..n]);
             src = &src[n..];
             taken += n;
         }
@@ -458,11 +511,44 @@ impl<'a> PageFill<'a> {
         Ok(n)
     }
 
-    /// Runs `f` over each region's bytes in order (after the fill: checksums).
+    /// Runs `f` over each region's bytes in order (after the fill:
+    /// checksums), [`VIEW_PAGES`] at a time.
     pub fn for_each_region(&self, mut f: impl FnMut(&[u8])) {
         for &(first, count) in self.regions {
-            self.memory.with_pages(first, count.into(), &mut f);
+            let mut done = 0u64;
+            while done < u64::from(count) {
+                let n = VIEW_PAGES.min(u64::from(count) - done);
+                self.memory.with_pages(first + done, n, &mut f);
+                done += n;
+            }
         }
+    }
+}
+
+/// Stores `src` at `dst` (inside guest memory, checked by the caller) with
+/// atomic stores: bytes up to an 8-byte boundary, then words, then bytes.
+#[allow(unsafe_code)]
+fn store_bytes(dst: *mut u8, src: &[u8]) {
+    let head = dst.align_offset(8).min(src.len());
+    let (bytes, rest) = src.split_at(head);
+    // SAFETY (all three loops): `dst..dst + src.len()` lies inside the guest
+    // mapping (PageFill::new checked the regions and pending() stays inside
+    // them), which outlives this call; the words are 8-aligned by
+    // construction (head brings `dst` to a boundary); atomics of any width
+    // may alias guest memory (see GuestMemory::words).
+    for (i, b) in bytes.iter().enumerate() {
+        unsafe { std::sync::atomic::AtomicU8::from_ptr(dst.add(i)) }.store(*b, Ordering::Relaxed);
+    }
+    let at = unsafe { dst.add(head) };
+    let mut words = rest.chunks_exact(8);
+    for (i, w) in (&mut words).enumerate() {
+        let word = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        unsafe { AtomicU64::from_ptr(at.add(i * 8).cast()) }.store(word, Ordering::Relaxed);
+    }
+    let tail = words.remainder();
+    let at = unsafe { at.add(rest.len() - tail.len()) };
+    for (i, b) in tail.iter().enumerate() {
+        unsafe { std::sync::atomic::AtomicU8::from_ptr(at.add(i)) }.store(*b, Ordering::Relaxed);
     }
 }
 

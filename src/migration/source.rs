@@ -15,9 +15,7 @@ use super::report::{
     round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, RoundLog, Side,
 };
 use super::{MigratableGuest, MigrationConfig, MigrationError};
-use crate::codec::{
-    is_zero_page, AutoChooser, Codec, CodecChoice, CodecId, SocketRate, SETUP_CODEC_AUTO,
-};
+use crate::codec::{AutoChooser, Codec, CodecChoice, CodecId, SocketRate, SETUP_CODEC_AUTO};
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, PAGE_SIZE};
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
@@ -469,13 +467,10 @@ impl Shared {
             // every codec look slower.
             let t = (self.codec == CodecChoice::Auto).then(crate::cpu::CpuTimer::start);
             let batch = enc.encode(job.round, codec, &job.runs, |page, buf| {
-                // Check in place first: a zero page (a third of a typical
+                // Checked in place first: a zero page (a third of a typical
                 // guest) is then never copied. A write racing the check or the
                 // copy marks the page dirty, so it is sent again either way.
-                let zero = mem.with_pages(page, 1, is_zero_page);
-                if !zero {
-                    mem.read_page(page, buf);
-                }
+                let zero = mem.read_page_unless_zero(page, buf);
                 self.hashes
                     .set(page, if zero { zero_hash } else { page_hash(buf) });
                 zero
