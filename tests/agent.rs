@@ -112,7 +112,7 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
 
     // The data address takes only sessions that prove the cluster's key.
     let data = c.agent("b").data_addr.to_string();
-    let attempt = |label: Option<ferry::wire::SessionLabel>, key: Option<&str>| {
+    let attempt = |label: Option<ferry::wire::SessionLabel>, key: Option<&[u8]>| {
         let g = common::guest(
             8 << 20,
             ferry::memory::FillSpec::default(),
@@ -121,7 +121,7 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         );
         let config = ferry::migration::MigrationConfig {
             label,
-            session_key: key.map(|k| ferry::migration::auth::SessionKey(k.as_bytes().to_vec())),
+            session_key: key.map(|k| ferry::migration::auth::SessionKey(k.to_vec())),
             // Agents take TLS only; a source with a key proves it over TLS.
             tls: key.map(|_| ferry::transport::tls::TlsClient::bound_to_key()),
             ..ferry::migration::MigrationConfig::default()
@@ -142,10 +142,16 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
     let (r, running) = attempt(None, None);
     assert!(r.error.unwrap().contains("takes TLS only"));
     assert!(running, "a refused guest keeps running");
-    let (r, running) = attempt(None, Some(TOKEN));
+    // The cluster's key is derived from its secret, never the API token's
+    // bytes: the token alone proves nothing.
+    let key = ferry::migration::auth::derive_migration_key(TOKEN.as_bytes());
+    let (r, running) = attempt(Some(label.clone()), Some(TOKEN.as_bytes()));
+    assert!(r.error.unwrap().contains("proof of the key is wrong"));
+    assert!(running);
+    let (r, running) = attempt(None, Some(&key));
     assert!(r.error.unwrap().contains("cluster's agents only"));
     assert!(running);
-    let (r, running) = attempt(Some(label.clone()), Some("a guessed token"));
+    let (r, running) = attempt(Some(label.clone()), Some(b"a guessed token"));
     assert!(r
         .error
         .unwrap()
@@ -157,7 +163,7 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         "nothing was let in: {vms}"
     );
     // With the cluster's key, a labelled session is let in.
-    let (r, running) = attempt(Some(label), Some(TOKEN));
+    let (r, running) = attempt(Some(label), Some(&key));
     assert_eq!(
         r.outcome,
         ferry::migration::Outcome::Completed,

@@ -37,7 +37,9 @@ impl Cluster {
             b"orchestrator-test-token\n",
         )
         .unwrap();
-        let mut text = format!("token_file = \"cluster.token\"\n[defaults]\n{defaults}\n");
+        let mut text = format!(
+            "token_file = \"cluster.token\"\ninsecure_api = true\n[defaults]\n{defaults}\n"
+        );
         let mut controls = Vec::new();
         for (name, cap) in [("a", "1GiB"), ("b", b_capacity), ("c", "256MiB")] {
             let control = format!("127.0.0.1:{}", free_port());

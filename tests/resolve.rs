@@ -35,7 +35,7 @@ impl Pair {
             b"resolve-test-token",
         )
         .unwrap();
-        let mut text = "token_file = \"cluster.token\"\n".to_string();
+        let mut text = "token_file = \"cluster.token\"\ninsecure_api = true\n".to_string();
         let mut controls = Vec::new();
         for name in ["a", "b"] {
             let control = format!("127.0.0.1:{}", free_port());

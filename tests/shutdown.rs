@@ -1,7 +1,9 @@
 //! Drain on shutdown with real `ferry agent` processes: SIGTERM moves a
 //! node's VMs to the other nodes and the agent exits once it hosts nothing; a
 //! VM that fits nowhere keeps the agent running until `ferry agent stop
-//! --force`; a node that hosts nothing exits at once.
+//! --force`; a node that hosts nothing exits at once. These agents serve
+//! their API over TLS (certificates from `ferry tls-cert`), which the CLI and
+//! the agents verify against the cluster file's pins.
 
 mod common;
 
@@ -38,8 +40,23 @@ impl Procs {
         let mut controls = Vec::new();
         for (name, capacity) in nodes {
             let control = format!("127.0.0.1:{}", free_port());
+            let (cert, key) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}-key.pem")),
+            );
+            let made = ferry()
+                .args([
+                    "tls-cert",
+                    "--cert",
+                    cert.to_str().unwrap(),
+                    "--key",
+                    key.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{made:?}");
             text += &format!(
-                "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"{capacity}\"\n",
+                "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"{capacity}\"\ntls_cert = \"{name}.pem\"\ntls_key = \"{name}-key.pem\"\n",
                 free_port()
             );
             controls.push(control);
@@ -225,4 +242,51 @@ fn an_agent_that_hosts_nothing_exits_at_once() {
     let out = p.run(&["agent", "stop", "--node", "b"]);
     assert!(out.status.success(), "{out:?}");
     assert!(p.exited("b", Duration::from_secs(5)).is_some());
+}
+
+#[test]
+fn the_api_is_tls_only_and_a_wrong_pin_is_refused() {
+    let _serial = common::serial();
+    let p = Procs::start("tls", &[("a", "1GiB"), ("b", "1GiB")]);
+    // The CLI verified both certificates to get here.
+    let status = p.json(&["node", "status"]);
+    assert_eq!(status.as_array().unwrap().len(), 2, "{status}");
+    let text = std::fs::read_to_string(&p.file).unwrap();
+    let control = text
+        .lines()
+        .find_map(|l| l.strip_prefix("control = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    // Plain HTTP gets nothing.
+    ferry::transport::tls::install_default_provider();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let plain = rt.block_on(
+        reqwest::Client::new()
+            .get(format!("http://{control}/v1/node"))
+            .send(),
+    );
+    assert!(plain.is_err(), "{plain:?}");
+    // A cluster file that pins another certificate for node a: refused.
+    let forged = text.replacen("tls_cert = \"a.pem\"", "tls_cert = \"b.pem\"", 1);
+    let forged_file = p.dir.join("forged.toml");
+    std::fs::write(&forged_file, forged).unwrap();
+    let out = ferry()
+        .args([
+            "node",
+            "status",
+            "--json",
+            "--cluster",
+            forged_file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = &nodes[0];
+    assert_eq!(a["state"], "unreachable", "{nodes}");
+    assert!(
+        a["error"].as_str().unwrap().contains("not the pinned one"),
+        "{a}"
+    );
+    assert_eq!(nodes[1]["state"], "active", "{nodes}");
 }

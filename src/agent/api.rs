@@ -576,7 +576,8 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 }
 
 /// Every route wants `Authorization: Bearer <token>`, compared in constant
-/// time.
+/// time: the cluster's token for everything, the read-only token for `GET`
+/// (and `HEAD`) routes and `/metrics` only.
 async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     use subtle::ConstantTimeEq;
     let given = req
@@ -585,9 +586,26 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let want = node.cluster.token.as_bytes();
-    if given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want)) {
+    let is = |want: &str| {
+        given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want.as_bytes()))
+    };
+    if is(&node.cluster.token) {
         return next.run(req).await;
+    }
+    if node.cluster.readonly_token.as_deref().is_some_and(is) {
+        let reads = matches!(
+            *req.method(),
+            axum::http::Method::GET | axum::http::Method::HEAD
+        );
+        if reads {
+            return next.run(req).await;
+        }
+        return ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: "the read-only token may only read (GET routes and /metrics)".into(),
+        }
+        .into_response();
     }
     ApiError {
         status: StatusCode::UNAUTHORIZED,
@@ -639,6 +657,23 @@ pub fn router(node: Arc<Node>) -> Router {
             super::listen::time_and_count(stats.clone(), limit, req, next)
         }))
         .with_state(node)
+}
+
+/// The API's TLS acceptor from the node's certificate and key, or `None`
+/// with `insecure_api`.
+fn api_tls(node: &Node) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let Some(cert) = &node.spec.api_cert else {
+        return Ok(None);
+    };
+    let name = &node.spec.name;
+    let key_file = node.spec.api_key_file.as_ref().ok_or_else(|| {
+        format!("node {name}: the cluster file names its tls_cert but no tls_key, which its agent needs")
+    })?;
+    let key = crate::migration::auth::read_secret_file(key_file)
+        .map_err(|e| format!("node {name}: tls_key: {e}"))?;
+    let server = crate::transport::tls::TlsServer::from_der_and_pem_key(cert, &key)
+        .map_err(|e| format!("node {name}: {e}"))?;
+    Ok(Some(server.acceptor()))
 }
 
 /// A running agent.
@@ -735,6 +770,7 @@ pub async fn serve_agent_with(
     .await?;
     let data_addr = receiver.local_addr()?;
     let _ = node.refusals.set(receiver.stats());
+    let api_tls = api_tls(&node).map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(&node.spec.control).await?;
     let control_addr = listener.local_addr()?;
     let mut tasks = Vec::new();
@@ -755,6 +791,7 @@ pub async fn serve_agent_with(
     tasks.push(tokio::spawn(super::listen::serve_api(
         listener,
         app,
+        api_tls,
         limits,
         stats,
         stop.clone(),

@@ -3,16 +3,23 @@
 //! the orchestrator's commands.
 //!
 //! ```toml
-//! token_file = "cluster.token"        # bearer token for the API and shared key for migrations
+//! token_file = "cluster.token"        # the API's bearer token
+//! readonly_token_file = "ro.token"    # optional: GET routes and /metrics only
+//! key_file = "migration.key"          # optional: migrations' key is derived from it (else from the token)
 //! tls = true                           # migrations over TLS 1.3 (the default)
 //! [defaults]
 //! max_concurrent_migrations = 2
 //! [[node]]
 //! name = "a"
-//! control = "127.0.0.1:7411"          # HTTP control API
+//! control = "127.0.0.1:7411"          # control API, HTTPS
 //! data = "127.0.0.1:7511"             # incoming migrations
 //! memory_capacity = "8GiB"            # what VMs on this node may use in total
+//! tls_cert = "a.pem"                  # the API's certificate (`ferry tls-cert`), trusted by the others
+//! tls_key = "a-key.pem"               # its private key (needed on node a only)
 //! ```
+//!
+//! `insecure_api = true` serves the API over plain HTTP instead (a trusted,
+//! isolated network: loopback demos).
 //!
 //! Relative paths resolve against the file's own folder; the token is the
 //! token file's content with surrounding white space trimmed. Sizes and rates
@@ -71,8 +78,10 @@ enum Amount {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     token_file: PathBuf,
+    readonly_token_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     tls: Option<bool>,
+    insecure_api: Option<bool>,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default)]
@@ -107,6 +116,8 @@ struct RawNode {
     max_concurrent_migrations: Option<u32>,
     max_bandwidth: Option<Amount>,
     update_hook: Option<Vec<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// One node of the cluster, defaults applied.
@@ -128,6 +139,11 @@ pub struct NodeSpec {
     /// command on this node, the command appended as the last argument; no
     /// hook, no updates.
     pub update_hook: Option<Vec<String>>,
+    /// Its control API's certificate (DER), which clients pin; `None` with
+    /// `insecure_api` (plain HTTP).
+    pub api_cert: Option<Vec<u8>>,
+    /// Its certificate's private key file, for its own agent.
+    pub api_key_file: Option<PathBuf>,
 }
 
 /// A cluster file, read and checked.
@@ -137,9 +153,16 @@ pub struct Cluster {
     pub path: PathBuf,
     /// The bearer token of every agent's control API.
     pub token: String,
-    /// The key migrations between the cluster's agents are proved with (the
-    /// token unless `key_file` names another).
+    /// A bearer token for `GET` routes and `/metrics` only
+    /// (`readonly_token_file`), for scrapers and dashboards.
+    pub readonly_token: Option<String>,
+    /// The key migrations between the cluster's agents are proved with:
+    /// derived by HKDF from `key_file`, or from the token when there is
+    /// none, so it is never the token's bytes.
     pub key: Vec<u8>,
+    /// Whether the control API is plain HTTP (`insecure_api = true`);
+    /// otherwise HTTPS with each node's pinned certificate.
+    pub insecure_api: bool,
     /// Whether migrations between agents run over TLS 1.3 (`tls`, default
     /// true): each agent presents a certificate of its own, and the key's
     /// proofs are bound to each TLS channel.
@@ -149,6 +172,14 @@ pub struct Cluster {
     pub api: super::listen::ApiLimits,
     /// The nodes, in the file's order.
     pub nodes: Vec<NodeSpec>,
+}
+
+/// A PEM certificate file's first certificate, DER.
+fn read_cert(path: &Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .map(|c| c.to_vec())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The `[api]` table, defaults applied, each value in its range.
@@ -221,11 +252,23 @@ impl Cluster {
             Ok(text.trim().to_string())
         };
         let token = read_secret(&raw.token_file, "token_file")?;
-        let key = match &raw.key_file {
-            Some(f) => read_secret(f, "key_file")?,
-            None => token.clone(),
+        let readonly_token = match &raw.readonly_token_file {
+            Some(f) => Some(read_secret(f, "readonly_token_file")?),
+            None => None,
+        };
+        if readonly_token.as_deref() == Some(token.as_str()) {
+            return Err(invalid(
+                "readonly_token_file holds the token itself: a read-only token must differ".into(),
+            ));
         }
-        .into_bytes();
+        let key = crate::migration::auth::derive_migration_key(
+            match &raw.key_file {
+                Some(f) => read_secret(f, "key_file")?,
+                None => token.clone(),
+            }
+            .as_bytes(),
+        );
+        let insecure_api = raw.insecure_api.unwrap_or(false);
         if raw.nodes.is_empty() {
             return Err(invalid("no [[node]] in the cluster".into()));
         }
@@ -304,7 +347,21 @@ impl Cluster {
             if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
                 return Err(invalid(format!("node {}: update_hook is empty", n.name)));
             }
+            let api_cert = match (&n.tls_cert, insecure_api) {
+                (Some(c), _) => Some(read_cert(&dir.join(c)).map_err(|e| {
+                    invalid(format!("node {}: tls_cert: {e}", n.name))
+                })?),
+                (None, true) => None,
+                (None, false) => {
+                    return Err(invalid(format!(
+                        "node {}: no tls_cert: the control API is served over HTTPS (make a pair with `ferry tls-cert`), or say insecure_api = true for plain HTTP on a trusted network",
+                        n.name
+                    )))
+                }
+            };
             nodes.push(NodeSpec {
+                api_cert,
+                api_key_file: n.tls_key.as_ref().map(|k| dir.join(k)),
                 name: n.name,
                 control: n.control,
                 data: n.data,
@@ -319,6 +376,8 @@ impl Cluster {
             token,
             key,
             tls: raw.tls.unwrap_or(true),
+            readonly_token,
+            insecure_api,
             api,
             nodes,
         })
@@ -395,6 +454,7 @@ mod tests {
 
     const EXAMPLE: &str = r#"
 token_file = "cluster.token"        # bearer token for the API and shared key for migrations
+insecure_api = true
 [defaults]
 max_concurrent_migrations = 2
 [[node]]
@@ -414,10 +474,15 @@ update_hook = ["sh", "-c"]
 
     #[test]
     fn the_issue_example_reads_with_defaults_applied() {
-        let d = dir_with_token("  s3cret\n");
+        let d = dir_with_token("  s3cret-s3cret-s3cret\n");
         let c = Cluster::parse(EXAMPLE, &d.path().join("cluster.toml")).unwrap();
-        assert_eq!(c.token, "s3cret");
-        assert_eq!(c.key, b"s3cret");
+        assert_eq!(c.token, "s3cret-s3cret-s3cret");
+        // The migration key is derived from the token, never the token.
+        assert_eq!(
+            c.key,
+            crate::migration::auth::derive_migration_key(b"s3cret-s3cret-s3cret")
+        );
+        assert!(c.insecure_api && c.readonly_token.is_none());
         assert_eq!(c.nodes.len(), 2);
         let a = c.node("a").unwrap();
         assert_eq!(a.control, "127.0.0.1:7411");
@@ -435,23 +500,61 @@ update_hook = ["sh", "-c"]
     }
 
     #[test]
-    fn a_separate_key_file_is_the_migration_key() {
-        let d = dir_with_token("tok");
-        crate::migration::auth::write_secret_file(&d.path().join("k"), b"key-bytes\n").unwrap();
+    fn a_separate_key_file_is_where_the_migration_key_comes_from() {
+        let d = dir_with_token("the-token-0123456789");
+        crate::migration::auth::write_secret_file(&d.path().join("k"), b"key-bytes-0123456789\n")
+            .unwrap();
         let text = EXAMPLE.replace(
             "token_file = \"cluster.token\"",
             "token_file = \"cluster.token\"\nkey_file = \"k\"",
         );
         let c = Cluster::parse(&text, &d.path().join("cluster.toml")).unwrap();
+        assert_eq!(c.token, "the-token-0123456789");
         assert_eq!(
-            (c.token.as_str(), c.key.as_slice()),
-            ("tok", &b"key-bytes"[..])
+            c.key,
+            crate::migration::auth::derive_migration_key(b"key-bytes-0123456789")
         );
     }
 
     #[test]
+    fn the_api_needs_certificates_unless_insecure_and_a_readonly_token_differs() {
+        let d = dir_with_token("the-token-0123456789");
+        let path = d.path().join("cluster.toml");
+        let secure = EXAMPLE.replace("insecure_api = true\n", "");
+        let e = Cluster::parse(&secure, &path).unwrap_err().to_string();
+        assert!(e.contains("node a: no tls_cert"), "{e}");
+        let (cert, key) = crate::transport::tls::TlsServer::generate_pem().unwrap();
+        std::fs::write(d.path().join("a.pem"), cert).unwrap();
+        crate::migration::auth::write_secret_file(&d.path().join("a-key.pem"), key.as_bytes())
+            .unwrap();
+        let with_certs = secure
+            .replace(
+                "name = \"a\"",
+                "name = \"a\"\ntls_cert = \"a.pem\"\ntls_key = \"a-key.pem\"",
+            )
+            .replace("name = \"b\"", "name = \"b\"\ntls_cert = \"a.pem\"");
+        let c = Cluster::parse(&with_certs, &path).unwrap();
+        assert!(!c.insecure_api);
+        assert!(c.node("a").unwrap().api_cert.is_some());
+        assert_eq!(c.node("b").unwrap().api_key_file, None);
+        // A read-only token: read, and never the token itself.
+        crate::migration::auth::write_secret_file(&d.path().join("ro"), b"read-only-0123456789")
+            .unwrap();
+        let ro = EXAMPLE.replace(
+            "insecure_api = true",
+            "insecure_api = true\nreadonly_token_file = \"ro\"",
+        );
+        let c = Cluster::parse(&ro, &path).unwrap();
+        assert_eq!(c.readonly_token.as_deref(), Some("read-only-0123456789"));
+        crate::migration::auth::write_secret_file(&d.path().join("ro"), b"the-token-0123456789")
+            .unwrap();
+        let e = Cluster::parse(&ro, &path).unwrap_err().to_string();
+        assert!(e.contains("must differ"), "{e}");
+    }
+
+    #[test]
     fn bad_files_are_refused_naming_what_is_wrong() {
-        let d = dir_with_token("tok");
+        let d = dir_with_token("the-token-0123456789");
         let path = d.path().join("cluster.toml");
         let err = |text: &str| Cluster::parse(text, &path).unwrap_err().to_string();
         assert!(err("token_file = 1").contains("not a valid cluster file"));
@@ -482,10 +585,12 @@ update_hook = ["sh", "-c"]
         let token = d.path().join("cluster.token");
         crate::migration::auth::write_secret_file(&token, b" \n").unwrap();
         assert!(err(EXAMPLE).contains("is empty"));
-        // A secret every user can read is refused.
+        // A short secret, or one its group or others can read, is refused.
         crate::migration::auth::write_secret_file(&token, b"tok").unwrap();
+        assert!(err(EXAMPLE).contains("at least 16"));
+        crate::migration::auth::write_secret_file(&token, b"the-token-0123456789").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(err(EXAMPLE).contains("readable or writable by every user"));
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(err(EXAMPLE).contains("group or others"));
     }
 }

@@ -1,4 +1,5 @@
-//! The control API's listener: at most `max_connections` connections at
+//! The control API's listener, over TLS unless the cluster says
+//! `insecure_api`: at most `max_connections` connections at
 //! once (more are closed at once), each closed when it sends no complete
 //! request head within the header timeout (a slow client, or an idle
 //! keep-alive connection), and each request answered within the request
@@ -40,8 +41,9 @@ impl Default for ApiLimits {
 }
 
 /// Why the API refused a connection or a request.
-const REASONS: [&str; 8] = [
+const REASONS: [&str; 9] = [
     "connection_limit",
+    "tls",
     "header_timeout",
     "request_timeout",
     "unauthorized",
@@ -111,6 +113,7 @@ pub(crate) async fn time_and_count(
 pub(crate) async fn serve_api(
     listener: TcpListener,
     app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ApiLimits,
     stats: Arc<ApiStats>,
     stop: CancellationToken,
@@ -136,24 +139,38 @@ pub(crate) async fn serve_api(
             tracing::warn!(%peer, limit = limits.max_connections, "control API: connection limit reached; closing this one");
             continue;
         };
-        let (app, stats, stop) = (app.clone(), stats.clone(), stop.clone());
+        let (app, stats, stop, tls) = (app.clone(), stats.clone(), stop.clone(), tls.clone());
         tracker.spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
-            serve_connection(stream, app, limits, &stats, &stop).await;
+            let Some(tls) = tls else {
+                serve_connection(stream, app, limits, &stats, &stop).await;
+                return;
+            };
+            // The TLS handshake counts against the header timeout.
+            match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+                Ok(Ok(s)) => serve_connection(s, app, limits, &stats, &stop).await,
+                Ok(Err(e)) => {
+                    stats.count("tls");
+                    tracing::debug!(%peer, error = %e, "control API: TLS handshake failed");
+                }
+                Err(_) => stats.count("header_timeout"),
+            }
         });
     }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     app: Router,
     limits: ApiLimits,
     stats: &ApiStats,
     stop: &CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

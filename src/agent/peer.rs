@@ -1,15 +1,19 @@
 //! Calls to other agents' control APIs (and the orchestrator's calls to any
-//! agent): plain HTTP with the cluster's bearer token, JSON in and out.
+//! agent): HTTPS to each node pinned to that node's certificate from the
+//! cluster file (plain HTTP only with `insecure_api`), the cluster's bearer
+//! token, JSON in and out.
 
 use super::cluster::{Cluster, NodeSpec};
 use reqwest::Method;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// A client for the agents of one cluster.
 #[derive(Debug, Clone)]
 pub struct Peers {
-    http: reqwest::Client,
+    /// Per node: its client (pinned to its certificate) and URL scheme.
+    clients: HashMap<String, (reqwest::Client, &'static str)>,
     token: String,
 }
 
@@ -42,13 +46,17 @@ pub enum PeerError {
 impl Peers {
     /// A client with `cluster`'s token.
     pub fn new(cluster: &Cluster) -> Self {
-        Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("an HTTP client without TLS builds"),
-            token: cluster.token.clone(),
-        }
+        Self::with_token(cluster, cluster.token.clone())
+    }
+
+    /// A client presenting `token` (the read-only one, say).
+    pub fn with_token(cluster: &Cluster, token: String) -> Self {
+        let clients = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), client_for(n)))
+            .collect();
+        Self { clients, token }
     }
 
     /// `method path` on `node`'s API with an optional JSON body.
@@ -59,8 +67,12 @@ impl Peers {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, PeerError> {
-        let url = format!("http://{}{path}", node.control);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        let (http, scheme) = match self.clients.get(&node.name) {
+            Some((c, s)) => (c.clone(), *s),
+            None => client_for(node),
+        };
+        let url = format!("{scheme}://{}{path}", node.control);
+        let mut req = http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -71,7 +83,7 @@ impl Peers {
         let resp = req
             .send()
             .await
-            .map_err(|e| unreachable(format!("cannot reach {url}: {e}")))?;
+            .map_err(|e| unreachable(format!("cannot reach {url}: {}", chain(&e))))?;
         let status = resp.status();
         let text = resp
             .text()
@@ -108,4 +120,37 @@ impl Peers {
     ) -> Result<Value, PeerError> {
         self.call(node, Method::POST, path, Some(body)).await
     }
+}
+
+/// A client for `node`: HTTPS trusting exactly its certificate, or plain
+/// HTTP when the cluster has none (`insecure_api`).
+fn client_for(node: &NodeSpec) -> (reqwest::Client, &'static str) {
+    crate::transport::tls::install_default_provider();
+    let builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    match &node.api_cert {
+        Some(der) => (
+            builder
+                .use_preconfigured_tls(crate::transport::tls::TlsClient::pinned_config(der))
+                .https_only(true)
+                .build()
+                .expect("an HTTPS client with a pinned certificate builds"),
+            "https",
+        ),
+        None => (builder.build().expect("an HTTP client builds"), "http"),
+    }
+}
+
+/// An error and its causes, as one line (a TLS refusal sits deep inside).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }

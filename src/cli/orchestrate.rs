@@ -951,7 +951,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
     let mut text =
-        "token_file = \"cluster.token\"\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
+        "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
     for name in ["a", "b", "c"] {
         text += &format!(
             "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"16GiB\"\n",

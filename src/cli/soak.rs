@@ -97,7 +97,8 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
         .map(|b| format!("{b:02x}"))
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
-    let mut text = "token_file = \"cluster.token\"\n".to_string();
+    // Two agents of this process's own on loopback: plain HTTP.
+    let mut text = "token_file = \"cluster.token\"\ninsecure_api = true\n".to_string();
     for name in ["a", "b"] {
         text += &format!(
             "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"64GiB\"\n",

@@ -34,7 +34,7 @@ impl std::fmt::Debug for SessionKey {
     }
 }
 
-/// The shortest key accepted from a file, bytes.
+/// The shortest secret (key, token) accepted from a file, bytes.
 pub const MIN_KEY_LEN: usize = 16;
 
 impl SessionKey {
@@ -44,44 +44,92 @@ impl SessionKey {
         Self(random_bytes::<32>().to_vec())
     }
 
-    /// Reads a key file: its bytes, trailing whitespace trimmed. Refuses a
-    /// file that others than its owner and group may read or write, and a
-    /// key shorter than [`MIN_KEY_LEN`].
+    /// Reads a key file ([`read_secret_file`]'s rules: at least
+    /// [`MIN_KEY_LEN`] bytes, its owner's alone, not through a symlink).
     pub fn load(path: &Path) -> Result<Self, String> {
-        let bytes = read_secret_file(path)?;
-        if bytes.len() < MIN_KEY_LEN {
-            return Err(format!(
-                "key file {} holds {} bytes; a key needs at least {MIN_KEY_LEN}",
-                path.display(),
-                bytes.len()
-            ));
-        }
-        Ok(Self(bytes))
+        read_secret_file(path).map(Self)
     }
 }
 
-/// Reads a secret (key or token) file, trailing whitespace trimmed, refusing
-/// one that is world-readable or world-writable.
+/// Reads a secret (key, token or private key) file, trailing whitespace
+/// trimmed. Refuses, naming why: a symlink (the file must be where it is
+/// named), a file owned by another user, one that its group or others may
+/// read or write, and a secret shorter than [`MIN_KEY_LEN`] bytes.
 pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o006 != 0 {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let shown = path.display();
+    let link = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    if link.file_type().is_symlink() {
         return Err(format!(
-            "{} is readable or writable by every user (mode {mode:03o}); \
-             a key must not be: chmod 600 {}",
-            path.display(),
-            path.display()
+            "{shown} is a symlink: a secret file must be the file itself"
         ));
     }
-    let mut bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // No following a symlink swapped in since, and the checks below are of
+    // the file actually opened.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{shown} may be read or written by its group or others (mode {mode:03o}); a secret must not be: chmod 600 {shown}"
+        ));
+    }
+    let me = effective_uid();
+    if meta.uid() != me {
+        return Err(format!(
+            "{shown} belongs to user {} and this process runs as user {me}: a secret must be its reader's own",
+            meta.uid()
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.by_ref()
+        .take(1 << 20)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{shown}: {e}"))?;
     while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
         bytes.pop();
     }
     if bytes.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(format!("{shown} is empty"));
+    }
+    if bytes.len() < MIN_KEY_LEN {
+        return Err(format!(
+            "{shown} holds {} bytes; a secret needs at least {MIN_KEY_LEN}",
+            bytes.len()
+        ));
     }
     Ok(bytes)
+}
+
+/// This process's effective user id.
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory of ours and
+    // cannot fail (POSIX: "always successful").
+    unsafe { libc::geteuid() }
+}
+
+/// The label under which the migration key is derived.
+const MIGRATION_KEY_INFO: &[u8] = b"ferry v2 migration key";
+
+/// The key a cluster's migrations are proved with, derived by HKDF-SHA256
+/// under its own label from `secret` (the cluster's key file, or its API
+/// token when there is none): never the same bytes as the token, so the one
+/// cannot stand for the other.
+pub fn derive_migration_key(secret: &[u8]) -> Vec<u8> {
+    let hk = hkdf::Hkdf::<Sha256>::new(Some(b"ferry cluster"), secret);
+    let mut key = vec![0u8; 32];
+    hk.expand(MIGRATION_KEY_INFO, &mut key)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    key
 }
 
 /// Writes a secret file that only its owner may read (mode 600).
@@ -427,22 +475,52 @@ mod tests {
     }
 
     #[test]
-    fn key_files_must_not_be_open_to_everyone() {
+    fn secret_files_must_be_their_owner_s_alone_and_long_enough() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("ferry-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("key");
         std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = SessionKey::load(&path).unwrap_err();
-        assert!(
-            err.contains("readable or writable by every user (mode 644)"),
-            "{err}"
-        );
+        for (mode, shown) in [
+            (0o644, "644"),
+            (0o640, "640"),
+            (0o620, "620"),
+            (0o602, "602"),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = SessionKey::load(&path).unwrap_err();
+            assert!(
+                err.contains(&format!("group or others (mode {shown})")),
+                "{err}"
+            );
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(SessionKey::load(&path).unwrap().0, b"0123456789abcdef0123");
+        // Reached through a symlink: refused, even to a good file.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(SessionKey::load(&link).unwrap_err().contains("symlink"));
         std::fs::write(&path, "short").unwrap();
         assert!(SessionKey::load(&path).unwrap_err().contains("at least 16"));
+        // Owned by another user (root can give it away to test this).
+        if effective_uid() == 0 {
+            std::fs::write(&path, "0123456789abcdef0123").unwrap();
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert!(SessionKey::load(&path)
+                .unwrap_err()
+                .contains("belongs to user 65534"));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_migration_key_is_derived_and_never_the_token() {
+        let token = b"the-cluster-token-0123456789";
+        let key = derive_migration_key(token);
+        assert_eq!(key.len(), 32);
+        assert_ne!(key.as_slice(), &token[..]);
+        assert_eq!(key, derive_migration_key(token), "deterministic");
+        assert_ne!(key, derive_migration_key(b"another-token-0123456789"));
     }
 }

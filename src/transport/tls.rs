@@ -26,6 +26,16 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring this process's default TLS crypto provider, once (HTTP clients
+/// need one even for plain HTTP; ferry builds with ring only).
+pub fn install_default_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another part of the process may have installed one: that one stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// What a connection's TLS session binds its proofs to: 32 bytes of
 /// exported keying material, the same on both ends only when no one sits in
 /// between.
@@ -62,6 +72,18 @@ impl TlsServer {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             certificate: cert.to_vec(),
         })
+    }
+
+    /// Presents certificate `der` with its private key (PEM bytes, read by
+    /// the caller under the secret-file rules).
+    pub fn from_der_and_pem_key(der: &[u8], key: &[u8]) -> Result<Self, String> {
+        let k = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls_key: {e}"))?;
+        Self::with(CertificateDer::from(der.to_vec()), k)
+    }
+
+    /// The acceptor, for servers other than migration channels (the API).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor.clone()
     }
 
     /// Presents the certificate and key in PEM files.
@@ -138,7 +160,7 @@ impl ServerCertVerifier for Pinned {
     ) -> Result<ServerCertVerified, rustls::Error> {
         match &self.certificate {
             Some(pin) if pin.as_slice() != end_entity.as_ref() => Err(rustls::Error::General(
-                "the receiver's TLS certificate is not the pinned one".into(),
+                "the peer's TLS certificate is not the pinned one".into(),
             )),
             _ => Ok(ServerCertVerified::assertion()),
         }
@@ -191,6 +213,22 @@ impl TlsClient {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             pinned,
         }
+    }
+
+    /// A client configuration (TLS 1.3, ring) that trusts only the server
+    /// presenting certificate `der`, whatever name it is reached by: for
+    /// HTTPS clients of a cluster's agents, each pinned to its node.
+    pub fn pinned_config(der: &[u8]) -> rustls::ClientConfig {
+        let provider = provider();
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring offers TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                certificate: Some(der.to_vec()),
+                provider,
+            }))
+            .with_no_client_auth()
     }
 
     /// Whether it checks the receiver's certificate against a pin (else the

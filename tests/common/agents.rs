@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "test-token-0123456789";
+pub const READONLY_TOKEN: &str = "read-only-token-0123456789";
 
 /// A folder for a test's cluster file, removed at the end.
 struct Dir(PathBuf);
@@ -36,7 +37,15 @@ fn write_cluster(dir: &Path, top: &str, nodes: &[(&str, &str)]) -> PathBuf {
         format!("{TOKEN}\n").as_bytes(),
     )
     .unwrap();
-    let mut text = format!("token_file = \"cluster.token\"\n{top}\n");
+    // A read-only token beside it, for tests that name it in `top`.
+    ferry::migration::auth::write_secret_file(
+        &dir.join("readonly.token"),
+        format!("{READONLY_TOKEN}\n").as_bytes(),
+    )
+    .unwrap();
+    // In-process agents on loopback: plain HTTP (tests/shutdown.rs runs the
+    // API over TLS).
+    let mut text = format!("token_file = \"cluster.token\"\ninsecure_api = true\n{top}\n");
     for (name, extra) in nodes {
         // 1 GiB unless the extra lines say otherwise.
         let capacity = if extra.contains("memory_capacity") {
@@ -73,6 +82,7 @@ impl Agents {
         let dir = Dir::new(test);
         let path = write_cluster(&dir.0, top, nodes);
         let cluster = Cluster::load(&path).unwrap();
+        ferry::transport::tls::install_default_provider();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -107,3 +107,54 @@ fn an_idle_kept_alive_connection_and_a_slow_body_are_ended() {
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 408");
 }
+
+#[test]
+fn the_read_only_token_reads_and_changes_nothing() {
+    use super::common::agents::READONLY_TOKEN;
+    let a = Agents::start_with(
+        "hostile-api-ro",
+        "readonly_token_file = \"readonly.token\"",
+        &[("a", ""), ("b", "")],
+    );
+    let ro = |method: Method, path: &str, body: Option<&str>| {
+        a.call_with(
+            Some(READONLY_TOKEN),
+            method,
+            "a",
+            path,
+            body.map(String::from),
+        )
+    };
+    assert_eq!(ro(Method::GET, "/v1/node", None).0, StatusCode::OK);
+    assert_eq!(ro(Method::GET, "/v1/vms", None).0, StatusCode::OK);
+    assert_eq!(ro(Method::GET, "/metrics", None).0, StatusCode::OK);
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/v1/vms",
+            Some(r#"{"name": "x", "memory": "8MiB"}"#),
+        ),
+        (Method::POST, "/v1/node/drain", Some("{}")),
+        (Method::POST, "/v1/node/stop", Some(r#"{"force": true}"#)),
+        (Method::DELETE, "/v1/vms/x", None),
+        (Method::DELETE, "/v1/migrations/x", None),
+    ] {
+        let (s, v) = ro(method.clone(), path, body);
+        assert_eq!(s, StatusCode::FORBIDDEN, "{method} {path}: {v}");
+        assert_eq!(v["error"]["code"], "forbidden", "{v}");
+    }
+    // Nothing changed: no VM, the node still active, and the refusals counted.
+    let (_, vms) = a.call(Method::GET, "a", "/v1/vms", None);
+    assert_eq!(vms.as_array().unwrap().len(), 0);
+    assert!(!a.agent("a").node.stop.asked());
+    let (_, text) = a.call(Method::GET, "a", "/metrics", None);
+    let text = text.as_str().unwrap().to_string();
+    assert_eq!(
+        counter(
+            &text,
+            "ferry_api_requests_refused_total{reason=\"forbidden\"}"
+        ),
+        5,
+        "{text}"
+    );
+}
