@@ -32,6 +32,77 @@ fn baseline(c: &mut Criterion) {
     g.finish();
 }
 
+/// Guest memory's accessors (8-byte atomic words, no references into memory
+/// a guest may be writing) beside plain copies of the same bytes.
+fn guest_memory(c: &mut Criterion) {
+    let mut g = c.benchmark_group("guest_memory");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let mem = GuestMemory::new(MIB as u64).unwrap();
+    let data = pages_of(ContentKind::Random, 256);
+    for (i, p) in data.chunks_exact(PAGE_SIZE).enumerate() {
+        mem.write_page(i as u64, p);
+    }
+    let zeros = GuestMemory::new(MIB as u64).unwrap();
+    for i in 0..256 {
+        zeros.zero_page(i);
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut plain = data.clone();
+    g.bench_function("memcpy_pages/1MiB", |b| {
+        b.iter(|| {
+            for (d, s) in plain
+                .chunks_exact_mut(PAGE_SIZE)
+                .zip(data.chunks_exact(PAGE_SIZE))
+            {
+                page.copy_from_slice(black_box(s));
+                d.copy_from_slice(&page);
+            }
+        })
+    });
+    g.bench_function("read_page/1MiB", |b| {
+        b.iter(|| {
+            for i in 0..256 {
+                mem.read_page(black_box(i), &mut page);
+            }
+        })
+    });
+    g.bench_function("write_page/1MiB", |b| {
+        b.iter(|| {
+            for i in 0..256 {
+                mem.write_page(black_box(i), &data[..PAGE_SIZE]);
+            }
+        })
+    });
+    g.bench_function("read_page_unless_zero/data", |b| {
+        b.iter(|| {
+            (0..256)
+                .filter(|&i| mem.read_page_unless_zero(black_box(i), &mut page))
+                .count()
+        })
+    });
+    g.bench_function("read_page_unless_zero/zero", |b| {
+        b.iter(|| {
+            (0..256)
+                .filter(|&i| zeros.read_page_unless_zero(black_box(i), &mut page))
+                .count()
+        })
+    });
+    g.bench_function("plain_check_then_copy/data", |b| {
+        b.iter(|| {
+            data.chunks_exact(PAGE_SIZE)
+                .filter(|p| {
+                    let zero = is_zero_page(black_box(p));
+                    if !zero {
+                        page.copy_from_slice(p);
+                    }
+                    zero
+                })
+                .count()
+        })
+    });
+    g.finish();
+}
+
 fn zero_detection(c: &mut Criterion) {
     let mut g = c.benchmark_group("zero_detect");
     g.throughput(Throughput::Bytes(MIB as u64));
@@ -199,6 +270,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = baseline, zero_detection, bitmap, codecs, frames_and_batches
+    targets = baseline, guest_memory, zero_detection, bitmap, codecs, frames_and_batches
 }
 criterion_main!(benches);

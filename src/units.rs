@@ -150,7 +150,7 @@ impl fmt::Display for Bytes {
 /// A size printed exactly in its largest whole binary unit: `64MiB`, `1GiB`, `1000`.
 pub fn compact_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

@@ -393,10 +393,11 @@ impl AutoChooser {
         // migration directly (about 5% at one probe in four): half as often.
         let cpu_bound = self.bounds(best).is_some_and(|(cpu, wire)| cpu < wire);
         let every = if cpu_bound { every * 2 } else { every };
-        let probe = !self.measured() || self.batches % every == 0 || self.probe_soon;
+        let probe = !self.measured() || self.batches.is_multiple_of(every) || self.probe_soon;
         if probe {
             self.probes += 1;
-            let full = !self.measured() || self.probe_soon || self.probes % PROBE_ALL_EVERY == 0;
+            let full =
+                !self.measured() || self.probe_soon || self.probes.is_multiple_of(PROBE_ALL_EVERY);
             let top = self.throughput(best).unwrap_or(0.0);
             for i in 0..CANDIDATES.len() {
                 self.probe_set[i] =

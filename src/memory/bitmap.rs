@@ -67,7 +67,7 @@ impl DirtyBitmap {
     pub fn merge_words(&self, words: &[u64]) {
         for (i, (&w, word)) in words.iter().zip(self.words.iter()).enumerate() {
             let mut w = w;
-            if i == self.words.len() - 1 && self.pages % 64 != 0 {
+            if i == self.words.len() - 1 && !self.pages.is_multiple_of(64) {
                 w &= (1u64 << (self.pages % 64)) - 1;
             }
             if w != 0 {

@@ -108,7 +108,7 @@ impl GuestMemory {
                 reason: "must not be zero",
             });
         }
-        if bytes % PAGE_SIZE as u64 != 0 {
+        if !bytes.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MemoryError::BadSize {
                 bytes,
                 reason: "must be a multiple of 4 KiB",
@@ -279,8 +279,9 @@ impl GuestMemory {
     /// If `index` is outside the guest or `dst` is not one page long.
     pub fn read_page(&self, index: u64, dst: &mut [u8]) {
         assert_eq!(dst.len(), PAGE_SIZE);
-        for (d, w) in dst.chunks_exact_mut(8).zip(self.words(index)) {
-            d.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        let (dst, _) = dst.as_chunks_mut::<8>();
+        for (d, w) in dst.iter_mut().zip(self.words(index)) {
+            *d = w.load(Ordering::Relaxed).to_ne_bytes();
         }
     }
 
@@ -313,11 +314,9 @@ impl GuestMemory {
     /// If `index` is outside the guest or `src` is not one page long.
     pub fn write_page(&self, index: u64, src: &[u8]) {
         assert_eq!(src.len(), PAGE_SIZE);
-        for (s, w) in src.chunks_exact(8).zip(self.words(index)) {
-            w.store(
-                u64::from_ne_bytes(s.try_into().expect("8 bytes")),
-                Ordering::Relaxed,
-            );
+        let (src, _) = src.as_chunks::<8>();
+        for (s, w) in src.iter().zip(self.words(index)) {
+            w.store(u64::from_ne_bytes(*s), Ordering::Relaxed);
         }
     }
 
@@ -341,7 +340,7 @@ impl GuestMemory {
 
     fn word(&self, offset: u64) -> &AtomicU64 {
         assert!(
-            offset % 8 == 0 && offset + 8 <= self.len_bytes(),
+            offset.is_multiple_of(8) && offset + 8 <= self.len_bytes(),
             "word at {offset:#x} outside guest of {} bytes or unaligned",
             self.len_bytes()
         );
@@ -511,15 +510,15 @@ impl<'a> PageFill<'a> {
         Ok(n)
     }
 
-    /// Runs `f` over each region's bytes in order (after the fill:
-    /// checksums), [`VIEW_PAGES`] at a time.
-    pub fn for_each_region(&self, mut f: impl FnMut(&[u8])) {
+    /// Runs `f` over each filled page in order (after the fill: checksums
+    /// and hashes), with its index and a copy of its bytes: one copy per
+    /// page serves every pass over it.
+    pub fn for_each_page(&self, mut f: impl FnMut(u64, &[u8])) {
+        let mut page = [0u8; PAGE_SIZE];
         for &(first, count) in self.regions {
-            let mut done = 0u64;
-            while done < u64::from(count) {
-                let n = VIEW_PAGES.min(u64::from(count) - done);
-                self.memory.with_pages(first + done, n, &mut f);
-                done += n;
+            for index in first..first + u64::from(count) {
+                self.memory.read_page(index, &mut page);
+                f(index, &page);
             }
         }
     }

@@ -341,10 +341,8 @@ impl Shared {
                     self.memory.write_page(page, bytes);
                     self.hashes.set(page, page_hash(bytes));
                 }
-                Page::Placed => {
-                    let hash = self.memory.with_pages(page, 1, page_hash);
-                    self.hashes.set(page, hash);
-                }
+                // Hashed as it was read and CRC-checked (read_placing).
+                Page::Placed => {}
                 Page::Zero => {
                     // Round 0 is every page's first copy and fresh memory is
                     // zero: leave zero pages unbacked.
@@ -567,7 +565,9 @@ async fn channel_task(
             let received = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                f = rd.read_placing(&sh.memory, sh.limits, accept) => f?,
+                f = rd.read_placing(&sh.memory, sh.limits, accept, |page, bytes| {
+                    sh.hashes.set(page, page_hash(bytes))
+                }) => f?,
             };
             let (header, batch, fresh) = match received {
                 None => return Err(MigrationError::PeerClosed { channel: ch }),

@@ -131,7 +131,7 @@ impl DestMachine {
     /// every later batch.
     pub fn handle_setup(&mut self, m: &SessionSetup) -> Result<Limits, MigrationError> {
         self.expect(DestState::AwaitSetup, "SESSION_SETUP")?;
-        if m.memory_bytes == 0 || m.memory_bytes % PAGE_SIZE as u64 != 0 {
+        if m.memory_bytes == 0 || !m.memory_bytes.is_multiple_of(PAGE_SIZE as u64) {
             return self.fail(MigrationError::Protocol(format!(
                 "guest memory of {} bytes is not a positive multiple of the page size",
                 m.memory_bytes

@@ -238,8 +238,9 @@ impl FrameReader {
     /// socket into `memory` (no staging copy), after its metadata has been
     /// decoded against `limits` and `accept`ed (the receiver's state check, so
     /// no page is written unless a batch is welcome; `Ok(false)` reads the
-    /// batch whole instead, unplaced). The CRC is then checked
-    /// over the pages in place; on any error the session ends, and the pages
+    /// batch whole instead, unplaced). The CRC is then checked over the
+    /// pages in place, each page copied once for it and for `on_page` (the
+    /// receiver's hash, valid only if the CRC holds); on any error the session ends, and the pages
     /// written are the destination's discarded copy. Other frames come back
     /// whole, as from [`FrameReader::read_frame`].
     pub async fn read_placing(
@@ -247,6 +248,7 @@ impl FrameReader {
         memory: &GuestMemory,
         limits: Limits,
         accept: impl FnOnce(&Header, &PageBatch) -> Result<bool, MigrationError>,
+        mut on_page: impl FnMut(u64, &[u8]),
     ) -> Result<Option<Received>, MigrationError> {
         let Some((raw, header, crc)) = self.read_header().await? else {
             return Ok(None);
@@ -311,7 +313,10 @@ impl FrameReader {
         }
         let mut check = FrameCrc::new(&raw);
         check.update(&meta);
-        fill.for_each_region(|b| check.update(b));
+        fill.for_each_page(|index, bytes| {
+            check.update(bytes);
+            on_page(index, bytes);
+        });
         check.check(crc)?;
         self.bytes
             .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);

@@ -485,7 +485,7 @@ mod tests {
 
     /// Page `p`'s content in these tests: zero when p % 3 == 0, else a pattern.
     fn content(p: u64, buf: &mut [u8]) -> bool {
-        if p % 3 == 0 {
+        if p.is_multiple_of(3) {
             buf.fill(0);
             return true;
         }
