@@ -676,7 +676,29 @@ mod tests {
     }
 
     #[test]
-    fn an_image_is_mapped_privately_and_never_written() {
+    fn an_image_changed_or_truncated_after_opening_changes_nothing() {
+        let path = std::env::temp_dir().join(format!("ferry-trunc-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 64 * PAGE_SIZE]).unwrap();
+        let mem = GuestMemory::from_image(&path).unwrap();
+        // Another process rewrites and then truncates the file: a mapping of
+        // it would show the change, then fault (SIGBUS) on the lost pages.
+        std::fs::write(&path, vec![1u8; 64 * PAGE_SIZE]).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(PAGE_SIZE as u64)
+            .unwrap();
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in 0..64 {
+            mem.read_page(p, &mut page);
+            assert!(page.iter().all(|&b| b == 7), "page {p} changed");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn an_image_is_never_written() {
         let path = std::env::temp_dir().join(format!("ferry-cow-{}", std::process::id()));
         std::fs::write(&path, vec![5u8; 4 * PAGE_SIZE]).unwrap();
         let mem = GuestMemory::from_image(&path).unwrap();
