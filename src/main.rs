@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod cli {
+    pub mod hostile;
     pub mod orchestrate;
     pub mod receive;
     pub mod send;
@@ -186,6 +187,9 @@ enum BenchCommand {
     /// Guests moved back and forth between two agent processes, hundreds of
     /// times: mismatches, failures, and the agents' memory and descriptors.
     Soak(cli::soak::SoakArgs),
+    /// The hostile suite against a live receiver or agent: what each hostile
+    /// input got, against what ferry promises; a real migration at the end.
+    Hostile(cli::hostile::HostileArgs),
 }
 
 #[derive(Args, Debug)]
@@ -631,6 +635,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
         Command::Bench(BenchCommand::Kvm(a)) => bench_kvm(a),
         Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
+        Command::Bench(BenchCommand::Hostile(a)) => cli::hostile::hostile(a),
         Command::Image(a) => image(a),
         Command::TlsCert(a) => tls_cert(a),
         Command::Agent(a) => agent(a),

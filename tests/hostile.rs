@@ -7,6 +7,8 @@ mod common;
 mod agents;
 #[path = "hostile/api.rs"]
 mod api;
+#[path = "hostile/bench.rs"]
+mod bench;
 #[path = "hostile/preauth.rs"]
 mod preauth;
 

@@ -4,6 +4,8 @@
 
 #[cfg(feature = "net")]
 pub mod charts;
+#[cfg(feature = "net")]
+pub mod hostile;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 #[cfg(feature = "net")]

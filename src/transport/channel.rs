@@ -356,6 +356,7 @@ impl FrameReader {
                 });
             }
             got += n;
+            crate::wire::check_magic(&raw[..got])?;
         }
         let (header, crc) = Header::parse(&raw)?;
         if header.payload_len > self.max_payload {

@@ -174,6 +174,21 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
+/// Checks the magic once `prefix` (the start of a frame) holds its four
+/// bytes, so a stream that is not ferry's is refused before a whole header.
+pub fn check_magic(prefix: &[u8]) -> Result<(), DecodeError> {
+    match prefix.get(..4) {
+        Some(m) => {
+            let found = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+            if found != MAGIC {
+                return Err(DecodeError::BadMagic { found });
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
 /// A resumable decoder: feed it bytes as they arrive; `Ok(None)` means it needs
 /// more. The header is checked as soon as it is complete, so an oversized length
 /// is refused before any memory is reserved for it.
@@ -192,6 +207,9 @@ impl FrameDecoder {
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
         if self.pending.is_none() {
             if src.len() < HEADER_LEN {
+                // A stream that does not open with the magic is refused on
+                // its first four bytes, not left waiting for a full header.
+                check_magic(src)?;
                 return Ok(None);
             }
             let raw: [u8; HEADER_LEN] = src[..HEADER_LEN].try_into().unwrap();
@@ -313,6 +331,15 @@ mod tests {
                 max: MAX_FRAME_LEN
             }
         );
+    }
+
+    #[test]
+    fn a_stream_without_the_magic_is_refused_on_its_first_four_bytes() {
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        let err = FrameDecoder::new().decode(&mut buf).unwrap_err();
+        assert!(matches!(err, DecodeError::BadMagic { .. }), "{err}");
+        let mut short = BytesMut::from(&b"FRY"[..]);
+        assert_eq!(FrameDecoder::new().decode(&mut short), Ok(None));
     }
 
     #[test]

@@ -26,7 +26,9 @@ mod message;
 pub use batch::{
     BatchEncoder, EncodedBatch, Page, PageBatch, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH,
 };
-pub use frame::{encode_frame, encode_header, Frame, FrameCrc, FrameDecoder, Header, HEADER_LEN};
+pub use frame::{
+    check_magic, encode_frame, encode_header, Frame, FrameCrc, FrameDecoder, Header, HEADER_LEN,
+};
 pub use message::{
     Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, Echo, GuestKind,
     Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,

@@ -68,6 +68,8 @@ pub struct Agents {
     pub rt: tokio::runtime::Runtime,
     pub agents: Vec<AgentHandle>,
     http: reqwest::Client,
+    /// The cluster file the agents run from.
+    pub file: PathBuf,
     _dir: Dir,
 }
 
@@ -96,6 +98,7 @@ impl Agents {
             rt,
             agents,
             http: reqwest::Client::new(),
+            file: path,
             _dir: dir,
         }
     }
