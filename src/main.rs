@@ -1034,10 +1034,10 @@ fn summary(r: &Report, limit: Option<Duration>) -> String {
         } else {
             "NOT authenticated (no key)"
         },
-        if r.encrypted {
-            "encrypted (TLS 1.3)"
-        } else {
-            "NOT encrypted (plain CRC-checked frames)"
+        match (r.encrypted, r.frames_authenticated) {
+            (true, _) => "encrypted (TLS 1.3)",
+            (false, true) => "NOT encrypted, every frame authenticated (keyed BLAKE3)",
+            (false, false) => "NOT encrypted, frames NOT authenticated (CRC only)",
         }
     );
     if let Some(file) = &r.saved_to {

@@ -444,3 +444,46 @@ fn a_node_bandwidth_limit_caps_its_migrations_together() {
         "the cap, not something else, set the pace: {rate}"
     );
 }
+
+#[test]
+fn agents_without_tls_tag_every_frame_of_their_migrations() {
+    let _serial = common::serial();
+    let c = Agents::start_with("plain-tagged", "tls = false", &[("a", ""), ("b", "")]);
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "vm1", "memory": "32MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let source = c.agent("a").node.guest("vm1").unwrap();
+    let (s, m) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "vm1", "target": "b", "codec": "none", "channels": 2, "leave_paused": true})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    let done = c.wait("a", &id);
+    assert_eq!(done["state"], "completed", "{done}");
+    let r = &done["report"];
+    assert_eq!(
+        (&r["encrypted"], &r["frames_authenticated"]),
+        (&json!(false), &json!(true)),
+        "{r}"
+    );
+    let (_, list) = c.call(Method::GET, "b", "/v1/migrations", None);
+    let incoming = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(
+        incoming["report"]["frames_authenticated"], true,
+        "{incoming}"
+    );
+    let target = c.agent("b").node.guest("vm1").unwrap();
+    assert_eq!(first_difference(source.memory(), target.memory()), None);
+}

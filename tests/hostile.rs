@@ -9,6 +9,8 @@ mod agents;
 mod api;
 #[path = "hostile/bench.rs"]
 mod bench;
+#[path = "hostile/onpath.rs"]
+mod onpath;
 #[path = "hostile/preauth.rs"]
 mod preauth;
 

@@ -555,6 +555,7 @@ mod tests {
             session_id: String::new(),
             authenticated: false,
             encrypted: false,
+            frames_authenticated: false,
             channel_failures: 0,
             batches_resent: 0,
             channel_rebinds: 0,

@@ -510,18 +510,39 @@ impl<'a> PageFill<'a> {
         Ok(n)
     }
 
-    /// Runs `f` over each filled page in order (after the fill: checksums
-    /// and hashes), with its index and a copy of its bytes: one copy per
-    /// page serves every pass over it.
-    pub fn for_each_page(&self, mut f: impl FnMut(u64, &[u8])) {
-        let mut page = [0u8; PAGE_SIZE];
-        for &(first, count) in self.regions {
-            for index in first..first + u64::from(count) {
-                self.memory.read_page(index, &mut page);
-                f(index, &page);
+    /// Runs `f` over the filled pages in order (after the fill: checksums,
+    /// tags and hashes), up to [`PageFill::BLOCK_PAGES`] at a time: their
+    /// indices and a copy of their bytes, one after the other. One copy per
+    /// page serves every pass over it, and a keyed hash sees blocks large
+    /// enough for its SIMD width.
+    /// `scratch` holds the copies (grown to a block once, then reused).
+    pub fn for_each_block(&self, scratch: &mut Vec<u8>, mut f: impl FnMut(&[u64], &[u8])) {
+        scratch.resize(Self::BLOCK_PAGES * PAGE_SIZE, 0);
+        let bytes = scratch;
+        let mut indices = Vec::with_capacity(Self::BLOCK_PAGES);
+        let pages = self
+            .regions
+            .iter()
+            .flat_map(|&(first, count)| first..first + u64::from(count));
+        for index in pages {
+            let k = indices.len();
+            self.memory
+                .read_page(index, &mut bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            indices.push(index);
+            if indices.len() == Self::BLOCK_PAGES {
+                f(&indices, bytes);
+                indices.clear();
             }
         }
+        if !indices.is_empty() {
+            f(&indices, &bytes[..indices.len() * PAGE_SIZE]);
+        }
     }
+
+    /// Pages per block of [`PageFill::for_each_block`] (256 KiB: keyed
+    /// BLAKE3 runs at 0.3x its speed on single pages, 0.75x on 64 KiB and
+    /// 0.9x on 256 KiB of what it reaches on 1 MiB).
+    pub const BLOCK_PAGES: usize = 64;
 }
 
 /// Stores `src` at `dst` (inside guest memory, checked by the caller) with
@@ -596,6 +617,33 @@ mod tests {
         mem.read_page(3, &mut out);
         assert!(out.iter().all(|&b| b == 0));
         mem.with_pages(2, 3, |s| assert_eq!(s.len(), 3 * PAGE_SIZE));
+    }
+
+    #[test]
+    fn blocks_cover_every_filled_page_in_order_across_regions() {
+        let mem = GuestMemory::new(64 * PAGE_SIZE as u64).unwrap();
+        for i in 0..64 {
+            mem.write_page(i, &vec![i as u8; PAGE_SIZE]);
+        }
+        let regions = [(3, 10), (20, 1), (40, 20), (0, 3), (13, 7), (21, 19)];
+        let fill = PageFill::new(&mem, &regions).unwrap();
+        let mut seen = Vec::new();
+        fill.for_each_block(&mut Vec::new(), |indices, bytes| {
+            assert!(indices.len() <= PageFill::BLOCK_PAGES);
+            assert_eq!(bytes.len(), indices.len() * PAGE_SIZE);
+            for (&i, page) in indices.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
+                assert!(page.iter().all(|&b| b == i as u8), "page {i}");
+                seen.push(i);
+            }
+        });
+        let want: Vec<u64> = (3..13)
+            .chain([20])
+            .chain(40..60)
+            .chain(0..3)
+            .chain(13..20)
+            .chain(21..40)
+            .collect();
+        assert_eq!(seen, want);
     }
 
     /// The address range of an smaps mapping header line (`lo-hi perms ...`).

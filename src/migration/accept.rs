@@ -436,14 +436,24 @@ fn authenticate(
     setup: &SessionSetup,
     handshake: &super::auth::Handshake,
 ) -> Result<(), MigrationError> {
+    let tagged = setup.flags & crate::wire::SETUP_FRAME_MAC != 0;
+    if tagged && setup.proof.is_none() {
+        return Err(MigrationError::Protocol(
+            "the setup asks for authenticated frames without proving a key".into(),
+        ));
+    }
     match (&config.key, &setup.proof) {
         (Some(key), Some(_)) => {
-            if super::auth::verify_setup_proof(key, handshake, setup) {
-                Ok(())
-            } else {
+            if !super::auth::verify_setup_proof(key, handshake, setup) {
                 Err(MigrationError::Unauthenticated(
                     "the source's proof of the key is wrong: it holds another key".into(),
                 ))
+            } else if !tagged && handshake.binding.is_empty() {
+                Err(MigrationError::Unauthenticated(
+                    "this receiver takes keyed sessions without TLS only with every frame authenticated, and the source does not tag its frames (a ferry older than this receiver: upgrade it, or use --tls)".into(),
+                ))
+            } else {
+                Ok(())
             }
         }
         (Some(_), None) => Err(MigrationError::Unauthenticated(
@@ -534,11 +544,21 @@ fn route_bind(
     let proof = s.secret.bound_proof(&bind);
     reader.set_channel(h.channel);
     writer.set_channel(h.channel);
+    // The source sends nothing more on it before the response: its frames
+    // are tagged from the next one on.
+    let keys = s.frame_mac.then(|| {
+        let conn = super::auth::Connection::Bind(h.channel, &b.nonce);
+        s.secret.frame_keys(h.session_id, conn)
+    });
+    if let Some(k) = &keys {
+        reader.authenticate(k.to_dest);
+    }
     let _ = s.tx.send(Bind {
         channel: h.channel,
         reader: reader.open_up(),
         writer,
         proof,
+        send_key: keys.map(|k| k.to_source),
     });
     Ok(())
 }

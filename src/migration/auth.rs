@@ -336,6 +336,53 @@ impl BindSecret {
     }
 }
 
+/// Which connection of a session frame keys are for: channel 0's first,
+/// known by the source's NEGOTIATE nonce, or a bind, known by its nonce
+/// (each accepted once per session).
+#[derive(Debug, Clone, Copy)]
+pub enum Connection<'a> {
+    /// Channel 0 as the session was set up on it.
+    Setup(&'a [u8; 16]),
+    /// A CHANNEL_BIND of `channel` with its nonce.
+    Bind(u16, &'a [u8; 16]),
+}
+
+/// The frame-authentication keys of one connection, one per direction.
+pub struct FrameKeys {
+    /// For frames the source sends.
+    pub to_dest: [u8; 32],
+    /// For frames the destination sends.
+    pub to_source: [u8; 32],
+}
+
+impl BindSecret {
+    /// The keys that authenticate `conn`'s frames after its handshake (only
+    /// meaningful when the secret came from a shared key).
+    pub fn frame_keys(&self, session_id: u64, conn: Connection) -> FrameKeys {
+        let key = |direction: &[u8]| {
+            let mut m = mac(&self.0, b"frames");
+            m.update(direction);
+            m.update(&session_id.to_le_bytes());
+            match conn {
+                Connection::Setup(nonce) => {
+                    m.update(b"setup");
+                    m.update(nonce);
+                }
+                Connection::Bind(channel, nonce) => {
+                    m.update(b"bind");
+                    m.update(&channel.to_le_bytes());
+                    m.update(nonce);
+                }
+            }
+            finish(m)
+        };
+        FrameKeys {
+            to_dest: key(b"to destination"),
+            to_source: key(b"to source"),
+        }
+    }
+}
+
 /// Fresh random bytes from the operating system.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     use std::io::Read;
@@ -522,5 +569,33 @@ mod tests {
         assert_ne!(key.as_slice(), &token[..]);
         assert_eq!(key, derive_migration_key(token), "deterministic");
         assert_ne!(key, derive_migration_key(b"another-token-0123456789"));
+    }
+
+    #[test]
+    fn frame_keys_differ_by_direction_connection_session_and_secret() {
+        let key = SessionKey(b"frame-key-test-0123456789".to_vec());
+        let secret = BindSecret::derive(Some(&key), &[1; 16], &[2; 16], 7, &[3; 16]);
+        let setup = secret.frame_keys(7, Connection::Setup(&[1; 16]));
+        let bind = secret.frame_keys(7, Connection::Bind(0, &[1; 16]));
+        let bind1 = secret.frame_keys(7, Connection::Bind(1, &[1; 16]));
+        let other_nonce = secret.frame_keys(7, Connection::Bind(1, &[4; 16]));
+        let other_session = secret.frame_keys(8, Connection::Setup(&[1; 16]));
+        let other_secret = BindSecret::derive(Some(&key), &[9; 16], &[2; 16], 7, &[3; 16])
+            .frame_keys(7, Connection::Setup(&[1; 16]));
+        let all = [
+            &setup,
+            &bind,
+            &bind1,
+            &other_nonce,
+            &other_session,
+            &other_secret,
+        ];
+        let mut keys: Vec<[u8; 32]> = all.iter().flat_map(|k| [k.to_dest, k.to_source]).collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "every key is its own");
+        let again = secret.frame_keys(7, Connection::Setup(&[1; 16]));
+        assert_eq!(again.to_dest, setup.to_dest, "both ends derive the same");
     }
 }

@@ -22,7 +22,7 @@ use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
     Page, PageBatch, SessionLabel, SessionSetup, SessionSetupResponse, VerifyMode, FLAG_RESEND,
-    SETUP_LEAVE_PAUSED,
+    SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -188,6 +188,9 @@ pub(super) struct Bind {
     pub(super) writer: FrameWriter,
     /// The destination's proof for the CHANNEL_BIND_RESPONSE.
     pub(super) proof: [u8; 32],
+    /// The key of the frames this side sends on it after the response, when
+    /// the session's frames are authenticated (its reader's is set).
+    pub(super) send_key: Option<[u8; 32]>,
 }
 
 pub(super) struct SessionEntry {
@@ -196,6 +199,8 @@ pub(super) struct SessionEntry {
     /// Bind nonces already used: each proves one bind only.
     pub(super) nonces: std::collections::HashSet<[u8; 16]>,
     pub(super) tx: mpsc::UnboundedSender<Bind>,
+    /// Whether its frames are authenticated (keyed, without TLS).
+    pub(super) frame_mac: bool,
 }
 
 pub(super) type Sessions = Arc<Mutex<HashMap<u64, SessionEntry>>>;
@@ -681,6 +686,7 @@ async fn answer_bind(
         mut reader,
         mut writer,
         proof,
+        send_key,
     } = b;
     reader.share_counter(rx_bytes.clone());
     let header = Header {
@@ -696,6 +702,9 @@ async fn answer_bind(
             &Message::ChannelBindResponse(ChannelBindResponse { proof }),
         )
         .await?;
+    if let Some(key) = send_key {
+        writer.authenticate(key);
+    }
     Ok((channel, reader, writer))
 }
 
@@ -723,6 +732,7 @@ struct Tally {
     finished: Option<Duration>,
     label: Option<SessionLabel>,
     authenticated: bool,
+    frames_authenticated: bool,
     failures: u32,
     rebinds: u32,
 }
@@ -945,6 +955,7 @@ impl Session {
             session_id: format!("{:016x}", tally.session_id),
             authenticated: tally.authenticated,
             encrypted: !self.binding.is_empty(),
+            frames_authenticated: !self.binding.is_empty() || tally.frames_authenticated,
             channel_failures: tally.failures,
             batches_resent: 0,
             channel_rebinds: tally.rebinds,
@@ -969,7 +980,7 @@ impl Session {
     async fn drive(
         &self,
         peer: SocketAddr,
-        reader: FrameReader,
+        mut reader: FrameReader,
         mut writer: FrameWriter,
         admitted: Admitted,
         tally: &mut Tally,
@@ -997,6 +1008,9 @@ impl Session {
             dest_nonce: &nonce,
             binding: &self.binding,
         };
+        let frame_mac = key.is_some() && setup.flags & SETUP_FRAME_MAC != 0;
+        let frame_keys = frame_mac
+            .then(|| secret.frame_keys(session_id, super::auth::Connection::Setup(&source_nonce)));
         let (bind_tx, mut bind_rx) = mpsc::unbounded_channel();
         self.sessions.lock().unwrap().insert(
             session_id,
@@ -1005,6 +1019,7 @@ impl Session {
                 channels: setup.channels,
                 nonces: Default::default(),
                 tx: bind_tx,
+                frame_mac,
             },
         );
         tracing::info!(%peer, session = format!("{session_id:016x}"), memory = setup.memory_bytes, channels = setup.channels, "incoming migration");
@@ -1044,6 +1059,11 @@ impl Session {
                 }),
             )
             .await?;
+        if let Some(keys) = frame_keys {
+            reader.authenticate(keys.to_dest);
+            writer.authenticate(keys.to_source);
+            tally.frames_authenticated = true;
+        }
         // Starts a connection as channel `channel`, replacing (and stopping)
         // the one before it.
         let start = |channel: u16, reader: FrameReader, writer: FrameWriter| {

@@ -172,6 +172,10 @@ pub struct Report {
     /// Migration traffic was encrypted; `false`: plain, CRC-protected
     /// frames that anyone on the path can read.
     pub encrypted: bool,
+    /// Every frame after the handshake was authenticated, by TLS or (keyed,
+    /// without TLS) by a tag per frame; `false`: frames carry a CRC only,
+    /// and someone on the path can change pages undetected.
+    pub frames_authenticated: bool,
     /// Channels that failed during the session (each rebound, or the
     /// session went on without it).
     pub channel_failures: u32,

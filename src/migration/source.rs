@@ -22,7 +22,7 @@ use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::{
     Abort, BatchEncoder, ChannelBind, Command, EncodedBatch, Header, Limits, Message, Negotiate,
     RoundEnd, SessionSetup, Switchover, VerifyMode, FLAG_RESEND, MAX_CREDITS, MAX_RUNS_PER_BATCH,
-    SETUP_LEAVE_PAUSED, VERSION,
+    SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED, VERSION,
 };
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -133,6 +133,8 @@ struct Connector {
     session_id: u64,
     secret: Arc<super::auth::BindSecret>,
     tls: Option<crate::transport::tls::TlsClient>,
+    /// Keyed without TLS: every frame after a bind's response is tagged.
+    frame_mac: bool,
 }
 
 impl Connector {
@@ -203,6 +205,12 @@ impl Connector {
                     return Err(MigrationError::Unauthenticated(format!(
                         "the destination's answer to the bind of channel {ch} does not prove the session's secret"
                     )));
+                }
+                if self.frame_mac {
+                    let conn = super::auth::Connection::Bind(ch, &nonce);
+                    let keys = self.secret.frame_keys(self.session_id, conn);
+                    rd.authenticate(keys.to_source);
+                    wr.authenticate(keys.to_dest);
                 }
                 let credits = h.credit_grant;
                 if credits == 0 || credits > MAX_CREDITS {
@@ -993,6 +1001,7 @@ struct Tally {
     paused: bool,
     counter_at_pause: Option<u64>,
     authenticated: bool,
+    frames_authenticated: bool,
     channel_failures: u32,
     batches_resent: u64,
     channel_rebinds: u32,
@@ -1245,6 +1254,7 @@ pub async fn migrate(
         session_id: format!("{:016x}", tally.session_id),
         authenticated: tally.authenticated,
         encrypted: config.tls.is_some(),
+        frames_authenticated: config.tls.is_some() || tally.frames_authenticated,
         channel_failures: tally.channel_failures,
         batches_resent: tally.batches_resent,
         channel_rebinds: tally.channel_rebinds,
@@ -1291,6 +1301,7 @@ async fn run(
             None, &[0; 16], &[0; 16], 0, &[0; 16],
         )),
         tls: config.tls.clone(),
+        frame_mac: config.session_key.is_some() && config.tls.is_none(),
     };
     if config.tls.as_ref().is_some_and(|t| !t.is_pinned()) && config.session_key.is_none() {
         return Err(MigrationError::Config(
@@ -1360,6 +1371,10 @@ async fn run(
             SETUP_LEAVE_PAUSED
         } else {
             0
+        } | if connector.frame_mac {
+            SETUP_FRAME_MAC
+        } else {
+            0
         },
         label: config.label.clone(),
         proof: None,
@@ -1409,6 +1424,13 @@ async fn run(
         session_id,
         &setup.bind_token,
     ));
+    if connector.frame_mac {
+        let conn = super::auth::Connection::Setup(&source_nonce);
+        let keys = connector.secret.frame_keys(session_id, conn);
+        rd0.authenticate(keys.to_source);
+        wr0.authenticate(keys.to_dest);
+        tally.frames_authenticated = true;
+    }
     let connector = Arc::new(connector);
     if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
         return Err(MigrationError::Protocol(format!(

@@ -2,10 +2,11 @@
 
 use super::TokenBucket;
 use crate::codec::CodecId;
-use crate::memory::{GuestMemory, PageFill};
+use crate::memory::{GuestMemory, PageFill, PAGE_SIZE};
 use crate::migration::MigrationError;
 use crate::wire::{
-    encode_header, Command, Frame, FrameCrc, Header, Limits, Message, PageBatch, HEADER_LEN,
+    encode_header, encode_header_uncrc, Command, Frame, FrameCrc, FrameMac, Header, Limits,
+    Message, PageBatch, HEADER_LEN, MAC_LEN,
 };
 use bytes::BytesMut;
 use std::io::IoSlice;
@@ -166,6 +167,11 @@ pub struct FrameReader {
     buf: BytesMut,
     /// Payloads above this are refused from the header alone.
     max_payload: u32,
+    /// Once the session is keyed without TLS: each frame's tag is checked
+    /// instead of its CRC.
+    mac: Option<Box<FrameMac>>,
+    /// Copies of placed pages for their check (a block, once one was placed).
+    scratch: Vec<u8>,
 }
 
 impl FrameReader {
@@ -184,7 +190,15 @@ impl FrameReader {
             bytes,
             buf: BytesMut::new(),
             max_payload: HANDSHAKE_MAX_PAYLOAD,
+            mac: None,
+            scratch: Vec::new(),
         }
+    }
+
+    /// From the next frame on, every frame must carry a tag under `key`
+    /// (this connection's, peer to here); its CRC is no longer checked.
+    pub fn authenticate(&mut self, key: [u8; 32]) {
+        self.mac = Some(Box::new(FrameMac::new(key)));
     }
 
     /// The peer proved the key: take frames up to [`MAX_FRAME_LEN`] and read
@@ -311,15 +325,18 @@ impl FrameReader {
                 return Err(self.closed_inside(header.command));
             }
         }
-        let mut check = FrameCrc::new(&raw);
+        let mut check = Check::start(&mut self.mac, &raw);
         check.update(&meta);
-        fill.for_each_page(|index, bytes| {
+        fill.for_each_block(&mut self.scratch, |indices, bytes| {
             check.update(bytes);
-            on_page(index, bytes);
+            for (&index, page) in indices.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
+                on_page(index, page);
+            }
         });
-        check.check(crc)?;
-        self.bytes
-            .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
+        let tag = self.read_tag(header.command).await?;
+        check.check(crc, tag.as_ref())?;
+        let total = HEADER_LEN + len + tag.map_or(0, |t| t.len());
+        self.bytes.fetch_add(total as u64, Ordering::Relaxed);
         Ok(Some(Received::Placed(header, batch)))
     }
 
@@ -397,15 +414,69 @@ impl FrameReader {
         crc: u32,
     ) -> Result<Frame, MigrationError> {
         let len = header.payload_len as usize;
-        self.fill_to(len, header.command).await?;
+        let tagged = if self.mac.is_some() { MAC_LEN } else { 0 };
+        self.fill_to(len + tagged, header.command).await?;
         let payload = self.buf.split_to(len);
-        Header::verify_crc(&raw, crc, &payload)?;
+        let tag = self.buf.split_to(tagged);
+        let mut check = Check::start(&mut self.mac, &raw);
+        check.update(&payload);
+        check.check(crc, tag.as_ref().try_into().ok())?;
         self.bytes
-            .fetch_add((HEADER_LEN + payload.len()) as u64, Ordering::Relaxed);
+            .fetch_add((HEADER_LEN + len + tagged) as u64, Ordering::Relaxed);
         Ok(Frame {
             header,
             payload: payload.freeze(),
         })
+    }
+}
+
+impl FrameReader {
+    /// Reads the tag after a placed batch's pages, when frames carry one.
+    async fn read_tag(
+        &mut self,
+        command: Command,
+    ) -> Result<Option<[u8; MAC_LEN]>, MigrationError> {
+        if self.mac.is_none() {
+            return Ok(None);
+        }
+        self.buf.clear();
+        self.fill_to(MAC_LEN, command).await?;
+        let tag = self.buf.split_to(MAC_LEN);
+        Ok(Some(tag.as_ref().try_into().expect("MAC_LEN bytes")))
+    }
+}
+
+/// A frame's check as its payload is read: its tag when the connection is
+/// authenticated, else its CRC. A local of one read, never moved around: the
+/// hasher's size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Check {
+    Crc(FrameCrc),
+    Mac(crate::wire::FrameTag),
+}
+
+impl Check {
+    fn start(mac: &mut Option<Box<FrameMac>>, raw: &[u8; HEADER_LEN]) -> Self {
+        match mac {
+            Some(m) => Check::Mac(m.begin(raw)),
+            None => Check::Crc(FrameCrc::new(raw)),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Check::Crc(c) => c.update(bytes),
+            Check::Mac(t) => t.update(bytes),
+        }
+    }
+
+    /// Checks the CRC field, or the tag read after the payload.
+    fn check(self, crc: u32, tag: Option<&[u8; MAC_LEN]>) -> Result<(), crate::wire::DecodeError> {
+        match (self, tag) {
+            (Check::Crc(c), _) => c.check(crc),
+            (Check::Mac(t), Some(tag)) => t.check(tag),
+            (Check::Mac(_), None) => Err(crate::wire::DecodeError::Mac),
+        }
     }
 }
 
@@ -419,6 +490,8 @@ pub struct FrameWriter {
     buckets: Vec<Arc<TokenBucket>>,
     bytes: Arc<AtomicU64>,
     progress: Arc<AtomicU64>,
+    /// Once the session is keyed without TLS: each frame carries a tag.
+    mac: Option<Box<FrameMac>>,
 }
 
 impl FrameWriter {
@@ -449,7 +522,14 @@ impl FrameWriter {
             buckets,
             bytes,
             progress: Arc::default(),
+            mac: None,
         }
+    }
+
+    /// From the next frame on, every frame carries a tag under `key` (this
+    /// connection's, here to peer) instead of a CRC.
+    pub fn authenticate(&mut self, key: [u8; 32]) {
+        self.mac = Some(Box::new(FrameMac::new(key)));
     }
 
     /// Bytes this channel's socket took so far, counted as each write
@@ -474,21 +554,24 @@ impl FrameWriter {
         header: &Header,
         payload: &[u8],
     ) -> Result<(), MigrationError> {
-        let head = encode_header(header, payload);
-        let total = HEADER_LEN + payload.len();
+        let (head, tag) = match &mut self.mac {
+            None => (encode_header(header, payload), None),
+            Some(mac) => {
+                let head = encode_header_uncrc(header, payload.len());
+                let mut t = mac.begin(&head);
+                t.update(payload);
+                (head, Some(t.finish()))
+            }
+        };
+        let tag: &[u8] = tag.as_ref().map_or(&[], |t| &t[..]);
+        let parts: [&[u8]; 3] = [&head, payload, tag];
+        let total = HEADER_LEN + payload.len() + tag.len();
         for b in &self.buckets {
             b.acquire(total as u64).await;
         }
         let mut written = 0;
         while written < total {
-            let slices = if written < HEADER_LEN {
-                [IoSlice::new(&head[written..]), IoSlice::new(payload)]
-            } else {
-                [
-                    IoSlice::new(&payload[written - HEADER_LEN..]),
-                    IoSlice::new(&[]),
-                ]
-            };
+            let slices = unwritten(&parts, written);
             let n =
                 self.wr.write_vectored(&slices).await.map_err(|e| {
                     MigrationError::io(format!("write to channel {}", self.channel), e)
@@ -521,5 +604,43 @@ impl FrameWriter {
     /// Flushes and closes the write side.
     pub async fn shutdown(&mut self) {
         let _ = self.wr.shutdown().await;
+    }
+}
+
+/// What of `parts` is left after the first `written` bytes, as slices.
+fn unwritten<'a>(parts: &[&'a [u8]; 3], mut written: usize) -> [IoSlice<'a>; 3] {
+    let mut out = [IoSlice::new(&[]); 3];
+    let mut k = 0;
+    for p in parts {
+        if written >= p.len() {
+            written -= p.len();
+            continue;
+        }
+        out[k] = IoSlice::new(&p[written..]);
+        written = 0;
+        k += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unwritten;
+
+    #[test]
+    fn unwritten_skips_what_was_written_across_parts() {
+        let parts: [&[u8]; 3] = [b"head", b"payload", b"tag"];
+        let flat = |w| -> Vec<u8> {
+            unwritten(&parts, w)
+                .iter()
+                .flat_map(|s| s.to_vec())
+                .collect()
+        };
+        assert_eq!(flat(0), b"headpayloadtag");
+        assert_eq!(flat(2), b"adpayloadtag");
+        assert_eq!(flat(4), b"payloadtag");
+        assert_eq!(flat(10), b"dtag");
+        assert_eq!(flat(13), b"g");
+        assert_eq!(flat(14), b"");
     }
 }

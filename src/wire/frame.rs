@@ -136,11 +136,19 @@ impl FrameCrc {
 /// If the payload is longer than [`MAX_FRAME_LEN`]: encoders size their
 /// payloads, so this is a bug on our side, not a peer's.
 pub fn encode_header(header: &Header, payload: &[u8]) -> [u8; HEADER_LEN] {
-    assert!(
-        payload.len() <= MAX_FRAME_LEN as usize,
-        "payload of {} bytes",
-        payload.len()
-    );
+    let mut b = encode_header_uncrc(header, payload.len());
+    let crc = frame_crc(&b, payload);
+    b[36..40].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Encodes a header for a payload of `len` bytes with its CRC field zero:
+/// for an authenticated frame, whose tag covers what the CRC would.
+///
+/// # Panics
+/// If `len` is over [`MAX_FRAME_LEN`], as [`encode_header`].
+pub fn encode_header_uncrc(header: &Header, len: usize) -> [u8; HEADER_LEN] {
+    assert!(len <= MAX_FRAME_LEN as usize, "payload of {len} bytes");
     let mut b = [0u8; HEADER_LEN];
     b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     b[4] = VERSION;
@@ -151,9 +159,7 @@ pub fn encode_header(header: &Header, payload: &[u8]) -> [u8; HEADER_LEN] {
     b[12..14].copy_from_slice(&header.credit_grant.to_le_bytes());
     b[16..24].copy_from_slice(&header.message_id.to_le_bytes());
     b[24..32].copy_from_slice(&header.session_id.to_le_bytes());
-    b[32..36].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = frame_crc(&b, payload);
-    b[36..40].copy_from_slice(&crc.to_le_bytes());
+    b[32..36].copy_from_slice(&(len as u32).to_le_bytes());
     b
 }
 

@@ -142,6 +142,12 @@ pub const SETUP_LABELLED: u32 = 2;
 /// Flag in [`SessionSetup::flags`]: a proof of the key follows (set by the
 /// encoder when `proof` is `Some`).
 pub const SETUP_PROVEN: u32 = 4;
+/// Flag in [`SessionSetup::flags`]: after the setup response (and after
+/// each bind's response), every frame of the session carries a tag (see
+/// [`FrameMac`](super::FrameMac)). A source with a key and without TLS sets
+/// it; a receiver with a key refuses a plain session without it. Covered by
+/// the setup's proof, so no one on the path can strip it.
+pub const SETUP_FRAME_MAC: u32 = 8;
 
 /// Longest string in a [`SessionLabel`], bytes.
 pub const MAX_LABEL_LEN: usize = 255;

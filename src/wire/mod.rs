@@ -21,18 +21,21 @@
 mod batch;
 mod frame;
 pub mod fuzz;
+mod mac;
 mod message;
 
 pub use batch::{
     BatchEncoder, EncodedBatch, Page, PageBatch, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH,
 };
 pub use frame::{
-    check_magic, encode_frame, encode_header, Frame, FrameCrc, FrameDecoder, Header, HEADER_LEN,
+    check_magic, encode_frame, encode_header, encode_header_uncrc, Frame, FrameCrc, FrameDecoder,
+    Header, HEADER_LEN,
 };
+pub use mac::{FrameMac, FrameTag, MAC_LEN};
 pub use message::{
     Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, Echo, GuestKind,
     Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
-    SessionSetupResponse, Switchover, VerifyMode, MAX_LABEL_LEN, SETUP_LABELLED,
+    SessionSetupResponse, Switchover, VerifyMode, MAX_LABEL_LEN, SETUP_FRAME_MAC, SETUP_LABELLED,
     SETUP_LEAVE_PAUSED, SETUP_PROVEN,
 };
 
@@ -140,6 +143,10 @@ pub enum DecodeError {
     /// The CRC-32 does not match the frame.
     #[error("CRC mismatch: frame says {expected:#010x}, computed {actual:#010x}")]
     Crc { expected: u32, actual: u32 },
+    /// An authenticated frame's tag does not match: the frame was changed,
+    /// replayed or moved on the path, or the peer holds another key.
+    #[error("frame authentication failed: the frame was changed, replayed or moved on the path")]
+    Mac,
     /// The payload ended inside a field.
     #[error("payload truncated in field {field}")]
     Truncated { field: &'static str },

@@ -1,0 +1,299 @@
+//! Someone on the path between a source and a receiver without TLS: a proxy
+//! that reads the frames, changes a page and fixes the CRC, and also fixes
+//! the digests both ways so the switchover check agrees. Without a key the
+//! frames carry a CRC only and the attack goes through (which is what the
+//! README and the report say); with a key every frame is tagged and the
+//! first changed frame ends the session, the guest kept on the source.
+
+use super::common;
+use super::*;
+use ferry::digest::{page_hash, PageHashes};
+use ferry::migration::auth::SessionKey;
+use ferry::wire::{encode_header, PageBatch, HEADER_LEN, MAC_LEN, SETUP_FRAME_MAC};
+use std::net::{Shutdown, TcpListener};
+use std::sync::{Arc, Mutex};
+
+/// What the proxy does to the session.
+#[derive(Clone, Copy, PartialEq)]
+enum Attack {
+    /// Change the first raw page, and the digests to match.
+    Page,
+    /// Take the frame-authentication flag out of the setup.
+    StripFlag,
+    /// Forward every frame as it is.
+    Nothing,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// The session asked for tagged frames.
+    mac: bool,
+    /// The digest change the altered page makes, once made.
+    delta: Option<u64>,
+    /// Frames changed.
+    changed: u32,
+}
+
+struct Frame {
+    raw: [u8; HEADER_LEN],
+    header: Header,
+    payload: Vec<u8>,
+    tag: Vec<u8>,
+}
+
+fn read_frame(s: &mut TcpStream, tagged: bool) -> Option<Frame> {
+    let mut raw = [0u8; HEADER_LEN];
+    s.read_exact(&mut raw).ok()?;
+    let (header, _) = Header::parse(&raw).ok()?;
+    let mut payload = vec![0u8; header.payload_len as usize];
+    s.read_exact(&mut payload).ok()?;
+    let mut tag = vec![0u8; if tagged { MAC_LEN } else { 0 }];
+    s.read_exact(&mut tag).ok()?;
+    Some(Frame {
+        raw,
+        header,
+        payload,
+        tag,
+    })
+}
+
+/// Re-encodes `f`'s header over its changed payload: a new CRC (the tag,
+/// if any, cannot be made without the key and stays as it was).
+fn reseal(f: &mut Frame) {
+    f.raw = encode_header(&f.header, &f.payload);
+}
+
+fn adjust_digest(f: &mut Frame, by: impl Fn(u64) -> u64) {
+    let limits = Limits {
+        guest_pages: 1 << 30,
+    };
+    let msg = match Message::decode(&f.header, f.payload.clone().into(), limits) {
+        Ok(Message::Switchover(mut m)) => {
+            m.digest = by(m.digest);
+            Message::Switchover(m)
+        }
+        Ok(Message::Ready(mut m)) => {
+            m.digest = by(m.digest);
+            Message::Ready(m)
+        }
+        _ => return,
+    };
+    f.payload = msg.encode_payload();
+    reseal(f);
+}
+
+/// Changes the first raw page of a page batch; returns the digest change.
+fn change_page(f: &mut Frame) -> Option<u64> {
+    let fixed = f.payload.get(..PageBatch::FIXED_LEN)?;
+    if PageBatch::codec_of(fixed) != Some(ferry::codec::CodecId::None) {
+        return None;
+    }
+    let prefix = PageBatch::prefix_len(fixed).ok()?;
+    let limits = Limits {
+        guest_pages: 1 << 30,
+    };
+    let batch = PageBatch::decode(f.payload.clone().into(), limits).ok()?;
+    let index = batch.data_regions().first()?.0;
+    let page = f.payload.get_mut(prefix..prefix + 4096)?;
+    let hashes = PageHashes::new(index + 1);
+    hashes.set(index, page_hash(page));
+    let before = hashes.digest();
+    page[100] ^= 0x5a;
+    hashes.set(index, page_hash(page));
+    let delta = hashes.digest().wrapping_sub(before);
+    reseal(f);
+    Some(delta)
+}
+
+/// Forwards frames one way, changing them as `attack` says.
+fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, attack: Attack, seen: Arc<Mutex<Seen>>) {
+    let mut tagged = false;
+    while let Some(mut f) = read_frame(&mut from, tagged) {
+        let mut tag_after = false;
+        {
+            let mut seen = seen.lock().unwrap();
+            match f.header.command {
+                Command::SessionSetup if up => {
+                    let flags = u32::from_le_bytes(f.payload[24..28].try_into().unwrap());
+                    seen.mac = flags & SETUP_FRAME_MAC != 0;
+                    if attack == Attack::StripFlag && seen.mac {
+                        let flags = flags & !SETUP_FRAME_MAC;
+                        f.payload[24..28].copy_from_slice(&flags.to_le_bytes());
+                        reseal(&mut f);
+                        seen.changed += 1;
+                    }
+                    tag_after = seen.mac;
+                }
+                Command::ChannelBind if up => tag_after = seen.mac,
+                Command::SessionSetupResponse | Command::ChannelBindResponse => {
+                    tag_after = seen.mac
+                }
+                Command::PageBatch if attack == Attack::Page && seen.delta.is_none() => {
+                    seen.delta = change_page(&mut f);
+                    seen.changed += u32::from(seen.delta.is_some());
+                }
+                Command::Switchover | Command::Ready => {
+                    if let Some(d) = seen.delta {
+                        if up {
+                            adjust_digest(&mut f, |x| x.wrapping_add(d));
+                        } else {
+                            adjust_digest(&mut f, |x| x.wrapping_sub(d));
+                        }
+                        seen.changed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = f.raw.to_vec();
+        out.extend_from_slice(&f.payload);
+        out.extend_from_slice(&f.tag);
+        if to.write_all(&out).is_err() {
+            break;
+        }
+        tagged |= tag_after;
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A frame-reading proxy to `upstream`; returns its address.
+fn on_path(upstream: String, attack: Attack, seen: Arc<Mutex<Seen>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (sa, sb) = (seen.clone(), seen.clone());
+            std::thread::spawn(move || pump(client, server, true, attack, sa));
+            std::thread::spawn(move || pump(s2, c2, false, attack, sb));
+        }
+    });
+    addr
+}
+
+/// Migrates an idle 8 MiB guest in raw pages through the attacking proxy,
+/// with `key` on both ends (or none), the guest left paused at the end.
+/// Returns the source's report and the receiver (for its report, when the
+/// session got far enough to make one).
+fn attacked(
+    key: Option<SessionKey>,
+    attack: Attack,
+) -> (
+    ferry::migration::Report,
+    Harness,
+    Arc<ferry::memory::SyntheticGuest>,
+    Arc<Mutex<Seen>>,
+) {
+    let h = start_with(ReceiverConfig {
+        key: key.clone(),
+        ..ReceiverConfig::default()
+    });
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let proxy = on_path(h.addr.clone(), attack, seen.clone());
+    let g = common::guest(8 << 20, FillSpec::default(), WorkloadPattern::Idle, 0);
+    let gd: Arc<dyn ferry::migration::MigratableGuest> = g.clone();
+    let config = MigrationConfig {
+        session_key: key,
+        codec: ferry::codec::CodecChoice::Fixed(Codec::None),
+        channels: 2,
+        leave_paused: true,
+        ..MigrationConfig::default()
+    };
+    let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
+    let report = src_rt.block_on(ferry::migration::migrate(
+        gd,
+        &proxy,
+        &config,
+        &RunContext::default(),
+    ));
+    (report, h, g, seen)
+}
+
+#[test]
+fn without_a_key_a_changed_page_and_digest_go_through_and_the_report_says_frames_are_not_authenticated(
+) {
+    let _serial = common::serial();
+    let (src, mut h, g, seen) = attacked(None, Attack::Page);
+    let dst = h.next_session();
+    // The attack is real: the destination holds a page the source never
+    // had, and both sides' digest checks agreed.
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(seen.lock().unwrap().changed >= 3);
+    let mem = dst.memory.as_ref().expect("the destination's memory");
+    assert!(common::first_difference(g.memory(), mem).is_some());
+    assert!(!src.frames_authenticated && !dst.report.frames_authenticated);
+    assert!(!src.authenticated && !src.encrypted);
+}
+
+#[test]
+fn with_a_key_a_changed_frame_ends_the_session_and_the_guest_stays_on_the_source() {
+    let _serial = common::serial();
+    let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
+    let (src, mut h, g, seen) = attacked(Some(key), Attack::Page);
+    let dst = h.next_session();
+    assert_eq!(seen.lock().unwrap().changed, 1, "the page was changed");
+    assert_eq!(src.outcome, Outcome::Failed);
+    assert_eq!(src.guest_location, "source");
+    let why = dst.report.error.clone().unwrap_or_default();
+    assert!(why.contains("frame authentication failed"), "{why}");
+    assert!(g.is_running(), "the guest runs on at the source");
+    assert!(dst.guest.is_none());
+}
+
+#[test]
+fn with_a_key_the_frame_authentication_flag_cannot_be_stripped() {
+    let _serial = common::serial();
+    let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
+    let (src, _h, g, seen) = attacked(Some(key.clone()), Attack::StripFlag);
+    assert_eq!(seen.lock().unwrap().changed, 1, "the flag was stripped");
+    assert_eq!(src.outcome, Outcome::Failed);
+    let why = src.error.clone().unwrap_or_default();
+    assert!(why.contains("proof of the key is wrong"), "{why}");
+    assert!(g.is_running());
+    // Through the same proxy unchanged, a keyed session tags every frame
+    // (the proxy follows them) and completes, memory equal.
+    let (src, mut h, g, seen) = attacked(Some(key), Attack::Nothing);
+    let dst = h.next_session();
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(seen.lock().unwrap().mac);
+    assert!(src.frames_authenticated && dst.report.frames_authenticated);
+    let mem = dst.memory.as_ref().expect("the destination's memory");
+    assert_eq!(common::first_difference(g.memory(), mem), None);
+}
+
+#[test]
+fn a_keyed_receiver_without_tls_refuses_a_proven_source_that_does_not_tag_its_frames() {
+    let _serial = common::serial();
+    let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
+    let h = start_with(ReceiverConfig {
+        key: Some(key.clone()),
+        ..ReceiverConfig::default()
+    });
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    send(&mut s, Header::new(Command::Negotiate), &negotiate());
+    let dest_nonce = match recv(&mut s) {
+        Some((_, Message::NegotiateResponse(r))) => r.nonce,
+        other => panic!("{other:?}"),
+    };
+    // An older source: the right key, every field proved, no tags asked for.
+    let Message::SessionSetup(mut old) = setup(8 << 20) else {
+        unreachable!()
+    };
+    let handshake = ferry::migration::auth::Handshake {
+        source_nonce: &SOURCE_NONCE,
+        dest_nonce: &dest_nonce,
+        binding: &[],
+    };
+    old.proof = Some(ferry::migration::auth::setup_proof(&key, &handshake, &old));
+    send(
+        &mut s,
+        Header::new(Command::SessionSetup),
+        &Message::SessionSetup(old),
+    );
+    let why = abort_text(recv(&mut s));
+    assert!(why.contains("does not tag its frames"), "{why}");
+}
