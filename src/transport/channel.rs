@@ -254,9 +254,13 @@ impl FrameReader {
     /// no page is written unless a batch is welcome; `Ok(false)` reads the
     /// batch whole instead, unplaced). The CRC is then checked over the
     /// pages in place, each page copied once for it and for `on_page` (the
-    /// receiver's hash, valid only if the CRC holds); on any error the session ends, and the pages
-    /// written are the destination's discarded copy. Other frames come back
-    /// whole, as from [`FrameReader::read_frame`].
+    /// receiver's hash, valid only if the CRC holds). A bad CRC ends the
+    /// session (the pages written are the destination's discarded copy); a
+    /// connection lost inside the pages is a channel loss, after which the
+    /// source sends the same batch again over the same pages. Only plain,
+    /// untagged channels place: with tags (or TLS) batches are read whole
+    /// and checked before any page is written. Other frames come back whole,
+    /// as from [`FrameReader::read_frame`].
     pub async fn read_placing(
         &mut self,
         memory: &GuestMemory,
@@ -277,10 +281,13 @@ impl FrameReader {
         }
         self.fill_to(PageBatch::FIXED_LEN, header.command).await?;
         let fixed = &self.buf[..PageBatch::FIXED_LEN];
-        let plain = matches!(self.rd.get_ref(), ReadSide::Plain(_));
+        // Over TLS the pages are decrypted first, and with tags nothing may
+        // reach guest memory before the whole frame's tag holds (placed pages
+        // are written before the check, and a connection cut inside them is
+        // a channel loss the session survives): read those whole.
+        let placeable = matches!(self.rd.get_ref(), ReadSide::Plain(_)) && self.mac.is_none();
         let prefix = match (PageBatch::codec_of(fixed), PageBatch::prefix_len(fixed)) {
-            // Over TLS the pages are decrypted first: read whole.
-            (Some(CodecId::None), Ok(prefix)) if prefix < len && plain => prefix,
+            (Some(CodecId::None), Ok(prefix)) if prefix < len && placeable => prefix,
             // Compressed, all-zero or malformed: read it whole; decoding names
             // what is wrong.
             _ => {
@@ -527,7 +534,10 @@ impl FrameWriter {
     }
 
     /// From the next frame on, every frame carries a tag under `key` (this
-    /// connection's, here to peer) instead of a CRC.
+    /// connection's, here to peer) instead of a CRC. A frame's tag counts it
+    /// before it is written: a send abandoned midway leaves this writer out
+    /// of step with its peer, so such a writer is never used again (every
+    /// cancelled send here ends its connection).
     pub fn authenticate(&mut self, key: [u8; 32]) {
         self.mac = Some(Box::new(FrameMac::new(key)));
     }

@@ -20,6 +20,9 @@ enum Attack {
     Page,
     /// Take the frame-authentication flag out of the setup.
     StripFlag,
+    /// Point a later raw batch's run at pages already sent, and cut its
+    /// connection before the batch's end (before its tag).
+    RedirectAndCut,
     /// Forward every frame as it is.
     Nothing,
 }
@@ -32,6 +35,10 @@ struct Seen {
     delta: Option<u64>,
     /// Frames changed.
     changed: u32,
+    /// The first single-run raw batch: its message id and first page.
+    first_run: Option<(u64, u64)>,
+    /// Whether the destination acknowledged it (applied it).
+    first_acked: bool,
 }
 
 struct Frame {
@@ -105,6 +112,32 @@ fn change_page(f: &mut Frame) -> Option<u64> {
     Some(delta)
 }
 
+/// Points a single-run raw batch at the pages of the first one seen, once
+/// the destination applied that one (an idle guest never sends them again);
+/// `false` for the first, or another kind, or too early.
+fn redirect(f: &mut Frame, seen: &mut Seen) -> bool {
+    let Some(fixed) = f.payload.get(..PageBatch::FIXED_LEN) else {
+        return false;
+    };
+    let single = u16::from_le_bytes([fixed[6], fixed[7]]) == 1;
+    if PageBatch::codec_of(fixed) != Some(ferry::codec::CodecId::None) || !single {
+        return false;
+    }
+    let first = u64::from_le_bytes(f.payload[20..28].try_into().unwrap());
+    match seen.first_run {
+        None => {
+            seen.first_run = Some((f.header.message_id, first));
+            false
+        }
+        Some((_, to)) if to != first && seen.first_acked => {
+            f.payload[20..28].copy_from_slice(&to.to_le_bytes());
+            reseal(f);
+            true
+        }
+        Some(_) => false,
+    }
+}
+
 /// Forwards frames one way, changing them as `attack` says.
 fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, attack: Attack, seen: Arc<Mutex<Seen>>) {
     let mut tagged = false;
@@ -112,7 +145,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, attack: Attack, seen: 
         let mut tag_after = false;
         {
             let mut seen = seen.lock().unwrap();
-            match f.header.command {
+            let command = f.header.command;
+            match command {
                 Command::SessionSetup if up => {
                     let flags = u32::from_le_bytes(f.payload[24..28].try_into().unwrap());
                     seen.mac = flags & SETUP_FRAME_MAC != 0;
@@ -128,9 +162,34 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, attack: Attack, seen: 
                 Command::SessionSetupResponse | Command::ChannelBindResponse => {
                     tag_after = seen.mac
                 }
+                // (`redirect` notes the first batch, and says whether it
+                // changed this one.)
+                Command::PageBatch
+                    if attack == Attack::RedirectAndCut
+                        && seen.changed == 0
+                        && redirect(&mut f, &mut seen) =>
+                {
+                    seen.changed += 1;
+                    // Everything but the last bytes of the pages, then cut.
+                    let mut out = f.raw.to_vec();
+                    out.extend_from_slice(&f.payload[..f.payload.len() - 64]);
+                    let _ = to.write_all(&out);
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                    return;
+                }
                 Command::PageBatch if attack == Attack::Page && seen.delta.is_none() => {
                     seen.delta = change_page(&mut f);
                     seen.changed += u32::from(seen.delta.is_some());
+                }
+                Command::BatchAck if !up => {
+                    let payload = f.payload.clone().into();
+                    if let Ok(Message::BatchAck(a)) =
+                        Message::decode(&f.header, payload, Limits::BEFORE_SETUP)
+                    {
+                        let first = seen.first_run.map(|(id, _)| id);
+                        seen.first_acked |= first == Some(a.message_id);
+                    }
                 }
                 Command::Switchover | Command::Ready => {
                     if let Some(d) = seen.delta {
@@ -175,7 +234,7 @@ fn on_path(upstream: String, attack: Attack, seen: Arc<Mutex<Seen>>) -> String {
     addr
 }
 
-/// Migrates an idle 8 MiB guest in raw pages through the attacking proxy,
+/// Migrates an idle 8 MiB (or 32 MiB) guest in raw pages through the attacking proxy,
 /// with `key` on both ends (or none), the guest left paused at the end.
 /// Returns the source's report and the receiver (for its report, when the
 /// session got far enough to make one).
@@ -194,7 +253,13 @@ fn attacked(
     });
     let seen = Arc::new(Mutex::new(Seen::default()));
     let proxy = on_path(h.addr.clone(), attack, seen.clone());
-    let g = common::guest(8 << 20, FillSpec::default(), WorkloadPattern::Idle, 0);
+    // Enough batches that some pass after the first one's acknowledgement.
+    let memory = if attack == Attack::RedirectAndCut {
+        32 << 20
+    } else {
+        8 << 20
+    };
+    let g = common::guest(memory, FillSpec::default(), WorkloadPattern::Idle, 0);
     let gd: Arc<dyn ferry::migration::MigratableGuest> = g.clone();
     let config = MigrationConfig {
         session_key: key,
@@ -296,4 +361,25 @@ fn a_keyed_receiver_without_tls_refuses_a_proven_source_that_does_not_tag_its_fr
     );
     let why = abort_text(recv(&mut s));
     assert!(why.contains("does not tag its frames"), "{why}");
+}
+
+#[test]
+fn with_a_key_no_page_is_written_before_its_frame_tag_holds() {
+    let _serial = common::serial();
+    // A middle rewrites a raw batch's run to pages already sent and cuts the
+    // connection inside its pages: a lost channel, which the session
+    // survives. Had any page been written before the tag was checked, the
+    // guest would run on with those pages changed and every digest agreeing.
+    let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
+    let (src, mut h, g, seen) = attacked(Some(key), Attack::RedirectAndCut);
+    let dst = h.next_session();
+    assert_eq!(
+        seen.lock().unwrap().changed,
+        1,
+        "a batch was redirected and cut"
+    );
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    assert!(src.channel_failures >= 1, "{src:?}");
+    let mem = dst.memory.as_ref().expect("the destination's memory");
+    assert_eq!(common::first_difference(g.memory(), mem), None);
 }
