@@ -298,14 +298,14 @@ fn a_bind_with_a_wrong_proof_unknown_session_or_replayed_nonce_is_refused() {
     let mut s = TcpStream::connect(&h.addr).unwrap();
     bind(&mut s, session, 1, &secret, [8; 16]);
     match recv(&mut s) {
-        Some((_, Message::ChannelBindResponse(r))) => {
+        Some((h, Message::ChannelBindResponse(r))) => {
             let bound = ferry::migration::auth::Bind {
                 session_id: session,
                 channel: 1,
                 nonce: &[8; 16],
                 binding: &[],
             };
-            assert!(secret.verify_bound(&bound, &r.proof))
+            assert!(secret.verify_bound(&bound, h.credit_grant, &r.proof))
         }
         other => panic!("expected CHANNEL_BIND_RESPONSE, got {other:?}"),
     }

@@ -541,7 +541,8 @@ fn route_bind(
             writer,
         );
     }
-    let proof = s.secret.bound_proof(&bind);
+    // Over the credits the session's answer will grant (the same config).
+    let proof = s.secret.bound_proof(&bind, rx.config.initial_credits);
     reader.set_channel(h.channel);
     writer.set_channel(h.channel);
     // The source sends nothing more on it before the response: its frames

@@ -232,34 +232,40 @@ pub fn verify_setup_proof(key: &SessionKey, h: &Handshake, setup: &SessionSetup)
     setup_mac(key, h, setup).verify_slice(proof).is_ok()
 }
 
-fn response_mac(key: &SessionKey, h: &Handshake, session_id: u64, token: &[u8; 16]) -> HmacSha256 {
+/// What the destination's setup response proves besides the key: the
+/// session it made, the bind token and the credits it grants, so no one on
+/// the path can change them before frames are tagged.
+#[derive(Debug, Clone, Copy)]
+pub struct Response<'a> {
+    /// The session id.
+    pub session_id: u64,
+    /// The token further channels bind with.
+    pub token: &'a [u8; 16],
+    /// Credits each channel starts with.
+    pub credits: u16,
+}
+
+fn response_mac(key: &SessionKey, h: &Handshake, r: &Response) -> HmacSha256 {
     let mut m = h.start(key, b"response");
-    m.update(&session_id.to_le_bytes());
-    m.update(token);
+    m.update(&r.session_id.to_le_bytes());
+    m.update(r.token);
+    m.update(&r.credits.to_le_bytes());
     m
 }
 
 /// The destination's proof, in its setup response.
-pub fn response_proof(
-    key: &SessionKey,
-    h: &Handshake,
-    session_id: u64,
-    token: &[u8; 16],
-) -> [u8; 32] {
-    finish(response_mac(key, h, session_id, token))
+pub fn response_proof(key: &SessionKey, h: &Handshake, r: &Response) -> [u8; 32] {
+    finish(response_mac(key, h, r))
 }
 
 /// Whether `proof` is the destination's proof of `key` (constant time).
 pub fn verify_response_proof(
     key: &SessionKey,
     h: &Handshake,
-    session_id: u64,
-    token: &[u8; 16],
+    r: &Response,
     proof: &[u8; 32],
 ) -> bool {
-    response_mac(key, h, session_id, token)
-        .verify_slice(proof)
-        .is_ok()
+    response_mac(key, h, r).verify_slice(proof).is_ok()
 }
 
 /// What one channel bind proves itself over.
@@ -325,14 +331,21 @@ impl BindSecret {
         self.mac(b"bind", b).verify_slice(proof).is_ok()
     }
 
-    /// The destination's proof in a CHANNEL_BIND_RESPONSE.
-    pub fn bound_proof(&self, b: &Bind) -> [u8; 32] {
-        finish(self.mac(b"bound", b))
+    fn bound_mac(&self, b: &Bind, credits: u16) -> HmacSha256 {
+        let mut m = self.mac(b"bound", b);
+        m.update(&credits.to_le_bytes());
+        m
+    }
+
+    /// The destination's proof in a CHANNEL_BIND_RESPONSE, over the bind
+    /// and the `credits` its header grants.
+    pub fn bound_proof(&self, b: &Bind, credits: u16) -> [u8; 32] {
+        finish(self.bound_mac(b, credits))
     }
 
     /// Whether a CHANNEL_BIND_RESPONSE's proof holds (constant time).
-    pub fn verify_bound(&self, b: &Bind, proof: &[u8; 32]) -> bool {
-        self.mac(b"bound", b).verify_slice(proof).is_ok()
+    pub fn verify_bound(&self, b: &Bind, credits: u16, proof: &[u8; 32]) -> bool {
+        self.bound_mac(b, credits).verify_slice(proof).is_ok()
     }
 }
 
@@ -471,16 +484,29 @@ mod tests {
             dest_nonce: &nd,
             binding: b"",
         };
-        let p = response_proof(&key, &h, 42, &token);
-        assert!(verify_response_proof(&key, &h, 42, &token, &p));
-        assert!(!verify_response_proof(&key, &h, 43, &token, &p));
+        let r = Response {
+            session_id: 42,
+            token: &token,
+            credits: 16,
+        };
+        let p = response_proof(&key, &h, &r);
+        assert!(verify_response_proof(&key, &h, &r, &p));
+        let other = Response {
+            session_id: 43,
+            ..r
+        };
+        assert!(!verify_response_proof(&key, &h, &other, &p));
+        let more_credits = Response { credits: 64, ..r };
+        assert!(
+            !verify_response_proof(&key, &h, &more_credits, &p),
+            "credits are proved"
+        );
         let relayed = Handshake { binding: b"x", ..h };
-        assert!(!verify_response_proof(&key, &relayed, 42, &token, &p));
+        assert!(!verify_response_proof(&key, &relayed, &r, &p));
         assert!(!verify_response_proof(
             &SessionKey(b"x".to_vec()),
             &h,
-            42,
-            &token,
+            &r,
             &p
         ));
 
@@ -508,10 +534,15 @@ mod tests {
             "another TLS session"
         );
         assert!(
-            !b.verify_bound(&bind(2, &nb, b""), &proof),
+            !b.verify_bound(&bind(2, &nb, b""), 16, &proof),
             "a bind proof is no bound proof"
         );
-        assert!(b.verify_bound(&bind(2, &nb, b""), &b.bound_proof(&bind(2, &nb, b""))));
+        let bound = b.bound_proof(&bind(2, &nb, b""), 16);
+        assert!(b.verify_bound(&bind(2, &nb, b""), 16, &bound));
+        assert!(
+            !b.verify_bound(&bind(2, &nb, b""), 17, &bound),
+            "credits are proved"
+        );
         // Another session (nonces), or no key: another secret.
         assert_ne!(
             b,

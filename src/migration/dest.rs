@@ -1054,8 +1054,14 @@ impl Session {
                 &Message::SessionSetupResponse(SessionSetupResponse {
                     bind_token: token,
                     initial_credits: credits,
-                    proof: key
-                        .map(|k| super::auth::response_proof(k, &handshake, session_id, &token)),
+                    proof: key.map(|k| {
+                        let r = super::auth::Response {
+                            session_id,
+                            token: &token,
+                            credits,
+                        };
+                        super::auth::response_proof(k, &handshake, &r)
+                    }),
                 }),
             )
             .await?;

@@ -201,7 +201,7 @@ impl Connector {
             .await?;
         match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
             (h, Message::ChannelBindResponse(r)) => {
-                if !self.secret.verify_bound(&bind, &r.proof) {
+                if !self.secret.verify_bound(&bind, h.credit_grant, &r.proof) {
                     return Err(MigrationError::Unauthenticated(format!(
                         "the destination's answer to the bind of channel {ch} does not prove the session's secret"
                     )));
@@ -1405,7 +1405,12 @@ async fn run(
     // With a key, the destination must prove it too before it sees a page.
     if let Some(k) = key {
         let proven = setup.proof.is_some_and(|p| {
-            super::auth::verify_response_proof(k, &handshake, session_id, &setup.bind_token, &p)
+            let r = super::auth::Response {
+                session_id,
+                token: &setup.bind_token,
+                credits: setup.initial_credits,
+            };
+            super::auth::verify_response_proof(k, &handshake, &r, &p)
         });
         if !proven {
             let e = MigrationError::Unauthenticated(

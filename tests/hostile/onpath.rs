@@ -23,6 +23,9 @@ enum Attack {
     /// Point a later raw batch's run at pages already sent, and cut its
     /// connection before the batch's end (before its tag).
     RedirectAndCut,
+    /// Grant one credit per channel instead of what the destination said:
+    /// before frames are tagged, only the handshake's proofs cover it.
+    Credits,
     /// Forward every frame as it is.
     Nothing,
 }
@@ -112,6 +115,24 @@ fn change_page(f: &mut Frame) -> Option<u64> {
     Some(delta)
 }
 
+/// Rewrites a setup response to grant one credit per channel; whether it
+/// changed anything.
+fn grant_one_credit(f: &mut Frame) -> bool {
+    let payload = f.payload.clone().into();
+    let Ok(Message::SessionSetupResponse(mut r)) =
+        Message::decode(&f.header, payload, Limits::BEFORE_SETUP)
+    else {
+        return false;
+    };
+    if r.initial_credits == 1 {
+        return false;
+    }
+    r.initial_credits = 1;
+    f.payload = Message::SessionSetupResponse(r).encode_payload();
+    reseal(f);
+    true
+}
+
 /// Points a single-run raw batch at the pages of the first one seen, once
 /// the destination applied that one (an idle guest never sends them again);
 /// `false` for the first, or another kind, or too early.
@@ -159,6 +180,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, attack: Attack, seen: 
                     tag_after = seen.mac;
                 }
                 Command::ChannelBind if up => tag_after = seen.mac,
+                Command::SessionSetupResponse if attack == Attack::Credits => {
+                    seen.changed += u32::from(grant_one_credit(&mut f));
+                    tag_after = seen.mac
+                }
                 Command::SessionSetupResponse | Command::ChannelBindResponse => {
                     tag_after = seen.mac
                 }
@@ -382,4 +407,21 @@ fn with_a_key_no_page_is_written_before_its_frame_tag_holds() {
     assert!(src.channel_failures >= 1, "{src:?}");
     let mem = dst.memory.as_ref().expect("the destination's memory");
     assert_eq!(common::first_difference(g.memory(), mem), None);
+}
+
+#[test]
+fn with_a_key_the_credits_a_destination_grants_cannot_be_changed_on_the_path() {
+    let _serial = common::serial();
+    // Without a key the changed grant goes through: the session runs on one
+    // credit per channel. With one, the destination's proof covers the grant.
+    let (src, _h, _g, seen) = attacked(None, Attack::Credits);
+    assert_eq!(seen.lock().unwrap().changed, 1, "the grant was changed");
+    assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
+    let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
+    let (src, _h, g, seen) = attacked(Some(key), Attack::Credits);
+    assert_eq!(seen.lock().unwrap().changed, 1, "the grant was changed");
+    assert_eq!(src.outcome, Outcome::Failed);
+    let why = src.error.clone().unwrap_or_default();
+    assert!(why.contains("did not prove the shared key"), "{why}");
+    assert!(g.is_running(), "the guest runs on at the source");
 }
