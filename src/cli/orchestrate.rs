@@ -1003,8 +1003,9 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         let drained = watch_op(&ctx, &a_node, op)?;
         print_steps(&drained);
         println!(
-            "drain of node a {}",
-            drained["state"].as_str().unwrap_or("")
+            "drain of node a {}{}",
+            drained["state"].as_str().unwrap_or(""),
+            took(&drained)
         );
         show("after the drain:")?;
         println!("\n$ ferry node resume a --failback");
@@ -1017,8 +1018,9 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         let resumed = watch_op(&ctx, &a_node, op)?;
         print_steps(&resumed);
         println!(
-            "resume of node a {}",
-            resumed["state"].as_str().unwrap_or("")
+            "resume of node a {}{}",
+            resumed["state"].as_str().unwrap_or(""),
+            took(&resumed)
         );
         show("after the failback:")?;
         for agent in agents {
@@ -1033,6 +1035,15 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// " in 4.21 s": an ended operation's time from its start to its end, or
+/// nothing when the record lacks either.
+fn took(op: &Value) -> String {
+    match (op["started_at_ms"].as_u64(), op["finished_at_ms"].as_u64()) {
+        (Some(a), Some(b)) if b >= a => format!(" in {:.2} s", (b - a) as f64 / 1000.0),
+        _ => String::new(),
+    }
 }
 
 /// `ferry agent stop --node NODE [--force]`: asks the node's agent to stop.
