@@ -3,7 +3,7 @@
 //! either side, and a middle that terminates TLS on both sides and relays
 //! are all refused before a page moves.
 
-mod common;
+use crate::common;
 
 use common::*;
 use ferry::cpu::CpuMeter;

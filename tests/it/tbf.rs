@@ -2,7 +2,7 @@
 //! namespaces, set up and torn down by the sweep, interrupted or not. Needs
 //! root and iproute2; says so and skips otherwise (fails where `CI` is set).
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! `POST /v1/migrations/{id}/resolve` (through `ferry resolve`) settles it only
 //! after asking the target, so the VM never runs twice.
 
-mod common;
+use crate::common;
 
 use common::free_port;
 use serde_json::Value;

@@ -5,7 +5,7 @@
 //! their API over TLS (certificates from `ferry tls-cert`), which the CLI and
 //! the agents verify against the cluster file's pins.
 
-mod common;
+use crate::common;
 
 use common::free_port;
 use serde_json::Value;

@@ -1,7 +1,7 @@
 //! Hostile and broken peers against a live receiver: every bad frame ends its
 //! session with an error naming what was wrong, and the receiver keeps serving.
 
-mod common;
+use crate::common;
 
 #[path = "hostile/agents.rs"]
 mod agents;

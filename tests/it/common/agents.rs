@@ -43,7 +43,7 @@ fn write_cluster(dir: &Path, top: &str, nodes: &[(&str, &str)]) -> PathBuf {
         format!("{READONLY_TOKEN}\n").as_bytes(),
     )
     .unwrap();
-    // In-process agents on loopback: plain HTTP (tests/shutdown.rs runs the
+    // In-process agents on loopback: plain HTTP (tests/it/shutdown.rs runs the
     // API over TLS).
     let mut text = format!("token_file = \"cluster.token\"\ninsecure_api = true\n{top}\n");
     for (name, extra) in nodes {

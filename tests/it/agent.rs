@@ -2,7 +2,7 @@
 //! bad bodies, VMs created and migrated between agents (memory compared byte
 //! for byte), both agents' records, the concurrency limit and its queue.
 
-mod common;
+use crate::common;
 
 use common::agents::{error_of, Agents, TOKEN};
 use common::first_difference;
@@ -51,7 +51,7 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         "{\"name\": \"x\", \"memory\": \"64MiB\", \"guest\": \"xen\"}",
         "guest",
     );
-    // KVM guests where the node has /dev/kvm (tests/kvm.rs moves them);
+    // KVM guests where the node has /dev/kvm (tests/it/kvm.rs moves them);
     // where it has none, a clear refusal.
     let (s, v) = c.call(
         Method::POST,

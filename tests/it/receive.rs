@@ -2,7 +2,7 @@
 //! arrives, counts them against `--max-memory`, and `--once` means one
 //! migration, not one connection.
 
-mod common;
+use crate::common;
 
 use common::{free_port, parse_report};
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,7 @@
 //! The bandwidth cap is a promise: on incompressible data, the wire rate over
 //! every 2-second window of the transfer stays within 5% of the cap.
 
-mod common;
+use crate::common;
 
 use common::*;
 use ferry::codec::Codec;

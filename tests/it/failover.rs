@@ -4,7 +4,7 @@
 //! the source's byte for byte. With every channel gone for good, the
 //! migration fails within the peer timeout and the guest keeps running.
 
-mod common;
+use crate::common;
 
 use common::proxy::Proxy;
 use common::*;

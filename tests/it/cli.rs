@@ -1,7 +1,7 @@
 //! The `ferry` binary as users run it: `send` and `receive` as two processes,
 //! `demo`, JSON reports on stdout, and one-line errors with exit status 2.
 
-mod common;
+use crate::common;
 
 use common::{free_port, parse_report};
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! drain the other nodes cannot hold is refused before anything moves; a
 //! cancelled drain leaves every guest running somewhere, none lost.
 
-mod common;
+use crate::common;
 
 use common::agents::{error_of, Agents};
 use reqwest::{Method, StatusCode};

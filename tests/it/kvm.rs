@@ -4,7 +4,7 @@
 //! source after a failure before GO. Every test skips, saying so, where there
 //! is no working `/dev/kvm`.
 
-mod common;
+use crate::common;
 
 use common::{first_difference, free_port, parse_report, serial, SEED};
 use ferry::codec::Codec;

@@ -2,7 +2,7 @@
 //! memory byte for byte, hot sets converge, fast dirtiers are throttled, and a
 //! migration that cannot converge leaves the guest running on the source.
 
-mod common;
+use crate::common;
 
 use common::*;
 use ferry::codec::Codec;

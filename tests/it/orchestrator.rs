@@ -3,7 +3,7 @@
 //! status|drain|resume` (waiting, `--json`, `--detach`), their exit statuses,
 //! and an agent stopped with SIGTERM.
 
-mod common;
+use crate::common;
 
 use common::free_port;
 use serde_json::Value;

@@ -69,7 +69,7 @@ fn the_receiver_seed_is_a_whole_session() {
     }
 }
 
-/// Writes the seed corpus (`cargo test --test fuzz_regressions -- --ignored`).
+/// Writes the seed corpus (`cargo test --test it fuzz_regressions -- --ignored`).
 #[test]
 #[ignore]
 fn write_seeds() {

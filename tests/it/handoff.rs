@@ -4,7 +4,7 @@
 //! the guest runs in at most one place, and when it runs nowhere its paused
 //! copy is saved on the source's side: nothing is lost, nothing runs twice.
 
-mod common;
+use crate::common;
 
 use common::free_port;
 use std::io::Read;

@@ -1,0 +1,24 @@
+//! Every integration test, as one binary: real migrations over real
+//! sockets, real processes, agents and KVM guests. One binary links once
+//! (each test file used to link a copy of the crate on its own); the
+//! modules keep the files' names, so `cargo test --test it hostile::` runs
+//! what `--test hostile` ran.
+
+mod common;
+
+mod agent;
+mod bandwidth;
+mod cli;
+mod drain;
+mod failover;
+mod fuzz_regressions;
+mod handoff;
+mod hostile;
+mod kvm;
+mod migration;
+mod orchestrator;
+mod receive;
+mod resolve;
+mod shutdown;
+mod tbf;
+mod tls;
