@@ -21,11 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod cli {
+    pub mod demo_cluster;
     pub mod hostile;
     pub mod orchestrate;
     pub mod receive;
     pub mod send;
     pub mod soak;
+    pub mod update;
 }
 use cli::orchestrate;
 
@@ -76,7 +78,7 @@ struct ClusterArgs {
     #[command(flatten)]
     cluster: orchestrate::ClusterArg,
     #[command(subcommand)]
-    cmd: orchestrate::ClusterCommand,
+    cmd: cli::update::ClusterCommand,
 }
 
 #[derive(Args, Debug)]
@@ -495,7 +497,7 @@ impl GuestBackend {
 enum DemoCommand {
     /// Three agents in this process on loopback: VMs on node a, a drain of a
     /// to b and c with progress bars, then a resume with failback.
-    Cluster(orchestrate::DemoClusterArgs),
+    Cluster(cli::demo_cluster::DemoClusterArgs),
 }
 
 #[derive(Args, Debug)]
@@ -643,7 +645,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => orchestrate::migrate(a.args, &a.cluster),
         Command::Resolve(a) => orchestrate::resolve(a.args, &a.cluster),
         Command::Node(a) => orchestrate::node(a.cmd, &a.cluster),
-        Command::Cluster(a) => orchestrate::cluster(a.cmd, &a.cluster),
+        Command::Cluster(a) => cli::update::cluster(a.cmd, &a.cluster),
     };
     match result {
         Ok(code) => code,
@@ -1096,7 +1098,7 @@ fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) {
 
 fn demo(a: DemoArgs) -> Result<ExitCode> {
     if let Some(DemoCommand::Cluster(c)) = a.sub {
-        return orchestrate::demo_cluster(c);
+        return cli::demo_cluster::demo_cluster(c);
     }
     let mut config = a.migrate.config();
     config

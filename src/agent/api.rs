@@ -9,6 +9,10 @@
 
 use super::cluster::Cluster;
 use super::node::{Node, NodeError, NodeMode, VmSpec};
+use super::request::{
+    Amount, CreateMigration, CreateVm, Drain, MigrationParams, Resolve, Resume, Stop, Stopping,
+    Switch, Update,
+};
 use crate::codec::CodecChoice;
 use crate::memory::{FillSpec, WorkloadPattern};
 use crate::migration::{MigrationConfig, Receiver, ReceiverConfig, RunContext};
@@ -73,14 +77,6 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// A size, rate or duration as the CLI writes it, or a plain integer.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum Amount {
-    Int(u64),
-    Text(String),
-}
-
 impl Amount {
     fn size(&self, field: &str) -> Result<u64, ApiError> {
         match self {
@@ -120,14 +116,6 @@ impl Amount {
     }
 }
 
-/// `on`/`off` as the CLI takes it, or a JSON boolean.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum Switch {
-    Bool(bool),
-    Text(String),
-}
-
 impl Switch {
     fn on(&self, field: &str) -> Result<bool, ApiError> {
         match self {
@@ -147,17 +135,6 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateVm {
-    name: String,
-    memory: Amount,
-    workload: Option<String>,
-    dirty_rate: Option<Amount>,
-    fill: Option<String>,
-    guest: Option<String>,
 }
 
 impl CreateVm {
@@ -225,22 +202,6 @@ impl CreateVm {
     }
 }
 
-/// The migration parameters as the CLI names them.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrationParams {
-    channels: Option<u16>,
-    codec: Option<String>,
-    max_bandwidth: Option<Amount>,
-    downtime_limit: Option<Amount>,
-    verify: Option<String>,
-    auto_converge: Option<Switch>,
-    completion_timeout: Option<Amount>,
-    progress_timeout: Option<Amount>,
-    peer_timeout: Option<Amount>,
-    leave_paused: Option<bool>,
-}
-
 impl MigrationParams {
     fn config(&self) -> Result<MigrationConfig, ApiError> {
         let mut c = MigrationConfig::default();
@@ -282,15 +243,6 @@ impl MigrationParams {
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(c)
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateMigration {
-    vm: String,
-    target: String,
-    #[serde(flatten)]
-    params: MigrationParams,
 }
 
 fn json_status<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
@@ -361,37 +313,16 @@ async fn cancel_migration(State(node): State<Arc<Node>>, Path(id): Path<String>)
     Ok(json_status(StatusCode::OK, &node.cancel_migration(&id)?))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResolveBody {
-    run_on: String,
-    #[serde(default)]
-    force: bool,
-}
-
 async fn resolve_migration(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let b: ResolveBody = parse_body(&body)?;
+    let b: Resolve = parse_body(&body)?;
     Ok(json_status(
         StatusCode::OK,
         &node.resolve(&id, &b.run_on, b.force).await?,
     ))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DrainBody {
-    max_concurrent: Option<u32>,
-    allow_partial: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResumeBody {
-    failback: Option<bool>,
 }
 
 /// An optional JSON body: empty means defaults.
@@ -408,7 +339,7 @@ const MAX_DRAIN_CONCURRENCY: u32 = 64;
 const MAX_COMMAND_LEN: usize = 4096;
 
 async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
-    let b: DrainBody = optional_body(&body)?;
+    let b: Drain = optional_body(&body)?;
     if let Some(n) = b.max_concurrent {
         if n == 0 || n > MAX_DRAIN_CONCURRENCY {
             return Err(ApiError::bad_request(format!(
@@ -426,22 +357,13 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
 }
 
 async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
-    let b: ResumeBody = optional_body(&body)?;
+    let b: Resume = optional_body(&body)?;
     let op = node.resume(b.failback.unwrap_or(false)).await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UpdateBody {
-    command: String,
-    /// Run it although the node still hosts VMs.
-    #[serde(default)]
-    force: bool,
-}
-
 async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
-    let b: UpdateBody = parse_body(&body)?;
+    let b: Update = parse_body(&body)?;
     if b.command.trim().is_empty() {
         return Err(ApiError::bad_request("command: it is empty"));
     }
@@ -455,24 +377,20 @@ async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StopBody {
-    #[serde(default)]
-    force: bool,
-}
-
 /// `POST /v1/node/stop`: the agent drains its node and exits once it hosts
 /// nothing; with `force`, at once, discarding what is still here.
 async fn stop(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
-    let b: StopBody = optional_body(&body)?;
+    let b: Stop = optional_body(&body)?;
     node.stop.ask(b.force);
     let vms: Vec<String> = node.vms().into_iter().map(|v| v.spec.name).collect();
     tracing::warn!(force = b.force, ?vms, "asked to stop");
-    Ok(json_status(
-        StatusCode::ACCEPTED,
-        &json!({ "node": node.name(), "stopping": true, "force": b.force, "vms": vms }),
-    ))
+    let answer = Stopping {
+        node: node.name().to_string(),
+        stopping: true,
+        force: b.force,
+        vms,
+    };
+    Ok(json_status(StatusCode::ACCEPTED, &answer))
 }
 
 async fn list_operations(State(node): State<Arc<Node>>) -> ApiResult {

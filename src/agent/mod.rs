@@ -3,11 +3,13 @@
 //! `max_concurrent_migrations` at a time, and serves the control API.
 
 mod api;
+pub mod client;
 pub mod cluster;
 mod listen;
 mod node;
 mod ops;
 pub mod peer;
+pub mod request;
 mod shutdown;
 
 pub use api::{router, serve_agent, serve_agent_with, AgentHandle};

@@ -8,14 +8,14 @@ use crate::migration::{
     migrate, Incoming, MigratableGuest, MigrationConfig, Outcome, Phase, Report, RunContext,
 };
 use crate::wire::{GuestKind, SessionLabel, SessionSetup};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Whether a node takes VMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeMode {
     /// Hosts VMs and takes new ones.
@@ -27,7 +27,7 @@ pub enum NodeMode {
 }
 
 /// Where a VM is in its life on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
     /// Running here.
@@ -41,7 +41,7 @@ pub enum VmState {
 }
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationState {
     /// Waiting for one of the node's migration slots.
@@ -76,7 +76,7 @@ impl MigrationState {
 }
 
 /// Which way a migration goes, seen from this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// This node is the source.
@@ -86,22 +86,21 @@ pub enum Direction {
 }
 
 /// What a VM is made of: the body of `POST /v1/vms`, checked.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Unique on the cluster.
     pub name: String,
     /// Guest memory, bytes.
     pub memory: u64,
     /// Where its writes land.
-    #[serde(serialize_with = "as_display")]
+    #[serde(serialize_with = "as_display", deserialize_with = "from_text")]
     pub workload: WorkloadPattern,
     /// Bytes it writes per second.
     pub dirty_rate: u64,
     /// Its initial content mix.
-    #[serde(serialize_with = "as_display")]
+    #[serde(serialize_with = "as_display", deserialize_with = "from_text")]
     pub fill: FillSpec,
-    /// The backend.
-    #[serde(serialize_with = "guest_kind")]
+    /// The backend: `sim` or `kvm`.
     pub guest: GuestKind,
 }
 
@@ -109,15 +108,19 @@ fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result
     s.collect_str(v)
 }
 
-fn guest_kind<S: serde::Serializer>(g: &GuestKind, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match g {
-        GuestKind::Sim => "sim",
-        GuestKind::Kvm => "kvm",
-    })
+/// Reads back what [`as_display`] wrote.
+fn from_text<'de, T, D>(d: D) -> Result<T, D::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 /// A VM as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmView {
     /// What it is.
     #[serde(flatten)]
@@ -152,7 +155,7 @@ impl Vm {
 }
 
 /// Live figures of a running migration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgressView {
     /// The phase.
     pub phase: Phase,
@@ -176,7 +179,7 @@ pub struct ProgressView {
 }
 
 /// A migration as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationView {
     /// Its id (the source node's).
     pub id: String,
@@ -246,7 +249,7 @@ struct MigrationEntry {
 }
 
 /// How an operator settled an unresolved migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resolution {
     /// Where the VM runs now: `source` or `destination`.
     pub run_on: String,
@@ -334,7 +337,7 @@ impl MigrationEntry {
 }
 
 /// The node's figures for `GET /v1/node`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeView {
     /// Its name.
     pub name: String,
@@ -355,7 +358,7 @@ pub struct NodeView {
 }
 
 /// A node's migration limits.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Limits {
     /// Outgoing migrations at once.
     pub max_concurrent_migrations: u32,
@@ -930,8 +933,8 @@ impl Node {
             .node(&target)
             .ok_or_else(|| NodeError::Conflict(format!("node {target} left the cluster")))?;
         // Does the target host the VM?
-        let hosted = match self.peers.get(spec, &format!("/v1/vms/{vm}")).await {
-            Ok(v) => Some(v["state"].as_str().unwrap_or("").to_string()),
+        let hosted = match self.peers.vm(spec, &vm).await {
+            Ok(v) => Some(super::client::name_of(v.state)),
             Err(super::peer::PeerError::Api { status: 404, .. }) => None,
             Err(e) if force => {
                 tracing::warn!(%id, %vm, error = %e, "resolving without the target's word (forced)");

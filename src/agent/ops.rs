@@ -4,16 +4,18 @@
 //! runs in the background as an operation that can be watched and cancelled,
 //! and stays in the node's log afterwards.
 
-use super::node::{MigrationState, Node, NodeError, NodeMode};
+use super::client::name_of;
+use super::node::{MigrationState, Node, NodeError, NodeMode, VmState};
+use super::request::{CreateMigration, MigrationParams};
 use crate::migration::MigrationConfig;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// What an operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpKind {
     /// Pause the node and move its VMs away.
@@ -25,7 +27,7 @@ pub enum OpKind {
 }
 
 /// Where an operation is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpState {
     /// Moving VMs.
@@ -42,7 +44,7 @@ pub enum OpState {
 }
 
 /// One VM's move within an operation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Step {
     /// The VM.
     pub vm: String,
@@ -76,7 +78,7 @@ impl Step {
 }
 
 /// An operation as `GET /v1/operations/{id}` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OperationView {
     /// Its id.
     pub id: String,
@@ -102,12 +104,12 @@ pub struct OperationView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateRun>,
     /// A drain, once ended: the VMs still on the node, with their state.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remaining: Vec<RemainingVm>,
 }
 
 /// A VM a drain left on its node.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RemainingVm {
     /// The VM.
     pub vm: String,
@@ -116,7 +118,7 @@ pub struct RemainingVm {
 }
 
 /// What an update command did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpdateRun {
     /// The program and arguments run (the hook, then the command).
     pub argv: Vec<String>,
@@ -284,17 +286,14 @@ impl Node {
             .iter()
             .filter(|n| n.name != self.spec.name)
         {
-            match self.peers.get(n, "/v1/node").await {
-                Ok(v) if v["state"] == "active" => {
-                    let cap = v["memory_capacity"].as_u64().unwrap_or(0);
-                    let used = v["memory_used"].as_u64().unwrap_or(cap);
-                    free.push((n.name.clone(), cap.saturating_sub(used)));
+            match self.peers.node(n).await {
+                Ok(v) if v.state == NodeMode::Active => {
+                    free.push((
+                        n.name.clone(),
+                        v.memory_capacity.saturating_sub(v.memory_used),
+                    ));
                 }
-                Ok(v) => excluded.push(format!(
-                    "{} is {}",
-                    n.name,
-                    v["state"].as_str().unwrap_or("unknown")
-                )),
+                Ok(v) => excluded.push(format!("{} is {}", n.name, name_of(v.state))),
                 Err(e) => excluded.push(format!("{} is unreachable ({e})", n.name)),
             }
         }
@@ -572,12 +571,12 @@ impl Node {
             let Some(node) = self.cluster.node(&s.target) else {
                 continue;
             };
-            let here = self.peers.get(node, &format!("/v1/vms/{}", s.vm)).await;
+            let here = self.peers.vm(node, &s.vm).await;
             let (state, error) = match here {
-                Ok(v) if v["state"] == "running" => ("planned", None),
+                Ok(v) if v.state == VmState::Running => ("planned", None),
                 Ok(v) => (
                     "skipped",
-                    Some(format!("it is {} on node {}", v["state"], s.target)),
+                    Some(format!("it is {} on node {}", name_of(v.state), s.target)),
                 ),
                 Err(e) => (
                     "skipped",
@@ -615,13 +614,17 @@ impl Node {
             let Some(node) = self.cluster.node(&s.source) else {
                 continue;
             };
-            let body = json!({ "vm": s.vm, "target": self.spec.name });
-            let asked = self.peers.post(node, "/v1/migrations", &body).await;
+            let body = CreateMigration {
+                vm: s.vm.clone(),
+                target: self.spec.name.clone(),
+                params: MigrationParams::default(),
+            };
+            let asked = self.peers.migrate(node, &body).await;
             self.with_op(&op, |v| {
                 let step = &mut v.steps[i];
                 match asked {
                     Ok(m) => {
-                        step.migration_id = m["id"].as_str().map(String::from);
+                        step.migration_id = Some(m.id);
                         step.state = "queued".into();
                     }
                     Err(e) => {
@@ -642,23 +645,15 @@ impl Node {
                     continue;
                 };
                 if cancel.is_cancelled() && !cancel_sent {
-                    let _ = self
-                        .peers
-                        .call(
-                            node,
-                            reqwest::Method::DELETE,
-                            &format!("/v1/migrations/{id}"),
-                            None,
-                        )
-                        .await;
+                    let _ = self.peers.cancel_migration(node, id).await;
                 }
-                if let Ok(m) = self.peers.get(node, &format!("/v1/migrations/{id}")).await {
+                if let Ok(m) = self.peers.migration(node, id).await {
                     self.with_op(&op, |v| {
                         let step = &mut v.steps[i];
-                        step.state = m["state"].as_str().unwrap_or("running").into();
-                        step.error = m["error"].as_str().map(String::from);
-                        step.started_at_ms = m["started_at_ms"].as_u64();
-                        step.finished_at_ms = m["finished_at_ms"].as_u64();
+                        step.state = name_of(m.state);
+                        step.error = m.error;
+                        step.started_at_ms = m.started_at_ms;
+                        step.finished_at_ms = m.finished_at_ms;
                     });
                 }
             }

@@ -41,6 +41,15 @@ pub enum PeerError {
         /// What went wrong.
         message: String,
     },
+    /// The agent answered, but not with what the route gives (another
+    /// version, or not an agent), or the request would not serialize.
+    #[error("node {node}: {message}")]
+    Invalid {
+        /// The node.
+        node: String,
+        /// What did not read.
+        message: String,
+    },
 }
 
 impl Peers {

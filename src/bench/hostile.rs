@@ -7,6 +7,9 @@
 //! migration through the same listener ends the suite, while the flood is
 //! still held open: it must complete.
 
+use crate::agent::client::name_of;
+use crate::agent::request::{Amount, CreateMigration, CreateVm, MigrationParams};
+use crate::agent::VmState;
 use crate::migration::auth::SessionKey;
 use crate::migration::{migrate, MigrationConfig, Outcome, RunContext};
 use crate::wire::{
@@ -390,39 +393,43 @@ async fn agents_migration(
     to: &str,
     vm: &str,
 ) -> (String, bool) {
-    use serde_json::json;
     let peers = crate::agent::peer::Peers::new(cluster);
     let (src, dst) = (
         cluster.node(from).expect("checked"),
         cluster.node(to).expect("checked"),
     );
-    let made = peers
-        .post(src, "/v1/vms", &json!({"name": vm, "memory": "16MiB"}))
-        .await;
+    let spec = CreateVm {
+        name: vm.to_string(),
+        memory: Amount::Text("16MiB".into()),
+        workload: None,
+        dirty_rate: None,
+        fill: None,
+        guest: None,
+    };
+    let made = peers.create_vm(src, &spec).await;
     if let Err(e) = made {
         return (format!("could not make a VM on {from}: {e}"), false);
     }
-    let m = match peers
-        .post(src, "/v1/migrations", &json!({"vm": vm, "target": to}))
-        .await
-    {
-        Ok(m) => m,
+    let body = CreateMigration {
+        vm: vm.to_string(),
+        target: to.to_string(),
+        params: MigrationParams::default(),
+    };
+    let id = match peers.migrate(src, &body).await {
+        Ok(m) => m.id,
         Err(e) => return (format!("could not start it: {e}"), false),
     };
-    let id = m["id"].as_str().unwrap_or_default().to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let state = loop {
-        match peers.get(src, &format!("/v1/migrations/{id}")).await {
-            Ok(m) if !matches!(m["state"].as_str(), Some("queued" | "running")) => {
-                break m["state"].as_str().unwrap_or("?").to_string()
-            }
+        match peers.migration(src, &id).await {
+            Ok(m) if m.state.is_final() => break name_of(m.state),
             _ if tokio::time::Instant::now() > deadline => break "still running after 60 s".into(),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let there = peers.get(dst, &format!("/v1/vms/{vm}")).await;
-    let here = peers.get(src, &format!("/v1/vms/{vm}")).await;
-    let runs_there = there.as_ref().is_ok_and(|v| v["state"] == "running");
+    let there = peers.vm(dst, vm).await;
+    let here = peers.vm(src, vm).await;
+    let runs_there = there.as_ref().is_ok_and(|v| v.state == VmState::Running);
     let gone_here = matches!(
         here,
         Err(crate::agent::peer::PeerError::Api { status: 404, .. })

@@ -525,7 +525,7 @@ mod tests {
             side: Side::Source,
             outcome,
             error: None,
-            guest_location: "destination",
+            guest_location: "destination".into(),
             verified: true,
             verify: VerifyMode::Fast,
             verify_ms: 0.1,

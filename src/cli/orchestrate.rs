@@ -3,14 +3,20 @@
 //! long operations waits with progress bars (or returns the id with
 //! `--detach`); `--json` prints the final record as one line on stdout.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
+pub(crate) use ferry::agent::client::name_of;
 use ferry::agent::peer::{PeerError, Peers};
-use ferry::agent::{Cluster, NodeSpec};
+use ferry::agent::request::{
+    Amount, CreateMigration, CreateVm, Drain, MigrationParams, Resolve, Resume, Stop, Switch,
+};
+use ferry::agent::{
+    Cluster, MigrationState, MigrationView, NodeSpec, OpState, OperationView, VmView,
+};
 use ferry::units::{Bytes, Rate};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use reqwest::Method;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -188,14 +194,15 @@ pub struct ResolveArgs {
     pub out: Output,
 }
 
-struct Ctx {
-    cluster: Cluster,
-    peers: Peers,
+/// The cluster file, a typed client of its agents, and a runtime to wait on.
+pub(crate) struct Ctx {
+    pub(crate) cluster: Cluster,
+    pub(crate) peers: Peers,
     rt: tokio::runtime::Runtime,
 }
 
 impl Ctx {
-    fn new(cluster: &ClusterArg) -> Result<Self> {
+    pub(crate) fn new(cluster: &ClusterArg) -> Result<Self> {
         let cluster = Cluster::load(&cluster.cluster).map_err(|e| crate::usage(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -207,24 +214,19 @@ impl Ctx {
         })
     }
 
-    fn node(&self, name: &str) -> Result<&NodeSpec> {
+    pub(crate) fn node(&self, name: &str) -> Result<&NodeSpec> {
         self.cluster.require_node(name).map_err(crate::usage)
     }
 
-    fn call(
-        &self,
-        node: &NodeSpec,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, PeerError> {
-        self.rt.block_on(self.peers.call(node, method, path, body))
+    /// Waits for a call of [`Peers`].
+    pub(crate) fn run<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(call)
     }
 
     /// The node that runs `vm`.
-    fn find_vm(&self, vm: &str) -> Result<(&NodeSpec, Value)> {
+    fn find_vm(&self, vm: &str) -> Result<(&NodeSpec, VmView)> {
         for n in &self.cluster.nodes {
-            match self.call(n, Method::GET, &format!("/v1/vms/{vm}"), None) {
+            match self.run(self.peers.vm(n, vm)) {
                 Ok(v) => return Ok((n, v)),
                 Err(PeerError::Api { status: 404, .. }) => continue,
                 Err(e) => eprintln!("warning: {e}"),
@@ -237,11 +239,8 @@ impl Ctx {
     }
 }
 
-fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string(v).expect("JSON values serialize")
-    );
+pub(crate) fn print_json(v: &impl Serialize) {
+    println!("{}", serde_json::to_string(v).expect("API views serialize"));
 }
 
 fn bar_style() -> ProgressStyle {
@@ -250,36 +249,45 @@ fn bar_style() -> ProgressStyle {
         .progress_chars("=> ")
 }
 
-/// Shows migration record `m` of a VM of `memory` bytes on `bar`: guest
-/// bytes sent of the memory (what is left counts the dirty pages too), the
-/// phase, round, rate, ETA and throttle.
-fn show_migration(bar: &ProgressBar, memory: u64, m: &Value) {
-    let p = &m["progress"];
-    let left = p["bytes_left"].as_u64().unwrap_or(0);
+/// Shows migration `m` of a VM of `memory` bytes on `bar`: guest bytes sent
+/// of the memory (what is left counts the dirty pages too), the phase,
+/// round, rate, ETA and throttle.
+fn show_migration(bar: &ProgressBar, memory: u64, m: &MigrationView) {
+    let p = m.progress.as_ref();
+    let left = p.map_or(0, |p| p.bytes_left);
     bar.set_length(memory.max(1));
     bar.set_position(memory.saturating_sub(left));
-    if m["state"] == "queued" {
+    if m.state == MigrationState::Queued {
         bar.set_message("queued");
         return;
     }
+    let phase = match m.phase {
+        Some(phase) => name_of(phase),
+        None => name_of(m.state),
+    };
     let mut msg = format!(
-        "{} {}",
-        m["phase"].as_str().or(m["state"].as_str()).unwrap_or(""),
-        p["round"]
-            .as_u64()
-            .map_or(String::new(), |r| format!("round {r}"))
+        "{phase} {}",
+        p.map_or(String::new(), |p| format!("round {}", p.round))
     );
-    if let Some(t) = p["throughput_bps"].as_f64().filter(|t| *t > 0.0) {
+    if let Some(t) = p.map(|p| p.throughput_bps).filter(|t| *t > 0.0) {
         msg += &format!("  {}", Rate(t));
     }
     msg += &format!("  left {}", Bytes(left));
-    if let Some(eta) = p["eta_s"].as_f64() {
+    if let Some(eta) = p.and_then(|p| p.eta_s) {
         msg += &format!("  ETA {eta:.1} s");
     }
-    if let Some(t) = p["throttle_pct"].as_u64().filter(|t| *t > 0) {
+    if let Some(t) = p.map(|p| p.throttle_pct).filter(|t| *t > 0) {
         msg += &format!("  throttle {t}%");
     }
     bar.set_message(msg);
+}
+
+/// A VM and the node it runs on, as `vm list --json` prints it.
+#[derive(Serialize)]
+struct VmOnNode<'a> {
+    #[serde(flatten)]
+    vm: &'a VmView,
+    node: &'a str,
 }
 
 /// `ferry vm ...`
@@ -289,36 +297,32 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         VmCommand::List { out } => {
             let mut all = Vec::new();
             for n in &ctx.cluster.nodes {
-                match ctx.call(n, Method::GET, "/v1/vms", None) {
-                    Ok(Value::Array(vms)) => {
-                        for mut v in vms {
-                            v["node"] = json!(n.name);
-                            all.push(v);
-                        }
-                    }
-                    Ok(_) => {}
+                match ctx.run(ctx.peers.vms(n)) {
+                    Ok(vms) => all.extend(vms.into_iter().map(|v| (n.name.as_str(), v))),
                     Err(e) => eprintln!("warning: {e}"),
                 }
             }
             if out.json {
-                print_json(&Value::Array(all));
-            } else {
+                let rows: Vec<VmOnNode> =
+                    all.iter().map(|(node, vm)| VmOnNode { vm, node }).collect();
+                print_json(&rows);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<16} {:<8} {:<5} {:>10} {:<14} {:<12} DIRTY RATE",
+                "VM", "NODE", "GUEST", "MEMORY", "STATE", "WORKLOAD"
+            );
+            for (node, v) in &all {
                 println!(
-                    "{:<16} {:<8} {:<5} {:>10} {:<14} {:<12} DIRTY RATE",
-                    "VM", "NODE", "GUEST", "MEMORY", "STATE", "WORKLOAD"
+                    "{:<16} {:<8} {:<5} {:>10} {:<14} {:<12} {}",
+                    v.spec.name,
+                    node,
+                    v.spec.guest.to_string(),
+                    Bytes(v.spec.memory).to_string(),
+                    name_of(v.state),
+                    v.spec.workload.to_string(),
+                    Rate(v.spec.dirty_rate as f64)
                 );
-                for v in &all {
-                    println!(
-                        "{:<16} {:<8} {:<5} {:>10} {:<14} {:<12} {}",
-                        v["name"].as_str().unwrap_or(""),
-                        v["node"].as_str().unwrap_or(""),
-                        v["guest"].as_str().unwrap_or(""),
-                        Bytes(v["memory"].as_u64().unwrap_or(0)).to_string(),
-                        v["state"].as_str().unwrap_or(""),
-                        v["workload"].as_str().unwrap_or(""),
-                        Rate(v["dirty_rate"].as_f64().unwrap_or(0.0))
-                    );
-                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -333,17 +337,15 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             out,
         } => {
             let n = ctx.node(&node)?;
-            let mut body = json!({ "name": name, "memory": memory, "guest": guest });
-            for (k, v) in [
-                ("workload", workload),
-                ("dirty_rate", dirty_rate),
-                ("fill", fill),
-            ] {
-                if let Some(v) = v {
-                    body[k] = json!(v);
-                }
-            }
-            let v = ctx.call(n, Method::POST, "/v1/vms", Some(&body))?;
+            let body = CreateVm {
+                name: name.clone(),
+                memory: Amount::Text(memory),
+                workload,
+                dirty_rate: dirty_rate.map(Amount::Text),
+                fill,
+                guest: Some(guest),
+            };
+            let v = ctx.run(ctx.peers.create_vm(n, &body))?;
             if out.json {
                 print_json(&v);
             } else {
@@ -353,17 +355,35 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         }
         VmCommand::Delete { name, force, out } => {
             let (n, _) = ctx.find_vm(&name)?;
-            let query = if force { "?force=true" } else { "" };
-            let v = ctx.call(n, Method::DELETE, &format!("/v1/vms/{name}{query}"), None)?;
+            let v = ctx.run(ctx.peers.delete_vm(n, &name, force))?;
             if out.json {
                 print_json(&v);
             } else {
                 println!("VM {name} stopped and removed from node {}", n.name);
-                if let Some(lost) = v["lost"].as_str() {
+                if let Some(lost) = &v.lost {
                     println!("discarded: {lost}");
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+impl MigrateVmArgs {
+    /// The flags as the API's migration parameters.
+    fn params(&self) -> MigrationParams {
+        let text = |v: &Option<String>| v.clone().map(Amount::Text);
+        MigrationParams {
+            channels: self.channels,
+            codec: self.codec.clone(),
+            max_bandwidth: text(&self.max_bandwidth),
+            downtime_limit: text(&self.downtime_limit),
+            verify: self.verify.clone(),
+            auto_converge: self.auto_converge.clone().map(Switch::Text),
+            completion_timeout: text(&self.completion_timeout),
+            progress_timeout: text(&self.progress_timeout),
+            peer_timeout: text(&self.peer_timeout),
+            leave_paused: self.leave_paused.then_some(true),
         }
     }
 }
@@ -373,40 +393,13 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
     let ctx = Ctx::new(cluster)?;
     ctx.node(&a.to)?;
     let (source, vm) = ctx.find_vm(&a.vm)?;
-    let memory = vm["memory"].as_u64().unwrap_or(0);
-    let mut body = Map::new();
-    body.insert("vm".into(), json!(a.vm));
-    body.insert("target".into(), json!(a.to));
-    if let Some(c) = a.channels {
-        body.insert("channels".into(), json!(c));
-    }
-    for (k, v) in [
-        ("codec", &a.codec),
-        ("max_bandwidth", &a.max_bandwidth),
-        ("downtime_limit", &a.downtime_limit),
-        ("verify", &a.verify),
-        ("auto_converge", &a.auto_converge),
-        ("completion_timeout", &a.completion_timeout),
-        ("progress_timeout", &a.progress_timeout),
-        ("peer_timeout", &a.peer_timeout),
-    ] {
-        if let Some(v) = v {
-            body.insert(k.into(), json!(v));
-        }
-    }
-    if a.leave_paused {
-        body.insert("leave_paused".into(), json!(true));
-    }
-    let m = ctx.call(
-        source,
-        Method::POST,
-        "/v1/migrations",
-        Some(&Value::Object(body)),
-    )?;
-    let id = m["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the agent gave no migration id"))?
-        .to_string();
+    let body = CreateMigration {
+        vm: a.vm.clone(),
+        target: a.to.clone(),
+        params: a.params(),
+    };
+    let m = ctx.run(ctx.peers.migrate(source, &body))?;
+    let id = m.id.clone();
     if a.wait.detach {
         if a.out.json {
             print_json(&m);
@@ -423,48 +416,54 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
     bar.set_style(bar_style());
     bar.set_prefix(a.vm.clone());
     let done = loop {
-        let m = ctx.call(source, Method::GET, &format!("/v1/migrations/{id}"), None)?;
-        let state = m["state"].as_str().unwrap_or("").to_string();
-        if state != "queued" && state != "running" {
+        let m = ctx.run(ctx.peers.migration(source, &id))?;
+        if m.state.is_final() {
             break m;
         }
-        show_migration(&bar, memory, &m);
+        show_migration(&bar, vm.spec.memory, &m);
         std::thread::sleep(Duration::from_millis(100));
     };
     bar.finish_and_clear();
-    let state = done["state"].as_str().unwrap_or("");
     if a.out.json {
         print_json(&done);
     } else {
-        let r = &done["report"];
-        match state {
-            "completed" => println!(
-                "{} runs on node {}: {} in {:.0} ms, downtime {:.1} ms, {} rounds, {} on the wire",
-                a.vm,
-                a.to,
-                Bytes(r["memory_bytes"].as_u64().unwrap_or(0)),
-                r["total_ms"].as_f64().unwrap_or(0.0),
-                r["downtime_ms"].as_f64().unwrap_or(0.0),
-                r["rounds"].as_u64().unwrap_or(0),
-                Bytes(r["wire_bytes"].as_u64().unwrap_or(0))
-            ),
-            _ => println!(
-                "migration {id} {state}: {}; {} runs on node {}",
-                done["error"].as_str().unwrap_or("no reason given"),
-                a.vm,
-                if state == "unresolved" {
-                    "(unresolved: see the agents)"
-                } else {
-                    &source.name
-                }
-            ),
-        }
+        print_migration_end(&done, &source.name);
     }
-    Ok(match state {
-        "completed" => ExitCode::SUCCESS,
-        "unresolved" => ExitCode::from(3),
+    Ok(match done.state {
+        MigrationState::Completed => ExitCode::SUCCESS,
+        MigrationState::Unresolved => ExitCode::from(3),
         _ => ExitCode::from(1),
     })
+}
+
+/// One line on how migration `m` from node `source` ended.
+fn print_migration_end(m: &MigrationView, source: &str) {
+    match (&m.state, &m.report) {
+        (MigrationState::Completed, Some(r)) => println!(
+            "{} runs on node {}: {} in {:.0} ms, downtime {:.1} ms, {} rounds, {} on the wire",
+            m.vm,
+            m.target,
+            Bytes(r.memory_bytes),
+            r.total_ms,
+            r.downtime_ms,
+            r.rounds,
+            Bytes(r.wire_bytes)
+        ),
+        (state, _) => println!(
+            "migration {} {}: {}; {} runs on node {}",
+            m.id,
+            name_of(state),
+            m.error.as_deref().unwrap_or("no reason given"),
+            m.vm,
+            if *state == MigrationState::Unresolved {
+                "(unresolved: see the agents)"
+            } else if *state == MigrationState::Completed {
+                &m.target
+            } else {
+                source
+            }
+        ),
+    }
 }
 
 /// `ferry resolve`: settles an unresolved migration on its source node,
@@ -473,8 +472,8 @@ pub fn resolve(a: ResolveArgs, cluster: &ClusterArg) -> Result<ExitCode> {
     let ctx = Ctx::new(cluster)?;
     let mut source = None;
     for n in &ctx.cluster.nodes {
-        match ctx.call(n, Method::GET, &format!("/v1/migrations/{}", a.id), None) {
-            Ok(m) if m["direction"] == "outgoing" => {
+        match ctx.run(ctx.peers.migration(n, &a.id)) {
+            Ok(m) if m.direction == ferry::agent::Direction::Outgoing => {
                 source = Some(n);
                 break;
             }
@@ -489,30 +488,68 @@ pub fn resolve(a: ResolveArgs, cluster: &ClusterArg) -> Result<ExitCode> {
             a.id
         );
     };
-    let body = json!({"run_on": a.run_on, "force": a.force});
-    let m = ctx.call(
-        source,
-        Method::POST,
-        &format!("/v1/migrations/{}/resolve", a.id),
-        Some(&body),
-    )?;
+    let body = Resolve {
+        run_on: a.run_on.clone(),
+        force: a.force,
+    };
+    let m = ctx.run(ctx.peers.resolve(source, &a.id, &body))?;
     if a.out.json {
         print_json(&m);
     } else {
         let node = if a.run_on == "source" {
-            &m["source"]
+            &m.source
         } else {
-            &m["target"]
+            &m.target
         };
         println!(
-            "migration {} settled: {} runs on node {} ({})",
+            "migration {} settled: {} runs on node {node} ({})",
             a.id,
-            m["vm"].as_str().unwrap_or("?"),
-            node.as_str().unwrap_or("?"),
-            m["resolution"]["checked"].as_str().unwrap_or("")
+            m.vm,
+            m.resolution.as_ref().map_or("", |r| r.checked.as_str())
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry node status`: every node's view, or why it did not answer.
+fn status(ctx: &Ctx, out: &Output) {
+    let views: Vec<_> = ctx
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| (n, ctx.run(ctx.peers.node(n))))
+        .collect();
+    if out.json {
+        let all: Vec<Value> = views
+            .iter()
+            .map(|(n, v)| match v {
+                Ok(v) => json!(v),
+                Err(e) => json!({ "name": n.name, "state": "unreachable", "error": e.to_string() }),
+            })
+            .collect();
+        print_json(&all);
+        return;
+    }
+    println!(
+        "{:<8} {:<12} {:>21} {:>4} {:>9} {:>7}",
+        "NODE", "STATE", "MEMORY USED", "VMS", "IN FLIGHT", "QUEUED"
+    );
+    for (n, v) in &views {
+        let Ok(v) = v else {
+            println!("{:<8} {:<12}", n.name, "unreachable");
+            continue;
+        };
+        let used = format!("{} / {}", Bytes(v.memory_used), Bytes(v.memory_capacity));
+        println!(
+            "{:<8} {:<12} {:>21} {:>4} {:>9} {:>7}",
+            v.name,
+            name_of(v.state),
+            used,
+            v.vms.len(),
+            v.migrations_in_flight,
+            v.migrations_queued
+        );
+    }
 }
 
 /// `ferry node ...`
@@ -520,40 +557,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
     let ctx = Ctx::new(cluster)?;
     match cmd {
         NodeCommand::Status { out } => {
-            let mut all = Vec::new();
-            for n in &ctx.cluster.nodes {
-                let v = match ctx.call(n, Method::GET, "/v1/node", None) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        json!({ "name": n.name, "state": "unreachable", "error": e.to_string() })
-                    }
-                };
-                all.push(v);
-            }
-            if out.json {
-                print_json(&Value::Array(all));
-            } else {
-                println!(
-                    "{:<8} {:<12} {:>21} {:>4} {:>9} {:>7}",
-                    "NODE", "STATE", "MEMORY USED", "VMS", "IN FLIGHT", "QUEUED"
-                );
-                for v in &all {
-                    let used = format!(
-                        "{} / {}",
-                        Bytes(v["memory_used"].as_u64().unwrap_or(0)),
-                        Bytes(v["memory_capacity"].as_u64().unwrap_or(0))
-                    );
-                    println!(
-                        "{:<8} {:<12} {:>21} {:>4} {:>9} {:>7}",
-                        v["name"].as_str().unwrap_or(""),
-                        v["state"].as_str().unwrap_or(""),
-                        used,
-                        v["vms"].as_array().map_or(0, Vec::len),
-                        v["migrations_in_flight"].as_u64().unwrap_or(0),
-                        v["migrations_queued"].as_u64().unwrap_or(0)
-                    );
-                }
-            }
+            status(&ctx, &out);
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Drain {
@@ -564,11 +568,11 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             out,
         } => {
             let n = ctx.node(&node)?;
-            let mut body = json!({ "allow_partial": allow_partial });
-            if let Some(m) = max_concurrent {
-                body["max_concurrent"] = json!(m);
-            }
-            let op = ctx.call(n, Method::POST, "/v1/node/drain", Some(&body))?;
+            let body = Drain {
+                max_concurrent,
+                allow_partial: Some(allow_partial),
+            };
+            let op = ctx.run(ctx.peers.drain(n, &body))?;
             follow(&ctx, n, op, &wait, &out)
         }
         NodeCommand::Resume {
@@ -578,121 +582,106 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             out,
         } => {
             let n = ctx.node(&node)?;
-            let op = ctx.call(
-                n,
-                Method::POST,
-                "/v1/node/resume",
-                Some(&json!({ "failback": failback })),
-            )?;
+            let body = Resume {
+                failback: Some(failback),
+            };
+            let op = ctx.run(ctx.peers.resume(n, &body))?;
             follow(&ctx, n, op, &wait, &out)
         }
     }
 }
 
 /// Prints operation `op` (or its id with `--detach`), waiting for it first.
-fn follow(ctx: &Ctx, node: &NodeSpec, op: Value, wait: &Wait, out: &Output) -> Result<ExitCode> {
+fn follow(
+    ctx: &Ctx,
+    node: &NodeSpec,
+    op: OperationView,
+    wait: &Wait,
+    out: &Output,
+) -> Result<ExitCode> {
     if wait.detach {
         if out.json {
             print_json(&op);
         } else {
-            println!("{}", op["id"].as_str().unwrap_or(""));
+            println!("{}", op.id);
         }
         return Ok(ExitCode::SUCCESS);
     }
     let done = watch_op(ctx, node, op)?;
-    let state = done["state"].as_str().unwrap_or("");
     if out.json {
         print_json(&done);
     } else {
         print_steps(&done);
         println!(
-            "{} of node {} {state}{}",
-            done["kind"].as_str().unwrap_or("operation"),
+            "{} of node {} {}{}",
+            name_of(done.kind),
             node.name,
-            done["error"]
-                .as_str()
+            name_of(done.state),
+            done.error
+                .as_ref()
                 .map_or(String::new(), |e| format!(" ({e})"))
         );
     }
-    Ok(if state == "completed" {
+    Ok(if done.state == OpState::Completed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
-fn print_steps(op: &Value) {
-    for s in op["steps"].as_array().cloned().unwrap_or_default() {
+pub(crate) fn print_steps(op: &OperationView) {
+    for s in &op.steps {
         println!(
             "  {:<16} {:>10}  {} → {}  {}{}",
-            s["vm"].as_str().unwrap_or(""),
-            Bytes(s["memory"].as_u64().unwrap_or(0)).to_string(),
-            s["source"].as_str().unwrap_or(""),
-            s["target"]
-                .as_str()
-                .filter(|t| !t.is_empty())
-                .unwrap_or("-"),
-            s["state"].as_str().unwrap_or(""),
-            s["error"]
-                .as_str()
-                .map_or(String::new(), |e| format!(": {e}"))
+            s.vm,
+            Bytes(s.memory).to_string(),
+            s.source,
+            if s.target.is_empty() { "-" } else { &s.target },
+            s.state,
+            s.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
         );
     }
 }
 
+fn step_ended(state: &str) -> bool {
+    !matches!(state, "planned" | "queued" | "running")
+}
+
 /// Waits for operation `op` on `node` with bars: overall, and one per
 /// migration in flight. Returns its final record.
-fn watch_op(ctx: &Ctx, node: &NodeSpec, op: Value) -> Result<Value> {
-    let id = op["id"]
-        .as_str()
-        .context("the agent gave no operation id")?
-        .to_string();
+pub(crate) fn watch_op(ctx: &Ctx, node: &NodeSpec, op: OperationView) -> Result<OperationView> {
+    let id = op.id.clone();
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
-    let total = op["steps"].as_array().map_or(0, Vec::len) as u64;
+    let total = op.steps.len() as u64;
     let overall = mp.add(ProgressBar::new(total.max(1)));
     overall.set_style(bar_style());
-    overall.set_prefix(format!(
-        "{} {}",
-        op["kind"].as_str().unwrap_or(""),
-        node.name
-    ));
+    overall.set_prefix(format!("{} {}", name_of(op.kind), node.name));
     let mut bars: HashMap<String, ProgressBar> = HashMap::new();
     let done = loop {
-        let op = ctx.call(node, Method::GET, &format!("/v1/operations/{id}"), None)?;
-        let steps = op["steps"].as_array().cloned().unwrap_or_default();
-        let finished = steps
-            .iter()
-            .filter(|s| !matches!(s["state"].as_str(), Some("planned" | "queued" | "running")))
-            .count() as u64;
+        let op = ctx.run(ctx.peers.operation(node, &id))?;
+        let finished = op.steps.iter().filter(|s| step_ended(&s.state)).count() as u64;
         overall.set_position(finished);
-        overall.set_message(match op["params"]["command"].as_str() {
+        overall.set_message(match op.params["command"].as_str() {
             Some(cmd) => format!("running {cmd:?}"),
             None => format!("{finished}/{total} VMs"),
         });
-        for s in &steps {
-            let vm = s["vm"].as_str().unwrap_or("").to_string();
-            let state = s["state"].as_str().unwrap_or("");
-            match (state, s["migration_id"].as_str()) {
+        for s in &op.steps {
+            match (s.state.as_str(), &s.migration_id) {
                 ("running", Some(mid)) => {
-                    let source = ctx
-                        .cluster
-                        .node(s["source"].as_str().unwrap_or(""))
-                        .unwrap_or(node);
-                    let Ok(m) =
-                        ctx.call(source, Method::GET, &format!("/v1/migrations/{mid}"), None)
-                    else {
+                    let source = ctx.cluster.node(&s.source).unwrap_or(node);
+                    let Ok(m) = ctx.run(ctx.peers.migration(source, mid)) else {
                         continue;
                     };
-                    let bar = bars.entry(vm.clone()).or_insert_with(|| {
+                    let bar = bars.entry(s.vm.clone()).or_insert_with(|| {
                         let b = mp.add(ProgressBar::new(1));
                         b.set_style(bar_style());
-                        b.set_prefix(format!("{vm} → {}", s["target"].as_str().unwrap_or("")));
+                        b.set_prefix(format!("{} → {}", s.vm, s.target));
                         b
                     });
-                    show_migration(bar, s["memory"].as_u64().unwrap_or(0), &m);
+                    show_migration(bar, s.memory, &m);
                 }
-                (s, _) if !matches!(s, "planned" | "queued" | "running") => {
-                    if let Some(b) = bars.remove(&vm) {
+                (state, _) if step_ended(state) => {
+                    if let Some(b) = bars.remove(&s.vm) {
                         b.finish_and_clear();
                         mp.remove(&b);
                     }
@@ -700,7 +689,7 @@ fn watch_op(ctx: &Ctx, node: &NodeSpec, op: Value) -> Result<Value> {
                 _ => {}
             }
         }
-        if op["state"] != "running" {
+        if op.state != OpState::Running {
             break op;
         }
         std::thread::sleep(Duration::from_millis(150));
@@ -712,336 +701,13 @@ fn watch_op(ctx: &Ctx, node: &NodeSpec, op: Value) -> Result<Value> {
     Ok(done)
 }
 
-/// `ferry cluster ...`
-#[derive(Subcommand, Debug)]
-pub enum ClusterCommand {
-    /// Roll an update through the cluster, one node at a time: drain it, run
-    /// the command on it through its agent's update_hook, resume it with
-    /// failback. Stops at the first failure, leaving that node paused.
-    Update {
-        /// The update command, given to each node's update_hook.
-        #[arg(long, value_name = "COMMAND")]
-        run: String,
-        /// Print the plan (the order, where each VM would go) and move nothing.
-        #[arg(long)]
-        dry_run: bool,
-        #[command(flatten)]
-        out: Output,
-    },
-}
-
-/// One node's part of a rolling update: drain, update, resume with failback.
-fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut Value) -> Result<(), String> {
-    let steps: [(&str, &str, Value); 3] = [
-        ("drain", "/v1/node/drain", json!({})),
-        ("update", "/v1/node/update", json!({ "command": run })),
-        ("resume", "/v1/node/resume", json!({ "failback": true })),
-    ];
-    for (what, path, body) in steps {
-        eprintln!("node {}: {what}", n.name);
-        let op = ctx
-            .call(n, Method::POST, path, Some(&body))
-            .map_err(|e| format!("the {what}: {e}"))?;
-        let op = watch_op(ctx, n, op).map_err(|e| format!("the {what}: {e}"))?;
-        entry[what] = op.clone();
-        if op["state"] != "completed" {
-            return Err(format!(
-                "the {what} {}: {}",
-                op["state"].as_str().unwrap_or(""),
-                op["error"].as_str().unwrap_or("")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `ferry cluster ...`
-pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
-    let ctx = Ctx::new(cluster)?;
-    let ClusterCommand::Update { run, dry_run, out } = cmd;
-    let mut states = Vec::new();
-    for n in &ctx.cluster.nodes {
-        let v = ctx
-            .call(n, Method::GET, "/v1/node", None)
-            .with_context(|| {
-                format!(
-                    "a rolling update needs every node; node {} does not answer",
-                    n.name
-                )
-            })?;
-        states.push(v);
-    }
-    if dry_run {
-        let plan = plan_update(&ctx, &states);
-        if out.json {
-            print_json(&json!({ "command": run, "plan": plan }));
-        } else {
-            println!("rolling update {run:?}, one node at a time:");
-            for (i, step) in plan.iter().enumerate() {
-                println!(
-                    "{}. node {}: drain, run the command, resume with failback",
-                    i + 1,
-                    step["node"].as_str().unwrap_or("")
-                );
-                for m in step["moves"].as_array().cloned().unwrap_or_default() {
-                    println!(
-                        "     {:<16} {:>10} → {}",
-                        m["vm"].as_str().unwrap_or(""),
-                        Bytes(m["memory"].as_u64().unwrap_or(0)).to_string(),
-                        m["target"].as_str().unwrap_or("")
-                    );
-                }
-                for m in step["unplaced"].as_array().cloned().unwrap_or_default() {
-                    println!(
-                        "     {:<16} no node has room: the drain would be refused",
-                        m["vm"].as_str().unwrap_or("")
-                    );
-                }
-            }
-        }
-        let blocked = plan
-            .iter()
-            .any(|p| p["unplaced"].as_array().is_some_and(|u| !u.is_empty()));
-        return Ok(if blocked {
-            ExitCode::from(1)
-        } else {
-            ExitCode::SUCCESS
-        });
-    }
-    let mut report = Vec::new();
-    let mut failure: Option<(String, String)> = None;
-    for n in &ctx.cluster.nodes {
-        let mut entry = json!({ "node": n.name });
-        let result = update_node(&ctx, n, &run, &mut entry);
-        report.push(entry);
-        if let Err(e) = result {
-            failure = Some((n.name.clone(), e));
-            break;
-        }
-    }
-    if out.json {
-        let mut v = json!({
-            "command": run,
-            "state": if failure.is_some() { "failed" } else { "completed" },
-            "nodes": report,
-        });
-        if let Some((node, error)) = &failure {
-            v["stopped_at"] = json!(node);
-            v["error"] = json!(error);
-        }
-        print_json(&v);
-    } else {
-        for e in &report {
-            let mut line = format!("node {}:", e["node"].as_str().unwrap_or(""));
-            if let Some(d) = e.get("drain") {
-                line += &format!(
-                    " drained ({} VMs)",
-                    d["steps"].as_array().map_or(0, Vec::len)
-                );
-            }
-            if let Some(u) = e.get("update") {
-                let code = u["update"]["exit_code"]
-                    .as_i64()
-                    .map_or("abnormally".to_string(), |c| c.to_string());
-                line += &format!(
-                    ", update exited {code} in {} ms",
-                    u["update"]["duration_ms"].as_u64().unwrap_or(0)
-                );
-            }
-            if let Some(r) = e.get("resume") {
-                let back = r["steps"].as_array().map_or(0, |s| {
-                    s.iter().filter(|s| s["state"] == "completed").count()
-                });
-                line += &format!(", resumed ({back} VMs back)");
-            }
-            println!("{line}");
-        }
-        match &failure {
-            None => println!("rolling update completed on {} nodes", report.len()),
-            Some((node, e)) => {
-                println!("rolling update stopped at node {node}, which is left paused: {e}")
-            }
-        }
-    }
-    Ok(if failure.is_some() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-/// Where each node's VMs would go when it is drained in turn, the others as
-/// they are now (each node's VMs come back before the next is drained).
-fn plan_update(ctx: &Ctx, states: &[Value]) -> Vec<Value> {
-    let nodes = || ctx.cluster.nodes.iter().zip(states);
-    nodes()
-        .map(|(n, st)| {
-            let vms: Vec<(String, u64)> = st["vms"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|v| {
-                    let name = v["name"].as_str().unwrap_or("").to_string();
-                    (name, v["memory"].as_u64().unwrap_or(0))
-                })
-                .collect();
-            let free: Vec<(String, u64)> = nodes()
-                .filter(|(o, s)| o.name != n.name && s["state"] == "active")
-                .map(|(o, s)| {
-                    let cap = s["memory_capacity"].as_u64().unwrap_or(0);
-                    let used = s["memory_used"].as_u64().unwrap_or(cap);
-                    (o.name.clone(), cap.saturating_sub(used))
-                })
-                .collect();
-            let (placed, left) = ferry::agent::place(&vms, &free);
-            let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
-            json!({
-                "node": n.name,
-                "moves": placed
-                    .iter()
-                    .map(|(vm, t)| json!({ "vm": vm, "memory": memory(vm), "target": t }))
-                    .collect::<Vec<_>>(),
-                "unplaced": left
-                    .iter()
-                    .map(|(vm, m)| json!({ "vm": vm, "memory": m }))
-                    .collect::<Vec<_>>(),
-            })
-        })
-        .collect()
-}
-
-/// `ferry demo cluster`.
-#[derive(Args, Debug)]
-pub struct DemoClusterArgs {
-    /// VMs to create on node a.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
-    pub vms: u32,
-    /// Memory of each VM.
-    #[arg(long, default_value = "256MiB")]
-    pub memory: String,
-    /// Bytes each VM writes per second.
-    #[arg(long, default_value = "50MB/s")]
-    pub dirty_rate: String,
-    /// The VMs' backend: sim (synthetic guests) or kvm (KVM guests; needs
-    /// /dev/kvm).
-    #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
-    pub guest: String,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Three agents in this process: create VMs on a, drain a, fail back.
-pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
-    let dir = std::env::temp_dir().join(format!("ferry-demo-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    // A random token, though the agents listen on loopback only and for
-    // seconds: the demo should not teach a guessable one.
-    let token: String = (0..2)
-        .map(|_| {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            format!("{:016x}", h.finish())
-        })
-        .collect();
-    ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
-    let mut text =
-        "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
-    for name in ["a", "b", "c"] {
-        text += &format!(
-            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"16GiB\"\n",
-            free_port()?,
-            free_port()?
-        );
-    }
-    let file = dir.join("cluster.toml");
-    std::fs::write(&file, &text)?;
-    let result = (|| {
-        let cluster = Cluster::load(&file).map_err(|e| anyhow!("{e}"))?;
-        let cpu = ferry::cpu::CpuMeter::new();
-        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
-        let agents = ["a", "b", "c"]
-            .iter()
-            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        eprintln!(
-            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once",
-            file.display()
-        );
-        let ctx = Ctx::new(&ClusterArg {
-            cluster: file.clone(),
-        })?;
-        let a_node = ctx.node("a")?.clone();
-        for i in 1..=a.vms {
-            let body = json!({ "name": format!("vm{i}"), "memory": a.memory, "workload": "hot:32MiB", "dirty_rate": a.dirty_rate, "guest": a.guest });
-            ctx.call(&a_node, Method::POST, "/v1/vms", Some(&body))?;
-        }
-        let show = |title: &str| -> Result<()> {
-            println!("\n{title}");
-            node(
-                NodeCommand::Status {
-                    out: Output { json: false },
-                },
-                &ClusterArg {
-                    cluster: file.clone(),
-                },
-            )?;
-            Ok(())
-        };
-        let kind = if a.guest == "kvm" { "KVM" } else { "synthetic" };
-        show(&format!(
-            "{} {kind} VMs of {} each on node a, each writing {}:",
-            a.vms, a.memory, a.dirty_rate
-        ))?;
-        println!("\n$ ferry node drain a");
-        let op = ctx.call(&a_node, Method::POST, "/v1/node/drain", Some(&json!({})))?;
-        let drained = watch_op(&ctx, &a_node, op)?;
-        print_steps(&drained);
-        println!(
-            "drain of node a {}{}",
-            drained["state"].as_str().unwrap_or(""),
-            took(&drained)
-        );
-        show("after the drain:")?;
-        println!("\n$ ferry node resume a --failback");
-        let op = ctx.call(
-            &a_node,
-            Method::POST,
-            "/v1/node/resume",
-            Some(&json!({ "failback": true })),
-        )?;
-        let resumed = watch_op(&ctx, &a_node, op)?;
-        print_steps(&resumed);
-        println!(
-            "resume of node a {}{}",
-            resumed["state"].as_str().unwrap_or(""),
-            took(&resumed)
-        );
-        show("after the failback:")?;
-        for agent in agents {
-            rt.block_on(agent.shutdown());
-        }
-        let ok = drained["state"] == "completed" && resumed["state"] == "completed";
-        Ok::<_, anyhow::Error>(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        })
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
 /// " in 4.21 s": an ended operation's time from its start to its end, or
-/// nothing when the record lacks either.
-fn took(op: &Value) -> String {
-    match (op["started_at_ms"].as_u64(), op["finished_at_ms"].as_u64()) {
-        (Some(a), Some(b)) if b >= a => format!(" in {:.2} s", (b - a) as f64 / 1000.0),
+/// nothing before it ends.
+pub(crate) fn took(op: &OperationView) -> String {
+    match op.finished_at_ms {
+        Some(end) if end >= op.started_at_ms => {
+            format!(" in {:.2} s", (end - op.started_at_ms) as f64 / 1000.0)
+        }
         _ => String::new(),
     }
 }
@@ -1050,30 +716,18 @@ fn took(op: &Value) -> String {
 pub fn agent_stop(node: &str, force: bool, json: bool, cluster: &ClusterArg) -> Result<ExitCode> {
     let ctx = Ctx::new(cluster)?;
     let n = ctx.node(node)?;
-    let v = ctx.call(
-        n,
-        Method::POST,
-        "/v1/node/stop",
-        Some(&json!({ "force": force })),
-    )?;
+    let v = ctx.run(ctx.peers.stop(n, &Stop { force }))?;
     if json {
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
     }
-    let vms: Vec<&str> = v["vms"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
-    match (force, vms.is_empty()) {
+    let vms = v.vms.join(", ");
+    match (force, v.vms.is_empty()) {
         (_, true) => println!("node {node} hosts nothing: its agent stops"),
         (false, false) => println!(
-            "node {node} is stopping: moving {} to the other nodes; its agent exits once it hosts nothing",
-            vms.join(", ")
+            "node {node} is stopping: moving {vms} to the other nodes; its agent exits once it hosts nothing"
         ),
-        (true, false) => println!(
-            "node {node} stops now with force, discarding {}",
-            vms.join(", ")
-        ),
+        (true, false) => println!("node {node} stops now with force, discarding {vms}"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,8 +6,10 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use ferry::agent::peer::PeerError;
 use ferry::agent::peer::Peers;
-use ferry::agent::{Cluster, NodeSpec};
+use ferry::agent::request::{Amount, CreateMigration, CreateVm, MigrationParams};
+use ferry::agent::{Cluster, MigrationState, NodeSpec};
 use ferry::units::Bytes;
 use serde_json::{json, Value};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -141,21 +143,18 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let peers = Peers::new(&cluster);
-    let call = |node: &NodeSpec, method: reqwest::Method, path: &str, body: Option<&Value>| {
-        rt.block_on(peers.call(node, method, path, body))
-            .map_err(|e| anyhow!("{e}"))
-    };
     let names: Vec<String> = (1..=a.vms).map(|i| format!("soak-{i}")).collect();
     let hot = (a.memory / 4).max(4096);
     for n in &names {
-        call(
-            &agents[0].spec,
-            reqwest::Method::POST,
-            "/v1/vms",
-            Some(
-                &json!({ "name": n, "memory": a.memory, "workload": format!("hot:{hot}"), "dirty_rate": a.dirty_rate }),
-            ),
-        )?;
+        let vm = CreateVm {
+            name: n.clone(),
+            memory: Amount::Int(a.memory),
+            workload: Some(format!("hot:{hot}")),
+            dirty_rate: Some(Amount::Int(a.dirty_rate)),
+            fill: None,
+            guest: None,
+        };
+        wait_for(&rt, peers.create_vm(&agents[0].spec, &vm))?;
     }
     // Warm-up round trips before the baseline: each agent has sent and
     // received, and its thread pools and buffers have grown to their size.
@@ -180,14 +179,13 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             }
             let mut ids = Vec::new();
             for n in &names {
-                let m = call(
-                    &agents[from].spec,
-                    reqwest::Method::POST,
-                    "/v1/migrations",
-                    Some(&json!({ "vm": n, "target": agents[to].name })),
-                );
-                match m {
-                    Ok(m) => ids.push(m["id"].as_str().unwrap_or_default().to_string()),
+                let body = CreateMigration {
+                    vm: n.clone(),
+                    target: agents[to].name.clone(),
+                    params: MigrationParams::default(),
+                };
+                match wait_for(&rt, peers.migrate(&agents[from].spec, &body)) {
+                    Ok(m) => ids.push(m.id),
                     // Refused (or not there: an earlier move failed and left
                     // it behind): a failure too.
                     Err(e) => {
@@ -200,21 +198,16 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             }
             for id in ids {
                 let done = loop {
-                    let m = call(
-                        &agents[from].spec,
-                        reqwest::Method::GET,
-                        &format!("/v1/migrations/{id}"),
-                        None,
-                    )?;
-                    if !matches!(m["state"].as_str(), Some("queued" | "running")) {
+                    let m = wait_for(&rt, peers.migration(&agents[from].spec, &id))?;
+                    if m.state.is_final() {
                         break m;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 };
                 moved += u64::from(trip > WARMUP);
-                let completed = done["state"] == "completed";
-                let verified = done["report"]["verified"] == true;
-                let error = done["error"].as_str().unwrap_or("").to_string();
+                let completed = done.state == MigrationState::Completed;
+                let verified = done.report.as_ref().is_some_and(|r| r.verified);
+                let error = done.error.unwrap_or_default();
                 if trip > WARMUP && !completed {
                     failed += 1;
                 }
@@ -322,4 +315,12 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Waits for a call to an agent.
+fn wait_for<T>(
+    rt: &tokio::runtime::Runtime,
+    call: impl std::future::Future<Output = Result<T, PeerError>>,
+) -> Result<T> {
+    rt.block_on(call).map_err(|e| anyhow!("{e}"))
 }

@@ -925,7 +925,7 @@ impl Session {
             side: Side::Destination,
             outcome,
             error,
-            guest_location: "",
+            guest_location: String::new(),
             verified: tally.verified,
             verify: tally.verify,
             verify_ms: round3(tally.verify_time.as_secs_f64() * 1e3),

@@ -2,12 +2,12 @@
 //! the CLI's `--json` and (later) the agent's API.
 
 use crate::wire::{GuestKind, VerifyMode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 #[cfg(feature = "net")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How a migration ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// The guest runs on the destination.
@@ -22,7 +22,7 @@ pub enum Outcome {
 }
 
 /// Which end wrote a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     /// The sending host.
@@ -32,7 +32,7 @@ pub enum Side {
 }
 
 /// Page transmissions by kind, summed over all rounds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageCounts {
     /// All pages sent (zero pages included).
     pub total: u64,
@@ -77,7 +77,7 @@ impl PageCounter {
 }
 
 /// CPU time of each side's own threads, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuMs {
     /// The source's migration threads (null when unknown).
     pub source: Option<f64>,
@@ -86,7 +86,7 @@ pub struct CpuMs {
 }
 
 /// One pre-copy round, for the curious.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RoundLog {
     /// Round number.
     pub round: u32,
@@ -101,7 +101,7 @@ pub struct RoundLog {
 }
 
 /// Everything one side knows about a migration. Field names are a contract.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Which end wrote this.
     pub side: Side,
@@ -111,7 +111,7 @@ pub struct Report {
     pub error: Option<String>,
     /// Where the guest runs (or waits, paused) now: `source`, `destination`, or
     /// `unknown` when unresolved.
-    pub guest_location: &'static str,
+    pub guest_location: String,
     /// Destination memory equals source memory at switchover, by the digest.
     pub verified: bool,
     /// How the digest was computed.
@@ -197,7 +197,7 @@ pub struct Report {
 }
 
 /// The guests a receiver holds, and the memory they take of its limit.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GuestsHere {
     /// Their session ids (hex), in order of arrival.
     pub sessions: Vec<String>,
@@ -211,7 +211,7 @@ pub struct GuestsHere {
 /// Resident memory of the process that wrote a report. The figures are the
 /// whole process's: with both ends in one process (`demo`) they cover both.
 /// `null` where the platform does not tell.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemoryUse {
     /// Peak resident memory of the process (`VmHWM`).
     pub peak_rss_bytes: Option<u64>,
@@ -255,7 +255,8 @@ impl Report {
             Outcome::Completed => "destination",
             Outcome::Unresolved => "unknown",
             Outcome::Failed | Outcome::Cancelled => "source",
-        };
+        }
+        .into();
     }
 
     /// One line of compact JSON.

@@ -1220,7 +1220,7 @@ pub async fn migrate(
         side: Side::Source,
         outcome,
         error,
-        guest_location: "",
+        guest_location: String::new(),
         verified: tally.verified,
         verify: config.verify,
         verify_ms: round3(tally.verify.as_secs_f64() * 1e3),

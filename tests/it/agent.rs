@@ -487,3 +487,86 @@ fn agents_without_tls_tag_every_frame_of_their_migrations() {
     let target = c.agent("b").node.guest("vm1").unwrap();
     assert_eq!(first_difference(source.memory(), target.memory()), None);
 }
+
+#[test]
+fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
+    let _serial = common::serial();
+    let c = Agents::start("typed", &[("a", ""), ("b", "")]);
+    let cluster = ferry::agent::Cluster::load(&c.file).unwrap();
+    let peers = ferry::agent::peer::Peers::new(&cluster);
+    let (a, b) = (cluster.node("a").unwrap(), cluster.node("b").unwrap());
+    let vm = ferry::agent::request::CreateVm {
+        name: "typed-1".into(),
+        memory: ferry::agent::request::Amount::Text("32MiB".into()),
+        workload: Some("idle".into()),
+        dirty_rate: None,
+        fill: None,
+        guest: None,
+    };
+    let made = c.rt.block_on(peers.create_vm(a, &vm)).unwrap();
+    assert_eq!(
+        (made.spec.name.as_str(), made.spec.memory),
+        ("typed-1", 32 << 20)
+    );
+    // Read back into the API's own types and written out again, every
+    // answer is the JSON the API gave: one definition, nothing lost.
+    let same = |raw: Value, typed: Value, what: &str| assert_eq!(raw, typed, "{what}");
+    let body = ferry::agent::request::CreateMigration {
+        vm: "typed-1".into(),
+        target: "b".into(),
+        params: ferry::agent::request::MigrationParams {
+            codec: Some("lz4".into()),
+            channels: Some(2),
+            ..Default::default()
+        },
+    };
+    let id = c.rt.block_on(peers.migrate(a, &body)).unwrap().id;
+    c.wait("a", &id);
+    let path = format!("/v1/migrations/{id}");
+    let typed = c.rt.block_on(peers.migration(a, &id)).unwrap();
+    assert!(typed.report.as_ref().is_some_and(|r| r.verified));
+    same(
+        c.call(Method::GET, "a", &path, None).1,
+        json!(typed),
+        "migration",
+    );
+    let typed = c.rt.block_on(peers.migrations(b)).unwrap();
+    same(
+        c.call(Method::GET, "b", "/v1/migrations", None).1,
+        json!(typed),
+        "list",
+    );
+    let typed = c.rt.block_on(peers.vm(b, "typed-1")).unwrap();
+    same(
+        c.call(Method::GET, "b", "/v1/vms/typed-1", None).1,
+        json!(typed),
+        "vm",
+    );
+    let typed = c.rt.block_on(peers.node(b)).unwrap();
+    same(
+        c.call(Method::GET, "b", "/v1/node", None).1,
+        json!(typed),
+        "node",
+    );
+    let drain = ferry::agent::request::Drain::default();
+    let op = c.rt.block_on(peers.drain(b, &drain)).unwrap();
+    c.wait_op("b", &op.id);
+    let typed = c.rt.block_on(peers.operation(b, &op.id)).unwrap();
+    assert_eq!(typed.steps.len(), 1);
+    let path = format!("/v1/operations/{}", op.id);
+    same(
+        c.call(Method::GET, "b", &path, None).1,
+        json!(typed),
+        "operation",
+    );
+    // A name is one path segment: it reaches no other route.
+    let err = c.rt.block_on(peers.delete_vm(a, "x?force=true", false));
+    assert!(
+        matches!(
+            err,
+            Err(ferry::agent::peer::PeerError::Api { status: 404, .. })
+        ),
+        "{err:?}"
+    );
+    assert!(c.rt.block_on(peers.vm(a, "..")).is_err());
+}

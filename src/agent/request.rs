@@ -1,0 +1,163 @@
+//! The bodies of the control API's requests, one definition for both ends:
+//! the API reads them (and checks every value, naming the field), the typed
+//! client writes them. Keys are the CLI's flag names in snake_case.
+
+use serde::{Deserialize, Serialize};
+
+/// A size, rate or duration as the CLI writes it (`"1GiB"`, `"1Gbit/s"`,
+/// `"300ms"`), or a plain integer (bytes, bytes/s, milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Amount {
+    /// Bytes, bytes per second or milliseconds.
+    Int(u64),
+    /// With its unit, as the CLI takes it.
+    Text(String),
+}
+
+/// `on`/`off` as the CLI takes it, or a JSON boolean.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Switch {
+    /// A JSON boolean.
+    Bool(bool),
+    /// `on` or `off`.
+    Text(String),
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Unique in the cluster: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Guest memory.
+    pub memory: Amount,
+    /// Write pattern (default `hot:64MiB`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// Bytes written per second (default 100 MB/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate: Option<Amount>,
+    /// Initial content mix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill: Option<String>,
+    /// `sim` (default) or `kvm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+}
+
+/// The migration parameters as the CLI names them; unset ones take the
+/// engine's defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationParams {
+    /// TCP channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u16>,
+    /// `none`, `lz4`, `zstd[:level]` or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<String>,
+    /// Cap on wire bytes/s (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<Amount>,
+    /// The pause to aim under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<Amount>,
+    /// `fast` or `full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
+    /// Throttle a guest that writes faster than the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_converge: Option<Switch>,
+    /// Give up after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_timeout: Option<Amount>,
+    /// Give up when the remaining bytes stop falling for this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_timeout: Option<Amount>,
+    /// Declare a silent target dead after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_timeout: Option<Amount>,
+    /// Leave the VM paused on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave_paused: Option<bool>,
+}
+
+/// `POST /v1/migrations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMigration {
+    /// The VM, on this node.
+    pub vm: String,
+    /// The node to move it to.
+    pub target: String,
+    /// How.
+    #[serde(flatten)]
+    pub params: MigrationParams,
+}
+
+/// `POST /v1/migrations/{id}/resolve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolve {
+    /// `source` or `destination`.
+    pub run_on: String,
+    /// Settle it although the other node cannot be asked.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/node/drain` (an empty body takes the defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// Migrations of this drain at once (1 to 64; default the node's limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Move what fits when the other nodes cannot hold every VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_partial: Option<bool>,
+}
+
+/// `POST /v1/node/resume` (an empty body takes the defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// Bring back the VMs the last drain moved away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<bool>,
+}
+
+/// `POST /v1/node/update`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// The command, given to the node's update hook.
+    pub command: String,
+    /// Run it although the node still hosts VMs.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/node/stop` (an empty body takes the defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stop {
+    /// Stop now, discarding the VMs still here.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to `POST /v1/node/stop`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stopping {
+    /// The node.
+    pub node: String,
+    /// Always true: the agent is stopping.
+    pub stopping: bool,
+    /// Whether it stops at once.
+    pub force: bool,
+    /// The VMs still on the node.
+    pub vms: Vec<String>,
+}

@@ -1,0 +1,140 @@
+//! `ferry demo cluster`: three agents in one process on loopback, VMs on
+//! node a, a drain with progress bars, and a failback.
+
+use super::orchestrate::{node, print_steps, took, watch_op, ClusterArg, Ctx, NodeCommand, Output};
+use anyhow::{anyhow, Result};
+use clap::Args;
+use ferry::agent::request::{Amount, CreateVm, Drain, Resume};
+use ferry::agent::{Cluster, OpState};
+use std::process::ExitCode;
+
+/// `ferry demo cluster`.
+#[derive(Args, Debug)]
+pub struct DemoClusterArgs {
+    /// VMs to create on node a.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub vms: u32,
+    /// Memory of each VM.
+    #[arg(long, default_value = "256MiB")]
+    pub memory: String,
+    /// Bytes each VM writes per second.
+    #[arg(long, default_value = "50MB/s")]
+    pub dirty_rate: String,
+    /// The VMs' backend: sim (synthetic guests) or kvm (KVM guests; needs
+    /// /dev/kvm).
+    #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
+    pub guest: String,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Three agents in this process: create VMs on a, drain a, fail back.
+pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("ferry-demo-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // A random token, though the agents listen on loopback only and for
+    // seconds: the demo should not teach a guessable one.
+    let token: String = (0..2)
+        .map(|_| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            format!("{:016x}", h.finish())
+        })
+        .collect();
+    ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
+    let mut text =
+        "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
+    for name in ["a", "b", "c"] {
+        text += &format!(
+            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"16GiB\"\n",
+            free_port()?,
+            free_port()?
+        );
+    }
+    let file = dir.join("cluster.toml");
+    std::fs::write(&file, &text)?;
+    let result = (|| {
+        let cluster = Cluster::load(&file).map_err(|e| anyhow!("{e}"))?;
+        let cpu = ferry::cpu::CpuMeter::new();
+        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
+        let agents = ["a", "b", "c"]
+            .iter()
+            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        eprintln!(
+            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once",
+            file.display()
+        );
+        let ctx = Ctx::new(&ClusterArg {
+            cluster: file.clone(),
+        })?;
+        let a_node = ctx.node("a")?.clone();
+        for i in 1..=a.vms {
+            let body = CreateVm {
+                name: format!("vm{i}"),
+                memory: Amount::Text(a.memory.clone()),
+                workload: Some("hot:32MiB".into()),
+                dirty_rate: Some(Amount::Text(a.dirty_rate.clone())),
+                fill: None,
+                guest: Some(a.guest.clone()),
+            };
+            ctx.run(ctx.peers.create_vm(&a_node, &body))?;
+        }
+        let show = |title: &str| -> Result<()> {
+            println!("\n{title}");
+            node(
+                NodeCommand::Status {
+                    out: Output { json: false },
+                },
+                &ClusterArg {
+                    cluster: file.clone(),
+                },
+            )?;
+            Ok(())
+        };
+        let kind = if a.guest == "kvm" { "KVM" } else { "synthetic" };
+        show(&format!(
+            "{} {kind} VMs of {} each on node a, each writing {}:",
+            a.vms, a.memory, a.dirty_rate
+        ))?;
+        println!("\n$ ferry node drain a");
+        let op = ctx.run(ctx.peers.drain(&a_node, &Drain::default()))?;
+        let drained = watch_op(&ctx, &a_node, op)?;
+        print_steps(&drained);
+        println!(
+            "drain of node a {}{}",
+            super::orchestrate::name_of(drained.state),
+            took(&drained)
+        );
+        show("after the drain:")?;
+        println!("\n$ ferry node resume a --failback");
+        let failback = Resume {
+            failback: Some(true),
+        };
+        let op = ctx.run(ctx.peers.resume(&a_node, &failback))?;
+        let resumed = watch_op(&ctx, &a_node, op)?;
+        print_steps(&resumed);
+        println!(
+            "resume of node a {}{}",
+            super::orchestrate::name_of(resumed.state),
+            took(&resumed)
+        );
+        show("after the failback:")?;
+        for agent in agents {
+            rt.block_on(agent.shutdown());
+        }
+        let ok = drained.state == OpState::Completed && resumed.state == OpState::Completed;
+        Ok::<_, anyhow::Error>(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -1,0 +1,276 @@
+//! `ferry cluster update`: a rolling update in the manner of Cluster-Aware
+//! Updating, one node at a time (drain, run the command through the node's
+//! update hook, resume with failback), and its `--dry-run` plan.
+
+use super::orchestrate::{name_of, print_json, watch_op, ClusterArg, Ctx, Output};
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use ferry::agent::request::{Drain, Resume, Update};
+use ferry::agent::{NodeMode, NodeSpec, NodeView, OpState, OperationView};
+use ferry::units::Bytes;
+use serde::Serialize;
+use std::process::ExitCode;
+
+/// `ferry cluster ...`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Roll an update through the cluster, one node at a time: drain it, run
+    /// the command on it through its agent's update_hook, resume it with
+    /// failback. Stops at the first failure, leaving that node paused.
+    Update {
+        /// The update command, given to each node's update_hook.
+        #[arg(long, value_name = "COMMAND")]
+        run: String,
+        /// Print the plan (the order, where each VM would go) and move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+}
+
+/// One node's run of the update: its three operations, as far as they went.
+#[derive(Debug, Serialize)]
+struct NodeRun {
+    node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain: Option<OperationView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    update: Option<OperationView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resume: Option<OperationView>,
+}
+
+/// One node's part of a rolling update: drain, update, resume with failback.
+fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut NodeRun) -> Result<(), String> {
+    for what in ["drain", "update", "resume"] {
+        eprintln!("node {}: {what}", n.name);
+        let asked = match what {
+            "drain" => ctx.run(ctx.peers.drain(n, &Drain::default())),
+            "update" => ctx.run(ctx.peers.update(
+                n,
+                &Update {
+                    command: run.to_string(),
+                    force: false,
+                },
+            )),
+            _ => ctx.run(ctx.peers.resume(
+                n,
+                &Resume {
+                    failback: Some(true),
+                },
+            )),
+        };
+        let op = asked.map_err(|e| format!("the {what}: {e}"))?;
+        let op = watch_op(ctx, n, op).map_err(|e| format!("the {what}: {e}"))?;
+        let (state, error) = (op.state, op.error.clone());
+        *match what {
+            "drain" => &mut entry.drain,
+            "update" => &mut entry.update,
+            _ => &mut entry.resume,
+        } = Some(op);
+        if state != OpState::Completed {
+            return Err(format!(
+                "the {what} {}: {}",
+                name_of(state),
+                error.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How the whole run went, as `--json` prints it.
+#[derive(Debug, Serialize)]
+struct RunReport<'a> {
+    command: &'a str,
+    state: &'static str,
+    nodes: &'a [NodeRun],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// `ferry cluster ...`
+pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
+    let ctx = Ctx::new(cluster)?;
+    let ClusterCommand::Update { run, dry_run, out } = cmd;
+    let mut states = Vec::new();
+    for n in &ctx.cluster.nodes {
+        let v = ctx.run(ctx.peers.node(n)).with_context(|| {
+            format!(
+                "a rolling update needs every node; node {} does not answer",
+                n.name
+            )
+        })?;
+        states.push(v);
+    }
+    if dry_run {
+        return dry(&ctx, &run, &states, &out);
+    }
+    let mut report = Vec::new();
+    let mut failure: Option<(String, String)> = None;
+    for n in &ctx.cluster.nodes {
+        let mut entry = NodeRun {
+            node: n.name.clone(),
+            drain: None,
+            update: None,
+            resume: None,
+        };
+        let result = update_node(&ctx, n, &run, &mut entry);
+        report.push(entry);
+        if let Err(e) = result {
+            failure = Some((n.name.clone(), e));
+            break;
+        }
+    }
+    if out.json {
+        print_json(&RunReport {
+            command: &run,
+            state: if failure.is_some() {
+                "failed"
+            } else {
+                "completed"
+            },
+            nodes: &report,
+            stopped_at: failure.as_ref().map(|f| f.0.as_str()),
+            error: failure.as_ref().map(|f| f.1.as_str()),
+        });
+    } else {
+        print_run(&report, failure.as_ref());
+    }
+    Ok(if failure.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// A line per node of a run, then how it ended.
+fn print_run(report: &[NodeRun], failure: Option<&(String, String)>) {
+    for e in report {
+        let mut line = format!("node {}:", e.node);
+        if let Some(d) = &e.drain {
+            line += &format!(" drained ({} VMs)", d.steps.len());
+        }
+        if let Some(run) = e.update.as_ref().and_then(|u| u.update.as_ref()) {
+            let code = run
+                .exit_code
+                .map_or("abnormally".to_string(), |c| c.to_string());
+            line += &format!(", update exited {code} in {} ms", run.duration_ms);
+        }
+        if let Some(r) = &e.resume {
+            let back = r.steps.iter().filter(|s| s.state == "completed").count();
+            line += &format!(", resumed ({back} VMs back)");
+        }
+        println!("{line}");
+    }
+    match failure {
+        None => println!("rolling update completed on {} nodes", report.len()),
+        Some((node, e)) => {
+            println!("rolling update stopped at node {node}, which is left paused: {e}")
+        }
+    }
+}
+
+/// `--dry-run`: prints the plan; exit 1 when a drain would be refused.
+fn dry(ctx: &Ctx, run: &str, states: &[NodeView], out: &Output) -> Result<ExitCode> {
+    let plan = plan_update(ctx, states);
+    if out.json {
+        #[derive(Serialize)]
+        struct Dry<'a> {
+            command: &'a str,
+            plan: &'a [PlanStep],
+        }
+        print_json(&Dry {
+            command: run,
+            plan: &plan,
+        });
+    } else {
+        println!("rolling update {run:?}, one node at a time:");
+        for (i, step) in plan.iter().enumerate() {
+            println!(
+                "{}. node {}: drain, run the command, resume with failback",
+                i + 1,
+                step.node
+            );
+            for m in &step.moves {
+                let memory = Bytes(m.memory).to_string();
+                println!("     {:<16} {memory:>10} → {}", m.vm, m.target);
+            }
+            for m in &step.unplaced {
+                println!(
+                    "     {:<16} no node has room: the drain would be refused",
+                    m.vm
+                );
+            }
+        }
+    }
+    let blocked = plan.iter().any(|p| !p.unplaced.is_empty());
+    Ok(if blocked {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One node's drain in the plan.
+#[derive(Debug, Serialize)]
+struct PlanStep {
+    node: String,
+    moves: Vec<Move>,
+    unplaced: Vec<Unplaced>,
+}
+
+#[derive(Debug, Serialize)]
+struct Move {
+    vm: String,
+    memory: u64,
+    target: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Unplaced {
+    vm: String,
+    memory: u64,
+}
+
+/// Where each node's VMs would go when it is drained in turn, the others as
+/// they are now (each node's VMs come back before the next is drained).
+fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
+    let nodes = || ctx.cluster.nodes.iter().zip(states);
+    nodes()
+        .map(|(n, st)| {
+            let vms: Vec<(String, u64)> = st
+                .vms
+                .iter()
+                .map(|v| (v.spec.name.clone(), v.spec.memory))
+                .collect();
+            let free: Vec<(String, u64)> = nodes()
+                .filter(|(o, s)| o.name != n.name && s.state == NodeMode::Active)
+                .map(|(o, s)| {
+                    let free = s.memory_capacity.saturating_sub(s.memory_used);
+                    (o.name.clone(), free)
+                })
+                .collect();
+            let (placed, left) = ferry::agent::place(&vms, &free);
+            let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
+            PlanStep {
+                node: n.name.clone(),
+                moves: placed
+                    .into_iter()
+                    .map(|(vm, target)| Move {
+                        memory: memory(&vm),
+                        vm,
+                        target,
+                    })
+                    .collect(),
+                unplaced: left
+                    .into_iter()
+                    .map(|(vm, memory)| Unplaced { vm, memory })
+                    .collect(),
+            }
+        })
+        .collect()
+}
