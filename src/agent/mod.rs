@@ -5,6 +5,7 @@
 mod api;
 pub mod client;
 pub mod cluster;
+pub mod etcd;
 mod listen;
 mod node;
 mod ops;

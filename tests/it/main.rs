@@ -10,6 +10,7 @@ mod agent;
 mod bandwidth;
 mod cli;
 mod drain;
+mod etcd;
 mod failover;
 mod fuzz_regressions;
 mod handoff;

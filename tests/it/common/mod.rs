@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod etcd;
 pub mod proxy;
 
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern, PAGE_SIZE};
