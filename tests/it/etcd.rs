@@ -5,8 +5,8 @@
 //! across a kill, and etcd's user authentication.
 
 use crate::common;
-use common::etcd::{available, config, EtcdCluster};
-use ferry::agent::etcd::{Cmp, Etcd, EtcdError, Keeper, Op, Txn, WatchEvent, Watcher};
+use common::etcd::{available, EtcdCluster};
+use ferry::agent::etcd::{Cmp, EtcdError, Keeper, Op, Txn, WatchEvent, Watcher};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -165,14 +165,11 @@ fn a_silent_member_costs_a_call_one_timeout_and_no_more() {
     // The client knows a stopped member first, then a live one.
     let stopped = (c.leader() + 1) % 3;
     let live = (stopped + 1) % 3;
-    let etcd = {
-        let _guard = c.rt.enter();
-        let eps = vec![
-            c.members[stopped].client.clone(),
-            c.members[live].client.clone(),
-        ];
-        Etcd::new(&config(eps)).unwrap()
-    };
+    let eps = vec![
+        c.members[stopped].client.clone(),
+        c.members[live].client.clone(),
+    ];
+    let etcd = c.client_of(&c.config(eps));
     c.signal(stopped, "-STOP");
     let start = Instant::now();
     c.rt.block_on(etcd.put(b"/s/1", b"x", None)).unwrap();
@@ -183,10 +180,7 @@ fn a_silent_member_costs_a_call_one_timeout_and_no_more() {
     assert_eq!(etcd.current_endpoint(), c.members[live].client);
     c.signal(stopped, "-CONT");
     // With every endpoint gone, a call says so instead of hanging.
-    let gone = {
-        let _guard = c.rt.enter();
-        Etcd::new(&config(vec![format!("127.0.0.1:{}", common::free_port())])).unwrap()
-    };
+    let gone = c.client_of(&c.config(vec![format!("127.0.0.1:{}", common::free_port())]));
     let e = c.rt.block_on(gone.get(b"/s/1")).unwrap_err();
     assert!(matches!(e, EtcdError::Unavailable(_)), "{e}");
 }
@@ -227,10 +221,9 @@ fn etcd_user_authentication_is_used_and_checked() {
         auth.auth_enable(AuthEnableRequest {}).await.unwrap();
     });
     let with = |user: Option<(&str, &str)>| {
-        let _guard = c.rt.enter();
-        let mut cfg = config(c.endpoints());
+        let mut cfg = c.config(c.endpoints());
         cfg.user = user.map(|(u, p)| (u.to_string(), p.to_string()));
-        Etcd::new(&cfg).unwrap()
+        c.client_of(&cfg)
     };
     let anonymous = with(None);
     let e =
@@ -250,4 +243,38 @@ fn etcd_user_authentication_is_used_and_checked() {
     let lazy = with(Some(("root", "root-password-0123")));
     let kv = c.rt.block_on(lazy.get(b"/a/1")).unwrap().unwrap();
     assert_eq!(kv.value, b"x");
+}
+
+#[test]
+fn etcd_over_tls_takes_the_clients_its_ca_signed_and_no_others() {
+    if !available() {
+        return;
+    }
+    let c = EtcdCluster::start_with("tls", 1, true);
+    let etcd = c.client();
+    c.rt.block_on(etcd.put(b"/tls/1", b"x", None)).unwrap();
+    let kv = c.rt.block_on(etcd.get(b"/tls/1")).unwrap().unwrap();
+    assert_eq!(kv.value, b"x");
+    // Without a client certificate etcd hangs up; with plain HTTP too.
+    let mut anonymous = c.config(c.endpoints());
+    if let Some(t) = anonymous.tls.as_mut() {
+        t.identity = None;
+    }
+    let e =
+        c.rt.block_on(c.client_of(&anonymous).get(b"/tls/1"))
+            .unwrap_err();
+    assert!(matches!(e, EtcdError::Unavailable(_)), "{e}");
+    let mut plain = c.config(c.endpoints());
+    plain.tls = None;
+    assert!(c.rt.block_on(c.client_of(&plain).get(b"/tls/1")).is_err());
+    // A CA that did not sign etcd's certificate: refused too.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let mut stranger = c.config(c.endpoints());
+    if let Some(t) = stranger.tls.as_mut() {
+        t.ca = other.cert.pem().into_bytes();
+    }
+    assert!(c
+        .rt
+        .block_on(c.client_of(&stranger).get(b"/tls/1"))
+        .is_err());
 }

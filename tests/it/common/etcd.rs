@@ -3,7 +3,7 @@
 //! tests inject (SIGKILL, SIGSTOP, restart).
 
 use super::free_port;
-use ferry::agent::etcd::{Etcd, EtcdConfig};
+use ferry::agent::etcd::{Etcd, EtcdConfig, EtcdTls};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +20,8 @@ pub struct EtcdCluster {
     pub members: Vec<Member>,
     dir: PathBuf,
     pub rt: tokio::runtime::Runtime,
+    /// With TLS: what clients need (the CA, a client certificate).
+    pub tls: Option<EtcdTls>,
 }
 
 /// Whether `etcd` runs here; with `CI` set a missing one fails the test.
@@ -36,19 +38,62 @@ pub fn available() -> bool {
     found
 }
 
-/// A client config for `endpoints` with the test's timeouts.
-pub fn config(endpoints: Vec<String>) -> EtcdConfig {
-    EtcdConfig {
-        endpoints,
-        request_timeout: Duration::from_millis(500),
-        keepalive: Duration::from_secs(5),
-        ..Default::default()
+/// A CA, and a certificate it signed for `names` (with `usage`): PEMs of
+/// the CA, the certificate and its key.
+fn signed(
+    names: &[&str],
+    usage: rcgen::ExtendedKeyUsagePurpose,
+    ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params.extended_key_usages = vec![usage];
+    let cert = params.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// TLS material for a test cluster: a CA, etcd's certificate for
+/// 127.0.0.1, a client certificate. Returns the files etcd reads and what a
+/// client holds.
+fn make_pki(dir: &std::path::Path) -> EtcdTls {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let (server, server_key) = signed(
+        &["127.0.0.1", "localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        &ca,
+    );
+    let (client, client_key) = signed(&["client"], rcgen::ExtendedKeyUsagePurpose::ClientAuth, &ca);
+    for (name, pem) in [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server),
+        ("server-key.pem", server_key),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    EtcdTls {
+        ca: ca_cert.pem().into_bytes(),
+        identity: Some((client.into_bytes(), client_key.into_bytes())),
     }
 }
 
 impl EtcdCluster {
     /// `n` members under a fresh folder, started and answering.
     pub fn start(test: &str, n: usize) -> Self {
+        Self::start_with(test, n, false)
+    }
+
+    /// As [`Self::start`]; with `tls`, clients must use TLS and present a
+    /// certificate the cluster's CA signed.
+    pub fn start_with(test: &str, n: usize, tls: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("ferry-etcd-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -65,7 +110,13 @@ impl EtcdCluster {
             .enable_all()
             .build()
             .unwrap();
-        let mut c = Self { members, dir, rt };
+        let tls = tls.then(|| make_pki(&dir));
+        let mut c = Self {
+            members,
+            dir,
+            rt,
+            tls,
+        };
         for i in 0..n {
             c.spawn(i, "new");
         }
@@ -81,12 +132,26 @@ impl EtcdCluster {
             .collect();
         let m = &self.members[i];
         let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).unwrap();
-        let child = Command::new("etcd")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("etcd");
+        if self.tls.is_some() {
+            cmd.arg("--cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(self.dir.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(self.dir.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(self.dir.join(&m.name))
-            .args(["--listen-client-urls", &format!("http://{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://{}", m.client)])
+            .args([
+                "--advertise-client-urls",
+                &format!("{scheme}://{}", m.client),
+            ])
             .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
             .args([
                 "--initial-advertise-peer-urls",
@@ -108,10 +173,27 @@ impl EtcdCluster {
         self.members.iter().map(|m| m.client.clone()).collect()
     }
 
+    /// A client config for `endpoints` with the test's timeouts (and TLS
+    /// when the cluster has it).
+    pub fn config(&self, endpoints: Vec<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            tls: self.tls.clone(),
+            request_timeout: Duration::from_millis(500),
+            keepalive: Duration::from_secs(5),
+            ..Default::default()
+        }
+    }
+
+    /// A client of `config`.
+    pub fn client_of(&self, config: &EtcdConfig) -> Etcd {
+        let _guard = self.rt.enter();
+        Etcd::new(config).unwrap()
+    }
+
     /// A client of every member.
     pub fn client(&self) -> Etcd {
-        let _guard = self.rt.enter();
-        Etcd::new(&config(self.endpoints())).unwrap()
+        self.client_of(&self.config(self.endpoints()))
     }
 
     /// Waits until a write goes through (a leader is elected).
@@ -136,10 +218,7 @@ impl EtcdCluster {
                 if m.child.is_none() {
                     continue;
                 }
-                let one = {
-                    let _guard = self.rt.enter();
-                    Etcd::new(&config(vec![m.client.clone()])).unwrap()
-                };
+                let one = self.client_of(&self.config(vec![m.client.clone()]));
                 if let Ok(s) = self.rt.block_on(one.status()) {
                     if s.leader != 0 && s.leader == s.member {
                         return i;
