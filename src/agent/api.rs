@@ -634,6 +634,10 @@ impl AgentHandle {
         for t in self.tasks {
             let _ = t.await;
         }
+        // A clean stop: the node is known gone at once.
+        if let Some(live) = self.node.liveness.get() {
+            live.revoke().await;
+        }
     }
 }
 
@@ -691,7 +695,18 @@ pub async fn serve_agent_with(
     let api_tls = api_tls(&node).map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(&node.spec.control).await?;
     let control_addr = listener.local_addr()?;
+    // Registered once both listeners are bound, so a failed start leaves
+    // no lease behind.
     let mut tasks = Vec::new();
+    if let Some(store) = &node.cluster.store {
+        let live = super::store::Liveness::register(store, &node.spec)
+            .await
+            .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
+        let live = Arc::new(live);
+        let _ = node.liveness.set(live.clone());
+        let until = stop.clone();
+        tasks.push(tokio::spawn(async move { live.keep(until).await }));
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let ctx = RunContext {
         cancel: stop.child_token(),

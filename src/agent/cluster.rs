@@ -88,6 +88,15 @@ struct RawCluster {
     api: RawApi,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
+    // The store (`store.rs`).
+    etcd: Option<Vec<String>>,
+    etcd_prefix: Option<String>,
+    lease_ttl: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +181,9 @@ pub struct Cluster {
     pub api: super::listen::ApiLimits,
     /// The nodes, in the file's order.
     pub nodes: Vec<NodeSpec>,
+    /// Where the cluster's state lives (`etcd`, `etcd_prefix`, `lease_ttl`,
+    /// `etcd_ca`/`etcd_cert`/`etcd_key`, `etcd_user`/`etcd_password_file`).
+    pub store: Option<super::store::StoreConfig>,
 }
 
 /// A PEM certificate file's first certificate, DER.
@@ -268,6 +280,23 @@ impl Cluster {
             }
             .as_bytes(),
         );
+        let store = super::store::RawStore {
+            etcd: raw.etcd,
+            etcd_prefix: raw.etcd_prefix,
+            lease_ttl: raw.lease_ttl,
+            etcd_ca: raw.etcd_ca,
+            etcd_cert: raw.etcd_cert,
+            etcd_key: raw.etcd_key,
+            etcd_user: raw.etcd_user,
+            etcd_password_file: raw.etcd_password_file,
+        }
+        .check(dir, |f, what| {
+            read_secret(f, what).map_err(|e| match e {
+                ClusterError::Invalid { message, .. } => message,
+                other => other.to_string(),
+            })
+        })
+        .map_err(invalid)?;
         let insecure_api = raw.insecure_api.unwrap_or(false);
         if raw.nodes.is_empty() {
             return Err(invalid("no [[node]] in the cluster".into()));
@@ -380,6 +409,7 @@ impl Cluster {
             insecure_api,
             api,
             nodes,
+            store,
         })
     }
 
@@ -402,7 +432,7 @@ impl Cluster {
 }
 
 /// `host:port` with a non-empty host and a port number.
-fn check_address(addr: &str) -> Result<(), &'static str> {
+pub(super) fn check_address(addr: &str) -> Result<(), &'static str> {
     let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
     if host.is_empty() {
         return Err("the host is empty");
@@ -592,5 +622,57 @@ update_hook = ["sh", "-c"]
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(err(EXAMPLE).contains("group or others"));
+    }
+
+    #[test]
+    fn the_store_settings_are_read_and_each_checked() {
+        let d = dir_with_token("the-token-0123456789");
+        let path = d.path().join("cluster.toml");
+        let with = |top: &str| Cluster::parse(&format!("{top}\n{EXAMPLE}"), &path);
+        assert!(with("").unwrap().store.is_none());
+        let s = with("etcd = [\"127.0.0.1:2379\", \"127.0.0.1:22379\"]")
+            .unwrap()
+            .store
+            .unwrap();
+        assert_eq!(s.client.endpoints.len(), 2);
+        assert_eq!(s.prefix, "/ferry/v1/");
+        assert_eq!(s.lease_ttl, std::time::Duration::from_secs(5));
+        let s = with("etcd = [\"e:2379\"]\netcd_prefix = \"/lab/\"\nlease_ttl = \"9s\"")
+            .unwrap()
+            .store
+            .unwrap();
+        assert_eq!((s.prefix.as_str(), s.lease_ttl.as_secs()), ("/lab/", 9));
+        std::fs::write(d.path().join("ca.pem"), "ca").unwrap();
+        crate::migration::auth::write_secret_file(&d.path().join("pw"), b"etcd-password-0123")
+            .unwrap();
+        let s = with("etcd = [\"e:2379\"]\netcd_ca = \"ca.pem\"\netcd_user = \"ferry\"\netcd_password_file = \"pw\"")
+            .unwrap()
+            .store
+            .unwrap();
+        assert_eq!(s.client.tls.unwrap().ca, b"ca");
+        assert_eq!(s.client.user.unwrap().1, "etcd-password-0123");
+        let err = |top: &str| with(top).unwrap_err().to_string();
+        for (top, field) in [
+            ("etcd = []", "etcd: 0 endpoints"),
+            ("etcd = [\"nohost\"]", "etcd: \"nohost\""),
+            ("lease_ttl = \"5s\"", "need etcd"),
+            ("etcd = [\"e:1\"]\nlease_ttl = \"1s\"", "lease_ttl"),
+            ("etcd = [\"e:1\"]\nlease_ttl = \"1h\"", "lease_ttl"),
+            ("etcd = [\"e:1\"]\nlease_ttl = \"2500ms\"", "whole seconds"),
+            ("etcd = [\"e:1\"]\netcd_prefix = \"ferry\"", "etcd_prefix"),
+            ("etcd = [\"e:1\"]\netcd_cert = \"c.pem\"", "need etcd_ca"),
+            (
+                "etcd = [\"e:1\"]\netcd_ca = \"ca.pem\"\netcd_cert = \"ca.pem\"",
+                "go together",
+            ),
+            ("etcd = [\"e:1\"]\netcd_ca = \"missing.pem\"", "etcd_ca"),
+            ("etcd = [\"e:1\"]\netcd_user = \"u\"", "go together"),
+            (
+                "etcd = [\"e:1\"]\netcd_user = \"u\"\netcd_password_file = \"none\"",
+                "etcd_password_file",
+            ),
+        ] {
+            assert!(err(top).contains(field), "{top}: {}", err(top));
+        }
     }
 }

@@ -12,6 +12,7 @@ mod ops;
 pub mod peer;
 pub mod request;
 mod shutdown;
+pub mod store;
 
 pub use api::{router, serve_agent, serve_agent_with, AgentHandle};
 pub use cluster::{Cluster, ClusterError, NodeSpec};

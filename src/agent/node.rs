@@ -355,6 +355,9 @@ pub struct NodeView {
     pub migrations_queued: usize,
     /// Its limits.
     pub limits: Limits,
+    /// With a store: its lease in etcd (TTL and time left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<super::store::LeaseView>,
 }
 
 /// A node's migration limits.
@@ -454,6 +457,8 @@ pub struct Node {
     pub(crate) changed: tokio::sync::Notify,
     /// The migration listener's refusals, once it listens.
     pub(crate) refusals: std::sync::OnceLock<Arc<crate::migration::ReceiverStats>>,
+    /// Its registration and lease in etcd, with a store.
+    pub(crate) liveness: std::sync::OnceLock<Arc<super::store::Liveness>>,
     /// The agent's stop, once asked (a drain on shutdown).
     pub stop: super::shutdown::Stop,
     /// The control API's refusals, by reason.
@@ -505,6 +510,7 @@ impl Node {
             ops: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
             refusals: std::sync::OnceLock::new(),
+            liveness: std::sync::OnceLock::new(),
             stop: super::shutdown::Stop::default(),
             api_stats: Arc::default(),
             api_limits,
@@ -546,6 +552,7 @@ impl Node {
                 max_concurrent_migrations: self.spec.max_concurrent_migrations,
                 max_bandwidth: self.spec.max_bandwidth,
             },
+            lease: self.liveness.get().map(|l| l.view()),
         }
     }
 

@@ -278,3 +278,43 @@ fn etcd_over_tls_takes_the_clients_its_ca_signed_and_no_others() {
         .block_on(c.client_of(&stranger).get(b"/tls/1"))
         .is_err());
 }
+
+#[test]
+fn agents_with_a_store_register_keep_their_lease_and_revoke_it_on_a_clean_stop() {
+    use reqwest::Method;
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let e = EtcdCluster::start("agents", 1);
+    let top = format!(
+        "etcd = [\"{}\"]\netcd_prefix = \"/t1/\"\nlease_ttl = \"2s\"",
+        e.members[0].client
+    );
+    let mut c = common::agents::Agents::start_with("store", &top, &[("a", ""), ("b", "")]);
+    let (_, view) = c.call(Method::GET, "a", "/v1/node", None);
+    let lease = &view["lease"];
+    assert_eq!(lease["ttl_s"], 2.0, "{view}");
+    assert!(lease["left_s"].as_f64().unwrap() > 0.0, "{view}");
+    let etcd = e.client();
+    let record = e.rt.block_on(etcd.get(b"/t1/nodes/a")).unwrap().unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+    assert_eq!(
+        (record["version"].as_u64(), record["name"].as_str()),
+        (Some(1), Some("a"))
+    );
+    let alive = e.rt.block_on(etcd.get(b"/t1/alive/a")).unwrap().unwrap();
+    assert_eq!(Some(alive.lease), lease["id"].as_i64());
+    // Kept alive past its TTL.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(e.rt.block_on(etcd.get(b"/t1/alive/a")).unwrap().is_some());
+    let (_, view) = c.call(Method::GET, "a", "/v1/node", None);
+    assert!(view["lease"]["left_s"].as_f64().unwrap() > 0.0, "{view}");
+    // A clean stop revokes it at once; the registration stays.
+    let i = c.agents.iter().position(|h| h.node.name() == "a").unwrap();
+    let a = c.agents.remove(i);
+    c.rt.block_on(a.shutdown());
+    assert_eq!(e.rt.block_on(etcd.get(b"/t1/alive/a")).unwrap(), None);
+    assert!(e.rt.block_on(etcd.get(b"/t1/nodes/a")).unwrap().is_some());
+    assert!(e.rt.block_on(etcd.get(b"/t1/alive/b")).unwrap().is_some());
+}

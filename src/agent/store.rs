@@ -1,0 +1,262 @@
+//! The cluster's state in etcd, as far as it goes yet: the cluster file's
+//! `etcd` settings, the key layout under the cluster's prefix, and a node's
+//! registration and liveness (a lease it keeps alive, revoked on a clean
+//! stop).
+
+use super::cluster::NodeSpec;
+use super::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, MAX_ENDPOINTS};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// The cluster file's store settings, as written.
+#[derive(Debug, Default)]
+pub(super) struct RawStore {
+    pub etcd: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+/// Where the cluster keeps its state, checked.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How to reach etcd.
+    pub client: EtcdConfig,
+    /// Every key of this cluster starts with it (`/ferry/v1/` by default).
+    pub prefix: String,
+    /// A node's lease: it is taken for dead this long after its last renewal.
+    pub lease_ttl: Duration,
+}
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "/ferry/v1/";
+/// The default lease TTL.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+
+impl RawStore {
+    /// The checked settings, `None` without `etcd`. `read_secret` reads a
+    /// secret file (the password); paths resolve against `dir`.
+    pub(super) fn check(
+        self,
+        dir: &Path,
+        read_secret: impl Fn(&Path, &str) -> Result<String, String>,
+    ) -> Result<Option<StoreConfig>, String> {
+        let Some(endpoints) = self.etcd else {
+            let stray = self.etcd_prefix.is_some() || self.lease_ttl.is_some();
+            return match stray {
+                true => Err("etcd_prefix and lease_ttl need etcd (its endpoints)".into()),
+                false => Ok(None),
+            };
+        };
+        if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS {
+            return Err(format!(
+                "etcd: {} endpoints (1 to {MAX_ENDPOINTS})",
+                endpoints.len()
+            ));
+        }
+        for e in &endpoints {
+            super::cluster::check_address(e).map_err(|why| format!("etcd: {e:?}: {why}"))?;
+        }
+        let prefix = self.etcd_prefix.unwrap_or_else(|| DEFAULT_PREFIX.into());
+        let printable = prefix.bytes().all(|b| b.is_ascii_graphic());
+        if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() > 128 || !printable {
+            return Err(format!(
+                "etcd_prefix {prefix:?}: up to 128 printable characters, starting and ending with '/'"
+            ));
+        }
+        let lease_ttl = match &self.lease_ttl {
+            None => DEFAULT_LEASE_TTL,
+            Some(t) => {
+                let d = crate::units::parse_duration(t).map_err(|e| format!("lease_ttl: {e}"))?;
+                let whole = d.subsec_nanos() == 0;
+                if !whole || d < Duration::from_secs(2) || d > Duration::from_secs(600) {
+                    return Err(format!(
+                        "lease_ttl: {d:?} is out of range (2 s to 600 s, whole seconds)"
+                    ));
+                }
+                d
+            }
+        };
+        let read = |p: &PathBuf, field: &str| {
+            std::fs::read(dir.join(p))
+                .map_err(|e| format!("{field}: {}: {e}", dir.join(p).display()))
+        };
+        let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+            (None, None, None) => None,
+            (Some(ca), cert, key) => Some(EtcdTls {
+                ca: read(ca, "etcd_ca")?,
+                identity: match (cert, key) {
+                    (Some(c), Some(k)) => Some((read(c, "etcd_cert")?, read(k, "etcd_key")?)),
+                    (None, None) => None,
+                    _ => return Err("etcd_cert and etcd_key go together".into()),
+                },
+            }),
+            (None, _, _) => return Err("etcd_cert and etcd_key need etcd_ca".into()),
+        };
+        let user = match (self.etcd_user, &self.etcd_password_file) {
+            (None, None) => None,
+            (Some(u), Some(f)) => Some((u, read_secret(f, "etcd_password_file")?)),
+            _ => return Err("etcd_user and etcd_password_file go together".into()),
+        };
+        Ok(Some(StoreConfig {
+            client: EtcdConfig {
+                endpoints,
+                tls,
+                user,
+                request_timeout: Duration::from_millis(500),
+                // etcd's --grpc-keepalive-min-time defaults to 5 s: pinging
+                // more often makes it hang up.
+                keepalive: Duration::from_secs(5),
+            },
+            prefix,
+            lease_ttl,
+        }))
+    }
+}
+
+/// A node's registration, `{prefix}nodes/{name}`: it stays until the node
+/// is removed for good.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The layout's version.
+    pub version: u32,
+    /// The node.
+    pub name: String,
+    /// Its control API.
+    pub control: String,
+    /// Its migration listener.
+    pub data: String,
+    /// What its VMs may use, bytes.
+    pub memory_capacity: u64,
+}
+
+/// A node's liveness, `{prefix}alive/{name}`, bound to its lease: gone
+/// when the lease expires or is revoked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliveRecord {
+    /// The layout's version.
+    pub version: u32,
+    /// The lease.
+    pub lease: i64,
+    /// When the agent took it, ms since the Unix epoch.
+    pub since_ms: u64,
+}
+
+/// The layout's version, in every value.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// A node's lease, as `GET /v1/node` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseView {
+    /// The lease's id in etcd.
+    pub id: i64,
+    /// Its TTL, seconds.
+    pub ttl_s: f64,
+    /// Seconds until it would expire without another renewal, counted from
+    /// when the last acknowledged renewal was sent.
+    pub left_s: f64,
+}
+
+/// A node registered in etcd, holding its lease.
+pub struct Liveness {
+    etcd: Etcd,
+    prefix: String,
+    name: String,
+    lease: i64,
+    keeper: tokio::sync::Mutex<Keeper>,
+    ttl: Duration,
+    /// When the last acknowledged renewal (or the grant) was sent.
+    last_ack: Mutex<Instant>,
+}
+
+impl Liveness {
+    /// Registers `node` and takes its lease.
+    pub async fn register(config: &StoreConfig, node: &NodeSpec) -> Result<Self, EtcdError> {
+        let etcd = Etcd::new(&config.client)?;
+        etcd.authenticate().await?;
+        let sent = Instant::now();
+        let (lease, ttl) = etcd.lease_grant(config.lease_ttl).await?;
+        let record = NodeRecord {
+            version: LAYOUT_VERSION,
+            name: node.name.clone(),
+            control: node.control.clone(),
+            data: node.data.clone(),
+            memory_capacity: node.memory_capacity,
+        };
+        let key = |kind: &str| format!("{}{kind}/{}", config.prefix, node.name).into_bytes();
+        etcd.put(&key("nodes"), &json(&record), None).await?;
+        let alive = AliveRecord {
+            version: LAYOUT_VERSION,
+            lease,
+            since_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        etcd.put(&key("alive"), &json(&alive), Some(lease)).await?;
+        Ok(Self {
+            etcd,
+            prefix: config.prefix.clone(),
+            name: node.name.clone(),
+            lease,
+            keeper: tokio::sync::Mutex::new(Keeper::new(lease, ttl)),
+            ttl,
+            last_ack: Mutex::new(sent),
+        })
+    }
+
+    /// Renews the lease every third of its TTL until `stop`; returns when
+    /// the lease is gone for good.
+    pub async fn keep(&self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.ttl / 3) => {}
+            }
+            let sent = Instant::now();
+            match self.keeper.lock().await.renew(&self.etcd).await {
+                Ok(Some(_)) => *self.last_ack.lock().unwrap() = sent,
+                Ok(None) => {
+                    tracing::error!(node = %self.name, "this node's lease expired in etcd");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.name, error = %e, "renewing the lease failed")
+                }
+            }
+        }
+    }
+
+    /// Ends the lease now (a clean stop): the node is known gone at once.
+    pub async fn revoke(&self) {
+        if let Err(e) = self.etcd.lease_revoke(self.lease).await {
+            tracing::warn!(node = %self.name, error = %e, "revoking the lease failed");
+        }
+    }
+
+    /// The lease as `GET /v1/node` shows it.
+    pub fn view(&self) -> LeaseView {
+        let since = self.last_ack.lock().unwrap().elapsed();
+        LeaseView {
+            id: self.lease,
+            ttl_s: self.ttl.as_secs_f64(),
+            left_s: self.ttl.saturating_sub(since).as_secs_f64(),
+        }
+    }
+
+    /// The cluster's key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+/// A record as the JSON bytes etcd holds.
+fn json(record: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records serialize")
+}
