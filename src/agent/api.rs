@@ -605,6 +605,9 @@ pub struct AgentHandle {
     pub data_addr: SocketAddr,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// With a store: the task renewing the node's lease, and its own stop
+    /// (it renews until the other tasks have ended).
+    keep: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl AgentHandle {
@@ -635,6 +638,10 @@ impl AgentHandle {
             let _ = t.await;
         }
         // A clean stop: the node is known gone at once.
+        if let Some((stop, task)) = self.keep {
+            stop.cancel();
+            let _ = task.await;
+        }
         if let Some(live) = self.node.liveness.get() {
             live.revoke().await;
         }
@@ -697,16 +704,21 @@ pub async fn serve_agent_with(
     let control_addr = listener.local_addr()?;
     // Registered once both listeners are bound, so a failed start leaves
     // no lease behind.
-    let mut tasks = Vec::new();
+    let mut keep = None;
     if let Some(store) = &node.cluster.store {
         let live = super::store::Liveness::register(store, &node.spec)
             .await
             .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
         let live = Arc::new(live);
         let _ = node.liveness.set(live.clone());
-        let until = stop.clone();
-        tasks.push(tokio::spawn(async move { live.keep(until).await }));
+        let until = CancellationToken::new();
+        let task = tokio::spawn({
+            let until = until.clone();
+            async move { live.keep(until).await }
+        });
+        keep = Some((until, task));
     }
+    let mut tasks = Vec::new();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let ctx = RunContext {
         cancel: stop.child_token(),
@@ -737,5 +749,6 @@ pub async fn serve_agent_with(
         data_addr,
         stop,
         tasks,
+        keep,
     })
 }

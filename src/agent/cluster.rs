@@ -671,6 +671,13 @@ update_hook = ["sh", "-c"]
                 "etcd = [\"e:1\"]\netcd_user = \"u\"\netcd_password_file = \"none\"",
                 "etcd_password_file",
             ),
+            (
+                "etcd = [\"e:1\"]\netcd_user = \"\"\netcd_password_file = \"pw\"",
+                "may not be empty",
+            ),
+            ("etcd_ca = \"ca.pem\"", "need etcd"),
+            ("etcd = [\"e:0\"]", "a port from 1"),
+            ("etcd = [\"e1/x:2379\"]", "a port from 1"),
         ] {
             assert!(err(top).contains(field), "{top}: {}", err(top));
         }

@@ -7,6 +7,7 @@ use super::cluster::NodeSpec;
 use super::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, MAX_ENDPOINTS};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -49,9 +50,15 @@ impl RawStore {
         read_secret: impl Fn(&Path, &str) -> Result<String, String>,
     ) -> Result<Option<StoreConfig>, String> {
         let Some(endpoints) = self.etcd else {
-            let stray = self.etcd_prefix.is_some() || self.lease_ttl.is_some();
+            let stray = self.etcd_prefix.is_some()
+                || self.lease_ttl.is_some()
+                || self.etcd_ca.is_some()
+                || self.etcd_cert.is_some()
+                || self.etcd_key.is_some()
+                || self.etcd_user.is_some()
+                || self.etcd_password_file.is_some();
             return match stray {
-                true => Err("etcd_prefix and lease_ttl need etcd (its endpoints)".into()),
+                true => Err("the etcd_* settings and lease_ttl need etcd (its endpoints)".into()),
                 false => Ok(None),
             };
         };
@@ -63,6 +70,12 @@ impl RawStore {
         }
         for e in &endpoints {
             super::cluster::check_address(e).map_err(|why| format!("etcd: {e:?}: {why}"))?;
+            let port = e.rsplit_once(':').map_or("", |(_, p)| p);
+            if e.contains(['/', '?', '#', '@']) || port == "0" {
+                return Err(format!(
+                    "etcd: {e:?}: expected host:port with a port from 1"
+                ));
+            }
         }
         let prefix = self.etcd_prefix.unwrap_or_else(|| DEFAULT_PREFIX.into());
         let printable = prefix.bytes().all(|b| b.is_ascii_graphic());
@@ -102,7 +115,13 @@ impl RawStore {
         };
         let user = match (self.etcd_user, &self.etcd_password_file) {
             (None, None) => None,
-            (Some(u), Some(f)) => Some((u, read_secret(f, "etcd_password_file")?)),
+            (Some(u), Some(f)) => {
+                let password = read_secret(f, "etcd_password_file")?;
+                if u.is_empty() || password.is_empty() {
+                    return Err("etcd_user and its password may not be empty".into());
+                }
+                Some((u, password))
+            }
             _ => return Err("etcd_user and etcd_password_file go together".into()),
         };
         Ok(Some(StoreConfig {
@@ -112,8 +131,8 @@ impl RawStore {
                 user,
                 request_timeout: Duration::from_millis(500),
                 // etcd's --grpc-keepalive-min-time defaults to 5 s: pinging
-                // more often makes it hang up.
-                keepalive: Duration::from_secs(5),
+                // more often makes it hang up; twice that leaves a margin.
+                keepalive: Duration::from_secs(10),
             },
             prefix,
             lease_ttl,
@@ -168,21 +187,25 @@ pub struct LeaseView {
 pub struct Liveness {
     etcd: Etcd,
     prefix: String,
-    name: String,
-    lease: i64,
+    record: NodeRecord,
+    /// The TTL asked for.
+    asked: Duration,
+    /// The lease held now (a new one after one lapsed).
+    lease: AtomicI64,
     keeper: tokio::sync::Mutex<Keeper>,
-    ttl: Duration,
+    ttl: Mutex<Duration>,
     /// When the last acknowledged renewal (or the grant) was sent.
     last_ack: Mutex<Instant>,
 }
 
+/// How soon a failed renewal is tried again.
+const RETRY: Duration = Duration::from_millis(200);
+
 impl Liveness {
-    /// Registers `node` and takes its lease.
+    /// Registers `node` and takes its lease; on failure, leaves no lease.
     pub async fn register(config: &StoreConfig, node: &NodeSpec) -> Result<Self, EtcdError> {
         let etcd = Etcd::new(&config.client)?;
         etcd.authenticate().await?;
-        let sent = Instant::now();
-        let (lease, ttl) = etcd.lease_grant(config.lease_ttl).await?;
         let record = NodeRecord {
             version: LAYOUT_VERSION,
             name: node.name.clone(),
@@ -190,8 +213,27 @@ impl Liveness {
             data: node.data.clone(),
             memory_capacity: node.memory_capacity,
         };
-        let key = |kind: &str| format!("{}{kind}/{}", config.prefix, node.name).into_bytes();
-        etcd.put(&key("nodes"), &json(&record), None).await?;
+        let key = format!("{}nodes/{}", config.prefix, node.name).into_bytes();
+        etcd.put(&key, &json(&record), None).await?;
+        let live = Self {
+            etcd,
+            prefix: config.prefix.clone(),
+            record,
+            asked: config.lease_ttl,
+            lease: AtomicI64::new(0),
+            keeper: tokio::sync::Mutex::new(Keeper::new(0, config.lease_ttl)),
+            ttl: Mutex::new(config.lease_ttl),
+            last_ack: Mutex::new(Instant::now()),
+        };
+        live.take_lease().await?;
+        Ok(live)
+    }
+
+    /// Takes a new lease and binds the node's `alive` key to it; revokes it
+    /// again when the key cannot be written.
+    async fn take_lease(&self) -> Result<(), EtcdError> {
+        let sent = Instant::now();
+        let (lease, ttl) = self.etcd.lease_grant(self.asked).await?;
         let alive = AliveRecord {
             version: LAYOUT_VERSION,
             lease,
@@ -199,54 +241,73 @@ impl Liveness {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
         };
-        etcd.put(&key("alive"), &json(&alive), Some(lease)).await?;
-        Ok(Self {
-            etcd,
-            prefix: config.prefix.clone(),
-            name: node.name.clone(),
-            lease,
-            keeper: tokio::sync::Mutex::new(Keeper::new(lease, ttl)),
-            ttl,
-            last_ack: Mutex::new(sent),
-        })
+        let key = format!("{}alive/{}", self.prefix, self.record.name).into_bytes();
+        if let Err(e) = self.etcd.put(&key, &json(&alive), Some(lease)).await {
+            let _ = self.etcd.lease_revoke(lease).await;
+            return Err(e);
+        }
+        *self.keeper.lock().await = Keeper::new(lease, ttl);
+        self.lease.store(lease, Ordering::Relaxed);
+        *self.ttl.lock().unwrap() = ttl;
+        *self.last_ack.lock().unwrap() = sent;
+        Ok(())
     }
 
-    /// Renews the lease every third of its TTL until `stop`; returns when
-    /// the lease is gone for good.
+    /// Renews the lease a third of its TTL after the last acknowledged
+    /// renewal was sent (a failed one again within [`RETRY`]) until `stop`.
+    /// A lease that lapsed all the same is replaced by a new one.
     pub async fn keep(&self, stop: CancellationToken) {
+        let mut failed = false;
         loop {
+            let ttl = *self.ttl.lock().unwrap();
+            let due = *self.last_ack.lock().unwrap() + ttl / 3;
+            let wait = if failed {
+                RETRY
+            } else {
+                due.saturating_duration_since(Instant::now())
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.ttl / 3) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let sent = Instant::now();
-            match self.keeper.lock().await.renew(&self.etcd).await {
-                Ok(Some(_)) => *self.last_ack.lock().unwrap() = sent,
+            let renewed = self.keeper.lock().await.renew(&self.etcd).await;
+            failed = match renewed {
+                Ok(Some(_)) => {
+                    *self.last_ack.lock().unwrap() = sent;
+                    false
+                }
                 Ok(None) => {
-                    tracing::error!(node = %self.name, "this node's lease expired in etcd");
-                    return;
+                    tracing::error!(node = %self.record.name, "this node's lease lapsed in etcd; taking a new one");
+                    if let Err(e) = self.take_lease().await {
+                        tracing::warn!(node = %self.record.name, error = %e, "taking a new lease failed");
+                    }
+                    true
                 }
                 Err(e) => {
-                    tracing::warn!(node = %self.name, error = %e, "renewing the lease failed")
+                    tracing::warn!(node = %self.record.name, error = %e, "renewing the lease failed");
+                    true
                 }
-            }
+            };
         }
     }
 
     /// Ends the lease now (a clean stop): the node is known gone at once.
     pub async fn revoke(&self) {
-        if let Err(e) = self.etcd.lease_revoke(self.lease).await {
-            tracing::warn!(node = %self.name, error = %e, "revoking the lease failed");
+        let lease = self.lease.load(Ordering::Relaxed);
+        if let Err(e) = self.etcd.lease_revoke(lease).await {
+            tracing::warn!(node = %self.record.name, error = %e, "revoking the lease failed");
         }
     }
 
     /// The lease as `GET /v1/node` shows it.
     pub fn view(&self) -> LeaseView {
         let since = self.last_ack.lock().unwrap().elapsed();
+        let ttl = *self.ttl.lock().unwrap();
         LeaseView {
-            id: self.lease,
-            ttl_s: self.ttl.as_secs_f64(),
-            left_s: self.ttl.saturating_sub(since).as_secs_f64(),
+            id: self.lease.load(Ordering::Relaxed),
+            ttl_s: ttl.as_secs_f64(),
+            left_s: ttl.saturating_sub(since).as_secs_f64(),
         }
     }
 

@@ -38,7 +38,13 @@ impl Etcd {
         if !r.error.is_empty() {
             return Err(EtcdError::Refused(r.error));
         }
-        Ok((r.id, granted(r.ttl, ttl)?))
+        if r.id <= 0 {
+            return Err(EtcdError::Invalid(format!("lease id {}", r.id)));
+        }
+        match granted(r.ttl, ttl)? {
+            Some(t) => Ok((r.id, t)),
+            None => Err(EtcdError::Invalid("a lease granted for 0 s".into())),
+        }
     }
 
     /// Ends lease `id` now: every key bound to it goes.
@@ -52,12 +58,20 @@ impl Etcd {
     }
 }
 
-/// A TTL etcd answered with, checked against what was asked.
-fn granted(ttl: i64, asked: Duration) -> Result<Duration, EtcdError> {
-    if ttl < 0 || ttl as u64 > asked.as_secs().max(MAX_LEASE_TTL.as_secs()) {
-        return Err(EtcdError::Invalid(format!("lease TTL {ttl} s")));
+/// A TTL etcd answered with, checked against what was asked: `None` for 0
+/// or less (the lease is gone).
+fn granted(ttl: i64, asked: Duration) -> Result<Option<Duration>, EtcdError> {
+    if ttl <= 0 {
+        return Ok(None);
     }
-    Ok(Duration::from_secs(ttl as u64))
+    // etcd may raise a TTL to its minimum, never past what was asked or
+    // past ferry's own bound.
+    if ttl as u64 > asked.as_secs().max(1).min(MAX_LEASE_TTL.as_secs()) {
+        return Err(EtcdError::Invalid(format!(
+            "lease TTL {ttl} s, asked {asked:?}"
+        )));
+    }
+    Ok(Some(Duration::from_secs(ttl as u64)))
 }
 
 /// Renews one lease over a keepalive stream, opened again on the next
@@ -88,32 +102,37 @@ impl Keeper {
 
     /// Renews the lease: the TTL it has again, or `None` once it has expired
     /// on the server (it never comes back).
+    ///
+    /// The stream is taken out while a renewal is in flight and put back
+    /// only when its answer arrived, so a renewal cancelled half way never
+    /// leaves an answer behind for the next one to misread.
     pub async fn renew(&mut self, etcd: &Etcd) -> Result<Option<Duration>, EtcdError> {
-        let answer = match self.stream.as_mut() {
-            Some((tx, rx)) => {
+        let answer = match self.stream.take() {
+            Some((tx, mut rx)) => {
                 let asked = tx.send(LeaseKeepAliveRequest { id: self.id }).await;
                 match asked {
-                    Ok(()) => next(rx, etcd.timeout).await,
+                    Ok(()) => next(&mut rx, etcd.timeout).await.map(|r| (tx, rx, r)),
                     Err(_) => Err(Status::unavailable("the keepalive stream closed")),
                 }
             }
             None => Err(Status::unavailable("no keepalive stream yet")),
         };
-        let r = match answer {
-            Ok(r) => r,
-            Err(_) => {
-                // Open it again (moving across endpoints) with this renewal.
-                self.stream = None;
-                let (tx, rx, first) = self.open(etcd).await?;
-                self.stream = Some((tx, rx));
-                first
-            }
+        let (tx, rx, r) = match answer {
+            Ok(a) => a,
+            // Open it again (moving across endpoints) with this renewal.
+            Err(_) => self.open(etcd).await?,
         };
-        if r.ttl <= 0 {
-            self.stream = None;
-            return Ok(None);
+        if r.id != self.id {
+            return Err(EtcdError::Invalid(format!(
+                "a keepalive answer for lease {} renewing {}",
+                r.id, self.id
+            )));
         }
-        granted(r.ttl, self.ttl).map(Some)
+        let left = granted(r.ttl, self.ttl)?;
+        if left.is_some() {
+            self.stream = Some((tx, rx));
+        }
+        Ok(left)
     }
 
     async fn open(

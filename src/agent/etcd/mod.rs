@@ -40,7 +40,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request, Status};
 
 /// How to reach etcd: endpoints (`host:port`), TLS, a user.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct EtcdConfig {
     /// Tried in order; a call moves to the next when one fails.
     pub endpoints: Vec<String>,
@@ -57,13 +57,39 @@ pub struct EtcdConfig {
 }
 
 /// TLS material for etcd, PEM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdTls {
     /// The CA that signed etcd's certificates.
     pub ca: Vec<u8>,
     /// This client's certificate and key, for etcd's `--client-cert-auth`.
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
+
+// Never print the password or the private key.
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("request_timeout", &self.request_timeout)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_bytes", &self.ca.len())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// Largest answer read from etcd (its own request limit is 1.5 MiB; watch
+/// answers batch many revisions).
+pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// Why a call to etcd failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,9 +152,12 @@ impl Etcd {
                 .map_err(|x| bad(x.to_string()))?
                 .connect_timeout(config.request_timeout)
                 .tcp_nodelay(true)
+                // Pings only while streams are open (etcd counts idle ones
+                // as abuse), no more often than its minimum, and a late
+                // answer is not yet a dead connection.
                 .http2_keep_alive_interval(config.keepalive)
-                .keep_alive_timeout(config.request_timeout)
-                .keep_alive_while_idle(true);
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(false);
             if let Some(t) = &tls {
                 ep = ep.tls_config(t.clone()).map_err(|x| bad(x.to_string()))?;
             }
@@ -141,6 +170,14 @@ impl Etcd {
             token: Mutex::new(None),
             timeout: config.request_timeout,
         })
+    }
+
+    /// Moves calls on to the next endpoint (the current one broke a stream).
+    pub(crate) fn move_on(&self) {
+        let n = self.channels.len();
+        let _ = self
+            .current
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + 1) % n));
     }
 
     /// The endpoint calls go to first now.
@@ -183,8 +220,11 @@ impl Etcd {
                 }
                 Ok(Err(s)) if wants_auth(&s) && !renewed => {
                     renewed = true;
-                    self.authenticate_on(channel.clone()).await?;
-                    continue;
+                    match self.authenticate_on(channel.clone()).await {
+                        Ok(()) => continue,
+                        Err(e @ EtcdError::Auth(_)) => return Err(e),
+                        Err(e) => last = format!("{name}: {e}"),
+                    }
                 }
                 Ok(Err(s)) if moves_on(&s) => last = format!("{name}: {}", s.message()),
                 Ok(Err(s)) => return Err(EtcdError::Refused(s.message().to_string())),
@@ -241,7 +281,12 @@ impl Etcd {
         let r = self
             .unary(|c| {
                 let req = self.request(req.clone());
-                async move { KvClient::new(c).range(req).await }
+                async move {
+                    KvClient::new(c)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .range(req)
+                        .await
+                }
             })
             .await?
             .into_inner();
@@ -258,7 +303,12 @@ impl Etcd {
         let r = self
             .unary(|c| {
                 let req = self.request(req.clone());
-                async move { KvClient::new(c).range(req).await }
+                async move {
+                    KvClient::new(c)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .range(req)
+                        .await
+                }
             })
             .await?
             .into_inner();
@@ -282,7 +332,12 @@ impl Etcd {
         let r = self
             .unary(|c| {
                 let req = self.request(req.clone());
-                async move { KvClient::new(c).put(req).await }
+                async move {
+                    KvClient::new(c)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .put(req)
+                        .await
+                }
             })
             .await?
             .into_inner();
@@ -298,7 +353,12 @@ impl Etcd {
         let r = self
             .unary(|c| {
                 let req = self.request(req.clone());
-                async move { KvClient::new(c).delete_range(req).await }
+                async move {
+                    KvClient::new(c)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .delete_range(req)
+                        .await
+                }
             })
             .await?
             .into_inner();
@@ -346,6 +406,7 @@ fn wants_auth(s: &Status) -> bool {
     s.code() == Code::Unauthenticated
         || s.message().contains("user name is empty")
         || s.message().contains("invalid auth token")
+        || s.message().contains("auth store is old")
 }
 
 /// Whether a failed call should move on to the next endpoint: the endpoint
@@ -353,7 +414,12 @@ fn wants_auth(s: &Status) -> bool {
 fn moves_on(s: &Status) -> bool {
     matches!(
         s.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::ResourceExhausted
     ) || s.message().contains("no leader")
 }
 

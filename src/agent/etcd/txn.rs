@@ -156,7 +156,12 @@ impl Etcd {
         let r = self
             .unary(|c| {
                 let req = self.request(txn.req.clone());
-                async move { KvClient::new(c).txn(req).await }
+                async move {
+                    KvClient::new(c)
+                        .max_decoding_message_size(super::MAX_MESSAGE)
+                        .txn(req)
+                        .await
+                }
             })
             .await?
             .into_inner();

@@ -180,7 +180,7 @@ impl EtcdCluster {
             endpoints,
             tls: self.tls.clone(),
             request_timeout: Duration::from_millis(500),
-            keepalive: Duration::from_secs(5),
+            keepalive: Duration::from_secs(10),
             ..Default::default()
         }
     }
