@@ -642,14 +642,39 @@ update_hook = ["sh", "-c"]
             .store
             .unwrap();
         assert_eq!((s.prefix.as_str(), s.lease_ttl.as_secs()), ("/lab/", 9));
-        std::fs::write(d.path().join("ca.pem"), "ca").unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["etcd".to_string()]).unwrap();
+        std::fs::write(d.path().join("ca.pem"), made.cert.pem()).unwrap();
+        std::fs::write(d.path().join("client.pem"), made.cert.pem()).unwrap();
+        std::fs::write(d.path().join("junk.pem"), "not a certificate").unwrap();
+        let key = made.signing_key.serialize_pem();
+        crate::migration::auth::write_secret_file(&d.path().join("client-key.pem"), key.as_bytes())
+            .unwrap();
         crate::migration::auth::write_secret_file(&d.path().join("pw"), b"etcd-password-0123")
             .unwrap();
         let s = with("etcd = [\"e:2379\"]\netcd_ca = \"ca.pem\"\netcd_user = \"ferry\"\netcd_password_file = \"pw\"")
             .unwrap()
             .store
             .unwrap();
-        assert_eq!(s.client.tls.unwrap().ca, b"ca");
+        assert_eq!(s.client.tls.unwrap().ca, made.cert.pem().into_bytes());
+        let pair = "etcd = [\"e:1\"]\netcd_ca = \"ca.pem\"\netcd_cert = \"client.pem\"\netcd_key = \"client-key.pem\"";
+        let identity = with(pair)
+            .unwrap()
+            .store
+            .unwrap()
+            .client
+            .tls
+            .unwrap()
+            .identity;
+        assert_eq!(identity.unwrap().1, key.trim().as_bytes());
+        // The key is a secret: refused when others may read it.
+        use std::os::unix::fs::PermissionsExt;
+        let key_file = d.path().join("client-key.pem");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = with(pair).unwrap_err().to_string();
+        assert!(
+            open.contains("etcd_key") && open.contains("group or others"),
+            "{open}"
+        );
         assert_eq!(s.client.user.unwrap().1, "etcd-password-0123");
         let err = |top: &str| with(top).unwrap_err().to_string();
         for (top, field) in [
@@ -676,6 +701,11 @@ update_hook = ["sh", "-c"]
                 "may not be empty",
             ),
             ("etcd_ca = \"ca.pem\"", "need etcd"),
+            ("etcd = [\"e:1\"]\netcd_ca = \"junk.pem\"", "no PEM certificate"),
+            (
+                "etcd = [\"e:1\"]\netcd_ca = \"ca.pem\"\netcd_cert = \"junk.pem\"\netcd_key = \"pw\"",
+                "etcd_cert",
+            ),
             ("etcd = [\"e:0\"]", "a port from 1"),
             ("etcd = [\"e1/x:2379\"]", "a port from 1"),
         ] {

@@ -97,16 +97,34 @@ impl RawStore {
                 d
             }
         };
-        let read = |p: &PathBuf, field: &str| {
-            std::fs::read(dir.join(p))
-                .map_err(|e| format!("{field}: {}: {e}", dir.join(p).display()))
+        // Certificates must hold one; the private key is a secret file
+        // (its owner's alone, as every other secret).
+        let cert = |p: &PathBuf, field: &str| {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let file = dir.join(p);
+            let pem =
+                std::fs::read(&file).map_err(|e| format!("{field}: {}: {e}", file.display()))?;
+            CertificateDer::from_pem_slice(&pem)
+                .map_err(|e| format!("{field}: {}: no PEM certificate ({e})", file.display()))?;
+            Ok::<_, String>(pem)
+        };
+        let key = |p: &PathBuf| {
+            use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+            let pem = read_secret(p, "etcd_key")?;
+            PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+                format!(
+                    "etcd_key: {}: no PEM private key ({e})",
+                    dir.join(p).display()
+                )
+            })?;
+            Ok::<_, String>(pem.into_bytes())
         };
         let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
             (None, None, None) => None,
-            (Some(ca), cert, key) => Some(EtcdTls {
-                ca: read(ca, "etcd_ca")?,
-                identity: match (cert, key) {
-                    (Some(c), Some(k)) => Some((read(c, "etcd_cert")?, read(k, "etcd_key")?)),
+            (Some(ca), c, k) => Some(EtcdTls {
+                ca: cert(ca, "etcd_ca")?,
+                identity: match (c, k) {
+                    (Some(c), Some(k)) => Some((cert(c, "etcd_cert")?, key(k)?)),
                     (None, None) => None,
                     _ => return Err("etcd_cert and etcd_key go together".into()),
                 },
@@ -279,10 +297,11 @@ impl Liveness {
                 }
                 Ok(None) => {
                     tracing::error!(node = %self.record.name, "this node's lease lapsed in etcd; taking a new one");
-                    if let Err(e) = self.take_lease().await {
+                    let taken = self.take_lease().await;
+                    if let Err(e) = &taken {
                         tracing::warn!(node = %self.record.name, error = %e, "taking a new lease failed");
                     }
-                    true
+                    taken.is_err()
                 }
                 Err(e) => {
                     tracing::warn!(node = %self.record.name, error = %e, "renewing the lease failed");
@@ -309,11 +328,6 @@ impl Liveness {
             ttl_s: ttl.as_secs_f64(),
             left_s: ttl.saturating_sub(since).as_secs_f64(),
         }
-    }
-
-    /// The cluster's key prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 }
 

@@ -272,6 +272,26 @@ impl Etcd {
         Ok(())
     }
 
+    /// One KV call (`call` on a client of each endpoint in turn) with this
+    /// client's token, answers read up to [`MAX_MESSAGE`].
+    pub(crate) async fn kv<R, T, Fut>(
+        &self,
+        req: &R,
+        call: impl Fn(KvClient<Channel>, Request<R>) -> Fut,
+    ) -> Result<T, EtcdError>
+    where
+        R: Clone,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let answer = self
+            .unary(|c| {
+                let client = KvClient::new(c).max_decoding_message_size(MAX_MESSAGE);
+                call(client, self.request(req.clone()))
+            })
+            .await?;
+        Ok(answer.into_inner())
+    }
+
     /// The value at `key`, with its revisions.
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
         let req = RangeRequest {
@@ -279,17 +299,8 @@ impl Etcd {
             ..Default::default()
         };
         let r = self
-            .unary(|c| {
-                let req = self.request(req.clone());
-                async move {
-                    KvClient::new(c)
-                        .max_decoding_message_size(MAX_MESSAGE)
-                        .range(req)
-                        .await
-                }
-            })
-            .await?
-            .into_inner();
+            .kv(&req, |mut c, r| async move { c.range(r).await })
+            .await?;
         Ok(r.kvs.into_iter().next())
     }
 
@@ -301,17 +312,8 @@ impl Etcd {
             ..Default::default()
         };
         let r = self
-            .unary(|c| {
-                let req = self.request(req.clone());
-                async move {
-                    KvClient::new(c)
-                        .max_decoding_message_size(MAX_MESSAGE)
-                        .range(req)
-                        .await
-                }
-            })
-            .await?
-            .into_inner();
+            .kv(&req, |mut c, r| async move { c.range(r).await })
+            .await?;
         let revision = revision_of(r.header.as_ref())?;
         Ok((r.kvs, revision))
     }
@@ -330,17 +332,8 @@ impl Etcd {
             ..Default::default()
         };
         let r = self
-            .unary(|c| {
-                let req = self.request(req.clone());
-                async move {
-                    KvClient::new(c)
-                        .max_decoding_message_size(MAX_MESSAGE)
-                        .put(req)
-                        .await
-                }
-            })
-            .await?
-            .into_inner();
+            .kv(&req, |mut c, r| async move { c.put(r).await })
+            .await?;
         revision_of(r.header.as_ref())
     }
 
@@ -351,17 +344,8 @@ impl Etcd {
             ..Default::default()
         };
         let r = self
-            .unary(|c| {
-                let req = self.request(req.clone());
-                async move {
-                    KvClient::new(c)
-                        .max_decoding_message_size(MAX_MESSAGE)
-                        .delete_range(req)
-                        .await
-                }
-            })
-            .await?
-            .into_inner();
+            .kv(&req, |mut c, r| async move { c.delete_range(r).await })
+            .await?;
         Ok(r.deleted)
     }
 }

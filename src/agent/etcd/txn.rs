@@ -4,8 +4,8 @@
 //! placement revision, so a deposed coordinator changes nothing.
 
 use super::proto::etcdserverpb::{
-    compare, kv_client::KvClient, request_op, response_op, Compare, DeleteRangeRequest, PutRequest,
-    RangeRequest, RequestOp, TxnRequest,
+    compare, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest,
 };
 use super::{revision_of, Etcd, EtcdError, KeyValue};
 
@@ -154,17 +154,8 @@ impl Etcd {
     /// Runs `txn` atomically.
     pub async fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError> {
         let r = self
-            .unary(|c| {
-                let req = self.request(txn.req.clone());
-                async move {
-                    KvClient::new(c)
-                        .max_decoding_message_size(super::MAX_MESSAGE)
-                        .txn(req)
-                        .await
-                }
-            })
-            .await?
-            .into_inner();
+            .kv(&txn.req, |mut c, r| async move { c.txn(r).await })
+            .await?;
         let reads = r
             .responses
             .into_iter()
