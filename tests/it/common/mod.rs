@@ -157,9 +157,20 @@ pub fn parse_report(line: &str) -> serde_json::Value {
 
 /// A TCP port nothing listens on now (for addresses a test must name up front).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Not from the kernel's ephemeral range (32768 and up by default): an
+    // outgoing connection of a test running beside this one could take
+    // such a port between this check and its use. Below it, one counter
+    // for the whole test binary hands each port out once.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port from {LOW} to {}", LOW + SPAN)
 }
