@@ -268,11 +268,21 @@ impl Node {
         (id, cancel)
     }
 
+    /// Changes one operation; when that changes its state, wakes whoever
+    /// waits on the node's changes (a stopping agent looks again once its
+    /// drain ends).
     fn with_op<R>(&self, id: &str, f: impl FnOnce(&mut OperationView) -> R) -> Option<R> {
-        let mut ops = self.ops.lock().unwrap();
-        ops.iter_mut()
-            .find(|o| o.view.id == id)
-            .map(|o| f(&mut o.view))
+        let (r, moved) = {
+            let mut ops = self.ops.lock().unwrap();
+            let o = ops.iter_mut().find(|o| o.view.id == id)?;
+            let before = o.view.state;
+            let r = f(&mut o.view);
+            (r, o.view.state != before)
+        };
+        if moved {
+            self.changed.notify_waiters();
+        }
+        Some(r)
     }
 
     /// The other nodes that take VMs now, with their free memory; and why the

@@ -11,6 +11,7 @@ use common::free_port;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn ferry() -> Command {
@@ -22,6 +23,8 @@ struct Procs {
     dir: PathBuf,
     file: PathBuf,
     agents: Vec<(String, Child)>,
+    /// Each agent's stderr so far, read by a thread as it is written.
+    logs: Vec<(String, Arc<Mutex<String>>)>,
 }
 
 impl Procs {
@@ -63,9 +66,9 @@ impl Procs {
         }
         let file = dir.join("cluster.toml");
         std::fs::write(&file, text).unwrap();
-        let mut agents = Vec::new();
+        let (mut agents, mut logs) = (Vec::new(), Vec::new());
         for ((name, _), control) in nodes.iter().zip(&controls) {
-            let child = ferry()
+            let mut child = ferry()
                 .args(["agent", "--cluster", file.to_str().unwrap(), "--node", name])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -80,9 +83,15 @@ impl Procs {
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }
+            logs.push((name.to_string(), read_log(child.stderr.take().unwrap())));
             agents.push((name.to_string(), child));
         }
-        Self { dir, file, agents }
+        Self {
+            dir,
+            file,
+            agents,
+            logs,
+        }
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -122,17 +131,22 @@ impl Procs {
         None
     }
 
-    /// What agent `name` wrote on stderr (it has exited).
-    fn stderr(&mut self, name: &str) -> String {
-        let mut s = String::new();
-        use std::io::Read;
-        self.agent(name)
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut s)
-            .unwrap();
-        s
+    /// What agent `name` has written on stderr so far.
+    fn stderr(&self, name: &str) -> String {
+        let log = &self.logs.iter().find(|(n, _)| n == name).unwrap().1;
+        log.lock().unwrap().clone()
+    }
+
+    /// Waits up to `limit` for agent `name` to log `text`.
+    fn wait_log(&self, name: &str, text: &str, limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            let log = self.stderr(name);
+            if log.contains(text) || Instant::now() >= until {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `(vm, node, state)` for every VM of the nodes still up.
@@ -153,6 +167,22 @@ impl Procs {
         all.sort();
         all
     }
+}
+
+/// Reads `pipe` to its end on a thread, into the returned buffer.
+fn read_log(mut pipe: std::process::ChildStderr) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let into = log.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
 }
 
 impl Drop for Procs {
@@ -177,7 +207,7 @@ fn sigterm_moves_every_vm_away_and_the_agent_exits_once_empty() {
         .exited("a", Duration::from_secs(60))
         .expect("a exits once empty");
     assert!(status.success(), "{status}");
-    let log = p.stderr("a");
+    let log = p.wait_log("a", "hosts nothing: stopped", Duration::from_secs(5));
     assert!(log.contains("hosts nothing: stopped"), "{log}");
     // Every VM runs elsewhere; none was lost.
     let vms = p.vms();
@@ -208,6 +238,12 @@ fn a_vm_that_fits_nowhere_keeps_its_agent_until_the_stop_is_forced() {
         p.exited("a", Duration::from_secs(3)).is_none(),
         "a exited holding big"
     );
+    // Its log says why, once the drain that moved the small one has ended.
+    let log = p.wait_log("a", "fits on no active node", Duration::from_secs(5));
+    assert!(
+        log.contains("VM big (128.00 MiB) fits on no active node"),
+        "{log}"
+    );
     let status = p.json(&["node", "status"]);
     assert!(status.to_string().contains("paused"), "{status}");
     // A second SIGTERM does not kill it either.
@@ -224,8 +260,7 @@ fn a_vm_that_fits_nowhere_keeps_its_agent_until_the_stop_is_forced() {
         .exited("a", Duration::from_secs(15))
         .expect("a stops when forced");
     assert!(status.success());
-    let log = p.stderr("a");
-    assert!(log.contains("fits on no active node"), "{log}");
+    let log = p.wait_log("a", "discarded: big", Duration::from_secs(5));
     assert!(log.contains("discarded: big"), "{log}");
 }
 
