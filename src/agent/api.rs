@@ -59,6 +59,7 @@ impl From<NodeError> for ApiError {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
             NodeError::Conflict(_) | NodeError::InsufficientMemory(_) => StatusCode::CONFLICT,
             NodeError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self {
             status,
@@ -139,13 +140,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
 
 impl CreateVm {
     fn spec(self) -> Result<VmSpec, ApiError> {
-        if self.name.is_empty()
-            || self.name.len() > crate::wire::MAX_LABEL_LEN
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !super::node::valid_name(&self.name) {
             return Err(ApiError::bad_request(format!(
                 "name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
                 self.name
@@ -166,16 +161,6 @@ impl CreateVm {
             None => 100_000_000,
             Some(r) => r.rate("dirty_rate")?,
         };
-        let workload_check = crate::memory::Workload {
-            pattern: workload,
-            dirty_rate,
-            content: FillSpec::default(),
-            writers: 1,
-            seed: 1,
-        };
-        workload_check
-            .validate(memory)
-            .map_err(ApiError::bad_request)?;
         let fill = match &self.fill {
             None => FillSpec::default(),
             Some(f) => f
@@ -191,14 +176,24 @@ impl CreateVm {
                 )))
             }
         };
-        Ok(VmSpec {
+        let priority = match &self.priority {
+            None => super::records::Priority::default(),
+            Some(p) => p
+                .parse()
+                .map_err(|e| ApiError::bad_request(format!("priority: {e}")))?,
+        };
+        let spec = VmSpec {
             name: self.name,
             memory,
             workload,
             dirty_rate,
             fill,
             guest,
-        })
+            priority,
+            preferred_owners: self.preferred_owners.unwrap_or_default(),
+        };
+        spec.check().map_err(ApiError::bad_request)?;
+        Ok(spec)
     }
 }
 
@@ -259,14 +254,7 @@ async fn list_vms(State(node): State<Arc<Node>>) -> ApiResult {
 
 async fn create_vm(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     let spec = parse_body::<CreateVm>(&body)?.spec()?;
-    // Filling a large guest's memory takes a while: off the runtime's workers.
-    let view = tokio::task::spawn_blocking(move || node.create_vm(spec))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: format!("creating the VM failed: {e}"),
-        })??;
+    let view = node.create_vm_recorded(spec).await?;
     Ok(json_status(StatusCode::CREATED, &view))
 }
 
@@ -288,10 +276,9 @@ async fn delete_vm(
     q: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
-    Ok(json_status(
-        StatusCode::OK,
-        &node.delete_vm(&name, q.force)?,
-    ))
+    let view = node.delete_vm(&name, q.force)?;
+    node.record_deleted(&name);
+    Ok(json_status(StatusCode::OK, &view))
 }
 
 async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
@@ -622,6 +609,12 @@ impl AgentHandle {
             if !vms.is_empty() {
                 tracing::error!(?vms, "stopping with force: these VMs are discarded");
             }
+            // Discarded on purpose: not restarted elsewhere either.
+            for vm in vms {
+                if let Err(e) = self.node.forget_record(vm).await {
+                    tracing::warn!(%vm, error = %e, "deleting the discarded VM's record failed");
+                }
+            }
         }
         self.shutdown().await;
         end
@@ -714,11 +707,29 @@ pub async fn serve_agent_with(
         let until = CancellationToken::new();
         let task = tokio::spawn({
             let until = until.clone();
-            async move { live.keep(until).await }
+            let hooks: Arc<dyn super::fence::FenceHooks> = node.clone();
+            async move { live.keep(until, hooks).await }
         });
         keep = Some((until, task));
     }
     let mut tasks = Vec::new();
+    if let Some(live) = node.liveness.get().cloned() {
+        let mirror = Arc::new(super::mirror::Mirror::new(
+            live.etcd().clone(),
+            live.prefix(),
+        ));
+        let _ = node.mirror.set(mirror.clone());
+        tasks.push(tokio::spawn({
+            let (mirror, stop) = (mirror.clone(), stop.clone());
+            async move { mirror.run(stop).await }
+        }));
+        tasks.push(tokio::spawn(super::coordinator::run(
+            node.clone(),
+            live,
+            mirror,
+            stop.clone(),
+        )));
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let ctx = RunContext {
         cancel: stop.child_token(),

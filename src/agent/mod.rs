@@ -5,11 +5,16 @@
 mod api;
 pub mod client;
 pub mod cluster;
+pub mod coordinator;
 pub mod etcd;
+pub mod fence;
+pub mod ha;
 mod listen;
+pub mod mirror;
 mod node;
 mod ops;
 pub mod peer;
+pub mod records;
 pub mod request;
 mod shutdown;
 pub mod store;

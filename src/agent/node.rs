@@ -3,6 +3,7 @@
 //! counters its metrics show.
 
 use super::cluster::{Cluster, NodeSpec};
+use super::records::{Priority, Restart};
 use crate::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
 use crate::migration::{
     migrate, Incoming, MigratableGuest, MigrationConfig, Outcome, Phase, Report, RunContext,
@@ -38,6 +39,12 @@ pub enum VmState {
     MigratingOut,
     /// Arriving: its memory is being received.
     MigratingIn,
+    /// Paused because the node could not renew its lease in etcd; it runs
+    /// again if the lease is renewed in time.
+    Fenced,
+    /// Paused for good: the node's lease expired while it was fenced, so
+    /// the cluster may run it elsewhere. Kept until an operator deletes it.
+    Superseded,
 }
 
 /// Where a migration is.
@@ -102,6 +109,55 @@ pub struct VmSpec {
     pub fill: FillSpec,
     /// The backend: `sim` or `kvm`.
     pub guest: GuestKind,
+    /// Which VMs a node's death restarts first (`off`: never).
+    #[serde(default)]
+    pub priority: Priority,
+    /// The nodes a restart elsewhere tries first, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_owners: Vec<String>,
+}
+
+/// Most preferred owners a VM may name.
+pub const MAX_PREFERRED_OWNERS: usize = 64;
+
+impl VmSpec {
+    /// Checks what the API checks of a new VM (a record read from etcd is
+    /// checked the same way).
+    pub fn check(&self) -> Result<(), String> {
+        if !valid_name(&self.name) {
+            return Err(format!(
+                "name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
+                self.name
+            ));
+        }
+        crate::memory::GuestMemory::check_size(self.memory).map_err(|e| format!("memory: {e}"))?;
+        let workload = crate::memory::Workload {
+            pattern: self.workload,
+            dirty_rate: self.dirty_rate,
+            content: FillSpec::default(),
+            writers: 1,
+            seed: 1,
+        };
+        workload.validate(self.memory)?;
+        if self.preferred_owners.len() > MAX_PREFERRED_OWNERS {
+            return Err(format!(
+                "preferred_owners: at most {MAX_PREFERRED_OWNERS} nodes"
+            ));
+        }
+        if let Some(bad) = self.preferred_owners.iter().find(|n| !valid_name(n)) {
+            return Err(format!("preferred_owners: {bad:?} is not a node name"));
+        }
+        Ok(())
+    }
+}
+
+/// A VM's or node's name: 1 to 255 letters, digits, `-`, `_` and `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= crate::wire::MAX_LABEL_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -132,24 +188,45 @@ pub struct VmView {
     /// `DELETE` with `force` only: what was discarded with it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
+    /// With a store: times the cluster restarted it on another node.
+    #[serde(default)]
+    pub restarts: u32,
+    /// With a store: the last such restart (time and reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<Restart>,
 }
 
-struct Vm {
-    spec: VmSpec,
-    state: VmState,
-    guest: Option<Arc<dyn MigratableGuest>>,
+pub(super) struct Vm {
+    pub(super) spec: VmSpec,
+    pub(super) state: VmState,
+    pub(super) guest: Option<Arc<dyn MigratableGuest>>,
     /// While it arrives: the incoming session that reserved it. Only that
     /// session's end can remove or complete the record.
     arriving: Option<u64>,
 }
 
 impl Vm {
+    /// After a migration that handed nothing over: it runs here again, or
+    /// stays paused while the node is fenced.
+    fn run_unless_fenced(&mut self, fenced: bool) {
+        if fenced {
+            if let Some(g) = &self.guest {
+                g.pause();
+            }
+            self.state = VmState::Fenced;
+        } else {
+            self.state = VmState::Running;
+        }
+    }
+
     fn view(&self) -> VmView {
         VmView {
             spec: self.spec.clone(),
             state: self.state,
             pages_written: self.guest.as_ref().map_or(0, |g| g.progress_counter()),
             lost: None,
+            restarts: 0,
+            last_restart: None,
         }
     }
 }
@@ -224,23 +301,23 @@ pub struct MigrationView {
     pub resolution: Option<Resolution>,
 }
 
-struct MigrationEntry {
-    id: String,
+pub(super) struct MigrationEntry {
+    pub(super) id: String,
     vm: String,
     source: String,
     target: String,
-    direction: Direction,
-    state: MigrationState,
+    pub(super) direction: Direction,
+    pub(super) state: MigrationState,
     created_at_ms: u64,
     started_at_ms: Option<u64>,
-    finished_at_ms: Option<u64>,
+    pub(super) finished_at_ms: Option<u64>,
     created: Instant,
     started: Option<Instant>,
     operation: Option<String>,
     config: MigrationConfig,
-    ctx: RunContext,
+    pub(super) ctx: RunContext,
     report: Option<Report>,
-    error: Option<String>,
+    pub(super) error: Option<String>,
     /// The end the last ETA promised.
     eta_end: Option<Instant>,
     resolution: Option<Resolution>,
@@ -358,6 +435,9 @@ pub struct NodeView {
     /// With a store: its lease in etcd (TTL and time left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<super::store::LeaseView>,
+    /// With a store: the elected coordinator's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
 }
 
 /// A node's migration limits.
@@ -387,6 +467,9 @@ pub enum NodeError {
     /// Not supported by this build (501).
     #[error("{0}")]
     Unsupported(String),
+    /// The cluster's store cannot be reached (503, code `unavailable`).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl NodeError {
@@ -398,6 +481,7 @@ impl NodeError {
             Self::Conflict(_) => "conflict",
             Self::InsufficientMemory(_) => "insufficient_memory",
             Self::Unsupported(_) => "unsupported",
+            Self::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -415,11 +499,14 @@ pub struct Metrics {
 }
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     mode: Option<NodeMode>,
-    vms: BTreeMap<String, Vm>,
-    migrations: Vec<MigrationEntry>,
-    queue: VecDeque<String>,
+    pub(super) vms: BTreeMap<String, Vm>,
+    pub(super) migrations: Vec<MigrationEntry>,
+    pub(super) queue: VecDeque<String>,
+    /// The node could not renew its lease in time: its guests are paused
+    /// and it takes no new work.
+    pub(super) fenced: bool,
     running_out: usize,
     next_id: u64,
 }
@@ -433,7 +520,7 @@ impl State {
         self.vms.values().map(|v| v.spec.memory).sum()
     }
 
-    fn entry(&mut self, id: &str) -> Option<&mut MigrationEntry> {
+    pub(super) fn entry(&mut self, id: &str) -> Option<&mut MigrationEntry> {
         self.migrations.iter_mut().find(|m| m.id == id)
     }
 }
@@ -444,7 +531,7 @@ pub struct Node {
     pub cluster: Cluster,
     /// Its own entry in the cluster file.
     pub spec: NodeSpec,
-    state: Mutex<State>,
+    pub(super) state: Mutex<State>,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// The cap shared by all outgoing migrations, when the node has one.
@@ -459,6 +546,8 @@ pub struct Node {
     pub(crate) refusals: std::sync::OnceLock<Arc<crate::migration::ReceiverStats>>,
     /// Its registration and lease in etcd, with a store.
     pub(crate) liveness: std::sync::OnceLock<Arc<super::store::Liveness>>,
+    /// With a store: the cluster's keys, kept current.
+    pub(crate) mirror: std::sync::OnceLock<Arc<super::mirror::Mirror>>,
     /// The agent's stop, once asked (a drain on shutdown).
     pub stop: super::shutdown::Stop,
     /// The control API's refusals, by reason.
@@ -483,7 +572,7 @@ pub(crate) fn name_of<T: Serialize>(state: &T) -> String {
     }
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -511,6 +600,7 @@ impl Node {
             changed: tokio::sync::Notify::new(),
             refusals: std::sync::OnceLock::new(),
             liveness: std::sync::OnceLock::new(),
+            mirror: std::sync::OnceLock::new(),
             stop: super::shutdown::Stop::default(),
             api_stats: Arc::default(),
             api_limits,
@@ -545,7 +635,11 @@ impl Node {
             state: st.mode(),
             memory_capacity: self.spec.memory_capacity,
             memory_used: st.memory_used(),
-            vms: st.vms.values().map(Vm::view).collect(),
+            vms: st
+                .vms
+                .values()
+                .map(|v| self.with_record(v.view()))
+                .collect(),
             migrations_in_flight: in_flight,
             migrations_queued: st.queue.len(),
             limits: Limits {
@@ -553,26 +647,52 @@ impl Node {
                 max_bandwidth: self.spec.max_bandwidth,
             },
             lease: self.liveness.get().map(|l| l.view()),
+            coordinator: self
+                .mirror
+                .get()
+                .and_then(|m| m.coordinator())
+                .map(|(c, _)| c.node),
         }
     }
 
     /// `GET /v1/vms`.
     pub fn vms(&self) -> Vec<VmView> {
-        self.state
+        let views: Vec<VmView> = self
+            .state
             .lock()
             .unwrap()
             .vms
             .values()
             .map(Vm::view)
-            .collect()
+            .collect();
+        views.into_iter().map(|v| self.with_record(v)).collect()
     }
 
     /// `GET /v1/vms/{name}`.
     pub fn vm(&self, name: &str) -> Result<VmView, NodeError> {
-        let st = self.state.lock().unwrap();
-        st.vms.get(name).map(Vm::view).ok_or_else(|| {
-            NodeError::NotFound(format!("no VM {name:?} on node {}", self.spec.name))
-        })
+        let view = {
+            let st = self.state.lock().unwrap();
+            st.vms.get(name).map(Vm::view).ok_or_else(|| {
+                NodeError::NotFound(format!("no VM {name:?} on node {}", self.spec.name))
+            })?
+        };
+        Ok(self.with_record(view))
+    }
+
+    /// A VM's view with what its record in etcd adds: its restarts, and the
+    /// priority and owners it was created with (a migration carries only
+    /// the guest).
+    fn with_record(&self, mut v: VmView) -> VmView {
+        let Some((r, _)) = self.mirror.get().and_then(|m| m.vm(&v.spec.name)) else {
+            return v;
+        };
+        if r.node == self.spec.name {
+            v.spec.priority = r.spec.priority;
+            v.spec.preferred_owners = r.spec.preferred_owners;
+            v.restarts = r.restarts;
+            v.last_restart = r.last_restart;
+        }
+        v
     }
 
     /// The running guest of VM `name` (tests compare its memory).
@@ -637,6 +757,12 @@ impl Node {
 
     /// Whether a VM of `memory` bytes named `name` may be placed here.
     fn admit_locked(&self, st: &State, name: &str, memory: u64) -> Result<(), NodeError> {
+        if st.fenced {
+            return Err(NodeError::Conflict(format!(
+                "node {} is fenced (it cannot renew its lease in etcd) and takes no new work",
+                self.spec.name
+            )));
+        }
         if st.mode() != NodeMode::Active {
             return Err(NodeError::Conflict(format!(
                 "node {} is {} and takes no VMs",
@@ -681,7 +807,7 @@ impl Node {
                 "VM {name} is migrating; cancel the migration first"
             )));
         }
-        let lost = (vm.state == VmState::Paused).then(|| {
+        let lost = matches!(vm.state, VmState::Paused | VmState::Fenced).then(|| {
             let unresolved = st.migrations.iter().rev().find(|m| {
                 m.vm == name
                     && m.direction == Direction::Outgoing
@@ -849,7 +975,22 @@ impl Node {
             .map(|n| n.data.clone())
             .unwrap_or_default();
         tracing::info!(%id, %vm, %target, "migration started");
-        let report = migrate(guest, &addr, &config, &ctx).await;
+        // A restart after this node's death asks the target first.
+        let recorded = self.record_moving(&vm, &target).await;
+        if recorded.is_err() {
+            ctx.cancel.cancel();
+        }
+        let mut report = migrate(guest, &addr, &config, &ctx).await;
+        if let Err(e) = recorded {
+            report.outcome = Outcome::Failed;
+            report.error = Some(format!("cannot record the move in etcd: {e}"));
+        }
+        match report.outcome {
+            Outcome::Completed => self.record_moved(&vm, &target, true),
+            Outcome::Failed | Outcome::Cancelled => self.record_moved(&vm, &target, false),
+            // Settled by `resolve`.
+            Outcome::Unresolved => {}
+        }
         tracing::info!(%id, %vm, %target, outcome = ?report.outcome, error = ?report.error, "migration ended");
         let i = match report.outcome {
             Outcome::Completed => 0,
@@ -875,8 +1016,9 @@ impl Node {
                     }
                 }
                 Outcome::Failed | Outcome::Cancelled => {
+                    let fenced = st.fenced;
                     if let Some(v) = st.vms.get_mut(&vm) {
-                        v.state = VmState::Running;
+                        v.run_unless_fenced(fenced);
                     }
                 }
             }
@@ -912,7 +1054,7 @@ impl Node {
     /// be asked, only `force` (the operator vouches that it is down for
     /// good) lets either through.
     pub async fn resolve(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         run_on: &str,
         force: bool,
@@ -962,6 +1104,7 @@ impl Node {
             return Err(NodeError::Conflict(format!("{checked}: {why}")));
         }
         let mut st = self.state.lock().unwrap();
+        let fenced = st.fenced;
         let forced = hosted.as_deref() == Some("unknown");
         let entry_state = if run_on == "destination" {
             // The target runs it: the paused copy here goes.
@@ -973,10 +1116,10 @@ impl Node {
                     "the paused copy of {vm} is no longer here"
                 )));
             };
-            if let Some(g) = &v.guest {
+            if let (Some(g), false) = (&v.guest, fenced) {
                 g.resume();
             }
-            v.state = VmState::Running;
+            v.run_unless_fenced(fenced);
             MigrationState::Failed
         };
         let e = st.entry(id).expect("found above");
@@ -990,6 +1133,7 @@ impl Node {
         tracing::info!(%id, %vm, run_on, forced, "unresolved migration settled");
         let view = e.view(false);
         drop(st);
+        self.record_moved(&vm, &target, run_on == "destination");
         self.changed.notify_waiters();
         Ok(view)
     }
@@ -1068,6 +1212,8 @@ impl Node {
                     dirty_rate: 0,
                     fill: FillSpec::default(),
                     guest: setup.guest_kind,
+                    priority: Priority::default(),
+                    preferred_owners: Vec::new(),
                 },
                 state: VmState::MigratingIn,
                 guest: None,
@@ -1106,6 +1252,7 @@ impl Node {
     /// report.
     pub fn vm_arrived(&self, session: u64, guest: &Arc<dyn MigratableGuest>, resumed: bool) {
         let mut st = self.state.lock().unwrap();
+        let fenced = st.fenced;
         let Some(name) = st
             .migrations
             .iter()
@@ -1123,12 +1270,13 @@ impl Node {
                 vm.spec.dirty_rate = w.dirty_rate;
                 vm.spec.fill = w.content;
             }
-            vm.state = if resumed {
-                VmState::Running
-            } else {
-                VmState::Paused
-            };
             vm.guest = Some(guest.clone());
+            if resumed {
+                // Arrived at a node that fenced itself meanwhile: it waits.
+                vm.run_unless_fenced(fenced);
+            } else {
+                vm.state = VmState::Paused;
+            }
             vm.arriving = None;
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
         }

@@ -45,6 +45,30 @@ pub struct CreateVm {
     /// `sim` (default) or `kvm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<String>,
+    /// `high`, `medium` (default), `low` or `off`: the order of restarts
+    /// elsewhere when its node dies (`off`: never restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    /// The nodes a restart elsewhere tries first, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_owners: Option<Vec<String>>,
+}
+
+impl From<&crate::agent::VmSpec> for CreateVm {
+    /// The request that creates a VM of `spec` (a restart elsewhere).
+    fn from(spec: &crate::agent::VmSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            memory: Amount::Int(spec.memory),
+            workload: Some(spec.workload.to_string()),
+            dirty_rate: Some(Amount::Int(spec.dirty_rate)),
+            fill: Some(spec.fill.to_string()),
+            guest: Some(crate::agent::client::name_of(spec.guest)),
+            priority: Some(crate::agent::client::name_of(spec.priority)),
+            preferred_owners: (!spec.preferred_owners.is_empty())
+                .then(|| spec.preferred_owners.clone()),
+        }
+    }
 }
 
 /// The migration parameters as the CLI names them; unset ones take the

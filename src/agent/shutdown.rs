@@ -168,11 +168,21 @@ impl Node {
                 )
             })
             .collect();
-        why.extend(
-            vms.iter()
-                .filter(|v| v.state == VmState::Paused)
-                .map(|v| format!("VM {} is paused here (resolve or delete it)", v.spec.name)),
-        );
+        why.extend(vms.iter().filter_map(|v| match v.state {
+            VmState::Paused => Some(format!(
+                "VM {} is paused here (resolve or delete it)",
+                v.spec.name
+            )),
+            VmState::Fenced => Some(format!(
+                "VM {} is paused until this node renews its lease in etcd",
+                v.spec.name
+            )),
+            VmState::Superseded => Some(format!(
+                "VM {} is superseded here (this node's lease expired; delete it)",
+                v.spec.name
+            )),
+            _ => None,
+        }));
         why.join("; ")
     }
 }

@@ -5,10 +5,11 @@
 
 use super::cluster::NodeSpec;
 use super::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, MAX_ENDPOINTS};
+use super::fence::{Fence, FenceHooks, FenceState};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
@@ -199,11 +200,13 @@ pub struct LeaseView {
     /// Seconds until it would expire without another renewal, counted from
     /// when the last acknowledged renewal was sent.
     pub left_s: f64,
+    /// `live`, or `fenced`: not renewed in time, the guests are paused.
+    pub state: FenceState,
 }
 
 /// A node registered in etcd, holding its lease.
 pub struct Liveness {
-    etcd: Etcd,
+    etcd: Arc<Etcd>,
     prefix: String,
     record: NodeRecord,
     /// The TTL asked for.
@@ -211,9 +214,9 @@ pub struct Liveness {
     /// The lease held now (a new one after one lapsed).
     lease: AtomicI64,
     keeper: tokio::sync::Mutex<Keeper>,
-    ttl: Mutex<Duration>,
-    /// When the last acknowledged renewal (or the grant) was sent.
-    last_ack: Mutex<Instant>,
+    /// When the last acknowledged renewal was sent, the TTL, and whether
+    /// the node is fenced.
+    fence: Mutex<Fence>,
 }
 
 /// How soon a failed renewal is tried again.
@@ -222,7 +225,7 @@ const RETRY: Duration = Duration::from_millis(200);
 impl Liveness {
     /// Registers `node` and takes its lease; on failure, leaves no lease.
     pub async fn register(config: &StoreConfig, node: &NodeSpec) -> Result<Self, EtcdError> {
-        let etcd = Etcd::new(&config.client)?;
+        let etcd = Arc::new(Etcd::new(&config.client)?);
         etcd.authenticate().await?;
         let record = NodeRecord {
             version: LAYOUT_VERSION,
@@ -240,8 +243,7 @@ impl Liveness {
             asked: config.lease_ttl,
             lease: AtomicI64::new(0),
             keeper: tokio::sync::Mutex::new(Keeper::new(0, config.lease_ttl)),
-            ttl: Mutex::new(config.lease_ttl),
-            last_ack: Mutex::new(Instant::now()),
+            fence: Mutex::new(Fence::new(config.lease_ttl, Instant::now())),
         };
         live.take_lease().await?;
         Ok(live)
@@ -266,40 +268,57 @@ impl Liveness {
         }
         *self.keeper.lock().await = Keeper::new(lease, ttl);
         self.lease.store(lease, Ordering::Relaxed);
-        *self.ttl.lock().unwrap() = ttl;
-        *self.last_ack.lock().unwrap() = sent;
+        self.fence.lock().unwrap().new_lease(sent, ttl);
         Ok(())
     }
 
     /// Renews the lease a third of its TTL after the last acknowledged
-    /// renewal was sent (a failed one again within [`RETRY`]) until `stop`.
-    /// A lease that lapsed all the same is replaced by a new one.
-    pub async fn keep(&self, stop: CancellationToken) {
+    /// renewal was sent (a failed one again within [`RETRY`]) until `stop`,
+    /// fencing the node through `hooks` when that does not succeed in time
+    /// (see [`super::fence`]). A lease that lapsed all the same is replaced
+    /// by a new one; what ran under the old one stays superseded.
+    pub async fn keep(&self, stop: CancellationToken, hooks: Arc<dyn FenceHooks>) {
         let mut failed = false;
         loop {
-            let ttl = *self.ttl.lock().unwrap();
-            let due = *self.last_ack.lock().unwrap() + ttl / 3;
-            let wait = if failed {
-                RETRY
+            let at = if failed {
+                Instant::now() + RETRY
             } else {
-                due.saturating_duration_since(Instant::now())
+                let f = self.fence.lock().unwrap();
+                f.last_ack() + f.ttl() / 3
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(at.into()) => {}
+                never = self.fence_when_due(&*hooks) => match never {},
             }
             let sent = Instant::now();
-            let renewed = self.keeper.lock().await.renew(&self.etcd).await;
+            let renewed = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = async { self.keeper.lock().await.renew(&self.etcd).await } => r,
+                never = self.fence_when_due(&*hooks) => match never {},
+            };
             failed = match renewed {
-                Ok(Some(_)) => {
-                    *self.last_ack.lock().unwrap() = sent;
+                Ok(Some(ttl)) => {
+                    let action = self
+                        .fence
+                        .lock()
+                        .unwrap()
+                        .renewed(sent, ttl, Instant::now());
+                    if let Some(a) = action {
+                        hooks.apply(a);
+                    }
                     false
                 }
                 Ok(None) => {
                     tracing::error!(node = %self.record.name, "this node's lease lapsed in etcd; taking a new one");
+                    let action = self.fence.lock().unwrap().lapsed();
+                    hooks.apply(action);
                     let taken = self.take_lease().await;
-                    if let Err(e) = &taken {
-                        tracing::warn!(node = %self.record.name, error = %e, "taking a new lease failed");
+                    match &taken {
+                        Ok(()) => hooks.rejoined(),
+                        Err(e) => {
+                            tracing::warn!(node = %self.record.name, error = %e, "taking a new lease failed")
+                        }
                     }
                     taken.is_err()
                 }
@@ -311,6 +330,25 @@ impl Liveness {
         }
     }
 
+    /// Fences the node at the fence's deadline; never returns (a renewal
+    /// that ends the wait drops it).
+    async fn fence_when_due(&self, hooks: &dyn FenceHooks) -> std::convert::Infallible {
+        loop {
+            let (deadline, fenced) = {
+                let f = self.fence.lock().unwrap();
+                (f.deadline(), f.state() == FenceState::Fenced)
+            };
+            if fenced {
+                return std::future::pending().await;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+            let action = self.fence.lock().unwrap().tick(Instant::now());
+            if let Some(a) = action {
+                hooks.apply(a);
+            }
+        }
+    }
+
     /// Ends the lease now (a clean stop): the node is known gone at once.
     pub async fn revoke(&self) {
         let lease = self.lease.load(Ordering::Relaxed);
@@ -319,14 +357,31 @@ impl Liveness {
         }
     }
 
+    /// The store's client, shared by everything of this agent.
+    pub fn etcd(&self) -> &Arc<Etcd> {
+        &self.etcd
+    }
+
+    /// The cluster's key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lease held now, and whether the node is fenced.
+    pub fn lease(&self) -> (i64, bool) {
+        let fenced = self.fence.lock().unwrap().state() == FenceState::Fenced;
+        (self.lease.load(Ordering::Relaxed), fenced)
+    }
+
     /// The lease as `GET /v1/node` shows it.
     pub fn view(&self) -> LeaseView {
-        let since = self.last_ack.lock().unwrap().elapsed();
-        let ttl = *self.ttl.lock().unwrap();
+        let f = self.fence.lock().unwrap();
+        let ttl = f.ttl();
         LeaseView {
             id: self.lease.load(Ordering::Relaxed),
             ttl_s: ttl.as_secs_f64(),
-            left_s: ttl.saturating_sub(since).as_secs_f64(),
+            left_s: ttl.saturating_sub(f.last_ack().elapsed()).as_secs_f64(),
+            state: f.state(),
         }
     }
 }

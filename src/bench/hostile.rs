@@ -405,6 +405,8 @@ async fn agents_migration(
         dirty_rate: None,
         fill: None,
         guest: None,
+        priority: None,
+        preferred_owners: None,
     };
     let made = peers.create_vm(src, &spec).await;
     if let Err(e) = made {

@@ -82,6 +82,8 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
                 dirty_rate: Some(Amount::Text(a.dirty_rate.clone())),
                 fill: None,
                 guest: Some(a.guest.clone()),
+                priority: None,
+                preferred_owners: None,
             };
             ctx.run(ctx.peers.create_vm(&a_node, &body))?;
         }

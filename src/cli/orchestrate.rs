@@ -81,6 +81,13 @@ pub enum VmCommand {
         /// Backend: sim (synthetic) or kvm.
         #[arg(long, default_value = "sim")]
         guest: String,
+        /// Restart order when its node dies: high, medium, low, or off
+        /// (never restarted elsewhere) [default: medium].
+        #[arg(long)]
+        priority: Option<String>,
+        /// Nodes a restart elsewhere tries first, in order (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        preferred_owners: Vec<String>,
         #[command(flatten)]
         out: Output,
     },
@@ -334,6 +341,8 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             dirty_rate,
             fill,
             guest,
+            priority,
+            preferred_owners,
             out,
         } => {
             let n = ctx.node(&node)?;
@@ -344,6 +353,8 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 dirty_rate: dirty_rate.map(Amount::Text),
                 fill,
                 guest: Some(guest),
+                priority,
+                preferred_owners: (!preferred_owners.is_empty()).then_some(preferred_owners),
             };
             let v = ctx.run(ctx.peers.create_vm(n, &body))?;
             if out.json {

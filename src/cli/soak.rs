@@ -153,6 +153,8 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             dirty_rate: Some(Amount::Int(a.dirty_rate)),
             fill: None,
             guest: None,
+            priority: None,
+            preferred_owners: None,
         };
         wait_for(&rt, peers.create_vm(&agents[0].spec, &vm))?;
     }

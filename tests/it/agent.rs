@@ -502,6 +502,8 @@ fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
         dirty_rate: None,
         fill: None,
         guest: None,
+        priority: None,
+        preferred_owners: None,
     };
     let made = c.rt.block_on(peers.create_vm(a, &vm)).unwrap();
     assert_eq!(

@@ -81,6 +81,17 @@ impl Agents {
     /// As [`Agents::start`], with `top` (such as an `[api]` table) in the
     /// cluster file.
     pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Self {
+        Self::start_each(test, top, nodes, |_, _| {})
+    }
+
+    /// As [`Agents::start_with`], each agent running from the cluster file
+    /// as `adjust` changes it for that node (such as fewer etcd endpoints).
+    pub fn start_each(
+        test: &str,
+        top: &str,
+        nodes: &[(&str, &str)],
+        adjust: impl Fn(&str, &mut Cluster),
+    ) -> Self {
         let dir = Dir::new(test);
         let path = write_cluster(&dir.0, top, nodes);
         let cluster = Cluster::load(&path).unwrap();
@@ -92,7 +103,11 @@ impl Agents {
             .unwrap();
         let agents = nodes
             .iter()
-            .map(|(name, _)| rt.block_on(serve_agent(cluster.clone(), name)).unwrap())
+            .map(|(name, _)| {
+                let mut cluster = cluster.clone();
+                adjust(name, &mut cluster);
+                rt.block_on(serve_agent(cluster, name)).unwrap()
+            })
             .collect();
         Self {
             rt,

@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod etcd;
+pub mod procs;
 pub mod proxy;
 
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern, PAGE_SIZE};

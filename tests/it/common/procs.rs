@@ -1,0 +1,196 @@
+//! Real `ferry agent` processes of one cluster file, their API over TLS
+//! (certificates from `ferry tls-cert`, pinned in the file), driven through
+//! the CLI; each agent's stderr is read as it is written.
+
+use super::free_port;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn ferry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// Agent processes of one cluster file.
+pub struct Procs {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    agents: Vec<(String, Child)>,
+    /// Each agent's stderr so far, read by a thread as it is written.
+    logs: Vec<(String, Arc<Mutex<String>>)>,
+}
+
+impl Procs {
+    /// Nodes `(name, memory_capacity)`, each an agent process.
+    pub fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+        Self::start_with(test, "", nodes)
+    }
+
+    /// As [`Procs::start`], with `top` (such as the `etcd` settings) in the
+    /// cluster file.
+    pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferry-procs-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ferry::migration::auth::write_secret_file(
+            &dir.join("cluster.token"),
+            b"shutdown-test-token",
+        )
+        .unwrap();
+        let mut text = format!("token_file = \"cluster.token\"\n{top}\n");
+        let mut controls = Vec::new();
+        for (name, capacity) in nodes {
+            let control = format!("127.0.0.1:{}", free_port());
+            let (cert, key) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}-key.pem")),
+            );
+            let made = ferry()
+                .args([
+                    "tls-cert",
+                    "--cert",
+                    cert.to_str().unwrap(),
+                    "--key",
+                    key.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{made:?}");
+            text += &format!(
+                "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"{capacity}\"\ntls_cert = \"{name}.pem\"\ntls_key = \"{name}-key.pem\"\n",
+                free_port()
+            );
+            controls.push(control);
+        }
+        let file = dir.join("cluster.toml");
+        std::fs::write(&file, text).unwrap();
+        let (mut agents, mut logs) = (Vec::new(), Vec::new());
+        for ((name, _), control) in nodes.iter().zip(&controls) {
+            let mut child = ferry()
+                .args(["agent", "--cluster", file.to_str().unwrap(), "--node", name])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let t = Instant::now();
+            while std::net::TcpStream::connect(control).is_err() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "agent {name} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            logs.push((name.to_string(), read_log(child.stderr.take().unwrap())));
+            agents.push((name.to_string(), child));
+        }
+        Self {
+            dir,
+            file,
+            agents,
+            logs,
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        ferry()
+            .args(args)
+            .args(["--cluster", self.file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.run(&all);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn agent(&mut self, name: &str) -> &mut Child {
+        &mut self.agents.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    pub fn signal(&mut self, name: &str, sig: &str) {
+        let pid = self.agent(name).id().to_string();
+        Command::new("kill").args([sig, &pid]).status().unwrap();
+    }
+
+    /// Waits up to `limit` for agent `name` to exit.
+    pub fn exited(&mut self, name: &str, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(s) = self.agent(name).try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// What agent `name` has written on stderr so far.
+    pub fn stderr(&self, name: &str) -> String {
+        let log = &self.logs.iter().find(|(n, _)| n == name).unwrap().1;
+        log.lock().unwrap().clone()
+    }
+
+    /// Waits up to `limit` for agent `name` to log `text`.
+    pub fn wait_log(&self, name: &str, text: &str, limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            let log = self.stderr(name);
+            if log.contains(text) || Instant::now() >= until {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `(vm, node, state)` for every VM of the nodes still up.
+    pub fn vms(&self) -> Vec<(String, String, String)> {
+        let v = self.json(&["vm", "list"]);
+        let mut all: Vec<(String, String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["name"].as_str().unwrap().into(),
+                    v["node"].as_str().unwrap().into(),
+                    v["state"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+/// Reads `pipe` to its end on a thread, into the returned buffer.
+fn read_log(mut pipe: std::process::ChildStderr) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let into = log.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

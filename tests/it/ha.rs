@@ -1,0 +1,161 @@
+//! Restart elsewhere with a real three-member etcd and three `ferry agent`
+//! processes: SIGKILL one (a plain node, or the coordinator) and each of its
+//! VMs runs again on another node, exactly once, within the lease TTL and
+//! 2 s, highest priority first, `off` never; the record says why.
+
+use crate::common;
+
+use common::etcd::{available, EtcdCluster};
+use common::procs::Procs;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const TTL_S: u64 = 3;
+
+fn cluster(test: &str) -> (EtcdCluster, Procs) {
+    let e = EtcdCluster::start(test, 3);
+    let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
+    let top = format!(
+        "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"{TTL_S}s\"",
+        endpoints.join(", ")
+    );
+    let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    (e, p)
+}
+
+/// The coordinator every live node names, once they agree.
+fn coordinator(p: &Procs) -> String {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes = p.json(&["node", "status"]);
+        let up: Vec<&Value> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["state"] != "unreachable")
+            .collect();
+        let named: Vec<&str> = up
+            .iter()
+            .filter_map(|n| n["coordinator"].as_str())
+            .collect();
+        if !named.is_empty() && named.len() == up.len() && named.windows(2).all(|w| w[0] == w[1]) {
+            return named[0].to_string();
+        }
+        assert!(Instant::now() < end, "no agreed coordinator: {nodes}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every VM row of `vm list` on the live nodes.
+fn rows(p: &Procs) -> Vec<Value> {
+    p.json(&["vm", "list"]).as_array().unwrap().clone()
+}
+
+/// Kills `victim` holding VMs of each priority, then checks the restarts.
+fn kill_and_watch(test: &str, pick_coordinator: bool) {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (_e, mut p) = cluster(test);
+    let boss = coordinator(&p);
+    let victim = ["a", "b", "c"]
+        .into_iter()
+        .find(|n| (*n == boss) == pick_coordinator)
+        .unwrap()
+        .to_string();
+    let vms = [
+        ("v-high", "high"),
+        ("v-mid", "medium"),
+        ("v-low", "low"),
+        ("v-off", "off"),
+    ];
+    for (vm, priority) in vms {
+        p.json(&[
+            "vm",
+            "create",
+            vm,
+            "--node",
+            &victim,
+            "--memory",
+            "16MiB",
+            "--priority",
+            priority,
+        ]);
+    }
+    p.signal(&victim, "-KILL");
+    let killed = Instant::now();
+    p.exited(&victim, Duration::from_secs(5)).expect("killed");
+    // Sampled throughout: no VM ever runs twice; the three that may restart
+    // all run elsewhere soon.
+    let mut first_seen = Vec::new();
+    loop {
+        let now = rows(&p);
+        for vm in ["v-high", "v-mid", "v-low", "v-off"] {
+            let running: Vec<&Value> = now
+                .iter()
+                .filter(|r| r["name"] == vm && r["state"] == "running")
+                .collect();
+            assert!(running.len() <= 1, "{vm} runs twice: {now:?}");
+            if !running.is_empty() && !first_seen.iter().any(|(v, _)| v == vm) {
+                first_seen.push((vm.to_string(), killed.elapsed()));
+            }
+        }
+        if first_seen.len() >= 3 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(TTL_S + 6),
+            "not all restarted: {first_seen:?} {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = first_seen.iter().map(|(_, t)| *t).max().unwrap();
+    eprintln!("{test}: restarted in {took:?} ({first_seen:?})");
+    assert!(
+        took <= Duration::from_secs(TTL_S + 2),
+        "restarts took {took:?}, TTL {TTL_S} s"
+    );
+    assert!(
+        first_seen.iter().all(|(v, _)| v != "v-off"),
+        "{first_seen:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let now = rows(&p);
+    for vm in ["v-high", "v-mid", "v-low"] {
+        let r: Vec<&Value> = now.iter().filter(|r| r["name"] == vm).collect();
+        assert_eq!(r.len(), 1, "{vm}: {now:?}");
+        let r = r[0];
+        assert_ne!(r["node"], victim.as_str(), "{r}");
+        assert_eq!(r["state"], "running", "{r}");
+        assert_eq!(r["restarts"], 1, "{r}");
+        assert_eq!(r["last_restart"]["from"], victim.as_str(), "{r}");
+        assert_eq!(r["last_restart"]["to"], r["node"], "{r}");
+        let reason = r["last_restart"]["reason"].as_str().unwrap();
+        assert!(reason.contains("lost its lease"), "{r}");
+    }
+    assert!(now.iter().all(|r| r["name"] != "v-off"), "{now:?}");
+    // Highest priority first.
+    let at = |vm: &str| {
+        now.iter().find(|r| r["name"] == vm).unwrap()["last_restart"]["at_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        at("v-high") <= at("v-mid") && at("v-mid") <= at("v-low"),
+        "{now:?}"
+    );
+    // A new coordinator among the living, when the old one died.
+    let after = coordinator(&p);
+    assert_ne!(after, victim);
+}
+
+#[test]
+fn a_killed_agents_vms_run_again_elsewhere_once_within_the_ttl_and_2s() {
+    kill_and_watch("ha-node", false);
+}
+
+#[test]
+fn a_killed_coordinators_vms_run_again_elsewhere_under_a_new_coordinator() {
+    kill_and_watch("ha-coord", true);
+}
