@@ -23,6 +23,7 @@ use std::time::Duration;
 mod cli {
     pub mod demo_cluster;
     pub mod hostile;
+    pub mod local_etcd;
     pub mod orchestrate;
     pub mod receive;
     pub mod send;

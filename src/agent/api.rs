@@ -345,6 +345,9 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
 
 async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     let b: Resume = optional_body(&body)?;
+    if b.clear_quarantine == Some(true) {
+        node.clear_quarantine().await?;
+    }
     let op = node.resume(b.failback.unwrap_or(false)).await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
@@ -471,6 +474,18 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             .map(|(why, n)| (format!("{{reason=\"{why}\"}}"), n as f64))
             .collect::<Vec<_>>(),
     );
+    if let Some(live) = node.liveness.get() {
+        let (reads, writes) = live.etcd().counts();
+        metric(
+            "ferry_etcd_requests_total",
+            "counter",
+            "Key-value requests this agent made to etcd, by kind.",
+            &[
+                ("{kind=\"read\"}".to_string(), reads as f64),
+                ("{kind=\"write\"}".to_string(), writes as f64),
+            ],
+        );
+    }
     metric(
         "ferry_vms_hosted",
         "gauge",
@@ -704,6 +719,12 @@ pub async fn serve_agent_with(
             .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
         let live = Arc::new(live);
         let _ = node.liveness.set(live.clone());
+        if let Err(e) = node.adopt_records().await {
+            live.revoke().await;
+            return Err(std::io::Error::other(format!(
+                "reading this node's VMs in etcd: {e}"
+            )));
+        }
         let until = CancellationToken::new();
         let task = tokio::spawn({
             let until = until.clone();

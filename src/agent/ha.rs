@@ -24,6 +24,8 @@ use std::sync::Arc;
 #[derive(Default)]
 pub struct Restarter {
     told: String,
+    /// Lost leases already counted toward quarantine, by node.
+    counted: BTreeSet<(String, i64)>,
 }
 
 /// A restart to make: the record, its revision, and the dead node.
@@ -34,6 +36,7 @@ impl Restarter {
     pub async fn round(&mut self, node: &Arc<Node>, live: &Liveness, mirror: &Mirror, token: i64) {
         let nodes = mirror.nodes();
         let alive = mirror.alive();
+        self.count_losses(live, token, &nodes, &alive).await;
         let mut todo: Vec<Todo> = Vec::new();
         let mut starting: Vec<Todo> = Vec::new();
         for (r, rev) in mirror.vms().into_values() {
@@ -45,6 +48,12 @@ impl Restarter {
             }
         }
         for (r, rev) in starting {
+            if let Some(t) = r.migrating_to.clone().filter(|t| alive.contains(t)) {
+                // Restarting where a migration may have handed it over.
+                if self.found_on(node, live, token, &r, rev, &t).await != Some(false) {
+                    continue;
+                }
+            }
             self.start(node, live, token, r, rev).await;
         }
         if todo.is_empty() {
@@ -73,7 +82,7 @@ impl Restarter {
             }
             left.push((r, rev));
         }
-        let mut free = free_memory(node, &alive).await;
+        let mut free = free_memory(node, mirror, &alive).await;
         left.sort_by(|a, b| {
             (b.0.spec.priority, &a.0.spec.name).cmp(&(a.0.spec.priority, &b.0.spec.name))
         });
@@ -86,6 +95,40 @@ impl Restarter {
                     self.restart(node, live, token, r, rev, &target).await;
                 }
                 None => self.failed(live, token, r, rev).await,
+            }
+        }
+    }
+
+    /// Counts each dead node's last lease toward its quarantine, once.
+    async fn count_losses(
+        &mut self,
+        live: &Liveness,
+        token: i64,
+        nodes: &BTreeMap<String, super::store::NodeRecord>,
+        alive: &BTreeSet<String>,
+    ) {
+        let now = super::node::now_ms();
+        for (name, n) in nodes {
+            let seen = (name.clone(), n.lease);
+            if alive.contains(name) || n.lease <= 0 || self.counted.contains(&seen) {
+                continue;
+            }
+            let counted =
+                super::quarantine::update(live.etcd(), live.prefix(), name, Some(token), |r| {
+                    r.lost(n.lease, now)
+                })
+                .await;
+            match counted {
+                Ok(Some(r)) => {
+                    if r.quarantined(now) {
+                        tracing::error!(node = %name, "the node lost its lease {} times within an hour: quarantined", super::quarantine::LOSSES);
+                    }
+                    self.counted.insert(seen);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "counting the node's lost lease failed")
+                }
             }
         }
     }
@@ -224,10 +267,17 @@ async fn write(live: &Liveness, token: i64, r: &VmRecord, rev: i64) -> Option<i6
     }
 }
 
-/// Free memory of each live node that takes VMs now.
-async fn free_memory(node: &Node, alive: &BTreeSet<String>) -> BTreeMap<String, u64> {
+/// Free memory of each live node that takes VMs now (not quarantined).
+async fn free_memory(
+    node: &Node,
+    mirror: &Mirror,
+    alive: &BTreeSet<String>,
+) -> BTreeMap<String, u64> {
     let mut free = BTreeMap::new();
     for name in alive {
+        if mirror.quarantined_until(name).is_some() {
+            continue;
+        }
         let Some(spec) = node.cluster.node(name) else {
             continue;
         };

@@ -7,6 +7,7 @@
 //! not parse or is out of range is logged and left out.
 
 use super::etcd::{Etcd, EtcdError, KeyValue, WatchEvent, Watcher};
+use super::quarantine::NodeStateRecord;
 use super::records::{CoordinatorRecord, VmRecord};
 use super::store::NodeRecord;
 use std::collections::{BTreeMap, BTreeSet};
@@ -166,6 +167,20 @@ impl Mirror {
         })
         .into_keys()
         .collect()
+    }
+
+    /// The nodes' lost leases and quarantines.
+    pub fn states(&self) -> BTreeMap<String, NodeStateRecord> {
+        self.under("state", |_, kv| parse_json::<NodeStateRecord>(&kv.value))
+    }
+
+    /// Whether node `name` is quarantined now.
+    pub fn quarantined_until(&self, name: &str) -> Option<u64> {
+        let now = super::node::now_ms();
+        self.states()
+            .remove(name)
+            .filter(|s| s.quarantined(now))
+            .and_then(|s| s.quarantined_until_ms)
     }
 
     /// The VMs, each with the revision its record was last written at.

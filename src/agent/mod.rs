@@ -14,6 +14,7 @@ pub mod mirror;
 mod node;
 mod ops;
 pub mod peer;
+pub mod quarantine;
 pub mod records;
 pub mod request;
 mod shutdown;

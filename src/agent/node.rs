@@ -438,6 +438,10 @@ pub struct NodeView {
     /// With a store: the elected coordinator's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
+    /// With a store: until when the node is quarantined (it lost its lease
+    /// three times within an hour), ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined_until_ms: Option<u64>,
 }
 
 /// A node's migration limits.
@@ -607,6 +611,12 @@ impl Node {
         }))
     }
 
+    /// With a store: the key-value requests this agent made to etcd,
+    /// `(reads, writes)`.
+    pub fn etcd_counts(&self) -> Option<(u64, u64)> {
+        self.liveness.get().map(|l| l.etcd().counts())
+    }
+
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.spec.name
@@ -652,6 +662,10 @@ impl Node {
                 .get()
                 .and_then(|m| m.coordinator())
                 .map(|(c, _)| c.node),
+            quarantined_until_ms: self
+                .mirror
+                .get()
+                .and_then(|m| m.quarantined_until(&self.spec.name)),
         }
     }
 

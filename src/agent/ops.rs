@@ -296,14 +296,30 @@ impl Node {
             .iter()
             .filter(|n| n.name != self.spec.name)
         {
+            if let Some(until) = self.mirror.get().and_then(|m| m.quarantined_until(&n.name)) {
+                excluded.push(format!(
+                    "{} is quarantined for {} more minutes",
+                    n.name,
+                    until.saturating_sub(super::node::now_ms()).div_ceil(60_000)
+                ));
+                continue;
+            }
             match self.peers.node(n).await {
-                Ok(v) if v.state == NodeMode::Active => {
+                Ok(v)
+                    if v.state == NodeMode::Active
+                        && v.lease
+                            .as_ref()
+                            .is_none_or(|l| l.state == super::fence::FenceState::Live) =>
+                {
                     free.push((
                         n.name.clone(),
                         v.memory_capacity.saturating_sub(v.memory_used),
                     ));
                 }
-                Ok(v) => excluded.push(format!("{} is {}", n.name, name_of(v.state))),
+                Ok(v) if v.state != NodeMode::Active => {
+                    excluded.push(format!("{} is {}", n.name, name_of(v.state)))
+                }
+                Ok(_) => excluded.push(format!("{} is fenced", n.name)),
                 Err(e) => excluded.push(format!("{} is unreachable ({e})", n.name)),
             }
         }

@@ -328,6 +328,49 @@ impl Node {
         });
     }
 
+    /// At start: records that name this node are of VMs that died with its
+    /// agent's last process (a fresh agent hosts nothing). Each is marked
+    /// `restarting` here, so the coordinator starts it again (on this node,
+    /// after asking the target of a migration it was marked for).
+    pub(super) async fn adopt_records(&self) -> Result<usize, EtcdError> {
+        let Some((etcd, prefix)) = self.store() else {
+            return Ok(0);
+        };
+        let (kvs, _) = etcd.list(format!("{prefix}vms/").as_bytes()).await?;
+        let mut adopted = 0;
+        for kv in kvs {
+            let Ok(r) = super::mirror::parse_json::<VmRecord>(&kv.value) else {
+                continue;
+            };
+            if r.node != self.name() || r.check(&r.spec.name.clone()).is_err() {
+                continue;
+            }
+            let name = r.spec.name.clone();
+            let reason = format!("the agent of node {} restarted", self.name());
+            let done = self
+                .rewrite(&name, |r| {
+                    Some(VmRecord {
+                        state: RecordState::Restarting,
+                        restarts: r.restarts.saturating_add(1),
+                        last_restart: Some(Restart {
+                            at_ms: super::node::now_ms(),
+                            reason: reason.clone(),
+                            from: r.node.clone(),
+                            to: r.node.clone(),
+                        }),
+                        error: None,
+                        ..r
+                    })
+                })
+                .await?;
+            if done {
+                tracing::warn!(vm = %name, "the VM died with this agent's last process: to be restarted");
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+
     /// Deletes VM `name`'s record if it names this node (a VM discarded on
     /// purpose).
     pub(super) async fn forget_record(&self, name: &str) -> Result<bool, EtcdError> {

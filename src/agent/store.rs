@@ -4,7 +4,7 @@
 //! stop).
 
 use super::cluster::NodeSpec;
-use super::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, MAX_ENDPOINTS};
+use super::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, Op, Txn, MAX_ENDPOINTS};
 use super::fence::{Fence, FenceHooks, FenceState};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -173,6 +173,9 @@ pub struct NodeRecord {
     pub data: String,
     /// What its VMs may use, bytes.
     pub memory_capacity: u64,
+    /// The lease it holds or last held (its `alive` key's).
+    #[serde(default)]
+    pub lease: i64,
 }
 
 /// A node's liveness, `{prefix}alive/{name}`, bound to its lease: gone
@@ -233,9 +236,8 @@ impl Liveness {
             control: node.control.clone(),
             data: node.data.clone(),
             memory_capacity: node.memory_capacity,
+            lease: 0,
         };
-        let key = format!("{}nodes/{}", config.prefix, node.name).into_bytes();
-        etcd.put(&key, &json(&record), None).await?;
         let live = Self {
             etcd,
             prefix: config.prefix.clone(),
@@ -262,7 +264,15 @@ impl Liveness {
                 .map_or(0, |d| d.as_millis() as u64),
         };
         let key = format!("{}alive/{}", self.prefix, self.record.name).into_bytes();
-        if let Err(e) = self.etcd.put(&key, &json(&alive), Some(lease)).await {
+        let node_key = format!("{}nodes/{}", self.prefix, self.record.name).into_bytes();
+        let record = NodeRecord {
+            lease,
+            ..self.record.clone()
+        };
+        let txn = Txn::new()
+            .then(Op::put(&key, &json(&alive), Some(lease)))
+            .then(Op::put(&node_key, &json(&record), None));
+        if let Err(e) = self.etcd.txn(&txn).await {
             let _ = self.etcd.lease_revoke(lease).await;
             return Err(e);
         }
@@ -313,9 +323,13 @@ impl Liveness {
                     tracing::error!(node = %self.record.name, "this node's lease lapsed in etcd; taking a new one");
                     let action = self.fence.lock().unwrap().lapsed();
                     hooks.apply(action);
+                    let lost = self.lease.load(Ordering::Relaxed);
                     let taken = self.take_lease().await;
                     match &taken {
-                        Ok(()) => hooks.rejoined(),
+                        Ok(()) => {
+                            self.count_loss(lost).await;
+                            hooks.rejoined()
+                        }
                         Err(e) => {
                             tracing::warn!(node = %self.record.name, error = %e, "taking a new lease failed")
                         }
@@ -349,9 +363,36 @@ impl Liveness {
         }
     }
 
-    /// Ends the lease now (a clean stop): the node is known gone at once.
+    /// Counts lost `lease` toward this node's quarantine.
+    async fn count_loss(&self, lease: i64) {
+        let now = super::node::now_ms();
+        let counted =
+            super::quarantine::update(&self.etcd, &self.prefix, &self.record.name, None, |r| {
+                r.lost(lease, now)
+            })
+            .await;
+        match counted {
+            Ok(Some(r)) if r.quarantined(now) => {
+                tracing::error!(node = %self.record.name, "this node lost its lease {} times within an hour: quarantined (`ferry node resume --clear-quarantine` lifts it)", super::quarantine::LOSSES)
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "counting the lost lease failed"),
+        }
+    }
+
+    /// Ends the lease now (a clean stop): the node is known gone at once,
+    /// and the stop never counts toward quarantine.
     pub async fn revoke(&self) {
         let lease = self.lease.load(Ordering::Relaxed);
+        let marked =
+            super::quarantine::update(&self.etcd, &self.prefix, &self.record.name, None, |r| {
+                r.clean_stop_lease = Some(lease);
+                true
+            })
+            .await;
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "marking the clean stop failed");
+        }
         if let Err(e) = self.etcd.lease_revoke(lease).await {
             tracing::warn!(node = %self.record.name, error = %e, "revoking the lease failed");
         }

@@ -1,5 +1,6 @@
-//! `ferry demo cluster`: three agents in one process on loopback, VMs on
-//! node a, a drain with progress bars, and a failback.
+//! `ferry demo cluster`: a local etcd member and three agents in one
+//! process on loopback, VMs on node a, a drain with progress bars, and a
+//! failback.
 
 use super::orchestrate::{node, print_steps, took, watch_op, ClusterArg, Ctx, NodeCommand, Output};
 use anyhow::{anyhow, Result};
@@ -24,6 +25,10 @@ pub struct DemoClusterArgs {
     /// /dev/kvm).
     #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
     pub guest: String,
+    /// Agents without etcd, keeping their state in memory (to measure what
+    /// the store costs).
+    #[arg(long, hide = true)]
+    pub without_etcd: bool,
 }
 
 fn free_port() -> Result<u16> {
@@ -47,8 +52,18 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         })
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
+    let etcd = if a.without_etcd {
+        None
+    } else {
+        Some(super::local_etcd::LocalEtcd::start(&dir)?)
+    };
     let mut text =
-        "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n[defaults]\nmax_concurrent_migrations = 2\n".to_string();
+        "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n"
+            .to_string();
+    if let Some(e) = &etcd {
+        text += &format!("etcd = [\"{}\"]\n", e.endpoint);
+    }
+    text += "[defaults]\nmax_concurrent_migrations = 2\n";
     for name in ["a", "b", "c"] {
         text += &format!(
             "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"16GiB\"\n",
@@ -67,8 +82,12 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
             .collect::<std::io::Result<Vec<_>>>()?;
         eprintln!(
-            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once",
-            file.display()
+            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once{}",
+            file.display(),
+            match &etcd {
+                Some(e) => format!(", their state in etcd at {}", e.endpoint),
+                None => ", without etcd".into(),
+            }
         );
         let ctx = Ctx::new(&ClusterArg {
             cluster: file.clone(),
@@ -104,7 +123,15 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             "{} {kind} VMs of {} each on node a, each writing {}:",
             a.vms, a.memory, a.dirty_rate
         ))?;
+        let writes = || -> u64 {
+            agents
+                .iter()
+                .filter_map(|h| h.node.etcd_counts())
+                .map(|(_, w)| w)
+                .sum()
+        };
         println!("\n$ ferry node drain a");
+        let before = writes();
         let op = ctx.run(ctx.peers.drain(&a_node, &Drain::default()))?;
         let drained = watch_op(&ctx, &a_node, op)?;
         print_steps(&drained);
@@ -113,10 +140,19 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             super::orchestrate::name_of(drained.state),
             took(&drained)
         );
+        if etcd.is_some() {
+            let moved = drained.steps.len().max(1) as f64;
+            let w = writes() - before;
+            println!(
+                "etcd writes for the drain: {w} ({:.1} per migration)",
+                w as f64 / moved
+            );
+        }
         show("after the drain:")?;
         println!("\n$ ferry node resume a --failback");
         let failback = Resume {
             failback: Some(true),
+            clear_quarantine: None,
         };
         let op = ctx.run(ctx.peers.resume(&a_node, &failback))?;
         let resumed = watch_op(&ctx, &a_node, op)?;
@@ -127,6 +163,10 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             took(&resumed)
         );
         show("after the failback:")?;
+        // Deleted, not left for the cluster to restart as each agent stops.
+        for i in 1..=a.vms {
+            ctx.run(ctx.peers.delete_vm(&a_node, &format!("vm{i}"), false))?;
+        }
         for agent in agents {
             rt.block_on(agent.shutdown());
         }
@@ -137,6 +177,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             ExitCode::from(1)
         })
     })();
+    drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

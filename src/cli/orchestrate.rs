@@ -134,6 +134,10 @@ pub enum NodeCommand {
         /// Bring back the VMs its last drain moved away.
         #[arg(long)]
         failback: bool,
+        /// Lift its quarantine (it lost its lease three times within an
+        /// hour), letting the cluster place VMs on it again.
+        #[arg(long)]
+        clear_quarantine: bool,
         #[command(flatten)]
         wait: Wait,
         #[command(flatten)]
@@ -589,12 +593,14 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         NodeCommand::Resume {
             node,
             failback,
+            clear_quarantine,
             wait,
             out,
         } => {
             let n = ctx.node(&node)?;
             let body = Resume {
                 failback: Some(failback),
+                clear_quarantine: clear_quarantine.then_some(true),
             };
             let op = ctx.run(ctx.peers.resume(n, &body))?;
             follow(&ctx, n, op, &wait, &out)

@@ -58,6 +58,7 @@ fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut NodeRun) -> Resul
                 n,
                 &Resume {
                     failback: Some(true),
+                    clear_quarantine: None,
                 },
             )),
         };

@@ -122,6 +122,10 @@ pub struct Etcd {
     user: Option<(String, String)>,
     token: Mutex<Option<MetadataValue<tonic::metadata::Ascii>>>,
     timeout: Duration,
+    /// Key-value calls made: reads (get, list) and writes (put, delete,
+    /// transactions), for `/metrics`.
+    reads: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// Most endpoints a cluster file may name.
@@ -169,6 +173,8 @@ impl Etcd {
             user: config.user.clone(),
             token: Mutex::new(None),
             timeout: config.request_timeout,
+            reads: Default::default(),
+            writes: Default::default(),
         })
     }
 
@@ -183,6 +189,20 @@ impl Etcd {
     /// The endpoint calls go to first now.
     pub fn current_endpoint(&self) -> &str {
         &self.channels[self.current.load(Ordering::Relaxed) % self.channels.len()].0
+    }
+
+    /// Key-value calls made so far: `(reads, writes)`.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.reads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Counts one read or one write.
+    pub(crate) fn count(&self, write: bool) {
+        let c = if write { &self.writes } else { &self.reads };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `request` with this client's auth token, if it has one.
@@ -294,6 +314,7 @@ impl Etcd {
 
     /// The value at `key`, with its revisions.
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
+        self.count(false);
         let req = RangeRequest {
             key: key.to_vec(),
             ..Default::default()
@@ -306,6 +327,7 @@ impl Etcd {
 
     /// Every key under `prefix`, and the store's revision they were read at.
     pub async fn list(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+        self.count(false);
         let req = RangeRequest {
             key: prefix.to_vec(),
             range_end: prefix_end(prefix),
@@ -325,6 +347,7 @@ impl Etcd {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<i64, EtcdError> {
+        self.count(true);
         let req = PutRequest {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -339,6 +362,7 @@ impl Etcd {
 
     /// Deletes `key`; how many keys went (0 or 1).
     pub async fn delete(&self, key: &[u8]) -> Result<i64, EtcdError> {
+        self.count(true);
         let req = DeleteRangeRequest {
             key: key.to_vec(),
             ..Default::default()

@@ -153,6 +153,7 @@ impl Txn {
 impl Etcd {
     /// Runs `txn` atomically.
     pub async fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError> {
+        self.count(true);
         let r = self
             .kv(&txn.req, |mut c, r| async move { c.txn(r).await })
             .await?;

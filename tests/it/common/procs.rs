@@ -20,6 +20,8 @@ pub struct Procs {
     agents: Vec<(String, Child)>,
     /// Each agent's stderr so far, read by a thread as it is written.
     logs: Vec<(String, Arc<Mutex<String>>)>,
+    /// Each node's control address.
+    controls: Vec<(String, String)>,
 }
 
 impl Procs {
@@ -66,32 +68,52 @@ impl Procs {
         }
         let file = dir.join("cluster.toml");
         std::fs::write(&file, text).unwrap();
-        let (mut agents, mut logs) = (Vec::new(), Vec::new());
-        for ((name, _), control) in nodes.iter().zip(&controls) {
-            let mut child = ferry()
-                .args(["agent", "--cluster", file.to_str().unwrap(), "--node", name])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let t = Instant::now();
-            while std::net::TcpStream::connect(control).is_err() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(10),
-                    "agent {name} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            logs.push((name.to_string(), read_log(child.stderr.take().unwrap())));
-            agents.push((name.to_string(), child));
-        }
-        Self {
+        let mut p = Self {
             dir,
             file,
-            agents,
-            logs,
+            agents: Vec::new(),
+            logs: Vec::new(),
+            controls: Vec::new(),
+        };
+        for ((name, _), control) in nodes.iter().zip(controls) {
+            p.controls.push((name.to_string(), control));
+            p.spawn(name);
         }
+        p
+    }
+
+    /// Starts agent `name` (again), once its control port takes connections.
+    pub fn spawn(&mut self, name: &str) {
+        let mut child = ferry()
+            .args([
+                "agent",
+                "--cluster",
+                self.file.to_str().unwrap(),
+                "--node",
+                name,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let control = &self.controls.iter().find(|(n, _)| n == name).unwrap().1;
+        let t = Instant::now();
+        while std::net::TcpStream::connect(control).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("agent {name} exited: {status}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "agent {name} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = read_log(child.stderr.take().unwrap());
+        self.logs.retain(|(n, _)| n != name);
+        self.agents.retain(|(n, _)| n != name);
+        self.logs.push((name.to_string(), log));
+        self.agents.push((name.to_string(), child));
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
