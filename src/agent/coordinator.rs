@@ -35,7 +35,17 @@ pub async fn run(
     let mut changes = mirror.subscribe();
     loop {
         let (lease, fenced) = live.lease();
-        if !fenced && mirror.ready() && mirror.coordinator().is_none() {
+        // Elected by a campaign whose answer was lost: the key is this
+        // node's, bound to its lease.
+        let ours = mirror
+            .coordinator()
+            .filter(|(r, _)| r.node == node.name() && r.lease == lease && lease != 0);
+        if let (Some((_, token)), false) = (ours, fenced) {
+            tracing::info!(node = %node.name(), token, "elected coordinator (found the key ours)");
+            lead(&node, &live, &mirror, token, lease, &stop).await;
+            resign(&live, token).await;
+            tracing::info!(node = %node.name(), token, "no longer the coordinator");
+        } else if !fenced && mirror.ready() && mirror.coordinator().is_none() {
             let record = CoordinatorRecord {
                 version: LAYOUT_VERSION,
                 node: node.name().to_string(),
@@ -85,8 +95,14 @@ async fn lead(
         if !holds || live.lease() != (lease, false) || stop.is_cancelled() {
             return;
         }
-        if mirror.revision() >= token {
-            ha.round(node, live, mirror, token).await;
+        if mirror.revision() >= token && mirror.ready() {
+            // A round ends early when the agent stops or the lease changes;
+            // its writes are transactions, each whole or not at all.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = lease_lost(live, lease) => return,
+                _ = ha.round(node, live, mirror, token) => {}
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -104,5 +120,12 @@ async fn resign(live: &Liveness, token: i64) {
         .then(Op::delete(&key));
     if let Err(e) = live.etcd().txn(&txn).await {
         tracing::warn!(error = %e, "resigning as coordinator failed; the key goes with the lease");
+    }
+}
+
+/// Returns once the node no longer holds `lease` unfenced.
+async fn lease_lost(live: &Liveness, lease: i64) {
+    while live.lease() == (lease, false) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

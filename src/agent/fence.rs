@@ -128,6 +128,9 @@ pub trait FenceHooks: Send + Sync {
 
 impl FenceHooks for Node {
     fn apply(&self, action: FenceAction) {
+        // One action at a time: guests are paused and resumed outside the
+        // node's lock, in the order the fence decided.
+        let _one = self.fence_actions.lock().unwrap();
         match action {
             FenceAction::Pause => self.fence_pause(),
             FenceAction::Resume => self.fence_resume(),
@@ -136,8 +139,20 @@ impl FenceHooks for Node {
     }
 
     fn rejoined(&self) {
-        self.state.lock().unwrap().fenced = false;
+        let superseded: Vec<String> = {
+            let mut st = self.state.lock().unwrap();
+            st.fenced = false;
+            st.vms
+                .iter()
+                .filter(|(_, vm)| vm.state == VmState::Superseded)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
         tracing::warn!(node = %self.spec.name, "holding a new lease: taking new work again");
+        // Started elsewhere, unless the coordinator already did.
+        for name in superseded {
+            self.restart_superseded(&name);
+        }
     }
 }
 
@@ -146,73 +161,92 @@ impl Node {
     /// migration ends without a hand-off stays paused) and takes no new
     /// work.
     fn fence_pause(&self) {
-        let mut st = self.state.lock().unwrap();
-        st.fenced = true;
-        let queued: Vec<String> = st.queue.drain(..).collect();
-        for id in queued {
-            if let Some(e) = st.entry(&id) {
-                e.finished_at_ms = Some(super::node::now_ms());
-                e.state = MigrationState::Cancelled;
-                e.error = Some("the node fenced itself".into());
-            }
-        }
-        for e in &st.migrations {
-            if e.direction == Direction::Outgoing && e.state == MigrationState::Running {
-                e.ctx.cancel.cancel();
-            }
-        }
         let mut paused = Vec::new();
-        for (name, vm) in st.vms.iter_mut() {
-            if matches!(vm.state, VmState::Running | VmState::MigratingOut) {
-                if let Some(g) = &vm.guest {
-                    g.pause();
+        let mut guests = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.fenced = true;
+            let queued: Vec<String> = st.queue.drain(..).collect();
+            for id in queued {
+                if let Some(e) = st.entry(&id) {
+                    e.finished_at_ms = Some(super::node::now_ms());
+                    e.state = MigrationState::Cancelled;
+                    e.error = Some("the node fenced itself".into());
                 }
-                paused.push(name.clone());
             }
-            if vm.state == VmState::Running {
-                vm.state = VmState::Fenced;
+            for e in &st.migrations {
+                if e.direction == Direction::Outgoing && e.state == MigrationState::Running {
+                    e.ctx.cancel.cancel();
+                }
+            }
+            for (name, vm) in st.vms.iter_mut() {
+                if !matches!(vm.state, VmState::Running | VmState::MigratingOut) {
+                    continue;
+                }
+                guests.extend(vm.guest.clone());
+                vm.held = true;
+                paused.push(name.clone());
+                if vm.state == VmState::Running {
+                    vm.state = VmState::Fenced;
+                }
             }
         }
-        drop(st);
+        for g in guests {
+            g.pause();
+        }
         tracing::error!(node = %self.spec.name, ?paused, "cannot renew the lease in etcd: fenced, guests paused");
         self.changed.notify_waiters();
     }
 
-    /// The lease held: resumes the guests the fence paused.
+    /// The lease held: resumes the guests the fence paused (one still
+    /// migrating waits for its migration's end).
     fn fence_resume(&self) {
-        let mut st = self.state.lock().unwrap();
-        st.fenced = false;
         let mut resumed = Vec::new();
-        for (name, vm) in st.vms.iter_mut() {
-            if vm.state == VmState::Fenced {
-                if let Some(g) = &vm.guest {
-                    g.resume();
+        let mut guests = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.fenced = false;
+            for (name, vm) in st.vms.iter_mut() {
+                if vm.state == VmState::Fenced && vm.held && !vm.superseded {
+                    guests.extend(vm.guest.clone());
+                    vm.held = false;
+                    vm.state = VmState::Running;
+                    resumed.push(name.clone());
                 }
-                vm.state = VmState::Running;
-                resumed.push(name.clone());
             }
         }
-        drop(st);
+        for g in guests {
+            g.resume();
+        }
         tracing::warn!(node = %self.spec.name, ?resumed, "the lease was renewed in time: guests resumed");
         self.changed.notify_waiters();
     }
 
-    /// The lease expired: what ran under it may run elsewhere now, so it
-    /// stays paused for good.
+    /// The lease expired: whatever this node holds may run elsewhere now,
+    /// so it never runs here again, whether it runs, is fenced, paused,
+    /// being created, arriving or leaving; each is marked, and stays paused
+    /// once its migration ends.
     fn supersede(&self) {
-        let mut st = self.state.lock().unwrap();
-        st.fenced = true;
         let mut superseded = Vec::new();
-        for (name, vm) in st.vms.iter_mut() {
-            if matches!(vm.state, VmState::Running | VmState::Fenced) {
-                if let Some(g) = &vm.guest {
-                    g.pause();
+        let mut guests = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.fenced = true;
+            for (name, vm) in st.vms.iter_mut() {
+                vm.superseded = true;
+                guests.extend(vm.guest.clone());
+                if matches!(
+                    vm.state,
+                    VmState::Running | VmState::Fenced | VmState::Paused
+                ) {
+                    vm.state = VmState::Superseded;
                 }
-                vm.state = VmState::Superseded;
                 superseded.push(name.clone());
             }
         }
-        drop(st);
+        for g in guests {
+            g.pause();
+        }
         tracing::error!(node = %self.spec.name, ?superseded, "this node's lease expired: its guests are superseded and never resume here (`ferry vm delete` removes them)");
         self.changed.notify_waiters();
     }

@@ -11,7 +11,7 @@ use super::client::name_of;
 use super::coordinator;
 use super::etcd::{Cmp, Op, Txn};
 use super::mirror::Mirror;
-use super::node::{Node, NodeMode};
+use super::node::{Node, NodeMode, VmState};
 use super::peer::PeerError;
 use super::records::{vm_key, Priority, RecordState, Restart, VmRecord};
 use super::request::CreateVm;
@@ -26,6 +26,55 @@ pub struct Restarter {
     told: String,
     /// Lost leases already counted toward quarantine, by node.
     counted: BTreeSet<(String, i64)>,
+    /// Failed starts of a VM on the node its record names, by VM.
+    failures: BTreeMap<String, (String, u32)>,
+}
+
+/// Starts refused by one node before a VM is placed on another.
+const MAX_FAILURES: u32 = 3;
+
+/// What a node says of a VM it was asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// It runs there (or is held there: paused, fenced, leaving).
+    Runs,
+    /// Being created or arriving there: wait.
+    Coming,
+    /// A superseded copy: it never runs there again.
+    Superseded,
+    /// Not there.
+    Absent,
+    /// The node could not be asked.
+    Unknown,
+}
+
+/// Asks `on` about VM `vm`.
+async fn ask(node: &Node, on: &str, vm: &str) -> Found {
+    let Some(spec) = node.cluster.node(on) else {
+        return Found::Unknown;
+    };
+    let view = if on == node.name() {
+        match node.vm(vm) {
+            Ok(v) => Ok(v),
+            Err(_) => return Found::Absent,
+        }
+    } else {
+        node.peers.vm(spec, vm).await
+    };
+    match view {
+        Ok(v) => match v.state {
+            VmState::Running | VmState::Paused | VmState::MigratingOut | VmState::Fenced => {
+                Found::Runs
+            }
+            VmState::MigratingIn => Found::Coming,
+            VmState::Superseded => Found::Superseded,
+        },
+        Err(PeerError::Api { status: 404, .. }) => Found::Absent,
+        Err(e) => {
+            tracing::warn!(%vm, node = %on, error = %e, "cannot ask the node about the VM; asking again");
+            Found::Unknown
+        }
+    }
 }
 
 /// A restart to make: the record, its revision, and the dead node.
@@ -50,11 +99,14 @@ impl Restarter {
         for (r, rev) in starting {
             if let Some(t) = r.migrating_to.clone().filter(|t| alive.contains(t)) {
                 // Restarting where a migration may have handed it over.
-                if self.found_on(node, live, token, &r, rev, &t).await != Some(false) {
+                if !matches!(
+                    self.found_on(node, live, token, &r, rev, &t).await,
+                    Found::Absent | Found::Superseded
+                ) {
                     continue;
                 }
             }
-            self.start(node, live, token, r, rev).await;
+            self.start(node, live, mirror, token, r, rev).await;
         }
         if todo.is_empty() {
             self.told.clear();
@@ -72,30 +124,57 @@ impl Restarter {
         }
         let mut left = Vec::new();
         for (r, rev) in todo {
+            let mut not_on = None;
             if let Some(t) = r.migrating_to.clone().filter(|t| alive.contains(t)) {
                 // It may run there already: ask before restarting it.
                 match self.found_on(node, live, token, &r, rev, &t).await {
-                    Some(true) => continue,
-                    Some(false) => {}
-                    None => continue,
+                    Found::Absent => {}
+                    Found::Superseded => not_on = Some(t),
+                    Found::Runs | Found::Coming | Found::Unknown => continue,
                 }
             }
-            left.push((r, rev));
+            left.push((r, rev, not_on));
         }
         let mut free = free_memory(node, mirror, &alive).await;
         left.sort_by(|a, b| {
             (b.0.spec.priority, &a.0.spec.name).cmp(&(a.0.spec.priority, &b.0.spec.name))
         });
-        for (r, rev) in left {
-            match pick(&r, &free) {
-                Some(target) => {
-                    if let Some(f) = free.get_mut(&target) {
-                        *f -= r.spec.memory;
-                    }
-                    self.restart(node, live, token, r, rev, &target).await;
+        for (r, rev, not_on) in left {
+            let why = format!("node {} lost its lease", r.node);
+            let not_on = not_on.as_deref();
+            self.place(node, live, token, &mut free, (r, rev), not_on, why, true)
+                .await;
+        }
+    }
+
+    /// Restarts `r` on the node with room that [`pick`] names, other than
+    /// `not_on`, counting the restart unless its record counted it already;
+    /// marks it failed when there is none.
+    #[allow(clippy::too_many_arguments)]
+    async fn place(
+        &mut self,
+        node: &Node,
+        live: &Liveness,
+        token: i64,
+        free: &mut BTreeMap<String, u64>,
+        (r, rev): Todo,
+        not_on: Option<&str>,
+        why: String,
+        count: bool,
+    ) {
+        let mut room = free.clone();
+        if let Some(n) = not_on {
+            room.remove(n);
+        }
+        match pick(&r, &room) {
+            Some(target) => {
+                if let Some(f) = free.get_mut(&target) {
+                    *f -= r.spec.memory;
                 }
-                None => self.failed(live, token, r, rev).await,
+                self.restart(node, live, token, (r, rev), &target, why, count)
+                    .await;
             }
+            None => self.failed(live, token, r, rev, &why).await,
         }
     }
 
@@ -140,8 +219,8 @@ impl Restarter {
         }
     }
 
-    /// Whether `target` of `r`'s migration holds it; if so the record names
-    /// it. `None` when that cannot be known now.
+    /// Whether `target` of `r`'s migration holds it; if it runs there, the
+    /// record names it from now.
     async fn found_on(
         &self,
         node: &Node,
@@ -150,90 +229,141 @@ impl Restarter {
         r: &VmRecord,
         rev: i64,
         target: &str,
-    ) -> Option<bool> {
-        let spec = node.cluster.node(target)?;
-        match node.peers.vm(spec, &r.spec.name).await {
-            Ok(_) => {
-                let moved = VmRecord {
-                    node: target.to_string(),
-                    migrating_to: None,
-                    state: RecordState::Running,
-                    ..r.clone()
-                };
-                tracing::warn!(vm = %r.spec.name, from = %r.node, %target, "the VM's node died after handing it over: it runs on the target");
-                write(live, token, &moved, rev).await;
-                Some(true)
-            }
-            Err(PeerError::Api { status: 404, .. }) => Some(false),
-            Err(e) => {
-                tracing::warn!(vm = %r.spec.name, error = %e, "cannot ask the migration's target about the VM; asking again");
-                None
-            }
+    ) -> Found {
+        let found = ask(node, target, &r.spec.name).await;
+        if found == Found::Runs {
+            let moved = VmRecord {
+                node: target.to_string(),
+                migrating_to: None,
+                state: RecordState::Running,
+                ..r.clone()
+            };
+            tracing::warn!(vm = %r.spec.name, from = %r.node, %target, "the VM's node died after handing it over: it runs on the target");
+            write(live, token, &moved, rev).await;
         }
+        found
     }
 
     /// Names `target` in the record, then asks it to start the VM.
+    #[allow(clippy::too_many_arguments)]
     async fn restart(
-        &self,
+        &mut self,
         node: &Node,
         live: &Liveness,
         token: i64,
-        r: VmRecord,
-        rev: i64,
+        (r, rev): Todo,
         target: &str,
+        why: String,
+        count: bool,
     ) {
         let restarted = VmRecord {
             node: target.to_string(),
             migrating_to: None,
             state: RecordState::Restarting,
-            restarts: r.restarts.saturating_add(1),
+            restarts: r.restarts.saturating_add(count as u32),
             last_restart: Some(Restart {
                 at_ms: super::node::now_ms(),
-                reason: format!("node {} lost its lease", r.node),
+                reason: why,
                 from: r.node.clone(),
                 to: target.to_string(),
             }),
             error: None,
             ..r
         };
-        let Some(rev) = write(live, token, &restarted, rev).await else {
+        if write(live, token, &restarted, rev).await.is_none() {
             return;
-        };
+        }
         tracing::warn!(vm = %restarted.spec.name, from = %r.node, to = %target, "restarting the VM elsewhere");
-        self.start(node, live, token, restarted, rev).await;
+        self.failures.remove(&restarted.spec.name);
+        if let Some(spec) = node.cluster.node(target) {
+            if let Err(e) = node
+                .peers
+                .create_vm(spec, &CreateVm::from(&restarted.spec))
+                .await
+            {
+                tracing::warn!(vm = %restarted.spec.name, node = %target, error = %e, "starting the VM failed; trying again");
+            }
+        }
     }
 
     /// Asks the record's node to start the VM (again: the call is safe to
-    /// repeat, the node checks the record).
-    async fn start(&self, node: &Node, live: &Liveness, token: i64, r: VmRecord, rev: i64) {
-        let Some(spec) = node.cluster.node(&r.node) else {
-            return;
-        };
-        match node.peers.vm(spec, &r.spec.name).await {
-            Ok(_) => {
-                // Started, but its node did not record it: say so here.
+    /// repeat, the node checks the record). A node that holds a superseded
+    /// copy, or refused the start [`MAX_FAILURES`] times, gives it up to
+    /// another.
+    async fn start(
+        &mut self,
+        node: &Node,
+        live: &Liveness,
+        mirror: &Mirror,
+        token: i64,
+        r: VmRecord,
+        rev: i64,
+    ) {
+        let name = r.spec.name.clone();
+        let refused = match ask(node, &r.node, &name).await {
+            Found::Runs => {
+                // Started, but its node did not record it yet: say so here.
                 let running = VmRecord {
                     state: RecordState::Running,
                     ..r
                 };
                 write(live, token, &running, rev).await;
+                return;
             }
-            Err(PeerError::Api { status: 404, .. }) => {
-                if let Err(e) = node.peers.create_vm(spec, &CreateVm::from(&r.spec)).await {
-                    tracing::warn!(vm = %r.spec.name, node = %r.node, error = %e, "starting the VM failed; trying again");
+            Found::Coming | Found::Unknown => return,
+            // Marked by that node when it came back after its lease lapsed.
+            Found::Superseded => r
+                .last_restart
+                .as_ref()
+                .map(|l| l.reason.clone())
+                .unwrap_or_else(|| format!("node {} holds a superseded copy", r.node)),
+            Found::Absent => {
+                let Some(spec) = node.cluster.node(&r.node) else {
+                    return;
+                };
+                let Err(e) = node.peers.create_vm(spec, &CreateVm::from(&r.spec)).await else {
+                    self.failures.remove(&name);
+                    return;
+                };
+                tracing::warn!(vm = %name, node = %r.node, error = %e, "starting the VM failed; trying again");
+                let n = match self.failures.get_mut(&name) {
+                    Some((on, n)) if *on == r.node => {
+                        *n += 1;
+                        *n
+                    }
+                    _ => {
+                        self.failures.insert(name.clone(), (r.node.clone(), 1));
+                        1
+                    }
+                };
+                if n < MAX_FAILURES {
+                    return;
                 }
+                format!("node {} could not start it: {e}", r.node)
             }
-            Err(e) => {
-                tracing::warn!(vm = %r.spec.name, error = %e, "cannot reach the VM's new node; trying again")
-            }
-        }
+        };
+        self.failures.remove(&name);
+        let alive = mirror.alive();
+        let mut free = free_memory(node, mirror, &alive).await;
+        let not_on = r.node.clone();
+        let counted = r.state == RecordState::Restarting;
+        self.place(
+            node,
+            live,
+            token,
+            &mut free,
+            (r, rev),
+            Some(&not_on),
+            refused,
+            !counted,
+        )
+        .await;
     }
 
     /// Marks a VM no live node can take as failed, saying why.
-    async fn failed(&mut self, live: &Liveness, token: i64, r: VmRecord, rev: i64) {
+    async fn failed(&mut self, live: &Liveness, token: i64, r: VmRecord, rev: i64, why: &str) {
         let error = format!(
-            "node {} lost its lease and no live node has {} free",
-            r.node,
+            "{why} and no other live node has {} free",
             crate::units::Bytes(r.spec.memory)
         );
         if r.state == RecordState::Failed && r.error.as_ref() == Some(&error) {

@@ -32,6 +32,9 @@ struct Keys {
     kvs: BTreeMap<Vec<u8>, KeyValue>,
     /// The revision the copy is current at; 0 before the first read.
     revision: i64,
+    /// The cluster held more than [`MAX_KEYS`] keys: the copy misses some,
+    /// so nothing may act on it until a full read fits again.
+    truncated: bool,
 }
 
 impl Mirror {
@@ -68,6 +71,10 @@ impl Mirror {
         let (kvs, revision) = self.etcd.list(self.prefix.as_bytes()).await?;
         {
             let mut k = self.keys.lock().unwrap();
+            k.truncated = kvs.len() > MAX_KEYS;
+            if k.truncated {
+                tracing::error!("the cluster holds more than {MAX_KEYS} keys: this agent's copy is incomplete, and its coordinator acts on nothing");
+            }
             k.kvs = kvs
                 .into_iter()
                 .take(MAX_KEYS)
@@ -85,7 +92,10 @@ impl Mirror {
                     match e {
                         WatchEvent::Put(kv) => {
                             if k.kvs.len() >= MAX_KEYS && !k.kvs.contains_key(&kv.key) {
-                                tracing::error!("the cluster holds more than {MAX_KEYS} keys; ignoring the rest");
+                                if !k.truncated {
+                                    tracing::error!("the cluster holds more than {MAX_KEYS} keys: this agent's copy is incomplete, and its coordinator acts on nothing");
+                                }
+                                k.truncated = true;
                                 continue;
                             }
                             k.revision = k.revision.max(kv.mod_revision);
@@ -112,9 +122,10 @@ impl Mirror {
         self.keys.lock().unwrap().revision
     }
 
-    /// Whether the first read has been made.
+    /// Whether the copy is whole: read once, and within [`MAX_KEYS`].
     pub fn ready(&self) -> bool {
-        self.revision() > 0
+        let k = self.keys.lock().unwrap();
+        k.revision > 0 && !k.truncated
     }
 
     /// The keys under `{prefix}{dir}/`, by the name after it, checked by

@@ -13,6 +13,7 @@ mod listen;
 pub mod mirror;
 mod node;
 mod ops;
+mod ownership;
 pub mod peer;
 pub mod quarantine;
 pub mod records;

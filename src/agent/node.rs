@@ -203,20 +203,52 @@ pub(super) struct Vm {
     /// While it arrives: the incoming session that reserved it. Only that
     /// session's end can remove or complete the record.
     arriving: Option<u64>,
+    /// The node's lease expired while it was here: it never runs here
+    /// again, whatever its migration or resolution does afterwards.
+    pub(super) superseded: bool,
+    /// Its guest is held paused by this node until it may run: created
+    /// paused until its record is written, or paused by the node's fence.
+    pub(super) held: bool,
 }
 
 impl Vm {
-    /// After a migration that handed nothing over: it runs here again, or
-    /// stays paused while the node is fenced.
-    fn run_unless_fenced(&mut self, fenced: bool) {
+    /// A VM reserved under `name` with no guest yet.
+    fn reserved(spec: VmSpec, arriving: Option<u64>) -> Self {
+        Self {
+            spec,
+            state: VmState::MigratingIn,
+            guest: None,
+            arriving,
+            superseded: false,
+            held: false,
+        }
+    }
+
+    /// After a migration that handed nothing over, or once created or
+    /// arrived: it runs here, stays paused while the node is fenced, or for
+    /// good once superseded. False when superseded.
+    pub(super) fn run_unless_fenced(&mut self, fenced: bool) -> bool {
+        if self.superseded {
+            if let Some(g) = &self.guest {
+                g.pause();
+            }
+            self.state = VmState::Superseded;
+            return false;
+        }
         if fenced {
             if let Some(g) = &self.guest {
                 g.pause();
             }
+            self.held = true;
             self.state = VmState::Fenced;
         } else {
+            if let Some(g) = self.guest.as_ref().filter(|_| self.held) {
+                g.resume();
+            }
+            self.held = false;
             self.state = VmState::Running;
         }
+        true
     }
 
     fn view(&self) -> VmView {
@@ -558,6 +590,10 @@ pub struct Node {
     pub api_stats: Arc<super::listen::ApiStats>,
     /// The control API's limits.
     pub api_limits: super::listen::ApiLimits,
+    /// Serializes the fence's actions.
+    pub(super) fence_actions: Mutex<()>,
+    /// Itself, for the background tasks it starts.
+    pub(super) this: std::sync::Weak<Node>,
 }
 
 impl std::fmt::Debug for Node {
@@ -593,7 +629,7 @@ impl Node {
             ))
         });
         let api_limits = cluster.api;
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|this| Self {
             peers: super::peer::Peers::new(&cluster),
             cluster,
             spec,
@@ -608,6 +644,8 @@ impl Node {
             stop: super::shutdown::Stop::default(),
             api_stats: Arc::default(),
             api_limits,
+            fence_actions: Mutex::new(()),
+            this: this.clone(),
         }))
     }
 
@@ -714,10 +752,10 @@ impl Node {
         self.state.lock().unwrap().vms.get(name)?.guest.clone()
     }
 
-    /// `POST /v1/vms`: creates and starts a VM. Filling its memory takes a
-    /// while for large guests: it is done before the VM is listed, with the
-    /// VM's memory reserved meanwhile.
-    pub fn create_vm(&self, spec: VmSpec) -> Result<VmView, NodeError> {
+    /// Builds a VM, its guest held paused until [`Self::run_created`]
+    /// (listed as `migrating-in` meanwhile). Filling its memory takes a
+    /// while for large guests, with the VM's name and memory reserved.
+    pub(super) fn build_vm(&self, spec: VmSpec) -> Result<(), NodeError> {
         if spec.guest == GuestKind::Kvm {
             if let Some(why) = crate::migration::kvm_unavailable() {
                 return Err(NodeError::Unsupported(format!(
@@ -729,15 +767,8 @@ impl Node {
             let mut st = self.state.lock().unwrap();
             self.admit_locked(&st, &spec.name, spec.memory)?;
             // Reserve the name and the memory while the guest is built.
-            st.vms.insert(
-                spec.name.clone(),
-                Vm {
-                    spec: spec.clone(),
-                    state: VmState::MigratingIn,
-                    guest: None,
-                    arriving: None,
-                },
-            );
+            st.vms
+                .insert(spec.name.clone(), Vm::reserved(spec.clone(), None));
         }
         let built = (|| {
             let memory = GuestMemory::new(spec.memory).map_err(|e| {
@@ -751,22 +782,53 @@ impl Node {
                 writers: 1,
                 seed: 1,
             };
-            crate::migration::start_guest(spec.guest, Arc::new(memory), workload)
-                .map_err(|e| NodeError::Unsupported(format!("cannot create VM {}: {e}", spec.name)))
+            let guest = crate::migration::start_guest(spec.guest, Arc::new(memory), workload)
+                .map_err(|e| {
+                    NodeError::Unsupported(format!("cannot create VM {}: {e}", spec.name))
+                })?;
+            guest.pause();
+            Ok(guest)
         })();
         let mut st = self.state.lock().unwrap();
         match built {
             Ok(guest) => {
                 let vm = st.vms.get_mut(&spec.name).expect("reserved above");
                 vm.guest = Some(guest);
-                vm.state = VmState::Running;
-                Ok(vm.view())
+                vm.held = true;
+                Ok(())
             }
             Err(e) => {
-                st.vms.remove(&spec.name);
+                let gone = st.vms.remove(&spec.name);
+                drop(st);
+                drop(gone);
                 Err(e)
             }
         }
+    }
+
+    /// A VM built by [`Self::build_vm`] runs (or waits while the node is
+    /// fenced); false when the node's lease expired meanwhile.
+    pub(super) fn run_created(&self, name: &str) -> bool {
+        let mut st = self.state.lock().unwrap();
+        let fenced = st.fenced;
+        st.vms
+            .get_mut(name)
+            .is_some_and(|vm| vm.run_unless_fenced(fenced))
+    }
+
+    /// Drops a VM built by [`Self::build_vm`] that never ran.
+    pub(super) fn unbuild(&self, name: &str) {
+        let gone = {
+            let mut st = self.state.lock().unwrap();
+            match st.vms.get(name) {
+                Some(vm) if vm.state == VmState::MigratingIn && vm.arriving.is_none() => {
+                    st.vms.remove(name)
+                }
+                _ => None,
+            }
+        };
+        // Its guest's threads are joined outside the node's lock.
+        drop(gone);
     }
 
     /// Whether a VM of `memory` bytes named `name` may be placed here.
@@ -821,7 +883,21 @@ impl Node {
                 "VM {name} is migrating; cancel the migration first"
             )));
         }
-        let lost = matches!(vm.state, VmState::Paused | VmState::Fenced).then(|| {
+        // A superseded copy may be the last one while its record still
+        // names this node (the cluster has not started it elsewhere yet).
+        let elsewhere = vm.state == VmState::Superseded
+            && self
+                .mirror
+                .get()
+                .and_then(|m| m.vm(name))
+                .is_some_and(|(r, _)| r.node != self.spec.name);
+        let keep = match vm.state {
+            VmState::Paused | VmState::Fenced => true,
+            VmState::Superseded => !elsewhere,
+            _ => false,
+        };
+        let superseded = vm.state == VmState::Superseded;
+        let lost = keep.then(|| {
             let unresolved = st.migrations.iter().rev().find(|m| {
                 m.vm == name
                     && m.direction == Direction::Outgoing
@@ -831,6 +907,9 @@ impl Node {
                 Some(m) => format!(
                     "the paused copy of VM {name} held for unresolved migration {} to node {}: if node {} does not run it, VM {name} is gone",
                     m.id, m.target, m.target
+                ),
+                None if superseded => format!(
+                    "the superseded copy of VM {name}, whose record still names this node (the cluster has not started it elsewhere yet): it may be the last one"
                 ),
                 None => format!(
                     "VM {name}, paused here and running nowhere else as far as this node knows: it is gone"
@@ -843,10 +922,14 @@ impl Node {
             )));
         }
         let vm = st.vms.remove(name).expect("checked above");
+        drop(st);
         if let Some(lost) = &lost {
             tracing::warn!(vm = %name, "deleted with force: {lost}");
         }
-        Ok(VmView { lost, ..vm.view() })
+        let view = vm.view();
+        // Its guest's threads are joined outside the node's lock.
+        drop(vm);
+        Ok(VmView { lost, ..view })
     }
 
     /// `POST /v1/migrations`: queues the migration of `vm` to `target`;
@@ -947,11 +1030,12 @@ impl Node {
                 e.error = Some(format!("VM {vm_name} is gone"));
                 continue;
             };
-            let Some(guest) = vm.guest.clone() else {
+            let Some(guest) = vm.guest.clone().filter(|_| vm.state == VmState::Running) else {
+                let why = format!("VM {vm_name} is {}, not running", name_of(&vm.state));
                 let e = st.entry(&id).expect("found above");
                 e.state = MigrationState::Failed;
                 e.finished_at_ms = Some(now_ms());
-                e.error = Some(format!("VM {vm_name} is not running"));
+                e.error = Some(why);
                 continue;
             };
             vm.state = VmState::MigratingOut;
@@ -1016,25 +1100,26 @@ impl Node {
         self.metrics
             .bytes_sent
             .fetch_add(report.wire_bytes, Ordering::Relaxed);
+        let mut gone = None;
+        let mut superseded = false;
         {
             let mut st = self.state.lock().unwrap();
             st.running_out -= 1;
-            match report.outcome {
+            let fenced = st.fenced;
+            match (report.outcome, st.vms.get_mut(&vm)) {
                 // The guest runs on the target now; the paused copy here goes.
-                Outcome::Completed => {
-                    st.vms.remove(&vm);
+                (Outcome::Completed, _) => gone = st.vms.remove(&vm),
+                (Outcome::Unresolved, Some(v)) => {
+                    v.state = if v.superseded {
+                        VmState::Superseded
+                    } else {
+                        VmState::Paused
+                    };
                 }
-                Outcome::Unresolved => {
-                    if let Some(v) = st.vms.get_mut(&vm) {
-                        v.state = VmState::Paused;
-                    }
+                (Outcome::Failed | Outcome::Cancelled, Some(v)) => {
+                    superseded = !v.run_unless_fenced(fenced);
                 }
-                Outcome::Failed | Outcome::Cancelled => {
-                    let fenced = st.fenced;
-                    if let Some(v) = st.vms.get_mut(&vm) {
-                        v.run_unless_fenced(fenced);
-                    }
-                }
+                (_, None) => {}
             }
             if let Some(e) = st.entry(&id) {
                 e.finished_at_ms = Some(now_ms());
@@ -1042,6 +1127,11 @@ impl Node {
                 e.error = report.error.clone();
                 e.report = Some(report);
             }
+        }
+        // Its guest's threads are joined outside the node's lock.
+        drop(gone);
+        if superseded {
+            self.restart_superseded(&vm);
         }
         self.pump();
         self.changed.notify_waiters();
@@ -1120,9 +1210,10 @@ impl Node {
         let mut st = self.state.lock().unwrap();
         let fenced = st.fenced;
         let forced = hosted.as_deref() == Some("unknown");
+        let (mut gone, mut superseded) = (None, false);
         let entry_state = if run_on == "destination" {
             // The target runs it: the paused copy here goes.
-            st.vms.remove(&vm);
+            gone = st.vms.remove(&vm);
             MigrationState::Completed
         } else {
             let Some(v) = st.vms.get_mut(&vm) else {
@@ -1130,10 +1221,10 @@ impl Node {
                     "the paused copy of {vm} is no longer here"
                 )));
             };
-            if let (Some(g), false) = (&v.guest, fenced) {
-                g.resume();
-            }
-            v.run_unless_fenced(fenced);
+            // Runs here again, unless superseded meanwhile: then the
+            // cluster starts it elsewhere.
+            v.held = true;
+            superseded = !v.run_unless_fenced(fenced);
             MigrationState::Failed
         };
         let e = st.entry(id).expect("found above");
@@ -1147,7 +1238,11 @@ impl Node {
         tracing::info!(%id, %vm, run_on, forced, "unresolved migration settled");
         let view = e.view(false);
         drop(st);
+        drop(gone);
         self.record_moved(&vm, &target, run_on == "destination");
+        if superseded {
+            self.restart_superseded(&vm);
+        }
         self.changed.notify_waiters();
         Ok(view)
     }
@@ -1218,8 +1313,8 @@ impl Node {
             .map_err(|e| e.to_string())?;
         st.vms.insert(
             label.vm.clone(),
-            Vm {
-                spec: VmSpec {
+            Vm::reserved(
+                VmSpec {
                     name: label.vm.clone(),
                     memory: setup.memory_bytes,
                     workload: WorkloadPattern::Idle,
@@ -1229,10 +1324,8 @@ impl Node {
                     priority: Priority::default(),
                     preferred_owners: Vec::new(),
                 },
-                state: VmState::MigratingIn,
-                guest: None,
-                arriving: Some(session),
-            },
+                Some(session),
+            ),
         );
         st.migrations.push(MigrationEntry {
             id: label.migration_id.clone(),
@@ -1267,14 +1360,15 @@ impl Node {
     pub fn vm_arrived(&self, session: u64, guest: &Arc<dyn MigratableGuest>, resumed: bool) {
         let mut st = self.state.lock().unwrap();
         let fenced = st.fenced;
-        let Some(name) = st
+        let Some((name, source)) = st
             .migrations
             .iter()
             .find(|m| m.session == Some(session))
-            .map(|m| m.vm.clone())
+            .map(|m| (m.vm.clone(), m.source.clone()))
         else {
             return;
         };
+        let mut superseded = false;
         if let Some(vm) = st.vms.get_mut(&name) {
             if vm.arriving != Some(session) {
                 return;
@@ -1287,14 +1381,25 @@ impl Node {
             vm.guest = Some(guest.clone());
             if resumed {
                 // Arrived at a node that fenced itself meanwhile: it waits.
-                vm.run_unless_fenced(fenced);
+                superseded = !vm.run_unless_fenced(fenced);
             } else {
-                vm.state = VmState::Paused;
+                vm.state = if vm.superseded {
+                    VmState::Superseded
+                } else {
+                    VmState::Paused
+                };
             }
             vm.arriving = None;
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        } else {
+            return;
         }
         drop(st);
+        // The record names this node from now.
+        self.claim_arrived(&name, &source);
+        if superseded {
+            self.restart_superseded(&name);
+        }
         self.changed.notify_waiters();
     }
 

@@ -1,17 +1,13 @@
 //! VM records in etcd, `{prefix}vms/{name}`: what each VM is (its spec,
 //! priority and preferred owners), where it runs, where it is moving, and
-//! how often it was restarted elsewhere. The node a record names writes it
-//! (on create, migration, resolve and delete), each write a transaction on
-//! the record's revision that first checks the record still names this
-//! node; the coordinator rewrites it when it restarts the VM elsewhere.
+//! how often it was restarted elsewhere. [`super::ownership`] says who
+//! writes them when.
 
-use super::etcd::{Cmp, Etcd, EtcdError, Op, Txn};
+use super::etcd::{Etcd, EtcdError};
 use super::mirror::Versioned;
-use super::node::{Node, NodeError, VmSpec, VmView};
+use super::node::VmSpec;
 use super::store::LAYOUT_VERSION;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
-use std::time::Duration;
 
 /// Which VMs a node's death restarts first; `off` ones never.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -165,10 +161,6 @@ pub fn vm_key(prefix: &str, name: &str) -> Vec<u8> {
     format!("{prefix}vms/{name}").into_bytes()
 }
 
-fn unavailable(e: EtcdError) -> NodeError {
-    NodeError::Unavailable(format!("the cluster's store: {e}"))
-}
-
 /// A record read from etcd now, with its revision.
 pub async fn read(etcd: &Etcd, key: &[u8]) -> Result<Option<(VmRecord, i64)>, EtcdError> {
     let Some(kv) = etcd.get(key).await? else {
@@ -180,218 +172,4 @@ pub async fn read(etcd: &Etcd, key: &[u8]) -> Result<Option<(VmRecord, i64)>, Et
     let r: VmRecord = super::mirror::parse_json(&kv.value).map_err(EtcdError::Invalid)?;
     r.check(&name).map_err(EtcdError::Invalid)?;
     Ok(Some((r, kv.mod_revision)))
-}
-
-impl Node {
-    /// The store, with a cluster that has one: its client and key prefix.
-    fn store(&self) -> Option<(&Etcd, &str)> {
-        self.liveness.get().map(|l| (&**l.etcd(), l.prefix()))
-    }
-
-    /// `POST /v1/vms`: creates the VM here, then its record. A record that
-    /// names another node refuses the name; one that names this node as
-    /// restarting is the coordinator's restart, which this completes.
-    pub async fn create_vm_recorded(self: &Arc<Self>, spec: VmSpec) -> Result<VmView, NodeError> {
-        let node = self.clone();
-        let local = spec.clone();
-        // Filling a large guest's memory takes a while: off the runtime's workers.
-        let view = tokio::task::spawn_blocking(move || node.create_vm(local))
-            .await
-            .map_err(|e| NodeError::Unavailable(format!("creating the VM failed: {e}")))??;
-        let Some((etcd, prefix)) = self.store() else {
-            return Ok(view);
-        };
-        let key = vm_key(prefix, &spec.name);
-        let recorded = self.record_created(etcd, &key, spec).await;
-        if let Err(e) = recorded {
-            let _ = self.delete_vm(&view.spec.name, true);
-            return Err(e);
-        }
-        Ok(self.vm(&view.spec.name).unwrap_or(view))
-    }
-
-    async fn record_created(&self, etcd: &Etcd, key: &[u8], spec: VmSpec) -> Result<(), NodeError> {
-        for _ in 0..3 {
-            let txn = match read(etcd, key).await.map_err(unavailable)? {
-                None => Txn::new().when(Cmp::absent(key)).then(Op::put(
-                    key,
-                    &VmRecord::new(spec.clone(), self.name()).to_json(),
-                    None,
-                )),
-                Some((r, rev)) if r.node == self.name() && r.state == RecordState::Restarting => {
-                    let started = VmRecord {
-                        state: RecordState::Running,
-                        error: None,
-                        ..r
-                    };
-                    Txn::new().when(Cmp::modified_at(key, rev)).then(Op::put(
-                        key,
-                        &started.to_json(),
-                        None,
-                    ))
-                }
-                Some((r, _)) => {
-                    return Err(NodeError::Conflict(format!(
-                        "VM {} is already on node {} ({})",
-                        spec.name,
-                        r.node,
-                        super::node::name_of(&r.state)
-                    )))
-                }
-            };
-            if etcd.txn(&txn).await.map_err(unavailable)?.succeeded {
-                return Ok(());
-            }
-        }
-        Err(NodeError::Unavailable(format!(
-            "the record of VM {} kept changing",
-            spec.name
-        )))
-    }
-
-    /// Changes VM `name`'s record with `change` if it names this node;
-    /// retries on a concurrent write. `Ok(false)` when it names another node
-    /// or is gone.
-    async fn rewrite(
-        &self,
-        name: &str,
-        change: impl Fn(VmRecord) -> Option<VmRecord>,
-    ) -> Result<bool, EtcdError> {
-        let Some((etcd, prefix)) = self.store() else {
-            return Ok(true);
-        };
-        let key = vm_key(prefix, name);
-        for _ in 0..5 {
-            let Some((r, rev)) = read(etcd, &key).await? else {
-                return Ok(false);
-            };
-            if r.node != self.name() {
-                return Ok(false);
-            }
-            let op = match change(r) {
-                Some(r) => Op::put(&key, &r.to_json(), None),
-                None => Op::delete(&key),
-            };
-            let txn = Txn::new().when(Cmp::modified_at(&key, rev)).then(op);
-            if etcd.txn(&txn).await?.succeeded {
-                return Ok(true);
-            }
-        }
-        Err(EtcdError::Unavailable(format!(
-            "the record of VM {name} kept changing"
-        )))
-    }
-
-    /// Before a migration of `vm` to `target`: marks the record, so that a
-    /// restart after this node's death first asks `target`.
-    pub(super) async fn record_moving(&self, vm: &str, target: &str) -> Result<(), EtcdError> {
-        self.rewrite(vm, |r| {
-            Some(VmRecord {
-                migrating_to: Some(target.to_string()),
-                ..r
-            })
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// After a migration of `vm` to `target`: the record names the target
-    /// when it runs there, and no move otherwise. Retried in the background
-    /// until it is written (a record left marked is settled by asking the
-    /// target).
-    pub(super) fn record_moved(self: &Arc<Self>, vm: &str, target: &str, handed_over: bool) {
-        let (node, vm, target) = (self.clone(), vm.to_string(), target.to_string());
-        tokio::spawn(async move {
-            for _ in 0..120 {
-                let written = node
-                    .rewrite(&vm, |r| {
-                        Some(VmRecord {
-                            node: if handed_over {
-                                target.clone()
-                            } else {
-                                r.node.clone()
-                            },
-                            migrating_to: None,
-                            ..r
-                        })
-                    })
-                    .await;
-                match written {
-                    Ok(_) => return,
-                    Err(e) => {
-                        tracing::warn!(%vm, error = %e, "recording the migration's end in etcd failed; trying again")
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            tracing::error!(%vm, %target, "could not record the migration's end in etcd");
-        });
-    }
-
-    /// At start: records that name this node are of VMs that died with its
-    /// agent's last process (a fresh agent hosts nothing). Each is marked
-    /// `restarting` here, so the coordinator starts it again (on this node,
-    /// after asking the target of a migration it was marked for).
-    pub(super) async fn adopt_records(&self) -> Result<usize, EtcdError> {
-        let Some((etcd, prefix)) = self.store() else {
-            return Ok(0);
-        };
-        let (kvs, _) = etcd.list(format!("{prefix}vms/").as_bytes()).await?;
-        let mut adopted = 0;
-        for kv in kvs {
-            let Ok(r) = super::mirror::parse_json::<VmRecord>(&kv.value) else {
-                continue;
-            };
-            if r.node != self.name() || r.check(&r.spec.name.clone()).is_err() {
-                continue;
-            }
-            let name = r.spec.name.clone();
-            let reason = format!("the agent of node {} restarted", self.name());
-            let done = self
-                .rewrite(&name, |r| {
-                    Some(VmRecord {
-                        state: RecordState::Restarting,
-                        restarts: r.restarts.saturating_add(1),
-                        last_restart: Some(Restart {
-                            at_ms: super::node::now_ms(),
-                            reason: reason.clone(),
-                            from: r.node.clone(),
-                            to: r.node.clone(),
-                        }),
-                        error: None,
-                        ..r
-                    })
-                })
-                .await?;
-            if done {
-                tracing::warn!(vm = %name, "the VM died with this agent's last process: to be restarted");
-                adopted += 1;
-            }
-        }
-        Ok(adopted)
-    }
-
-    /// Deletes VM `name`'s record if it names this node (a VM discarded on
-    /// purpose).
-    pub(super) async fn forget_record(&self, name: &str) -> Result<bool, EtcdError> {
-        self.rewrite(name, |_| None).await
-    }
-
-    /// After VM `name` was deleted here: its record goes, if it names this
-    /// node (a superseded copy's record names the node that runs it now).
-    pub(super) fn record_deleted(self: &Arc<Self>, name: &str) {
-        let (node, vm) = (self.clone(), name.to_string());
-        tokio::spawn(async move {
-            for _ in 0..120 {
-                match node.rewrite(&vm, |_| None).await {
-                    Ok(_) => return,
-                    Err(e) => {
-                        tracing::warn!(%vm, error = %e, "deleting the VM's record in etcd failed; trying again")
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            tracing::error!(%vm, "could not delete the VM's record in etcd");
-        });
-    }
 }

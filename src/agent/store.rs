@@ -4,7 +4,7 @@
 //! stop).
 
 use super::cluster::NodeSpec;
-use super::etcd::{Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, Op, Txn, MAX_ENDPOINTS};
+use super::etcd::{Cmp, Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, Op, Txn, MAX_ENDPOINTS};
 use super::fence::{Fence, FenceHooks, FenceState};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -247,8 +247,24 @@ impl Liveness {
             keeper: tokio::sync::Mutex::new(Keeper::new(0, config.lease_ttl)),
             fence: Mutex::new(Fence::new(config.lease_ttl, Instant::now())),
         };
-        live.take_lease().await?;
-        Ok(live)
+        // The key of this agent's last process may outlive it by a TTL.
+        let end = Instant::now() + config.lease_ttl * 2 + Duration::from_secs(1);
+        loop {
+            match live.take_lease().await {
+                Ok(()) => return Ok(live),
+                Err(EtcdError::Held(why)) if Instant::now() < end => {
+                    tracing::warn!("{why}; waiting for it to expire");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(EtcdError::Held(why)) => {
+                    return Err(EtcdError::Held(format!(
+                        "{why}: is another `ferry agent --node {}` running?",
+                        live.record.name
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Takes a new lease and binds the node's `alive` key to it; revokes it
@@ -269,10 +285,22 @@ impl Liveness {
             lease,
             ..self.record.clone()
         };
+        // Only if no other lease holds the key: two agents of one name
+        // would both run its VMs.
         let txn = Txn::new()
+            .when(Cmp::absent(&key))
             .then(Op::put(&key, &json(&alive), Some(lease)))
             .then(Op::put(&node_key, &json(&record), None));
-        if let Err(e) = self.etcd.txn(&txn).await {
+        let taken = match self.etcd.txn(&txn).await {
+            Ok(t) if t.succeeded => Ok(()),
+            Ok(_) => Err(self.holder(&key).await),
+            // Written all the same if the key is bound to the new lease.
+            Err(e) => match self.etcd.get(&key).await {
+                Ok(Some(kv)) if kv.lease == lease => Ok(()),
+                _ => Err(e),
+            },
+        };
+        if let Err(e) = taken {
             let _ = self.etcd.lease_revoke(lease).await;
             return Err(e);
         }
@@ -280,6 +308,18 @@ impl Liveness {
         self.lease.store(lease, Ordering::Relaxed);
         self.fence.lock().unwrap().new_lease(sent, ttl);
         Ok(())
+    }
+
+    /// Why the `alive` key at `key` cannot be taken: the lease that holds it.
+    async fn holder(&self, key: &[u8]) -> EtcdError {
+        match self.etcd.get(key).await {
+            Ok(Some(kv)) => EtcdError::Held(format!(
+                "node {}'s liveness key is held by lease {:x}",
+                self.record.name, kv.lease
+            )),
+            Ok(None) => EtcdError::Unavailable("the liveness key changed meanwhile".into()),
+            Err(e) => e,
+        }
     }
 
     /// Renews the lease a third of its TTL after the last acknowledged

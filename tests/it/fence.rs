@@ -147,7 +147,21 @@ fn an_agent_whose_lease_expired_keeps_its_guests_superseded_and_never_resumes_th
     assert_eq!(v["pages_written"].as_u64().unwrap(), written);
     let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
     assert_eq!(node["lease"]["state"], "live", "{node}");
-    // New work is taken again, and the superseded copy goes on request.
+    // With two nodes, one dead is no majority: the coordinator restarted
+    // nothing while a was gone. Back, a marks web's record for a restart,
+    // and the coordinator starts it on b, not on a (which holds the
+    // superseded copy).
+    until(Duration::from_secs(10), "web runs on b", || {
+        let (s, v) = c.call(Method::GET, "b", "/v1/vms/web", None);
+        s == StatusCode::OK && v["state"] == "running"
+    });
+    let (_, on_b) = c.call(Method::GET, "b", "/v1/vms/web", None);
+    assert_eq!(on_b["restarts"], 1, "{on_b}");
+    assert_eq!(on_b["last_restart"]["from"], "a", "{on_b}");
+    assert_eq!(on_b["last_restart"]["to"], "b", "{on_b}");
+    assert_eq!(vm(&c)["state"], "superseded");
+    // New work is taken again, and the superseded copy goes on request
+    // (without force: its record names b now).
     let (s, v) = c.call(
         Method::POST,
         "a",

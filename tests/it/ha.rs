@@ -170,7 +170,9 @@ fn an_agent_killed_and_started_again_at_once_runs_its_vms_again_once() {
     p.json(&["vm", "create", "v1", "--node", "b", "--memory", "16MiB"]);
     p.signal("b", "-KILL");
     p.exited("b", Duration::from_secs(5)).expect("killed");
-    // Back before its lease could expire: etcd never saw the node die.
+    // Back before its lease could expire: the new process waits for the
+    // lease of its last one to expire (it cannot tell it from a live twin
+    // of the same name), and the VM runs again once, whoever starts it.
     p.spawn("b");
     let end = Instant::now() + Duration::from_secs(TTL_S + 5);
     loop {
@@ -183,7 +185,11 @@ fn an_agent_killed_and_started_again_at_once_runs_its_vms_again_once() {
         if let Some(r) = running.first() {
             assert_eq!(r["restarts"], 1, "{r}");
             let reason = r["last_restart"]["reason"].as_str().unwrap();
-            assert!(reason.contains("the agent of node b restarted"), "{r}");
+            assert!(
+                reason.contains("the agent of node b restarted")
+                    || reason.contains("node b lost its lease"),
+                "{r}"
+            );
             break;
         }
         assert!(Instant::now() < end, "v1 never ran again: {now:?}");
@@ -252,4 +258,72 @@ fn measure_the_time_from_a_death_to_its_vms_running_elsewhere() {
         took[0],
         took[9]
     );
+}
+
+/// A second agent of a running node's name (on other addresses, as on
+/// another host) must not register: both would run the node's VMs. It
+/// waits for the key to be freed for a while (its own last process's lease
+/// may linger), then gives up naming the cause; the first keeps its lease.
+#[test]
+fn a_second_agent_of_a_live_nodes_name_is_refused() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "ha-twin";
+    let (e, p) = cluster(test);
+    let quorum = e.client_of(&e.config(e.endpoints()));
+    let key = format!("/{test}/alive/b");
+    let lease = |e: &EtcdCluster| {
+        e.rt.block_on(quorum.get(key.as_bytes()))
+            .unwrap()
+            .unwrap()
+            .lease
+    };
+    let before = lease(&e);
+    // b's entry on fresh addresses, the rest of the file the same.
+    let text = std::fs::read_to_string(&p.file).unwrap();
+    let mut twin = String::new();
+    let mut in_b = false;
+    for line in text.lines() {
+        if line.starts_with("name = ") {
+            in_b = line == "name = \"b\"";
+        }
+        if in_b && (line.starts_with("control = ") || line.starts_with("data = ")) {
+            let field = line.split(' ').next().unwrap();
+            twin += &format!("{field} = \"127.0.0.1:{}\"\n", common::free_port());
+        } else {
+            twin += line;
+            twin += "\n";
+        }
+    }
+    let file = p.dir.join("twin.toml");
+    std::fs::write(&file, twin).unwrap();
+    let t = Instant::now();
+    let out = common::procs::ferry()
+        .args(["agent", "--cluster", file.to_str().unwrap(), "--node", "b"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is another `ferry agent --node b` running?"),
+        "{stderr}"
+    );
+    // It waited out a lease of the first's (2 TTLs and a second), no more.
+    assert!(t.elapsed() >= Duration::from_secs(2 * TTL_S), "{stderr}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2 * TTL_S + 10),
+        "{stderr}"
+    );
+    assert_eq!(lease(&e), before);
+    let nodes = p.json(&["node", "status"]);
+    let b = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "b")
+        .unwrap();
+    assert_eq!(b["lease"]["state"], "live", "{nodes}");
 }

@@ -109,6 +109,9 @@ pub enum EtcdError {
     /// etcd's answer does not hold what it must (a field out of range).
     #[error("etcd's answer is invalid: {0}")]
     Invalid(String),
+    /// A key that must be this agent's is bound to another live lease.
+    #[error("{0}")]
+    Held(String),
     /// A watch's start revision was compacted away: read everything again.
     #[error("etcd compacted revisions up to {0}: the watch must start from a full read")]
     Compacted(i64),
