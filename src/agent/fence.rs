@@ -6,7 +6,8 @@
 //! The lease cannot expire on the server before the TTL has passed since
 //! the server received the last renewal it acknowledged, which is after the
 //! agent sent it. So the agent fences at that send time plus the TTL less a
-//! [`margin`], by its own monotonic clock. A renewal etcd still answers
+//! [`margin`], by its own boot clock (monotonic, and counting a suspend of
+//! the host, which etcd's clock does not skip either). A renewal etcd still answers
 //! with a TTL proves the lease never expired: the guests resume. One that
 //! answers "expired" proves it did: they are `superseded` and never resume.
 

@@ -3,6 +3,7 @@
 //! registration and liveness (a lease it keeps alive, revoked on a clean
 //! stop).
 
+use super::clock;
 use super::cluster::NodeSpec;
 use super::etcd::{Cmp, Etcd, EtcdConfig, EtcdError, EtcdTls, Keeper, Op, Txn, MAX_ENDPOINTS};
 use super::fence::{Fence, FenceHooks, FenceState};
@@ -222,6 +223,9 @@ pub struct Liveness {
     fence: Mutex<Fence>,
 }
 
+/// How often the fence looks at the boot clock while it waits.
+const SUSPEND_CHECK: Duration = Duration::from_millis(100);
+
 /// How soon a failed renewal is tried again.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -245,7 +249,7 @@ impl Liveness {
             asked: config.lease_ttl,
             lease: AtomicI64::new(0),
             keeper: tokio::sync::Mutex::new(Keeper::new(0, config.lease_ttl)),
-            fence: Mutex::new(Fence::new(config.lease_ttl, Instant::now())),
+            fence: Mutex::new(Fence::new(config.lease_ttl, clock::now())),
         };
         // The key of this agent's last process may outlive it by a TTL.
         let end = Instant::now() + config.lease_ttl * 2 + Duration::from_secs(1);
@@ -270,7 +274,7 @@ impl Liveness {
     /// Takes a new lease and binds the node's `alive` key to it; revokes it
     /// again when the key cannot be written.
     async fn take_lease(&self) -> Result<(), EtcdError> {
-        let sent = Instant::now();
+        let sent = clock::now();
         let (lease, ttl) = self.etcd.lease_grant(self.asked).await?;
         let alive = AliveRecord {
             version: LAYOUT_VERSION,
@@ -331,17 +335,17 @@ impl Liveness {
         let mut failed = false;
         loop {
             let at = if failed {
-                Instant::now() + RETRY
+                clock::now() + RETRY
             } else {
                 let f = self.fence.lock().unwrap();
                 f.last_ack() + f.ttl() / 3
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = tokio::time::sleep(at.saturating_duration_since(clock::now())) => {}
                 never = self.fence_when_due(&*hooks) => match never {},
             }
-            let sent = Instant::now();
+            let sent = clock::now();
             let renewed = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = async { self.keeper.lock().await.renew(&self.etcd).await } => r,
@@ -349,11 +353,7 @@ impl Liveness {
             };
             failed = match renewed {
                 Ok(Some(ttl)) => {
-                    let action = self
-                        .fence
-                        .lock()
-                        .unwrap()
-                        .renewed(sent, ttl, Instant::now());
+                    let action = self.fence.lock().unwrap().renewed(sent, ttl, clock::now());
                     if let Some(a) = action {
                         hooks.apply(a);
                     }
@@ -395,8 +395,11 @@ impl Liveness {
             if fenced {
                 return std::future::pending().await;
             }
-            tokio::time::sleep_until(deadline.into()).await;
-            let action = self.fence.lock().unwrap().tick(Instant::now());
+            // In steps: a suspend of the host stops the sleep's clock, not
+            // the lease's on the server.
+            let left = deadline.saturating_duration_since(clock::now());
+            tokio::time::sleep(left.min(SUSPEND_CHECK)).await;
+            let action = self.fence.lock().unwrap().tick(clock::now());
             if let Some(a) = action {
                 hooks.apply(a);
             }
@@ -461,7 +464,9 @@ impl Liveness {
         LeaseView {
             id: self.lease.load(Ordering::Relaxed),
             ttl_s: ttl.as_secs_f64(),
-            left_s: ttl.saturating_sub(f.last_ack().elapsed()).as_secs_f64(),
+            left_s: ttl
+                .saturating_sub(clock::now().saturating_duration_since(f.last_ack()))
+                .as_secs_f64(),
             state: f.state(),
         }
     }
