@@ -281,6 +281,16 @@ async fn delete_vm(
     Ok(json_status(StatusCode::OK, &view))
 }
 
+async fn remove_node(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    q: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    let removed = node.remove_node(&name, q.force).await?;
+    Ok(json_status(StatusCode::OK, &removed))
+}
+
 async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.migrations()))
 }
@@ -555,6 +565,7 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/migrations/{id}/resolve",
             axum::routing::post(resolve_migration),
         )
+        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/node/drain", axum::routing::post(drain))
         .route("/v1/node/resume", axum::routing::post(resume))
         .route("/v1/node/update", axum::routing::post(update))

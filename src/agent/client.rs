@@ -93,6 +93,18 @@ impl Peers {
         self.typed(n, Method::POST, "/v1/vms", Some(vm)).await
     }
 
+    /// `DELETE /v1/nodes/{name}`: takes node `name` out of the cluster.
+    pub async fn remove_node(
+        &self,
+        n: &NodeSpec,
+        name: &str,
+        force: bool,
+    ) -> Result<super::RemovedNode, PeerError> {
+        let query = if force { "?force=true" } else { "" };
+        let path = format!("/v1/nodes/{}{query}", seg(n, name)?);
+        self.typed(n, Method::DELETE, &path, None::<&()>).await
+    }
+
     /// `DELETE /v1/vms/{name}[?force=true]`.
     pub async fn delete_vm(
         &self,

@@ -4,12 +4,14 @@
 
 mod api;
 pub mod client;
+mod clock;
 pub mod cluster;
 pub mod coordinator;
 pub mod etcd;
 pub mod fence;
 pub mod ha;
 mod listen;
+mod membership;
 pub mod mirror;
 mod node;
 mod ops;
@@ -24,6 +26,7 @@ pub mod store;
 pub use api::{router, serve_agent, serve_agent_with, AgentHandle};
 pub use cluster::{Cluster, ClusterError, NodeSpec};
 pub use listen::{ApiLimits, ApiStats};
+pub use membership::RemovedNode;
 pub use node::{
     Direction, Limits, MigrationState, MigrationView, Node, NodeError, NodeMode, NodeView,
     ProgressView, VmSpec, VmState, VmView,

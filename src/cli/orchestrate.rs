@@ -143,6 +143,18 @@ pub enum NodeCommand {
         #[command(flatten)]
         out: Output,
     },
+    /// Take a node out of the cluster for good (with etcd): its agent must
+    /// be stopped, and no VM's record may name it.
+    Remove {
+        /// The node.
+        node: String,
+        /// Discard the records of VMs that still name it (they run
+        /// nowhere: its lease expired and they were not restarted).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 /// `ferry migrate VM --to NODE`.
@@ -605,7 +617,31 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             let op = ctx.run(ctx.peers.resume(n, &body))?;
             follow(&ctx, n, op, &wait, &out)
         }
+        NodeCommand::Remove { node, force, out } => remove(&ctx, &node, force, &out),
     }
+}
+
+/// `ferry node remove`: asked of the first other node whose agent answers.
+fn remove(ctx: &Ctx, node: &str, force: bool, out: &Output) -> Result<ExitCode> {
+    for n in ctx.cluster.nodes.iter().filter(|n| n.name != node) {
+        match ctx.run(ctx.peers.remove_node(n, node, force)) {
+            Ok(r) => {
+                if out.json {
+                    print_json(&r);
+                } else {
+                    println!("node {} removed from the cluster", r.name);
+                    if !r.discarded_vms.is_empty() {
+                        println!("discarded VM records: {}", r.discarded_vms.join(", "));
+                    }
+                    println!("{}", r.note);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e @ PeerError::Api { .. }) => return Err(e.into()),
+            Err(e) => eprintln!("warning: {e}"),
+        }
+    }
+    bail!("no other node's agent answered")
 }
 
 /// Prints operation `op` (or its id with `--detach`), waiting for it first.

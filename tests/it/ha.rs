@@ -327,3 +327,69 @@ fn a_second_agent_of_a_live_nodes_name_is_refused() {
         .unwrap();
     assert_eq!(b["lease"]["state"], "live", "{nodes}");
 }
+
+/// `ferry node remove`: refused while the node's agent lives, and while a
+/// VM's record names it (here one with priority `off`, never restarted);
+/// with `--force` the node, its state and that record leave etcd.
+#[test]
+fn a_dead_node_is_removed_for_good_once_no_record_names_it() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "ha-remove";
+    let (e, mut p) = cluster(test);
+    p.json(&["vm", "create", "web", "--node", "c", "--memory", "16MiB"]);
+    p.json(&[
+        "vm",
+        "create",
+        "cold",
+        "--node",
+        "c",
+        "--memory",
+        "16MiB",
+        "--priority",
+        "off",
+    ]);
+    let out = p.run(&["node", "remove", "c"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("is alive"),
+        "{out:?}"
+    );
+    p.signal("c", "-KILL");
+    p.exited("c", Duration::from_secs(5)).expect("killed");
+    let end = Instant::now() + Duration::from_secs(TTL_S + 6);
+    while !rows(&p)
+        .iter()
+        .any(|r| r["name"] == "web" && r["state"] == "running")
+    {
+        assert!(Instant::now() < end, "web never ran again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = p.run(&["node", "remove", "c"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr.contains("still name node c (cold)"), "{stderr}");
+    let removed = p.json(&["node", "remove", "c", "--force"]);
+    assert_eq!(removed["name"], "c", "{removed}");
+    assert_eq!(
+        removed["discarded_vms"],
+        serde_json::json!(["cold"]),
+        "{removed}"
+    );
+    let etcd = e.client_of(&e.config(e.endpoints()));
+    for key in ["nodes/c", "state/c", "vms/cold", "alive/c"] {
+        let kv = e.rt.block_on(etcd.get(format!("/{test}/{key}").as_bytes()));
+        assert!(kv.unwrap().is_none(), "{key} is still there");
+    }
+    let kv =
+        e.rt.block_on(etcd.get(format!("/{test}/vms/web").as_bytes()));
+    assert!(kv.unwrap().is_some(), "web's record went too");
+    let out = p.run(&["node", "remove", "c"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not registered"),
+        "{out:?}"
+    );
+}
