@@ -139,21 +139,26 @@ impl Restarter {
         left.sort_by(|a, b| {
             (b.0.spec.priority, &a.0.spec.name).cmp(&(a.0.spec.priority, &b.0.spec.name))
         });
+        let mut plans = Vec::new();
         for (r, rev, not_on) in left {
             let why = format!("node {} lost its lease", r.node);
             let not_on = not_on.as_deref();
-            self.place(node, live, token, &mut free, (r, rev), not_on, why, true)
-                .await;
+            plans.extend(
+                self.place(live, token, &mut free, (r, rev), not_on, why, true)
+                    .await,
+            );
         }
+        // Placed one after another (each takes its memory), started at once.
+        let starts = plans.into_iter().map(|p| restart(node, live, token, p));
+        futures_util::future::join_all(starts).await;
     }
 
-    /// Restarts `r` on the node with room that [`pick`] names, other than
-    /// `not_on`, counting the restart unless its record counted it already;
-    /// marks it failed when there is none.
+    /// Plans the restart of `r` on the node with room that [`pick`] names,
+    /// other than `not_on`, counting the restart unless its record counted
+    /// it already; marks it failed when there is none.
     #[allow(clippy::too_many_arguments)]
     async fn place(
         &mut self,
-        node: &Node,
         live: &Liveness,
         token: i64,
         free: &mut BTreeMap<String, u64>,
@@ -161,7 +166,7 @@ impl Restarter {
         not_on: Option<&str>,
         why: String,
         count: bool,
-    ) {
+    ) -> Option<Plan> {
         let mut room = free.clone();
         if let Some(n) = not_on {
             room.remove(n);
@@ -171,10 +176,18 @@ impl Restarter {
                 if let Some(f) = free.get_mut(&target) {
                     *f -= r.spec.memory;
                 }
-                self.restart(node, live, token, (r, rev), &target, why, count)
-                    .await;
+                self.failures.remove(&r.spec.name);
+                Some(Plan {
+                    todo: (r, rev),
+                    target,
+                    why,
+                    count,
+                })
             }
-            None => self.failed(live, token, r, rev, &why).await,
+            None => {
+                self.failed(live, token, r, rev, &why).await;
+                None
+            }
         }
     }
 
@@ -244,48 +257,6 @@ impl Restarter {
         found
     }
 
-    /// Names `target` in the record, then asks it to start the VM.
-    #[allow(clippy::too_many_arguments)]
-    async fn restart(
-        &mut self,
-        node: &Node,
-        live: &Liveness,
-        token: i64,
-        (r, rev): Todo,
-        target: &str,
-        why: String,
-        count: bool,
-    ) {
-        let restarted = VmRecord {
-            node: target.to_string(),
-            migrating_to: None,
-            state: RecordState::Restarting,
-            restarts: r.restarts.saturating_add(count as u32),
-            last_restart: Some(Restart {
-                at_ms: super::node::now_ms(),
-                reason: why,
-                from: r.node.clone(),
-                to: target.to_string(),
-            }),
-            error: None,
-            ..r
-        };
-        if write(live, token, &restarted, rev).await.is_none() {
-            return;
-        }
-        tracing::warn!(vm = %restarted.spec.name, from = %r.node, to = %target, "restarting the VM elsewhere");
-        self.failures.remove(&restarted.spec.name);
-        if let Some(spec) = node.cluster.node(target) {
-            if let Err(e) = node
-                .peers
-                .create_vm(spec, &CreateVm::from(&restarted.spec))
-                .await
-            {
-                tracing::warn!(vm = %restarted.spec.name, node = %target, error = %e, "starting the VM failed; trying again");
-            }
-        }
-    }
-
     /// Asks the record's node to start the VM (again: the call is safe to
     /// repeat, the node checks the record). A node that holds a superseded
     /// copy, or refused the start [`MAX_FAILURES`] times, gives it up to
@@ -347,17 +318,20 @@ impl Restarter {
         let mut free = free_memory(node, mirror, &alive).await;
         let not_on = r.node.clone();
         let counted = r.state == RecordState::Restarting;
-        self.place(
-            node,
-            live,
-            token,
-            &mut free,
-            (r, rev),
-            Some(&not_on),
-            refused,
-            !counted,
-        )
-        .await;
+        let plan = self
+            .place(
+                live,
+                token,
+                &mut free,
+                (r, rev),
+                Some(&not_on),
+                refused,
+                !counted,
+            )
+            .await;
+        if let Some(plan) = plan {
+            restart(node, live, token, plan).await;
+        }
     }
 
     /// Marks a VM no live node can take as failed, saying why.
@@ -379,6 +353,51 @@ impl Restarter {
     }
 }
 
+/// A restart the coordinator decided.
+struct Plan {
+    todo: Todo,
+    target: String,
+    why: String,
+    count: bool,
+}
+
+/// Names the plan's target in the record, then asks it to start the VM.
+async fn restart(node: &Node, live: &Liveness, token: i64, plan: Plan) {
+    let Plan {
+        todo: (r, rev),
+        target,
+        why,
+        count,
+    } = plan;
+    let restarted = VmRecord {
+        node: target.clone(),
+        migrating_to: None,
+        state: RecordState::Restarting,
+        restarts: r.restarts.saturating_add(count as u32),
+        last_restart: Some(Restart {
+            at_ms: super::node::now_ms(),
+            reason: why,
+            from: r.node.clone(),
+            to: target.clone(),
+        }),
+        error: None,
+        ..r
+    };
+    if write(live, token, &restarted, rev).await.is_none() {
+        return;
+    }
+    tracing::warn!(vm = %restarted.spec.name, from = %r.node, to = %target, "restarting the VM elsewhere");
+    if let Some(spec) = node.cluster.node(&target) {
+        if let Err(e) = node
+            .peers
+            .create_vm(spec, &CreateVm::from(&restarted.spec))
+            .await
+        {
+            tracing::warn!(vm = %restarted.spec.name, node = %target, error = %e, "starting the VM failed; trying again");
+        }
+    }
+}
+
 /// Writes `r` if this is still the coordinator of `token` and the record
 /// is still at `rev`; the new revision.
 async fn write(live: &Liveness, token: i64, r: &VmRecord, rev: i64) -> Option<i64> {
@@ -397,34 +416,33 @@ async fn write(live: &Liveness, token: i64, r: &VmRecord, rev: i64) -> Option<i6
     }
 }
 
-/// Free memory of each live node that takes VMs now (not quarantined).
+/// Free memory of each live node that takes VMs now (not quarantined),
+/// all asked at once.
 async fn free_memory(
     node: &Node,
     mirror: &Mirror,
     alive: &BTreeSet<String>,
 ) -> BTreeMap<String, u64> {
+    let asked = alive
+        .iter()
+        .filter(|name| mirror.quarantined_until(name).is_none())
+        .filter_map(|name| node.cluster.node(name))
+        .map(|spec| async move {
+            let view = if spec.name == node.name() {
+                Ok(node.view())
+            } else {
+                node.peers.node(spec).await
+            };
+            (spec.name.clone(), view)
+        });
     let mut free = BTreeMap::new();
-    for name in alive {
-        if mirror.quarantined_until(name).is_some() {
-            continue;
-        }
-        let Some(spec) = node.cluster.node(name) else {
-            continue;
-        };
-        let view = if name == node.name() {
-            Ok(node.view())
-        } else {
-            node.peers.node(spec).await
-        };
+    for (name, view) in futures_util::future::join_all(asked).await {
         match view {
             Ok(v)
                 if v.state == NodeMode::Active
                     && v.lease.as_ref().is_none_or(|l| name_of(l.state) == "live") =>
             {
-                free.insert(
-                    name.clone(),
-                    v.memory_capacity.saturating_sub(v.memory_used),
-                );
+                free.insert(name, v.memory_capacity.saturating_sub(v.memory_used));
             }
             Ok(_) => {}
             Err(e) => {
