@@ -20,6 +20,7 @@ mod hostile;
 mod kvm;
 mod migration;
 mod orchestrator;
+mod quorum;
 mod receive;
 mod resolve;
 mod shutdown;
