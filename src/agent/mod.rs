@@ -3,6 +3,7 @@
 //! `max_concurrent_migrations` at a time, and serves the control API.
 
 mod api;
+mod child;
 pub mod client;
 mod clock;
 pub mod cluster;

@@ -770,14 +770,15 @@ impl Node {
     async fn run_update(self: Arc<Self>, op: String, argv: Vec<String>, cancel: CancellationToken) {
         tracing::info!(%op, ?argv, "update command started");
         let start = std::time::Instant::now();
-        let child = tokio::process::Command::new(&argv[0])
-            .args(&argv[1..])
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .env("FERRY_NODE", &self.spec.name)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        super::child::die_with_agent(&mut cmd);
+        let child = cmd.spawn();
         let (exit_code, stdout, stderr, error, cancelled) = match child {
             Err(e) => (
                 None,

@@ -141,3 +141,50 @@ fn the_api_is_tls_only_and_a_wrong_pin_is_refused() {
     );
     assert_eq!(nodes[1]["state"], "active", "{nodes}");
 }
+
+/// An update hook does not outlive its agent: SIGKILL the agent while the
+/// hook runs, and the kernel kills the hook (PDEATHSIG).
+#[test]
+fn an_update_hook_dies_with_its_sigkilled_agent() {
+    let _serial = common::serial();
+    let mut p = Procs::start_with(
+        "hook-death",
+        "[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
+        &[("a", "1GiB"), ("b", "1GiB")],
+    );
+    let pid_file = p.dir.join("hook.pid");
+    let command = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+    let mut update = ferry()
+        .args(["cluster", "update", "--run", &command, "--cluster"])
+        .arg(&p.file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < end, "the hook never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // `exec` made the hook's shell the sleep, still the agent's child.
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(pid), "the hook is not running");
+    p.signal("a", "-KILL");
+    p.exited("a", Duration::from_secs(5)).expect("killed");
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < end, "hook {pid} outlived its agent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = update.kill();
+    let _ = update.wait();
+}
