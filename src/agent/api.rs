@@ -191,6 +191,8 @@ impl CreateVm {
             guest,
             priority,
             preferred_owners: self.preferred_owners.unwrap_or_default(),
+            image: self.image,
+            seed: self.seed.unwrap_or(1),
         };
         spec.check().map_err(ApiError::bad_request)?;
         Ok(spec)

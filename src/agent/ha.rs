@@ -484,6 +484,8 @@ mod tests {
             guest: crate::wire::GuestKind::Sim,
             priority: Priority::Medium,
             preferred_owners: Vec::new(),
+            image: None,
+            seed: 1,
         };
         spec.preferred_owners = owners.iter().map(|s| s.to_string()).collect();
         VmRecord::new(spec, "dead")

@@ -115,6 +115,17 @@ pub struct VmSpec {
     /// The nodes a restart elsewhere tries first, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preferred_owners: Vec<String>,
+    /// A raw RAM image every node can read (as shared storage): its memory
+    /// at creation and at every restart elsewhere, instead of `fill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The seed of its content and workload.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_seed() -> u64 {
+    1
 }
 
 /// Most preferred owners a VM may name.
@@ -147,9 +158,19 @@ impl VmSpec {
         if let Some(bad) = self.preferred_owners.iter().find(|n| !valid_name(n)) {
             return Err(format!("preferred_owners: {bad:?} is not a node name"));
         }
+        if let Some(image) = &self.image {
+            if image.len() > MAX_IMAGE_PATH || !image.starts_with('/') || image.contains('\0') {
+                return Err(format!(
+                    "image: {image:?} is not an absolute path of at most {MAX_IMAGE_PATH} bytes"
+                ));
+            }
+        }
         Ok(())
     }
 }
+
+/// Longest image path a VM may name.
+pub const MAX_IMAGE_PATH: usize = 4096;
 
 /// A VM's or node's name: 1 to 255 letters, digits, `-`, `_` and `.`.
 pub fn valid_name(name: &str) -> bool {
@@ -741,6 +762,8 @@ impl Node {
         if r.node == self.spec.name {
             v.spec.priority = r.spec.priority;
             v.spec.preferred_owners = r.spec.preferred_owners;
+            v.spec.image = r.spec.image;
+            v.spec.seed = r.spec.seed;
             v.restarts = r.restarts;
             v.last_restart = r.last_restart;
         }
@@ -771,16 +794,13 @@ impl Node {
                 .insert(spec.name.clone(), Vm::reserved(spec.clone(), None));
         }
         let built = (|| {
-            let memory = GuestMemory::new(spec.memory).map_err(|e| {
-                NodeError::InsufficientMemory(format!("cannot create VM {}: {e}", spec.name))
-            })?;
-            spec.fill.fill(&memory, 1, 2);
+            let memory = self.initial_memory(&spec)?;
             let workload = Workload {
                 pattern: spec.workload,
                 dirty_rate: spec.dirty_rate,
                 content: spec.fill.clone(),
                 writers: 1,
-                seed: 1,
+                seed: spec.seed,
             };
             let guest = crate::migration::start_guest(spec.guest, Arc::new(memory), workload)
                 .map_err(|e| {
@@ -804,6 +824,30 @@ impl Node {
                 Err(e)
             }
         }
+    }
+
+    /// A new VM's memory: its image, or its fill from its seed.
+    fn initial_memory(&self, spec: &VmSpec) -> Result<GuestMemory, NodeError> {
+        let Some(image) = &spec.image else {
+            let memory = GuestMemory::new(spec.memory).map_err(|e| {
+                NodeError::InsufficientMemory(format!("cannot create VM {}: {e}", spec.name))
+            })?;
+            spec.fill.fill(&memory, spec.seed, 2);
+            return Ok(memory);
+        };
+        // Checked before it is read: the memory reserved is `memory`.
+        let len = std::fs::metadata(image)
+            .map_err(|e| NodeError::BadRequest(format!("image {image}: {e}")))?
+            .len();
+        if len != spec.memory {
+            return Err(NodeError::BadRequest(format!(
+                "memory {} disagrees with image {image}'s size {}",
+                crate::units::Bytes(spec.memory),
+                crate::units::Bytes(len)
+            )));
+        }
+        GuestMemory::from_image(std::path::Path::new(image))
+            .map_err(|e| NodeError::BadRequest(format!("VM {}: {e:#}", spec.name)))
     }
 
     /// A VM built by [`Self::build_vm`] runs (or waits while the node is
@@ -1323,6 +1367,8 @@ impl Node {
                     guest: setup.guest_kind,
                     priority: Priority::default(),
                     preferred_owners: Vec::new(),
+                    image: None,
+                    seed: default_seed(),
                 },
                 Some(session),
             ),

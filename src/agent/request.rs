@@ -52,6 +52,13 @@ pub struct CreateVm {
     /// The nodes a restart elsewhere tries first, in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preferred_owners: Option<Vec<String>>,
+    /// An absolute path every node can read: a raw RAM image of `memory`
+    /// bytes, the VM's memory at creation and at every restart elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The seed of its content and workload (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 impl From<&crate::agent::VmSpec> for CreateVm {
@@ -67,6 +74,8 @@ impl From<&crate::agent::VmSpec> for CreateVm {
             priority: Some(crate::agent::client::name_of(spec.priority)),
             preferred_owners: (!spec.preferred_owners.is_empty())
                 .then(|| spec.preferred_owners.clone()),
+            image: spec.image.clone(),
+            seed: Some(spec.seed),
         }
     }
 }

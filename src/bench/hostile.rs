@@ -407,6 +407,8 @@ async fn agents_migration(
         guest: None,
         priority: None,
         preferred_owners: None,
+        image: None,
+        seed: None,
     };
     let made = peers.create_vm(src, &spec).await;
     if let Err(e) = made {

@@ -103,6 +103,8 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
                 guest: Some(a.guest.clone()),
                 priority: None,
                 preferred_owners: None,
+                image: None,
+                seed: None,
             };
             ctx.run(ctx.peers.create_vm(&a_node, &body))?;
         }

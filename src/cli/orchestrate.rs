@@ -3,7 +3,7 @@
 //! long operations waits with progress bars (or returns the id with
 //! `--detach`); `--json` prints the final record as one line on stdout.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 pub(crate) use ferry::agent::client::name_of;
 use ferry::agent::peer::{PeerError, Peers};
@@ -53,6 +53,8 @@ pub struct Wait {
 
 /// `ferry vm ...`
 #[derive(Subcommand, Debug)]
+// Parsed once per run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum VmCommand {
     /// Every VM of the cluster, by node.
     List {
@@ -66,9 +68,10 @@ pub enum VmCommand {
         /// The node to run it on.
         #[arg(long)]
         node: String,
-        /// Guest memory (e.g. 512MiB, 4GiB).
-        #[arg(long, default_value = "1GiB")]
-        memory: String,
+        /// Guest memory (e.g. 512MiB, 4GiB) [default: 1GiB, or the image's
+        /// size].
+        #[arg(long)]
+        memory: Option<String>,
         /// Write pattern: idle, uniform, sequential, hot:<size> [default: hot:64MiB].
         #[arg(long)]
         workload: Option<String>,
@@ -88,6 +91,14 @@ pub enum VmCommand {
         /// Nodes a restart elsewhere tries first, in order (comma-separated).
         #[arg(long, value_delimiter = ',')]
         preferred_owners: Vec<String>,
+        /// A raw RAM image every node can read at this path (as shared
+        /// storage; `ferry image` writes one): the VM's memory at creation
+        /// and at each restart elsewhere, instead of --fill.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The seed of its content and workload [default: 1].
+        #[arg(long)]
+        seed: Option<u64>,
         #[command(flatten)]
         out: Output,
     },
@@ -359,18 +370,37 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             guest,
             priority,
             preferred_owners,
+            image,
+            seed,
             out,
         } => {
             let n = ctx.node(&node)?;
+            let image = image.map(|p| std::path::absolute(&p)).transpose()?;
+            let memory = match (memory, &image) {
+                (Some(m), _) => Amount::Text(m),
+                (None, None) => Amount::Text("1GiB".into()),
+                (None, Some(p)) => Amount::Int(
+                    std::fs::metadata(p)
+                        .with_context(|| {
+                            format!(
+                                "reading the image's size (or give --memory): {}",
+                                p.display()
+                            )
+                        })?
+                        .len(),
+                ),
+            };
             let body = CreateVm {
                 name: name.clone(),
-                memory: Amount::Text(memory),
+                memory,
                 workload,
                 dirty_rate: dirty_rate.map(Amount::Text),
                 fill,
                 guest: Some(guest),
                 priority,
                 preferred_owners: (!preferred_owners.is_empty()).then_some(preferred_owners),
+                image: image.map(|p| p.display().to_string()),
+                seed,
             };
             let v = ctx.run(ctx.peers.create_vm(n, &body))?;
             if out.json {

@@ -155,6 +155,8 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             guest: None,
             priority: None,
             preferred_owners: None,
+            image: None,
+            seed: None,
         };
         wait_for(&rt, peers.create_vm(&agents[0].spec, &vm))?;
     }

@@ -504,6 +504,8 @@ fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
         guest: None,
         priority: None,
         preferred_owners: None,
+        image: None,
+        seed: None,
     };
     let made = c.rt.block_on(peers.create_vm(a, &vm)).unwrap();
     assert_eq!(
@@ -571,4 +573,79 @@ fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
         "{err:?}"
     );
     assert!(c.rt.block_on(peers.vm(a, "..")).is_err());
+}
+
+/// Every page of `a` and `b`, compared.
+fn same_memory(a: &ferry::memory::GuestMemory, b: &ferry::memory::GuestMemory) -> bool {
+    let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+    a.pages() == b.pages()
+        && (0..a.pages()).all(|i| {
+            a.read_page(i, &mut x);
+            b.read_page(i, &mut y);
+            x == y
+        })
+}
+
+/// `image`: a VM's memory is the image, byte for byte, and a size that
+/// disagrees or a relative path is refused; `seed`: the same seed gives
+/// the same content on any node, another seed other content.
+#[test]
+fn a_vm_starts_from_its_image_or_from_its_seed() {
+    let c = Agents::start("image", &[("a", ""), ("b", "")]);
+    let dir = std::env::temp_dir().join(format!("ferry-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ram.img");
+    let src = ferry::memory::GuestMemory::new(8 << 20).unwrap();
+    ferry::memory::FillSpec::default().fill(&src, 7, 1);
+    src.save_image(&path).unwrap();
+    let image = path.to_str().unwrap();
+    let idle = |name: &str, extra: Value| {
+        let mut body = json!({"name": name, "memory": "8MiB", "workload": "idle", "dirty_rate": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(idle("img", json!({"image": image}))),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["image"], image, "{v}");
+    let guest = c.agent("a").node.guest("img").unwrap();
+    assert!(same_memory(guest.memory(), &src));
+    // The image's size is the memory's.
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "big", "memory": "16MiB", "image": image})),
+    );
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).1.contains("disagrees with image"), "{v}");
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "rel", "memory": "8MiB", "image": "ram.img"})),
+    );
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).1.contains("absolute path"), "{v}");
+    // Seeds.
+    for (name, node, seed) in [("s1", "a", 5), ("s2", "b", 5), ("s3", "b", 6)] {
+        let (s, v) = c.call(
+            Method::POST,
+            node,
+            "/v1/vms",
+            Some(idle(name, json!({"seed": seed}))),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["seed"], seed, "{v}");
+    }
+    let mem = |node: &str, vm: &str| c.agent(node).node.guest(vm).unwrap().memory().clone();
+    assert!(same_memory(&mem("a", "s1"), &mem("b", "s2")));
+    assert!(!same_memory(&mem("a", "s1"), &mem("b", "s3")));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -70,8 +70,14 @@ fn kill_and_watch(test: &str, pick_coordinator: bool) {
         ("v-low", "low"),
         ("v-off", "off"),
     ];
+    // v-high starts from an image every node reads, with its own seed.
+    let image = p.dir.join("v-high.img");
+    let ram = ferry::memory::GuestMemory::new(16 << 20).unwrap();
+    ferry::memory::FillSpec::default().fill(&ram, 3, 1);
+    ram.save_image(&image).unwrap();
+    let image = image.to_str().unwrap().to_string();
     for (vm, priority) in vms {
-        p.json(&[
+        let mut args = vec![
             "vm",
             "create",
             vm,
@@ -81,7 +87,11 @@ fn kill_and_watch(test: &str, pick_coordinator: bool) {
             "16MiB",
             "--priority",
             priority,
-        ]);
+        ];
+        if vm == "v-high" {
+            args.extend(["--image", &image, "--seed", "9"]);
+        }
+        p.json(&args);
     }
     p.signal(&victim, "-KILL");
     let killed = Instant::now();
@@ -133,6 +143,11 @@ fn kill_and_watch(test: &str, pick_coordinator: bool) {
         assert_eq!(r["last_restart"]["to"], r["node"], "{r}");
         let reason = r["last_restart"]["reason"].as_str().unwrap();
         assert!(reason.contains("lost its lease"), "{r}");
+        if vm == "v-high" {
+            // Restarted from its image, with its seed.
+            assert_eq!(r["image"], image.as_str(), "{r}");
+            assert_eq!(r["seed"], 9, "{r}");
+        }
     }
     assert!(now.iter().all(|r| r["name"] != "v-off"), "{now:?}");
     // Highest priority first.
