@@ -278,8 +278,9 @@ async fn delete_vm(
     q: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    let unresolved = node.unresolved_of(&name);
     let view = node.delete_vm(&name, q.force)?;
-    node.record_deleted(&name);
+    node.record_deleted(&name, unresolved);
     Ok(json_status(StatusCode::OK, &view))
 }
 
@@ -639,7 +640,8 @@ impl AgentHandle {
             }
             // Discarded on purpose: not restarted elsewhere either.
             for vm in vms {
-                if let Err(e) = self.node.forget_record(vm).await {
+                let unresolved = self.node.unresolved_of(vm);
+                if let Err(e) = self.node.forget_record(vm, unresolved).await {
                     tracing::warn!(%vm, error = %e, "deleting the discarded VM's record failed");
                 }
             }

@@ -90,7 +90,10 @@ impl Restarter {
         let mut starting: Vec<Todo> = Vec::new();
         for (r, rev) in mirror.vms().into_values() {
             let gone = !alive.contains(&r.node);
-            if gone && r.spec.priority != Priority::Off {
+            let failed = r.state == RecordState::Failed;
+            if (gone || failed) && r.spec.priority != Priority::Off {
+                // A failed one is tried again each round: room may have
+                // come free.
                 todo.push((r, rev));
             } else if !gone && r.state == RecordState::Restarting {
                 starting.push((r, rev));
@@ -124,7 +127,9 @@ impl Restarter {
         }
         let mut left = Vec::new();
         for (r, rev) in todo {
-            let mut not_on = None;
+            // A live node that failed to take it (or holds a superseded
+            // copy) is not asked again.
+            let mut not_on = alive.contains(&r.node).then(|| r.node.clone());
             if let Some(t) = r.migrating_to.clone().filter(|t| alive.contains(t)) {
                 // It may run there already: ask before restarting it.
                 match self.found_on(node, live, token, &r, rev, &t).await {
@@ -185,7 +190,11 @@ impl Restarter {
                 })
             }
             None => {
-                self.failed(live, token, r, rev, &why).await;
+                let error = format!(
+                    "{why} and no other live node has {} free",
+                    crate::units::Bytes(r.spec.memory)
+                );
+                self.failed(live, token, r, rev, error).await;
                 None
             }
         }
@@ -248,6 +257,7 @@ impl Restarter {
             let moved = VmRecord {
                 node: target.to_string(),
                 migrating_to: None,
+                migration: None,
                 state: RecordState::Running,
                 ..r.clone()
             };
@@ -314,6 +324,11 @@ impl Restarter {
             }
         };
         self.failures.remove(&name);
+        if r.spec.priority == Priority::Off {
+            let error = format!("{refused}; its priority is off: never restarted elsewhere");
+            self.failed(live, token, r, rev, error).await;
+            return;
+        }
         let alive = mirror.alive();
         let mut free = free_memory(node, mirror, &alive).await;
         let not_on = r.node.clone();
@@ -335,11 +350,7 @@ impl Restarter {
     }
 
     /// Marks a VM no live node can take as failed, saying why.
-    async fn failed(&mut self, live: &Liveness, token: i64, r: VmRecord, rev: i64, why: &str) {
-        let error = format!(
-            "{why} and no other live node has {} free",
-            crate::units::Bytes(r.spec.memory)
-        );
+    async fn failed(&mut self, live: &Liveness, token: i64, r: VmRecord, rev: i64, error: String) {
         if r.state == RecordState::Failed && r.error.as_ref() == Some(&error) {
             return;
         }
@@ -372,6 +383,7 @@ async fn restart(node: &Node, live: &Liveness, token: i64, plan: Plan) {
     let restarted = VmRecord {
         node: target.clone(),
         migrating_to: None,
+        migration: None,
         state: RecordState::Restarting,
         restarts: r.restarts.saturating_add(count as u32),
         last_restart: Some(Restart {

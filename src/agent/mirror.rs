@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 /// and says so.
 pub const MAX_KEYS: usize = 200_000;
 
+fn over_cap() -> EtcdError {
+    EtcdError::Invalid(format!("more than {MAX_KEYS} keys under the prefix"))
+}
+
 /// The cluster's keys as last read.
 pub struct Mirror {
     etcd: Arc<Etcd>,
@@ -59,9 +63,15 @@ impl Mirror {
             if let Err(e) = synced {
                 tracing::warn!(error = %e, "reading the cluster's state from etcd failed; reading it again");
             }
+            // Over the cap, read everything again now and then: keys may go.
+            let wait = if self.keys.lock().unwrap().truncated {
+                5000
+            } else {
+                200
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             }
         }
     }
@@ -83,6 +93,9 @@ impl Mirror {
             k.revision = revision;
         }
         self.changed.send_modify(|n| *n += 1);
+        if self.keys.lock().unwrap().truncated {
+            return Err(over_cap());
+        }
         let mut watch = Watcher::new(self.prefix.as_bytes(), revision + 1);
         loop {
             let events = watch.next(&self.etcd).await?;
@@ -92,11 +105,11 @@ impl Mirror {
                     match e {
                         WatchEvent::Put(kv) => {
                             if k.kvs.len() >= MAX_KEYS && !k.kvs.contains_key(&kv.key) {
-                                if !k.truncated {
-                                    tracing::error!("the cluster holds more than {MAX_KEYS} keys: this agent's copy is incomplete, and its coordinator acts on nothing");
-                                }
+                                tracing::error!("the cluster holds more than {MAX_KEYS} keys: this agent's copy is incomplete, and its coordinator acts on nothing");
                                 k.truncated = true;
-                                continue;
+                                drop(k);
+                                self.changed.send_modify(|n| *n += 1);
+                                return Err(over_cap());
                             }
                             k.revision = k.revision.max(kv.mod_revision);
                             k.kvs.insert(kv.key.clone(), kv);

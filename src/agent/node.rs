@@ -976,6 +976,21 @@ impl Node {
         Ok(VmView { lost, ..view })
     }
 
+    /// The id of the unresolved outgoing migration whose paused copy VM
+    /// `name` is, if it is one.
+    pub(super) fn unresolved_of(&self, name: &str) -> Option<String> {
+        let st = self.state.lock().unwrap();
+        st.migrations
+            .iter()
+            .rev()
+            .find(|m| {
+                m.vm == name
+                    && m.direction == Direction::Outgoing
+                    && m.state == MigrationState::Unresolved
+            })
+            .map(|m| m.id.clone())
+    }
+
     /// `POST /v1/migrations`: queues the migration of `vm` to `target`;
     /// it starts when one of the node's slots is free.
     pub fn request_migration(
@@ -1118,7 +1133,7 @@ impl Node {
             .unwrap_or_default();
         tracing::info!(%id, %vm, %target, "migration started");
         // A restart after this node's death asks the target first.
-        let recorded = self.record_moving(&vm, &target).await;
+        let recorded = self.record_moving(&vm, &target, &id).await;
         if recorded.is_err() {
             ctx.cancel.cancel();
         }
@@ -1128,8 +1143,8 @@ impl Node {
             report.error = Some(format!("cannot record the move in etcd: {e}"));
         }
         match report.outcome {
-            Outcome::Completed => self.record_moved(&vm, &target, true),
-            Outcome::Failed | Outcome::Cancelled => self.record_moved(&vm, &target, false),
+            Outcome::Completed => self.record_moved(&vm, &target, &id, true),
+            Outcome::Failed | Outcome::Cancelled => self.record_moved(&vm, &target, &id, false),
             // Settled by `resolve`.
             Outcome::Unresolved => {}
         }
@@ -1154,6 +1169,9 @@ impl Node {
                 // The guest runs on the target now; the paused copy here goes.
                 (Outcome::Completed, _) => gone = st.vms.remove(&vm),
                 (Outcome::Unresolved, Some(v)) => {
+                    // Superseded: restarted elsewhere, after the cluster
+                    // has asked the target (the record still marks it).
+                    superseded = v.superseded;
                     v.state = if v.superseded {
                         VmState::Superseded
                     } else {
@@ -1251,6 +1269,10 @@ impl Node {
         if let Err(why) = settle(run_on, hosted.as_deref()) {
             return Err(NodeError::Conflict(format!("{checked}: {why}")));
         }
+        if run_on == "source" {
+            // The cluster may have restarted it elsewhere meanwhile.
+            self.record_kept(&vm, id).await?;
+        }
         let mut st = self.state.lock().unwrap();
         let fenced = st.fenced;
         let forced = hosted.as_deref() == Some("unknown");
@@ -1283,7 +1305,7 @@ impl Node {
         let view = e.view(false);
         drop(st);
         drop(gone);
-        self.record_moved(&vm, &target, run_on == "destination");
+        self.record_moved(&vm, &target, id, run_on == "destination");
         if superseded {
             self.restart_superseded(&vm);
         }
@@ -1406,19 +1428,22 @@ impl Node {
     pub fn vm_arrived(&self, session: u64, guest: &Arc<dyn MigratableGuest>, resumed: bool) {
         let mut st = self.state.lock().unwrap();
         let fenced = st.fenced;
-        let Some((name, source)) = st
+        let Some((name, source, id)) = st
             .migrations
             .iter()
             .find(|m| m.session == Some(session))
-            .map(|m| (m.vm.clone(), m.source.clone()))
+            .map(|m| (m.vm.clone(), m.source.clone(), m.id.clone()))
         else {
             return;
         };
-        let mut superseded = false;
-        if let Some(vm) = st.vms.get_mut(&name) {
-            if vm.arriving != Some(session) {
-                return;
-            }
+        let Some(vm) = st
+            .vms
+            .get_mut(&name)
+            .filter(|vm| vm.arriving == Some(session))
+        else {
+            return;
+        };
+        {
             if let Some(w) = guest.workload() {
                 vm.spec.workload = w.pattern;
                 vm.spec.dirty_rate = w.dirty_rate;
@@ -1427,7 +1452,7 @@ impl Node {
             vm.guest = Some(guest.clone());
             if resumed {
                 // Arrived at a node that fenced itself meanwhile: it waits.
-                superseded = !vm.run_unless_fenced(fenced);
+                vm.run_unless_fenced(fenced);
             } else {
                 vm.state = if vm.superseded {
                     VmState::Superseded
@@ -1437,15 +1462,11 @@ impl Node {
             }
             vm.arriving = None;
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
-        } else {
-            return;
         }
+        let superseded = vm.superseded;
         drop(st);
         // The record names this node from now.
-        self.claim_arrived(&name, &source);
-        if superseded {
-            self.restart_superseded(&name);
-        }
+        self.claim_arrived(&name, &source, &id, superseded);
         self.changed.notify_waiters();
     }
 

@@ -127,8 +127,10 @@ impl Node {
 
     /// `POST /v1/vms`: creates the VM here, paused, then its record, then
     /// runs it (unless the node fenced itself meanwhile). A record that
-    /// names another node refuses the name; one that names this node as
-    /// restarting is the coordinator's restart, which this completes.
+    /// names another node, or marks a migration, refuses the name; one that
+    /// names this node as restarting is the coordinator's restart, which
+    /// this completes. When etcd cannot say whether the record was written,
+    /// the VM stays held here and runs once it can.
     pub async fn create_vm_recorded(self: &Arc<Self>, spec: VmSpec) -> Result<VmView, NodeError> {
         let node = self.clone();
         let local = spec.clone();
@@ -136,54 +138,73 @@ impl Node {
         tokio::task::spawn_blocking(move || node.build_vm(local))
             .await
             .map_err(|e| NodeError::Unavailable(format!("creating the VM failed: {e}")))??;
-        let me = self.name().to_string();
-        let recorded = self
-            .edit(&spec.name, |r| match r {
-                None => Edit::Put(Box::new(VmRecord::new(spec.clone(), &me))),
-                Some(r) if r.node == me && r.state == RecordState::Restarting => {
-                    Edit::Put(Box::new(VmRecord {
-                        state: RecordState::Running,
-                        error: None,
-                        ..r.clone()
-                    }))
-                }
-                Some(r) if r.node == me && r.state == RecordState::Running => Edit::Done,
-                Some(r) => Edit::Refuse(format!(
-                    "VM {} is already on node {} ({})",
-                    spec.name,
-                    r.node,
-                    super::node::name_of(&r.state)
-                )),
-            })
-            .await;
-        if let Err(e) = recorded {
-            // Never ran: nothing of it is lost.
-            self.unbuild(&spec.name);
-            return Err(e.into());
+        let created = created(self.name(), &spec);
+        match self.edit(&spec.name, &created).await {
+            Ok(()) => {}
+            Err(RecordError::Refused(why)) => {
+                // Never ran: nothing of it is lost.
+                self.unbuild(&spec.name);
+                return Err(NodeError::Conflict(why));
+            }
+            Err(e) => {
+                // Perhaps written: held until etcd says.
+                let (node, name) = (self.clone(), spec.name.clone());
+                tokio::spawn(async move { node.finish_create(&name, created).await });
+                return Err(NodeError::Unavailable(format!(
+                    "VM {} waits, paused, for its record ({e}); it runs once etcd answers",
+                    spec.name
+                )));
+            }
         }
-        if !self.run_created(&spec.name) {
-            // Its lease lapsed meanwhile: started again by the coordinator.
-            self.restart_superseded(&spec.name);
-        }
+        self.start_created(&spec.name);
         self.vm(&spec.name)
     }
 
-    /// Before a migration of `vm` to `target`: marks the record, so that a
-    /// restart after this node's death first asks `target`. The record must
-    /// name this node, or be handed to it by the migration that brought the
-    /// VM here (then this claims it).
-    pub(super) async fn record_moving(&self, vm: &str, target: &str) -> Result<(), RecordError> {
+    /// Runs a VM whose record is written (or marks it for a restart
+    /// elsewhere if the node's lease lapsed meanwhile).
+    fn start_created(&self, name: &str) {
+        if !self.run_created(name) {
+            self.restart_superseded(name);
+        }
+    }
+
+    /// Retries a create's record edit until etcd says; then runs the VM, or
+    /// drops it if the record names another node.
+    async fn finish_create(&self, name: &str, created: impl Fn(Option<&VmRecord>) -> Edit) {
+        let mut wait = Duration::from_millis(250);
+        loop {
+            match self.edit(name, &created).await {
+                Ok(()) => return self.start_created(name),
+                Err(RecordError::Refused(why)) => {
+                    tracing::warn!(vm = %name, "not created: {why}");
+                    return self.unbuild(name);
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "writing the new VM's record failed; trying again")
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Before migration `id` of `vm` to `target`: marks the record, so that
+    /// a restart after this node's death first asks `target`. The record
+    /// must name this node.
+    pub(super) async fn record_moving(
+        &self,
+        vm: &str,
+        target: &str,
+        id: &str,
+    ) -> Result<(), RecordError> {
         let me = self.name().to_string();
         self.edit(vm, |r| match r {
-            Some(r) if r.node == me && r.migrating_to.as_deref() == Some(target) => Edit::Done,
-            Some(r) if r.node == me || r.migrating_to.as_deref() == Some(me.as_str()) => {
-                Edit::Put(Box::new(VmRecord {
-                    node: me.clone(),
-                    migrating_to: Some(target.to_string()),
-                    state: RecordState::Running,
-                    ..r.clone()
-                }))
-            }
+            Some(r) if r.node == me && r.migration.as_deref() == Some(id) => Edit::Done,
+            Some(r) if r.node == me => Edit::Put(Box::new(VmRecord {
+                migrating_to: Some(target.to_string()),
+                migration: Some(id.to_string()),
+                ..r.clone()
+            })),
             Some(r) => Edit::Refuse(format!(
                 "the record of VM {vm} names node {}, not this one",
                 r.node
@@ -193,13 +214,14 @@ impl Node {
         .await
     }
 
-    /// After a migration of `vm` to `target`: the record names the target
-    /// when it runs there, and no move otherwise; written in the background
-    /// until it is (the target's own claim may come first).
-    pub(super) fn record_moved(&self, vm: &str, target: &str, handed_over: bool) {
-        let (me, target) = (self.name().to_string(), target.to_string());
+    /// After migration `id` of `vm` to `target`: the record names the
+    /// target when it runs there, and no move otherwise; written in the
+    /// background until it is (the target's own claim may come first). Only
+    /// a record marked for this very migration changes.
+    pub(super) fn record_moved(&self, vm: &str, target: &str, id: &str, handed_over: bool) {
+        let (me, target, id) = (self.name().to_string(), target.to_string(), id.to_string());
         self.edit_in_background(vm, "recording the migration's end", move |r| match r {
-            Some(r) if r.node == me && r.migrating_to.as_deref() == Some(target.as_str()) => {
+            Some(r) if r.node == me && r.migration.as_deref() == Some(id.as_str()) => {
                 Edit::Put(Box::new(VmRecord {
                     node: if handed_over {
                         target.clone()
@@ -207,6 +229,7 @@ impl Node {
                         me.clone()
                     },
                     migrating_to: None,
+                    migration: None,
                     ..r.clone()
                 }))
             }
@@ -215,25 +238,62 @@ impl Node {
         });
     }
 
-    /// A guest of `source` arrived here: the record names this node from
-    /// now (the source writes the same when it learns of the hand-off).
-    pub(super) fn claim_arrived(&self, vm: &str, source: &str) {
-        let (me, source) = (self.name().to_string(), source.to_string());
-        self.edit_in_background(vm, "claiming the arrived VM's record", move |r| match r {
-            Some(r) if r.node == me => Edit::Done,
-            Some(r) if r.node == source && r.migrating_to.as_deref() == Some(me.as_str()) => {
+    /// Before resuming the source's copy of unresolved migration `id`: the
+    /// record must still name this node for that migration, and loses the
+    /// mark; refused when the cluster has moved the VM on meanwhile.
+    pub(super) async fn record_kept(&self, vm: &str, id: &str) -> Result<(), RecordError> {
+        let me = self.name().to_string();
+        self.edit(vm, |r| match r {
+            Some(r) if r.node == me && r.migration.as_deref() == Some(id) => {
                 Edit::Put(Box::new(VmRecord {
-                    node: me.clone(),
                     migrating_to: None,
-                    state: RecordState::Running,
+                    migration: None,
                     ..r.clone()
                 }))
             }
+            Some(r) if r.node == me && r.migration.is_none() => Edit::Done,
             Some(r) => Edit::Refuse(format!(
-                "the record names node {} (moving to {:?}), not a hand-off from {source}",
-                r.node, r.migrating_to
+                "the record of VM {vm} names node {} ({}): the cluster moved it on, so the paused copy here must not run",
+                r.node,
+                super::node::name_of(&r.state)
             )),
-            None => Edit::Refuse("the VM has no record in the cluster's store".into()),
+            None => Edit::Refuse(format!(
+                "VM {vm} has no record in the cluster's store any more: the paused copy here must not run"
+            )),
+        })
+        .await
+    }
+
+    /// Guest of migration `id` from `source` arrived here: the record names
+    /// this node from now (the source writes the same when it learns of the
+    /// hand-off); as restarting elsewhere if the copy here is `superseded`.
+    pub(super) fn claim_arrived(&self, vm: &str, source: &str, id: &str, superseded: bool) {
+        let (me, source, id) = (self.name().to_string(), source.to_string(), id.to_string());
+        let mark = restarting_here(&me, &format!("node {me} lost its lease"));
+        self.edit_in_background(vm, "claiming the arrived VM's record", move |r| {
+            let here = match r {
+                Some(r) if r.node == me => r.clone(),
+                Some(r) if r.node == source && r.migration.as_deref() == Some(id.as_str()) => {
+                    VmRecord {
+                        node: me.clone(),
+                        migrating_to: None,
+                        migration: None,
+                        ..r.clone()
+                    }
+                }
+                Some(r) => {
+                    return Edit::Refuse(format!(
+                        "the record names node {} (moving to {:?}), not a hand-off from {source}",
+                        r.node, r.migrating_to
+                    ))
+                }
+                None => return Edit::Refuse("the VM has no record in the cluster's store".into()),
+            };
+            match (superseded, Some(&here) == r) {
+                (true, _) if here.state == RecordState::Running => mark(Some(&here)),
+                (_, true) => Edit::Done,
+                _ => Edit::Put(Box::new(here)),
+            }
         });
     }
 
@@ -274,21 +334,28 @@ impl Node {
     }
 
     /// VM `name` was discarded by a forced stop: its record goes now (see
-    /// [`forgotten`]).
-    pub(super) async fn forget_record(&self, name: &str) -> Result<(), RecordError> {
-        self.edit(name, forgotten(self.name())).await
+    /// [`forgotten`]); `unresolved` is the id of the unresolved migration
+    /// whose paused copy it was.
+    pub(super) async fn forget_record(
+        &self,
+        name: &str,
+        unresolved: Option<String>,
+    ) -> Result<(), RecordError> {
+        self.edit(name, forgotten(self.name(), unresolved)).await
     }
 
     /// VM `name` was deleted here: its record goes, in the background (see
     /// [`forgotten`]).
-    pub(super) fn record_deleted(&self, name: &str) {
-        self.edit_in_background(name, "deleting the VM's record", forgotten(self.name()));
+    pub(super) fn record_deleted(&self, name: &str, unresolved: Option<String>) {
+        let edit = forgotten(self.name(), unresolved);
+        self.edit_in_background(name, "deleting the VM's record", edit);
     }
 
     /// VM `name` is superseded here (this node's lease expired): if its
-    /// record still names this node as running it (or hands it here), it is
-    /// marked restarting, so the coordinator starts it on another node (the
-    /// copy here never runs again).
+    /// record still names this node as running it (or failed), it is marked
+    /// restarting, so the coordinator starts it on another node (the copy
+    /// here never runs again), after asking the target of a migration it is
+    /// marked for.
     pub(super) fn restart_superseded(&self, name: &str) {
         let me = self.name().to_string();
         let mark = restarting_here(&me, &format!("node {me} lost its lease"));
@@ -296,20 +363,40 @@ impl Node {
             name,
             "marking the superseded VM for a restart",
             move |r| match r {
-                Some(r)
-                    if r.state == RecordState::Running
-                        && (r.node == me || r.migrating_to.as_deref() == Some(me.as_str())) =>
-                {
-                    let here = VmRecord {
-                        node: me.clone(),
-                        migrating_to: None,
-                        ..r.clone()
-                    };
-                    mark(Some(&here))
-                }
+                Some(r) if r.node == me => mark(Some(r)),
                 _ => Edit::Done,
             },
         );
+    }
+}
+
+/// The edit that writes a new VM's record, or completes a restart.
+fn created(me: &str, spec: &VmSpec) -> impl Fn(Option<&VmRecord>) -> Edit + Send + Sync + 'static {
+    let (me, spec) = (me.to_string(), spec.clone());
+    move |r| match r {
+        None => Edit::Put(Box::new(VmRecord::new(spec.clone(), &me))),
+        Some(r) if r.node == me && r.state == RecordState::Restarting => {
+            // The coordinator asked the migration's target first.
+            Edit::Put(Box::new(VmRecord {
+                state: RecordState::Running,
+                migrating_to: None,
+                migration: None,
+                error: None,
+                ..r.clone()
+            }))
+        }
+        Some(r) if r.node == me && r.state == RecordState::Running && r.migration.is_none() => {
+            Edit::Done
+        }
+        Some(r) => Edit::Refuse(format!(
+            "VM {} is already on node {} ({}{})",
+            spec.name,
+            r.node,
+            super::node::name_of(&r.state),
+            r.migrating_to
+                .as_ref()
+                .map_or(String::new(), |t| format!(", moving to {t}"))
+        )),
     }
 }
 
@@ -338,27 +425,36 @@ fn restarting_here(me: &str, why: &str) -> impl Fn(Option<&VmRecord>) -> Edit + 
 }
 
 /// The edit for a VM gone from node `me` for good: its record goes if it
-/// names `me`. One marked for a migration is handed to the target instead,
-/// to be restarted there unless it runs there already: the target may hold
-/// the last copy.
-fn forgotten(me: &str) -> impl Fn(Option<&VmRecord>) -> Edit + Send + Sync {
+/// names `me`, or is being handed to `me` by a migration whose claim has
+/// not landed. If the VM was the paused copy of unresolved migration
+/// `unresolved`, still marked in the record, the record is handed to that
+/// migration's target instead, to be restarted there unless it runs there
+/// already: the target may hold the last copy.
+fn forgotten(
+    me: &str,
+    unresolved: Option<String>,
+) -> impl Fn(Option<&VmRecord>) -> Edit + Send + Sync + 'static {
     let me = me.to_string();
     move |r| match r {
-        Some(r) if r.node == me => match &r.migrating_to {
-            Some(t) => Edit::Put(Box::new(VmRecord {
-                node: t.clone(),
-                migrating_to: None,
-                state: RecordState::Restarting,
-                last_restart: Some(Restart {
-                    at_ms: now_ms(),
-                    reason: format!("node {me} discarded its copy during a hand-off"),
-                    from: me.clone(),
-                    to: t.clone(),
-                }),
-                ..r.clone()
-            })),
-            None => Edit::Delete,
+        Some(r) if r.node == me => match (&r.migrating_to, &r.migration) {
+            (Some(t), Some(id)) if unresolved.as_ref() == Some(id) => {
+                Edit::Put(Box::new(VmRecord {
+                    node: t.clone(),
+                    migrating_to: None,
+                    migration: None,
+                    state: RecordState::Restarting,
+                    last_restart: Some(Restart {
+                        at_ms: now_ms(),
+                        reason: format!("node {me} discarded its copy during a hand-off"),
+                        from: me.clone(),
+                        to: t.clone(),
+                    }),
+                    ..r.clone()
+                }))
+            }
+            _ => Edit::Delete,
         },
+        Some(r) if r.migrating_to.as_deref() == Some(me.as_str()) => Edit::Delete,
         _ => Edit::Done,
     }
 }

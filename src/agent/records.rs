@@ -74,6 +74,9 @@ pub struct VmRecord {
     /// Set while a migration to that node may hand it over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrating_to: Option<String>,
+    /// That migration's id: only its own end changes the mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
     /// Running, restarting, or failed.
     pub state: RecordState,
     /// Times it was restarted on another node.
@@ -104,6 +107,7 @@ impl VmRecord {
             spec,
             node: node.to_string(),
             migrating_to: None,
+            migration: None,
             state: RecordState::Running,
             restarts: 0,
             last_restart: None,
@@ -120,6 +124,7 @@ impl VmRecord {
         let texts = [
             Some(&self.node),
             self.migrating_to.as_ref(),
+            self.migration.as_ref(),
             self.error.as_ref(),
         ];
         if texts.iter().flatten().any(|t| t.len() > MAX_TEXT) {

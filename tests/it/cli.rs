@@ -573,3 +573,40 @@ fn tls_with_a_pinned_certificate_from_the_command_line() {
     assert_eq!(dst["encrypted"], true);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The systemd unit the README's setup installs: its `ExecStart` is a
+/// command line `ferry agent` takes (it gets as far as reading the cluster
+/// file), and stopping waits for the drain however long it takes.
+#[test]
+fn the_systemd_unit_runs_an_agent_and_waits_for_its_drain() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ferry-agent.service"),
+    )
+    .unwrap();
+    let line = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+            .to_string()
+    };
+    assert_eq!(line("TimeoutStopSec="), "infinity");
+    let exec = line("ExecStart=");
+    let mut args: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(args.remove(0), "/usr/local/bin/ferry");
+    let dir = std::env::temp_dir().join(format!("ferry-unit-{}", std::process::id()));
+    let file = dir.join("cluster.toml");
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| match *a {
+            "/etc/ferry/cluster.toml" => file.display().to_string(),
+            "%H" => "somehost".to_string(),
+            a => a.to_string(),
+        })
+        .collect();
+    let out = ferry().args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    // Not a usage error: the arguments parsed, the file is missing.
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(!stderr.contains("Usage:"), "{stderr}");
+}

@@ -27,6 +27,11 @@ struct Pair {
 
 impl Pair {
     fn start(test: &str, fault: &str) -> Self {
+        Self::start_with(test, fault, "")
+    }
+
+    /// As [`Pair::start`], with `top` (the etcd settings) in the file.
+    fn start_with(test: &str, fault: &str, top: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("ferry-resolve-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -35,7 +40,7 @@ impl Pair {
             b"resolve-test-token",
         )
         .unwrap();
-        let mut text = "token_file = \"cluster.token\"\ninsecure_api = true\n".to_string();
+        let mut text = format!("token_file = \"cluster.token\"\ninsecure_api = true\n{top}\n");
         let mut controls = Vec::new();
         for name in ["a", "b"] {
             let control = format!("127.0.0.1:{}", free_port());
@@ -204,4 +209,46 @@ fn a_target_stopped_after_go_runs_the_vm_once_resumed_and_resolution_follows_it(
     assert_eq!(s, 0, "{m}");
     assert_eq!(m["state"], "completed");
     assert_eq!(p.vms(), [("web".into(), "b".into(), "running".into())]);
+}
+
+/// With etcd, the source's paused copy of an unresolved migration runs
+/// again only while the VM's record still names the source for that
+/// migration: once the cluster has moved the VM on (here the record is
+/// rewritten as the coordinator's restart would), resolving to the source
+/// is refused even with force, and the copy stays paused.
+#[test]
+fn resolving_to_the_source_is_refused_once_the_cluster_moved_the_vm_on() {
+    if !common::etcd::available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "resolve-moved";
+    let e = common::etcd::EtcdCluster::start(test, 1);
+    let top = format!(
+        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
+        e.endpoints()[0]
+    );
+    let mut p = Pair::start_with(test, "after-go:kill", &top);
+    let id = p.unresolved_migration();
+    p.b.as_mut().unwrap().wait().unwrap();
+    let etcd = e.client();
+    let key = format!("/{test}/vms/web");
+    let kv = e.rt.block_on(etcd.get(key.as_bytes())).unwrap().unwrap();
+    let mut record: Value = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(record["node"], "a", "{record}");
+    assert_eq!(record["migrating_to"], "b", "{record}");
+    assert_eq!(record["migration"], id.as_str(), "{record}");
+    // The cluster restarts web on b.
+    record["node"] = "b".into();
+    record["state"] = "restarting".into();
+    record.as_object_mut().unwrap().remove("migrating_to");
+    record.as_object_mut().unwrap().remove("migration");
+    let json = serde_json::to_vec(&record).unwrap();
+    e.rt.block_on(etcd.put(key.as_bytes(), &json, None))
+        .unwrap();
+    let out = p.run(&["resolve", &id, "--run-on", "source", "--force"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr.contains("the cluster moved it on"), "{stderr}");
+    assert_eq!(p.vms(), [("web".into(), "a".into(), "paused".into())]);
 }
