@@ -684,8 +684,13 @@ fn agent(a: AgentArgs) -> Result<ExitCode> {
         let handle = ferry::agent::serve_agent_with(cluster, &node, a.fault)
             .await
             .with_context(|| format!("cannot start node {node}"))?;
+        let scheme = if handle.node.cluster.insecure_api {
+            "http"
+        } else {
+            "https"
+        };
         eprintln!(
-            "node {node} running: control API http://{}/v1, migrations on {}",
+            "node {node} running: control API {scheme}://{}/v1, migrations on {}",
             handle.control_addr, handle.data_addr
         );
         tokio::select! {

@@ -66,7 +66,7 @@ async fn ask(node: &Node, on: &str, vm: &str) -> Found {
             VmState::Running | VmState::Paused | VmState::MigratingOut | VmState::Fenced => {
                 Found::Runs
             }
-            VmState::MigratingIn => Found::Coming,
+            VmState::MigratingIn | VmState::Creating => Found::Coming,
             VmState::Superseded => Found::Superseded,
         },
         Err(PeerError::Api { status: 404, .. }) => Found::Absent,

@@ -39,6 +39,9 @@ pub enum VmState {
     MigratingOut,
     /// Arriving: its memory is being received.
     MigratingIn,
+    /// Being created: its memory is filled (or read from its image) and,
+    /// with etcd, its record written; it runs next.
+    Creating,
     /// Paused because the node could not renew its lease in etcd; it runs
     /// again if the lease is renewed in time.
     Fenced,
@@ -237,7 +240,11 @@ impl Vm {
     fn reserved(spec: VmSpec, arriving: Option<u64>) -> Self {
         Self {
             spec,
-            state: VmState::MigratingIn,
+            state: if arriving.is_some() {
+                VmState::MigratingIn
+            } else {
+                VmState::Creating
+            },
             guest: None,
             arriving,
             superseded: false,
@@ -776,7 +783,7 @@ impl Node {
     }
 
     /// Builds a VM, its guest held paused until [`Self::run_created`]
-    /// (listed as `migrating-in` meanwhile). Filling its memory takes a
+    /// (listed as `creating` meanwhile). Filling its memory takes a
     /// while for large guests, with the VM's name and memory reserved.
     pub(super) fn build_vm(&self, spec: VmSpec) -> Result<(), NodeError> {
         if spec.guest == GuestKind::Kvm {
@@ -865,9 +872,7 @@ impl Node {
         let gone = {
             let mut st = self.state.lock().unwrap();
             match st.vms.get(name) {
-                Some(vm) if vm.state == VmState::MigratingIn && vm.arriving.is_none() => {
-                    st.vms.remove(name)
-                }
+                Some(vm) if vm.state == VmState::Creating => st.vms.remove(name),
                 _ => None,
             }
         };
@@ -917,6 +922,11 @@ impl Node {
         let vm = st.vms.get(name).ok_or_else(|| {
             NodeError::NotFound(format!("no VM {name:?} on node {}", self.spec.name))
         })?;
+        if vm.state == VmState::Creating {
+            return Err(NodeError::Conflict(format!(
+                "VM {name} is being created; delete it once it runs"
+            )));
+        }
         if matches!(vm.state, VmState::MigratingIn | VmState::MigratingOut)
             || st
                 .queue
