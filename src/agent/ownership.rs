@@ -190,7 +190,7 @@ impl Node {
 
     /// Before migration `id` of `vm` to `target`: marks the record, so that
     /// a restart after this node's death first asks `target`. The record
-    /// must name this node.
+    /// must name this node (or be handed to it).
     pub(super) async fn record_moving(
         &self,
         vm: &str,
@@ -200,11 +200,17 @@ impl Node {
         let me = self.name().to_string();
         self.edit(vm, |r| match r {
             Some(r) if r.node == me && r.migration.as_deref() == Some(id) => Edit::Done,
-            Some(r) if r.node == me => Edit::Put(Box::new(VmRecord {
-                migrating_to: Some(target.to_string()),
-                migration: Some(id.to_string()),
-                ..r.clone()
-            })),
+            // Or handed here by the migration that brought the VM, whose
+            // claim has not landed yet: claimed now.
+            Some(r) if r.node == me || r.migrating_to.as_deref() == Some(me.as_str()) => {
+                Edit::Put(Box::new(VmRecord {
+                    node: me.clone(),
+                    migrating_to: Some(target.to_string()),
+                    migration: Some(id.to_string()),
+                    state: RecordState::Running,
+                    ..r.clone()
+                }))
+            }
             Some(r) => Edit::Refuse(format!(
                 "the record of VM {vm} names node {}, not this one",
                 r.node
