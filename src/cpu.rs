@@ -9,14 +9,20 @@ use std::time::Duration;
 /// The calling thread's CPU time so far (`CLOCK_THREAD_CPUTIME_ID`): what a
 /// piece of work cost this thread, unlike wall time, which grows while the
 /// thread waits for a core. `None` where the clock is missing.
-#[allow(unsafe_code)]
 pub fn thread_cpu_time() -> Option<Duration> {
+    clock_time(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// Clock `id`'s reading (`clock_gettime`); `None` where it is missing.
+#[allow(unsafe_code)]
+pub fn clock_time(id: libc::clockid_t) -> Option<Duration> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; the call writes only it.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; the call writes only it,
+    // and an unknown `id` is an error return, not undefined behaviour.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
     (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 

@@ -7,15 +7,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Time since boot, suspends included; `None` where the clock is missing.
-#[allow(unsafe_code)]
 fn since_boot() -> Option<Duration> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the call writes only it.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    crate::cpu::clock_time(libc::CLOCK_BOOTTIME)
 }
 
 /// An `Instant` and the boot clock read together.
