@@ -125,6 +125,10 @@ struct AgentArgs {
     /// This node's name in the cluster file.
     #[arg(long)]
     node: Option<String>,
+    /// Where the agent keeps the paused last copies of VMs across restarts
+    /// (default: the cluster file's `state_dir` for this node).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Inject a fault into incoming migrations (tests): POINT:KIND.
     #[arg(long, hide = true)]
     fault: Option<ferry::migration::fault::Fault>,
@@ -674,10 +678,15 @@ fn agent(a: AgentArgs) -> Result<ExitCode> {
     let node = a
         .node
         .ok_or_else(|| usage("--node: which node of the cluster file to run"))?;
-    let cluster = ferry::agent::Cluster::load(&a.cluster).map_err(|e| usage(e.to_string()))?;
+    let mut cluster = ferry::agent::Cluster::load(&a.cluster).map_err(|e| usage(e.to_string()))?;
     cluster
         .require_node(&node)
         .map_err(|e| usage(format!("--node: {e}")))?;
+    if let Some(dir) = a.state_dir {
+        if let Some(n) = cluster.nodes.iter_mut().find(|n| n.name == node) {
+            n.state_dir = dir;
+        }
+    }
     let cpu = CpuMeter::new();
     let rt = ferry::transport::runtime("ferry-agent", 2, &cpu)?;
     rt.block_on(async {

@@ -8,7 +8,7 @@
 //! status.
 
 use super::cluster::Cluster;
-use super::node::{Node, NodeError, NodeMode, VmSpec};
+use super::node::{Node, NodeError, VmSpec};
 use super::request::{
     Amount, CreateMigration, CreateVm, Drain, MigrationParams, Resolve, Resume, Stop, Stopping,
     Switch, Update,
@@ -624,6 +624,8 @@ pub struct AgentHandle {
     /// With a store: the task renewing the node's lease, and its own stop
     /// (it renews until the other tasks have ended).
     keep: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// With a store: the writer of the node's own records, and its stop.
+    journal: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl AgentHandle {
@@ -659,6 +661,16 @@ impl AgentHandle {
         self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+        // What the node recorded lands before its lease goes.
+        if let Some((stop, task)) = self.journal {
+            if let Some(j) = self.node.journal.get() {
+                if !j.flush(Duration::from_secs(10)).await {
+                    tracing::error!("stopping before every record reached etcd");
+                }
+            }
+            stop.cancel();
+            let _ = task.await;
         }
         // A clean stop: the node is known gone at once.
         if let Some((stop, task)) = self.keep {
@@ -734,6 +746,17 @@ pub async fn serve_agent_with(
             .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
         let live = Arc::new(live);
         let _ = node.liveness.set(live.clone());
+        let _ = node.journal.set(Arc::new(super::journal::Journal::new(
+            live.etcd().clone(),
+            live.prefix(),
+            &node.spec.name,
+        )));
+        if let Err(e) = node.restore().await {
+            live.revoke().await;
+            return Err(std::io::Error::other(format!(
+                "reading this node's records in etcd: {e}"
+            )));
+        }
         if let Err(e) = node.adopt_records().await {
             live.revoke().await;
             return Err(std::io::Error::other(format!(
@@ -748,7 +771,17 @@ pub async fn serve_agent_with(
         });
         keep = Some((until, task));
     }
+    if node.journal.get().is_none() {
+        node.restore().await.map_err(std::io::Error::other)?;
+    }
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(node.clone().keep_copies(stop.clone())));
+    // The journal writes until the lease is revoked, after the other tasks.
+    let journal_stop = CancellationToken::new();
+    let journal_task = node.journal.get().cloned().map(|j| {
+        let until = journal_stop.clone();
+        tokio::spawn(async move { j.run(until).await })
+    });
     if let Some(live) = node.liveness.get().cloned() {
         let mirror = Arc::new(super::mirror::Mirror::new(
             live.etcd().clone(),
@@ -789,7 +822,7 @@ pub async fn serve_agent_with(
         stop.clone(),
     )));
     tracing::info!(node = %node.spec.name, control = %control_addr, data = %data_addr, "agent running");
-    node.set_mode(NodeMode::Active);
+    node.start_mode();
     Ok(AgentHandle {
         node,
         control_addr,
@@ -797,5 +830,6 @@ pub async fn serve_agent_with(
         stop,
         tasks,
         keep,
+        journal: journal_task.map(|t| (journal_stop, t)),
     })
 }

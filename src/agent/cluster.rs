@@ -21,6 +21,11 @@
 //! `insecure_api = true` serves the API over plain HTTP instead (a trusted,
 //! isolated network: loopback demos).
 //!
+//! `state_dir` (top level, default `state` beside the file) holds each
+//! node's folder, `{state_dir}/{node}`, where its agent keeps the paused
+//! last copies of VMs across restarts; a `[[node]]` may name its own folder
+//! with `state_dir`, and `ferry agent --state-dir` overrides both.
+//!
 //! Relative paths resolve against the file's own folder; the token is the
 //! token file's content with surrounding white space trimmed. Sizes and rates
 //! take the CLI's unit strings (or plain integers: bytes, bytes per second).
@@ -82,6 +87,7 @@ struct RawCluster {
     key_file: Option<PathBuf>,
     tls: Option<bool>,
     insecure_api: Option<bool>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default)]
@@ -127,6 +133,7 @@ struct RawNode {
     update_hook: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
 }
 
 /// One node of the cluster, defaults applied.
@@ -153,6 +160,9 @@ pub struct NodeSpec {
     pub api_cert: Option<Vec<u8>>,
     /// Its certificate's private key file, for its own agent.
     pub api_key_file: Option<PathBuf>,
+    /// Where its agent keeps what must outlive its process: the paused last
+    /// copies of VMs (`guests/`).
+    pub state_dir: PathBuf,
 }
 
 /// A cluster file, read and checked.
@@ -388,7 +398,14 @@ impl Cluster {
                     )))
                 }
             };
+            let state_dir = match &n.state_dir {
+                Some(d) => dir.join(d),
+                None => dir
+                    .join(raw.state_dir.as_deref().unwrap_or(Path::new("state")))
+                    .join(&n.name),
+            };
             nodes.push(NodeSpec {
+                state_dir,
                 api_cert,
                 api_key_file: n.tls_key.as_ref().map(|k| dir.join(k)),
                 name: n.name,

@@ -252,6 +252,23 @@ impl Vm {
         }
     }
 
+    /// A paused copy read back from the node's disk after a restart.
+    pub(super) fn kept(spec: VmSpec, state: VmState, guest: Arc<dyn MigratableGuest>) -> Self {
+        Self {
+            spec,
+            state,
+            guest: Some(guest),
+            arriving: None,
+            superseded: state == VmState::Superseded,
+            held: true,
+        }
+    }
+
+    /// Whether it arrives now.
+    pub(super) fn arriving(&self) -> bool {
+        self.arriving.is_some()
+    }
+
     /// After a migration that handed nothing over, or once created or
     /// arrived: it runs here, stays paused while the node is fenced, or for
     /// good once superseded. False when superseded.
@@ -359,6 +376,10 @@ pub struct MigrationView {
     /// How an unresolved migration was settled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolution: Option<Resolution>,
+    /// An unresolved migration's paused guest, saved on this node's disk
+    /// so the agent holds it across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_guest: Option<String>,
 }
 
 pub(super) struct MigrationEntry {
@@ -424,7 +445,44 @@ impl MigrationEntry {
             progress,
             report: self.report.clone(),
             resolution: self.resolution.clone(),
+            saved_guest: None,
         }
+    }
+
+    /// An unresolved outgoing migration read back after a restart, so that
+    /// `resolve` settles it as before.
+    pub(super) fn restored(view: &MigrationView) -> Self {
+        Self {
+            id: view.id.clone(),
+            vm: view.vm.clone(),
+            source: view.source.clone(),
+            target: view.target.clone(),
+            direction: view.direction,
+            state: view.state,
+            created_at_ms: view.created_at_ms,
+            started_at_ms: view.started_at_ms,
+            finished_at_ms: view.finished_at_ms,
+            created: Instant::now(),
+            started: None,
+            operation: view.operation.clone(),
+            config: MigrationConfig::default(),
+            ctx: RunContext::default(),
+            report: view.report.clone(),
+            error: view.error.clone(),
+            eta_end: None,
+            resolution: view.resolution.clone(),
+            session: None,
+        }
+    }
+
+    /// The VM it moves.
+    pub(super) fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// Where it moves the VM.
+    pub(super) fn target(&self) -> &str {
+        &self.target
     }
 
     fn progress(&mut self) -> ProgressView {
@@ -564,9 +622,11 @@ pub struct Metrics {
 
 #[derive(Default)]
 pub(super) struct State {
-    mode: Option<NodeMode>,
+    pub(super) mode: Option<NodeMode>,
     pub(super) vms: BTreeMap<String, Vm>,
     pub(super) migrations: Vec<MigrationEntry>,
+    /// Migrations of the agent's earlier processes, read back from etcd.
+    pub(super) history: Vec<MigrationView>,
     pub(super) queue: VecDeque<String>,
     /// The node could not renew its lease in time: its guests are paused
     /// and it takes no new work.
@@ -622,6 +682,10 @@ pub struct Node {
     pub(super) fence_actions: Mutex<()>,
     /// Itself, for the background tasks it starts.
     pub(super) this: std::sync::Weak<Node>,
+    /// With a store: the writer of its own records in etcd.
+    pub(super) journal: std::sync::OnceLock<Arc<super::journal::Journal>>,
+    /// The paused copies saved on its disk, by VM.
+    pub(super) kept: Mutex<BTreeMap<String, super::kept::KeptVm>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -674,6 +738,8 @@ impl Node {
             api_limits,
             fence_actions: Mutex::new(()),
             this: this.clone(),
+            journal: std::sync::OnceLock::new(),
+            kept: Mutex::default(),
         }))
     }
 
@@ -693,9 +759,22 @@ impl Node {
         self.state.lock().unwrap().mode()
     }
 
-    /// Sets whether it takes VMs.
+    /// Sets whether it takes VMs; an operator's choice (not a stopping
+    /// agent's) outlives the agent's restarts, in etcd.
     pub fn set_mode(&self, mode: NodeMode) {
-        self.state.lock().unwrap().mode = Some(mode);
+        let before = self.state.lock().unwrap().mode.replace(mode);
+        if before != Some(mode) && !self.stop.asked() {
+            self.journal_admin(mode);
+        }
+    }
+
+    /// At start: takes VMs unless an operator left the node paused.
+    pub(super) fn start_mode(&self) {
+        self.state
+            .lock()
+            .unwrap()
+            .mode
+            .get_or_insert(NodeMode::Active);
     }
 
     /// `GET /v1/node`.
@@ -1202,6 +1281,7 @@ impl Node {
         }
         // Its guest's threads are joined outside the node's lock.
         drop(gone);
+        self.journal_migration(&id);
         if superseded {
             self.restart_superseded(&vm);
         }
@@ -1211,16 +1291,40 @@ impl Node {
 
     /// `GET /v1/migrations`, newest last.
     pub fn migrations(&self) -> Vec<MigrationView> {
-        let mut st = self.state.lock().unwrap();
-        st.migrations.iter_mut().map(|m| m.view(false)).collect()
+        let mut views = {
+            let mut st = self.state.lock().unwrap();
+            let st = &mut *st;
+            let mut views = st.history.clone();
+            views.extend(st.migrations.iter_mut().map(|m| m.view(false)));
+            views
+        };
+        for v in &mut views {
+            self.with_saved(v);
+        }
+        views
     }
 
     /// `GET /v1/migrations/{id}`, with live progress while it runs.
     pub fn migration(&self, id: &str) -> Result<MigrationView, NodeError> {
-        let mut st = self.state.lock().unwrap();
-        st.entry(id).map(|m| m.view(true)).ok_or_else(|| {
-            NodeError::NotFound(format!("no migration {id:?} on node {}", self.spec.name))
-        })
+        let mut view = {
+            let mut st = self.state.lock().unwrap();
+            match st.entry(id) {
+                Some(m) => m.view(true),
+                None => st
+                    .history
+                    .iter()
+                    .find(|m| m.id == id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        NodeError::NotFound(format!(
+                            "no migration {id:?} on node {}",
+                            self.spec.name
+                        ))
+                    })?,
+            }
+        };
+        self.with_saved(&mut view);
+        Ok(view)
     }
 
     /// `POST /v1/migrations/{id}/resolve`: settles an unresolved migration
@@ -1315,6 +1419,7 @@ impl Node {
         let view = e.view(false);
         drop(st);
         drop(gone);
+        self.journal_migration(id);
         self.record_moved(&vm, &target, id, run_on == "destination");
         if superseded {
             self.restart_superseded(&vm);
@@ -1347,6 +1452,7 @@ impl Node {
                 let view = e.view(false);
                 st.queue.retain(|q| q != id);
                 drop(st);
+                self.journal_migration(id);
                 self.changed.notify_waiters();
                 Ok(view)
             }
@@ -1514,11 +1620,16 @@ impl Node {
         e.state = MigrationState::of(outcome);
         e.error = incoming.report.error.clone();
         e.report = Some(incoming.report);
-        let (vm, from) = (e.vm.clone(), e.source.clone());
+        let (vm, from, id) = (e.vm.clone(), e.source.clone(), e.id.clone());
         let arrived = outcome == Outcome::Completed && incoming.guest.is_some();
-        if !arrived && st.vms.get(&vm).is_some_and(|v| v.arriving == Some(session)) {
-            st.vms.remove(&vm);
-        }
+        let gone = if !arrived && st.vms.get(&vm).is_some_and(|v| v.arriving == Some(session)) {
+            st.vms.remove(&vm)
+        } else {
+            None
+        };
+        drop(st);
+        drop(gone);
+        self.journal_migration(&id);
         tracing::info!(%vm, %from, arrived, "incoming migration ended");
     }
 
@@ -1527,8 +1638,8 @@ impl Node {
     pub fn cancel_all(&self) {
         let mut st = self.state.lock().unwrap();
         let queued: Vec<String> = st.queue.drain(..).collect();
-        for id in queued {
-            if let Some(e) = st.entry(&id) {
+        for id in &queued {
+            if let Some(e) = st.entry(id) {
                 e.finished_at_ms = Some(now_ms());
                 e.state = MigrationState::Cancelled;
                 e.error = Some("the agent shut down".into());
@@ -1538,6 +1649,10 @@ impl Node {
             if e.direction == Direction::Outgoing && e.state == MigrationState::Running {
                 e.ctx.cancel.cancel();
             }
+        }
+        drop(st);
+        for id in &queued {
+            self.journal_migration(id);
         }
     }
 

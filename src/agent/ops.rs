@@ -238,15 +238,21 @@ impl Node {
 
     fn new_op(&self, kind: OpKind, params: Value, steps: Vec<Step>) -> (String, CancellationToken) {
         let mut ops = self.ops.lock().unwrap();
+        // Numbered on from the operations of the agent's earlier processes.
+        let n = ops
+            .iter()
+            .filter_map(|o| o.view.id.rsplit('-').next()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
         let id = format!(
-            "{}-{}-{}",
+            "{}-{}-{n}",
             self.spec.name,
             match kind {
                 OpKind::Drain => "drain",
                 OpKind::Resume => "resume",
                 OpKind::Update => "update",
             },
-            ops.len() + 1
         );
         let cancel = CancellationToken::new();
         ops.push(Operation {
@@ -265,20 +271,30 @@ impl Node {
             },
             cancel: cancel.clone(),
         });
+        let view = ops.last().map(|o| o.view.clone());
+        drop(ops);
+        if let Some(v) = view {
+            self.journal_op(&v);
+        }
         (id, cancel)
     }
 
     /// Changes one operation; when that changes its state, wakes whoever
     /// waits on the node's changes (a stopping agent looks again once its
     /// drain ends).
+    /// A step's change is written to the operation's journal in etcd.
     fn with_op<R>(&self, id: &str, f: impl FnOnce(&mut OperationView) -> R) -> Option<R> {
-        let (r, moved) = {
+        let (r, moved, changed) = {
             let mut ops = self.ops.lock().unwrap();
             let o = ops.iter_mut().find(|o| o.view.id == id)?;
-            let before = o.view.state;
+            let (before, shape) = (o.view.state, journal_shape(&o.view));
             let r = f(&mut o.view);
-            (r, o.view.state != before)
+            let changed = (journal_shape(&o.view) != shape).then(|| o.view.clone());
+            (r, o.view.state != before, changed)
         };
+        if let Some(v) = changed {
+            self.journal_op(&v);
+        }
         if moved {
             self.changed.notify_waiters();
         }
@@ -823,6 +839,21 @@ impl Node {
             v.finished_at_ms = Some(now_ms());
         });
     }
+}
+
+/// What of an operation its journal follows: its state, its end, and each
+/// step's state and migration (not the progress in between).
+type Shape = (OpState, Option<u64>, Vec<(String, Option<String>)>);
+
+fn journal_shape(v: &OperationView) -> Shape {
+    (
+        v.state,
+        v.finished_at_ms,
+        v.steps
+            .iter()
+            .map(|s| (s.state.clone(), s.migration_id.clone()))
+            .collect(),
+    )
 }
 
 fn state_name(s: MigrationState) -> &'static str {

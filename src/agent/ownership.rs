@@ -320,7 +320,9 @@ impl Node {
             let Ok(r) = super::mirror::parse_json::<VmRecord>(&kv.value) else {
                 continue;
             };
-            if r.node != self.name() || r.check(&r.spec.name.clone()).is_err() {
+            // A paused copy read back from disk is held here again.
+            let held = self.state.lock().unwrap().vms.contains_key(&r.spec.name);
+            if r.node != self.name() || held || r.check(&r.spec.name.clone()).is_err() {
                 continue;
             }
             let why = format!("the agent of node {} restarted", self.name());

@@ -66,9 +66,18 @@ pub enum StopEnd {
 }
 
 impl Node {
-    /// Whether it hosts nothing and no migration of its own is under way.
+    /// Whether it hosts nothing but paused copies saved on its disk, and no
+    /// migration of its own is under way.
     fn hosts_nothing(&self) -> bool {
-        self.vms().is_empty() && self.view().migrations_in_flight == 0
+        self.unsaved().is_empty() && self.view().migrations_in_flight == 0
+    }
+
+    /// Its VMs but the paused copies saved on its disk (which a restarted
+    /// agent holds again).
+    fn unsaved(&self) -> Vec<super::node::VmView> {
+        let mut vms = self.vms();
+        vms.retain(|v| !self.is_kept(&v.spec.name));
+        vms
     }
 
     /// Drains the node for its agent's stop: returns once it hosts nothing,
@@ -86,7 +95,7 @@ impl Node {
                 return StopEnd::Empty;
             }
             if stop.forced() {
-                return StopEnd::Forced(self.vms().into_iter().map(|v| v.spec.name).collect());
+                return StopEnd::Forced(self.unsaved().into_iter().map(|v| v.spec.name).collect());
             }
             if !self.drain_running() {
                 self.move_what_fits().await;
@@ -146,7 +155,7 @@ impl Node {
         if self.drain_running() {
             return String::new();
         }
-        let vms = self.vms();
+        let vms = self.unsaved();
         let (free, excluded) = self.free_elsewhere().await;
         let running: Vec<(String, u64)> = vms
             .iter()

@@ -117,7 +117,7 @@ fn an_agent_whose_lease_expired_keeps_its_guests_superseded_and_never_resumes_th
     }
     let _serial = common::serial();
     let test = "fence-expired";
-    let (e, c) = cut_off_cluster(test, "3s");
+    let (e, mut c) = cut_off_cluster(test, "3s");
     let lease = alive(&e, test).expect("a is alive");
     e.signal(0, "-STOP");
     // Sampled throughout: whenever the lease is gone, the guest is paused.
@@ -160,8 +160,18 @@ fn an_agent_whose_lease_expired_keeps_its_guests_superseded_and_never_resumes_th
     assert_eq!(on_b["last_restart"]["from"], "a", "{on_b}");
     assert_eq!(on_b["last_restart"]["to"], "b", "{on_b}");
     assert_eq!(vm(&c)["state"], "superseded");
+    // The superseded copy is kept on a's disk: a restarted agent holds it
+    // again, still superseded.
+    let saved = c.file.parent().unwrap().join("state/a/guests/web.guest");
+    until(Duration::from_secs(10), "the copy is saved", || {
+        saved.exists()
+    });
+    c.restart("a");
+    let v = vm(&c);
+    assert_eq!(v["state"], "superseded", "{v}");
+    assert_eq!(v["pages_written"].as_u64().unwrap(), written);
     // New work is taken again, and the superseded copy goes on request
-    // (without force: its record names b now).
+    // (without force: its record names b now), from the disk too.
     let (s, v) = c.call(
         Method::POST,
         "a",
@@ -171,6 +181,9 @@ fn an_agent_whose_lease_expired_keeps_its_guests_superseded_and_never_resumes_th
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let (s, v) = c.call(Method::DELETE, "a", "/v1/vms/web", None);
     assert_eq!(s, StatusCode::OK, "{v}");
+    until(Duration::from_secs(10), "the copy is removed", || {
+        !saved.exists()
+    });
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod agent;
 mod bandwidth;
 mod cli;
 mod drain;
+mod durable;
 mod etcd;
 mod failover;
 mod fence;

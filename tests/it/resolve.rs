@@ -22,6 +22,7 @@ struct Pair {
     file: PathBuf,
     a: Child,
     b: Option<Child>,
+    a_control: String,
     b_control: String,
 }
 
@@ -55,6 +56,7 @@ impl Pair {
         let mut pair = Self {
             a: Self::agent(&file, "a", None, &controls[0]),
             b: None,
+            a_control: controls[0].clone(),
             b_control: controls[1].clone(),
             dir,
             file,
@@ -137,6 +139,26 @@ impl Drop for Pair {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// VM `web`'s record once its migration `id` to b ended unresolved, as the
+/// source left it: b may have claimed it in the instant between GO and its
+/// kill (its claim races the fault), which these tests undo, so the record
+/// names a, marked for the migration.
+fn unclaimed(e: &common::etcd::EtcdCluster, prefix: &str, id: &str) -> Value {
+    let etcd = e.client();
+    let key = format!("/{prefix}/vms/web");
+    let kv = e.rt.block_on(etcd.get(key.as_bytes())).unwrap().unwrap();
+    let mut record: Value = serde_json::from_slice(&kv.value).unwrap();
+    if record["node"] == "b" {
+        record["node"] = "a".into();
+        record["migrating_to"] = "b".into();
+        record["migration"] = id.into();
+        let json = serde_json::to_vec(&record).unwrap();
+        e.rt.block_on(etcd.put(key.as_bytes(), &json, None))
+            .unwrap();
+    }
+    record
 }
 
 #[test]
@@ -233,8 +255,7 @@ fn resolving_to_the_source_is_refused_once_the_cluster_moved_the_vm_on() {
     p.b.as_mut().unwrap().wait().unwrap();
     let etcd = e.client();
     let key = format!("/{test}/vms/web");
-    let kv = e.rt.block_on(etcd.get(key.as_bytes())).unwrap().unwrap();
-    let mut record: Value = serde_json::from_slice(&kv.value).unwrap();
+    let mut record = unclaimed(&e, test, &id);
     assert_eq!(record["node"], "a", "{record}");
     assert_eq!(record["migrating_to"], "b", "{record}");
     assert_eq!(record["migration"], id.as_str(), "{record}");
@@ -251,4 +272,90 @@ fn resolving_to_the_source_is_refused_once_the_cluster_moved_the_vm_on() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(stderr.contains("the cluster moved it on"), "{stderr}");
     assert_eq!(p.vms(), [("web".into(), "a".into(), "paused".into())]);
+}
+
+/// Issue 14's test 8: an agent stopped with SIGTERM and started again still
+/// holds its unresolved hand-off: the migration's record (in etcd), and the
+/// paused guest, saved on its disk; `resolve` settles it as before the
+/// restart, and the saved copy goes once the VM runs.
+#[test]
+fn a_restarted_agent_still_holds_its_unresolved_hand_off_and_its_saved_guest() {
+    if !common::etcd::available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "resolve-restart";
+    let e = common::etcd::EtcdCluster::start(test, 1);
+    let top = format!(
+        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
+        e.endpoints()[0]
+    );
+    let mut p = Pair::start_with(test, "after-go:kill", &top);
+    let id = p.unresolved_migration();
+    p.b.as_mut().unwrap().wait().unwrap();
+    unclaimed(&e, test, &id);
+    // The paused guest is saved, and the migration's record names it.
+    let saved = p.dir.join("state/a/guests/web.guest");
+    let etcd = e.client();
+    let key = format!("/{test}/migrations/a/{id}");
+    let t = Instant::now();
+    let record = loop {
+        let kv = e.rt.block_on(etcd.get(key.as_bytes())).unwrap();
+        let r: Option<Value> = kv.map(|kv| serde_json::from_slice(&kv.value).unwrap());
+        if let Some(r) = r.filter(|r| r["saved_guest"].is_string()) {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no saved guest");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(record["state"], "unresolved", "{record}");
+    assert_eq!(record["saved_guest"], saved.to_str().unwrap());
+
+    // SIGTERM: nothing else to move, and the paused copy is on disk: a exits.
+    Command::new("kill")
+        .args(["-TERM", &p.a.id().to_string()])
+        .status()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = p.a.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "a did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(saved.exists());
+
+    // Started again, a holds web paused, under the same unresolved migration.
+    p.a = Pair::agent(&p.file, "a", None, &p.a_control);
+    assert_eq!(p.vms(), [("web".into(), "a".into(), "paused".into())]);
+    ferry::transport::tls::install_default_provider();
+    let m: Value = e.rt.block_on(async {
+        let url = format!("http://{}/v1/migrations/{id}", p.a_control);
+        let resp = reqwest::Client::new()
+            .get(url)
+            .bearer_auth("resolve-test-token")
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+        resp.json().await.unwrap()
+    });
+    assert_eq!(m["state"], "unresolved", "{m}");
+    assert_eq!(m["saved_guest"], saved.to_str().unwrap(), "{m}");
+    // b comes back without the VM: resolved to the source, web runs on a.
+    p.b = Some(Pair::agent(&p.file, "b", None, &p.b_control));
+    let out = p.run(&["resolve", &id, "--run-on", "source", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["resolution"]["run_on"], "source");
+    assert_eq!(p.vms(), [("web".into(), "a".into(), "running".into())]);
+    // The copy on disk (its digest checked as it was read back) goes now
+    // that the VM runs.
+    let t = Instant::now();
+    while saved.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the copy stays");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

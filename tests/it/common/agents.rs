@@ -176,6 +176,21 @@ impl Agents {
         }
     }
 
+    /// Stops agent `name` cleanly (its node must host nothing it cannot
+    /// keep) and starts it again from the cluster file.
+    pub fn restart(&mut self, name: &str) {
+        let i = self
+            .agents
+            .iter()
+            .position(|a| a.node.name() == name)
+            .unwrap();
+        let old = self.agents.remove(i);
+        let cluster = old.node.cluster.clone();
+        self.rt.block_on(old.shutdown());
+        let new = self.rt.block_on(serve_agent(cluster, name)).unwrap();
+        self.agents.insert(i, new);
+    }
+
     /// Waits for migration `id` on `node` to end; returns its record.
     pub fn wait(&self, node: &str, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
