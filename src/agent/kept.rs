@@ -91,12 +91,13 @@ pub fn save(dir: &Path, meta: &KeptVm, guest: &dyn MigratableGuest) -> std::io::
     let vm = &meta.spec.name;
     let (guest_path, meta_path) = paths(dir, vm);
     let nonce = format!("{}.{}", std::process::id(), super::node::now_ms());
-    let tmp = dir.join(format!(".{vm}.{nonce}.guest"));
+    // `~` is in no VM's name: a temporary file is never taken for a copy.
+    let tmp = dir.join(format!("~{vm}.{nonce}.guest"));
     save_guest(guest, &tmp)?;
     std::fs::rename(&tmp, &guest_path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
-    let tmp = dir.join(format!(".{vm}.{nonce}.json"));
+    let tmp = dir.join(format!("~{vm}.{nonce}.json"));
     let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
     {
         use std::io::Write;
@@ -149,7 +150,7 @@ pub fn load_all(dir: &Path) -> Vec<Restored> {
         let Some(vm) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
             continue;
         };
-        if vm.starts_with('.') {
+        if vm.starts_with('~') {
             continue;
         }
         match load_one(dir, vm) {
