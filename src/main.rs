@@ -26,6 +26,7 @@ mod cli {
     pub mod local_etcd;
     pub mod orchestrate;
     pub mod receive;
+    pub mod rolling;
     pub mod send;
     pub mod soak;
     pub mod update;

@@ -294,6 +294,22 @@ async fn remove_node(
     Ok(json_status(StatusCode::OK, &removed))
 }
 
+async fn get_update_run(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.update_run().await?.0))
+}
+
+async fn start_update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let req = parse_body::<super::rolling::StartUpdate>(&body)?;
+    Ok(json_status(
+        StatusCode::ACCEPTED,
+        &node.start_update(req).await?,
+    ))
+}
+
+async fn cancel_update(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.cancel_update().await?))
+}
+
 async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.migrations()))
 }
@@ -573,6 +589,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/node/resume", axum::routing::post(resume))
         .route("/v1/node/update", axum::routing::post(update))
         .route("/v1/node/stop", axum::routing::post(stop))
+        .route(
+            "/v1/cluster/update",
+            get(get_update_run).post(start_update).delete(cancel_update),
+        )
         .route("/v1/operations", get(list_operations))
         .route(
             "/v1/operations/{id}",

@@ -8,6 +8,7 @@ use super::node::{MigrationView, NodeView, VmView};
 use super::ops::OperationView;
 use super::peer::{PeerError, Peers};
 use super::request::{CreateMigration, CreateVm, Drain, Resolve, Resume, Stop, Stopping, Update};
+use super::rolling::{StartUpdate, UpdateRun};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -199,6 +200,27 @@ impl Peers {
     ) -> Result<OperationView, PeerError> {
         let path = format!("/v1/operations/{}", seg(n, id)?);
         self.typed(n, Method::DELETE, &path, None::<&()>).await
+    }
+
+    /// `POST /v1/cluster/update`: asks the cluster for a rolling update.
+    pub async fn start_update(
+        &self,
+        n: &NodeSpec,
+        u: &StartUpdate,
+    ) -> Result<UpdateRun, PeerError> {
+        self.typed(n, Method::POST, "/v1/cluster/update", Some(u))
+            .await
+    }
+
+    /// `GET /v1/cluster/update`.
+    pub async fn update_run(&self, n: &NodeSpec) -> Result<UpdateRun, PeerError> {
+        self.get_as(n, "/v1/cluster/update").await
+    }
+
+    /// `DELETE /v1/cluster/update`: the run stops after the current node.
+    pub async fn cancel_update(&self, n: &NodeSpec) -> Result<UpdateRun, PeerError> {
+        self.typed(n, Method::DELETE, "/v1/cluster/update", None::<&()>)
+            .await
     }
 }
 

@@ -4,7 +4,8 @@
 //! is a transaction that checks the key still has that revision, so a
 //! deposed coordinator changes nothing. It leads until its lease ends, its
 //! key goes, or its agent stops (then it resigns); meanwhile it restarts
-//! the VMs of dead nodes elsewhere ([`super::ha`]).
+//! the VMs of dead nodes elsewhere ([`super::ha`]) and carries out the
+//! rolling update ([`super::rolling`]).
 
 use super::etcd::{Cmp, Op, Txn};
 use super::mirror::Mirror;
@@ -45,7 +46,11 @@ pub async fn run(
             lead(&node, &live, &mirror, token, lease, &stop).await;
             resign(&live, token).await;
             tracing::info!(node = %node.name(), token, "no longer the coordinator");
-        } else if !fenced && mirror.ready() && mirror.coordinator().is_none() {
+        } else if !fenced
+            && mirror.ready()
+            && mirror.coordinator().is_none()
+            && !super::rolling::my_turn(&mirror, node.name())
+        {
             let record = CoordinatorRecord {
                 version: LAYOUT_VERSION,
                 node: node.name().to_string(),
@@ -96,12 +101,23 @@ async fn lead(
             return;
         }
         if mirror.revision() >= token && mirror.ready() {
+            // Its own node's turn in a rolling update: another node leads.
+            if super::rolling::my_turn(mirror, node.name()) {
+                tracing::info!("handing the coordinator role over for this node's update");
+                return;
+            }
             // A round ends early when the agent stops or the lease changes;
             // its writes are transactions, each whole or not at all.
-            tokio::select! {
+            let lead = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = lease_lost(live, lease) => return,
-                _ = ha.round(node, live, mirror, token) => {}
+                lead = async {
+                    ha.round(node, live, mirror, token).await;
+                    super::rolling::drive(node, live, mirror, token).await
+                } => lead,
+            };
+            if lead == super::rolling::Lead::Resign {
+                return;
             }
         }
         tokio::select! {

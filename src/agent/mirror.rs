@@ -170,6 +170,17 @@ impl Mirror {
         out
     }
 
+    /// The cluster's key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The value of `key` as last read.
+    pub(super) fn value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let k = self.keys.lock().unwrap();
+        k.kvs.get(key).map(|kv| kv.value.clone())
+    }
+
     /// The registered nodes.
     pub fn nodes(&self) -> BTreeMap<String, NodeRecord> {
         self.under("nodes", |name, kv| {

@@ -24,6 +24,7 @@ pub mod peer;
 pub mod quarantine;
 pub mod records;
 pub mod request;
+pub mod rolling;
 mod shutdown;
 pub mod store;
 

@@ -4,7 +4,7 @@
 
 use super::orchestrate::{name_of, print_json, watch_op, ClusterArg, Ctx, Output};
 use anyhow::{Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use ferry::agent::request::{Drain, Resume, Update};
 use ferry::agent::{NodeMode, NodeSpec, NodeView, OpState, OperationView};
 use ferry::units::Bytes;
@@ -16,14 +16,48 @@ use std::process::ExitCode;
 pub enum ClusterCommand {
     /// Roll an update through the cluster, one node at a time: drain it, run
     /// the command on it through its agent's update_hook, resume it with
-    /// failback. Stops at the first failure, leaving that node paused.
-    Update {
-        /// The update command, given to each node's update_hook.
-        #[arg(long, value_name = "COMMAND")]
-        run: String,
-        /// Print the plan (the order, where each VM would go) and move nothing.
-        #[arg(long)]
-        dry_run: bool,
+    /// failback. Stops at the first failure, leaving that node paused. With
+    /// etcd the cluster runs it (its coordinator), not this terminal.
+    Update(UpdateArgs),
+}
+
+/// `ferry cluster update`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct UpdateArgs {
+    #[command(subcommand)]
+    sub: Option<UpdateSub>,
+    /// The update command, given to each node's update_hook.
+    #[arg(long, value_name = "COMMAND")]
+    run: Option<String>,
+    /// Print the plan (the order, where each VM would go) and move nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// With etcd: return once the cluster has the run (`ferry cluster
+    /// update status` follows it).
+    #[arg(long)]
+    detach: bool,
+    /// With etcd: whether a resumed node gets back the VMs its drain moved.
+    #[arg(long, value_name = "none|immediate")]
+    failback: Option<String>,
+    /// With etcd: the nodes in the order to update them, comma-separated
+    /// [default: the cluster file's order].
+    #[arg(long, value_name = "NODES", value_delimiter = ',')]
+    node_order: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+/// `ferry cluster update status|cancel`.
+#[derive(Subcommand, Debug)]
+pub enum UpdateSub {
+    /// The cluster's rolling update: each node's phase and operations.
+    Status {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Stop the cluster's rolling update once the current node's turn ends.
+    Cancel {
         #[command(flatten)]
         out: Output,
     },
@@ -31,14 +65,14 @@ pub enum ClusterCommand {
 
 /// One node's run of the update: its three operations, as far as they went.
 #[derive(Debug, Serialize)]
-struct NodeRun {
-    node: String,
+pub(crate) struct NodeRun {
+    pub(crate) node: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    drain: Option<OperationView>,
+    pub(crate) drain: Option<OperationView>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    update: Option<OperationView>,
+    pub(crate) update: Option<OperationView>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    resume: Option<OperationView>,
+    pub(crate) resume: Option<OperationView>,
 }
 
 /// One node's part of a rolling update: drain, update, resume with failback.
@@ -83,20 +117,55 @@ fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut NodeRun) -> Resul
 
 /// How the whole run went, as `--json` prints it.
 #[derive(Debug, Serialize)]
-struct RunReport<'a> {
-    command: &'a str,
-    state: &'static str,
-    nodes: &'a [NodeRun],
+pub(crate) struct RunReport<'a> {
+    /// With etcd: the run's id.
     #[serde(skip_serializing_if = "Option::is_none")]
-    stopped_at: Option<&'a str>,
+    pub(crate) id: Option<&'a str>,
+    pub(crate) command: &'a str,
+    pub(crate) state: &'static str,
+    pub(crate) nodes: &'a [NodeRun],
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
+    pub(crate) stopped_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<&'a str>,
+    /// With etcd: the coordinators that carried it, in turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) coordinators: Option<&'a [String]>,
 }
 
 /// `ferry cluster ...`
 pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
     let ctx = Ctx::new(cluster)?;
-    let ClusterCommand::Update { run, dry_run, out } = cmd;
+    let ClusterCommand::Update(args) = cmd;
+    let UpdateArgs {
+        sub,
+        run,
+        dry_run,
+        detach,
+        failback,
+        node_order,
+        out,
+    } = args;
+    match sub {
+        Some(UpdateSub::Status { out }) => return super::rolling::status(&ctx, &out),
+        Some(UpdateSub::Cancel { out }) => return super::rolling::cancel(&ctx, &out),
+        None => {}
+    }
+    let run = run.ok_or_else(|| crate::usage("--run: the update command each node's hook runs"))?;
+    let in_cluster = ctx.cluster.store.is_some();
+    if !in_cluster && (detach || failback.is_some() || !node_order.is_empty()) {
+        return Err(crate::usage(
+            "--detach, --failback and --node-order need a cluster on etcd (etcd in the cluster file)",
+        ));
+    }
+    if in_cluster && !dry_run {
+        let start = ferry::agent::rolling::StartUpdate {
+            command: run,
+            failback,
+            node_order: (!node_order.is_empty()).then_some(node_order),
+        };
+        return super::rolling::start(&ctx, start, detach, &out);
+    }
     let mut states = Vec::new();
     for n in &ctx.cluster.nodes {
         let v = ctx.run(ctx.peers.node(n)).with_context(|| {
@@ -128,6 +197,8 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
     }
     if out.json {
         print_json(&RunReport {
+            id: None,
+            coordinators: None,
             command: &run,
             state: if failure.is_some() {
                 "failed"
@@ -149,7 +220,7 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
 }
 
 /// A line per node of a run, then how it ended.
-fn print_run(report: &[NodeRun], failure: Option<&(String, String)>) {
+pub(crate) fn print_run(report: &[NodeRun], failure: Option<&(String, String)>) {
     for e in report {
         let mut line = format!("node {}:", e.node);
         if let Some(d) = &e.drain {

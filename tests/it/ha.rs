@@ -23,27 +23,8 @@ fn cluster(test: &str) -> (EtcdCluster, Procs) {
     (e, p)
 }
 
-/// The coordinator every live node names, once they agree.
 fn coordinator(p: &Procs) -> String {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let nodes = p.json(&["node", "status"]);
-        let up: Vec<&Value> = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["state"] != "unreachable")
-            .collect();
-        let named: Vec<&str> = up
-            .iter()
-            .filter_map(|n| n["coordinator"].as_str())
-            .collect();
-        if !named.is_empty() && named.len() == up.len() && named.windows(2).all(|w| w[0] == w[1]) {
-            return named[0].to_string();
-        }
-        assert!(Instant::now() < end, "no agreed coordinator: {nodes}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    p.coordinator()
 }
 
 /// Every VM row of `vm list` on the live nodes.

@@ -24,6 +24,7 @@ mod orchestrator;
 mod quorum;
 mod receive;
 mod resolve;
+mod rolling;
 mod shutdown;
 mod tbf;
 mod tls;

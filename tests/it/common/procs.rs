@@ -171,6 +171,32 @@ impl Procs {
         }
     }
 
+    /// The coordinator every live node names, once they agree.
+    pub fn coordinator(&self) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let nodes = self.json(&["node", "status"]);
+            let up: Vec<&Value> = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] != "unreachable")
+                .collect();
+            let named: Vec<&str> = up
+                .iter()
+                .filter_map(|n| n["coordinator"].as_str())
+                .collect();
+            if !named.is_empty()
+                && named.len() == up.len()
+                && named.windows(2).all(|w| w[0] == w[1])
+            {
+                return named[0].to_string();
+            }
+            assert!(Instant::now() < end, "no agreed coordinator: {nodes}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `(vm, node, state)` for every VM of the nodes still up.
     pub fn vms(&self) -> Vec<(String, String, String)> {
         let v = self.json(&["vm", "list"]);

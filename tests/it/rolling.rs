@@ -1,0 +1,172 @@
+//! Cluster-Aware Updating as a cluster role, with a real three-member etcd
+//! and three `ferry agent` processes: the coordinator carries the rolling
+//! update, hands its role over before its own node's turn, and a
+//! coordinator killed mid-update leaves the run to the next one, which
+//! carries on from the run's journal in etcd.
+
+use crate::common;
+
+use common::etcd::{available, EtcdCluster};
+use common::procs::Procs;
+use std::time::{Duration, Instant};
+
+fn cluster(test: &str) -> (EtcdCluster, Procs) {
+    let e = EtcdCluster::start(test, 3);
+    let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
+    let top = format!(
+        "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
+        endpoints.join(", ")
+    );
+    let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    for n in ["a", "b", "c"] {
+        p.json(&[
+            "vm",
+            "create",
+            &format!("vm-{n}"),
+            "--node",
+            n,
+            "--memory",
+            "32MiB",
+        ]);
+    }
+    (e, p)
+}
+
+/// The nodes the update command ran on, in order.
+fn updated(p: &Procs) -> Vec<String> {
+    std::fs::read_to_string(p.dir.join("updated"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn command(p: &Procs, sleep: &str) -> String {
+    format!(
+        "echo $FERRY_NODE >> {}; sleep {sleep}",
+        p.dir.join("updated").display()
+    )
+}
+
+#[test]
+fn a_rolling_update_hands_the_coordinator_role_over_before_its_own_node() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (_e, p) = cluster("rolling-resign");
+    let first = p.coordinator();
+    let r = p.json(&["cluster", "update", "--run", &command(&p, "0.2")]);
+    assert_eq!(r["state"], "completed", "{r}");
+    let nodes = r["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{r}");
+    for n in nodes {
+        assert_eq!(n["update"]["update"]["exit_code"], 0, "{n}");
+        assert_eq!(n["resume"]["state"], "completed", "{n}");
+    }
+    assert_eq!(updated(&p), ["a", "b", "c"]);
+    // The first coordinator handed its role over for its own node's turn:
+    // another carried that turn (a coordinator never drives its own).
+    let carried: Vec<&str> = r["coordinators"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(carried.iter().any(|c| *c != first), "{r}");
+    // Failback brought every VM home.
+    let home: Vec<(String, String, String)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (format!("vm-{n}"), n.to_string(), "running".to_string()))
+        .collect();
+    assert_eq!(p.vms(), home);
+    let status = p.json(&["cluster", "update", "status"]);
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["id"], r["id"]);
+
+    // Cancelled, a run stops once the current node's turn ends.
+    let started = p.json(&["cluster", "update", "--run", "sleep 1", "--detach"]);
+    assert_ne!(started["id"], r["id"]);
+    let out = p.run(&["cluster", "update", "--run", "true"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is running"),
+        "{out:?}"
+    );
+    p.json(&["cluster", "update", "cancel"]);
+    let end = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < end, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(run["state"], "cancelled", "{run}");
+    assert_eq!(run["nodes"][2]["phase"], "pending", "{run}");
+}
+
+#[test]
+fn a_rolling_update_carries_on_after_its_coordinator_is_killed() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (_e, mut p) = cluster("rolling-kill");
+    let boss = p.coordinator();
+    let mut order: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .filter(|n| **n != boss)
+        .map(|n| n.to_string())
+        .collect();
+    let first = order[0].clone();
+    order.push(boss.clone());
+    let started = p.json(&[
+        "cluster",
+        "update",
+        "--run",
+        &command(&p, "3"),
+        "--node-order",
+        &order.join(","),
+        "--detach",
+    ]);
+    assert_eq!(started["state"], "running", "{started}");
+    // The coordinator dies while the first node runs its update command.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if s["nodes"][0]["phase"] == "updating" && s["nodes"][0]["update"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < end, "{first} never updated: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.signal(&boss, "-KILL");
+    p.exited(&boss, Duration::from_secs(5)).expect("killed");
+    // Its host comes back, as systemd would bring it.
+    p.spawn(&boss);
+    let end = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < end, "the run did not end: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(run["state"], "completed", "{run}");
+    for t in run["nodes"].as_array().unwrap() {
+        assert_eq!(t["phase"], "done", "{t}");
+    }
+    // Each node was updated once, in order.
+    assert_eq!(updated(&p), order);
+    let carried = run["coordinators"].as_array().unwrap();
+    assert_eq!(carried[0], boss.as_str(), "{run}");
+    assert!(carried.iter().any(|c| c != boss.as_str()), "{run}");
+    // Every VM runs once (the killed node's was restarted by the cluster).
+    let vms = p.vms();
+    let mut names: Vec<&str> = vms.iter().map(|(v, _, _)| v.as_str()).collect();
+    names.dedup();
+    assert_eq!(names, ["vm-a", "vm-b", "vm-c"], "{vms:?}");
+    assert!(vms.iter().all(|(_, _, s)| s == "running"), "{vms:?}");
+}
