@@ -292,6 +292,7 @@ impl Node {
             };
             if op.state == OpState::Running {
                 op.state = OpState::Failed;
+                op.interrupted = true;
                 op.error = Some(format!(
                     "interrupted: the agent of node {name} stopped while it ran"
                 ));

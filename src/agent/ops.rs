@@ -106,6 +106,10 @@ pub struct OperationView {
     /// A drain, once ended: the VMs still on the node, with their state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remaining: Vec<RemainingVm>,
+    /// It was running when its agent stopped: a restarted agent ended it
+    /// `failed` (an update command may restart the agent on purpose).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// A VM a drain left on its node.
@@ -268,6 +272,7 @@ impl Node {
                 error: None,
                 update: None,
                 remaining: Vec::new(),
+                interrupted: false,
             },
             cancel: cancel.clone(),
         });

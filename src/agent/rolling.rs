@@ -20,6 +20,15 @@ use serde::{Deserialize, Serialize};
 
 /// The longest update command.
 pub const MAX_COMMAND: usize = 4096;
+/// How long a node's update may take by default (`stop_after`).
+pub const DEFAULT_STOP_AFTER_MS: u64 = 3_600_000;
+/// The range of `stop_after`.
+const STOP_AFTER_MS: (u64, u64) = (1_000, 7 * 86_400_000);
+
+fn default_stop_after() -> u64 {
+    DEFAULT_STOP_AFTER_MS
+}
+
 /// How long before a phase's intent an operation found on its node may
 /// have started (the clocks of two hosts differ a little).
 const CLOCK_SLACK_MS: u64 = 5_000;
@@ -91,6 +100,10 @@ pub struct UpdateRun {
     pub command: String,
     /// Whether a resumed node gets back the VMs its drain moved.
     pub failback: bool,
+    /// How long a node's update command may take, ms; an update that
+    /// restarts the node's agent succeeds if the agent is back within it.
+    #[serde(default = "default_stop_after")]
+    pub stop_after_ms: u64,
     /// Where it is.
     pub state: RunState,
     /// The nodes' turns, in order.
@@ -126,6 +139,10 @@ impl UpdateRun {
         }
         if self.command.is_empty() || self.command.len() > MAX_COMMAND {
             return Err(format!("command: 1 to {MAX_COMMAND} bytes"));
+        }
+        let (lo, hi) = STOP_AFTER_MS;
+        if !(lo..=hi).contains(&self.stop_after_ms) {
+            return Err(format!("stop_after_ms: {lo} to {hi}"));
         }
         if self.nodes.len() > 4096 || self.coordinators.len() > 4096 {
             return Err("over 4096 nodes".into());
@@ -165,6 +182,11 @@ pub struct StartUpdate {
     /// cluster file, in its order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_order: Option<Vec<String>>,
+    /// How long each node's update command may take (`"30m"`; default
+    /// 1 h); an update that restarts the node's agent succeeds when the
+    /// agent is back within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after: Option<String>,
 }
 
 /// The run's key.
@@ -240,6 +262,19 @@ impl Node {
             Some("none") => false,
             Some(f) => return bad(format!("failback {f:?}: none or immediate")),
         };
+        let stop_after_ms = match &req.stop_after {
+            None => DEFAULT_STOP_AFTER_MS,
+            Some(t) => {
+                let d = crate::units::parse_duration(t)
+                    .map_err(|e| NodeError::BadRequest(format!("stop_after: {e}")))?;
+                let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
+                let (lo, hi) = STOP_AFTER_MS;
+                if !(lo..=hi).contains(&ms) {
+                    return bad(format!("stop_after: {t} is out of range (1s to 7 days)"));
+                }
+                ms
+            }
+        };
         let order: Vec<String> = match req.node_order {
             Some(o) => o,
             None => self.cluster.nodes.iter().map(|n| n.name.clone()).collect(),
@@ -278,6 +313,7 @@ impl Node {
             id: format!("update-{now}"),
             command: req.command,
             failback,
+            stop_after_ms,
             state: RunState::Running,
             nodes: order
                 .into_iter()
@@ -480,8 +516,15 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
             None => return start(node, run, i, w, turn.phase).await,
         },
     };
+    let late =
+        turn.phase == Phase::Updating && now_ms().saturating_sub(turn.since_ms) > run.stop_after_ms;
     let op = match op {
         Ok(op) => op,
+        Err(e) if late => {
+            let why = format!("its agent is not back after stop_after ({e})");
+            fail(run, i, w, why).await;
+            return Step::Wait;
+        }
         // Not reachable now (its agent may be restarting): ask again.
         Err(e) => {
             tracing::info!(node = %turn.node, error = %e, "the rolling update waits for the node");
@@ -491,8 +534,24 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
     if asked.is_none() && !record_op(run, i, kind, &op.id, w).await {
         return Step::Wait;
     }
+    // The update command restarted the node's agent, which came back in
+    // time: the update did its work.
+    let restarted = kind == OpKind::Update && op.interrupted && !late;
     match op.state {
+        OpState::Running if late => {
+            let _ = node.peers.cancel_operation(&spec, &op.id).await;
+            let why = format!(
+                "the update command still ran after stop_after ({} s): cancelled",
+                run.stop_after_ms / 1000
+            );
+            fail(run, i, w, why).await;
+            Step::Wait
+        }
         OpState::Running => Step::Wait,
+        OpState::Failed if restarted => {
+            tracing::info!(id = %run.id, node = %turn.node, "the update command restarted the node's agent, back in time");
+            start(node, run, i, w, Phase::Resuming).await
+        }
         OpState::Completed => {
             let next = match turn.phase {
                 Phase::Draining => Phase::Updating,

@@ -44,6 +44,11 @@ pub struct UpdateArgs {
     /// [default: the cluster file's order].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     node_order: Vec<String>,
+    /// With etcd: how long each node's update command may take; one that
+    /// restarts the node's agent succeeds when the agent is back within it
+    /// [default: 1h].
+    #[arg(long, value_name = "DURATION")]
+    stop_after: Option<String>,
     #[command(flatten)]
     out: Output,
 }
@@ -144,6 +149,7 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         detach,
         failback,
         node_order,
+        stop_after,
         out,
     } = args;
     match sub {
@@ -153,9 +159,11 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
     }
     let run = run.ok_or_else(|| crate::usage("--run: the update command each node's hook runs"))?;
     let in_cluster = ctx.cluster.store.is_some();
-    if !in_cluster && (detach || failback.is_some() || !node_order.is_empty()) {
+    if !in_cluster
+        && (detach || failback.is_some() || !node_order.is_empty() || stop_after.is_some())
+    {
         return Err(crate::usage(
-            "--detach, --failback and --node-order need a cluster on etcd (etcd in the cluster file)",
+            "--detach, --failback, --node-order and --stop-after need a cluster on etcd (etcd in the cluster file)",
         ));
     }
     if in_cluster && !dry_run {
@@ -163,6 +171,7 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             command: run,
             failback,
             node_order: (!node_order.is_empty()).then_some(node_order),
+            stop_after,
         };
         return super::rolling::start(&ctx, start, detach, &out);
     }

@@ -170,3 +170,55 @@ fn a_rolling_update_carries_on_after_its_coordinator_is_killed() {
     assert_eq!(names, ["vm-a", "vm-b", "vm-c"], "{vms:?}");
     assert!(vms.iter().all(|(_, _, s)| s == "running"), "{vms:?}");
 }
+
+/// An update command that restarts the node's own agent (here it sends
+/// the agent SIGTERM, and the test starts it again as systemd would)
+/// succeeds once the agent is back within `--stop-after`.
+#[test]
+fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (_e, mut p) = cluster("rolling-restart");
+    let boss = p.coordinator();
+    let node = ["a", "b", "c"].into_iter().find(|n| *n != boss).unwrap();
+    let started = p.json(&[
+        "cluster",
+        "update",
+        "--run",
+        "kill -TERM $PPID; sleep 30",
+        "--node-order",
+        node,
+        "--stop-after",
+        "60s",
+        "--detach",
+    ]);
+    assert_eq!(started["stop_after_ms"], 60_000, "{started}");
+    let status = p
+        .exited(node, Duration::from_secs(30))
+        .expect("the update command stopped the agent");
+    assert!(status.success(), "{status}");
+    p.spawn(node);
+    let end = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < end, "the run did not end: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(run["state"], "completed", "{run}");
+    assert_eq!(run["nodes"][0]["phase"], "done", "{run}");
+    // Resumed with failback: the node's VM is home and running.
+    let vms = p.vms();
+    assert!(
+        vms.contains(&(
+            format!("vm-{node}"),
+            node.to_string(),
+            "running".to_string()
+        )),
+        "{vms:?}"
+    );
+}
