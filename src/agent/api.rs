@@ -310,6 +310,23 @@ async fn cancel_update(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.cancel_update().await?))
 }
 
+async fn get_schedule(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(StatusCode::OK, &node.update_schedule().await?))
+}
+
+async fn set_schedule(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let req = parse_body::<super::schedule::SetSchedule>(&body)?;
+    let s = node.set_update_schedule(req).await?;
+    Ok(json_status(StatusCode::OK, &s))
+}
+
+async fn remove_schedule(State(node): State<Arc<Node>>) -> ApiResult {
+    Ok(json_status(
+        StatusCode::OK,
+        &node.remove_update_schedule().await?,
+    ))
+}
+
 async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.migrations()))
 }
@@ -592,6 +609,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(
             "/v1/cluster/update",
             get(get_update_run).post(start_update).delete(cancel_update),
+        )
+        .route(
+            "/v1/cluster/update/schedule",
+            get(get_schedule).put(set_schedule).delete(remove_schedule),
         )
         .route("/v1/operations", get(list_operations))
         .route(

@@ -9,6 +9,7 @@ use super::ops::OperationView;
 use super::peer::{PeerError, Peers};
 use super::request::{CreateMigration, CreateVm, Drain, Resolve, Resume, Stop, Stopping, Update};
 use super::rolling::{StartUpdate, UpdateRun};
+use super::schedule::{SetSchedule, UpdateSchedule};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -215,6 +216,32 @@ impl Peers {
     /// `GET /v1/cluster/update`.
     pub async fn update_run(&self, n: &NodeSpec) -> Result<UpdateRun, PeerError> {
         self.get_as(n, "/v1/cluster/update").await
+    }
+
+    /// `GET /v1/cluster/update/schedule`.
+    pub async fn update_schedule(&self, n: &NodeSpec) -> Result<UpdateSchedule, PeerError> {
+        self.get_as(n, "/v1/cluster/update/schedule").await
+    }
+
+    /// `PUT /v1/cluster/update/schedule`.
+    pub async fn set_update_schedule(
+        &self,
+        n: &NodeSpec,
+        s: &SetSchedule,
+    ) -> Result<UpdateSchedule, PeerError> {
+        self.typed(n, Method::PUT, "/v1/cluster/update/schedule", Some(s))
+            .await
+    }
+
+    /// `DELETE /v1/cluster/update/schedule`.
+    pub async fn remove_update_schedule(&self, n: &NodeSpec) -> Result<UpdateSchedule, PeerError> {
+        self.typed(
+            n,
+            Method::DELETE,
+            "/v1/cluster/update/schedule",
+            None::<&()>,
+        )
+        .await
     }
 
     /// `DELETE /v1/cluster/update`: the run stops after the current node.

@@ -25,6 +25,7 @@ pub mod quarantine;
 pub mod records;
 pub mod request;
 pub mod rolling;
+pub mod schedule;
 mod shutdown;
 pub mod store;
 

@@ -123,6 +123,10 @@ pub struct UpdateRun {
     /// own node's turn).
     #[serde(default)]
     pub coordinators: Vec<String>,
+    /// Started by the schedule, for its slot due then (ms since the Unix
+    /// epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for_ms: Option<u64>,
 }
 
 impl Versioned for UpdateRun {
@@ -169,7 +173,7 @@ impl UpdateRun {
 }
 
 /// The body of `POST /v1/cluster/update`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartUpdate {
     /// The command each node's update hook runs.
@@ -252,7 +256,15 @@ impl Node {
     /// `POST /v1/cluster/update`: asks the cluster for a rolling update;
     /// refused while one runs.
     pub async fn start_update(&self, req: StartUpdate) -> Result<UpdateRun, NodeError> {
-        let live = self.store()?;
+        self.start_run(req, None).await
+    }
+
+    /// Checks a rolling update's request: its command, failback, stop_after
+    /// and order; gives the last three.
+    pub(super) fn check_update(
+        &self,
+        req: &StartUpdate,
+    ) -> Result<(bool, u64, Vec<String>), NodeError> {
         let bad = |m: String| Err(NodeError::BadRequest(m));
         if req.command.trim().is_empty() || req.command.len() > MAX_COMMAND {
             return bad(format!("command: 1 to {MAX_COMMAND} bytes"));
@@ -275,8 +287,8 @@ impl Node {
                 ms
             }
         };
-        let order: Vec<String> = match req.node_order {
-            Some(o) => o,
+        let order: Vec<String> = match &req.node_order {
+            Some(o) => o.clone(),
             None => self.cluster.nodes.iter().map(|n| n.name.clone()).collect(),
         };
         if order.is_empty() {
@@ -295,6 +307,18 @@ impl Node {
                 )));
             }
         }
+        Ok((failback, stop_after_ms, order))
+    }
+
+    /// Writes a rolling update's run, for the schedule's slot
+    /// `scheduled_for_ms` if the schedule starts it.
+    pub(super) async fn start_run(
+        &self,
+        req: StartUpdate,
+        scheduled_for_ms: Option<u64>,
+    ) -> Result<UpdateRun, NodeError> {
+        let live = self.store()?;
+        let (failback, stop_after_ms, order) = self.check_update(&req)?;
         let key = run_key(live.prefix());
         let before = match self.update_run().await {
             Ok((run, _)) if run.state == RunState::Running => {
@@ -332,6 +356,7 @@ impl Node {
             error: None,
             cancel_requested: false,
             coordinators: Vec::new(),
+            scheduled_for_ms,
         };
         let json = serde_json::to_vec(&run).expect("records serialize");
         let cmp = match before {

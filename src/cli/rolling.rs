@@ -8,6 +8,7 @@ use super::update::{print_run, NodeRun, RunReport};
 use anyhow::{bail, Result};
 use ferry::agent::peer::PeerError;
 use ferry::agent::rolling::{Phase, RunState, StartUpdate, UpdateRun};
+use ferry::agent::schedule::{SetSchedule, UpdateSchedule};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -179,13 +180,98 @@ fn print_status(run: &UpdateRun) {
     }
 }
 
-/// `ferry cluster update status`.
+/// `ferry cluster update status`: the run (if any), then the schedule.
 pub fn status(ctx: &Ctx, out: &Output) -> Result<ExitCode> {
-    let run = any_agent(ctx, |n| ctx.run(ctx.peers.update_run(n)))?;
+    let run = any_agent(ctx, |n| match ctx.run(ctx.peers.update_run(n)) {
+        Err(PeerError::Api { status: 404, .. }) => Ok(None),
+        other => other.map(Some),
+    })?;
+    let schedule = any_agent(ctx, |n| match ctx.run(ctx.peers.update_schedule(n)) {
+        Err(PeerError::Api { status: 404, .. }) => Ok(None),
+        other => other.map(Some),
+    })?;
     if out.json {
-        print_json(&run);
+        // The run's own fields, with the schedule beside them.
+        let mut v = match &run {
+            Some(run) => serde_json::to_value(run).expect("views serialize"),
+            None => serde_json::json!({}),
+        };
+        if let (Some(o), Some(s)) = (v.as_object_mut(), &schedule) {
+            o.insert(
+                "schedule".into(),
+                serde_json::to_value(s).expect("views serialize"),
+            );
+        }
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &run {
+        Some(run) => print_status(run),
+        None => println!("no rolling update has run"),
+    }
+    match &schedule {
+        Some(s) => println!("{}", scheduled(s)),
+        None => println!("no update is scheduled"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A schedule in words.
+fn scheduled(s: &UpdateSchedule) -> String {
+    format!(
+        "scheduled {:?}: {:?}, next at {} UTC{}",
+        s.schedule,
+        s.request.command,
+        utc(s.next_at_ms),
+        s.last_run
+            .as_ref()
+            .map_or(String::new(), |r| format!(" (last: {r})"))
+    )
+}
+
+/// `ms` since the Unix epoch as `YYYY-MM-DD HH:MM:SS`.
+fn utc(ms: u64) -> String {
+    let (days, secs) = (ms / 86_400_000, ms / 1000 % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// `ferry cluster update --run CMD --schedule WHEN`.
+pub fn schedule(ctx: &Ctx, when: String, req: StartUpdate, out: &Output) -> Result<ExitCode> {
+    let body = SetSchedule {
+        schedule: when,
+        request: req,
+    };
+    let s = any_agent(ctx, |n| ctx.run(ctx.peers.set_update_schedule(n, &body)))?;
+    if out.json {
+        print_json(&s);
     } else {
-        print_status(&run);
+        println!("{}", scheduled(&s));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry cluster update unschedule`.
+pub fn unschedule(ctx: &Ctx, out: &Output) -> Result<ExitCode> {
+    let s = any_agent(ctx, |n| ctx.run(ctx.peers.remove_update_schedule(n)))?;
+    if out.json {
+        print_json(&s);
+    } else {
+        println!("removed the schedule {:?}", s.schedule);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -44,6 +44,11 @@ pub struct UpdateArgs {
     /// [default: the cluster file's order].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     node_order: Vec<String>,
+    /// With etcd: run it on a schedule instead of now: "sun 03:00" (a
+    /// weekday and a time, UTC) or "every 24h"; the cluster starts each run
+    /// itself. Replaces the schedule there was.
+    #[arg(long, value_name = "WHEN")]
+    schedule: Option<String>,
     /// With etcd: how long each node's update command may take; one that
     /// restarts the node's agent succeeds when the agent is back within it
     /// [default: 1h].
@@ -63,6 +68,11 @@ pub enum UpdateSub {
     },
     /// Stop the cluster's rolling update once the current node's turn ends.
     Cancel {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Remove the cluster's update schedule (a run under way goes on).
+    Unschedule {
         #[command(flatten)]
         out: Output,
     },
@@ -150,20 +160,26 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         failback,
         node_order,
         stop_after,
+        schedule,
         out,
     } = args;
     match sub {
         Some(UpdateSub::Status { out }) => return super::rolling::status(&ctx, &out),
         Some(UpdateSub::Cancel { out }) => return super::rolling::cancel(&ctx, &out),
+        Some(UpdateSub::Unschedule { out }) => return super::rolling::unschedule(&ctx, &out),
         None => {}
     }
     let run = run.ok_or_else(|| crate::usage("--run: the update command each node's hook runs"))?;
     let in_cluster = ctx.cluster.store.is_some();
     if !in_cluster
-        && (detach || failback.is_some() || !node_order.is_empty() || stop_after.is_some())
+        && (detach
+            || failback.is_some()
+            || !node_order.is_empty()
+            || stop_after.is_some()
+            || schedule.is_some())
     {
         return Err(crate::usage(
-            "--detach, --failback, --node-order and --stop-after need a cluster on etcd (etcd in the cluster file)",
+            "--detach, --failback, --node-order, --stop-after and --schedule need a cluster on etcd (etcd in the cluster file)",
         ));
     }
     if in_cluster && !dry_run {
@@ -173,6 +189,9 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             node_order: (!node_order.is_empty()).then_some(node_order),
             stop_after,
         };
+        if let Some(when) = schedule {
+            return super::rolling::schedule(&ctx, when, start, &out);
+        }
         return super::rolling::start(&ctx, start, detach, &out);
     }
     let mut states = Vec::new();

@@ -222,3 +222,64 @@ fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back() {
         "{vms:?}"
     );
 }
+
+/// A rolling update on a schedule starts by itself, once for its slot,
+/// and says which slot; a schedule that does not parse is refused naming
+/// what is wrong.
+#[test]
+fn a_scheduled_rolling_update_starts_by_itself() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (_e, p) = cluster("rolling-schedule");
+    let out = p.run(&[
+        "cluster",
+        "update",
+        "--run",
+        "true",
+        "--schedule",
+        "funday 03:00",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("day \"funday\""),
+        "{out:?}"
+    );
+    let s = p.json(&[
+        "cluster",
+        "update",
+        "--run",
+        &command(&p, "0.1"),
+        "--schedule",
+        "every 3s",
+    ]);
+    let slot = s["next_at_ms"].as_u64().unwrap();
+    assert!(p.json(&["cluster", "update", "status"])["id"].is_null());
+    // It starts by itself; the schedule goes once it has.
+    let end = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if let Some(id) = s["id"].as_str() {
+            assert_eq!(s["scheduled_for_ms"], slot, "{s}");
+            break id.to_string();
+        }
+        assert!(Instant::now() < end, "nothing started: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let removed = p.json(&["cluster", "update", "unschedule"]);
+    assert_eq!(removed["last_run"], id.as_str(), "{removed}");
+    let end = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < end, "{s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(run["state"], "completed", "{run}");
+    assert_eq!(run["id"], id.as_str());
+    assert!(run["schedule"].is_null(), "{run}");
+    assert_eq!(updated(&p), ["a", "b", "c"]);
+}
