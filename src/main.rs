@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod cli {
+    pub mod analyze;
     pub mod demo_cluster;
     pub mod hostile;
     pub mod local_etcd;

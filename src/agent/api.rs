@@ -310,6 +310,11 @@ async fn cancel_update(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.cancel_update().await?))
 }
 
+async fn preview(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+    let req = parse_body::<super::preview::PreviewRequest>(&body)?;
+    Ok(json_status(StatusCode::OK, &node.preview(req).await?))
+}
+
 async fn get_schedule(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.update_schedule().await?))
 }
@@ -409,7 +414,10 @@ async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
             b.command.len()
         )));
     }
-    let op = node.update(b.command, b.force)?;
+    if let Some(s) = b.stage.as_deref().filter(|s| !matches!(*s, "pre" | "post")) {
+        return Err(ApiError::bad_request(format!("stage {s:?}: pre or post")));
+    }
+    let op = node.update(b.command, b.force, b.stage.as_deref())?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 
@@ -606,6 +614,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/node/resume", axum::routing::post(resume))
         .route("/v1/node/update", axum::routing::post(update))
         .route("/v1/node/stop", axum::routing::post(stop))
+        .route("/v1/node/preview", axum::routing::post(preview))
         .route(
             "/v1/cluster/update",
             get(get_update_run).post(start_update).delete(cancel_update),

@@ -7,6 +7,7 @@ use super::cluster::NodeSpec;
 use super::node::{MigrationView, NodeView, VmView};
 use super::ops::OperationView;
 use super::peer::{PeerError, Peers};
+use super::preview::{Preview, PreviewRequest};
 use super::request::{CreateMigration, CreateVm, Drain, Resolve, Resume, Stop, Stopping, Update};
 use super::rolling::{StartUpdate, UpdateRun};
 use super::schedule::{SetSchedule, UpdateSchedule};
@@ -216,6 +217,12 @@ impl Peers {
     /// `GET /v1/cluster/update`.
     pub async fn update_run(&self, n: &NodeSpec) -> Result<UpdateRun, PeerError> {
         self.get_as(n, "/v1/cluster/update").await
+    }
+
+    /// `POST /v1/node/preview`: what an update would install there.
+    pub async fn preview(&self, n: &NodeSpec, p: &PreviewRequest) -> Result<Preview, PeerError> {
+        self.typed(n, Method::POST, "/v1/node/preview", Some(p))
+            .await
     }
 
     /// `GET /v1/cluster/update/schedule`.

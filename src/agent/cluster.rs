@@ -119,6 +119,7 @@ struct RawDefaults {
     max_concurrent_migrations: Option<u32>,
     max_bandwidth: Option<Amount>,
     update_hook: Option<Vec<String>>,
+    preview_hook: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +132,7 @@ struct RawNode {
     max_concurrent_migrations: Option<u32>,
     max_bandwidth: Option<Amount>,
     update_hook: Option<Vec<String>>,
+    preview_hook: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -155,6 +157,10 @@ pub struct NodeSpec {
     /// command on this node, the command appended as the last argument; no
     /// hook, no updates.
     pub update_hook: Option<Vec<String>>,
+    /// The program (and arguments) `ferry cluster update --preview` runs on
+    /// this node to show what an update would install, with the update
+    /// command in `FERRY_UPDATE_COMMAND`; never the update hook.
+    pub preview_hook: Option<Vec<String>>,
     /// Its control API's certificate (DER), which clients pin; `None` with
     /// `insecure_api` (plain HTTP).
     pub api_cert: Option<Vec<u8>>,
@@ -386,6 +392,10 @@ impl Cluster {
             if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
                 return Err(invalid(format!("node {}: update_hook is empty", n.name)));
             }
+            let preview_hook = n.preview_hook.or_else(|| raw.defaults.preview_hook.clone());
+            if preview_hook.as_ref().is_some_and(|h| h.is_empty()) {
+                return Err(invalid(format!("node {}: preview_hook is empty", n.name)));
+            }
             let api_cert = match (&n.tls_cert, insecure_api) {
                 (Some(c), _) => Some(read_cert(&dir.join(c)).map_err(|e| {
                     invalid(format!("node {}: tls_cert: {e}", n.name))
@@ -415,6 +425,7 @@ impl Cluster {
                 max_concurrent_migrations,
                 max_bandwidth,
                 update_hook,
+                preview_hook,
             });
         }
         Ok(Self {

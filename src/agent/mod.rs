@@ -21,6 +21,7 @@ mod node;
 mod ops;
 mod ownership;
 pub mod peer;
+pub mod preview;
 pub mod quarantine;
 pub mod records;
 pub mod request;

@@ -560,6 +560,9 @@ pub struct NodeView {
     /// three times within an hour), ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined_until_ms: Option<u64>,
+    /// The agent's ferry version.
+    #[serde(default)]
+    pub version: String,
 }
 
 /// A node's migration limits.
@@ -811,6 +814,7 @@ impl Node {
                 .mirror
                 .get()
                 .and_then(|m| m.quarantined_until(&self.spec.name)),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 

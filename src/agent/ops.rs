@@ -745,6 +745,7 @@ impl Node {
         self: &Arc<Self>,
         command: String,
         force: bool,
+        stage: Option<&str>,
     ) -> Result<OperationView, NodeError> {
         let Some(hook) = self.spec.update_hook.clone() else {
             return Err(NodeError::Conflict(format!(
@@ -752,7 +753,9 @@ impl Node {
                 self.spec.name
             )));
         };
-        if self.mode() != NodeMode::Paused {
+        // A pre- or post-update command runs whatever the node's state.
+        let force = force || stage.is_some();
+        if self.mode() != NodeMode::Paused && stage.is_none() {
             return Err(NodeError::Conflict(format!(
                 "node {} is {}: drain it before updating it",
                 self.spec.name,
@@ -781,7 +784,11 @@ impl Node {
         }
         let mut argv = hook;
         argv.push(command.clone());
-        let (id, cancel) = self.new_op(OpKind::Update, json!({ "command": command }), Vec::new());
+        let params = match stage {
+            Some(s) => json!({ "command": command, "stage": s }),
+            None => json!({ "command": command }),
+        };
+        let (id, cancel) = self.new_op(OpKind::Update, params, Vec::new());
         let node = self.clone();
         let op = id.clone();
         tokio::spawn(async move { node.run_update(op, argv, cancel).await });

@@ -174,6 +174,10 @@ pub struct Update {
     /// Run it although the node still hosts VMs.
     #[serde(default)]
     pub force: bool,
+    /// `pre` or `post`: a rolling update's pre- or post-update command,
+    /// run whatever the node's state (before its drain, after its resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 /// `POST /v1/node/stop` (an empty body takes the defaults).

@@ -13,10 +13,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// A turn's phases, in order.
-const PHASES: [Phase; 4] = [
+const PHASES: [Phase; 6] = [
+    Phase::PreUpdate,
     Phase::Draining,
     Phase::Updating,
     Phase::Resuming,
+    Phase::PostUpdate,
     Phase::Done,
 ];
 
@@ -72,16 +74,20 @@ fn follow(ctx: &Ctx, id: &str, out: &Output) -> Result<ExitCode> {
         }
         // Every phase a turn went through, in order (one may pass between
         // two reads).
+        let phases: Vec<Phase> = PHASES
+            .into_iter()
+            .filter(|p| match p {
+                Phase::PreUpdate => run.pre_update.is_some(),
+                Phase::PostUpdate => run.post_update.is_some(),
+                _ => true,
+            })
+            .collect();
         for t in &run.nodes {
-            let through = match t.phase {
-                Phase::Pending => 0,
-                Phase::Draining => 1,
-                Phase::Updating => 2,
-                Phase::Resuming => 3,
-                Phase::Done => 4,
-                Phase::Failed => 0,
-            };
-            let passed = PHASES[..through].iter().copied();
+            let through = phases
+                .iter()
+                .position(|p| *p == t.phase)
+                .map_or(0, |i| i + 1);
+            let passed = phases[..through].iter().copied();
             let failed = (t.phase == Phase::Failed).then_some(Phase::Failed);
             for phase in passed.chain(failed) {
                 if !told.contains(&(t.node.clone(), phase)) {
@@ -156,9 +162,11 @@ fn print_status(run: &UpdateRun) {
     );
     for t in &run.nodes {
         let ops: Vec<String> = [
+            ("pre-update", &t.pre),
             ("drain", &t.drain),
             ("update", &t.update),
             ("resume", &t.resume),
+            ("post-update", &t.post),
         ]
         .iter()
         .filter_map(|(k, id)| id.as_ref().map(|id| format!("{k} {id}")))

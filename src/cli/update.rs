@@ -33,6 +33,15 @@ pub struct UpdateArgs {
     /// Print the plan (the order, where each VM would go) and move nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Check whether the cluster is ready for a rolling update (every node
+    /// online and reachable, hooks present, each node's VMs fitting on the
+    /// others, etcd healthy, one version everywhere); move nothing.
+    #[arg(long, conflicts_with_all = ["dry_run", "preview"])]
+    analyze: bool,
+    /// Run each node's preview_hook (never its update hook) to show what the
+    /// update would install; move nothing.
+    #[arg(long, conflicts_with = "dry_run")]
+    preview: bool,
     /// With etcd: return once the cluster has the run (`ferry cluster
     /// update status` follows it).
     #[arg(long)]
@@ -44,6 +53,24 @@ pub struct UpdateArgs {
     /// [default: the cluster file's order].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     node_order: Vec<String>,
+    /// With etcd: how many nodes' turns may fail before the run stops
+    /// [default: 0, the first failure stops it].
+    #[arg(long, value_name = "N")]
+    max_failed_nodes: Option<u32>,
+    /// With etcd: how many times a node's failed phase (drain, update
+    /// command, resume) is tried again before its turn fails [default: 0].
+    #[arg(long, value_name = "N")]
+    max_retries_per_node: Option<u32>,
+    /// With etcd: start, and start each node's turn, only while every node
+    /// of the run holds its lease.
+    #[arg(long)]
+    require_all_nodes_online: bool,
+    /// With etcd: a command each node's update hook runs before its drain.
+    #[arg(long, value_name = "COMMAND")]
+    pre_update: Option<String>,
+    /// With etcd: a command each node's update hook runs after its resume.
+    #[arg(long, value_name = "COMMAND")]
+    post_update: Option<String>,
     /// With etcd: run it on a schedule instead of now: "sun 03:00" (a
     /// weekday and a time, UTC) or "every 24h"; the cluster starts each run
     /// itself. Replaces the schedule there was.
@@ -101,6 +128,7 @@ fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut NodeRun) -> Resul
                 &Update {
                     command: run.to_string(),
                     force: false,
+                    stage: None,
                 },
             )),
             _ => ctx.run(ctx.peers.resume(
@@ -156,11 +184,18 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         sub,
         run,
         dry_run,
+        analyze,
+        preview,
         detach,
         failback,
         node_order,
         stop_after,
         schedule,
+        max_failed_nodes,
+        max_retries_per_node,
+        require_all_nodes_online,
+        pre_update,
+        post_update,
         out,
     } = args;
     match sub {
@@ -169,17 +204,28 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         Some(UpdateSub::Unschedule { out }) => return super::rolling::unschedule(&ctx, &out),
         None => {}
     }
+    if analyze {
+        return super::analyze::analyze(&ctx, &out);
+    }
     let run = run.ok_or_else(|| crate::usage("--run: the update command each node's hook runs"))?;
+    if preview {
+        return super::analyze::preview(&ctx, &run, &out);
+    }
     let in_cluster = ctx.cluster.store.is_some();
     if !in_cluster
         && (detach
             || failback.is_some()
             || !node_order.is_empty()
             || stop_after.is_some()
-            || schedule.is_some())
+            || schedule.is_some()
+            || max_failed_nodes.is_some()
+            || max_retries_per_node.is_some()
+            || require_all_nodes_online
+            || pre_update.is_some()
+            || post_update.is_some())
     {
         return Err(crate::usage(
-            "--detach, --failback, --node-order, --stop-after and --schedule need a cluster on etcd (etcd in the cluster file)",
+            "--detach, --failback, --node-order, --stop-after, --schedule, --max-failed-nodes, --max-retries-per-node, --require-all-nodes-online, --pre-update and --post-update need a cluster on etcd (etcd in the cluster file)",
         ));
     }
     if in_cluster && !dry_run {
@@ -188,6 +234,11 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             failback,
             node_order: (!node_order.is_empty()).then_some(node_order),
             stop_after,
+            max_failed_nodes,
+            max_retries_per_node,
+            require_all_nodes_online: require_all_nodes_online.then_some(true),
+            pre_update,
+            post_update,
         };
         if let Some(when) = schedule {
             return super::rolling::schedule(&ctx, when, start, &out);
@@ -317,10 +368,10 @@ fn dry(ctx: &Ctx, run: &str, states: &[NodeView], out: &Output) -> Result<ExitCo
 
 /// One node's drain in the plan.
 #[derive(Debug, Serialize)]
-struct PlanStep {
-    node: String,
+pub(crate) struct PlanStep {
+    pub(crate) node: String,
     moves: Vec<Move>,
-    unplaced: Vec<Unplaced>,
+    pub(crate) unplaced: Vec<Unplaced>,
 }
 
 #[derive(Debug, Serialize)]
@@ -331,14 +382,14 @@ struct Move {
 }
 
 #[derive(Debug, Serialize)]
-struct Unplaced {
+pub(crate) struct Unplaced {
     vm: String,
     memory: u64,
 }
 
 /// Where each node's VMs would go when it is drained in turn, the others as
 /// they are now (each node's VMs come back before the next is drained).
-fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
+pub(crate) fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
     let nodes = || ctx.cluster.nodes.iter().zip(states);
     nodes()
         .map(|(n, st)| {

@@ -14,7 +14,7 @@ fn cluster(test: &str) -> (EtcdCluster, Procs) {
     let e = EtcdCluster::start(test, 3);
     let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
     let top = format!(
-        "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
+        "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]\npreview_hook = [\"sh\", \"-c\", \"echo would install on $FERRY_NODE: $FERRY_UPDATE_COMMAND\"]",
         endpoints.join(", ")
     );
     let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
@@ -282,4 +282,148 @@ fn a_scheduled_rolling_update_starts_by_itself() {
     assert_eq!(run["id"], id.as_str());
     assert!(run["schedule"].is_null(), "{run}");
     assert_eq!(updated(&p), ["a", "b", "c"]);
+}
+
+/// CAU's failure policy: a failed phase is tried again up to
+/// `--max-retries-per-node` times, and a node whose turn still fails is
+/// left paused while the run goes on, up to `--max-failed-nodes`.
+#[test]
+fn failed_nodes_are_retried_then_passed_within_the_limits() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (_e, p) = cluster("rolling-failures");
+    // Each node's command fails once, then works; b's fails always.
+    let flag = p.dir.join("tried");
+    let cmd = format!(
+        "echo $FERRY_NODE >> {updated}; [ $FERRY_NODE != b ] && test -e {flag}-$FERRY_NODE || {{ touch {flag}-$FERRY_NODE; exit 1; }}",
+        updated = p.dir.join("updated").display(),
+        flag = flag.display()
+    );
+    let out = p.run(&[
+        "cluster",
+        "update",
+        "--run",
+        &cmd,
+        "--max-retries-per-node",
+        "1",
+        "--max-failed-nodes",
+        "1",
+        "--require-all-nodes-online",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let status = p.json(&["cluster", "update", "status"]);
+    assert_eq!(status["state"], "failed", "{status}");
+    let turns = status["nodes"].as_array().unwrap();
+    let phase = |i: usize| turns[i]["phase"].as_str().unwrap();
+    assert_eq!((phase(0), phase(1), phase(2)), ("done", "failed", "done"));
+    for t in turns {
+        assert_eq!(t["attempts"], 1, "{t}");
+        assert_eq!(t["discarded"].as_array().unwrap().len(), 1, "{t}");
+    }
+    assert!(
+        status["error"].as_str().unwrap().contains("node b"),
+        "{status}"
+    );
+    // Twice each: a failed try, then the retry.
+    assert_eq!(updated(&p), ["a", "a", "b", "b", "c", "c"]);
+    // b is left paused; a and c took their VMs back.
+    let nodes = p.json(&["node", "status"]);
+    let state = |n: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state("b"), "paused", "{nodes}");
+    assert_eq!(state("a"), "active", "{nodes}");
+    // Too many allowed failures, or too many retries, are refused.
+    let out = p.run(&[
+        "cluster",
+        "update",
+        "--run",
+        "true",
+        "--max-failed-nodes",
+        "3",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_failed_nodes"),
+        "{out:?}"
+    );
+}
+
+/// CAU's analyzer and preview, and its pre- and post-update commands: the
+/// analyzer finds the cluster ready (and says why not once a node is
+/// down), the preview runs each node's preview hook (never the update
+/// hook), and each node runs the pre-update command before its drain and
+/// the post-update command after its resume.
+#[test]
+fn analyze_preview_and_pre_and_post_update_commands() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let (e, mut p) = cluster("rolling-analyze");
+    let a = p.json(&["cluster", "update", "--analyze"]);
+    assert_eq!(a["ready"], true, "{a}");
+    let checks = a["checks"].as_array().unwrap();
+    let etcd_ok = checks
+        .iter()
+        .filter(|c| c["check"].as_str().unwrap().starts_with("etcd ") && c["ok"] == true)
+        .count();
+    assert_eq!(etcd_ok, e.endpoints().len(), "{a}");
+    let out = p.run(&[
+        "cluster",
+        "update",
+        "--run",
+        "apt-get -y upgrade",
+        "--preview",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for n in ["a", "b", "c"] {
+        assert!(
+            text.contains(&format!("would install on {n}: apt-get -y upgrade")),
+            "{text}"
+        );
+    }
+    assert!(updated(&p).is_empty(), "the preview ran no update");
+    let marker = p.dir.join("updated");
+    let log = |what: &str| format!("echo {what}$FERRY_NODE >> {}", marker.display());
+    let r = p.json(&[
+        "cluster",
+        "update",
+        "--run",
+        &log(""),
+        "--pre-update",
+        &log("pre-"),
+        "--post-update",
+        &log("post-"),
+    ]);
+    assert_eq!(r["state"], "completed", "{r}");
+    let status = p.json(&["cluster", "update", "status"]);
+    for t in status["nodes"].as_array().unwrap() {
+        assert!(t["pre"].is_string() && t["post"].is_string(), "{t}");
+    }
+    let expect: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|n| [format!("pre-{n}"), n.to_string(), format!("post-{n}")])
+        .collect();
+    assert_eq!(updated(&p), expect);
+    // A node down: not ready, and the analyzer says which.
+    p.signal("c", "-KILL");
+    p.exited("c", Duration::from_secs(5)).unwrap();
+    let out = p.run(&["cluster", "update", "--analyze"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("node c online")),
+        "{text}"
+    );
 }

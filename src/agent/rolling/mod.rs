@@ -13,10 +13,11 @@
 use super::etcd::{Cmp, Op, Txn};
 use super::mirror::{parse_json, Mirror, Versioned};
 use super::node::{now_ms, valid_name, Node, NodeError};
-use super::ops::{OpKind, OpState, OperationView};
-use super::request::{Drain, Resume, Update};
 use super::store::{Liveness, LAYOUT_VERSION};
 use serde::{Deserialize, Serialize};
+
+mod drive;
+pub use drive::{drive, Lead};
 
 /// The longest update command.
 pub const MAX_COMMAND: usize = 4096;
@@ -54,12 +55,16 @@ pub enum RunState {
 pub enum Phase {
     /// Not started.
     Pending,
+    /// The pre-update command runs on it (before its drain).
+    PreUpdate,
     /// Its VMs move away.
     Draining,
     /// The update command runs on it.
     Updating,
     /// It takes VMs again (and its VMs come back, with failback).
     Resuming,
+    /// The post-update command runs on it (after its resume).
+    PostUpdate,
     /// Updated and resumed.
     Done,
     /// Its turn failed.
@@ -84,9 +89,21 @@ pub struct Turn {
     /// The resume's operation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<String>,
-    /// Why it failed.
+    /// The pre-update command's operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre: Option<String>,
+    /// The post-update command's operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post: Option<String>,
+    /// Why it failed (or, retried, why its last attempt did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Its failed attempts that were retried.
+    #[serde(default)]
+    pub attempts: u32,
+    /// The operations of those attempts: never taken for a new attempt's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discarded: Vec<String>,
 }
 
 /// A rolling update, as `GET /v1/cluster/update` shows it.
@@ -104,6 +121,23 @@ pub struct UpdateRun {
     /// restarts the node's agent succeeds if the agent is back within it.
     #[serde(default = "default_stop_after")]
     pub stop_after_ms: u64,
+    /// How many nodes' turns may fail before the run stops (0: it stops at
+    /// the first).
+    #[serde(default)]
+    pub max_failed_nodes: u32,
+    /// How many times a node's failed phase is tried again before its turn
+    /// fails.
+    #[serde(default)]
+    pub max_retries_per_node: u32,
+    /// A turn starts only while every node of the run holds a lease.
+    #[serde(default)]
+    pub require_all_nodes_online: bool,
+    /// Run on each node before its drain, through its update hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_update: Option<String>,
+    /// Run on each node after its resume, through its update hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_update: Option<String>,
     /// Where it is.
     pub state: RunState,
     /// The nodes' turns, in order.
@@ -141,7 +175,16 @@ impl UpdateRun {
         if !valid_name(&self.id) {
             return Err(format!("id {:?} is not a valid name", self.id));
         }
-        if self.command.is_empty() || self.command.len() > MAX_COMMAND {
+        let commands = [
+            Some(&self.command),
+            self.pre_update.as_ref(),
+            self.post_update.as_ref(),
+        ];
+        if commands
+            .into_iter()
+            .flatten()
+            .any(|c| c.is_empty() || c.len() > MAX_COMMAND)
+        {
             return Err(format!("command: 1 to {MAX_COMMAND} bytes"));
         }
         let (lo, hi) = STOP_AFTER_MS;
@@ -151,12 +194,26 @@ impl UpdateRun {
         if self.nodes.len() > 4096 || self.coordinators.len() > 4096 {
             return Err("over 4096 nodes".into());
         }
+        if self.max_retries_per_node > MAX_RETRIES || self.max_failed_nodes > 4096 {
+            return Err("max_retries_per_node or max_failed_nodes out of range".into());
+        }
+        if self.nodes.iter().any(|t| t.discarded.len() > 1024) {
+            return Err("over 1024 discarded operations".into());
+        }
+        if let Some(id) = self
+            .nodes
+            .iter()
+            .flat_map(|t| &t.discarded)
+            .find(|id| !valid_name(id))
+        {
+            return Err(format!("discarded operation {id:?} is not a valid name"));
+        }
         let names = self.nodes.iter().map(|t| &t.node);
         if let Some(n) = names.chain(&self.coordinators).find(|n| !valid_name(n)) {
             return Err(format!("node {n:?} is not a valid name"));
         }
         let texts = self.nodes.iter().flat_map(|t| {
-            [&t.drain, &t.update, &t.resume, &t.error]
+            [&t.drain, &t.update, &t.resume, &t.pre, &t.post, &t.error]
                 .into_iter()
                 .flatten()
         });
@@ -166,9 +223,11 @@ impl UpdateRun {
         Ok(())
     }
 
-    /// The turn under way: the first not done.
+    /// The turn under way: the first neither done nor failed.
     pub fn current(&self) -> Option<&Turn> {
-        self.nodes.iter().find(|t| t.phase != Phase::Done)
+        self.nodes
+            .iter()
+            .find(|t| !matches!(t.phase, Phase::Done | Phase::Failed))
     }
 }
 
@@ -191,6 +250,34 @@ pub struct StartUpdate {
     /// agent is back within it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_after: Option<String>,
+    /// How many nodes' turns may fail before the run stops (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failed_nodes: Option<u32>,
+    /// How many times a node's failed phase is tried again (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries_per_node: Option<u32>,
+    /// Start, and start each turn, only while every node holds a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_all_nodes_online: Option<bool>,
+    /// Run on each node before its drain, through its update hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_update: Option<String>,
+    /// Run on each node after its resume, through its update hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_update: Option<String>,
+}
+
+/// The most retries per node.
+pub const MAX_RETRIES: u32 = 100;
+
+/// A request, checked.
+pub(crate) struct Checked {
+    failback: bool,
+    stop_after_ms: u64,
+    order: Vec<String>,
+    max_failed_nodes: u32,
+    max_retries_per_node: u32,
+    require_all_nodes_online: bool,
 }
 
 /// The run's key.
@@ -261,13 +348,16 @@ impl Node {
 
     /// Checks a rolling update's request: its command, failback, stop_after
     /// and order; gives the last three.
-    pub(super) fn check_update(
-        &self,
-        req: &StartUpdate,
-    ) -> Result<(bool, u64, Vec<String>), NodeError> {
+    pub(crate) fn check_update(&self, req: &StartUpdate) -> Result<Checked, NodeError> {
         let bad = |m: String| Err(NodeError::BadRequest(m));
-        if req.command.trim().is_empty() || req.command.len() > MAX_COMMAND {
-            return bad(format!("command: 1 to {MAX_COMMAND} bytes"));
+        for (field, c) in [
+            ("command", Some(&req.command)),
+            ("pre_update", req.pre_update.as_ref()),
+            ("post_update", req.post_update.as_ref()),
+        ] {
+            if c.is_some_and(|c| c.trim().is_empty() || c.len() > MAX_COMMAND) {
+                return bad(format!("{field}: 1 to {MAX_COMMAND} bytes"));
+            }
         }
         let failback = match req.failback.as_deref() {
             None | Some("immediate") => true,
@@ -307,7 +397,42 @@ impl Node {
                 )));
             }
         }
-        Ok((failback, stop_after_ms, order))
+        let max_retries_per_node = req.max_retries_per_node.unwrap_or(0);
+        if max_retries_per_node > MAX_RETRIES {
+            return bad(format!(
+                "max_retries_per_node: {max_retries_per_node} is out of range (0 to {MAX_RETRIES})"
+            ));
+        }
+        let max_failed_nodes = req.max_failed_nodes.unwrap_or(0);
+        if max_failed_nodes as usize >= order.len() && max_failed_nodes > 0 {
+            return bad(format!(
+                "max_failed_nodes: {max_failed_nodes} is out of range (0 to {}, fewer than the nodes)",
+                order.len() - 1
+            ));
+        }
+        let require_all_nodes_online = req.require_all_nodes_online.unwrap_or(false);
+        if require_all_nodes_online {
+            let alive = self.mirror.get().map(|m| m.alive()).unwrap_or_default();
+            let down: Vec<&str> = order
+                .iter()
+                .filter(|n| !alive.contains(*n))
+                .map(String::as_str)
+                .collect();
+            if !down.is_empty() {
+                return Err(NodeError::Conflict(format!(
+                    "require_all_nodes_online: node {} holds no lease",
+                    down.join(", ")
+                )));
+            }
+        }
+        Ok(Checked {
+            failback,
+            stop_after_ms,
+            order,
+            max_failed_nodes,
+            max_retries_per_node,
+            require_all_nodes_online,
+        })
     }
 
     /// Writes a rolling update's run, for the schedule's slot
@@ -318,7 +443,7 @@ impl Node {
         scheduled_for_ms: Option<u64>,
     ) -> Result<UpdateRun, NodeError> {
         let live = self.store()?;
-        let (failback, stop_after_ms, order) = self.check_update(&req)?;
+        let c = self.check_update(&req)?;
         let key = run_key(live.prefix());
         let before = match self.update_run().await {
             Ok((run, _)) if run.state == RunState::Running => {
@@ -336,10 +461,16 @@ impl Node {
             version: LAYOUT_VERSION,
             id: format!("update-{now}"),
             command: req.command,
-            failback,
-            stop_after_ms,
+            failback: c.failback,
+            stop_after_ms: c.stop_after_ms,
+            max_failed_nodes: c.max_failed_nodes,
+            max_retries_per_node: c.max_retries_per_node,
+            require_all_nodes_online: c.require_all_nodes_online,
+            pre_update: req.pre_update,
+            post_update: req.post_update,
             state: RunState::Running,
-            nodes: order
+            nodes: c
+                .order
                 .into_iter()
                 .map(|node| Turn {
                     node,
@@ -348,7 +479,11 @@ impl Node {
                     drain: None,
                     update: None,
                     resume: None,
+                    pre: None,
+                    post: None,
                     error: None,
+                    attempts: 0,
+                    discarded: Vec::new(),
                 })
                 .collect(),
             started_at_ms: now,
@@ -399,325 +534,4 @@ impl Node {
         }
         Ok(run)
     }
-}
-
-/// What a coordinator does after a round of the run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lead {
-    /// Leads on.
-    Stay,
-    /// Hands the role over: its own node's turn is next.
-    Resign,
-}
-
-/// The coordinator's writes of the run: each a transaction on its token
-/// and the run's revision as last read.
-struct Writer<'a> {
-    live: &'a Liveness,
-    key: Vec<u8>,
-    rev: i64,
-    token: i64,
-    me: &'a str,
-}
-
-impl Writer<'_> {
-    async fn put(&mut self, run: &mut UpdateRun) -> bool {
-        if run.coordinators.last().map(String::as_str) != Some(self.me) {
-            run.coordinators.push(self.me.to_string());
-        }
-        let json = serde_json::to_vec(&*run).expect("records serialize");
-        let coordinator = super::coordinator::key(self.live.prefix());
-        let txn = Txn::new()
-            .when(Cmp::created_at(&coordinator, self.token))
-            .when(Cmp::modified_at(&self.key, self.rev))
-            .then(Op::put(&self.key, &json, None));
-        match self.live.etcd().txn(&txn).await {
-            Ok(r) if r.succeeded => {
-                self.rev = r.revision;
-                true
-            }
-            // Deposed, or the run changed (a cancel): read again next round.
-            Ok(_) => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "writing the rolling update failed");
-                false
-            }
-        }
-    }
-}
-
-/// One round of the coordinator's rolling update: advances the run as far
-/// as it can without waiting.
-pub async fn drive(node: &Node, live: &Liveness, mirror: &Mirror, token: i64) -> Lead {
-    let key = run_key(live.prefix());
-    let Ok(Some(kv)) = live.etcd().get(&key).await else {
-        return Lead::Stay;
-    };
-    let Ok(mut run) = parse_run(&kv.value) else {
-        return Lead::Stay;
-    };
-    if run.state != RunState::Running {
-        return Lead::Stay;
-    }
-    let mut w = Writer {
-        live,
-        key,
-        rev: kv.mod_revision,
-        token,
-        me: node.name(),
-    };
-    // Each pass moves the current turn one phase on, or waits.
-    for _ in 0..4 * run.nodes.len() + 1 {
-        match advance(node, mirror, &mut run, &mut w).await {
-            Step::Moved => continue,
-            Step::Wait => return Lead::Stay,
-            Step::Resign => return Lead::Resign,
-        }
-    }
-    Lead::Stay
-}
-
-enum Step {
-    Moved,
-    Wait,
-    Resign,
-}
-
-/// Ends the run as `state`, naming why.
-async fn end(run: &mut UpdateRun, w: &mut Writer<'_>, state: RunState, error: Option<String>) {
-    run.state = state;
-    run.error = error;
-    run.finished_at_ms = Some(now_ms());
-    if w.put(run).await {
-        tracing::info!(id = %run.id, ?state, error = ?run.error, "rolling update ended");
-    }
-}
-
-async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writer<'_>) -> Step {
-    let Some(i) = run.nodes.iter().position(|t| t.phase != Phase::Done) else {
-        end(run, w, RunState::Completed, None).await;
-        return Step::Wait;
-    };
-    let turn = run.nodes[i].clone();
-    let Some(spec) = node.cluster.node(&turn.node).cloned() else {
-        let why = format!("node {} left the cluster", turn.node);
-        fail(run, i, w, why).await;
-        return Step::Wait;
-    };
-    if turn.phase == Phase::Failed {
-        let why = turn.error.unwrap_or_default();
-        end(run, w, RunState::Failed, Some(why)).await;
-        return Step::Wait;
-    }
-    if turn.phase == Phase::Pending {
-        if run.cancel_requested {
-            let why = format!("cancelled before node {}'s turn", turn.node);
-            end(run, w, RunState::Cancelled, Some(why)).await;
-            return Step::Wait;
-        }
-        if turn.node == node.name() {
-            if mirror.alive().iter().any(|n| n != node.name()) {
-                tracing::info!(id = %run.id, "this node's turn in the rolling update: handing the coordinator role over");
-                return Step::Resign;
-            }
-            let why = "no other live node to hand the coordinator role to".to_string();
-            fail(run, i, w, why).await;
-            return Step::Wait;
-        }
-    }
-    let (kind, asked) = match turn.phase {
-        Phase::Pending | Phase::Draining => (OpKind::Drain, &turn.drain),
-        Phase::Updating => (OpKind::Update, &turn.update),
-        _ => (OpKind::Resume, &turn.resume),
-    };
-    if turn.phase == Phase::Pending {
-        return start(node, run, i, w, Phase::Draining).await;
-    }
-    // The phase's operation: as recorded, or the one its intent started.
-    let op = match asked {
-        Some(id) => node.peers.operation(&spec, id).await,
-        None => match adopt(node, &spec, kind, turn.since_ms).await {
-            Some(op) => Ok(op),
-            None => return start(node, run, i, w, turn.phase).await,
-        },
-    };
-    let late =
-        turn.phase == Phase::Updating && now_ms().saturating_sub(turn.since_ms) > run.stop_after_ms;
-    let op = match op {
-        Ok(op) => op,
-        Err(e) if late => {
-            let why = format!("its agent is not back after stop_after ({e})");
-            fail(run, i, w, why).await;
-            return Step::Wait;
-        }
-        // Not reachable now (its agent may be restarting): ask again.
-        Err(e) => {
-            tracing::info!(node = %turn.node, error = %e, "the rolling update waits for the node");
-            return Step::Wait;
-        }
-    };
-    if asked.is_none() && !record_op(run, i, kind, &op.id, w).await {
-        return Step::Wait;
-    }
-    // The update command restarted the node's agent, which came back in
-    // time: the update did its work.
-    let restarted = kind == OpKind::Update && op.interrupted && !late;
-    match op.state {
-        OpState::Running if late => {
-            let _ = node.peers.cancel_operation(&spec, &op.id).await;
-            let why = format!(
-                "the update command still ran after stop_after ({} s): cancelled",
-                run.stop_after_ms / 1000
-            );
-            fail(run, i, w, why).await;
-            Step::Wait
-        }
-        OpState::Running => Step::Wait,
-        OpState::Failed if restarted => {
-            tracing::info!(id = %run.id, node = %turn.node, "the update command restarted the node's agent, back in time");
-            start(node, run, i, w, Phase::Resuming).await
-        }
-        OpState::Completed => {
-            let next = match turn.phase {
-                Phase::Draining => Phase::Updating,
-                Phase::Updating => Phase::Resuming,
-                _ => Phase::Done,
-            };
-            if next == Phase::Done {
-                run.nodes[i].phase = Phase::Done;
-                run.nodes[i].since_ms = now_ms();
-                tracing::info!(id = %run.id, node = %turn.node, "node updated");
-                return if w.put(run).await {
-                    Step::Moved
-                } else {
-                    Step::Wait
-                };
-            }
-            start(node, run, i, w, next).await
-        }
-        state => {
-            let why = format!(
-                "the {} {}: {}",
-                super::node::name_of(&kind),
-                super::node::name_of(&state),
-                op.error.unwrap_or_default()
-            );
-            fail(run, i, w, why).await;
-            Step::Wait
-        }
-    }
-}
-
-/// Fails turn `i` and the run.
-async fn fail(run: &mut UpdateRun, i: usize, w: &mut Writer<'_>, why: String) {
-    run.nodes[i].phase = Phase::Failed;
-    run.nodes[i].error = Some(why.clone());
-    let why = format!("node {}: {why}", run.nodes[i].node);
-    end(run, w, RunState::Failed, Some(why)).await;
-}
-
-/// Writes the intent of turn `i`'s `phase`, then asks the node for its
-/// operation and records it.
-async fn start(
-    node: &Node,
-    run: &mut UpdateRun,
-    i: usize,
-    w: &mut Writer<'_>,
-    phase: Phase,
-) -> Step {
-    let turn = &mut run.nodes[i];
-    if turn.phase != phase {
-        turn.phase = phase;
-        turn.since_ms = now_ms();
-        if !w.put(run).await {
-            return Step::Wait;
-        }
-    }
-    let Some(spec) = node.cluster.node(&run.nodes[i].node).cloned() else {
-        return Step::Wait;
-    };
-    let (kind, asked) = match phase {
-        Phase::Draining => (
-            OpKind::Drain,
-            node.peers.drain(&spec, &Drain::default()).await,
-        ),
-        Phase::Updating => (
-            OpKind::Update,
-            node.peers
-                .update(
-                    &spec,
-                    &Update {
-                        command: run.command.clone(),
-                        force: false,
-                    },
-                )
-                .await,
-        ),
-        _ => (
-            OpKind::Resume,
-            node.peers
-                .resume(
-                    &spec,
-                    &Resume {
-                        failback: Some(run.failback),
-                        clear_quarantine: None,
-                    },
-                )
-                .await,
-        ),
-    };
-    match asked {
-        Ok(op) => {
-            tracing::info!(id = %run.id, node = %spec.name, op = %op.id, "rolling update: {}", super::node::name_of(&kind));
-            if record_op(run, i, kind, &op.id, w).await {
-                Step::Moved
-            } else {
-                Step::Wait
-            }
-        }
-        Err(super::peer::PeerError::Api {
-            status, message, ..
-        }) if status != 503 => {
-            let why = format!("the {}: {message}", super::node::name_of(&kind));
-            fail(run, i, w, why).await;
-            Step::Wait
-        }
-        // Unreachable or unavailable: the intent stands; asked again (or
-        // the operation found) next round.
-        Err(e) => {
-            tracing::info!(node = %spec.name, error = %e, "the rolling update waits for the node");
-            Step::Wait
-        }
-    }
-}
-
-/// Records operation `id` of `kind` in turn `i`.
-async fn record_op(
-    run: &mut UpdateRun,
-    i: usize,
-    kind: OpKind,
-    id: &str,
-    w: &mut Writer<'_>,
-) -> bool {
-    let turn = &mut run.nodes[i];
-    *match kind {
-        OpKind::Drain => &mut turn.drain,
-        OpKind::Update => &mut turn.update,
-        OpKind::Resume => &mut turn.resume,
-    } = Some(id.to_string());
-    w.put(run).await
-}
-
-/// The operation of `kind` a phase's intent (written at `since_ms`) may
-/// have started on the node before its coordinator died.
-async fn adopt(
-    node: &Node,
-    spec: &super::cluster::NodeSpec,
-    kind: OpKind,
-    since_ms: u64,
-) -> Option<OperationView> {
-    let ops = node.peers.operations(spec).await.ok()?;
-    ops.into_iter()
-        .rev()
-        .find(|o| o.kind == kind && o.started_at_ms + CLOCK_SLACK_MS >= since_ms)
 }

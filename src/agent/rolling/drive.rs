@@ -1,0 +1,435 @@
+//! The coordinator's side of the rolling update: each round it moves the
+//! current node's turn on as far as it can without waiting, writing each
+//! phase's intent before acting and the operation it started after.
+
+use super::{parse_run, run_key, Phase, RunState, UpdateRun, CLOCK_SLACK_MS};
+use crate::agent::etcd::{Cmp, Op, Txn};
+use crate::agent::mirror::Mirror;
+use crate::agent::node::{now_ms, Node};
+use crate::agent::ops::{OpKind, OpState, OperationView};
+use crate::agent::request::{Drain, Resume, Update};
+use crate::agent::store::Liveness;
+
+/// What a coordinator does after a round of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lead {
+    /// Leads on.
+    Stay,
+    /// Hands the role over: its own node's turn is next.
+    Resign,
+}
+
+/// The coordinator's writes of the run: each a transaction on its token
+/// and the run's revision as last read.
+struct Writer<'a> {
+    live: &'a Liveness,
+    key: Vec<u8>,
+    rev: i64,
+    token: i64,
+    me: &'a str,
+}
+
+impl Writer<'_> {
+    async fn put(&mut self, run: &mut UpdateRun) -> bool {
+        if run.coordinators.last().map(String::as_str) != Some(self.me) {
+            run.coordinators.push(self.me.to_string());
+        }
+        let json = serde_json::to_vec(&*run).expect("records serialize");
+        let coordinator = crate::agent::coordinator::key(self.live.prefix());
+        let txn = Txn::new()
+            .when(Cmp::created_at(&coordinator, self.token))
+            .when(Cmp::modified_at(&self.key, self.rev))
+            .then(Op::put(&self.key, &json, None));
+        match self.live.etcd().txn(&txn).await {
+            Ok(r) if r.succeeded => {
+                self.rev = r.revision;
+                true
+            }
+            // Deposed, or the run changed (a cancel): read again next round.
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the rolling update failed");
+                false
+            }
+        }
+    }
+}
+
+/// One round of the coordinator's rolling update: advances the run as far
+/// as it can without waiting.
+pub async fn drive(node: &Node, live: &Liveness, mirror: &Mirror, token: i64) -> Lead {
+    let key = run_key(live.prefix());
+    let Ok(Some(kv)) = live.etcd().get(&key).await else {
+        return Lead::Stay;
+    };
+    let Ok(mut run) = parse_run(&kv.value) else {
+        return Lead::Stay;
+    };
+    if run.state != RunState::Running {
+        return Lead::Stay;
+    }
+    let mut w = Writer {
+        live,
+        key,
+        rev: kv.mod_revision,
+        token,
+        me: node.name(),
+    };
+    // Each pass moves the current turn one phase on, or waits.
+    for _ in 0..4 * run.nodes.len() + 1 {
+        match advance(node, mirror, &mut run, &mut w).await {
+            Step::Moved => continue,
+            Step::Wait => return Lead::Stay,
+            Step::Resign => return Lead::Resign,
+        }
+    }
+    Lead::Stay
+}
+
+enum Step {
+    Moved,
+    Wait,
+    Resign,
+}
+
+/// Ends the run as `state`, naming why.
+async fn end(run: &mut UpdateRun, w: &mut Writer<'_>, state: RunState, error: Option<String>) {
+    run.state = state;
+    run.error = error;
+    run.finished_at_ms = Some(now_ms());
+    if w.put(run).await {
+        tracing::info!(id = %run.id, ?state, error = ?run.error, "rolling update ended");
+    }
+}
+
+async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writer<'_>) -> Step {
+    let current = run
+        .nodes
+        .iter()
+        .position(|t| !matches!(t.phase, Phase::Done | Phase::Failed));
+    let Some(i) = current else {
+        let failed: Vec<String> = run
+            .nodes
+            .iter()
+            .filter(|t| t.phase == Phase::Failed)
+            .map(|t| {
+                format!(
+                    "node {}: {}",
+                    t.node,
+                    t.error.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect();
+        if failed.is_empty() {
+            end(run, w, RunState::Completed, None).await;
+        } else {
+            let why = format!("{} (within max_failed_nodes)", failed.join("; "));
+            end(run, w, RunState::Failed, Some(why)).await;
+        }
+        return Step::Wait;
+    };
+    let turn = run.nodes[i].clone();
+    let Some(spec) = node.cluster.node(&turn.node).cloned() else {
+        let why = format!("node {} left the cluster", turn.node);
+        fail(run, i, w, why).await;
+        return Step::Wait;
+    };
+    if turn.phase == Phase::Pending {
+        if run.cancel_requested {
+            let why = format!("cancelled before node {}'s turn", turn.node);
+            end(run, w, RunState::Cancelled, Some(why)).await;
+            return Step::Wait;
+        }
+        if run.require_all_nodes_online {
+            let alive = mirror.alive();
+            if let Some(down) = run.nodes.iter().find(|t| !alive.contains(&t.node)) {
+                tracing::info!(id = %run.id, node = %down.node, "the rolling update waits: require_all_nodes_online, and the node holds no lease");
+                return Step::Wait;
+            }
+        }
+        if turn.node == node.name() {
+            if mirror.alive().iter().any(|n| n != node.name()) {
+                tracing::info!(id = %run.id, "this node's turn in the rolling update: handing the coordinator role over");
+                return Step::Resign;
+            }
+            let why = "no other live node to hand the coordinator role to".to_string();
+            fail(run, i, w, why).await;
+            return Step::Wait;
+        }
+    }
+    if turn.phase == Phase::Pending {
+        let first = if run.pre_update.is_some() {
+            Phase::PreUpdate
+        } else {
+            Phase::Draining
+        };
+        return start(node, run, i, w, first).await;
+    }
+    let asked = recorded(&turn, turn.phase);
+    // The phase's operation: as recorded, or the one its intent started.
+    let op = match &asked {
+        Some(id) => node.peers.operation(&spec, id).await,
+        None => match adopt(node, &spec, turn.phase, &turn).await {
+            Some(op) => Ok(op),
+            None => return start(node, run, i, w, turn.phase).await,
+        },
+    };
+    let late =
+        turn.phase == Phase::Updating && now_ms().saturating_sub(turn.since_ms) > run.stop_after_ms;
+    let op = match op {
+        Ok(op) => op,
+        Err(e) if late => {
+            let why = format!("its agent is not back after stop_after ({e})");
+            fail(run, i, w, why).await;
+            return Step::Wait;
+        }
+        // Not reachable now (its agent may be restarting): ask again.
+        Err(e) => {
+            tracing::info!(node = %turn.node, error = %e, "the rolling update waits for the node");
+            return Step::Wait;
+        }
+    };
+    if asked.is_none() && !record_op(run, i, turn.phase, &op.id, w).await {
+        return Step::Wait;
+    }
+    // The update command restarted the node's agent, which came back in
+    // time: the update did its work.
+    let restarted = turn.phase == Phase::Updating && op.interrupted && !late;
+    match op.state {
+        OpState::Running if late => {
+            let _ = node.peers.cancel_operation(&spec, &op.id).await;
+            let why = format!(
+                "the update command still ran after stop_after ({} s): cancelled",
+                run.stop_after_ms / 1000
+            );
+            fail(run, i, w, why).await;
+            Step::Wait
+        }
+        OpState::Running => Step::Wait,
+        OpState::Failed if restarted => {
+            tracing::info!(id = %run.id, node = %turn.node, "the update command restarted the node's agent, back in time");
+            start(node, run, i, w, Phase::Resuming).await
+        }
+        OpState::Completed => {
+            let next = match turn.phase {
+                Phase::PreUpdate => Phase::Draining,
+                Phase::Draining => Phase::Updating,
+                Phase::Updating => Phase::Resuming,
+                Phase::Resuming if run.post_update.is_some() => Phase::PostUpdate,
+                _ => Phase::Done,
+            };
+            if next == Phase::Done {
+                run.nodes[i].phase = Phase::Done;
+                run.nodes[i].since_ms = now_ms();
+                tracing::info!(id = %run.id, node = %turn.node, "node updated");
+                return if w.put(run).await {
+                    Step::Moved
+                } else {
+                    Step::Wait
+                };
+            }
+            start(node, run, i, w, next).await
+        }
+        state => {
+            let why = format!(
+                "the {} {}: {}",
+                what(turn.phase),
+                crate::agent::node::name_of(&state),
+                op.error.unwrap_or_default()
+            );
+            fail(run, i, w, why).await;
+            Step::Wait
+        }
+    }
+}
+
+/// Turn `i`'s phase failed: it is tried again while retries are left;
+/// else the turn fails, and the run with it past `max_failed_nodes`.
+async fn fail(run: &mut UpdateRun, i: usize, w: &mut Writer<'_>, why: String) {
+    let retries = run.max_retries_per_node;
+    let t = &mut run.nodes[i];
+    if t.attempts < retries && t.phase != Phase::Pending {
+        t.attempts += 1;
+        tracing::warn!(id = %run.id, node = %t.node, attempt = t.attempts, error = %why, "rolling update: trying the phase again");
+        t.error = Some(format!("attempt {} failed: {why}", t.attempts));
+        let phase = t.phase;
+        let op = slot_of(t, phase).take();
+        t.discarded.extend(op);
+        t.since_ms = now_ms();
+        w.put(run).await;
+        return;
+    }
+    t.phase = Phase::Failed;
+    t.error = Some(why.clone());
+    let failed = run
+        .nodes
+        .iter()
+        .filter(|t| t.phase == Phase::Failed)
+        .count();
+    if failed as u64 > u64::from(run.max_failed_nodes) {
+        let why = format!("node {}: {why}", run.nodes[i].node);
+        end(run, w, RunState::Failed, Some(why)).await;
+    } else {
+        tracing::warn!(id = %run.id, node = %run.nodes[i].node, error = %why, "rolling update: the node's turn failed; going on (max_failed_nodes)");
+        w.put(run).await;
+    }
+}
+
+/// Writes the intent of turn `i`'s `phase`, then asks the node for its
+/// operation and records it.
+async fn start(
+    node: &Node,
+    run: &mut UpdateRun,
+    i: usize,
+    w: &mut Writer<'_>,
+    phase: Phase,
+) -> Step {
+    let turn = &mut run.nodes[i];
+    if turn.phase != phase {
+        turn.phase = phase;
+        turn.since_ms = now_ms();
+        if !w.put(run).await {
+            return Step::Wait;
+        }
+    }
+    let Some(spec) = node.cluster.node(&run.nodes[i].node).cloned() else {
+        return Step::Wait;
+    };
+    let command = |command: &Option<String>, stage: &str| Update {
+        command: command.clone().unwrap_or_default(),
+        force: false,
+        stage: Some(stage.to_string()),
+    };
+    let asked = match phase {
+        Phase::Draining => node.peers.drain(&spec, &Drain::default()).await,
+        Phase::PreUpdate => {
+            let u = command(&run.pre_update, "pre");
+            node.peers.update(&spec, &u).await
+        }
+        Phase::PostUpdate => {
+            let u = command(&run.post_update, "post");
+            node.peers.update(&spec, &u).await
+        }
+        Phase::Updating => {
+            let u = Update {
+                command: run.command.clone(),
+                force: false,
+                stage: None,
+            };
+            node.peers.update(&spec, &u).await
+        }
+        _ => {
+            let r = Resume {
+                failback: Some(run.failback),
+                clear_quarantine: None,
+            };
+            node.peers.resume(&spec, &r).await
+        }
+    };
+    match asked {
+        Ok(op) => {
+            tracing::info!(id = %run.id, node = %spec.name, op = %op.id, "rolling update: {}", what(phase));
+            if record_op(run, i, phase, &op.id, w).await {
+                Step::Moved
+            } else {
+                Step::Wait
+            }
+        }
+        Err(crate::agent::peer::PeerError::Api {
+            status, message, ..
+        }) if status != 503 => {
+            let why = format!("the {}: {message}", what(phase));
+            fail(run, i, w, why).await;
+            Step::Wait
+        }
+        // Unreachable or unavailable: the intent stands; asked again (or
+        // the operation found) next round.
+        Err(e) => {
+            tracing::info!(node = %spec.name, error = %e, "the rolling update waits for the node");
+            Step::Wait
+        }
+    }
+}
+
+/// Records operation `id` of `phase` in turn `i`.
+async fn record_op(
+    run: &mut UpdateRun,
+    i: usize,
+    phase: Phase,
+    id: &str,
+    w: &mut Writer<'_>,
+) -> bool {
+    *slot_of(&mut run.nodes[i], phase) = Some(id.to_string());
+    w.put(run).await
+}
+
+/// What a phase's operation is called in errors.
+fn what(phase: Phase) -> &'static str {
+    match phase {
+        Phase::PreUpdate => "pre-update command",
+        Phase::Draining => "drain",
+        Phase::Updating => "update",
+        Phase::Resuming => "resume",
+        _ => "post-update command",
+    }
+}
+
+/// The kind of operation a phase runs on its node.
+fn kind_of(phase: Phase) -> OpKind {
+    match phase {
+        Phase::Draining => OpKind::Drain,
+        Phase::Resuming => OpKind::Resume,
+        _ => OpKind::Update,
+    }
+}
+
+/// The `stage` an update operation of `phase` is asked with.
+fn stage_of(phase: Phase) -> Option<&'static str> {
+    match phase {
+        Phase::PreUpdate => Some("pre"),
+        Phase::PostUpdate => Some("post"),
+        _ => None,
+    }
+}
+
+/// Where turn `t` records the operation of `phase`.
+fn slot_of(t: &mut super::Turn, phase: Phase) -> &mut Option<String> {
+    match phase {
+        Phase::PreUpdate => &mut t.pre,
+        Phase::Draining => &mut t.drain,
+        Phase::Updating => &mut t.update,
+        Phase::Resuming => &mut t.resume,
+        _ => &mut t.post,
+    }
+}
+
+/// The operation of `phase` turn `t` recorded.
+fn recorded(t: &super::Turn, phase: Phase) -> Option<String> {
+    let mut t = t.clone();
+    slot_of(&mut t, phase).take()
+}
+
+/// The operation of `kind` a phase's intent (written at `since_ms`) may
+/// have started on the node before its coordinator died.
+async fn adopt(
+    node: &Node,
+    spec: &crate::agent::cluster::NodeSpec,
+    phase: Phase,
+    turn: &super::Turn,
+) -> Option<OperationView> {
+    let ops = node.peers.operations(spec).await.ok()?;
+    let recorded = [
+        &turn.pre,
+        &turn.drain,
+        &turn.update,
+        &turn.resume,
+        &turn.post,
+    ];
+    ops.into_iter().rev().find(|o| {
+        o.kind == kind_of(phase)
+            && o.params["stage"].as_str() == stage_of(phase)
+            && o.started_at_ms + CLOCK_SLACK_MS >= turn.since_ms
+            && !turn.discarded.contains(&o.id)
+            && !recorded.iter().any(|r| r.as_deref() == Some(o.id.as_str()))
+    })
+}
