@@ -113,7 +113,7 @@ async fn lead(
                 _ = lease_lost(live, lease) => return,
                 lead = async {
                     ha.round(node, live, mirror, token).await;
-                    super::schedule::due(node, live, token).await;
+                    super::schedule::due(node, live, mirror, token).await;
                     super::rolling::drive(node, live, mirror, token).await
                 } => lead,
             };

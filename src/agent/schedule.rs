@@ -8,7 +8,7 @@
 use super::etcd::{Cmp, Op, Txn};
 use super::mirror::{parse_json, Versioned};
 use super::node::{now_ms, Node, NodeError};
-use super::rolling::{RunState, StartUpdate};
+use super::rolling::{unavailable, RunState, StartUpdate};
 use super::store::{Liveness, LAYOUT_VERSION};
 use serde::{Deserialize, Serialize};
 
@@ -139,17 +139,9 @@ pub fn parse_schedule(bytes: &[u8]) -> Result<UpdateSchedule, String> {
     Ok(s)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> NodeError {
-    NodeError::Unavailable(format!("the cluster's store: {e}"))
-}
-
 impl Node {
     fn schedule_store(&self) -> Result<&Liveness, NodeError> {
-        self.liveness.get().map(|l| &**l).ok_or_else(|| {
-            NodeError::Unsupported(
-                "a scheduled update needs the cluster's store (etcd in the cluster file)".into(),
-            )
-        })
+        self.store_for("a scheduled update")
     }
 
     /// `GET /v1/cluster/update/schedule`.
@@ -203,8 +195,16 @@ impl Node {
 
 /// The coordinator's look at the schedule: starts the run when it is due
 /// and none runs, then moves the schedule on, on its token.
-pub async fn due(node: &Node, live: &Liveness, token: i64) {
+pub async fn due(node: &Node, live: &Liveness, mirror: &super::mirror::Mirror, token: i64) {
     let key = schedule_key(live.prefix());
+    // The mirror says whether a slot is due; etcd, as it stands, what it is.
+    let due_now = mirror
+        .value(&key)
+        .and_then(|v| parse_schedule(&v).ok())
+        .is_some_and(|s| now_ms() >= s.next_at_ms);
+    if !due_now {
+        return;
+    }
     let Ok(Some(kv)) = live.etcd().get(&key).await else {
         return;
     };

@@ -8,6 +8,7 @@ use crate::common;
 
 use common::etcd::{available, EtcdCluster};
 use common::procs::Procs;
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 fn cluster(test: &str) -> (EtcdCluster, Procs) {
@@ -30,6 +31,25 @@ fn cluster(test: &str) -> (EtcdCluster, Procs) {
         ]);
     }
     (e, p)
+}
+
+/// `ferry cluster update status`, read until `done` says it is what the
+/// test waits for (at most `limit` seconds).
+fn status_until(p: &Procs, limit: u64, done: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(limit);
+    loop {
+        let s = p.json(&["cluster", "update", "status"]);
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < end, "not within {limit} s: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The run once it has ended.
+fn ended(p: &Procs, limit: u64) -> Value {
+    status_until(p, limit, |s| s["state"] != "running")
 }
 
 /// The nodes the update command ran on, in order.
@@ -93,15 +113,7 @@ fn a_rolling_update_hands_the_coordinator_role_over_before_its_own_node() {
         "{out:?}"
     );
     p.json(&["cluster", "update", "cancel"]);
-    let end = Instant::now() + Duration::from_secs(30);
-    let run = loop {
-        let s = p.json(&["cluster", "update", "status"]);
-        if s["state"] != "running" {
-            break s;
-        }
-        assert!(Instant::now() < end, "{s}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let run = ended(&p, 30);
     assert_eq!(run["state"], "cancelled", "{run}");
     assert_eq!(run["nodes"][2]["phase"], "pending", "{run}");
 }
@@ -119,7 +131,6 @@ fn a_rolling_update_carries_on_after_its_coordinator_is_killed() {
         .filter(|n| **n != boss)
         .map(|n| n.to_string())
         .collect();
-    let first = order[0].clone();
     order.push(boss.clone());
     let started = p.json(&[
         "cluster",
@@ -132,28 +143,14 @@ fn a_rolling_update_carries_on_after_its_coordinator_is_killed() {
     ]);
     assert_eq!(started["state"], "running", "{started}");
     // The coordinator dies while the first node runs its update command.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = p.json(&["cluster", "update", "status"]);
-        if s["nodes"][0]["phase"] == "updating" && s["nodes"][0]["update"].is_string() {
-            break;
-        }
-        assert!(Instant::now() < end, "{first} never updated: {s}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    status_until(&p, 30, |s| {
+        s["nodes"][0]["phase"] == "updating" && s["nodes"][0]["update"].is_string()
+    });
     p.signal(&boss, "-KILL");
     p.exited(&boss, Duration::from_secs(5)).expect("killed");
     // Its host comes back, as systemd would bring it.
     p.spawn(&boss);
-    let end = Instant::now() + Duration::from_secs(120);
-    let run = loop {
-        let s = p.json(&["cluster", "update", "status"]);
-        if s["state"] != "running" {
-            break s;
-        }
-        assert!(Instant::now() < end, "the run did not end: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let run = ended(&p, 120);
     assert_eq!(run["state"], "completed", "{run}");
     for t in run["nodes"].as_array().unwrap() {
         assert_eq!(t["phase"], "done", "{t}");
@@ -200,15 +197,7 @@ fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back() {
         .expect("the update command stopped the agent");
     assert!(status.success(), "{status}");
     p.spawn(node);
-    let end = Instant::now() + Duration::from_secs(60);
-    let run = loop {
-        let s = p.json(&["cluster", "update", "status"]);
-        if s["state"] != "running" {
-            break s;
-        }
-        assert!(Instant::now() < end, "the run did not end: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let run = ended(&p, 60);
     assert_eq!(run["state"], "completed", "{run}");
     assert_eq!(run["nodes"][0]["phase"], "done", "{run}");
     // Resumed with failback: the node's VM is home and running.
@@ -257,27 +246,12 @@ fn a_scheduled_rolling_update_starts_by_itself() {
     let slot = s["next_at_ms"].as_u64().unwrap();
     assert!(p.json(&["cluster", "update", "status"])["id"].is_null());
     // It starts by itself; the schedule goes once it has.
-    let end = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let s = p.json(&["cluster", "update", "status"]);
-        if let Some(id) = s["id"].as_str() {
-            assert_eq!(s["scheduled_for_ms"], slot, "{s}");
-            break id.to_string();
-        }
-        assert!(Instant::now() < end, "nothing started: {s}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let s = status_until(&p, 30, |s| s["id"].is_string());
+    assert_eq!(s["scheduled_for_ms"], slot, "{s}");
+    let id = s["id"].as_str().unwrap().to_string();
     let removed = p.json(&["cluster", "update", "unschedule"]);
     assert_eq!(removed["last_run"], id.as_str(), "{removed}");
-    let end = Instant::now() + Duration::from_secs(60);
-    let run = loop {
-        let s = p.json(&["cluster", "update", "status"]);
-        if s["state"] != "running" {
-            break s;
-        }
-        assert!(Instant::now() < end, "{s}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let run = ended(&p, 60);
     assert_eq!(run["state"], "completed", "{run}");
     assert_eq!(run["id"], id.as_str());
     assert!(run["schedule"].is_null(), "{run}");
@@ -425,5 +399,55 @@ fn analyze_preview_and_pre_and_post_update_commands() {
         text.lines()
             .any(|l| l.starts_with("FAIL") && l.contains("node c online")),
         "{text}"
+    );
+}
+
+/// Issue 14's number: how long a rolling update waits when its coordinator
+/// dies, from the SIGKILL to the next coordinator's first write of the run,
+/// with the default 5 s lease, over 5 runs. `cargo test --release --test it
+/// rolling::measure -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_the_time_from_a_coordinators_death_to_its_update_going_on() {
+    let _serial = common::serial();
+    let test = "rolling-measure";
+    let e = EtcdCluster::start(test, 3);
+    let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
+    let top = format!(
+        "etcd = [{}]\netcd_prefix = \"/{test}/\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
+        endpoints.join(", ")
+    );
+    let mut p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let boss = p.coordinator();
+        let node = ["a", "b", "c"].into_iter().find(|n| *n != boss).unwrap();
+        p.json(&[
+            "cluster",
+            "update",
+            "--run",
+            "sleep 2",
+            "--node-order",
+            node,
+            "--detach",
+        ]);
+        status_until(&p, 30, |s| s["nodes"][0]["phase"] == "updating");
+        p.signal(&boss, "-KILL");
+        let killed = Instant::now();
+        p.exited(&boss, Duration::from_secs(5)).expect("killed");
+        status_until(&p, 30, |s| {
+            s["coordinators"]
+                .as_array()
+                .and_then(|c| c.last())
+                .is_some_and(|c| c != boss.as_str())
+        });
+        took.push(killed.elapsed().as_secs_f64());
+        ended(&p, 60);
+        p.spawn(&boss);
+    }
+    took.sort_by(f64::total_cmp);
+    eprintln!(
+        "coordinator death to its update going on, lease TTL 5 s, 5 runs: median {:.2} s, min {:.2} s, max {:.2} s",
+        took[2], took[0], took[4]
     );
 }

@@ -58,6 +58,13 @@ impl Writer<'_> {
 /// One round of the coordinator's rolling update: advances the run as far
 /// as it can without waiting.
 pub async fn drive(node: &Node, live: &Liveness, mirror: &Mirror, token: i64) -> Lead {
+    // The mirror says whether one runs; etcd, as it stands, what it is.
+    if mirror
+        .update_run()
+        .is_none_or(|r| r.state != RunState::Running)
+    {
+        return Lead::Stay;
+    }
     let key = run_key(live.prefix());
     let Ok(Some(kv)) = live.etcd().get(&key).await else {
         return Lead::Stay;

@@ -267,6 +267,9 @@ pub struct StartUpdate {
     pub post_update: Option<String>,
 }
 
+/// How often a cancel reads the run again after racing its coordinator.
+const CANCEL_TRIES: usize = 10;
+
 /// The most retries per node.
 pub const MAX_RETRIES: u32 = 100;
 
@@ -313,18 +316,23 @@ pub fn my_turn(mirror: &Mirror, me: &str) -> bool {
         && mirror.alive().iter().any(|n| n != me)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> NodeError {
+/// The store failed: the API's 503.
+pub(super) fn unavailable(e: impl std::fmt::Display) -> NodeError {
     NodeError::Unavailable(format!("the cluster's store: {e}"))
 }
 
 impl Node {
-    fn store(&self) -> Result<&Liveness, NodeError> {
+    /// The node's store, for `what`, which needs one.
+    pub(super) fn store_for(&self, what: &str) -> Result<&Liveness, NodeError> {
         self.liveness.get().map(|l| &**l).ok_or_else(|| {
-            NodeError::Unsupported(
-                "a rolling update run by the cluster needs its store (etcd in the cluster file)"
-                    .into(),
-            )
+            NodeError::Unsupported(format!(
+                "{what} needs the cluster's store (etcd in the cluster file)"
+            ))
         })
+    }
+
+    fn store(&self) -> Result<&Liveness, NodeError> {
+        self.store_for("a rolling update run by the cluster")
     }
 
     /// `GET /v1/cluster/update`: the rolling update as etcd holds it now.
@@ -513,25 +521,28 @@ impl Node {
     /// turn ends.
     pub async fn cancel_update(&self) -> Result<UpdateRun, NodeError> {
         let live = self.store()?;
-        let (mut run, rev) = self.update_run().await?;
-        if run.state != RunState::Running {
-            return Err(NodeError::Conflict(format!(
-                "rolling update {} has already ended",
-                run.id
-            )));
-        }
-        run.cancel_requested = true;
         let key = run_key(live.prefix());
-        let json = serde_json::to_vec(&run).expect("records serialize");
-        let txn = Txn::new()
-            .when(Cmp::modified_at(&key, rev))
-            .then(Op::put(&key, &json, None));
-        let r = live.etcd().txn(&txn).await.map_err(unavailable)?;
-        if !r.succeeded {
-            return Err(NodeError::Conflict(
-                "the rolling update changed meanwhile; try again".into(),
-            ));
+        // The coordinator writes the run as it goes: the flag is set on the
+        // run as it stands, read again after each race.
+        for _ in 0..CANCEL_TRIES {
+            let (mut run, rev) = self.update_run().await?;
+            if run.state != RunState::Running {
+                return Err(NodeError::Conflict(format!(
+                    "rolling update {} has already ended",
+                    run.id
+                )));
+            }
+            run.cancel_requested = true;
+            let json = serde_json::to_vec(&run).expect("records serialize");
+            let txn = Txn::new()
+                .when(Cmp::modified_at(&key, rev))
+                .then(Op::put(&key, &json, None));
+            if live.etcd().txn(&txn).await.map_err(unavailable)?.succeeded {
+                return Ok(run);
+            }
         }
-        Ok(run)
+        Err(NodeError::Unavailable(
+            "the rolling update kept changing; try again".into(),
+        ))
     }
 }
