@@ -813,6 +813,9 @@ pub async fn serve_agent_with(
                 "reading this node's VMs in etcd: {e}"
             )));
         }
+        // A superseded copy held again never runs here: its VM starts
+        // elsewhere if its record still names this node.
+        node.restart_kept_superseded();
         let until = CancellationToken::new();
         let task = tokio::spawn({
             let until = until.clone();

@@ -16,6 +16,7 @@ use super::ops::{OpState, Operation, OperationView};
 use super::store::LAYOUT_VERSION;
 use crate::migration::MigratableGuest;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +67,9 @@ impl Versioned for AdminRecord {
         self.version
     }
 }
+
+/// How long a copy that could not be saved waits before the next try.
+const SAVE_RETRY: Duration = Duration::from_secs(60);
 
 /// The longest error or state text a record may hold.
 const MAX_TEXT: usize = 1 << 20;
@@ -320,6 +324,24 @@ impl Node {
         Ok((history, ops, mode))
     }
 
+    /// At start, after the records: each superseded copy read back from
+    /// disk has its record marked for a restart away from this node, as
+    /// the node's rejoin after a lapsed lease does.
+    pub(super) fn restart_kept_superseded(&self) {
+        let superseded: Vec<String> = self
+            .state
+            .lock()
+            .unwrap()
+            .vms
+            .iter()
+            .filter(|(_, v)| v.superseded)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in superseded {
+            self.restart_superseded(&name);
+        }
+    }
+
     /// Whether VM `name`, as it is now, is saved on disk: a stopping agent
     /// leaves it there instead of waiting for it.
     pub(super) fn is_kept(&self, name: &str) -> bool {
@@ -353,9 +375,12 @@ impl Node {
     /// Keeps the disk in step with the node's paused last copies until
     /// `stop`: saves each as it becomes one, removes it once it is not.
     pub(super) async fn keep_copies(self: Arc<Self>, stop: CancellationToken) {
+        // A copy that could not be saved (a full disk) waits before the
+        // next try, as it is written whole each time.
+        let mut failed: BTreeMap<String, std::time::Instant> = BTreeMap::new();
         loop {
             let changed = self.changed.notified();
-            self.keep_once().await;
+            self.keep_once(&mut failed).await;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = changed => {}
@@ -364,7 +389,7 @@ impl Node {
         }
     }
 
-    async fn keep_once(self: &Arc<Self>) {
+    async fn keep_once(self: &Arc<Self>, failed: &mut BTreeMap<String, std::time::Instant>) {
         let names: Vec<String> = self.state.lock().unwrap().vms.keys().cloned().collect();
         let dir = kept::folder(&self.spec.state_dir);
         let mut saved_any = false;
@@ -375,10 +400,14 @@ impl Node {
             if self.kept.lock().unwrap().get(name) == Some(&meta) {
                 continue;
             }
+            if failed.get(name).is_some_and(|t| t.elapsed() < SAVE_RETRY) {
+                continue;
+            }
             let (d, m) = (dir.clone(), meta.clone());
             let saved = tokio::task::spawn_blocking(move || kept::save(&d, &m, &*guest)).await;
             match saved {
                 Ok(Ok(path)) => {
+                    failed.remove(name);
                     tracing::info!(vm = %name, file = %path.display(), state = ?meta.state, "paused copy saved");
                     let migration = meta.migration.clone();
                     self.kept.lock().unwrap().insert(name.clone(), meta);
@@ -388,9 +417,13 @@ impl Node {
                     saved_any = true;
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(vm = %name, dir = %dir.display(), error = %e, "cannot save the paused copy: it is held in memory only")
+                    failed.insert(name.clone(), std::time::Instant::now());
+                    tracing::error!(vm = %name, dir = %dir.display(), error = %e, retry_in = ?SAVE_RETRY, "cannot save the paused copy: it is held in memory only")
                 }
-                Err(e) => tracing::error!(vm = %name, error = %e, "saving the paused copy failed"),
+                Err(e) => {
+                    failed.insert(name.clone(), std::time::Instant::now());
+                    tracing::error!(vm = %name, error = %e, "saving the paused copy failed")
+                }
             }
         }
         let on_disk: Vec<String> = self.kept.lock().unwrap().keys().cloned().collect();

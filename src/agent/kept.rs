@@ -53,7 +53,7 @@ impl KeptVm {
             return Err(format!("layout version {}", self.version));
         }
         self.spec.check()?;
-        if self.spec.name != file_vm {
+        if stem(&self.spec.name) != file_vm {
             return Err(format!("describes VM {:?}", self.spec.name));
         }
         if !matches!(self.state, VmState::Paused | VmState::Superseded) {
@@ -78,10 +78,26 @@ pub fn guest_path(dir: &Path, vm: &str) -> PathBuf {
     paths(dir, vm).0
 }
 
+/// The longest VM name used whole in a file name (a name may be 255
+/// bytes, a file name too, with `.guest` after it).
+const WHOLE_NAME: usize = 200;
+
+/// The files' stem for VM `vm`: its name, or for a long one its first
+/// 180 bytes and a checksum of the whole (the description says which VM).
+fn stem(vm: &str) -> String {
+    if vm.len() <= WHOLE_NAME {
+        vm.to_string()
+    } else {
+        // VM names are ASCII: any byte index is a boundary.
+        format!("{}-{:08x}", &vm[..180], crc32fast::hash(vm.as_bytes()))
+    }
+}
+
 fn paths(dir: &Path, vm: &str) -> (PathBuf, PathBuf) {
+    let stem = stem(vm);
     (
-        dir.join(format!("{vm}.guest")),
-        dir.join(format!("{vm}.json")),
+        dir.join(format!("{stem}.guest")),
+        dir.join(format!("{stem}.json")),
     )
 }
 
@@ -92,12 +108,13 @@ pub fn save(dir: &Path, meta: &KeptVm, guest: &dyn MigratableGuest) -> std::io::
     let (guest_path, meta_path) = paths(dir, vm);
     let nonce = format!("{}.{}", std::process::id(), super::node::now_ms());
     // `~` is in no VM's name: a temporary file is never taken for a copy.
-    let tmp = dir.join(format!("~{vm}.{nonce}.guest"));
+    let short = format!("{:08x}", crc32fast::hash(vm.as_bytes()));
+    let tmp = dir.join(format!("~{short}.{nonce}.guest"));
     save_guest(guest, &tmp)?;
     std::fs::rename(&tmp, &guest_path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
-    let tmp = dir.join(format!("~{vm}.{nonce}.json"));
+    let tmp = dir.join(format!("~{short}.{nonce}.json"));
     let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
     {
         use std::io::Write;
@@ -166,11 +183,14 @@ pub fn load_all(dir: &Path) -> Vec<Restored> {
     out
 }
 
-fn load_one(dir: &Path, vm: &str) -> Result<Restored, String> {
-    if !super::node::valid_name(vm) {
+fn load_one(dir: &Path, file_stem: &str) -> Result<Restored, String> {
+    if !super::node::valid_name(file_stem) {
         return Err("not a valid VM name".into());
     }
-    let (guest_path, meta_path) = paths(dir, vm);
+    let (guest_path, meta_path) = (
+        dir.join(format!("{file_stem}.guest")),
+        dir.join(format!("{file_stem}.json")),
+    );
     let len = std::fs::metadata(&meta_path)
         .map_err(|e| e.to_string())?
         .len();
@@ -179,7 +199,7 @@ fn load_one(dir: &Path, vm: &str) -> Result<Restored, String> {
     }
     let bytes = std::fs::read(&meta_path).map_err(|e| e.to_string())?;
     let meta: KeptVm = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    meta.check(vm)?;
+    meta.check(file_stem)?;
     let guest = load_guest(&guest_path)?;
     if guest.kind() != meta.spec.guest || guest.memory().len_bytes() != meta.spec.memory {
         return Err(format!(
@@ -197,4 +217,20 @@ fn load_one(dir: &Path, vm: &str) -> Result<Restored, String> {
         guest,
         path: guest_path,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_name_keeps_its_files_within_a_file_names_limit() {
+        let long = "v".repeat(255);
+        let (guest, meta) = paths(Path::new("/k"), &long);
+        for p in [&guest, &meta] {
+            assert!(p.file_name().unwrap().len() <= 255, "{}", p.display());
+        }
+        assert_ne!(stem(&long), stem(&format!("{}w", "v".repeat(254))));
+        assert_eq!(stem("web-1"), "web-1");
+    }
 }

@@ -791,16 +791,24 @@ impl Node {
         let (id, cancel) = self.new_op(OpKind::Update, params, Vec::new());
         let node = self.clone();
         let op = id.clone();
-        tokio::spawn(async move { node.run_update(op, argv, cancel).await });
+        let stage = stage.unwrap_or("update").to_string();
+        tokio::spawn(async move { node.run_update(op, argv, stage, cancel).await });
         self.operation(&id)
     }
 
-    async fn run_update(self: Arc<Self>, op: String, argv: Vec<String>, cancel: CancellationToken) {
+    async fn run_update(
+        self: Arc<Self>,
+        op: String,
+        argv: Vec<String>,
+        stage: String,
+        cancel: CancellationToken,
+    ) {
         tracing::info!(%op, ?argv, "update command started");
         let start = std::time::Instant::now();
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env("FERRY_NODE", &self.spec.name)
+            .env("FERRY_UPDATE_STAGE", &stage)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

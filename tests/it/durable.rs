@@ -98,3 +98,54 @@ fn a_restarted_agent_keeps_its_records_its_drain_and_its_pause() {
     let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
     assert_eq!(node["state"], "active", "{node}");
 }
+
+/// A superseded copy read back from disk at start never runs here, and its
+/// VM is not left down: the restarted agent marks its record for a restart
+/// away from this node, and the cluster starts it on another.
+#[test]
+fn a_superseded_copy_read_back_at_start_has_its_vm_started_elsewhere() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "durable-superseded";
+    let e = EtcdCluster::start(test, 1);
+    let top = format!(
+        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
+        e.endpoints()[0]
+    );
+    let mut c = Agents::start_with(test, &top, &[("a", ""), ("b", "")]);
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "32MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // web's copy on a's disk, superseded, as a lapsed lease leaves it.
+    let guest = c.agent("a").node.guest("web").unwrap();
+    guest.pause();
+    let dir = c.file.parent().unwrap().join("state/a/guests");
+    std::fs::create_dir_all(&dir).unwrap();
+    ferry::migration::saved::save_guest(&*guest, &dir.join("web.guest")).unwrap();
+    let meta = json!({"version": 1, "spec": v, "state": "superseded"});
+    std::fs::write(dir.join("web.json"), meta.to_string()).unwrap();
+    drop(guest);
+    c.restart("a");
+    let (_, on_a) = c.call(Method::GET, "a", "/v1/vms/web", None);
+    assert_eq!(on_a["state"], "superseded", "{on_a}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (s, on_b) = c.call(Method::GET, "b", "/v1/vms/web", None);
+        if s == StatusCode::OK && on_b["state"] == "running" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "web never ran on b: {on_b}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, on_a) = c.call(Method::GET, "a", "/v1/vms/web", None);
+    assert_eq!(on_a["state"], "superseded", "{on_a}");
+}

@@ -181,12 +181,26 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
             None => return start(node, run, i, w, turn.phase).await,
         },
     };
-    let late =
-        turn.phase == Phase::Updating && now_ms().saturating_sub(turn.since_ms) > run.stop_after_ms;
+    // stop_after bounds every command a turn runs, and how long its node
+    // may be out of reach in any phase.
+    let overdue = now_ms().saturating_sub(turn.since_ms) > run.stop_after_ms;
+    let command = matches!(
+        turn.phase,
+        Phase::PreUpdate | Phase::Updating | Phase::PostUpdate
+    );
+    let late = overdue && command;
     let op = match op {
         Ok(op) => op,
-        Err(e) if late => {
-            let why = format!("its agent is not back after stop_after ({e})");
+        Err(e) if run.cancel_requested => {
+            let why = format!(
+                "cancelled while node {} could not be asked ({e}); it is left as it was",
+                turn.node
+            );
+            end(run, w, RunState::Cancelled, Some(why)).await;
+            return Step::Wait;
+        }
+        Err(e) if overdue => {
+            let why = format!("not back after stop_after ({e})");
             fail(run, i, w, why).await;
             return Step::Wait;
         }
@@ -206,7 +220,8 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
         OpState::Running if late => {
             let _ = node.peers.cancel_operation(&spec, &op.id).await;
             let why = format!(
-                "the update command still ran after stop_after ({} s): cancelled",
+                "the {} still ran after stop_after ({} s): cancelled",
+                what(turn.phase),
                 run.stop_after_ms / 1000
             );
             fail(run, i, w, why).await;
