@@ -248,7 +248,7 @@ impl Node {
             .filter_map(|o| o.view.id.rsplit('-').next()?.parse::<u64>().ok())
             .max()
             .unwrap_or(0)
-            + 1;
+            .saturating_add(1);
         let id = format!(
             "{}-{}-{n}",
             self.spec.name,
