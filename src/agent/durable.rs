@@ -109,6 +109,29 @@ pub fn check_migration(v: &MigrationView, node: &str) -> Result<(), String> {
     text("operation", &v.operation)
 }
 
+/// Migration record `id` of node `node` as read from etcd, checked.
+pub fn decode_migration(bytes: &[u8], id: &str, node: &str) -> Result<MigrationView, String> {
+    let r = parse_json::<MigrationRecord>(bytes)?;
+    check_migration(&r.view, node)?;
+    (r.view.id == id)
+        .then_some(r.view)
+        .ok_or_else(|| "id differs".into())
+}
+
+/// Operation record `id` of node `node` as read from etcd, checked.
+pub fn decode_operation(bytes: &[u8], id: &str, node: &str) -> Result<OperationView, String> {
+    let r = parse_json::<OperationRecord>(bytes)?;
+    check_operation(&r.op, node)?;
+    (r.op.id == id)
+        .then_some(r.op)
+        .ok_or_else(|| "id differs".into())
+}
+
+/// A node's administrative record as read from etcd.
+pub fn decode_admin(bytes: &[u8]) -> Result<AdminRecord, String> {
+    parse_json::<AdminRecord>(bytes)
+}
+
 /// Checks an operation record read from etcd as API input is checked.
 pub fn check_operation(v: &OperationView, node: &str) -> Result<(), String> {
     if !valid_name(&v.id) {
@@ -270,24 +293,14 @@ impl Node {
         let name = self.name();
         let mut history = Vec::new();
         for (id, bytes) in j.load(Folder::Migrations).await? {
-            let r = parse_json::<MigrationRecord>(&bytes).and_then(|r| {
-                check_migration(&r.view, name)?;
-                (r.view.id == id)
-                    .then_some(r.view)
-                    .ok_or("id differs".into())
-            });
-            match r {
+            match decode_migration(&bytes, &id, name) {
                 Ok(v) => history.push(v),
                 Err(e) => tracing::warn!(%id, error = %e, "ignoring a bad migration record"),
             }
         }
         let mut ops = Vec::new();
         for (id, bytes) in j.load(Folder::Operations).await? {
-            let r = parse_json::<OperationRecord>(&bytes).and_then(|r| {
-                check_operation(&r.op, name)?;
-                (r.op.id == id).then_some(r.op).ok_or("id differs".into())
-            });
-            let mut op = match r {
+            let mut op = match decode_operation(&bytes, &id, name) {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(%id, error = %e, "ignoring a bad operation record");
@@ -310,7 +323,7 @@ impl Node {
         }
         let mode = match j.load_admin().await? {
             None => None,
-            Some(bytes) => match parse_json::<AdminRecord>(&bytes) {
+            Some(bytes) => match decode_admin(&bytes) {
                 // A drain its agent did not see to the end leaves the node
                 // paused, as one that ended would.
                 Ok(r) if r.state == NodeMode::Draining => Some(NodeMode::Paused),

@@ -68,6 +68,13 @@ impl KeptVm {
     }
 }
 
+/// A kept copy's description, read from file `{file_stem}.json`, checked.
+pub fn decode_meta(bytes: &[u8], file_stem: &str) -> Result<KeptVm, String> {
+    let meta: KeptVm = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    meta.check(file_stem)?;
+    Ok(meta)
+}
+
 /// The folder of a node's kept copies.
 pub fn folder(state_dir: &Path) -> PathBuf {
     state_dir.join("guests")
@@ -198,8 +205,7 @@ fn load_one(dir: &Path, file_stem: &str) -> Result<Restored, String> {
         return Err(format!("{} is over {MAX_META} bytes", meta_path.display()));
     }
     let bytes = std::fs::read(&meta_path).map_err(|e| e.to_string())?;
-    let meta: KeptVm = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-    meta.check(file_stem)?;
+    let meta = decode_meta(&bytes, file_stem)?;
     let guest = load_guest(&guest_path)?;
     if guest.kind() != meta.spec.guest || guest.memory().len_bytes() != meta.spec.memory {
         return Err(format!(

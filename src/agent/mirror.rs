@@ -183,13 +183,7 @@ impl Mirror {
 
     /// The registered nodes.
     pub fn nodes(&self) -> BTreeMap<String, NodeRecord> {
-        self.under("nodes", |name, kv| {
-            let r: NodeRecord = parse_json(&kv.value)?;
-            if r.name != name {
-                return Err(format!("record of node {:?} under {name:?}", r.name));
-            }
-            Ok(r)
-        })
+        self.under("nodes", |name, kv| decode_node(&kv.value, name))
     }
 
     /// The nodes holding a lease now.
@@ -221,9 +215,7 @@ impl Mirror {
     /// The VMs, each with the revision its record was last written at.
     pub fn vms(&self) -> BTreeMap<String, (VmRecord, i64)> {
         self.under("vms", |name, kv| {
-            let r: VmRecord = parse_json(&kv.value)?;
-            r.check(name)?;
-            Ok((r, kv.mod_revision))
+            Ok((decode_vm(&kv.value, name)?, kv.mod_revision))
         })
     }
 
@@ -232,8 +224,7 @@ impl Mirror {
         let key = format!("{}vms/{name}", self.prefix).into_bytes();
         let k = self.keys.lock().unwrap();
         let kv = k.kvs.get(&key)?;
-        let r: VmRecord = parse_json(&kv.value).ok()?;
-        r.check(name).ok()?;
+        let r = decode_vm(&kv.value, name).ok()?;
         Some((r, kv.mod_revision))
     }
 
@@ -250,6 +241,22 @@ impl Mirror {
             }
         }
     }
+}
+
+/// Node `name`'s registration as read from etcd, checked.
+pub fn decode_node(bytes: &[u8], name: &str) -> Result<NodeRecord, String> {
+    let r: NodeRecord = parse_json(bytes)?;
+    if r.name != name {
+        return Err(format!("record of node {:?} under {name:?}", r.name));
+    }
+    Ok(r)
+}
+
+/// VM `name`'s record as read from etcd, checked.
+pub fn decode_vm(bytes: &[u8], name: &str) -> Result<VmRecord, String> {
+    let r: VmRecord = parse_json(bytes)?;
+    r.check(name)?;
+    Ok(r)
 }
 
 /// A record's JSON, of the layout this build reads.

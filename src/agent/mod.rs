@@ -11,6 +11,8 @@ pub mod coordinator;
 pub mod durable;
 pub mod etcd;
 pub mod fence;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod ha;
 pub mod journal;
 mod kept;

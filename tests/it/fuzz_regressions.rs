@@ -11,7 +11,7 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 8] = [
+const TARGETS: [(&str, Property); 9] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
@@ -22,6 +22,9 @@ const TARGETS: [(&str, Property); 8] = [
     }),
     ("guest_state", fuzz::guest_state),
     ("guest_restore", fuzz::guest_restore),
+    ("records", |d| {
+        ferry::agent::fuzz::records(d);
+    }),
 ];
 
 /// Runs every file of `fuzz/<kind>/<target>/` through the target's property.
@@ -79,6 +82,9 @@ fn write_seeds() {
         std::fs::write(root.join(target).join(name), data).unwrap();
     };
     put("receiver", "session.bin", &fuzz::receiver_seed());
+    for (kind, data) in ferry::agent::fuzz::seeds() {
+        put("records", &format!("{kind}.json"), &data);
+    }
     for (i, (frame, payload)) in seeds().into_iter().enumerate() {
         put("frame_decode", &format!("batch-{i}.bin"), &frame);
         put("stream_decode", &format!("batch-{i}.bin"), &frame);
@@ -214,4 +220,64 @@ fn guest_state_seeds_decode_and_their_mutations_never_panic() {
             fuzz::guest_state(&m);
         }
     }
+}
+
+#[test]
+fn record_seeds_decode_and_their_mutations_never_panic() {
+    use ferry::agent::fuzz::{records, seeds};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/records");
+    let seeds = seeds();
+    for (kind, data) in &seeds {
+        // Each seed passes every check, so the fuzzer starts inside them.
+        assert!(records(data), "the {kind} seed does not decode");
+        let file = std::fs::read(dir.join(format!("{kind}.json"))).unwrap();
+        assert_eq!(&file, data, "regenerate with write_seeds");
+        // A VM's record under another VM's name is refused.
+        let at = data.windows(5).position(|w| w == b"\"vm1\"");
+        if let (Some(at), "vm" | "kept_vm") = (at, *kind) {
+            let mut other = data.clone();
+            other[at + 3] = b'9';
+            assert!(!records(&other), "the {kind} seed decodes for VM vm9");
+        }
+    }
+    // Mutations that keep it JSON: numbers out of range, long texts, wrong
+    // types and names; and raw byte damage.
+    let swaps: [(&str, &str); 8] = [
+        ("1", "18446744073709551616"),
+        ("1", "-1"),
+        ("\"a\"", "\"../../etc\""),
+        ("\"vm1\"", "\"vm2\""),
+        ("true", "null"),
+        ("\"running\"", "\"sleeping\""),
+        ("[", "[[],"),
+        (":", ":1e999,\"x\":"),
+    ];
+    let mut rng = Rng(0x7265_636f_7264_7321);
+    let mut accepted = 0;
+    for i in 0..20_000 {
+        let (_, seed) = &seeds[i % seeds.len()];
+        let mut data = seed.clone();
+        if i % 2 == 0 {
+            let text = String::from_utf8_lossy(&data[1..]).into_owned();
+            let (from, to) = swaps[rng.below(swaps.len())];
+            let hits: Vec<usize> = text.match_indices(from).map(|(at, _)| at).collect();
+            if hits.is_empty() {
+                continue;
+            }
+            let at = hits[rng.below(hits.len())];
+            let text = format!("{}{to}{}", &text[..at], &text[at + from.len()..]);
+            data.truncate(1);
+            data.extend_from_slice(text.as_bytes());
+        } else {
+            let at = 1 + rng.below(data.len() - 1);
+            match rng.below(3) {
+                0 => data[at] ^= 1 << rng.below(8),
+                1 => data.truncate(at),
+                _ => data.insert(at, rng.next() as u8),
+            }
+        }
+        accepted += usize::from(records(&data));
+    }
+    // Some mutations are still valid records, most are refused.
+    assert!(accepted > 0 && accepted < 15_000, "{accepted} accepted");
 }
