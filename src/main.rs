@@ -684,6 +684,12 @@ fn agent(a: AgentArgs) -> Result<ExitCode> {
     cluster
         .require_node(&node)
         .map_err(|e| usage(format!("--node: {e}")))?;
+    if cluster.store.is_none() {
+        return Err(usage(format!(
+            "--cluster: {} names no etcd (`etcd = [\"host:port\", ...]`): agents keep the cluster's state there; standalone hosts use `ferry send`/`ferry receive`",
+            a.cluster.display()
+        )));
+    }
     if let Some(dir) = a.state_dir {
         if let Some(n) = cluster.nodes.iter_mut().find(|n| n.name == node) {
             n.state_dir = dir;

@@ -748,6 +748,12 @@ pub async fn serve_agent_with(
 ) -> std::io::Result<AgentHandle> {
     // Connections in flight on both listeners and the guests' files must
     // not run out of descriptors: take all the hard limit allows.
+    let Some(store) = cluster.store.clone() else {
+        return Err(std::io::Error::other(format!(
+            "{}: no `etcd = [\"host:port\", ...]`: agents keep the cluster's state in etcd (standalone hosts migrate with `ferry send` and `ferry receive`)",
+            cluster.path.display()
+        )));
+    };
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
@@ -789,9 +795,8 @@ pub async fn serve_agent_with(
     let control_addr = listener.local_addr()?;
     // Registered once both listeners are bound, so a failed start leaves
     // no lease behind.
-    let mut keep = None;
-    if let Some(store) = &node.cluster.store {
-        let live = super::store::Liveness::register(store, &node.spec)
+    let keep = {
+        let live = super::store::Liveness::register(&store, &node.spec)
             .await
             .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
         let live = Arc::new(live);
@@ -822,11 +827,8 @@ pub async fn serve_agent_with(
             let hooks: Arc<dyn super::fence::FenceHooks> = node.clone();
             async move { live.keep(until, hooks).await }
         });
-        keep = Some((until, task));
-    }
-    if node.journal.get().is_none() {
-        node.restore().await.map_err(std::io::Error::other)?;
-    }
+        Some((until, task))
+    };
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(node.clone().keep_copies(stop.clone())));
     // The journal writes until the lease is revoked, after the other tasks.

@@ -47,9 +47,7 @@ pub fn analyze(ctx: &Ctx, out: &Output) -> Result<ExitCode> {
                         false,
                         "reachable, but fenced: it cannot renew its lease",
                     ),
-                    (None, _) if ctx.cluster.store.is_some() => {
-                        check(what, false, "reachable, but holds no lease in etcd")
-                    }
+                    (None, _) => check(what, false, "reachable, but holds no lease in etcd"),
                     _ => check(
                         what,
                         true,
@@ -149,8 +147,8 @@ fn etcd_health(ctx: &Ctx) -> Vec<Check> {
     let Some(store) = &ctx.cluster.store else {
         return vec![check(
             "etcd".into(),
-            true,
-            "not used (no etcd in the cluster file)",
+            false,
+            "the cluster file names no etcd: agents need it",
         )];
     };
     store

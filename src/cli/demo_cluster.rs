@@ -25,10 +25,6 @@ pub struct DemoClusterArgs {
     /// /dev/kvm).
     #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
     pub guest: String,
-    /// Agents without etcd, keeping their state in memory (to measure what
-    /// the store costs).
-    #[arg(long, hide = true)]
-    pub without_etcd: bool,
 }
 
 fn free_port() -> Result<u16> {
@@ -52,17 +48,11 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         })
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
-    let etcd = if a.without_etcd {
-        None
-    } else {
-        Some(super::local_etcd::LocalEtcd::start(&dir)?)
-    };
+    let etcd = super::local_etcd::LocalEtcd::start(&dir)?;
     let mut text =
         "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n"
             .to_string();
-    if let Some(e) = &etcd {
-        text += &format!("etcd = [\"{}\"]\n", e.endpoint);
-    }
+    text += &format!("etcd = [\"{}\"]\n", etcd.endpoint);
     text += "[defaults]\nmax_concurrent_migrations = 2\n";
     for name in ["a", "b", "c"] {
         text += &format!(
@@ -82,12 +72,9 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
             .collect::<std::io::Result<Vec<_>>>()?;
         eprintln!(
-            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once{}",
+            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once, their state in etcd at {}",
             file.display(),
-            match &etcd {
-                Some(e) => format!(", their state in etcd at {}", e.endpoint),
-                None => ", without etcd".into(),
-            }
+            etcd.endpoint
         );
         let ctx = Ctx::new(&ClusterArg {
             cluster: file.clone(),
@@ -142,14 +129,12 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             super::orchestrate::name_of(drained.state),
             took(&drained)
         );
-        if etcd.is_some() {
-            let moved = drained.steps.len().max(1) as f64;
-            let w = writes() - before;
-            println!(
-                "etcd writes for the drain: {w} ({:.1} per migration)",
-                w as f64 / moved
-            );
-        }
+        let moved = drained.steps.len().max(1) as f64;
+        let w = writes() - before;
+        println!(
+            "etcd writes for the drain: {w} ({:.1} per migration)",
+            w as f64 / moved
+        );
         show("after the drain:")?;
         println!("\n$ ferry node resume a --failback");
         let failback = Resume {

@@ -1,5 +1,6 @@
-//! One etcd member on loopback for `ferry demo cluster`: the `etcd` on
-//! PATH, its data in a temporary folder, stopped and removed at the end.
+//! One etcd member on loopback for `ferry demo cluster` and `ferry bench
+//! soak`: the `etcd` on PATH, its data in a temporary folder, stopped and
+//! removed at the end.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};

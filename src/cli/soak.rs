@@ -99,8 +99,13 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
         .map(|b| format!("{b:02x}"))
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
-    // Two agents of this process's own on loopback: plain HTTP.
-    let mut text = "token_file = \"cluster.token\"\ninsecure_api = true\n".to_string();
+    // Two agents of this process's own on loopback (plain HTTP), their
+    // state in a local etcd member that lives as long as the run.
+    let etcd = super::local_etcd::LocalEtcd::start(dir)?;
+    let mut text = format!(
+        "token_file = \"cluster.token\"\ninsecure_api = true\netcd = [\"{}\"]\n",
+        etcd.endpoint
+    );
     for name in ["a", "b"] {
         text += &format!(
             "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"64GiB\"\n",

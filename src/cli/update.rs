@@ -2,11 +2,10 @@
 //! Updating, one node at a time (drain, run the command through the node's
 //! update hook, resume with failback), and its `--dry-run` plan.
 
-use super::orchestrate::{name_of, print_json, watch_op, ClusterArg, Ctx, Output};
+use super::orchestrate::{print_json, ClusterArg, Ctx, Output};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use ferry::agent::request::{Drain, Resume, Update};
-use ferry::agent::{NodeMode, NodeSpec, NodeView, OpState, OperationView};
+use ferry::agent::{NodeMode, NodeView, OperationView};
 use ferry::units::Bytes;
 use serde::Serialize;
 use std::process::ExitCode;
@@ -16,8 +15,8 @@ use std::process::ExitCode;
 pub enum ClusterCommand {
     /// Roll an update through the cluster, one node at a time: drain it, run
     /// the command on it through its agent's update_hook, resume it with
-    /// failback. Stops at the first failure, leaving that node paused. With
-    /// etcd the cluster runs it (its coordinator), not this terminal.
+    /// failback. Stops at the first failure, leaving that node paused. The
+    /// cluster runs it (its coordinator), not this terminal.
     Update(UpdateArgs),
 }
 
@@ -42,41 +41,41 @@ pub struct UpdateArgs {
     /// update would install; move nothing.
     #[arg(long, conflicts_with = "dry_run")]
     preview: bool,
-    /// With etcd: return once the cluster has the run (`ferry cluster
+    /// return once the cluster has the run (`ferry cluster
     /// update status` follows it).
     #[arg(long)]
     detach: bool,
-    /// With etcd: whether a resumed node gets back the VMs its drain moved.
+    /// whether a resumed node gets back the VMs its drain moved.
     #[arg(long, value_name = "none|immediate")]
     failback: Option<String>,
-    /// With etcd: the nodes in the order to update them, comma-separated
+    /// the nodes in the order to update them, comma-separated
     /// [default: the cluster file's order].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
     node_order: Vec<String>,
-    /// With etcd: how many nodes' turns may fail before the run stops
+    /// how many nodes' turns may fail before the run stops
     /// [default: 0, the first failure stops it].
     #[arg(long, value_name = "N")]
     max_failed_nodes: Option<u32>,
-    /// With etcd: how many times a node's failed phase (drain, update
+    /// how many times a node's failed phase (drain, update
     /// command, resume) is tried again before its turn fails [default: 0].
     #[arg(long, value_name = "N")]
     max_retries_per_node: Option<u32>,
-    /// With etcd: start, and start each node's turn, only while every node
+    /// start, and start each node's turn, only while every node
     /// of the run holds its lease.
     #[arg(long)]
     require_all_nodes_online: bool,
-    /// With etcd: a command each node's update hook runs before its drain.
+    /// a command each node's update hook runs before its drain.
     #[arg(long, value_name = "COMMAND")]
     pre_update: Option<String>,
-    /// With etcd: a command each node's update hook runs after its resume.
+    /// a command each node's update hook runs after its resume.
     #[arg(long, value_name = "COMMAND")]
     post_update: Option<String>,
-    /// With etcd: run it on a schedule instead of now: "sun 03:00" (a
+    /// run it on a schedule instead of now: "sun 03:00" (a
     /// weekday and a time, UTC) or "every 24h"; the cluster starts each run
     /// itself. Replaces the schedule there was.
     #[arg(long, value_name = "WHEN")]
     schedule: Option<String>,
-    /// With etcd: how long each node's update command may take; one that
+    /// how long each node's update command may take; one that
     /// restarts the node's agent succeeds when the agent is back within it
     /// [default: 1h].
     #[arg(long, value_name = "DURATION")]
@@ -117,51 +116,10 @@ pub(crate) struct NodeRun {
     pub(crate) resume: Option<OperationView>,
 }
 
-/// One node's part of a rolling update: drain, update, resume with failback.
-fn update_node(ctx: &Ctx, n: &NodeSpec, run: &str, entry: &mut NodeRun) -> Result<(), String> {
-    for what in ["drain", "update", "resume"] {
-        eprintln!("node {}: {what}", n.name);
-        let asked = match what {
-            "drain" => ctx.run(ctx.peers.drain(n, &Drain::default())),
-            "update" => ctx.run(ctx.peers.update(
-                n,
-                &Update {
-                    command: run.to_string(),
-                    force: false,
-                    stage: None,
-                },
-            )),
-            _ => ctx.run(ctx.peers.resume(
-                n,
-                &Resume {
-                    failback: Some(true),
-                    clear_quarantine: None,
-                },
-            )),
-        };
-        let op = asked.map_err(|e| format!("the {what}: {e}"))?;
-        let op = watch_op(ctx, n, op).map_err(|e| format!("the {what}: {e}"))?;
-        let (state, error) = (op.state, op.error.clone());
-        *match what {
-            "drain" => &mut entry.drain,
-            "update" => &mut entry.update,
-            _ => &mut entry.resume,
-        } = Some(op);
-        if state != OpState::Completed {
-            return Err(format!(
-                "the {what} {}: {}",
-                name_of(state),
-                error.unwrap_or_default()
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// How the whole run went, as `--json` prints it.
 #[derive(Debug, Serialize)]
 pub(crate) struct RunReport<'a> {
-    /// With etcd: the run's id.
+    /// the run's id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) id: Option<&'a str>,
     pub(crate) command: &'a str,
@@ -171,7 +129,7 @@ pub(crate) struct RunReport<'a> {
     pub(crate) stopped_at: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<&'a str>,
-    /// With etcd: the coordinators that carried it, in turn.
+    /// the coordinators that carried it, in turn.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) coordinators: Option<&'a [String]>,
 }
@@ -211,91 +169,34 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
     if preview {
         return super::analyze::preview(&ctx, &run, &out);
     }
-    let in_cluster = ctx.cluster.store.is_some();
-    if !in_cluster
-        && (detach
-            || failback.is_some()
-            || !node_order.is_empty()
-            || stop_after.is_some()
-            || schedule.is_some()
-            || max_failed_nodes.is_some()
-            || max_retries_per_node.is_some()
-            || require_all_nodes_online
-            || pre_update.is_some()
-            || post_update.is_some())
-    {
-        return Err(crate::usage(
-            "--detach, --failback, --node-order, --stop-after, --schedule, --max-failed-nodes, --max-retries-per-node, --require-all-nodes-online, --pre-update and --post-update need a cluster on etcd (etcd in the cluster file)",
-        ));
-    }
-    if in_cluster && !dry_run {
-        let start = ferry::agent::rolling::StartUpdate {
-            command: run,
-            failback,
-            node_order: (!node_order.is_empty()).then_some(node_order),
-            stop_after,
-            max_failed_nodes,
-            max_retries_per_node,
-            require_all_nodes_online: require_all_nodes_online.then_some(true),
-            pre_update,
-            post_update,
-        };
-        if let Some(when) = schedule {
-            return super::rolling::schedule(&ctx, when, start, &out);
-        }
-        return super::rolling::start(&ctx, start, detach, &out);
-    }
-    let mut states = Vec::new();
-    for n in &ctx.cluster.nodes {
-        let v = ctx.run(ctx.peers.node(n)).with_context(|| {
-            format!(
-                "a rolling update needs every node; node {} does not answer",
-                n.name
-            )
-        })?;
-        states.push(v);
-    }
     if dry_run {
+        let mut states = Vec::new();
+        for n in &ctx.cluster.nodes {
+            let v = ctx.run(ctx.peers.node(n)).with_context(|| {
+                format!(
+                    "a rolling update needs every node; node {} does not answer",
+                    n.name
+                )
+            })?;
+            states.push(v);
+        }
         return dry(&ctx, &run, &states, &out);
     }
-    let mut report = Vec::new();
-    let mut failure: Option<(String, String)> = None;
-    for n in &ctx.cluster.nodes {
-        let mut entry = NodeRun {
-            node: n.name.clone(),
-            drain: None,
-            update: None,
-            resume: None,
-        };
-        let result = update_node(&ctx, n, &run, &mut entry);
-        report.push(entry);
-        if let Err(e) = result {
-            failure = Some((n.name.clone(), e));
-            break;
-        }
+    let start = ferry::agent::rolling::StartUpdate {
+        command: run,
+        failback,
+        node_order: (!node_order.is_empty()).then_some(node_order),
+        stop_after,
+        max_failed_nodes,
+        max_retries_per_node,
+        require_all_nodes_online: require_all_nodes_online.then_some(true),
+        pre_update,
+        post_update,
+    };
+    if let Some(when) = schedule {
+        return super::rolling::schedule(&ctx, when, start, &out);
     }
-    if out.json {
-        print_json(&RunReport {
-            id: None,
-            coordinators: None,
-            command: &run,
-            state: if failure.is_some() {
-                "failed"
-            } else {
-                "completed"
-            },
-            nodes: &report,
-            stopped_at: failure.as_ref().map(|f| f.0.as_str()),
-            error: failure.as_ref().map(|f| f.1.as_str()),
-        });
-    } else {
-        print_run(&report, failure.as_ref());
-    }
-    Ok(if failure.is_some() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    super::rolling::start(&ctx, start, detach, &out)
 }
 
 /// A line per node of a run, then how it ended.

@@ -13,7 +13,9 @@ use std::time::Duration;
 #[test]
 fn the_api_wants_its_token_and_well_formed_bodies() {
     let _serial = common::serial();
-    let c = Agents::start("api", &[("a", ""), ("b", "")]);
+    let Some(c) = Agents::start("api", &[("a", ""), ("b", "")]) else {
+        return;
+    };
     for token in [None, Some("wrong"), Some("test-token-012345678")] {
         let (s, v) = c.call_with(token, Method::GET, "a", "/v1/node", None);
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{token:?}");
@@ -176,7 +178,9 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
 #[test]
 fn a_vm_migrates_between_agents_byte_for_byte_and_both_record_it() {
     let _serial = common::serial();
-    let c = Agents::start("migrate", &[("a", ""), ("b", "")]);
+    let Some(c) = Agents::start("migrate", &[("a", ""), ("b", "")]) else {
+        return;
+    };
     let (s, v) = c.call(
         Method::POST,
         "a",
@@ -265,37 +269,28 @@ fn a_vm_migrates_between_agents_byte_for_byte_and_both_record_it() {
         "{text}"
     );
 
-    // A migration it cannot take leaves the VM where it is: b already hosts vm1.
-    let (s, _) = c.call(
+    // A VM's name is the cluster's: node a cannot make a second vm1 (a
+    // twin arriving anyway is refused: tests/it/hostile/agents.rs).
+    let (s, v) = c.call(
         Method::POST,
         "a",
         "/v1/vms",
         Some(json!({"name": "vm1", "memory": "16MiB", "workload": "idle"})),
     );
-    assert_eq!(s, StatusCode::CREATED);
-    let (_, m) = c.call(
-        Method::POST,
-        "a",
-        "/v1/migrations",
-        Some(json!({"vm": "vm1", "target": "b"})),
-    );
-    let failed = c.wait("a", m["id"].as_str().unwrap());
-    assert_eq!(failed["state"], "failed", "{failed}");
-    assert!(
-        failed["error"].as_str().unwrap().contains("already hosts"),
-        "{failed}"
-    );
-    let (_, v) = c.call(Method::GET, "a", "/v1/vms/vm1", None);
-    assert_eq!(v["state"], "running");
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (_, v) = c.call(Method::GET, "b", "/v1/vms/vm1", None);
+    assert_eq!(v["state"], "paused", "{v}");
 }
 
 #[test]
 fn outgoing_migrations_beyond_the_limit_wait_in_order_and_can_be_cancelled() {
     let _serial = common::serial();
-    let c = Agents::start(
+    let Some(c) = Agents::start(
         "queue",
         &[("a", "max_concurrent_migrations = 1"), ("b", "")],
-    );
+    ) else {
+        return;
+    };
     for i in 1..=4 {
         let (s, v) = c.call(
             Method::POST,
@@ -400,7 +395,10 @@ fn outgoing_migrations_beyond_the_limit_wait_in_order_and_can_be_cancelled() {
 fn a_node_bandwidth_limit_caps_its_migrations_together() {
     let _serial = common::serial();
     // Two incompressible 16 MiB VMs leave a together under a's 20 MB/s.
-    let c = Agents::start("nodecap", &[("a", "max_bandwidth = \"20MB/s\""), ("b", "")]);
+    let Some(c) = Agents::start("nodecap", &[("a", "max_bandwidth = \"20MB/s\""), ("b", "")])
+    else {
+        return;
+    };
     for vm in ["vm1", "vm2"] {
         let (s, v) = c.call(
             Method::POST,
@@ -448,7 +446,9 @@ fn a_node_bandwidth_limit_caps_its_migrations_together() {
 #[test]
 fn agents_without_tls_tag_every_frame_of_their_migrations() {
     let _serial = common::serial();
-    let c = Agents::start_with("plain-tagged", "tls = false", &[("a", ""), ("b", "")]);
+    let Some(c) = Agents::start_with("plain-tagged", "tls = false", &[("a", ""), ("b", "")]) else {
+        return;
+    };
     let (s, v) = c.call(
         Method::POST,
         "a",
@@ -491,7 +491,9 @@ fn agents_without_tls_tag_every_frame_of_their_migrations() {
 #[test]
 fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
     let _serial = common::serial();
-    let c = Agents::start("typed", &[("a", ""), ("b", "")]);
+    let Some(c) = Agents::start("typed", &[("a", ""), ("b", "")]) else {
+        return;
+    };
     let cluster = ferry::agent::Cluster::load(&c.file).unwrap();
     let peers = ferry::agent::peer::Peers::new(&cluster);
     let (a, b) = (cluster.node("a").unwrap(), cluster.node("b").unwrap());
@@ -546,10 +548,15 @@ fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
         json!(typed),
         "vm",
     );
+    // The lease's time left moves between the two reads: compare the rest.
+    let node = |mut v: Value| {
+        v["lease"]["left_s"].take();
+        v
+    };
     let typed = c.rt.block_on(peers.node(b)).unwrap();
     same(
-        c.call(Method::GET, "b", "/v1/node", None).1,
-        json!(typed),
+        node(c.call(Method::GET, "b", "/v1/node", None).1),
+        node(json!(typed)),
         "node",
     );
     let drain = ferry::agent::request::Drain::default();
@@ -591,7 +598,9 @@ fn same_memory(a: &ferry::memory::GuestMemory, b: &ferry::memory::GuestMemory) -
 /// the same content on any node, another seed other content.
 #[test]
 fn a_vm_starts_from_its_image_or_from_its_seed() {
-    let c = Agents::start("image", &[("a", ""), ("b", "")]);
+    let Some(c) = Agents::start("image", &[("a", ""), ("b", "")]) else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("ferry-image-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ram.img");

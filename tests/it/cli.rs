@@ -476,6 +476,10 @@ fn image_writes_a_ram_image_that_image_flags_read() {
 
 #[test]
 fn a_short_soak_moves_guests_back_and_forth_with_nothing_lost_or_leaked() {
+    // Its agents keep their state in an etcd member it starts.
+    if !crate::common::etcd::available() {
+        return;
+    }
     let out = ferry()
         .args([
             "bench", "soak", "--count", "12", "--vms", "2", "--memory", "16MiB", "--json",
@@ -577,6 +581,40 @@ fn tls_with_a_pinned_certificate_from_the_command_line() {
 /// The systemd unit the README's setup installs: its `ExecStart` is a
 /// command line `ferry agent` takes (it gets as far as reading the cluster
 /// file), and stopping waits for the drain however long it takes.
+#[test]
+fn an_agent_refuses_a_cluster_file_without_etcd() {
+    let dir = std::env::temp_dir().join(format!("ferry-no-etcd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    ferry::migration::auth::write_secret_file(&dir.join("t"), b"a-token-0123456789").unwrap();
+    let file = dir.join("cluster.toml");
+    std::fs::write(
+        &file,
+        "token_file = \"t\"\ninsecure_api = true\n[[node]]\nname = \"a\"\ncontrol = \"127.0.0.1:1\"\ndata = \"127.0.0.1:2\"\nmemory_capacity = \"1GiB\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    assert_usage_error(
+        &["agent", "--cluster", path, "--node", "a"],
+        "names no etcd",
+    );
+    std::fs::write(
+        &file,
+        format!(
+            "etcd = [\"127.0.0.1:1\"]\n{}",
+            std::fs::read_to_string(&file).unwrap()
+        ),
+    )
+    .unwrap();
+    // With etcd named (here unreachable) the file is taken: the agent
+    // fails reaching it instead.
+    let out = ferry()
+        .args(["agent", "--cluster", path, "--node", "a"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_systemd_unit_runs_an_agent_and_waits_for_its_drain() {
     let unit = std::fs::read_to_string(

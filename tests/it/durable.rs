@@ -32,7 +32,7 @@ fn a_restarted_agent_keeps_its_records_its_drain_and_its_pause() {
         "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
         e.endpoints()[0]
     );
-    let mut c = Agents::start_with(test, &top, &[("a", ""), ("b", "")]);
+    let mut c = Agents::start_with(test, &top, &[("a", ""), ("b", "")]).unwrap();
     for name in ["vm1", "vm2"] {
         let (s, v) = c.call(
             Method::POST,
@@ -114,7 +114,7 @@ fn a_superseded_copy_read_back_at_start_has_its_vm_started_elsewhere() {
         "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
         e.endpoints()[0]
     );
-    let mut c = Agents::start_with(test, &top, &[("a", ""), ("b", "")]);
+    let mut c = Agents::start_with(test, &top, &[("a", ""), ("b", "")]).unwrap();
     let (s, v) = c.call(
         Method::POST,
         "a",

@@ -301,7 +301,7 @@ fn agents_with_a_store_register_keep_their_lease_and_revoke_it_on_a_clean_stop()
         "etcd = [\"{}\"]\netcd_prefix = \"/t1/\"\nlease_ttl = \"2s\"",
         e.members[0].client
     );
-    let mut c = common::agents::Agents::start_with("store", &top, &[("a", ""), ("b", "")]);
+    let mut c = common::agents::Agents::start_with("store", &top, &[("a", ""), ("b", "")]).unwrap();
     let (_, view) = c.call(Method::GET, "a", "/v1/node", None);
     let lease = &view["lease"];
     assert_eq!(lease["ttl_s"], 2.0, "{view}");

@@ -26,7 +26,8 @@ fn cut_off_cluster(test: &str, ttl: &str) -> (EtcdCluster, Agents) {
         if name == "a" {
             cluster.store.as_mut().unwrap().client.endpoints = vec![only0.clone()];
         }
-    });
+    })
+    .unwrap();
     let (s, v) = c.call(
         Method::POST,
         "a",
@@ -209,7 +210,8 @@ fn a_node_that_loses_its_lease_three_times_is_quarantined_until_cleared() {
         if name == "a" {
             cluster.store.as_mut().unwrap().client.endpoints = vec![only0.clone()];
         }
-    });
+    })
+    .unwrap();
     for round in 0..3 {
         let lease = alive(&e, test).expect("a is alive");
         e.signal(0, "-STOP");

@@ -19,7 +19,7 @@ fn cluster(test: &str) -> (EtcdCluster, Procs) {
         "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"{TTL_S}s\"",
         endpoints.join(", ")
     );
-    let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]).unwrap();
     (e, p)
 }
 
@@ -216,7 +216,8 @@ fn measure_the_time_from_a_death_to_its_vms_running_elsewhere() {
         "etcd = [{}]\netcd_prefix = \"/{test}/\"",
         endpoints.join(", ")
     );
-    let mut p = Procs::start_with(test, &top, &[("a", "4GiB"), ("b", "4GiB"), ("c", "4GiB")]);
+    let mut p =
+        Procs::start_with(test, &top, &[("a", "4GiB"), ("b", "4GiB"), ("c", "4GiB")]).unwrap();
     let mut took = Vec::new();
     for run in 0..10 {
         let names: Vec<String> = (0..4).map(|i| format!("r{run}-{i}")).collect();

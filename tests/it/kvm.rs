@@ -327,7 +327,9 @@ mod agents {
             return;
         }
         let _serial = common::serial();
-        let c = Agents::start("kvm", &[("a", ""), ("b", ""), ("c", "")]);
+        let Some(c) = Agents::start("kvm", &[("a", ""), ("b", ""), ("c", "")]) else {
+            return;
+        };
         for i in 1..=3 {
             let (s, v) = c.call(
                 Method::POST,

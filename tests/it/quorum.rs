@@ -20,7 +20,7 @@ fn cluster(test: &str) -> (EtcdCluster, Procs) {
         "etcd = [{}]\netcd_prefix = \"/{test}/\"",
         endpoints.join(", ")
     );
-    let p = Procs::start_with(test, &top, &[("a", "4GiB"), ("b", "4GiB"), ("c", "4GiB")]);
+    let p = Procs::start_with(test, &top, &[("a", "4GiB"), ("b", "4GiB"), ("c", "4GiB")]).unwrap();
     (e, p)
 }
 

@@ -18,7 +18,7 @@ fn cluster(test: &str) -> (EtcdCluster, Procs) {
         "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]\npreview_hook = [\"sh\", \"-c\", \"echo would install on $FERRY_NODE: $FERRY_UPDATE_COMMAND\"]",
         endpoints.join(", ")
     );
-    let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    let p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]).unwrap();
     for n in ["a", "b", "c"] {
         p.json(&[
             "vm",
@@ -417,7 +417,8 @@ fn measure_the_time_from_a_coordinators_death_to_its_update_going_on() {
         "etcd = [{}]\netcd_prefix = \"/{test}/\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
         endpoints.join(", ")
     );
-    let mut p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]);
+    let mut p =
+        Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB"), ("c", "1GiB")]).unwrap();
     let mut took = Vec::new();
     for _ in 0..5 {
         let boss = p.coordinator();

@@ -74,13 +74,15 @@ pub struct Agents {
 }
 
 impl Agents {
-    pub fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+    /// Agents of `nodes` (name, extra TOML lines) on the shared etcd
+    /// member; `None` (the test skips) where `etcd` is missing.
+    pub fn start(test: &str, nodes: &[(&str, &str)]) -> Option<Self> {
         Self::start_with(test, "", nodes)
     }
 
-    /// As [`Agents::start`], with `top` (such as an `[api]` table) in the
-    /// cluster file.
-    pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Self {
+    /// As [`Agents::start`], with `top` (such as an `[api]` table, or an
+    /// etcd cluster of the test's own) in the cluster file.
+    pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Option<Self> {
         Self::start_each(test, top, nodes, |_, _| {})
     }
 
@@ -91,9 +93,14 @@ impl Agents {
         top: &str,
         nodes: &[(&str, &str)],
         adjust: impl Fn(&str, &mut Cluster),
-    ) -> Self {
+    ) -> Option<Self> {
+        let top = if top.contains("etcd =") {
+            top.to_string()
+        } else {
+            format!("{}{top}", super::etcd::shared_top(test)?)
+        };
         let dir = Dir::new(test);
-        let path = write_cluster(&dir.0, top, nodes);
+        let path = write_cluster(&dir.0, &top, nodes);
         let cluster = Cluster::load(&path).unwrap();
         ferry::transport::tls::install_default_provider();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -109,13 +116,13 @@ impl Agents {
                 rt.block_on(serve_agent(cluster, name)).unwrap()
             })
             .collect();
-        Self {
+        Some(Self {
             rt,
             agents,
             http: reqwest::Client::new(),
             file: path,
             _dir: dir,
-        }
+        })
     }
 
     pub fn agent(&self, name: &str) -> &AgentHandle {

@@ -270,3 +270,102 @@ impl Drop for EtcdCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One etcd member shared by every test of this process that needs a
+/// store but not faults in it: each test's agents keep their keys under a
+/// prefix of their own. `None` (the test skips) where `etcd` is missing.
+///
+/// It is spawned by a thread that lives as long as the process, with
+/// PDEATHSIG, so it dies with the test binary; folders of earlier binaries'
+/// members are removed first.
+pub fn shared() -> Option<&'static str> {
+    static SHARED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| available().then(start_shared))
+        .as_deref()
+}
+
+/// Starts the shared member; returns its client address once it answers.
+fn start_shared() -> String {
+    let tmp = std::env::temp_dir();
+    let stem = "ferry-etcd-shared-";
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(stem) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = tmp.join(format!("{stem}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (client, peer) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (c, p) = (client.clone(), peer.clone());
+    std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "shared"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &format!("http://{c}")])
+            .args(["--advertise-client-urls", &format!("http://{c}")])
+            .args(["--listen-peer-urls", &format!("http://{p}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{p}")])
+            .args(["--initial-cluster", &format!("shared=http://{p}")])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("etcd starts");
+        tx.send(()).unwrap();
+        // This thread is the member's parent: it must outlive every test.
+        let _ = child.wait();
+        panic!("the shared etcd member exited: see {}", dir.display());
+    });
+    rx.recv().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = {
+        let _guard = rt.enter();
+        Etcd::new(&EtcdConfig {
+            endpoints: vec![client.clone()],
+            request_timeout: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rt.block_on(etcd.put(b"/ready", b"1", None)).is_err() {
+        assert!(Instant::now() < deadline, "the shared etcd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client
+}
+
+/// Cluster-file lines that put a test's agents on the shared member under
+/// a prefix of their own; `None` where `etcd` is missing.
+pub fn shared_top(test: &str) -> Option<String> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let endpoint = shared()?;
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(format!(
+        "etcd = [\"{endpoint}\"]\netcd_prefix = \"/ferry-test/{test}-{}-{n}/\"\n",
+        std::process::id()
+    ))
+}

@@ -26,13 +26,20 @@ pub struct Procs {
 
 impl Procs {
     /// Nodes `(name, memory_capacity)`, each an agent process.
-    pub fn start(test: &str, nodes: &[(&str, &str)]) -> Self {
+    /// Their store is the shared etcd member; `None` (the test skips) where
+    /// `etcd` is missing.
+    pub fn start(test: &str, nodes: &[(&str, &str)]) -> Option<Self> {
         Self::start_with(test, "", nodes)
     }
 
-    /// As [`Procs::start`], with `top` (such as the `etcd` settings) in the
-    /// cluster file.
-    pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Self {
+    /// As [`Procs::start`], with `top` (such as an etcd cluster of the
+    /// test's own) in the cluster file.
+    pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Option<Self> {
+        let top = if top.contains("etcd =") {
+            top.to_string()
+        } else {
+            format!("{}{top}", super::etcd::shared_top(test)?)
+        };
         let dir = std::env::temp_dir().join(format!("ferry-procs-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -79,7 +86,7 @@ impl Procs {
             p.controls.push((name.to_string(), control));
             p.spawn(name);
         }
-        p
+        Some(p)
     }
 
     /// Starts agent `name` (again), once its control port takes connections.
