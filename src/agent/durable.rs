@@ -147,7 +147,14 @@ pub fn check_operation(v: &OperationView, node: &str) -> Result<(), String> {
         if !valid_name(&s.vm) || s.state.len() > 32 {
             return Err(format!("a step of VM {:?} is invalid", s.vm));
         }
-        for n in [&s.source, &s.target] {
+        if s.tried.len() >= super::retarget::DRAIN_TRIES {
+            return Err(format!(
+                "step of VM {}: {} targets tried",
+                s.vm,
+                s.tried.len()
+            ));
+        }
+        for n in [&s.source, &s.target].into_iter().chain(&s.tried) {
             if !n.is_empty() && !valid_name(n) {
                 return Err(format!(
                     "step of VM {}: node {n:?} is not a valid name",

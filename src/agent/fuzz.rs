@@ -117,7 +117,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         json!({"version": 1, "id": OPERATION, "kind": "drain", "node": NODE, "state": "running",
             "params": {"max_concurrent": 2, "failback": null}, "started_at_ms": 1_790_000_000_000u64,
             "steps": [{"vm": VM, "memory": 67_108_864u64, "source": NODE, "target": "b",
-                "state": "migrating", "migration_id": MIGRATION}],
+                "state": "running", "migration_id": MIGRATION, "tried": ["c"]}],
             "remaining": [{"vm": "vm2", "state": "running"}], "interrupted": false}),
         json!({"version": 1, "state": "paused"}),
         json!({"version": 1, "spec": spec, "state": "paused", "migration": MIGRATION, "target": "b"}),

@@ -27,6 +27,7 @@ pub mod preview;
 pub mod quarantine;
 pub mod records;
 pub mod request;
+mod retarget;
 pub mod rolling;
 pub mod schedule;
 mod shutdown;

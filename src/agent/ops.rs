@@ -69,6 +69,10 @@ pub struct Step {
     /// When it ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// Targets a drain tried before this one, each of whose migrations
+    /// failed with the VM still running on the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<String>,
 }
 
 impl Step {
@@ -288,7 +292,11 @@ impl Node {
     /// waits on the node's changes (a stopping agent looks again once its
     /// drain ends).
     /// A step's change is written to the operation's journal in etcd.
-    fn with_op<R>(&self, id: &str, f: impl FnOnce(&mut OperationView) -> R) -> Option<R> {
+    pub(super) fn with_op<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut OperationView) -> R,
+    ) -> Option<R> {
         let (r, moved, changed) = {
             let mut ops = self.ops.lock().unwrap();
             let o = ops.iter_mut().find(|o| o.view.id == id)?;
@@ -402,6 +410,7 @@ impl Node {
                 error: None,
                 started_at_ms: None,
                 finished_at_ms: None,
+                tried: Vec::new(),
             })
             .collect();
         steps.extend(left.iter().map(|(vm, mem)| Step {
@@ -414,6 +423,7 @@ impl Node {
             error: Some("no active node has room for it".into()),
             started_at_ms: None,
             finished_at_ms: None,
+            tried: Vec::new(),
         }));
         // VMs that are not running cannot move: they stay, and say why.
         steps.extend(
@@ -433,6 +443,7 @@ impl Node {
                     migration_id: None,
                     started_at_ms: None,
                     finished_at_ms: None,
+                    tried: Vec::new(),
                 }),
         );
         self.set_mode(NodeMode::Draining);
@@ -507,6 +518,9 @@ impl Node {
                 }
             }
             self.refresh_steps(&op);
+            if !cancel.is_cancelled() {
+                self.retarget_failed(&op).await;
+            }
             let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
             if steps.iter().all(Step::is_final) {
                 break;
@@ -640,6 +654,7 @@ impl Node {
                 error,
                 started_at_ms: None,
                 finished_at_ms: None,
+                tried: Vec::new(),
             });
         }
         let (id, cancel) = self.new_op(OpKind::Resume, json!({ "failback": failback }), steps);

@@ -26,5 +26,6 @@ mod receive;
 mod resolve;
 mod rolling;
 mod shutdown;
+mod survive;
 mod tbf;
 mod tls;
