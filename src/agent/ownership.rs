@@ -34,6 +34,9 @@ pub enum RecordError {
     Store(#[from] EtcdError),
 }
 
+/// How often a background edit tries again a record that does not parse.
+const INVALID_RETRY: Duration = Duration::from_secs(60);
+
 impl From<RecordError> for NodeError {
     fn from(e: RecordError) -> Self {
         match e {
@@ -65,6 +68,8 @@ impl Node {
             }
             let now = match read(etcd, &key).await {
                 Ok(now) => now,
+                // Reading it again at once changes nothing.
+                Err(e @ EtcdError::Invalid(_)) => return Err(e.into()),
                 Err(e) => {
                     last = Some(e);
                     continue;
@@ -117,10 +122,20 @@ impl Node {
                         tracing::error!(%vm, "{what}: refused: {why}");
                         return;
                     }
-                    Err(e) => tracing::warn!(%vm, error = %e, "{what} failed; trying again"),
+                    // A record that does not parse stays so until an
+                    // operator mends it: said once, then tried each minute.
+                    Err(RecordError::Store(EtcdError::Invalid(why))) => {
+                        if wait < INVALID_RETRY {
+                            tracing::error!(%vm, "{what}: the VM's record in etcd is invalid ({why}); trying again each minute until it is mended");
+                        }
+                        wait = INVALID_RETRY;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%vm, error = %e, "{what} failed; trying again");
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
                 }
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
         });
     }

@@ -174,7 +174,6 @@ pub async fn read(etcd: &Etcd, key: &[u8]) -> Result<Option<(VmRecord, i64)>, Et
     let name =
         String::from_utf8_lossy(&key[key.iter().rposition(|b| *b == b'/').map_or(0, |i| i + 1)..])
             .into_owned();
-    let r: VmRecord = super::mirror::parse_json(&kv.value).map_err(EtcdError::Invalid)?;
-    r.check(&name).map_err(EtcdError::Invalid)?;
+    let r = super::mirror::decode_vm(&kv.value, &name).map_err(EtcdError::Invalid)?;
     Ok(Some((r, kv.mod_revision)))
 }

@@ -149,3 +149,50 @@ fn a_superseded_copy_read_back_at_start_has_its_vm_started_elsewhere() {
     let (_, on_a) = c.call(Method::GET, "a", "/v1/vms/web", None);
     assert_eq!(on_a["state"], "superseded", "{on_a}");
 }
+
+#[test]
+fn a_vm_whose_record_is_invalid_stays_put_and_the_error_says_why() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "durable-invalid";
+    let e = EtcdCluster::start(test, 1);
+    let top = format!(
+        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
+        e.endpoints()[0]
+    );
+    let c = Agents::start_with(test, &top, &[("a", ""), ("b", "")]).unwrap();
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "vm1", "memory": "8MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // Someone writes nonsense over its record.
+    let key = ferry::agent::records::vm_key(&format!("/{test}/"), "vm1");
+    e.rt.block_on(e.client().put(&key, b"{\"version\": 1, \"node\": 7}", None))
+        .unwrap();
+    let (s, m) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "vm1", "target": "b"})),
+    );
+    let failed = if s == StatusCode::ACCEPTED {
+        c.wait("a", m["id"].as_str().unwrap())
+    } else {
+        m
+    };
+    let text = failed.to_string();
+    assert!(
+        text.contains("invalid") || text.contains("not a valid"),
+        "{text}"
+    );
+    // It runs where it ran, and only there.
+    let (_, v) = c.call(Method::GET, "a", "/v1/vms/vm1", None);
+    assert_eq!(v["state"], "running", "{v}");
+    let (s, _) = c.call(Method::GET, "b", "/v1/vms/vm1", None);
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
