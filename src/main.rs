@@ -124,9 +124,27 @@ struct AgentArgs {
     /// The cluster file (nodes, addresses, token).
     #[arg(long, default_value = "cluster.toml", value_name = "FILE")]
     cluster: PathBuf,
-    /// This node's name in the cluster file.
+    /// This node's name (its [[node]] entry, if the cluster file has one).
     #[arg(long)]
     node: Option<String>,
+    /// This node's control API address, in place of its [[node]] entry's;
+    /// with --data and --memory-capacity, a node without an entry joins
+    /// the cluster by registering in etcd.
+    #[arg(long, value_name = "HOST:PORT")]
+    control: Option<String>,
+    /// This node's migration listener address (see --control).
+    #[arg(long, value_name = "HOST:PORT")]
+    data: Option<String>,
+    /// What this node's VMs may use together, such as 64GiB (see --control).
+    #[arg(long, value_name = "SIZE")]
+    memory_capacity: Option<String>,
+    /// This node's control API certificate, PEM (`ferry tls-cert`), which
+    /// the others pin from its registration.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// That certificate's private key (a secret file).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Where the agent keeps the paused last copies of VMs across restarts
     /// (default: the cluster file's `state_dir` for this node).
     #[arg(long, value_name = "DIR")]
@@ -680,7 +698,17 @@ fn agent(a: AgentArgs) -> Result<ExitCode> {
     let node = a
         .node
         .ok_or_else(|| usage("--node: which node of the cluster file to run"))?;
-    let mut cluster = ferry::agent::Cluster::load(&a.cluster).map_err(|e| usage(e.to_string()))?;
+    let absolute = |p: Option<PathBuf>| p.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let join = ferry::agent::cluster::JoinNode {
+        name: node.clone(),
+        control: a.control,
+        data: a.data,
+        memory_capacity: a.memory_capacity,
+        tls_cert: absolute(a.tls_cert),
+        tls_key: absolute(a.tls_key),
+    };
+    let mut cluster =
+        ferry::agent::Cluster::load_joining(&a.cluster, &join).map_err(|e| usage(e.to_string()))?;
     cluster
         .require_node(&node)
         .map_err(|e| usage(format!("--node: {e}")))?;

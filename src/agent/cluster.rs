@@ -171,6 +171,66 @@ pub struct NodeSpec {
     pub state_dir: PathBuf,
 }
 
+/// This node's fields from `ferry agent`'s flags, over or instead of its
+/// `[[node]]` entry.
+#[derive(Debug, Clone, Default)]
+pub struct JoinNode {
+    /// The node.
+    pub name: String,
+    /// `--control`: its control API's address.
+    pub control: Option<String>,
+    /// `--data`: its migration listener's address.
+    pub data: Option<String>,
+    /// `--memory-capacity`: what its VMs may use ("64GiB").
+    pub memory_capacity: Option<String>,
+    /// `--tls-cert`: its control API's certificate (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`: that certificate's key (PEM, a secret file).
+    pub tls_key: Option<PathBuf>,
+}
+
+impl JoinNode {
+    /// Puts the flags into the node's entry, or adds one made of them.
+    fn apply(&self, nodes: &mut Vec<RawNode>) -> Result<(), String> {
+        if let Some(n) = nodes.iter_mut().find(|n| n.name == self.name) {
+            if let Some(c) = &self.control {
+                n.control = c.clone();
+            }
+            if let Some(d) = &self.data {
+                n.data = d.clone();
+            }
+            if let Some(m) = &self.memory_capacity {
+                n.memory_capacity = Amount::Text(m.clone());
+            }
+            n.tls_cert = self.tls_cert.clone().or(n.tls_cert.take());
+            n.tls_key = self.tls_key.clone().or(n.tls_key.take());
+            return Ok(());
+        }
+        let need = |v: &Option<String>, flag: &str| {
+            v.clone().ok_or_else(|| {
+                format!(
+                    "node {} has no [[node]] entry: give --control, --data and --memory-capacity to join by registering in etcd ({flag} is missing)",
+                    self.name
+                )
+            })
+        };
+        nodes.push(RawNode {
+            name: self.name.clone(),
+            control: need(&self.control, "--control")?,
+            data: need(&self.data, "--data")?,
+            memory_capacity: Amount::Text(need(&self.memory_capacity, "--memory-capacity")?),
+            max_concurrent_migrations: None,
+            max_bandwidth: None,
+            update_hook: None,
+            preview_hook: None,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            state_dir: None,
+        });
+        Ok(())
+    }
+}
+
 /// A cluster file, read and checked.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -256,18 +316,37 @@ impl Cluster {
         Self::parse(&text, path)
     }
 
+    /// Reads and checks `path` with this node as `join` gives it: its
+    /// `[[node]]` entry with the flags' fields in place of the file's, or,
+    /// without one, a node of the flags alone (`ferry agent --node NAME
+    /// --control ADDR --data ADDR --memory-capacity SIZE`), checked alike.
+    pub fn load_joining(path: &Path, join: &JoinNode) -> Result<Self, ClusterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClusterError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse_with(&text, path, Some(join))
+    }
+
     /// Parses a cluster file's text; `path` locates it (relative paths in it
     /// resolve against its folder) and names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ClusterError> {
+        Self::parse_with(text, path, None)
+    }
+
+    fn parse_with(text: &str, path: &Path, join: Option<&JoinNode>) -> Result<Self, ClusterError> {
         let shown = path.display().to_string();
         let invalid = |message: String| ClusterError::Invalid {
             path: shown.clone(),
             message,
         };
-        let raw: RawCluster = toml::from_str(text).map_err(|e| ClusterError::Syntax {
+        let mut raw: RawCluster = toml::from_str(text).map_err(|e| ClusterError::Syntax {
             path: shown.clone(),
             message: e.to_string(),
         })?;
+        if let Some(j) = join {
+            j.apply(&mut raw.nodes).map_err(invalid)?;
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         // Secrets: refused when every user may read them, as ssh refuses
         // an open private key.
@@ -314,7 +393,8 @@ impl Cluster {
         })
         .map_err(invalid)?;
         let insecure_api = raw.insecure_api.unwrap_or(false);
-        if raw.nodes.is_empty() {
+        // With etcd, nodes may join by registering there alone.
+        if raw.nodes.is_empty() && store.is_none() {
             return Err(invalid("no [[node]] in the cluster".into()));
         }
         let api = api_limits(&raw.api).map_err(|e| invalid(format!("api.{e}")))?;
@@ -460,7 +540,7 @@ impl Cluster {
 }
 
 /// `host:port` with a non-empty host and a port number.
-pub(super) fn check_address(addr: &str) -> Result<(), &'static str> {
+pub(crate) fn check_address(addr: &str) -> Result<(), &'static str> {
     let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
     if host.is_empty() {
         return Err("the host is empty");

@@ -50,7 +50,7 @@ enum Found {
 
 /// Asks `on` about VM `vm`.
 async fn ask(node: &Node, on: &str, vm: &str) -> Found {
-    let Some(spec) = node.cluster.node(on) else {
+    let Some(spec) = node.member(on) else {
         return Found::Unknown;
     };
     let view = if on == node.name() {
@@ -59,7 +59,7 @@ async fn ask(node: &Node, on: &str, vm: &str) -> Found {
             Err(_) => return Found::Absent,
         }
     } else {
-        node.peers.vm(spec, vm).await
+        node.peers.vm(&spec, vm).await
     };
     match view {
         Ok(v) => match v.state {
@@ -299,10 +299,10 @@ impl Restarter {
                 .map(|l| l.reason.clone())
                 .unwrap_or_else(|| format!("node {} holds a superseded copy", r.node)),
             Found::Absent => {
-                let Some(spec) = node.cluster.node(&r.node) else {
+                let Some(spec) = node.member(&r.node) else {
                     return;
                 };
-                let Err(e) = node.peers.create_vm(spec, &CreateVm::from(&r.spec)).await else {
+                let Err(e) = node.peers.create_vm(&spec, &CreateVm::from(&r.spec)).await else {
                     self.failures.remove(&name);
                     return;
                 };
@@ -399,10 +399,10 @@ async fn restart(node: &Node, live: &Liveness, token: i64, plan: Plan) {
         return;
     }
     tracing::warn!(vm = %restarted.spec.name, from = %r.node, to = %target, "restarting the VM elsewhere");
-    if let Some(spec) = node.cluster.node(&target) {
+    if let Some(spec) = node.member(&target) {
         if let Err(e) = node
             .peers
-            .create_vm(spec, &CreateVm::from(&restarted.spec))
+            .create_vm(&spec, &CreateVm::from(&restarted.spec))
             .await
         {
             tracing::warn!(vm = %restarted.spec.name, node = %target, error = %e, "starting the VM failed; trying again");
@@ -438,12 +438,12 @@ async fn free_memory(
     let asked = alive
         .iter()
         .filter(|name| mirror.quarantined_until(name).is_none())
-        .filter_map(|name| node.cluster.node(name))
+        .filter_map(|name| node.member(name))
         .map(|spec| async move {
             let view = if spec.name == node.name() {
                 Ok(node.view())
             } else {
-                node.peers.node(spec).await
+                node.peers.node(&spec).await
             };
             (spec.name.clone(), view)
         });

@@ -249,6 +249,7 @@ pub fn decode_node(bytes: &[u8], name: &str) -> Result<NodeRecord, String> {
     if r.name != name {
         return Err(format!("record of node {:?} under {name:?}", r.name));
     }
+    super::members::check_record(&r)?;
     Ok(r)
 }
 

@@ -17,6 +17,7 @@ pub mod ha;
 pub mod journal;
 mod kept;
 mod listen;
+pub mod members;
 mod membership;
 pub mod mirror;
 mod node;

@@ -1093,10 +1093,13 @@ impl Node {
         config: MigrationConfig,
         operation: Option<String>,
     ) -> Result<MigrationView, NodeError> {
-        let target_spec = self
-            .cluster
-            .require_node(target)
-            .map_err(NodeError::BadRequest)?;
+        let target_spec = self.member(target).ok_or_else(|| {
+            let names: Vec<String> = self.members().into_iter().map(|n| n.name).collect();
+            NodeError::BadRequest(format!(
+                "target: no node {target:?} in the cluster (nodes: {})",
+                names.join(", ")
+            ))
+        })?;
         if target_spec.name == self.spec.name {
             return Err(NodeError::BadRequest(format!(
                 "VM {vm} is already on node {target}"
@@ -1219,11 +1222,7 @@ impl Node {
             config.tls = Some(crate::transport::tls::TlsClient::bound_to_key());
         }
         ctx.shared_bucket = self.bucket.clone();
-        let addr = self
-            .cluster
-            .node(&target)
-            .map(|n| n.data.clone())
-            .unwrap_or_default();
+        let addr = self.member(&target).map(|n| n.data).unwrap_or_default();
         tracing::info!(%id, %vm, %target, "migration started");
         // A restart after this node's death asks the target first.
         let recorded = self.record_moving(&vm, &target, &id).await;
@@ -1362,11 +1361,10 @@ impl Node {
             )));
         }
         let spec = self
-            .cluster
-            .node(&target)
+            .member(&target)
             .ok_or_else(|| NodeError::Conflict(format!("node {target} left the cluster")))?;
         // Does the target host the VM?
-        let hosted = match self.peers.vm(spec, &vm).await {
+        let hosted = match self.peers.vm(&spec, &vm).await {
             Ok(v) => Some(super::client::name_of(v.state)),
             Err(super::peer::PeerError::Api { status: 404, .. }) => None,
             Err(e) if force => {
@@ -1488,7 +1486,7 @@ impl Node {
                 self.spec.name
             ));
         };
-        if label.source_node == self.spec.name || self.cluster.node(&label.source_node).is_none() {
+        if label.source_node == self.spec.name || self.member(&label.source_node).is_none() {
             return Err(format!(
                 "node {:?} is not a node of this cluster",
                 label.source_node

@@ -43,6 +43,9 @@ pub enum OpState {
     Cancelled,
 }
 
+/// How long a drain waits for another node to say how much room it has.
+const ASK_NODE: Duration = Duration::from_secs(3);
+
 /// One VM's move within an operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Step {
@@ -76,7 +79,8 @@ pub struct Step {
 }
 
 impl Step {
-    fn is_final(&self) -> bool {
+    /// Whether it ended (or never starts).
+    pub(super) fn is_final(&self) -> bool {
         !matches!(self.state.as_str(), "planned" | "queued" | "running")
     }
 }
@@ -315,14 +319,15 @@ impl Node {
     }
 
     /// The other nodes that take VMs now, with their free memory; and why the
-    /// others do not.
+    /// others do not. Asked all at once, each within [`ASK_NODE`]: a host
+    /// that went dark holds nothing up.
     pub(crate) async fn free_elsewhere(&self) -> (Vec<(String, u64)>, Vec<String>) {
         let mut free = Vec::new();
         let mut excluded = Vec::new();
+        let mut asked = Vec::new();
         for n in self
-            .cluster
-            .nodes
-            .iter()
+            .members()
+            .into_iter()
             .filter(|n| n.name != self.spec.name)
         {
             if let Some(until) = self.mirror.get().and_then(|m| m.quarantined_until(&n.name)) {
@@ -333,7 +338,17 @@ impl Node {
                 ));
                 continue;
             }
-            match self.peers.node(n).await {
+            asked.push(async move {
+                let view = tokio::time::timeout(ASK_NODE, self.peers.node(&n)).await;
+                (n, view)
+            });
+        }
+        for (n, view) in futures_util::future::join_all(asked).await {
+            let Ok(view) = view else {
+                excluded.push(format!("{} did not answer within {ASK_NODE:?}", n.name));
+                continue;
+            };
+            match view {
                 Ok(v)
                     if v.state == NodeMode::Active
                         && v.lease
@@ -629,10 +644,10 @@ impl Node {
         self.set_mode(NodeMode::Active);
         let mut steps = Vec::new();
         for s in moved {
-            let Some(node) = self.cluster.node(&s.target) else {
+            let Some(node) = self.member(&s.target) else {
                 continue;
             };
-            let here = self.peers.vm(node, &s.vm).await;
+            let here = self.peers.vm(&node, &s.vm).await;
             let (state, error) = match here {
                 Ok(v) if v.state == VmState::Running => ("planned", None),
                 Ok(v) => (
@@ -673,9 +688,10 @@ impl Node {
             .enumerate()
             .filter(|(_, s)| s.state == "planned")
         {
-            let Some(node) = self.cluster.node(&s.source) else {
+            let Some(node) = self.member(&s.source) else {
                 continue;
             };
+            let node = &node;
             let body = CreateMigration {
                 vm: s.vm.clone(),
                 target: self.spec.name.clone(),
@@ -703,9 +719,10 @@ impl Node {
                 let (Some(id), false) = (&s.migration_id, s.is_final()) else {
                     continue;
                 };
-                let Some(node) = self.cluster.node(&s.source) else {
+                let Some(node) = self.member(&s.source) else {
                     continue;
                 };
+                let node = &node;
                 if cancel.is_cancelled() && !cancel_sent {
                     let _ = self.peers.cancel_migration(node, id).await;
                 }

@@ -37,11 +37,8 @@ impl Node {
             return;
         }
         let (mut free, _) = self.free_elsewhere().await;
-        // What this drain is about to send there is not counted yet.
-        for s in steps
-            .iter()
-            .filter(|s| matches!(s.state.as_str(), "planned" | "queued"))
-        {
+        // What this drain sends there may not be counted there yet.
+        for s in steps.iter().filter(|s| !s.is_final()) {
             if let Some((_, f)) = free.iter_mut().find(|(n, _)| *n == s.target) {
                 *f = f.saturating_sub(s.memory);
             }

@@ -177,6 +177,11 @@ pub struct NodeRecord {
     /// The lease it holds or last held (its `alive` key's).
     #[serde(default)]
     pub lease: i64,
+    /// Its control API's certificate (DER, base64), which the other agents
+    /// and the CLI pin for a node that joined without a `[[node]]` entry;
+    /// none with `insecure_api`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_cert: Option<String>,
 }
 
 /// A node's liveness, `{prefix}alive/{name}`, bound to its lease: gone
@@ -241,6 +246,10 @@ impl Liveness {
             data: node.data.clone(),
             memory_capacity: node.memory_capacity,
             lease: 0,
+            api_cert: node.api_cert.as_ref().map(|der| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(der)
+            }),
         };
         let live = Self {
             etcd,

@@ -237,10 +237,29 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     pub(crate) fn new(cluster: &ClusterArg) -> Result<Self> {
-        let cluster = Cluster::load(&cluster.cluster).map_err(|e| crate::usage(e.to_string()))?;
+        let mut cluster =
+            Cluster::load(&cluster.cluster).map_err(|e| crate::usage(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        // Nodes that joined by registering in etcd, with their live
+        // addresses; without etcd at hand, the file's nodes.
+        if let Some(store) = cluster.store.clone() {
+            let read = rt.block_on(async {
+                let etcd = ferry::agent::etcd::Etcd::new(&store.client)?;
+                etcd.authenticate().await?;
+                ferry::agent::members::read(&cluster, &etcd, &store.prefix).await
+            });
+            match read {
+                Ok(nodes) => cluster.nodes = nodes,
+                Err(e) if cluster.nodes.is_empty() => {
+                    bail!("the cluster file names no node and etcd cannot say which joined: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd cannot say which nodes joined the cluster; using the cluster file's")
+                }
+            }
+        }
         Ok(Self {
             peers: Peers::new(&cluster),
             cluster,

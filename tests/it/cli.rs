@@ -587,31 +587,28 @@ fn an_agent_refuses_a_cluster_file_without_etcd() {
     std::fs::create_dir_all(&dir).unwrap();
     ferry::migration::auth::write_secret_file(&dir.join("t"), b"a-token-0123456789").unwrap();
     let file = dir.join("cluster.toml");
-    std::fs::write(
-        &file,
-        "token_file = \"t\"\ninsecure_api = true\n[[node]]\nname = \"a\"\ncontrol = \"127.0.0.1:1\"\ndata = \"127.0.0.1:2\"\nmemory_capacity = \"1GiB\"\n",
-    )
-    .unwrap();
+    let node = format!(
+        "token_file = \"t\"\ninsecure_api = true\n[[node]]\nname = \"a\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"1GiB\"\n",
+        free_port(),
+        free_port()
+    );
+    std::fs::write(&file, &node).unwrap();
     let path = file.to_str().unwrap();
     assert_usage_error(
         &["agent", "--cluster", path, "--node", "a"],
         "names no etcd",
     );
-    std::fs::write(
-        &file,
-        format!(
-            "etcd = [\"127.0.0.1:1\"]\n{}",
-            std::fs::read_to_string(&file).unwrap()
-        ),
-    )
-    .unwrap();
-    // With etcd named (here unreachable) the file is taken: the agent
-    // fails reaching it instead.
+    // With etcd named (nothing listens there) the file is taken: the agent
+    // goes on to register, and says why it cannot.
+    let etcd = format!("127.0.0.1:{}", free_port());
+    std::fs::write(&file, format!("etcd = [\"{etcd}\"]\n{node}")).unwrap();
     let out = ferry()
         .args(["agent", "--cluster", path, "--node", "a"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("registering in etcd"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

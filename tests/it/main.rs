@@ -18,6 +18,7 @@ mod fuzz_regressions;
 mod ha;
 mod handoff;
 mod hostile;
+mod join;
 mod kvm;
 mod migration;
 mod orchestrator;

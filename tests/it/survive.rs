@@ -55,9 +55,10 @@ fn a_drain_completes_when_the_coordinator_and_one_of_its_targets_dies() {
     let test = "survive-drain";
     let e = EtcdCluster::start(test, 3);
     let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
-    // A capped link, so the drain of six VMs takes seconds.
+    // A capped link, so the drain of six VMs takes seconds; the node would
+    // send 4 at once, the drain asks for 2.
     let top = format!(
-        "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nmax_bandwidth = \"40MB/s\"\n",
+        "etcd = [{}]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nmax_bandwidth = \"40MB/s\"\nmax_concurrent_migrations = 4\n",
         endpoints.join(", ")
     );
     let mut p =
@@ -83,7 +84,15 @@ fn a_drain_completes_when_the_coordinator_and_one_of_its_targets_dies() {
         ]);
     }
     let drain = ferry()
-        .args(["node", "drain", drained, "--json", "--cluster"])
+        .args([
+            "node",
+            "drain",
+            drained,
+            "--max-concurrent",
+            "2",
+            "--json",
+            "--cluster",
+        ])
         .arg(&p.file)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -136,7 +136,7 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
         return Step::Wait;
     };
     let turn = run.nodes[i].clone();
-    let Some(spec) = node.cluster.node(&turn.node).cloned() else {
+    let Some(spec) = node.member(&turn.node) else {
         let why = format!("node {} left the cluster", turn.node);
         fail(run, i, w, why).await;
         return Step::Wait;
@@ -314,7 +314,7 @@ async fn start(
             return Step::Wait;
         }
     }
-    let Some(spec) = node.cluster.node(&run.nodes[i].node).cloned() else {
+    let Some(spec) = node.member(&run.nodes[i].node) else {
         return Step::Wait;
     };
     let command = |command: &Option<String>, stage: &str| Update {

@@ -387,19 +387,21 @@ impl Node {
         };
         let order: Vec<String> = match &req.node_order {
             Some(o) => o.clone(),
-            None => self.cluster.nodes.iter().map(|n| n.name.clone()).collect(),
+            None => self.members().iter().map(|n| n.name.clone()).collect(),
         };
         if order.is_empty() {
             return bad("node_order: name at least one node".into());
         }
         for (i, n) in order.iter().enumerate() {
-            let Some(spec) = self.cluster.node(n) else {
+            let Some(spec) = self.member(n) else {
                 return bad(format!("node_order: no node {n:?} in the cluster"));
             };
             if order[..i].contains(n) {
                 return bad(format!("node_order: node {n} is named twice"));
             }
-            if spec.update_hook.is_none() {
+            // A node that joined without a [[node]] entry keeps its hooks
+            // to itself: its own agent refuses a command it has no hook for.
+            if spec.update_hook.is_none() && self.cluster.node(n).is_some() {
                 return Err(NodeError::Conflict(format!(
                     "node {n} has no update_hook in the cluster file: it runs no update commands"
                 )));

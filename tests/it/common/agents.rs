@@ -94,7 +94,7 @@ impl Agents {
         nodes: &[(&str, &str)],
         adjust: impl Fn(&str, &mut Cluster),
     ) -> Option<Self> {
-        let top = if top.contains("etcd =") {
+        let top = if super::etcd::names_etcd(top) {
             top.to_string()
         } else {
             format!("{}{top}", super::etcd::shared_top(test)?)

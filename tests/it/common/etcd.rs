@@ -369,3 +369,11 @@ pub fn shared_top(test: &str) -> Option<String> {
         std::process::id()
     ))
 }
+
+/// Whether cluster-file lines `top` name an etcd cluster of their own.
+pub fn names_etcd(top: &str) -> bool {
+    top.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with("etcd ") || l.starts_with("etcd=")
+    })
+}

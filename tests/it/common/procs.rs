@@ -22,6 +22,8 @@ pub struct Procs {
     logs: Vec<(String, Arc<Mutex<String>>)>,
     /// Each node's control address.
     controls: Vec<(String, String)>,
+    /// Flags of the nodes that joined without a `[[node]]` entry.
+    flags: Vec<(String, Vec<String>)>,
 }
 
 impl Procs {
@@ -35,7 +37,7 @@ impl Procs {
     /// As [`Procs::start`], with `top` (such as an etcd cluster of the
     /// test's own) in the cluster file.
     pub fn start_with(test: &str, top: &str, nodes: &[(&str, &str)]) -> Option<Self> {
-        let top = if top.contains("etcd =") {
+        let top = if super::etcd::names_etcd(top) {
             top.to_string()
         } else {
             format!("{}{top}", super::etcd::shared_top(test)?)
@@ -81,6 +83,7 @@ impl Procs {
             agents: Vec::new(),
             logs: Vec::new(),
             controls: Vec::new(),
+            flags: Vec::new(),
         };
         for ((name, _), control) in nodes.iter().zip(controls) {
             p.controls.push((name.to_string(), control));
@@ -89,8 +92,52 @@ impl Procs {
         Some(p)
     }
 
+    /// Starts an agent of node `name`, which has no `[[node]]` entry: it
+    /// joins by registering in etcd, its addresses, capacity and
+    /// certificate given as flags.
+    pub fn join(&mut self, name: &str, capacity: &str) {
+        let control = format!("127.0.0.1:{}", free_port());
+        let (cert, key) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}-key.pem")),
+        );
+        let made = ferry()
+            .args([
+                "tls-cert",
+                "--cert",
+                cert.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let flags = [
+            "--control",
+            &control,
+            "--data",
+            &format!("127.0.0.1:{}", free_port()),
+            "--memory-capacity",
+            capacity,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        self.flags
+            .push((name.into(), flags.iter().map(|f| f.to_string()).collect()));
+        self.controls.push((name.into(), control));
+        self.spawn(name);
+    }
+
     /// Starts agent `name` (again), once its control port takes connections.
     pub fn spawn(&mut self, name: &str) {
+        let flags = self
+            .flags
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default();
         let mut child = ferry()
             .args([
                 "agent",
@@ -99,6 +146,7 @@ impl Procs {
                 "--node",
                 name,
             ])
+            .args(flags)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
