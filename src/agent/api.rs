@@ -671,10 +671,10 @@ pub struct AgentHandle {
     pub data_addr: SocketAddr,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// With a store: the task renewing the node's lease, and its own stop
+    /// The task renewing the node's lease, and its own stop
     /// (it renews until the other tasks have ended).
     keep: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
-    /// With a store: the writer of the node's own records, and its stop.
+    /// The writer of the node's own records, and its stop.
     journal: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 

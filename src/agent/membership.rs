@@ -39,11 +39,7 @@ impl Node {
     /// agent holds a lease, and while VM records name it (as their node or
     /// a migration's target) unless `force` deletes those records.
     pub async fn remove_node(&self, name: &str, force: bool) -> Result<RemovedNode, NodeError> {
-        let Some(live) = self.liveness.get() else {
-            return Err(NodeError::Unsupported(
-                "removing a node needs the cluster's store (etcd in the cluster file)".into(),
-            ));
-        };
+        let live = self.store_for("removing a node")?;
         if !super::node::valid_name(name) {
             return Err(NodeError::BadRequest(format!(
                 "node name {name:?} is invalid"

@@ -40,7 +40,7 @@ pub enum VmState {
     /// Arriving: its memory is being received.
     MigratingIn,
     /// Being created: its memory is filled (or read from its image) and,
-    /// with etcd, its record written; it runs next.
+    /// its record written in etcd; it runs next.
     Creating,
     /// Paused because the node could not renew its lease in etcd; it runs
     /// again if the lease is renewed in time.
@@ -212,10 +212,10 @@ pub struct VmView {
     /// `DELETE` with `force` only: what was discarded with it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
-    /// With a store: times the cluster restarted it on another node.
+    /// Times the cluster restarted it on another node.
     #[serde(default)]
     pub restarts: u32,
-    /// With a store: the last such restart (time and reason).
+    /// The last such restart (time and reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<Restart>,
 }
@@ -550,13 +550,13 @@ pub struct NodeView {
     pub migrations_queued: usize,
     /// Its limits.
     pub limits: Limits,
-    /// With a store: its lease in etcd (TTL and time left).
+    /// Its lease in etcd (TTL and time left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<super::store::LeaseView>,
-    /// With a store: the elected coordinator's name.
+    /// The elected coordinator's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
-    /// With a store: until when the node is quarantined (it lost its lease
+    /// Until when the node is quarantined (it lost its lease
     /// three times within an hour), ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined_until_ms: Option<u64>,
@@ -671,9 +671,9 @@ pub struct Node {
     pub(crate) changed: tokio::sync::Notify,
     /// The migration listener's refusals, once it listens.
     pub(crate) refusals: std::sync::OnceLock<Arc<crate::migration::ReceiverStats>>,
-    /// Its registration and lease in etcd, with a store.
+    /// Its registration and lease in etcd, once registered.
     pub(crate) liveness: std::sync::OnceLock<Arc<super::store::Liveness>>,
-    /// With a store: the cluster's keys, kept current.
+    /// The cluster's keys, kept current.
     pub(crate) mirror: std::sync::OnceLock<Arc<super::mirror::Mirror>>,
     /// The agent's stop, once asked (a drain on shutdown).
     pub stop: super::shutdown::Stop,
@@ -685,7 +685,7 @@ pub struct Node {
     pub(super) fence_actions: Mutex<()>,
     /// Itself, for the background tasks it starts.
     pub(super) this: std::sync::Weak<Node>,
-    /// With a store: the writer of its own records in etcd.
+    /// The writer of its own records in etcd.
     pub(super) journal: std::sync::OnceLock<Arc<super::journal::Journal>>,
     /// The paused copies saved on its disk, by VM.
     pub(super) kept: Mutex<BTreeMap<String, super::kept::KeptVm>>,
@@ -746,7 +746,7 @@ impl Node {
         }))
     }
 
-    /// With a store: the key-value requests this agent made to etcd,
+    /// The key-value requests this agent made to etcd,
     /// `(reads, writes)`.
     pub fn etcd_counts(&self) -> Option<(u64, u64)> {
         self.liveness.get().map(|l| l.etcd().counts())

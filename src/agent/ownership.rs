@@ -51,14 +51,17 @@ const TRIES: u32 = 8;
 
 impl Node {
     /// Applies `edit` to VM `name`'s record until what it asks is written
-    /// or it asks nothing more. Without a store there is nothing to edit.
+    /// or it asks nothing more; before the agent registered, nothing is
+    /// written and it says so.
     pub(super) async fn edit(
         &self,
         name: &str,
         edit: impl Fn(Option<&VmRecord>) -> Edit,
     ) -> Result<(), RecordError> {
         let Some(live) = self.liveness.get() else {
-            return Ok(());
+            return Err(RecordError::Store(EtcdError::Unavailable(
+                "this agent has not registered in etcd yet".into(),
+            )));
         };
         let (etcd, key) = (live.etcd(), vm_key(live.prefix(), name));
         let mut last = None;
@@ -105,11 +108,7 @@ impl Node {
         what: &'static str,
         edit: impl Fn(Option<&VmRecord>) -> Edit + Send + Sync + 'static,
     ) {
-        let Some(node) = self
-            .this
-            .upgrade()
-            .filter(|_| self.liveness.get().is_some())
-        else {
+        let Some(node) = self.this.upgrade() else {
             return;
         };
         let vm = name.to_string();
@@ -324,7 +323,9 @@ impl Node {
     /// after asking the target of a migration it was marked for).
     pub(super) async fn adopt_records(&self) -> Result<usize, EtcdError> {
         let Some(live) = self.liveness.get() else {
-            return Ok(0);
+            return Err(EtcdError::Unavailable(
+                "this agent has not registered in etcd yet".into(),
+            ));
         };
         let (kvs, _) = live
             .etcd()

@@ -147,11 +147,7 @@ impl super::node::Node {
     /// `POST /v1/node/resume` with `clear_quarantine`: lifts this node's
     /// quarantine and forgets its lost leases.
     pub(super) async fn clear_quarantine(&self) -> Result<(), super::node::NodeError> {
-        let Some(live) = self.liveness.get() else {
-            return Err(super::node::NodeError::BadRequest(
-                "clear_quarantine: this cluster has no etcd, so no quarantine".into(),
-            ));
-        };
+        let live = self.store_for("clear_quarantine")?;
         update(live.etcd(), live.prefix(), self.name(), None, |r| {
             let had = r.quarantined_until_ms.is_some() || !r.losses.is_empty();
             r.quarantined_until_ms = None;

@@ -160,7 +160,7 @@ pub struct Resume {
     /// Bring back the VMs the last drain moved away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failback: Option<bool>,
-    /// With etcd: lift the node's quarantine.
+    /// Lift the node's quarantine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clear_quarantine: Option<bool>,
 }

@@ -154,7 +154,7 @@ pub enum NodeCommand {
         #[command(flatten)]
         out: Output,
     },
-    /// Take a node out of the cluster for good (with etcd): its agent must
+    /// Take a node out of the cluster for good: its agent must
     /// be stopped, and no VM's record may name it.
     Remove {
         /// The node.

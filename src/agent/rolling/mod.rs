@@ -322,12 +322,11 @@ pub(super) fn unavailable(e: impl std::fmt::Display) -> NodeError {
 }
 
 impl Node {
-    /// The node's store, for `what`, which needs one.
-    pub(super) fn store_for(&self, what: &str) -> Result<&Liveness, NodeError> {
+    /// The node's store, for `what`: set once the agent has registered
+    /// (before its API serves), so missing only while it starts.
+    pub(crate) fn store_for(&self, what: &str) -> Result<&Liveness, NodeError> {
         self.liveness.get().map(|l| &**l).ok_or_else(|| {
-            NodeError::Unsupported(format!(
-                "{what} needs the cluster's store (etcd in the cluster file)"
-            ))
+            NodeError::Unavailable(format!("{what}: this agent has not registered in etcd yet"))
         })
     }
 

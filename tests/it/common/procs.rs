@@ -13,6 +13,27 @@ pub fn ferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
 }
 
+/// Makes node `name`'s API certificate and key in `dir` with `ferry
+/// tls-cert`: `{name}.pem`, `{name}-key.pem`.
+fn make_cert(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    let made = ferry()
+        .args([
+            "tls-cert",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    (cert, key)
+}
+
 /// Agent processes of one cluster file.
 pub struct Procs {
     pub dir: PathBuf,
@@ -54,21 +75,7 @@ impl Procs {
         let mut controls = Vec::new();
         for (name, capacity) in nodes {
             let control = format!("127.0.0.1:{}", free_port());
-            let (cert, key) = (
-                dir.join(format!("{name}.pem")),
-                dir.join(format!("{name}-key.pem")),
-            );
-            let made = ferry()
-                .args([
-                    "tls-cert",
-                    "--cert",
-                    cert.to_str().unwrap(),
-                    "--key",
-                    key.to_str().unwrap(),
-                ])
-                .output()
-                .unwrap();
-            assert!(made.status.success(), "{made:?}");
+            make_cert(&dir, name);
             text += &format!(
                 "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"{capacity}\"\ntls_cert = \"{name}.pem\"\ntls_key = \"{name}-key.pem\"\n",
                 free_port()
@@ -97,21 +104,7 @@ impl Procs {
     /// certificate given as flags.
     pub fn join(&mut self, name: &str, capacity: &str) {
         let control = format!("127.0.0.1:{}", free_port());
-        let (cert, key) = (
-            self.dir.join(format!("{name}.pem")),
-            self.dir.join(format!("{name}-key.pem")),
-        );
-        let made = ferry()
-            .args([
-                "tls-cert",
-                "--cert",
-                cert.to_str().unwrap(),
-                "--key",
-                key.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{made:?}");
+        let (cert, key) = make_cert(&self.dir, name);
         let flags = [
             "--control",
             &control,
