@@ -17,6 +17,9 @@ const MAX_CERT: usize = 16 << 10;
 
 /// Checks a registration read from etcd, as API input is checked.
 pub fn check_record(r: &NodeRecord) -> Result<(), String> {
+    if !super::node::valid_name(&r.name) {
+        return Err(format!("node name {:?} is not a valid name", r.name));
+    }
     for (field, addr) in [("control", &r.control), ("data", &r.data)] {
         check_address(addr).map_err(|why| format!("{field} {addr:?}: {why}"))?;
     }
@@ -100,7 +103,12 @@ pub async fn read(
     let (kvs, _) = etcd.list(dir.as_bytes()).await?;
     let mut records = BTreeMap::new();
     for kv in kvs {
-        let name = String::from_utf8_lossy(&kv.key[dir.len()..]).into_owned();
+        // etcd answers keys under the prefix; a server that does not is
+        // not trusted with an index.
+        let Some(name) = kv.key.strip_prefix(dir.as_bytes()) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
         match decode_node(&kv.value, &name) {
             Ok(r) => {
                 records.insert(name, r);
@@ -127,5 +135,42 @@ impl Node {
     /// Node `name` of [`Node::members`].
     pub(crate) fn member(&self, name: &str) -> Option<NodeSpec> {
         self.members().into_iter().find(|n| n.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, control: &str, memory: u64) -> NodeRecord {
+        NodeRecord {
+            version: 1,
+            name: name.into(),
+            control: control.into(),
+            data: "10.0.0.1:7512".into(),
+            memory_capacity: memory,
+            lease: 0,
+            api_cert: None,
+        }
+    }
+
+    #[test]
+    fn a_registration_is_checked_as_a_cluster_file_entry_is() {
+        assert_eq!(check_record(&record("d", "10.0.0.1:7411", 1 << 30)), Ok(()));
+        for (r, field) in [
+            (record("../d", "10.0.0.1:7411", 1 << 30), "name"),
+            (record("d", "10.0.0.1", 1 << 30), "control"),
+            (record("d", "10.0.0.1:7411", 0), "memory_capacity"),
+            (
+                record("d", "10.0.0.1:7411", MAX_NODE_MEMORY + 1),
+                "memory_capacity",
+            ),
+        ] {
+            let e = check_record(&r).unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
+        let mut big = record("d", "10.0.0.1:7411", 1 << 30);
+        big.api_cert = Some("A".repeat(MAX_CERT + 1));
+        assert!(check_record(&big).unwrap_err().contains("api_cert"));
     }
 }
