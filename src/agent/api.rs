@@ -34,6 +34,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod nodes;
+
 /// An API error: status, code and message.
 #[derive(Debug)]
 struct ApiError {
@@ -609,7 +611,16 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/migrations/{id}/resolve",
             axum::routing::post(resolve_migration),
         )
-        .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
+        .route("/v1/nodes/{name}", get(nodes::node_of).delete(remove_node))
+        .route(
+            "/v1/nodes/{name}/{action}",
+            axum::routing::post(nodes::node_action),
+        )
+        .route("/v1/nodes/{name}/operations", get(nodes::operations_of))
+        .route(
+            "/v1/nodes/{name}/operations/{id}",
+            get(nodes::operation_of).delete(nodes::cancel_operation_of),
+        )
         .route("/v1/node/drain", axum::routing::post(drain))
         .route("/v1/node/resume", axum::routing::post(resume))
         .route("/v1/node/update", axum::routing::post(update))

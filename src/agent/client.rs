@@ -166,6 +166,35 @@ impl Peers {
         self.typed(n, Method::POST, "/v1/node/drain", Some(d)).await
     }
 
+    /// `POST /v1/nodes/{name}/{action}` on `via`: any agent hands it to the
+    /// coordinator, which starts it on node `name`. An agent without the
+    /// route (an older version) is asked on `name`'s own route instead
+    /// when it is that node.
+    pub async fn act_on<T: DeserializeOwned>(
+        &self,
+        via: &NodeSpec,
+        name: &str,
+        action: &str,
+        body: &impl Serialize,
+    ) -> Result<T, PeerError> {
+        let path = format!("/v1/nodes/{}/{action}", seg(via, name)?);
+        match self.typed(via, Method::POST, &path, Some(body)).await {
+            Err(PeerError::Api {
+                status: 404,
+                code,
+                message,
+                ..
+            }) if code == "not_found"
+                && message.starts_with("no such route")
+                && via.name == name =>
+            {
+                let path = format!("/v1/node/{action}");
+                self.typed(via, Method::POST, &path, Some(body)).await
+            }
+            answer => answer,
+        }
+    }
+
     /// `POST /v1/node/resume`.
     pub async fn resume(&self, n: &NodeSpec, r: &Resume) -> Result<OperationView, PeerError> {
         self.typed(n, Method::POST, "/v1/node/resume", Some(r))

@@ -27,6 +27,7 @@ pub mod peer;
 pub mod preview;
 pub mod quarantine;
 pub mod records;
+pub mod relay;
 pub mod request;
 mod retarget;
 pub mod rolling;

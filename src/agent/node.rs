@@ -689,6 +689,11 @@ pub struct Node {
     pub(super) journal: std::sync::OnceLock<Arc<super::journal::Journal>>,
     /// The paused copies saved on its disk, by VM.
     pub(super) kept: Mutex<BTreeMap<String, super::kept::KeptVm>>,
+    /// Held while this agent, as coordinator, starts a cluster operation.
+    pub(crate) cluster_turn: tokio::sync::Mutex<()>,
+    /// Held while a drain or resume of this node starts, so that two never
+    /// start at once.
+    pub(crate) op_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Node {
@@ -743,6 +748,8 @@ impl Node {
             this: this.clone(),
             journal: std::sync::OnceLock::new(),
             kept: Mutex::default(),
+            cluster_turn: tokio::sync::Mutex::new(()),
+            op_turn: tokio::sync::Mutex::new(()),
         }))
     }
 

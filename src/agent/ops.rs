@@ -375,6 +375,8 @@ impl Node {
     /// cannot hold every VM, naming the shortfall, unless `allow_partial`.
     /// Returns the operation at once; it runs in the background.
     pub async fn drain(self: &Arc<Self>, req: DrainRequest) -> Result<OperationView, NodeError> {
+        // Until this drain is recorded, no other drain or resume starts.
+        let _turn = self.op_turn.lock().await;
         if self.mode() == NodeMode::Draining {
             return Err(NodeError::Conflict(format!(
                 "node {} is already draining",
@@ -618,6 +620,7 @@ impl Node {
     /// each VM the last drain moved away and that is still where it went is
     /// migrated back, as an operation returned at once.
     pub async fn resume(self: &Arc<Self>, failback: bool) -> Result<OperationView, NodeError> {
+        let _turn = self.op_turn.lock().await;
         if self.mode() == NodeMode::Draining {
             return Err(NodeError::Conflict(format!(
                 "node {} is draining; cancel the drain first",

@@ -121,7 +121,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         };
         println!("\n$ ferry node drain a");
         let before = writes();
-        let op = ctx.run(ctx.peers.drain(&a_node, &Drain::default()))?;
+        let op = ctx.run(ctx.peers.act_on(&a_node, "a", "drain", &Drain::default()))?;
         let drained = watch_op(&ctx, &a_node, op)?;
         print_steps(&drained);
         println!(
@@ -141,7 +141,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
             failback: Some(true),
             clear_quarantine: None,
         };
-        let op = ctx.run(ctx.peers.resume(&a_node, &failback))?;
+        let op = ctx.run(ctx.peers.act_on(&a_node, "a", "resume", &failback))?;
         let resumed = watch_op(&ctx, &a_node, op)?;
         print_steps(&resumed);
         println!(

@@ -648,7 +648,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 max_concurrent,
                 allow_partial: Some(allow_partial),
             };
-            let op = ctx.run(ctx.peers.drain(n, &body))?;
+            let op = ctx.run(ctx.peers.act_on(n, &n.name, "drain", &body))?;
             follow(&ctx, n, op, &wait, &out)
         }
         NodeCommand::Resume {
@@ -663,7 +663,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 failback: Some(failback),
                 clear_quarantine: clear_quarantine.then_some(true),
             };
-            let op = ctx.run(ctx.peers.resume(n, &body))?;
+            let op = ctx.run(ctx.peers.act_on(n, &n.name, "resume", &body))?;
             follow(&ctx, n, op, &wait, &out)
         }
         NodeCommand::Remove { node, force, out } => remove(&ctx, &node, force, &out),

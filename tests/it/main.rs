@@ -24,6 +24,7 @@ mod migration;
 mod orchestrator;
 mod quorum;
 mod receive;
+mod relay;
 mod resolve;
 mod rolling;
 mod shutdown;

@@ -322,6 +322,8 @@ async fn start(
         force: false,
         stage: Some(stage.to_string()),
     };
+    // Started in turn with the cluster operations asked of any agent.
+    let cluster_turn = node.cluster_turn.lock().await;
     let asked = match phase {
         Phase::Draining => node.peers.drain(&spec, &Drain::default()).await,
         Phase::PreUpdate => {
@@ -348,6 +350,7 @@ async fn start(
             node.peers.resume(&spec, &r).await
         }
     };
+    drop(cluster_turn);
     match asked {
         Ok(op) => {
             tracing::info!(id = %run.id, node = %spec.name, op = %op.id, "rolling update: {}", what(phase));

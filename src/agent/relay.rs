@@ -1,0 +1,186 @@
+//! Cluster operations through any agent: `POST /v1/nodes/{name}/{action}`
+//! (drain, resume, update, stop) on any agent is handed to the elected
+//! coordinator, which starts it on node `name`'s agent, one start at a time
+//! across the cluster, so two drains asked at once never pick each other's
+//! node as a target. The operation then runs on that node's agent with its
+//! journal in etcd, so neither the asking agent nor the coordinator has to
+//! live until it ends. Reads and cancels of a node's operations
+//! (`/v1/nodes/{name}/operations[/{id}]`) go straight to that node.
+
+use super::cluster::NodeSpec;
+use super::node::{Node, NodeError};
+use super::peer::PeerError;
+use reqwest::Method;
+use serde_json::Value;
+use std::time::Duration;
+
+/// What a node can be asked to do through any agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `POST /v1/node/drain`.
+    Drain,
+    /// `POST /v1/node/resume`.
+    Resume,
+    /// `POST /v1/node/update`.
+    Update,
+    /// `POST /v1/node/stop`.
+    Stop,
+}
+
+impl Action {
+    /// The action a path segment names.
+    pub fn parse(text: &str) -> Result<Self, NodeError> {
+        match text {
+            "drain" => Ok(Self::Drain),
+            "resume" => Ok(Self::Resume),
+            "update" => Ok(Self::Update),
+            "stop" => Ok(Self::Stop),
+            _ => Err(NodeError::NotFound(format!(
+                "no action {text:?} for a node: drain, resume, update or stop"
+            ))),
+        }
+    }
+
+    /// Its path segment.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Drain => "drain",
+            Self::Resume => "resume",
+            Self::Update => "update",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// Where a cluster operation asked of this agent goes next.
+#[derive(Debug)]
+pub enum Hop {
+    /// To the coordinator, another agent.
+    Coordinator(Box<NodeSpec>),
+    /// This agent coordinates (or the coordinator handed it here): start it.
+    Start,
+}
+
+/// A peer's answer as this API's error: the same status class, its message
+/// kept (it names the node).
+pub fn from_peer(e: PeerError) -> NodeError {
+    match e {
+        PeerError::Api {
+            status, ref code, ..
+        } if status == 409 && code == "insufficient_memory" => {
+            NodeError::InsufficientMemory(e.to_string())
+        }
+        PeerError::Api { status, .. } => match status {
+            400 => NodeError::BadRequest(e.to_string()),
+            404 => NodeError::NotFound(e.to_string()),
+            409 => NodeError::Conflict(e.to_string()),
+            501 => NodeError::Unsupported(e.to_string()),
+            _ => NodeError::Unavailable(e.to_string()),
+        },
+        PeerError::Unreachable { .. } | PeerError::Invalid { .. } => {
+            NodeError::Unavailable(e.to_string())
+        }
+    }
+}
+
+impl Node {
+    /// Where `action` on node `target` goes from here; `handed` when the
+    /// coordinator sent it (it is started then, even if the role moved
+    /// meanwhile: one hop, never a loop). Waits up to a lease's time for an
+    /// election.
+    pub async fn next_hop(&self, target: &str, handed: bool) -> Result<Hop, NodeError> {
+        if !super::node::valid_name(target) {
+            return Err(NodeError::NotFound(format!(
+                "no node {target:?} in the cluster"
+            )));
+        }
+        let mirror = self.mirror.get().ok_or_else(|| {
+            NodeError::Unavailable("this agent has not read the cluster's state yet".into())
+        })?;
+        if handed {
+            return Ok(Hop::Start);
+        }
+        let wait = self
+            .cluster
+            .store
+            .as_ref()
+            .map_or(Duration::from_secs(5), |s| s.lease_ttl)
+            + Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = mirror.subscribe();
+        loop {
+            if let Some((c, _)) = mirror.coordinator() {
+                if c.node == self.spec.name {
+                    return Ok(Hop::Start);
+                }
+                if let Some(spec) = self.member(&c.node) {
+                    return Ok(Hop::Coordinator(Box::new(spec)));
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(NodeError::Unavailable(format!(
+                    "no coordinator was elected within {wait:?} (is etcd's quorum lost?); \
+                     node {target}'s own agent still takes POST /v1/node/ACTION"
+                )));
+            }
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(250)), changes.changed()).await;
+        }
+    }
+
+    /// Hands `action` on `target` to the coordinator `to`.
+    pub async fn hand_to(
+        &self,
+        to: &NodeSpec,
+        target: &str,
+        action: Action,
+        body: &Value,
+    ) -> Result<Value, NodeError> {
+        let path = format!(
+            "/v1/nodes/{}/{}?handed=true",
+            super::client::segment(target).unwrap_or_default(),
+            action.name()
+        );
+        self.peers
+            .call(to, Method::POST, &path, Some(body))
+            .await
+            .map_err(from_peer)
+    }
+
+    /// Asks node `target`'s own agent (another node) for `action`.
+    pub async fn ask_node(
+        &self,
+        target: &str,
+        action: Action,
+        body: &Value,
+    ) -> Result<Value, NodeError> {
+        let spec = self.known_node(target)?;
+        let path = format!("/v1/node/{}", action.name());
+        self.peers
+            .call(&spec, Method::POST, &path, Some(body))
+            .await
+            .map_err(from_peer)
+    }
+
+    /// `GET` or `DELETE` `rest` (a path under `/v1/`) on node `target`'s
+    /// agent, another node.
+    pub async fn on_node(
+        &self,
+        target: &str,
+        method: Method,
+        rest: &str,
+    ) -> Result<Value, NodeError> {
+        let spec = self.known_node(target)?;
+        self.peers
+            .call(&spec, method, &format!("/v1/{rest}"), None)
+            .await
+            .map_err(from_peer)
+    }
+
+    /// Node `name` as [`Node::member`], or a 404 naming it.
+    fn known_node(&self, name: &str) -> Result<NodeSpec, NodeError> {
+        self.member(name)
+            .ok_or_else(|| NodeError::NotFound(format!("no node {name:?} in the cluster")))
+    }
+}
