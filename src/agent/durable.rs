@@ -178,12 +178,14 @@ impl Node {
             return;
         }
         view.progress = None;
+        // An unresolved hand-off's record stays until it is settled.
+        let pinned = view.state == MigrationState::Unresolved;
         let record = MigrationRecord {
             version: LAYOUT_VERSION,
             view,
         };
         let json = serde_json::to_vec(&record).expect("records serialize");
-        j.record(Folder::Migrations, id, json);
+        j.record(Folder::Migrations, id, json, pinned);
     }
 
     /// Writes operation `v`'s journal.
@@ -194,7 +196,7 @@ impl Node {
             op: v.clone(),
         };
         let json = serde_json::to_vec(&record).expect("records serialize");
-        j.record(Folder::Operations, &v.id, json);
+        j.record(Folder::Operations, &v.id, json, v.state == OpState::Running);
     }
 
     /// Writes the node's administrative state.
@@ -299,14 +301,20 @@ impl Node {
         };
         let name = self.name();
         let mut history = Vec::new();
-        for (id, bytes) in j.load(Folder::Migrations).await? {
+        let unresolved = |id: &str, bytes: &[u8]| {
+            decode_migration(bytes, id, name).is_ok_and(|v| v.state == MigrationState::Unresolved)
+        };
+        for (id, bytes) in j.load(Folder::Migrations, unresolved).await? {
             match decode_migration(&bytes, &id, name) {
                 Ok(v) => history.push(v),
                 Err(e) => tracing::warn!(%id, error = %e, "ignoring a bad migration record"),
             }
         }
         let mut ops = Vec::new();
-        for (id, bytes) in j.load(Folder::Operations).await? {
+        let running = |id: &str, bytes: &[u8]| {
+            decode_operation(bytes, id, name).is_ok_and(|v| v.state == OpState::Running)
+        };
+        for (id, bytes) in j.load(Folder::Operations, running).await? {
             let mut op = match decode_operation(&bytes, &id, name) {
                 Ok(v) => v,
                 Err(e) => {

@@ -8,7 +8,7 @@
 //! lands or the agent stops; a clean stop waits for the writer to catch up.
 
 use super::etcd::{Etcd, EtcdError};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +55,29 @@ struct Pending {
     writing: bool,
     /// Each folder's ids, oldest first, to delete the oldest past its cap.
     kept: [VecDeque<String>; 2],
+    /// Each folder's ids that no cap deletes (an unresolved hand-off, an
+    /// operation still running).
+    pinned: [BTreeSet<String>; 2],
+}
+
+impl Pending {
+    /// Forgets and returns `folder`'s oldest ids past its cap, pinned ones
+    /// spared.
+    fn over_cap(&mut self, folder: Folder) -> Vec<String> {
+        let i = folder as usize;
+        let mut over = self.kept[i].len().saturating_sub(folder.keep());
+        let pinned = &self.pinned[i];
+        let mut gone = Vec::new();
+        self.kept[i].retain(|id| {
+            if over == 0 || pinned.contains(id) {
+                return true;
+            }
+            over -= 1;
+            gone.push(id.clone());
+            false
+        });
+        gone
+    }
 }
 
 /// The node's writer of its own records.
@@ -91,8 +114,13 @@ impl Journal {
     }
 
     /// Reads `folder`'s records as they stand, oldest first by creation,
-    /// each with its id; deletes (in the background) those past the cap.
-    pub async fn load(&self, folder: Folder) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
+    /// each with its id; deletes (in the background) the oldest past the
+    /// cap of those `pin` does not keep.
+    pub async fn load(
+        &self,
+        folder: Folder,
+        pin: impl Fn(&str, &[u8]) -> bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
         let dir = self.folder_key(folder);
         let (mut kvs, _) = self.etcd.list(dir.as_bytes()).await?;
         kvs.sort_by_key(|kv| kv.create_revision);
@@ -107,15 +135,20 @@ impl Journal {
             };
             out.push((id.to_string(), kv.value));
         }
-        let mut p = self.pending.lock().unwrap();
-        let kept = &mut p.kept[folder as usize];
-        kept.clear();
-        kept.extend(out.iter().map(|(id, _)| id.clone()));
-        drop(p);
-        let over = out.len().saturating_sub(folder.keep());
-        for (id, _) in out.drain(..over) {
+        let gone = {
+            let mut p = self.pending.lock().unwrap();
+            let i = folder as usize;
+            p.kept[i] = out.iter().map(|(id, _)| id.clone()).collect();
+            p.pinned[i] = out
+                .iter()
+                .filter(|(id, v)| pin(id, v))
+                .map(|(id, _)| id.clone())
+                .collect();
+            p.over_cap(folder)
+        };
+        out.retain(|(id, _)| !gone.contains(id));
+        for id in gone {
             self.delete(format!("{dir}{id}").into_bytes());
-            self.pending.lock().unwrap().kept[folder as usize].retain(|k| *k != id);
         }
         Ok(out)
     }
@@ -125,18 +158,23 @@ impl Journal {
         Ok(self.etcd.get(&self.admin_key()).await?.map(|kv| kv.value))
     }
 
-    /// Writes record `id` of `folder`; the oldest past the folder's cap go.
-    pub fn record(&self, folder: Folder, id: &str, value: Vec<u8>) {
+    /// Writes record `id` of `folder`, `pinned` when no cap may delete it;
+    /// the oldest unpinned past the folder's cap go.
+    pub fn record(&self, folder: Folder, id: &str, value: Vec<u8>, pinned: bool) {
         let dir = self.folder_key(folder);
         self.put(format!("{dir}{id}").into_bytes(), value);
         let gone = {
             let mut p = self.pending.lock().unwrap();
-            let kept = &mut p.kept[folder as usize];
-            if !kept.iter().any(|k| k == id) {
-                kept.push_back(id.to_string());
+            let i = folder as usize;
+            if !p.kept[i].iter().any(|k| k == id) {
+                p.kept[i].push_back(id.to_string());
             }
-            let over = kept.len().saturating_sub(folder.keep());
-            kept.drain(..over).collect::<Vec<_>>()
+            if pinned {
+                p.pinned[i].insert(id.to_string());
+            } else {
+                p.pinned[i].remove(id);
+            }
+            p.over_cap(folder)
         };
         for old in gone {
             self.delete(format!("{dir}{old}").into_bytes());
@@ -237,5 +275,27 @@ impl Journal {
                 return self.caught_up();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_spares_pinned_records_and_takes_the_oldest_others() {
+        let mut p = Pending::default();
+        let i = Folder::Migrations as usize;
+        p.kept[i] = (0..MAX_MIGRATIONS + 2).map(|n| n.to_string()).collect();
+        p.pinned[i].insert("0".into());
+        assert_eq!(p.over_cap(Folder::Migrations), ["1", "2"]);
+        assert_eq!(p.kept[i].len(), MAX_MIGRATIONS);
+        assert_eq!(p.kept[i].front().map(String::as_str), Some("0"));
+        // All pinned: none goes, whatever the count.
+        p.pinned[i] = p.kept[i].iter().cloned().collect();
+        p.kept[i].push_back("new".into());
+        p.pinned[i].insert("new".into());
+        assert!(p.over_cap(Folder::Migrations).is_empty());
+        assert_eq!(p.over_cap(Folder::Operations), Vec::<String>::new());
     }
 }
