@@ -171,12 +171,21 @@ pub fn load_all(dir: &Path) -> Vec<Restored> {
     let mut out = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
+        let text = name.to_string_lossy();
+        if text.starts_with('~') {
+            // Left by a save its agent did not finish: it may hold the
+            // newest state of a guest that died with that agent, so it
+            // stays for the operator, who is told.
+            tracing::warn!(
+                file = %entry.path().display(),
+                bytes = entry.metadata().map(|m| m.len()).unwrap_or(0),
+                "a kept copy's unfinished save is on disk: not loaded; delete it once it is not wanted"
+            );
+            continue;
+        }
         let Some(vm) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
             continue;
         };
-        if vm.starts_with('~') {
-            continue;
-        }
         match load_one(dir, vm) {
             Ok(r) => out.push(r),
             Err(e) => tracing::error!(
