@@ -341,10 +341,14 @@ impl Liveness {
     /// (see [`super::fence`]). A lease that lapsed all the same is replaced
     /// by a new one; what ran under the old one stays superseded.
     pub async fn keep(&self, stop: CancellationToken, hooks: Arc<dyn FenceHooks>) {
-        let mut failed = false;
+        // After a failure: the wait before the next try (a renewal's is
+        // always RETRY; taking a new lease backs off, so that an agent
+        // whose name another took does not hammer etcd).
+        let mut retry: Option<Duration> = None;
+        let mut take_backoff = RETRY;
         loop {
-            let at = if failed {
-                clock::now() + RETRY
+            let at = if let Some(wait) = retry {
+                clock::now() + wait
             } else {
                 let f = self.fence.lock().unwrap();
                 f.last_ack() + f.ttl() / 3
@@ -360,13 +364,13 @@ impl Liveness {
                 r = async { self.keeper.lock().await.renew(&self.etcd).await } => r,
                 never = self.fence_when_due(&*hooks) => match never {},
             };
-            failed = match renewed {
+            retry = match renewed {
                 Ok(Some(ttl)) => {
                     let action = self.fence.lock().unwrap().renewed(sent, ttl, clock::now());
                     if let Some(a) = action {
                         hooks.apply(a);
                     }
-                    false
+                    None
                 }
                 Ok(None) => {
                     tracing::error!(node = %self.record.name, "this node's lease lapsed in etcd; taking a new one");
@@ -377,17 +381,22 @@ impl Liveness {
                     match &taken {
                         Ok(()) => {
                             self.count_loss(lost).await;
-                            hooks.rejoined()
+                            hooks.rejoined();
+                            take_backoff = RETRY;
+                            None
                         }
                         Err(e) => {
-                            tracing::warn!(node = %self.record.name, error = %e, "taking a new lease failed")
+                            let wait = take_backoff;
+                            // At most a TTL apart: a healed partition rejoins soon.
+                            take_backoff = (take_backoff * 2).min(self.asked.max(RETRY));
+                            tracing::warn!(node = %self.record.name, error = %e, retry_in = ?wait, "taking a new lease failed");
+                            Some(wait)
                         }
                     }
-                    taken.is_err()
                 }
                 Err(e) => {
                     tracing::warn!(node = %self.record.name, error = %e, "renewing the lease failed");
-                    true
+                    Some(RETRY)
                 }
             };
         }
