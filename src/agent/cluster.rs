@@ -26,6 +26,11 @@
 //! last copies of VMs across restarts; a `[[node]]` may name its own folder
 //! with `state_dir`, and `ferry agent --state-dir` overrides both.
 //!
+//! `image_dirs = ["/srv/images"]` (optional) limits the images a VM may
+//! start from (`image` in `POST /v1/vms`) to files inside those folders,
+//! symbolic links resolved; without it any absolute path the agent can
+//! read is taken.
+//!
 //! Relative paths resolve against the file's own folder; the token is the
 //! token file's content with surrounding white space trimmed. Sizes and rates
 //! take the CLI's unit strings (or plain integers: bytes, bytes per second).
@@ -88,6 +93,7 @@ struct RawCluster {
     tls: Option<bool>,
     insecure_api: Option<bool>,
     state_dir: Option<PathBuf>,
+    image_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default)]
@@ -260,6 +266,54 @@ pub struct Cluster {
     /// Where the cluster's state lives (`etcd`, `etcd_prefix`, `lease_ttl`,
     /// `etcd_ca`/`etcd_cert`/`etcd_key`, `etcd_user`/`etcd_password_file`).
     pub store: Option<super::store::StoreConfig>,
+    /// The folders VM images must be in (`image_dirs`); `None`: any path.
+    pub image_dirs: Option<Vec<PathBuf>>,
+}
+
+/// Most folders `image_dirs` may name.
+const MAX_IMAGE_DIRS: usize = 64;
+
+/// `image_dirs`: 1 to [`MAX_IMAGE_DIRS`] absolute paths.
+fn check_image_dirs(dirs: &[PathBuf]) -> Result<(), String> {
+    if dirs.is_empty() || dirs.len() > MAX_IMAGE_DIRS {
+        return Err(format!(
+            "image_dirs: {} folders is out of range (1 to {MAX_IMAGE_DIRS}; leave it out to take any path)",
+            dirs.len()
+        ));
+    }
+    match dirs.iter().find(|d| !d.is_absolute()) {
+        Some(d) => Err(format!(
+            "image_dirs: {} is not an absolute path",
+            d.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Cluster {
+    /// Whether `image` may be read as a VM's memory: inside one of
+    /// `image_dirs` once links are resolved (any path without them).
+    pub fn image_allowed(&self, image: &Path) -> Result<(), String> {
+        let Some(dirs) = &self.image_dirs else {
+            return Ok(());
+        };
+        let real = image
+            .canonicalize()
+            .map_err(|e| format!("image {}: {e}", image.display()))?;
+        let inside = dirs
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .any(|d| real.starts_with(d));
+        if inside {
+            return Ok(());
+        }
+        let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        Err(format!(
+            "image {}: it is outside the cluster's image_dirs ({})",
+            image.display(),
+            list.join(", ")
+        ))
+    }
 }
 
 /// A PEM certificate file's first certificate, DER.
@@ -508,7 +562,13 @@ impl Cluster {
                 preview_hook,
             });
         }
+        let image_dirs = raw
+            .image_dirs
+            .map(|dirs| check_image_dirs(&dirs).map(|()| dirs))
+            .transpose()
+            .map_err(invalid)?;
         Ok(Self {
+            image_dirs,
             path: path.to_path_buf(),
             token,
             key,
@@ -730,6 +790,44 @@ update_hook = ["sh", "-c"]
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(err(EXAMPLE).contains("group or others"));
+    }
+
+    #[test]
+    fn image_dirs_keep_images_inside_them_links_resolved() {
+        let d = dir_with_token("the-token-0123456789");
+        let path = d.path().join("cluster.toml");
+        let with = |top: &str| Cluster::parse(&format!("{top}\n{EXAMPLE}"), &path);
+        let images = d.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::write(images.join("vm.img"), [0u8; 4096]).unwrap();
+        std::fs::write(d.path().join("secret"), [0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(d.path().join("secret"), images.join("link.img")).unwrap();
+        // Without the setting any readable path goes.
+        let open = with("").unwrap();
+        assert!(open.image_dirs.is_none());
+        assert_eq!(open.image_allowed(&d.path().join("secret")), Ok(()));
+        let c = with(&format!(
+            "image_dirs = [{:?}]",
+            images.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.image_allowed(&images.join("vm.img")), Ok(()));
+        for outside in [
+            d.path().join("secret"),
+            images.join("link.img"),
+            images.join("../secret"),
+        ] {
+            let e = c.image_allowed(&outside).unwrap_err();
+            assert!(e.contains("outside the cluster's image_dirs"), "{e}");
+        }
+        assert!(c.image_allowed(&images.join("none.img")).is_err());
+        for (top, field) in [
+            ("image_dirs = []", "out of range"),
+            ("image_dirs = [\"images\"]", "not an absolute path"),
+        ] {
+            let e = with(top).unwrap_err().to_string();
+            assert!(e.contains(field), "{top}: {e}");
+        }
     }
 
     #[test]

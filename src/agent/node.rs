@@ -932,6 +932,9 @@ impl Node {
             spec.fill.fill(&memory, spec.seed, 2);
             return Ok(memory);
         };
+        self.cluster
+            .image_allowed(std::path::Path::new(image))
+            .map_err(NodeError::BadRequest)?;
         // Checked before it is read: the memory reserved is `memory`.
         let len = std::fs::metadata(image)
             .map_err(|e| NodeError::BadRequest(format!("image {image}: {e}")))?

@@ -658,3 +658,42 @@ fn a_vm_starts_from_its_image_or_from_its_seed() {
     assert!(!same_memory(&mem("a", "s1"), &mem("b", "s3")));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `image_dirs`: an image inside one of them starts; one outside, or a
+/// link out of them, is refused naming the setting.
+#[test]
+fn images_outside_the_clusters_image_dirs_are_refused() {
+    let dir = std::env::temp_dir().join(format!("ferry-image-dirs-{}", std::process::id()));
+    let inside = dir.join("images");
+    std::fs::create_dir_all(&inside).unwrap();
+    let top = format!("image_dirs = [{:?}]\n", inside.to_str().unwrap());
+    let Some(c) = Agents::start_with("image-dirs", &top, &[("a", "")]) else {
+        return;
+    };
+    let src = ferry::memory::GuestMemory::new(4 << 20).unwrap();
+    for p in [inside.join("ok.img"), dir.join("outside.img")] {
+        src.save_image(&p).unwrap();
+    }
+    std::os::unix::fs::symlink(dir.join("outside.img"), inside.join("link.img")).unwrap();
+    let create = |name: &str, image: &std::path::Path| {
+        c.call(
+            Method::POST,
+            "a",
+            "/v1/vms",
+            Some(json!({"name": name, "memory": "4MiB", "workload": "idle", "image": image.to_str().unwrap()})),
+        )
+    };
+    let (s, v) = create("in", &inside.join("ok.img"));
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    for (name, image) in [
+        ("out", dir.join("outside.img")),
+        ("link", inside.join("link.img")),
+    ] {
+        let (s, v) = create(name, &image);
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(error_of(&v).1.contains("image_dirs"), "{v}");
+    }
+    let (_, vms) = c.call(Method::GET, "a", "/v1/vms", None);
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
