@@ -338,9 +338,20 @@ async fn list_migrations(State(node): State<Arc<Node>>) -> ApiResult {
     Ok(json_status(StatusCode::OK, &node.migrations()))
 }
 
-async fn create_migration(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
+async fn create_migration(
+    State(node): State<Arc<Node>>,
+    q: Result<Query<nodes::HandedQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
     let req = parse_body::<CreateMigration>(&body)?;
     let config = req.params.config()?;
+    // A VM that runs on another node: its node runs the migration.
+    if let Some(host) = node.host_elsewhere(&req.vm).filter(|_| !q.handed) {
+        let value: serde_json::Value = parse_body(&body)?;
+        let view = node.hand_migration(&host, &value).await?;
+        return Ok(json_status(StatusCode::ACCEPTED, &view));
+    }
     let view = node.request_migration(&req.vm, &req.target, config, None)?;
     Ok(json_status(StatusCode::ACCEPTED, &view))
 }

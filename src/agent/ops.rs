@@ -644,22 +644,34 @@ impl Node {
         } else {
             Vec::new()
         };
+        // Where each is now, asked all at once, each within ASK_NODE.
+        let asked = moved.into_iter().filter_map(|s| {
+            let node = self.member(&s.target)?;
+            Some(async move {
+                let here = tokio::time::timeout(ASK_NODE, self.peers.vm(&node, &s.vm)).await;
+                (s, here)
+            })
+        });
+        let answers = futures_util::future::join_all(asked).await;
         self.set_mode(NodeMode::Active);
         let mut steps = Vec::new();
-        for s in moved {
-            let Some(node) = self.member(&s.target) else {
-                continue;
-            };
-            let here = self.peers.vm(&node, &s.vm).await;
+        for (s, here) in answers {
             let (state, error) = match here {
-                Ok(v) if v.state == VmState::Running => ("planned", None),
-                Ok(v) => (
+                Ok(Ok(v)) if v.state == VmState::Running => ("planned", None),
+                Ok(Ok(v)) => (
                     "skipped",
                     Some(format!("it is {} on node {}", name_of(v.state), s.target)),
                 ),
-                Err(e) => (
+                Ok(Err(e)) => (
                     "skipped",
                     Some(format!("it is no longer on node {}: {e}", s.target)),
+                ),
+                Err(_) => (
+                    "skipped",
+                    Some(format!(
+                        "node {} did not answer within {ASK_NODE:?}",
+                        s.target
+                    )),
                 ),
             };
             steps.push(Step {
@@ -788,6 +800,13 @@ impl Node {
                 self.spec.name
             )));
         };
+        // Not while a drain or resume of the node starts.
+        let _turn = self.op_turn.try_lock().map_err(|_| {
+            NodeError::Conflict(format!(
+                "node {} is starting another operation; ask again",
+                self.spec.name
+            ))
+        })?;
         // A pre- or post-update command runs whatever the node's state.
         let force = force || stage.is_some();
         if self.mode() != NodeMode::Paused && stage.is_none() {

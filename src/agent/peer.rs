@@ -94,8 +94,7 @@ impl Peers {
             .await
             .map_err(|e| unreachable(format!("cannot reach {url}: {}", chain(&e))))?;
         let status = resp.status();
-        let text = resp
-            .text()
+        let text = read_capped(resp)
             .await
             .map_err(|e| unreachable(format!("reading the answer from {url}: {e}")))?;
         let value: Value = serde_json::from_str(&text)
@@ -129,6 +128,21 @@ impl Peers {
     ) -> Result<Value, PeerError> {
         self.call(node, Method::POST, path, Some(body)).await
     }
+}
+
+/// The largest answer read from an agent.
+const MAX_ANSWER: usize = 16 << 20;
+
+/// The answer's body as text, refused past [`MAX_ANSWER`].
+async fn read_capped(mut resp: reqwest::Response) -> Result<String, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(format!("the answer is over {MAX_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| "the answer is not UTF-8".to_string())
 }
 
 /// A client for `node`: HTTPS trusting exactly its certificate, or plain

@@ -5,7 +5,8 @@
 //! node as a target. The operation then runs on that node's agent with its
 //! journal in etcd, so neither the asking agent nor the coordinator has to
 //! live until it ends. Reads and cancels of a node's operations
-//! (`/v1/nodes/{name}/operations[/{id}]`) go straight to that node.
+//! (`/v1/nodes/{name}/operations[/{id}]`) go straight to that node, and so
+//! does `POST /v1/migrations` of a VM that runs on another node.
 
 use super::cluster::NodeSpec;
 use super::node::{Node, NodeError};
@@ -13,6 +14,14 @@ use super::peer::PeerError;
 use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
+
+/// The longest the coordinator waits for its turn to start an operation.
+pub const TURN_WAIT: Duration = Duration::from_secs(5);
+/// The longest a node is given to start an operation (within the
+/// coordinator's hop, itself within the API's 30 s request limit).
+pub const START_WAIT: Duration = Duration::from_secs(12);
+/// The longest the coordinator is given to answer a handed operation.
+const HAND_WAIT: Duration = Duration::from_secs(20);
 
 /// What a node can be asked to do through any agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +70,15 @@ pub enum Hop {
     Start,
 }
 
+/// No answer from `asked` within `limit`: whether node `target` started
+/// the operation is not known.
+fn unknown(asked: &str, target: &str, limit: Duration) -> NodeError {
+    NodeError::Unavailable(format!(
+        "node {asked} did not answer within {limit:?}: whether node {target} started the \
+         operation is unknown; see GET /v1/nodes/{target}/operations before asking again"
+    ))
+}
+
 /// A peer's answer as this API's error: the same status class, its message
 /// kept (it names the node).
 pub fn from_peer(e: PeerError) -> NodeError {
@@ -89,16 +107,20 @@ impl Node {
     /// meanwhile: one hop, never a loop). Waits up to a lease's time for an
     /// election.
     pub async fn next_hop(&self, target: &str, handed: bool) -> Result<Hop, NodeError> {
-        if !super::node::valid_name(target) {
-            return Err(NodeError::NotFound(format!(
-                "no node {target:?} in the cluster"
-            )));
-        }
         let mirror = self.mirror.get().ok_or_else(|| {
             NodeError::Unavailable("this agent has not read the cluster's state yet".into())
         })?;
+        self.known_node(target)?;
         if handed {
-            return Ok(Hop::Start);
+            // Started only by the coordinator: one that lost the role
+            // meanwhile sends the asker back to find the new one.
+            return match mirror.coordinator() {
+                Some((c, _)) if c.node == self.spec.name => Ok(Hop::Start),
+                _ => Err(NodeError::Unavailable(format!(
+                    "node {} is no longer the coordinator; ask again",
+                    self.spec.name
+                ))),
+            };
         }
         let wait = self
             .cluster
@@ -137,15 +159,39 @@ impl Node {
         action: Action,
         body: &Value,
     ) -> Result<Value, NodeError> {
+        let spec = self.known_node(target)?;
         let path = format!(
             "/v1/nodes/{}/{}?handed=true",
-            super::client::segment(target).unwrap_or_default(),
+            super::client::segment(&spec.name).unwrap_or_default(),
             action.name()
         );
-        self.peers
-            .call(to, Method::POST, &path, Some(body))
+        let asked = self.peers.call(to, Method::POST, &path, Some(body));
+        match tokio::time::timeout(HAND_WAIT, asked).await {
+            Ok(Ok(v)) => Ok(v),
+            // A coordinator of an older version, without the route: the
+            // node is asked itself.
+            Ok(Err(PeerError::Api {
+                status: 404,
+                ref message,
+                ..
+            })) if message.starts_with("no such route") => {
+                self.ask_node(target, action, body).await
+            }
+            Ok(Err(e)) => Err(from_peer(e)),
+            Err(_) => Err(unknown(&to.name, target, HAND_WAIT)),
+        }
+    }
+
+    /// Waits at most [`TURN_WAIT`] for this coordinator's turn to start an
+    /// operation.
+    pub async fn cluster_turn(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, NodeError> {
+        tokio::time::timeout(TURN_WAIT, self.cluster_turn.lock())
             .await
-            .map_err(from_peer)
+            .map_err(|_| {
+                NodeError::Unavailable(format!(
+                    "another cluster operation has been starting for {TURN_WAIT:?}; ask again"
+                ))
+            })
     }
 
     /// Asks node `target`'s own agent (another node) for `action`.
@@ -157,10 +203,11 @@ impl Node {
     ) -> Result<Value, NodeError> {
         let spec = self.known_node(target)?;
         let path = format!("/v1/node/{}", action.name());
-        self.peers
-            .call(&spec, Method::POST, &path, Some(body))
-            .await
-            .map_err(from_peer)
+        let asked = self.peers.call(&spec, Method::POST, &path, Some(body));
+        match tokio::time::timeout(START_WAIT, asked).await {
+            Ok(answer) => answer.map_err(from_peer),
+            Err(_) => Err(unknown(target, target, START_WAIT)),
+        }
     }
 
     /// `GET` or `DELETE` `rest` (a path under `/v1/`) on node `target`'s
@@ -174,6 +221,28 @@ impl Node {
         let spec = self.known_node(target)?;
         self.peers
             .call(&spec, method, &format!("/v1/{rest}"), None)
+            .await
+            .map_err(from_peer)
+    }
+
+    /// The node VM `vm` runs on, as etcd has it, when that is another node
+    /// (`POST /v1/migrations` of a VM not here goes there).
+    pub fn host_elsewhere(&self, vm: &str) -> Option<NodeSpec> {
+        if !super::node::valid_name(vm) || self.vm(vm).is_ok() {
+            return None;
+        }
+        let (record, _) = self.mirror.get()?.vm(vm)?;
+        if record.node == self.spec.name {
+            return None;
+        }
+        self.member(&record.node)
+    }
+
+    /// Asks `host` for the migration `body` describes, as handed on: it
+    /// goes no further.
+    pub async fn hand_migration(&self, host: &NodeSpec, body: &Value) -> Result<Value, NodeError> {
+        self.peers
+            .call(host, Method::POST, "/v1/migrations?handed=true", Some(body))
             .await
             .map_err(from_peer)
     }

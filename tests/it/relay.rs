@@ -1,5 +1,6 @@
 //! Cluster operations through any agent: a drain and a failback of node b
-//! asked of another agent are handed to the coordinator and run on b; two
+//! asked of another agent are handed to the coordinator and run on b, and
+//! so does a migration of one of b's VMs asked elsewhere; two
 //! drains of one node asked at once start once; two nodes drained at once
 //! through different agents both end empty.
 
@@ -162,6 +163,13 @@ fn any_agent_drains_and_fails_back_any_node_through_the_coordinator() {
             StatusCode::NOT_FOUND,
             "not_found",
         ),
+        // Only the coordinator starts a handed operation.
+        (
+            "/v1/nodes/b/drain?handed=true",
+            None,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+        ),
     ] {
         let method = if path.contains("operations") {
             Method::GET
@@ -180,6 +188,31 @@ fn any_agent_drains_and_fails_back_any_node_through_the_coordinator() {
     let (_, view) = c.call(Method::GET, "b", "/v1/node", None);
     assert_eq!(view["state"], "active", "{view}");
     assert_eq!(vm_names(&c, "b"), ["r1", "r2", "r3"]);
+
+    // A migration of a VM on b, asked of another agent, runs on b.
+    let (s, m) = c.call(
+        Method::POST,
+        &via,
+        "/v1/migrations",
+        Some(json!({"vm": "r1", "target": "c"})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    assert_eq!(
+        (m["source"].as_str(), m["target"].as_str()),
+        (Some("b"), Some("c")),
+        "{m}"
+    );
+    let done = c.wait("b", m["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(vm_names(&c, "c"), ["r1"]);
+    // One of no VM anywhere is refused where it was asked.
+    let (s, e) = c.call(
+        Method::POST,
+        &via,
+        "/v1/migrations",
+        Some(json!({"vm": "nowhere", "target": "b"})),
+    );
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
 }
 
 #[test]

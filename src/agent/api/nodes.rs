@@ -19,7 +19,7 @@ use std::sync::Arc;
 #[serde(deny_unknown_fields)]
 pub(super) struct HandedQuery {
     #[serde(default)]
-    handed: bool,
+    pub(super) handed: bool,
 }
 
 /// `POST /v1/nodes/{name}/{action}`: drain, resume, update or stop node
@@ -48,7 +48,7 @@ pub(super) async fn node_action(
         Hop::Start => {
             // One start at a time across the cluster: a drain sees the
             // node of one started just before it as draining.
-            let _turn = node.cluster_turn.lock().await;
+            let _turn = node.cluster_turn().await?;
             if name != node.name() {
                 let answer = node.ask_node(&name, action, &value).await?;
                 return Ok(json_status(StatusCode::ACCEPTED, &answer));

@@ -322,34 +322,46 @@ async fn start(
         force: false,
         stage: Some(stage.to_string()),
     };
-    // Started in turn with the cluster operations asked of any agent.
-    let cluster_turn = node.cluster_turn.lock().await;
-    let asked = match phase {
-        Phase::Draining => node.peers.drain(&spec, &Drain::default()).await,
-        Phase::PreUpdate => {
-            let u = command(&run.pre_update, "pre");
-            node.peers.update(&spec, &u).await
-        }
-        Phase::PostUpdate => {
-            let u = command(&run.post_update, "post");
-            node.peers.update(&spec, &u).await
-        }
-        Phase::Updating => {
-            let u = Update {
-                command: run.command.clone(),
-                force: false,
-                stage: None,
-            };
-            node.peers.update(&spec, &u).await
-        }
-        _ => {
-            let r = Resume {
-                failback: Some(run.failback),
-                clear_quarantine: None,
-            };
-            node.peers.resume(&spec, &r).await
-        }
+    // Started in turn with the cluster operations asked of any agent, and
+    // never holding that turn longer than a start may take.
+    let Ok(cluster_turn) = node.cluster_turn().await else {
+        return Step::Wait;
     };
+    let asked = tokio::time::timeout(crate::agent::relay::START_WAIT, async {
+        match phase {
+            Phase::Draining => node.peers.drain(&spec, &Drain::default()).await,
+            Phase::PreUpdate => {
+                let u = command(&run.pre_update, "pre");
+                node.peers.update(&spec, &u).await
+            }
+            Phase::PostUpdate => {
+                let u = command(&run.post_update, "post");
+                node.peers.update(&spec, &u).await
+            }
+            Phase::Updating => {
+                let u = Update {
+                    command: run.command.clone(),
+                    force: false,
+                    stage: None,
+                };
+                node.peers.update(&spec, &u).await
+            }
+            _ => {
+                let r = Resume {
+                    failback: Some(run.failback),
+                    clear_quarantine: None,
+                };
+                node.peers.resume(&spec, &r).await
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(crate::agent::peer::PeerError::Unreachable {
+            node: spec.name.clone(),
+            message: "it did not answer in time; its operation is looked for next round".into(),
+        })
+    });
     drop(cluster_turn);
     match asked {
         Ok(op) => {
