@@ -325,8 +325,9 @@ impl Node {
             if op.state == OpState::Running {
                 op.state = OpState::Failed;
                 op.interrupted = true;
+                op.interruption = Some(super::ops::Interruption::Crash);
                 op.error = Some(format!(
-                    "interrupted: the agent of node {name} stopped while it ran"
+                    "interrupted: the agent of node {name} ended without a clean stop while it ran"
                 ));
                 op.finished_at_ms = Some(now_ms());
                 self.journal_op(&op);

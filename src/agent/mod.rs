@@ -43,5 +43,7 @@ pub use node::{
     Direction, Limits, MigrationState, MigrationView, Node, NodeError, NodeMode, NodeView,
     ProgressView, VmSpec, VmState, VmView,
 };
-pub use ops::{place, DrainRequest, OpKind, OpState, OperationView, Placement, RemainingVm, Step};
+pub use ops::{
+    place, DrainRequest, Interruption, OpKind, OpState, OperationView, Placement, RemainingVm, Step,
+};
 pub use shutdown::{Stop, StopEnd};

@@ -118,6 +118,21 @@ pub struct OperationView {
     /// `failed` (an update command may restart the agent on purpose).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+    /// How its agent stopped, when `interrupted`: `stop` (a clean stop,
+    /// such as SIGTERM, marked it) or `crash` (the agent ended without
+    /// one; its restart found it still running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interruption: Option<Interruption>,
+}
+
+/// How an operation's agent stopped while it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interruption {
+    /// A clean stop.
+    Stop,
+    /// No clean stop: killed, or it failed.
+    Crash,
 }
 
 /// A VM a drain left on its node.
@@ -281,6 +296,7 @@ impl Node {
                 update: None,
                 remaining: Vec::new(),
                 interrupted: false,
+                interruption: None,
             },
             cancel: cancel.clone(),
         });
@@ -290,6 +306,37 @@ impl Node {
             self.journal_op(&v);
         }
         (id, cancel)
+    }
+
+    /// A clean stop: each running operation ends `failed`, `interrupted`
+    /// by a `stop`, in its journal before the lease goes (an update command
+    /// that restarts its agent this way did its work).
+    pub(crate) fn interrupt_operations(&self) {
+        let now = now_ms();
+        let name = self.spec.name.clone();
+        let ended: Vec<OperationView> = {
+            let mut ops = self.ops.lock().unwrap();
+            ops.iter_mut()
+                .filter(|o| o.view.state == OpState::Running)
+                .map(|o| {
+                    let v = &mut o.view;
+                    v.state = OpState::Failed;
+                    v.interrupted = true;
+                    v.interruption = Some(Interruption::Stop);
+                    v.error = Some(format!(
+                        "interrupted: the agent of node {name} stopped cleanly while it ran"
+                    ));
+                    v.finished_at_ms = Some(now);
+                    v.clone()
+                })
+                .collect()
+        };
+        for v in &ended {
+            self.journal_op(v);
+        }
+        if !ended.is_empty() {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Changes one operation; when that changes its state, wakes whoever
@@ -303,7 +350,11 @@ impl Node {
     ) -> Option<R> {
         let (r, moved, changed) = {
             let mut ops = self.ops.lock().unwrap();
-            let o = ops.iter_mut().find(|o| o.view.id == id)?;
+            // One its agent's stop ended stays as it was marked.
+            let o = ops
+                .iter_mut()
+                .find(|o| o.view.id == id)
+                .filter(|o| !o.view.interrupted)?;
             let (before, shape) = (o.view.state, journal_shape(&o.view));
             let r = f(&mut o.view);
             let changed = (journal_shape(&o.view) != shape).then(|| o.view.clone());

@@ -170,9 +170,10 @@ fn a_rolling_update_carries_on_after_its_coordinator_is_killed() {
 
 /// An update command that restarts the node's own agent (here it sends
 /// the agent SIGTERM, and the test starts it again as systemd would)
-/// succeeds once the agent is back within `--stop-after`.
+/// succeeds once the agent is back within `--stop-after`; one that kills
+/// it (SIGKILL: no clean stop) fails the node's turn.
 #[test]
-fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back() {
+fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back_and_a_crash_fails() {
     if !available() {
         return;
     }
@@ -210,6 +211,28 @@ fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back() {
         )),
         "{vms:?}"
     );
+    // An update command that kills its agent instead (a crash, not a
+    // clean stop) fails the node's turn, even with the agent back in time.
+    p.json(&[
+        "cluster",
+        "update",
+        "--run",
+        "kill -KILL $PPID; sleep 30",
+        "--node-order",
+        node,
+        "--stop-after",
+        "60s",
+        "--detach",
+    ]);
+    let status = p
+        .exited(node, Duration::from_secs(30))
+        .expect("the update command killed the agent");
+    assert!(!status.success(), "{status}");
+    p.spawn(node);
+    let run = ended(&p, 60);
+    assert_eq!(run["state"], "failed", "{run}");
+    assert_eq!(run["nodes"][0]["phase"], "failed", "{run}");
+    assert!(run.to_string().contains("without a clean stop"), "{run}");
 }
 
 /// A rolling update on a schedule starts by itself, once for its slot,

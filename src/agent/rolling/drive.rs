@@ -6,7 +6,7 @@ use super::{parse_run, run_key, Phase, RunState, UpdateRun, CLOCK_SLACK_MS};
 use crate::agent::etcd::{Cmp, Op, Txn};
 use crate::agent::mirror::Mirror;
 use crate::agent::node::{now_ms, Node};
-use crate::agent::ops::{OpKind, OpState, OperationView};
+use crate::agent::ops::{Interruption, OpKind, OpState, OperationView};
 use crate::agent::request::{Drain, Resume, Update};
 use crate::agent::store::Liveness;
 
@@ -213,9 +213,13 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
     if asked.is_none() && !record_op(run, i, turn.phase, &op.id, w).await {
         return Step::Wait;
     }
-    // The update command restarted the node's agent, which came back in
-    // time: the update did its work.
-    let restarted = turn.phase == Phase::Updating && op.interrupted && !late;
+    // The update command restarted the node's agent (a clean stop; an
+    // older agent does not say), which came back in time: the update did
+    // its work. A crash during the command fails the turn.
+    let restarted = turn.phase == Phase::Updating
+        && op.interrupted
+        && op.interruption != Some(Interruption::Crash)
+        && !late;
     match op.state {
         OpState::Running if late => {
             let _ = node.peers.cancel_operation(&spec, &op.id).await;
