@@ -402,6 +402,7 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
         .drain(super::ops::DrainRequest {
             max_concurrent: b.max_concurrent,
             allow_partial: b.allow_partial.unwrap_or(false),
+            request_id: checked_request_id(b.request_id)?,
         })
         .await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
@@ -409,10 +410,13 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
 
 async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     let b: Resume = optional_body(&body)?;
+    let request_id = checked_request_id(b.request_id)?;
     if b.clear_quarantine == Some(true) {
         node.clear_quarantine().await?;
     }
-    let op = node.resume(b.failback.unwrap_or(false)).await?;
+    let op = node
+        .resume(b.failback.unwrap_or(false), request_id.as_deref())
+        .await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }
 
@@ -430,8 +434,34 @@ async fn update(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     if let Some(s) = b.stage.as_deref().filter(|s| !matches!(*s, "pre" | "post")) {
         return Err(ApiError::bad_request(format!("stage {s:?}: pre or post")));
     }
-    let op = node.update(b.command, b.force, b.stage.as_deref())?;
+    let request_id = checked_request_id(b.request_id)?;
+    let op = node.update(
+        b.command,
+        b.force,
+        b.stage.as_deref(),
+        request_id.as_deref(),
+    )?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
+}
+
+/// Longest `request_id`.
+const MAX_REQUEST_ID: usize = 128;
+
+/// `request_id`, when given: 1 to 128 printable ASCII characters, no
+/// spaces.
+fn checked_request_id(id: Option<String>) -> Result<Option<String>, ApiError> {
+    match id {
+        Some(r)
+            if r.is_empty()
+                || r.len() > MAX_REQUEST_ID
+                || !r.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "request_id: use 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces"
+            )))
+        }
+        other => Ok(other),
+    }
 }
 
 /// `POST /v1/node/stop`: the agent drains its node and exits once it hosts

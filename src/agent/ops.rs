@@ -181,6 +181,15 @@ pub struct DrainRequest {
     /// Move what fits instead of refusing when the other nodes cannot hold
     /// every VM.
     pub allow_partial: bool,
+    /// The asker's key: the drain it started before is answered again.
+    pub request_id: Option<String>,
+}
+
+/// Adds `request_id`, when given, to an operation's `params`.
+fn with_request_id(params: &mut Value, request_id: Option<&str>) {
+    if let (Some(rid), Some(map)) = (request_id, params.as_object_mut()) {
+        map.insert("request_id".into(), Value::String(rid.to_string()));
+    }
 }
 
 fn now_ms() -> u64 {
@@ -308,6 +317,31 @@ impl Node {
         (id, cancel)
     }
 
+    /// The operation asked before with `request_id`: the same request
+    /// again gets it back; a request of another kind with that key is
+    /// refused.
+    fn asked_before(
+        &self,
+        kind: OpKind,
+        request_id: Option<&str>,
+    ) -> Result<Option<OperationView>, NodeError> {
+        let Some(rid) = request_id else {
+            return Ok(None);
+        };
+        let ops = self.ops.lock().unwrap();
+        match ops
+            .iter()
+            .find(|o| o.view.params["request_id"].as_str() == Some(rid))
+        {
+            Some(o) if o.view.kind == kind => Ok(Some(o.view.clone())),
+            Some(o) => Err(NodeError::Conflict(format!(
+                "request_id {rid:?} already named operation {} of node {}",
+                o.view.id, self.spec.name
+            ))),
+            None => Ok(None),
+        }
+    }
+
     /// A clean stop: each running operation ends `failed`, `interrupted`
     /// by a `stop`, in its journal before the lease goes (an update command
     /// that restarts its agent this way did its work).
@@ -428,6 +462,9 @@ impl Node {
     pub async fn drain(self: &Arc<Self>, req: DrainRequest) -> Result<OperationView, NodeError> {
         // Until this drain is recorded, no other drain or resume starts.
         let _turn = self.op_turn.lock().await;
+        if let Some(op) = self.asked_before(OpKind::Drain, req.request_id.as_deref())? {
+            return Ok(op);
+        }
         if self.mode() == NodeMode::Draining {
             return Err(NodeError::Conflict(format!(
                 "node {} is already draining",
@@ -515,7 +552,8 @@ impl Node {
                 }),
         );
         self.set_mode(NodeMode::Draining);
-        let params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
+        let mut params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
+        with_request_id(&mut params, req.request_id.as_deref());
         let (id, cancel) = self.new_op(OpKind::Drain, params, steps);
         tracing::info!(op = %id, vms = placed.len(), left = left.len(), "drain started");
         let node = self.clone();
@@ -670,8 +708,15 @@ impl Node {
     /// `POST /v1/node/resume`: the node takes VMs again. With `failback`,
     /// each VM the last drain moved away and that is still where it went is
     /// migrated back, as an operation returned at once.
-    pub async fn resume(self: &Arc<Self>, failback: bool) -> Result<OperationView, NodeError> {
+    pub async fn resume(
+        self: &Arc<Self>,
+        failback: bool,
+        request_id: Option<&str>,
+    ) -> Result<OperationView, NodeError> {
         let _turn = self.op_turn.lock().await;
+        if let Some(op) = self.asked_before(OpKind::Resume, request_id)? {
+            return Ok(op);
+        }
         if self.mode() == NodeMode::Draining {
             return Err(NodeError::Conflict(format!(
                 "node {} is draining; cancel the drain first",
@@ -738,7 +783,9 @@ impl Node {
                 tried: Vec::new(),
             });
         }
-        let (id, cancel) = self.new_op(OpKind::Resume, json!({ "failback": failback }), steps);
+        let mut params = json!({ "failback": failback });
+        with_request_id(&mut params, request_id);
+        let (id, cancel) = self.new_op(OpKind::Resume, params, steps);
         let node = self.clone();
         let op = id.clone();
         tokio::spawn(async move { node.run_failback(op, cancel).await });
@@ -844,6 +891,7 @@ impl Node {
         command: String,
         force: bool,
         stage: Option<&str>,
+        request_id: Option<&str>,
     ) -> Result<OperationView, NodeError> {
         let Some(hook) = self.spec.update_hook.clone() else {
             return Err(NodeError::Conflict(format!(
@@ -858,6 +906,9 @@ impl Node {
                 self.spec.name
             ))
         })?;
+        if let Some(op) = self.asked_before(OpKind::Update, request_id)? {
+            return Ok(op);
+        }
         // A pre- or post-update command runs whatever the node's state.
         let force = force || stage.is_some();
         if self.mode() != NodeMode::Paused && stage.is_none() {
@@ -889,10 +940,11 @@ impl Node {
         }
         let mut argv = hook;
         argv.push(command.clone());
-        let params = match stage {
+        let mut params = match stage {
             Some(s) => json!({ "command": command, "stage": s }),
             None => json!({ "command": command }),
         };
+        with_request_id(&mut params, request_id);
         let (id, cancel) = self.new_op(OpKind::Update, params, Vec::new());
         let node = self.clone();
         let op = id.clone();

@@ -151,6 +151,12 @@ pub struct Drain {
     /// Move what fits when the other nodes cannot hold every VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_partial: Option<bool>,
+    /// The asker's key for this request (1 to 128 printable ASCII
+    /// characters, no spaces): the same key again gets the operation it
+    /// started back instead of a second one, so a request whose answer was
+    /// lost may be sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// `POST /v1/node/resume` (an empty body takes the defaults).
@@ -163,6 +169,12 @@ pub struct Resume {
     /// Lift the node's quarantine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clear_quarantine: Option<bool>,
+    /// The asker's key for this request (1 to 128 printable ASCII
+    /// characters, no spaces): the same key again gets the operation it
+    /// started back instead of a second one, so a request whose answer was
+    /// lost may be sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// `POST /v1/node/update`.
@@ -178,6 +190,12 @@ pub struct Update {
     /// run whatever the node's state (before its drain, after its resume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
+    /// The asker's key for this request (1 to 128 printable ASCII
+    /// characters, no spaces): the same key again gets the operation it
+    /// started back instead of a second one, so a request whose answer was
+    /// lost may be sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// `POST /v1/node/stop` (an empty body takes the defaults).

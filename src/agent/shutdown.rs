@@ -142,6 +142,7 @@ impl Node {
         let req = DrainRequest {
             max_concurrent: None,
             allow_partial: true,
+            request_id: None,
         };
         match self.drain(req).await {
             Ok(op) => tracing::info!(op = %op.id, "stopping: draining the node"),

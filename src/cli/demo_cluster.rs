@@ -139,7 +139,7 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         println!("\n$ ferry node resume a --failback");
         let failback = Resume {
             failback: Some(true),
-            clear_quarantine: None,
+            ..Resume::default()
         };
         let op = ctx.run(ctx.peers.act_on(&a_node, "a", "resume", &failback))?;
         let resumed = watch_op(&ctx, &a_node, op)?;

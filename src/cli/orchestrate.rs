@@ -647,8 +647,9 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             let body = Drain {
                 max_concurrent,
                 allow_partial: Some(allow_partial),
+                request_id: Some(request_id()),
             };
-            let op = ctx.run(ctx.peers.act_on(n, &n.name, "drain", &body))?;
+            let op = start_op(&ctx, n, "drain", &body)?;
             follow(&ctx, n, op, &wait, &out)
         }
         NodeCommand::Resume {
@@ -662,11 +663,44 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             let body = Resume {
                 failback: Some(failback),
                 clear_quarantine: clear_quarantine.then_some(true),
+                request_id: Some(request_id()),
             };
-            let op = ctx.run(ctx.peers.act_on(n, &n.name, "resume", &body))?;
+            let op = start_op(&ctx, n, "resume", &body)?;
             follow(&ctx, n, op, &wait, &out)
         }
         NodeCommand::Remove { node, force, out } => remove(&ctx, &node, force, &out),
+    }
+}
+
+/// A key for one command's request, unique enough for one cluster.
+fn request_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("cli-{}-{nanos}", std::process::id())
+}
+
+/// Asks node `n` (through its agent, which hands it to the coordinator)
+/// for `action`; `body` carries a request id, so an answer lost on the
+/// way (503, or no answer) is asked for again, up to 3 times a second
+/// apart, without starting a second operation.
+fn start_op(
+    ctx: &Ctx,
+    n: &NodeSpec,
+    action: &str,
+    body: &impl serde::Serialize,
+) -> Result<OperationView> {
+    let mut tries = 0;
+    loop {
+        match ctx.run(ctx.peers.act_on(n, &n.name, action, body)) {
+            Err(PeerError::Api { status: 503, .. } | PeerError::Unreachable { .. })
+                if tries < 3 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            answer => return Ok(answer?),
+        }
     }
 }
 

@@ -85,7 +85,7 @@ fn any_agent_drains_and_fails_back_any_node_through_the_coordinator() {
         Method::POST,
         &via,
         "/v1/nodes/b/drain",
-        Some(json!({"max_concurrent": 1})),
+        Some(json!({"max_concurrent": 1, "request_id": "relay-drain-1"})),
     );
     assert_eq!(s, StatusCode::ACCEPTED, "{op}");
     assert_eq!(
@@ -106,6 +106,26 @@ fn any_agent_drains_and_fails_back_any_node_through_the_coordinator() {
         (StatusCode::OK, Some("paused")),
         "{view}"
     );
+    // The same request again (its answer lost, say) gets the same drain.
+    let (s, again) = c.call(
+        Method::POST,
+        &via,
+        "/v1/nodes/b/drain",
+        Some(json!({"max_concurrent": 1, "request_id": "relay-drain-1"})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(
+        (again["id"].as_str(), again["state"].as_str()),
+        (Some(id.as_str()), Some("completed")),
+        "{again}"
+    );
+    let (s, other) = c.call(
+        Method::POST,
+        &via,
+        "/v1/nodes/b/resume",
+        Some(json!({"request_id": "relay-drain-1"})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{other}");
     let (s, list) = c.call(Method::GET, &via, "/v1/nodes/b/operations", None);
     assert_eq!(s, StatusCode::OK, "{list}");
     assert!(
@@ -162,6 +182,12 @@ fn any_agent_drains_and_fails_back_any_node_through_the_coordinator() {
             None,
             StatusCode::NOT_FOUND,
             "not_found",
+        ),
+        (
+            "/v1/nodes/b/drain",
+            Some("{\"request_id\": \"a b\"}"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
         ),
         // Only the coordinator starts a handed operation.
         (

@@ -176,7 +176,15 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
     // The phase's operation: as recorded, or the one its intent started.
     let op = match &asked {
         Some(id) => node.peers.operation(&spec, id).await,
-        None => match adopt(node, &spec, turn.phase, &turn).await {
+        None => match adopt(
+            node,
+            &spec,
+            turn.phase,
+            &turn,
+            &request_id(run, i, turn.phase),
+        )
+        .await
+        {
             Some(op) => Ok(op),
             None => return start(node, run, i, w, turn.phase).await,
         },
@@ -321,10 +329,14 @@ async fn start(
     let Some(spec) = node.member(&run.nodes[i].node) else {
         return Step::Wait;
     };
+    // The same phase asked again (by the next coordinator, say) gets the
+    // operation the first ask started.
+    let request_id = Some(request_id(run, i, phase));
     let command = |command: &Option<String>, stage: &str| Update {
         command: command.clone().unwrap_or_default(),
         force: false,
         stage: Some(stage.to_string()),
+        request_id: request_id.clone(),
     };
     // Started in turn with the cluster operations asked of any agent, and
     // never holding that turn longer than a start may take.
@@ -333,7 +345,13 @@ async fn start(
     };
     let asked = tokio::time::timeout(crate::agent::relay::START_WAIT, async {
         match phase {
-            Phase::Draining => node.peers.drain(&spec, &Drain::default()).await,
+            Phase::Draining => {
+                let d = Drain {
+                    request_id: request_id.clone(),
+                    ..Drain::default()
+                };
+                node.peers.drain(&spec, &d).await
+            }
             Phase::PreUpdate => {
                 let u = command(&run.pre_update, "pre");
                 node.peers.update(&spec, &u).await
@@ -347,6 +365,7 @@ async fn start(
                     command: run.command.clone(),
                     force: false,
                     stage: None,
+                    request_id: request_id.clone(),
                 };
                 node.peers.update(&spec, &u).await
             }
@@ -354,6 +373,7 @@ async fn start(
                 let r = Resume {
                     failback: Some(run.failback),
                     clear_quarantine: None,
+                    request_id: request_id.clone(),
                 };
                 node.peers.resume(&spec, &r).await
             }
@@ -450,13 +470,28 @@ fn recorded(t: &super::Turn, phase: Phase) -> Option<String> {
     slot_of(&mut t, phase).take()
 }
 
+/// The request id of turn `i`'s `phase` in its current attempt.
+fn request_id(run: &UpdateRun, i: usize, phase: Phase) -> String {
+    let t = &run.nodes[i];
+    format!(
+        "{}/{}/{}/{}",
+        run.id,
+        t.node,
+        crate::agent::node::name_of(&phase),
+        t.attempts
+    )
+}
+
 /// The operation of `kind` a phase's intent (written at `since_ms`) may
-/// have started on the node before its coordinator died.
+/// have started on the node before its coordinator died: the one asked
+/// with the phase's request id, or (from an agent that keeps no request
+/// ids) the latest of its kind and stage started since.
 async fn adopt(
     node: &Node,
     spec: &crate::agent::cluster::NodeSpec,
     phase: Phase,
     turn: &super::Turn,
+    request_id: &str,
 ) -> Option<OperationView> {
     let ops = node.peers.operations(spec).await.ok()?;
     let recorded = [
@@ -467,9 +502,15 @@ async fn adopt(
         &turn.post,
     ];
     ops.into_iter().rev().find(|o| {
-        o.kind == kind_of(phase)
-            && o.params["stage"].as_str() == stage_of(phase)
-            && o.started_at_ms + CLOCK_SLACK_MS >= turn.since_ms
+        let asked = match o.params["request_id"].as_str() {
+            Some(r) => r == request_id,
+            None => {
+                o.kind == kind_of(phase)
+                    && o.params["stage"].as_str() == stage_of(phase)
+                    && o.started_at_ms + CLOCK_SLACK_MS >= turn.since_ms
+            }
+        };
+        asked
             && !turn.discarded.contains(&o.id)
             && !recorded.iter().any(|r| r.as_deref() == Some(o.id.as_str()))
     })
