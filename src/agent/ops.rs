@@ -162,11 +162,6 @@ pub struct UpdateRun {
 /// The most output of an update command kept, per stream.
 const MAX_OUTPUT: usize = 64 << 10;
 
-fn tail(bytes: &[u8]) -> String {
-    let from = bytes.len().saturating_sub(MAX_OUTPUT);
-    String::from_utf8_lossy(&bytes[from..]).into_owned()
-}
-
 pub(crate) struct Operation {
     pub(crate) view: OperationView,
     pub(crate) cancel: CancellationToken,
@@ -982,12 +977,12 @@ impl Node {
             ),
             Ok(child) => {
                 tokio::select! {
-                    out = child.wait_with_output() => match out {
+                    out = super::child::wait_keeping_tail(child, MAX_OUTPUT) => match out {
                         Ok(o) => {
                             let code = o.status.code();
                             let error = (!o.status.success())
                                 .then(|| format!("the update command exited with {}", o.status));
-                            (code, tail(&o.stdout), tail(&o.stderr), error, false)
+                            (code, o.stdout, o.stderr, error, false)
                         }
                         Err(e) => (None, String::new(), String::new(), Some(format!("waiting for the update command: {e}")), false),
                     },

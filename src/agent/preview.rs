@@ -41,11 +41,6 @@ pub struct Preview {
     pub error: Option<String>,
 }
 
-fn tail(bytes: &[u8]) -> String {
-    let from = bytes.len().saturating_sub(MAX_OUTPUT);
-    String::from_utf8_lossy(&bytes[from..]).into_owned()
-}
-
 impl Node {
     /// `POST /v1/node/preview`: runs the node's preview hook and waits for
     /// it (at most [`PREVIEW_TIMEOUT`]).
@@ -80,11 +75,12 @@ impl Node {
                 Some(format!("cannot run {}: {e}", argv[0])),
             ),
             Ok(child) => {
-                match tokio::time::timeout(PREVIEW_TIMEOUT, child.wait_with_output()).await {
+                let ended = super::child::wait_keeping_tail(child, MAX_OUTPUT);
+                match tokio::time::timeout(PREVIEW_TIMEOUT, ended).await {
                     Ok(Ok(o)) => {
                         let error = (!o.status.success())
                             .then(|| format!("the preview hook exited with {}", o.status));
-                        (o.status.code(), tail(&o.stdout), tail(&o.stderr), error)
+                        (o.status.code(), o.stdout, o.stderr, error)
                     }
                     Ok(Err(e)) => (
                         None,
