@@ -8,7 +8,7 @@
 use super::etcd::{Cmp, Op, Txn};
 use super::mirror::{parse_json, Versioned};
 use super::node::{now_ms, Node, NodeError};
-use super::rolling::{unavailable, RunState, StartUpdate};
+use super::rolling::{unavailable, RunState, StartUpdate, UpdateRun};
 use super::store::{Liveness, LAYOUT_VERSION};
 use serde::{Deserialize, Serialize};
 
@@ -193,8 +193,47 @@ impl Node {
     }
 }
 
+/// How long after its time a slot may still start (its coordinator was
+/// down, etcd out of reach, or the last run still ran); later, it is
+/// skipped and the schedule says why.
+pub const LATENESS_MS: u64 = 60 * 60 * 1000;
+
+/// What to do with a due slot.
+#[derive(Debug, PartialEq, Eq)]
+enum Slot {
+    /// Start its run.
+    Start,
+    /// Not now: a run of an earlier slot still runs.
+    Wait,
+    /// Move on, recording this (its run's id, or why it was skipped).
+    Done(String),
+}
+
+/// What to do at `now` with the slot due at `slot`, `last` the latest run.
+fn decide(now: u64, slot: u64, last: Option<&UpdateRun>) -> Slot {
+    if let Some(r) = last.filter(|r| r.scheduled_for_ms == Some(slot)) {
+        return Slot::Done(r.id.clone());
+    }
+    let late = now.saturating_sub(slot) > LATENESS_MS;
+    match last {
+        Some(r) if r.state == RunState::Running && late => Slot::Done(format!(
+            "skipped: run {} still ran {} min after the slot",
+            r.id,
+            LATENESS_MS / 60_000
+        )),
+        Some(r) if r.state == RunState::Running => Slot::Wait,
+        _ if late => Slot::Done(format!(
+            "missed: nothing could start it within {} min of its time",
+            LATENESS_MS / 60_000
+        )),
+        _ => Slot::Start,
+    }
+}
+
 /// The coordinator's look at the schedule: starts the run when it is due
-/// and none runs, then moves the schedule on, on its token.
+/// and none runs, then moves the schedule on, on its token. A start that
+/// etcd refuses for now is tried again next round, within
+/// [`LATENESS_MS`] of the slot.
 pub async fn due(node: &Node, live: &Liveness, mirror: &super::mirror::Mirror, token: i64) {
     let key = schedule_key(live.prefix());
     // The mirror says whether a slot is due; etcd, as it stands, what it is.
@@ -224,17 +263,18 @@ pub async fn due(node: &Node, live: &Liveness, mirror: &super::mirror::Mirror, t
         Err(NodeError::NotFound(_)) => None,
         Err(_) => return,
     };
-    let started = last
-        .as_ref()
-        .filter(|r| r.scheduled_for_ms == Some(s.next_at_ms));
-    let id = match (started, &last) {
-        (Some(r), _) => r.id.clone(),
-        // One runs: the slot waits for it.
-        (None, Some(r)) if r.state == RunState::Running => return,
-        (None, _) => match node.start_run(s.request.clone(), Some(s.next_at_ms)).await {
+    let id = match decide(now, s.next_at_ms, last.as_ref()) {
+        Slot::Wait => return,
+        Slot::Done(id) => id,
+        Slot::Start => match node.start_run(s.request.clone(), Some(s.next_at_ms)).await {
             Ok(run) => {
                 tracing::info!(id = %run.id, schedule = %s.schedule, "scheduled rolling update started");
                 run.id
+            }
+            // Tried again next round, while the slot is not too late.
+            Err(NodeError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "the scheduled rolling update cannot start yet");
+                return;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the scheduled rolling update cannot start");
@@ -258,6 +298,34 @@ pub async fn due(node: &Node, live: &Liveness, mirror: &super::mirror::Mirror, t
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_due_slot_starts_once_waits_for_a_run_and_is_skipped_when_too_late() {
+        let slot = 1_000_000_000u64;
+        let run = |id: &str, state: RunState, scheduled_for_ms: Option<u64>| {
+            let mut r: UpdateRun = serde_json::from_value(serde_json::json!({
+                "version": 1, "id": id, "command": "true", "failback": true, "state": "running",
+                "nodes": [], "started_at_ms": 1
+            }))
+            .unwrap();
+            r.state = state;
+            r.scheduled_for_ms = scheduled_for_ms;
+            r
+        };
+        assert_eq!(decide(slot, slot, None), Slot::Start);
+        let done = run("u1", RunState::Completed, Some(slot - 86_400_000));
+        assert_eq!(decide(slot + 5, slot, Some(&done)), Slot::Start);
+        // Started for this slot already (its coordinator died before moving on).
+        let ours = run("u2", RunState::Running, Some(slot));
+        assert_eq!(decide(slot + 5, slot, Some(&ours)), Slot::Done("u2".into()));
+        // An earlier run still runs: wait, then give the slot up.
+        let older = run("u3", RunState::Running, None);
+        assert_eq!(decide(slot + 5, slot, Some(&older)), Slot::Wait);
+        let late = slot + LATENESS_MS + 1;
+        assert!(matches!(decide(late, slot, Some(&older)), Slot::Done(why) if why.contains("u3")));
+        assert!(matches!(decide(late, slot, None), Slot::Done(why) if why.starts_with("missed")));
+        assert_eq!(decide(slot + LATENESS_MS, slot, None), Slot::Start);
+    }
 
     #[test]
     fn weekly_times_fall_on_their_day_in_utc() {
