@@ -401,6 +401,23 @@ impl Node {
         Some((KeptVm::new(vm.spec.clone(), vm.state, migration), guest))
     }
 
+    /// Removes VM `vm`'s saved copy from disk at once, if it is one no
+    /// longer kept (the keeper would remove it at its next look).
+    pub(super) async fn forget_kept(&self, vm: &str) {
+        if self.kept_form(vm).is_some() || !self.kept.lock().unwrap().contains_key(vm) {
+            return;
+        }
+        let dir = kept::folder(&self.spec.state_dir);
+        let n = vm.to_string();
+        match tokio::task::spawn_blocking(move || kept::remove(&dir, &n)).await {
+            Ok(Ok(())) => {
+                self.kept.lock().unwrap().remove(vm);
+            }
+            Ok(Err(e)) => tracing::warn!(%vm, error = %e, "cannot remove a copy no longer kept"),
+            Err(_) => {}
+        }
+    }
+
     /// Keeps the disk in step with the node's paused last copies until
     /// `stop`: saves each as it becomes one, removes it once it is not.
     pub(super) async fn keep_copies(self: Arc<Self>, stop: CancellationToken) {

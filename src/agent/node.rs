@@ -1399,38 +1399,46 @@ impl Node {
             // The cluster may have restarted it elsewhere meanwhile.
             self.record_kept(&vm, id).await?;
         }
-        let mut st = self.state.lock().unwrap();
-        let fenced = st.fenced;
-        let forced = hosted.as_deref() == Some("unknown");
-        let (mut gone, mut superseded) = (None, false);
-        let entry_state = if run_on == "destination" {
-            // The target runs it: the paused copy here goes.
-            gone = st.vms.remove(&vm);
-            MigrationState::Completed
-        } else {
-            let Some(v) = st.vms.get_mut(&vm) else {
-                return Err(NodeError::Conflict(format!(
-                    "the paused copy of {vm} is no longer here"
-                )));
+        let (view, superseded) = {
+            let mut st = self.state.lock().unwrap();
+            let fenced = st.fenced;
+            let forced = hosted.as_deref() == Some("unknown");
+            let (mut gone, mut superseded) = (None, false);
+            let entry_state = if run_on == "destination" {
+                // The target runs it: the paused copy here goes.
+                gone = st.vms.remove(&vm);
+                MigrationState::Completed
+            } else {
+                let Some(v) = st.vms.get_mut(&vm) else {
+                    return Err(NodeError::Conflict(format!(
+                        "the paused copy of {vm} is no longer here"
+                    )));
+                };
+                // Runs here again, unless superseded meanwhile: then the
+                // cluster starts it elsewhere.
+                v.held = true;
+                superseded = !v.run_unless_fenced(fenced);
+                MigrationState::Failed
             };
-            // Runs here again, unless superseded meanwhile: then the
-            // cluster starts it elsewhere.
-            v.held = true;
-            superseded = !v.run_unless_fenced(fenced);
-            MigrationState::Failed
+            let e = st.entry(id).expect("found above");
+            e.state = entry_state;
+            e.resolution = Some(Resolution {
+                run_on: run_on.to_string(),
+                checked,
+                forced,
+                at_ms: now_ms(),
+            });
+            tracing::info!(%id, %vm, run_on, forced, "unresolved migration settled");
+            let view = e.view(false);
+            drop(st);
+            drop(gone);
+            (view, superseded)
         };
-        let e = st.entry(id).expect("found above");
-        e.state = entry_state;
-        e.resolution = Some(Resolution {
-            run_on: run_on.to_string(),
-            checked,
-            forced,
-            at_ms: now_ms(),
-        });
-        tracing::info!(%id, %vm, run_on, forced, "unresolved migration settled");
-        let view = e.view(false);
-        drop(st);
-        drop(gone);
+        // The saved copy goes now, not at the keeper's next look: an agent
+        // killed meanwhile would find that stale image at its restart.
+        if !superseded {
+            self.forget_kept(&vm).await;
+        }
         self.journal_migration(id);
         self.record_moved(&vm, &target, id, run_on == "destination");
         if superseded {
