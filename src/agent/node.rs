@@ -647,6 +647,24 @@ impl State {
         self.vms.values().map(|v| v.spec.memory).sum()
     }
 
+    /// Forgets the oldest settled migrations (ended, and not unresolved)
+    /// past the newest [`super::journal::MAX_MIGRATIONS`], as etcd keeps
+    /// them: a long-lived agent's list does not grow without end.
+    pub(super) fn prune_migrations(&mut self) {
+        let settled = |s: MigrationState| s.is_final() && s != MigrationState::Unresolved;
+        let count = self.history.iter().filter(|h| settled(h.state)).count()
+            + self.migrations.iter().filter(|e| settled(e.state)).count();
+        let mut over = count.saturating_sub(super::journal::MAX_MIGRATIONS);
+        let mut drop_one = |state: MigrationState| {
+            let gone = over > 0 && settled(state);
+            over -= usize::from(gone);
+            !gone
+        };
+        // The earlier processes' first, then this one's, oldest first.
+        self.history.retain(|h| drop_one(h.state));
+        self.migrations.retain(|e| drop_one(e.state));
+    }
+
     pub(super) fn entry(&mut self, id: &str) -> Option<&mut MigrationEntry> {
         self.migrations.iter_mut().find(|m| m.id == id)
     }
@@ -1166,6 +1184,7 @@ impl Node {
                     resolution: None,
                     session: None,
                 });
+                st.prune_migrations();
                 st.queue.push_back(id.clone());
                 st.entry(&id).expect("just pushed").view(false)
             };
@@ -1555,6 +1574,7 @@ impl Node {
             resolution: None,
             session: Some(session),
         });
+        st.prune_migrations();
         Ok(())
     }
 
@@ -1723,6 +1743,59 @@ fn settle(run_on: &str, hosted: Option<&str>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn migration(id: usize, state: MigrationState) -> MigrationView {
+        MigrationView {
+            id: format!("m{id}"),
+            vm: "vm".into(),
+            source: "a".into(),
+            target: "b".into(),
+            direction: Direction::Outgoing,
+            state,
+            phase: None,
+            created_at_ms: id as u64,
+            started_at_ms: None,
+            finished_at_ms: None,
+            queued_s: None,
+            operation: None,
+            error: None,
+            progress: None,
+            report: None,
+            resolution: None,
+            saved_guest: None,
+        }
+    }
+
+    #[test]
+    fn only_the_newest_settled_migrations_are_kept_and_no_unresolved_one_goes() {
+        let max = super::super::journal::MAX_MIGRATIONS;
+        let mut st = State {
+            history: (0..10)
+                .map(|i| migration(i, MigrationState::Completed))
+                .collect(),
+            ..State::default()
+        };
+        st.history.push(migration(10, MigrationState::Unresolved));
+        st.migrations.push(MigrationEntry::restored(&migration(
+            11,
+            MigrationState::Running,
+        )));
+        for i in 12..12 + max + 2 {
+            st.migrations.push(MigrationEntry::restored(&migration(
+                i,
+                MigrationState::Failed,
+            )));
+        }
+        st.prune_migrations();
+        // The ten of history and the oldest two of this process went.
+        assert_eq!(
+            st.history.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+            ["m10"]
+        );
+        assert_eq!(st.migrations.len(), 1 + max);
+        assert_eq!(st.migrations[0].id, "m11");
+        assert_eq!(st.migrations[1].id, "m14");
+    }
     use crate::migration::Progress;
 
     #[test]
