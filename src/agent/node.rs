@@ -563,6 +563,10 @@ pub struct NodeView {
     /// The agent's ferry version.
     #[serde(default)]
     pub version: String,
+    /// The update hook its agent runs update commands through (a node that
+    /// joined without a `[[node]]` entry knows its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_hook: Option<Vec<String>>,
 }
 
 /// A node's migration limits.
@@ -840,6 +844,7 @@ impl Node {
                 .get()
                 .and_then(|m| m.quarantined_until(&self.spec.name)),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            update_hook: self.spec.update_hook.clone(),
         }
     }
 

@@ -62,14 +62,19 @@ pub fn analyze(ctx: &Ctx, out: &Output) -> Result<ExitCode> {
             }
         }
     }
-    for n in &ctx.cluster.nodes {
+    for (n, view) in ctx.cluster.nodes.iter().zip(&views) {
         let what = format!("node {} update_hook", n.name);
-        checks.push(match &n.update_hook {
+        // The file's, or the one its agent says it runs (a joined node's).
+        let hook = n
+            .update_hook
+            .as_ref()
+            .or_else(|| view.as_ref()?.update_hook.as_ref());
+        checks.push(match hook {
             Some(h) => check(what, true, format!("{h:?}")),
             None => check(
                 what,
                 false,
-                "none in the cluster file: it runs no update commands",
+                "none in the cluster file or from its agent: it runs no update commands",
             ),
         });
     }

@@ -31,7 +31,7 @@ fn a_node_without_an_entry_joins_by_its_flags_takes_vms_and_leaves_for_good() {
     let test = "join";
     let e = EtcdCluster::start(test, 1);
     let top = format!(
-        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"",
+        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"\nlease_ttl = \"3s\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
         e.endpoints()[0]
     );
     let mut p = Procs::start_with(test, &top, &[("a", "1GiB"), ("b", "1GiB")]).unwrap();
@@ -53,6 +53,16 @@ fn a_node_without_an_entry_joins_by_its_flags_takes_vms_and_leaves_for_good() {
         .find(|n| n["name"] == "c")
         .unwrap();
     assert_eq!(c["memory_capacity"], 1u64 << 30, "{c}");
+    // CAU's analyzer learns the joined node's update hook from its agent.
+    let out = p.run(&["cluster", "update", "--analyze", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hook = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "node c update_hook")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(hook["ok"], true, "{hook}");
     // A VM made there moves to a, and back: a's agent reaches c from its
     // copy of etcd.
     p.json(&["vm", "create", "web", "--node", "c", "--memory", "16MiB"]);
