@@ -245,10 +245,18 @@ impl Ctx {
         // Nodes that joined by registering in etcd, with their live
         // addresses; without etcd at hand, the file's nodes.
         if let Some(store) = cluster.store.clone() {
+            // Bounded: with quorum lost the store would keep this command
+            // waiting, when the file's nodes can still be asked.
             let read = rt.block_on(async {
-                let etcd = ferry::agent::etcd::Etcd::new(&store.client)?;
-                etcd.authenticate().await?;
-                ferry::agent::members::read(&cluster, &etcd, &store.prefix).await
+                let asked = async {
+                    let etcd = ferry::agent::etcd::Etcd::new(&store.client)?;
+                    etcd.authenticate().await?;
+                    ferry::agent::members::read(&cluster, &etcd, &store.prefix).await
+                };
+                match tokio::time::timeout(ETCD_READ, asked).await {
+                    Ok(read) => read.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {ETCD_READ:?}")),
+                }
             });
             match read {
                 Ok(nodes) => cluster.nodes = nodes,
@@ -671,6 +679,9 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         NodeCommand::Remove { node, force, out } => remove(&ctx, &node, force, &out),
     }
 }
+
+/// The longest a command waits for etcd to list the nodes that joined.
+const ETCD_READ: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A key for one command's request, unique enough for one cluster.
 fn request_id() -> String {
