@@ -356,24 +356,37 @@ async fn create_migration(
     Ok(json_status(StatusCode::ACCEPTED, &view))
 }
 
-async fn get_migration(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
-    Ok(json_status(StatusCode::OK, &node.migration(&id)?))
+type Handed = Result<Query<nodes::HandedQuery>, axum::extract::rejection::QueryRejection>;
+
+async fn get_migration(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    q: Handed,
+) -> ApiResult {
+    let here = node.migration(&id);
+    nodes::or_elsewhere(&node, &id, q, here, axum::http::Method::GET, "", None).await
 }
 
-async fn cancel_migration(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult {
-    Ok(json_status(StatusCode::OK, &node.cancel_migration(&id)?))
+async fn cancel_migration(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    q: Handed,
+) -> ApiResult {
+    let here = node.cancel_migration(&id);
+    nodes::or_elsewhere(&node, &id, q, here, axum::http::Method::DELETE, "", None).await
 }
 
 async fn resolve_migration(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
+    q: Handed,
     body: Bytes,
 ) -> ApiResult {
     let b: Resolve = parse_body(&body)?;
-    Ok(json_status(
-        StatusCode::OK,
-        &node.resolve(&id, &b.run_on, b.force).await?,
-    ))
+    let here = node.resolve(&id, &b.run_on, b.force).await;
+    let value: serde_json::Value = parse_body(&body)?;
+    let method = axum::http::Method::POST;
+    nodes::or_elsewhere(&node, &id, q, here, method, "/resolve", Some(&value)).await
 }
 
 /// An optional JSON body: empty means defaults.

@@ -6,7 +6,8 @@
 //! journal in etcd, so neither the asking agent nor the coordinator has to
 //! live until it ends. Reads and cancels of a node's operations
 //! (`/v1/nodes/{name}/operations[/{id}]`) go straight to that node, and so
-//! does `POST /v1/migrations` of a VM that runs on another node.
+//! do `POST /v1/migrations` of a VM that runs on another node and the
+//! reads, cancels and resolves of a migration another node numbered.
 
 use super::cluster::NodeSpec;
 use super::node::{Node, NodeError};
@@ -243,6 +244,48 @@ impl Node {
     pub async fn hand_migration(&self, host: &NodeSpec, body: &Value) -> Result<Value, NodeError> {
         self.peers
             .call(host, Method::POST, "/v1/migrations?handed=true", Some(body))
+            .await
+            .map_err(from_peer)
+    }
+
+    /// The other node whose agent numbered migration `id`
+    /// (`{node}-{n}-{m}`): its source, where it is read, cancelled and
+    /// resolved.
+    pub fn migration_owner(&self, id: &str) -> Option<NodeSpec> {
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        let numbered = |rest: &str| {
+            let mut parts = rest.split('-');
+            matches!(
+                (parts.next(), parts.next(), parts.next()),
+                (Some(a), Some(b), None) if digits(a) && digits(b)
+            )
+        };
+        self.members()
+            .into_iter()
+            .filter(|n| n.name != self.spec.name)
+            .filter(|n| {
+                id.strip_prefix(n.name.as_str())
+                    .and_then(|r| r.strip_prefix('-'))
+                    .is_some_and(numbered)
+            })
+            .max_by_key(|n| n.name.len())
+    }
+
+    /// `method /v1/migrations/{id}{rest}` on `owner`, handed on: it goes
+    /// no further.
+    pub async fn on_migration(
+        &self,
+        owner: &NodeSpec,
+        method: Method,
+        id: &str,
+        rest: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, NodeError> {
+        let id = super::client::segment(id)
+            .ok_or_else(|| NodeError::NotFound(format!("no migration {id:?}")))?;
+        let path = format!("/v1/migrations/{id}{rest}?handed=true");
+        self.peers
+            .call(owner, method, &path, body)
             .await
             .map_err(from_peer)
     }

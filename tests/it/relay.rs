@@ -1,6 +1,7 @@
 //! Cluster operations through any agent: a drain and a failback of node b
 //! asked of another agent are handed to the coordinator and run on b, and
-//! so does a migration of one of b's VMs asked elsewhere; two
+//! so does a migration of one of b's VMs asked elsewhere, which any agent
+//! then reads; two
 //! drains of one node asked at once start once; two nodes drained at once
 //! through different agents both end empty.
 
@@ -228,9 +229,30 @@ fn any_agent_drains_and_fails_back_any_node_through_the_coordinator() {
         (Some("b"), Some("c")),
         "{m}"
     );
-    let done = c.wait("b", m["id"].as_str().unwrap());
+    let mid = m["id"].as_str().unwrap().to_string();
+    let done = c.wait("b", &mid);
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(vm_names(&c, "c"), ["r1"]);
+    // Node a, which neither sent nor took it, reads it from b (the node
+    // that numbered it), and b's refusals come back through it.
+    let (s, read) = c.call(Method::GET, "a", &format!("/v1/migrations/{mid}"), None);
+    assert_eq!(
+        (s, read["source"].as_str()),
+        (StatusCode::OK, Some("b")),
+        "{read}"
+    );
+    assert_eq!(read["state"], "completed", "{read}");
+    let (s, e) = c.call(Method::DELETE, "a", &format!("/v1/migrations/{mid}"), None);
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let (s, e) = c.call(
+        Method::POST,
+        "a",
+        &format!("/v1/migrations/{mid}/resolve"),
+        Some(json!({"run_on": "source"})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let (s, e) = c.call(Method::GET, "a", "/v1/migrations/zz-1-2", None);
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
     // One of no VM anywhere is refused where it was asked.
     let (s, e) = c.call(
         Method::POST,

@@ -120,6 +120,31 @@ pub(super) async fn cancel_operation_of(
     ))
 }
 
+/// `here`, this node's answer about migration `id`; when it has none and
+/// another node numbered it (and the request was not handed on already),
+/// that node's answer to the same request.
+pub(super) async fn or_elsewhere(
+    node: &Node,
+    id: &str,
+    q: Result<Query<HandedQuery>, QueryRejection>,
+    here: Result<crate::agent::node::MigrationView, crate::agent::node::NodeError>,
+    method: Method,
+    rest: &str,
+    body: Option<&Value>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    match here {
+        Err(crate::agent::node::NodeError::NotFound(e)) if !q.handed => {
+            let Some(owner) = node.migration_owner(id) else {
+                return Err(crate::agent::node::NodeError::NotFound(e).into());
+            };
+            let answer = node.on_migration(&owner, method, id, rest, body).await?;
+            Ok(json_status(StatusCode::OK, &answer))
+        }
+        here => Ok(json_status(StatusCode::OK, &here?)),
+    }
+}
+
 /// An operation id as one path segment.
 fn id_segment(id: &str) -> Result<String, ApiError> {
     crate::agent::client::segment(id).ok_or_else(|| ApiError {
