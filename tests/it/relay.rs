@@ -51,20 +51,7 @@ fn coordinator(c: &Agents, node: &str) -> String {
 
 /// Waits for operation `id` of node `of`, asked through agent `via`.
 fn wait_via(c: &Agents, via: &str, of: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let path = format!("/v1/nodes/{of}/operations/{id}");
-        let (s, op) = c.call(Method::GET, via, &path, None);
-        assert_eq!(s, StatusCode::OK, "{op}");
-        if op["state"] != "running" {
-            return op;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "operation {id} did not end: {op}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_op_at(via, &format!("/v1/nodes/{of}/operations/{id}"))
 }
 
 #[test]

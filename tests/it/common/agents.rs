@@ -168,9 +168,15 @@ impl Agents {
     /// Waits for operation `id` (a drain, a resume, an update) on `node` to
     /// end; returns its record.
     pub fn wait_op(&self, node: &str, id: &str) -> Value {
+        self.wait_op_at(node, &format!("/v1/operations/{id}"))
+    }
+
+    /// Waits for the operation at `path` on `node`'s API to end.
+    pub fn wait_op_at(&self, node: &str, path: &str) -> Value {
+        let id = path.rsplit('/').next().unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let (s, op) = self.call(Method::GET, node, &format!("/v1/operations/{id}"), None);
+            let (s, op) = self.call(Method::GET, node, path, None);
             assert_eq!(s, StatusCode::OK, "{op}");
             if op["state"] != "running" {
                 return op;
