@@ -147,8 +147,12 @@ impl Node {
                      node {target}'s own agent still takes POST /v1/node/ACTION"
                 )));
             }
-            let _ =
-                tokio::time::timeout(left.min(Duration::from_millis(250)), changes.changed()).await;
+            let step = left.min(Duration::from_millis(250));
+            // A mirror that stopped (its sender gone) answers at once:
+            // then this waits out the step instead of spinning.
+            if let Ok(Err(_)) = tokio::time::timeout(step, changes.changed()).await {
+                tokio::time::sleep(step).await;
+            }
         }
     }
 
