@@ -243,13 +243,7 @@ fn a_vm_migrates_between_agents_byte_for_byte_and_both_record_it() {
     assert_eq!(first_difference(source.memory(), target.memory()), None);
 
     // b lists the same migration as incoming.
-    let (_, list) = c.call(Method::GET, "b", "/v1/migrations", None);
-    let incoming = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == id.as_str())
-        .expect("b lists it");
+    let incoming = c.wait_incoming("b", &id);
     assert_eq!(incoming["direction"], "incoming");
     assert_eq!(incoming["state"], "completed");
     assert_eq!(incoming["source"], "a");
@@ -473,13 +467,7 @@ fn agents_without_tls_tag_every_frame_of_their_migrations() {
         (&json!(false), &json!(true)),
         "{r}"
     );
-    let (_, list) = c.call(Method::GET, "b", "/v1/migrations", None);
-    let incoming = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == id.as_str())
-        .unwrap();
+    let incoming = c.wait_incoming("b", &id);
     assert_eq!(
         incoming["report"]["frames_authenticated"], true,
         "{incoming}"
@@ -528,6 +516,7 @@ fn the_typed_client_reads_every_answer_as_the_api_wrote_it() {
     };
     let id = c.rt.block_on(peers.migrate(a, &body)).unwrap().id;
     c.wait("a", &id);
+    c.wait_incoming("b", &id);
     let path = format!("/v1/migrations/{id}");
     let typed = c.rt.block_on(peers.migration(a, &id)).unwrap();
     assert!(typed.report.as_ref().is_some_and(|r| r.verified));

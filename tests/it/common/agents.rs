@@ -217,6 +217,27 @@ impl Agents {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Waits for `node`'s own record of incoming migration `id` to end. The
+    /// target closes its record after the source has its answer, so a read
+    /// right after the source's end may still see it running.
+    pub fn wait_incoming(&self, node: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (s, list) = self.call(Method::GET, node, "/v1/migrations", None);
+            assert_eq!(s, StatusCode::OK, "{list}");
+            let found = list.as_array().unwrap().iter().find(|m| m["id"] == id);
+            let m = found.unwrap_or_else(|| panic!("{node} lists {id}: {list}"));
+            if !matches!(m["state"].as_str(), Some("queued" | "running")) {
+                return m.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node}'s record of {id} did not end: {m}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Agents {
