@@ -95,6 +95,10 @@ pub enum MigrationError {
     /// A batch failed to compress or decompress.
     #[error("page batch codec: {0}")]
     Codec(#[from] CodecError),
+    /// A fault of this side's own (a task that panicked or ended early):
+    /// never blamed on the peer.
+    #[error("internal fault: {0}")]
+    Internal(String),
 }
 
 fn give_up_text(g: &GiveUp) -> String {
@@ -134,9 +138,11 @@ impl MigrationError {
             Self::Cancelled => AbortCode::Cancelled,
             Self::Unauthenticated(_) => AbortCode::Unauthenticated,
             Self::NotConverging(_) | Self::Timeout { .. } => AbortCode::Timeout,
-            Self::Config(_) | Self::Io { .. } | Self::Codec(_) | Self::Guest(_) => {
-                AbortCode::Internal
-            }
+            Self::Config(_)
+            | Self::Io { .. }
+            | Self::Codec(_)
+            | Self::Guest(_)
+            | Self::Internal(_) => AbortCode::Internal,
         }
     }
 

@@ -3,12 +3,14 @@
 //! and (with the `net` feature) the source and destination drivers.
 
 mod config;
+pub mod credits;
 pub mod dest_state;
 mod error;
 mod guest;
 pub mod policy;
 mod report;
 pub mod saved;
+pub mod source_machine;
 
 #[cfg(feature = "net")]
 mod accept;

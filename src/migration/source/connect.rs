@@ -1,0 +1,381 @@
+//! Connecting the source's channels: negotiate and set up the session on
+//! channel 0, prove the key both ways, then bind channels 1..N (and rebind
+//! any later) with a proof over a fresh nonce.
+
+use super::Tally;
+use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
+use crate::memory::PAGE_SIZE;
+use crate::migration::auth;
+use crate::migration::{MigratableGuest, MigrationConfig, MigrationError, RunContext};
+use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
+use crate::wire::{
+    ChannelBind, Command, Header, Limits, Message, Negotiate, SessionSetup, MAX_CREDITS,
+    SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED, VERSION,
+};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound connection: its halves and the credits it was granted.
+pub(super) type Bound = (FrameReader, FrameWriter, u16);
+
+/// What it takes to connect a channel and bind it to the session.
+pub(super) struct Connector {
+    target: String,
+    buckets: Vec<Arc<TokenBucket>>,
+    wire: Arc<AtomicU64>,
+    rx_bytes: Arc<AtomicU64>,
+    session_id: u64,
+    secret: Arc<auth::BindSecret>,
+    tls: Option<crate::transport::tls::TlsClient>,
+    /// Keyed without TLS: every frame after a bind's response is tagged.
+    frame_mac: bool,
+}
+
+impl Connector {
+    /// Connects channel `ch` (TLS when asked); returns its halves and its
+    /// TLS keying material (empty when plain).
+    async fn connect(
+        &self,
+        ch: u16,
+    ) -> Result<(FrameReader, FrameWriter, Vec<u8>), MigrationError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.target))
+            .await
+            .map_err(|_| MigrationError::Timeout {
+                what: "the TCP connection",
+                after: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| {
+                MigrationError::io(format!("connect channel {ch} to {}", self.target), e)
+            })?;
+        let (conn, binding) = match &self.tls {
+            None => (Conn::Plain(stream), Vec::new()),
+            Some(tls) => {
+                let (s, b) = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(stream))
+                    .await
+                    .map_err(|_| MigrationError::Timeout {
+                        what: "the TLS handshake",
+                        after: CONNECT_TIMEOUT,
+                    })?
+                    .map_err(|e| {
+                        MigrationError::Incompatible(format!(
+                            "channel {ch} to {}: {e} (does the receiver run with --tls?)",
+                            self.target
+                        ))
+                    })?;
+                (Conn::Tls(Box::new(s)), b.to_vec())
+            }
+        };
+        let (rd, wr) = conn.split(
+            ch,
+            self.rx_bytes.clone(),
+            self.buckets.clone(),
+            self.wire.clone(),
+        );
+        Ok((rd, wr, binding))
+    }
+
+    /// Connects channel `ch` and binds it to the session, each side proving
+    /// the session's secret over a fresh nonce. Returns its credits.
+    pub(super) async fn bind(
+        &self,
+        ch: u16,
+    ) -> Result<(FrameReader, FrameWriter, u16), MigrationError> {
+        let (mut rd, mut wr, binding) = self.connect(ch).await?;
+        let header = Header {
+            session_id: self.session_id,
+            channel: ch,
+            ..Header::new(Command::ChannelBind)
+        };
+        let nonce = auth::random_bytes::<16>();
+        let bind = auth::Bind {
+            session_id: self.session_id,
+            channel: ch,
+            nonce: &nonce,
+            binding: &binding,
+        };
+        let proof = self.secret.bind_proof(&bind);
+        wr.send(header, &Message::ChannelBind(ChannelBind { nonce, proof }))
+            .await?;
+        match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
+            (h, Message::ChannelBindResponse(r)) => {
+                if !self.secret.verify_bound(&bind, h.credit_grant, &r.proof) {
+                    return Err(MigrationError::Unauthenticated(format!(
+                        "the destination's answer to the bind of channel {ch} does not prove the session's secret"
+                    )));
+                }
+                if self.frame_mac {
+                    let conn = auth::Connection::Bind(ch, &nonce);
+                    let keys = self.secret.frame_keys(self.session_id, conn);
+                    rd.authenticate(keys.to_source);
+                    wr.authenticate(keys.to_dest);
+                }
+                let credits = h.credit_grant;
+                if credits == 0 || credits > MAX_CREDITS {
+                    return Err(MigrationError::Protocol(format!(
+                        "channel {ch} granted {credits} credits"
+                    )));
+                }
+                Ok((rd, wr, credits))
+            }
+            (_, m) => Err(MigrationError::Protocol(format!(
+                "expected CHANNEL_BIND_RESPONSE, got {:?}",
+                m.command()
+            ))),
+        }
+    }
+}
+
+/// Reads one message during the handshake, with a timeout.
+async fn handshake_read(
+    rd: &mut FrameReader,
+    what: &'static str,
+) -> Result<(Header, Message), MigrationError> {
+    let channel = rd.channel();
+    // A receiver that refuses says why in an ABORT; one that closes or
+    // resets the connection instead is named as such, with the OS's word.
+    let closed = |detail: String| {
+        MigrationError::ChannelLost {
+        channel,
+        why: format!(
+            "the receiver closed the connection instead of sending {what} ({detail}); it gave no reason: its log says why"
+        ),
+    }
+    };
+    let frame = tokio::time::timeout(CONNECT_TIMEOUT, rd.read_frame())
+        .await
+        .map_err(|_| MigrationError::Timeout {
+            what,
+            after: CONNECT_TIMEOUT,
+        })?
+        .map_err(|e| match e {
+            MigrationError::Io { context, source } => closed(format!("{context}: {source}")),
+            e @ (MigrationError::PeerClosed { .. } | MigrationError::ChannelLost { .. }) => {
+                closed(e.to_string())
+            }
+            e => e,
+        })?
+        .ok_or_else(|| closed("end of stream".into()))?;
+    let msg = Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)?;
+    if let Message::Abort(a) = msg {
+        return Err(MigrationError::RemoteAbort {
+            code: a.code,
+            message: a.message,
+        });
+    }
+    Ok((frame.header, msg))
+}
+
+/// Connects channel 0, negotiates and sets up the session (each side proving
+/// the key when there is one), then binds channels 1..N concurrently.
+/// Returns the connector for later rebinds and every channel, bound.
+pub(super) async fn open_session(
+    guest: &dyn MigratableGuest,
+    target: &str,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+    tally: &mut Tally,
+) -> Result<(Connector, Vec<Bound>), MigrationError> {
+    let batch_pages = config.batch_pages();
+    let own = config.max_bandwidth.map(|bps| {
+        // Bursts of at most one batch (plus headers) or 10 ms at the rate.
+        let batch = u64::from(batch_pages) * PAGE_SIZE as u64 + 4096;
+        Arc::new(TokenBucket::new(bps, batch.max(bps / 100)))
+    });
+    let mut connector = Connector {
+        target: target.to_string(),
+        // The migration's own cap, and the one it shares with others (a node's).
+        buckets: own.into_iter().chain(ctx.shared_bucket.clone()).collect(),
+        wire: ctx.progress.wire_bytes.clone(),
+        rx_bytes: Arc::new(AtomicU64::new(0)),
+        session_id: 0,
+        secret: Arc::new(auth::BindSecret::derive(
+            None, &[0; 16], &[0; 16], 0, &[0; 16],
+        )),
+        tls: config.tls.clone(),
+        frame_mac: config.session_key.is_some() && config.tls.is_none(),
+    };
+    if config.tls.as_ref().is_some_and(|t| !t.is_pinned()) && config.session_key.is_none() {
+        return Err(MigrationError::Config(
+            "TLS without a pinned certificate needs a shared key to know the receiver by".into(),
+        ));
+    }
+    let (mut rd0, mut wr0, binding0) = tokio::select! {
+        biased;
+        _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+        c = connector.connect(0) => c?,
+    };
+    let source_nonce = auth::random_bytes::<16>();
+    let nonce = negotiate(&mut rd0, &mut wr0, config, &source_nonce).await?;
+    let mut setup = session_setup(guest, config, connector.frame_mac);
+    let key = config.session_key.as_ref();
+    let handshake = auth::Handshake {
+        source_nonce: &source_nonce,
+        dest_nonce: &nonce,
+        binding: &binding0,
+    };
+    setup.proof = key.map(|k| auth::setup_proof(k, &handshake, &setup));
+    wr0.send(
+        Header::new(Command::SessionSetup),
+        &Message::SessionSetup(setup),
+    )
+    .await?;
+    let (header, setup) = match handshake_read(&mut rd0, "SESSION_SETUP_RESPONSE").await? {
+        (h, Message::SessionSetupResponse(r)) => (h, r),
+        (_, m) => return Err(unexpected("SESSION_SETUP_RESPONSE", &m)),
+    };
+    let session_id = header.session_id;
+    tally.session_id = session_id;
+    // With a key, the destination must prove it too before it sees a page.
+    if let Some(k) = key {
+        let proven = setup.proof.is_some_and(|p| {
+            let r = auth::Response {
+                session_id,
+                token: &setup.bind_token,
+                credits: setup.initial_credits,
+            };
+            auth::verify_response_proof(k, &handshake, &r, &p)
+        });
+        if !proven {
+            let e = MigrationError::Unauthenticated(
+                "the destination did not prove the shared key: not sending it the guest".into(),
+            );
+            tracing::warn!(%target, "{e}");
+            return Err(e);
+        }
+        tally.authenticated = true;
+    }
+    connector.session_id = session_id;
+    connector.secret = Arc::new(auth::BindSecret::derive(
+        key,
+        &source_nonce,
+        &nonce,
+        session_id,
+        &setup.bind_token,
+    ));
+    if connector.frame_mac {
+        let conn = auth::Connection::Setup(&source_nonce);
+        let keys = connector.secret.frame_keys(session_id, conn);
+        rd0.authenticate(keys.to_source);
+        wr0.authenticate(keys.to_dest);
+        tally.frames_authenticated = true;
+    }
+    if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
+        return Err(MigrationError::Protocol(format!(
+            "initial credits {} out of range",
+            setup.initial_credits
+        )));
+    }
+    let first = (rd0, wr0, setup.initial_credits);
+    let bound = bind_rest(connector, first, config.channels, ctx).await?;
+    Ok(bound)
+}
+
+/// Sends NEGOTIATE and checks the answer; returns the destination's nonce.
+async fn negotiate(
+    rd: &mut FrameReader,
+    wr: &mut FrameWriter,
+    config: &MigrationConfig,
+    source_nonce: &[u8; 16],
+) -> Result<[u8; 16], MigrationError> {
+    // With auto every codec may be used: the destination must decode them all.
+    let needed = match config.codec {
+        CodecChoice::Fixed(c) => c.id().bit() | CodecId::None.bit(),
+        CodecChoice::Auto => CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit(),
+    };
+    let msg = Message::Negotiate(Negotiate {
+        min_version: VERSION,
+        max_version: VERSION,
+        capabilities: 0,
+        codecs: needed,
+        page_size: PAGE_SIZE as u32,
+        nonce: *source_nonce,
+    });
+    wr.send(Header::new(Command::Negotiate), &msg).await?;
+    match handshake_read(rd, "NEGOTIATE_RESPONSE").await? {
+        (_, Message::NegotiateResponse(r)) => {
+            if r.version != VERSION || r.page_size != PAGE_SIZE as u32 {
+                return Err(MigrationError::Incompatible(format!(
+                    "destination chose version {} and page size {}",
+                    r.version, r.page_size
+                )));
+            }
+            if r.codecs & needed != needed {
+                return Err(MigrationError::Incompatible(format!(
+                    "destination cannot decode {}",
+                    config.codec
+                )));
+            }
+            Ok(r.nonce)
+        }
+        (_, m) => Err(unexpected("NEGOTIATE_RESPONSE", &m)),
+    }
+}
+
+/// The SESSION_SETUP this migration asks for (without its proof).
+fn session_setup(guest: &dyn MigratableGuest, config: &MigrationConfig, mac: bool) -> SessionSetup {
+    let (codec, codec_level) = match config.codec {
+        CodecChoice::Fixed(Codec::Zstd { level }) => (CodecId::Zstd as u8, level as i8),
+        CodecChoice::Fixed(c) => (c.id() as u8, 0),
+        CodecChoice::Auto => (SETUP_CODEC_AUTO, 0),
+    };
+    let paused = if config.leave_paused {
+        SETUP_LEAVE_PAUSED
+    } else {
+        0
+    };
+    SessionSetup {
+        memory_bytes: guest.memory().len_bytes(),
+        channels: config.channels,
+        codec,
+        codec_level,
+        guest_kind: guest.kind(),
+        verify: config.verify,
+        max_bandwidth: config.max_bandwidth.unwrap_or(0),
+        flags: paused | if mac { SETUP_FRAME_MAC } else { 0 },
+        label: config.label.clone(),
+        proof: None,
+    }
+}
+
+/// Binds channels 1..`channels` to the session concurrently.
+async fn bind_rest(
+    connector: Connector,
+    first: Bound,
+    channels: u16,
+    ctx: &RunContext,
+) -> Result<(Connector, Vec<Bound>), MigrationError> {
+    let connector = Arc::new(connector);
+    let mut binds = tokio::task::JoinSet::new();
+    for ch in 1..channels {
+        let connector = connector.clone();
+        binds.spawn(async move { connector.bind(ch).await.map(|b| (ch, b)) });
+    }
+    let mut bound: Vec<Option<Bound>> = (0..channels).map(|_| None).collect();
+    bound[0] = Some(first);
+    loop {
+        let joined = tokio::select! {
+            biased;
+            _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+            j = binds.join_next() => j,
+        };
+        let Some(joined) = joined else { break };
+        let (ch, b) = joined.map_err(|e| MigrationError::Internal(format!("bind task: {e}")))??;
+        bound[usize::from(ch)] = Some(b);
+    }
+    let connector =
+        Arc::try_unwrap(connector).unwrap_or_else(|_| unreachable!("the bind tasks have ended"));
+    Ok((
+        connector,
+        bound
+            .into_iter()
+            .map(|b| b.expect("every channel bound"))
+            .collect(),
+    ))
+}
+
+fn unexpected(want: &str, got: &Message) -> MigrationError {
+    MigrationError::Protocol(format!("expected {want}, got {:?}", got.command()))
+}

@@ -1,0 +1,187 @@
+//! Encoding the source's batches: copy, classify and hash the pages, compress
+//! them with the chosen codec, and (with `auto`) measure every candidate so
+//! the chooser learns which wins on this link.
+
+use crate::codec::{AutoChooser, Codec, CodecChoice, SocketRate};
+use crate::digest::{page_hash, zero_page_hash, PageHashes};
+use crate::memory::PAGE_SIZE;
+use crate::migration::report::PageCounter;
+use crate::migration::source_machine::Work;
+use crate::migration::{MigratableGuest, MigrationError};
+use crate::wire::{BatchEncoder, EncodedBatch};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What encoding needs, shared by the channels' writers.
+pub(super) struct Encoder {
+    pub guest: Arc<dyn MigratableGuest>,
+    pub hashes: PageHashes,
+    pub codec: CodecChoice,
+    /// With `auto`: the chooser, and the link's rate as the sockets show it
+    /// when no cap sets the link.
+    pub chooser: Mutex<AutoChooser>,
+    pub capped: bool,
+    pub socket_bps: Mutex<SocketRate>,
+    pub counts: PageCounter,
+}
+
+thread_local! {
+    static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
+    /// A probe's sample of pages, and the compressors' output.
+    static PROBE: RefCell<(Vec<u8>, bytes::BytesMut)> = RefCell::new((Vec::new(), bytes::BytesMut::new()));
+    /// Whether this thread's compressors and probe buffers exist yet.
+    static PROBE_WARM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Encoder {
+    /// The codec for the next batch, and whether to probe the other candidates
+    /// on its pages (`auto` only).
+    fn choose(&self) -> (Codec, Option<[bool; 4]>) {
+        match self.codec {
+            CodecChoice::Fixed(c) => (c, None),
+            CodecChoice::Auto => {
+                let mut chooser = self.chooser.lock().unwrap();
+                if !self.capped {
+                    if let Some(bps) = self.socket_bps.lock().unwrap().rate() {
+                        chooser.set_link_rate(bps);
+                    }
+                }
+                let (codec, probe) = chooser.pick();
+                tracing::trace!(%codec, probe, link = ?chooser.link_rate(), "auto picked");
+                let set = crate::codec::CANDIDATES.map(|c| chooser.probes(c));
+                (codec, probe.then_some(set))
+            }
+        }
+    }
+
+    /// Copies, classifies and hashes the pages of a job and encodes the batch
+    /// with `codec` (probing the other candidates when `probe`).
+    fn encode(
+        &self,
+        round: u32,
+        runs: &[(u64, u32)],
+        codec: Codec,
+        probe: Option<[bool; 4]>,
+    ) -> Result<EncodedBatch, MigrationError> {
+        let mem = self.guest.memory();
+        let zero_hash = zero_page_hash();
+        ENCODER.with(|e| {
+            let mut enc = e.borrow_mut();
+            // Only auto times batches. CPU time, not wall: with more encoders
+            // than cores a batch waits for a core, and wall time would make
+            // every codec look slower.
+            let t = (self.codec == CodecChoice::Auto).then(crate::cpu::CpuTimer::start);
+            let batch = enc.encode(round, codec, runs, |page, buf| {
+                // Checked in place first: a zero page (a third of a typical
+                // guest) is then never copied. A write racing the check or the
+                // copy marks the page dirty, so it is sent again either way.
+                let zero = mem.read_page_unless_zero(page, buf);
+                self.hashes
+                    .set(page, if zero { zero_hash } else { page_hash(buf) });
+                zero
+            })?;
+            if let Some(t) = t {
+                let secs = t.secs();
+                let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
+                let nonzero = u64::from(batch.pages - batch.zero) * PAGE_SIZE as u64;
+                // Measure every compressor on a sample of these pages.
+                let mut samples = Vec::new();
+                let mut sampled = 0;
+                if let Some(set) = probe {
+                    PROBE.with(|cell| {
+                        let (sample, out) = &mut *cell.borrow_mut();
+                        enc.sample_into(&batch, crate::codec::PROBE_BYTES, sample);
+                        sampled = sample.len() as u64;
+                        if sample.is_empty() {
+                            return;
+                        }
+                        let compressors = crate::codec::CANDIDATES
+                            .iter()
+                            .zip(set)
+                            .filter(|&(&c, wanted)| c != Codec::None && wanted)
+                            .map(|(c, _)| c);
+                        // A thread's first compression of each kind builds its
+                        // context and faults its buffers in: a one-off cost
+                        // that would make a codec look several times slower
+                        // than it is. Pay it untimed.
+                        if !PROBE_WARM.replace(true) {
+                            for &c in crate::codec::CANDIDATES
+                                .iter()
+                                .filter(|&&c| c != Codec::None)
+                            {
+                                out.clear();
+                                let _ = crate::codec::compress(c, sample, out);
+                            }
+                        }
+                        for &c in compressors {
+                            out.clear();
+                            let t = crate::cpu::CpuTimer::start();
+                            if let Ok(n) = crate::codec::compress(c, sample, out) {
+                                samples.push((c, n as u64, t.secs()));
+                            }
+                        }
+                    });
+                }
+                let mut chooser = self.chooser.lock().unwrap();
+                chooser.record_batch(codec, guest, nonzero, batch.data_bytes as u64, secs);
+                for (c, n, secs) in samples {
+                    chooser.record_sample(c, sampled, n, secs);
+                }
+            }
+            Ok(batch)
+        })
+    }
+
+    /// Records how fast a channel's socket took a frame (no cap in the way).
+    pub fn record_socket(&self, bytes: usize, elapsed: Duration, channels: u16) {
+        let secs = elapsed.as_secs_f64();
+        if self.capped || self.codec != CodecChoice::Auto || secs <= 0.0 || bytes < 64 << 10 {
+            return;
+        }
+        self.socket_bps
+            .lock()
+            .unwrap()
+            .record(secs, channels.into(), std::time::Instant::now());
+    }
+
+    /// Records that the destination acknowledged a frame of `bytes`.
+    pub fn record_ack(&self, bytes: usize) {
+        if !self.capped && self.codec == CodecChoice::Auto {
+            self.socket_bps.lock().unwrap().record_ack(bytes as f64);
+        }
+    }
+
+    /// Encodes `work`: raw batches here (a copy and a hash, about 0.1 ms per
+    /// MiB: cheaper than a hop to the blocking pool and back), compressed
+    /// ones on the blocking pool, off the runtime's workers.
+    pub async fn encode_on_pool(
+        self: &Arc<Self>,
+        work: &Work,
+    ) -> Result<EncodedBatch, MigrationError> {
+        let (codec, probe) = match work {
+            // A resend is no sample of anything.
+            Work::Again(..) => (self.choose().0, None),
+            Work::New(_) => self.choose(),
+        };
+        let runs = &work.job().runs;
+        let round = work.job().round;
+        if codec == Codec::None && probe.is_none() {
+            return self.encode(round, runs, codec, probe);
+        }
+        let (me, runs) = (self.clone(), runs.clone());
+        tokio::task::spawn_blocking(move || me.encode(round, &runs, codec, probe))
+            .await
+            .map_err(|e| MigrationError::Internal(format!("encoder task: {e}")))?
+    }
+
+    /// Counts a batch's pages once it is written.
+    pub fn count(&self, batch: &EncodedBatch) {
+        self.counts.add(
+            batch.pages.into(),
+            batch.zero.into(),
+            batch.raw.into(),
+            batch.compressed.into(),
+        );
+    }
+}

@@ -1,0 +1,598 @@
+//! The source driver: connects the channels, runs the pre-copy rounds, switches
+//! over and hands the guest off.
+//!
+//! The session's protocol (credits, batches in flight, resends, control
+//! messages, keepalives) lives in [`SourceMachine`]; the tasks in
+//! [`channels`] move bytes and feed it. Jobs come from one shared queue, so a
+//! channel that is free takes the next batch: every channel stays busy. A
+//! round ends when every one of its batches is acknowledged, which also orders
+//! rounds: no page of round `r + 1` can be applied before its round-`r` copy.
+
+mod channels;
+mod connect;
+mod encode;
+
+use super::credits::Credits;
+use super::policy::{Convergence, Decision, RoundStats};
+use super::progress::{Phase, RunContext};
+use super::report::{
+    round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, RoundLog, Side,
+};
+use super::source_machine::{SourceEvent, SourceMachine};
+use super::{MigratableGuest, MigrationConfig, MigrationError};
+use crate::codec::{AutoChooser, SocketRate};
+use crate::digest::{full_digest, PageHashes};
+use crate::memory::{DirtySnapshot, PAGE_SIZE};
+use crate::wire::{Abort, Message, RoundEnd, Switchover, VerifyMode};
+use channels::Shared;
+use encode::Encoder;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the driver counts besides the shared counters.
+#[derive(Debug, Default)]
+struct Tally {
+    session_id: u64,
+    setup: Duration,
+    rounds: u32,
+    downtime: Duration,
+    verify: Duration,
+    verified: bool,
+    dirty_bytes: u64,
+    dirty_time: Duration,
+    throttle_max: u8,
+    destination_cpu_ms: Option<f64>,
+    go_sent: bool,
+    paused: bool,
+    counter_at_pause: Option<u64>,
+    authenticated: bool,
+    frames_authenticated: bool,
+    channel_failures: u32,
+    batches_resent: u64,
+    channel_rebinds: u32,
+    round_log: Vec<RoundLog>,
+}
+
+struct Driver {
+    sh: Arc<Shared>,
+    batch_pages: u32,
+    deadline: Instant,
+    timeout: Duration,
+    handoff: Duration,
+}
+
+impl Driver {
+    /// Splits a dirty set into batch jobs and queues them. Returns the pages.
+    fn enqueue(&mut self, snap: &DirtySnapshot, round: u32) -> u64 {
+        let n = self
+            .sh
+            .m
+            .lock()
+            .unwrap()
+            .enqueue(snap, round, self.batch_pages);
+        self.sh.wake_writers();
+        n
+    }
+
+    /// Waits until `check` answers, `until` passes (`None`), or, when
+    /// `cancellable`, an operator cancels.
+    async fn wait_for<T>(
+        &self,
+        until: Instant,
+        cancellable: bool,
+        mut check: impl FnMut(&mut SourceMachine) -> Option<T>,
+    ) -> Result<Option<T>, MigrationError> {
+        loop {
+            let changed = self.sh.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(t) = check(&mut self.sh.m.lock().unwrap()) {
+                return Ok(Some(t));
+            }
+            tokio::select! {
+                biased;
+                _ = self.sh.ctx.cancel.cancelled(), if cancellable => return Err(MigrationError::Cancelled),
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(until.into()) => return Ok(None),
+            }
+        }
+    }
+
+    /// Sends a control message and waits until it is written.
+    async fn send_control(&self, msg: Message) -> Result<(), MigrationError> {
+        let id = self.sh.queue_control(msg);
+        let far = Instant::now() + Duration::from_secs(30 * 86_400);
+        let written = self
+            .wait_for(far, false, |m| {
+                if m.control_written(id) {
+                    Some(Ok(()))
+                } else if m.gave_up() {
+                    Some(Err(m.lost_error()))
+                } else {
+                    m.take_failure().map(Err)
+                }
+            })
+            .await?;
+        written.unwrap_or(Err(MigrationError::Internal("no deadline".into())))
+    }
+
+    fn event_error(ev: SourceEvent) -> MigrationError {
+        match ev {
+            SourceEvent::Failed(e) => e,
+            SourceEvent::Reply(Message::Abort(a)) => MigrationError::RemoteAbort {
+                code: a.code,
+                message: a.message,
+            },
+            SourceEvent::Reply(m) => MigrationError::Protocol(format!(
+                "unexpected {:?} before the hand-off",
+                m.command()
+            )),
+        }
+    }
+
+    /// A peer that aborts closes its channels right after: when a channel
+    /// closes, look briefly for the abort that explains it.
+    async fn explain(&self, ev: SourceEvent) -> MigrationError {
+        if let SourceEvent::Failed(MigrationError::PeerClosed { .. }) = &ev {
+            let until = Instant::now() + Duration::from_millis(250);
+            let abort = self.wait_for(until, false, |m| {
+                while let Some(e) = m.poll_event() {
+                    if let SourceEvent::Reply(Message::Abort(a)) = e {
+                        return Some(a);
+                    }
+                }
+                None
+            });
+            if let Ok(Some(a)) = abort.await {
+                return MigrationError::RemoteAbort {
+                    code: a.code,
+                    message: a.message,
+                };
+            }
+        }
+        Self::event_error(ev)
+    }
+
+    /// Waits until every queued batch is acknowledged.
+    async fn drain(&mut self, deadline: Option<Instant>) -> Result<(), MigrationError> {
+        let until = deadline.unwrap_or(self.deadline);
+        let got = self
+            .wait_for(until, true, |m| match m.poll_event() {
+                Some(ev) => Some(Err(ev)),
+                None => m.all_acked().then_some(Ok(())),
+            })
+            .await?;
+        match got {
+            Some(Ok(())) => Ok(()),
+            Some(Err(ev)) => Err(self.explain(ev).await),
+            None => Err(match deadline {
+                None => MigrationError::NotConverging(super::policy::GiveUp::CompletionTimeout(
+                    self.timeout,
+                )),
+                Some(_) => MigrationError::Timeout {
+                    what: "the final pages to be applied",
+                    after: self.handoff,
+                },
+            }),
+        }
+    }
+
+    /// Waits for a hand-off reply; an operator's cancel ends the wait.
+    async fn reply(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Message, MigrationError> {
+        self.await_reply(what, timeout, true).await
+    }
+
+    /// Waits for the answer to GO: no cancel ends this wait (the guest is
+    /// the destination's from GO on), only the answer or the timeout.
+    async fn reply_committed(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Message, MigrationError> {
+        self.await_reply(what, timeout, false).await
+    }
+
+    async fn await_reply(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+        cancellable: bool,
+    ) -> Result<Message, MigrationError> {
+        let until = Instant::now() + timeout;
+        loop {
+            let ev = self
+                .wait_for(until, cancellable, |m| m.poll_event())
+                .await?;
+            return match ev {
+                None => Err(MigrationError::Timeout {
+                    what,
+                    after: timeout,
+                }),
+                Some(SourceEvent::Reply(Message::Abort(a))) => Err(MigrationError::RemoteAbort {
+                    code: a.code,
+                    message: a.message,
+                }),
+                // A second READY: the answer to a SWITCHOVER sent again after
+                // its channel failed, when the first answer got through too.
+                Some(SourceEvent::Reply(Message::Ready(_))) if what != "READY" => continue,
+                Some(SourceEvent::Reply(m)) => Ok(m),
+                Some(ev) => Err(self.explain(ev).await),
+            };
+        }
+    }
+}
+
+/// Migrates `guest` to the receiver at `target` (host:port). Always returns a
+/// report; on any failure before GO the guest runs on the source again.
+pub async fn migrate(
+    guest: Arc<dyn MigratableGuest>,
+    target: &str,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+) -> Report {
+    let start = Instant::now();
+    let mut tally = Tally::default();
+    let counts = Arc::new(Mutex::new(PageCounts::default()));
+    let result = match config.validate() {
+        Err(e) => Err(MigrationError::Config(e.to_string())),
+        Ok(()) => {
+            run(
+                guest.clone(),
+                target,
+                config,
+                ctx,
+                start,
+                &mut tally,
+                &counts,
+            )
+            .await
+        }
+    };
+    let total = start.elapsed();
+    let (outcome, error) = match &result {
+        Ok(()) => (Outcome::Completed, None),
+        Err(e) => {
+            let outcome = if tally.go_sent {
+                Outcome::Unresolved
+            } else if matches!(e, MigrationError::Cancelled) || ctx.cancel.is_cancelled() {
+                // A cancel may surface first as its consequence (the peer
+                // closing a channel mid-write): it is still a cancel.
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            let error = if outcome == Outcome::Cancelled {
+                MigrationError::Cancelled.to_string()
+            } else {
+                e.to_string()
+            };
+            (outcome, Some(error))
+        }
+    };
+    if outcome != Outcome::Completed && outcome != Outcome::Unresolved {
+        // Nothing was handed over: the guest runs here, unthrottled.
+        guest.set_throttle(0);
+        if tally.paused {
+            guest.resume();
+        }
+    }
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, ?outcome, "migration did not complete");
+    }
+    ctx.progress.update(|s| s.phase = Phase::Done);
+    let mut report = Report {
+        side: Side::Source,
+        outcome,
+        error,
+        guest_location: String::new(),
+        verified: tally.verified,
+        verify: config.verify,
+        verify_ms: round3(tally.verify.as_secs_f64() * 1e3),
+        memory_bytes: guest.memory().len_bytes(),
+        pages: *counts.lock().unwrap(),
+        rounds: tally.rounds,
+        total_ms: round3(total.as_secs_f64() * 1e3),
+        setup_ms: round3(tally.setup.as_secs_f64() * 1e3),
+        downtime_ms: round3(tally.downtime.as_secs_f64() * 1e3),
+        guest_bytes_sent: 0,
+        wire_bytes: ctx.progress.wire_bytes.load(Ordering::Relaxed),
+        compression_ratio: 0.0,
+        throughput_guest_bps: 0.0,
+        throughput_wire_bps: 0.0,
+        dirty_rate_bps: if tally.dirty_time.is_zero() {
+            0.0
+        } else {
+            (tally.dirty_bytes as f64 / tally.dirty_time.as_secs_f64()).round()
+        },
+        throttle_pct_max: tally.throttle_max,
+        channels: config.channels,
+        codec: config.codec.to_string(),
+        max_bandwidth_bps: config.max_bandwidth,
+        cpu_ms: CpuMs {
+            source: Some(round3(ctx.cpu.total().as_secs_f64() * 1e3)),
+            destination: tally.destination_cpu_ms,
+        },
+        guest: guest.kind(),
+        guest_counter_at_pause: tally.counter_at_pause,
+        guest_counter_after_resume: None,
+        session_id: format!("{:016x}", tally.session_id),
+        authenticated: tally.authenticated,
+        encrypted: config.tls.is_some(),
+        frames_authenticated: config.tls.is_some() || tally.frames_authenticated,
+        channel_failures: tally.channel_failures,
+        batches_resent: tally.batches_resent,
+        channel_rebinds: tally.channel_rebinds,
+        saved_to: None,
+        round_log: std::mem::take(&mut tally.round_log),
+        memory_use: MemoryUse::measure(Some(guest.memory())),
+        guests_here: None,
+    };
+    report.finish_derived();
+    report
+}
+async fn run(
+    guest: Arc<dyn MigratableGuest>,
+    target: &str,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+    start: Instant,
+    tally: &mut Tally,
+    counts_out: &Arc<Mutex<PageCounts>>,
+) -> Result<(), MigrationError> {
+    let memory_bytes = guest.memory().len_bytes();
+    ctx.progress.start_round(Phase::Setup, 0, 0);
+    let (connector, bound) = connect::open_session(&*guest, target, config, ctx, tally).await?;
+    tally.setup = start.elapsed();
+    let credits = bound
+        .iter()
+        .map(|b| Credits::new(b.2))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| MigrationError::Protocol("a channel's credits out of range".into()))?;
+    let machine = SourceMachine::new(
+        tally.session_id,
+        &credits,
+        config.peer_timeout,
+        Instant::now(),
+    );
+    let sh = Shared::start(
+        machine,
+        bound,
+        Arc::new(encoder(&guest, config, ctx)),
+        connector,
+        ctx,
+    );
+    // The channels outlive an operator's cancel long enough to carry the
+    // ABORT that tells the destination to discard its copy: the driver
+    // watches `ctx.cancel`, and this ends the tasks when it returns.
+    let _stop_tasks = sh.cancel.clone().drop_guard();
+    let policy = config.policy(memory_bytes);
+    let mut driver = Driver {
+        sh: sh.clone(),
+        batch_pages: config.batch_pages(),
+        // Far future rather than overflow (the range check bounds it anyway).
+        deadline: start
+            .checked_add(policy.completion_timeout)
+            .unwrap_or(start + Duration::from_secs(30 * 86_400)),
+        timeout: policy.completion_timeout,
+        handoff: config.handoff_timeout,
+    };
+    let result = precopy_and_handoff(&mut driver, config, ctx, start, tally, policy).await;
+    *counts_out.lock().unwrap() = sh.encoder.counts.snapshot();
+    let t = sh.m.lock().unwrap().tallies();
+    tally.channel_failures = t.failures;
+    tally.batches_resent = t.resent;
+    tally.channel_rebinds = t.rebinds;
+    if let Err(e) = &result {
+        if !tally.go_sent && !matches!(e, MigrationError::RemoteAbort { .. }) {
+            // Tell the destination to discard its copy; best effort.
+            let abort = Message::Abort(Abort {
+                code: e.abort_code(),
+                message: e.to_string(),
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(1), driver.send_control(abort)).await;
+        }
+    }
+    sh.m.lock().unwrap().close();
+    sh.cancel.cancel();
+    sh.tasks.close();
+    for i in 0..sh.channels() {
+        if let Ok(mut w) = sh.chan(i).writer.try_lock() {
+            w.shutdown().await;
+        }
+    }
+    result
+}
+
+/// The batch encoder for this migration's guest and codec.
+fn encoder(
+    guest: &Arc<dyn MigratableGuest>,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+) -> Encoder {
+    // The chooser leaves the receiving side its share of the cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut chooser = AutoChooser::new(cores);
+    let shared = ctx.shared_bucket.as_ref().map(|b| b.rate());
+    if let Some(cap) = config.max_bandwidth.into_iter().chain(shared).min() {
+        chooser.set_link_rate(cap as f64);
+    }
+    Encoder {
+        guest: guest.clone(),
+        hashes: PageHashes::new(guest.memory().pages()),
+        codec: config.codec,
+        chooser: Mutex::new(chooser),
+        capped: config.max_bandwidth.is_some() || ctx.shared_bucket.is_some(),
+        socket_bps: Mutex::new(SocketRate::default()),
+        counts: PageCounter::default(),
+    }
+}
+
+async fn precopy_and_handoff(
+    d: &mut Driver,
+    config: &MigrationConfig,
+    ctx: &RunContext,
+    start: Instant,
+    tally: &mut Tally,
+    policy: super::policy::ConvergencePolicy,
+) -> Result<(), MigrationError> {
+    let guest = d.sh.encoder.guest.clone();
+    let pages = guest.memory().pages();
+    let mut conv = Convergence::new(policy);
+    let mut snap = DirtySnapshot::all(pages);
+    // Forget writes from before the migration: round 0 sends every page.
+    let mut discard = DirtySnapshot::new();
+    guest.snapshot_dirty(&mut discard);
+    let mut round = 0u32;
+    loop {
+        let t0 = Instant::now();
+        let n = d.enqueue(&snap, round);
+        ctx.progress.start_round(Phase::Precopy, round, n);
+        d.drain(None).await?;
+        let duration = t0.elapsed();
+        let dirty = guest.dirty_pages();
+        let stats = RoundStats {
+            round,
+            elapsed: start.elapsed(),
+            duration,
+            bytes_sent: n * PAGE_SIZE as u64,
+            dirty_bytes: dirty * PAGE_SIZE as u64,
+        };
+        tally.rounds = round + 1;
+        tally.dirty_bytes += stats.dirty_bytes;
+        tally.dirty_time += duration;
+        let decision = conv.decide(&stats);
+        if let Decision::Throttle(p) = decision {
+            guest.set_throttle(p);
+            tally.throttle_max = tally.throttle_max.max(p);
+            tracing::info!(
+                round,
+                throttle_pct = p,
+                "auto-converge: throttling the guest"
+            );
+        }
+        let log = RoundLog {
+            round,
+            pages: n,
+            ms: round3(duration.as_secs_f64() * 1e3),
+            dirty_pages_after: dirty,
+            throttle_pct: conv.throttle_pct(),
+        };
+        tally.round_log.push(log);
+        ctx.progress.update(|s| {
+            s.dirty_pages = dirty;
+            s.throughput_bps = conv.throughput_bps().unwrap_or(0.0);
+            s.expected_downtime_ms = conv
+                .expected_downtime(stats.dirty_bytes)
+                .map(|d| d.as_secs_f64() * 1e3);
+            s.throttle_pct = conv.throttle_pct();
+        });
+        ctx.progress.round_done(log);
+        tracing::debug!(round, pages = n, ?duration, dirty, ?decision, "round done");
+        let final_next = match decision {
+            Decision::GiveUp(g) => return Err(MigrationError::NotConverging(g)),
+            Decision::Switchover => true,
+            Decision::Continue | Decision::Throttle(_) => false,
+        };
+        d.send_control(Message::RoundEnd(RoundEnd {
+            round,
+            pages: n,
+            final_next,
+        }))
+        .await?;
+        round += 1;
+        if final_next {
+            break;
+        }
+        guest.snapshot_dirty(&mut snap);
+    }
+
+    // Switchover: pause, send the last dirty pages with every channel, the
+    // state and the digest.
+    let paused_at = Instant::now();
+    guest.pause();
+    tally.paused = true;
+    tally.counter_at_pause = Some(guest.progress_counter());
+    guest.set_throttle(0);
+    guest.snapshot_dirty(&mut snap);
+    let n = d.enqueue(&snap, round);
+    ctx.progress.start_round(Phase::Switchover, round, n);
+    let final_deadline = Instant::now() + config.handoff_timeout;
+    d.drain(Some(final_deadline)).await?;
+    let t = Instant::now();
+    let digest = match config.verify {
+        VerifyMode::Fast => d.sh.encoder.hashes.digest(),
+        VerifyMode::Full => {
+            let mem = guest.memory().clone();
+            tokio::task::spawn_blocking(move || full_digest(&mem, 2))
+                .await
+                .map_err(|e| MigrationError::Internal(format!("digest task: {e}")))?
+        }
+    };
+    tally.verify = t.elapsed();
+    let state = guest.save_state().map_err(MigrationError::Guest)?;
+    d.send_control(Message::Switchover(Switchover {
+        final_round: round,
+        digest,
+        verify: config.verify,
+        rounds: tally.rounds,
+        dirty_rate_bps: if tally.dirty_time.is_zero() {
+            0
+        } else {
+            (tally.dirty_bytes as f64 / tally.dirty_time.as_secs_f64()) as u64
+        },
+        throttle_pct_max: tally.throttle_max,
+        source_cpu_ms: ctx.cpu.total().as_millis() as u64,
+        state: state.into(),
+    }))
+    .await?;
+    ctx.progress.update(|s| s.phase = Phase::Handoff);
+    match d.reply("READY", config.handoff_timeout).await? {
+        Message::Ready(r) if r.digest == digest => tally.verified = true,
+        Message::Ready(r) => {
+            return Err(MigrationError::DigestMismatch {
+                source_digest: digest,
+                destination_digest: r.digest,
+            })
+        }
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected READY, got {:?}",
+                m.command()
+            )))
+        }
+    }
+    // A cancel that came first keeps the guest here; once committed, cancels
+    // are refused and the hand-off finishes.
+    if ctx.cancel.is_cancelled() || !ctx.progress.commit() {
+        return Err(MigrationError::Cancelled);
+    }
+    // A step that must hold before the guest is handed over (a saved
+    // guest's file marked consumed): failing, GO does not go out.
+    if let Some(step) = &config.before_go {
+        (step.0)().map_err(|e| MigrationError::Guest(format!("before GO: {e}")))?;
+    }
+    // From here on the source never resumes the guest.
+    tally.go_sent = true;
+    d.send_control(Message::Go).await?;
+    match d
+        .reply_committed("COMPLETE", config.handoff_timeout)
+        .await?
+    {
+        Message::Complete(c) => {
+            tally.downtime = paused_at.elapsed();
+            tally.destination_cpu_ms = Some(c.destination_cpu_ms as f64);
+        }
+        m => {
+            return Err(MigrationError::Protocol(format!(
+                "expected COMPLETE, got {:?}",
+                m.command()
+            )))
+        }
+    }
+    Ok(())
+}
