@@ -26,6 +26,7 @@ mod cli {
     pub mod receive;
     pub mod rolling;
     pub mod send;
+    pub mod sim;
     pub mod soak;
     pub mod update;
 }
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Kvm(a)) => bench_kvm(a),
         Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
         Command::Bench(BenchCommand::Hostile(a)) => cli::hostile::hostile(a),
+        Command::Bench(BenchCommand::Sim(a)) => cli::sim::sim(a),
         Command::Image(a) => image(a),
         Command::TlsCert(a) => tls_cert(a),
         Command::Agent(a) => agent(a),

@@ -196,6 +196,9 @@ pub(crate) enum BenchCommand {
     /// The hostile suite against a live receiver or agent: what each hostile
     /// input got, against what ferry promises; a real migration at the end.
     Hostile(cli::hostile::HostileArgs),
+    /// The protocol's deterministic simulation over many seeds: faults,
+    /// outcomes and every invariant checked; `--seed N` replays one.
+    Sim(cli::sim::SimArgs),
 }
 
 #[derive(Args, Debug)]

@@ -9,6 +9,7 @@
 
 use super::accept::Admitted;
 use super::auth::{random_bytes, BindSecret, SessionKey};
+use super::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
 use super::dest_state::{DestMachine, DestState};
 use super::fault::{Fault, FaultKind, FaultPoint};
 use super::gate::{Handshakes, ReceiverStats};
@@ -322,7 +323,7 @@ struct Shared {
     next_msg: AtomicU64,
     cancel: CancellationToken,
     /// Each batch id seen this round and the last, and its wake-up.
-    claims: Mutex<HashMap<u64, Claim>>,
+    claims: Mutex<BatchLedger>,
     claims_changed: tokio::sync::Notify,
     /// Channels up now.
     chans: Mutex<HashMap<u16, DestChan>>,
@@ -381,45 +382,14 @@ fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(), MigrationE
     Ok(())
 }
 
-/// Where a batch's message id stands. Each id is applied once: a batch sent
-/// again after its channel failed (flagged as a resend) is applied only if
-/// its first copy never arrived, and acknowledged either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    /// Its pages are being read into guest memory on this connection.
-    Receiving { chan: u16, gen: u32 },
-    /// Received whole and being applied.
-    Applying,
-    /// Applied (in this round).
-    Done { round: u32 },
-}
-
 impl Shared {
-    /// Claims a batch's id for this connection. `Ok(true)`: new, apply it;
-    /// `Ok(false)`: a resend of an id already here; a duplicate id without
-    /// the resend flag is an error.
-    fn claim(&self, h: &Header, state: Claim) -> Result<bool, MigrationError> {
-        let mut claims = self.claims.lock().unwrap();
-        if let std::collections::hash_map::Entry::Vacant(e) = claims.entry(h.message_id) {
-            e.insert(state);
-            return Ok(true);
-        }
-        if h.flags & FLAG_RESEND == 0 {
-            return Err(MigrationError::Protocol(format!(
-                "duplicate message id {} on channel {} (not marked as a resend)",
-                h.message_id, h.channel
-            )));
-        }
-        Ok(false)
+    /// Claims a batch's id for this connection if it is new.
+    fn claim(&self, h: &Header, state: Claim) -> Result<Claimed, MigrationError> {
+        self.claims.lock().unwrap().claim(h, state)
     }
 
     fn set_claim(&self, id: u64, state: Option<Claim>) {
-        let mut claims = self.claims.lock().unwrap();
-        match state {
-            Some(s) => claims.insert(id, s),
-            None => claims.remove(&id),
-        };
-        drop(claims);
+        self.claims.lock().unwrap().set(id, state);
         self.claims_changed.notify_waiters();
     }
 
@@ -432,20 +402,12 @@ impl Shared {
             let changed = self.claims_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let holder = {
-                let mut claims = self.claims.lock().unwrap();
-                match claims.get(&id).copied() {
-                    None => {
-                        claims.insert(id, Claim::Applying);
-                        return Ok(true);
-                    }
-                    Some(Claim::Done { .. }) => return Ok(false),
-                    Some(Claim::Applying) => None,
-                    Some(Claim::Receiving { chan, gen }) => Some((chan, gen)),
-                }
-            };
-            if let Some((chan, gen)) = holder {
-                self.stop_channel(chan, gen);
+            let settled = self.claims.lock().unwrap().settle(id);
+            match settled {
+                Settle::Apply => return Ok(true),
+                Settle::AckOnly => return Ok(false),
+                Settle::Wait(None) => {}
+                Settle::Wait(Some((chan, gen))) => self.stop_channel(chan, gen),
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(MigrationError::Cancelled),
@@ -466,10 +428,7 @@ impl Shared {
 
     /// Forgets what a connection that ended was reading.
     fn release(&self, chan: u16, gen: u32) {
-        self.claims
-            .lock()
-            .unwrap()
-            .retain(|_, c| *c != Claim::Receiving { chan, gen });
+        self.claims.lock().unwrap().release(chan, gen);
         self.claims_changed.notify_waiters();
     }
 
@@ -561,11 +520,22 @@ async fn channel_task(
         loop {
             // A placed batch's pages land in guest memory: check the session,
             // the state and that this id is new before the first byte does.
+            // What the claim said of a batch not placed, which then comes
+            // back whole: claimed once, not twice.
+            let verdict = Mutex::new(None);
             let accept = |h: &Header, b: &PageBatch| {
                 check_session(&sh, ch, h)?;
-                sh.machine.lock().unwrap().check_batch(b.round)?;
                 sh.fault_at(FaultPoint::BeforeRound0)?;
-                sh.claim(h, Claim::Receiving { chan: ch, gen })
+                match sh.claim(h, Claim::Receiving { chan: ch, gen })? {
+                    Claimed::New => {
+                        sh.machine.lock().unwrap().check_batch(b.round)?;
+                        Ok(true)
+                    }
+                    other => {
+                        *verdict.lock().unwrap() = Some(other);
+                        Ok(false)
+                    }
+                }
             };
             let received = tokio::select! {
                 biased;
@@ -583,11 +553,22 @@ async fn channel_task(
                 Some(Received::Frame(frame)) if frame.header.command == Command::PageBatch => {
                     check_session(&sh, ch, &frame.header)?;
                     let batch = PageBatch::decode(frame.payload, sh.limits)?;
-                    sh.machine.lock().unwrap().check_batch(batch.round)?;
-                    sh.fault_at(FaultPoint::BeforeRound0)?;
                     let h = frame.header;
-                    let fresh =
-                        sh.claim(&h, Claim::Applying)? || sh.settle_resend(h.message_id).await?;
+                    let claimed = match verdict.lock().unwrap().take() {
+                        Some(c) => c,
+                        None => {
+                            sh.fault_at(FaultPoint::BeforeRound0)?;
+                            sh.claim(&h, Claim::Applying)?
+                        }
+                    };
+                    let fresh = match claimed {
+                        Claimed::New => true,
+                        Claimed::Repeat => sh.settle_resend(h.message_id).await?,
+                        Claimed::Stale => false,
+                    };
+                    if fresh {
+                        sh.machine.lock().unwrap().check_batch(batch.round)?;
+                    }
                     (h, batch, fresh)
                 }
                 Some(Received::Frame(frame)) => {
@@ -1034,7 +1015,7 @@ impl Session {
             session_id,
             next_msg: AtomicU64::new(1),
             cancel: cancel.clone(),
-            claims: Mutex::new(HashMap::new()),
+            claims: Mutex::new(BatchLedger::default()),
             claims_changed: tokio::sync::Notify::new(),
             chans: Mutex::new(HashMap::new()),
             fault: Mutex::new(self.config.fault),
@@ -1100,9 +1081,8 @@ impl Session {
         // Control ids seen, and the last reply with the id it answered: a
         // control message sent again after its channel failed gets the same
         // reply again, and is not acted on twice.
-        let mut control_ids = std::collections::HashSet::new();
+        let mut control = ControlLog::default();
         let mut last_loss: Option<String> = None;
-        let mut last_reply: Option<(u64, Message)> = None;
         // The source is silent when no byte arrives on any channel: a single
         // channel may rightly idle for long while others carry the rounds.
         let idle = self.config.idle_timeout;
@@ -1153,22 +1133,16 @@ impl Session {
             let Some(ev) = ev else {
                 break Err(MigrationError::Protocol("all channels ended".into()));
             };
-            if let Event::Control(h, m) = &ev {
-                if !control_ids.insert(h.message_id) {
-                    if h.flags & FLAG_RESEND == 0 {
-                        break Err(MigrationError::Protocol(format!(
-                            "duplicate message id {} ({:?}) on channel {}",
-                            h.message_id,
-                            m.command(),
-                            h.channel
-                        )));
-                    }
-                    if let Some((id, reply)) = &last_reply {
-                        if *id == h.message_id {
-                            let _ = sh.reply(h.channel, reply).await;
+            if let Event::Control(h, _) = &ev {
+                match control.see(h) {
+                    Err(e) => break Err(e),
+                    Ok(Seen::New) => {}
+                    Ok(Seen::Again(reply)) => {
+                        if let Some(reply) = reply {
+                            let _ = sh.reply(h.channel, &reply).await;
                         }
+                        continue;
                     }
-                    continue;
                 }
             }
             match ev {
@@ -1219,10 +1193,7 @@ impl Session {
                     }
                     // Every batch of earlier rounds was acknowledged: none
                     // comes again.
-                    sh.claims
-                        .lock()
-                        .unwrap()
-                        .retain(|_, c| !matches!(c, Claim::Done { round } if *round < m.round));
+                    sh.claims.lock().unwrap().round_began(m.round);
                     if m.final_next {
                         tally.paused_at = Some(Instant::now());
                     }
@@ -1271,7 +1242,7 @@ impl Session {
                     }
                     tally.verified = true;
                     let ready = Message::Ready(ready);
-                    last_reply = Some((h.message_id, ready.clone()));
+                    control.replied(h.message_id, &ready);
                     if let Err(e) = sh.reply(h.channel, &ready).await {
                         // The source sends SWITCHOVER again once a channel is back.
                         tracing::warn!(error = %e, "could not send READY yet");
@@ -1303,7 +1274,7 @@ impl Session {
                         destination_cpu_ms: self.ctx.cpu.total().as_millis() as u64,
                         resumed: !leave_paused,
                     });
-                    last_reply = Some((h.message_id, complete.clone()));
+                    control.replied(h.message_id, &complete);
                     if let Err(e) = sh.reply(h.channel, &complete).await {
                         tracing::warn!(error = %e, "could not acknowledge GO; the guest runs here regardless");
                     }
@@ -1345,7 +1316,7 @@ impl Session {
                             }
                         }
                         Some(Event::Control(h, Message::Go)) if h.flags & FLAG_RESEND != 0 => {
-                            if let Some((_, reply)) = &last_reply {
+                            if let Some(reply) = control.last_reply() {
                                 let _ = sh.reply(h.channel, reply).await;
                             }
                         }

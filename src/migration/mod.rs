@@ -4,12 +4,14 @@
 
 mod config;
 pub mod credits;
+pub mod dest_ledger;
 pub mod dest_state;
 mod error;
 mod guest;
 pub mod policy;
 mod report;
 pub mod saved;
+pub mod sim;
 pub mod source_machine;
 
 #[cfg(feature = "net")]

@@ -1,0 +1,221 @@
+//! The simulated destination: the real protocol state machine and ledgers,
+//! guest memory as one version number per page.
+
+use super::digest;
+use super::net::{Frame, Payload};
+use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
+use crate::migration::dest_state::{DestMachine, DestState};
+use crate::wire::{BatchAck, Command, Complete, GuestKind, Header, Message, Negotiate};
+use crate::wire::{SessionSetup, VerifyMode, VERSION};
+
+/// The destination of one simulated session.
+pub struct SimDest {
+    pub machine: DestMachine,
+    pub memory: Vec<u64>,
+    ledger: BatchLedger,
+    control: ControlLog,
+    pub session_id: u64,
+    /// Connections it reads, by channel.
+    pub conns: std::collections::BTreeMap<u16, u32>,
+    /// When a frame last arrived on any channel.
+    pub last_rx: u64,
+    pub crashed: bool,
+    /// Why it ended the session, if it did.
+    pub ended: Option<String>,
+}
+
+/// What the destination sends back: a frame on a channel of its choosing.
+pub type Reply = (u16, Header, Message);
+
+impl SimDest {
+    pub fn new(pages: u64, channels: u16, session_id: u64, now: u64) -> Self {
+        let mut machine = DestMachine::new(u64::MAX);
+        let negotiate = Negotiate {
+            min_version: VERSION,
+            max_version: VERSION,
+            capabilities: 0,
+            codecs: 1,
+            page_size: crate::memory::PAGE_SIZE as u32,
+            nonce: [0; 16],
+        };
+        machine.handle_negotiate(&negotiate).expect("negotiates");
+        let setup = SessionSetup {
+            memory_bytes: pages * crate::memory::PAGE_SIZE as u64,
+            channels,
+            codec: 0,
+            codec_level: 0,
+            guest_kind: GuestKind::Sim,
+            verify: VerifyMode::Fast,
+            max_bandwidth: 0,
+            flags: 0,
+            label: None,
+            proof: None,
+        };
+        machine.handle_setup(&setup).expect("sets up");
+        Self {
+            machine,
+            memory: vec![0; pages as usize],
+            ledger: BatchLedger::default(),
+            control: ControlLog::default(),
+            session_id,
+            conns: (0..channels).map(|c| (c, 0)).collect(),
+            last_rx: now,
+            crashed: false,
+            ended: None,
+        }
+    }
+
+    /// Whether the guest runs here.
+    pub fn running(&self) -> bool {
+        self.machine.state() == DestState::Running && !self.crashed
+    }
+
+    /// Ends the session with `why` (unless the guest is already ours).
+    pub fn end(&mut self, why: String) {
+        self.machine.abort();
+        if self.machine.state() != DestState::Running {
+            self.ended.get_or_insert(why);
+        }
+    }
+
+    /// A connection closed: what it was reading is forgotten.
+    pub fn lost(&mut self, chan: u16, gen: u32) {
+        if self.conns.get(&chan) == Some(&gen) {
+            self.conns.remove(&chan);
+        }
+        self.ledger.release(chan, gen);
+    }
+
+    /// Connection `gen` of `chan` bound, replacing the one before.
+    pub fn bound(&mut self, chan: u16, gen: u32) {
+        if let Some(old) = self.conns.insert(chan, gen) {
+            self.ledger.release(chan, old);
+        }
+    }
+
+    fn header(&self, command: Command) -> Header {
+        Header {
+            session_id: self.session_id,
+            ..Header::new(command)
+        }
+    }
+
+    /// Handles a frame; returns what to send back, or ends the session.
+    pub fn handle(&mut self, now: u64, f: Frame) -> Vec<Reply> {
+        if self.crashed || self.ended.is_some() || self.conns.get(&f.chan) != Some(&f.gen) {
+            return Vec::new();
+        }
+        if let Payload::Eof = f.payload {
+            self.lost(f.chan, f.gen);
+            return Vec::new();
+        }
+        self.last_rx = now;
+        let result = match f.payload {
+            Payload::Eof => Ok(Vec::new()),
+            Payload::Batch { round, pages } => self.batch(f.chan, &f.header, round, &pages),
+            Payload::Msg(m) => self.message(f.chan, &f.header, m),
+        };
+        match result {
+            Ok(replies) => replies,
+            Err(e) => {
+                let abort = Message::Abort(crate::wire::Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                });
+                let abort = (f.chan, self.header(Command::Abort), abort);
+                self.end(e.to_string());
+                vec![abort]
+            }
+        }
+    }
+
+    fn batch(
+        &mut self,
+        chan: u16,
+        h: &Header,
+        round: u32,
+        pages: &[(u64, u64)],
+    ) -> Result<Vec<Reply>, crate::migration::MigrationError> {
+        let fresh = match self.ledger.claim(h, Claim::Applying)? {
+            Claimed::New => true,
+            Claimed::Stale => false,
+            Claimed::Repeat => match self.ledger.settle(h.message_id) {
+                Settle::Apply => true,
+                Settle::AckOnly => false,
+                Settle::Wait(_) => {
+                    return Err(crate::migration::MigrationError::Internal(
+                        "a batch is applied at once here: nothing to wait for".into(),
+                    ))
+                }
+            },
+        };
+        if fresh {
+            self.machine.check_batch(round)?;
+            for &(page, version) in pages {
+                self.memory[page as usize] = version;
+            }
+            self.ledger.set(h.message_id, Some(Claim::Done { round }));
+        }
+        let ack = BatchAck {
+            message_id: h.message_id,
+            pages: pages.len() as u32,
+        };
+        let header = Header {
+            credit_grant: 1,
+            ..self.header(Command::BatchAck)
+        };
+        Ok(vec![(chan, header, Message::BatchAck(ack))])
+    }
+
+    fn message(
+        &mut self,
+        chan: u16,
+        h: &Header,
+        m: Message,
+    ) -> Result<Vec<Reply>, crate::migration::MigrationError> {
+        if let Message::Echo(e) = m {
+            return Ok(vec![(
+                chan,
+                self.header(Command::EchoResponse),
+                Message::EchoResponse(e),
+            )]);
+        }
+        match self.control.see(h)? {
+            Seen::Again(Some(reply)) => {
+                return Ok(vec![(chan, self.header(reply.command()), reply)])
+            }
+            Seen::Again(None) => return Ok(Vec::new()),
+            Seen::New => {}
+        }
+        let reply = match m {
+            Message::Abort(a) => {
+                self.end(format!("the source aborted: {}", a.message));
+                return Ok(Vec::new());
+            }
+            Message::RoundEnd(r) => {
+                self.machine.handle_round_end(&r)?;
+                self.ledger.round_began(r.round);
+                return Ok(Vec::new());
+            }
+            Message::Switchover(s) => {
+                let d = digest(&self.memory);
+                Message::Ready(self.machine.handle_switchover(&s, d)?)
+            }
+            Message::Go => {
+                self.machine.handle_go()?;
+                Message::Complete(Complete {
+                    destination_cpu_ms: 0,
+                    resumed: true,
+                })
+            }
+            other => {
+                return Err(crate::migration::MigrationError::Protocol(format!(
+                    "unexpected {:?}",
+                    other.command()
+                )))
+            }
+        };
+        self.control.replied(h.message_id, &reply);
+        Ok(vec![(chan, self.header(reply.command()), reply)])
+    }
+}

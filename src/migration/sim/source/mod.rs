@@ -1,0 +1,491 @@
+//! The simulated source: the real session machine, a guest that dirties
+//! pages, the channel writers, the pre-copy rounds and the hand-off as the
+//! driver runs them, and the seeded faults.
+
+mod driver;
+
+use super::dest::SimDest;
+use super::net::{Dir, Frame, Net, Payload};
+use super::Rng;
+use crate::memory::DirtySnapshot;
+use crate::migration::credits::Credits;
+use crate::migration::source_machine::{Begin, Handled, Next, SourceMachine, Transmit, Work};
+use crate::wire::Message;
+use std::time::{Duration, Instant};
+
+const PEER_TIMEOUT_MS: u64 = 1_000;
+const HANDOFF_MS: u64 = 10_000;
+const COMPLETION_MS: u64 = 60_000;
+const DEST_IDLE_MS: u64 = 10_000;
+
+/// How the source's migration ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    Completed,
+    Failed(String),
+    Cancelled,
+    Unresolved(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Round(u32),
+    Final(u32),
+    AwaitReady {
+        digest: u64,
+        until: u64,
+    },
+    AwaitComplete {
+        until: u64,
+    },
+    /// Ended; the channels close at `close_at` (after a last ABORT).
+    Closing {
+        close_at: u64,
+    },
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Reset(u16),
+    Stall(u16, u64),
+    Partition(u64),
+    CrashDest,
+    Cancel,
+}
+
+/// A writer's encoded batch waiting for credit: its connection, the work
+/// and the pages as they were read.
+type Held = (u32, Work, Vec<(u64, u64)>);
+
+/// One simulated migration.
+pub struct SimSource {
+    pub now: u64,
+    epoch: Instant,
+    rng: Rng,
+    pub m: SourceMachine,
+    dest: SimDest,
+    net: Net,
+    memory: Vec<u64>,
+    dirty: DirtySnapshot,
+    /// The version each page had when last encoded: the source's hashes.
+    sent: Vec<u64>,
+    version: u64,
+    hot: u64,
+    write_rate: u64,
+    batch_pages: u32,
+    round_pages: u64,
+    held: Vec<Option<Held>>,
+    phase: Phase,
+    paused: bool,
+    go_sent: bool,
+    cancel: bool,
+    at_pause: Option<Vec<u64>>,
+    rebinds: Vec<(u64, u16, u32)>,
+    partitioned_until: u64,
+    faults_due: Vec<(u64, Fault)>,
+    drawn: Vec<(u64, Fault)>,
+    /// Whether every fault drawn is one to survive: then it must complete.
+    benign: bool,
+    pub faults: u32,
+    pub end: Option<End>,
+}
+
+impl SimSource {
+    pub fn new(seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let pages = 32 + rng.below(224);
+        let channels = 1 + rng.below(4) as u16;
+        let credits: Vec<Credits> = (0..channels)
+            .map(|_| Credits::new(1 + rng.below(4) as u16).expect("in range"))
+            .collect();
+        let epoch = Instant::now();
+        let timeout = Duration::from_millis(PEER_TIMEOUT_MS);
+        let m = SourceMachine::new(7, &credits, timeout, epoch);
+        let mut net = Net::default();
+        for c in 0..channels {
+            net.open(c, 0);
+        }
+        let faults_due = Self::draw_faults(&mut rng, channels);
+        // Resets and stalls of connections the session must ride out; a
+        // crash, a cancel or a partition (with every channel dead past the
+        // peer timeout the source rightly gives up) may end it either way.
+        let benign = faults_due
+            .iter()
+            .all(|(_, f)| matches!(f, Fault::Reset(_) | Fault::Stall(..)));
+        let drawn = faults_due.iter().rev().copied().collect();
+        let mut s = Self {
+            drawn,
+            now: 0,
+            epoch,
+            m,
+            dest: SimDest::new(pages, channels, 7, 0),
+            net,
+            memory: vec![0; pages as usize],
+            dirty: DirtySnapshot::from_words(vec![0; pages.div_ceil(64) as usize], pages),
+            sent: vec![0; pages as usize],
+            version: 0,
+            hot: 1 + rng.below(pages / 2),
+            write_rate: rng.below(3),
+            batch_pages: 1 + rng.below(16) as u32,
+            round_pages: 0,
+            held: (0..channels).map(|_| None).collect(),
+            phase: Phase::Round(0),
+            paused: false,
+            go_sent: false,
+            cancel: false,
+            at_pause: None,
+            rebinds: Vec::new(),
+            partitioned_until: 0,
+            faults_due,
+            benign,
+            faults: 0,
+            end: None,
+            rng,
+        };
+        s.round_pages = s.m.enqueue(&DirtySnapshot::all(pages), 0, s.batch_pages);
+        s
+    }
+
+    fn draw_faults(rng: &mut Rng, channels: u16) -> Vec<(u64, Fault)> {
+        let n = rng.below(5);
+        let mut faults: Vec<(u64, Fault)> = (0..n)
+            .map(|_| {
+                let at = rng.below(1_500);
+                let chan = rng.below(channels.into()) as u16;
+                let fault = match rng.below(20) {
+                    0..=8 => Fault::Reset(chan),
+                    9..=13 => Fault::Stall(chan, 200 + rng.below(2_500)),
+                    14..=15 => Fault::Partition(100 + rng.below(3_000)),
+                    16..=17 => Fault::CrashDest,
+                    _ => Fault::Cancel,
+                };
+                (at, fault)
+            })
+            .collect();
+        faults.sort_by_key(|f| std::cmp::Reverse(f.0));
+        faults
+    }
+
+    fn instant(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.now)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{:?} (all acked {}, live {:?}, dest {:?}, dest ended {:?})",
+            self.phase,
+            self.m.all_acked(),
+            self.m.live_channel(),
+            self.dest.machine.state(),
+            self.dest.ended
+        )
+    }
+
+    /// Whether the source has closed and the destination has settled.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Closed
+            && (self.dest.running() || self.dest.ended.is_some() || self.dest.crashed)
+    }
+
+    /// One step: faults due, frames due, timers, the guest, the writers and
+    /// the driver; then the virtual clock moves to the next thing due.
+    pub fn step(&mut self) -> Result<(), String> {
+        self.inject_faults();
+        while let Some((dir, frame)) = self.net.next_due(self.now) {
+            match dir {
+                Dir::ToDest => self.deliver_to_dest(frame),
+                Dir::ToSource => self.deliver_to_source(frame),
+            }
+            self.after_change();
+        }
+        self.run_rebinds();
+        if self.phase != Phase::Closed {
+            let tx: Vec<u64> = (0..self.m.channels())
+                .map(|c| {
+                    self.net
+                        .delivered
+                        .get(&(c, self.live_gen(c)))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect();
+            self.m.handle_timeout(self.instant(), &tx);
+            self.after_change();
+        }
+        let idle = self.now.saturating_sub(self.dest.last_rx) > DEST_IDLE_MS;
+        if idle && !self.dest.running() && self.dest.ended.is_none() && !self.dest.crashed {
+            self.dest.end("no frame on any channel".into());
+        }
+        self.dirty_guest();
+        self.write();
+        self.drive();
+        self.after_change();
+        self.m.check()?;
+        self.advance();
+        Ok(())
+    }
+
+    fn live_gen(&self, chan: u16) -> u32 {
+        self.net.up.get(&chan).copied().unwrap_or(u32::MAX)
+    }
+
+    fn advance(&mut self) {
+        let mut next = self.now + 1_000;
+        if !self.paused && self.write_rate > 0 && self.phase != Phase::Closed {
+            next = self.now + 1;
+        }
+        let due = [
+            self.net.next_at(),
+            self.m
+                .poll_timeout()
+                .map(|t| (t - self.epoch).as_millis() as u64),
+            self.rebinds.iter().map(|r| r.0).min(),
+            self.faults_due.last().map(|f| f.0),
+        ];
+        for t in due.into_iter().flatten() {
+            next = next.min(t);
+        }
+        self.now = next.max(self.now + 1);
+    }
+
+    fn inject_faults(&mut self) {
+        while self.faults_due.last().is_some_and(|f| f.0 <= self.now) {
+            let (_, fault) = self.faults_due.pop().expect("checked");
+            self.faults += 1;
+            match fault {
+                Fault::Reset(chan) => {
+                    if let Some(&gen) = self.net.up.get(&chan) {
+                        self.reset(chan, gen);
+                    }
+                }
+                Fault::Stall(chan, ms) => self.net.stall(chan, self.now + ms),
+                Fault::Partition(ms) => {
+                    // Every connection stalls and no new one gets through.
+                    self.partitioned_until = self.now + ms;
+                    let chans: Vec<u16> = self.net.up.keys().copied().collect();
+                    for chan in chans {
+                        self.net.stall(chan, self.now + ms);
+                    }
+                }
+                Fault::CrashDest => {
+                    self.dest.crashed = true;
+                    self.reset_all();
+                }
+                Fault::Cancel => self.cancel = true,
+            }
+        }
+    }
+
+    fn reset_all(&mut self) {
+        let up: Vec<(u16, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
+        for (chan, gen) in up {
+            self.reset(chan, gen);
+        }
+    }
+
+    /// A connection breaks: both ends see it at once.
+    fn reset(&mut self, chan: u16, gen: u32) {
+        self.net.close(chan, gen);
+        self.dest.lost(chan, gen);
+        self.m.handle_lost(self.instant(), chan, gen);
+        self.after_change();
+    }
+
+    fn deliver_to_dest(&mut self, f: Frame) {
+        let (on, on_gen) = (f.chan, f.gen);
+        for (chan, header, msg) in self.dest.handle(self.now, f) {
+            // Acknowledgements and echoes answer on their own connection;
+            // replies on the channel their question came on if the
+            // destination has it up, else on any it has.
+            let own = matches!(msg, Message::BatchAck(_) | Message::EchoResponse(_));
+            let mut up: Vec<(u16, u32)> = self.dest.conns.iter().map(|(&c, &g)| (c, g)).collect();
+            up.sort_by_key(|&(c, _)| (c != chan, c));
+            let to = if own {
+                Some((on, on_gen))
+            } else {
+                up.first().copied()
+            };
+            if let Some((chan, gen)) = to {
+                let payload = Payload::Msg(msg);
+                let frame = Frame {
+                    chan,
+                    gen,
+                    header,
+                    payload,
+                };
+                self.net.send(&mut self.rng, self.now, Dir::ToSource, frame);
+            }
+        }
+    }
+
+    fn deliver_to_source(&mut self, f: Frame) {
+        let Payload::Msg(msg) = f.payload else { return };
+        let now = self.instant();
+        match self.m.handle_frame(now, f.chan, f.gen, &f.header, msg) {
+            Ok(Handled::Stale) => self.close_conn(f.chan, f.gen),
+            Ok(_) => {}
+            Err(e) => self.m.fail(e),
+        }
+    }
+
+    /// The source drops a connection it gave up on (or at the end).
+    fn close_conn(&mut self, chan: u16, gen: u32) {
+        self.net
+            .close_from_source(&mut self.rng, self.now, chan, gen);
+    }
+
+    /// Carries out what the machine asks; connections it declared dead
+    /// close, and writers holding work on them give it back.
+    fn after_change(&mut self) {
+        while let Some(t) = self.m.poll_transmit() {
+            match t {
+                Transmit::Rebind { chan, gen } => {
+                    let at = self.now + 5 + self.rng.below(20);
+                    self.rebinds.push((at, chan, gen));
+                }
+                Transmit::Echo {
+                    chan,
+                    gen,
+                    header,
+                    msg,
+                } => {
+                    let frame = Frame {
+                        chan,
+                        gen,
+                        header,
+                        payload: Payload::Msg(msg),
+                    };
+                    self.net.send(&mut self.rng, self.now, Dir::ToDest, frame);
+                }
+            }
+        }
+        let up: Vec<(u16, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
+        for (chan, gen) in up {
+            if !self.m.is_live(chan, gen) {
+                self.close_conn(chan, gen);
+            }
+        }
+        for c in 0..self.held.len() {
+            let stale = self.held[c]
+                .as_ref()
+                .is_some_and(|h| !self.m.is_live(c as u16, h.0));
+            if stale {
+                let (_, work, _) = self.held[c].take().expect("checked");
+                self.m.requeue(work);
+            }
+        }
+    }
+
+    fn run_rebinds(&mut self) {
+        let due: Vec<(u64, u16, u32)> = self
+            .rebinds
+            .iter()
+            .filter(|r| r.0 <= self.now)
+            .copied()
+            .collect();
+        self.rebinds.retain(|r| r.0 > self.now);
+        for (_, chan, gen) in due {
+            if self.phase == Phase::Closed {
+                continue;
+            }
+            let refused = self.dest.crashed || self.dest.ended.is_some();
+            let heals = self.partitioned_until.saturating_sub(self.now);
+            if !refused && heals > 0 && heals < PEER_TIMEOUT_MS {
+                // The connection attempt gets through once the partition heals.
+                self.rebinds.push((self.partitioned_until, chan, gen));
+                continue;
+            }
+            if refused || heals > 0 {
+                // Refused at once; a partition outlasting it times the attempt out.
+                let again = self.m.handle_rebind_failed(chan, refused, "unreachable");
+                if again {
+                    let wait = if refused { 50 } else { PEER_TIMEOUT_MS };
+                    self.rebinds.push((self.now + wait, chan, gen));
+                }
+                continue;
+            }
+            let credits = Credits::new(1 + self.rng.below(4) as u16).expect("in range");
+            self.net.open(chan, gen);
+            self.dest.bound(chan, gen);
+            self.m.handle_bound(self.instant(), chan, gen, credits);
+        }
+    }
+
+    fn dirty_guest(&mut self) {
+        if self.paused || self.phase == Phase::Closed {
+            return;
+        }
+        for _ in 0..self.write_rate {
+            let page = self.rng.below(self.hot);
+            self.version += 1;
+            self.memory[page as usize] = self.version;
+            self.dirty.set(page);
+        }
+    }
+
+    /// Every live channel's writer sends what its credits allow.
+    fn write(&mut self) {
+        for chan in 0..self.m.channels() {
+            while let Some(sent) = self.write_one(chan) {
+                if !sent {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One batch on `chan`: `Some(true)` sent, `Some(false)` waits for
+    /// credit, `None` nothing to do.
+    fn write_one(&mut self, chan: u16) -> Option<bool> {
+        let gen = *self.net.up.get(&chan)?;
+        if !self.m.is_live(chan, gen) {
+            return None;
+        }
+        let (work, pages) = match self.held[usize::from(chan)].take() {
+            Some((_, w, p)) => (w, p),
+            None => match self.m.next_work(chan, gen) {
+                Next::Work(w) => {
+                    let pages = self.encode(&w);
+                    (w, pages)
+                }
+                Next::Idle | Next::Dead => return None,
+            },
+        };
+        let round = work.job().round;
+        match self
+            .m
+            .begin_batch(chan, gen, work, pages.len() as u32, pages.len() * 8)
+        {
+            Begin::Send(header) => {
+                let payload = Payload::Batch { round, pages };
+                let frame = Frame {
+                    chan,
+                    gen,
+                    header,
+                    payload,
+                };
+                self.net.send(&mut self.rng, self.now, Dir::ToDest, frame);
+                Some(true)
+            }
+            Begin::NoCredit(work) => {
+                self.held[usize::from(chan)] = Some((gen, work, pages));
+                Some(false)
+            }
+            Begin::Dead => None,
+        }
+    }
+
+    /// Reads a batch's pages now and records them as sent.
+    fn encode(&mut self, work: &Work) -> Vec<(u64, u64)> {
+        let mut pages = Vec::new();
+        for &(first, len) in &work.job().runs {
+            for page in first..first + u64::from(len) {
+                let v = self.memory[page as usize];
+                self.sent[page as usize] = v;
+                pages.push((page, v));
+            }
+        }
+        pages
+    }
+}
