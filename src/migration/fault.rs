@@ -75,6 +75,7 @@ impl FromStr for Fault {
 }
 
 /// Kills or stops this process (the kinds that act on the whole process).
+#[cfg(feature = "net")]
 #[allow(unsafe_code)]
 pub(crate) fn strike_process(kind: FaultKind) {
     tracing::warn!(?kind, "injected fault");
@@ -93,6 +94,7 @@ pub(crate) fn strike_process(kind: FaultKind) {
 }
 
 /// Closes a socket with an RST on its next close (SO_LINGER 0).
+#[cfg(feature = "net")]
 #[allow(unsafe_code)]
 pub(crate) fn linger_zero(fd: std::os::fd::RawFd) {
     let linger = libc::linger {

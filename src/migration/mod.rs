@@ -20,7 +20,6 @@ mod accept;
 pub mod auth;
 #[cfg(feature = "net")]
 mod dest;
-#[cfg(feature = "net")]
 pub mod fault;
 #[cfg(feature = "net")]
 mod gate;

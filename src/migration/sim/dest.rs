@@ -5,6 +5,8 @@ use super::digest;
 use super::net::{Frame, Payload};
 use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
 use crate::migration::dest_state::{DestMachine, DestState};
+use crate::migration::fault::{FaultKind, FaultPoint};
+use crate::migration::MigrationError;
 use crate::wire::{BatchAck, Command, Complete, GuestKind, Header, Message, Negotiate};
 use crate::wire::{SessionSetup, VerifyMode, VERSION};
 
@@ -20,8 +22,15 @@ pub struct SimDest {
     /// When a frame last arrived on any channel.
     pub last_rx: u64,
     pub crashed: bool,
+    /// Stopped rather than dead: its sockets take connections, nothing answers.
+    pub silent: bool,
     /// Why it ended the session, if it did.
     pub ended: Option<String>,
+    /// The fault to inject at a point of the protocol, until it has been,
+    /// and one struck that the network must carry out (a reset, a crash).
+    pub fault: Option<(FaultPoint, FaultKind)>,
+    pub struck: Option<FaultKind>,
+    round0_applied: u64,
 }
 
 /// What the destination sends back: a frame on a channel of its choosing.
@@ -61,8 +70,18 @@ impl SimDest {
             conns: (0..channels).map(|c| (c, 0)).collect(),
             last_rx: now,
             crashed: false,
+            silent: false,
             ended: None,
+            fault: None,
+            struck: None,
+            round0_applied: 0,
         }
+    }
+
+    /// The same destination, faulting at `fault`'s point.
+    pub fn faulting(mut self, fault: Option<(FaultPoint, FaultKind)>) -> Self {
+        self.fault = fault;
+        self
     }
 
     /// Whether the guest runs here.
@@ -93,6 +112,25 @@ impl SimDest {
         }
     }
 
+    /// Injects the fault if it is for `point` (once), as the receiver's
+    /// `fault_at` does: an abort ends the session, a reset or a crash is
+    /// left for the network to carry out once this frame's answers are out.
+    fn fault_at(&mut self, point: FaultPoint) -> Result<(), MigrationError> {
+        match self.fault {
+            Some((p, kind)) if p == point => {
+                self.fault = None;
+                if kind == FaultKind::Abort {
+                    return Err(MigrationError::Resources(format!(
+                        "injected fault at {point:?}"
+                    )));
+                }
+                self.struck = Some(kind);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn header(&self, command: Command) -> Header {
         Header {
             session_id: self.session_id,
@@ -118,11 +156,7 @@ impl SimDest {
         match result {
             Ok(replies) => replies,
             Err(e) => {
-                let abort = Message::Abort(crate::wire::Abort {
-                    code: e.abort_code(),
-                    message: e.to_string(),
-                });
-                let abort = (f.chan, self.header(Command::Abort), abort);
+                let abort = (f.chan, self.header(Command::Abort), abort_of(&e));
                 self.end(e.to_string());
                 vec![abort]
             }
@@ -135,7 +169,8 @@ impl SimDest {
         h: &Header,
         round: u32,
         pages: &[(u64, u64)],
-    ) -> Result<Vec<Reply>, crate::migration::MigrationError> {
+    ) -> Result<Vec<Reply>, MigrationError> {
+        self.fault_at(FaultPoint::BeforeRound0)?;
         let fresh = match self.ledger.claim(h, Claim::Applying)? {
             Claimed::New => true,
             Claimed::Stale => false,
@@ -143,7 +178,7 @@ impl SimDest {
                 Settle::Apply => true,
                 Settle::AckOnly => false,
                 Settle::Wait(_) => {
-                    return Err(crate::migration::MigrationError::Internal(
+                    return Err(MigrationError::Internal(
                         "a batch is applied at once here: nothing to wait for".into(),
                     ))
                 }
@@ -155,6 +190,12 @@ impl SimDest {
                 self.memory[page as usize] = version;
             }
             self.ledger.set(h.message_id, Some(Claim::Done { round }));
+            if round == 0 {
+                self.round0_applied += pages.len() as u64;
+                if self.round0_applied * 2 >= self.memory.len() as u64 {
+                    self.fault_at(FaultPoint::MidRound)?;
+                }
+            }
         }
         let ack = BatchAck {
             message_id: h.message_id,
@@ -167,12 +208,7 @@ impl SimDest {
         Ok(vec![(chan, header, Message::BatchAck(ack))])
     }
 
-    fn message(
-        &mut self,
-        chan: u16,
-        h: &Header,
-        m: Message,
-    ) -> Result<Vec<Reply>, crate::migration::MigrationError> {
+    fn message(&mut self, chan: u16, h: &Header, m: Message) -> Result<Vec<Reply>, MigrationError> {
         if let Message::Echo(e) = m {
             return Ok(vec![(
                 chan,
@@ -198,18 +234,31 @@ impl SimDest {
                 return Ok(Vec::new());
             }
             Message::Switchover(s) => {
+                self.fault_at(FaultPoint::BeforeReady)?;
                 let d = digest(&self.memory);
-                Message::Ready(self.machine.handle_switchover(&s, d)?)
+                let ready = Message::Ready(self.machine.handle_switchover(&s, d)?);
+                self.control.replied(h.message_id, &ready);
+                let mut out = vec![(chan, self.header(Command::Ready), ready)];
+                if let Err(e) = self.fault_at(FaultPoint::AfterReady) {
+                    out.push((chan, self.header(Command::Abort), abort_of(&e)));
+                    self.end(e.to_string());
+                }
+                return Ok(out);
             }
             Message::Go => {
                 self.machine.handle_go()?;
+                if let Err(e) = self.fault_at(FaultPoint::AfterGo) {
+                    // The guest is ours; the session ends without COMPLETE.
+                    self.ended = Some(e.to_string());
+                    return Ok(Vec::new());
+                }
                 Message::Complete(Complete {
                     destination_cpu_ms: 0,
                     resumed: true,
                 })
             }
             other => {
-                return Err(crate::migration::MigrationError::Protocol(format!(
+                return Err(MigrationError::Protocol(format!(
                     "unexpected {:?}",
                     other.command()
                 )))
@@ -218,4 +267,11 @@ impl SimDest {
         self.control.replied(h.message_id, &reply);
         Ok(vec![(chan, self.header(reply.command()), reply)])
     }
+}
+
+fn abort_of(e: &MigrationError) -> Message {
+    Message::Abort(crate::wire::Abort {
+        code: e.abort_code(),
+        message: e.to_string(),
+    })
 }

@@ -182,8 +182,8 @@ impl SimSource {
         }
         if self.benign && self.end != Some(End::Completed) {
             return Err(format!(
-                "only survivable faults ({:?}), and it ended {:?} (destination: {:?})",
-                self.drawn, self.end, self.dest.ended
+                "only survivable faults ({:?}, destination {:?}), and it ended {:?} (destination: {:?})",
+                self.drawn, self.dest_fault, self.end, self.dest.ended
             ));
         }
         match &self.end {

@@ -9,6 +9,7 @@ use super::net::{Dir, Frame, Net, Payload};
 use super::Rng;
 use crate::memory::DirtySnapshot;
 use crate::migration::credits::Credits;
+use crate::migration::fault::{FaultKind, FaultPoint};
 use crate::migration::source_machine::{Begin, Handled, Next, SourceMachine, Transmit, Work};
 use crate::wire::Message;
 use std::time::{Duration, Instant};
@@ -85,6 +86,7 @@ pub struct SimSource {
     partitioned_until: u64,
     faults_due: Vec<(u64, Fault)>,
     drawn: Vec<(u64, Fault)>,
+    dest_fault: Option<(FaultPoint, FaultKind)>,
     /// Whether every fault drawn is one to survive: then it must complete.
     benign: bool,
     pub faults: u32,
@@ -107,19 +109,22 @@ impl SimSource {
             net.open(c, 0);
         }
         let faults_due = Self::draw_faults(&mut rng, channels);
+        let dest_fault = Self::draw_dest_fault(&mut rng);
         // Resets and stalls of connections the session must ride out; a
         // crash, a cancel or a partition (with every channel dead past the
         // peer timeout the source rightly gives up) may end it either way.
         let benign = faults_due
             .iter()
-            .all(|(_, f)| matches!(f, Fault::Reset(_) | Fault::Stall(..)));
+            .all(|(_, f)| matches!(f, Fault::Reset(_) | Fault::Stall(..)))
+            && dest_fault.is_none_or(|(_, k)| k == FaultKind::Reset);
         let drawn = faults_due.iter().rev().copied().collect();
         let mut s = Self {
             drawn,
+            dest_fault,
             now: 0,
             epoch,
             m,
-            dest: SimDest::new(pages, channels, 7, 0),
+            dest: SimDest::new(pages, channels, 7, 0).faulting(dest_fault),
             net,
             memory: vec![0; pages as usize],
             dirty: DirtySnapshot::from_words(vec![0; pages.div_ceil(64) as usize], pages),
@@ -145,6 +150,28 @@ impl SimSource {
         };
         s.round_pages = s.m.enqueue(&DirtySnapshot::all(pages), 0, s.batch_pages);
         s
+    }
+
+    /// A quarter of the schedules fault the destination at a point of the
+    /// protocol, as the hand-off tests do with real processes.
+    fn draw_dest_fault(rng: &mut Rng) -> Option<(FaultPoint, FaultKind)> {
+        if !rng.chance(25) {
+            return None;
+        }
+        let point = match rng.below(5) {
+            0 => FaultPoint::BeforeRound0,
+            1 => FaultPoint::MidRound,
+            2 => FaultPoint::BeforeReady,
+            3 => FaultPoint::AfterReady,
+            _ => FaultPoint::AfterGo,
+        };
+        let kind = match rng.below(10) {
+            0..=4 => FaultKind::Reset,
+            5..=6 => FaultKind::Abort,
+            7..=8 => FaultKind::Kill,
+            _ => FaultKind::Silent,
+        };
+        Some((point, kind))
     }
 
     fn draw_faults(rng: &mut Rng, channels: u16) -> Vec<(u64, Fault)> {
@@ -317,6 +344,23 @@ impl SimSource {
                 self.net.send(&mut self.rng, self.now, Dir::ToSource, frame);
             }
         }
+        match self.dest.struck.take() {
+            None | Some(FaultKind::Abort) => {}
+            Some(FaultKind::Reset) => self.reset_all(),
+            Some(FaultKind::Kill) => {
+                self.dest.crashed = true;
+                self.reset_all();
+            }
+            Some(FaultKind::Silent) => {
+                // Stopped: its sockets stay open and take nothing more.
+                self.dest.crashed = true;
+                self.dest.silent = true;
+                let chans: Vec<u16> = self.net.up.keys().copied().collect();
+                for chan in chans {
+                    self.net.stall(chan, u64::MAX / 2);
+                }
+            }
+        }
     }
 
     fn deliver_to_source(&mut self, f: Frame) {
@@ -389,8 +433,12 @@ impl SimSource {
             if self.phase == Phase::Closed {
                 continue;
             }
-            let refused = self.dest.crashed || self.dest.ended.is_some();
-            let heals = self.partitioned_until.saturating_sub(self.now);
+            let refused = self.dest.crashed && !self.dest.silent || self.dest.ended.is_some();
+            // A stopped process's kernel takes the connection; nothing answers.
+            let heals = match self.dest.silent {
+                true => u64::MAX,
+                false => self.partitioned_until.saturating_sub(self.now),
+            };
             if !refused && heals > 0 && heals < PEER_TIMEOUT_MS {
                 // The connection attempt gets through once the partition heals.
                 self.rebinds.push((self.partitioned_until, chan, gen));
