@@ -30,11 +30,32 @@ pub struct SimDest {
     /// and one struck that the network must carry out (a reset, a crash).
     pub fault: Option<(FaultPoint, FaultKind)>,
     pub struck: Option<FaultKind>,
+    pub hostile: Option<Hostile>,
     round0_applied: u64,
 }
 
 /// What the destination sends back: a frame on a channel of its choosing.
 pub type Reply = (u16, Header, Message);
+
+/// The message id that marks a hostile destination's frame (its honest
+/// frames carry 0).
+pub const HOSTILE_ID: u64 = u64::MAX;
+
+/// What a hostile (or broken) destination sends the source, once: issue 7's
+/// protocol-level cases from the destination's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// An acknowledgement of a batch never sent.
+    AckUnknown,
+    /// A real acknowledgement granting credits past the window.
+    GrantOverflow,
+    /// READY before any SWITCHOVER.
+    EarlyReady,
+    /// COMPLETE before any GO.
+    EarlyComplete,
+    /// A READY whose digest is not the memory's.
+    WrongDigest,
+}
 
 impl SimDest {
     pub fn new(pages: u64, channels: u16, session_id: u64, now: u64) -> Self {
@@ -74,6 +95,7 @@ impl SimDest {
             ended: None,
             fault: None,
             struck: None,
+            hostile: None,
             round0_applied: 0,
         }
     }
@@ -81,6 +103,12 @@ impl SimDest {
     /// The same destination, faulting at `fault`'s point.
     pub fn faulting(mut self, fault: Option<(FaultPoint, FaultKind)>) -> Self {
         self.fault = fault;
+        self
+    }
+
+    /// The same destination, hostile in one way.
+    pub fn hostile(mut self, hostile: Option<Hostile>) -> Self {
+        self.hostile = hostile;
         self
     }
 
@@ -205,7 +233,39 @@ impl SimDest {
             credit_grant: 1,
             ..self.header(Command::BatchAck)
         };
-        Ok(vec![(chan, header, Message::BatchAck(ack))])
+        let mut out = vec![(chan, header, Message::BatchAck(ack))];
+        if fresh {
+            self.misbehave(chan, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// A hostile destination's one bad frame, at its first fresh batch.
+    fn misbehave(&mut self, chan: u16, out: &mut Vec<Reply>) {
+        let marked = |command| Header {
+            message_id: HOSTILE_ID,
+            ..Header::new(command)
+        };
+        let bad = match self.hostile {
+            Some(Hostile::AckUnknown) => Message::BatchAck(BatchAck {
+                message_id: 1 << 40,
+                pages: 1,
+            }),
+            Some(Hostile::GrantOverflow) => {
+                out[0].1.credit_grant = u16::MAX;
+                out[0].1.message_id = HOSTILE_ID;
+                self.hostile = None;
+                return;
+            }
+            Some(Hostile::EarlyReady) => Message::Ready(crate::wire::Ready { digest: 0 }),
+            Some(Hostile::EarlyComplete) => Message::Complete(Complete {
+                destination_cpu_ms: 0,
+                resumed: true,
+            }),
+            Some(Hostile::WrongDigest) | None => return,
+        };
+        self.hostile = None;
+        out.push((chan, marked(bad.command()), bad));
     }
 
     fn message(&mut self, chan: u16, h: &Header, m: Message) -> Result<Vec<Reply>, MigrationError> {
@@ -236,9 +296,15 @@ impl SimDest {
             Message::Switchover(s) => {
                 self.fault_at(FaultPoint::BeforeReady)?;
                 let d = digest(&self.memory);
-                let ready = Message::Ready(self.machine.handle_switchover(&s, d)?);
+                let mut ready = self.machine.handle_switchover(&s, d)?;
+                let mut header = self.header(Command::Ready);
+                if self.hostile == Some(Hostile::WrongDigest) {
+                    ready.digest ^= 1;
+                    header.message_id = HOSTILE_ID;
+                }
+                let ready = Message::Ready(ready);
                 self.control.replied(h.message_id, &ready);
-                let mut out = vec![(chan, self.header(Command::Ready), ready)];
+                let mut out = vec![(chan, header, ready)];
                 if let Err(e) = self.fault_at(FaultPoint::AfterReady) {
                     out.push((chan, self.header(Command::Abort), abort_of(&e)));
                     self.end(e.to_string());

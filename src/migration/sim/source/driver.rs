@@ -186,6 +186,12 @@ impl SimSource {
                 self.drawn, self.dest_fault, self.end, self.dest.ended
             ));
         }
+        if self.hostile_hit && !matches!(self.end, Some(End::Failed(_) | End::Cancelled)) {
+            return Err(format!(
+                "a hostile destination's frame ({:?}) reached the source before GO, and it ended {:?}",
+                self.hostile_kind, self.end
+            ));
+        }
         match &self.end {
             Some(End::Completed) => {
                 if !ran_there {

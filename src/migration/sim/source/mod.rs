@@ -4,7 +4,7 @@
 
 mod driver;
 
-use super::dest::SimDest;
+use super::dest::{Hostile, SimDest, HOSTILE_ID};
 use super::net::{Dir, Frame, Net, Payload};
 use super::Rng;
 use crate::memory::DirtySnapshot;
@@ -87,6 +87,9 @@ pub struct SimSource {
     faults_due: Vec<(u64, Fault)>,
     drawn: Vec<(u64, Fault)>,
     dest_fault: Option<(FaultPoint, FaultKind)>,
+    /// A hostile destination's frame reached the source before GO.
+    hostile_hit: bool,
+    hostile_kind: Option<Hostile>,
     /// Whether every fault drawn is one to survive: then it must complete.
     benign: bool,
     pub faults: u32,
@@ -110,13 +113,15 @@ impl SimSource {
         }
         let faults_due = Self::draw_faults(&mut rng, channels);
         let dest_fault = Self::draw_dest_fault(&mut rng);
+        let hostile = Self::draw_hostile(&mut rng);
         // Resets and stalls of connections the session must ride out; a
         // crash, a cancel or a partition (with every channel dead past the
         // peer timeout the source rightly gives up) may end it either way.
         let benign = faults_due
             .iter()
             .all(|(_, f)| matches!(f, Fault::Reset(_) | Fault::Stall(..)))
-            && dest_fault.is_none_or(|(_, k)| k == FaultKind::Reset);
+            && dest_fault.is_none_or(|(_, k)| k == FaultKind::Reset)
+            && hostile.is_none();
         let drawn = faults_due.iter().rev().copied().collect();
         let mut s = Self {
             drawn,
@@ -124,7 +129,11 @@ impl SimSource {
             now: 0,
             epoch,
             m,
-            dest: SimDest::new(pages, channels, 7, 0).faulting(dest_fault),
+            dest: SimDest::new(pages, channels, 7, 0)
+                .faulting(dest_fault)
+                .hostile(hostile),
+            hostile_hit: false,
+            hostile_kind: hostile,
             net,
             memory: vec![0; pages as usize],
             dirty: DirtySnapshot::from_words(vec![0; pages.div_ceil(64) as usize], pages),
@@ -172,6 +181,20 @@ impl SimSource {
             _ => FaultKind::Silent,
         };
         Some((point, kind))
+    }
+
+    /// One schedule in ten has a hostile destination.
+    fn draw_hostile(rng: &mut Rng) -> Option<Hostile> {
+        if !rng.chance(10) {
+            return None;
+        }
+        Some(match rng.below(5) {
+            0 => Hostile::AckUnknown,
+            1 => Hostile::GrantOverflow,
+            2 => Hostile::EarlyReady,
+            3 => Hostile::EarlyComplete,
+            _ => Hostile::WrongDigest,
+        })
     }
 
     fn draw_faults(rng: &mut Rng, channels: u16) -> Vec<(u64, Fault)> {
@@ -366,7 +389,12 @@ impl SimSource {
     fn deliver_to_source(&mut self, f: Frame) {
         let Payload::Msg(msg) = f.payload else { return };
         let now = self.instant();
-        match self.m.handle_frame(now, f.chan, f.gen, &f.header, msg) {
+        let handled = self.m.handle_frame(now, f.chan, f.gen, &f.header, msg);
+        let hostile = f.header.message_id == HOSTILE_ID;
+        if hostile && !self.go_sent && !matches!(handled, Ok(Handled::Stale)) {
+            self.hostile_hit = true;
+        }
+        match handled {
             Ok(Handled::Stale) => self.close_conn(f.chan, f.gen),
             Ok(_) => {}
             Err(e) => self.m.fail(e),
