@@ -6,7 +6,7 @@ use super::{End, Phase, SimSource, COMPLETION_MS, HANDOFF_MS};
 use crate::memory::DirtySnapshot;
 use crate::migration::dest_state::DestState;
 use crate::migration::sim::digest;
-use crate::migration::sim::net::{Dir, Frame, Payload};
+use crate::migration::sim::net::Dir;
 use crate::migration::source_machine::{ControlTx, SourceEvent};
 use crate::wire::{Message, RoundEnd, Switchover, VerifyMode};
 
@@ -26,13 +26,7 @@ impl SimSource {
             } = tx.clone();
             let up = self.net.up.get(&chan) == Some(&gen);
             if up {
-                let frame = Frame {
-                    chan,
-                    gen,
-                    header,
-                    payload: Payload::Msg(msg),
-                };
-                self.net.send(&mut self.rng, self.now, Dir::ToDest, frame);
+                self.send_msg(Dir::ToDest, (chan, gen), header, msg);
             }
             self.m.control_done(&tx, up);
             if !up {

@@ -11,7 +11,7 @@ use crate::memory::DirtySnapshot;
 use crate::migration::credits::Credits;
 use crate::migration::fault::{FaultKind, FaultPoint};
 use crate::migration::source_machine::{Begin, Handled, Next, SourceMachine, Transmit, Work};
-use crate::wire::Message;
+use crate::wire::{Header, Message};
 use std::time::{Duration, Instant};
 
 const PEER_TIMEOUT_MS: u64 = 1_000;
@@ -356,15 +356,8 @@ impl SimSource {
             } else {
                 up.first().copied()
             };
-            if let Some((chan, gen)) = to {
-                let payload = Payload::Msg(msg);
-                let frame = Frame {
-                    chan,
-                    gen,
-                    header,
-                    payload,
-                };
-                self.net.send(&mut self.rng, self.now, Dir::ToSource, frame);
+            if let Some(conn) = to {
+                self.send_msg(Dir::ToSource, conn, header, msg);
             }
         }
         match self.dest.struck.take() {
@@ -401,6 +394,18 @@ impl SimSource {
         }
     }
 
+    /// Sends a message on connection `(chan, gen)`.
+    fn send_msg(&mut self, dir: Dir, (chan, gen): (u16, u32), header: Header, msg: Message) {
+        let payload = Payload::Msg(msg);
+        let frame = Frame {
+            chan,
+            gen,
+            header,
+            payload,
+        };
+        self.net.send(&mut self.rng, self.now, dir, frame);
+    }
+
     /// The source drops a connection it gave up on (or at the end).
     fn close_conn(&mut self, chan: u16, gen: u32) {
         self.net
@@ -421,15 +426,7 @@ impl SimSource {
                     gen,
                     header,
                     msg,
-                } => {
-                    let frame = Frame {
-                        chan,
-                        gen,
-                        header,
-                        payload: Payload::Msg(msg),
-                    };
-                    self.net.send(&mut self.rng, self.now, Dir::ToDest, frame);
-                }
+                } => self.send_msg(Dir::ToDest, (chan, gen), header, msg),
             }
         }
         let up: Vec<(u16, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
