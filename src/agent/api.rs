@@ -772,7 +772,7 @@ impl AgentHandle {
     /// leaves each guest running here; whatever it hosts is discarded.
     pub async fn shutdown(self) {
         self.node.cancel_all();
-        self.node.interrupt_operations();
+        self.node.close_operations().await;
         self.node.wait_idle(Duration::from_secs(30)).await;
         self.stop.cancel();
         for t in self.tasks {

@@ -716,6 +716,9 @@ pub struct Node {
     /// Held while a drain or resume of this node starts, so that two never
     /// start at once.
     pub(crate) op_turn: tokio::sync::Mutex<()>,
+    /// Set (under `op_turn`) once a stop has marked the running operations
+    /// interrupted: no operation starts after, to be cut off by the exit.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -772,6 +775,7 @@ impl Node {
             kept: Mutex::default(),
             cluster_turn: tokio::sync::Mutex::new(()),
             op_turn: tokio::sync::Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 

@@ -337,10 +337,30 @@ impl Node {
         }
     }
 
+    /// A clean stop's last word on operations: from here none starts (the
+    /// next process takes them; callers get 503 and ask again), and each
+    /// running one is marked interrupted by the stop.
+    pub async fn close_operations(&self) {
+        let _turn = self.op_turn.lock().await;
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.interrupt_operations();
+    }
+
+    fn refuse_if_closing(&self) -> Result<(), NodeError> {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(NodeError::Unavailable(format!(
+                "the agent of node {} is stopping; ask again once it is back",
+                self.spec.name
+            )));
+        }
+        Ok(())
+    }
+
     /// A clean stop: each running operation ends `failed`, `interrupted`
     /// by a `stop`, in its journal before the lease goes (an update command
     /// that restarts its agent this way did its work).
-    pub(crate) fn interrupt_operations(&self) {
+    fn interrupt_operations(&self) {
         let now = now_ms();
         let name = self.spec.name.clone();
         let ended: Vec<OperationView> = {
@@ -457,6 +477,7 @@ impl Node {
     pub async fn drain(self: &Arc<Self>, req: DrainRequest) -> Result<OperationView, NodeError> {
         // Until this drain is recorded, no other drain or resume starts.
         let _turn = self.op_turn.lock().await;
+        self.refuse_if_closing()?;
         if let Some(op) = self.asked_before(OpKind::Drain, req.request_id.as_deref())? {
             return Ok(op);
         }
@@ -709,6 +730,7 @@ impl Node {
         request_id: Option<&str>,
     ) -> Result<OperationView, NodeError> {
         let _turn = self.op_turn.lock().await;
+        self.refuse_if_closing()?;
         if let Some(op) = self.asked_before(OpKind::Resume, request_id)? {
             return Ok(op);
         }
@@ -901,6 +923,7 @@ impl Node {
                 self.spec.name
             ))
         })?;
+        self.refuse_if_closing()?;
         if let Some(op) = self.asked_before(OpKind::Update, request_id)? {
             return Ok(op);
         }

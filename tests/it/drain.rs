@@ -262,3 +262,27 @@ fn a_cancelled_drain_stops_where_it_is_and_loses_nothing() {
     all.sort();
     assert_eq!(all, ["vm1", "vm2", "vm3", "vm4", "vm5"], "each VM once");
 }
+
+/// Once a stopping agent has marked its operations interrupted, it starts
+/// no other: a resume or drain asked in that moment would be cut off by
+/// the exit and read back by the next process as a crash. It answers 503,
+/// and the asker (a rolling update) asks the next process.
+#[test]
+fn a_stopping_agent_starts_no_operation_after_marking_its_own_interrupted() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start("closing", &[("a", ""), ("b", "")]) else {
+        return;
+    };
+    let node = c.agent("a").node.clone();
+    c.rt.block_on(node.close_operations());
+    for (path, body) in [
+        ("/v1/node/resume", json!({"failback": true})),
+        ("/v1/node/drain", json!({})),
+    ] {
+        let (s, v) = c.call(Method::POST, "a", path, Some(body));
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{path}: {v}");
+        assert!(v.to_string().contains("is stopping"), "{path}: {v}");
+    }
+    let (_, ops) = c.call(Method::GET, "a", "/v1/operations", None);
+    assert_eq!(ops.as_array().map(Vec::len), Some(0), "{ops}");
+}
