@@ -11,7 +11,7 @@ pub mod coordinator;
 pub mod durable;
 pub mod etcd;
 pub mod fence;
-#[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod ha;
 pub mod journal;

@@ -129,7 +129,7 @@ pub(crate) struct AgentArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) state_dir: Option<PathBuf>,
     /// Inject a fault into incoming migrations (tests): POINT:KIND.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = fault_arg)]
     pub(crate) fault: Option<ferry::migration::fault::Fault>,
 }
 
@@ -580,9 +580,20 @@ pub(crate) struct ReceiveArgs {
     #[arg(long, default_value = "10s", value_parser = duration_arg)]
     pub(crate) handshake_timeout: Duration,
     /// Inject a fault (tests of the hand-off rules): POINT:KIND.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, value_parser = fault_arg)]
     pub(crate) fault: Option<ferry::migration::fault::Fault>,
     /// Print each report as one line of JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// A fault to inject (`POINT:KIND`), refused by a build without the hooks:
+/// they are compiled into test builds only (cargo's `faults` feature).
+fn fault_arg(s: &str) -> Result<ferry::migration::fault::Fault, String> {
+    if !cfg!(feature = "faults") {
+        return Err(
+            "fault injection is compiled into test builds only (cargo's `faults` feature)".into(),
+        );
+    }
+    s.parse()
 }

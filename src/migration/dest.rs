@@ -11,7 +11,9 @@ use super::accept::Admitted;
 use super::auth::{random_bytes, BindSecret, SessionKey};
 use super::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
 use super::dest_state::{DestMachine, DestState};
-use super::fault::{Fault, FaultKind, FaultPoint};
+#[cfg(feature = "faults")]
+use super::fault::FaultKind;
+use super::fault::{Fault, FaultPoint};
 use super::gate::{Handshakes, ReceiverStats};
 use super::progress::RunContext;
 use super::report::{round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side};
@@ -309,6 +311,8 @@ struct DestChan {
     gen: u32,
     writer: Arc<tokio::sync::Mutex<FrameWriter>>,
     stop: CancellationToken,
+    /// For an injected reset (the `faults` feature).
+    #[cfg_attr(not(feature = "faults"), allow(dead_code))]
     fd: std::os::fd::RawFd,
 }
 
@@ -329,6 +333,7 @@ struct Shared {
     chans: Mutex<HashMap<u16, DestChan>>,
     /// The fault to inject, until it has been; `fault_armed` keeps the
     /// per-batch checks to one load when there is none (always, but in tests).
+    #[cfg_attr(not(feature = "faults"), allow(dead_code))]
     fault: Mutex<Option<Fault>>,
     fault_armed: std::sync::atomic::AtomicBool,
 }
@@ -432,7 +437,14 @@ impl Shared {
         self.claims_changed.notify_waiters();
     }
 
+    /// Without the `faults` feature there is nothing to inject.
+    #[cfg(not(feature = "faults"))]
+    fn fault_at(&self, _point: FaultPoint) -> Result<(), MigrationError> {
+        Ok(())
+    }
+
     /// Injects the configured fault if it is for `point` (once).
+    #[cfg(feature = "faults")]
     fn fault_at(&self, point: FaultPoint) -> Result<(), MigrationError> {
         if !self.fault_armed.load(Ordering::Relaxed) {
             return Ok(());

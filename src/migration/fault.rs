@@ -1,6 +1,9 @@
 //! Faults injected at chosen points of the receiving side's protocol, for
 //! the tests of the hand-off rules (the hidden `--fault POINT:KIND` option of
-//! `ferry receive` and `ferry agent`). Never set in normal use.
+//! `ferry receive` and `ferry agent`). The points and kinds are plain data
+//! (the simulation draws them too); the code that strikes is compiled only
+//! with the `faults` cargo feature, which the tests turn on and release
+//! builds do not.
 
 use std::str::FromStr;
 
@@ -75,7 +78,7 @@ impl FromStr for Fault {
 }
 
 /// Kills or stops this process (the kinds that act on the whole process).
-#[cfg(feature = "net")]
+#[cfg(all(feature = "net", feature = "faults"))]
 #[allow(unsafe_code)]
 pub(crate) fn strike_process(kind: FaultKind) {
     tracing::warn!(?kind, "injected fault");
@@ -94,7 +97,7 @@ pub(crate) fn strike_process(kind: FaultKind) {
 }
 
 /// Closes a socket with an RST on its next close (SO_LINGER 0).
-#[cfg(feature = "net")]
+#[cfg(all(feature = "net", feature = "faults"))]
 #[allow(unsafe_code)]
 pub(crate) fn linger_zero(fd: std::os::fd::RawFd) {
     let linger = libc::linger {

@@ -20,6 +20,7 @@
 
 mod batch;
 mod frame;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod mac;
 mod message;
@@ -266,6 +267,7 @@ impl Limits {
 /// Decodes a whole frame (header and payload) from the start of `data` and
 /// then its message, as a receiver would. For fuzzing and tests: it must never
 /// panic, whatever the bytes.
+#[cfg(feature = "fuzzing")]
 pub fn decode_all(data: &[u8], limits: Limits) -> Result<Option<Message>, DecodeError> {
     let mut buf = bytes::BytesMut::from(data);
     match FrameDecoder::new().decode(&mut buf)? {
