@@ -645,3 +645,23 @@ fn the_systemd_unit_runs_an_agent_and_waits_for_its_drain() {
     assert!(stderr.contains(&file.display().to_string()), "{stderr}");
     assert!(!stderr.contains("Usage:"), "{stderr}");
 }
+
+#[test]
+fn bench_sim_runs_seeds_and_replays_one() {
+    let out = run_ok(&["bench", "sim", "--seeds", "200", "--first", "5"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("200 schedules in "), "{text}");
+    assert!(text.contains("every invariant held"), "{text}");
+    assert!(text.contains("completed"), "{text}");
+    // One seed replays to the same outcome every time.
+    let one = |seed: &str| -> serde_json::Value {
+        let out = run_ok(&["bench", "sim", "--seed", seed]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (a, b) = (one("12"), one("12"));
+    assert_eq!(a, b);
+    assert_eq!(a["seed"], 12);
+    assert!(a["virtual_ms"].as_u64().unwrap() > 0, "{a}");
+    // A count out of range is the usage error naming the flag.
+    assert_usage_error(&["bench", "sim", "--seeds", "0"], "--seeds");
+}
