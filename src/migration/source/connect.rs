@@ -9,8 +9,8 @@ use crate::migration::auth;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError, RunContext};
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::{
-    ChannelBind, Command, Header, Limits, Message, Negotiate, SessionSetup, MAX_CREDITS,
-    SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED, VERSION,
+    ChannelBind, Command, Header, Limits, Message, Negotiate, SessionSetup, SessionSetupResponse,
+    MAX_CREDITS, SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED, VERSION,
 };
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -230,21 +230,7 @@ pub(super) async fn open_session(
     tally.session_id = session_id;
     // With a key, the destination must prove it too before it sees a page.
     if let Some(k) = key {
-        let proven = setup.proof.is_some_and(|p| {
-            let r = auth::Response {
-                session_id,
-                token: &setup.bind_token,
-                credits: setup.initial_credits,
-            };
-            auth::verify_response_proof(k, &handshake, &r, &p)
-        });
-        if !proven {
-            let e = MigrationError::Unauthenticated(
-                "the destination did not prove the shared key: not sending it the guest".into(),
-            );
-            tracing::warn!(%target, "{e}");
-            return Err(e);
-        }
+        check_proof(k, &handshake, session_id, &setup, target)?;
         tally.authenticated = true;
     }
     connector.session_id = session_id;
@@ -271,6 +257,32 @@ pub(super) async fn open_session(
     let first = (rd0, wr0, setup.initial_credits);
     let bound = bind_rest(connector, first, config.channels, ctx).await?;
     Ok(bound)
+}
+
+/// Checks the destination's proof of the key in its SESSION_SETUP_RESPONSE.
+fn check_proof(
+    key: &auth::SessionKey,
+    handshake: &auth::Handshake<'_>,
+    session_id: u64,
+    setup: &SessionSetupResponse,
+    target: &str,
+) -> Result<(), MigrationError> {
+    let proven = setup.proof.is_some_and(|p| {
+        let r = auth::Response {
+            session_id,
+            token: &setup.bind_token,
+            credits: setup.initial_credits,
+        };
+        auth::verify_response_proof(key, handshake, &r, &p)
+    });
+    if proven {
+        return Ok(());
+    }
+    let e = MigrationError::Unauthenticated(
+        "the destination did not prove the shared key: not sending it the guest".into(),
+    );
+    tracing::warn!(%target, "{e}");
+    Err(e)
 }
 
 /// Sends NEGOTIATE and checks the answer; returns the destination's nonce.
@@ -376,6 +388,7 @@ async fn bind_rest(
     ))
 }
 
-fn unexpected(want: &str, got: &Message) -> MigrationError {
+/// A message other than the one the protocol expects next.
+pub(super) fn unexpected(want: &str, got: &Message) -> MigrationError {
     MigrationError::Protocol(format!("expected {want}, got {:?}", got.command()))
 }

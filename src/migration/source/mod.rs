@@ -11,9 +11,9 @@
 mod channels;
 mod connect;
 mod encode;
+mod rounds;
 
 use super::credits::Credits;
-use super::policy::{Convergence, Decision, RoundStats};
 use super::progress::{Phase, RunContext};
 use super::report::{
     round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, RoundLog, Side,
@@ -21,9 +21,9 @@ use super::report::{
 use super::source_machine::{SourceEvent, SourceMachine};
 use super::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::codec::{AutoChooser, SocketRate};
-use crate::digest::{full_digest, PageHashes};
-use crate::memory::{DirtySnapshot, PAGE_SIZE};
-use crate::wire::{Abort, Message, RoundEnd, Switchover, VerifyMode};
+use crate::digest::PageHashes;
+use crate::memory::DirtySnapshot;
+use crate::wire::{Abort, Message};
 use channels::Shared;
 use encode::Encoder;
 use std::sync::atomic::Ordering;
@@ -254,36 +254,7 @@ pub async fn migrate(
         }
     };
     let total = start.elapsed();
-    let (outcome, error) = match &result {
-        Ok(()) => (Outcome::Completed, None),
-        Err(e) => {
-            let outcome = if tally.go_sent {
-                Outcome::Unresolved
-            } else if matches!(e, MigrationError::Cancelled) || ctx.cancel.is_cancelled() {
-                // A cancel may surface first as its consequence (the peer
-                // closing a channel mid-write): it is still a cancel.
-                Outcome::Cancelled
-            } else {
-                Outcome::Failed
-            };
-            let error = if outcome == Outcome::Cancelled {
-                MigrationError::Cancelled.to_string()
-            } else {
-                e.to_string()
-            };
-            (outcome, Some(error))
-        }
-    };
-    if outcome != Outcome::Completed && outcome != Outcome::Unresolved {
-        // Nothing was handed over: the guest runs here, unthrottled.
-        guest.set_throttle(0);
-        if tally.paused {
-            guest.resume();
-        }
-    }
-    if let Err(e) = &result {
-        tracing::warn!(error = %e, ?outcome, "migration did not complete");
-    }
+    let (outcome, error) = settle(&*guest, ctx, &tally, &result);
     ctx.progress.update(|s| s.phase = Phase::Done);
     let mut report = Report {
         side: Side::Source,
@@ -335,6 +306,47 @@ pub async fn migrate(
     report.finish_derived();
     report
 }
+/// The outcome of a migration that ended with `result`, and its error
+/// text; before GO the guest runs here again, unthrottled.
+fn settle(
+    guest: &dyn MigratableGuest,
+    ctx: &RunContext,
+    tally: &Tally,
+    result: &Result<(), MigrationError>,
+) -> (Outcome, Option<String>) {
+    let (outcome, error) = match result {
+        Ok(()) => (Outcome::Completed, None),
+        Err(e) => {
+            let outcome = if tally.go_sent {
+                Outcome::Unresolved
+            } else if matches!(e, MigrationError::Cancelled) || ctx.cancel.is_cancelled() {
+                // A cancel may surface first as its consequence (the peer
+                // closing a channel mid-write): it is still a cancel.
+                Outcome::Cancelled
+            } else {
+                Outcome::Failed
+            };
+            let error = if outcome == Outcome::Cancelled {
+                MigrationError::Cancelled.to_string()
+            } else {
+                e.to_string()
+            };
+            (outcome, Some(error))
+        }
+    };
+    if outcome != Outcome::Completed && outcome != Outcome::Unresolved {
+        // Nothing was handed over: the guest runs here, unthrottled.
+        guest.set_throttle(0);
+        if tally.paused {
+            guest.resume();
+        }
+    }
+    if let Err(e) = result {
+        tracing::warn!(error = %e, ?outcome, "migration did not complete");
+    }
+    (outcome, error)
+}
+
 async fn run(
     guest: Arc<dyn MigratableGuest>,
     target: &str,
@@ -381,7 +393,7 @@ async fn run(
         timeout: policy.completion_timeout,
         handoff: config.handoff_timeout,
     };
-    let result = precopy_and_handoff(&mut driver, config, ctx, start, tally, policy).await;
+    let result = rounds::precopy_and_handoff(&mut driver, config, ctx, start, tally, policy).await;
     *counts_out.lock().unwrap() = sh.encoder.counts.snapshot();
     let t = sh.m.lock().unwrap().tallies();
     tally.channel_failures = t.failures;
@@ -430,169 +442,4 @@ fn encoder(
         socket_bps: Mutex::new(SocketRate::default()),
         counts: PageCounter::default(),
     }
-}
-
-async fn precopy_and_handoff(
-    d: &mut Driver,
-    config: &MigrationConfig,
-    ctx: &RunContext,
-    start: Instant,
-    tally: &mut Tally,
-    policy: super::policy::ConvergencePolicy,
-) -> Result<(), MigrationError> {
-    let guest = d.sh.encoder.guest.clone();
-    let pages = guest.memory().pages();
-    let mut conv = Convergence::new(policy);
-    let mut snap = DirtySnapshot::all(pages);
-    // Forget writes from before the migration: round 0 sends every page.
-    let mut discard = DirtySnapshot::new();
-    guest.snapshot_dirty(&mut discard);
-    let mut round = 0u32;
-    loop {
-        let t0 = Instant::now();
-        let n = d.enqueue(&snap, round);
-        ctx.progress.start_round(Phase::Precopy, round, n);
-        d.drain(None).await?;
-        let duration = t0.elapsed();
-        let dirty = guest.dirty_pages();
-        let stats = RoundStats {
-            round,
-            elapsed: start.elapsed(),
-            duration,
-            bytes_sent: n * PAGE_SIZE as u64,
-            dirty_bytes: dirty * PAGE_SIZE as u64,
-        };
-        tally.rounds = round + 1;
-        tally.dirty_bytes += stats.dirty_bytes;
-        tally.dirty_time += duration;
-        let decision = conv.decide(&stats);
-        if let Decision::Throttle(p) = decision {
-            guest.set_throttle(p);
-            tally.throttle_max = tally.throttle_max.max(p);
-            tracing::info!(
-                round,
-                throttle_pct = p,
-                "auto-converge: throttling the guest"
-            );
-        }
-        let log = RoundLog {
-            round,
-            pages: n,
-            ms: round3(duration.as_secs_f64() * 1e3),
-            dirty_pages_after: dirty,
-            throttle_pct: conv.throttle_pct(),
-        };
-        tally.round_log.push(log);
-        ctx.progress.update(|s| {
-            s.dirty_pages = dirty;
-            s.throughput_bps = conv.throughput_bps().unwrap_or(0.0);
-            s.expected_downtime_ms = conv
-                .expected_downtime(stats.dirty_bytes)
-                .map(|d| d.as_secs_f64() * 1e3);
-            s.throttle_pct = conv.throttle_pct();
-        });
-        ctx.progress.round_done(log);
-        tracing::debug!(round, pages = n, ?duration, dirty, ?decision, "round done");
-        let final_next = match decision {
-            Decision::GiveUp(g) => return Err(MigrationError::NotConverging(g)),
-            Decision::Switchover => true,
-            Decision::Continue | Decision::Throttle(_) => false,
-        };
-        d.send_control(Message::RoundEnd(RoundEnd {
-            round,
-            pages: n,
-            final_next,
-        }))
-        .await?;
-        round += 1;
-        if final_next {
-            break;
-        }
-        guest.snapshot_dirty(&mut snap);
-    }
-
-    // Switchover: pause, send the last dirty pages with every channel, the
-    // state and the digest.
-    let paused_at = Instant::now();
-    guest.pause();
-    tally.paused = true;
-    tally.counter_at_pause = Some(guest.progress_counter());
-    guest.set_throttle(0);
-    guest.snapshot_dirty(&mut snap);
-    let n = d.enqueue(&snap, round);
-    ctx.progress.start_round(Phase::Switchover, round, n);
-    let final_deadline = Instant::now() + config.handoff_timeout;
-    d.drain(Some(final_deadline)).await?;
-    let t = Instant::now();
-    let digest = match config.verify {
-        VerifyMode::Fast => d.sh.encoder.hashes.digest(),
-        VerifyMode::Full => {
-            let mem = guest.memory().clone();
-            tokio::task::spawn_blocking(move || full_digest(&mem, 2))
-                .await
-                .map_err(|e| MigrationError::Internal(format!("digest task: {e}")))?
-        }
-    };
-    tally.verify = t.elapsed();
-    let state = guest.save_state().map_err(MigrationError::Guest)?;
-    d.send_control(Message::Switchover(Switchover {
-        final_round: round,
-        digest,
-        verify: config.verify,
-        rounds: tally.rounds,
-        dirty_rate_bps: if tally.dirty_time.is_zero() {
-            0
-        } else {
-            (tally.dirty_bytes as f64 / tally.dirty_time.as_secs_f64()) as u64
-        },
-        throttle_pct_max: tally.throttle_max,
-        source_cpu_ms: ctx.cpu.total().as_millis() as u64,
-        state: state.into(),
-    }))
-    .await?;
-    ctx.progress.update(|s| s.phase = Phase::Handoff);
-    match d.reply("READY", config.handoff_timeout).await? {
-        Message::Ready(r) if r.digest == digest => tally.verified = true,
-        Message::Ready(r) => {
-            return Err(MigrationError::DigestMismatch {
-                source_digest: digest,
-                destination_digest: r.digest,
-            })
-        }
-        m => {
-            return Err(MigrationError::Protocol(format!(
-                "expected READY, got {:?}",
-                m.command()
-            )))
-        }
-    }
-    // A cancel that came first keeps the guest here; once committed, cancels
-    // are refused and the hand-off finishes.
-    if ctx.cancel.is_cancelled() || !ctx.progress.commit() {
-        return Err(MigrationError::Cancelled);
-    }
-    // A step that must hold before the guest is handed over (a saved
-    // guest's file marked consumed): failing, GO does not go out.
-    if let Some(step) = &config.before_go {
-        (step.0)().map_err(|e| MigrationError::Guest(format!("before GO: {e}")))?;
-    }
-    // From here on the source never resumes the guest.
-    tally.go_sent = true;
-    d.send_control(Message::Go).await?;
-    match d
-        .reply_committed("COMPLETE", config.handoff_timeout)
-        .await?
-    {
-        Message::Complete(c) => {
-            tally.downtime = paused_at.elapsed();
-            tally.destination_cpu_ms = Some(c.destination_cpu_ms as f64);
-        }
-        m => {
-            return Err(MigrationError::Protocol(format!(
-                "expected COMPLETE, got {:?}",
-                m.command()
-            )))
-        }
-    }
-    Ok(())
 }
