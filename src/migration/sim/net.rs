@@ -155,11 +155,18 @@ impl Net {
     /// Holds every frame of the connection on `chan` until `until`.
     pub fn stall(&mut self, chan: u16, until: u64) {
         if let Some(&gen) = self.up.get(&chan) {
-            self.stalled_until.insert((chan, gen), until);
+            // A shorter stall does not shorten a longer one, and frames sent
+            // later stay behind the held ones (FIFO).
+            let held = self.stalled_until.entry((chan, gen)).or_default();
+            *held = (*held).max(until);
             for q in self.queue.iter_mut() {
                 if q.frame.chan == chan && q.frame.gen == gen {
                     q.at = q.at.max(until);
                 }
+            }
+            for dir in [Dir::ToDest, Dir::ToSource] {
+                let last = self.last_at.entry((dir, chan, gen)).or_default();
+                *last = (*last).max(until);
             }
         }
     }
