@@ -88,6 +88,8 @@ pub struct Journal {
     pending: Mutex<Pending>,
     wake: tokio::sync::Notify,
     idle: tokio::sync::Notify,
+    /// How long each write waits before it goes (tests only).
+    delay: Duration,
 }
 
 impl Journal {
@@ -100,6 +102,7 @@ impl Journal {
             pending: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             idle: tokio::sync::Notify::new(),
+            delay: write_delay(),
         }
     }
 
@@ -222,7 +225,10 @@ impl Journal {
             };
             let wrote = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = self.write(&key, value.as_deref()) => r,
+                r = async {
+                    tokio::time::sleep(self.delay).await;
+                    self.write(&key, value.as_deref()).await
+                } => r,
             };
             match wrote {
                 Ok(()) => {
@@ -276,6 +282,20 @@ impl Journal {
             }
         }
     }
+}
+
+/// Each write's wait: none, except in the tests' builds (the `faults`
+/// feature), where `FERRY_FAULT_JOURNAL_DELAY_MS` (at most 10,000) slows
+/// the writer down to widen the window between a record and etcd.
+fn write_delay() -> Duration {
+    #[cfg(feature = "faults")]
+    if let Some(ms) = std::env::var("FERRY_FAULT_JOURNAL_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_millis(ms.min(10_000));
+    }
+    Duration::ZERO
 }
 
 #[cfg(test)]

@@ -978,6 +978,22 @@ impl Node {
         stage: String,
         cancel: CancellationToken,
     ) {
+        // The command may end this very agent (an update that restarts
+        // it, or kills it): its operation's record reaches etcd first, so
+        // the next process reads back how it ended.
+        if let Some(j) = self.journal.get() {
+            if !j.flush(RECORD_WAIT).await {
+                self.with_op(&op, |v| {
+                    v.state = OpState::Failed;
+                    v.error = Some(format!(
+                        "not run: the cluster's store did not take the operation's record within {} s",
+                        RECORD_WAIT.as_secs()
+                    ));
+                    v.finished_at_ms = Some(now_ms());
+                });
+                return;
+            }
+        }
         tracing::info!(%op, ?argv, "update command started");
         let start = std::time::Instant::now();
         let mut cmd = tokio::process::Command::new(&argv[0]);
@@ -989,16 +1005,23 @@ impl Node {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         super::child::die_with_agent(&mut cmd);
-        let child = cmd.spawn();
+        let child = (!cancel.is_cancelled()).then(|| cmd.spawn());
         let (exit_code, stdout, stderr, error, cancelled) = match child {
-            Err(e) => (
+            None => (
+                None,
+                String::new(),
+                String::new(),
+                Some("cancelled before the command ran".into()),
+                true,
+            ),
+            Some(Err(e)) => (
                 None,
                 String::new(),
                 String::new(),
                 Some(format!("cannot run {}: {e}", argv[0])),
                 false,
             ),
-            Ok(child) => {
+            Some(Ok(child)) => {
                 tokio::select! {
                     out = super::child::wait_keeping_tail(child, MAX_OUTPUT) => match out {
                         Ok(o) => {
@@ -1035,6 +1058,10 @@ impl Node {
         });
     }
 }
+
+/// How long an update command waits for its operation's record to reach
+/// etcd before it runs.
+const RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What of an operation its journal follows: its state, its end, and each
 /// step's state and migration (not the progress in between).

@@ -7,6 +7,7 @@ use crate::agent::etcd::{Cmp, Op, Txn};
 use crate::agent::mirror::Mirror;
 use crate::agent::node::{now_ms, Node};
 use crate::agent::ops::{Interruption, OpKind, OpState, OperationView};
+use crate::agent::peer::PeerError;
 use crate::agent::request::{Drain, Resume, Update};
 use crate::agent::store::Liveness;
 
@@ -207,6 +208,17 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
             end(run, w, RunState::Cancelled, Some(why)).await;
             return Step::Wait;
         }
+        // Recorded, yet unknown to its node: only an agent that ended
+        // without a clean stop, before its record reached etcd, forgets one.
+        Err(PeerError::Api { status: 404, .. }) if asked.is_some() => {
+            let why = format!(
+                "the {} is unknown to node {}: its agent ended without a clean stop before recording it",
+                what(turn.phase),
+                turn.node
+            );
+            fail(run, i, w, why).await;
+            return Step::Wait;
+        }
         Err(e) if overdue => {
             let why = format!("not back after stop_after ({e})");
             fail(run, i, w, why).await;
@@ -381,7 +393,7 @@ async fn start(
     })
     .await
     .unwrap_or_else(|_| {
-        Err(crate::agent::peer::PeerError::Unreachable {
+        Err(PeerError::Unreachable {
             node: spec.name.clone(),
             message: "it did not answer in time; its operation is looked for next round".into(),
         })
@@ -396,7 +408,7 @@ async fn start(
                 Step::Wait
             }
         }
-        Err(crate::agent::peer::PeerError::Api {
+        Err(PeerError::Api {
             status, message, ..
         }) if status != 503 => {
             let why = format!("the {}: {message}", what(phase));

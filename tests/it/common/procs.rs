@@ -45,6 +45,8 @@ pub struct Procs {
     controls: Vec<(String, String)>,
     /// Flags of the nodes that joined without a `[[node]]` entry.
     flags: Vec<(String, Vec<String>)>,
+    /// Environment variables of a node's next starts.
+    envs: Vec<(String, String, String)>,
 }
 
 impl Procs {
@@ -91,6 +93,7 @@ impl Procs {
             logs: Vec::new(),
             controls: Vec::new(),
             flags: Vec::new(),
+            envs: Vec::new(),
         };
         for ((name, _), control) in nodes.iter().zip(controls) {
             p.controls.push((name.to_string(), control));
@@ -123,6 +126,12 @@ impl Procs {
         self.spawn(name);
     }
 
+    /// Sets `key` to `value` in the environment of node `name`'s next
+    /// starts.
+    pub fn set_env(&mut self, name: &str, key: &str, value: &str) {
+        self.envs.push((name.into(), key.into(), value.into()));
+    }
+
     /// Starts agent `name` (again), once its control port takes connections.
     pub fn spawn(&mut self, name: &str) {
         let flags = self
@@ -140,6 +149,12 @@ impl Procs {
                 name,
             ])
             .args(flags)
+            .envs(
+                self.envs
+                    .iter()
+                    .filter(|(n, _, _)| n == name)
+                    .map(|(_, k, v)| (k, v)),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
