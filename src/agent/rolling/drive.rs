@@ -230,6 +230,18 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
             return Step::Wait;
         }
     };
+    // The recorded id now names another request's operation: the node
+    // lost the recorded one in a crash and numbered a later one the same.
+    let ours = request_id(run, i, turn.phase);
+    if asked.is_some() && op.params["request_id"].as_str().is_some_and(|r| r != ours) {
+        let why = format!(
+            "the {} is unknown to node {}: its agent ended without a clean stop before recording it (its id now names another operation)",
+            what(turn.phase),
+            turn.node
+        );
+        fail(run, i, w, why).await;
+        return Step::Wait;
+    }
     if asked.is_none() && !record_op(run, i, turn.phase, &op.id, w).await {
         return Step::Wait;
     }
