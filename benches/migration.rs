@@ -4,9 +4,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern};
-use ferry::migration::{
-    migrate_over_loopback, MigratableGuest, MigrationConfig, Outcome, ReceiverConfig, RunContext,
-};
+use ferry::migration::{MigratableGuest, MigrationConfig, Outcome};
+use ferry::transport::{migrate_over_loopback, ReceiverConfig, RunContext};
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

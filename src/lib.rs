@@ -17,6 +17,8 @@ pub mod bench;
 pub mod codec;
 pub mod cpu;
 pub mod digest;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 pub mod memory;

@@ -4,9 +4,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
-use ferry::migration::{
-    migrate_over_loopback, MigratableGuest, Outcome, ReceiverConfig, RunContext,
-};
+use ferry::migration::{MigratableGuest, Outcome};
+use ferry::transport::{migrate_over_loopback, ReceiverConfig, RunContext};
 use ferry::units::{compact_size, Bytes, Rate};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -374,11 +373,13 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     // Both ends are in this process: they prove a one-off key to each other.
     let key = ferry::migration::auth::SessionKey::random();
     config.session_key = Some(key.clone());
-    let tls = if a.migrate.tls {
-        config.tls = Some(ferry::transport::tls::TlsClient::bound_to_key());
-        Some(ferry::transport::tls::TlsServer::ephemeral().map_err(anyhow::Error::msg)?)
+    let (client_tls, tls) = if a.migrate.tls {
+        (
+            Some(ferry::transport::tls::TlsClient::bound_to_key()),
+            Some(ferry::transport::tls::TlsServer::ephemeral().map_err(anyhow::Error::msg)?),
+        )
     } else {
-        None
+        (None, None)
     };
     let (guest, pattern) = build_guest(&a.guest, a.backend, true)?;
     eprintln!(
@@ -389,7 +390,10 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     );
     // Let the workload reach its steady state before migrating.
     std::thread::sleep(Duration::from_millis(200));
-    let ctx = RunContext::default();
+    let ctx = RunContext {
+        tls: client_tls,
+        ..RunContext::default()
+    };
     let done = Arc::new(AtomicBool::new(false));
     let ui = progress_ui(ctx.progress.clone(), done.clone());
     let receiver = ReceiverConfig {

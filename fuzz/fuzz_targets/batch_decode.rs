@@ -2,5 +2,5 @@
 //! accepted touches only pages inside the guest.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::batch(data);
+    ferry::fuzz::batch(data);
 });

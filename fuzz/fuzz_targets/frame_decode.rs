@@ -1,5 +1,5 @@
 //! Any bytes, decoded as a frame and then as a message, never panic.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::frame(data);
+    ferry::fuzz::frame(data);
 });

@@ -2,5 +2,5 @@
 //! never panic: out-of-range workloads are refused, extreme counters wrap.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::guest_restore(data);
+    ferry::fuzz::guest_restore(data);
 });

@@ -2,5 +2,5 @@
 //! panic; a KVM state that decodes fits the guest it names.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::guest_state(data);
+    ferry::fuzz::guest_state(data);
 });

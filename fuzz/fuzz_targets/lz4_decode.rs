@@ -2,5 +2,5 @@
 //! past it.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::codec(ferry::codec::CodecId::Lz4, data);
+    ferry::fuzz::codec(ferry::codec::CodecId::Lz4, data);
 });

@@ -3,5 +3,5 @@
 //! guest only after a verified switchover.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::receiver(data);
+    ferry::fuzz::receiver(data);
 });

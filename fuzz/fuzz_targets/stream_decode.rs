@@ -2,5 +2,5 @@
 //! same frames as fed whole.
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::stream(data);
+    ferry::fuzz::stream(data);
 });

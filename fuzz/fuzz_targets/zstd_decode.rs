@@ -2,5 +2,5 @@
 //! past it (frames declaring huge contents included).
 #![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ferry::wire::fuzz::codec(ferry::codec::CodecId::Zstd, data);
+    ferry::fuzz::codec(ferry::codec::CodecId::Zstd, data);
 });

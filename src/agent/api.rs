@@ -15,7 +15,8 @@ use super::request::{
 };
 use crate::codec::CodecChoice;
 use crate::memory::{FillSpec, WorkloadPattern};
-use crate::migration::{MigrationConfig, Receiver, ReceiverConfig, RunContext};
+use crate::migration::MigrationConfig;
+use crate::transport::{Receiver, ReceiverConfig, RunContext};
 use crate::units::{parse_bandwidth, parse_duration, parse_rate, parse_size};
 use crate::wire::{GuestKind, VerifyMode};
 use axum::body::Bytes;
@@ -839,7 +840,7 @@ pub async fn serve_agent_with(
             } else {
                 None
             },
-            unauthenticated: crate::migration::Unauthenticated::Refuse,
+            unauthenticated: crate::transport::Unauthenticated::Refuse,
             fault,
             admit: Some(Arc::new(move |session, setup| match weak.upgrade() {
                 Some(node) => node.admit_incoming(session, setup),

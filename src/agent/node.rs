@@ -5,9 +5,8 @@
 use super::cluster::{Cluster, NodeSpec};
 use super::records::{Priority, Restart};
 use crate::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
-use crate::migration::{
-    migrate, Incoming, MigratableGuest, MigrationConfig, Outcome, Phase, Report, RunContext,
-};
+use crate::migration::{MigratableGuest, MigrationConfig, Outcome, Report};
+use crate::transport::{migrate, Incoming, Phase, RunContext};
 use crate::wire::{GuestKind, SessionLabel, SessionSetup};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -692,7 +691,7 @@ pub struct Node {
     /// Woken whenever a migration ends.
     pub(crate) changed: tokio::sync::Notify,
     /// The migration listener's refusals, once it listens.
-    pub(crate) refusals: std::sync::OnceLock<Arc<crate::migration::ReceiverStats>>,
+    pub(crate) refusals: std::sync::OnceLock<Arc<crate::transport::ReceiverStats>>,
     /// Its registration and lease in etcd, once registered.
     pub(crate) liveness: std::sync::OnceLock<Arc<super::store::Liveness>>,
     /// The cluster's keys, kept current.
@@ -1257,7 +1256,7 @@ impl Node {
         });
         config.session_key = Some(crate::migration::auth::SessionKey(self.cluster.key.clone()));
         if self.cluster.tls {
-            config.tls = Some(crate::transport::tls::TlsClient::bound_to_key());
+            ctx.tls = Some(crate::transport::tls::TlsClient::bound_to_key());
         }
         ctx.shared_bucket = self.bucket.clone();
         let addr = self.member(&target).map(|n| n.data).unwrap_or_default();
@@ -1805,7 +1804,7 @@ mod tests {
         assert_eq!(st.migrations[0].id, "m11");
         assert_eq!(st.migrations[1].id, "m14");
     }
-    use crate::migration::Progress;
+    use crate::transport::Progress;
 
     #[test]
     fn only_a_vm_running_or_paused_on_the_target_runs_there() {

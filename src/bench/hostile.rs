@@ -11,7 +11,8 @@ use crate::agent::client::name_of;
 use crate::agent::request::{Amount, CreateMigration, CreateVm, MigrationParams};
 use crate::agent::VmState;
 use crate::migration::auth::SessionKey;
-use crate::migration::{migrate, MigrationConfig, Outcome, RunContext};
+use crate::migration::{MigrationConfig, Outcome};
+use crate::transport::{migrate, RunContext};
 use crate::wire::{
     encode_frame, ChannelBind, Command, FrameDecoder, GuestKind, Header, Limits, Message,
     Negotiate, SessionLabel, SessionSetup, VerifyMode,
@@ -365,10 +366,13 @@ async fn real_migration(t: &Target, vm: &str) -> (String, bool) {
             .expect("a synthetic guest starts");
             let config = MigrationConfig {
                 session_key: t.key.clone(),
-                tls: t.tls.then(crate::transport::tls::TlsClient::bound_to_key),
                 ..MigrationConfig::default()
             };
-            let r = migrate(guest, &t.data, &config, &RunContext::default()).await;
+            let ctx = RunContext {
+                tls: t.tls.then(crate::transport::tls::TlsClient::bound_to_key),
+                ..RunContext::default()
+            };
+            let r = migrate(guest, &t.data, &config, &ctx).await;
             let ok = r.outcome == Outcome::Completed;
             let name = match r.outcome {
                 Outcome::Completed => "completed",

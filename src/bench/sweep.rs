@@ -429,7 +429,7 @@ pub struct CellEnv {
     /// Migrations per cell.
     pub repeats: u32,
     /// Loopback, or the namespaces of a tbf link.
-    pub path: crate::migration::LocalPath,
+    pub path: crate::transport::LocalPath,
     /// `true`: the kernel shapes the link (tbf) and ferry runs uncapped;
     /// `false`: the link speed is ferry's own bandwidth cap.
     pub kernel_shaped: bool,
@@ -466,7 +466,8 @@ pub fn run_cell(
     env: &CellEnv,
     mut after_each: impl FnMut(),
 ) -> std::io::Result<Vec<Report>> {
-    use crate::migration::{migrate_locally, MigrationConfig, ReceiverConfig, RunContext};
+    use crate::migration::MigrationConfig;
+    use crate::transport::{migrate_locally, ReceiverConfig, RunContext};
     // Both ends are ours: they prove a one-off key, as agents do.
     let key = crate::migration::auth::SessionKey::random();
     let config = MigrationConfig {

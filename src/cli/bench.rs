@@ -266,7 +266,7 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
         ferry::transport::netns::tbf_available().map_err(usage)?;
         let link = ferry::transport::netns::TbfLink::new()
             .context("setting up the tbf link (network namespaces, veth, tc)")?;
-        env.path = ferry::migration::LocalPath {
+        env.path = ferry::transport::LocalPath {
             listen: link.listen_addr(),
             source_ns: Some(link.source().clone()),
             destination_ns: Some(link.destination().clone()),

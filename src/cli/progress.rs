@@ -2,7 +2,8 @@
 //! status.
 
 use crate::outcome_name;
-use ferry::migration::{Outcome, Phase, Progress, Report};
+use ferry::migration::{Outcome, Report};
+use ferry::transport::{Phase, Progress};
 use ferry::units::{Bytes, Rate};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::process::ExitCode;

@@ -5,9 +5,8 @@
 use crate::{exit_for, load_key, outcome_name, summary, usage, ReceiveArgs};
 use anyhow::{Context, Result};
 use ferry::cpu::CpuMeter;
-use ferry::migration::{
-    GuestsHere, Incoming, MigratableGuest, Receiver, ReceiverConfig, RunContext,
-};
+use ferry::migration::{GuestsHere, MigratableGuest};
+use ferry::transport::{Incoming, Receiver, ReceiverConfig, RunContext};
 use ferry::units::Bytes;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -144,9 +143,9 @@ fn config(a: &ReceiveArgs, held: &Arc<Mutex<Held>>) -> Result<ReceiverConfig> {
         handshake_timeout: a.handshake_timeout,
         resume_check: Some(Duration::from_secs(1)),
         unauthenticated: if a.insecure {
-            ferry::migration::Unauthenticated::Anywhere
+            ferry::transport::Unauthenticated::Anywhere
         } else {
-            ferry::migration::Unauthenticated::Loopback
+            ferry::transport::Unauthenticated::Loopback
         },
         admit: Some(Arc::new(move |session, setup| {
             held.lock().unwrap().admit(session, setup.memory_bytes)

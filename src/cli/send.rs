@@ -7,7 +7,8 @@ use crate::{
 };
 use anyhow::Result;
 use ferry::cpu::CpuMeter;
-use ferry::migration::{migrate, MigratableGuest, Outcome, RunContext};
+use ferry::migration::{MigratableGuest, Outcome};
+use ferry::transport::{migrate, RunContext};
 use ferry::units::Bytes;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,8 +33,9 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
             p.display()
         )));
     }
+    let mut tls = None;
     if a.migrate.tls {
-        config.tls = Some(match &a.tls_ca {
+        tls = Some(match &a.tls_ca {
             Some(ca) => ferry::transport::tls::TlsClient::pinned(ca).map_err(usage)?,
             None if config.session_key.is_some() => {
                 ferry::transport::tls::TlsClient::bound_to_key()
@@ -67,6 +69,7 @@ pub fn send(a: SendArgs) -> Result<ExitCode> {
     let rt = ferry::transport::runtime("ferry-src", 2, &cpu)?;
     let ctx = RunContext {
         cpu,
+        tls,
         ..RunContext::default()
     };
     cancel_on_ctrl_c(&rt, &ctx);

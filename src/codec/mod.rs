@@ -178,24 +178,9 @@ pub enum CodecError {
     },
 }
 
-/// Whether a page (or any buffer whose length is a multiple of 64) is all zero.
-///
-/// An OR-reduce over 256-byte blocks that the compiler vectorizes, with an early
-/// exit between blocks: non-zero pages usually stop in the first block.
-#[inline]
-pub fn is_zero_page(page: &[u8]) -> bool {
-    let mut blocks = page.chunks_exact(256);
-    for block in &mut blocks {
-        let mut acc = 0u64;
-        for w in block.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().unwrap());
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
+/// Whether a page is all zero (the test lives with guest memory, which
+/// uses it too).
+pub use crate::memory::is_zero_page;
 
 thread_local! {
     /// One compressor per level in use on this thread: `auto` alternates levels

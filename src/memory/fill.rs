@@ -447,7 +447,7 @@ mod tests {
         mem.with_pages(0, 1024, |a| other.with_pages(0, 1024, |b| assert!(a == b)));
         let zero = mem.with_pages(0, 1024, |s| {
             s.chunks_exact(PAGE_SIZE)
-                .filter(|p| crate::codec::is_zero_page(p))
+                .filter(|p| crate::memory::is_zero_page(p))
                 .count()
         });
         assert!((200..600).contains(&zero), "{zero} zero pages of 1024");

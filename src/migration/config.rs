@@ -123,9 +123,6 @@ pub struct MigrationConfig {
     /// destination's nonce (agents' migrations).
     #[cfg(feature = "net")]
     pub session_key: Option<super::auth::SessionKey>,
-    /// TLS 1.3 on every channel. Default: none (plain, CRC-checked frames).
-    #[cfg(feature = "net")]
-    pub tls: Option<crate::transport::tls::TlsClient>,
     /// Runs once the destination is READY and no cancel came first, just
     /// before GO: an `Err` stops there, the guest staying on the source.
     /// (`ferry send --saved` marks its file consumed here.) Default: none.
@@ -161,8 +158,6 @@ impl Default for MigrationConfig {
             #[cfg(feature = "net")]
             session_key: None,
             before_go: None,
-            #[cfg(feature = "net")]
-            tls: None,
         }
     }
 }

@@ -1,14 +1,27 @@
 //! The async transport: framed TCP channels with vectored writes, the shared
-//! token-bucket bandwidth cap, and the runtime each side of a migration runs on.
+//! token-bucket bandwidth cap, the runtime each side of a migration runs on,
+//! and the drivers that move the migration machines' bytes: the source's
+//! ([`migrate`]), the receiver's ([`Receiver`]) and both in one process.
 
+mod accept;
 mod bucket;
 mod channel;
+mod dest;
+mod gate;
+mod local;
 #[cfg(target_os = "linux")]
 pub mod netns;
+mod progress;
+mod source;
 pub mod tls;
 
 pub use bucket::TokenBucket;
 pub use channel::{Conn, FrameReader, FrameWriter, Received, HANDSHAKE_MAX_PAYLOAD};
+pub use dest::{AdmitFn, Incoming, Receiver, ReceiverConfig, Unauthenticated, CHANNEL_MEMORY};
+pub use gate::{ReceiverStats, Refusal};
+pub use local::{migrate_locally, migrate_over_loopback, LocalPath};
+pub use progress::{Phase, Progress, ProgressSnapshot, RunContext};
+pub use source::migrate;
 
 use crate::cpu::CpuMeter;
 

@@ -15,9 +15,9 @@
 //!      …    data
 //! ```
 
+use super::PAGE_SIZE;
 use super::{DecodeError, Limits, Reader};
 use crate::codec::{self, Codec, CodecError, CodecId};
-use crate::memory::PAGE_SIZE;
 use bytes::{Bytes, BytesMut};
 
 /// Most pages one batch may carry (4 MiB).

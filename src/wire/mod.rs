@@ -18,10 +18,12 @@
 //!     36    4 CRC-32 of bytes 0..36 and the payload
 //! ```
 
+/// Bytes in one guest page, as the wire counts them (the same as
+/// [`crate::memory::PAGE_SIZE`]; `migration` checks that at compile time).
+pub const PAGE_SIZE: usize = 4096;
+
 mod batch;
 mod frame;
-#[cfg(feature = "fuzzing")]
-pub mod fuzz;
 mod mac;
 mod message;
 

@@ -124,16 +124,15 @@ fn the_api_wants_its_token_and_well_formed_bodies() {
         let config = ferry::migration::MigrationConfig {
             label,
             session_key: key.map(|k| ferry::migration::auth::SessionKey(k.to_vec())),
-            // Agents take TLS only; a source with a key proves it over TLS.
-            tls: key.map(|_| ferry::transport::tls::TlsClient::bound_to_key()),
             ..ferry::migration::MigrationConfig::default()
         };
-        let report = c.rt.block_on(ferry::migration::migrate(
-            g.clone(),
-            &data,
-            &config,
-            &ferry::migration::RunContext::default(),
-        ));
+        let ctx = ferry::transport::RunContext {
+            // Agents take TLS only; a source with a key proves it over TLS.
+            tls: key.map(|_| ferry::transport::tls::TlsClient::bound_to_key()),
+            ..ferry::transport::RunContext::default()
+        };
+        let report =
+            c.rt.block_on(ferry::transport::migrate(g.clone(), &data, &config, &ctx));
         (report, g.is_running())
     };
     let label = ferry::wire::SessionLabel {

@@ -6,9 +6,8 @@ use crate::common;
 use common::*;
 use ferry::codec::Codec;
 use ferry::memory::{ContentKind, FillSpec, WorkloadPattern};
-use ferry::migration::{
-    migrate_over_loopback, MigrationConfig, Outcome, ReceiverConfig, RunContext,
-};
+use ferry::migration::{MigrationConfig, Outcome};
+use ferry::transport::{migrate_over_loopback, ReceiverConfig, RunContext};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

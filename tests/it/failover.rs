@@ -10,10 +10,8 @@ use common::proxy::Proxy;
 use common::*;
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, SyntheticGuest, WorkloadPattern};
-use ferry::migration::{
-    Incoming, MigratableGuest, MigrationConfig, Outcome, Receiver, ReceiverConfig, Report,
-    RunContext,
-};
+use ferry::migration::{MigratableGuest, MigrationConfig, Outcome, Report};
+use ferry::transport::{Incoming, Receiver, ReceiverConfig, RunContext};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +60,6 @@ fn through_proxy_with(
         leave_paused: true,
         peer_timeout,
         session_key: tls.then(|| key.clone()),
-        tls: tls.then(ferry::transport::tls::TlsClient::bound_to_key),
         ..MigrationConfig::default()
     };
     let p2 = proxy.clone();
@@ -78,7 +75,11 @@ fn through_proxy_with(
     let target = proxy.addr.clone();
     let t = Instant::now();
     let report = src_rt.block_on(async move {
-        ferry::migration::migrate(gd, &target, &config, &RunContext::default()).await
+        let ctx = RunContext {
+            tls: tls.then(ferry::transport::tls::TlsClient::bound_to_key),
+            ..RunContext::default()
+        };
+        ferry::transport::migrate(gd, &target, &config, &ctx).await
     });
     let took = t.elapsed();
     breaker.join().unwrap();
@@ -175,7 +176,7 @@ fn with_every_channel_gone_for_good_the_migration_fails_and_the_guest_runs_on() 
 
 #[test]
 fn a_failed_migration_can_be_retried_and_succeed() {
-    use ferry::migration::Incoming;
+    use ferry::transport::Incoming;
     let _serial = serial();
     let rt = ferry::transport::runtime("dst", 2, &CpuMeter::new()).unwrap();
     let receiver = rt
@@ -209,7 +210,7 @@ fn a_failed_migration_can_be_retried_and_succeed() {
         let gd: Arc<dyn MigratableGuest> = g.clone();
         let config = config.clone();
         src_rt.block_on(async move {
-            ferry::migration::migrate(gd, &target, &config, &RunContext::default()).await
+            ferry::transport::migrate(gd, &target, &config, &RunContext::default()).await
         })
     };
     // The first attempt loses its path for good halfway.

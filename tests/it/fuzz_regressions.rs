@@ -3,8 +3,9 @@
 //! the decoders on hostile input even without a fuzzer.
 
 use ferry::codec::{Codec, CodecId};
+use ferry::fuzz;
 use ferry::migration::dest_state::DestState;
-use ferry::wire::{encode_frame, fuzz, BatchEncoder, Command, Header};
+use ferry::wire::{encode_frame, BatchEncoder, Command, Header};
 use std::path::Path;
 
 /// A fuzz target's property.

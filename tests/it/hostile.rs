@@ -19,7 +19,8 @@ use ferry::codec::Codec;
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, WorkloadPattern};
 use ferry::migration::auth::BindSecret;
-use ferry::migration::{Incoming, MigrationConfig, Outcome, Receiver, ReceiverConfig, RunContext};
+use ferry::migration::{MigrationConfig, Outcome};
+use ferry::transport::{Incoming, Receiver, ReceiverConfig, RunContext};
 use ferry::wire::{
     encode_frame, BatchEncoder, ChannelBind, Command, FrameDecoder, GuestKind, Header, Limits,
     Message, Negotiate, SessionSetup, VerifyMode,
@@ -88,7 +89,7 @@ fn a_real_migration_completes(h: &Harness) {
     );
     let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
     let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
-    let report = src_rt.block_on(ferry::migration::migrate(
+    let report = src_rt.block_on(ferry::transport::migrate(
         gd,
         &h.addr,
         &MigrationConfig::default(),
@@ -675,7 +676,7 @@ fn silent_connections_are_evicted_oldest_first_and_closed_after_the_handshake_ti
 fn sessions_over_the_limits_are_refused_before_allocating() {
     let mut h = start_with(ReceiverConfig {
         max_sessions: 1,
-        max_inflight_bytes: 8 * ferry::migration::CHANNEL_MEMORY,
+        max_inflight_bytes: 8 * ferry::transport::CHANNEL_MEMORY,
         ..ReceiverConfig::default()
     });
     let mut first = TcpStream::connect(&h.addr).unwrap();

@@ -11,9 +11,8 @@ use ferry::codec::Codec;
 use ferry::kvm::KvmGuest;
 use ferry::memory::{ContentKind, FillSpec, GuestMemory, Workload, WorkloadPattern};
 use ferry::migration::fault::Fault;
-use ferry::migration::{
-    migrate_over_loopback, MigrationConfig, Outcome, ReceiverConfig, RunContext,
-};
+use ferry::migration::{MigrationConfig, Outcome};
+use ferry::transport::{migrate_over_loopback, ReceiverConfig, RunContext};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;

@@ -20,6 +20,7 @@ mod handoff;
 mod hostile;
 mod join;
 mod kvm;
+mod layers;
 mod migration;
 mod orchestrator;
 mod quorum;

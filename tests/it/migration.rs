@@ -7,7 +7,8 @@ use crate::common;
 use common::*;
 use ferry::codec::Codec;
 use ferry::memory::{ContentKind, FillSpec, WorkloadPattern};
-use ferry::migration::{MigrationConfig, Outcome, ReceiverConfig, RunContext};
+use ferry::migration::{MigrationConfig, Outcome};
+use ferry::transport::{ReceiverConfig, RunContext};
 use ferry::wire::VerifyMode;
 use std::time::Duration;
 
@@ -131,7 +132,7 @@ fn the_guest_runs_on_the_destination_after_the_handoff() {
         WorkloadPattern::Hot { bytes: 4 * MIB },
         20_000_000,
     );
-    let (src, dst) = ferry::migration::migrate_over_loopback(
+    let (src, dst) = ferry::transport::migrate_over_loopback(
         g.clone(),
         &MigrationConfig::default(),
         RunContext::default(),
@@ -246,7 +247,7 @@ fn a_refused_connection_fails_cleanly_with_the_guest_on_the_source() {
     let rt = ferry::transport::runtime("t", 1, &cpu).unwrap();
     let ctx = RunContext::default();
     let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
-    let report = rt.block_on(ferry::migration::migrate(
+    let report = rt.block_on(ferry::transport::migrate(
         gd,
         &format!("127.0.0.1:{port}"),
         &MigrationConfig::default(),
@@ -285,7 +286,7 @@ fn cancelling_mid_migration_leaves_the_guest_on_the_source() {
         ..MigrationConfig::default()
     };
     let (src, dst) =
-        ferry::migration::migrate_over_loopback(g.clone(), &config, ctx, ReceiverConfig::default())
+        ferry::transport::migrate_over_loopback(g.clone(), &config, ctx, ReceiverConfig::default())
             .unwrap();
     canceller.join().unwrap();
     let dst = dst.expect("the destination reports the session");
@@ -345,7 +346,7 @@ fn a_source_that_fails_before_its_session_reports_why_at_once() {
     let _serial = serial();
     let g = guest(4 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
     let t = std::time::Instant::now();
-    let (src, dst) = ferry::migration::migrate_over_loopback(
+    let (src, dst) = ferry::transport::migrate_over_loopback(
         g.clone(),
         &MigrationConfig {
             channels: 0,
@@ -378,7 +379,7 @@ fn key(text: &str) -> ferry::migration::auth::SessionKey {
 
 #[test]
 fn sessions_prove_the_key_both_ways_and_a_refused_one_allocates_nothing() {
-    use ferry::migration::Unauthenticated;
+    use ferry::transport::Unauthenticated;
     use ferry::wire::SessionLabel;
     let _serial = serial();
     let label = SessionLabel {
@@ -398,7 +399,7 @@ fn sessions_prove_the_key_both_ways_and_a_refused_one_allocates_nothing() {
             unauthenticated: policy,
             ..ReceiverConfig::default()
         };
-        let (src, dst) = ferry::migration::migrate_over_loopback(
+        let (src, dst) = ferry::transport::migrate_over_loopback(
             g.clone(),
             &config,
             RunContext::default(),
@@ -471,7 +472,7 @@ fn outside_address() -> Option<std::net::IpAddr> {
 
 #[test]
 fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
-    use ferry::migration::{Receiver, Unauthenticated};
+    use ferry::transport::{Receiver, Unauthenticated};
     let _serial = serial();
     let Some(ip) = outside_address() else {
         common::missing("this host has no address besides loopback");
@@ -493,7 +494,7 @@ fn a_keyless_receiver_takes_sources_off_loopback_only_when_insecure() {
         let incoming = rt.spawn(receiver.receive_one(ctx.clone()));
         let g = guest(8 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
         let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
-        let src = rt.block_on(ferry::migration::migrate(
+        let src = rt.block_on(ferry::transport::migrate(
             gd,
             &target,
             &MigrationConfig::default(),

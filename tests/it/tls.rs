@@ -9,8 +9,9 @@ use common::*;
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, WorkloadPattern};
 use ferry::migration::auth::SessionKey;
-use ferry::migration::{MigrationConfig, Outcome, ReceiverConfig, RunContext};
+use ferry::migration::{MigrationConfig, Outcome};
 use ferry::transport::tls::{TlsClient, TlsServer};
+use ferry::transport::{ReceiverConfig, RunContext};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
@@ -31,7 +32,6 @@ fn a_keyed_tls_migration_moves_memory_byte_for_byte() {
     );
     let config = MigrationConfig {
         session_key: Some(key()),
-        tls: Some(TlsClient::bound_to_key()),
         leave_paused: true,
         channels: 4,
         ..MigrationConfig::default()
@@ -41,13 +41,12 @@ fn a_keyed_tls_migration_moves_memory_byte_for_byte() {
         tls: Some(TlsServer::ephemeral().unwrap()),
         ..ReceiverConfig::default()
     };
-    let (src, dst) = ferry::migration::migrate_over_loopback(
-        g.clone(),
-        &config,
-        RunContext::default(),
-        receiver,
-    )
-    .unwrap();
+    let ctx = RunContext {
+        tls: Some(TlsClient::bound_to_key()),
+        ..RunContext::default()
+    };
+    let (src, dst) =
+        ferry::transport::migrate_over_loopback(g.clone(), &config, ctx, receiver).unwrap();
     assert_eq!(src.outcome, Outcome::Completed, "{:?}", src.error);
     assert!(src.encrypted && src.authenticated);
     let dst = dst.unwrap();
@@ -64,21 +63,17 @@ fn a_pinned_certificate_is_checked_and_plain_peers_are_told() {
     let server = TlsServer::ephemeral().unwrap();
     let run = |tls: Option<TlsClient>, receiver_tls: Option<TlsServer>| {
         let g = guest(8 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
-        let config = MigrationConfig {
-            tls,
-            ..MigrationConfig::default()
-        };
+        let config = MigrationConfig::default();
         let receiver = ReceiverConfig {
             tls: receiver_tls,
             ..ReceiverConfig::default()
         };
-        let (src, _) = ferry::migration::migrate_over_loopback(
-            g.clone(),
-            &config,
-            RunContext::default(),
-            receiver,
-        )
-        .unwrap();
+        let ctx = RunContext {
+            tls,
+            ..RunContext::default()
+        };
+        let (src, _) =
+            ferry::transport::migrate_over_loopback(g.clone(), &config, ctx, receiver).unwrap();
         (src, g)
     };
     // The right pin, no key: encrypted, not authenticated by a key.
@@ -163,7 +158,7 @@ fn a_middle_relaying_between_two_tls_sessions_fails_every_proof() {
     let _serial = serial();
     let rt = ferry::transport::runtime("dst", 2, &CpuMeter::new()).unwrap();
     let receiver = rt
-        .block_on(ferry::migration::Receiver::bind(
+        .block_on(ferry::transport::Receiver::bind(
             "127.0.0.1:0",
             ReceiverConfig {
                 key: Some(key()),
@@ -185,15 +180,13 @@ fn a_middle_relaying_between_two_tls_sessions_fails_every_proof() {
     let gd: Arc<dyn ferry::migration::MigratableGuest> = g.clone();
     let config = MigrationConfig {
         session_key: Some(key()),
-        tls: Some(TlsClient::bound_to_key()),
         ..MigrationConfig::default()
     };
-    let src = rt.block_on(ferry::migration::migrate(
-        gd,
-        &middle,
-        &config,
-        &RunContext::default(),
-    ));
+    let ctx = RunContext {
+        tls: Some(TlsClient::bound_to_key()),
+        ..RunContext::default()
+    };
+    let src = rt.block_on(ferry::transport::migrate(gd, &middle, &config, &ctx));
     assert_eq!(src.outcome, Outcome::Failed, "{src:?}");
     assert!(
         src.error
@@ -208,7 +201,7 @@ fn a_middle_relaying_between_two_tls_sessions_fails_every_proof() {
     // The receiver refused the relayed session as unproved: it keeps no
     // report of it, and allocated nothing.
     assert_eq!(
-        stats.refused_for(ferry::migration::Refusal::Unauthenticated),
+        stats.refused_for(ferry::transport::Refusal::Unauthenticated),
         1
     );
     recv_ctx.cancel.cancel();

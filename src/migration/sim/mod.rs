@@ -61,7 +61,8 @@ fn digest(memory: &[u64]) -> u64 {
 pub struct SimOutcome {
     /// The seed.
     pub seed: u64,
-    /// `completed`, `failed`, `cancelled` or `unresolved`.
+    /// `completed`, `failed`, `gave-up` (the convergence policy's verdict),
+    /// `cancelled` or `unresolved`.
     pub outcome: &'static str,
     /// The source's error, if it failed.
     pub error: Option<String>,
@@ -71,6 +72,10 @@ pub struct SimOutcome {
     pub faults: u32,
     /// Batches sent again after a connection failed.
     pub resent: u64,
+    /// Pre-copy rounds the policy judged.
+    pub rounds: u32,
+    /// The highest auto-converge throttle it asked for, percent.
+    pub throttle_max: u8,
 }
 
 /// A schedule that broke an invariant.
@@ -107,6 +112,7 @@ pub fn run(seed: u64) -> Result<SimOutcome, SimFailure> {
     let (outcome, error) = match &s.end {
         Some(End::Completed) => ("completed", None),
         Some(End::Failed(e)) => ("failed", Some(e.clone())),
+        Some(End::GaveUp(e)) => ("gave-up", Some(e.clone())),
         Some(End::Cancelled) => ("cancelled", None),
         Some(End::Unresolved(e)) => ("unresolved", Some(e.clone())),
         None => return Err(fail(s.now, "finished without an outcome".into())),
@@ -118,6 +124,8 @@ pub fn run(seed: u64) -> Result<SimOutcome, SimFailure> {
         virtual_ms: s.now,
         faults: s.faults,
         resent: s.m.tallies().resent,
+        rounds: s.rounds().totals().rounds,
+        throttle_max: s.rounds().totals().throttle_max,
     })
 }
 
@@ -150,6 +158,14 @@ mod tests {
             outcomes.iter().any(|o| o.resent > 0),
             "no batch was ever resent"
         );
+        // The real policy judged them: some took several rounds, some
+        // were throttled, and it gave up on a guest outrunning its link.
+        assert!(outcomes.iter().any(|o| o.rounds > 3), "never past round 3");
+        assert!(
+            outcomes.iter().any(|o| o.throttle_max > 0),
+            "never throttled"
+        );
+        assert!(count("gave-up") > 0, "never gave up");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! flag; the destination applies each id once.
 
 mod control;
+mod rounds;
 
 use super::credits::Credits;
 use super::MigrationError;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 const UNSEEN: u64 = u64::MAX;
 
 mod types;
+pub use rounds::{unexpected, RoundTotals, Rounds, Stage, Verdict};
 pub use types::*;
 
 struct Chan {

@@ -8,9 +8,8 @@ pub mod procs;
 pub mod proxy;
 
 use ferry::memory::{FillSpec, GuestMemory, SyntheticGuest, Workload, WorkloadPattern, PAGE_SIZE};
-use ferry::migration::{
-    migrate_over_loopback, Incoming, MigrationConfig, ReceiverConfig, Report, RunContext,
-};
+use ferry::migration::{MigrationConfig, Report};
+use ferry::transport::{migrate_over_loopback, Incoming, ReceiverConfig, RunContext};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A part a test needs is missing here (`/dev/kvm`, root, iproute2): with

@@ -25,16 +25,18 @@ fn labelled_migration(
             source_node: source_node.into(),
         }),
         session_key: Some(SessionKey(key)),
-        tls: Some(ferry::transport::tls::TlsClient::bound_to_key()),
         channels: 1,
         ..MigrationConfig::default()
     };
     let addr = a.agent(target).data_addr.to_string();
-    a.rt.block_on(ferry::migration::migrate(
+    a.rt.block_on(ferry::transport::migrate(
         g,
         &addr,
         &config,
-        &RunContext::default(),
+        &RunContext {
+            tls: Some(ferry::transport::tls::TlsClient::bound_to_key()),
+            ..RunContext::default()
+        },
     ))
 }
 

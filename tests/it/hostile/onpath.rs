@@ -294,7 +294,7 @@ fn attacked(
         ..MigrationConfig::default()
     };
     let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
-    let report = src_rt.block_on(ferry::migration::migrate(
+    let report = src_rt.block_on(ferry::transport::migrate(
         gd,
         &proxy,
         &config,

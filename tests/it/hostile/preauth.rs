@@ -3,12 +3,12 @@
 
 use super::*;
 use ferry::migration::auth::SessionKey;
-use ferry::migration::Refusal;
+use ferry::transport::Refusal;
 
 /// A receiver exactly as `config` says (no test defaults folded in).
 fn start_exact(
     config: ReceiverConfig,
-) -> (Harness, std::sync::Arc<ferry::migration::ReceiverStats>) {
+) -> (Harness, std::sync::Arc<ferry::transport::ReceiverStats>) {
     let rt = ferry::transport::runtime("hostile", 2, &CpuMeter::new()).unwrap();
     let recv = rt.block_on(Receiver::bind("127.0.0.1:0", config)).unwrap();
     let stats = recv.stats();
@@ -41,7 +41,7 @@ fn keyed_migration(addr: &str, key: Option<SessionKey>) -> ferry::migration::Rep
     );
     let gd: std::sync::Arc<dyn ferry::migration::MigratableGuest> = g.clone();
     let src_rt = ferry::transport::runtime("src", 1, &CpuMeter::new()).unwrap();
-    src_rt.block_on(ferry::migration::migrate(
+    src_rt.block_on(ferry::transport::migrate(
         gd,
         addr,
         &MigrationConfig {

@@ -5,10 +5,12 @@
 use super::{End, Phase, SimSource, COMPLETION_MS, HANDOFF_MS};
 use crate::memory::DirtySnapshot;
 use crate::migration::dest_state::DestState;
+use crate::migration::policy::Decision;
+use crate::migration::MigrationError;
 use crate::migration::sim::digest;
 use crate::migration::sim::net::Dir;
-use crate::migration::source_machine::{ControlTx, SourceEvent};
-use crate::wire::{Message, RoundEnd, Switchover, VerifyMode};
+use crate::migration::source_machine::{ControlTx, SourceEvent, Stage};
+use crate::wire::{Message, VerifyMode};
 
 impl SimSource {
     fn control(&mut self, msg: Message) {
@@ -39,44 +41,39 @@ impl SimSource {
     pub(super) fn drive(&mut self) {
         self.flush_control();
         match self.phase {
-            Phase::Round(round) | Phase::Final(round) => {
+            Phase::Rounds => {
                 if let Some(ev) = self.m.poll_event() {
                     return self.finish_with(ev);
                 }
                 if self.cancel {
                     return self.finish(End::Cancelled);
                 }
-                if self.now > COMPLETION_MS {
-                    return self.finish(End::Failed("did not converge".into()));
+                // The policy gives up at the completion timeout, once a
+                // round drains; a round that never drains gives up here.
+                if self.now > 2 * COMPLETION_MS {
+                    return self.finish(End::Failed("a round never drained".into()));
                 }
                 if self.m.all_acked() {
-                    match self.phase {
-                        Phase::Round(_) => self.next_round(round),
-                        _ => self.switchover(round),
+                    match self.rounds.stage() {
+                        Stage::Precopy => self.next_round(),
+                        _ => self.switchover(),
                     }
                 }
             }
-            Phase::AwaitReady { digest, until } => match self.m.poll_event() {
-                Some(SourceEvent::Reply(Message::Ready(r))) if r.digest == digest => {
-                    if self.cancel {
-                        return self.finish(End::Cancelled);
-                    }
-                    self.go_sent = true;
-                    self.control(Message::Go);
-                    let until = self.now + HANDOFF_MS;
-                    self.phase = Phase::AwaitComplete { until };
-                }
-                Some(SourceEvent::Reply(Message::Ready(_))) => {
-                    self.finish(End::Failed("digest mismatch".into()))
-                }
+            Phase::AwaitReady { until } => match self.m.poll_event() {
+                Some(SourceEvent::Reply(reply)) => self.ready(&reply),
                 Some(ev) => self.finish_with(ev),
                 None if self.cancel => self.finish(End::Cancelled),
                 None if self.now > until => self.finish(End::Failed("no READY".into())),
                 None => {}
             },
             Phase::AwaitComplete { until } => match self.m.poll_event() {
-                Some(SourceEvent::Reply(Message::Complete(_))) => self.finish(End::Completed),
+                // A READY sent again (its resend crossed GO) is no answer.
                 Some(SourceEvent::Reply(Message::Ready(_))) => {}
+                Some(SourceEvent::Reply(reply)) => match self.rounds.handle_complete(&reply) {
+                    Ok(_) => self.finish(End::Completed),
+                    Err(e) => self.finish(End::Unresolved(e.to_string())),
+                },
                 Some(ev) => self.finish_with(ev),
                 None if self.now > until => self.finish(End::Unresolved("no COMPLETE".into())),
                 None => {}
@@ -93,17 +90,25 @@ impl SimSource {
         }
     }
 
-    fn next_round(&mut self, round: u32) {
+    /// A pre-copy round drained: the policy's verdict, as
+    /// `precopy` follows it.
+    fn next_round(&mut self) {
         let dirty = self.dirty.count();
-        let last = dirty <= u64::from(self.batch_pages) || round >= 6;
-        let pages = self.round_pages;
-        self.control(Message::RoundEnd(RoundEnd {
-            round,
-            pages,
-            final_next: last,
-        }));
+        let verdict = match self.rounds.round_drained(self.instant(), dirty) {
+            Ok(v) => v,
+            Err(e @ MigrationError::NotConverging(_)) => {
+                return self.finish(End::GaveUp(e.to_string()))
+            }
+            Err(e) => return self.finish(End::Failed(e.to_string())),
+        };
+        if let Decision::Throttle(p) = verdict.decision {
+            self.throttle = p;
+        }
+        let last = verdict.end.final_next;
+        self.control(Message::RoundEnd(verdict.end));
         if last {
             self.paused = true;
+            self.throttle = 0;
             self.at_pause = Some(self.memory.clone());
         }
         let snap = std::mem::replace(
@@ -113,28 +118,42 @@ impl SimSource {
                 self.memory.len() as u64,
             ),
         );
-        self.round_pages = self.m.enqueue(&snap, round + 1, self.batch_pages);
-        self.phase = if last {
-            Phase::Final(round + 1)
-        } else {
-            Phase::Round(round + 1)
-        };
+        let round = self.rounds.round();
+        self.round_pages = self.m.enqueue(&snap, round, self.batch_pages);
+        self.rounds.begin_round(self.instant(), self.round_pages);
     }
 
-    fn switchover(&mut self, round: u32) {
+    fn switchover(&mut self) {
         let digest = digest(&self.sent);
-        self.control(Message::Switchover(Switchover {
-            final_round: round,
-            digest,
-            verify: VerifyMode::Fast,
-            rounds: round,
-            dirty_rate_bps: 0,
-            throttle_pct_max: 0,
-            source_cpu_ms: 0,
-            state: Default::default(),
-        }));
+        match self
+            .rounds
+            .switchover(digest, VerifyMode::Fast, Default::default(), 0)
+        {
+            Ok(msg) => self.control(msg),
+            Err(e) => return self.finish(End::Failed(e.to_string())),
+        }
         let until = self.now + HANDOFF_MS;
-        self.phase = Phase::AwaitReady { digest, until };
+        self.phase = Phase::AwaitReady { until };
+    }
+
+    /// The reply to SWITCHOVER: on a matching READY, GO (unless a cancel
+    /// came first).
+    fn ready(&mut self, reply: &Message) {
+        if let Err(e) = self.rounds.handle_ready(reply) {
+            return self.finish(End::Failed(e.to_string()));
+        }
+        if self.cancel {
+            return self.finish(End::Cancelled);
+        }
+        match self.rounds.go() {
+            Ok(go) => {
+                self.go_sent = true;
+                self.control(go);
+            }
+            Err(e) => return self.finish(End::Failed(e.to_string())),
+        }
+        let until = self.now + HANDOFF_MS;
+        self.phase = Phase::AwaitComplete { until };
     }
 
     fn finish_with(&mut self, ev: SourceEvent) {
@@ -174,7 +193,9 @@ impl SimSource {
         if ran_there && !self.go_sent {
             return Err("the destination runs the guest without GO".into());
         }
-        if self.benign && self.end != Some(End::Completed) {
+        // Only the policy may stop a schedule that meets no fault it
+        // cannot ride out: a guest that outruns the link is given up on.
+        if self.benign && !matches!(self.end, Some(End::Completed | End::GaveUp(_))) {
             return Err(format!(
                 "only survivable faults ({:?}, destination {:?}), and it ended {:?} (destination: {:?})",
                 self.drawn, self.dest_fault, self.end, self.dest.ended
@@ -201,7 +222,7 @@ impl SimSource {
                 }
                 Ok(())
             }
-            Some(End::Failed(_) | End::Cancelled) => {
+            Some(End::Failed(_) | End::GaveUp(_) | End::Cancelled) => {
                 if self.go_sent || self.paused {
                     return Err("failed, and the source does not run the guest".into());
                 }

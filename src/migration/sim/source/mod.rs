@@ -10,7 +10,10 @@ use super::Rng;
 use crate::memory::DirtySnapshot;
 use crate::migration::credits::Credits;
 use crate::migration::fault::{FaultKind, FaultPoint};
-use crate::migration::source_machine::{Begin, Handled, Next, SourceMachine, Transmit, Work};
+use crate::migration::policy::ConvergencePolicy;
+use crate::migration::source_machine::{
+    Begin, Handled, Next, Rounds, SourceMachine, Transmit, Work,
+};
 use crate::wire::{Header, Message};
 use std::time::{Duration, Instant};
 
@@ -19,21 +22,32 @@ const HANDOFF_MS: u64 = 10_000;
 const COMPLETION_MS: u64 = 60_000;
 const DEST_IDLE_MS: u64 = 10_000;
 
+/// The convergence policy the simulated source runs: the defaults, with
+/// the completion timeout of the simulation.
+fn policy() -> ConvergencePolicy {
+    ConvergencePolicy {
+        completion_timeout: Duration::from_millis(COMPLETION_MS),
+        progress_timeout: Duration::from_millis(COMPLETION_MS / 3),
+        ..ConvergencePolicy::for_memory(0)
+    }
+}
+
 /// How the source's migration ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
     Completed,
     Failed(String),
+    /// The convergence policy gave up on a guest that outran the link.
+    GaveUp(String),
     Cancelled,
     Unresolved(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
-    Round(u32),
-    Final(u32),
+    /// A round is on ([`Rounds`] says which, and whether the last).
+    Rounds,
     AwaitReady {
-        digest: u64,
         until: u64,
     },
     AwaitComplete {
@@ -65,6 +79,10 @@ pub struct SimSource {
     epoch: Instant,
     rng: Rng,
     pub m: SourceMachine,
+    /// The rounds and the hand-off, with the real convergence policy.
+    rounds: Rounds,
+    /// The auto-converge throttle in force, percent of writes skipped.
+    throttle: u8,
     dest: SimDest,
     net: Net,
     memory: Vec<u64>,
@@ -97,6 +115,11 @@ pub struct SimSource {
 }
 
 impl SimSource {
+    /// The rounds machine, as it stands.
+    pub fn rounds(&self) -> &Rounds {
+        &self.rounds
+    }
+
     pub fn new(seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let pages = 32 + rng.below(224);
@@ -129,6 +152,8 @@ impl SimSource {
             now: 0,
             epoch,
             m,
+            rounds: Rounds::new(policy(), epoch),
+            throttle: 0,
             dest: SimDest::new(pages, channels, 7, 0)
                 .faulting(dest_fault)
                 .hostile(hostile),
@@ -144,7 +169,7 @@ impl SimSource {
             batch_pages: 1 + rng.below(16) as u32,
             round_pages: 0,
             held: (0..channels).map(|_| None).collect(),
-            phase: Phase::Round(0),
+            phase: Phase::Rounds,
             paused: false,
             go_sent: false,
             cancel: false,
@@ -158,6 +183,7 @@ impl SimSource {
             rng,
         };
         s.round_pages = s.m.enqueue(&DirtySnapshot::all(pages), 0, s.batch_pages);
+        s.rounds.begin_round(epoch, s.round_pages);
         s
     }
 
@@ -490,6 +516,10 @@ impl SimSource {
             return;
         }
         for _ in 0..self.write_rate {
+            // Auto-converge: a throttled guest writes that much less.
+            if self.throttle > 0 && self.rng.below(100) < u64::from(self.throttle) {
+                continue;
+            }
             let page = self.rng.below(self.hot);
             self.version += 1;
             self.memory[page as usize] = self.version;

@@ -1,7 +1,7 @@
 //! Live progress of a migration, for progress bars and (later) the agent API.
 
-use super::RoundLog;
 use crate::cpu::CpuMeter;
+use crate::migration::RoundLog;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -145,6 +145,9 @@ pub struct RunContext {
     /// A bandwidth cap shared with other migrations (a node's), on top of the
     /// migration's own.
     pub shared_bucket: Option<Arc<crate::transport::TokenBucket>>,
+    /// A source's TLS 1.3 on every channel. Default: none (plain,
+    /// CRC-checked frames). A receiver's is in its [`super::ReceiverConfig`].
+    pub tls: Option<super::tls::TlsClient>,
 }
 
 impl RunContext {

@@ -2,9 +2,9 @@
 //! tests too (which replay `fuzz/regressions/`). Each panics only when the
 //! property fails.
 
-use super::{Command, FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
 use crate::codec::CodecId;
-use crate::memory::PAGE_SIZE;
+use crate::wire::PAGE_SIZE;
+use crate::wire::{Command, FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
 use bytes::{Bytes, BytesMut};
 
 /// The guest size fuzzed batches are checked against: 1024 pages.
@@ -17,7 +17,7 @@ pub fn frame(data: &[u8]) {
     let limits = Limits {
         guest_pages: FUZZ_GUEST_PAGES,
     };
-    let _ = super::decode_all(data, limits);
+    let _ = crate::wire::decode_all(data, limits);
     if let Some(raw) = data.get(..HEADER_LEN) {
         if let Ok((header, _crc)) = Header::parse(raw.try_into().unwrap()) {
             let payload = &data[HEADER_LEN..];
@@ -86,7 +86,10 @@ pub fn stream(data: &[u8]) {
 fn decode_stream(
     data: &[u8],
     sizes: &[usize],
-) -> (Vec<(super::Header, Bytes)>, Option<super::DecodeError>) {
+) -> (
+    Vec<(crate::wire::Header, Bytes)>,
+    Option<crate::wire::DecodeError>,
+) {
     let mut dec = FrameDecoder::new();
     let mut buf = BytesMut::new();
     let mut out = vec![];
@@ -112,7 +115,7 @@ fn decode_stream(
 }
 
 /// Largest output a fuzzed codec input may declare: a batch's data at most.
-pub const FUZZ_MAX_OUTPUT: usize = super::MAX_PAGES_PER_BATCH as usize * PAGE_SIZE;
+pub const FUZZ_MAX_OUTPUT: usize = crate::wire::MAX_PAGES_PER_BATCH as usize * PAGE_SIZE;
 
 /// Decompresses `data` with `codec`: the first 4 bytes declare the output
 /// size (as a batch declares its pages), the rest is the compressed input.
@@ -214,11 +217,11 @@ pub fn receiver(data: &[u8]) -> crate::migration::dest_state::DestState {
 /// A whole, valid session in [`receiver`]'s record format: the seed the
 /// fuzzer starts from, so that it reaches every state.
 pub fn receiver_seed() -> Vec<u8> {
-    use super::{
-        BatchEncoder, GuestKind, Negotiate, RoundEnd, SessionSetup, Switchover, VerifyMode, VERSION,
-    };
     use crate::codec::Codec;
     use crate::digest::{page_hash, zero_page_hash, PageHashes};
+    use crate::wire::{
+        BatchEncoder, GuestKind, Negotiate, RoundEnd, SessionSetup, Switchover, VerifyMode, VERSION,
+    };
     let mut out = Vec::new();
     let mut push = |m: &Message, payload: Option<&[u8]>| {
         let p = payload.map_or_else(|| m.encode_payload(), <[u8]>::to_vec);
@@ -323,7 +326,9 @@ pub fn receiver_seed() -> Vec<u8> {
 /// decoder), with a few it does not hold: a labelled, proven setup, a bind,
 /// an echo and an abort.
 pub fn receiver_seed_frames() -> Vec<Vec<u8>> {
-    use super::{encode_frame, Abort, AbortCode, ChannelBind, Echo, SessionLabel, SessionSetup};
+    use crate::wire::{
+        encode_frame, Abort, AbortCode, ChannelBind, Echo, SessionLabel, SessionSetup,
+    };
     let seed = receiver_seed();
     let mut out = Vec::new();
     let mut rest = &seed[..];
@@ -339,10 +344,10 @@ pub fn receiver_seed_frames() -> Vec<Vec<u8>> {
             channels: 4,
             codec: 3,
             codec_level: 0,
-            guest_kind: super::GuestKind::Sim,
-            verify: super::VerifyMode::Full,
+            guest_kind: crate::wire::GuestKind::Sim,
+            verify: crate::wire::VerifyMode::Full,
             max_bandwidth: 1 << 30,
-            flags: super::SETUP_LEAVE_PAUSED,
+            flags: crate::wire::SETUP_LEAVE_PAUSED,
             label: Some(SessionLabel {
                 vm: "web-1".into(),
                 migration_id: "a-1".into(),

@@ -8,19 +8,21 @@
 //! the [`DestMachine`].
 
 use super::accept::Admitted;
-use super::auth::{random_bytes, BindSecret, SessionKey};
-use super::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
-use super::dest_state::{DestMachine, DestState};
-#[cfg(feature = "faults")]
-use super::fault::FaultKind;
-use super::fault::{Fault, FaultPoint};
 use super::gate::{Handshakes, ReceiverStats};
 use super::progress::RunContext;
-use super::report::{round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side};
-use super::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
 use crate::codec::CodecId;
 use crate::digest::{full_digest, page_hash, zero_page_hash, PageHashes};
 use crate::memory::GuestMemory;
+use crate::migration::auth::{random_bytes, BindSecret, SessionKey};
+use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
+use crate::migration::dest_state::{DestMachine, DestState};
+#[cfg(feature = "faults")]
+use crate::migration::fault::FaultKind;
+use crate::migration::fault::{Fault, FaultPoint};
+use crate::migration::report::{
+    round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side,
+};
+use crate::migration::{restore_guest, MigratableGuest, MigrationError, DEFAULT_INITIAL_CREDITS};
 use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{
     Abort, BatchAck, ChannelBindResponse, Command, Complete, GuestKind, Header, Limits, Message,
@@ -36,6 +38,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long an ended session waits for its connections' tasks to stop.
+const CHANNELS_END_WAIT: Duration = Duration::from_secs(5);
 
 /// Memory one channel of a session may hold at once: a frame being read and
 /// a batch's decompressed pages.
@@ -138,7 +144,7 @@ impl Default for ReceiverConfig {
         Self {
             max_memory: 1 << 40,
             initial_credits: DEFAULT_INITIAL_CREDITS,
-            idle_timeout: super::DEFAULT_PEER_TIMEOUT,
+            idle_timeout: crate::migration::DEFAULT_PEER_TIMEOUT,
             admit: None,
             on_go: None,
             key: None,
@@ -469,7 +475,7 @@ impl Shared {
                 )));
             }
             kind => {
-                super::fault::strike_process(kind);
+                crate::migration::fault::strike_process(kind);
                 return Ok(());
             }
         }
@@ -480,7 +486,7 @@ impl Shared {
         );
         let chans: Vec<DestChan> = self.chans.lock().unwrap().drain().map(|(_, c)| c).collect();
         for c in chans {
-            super::fault::linger_zero(c.fd);
+            crate::migration::fault::linger_zero(c.fd);
             c.stop.cancel();
         }
         Ok(())
@@ -807,6 +813,7 @@ impl Session {
         let mut shared: Option<Arc<Shared>> = None;
         let mut guest: Option<Arc<dyn MigratableGuest>> = None;
         let cancel = self.ctx.cancel.child_token();
+        let tasks = TaskTracker::new();
         let result = self
             .drive(
                 peer,
@@ -816,11 +823,19 @@ impl Session {
                 &mut tally,
                 &mut shared,
                 &mut guest,
-                &cancel,
+                (&cancel, &tasks),
                 at,
             )
             .await;
+        // The session's connections end with it.
         cancel.cancel();
+        tasks.close();
+        if tokio::time::timeout(CHANNELS_END_WAIT, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(%peer, "a connection of the ended session is still stopping");
+        }
         self.sessions.lock().unwrap().remove(&tally.session_id);
         match &result {
             Ok(()) => {
@@ -979,7 +994,7 @@ impl Session {
         tally: &mut Tally,
         shared_out: &mut Option<Arc<Shared>>,
         guest_out: &mut Option<Arc<dyn MigratableGuest>>,
-        cancel: &CancellationToken,
+        (cancel, tasks): (&CancellationToken, &TaskTracker),
         at: Instant,
     ) -> Result<(), MigrationError> {
         let token = random_bytes::<16>();
@@ -996,14 +1011,18 @@ impl Session {
             slot: _,
         } = admitted;
         let key = self.config.key.as_ref();
-        let handshake = super::auth::Handshake {
+        let handshake = crate::migration::auth::Handshake {
             source_nonce: &source_nonce,
             dest_nonce: &nonce,
             binding: &self.binding,
         };
         let frame_mac = key.is_some() && setup.flags & SETUP_FRAME_MAC != 0;
-        let frame_keys = frame_mac
-            .then(|| secret.frame_keys(session_id, super::auth::Connection::Setup(&source_nonce)));
+        let frame_keys = frame_mac.then(|| {
+            secret.frame_keys(
+                session_id,
+                crate::migration::auth::Connection::Setup(&source_nonce),
+            )
+        });
         let (bind_tx, mut bind_rx) = mpsc::unbounded_channel();
         self.sessions.lock().unwrap().insert(
             session_id,
@@ -1048,12 +1067,12 @@ impl Session {
                     bind_token: token,
                     initial_credits: credits,
                     proof: key.map(|k| {
-                        let r = super::auth::Response {
+                        let r = crate::migration::auth::Response {
                             session_id,
                             token: &token,
                             credits,
                         };
-                        super::auth::response_proof(k, &handshake, &r)
+                        crate::migration::auth::response_proof(k, &handshake, &r)
                     }),
                 }),
             )
@@ -1086,7 +1105,7 @@ impl Session {
                 );
                 gen
             };
-            tokio::spawn(channel_task(sh.clone(), channel, gen, reader, writer, stop));
+            tasks.spawn(channel_task(sh.clone(), channel, gen, reader, writer, stop));
         };
         start(0, reader, writer);
         let mut ever_bound = std::collections::HashSet::from([0u16]);
@@ -1358,5 +1377,5 @@ impl Session {
 /// Whether this host runs KVM guests, asked once per process.
 pub(super) fn kvm_here() -> bool {
     static KVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *KVM.get_or_init(|| super::kvm_unavailable().is_none())
+    *KVM.get_or_init(|| crate::migration::kvm_unavailable().is_none())
 }

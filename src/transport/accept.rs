@@ -6,13 +6,14 @@
 //!
 //! [`HANDSHAKE_MAX_PAYLOAD`]: crate::transport::HANDSHAKE_MAX_PAYLOAD
 
-use super::auth::{random_bytes, BindSecret};
 use super::dest::{Bind, ReceiverConfig, Session, SessionEntry, Sessions, Unauthenticated};
-use super::dest_state::DestMachine;
 use super::gate::{Handshakes, ReceiverStats, Refusal, Ticket};
 use super::progress::RunContext;
-use super::{Incoming, MigrationError};
+use super::Incoming;
 use crate::memory::GuestMemory;
+use crate::migration::auth::{random_bytes, BindSecret};
+use crate::migration::dest_state::DestMachine;
+use crate::migration::MigrationError;
 use crate::transport::{Conn, FrameReader, FrameWriter};
 use crate::wire::{Abort, Command, Header, Limits, Message, Negotiate, SessionLabel, SessionSetup};
 use std::net::SocketAddr;
@@ -21,6 +22,10 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a receiver that stops serving waits for its sessions to end.
+const SESSIONS_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What every connection of one receiver shares.
 pub(super) struct Shared {
@@ -383,7 +388,7 @@ async fn session_handshake(
         }
         Err(e) => return Err(malformed(e.into())),
     };
-    let handshake = super::auth::Handshake {
+    let handshake = crate::migration::auth::Handshake {
         source_nonce: &negotiate.nonce,
         dest_nonce: &nonce,
         binding,
@@ -434,7 +439,7 @@ fn authenticate(
     config: &ReceiverConfig,
     peer: SocketAddr,
     setup: &SessionSetup,
-    handshake: &super::auth::Handshake,
+    handshake: &crate::migration::auth::Handshake,
 ) -> Result<(), MigrationError> {
     let tagged = setup.flags & crate::wire::SETUP_FRAME_MAC != 0;
     if tagged && setup.proof.is_none() {
@@ -444,7 +449,7 @@ fn authenticate(
     }
     match (&config.key, &setup.proof) {
         (Some(key), Some(_)) => {
-            if !super::auth::verify_setup_proof(key, handshake, setup) {
+            if !crate::migration::auth::verify_setup_proof(key, handshake, setup) {
                 Err(MigrationError::Unauthenticated(
                     "the source's proof of the key is wrong: it holds another key".into(),
                 ))
@@ -493,7 +498,7 @@ fn route_bind(
     mut reader: FrameReader,
     mut writer: FrameWriter,
 ) -> Result<(), (Refusal, MigrationError, FrameWriter)> {
-    let bind = super::auth::Bind {
+    let bind = crate::migration::auth::Bind {
         session_id: h.session_id,
         channel: h.channel,
         nonce: &b.nonce,
@@ -548,7 +553,7 @@ fn route_bind(
     // The source sends nothing more on it before the response: its frames
     // are tagged from the next one on.
     let keys = s.frame_mac.then(|| {
-        let conn = super::auth::Connection::Bind(h.channel, &b.nonce);
+        let conn = crate::migration::auth::Connection::Bind(h.channel, &b.nonce);
         s.secret.frame_keys(h.session_id, conn)
     });
     if let Some(k) = &keys {
@@ -588,10 +593,13 @@ pub(super) async fn serve(
     done: tokio::sync::mpsc::UnboundedSender<Incoming>,
 ) {
     let cancel: &CancellationToken = &ctx.cancel;
+    // Every connection's task (its handshake, and the session it may
+    // carry) is tracked: serving ends once they have, or after a bound.
+    let tasks = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => break,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -607,12 +615,19 @@ pub(super) async fn serve(
         let rx = rx.clone();
         let ctx = ctx.clone();
         let done = done.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Some(mut incoming) = handle_connection(stream, peer, at, rx, ctx, ticket).await {
                 let slot = incoming.slot.take();
                 let _ = done.send(incoming);
                 drop(slot);
             }
         });
+    }
+    tasks.close();
+    if tokio::time::timeout(SESSIONS_END_WAIT, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("stopped serving with sessions still ending");
     }
 }

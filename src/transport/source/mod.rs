@@ -13,16 +13,16 @@ mod connect;
 mod encode;
 mod rounds;
 
-use super::credits::Credits;
 use super::progress::{Phase, RunContext};
-use super::report::{
-    round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, RoundLog, Side,
-};
-use super::source_machine::{SourceEvent, SourceMachine};
-use super::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::codec::{AutoChooser, SocketRate};
 use crate::digest::PageHashes;
 use crate::memory::DirtySnapshot;
+use crate::migration::credits::Credits;
+use crate::migration::report::{
+    round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side,
+};
+use crate::migration::source_machine::{RoundTotals, SourceEvent, SourceMachine};
+use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::wire::{Abort, Message};
 use channels::Shared;
 use encode::Encoder;
@@ -35,13 +35,10 @@ use std::time::{Duration, Instant};
 struct Tally {
     session_id: u64,
     setup: Duration,
-    rounds: u32,
+    totals: RoundTotals,
     downtime: Duration,
     verify: Duration,
     verified: bool,
-    dirty_bytes: u64,
-    dirty_time: Duration,
-    throttle_max: u8,
     destination_cpu_ms: Option<f64>,
     go_sent: bool,
     paused: bool,
@@ -51,7 +48,6 @@ struct Tally {
     channel_failures: u32,
     batches_resent: u64,
     channel_rebinds: u32,
-    round_log: Vec<RoundLog>,
 }
 
 struct Driver {
@@ -167,9 +163,9 @@ impl Driver {
             Some(Ok(())) => Ok(()),
             Some(Err(ev)) => Err(self.explain(ev).await),
             None => Err(match deadline {
-                None => MigrationError::NotConverging(super::policy::GiveUp::CompletionTimeout(
-                    self.timeout,
-                )),
+                None => MigrationError::NotConverging(
+                    crate::migration::policy::GiveUp::CompletionTimeout(self.timeout),
+                ),
                 Some(_) => MigrationError::Timeout {
                     what: "the final pages to be applied",
                     after: self.handoff,
@@ -266,7 +262,7 @@ pub async fn migrate(
         verify_ms: round3(tally.verify.as_secs_f64() * 1e3),
         memory_bytes: guest.memory().len_bytes(),
         pages: *counts.lock().unwrap(),
-        rounds: tally.rounds,
+        rounds: tally.totals.rounds,
         total_ms: round3(total.as_secs_f64() * 1e3),
         setup_ms: round3(tally.setup.as_secs_f64() * 1e3),
         downtime_ms: round3(tally.downtime.as_secs_f64() * 1e3),
@@ -275,12 +271,12 @@ pub async fn migrate(
         compression_ratio: 0.0,
         throughput_guest_bps: 0.0,
         throughput_wire_bps: 0.0,
-        dirty_rate_bps: if tally.dirty_time.is_zero() {
+        dirty_rate_bps: if tally.totals.dirty_time.is_zero() {
             0.0
         } else {
-            (tally.dirty_bytes as f64 / tally.dirty_time.as_secs_f64()).round()
+            (tally.totals.dirty_bytes as f64 / tally.totals.dirty_time.as_secs_f64()).round()
         },
-        throttle_pct_max: tally.throttle_max,
+        throttle_pct_max: tally.totals.throttle_max,
         channels: config.channels,
         codec: config.codec.to_string(),
         max_bandwidth_bps: config.max_bandwidth,
@@ -293,13 +289,13 @@ pub async fn migrate(
         guest_counter_after_resume: None,
         session_id: format!("{:016x}", tally.session_id),
         authenticated: tally.authenticated,
-        encrypted: config.tls.is_some(),
-        frames_authenticated: config.tls.is_some() || tally.frames_authenticated,
+        encrypted: ctx.tls.is_some(),
+        frames_authenticated: ctx.tls.is_some() || tally.frames_authenticated,
         channel_failures: tally.channel_failures,
         batches_resent: tally.batches_resent,
         channel_rebinds: tally.channel_rebinds,
         saved_to: None,
-        round_log: std::mem::take(&mut tally.round_log),
+        round_log: std::mem::take(&mut tally.totals.log),
         memory_use: MemoryUse::measure(Some(guest.memory())),
         guests_here: None,
     };

@@ -4,10 +4,9 @@
 //! own threads'.
 
 use super::progress::RunContext;
-use super::{
-    migrate, Incoming, MigratableGuest, MigrationConfig, Receiver, ReceiverConfig, Report,
-};
+use super::{migrate, Incoming, Receiver, ReceiverConfig};
 use crate::cpu::CpuMeter;
+use crate::migration::{MigratableGuest, MigrationConfig, Report};
 use crate::transport::{runtime_in, Namespace};
 use std::sync::Arc;
 

@@ -6,7 +6,9 @@ use super::Tally;
 use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::memory::PAGE_SIZE;
 use crate::migration::auth;
-use crate::migration::{MigratableGuest, MigrationConfig, MigrationError, RunContext};
+use crate::migration::source_machine::unexpected;
+use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
+use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::{
     ChannelBind, Command, Header, Limits, Message, Negotiate, SessionSetup, SessionSetupResponse,
@@ -194,10 +196,10 @@ pub(super) async fn open_session(
         secret: Arc::new(auth::BindSecret::derive(
             None, &[0; 16], &[0; 16], 0, &[0; 16],
         )),
-        tls: config.tls.clone(),
-        frame_mac: config.session_key.is_some() && config.tls.is_none(),
+        tls: ctx.tls.clone(),
+        frame_mac: config.session_key.is_some() && ctx.tls.is_none(),
     };
-    if config.tls.as_ref().is_some_and(|t| !t.is_pinned()) && config.session_key.is_none() {
+    if ctx.tls.as_ref().is_some_and(|t| !t.is_pinned()) && config.session_key.is_none() {
         return Err(MigrationError::Config(
             "TLS without a pinned certificate needs a shared key to know the receiver by".into(),
         ));
@@ -386,9 +388,4 @@ async fn bind_rest(
             .map(|b| b.expect("every channel bound"))
             .collect(),
     ))
-}
-
-/// A message other than the one the protocol expects next.
-pub(super) fn unexpected(want: &str, got: &Message) -> MigrationError {
-    MigrationError::Protocol(format!("expected {want}, got {:?}", got.command()))
 }
