@@ -284,14 +284,19 @@ fn frames_and_batches(c: &mut Criterion) {
         g.bench_function(format!("mix/{codec}"), |b| {
             b.iter(|| {
                 first = (first + 256) % mem.pages();
-                enc.encode(0, codec, &[(first, 256)], |p, buf| {
-                    mem.read_page(p, buf);
-                    let z = is_zero_page(buf);
-                    if !z {
-                        black_box(page_hash(buf));
-                    }
-                    z
-                })
+                enc.encode(
+                    0,
+                    codec,
+                    &[ferry::page::PageRun::new(first, 256)],
+                    |p, buf| {
+                        mem.read_page(p, buf);
+                        let z = is_zero_page(buf);
+                        if !z {
+                            black_box(page_hash(buf));
+                        }
+                        z
+                    },
+                )
                 .unwrap()
             })
         });

@@ -3,6 +3,7 @@
 //! property fails.
 
 use crate::codec::CodecId;
+use crate::page::PageRun;
 use crate::wire::PAGE_SIZE;
 use crate::wire::{Command, FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
 use bytes::{Bytes, BytesMut};
@@ -58,11 +59,11 @@ pub fn batch(data: &[u8]) {
             if let Ok(b) = PageBatch::decode_split(meta, data.len() - prefix, limits) {
                 assert!(b.is_placed());
                 let regions = b.data_regions();
-                let pages: u64 = regions.iter().map(|&(_, n)| u64::from(n)).sum();
+                let pages: u64 = regions.iter().map(|r| u64::from(r.count)).sum();
                 assert_eq!(pages, u64::from(b.nonzero_pages()));
                 assert_eq!(pages as usize * PAGE_SIZE, data.len() - prefix);
-                for (first, n) in regions {
-                    assert!(first + u64::from(n) <= FUZZ_GUEST_PAGES);
+                for r in regions {
+                    assert!(r.end() <= FUZZ_GUEST_PAGES);
                 }
             }
         }
@@ -264,7 +265,7 @@ pub fn receiver_seed() -> Vec<u8> {
             .enumerate()
             .for_each(|(i, b)| *b = (i as u64 ^ p) as u8);
     };
-    let batch = |round: u32, codec: Codec, runs: &[(u64, u32)]| {
+    let batch = |round: u32, codec: Codec, runs: &[PageRun]| {
         let b = BatchEncoder::new()
             .encode(round, codec, runs, |p, buf| {
                 if p % 5 == 0 {
@@ -279,9 +280,9 @@ pub fn receiver_seed() -> Vec<u8> {
             .unwrap();
         b.payload.to_vec()
     };
-    let b0 = batch(0, Codec::Lz4, &[(0, 8), (100, 4)]);
-    let b1 = batch(1, Codec::None, &[(3, 2)]);
-    let b2 = batch(1, Codec::Zstd { level: 1 }, &[(200, 3)]);
+    let b0 = batch(0, Codec::Lz4, &[PageRun::new(0, 8), PageRun::new(100, 4)]);
+    let b1 = batch(1, Codec::None, &[PageRun::new(3, 2)]);
+    let b2 = batch(1, Codec::Zstd { level: 1 }, &[PageRun::new(200, 3)]);
     let digest = hashes.digest();
     let batch_msg = |p: &[u8]| {
         Message::PageBatch(

@@ -23,6 +23,7 @@ pub mod fuzz;
 pub mod kvm;
 pub mod memory;
 pub mod migration;
+pub mod page;
 #[cfg(feature = "net")]
 pub mod transport;
 pub mod units;

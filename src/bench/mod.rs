@@ -106,10 +106,15 @@ pub fn measure_codecs(
                 let n = batch_pages.min(mem.pages() - first) as u32;
                 let t = Instant::now();
                 let batch = enc
-                    .encode(0, codec, &[(first, n)], |p, buf| {
-                        mem.read_page(p, buf);
-                        is_zero_page(buf)
-                    })
+                    .encode(
+                        0,
+                        codec,
+                        &[crate::page::PageRun::new(first, n)],
+                        |p, buf| {
+                            mem.read_page(p, buf);
+                            is_zero_page(buf)
+                        },
+                    )
                     .expect("compression of a page batch");
                 encode += t.elapsed();
                 let t = Instant::now();

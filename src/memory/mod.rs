@@ -24,6 +24,7 @@ pub use synthetic::{
     MAX_WRITERS,
 };
 
+use crate::page::PageRun;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -430,7 +431,7 @@ impl GuestMemory {
 #[derive(Debug)]
 pub struct PageFill<'a> {
     memory: &'a GuestMemory,
-    regions: &'a [(u64, u32)],
+    regions: &'a [PageRun],
     /// Bytes filled so far, across the regions.
     done: usize,
     total: usize,
@@ -438,9 +439,9 @@ pub struct PageFill<'a> {
 
 impl<'a> PageFill<'a> {
     /// Regions of `memory` to fill; `None` if one lies outside the guest.
-    pub fn new(memory: &'a GuestMemory, regions: &'a [(u64, u32)]) -> Option<Self> {
+    pub fn new(memory: &'a GuestMemory, regions: &'a [PageRun]) -> Option<Self> {
         let mut total = 0usize;
-        for &(first, count) in regions {
+        for &PageRun { first, count } in regions {
             let end = first.checked_add(count.into())?;
             if end > memory.pages {
                 return None;
@@ -464,7 +465,7 @@ impl<'a> PageFill<'a> {
     fn pending(&self, max: usize) -> Vec<(*mut u8, usize)> {
         let mut out = Vec::new();
         let mut skip = self.done;
-        for &(first, count) in self.regions {
+        for &PageRun { first, count } in self.regions {
             let len = (count as usize) << PAGE_SHIFT;
             if skip >= len {
                 skip -= len;
@@ -538,10 +539,7 @@ impl<'a> PageFill<'a> {
         scratch.resize(Self::BLOCK_PAGES * PAGE_SIZE, 0);
         let bytes = scratch;
         let mut indices = Vec::with_capacity(Self::BLOCK_PAGES);
-        let pages = self
-            .regions
-            .iter()
-            .flat_map(|&(first, count)| first..first + u64::from(count));
+        let pages = self.regions.iter().flat_map(PageRun::pages);
         for index in pages {
             let k = indices.len();
             self.memory
@@ -642,7 +640,8 @@ mod tests {
         for i in 0..64 {
             mem.write_page(i, &vec![i as u8; PAGE_SIZE]);
         }
-        let regions = [(3, 10), (20, 1), (40, 20), (0, 3), (13, 7), (21, 19)];
+        let regions = [(3, 10), (20, 1), (40, 20), (0, 3), (13, 7), (21, 19)]
+            .map(|(f, n)| PageRun::new(f, n));
         let fill = PageFill::new(&mem, &regions).unwrap();
         let mut seen = Vec::new();
         fill.for_each_block(&mut Vec::new(), |indices, bytes| {

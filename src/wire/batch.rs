@@ -18,6 +18,7 @@
 use super::PAGE_SIZE;
 use super::{DecodeError, Limits, Reader};
 use crate::codec::{self, Codec, CodecError, CodecId};
+use crate::page::PageRun;
 use bytes::{Bytes, BytesMut};
 
 /// Most pages one batch may carry (4 MiB).
@@ -45,7 +46,7 @@ pub struct PageBatch {
     pub round: u32,
     /// How `data` is encoded.
     pub codec: CodecId,
-    runs: Vec<(u64, u32)>,
+    runs: Vec<PageRun>,
     zero_bits: Bytes,
     data: Bytes,
     page_count: u32,
@@ -150,7 +151,7 @@ impl PageBatch {
             }
             next_free = end;
             total += u64::from(len);
-            runs.push((first, len));
+            runs.push(PageRun::new(first, len));
         }
         if total != u64::from(page_count) {
             return Err(DecodeError::Mismatch {
@@ -219,8 +220,8 @@ impl PageBatch {
         self.nonzero
     }
 
-    /// The runs `(first_page, count)`.
-    pub fn runs(&self) -> &[(u64, u32)] {
+    /// The batch's runs of pages.
+    pub fn runs(&self) -> &[PageRun] {
         &self.runs
     }
 
@@ -234,18 +235,18 @@ impl PageBatch {
         self.zero_bits[i / 8] & (1 << (i % 8)) != 0
     }
 
-    /// Where the batch's data pages go, in wire order: runs `(first_page,
-    /// count)` of consecutive non-zero pages. A raw batch's data is these
-    /// pages back to back, so a receiver can read it straight into them.
-    pub fn data_regions(&self) -> Vec<(u64, u32)> {
-        let mut out: Vec<(u64, u32)> = Vec::new();
+    /// Where the batch's data pages go, in wire order: runs of consecutive
+    /// non-zero pages. A raw batch's data is these pages back to back, so a
+    /// receiver can read it straight into them.
+    pub fn data_regions(&self) -> Vec<PageRun> {
+        let mut out: Vec<PageRun> = Vec::new();
         let mut i = 0usize;
-        for &(first, len) in &self.runs {
-            for page in first..first + u64::from(len) {
+        for run in &self.runs {
+            for page in run.pages() {
                 if !self.is_zero(i) {
                     match out.last_mut() {
-                        Some((f, n)) if *f + u64::from(*n) == page => *n += 1,
-                        _ => out.push((page, 1)),
+                        Some(r) if r.end() == page => r.count += 1,
+                        _ => out.push(PageRun::new(page, 1)),
                     }
                 }
                 i += 1;
@@ -273,8 +274,8 @@ impl PageBatch {
         };
         let mut data = pages.chunks_exact(PAGE_SIZE);
         let mut i = 0usize;
-        for &(first, len) in &self.runs {
-            for page in first..first + u64::from(len) {
+        for run in &self.runs {
+            for page in run.pages() {
                 let kind = if self.is_zero(i) {
                     Page::Zero
                 } else if self.placed {
@@ -302,7 +303,7 @@ impl PageBatch {
     }
 }
 
-fn write_fixed(o: &mut Vec<u8>, round: u32, codec: CodecId, runs: &[(u64, u32)], pages: u32) {
+fn write_fixed(o: &mut Vec<u8>, round: u32, codec: CodecId, runs: &[PageRun], pages: u32) {
     o.extend_from_slice(&round.to_le_bytes());
     o.push(codec as u8);
     o.push(0);
@@ -310,10 +311,10 @@ fn write_fixed(o: &mut Vec<u8>, round: u32, codec: CodecId, runs: &[(u64, u32)],
     o.extend_from_slice(&pages.to_le_bytes());
 }
 
-fn write_runs(o: &mut Vec<u8>, runs: &[(u64, u32)]) {
-    for &(first, len) in runs {
-        o.extend_from_slice(&first.to_le_bytes());
-        o.extend_from_slice(&len.to_le_bytes());
+fn write_runs(o: &mut Vec<u8>, runs: &[PageRun]) {
+    for r in runs {
+        o.extend_from_slice(&r.first.to_le_bytes());
+        o.extend_from_slice(&r.count.to_le_bytes());
     }
 }
 
@@ -363,15 +364,15 @@ impl BatchEncoder {
         &mut self,
         round: u32,
         codec: Codec,
-        runs: &[(u64, u32)],
+        runs: &[PageRun],
         mut read: impl FnMut(u64, &mut [u8]) -> bool,
     ) -> Result<EncodedBatch, CodecError> {
-        let pages: u32 = runs.iter().map(|r| r.1).sum();
+        let pages: u32 = runs.iter().map(|r| r.count).sum();
         assert!(
             pages > 0 && pages <= MAX_PAGES_PER_BATCH,
             "{pages} pages in a batch"
         );
-        assert!(runs.len() <= MAX_RUNS_PER_BATCH as usize && runs.iter().all(|r| r.1 > 0));
+        assert!(runs.len() <= MAX_RUNS_PER_BATCH as usize && runs.iter().all(|r| r.count > 0));
         let bits_len = pages.div_ceil(8) as usize;
         let head = FIXED + runs.len() * RUN + bits_len;
         let raw_max = pages as usize * PAGE_SIZE;
@@ -393,8 +394,8 @@ impl BatchEncoder {
         self.pages.clear();
         let mut i = 0usize;
         let mut zero = 0u32;
-        for &(first, len) in runs {
-            for page in first..first + u64::from(len) {
+        for run in runs {
+            for page in run.pages() {
                 let is_zero = if direct {
                     let at = out.len();
                     out.resize(at + PAGE_SIZE, 0);
@@ -495,13 +496,21 @@ mod tests {
         false
     }
 
-    fn encoded(codec: Codec, runs: &[(u64, u32)]) -> EncodedBatch {
+    fn runs(r: &[(u64, u32)]) -> Vec<PageRun> {
+        r.iter().map(|&(f, n)| PageRun::new(f, n)).collect()
+    }
+
+    fn encoded(codec: Codec, runs: &[PageRun]) -> EncodedBatch {
         BatchEncoder::new().encode(5, codec, runs, content).unwrap()
     }
 
     #[test]
     fn round_trip_every_codec() {
-        let runs = [(0u64, 10u32), (100, 1), (200, 50)];
+        let runs = [
+            PageRun::new(0, 10),
+            PageRun::new(100, 1),
+            PageRun::new(200, 50),
+        ];
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
             let e = encoded(codec, &runs);
             assert_eq!(e.pages, 61);
@@ -527,7 +536,11 @@ mod tests {
     #[test]
     fn raw_data_can_be_placed_region_by_region() {
         // Pages 0, 3, 6 and 9 are zero: the data pages form these regions.
-        let runs = [(0u64, 10u32), (10, 2), (200, 3)];
+        let runs = [
+            PageRun::new(0, 10),
+            PageRun::new(10, 2),
+            PageRun::new(200, 3),
+        ];
         let e = encoded(Codec::None, &runs);
         let fixed = &e.payload[..PageBatch::FIXED_LEN];
         let prefix = PageBatch::prefix_len(fixed).unwrap();
@@ -536,14 +549,15 @@ mod tests {
         let b = PageBatch::decode_split(e.payload.slice(..prefix), data, LIMITS).unwrap();
         assert!(b.is_placed());
         let regions = b.data_regions();
-        assert_eq!(
-            regions,
-            [(1, 2), (4, 2), (7, 2), (10, 2), (200, 1), (202, 1)]
-        );
+        let want: Vec<PageRun> = [(1, 2), (4, 2), (7, 2), (10, 2), (200, 1), (202, 1)]
+            .into_iter()
+            .map(|(f, n)| PageRun::new(f, n))
+            .collect();
+        assert_eq!(regions, want);
         // The wire data is exactly those pages, in that order.
         let mut want = Vec::new();
-        for &(first, n) in &regions {
-            for p in first..first + u64::from(n) {
+        for r in &regions {
+            for p in r.pages() {
                 let mut page = vec![0u8; PAGE_SIZE];
                 content(p, &mut page);
                 want.extend_from_slice(&page);
@@ -570,7 +584,7 @@ mod tests {
     fn incompressible_pages_go_raw_and_all_zero_batches_carry_no_data() {
         let mut x = 1u64;
         let e = BatchEncoder::new()
-            .encode(0, Codec::Lz4, &[(0, 4)], |_, buf| {
+            .encode(0, Codec::Lz4, &runs(&[(0, 4)]), |_, buf| {
                 for b in buf.iter_mut() {
                     x = x
                         .wrapping_mul(6364136223846793005)
@@ -585,13 +599,15 @@ mod tests {
             PageBatch::decode(e.payload, LIMITS).unwrap().codec,
             CodecId::None
         );
-        let e = encoded(Codec::Zstd { level: 1 }, &[(0, 1), (3, 1)]);
+        let e = encoded(Codec::Zstd { level: 1 }, &runs(&[(0, 1), (3, 1)]));
         assert_eq!(e.zero, 2);
         assert_eq!(e.payload.len(), FIXED + 2 * RUN + 1);
     }
 
     fn mutated(f: impl FnOnce(&mut Vec<u8>)) -> Result<PageBatch, DecodeError> {
-        let mut p = encoded(Codec::Lz4, &[(1, 4), (10, 2)]).payload.to_vec();
+        let mut p = encoded(Codec::Lz4, &runs(&[(1, 4), (10, 2)]))
+            .payload
+            .to_vec();
         f(&mut p);
         PageBatch::decode(Bytes::from(p), LIMITS)
     }
@@ -655,7 +671,7 @@ mod tests {
     #[test]
     fn corrupt_data_fails_at_apply_with_a_size_error() {
         // Claim one more non-zero page than the data holds: flip a zero bit off.
-        let e = encoded(Codec::Lz4, &[(0, 6)]);
+        let e = encoded(Codec::Lz4, &runs(&[(0, 6)]));
         let mut p = e.payload.to_vec();
         let bits_at = FIXED + RUN;
         assert_eq!(p[bits_at] & 1, 1, "page 0 is zero");
@@ -670,7 +686,9 @@ mod tests {
     fn samples_spread_over_the_batch() {
         let mut enc = BatchEncoder::new();
         // Pages 1..=40 minus every third (zero): 27 non-zero pages, raw.
-        let e = enc.encode(0, Codec::None, &[(1, 40)], content).unwrap();
+        let e = enc
+            .encode(0, Codec::None, &runs(&[(1, 40)]), content)
+            .unwrap();
         let mut out = Vec::new();
         enc.sample_into(&e, 4 * PAGE_SIZE, &mut out);
         assert_eq!(out.len(), 4 * PAGE_SIZE);
@@ -688,7 +706,7 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error() {
-        let e = encoded(Codec::Zstd { level: 1 }, &[(1, 4), (10, 2)]);
+        let e = encoded(Codec::Zstd { level: 1 }, &runs(&[(1, 4), (10, 2)]));
         for cut in 0..e.payload.len() {
             assert!(
                 PageBatch::decode(e.payload.slice(..cut), LIMITS).is_err(),

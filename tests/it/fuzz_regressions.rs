@@ -5,6 +5,7 @@
 use ferry::codec::{Codec, CodecId};
 use ferry::fuzz;
 use ferry::migration::dest_state::DestState;
+use ferry::page::PageRun;
 use ferry::wire::{encode_frame, BatchEncoder, Command, Header};
 use std::path::Path;
 
@@ -128,9 +129,12 @@ fn seeds() -> Vec<(Vec<u8>, Vec<u8>)> {
     // (frame, batch payload) pairs from real encoders.
     let mut out = vec![];
     for (codec, runs) in [
-        (Codec::None, vec![(0u64, 3u32)]),
-        (Codec::Lz4, vec![(1, 2), (10, 4)]),
-        (Codec::Zstd { level: 1 }, vec![(100, 1), (200, 7)]),
+        (Codec::None, vec![PageRun::new(0, 3)]),
+        (Codec::Lz4, vec![PageRun::new(1, 2), PageRun::new(10, 4)]),
+        (
+            Codec::Zstd { level: 1 },
+            vec![PageRun::new(100, 1), PageRun::new(200, 7)],
+        ),
     ] {
         let b = BatchEncoder::new()
             .encode(2, codec, &runs, |p, buf| {

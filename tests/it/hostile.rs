@@ -323,10 +323,15 @@ fn a_page_index_outside_the_guest_ends_the_session_naming_the_field() {
     let mut s = TcpStream::connect(&h.addr).unwrap();
     let (session, _) = open_session(&mut s, 1 << 20); // 256 pages
     let batch = BatchEncoder::new()
-        .encode(0, Codec::Lz4, &[(300, 2)], |_, buf| {
-            buf.fill(1);
-            false
-        })
+        .encode(
+            0,
+            Codec::Lz4,
+            &[ferry::page::PageRun::new(300, 2)],
+            |_, buf| {
+                buf.fill(1);
+                false
+            },
+        )
         .unwrap();
     let header = Header {
         session_id: session,
@@ -412,10 +417,15 @@ fn a_frame_for_another_session_ends_the_session() {
 /// filled with their index; its frame encoded for `session`.
 fn raw_batch_frame(session: u64, pages: u32) -> Vec<u8> {
     let batch = BatchEncoder::new()
-        .encode(0, Codec::None, &[(0, pages)], |p, buf| {
-            buf.fill(if p % 3 == 0 { 0 } else { p as u8 });
-            p % 3 == 0
-        })
+        .encode(
+            0,
+            Codec::None,
+            &[ferry::page::PageRun::new(0, pages)],
+            |p, buf| {
+                buf.fill(if p % 3 == 0 { 0 } else { p as u8 });
+                p % 3 == 0
+            },
+        )
         .unwrap();
     let header = Header {
         session_id: session,

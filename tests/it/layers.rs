@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const RANKS: &[(&str, u32)] = &[
     ("units", 0),
     ("cpu", 0),
+    ("page", 0),
     ("memory", 1),
     ("kvm", 2),
     ("codec", 3),
@@ -24,7 +25,7 @@ const RANKS: &[(&str, u32)] = &[
 ];
 
 /// What `wire` may import: it owns its own page-size constant.
-const WIRE_MAY: &[&str] = &["units", "cpu", "codec"];
+const WIRE_MAY: &[&str] = &["units", "cpu", "page", "codec"];
 
 fn rank(top: &str) -> Option<u32> {
     RANKS.iter().find(|(n, _)| *n == top).map(|(_, r)| *r)

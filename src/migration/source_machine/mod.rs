@@ -21,6 +21,7 @@ mod rounds;
 use super::credits::Credits;
 use super::MigrationError;
 use crate::memory::DirtySnapshot;
+use crate::page::PageRun;
 use crate::wire::{Command, Header, Message, FLAG_RESEND, MAX_RUNS_PER_BATCH};
 use control::Unconfirmed;
 use std::collections::{HashMap, VecDeque};
@@ -143,7 +144,7 @@ impl SourceMachine {
         for (mut first, mut len) in snap.runs() {
             while len > 0 {
                 let take = len.min(max - n);
-                runs.push((first, take as u32));
+                runs.push(PageRun::new(first, take as u32));
                 (n, first, len) = (n + take, first + take, len - take);
                 if n == max || runs.len() == usize::from(MAX_RUNS_PER_BATCH) {
                     total += n;
@@ -159,7 +160,7 @@ impl SourceMachine {
         total
     }
 
-    fn push(&mut self, round: u32, runs: Vec<Run>) {
+    fn push(&mut self, round: u32, runs: Vec<PageRun>) {
         self.queued += 1;
         self.queue.push_back(BatchJob { round, runs });
     }

@@ -1,10 +1,8 @@
 //! What the source machine and its driver hand each other.
 
 use crate::migration::MigrationError;
+use crate::page::PageRun;
 use crate::wire::{Header, Message};
-
-/// A run of pages: the first page's index and how many follow it.
-pub type Run = (u64, u32);
 
 /// One batch to send: a round and up to a batch of page runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,7 +10,7 @@ pub struct BatchJob {
     /// The pre-copy round its pages belong to.
     pub round: u32,
     /// The pages.
-    pub runs: Vec<Run>,
+    pub runs: Vec<PageRun>,
 }
 
 /// A batch for a channel's writer to encode and send.

@@ -8,6 +8,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::report::PageCounter;
 use crate::migration::source_machine::Work;
 use crate::migration::{MigratableGuest, MigrationError};
+use crate::page::PageRun;
 use crate::wire::{BatchEncoder, EncodedBatch};
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
@@ -60,7 +61,7 @@ impl Encoder {
     fn encode(
         &self,
         round: u32,
-        runs: &[(u64, u32)],
+        runs: &[PageRun],
         codec: Codec,
         probe: Option<[bool; 4]>,
     ) -> Result<EncodedBatch, MigrationError> {

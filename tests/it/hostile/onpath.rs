@@ -103,7 +103,7 @@ fn change_page(f: &mut Frame) -> Option<u64> {
         guest_pages: 1 << 30,
     };
     let batch = PageBatch::decode(f.payload.clone().into(), limits).ok()?;
-    let index = batch.data_regions().first()?.0;
+    let index = batch.data_regions().first()?.first;
     let page = f.payload.get_mut(prefix..prefix + 4096)?;
     let hashes = PageHashes::new(index + 1);
     hashes.set(index, page_hash(page));

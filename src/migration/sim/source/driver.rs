@@ -6,10 +6,10 @@ use super::{End, Phase, SimSource, COMPLETION_MS, HANDOFF_MS};
 use crate::memory::DirtySnapshot;
 use crate::migration::dest_state::DestState;
 use crate::migration::policy::Decision;
-use crate::migration::MigrationError;
 use crate::migration::sim::digest;
 use crate::migration::sim::net::Dir;
 use crate::migration::source_machine::{ControlTx, SourceEvent, Stage};
+use crate::migration::MigrationError;
 use crate::wire::{Message, VerifyMode};
 
 impl SimSource {

@@ -582,8 +582,8 @@ impl SimSource {
     /// Reads a batch's pages now and records them as sent.
     fn encode(&mut self, work: &Work) -> Vec<(u64, u64)> {
         let mut pages = Vec::new();
-        for &(first, len) in &work.job().runs {
-            for page in first..first + u64::from(len) {
+        for run in &work.job().runs {
+            for page in run.pages() {
                 let v = self.memory[page as usize];
                 self.sent[page as usize] = v;
                 pages.push((page, v));
