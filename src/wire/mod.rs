@@ -23,6 +23,7 @@
 pub const PAGE_SIZE: usize = 4096;
 
 mod batch;
+mod decode;
 mod frame;
 mod mac;
 mod message;
