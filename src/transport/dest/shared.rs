@@ -1,0 +1,241 @@
+//! What a destination session's tasks share: guest memory and its hashes,
+//! the machine, the claim ledger, the channels up, and the replies.
+
+use crate::codec::CodecId;
+use crate::digest::{page_hash, zero_page_hash, PageHashes};
+use crate::memory::GuestMemory;
+use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, Settle};
+use crate::migration::dest_state::DestMachine;
+#[cfg(feature = "faults")]
+use crate::migration::fault::FaultKind;
+use crate::migration::fault::{Fault, FaultPoint};
+use crate::migration::report::PageCounter;
+use crate::migration::MigrationError;
+use crate::transport::FrameWriter;
+use crate::wire::{Header, Limits, Message, Page, PageBatch};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub(super) enum Event {
+    Control(Header, Message),
+    Failed(u16, u32, MigrationError),
+}
+
+/// A channel's current connection.
+pub(super) struct DestChan {
+    pub(super) gen: u32,
+    pub(super) writer: Arc<tokio::sync::Mutex<FrameWriter>>,
+    pub(super) stop: CancellationToken,
+    /// For an injected reset (the `faults` feature).
+    #[cfg_attr(not(feature = "faults"), allow(dead_code))]
+    pub(super) fd: std::os::fd::RawFd,
+}
+
+pub(super) struct Shared {
+    pub(super) memory: Arc<GuestMemory>,
+    pub(super) hashes: PageHashes,
+    pub(super) limits: Limits,
+    pub(super) machine: Mutex<DestMachine>,
+    pub(super) counts: PageCounter,
+    pub(super) events: mpsc::UnboundedSender<Event>,
+    pub(super) session_id: u64,
+    pub(super) next_msg: AtomicU64,
+    pub(super) cancel: CancellationToken,
+    /// Each batch id seen this round and the last, and its wake-up.
+    pub(super) claims: Mutex<BatchLedger>,
+    pub(super) claims_changed: tokio::sync::Notify,
+    /// Channels up now.
+    pub(super) chans: Mutex<HashMap<u16, DestChan>>,
+    /// The fault to inject, until it has been; `fault_armed` keeps the
+    /// per-batch checks to one load when there is none (always, but in tests).
+    #[cfg_attr(not(feature = "faults"), allow(dead_code))]
+    pub(super) fault: Mutex<Option<Fault>>,
+    pub(super) fault_armed: std::sync::atomic::AtomicBool,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Shared {
+    pub(super) fn apply(&self, batch: &PageBatch) -> Result<(), MigrationError> {
+        let zero_hash = zero_page_hash();
+        let first_pass = batch.round == 0;
+        SCRATCH.with(|s| {
+            batch.apply(&mut s.borrow_mut(), |page, data| match data {
+                Page::Data(bytes) => {
+                    self.memory.write_page(page, bytes);
+                    self.hashes.set(page, page_hash(bytes));
+                }
+                // Hashed as it was read and CRC-checked (read_placing).
+                Page::Placed => {}
+                Page::Zero => {
+                    // Round 0 is every page's first copy and fresh memory is
+                    // zero: leave zero pages unbacked.
+                    if !first_pass {
+                        self.memory.zero_page(page);
+                    }
+                    self.hashes.set(page, zero_hash);
+                }
+            })
+        })?;
+        let pages = u64::from(batch.page_count());
+        let nonzero = u64::from(batch.nonzero_pages());
+        let (raw, compressed) = if batch.codec == CodecId::None {
+            (nonzero, 0)
+        } else {
+            (0, nonzero)
+        };
+        self.counts.add(pages, pages - nonzero, raw, compressed);
+        Ok(())
+    }
+}
+
+/// Frames of another session on a channel end it.
+pub(super) fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(), MigrationError> {
+    if header.session_id != sh.session_id {
+        return Err(MigrationError::Protocol(format!(
+            "frame for session {:016x} on channel {ch} of session {:016x}",
+            header.session_id, sh.session_id
+        )));
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Claims a batch's id for this connection if it is new.
+    pub(super) fn claim(&self, h: &Header, state: Claim) -> Result<Claimed, MigrationError> {
+        self.claims.lock().unwrap().claim(h, state)
+    }
+
+    pub(super) fn set_claim(&self, id: u64, state: Option<Claim>) {
+        self.claims.lock().unwrap().set(id, state);
+        self.claims_changed.notify_waiters();
+    }
+
+    /// Settles a resend of `id`: waits while another connection still holds
+    /// its first copy (stopping that connection, which the source has given
+    /// up on, if it is stuck reading it). `Ok(true)`: the first copy never
+    /// landed, apply this one; `Ok(false)`: it is applied, acknowledge only.
+    pub(super) async fn settle_resend(&self, id: u64) -> Result<bool, MigrationError> {
+        loop {
+            let changed = self.claims_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let settled = self.claims.lock().unwrap().settle(id);
+            match settled {
+                Settle::Apply => return Ok(true),
+                Settle::AckOnly => return Ok(false),
+                Settle::Wait(None) => {}
+                Settle::Wait(Some((chan, gen))) => self.stop_channel(chan, gen),
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(MigrationError::Cancelled),
+                _ = &mut changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Stops connection `gen` of channel `chan` (replaced or given up on).
+    pub(super) fn stop_channel(&self, chan: u16, gen: u32) {
+        if let Some(c) = self.chans.lock().unwrap().get(&chan) {
+            if c.gen == gen {
+                c.stop.cancel();
+            }
+        }
+    }
+
+    /// Forgets what a connection that ended was reading.
+    pub(super) fn release(&self, chan: u16, gen: u32) {
+        self.claims.lock().unwrap().release(chan, gen);
+        self.claims_changed.notify_waiters();
+    }
+
+    /// Without the `faults` feature there is nothing to inject.
+    #[cfg(not(feature = "faults"))]
+    pub(super) fn fault_at(&self, _point: FaultPoint) -> Result<(), MigrationError> {
+        Ok(())
+    }
+
+    /// Injects the configured fault if it is for `point` (once).
+    #[cfg(feature = "faults")]
+    pub(super) fn fault_at(&self, point: FaultPoint) -> Result<(), MigrationError> {
+        if !self.fault_armed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let fault = {
+            let mut f = self.fault.lock().unwrap();
+            match *f {
+                Some(x) if x.point == point => {
+                    self.fault_armed.store(false, Ordering::Relaxed);
+                    f.take()
+                }
+                _ => None,
+            }
+        };
+        let Some(fault) = fault else { return Ok(()) };
+        match fault.kind {
+            FaultKind::Reset => {}
+            FaultKind::Abort => {
+                tracing::warn!(?point, "injected fault: giving up on the session");
+                return Err(MigrationError::Resources(format!(
+                    "injected fault at {point:?}"
+                )));
+            }
+            kind => {
+                crate::migration::fault::strike_process(kind);
+                return Ok(());
+            }
+        }
+        // Every connection closes with an RST; the session takes rebinds.
+        tracing::warn!(
+            ?point,
+            "injected fault: resetting every channel of the session"
+        );
+        let chans: Vec<DestChan> = self.chans.lock().unwrap().drain().map(|(_, c)| c).collect();
+        for c in chans {
+            crate::migration::fault::linger_zero(c.fd);
+            c.stop.cancel();
+        }
+        Ok(())
+    }
+
+    /// Drops a lost connection from the channels replies may use.
+    pub(super) fn forget_channel(&self, chan: u16, gen: u32) {
+        let mut chans = self.chans.lock().unwrap();
+        if chans.get(&chan).is_some_and(|c| c.gen == gen) {
+            chans.remove(&chan);
+        }
+    }
+
+    /// Sends a reply on channel `on` if it is up, else on any channel that is.
+    pub(super) async fn reply(&self, on: u16, msg: &Message) -> Result<(), MigrationError> {
+        let mut order: Vec<(u16, Arc<tokio::sync::Mutex<FrameWriter>>)> = {
+            let chans = self.chans.lock().unwrap();
+            chans.iter().map(|(&i, c)| (i, c.writer.clone())).collect()
+        };
+        order.sort_by_key(|&(i, _)| (i != on, i));
+        let mut last = MigrationError::ChannelLost {
+            channel: on,
+            why: "no channel is up to reply on".into(),
+        };
+        for (_, w) in order {
+            let header = Header {
+                session_id: self.session_id,
+                message_id: self.next_msg.fetch_add(1, Ordering::Relaxed),
+                ..Header::new(msg.command())
+            };
+            match w.lock().await.send(header, msg).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
