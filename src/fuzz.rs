@@ -221,7 +221,7 @@ pub fn receiver_seed() -> Vec<u8> {
     use crate::codec::Codec;
     use crate::digest::{page_hash, zero_page_hash, PageHashes};
     use crate::wire::{
-        BatchEncoder, GuestKind, Negotiate, RoundEnd, SessionSetup, Switchover, VerifyMode, VERSION,
+        BatchEncoder, Negotiate, RoundEnd, SessionSetup, Switchover, VerifyMode, VERSION,
     };
     let mut out = Vec::new();
     let mut push = |m: &Message, payload: Option<&[u8]>| {
@@ -242,18 +242,7 @@ pub fn receiver_seed() -> Vec<u8> {
         None,
     );
     push(
-        &Message::SessionSetup(SessionSetup {
-            memory_bytes: FUZZ_GUEST_PAGES * PAGE_SIZE as u64,
-            channels: 1,
-            codec: 1,
-            codec_level: 0,
-            guest_kind: GuestKind::Sim,
-            verify: VerifyMode::Fast,
-            max_bandwidth: 0,
-            flags: 0,
-            label: None,
-            proof: None,
-        }),
+        &Message::SessionSetup(SessionSetup::plain(FUZZ_GUEST_PAGES * PAGE_SIZE as u64, 1)),
         None,
     );
     let hashes = PageHashes::new(FUZZ_GUEST_PAGES);

@@ -15,7 +15,7 @@ use crate::migration::{MigrationConfig, Outcome};
 use crate::transport::{migrate, RunContext};
 use crate::wire::{
     encode_frame, ChannelBind, Command, FrameDecoder, GuestKind, Header, Limits, Message,
-    Negotiate, SessionLabel, SessionSetup, VerifyMode,
+    Negotiate, SessionLabel, SessionSetup,
 };
 use bytes::BytesMut;
 use serde::Serialize;
@@ -142,16 +142,9 @@ fn negotiate() -> Message {
 
 fn setup(channels: u16, label: Option<SessionLabel>, proof: Option<[u8; 32]>) -> Message {
     Message::SessionSetup(SessionSetup {
-        memory_bytes: 1 << 20,
-        channels,
-        codec: 1,
-        codec_level: 0,
-        guest_kind: GuestKind::Sim,
-        verify: VerifyMode::Fast,
-        max_bandwidth: 0,
-        flags: 0,
         label,
         proof,
+        ..SessionSetup::plain(1 << 20, channels)
     })
 }
 

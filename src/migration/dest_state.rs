@@ -263,18 +263,7 @@ mod tests {
     }
 
     fn setup(bytes: u64) -> SessionSetup {
-        SessionSetup {
-            memory_bytes: bytes,
-            channels: 2,
-            codec: 1,
-            codec_level: 0,
-            guest_kind: GuestKind::Sim,
-            verify: VerifyMode::Fast,
-            max_bandwidth: 0,
-            flags: 0,
-            label: None,
-            proof: None,
-        }
+        SessionSetup::plain(bytes, 2)
     }
 
     fn switchover(final_round: u32, digest: u64) -> Switchover {

@@ -193,6 +193,26 @@ pub struct SessionSetup {
     pub proof: Option<[u8; 32]>,
 }
 
+impl SessionSetup {
+    /// A plain setup: a synthetic guest of `memory_bytes` over `channels`
+    /// channels, lz4, fast verify, no cap, no flags, no label and no proof;
+    /// tests, fuzz seeds and the simulation change what they need.
+    pub fn plain(memory_bytes: u64, channels: u16) -> Self {
+        Self {
+            memory_bytes,
+            channels,
+            codec: crate::codec::CodecId::Lz4 as u8,
+            codec_level: 0,
+            guest_kind: GuestKind::Sim,
+            verify: VerifyMode::Fast,
+            max_bandwidth: 0,
+            flags: 0,
+            label: None,
+            proof: None,
+        }
+    }
+}
+
 /// Destination → source: the session exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionSetupResponse {

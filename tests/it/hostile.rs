@@ -22,8 +22,8 @@ use ferry::migration::auth::BindSecret;
 use ferry::migration::{MigrationConfig, Outcome};
 use ferry::transport::{Incoming, Receiver, ReceiverConfig, RunContext};
 use ferry::wire::{
-    encode_frame, BatchEncoder, ChannelBind, Command, FrameDecoder, GuestKind, Header, Limits,
-    Message, Negotiate, SessionSetup, VerifyMode,
+    encode_frame, BatchEncoder, ChannelBind, Command, FrameDecoder, Header, Limits, Message,
+    Negotiate, SessionSetup,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -193,18 +193,7 @@ fn negotiate() -> Message {
 }
 
 fn setup(memory: u64) -> Message {
-    Message::SessionSetup(SessionSetup {
-        memory_bytes: memory,
-        channels: 2,
-        codec: 1,
-        codec_level: 0,
-        guest_kind: GuestKind::Sim,
-        verify: VerifyMode::Fast,
-        max_bandwidth: 0,
-        flags: 0,
-        label: None,
-        proof: None,
-    })
+    Message::SessionSetup(SessionSetup::plain(memory, 2))
 }
 
 /// Negotiates and sets up a session of `memory` bytes; returns the session id

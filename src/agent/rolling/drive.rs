@@ -211,12 +211,7 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
         // Recorded, yet unknown to its node: only an agent that ended
         // without a clean stop, before its record reached etcd, forgets one.
         Err(PeerError::Api { status: 404, .. }) if asked.is_some() => {
-            let why = format!(
-                "the {} is unknown to node {}: its agent ended without a clean stop before recording it",
-                what(turn.phase),
-                turn.node
-            );
-            fail(run, i, w, why).await;
+            fail(run, i, w, lost(&turn, "")).await;
             return Step::Wait;
         }
         Err(e) if overdue => {
@@ -234,11 +229,7 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
     // lost the recorded one in a crash and numbered a later one the same.
     let ours = request_id(run, i, turn.phase);
     if asked.is_some() && op.params["request_id"].as_str().is_some_and(|r| r != ours) {
-        let why = format!(
-            "the {} is unknown to node {}: its agent ended without a clean stop before recording it (its id now names another operation)",
-            what(turn.phase),
-            turn.node
-        );
+        let why = lost(&turn, " (its id now names another operation)");
         fail(run, i, w, why).await;
         return Step::Wait;
     }
@@ -299,6 +290,15 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
             Step::Wait
         }
     }
+}
+
+/// Why a turn fails whose recorded operation its node no longer has.
+fn lost(turn: &super::Turn, detail: &str) -> String {
+    format!(
+        "the {} is unknown to node {}: its agent ended without a clean stop before recording it{detail}",
+        what(turn.phase),
+        turn.node
+    )
 }
 
 /// Turn `i`'s phase failed: it is tried again while retries are left;

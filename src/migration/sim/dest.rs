@@ -7,8 +7,8 @@ use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, See
 use crate::migration::dest_state::{DestMachine, DestState};
 use crate::migration::fault::{FaultKind, FaultPoint};
 use crate::migration::MigrationError;
-use crate::wire::{BatchAck, Command, Complete, GuestKind, Header, Message, Negotiate};
-use crate::wire::{SessionSetup, VerifyMode, VERSION};
+use crate::wire::{BatchAck, Command, Complete, Header, Message, Negotiate};
+use crate::wire::{SessionSetup, VERSION};
 
 /// The destination of one simulated session.
 pub struct SimDest {
@@ -70,16 +70,8 @@ impl SimDest {
         };
         machine.handle_negotiate(&negotiate).expect("negotiates");
         let setup = SessionSetup {
-            memory_bytes: pages * crate::memory::PAGE_SIZE as u64,
-            channels,
             codec: 0,
-            codec_level: 0,
-            guest_kind: GuestKind::Sim,
-            verify: VerifyMode::Fast,
-            max_bandwidth: 0,
-            flags: 0,
-            label: None,
-            proof: None,
+            ..SessionSetup::plain(pages * crate::memory::PAGE_SIZE as u64, channels)
         };
         machine.handle_setup(&setup).expect("sets up");
         Self {
