@@ -335,6 +335,7 @@ impl Node {
             ops.push(Operation {
                 view: op,
                 cancel: CancellationToken::new(),
+                command_started: false,
             });
         }
         let mode = match j.load_admin().await? {

@@ -165,6 +165,9 @@ const MAX_OUTPUT: usize = 64 << 10;
 pub(crate) struct Operation {
     pub(crate) view: OperationView,
     pub(crate) cancel: CancellationToken,
+    /// An update whose command has been started (a clean stop before that
+    /// ends it as not run, never as a restart the command caused).
+    pub(crate) command_started: bool,
 }
 
 /// The body of `POST /v1/node/drain`.
@@ -287,6 +290,7 @@ impl Node {
         );
         let cancel = CancellationToken::new();
         ops.push(Operation {
+            command_started: false,
             view: OperationView {
                 id: id.clone(),
                 kind,
@@ -368,13 +372,20 @@ impl Node {
             ops.iter_mut()
                 .filter(|o| o.view.state == OpState::Running)
                 .map(|o| {
+                    let not_run = o.view.kind == OpKind::Update && !o.command_started;
                     let v = &mut o.view;
                     v.state = OpState::Failed;
-                    v.interrupted = true;
-                    v.interruption = Some(Interruption::Stop);
-                    v.error = Some(format!(
-                        "interrupted: the agent of node {name} stopped cleanly while it ran"
-                    ));
+                    if not_run {
+                        v.error = Some(format!(
+                            "not run: the agent of node {name} stopped before the command started"
+                        ));
+                    } else {
+                        v.interrupted = true;
+                        v.interruption = Some(Interruption::Stop);
+                        v.error = Some(format!(
+                            "interrupted: the agent of node {name} stopped cleanly while it ran"
+                        ));
+                    }
                     v.finished_at_ms = Some(now);
                     v.clone()
                 })
@@ -385,6 +396,24 @@ impl Node {
         }
         if !ended.is_empty() {
             self.changed.notify_waiters();
+        }
+    }
+
+    /// Marks update `op`'s command started, under the node's operation turn
+    /// so that a clean stop sees either a started command or none: false
+    /// when the agent is stopping or the operation already ended.
+    async fn start_command(&self, op: &str) -> bool {
+        let _turn = self.op_turn.lock().await;
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut ops = self.ops.lock().unwrap();
+        match ops.iter_mut().find(|o| o.view.id == op) {
+            Some(o) if o.view.state == OpState::Running => {
+                o.command_started = true;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -982,7 +1011,12 @@ impl Node {
         // it, or kills it): its operation's record reaches etcd first, so
         // the next process reads back how it ended.
         if let Some(j) = self.journal.get() {
-            if !j.flush(RECORD_WAIT).await {
+            let flushed = tokio::select! {
+                ok = j.flush(RECORD_WAIT) => ok,
+                // Cancelled meanwhile: ended below, unrun.
+                _ = cancel.cancelled() => true,
+            };
+            if !flushed {
                 self.with_op(&op, |v| {
                     v.state = OpState::Failed;
                     v.error = Some(format!(
@@ -993,6 +1027,11 @@ impl Node {
                 });
                 return;
             }
+        }
+        // A clean stop that came first ended the operation as not run; from
+        // here on a stop counts as the command's own doing.
+        if !self.start_command(&op).await {
+            return;
         }
         tracing::info!(%op, ?argv, "update command started");
         let start = std::time::Instant::now();

@@ -244,6 +244,51 @@ fn an_update_that_restarts_its_own_agent_succeeds_once_the_agent_is_back_and_a_c
     );
 }
 
+/// A clean stop of the node's agent after its update operation started but
+/// before the command ran (the command waits for the operation's record to
+/// reach etcd, slowed down here) ends the operation as not run: the turn
+/// fails instead of counting the stop as the command's restart.
+#[test]
+fn a_stop_before_the_update_command_runs_fails_the_turn() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let e = EtcdCluster::start("rolling-unrun", 3);
+    let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
+    let top = format!(
+        "etcd = [{}]\netcd_prefix = \"/rolling-unrun/\"\nlease_ttl = \"3s\"\n[defaults]\nupdate_hook = [\"sh\", \"-c\"]",
+        endpoints.join(", ")
+    );
+    let mut p = Procs::start_with("rolling-unrun", &top, &[("a", "1GiB"), ("b", "1GiB")]).unwrap();
+    let node = if p.coordinator() == "a" { "b" } else { "a" };
+    // The node's records reach etcd 2 s late from here on.
+    p.signal(node, "-TERM");
+    p.exited(node, Duration::from_secs(30)).expect("stopped");
+    p.set_env(node, "FERRY_FAULT_JOURNAL_DELAY_MS", "2000");
+    p.spawn(node);
+    p.json(&[
+        "cluster",
+        "update",
+        "--run",
+        &command(&p, "0"),
+        "--node-order",
+        node,
+        "--detach",
+    ]);
+    // Its update operation exists (the coordinator recorded its id): stop
+    // the agent while the command still waits for the record.
+    status_until(&p, 60, |s| s["nodes"][0]["update"].is_string());
+    p.signal(node, "-TERM");
+    let status = p.exited(node, Duration::from_secs(30)).expect("stopped");
+    assert!(status.success(), "{status}");
+    p.spawn(node);
+    let run = ended(&p, 60);
+    assert_eq!(run["state"], "failed", "{run}");
+    assert!(run.to_string().contains("not run"), "{run}");
+    assert!(updated(&p).is_empty(), "the command ran: {:?}", updated(&p));
+}
+
 /// A rolling update on a schedule starts by itself, once for its slot,
 /// and says which slot; a schedule that does not parse is refused naming
 /// what is wrong.

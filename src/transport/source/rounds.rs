@@ -50,7 +50,16 @@ async fn precopy(
         let dirty = guest.dirty_pages();
         let verdict = rounds.round_drained(Instant::now(), dirty);
         tally.totals = rounds.totals().clone();
-        let verdict = verdict?;
+        let verdict = match verdict {
+            Ok(v) => v,
+            Err(e) => {
+                // The round the policy gave up after still shows.
+                if let Some(&log) = rounds.totals().log.last() {
+                    ctx.progress.round_done(log);
+                }
+                return Err(e);
+            }
+        };
         follow(&*guest, &rounds, &verdict, ctx);
         let last = verdict.end.final_next;
         d.send_control(Message::RoundEnd(verdict.end)).await?;
