@@ -623,6 +623,9 @@ pub(super) async fn serve(
             }
         });
     }
+    // No one accepts any more: new connections are refused, not left in
+    // the backlog while the sessions end.
+    drop(listener);
     tasks.close();
     if tokio::time::timeout(SESSIONS_END_WAIT, tasks.wait())
         .await

@@ -53,6 +53,9 @@ impl SimSource {
                 if self.now > 2 * COMPLETION_MS {
                     return self.finish(End::Failed("a round never drained".into()));
                 }
+                if self.final_until.is_some_and(|until| self.now > until) {
+                    return self.finish(End::Failed("the last round did not drain in time".into()));
+                }
                 if self.m.all_acked() {
                     match self.rounds.stage() {
                         Stage::Precopy => self.next_round(),
@@ -108,6 +111,7 @@ impl SimSource {
         self.control(Message::RoundEnd(verdict.end));
         if last {
             self.paused = true;
+            self.final_until = Some(self.now + HANDOFF_MS);
             self.throttle = 0;
             self.at_pause = Some(self.memory.clone());
         }

@@ -102,6 +102,9 @@ pub struct SimSource {
     at_pause: Option<Vec<u64>>,
     rebinds: Vec<(u64, u16, u32)>,
     partitioned_until: u64,
+    /// When the paused last round must have drained, as the real source's
+    /// hand-off timeout bounds it.
+    final_until: Option<u64>,
     faults_due: Vec<(u64, Fault)>,
     drawn: Vec<(u64, Fault)>,
     dest_fault: Option<(FaultPoint, FaultKind)>,
@@ -176,6 +179,7 @@ impl SimSource {
             at_pause: None,
             rebinds: Vec::new(),
             partitioned_until: 0,
+            final_until: None,
             faults_due,
             benign,
             faults: 0,
