@@ -11,6 +11,7 @@
 //! and never sent again is the peer's error.
 
 use super::MigrationError;
+use crate::migration::Violation;
 use crate::wire::{Header, Message, FLAG_RESEND};
 use std::collections::{HashMap, HashSet};
 
@@ -88,10 +89,12 @@ impl BatchLedger {
         match (resend, late) {
             (true, _) => Ok(Claimed::Repeat),
             (false, true) => Ok(Claimed::Stale),
-            (false, false) => Err(MigrationError::Protocol(format!(
-                "duplicate message id {id} on channel {} (not marked as a resend)",
-                h.channel
-            ))),
+            (false, false) => Err(Violation::Duplicate {
+                channel: h.channel,
+                id,
+                command: h.command,
+            }
+            .into()),
         }
     }
 
@@ -174,10 +177,12 @@ impl ControlLog {
             return Ok(Seen::Again(None));
         }
         if !resend {
-            return Err(MigrationError::Protocol(format!(
-                "duplicate message id {} ({:?}) on channel {}",
-                h.message_id, h.command, h.channel
-            )));
+            return Err(Violation::Duplicate {
+                channel: h.channel,
+                id: h.message_id,
+                command: h.command,
+            }
+            .into());
         }
         Ok(Seen::Again(
             self.last_reply

@@ -17,12 +17,12 @@
 //! acknowledged, so no page of a later round can be overwritten by a stale
 //! one; earlier rounds are refused.
 
-use super::MigrationError;
+use super::{MigrationError, Shortfall, Violation};
 use crate::codec::CodecId;
 use crate::memory::{MAX_MEMORY_BYTES, PAGE_SIZE};
 use crate::wire::{
-    GuestKind, Limits, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionSetup, Switchover,
-    VERSION,
+    Command, GuestKind, Limits, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionSetup,
+    Switchover, VERSION,
 };
 
 /// Where the destination is in the protocol.
@@ -85,14 +85,20 @@ impl DestMachine {
         self.setup.as_ref()
     }
 
-    fn expect(&self, want: DestState, what: &str) -> Result<(), MigrationError> {
+    fn expect(&self, want: DestState, got: Command) -> Result<(), MigrationError> {
         if self.state != want {
-            return Err(MigrationError::Protocol(format!(
-                "{what} received in state {:?}",
-                self.state
-            )));
+            return Err(self.out_of_turn(got, None));
         }
         Ok(())
+    }
+
+    fn out_of_turn(&self, got: Command, round: Option<u32>) -> MigrationError {
+        Violation::OutOfTurn {
+            got,
+            round,
+            state: self.state,
+        }
+        .into()
     }
 
     fn fail<T>(&mut self, e: MigrationError) -> Result<T, MigrationError> {
@@ -102,7 +108,7 @@ impl DestMachine {
 
     /// Handles NEGOTIATE: picks the version, checks codecs and page size.
     pub fn handle_negotiate(&mut self, m: &Negotiate) -> Result<NegotiateResponse, MigrationError> {
-        self.expect(DestState::AwaitNegotiate, "NEGOTIATE")?;
+        self.expect(DestState::AwaitNegotiate, Command::Negotiate)?;
         if !(m.min_version..=m.max_version).contains(&VERSION) {
             return self.fail(MigrationError::Incompatible(format!(
                 "source speaks versions {}..={}, this destination speaks {VERSION}",
@@ -130,18 +136,23 @@ impl DestMachine {
     /// Handles SESSION_SETUP: checks the guest fits. Returns the page limits for
     /// every later batch.
     pub fn handle_setup(&mut self, m: &SessionSetup) -> Result<Limits, MigrationError> {
-        self.expect(DestState::AwaitSetup, "SESSION_SETUP")?;
+        self.expect(DestState::AwaitSetup, Command::SessionSetup)?;
         if m.memory_bytes == 0 || !m.memory_bytes.is_multiple_of(PAGE_SIZE as u64) {
-            return self.fail(MigrationError::Protocol(format!(
-                "guest memory of {} bytes is not a positive multiple of the page size",
-                m.memory_bytes
-            )));
+            return self.fail(
+                Violation::MemorySize {
+                    bytes: m.memory_bytes,
+                }
+                .into(),
+            );
         }
         if m.memory_bytes > self.max_memory {
-            return self.fail(MigrationError::Resources(format!(
-                "guest of {} bytes exceeds this receiver's limit of {} bytes",
-                m.memory_bytes, self.max_memory
-            )));
+            return self.fail(
+                Shortfall::GuestSize {
+                    bytes: m.memory_bytes,
+                    limit: self.max_memory,
+                }
+                .into(),
+            );
         }
         if m.guest_kind == GuestKind::Kvm && !self.hosts_kvm {
             return self.fail(MigrationError::Incompatible(
@@ -165,9 +176,7 @@ impl DestMachine {
                 round: r,
                 final_round,
             } if round == r || (!final_round && round > r) => Ok(()),
-            state => Err(MigrationError::Protocol(format!(
-                "page batch of round {round} received in state {state:?}"
-            ))),
+            _ => Err(self.out_of_turn(Command::PageBatch, Some(round))),
         }
     }
 
@@ -179,7 +188,7 @@ impl DestMachine {
                 final_round: false,
             } if round == m.round => {
                 let Some(next) = round.checked_add(1) else {
-                    return self.fail(MigrationError::Protocol("round counter overflow".into()));
+                    return self.fail(Violation::RoundOverflow.into());
                 };
                 self.state = DestState::Receiving {
                     round: next,
@@ -187,10 +196,10 @@ impl DestMachine {
                 };
                 Ok(())
             }
-            state => self.fail(MigrationError::Protocol(format!(
-                "ROUND_END({}) received in state {state:?}",
-                m.round
-            ))),
+            _ => {
+                let e = self.out_of_turn(Command::RoundEnd, Some(m.round));
+                self.fail(e)
+            }
         }
     }
 
@@ -205,11 +214,9 @@ impl DestMachine {
                 round,
                 final_round: true,
             } if round == m.final_round => {}
-            state => {
-                return self.fail(MigrationError::Protocol(format!(
-                    "SWITCHOVER(final round {}) received in state {state:?}",
-                    m.final_round
-                )))
+            _ => {
+                let e = self.out_of_turn(Command::Switchover, Some(m.final_round));
+                return self.fail(e);
             }
         }
         if m.digest != local_digest {
@@ -227,10 +234,8 @@ impl DestMachine {
     /// Handles GO: the guest is ours from now on.
     pub fn handle_go(&mut self) -> Result<(), MigrationError> {
         if self.state != DestState::AwaitGo {
-            let state = self.state;
-            return self.fail(MigrationError::Protocol(format!(
-                "GO received in state {state:?}"
-            )));
+            let e = self.out_of_turn(Command::Go, None);
+            return self.fail(e);
         }
         self.state = DestState::Running;
         Ok(())

@@ -4,6 +4,8 @@
 use crate::codec::CodecError;
 use crate::memory::MemoryError;
 use crate::migration::policy::GiveUp;
+use crate::migration::violation::{GuestStep, Shortfall, Violation};
+use crate::migration::ConfigError;
 use crate::wire::{AbortCode, DecodeError};
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ pub enum MigrationError {
     Decode(#[from] DecodeError),
     /// The peer sent a well-formed message that the protocol does not allow now.
     #[error("protocol violation: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     /// The peer aborted the migration.
     #[error("peer aborted ({code:?}): {}", crate::wire::escape_text(message))]
     RemoteAbort {
@@ -37,7 +39,7 @@ pub enum MigrationError {
     Incompatible(String),
     /// The receiver cannot host the guest.
     #[error("cannot host the guest: {0}")]
-    Resources(String),
+    Resources(#[from] Shortfall),
     /// The peer did not prove the shared key, or this side may not take it
     /// unauthenticated.
     #[error("not authenticated: {0}")]
@@ -47,7 +49,7 @@ pub enum MigrationError {
     Cancelled,
     /// The configuration is invalid.
     #[error("bad configuration: {0}")]
-    Config(String),
+    Config(Box<ConfigError>),
     /// Pre-copy did not converge in time.
     #[error("{}", give_up_text(.0))]
     NotConverging(GiveUp),
@@ -90,8 +92,13 @@ pub enum MigrationError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     /// The guest backend failed (its vCPU state could not be read).
-    #[error("guest: {0}")]
-    Guest(String),
+    #[error("guest: {step}: {why}")]
+    Guest {
+        /// The step that failed.
+        step: GuestStep,
+        /// The backend's account of it.
+        why: String,
+    },
     /// A batch failed to compress or decompress.
     #[error("page batch codec: {0}")]
     Codec(#[from] CodecError),
@@ -111,6 +118,12 @@ fn give_up_text(g: &GiveUp) -> String {
             "remaining bytes did not fall for {:.1} s (progress timeout); the guest keeps running on the source",
             t.as_secs_f64()
         ),
+    }
+}
+
+impl From<ConfigError> for MigrationError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(Box::new(e))
     }
 }
 
@@ -141,7 +154,7 @@ impl MigrationError {
             Self::Config(_)
             | Self::Io { .. }
             | Self::Codec(_)
-            | Self::Guest(_)
+            | Self::Guest { .. }
             | Self::Internal(_) => AbortCode::Internal,
         }
     }

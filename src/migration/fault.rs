@@ -35,6 +35,9 @@ pub enum FaultKind {
     /// The receiver gives up on the session: it discards its copy and
     /// sends ABORT, as when it runs out of resources.
     Abort,
+    /// The next page batch's apply panics, as a bug of the receiver's own
+    /// would: the session ends as a local fault, never blamed on the source.
+    Panic,
 }
 
 /// A fault: a point and a kind.
@@ -71,7 +74,12 @@ impl FromStr for Fault {
             "kill" => FaultKind::Kill,
             "silent" => FaultKind::Silent,
             "abort" => FaultKind::Abort,
-            _ => return Err(format!("fault kind {k:?}: reset, kill, silent or abort")),
+            "panic" => FaultKind::Panic,
+            _ => {
+                return Err(format!(
+                    "fault kind {k:?}: reset, kill, silent, abort or panic"
+                ))
+            }
         };
         Ok(Self { point, kind })
     }
@@ -92,7 +100,7 @@ pub(crate) fn strike_process(kind: FaultKind) {
         FaultKind::Silent => unsafe {
             libc::raise(libc::SIGSTOP);
         },
-        FaultKind::Reset | FaultKind::Abort => {}
+        FaultKind::Reset | FaultKind::Abort | FaultKind::Panic => {}
     }
 }
 

@@ -15,6 +15,7 @@ pub(crate) mod report;
 pub mod saved;
 pub mod sim;
 pub mod source_machine;
+mod violation;
 
 #[cfg(feature = "net")]
 pub mod auth;
@@ -25,6 +26,7 @@ pub use config::{
     DEFAULT_INITIAL_CREDITS, DEFAULT_PEER_TIMEOUT,
 };
 pub use error::MigrationError;
+pub use violation::{GuestStep, Shortfall, Violation};
 
 // The wire counts pages as guest memory does.
 const _: () = assert!(crate::memory::PAGE_SIZE == crate::wire::PAGE_SIZE);

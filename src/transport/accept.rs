@@ -14,6 +14,7 @@ use crate::memory::GuestMemory;
 use crate::migration::auth::{random_bytes, BindSecret};
 use crate::migration::dest_state::DestMachine;
 use crate::migration::MigrationError;
+use crate::migration::{Shortfall, Violation};
 use crate::transport::{Conn, FrameReader, FrameWriter};
 use crate::wire::{Abort, Command, Header, Limits, Message, Negotiate, SessionLabel, SessionSetup};
 use std::net::SocketAddr;
@@ -161,10 +162,9 @@ impl Shared {
         match cut {
             Cut::Evicted => (
                 Refusal::Evicted,
-                MigrationError::Resources(format!(
-                    "this receiver holds its limit of {} connections that have not proved the key, and closed this one, its peer address's oldest, for a newer one: try again",
-                    self.config.max_pending
-                )),
+                MigrationError::from(Shortfall::Pending {
+                    limit: self.config.max_pending,
+                }),
             ),
             Cut::Timeout => (
                 Refusal::Timeout,
@@ -271,10 +271,10 @@ pub(super) async fn handle_connection(
             None
         }
         Ok(m) => {
-            let e = MigrationError::Protocol(format!(
-                "first frame is {:?}, not NEGOTIATE or CHANNEL_BIND",
-                m.command()
-            ));
+            let e = MigrationError::from(Violation::Unexpected {
+                want: "NEGOTIATE or CHANNEL_BIND first",
+                got: m.command(),
+            });
             rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
                 .await;
             None
@@ -381,10 +381,13 @@ async fn session_handshake(
             })
         }
         Ok(m) => {
-            return Err(malformed(MigrationError::Protocol(format!(
-                "expected SESSION_SETUP, got {:?}",
-                m.command()
-            ))))
+            return Err(malformed(
+                Violation::Unexpected {
+                    want: "SESSION_SETUP",
+                    got: m.command(),
+                }
+                .into(),
+            ))
         }
         Err(e) => return Err(malformed(e.into())),
     };
@@ -397,28 +400,31 @@ async fn session_handshake(
         .map_err(|e| Refused::before_proof(e, Refusal::Unauthenticated))?;
     // Proved: from here on the session may hold a slot and be reported.
     let slot = Slot::take(&rx.session_count, config.max_sessions).ok_or_else(|| {
-        let e = MigrationError::Resources(format!(
-            "this receiver is at its limit of {} sessions at once",
-            config.max_sessions
-        ));
+        let e = MigrationError::from(Shortfall::Sessions {
+            limit: config.max_sessions,
+        });
         Refused::after_proof(e, Refusal::SessionLimit, &setup)
     })?;
     let refused = |e| Refused::after_proof(e, Refusal::Refused, &setup);
     let limits = machine.handle_setup(&setup).map_err(refused)?;
     let inflight = u64::from(setup.channels) * super::CHANNEL_MEMORY;
     if inflight > config.max_inflight_bytes {
-        return Err(refused(MigrationError::Resources(format!(
-            "{} channels may hold {inflight} bytes of frames in flight, over this receiver's limit of {} bytes",
-            setup.channels, config.max_inflight_bytes
-        ))));
+        return Err(refused(
+            Shortfall::InFlight {
+                channels: setup.channels,
+                bytes: inflight,
+                limit: config.max_inflight_bytes,
+            }
+            .into(),
+        ));
     }
     let session_id = u64::from_le_bytes(random_bytes::<8>()) | 1;
     if let Some(admit) = &config.admit {
-        admit(session_id, &setup).map_err(|why| refused(MigrationError::Resources(why)))?;
+        admit(session_id, &setup).map_err(|why| refused(Shortfall::Refused(why).into()))?;
     }
     let memory = GuestMemory::new(setup.memory_bytes).map_err(|e| Refused {
         admitted: Some((session_id, setup.label.clone())),
-        ..refused(MigrationError::Resources(e.to_string()))
+        ..refused(e.into())
     })?;
     Ok(Admitted {
         machine,
@@ -443,9 +449,7 @@ fn authenticate(
 ) -> Result<(), MigrationError> {
     let tagged = setup.flags & crate::wire::SETUP_FRAME_MAC != 0;
     if tagged && setup.proof.is_none() {
-        return Err(MigrationError::Protocol(
-            "the setup asks for authenticated frames without proving a key".into(),
-        ));
+        return Err(Violation::MacWithoutKey.into());
     }
     match (&config.key, &setup.proof) {
         (Some(key), Some(_)) => {
@@ -509,10 +513,11 @@ fn route_bind(
         None => {
             return Err((
                 Refusal::BadBind,
-                MigrationError::Protocol(format!(
-                    "bind of channel {} to unknown session {:016x}",
-                    h.channel, h.session_id
-                )),
+                Violation::UnknownSession {
+                    channel: h.channel,
+                    session: h.session_id,
+                }
+                .into(),
                 writer,
             ))
         }
@@ -521,10 +526,12 @@ fn route_bind(
     let refuse = |e, writer| Err((Refusal::BadBind, e, writer));
     if h.channel >= s.channels {
         return refuse(
-            MigrationError::Protocol(format!(
-                "bind of channel {} to session {:016x} of {} channels",
-                h.channel, h.session_id, s.channels
-            )),
+            Violation::NoSuchChannel {
+                channel: h.channel,
+                session: h.session_id,
+                channels: s.channels,
+            }
+            .into(),
             writer,
         );
     }

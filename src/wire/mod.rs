@@ -123,6 +123,36 @@ impl Command {
             _ => return None,
         })
     }
+
+    /// The command's name as the protocol's documents spell it
+    /// (`ROUND_END`).
+    pub fn name(self) -> &'static str {
+        use Command::*;
+        match self {
+            Negotiate => "NEGOTIATE",
+            NegotiateResponse => "NEGOTIATE_RESPONSE",
+            SessionSetup => "SESSION_SETUP",
+            SessionSetupResponse => "SESSION_SETUP_RESPONSE",
+            ChannelBind => "CHANNEL_BIND",
+            ChannelBindResponse => "CHANNEL_BIND_RESPONSE",
+            PageBatch => "PAGE_BATCH",
+            BatchAck => "BATCH_ACK",
+            RoundEnd => "ROUND_END",
+            Switchover => "SWITCHOVER",
+            Ready => "READY",
+            Go => "GO",
+            Complete => "COMPLETE",
+            Abort => "ABORT",
+            Echo => "ECHO",
+            EchoResponse => "ECHO_RESPONSE",
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A frame or message that cannot be accepted. Names the field at fault.

@@ -258,6 +258,44 @@ fn a_refused_connection_fails_cleanly_with_the_guest_on_the_source() {
     assert!(g.is_running());
 }
 
+/// A panic in the receiver's own apply task is its local fault: the session
+/// ends, the abort says "internal", the source is never told it broke the
+/// protocol, and the guest runs on at the source.
+#[test]
+fn a_panic_on_the_receiver_is_its_own_fault_not_the_sources() {
+    let _serial = serial();
+    for codec in [Codec::None, Codec::Lz4] {
+        let g = guest(
+            16 * MIB,
+            FillSpec::default(),
+            WorkloadPattern::Uniform,
+            10_000_000,
+        );
+        let receiver = ReceiverConfig {
+            fault: Some("before-round0:panic".parse().unwrap()),
+            ..ReceiverConfig::default()
+        };
+        let config = MigrationConfig {
+            codec: codec.into(),
+            ..MigrationConfig::default()
+        };
+        let (src, dst) = ferry::transport::migrate_over_loopback(
+            g.clone(),
+            &config,
+            RunContext::default(),
+            receiver,
+        )
+        .unwrap();
+        assert_eq!(src.outcome, Outcome::Failed, "{codec}");
+        let error = src.error.unwrap();
+        assert!(error.contains("Internal"), "{codec}: {error}");
+        assert!(error.contains("panicked"), "{codec}: {error}");
+        assert!(!error.contains("protocol"), "{codec}: {error}");
+        assert!(dst.unwrap().guest.is_none(), "{codec}: no copy kept");
+        assert!(g.is_running(), "{codec}");
+    }
+}
+
 #[test]
 fn cancelling_mid_migration_leaves_the_guest_on_the_source() {
     let _serial = serial();

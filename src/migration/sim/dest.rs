@@ -7,6 +7,7 @@ use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, See
 use crate::migration::dest_state::{DestMachine, DestState};
 use crate::migration::fault::{FaultKind, FaultPoint};
 use crate::migration::MigrationError;
+use crate::migration::{Shortfall, Violation};
 use crate::wire::{BatchAck, Command, Complete, Header, Message, Negotiate};
 use crate::wire::{SessionSetup, VERSION};
 
@@ -139,10 +140,15 @@ impl SimDest {
         match self.fault {
             Some((p, kind)) if p == point => {
                 self.fault = None;
-                if kind == FaultKind::Abort {
-                    return Err(MigrationError::Resources(format!(
-                        "injected fault at {point:?}"
-                    )));
+                match kind {
+                    FaultKind::Abort => return Err(Shortfall::Injected(point).into()),
+                    // A task of the receiver's own panics.
+                    FaultKind::Panic => {
+                        return Err(MigrationError::Internal(format!(
+                            "injected panic at {point:?}"
+                        )))
+                    }
+                    _ => {}
                 }
                 self.struck = Some(kind);
                 Ok(())
@@ -316,10 +322,11 @@ impl SimDest {
                 })
             }
             other => {
-                return Err(MigrationError::Protocol(format!(
-                    "unexpected {:?}",
-                    other.command()
-                )))
+                return Err(Violation::Unexpected {
+                    want: "ROUND_END, SWITCHOVER, GO or ABORT",
+                    got: other.command(),
+                }
+                .into())
             }
         };
         self.control.replied(h.message_id, &reply);

@@ -21,6 +21,7 @@ mod rounds;
 use super::credits::Credits;
 use super::MigrationError;
 use crate::memory::DirtySnapshot;
+use crate::migration::Violation;
 use crate::page::PageRun;
 use crate::wire::{Command, Header, Message, FLAG_RESEND, MAX_RUNS_PER_BATCH};
 use control::Unconfirmed;
@@ -265,10 +266,11 @@ impl SourceMachine {
                 self.events.push_back(SourceEvent::Reply(m));
                 Ok(Handled::Other)
             }
-            other => Err(MigrationError::Protocol(format!(
-                "unexpected {:?} from the destination",
-                other.command()
-            ))),
+            other => Err(Violation::Unexpected {
+                want: "a reply of the destination",
+                got: other.command(),
+            }
+            .into()),
         }
     }
 
@@ -276,15 +278,20 @@ impl SourceMachine {
         match self.inflight.get(&id) {
             Some(b) if b.chan == chan && b.gen == gen => {}
             _ => {
-                return Err(MigrationError::Protocol(format!(
-                    "acknowledgement on channel {chan} of batch {id} not in flight on it"
-                )))
+                return Err(Violation::NotInFlight {
+                    channel: chan,
+                    batch: id,
+                }
+                .into())
             }
         }
         let c = &mut self.chans[usize::from(chan)];
         c.credits
             .grant(grant)
-            .map_err(|e| MigrationError::Protocol(format!("channel {chan}: {e}")))?;
+            .map_err(|overflow| Violation::CreditOverflow {
+                channel: chan,
+                overflow,
+            })?;
         c.outstanding -= 1;
         let b = self.inflight.remove(&id).expect("checked");
         self.acked += 1;

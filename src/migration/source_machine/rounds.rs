@@ -8,6 +8,7 @@ use crate::memory::PAGE_SIZE;
 use crate::migration::policy::{Convergence, ConvergencePolicy, Decision, RoundStats};
 use crate::migration::report::{round3, RoundLog};
 use crate::migration::MigrationError;
+use crate::migration::Violation;
 use crate::wire::{Message, RoundEnd, Switchover, VerifyMode};
 use bytes::Bytes;
 use std::time::{Duration, Instant};
@@ -258,8 +259,12 @@ impl Rounds {
 }
 
 /// A reply other than the one the step waits for: the peer's violation.
-pub fn unexpected(want: &str, got: &Message) -> MigrationError {
-    MigrationError::Protocol(format!("expected {want}, got {:?}", got.command()))
+pub fn unexpected(want: &'static str, got: &Message) -> MigrationError {
+    Violation::Unexpected {
+        want,
+        got: got.command(),
+    }
+    .into()
 }
 
 #[cfg(test)]

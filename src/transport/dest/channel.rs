@@ -7,8 +7,11 @@ use crate::digest::page_hash;
 use crate::migration::dest_ledger::{Claim, Claimed};
 use crate::migration::fault::FaultPoint;
 use crate::migration::MigrationError;
+use crate::migration::Violation;
 use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::{BatchAck, ChannelBindResponse, Command, Header, Message, PageBatch};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -17,11 +20,78 @@ pub(super) async fn channel_task(
     sh: Arc<Shared>,
     ch: u16,
     gen: u32,
-    mut rd: FrameReader,
+    rd: FrameReader,
     wr: Arc<tokio::sync::Mutex<FrameWriter>>,
     stop: CancellationToken,
 ) {
-    let result: Result<(), MigrationError> = async {
+    let conn = Conn {
+        sh: &sh,
+        ch,
+        gen,
+        wr: &wr,
+        stop: &stop,
+    };
+    // A panic of this side's own ends the session as a local fault: never
+    // blamed on the peer, never a channel left silently unread.
+    let result = match AssertUnwindSafe(conn.serve(rd)).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => Err(MigrationError::Internal(format!(
+            "channel {ch}'s task panicked: {}",
+            panic_text(&*panic)
+        ))),
+    };
+    sh.release(ch, gen);
+    if let Err(e) = result {
+        if !sh.cancel.is_cancelled() && !stop.is_cancelled() {
+            let _ = sh.events.send(Event::Failed(ch, gen, e));
+        }
+    }
+}
+
+/// What a panic said, if it said it in text.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
+/// A page batch read off the channel: its header, and whether it is new
+/// (not a repeat of one already applied).
+type Arrived = (Header, PageBatch, bool);
+
+/// One connection of a channel, as its task sees it.
+struct Conn<'a> {
+    sh: &'a Arc<Shared>,
+    ch: u16,
+    gen: u32,
+    wr: &'a Arc<tokio::sync::Mutex<FrameWriter>>,
+    stop: &'a CancellationToken,
+}
+
+impl Conn<'_> {
+    /// Reads, applies and acknowledges batches until the channel stops
+    /// (`Ok`) or fails.
+    async fn serve(&self, mut rd: FrameReader) -> Result<(), MigrationError> {
+        loop {
+            let Some((header, batch, fresh)) = self.next_batch(&mut rd).await? else {
+                return Ok(());
+            };
+            let pages = batch.page_count();
+            if fresh {
+                self.apply(&header, batch).await?;
+            }
+            if !self.ack(header.message_id, pages).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The next page batch, answering ECHO and passing control messages on
+    /// to the session on the way; `None` once the channel is told to stop.
+    async fn next_batch(&self, rd: &mut FrameReader) -> Result<Option<Arrived>, MigrationError> {
+        let (sh, ch) = (self.sh, self.ch);
         loop {
             // A placed batch's pages land in guest memory: check the session,
             // the state and that this id is new before the first byte does.
@@ -29,9 +99,15 @@ pub(super) async fn channel_task(
             // back whole: claimed once, not twice.
             let verdict = Mutex::new(None);
             let accept = |h: &Header, b: &PageBatch| {
-                check_session(&sh, ch, h)?;
+                check_session(sh, ch, h)?;
                 sh.fault_at(FaultPoint::BeforeRound0)?;
-                match sh.claim(h, Claim::Receiving { chan: ch, gen })? {
+                match sh.claim(
+                    h,
+                    Claim::Receiving {
+                        chan: ch,
+                        gen: self.gen,
+                    },
+                )? {
                     Claimed::New => {
                         sh.machine.lock().unwrap().check_batch(b.round)?;
                         Ok(true)
@@ -44,117 +120,136 @@ pub(super) async fn channel_task(
             };
             let received = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return Ok(()),
+                _ = self.stop.cancelled() => return Ok(None),
                 f = rd.read_placing(&sh.memory, sh.limits, accept, |page, bytes| {
                     sh.hashes.set(page, page_hash(bytes))
                 }) => f?,
             };
-            let (header, batch, fresh) = match received {
+            let frame = match received {
                 None => return Err(MigrationError::PeerClosed { channel: ch }),
                 Some(Received::Placed(header, batch)) => {
                     sh.set_claim(header.message_id, Some(Claim::Applying));
-                    (header, batch, true)
+                    return Ok(Some((header, batch, true)));
                 }
-                Some(Received::Frame(frame)) if frame.header.command == Command::PageBatch => {
-                    check_session(&sh, ch, &frame.header)?;
-                    let batch = PageBatch::decode(frame.payload, sh.limits)?;
-                    let h = frame.header;
-                    let claimed = match verdict.lock().unwrap().take() {
-                        Some(c) => c,
-                        None => {
-                            sh.fault_at(FaultPoint::BeforeRound0)?;
-                            sh.claim(&h, Claim::Applying)?
-                        }
-                    };
-                    let fresh = match claimed {
-                        Claimed::New => true,
-                        Claimed::Repeat => sh.settle_resend(h.message_id).await?,
-                        Claimed::Stale => false,
-                    };
-                    if fresh {
-                        sh.machine.lock().unwrap().check_batch(batch.round)?;
-                    }
-                    (h, batch, fresh)
-                }
-                Some(Received::Frame(frame)) => {
-                    check_session(&sh, ch, &frame.header)?;
-                    let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
-                    match msg {
-                        Message::Echo(e) => {
-                            let header = Header {
-                                session_id: sh.session_id,
-                                message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
-                                ..Header::new(Command::EchoResponse)
-                            };
-                            wr.lock()
-                                .await
-                                .send(header, &Message::EchoResponse(e))
-                                .await?;
-                        }
-                        Message::RoundEnd(_)
-                        | Message::Switchover(_)
-                        | Message::Go
-                        | Message::Abort(_) => {
-                            let _ = sh.events.send(Event::Control(frame.header, msg));
-                        }
-                        other => {
-                            return Err(MigrationError::Protocol(format!(
-                                "unexpected {:?} on channel {ch}",
-                                other.command()
-                            )))
-                        }
-                    }
-                    continue;
-                }
+                Some(Received::Frame(frame)) => frame,
             };
-            let pages = batch.page_count();
-            if fresh {
-                let round = batch.round;
-                // Raw pages are a hash (placed) or a copy and a hash: cheaper
-                // here than a hop to the blocking pool. Decompression goes to
-                // the pool.
-                let applied = if batch.codec == CodecId::None {
-                    sh.apply(&batch)
-                } else {
-                    let sh2 = sh.clone();
-                    tokio::task::spawn_blocking(move || sh2.apply(&batch))
-                        .await
-                        .map_err(|e| MigrationError::Protocol(format!("apply task failed: {e}")))?
-                };
-                if let Err(e) = applied {
-                    sh.set_claim(header.message_id, None);
-                    return Err(e);
-                }
-                sh.set_claim(header.message_id, Some(Claim::Done { round }));
-                if round == 0
-                    && sh.fault_armed.load(Ordering::Relaxed)
-                    && sh.counts.snapshot().total * 2 >= sh.limits.guest_pages
-                {
-                    sh.fault_at(FaultPoint::MidRound)?;
-                }
+            check_session(sh, ch, &frame.header)?;
+            if frame.header.command == Command::PageBatch {
+                let batch = PageBatch::decode(frame.payload, sh.limits)?;
+                let claimed = verdict.lock().unwrap().take();
+                return self
+                    .whole_batch(frame.header, batch, claimed)
+                    .await
+                    .map(Some);
             }
-            let ack_header = Header {
-                credit_grant: 1,
-                message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
-                session_id: sh.session_id,
-                ..Header::new(Command::BatchAck)
-            };
-            let ack = Message::BatchAck(BatchAck {
-                message_id: header.message_id,
-                pages,
-            });
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Ok(()),
-                r = async { wr.lock().await.send(ack_header, &ack).await } => r?,
-            }
+            let msg = Message::decode(&frame.header, frame.payload, sh.limits)?;
+            self.other_message(frame.header, msg).await?;
         }
     }
-    .await;
-    sh.release(ch, gen);
-    if let Err(e) = result {
-        if !sh.cancel.is_cancelled() && !stop.is_cancelled() {
-            let _ = sh.events.send(Event::Failed(ch, gen, e));
+
+    /// A batch read whole (not placed): claims it, unless the placing read
+    /// already did, and settles a resend.
+    async fn whole_batch(
+        &self,
+        h: Header,
+        batch: PageBatch,
+        claimed: Option<Claimed>,
+    ) -> Result<Arrived, MigrationError> {
+        let sh = self.sh;
+        let claimed = match claimed {
+            Some(c) => c,
+            None => {
+                sh.fault_at(FaultPoint::BeforeRound0)?;
+                sh.claim(&h, Claim::Applying)?
+            }
+        };
+        let fresh = match claimed {
+            Claimed::New => true,
+            Claimed::Repeat => sh.settle_resend(h.message_id).await?,
+            Claimed::Stale => false,
+        };
+        if fresh {
+            sh.machine.lock().unwrap().check_batch(batch.round)?;
+        }
+        Ok((h, batch, fresh))
+    }
+
+    /// ECHO is answered here; control messages go to the session's driver.
+    async fn other_message(&self, header: Header, msg: Message) -> Result<(), MigrationError> {
+        let sh = self.sh;
+        match msg {
+            Message::Echo(e) => {
+                let header = Header {
+                    session_id: sh.session_id,
+                    message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+                    ..Header::new(Command::EchoResponse)
+                };
+                self.wr
+                    .lock()
+                    .await
+                    .send(header, &Message::EchoResponse(e))
+                    .await?;
+            }
+            Message::RoundEnd(_) | Message::Switchover(_) | Message::Go | Message::Abort(_) => {
+                let _ = sh.events.send(Event::Control(header, msg));
+            }
+            other => {
+                return Err(Violation::Unexpected {
+                    want: "a page batch, ECHO or a control message",
+                    got: other.command(),
+                }
+                .into())
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a new batch: raw pages here (a hash, or a copy and a hash:
+    /// cheaper than a hop), compressed ones on the blocking pool.
+    async fn apply(&self, header: &Header, batch: PageBatch) -> Result<(), MigrationError> {
+        let sh = self.sh;
+        let round = batch.round;
+        let applied = if batch.codec == CodecId::None {
+            sh.apply(&batch)
+        } else {
+            let sh2 = sh.clone();
+            tokio::task::spawn_blocking(move || sh2.apply(&batch))
+                .await
+                .map_err(|e| {
+                    MigrationError::Internal(format!("a page batch's apply task failed: {e}"))
+                })?
+        };
+        if let Err(e) = applied {
+            sh.set_claim(header.message_id, None);
+            return Err(e);
+        }
+        sh.set_claim(header.message_id, Some(Claim::Done { round }));
+        if round == 0
+            && sh.fault_armed.load(Ordering::Relaxed)
+            && sh.counts.snapshot().total * 2 >= sh.limits.guest_pages
+        {
+            sh.fault_at(FaultPoint::MidRound)?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges batch `id` with one credit; `false` once told to stop.
+    async fn ack(&self, id: u64, pages: u32) -> Result<bool, MigrationError> {
+        let sh = self.sh;
+        let ack_header = Header {
+            credit_grant: 1,
+            message_id: sh.next_msg.fetch_add(1, Ordering::Relaxed),
+            session_id: sh.session_id,
+            ..Header::new(Command::BatchAck)
+        };
+        let ack = Message::BatchAck(BatchAck {
+            message_id: id,
+            pages,
+        });
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Ok(false),
+            r = async { self.wr.lock().await.send(ack_header, &ack).await } => r.map(|()| true),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::migration::dest_ledger::{BatchLedger, ControlLog, Seen};
 use crate::migration::dest_state::DestState;
 use crate::migration::fault::FaultPoint;
 use crate::migration::report::PageCounter;
+use crate::migration::Violation;
 use crate::migration::{restore_guest, MigratableGuest, MigrationError};
 use crate::transport::accept::Admitted;
 use crate::transport::{FrameReader, FrameWriter};
@@ -129,7 +130,7 @@ impl Session {
                 ev = events.recv() => ev,
             };
             let Some(ev) = ev else {
-                break Err(MigrationError::Protocol("all channels ended".into()));
+                break Err(MigrationError::SessionLost("every channel ended".into()));
             };
             if let Event::Control(h, _) = &ev {
                 match control.see(h) {
@@ -198,12 +199,12 @@ impl Session {
                         .on_go(&sh, &h, tally, guest_out, &mut control, ours)
                         .await;
                 }
-                Event::Control(h, m) => {
-                    break Err(MigrationError::Protocol(format!(
-                        "unexpected {:?} on channel {}",
-                        m.command(),
-                        h.channel
-                    )))
+                Event::Control(_, m) => {
+                    break Err(Violation::Unexpected {
+                        want: "ROUND_END, SWITCHOVER, GO or ABORT",
+                        got: m.command(),
+                    }
+                    .into())
                 }
             }
         };
@@ -457,6 +458,7 @@ impl Session {
             chans: Mutex::new(HashMap::new()),
             fault: Mutex::new(self.config.fault),
             fault_armed: std::sync::atomic::AtomicBool::new(self.config.fault.is_some()),
+            panic_armed: std::sync::atomic::AtomicBool::new(false),
         });
         let credits = self.config.initial_credits;
         let header = Header {

@@ -11,6 +11,7 @@ use crate::migration::fault::FaultKind;
 use crate::migration::fault::{Fault, FaultPoint};
 use crate::migration::report::PageCounter;
 use crate::migration::MigrationError;
+use crate::migration::Violation;
 use crate::transport::FrameWriter;
 use crate::wire::{Header, Limits, Message, Page, PageBatch};
 use std::cell::RefCell;
@@ -56,6 +57,9 @@ pub(super) struct Shared {
     #[cfg_attr(not(feature = "faults"), allow(dead_code))]
     pub(super) fault: Mutex<Option<Fault>>,
     pub(super) fault_armed: std::sync::atomic::AtomicBool,
+    /// An injected panic waits for the next batch's apply.
+    #[cfg_attr(not(feature = "faults"), allow(dead_code))]
+    pub(super) panic_armed: std::sync::atomic::AtomicBool,
 }
 
 thread_local! {
@@ -64,6 +68,10 @@ thread_local! {
 
 impl Shared {
     pub(super) fn apply(&self, batch: &PageBatch) -> Result<(), MigrationError> {
+        #[cfg(feature = "faults")]
+        if self.panic_armed.swap(false, Ordering::Relaxed) {
+            panic!("injected fault: a page batch's apply panics");
+        }
         let zero_hash = zero_page_hash();
         let first_pass = batch.round == 0;
         SCRATCH.with(|s| {
@@ -99,10 +107,12 @@ impl Shared {
 /// Frames of another session on a channel end it.
 pub(super) fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(), MigrationError> {
     if header.session_id != sh.session_id {
-        return Err(MigrationError::Protocol(format!(
-            "frame for session {:016x} on channel {ch} of session {:016x}",
-            header.session_id, sh.session_id
-        )));
+        return Err(Violation::WrongSession {
+            channel: ch,
+            got: header.session_id,
+            session: sh.session_id,
+        }
+        .into());
     }
     Ok(())
 }
@@ -184,9 +194,12 @@ impl Shared {
             FaultKind::Reset => {}
             FaultKind::Abort => {
                 tracing::warn!(?point, "injected fault: giving up on the session");
-                return Err(MigrationError::Resources(format!(
-                    "injected fault at {point:?}"
-                )));
+                return Err(crate::migration::Shortfall::Injected(point).into());
+            }
+            FaultKind::Panic => {
+                tracing::warn!(?point, "injected fault: the next batch's apply panics");
+                self.panic_armed.store(true, Ordering::Relaxed);
+                return Ok(());
             }
             kind => {
                 crate::migration::fault::strike_process(kind);

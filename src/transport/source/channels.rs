@@ -12,6 +12,7 @@ use super::encode::Encoder;
 use crate::migration::credits::Credits;
 use crate::migration::source_machine::{Begin, ControlTx, Handled, Next, SourceMachine, Transmit};
 use crate::migration::MigrationError;
+use crate::migration::Violation;
 use crate::transport::RunContext;
 use crate::transport::{FrameReader, FrameWriter};
 use crate::wire::{Limits, Message};
@@ -376,9 +377,13 @@ async fn rebind_task(sh: Arc<Shared>, index: u16, gen: u32) {
         let e = match attempt {
             Ok(Ok((rd, wr, credits))) => {
                 let Some(credits) = Credits::new(credits) else {
-                    sh.fail(MigrationError::Protocol(format!(
-                        "channel {index} granted {credits} credits"
-                    )));
+                    sh.fail(
+                        Violation::Credits {
+                            channel: Some(index),
+                            credits,
+                        }
+                        .into(),
+                    );
                     return;
                 };
                 tracing::info!(

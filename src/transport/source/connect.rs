@@ -7,6 +7,7 @@ use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::memory::PAGE_SIZE;
 use crate::migration::auth;
 use crate::migration::source_machine::unexpected;
+use crate::migration::{ConfigError, Violation};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
@@ -116,16 +117,19 @@ impl Connector {
                 }
                 let credits = h.credit_grant;
                 if credits == 0 || credits > MAX_CREDITS {
-                    return Err(MigrationError::Protocol(format!(
-                        "channel {ch} granted {credits} credits"
-                    )));
+                    return Err(Violation::Credits {
+                        channel: Some(ch),
+                        credits,
+                    }
+                    .into());
                 }
                 Ok((rd, wr, credits))
             }
-            (_, m) => Err(MigrationError::Protocol(format!(
-                "expected CHANNEL_BIND_RESPONSE, got {:?}",
-                m.command()
-            ))),
+            (_, m) => Err(Violation::Unexpected {
+                want: "CHANNEL_BIND_RESPONSE",
+                got: m.command(),
+            }
+            .into()),
         }
     }
 }
@@ -200,9 +204,12 @@ pub(super) async fn open_session(
         frame_mac: config.session_key.is_some() && ctx.tls.is_none(),
     };
     if ctx.tls.as_ref().is_some_and(|t| !t.is_pinned()) && config.session_key.is_none() {
-        return Err(MigrationError::Config(
-            "TLS without a pinned certificate needs a shared key to know the receiver by".into(),
-        ));
+        return Err(ConfigError {
+            field: "session_key",
+            message: "TLS without a pinned certificate needs a shared key to know the receiver by"
+                .into(),
+        }
+        .into());
     }
     let (mut rd0, mut wr0, binding0) = tokio::select! {
         biased;
@@ -251,10 +258,11 @@ pub(super) async fn open_session(
         tally.frames_authenticated = true;
     }
     if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
-        return Err(MigrationError::Protocol(format!(
-            "initial credits {} out of range",
-            setup.initial_credits
-        )));
+        return Err(Violation::Credits {
+            channel: None,
+            credits: setup.initial_credits,
+        }
+        .into());
     }
     let first = (rd0, wr0, setup.initial_credits);
     let bound = bind_rest(connector, first, config.channels, ctx).await?;

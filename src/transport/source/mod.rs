@@ -22,6 +22,7 @@ use crate::migration::report::{
     round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side,
 };
 use crate::migration::source_machine::{RoundTotals, SourceEvent, SourceMachine};
+use crate::migration::Violation;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::wire::{Abort, Message};
 use channels::Shared;
@@ -120,10 +121,11 @@ impl Driver {
                 code: a.code,
                 message: a.message,
             },
-            SourceEvent::Reply(m) => MigrationError::Protocol(format!(
-                "unexpected {:?} before the hand-off",
-                m.command()
-            )),
+            SourceEvent::Reply(m) => Violation::Unexpected {
+                want: "no reply before the hand-off",
+                got: m.command(),
+            }
+            .into(),
         }
     }
 
@@ -235,7 +237,7 @@ pub async fn migrate(
     let mut tally = Tally::default();
     let counts = Arc::new(Mutex::new(PageCounts::default()));
     let result = match config.validate() {
-        Err(e) => Err(MigrationError::Config(e.to_string())),
+        Err(e) => Err(e.into()),
         Ok(()) => {
             run(
                 guest.clone(),
@@ -356,11 +358,15 @@ async fn run(
     ctx.progress.start_round(Phase::Setup, 0, 0);
     let (connector, bound) = connect::open_session(&*guest, target, config, ctx, tally).await?;
     tally.setup = start.elapsed();
-    let credits = bound
-        .iter()
-        .map(|b| Credits::new(b.2))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| MigrationError::Protocol("a channel's credits out of range".into()))?;
+    let credits = (0u16..)
+        .zip(&bound)
+        .map(|(channel, b)| {
+            Credits::new(b.2).ok_or(Violation::Credits {
+                channel: Some(channel),
+                credits: b.2,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let machine = SourceMachine::new(
         tally.session_id,
         &credits,

@@ -6,6 +6,7 @@ use crate::digest::full_digest;
 use crate::memory::{DirtySnapshot, PAGE_SIZE};
 use crate::migration::policy::{ConvergencePolicy, Decision};
 use crate::migration::source_machine::{Rounds, Verdict};
+use crate::migration::GuestStep;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::progress::{Phase, RunContext};
 use crate::wire::{Message, VerifyMode};
@@ -136,7 +137,10 @@ async fn switch_over(
         }
     };
     tally.verify = t.elapsed();
-    let state = guest.save_state().map_err(MigrationError::Guest)?;
+    let state = guest.save_state().map_err(|why| MigrationError::Guest {
+        step: GuestStep::SaveState,
+        why,
+    })?;
     let cpu_ms = ctx.cpu.total().as_millis() as u64;
     let msg = rounds.switchover(digest, config.verify, state.into(), cpu_ms)?;
     d.send_control(msg).await?;
@@ -165,7 +169,10 @@ async fn hand_off(
     // A step that must hold before the guest is handed over (a saved
     // guest's file marked consumed): failing, GO does not go out.
     if let Some(step) = &config.before_go {
-        (step.0)().map_err(|e| MigrationError::Guest(format!("before GO: {e}")))?;
+        (step.0)().map_err(|why| MigrationError::Guest {
+            step: GuestStep::BeforeGo,
+            why,
+        })?;
     }
     // From here on the source never resumes the guest.
     let go = rounds.go()?;

@@ -391,7 +391,7 @@ impl SimSource {
             }
         }
         match self.dest.struck.take() {
-            None | Some(FaultKind::Abort) => {}
+            None | Some(FaultKind::Abort | FaultKind::Panic) => {}
             Some(FaultKind::Reset) => self.reset_all(),
             Some(FaultKind::Kill) => {
                 self.dest.crashed = true;

@@ -1,0 +1,222 @@
+//! What a peer did that the protocol does not allow, with the facts that say
+//! so: the one cause an abort blames on the other side.
+
+use super::credits::CreditOverflow;
+use super::dest_state::DestState;
+use super::fault::FaultPoint;
+use crate::wire::Command;
+
+/// A well-formed message the protocol does not allow now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A step waited for one message and got another.
+    #[error("expected {want}, got {got}")]
+    Unexpected {
+        /// What the step waits for.
+        want: &'static str,
+        /// What came.
+        got: Command,
+    },
+    /// The destination got a message its state does not take.
+    #[error("{got}{} received in state {state:?}", round_text(*.round))]
+    OutOfTurn {
+        /// What came.
+        got: Command,
+        /// The round the message names, if it names one.
+        round: Option<u32>,
+        /// Where the destination was.
+        state: DestState,
+    },
+    /// A grant of credits outside `1..=MAX_CREDITS` (`channel` is `None`
+    /// for the session's first connection, before channels are numbered).
+    #[error("{} granted {credits} credits", channel_text(*.channel))]
+    Credits {
+        /// The channel.
+        channel: Option<u16>,
+        /// The credits granted.
+        credits: u16,
+    },
+    /// A grant that takes a channel's window past its limit.
+    #[error("channel {channel}: {overflow}")]
+    CreditOverflow {
+        /// The channel.
+        channel: u16,
+        /// The window's overflow.
+        overflow: CreditOverflow,
+    },
+    /// An acknowledgement of a batch not in flight on that channel.
+    #[error("acknowledgement on channel {channel} of batch {batch} not in flight on it")]
+    NotInFlight {
+        /// The channel the acknowledgement came on.
+        channel: u16,
+        /// The batch's message id.
+        batch: u64,
+    },
+    /// A message id seen before, without the resend flag.
+    #[error(
+        "duplicate message id {id} ({command:?}) on channel {channel} (not marked as a resend)"
+    )]
+    Duplicate {
+        /// The channel.
+        channel: u16,
+        /// The message id.
+        id: u64,
+        /// The message.
+        command: Command,
+    },
+    /// A frame naming another session than its channel's.
+    #[error("frame for session {got:016x} on channel {channel} of session {session:016x}")]
+    WrongSession {
+        /// The channel.
+        channel: u16,
+        /// The session the frame names.
+        got: u64,
+        /// The channel's session.
+        session: u64,
+    },
+    /// A bind to a session this receiver does not hold.
+    #[error("bind of channel {channel} to unknown session {session:016x}")]
+    UnknownSession {
+        /// The channel.
+        channel: u16,
+        /// The session named.
+        session: u64,
+    },
+    /// A bind of a channel number the session does not have.
+    #[error("bind of channel {channel} to session {session:016x} of {channels} channels")]
+    NoSuchChannel {
+        /// The channel.
+        channel: u16,
+        /// The session.
+        session: u64,
+        /// How many channels it has.
+        channels: u16,
+    },
+    /// A guest size that is not a positive multiple of the page size.
+    #[error("guest memory of {bytes} bytes is not a positive multiple of the page size")]
+    MemorySize {
+        /// The size asked for.
+        bytes: u64,
+    },
+    /// A ROUND_END past the last round number.
+    #[error("round counter overflow")]
+    RoundOverflow,
+    /// A setup that asks for authenticated frames without a proven key.
+    #[error("the setup asks for authenticated frames without proving a key")]
+    MacWithoutKey,
+}
+
+fn round_text(round: Option<u32>) -> String {
+    round.map(|r| format!("({r})")).unwrap_or_default()
+}
+
+fn channel_text(channel: Option<u16>) -> String {
+    match channel {
+        Some(c) => format!("channel {c}"),
+        None => "the first connection".into(),
+    }
+}
+
+/// Why a receiver cannot host a guest now: a limit of its own, or the
+/// host's admission check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Shortfall {
+    /// Too many connections that have not proved the key; this one, its
+    /// peer address's oldest, was closed for a newer one.
+    #[error("this receiver holds its limit of {limit} connections that have not proved the key, and closed this one, its peer address's oldest, for a newer one: try again")]
+    Pending {
+        /// The limit.
+        limit: usize,
+    },
+    /// Too many sessions at once.
+    #[error("this receiver is at its limit of {limit} sessions at once")]
+    Sessions {
+        /// The limit.
+        limit: usize,
+    },
+    /// The channels' frames in flight would exceed the receiver's budget.
+    #[error("{channels} channels may hold {bytes} bytes of frames in flight, over this receiver's limit of {limit} bytes")]
+    InFlight {
+        /// Channels asked for.
+        channels: u16,
+        /// Bytes they may hold in flight.
+        bytes: u64,
+        /// The receiver's limit.
+        limit: u64,
+    },
+    /// A guest larger than the receiver takes.
+    #[error("guest of {bytes} bytes exceeds this receiver's limit of {limit} bytes")]
+    GuestSize {
+        /// The guest's size.
+        bytes: u64,
+        /// The receiver's limit.
+        limit: u64,
+    },
+    /// The host refused the guest (its memory budget, a paused node), in
+    /// its own words.
+    #[error("{0}")]
+    Refused(String),
+    /// A fault injected by a test (the `faults` feature).
+    #[error("injected fault at {0:?}")]
+    Injected(FaultPoint),
+}
+
+/// Which of the guest backend's steps failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestStep {
+    /// Reading the paused guest's device and vCPU state.
+    SaveState,
+    /// The step that must hold before GO (a saved guest's file marked
+    /// consumed).
+    BeforeGo,
+}
+
+impl std::fmt::Display for GuestStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::SaveState => "saving its state",
+            Self::BeforeGo => "before GO",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::MigrationError;
+
+    #[test]
+    fn violations_read_as_the_protocol_names_them() {
+        let e = MigrationError::from(Violation::OutOfTurn {
+            got: Command::RoundEnd,
+            round: Some(3),
+            state: DestState::AwaitGo,
+        });
+        assert_eq!(
+            e.to_string(),
+            "protocol violation: ROUND_END(3) received in state AwaitGo"
+        );
+        assert_eq!(e.abort_code(), crate::wire::AbortCode::Protocol);
+        let e = Violation::Credits {
+            channel: None,
+            credits: 0,
+        };
+        assert_eq!(e.to_string(), "the first connection granted 0 credits");
+        let e = Violation::Unexpected {
+            want: "READY",
+            got: Command::Complete,
+        };
+        assert_eq!(e.to_string(), "expected READY, got COMPLETE");
+    }
+
+    #[test]
+    fn a_shortfall_is_a_resources_abort_and_not_the_peers_fault() {
+        let e = MigrationError::from(Shortfall::Sessions { limit: 4 });
+        assert_eq!(e.abort_code(), crate::wire::AbortCode::Resources);
+        assert!(!e.is_peer_fault());
+        assert_eq!(
+            e.to_string(),
+            "cannot host the guest: this receiver is at its limit of 4 sessions at once"
+        );
+    }
+}
