@@ -26,11 +26,13 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 mod channel;
+mod control;
 mod drive;
 mod session;
 mod shared;
 
 use channel::*;
+use control::*;
 pub(super) use session::Session;
 use session::*;
 use shared::*;
