@@ -218,49 +218,16 @@ pub(super) async fn handle_connection(
     };
     match Message::decode(&first.header, first.payload.clone(), Limits::BEFORE_SETUP) {
         Ok(Message::Negotiate(n)) => {
-            let hs = session_handshake(&rx, peer, &mut reader, &mut writer, &n, &binding);
-            let refused = match within(&ticket, deadline, hs).await {
-                Ok(Ok(admitted)) => {
-                    drop(ticket);
-                    let session =
-                        Session::new(rx.config.clone(), ctx, rx.sessions.clone(), rx_bytes);
-                    let reader = reader.open_up();
-                    return Some(
-                        session
-                            .run(at, peer, reader, writer, admitted, binding)
-                            .await,
-                    );
-                }
-                Ok(Err(refused)) => refused,
-                Err(cut) => {
-                    let (why, e) = rx.cut_error(cut);
-                    Refused::before_proof(e, why)
-                }
+            let new = NewSession {
+                peer,
+                at,
+                deadline,
+                rx: &rx,
+                ctx,
+                rx_bytes,
+                binding,
             };
-            match refused.why {
-                Some(why) => {
-                    rx.refuse(peer, Some(&mut writer), why, &refused.error)
-                        .await
-                }
-                None => {
-                    tracing::info!(%peer, error = %refused.error, "the source gave up during the handshake")
-                }
-            }
-            if !refused.proved {
-                return None;
-            }
-            let session = Session::new(rx.config.clone(), ctx, rx.sessions.clone(), rx_bytes);
-            Some(
-                session
-                    .refused(
-                        at,
-                        refused.error,
-                        refused.admitted,
-                        refused.memory_bytes,
-                        binding,
-                    )
-                    .await,
-            )
+            new.run(&n, reader, writer, ticket).await
         }
         Ok(Message::ChannelBind(b)) => {
             if let Err((why, e, mut writer)) =
@@ -285,6 +252,81 @@ pub(super) async fn handle_connection(
                 .await;
             None
         }
+    }
+}
+
+/// A connection that opened with NEGOTIATE: a session to admit or refuse.
+struct NewSession<'a> {
+    peer: SocketAddr,
+    at: Instant,
+    deadline: tokio::time::Instant,
+    rx: &'a Arc<Shared>,
+    ctx: RunContext,
+    rx_bytes: Arc<AtomicU64>,
+    binding: Vec<u8>,
+}
+
+impl NewSession<'_> {
+    /// Runs the handshake within the deadline; an admitted session runs to
+    /// its end, a refused one is answered, and reported when its peer had
+    /// proved the key.
+    async fn run(
+        self,
+        n: &Negotiate,
+        mut reader: FrameReader,
+        mut writer: FrameWriter,
+        ticket: Ticket,
+    ) -> Option<Incoming> {
+        let (rx, peer) = (self.rx, self.peer);
+        let hs = session_handshake(rx, peer, &mut reader, &mut writer, n, &self.binding);
+        let refused = match within(&ticket, self.deadline, hs).await {
+            Ok(Ok(admitted)) => {
+                drop(ticket);
+                let session = Session::new(
+                    rx.config.clone(),
+                    self.ctx,
+                    rx.sessions.clone(),
+                    self.rx_bytes,
+                );
+                let reader = reader.open_up();
+                let end = session.run(self.at, peer, reader, writer, admitted, self.binding);
+                return Some(end.await);
+            }
+            Ok(Err(refused)) => refused,
+            Err(cut) => {
+                let (why, e) = rx.cut_error(cut);
+                Refused::before_proof(e, why)
+            }
+        };
+        match refused.why {
+            Some(why) => {
+                rx.refuse(peer, Some(&mut writer), why, &refused.error)
+                    .await
+            }
+            None => {
+                tracing::info!(%peer, error = %refused.error, "the source gave up during the handshake")
+            }
+        }
+        if !refused.proved {
+            return None;
+        }
+        let session = Session::new(
+            rx.config.clone(),
+            self.ctx,
+            rx.sessions.clone(),
+            self.rx_bytes,
+        );
+        let Refused {
+            error,
+            admitted,
+            memory_bytes,
+            ..
+        } = refused;
+        Some(
+            session
+                .refused(self.at, error, admitted, memory_bytes, self.binding)
+                .await,
+        )
     }
 }
 
