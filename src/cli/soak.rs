@@ -93,14 +93,59 @@ pub fn soak(a: SoakArgs) -> Result<ExitCode> {
 }
 
 fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
+    let (_etcd, cluster, agents) = start_agents(dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let peers = Peers::new(&cluster);
+    let names: Vec<String> = (1..=a.vms).map(|i| format!("soak-{i}")).collect();
+    let hot = (a.memory / 4).max(4096);
+    for n in &names {
+        let vm = CreateVm {
+            name: n.clone(),
+            memory: Amount::Int(a.memory),
+            workload: Some(format!("hot:{hot}")),
+            dirty_rate: Some(Amount::Int(a.dirty_rate)),
+            fill: None,
+            guest: None,
+            priority: None,
+            preferred_owners: None,
+            image: None,
+            seed: None,
+        };
+        wait_for(&rt, peers.create_vm(&agents[0].spec, &vm))?;
+    }
+    let soak = Soak {
+        rt: &rt,
+        peers: &peers,
+        agents: &agents,
+        names: &names,
+    };
+    let t = soak.trips(a)?;
+    let out = t.summary(a, &agents);
+    if a.json {
+        println!("{out}");
+    } else {
+        t.print(a, &agents, out["ok"] == true);
+    }
+    Ok(if out["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Two agents of this process's own on loopback (plain HTTP), their state
+/// in a local etcd member that lives as long as the run.
+fn start_agents(
+    dir: &std::path::Path,
+) -> Result<(super::local_etcd::LocalEtcd, Cluster, Vec<Agent>)> {
     let token: String = ferry::migration::auth::SessionKey::random()
         .0
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
-    // Two agents of this process's own on loopback (plain HTTP), their
-    // state in a local etcd member that lives as long as the run.
     let etcd = super::local_etcd::LocalEtcd::start(dir)?;
     let mut text = format!(
         "token_file = \"cluster.token\"\ninsecure_api = true\netcd = [\"{}\"]\n",
@@ -144,159 +189,176 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let peers = Peers::new(&cluster);
-    let names: Vec<String> = (1..=a.vms).map(|i| format!("soak-{i}")).collect();
-    let hot = (a.memory / 4).max(4096);
-    for n in &names {
-        let vm = CreateVm {
-            name: n.clone(),
-            memory: Amount::Int(a.memory),
-            workload: Some(format!("hot:{hot}")),
-            dirty_rate: Some(Amount::Int(a.dirty_rate)),
-            fill: None,
-            guest: None,
-            priority: None,
-            preferred_owners: None,
-            image: None,
-            seed: None,
-        };
-        wait_for(&rt, peers.create_vm(&agents[0].spec, &vm))?;
+    Ok((etcd, cluster, agents))
+}
+
+/// Warm-up round trips before the baseline: each agent has sent and
+/// received, and its thread pools and buffers have grown to their size.
+const WARMUP: u32 = 2;
+
+/// The soak's moves: the agents, the client and the VMs it moves.
+struct Soak<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    peers: &'a Peers,
+    agents: &'a [Agent],
+    names: &'a [String],
+}
+
+/// What the round trips counted (after the warm-up) and measured.
+#[derive(Default)]
+struct Tally {
+    moved: u64,
+    failed: u64,
+    mismatches: u64,
+    errors: Vec<String>,
+    trips: u32,
+    elapsed: f64,
+    /// Each agent's (RSS, descriptors) after the warm-up, a quarter of the
+    /// way in, and at the end.
+    baseline: Vec<(u64, u64)>,
+    steady: Vec<(u64, u64)>,
+    end: Vec<(u64, u64)>,
+}
+
+impl Soak<'_> {
+    fn measure(&self) -> Vec<(u64, u64)> {
+        self.agents.iter().map(|g| usage_of(g.child.id())).collect()
     }
-    // Warm-up round trips before the baseline: each agent has sent and
-    // received, and its thread pools and buffers have grown to their size.
-    const WARMUP: u32 = 2;
-    let round_trips = a.count.div_ceil(2 * a.vms).max(1) + WARMUP + 1;
-    let start = Instant::now();
-    let (mut moved, mut failed, mut mismatches) = (0u64, 0u64, 0u64);
-    let mut errors: Vec<String> = Vec::new();
-    let mut baseline: Option<Vec<(u64, u64)>> = None;
-    let mut steady: Option<Vec<(u64, u64)>> = None;
-    let measure = |agents: &[Agent]| {
-        agents
-            .iter()
-            .map(|g| usage_of(g.child.id()))
-            .collect::<Vec<_>>()
-    };
-    let mut trips = 0;
-    'trips: for trip in 0..round_trips {
-        for (from, to) in [(0usize, 1usize), (1, 0)] {
-            if trip > WARMUP && start.elapsed() > a.duration {
-                break 'trips;
+
+    /// Moves every VM there and back until `--count` or `--duration`.
+    fn trips(&self, a: &SoakArgs) -> Result<Tally> {
+        let round_trips = a.count.div_ceil(2 * a.vms).max(1) + WARMUP + 1;
+        let start = Instant::now();
+        let mut t = Tally::default();
+        let mut steady = None;
+        'trips: for trip in 0..round_trips {
+            for (from, to) in [(0usize, 1usize), (1, 0)] {
+                if trip > WARMUP && start.elapsed() > a.duration {
+                    break 'trips;
+                }
+                self.move_all(from, to, trip > WARMUP, &mut t)?;
             }
-            let mut ids = Vec::new();
-            for n in &names {
-                let body = CreateMigration {
-                    vm: n.clone(),
-                    target: agents[to].name.clone(),
-                    params: MigrationParams::default(),
-                };
-                match wait_for(&rt, peers.migrate(&agents[from].spec, &body)) {
-                    Ok(m) => ids.push(m.id),
-                    // Refused (or not there: an earlier move failed and left
-                    // it behind): a failure too.
-                    Err(e) => {
-                        if trip > WARMUP {
-                            failed += 1;
-                        }
-                        errors.push(e.to_string());
-                    }
+            if trip == WARMUP {
+                t.baseline = self.measure();
+            } else if trip > WARMUP {
+                t.trips += 1;
+                if steady.is_none() && t.trips * 4 >= round_trips - WARMUP - 1 {
+                    steady = Some(self.measure());
                 }
             }
-            for id in ids {
-                let done = loop {
-                    let m = wait_for(&rt, peers.migration(&agents[from].spec, &id))?;
-                    if m.state.is_final() {
-                        break m;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                };
-                moved += u64::from(trip > WARMUP);
-                let completed = done.state == MigrationState::Completed;
-                let verified = done.report.as_ref().is_some_and(|r| r.verified);
-                let error = done.error.unwrap_or_default();
-                if trip > WARMUP && !completed {
-                    failed += 1;
-                }
-                if trip > WARMUP && ((completed && !verified) || error.contains("digest mismatch"))
-                {
-                    mismatches += 1;
-                }
-                if !completed {
-                    errors.push(format!("{id}: {error}"));
-                }
-            }
-        }
-        if trip == WARMUP {
-            baseline = Some(measure(&agents));
-        } else if trip > WARMUP {
-            trips += 1;
-            if steady.is_none() && trips * 4 >= round_trips - WARMUP - 1 {
-                steady = Some(measure(&agents));
+            if !a.json {
+                let (moved, failed, mm) = (t.moved, t.failed, t.mismatches);
+                eprint!("\r{moved} migrations, {failed} failed, {mm} mismatches");
             }
         }
         if !a.json {
-            eprint!(
-                "\r{} migrations, {failed} failed, {mismatches} mismatches",
-                moved
-            );
+            eprintln!();
         }
+        t.end = self.measure();
+        t.steady = steady.unwrap_or_else(|| t.end.clone());
+        t.elapsed = start.elapsed().as_secs_f64();
+        Ok(t)
     }
-    if !a.json {
-        eprintln!();
+
+    /// Moves every VM from agent `from` to `to` and waits for each;
+    /// `counted` is false during the warm-up.
+    fn move_all(&self, from: usize, to: usize, counted: bool, t: &mut Tally) -> Result<()> {
+        let (rt, agents) = (self.rt, self.agents);
+        let mut ids = Vec::new();
+        for n in self.names {
+            let body = CreateMigration {
+                vm: n.clone(),
+                target: agents[to].name.clone(),
+                params: MigrationParams::default(),
+            };
+            match wait_for(rt, self.peers.migrate(&agents[from].spec, &body)) {
+                Ok(m) => ids.push(m.id),
+                // Refused (or not there: an earlier move failed and left it
+                // behind): a failure too.
+                Err(e) => {
+                    t.failed += u64::from(counted);
+                    t.errors.push(e.to_string());
+                }
+            }
+        }
+        for id in ids {
+            let done = loop {
+                let m = wait_for(rt, self.peers.migration(&agents[from].spec, &id))?;
+                if m.state.is_final() {
+                    break m;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let completed = done.state == MigrationState::Completed;
+            let verified = done.report.as_ref().is_some_and(|r| r.verified);
+            let error = done.error.unwrap_or_default();
+            if counted {
+                t.moved += 1;
+                t.failed += u64::from(!completed);
+                let mismatch = (completed && !verified) || error.contains("digest mismatch");
+                t.mismatches += u64::from(mismatch);
+            }
+            if !completed {
+                t.errors.push(format!("{id}: {error}"));
+            }
+        }
+        Ok(())
     }
-    let end = measure(&agents);
-    let baseline = baseline.expect("the warm-up ran");
-    let steady = steady.unwrap_or_else(|| end.clone());
-    let elapsed = start.elapsed().as_secs_f64();
-    let per_agent: Vec<Value> = agents
-        .iter()
-        .zip(baseline.iter().zip(steady.iter().zip(&end)))
-        .map(|(g, (s, (m, e)))| {
-            json!({"node": g.name, "rss_start": s.0, "rss_steady": m.0, "rss_end": e.0,
-                   "fds_start": s.1, "fds_steady": m.1, "fds_end": e.1})
+}
+
+impl Tally {
+    /// Flat: descriptors end where they started (a few in flight allowed),
+    /// and from the steady point on (a quarter of the way in, when the
+    /// pools have grown to their size) resident memory grows by at most a
+    /// tenth plus 16 MiB.
+    fn flat(&self) -> bool {
+        self.baseline
+            .iter()
+            .zip(self.steady.iter().zip(&self.end))
+            .all(|(s, (m, e))| e.1 <= s.1 + 4 && e.0 <= m.0 + m.0 / 10 + (16 << 20))
+    }
+
+    /// The result as JSON (`--json`), `ok` included.
+    fn summary(&self, a: &SoakArgs, agents: &[Agent]) -> Value {
+        let per_agent: Vec<Value> = agents
+            .iter()
+            .zip(self.baseline.iter().zip(self.steady.iter().zip(&self.end)))
+            .map(|(g, (s, (m, e)))| {
+                json!({"node": g.name, "rss_start": s.0, "rss_steady": m.0, "rss_end": e.0,
+                       "fds_start": s.1, "fds_steady": m.1, "fds_end": e.1})
+            })
+            .collect();
+        let flat = self.flat();
+        let ok = self.mismatches == 0 && self.failed == 0 && flat && self.trips > 0;
+        json!({
+            "migrations": self.moved,
+            "round_trips": self.trips,
+            "failed": self.failed,
+            "mismatches": self.mismatches,
+            "flat": flat,
+            "ok": ok,
+            "elapsed_s": (self.elapsed * 10.0).round() / 10.0,
+            "vms": a.vms,
+            "memory": a.memory,
+            "dirty_rate": a.dirty_rate,
+            "agents": per_agent,
+            "errors": self.errors.iter().take(10).collect::<Vec<_>>(),
         })
-        .collect();
-    // Flat: descriptors end where they started (a few in flight allowed),
-    // and from the steady point on (a quarter of the way in, when the
-    // pools have grown to their size) resident memory grows by at most a
-    // tenth plus 16 MiB.
-    let flat = baseline
-        .iter()
-        .zip(steady.iter().zip(&end))
-        .all(|(s, (m, e))| e.1 <= s.1 + 4 && e.0 <= m.0 + m.0 / 10 + (16 << 20));
-    let ok = mismatches == 0 && failed == 0 && flat && trips > 0;
-    let out = json!({
-        "migrations": moved,
-        "round_trips": trips,
-        "failed": failed,
-        "mismatches": mismatches,
-        "flat": flat,
-        "ok": ok,
-        "elapsed_s": (elapsed * 10.0).round() / 10.0,
-        "vms": a.vms,
-        "memory": a.memory,
-        "dirty_rate": a.dirty_rate,
-        "agents": per_agent,
-        "errors": errors.iter().take(10).collect::<Vec<_>>(),
-    });
-    if a.json {
-        println!("{out}");
-    } else {
+    }
+
+    /// The result as a table.
+    fn print(&self, a: &SoakArgs, agents: &[Agent], ok: bool) {
+        let (moved, failed, mismatches) = (self.moved, self.failed, self.mismatches);
         println!(
             "soak: {moved} migrations of {} VMs of {} ({} round trips) in {:.1} s: {failed} failed, {mismatches} mismatches",
             a.vms,
             Bytes(a.memory),
-            trips,
-            elapsed
+            self.trips,
+            self.elapsed
         );
         println!("  node    rss start   rss steady      rss end  fds start  fds end");
-        for (g, (s, (m, e))) in agents
-            .iter()
-            .zip(baseline.iter().zip(steady.iter().zip(&end)))
-        {
+        let rows = self.baseline.iter().zip(self.steady.iter().zip(&self.end));
+        for (g, (s, (m, e))) in agents.iter().zip(rows) {
             println!(
                 "  {:<4} {:>12} {:>12} {:>12} {:>10} {:>8}",
                 g.name,
@@ -307,7 +369,7 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
                 e.1
             );
         }
-        for e in errors.iter().take(5) {
+        for e in self.errors.iter().take(5) {
             println!("  error: {e}");
         }
         println!(
@@ -319,11 +381,6 @@ fn run(a: &SoakArgs, dir: &std::path::Path) -> Result<ExitCode> {
             }
         );
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
 }
 
 /// Waits for a call to an agent.
