@@ -452,115 +452,23 @@ impl Cluster {
             return Err(invalid("no [[node]] in the cluster".into()));
         }
         let api = api_limits(&raw.api).map_err(|e| invalid(format!("api.{e}")))?;
-        let amount = |a: &Amount,
-                      node: &str,
-                      field: &str,
-                      rate: bool|
-         -> Result<Option<u64>, ClusterError> {
-            match a {
-                Amount::Bytes(0) if rate => Ok(None),
-                Amount::Bytes(n) => Ok(Some(*n)),
-                Amount::Text(s) if rate => {
-                    parse_bandwidth(s).map_err(|e| invalid(format!("node {node}: {field}: {e}")))
-                }
-                Amount::Text(s) => parse_size(s)
-                    .map(Some)
-                    .map_err(|e| invalid(format!("node {node}: {field}: {e}"))),
-            }
-        };
         let default_bandwidth = match &raw.defaults.max_bandwidth {
-            Some(a) => amount(a, "defaults", "max_bandwidth", true)?,
+            Some(a) => amount(a, "defaults", "max_bandwidth", true).map_err(&invalid)?,
             None => None,
+        };
+        let shared = NodeDefaults {
+            dir,
+            defaults: &raw.defaults,
+            max_bandwidth: default_bandwidth,
+            insecure_api,
+            state_dir: raw.state_dir.as_deref().unwrap_or(Path::new("state")),
         };
         let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw.nodes.len().min(4096));
         for n in raw.nodes {
-            if n.name.is_empty()
-                || n.name.len() > crate::wire::MAX_LABEL_LEN
-                || !n
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            {
-                return Err(invalid(format!(
-                    "node name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
-                    n.name
-                )));
-            }
             if nodes.iter().any(|o| o.name == n.name) {
                 return Err(invalid(format!("node {} is named twice", n.name)));
             }
-            for (field, addr) in [("control", &n.control), ("data", &n.data)] {
-                check_address(addr)
-                    .map_err(|why| invalid(format!("node {}: {field} {addr:?}: {why}", n.name)))?;
-            }
-            let memory_capacity =
-                amount(&n.memory_capacity, &n.name, "memory_capacity", false)?.unwrap_or(0);
-            if memory_capacity == 0 || memory_capacity > MAX_NODE_MEMORY {
-                return Err(invalid(format!(
-                    "node {}: memory_capacity {memory_capacity} is out of range (1 byte to 1 PiB)",
-                    n.name
-                )));
-            }
-            let max_concurrent_migrations = n
-                .max_concurrent_migrations
-                .or(raw.defaults.max_concurrent_migrations)
-                .unwrap_or(DEFAULT_MAX_CONCURRENT_MIGRATIONS);
-            if max_concurrent_migrations == 0 || max_concurrent_migrations > MAX_CONCURRENT {
-                return Err(invalid(format!(
-                    "node {}: max_concurrent_migrations {max_concurrent_migrations} is out of range (1 to {MAX_CONCURRENT})",
-                    n.name
-                )));
-            }
-            let max_bandwidth = match &n.max_bandwidth {
-                Some(a) => amount(a, &n.name, "max_bandwidth", true)?,
-                None => default_bandwidth,
-            };
-            let (lo, hi) = crate::migration::ranges::BANDWIDTH;
-            if let Some(b) = max_bandwidth.filter(|b| *b < lo || *b > hi) {
-                return Err(invalid(format!(
-                    "node {}: max_bandwidth {b} B/s is out of range ({lo} to {hi})",
-                    n.name
-                )));
-            }
-            let update_hook = n.update_hook.or_else(|| raw.defaults.update_hook.clone());
-            if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
-                return Err(invalid(format!("node {}: update_hook is empty", n.name)));
-            }
-            let preview_hook = n.preview_hook.or_else(|| raw.defaults.preview_hook.clone());
-            if preview_hook.as_ref().is_some_and(|h| h.is_empty()) {
-                return Err(invalid(format!("node {}: preview_hook is empty", n.name)));
-            }
-            let api_cert = match (&n.tls_cert, insecure_api) {
-                (Some(c), _) => Some(read_cert(&dir.join(c)).map_err(|e| {
-                    invalid(format!("node {}: tls_cert: {e}", n.name))
-                })?),
-                (None, true) => None,
-                (None, false) => {
-                    return Err(invalid(format!(
-                        "node {}: no tls_cert: the control API is served over HTTPS (make a pair with `ferry tls-cert`), or say insecure_api = true for plain HTTP on a trusted network",
-                        n.name
-                    )))
-                }
-            };
-            let state_dir = match &n.state_dir {
-                Some(d) => dir.join(d),
-                None => dir
-                    .join(raw.state_dir.as_deref().unwrap_or(Path::new("state")))
-                    .join(&n.name),
-            };
-            nodes.push(NodeSpec {
-                state_dir,
-                api_cert,
-                api_key_file: n.tls_key.as_ref().map(|k| dir.join(k)),
-                name: n.name,
-                control: n.control,
-                data: n.data,
-                memory_capacity,
-                max_concurrent_migrations,
-                max_bandwidth,
-                update_hook,
-                preview_hook,
-            });
+            nodes.push(shared.node_spec(n).map_err(&invalid)?);
         }
         let image_dirs = raw
             .image_dirs
@@ -608,6 +516,110 @@ pub(crate) fn check_address(addr: &str) -> Result<(), &'static str> {
     port.parse::<u16>()
         .map_err(|_| "the port is not a number from 0 to 65535")?;
     Ok(())
+}
+
+/// What every node's entry falls back on: the cluster file's folder and
+/// its `[defaults]`.
+struct NodeDefaults<'a> {
+    dir: &'a Path,
+    defaults: &'a RawDefaults,
+    max_bandwidth: Option<u64>,
+    insecure_api: bool,
+    state_dir: &'a Path,
+}
+
+impl NodeDefaults<'_> {
+    /// Checks one `[[node]]` entry, every field in its range, and fills in
+    /// the defaults.
+    fn node_spec(&self, n: RawNode) -> Result<NodeSpec, String> {
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
+        if n.name.is_empty() || n.name.len() > crate::wire::MAX_LABEL_LEN || !n.name.chars().all(valid)
+        {
+            return Err(format!(
+                "node name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
+                n.name
+            ));
+        }
+        let name = &n.name;
+        for (field, addr) in [("control", &n.control), ("data", &n.data)] {
+            check_address(addr).map_err(|why| format!("node {name}: {field} {addr:?}: {why}"))?;
+        }
+        let memory_capacity =
+            amount(&n.memory_capacity, name, "memory_capacity", false)?.unwrap_or(0);
+        if memory_capacity == 0 || memory_capacity > MAX_NODE_MEMORY {
+            return Err(format!(
+                "node {name}: memory_capacity {memory_capacity} is out of range (1 byte to 1 PiB)"
+            ));
+        }
+        let max_concurrent_migrations = n
+            .max_concurrent_migrations
+            .or(self.defaults.max_concurrent_migrations)
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_MIGRATIONS);
+        if max_concurrent_migrations == 0 || max_concurrent_migrations > MAX_CONCURRENT {
+            return Err(format!(
+                "node {name}: max_concurrent_migrations {max_concurrent_migrations} is out of range (1 to {MAX_CONCURRENT})"
+            ));
+        }
+        let max_bandwidth = match &n.max_bandwidth {
+            Some(a) => amount(a, name, "max_bandwidth", true)?,
+            None => self.max_bandwidth,
+        };
+        let (lo, hi) = crate::migration::ranges::BANDWIDTH;
+        if let Some(b) = max_bandwidth.filter(|b| *b < lo || *b > hi) {
+            return Err(format!(
+                "node {name}: max_bandwidth {b} B/s is out of range ({lo} to {hi})"
+            ));
+        }
+        let update_hook = n.update_hook.or_else(|| self.defaults.update_hook.clone());
+        if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
+            return Err(format!("node {name}: update_hook is empty"));
+        }
+        let preview_hook = n.preview_hook.or_else(|| self.defaults.preview_hook.clone());
+        if preview_hook.as_ref().is_some_and(|h| h.is_empty()) {
+            return Err(format!("node {name}: preview_hook is empty"));
+        }
+        let api_cert = match (&n.tls_cert, self.insecure_api) {
+            (Some(c), _) => Some(
+                read_cert(&self.dir.join(c))
+                    .map_err(|e| format!("node {name}: tls_cert: {e}"))?,
+            ),
+            (None, true) => None,
+            (None, false) => return Err(format!(
+                "node {name}: no tls_cert: the control API is served over HTTPS (make a pair with `ferry tls-cert`), or say insecure_api = true for plain HTTP on a trusted network"
+            )),
+        };
+        let state_dir = match &n.state_dir {
+            Some(d) => self.dir.join(d),
+            None => self.dir.join(self.state_dir).join(name),
+        };
+        Ok(NodeSpec {
+            state_dir,
+            api_cert,
+            api_key_file: n.tls_key.as_ref().map(|k| self.dir.join(k)),
+            name: n.name,
+            control: n.control,
+            data: n.data,
+            memory_capacity,
+            max_concurrent_migrations,
+            max_bandwidth,
+            update_hook,
+            preview_hook,
+        })
+    }
+}
+
+/// A size (`rate`: a bandwidth, where 0 means none) of a node's `field`.
+fn amount(a: &Amount, node: &str, field: &str, rate: bool) -> Result<Option<u64>, String> {
+    match a {
+        Amount::Bytes(0) if rate => Ok(None),
+        Amount::Bytes(n) => Ok(Some(*n)),
+        Amount::Text(s) if rate => {
+            parse_bandwidth(s).map_err(|e| format!("node {node}: {field}: {e}"))
+        }
+        Amount::Text(s) => parse_size(s)
+            .map(Some)
+            .map_err(|e| format!("node {node}: {field}: {e}")),
+    }
 }
 
 #[cfg(test)]
