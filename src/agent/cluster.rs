@@ -533,7 +533,9 @@ impl NodeDefaults<'_> {
     /// the defaults.
     fn node_spec(&self, n: RawNode) -> Result<NodeSpec, String> {
         let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
-        if n.name.is_empty() || n.name.len() > crate::wire::MAX_LABEL_LEN || !n.name.chars().all(valid)
+        if n.name.is_empty()
+            || n.name.len() > crate::wire::MAX_LABEL_LEN
+            || !n.name.chars().all(valid)
         {
             return Err(format!(
                 "node name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
@@ -574,7 +576,9 @@ impl NodeDefaults<'_> {
         if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
             return Err(format!("node {name}: update_hook is empty"));
         }
-        let preview_hook = n.preview_hook.or_else(|| self.defaults.preview_hook.clone());
+        let preview_hook = n
+            .preview_hook
+            .or_else(|| self.defaults.preview_hook.clone());
         if preview_hook.as_ref().is_some_and(|h| h.is_empty()) {
             return Err(format!("node {name}: preview_hook is empty"));
         }

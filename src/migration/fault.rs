@@ -81,6 +81,13 @@ impl FromStr for Fault {
                 ))
             }
         };
+        if kind == FaultKind::Panic
+            && !matches!(point, FaultPoint::BeforeRound0 | FaultPoint::MidRound)
+        {
+            return Err(format!(
+                "fault {s:?}: a panic strikes in a page batch's apply: before-round0 or mid-round"
+            ));
+        }
         Ok(Self { point, kind })
     }
 }
@@ -149,5 +156,11 @@ mod tests {
             .parse::<Fault>()
             .unwrap_err()
             .contains("fault kind"));
+        // A panic strikes in a batch's apply: only where batches follow.
+        assert!("mid-round:panic".parse::<Fault>().is_ok());
+        assert!("after-go:panic"
+            .parse::<Fault>()
+            .unwrap_err()
+            .contains("before-round0 or mid-round"));
     }
 }

@@ -4,6 +4,7 @@
 use super::credits::CreditOverflow;
 use super::dest_state::DestState;
 use super::fault::FaultPoint;
+use crate::memory::MemoryError;
 use crate::wire::Command;
 
 /// A well-formed message the protocol does not allow now.
@@ -53,9 +54,7 @@ pub enum Violation {
         batch: u64,
     },
     /// A message id seen before, without the resend flag.
-    #[error(
-        "duplicate message id {id} ({command:?}) on channel {channel} (not marked as a resend)"
-    )]
+    #[error("duplicate message id {id} ({command}) on channel {channel} (not marked as a resend)")]
     Duplicate {
         /// The channel.
         channel: u16,
@@ -117,9 +116,9 @@ fn channel_text(channel: Option<u16>) -> String {
     }
 }
 
-/// Why a receiver cannot host a guest now: a limit of its own, or the
-/// host's admission check.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a receiver cannot host a guest now: a limit of its own, the host's
+/// admission check, or its memory.
+#[derive(Debug, thiserror::Error)]
 pub enum Shortfall {
     /// Too many connections that have not proved the key; this one, its
     /// peer address's oldest, was closed for a newer one.
@@ -156,6 +155,9 @@ pub enum Shortfall {
     /// its own words.
     #[error("{0}")]
     Refused(String),
+    /// The guest's memory could not be made.
+    #[error("{0}")]
+    Memory(#[source] MemoryError),
     /// A fault injected by a test (the `faults` feature).
     #[error("injected fault at {0:?}")]
     Injected(FaultPoint),

@@ -466,7 +466,7 @@ async fn session_handshake(
     }
     let memory = GuestMemory::new(setup.memory_bytes).map_err(|e| Refused {
         admitted: Some((session_id, setup.label.clone())),
-        ..refused(e.into())
+        ..refused(Shortfall::Memory(e).into())
     })?;
     Ok(Admitted {
         machine,

@@ -13,7 +13,7 @@ use crate::wire::{BatchAck, ChannelBindResponse, Command, Header, Message, PageB
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio_util::sync::CancellationToken;
 
 pub(super) async fn channel_task(
@@ -32,18 +32,39 @@ pub(super) async fn channel_task(
         stop: &stop,
     };
     // A panic of this side's own ends the session as a local fault: never
-    // blamed on the peer, never a channel left silently unread.
+    // blamed on the peer, never a channel left silently unread. Its text
+    // stays in this side's log; the peer only hears that it happened. The
+    // connection may hold half a frame: no reply goes out on it again.
     let result = match AssertUnwindSafe(conn.serve(rd)).catch_unwind().await {
         Ok(r) => r,
-        Err(panic) => Err(MigrationError::Internal(format!(
-            "channel {ch}'s task panicked: {}",
-            panic_text(&*panic)
-        ))),
+        Err(panic) => {
+            let text = panic_text(&*panic);
+            tracing::error!(ch, gen, panic = text, "a channel's task panicked");
+            sh.forget_channel(ch, gen);
+            Err(MigrationError::Internal(format!(
+                "channel {ch}'s task panicked"
+            )))
+        }
     };
     sh.release(ch, gen);
     if let Err(e) = result {
         if !sh.cancel.is_cancelled() && !stop.is_cancelled() {
             let _ = sh.events.send(Event::Failed(ch, gen, e));
+        }
+    }
+}
+
+/// Forgets a batch's claim unless its apply finished.
+struct ClaimGuard<'a> {
+    sh: &'a Shared,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.sh.set_claim(self.id, None);
         }
     }
 }
@@ -109,11 +130,14 @@ impl Conn<'_> {
                     },
                 )? {
                     Claimed::New => {
-                        sh.machine.lock().unwrap().check_batch(b.round)?;
+                        sh.machine
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .check_batch(b.round)?;
                         Ok(true)
                     }
                     other => {
-                        *verdict.lock().unwrap() = Some(other);
+                        *verdict.lock().unwrap_or_else(PoisonError::into_inner) = Some(other);
                         Ok(false)
                     }
                 }
@@ -136,7 +160,10 @@ impl Conn<'_> {
             check_session(sh, ch, &frame.header)?;
             if frame.header.command == Command::PageBatch {
                 let batch = PageBatch::decode(frame.payload, sh.limits)?;
-                let claimed = verdict.lock().unwrap().take();
+                let claimed = verdict
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
                 return self
                     .whole_batch(frame.header, batch, claimed)
                     .await
@@ -169,7 +196,10 @@ impl Conn<'_> {
             Claimed::Stale => false,
         };
         if fresh {
-            sh.machine.lock().unwrap().check_batch(batch.round)?;
+            sh.machine
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .check_batch(batch.round)?;
         }
         Ok((h, batch, fresh))
     }
@@ -209,6 +239,13 @@ impl Conn<'_> {
     async fn apply(&self, header: &Header, batch: PageBatch) -> Result<(), MigrationError> {
         let sh = self.sh;
         let round = batch.round;
+        // Whatever ends the apply early (an error, a panic, a stop) forgets
+        // the claim, so a resend of the batch is applied, not waited on.
+        let mut claim = ClaimGuard {
+            sh,
+            id: header.message_id,
+            done: false,
+        };
         let applied = if batch.codec == CodecId::None {
             sh.apply(&batch)
         } else {
@@ -216,13 +253,12 @@ impl Conn<'_> {
             tokio::task::spawn_blocking(move || sh2.apply(&batch))
                 .await
                 .map_err(|e| {
-                    MigrationError::Internal(format!("a page batch's apply task failed: {e}"))
+                    tracing::error!(error = %e, "a page batch's apply task failed");
+                    MigrationError::Internal("a page batch's apply task panicked".into())
                 })?
         };
-        if let Err(e) = applied {
-            sh.set_claim(header.message_id, None);
-            return Err(e);
-        }
+        applied?;
+        claim.done = true;
         sh.set_claim(header.message_id, Some(Claim::Done { round }));
         if round == 0
             && sh.fault_armed.load(Ordering::Relaxed)

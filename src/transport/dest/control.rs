@@ -11,7 +11,7 @@ use crate::wire::{Abort, Header, Message, FLAG_RESEND};
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +101,7 @@ impl<'a> Controller<'a> {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let stop = self.cancel.child_token();
         let gen = {
-            let mut chans = self.sh.chans.lock().unwrap();
+            let mut chans = self.sh.chans.lock().unwrap_or_else(PoisonError::into_inner);
             let gen = chans.get(&channel).map_or(1, |c| {
                 c.stop.cancel();
                 c.gen + 1
@@ -271,9 +271,17 @@ impl<'a> Controller<'a> {
 
     /// ROUND_END: the machine moves to the next round.
     fn on_round_end(&mut self, m: &crate::wire::RoundEnd) -> Result<(), MigrationError> {
-        self.sh.machine.lock().unwrap().handle_round_end(m)?;
+        self.sh
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle_round_end(m)?;
         // Every batch of earlier rounds was acknowledged: none comes again.
-        self.sh.claims.lock().unwrap().round_began(m.round);
+        self.sh
+            .claims
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .round_began(m.round);
         if m.final_next {
             self.tally.paused_at = Some(Instant::now());
         }
@@ -310,7 +318,13 @@ impl<'a> Controller<'a> {
                 Wake::Event(None) => return,
                 Wake::Event(Some(Event::Failed(ch, gen, _))) => {
                     self.sh.forget_channel(ch, gen);
-                    if self.sh.chans.lock().unwrap().is_empty() {
+                    if self
+                        .sh
+                        .chans
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_empty()
+                    {
                         return;
                     }
                 }
@@ -353,7 +367,7 @@ async fn abort_after_close(events: &mut mpsc::UnboundedReceiver<Event>) -> Optio
 /// here or the source aborted first, the source hears why (at most 1 s).
 pub(super) async fn tell_source(sh: &Shared, e: &MigrationError) {
     let state = {
-        let mut m = sh.machine.lock().unwrap();
+        let mut m = sh.machine.lock().unwrap_or_else(PoisonError::into_inner);
         m.abort();
         m.state()
     };

@@ -18,7 +18,7 @@ use crate::wire::{
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -90,7 +90,11 @@ impl Session {
         };
         tally.verify = m.verify;
         tally.verify_time = t.elapsed();
-        let ready = sh.machine.lock().unwrap().handle_switchover(m, digest)?;
+        let ready = sh
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle_switchover(m, digest)?;
         let kind = tally.guest_kind.unwrap_or(GuestKind::Sim);
         let g = restore_guest(kind, sh.memory.clone(), &m.state)
             .map_err(MigrationError::Incompatible)?;
@@ -118,7 +122,10 @@ impl Session {
         control: &mut ControlLog,
         (leave_paused, at): (bool, Instant),
     ) -> Result<(), MigrationError> {
-        sh.machine.lock().unwrap().handle_go()?;
+        sh.machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle_go()?;
         let guest = guest_out.as_ref().expect("guest restored before READY");
         if !leave_paused {
             guest.resume();
@@ -193,16 +200,19 @@ impl Session {
             )
         });
         let (bind_tx, bind_rx) = mpsc::unbounded_channel();
-        self.sessions.lock().unwrap().insert(
-            session_id,
-            SessionEntry {
-                secret,
-                channels: setup.channels,
-                nonces: Default::default(),
-                tx: bind_tx,
-                frame_mac,
-            },
-        );
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                session_id,
+                SessionEntry {
+                    secret,
+                    channels: setup.channels,
+                    nonces: Default::default(),
+                    tx: bind_tx,
+                    frame_mac,
+                },
+            );
         tracing::info!(%peer, session = format!("{session_id:016x}"), memory = setup.memory_bytes, channels = setup.channels, "incoming migration");
         let (events_tx, events) = mpsc::unbounded_channel();
         let sh = Arc::new(self.shared(machine, limits, memory, session_id, events_tx, cancel));

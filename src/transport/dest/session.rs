@@ -11,7 +11,7 @@ use crate::transport::{FrameReader, FrameWriter};
 use crate::wire::{GuestKind, SessionLabel, VerifyMode};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 /// What the session controller counts.
@@ -143,7 +143,10 @@ impl Session {
         {
             tracing::warn!(%peer, "a connection of the ended session is still stopping");
         }
-        self.sessions.lock().unwrap().remove(&tally.session_id);
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&tally.session_id);
         match &result {
             Ok(()) => {
                 tracing::info!(%peer, session = format!("{:016x}", tally.session_id), "incoming migration completed")

@@ -17,7 +17,7 @@ use crate::wire::{Header, Limits, Message, Page, PageBatch};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -120,11 +120,17 @@ pub(super) fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(),
 impl Shared {
     /// Claims a batch's id for this connection if it is new.
     pub(super) fn claim(&self, h: &Header, state: Claim) -> Result<Claimed, MigrationError> {
-        self.claims.lock().unwrap().claim(h, state)
+        self.claims
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .claim(h, state)
     }
 
     pub(super) fn set_claim(&self, id: u64, state: Option<Claim>) {
-        self.claims.lock().unwrap().set(id, state);
+        self.claims
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set(id, state);
         self.claims_changed.notify_waiters();
     }
 
@@ -137,7 +143,11 @@ impl Shared {
             let changed = self.claims_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let settled = self.claims.lock().unwrap().settle(id);
+            let settled = self
+                .claims
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .settle(id);
             match settled {
                 Settle::Apply => return Ok(true),
                 Settle::AckOnly => return Ok(false),
@@ -154,7 +164,12 @@ impl Shared {
 
     /// Stops connection `gen` of channel `chan` (replaced or given up on).
     pub(super) fn stop_channel(&self, chan: u16, gen: u32) {
-        if let Some(c) = self.chans.lock().unwrap().get(&chan) {
+        if let Some(c) = self
+            .chans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&chan)
+        {
             if c.gen == gen {
                 c.stop.cancel();
             }
@@ -163,7 +178,10 @@ impl Shared {
 
     /// Forgets what a connection that ended was reading.
     pub(super) fn release(&self, chan: u16, gen: u32) {
-        self.claims.lock().unwrap().release(chan, gen);
+        self.claims
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .release(chan, gen);
         self.claims_changed.notify_waiters();
     }
 
@@ -180,7 +198,7 @@ impl Shared {
             return Ok(());
         }
         let fault = {
-            let mut f = self.fault.lock().unwrap();
+            let mut f = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
             match *f {
                 Some(x) if x.point == point => {
                     self.fault_armed.store(false, Ordering::Relaxed);
@@ -211,7 +229,13 @@ impl Shared {
             ?point,
             "injected fault: resetting every channel of the session"
         );
-        let chans: Vec<DestChan> = self.chans.lock().unwrap().drain().map(|(_, c)| c).collect();
+        let chans: Vec<DestChan> = self
+            .chans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
         for c in chans {
             crate::migration::fault::linger_zero(c.fd);
             c.stop.cancel();
@@ -221,7 +245,7 @@ impl Shared {
 
     /// Drops a lost connection from the channels replies may use.
     pub(super) fn forget_channel(&self, chan: u16, gen: u32) {
-        let mut chans = self.chans.lock().unwrap();
+        let mut chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
         if chans.get(&chan).is_some_and(|c| c.gen == gen) {
             chans.remove(&chan);
         }
@@ -230,7 +254,7 @@ impl Shared {
     /// Sends a reply on channel `on` if it is up, else on any channel that is.
     pub(super) async fn reply(&self, on: u16, msg: &Message) -> Result<(), MigrationError> {
         let mut order: Vec<(u16, Arc<tokio::sync::Mutex<FrameWriter>>)> = {
-            let chans = self.chans.lock().unwrap();
+            let chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
             chans.iter().map(|(&i, c)| (i, c.writer.clone())).collect()
         };
         order.sort_by_key(|&(i, _)| (i != on, i));
