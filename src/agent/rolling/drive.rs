@@ -110,30 +110,15 @@ async fn end(run: &mut UpdateRun, w: &mut Writer<'_>, state: RunState, error: Op
     }
 }
 
+/// One step of the run: the current node's turn moves on as far as its
+/// operation allows.
 async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writer<'_>) -> Step {
     let current = run
         .nodes
         .iter()
         .position(|t| !matches!(t.phase, Phase::Done | Phase::Failed));
     let Some(i) = current else {
-        let failed: Vec<String> = run
-            .nodes
-            .iter()
-            .filter(|t| t.phase == Phase::Failed)
-            .map(|t| {
-                format!(
-                    "node {}: {}",
-                    t.node,
-                    t.error.as_deref().unwrap_or("failed")
-                )
-            })
-            .collect();
-        if failed.is_empty() {
-            end(run, w, RunState::Completed, None).await;
-        } else {
-            let why = format!("{} (within max_failed_nodes)", failed.join("; "));
-            end(run, w, RunState::Failed, Some(why)).await;
-        }
+        finish(run, w).await;
         return Step::Wait;
     };
     let turn = run.nodes[i].clone();
@@ -143,29 +128,9 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
         return Step::Wait;
     };
     if turn.phase == Phase::Pending {
-        if run.cancel_requested {
-            let why = format!("cancelled before node {}'s turn", turn.node);
-            end(run, w, RunState::Cancelled, Some(why)).await;
-            return Step::Wait;
+        if let Some(step) = before_turn(node, mirror, run, i, w).await {
+            return step;
         }
-        if run.require_all_nodes_online {
-            let alive = mirror.alive();
-            if let Some(down) = run.nodes.iter().find(|t| !alive.contains(&t.node)) {
-                tracing::info!(id = %run.id, node = %down.node, "the rolling update waits: require_all_nodes_online, and the node holds no lease");
-                return Step::Wait;
-            }
-        }
-        if turn.node == node.name() {
-            if mirror.alive().iter().any(|n| n != node.name()) {
-                tracing::info!(id = %run.id, "this node's turn in the rolling update: handing the coordinator role over");
-                return Step::Resign;
-            }
-            let why = "no other live node to hand the coordinator role to".to_string();
-            fail(run, i, w, why).await;
-            return Step::Wait;
-        }
-    }
-    if turn.phase == Phase::Pending {
         let first = if run.pre_update.is_some() {
             Phase::PreUpdate
         } else {
@@ -193,37 +158,9 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
     // stop_after bounds every command a turn runs, and how long its node
     // may be out of reach in any phase.
     let overdue = now_ms().saturating_sub(turn.since_ms) > run.stop_after_ms;
-    let command = matches!(
-        turn.phase,
-        Phase::PreUpdate | Phase::Updating | Phase::PostUpdate
-    );
-    let late = overdue && command;
     let op = match op {
         Ok(op) => op,
-        Err(e) if run.cancel_requested => {
-            let why = format!(
-                "cancelled while node {} could not be asked ({e}); it is left as it was",
-                turn.node
-            );
-            end(run, w, RunState::Cancelled, Some(why)).await;
-            return Step::Wait;
-        }
-        // Recorded, yet unknown to its node: only an agent that ended
-        // without a clean stop, before its record reached etcd, forgets one.
-        Err(PeerError::Api { status: 404, .. }) if asked.is_some() => {
-            fail(run, i, w, lost(&turn, "")).await;
-            return Step::Wait;
-        }
-        Err(e) if overdue => {
-            let why = format!("not back after stop_after ({e})");
-            fail(run, i, w, why).await;
-            return Step::Wait;
-        }
-        // Not reachable now (its agent may be restarting): ask again.
-        Err(e) => {
-            tracing::info!(node = %turn.node, error = %e, "the rolling update waits for the node");
-            return Step::Wait;
-        }
+        Err(e) => return unreachable_node(run, i, w, e, asked.is_some(), overdue).await,
     };
     // The recorded id now names another request's operation: the node
     // lost the recorded one in a crash and numbered a later one the same.
@@ -236,6 +173,117 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
     if asked.is_none() && !record_op(run, i, turn.phase, &op.id, w).await {
         return Step::Wait;
     }
+    follow(node, &spec, run, i, w, op, overdue).await
+}
+
+/// Every turn is over: the run completes, or fails naming its failed nodes
+/// (within max_failed_nodes).
+async fn finish(run: &mut UpdateRun, w: &mut Writer<'_>) {
+    let failed: Vec<String> = run
+        .nodes
+        .iter()
+        .filter(|t| t.phase == Phase::Failed)
+        .map(|t| {
+            format!(
+                "node {}: {}",
+                t.node,
+                t.error.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        end(run, w, RunState::Completed, None).await;
+    } else {
+        let why = format!("{} (within max_failed_nodes)", failed.join("; "));
+        end(run, w, RunState::Failed, Some(why)).await;
+    }
+}
+
+/// A pending turn's checks before it starts: a cancel, a node that must
+/// be online and is not, and the coordinator's own turn (it resigns).
+/// `Some` ends this step.
+async fn before_turn(
+    node: &Node,
+    mirror: &Mirror,
+    run: &mut UpdateRun,
+    i: usize,
+    w: &mut Writer<'_>,
+) -> Option<Step> {
+    let turn = run.nodes[i].clone();
+    if run.cancel_requested {
+        let why = format!("cancelled before node {}'s turn", turn.node);
+        end(run, w, RunState::Cancelled, Some(why)).await;
+        return Some(Step::Wait);
+    }
+    if run.require_all_nodes_online {
+        let alive = mirror.alive();
+        if let Some(down) = run.nodes.iter().find(|t| !alive.contains(&t.node)) {
+            tracing::info!(id = %run.id, node = %down.node, "the rolling update waits: require_all_nodes_online, and the node holds no lease");
+            return Some(Step::Wait);
+        }
+    }
+    if turn.node == node.name() {
+        if mirror.alive().iter().any(|n| n != node.name()) {
+            tracing::info!(id = %run.id, "this node's turn in the rolling update: handing the coordinator role over");
+            return Some(Step::Resign);
+        }
+        let why = "no other live node to hand the coordinator role to".to_string();
+        fail(run, i, w, why).await;
+        return Some(Step::Wait);
+    }
+    None
+}
+
+/// The turn's node could not be asked for its operation.
+async fn unreachable_node(
+    run: &mut UpdateRun,
+    i: usize,
+    w: &mut Writer<'_>,
+    e: PeerError,
+    recorded: bool,
+    overdue: bool,
+) -> Step {
+    let turn = run.nodes[i].clone();
+    match e {
+        e if run.cancel_requested => {
+            let why = format!(
+                "cancelled while node {} could not be asked ({e}); it is left as it was",
+                turn.node
+            );
+            end(run, w, RunState::Cancelled, Some(why)).await;
+        }
+        // Recorded, yet unknown to its node: only an agent that ended
+        // without a clean stop, before its record reached etcd, forgets one.
+        PeerError::Api { status: 404, .. } if recorded => fail(run, i, w, lost(&turn, "")).await,
+        e if overdue => {
+            let why = format!("not back after stop_after ({e})");
+            fail(run, i, w, why).await;
+        }
+        // Not reachable now (its agent may be restarting): ask again.
+        e => {
+            tracing::info!(node = %turn.node, error = %e, "the rolling update waits for the node");
+        }
+    }
+    Step::Wait
+}
+
+/// The turn's operation as its node reports it: still running, its
+/// command overdue, done (on to the next phase), or failed.
+async fn follow(
+    node: &Node,
+    spec: &crate::agent::cluster::NodeSpec,
+    run: &mut UpdateRun,
+    i: usize,
+    w: &mut Writer<'_>,
+    op: OperationView,
+    overdue: bool,
+) -> Step {
+    let turn = run.nodes[i].clone();
+    let command = matches!(
+        turn.phase,
+        Phase::PreUpdate | Phase::Updating | Phase::PostUpdate
+    );
+    let late = overdue && command;
     // The update command restarted the node's agent (a clean stop; an
     // older agent does not say), which came back in time: the update did
     // its work. A crash during the command fails the turn.
@@ -245,7 +293,7 @@ async fn advance(node: &Node, mirror: &Mirror, run: &mut UpdateRun, w: &mut Writ
         && !late;
     match op.state {
         OpState::Running if late => {
-            let _ = node.peers.cancel_operation(&spec, &op.id).await;
+            let _ = node.peers.cancel_operation(spec, &op.id).await;
             let why = format!(
                 "the {} still ran after stop_after ({} s): cancelled",
                 what(turn.phase),
