@@ -813,22 +813,57 @@ pub async fn serve_agent_with(
     name: &str,
     fault: Option<crate::migration::fault::Fault>,
 ) -> std::io::Result<AgentHandle> {
-    // Connections in flight on both listeners and the guests' files must
-    // not run out of descriptors: take all the hard limit allows.
     let Some(store) = cluster.store.clone() else {
         return Err(std::io::Error::other(format!(
             "{}: no `etcd = [\"host:port\", ...]`: agents keep the cluster's state in etcd (standalone hosts migrate with `ferry send` and `ferry receive`)",
             cluster.path.display()
         )));
     };
+    // Connections in flight on both listeners and the guests' files must
+    // not run out of descriptors: take all the hard limit allows.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the descriptor limit");
     }
     let node = Node::new(cluster, name).map_err(std::io::Error::other)?;
     let stop = CancellationToken::new();
-    let weak = Arc::downgrade(&node);
+    let receiver = bind_receiver(&node, fault).await?;
+    let data_addr = receiver.local_addr()?;
+    let _ = node.refusals.set(receiver.stats());
+    let api_tls = api_tls(&node).map_err(std::io::Error::other)?;
+    let listener = tokio::net::TcpListener::bind(&node.spec.control).await?;
+    let control_addr = listener.local_addr()?;
+    // Registered once both listeners are bound, so a failed start leaves
+    // no lease behind.
+    let keep = Some(register(&store, &node).await?);
+    // The journal writes until the lease is revoked, after the other tasks.
+    let journal_stop = CancellationToken::new();
+    let journal_task = node.journal.get().cloned().map(|j| {
+        let until = journal_stop.clone();
+        tokio::spawn(async move { j.run(until).await })
+    });
+    let tasks = spawn_tasks(&node, receiver, listener, api_tls, &stop);
+    tracing::info!(node = %node.spec.name, control = %control_addr, data = %data_addr, "agent running");
+    node.start_mode();
+    Ok(AgentHandle {
+        node,
+        control_addr,
+        data_addr,
+        stop,
+        tasks,
+        keep,
+        journal: journal_task.map(|t| (journal_stop, t)),
+    })
+}
+
+/// Binds the node's data address: every session proves the cluster's key
+/// and passes the node's admission; a guest that arrives joins the node.
+async fn bind_receiver(
+    node: &Arc<Node>,
+    fault: Option<crate::migration::fault::Fault>,
+) -> std::io::Result<Receiver> {
+    let weak = Arc::downgrade(node);
     let weak_go = weak.clone();
-    let receiver = Receiver::bind(
+    Receiver::bind(
         &node.spec.data,
         ReceiverConfig {
             max_memory: node.spec.memory_capacity,
@@ -854,56 +889,60 @@ pub async fn serve_agent_with(
             ..ReceiverConfig::default()
         },
     )
-    .await?;
-    let data_addr = receiver.local_addr()?;
-    let _ = node.refusals.set(receiver.stats());
-    let api_tls = api_tls(&node).map_err(std::io::Error::other)?;
-    let listener = tokio::net::TcpListener::bind(&node.spec.control).await?;
-    let control_addr = listener.local_addr()?;
-    // Registered once both listeners are bound, so a failed start leaves
-    // no lease behind.
-    let keep = {
-        let live = super::store::Liveness::register(&store, &node.spec)
-            .await
-            .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
-        let live = Arc::new(live);
-        let _ = node.liveness.set(live.clone());
-        let _ = node.journal.set(Arc::new(super::journal::Journal::new(
-            live.etcd().clone(),
-            live.prefix(),
-            &node.spec.name,
+    .await
+}
+
+/// Registers the node's lease in etcd, reads its records back and keeps
+/// the lease renewed until the returned token is cancelled.
+async fn register(
+    store: &super::store::StoreConfig,
+    node: &Arc<Node>,
+) -> std::io::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let live = super::store::Liveness::register(store, &node.spec)
+        .await
+        .map_err(|e| std::io::Error::other(format!("registering in etcd: {e}")))?;
+    let live = Arc::new(live);
+    let _ = node.liveness.set(live.clone());
+    let _ = node.journal.set(Arc::new(super::journal::Journal::new(
+        live.etcd().clone(),
+        live.prefix(),
+        &node.spec.name,
+    )));
+    if let Err(e) = node.restore().await {
+        live.revoke().await;
+        return Err(std::io::Error::other(format!(
+            "reading this node's records in etcd: {e}"
         )));
-        if let Err(e) = node.restore().await {
-            live.revoke().await;
-            return Err(std::io::Error::other(format!(
-                "reading this node's records in etcd: {e}"
-            )));
-        }
-        if let Err(e) = node.adopt_records().await {
-            live.revoke().await;
-            return Err(std::io::Error::other(format!(
-                "reading this node's VMs in etcd: {e}"
-            )));
-        }
-        // A superseded copy held again never runs here: its VM starts
-        // elsewhere if its record still names this node.
-        node.restart_kept_superseded();
-        let until = CancellationToken::new();
-        let task = tokio::spawn({
-            let until = until.clone();
-            let hooks: Arc<dyn super::fence::FenceHooks> = node.clone();
-            async move { live.keep(until, hooks).await }
-        });
-        Some((until, task))
-    };
+    }
+    if let Err(e) = node.adopt_records().await {
+        live.revoke().await;
+        return Err(std::io::Error::other(format!(
+            "reading this node's VMs in etcd: {e}"
+        )));
+    }
+    // A superseded copy held again never runs here: its VM starts
+    // elsewhere if its record still names this node.
+    node.restart_kept_superseded();
+    let until = CancellationToken::new();
+    let task = tokio::spawn({
+        let until = until.clone();
+        let hooks: Arc<dyn super::fence::FenceHooks> = node.clone();
+        async move { live.keep(until, hooks).await }
+    });
+    Ok((until, task))
+}
+
+/// Starts the node's tasks: keeping copies, the mirror and coordinator,
+/// the receiver and what arrives through it, and the control API.
+fn spawn_tasks(
+    node: &Arc<Node>,
+    receiver: Receiver,
+    listener: tokio::net::TcpListener,
+    api_tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(node.clone().keep_copies(stop.clone())));
-    // The journal writes until the lease is revoked, after the other tasks.
-    let journal_stop = CancellationToken::new();
-    let journal_task = node.journal.get().cloned().map(|j| {
-        let until = journal_stop.clone();
-        tokio::spawn(async move { j.run(until).await })
-    });
     if let Some(live) = node.liveness.get().cloned() {
         let mirror = Arc::new(super::mirror::Mirror::new(
             live.etcd().clone(),
@@ -943,15 +982,5 @@ pub async fn serve_agent_with(
         stats,
         stop.clone(),
     )));
-    tracing::info!(node = %node.spec.name, control = %control_addr, data = %data_addr, "agent running");
-    node.start_mode();
-    Ok(AgentHandle {
-        node,
-        control_addr,
-        data_addr,
-        stop,
-        tasks,
-        keep,
-        journal: journal_task.map(|t| (journal_stop, t)),
-    })
+    tasks
 }
