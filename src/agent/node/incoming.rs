@@ -1,0 +1,212 @@
+//! Incoming migrations: admission, the VM's arrival at GO and the
+//! session's end; and the node's idle wait and gauges.
+
+use super::*;
+
+impl Node {
+    /// The receiver's admission of an incoming session, once its peer has
+    /// proved the cluster's key: only labelled sessions from another node of
+    /// the cluster, for a VM this node has room for while it takes VMs.
+    /// Admitted, the VM is listed as arriving, under the session's id.
+    pub fn admit_incoming(&self, session: u64, setup: &SessionSetup) -> Result<(), String> {
+        let Some(label) = &setup.label else {
+            tracing::warn!("refused an unlabelled session: not from an agent of this cluster");
+            return Err(format!(
+                "node {} takes migrations from its cluster's agents only",
+                self.spec.name
+            ));
+        };
+        if label.source_node == self.spec.name || self.member(&label.source_node).is_none() {
+            return Err(format!(
+                "node {:?} is not a node of this cluster",
+                label.source_node
+            ));
+        }
+        let mut st = self.state.lock().unwrap();
+        self.admit_locked(&st, &label.vm, setup.memory_bytes)
+            .map_err(|e| e.to_string())?;
+        st.vms.insert(
+            label.vm.clone(),
+            Vm::reserved(
+                VmSpec {
+                    name: label.vm.clone(),
+                    memory: setup.memory_bytes,
+                    workload: WorkloadPattern::Idle,
+                    dirty_rate: 0,
+                    fill: FillSpec::default(),
+                    guest: setup.guest_kind,
+                    priority: Priority::default(),
+                    preferred_owners: Vec::new(),
+                    image: None,
+                    seed: default_seed(),
+                },
+                Some(session),
+            ),
+        );
+        st.migrations.push(MigrationEntry {
+            id: label.migration_id.clone(),
+            vm: label.vm.clone(),
+            source: label.source_node.clone(),
+            target: self.spec.name.clone(),
+            direction: Direction::Incoming,
+            state: MigrationState::Running,
+            created_at_ms: now_ms(),
+            started_at_ms: Some(now_ms()),
+            finished_at_ms: None,
+            created: Instant::now(),
+            started: Some(Instant::now()),
+            operation: None,
+            config: MigrationConfig {
+                leave_paused: setup.flags & crate::wire::SETUP_LEAVE_PAUSED != 0,
+                ..MigrationConfig::default()
+            },
+            ctx: RunContext::default(),
+            report: None,
+            error: None,
+            eta_end: None,
+            resolution: None,
+            session: Some(session),
+        });
+        st.prune_migrations();
+        Ok(())
+    }
+
+    /// A guest handed over at GO by session `session`: the VM runs here from
+    /// this moment (or waits paused), before the session's last messages and
+    /// report.
+    pub fn vm_arrived(&self, session: u64, guest: &Arc<dyn MigratableGuest>, resumed: bool) {
+        let mut st = self.state.lock().unwrap();
+        let fenced = st.fenced;
+        let Some((name, source, id)) = st
+            .migrations
+            .iter()
+            .find(|m| m.session == Some(session))
+            .map(|m| (m.vm.clone(), m.source.clone(), m.id.clone()))
+        else {
+            return;
+        };
+        let Some(vm) = st
+            .vms
+            .get_mut(&name)
+            .filter(|vm| vm.arriving == Some(session))
+        else {
+            return;
+        };
+        {
+            if let Some(w) = guest.workload() {
+                vm.spec.workload = w.pattern;
+                vm.spec.dirty_rate = w.dirty_rate;
+                vm.spec.fill = w.content;
+            }
+            vm.guest = Some(guest.clone());
+            if resumed {
+                // Arrived at a node that fenced itself meanwhile: it waits.
+                vm.run_unless_fenced(fenced);
+            } else {
+                vm.state = if vm.superseded {
+                    VmState::Superseded
+                } else {
+                    VmState::Paused
+                };
+            }
+            vm.arriving = None;
+            self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        }
+        let superseded = vm.superseded;
+        drop(st);
+        // The record names this node from now.
+        self.claim_arrived(&name, &source, &id, superseded);
+        self.changed.notify_waiters();
+    }
+
+    /// An incoming session ended: the VM runs here, or its arrival is
+    /// undone; the migration's record gets the report. Only an admitted
+    /// session has a record, found by its id: a session refused before its
+    /// admission touches nothing.
+    pub fn incoming_done(&self, incoming: Incoming) {
+        if !incoming.admitted {
+            return;
+        }
+        let session = incoming.session_id;
+        if let (Outcome::Completed, Some(guest)) = (incoming.report.outcome, &incoming.guest) {
+            // Normally already told at GO.
+            let resumed = incoming.report.guest_location == "destination"
+                && !self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .migrations
+                    .iter()
+                    .any(|m| m.session == Some(session) && m.config.leave_paused);
+            self.vm_arrived(session, guest, resumed);
+        }
+        let mut st = self.state.lock().unwrap();
+        let outcome = incoming.report.outcome;
+        let Some(e) = st
+            .migrations
+            .iter_mut()
+            .find(|m| m.session == Some(session))
+        else {
+            return;
+        };
+        e.finished_at_ms = Some(now_ms());
+        e.state = MigrationState::of(outcome);
+        e.error = incoming.report.error.clone();
+        e.report = Some(incoming.report);
+        let (vm, from, id) = (e.vm.clone(), e.source.clone(), e.id.clone());
+        let arrived = outcome == Outcome::Completed && incoming.guest.is_some();
+        let gone = if !arrived && st.vms.get(&vm).is_some_and(|v| v.arriving == Some(session)) {
+            st.vms.remove(&vm)
+        } else {
+            None
+        };
+        drop(st);
+        drop(gone);
+        self.journal_migration(&id);
+        tracing::info!(%vm, %from, arrived, "incoming migration ended");
+    }
+
+    /// Cancels every outgoing migration, queued or running (the agent is
+    /// shutting down): each guest stays here.
+    pub fn cancel_all(&self) {
+        let mut st = self.state.lock().unwrap();
+        let queued: Vec<String> = st.queue.drain(..).collect();
+        for id in &queued {
+            if let Some(e) = st.entry(id) {
+                e.finished_at_ms = Some(now_ms());
+                e.state = MigrationState::Cancelled;
+                e.error = Some("the agent shut down".into());
+            }
+        }
+        for e in st.migrations.iter() {
+            if e.direction == Direction::Outgoing && e.state == MigrationState::Running {
+                e.ctx.cancel.cancel();
+            }
+        }
+        drop(st);
+        for id in &queued {
+            self.journal_migration(id);
+        }
+    }
+
+    /// Waits until no outgoing migration runs, at most `limit`.
+    pub async fn wait_idle(&self, limit: std::time::Duration) {
+        let deadline = Instant::now() + limit;
+        while self.state.lock().unwrap().running_out > 0 && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Counts for `/metrics`: VMs hosted, migrations running, queued.
+    pub fn gauges(&self) -> (usize, usize, usize, f64) {
+        let mut st = self.state.lock().unwrap();
+        let running = st.running_out;
+        let rate: f64 = st
+            .migrations
+            .iter_mut()
+            .filter(|m| m.state == MigrationState::Running && m.direction == Direction::Outgoing)
+            .map(|m| m.progress().wire_bps)
+            .fold(0.0, |a, b| a + b);
+        (st.vms.len(), running, st.queue.len(), rate)
+    }
+}

@@ -1,0 +1,927 @@
+//! A node's state: the VMs it hosts, its migrations in and out, the queue that
+//! keeps at most `max_concurrent_migrations` outgoing ones running, and the
+//! counters its metrics show.
+
+mod incoming;
+mod outgoing;
+mod resolve;
+mod vms;
+
+use super::cluster::{Cluster, NodeSpec};
+use super::records::{Priority, Restart};
+use crate::memory::{FillSpec, GuestMemory, Workload, WorkloadPattern};
+use crate::migration::{MigratableGuest, MigrationConfig, Outcome, Report};
+use crate::transport::{migrate, Incoming, Phase, RunContext};
+use crate::wire::{GuestKind, SessionLabel, SessionSetup};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Whether a node takes VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeMode {
+    /// Hosts VMs and takes new ones.
+    Active,
+    /// Moving its VMs away; takes none.
+    Draining,
+    /// Takes no VMs (after a drain, or paused by an operator).
+    Paused,
+}
+
+/// Where a VM is in its life on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Running here.
+    Running,
+    /// Here, stopped (left paused by a hand-off, or unresolved).
+    Paused,
+    /// Running here while it migrates away.
+    MigratingOut,
+    /// Arriving: its memory is being received.
+    MigratingIn,
+    /// Being created: its memory is filled (or read from its image) and,
+    /// its record written in etcd; it runs next.
+    Creating,
+    /// Paused because the node could not renew its lease in etcd; it runs
+    /// again if the lease is renewed in time.
+    Fenced,
+    /// Paused for good: the node's lease expired while it was fenced, so
+    /// the cluster may run it elsewhere. Kept until an operator deletes it.
+    Superseded,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Waiting for one of the node's migration slots.
+    Queued,
+    /// Moving memory.
+    Running,
+    /// The VM runs on the target.
+    Completed,
+    /// The VM runs on the source.
+    Failed,
+    /// Cancelled; the VM runs on the source.
+    Cancelled,
+    /// The hand-off was interrupted after GO: the source holds the paused VM
+    /// and the target may run it; an operator must settle which.
+    Unresolved,
+}
+
+impl MigrationState {
+    /// Whether the migration has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+
+    fn of(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Completed => Self::Completed,
+            Outcome::Failed => Self::Failed,
+            Outcome::Cancelled => Self::Cancelled,
+            Outcome::Unresolved => Self::Unresolved,
+        }
+    }
+}
+
+/// Which way a migration goes, seen from this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// This node is the source.
+    Outgoing,
+    /// This node is the target.
+    Incoming,
+}
+
+/// What a VM is made of: the body of `POST /v1/vms`, checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Unique on the cluster.
+    pub name: String,
+    /// Guest memory, bytes.
+    pub memory: u64,
+    /// Where its writes land.
+    #[serde(serialize_with = "as_display", deserialize_with = "from_text")]
+    pub workload: WorkloadPattern,
+    /// Bytes it writes per second.
+    pub dirty_rate: u64,
+    /// Its initial content mix.
+    #[serde(serialize_with = "as_display", deserialize_with = "from_text")]
+    pub fill: FillSpec,
+    /// The backend: `sim` or `kvm`.
+    pub guest: GuestKind,
+    /// Which VMs a node's death restarts first (`off`: never).
+    #[serde(default)]
+    pub priority: Priority,
+    /// The nodes a restart elsewhere tries first, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_owners: Vec<String>,
+    /// A raw RAM image every node can read (as shared storage): its memory
+    /// at creation and at every restart elsewhere, instead of `fill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The seed of its content and workload.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+/// Most preferred owners a VM may name.
+pub const MAX_PREFERRED_OWNERS: usize = 64;
+
+impl VmSpec {
+    /// Checks what the API checks of a new VM (a record read from etcd is
+    /// checked the same way).
+    pub fn check(&self) -> Result<(), String> {
+        if !valid_name(&self.name) {
+            return Err(format!(
+                "name {:?}: use 1 to 255 letters, digits, '-', '_' and '.'",
+                self.name
+            ));
+        }
+        crate::memory::GuestMemory::check_size(self.memory).map_err(|e| format!("memory: {e}"))?;
+        let workload = crate::memory::Workload {
+            pattern: self.workload,
+            dirty_rate: self.dirty_rate,
+            content: FillSpec::default(),
+            writers: 1,
+            seed: 1,
+        };
+        workload.validate(self.memory)?;
+        if self.preferred_owners.len() > MAX_PREFERRED_OWNERS {
+            return Err(format!(
+                "preferred_owners: at most {MAX_PREFERRED_OWNERS} nodes"
+            ));
+        }
+        if let Some(bad) = self.preferred_owners.iter().find(|n| !valid_name(n)) {
+            return Err(format!("preferred_owners: {bad:?} is not a node name"));
+        }
+        if let Some(image) = &self.image {
+            if image.len() > MAX_IMAGE_PATH || !image.starts_with('/') || image.contains('\0') {
+                return Err(format!(
+                    "image: {image:?} is not an absolute path of at most {MAX_IMAGE_PATH} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest image path a VM may name.
+pub const MAX_IMAGE_PATH: usize = 4096;
+
+/// A VM's or node's name: 1 to 255 letters, digits, `-`, `_` and `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= crate::wire::MAX_LABEL_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn as_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// Reads back what [`as_display`] wrote.
+fn from_text<'de, T, D>(d: D) -> Result<T, D::Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmView {
+    /// What it is.
+    #[serde(flatten)]
+    pub spec: VmSpec,
+    /// Where it is in its life here.
+    pub state: VmState,
+    /// Pages its workload has written (grows while it runs).
+    pub pages_written: u64,
+    /// `DELETE` with `force` only: what was discarded with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+    /// Times the cluster restarted it on another node.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The last such restart (time and reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<Restart>,
+}
+
+pub(super) struct Vm {
+    pub(super) spec: VmSpec,
+    pub(super) state: VmState,
+    pub(super) guest: Option<Arc<dyn MigratableGuest>>,
+    /// While it arrives: the incoming session that reserved it. Only that
+    /// session's end can remove or complete the record.
+    arriving: Option<u64>,
+    /// The node's lease expired while it was here: it never runs here
+    /// again, whatever its migration or resolution does afterwards.
+    pub(super) superseded: bool,
+    /// Its guest is held paused by this node until it may run: created
+    /// paused until its record is written, or paused by the node's fence.
+    pub(super) held: bool,
+}
+
+impl Vm {
+    /// A VM reserved under `name` with no guest yet.
+    fn reserved(spec: VmSpec, arriving: Option<u64>) -> Self {
+        Self {
+            spec,
+            state: if arriving.is_some() {
+                VmState::MigratingIn
+            } else {
+                VmState::Creating
+            },
+            guest: None,
+            arriving,
+            superseded: false,
+            held: false,
+        }
+    }
+
+    /// A paused copy read back from the node's disk after a restart.
+    pub(super) fn kept(spec: VmSpec, state: VmState, guest: Arc<dyn MigratableGuest>) -> Self {
+        Self {
+            spec,
+            state,
+            guest: Some(guest),
+            arriving: None,
+            superseded: state == VmState::Superseded,
+            held: true,
+        }
+    }
+
+    /// Whether it arrives now.
+    pub(super) fn arriving(&self) -> bool {
+        self.arriving.is_some()
+    }
+
+    /// After a migration that handed nothing over, or once created or
+    /// arrived: it runs here, stays paused while the node is fenced, or for
+    /// good once superseded. False when superseded.
+    pub(super) fn run_unless_fenced(&mut self, fenced: bool) -> bool {
+        if self.superseded {
+            if let Some(g) = &self.guest {
+                g.pause();
+            }
+            self.state = VmState::Superseded;
+            return false;
+        }
+        if fenced {
+            if let Some(g) = &self.guest {
+                g.pause();
+            }
+            self.held = true;
+            self.state = VmState::Fenced;
+        } else {
+            if let Some(g) = self.guest.as_ref().filter(|_| self.held) {
+                g.resume();
+            }
+            self.held = false;
+            self.state = VmState::Running;
+        }
+        true
+    }
+
+    fn view(&self) -> VmView {
+        VmView {
+            spec: self.spec.clone(),
+            state: self.state,
+            pages_written: self.guest.as_ref().map_or(0, |g| g.progress_counter()),
+            lost: None,
+            restarts: 0,
+            last_restart: None,
+        }
+    }
+}
+
+/// Live figures of a running migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressView {
+    /// The phase.
+    pub phase: Phase,
+    /// The pre-copy round.
+    pub round: u32,
+    /// Guest bytes still to send in this round and the dirty ones after it.
+    pub bytes_left: u64,
+    /// Guest bytes per second.
+    pub throughput_bps: f64,
+    /// Wire bytes per second since the start.
+    pub wire_bps: f64,
+    /// Wire bytes so far.
+    pub wire_bytes: u64,
+    /// The pause if the guest stopped now, ms.
+    pub expected_downtime_ms: Option<f64>,
+    /// Seconds to the end at the current rate; never later than the last
+    /// estimate's end unless that end has passed.
+    pub eta_s: Option<f64>,
+    /// Auto-converge throttle, percent.
+    pub throttle_pct: u8,
+}
+
+/// A migration as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationView {
+    /// Its id (the source node's).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The source node.
+    pub source: String,
+    /// The target node.
+    pub target: String,
+    /// Seen from this node.
+    pub direction: Direction,
+    /// Where it is.
+    pub state: MigrationState,
+    /// While running: the engine's phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// When it was asked for, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When it started moving memory, ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    /// When it ended, ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// Seconds it waited in the queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_s: Option<f64>,
+    /// The operation (drain, resume, update) that started it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// Why it failed, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Live figures (`GET /v1/migrations/{id}` while it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressView>,
+    /// The engine's report, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<Report>,
+    /// How an unresolved migration was settled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+    /// An unresolved migration's paused guest, saved on this node's disk
+    /// so the agent holds it across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_guest: Option<String>,
+}
+
+pub(super) struct MigrationEntry {
+    pub(super) id: String,
+    vm: String,
+    source: String,
+    target: String,
+    pub(super) direction: Direction,
+    pub(super) state: MigrationState,
+    created_at_ms: u64,
+    started_at_ms: Option<u64>,
+    pub(super) finished_at_ms: Option<u64>,
+    created: Instant,
+    started: Option<Instant>,
+    operation: Option<String>,
+    config: MigrationConfig,
+    pub(super) ctx: RunContext,
+    report: Option<Report>,
+    pub(super) error: Option<String>,
+    /// The end the last ETA promised.
+    eta_end: Option<Instant>,
+    resolution: Option<Resolution>,
+    /// Incoming: the receiving session's id, the key of its record here.
+    session: Option<u64>,
+}
+
+/// How an operator settled an unresolved migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// Where the VM runs now: `source` or `destination`.
+    pub run_on: String,
+    /// What the check of the other node found.
+    pub checked: String,
+    /// Whether the operator overrode a check that could not be made.
+    pub forced: bool,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl MigrationEntry {
+    fn view(&mut self, with_progress: bool) -> MigrationView {
+        let progress = (with_progress
+            && self.state == MigrationState::Running
+            && self.direction == Direction::Outgoing)
+            .then(|| self.progress());
+        MigrationView {
+            id: self.id.clone(),
+            vm: self.vm.clone(),
+            source: self.source.clone(),
+            target: self.target.clone(),
+            direction: self.direction,
+            state: self.state,
+            phase: (self.state == MigrationState::Running)
+                .then(|| self.ctx.progress.snapshot().phase),
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            queued_s: self
+                .started
+                .map(|s| s.duration_since(self.created).as_secs_f64()),
+            operation: self.operation.clone(),
+            error: self.error.clone(),
+            progress,
+            report: self.report.clone(),
+            resolution: self.resolution.clone(),
+            saved_guest: None,
+        }
+    }
+
+    /// An unresolved outgoing migration read back after a restart, so that
+    /// `resolve` settles it as before.
+    pub(super) fn restored(view: &MigrationView) -> Self {
+        Self {
+            id: view.id.clone(),
+            vm: view.vm.clone(),
+            source: view.source.clone(),
+            target: view.target.clone(),
+            direction: view.direction,
+            state: view.state,
+            created_at_ms: view.created_at_ms,
+            started_at_ms: view.started_at_ms,
+            finished_at_ms: view.finished_at_ms,
+            created: Instant::now(),
+            started: None,
+            operation: view.operation.clone(),
+            config: MigrationConfig::default(),
+            ctx: RunContext::default(),
+            report: view.report.clone(),
+            error: view.error.clone(),
+            eta_end: None,
+            resolution: view.resolution.clone(),
+            session: None,
+        }
+    }
+
+    /// The VM it moves.
+    pub(super) fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// Where it moves the VM.
+    pub(super) fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn progress(&mut self) -> ProgressView {
+        let s = self.ctx.progress.snapshot();
+        let left_pages = s.round_pages.saturating_sub(s.round_pages_done) + s.dirty_pages;
+        let bytes_left = left_pages * crate::memory::PAGE_SIZE as u64;
+        let elapsed = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let wire_bps = if elapsed > 0.0 {
+            s.wire_bytes as f64 / elapsed
+        } else {
+            0.0
+        };
+        let now = Instant::now();
+        // The engine measures throughput at the end of each round; during the
+        // first, the pages acknowledged so far tell.
+        let acked = self.ctx.progress.pages_acked.load(Ordering::Relaxed) as f64
+            * crate::memory::PAGE_SIZE as f64;
+        let rate = if s.throughput_bps > 0.0 {
+            s.throughput_bps
+        } else if elapsed > 0.0 {
+            acked / elapsed
+        } else {
+            0.0
+        };
+        let estimate =
+            (rate > 0.0).then(|| std::time::Duration::from_secs_f64(bytes_left as f64 / rate));
+        // The ETA counts down: a new estimate may bring the end closer, but
+        // moves it later only once the promised end has passed.
+        let end = match (estimate, self.eta_end) {
+            (Some(e), Some(prev)) if prev > now => Some(prev.min(now + e)),
+            (Some(e), _) => Some(now + e),
+            (None, prev) => prev.filter(|p| *p > now),
+        };
+        self.eta_end = end;
+        ProgressView {
+            phase: s.phase,
+            round: s.round,
+            bytes_left,
+            throughput_bps: rate,
+            wire_bps,
+            wire_bytes: s.wire_bytes,
+            expected_downtime_ms: s.expected_downtime_ms,
+            eta_s: end.map(|e| e.saturating_duration_since(now).as_secs_f64()),
+            throttle_pct: s.throttle_pct,
+        }
+    }
+}
+
+/// The node's figures for `GET /v1/node`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Its name.
+    pub name: String,
+    /// Whether it takes VMs.
+    pub state: NodeMode,
+    /// What its VMs may use in total, bytes.
+    pub memory_capacity: u64,
+    /// What its VMs (arriving ones included) use, bytes.
+    pub memory_used: u64,
+    /// Its VMs.
+    pub vms: Vec<VmView>,
+    /// Migrations moving memory now, in and out.
+    pub migrations_in_flight: usize,
+    /// Outgoing migrations waiting for a slot.
+    pub migrations_queued: usize,
+    /// Its limits.
+    pub limits: Limits,
+    /// Its lease in etcd (TTL and time left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<super::store::LeaseView>,
+    /// The elected coordinator's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Until when the node is quarantined (it lost its lease
+    /// three times within an hour), ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined_until_ms: Option<u64>,
+    /// The agent's ferry version.
+    #[serde(default)]
+    pub version: String,
+    /// The update hook its agent runs update commands through (a node that
+    /// joined without a `[[node]]` entry knows its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_hook: Option<Vec<String>>,
+}
+
+/// A node's migration limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    /// Outgoing migrations at once.
+    pub max_concurrent_migrations: u32,
+    /// Cap on all outgoing migrations together, bytes/s.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Why the node refused a request; the API maps each to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such VM or migration (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Not enough memory on the node (409, code `insufficient_memory`).
+    #[error("{0}")]
+    InsufficientMemory(String),
+    /// Not supported by this build (501).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The cluster's store cannot be reached (503, code `unavailable`).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl NodeError {
+    /// The machine-readable code of the API's error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::InsufficientMemory(_) => "insufficient_memory",
+            Self::Unsupported(_) => "unsupported",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Finished outgoing migrations by outcome: completed, failed, cancelled,
+    /// unresolved.
+    pub outcomes: [AtomicU64; 4],
+    /// Wire bytes of finished outgoing migrations.
+    pub bytes_sent: AtomicU64,
+    /// Incoming migrations completed here.
+    pub received: AtomicU64,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) mode: Option<NodeMode>,
+    pub(super) vms: BTreeMap<String, Vm>,
+    pub(super) migrations: Vec<MigrationEntry>,
+    /// Migrations of the agent's earlier processes, read back from etcd.
+    pub(super) history: Vec<MigrationView>,
+    pub(super) queue: VecDeque<String>,
+    /// The node could not renew its lease in time: its guests are paused
+    /// and it takes no new work.
+    pub(super) fenced: bool,
+    running_out: usize,
+    next_id: u64,
+}
+
+impl State {
+    fn mode(&self) -> NodeMode {
+        self.mode.unwrap_or(NodeMode::Active)
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.vms.values().map(|v| v.spec.memory).sum()
+    }
+
+    /// Forgets the oldest settled migrations (ended, and not unresolved)
+    /// past the newest [`super::journal::MAX_MIGRATIONS`], as etcd keeps
+    /// them: a long-lived agent's list does not grow without end.
+    pub(super) fn prune_migrations(&mut self) {
+        let settled = |s: MigrationState| s.is_final() && s != MigrationState::Unresolved;
+        let count = self.history.iter().filter(|h| settled(h.state)).count()
+            + self.migrations.iter().filter(|e| settled(e.state)).count();
+        let mut over = count.saturating_sub(super::journal::MAX_MIGRATIONS);
+        let mut drop_one = |state: MigrationState| {
+            let gone = over > 0 && settled(state);
+            over -= usize::from(gone);
+            !gone
+        };
+        // The earlier processes' first, then this one's, oldest first.
+        self.history.retain(|h| drop_one(h.state));
+        self.migrations.retain(|e| drop_one(e.state));
+    }
+
+    pub(super) fn entry(&mut self, id: &str) -> Option<&mut MigrationEntry> {
+        self.migrations.iter_mut().find(|m| m.id == id)
+    }
+}
+
+/// One node: its spec, its cluster, and everything it hosts and moves.
+pub struct Node {
+    /// The cluster it belongs to.
+    pub cluster: Cluster,
+    /// Its own entry in the cluster file.
+    pub spec: NodeSpec,
+    pub(super) state: Mutex<State>,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// The cap shared by all outgoing migrations, when the node has one.
+    bucket: Option<Arc<crate::transport::TokenBucket>>,
+    /// Calls to the other agents.
+    pub(crate) peers: super::peer::Peers,
+    /// Drains and resumes, oldest first.
+    pub(crate) ops: Mutex<Vec<super::ops::Operation>>,
+    /// Woken whenever a migration ends.
+    pub(crate) changed: tokio::sync::Notify,
+    /// The migration listener's refusals, once it listens.
+    pub(crate) refusals: std::sync::OnceLock<Arc<crate::transport::ReceiverStats>>,
+    /// Its registration and lease in etcd, once registered.
+    pub(crate) liveness: std::sync::OnceLock<Arc<super::store::Liveness>>,
+    /// The cluster's keys, kept current.
+    pub(crate) mirror: std::sync::OnceLock<Arc<super::mirror::Mirror>>,
+    /// The agent's stop, once asked (a drain on shutdown).
+    pub stop: super::shutdown::Stop,
+    /// The control API's refusals, by reason.
+    pub api_stats: Arc<super::listen::ApiStats>,
+    /// The control API's limits.
+    pub api_limits: super::listen::ApiLimits,
+    /// Serializes the fence's actions.
+    pub(super) fence_actions: Mutex<()>,
+    /// Itself, for the background tasks it starts.
+    pub(super) this: std::sync::Weak<Node>,
+    /// The writer of its own records in etcd.
+    pub(super) journal: std::sync::OnceLock<Arc<super::journal::Journal>>,
+    /// The paused copies saved on its disk, by VM.
+    pub(super) kept: Mutex<BTreeMap<String, super::kept::KeptVm>>,
+    /// Held while this agent, as coordinator, starts a cluster operation.
+    pub(crate) cluster_turn: tokio::sync::Mutex<()>,
+    /// Held while a drain or resume of this node starts, so that two never
+    /// start at once.
+    pub(crate) op_turn: tokio::sync::Mutex<()>,
+    /// Set (under `op_turn`) once a stop has marked the running operations
+    /// interrupted: no operation starts after, to be cut off by the exit.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.spec.name)
+            .finish()
+    }
+}
+
+/// A state's name as the API writes it (`migrating-out`, `completed`, ...).
+pub(crate) fn name_of<T: Serialize>(state: &T) -> String {
+    match serde_json::to_value(state) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Node `name` of `cluster`, hosting nothing yet.
+    pub fn new(cluster: Cluster, name: &str) -> Result<Arc<Self>, String> {
+        let spec = cluster.require_node(name)?.clone();
+        let bucket = spec.max_bandwidth.map(|bps| {
+            Arc::new(crate::transport::TokenBucket::new(
+                bps,
+                (bps / 100).max(1 << 20),
+            ))
+        });
+        let api_limits = cluster.api;
+        Ok(Arc::new_cyclic(|this| Self {
+            peers: super::peer::Peers::new(&cluster),
+            cluster,
+            spec,
+            state: Mutex::new(State::default()),
+            metrics: Metrics::default(),
+            bucket,
+            ops: Mutex::new(Vec::new()),
+            changed: tokio::sync::Notify::new(),
+            refusals: std::sync::OnceLock::new(),
+            liveness: std::sync::OnceLock::new(),
+            mirror: std::sync::OnceLock::new(),
+            stop: super::shutdown::Stop::default(),
+            api_stats: Arc::default(),
+            api_limits,
+            fence_actions: Mutex::new(()),
+            this: this.clone(),
+            journal: std::sync::OnceLock::new(),
+            kept: Mutex::default(),
+            cluster_turn: tokio::sync::Mutex::new(()),
+            op_turn: tokio::sync::Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// The key-value requests this agent made to etcd,
+    /// `(reads, writes)`.
+    pub fn etcd_counts(&self) -> Option<(u64, u64)> {
+        self.liveness.get().map(|l| l.etcd().counts())
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Whether it takes VMs now.
+    pub fn mode(&self) -> NodeMode {
+        self.state.lock().unwrap().mode()
+    }
+
+    /// Sets whether it takes VMs; an operator's choice (not a stopping
+    /// agent's) outlives the agent's restarts, in etcd.
+    pub fn set_mode(&self, mode: NodeMode) {
+        let before = self.state.lock().unwrap().mode.replace(mode);
+        if before != Some(mode) && !self.stop.asked() {
+            self.journal_admin(mode);
+        }
+    }
+
+    /// At start: takes VMs unless an operator left the node paused.
+    pub(super) fn start_mode(&self) {
+        self.state
+            .lock()
+            .unwrap()
+            .mode
+            .get_or_insert(NodeMode::Active);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration(id: usize, state: MigrationState) -> MigrationView {
+        MigrationView {
+            id: format!("m{id}"),
+            vm: "vm".into(),
+            source: "a".into(),
+            target: "b".into(),
+            direction: Direction::Outgoing,
+            state,
+            phase: None,
+            created_at_ms: id as u64,
+            started_at_ms: None,
+            finished_at_ms: None,
+            queued_s: None,
+            operation: None,
+            error: None,
+            progress: None,
+            report: None,
+            resolution: None,
+            saved_guest: None,
+        }
+    }
+
+    #[test]
+    fn only_the_newest_settled_migrations_are_kept_and_no_unresolved_one_goes() {
+        let max = super::super::journal::MAX_MIGRATIONS;
+        let mut st = State {
+            history: (0..10)
+                .map(|i| migration(i, MigrationState::Completed))
+                .collect(),
+            ..State::default()
+        };
+        st.history.push(migration(10, MigrationState::Unresolved));
+        st.migrations.push(MigrationEntry::restored(&migration(
+            11,
+            MigrationState::Running,
+        )));
+        for i in 12..12 + max + 2 {
+            st.migrations.push(MigrationEntry::restored(&migration(
+                i,
+                MigrationState::Failed,
+            )));
+        }
+        st.prune_migrations();
+        // The ten of history and the oldest two of this process went.
+        assert_eq!(
+            st.history.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+            ["m10"]
+        );
+        assert_eq!(st.migrations.len(), 1 + max);
+        assert_eq!(st.migrations[0].id, "m11");
+        assert_eq!(st.migrations[1].id, "m14");
+    }
+    use crate::transport::Progress;
+
+    fn entry(progress: Arc<Progress>) -> MigrationEntry {
+        MigrationEntry {
+            id: "a-1".into(),
+            vm: "vm".into(),
+            source: "a".into(),
+            target: "b".into(),
+            direction: Direction::Outgoing,
+            state: MigrationState::Running,
+            created_at_ms: 0,
+            started_at_ms: Some(0),
+            finished_at_ms: None,
+            created: Instant::now(),
+            started: Some(Instant::now()),
+            operation: None,
+            config: MigrationConfig::default(),
+            ctx: RunContext {
+                progress,
+                ..RunContext::default()
+            },
+            report: None,
+            error: None,
+            eta_end: None,
+            resolution: None,
+            session: None,
+        }
+    }
+
+    #[test]
+    fn the_eta_counts_down_even_when_the_rate_drops() {
+        let progress = Progress::new();
+        let mut e = entry(progress.clone());
+        // 100 MB left at 10 MB/s: 10 s.
+        progress.update(|s| {
+            s.phase = Phase::Precopy;
+            s.round_pages = 100_000_000 / 4096;
+            s.throughput_bps = 10e6;
+        });
+        let first = e.progress().eta_s.unwrap();
+        assert!((9.0..=10.1).contains(&first), "{first}");
+        // The rate halves: the estimate doubles, the ETA does not go back.
+        progress.update(|s| s.throughput_bps = 5e6);
+        let second = e.progress().eta_s.unwrap();
+        assert!(second <= first, "{second} after {first}");
+        // The rate doubles: the ETA comes closer at once.
+        progress.update(|s| s.throughput_bps = 40e6);
+        let third = e.progress().eta_s.unwrap();
+        assert!(third < 3.0, "{third}");
+    }
+}
