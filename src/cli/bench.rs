@@ -214,66 +214,18 @@ pub(crate) fn bench_kvm(_: KvmBenchArgs) -> Result<ExitCode> {
 }
 
 pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
-    use ferry::bench::sweep::{
-        mark_winners, run_cell, summarize, table, write_outputs, CellEnv, GuestSpec, SweepMeta,
-        SweepPlan,
-    };
-    let memory = a.guest.mem.memory.unwrap_or(256 << 20);
+    use ferry::bench::sweep::{mark_winners, run_cell, summarize, table, SweepPlan};
     if a.backend == GuestBackend::Kvm {
         check_kvm()?;
     }
-    let kind = a.backend.kind();
-    let guests = match a.guest_set.as_deref() {
-        Some("changing") => GuestSpec::changing_set(memory),
-        Some(_) => GuestSpec::standard_set(memory),
-        None => {
-            let g = &a.guest;
-            let bytes = match &g.mem.image {
-                Some(p) => std::fs::metadata(p)
-                    .map_err(|e| usage(format!("cannot read RAM image {}: {e}", p.display())))?
-                    .len(),
-                None => memory,
-            };
-            let workload = workload_for(g, bytes)?;
-            let label = match &g.mem.image {
-                Some(p) => p
-                    .file_stem()
-                    .map_or("image".into(), |s| s.to_string_lossy().into_owned()),
-                None => format!("{}-{}", compact_size(bytes), workload),
-            };
-            vec![GuestSpec {
-                label,
-                memory: bytes,
-                fill: g.mem.fill.clone(),
-                image: g.mem.image.clone(),
-                workload,
-                dirty_rate: g.dirty_rate,
-                kind: ferry::wire::GuestKind::Sim,
-            }]
-        }
-    };
-    let guests: Vec<GuestSpec> = guests.into_iter().map(|g| g.on(kind)).collect();
     let plan = SweepPlan {
         codecs: a.codecs.0.clone(),
         links: a.bandwidth.0.clone(),
-        guests,
+        guests: sweep_guests(&a)?,
         repeats: a.repeats,
         channels: a.channels,
     };
-    let mut env = CellEnv::loopback(plan.channels, plan.repeats);
-    let mut tbf = None;
-    if a.link == "tbf" {
-        ferry::transport::netns::tbf_available().map_err(usage)?;
-        let link = ferry::transport::netns::TbfLink::new()
-            .context("setting up the tbf link (network namespaces, veth, tc)")?;
-        env.path = ferry::transport::LocalPath {
-            listen: link.listen_addr(),
-            source_ns: Some(link.source().clone()),
-            destination_ns: Some(link.destination().clone()),
-        };
-        env.kernel_shaped = true;
-        tbf = Some(link);
-    }
+    let (env, mut tbf) = sweep_env(&a, &plan)?;
     // Interrupted: cancel the running migration, stop, and (on drop) tear the
     // tbf link down.
     cancel_on_signals(env.cancel.clone());
@@ -317,26 +269,7 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     mark_winners(&mut cells);
     if let Some(dir) = &a.out {
-        let meta = SweepMeta {
-            link: a.link.clone(),
-            channels: plan.channels,
-            repeats: plan.repeats,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        write_outputs(dir, &meta, &cells)
-            .with_context(|| format!("writing results to {}", dir.display()))?;
-        let charts = ferry::bench::charts::write_charts(dir, &cells)
-            .map_err(|e| anyhow::anyhow!("drawing charts in {}: {e}", dir.display()))?;
-        if !a.json {
-            eprintln!(
-                "wrote results.json, results.csv, report.md and {} charts to {}",
-                charts.len(),
-                dir.display()
-            );
-        }
+        write_sweep(&a, &plan, dir, &cells)?;
     }
     if a.json {
         println!("{}", serde_json::json!({ "cells": cells }));
@@ -349,4 +282,100 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The sweep's guests: a named set, or the one `--memory`/`--image`/
+/// `--workload` describe, on the chosen backend.
+fn sweep_guests(a: &SweepArgs) -> Result<Vec<ferry::bench::sweep::GuestSpec>> {
+    use ferry::bench::sweep::GuestSpec;
+    let memory = a.guest.mem.memory.unwrap_or(256 << 20);
+    let kind = a.backend.kind();
+    let guests = match a.guest_set.as_deref() {
+        Some("changing") => GuestSpec::changing_set(memory),
+        Some(_) => GuestSpec::standard_set(memory),
+        None => {
+            let g = &a.guest;
+            let bytes = match &g.mem.image {
+                Some(p) => std::fs::metadata(p)
+                    .map_err(|e| usage(format!("cannot read RAM image {}: {e}", p.display())))?
+                    .len(),
+                None => memory,
+            };
+            let workload = workload_for(g, bytes)?;
+            let label = match &g.mem.image {
+                Some(p) => p
+                    .file_stem()
+                    .map_or("image".into(), |s| s.to_string_lossy().into_owned()),
+                None => format!("{}-{}", compact_size(bytes), workload),
+            };
+            vec![GuestSpec {
+                label,
+                memory: bytes,
+                fill: g.mem.fill.clone(),
+                image: g.mem.image.clone(),
+                workload,
+                dirty_rate: g.dirty_rate,
+                kind: ferry::wire::GuestKind::Sim,
+            }]
+        }
+    };
+    Ok(guests.into_iter().map(|g| g.on(kind)).collect())
+}
+
+/// Where the sweep's migrations run: loopback, or a tbf link between two
+/// network namespaces (returned, so that it lives as long as the sweep).
+fn sweep_env(
+    a: &SweepArgs,
+    plan: &ferry::bench::sweep::SweepPlan,
+) -> Result<(
+    ferry::bench::sweep::CellEnv,
+    Option<ferry::transport::netns::TbfLink>,
+)> {
+    use ferry::bench::sweep::CellEnv;
+    let mut env = CellEnv::loopback(plan.channels, plan.repeats);
+    let mut tbf = None;
+    if a.link == "tbf" {
+        ferry::transport::netns::tbf_available().map_err(usage)?;
+        let link = ferry::transport::netns::TbfLink::new()
+            .context("setting up the tbf link (network namespaces, veth, tc)")?;
+        env.path = ferry::transport::LocalPath {
+            listen: link.listen_addr(),
+            source_ns: Some(link.source().clone()),
+            destination_ns: Some(link.destination().clone()),
+        };
+        env.kernel_shaped = true;
+        tbf = Some(link);
+    }
+    Ok((env, tbf))
+}
+
+/// Writes results.json, results.csv, report.md and the charts to `dir`.
+fn write_sweep(
+    a: &SweepArgs,
+    plan: &ferry::bench::sweep::SweepPlan,
+    dir: &std::path::Path,
+    cells: &[ferry::bench::sweep::Cell],
+) -> Result<()> {
+    use ferry::bench::sweep::{write_outputs, SweepMeta};
+    let meta = SweepMeta {
+        link: a.link.clone(),
+        channels: plan.channels,
+        repeats: plan.repeats,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    write_outputs(dir, &meta, cells)
+        .with_context(|| format!("writing results to {}", dir.display()))?;
+    let charts = ferry::bench::charts::write_charts(dir, cells)
+        .map_err(|e| anyhow::anyhow!("drawing charts in {}: {e}", dir.display()))?;
+    if !a.json {
+        eprintln!(
+            "wrote results.json, results.csv, report.md and {} charts to {}",
+            charts.len(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
