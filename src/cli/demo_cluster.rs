@@ -37,6 +37,17 @@ fn free_port() -> Result<u16> {
 pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("ferry-demo-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
+        let file = write_cluster(&dir, &etcd.endpoint)?;
+        run(&a, &file, &etcd.endpoint)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Writes the demo's token and its cluster file of three nodes on
+/// loopback, their state in etcd at `endpoint`.
+fn write_cluster(dir: &std::path::Path, endpoint: &str) -> Result<std::path::PathBuf> {
     // A random token, though the agents listen on loopback only and for
     // seconds: the demo should not teach a guessable one.
     let token: String = (0..2)
@@ -48,11 +59,10 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
         })
         .collect();
     ferry::migration::auth::write_secret_file(&dir.join("cluster.token"), token.as_bytes())?;
-    let etcd = super::local_etcd::LocalEtcd::start(&dir)?;
     let mut text =
         "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n"
             .to_string();
-    text += &format!("etcd = [\"{}\"]\n", etcd.endpoint);
+    text += &format!("etcd = [\"{}\"]\n", endpoint);
     text += "[defaults]\nmax_concurrent_migrations = 2\n";
     for name in ["a", "b", "c"] {
         text += &format!(
@@ -63,108 +73,117 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
     }
     let file = dir.join("cluster.toml");
     std::fs::write(&file, &text)?;
-    let result = (|| {
-        let cluster = Cluster::load(&file).map_err(|e| anyhow!("{e}"))?;
-        let cpu = ferry::cpu::CpuMeter::new();
-        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
-        let agents = ["a", "b", "c"]
+    Ok(file)
+}
+
+/// The demo itself: the agents, the VMs, the drain and the failback.
+fn run(a: &DemoClusterArgs, file: &std::path::Path, etcd_endpoint: &str) -> Result<ExitCode> {
+    let cluster = Cluster::load(file).map_err(|e| anyhow!("{e}"))?;
+    let cpu = ferry::cpu::CpuMeter::new();
+    let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
+    let agents = ["a", "b", "c"]
+        .iter()
+        .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    eprintln!(
+        "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once, their state in etcd at {}",
+        file.display(),
+        etcd_endpoint
+    );
+    let ctx = Ctx::new(&ClusterArg {
+        cluster: file.to_path_buf(),
+    })?;
+    let a_node = ctx.node("a")?.clone();
+    create_vms(&ctx, &a_node, a)?;
+    let show = |title: &str| status(title, file);
+    let kind = if a.guest == "kvm" { "KVM" } else { "synthetic" };
+    show(&format!(
+        "{} {kind} VMs of {} each on node a, each writing {}:",
+        a.vms, a.memory, a.dirty_rate
+    ))?;
+    let writes = || -> u64 {
+        agents
             .iter()
-            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        eprintln!(
-            "ferry demo cluster: agents a, b and c on loopback ({}), at most 2 migrations per node at once, their state in etcd at {}",
-            file.display(),
-            etcd.endpoint
-        );
-        let ctx = Ctx::new(&ClusterArg {
-            cluster: file.clone(),
-        })?;
-        let a_node = ctx.node("a")?.clone();
-        for i in 1..=a.vms {
-            let body = CreateVm {
-                name: format!("vm{i}"),
-                memory: Amount::Text(a.memory.clone()),
-                workload: Some("hot:32MiB".into()),
-                dirty_rate: Some(Amount::Text(a.dirty_rate.clone())),
-                fill: None,
-                guest: Some(a.guest.clone()),
-                priority: None,
-                preferred_owners: None,
-                image: None,
-                seed: None,
-            };
-            ctx.run(ctx.peers.create_vm(&a_node, &body))?;
-        }
-        let show = |title: &str| -> Result<()> {
-            println!("\n{title}");
-            node(
-                NodeCommand::Status {
-                    out: Output { json: false },
-                },
-                &ClusterArg {
-                    cluster: file.clone(),
-                },
-            )?;
-            Ok(())
+            .filter_map(|h| h.node.etcd_counts())
+            .map(|(_, w)| w)
+            .sum()
+    };
+    println!("\n$ ferry node drain a");
+    let before = writes();
+    let op = ctx.run(ctx.peers.act_on(&a_node, "a", "drain", &Drain::default()))?;
+    let drained = watch_op(&ctx, &a_node, op)?;
+    print_steps(&drained);
+    println!(
+        "drain of node a {}{}",
+        super::orchestrate::name_of(drained.state),
+        took(&drained)
+    );
+    let moved = drained.steps.len().max(1) as f64;
+    let w = writes() - before;
+    println!(
+        "etcd writes for the drain: {w} ({:.1} per migration)",
+        w as f64 / moved
+    );
+    show("after the drain:")?;
+    println!("\n$ ferry node resume a --failback");
+    let failback = Resume {
+        failback: Some(true),
+        ..Resume::default()
+    };
+    let op = ctx.run(ctx.peers.act_on(&a_node, "a", "resume", &failback))?;
+    let resumed = watch_op(&ctx, &a_node, op)?;
+    print_steps(&resumed);
+    println!(
+        "resume of node a {}{}",
+        super::orchestrate::name_of(resumed.state),
+        took(&resumed)
+    );
+    show("after the failback:")?;
+    // Deleted, not left for the cluster to restart as each agent stops.
+    for i in 1..=a.vms {
+        ctx.run(ctx.peers.delete_vm(&a_node, &format!("vm{i}"), false))?;
+    }
+    for agent in agents {
+        rt.block_on(agent.shutdown());
+    }
+    let ok = drained.state == OpState::Completed && resumed.state == OpState::Completed;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Creates the demo's VMs on node a.
+fn create_vms(ctx: &Ctx, a_node: &ferry::agent::NodeSpec, a: &DemoClusterArgs) -> Result<()> {
+    for i in 1..=a.vms {
+        let body = CreateVm {
+            name: format!("vm{i}"),
+            memory: Amount::Text(a.memory.clone()),
+            workload: Some("hot:32MiB".into()),
+            dirty_rate: Some(Amount::Text(a.dirty_rate.clone())),
+            fill: None,
+            guest: Some(a.guest.clone()),
+            priority: None,
+            preferred_owners: None,
+            image: None,
+            seed: None,
         };
-        let kind = if a.guest == "kvm" { "KVM" } else { "synthetic" };
-        show(&format!(
-            "{} {kind} VMs of {} each on node a, each writing {}:",
-            a.vms, a.memory, a.dirty_rate
-        ))?;
-        let writes = || -> u64 {
-            agents
-                .iter()
-                .filter_map(|h| h.node.etcd_counts())
-                .map(|(_, w)| w)
-                .sum()
-        };
-        println!("\n$ ferry node drain a");
-        let before = writes();
-        let op = ctx.run(ctx.peers.act_on(&a_node, "a", "drain", &Drain::default()))?;
-        let drained = watch_op(&ctx, &a_node, op)?;
-        print_steps(&drained);
-        println!(
-            "drain of node a {}{}",
-            super::orchestrate::name_of(drained.state),
-            took(&drained)
-        );
-        let moved = drained.steps.len().max(1) as f64;
-        let w = writes() - before;
-        println!(
-            "etcd writes for the drain: {w} ({:.1} per migration)",
-            w as f64 / moved
-        );
-        show("after the drain:")?;
-        println!("\n$ ferry node resume a --failback");
-        let failback = Resume {
-            failback: Some(true),
-            ..Resume::default()
-        };
-        let op = ctx.run(ctx.peers.act_on(&a_node, "a", "resume", &failback))?;
-        let resumed = watch_op(&ctx, &a_node, op)?;
-        print_steps(&resumed);
-        println!(
-            "resume of node a {}{}",
-            super::orchestrate::name_of(resumed.state),
-            took(&resumed)
-        );
-        show("after the failback:")?;
-        // Deleted, not left for the cluster to restart as each agent stops.
-        for i in 1..=a.vms {
-            ctx.run(ctx.peers.delete_vm(&a_node, &format!("vm{i}"), false))?;
-        }
-        for agent in agents {
-            rt.block_on(agent.shutdown());
-        }
-        let ok = drained.state == OpState::Completed && resumed.state == OpState::Completed;
-        Ok::<_, anyhow::Error>(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        })
-    })();
-    drop(etcd);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+        ctx.run(ctx.peers.create_vm(a_node, &body))?;
+    }
+    Ok(())
+}
+
+/// `ferry node status` under a title.
+fn status(title: &str, file: &std::path::Path) -> Result<()> {
+    println!("\n{title}");
+    node(
+        NodeCommand::Status {
+            out: Output { json: false },
+        },
+        &ClusterArg {
+            cluster: file.to_path_buf(),
+        },
+    )?;
+    Ok(())
 }
