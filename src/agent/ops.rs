@@ -625,48 +625,9 @@ impl Node {
                 .filter(|s| matches!(s.state.as_str(), "queued" | "running"))
                 .count();
             if !cancel.is_cancelled() {
-                let mut room = max.saturating_sub(active);
-                for (i, s) in steps.iter().enumerate() {
-                    if room == 0 {
-                        break;
-                    }
-                    if s.state != "planned" {
-                        continue;
-                    }
-                    room -= 1;
-                    let asked = self.request_migration(
-                        &s.vm,
-                        &s.target,
-                        MigrationConfig::default(),
-                        Some(op.clone()),
-                    );
-                    self.with_op(&op, |v| {
-                        let step = &mut v.steps[i];
-                        match asked {
-                            Ok(m) => {
-                                step.migration_id = Some(m.id);
-                                step.state = "queued".into();
-                            }
-                            Err(e) => {
-                                step.state = "failed".into();
-                                step.error = Some(e.to_string());
-                            }
-                        }
-                    });
-                }
+                self.start_steps(&op, &steps, max.saturating_sub(active));
             } else {
-                // Cancelled: steps not started never will; those in flight stop.
-                self.with_op(&op, |v| {
-                    for s in v.steps.iter_mut().filter(|s| s.state == "planned") {
-                        s.state = "cancelled".into();
-                        s.error = Some("the drain was cancelled".into());
-                    }
-                });
-                for s in &steps {
-                    if let (Some(id), "queued" | "running") = (&s.migration_id, s.state.as_str()) {
-                        let _ = self.cancel_migration(id);
-                    }
-                }
+                self.stop_steps(&op, &steps);
             }
             self.refresh_steps(&op);
             if !cancel.is_cancelled() {
@@ -682,9 +643,62 @@ impl Node {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
+        self.end_drain(&op, cancel.is_cancelled());
+        tracing::info!(%op, "drain ended");
+    }
+
+    /// Asks for the migrations of up to `room` planned steps.
+    fn start_steps(self: &Arc<Self>, op: &str, steps: &[Step], mut room: usize) {
+        for (i, s) in steps.iter().enumerate() {
+            if room == 0 {
+                break;
+            }
+            if s.state != "planned" {
+                continue;
+            }
+            room -= 1;
+            let asked = self.request_migration(
+                &s.vm,
+                &s.target,
+                MigrationConfig::default(),
+                Some(op.to_string()),
+            );
+            self.with_op(op, |v| {
+                let step = &mut v.steps[i];
+                match asked {
+                    Ok(m) => {
+                        step.migration_id = Some(m.id);
+                        step.state = "queued".into();
+                    }
+                    Err(e) => {
+                        step.state = "failed".into();
+                        step.error = Some(e.to_string());
+                    }
+                }
+            });
+        }
+    }
+
+    /// Cancelled: steps not started never will; those in flight stop.
+    fn stop_steps(&self, op: &str, steps: &[Step]) {
+        self.with_op(op, |v| {
+            for s in v.steps.iter_mut().filter(|s| s.state == "planned") {
+                s.state = "cancelled".into();
+                s.error = Some("the drain was cancelled".into());
+            }
+        });
+        for s in steps {
+            if let (Some(id), "queued" | "running") = (&s.migration_id, s.state.as_str()) {
+                let _ = self.cancel_migration(id);
+            }
+        }
+    }
+
+    /// The drain's end: the node stays paused, and the operation says what
+    /// moved, what did not and what is still on the node.
+    fn end_drain(&self, op: &str, cancelled: bool) {
         // A drained node takes no VMs until it is resumed, whatever happened.
         self.set_mode(NodeMode::Paused);
-        let cancelled = cancel.is_cancelled();
         let remaining: Vec<RemainingVm> = self
             .vms()
             .into_iter()
@@ -693,7 +707,7 @@ impl Node {
                 state: super::node::name_of(&v.state),
             })
             .collect();
-        self.with_op(&op, |v| {
+        self.with_op(op, |v| {
             v.remaining = remaining;
             let failed: Vec<String> = v
                 .steps
@@ -731,7 +745,6 @@ impl Node {
             }
             v.finished_at_ms = Some(now_ms());
         });
-        tracing::info!(%op, "drain ended");
     }
 
     /// Copies this node's migration states into the operation's steps.
