@@ -64,21 +64,7 @@ impl RawStore {
                 false => Ok(None),
             };
         };
-        if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS {
-            return Err(format!(
-                "etcd: {} endpoints (1 to {MAX_ENDPOINTS})",
-                endpoints.len()
-            ));
-        }
-        for e in &endpoints {
-            super::cluster::check_address(e).map_err(|why| format!("etcd: {e:?}: {why}"))?;
-            let port = e.rsplit_once(':').map_or("", |(_, p)| p);
-            if e.contains(['/', '?', '#', '@']) || port == "0" {
-                return Err(format!(
-                    "etcd: {e:?}: expected host:port with a port from 1"
-                ));
-            }
-        }
+        check_endpoints(&endpoints)?;
         let prefix = self.etcd_prefix.unwrap_or_else(|| DEFAULT_PREFIX.into());
         let printable = prefix.bytes().all(|b| b.is_ascii_graphic());
         if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() > 128 || !printable {
@@ -86,53 +72,12 @@ impl RawStore {
                 "etcd_prefix {prefix:?}: up to 128 printable characters, starting and ending with '/'"
             ));
         }
-        let lease_ttl = match &self.lease_ttl {
-            None => DEFAULT_LEASE_TTL,
-            Some(t) => {
-                let d = crate::units::parse_duration(t).map_err(|e| format!("lease_ttl: {e}"))?;
-                let whole = d.subsec_nanos() == 0;
-                if !whole || d < Duration::from_secs(2) || d > Duration::from_secs(600) {
-                    return Err(format!(
-                        "lease_ttl: {d:?} is out of range (2 s to 600 s, whole seconds)"
-                    ));
-                }
-                d
-            }
-        };
-        // Certificates must hold one; the private key is a secret file
-        // (its owner's alone, as every other secret).
-        let cert = |p: &PathBuf, field: &str| {
-            use rustls::pki_types::{pem::PemObject, CertificateDer};
-            let file = dir.join(p);
-            let pem =
-                std::fs::read(&file).map_err(|e| format!("{field}: {}: {e}", file.display()))?;
-            CertificateDer::from_pem_slice(&pem)
-                .map_err(|e| format!("{field}: {}: no PEM certificate ({e})", file.display()))?;
-            Ok::<_, String>(pem)
-        };
-        let key = |p: &PathBuf| {
-            use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
-            let pem = read_secret(p, "etcd_key")?;
-            PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
-                format!(
-                    "etcd_key: {}: no PEM private key ({e})",
-                    dir.join(p).display()
-                )
-            })?;
-            Ok::<_, String>(pem.into_bytes())
-        };
-        let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
-            (None, None, None) => None,
-            (Some(ca), c, k) => Some(EtcdTls {
-                ca: cert(ca, "etcd_ca")?,
-                identity: match (c, k) {
-                    (Some(c), Some(k)) => Some((cert(c, "etcd_cert")?, key(k)?)),
-                    (None, None) => None,
-                    _ => return Err("etcd_cert and etcd_key go together".into()),
-                },
-            }),
-            (None, _, _) => return Err("etcd_cert and etcd_key need etcd_ca".into()),
-        };
+        let lease_ttl = lease_ttl(self.lease_ttl.as_deref())?;
+        let tls = etcd_tls(
+            dir,
+            (&self.etcd_ca, &self.etcd_cert, &self.etcd_key),
+            &read_secret,
+        )?;
         let user = match (self.etcd_user, &self.etcd_password_file) {
             (None, None) => None,
             (Some(u), Some(f)) => {
@@ -158,6 +103,82 @@ impl RawStore {
             lease_ttl,
         }))
     }
+}
+
+/// One to `MAX_ENDPOINTS` etcd endpoints, each `host:port` with a port.
+fn check_endpoints(endpoints: &[String]) -> Result<(), String> {
+    if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS {
+        return Err(format!(
+            "etcd: {} endpoints (1 to {MAX_ENDPOINTS})",
+            endpoints.len()
+        ));
+    }
+    for e in endpoints {
+        super::cluster::check_address(e).map_err(|why| format!("etcd: {e:?}: {why}"))?;
+        let port = e.rsplit_once(':').map_or("", |(_, p)| p);
+        if e.contains(['/', '?', '#', '@']) || port == "0" {
+            return Err(format!(
+                "etcd: {e:?}: expected host:port with a port from 1"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `lease_ttl`: whole seconds from 2 to 600; 5 s when unset.
+fn lease_ttl(text: Option<&str>) -> Result<Duration, String> {
+    let Some(t) = text else {
+        return Ok(DEFAULT_LEASE_TTL);
+    };
+    let d = crate::units::parse_duration(t).map_err(|e| format!("lease_ttl: {e}"))?;
+    let whole = d.subsec_nanos() == 0;
+    if !whole || d < Duration::from_secs(2) || d > Duration::from_secs(600) {
+        return Err(format!(
+            "lease_ttl: {d:?} is out of range (2 s to 600 s, whole seconds)"
+        ));
+    }
+    Ok(d)
+}
+
+/// etcd's TLS: a CA, and a client certificate with its key if any.
+fn etcd_tls(
+    dir: &Path,
+    (ca, cert_file, key_file): (&Option<PathBuf>, &Option<PathBuf>, &Option<PathBuf>),
+    read_secret: impl Fn(&Path, &str) -> Result<String, String>,
+) -> Result<Option<EtcdTls>, String> {
+    // Certificates must hold one; the private key is a secret file
+    // (its owner's alone, as every other secret).
+    let cert = |p: &PathBuf, field: &str| {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let file = dir.join(p);
+        let pem = std::fs::read(&file).map_err(|e| format!("{field}: {}: {e}", file.display()))?;
+        CertificateDer::from_pem_slice(&pem)
+            .map_err(|e| format!("{field}: {}: no PEM certificate ({e})", file.display()))?;
+        Ok::<_, String>(pem)
+    };
+    let key = |p: &PathBuf| {
+        use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+        let pem = read_secret(p, "etcd_key")?;
+        PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+            format!(
+                "etcd_key: {}: no PEM private key ({e})",
+                dir.join(p).display()
+            )
+        })?;
+        Ok::<_, String>(pem.into_bytes())
+    };
+    Ok(match (ca, cert_file, key_file) {
+        (None, None, None) => None,
+        (Some(ca), c, k) => Some(EtcdTls {
+            ca: cert(ca, "etcd_ca")?,
+            identity: match (c, k) {
+                (Some(c), Some(k)) => Some((cert(c, "etcd_cert")?, key(k)?)),
+                (None, None) => None,
+                _ => return Err("etcd_cert and etcd_key go together".into()),
+            },
+        }),
+        (None, _, _) => return Err("etcd_cert and etcd_key need etcd_ca".into()),
+    })
 }
 
 /// A node's registration, `{prefix}nodes/{name}`: it stays until the node
