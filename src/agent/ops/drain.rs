@@ -1,0 +1,275 @@
+//! Drain: pause the node and move every running VM to the other active
+//! nodes, largest first, where free memory allows, a few at a time.
+
+use super::*;
+
+impl Node {
+    /// `POST /v1/node/drain`: pauses the node and moves every running VM to
+    /// the other active nodes. Refuses, before moving anything, when they
+    /// cannot hold every VM, naming the shortfall, unless `allow_partial`.
+    /// Returns the operation at once; it runs in the background.
+    pub async fn drain(self: &Arc<Self>, req: DrainRequest) -> Result<OperationView, NodeError> {
+        // Until this drain is recorded, no other drain or resume starts.
+        let _turn = self.op_turn.lock().await;
+        self.refuse_if_closing()?;
+        if let Some(op) = self.asked_before(OpKind::Drain, req.request_id.as_deref())? {
+            return Ok(op);
+        }
+        if self.mode() == NodeMode::Draining {
+            return Err(NodeError::Conflict(format!(
+                "node {} is already draining",
+                self.spec.name
+            )));
+        }
+        let max = req
+            .max_concurrent
+            .unwrap_or(self.spec.max_concurrent_migrations);
+        if max == 0 {
+            return Err(NodeError::BadRequest(
+                "max_concurrent must be at least 1".into(),
+            ));
+        }
+        let vms = self.running_vms();
+        let (free, excluded) = self.free_elsewhere().await;
+        let (placed, left) = place(&vms, &free);
+        if !left.is_empty() && !req.allow_partial {
+            let need: u64 = left.iter().map(|(_, m)| m).sum();
+            let names: Vec<String> = left
+                .iter()
+                .map(|(v, m)| format!("{v} ({})", gib(*m)))
+                .collect();
+            let room: Vec<String> = free
+                .iter()
+                .map(|(n, f)| format!("{n} {} free", gib(*f)))
+                .collect();
+            return Err(NodeError::InsufficientMemory(format!(
+                "cannot drain node {}: the other nodes cannot hold {} of its VMs, {} short: {}; {}{}",
+                self.spec.name,
+                left.len(),
+                gib(need),
+                names.join(", "),
+                if room.is_empty() { "no other node is active".to_string() } else { room.join(", ") },
+                if excluded.is_empty() { String::new() } else { format!(" ({})", excluded.join(", ")) }
+            )));
+        }
+        let memory_of = |vm: &str| vms.iter().find(|(n, _)| n == vm).map_or(0, |(_, m)| *m);
+        let mut steps: Vec<Step> = placed
+            .iter()
+            .map(|(vm, target)| Step {
+                vm: vm.clone(),
+                memory: memory_of(vm),
+                source: self.spec.name.clone(),
+                target: target.clone(),
+                state: "planned".into(),
+                migration_id: None,
+                error: None,
+                started_at_ms: None,
+                finished_at_ms: None,
+                tried: Vec::new(),
+            })
+            .collect();
+        steps.extend(left.iter().map(|(vm, mem)| Step {
+            vm: vm.clone(),
+            memory: *mem,
+            source: self.spec.name.clone(),
+            target: String::new(),
+            state: "skipped".into(),
+            migration_id: None,
+            error: Some("no active node has room for it".into()),
+            started_at_ms: None,
+            finished_at_ms: None,
+            tried: Vec::new(),
+        }));
+        // VMs that are not running cannot move: they stay, and say why.
+        steps.extend(
+            self.vms()
+                .into_iter()
+                .filter(|v| v.state != crate::agent::node::VmState::Running)
+                .map(|v| Step {
+                    error: Some(format!(
+                        "it is {} here: only running VMs move",
+                        crate::agent::node::name_of(&v.state)
+                    )),
+                    vm: v.spec.name,
+                    memory: v.spec.memory,
+                    source: self.spec.name.clone(),
+                    target: String::new(),
+                    state: "skipped".into(),
+                    migration_id: None,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    tried: Vec::new(),
+                }),
+        );
+        self.set_mode(NodeMode::Draining);
+        let mut params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
+        with_request_id(&mut params, req.request_id.as_deref());
+        let (id, cancel) = self.new_op(OpKind::Drain, params, steps);
+        tracing::info!(op = %id, vms = placed.len(), left = left.len(), "drain started");
+        let node = self.clone();
+        let op = id.clone();
+        tokio::spawn(async move { node.run_drain(op, max as usize, cancel).await });
+        self.operation(&id)
+    }
+
+    /// Running VMs, (name, memory).
+    pub(super) fn running_vms(&self) -> Vec<(String, u64)> {
+        self.vms()
+            .into_iter()
+            .filter(|v| v.state == crate::agent::node::VmState::Running)
+            .map(|v| (v.spec.name, v.spec.memory))
+            .collect()
+    }
+
+    pub(super) async fn run_drain(
+        self: Arc<Self>,
+        op: String,
+        max: usize,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            // Start planned steps while this drain has room.
+            let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+            let active = steps
+                .iter()
+                .filter(|s| matches!(s.state.as_str(), "queued" | "running"))
+                .count();
+            if !cancel.is_cancelled() {
+                self.start_steps(&op, &steps, max.saturating_sub(active));
+            } else {
+                self.stop_steps(&op, &steps);
+            }
+            self.refresh_steps(&op);
+            if !cancel.is_cancelled() {
+                self.retarget_failed(&op).await;
+            }
+            let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
+            if steps.iter().all(Step::is_final) {
+                break;
+            }
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = cancel.cancelled(), if !cancel.is_cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        self.end_drain(&op, cancel.is_cancelled());
+        tracing::info!(%op, "drain ended");
+    }
+
+    /// Asks for the migrations of up to `room` planned steps.
+    pub(super) fn start_steps(self: &Arc<Self>, op: &str, steps: &[Step], mut room: usize) {
+        for (i, s) in steps.iter().enumerate() {
+            if room == 0 {
+                break;
+            }
+            if s.state != "planned" {
+                continue;
+            }
+            room -= 1;
+            let asked = self.request_migration(
+                &s.vm,
+                &s.target,
+                MigrationConfig::default(),
+                Some(op.to_string()),
+            );
+            self.with_op(op, |v| {
+                let step = &mut v.steps[i];
+                match asked {
+                    Ok(m) => {
+                        step.migration_id = Some(m.id);
+                        step.state = "queued".into();
+                    }
+                    Err(e) => {
+                        step.state = "failed".into();
+                        step.error = Some(e.to_string());
+                    }
+                }
+            });
+        }
+    }
+
+    /// Cancelled: steps not started never will; those in flight stop.
+    pub(super) fn stop_steps(&self, op: &str, steps: &[Step]) {
+        self.with_op(op, |v| {
+            for s in v.steps.iter_mut().filter(|s| s.state == "planned") {
+                s.state = "cancelled".into();
+                s.error = Some("the drain was cancelled".into());
+            }
+        });
+        for s in steps {
+            if let (Some(id), "queued" | "running") = (&s.migration_id, s.state.as_str()) {
+                let _ = self.cancel_migration(id);
+            }
+        }
+    }
+
+    /// The drain's end: the node stays paused, and the operation says what
+    /// moved, what did not and what is still on the node.
+    pub(super) fn end_drain(&self, op: &str, cancelled: bool) {
+        // A drained node takes no VMs until it is resumed, whatever happened.
+        self.set_mode(NodeMode::Paused);
+        let remaining: Vec<RemainingVm> = self
+            .vms()
+            .into_iter()
+            .map(|v| RemainingVm {
+                vm: v.spec.name,
+                state: crate::agent::node::name_of(&v.state),
+            })
+            .collect();
+        self.with_op(op, |v| {
+            v.remaining = remaining;
+            let failed: Vec<String> = v
+                .steps
+                .iter()
+                .filter(|s| s.state != "completed")
+                .map(|s| format!("{}: {}", s.vm, s.error.as_deref().unwrap_or(&s.state)))
+                .collect();
+            v.state = if cancelled {
+                OpState::Cancelled
+            } else if v
+                .steps
+                .iter()
+                .any(|s| s.state != "completed" && s.state != "skipped")
+            {
+                OpState::Failed
+            } else if !v.remaining.is_empty() {
+                OpState::Partial
+            } else {
+                OpState::Completed
+            };
+            let mut why = Vec::new();
+            if !failed.is_empty() {
+                why.push(format!("not moved: {}", failed.join("; ")));
+            }
+            if !v.remaining.is_empty() {
+                let names: Vec<String> = v
+                    .remaining
+                    .iter()
+                    .map(|r| format!("{} ({})", r.vm, r.state))
+                    .collect();
+                why.push(format!("still on the node: {}", names.join(", ")));
+            }
+            if !why.is_empty() {
+                v.error = Some(why.join("; "));
+            }
+            v.finished_at_ms = Some(now_ms());
+        });
+    }
+
+    /// Copies this node's migration states into the operation's steps.
+    pub(super) fn refresh_steps(&self, op: &str) {
+        let migrations = self.migrations();
+        self.with_op(op, |v| {
+            for s in v.steps.iter_mut() {
+                let Some(id) = &s.migration_id else { continue };
+                if let Some(m) = migrations.iter().find(|m| &m.id == id) {
+                    s.state = state_name(m.state).into();
+                    s.error = m.error.clone();
+                    s.started_at_ms = m.started_at_ms;
+                    s.finished_at_ms = m.finished_at_ms;
+                }
+            }
+        });
+    }
+}
