@@ -173,19 +173,7 @@ impl Node {
                 MigrationConfig::default(),
                 Some(op.to_string()),
             );
-            self.with_op(op, |v| {
-                let step = &mut v.steps[i];
-                match asked {
-                    Ok(m) => {
-                        step.migration_id = Some(m.id);
-                        step.state = "queued".into();
-                    }
-                    Err(e) => {
-                        step.state = "failed".into();
-                        step.error = Some(e.to_string());
-                    }
-                }
-            });
+            self.with_op(op, |v| v.steps[i].asked(asked.map(|m| m.id)));
         }
     }
 

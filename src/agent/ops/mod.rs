@@ -85,6 +85,21 @@ pub struct Step {
 }
 
 impl Step {
+    /// Records the answer to asking for the step's migration: queued under
+    /// its id, or failed saying why.
+    pub(super) fn asked(&mut self, answer: Result<String, impl std::fmt::Display>) {
+        match answer {
+            Ok(id) => {
+                self.migration_id = Some(id);
+                self.state = "queued".into();
+            }
+            Err(e) => {
+                self.state = "failed".into();
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+
     /// Whether it ended (or never starts).
     pub(super) fn is_final(&self) -> bool {
         !matches!(self.state.as_str(), "planned" | "queued" | "running")

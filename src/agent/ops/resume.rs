@@ -111,19 +111,7 @@ impl Node {
                 params: MigrationParams::default(),
             };
             let asked = self.peers.migrate(node, &body).await;
-            self.with_op(&op, |v| {
-                let step = &mut v.steps[i];
-                match asked {
-                    Ok(m) => {
-                        step.migration_id = Some(m.id);
-                        step.state = "queued".into();
-                    }
-                    Err(e) => {
-                        step.state = "failed".into();
-                        step.error = Some(e.to_string());
-                    }
-                }
-            });
+            self.with_op(&op, |v| v.steps[i].asked(asked.map(|m| m.id)));
         }
         let mut cancel_sent = false;
         loop {
