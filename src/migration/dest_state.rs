@@ -17,7 +17,7 @@
 //! acknowledged, so no page of a later round can be overwritten by a stale
 //! one; earlier rounds are refused.
 
-use super::{MigrationError, Shortfall, Violation};
+use super::{MigrationError, Mismatch, Shortfall, Violation};
 use crate::codec::CodecId;
 use crate::memory::{MAX_MEMORY_BYTES, PAGE_SIZE};
 use crate::wire::{
@@ -110,16 +110,23 @@ impl DestMachine {
     pub fn handle_negotiate(&mut self, m: &Negotiate) -> Result<NegotiateResponse, MigrationError> {
         self.expect(DestState::AwaitNegotiate, Command::Negotiate)?;
         if !(m.min_version..=m.max_version).contains(&VERSION) {
-            return self.fail(MigrationError::Incompatible(format!(
-                "source speaks versions {}..={}, this destination speaks {VERSION}",
-                m.min_version, m.max_version
-            )));
+            return self.fail(
+                Mismatch::Version {
+                    min: m.min_version,
+                    max: m.max_version,
+                    ours: VERSION,
+                }
+                .into(),
+            );
         }
         if m.page_size != PAGE_SIZE as u32 {
-            return self.fail(MigrationError::Incompatible(format!(
-                "page size {} (this destination uses {PAGE_SIZE})",
-                m.page_size
-            )));
+            return self.fail(
+                Mismatch::PageSize {
+                    theirs: m.page_size,
+                    ours: PAGE_SIZE as u32,
+                }
+                .into(),
+            );
         }
         let ours = CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit();
         self.state = DestState::AwaitSetup;
@@ -155,9 +162,7 @@ impl DestMachine {
             );
         }
         if m.guest_kind == GuestKind::Kvm && !self.hosts_kvm {
-            return self.fail(MigrationError::Incompatible(
-                "a KVM guest, and this receiver has no working /dev/kvm".into(),
-            ));
+            return self.fail(Mismatch::NoKvm.into());
         }
         self.setup = Some(m.clone());
         self.state = DestState::Receiving {

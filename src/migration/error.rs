@@ -4,7 +4,7 @@
 use crate::codec::CodecError;
 use crate::memory::MemoryError;
 use crate::migration::policy::GiveUp;
-use crate::migration::violation::{GuestStep, Shortfall, Violation};
+use crate::migration::violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
 use crate::migration::ConfigError;
 use crate::wire::{AbortCode, DecodeError};
 use std::time::Duration;
@@ -36,14 +36,14 @@ pub enum MigrationError {
     },
     /// The two sides cannot work together (version, codecs, page size, guest kind).
     #[error("incompatible peer: {0}")]
-    Incompatible(String),
+    Incompatible(Box<Mismatch>),
     /// The receiver cannot host the guest.
     #[error("cannot host the guest: {0}")]
     Resources(#[from] Shortfall),
     /// The peer did not prove the shared key, or this side may not take it
     /// unauthenticated.
     #[error("not authenticated: {0}")]
-    Unauthenticated(String),
+    Unauthenticated(#[from] AuthFailure),
     /// An operator cancelled the migration.
     #[error("cancelled")]
     Cancelled,
@@ -118,6 +118,12 @@ fn give_up_text(g: &GiveUp) -> String {
             "remaining bytes did not fall for {:.1} s (progress timeout); the guest keeps running on the source",
             t.as_secs_f64()
         ),
+    }
+}
+
+impl From<Mismatch> for MigrationError {
+    fn from(e: Mismatch) -> Self {
+        Self::Incompatible(Box::new(e))
     }
 }
 

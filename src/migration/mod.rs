@@ -26,7 +26,7 @@ pub use config::{
     DEFAULT_INITIAL_CREDITS, DEFAULT_PEER_TIMEOUT,
 };
 pub use error::MigrationError;
-pub use violation::{GuestStep, Shortfall, Violation};
+pub use violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
 
 // The wire counts pages as guest memory does.
 const _: () = assert!(crate::memory::PAGE_SIZE == crate::wire::PAGE_SIZE);

@@ -222,3 +222,120 @@ mod tests {
         );
     }
 }
+
+/// Why the two sides cannot work together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    /// No protocol version in common.
+    #[error("source speaks versions {min}..={max}, this destination speaks {ours}")]
+    Version {
+        /// The source's lowest version.
+        min: u8,
+        /// The source's highest version.
+        max: u8,
+        /// The destination's version.
+        ours: u8,
+    },
+    /// Another page size.
+    #[error("page size {theirs} (this destination uses {ours})")]
+    PageSize {
+        /// The source's page size.
+        theirs: u32,
+        /// The destination's.
+        ours: u32,
+    },
+    /// The destination answered NEGOTIATE with what the source does not speak.
+    #[error("destination chose version {version} and page size {page_size}")]
+    Chosen {
+        /// The version it chose.
+        version: u8,
+        /// Its page size.
+        page_size: u32,
+    },
+    /// The destination cannot decode the codec asked for.
+    #[error("destination cannot decode {codec}")]
+    Codec {
+        /// The codec.
+        codec: crate::codec::CodecChoice,
+    },
+    /// A KVM guest for a receiver without a working `/dev/kvm`.
+    #[error("a KVM guest, and this receiver has no working /dev/kvm")]
+    NoKvm,
+    /// TLS bytes at a receiver without TLS.
+    #[error("the source speaks TLS: this receiver runs without --tls")]
+    SourceSpeaksTls,
+    /// Plain frames at a receiver that takes TLS only.
+    #[error("this receiver takes TLS only: start the source with --tls")]
+    TlsOnly,
+    /// The receiver's TLS handshake failed, in rustls's words.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(String),
+    /// The source's TLS handshake on a channel failed, in rustls's words.
+    #[error("channel {channel} to {target}: {why} (does the receiver run with --tls?)")]
+    TlsConnect {
+        /// The channel.
+        channel: u16,
+        /// The receiver's address.
+        target: String,
+        /// rustls's account.
+        why: String,
+    },
+    /// The guest's state cannot be restored here, in the backend's words.
+    #[error("{0}")]
+    GuestState(String),
+}
+
+/// Why a peer is not taken as the one holding the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    /// The destination's answer to a bind does not prove the session.
+    #[error("the destination's answer to the bind of channel {channel} does not prove the session's secret")]
+    BindAnswer {
+        /// The channel.
+        channel: u16,
+    },
+    /// The destination did not prove the key.
+    #[error("the destination did not prove the shared key: not sending it the guest")]
+    Destination,
+    /// The source proved another key.
+    #[error("the source's proof of the key is wrong: it holds another key")]
+    WrongKey,
+    /// A keyed session without TLS whose frames are not tagged.
+    #[error("this receiver takes keyed sessions without TLS only with every frame authenticated, and the source does not tag its frames (a ferry older than this receiver: upgrade it, or use --tls)")]
+    UntaggedFrames,
+    /// The receiver needs a key and the source proved none.
+    #[error(
+        "this receiver requires the shared key and the source proved none (give the source --key)"
+    )]
+    KeyRequired,
+    /// The source proves a key the receiver has none to check against.
+    #[error(
+        "the source proves a key but this receiver has none to check it (give the receiver --key)"
+    )]
+    NoKeyToCheck,
+    /// An unauthenticated session from off loopback.
+    #[error("unauthenticated session from {peer} refused: without --key this receiver takes loopback peers only (or --insecure)")]
+    NotLoopback {
+        /// The peer's address.
+        peer: String,
+    },
+    /// An unauthenticated session at a receiver that takes none.
+    #[error("this receiver takes authenticated sessions only")]
+    AuthenticatedOnly,
+    /// A bind whose proof is wrong.
+    #[error("bind of channel {channel} to session {session:016x} with a wrong proof")]
+    BindProof {
+        /// The channel.
+        channel: u16,
+        /// The session.
+        session: u64,
+    },
+    /// A bind that replays a nonce already used.
+    #[error("bind of channel {channel} to session {session:016x} replays a used nonce")]
+    BindReplay {
+        /// The channel.
+        channel: u16,
+        /// The session.
+        session: u64,
+    },
+}

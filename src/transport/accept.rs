@@ -14,7 +14,7 @@ use crate::memory::GuestMemory;
 use crate::migration::auth::{random_bytes, BindSecret};
 use crate::migration::dest_state::DestMachine;
 use crate::migration::MigrationError;
-use crate::migration::{Shortfall, Violation};
+use crate::migration::{AuthFailure, Mismatch, Shortfall, Violation};
 use crate::transport::{Conn, FrameReader, FrameWriter};
 use crate::wire::{Abort, Command, Header, Limits, Message, Negotiate, SessionLabel, SessionSetup};
 use std::net::SocketAddr;
@@ -336,9 +336,7 @@ fn name_tls_hello(e: MigrationError) -> MigrationError {
         MigrationError::Decode(crate::wire::DecodeError::BadMagic { found })
             if found & 0xffff == 0x0316 =>
         {
-            MigrationError::Incompatible(
-                "the source speaks TLS: this receiver runs without --tls".into(),
-            )
+            Mismatch::SourceSpeaksTls.into()
         }
         e => e,
     }
@@ -357,9 +355,7 @@ async fn accept_conn(stream: TcpStream, peer: SocketAddr, rx: &Shared) -> Option
             let (r, w) = stream.into_split();
             drop(r);
             let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::default());
-            let e = MigrationError::Incompatible(
-                "this receiver takes TLS only: start the source with --tls".into(),
-            );
+            let e = MigrationError::from(Mismatch::TlsOnly);
             rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
                 .await;
             return None;
@@ -368,7 +364,7 @@ async fn accept_conn(stream: TcpStream, peer: SocketAddr, rx: &Shared) -> Option
     match tls.accept(stream).await {
         Ok((s, b)) => Some((Conn::Tls(Box::new(s)), b.to_vec())),
         Err(e) => {
-            let e = MigrationError::Incompatible(format!("TLS handshake failed: {e}"));
+            let e = MigrationError::from(Mismatch::TlsHandshake(e.to_string()));
             rx.refuse(peer, None, Refusal::Malformed, &e).await;
             None
         }
@@ -496,23 +492,15 @@ fn authenticate(
     match (&config.key, &setup.proof) {
         (Some(key), Some(_)) => {
             if !crate::migration::auth::verify_setup_proof(key, handshake, setup) {
-                Err(MigrationError::Unauthenticated(
-                    "the source's proof of the key is wrong: it holds another key".into(),
-                ))
+                Err(AuthFailure::WrongKey.into())
             } else if !tagged && handshake.binding.is_empty() {
-                Err(MigrationError::Unauthenticated(
-                    "this receiver takes keyed sessions without TLS only with every frame authenticated, and the source does not tag its frames (a ferry older than this receiver: upgrade it, or use --tls)".into(),
-                ))
+                Err(AuthFailure::UntaggedFrames.into())
             } else {
                 Ok(())
             }
         }
-        (Some(_), None) => Err(MigrationError::Unauthenticated(
-            "this receiver requires the shared key and the source proved none (give the source --key)".into(),
-        )),
-        (None, Some(_)) => Err(MigrationError::Unauthenticated(
-            "the source proves a key but this receiver has none to check it (give the receiver --key)".into(),
-        )),
+        (Some(_), None) => Err(AuthFailure::KeyRequired.into()),
+        (None, Some(_)) => Err(AuthFailure::NoKeyToCheck.into()),
         (None, None) => match config.unauthenticated {
             Unauthenticated::Anywhere => {
                 tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
@@ -522,12 +510,11 @@ fn authenticate(
                 tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
                 Ok(())
             }
-            Unauthenticated::Loopback => Err(MigrationError::Unauthenticated(format!(
-                "unauthenticated session from {peer} refused: without --key this receiver takes loopback peers only (or --insecure)"
-            ))),
-            Unauthenticated::Refuse => Err(MigrationError::Unauthenticated(
-                "this receiver takes authenticated sessions only".into(),
-            )),
+            Unauthenticated::Loopback => Err(AuthFailure::NotLoopback {
+                peer: peer.to_string(),
+            }
+            .into()),
+            Unauthenticated::Refuse => Err(AuthFailure::AuthenticatedOnly.into()),
         },
     }
 }
@@ -579,19 +566,21 @@ fn route_bind(
     }
     if !s.secret.verify_bind(&bind, &b.proof) {
         return refuse(
-            MigrationError::Unauthenticated(format!(
-                "bind of channel {} to session {:016x} with a wrong proof",
-                h.channel, h.session_id
-            )),
+            AuthFailure::BindProof {
+                channel: h.channel,
+                session: h.session_id,
+            }
+            .into(),
             writer,
         );
     }
     if !s.nonces.insert(b.nonce) {
         return refuse(
-            MigrationError::Unauthenticated(format!(
-                "bind of channel {} to session {:016x} replays a used nonce",
-                h.channel, h.session_id
-            )),
+            AuthFailure::BindReplay {
+                channel: h.channel,
+                session: h.session_id,
+            }
+            .into(),
             writer,
         );
     }

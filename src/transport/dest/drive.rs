@@ -8,7 +8,7 @@ use crate::migration::auth::random_bytes;
 use crate::migration::dest_ledger::{BatchLedger, ControlLog};
 use crate::migration::fault::FaultPoint;
 use crate::migration::report::PageCounter;
-use crate::migration::{restore_guest, MigratableGuest, MigrationError};
+use crate::migration::{restore_guest, MigratableGuest, MigrationError, Mismatch};
 use crate::transport::accept::Admitted;
 use crate::transport::{FrameReader, FrameWriter};
 use crate::wire::{
@@ -97,7 +97,7 @@ impl Session {
             .handle_switchover(m, digest)?;
         let kind = tally.guest_kind.unwrap_or(GuestKind::Sim);
         let g = restore_guest(kind, sh.memory.clone(), &m.state)
-            .map_err(MigrationError::Incompatible)?;
+            .map_err(|why| MigrationError::from(Mismatch::GuestState(why)))?;
         tally.counter_at_pause = Some(g.progress_counter());
         *guest_out = Some(g);
         tally.verified = true;

@@ -7,7 +7,7 @@ use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::memory::PAGE_SIZE;
 use crate::migration::auth;
 use crate::migration::source_machine::unexpected;
-use crate::migration::{ConfigError, Violation};
+use crate::migration::{AuthFailure, ConfigError, Mismatch, Violation};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
@@ -62,11 +62,10 @@ impl Connector {
                         what: "the TLS handshake",
                         after: CONNECT_TIMEOUT,
                     })?
-                    .map_err(|e| {
-                        MigrationError::Incompatible(format!(
-                            "channel {ch} to {}: {e} (does the receiver run with --tls?)",
-                            self.target
-                        ))
+                    .map_err(|e| Mismatch::TlsConnect {
+                        channel: ch,
+                        target: self.target.clone(),
+                        why: e.to_string(),
                     })?;
                 (Conn::Tls(Box::new(s)), b.to_vec())
             }
@@ -105,9 +104,7 @@ impl Connector {
         match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
             (h, Message::ChannelBindResponse(r)) => {
                 if !self.secret.verify_bound(&bind, h.credit_grant, &r.proof) {
-                    return Err(MigrationError::Unauthenticated(format!(
-                        "the destination's answer to the bind of channel {ch} does not prove the session's secret"
-                    )));
+                    return Err(AuthFailure::BindAnswer { channel: ch }.into());
                 }
                 if self.frame_mac {
                     let conn = auth::Connection::Bind(ch, &nonce);
@@ -288,9 +285,7 @@ fn check_proof(
     if proven {
         return Ok(());
     }
-    let e = MigrationError::Unauthenticated(
-        "the destination did not prove the shared key: not sending it the guest".into(),
-    );
+    let e = MigrationError::from(AuthFailure::Destination);
     tracing::warn!(%target, "{e}");
     Err(e)
 }
@@ -319,16 +314,17 @@ async fn negotiate(
     match handshake_read(rd, "NEGOTIATE_RESPONSE").await? {
         (_, Message::NegotiateResponse(r)) => {
             if r.version != VERSION || r.page_size != PAGE_SIZE as u32 {
-                return Err(MigrationError::Incompatible(format!(
-                    "destination chose version {} and page size {}",
-                    r.version, r.page_size
-                )));
+                return Err(Mismatch::Chosen {
+                    version: r.version,
+                    page_size: r.page_size,
+                }
+                .into());
             }
             if r.codecs & needed != needed {
-                return Err(MigrationError::Incompatible(format!(
-                    "destination cannot decode {}",
-                    config.codec
-                )));
+                return Err(Mismatch::Codec {
+                    codec: config.codec,
+                }
+                .into());
             }
             Ok(r.nonce)
         }
