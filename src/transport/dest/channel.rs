@@ -40,7 +40,7 @@ pub(super) async fn channel_task(
         Err(panic) => {
             let text = panic_text(&*panic);
             tracing::error!(ch, gen, panic = text, "a channel's task panicked");
-            sh.forget_channel(ch, gen);
+            sh.retire_channel(ch, gen);
             Err(MigrationError::Internal(format!(
                 "channel {ch}'s task panicked"
             )))

@@ -256,6 +256,7 @@ impl Session {
             claims: Mutex::new(BatchLedger::default()),
             claims_changed: tokio::sync::Notify::new(),
             chans: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             fault: Mutex::new(self.config.fault),
             fault_armed: std::sync::atomic::AtomicBool::new(self.config.fault.is_some()),
             panic_armed: std::sync::atomic::AtomicBool::new(false),

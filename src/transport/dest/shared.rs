@@ -52,6 +52,10 @@ pub(super) struct Shared {
     pub(super) claims_changed: tokio::sync::Notify,
     /// Channels up now.
     pub(super) chans: Mutex<HashMap<u16, DestChan>>,
+    /// Connections that may hold half a frame (their task panicked): no
+    /// reply goes out on them, and they stay open until the session ends,
+    /// so the source reads its ABORT before it sees one close.
+    pub(super) retired: Mutex<Vec<DestChan>>,
     /// The fault to inject, until it has been; `fault_armed` keeps the
     /// per-batch checks to one load when there is none (always, but in tests).
     #[cfg_attr(not(feature = "faults"), allow(dead_code))]
@@ -241,6 +245,19 @@ impl Shared {
             c.stop.cancel();
         }
         Ok(())
+    }
+
+    /// Takes connection `gen` of `chan` out of the channels replies may use,
+    /// keeping it open until the session ends.
+    pub(super) fn retire_channel(&self, chan: u16, gen: u32) {
+        let mut chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
+        if chans.get(&chan).is_some_and(|c| c.gen == gen) {
+            let c = chans.remove(&chan).expect("checked");
+            self.retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(c);
+        }
     }
 
     /// Drops a lost connection from the channels replies may use.
