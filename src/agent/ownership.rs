@@ -112,7 +112,7 @@ impl Node {
             return;
         };
         let vm = name.to_string();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(250);
             loop {
                 match node.edit(&vm, &edit).await {
@@ -163,7 +163,8 @@ impl Node {
             Err(e) => {
                 // Perhaps written: held until etcd says.
                 let (node, name) = (self.clone(), spec.name.clone());
-                tokio::spawn(async move { node.finish_create(&name, created).await });
+                self.tasks
+                    .spawn(async move { node.finish_create(&name, created).await });
                 return Err(NodeError::Unavailable(format!(
                     "VM {} waits, paused, for its record ({e}); it runs once etcd answers",
                     spec.name

@@ -22,33 +22,43 @@ pub struct LinkResult {
     pub bps: f64,
 }
 
-/// Accepts connections and swallows what they send until `cancel` fires.
+/// Accepts connections and swallows what they send until `cancel` fires;
+/// returns once every connection's task has ended.
 pub async fn serve_link_sink(listener: TcpListener, cancel: CancellationToken) {
+    let conns = tokio_util::task::TaskTracker::new();
     loop {
-        let (mut s, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
+        let (s, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
-                Err(_) => continue,
+                // Out of descriptors, say: try again shortly, never spin.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
             },
         };
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; WRITE];
-            let mut total = 0u64;
-            loop {
-                let n = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    n = s.read(&mut buf) => match n { Ok(n) => n, Err(_) => return },
-                };
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
-            let _ = s.write_all(&total.to_le_bytes()).await;
-        });
+        conns.spawn(swallow(s, cancel.clone()));
     }
+    conns.close();
+    conns.wait().await;
+}
+
+/// Reads one connection to its end, then answers with the bytes it read.
+async fn swallow(mut s: tokio::net::TcpStream, cancel: CancellationToken) {
+    let mut buf = vec![0u8; WRITE];
+    let mut total = 0u64;
+    loop {
+        let n = tokio::select! {
+            _ = cancel.cancelled() => return,
+            n = s.read(&mut buf) => match n { Ok(n) => n, Err(_) => return },
+        };
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let _ = s.write_all(&total.to_le_bytes()).await;
 }
 
 /// Sends `bytes` (rounded up to whole 1 MiB writes per channel) over `channels`

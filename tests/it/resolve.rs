@@ -101,6 +101,10 @@ impl Pair {
         let mut all = args.to_vec();
         all.push("--json");
         let out = self.run(&all);
+        if !out.status.success() {
+            // Shown with the test's failure: why the command refused.
+            eprintln!("ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let text = String::from_utf8_lossy(&out.stdout);
         let v = serde_json::from_str(text.trim().lines().last().unwrap_or("null"))
             .unwrap_or(Value::Null);

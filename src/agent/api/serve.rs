@@ -2,6 +2,7 @@
 //! spawning its tasks, and its clean stop.
 
 use super::*;
+use tokio_util::task::TaskTracker;
 
 /// The API's TLS acceptor from the node's certificate and key, or `None`
 /// with `insecure_api`.
@@ -30,7 +31,8 @@ pub struct AgentHandle {
     /// Where it takes incoming migrations.
     pub data_addr: SocketAddr,
     stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Its long-running tasks, ended together by `stop`.
+    tasks: TaskTracker,
     /// The task renewing the node's lease, and its own stop
     /// (it renews until the other tasks have ended).
     keep: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
@@ -70,16 +72,21 @@ impl AgentHandle {
         self.node.close_operations().await;
         self.node.wait_idle(Duration::from_secs(30)).await;
         self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        // What the node recorded lands before its lease goes.
-        if let Some((stop, task)) = self.journal {
-            if let Some(j) = self.node.journal.get() {
-                if !j.flush(Duration::from_secs(10)).await {
-                    tracing::error!("stopping before every record reached etcd");
-                }
+        self.tasks.close();
+        self.tasks.wait().await;
+        // What the node recorded, and the record edits still waiting for
+        // etcd, land before its lease goes.
+        let flushed = async {
+            match self.node.journal.get() {
+                Some(j) => j.flush(Duration::from_secs(10)).await,
+                None => true,
             }
+        };
+        let (flushed, ()) = tokio::join!(flushed, self.node.tasks.end(Duration::from_secs(10)));
+        if !flushed {
+            tracing::error!("stopping before every record reached etcd");
+        }
+        if let Some((stop, task)) = self.journal {
             stop.cancel();
             let _ = task.await;
         }
@@ -236,47 +243,47 @@ pub(super) fn spawn_tasks(
     listener: tokio::net::TcpListener,
     api_tls: Option<tokio_rustls::TlsAcceptor>,
     stop: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(node.clone().keep_copies(stop.clone())));
+) -> TaskTracker {
+    let tasks = TaskTracker::new();
+    tasks.spawn(node.clone().keep_copies(stop.clone()));
     if let Some(live) = node.liveness.get().cloned() {
         let mirror = Arc::new(crate::agent::mirror::Mirror::new(
             live.etcd().clone(),
             live.prefix(),
         ));
         let _ = node.mirror.set(mirror.clone());
-        tasks.push(tokio::spawn({
+        tasks.spawn({
             let (mirror, stop) = (mirror.clone(), stop.clone());
             async move { mirror.run(stop).await }
-        }));
-        tasks.push(tokio::spawn(crate::agent::coordinator::run(
+        });
+        tasks.spawn(crate::agent::coordinator::run(
             node.clone(),
             live,
             mirror,
             stop.clone(),
-        )));
+        ));
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let ctx = RunContext {
         cancel: stop.child_token(),
         ..RunContext::default()
     };
-    tasks.push(tokio::spawn(receiver.serve(ctx, tx)));
+    tasks.spawn(receiver.serve(ctx, tx));
     let n = node.clone();
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(incoming) = rx.recv().await {
             n.incoming_done(incoming);
         }
-    }));
+    });
     let app = router(node.clone());
     let (stats, limits) = (node.api_stats.clone(), node.api_limits);
-    tasks.push(tokio::spawn(crate::agent::listen::serve_api(
+    tasks.spawn(crate::agent::listen::serve_api(
         listener,
         app,
         api_tls,
         limits,
         stats,
         stop.clone(),
-    )));
+    ));
     tasks
 }

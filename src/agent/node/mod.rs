@@ -5,6 +5,7 @@
 mod incoming;
 mod outgoing;
 mod resolve;
+mod tasks;
 mod vms;
 
 use super::cluster::{Cluster, NodeSpec};
@@ -723,6 +724,8 @@ pub struct Node {
     /// Set (under `op_turn`) once a stop has marked the running operations
     /// interrupted: no operation starts after, to be cut off by the exit.
     pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Its background tasks: outgoing migrations, operations, record edits.
+    pub(crate) tasks: tasks::Tasks,
 }
 
 impl std::fmt::Debug for Node {
@@ -780,6 +783,7 @@ impl Node {
             cluster_turn: tokio::sync::Mutex::new(()),
             op_turn: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            tasks: tasks::Tasks::default(),
         }))
     }
 

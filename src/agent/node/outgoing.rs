@@ -117,7 +117,7 @@ impl Node {
             vm.state = VmState::MigratingOut;
             st.running_out += 1;
             let node = self.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 node.run_outgoing(id, vm_name, target, guest, config, ctx)
                     .await
             });

@@ -108,7 +108,8 @@ impl Node {
         tracing::info!(op = %id, vms = placed.len(), left = left.len(), "drain started");
         let node = self.clone();
         let op = id.clone();
-        tokio::spawn(async move { node.run_drain(op, max as usize, cancel).await });
+        self.tasks
+            .spawn(async move { node.run_drain(op, max as usize, cancel).await });
         self.operation(&id)
     }
 

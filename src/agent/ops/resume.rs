@@ -88,7 +88,8 @@ impl Node {
         let (id, cancel) = self.new_op(OpKind::Resume, params, steps);
         let node = self.clone();
         let op = id.clone();
-        tokio::spawn(async move { node.run_failback(op, cancel).await });
+        self.tasks
+            .spawn(async move { node.run_failback(op, cancel).await });
         self.operation(&id)
     }
 

@@ -74,7 +74,8 @@ impl Node {
         let node = self.clone();
         let op = id.clone();
         let stage = stage.unwrap_or("update").to_string();
-        tokio::spawn(async move { node.run_update(op, argv, stage, cancel).await });
+        self.tasks
+            .spawn(async move { node.run_update(op, argv, stage, cancel).await });
         self.operation(&id)
     }
 
