@@ -240,7 +240,7 @@ pub async fn run(t: &Target) -> Vec<Case> {
         &frame(
             Header {
                 session_id: 0x1234_5678,
-                channel: 1,
+                channel: crate::wire::ChannelId(1),
                 ..Header::new(Command::ChannelBind)
             },
             &bind,

@@ -19,6 +19,7 @@
 //! key, binds are proved with the session's token as the key: only the peer
 //! that set the session up can add channels to it.
 
+use crate::wire::ChannelId;
 use crate::wire::SessionSetup;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -274,7 +275,7 @@ pub struct Bind<'a> {
     /// The session.
     pub session_id: u64,
     /// The channel being bound.
-    pub channel: u16,
+    pub channel: ChannelId,
     /// The bind's fresh nonce.
     pub nonce: &'a [u8; 16],
     /// The connection's TLS keying material (empty when plain).
@@ -315,7 +316,7 @@ impl BindSecret {
     fn mac(&self, what: &[u8], b: &Bind) -> HmacSha256 {
         let mut m = mac(&self.0, what);
         m.update(&b.session_id.to_le_bytes());
-        m.update(&b.channel.to_le_bytes());
+        m.update(&b.channel.0.to_le_bytes());
         m.update(b.nonce);
         bind_to(&mut m, b.binding);
         m
@@ -357,7 +358,7 @@ pub enum Connection<'a> {
     /// Channel 0 as the session was set up on it.
     Setup(&'a [u8; 16]),
     /// A CHANNEL_BIND of `channel` with its nonce.
-    Bind(u16, &'a [u8; 16]),
+    Bind(ChannelId, &'a [u8; 16]),
 }
 
 /// The frame-authentication keys of one connection, one per direction.
@@ -383,7 +384,7 @@ impl BindSecret {
                 }
                 Connection::Bind(channel, nonce) => {
                     m.update(b"bind");
-                    m.update(&channel.to_le_bytes());
+                    m.update(&channel.0.to_le_bytes());
                     m.update(nonce);
                 }
             }
@@ -519,28 +520,28 @@ mod tests {
             nonce,
             binding,
         };
-        let proof = b.bind_proof(&bind(2, &nb, b""));
-        assert!(b.verify_bind(&bind(2, &nb, b""), &proof));
+        let proof = b.bind_proof(&bind(ChannelId(2), &nb, b""));
+        assert!(b.verify_bind(&bind(ChannelId(2), &nb, b""), &proof));
         assert!(
-            !b.verify_bind(&bind(3, &nb, b""), &proof),
+            !b.verify_bind(&bind(ChannelId(3), &nb, b""), &proof),
             "another channel"
         );
         assert!(
-            !b.verify_bind(&bind(2, &other, b""), &proof),
+            !b.verify_bind(&bind(ChannelId(2), &other, b""), &proof),
             "another nonce"
         );
         assert!(
-            !b.verify_bind(&bind(2, &nb, b"tls"), &proof),
+            !b.verify_bind(&bind(ChannelId(2), &nb, b"tls"), &proof),
             "another TLS session"
         );
         assert!(
-            !b.verify_bound(&bind(2, &nb, b""), 16, &proof),
+            !b.verify_bound(&bind(ChannelId(2), &nb, b""), 16, &proof),
             "a bind proof is no bound proof"
         );
-        let bound = b.bound_proof(&bind(2, &nb, b""), 16);
-        assert!(b.verify_bound(&bind(2, &nb, b""), 16, &bound));
+        let bound = b.bound_proof(&bind(ChannelId(2), &nb, b""), 16);
+        assert!(b.verify_bound(&bind(ChannelId(2), &nb, b""), 16, &bound));
         assert!(
-            !b.verify_bound(&bind(2, &nb, b""), 17, &bound),
+            !b.verify_bound(&bind(ChannelId(2), &nb, b""), 17, &bound),
             "credits are proved"
         );
         // Another session (nonces), or no key: another secret.
@@ -607,9 +608,9 @@ mod tests {
         let key = SessionKey(b"frame-key-test-0123456789".to_vec());
         let secret = BindSecret::derive(Some(&key), &[1; 16], &[2; 16], 7, &[3; 16]);
         let setup = secret.frame_keys(7, Connection::Setup(&[1; 16]));
-        let bind = secret.frame_keys(7, Connection::Bind(0, &[1; 16]));
-        let bind1 = secret.frame_keys(7, Connection::Bind(1, &[1; 16]));
-        let other_nonce = secret.frame_keys(7, Connection::Bind(1, &[4; 16]));
+        let bind = secret.frame_keys(7, Connection::Bind(ChannelId(0), &[1; 16]));
+        let bind1 = secret.frame_keys(7, Connection::Bind(ChannelId(1), &[1; 16]));
+        let other_nonce = secret.frame_keys(7, Connection::Bind(ChannelId(1), &[4; 16]));
         let other_session = secret.frame_keys(8, Connection::Setup(&[1; 16]));
         let other_secret = BindSecret::derive(Some(&key), &[9; 16], &[2; 16], 7, &[3; 16])
             .frame_keys(7, Connection::Setup(&[1; 16]));

@@ -12,6 +12,7 @@
 
 use super::MigrationError;
 use crate::migration::Violation;
+use crate::wire::ChannelId;
 use crate::wire::{Header, Message, FLAG_RESEND};
 use std::collections::{HashMap, HashSet};
 
@@ -21,7 +22,7 @@ pub enum Claim {
     /// Its pages are being read into guest memory on this connection.
     Receiving {
         /// The channel.
-        chan: u16,
+        chan: ChannelId,
         /// Its connection.
         gen: u32,
     },
@@ -54,7 +55,7 @@ pub enum Settle {
     AckOnly,
     /// Another connection still holds it (`Some`: reading it, and the source
     /// has given up on that connection, so stop it): wait and ask again.
-    Wait(Option<(u16, u32)>),
+    Wait(Option<(ChannelId, u32)>),
 }
 
 /// Batch ids seen this round and the last.
@@ -120,7 +121,7 @@ impl BatchLedger {
     }
 
     /// Forgets what connection `gen` of `chan`, which ended, was reading.
-    pub fn release(&mut self, chan: u16, gen: u32) {
+    pub fn release(&mut self, chan: ChannelId, gen: u32) {
         self.claims
             .retain(|_, c| *c != Claim::Receiving { chan, gen });
     }
@@ -220,15 +221,18 @@ mod tests {
     #[test]
     fn each_batch_id_is_applied_once() {
         let mut l = BatchLedger::default();
-        let reading = Claim::Receiving { chan: 1, gen: 0 };
+        let reading = Claim::Receiving {
+            chan: ChannelId(1),
+            gen: 0,
+        };
         assert_eq!(l.claim(&batch(7, false), reading).unwrap(), Claimed::New);
         assert!(l.claim(&batch(7, false), Claim::Applying).is_err());
         assert_eq!(
             l.claim(&batch(7, true), Claim::Applying).unwrap(),
             Claimed::Repeat
         );
-        assert_eq!(l.settle(7), Settle::Wait(Some((1, 0))));
-        l.release(1, 0);
+        assert_eq!(l.settle(7), Settle::Wait(Some((ChannelId(1), 0))));
+        l.release(ChannelId(1), 0);
         assert_eq!(l.settle(7), Settle::Apply);
         assert_eq!(l.settle(7), Settle::Wait(None));
         l.set(7, Some(Claim::Done { round: 0 }));

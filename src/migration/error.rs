@@ -6,6 +6,7 @@ use crate::memory::MemoryError;
 use crate::migration::policy::GiveUp;
 use crate::migration::violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
 use crate::migration::ConfigError;
+use crate::wire::ChannelId;
 use crate::wire::{AbortCode, DecodeError};
 use std::time::Duration;
 
@@ -65,14 +66,14 @@ pub enum MigrationError {
     #[error("peer closed channel {channel}")]
     PeerClosed {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
     },
     /// A channel broke (closed mid-frame, silent past the peer timeout):
     /// its batches go to the others while it rebinds.
     #[error("channel {channel} lost: {why}")]
     ChannelLost {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// What happened to it.
         why: String,
     },

@@ -5,6 +5,7 @@ use super::credits::CreditOverflow;
 use super::dest_state::DestState;
 use super::fault::FaultPoint;
 use crate::memory::MemoryError;
+use crate::wire::ChannelId;
 use crate::wire::Command;
 
 /// A well-formed message the protocol does not allow now.
@@ -33,7 +34,7 @@ pub enum Violation {
     #[error("{} granted {credits} credits", channel_text(*.channel))]
     Credits {
         /// The channel.
-        channel: Option<u16>,
+        channel: Option<ChannelId>,
         /// The credits granted.
         credits: u16,
     },
@@ -41,7 +42,7 @@ pub enum Violation {
     #[error("channel {channel}: {overflow}")]
     CreditOverflow {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The window's overflow.
         overflow: CreditOverflow,
     },
@@ -49,7 +50,7 @@ pub enum Violation {
     #[error("acknowledgement on channel {channel} of batch {batch} not in flight on it")]
     NotInFlight {
         /// The channel the acknowledgement came on.
-        channel: u16,
+        channel: ChannelId,
         /// The batch's message id.
         batch: u64,
     },
@@ -57,7 +58,7 @@ pub enum Violation {
     #[error("duplicate message id {id} ({command}) on channel {channel} (not marked as a resend)")]
     Duplicate {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The message id.
         id: u64,
         /// The message.
@@ -67,7 +68,7 @@ pub enum Violation {
     #[error("frame for session {got:016x} on channel {channel} of session {session:016x}")]
     WrongSession {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The session the frame names.
         got: u64,
         /// The channel's session.
@@ -77,7 +78,7 @@ pub enum Violation {
     #[error("bind of channel {channel} to unknown session {session:016x}")]
     UnknownSession {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The session named.
         session: u64,
     },
@@ -85,7 +86,7 @@ pub enum Violation {
     #[error("bind of channel {channel} to session {session:016x} of {channels} channels")]
     NoSuchChannel {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The session.
         session: u64,
         /// How many channels it has.
@@ -109,7 +110,7 @@ fn round_text(round: Option<u32>) -> String {
     round.map(|r| format!("({r})")).unwrap_or_default()
 }
 
-fn channel_text(channel: Option<u16>) -> String {
+fn channel_text(channel: Option<ChannelId>) -> String {
     match channel {
         Some(c) => format!("channel {c}"),
         None => "the first connection".into(),
@@ -274,7 +275,7 @@ pub enum Mismatch {
     #[error("channel {channel} to {target}: {why} (does the receiver run with --tls?)")]
     TlsConnect {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The receiver's address.
         target: String,
         /// rustls's account.
@@ -292,7 +293,7 @@ pub enum AuthFailure {
     #[error("the destination's answer to the bind of channel {channel} does not prove the session's secret")]
     BindAnswer {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
     },
     /// The destination did not prove the key.
     #[error("the destination did not prove the shared key: not sending it the guest")]
@@ -326,7 +327,7 @@ pub enum AuthFailure {
     #[error("bind of channel {channel} to session {session:016x} with a wrong proof")]
     BindProof {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The session.
         session: u64,
     },
@@ -334,7 +335,7 @@ pub enum AuthFailure {
     #[error("bind of channel {channel} to session {session:016x} replays a used nonce")]
     BindReplay {
         /// The channel.
-        channel: u16,
+        channel: ChannelId,
         /// The session.
         session: u64,
     },

@@ -16,6 +16,7 @@ use crate::migration::dest_state::DestMachine;
 use crate::migration::MigrationError;
 use crate::migration::{AuthFailure, Mismatch, Shortfall, Violation};
 use crate::transport::{Conn, FrameReader, FrameWriter};
+use crate::wire::ChannelId;
 use crate::wire::{Abort, Command, Header, Limits, Message, Negotiate, SessionLabel, SessionSetup};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -200,7 +201,12 @@ pub(super) async fn handle_connection(
             return None;
         }
     };
-    let (mut reader, mut writer) = conn.split(0, rx_bytes.clone(), Vec::new(), Arc::default());
+    let (mut reader, mut writer) = conn.split(
+        ChannelId::CONTROL,
+        rx_bytes.clone(),
+        Vec::new(),
+        Arc::default(),
+    );
     let first = match within(&ticket, deadline, reader.read_frame()).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) => return None,
@@ -354,7 +360,7 @@ async fn accept_conn(stream: TcpStream, peer: SocketAddr, rx: &Shared) -> Option
         if u32::from_le_bytes(head) == crate::wire::MAGIC {
             let (r, w) = stream.into_split();
             drop(r);
-            let mut writer = FrameWriter::new(w, 0, Vec::new(), Arc::default());
+            let mut writer = FrameWriter::new(w, ChannelId::CONTROL, Vec::new(), Arc::default());
             let e = MigrationError::from(Mismatch::TlsOnly);
             rx.refuse(peer, Some(&mut writer), Refusal::Malformed, &e)
                 .await;
@@ -403,7 +409,11 @@ async fn session_handshake(
         .read_frame()
         .await
         .map_err(malformed)?
-        .ok_or_else(|| malformed(MigrationError::PeerClosed { channel: 0 }))?;
+        .ok_or_else(|| {
+            malformed(MigrationError::PeerClosed {
+                channel: ChannelId::CONTROL,
+            })
+        })?;
     let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP) {
         Ok(Message::SessionSetup(s)) => s,
         Ok(Message::Abort(a)) => {
@@ -553,7 +563,7 @@ fn route_bind(
         Some(s) => s,
     };
     let refuse = |e, writer| Err((Refusal::BadBind, e, writer));
-    if h.channel >= s.channels {
+    if h.channel.0 >= s.channels {
         return refuse(
             Violation::NoSuchChannel {
                 channel: h.channel,

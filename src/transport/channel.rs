@@ -4,6 +4,7 @@ use super::TokenBucket;
 use crate::codec::CodecId;
 use crate::memory::{GuestMemory, PageFill, PAGE_SIZE};
 use crate::migration::MigrationError;
+use crate::wire::ChannelId;
 use crate::wire::{
     encode_header, encode_header_uncrc, Command, Frame, FrameCrc, FrameMac, Header, Limits,
     Message, PageBatch, HEADER_LEN, MAC_LEN,
@@ -39,7 +40,7 @@ impl Conn {
     /// Splits it into a frame reader and writer.
     pub fn split(
         self,
-        channel: u16,
+        channel: ChannelId,
         rx: Arc<AtomicU64>,
         buckets: Vec<Arc<TokenBucket>>,
         tx: Arc<AtomicU64>,
@@ -162,7 +163,7 @@ const SESSION_BUFFER: usize = 64 << 10;
 #[derive(Debug)]
 pub struct FrameReader {
     rd: BufReader<ReadSide>,
-    channel: u16,
+    channel: ChannelId,
     bytes: Arc<AtomicU64>,
     buf: BytesMut,
     /// Payloads above this are refused from the header alone.
@@ -176,14 +177,14 @@ pub struct FrameReader {
 
 impl FrameReader {
     /// Wraps a plain read half; counts bytes read into `bytes`.
-    pub fn new(rd: OwnedReadHalf, channel: u16, bytes: Arc<AtomicU64>) -> Self {
+    pub fn new(rd: OwnedReadHalf, channel: ChannelId, bytes: Arc<AtomicU64>) -> Self {
         Self::with(ReadSide::Plain(rd), channel, bytes)
     }
 
     /// A reader for a connection whose peer has not proved anything yet:
     /// payloads of at most [`HANDSHAKE_MAX_PAYLOAD`] and a small buffer,
     /// until [`FrameReader::open_up`].
-    fn with(rd: ReadSide, channel: u16, bytes: Arc<AtomicU64>) -> Self {
+    fn with(rd: ReadSide, channel: ChannelId, bytes: Arc<AtomicU64>) -> Self {
         Self {
             rd: BufReader::with_capacity(HANDSHAKE_BUFFER, rd),
             channel,
@@ -221,12 +222,12 @@ impl FrameReader {
     }
 
     /// The channel number.
-    pub fn channel(&self) -> u16 {
+    pub fn channel(&self) -> ChannelId {
         self.channel
     }
 
     /// Sets the channel number (once bound).
-    pub fn set_channel(&mut self, channel: u16) {
+    pub fn set_channel(&mut self, channel: ChannelId) {
         self.channel = channel;
     }
 
@@ -493,7 +494,7 @@ impl Check {
 pub struct FrameWriter {
     wr: WriteSide,
     fd: std::os::fd::RawFd,
-    channel: u16,
+    channel: ChannelId,
     buckets: Vec<Arc<TokenBucket>>,
     bytes: Arc<AtomicU64>,
     progress: Arc<AtomicU64>,
@@ -506,7 +507,7 @@ impl FrameWriter {
     /// migration's cap, the node's) and is counted into `bytes`.
     pub fn new(
         wr: OwnedWriteHalf,
-        channel: u16,
+        channel: ChannelId,
         buckets: Vec<Arc<TokenBucket>>,
         bytes: Arc<AtomicU64>,
     ) -> Self {
@@ -518,7 +519,7 @@ impl FrameWriter {
     fn with(
         wr: WriteSide,
         fd: std::os::fd::RawFd,
-        channel: u16,
+        channel: ChannelId,
         buckets: Vec<Arc<TokenBucket>>,
         bytes: Arc<AtomicU64>,
     ) -> Self {
@@ -549,7 +550,7 @@ impl FrameWriter {
     }
 
     /// Sets the channel number (once bound).
-    pub fn set_channel(&mut self, channel: u16) {
+    pub fn set_channel(&mut self, channel: ChannelId) {
         self.channel = channel;
     }
 

@@ -6,6 +6,32 @@ use bytes::{Buf, Bytes, BytesMut};
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 40;
 
+/// A channel's number within its session: the control channel is 0, the
+/// others `1..channels` (at most [`super::MAX_CHANNELS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChannelId(pub u16);
+
+impl ChannelId {
+    /// The control channel, which every session opens first.
+    pub const CONTROL: ChannelId = ChannelId(0);
+
+    /// Its position in a per-channel table.
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+
+    /// Channel `i` of a session (`i` below [`super::MAX_CHANNELS`], so it fits).
+    pub fn nth(i: usize) -> ChannelId {
+        ChannelId(u16::try_from(i).unwrap_or(u16::MAX))
+    }
+}
+
+impl std::fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A decoded frame header (the CRC is checked, not kept).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -14,7 +40,7 @@ pub struct Header {
     /// Command-specific flags.
     pub flags: u16,
     /// The channel the frame travels on.
-    pub channel: u16,
+    pub channel: ChannelId,
     /// Credits the sender asks for.
     pub credit_request: u16,
     /// Credits the sender grants its peer.
@@ -33,7 +59,7 @@ impl Header {
         Self {
             command,
             flags: 0,
-            channel: 0,
+            channel: ChannelId::CONTROL,
             credit_request: 0,
             credit_grant: 0,
             message_id: 0,
@@ -73,7 +99,7 @@ impl Header {
         let header = Header {
             command,
             flags: u16_at(6),
-            channel: u16_at(8),
+            channel: ChannelId(u16_at(8)),
             credit_request: u16_at(10),
             credit_grant: u16_at(12),
             message_id: u64_at(16),
@@ -154,7 +180,7 @@ pub fn encode_header_uncrc(header: &Header, len: usize) -> [u8; HEADER_LEN] {
     b[4] = VERSION;
     b[5] = header.command as u8;
     b[6..8].copy_from_slice(&header.flags.to_le_bytes());
-    b[8..10].copy_from_slice(&header.channel.to_le_bytes());
+    b[8..10].copy_from_slice(&header.channel.0.to_le_bytes());
     b[10..12].copy_from_slice(&header.credit_request.to_le_bytes());
     b[12..14].copy_from_slice(&header.credit_grant.to_le_bytes());
     b[16..24].copy_from_slice(&header.message_id.to_le_bytes());
@@ -245,7 +271,7 @@ mod tests {
         let h = Header {
             command: Command::BatchAck,
             flags: 3,
-            channel: 7,
+            channel: ChannelId(7),
             credit_request: 1,
             credit_grant: 9,
             message_id: 0x0102_0304_0506_0708,
@@ -260,7 +286,7 @@ mod tests {
         let bytes = sample();
         let mut buf = BytesMut::from(&bytes[..]);
         let frame = FrameDecoder::new().decode(&mut buf).unwrap().unwrap();
-        assert_eq!(frame.header.channel, 7);
+        assert_eq!(frame.header.channel, ChannelId(7));
         assert_eq!(frame.header.credit_grant, 9);
         assert_eq!(frame.header.message_id, 0x0102_0304_0506_0708);
         assert_eq!(frame.header.payload_len, 13);

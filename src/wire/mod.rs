@@ -32,8 +32,8 @@ pub use batch::{
     BatchEncoder, EncodedBatch, Page, PageBatch, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH,
 };
 pub use frame::{
-    check_magic, encode_frame, encode_header, encode_header_uncrc, Frame, FrameCrc, FrameDecoder,
-    Header, HEADER_LEN,
+    check_magic, encode_frame, encode_header, encode_header_uncrc, ChannelId, Frame, FrameCrc,
+    FrameDecoder, Header, HEADER_LEN,
 };
 pub use mac::{FrameMac, FrameTag, MAC_LEN};
 pub use message::{

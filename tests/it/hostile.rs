@@ -22,8 +22,8 @@ use ferry::migration::auth::BindSecret;
 use ferry::migration::{MigrationConfig, Outcome};
 use ferry::transport::{Incoming, Receiver, ReceiverConfig, RunContext};
 use ferry::wire::{
-    encode_frame, BatchEncoder, ChannelBind, Command, FrameDecoder, Header, Limits, Message,
-    Negotiate, SessionSetup,
+    encode_frame, BatchEncoder, ChannelBind, ChannelId, Command, FrameDecoder, Header, Limits,
+    Message, Negotiate, SessionSetup,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -221,7 +221,7 @@ fn open_session(s: &mut TcpStream, memory: u64) -> (u64, BindSecret) {
 }
 
 /// A CHANNEL_BIND of `channel` to `session`, proved by `secret` over `nonce`.
-fn bind(s: &mut TcpStream, session: u64, channel: u16, secret: &BindSecret, nonce: [u8; 16]) {
+fn bind(s: &mut TcpStream, session: u64, channel: ChannelId, secret: &BindSecret, nonce: [u8; 16]) {
     let header = Header {
         session_id: session,
         channel,
@@ -280,18 +280,18 @@ fn a_bind_with_a_wrong_proof_unknown_session_or_replayed_nonce_is_refused() {
         (session, &secret, 7, [7; 16], "of 2 channels"),
     ] {
         let mut s = TcpStream::connect(&h.addr).unwrap();
-        bind(&mut s, sid, ch, secret, nonce);
+        bind(&mut s, sid, ChannelId(ch), secret, nonce);
         let text = abort_text(recv(&mut s));
         assert!(text.contains(why), "{why}: {text}");
     }
     // The right proof binds, and its answer proves the secret back.
     let mut s = TcpStream::connect(&h.addr).unwrap();
-    bind(&mut s, session, 1, &secret, [8; 16]);
+    bind(&mut s, session, ChannelId(1), &secret, [8; 16]);
     match recv(&mut s) {
         Some((h, Message::ChannelBindResponse(r))) => {
             let bound = ferry::migration::auth::Bind {
                 session_id: session,
-                channel: 1,
+                channel: ChannelId(1),
                 nonce: &[8; 16],
                 binding: &[],
             };
@@ -301,7 +301,7 @@ fn a_bind_with_a_wrong_proof_unknown_session_or_replayed_nonce_is_refused() {
     }
     // The same bind recorded and played again is refused.
     let mut s = TcpStream::connect(&h.addr).unwrap();
-    bind(&mut s, session, 1, &secret, [8; 16]);
+    bind(&mut s, session, ChannelId(1), &secret, [8; 16]);
     let text = abort_text(recv(&mut s));
     assert!(text.contains("replays a used nonce"), "{text}");
 }

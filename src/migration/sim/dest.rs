@@ -8,6 +8,7 @@ use crate::migration::dest_state::{DestMachine, DestState};
 use crate::migration::fault::{FaultKind, FaultPoint};
 use crate::migration::MigrationError;
 use crate::migration::{Shortfall, Violation};
+use crate::wire::ChannelId;
 use crate::wire::{BatchAck, Command, Complete, Header, Message, Negotiate};
 use crate::wire::{SessionSetup, VERSION};
 
@@ -19,7 +20,7 @@ pub struct SimDest {
     control: ControlLog,
     pub session_id: u64,
     /// Connections it reads, by channel.
-    pub conns: std::collections::BTreeMap<u16, u32>,
+    pub conns: std::collections::BTreeMap<ChannelId, u32>,
     /// When a frame last arrived on any channel.
     pub last_rx: u64,
     pub crashed: bool,
@@ -36,7 +37,7 @@ pub struct SimDest {
 }
 
 /// What the destination sends back: a frame on a channel of its choosing.
-pub type Reply = (u16, Header, Message);
+pub type Reply = (ChannelId, Header, Message);
 
 /// The message id that marks a hostile destination's frame (its honest
 /// frames carry 0).
@@ -81,7 +82,7 @@ impl SimDest {
             ledger: BatchLedger::default(),
             control: ControlLog::default(),
             session_id,
-            conns: (0..channels).map(|c| (c, 0)).collect(),
+            conns: (0..channels).map(|c| (ChannelId(c), 0)).collect(),
             last_rx: now,
             crashed: false,
             silent: false,
@@ -119,7 +120,7 @@ impl SimDest {
     }
 
     /// A connection closed: what it was reading is forgotten.
-    pub fn lost(&mut self, chan: u16, gen: u32) {
+    pub fn lost(&mut self, chan: ChannelId, gen: u32) {
         if self.conns.get(&chan) == Some(&gen) {
             self.conns.remove(&chan);
         }
@@ -127,7 +128,7 @@ impl SimDest {
     }
 
     /// Connection `gen` of `chan` bound, replacing the one before.
-    pub fn bound(&mut self, chan: u16, gen: u32) {
+    pub fn bound(&mut self, chan: ChannelId, gen: u32) {
         if let Some(old) = self.conns.insert(chan, gen) {
             self.ledger.release(chan, old);
         }
@@ -191,7 +192,7 @@ impl SimDest {
 
     fn batch(
         &mut self,
-        chan: u16,
+        chan: ChannelId,
         h: &Header,
         round: u32,
         pages: &[(u64, u64)],
@@ -239,7 +240,7 @@ impl SimDest {
     }
 
     /// A hostile destination's one bad frame, at its first fresh batch.
-    fn misbehave(&mut self, chan: u16, out: &mut Vec<Reply>) {
+    fn misbehave(&mut self, chan: ChannelId, out: &mut Vec<Reply>) {
         let marked = |command| Header {
             message_id: HOSTILE_ID,
             ..Header::new(command)
@@ -266,7 +267,12 @@ impl SimDest {
         out.push((chan, marked(bad.command()), bad));
     }
 
-    fn message(&mut self, chan: u16, h: &Header, m: Message) -> Result<Vec<Reply>, MigrationError> {
+    fn message(
+        &mut self,
+        chan: ChannelId,
+        h: &Header,
+        m: Message,
+    ) -> Result<Vec<Reply>, MigrationError> {
         if let Message::Echo(e) = m {
             return Ok(vec![(
                 chan,

@@ -2,6 +2,7 @@
 //! seeded latency, stalls and resets, on a virtual clock in milliseconds.
 
 use super::Rng;
+use crate::wire::ChannelId;
 use crate::wire::{Header, Message};
 use std::collections::BTreeMap;
 
@@ -27,7 +28,7 @@ pub enum Payload {
 /// A frame on the wire.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    pub chan: u16,
+    pub chan: ChannelId,
     pub gen: u32,
     pub header: Header,
     pub payload: Payload,
@@ -47,13 +48,13 @@ pub struct Net {
     seq: u64,
     /// Each connection's last delivery time per direction (FIFO), and any
     /// stall that holds its frames until a time.
-    last_at: BTreeMap<(Dir, u16, u32), u64>,
-    stalled_until: BTreeMap<(u16, u32), u64>,
+    last_at: BTreeMap<(Dir, ChannelId, u32), u64>,
+    stalled_until: BTreeMap<(ChannelId, u32), u64>,
     /// Connections up: channel → generation.
-    pub up: BTreeMap<u16, u32>,
+    pub up: BTreeMap<ChannelId, u32>,
     /// Frames delivered to the destination per connection: the source's
     /// socket progress.
-    pub delivered: BTreeMap<(u16, u32), u64>,
+    pub delivered: BTreeMap<(ChannelId, u32), u64>,
 }
 
 impl Net {
@@ -113,21 +114,21 @@ impl Net {
     }
 
     /// Opens connection `gen` of `chan`, replacing any before it.
-    pub fn open(&mut self, chan: u16, gen: u32) {
+    pub fn open(&mut self, chan: ChannelId, gen: u32) {
         if let Some(old) = self.up.insert(chan, gen) {
             self.drop_conn(chan, old);
         }
     }
 
     /// Closes connection `gen` of `chan`: its frames in flight are lost.
-    pub fn close(&mut self, chan: u16, gen: u32) {
+    pub fn close(&mut self, chan: ChannelId, gen: u32) {
         if self.up.get(&chan) == Some(&gen) {
             self.up.remove(&chan);
         }
         self.drop_conn(chan, gen);
     }
 
-    fn drop_conn(&mut self, chan: u16, gen: u32) {
+    fn drop_conn(&mut self, chan: ChannelId, gen: u32) {
         self.queue
             .retain(|q| !(q.frame.chan == chan && q.frame.gen == gen));
     }
@@ -135,7 +136,7 @@ impl Net {
     /// The source closes connection `gen` of `chan`: what its socket took
     /// still reaches the destination, then the end of the stream; what the
     /// destination sent it is lost.
-    pub fn close_from_source(&mut self, rng: &mut Rng, now: u64, chan: u16, gen: u32) {
+    pub fn close_from_source(&mut self, rng: &mut Rng, now: u64, chan: ChannelId, gen: u32) {
         if self.up.get(&chan) != Some(&gen) {
             return;
         }
@@ -153,7 +154,7 @@ impl Net {
     }
 
     /// Holds every frame of the connection on `chan` until `until`.
-    pub fn stall(&mut self, chan: u16, until: u64) {
+    pub fn stall(&mut self, chan: ChannelId, until: u64) {
         if let Some(&gen) = self.up.get(&chan) {
             // A shorter stall does not shorten a longer one, and frames sent
             // later stay behind the held ones (FIFO).

@@ -3,6 +3,7 @@
 //! arrived.
 
 use super::{ControlTx, SourceMachine};
+use crate::wire::ChannelId;
 use crate::wire::{Header, Message, FLAG_RESEND};
 
 /// A control message written and not yet known to have arrived: sent
@@ -14,7 +15,7 @@ use crate::wire::{Header, Message, FLAG_RESEND};
 pub(super) struct Unconfirmed {
     pub id: u64,
     pub msg: Message,
-    pub chan: u16,
+    pub chan: ChannelId,
     pub gen: u32,
     pub resend: bool,
 }

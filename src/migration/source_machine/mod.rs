@@ -23,6 +23,7 @@ use super::MigrationError;
 use crate::memory::DirtySnapshot;
 use crate::migration::Violation;
 use crate::page::PageRun;
+use crate::wire::ChannelId;
 use crate::wire::{Command, Header, Message, FLAG_RESEND, MAX_RUNS_PER_BATCH};
 use control::Unconfirmed;
 use std::collections::{HashMap, VecDeque};
@@ -47,7 +48,7 @@ struct Chan {
 }
 
 struct Inflight {
-    chan: u16,
+    chan: ChannelId,
     gen: u32,
     job: BatchJob,
     pages: u32,
@@ -68,7 +69,7 @@ pub struct SourceMachine {
     acked: u64,
     controls: VecDeque<(u64, Message)>,
     unconfirmed: Vec<Unconfirmed>,
-    control_chan: Option<(u16, u32)>,
+    control_chan: Option<(ChannelId, u32)>,
     control_writing: bool,
     control_written: u64,
     transmits: VecDeque<Transmit>,
@@ -125,9 +126,9 @@ impl SourceMachine {
     }
 
     /// Whether connection `gen` of `chan` is the channel's live one.
-    pub fn is_live(&self, chan: u16, gen: u32) -> bool {
+    pub fn is_live(&self, chan: ChannelId, gen: u32) -> bool {
         self.chans
-            .get(usize::from(chan))
+            .get(chan.index())
             .is_some_and(|c| c.live && c.gen == gen)
     }
 
@@ -174,7 +175,7 @@ impl SourceMachine {
     /// The next batch for connection `gen` of channel `chan`: one to send
     /// again first, else a new one. The writer holds it until it calls
     /// [`begin_batch`](Self::begin_batch) or [`requeue`](Self::requeue).
-    pub fn next_work(&mut self, chan: u16, gen: u32) -> Next {
+    pub fn next_work(&mut self, chan: ChannelId, gen: u32) -> Next {
         if !self.is_live(chan, gen) || self.closed {
             return Next::Dead;
         }
@@ -200,7 +201,7 @@ impl SourceMachine {
     /// connection `gen` of channel `chan` if a credit is open there.
     pub fn begin_batch(
         &mut self,
-        chan: u16,
+        chan: ChannelId,
         gen: u32,
         work: Work,
         pages: u32,
@@ -210,7 +211,7 @@ impl SourceMachine {
             self.requeue(work);
             return Begin::Dead;
         }
-        let c = &mut self.chans[usize::from(chan)];
+        let c = &mut self.chans[chan.index()];
         if !c.credits.take() {
             return Begin::NoCredit(work);
         }
@@ -242,7 +243,7 @@ impl SourceMachine {
     pub fn handle_frame(
         &mut self,
         now: Instant,
-        chan: u16,
+        chan: ChannelId,
         gen: u32,
         header: &Header,
         msg: Message,
@@ -251,11 +252,11 @@ impl SourceMachine {
             // Its batches were sent again: their acks count there.
             return Ok(Handled::Stale);
         }
-        self.chans[usize::from(chan)].last_rx = now;
+        self.chans[chan.index()].last_rx = now;
         match msg {
             Message::BatchAck(ack) => self.ack(chan, gen, ack.message_id, header.credit_grant),
             Message::EchoResponse(_) => {
-                self.chans[usize::from(chan)].echo_pending = false;
+                self.chans[chan.index()].echo_pending = false;
                 Ok(Handled::Other)
             }
             m @ (Message::Ready(_) | Message::Complete(_) | Message::Abort(_)) => {
@@ -274,7 +275,13 @@ impl SourceMachine {
         }
     }
 
-    fn ack(&mut self, chan: u16, gen: u32, id: u64, grant: u16) -> Result<Handled, MigrationError> {
+    fn ack(
+        &mut self,
+        chan: ChannelId,
+        gen: u32,
+        id: u64,
+        grant: u16,
+    ) -> Result<Handled, MigrationError> {
         match self.inflight.get(&id) {
             Some(b) if b.chan == chan && b.gen == gen => {}
             _ => {
@@ -285,7 +292,7 @@ impl SourceMachine {
                 .into())
             }
         }
-        let c = &mut self.chans[usize::from(chan)];
+        let c = &mut self.chans[chan.index()];
         c.credits
             .grant(grant)
             .map_err(|overflow| Violation::CreditOverflow {
@@ -305,11 +312,11 @@ impl SourceMachine {
     /// go back to the queue for the other channels, an unanswered control
     /// message on it is sent again, and the channel rebinds. `false` when it
     /// was already dead (or the session is over).
-    pub fn handle_lost(&mut self, now: Instant, chan: u16, gen: u32) -> bool {
+    pub fn handle_lost(&mut self, now: Instant, chan: ChannelId, gen: u32) -> bool {
         if self.closed || !self.is_live(chan, gen) {
             return false;
         }
-        let c = &mut self.chans[usize::from(chan)];
+        let c = &mut self.chans[chan.index()];
         c.live = false;
         c.outstanding = 0;
         let mut ids: Vec<u64> = self
@@ -339,11 +346,11 @@ impl SourceMachine {
     }
 
     /// Connection `gen` of `chan` is bound with `credits` open.
-    pub fn handle_bound(&mut self, now: Instant, chan: u16, gen: u32, credits: Credits) {
-        if self.closed || usize::from(chan) >= self.chans.len() {
+    pub fn handle_bound(&mut self, now: Instant, chan: ChannelId, gen: u32, credits: Credits) {
+        if self.closed || chan.index() >= self.chans.len() {
             return;
         }
-        self.chans[usize::from(chan)] = Chan::bound(gen, credits, now);
+        self.chans[chan.index()] = Chan::bound(gen, credits, now);
         self.all_dead_since = None;
         self.tallies.rebinds += 1;
     }
@@ -351,7 +358,7 @@ impl SourceMachine {
     /// A rebind of `chan` failed; `definitive` when the peer refused it (a
     /// refused connection, an abort, a failed proof). With no channel left,
     /// that ends the session. Returns whether to try again.
-    pub fn handle_rebind_failed(&mut self, chan: u16, definitive: bool, why: &str) -> bool {
+    pub fn handle_rebind_failed(&mut self, chan: ChannelId, definitive: bool, why: &str) -> bool {
         if self.closed || self.gave_up.is_some() {
             return false;
         }
@@ -400,12 +407,12 @@ impl SourceMachine {
     }
 
     /// The lowest-numbered live channel and its connection.
-    pub fn live_channel(&self) -> Option<(u16, u32)> {
+    pub fn live_channel(&self) -> Option<(ChannelId, u32)> {
         self.chans
             .iter()
             .enumerate()
             .find(|(_, c)| c.live)
-            .map(|(i, c)| (i as u16, c.gen))
+            .map(|(i, c)| (ChannelId::nth(i), c.gen))
     }
 
     /// The next event for the driver.
@@ -466,7 +473,7 @@ impl SourceMachine {
             let quiet = now.saturating_duration_since(c.last_rx.max(c.moved.1));
             let owed = c.outstanding > 0 || c.echo_pending;
             if owed && quiet > timeout {
-                dead.push((i as u16, c.gen));
+                dead.push((ChannelId::nth(i), c.gen));
             } else if !owed && quiet > keepalive {
                 c.echo_pending = true;
                 let header = Header {
@@ -477,7 +484,7 @@ impl SourceMachine {
                 self.next_msg += 1;
                 let value = now.saturating_duration_since(c.last_rx).as_millis() as u64;
                 let msg = Message::Echo(crate::wire::Echo { value });
-                let (chan, gen) = (i as u16, c.gen);
+                let (chan, gen) = (ChannelId::nth(i), c.gen);
                 self.transmits.push_back(Transmit::Echo {
                     chan,
                     gen,
@@ -532,7 +539,7 @@ impl SourceMachine {
             let on = self
                 .inflight
                 .values()
-                .filter(|b| usize::from(b.chan) == i && b.gen == c.gen)
+                .filter(|b| b.chan.index() == i && b.gen == c.gen)
                 .count();
             if on != c.outstanding as usize {
                 return Err(format!(

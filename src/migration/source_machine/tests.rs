@@ -30,7 +30,7 @@ fn ack(id: u64, grant: u16) -> (Header, Message) {
 }
 
 /// Takes and begins the next batch on `chan`, returning its header.
-fn send(m: &mut SourceMachine, chan: u16, gen: u32) -> Header {
+fn send(m: &mut SourceMachine, chan: ChannelId, gen: u32) -> Header {
     let Next::Work(w) = m.next_work(chan, gen) else {
         panic!("no work")
     };
@@ -44,24 +44,27 @@ fn send(m: &mut SourceMachine, chan: u16, gen: u32) -> Header {
 fn batches_split_by_size_and_wait_for_credit() {
     let (mut m, now) = machine(1, 1);
     assert_eq!(m.enqueue(&pages(10), 0, 4), 10);
-    let h = send(&mut m, 0, 0);
+    let h = send(&mut m, ChannelId(0), 0);
     assert_eq!((h.message_id, h.flags), (1, 0));
-    let Next::Work(w) = m.next_work(0, 0) else {
+    let Next::Work(w) = m.next_work(ChannelId(0), 0) else {
         panic!()
     };
     assert_eq!(w.job().runs, vec![PageRun::new(4, 4)]);
-    let Begin::NoCredit(w) = m.begin_batch(0, 0, w, 4, 10) else {
+    let Begin::NoCredit(w) = m.begin_batch(ChannelId(0), 0, w, 4, 10) else {
         panic!()
     };
     let (h, a) = ack(1, 1);
     assert_eq!(
-        m.handle_frame(now, 0, 0, &h, a).unwrap(),
+        m.handle_frame(now, ChannelId(0), 0, &h, a).unwrap(),
         Handled::Acked {
             pages: 1,
             bytes: 100
         }
     );
-    assert!(matches!(m.begin_batch(0, 0, w, 4, 10), Begin::Send(_)));
+    assert!(matches!(
+        m.begin_batch(ChannelId(0), 0, w, 4, 10),
+        Begin::Send(_)
+    ));
     m.check().unwrap();
 }
 
@@ -69,15 +72,15 @@ fn batches_split_by_size_and_wait_for_credit() {
 fn a_grant_past_the_window_and_a_stray_ack_are_the_peers_errors() {
     let (mut m, now) = machine(2, MAX_CREDITS);
     m.enqueue(&pages(2), 0, 1);
-    let first = send(&mut m, 0, 0);
+    let first = send(&mut m, ChannelId(0), 0);
     let (h, a) = ack(first.message_id, 2);
     assert!(
-        m.handle_frame(now, 0, 0, &h, a).is_err(),
+        m.handle_frame(now, ChannelId(0), 0, &h, a).is_err(),
         "window overflows"
     );
-    let second = send(&mut m, 1, 0);
+    let second = send(&mut m, ChannelId(1), 0);
     let (h, a) = ack(second.message_id, 1);
-    let e = m.handle_frame(now, 0, 0, &h, a).unwrap_err();
+    let e = m.handle_frame(now, ChannelId(0), 0, &h, a).unwrap_err();
     assert!(e.to_string().contains("not in flight on it"), "{e}");
 }
 
@@ -85,20 +88,28 @@ fn a_grant_past_the_window_and_a_stray_ack_are_the_peers_errors() {
 fn a_lost_connection_sends_its_batches_again_under_their_ids() {
     let (mut m, now) = machine(2, 4);
     m.enqueue(&pages(3), 0, 1);
-    let ids: Vec<u64> = (0..3).map(|_| send(&mut m, 0, 0).message_id).collect();
-    assert!(m.handle_lost(now, 0, 0));
-    assert!(!m.handle_lost(now, 0, 0), "once");
+    let ids: Vec<u64> = (0..3)
+        .map(|_| send(&mut m, ChannelId(0), 0).message_id)
+        .collect();
+    assert!(m.handle_lost(now, ChannelId(0), 0));
+    assert!(!m.handle_lost(now, ChannelId(0), 0), "once");
     assert_eq!(
         m.poll_transmit(),
-        Some(Transmit::Rebind { chan: 0, gen: 1 })
+        Some(Transmit::Rebind {
+            chan: ChannelId(0),
+            gen: 1
+        })
     );
-    assert!(matches!(m.next_work(0, 0), Next::Dead));
-    let again: Vec<Header> = (0..3).map(|_| send(&mut m, 1, 0)).collect();
+    assert!(matches!(m.next_work(ChannelId(0), 0), Next::Dead));
+    let again: Vec<Header> = (0..3).map(|_| send(&mut m, ChannelId(1), 0)).collect();
     assert_eq!(again.iter().map(|h| h.message_id).collect::<Vec<_>>(), ids);
     assert!(again.iter().all(|h| h.flags == FLAG_RESEND));
     // An ack that arrives late on the dead connection counts for nothing.
     let (h, a) = ack(ids[0], 1);
-    assert_eq!(m.handle_frame(now, 0, 0, &h, a).unwrap(), Handled::Stale);
+    assert_eq!(
+        m.handle_frame(now, ChannelId(0), 0, &h, a).unwrap(),
+        Handled::Stale
+    );
     assert_eq!(m.tallies().resent, 3);
     m.check().unwrap();
 }
@@ -120,10 +131,10 @@ fn control_messages_keep_to_one_connection_and_go_again_in_order() {
     // Channel 0 dies and comes back; channel 1 carries on meanwhile.
     m.queue_control(end(1));
     let b = m.poll_control().unwrap();
-    assert_eq!(b.chan, 0);
+    assert_eq!(b.chan, ChannelId(0));
     m.control_done(&b, true);
-    m.handle_lost(now, 0, 0);
-    m.handle_bound(now, 0, 1, Credits::new(1).unwrap());
+    m.handle_lost(now, ChannelId(0), 0);
+    m.handle_bound(now, ChannelId(0), 1, Credits::new(1).unwrap());
     // Both unanswered messages go again, in order, before anything new.
     m.queue_control(end(2));
     let again: Vec<ControlTx> = (0..3)
@@ -161,18 +172,24 @@ fn control_messages_keep_to_one_connection_and_go_again_in_order() {
 fn silence_kills_a_connection_that_owes_and_idleness_gets_a_keepalive() {
     let (mut m, now) = machine(2, 2);
     m.enqueue(&pages(1), 0, 1);
-    send(&mut m, 0, 0);
+    send(&mut m, ChannelId(0), 0);
     let later = now + Duration::from_millis(1_500);
     m.handle_timeout(later, &[0, 0]);
-    assert!(!m.is_live(0, 0), "owed an ack for 1.5 s");
-    assert!(m.is_live(1, 0));
+    assert!(!m.is_live(ChannelId(0), 0), "owed an ack for 1.5 s");
+    assert!(m.is_live(ChannelId(1), 0));
     let mut echoes = 0;
     while let Some(t) = m.poll_transmit() {
-        echoes += usize::from(matches!(t, Transmit::Echo { chan: 1, .. }));
+        echoes += usize::from(matches!(
+            t,
+            Transmit::Echo {
+                chan: ChannelId(1),
+                ..
+            }
+        ));
     }
     assert_eq!(echoes, 1);
     // With every channel dead past the timeout, the session gives up.
-    m.handle_lost(later, 1, 0);
+    m.handle_lost(later, ChannelId(1), 0);
     m.handle_timeout(later + Duration::from_millis(1_200), &[0, 0]);
     assert!(m.gave_up());
     assert!(matches!(

@@ -2,6 +2,7 @@
 
 use crate::migration::MigrationError;
 use crate::page::PageRun;
+use crate::wire::ChannelId;
 use crate::wire::{Header, Message};
 
 /// One batch to send: a round and up to a batch of page runs.
@@ -59,7 +60,7 @@ pub enum Transmit {
     /// A keepalive for connection `gen` of channel `chan`.
     Echo {
         /// The channel.
-        chan: u16,
+        chan: ChannelId,
         /// Its connection.
         gen: u32,
         /// The frame's header and message.
@@ -70,7 +71,7 @@ pub enum Transmit {
     /// Connect channel `chan` again and bind it as connection `gen`.
     Rebind {
         /// The channel.
-        chan: u16,
+        chan: ChannelId,
         /// The connection it becomes.
         gen: u32,
     },
@@ -80,7 +81,7 @@ pub enum Transmit {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlTx {
     /// The channel and connection to write it on.
-    pub chan: u16,
+    pub chan: ChannelId,
     /// The connection.
     pub gen: u32,
     /// Its header.

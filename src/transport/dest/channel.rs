@@ -9,6 +9,7 @@ use crate::migration::fault::FaultPoint;
 use crate::migration::MigrationError;
 use crate::migration::Violation;
 use crate::transport::{FrameReader, FrameWriter, Received};
+use crate::wire::ChannelId;
 use crate::wire::{BatchAck, ChannelBindResponse, Command, Header, Message, PageBatch};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(super) async fn channel_task(
     sh: Arc<Shared>,
-    ch: u16,
+    ch: ChannelId,
     gen: u32,
     rd: FrameReader,
     wr: Arc<tokio::sync::Mutex<FrameWriter>>,
@@ -39,7 +40,7 @@ pub(super) async fn channel_task(
         Ok(r) => r,
         Err(panic) => {
             let text = panic_text(&*panic);
-            tracing::error!(ch, gen, panic = text, "a channel's task panicked");
+            tracing::error!(channel = %ch, gen, panic = text, "a channel's task panicked");
             sh.retire_channel(ch, gen);
             Err(MigrationError::Internal(format!(
                 "channel {ch}'s task panicked"
@@ -85,7 +86,7 @@ type Arrived = (Header, PageBatch, bool);
 /// One connection of a channel, as its task sees it.
 struct Conn<'a> {
     sh: &'a Arc<Shared>,
-    ch: u16,
+    ch: ChannelId,
     gen: u32,
     wr: &'a Arc<tokio::sync::Mutex<FrameWriter>>,
     stop: &'a CancellationToken,
@@ -297,7 +298,7 @@ pub(super) async fn answer_bind(
     sh: &Shared,
     credits: u16,
     rx_bytes: &Arc<AtomicU64>,
-) -> Result<(u16, FrameReader, FrameWriter), MigrationError> {
+) -> Result<(ChannelId, FrameReader, FrameWriter), MigrationError> {
     let Bind {
         channel,
         mut reader,

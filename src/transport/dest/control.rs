@@ -7,6 +7,7 @@ use crate::migration::dest_ledger::{ControlLog, Seen};
 use crate::migration::dest_state::DestState;
 use crate::migration::{MigratableGuest, MigrationError, Violation};
 use crate::transport::{FrameReader, FrameWriter};
+use crate::wire::ChannelId;
 use crate::wire::{Abort, Header, Message, FLAG_RESEND};
 use std::collections::HashSet;
 use std::ops::ControlFlow;
@@ -45,7 +46,7 @@ pub(super) struct Controller<'a> {
     /// control message sent again after its channel failed gets the same
     /// reply again, and is not acted on twice.
     pub(super) control: ControlLog,
-    ever_bound: HashSet<u16>,
+    ever_bound: HashSet<ChannelId>,
     last_loss: Option<String>,
     quiet: Quiet,
 }
@@ -89,7 +90,7 @@ impl<'a> Controller<'a> {
             leave_paused: setup.flags & crate::wire::SETUP_LEAVE_PAUSED != 0,
             at,
             control: ControlLog::default(),
-            ever_bound: HashSet::from([0u16]),
+            ever_bound: HashSet::from([ChannelId::CONTROL]),
             last_loss: None,
             quiet,
         }
@@ -97,7 +98,7 @@ impl<'a> Controller<'a> {
 
     /// Starts a connection as channel `channel`, replacing (and stopping)
     /// the one before it.
-    pub(super) fn start(&self, channel: u16, reader: FrameReader, writer: FrameWriter) {
+    pub(super) fn start(&self, channel: ChannelId, reader: FrameReader, writer: FrameWriter) {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let stop = self.cancel.child_token();
         let gen = {
@@ -187,7 +188,7 @@ impl<'a> Controller<'a> {
         };
         if !self.ever_bound.insert(channel) {
             self.tally.rebinds += 1;
-            tracing::info!(channel, "channel rebound to the session");
+            tracing::info!(channel = %channel, "channel rebound to the session");
         }
         self.start(channel, reader, writer);
         let all = self.ever_bound.len() == usize::from(self.channels);
@@ -205,12 +206,12 @@ impl<'a> Controller<'a> {
                 // The source sends its batches again on the others and
                 // rebinds it; silence on every channel ends the session.
                 self.tally.failures += 1;
-                tracing::warn!(ch, error = %e, "channel lost; waiting for the source to rebind it");
+                tracing::warn!(channel = %ch, error = %e, "channel lost; waiting for the source to rebind it");
                 self.last_loss = Some(e.to_string());
                 Flow::Continue(())
             }
             Event::Failed(ch, _, e) => {
-                tracing::debug!(ch, error = %e, "channel failed");
+                tracing::debug!(channel = %ch, error = %e, "channel failed");
                 // A source that aborts closes its channels right after:
                 // prefer the abort's reason to the closed channel.
                 if matches!(e, MigrationError::PeerClosed { .. }) {
@@ -376,6 +377,7 @@ pub(super) async fn tell_source(sh: &Shared, e: &MigrationError) {
             code: e.abort_code(),
             message: e.to_string(),
         });
-        let _ = tokio::time::timeout(Duration::from_secs(1), sh.reply(0, &abort)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), sh.reply(ChannelId::CONTROL, &abort))
+            .await;
     }
 }

@@ -51,7 +51,7 @@ impl Session {
             .await?;
         *shared_out = Some(sh.clone());
         let mut c = Controller::new(self, sh.clone(), tasks, tally, guest_out, &setup, at);
-        c.start(0, reader, writer);
+        c.start(ChannelId::CONTROL, reader, writer);
         let result = c.run(&mut bind_rx, &mut events).await;
         match &result {
             Ok(()) => c.linger(&mut bind_rx, &mut events).await,

@@ -15,6 +15,7 @@ use crate::migration::fault::Fault;
 use crate::migration::report::Report;
 use crate::migration::{MigratableGuest, DEFAULT_INITIAL_CREDITS};
 use crate::transport::{FrameReader, FrameWriter};
+use crate::wire::ChannelId;
 use crate::wire::{SessionLabel, SessionSetup};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -189,7 +190,7 @@ impl std::fmt::Debug for Incoming {
 }
 
 pub(super) struct Bind {
-    pub(super) channel: u16,
+    pub(super) channel: ChannelId,
     pub(super) reader: FrameReader,
     pub(super) writer: FrameWriter,
     /// The destination's proof for the CHANNEL_BIND_RESPONSE.

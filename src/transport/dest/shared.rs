@@ -13,6 +13,7 @@ use crate::migration::report::PageCounter;
 use crate::migration::MigrationError;
 use crate::migration::Violation;
 use crate::transport::FrameWriter;
+use crate::wire::ChannelId;
 use crate::wire::{Header, Limits, Message, Page, PageBatch};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(super) enum Event {
     Control(Header, Message),
-    Failed(u16, u32, MigrationError),
+    Failed(ChannelId, u32, MigrationError),
 }
 
 /// A channel's current connection.
@@ -51,7 +52,7 @@ pub(super) struct Shared {
     pub(super) claims: Mutex<BatchLedger>,
     pub(super) claims_changed: tokio::sync::Notify,
     /// Channels up now.
-    pub(super) chans: Mutex<HashMap<u16, DestChan>>,
+    pub(super) chans: Mutex<HashMap<ChannelId, DestChan>>,
     /// Connections that may hold half a frame (their task panicked): no
     /// reply goes out on them, and they stay open until the session ends,
     /// so the source reads its ABORT before it sees one close.
@@ -109,7 +110,11 @@ impl Shared {
 }
 
 /// Frames of another session on a channel end it.
-pub(super) fn check_session(sh: &Shared, ch: u16, header: &Header) -> Result<(), MigrationError> {
+pub(super) fn check_session(
+    sh: &Shared,
+    ch: ChannelId,
+    header: &Header,
+) -> Result<(), MigrationError> {
     if header.session_id != sh.session_id {
         return Err(Violation::WrongSession {
             channel: ch,
@@ -167,7 +172,7 @@ impl Shared {
     }
 
     /// Stops connection `gen` of channel `chan` (replaced or given up on).
-    pub(super) fn stop_channel(&self, chan: u16, gen: u32) {
+    pub(super) fn stop_channel(&self, chan: ChannelId, gen: u32) {
         if let Some(c) = self
             .chans
             .lock()
@@ -181,7 +186,7 @@ impl Shared {
     }
 
     /// Forgets what a connection that ended was reading.
-    pub(super) fn release(&self, chan: u16, gen: u32) {
+    pub(super) fn release(&self, chan: ChannelId, gen: u32) {
         self.claims
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -249,7 +254,7 @@ impl Shared {
 
     /// Takes connection `gen` of `chan` out of the channels replies may use,
     /// keeping it open until the session ends.
-    pub(super) fn retire_channel(&self, chan: u16, gen: u32) {
+    pub(super) fn retire_channel(&self, chan: ChannelId, gen: u32) {
         let mut chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
         if chans.get(&chan).is_some_and(|c| c.gen == gen) {
             let c = chans.remove(&chan).expect("checked");
@@ -261,7 +266,7 @@ impl Shared {
     }
 
     /// Drops a lost connection from the channels replies may use.
-    pub(super) fn forget_channel(&self, chan: u16, gen: u32) {
+    pub(super) fn forget_channel(&self, chan: ChannelId, gen: u32) {
         let mut chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
         if chans.get(&chan).is_some_and(|c| c.gen == gen) {
             chans.remove(&chan);
@@ -269,8 +274,8 @@ impl Shared {
     }
 
     /// Sends a reply on channel `on` if it is up, else on any channel that is.
-    pub(super) async fn reply(&self, on: u16, msg: &Message) -> Result<(), MigrationError> {
-        let mut order: Vec<(u16, Arc<tokio::sync::Mutex<FrameWriter>>)> = {
+    pub(super) async fn reply(&self, on: ChannelId, msg: &Message) -> Result<(), MigrationError> {
+        let mut order: Vec<(ChannelId, Arc<tokio::sync::Mutex<FrameWriter>>)> = {
             let chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
             chans.iter().map(|(&i, c)| (i, c.writer.clone())).collect()
         };

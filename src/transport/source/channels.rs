@@ -15,6 +15,7 @@ use crate::migration::MigrationError;
 use crate::migration::Violation;
 use crate::transport::RunContext;
 use crate::transport::{FrameReader, FrameWriter};
+use crate::wire::ChannelId;
 use crate::wire::{Limits, Message};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,7 +27,7 @@ use tokio_util::task::TaskTracker;
 /// One channel's current connection; a rebind replaces it with the next
 /// generation under the same channel number.
 pub(super) struct ChanIo {
-    pub index: u16,
+    pub index: ChannelId,
     pub gen: u32,
     pub writer: tokio::sync::Mutex<FrameWriter>,
     /// Bytes its socket took (moves while the peer reads).
@@ -69,7 +70,7 @@ impl Shared {
             .enumerate()
             .map(|(i, (rd, wr, _))| {
                 readers.push(rd);
-                RwLock::new(ChanIo::new(i as u16, 0, wr, &cancel))
+                RwLock::new(ChanIo::new(ChannelId::nth(i), 0, wr, &cancel))
             })
             .collect();
         let sh = Arc::new(Self {
@@ -84,15 +85,15 @@ impl Shared {
             tasks: TaskTracker::new(),
         });
         for (i, rd) in readers.into_iter().enumerate() {
-            sh.run_chan(sh.chan(i as u16), rd);
+            sh.run_chan(sh.chan(ChannelId::nth(i)), rd);
         }
         sh.tasks.spawn(control_task(sh.clone()));
         sh.tasks.spawn(supervisor(sh.clone()));
         sh
     }
 
-    pub fn chan(&self, index: u16) -> Arc<ChanIo> {
-        self.chans[usize::from(index)].read().unwrap().clone()
+    pub fn chan(&self, index: ChannelId) -> Arc<ChanIo> {
+        self.chans[index.index()].read().unwrap().clone()
     }
 
     pub fn channels(&self) -> u16 {
@@ -107,7 +108,7 @@ impl Shared {
 
     /// Wakes every writer (work was queued).
     pub fn wake_writers(&self) {
-        for i in 0..self.channels() {
+        for i in (0..self.channels()).map(ChannelId) {
             self.chan(i).wake.notify_one();
         }
     }
@@ -137,7 +138,7 @@ impl Shared {
             .handle_lost(Instant::now(), chan.index, chan.gen);
         chan.dead.cancel();
         if lost {
-            tracing::warn!(channel = chan.index, error = %e, "channel failed; its batches go to the other channels while it rebinds");
+            tracing::warn!(channel = %chan.index, error = %e, "channel failed; its batches go to the other channels while it rebinds");
             self.after_change();
         }
     }
@@ -183,13 +184,13 @@ impl Shared {
     /// Each channel's socket progress, for the machine's silence checks.
     fn tx_bytes(&self) -> Vec<u64> {
         (0..self.channels())
-            .map(|i| self.chan(i).tx_progress.load(Ordering::Relaxed))
+            .map(|i| self.chan(ChannelId(i)).tx_progress.load(Ordering::Relaxed))
             .collect()
     }
 }
 
 impl ChanIo {
-    fn new(index: u16, gen: u32, wr: FrameWriter, session: &CancellationToken) -> Arc<Self> {
+    fn new(index: ChannelId, gen: u32, wr: FrameWriter, session: &CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             index,
             gen,
@@ -366,7 +367,7 @@ async fn write_control(sh: &Arc<Shared>, tx: &ControlTx) {
 
 /// Connects channel `index` again and binds it to the session as
 /// generation `gen`, with backoff, until it is bound or the session ends.
-async fn rebind_task(sh: Arc<Shared>, index: u16, gen: u32) {
+async fn rebind_task(sh: Arc<Shared>, index: ChannelId, gen: u32) {
     let timeout = sh.m.lock().unwrap().peer_timeout();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -387,12 +388,12 @@ async fn rebind_task(sh: Arc<Shared>, index: u16, gen: u32) {
                     return;
                 };
                 tracing::info!(
-                    channel = index,
+                    channel = %index,
                     generation = gen,
                     "channel rebound to the session"
                 );
                 let chan = ChanIo::new(index, gen, wr, &sh.cancel);
-                *sh.chans[usize::from(index)].write().unwrap() = chan.clone();
+                *sh.chans[index.index()].write().unwrap() = chan.clone();
                 sh.m.lock()
                     .unwrap()
                     .handle_bound(Instant::now(), index, gen, credits);
@@ -412,7 +413,7 @@ async fn rebind_task(sh: Arc<Shared>, index: u16, gen: u32) {
             &e,
             MigrationError::RemoteAbort { .. } | MigrationError::Unauthenticated(_)
         ) || matches!(&e, MigrationError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused);
-        tracing::debug!(channel = index, error = %e, "rebind failed");
+        tracing::debug!(channel = %index, error = %e, "rebind failed");
         let again =
             sh.m.lock()
                 .unwrap()
@@ -440,8 +441,8 @@ async fn supervisor(sh: Arc<Shared>) {
             _ = tokio::time::sleep_until(next.into()) => {}
         }
         let tx = sh.tx_bytes();
-        let dead: Vec<(u16, u32)> = (0..sh.channels())
-            .map(|i| sh.chan(i))
+        let dead: Vec<(ChannelId, u32)> = (0..sh.channels())
+            .map(|i| sh.chan(ChannelId(i)))
             .filter(|c| !c.dead.is_cancelled())
             .map(|c| (c.index, c.gen))
             .collect();
@@ -453,7 +454,7 @@ async fn supervisor(sh: Arc<Shared>) {
                 let chan = sh.chan(i);
                 if chan.gen == gen {
                     tracing::warn!(
-                        channel = i,
+                        channel = %i,
                         "channel silent past the peer timeout; it rebinds"
                     );
                     chan.dead.cancel();

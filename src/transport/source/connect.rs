@@ -11,6 +11,7 @@ use crate::migration::{AuthFailure, ConfigError, Mismatch, Violation};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
+use crate::wire::ChannelId;
 use crate::wire::{
     ChannelBind, Command, Header, Limits, Message, Negotiate, SessionSetup, SessionSetupResponse,
     MAX_CREDITS, SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED, VERSION,
@@ -42,7 +43,7 @@ impl Connector {
     /// TLS keying material (empty when plain).
     async fn connect(
         &self,
-        ch: u16,
+        ch: ChannelId,
     ) -> Result<(FrameReader, FrameWriter, Vec<u8>), MigrationError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.target))
             .await
@@ -83,7 +84,7 @@ impl Connector {
     /// the session's secret over a fresh nonce. Returns its credits.
     pub(super) async fn bind(
         &self,
-        ch: u16,
+        ch: ChannelId,
     ) -> Result<(FrameReader, FrameWriter, u16), MigrationError> {
         let (mut rd, mut wr, binding) = self.connect(ch).await?;
         let header = Header {
@@ -211,7 +212,7 @@ pub(super) async fn open_session(
     let (mut rd0, mut wr0, binding0) = tokio::select! {
         biased;
         _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
-        c = connector.connect(0) => c?,
+        c = connector.connect(ChannelId::CONTROL) => c?,
     };
     let source_nonce = auth::random_bytes::<16>();
     let nonce = negotiate(&mut rd0, &mut wr0, config, &source_nonce).await?;
@@ -367,7 +368,7 @@ async fn bind_rest(
 ) -> Result<(Connector, Vec<Bound>), MigrationError> {
     let connector = Arc::new(connector);
     let mut binds = tokio::task::JoinSet::new();
-    for ch in 1..channels {
+    for ch in (1..channels).map(ChannelId) {
         let connector = connector.clone();
         binds.spawn(async move { connector.bind(ch).await.map(|b| (ch, b)) });
     }
@@ -381,7 +382,7 @@ async fn bind_rest(
         };
         let Some(joined) = joined else { break };
         let (ch, b) = joined.map_err(|e| MigrationError::Internal(format!("bind task: {e}")))??;
-        bound[usize::from(ch)] = Some(b);
+        bound[ch.index()] = Some(b);
     }
     let connector =
         Arc::try_unwrap(connector).unwrap_or_else(|_| unreachable!("the bind tasks have ended"));

@@ -24,6 +24,7 @@ use crate::migration::report::{
 use crate::migration::source_machine::{RoundTotals, SourceEvent, SourceMachine};
 use crate::migration::Violation;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
+use crate::wire::ChannelId;
 use crate::wire::{Abort, Message};
 use channels::Shared;
 use encode::Encoder;
@@ -359,6 +360,7 @@ async fn run(
     let (connector, bound) = connect::open_session(&*guest, target, config, ctx, tally).await?;
     tally.setup = start.elapsed();
     let credits = (0u16..)
+        .map(ChannelId)
         .zip(&bound)
         .map(|(channel, b)| {
             Credits::new(b.2).ok_or(Violation::Credits {
@@ -415,7 +417,7 @@ async fn run(
     sh.cancel.cancel();
     sh.tasks.close();
     for i in 0..sh.channels() {
-        if let Ok(mut w) = sh.chan(i).writer.try_lock() {
+        if let Ok(mut w) = sh.chan(ChannelId(i)).writer.try_lock() {
             w.shutdown().await;
         }
     }

@@ -10,6 +10,7 @@ use crate::migration::sim::digest;
 use crate::migration::sim::net::Dir;
 use crate::migration::source_machine::{ControlTx, SourceEvent, Stage};
 use crate::migration::MigrationError;
+use crate::wire::ChannelId;
 use crate::wire::{Message, VerifyMode};
 
 impl SimSource {
@@ -83,7 +84,7 @@ impl SimSource {
             },
             Phase::Closing { close_at } if self.now >= close_at => {
                 self.m.close();
-                let up: Vec<(u16, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
+                let up: Vec<(ChannelId, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
                 for (chan, gen) in up {
                     self.close_conn(chan, gen);
                 }

@@ -14,6 +14,7 @@ use crate::migration::policy::ConvergencePolicy;
 use crate::migration::source_machine::{
     Begin, Handled, Next, Rounds, SourceMachine, Transmit, Work,
 };
+use crate::wire::ChannelId;
 use crate::wire::{Header, Message};
 use std::time::{Duration, Instant};
 
@@ -62,8 +63,8 @@ enum Phase {
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    Reset(u16),
-    Stall(u16, u64),
+    Reset(ChannelId),
+    Stall(ChannelId, u64),
     Partition(u64),
     CrashDest,
     Cancel,
@@ -100,7 +101,7 @@ pub struct SimSource {
     go_sent: bool,
     cancel: bool,
     at_pause: Option<Vec<u64>>,
-    rebinds: Vec<(u64, u16, u32)>,
+    rebinds: Vec<(u64, ChannelId, u32)>,
     partitioned_until: u64,
     /// When the paused last round must have drained, as the real source's
     /// hand-off timeout bounds it.
@@ -135,7 +136,7 @@ impl SimSource {
         let m = SourceMachine::new(7, &credits, timeout, epoch);
         let mut net = Net::default();
         for c in 0..channels {
-            net.open(c, 0);
+            net.open(ChannelId(c), 0);
         }
         let faults_due = Self::draw_faults(&mut rng, channels);
         let dest_fault = Self::draw_dest_fault(&mut rng);
@@ -232,7 +233,7 @@ impl SimSource {
         let mut faults: Vec<(u64, Fault)> = (0..n)
             .map(|_| {
                 let at = rng.below(1_500);
-                let chan = rng.below(channels.into()) as u16;
+                let chan = ChannelId(rng.below(channels.into()) as u16);
                 let fault = match rng.below(20) {
                     0..=8 => Fault::Reset(chan),
                     9..=13 => Fault::Stall(chan, 200 + rng.below(2_500)),
@@ -283,6 +284,7 @@ impl SimSource {
         if self.phase != Phase::Closed {
             let tx: Vec<u64> = (0..self.m.channels())
                 .map(|c| {
+                    let c = ChannelId(c);
                     self.net
                         .delivered
                         .get(&(c, self.live_gen(c)))
@@ -306,7 +308,7 @@ impl SimSource {
         Ok(())
     }
 
-    fn live_gen(&self, chan: u16) -> u32 {
+    fn live_gen(&self, chan: ChannelId) -> u32 {
         self.net.up.get(&chan).copied().unwrap_or(u32::MAX)
     }
 
@@ -343,7 +345,7 @@ impl SimSource {
                 Fault::Partition(ms) => {
                     // Every connection stalls and no new one gets through.
                     self.partitioned_until = self.now + ms;
-                    let chans: Vec<u16> = self.net.up.keys().copied().collect();
+                    let chans: Vec<ChannelId> = self.net.up.keys().copied().collect();
                     for chan in chans {
                         self.net.stall(chan, self.now + ms);
                     }
@@ -358,14 +360,14 @@ impl SimSource {
     }
 
     fn reset_all(&mut self) {
-        let up: Vec<(u16, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
+        let up: Vec<(ChannelId, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
         for (chan, gen) in up {
             self.reset(chan, gen);
         }
     }
 
     /// A connection breaks: both ends see it at once.
-    fn reset(&mut self, chan: u16, gen: u32) {
+    fn reset(&mut self, chan: ChannelId, gen: u32) {
         self.net.close(chan, gen);
         self.dest.lost(chan, gen);
         self.m.handle_lost(self.instant(), chan, gen);
@@ -379,7 +381,8 @@ impl SimSource {
             // replies on the channel their question came on if the
             // destination has it up, else on any it has.
             let own = matches!(msg, Message::BatchAck(_) | Message::EchoResponse(_));
-            let mut up: Vec<(u16, u32)> = self.dest.conns.iter().map(|(&c, &g)| (c, g)).collect();
+            let mut up: Vec<(ChannelId, u32)> =
+                self.dest.conns.iter().map(|(&c, &g)| (c, g)).collect();
             up.sort_by_key(|&(c, _)| (c != chan, c));
             let to = if own {
                 Some((on, on_gen))
@@ -401,7 +404,7 @@ impl SimSource {
                 // Stopped: its sockets stay open and take nothing more.
                 self.dest.crashed = true;
                 self.dest.silent = true;
-                let chans: Vec<u16> = self.net.up.keys().copied().collect();
+                let chans: Vec<ChannelId> = self.net.up.keys().copied().collect();
                 for chan in chans {
                     self.net.stall(chan, u64::MAX / 2);
                 }
@@ -425,7 +428,7 @@ impl SimSource {
     }
 
     /// Sends a message on connection `(chan, gen)`.
-    fn send_msg(&mut self, dir: Dir, (chan, gen): (u16, u32), header: Header, msg: Message) {
+    fn send_msg(&mut self, dir: Dir, (chan, gen): (ChannelId, u32), header: Header, msg: Message) {
         let payload = Payload::Msg(msg);
         let frame = Frame {
             chan,
@@ -437,7 +440,7 @@ impl SimSource {
     }
 
     /// The source drops a connection it gave up on (or at the end).
-    fn close_conn(&mut self, chan: u16, gen: u32) {
+    fn close_conn(&mut self, chan: ChannelId, gen: u32) {
         self.net
             .close_from_source(&mut self.rng, self.now, chan, gen);
     }
@@ -459,7 +462,7 @@ impl SimSource {
                 } => self.send_msg(Dir::ToDest, (chan, gen), header, msg),
             }
         }
-        let up: Vec<(u16, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
+        let up: Vec<(ChannelId, u32)> = self.net.up.iter().map(|(&c, &g)| (c, g)).collect();
         for (chan, gen) in up {
             if !self.m.is_live(chan, gen) {
                 self.close_conn(chan, gen);
@@ -468,7 +471,7 @@ impl SimSource {
         for c in 0..self.held.len() {
             let stale = self.held[c]
                 .as_ref()
-                .is_some_and(|h| !self.m.is_live(c as u16, h.0));
+                .is_some_and(|h| !self.m.is_live(ChannelId::nth(c), h.0));
             if stale {
                 let (_, work, _) = self.held[c].take().expect("checked");
                 self.m.requeue(work);
@@ -477,7 +480,7 @@ impl SimSource {
     }
 
     fn run_rebinds(&mut self) {
-        let due: Vec<(u64, u16, u32)> = self
+        let due: Vec<(u64, ChannelId, u32)> = self
             .rebinds
             .iter()
             .filter(|r| r.0 <= self.now)
@@ -533,7 +536,7 @@ impl SimSource {
 
     /// Every live channel's writer sends what its credits allow.
     fn write(&mut self) {
-        for chan in 0..self.m.channels() {
+        for chan in (0..self.m.channels()).map(ChannelId) {
             while let Some(sent) = self.write_one(chan) {
                 if !sent {
                     break;
@@ -544,12 +547,12 @@ impl SimSource {
 
     /// One batch on `chan`: `Some(true)` sent, `Some(false)` waits for
     /// credit, `None` nothing to do.
-    fn write_one(&mut self, chan: u16) -> Option<bool> {
+    fn write_one(&mut self, chan: ChannelId) -> Option<bool> {
         let gen = *self.net.up.get(&chan)?;
         if !self.m.is_live(chan, gen) {
             return None;
         }
-        let (work, pages) = match self.held[usize::from(chan)].take() {
+        let (work, pages) = match self.held[chan.index()].take() {
             Some((_, w, p)) => (w, p),
             None => match self.m.next_work(chan, gen) {
                 Next::Work(w) => {
@@ -576,7 +579,7 @@ impl SimSource {
                 Some(true)
             }
             Begin::NoCredit(work) => {
-                self.held[usize::from(chan)] = Some((gen, work, pages));
+                self.held[chan.index()] = Some((gen, work, pages));
                 Some(false)
             }
             Begin::Dead => None,
