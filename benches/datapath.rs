@@ -5,6 +5,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use ferry::codec::{self, is_zero_page, Codec};
 use ferry::digest::page_hash;
 use ferry::memory::{ContentKind, DirtyBitmap, DirtySnapshot, FillSpec, GuestMemory, PAGE_SIZE};
+use ferry::page::PageIndex;
 use ferry::wire::{encode_header, BatchEncoder, Command, FrameDecoder, Header};
 use rand_chacha::rand_core::SeedableRng;
 use std::hint::black_box;
@@ -40,11 +41,11 @@ fn guest_memory(c: &mut Criterion) {
     let mem = GuestMemory::new(MIB as u64).unwrap();
     let data = pages_of(ContentKind::Random, 256);
     for (i, p) in data.chunks_exact(PAGE_SIZE).enumerate() {
-        mem.write_page(i as u64, p);
+        mem.write_page(PageIndex(i as u64), p);
     }
     let zeros = GuestMemory::new(MIB as u64).unwrap();
     for i in 0..256 {
-        zeros.zero_page(i);
+        zeros.zero_page(PageIndex(i));
     }
     let mut page = vec![0u8; PAGE_SIZE];
     let mut plain = data.clone();
@@ -62,28 +63,28 @@ fn guest_memory(c: &mut Criterion) {
     g.bench_function("read_page/1MiB", |b| {
         b.iter(|| {
             for i in 0..256 {
-                mem.read_page(black_box(i), &mut page);
+                mem.read_page(black_box(PageIndex(i)), &mut page);
             }
         })
     });
     g.bench_function("write_page/1MiB", |b| {
         b.iter(|| {
             for i in 0..256 {
-                mem.write_page(black_box(i), &data[..PAGE_SIZE]);
+                mem.write_page(black_box(PageIndex(i)), &data[..PAGE_SIZE]);
             }
         })
     });
     g.bench_function("read_page_unless_zero/data", |b| {
         b.iter(|| {
             (0..256)
-                .filter(|&i| mem.read_page_unless_zero(black_box(i), &mut page))
+                .filter(|&i| mem.read_page_unless_zero(black_box(PageIndex(i)), &mut page))
                 .count()
         })
     });
     g.bench_function("read_page_unless_zero/zero", |b| {
         b.iter(|| {
             (0..256)
-                .filter(|&i| zeros.read_page_unless_zero(black_box(i), &mut page))
+                .filter(|&i| zeros.read_page_unless_zero(black_box(PageIndex(i)), &mut page))
                 .count()
         })
     });
@@ -152,7 +153,7 @@ fn bitmap(c: &mut Criterion) {
                     if pct > 0 {
                         let mut p = 0;
                         while p < pages {
-                            b.mark(p);
+                            b.mark(PageIndex(p));
                             p += step;
                         }
                     }
@@ -169,7 +170,7 @@ fn bitmap(c: &mut Criterion) {
                 if pct > 0 {
                     let mut p = 0;
                     while p < pages {
-                        s.set(p);
+                        s.set(PageIndex(p));
                         p += step;
                     }
                 }
@@ -287,7 +288,7 @@ fn frames_and_batches(c: &mut Criterion) {
                 enc.encode(
                     0,
                     codec,
-                    &[ferry::page::PageRun::new(first, 256)],
+                    &[ferry::page::PageRun::new(PageIndex(first), 256)],
                     |p, buf| {
                         mem.read_page(p, buf);
                         let z = is_zero_page(buf);

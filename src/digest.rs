@@ -10,6 +10,7 @@
 //! content arrive (an announced size alone allocates only the chunk index).
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::page::PageIndex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use xxhash_rust::xxh3::xxh3_64;
@@ -70,7 +71,8 @@ impl PageHashes {
 
     /// Records that page `index` now holds content hashing to `hash`.
     #[inline]
-    pub fn set(&self, index: u64, hash: u64) {
+    pub fn set(&self, index: PageIndex, hash: u64) {
+        let index = index.0;
         let cell = &self.chunks[(index / CHUNK_PAGES) as usize];
         let zero = zero_page_hash();
         let chunk = match cell.get() {
@@ -172,17 +174,17 @@ mod tests {
         let mut page = vec![0u8; PAGE_SIZE];
         for i in [0u64, 5, 63] {
             page.fill(i as u8 + 1);
-            mem.write_page(i, &page);
-            hashes.set(i, page_hash(&page));
+            mem.write_page(PageIndex(i), &page);
+            hashes.set(PageIndex(i), page_hash(&page));
         }
         assert_eq!(hashes.digest(), full_digest(&mem, 2));
         assert_eq!(full_digest(&mem, 1), full_digest(&mem, 3));
         // A swapped pair of pages changes the digest.
         let mut a = vec![0u8; PAGE_SIZE];
-        mem.read_page(0, &mut a);
-        mem.read_page(5, &mut page);
-        mem.write_page(0, &page);
-        mem.write_page(5, &a);
+        mem.read_page(PageIndex(0), &mut a);
+        mem.read_page(PageIndex(5), &mut page);
+        mem.write_page(PageIndex(0), &page);
+        mem.write_page(PageIndex(5), &a);
         assert_ne!(hashes.digest(), full_digest(&mem, 2));
     }
 
@@ -192,15 +194,15 @@ mod tests {
         let hashes = PageHashes::new(1 << 28);
         assert_eq!(hashes.allocated_bytes(), 0);
         // Zero pages anywhere allocate nothing; a page with content, one chunk.
-        hashes.set(5, zero_page_hash());
-        hashes.set((1 << 28) - 1, zero_page_hash());
+        hashes.set(PageIndex(5), zero_page_hash());
+        hashes.set(PageIndex((1 << 28) - 1), zero_page_hash());
         assert_eq!(hashes.allocated_bytes(), 0);
         assert_eq!(hashes.digest(), 0);
-        hashes.set(1 << 20, 42);
+        hashes.set(PageIndex(1 << 20), 42);
         assert_eq!(hashes.allocated_bytes(), CHUNK_PAGES * 8);
         assert_eq!(hashes.digest(), mix(1 << 20, 42));
         // Back to zero: the digest is that of an empty guest again.
-        hashes.set(1 << 20, zero_page_hash());
+        hashes.set(PageIndex(1 << 20), zero_page_hash());
         assert_eq!(hashes.digest(), 0);
     }
 
@@ -210,8 +212,8 @@ mod tests {
         let mem = GuestMemory::new(pages * PAGE_SIZE as u64).unwrap();
         let hashes = PageHashes::new(pages);
         let page = vec![9u8; PAGE_SIZE];
-        mem.write_page(pages - 1, &page);
-        hashes.set(pages - 1, page_hash(&page));
+        mem.write_page(PageIndex(pages - 1), &page);
+        hashes.set(PageIndex(pages - 1), page_hash(&page));
         assert_eq!(hashes.digest(), full_digest(&mem, 2));
     }
 }

@@ -3,6 +3,7 @@
 //! property fails.
 
 use crate::codec::CodecId;
+use crate::page::PageIndex;
 use crate::page::PageRun;
 use crate::wire::PAGE_SIZE;
 use crate::wire::{Command, FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
@@ -41,7 +42,7 @@ pub fn batch(data: &[u8]) {
         let mut scratch = Vec::new();
         let mut count = 0u32;
         let _ = b.apply(&mut scratch, |page, kind| {
-            assert!(page < FUZZ_GUEST_PAGES, "page {page} outside the guest");
+            assert!(page.0 < FUZZ_GUEST_PAGES, "page {page} outside the guest");
             if let Page::Data(bytes) = kind {
                 assert_eq!(bytes.len(), PAGE_SIZE);
             }
@@ -63,7 +64,7 @@ pub fn batch(data: &[u8]) {
                 assert_eq!(pages, u64::from(b.nonzero_pages()));
                 assert_eq!(pages as usize * PAGE_SIZE, data.len() - prefix);
                 for r in regions {
-                    assert!(r.end() <= FUZZ_GUEST_PAGES);
+                    assert!(r.end() <= PageIndex(FUZZ_GUEST_PAGES));
                 }
             }
         }
@@ -180,7 +181,7 @@ pub fn receiver(data: &[u8]) -> crate::migration::dest_state::DestState {
             Ok(Message::PageBatch(b)) => {
                 m.check_batch(b.round).is_ok()
                     && b.apply(&mut scratch, |page, kind| {
-                        assert!(page < limits.guest_pages, "page {page} outside the guest");
+                        assert!(page.0 < limits.guest_pages, "page {page} outside the guest");
                         let h = match kind {
                             Page::Data(bytes) => page_hash(bytes),
                             _ => zero_page_hash(),
@@ -247,7 +248,7 @@ pub fn receiver_seed() -> Vec<u8> {
     );
     let hashes = PageHashes::new(FUZZ_GUEST_PAGES);
     for p in 0..FUZZ_GUEST_PAGES {
-        hashes.set(p, zero_page_hash());
+        hashes.set(PageIndex(p), zero_page_hash());
     }
     let content = |p: u64, buf: &mut [u8]| {
         buf.iter_mut()
@@ -257,21 +258,32 @@ pub fn receiver_seed() -> Vec<u8> {
     let batch = |round: u32, codec: Codec, runs: &[PageRun]| {
         let b = BatchEncoder::new()
             .encode(round, codec, runs, |p, buf| {
-                if p % 5 == 0 {
+                if p.0 % 5 == 0 {
                     buf.fill(0);
                     hashes.set(p, zero_page_hash());
                     return true;
                 }
-                content(p, buf);
+                content(p.0, buf);
                 hashes.set(p, page_hash(buf));
                 false
             })
             .unwrap();
         b.payload.to_vec()
     };
-    let b0 = batch(0, Codec::Lz4, &[PageRun::new(0, 8), PageRun::new(100, 4)]);
-    let b1 = batch(1, Codec::None, &[PageRun::new(3, 2)]);
-    let b2 = batch(1, Codec::Zstd { level: 1 }, &[PageRun::new(200, 3)]);
+    let b0 = batch(
+        0,
+        Codec::Lz4,
+        &[
+            PageRun::new(PageIndex(0), 8),
+            PageRun::new(PageIndex(100), 4),
+        ],
+    );
+    let b1 = batch(1, Codec::None, &[PageRun::new(PageIndex(3), 2)]);
+    let b2 = batch(
+        1,
+        Codec::Zstd { level: 1 },
+        &[PageRun::new(PageIndex(200), 3)],
+    );
     let digest = hashes.digest();
     let batch_msg = |p: &[u8]| {
         Message::PageBatch(

@@ -6,6 +6,7 @@
 use super::Spread;
 use crate::kvm::{KvmError, KvmGuest};
 use crate::memory::{DirtySnapshot, GuestMemory, Workload, WorkloadPattern, PAGE_SIZE};
+use crate::page::PageIndex;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,8 +148,8 @@ pub fn measure(memory: Arc<GuestMemory>, repeats: u32) -> Result<KvmBench, KvmEr
     let copy = Arc::new(GuestMemory::new(bytes).map_err(|e| KvmError::BadState(e.to_string()))?);
     let mut page = vec![0u8; PAGE_SIZE];
     for p in l.pt_first..l.pages {
-        memory.read_page(p, &mut page);
-        copy.write_page(p, &page);
+        memory.read_page(PageIndex(p), &mut page);
+        copy.write_page(PageIndex(p), &page);
     }
     let mut restore = vec![];
     for _ in 0..repeats {

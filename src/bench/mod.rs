@@ -17,6 +17,7 @@ pub use link::{link_once, serve_link_sink, LinkResult};
 
 use crate::codec::{is_zero_page, Codec};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::page::PageIndex;
 use crate::wire::{BatchEncoder, Limits, Page, PageBatch};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -109,7 +110,7 @@ pub fn measure_codecs(
                     .encode(
                         0,
                         codec,
-                        &[crate::page::PageRun::new(first, n)],
+                        &[crate::page::PageRun::new(PageIndex(first), n)],
                         |p, buf| {
                             mem.read_page(p, buf);
                             is_zero_page(buf)
@@ -122,7 +123,7 @@ pub fn measure_codecs(
                     PageBatch::decode(batch.payload.clone(), limits).expect("own batches decode");
                 decoded
                     .apply(&mut scratch, |p, data| {
-                        let at = ((p - first) as usize) * PAGE_SIZE;
+                        let at = (PageIndex(first).until(p) as usize) * PAGE_SIZE;
                         match data {
                             Page::Data(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
                             Page::Zero => placed[at..at + PAGE_SIZE].fill(0),

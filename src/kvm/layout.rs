@@ -18,6 +18,7 @@
 //! nothing wrote them.
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::page::PageIndex;
 
 /// Entries in one page-table page.
 const ENTRIES: u64 = 512;
@@ -144,7 +145,7 @@ impl Layout {
                     let entry = Self::gpa(target_first + target) | flags | dirty;
                     page[(e as usize) * 8..][..8].copy_from_slice(&entry.to_le_bytes());
                 }
-                memory.write_page(first + t, &page);
+                memory.write_page(PageIndex(first + t), &page);
             }
         }
         self.pt_first..self.pml4 + 1
@@ -164,7 +165,7 @@ impl Layout {
         let mut page = vec![0u8; PAGE_SIZE];
         page[0x66..0x68].copy_from_slice(&(TSS_IOMAP as u16).to_le_bytes());
         page[TSS_LIMIT as usize] = 0xff;
-        memory.write_page(self.tss, &page);
+        memory.write_page(PageIndex(self.tss), &page);
     }
 }
 

@@ -35,6 +35,7 @@ pub use state::{StateError, VcpuState};
 use crate::memory::{
     DirtyBitmap, DirtySnapshot, GuestMemory, Workload, WorkloadPattern, PAGE_SIZE,
 };
+use crate::page::PageIndex;
 use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -281,12 +282,12 @@ impl KvmGuest {
             let chunk = code.get(i * PAGE_SIZE..).unwrap_or_default();
             let n = chunk.len().min(PAGE_SIZE);
             page[..n].copy_from_slice(&chunk[..n]);
-            memory.write_page(layout.code + i as u64, &page);
+            memory.write_page(PageIndex(layout.code + i as u64), &page);
         }
         layout.write_tss(&memory);
         let (pattern, span) = pattern_fields(&workload, &layout);
         let ctl = Layout::gpa(layout.control);
-        memory.zero_page(layout.control);
+        memory.zero_page(PageIndex(layout.control));
         memory.write_u64(ctl + program::control::PATTERN, pattern);
         memory.write_u64(ctl + program::control::SPAN, span);
         memory.write_u64(ctl + program::control::RNG, initial_rng(workload.seed));
@@ -688,7 +689,7 @@ fn vcpu_thread(sh: Arc<Shared>) {
             let batch = left.min(batch_cap);
             // The VMM's own write to guest memory: KVM does not log it.
             sh.memory.write_u64(batch_field, batch);
-            sh.dirty.mark(sh.layout.control);
+            sh.dirty.mark(PageIndex(sh.layout.control));
             let before = sh.counter();
             let t = Instant::now();
             let mut vcpu = sh.vcpu.lock().unwrap();

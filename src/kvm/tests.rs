@@ -54,7 +54,7 @@ fn dirty_set(guest: &KvmGuest) -> Vec<u64> {
     guest.snapshot_dirty(&mut snap);
     let mut pages = Vec::new();
     for (first, count) in snap.runs() {
-        pages.extend(first..first + count);
+        pages.extend(first.0..first.0 + count);
     }
     pages
 }
@@ -82,7 +82,7 @@ fn the_dirty_log_holds_what_the_guest_wrote_and_nothing_the_host_did() {
         let (kind, span) = pattern_fields(guest.workload(), &l);
         // The host writes pages the guest never touches, while it runs.
         let untouched = l.data_pages - 1;
-        mem.write_page(untouched, &[0x5a; PAGE_SIZE]);
+        mem.write_page(PageIndex(untouched), &[0x5a; PAGE_SIZE]);
         std::thread::sleep(Duration::from_millis(150));
         guest.pause();
         assert_eq!(guest.failure(), None);
@@ -133,7 +133,7 @@ fn a_vcpu_moved_to_a_second_vm_carries_on_exactly() {
     // A copy of the memory, as a destination would hold after the switchover.
     let mem2 = Arc::new(GuestMemory::new(mem.len_bytes()).unwrap());
     for p in 0..mem.pages() {
-        mem.with_pages(p, 1, |b| mem2.write_page(p, b));
+        mem.with_pages(p, 1, |b| mem2.write_page(PageIndex(p), b));
     }
     let b = KvmGuest::restore(mem2.clone(), &bytes).unwrap();
     assert!(!b.is_running());
@@ -195,7 +195,7 @@ fn runs_whatever_memory_held_before() {
     // bitmap of ones): the layout writes every page the CPU reads.
     let mem = Arc::new(GuestMemory::new(8 << 20).unwrap());
     for p in 0..mem.pages() {
-        mem.write_page(p, &[0xff; PAGE_SIZE]);
+        mem.write_page(PageIndex(p), &[0xff; PAGE_SIZE]);
     }
     let g = KvmGuest::start(mem, workload(WorkloadPattern::Uniform, 100_000_000)).unwrap();
     std::thread::sleep(Duration::from_millis(50));

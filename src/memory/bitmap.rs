@@ -1,6 +1,7 @@
 //! The atomic dirty bitmap: one bit per page, marked by writers on any thread and
 //! drained by the migration with a snapshot-and-clear that never stops them.
 
+use crate::page::PageIndex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One bit per guest page, set when the page was written since the last snapshot.
@@ -29,7 +30,8 @@ impl DirtyBitmap {
 
     /// Marks `page` dirty. Call it *after* writing the page.
     #[inline]
-    pub fn mark(&self, page: u64) {
+    pub fn mark(&self, page: PageIndex) {
+        let page = page.0;
         assert!(
             page < self.pages,
             "page {page} outside bitmap of {}",
@@ -41,7 +43,8 @@ impl DirtyBitmap {
     }
 
     /// Marks pages `[first, first + count)` dirty, one atomic op per 64-page word.
-    pub fn mark_range(&self, first: u64, count: u64) {
+    pub fn mark_range(&self, first: PageIndex, count: u64) {
+        let first = first.0;
         let end = first.checked_add(count).expect("page range overflows");
         assert!(
             end <= self.pages,
@@ -80,7 +83,7 @@ impl DirtyBitmap {
     /// Marks every page dirty (the start of round 0).
     pub fn mark_all(&self) {
         if self.pages > 0 {
-            self.mark_range(0, self.pages);
+            self.mark_range(PageIndex(0), self.pages);
         }
     }
 
@@ -157,13 +160,15 @@ impl DirtySnapshot {
     }
 
     /// Sets one page (for tests and for merging logs).
-    pub fn set(&mut self, page: u64) {
+    pub fn set(&mut self, page: PageIndex) {
+        let page = page.0;
         assert!(page < self.pages);
         self.words[(page / 64) as usize] |= 1 << (page % 64);
     }
 
     /// Whether `page` is in the set.
-    pub fn contains(&self, page: u64) -> bool {
+    pub fn contains(&self, page: PageIndex) -> bool {
+        let page = page.0;
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
@@ -196,9 +201,9 @@ pub struct Runs<'a> {
 }
 
 impl Iterator for Runs<'_> {
-    type Item = (u64, u64);
+    type Item = (PageIndex, u64);
 
-    fn next(&mut self) -> Option<(u64, u64)> {
+    fn next(&mut self) -> Option<(PageIndex, u64)> {
         // Find the next set bit at or after pos.
         let start = loop {
             if self.pos >= self.end {
@@ -225,7 +230,7 @@ impl Iterator for Runs<'_> {
             pos = (w as u64 + 1) * 64;
         };
         self.pos = stop;
-        Some((start, stop - start))
+        Some((PageIndex(start), stop - start))
     }
 }
 
@@ -233,15 +238,20 @@ impl Iterator for Runs<'_> {
 mod tests {
     use super::*;
 
+    /// The runs as plain numbers, to compare with literals.
+    fn raw(s: &DirtySnapshot) -> Vec<(u64, u64)> {
+        s.runs().map(|(p, n)| (p.0, n)).collect()
+    }
+
     fn runs_of(pages: u64, set: &[u64]) -> Vec<(u64, u64)> {
         let b = DirtyBitmap::new(pages);
         for &p in set {
-            b.mark(p);
+            b.mark(PageIndex(p));
         }
         let mut s = DirtySnapshot::new();
         b.snapshot_and_clear(&mut s);
         assert_eq!(b.count(), 0);
-        s.runs().collect()
+        raw(&s)
     }
 
     #[test]
@@ -260,18 +270,15 @@ mod tests {
     #[test]
     fn mark_range_and_all() {
         let b = DirtyBitmap::new(300);
-        b.mark_range(10, 150);
+        b.mark_range(PageIndex(10), 150);
         assert_eq!(b.count(), 150);
         let mut s = DirtySnapshot::new();
         b.snapshot_and_clear(&mut s);
-        assert_eq!(s.runs().collect::<Vec<_>>(), vec![(10, 150)]);
+        assert_eq!(raw(&s), vec![(10, 150)]);
         b.mark_all();
         b.snapshot_and_clear(&mut s);
-        assert_eq!(s.runs().collect::<Vec<_>>(), vec![(0, 300)]);
-        assert_eq!(
-            DirtySnapshot::all(300).runs().collect::<Vec<_>>(),
-            vec![(0, 300)]
-        );
+        assert_eq!(raw(&s), vec![(0, 300)]);
+        assert_eq!(raw(&DirtySnapshot::all(300)), vec![(0, 300)]);
     }
 
     #[test]
@@ -286,15 +293,15 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 if x % 100 < density {
-                    snap.set(p);
+                    snap.set(PageIndex(p));
                 }
             }
             let mut naive = vec![];
             let mut p = 0;
             while p < pages {
-                if snap.contains(p) {
+                if snap.contains(PageIndex(p)) {
                     let s = p;
-                    while p < pages && snap.contains(p) {
+                    while p < pages && snap.contains(PageIndex(p)) {
                         p += 1;
                     }
                     naive.push((s, p - s));
@@ -302,7 +309,7 @@ mod tests {
                     p += 1;
                 }
             }
-            assert_eq!(snap.runs().collect::<Vec<_>>(), naive);
+            assert_eq!(raw(&snap), naive);
             assert_eq!(snap.count(), naive.iter().map(|r| r.1).sum::<u64>());
         }
     }
@@ -319,7 +326,7 @@ mod tests {
                     for round in 0..50 {
                         for p in (t..pages).step_by(2) {
                             if (p + round) % 3 == 0 {
-                                b.mark(p);
+                                b.mark(PageIndex(p));
                             }
                         }
                     }

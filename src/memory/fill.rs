@@ -2,6 +2,7 @@
 //! structures and random (incompressible) bytes, mixed in set proportions.
 
 use super::{GuestMemory, PAGE_SIZE};
+use crate::page::PageIndex;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt;
@@ -286,7 +287,7 @@ impl FillSpec {
                         let out = &mut buf[..n as usize * PAGE_SIZE];
                         if self.generate_extent(seed, e, extents, out) != ContentKind::Zero {
                             for (i, page) in out.chunks_exact(PAGE_SIZE).enumerate() {
-                                mem.write_page(first + i as u64, page);
+                                mem.write_page(PageIndex(first + i as u64), page);
                             }
                         }
                         e += threads;

@@ -24,7 +24,7 @@ pub use synthetic::{
     MAX_WRITERS,
 };
 
-use crate::page::PageRun;
+use crate::page::{PageIndex, PageRun};
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,7 +170,7 @@ impl GuestMemory {
                 .map_err(image_err)?;
             for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
                 if !is_zero_page(page) {
-                    mem.write_page(first + i as u64, page);
+                    mem.write_page(PageIndex(first + i as u64), page);
                 }
             }
             first += count;
@@ -297,10 +297,10 @@ impl GuestMemory {
     ///
     /// # Panics
     /// If `index` is outside the guest or `dst` is not one page long.
-    pub fn read_page(&self, index: u64, dst: &mut [u8]) {
+    pub fn read_page(&self, index: PageIndex, dst: &mut [u8]) {
         assert_eq!(dst.len(), PAGE_SIZE);
         let (dst, _) = dst.as_chunks_mut::<8>();
-        for (d, w) in dst.iter_mut().zip(self.words(index)) {
+        for (d, w) in dst.iter_mut().zip(self.words(index.0)) {
             *d = w.load(Ordering::Relaxed).to_ne_bytes();
         }
     }
@@ -311,9 +311,9 @@ impl GuestMemory {
     ///
     /// # Panics
     /// As [`GuestMemory::read_page`].
-    pub fn read_page_unless_zero(&self, index: u64, dst: &mut [u8]) -> bool {
+    pub fn read_page_unless_zero(&self, index: PageIndex, dst: &mut [u8]) -> bool {
         assert_eq!(dst.len(), PAGE_SIZE);
-        let words = self.words(index);
+        let words = self.words(index.0);
         // Blocks of 32 words: one branch per 256 bytes.
         let zero = words.chunks_exact(32).all(|block| {
             block
@@ -332,10 +332,10 @@ impl GuestMemory {
     ///
     /// # Panics
     /// If `index` is outside the guest or `src` is not one page long.
-    pub fn write_page(&self, index: u64, src: &[u8]) {
+    pub fn write_page(&self, index: PageIndex, src: &[u8]) {
         assert_eq!(src.len(), PAGE_SIZE);
         let (src, _) = src.as_chunks::<8>();
-        for (s, w) in src.iter().zip(self.words(index)) {
+        for (s, w) in src.iter().zip(self.words(index.0)) {
             w.store(u64::from_ne_bytes(*s), Ordering::Relaxed);
         }
     }
@@ -375,8 +375,8 @@ impl GuestMemory {
     }
 
     /// Fills page `index` with zeros.
-    pub fn zero_page(&self, index: u64) {
-        for w in self.words(index) {
+    pub fn zero_page(&self, index: PageIndex) {
+        for w in self.words(index.0) {
             w.store(0, Ordering::Relaxed);
         }
     }
@@ -404,7 +404,7 @@ impl GuestMemory {
         let fill = |buf: &mut Vec<u8>| {
             buf.resize((count as usize) << PAGE_SHIFT, 0);
             for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
-                self.read_page(first + i as u64, page);
+                self.read_page(PageIndex(first + i as u64), page);
             }
         };
         VIEW.with(|cell| match cell.try_borrow_mut() {
@@ -442,7 +442,7 @@ impl<'a> PageFill<'a> {
     pub fn new(memory: &'a GuestMemory, regions: &'a [PageRun]) -> Option<Self> {
         let mut total = 0usize;
         for &PageRun { first, count } in regions {
-            let end = first.checked_add(count.into())?;
+            let end = first.0.checked_add(count.into())?;
             if end > memory.pages {
                 return None;
             }
@@ -472,7 +472,7 @@ impl<'a> PageFill<'a> {
                 continue;
             }
             // Inside the mapping: the region was checked in `new`, skip < len.
-            let ptr = self.memory.page_ptr(first).wrapping_add(skip);
+            let ptr = self.memory.page_ptr(first.0).wrapping_add(skip);
             out.push((ptr, len - skip));
             skip = 0;
             if out.len() == max {
@@ -535,7 +535,7 @@ impl<'a> PageFill<'a> {
     /// indices and a copy of their bytes, one after the other. One copy per
     /// page serves every pass over it.
     /// `scratch` holds the copies (grown to a block once, then reused).
-    pub fn for_each_block(&self, scratch: &mut Vec<u8>, mut f: impl FnMut(&[u64], &[u8])) {
+    pub fn for_each_block(&self, scratch: &mut Vec<u8>, mut f: impl FnMut(&[PageIndex], &[u8])) {
         scratch.resize(Self::BLOCK_PAGES * PAGE_SIZE, 0);
         let bytes = scratch;
         let mut indices = Vec::with_capacity(Self::BLOCK_PAGES);
@@ -622,14 +622,14 @@ mod tests {
         let mem = GuestMemory::new(16 * PAGE_SIZE as u64).unwrap();
         assert_eq!(mem.pages(), 16);
         let page = vec![0xabu8; PAGE_SIZE];
-        mem.write_page(3, &page);
+        mem.write_page(PageIndex(3), &page);
         let mut out = vec![0u8; PAGE_SIZE];
-        mem.read_page(3, &mut out);
+        mem.read_page(PageIndex(3), &mut out);
         assert_eq!(out, page);
-        mem.read_page(4, &mut out);
+        mem.read_page(PageIndex(4), &mut out);
         assert!(out.iter().all(|&b| b == 0));
-        mem.zero_page(3);
-        mem.read_page(3, &mut out);
+        mem.zero_page(PageIndex(3));
+        mem.read_page(PageIndex(3), &mut out);
         assert!(out.iter().all(|&b| b == 0));
         mem.with_pages(2, 3, |s| assert_eq!(s.len(), 3 * PAGE_SIZE));
     }
@@ -638,18 +638,18 @@ mod tests {
     fn blocks_cover_every_filled_page_in_order_across_regions() {
         let mem = GuestMemory::new(64 * PAGE_SIZE as u64).unwrap();
         for i in 0..64 {
-            mem.write_page(i, &vec![i as u8; PAGE_SIZE]);
+            mem.write_page(PageIndex(i), &vec![i as u8; PAGE_SIZE]);
         }
         let regions = [(3, 10), (20, 1), (40, 20), (0, 3), (13, 7), (21, 19)]
-            .map(|(f, n)| PageRun::new(f, n));
+            .map(|(f, n)| PageRun::new(PageIndex(f), n));
         let fill = PageFill::new(&mem, &regions).unwrap();
         let mut seen = Vec::new();
         fill.for_each_block(&mut Vec::new(), |indices, bytes| {
             assert!(indices.len() <= PageFill::BLOCK_PAGES);
             assert_eq!(bytes.len(), indices.len() * PAGE_SIZE);
             for (&i, page) in indices.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
-                assert!(page.iter().all(|&b| b == i as u8), "page {i}");
-                seen.push(i);
+                assert!(page.iter().all(|&b| b == i.0 as u8), "page {i}");
+                seen.push(i.0);
             }
         });
         let want: Vec<u64> = (3..13)
@@ -697,7 +697,7 @@ mod tests {
         let mem = GuestMemory::new(64 << 20).unwrap();
         assert_eq!(mem.resident_bytes(), Some(0));
         for p in 0..1024 {
-            mem.write_page(p, &[1u8; PAGE_SIZE]);
+            mem.write_page(PageIndex(p), &[1u8; PAGE_SIZE]);
         }
         let rss = mem.resident_bytes().unwrap();
         // 4 MiB written; huge pages may back up to the 2 MiB boundaries around it.
@@ -705,7 +705,7 @@ mod tests {
         assert!(peak_rss_bytes().unwrap() >= rss);
         // Counted a GiB at a time: a page in the third GiB of a lazy guest.
         let big = GuestMemory::new(3 << 30).unwrap();
-        big.write_page(big.pages() - 1, &[1u8; PAGE_SIZE]);
+        big.write_page(PageIndex(big.pages() - 1), &[1u8; PAGE_SIZE]);
         let rss = big.resident_bytes().unwrap();
         assert!((PAGE_SIZE as u64..=2 << 20).contains(&rss), "{rss}");
     }
@@ -716,7 +716,7 @@ mod tests {
         // written is backed by at most one huge page.
         let mem = GuestMemory::new(64 << 30).unwrap();
         assert_eq!(mem.resident_bytes(), Some(0));
-        mem.write_page(mem.pages() - 1, &[1u8; PAGE_SIZE]);
+        mem.write_page(PageIndex(mem.pages() - 1), &[1u8; PAGE_SIZE]);
         let rss = mem.resident_bytes().unwrap();
         assert!((PAGE_SIZE as u64..=2 << 20).contains(&rss), "{rss}");
     }
@@ -755,7 +755,7 @@ mod tests {
             .unwrap();
         let mut page = vec![0u8; PAGE_SIZE];
         for p in 0..64 {
-            mem.read_page(p, &mut page);
+            mem.read_page(PageIndex(p), &mut page);
             assert!(page.iter().all(|&b| b == 7), "page {p} changed");
         }
         std::fs::remove_file(&path).unwrap();
@@ -766,9 +766,9 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ferry-cow-{}", std::process::id()));
         std::fs::write(&path, vec![5u8; 4 * PAGE_SIZE]).unwrap();
         let mem = GuestMemory::from_image(&path).unwrap();
-        mem.write_page(1, &[9u8; PAGE_SIZE]);
+        mem.write_page(PageIndex(1), &[9u8; PAGE_SIZE]);
         let mut out = vec![0u8; PAGE_SIZE];
-        mem.read_page(1, &mut out);
+        mem.read_page(PageIndex(1), &mut out);
         assert!(out.iter().all(|&b| b == 9));
         let file = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();

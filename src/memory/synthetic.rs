@@ -8,6 +8,7 @@
 //! travel in the switchover so the workload continues where it stopped.
 
 use super::{DirtyBitmap, DirtySnapshot, FillSpec, GuestMemory, PAGE_SIZE};
+use crate::page::PageIndex;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt;
@@ -416,8 +417,8 @@ fn writer(shared: Arc<Shared>, index: usize, mut ws: WriterState) {
                 kind.generate(&mut rng, &mut buf);
                 // Write, then mark: a migration that drains the mark copies the
                 // page after this write (see the memory module doc).
-                mem.write_page(page, &buf);
-                shared.bitmap.mark(page);
+                mem.write_page(PageIndex(page), &buf);
+                shared.bitmap.mark(PageIndex(page));
                 ws.pages_written = ws.pages_written.wrapping_add(1);
                 shared.pages_written.fetch_add(1, Ordering::Relaxed);
             }
@@ -446,7 +447,7 @@ mod tests {
         // Back the memory first, as a booted guest's is: the pacing tests time the
         // writer, not the kernel faulting in (and zeroing) 2 MiB huge pages.
         for p in 0..pages {
-            mem.zero_page(p);
+            mem.zero_page(PageIndex(p));
         }
         SyntheticGuest::start(
             mem,
@@ -485,7 +486,7 @@ mod tests {
         g.pause();
         let mut snap = DirtySnapshot::new();
         g.snapshot_dirty(&mut snap);
-        assert!(snap.count() > 0 && snap.runs().all(|(s, n)| s + n <= 64));
+        assert!(snap.count() > 0 && snap.runs().all(|(s, n)| s.0 + n <= 64));
         let written = g.pages_written();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(g.pages_written(), written, "paused guest wrote");
@@ -529,7 +530,10 @@ mod tests {
         let mut snap = DirtySnapshot::new();
         g2.snapshot_dirty(&mut snap);
         let first = snap.runs().next().unwrap().0;
-        assert_eq!(first, state.writers[0].cursor % g.memory().pages());
+        assert_eq!(
+            first,
+            PageIndex(state.writers[0].cursor % g.memory().pages())
+        );
         assert!(g2.pages_written() > g.pages_written());
     }
 }

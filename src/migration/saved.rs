@@ -21,6 +21,7 @@ use super::{restore_guest, MigratableGuest};
 use crate::codec::is_zero_page;
 use crate::digest::full_digest;
 use crate::memory::{GuestMemory, MAX_MEMORY_BYTES, PAGE_SIZE};
+use crate::page::PageIndex;
 use crate::wire::GuestKind;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -82,7 +83,7 @@ pub fn save_guest(guest: &dyn MigratableGuest, path: &Path) -> std::io::Result<(
         let base = memory_offset(state.len());
         let mut page = vec![0u8; PAGE_SIZE];
         for i in 0..mem.pages() {
-            mem.read_page(i, &mut page);
+            mem.read_page(PageIndex(i), &mut page);
             if !is_zero_page(&page) {
                 f.write_all_at(&page, base + i * PAGE_SIZE as u64)?;
             }
@@ -180,7 +181,7 @@ pub fn load_guest(path: &Path) -> Result<Arc<dyn MigratableGuest>, String> {
         f.read_exact_at(&mut page, base + i * PAGE_SIZE as u64)
             .map_err(what)?;
         if !is_zero_page(&page) {
-            mem.write_page(i, &page);
+            mem.write_page(PageIndex(i), &page);
         }
     }
     let computed = if version == 1 {

@@ -338,7 +338,7 @@ impl FrameReader {
         fill.for_each_block(&mut self.scratch, |indices, bytes| {
             check.update(bytes);
             for (&index, page) in indices.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
-                on_page(index, page);
+                on_page(index.0, page);
             }
         });
         let tag = self.read_tag(header.command).await?;

@@ -18,6 +18,7 @@
 use super::PAGE_SIZE;
 use super::{DecodeError, Limits, Reader};
 use crate::codec::{self, Codec, CodecError, CodecId};
+use crate::page::PageIndex;
 use crate::page::PageRun;
 use bytes::{Bytes, BytesMut};
 
@@ -151,7 +152,7 @@ impl PageBatch {
             }
             next_free = end;
             total += u64::from(len);
-            runs.push(PageRun::new(first, len));
+            runs.push(PageRun::new(PageIndex(first), len));
         }
         if total != u64::from(page_count) {
             return Err(DecodeError::Mismatch {
@@ -260,7 +261,7 @@ impl PageBatch {
     pub fn apply(
         &self,
         scratch: &mut Vec<u8>,
-        mut store: impl FnMut(u64, Page<'_>),
+        mut store: impl FnMut(PageIndex, Page<'_>),
     ) -> Result<(), CodecError> {
         let len = self.nonzero as usize * PAGE_SIZE;
         let pages: &[u8] = if len == 0 || self.placed {
@@ -313,7 +314,7 @@ fn write_fixed(o: &mut Vec<u8>, round: u32, codec: CodecId, runs: &[PageRun], pa
 
 fn write_runs(o: &mut Vec<u8>, runs: &[PageRun]) {
     for r in runs {
-        o.extend_from_slice(&r.first.to_le_bytes());
+        o.extend_from_slice(&r.first.0.to_le_bytes());
         o.extend_from_slice(&r.count.to_le_bytes());
     }
 }
@@ -365,7 +366,7 @@ impl BatchEncoder {
         round: u32,
         codec: Codec,
         runs: &[PageRun],
-        mut read: impl FnMut(u64, &mut [u8]) -> bool,
+        mut read: impl FnMut(PageIndex, &mut [u8]) -> bool,
     ) -> Result<EncodedBatch, CodecError> {
         let pages: u32 = runs.iter().map(|r| r.count).sum();
         assert!(
@@ -485,7 +486,7 @@ mod tests {
     };
 
     /// Page `p`'s content in these tests: zero when p % 3 == 0, else a pattern.
-    fn content(p: u64, buf: &mut [u8]) -> bool {
+    fn content(PageIndex(p): PageIndex, buf: &mut [u8]) -> bool {
         if p.is_multiple_of(3) {
             buf.fill(0);
             return true;
@@ -497,7 +498,9 @@ mod tests {
     }
 
     fn runs(r: &[(u64, u32)]) -> Vec<PageRun> {
-        r.iter().map(|&(f, n)| PageRun::new(f, n)).collect()
+        r.iter()
+            .map(|&(f, n)| PageRun::new(PageIndex(f), n))
+            .collect()
     }
 
     fn encoded(codec: Codec, runs: &[PageRun]) -> EncodedBatch {
@@ -507,9 +510,9 @@ mod tests {
     #[test]
     fn round_trip_every_codec() {
         let runs = [
-            PageRun::new(0, 10),
-            PageRun::new(100, 1),
-            PageRun::new(200, 50),
+            PageRun::new(PageIndex(0), 10),
+            PageRun::new(PageIndex(100), 1),
+            PageRun::new(PageIndex(200), 50),
         ];
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
             let e = encoded(codec, &runs);
@@ -537,9 +540,9 @@ mod tests {
     fn raw_data_can_be_placed_region_by_region() {
         // Pages 0, 3, 6 and 9 are zero: the data pages form these regions.
         let runs = [
-            PageRun::new(0, 10),
-            PageRun::new(10, 2),
-            PageRun::new(200, 3),
+            PageRun::new(PageIndex(0), 10),
+            PageRun::new(PageIndex(10), 2),
+            PageRun::new(PageIndex(200), 3),
         ];
         let e = encoded(Codec::None, &runs);
         let fixed = &e.payload[..PageBatch::FIXED_LEN];
@@ -551,7 +554,7 @@ mod tests {
         let regions = b.data_regions();
         let want: Vec<PageRun> = [(1, 2), (4, 2), (7, 2), (10, 2), (200, 1), (202, 1)]
             .into_iter()
-            .map(|(f, n)| PageRun::new(f, n))
+            .map(|(f, n)| PageRun::new(PageIndex(f), n))
             .collect();
         assert_eq!(regions, want);
         // The wire data is exactly those pages, in that order.
@@ -566,7 +569,11 @@ mod tests {
         assert_eq!(&e.payload[prefix..], &want[..]);
         let mut kinds = vec![];
         b.apply(&mut Vec::new(), |p, k| {
-            let want = if p % 3 == 0 { Page::Zero } else { Page::Placed };
+            let want = if p.0 % 3 == 0 {
+                Page::Zero
+            } else {
+                Page::Placed
+            };
             assert_eq!(k, want, "page {p}");
             kinds.push(p);
         })

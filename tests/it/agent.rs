@@ -3,6 +3,7 @@
 //! for byte), both agents' records, the concurrency limit and its queue.
 
 use crate::common;
+use ferry::page::PageIndex;
 
 use common::agents::{error_of, Agents, TOKEN};
 use common::first_difference;
@@ -575,8 +576,8 @@ fn same_memory(a: &ferry::memory::GuestMemory, b: &ferry::memory::GuestMemory) -
     let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
     a.pages() == b.pages()
         && (0..a.pages()).all(|i| {
-            a.read_page(i, &mut x);
-            b.read_page(i, &mut y);
+            a.read_page(PageIndex(i), &mut x);
+            b.read_page(PageIndex(i), &mut y);
             x == y
         })
 }

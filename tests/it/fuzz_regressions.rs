@@ -5,6 +5,7 @@
 use ferry::codec::{Codec, CodecId};
 use ferry::fuzz;
 use ferry::migration::dest_state::DestState;
+use ferry::page::PageIndex;
 use ferry::page::PageRun;
 use ferry::wire::{encode_frame, BatchEncoder, Command, Header};
 use std::path::Path;
@@ -129,15 +130,24 @@ fn seeds() -> Vec<(Vec<u8>, Vec<u8>)> {
     // (frame, batch payload) pairs from real encoders.
     let mut out = vec![];
     for (codec, runs) in [
-        (Codec::None, vec![PageRun::new(0, 3)]),
-        (Codec::Lz4, vec![PageRun::new(1, 2), PageRun::new(10, 4)]),
+        (Codec::None, vec![PageRun::new(PageIndex(0), 3)]),
+        (
+            Codec::Lz4,
+            vec![
+                PageRun::new(PageIndex(1), 2),
+                PageRun::new(PageIndex(10), 4),
+            ],
+        ),
         (
             Codec::Zstd { level: 1 },
-            vec![PageRun::new(100, 1), PageRun::new(200, 7)],
+            vec![
+                PageRun::new(PageIndex(100), 1),
+                PageRun::new(PageIndex(200), 7),
+            ],
         ),
     ] {
         let b = BatchEncoder::new()
-            .encode(2, codec, &runs, |p, buf| {
+            .encode(2, codec, &runs, |PageIndex(p), buf| {
                 if p % 3 == 0 {
                     buf.fill(0);
                     return true;

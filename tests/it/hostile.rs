@@ -2,6 +2,7 @@
 //! session with an error naming what was wrong, and the receiver keeps serving.
 
 use crate::common;
+use ferry::page::PageIndex;
 
 #[path = "hostile/agents.rs"]
 mod agents;
@@ -315,7 +316,7 @@ fn a_page_index_outside_the_guest_ends_the_session_naming_the_field() {
         .encode(
             0,
             Codec::Lz4,
-            &[ferry::page::PageRun::new(300, 2)],
+            &[ferry::page::PageRun::new(PageIndex(300), 2)],
             |_, buf| {
                 buf.fill(1);
                 false
@@ -409,8 +410,8 @@ fn raw_batch_frame(session: u64, pages: u32) -> Vec<u8> {
         .encode(
             0,
             Codec::None,
-            &[ferry::page::PageRun::new(0, pages)],
-            |p, buf| {
+            &[ferry::page::PageRun::new(PageIndex(0), pages)],
+            |PageIndex(p), buf| {
                 buf.fill(if p % 3 == 0 { 0 } else { p as u8 });
                 p % 3 == 0
             },

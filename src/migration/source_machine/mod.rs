@@ -147,7 +147,7 @@ impl SourceMachine {
             while len > 0 {
                 let take = len.min(max - n);
                 runs.push(PageRun::new(first, take as u32));
-                (n, first, len) = (n + take, first + take, len - take);
+                (n, first, len) = (n + take, first.plus(take), len - take);
                 if n == max || runs.len() == usize::from(MAX_RUNS_PER_BATCH) {
                     total += n;
                     self.push(round, std::mem::take(&mut runs));

@@ -2,7 +2,7 @@
 //! together on thousands of schedules).
 
 use super::*;
-use crate::page::PageRun;
+use crate::page::{PageIndex, PageRun};
 use crate::wire::{BatchAck, Ready, RoundEnd, MAX_CREDITS};
 
 fn machine(channels: u16, credits: u16) -> (SourceMachine, Instant) {
@@ -49,7 +49,7 @@ fn batches_split_by_size_and_wait_for_credit() {
     let Next::Work(w) = m.next_work(ChannelId(0), 0) else {
         panic!()
     };
-    assert_eq!(w.job().runs, vec![PageRun::new(4, 4)]);
+    assert_eq!(w.job().runs, vec![PageRun::new(PageIndex(4), 4)]);
     let Begin::NoCredit(w) = m.begin_batch(ChannelId(0), 0, w, 4, 10) else {
         panic!()
     };

@@ -8,6 +8,7 @@ use crate::migration::dest_ledger::{Claim, Claimed};
 use crate::migration::fault::FaultPoint;
 use crate::migration::MigrationError;
 use crate::migration::Violation;
+use crate::page::PageIndex;
 use crate::transport::{FrameReader, FrameWriter, Received};
 use crate::wire::ChannelId;
 use crate::wire::{BatchAck, ChannelBindResponse, Command, Header, Message, PageBatch};
@@ -147,7 +148,7 @@ impl Conn<'_> {
                 biased;
                 _ = self.stop.cancelled() => return Ok(None),
                 f = rd.read_placing(&sh.memory, sh.limits, accept, |page, bytes| {
-                    sh.hashes.set(page, page_hash(bytes))
+                    sh.hashes.set(PageIndex(page), page_hash(bytes))
                 }) => f?,
             };
             let frame = match received {

@@ -105,7 +105,7 @@ fn change_page(f: &mut Frame) -> Option<u64> {
     let batch = PageBatch::decode(f.payload.clone().into(), limits).ok()?;
     let index = batch.data_regions().first()?.first;
     let page = f.payload.get_mut(prefix..prefix + 4096)?;
-    let hashes = PageHashes::new(index + 1);
+    let hashes = PageHashes::new(index.0 + 1);
     hashes.set(index, page_hash(page));
     let before = hashes.digest();
     page[100] ^= 0x5a;

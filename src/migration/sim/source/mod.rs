@@ -14,6 +14,7 @@ use crate::migration::policy::ConvergencePolicy;
 use crate::migration::source_machine::{
     Begin, Handled, Next, Rounds, SourceMachine, Transmit, Work,
 };
+use crate::page::PageIndex;
 use crate::wire::ChannelId;
 use crate::wire::{Header, Message};
 use std::time::{Duration, Instant};
@@ -530,7 +531,7 @@ impl SimSource {
             let page = self.rng.below(self.hot);
             self.version += 1;
             self.memory[page as usize] = self.version;
-            self.dirty.set(page);
+            self.dirty.set(PageIndex(page));
         }
     }
 
@@ -591,9 +592,9 @@ impl SimSource {
         let mut pages = Vec::new();
         for run in &work.job().runs {
             for page in run.pages() {
-                let v = self.memory[page as usize];
-                self.sent[page as usize] = v;
-                pages.push((page, v));
+                let v = self.memory[page.0 as usize];
+                self.sent[page.0 as usize] = v;
+                pages.push((page.0, v));
             }
         }
         pages
