@@ -1,0 +1,157 @@
+//! A new session's handshake on channel 0, and the check of the source's
+//! proof of the key.
+
+use super::*;
+
+/// A session's handshake on channel 0: NEGOTIATE (given), NEGOTIATE_RESPONSE,
+/// SESSION_SETUP, the key's proof, then (proved) the session slot, the
+/// setup's checks and the admission, and the guest's memory. Everything
+/// after the last read is synchronous, so a cut (eviction, timeout) never
+/// lands between an admission and its report.
+pub(super) async fn session_handshake(
+    rx: &Shared,
+    peer: SocketAddr,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    negotiate: &Negotiate,
+    binding: &[u8],
+) -> Result<Admitted, Refused> {
+    let config = &rx.config;
+    let mut machine =
+        DestMachine::new(config.max_memory).hosting_kvm(crate::transport::dest::kvm_here());
+    let malformed = |e| Refused::before_proof(e, Refusal::Malformed);
+    let mut response = machine.handle_negotiate(negotiate).map_err(malformed)?;
+    // A fresh challenge per session: the setup proves the key over it, so a
+    // recorded setup cannot be replayed.
+    response.nonce = random_bytes::<16>();
+    let nonce = response.nonce;
+    writer
+        .send(
+            Header::new(Command::NegotiateResponse),
+            &Message::NegotiateResponse(response),
+        )
+        .await
+        .map_err(malformed)?;
+    let frame = reader
+        .read_frame()
+        .await
+        .map_err(malformed)?
+        .ok_or_else(|| {
+            malformed(MigrationError::PeerClosed {
+                channel: ChannelId::CONTROL,
+            })
+        })?;
+    let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP) {
+        Ok(Message::SessionSetup(s)) => s,
+        Ok(Message::Abort(a)) => {
+            return Err(Refused {
+                why: None,
+                ..Refused::before_proof(
+                    MigrationError::RemoteAbort {
+                        code: a.code,
+                        message: a.message,
+                    },
+                    Refusal::Malformed,
+                )
+            })
+        }
+        Ok(m) => {
+            return Err(malformed(
+                Violation::Unexpected {
+                    want: "SESSION_SETUP",
+                    got: m.command(),
+                }
+                .into(),
+            ))
+        }
+        Err(e) => return Err(malformed(e.into())),
+    };
+    let handshake = crate::migration::auth::Handshake {
+        source_nonce: &negotiate.nonce,
+        dest_nonce: &nonce,
+        binding,
+    };
+    authenticate(config, peer, &setup, &handshake)
+        .map_err(|e| Refused::before_proof(e, Refusal::Unauthenticated))?;
+    // Proved: from here on the session may hold a slot and be reported.
+    let slot = Slot::take(&rx.session_count, config.max_sessions).ok_or_else(|| {
+        let e = MigrationError::from(Shortfall::Sessions {
+            limit: config.max_sessions,
+        });
+        Refused::after_proof(e, Refusal::SessionLimit, &setup)
+    })?;
+    let refused = |e| Refused::after_proof(e, Refusal::Refused, &setup);
+    let limits = machine.handle_setup(&setup).map_err(refused)?;
+    let inflight = u64::from(setup.channels) * crate::transport::CHANNEL_MEMORY;
+    if inflight > config.max_inflight_bytes {
+        return Err(refused(
+            Shortfall::InFlight {
+                channels: setup.channels,
+                bytes: inflight,
+                limit: config.max_inflight_bytes,
+            }
+            .into(),
+        ));
+    }
+    let session_id = u64::from_le_bytes(random_bytes::<8>()) | 1;
+    if let Some(admit) = &config.admit {
+        admit(session_id, &setup).map_err(|why| refused(Shortfall::Refused(why).into()))?;
+    }
+    let memory = GuestMemory::new(setup.memory_bytes).map_err(|e| Refused {
+        admitted: Some((session_id, setup.label.clone())),
+        ..refused(Shortfall::Memory(e).into())
+    })?;
+    Ok(Admitted {
+        machine,
+        limits,
+        memory: Arc::new(memory),
+        session_id,
+        source_nonce: negotiate.nonce,
+        nonce,
+        proved_key: config.key.is_some(),
+        slot: Some(slot),
+        setup,
+    })
+}
+
+/// Checks the source's proof of the key, or that this receiver may take it
+/// without one.
+fn authenticate(
+    config: &ReceiverConfig,
+    peer: SocketAddr,
+    setup: &SessionSetup,
+    handshake: &crate::migration::auth::Handshake,
+) -> Result<(), MigrationError> {
+    let tagged = setup.flags & crate::wire::SETUP_FRAME_MAC != 0;
+    if tagged && setup.proof.is_none() {
+        return Err(Violation::MacWithoutKey.into());
+    }
+    match (&config.key, &setup.proof) {
+        (Some(key), Some(_)) => {
+            if !crate::migration::auth::verify_setup_proof(key, handshake, setup) {
+                Err(AuthFailure::WrongKey.into())
+            } else if !tagged && handshake.binding.is_empty() {
+                Err(AuthFailure::UntaggedFrames.into())
+            } else {
+                Ok(())
+            }
+        }
+        (Some(_), None) => Err(AuthFailure::KeyRequired.into()),
+        (None, Some(_)) => Err(AuthFailure::NoKeyToCheck.into()),
+        (None, None) => match config.unauthenticated {
+            Unauthenticated::Anywhere => {
+                tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
+                Ok(())
+            }
+            Unauthenticated::Loopback if peer.ip().is_loopback() => {
+                tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
+                Ok(())
+            }
+            Unauthenticated::Loopback => Err(AuthFailure::NotLoopback {
+                peer: peer.to_string(),
+            }
+            .into()),
+            Unauthenticated::Refuse => Err(AuthFailure::AuthenticatedOnly.into()),
+        },
+    }
+}
