@@ -35,11 +35,13 @@ pub(crate) fn sim(a: SimArgs) -> Result<ExitCode> {
     }
     let t = Instant::now();
     let mut ends = std::collections::BTreeMap::<&str, u64>::new();
+    let mut handshakes = std::collections::BTreeMap::<&str, u64>::new();
     let (mut faults, mut resent, mut rounds, mut throttled) = (0u64, 0u64, 0u64, 0u64);
     for seed in a.first..a.first.saturating_add(a.seeds) {
         match ferry::migration::sim::run(seed) {
             Ok(o) => {
                 *ends.entry(o.outcome).or_default() += 1;
+                *handshakes.entry(o.handshake).or_default() += 1;
                 faults += u64::from(o.faults);
                 resent += o.resent;
                 rounds += u64::from(o.rounds);
@@ -61,6 +63,8 @@ pub(crate) fn sim(a: SimArgs) -> Result<ExitCode> {
         println!("  {end:<11} {n}");
     }
     println!("  faults injected {faults}, batches resent {resent}");
+    let shakes: Vec<String> = handshakes.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("  handshakes: {}", shakes.join(", "));
     println!("  pre-copy rounds {rounds}, schedules throttled {throttled}");
     Ok(ExitCode::SUCCESS)
 }

@@ -20,6 +20,8 @@ mod violation;
 #[cfg(feature = "net")]
 pub mod auth;
 pub mod fault;
+#[cfg(feature = "net")]
+pub mod handshake;
 
 pub use config::{
     ranges, BeforeGo, ConfigError, MigrationConfig, DEFAULT_BATCH_PAGES, DEFAULT_CHANNELS,

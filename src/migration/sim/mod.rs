@@ -5,6 +5,9 @@
 //! cancel) all drawn from one seed. A failing seed names itself and replays
 //! exactly: [`run`] with the same seed takes the same steps.
 //!
+//! Each seed also draws a session handshake ([`handshake`]): keys, policies,
+//! bindings, codecs and an on-path change to one message.
+//!
 //! Checked on every schedule: the machine's accounting after every step; at
 //! the end, that the guest runs in exactly one place or the source keeps
 //! its paused copy as unresolved; that a completed migration's memory equals
@@ -12,6 +15,8 @@
 //! and that the session ends within its deadlines.
 
 mod dest;
+#[cfg(feature = "net")]
+pub mod handshake;
 mod net;
 mod source;
 
@@ -76,6 +81,9 @@ pub struct SimOutcome {
     pub rounds: u32,
     /// The highest auto-converge throttle it asked for, percent.
     pub throttle_max: u8,
+    /// How the seed's handshake schedule ended: `set up`, or why not
+    /// (`unauthenticated`, `incompatible`, `protocol`, `refused: ...`).
+    pub handshake: &'static str,
 }
 
 /// A schedule that broke an invariant.
@@ -97,8 +105,12 @@ const HUNG_MS: u64 = 120_000;
 
 /// Runs the schedule of `seed` to its end and checks its invariants.
 pub fn run(seed: u64) -> Result<SimOutcome, SimFailure> {
-    let mut s = SimSource::new(seed);
     let fail = |at_ms, what: String| SimFailure { seed, at_ms, what };
+    #[cfg(feature = "net")]
+    let handshake = handshake::run(seed).map_err(|what| fail(0, what))?;
+    #[cfg(not(feature = "net"))]
+    let handshake = "not built";
+    let mut s = SimSource::new(seed);
     loop {
         s.step().map_err(|what| fail(s.now, what))?;
         if s.finished() {
@@ -126,6 +138,7 @@ pub fn run(seed: u64) -> Result<SimOutcome, SimFailure> {
         resent: s.m.tallies().resent,
         rounds: s.rounds().totals().rounds,
         throttle_max: s.rounds().totals().throttle_max,
+        handshake,
     })
 }
 

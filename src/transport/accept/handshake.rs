@@ -2,6 +2,7 @@
 //! proof of the key.
 
 use super::*;
+use crate::migration::handshake::{check_setup, Taken};
 
 /// A session's handshake on channel 0: NEGOTIATE (given), NEGOTIATE_RESPONSE,
 /// SESSION_SETUP, the key's proof, then (proved) the session slot, the
@@ -71,8 +72,19 @@ pub(super) async fn session_handshake(
         dest_nonce: &nonce,
         binding,
     };
-    authenticate(config, peer, &setup, &handshake)
-        .map_err(|e| Refused::before_proof(e, Refusal::Unauthenticated))?;
+    let key = config.key.as_ref();
+    let shown = peer.to_string();
+    let from = (shown.as_str(), peer.ip().is_loopback());
+    match check_setup(key, config.unauthenticated, from, &setup, &handshake) {
+        Ok(Taken::Proved) => {}
+        Ok(Taken::Unauthenticated) if config.unauthenticated == Unauthenticated::Anywhere => {
+            tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
+        }
+        Ok(Taken::Unauthenticated) => {
+            tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
+        }
+        Err(e) => return Err(Refused::before_proof(e, Refusal::Unauthenticated)),
+    }
     // Proved: from here on the session may hold a slot and be reported.
     let slot = Slot::take(&rx.session_count, config.max_sessions).ok_or_else(|| {
         let e = MigrationError::from(Shortfall::Sessions {
@@ -112,46 +124,4 @@ pub(super) async fn session_handshake(
         slot: Some(slot),
         setup,
     })
-}
-
-/// Checks the source's proof of the key, or that this receiver may take it
-/// without one.
-fn authenticate(
-    config: &ReceiverConfig,
-    peer: SocketAddr,
-    setup: &SessionSetup,
-    handshake: &crate::migration::auth::Handshake,
-) -> Result<(), MigrationError> {
-    let tagged = setup.flags & crate::wire::SETUP_FRAME_MAC != 0;
-    if tagged && setup.proof.is_none() {
-        return Err(Violation::MacWithoutKey.into());
-    }
-    match (&config.key, &setup.proof) {
-        (Some(key), Some(_)) => {
-            if !crate::migration::auth::verify_setup_proof(key, handshake, setup) {
-                Err(AuthFailure::WrongKey.into())
-            } else if !tagged && handshake.binding.is_empty() {
-                Err(AuthFailure::UntaggedFrames.into())
-            } else {
-                Ok(())
-            }
-        }
-        (Some(_), None) => Err(AuthFailure::KeyRequired.into()),
-        (None, Some(_)) => Err(AuthFailure::NoKeyToCheck.into()),
-        (None, None) => match config.unauthenticated {
-            Unauthenticated::Anywhere => {
-                tracing::warn!(%peer, "taking an unauthenticated session (--insecure)");
-                Ok(())
-            }
-            Unauthenticated::Loopback if peer.ip().is_loopback() => {
-                tracing::warn!(%peer, "taking an unauthenticated session from loopback (no --key)");
-                Ok(())
-            }
-            Unauthenticated::Loopback => Err(AuthFailure::NotLoopback {
-                peer: peer.to_string(),
-            }
-            .into()),
-            Unauthenticated::Refuse => Err(AuthFailure::AuthenticatedOnly.into()),
-        },
-    }
 }

@@ -12,8 +12,7 @@ use crate::migration::{restore_guest, MigratableGuest, MigrationError, Mismatch}
 use crate::transport::accept::Admitted;
 use crate::transport::{FrameReader, FrameWriter};
 use crate::wire::{
-    Command, Complete, GuestKind, Header, Message, SessionSetupResponse, Switchover, VerifyMode,
-    SETUP_FRAME_MAC,
+    Command, Complete, GuestKind, Header, Message, Switchover, VerifyMode, SETUP_FRAME_MAC,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -284,18 +283,9 @@ impl Session {
         writer
             .send(
                 header,
-                &Message::SessionSetupResponse(SessionSetupResponse {
-                    bind_token: *token,
-                    initial_credits: credits,
-                    proof: key.map(|k| {
-                        let r = crate::migration::auth::Response {
-                            session_id,
-                            token,
-                            credits,
-                        };
-                        crate::migration::auth::response_proof(k, handshake, &r)
-                    }),
-                }),
+                &Message::SessionSetupResponse(crate::migration::handshake::setup_response(
+                    key, handshake, session_id, token, credits,
+                )),
             )
             .await?;
         Ok(())

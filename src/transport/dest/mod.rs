@@ -59,17 +59,7 @@ pub type AdmitFn = Arc<dyn Fn(u64, &SessionSetup) -> Result<(), String> + Send +
 pub type OnGoFn =
     Arc<dyn Fn(u64, Option<&SessionLabel>, &Arc<dyn MigratableGuest>, bool) + Send + Sync>;
 
-/// Whom a receiver without a key takes sessions from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Unauthenticated {
-    /// Nobody: every session must prove the key.
-    Refuse,
-    /// Peers on loopback addresses only (the default).
-    #[default]
-    Loopback,
-    /// Anyone (`--insecure`): for trusted, isolated links.
-    Anywhere,
-}
+pub use crate::migration::handshake::Unauthenticated;
 
 /// Receiver limits.
 #[derive(Clone)]

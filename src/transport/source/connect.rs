@@ -6,15 +6,15 @@ use super::Tally;
 use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::memory::PAGE_SIZE;
 use crate::migration::auth;
-use crate::migration::source_machine::unexpected;
+use crate::migration::handshake::SourceHandshake;
 use crate::migration::{AuthFailure, ConfigError, Mismatch, Violation};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::ChannelId;
 use crate::wire::{
-    ChannelBind, Command, Header, Limits, Message, Negotiate, SessionSetup, SessionSetupResponse,
-    MAX_CREDITS, SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED, VERSION,
+    ChannelBind, Command, Header, Limits, Message, SessionSetup, MAX_CREDITS, SETUP_FRAME_MAC,
+    SETUP_LEAVE_PAUSED,
 };
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -214,123 +214,39 @@ pub(super) async fn open_session(
         _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
         c = connector.connect(ChannelId::CONTROL) => c?,
     };
+    let setup = session_setup(guest, config, connector.frame_mac);
+    let key = config.session_key.clone();
     let source_nonce = auth::random_bytes::<16>();
-    let nonce = negotiate(&mut rd0, &mut wr0, config, &source_nonce).await?;
-    let mut setup = session_setup(guest, config, connector.frame_mac);
-    let key = config.session_key.as_ref();
-    let handshake = auth::Handshake {
-        source_nonce: &source_nonce,
-        dest_nonce: &nonce,
-        binding: &binding0,
+    let mut hs = SourceHandshake::new(setup, config.codec, key, source_nonce, binding0);
+    let done = loop {
+        while let Some((header, msg)) = hs.poll_transmit() {
+            wr0.send(header, &msg).await?;
+        }
+        let what = hs.awaiting().unwrap_or("an answer");
+        let (header, msg) = handshake_read(&mut rd0, what).await?;
+        match hs.handle(&header, msg) {
+            Ok(Some(done)) => break done,
+            Ok(None) => {}
+            Err(e) => {
+                if matches!(e, MigrationError::Unauthenticated(AuthFailure::Destination)) {
+                    tracing::warn!(%target, "{e}");
+                }
+                return Err(e);
+            }
+        }
     };
-    setup.proof = key.map(|k| auth::setup_proof(k, &handshake, &setup));
-    wr0.send(
-        Header::new(Command::SessionSetup),
-        &Message::SessionSetup(setup),
-    )
-    .await?;
-    let (header, setup) = match handshake_read(&mut rd0, "SESSION_SETUP_RESPONSE").await? {
-        (h, Message::SessionSetupResponse(r)) => (h, r),
-        (_, m) => return Err(unexpected("SESSION_SETUP_RESPONSE", &m)),
-    };
-    let session_id = header.session_id;
-    tally.session_id = session_id;
-    // With a key, the destination must prove it too before it sees a page.
-    if let Some(k) = key {
-        check_proof(k, &handshake, session_id, &setup, target)?;
-        tally.authenticated = true;
-    }
-    connector.session_id = session_id;
-    connector.secret = Arc::new(auth::BindSecret::derive(
-        key,
-        &source_nonce,
-        &nonce,
-        session_id,
-        &setup.bind_token,
-    ));
-    if connector.frame_mac {
-        let conn = auth::Connection::Setup(&source_nonce);
-        let keys = connector.secret.frame_keys(session_id, conn);
+    tally.session_id = done.session_id;
+    tally.authenticated = done.authenticated;
+    connector.session_id = done.session_id;
+    connector.secret = Arc::new(done.secret);
+    if let Some(keys) = done.frame_keys {
         rd0.authenticate(keys.to_source);
         wr0.authenticate(keys.to_dest);
         tally.frames_authenticated = true;
     }
-    if setup.initial_credits == 0 || setup.initial_credits > MAX_CREDITS {
-        return Err(Violation::Credits {
-            channel: None,
-            credits: setup.initial_credits,
-        }
-        .into());
-    }
-    let first = (rd0, wr0, setup.initial_credits);
+    let first = (rd0, wr0, done.initial_credits);
     let bound = bind_rest(connector, first, config.channels, ctx).await?;
     Ok(bound)
-}
-
-/// Checks the destination's proof of the key in its SESSION_SETUP_RESPONSE.
-fn check_proof(
-    key: &auth::SessionKey,
-    handshake: &auth::Handshake<'_>,
-    session_id: u64,
-    setup: &SessionSetupResponse,
-    target: &str,
-) -> Result<(), MigrationError> {
-    let proven = setup.proof.is_some_and(|p| {
-        let r = auth::Response {
-            session_id,
-            token: &setup.bind_token,
-            credits: setup.initial_credits,
-        };
-        auth::verify_response_proof(key, handshake, &r, &p)
-    });
-    if proven {
-        return Ok(());
-    }
-    let e = MigrationError::from(AuthFailure::Destination);
-    tracing::warn!(%target, "{e}");
-    Err(e)
-}
-
-/// Sends NEGOTIATE and checks the answer; returns the destination's nonce.
-async fn negotiate(
-    rd: &mut FrameReader,
-    wr: &mut FrameWriter,
-    config: &MigrationConfig,
-    source_nonce: &[u8; 16],
-) -> Result<[u8; 16], MigrationError> {
-    // With auto every codec may be used: the destination must decode them all.
-    let needed = match config.codec {
-        CodecChoice::Fixed(c) => c.id().bit() | CodecId::None.bit(),
-        CodecChoice::Auto => CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit(),
-    };
-    let msg = Message::Negotiate(Negotiate {
-        min_version: VERSION,
-        max_version: VERSION,
-        capabilities: 0,
-        codecs: needed,
-        page_size: PAGE_SIZE as u32,
-        nonce: *source_nonce,
-    });
-    wr.send(Header::new(Command::Negotiate), &msg).await?;
-    match handshake_read(rd, "NEGOTIATE_RESPONSE").await? {
-        (_, Message::NegotiateResponse(r)) => {
-            if r.version != VERSION || r.page_size != PAGE_SIZE as u32 {
-                return Err(Mismatch::Chosen {
-                    version: r.version,
-                    page_size: r.page_size,
-                }
-                .into());
-            }
-            if r.codecs & needed != needed {
-                return Err(Mismatch::Codec {
-                    codec: config.codec,
-                }
-                .into());
-            }
-            Ok(r.nonce)
-        }
-        (_, m) => Err(unexpected("NEGOTIATE_RESPONSE", &m)),
-    }
 }
 
 /// The SESSION_SETUP this migration asks for (without its proof).
