@@ -37,11 +37,13 @@ pub(crate) fn sim(a: SimArgs) -> Result<ExitCode> {
     let mut ends = std::collections::BTreeMap::<&str, u64>::new();
     let mut handshakes = std::collections::BTreeMap::<&str, u64>::new();
     let (mut faults, mut resent, mut rounds, mut throttled) = (0u64, 0u64, 0u64, 0u64);
+    let mut bound = 0u64;
     for seed in a.first..a.first.saturating_add(a.seeds) {
         match ferry::migration::sim::run(seed) {
             Ok(o) => {
                 *ends.entry(o.outcome).or_default() += 1;
                 *handshakes.entry(o.handshake).or_default() += 1;
+                bound += u64::from(o.channels_bound);
                 faults += u64::from(o.faults);
                 resent += o.resent;
                 rounds += u64::from(o.rounds);
@@ -65,6 +67,7 @@ pub(crate) fn sim(a: SimArgs) -> Result<ExitCode> {
     println!("  faults injected {faults}, batches resent {resent}");
     let shakes: Vec<String> = handshakes.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("  handshakes: {}", shakes.join(", "));
+    println!("  channels bound after them {bound}");
     println!("  pre-copy rounds {rounds}, schedules throttled {throttled}");
     Ok(ExitCode::SUCCESS)
 }

@@ -333,5 +333,9 @@ pub fn setup_response(
     }
 }
 
+mod bind;
+
+pub use bind::{BindCheck, BindDone, SourceBind};
+
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //!
 //! [`HANDSHAKE_MAX_PAYLOAD`]: crate::transport::HANDSHAKE_MAX_PAYLOAD
 
-use super::dest::{Bind, ReceiverConfig, Session, SessionEntry, Sessions, Unauthenticated};
+use super::dest::{Bind, ReceiverConfig, Session, Sessions, Unauthenticated};
 use super::gate::{Handshakes, ReceiverStats, Refusal, Ticket};
 use super::progress::RunContext;
 use super::Incoming;
@@ -14,7 +14,7 @@ use crate::memory::GuestMemory;
 use crate::migration::auth::{random_bytes, BindSecret};
 use crate::migration::dest_state::DestMachine;
 use crate::migration::MigrationError;
-use crate::migration::{AuthFailure, Mismatch, Shortfall, Violation};
+use crate::migration::{Mismatch, Shortfall, Violation};
 use crate::transport::{Conn, FrameReader, FrameWriter};
 use crate::wire::ChannelId;
 use crate::wire::{Abort, Command, Header, Limits, Message, Negotiate, SessionLabel, SessionSetup};

@@ -139,13 +139,15 @@ struct DestSide {
     nonce: [u8; 16],
 }
 
-/// Runs the handshake of `seed` and checks it; returns how it ended
-/// (`set up`, or the error's kind) or what broke.
-pub fn run(seed: u64) -> Result<&'static str, String> {
+/// Runs the handshake of `seed` and checks it, then binds the channels of
+/// a session set up; returns how it ended (`set up`, or the error's kind)
+/// and the channels bound, or what broke.
+pub fn run(seed: u64) -> Result<(&'static str, u32), String> {
     let mut rng = Rng::new(seed ^ 0x4a5e_11d0_7a3c_0001);
     let s = Schedule::draw(&mut rng);
     let mac = s.source_key.is_some() && s.source_binding.is_empty();
-    let mut setup = SessionSetup::plain(64 << 20, 1 + rng.below(4) as u16);
+    let channels = 1 + rng.below(4) as u16;
+    let mut setup = SessionSetup::plain(64 << 20, channels);
     setup.flags = if mac { SETUP_FRAME_MAC } else { 0 };
     let source_nonce = rng
         .next_u64()
@@ -185,10 +187,35 @@ pub fn run(seed: u64) -> Result<&'static str, String> {
     }
     let ended = ended.ok_or_else(|| format!("handshake never ended: {s:?}"))?;
     check(&s, &side, &ended)?;
-    Ok(match ended {
-        Ok(_) => "set up",
-        Err(e) => kind(&e),
-    })
+    let done = match ended {
+        Ok(done) => done,
+        Err(e) => return Ok((kind(&e), 0)),
+    };
+    let (Some((session_id, _)), Some(theirs)) = (side.taken, &side.secret) else {
+        return Ok(("set up", 0));
+    };
+    if session_id != done.session_id {
+        // Keyless, with the answer's session id changed on the way.
+        return Ok(("set up", 0));
+    }
+    let probe = |secret: &BindSecret| {
+        secret.bind_proof(&auth::Bind {
+            session_id,
+            channel: ChannelId(0),
+            nonce: &[9; 16],
+            binding: &[],
+        })
+    };
+    let session = super::binds::Session {
+        session_id,
+        channels,
+        frame_mac: mac,
+        source_secret: &done.secret,
+        dest_secret: theirs,
+        same: probe(&done.secret) == probe(theirs),
+    };
+    let bound = super::binds::run(&mut rng, &session).map_err(|e| format!("{e}: {s:?}"))?;
+    Ok(("set up", bound))
 }
 
 /// The destination's answer to `msg`, tampered as drawn; `None` when it
@@ -409,10 +436,13 @@ mod tests {
     #[test]
     fn thousands_of_handshakes_keep_their_invariants() {
         let mut ends = std::collections::BTreeMap::new();
+        let mut bound = 0;
         for seed in 0..20_000 {
-            let end = run(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let (end, binds) = run(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             *ends.entry(end).or_insert(0u32) += 1;
+            bound += binds;
         }
+        assert!(bound > 1000, "only {bound} channels bound");
         // Every way of ending is reached.
         for want in [
             "set up",

@@ -14,6 +14,8 @@
 //! the source's at the pause; that a failed one leaves the source running;
 //! and that the session ends within its deadlines.
 
+#[cfg(feature = "net")]
+mod binds;
 mod dest;
 #[cfg(feature = "net")]
 pub mod handshake;
@@ -84,6 +86,8 @@ pub struct SimOutcome {
     /// How the seed's handshake schedule ended: `set up`, or why not
     /// (`unauthenticated`, `incompatible`, `protocol`, `refused: ...`).
     pub handshake: &'static str,
+    /// Channels the handshake's session then bound (1..N, each proved).
+    pub channels_bound: u32,
 }
 
 /// A schedule that broke an invariant.
@@ -107,9 +111,9 @@ const HUNG_MS: u64 = 120_000;
 pub fn run(seed: u64) -> Result<SimOutcome, SimFailure> {
     let fail = |at_ms, what: String| SimFailure { seed, at_ms, what };
     #[cfg(feature = "net")]
-    let handshake = handshake::run(seed).map_err(|what| fail(0, what))?;
+    let (handshake, channels_bound) = handshake::run(seed).map_err(|what| fail(0, what))?;
     #[cfg(not(feature = "net"))]
-    let handshake = "not built";
+    let (handshake, channels_bound) = ("not built", 0);
     let mut s = SimSource::new(seed);
     loop {
         s.step().map_err(|what| fail(s.now, what))?;
@@ -139,6 +143,7 @@ pub fn run(seed: u64) -> Result<SimOutcome, SimFailure> {
         rounds: s.rounds().totals().rounds,
         throttle_max: s.rounds().totals().throttle_max,
         handshake,
+        channels_bound,
     })
 }
 

@@ -2,6 +2,7 @@
 //! the secrets that check it.
 
 use super::*;
+use crate::migration::handshake::BindCheck;
 
 /// A bind joins a live session as one of its channels, proves the session's
 /// secret over a nonce never used before in it, and may replace a channel
@@ -15,78 +16,38 @@ pub(super) fn route_bind(
     mut reader: FrameReader,
     mut writer: FrameWriter,
 ) -> Result<(), (Refusal, MigrationError, FrameWriter)> {
-    let bind = crate::migration::auth::Bind {
-        session_id: h.session_id,
-        channel: h.channel,
-        nonce: &b.nonce,
-        binding,
-    };
     let mut map = rx.sessions.lock().unwrap();
-    let s: &mut SessionEntry = match map.get_mut(&h.session_id) {
-        None => {
-            return Err((
-                Refusal::BadBind,
-                Violation::UnknownSession {
-                    channel: h.channel,
-                    session: h.session_id,
-                }
-                .into(),
-                writer,
-            ))
-        }
-        Some(s) => s,
+    let Some(s) = map.get_mut(&h.session_id) else {
+        let e = Violation::UnknownSession {
+            channel: h.channel,
+            session: h.session_id,
+        };
+        return Err((Refusal::BadBind, e.into(), writer));
     };
-    let refuse = |e, writer| Err((Refusal::BadBind, e, writer));
-    if h.channel.0 >= s.channels {
-        return refuse(
-            Violation::NoSuchChannel {
-                channel: h.channel,
-                session: h.session_id,
-                channels: s.channels,
-            }
-            .into(),
-            writer,
-        );
-    }
-    if !s.secret.verify_bind(&bind, &b.proof) {
-        return refuse(
-            AuthFailure::BindProof {
-                channel: h.channel,
-                session: h.session_id,
-            }
-            .into(),
-            writer,
-        );
-    }
-    if !s.nonces.insert(b.nonce) {
-        return refuse(
-            AuthFailure::BindReplay {
-                channel: h.channel,
-                session: h.session_id,
-            }
-            .into(),
-            writer,
-        );
-    }
-    // Over the credits the session's answer will grant (the same config).
-    let proof = s.secret.bound_proof(&bind, rx.config.initial_credits);
+    let mut check = BindCheck {
+        secret: &s.secret,
+        channels: s.channels,
+        nonces: &mut s.nonces,
+        frame_mac: s.frame_mac,
+        credits: rx.config.initial_credits,
+    };
+    let (answer, done) = match check.check(h, b, binding) {
+        Ok(r) => r,
+        Err(e) => return Err((Refusal::BadBind, e, writer)),
+    };
     reader.set_channel(h.channel);
     writer.set_channel(h.channel);
     // The source sends nothing more on it before the response: its frames
     // are tagged from the next one on.
-    let keys = s.frame_mac.then(|| {
-        let conn = crate::migration::auth::Connection::Bind(h.channel, &b.nonce);
-        s.secret.frame_keys(h.session_id, conn)
-    });
-    if let Some(k) = &keys {
+    if let Some(k) = &done.frame_keys {
         reader.authenticate(k.to_dest);
     }
     let _ = s.tx.send(Bind {
         channel: h.channel,
         reader: reader.open_up(),
         writer,
-        proof,
-        send_key: keys.map(|k| k.to_source),
+        proof: answer.proof,
+        send_key: done.frame_keys.map(|k| k.to_source),
     });
     Ok(())
 }

@@ -6,16 +6,13 @@ use super::Tally;
 use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::memory::PAGE_SIZE;
 use crate::migration::auth;
-use crate::migration::handshake::SourceHandshake;
-use crate::migration::{AuthFailure, ConfigError, Mismatch, Violation};
+use crate::migration::handshake::{SourceBind, SourceHandshake};
+use crate::migration::{AuthFailure, ConfigError, Mismatch};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
 use crate::wire::ChannelId;
-use crate::wire::{
-    ChannelBind, Command, Header, Limits, Message, SessionSetup, MAX_CREDITS, SETUP_FRAME_MAC,
-    SETUP_LEAVE_PAUSED,
-};
+use crate::wire::{Header, Limits, Message, SessionSetup, SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,48 +84,17 @@ impl Connector {
         ch: ChannelId,
     ) -> Result<(FrameReader, FrameWriter, u16), MigrationError> {
         let (mut rd, mut wr, binding) = self.connect(ch).await?;
-        let header = Header {
-            session_id: self.session_id,
-            channel: ch,
-            ..Header::new(Command::ChannelBind)
-        };
         let nonce = auth::random_bytes::<16>();
-        let bind = auth::Bind {
-            session_id: self.session_id,
-            channel: ch,
-            nonce: &nonce,
-            binding: &binding,
-        };
-        let proof = self.secret.bind_proof(&bind);
-        wr.send(header, &Message::ChannelBind(ChannelBind { nonce, proof }))
-            .await?;
-        match handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await? {
-            (h, Message::ChannelBindResponse(r)) => {
-                if !self.secret.verify_bound(&bind, h.credit_grant, &r.proof) {
-                    return Err(AuthFailure::BindAnswer { channel: ch }.into());
-                }
-                if self.frame_mac {
-                    let conn = auth::Connection::Bind(ch, &nonce);
-                    let keys = self.secret.frame_keys(self.session_id, conn);
-                    rd.authenticate(keys.to_source);
-                    wr.authenticate(keys.to_dest);
-                }
-                let credits = h.credit_grant;
-                if credits == 0 || credits > MAX_CREDITS {
-                    return Err(Violation::Credits {
-                        channel: Some(ch),
-                        credits,
-                    }
-                    .into());
-                }
-                Ok((rd, wr, credits))
-            }
-            (_, m) => Err(Violation::Unexpected {
-                want: "CHANNEL_BIND_RESPONSE",
-                got: m.command(),
-            }
-            .into()),
+        let bind = SourceBind::new(self.session_id, ch, nonce, binding, self.frame_mac);
+        let (header, msg) = bind.request(&self.secret);
+        wr.send(header, &msg).await?;
+        let (h, m) = handshake_read(&mut rd, "CHANNEL_BIND_RESPONSE").await?;
+        let done = bind.handle(&self.secret, &h, m)?;
+        if let Some(keys) = done.frame_keys {
+            rd.authenticate(keys.to_source);
+            wr.authenticate(keys.to_dest);
         }
+        Ok((rd, wr, done.credits))
     }
 }
 

@@ -1,0 +1,156 @@
+//! Simulated channel binds after a simulated handshake: each of channels
+//! 1..N binds through the source's `SourceBind` and the destination's
+//! `BindCheck`, with one drawn change: a proof or an answer altered, a
+//! nonce replayed, a channel the session lacks, another session, or a
+//! broken destination granting no credits.
+//!
+//! Checked: the destination takes a bind only for a channel of its session,
+//! proved by its secret, with a nonce never used before; the source takes
+//! an answer only proved by the same secret and granting credits in the
+//! window; a channel both took has the same frame keys on both sides.
+
+use super::Rng;
+use crate::migration::auth::BindSecret;
+use crate::migration::handshake::{BindCheck, SourceBind};
+use crate::wire::{ChannelId, Command, Header, Message};
+use std::collections::HashSet;
+
+/// One change to one bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    None,
+    Proof,
+    Answer,
+    Replay,
+    NoSuchChannel,
+    OtherSession,
+    NoCredits,
+}
+
+const CHANGES: [Change; 7] = [
+    Change::None,
+    Change::Proof,
+    Change::Answer,
+    Change::Replay,
+    Change::NoSuchChannel,
+    Change::OtherSession,
+    Change::NoCredits,
+];
+
+/// The session both sides agreed on, as each holds it.
+pub struct Session<'a> {
+    pub session_id: u64,
+    pub channels: u16,
+    pub frame_mac: bool,
+    pub source_secret: &'a BindSecret,
+    pub dest_secret: &'a BindSecret,
+    /// Whether the two secrets are the same (the same key, an untouched
+    /// exchange).
+    pub same: bool,
+}
+
+/// Binds channels 1..N of `s`; returns how many both sides took, or what
+/// broke.
+pub fn run(rng: &mut Rng, s: &Session) -> Result<u32, String> {
+    let mut nonces = HashSet::new();
+    let mut taken = 0;
+    for c in 1..s.channels {
+        let change = if rng.chance(60) {
+            Change::None
+        } else {
+            CHANGES[rng.below(CHANGES.len() as u64) as usize]
+        };
+        if bind_one(rng, s, ChannelId(c), change, &mut nonces)? {
+            taken += 1;
+        }
+    }
+    Ok(taken)
+}
+
+/// One bind under `change`; whether both sides took it.
+fn bind_one(
+    rng: &mut Rng,
+    s: &Session,
+    ch: ChannelId,
+    change: Change,
+    nonces: &mut HashSet<[u8; 16]>,
+) -> Result<bool, String> {
+    let nonce: [u8; 16] = rng
+        .next_u64()
+        .to_le_bytes()
+        .repeat(2)
+        .try_into()
+        .expect("16");
+    let channel = if change == Change::NoSuchChannel {
+        ChannelId(s.channels)
+    } else {
+        ch
+    };
+    let session_id = if change == Change::OtherSession {
+        s.session_id ^ 4
+    } else {
+        s.session_id
+    };
+    let bind = SourceBind::new(session_id, channel, nonce, Vec::new(), s.frame_mac);
+    let (mut header, msg) = bind.request(s.source_secret);
+    let Message::ChannelBind(mut req) = msg else {
+        return Err("a bind request that is no CHANNEL_BIND".into());
+    };
+    if change == Change::Proof {
+        req.proof[0] ^= 1;
+    }
+    if header.session_id != s.session_id {
+        // No session of that id: the receiver never reaches a check.
+        return Ok(false);
+    }
+    let credits = if change == Change::NoCredits { 0 } else { 4 };
+    let mut check = BindCheck {
+        secret: s.dest_secret,
+        channels: s.channels,
+        nonces,
+        frame_mac: s.frame_mac,
+        credits,
+    };
+    if change == Change::Replay {
+        // The same bind seen once already: its nonce is spent.
+        let _ = check.check(&header, &req, &[]);
+    }
+    let Ok((mut answer, theirs)) = check.check(&header, &req, &[]) else {
+        return Ok(false);
+    };
+    let fresh = change != Change::Replay;
+    if !(s.same && fresh && change != Change::Proof && channel.0 < s.channels) {
+        return Err(format!(
+            "the destination took a bind it must refuse ({change:?})"
+        ));
+    }
+    if change == Change::Answer {
+        answer.proof[0] ^= 1;
+    }
+    header = Header {
+        credit_grant: credits,
+        ..Header::new(Command::ChannelBindResponse)
+    };
+    let ours = match bind.handle(
+        s.source_secret,
+        &header,
+        Message::ChannelBindResponse(answer),
+    ) {
+        Ok(d) => d,
+        Err(_) => return Ok(false),
+    };
+    if matches!(change, Change::Answer | Change::NoCredits) {
+        return Err(format!(
+            "the source took an answer it must refuse ({change:?})"
+        ));
+    }
+    let keys = |k: &Option<crate::migration::auth::FrameKeys>| {
+        k.as_ref().map(|k| (k.to_dest, k.to_source))
+    };
+    if keys(&ours.frame_keys) != keys(&theirs.frame_keys) {
+        return Err(format!(
+            "channel {ch}'s frame keys differ between the sides"
+        ));
+    }
+    Ok(true)
+}
