@@ -65,9 +65,9 @@ pub(crate) fn sim(a: SimArgs) -> Result<ExitCode> {
         println!("  {end:<11} {n}");
     }
     println!("  faults injected {faults}, batches resent {resent}");
+    println!("  pre-copy rounds {rounds}, schedules throttled {throttled}");
     let shakes: Vec<String> = handshakes.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("  handshakes: {}", shakes.join(", "));
     println!("  channels bound after them {bound}");
-    println!("  pre-copy rounds {rounds}, schedules throttled {throttled}");
     Ok(ExitCode::SUCCESS)
 }

@@ -36,6 +36,21 @@ impl Pair {
         ))
     }
 
+    /// As [`Pair::start`], on an etcd member of its own under prefix
+    /// `/{test}/` (for tests that read or rewrite the records).
+    fn with_own_etcd(test: &str, fault: &str) -> Option<(common::etcd::EtcdCluster, Self)> {
+        if !common::etcd::available() {
+            return None;
+        }
+        let e = common::etcd::EtcdCluster::start(test, 1);
+        let top = format!(
+            "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
+            e.endpoints()[0]
+        );
+        let pair = Self::start_with(test, fault, &top);
+        Some((e, pair))
+    }
+
     /// As [`Pair::start`], with `top` (the etcd settings) in the file.
     fn start_with(test: &str, fault: &str, top: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("ferry-resolve-{test}-{}", std::process::id()));
@@ -172,17 +187,11 @@ fn unclaimed(e: &common::etcd::EtcdCluster, prefix: &str, id: &str) -> Value {
 
 #[test]
 fn a_target_killed_after_go_leaves_the_vm_paused_on_the_source_until_resolved() {
-    if !common::etcd::available() {
-        return;
-    }
     let _serial = common::serial();
     let test = "resolve-kill";
-    let e = common::etcd::EtcdCluster::start(test, 1);
-    let top = format!(
-        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
-        e.endpoints()[0]
-    );
-    let mut p = Pair::start_with(test, "after-go:kill", &top);
+    let Some((e, mut p)) = Pair::with_own_etcd(test, "after-go:kill") else {
+        return;
+    };
     let id = p.unresolved_migration();
     assert!(
         p.b.as_mut().unwrap().wait().unwrap().code().is_none(),
@@ -263,17 +272,11 @@ fn a_target_stopped_after_go_runs_the_vm_once_resumed_and_resolution_follows_it(
 /// is refused even with force, and the copy stays paused.
 #[test]
 fn resolving_to_the_source_is_refused_once_the_cluster_moved_the_vm_on() {
-    if !common::etcd::available() {
-        return;
-    }
     let _serial = common::serial();
     let test = "resolve-moved";
-    let e = common::etcd::EtcdCluster::start(test, 1);
-    let top = format!(
-        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
-        e.endpoints()[0]
-    );
-    let mut p = Pair::start_with(test, "after-go:kill", &top);
+    let Some((e, mut p)) = Pair::with_own_etcd(test, "after-go:kill") else {
+        return;
+    };
     let id = p.unresolved_migration();
     p.b.as_mut().unwrap().wait().unwrap();
     let etcd = e.client();
@@ -303,17 +306,11 @@ fn resolving_to_the_source_is_refused_once_the_cluster_moved_the_vm_on() {
 /// restart, and the saved copy goes once the VM runs.
 #[test]
 fn a_restarted_agent_still_holds_its_unresolved_hand_off_and_its_saved_guest() {
-    if !common::etcd::available() {
-        return;
-    }
     let _serial = common::serial();
     let test = "resolve-restart";
-    let e = common::etcd::EtcdCluster::start(test, 1);
-    let top = format!(
-        "etcd = [\"{}\"]\netcd_prefix = \"/{test}/\"",
-        e.endpoints()[0]
-    );
-    let mut p = Pair::start_with(test, "after-go:kill", &top);
+    let Some((e, mut p)) = Pair::with_own_etcd(test, "after-go:kill") else {
+        return;
+    };
     let id = p.unresolved_migration();
     p.b.as_mut().unwrap().wait().unwrap();
     unclaimed(&e, test, &id);
