@@ -1,0 +1,181 @@
+//! `ferry bench`'s subcommands, their flags and the parsers of their lists
+//! (codecs, links, labelled values).
+
+use super::*;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum BenchCommand {
+    /// Raw TCP throughput of N connections: the ceiling a migration is compared with.
+    Link(LinkArgs),
+    /// Each codec's encode/decode speed per core and its ratio on guest memory.
+    Codecs(CodecsArgs),
+    /// Real migrations over a grid of codecs × link speeds × guests.
+    Sweep(SweepArgs),
+    /// What a KVM guest's parts cost here: the dirty log's sync per GiB, the
+    /// guest's write rate under dirty tracking, and the switchover's steps.
+    Kvm(KvmBenchArgs),
+    /// Guests moved back and forth between two agent processes, hundreds of
+    /// times: mismatches, failures, and the agents' memory and descriptors.
+    Soak(cli::soak::SoakArgs),
+    /// The hostile suite against a live receiver or agent: what each hostile
+    /// input got, against what ferry promises; a real migration at the end.
+    Hostile(cli::hostile::HostileArgs),
+    /// The protocol's deterministic simulation over many seeds: faults,
+    /// outcomes and every invariant checked; `--seed N` replays one.
+    Sim(cli::sim::SimArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SweepArgs {
+    /// The guests' backend: sim (synthetic) or kvm (KVM guests; needs
+    /// /dev/kvm). Applies to every guest of the grid.
+    #[arg(long = "guest", value_enum, default_value_t = GuestBackend::Sim)]
+    pub(crate) backend: GuestBackend,
+    #[command(flatten)]
+    pub(crate) guest: GuestArgs,
+    /// Use a built-in guest set instead of the guest flags: `standard` is an
+    /// idle realistic mix, a busy hot set and incompressible data; `changing` is
+    /// one idle guest whose page mix changes part by part (text, incompressible,
+    /// binary, the realistic mix). Of --memory each, default 256MiB.
+    #[arg(long, value_parser = ["standard", "changing"])]
+    pub(crate) guest_set: Option<String>,
+    /// Codecs to compare (`auto` included).
+    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3,auto", value_parser = choice_list_arg)]
+    pub(crate) codecs: ChoiceList,
+    /// Link speeds (`unlimited` for none), emulated as --link says.
+    #[arg(long, default_value = "100Mbit,1Gbit,10Gbit,unlimited", value_parser = link_list_arg)]
+    pub(crate) bandwidth: LinkList,
+    /// How to emulate a link: `cap` (ferry's own bandwidth cap, over loopback)
+    /// or `tbf` (root, Linux: the receiver and the sender in two network
+    /// namespaces joined by a veth pair shaped by a `tc` tbf qdisc; set up and
+    /// torn down by the sweep itself).
+    #[arg(long, default_value = "cap", value_parser = ["cap", "tbf"])]
+    pub(crate) link: String,
+    /// Migrations per cell; medians and spreads are over these.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) repeats: u32,
+    /// TCP channels per migration.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) channels: u16,
+    /// Write results.json, results.csv and report.md into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    /// Print the cells as one line of JSON on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LinkArgs {
+    /// TCP connections (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) channels: u16,
+    /// Bytes per run, over all connections.
+    #[arg(long, default_value = "1GiB", value_parser = size_arg)]
+    pub(crate) bytes: u64,
+    /// Runs; the median and spread are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) repeats: u32,
+    /// Measure the path to a `ferry bench link --listen` on another host
+    /// (default: loopback, inside this process).
+    #[arg(long, value_name = "ADDR", conflicts_with = "listen")]
+    pub(crate) to: Option<String>,
+    /// Be the sink for `ferry bench link --to` on another host, until interrupted.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<String>,
+    /// `tbf`: measure through the kernel-shaped link `bench sweep --link tbf`
+    /// uses (two network namespaces, a veth pair, a tbf qdisc at --bandwidth;
+    /// root, Linux) instead of loopback.
+    #[arg(long, value_parser = ["loopback", "tbf"], default_value = "loopback", conflicts_with_all = ["to", "listen"])]
+    pub(crate) link: String,
+    /// With --link tbf: the link's rate [default: unlimited, no qdisc].
+    #[arg(long, value_parser = link_list_arg)]
+    pub(crate) bandwidth: Option<LinkList>,
+    /// Print the result as one line of JSON on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Parses a comma-separated list, keeping each item's text as given.
+pub(crate) fn labelled_list<T: std::str::FromStr>(s: &str) -> Result<Vec<(String, T)>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<T>()
+                .map(|t| (c.to_string(), t))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("the list is empty".into());
+    }
+    Ok(v)
+}
+
+/// A comma-separated list of codecs, each with the label it was given as.
+#[derive(Debug, Clone)]
+pub(crate) struct CodecList(pub(crate) Vec<(String, Codec)>);
+
+pub(crate) fn codec_list_arg(s: &str) -> Result<CodecList, String> {
+    labelled_list(s).map(CodecList)
+}
+
+/// A comma-separated list of codecs or `auto`, each with its label as given.
+#[derive(Debug, Clone)]
+pub(crate) struct ChoiceList(pub(crate) Vec<(String, CodecChoice)>);
+
+pub(crate) fn choice_list_arg(s: &str) -> Result<ChoiceList, String> {
+    labelled_list(s).map(ChoiceList)
+}
+
+/// A comma-separated list of link speeds; `unlimited` for no cap.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkList(pub(crate) Vec<Option<u64>>);
+
+pub(crate) fn link_list_arg(s: &str) -> Result<LinkList, String> {
+    let v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| parse_bandwidth(c).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.is_empty() {
+        return Err("no link speed given".into());
+    }
+    Ok(LinkList(v))
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct KvmBenchArgs {
+    #[command(flatten)]
+    pub(crate) mem: MemoryArgs,
+    /// Samples per figure.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) repeats: u32,
+    /// Print the results as one line of JSON on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CodecsArgs {
+    #[command(flatten)]
+    pub(crate) mem: MemoryArgs,
+    /// Codecs to measure.
+    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3", value_parser = codec_list_arg)]
+    pub(crate) codecs: CodecList,
+    /// Pages per batch, as the migration sends them.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) batch_pages: u32,
+    /// Guest bytes measured per codec, spread evenly over memory.
+    #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+    pub(crate) sample: u64,
+    /// Print the results as one line of JSON on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
