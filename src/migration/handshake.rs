@@ -20,7 +20,6 @@ use crate::wire::{
 };
 
 /// The source's side of a session's handshake on channel 0.
-#[derive(Debug)]
 pub struct SourceHandshake {
     setup: SessionSetup,
     codec: CodecChoice,
@@ -53,6 +52,17 @@ pub struct Established {
     pub authenticated: bool,
     /// Channel 0's frame keys, when the session's frames are tagged.
     pub frame_keys: Option<FrameKeys>,
+}
+
+impl std::fmt::Debug for SourceHandshake {
+    /// Names no key, nonce or TLS keying material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceHandshake")
+            .field("awaiting", &self.awaiting())
+            .field("codec", &self.codec)
+            .field("keyed", &self.key.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Established {
@@ -229,7 +239,10 @@ impl SourceHandshake {
             session_id,
             &r.bind_token,
         );
-        let frame_keys = (self.setup.flags & SETUP_FRAME_MAC != 0)
+        // Tagged only when keyed: a keyless secret is derived from a token
+        // sent in the clear.
+        let tagged = self.key.is_some() && self.setup.flags & SETUP_FRAME_MAC != 0;
+        let frame_keys = tagged
             .then(|| secret.frame_keys(session_id, auth::Connection::Setup(&self.source_nonce)));
         Ok(Established {
             session_id,

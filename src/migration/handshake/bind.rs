@@ -10,7 +10,6 @@ use std::collections::HashSet;
 
 /// The source's bind of one channel: the message to send, then the check
 /// of its answer.
-#[derive(Debug)]
 pub struct SourceBind {
     session_id: u64,
     channel: ChannelId,
@@ -26,6 +25,16 @@ pub struct BindDone {
     pub credits: u16,
     /// The channel's frame keys, when the session's frames are tagged.
     pub frame_keys: Option<FrameKeys>,
+}
+
+impl std::fmt::Debug for SourceBind {
+    /// Names no nonce or TLS keying material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceBind")
+            .field("session_id", &self.session_id)
+            .field("channel", &self.channel)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for BindDone {

@@ -209,3 +209,64 @@ fn the_destination_takes_a_setup_only_proved_or_as_its_policy_allows() {
         assert_eq!(r.is_ok(), ok, "{policy:?} from {at:?}");
     }
 }
+
+#[test]
+fn a_bind_answer_is_taken_only_proved_with_credits_in_the_window() {
+    let secret = BindSecret::derive(Some(&key()), &[1; 16], &[2; 16], 9, &[3; 16]);
+    let ch = crate::wire::ChannelId(2);
+    let bind = SourceBind::new(9, ch, [4; 16], Vec::new(), true);
+    let (h, Message::ChannelBind(req)) = bind.request(&secret) else {
+        panic!("a bind goes out");
+    };
+    let mut nonces = std::collections::HashSet::new();
+    for (credits, ok) in [
+        (4, true),
+        (0, false),
+        (MAX_CREDITS, true),
+        (MAX_CREDITS + 1, false),
+    ] {
+        nonces.clear();
+        let mut check = BindCheck {
+            secret: &secret,
+            channels: 3,
+            nonces: &mut nonces,
+            frame_mac: true,
+            credits,
+        };
+        let (answer, theirs) = check.check(&h, &req, &[]).expect("a proved bind");
+        let header = Header {
+            credit_grant: credits,
+            ..Header::new(Command::ChannelBindResponse)
+        };
+        let r = bind.handle(&secret, &header, Message::ChannelBindResponse(answer));
+        assert_eq!(r.is_ok(), ok, "{credits} credits: {r:?}");
+        if let Ok(ours) = r {
+            let k = |d: &BindDone| d.frame_keys.as_ref().map(|k| (k.to_dest, k.to_source));
+            assert_eq!(k(&ours), k(&theirs));
+        }
+    }
+    // The same nonce again is a replay; a channel the session lacks is refused.
+    let mut check = BindCheck {
+        secret: &secret,
+        channels: 3,
+        nonces: &mut nonces,
+        frame_mac: true,
+        credits: 4,
+    };
+    let e = check.check(&h, &req, &[]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Unauthenticated(AuthFailure::BindReplay { .. })
+        ),
+        "{e}"
+    );
+    let far = Header {
+        channel: crate::wire::ChannelId(3),
+        ..h
+    };
+    assert!(matches!(
+        check.check(&far, &req, &[]),
+        Err(MigrationError::Protocol(_))
+    ));
+}

@@ -44,8 +44,10 @@ pub struct Session<'a> {
     pub frame_mac: bool,
     pub source_secret: &'a BindSecret,
     pub dest_secret: &'a BindSecret,
-    /// Whether the two secrets are the same (the same key, an untouched
-    /// exchange).
+    /// Another live session's secret on the same destination.
+    pub other_secret: &'a BindSecret,
+    /// Whether the two secrets are the same, as the schedule says (the
+    /// same key, the nonces and token untouched).
     pub same: bool,
 }
 
@@ -81,31 +83,40 @@ fn bind_one(
         .repeat(2)
         .try_into()
         .expect("16");
+    // The connection's TLS binding, as each side sees it: a relay that
+    // terminates TLS shows each its own.
+    let binding = if rng.chance(50) {
+        rng.next_u64().to_le_bytes().to_vec()
+    } else {
+        Vec::new()
+    };
+    let relayed = rng.chance(10);
+    let theirs_binding = if relayed {
+        rng.next_u64().to_le_bytes().to_vec()
+    } else {
+        binding.clone()
+    };
     let channel = if change == Change::NoSuchChannel {
         ChannelId(s.channels)
     } else {
         ch
     };
-    let session_id = if change == Change::OtherSession {
-        s.session_id ^ 4
-    } else {
-        s.session_id
-    };
-    let bind = SourceBind::new(session_id, channel, nonce, Vec::new(), s.frame_mac);
-    let (mut header, msg) = bind.request(s.source_secret);
+    let bind = SourceBind::new(s.session_id, channel, nonce, binding, s.frame_mac);
+    let (header, msg) = bind.request(s.source_secret);
     let Message::ChannelBind(mut req) = msg else {
         return Err("a bind request that is no CHANNEL_BIND".into());
     };
     if change == Change::Proof {
         req.proof[0] ^= 1;
     }
-    if header.session_id != s.session_id {
-        // No session of that id: the receiver never reaches a check.
-        return Ok(false);
-    }
     let credits = if change == Change::NoCredits { 0 } else { 4 };
+    let secret = if change == Change::OtherSession {
+        s.other_secret
+    } else {
+        s.dest_secret
+    };
     let mut check = BindCheck {
-        secret: s.dest_secret,
+        secret,
         channels: s.channels,
         nonces,
         frame_mac: s.frame_mac,
@@ -113,13 +124,26 @@ fn bind_one(
     };
     if change == Change::Replay {
         // The same bind seen once already: its nonce is spent.
-        let _ = check.check(&header, &req, &[]);
+        let _ = check.check(&header, &req, &theirs_binding);
     }
-    let Ok((mut answer, theirs)) = check.check(&header, &req, &[]) else {
-        return Ok(false);
+    let before = check.nonces.len();
+    let (mut answer, theirs) = match check.check(&header, &req, &theirs_binding) {
+        Ok(r) => r,
+        Err(e) => {
+            // A refused bind leaves nothing behind: not even its nonce.
+            if check.nonces.len() != before {
+                return Err(format!("a refused bind ({change:?}) spent a nonce"));
+            }
+            // One nothing changed must be taken.
+            if change == Change::None && s.same && !relayed {
+                return Err(format!("a clean bind of channel {ch} was refused: {e}"));
+            }
+            return Ok(false);
+        }
     };
-    let fresh = change != Change::Replay;
-    if !(s.same && fresh && change != Change::Proof && channel.0 < s.channels) {
+    let proper =
+        s.same && !relayed && matches!(change, Change::None | Change::Answer | Change::NoCredits);
+    if !proper {
         return Err(format!(
             "the destination took a bind it must refuse ({change:?})"
         ));
@@ -127,7 +151,7 @@ fn bind_one(
     if change == Change::Answer {
         answer.proof[0] ^= 1;
     }
-    header = Header {
+    let header = Header {
         credit_grant: credits,
         ..Header::new(Command::ChannelBindResponse)
     };
@@ -137,9 +161,12 @@ fn bind_one(
         Message::ChannelBindResponse(answer),
     ) {
         Ok(d) => d,
+        Err(e) if change == Change::None => {
+            return Err(format!("a clean bind's answer was refused: {e}"));
+        }
         Err(_) => return Ok(false),
     };
-    if matches!(change, Change::Answer | Change::NoCredits) {
+    if change != Change::None {
         return Err(format!(
             "the source took an answer it must refuse ({change:?})"
         ));
@@ -147,7 +174,9 @@ fn bind_one(
     let keys = |k: &Option<crate::migration::auth::FrameKeys>| {
         k.as_ref().map(|k| (k.to_dest, k.to_source))
     };
-    if keys(&ours.frame_keys) != keys(&theirs.frame_keys) {
+    if keys(&ours.frame_keys) != keys(&theirs.frame_keys)
+        || ours.frame_keys.is_some() != s.frame_mac
+    {
         return Err(format!(
             "channel {ch}'s frame keys differ between the sides"
         ));

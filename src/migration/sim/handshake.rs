@@ -44,9 +44,15 @@ enum Tamper {
     Abort,
     /// The destination answers the setup with READY.
     Unexpected,
+    /// The setup's frame-tagging flag stripped on the way (a downgrade).
+    StripMac,
+    /// The credits granted changed on the way, after the proof.
+    CreditsOnPath,
+    /// The destination answers NEGOTIATE with a setup's answer.
+    EarlyAnswer,
 }
 
-const TAMPERS: [Tamper; 10] = [
+const TAMPERS: [Tamper; 13] = [
     Tamper::None,
     Tamper::SourceNonce,
     Tamper::DestNonce,
@@ -57,6 +63,9 @@ const TAMPERS: [Tamper; 10] = [
     Tamper::Version,
     Tamper::Abort,
     Tamper::Unexpected,
+    Tamper::StripMac,
+    Tamper::CreditsOnPath,
+    Tamper::EarlyAnswer,
 ];
 
 /// A drawn handshake: each side's key, the receiver's policy, the peer,
@@ -70,6 +79,8 @@ struct Schedule {
     source_binding: Vec<u8>,
     dest_binding: Vec<u8>,
     codec: CodecChoice,
+    /// The codecs the destination decodes (a build without some).
+    dest_codecs: u32,
     tamper: Tamper,
 }
 
@@ -115,7 +126,14 @@ impl Schedule {
         } else {
             TAMPERS[rng.below(TAMPERS.len() as u64) as usize]
         };
+        let all = CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit();
+        let dest_codecs = if rng.chance(85) {
+            all
+        } else {
+            CodecId::None.bit() | (all & rng.next_u64() as u32)
+        };
         Self {
+            dest_codecs,
             source_key,
             dest_key,
             policy,
@@ -137,6 +155,8 @@ struct DestSide {
     secret: Option<BindSecret>,
     source_nonce: [u8; 16],
     nonce: [u8; 16],
+    /// Channel 0's frame keys, when it tags the session's frames.
+    frame_keys: Option<auth::FrameKeys>,
 }
 
 /// Runs the handshake of `seed` and checks it, then binds the channels of
@@ -198,21 +218,28 @@ pub fn run(seed: u64) -> Result<(&'static str, u32), String> {
         // Keyless, with the answer's session id changed on the way.
         return Ok(("set up", 0));
     }
-    let probe = |secret: &BindSecret| {
-        secret.bind_proof(&auth::Bind {
-            session_id,
-            channel: ChannelId(0),
-            nonce: &[9; 16],
-            binding: &[],
-        })
-    };
+    // The secrets agree when the keys do and the nonces and token the
+    // source used are the ones the destination derived from.
+    let same = s.source_key == s.dest_key
+        && !matches!(
+            s.tamper,
+            Tamper::SourceNonce | Tamper::DestNonce | Tamper::BindToken
+        );
+    let other = BindSecret::derive(
+        s.dest_key.as_ref(),
+        &side.source_nonce,
+        &side.nonce,
+        session_id ^ 8,
+        &[5; 16],
+    );
     let session = super::binds::Session {
         session_id,
         channels,
         frame_mac: mac,
         source_secret: &done.secret,
         dest_secret: theirs,
-        same: probe(&done.secret) == probe(theirs),
+        other_secret: &other,
+        same,
     };
     let bound = super::binds::run(&mut rng, &session).map_err(|e| format!("{e}: {s:?}"))?;
     Ok(("set up", bound))
@@ -240,6 +267,21 @@ fn answer(
             if s.tamper == Tamper::SourceNonce {
                 n.nonce[0] ^= 1;
             }
+            if s.tamper == Tamper::EarlyAnswer {
+                let early = setup_response(
+                    None,
+                    &auth::Handshake {
+                        source_nonce: &n.nonce,
+                        dest_nonce: &[0; 16],
+                        binding: &[],
+                    },
+                    1,
+                    &[0; 16],
+                    4,
+                );
+                let h = Header::new(Command::SessionSetupResponse);
+                return Some((h, Message::SessionSetupResponse(early)));
+            }
             let mut r = match dest.handle_negotiate(&n) {
                 Ok(r) => r,
                 Err(e) => return refuse(e),
@@ -252,6 +294,7 @@ fn answer(
                 .try_into()
                 .expect("16");
             r.nonce = side.nonce;
+            r.codecs &= s.dest_codecs;
             if s.tamper == Tamper::Version {
                 r.version = r.version.wrapping_add(1);
             }
@@ -267,6 +310,9 @@ fn answer(
         Message::SessionSetup(mut setup) => {
             if s.tamper == Tamper::SetupSize {
                 setup.memory_bytes += crate::wire::PAGE_SIZE as u64;
+            }
+            if s.tamper == Tamper::StripMac {
+                setup.flags &= !SETUP_FRAME_MAC;
             }
             let h = auth::Handshake {
                 source_nonce: &side.source_nonce,
@@ -314,13 +360,17 @@ fn answer(
             let credits = if s.tamper == Tamper::Credits { 0 } else { 4 };
             let key = s.dest_key.as_ref();
             let mut r = setup_response(key, &h, session_id, &token, credits);
-            side.secret = Some(BindSecret::derive(
-                key,
-                &side.source_nonce,
-                &side.nonce,
-                session_id,
-                &token,
-            ));
+            let secret =
+                BindSecret::derive(key, &side.source_nonce, &side.nonce, session_id, &token);
+            // As the receiver's driver: tagged when keyed and asked to.
+            if key.is_some() && setup.flags & SETUP_FRAME_MAC != 0 {
+                let conn = auth::Connection::Setup(&side.source_nonce);
+                side.frame_keys = Some(secret.frame_keys(session_id, conn));
+            }
+            side.secret = Some(secret);
+            if s.tamper == Tamper::CreditsOnPath {
+                r.initial_credits = 3;
+            }
             if s.tamper == Tamper::BindToken {
                 r.bind_token[0] ^= 1;
             }
@@ -347,22 +397,35 @@ fn check(
     let same_key = s.source_key.is_some() && s.source_key == s.dest_key;
     // The source's own view of the exchange reaches the destination intact
     // in every tamper but these.
+    // Stripping the tagging flag changes the setup only where it was set:
+    // keyed without TLS.
+    let mac = s.source_key.is_some() && s.source_binding.is_empty();
+    let stripped = s.tamper == Tamper::StripMac && mac;
     let exchange_intact = !matches!(
         s.tamper,
         Tamper::SourceNonce | Tamper::DestNonce | Tamper::SetupSize
-    ) && s.source_binding == s.dest_binding;
+    ) && !stripped
+        && s.source_binding == s.dest_binding;
+    let needed = SourceHandshake::needed_codecs(s.codec);
+    let codecs = needed & s.dest_codecs == needed;
+    let keyless_taken = s.source_key.is_none()
+        && s.dest_key.is_none()
+        && match s.policy {
+            Unauthenticated::Anywhere => true,
+            Unauthenticated::Loopback => s.loopback,
+            Unauthenticated::Refuse => false,
+        };
+    // Nothing changed, the codecs there, and a key or a policy that takes
+    // the peer: then it must be set up.
+    let clean =
+        s.tamper == Tamper::None && codecs && ((same_key && exchange_intact) || keyless_taken);
+    if let (true, Err(e)) = (clean, ended) {
+        return Err(format!("a clean handshake failed ({e}): {s:?}"));
+    }
     if let Some((_, taken)) = side.taken {
         let fine = match taken {
             Taken::Proved => same_key && exchange_intact,
-            Taken::Unauthenticated => {
-                s.source_key.is_none()
-                    && s.dest_key.is_none()
-                    && match s.policy {
-                        Unauthenticated::Anywhere => true,
-                        Unauthenticated::Loopback => s.loopback,
-                        Unauthenticated::Refuse => false,
-                    }
-            }
+            Taken::Unauthenticated => keyless_taken,
         };
         if !fine {
             return Err(format!(
@@ -380,7 +443,10 @@ fn check(
     };
     if s.source_key.is_some() {
         // A keyed source trusts only an untouched, proved exchange.
-        let answer_intact = !matches!(s.tamper, Tamper::BindToken | Tamper::SessionId);
+        let answer_intact = !matches!(
+            s.tamper,
+            Tamper::BindToken | Tamper::SessionId | Tamper::CreditsOnPath
+        );
         if !(same_key && exchange_intact && answer_intact) {
             return Err(format!(
                 "a keyed source was set up over a broken exchange: {s:?}"
@@ -402,13 +468,18 @@ fn check(
         if done.secret.bind_proof(&b) != theirs.bind_proof(&b) {
             return Err(format!("the two sides hold different bind secrets: {s:?}"));
         }
+        // Channel 0 tagged as asked (keyed without TLS), with the same keys.
+        let keys = |k: &Option<auth::FrameKeys>| k.as_ref().map(|k| (k.to_dest, k.to_source));
+        if done.frame_keys.is_some() != mac || keys(&done.frame_keys) != keys(&side.frame_keys) {
+            return Err(format!(
+                "channel 0's frame keys differ between the sides: {s:?}"
+            ));
+        }
     }
     if done.initial_credits == 0 {
         return Err(format!("set up with no credits: {s:?}"));
     }
-    let needed = SourceHandshake::needed_codecs(s.codec);
-    let ours = CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit();
-    if needed & ours != needed {
+    if !codecs {
         return Err(format!("set up with a codec the destination lacks: {s:?}"));
     }
     Ok(())
