@@ -85,7 +85,10 @@ mod tests {
             d.store(true, Ordering::SeqCst);
         });
         assert_eq!(tasks.len(), 1);
-        tasks.end(Duration::from_millis(50)).await;
+        // Without the halt this would wait forever: bound it, to fail.
+        tokio::time::timeout(Duration::from_secs(5), tasks.end(Duration::from_millis(50)))
+            .await
+            .expect("a task outlasting the wait is ended");
         assert!(!done.load(Ordering::SeqCst));
         assert_eq!(tasks.len(), 0);
     }

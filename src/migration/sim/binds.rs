@@ -77,12 +77,7 @@ fn bind_one(
     change: Change,
     nonces: &mut HashSet<[u8; 16]>,
 ) -> Result<bool, String> {
-    let nonce: [u8; 16] = rng
-        .next_u64()
-        .to_le_bytes()
-        .repeat(2)
-        .try_into()
-        .expect("16");
+    let nonce: [u8; 16] = rng.bytes16();
     // The connection's TLS binding, as each side sees it: a relay that
     // terminates TLS shows each its own.
     let binding = if rng.chance(50) {

@@ -169,12 +169,7 @@ pub fn run(seed: u64) -> Result<(&'static str, u32), String> {
     let channels = 1 + rng.below(4) as u16;
     let mut setup = SessionSetup::plain(64 << 20, channels);
     setup.flags = if mac { SETUP_FRAME_MAC } else { 0 };
-    let source_nonce = rng
-        .next_u64()
-        .to_le_bytes()
-        .repeat(2)
-        .try_into()
-        .expect("16");
+    let source_nonce = rng.bytes16();
     let mut hs = SourceHandshake::new(
         setup,
         s.codec,
@@ -287,12 +282,7 @@ fn answer(
                 Err(e) => return refuse(e),
             };
             side.source_nonce = n.nonce;
-            side.nonce = rng
-                .next_u64()
-                .to_le_bytes()
-                .repeat(2)
-                .try_into()
-                .expect("16");
+            side.nonce = rng.bytes16();
             r.nonce = side.nonce;
             r.codecs &= s.dest_codecs;
             if s.tamper == Tamper::Version {
@@ -351,12 +341,7 @@ fn answer(
                 }
                 _ => {}
             }
-            let token: [u8; 16] = rng
-                .next_u64()
-                .to_le_bytes()
-                .repeat(2)
-                .try_into()
-                .expect("16");
+            let token: [u8; 16] = rng.bytes16();
             let credits = if s.tamper == Tamper::Credits { 0 } else { 4 };
             let key = s.dest_key.as_ref();
             let mut r = setup_response(key, &h, session_id, &token, credits);

@@ -51,6 +51,16 @@ impl Rng {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
+
+    /// Sixteen bytes for a nonce or token (one draw, written twice: a
+    /// simulated nonce needs to differ, not to be secret).
+    pub fn bytes16(&mut self) -> [u8; 16] {
+        let b = self.next_u64().to_le_bytes();
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&b);
+        out[8..].copy_from_slice(&b);
+        out
+    }
 }
 
 /// The digest both sides compute over guest memory (one version per page).
