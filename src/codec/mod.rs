@@ -2,11 +2,12 @@
 //! lz4, zstd at a level).
 
 mod auto;
+mod rate;
 
 pub use auto::{
-    AutoChooser, SocketRate, CANDIDATES, PROBE_BYTES, PROBE_EVERY, PROBE_EVERY_CLOSE,
-    PROBE_EVERY_FAR,
+    AutoChooser, CANDIDATES, PROBE_BYTES, PROBE_EVERY, PROBE_EVERY_CLOSE, PROBE_EVERY_FAR,
 };
+pub use rate::SocketRate;
 
 use bytes::BytesMut;
 use std::cell::RefCell;
