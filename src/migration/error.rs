@@ -3,6 +3,8 @@
 
 use crate::codec::CodecError;
 use crate::memory::MemoryError;
+use crate::migration::local::LocalFault;
+use crate::migration::loss::{ChannelLoss, SessionLoss};
 use crate::migration::policy::GiveUp;
 use crate::migration::violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
 use crate::migration::ConfigError;
@@ -75,11 +77,11 @@ pub enum MigrationError {
         /// The channel.
         channel: ChannelId,
         /// What happened to it.
-        why: String,
+        why: ChannelLoss,
     },
     /// Every channel of the session is lost and none could rebind.
     #[error("the peer is unreachable: {0}")]
-    SessionLost(String),
+    SessionLost(SessionLoss),
     /// A socket operation failed.
     #[error("{context}")]
     Io {
@@ -106,7 +108,7 @@ pub enum MigrationError {
     /// A fault of this side's own (a task that panicked or ended early):
     /// never blamed on the peer.
     #[error("internal fault: {0}")]
-    Internal(String),
+    Internal(LocalFault),
 }
 
 fn give_up_text(g: &GiveUp) -> String {

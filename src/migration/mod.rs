@@ -7,9 +7,12 @@
 mod config;
 pub mod credits;
 pub mod dest_ledger;
+pub mod dest_session;
 pub mod dest_state;
 mod error;
 mod guest;
+mod local;
+mod loss;
 pub mod policy;
 pub(crate) mod report;
 pub mod saved;
@@ -28,6 +31,8 @@ pub use config::{
     DEFAULT_INITIAL_CREDITS, DEFAULT_PEER_TIMEOUT,
 };
 pub use error::MigrationError;
+pub use local::{LocalFault, Task};
+pub use loss::{ChannelLoss, SessionLoss};
 pub use violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
 
 // The wire counts pages as guest memory does.

@@ -3,7 +3,7 @@
 use super::TokenBucket;
 use crate::codec::CodecId;
 use crate::memory::{GuestMemory, PageFill, PAGE_SIZE};
-use crate::migration::MigrationError;
+use crate::migration::{ChannelLoss, MigrationError};
 use crate::wire::ChannelId;
 use crate::wire::{
     encode_header, encode_header_uncrc, Command, Frame, FrameCrc, FrameMac, Header, Limits,

@@ -89,3 +89,16 @@ pub async fn connect(addr: &str) -> std::io::Result<tokio::net::TcpStream> {
     s.set_nodelay(true)?;
     Ok(s)
 }
+
+/// A task of this side's that ended without its result: its panic's text
+/// goes to this side's log, the error names the task only.
+pub(crate) fn task_failed(
+    task: crate::migration::Task,
+    e: &tokio::task::JoinError,
+) -> crate::migration::MigrationError {
+    tracing::error!(%task, error = %e, "a task of this side's failed");
+    crate::migration::MigrationError::Internal(crate::migration::LocalFault::Task {
+        task,
+        panicked: e.is_panic(),
+    })
+}

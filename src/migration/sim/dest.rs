@@ -1,33 +1,33 @@
-//! The simulated destination: the real protocol state machine and ledgers,
-//! guest memory as one version number per page.
+//! The simulated destination: the real session machine ([`DestSession`],
+//! with the protocol machine and ledgers inside), guest memory as one
+//! version number per page, and the receiver's fault points around it.
 
 use super::digest;
 use super::net::{Frame, Payload};
-use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, ControlLog, Seen, Settle};
+use crate::migration::dest_ledger::{Claim, Claimed, Settle};
+use crate::migration::dest_session::{DestEvent, DestParams, DestSession};
 use crate::migration::dest_state::{DestMachine, DestState};
 use crate::migration::fault::{FaultKind, FaultPoint};
-use crate::migration::MigrationError;
-use crate::migration::{Shortfall, Violation};
+use crate::migration::Shortfall;
+use crate::migration::{ChannelLoss, LocalFault, MigrationError};
 use crate::wire::ChannelId;
 use crate::wire::{BatchAck, Command, Complete, Header, Message, Negotiate};
 use crate::wire::{SessionSetup, VERSION};
+use std::time::{Duration, Instant};
+
+/// The destination's idle timeout in the simulation.
+const IDLE: Duration = Duration::from_secs(10);
 
 /// The destination of one simulated session.
 pub struct SimDest {
-    pub machine: DestMachine,
+    pub session: DestSession,
     pub memory: Vec<u64>,
-    ledger: BatchLedger,
-    control: ControlLog,
     pub session_id: u64,
-    /// Connections it reads, by channel.
-    pub conns: std::collections::BTreeMap<ChannelId, u32>,
-    /// When a frame last arrived on any channel.
-    pub last_rx: u64,
+    /// Frames received, for the session's watchdog.
+    rx: u64,
     pub crashed: bool,
     /// Stopped rather than dead: its sockets take connections, nothing answers.
     pub silent: bool,
-    /// Why it ended the session, if it did.
-    pub ended: Option<String>,
     /// The fault to inject at a point of the protocol, until it has been,
     /// and one struck that the network must carry out (a reset, a crash).
     pub fault: Option<(FaultPoint, FaultKind)>,
@@ -60,7 +60,9 @@ pub enum Hostile {
 }
 
 impl SimDest {
-    pub fn new(pages: u64, channels: u16, session_id: u64, now: u64) -> Self {
+    /// A destination set up for `pages` pages over `channels` channels,
+    /// every one bound (as connection 0) at `now`.
+    pub fn new(pages: u64, channels: u16, session_id: u64, now: Instant) -> Self {
         let mut machine = DestMachine::new(u64::MAX);
         let negotiate = Negotiate {
             min_version: VERSION,
@@ -76,17 +78,22 @@ impl SimDest {
             ..SessionSetup::plain(pages * crate::memory::PAGE_SIZE as u64, channels)
         };
         machine.handle_setup(&setup).expect("sets up");
+        let params = DestParams {
+            channels,
+            idle_timeout: IDLE,
+            leave_paused: false,
+        };
+        let mut session = DestSession::new(machine, params, now, now);
+        for c in 0..channels {
+            session.handle_bound(now, ChannelId(c), 0);
+        }
         Self {
-            machine,
+            session,
             memory: vec![0; pages as usize],
-            ledger: BatchLedger::default(),
-            control: ControlLog::default(),
             session_id,
-            conns: (0..channels).map(|c| (ChannelId(c), 0)).collect(),
-            last_rx: now,
+            rx: 0,
             crashed: false,
             silent: false,
-            ended: None,
             fault: None,
             struck: None,
             hostile: None,
@@ -106,32 +113,66 @@ impl SimDest {
         self
     }
 
+    /// The protocol's state.
+    pub fn state(&self) -> DestState {
+        self.session.state()
+    }
+
     /// Whether the guest runs here.
     pub fn running(&self) -> bool {
-        self.machine.state() == DestState::Running && !self.crashed
+        self.state() == DestState::Running && !self.crashed
     }
 
-    /// Ends the session with `why` (unless the guest is already ours).
-    pub fn end(&mut self, why: String) {
-        self.machine.abort();
-        if self.machine.state() != DestState::Running {
-            self.ended.get_or_insert(why);
+    /// Why it ended the session, if it failed.
+    pub fn ended(&self) -> Option<String> {
+        match self.session.outcome() {
+            Some(Err(e)) => Some(e.to_string()),
+            _ => None,
         }
     }
 
-    /// A connection closed: what it was reading is forgotten.
+    /// Whether a connection attempt is refused now.
+    pub fn refuses_binds(&self) -> bool {
+        self.crashed && !self.silent || !self.session.takes_binds()
+    }
+
+    /// The connections it reads, by channel.
+    pub fn connections(&self) -> Vec<(ChannelId, u32)> {
+        self.session.connections().collect()
+    }
+
+    /// The session's watchdog and linger at `now`; returns what it sends
+    /// (an ABORT when the source fell silent).
+    pub fn tick(&mut self, now: Instant) -> Vec<Reply> {
+        let mut out = Vec::new();
+        if !self.crashed {
+            self.session.handle_timeout(now, self.rx);
+            self.drain(&mut out);
+        }
+        out
+    }
+
+    /// When [`SimDest::tick`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.crashed)
+            .then(|| self.session.poll_timeout())
+            .flatten()
+    }
+
+    /// A connection broke: the session hears it as the receiver's channel
+    /// task reports it.
     pub fn lost(&mut self, chan: ChannelId, gen: u32) {
-        if self.conns.get(&chan) == Some(&gen) {
-            self.conns.remove(&chan);
-        }
-        self.ledger.release(chan, gen);
+        let why = ChannelLoss::Reset;
+        self.session.handle_lost(
+            chan,
+            gen,
+            MigrationError::ChannelLost { channel: chan, why },
+        );
     }
 
     /// Connection `gen` of `chan` bound, replacing the one before.
-    pub fn bound(&mut self, chan: ChannelId, gen: u32) {
-        if let Some(old) = self.conns.insert(chan, gen) {
-            self.ledger.release(chan, old);
-        }
+    pub fn bound(&mut self, now: Instant, chan: ChannelId, gen: u32) {
+        self.session.handle_bound(now, chan, gen);
     }
 
     /// Injects the fault if it is for `point` (once), as the receiver's
@@ -145,9 +186,10 @@ impl SimDest {
                     FaultKind::Abort => return Err(Shortfall::Injected(point).into()),
                     // A task of the receiver's own panics.
                     FaultKind::Panic => {
-                        return Err(MigrationError::Internal(format!(
-                            "injected panic at {point:?}"
-                        )))
+                        return Err(MigrationError::Internal(LocalFault::Task {
+                            task: crate::migration::Task::Apply,
+                            panicked: true,
+                        }))
                     }
                     _ => {}
                 }
@@ -165,27 +207,77 @@ impl SimDest {
         }
     }
 
-    /// Handles a frame; returns what to send back, or ends the session.
-    pub fn handle(&mut self, now: u64, f: Frame) -> Vec<Reply> {
-        if self.crashed || self.ended.is_some() || self.conns.get(&f.chan) != Some(&f.gen) {
+    /// Handles a frame at `now`; returns what to send back.
+    pub fn handle(&mut self, now: Instant, f: Frame) -> Vec<Reply> {
+        if self.crashed || self.session.is_ended() || !self.session.is_current(f.chan, f.gen) {
             return Vec::new();
         }
-        if let Payload::Eof = f.payload {
-            self.lost(f.chan, f.gen);
-            return Vec::new();
+        let mut out = Vec::new();
+        match f.payload {
+            Payload::Eof => {
+                let closed = MigrationError::PeerClosed { channel: f.chan };
+                self.session.handle_lost(f.chan, f.gen, closed);
+            }
+            Payload::Batch { round, pages } => {
+                self.rx += 1;
+                match self.batch(f.chan, &f.header, round, &pages) {
+                    Ok(replies) => out = replies,
+                    // The channel's task fails, and the session with it.
+                    Err(e) => self.session.handle_lost(f.chan, f.gen, e),
+                }
+            }
+            Payload::Msg(Message::Echo(e)) => {
+                self.rx += 1;
+                let echo = Message::EchoResponse(e);
+                out.push((f.chan, self.header(Command::EchoResponse), echo));
+            }
+            Payload::Msg(m) => {
+                self.rx += 1;
+                self.session.handle_control(now, &f.header, m);
+                self.carry_out(now);
+            }
         }
-        self.last_rx = now;
-        let result = match f.payload {
-            Payload::Eof => Ok(Vec::new()),
-            Payload::Batch { round, pages } => self.batch(f.chan, &f.header, round, &pages),
-            Payload::Msg(m) => self.message(f.chan, &f.header, m),
-        };
-        match result {
-            Ok(replies) => replies,
-            Err(e) => {
-                let abort = (f.chan, self.header(Command::Abort), abort_of(&e));
-                self.end(e.to_string());
-                vec![abort]
+        self.drain(&mut out);
+        out
+    }
+
+    /// Carries out the hand-off steps the session asks for, with the
+    /// receiver's fault points around them.
+    fn carry_out(&mut self, now: Instant) {
+        while let Some(event) = self.session.poll_event() {
+            let done = match event {
+                DestEvent::Verify(sw) => self.fault_at(FaultPoint::BeforeReady).map(|()| {
+                    if self.session.handle_digest(&sw, digest(&self.memory)) {
+                        self.session.ready();
+                    }
+                }),
+                DestEvent::Go { .. } => self.fault_at(FaultPoint::AfterGo).map(|()| {
+                    self.session.handle_resumed(now);
+                    self.session.complete(now, 0);
+                }),
+            };
+            if let Err(e) = done {
+                self.session.fail(e);
+            }
+        }
+    }
+
+    /// What the session sends; AFTER_READY strikes once READY is out, and a
+    /// hostile destination spoils the READY it sends.
+    fn drain(&mut self, out: &mut Vec<Reply>) {
+        while let Some(r) = self.session.poll_transmit() {
+            let mut header = self.header(r.msg.command());
+            let mut msg = r.msg;
+            let ready = matches!(msg, Message::Ready(_));
+            if let (Message::Ready(ready), Some(Hostile::WrongDigest)) = (&mut msg, self.hostile) {
+                ready.digest ^= 1;
+                header.message_id = HOSTILE_ID;
+            }
+            out.push((r.on, header, msg));
+            if ready {
+                if let Err(e) = self.fault_at(FaultPoint::AfterReady) {
+                    self.session.fail(e);
+                }
             }
         }
     }
@@ -198,25 +290,25 @@ impl SimDest {
         pages: &[(u64, u64)],
     ) -> Result<Vec<Reply>, MigrationError> {
         self.fault_at(FaultPoint::BeforeRound0)?;
-        let fresh = match self.ledger.claim(h, Claim::Applying)? {
+        let fresh = match self.session.claim_batch(h, round, Claim::Applying)? {
             Claimed::New => true,
             Claimed::Stale => false,
-            Claimed::Repeat => match self.ledger.settle(h.message_id) {
+            Claimed::Repeat => match self.session.settle_resend(h.message_id, round)? {
                 Settle::Apply => true,
                 Settle::AckOnly => false,
                 Settle::Wait(_) => {
-                    return Err(MigrationError::Internal(
-                        "a batch is applied at once here: nothing to wait for".into(),
-                    ))
+                    return Err(MigrationError::Internal(LocalFault::Unreachable(
+                        "a batch is applied at once here: nothing to wait for",
+                    )))
                 }
             },
         };
         if fresh {
-            self.machine.check_batch(round)?;
             for &(page, version) in pages {
                 self.memory[page as usize] = version;
             }
-            self.ledger.set(h.message_id, Some(Claim::Done { round }));
+            self.session
+                .set_claim(h.message_id, Some(Claim::Done { round }));
             if round == 0 {
                 self.round0_applied += pages.len() as u64;
                 if self.round0_applied * 2 >= self.memory.len() as u64 {
@@ -266,83 +358,4 @@ impl SimDest {
         self.hostile = None;
         out.push((chan, marked(bad.command()), bad));
     }
-
-    fn message(
-        &mut self,
-        chan: ChannelId,
-        h: &Header,
-        m: Message,
-    ) -> Result<Vec<Reply>, MigrationError> {
-        if let Message::Echo(e) = m {
-            return Ok(vec![(
-                chan,
-                self.header(Command::EchoResponse),
-                Message::EchoResponse(e),
-            )]);
-        }
-        match self.control.see(h)? {
-            Seen::Again(Some(reply)) => {
-                return Ok(vec![(chan, self.header(reply.command()), reply)])
-            }
-            Seen::Again(None) => return Ok(Vec::new()),
-            Seen::New => {}
-        }
-        let reply = match m {
-            Message::Abort(a) => {
-                self.end(format!("the source aborted: {}", a.message));
-                return Ok(Vec::new());
-            }
-            Message::RoundEnd(r) => {
-                self.machine.handle_round_end(&r)?;
-                self.ledger.round_began(r.round);
-                return Ok(Vec::new());
-            }
-            Message::Switchover(s) => {
-                self.fault_at(FaultPoint::BeforeReady)?;
-                let d = digest(&self.memory);
-                let mut ready = self.machine.handle_switchover(&s, d)?;
-                let mut header = self.header(Command::Ready);
-                if self.hostile == Some(Hostile::WrongDigest) {
-                    ready.digest ^= 1;
-                    header.message_id = HOSTILE_ID;
-                }
-                let ready = Message::Ready(ready);
-                self.control.replied(h.message_id, &ready);
-                let mut out = vec![(chan, header, ready)];
-                if let Err(e) = self.fault_at(FaultPoint::AfterReady) {
-                    out.push((chan, self.header(Command::Abort), abort_of(&e)));
-                    self.end(e.to_string());
-                }
-                return Ok(out);
-            }
-            Message::Go => {
-                self.machine.handle_go()?;
-                if let Err(e) = self.fault_at(FaultPoint::AfterGo) {
-                    // The guest is ours; the session ends without COMPLETE.
-                    self.ended = Some(e.to_string());
-                    return Ok(Vec::new());
-                }
-                Message::Complete(Complete {
-                    destination_cpu_ms: 0,
-                    resumed: true,
-                })
-            }
-            other => {
-                return Err(Violation::Unexpected {
-                    want: "ROUND_END, SWITCHOVER, GO or ABORT",
-                    got: other.command(),
-                }
-                .into())
-            }
-        };
-        self.control.replied(h.message_id, &reply);
-        Ok(vec![(chan, self.header(reply.command()), reply)])
-    }
-}
-
-fn abort_of(e: &MigrationError) -> Message {
-    Message::Abort(crate::wire::Abort {
-        code: e.abort_code(),
-        message: e.to_string(),
-    })
 }

@@ -331,7 +331,9 @@ fn answer(
             side.taken = Some((session_id, taken));
             match s.tamper {
                 Tamper::Abort => {
-                    return refuse(MigrationError::Internal("no room after all".into()))
+                    return refuse(
+                        crate::migration::Shortfall::Refused("no room after all".into()).into(),
+                    )
                 }
                 Tamper::Unexpected => {
                     return Some((

@@ -7,8 +7,8 @@
 use crate::memory::PAGE_SIZE;
 use crate::migration::policy::{Convergence, ConvergencePolicy, Decision, RoundStats};
 use crate::migration::report::{round3, RoundLog};
-use crate::migration::MigrationError;
 use crate::migration::Violation;
+use crate::migration::{LocalFault, MigrationError};
 use crate::wire::{Message, RoundEnd, Switchover, VerifyMode};
 use bytes::Bytes;
 use std::time::{Duration, Instant};
@@ -127,10 +127,10 @@ impl Rounds {
         dirty_pages: u64,
     ) -> Result<Verdict, MigrationError> {
         if self.stage != Stage::Precopy {
-            return Err(MigrationError::Internal(format!(
-                "a drained pre-copy round at {:?}",
-                self.stage
-            )));
+            return Err(MigrationError::Internal(LocalFault::OutOfStep {
+                step: "a drained pre-copy round",
+                stage: self.stage,
+            }));
         }
         let duration = now.saturating_duration_since(self.round_start);
         let stats = RoundStats {
@@ -182,10 +182,10 @@ impl Rounds {
         source_cpu_ms: u64,
     ) -> Result<Message, MigrationError> {
         if self.stage != Stage::Final {
-            return Err(MigrationError::Internal(format!(
-                "SWITCHOVER at {:?}",
-                self.stage
-            )));
+            return Err(MigrationError::Internal(LocalFault::OutOfStep {
+                step: "SWITCHOVER",
+                stage: self.stage,
+            }));
         }
         self.stage = Stage::AwaitReady;
         self.digest = digest;
@@ -210,10 +210,12 @@ impl Rounds {
     /// fails (the guest stays on the source).
     pub fn handle_ready(&mut self, reply: &Message) -> Result<(), MigrationError> {
         let verdict = match reply {
-            _ if self.stage != Stage::AwaitReady => Err(MigrationError::Internal(format!(
-                "a reply to SWITCHOVER at {:?}",
-                self.stage
-            ))),
+            _ if self.stage != Stage::AwaitReady => {
+                Err(MigrationError::Internal(LocalFault::OutOfStep {
+                    step: "a reply to SWITCHOVER",
+                    stage: self.stage,
+                }))
+            }
             Message::Ready(r) if r.digest == self.digest => Ok(()),
             Message::Ready(r) => Err(MigrationError::DigestMismatch {
                 source_digest: self.digest,
@@ -233,7 +235,10 @@ impl Rounds {
     /// destination's, whatever happens.
     pub fn go(&mut self) -> Result<Message, MigrationError> {
         if self.stage != Stage::Ready {
-            return Err(MigrationError::Internal(format!("GO at {:?}", self.stage)));
+            return Err(MigrationError::Internal(LocalFault::OutOfStep {
+                step: "GO",
+                stage: self.stage,
+            }));
         }
         self.stage = Stage::AwaitComplete;
         self.go_sent = true;
@@ -243,10 +248,10 @@ impl Rounds {
     /// The reply to GO: COMPLETE, with the destination's CPU time in ms.
     pub fn handle_complete(&mut self, reply: &Message) -> Result<u64, MigrationError> {
         if self.stage != Stage::AwaitComplete {
-            return Err(MigrationError::Internal(format!(
-                "a reply to GO at {:?}",
-                self.stage
-            )));
+            return Err(MigrationError::Internal(LocalFault::OutOfStep {
+                step: "a reply to GO",
+                stage: self.stage,
+            }));
         }
         match reply {
             Message::Complete(c) => {

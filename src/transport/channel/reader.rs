@@ -199,7 +199,7 @@ impl FrameReader {
     fn closed_inside(&self, command: Command) -> MigrationError {
         MigrationError::ChannelLost {
             channel: self.channel,
-            why: format!("closed inside a {command:?} payload"),
+            why: ChannelLoss::ClosedInPayload(command),
         }
     }
 
@@ -221,7 +221,7 @@ impl FrameReader {
                 }
                 return Err(MigrationError::ChannelLost {
                     channel: self.channel,
-                    why: "closed inside a frame header".into(),
+                    why: ChannelLoss::ClosedInHeader,
                 });
             }
             got += n;

@@ -43,9 +43,12 @@ pub(super) async fn channel_task(
             let text = panic_text(&*panic);
             tracing::error!(channel = %ch, gen, panic = text, "a channel's task panicked");
             sh.retire_channel(ch, gen);
-            Err(MigrationError::Internal(format!(
-                "channel {ch}'s task panicked"
-            )))
+            Err(MigrationError::Internal(
+                crate::migration::LocalFault::Task {
+                    task: crate::migration::Task::Channel(ch),
+                    panicked: true,
+                },
+            ))
         }
     };
     sh.release(ch, gen);
@@ -124,20 +127,12 @@ impl Conn<'_> {
             let accept = |h: &Header, b: &PageBatch| {
                 check_session(sh, ch, h)?;
                 sh.fault_at(FaultPoint::BeforeRound0)?;
-                match sh.claim(
-                    h,
-                    Claim::Receiving {
-                        chan: ch,
-                        gen: self.gen,
-                    },
-                )? {
-                    Claimed::New => {
-                        sh.machine
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .check_batch(b.round)?;
-                        Ok(true)
-                    }
+                let claim = Claim::Receiving {
+                    chan: ch,
+                    gen: self.gen,
+                };
+                match sh.claim(h, b.round, claim)? {
+                    Claimed::New => Ok(true),
                     other => {
                         *verdict.lock().unwrap_or_else(PoisonError::into_inner) = Some(other);
                         Ok(false)
@@ -189,20 +184,14 @@ impl Conn<'_> {
             Some(c) => c,
             None => {
                 sh.fault_at(FaultPoint::BeforeRound0)?;
-                sh.claim(&h, Claim::Applying)?
+                sh.claim(&h, batch.round, Claim::Applying)?
             }
         };
         let fresh = match claimed {
             Claimed::New => true,
-            Claimed::Repeat => sh.settle_resend(h.message_id).await?,
+            Claimed::Repeat => sh.settle_resend(h.message_id, batch.round).await?,
             Claimed::Stale => false,
         };
-        if fresh {
-            sh.machine
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .check_batch(batch.round)?;
-        }
         Ok((h, batch, fresh))
     }
 
@@ -254,10 +243,7 @@ impl Conn<'_> {
             let sh2 = sh.clone();
             tokio::task::spawn_blocking(move || sh2.apply(&batch))
                 .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "a page batch's apply task failed");
-                    MigrationError::Internal("a page batch's apply task panicked".into())
-                })?
+                .map_err(|e| crate::transport::task_failed(crate::migration::Task::Apply, &e))?
         };
         applied?;
         claim.done = true;

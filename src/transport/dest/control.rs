@@ -1,31 +1,32 @@
-//! The session controller's loop: binds, channel losses, the watchdog on the
-//! source's silence and the control messages (ROUND_END, SWITCHOVER, GO),
-//! each a step of its own; then the linger after COMPLETE.
+//! The session controller: the driver of a [`DestSession`] after the
+//! setup. It waits for a bind, a channel's end, a control message, the
+//! session's next deadline or the stop; hands each to the machine with the
+//! time; then sends what the machine asks to send and carries out the
+//! hand-off steps it asks for (the digest and the guest built for
+//! SWITCHOVER, the guest resumed for GO).
 
 use super::*;
-use crate::migration::dest_ledger::{ControlLog, Seen};
-use crate::migration::dest_state::DestState;
-use crate::migration::{MigratableGuest, MigrationError, Violation};
+use crate::digest::full_digest;
+use crate::migration::dest_session::{DestEvent, DestSession};
+use crate::migration::fault::FaultPoint;
+use crate::migration::{restore_guest, LocalFault, MigratableGuest, MigrationError, Mismatch};
 use crate::transport::{FrameReader, FrameWriter};
-use crate::wire::ChannelId;
-use crate::wire::{Abort, Header, Message, FLAG_RESEND};
-use std::collections::HashSet;
-use std::ops::ControlFlow;
+use crate::wire::{ChannelId, GuestKind, Message, Switchover, VerifyMode};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Go on, or end the session with this result.
-type Flow = ControlFlow<Result<(), MigrationError>>;
+/// Longest wait to tell the source why the session failed.
+const ABORT_WAIT: Duration = Duration::from_secs(1);
 
 /// What woke the controller.
 enum Wake {
     Cancelled,
-    Tick,
-    Bind(Option<Bind>),
-    Event(Option<Event>),
+    Timer,
+    Bind(Bind),
+    Event(Event),
 }
 
 /// The controller of one session after its setup.
@@ -36,68 +37,15 @@ pub(super) struct Controller<'a> {
     pub(super) tasks: &'a TaskTracker,
     pub(super) tally: &'a mut Tally,
     pub(super) guest_out: &'a mut Option<Arc<dyn MigratableGuest>>,
-    /// Channels the setup asked for.
-    pub(super) channels: u16,
-    /// Whether the guest stays paused after GO.
-    pub(super) leave_paused: bool,
-    /// When the session's first frame arrived.
-    pub(super) at: Instant,
-    /// Control ids seen, and the last reply with the id it answered: a
-    /// control message sent again after its channel failed gets the same
-    /// reply again, and is not acted on twice.
-    pub(super) control: ControlLog,
-    ever_bound: HashSet<ChannelId>,
-    last_loss: Option<String>,
-    quiet: Quiet,
 }
 
-/// The source is silent when no byte arrives on any channel: a single
-/// channel may rightly idle for long while others carry the rounds.
-struct Quiet {
-    limit: Duration,
-    last_bytes: u64,
-    since: Instant,
-}
-
-impl<'a> Controller<'a> {
-    /// A controller for a session whose first connection is channel 0.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        session: &'a Session,
-        sh: Arc<Shared>,
-        (cancel, tasks): (&'a CancellationToken, &'a TaskTracker),
-        tally: &'a mut Tally,
-        guest_out: &'a mut Option<Arc<dyn MigratableGuest>>,
-        setup: &SessionSetup,
-        at: Instant,
-    ) -> Self {
-        let quiet = Quiet {
-            limit: session.config.idle_timeout,
-            last_bytes: session.rx_bytes.load(Ordering::Relaxed),
-            since: Instant::now(),
-        };
-        if setup.channels == 1 {
-            tally.setup = Some(at.elapsed());
-        }
-        Self {
-            session,
-            sh,
-            cancel,
-            tasks,
-            tally,
-            guest_out,
-            channels: setup.channels,
-            leave_paused: setup.flags & crate::wire::SETUP_LEAVE_PAUSED != 0,
-            at,
-            control: ControlLog::default(),
-            ever_bound: HashSet::from([ChannelId::CONTROL]),
-            last_loss: None,
-            quiet,
-        }
+impl Controller<'_> {
+    fn machine(&self) -> std::sync::MutexGuard<'_, DestSession> {
+        self.sh.session()
     }
 
     /// Starts a connection as channel `channel`, replacing (and stopping)
-    /// the one before it.
+    /// the one before it, and tells the machine it is bound.
     pub(super) fn start(&self, channel: ChannelId, reader: FrameReader, writer: FrameWriter) {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let stop = self.cancel.child_token();
@@ -117,267 +65,195 @@ impl<'a> Controller<'a> {
             chans.insert(channel, chan);
             gen
         };
+        if gen > 1 {
+            tracing::info!(channel = %channel, "channel rebound to the session");
+        }
+        self.machine().handle_bound(Instant::now(), channel, gen);
         let task = channel_task(self.sh.clone(), channel, gen, reader, writer, stop);
         self.tasks.spawn(task);
     }
 
-    /// Runs the session to its end: GO handled (`Ok`) or a failure.
+    /// Runs the session to its end: `Ok` once GO was carried out (after
+    /// the linger), or why it failed (the source told, where it may be).
     pub(super) async fn run(
         &mut self,
-        bind_rx: &mut mpsc::UnboundedReceiver<Bind>,
+        binds: &mut mpsc::UnboundedReceiver<Bind>,
         events: &mut mpsc::UnboundedReceiver<Event>,
     ) -> Result<(), MigrationError> {
-        let period = Duration::from_secs(1).min(self.quiet.limit);
-        let mut watchdog = tokio::time::interval(period);
         loop {
+            self.carry_out().await;
+            let Some(deadline) = self.machine().poll_timeout() else {
+                break;
+            };
+            // Neither queue closes while the session runs: its entry holds
+            // the bind sender, `Shared` the event sender.
             let wake = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => Wake::Cancelled,
-                _ = watchdog.tick() => Wake::Tick,
-                b = bind_rx.recv() => Wake::Bind(b),
-                ev = events.recv() => Wake::Event(ev),
+                _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
+                Some(b) = binds.recv() => Wake::Bind(b),
+                Some(ev) = events.recv() => Wake::Event(ev),
             };
-            let flow = match wake {
-                Wake::Cancelled => Flow::Break(Err(MigrationError::Cancelled)),
-                Wake::Tick => self.on_tick(),
-                Wake::Bind(None) => Flow::Continue(()),
-                Wake::Bind(Some(b)) => self.on_bind(b).await,
-                Wake::Event(None) => Flow::Break(Err(MigrationError::SessionLost(
-                    "every channel ended".into(),
-                ))),
-                Wake::Event(Some(ev)) => self.on_event(ev, events).await,
-            };
-            if let Flow::Break(result) = flow {
-                return result;
+            self.on_wake(wake).await;
+        }
+        self.carry_out().await;
+        let outcome = self.machine().take_outcome();
+        outcome.unwrap_or(Err(MigrationError::Cancelled))
+    }
+
+    /// Hands what woke the controller to the machine.
+    async fn on_wake(&mut self, wake: Wake) {
+        let now = Instant::now();
+        match wake {
+            Wake::Cancelled => self.machine().fail(MigrationError::Cancelled),
+            Wake::Timer => {
+                let rx = self.session.rx_bytes.load(Ordering::Relaxed);
+                self.machine().handle_timeout(now, rx);
             }
+            Wake::Bind(b) => self.on_bind(b).await,
+            Wake::Event(Event::Failed(ch, gen, e)) => {
+                if e.is_channel_loss() {
+                    self.sh.forget_channel(ch, gen);
+                    // The source sends its batches again on the others and
+                    // rebinds it; silence on every channel ends the session.
+                    tracing::warn!(channel = %ch, error = %e, "channel lost; waiting for the source to rebind it");
+                } else {
+                    // The session ends: its ABORT may still go out on the
+                    // channel (a violation leaves the connection whole).
+                    tracing::debug!(channel = %ch, error = %e, "channel failed");
+                }
+                self.machine().handle_lost(ch, gen, e);
+            }
+            Wake::Event(Event::Control(h, m)) => self.machine().handle_control(now, &h, m),
         }
     }
 
-    /// Ends the session when no byte came on any channel for the idle
-    /// timeout.
-    fn on_tick(&mut self) -> Flow {
-        let q = &mut self.quiet;
-        let now = self.session.rx_bytes.load(Ordering::Relaxed);
-        if now != q.last_bytes {
-            q.last_bytes = now;
-            q.since = Instant::now();
-            return Flow::Continue(());
+    /// A proven bind: answers it and starts its channel, while the session
+    /// takes binds.
+    async fn on_bind(&mut self, b: Bind) {
+        if !self.machine().takes_binds() {
+            return;
         }
-        if q.since.elapsed() < q.limit {
-            return Flow::Continue(());
-        }
-        let idle = q.limit;
-        Flow::Break(Err(match &self.last_loss {
-            None => MigrationError::Timeout {
-                what: "the source (no frame on any channel)",
-                after: idle,
-            },
-            Some(why) => MigrationError::SessionLost(format!(
-                "no frame on any channel for {idle:?} after {why}"
-            )),
-        }))
-    }
-
-    /// A proven bind: answers it and starts its channel.
-    async fn on_bind(&mut self, b: Bind) -> Flow {
         let credits = self.session.config.initial_credits;
         let rx = &self.session.rx_bytes;
-        let (channel, reader, writer) = match answer_bind(b, &self.sh, credits, rx).await {
-            Ok(bound) => bound,
-            Err(e) => return Flow::Break(Err(e)),
-        };
-        if !self.ever_bound.insert(channel) {
-            self.tally.rebinds += 1;
-            tracing::info!(channel = %channel, "channel rebound to the session");
-        }
-        self.start(channel, reader, writer);
-        let all = self.ever_bound.len() == usize::from(self.channels);
-        if all && self.tally.setup.is_none() {
-            self.tally.setup = Some(self.at.elapsed());
-        }
-        Flow::Continue(())
-    }
-
-    /// A channel's failure or a control message.
-    async fn on_event(&mut self, ev: Event, events: &mut mpsc::UnboundedReceiver<Event>) -> Flow {
-        match ev {
-            Event::Failed(ch, gen, e) if e.is_channel_loss() => {
-                self.sh.forget_channel(ch, gen);
-                // The source sends its batches again on the others and
-                // rebinds it; silence on every channel ends the session.
-                self.tally.failures += 1;
-                tracing::warn!(channel = %ch, error = %e, "channel lost; waiting for the source to rebind it");
-                self.last_loss = Some(e.to_string());
-                Flow::Continue(())
-            }
-            Event::Failed(ch, _, e) => {
-                tracing::debug!(channel = %ch, error = %e, "channel failed");
-                // A source that aborts closes its channels right after:
-                // prefer the abort's reason to the closed channel.
-                if matches!(e, MigrationError::PeerClosed { .. }) {
-                    if let Some(a) = abort_after_close(events).await {
-                        return Flow::Break(Err(remote_abort(a)));
-                    }
-                }
-                Flow::Break(Err(e))
-            }
-            Event::Control(h, m) => match self.control.see(&h) {
-                Err(e) => Flow::Break(Err(e)),
-                Ok(Seen::New) => self.on_control(h, m).await,
-                Ok(Seen::Again(reply)) => {
-                    if let Some(reply) = reply {
-                        let _ = self.sh.reply(h.channel, &reply).await;
-                    }
-                    Flow::Continue(())
-                }
-            },
+        match answer_bind(b, &self.sh, credits, rx).await {
+            Ok((channel, reader, writer)) => self.start(channel, reader, writer),
+            // Before COMPLETE a bind that cannot be answered ends the
+            // session, as it always has; after it, only the linger.
+            Err(e) => self.machine().fail(e),
         }
     }
 
-    /// A control message seen for the first time.
-    async fn on_control(&mut self, h: Header, m: Message) -> Flow {
-        let step = match m {
-            Message::Abort(a) => Err(remote_abort(a)),
-            Message::RoundEnd(m) => self.on_round_end(&m),
-            Message::Switchover(m) => {
-                let s = self.session;
-                s.on_switchover(
-                    &self.sh,
-                    &h,
-                    &m,
-                    self.tally,
-                    self.guest_out,
-                    &mut self.control,
-                )
-                .await
-            }
-            Message::Go => {
-                let ours = (self.leave_paused, self.at);
-                let (tally, guest) = (&mut *self.tally, &*self.guest_out);
-                let s = self.session;
-                let done = s.on_go(&self.sh, &h, tally, guest, &mut self.control, ours);
-                return Flow::Break(done.await);
-            }
-            m => Err(Violation::Unexpected {
-                want: "ROUND_END, SWITCHOVER, GO or ABORT",
-                got: m.command(),
-            }
-            .into()),
-        };
-        match step {
-            Ok(()) => Flow::Continue(()),
-            Err(e) => Flow::Break(Err(e)),
-        }
-    }
-
-    /// ROUND_END: the machine moves to the next round.
-    fn on_round_end(&mut self, m: &crate::wire::RoundEnd) -> Result<(), MigrationError> {
-        self.sh
-            .machine
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .handle_round_end(m)?;
-        // Every batch of earlier rounds was acknowledged: none comes again.
-        self.sh
-            .claims
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .round_began(m.round);
-        if m.final_next {
-            self.tally.paused_at = Some(Instant::now());
-        }
-        Ok(())
-    }
-
-    /// After COMPLETE the source ends the session: waits (briefly) for it
-    /// to close its channels, so our closing does not race its reading
-    /// COMPLETE, and answers a GO it sends again (its channel failed) with
-    /// COMPLETE.
-    pub(super) async fn linger(
-        &mut self,
-        bind_rx: &mut mpsc::UnboundedReceiver<Bind>,
-        events: &mut mpsc::UnboundedReceiver<Event>,
-    ) {
-        let credits = self.session.config.initial_credits;
-        let linger = tokio::time::sleep(Duration::from_secs(5));
-        tokio::pin!(linger);
+    /// Sends what the machine asks to send and carries out its hand-off
+    /// steps, until it asks for nothing more.
+    async fn carry_out(&mut self) {
         loop {
-            let wake = tokio::select! {
-                _ = &mut linger => return,
-                b = bind_rx.recv() => Wake::Bind(b),
-                ev = events.recv() => Wake::Event(ev),
-            };
-            match wake {
-                // A channel rebinding to send GO again.
-                Wake::Bind(Some(b)) => {
-                    let rx = &self.session.rx_bytes;
-                    if let Ok((ch, reader, writer)) = answer_bind(b, &self.sh, credits, rx).await {
-                        self.tally.rebinds += 1;
-                        self.start(ch, reader, writer);
-                    }
-                }
-                Wake::Event(None) => return,
-                Wake::Event(Some(Event::Failed(ch, gen, _))) => {
-                    self.sh.forget_channel(ch, gen);
-                    if self
-                        .sh
-                        .chans
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .is_empty()
-                    {
-                        return;
-                    }
-                }
-                Wake::Event(Some(Event::Control(h, Message::Go))) if h.flags & FLAG_RESEND != 0 => {
-                    if let Some(reply) = self.control.last_reply() {
-                        let _ = self.sh.reply(h.channel, reply).await;
-                    }
-                }
-                _ => {}
+            self.send_replies().await;
+            let event = self.machine().poll_event();
+            match event {
+                None => return,
+                Some(DestEvent::Verify(m)) => self.verify(m).await,
+                Some(DestEvent::Go { resume }) => self.go(resume),
             }
         }
     }
-}
 
-fn remote_abort(a: Abort) -> MigrationError {
-    MigrationError::RemoteAbort {
-        code: a.code,
-        message: a.message,
-    }
-}
-
-/// A closed channel may be the source aborting (it closes its channels
-/// right after): the ABORT that follows within 250 ms, if any.
-async fn abort_after_close(events: &mut mpsc::UnboundedReceiver<Event>) -> Option<Abort> {
-    let deadline = tokio::time::sleep(Duration::from_millis(250));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return None,
-            next = events.recv() => match next {
-                Some(Event::Control(_, Message::Abort(a))) => return Some(a),
-                Some(_) => continue,
-                None => return None,
-            },
+    /// Sends the machine's replies; an ABORT waits at most a second.
+    async fn send_replies(&self) {
+        loop {
+            let Some(reply) = self.machine().poll_transmit() else {
+                return;
+            };
+            let sent = if matches!(reply.msg, Message::Abort(_)) {
+                let send = self.sh.reply(reply.on, &reply.msg);
+                tokio::time::timeout(ABORT_WAIT, send)
+                    .await
+                    .unwrap_or(Ok(()))
+            } else {
+                self.sh.reply(reply.on, &reply.msg).await
+            };
+            if let Err(e) = sent {
+                // A reply is sent again when the source asks again on a
+                // channel that is back; after GO the guest runs here
+                // regardless.
+                let what = reply.msg.command();
+                tracing::warn!(error = %e, ?what, "could not send a reply yet");
+            }
         }
     }
-}
 
-/// A session that failed: the machine aborts, and unless the guest runs
-/// here or the source aborted first, the source hears why (at most 1 s).
-pub(super) async fn tell_source(sh: &Shared, e: &MigrationError) {
-    let state = {
-        let mut m = sh.machine.lock().unwrap_or_else(PoisonError::into_inner);
-        m.abort();
-        m.state()
-    };
-    if state != DestState::Running && !matches!(e, MigrationError::RemoteAbort { .. }) {
-        let abort = Message::Abort(Abort {
-            code: e.abort_code(),
-            message: e.to_string(),
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(1), sh.reply(ChannelId::CONTROL, &abort))
-            .await;
+    /// SWITCHOVER: the digest through the machine, the guest built (paused)
+    /// so GO only has to resume it, and READY.
+    async fn verify(&mut self, m: Switchover) {
+        if let Err(e) = self.sh.fault_at(FaultPoint::BeforeReady) {
+            return self.machine().fail(e);
+        }
+        let tally = &mut *self.tally;
+        tally.rounds = m.rounds;
+        tally.dirty_rate = m.dirty_rate_bps;
+        tally.throttle_max = m.throttle_pct_max;
+        tally.source_cpu_ms = Some(m.source_cpu_ms as f64);
+        let t = Instant::now();
+        let digest = match m.verify {
+            VerifyMode::Fast => self.sh.hashes.digest(),
+            VerifyMode::Full => {
+                let mem = self.sh.memory.clone();
+                match tokio::task::spawn_blocking(move || full_digest(&mem, 2)).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let e = crate::transport::task_failed(crate::migration::Task::Digest, &e);
+                        return self.machine().fail(e);
+                    }
+                }
+            }
+        };
+        self.tally.verify = m.verify;
+        self.tally.verify_time = t.elapsed();
+        if !self.machine().handle_digest(&m, digest) {
+            return;
+        }
+        let kind = self.tally.guest_kind.unwrap_or(GuestKind::Sim);
+        match restore_guest(kind, self.sh.memory.clone(), &m.state) {
+            Ok(g) => {
+                self.tally.counter_at_pause = Some(g.progress_counter());
+                *self.guest_out = Some(g);
+                self.tally.verified = true;
+                self.machine().ready();
+            }
+            Err(why) => return self.machine().fail(Mismatch::GuestState(why).into()),
+        }
+        self.send_replies().await;
+        if let Err(e) = self.sh.fault_at(FaultPoint::AfterReady) {
+            self.machine().fail(e);
+        }
+    }
+
+    /// GO: the guest is ours from here, whatever happens to the
+    /// connection. Resumes it (unless asked to leave it paused) and
+    /// answers COMPLETE.
+    fn go(&mut self, resume: bool) {
+        let Some(guest) = self.guest_out.as_ref() else {
+            let e = MigrationError::Internal(LocalFault::Unreachable("GO without a guest built"));
+            return self.machine().fail(e);
+        };
+        if resume {
+            guest.resume();
+        }
+        let now = Instant::now();
+        self.tally.resumed_at = resume.then_some(now);
+        self.machine().handle_resumed(now);
+        if let Some(on_go) = &self.session.config.on_go {
+            on_go(
+                self.tally.session_id,
+                self.tally.label.as_ref(),
+                guest,
+                resume,
+            );
+        }
+        if let Err(e) = self.sh.fault_at(FaultPoint::AfterGo) {
+            return self.machine().fail(e);
+        }
+        let cpu_ms = self.session.ctx.cpu.total().as_millis() as u64;
+        self.machine().complete(Instant::now(), cpu_ms);
     }
 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::codec::CodecId;
+use crate::migration::dest_session::DestTallies;
 use crate::migration::report::{round3, CpuMs, MemoryUse, Outcome, PageCounts, Report, Side};
 use crate::migration::{MigratableGuest, MigrationError};
 use crate::transport::accept::Admitted;
@@ -23,7 +24,6 @@ pub(super) struct Tally {
     pub(super) codec: String,
     pub(super) max_bandwidth: Option<u64>,
     pub(super) setup: Option<Duration>,
-    pub(super) paused_at: Option<Instant>,
     pub(super) downtime: Duration,
     pub(super) verify: VerifyMode,
     pub(super) verify_time: Duration,
@@ -44,6 +44,15 @@ pub(super) struct Tally {
 }
 
 impl Tally {
+    /// Takes the session machine's counts.
+    pub(super) fn count(&mut self, t: DestTallies) {
+        self.setup = t.setup;
+        self.downtime = t.downtime;
+        self.finished = t.finished;
+        self.failures = t.failures;
+        self.rebinds = t.rebinds;
+    }
+
     /// The figures an admitted session starts with.
     pub(super) fn of(a: &Admitted) -> Self {
         let setup = &a.setup;

@@ -1,17 +1,18 @@
 //! What a destination session's tasks share: guest memory and its hashes,
-//! the machine, the claim ledger, the channels up, and the replies.
+//! the session machine (with the claim ledger), the channels up, and the
+//! replies.
 
 use crate::codec::CodecId;
 use crate::digest::{page_hash, zero_page_hash, PageHashes};
 use crate::memory::GuestMemory;
-use crate::migration::dest_ledger::{BatchLedger, Claim, Claimed, Settle};
-use crate::migration::dest_state::DestMachine;
+use crate::migration::dest_ledger::{Claim, Claimed, Settle};
+use crate::migration::dest_session::DestSession;
 #[cfg(feature = "faults")]
 use crate::migration::fault::FaultKind;
 use crate::migration::fault::{Fault, FaultPoint};
 use crate::migration::report::PageCounter;
-use crate::migration::MigrationError;
 use crate::migration::Violation;
+use crate::migration::{ChannelLoss, MigrationError};
 use crate::transport::FrameWriter;
 use crate::wire::ChannelId;
 use crate::wire::{Header, Limits, Message, Page, PageBatch};
@@ -42,14 +43,14 @@ pub(super) struct Shared {
     pub(super) memory: Arc<GuestMemory>,
     pub(super) hashes: PageHashes,
     pub(super) limits: Limits,
-    pub(super) machine: Mutex<DestMachine>,
+    /// The session's protocol: the machine, its ledgers and timers.
+    pub(super) session: Mutex<DestSession>,
     pub(super) counts: PageCounter,
     pub(super) events: mpsc::UnboundedSender<Event>,
     pub(super) session_id: u64,
     pub(super) next_msg: AtomicU64,
     pub(super) cancel: CancellationToken,
-    /// Each batch id seen this round and the last, and its wake-up.
-    pub(super) claims: Mutex<BatchLedger>,
+    /// Wakes resends waiting on a claim when one changes.
     pub(super) claims_changed: tokio::sync::Notify,
     /// Channels up now.
     pub(super) chans: Mutex<HashMap<ChannelId, DestChan>>,
@@ -127,36 +128,38 @@ pub(super) fn check_session(
 }
 
 impl Shared {
-    /// Claims a batch's id for this connection if it is new.
-    pub(super) fn claim(&self, h: &Header, state: Claim) -> Result<Claimed, MigrationError> {
-        self.claims
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .claim(h, state)
+    /// The session machine.
+    pub(super) fn session(&self) -> std::sync::MutexGuard<'_, DestSession> {
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims a batch of `round` for this connection if it is new (and of
+    /// a round the machine takes now).
+    pub(super) fn claim(
+        &self,
+        h: &Header,
+        round: u32,
+        state: Claim,
+    ) -> Result<Claimed, MigrationError> {
+        self.session().claim_batch(h, round, state)
     }
 
     pub(super) fn set_claim(&self, id: u64, state: Option<Claim>) {
-        self.claims
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .set(id, state);
+        self.session().set_claim(id, state);
         self.claims_changed.notify_waiters();
     }
 
-    /// Settles a resend of `id`: waits while another connection still holds
-    /// its first copy (stopping that connection, which the source has given
-    /// up on, if it is stuck reading it). `Ok(true)`: the first copy never
-    /// landed, apply this one; `Ok(false)`: it is applied, acknowledge only.
-    pub(super) async fn settle_resend(&self, id: u64) -> Result<bool, MigrationError> {
+    /// Settles a resend of `id` (of `round`): waits while another
+    /// connection still holds its first copy (stopping that connection,
+    /// which the source has given up on, if it is stuck reading it).
+    /// `Ok(true)`: the first copy never landed, apply this one; `Ok(false)`:
+    /// it is applied, acknowledge only.
+    pub(super) async fn settle_resend(&self, id: u64, round: u32) -> Result<bool, MigrationError> {
         loop {
             let changed = self.claims_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let settled = self
-                .claims
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .settle(id);
+            let settled = self.session().settle_resend(id, round)?;
             match settled {
                 Settle::Apply => return Ok(true),
                 Settle::AckOnly => return Ok(false),
@@ -187,10 +190,7 @@ impl Shared {
 
     /// Forgets what a connection that ended was reading.
     pub(super) fn release(&self, chan: ChannelId, gen: u32) {
-        self.claims
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .release(chan, gen);
+        self.session().release(chan, gen);
         self.claims_changed.notify_waiters();
     }
 
@@ -282,7 +282,7 @@ impl Shared {
         order.sort_by_key(|&(i, _)| (i != on, i));
         let mut last = MigrationError::ChannelLost {
             channel: on,
-            why: "no channel is up to reply on".into(),
+            why: ChannelLoss::NoneUp,
         };
         for (_, w) in order {
             let header = Header {

@@ -11,6 +11,7 @@ use super::connect::Connector;
 use super::encode::Encoder;
 use crate::migration::credits::Credits;
 use crate::migration::source_machine::{Begin, ControlTx, Handled, Next, SourceMachine, Transmit};
+use crate::migration::ChannelLoss;
 use crate::migration::MigrationError;
 use crate::migration::Violation;
 use crate::transport::RunContext;
@@ -345,14 +346,14 @@ async fn write_control(sh: &Arc<Shared>, tx: &ControlTx) {
     let sent = if chan.gen != tx.gen {
         Err(MigrationError::ChannelLost {
             channel: tx.chan,
-            why: "replaced before its control message went out".into(),
+            why: ChannelLoss::Replaced,
         })
     } else {
         tokio::select! {
             biased;
             _ = chan.dead.cancelled() => Err(MigrationError::ChannelLost {
                 channel: chan.index,
-                why: "failed while sending a control message".into(),
+                why: ChannelLoss::FailedWhileSending,
             }),
             r = async { chan.writer.lock().await.send(tx.header, &tx.msg).await } => r,
         }
@@ -417,7 +418,7 @@ async fn rebind_task(sh: Arc<Shared>, index: ChannelId, gen: u32) {
         let again =
             sh.m.lock()
                 .unwrap()
-                .handle_rebind_failed(index, definitive, &e.to_string());
+                .handle_rebind_failed(index, definitive, e.to_string());
         if !again {
             sh.changed.notify_one();
             return;

@@ -7,7 +7,7 @@ use crate::codec::{Codec, CodecChoice, CodecId, SETUP_CODEC_AUTO};
 use crate::memory::PAGE_SIZE;
 use crate::migration::auth;
 use crate::migration::handshake::{SourceBind, SourceHandshake};
-use crate::migration::{AuthFailure, ConfigError, Mismatch};
+use crate::migration::{AuthFailure, ChannelLoss, ConfigError, Mismatch};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
@@ -106,13 +106,9 @@ async fn handshake_read(
     let channel = rd.channel();
     // A receiver that refuses says why in an ABORT; one that closes or
     // resets the connection instead is named as such, with the OS's word.
-    let closed = |detail: String| {
-        MigrationError::ChannelLost {
+    let closed = |error: Option<std::io::ErrorKind>| MigrationError::ChannelLost {
         channel,
-        why: format!(
-            "the receiver closed the connection instead of sending {what} ({detail}); it gave no reason: its log says why"
-        ),
-    }
+        why: ChannelLoss::ClosedInsteadOf { what, error },
     };
     let frame = tokio::time::timeout(CONNECT_TIMEOUT, rd.read_frame())
         .await
@@ -121,13 +117,11 @@ async fn handshake_read(
             after: CONNECT_TIMEOUT,
         })?
         .map_err(|e| match e {
-            MigrationError::Io { context, source } => closed(format!("{context}: {source}")),
-            e @ (MigrationError::PeerClosed { .. } | MigrationError::ChannelLost { .. }) => {
-                closed(e.to_string())
-            }
+            MigrationError::Io { source, .. } => closed(Some(source.kind())),
+            MigrationError::PeerClosed { .. } | MigrationError::ChannelLost { .. } => closed(None),
             e => e,
         })?
-        .ok_or_else(|| closed("end of stream".into()))?;
+        .ok_or_else(|| closed(None))?;
     let msg = Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)?;
     if let Message::Abort(a) = msg {
         return Err(MigrationError::RemoteAbort {
@@ -263,7 +257,8 @@ async fn bind_rest(
             j = binds.join_next() => j,
         };
         let Some(joined) = joined else { break };
-        let (ch, b) = joined.map_err(|e| MigrationError::Internal(format!("bind task: {e}")))??;
+        let (ch, b) = joined
+            .map_err(|e| crate::transport::task_failed(crate::migration::Task::Bind, &e))??;
         bound[ch.index()] = Some(b);
     }
     let connector =

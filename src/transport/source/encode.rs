@@ -173,7 +173,7 @@ impl Encoder {
         let (me, runs) = (self.clone(), runs.clone());
         tokio::task::spawn_blocking(move || me.encode(round, &runs, codec, probe))
             .await
-            .map_err(|e| MigrationError::Internal(format!("encoder task: {e}")))?
+            .map_err(|e| crate::transport::task_failed(crate::migration::Task::Encoder, &e))?
     }
 
     /// Counts a batch's pages once it is written.

@@ -112,7 +112,11 @@ impl Driver {
                 }
             })
             .await?;
-        written.unwrap_or(Err(MigrationError::Internal("no deadline".into())))
+        written.unwrap_or(Err(MigrationError::Internal(
+            crate::migration::LocalFault::Unreachable(
+                "a control message's wait passed its far deadline",
+            ),
+        )))
     }
 
     fn event_error(ev: SourceEvent) -> MigrationError {

@@ -133,7 +133,7 @@ async fn switch_over(
             let mem = guest.memory().clone();
             tokio::task::spawn_blocking(move || full_digest(&mem, 2))
                 .await
-                .map_err(|e| MigrationError::Internal(format!("digest task: {e}")))?
+                .map_err(|e| crate::transport::task_failed(crate::migration::Task::Digest, &e))?
         }
     };
     tally.verify = t.elapsed();

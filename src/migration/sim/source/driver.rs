@@ -194,7 +194,7 @@ impl SimSource {
     pub fn check_end(&self) -> Result<(), String> {
         // Ran there at some point (a crash after GO takes the guest with the
         // process, which is no decision of ferry's).
-        let ran_there = self.dest.machine.state() == DestState::Running;
+        let ran_there = self.dest.state() == DestState::Running;
         if ran_there && !self.go_sent {
             return Err("the destination runs the guest without GO".into());
         }
@@ -203,7 +203,7 @@ impl SimSource {
         if self.benign && !matches!(self.end, Some(End::Completed | End::GaveUp(_))) {
             return Err(format!(
                 "only survivable faults ({:?}, destination {:?}), and it ended {:?} (destination: {:?})",
-                self.drawn, self.dest_fault, self.end, self.dest.ended
+                self.drawn, self.dest_fault, self.end, self.dest.ended()
             ));
         }
         if self.hostile_hit && !matches!(self.end, Some(End::Failed(_) | End::Cancelled)) {

@@ -5,7 +5,7 @@
 mod driver;
 mod faults;
 
-use super::dest::{Hostile, SimDest, HOSTILE_ID};
+use super::dest::{Hostile, Reply, SimDest, HOSTILE_ID};
 use super::net::{Dir, Frame, Net, Payload};
 use super::Rng;
 use crate::memory::DirtySnapshot;
@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 const PEER_TIMEOUT_MS: u64 = 1_000;
 const HANDOFF_MS: u64 = 10_000;
 const COMPLETION_MS: u64 = 60_000;
-const DEST_IDLE_MS: u64 = 10_000;
 
 /// The convergence policy the simulated source runs: the defaults, with
 /// the completion timeout of the simulation.
@@ -160,7 +159,7 @@ impl SimSource {
             m,
             rounds: Rounds::new(policy(), epoch),
             throttle: 0,
-            dest: SimDest::new(pages, channels, 7, 0)
+            dest: SimDest::new(pages, channels, 7, epoch)
                 .faulting(dest_fault)
                 .hostile(hostile),
             hostile_hit: false,
@@ -204,15 +203,15 @@ impl SimSource {
             self.phase,
             self.m.all_acked(),
             self.m.live_channel(),
-            self.dest.machine.state(),
-            self.dest.ended
+            self.dest.state(),
+            self.dest.ended()
         )
     }
 
     /// Whether the source has closed and the destination has settled.
     pub fn finished(&self) -> bool {
         self.phase == Phase::Closed
-            && (self.dest.running() || self.dest.ended.is_some() || self.dest.crashed)
+            && (self.dest.running() || self.dest.ended().is_some() || self.dest.crashed)
     }
 
     /// One step: faults due, frames due, timers, the guest, the writers and
@@ -241,10 +240,8 @@ impl SimSource {
             self.m.handle_timeout(self.instant(), &tx);
             self.after_change();
         }
-        let idle = self.now.saturating_sub(self.dest.last_rx) > DEST_IDLE_MS;
-        if idle && !self.dest.running() && self.dest.ended.is_none() && !self.dest.crashed {
-            self.dest.end("no frame on any channel".into());
-        }
+        let replies = self.dest.tick(self.instant());
+        self.send_dest_replies(None, replies);
         self.dirty_guest();
         self.write();
         self.drive();
@@ -268,6 +265,9 @@ impl SimSource {
             self.m
                 .poll_timeout()
                 .map(|t| (t - self.epoch).as_millis() as u64),
+            self.dest
+                .poll_timeout()
+                .map(|t| (t - self.epoch).as_millis() as u64),
             self.rebinds.iter().map(|r| r.0).min(),
             self.faults_due.last().map(|f| f.0),
         ];
@@ -279,23 +279,30 @@ impl SimSource {
 
     fn deliver_to_dest(&mut self, f: Frame) {
         let (on, on_gen) = (f.chan, f.gen);
-        for (chan, header, msg) in self.dest.handle(self.now, f) {
-            // Acknowledgements and echoes answer on their own connection;
-            // replies on the channel their question came on if the
-            // destination has it up, else on any it has.
-            let own = matches!(msg, Message::BatchAck(_) | Message::EchoResponse(_));
-            let mut up: Vec<(ChannelId, u32)> =
-                self.dest.conns.iter().map(|(&c, &g)| (c, g)).collect();
+        let replies = self.dest.handle(self.instant(), f);
+        self.send_dest_replies(Some((on, on_gen)), replies);
+        self.dest_struck();
+    }
+
+    /// Sends the destination's replies: acknowledgements and echoes on the
+    /// connection their frame came on (`own`), the rest on the channel
+    /// they name if the destination has it up, else on any it has.
+    fn send_dest_replies(&mut self, own: Option<(ChannelId, u32)>, replies: Vec<Reply>) {
+        for (chan, header, msg) in replies {
+            let mut up = self.dest.connections();
             up.sort_by_key(|&(c, _)| (c != chan, c));
-            let to = if own {
-                Some((on, on_gen))
-            } else {
-                up.first().copied()
+            let to = match msg {
+                Message::BatchAck(_) | Message::EchoResponse(_) => own,
+                _ => up.first().copied(),
             };
             if let Some(conn) = to {
                 self.send_msg(Dir::ToSource, conn, header, msg);
             }
         }
+    }
+
+    /// Carries out a fault the destination struck: the network's part.
+    fn dest_struck(&mut self) {
         match self.dest.struck.take() {
             None | Some(FaultKind::Abort | FaultKind::Panic) => {}
             Some(FaultKind::Reset) => self.reset_all(),
@@ -333,6 +340,11 @@ impl SimSource {
     /// Sends a message on connection `(chan, gen)`.
     fn send_msg(&mut self, dir: Dir, (chan, gen): (ChannelId, u32), header: Header, msg: Message) {
         let payload = Payload::Msg(msg);
+        // As a channel's writer does: the header names the channel.
+        let header = Header {
+            channel: chan,
+            ..header
+        };
         let frame = Frame {
             chan,
             gen,
@@ -394,7 +406,7 @@ impl SimSource {
             if self.phase == Phase::Closed {
                 continue;
             }
-            let refused = self.dest.crashed && !self.dest.silent || self.dest.ended.is_some();
+            let refused = self.dest.refuses_binds();
             // A stopped process's kernel takes the connection; nothing answers.
             let heals = match self.dest.silent {
                 true => u64::MAX,
@@ -407,7 +419,9 @@ impl SimSource {
             }
             if refused || heals > 0 {
                 // Refused at once; a partition outlasting it times the attempt out.
-                let again = self.m.handle_rebind_failed(chan, refused, "unreachable");
+                let again = self
+                    .m
+                    .handle_rebind_failed(chan, refused, "unreachable".into());
                 if again {
                     let wait = if refused { 50 } else { PEER_TIMEOUT_MS };
                     self.rebinds.push((self.now + wait, chan, gen));
@@ -416,7 +430,7 @@ impl SimSource {
             }
             let credits = Credits::new(1 + self.rng.below(4) as u16).expect("in range");
             self.net.open(chan, gen);
-            self.dest.bound(chan, gen);
+            self.dest.bound(self.instant(), chan, gen);
             self.m.handle_bound(self.instant(), chan, gen, credits);
         }
     }
