@@ -9,6 +9,9 @@ use crate::wire::PAGE_SIZE;
 use crate::wire::{Command, FrameDecoder, Header, Limits, Message, Page, PageBatch, HEADER_LEN};
 use bytes::{Bytes, BytesMut};
 
+mod receiver;
+pub use receiver::receiver;
+
 /// The guest size fuzzed batches are checked against: 1024 pages.
 pub const FUZZ_GUEST_PAGES: u64 = 1024;
 
@@ -136,84 +139,6 @@ pub fn codec(codec: CodecId, data: &[u8]) {
         out[declared..].iter().all(|&b| b == 0xa5),
         "{codec:?} wrote past the declared size"
     );
-}
-
-/// Reads `data` as records `[command u8][length u16 LE][payload]` and feeds
-/// their messages to the receiver's state machine, applying the batches it
-/// accepts to the page hashes of a guest of [`FUZZ_GUEST_PAGES`] (as the
-/// receiver does). Must not panic; every page touched is inside the guest;
-/// a malformed or unexpected message aborts the session, which never leaves
-/// `Aborted`; `Running` is reached only through a SWITCHOVER whose digest
-/// matches the pages applied. Returns the final state.
-pub fn receiver(data: &[u8]) -> crate::migration::dest_state::DestState {
-    use crate::digest::{page_hash, zero_page_hash, PageHashes};
-    use crate::migration::dest_state::{DestMachine, DestState};
-    let mut m = DestMachine::new(FUZZ_GUEST_PAGES * PAGE_SIZE as u64);
-    let hashes = PageHashes::new(FUZZ_GUEST_PAGES);
-    let mut limits = Limits::BEFORE_SETUP;
-    let mut switched = false;
-    let mut scratch = Vec::new();
-    let mut rest = data;
-    while let Some((&[cmd, l0, l1], tail)) = rest.split_first_chunk::<3>() {
-        let len = usize::from(u16::from_le_bytes([l0, l1])).min(tail.len());
-        let (payload, next) = tail.split_at(len);
-        rest = next;
-        let before = m.state();
-        let Some(command) = Command::from_u8(cmd) else {
-            m.abort();
-            continue;
-        };
-        let header = Header {
-            payload_len: payload.len() as u32,
-            ..Header::new(command)
-        };
-        let ok = match Message::decode(&header, Bytes::copy_from_slice(payload), limits) {
-            Err(_) => false,
-            Ok(Message::Negotiate(n)) => m.handle_negotiate(&n).is_ok(),
-            Ok(Message::SessionSetup(s)) => match m.handle_setup(&s) {
-                Ok(l) => {
-                    assert!(l.guest_pages <= FUZZ_GUEST_PAGES);
-                    limits = l;
-                    true
-                }
-                Err(_) => false,
-            },
-            Ok(Message::PageBatch(b)) => {
-                m.check_batch(b.round).is_ok()
-                    && b.apply(&mut scratch, |page, kind| {
-                        assert!(page.0 < limits.guest_pages, "page {page} outside the guest");
-                        let h = match kind {
-                            Page::Data(bytes) => page_hash(bytes),
-                            _ => zero_page_hash(),
-                        };
-                        hashes.set(page, h);
-                    })
-                    .is_ok()
-            }
-            Ok(Message::RoundEnd(r)) => m.handle_round_end(&r).is_ok(),
-            Ok(Message::Switchover(s)) => {
-                let digest = hashes.digest();
-                let ok = m.handle_switchover(&s, digest).is_ok();
-                if ok {
-                    assert_eq!(s.digest, digest);
-                    switched = true;
-                }
-                ok
-            }
-            Ok(Message::Go) => m.handle_go().is_ok(),
-            Ok(_) => false,
-        };
-        if !ok {
-            m.abort();
-        }
-        if before == DestState::Aborted {
-            assert_eq!(m.state(), DestState::Aborted, "left Aborted");
-        }
-        if m.state() == DestState::Running {
-            assert!(switched, "running without a verified switchover");
-        }
-    }
-    m.state()
 }
 
 /// A whole, valid session in [`receiver`]'s record format: the seed the

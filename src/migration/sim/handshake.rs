@@ -19,7 +19,8 @@ use crate::migration::handshake::{
 };
 use crate::migration::MigrationError;
 use crate::wire::{
-    Abort, AbortCode, ChannelId, Command, Header, Message, Ready, SessionSetup, SETUP_FRAME_MAC,
+    Abort, AbortCode, ChannelId, Command, Header, Message, Negotiate, Ready, SessionSetup,
+    SETUP_FRAME_MAC,
 };
 
 /// One on-path change to one message, or a broken destination's answer.
@@ -250,129 +251,147 @@ fn answer(
     _header: Header,
     msg: Message,
 ) -> Option<(Header, Message)> {
-    let refuse = |e: MigrationError| {
-        let abort = Abort {
-            code: e.abort_code(),
-            message: e.to_string(),
-        };
-        Some((Header::new(Command::Abort), Message::Abort(abort)))
-    };
     match msg {
-        Message::Negotiate(mut n) => {
-            if s.tamper == Tamper::SourceNonce {
-                n.nonce[0] ^= 1;
-            }
-            if s.tamper == Tamper::EarlyAnswer {
-                let early = setup_response(
-                    None,
-                    &auth::Handshake {
-                        source_nonce: &n.nonce,
-                        dest_nonce: &[0; 16],
-                        binding: &[],
-                    },
-                    1,
-                    &[0; 16],
-                    4,
-                );
-                let h = Header::new(Command::SessionSetupResponse);
-                return Some((h, Message::SessionSetupResponse(early)));
-            }
-            let mut r = match dest.handle_negotiate(&n) {
-                Ok(r) => r,
-                Err(e) => return refuse(e),
-            };
-            side.source_nonce = n.nonce;
-            side.nonce = rng.bytes16();
-            r.nonce = side.nonce;
-            r.codecs &= s.dest_codecs;
-            if s.tamper == Tamper::Version {
-                r.version = r.version.wrapping_add(1);
-            }
-            let mut sent = r.clone();
-            if s.tamper == Tamper::DestNonce {
-                sent.nonce[0] ^= 1;
-            }
-            Some((
-                Header::new(Command::NegotiateResponse),
-                Message::NegotiateResponse(sent),
-            ))
-        }
-        Message::SessionSetup(mut setup) => {
-            if s.tamper == Tamper::SetupSize {
-                setup.memory_bytes += crate::wire::PAGE_SIZE as u64;
-            }
-            if s.tamper == Tamper::StripMac {
-                setup.flags &= !SETUP_FRAME_MAC;
-            }
-            let h = auth::Handshake {
-                source_nonce: &side.source_nonce,
-                dest_nonce: &side.nonce,
-                binding: &s.dest_binding,
-            };
-            let peer = if s.loopback {
-                "127.0.0.1:9"
-            } else {
-                "10.1.2.3:9"
-            };
-            let taken = match check_setup(
-                s.dest_key.as_ref(),
-                s.policy,
-                (peer, s.loopback),
-                &setup,
-                &h,
-            ) {
-                Ok(t) => t,
-                Err(e) => return refuse(e),
-            };
-            if let Err(e) = dest.handle_setup(&setup) {
-                return refuse(e);
-            }
-            let session_id = rng.next_u64() | 1;
-            side.taken = Some((session_id, taken));
-            match s.tamper {
-                Tamper::Abort => {
-                    return refuse(
-                        crate::migration::Shortfall::Refused("no room after all".into()).into(),
-                    )
-                }
-                Tamper::Unexpected => {
-                    return Some((
-                        Header::new(Command::Ready),
-                        Message::Ready(Ready { digest: 0 }),
-                    ));
-                }
-                _ => {}
-            }
-            let token: [u8; 16] = rng.bytes16();
-            let credits = if s.tamper == Tamper::Credits { 0 } else { 4 };
-            let key = s.dest_key.as_ref();
-            let mut r = setup_response(key, &h, session_id, &token, credits);
-            let secret =
-                BindSecret::derive(key, &side.source_nonce, &side.nonce, session_id, &token);
-            // As the receiver's driver: tagged when keyed and asked to.
-            if key.is_some() && setup.flags & SETUP_FRAME_MAC != 0 {
-                let conn = auth::Connection::Setup(&side.source_nonce);
-                side.frame_keys = Some(secret.frame_keys(session_id, conn));
-            }
-            side.secret = Some(secret);
-            if s.tamper == Tamper::CreditsOnPath {
-                r.initial_credits = 3;
-            }
-            if s.tamper == Tamper::BindToken {
-                r.bind_token[0] ^= 1;
-            }
-            let header = Header {
-                session_id: if s.tamper == Tamper::SessionId {
-                    session_id ^ 2
-                } else {
-                    session_id
-                },
-                ..Header::new(Command::SessionSetupResponse)
-            };
-            Some((header, Message::SessionSetupResponse(r)))
-        }
+        Message::Negotiate(n) => answer_negotiate(s, rng, dest, side, n),
+        Message::SessionSetup(setup) => answer_setup(s, rng, dest, side, setup),
         _ => None,
     }
+}
+
+/// The ABORT a refusal sends.
+fn refuse(e: MigrationError) -> Option<(Header, Message)> {
+    let abort = Abort {
+        code: e.abort_code(),
+        message: e.to_string(),
+    };
+    Some((Header::new(Command::Abort), Message::Abort(abort)))
+}
+
+/// NEGOTIATE's answer: the destination's nonce and the codecs it has.
+fn answer_negotiate(
+    s: &Schedule,
+    rng: &mut Rng,
+    dest: &mut DestMachine,
+    side: &mut DestSide,
+    mut n: Negotiate,
+) -> Option<(Header, Message)> {
+    if s.tamper == Tamper::SourceNonce {
+        n.nonce[0] ^= 1;
+    }
+    if s.tamper == Tamper::EarlyAnswer {
+        let early = setup_response(
+            None,
+            &auth::Handshake {
+                source_nonce: &n.nonce,
+                dest_nonce: &[0; 16],
+                binding: &[],
+            },
+            1,
+            &[0; 16],
+            4,
+        );
+        let h = Header::new(Command::SessionSetupResponse);
+        return Some((h, Message::SessionSetupResponse(early)));
+    }
+    let mut r = match dest.handle_negotiate(&n) {
+        Ok(r) => r,
+        Err(e) => return refuse(e),
+    };
+    side.source_nonce = n.nonce;
+    side.nonce = rng.bytes16();
+    r.nonce = side.nonce;
+    r.codecs &= s.dest_codecs;
+    if s.tamper == Tamper::Version {
+        r.version = r.version.wrapping_add(1);
+    }
+    let mut sent = r.clone();
+    if s.tamper == Tamper::DestNonce {
+        sent.nonce[0] ^= 1;
+    }
+    Some((
+        Header::new(Command::NegotiateResponse),
+        Message::NegotiateResponse(sent),
+    ))
+}
+
+/// SESSION_SETUP's answer: the checks of the setup and its proof, the
+/// session taken, the bind secret and the proof of the key.
+fn answer_setup(
+    s: &Schedule,
+    rng: &mut Rng,
+    dest: &mut DestMachine,
+    side: &mut DestSide,
+    mut setup: SessionSetup,
+) -> Option<(Header, Message)> {
+    if s.tamper == Tamper::SetupSize {
+        setup.memory_bytes += crate::wire::PAGE_SIZE as u64;
+    }
+    if s.tamper == Tamper::StripMac {
+        setup.flags &= !SETUP_FRAME_MAC;
+    }
+    let h = auth::Handshake {
+        source_nonce: &side.source_nonce,
+        dest_nonce: &side.nonce,
+        binding: &s.dest_binding,
+    };
+    let peer = if s.loopback {
+        "127.0.0.1:9"
+    } else {
+        "10.1.2.3:9"
+    };
+    let taken = match check_setup(
+        s.dest_key.as_ref(),
+        s.policy,
+        (peer, s.loopback),
+        &setup,
+        &h,
+    ) {
+        Ok(t) => t,
+        Err(e) => return refuse(e),
+    };
+    if let Err(e) = dest.handle_setup(&setup) {
+        return refuse(e);
+    }
+    let session_id = rng.next_u64() | 1;
+    side.taken = Some((session_id, taken));
+    match s.tamper {
+        Tamper::Abort => {
+            return refuse(crate::migration::Shortfall::Refused("no room after all".into()).into())
+        }
+        Tamper::Unexpected => {
+            return Some((
+                Header::new(Command::Ready),
+                Message::Ready(Ready { digest: 0 }),
+            ));
+        }
+        _ => {}
+    }
+    let token: [u8; 16] = rng.bytes16();
+    let credits = if s.tamper == Tamper::Credits { 0 } else { 4 };
+    let key = s.dest_key.as_ref();
+    let mut r = setup_response(key, &h, session_id, &token, credits);
+    let secret = BindSecret::derive(key, &side.source_nonce, &side.nonce, session_id, &token);
+    // As the receiver's driver: tagged when keyed and asked to.
+    if key.is_some() && setup.flags & SETUP_FRAME_MAC != 0 {
+        let conn = auth::Connection::Setup(&side.source_nonce);
+        side.frame_keys = Some(secret.frame_keys(session_id, conn));
+    }
+    side.secret = Some(secret);
+    if s.tamper == Tamper::CreditsOnPath {
+        r.initial_credits = 3;
+    }
+    if s.tamper == Tamper::BindToken {
+        r.bind_token[0] ^= 1;
+    }
+    let header = Header {
+        session_id: if s.tamper == Tamper::SessionId {
+            session_id ^ 2
+        } else {
+            session_id
+        },
+        ..Header::new(Command::SessionSetupResponse)
+    };
+    Some((header, Message::SessionSetupResponse(r)))
 }
 
 /// The schedule's invariants, given how the destination and the source ended.

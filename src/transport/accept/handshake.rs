@@ -33,40 +33,7 @@ pub(super) async fn session_handshake(
         )
         .await
         .map_err(malformed)?;
-    let frame = reader
-        .read_frame()
-        .await
-        .map_err(malformed)?
-        .ok_or_else(|| {
-            malformed(MigrationError::PeerClosed {
-                channel: ChannelId::CONTROL,
-            })
-        })?;
-    let setup = match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP) {
-        Ok(Message::SessionSetup(s)) => s,
-        Ok(Message::Abort(a)) => {
-            return Err(Refused {
-                why: None,
-                ..Refused::before_proof(
-                    MigrationError::RemoteAbort {
-                        code: a.code,
-                        message: a.message,
-                    },
-                    Refusal::Malformed,
-                )
-            })
-        }
-        Ok(m) => {
-            return Err(malformed(
-                Violation::Unexpected {
-                    want: "SESSION_SETUP",
-                    got: m.command(),
-                }
-                .into(),
-            ))
-        }
-        Err(e) => return Err(malformed(e.into())),
-    };
+    let setup = read_setup(reader).await?;
     let handshake = crate::migration::auth::Handshake {
         source_nonce: &negotiate.nonce,
         dest_nonce: &nonce,
@@ -124,4 +91,40 @@ pub(super) async fn session_handshake(
         slot: Some(slot),
         setup,
     })
+}
+
+/// Reads the session's SESSION_SETUP (an ABORT instead is the source's
+/// refusal, anything else malformed).
+async fn read_setup(reader: &mut FrameReader) -> Result<SessionSetup, Refused> {
+    let malformed = |e| Refused::before_proof(e, Refusal::Malformed);
+    let frame = reader
+        .read_frame()
+        .await
+        .map_err(malformed)?
+        .ok_or_else(|| {
+            malformed(MigrationError::PeerClosed {
+                channel: ChannelId::CONTROL,
+            })
+        })?;
+    match Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP) {
+        Ok(Message::SessionSetup(s)) => Ok(s),
+        Ok(Message::Abort(a)) => Err(Refused {
+            why: None,
+            ..Refused::before_proof(
+                MigrationError::RemoteAbort {
+                    code: a.code,
+                    message: a.message,
+                },
+                Refusal::Malformed,
+            )
+        }),
+        Ok(m) => Err(malformed(
+            Violation::Unexpected {
+                want: "SESSION_SETUP",
+                got: m.command(),
+            }
+            .into(),
+        )),
+        Err(e) => Err(malformed(e.into())),
+    }
 }
