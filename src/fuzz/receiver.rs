@@ -193,9 +193,9 @@ impl Receiver {
             Ok(Claimed::Repeat) => match s.settle_resend(header.message_id, b.round) {
                 Ok(Settle::Apply) => true,
                 Ok(_) => false,
-                Err(e) => return s.handle_lost(header.channel, 1, e),
+                Err(e) => return s.handle_lost(self.now, header.channel, 1, e),
             },
-            Err(e) => return s.handle_lost(header.channel, 1, e),
+            Err(e) => return s.handle_lost(self.now, header.channel, 1, e),
         };
         if !fresh {
             return;
@@ -213,7 +213,7 @@ impl Receiver {
             Ok(()) => s.set_claim(header.message_id, Some(Claim::Done { round: b.round })),
             Err(e) => {
                 s.set_claim(header.message_id, None);
-                s.handle_lost(header.channel, 1, e.into());
+                s.handle_lost(self.now, header.channel, 1, e.into());
             }
         }
     }

@@ -32,6 +32,12 @@ mod tests;
 /// COMPLETE.
 pub const LINGER: Duration = Duration::from_secs(5);
 
+/// The source closing its last channel this soon after COMPLETE went out
+/// read it, and the linger ends. A later close may be the source giving up
+/// on a connection that went silent (COMPLETE lost on it): it rebinds to
+/// send GO again, so the linger runs its course.
+pub const ORDERLY_CLOSE: Duration = Duration::from_millis(500);
+
 /// What a session is set up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DestParams {
@@ -86,7 +92,11 @@ pub struct DestTallies {
 
 enum Phase {
     Open,
-    Linger { until: Instant },
+    /// COMPLETE went out at `since`.
+    Linger {
+        since: Instant,
+        until: Instant,
+    },
     Ended,
 }
 
@@ -211,7 +221,7 @@ impl DestSession {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::Open => Some(self.quiet.next_check),
-            Phase::Linger { until } => Some(until),
+            Phase::Linger { until, .. } => Some(until),
             Phase::Ended => None,
         }
     }
@@ -262,22 +272,24 @@ impl DestSession {
         }
     }
 
-    /// Connection `gen` of `chan` ended with `e`. A lost channel is waited
-    /// for (the source sends its batches again on the others and rebinds
-    /// it); anything else ends the session. After COMPLETE, the source
-    /// closing the last connection ends the linger.
-    pub fn handle_lost(&mut self, chan: ChannelId, gen: u32, e: MigrationError) {
+    /// Connection `gen` of `chan` ended with `e` at `now`. A lost channel
+    /// is waited for (the source sends its batches again on the others and
+    /// rebinds it); anything else ends the session. After COMPLETE, the
+    /// source closing the last connection soon after it ends the linger.
+    pub fn handle_lost(&mut self, now: Instant, chan: ChannelId, gen: u32, e: MigrationError) {
         self.ledger.release(chan, gen);
         if self.conns.get(&chan) == Some(&gen) {
             self.conns.remove(&chan);
         }
         match self.phase {
             Phase::Ended => {}
-            // The source closed its last channel: it read COMPLETE. A
-            // reset may be followed by a rebind to send GO again.
-            Phase::Linger { .. } => {
+            // The source closed its last channel right after COMPLETE: it
+            // read it. A reset, or a close long after, may be followed by a
+            // rebind to send GO again.
+            Phase::Linger { since, .. } => {
                 let closed = matches!(e, MigrationError::PeerClosed { .. });
-                if closed && self.conns.is_empty() {
+                let orderly = now.saturating_duration_since(since) <= ORDERLY_CLOSE;
+                if closed && orderly && self.conns.is_empty() {
                     self.phase = Phase::Ended;
                 }
             }
@@ -294,7 +306,7 @@ impl DestSession {
     pub fn handle_timeout(&mut self, now: Instant, rx_bytes: u64) {
         match self.phase {
             Phase::Ended => {}
-            Phase::Linger { until } => {
+            Phase::Linger { until, .. } => {
                 if now >= until {
                     self.phase = Phase::Ended;
                 }
@@ -340,7 +352,10 @@ impl DestSession {
         let seen = self.control.see(header);
         if !matches!(self.phase, Phase::Open) {
             // Lingering: a GO sent again gets its COMPLETE again.
-            if let (Phase::Linger { .. }, Ok(Seen::Again(Some(reply)))) = (&self.phase, seen) {
+            if let (Phase::Linger { until, .. }, Ok(Seen::Again(Some(reply)))) = (&self.phase, seen)
+            {
+                let until = *until;
+                self.phase = Phase::Linger { since: now, until };
                 self.send(header.channel, reply);
             }
             return;
@@ -451,6 +466,7 @@ impl DestSession {
         self.tallies.finished = Some(now.saturating_duration_since(self.started));
         self.outcome = Some(Ok(()));
         self.phase = Phase::Linger {
+            since: now,
             until: now + LINGER,
         };
     }

@@ -146,11 +146,11 @@ fn the_linger_ends_when_the_source_closes_every_channel() {
     let closed = |c| MigrationError::PeerClosed {
         channel: ChannelId(c),
     };
-    s.handle_lost(ChannelId(0), 1, closed(0));
+    s.handle_lost(t0, ChannelId(0), 1, closed(0));
     assert!(!s.is_ended());
     // A violation after COMPLETE changes nothing: the guest is ours.
     s.handle_control(t0, &header(Command::Go, 1, 99, false), Message::Go);
-    s.handle_lost(ChannelId(1), 1, closed(1));
+    s.handle_lost(t0, ChannelId(1), 1, closed(1));
     assert!(s.is_ended());
     assert!(matches!(s.outcome(), Some(Ok(()))));
     assert_eq!(
@@ -203,7 +203,7 @@ fn silence_after_a_lost_channel_names_the_loss() {
         channel: ChannelId(1),
         why: crate::migration::ChannelLoss::Reset,
     };
-    s.handle_lost(ChannelId(1), 1, lost);
+    s.handle_lost(t0, ChannelId(1), 1, lost);
     assert!(!s.is_ended(), "the source rebinds a lost channel");
     assert_eq!(s.tallies().failures, 1);
     assert!(!s.is_current(ChannelId(1), 1));
@@ -211,6 +211,7 @@ fn silence_after_a_lost_channel_names_the_loss() {
     assert_eq!(s.tallies().rebinds, 1);
     assert!(s.is_current(ChannelId(1), 2));
     s.handle_lost(
+        t0,
         ChannelId(1),
         1,
         MigrationError::PeerClosed {
@@ -241,7 +242,7 @@ fn a_failure_before_go_aborts_but_never_after() {
         id: 3,
         command: Command::PageBatch,
     };
-    s.handle_lost(ChannelId(0), 1, dup.into());
+    s.handle_lost(t0, ChannelId(0), 1, dup.into());
     assert!(s.is_ended());
     assert!(matches!(
         sent(&mut s)[..],
@@ -371,4 +372,39 @@ fn batches_are_claimed_once_and_only_in_their_rounds() {
     );
     // A new batch of a round already over ends the session.
     assert!(s.claim_batch(&batch(21, false), 0, reading).is_err());
+}
+
+#[test]
+fn a_late_close_after_complete_keeps_the_linger_for_a_rebind() {
+    // COMPLETE was lost on a stalled path; the source gave up on the
+    // connection after its peer timeout, closed it, and rebinds to send
+    // GO again.
+    let (mut s, t0) = session(1, false);
+    s.handle_bound(t0, ChannelId(0), 1);
+    to_ready(&mut s, t0);
+    s.handle_control(t0, &header(Command::Go, 0, 12, false), Message::Go);
+    assert_eq!(s.poll_event(), Some(DestEvent::Go { resume: true }));
+    s.complete(t0, 0);
+    sent(&mut s);
+    let late = t0 + Duration::from_secs(1);
+    let closed = MigrationError::PeerClosed {
+        channel: ChannelId(0),
+    };
+    s.handle_lost(late, ChannelId(0), 1, closed);
+    assert!(s.takes_binds(), "a late close may be a failover");
+    s.handle_bound(late, ChannelId(0), 2);
+    s.handle_control(late, &header(Command::Go, 0, 12, true), Message::Go);
+    assert!(matches!(
+        sent(&mut s)[..],
+        [Reply {
+            msg: Message::Complete(_),
+            ..
+        }]
+    ));
+    // The source read it and closes at once: the linger ends.
+    let closed = MigrationError::PeerClosed {
+        channel: ChannelId(0),
+    };
+    s.handle_lost(late + Duration::from_millis(2), ChannelId(0), 2, closed);
+    assert!(s.is_ended(), "{:?}", s.poll_timeout());
 }

@@ -161,9 +161,10 @@ impl SimDest {
 
     /// A connection broke: the session hears it as the receiver's channel
     /// task reports it.
-    pub fn lost(&mut self, chan: ChannelId, gen: u32) {
+    pub fn lost(&mut self, now: Instant, chan: ChannelId, gen: u32) {
         let why = ChannelLoss::Reset;
         self.session.handle_lost(
+            now,
             chan,
             gen,
             MigrationError::ChannelLost { channel: chan, why },
@@ -216,14 +217,14 @@ impl SimDest {
         match f.payload {
             Payload::Eof => {
                 let closed = MigrationError::PeerClosed { channel: f.chan };
-                self.session.handle_lost(f.chan, f.gen, closed);
+                self.session.handle_lost(now, f.chan, f.gen, closed);
             }
             Payload::Batch { round, pages } => {
                 self.rx += 1;
                 match self.batch(f.chan, &f.header, round, &pages) {
                     Ok(replies) => out = replies,
                     // The channel's task fails, and the session with it.
-                    Err(e) => self.session.handle_lost(f.chan, f.gen, e),
+                    Err(e) => self.session.handle_lost(now, f.chan, f.gen, e),
                 }
             }
             Payload::Msg(Message::Echo(e)) => {

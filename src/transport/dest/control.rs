@@ -122,7 +122,7 @@ impl Controller<'_> {
                     // channel (a violation leaves the connection whole).
                     tracing::debug!(channel = %ch, error = %e, "channel failed");
                 }
-                self.machine().handle_lost(ch, gen, e);
+                self.machine().handle_lost(now, ch, gen, e);
             }
             Wake::Event(Event::Control(h, m)) => self.machine().handle_control(now, &h, m),
         }

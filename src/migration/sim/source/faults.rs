@@ -99,7 +99,7 @@ impl SimSource {
     /// A connection breaks: both ends see it at once.
     pub(super) fn reset(&mut self, chan: ChannelId, gen: u32) {
         self.net.close(chan, gen);
-        self.dest.lost(chan, gen);
+        self.dest.lost(self.instant(), chan, gen);
         self.m.handle_lost(self.instant(), chan, gen);
         self.after_change();
     }
