@@ -27,9 +27,11 @@ use std::time::{Duration, Instant};
 #[cfg(test)]
 mod tests;
 
-/// How long a completed session waits for the source to close its
-/// channels, answering a GO it sends again (its channel failed) with
-/// COMPLETE.
+/// How long a completed session waits, past its idle timeout, for the
+/// source to close its channels, answering a GO it sends again with
+/// COMPLETE: a source whose COMPLETE was lost gives up on its connection
+/// after its peer timeout (by default the same as the idle timeout) and
+/// rebinds.
 pub const LINGER: Duration = Duration::from_secs(5);
 
 /// The source closing its last channel this soon after COMPLETE went out
@@ -138,7 +140,7 @@ impl DestSession {
     /// its watchdog starts at `now`. No channel is bound yet.
     pub fn new(machine: DestMachine, params: DestParams, started: Instant, now: Instant) -> Self {
         let limit = params.idle_timeout;
-        let period = Duration::from_secs(1).min(limit);
+        let period = limit.clamp(Duration::from_millis(10), Duration::from_secs(1));
         Self {
             machine,
             ledger: BatchLedger::default(),
@@ -260,9 +262,9 @@ impl DestSession {
         if self.is_ended() {
             return;
         }
-        if let Some(old) = self.conns.insert(chan, gen) {
-            self.ledger.release(chan, old);
-        }
+        // What the connection before it was reading is released when its
+        // task has ended, not before: it may still be placing pages.
+        self.conns.insert(chan, gen);
         if !self.ever_bound.insert(chan) {
             self.tallies.rebinds += 1;
         }
@@ -298,6 +300,14 @@ impl DestSession {
                 self.last_loss = Some(e);
             }
             Phase::Open => self.fail(e),
+        }
+    }
+
+    /// A proven bind could not be answered: before COMPLETE that ends the
+    /// session; after it, the source may bind again.
+    pub fn handle_bind_failed(&mut self, e: MigrationError) {
+        if matches!(self.phase, Phase::Open) {
+            self.fail(e);
         }
     }
 
@@ -389,6 +399,9 @@ impl DestSession {
                 Ok(())
             }
             Message::Switchover(m) => {
+                // Out of turn, it ends the session before any digest is
+                // computed for it.
+                self.machine.check_switchover(&m)?;
                 self.pending = Some((h.channel, h.message_id));
                 self.events.push_back(DestEvent::Verify(m));
                 Ok(())
@@ -467,7 +480,7 @@ impl DestSession {
         self.outcome = Some(Ok(()));
         self.phase = Phase::Linger {
             since: now,
-            until: now + LINGER,
+            until: now + self.params.idle_timeout + LINGER,
         };
     }
 }

@@ -208,22 +208,28 @@ impl DestMachine {
         }
     }
 
+    /// Checks that SWITCHOVER comes in turn (the final round on, and it
+    /// names it), before its digest is computed.
+    pub fn check_switchover(&mut self, m: &Switchover) -> Result<(), MigrationError> {
+        match self.state {
+            DestState::Receiving {
+                round,
+                final_round: true,
+            } if round == m.final_round => Ok(()),
+            _ => {
+                let e = self.out_of_turn(Command::Switchover, Some(m.final_round));
+                self.fail(e)
+            }
+        }
+    }
+
     /// Handles SWITCHOVER once every page is applied: compares the digests.
     pub fn handle_switchover(
         &mut self,
         m: &Switchover,
         local_digest: u64,
     ) -> Result<Ready, MigrationError> {
-        match self.state {
-            DestState::Receiving {
-                round,
-                final_round: true,
-            } if round == m.final_round => {}
-            _ => {
-                let e = self.out_of_turn(Command::Switchover, Some(m.final_round));
-                return self.fail(e);
-            }
-        }
+        self.check_switchover(m)?;
         if m.digest != local_digest {
             return self.fail(MigrationError::DigestMismatch {
                 source_digest: m.digest,

@@ -34,7 +34,8 @@ pub enum ChannelLoss {
     /// No channel of the session is up to carry a reply.
     #[error("no channel is up to reply on")]
     NoneUp,
-    /// The connection was reset (the simulation's network).
+    /// The connection was reset (an injected fault, or the simulation's
+    /// network).
     #[error("reset")]
     Reset,
 }

@@ -128,8 +128,8 @@ fn a_session_goes_through_ready_go_and_complete_then_lingers() {
     // A GO sent again while lingering gets COMPLETE again.
     s.handle_control(go_at, &header(Command::Go, 1, 12, true), Message::Go);
     assert_eq!(sent(&mut s)[0].msg, complete[0].msg);
-    assert_eq!(s.poll_timeout(), Some(go_at + LINGER));
-    s.handle_timeout(go_at + LINGER, 0);
+    assert_eq!(s.poll_timeout(), Some(go_at + IDLE + LINGER));
+    s.handle_timeout(go_at + IDLE + LINGER, 0);
     assert!(s.is_ended());
     assert!(matches!(s.take_outcome(), Some(Ok(()))));
 }
@@ -407,4 +407,57 @@ fn a_late_close_after_complete_keeps_the_linger_for_a_rebind() {
     };
     s.handle_lost(late + Duration::from_millis(2), ChannelId(0), 2, closed);
     assert!(s.is_ended(), "{:?}", s.poll_timeout());
+}
+
+#[test]
+fn a_bind_that_fails_ends_the_session_only_before_complete() {
+    let (mut s, t0) = session(1, false);
+    s.handle_bound(t0, ChannelId(0), 1);
+    to_ready(&mut s, t0);
+    s.handle_control(t0, &header(Command::Go, 0, 12, false), Message::Go);
+    s.poll_event();
+    s.complete(t0, 0);
+    let closed = || MigrationError::PeerClosed {
+        channel: ChannelId(0),
+    };
+    s.handle_bind_failed(closed());
+    assert!(s.takes_binds(), "the source may bind again to send GO");
+    let (mut s, t0) = session(1, false);
+    s.handle_bound(t0, ChannelId(0), 1);
+    s.handle_bind_failed(closed());
+    assert!(s.is_ended());
+    assert!(matches!(s.outcome(), Some(Err(_))));
+}
+
+#[test]
+fn a_switchover_out_of_turn_ends_the_session_before_any_digest() {
+    let (mut s, t0) = session(1, false);
+    s.handle_bound(t0, ChannelId(0), 1);
+    let sw = Message::Switchover(switchover(0, 42));
+    s.handle_control(t0, &header(Command::Switchover, 0, 3, false), sw);
+    assert_eq!(s.poll_event(), None, "no digest asked for");
+    assert!(matches!(
+        s.outcome(),
+        Some(Err(MigrationError::Protocol(Violation::OutOfTurn { .. })))
+    ));
+}
+
+#[test]
+fn a_rebind_leaves_the_old_connections_claims_until_its_task_ends() {
+    let (mut s, t0) = session(2, false);
+    s.handle_bound(t0, ChannelId(1), 1);
+    let reading = Claim::Receiving {
+        chan: ChannelId(1),
+        gen: 1,
+    };
+    let h = header(Command::PageBatch, 1, 30, false);
+    assert_eq!(s.claim_batch(&h, 0, reading).unwrap(), Claimed::New);
+    // The old connection may still be placing the batch's pages.
+    s.handle_bound(t0, ChannelId(1), 2);
+    assert_eq!(
+        s.settle_resend(30, 0).unwrap(),
+        Settle::Wait(Some((ChannelId(1), 1)))
+    );
+    s.release(ChannelId(1), 1);
+    assert_eq!(s.settle_resend(30, 0).unwrap(), Settle::Apply);
 }

@@ -138,9 +138,7 @@ impl Controller<'_> {
         let rx = &self.session.rx_bytes;
         match answer_bind(b, &self.sh, credits, rx).await {
             Ok((channel, reader, writer)) => self.start(channel, reader, writer),
-            // Before COMPLETE a bind that cannot be answered ends the
-            // session, as it always has; after it, only the linger.
-            Err(e) => self.machine().fail(e),
+            Err(e) => self.machine().handle_bind_failed(e),
         }
     }
 

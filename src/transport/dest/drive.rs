@@ -166,6 +166,7 @@ impl Session {
             session_id,
             next_msg: AtomicU64::new(1),
             cancel: cancel.clone(),
+            reply_wait: self.config.idle_timeout,
             claims_changed: tokio::sync::Notify::new(),
             chans: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),

@@ -50,6 +50,8 @@ pub(super) struct Shared {
     pub(super) session_id: u64,
     pub(super) next_msg: AtomicU64,
     pub(super) cancel: CancellationToken,
+    /// Longest wait for a connection to take a reply (the idle timeout).
+    pub(super) reply_wait: Duration,
     /// Wakes resends waiting on a claim when one changes.
     pub(super) claims_changed: tokio::sync::Notify,
     /// Channels up now.
@@ -238,16 +240,19 @@ impl Shared {
             ?point,
             "injected fault: resetting every channel of the session"
         );
-        let chans: Vec<DestChan> = self
+        let chans: Vec<(ChannelId, DestChan)> = self
             .chans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .drain()
-            .map(|(_, c)| c)
             .collect();
-        for c in chans {
+        for (channel, c) in chans {
             crate::migration::fault::linger_zero(c.fd);
             c.stop.cancel();
+            // A stopped task reports nothing: the session hears of it here.
+            let why = ChannelLoss::Reset;
+            let lost = MigrationError::ChannelLost { channel, why };
+            let _ = self.events.send(Event::Failed(channel, c.gen, lost));
         }
         Ok(())
     }
@@ -273,26 +278,41 @@ impl Shared {
         }
     }
 
-    /// Sends a reply on channel `on` if it is up, else on any channel that is.
+    /// Sends a reply on channel `on` if it is up, else on any channel that
+    /// is. A connection that takes nothing for `reply_wait` (its peer
+    /// stopped reading) is stopped, and the next one tried.
     pub(super) async fn reply(&self, on: ChannelId, msg: &Message) -> Result<(), MigrationError> {
-        let mut order: Vec<(ChannelId, Arc<tokio::sync::Mutex<FrameWriter>>)> = {
+        type Writer = Arc<tokio::sync::Mutex<FrameWriter>>;
+        let mut order: Vec<(ChannelId, u32, Writer)> = {
             let chans = self.chans.lock().unwrap_or_else(PoisonError::into_inner);
-            chans.iter().map(|(&i, c)| (i, c.writer.clone())).collect()
+            let up = chans.iter();
+            up.map(|(&i, c)| (i, c.gen, c.writer.clone())).collect()
         };
-        order.sort_by_key(|&(i, _)| (i != on, i));
+        order.sort_by_key(|&(i, _, _)| (i != on, i));
         let mut last = MigrationError::ChannelLost {
             channel: on,
             why: ChannelLoss::NoneUp,
         };
-        for (_, w) in order {
+        for (channel, gen, w) in order {
             let header = Header {
                 session_id: self.session_id,
                 message_id: self.next_msg.fetch_add(1, Ordering::Relaxed),
                 ..Header::new(msg.command())
             };
-            match w.lock().await.send(header, msg).await {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
+            let send = async { w.lock().await.send(header, msg).await };
+            match tokio::time::timeout(self.reply_wait, send).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    // It may hold half a frame now: it carries nothing
+                    // more, and stays open until the session ends.
+                    self.stop_channel(channel, gen);
+                    self.retire_channel(channel, gen);
+                    last = MigrationError::Timeout {
+                        what: "the source to take a reply",
+                        after: self.reply_wait,
+                    };
+                }
             }
         }
         Err(last)
