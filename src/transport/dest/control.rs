@@ -49,12 +49,13 @@ impl Controller<'_> {
     pub(super) fn start(&self, channel: ChannelId, reader: FrameReader, writer: FrameWriter) {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let stop = self.cancel.child_token();
-        let gen = {
+        // Connections are numbered across the session, never again: one
+        // dropped from the channels up (a reset) may still be reported
+        // lost after its channel is bound again.
+        let gen = self.sh.next_gen.fetch_add(1, Ordering::Relaxed);
+        let rebound = {
             let mut chans = self.sh.chans.lock().unwrap_or_else(PoisonError::into_inner);
-            let gen = chans.get(&channel).map_or(1, |c| {
-                c.stop.cancel();
-                c.gen + 1
-            });
+            let before = chans.get(&channel).map(|c| c.stop.cancel()).is_some();
             let fd = writer.try_lock().expect("new").raw_fd();
             let chan = DestChan {
                 gen,
@@ -63,9 +64,9 @@ impl Controller<'_> {
                 fd,
             };
             chans.insert(channel, chan);
-            gen
+            before
         };
-        if gen > 1 {
+        if rebound {
             tracing::info!(channel = %channel, "channel rebound to the session");
         }
         self.machine().handle_bound(Instant::now(), channel, gen);

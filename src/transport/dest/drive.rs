@@ -167,6 +167,7 @@ impl Session {
             next_msg: AtomicU64::new(1),
             cancel: cancel.clone(),
             reply_wait: self.config.idle_timeout,
+            next_gen: std::sync::atomic::AtomicU32::new(1),
             claims_changed: tokio::sync::Notify::new(),
             chans: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),

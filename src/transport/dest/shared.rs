@@ -50,6 +50,8 @@ pub(super) struct Shared {
     pub(super) session_id: u64,
     pub(super) next_msg: AtomicU64,
     pub(super) cancel: CancellationToken,
+    /// The next connection's number (unique in the session).
+    pub(super) next_gen: std::sync::atomic::AtomicU32,
     /// Longest wait for a connection to take a reply (the idle timeout).
     pub(super) reply_wait: Duration,
     /// Wakes resends waiting on a claim when one changes.
