@@ -10,6 +10,7 @@
 //! Open ─SWITCHOVER─▶ Verify ─digest─▶ (guest built) ─ready─▶ READY
 //! Open ─GO─▶ Go ─(guest resumed)─▶ complete: COMPLETE, Linger
 //! Linger ─5 s, or no connection left, or a local stop─▶ Ended(Ok)
+//! Linger ─the last connection closed right after COMPLETE─▶ Ended(Ok), Completed kept
 //! Open ─violation, ABORT, silence past the idle timeout, local fault─▶ Ended(Err)
 //! ```
 //!
@@ -24,8 +25,11 @@ use crate::wire::{Abort, ChannelId, Complete, Header, Message, Ready, Switchover
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+mod record;
 #[cfg(test)]
 mod tests;
+
+pub use record::Completed;
 
 /// How long a completed session waits, past its idle timeout, for the
 /// source to close its channels, answering a GO it sends again with
@@ -128,6 +132,10 @@ pub struct DestSession {
     /// The READY a matching digest earned, until the guest is built.
     ready: Option<Ready>,
     paused_at: Option<Instant>,
+    /// GO's id and the COMPLETE that answered it.
+    answered: Option<(u64, Message)>,
+    /// What it leaves when the linger ended early.
+    left: Option<Completed>,
     phase: Phase,
     outcome: Option<Result<(), MigrationError>>,
     transmits: VecDeque<Reply>,
@@ -160,6 +168,8 @@ impl DestSession {
             pending: None,
             ready: None,
             paused_at: None,
+            answered: None,
+            left: None,
             phase: Phase::Open,
             outcome: None,
             transmits: VecDeque::new(),
@@ -186,6 +196,12 @@ impl DestSession {
     /// Whether connection `gen` of `chan` is the channel's current one.
     pub fn is_current(&self, chan: ChannelId, gen: u32) -> bool {
         self.conns.get(&chan) == Some(&gen)
+    }
+
+    /// What it leaves for a source that may send GO again: set when the
+    /// source closed right after COMPLETE, ending the linger early.
+    pub fn completed(&self) -> Option<&Completed> {
+        self.left.as_ref()
     }
 
     /// The connections it reads now: each channel's current one.
@@ -288,10 +304,16 @@ impl DestSession {
             // The source closed its last channel right after COMPLETE: it
             // read it. A reset, or a close long after, may be followed by a
             // rebind to send GO again.
-            Phase::Linger { since, .. } => {
+            Phase::Linger { since, until } => {
                 let closed = matches!(e, MigrationError::PeerClosed { .. });
                 let orderly = now.saturating_duration_since(since) <= ORDERLY_CLOSE;
                 if closed && orderly && self.conns.is_empty() {
+                    // It may also be a source that gave up on GO's
+                    // connection as GO got through: keep COMPLETE for it.
+                    self.left = self
+                        .answered
+                        .take()
+                        .map(|(id, complete)| Completed::new(id, complete, until));
                     self.phase = Phase::Ended;
                 }
             }
@@ -475,6 +497,7 @@ impl DestSession {
             resumed: !self.params.leave_paused,
         });
         self.control.replied(id, &complete);
+        self.answered = Some((id, complete.clone()));
         self.send(on, complete);
         self.tallies.finished = Some(now.saturating_duration_since(self.started));
         self.outcome = Some(Ok(()));

@@ -6,7 +6,7 @@
 //!
 //! [`HANDSHAKE_MAX_PAYLOAD`]: crate::transport::HANDSHAKE_MAX_PAYLOAD
 
-use super::dest::{Bind, ReceiverConfig, Session, Sessions, Unauthenticated};
+use super::dest::{serve_completed, Bind, ReceiverConfig, Session, Sessions, Unauthenticated};
 use super::gate::{Handshakes, ReceiverStats, Refusal, Ticket};
 use super::progress::RunContext;
 use super::Incoming;
@@ -243,10 +243,15 @@ pub(super) async fn handle_connection(
             new.run(&n, reader, writer, ticket).await
         }
         Ok(Message::ChannelBind(b)) => {
-            if let Err((why, e, mut writer)) =
-                route_bind(&rx, &first.header, &b, &binding, reader, writer)
-            {
-                rx.refuse(peer, Some(&mut writer), why, &e).await;
+            match route_bind(&rx, &first.header, &b, &binding, reader, writer) {
+                Ok(None) => {}
+                Ok(Some((bind, record))) => {
+                    drop(ticket);
+                    let id = first.header.session_id;
+                    let credits = rx.config.initial_credits;
+                    serve_completed(bind, record, id, credits, &ctx.cancel).await;
+                }
+                Err((why, e, mut writer)) => rx.refuse(peer, Some(&mut writer), why, &e).await,
             }
             None
         }

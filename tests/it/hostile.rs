@@ -10,6 +10,8 @@ mod agents;
 mod api;
 #[path = "hostile/bench.rs"]
 mod bench;
+#[path = "hostile/late_go.rs"]
+mod late_go;
 #[path = "hostile/onpath.rs"]
 mod onpath;
 #[path = "hostile/preauth.rs"]

@@ -131,6 +131,7 @@ fn a_session_goes_through_ready_go_and_complete_then_lingers() {
     assert_eq!(s.poll_timeout(), Some(go_at + IDLE + LINGER));
     s.handle_timeout(go_at + IDLE + LINGER, 0);
     assert!(s.is_ended());
+    assert!(s.completed().is_none(), "a linger run out leaves nothing");
     assert!(matches!(s.take_outcome(), Some(Ok(()))));
 }
 
@@ -153,6 +154,19 @@ fn the_linger_ends_when_the_source_closes_every_channel() {
     s.handle_lost(t0, ChannelId(1), 1, closed(1));
     assert!(s.is_ended());
     assert!(matches!(s.outcome(), Some(Ok(()))));
+    // What it leaves answers the same GO, sent again, until the linger's
+    // full deadline, and nothing else.
+    let left = s.completed().expect("a record of COMPLETE");
+    assert_eq!(left.until(), t0 + IDLE + LINGER);
+    let again = header(Command::Go, 0, 12, true);
+    assert!(matches!(
+        left.answer(t0, &again, &Message::Go),
+        Some(Message::Complete(_))
+    ));
+    assert_eq!(
+        left.answer(t0, &header(Command::Go, 0, 99, true), &Message::Go),
+        None
+    );
     assert_eq!(
         s.tallies().failures,
         0,
@@ -392,6 +406,7 @@ fn a_late_close_after_complete_keeps_the_linger_for_a_rebind() {
     };
     s.handle_lost(late, ChannelId(0), 1, closed);
     assert!(s.takes_binds(), "a late close may be a failover");
+    assert!(s.completed().is_none(), "the session itself lingers");
     s.handle_bound(late, ChannelId(0), 2);
     s.handle_control(late, &header(Command::Go, 0, 12, true), Message::Go);
     assert!(matches!(

@@ -13,6 +13,7 @@ use crate::migration::{ChannelLoss, LocalFault, MigrationError};
 use crate::wire::ChannelId;
 use crate::wire::{BatchAck, Command, Complete, Header, Message, Negotiate};
 use crate::wire::{SessionSetup, VERSION};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// The destination's idle timeout in the simulation.
@@ -34,6 +35,8 @@ pub struct SimDest {
     pub struck: Option<FaultKind>,
     pub hostile: Option<Hostile>,
     round0_applied: u64,
+    /// Connections bound to what the session left once it ended early.
+    late: BTreeSet<(ChannelId, u32)>,
 }
 
 /// What the destination sends back: a frame on a channel of its choosing.
@@ -98,6 +101,7 @@ impl SimDest {
             struck: None,
             hostile: None,
             round0_applied: 0,
+            late: BTreeSet::new(),
         }
     }
 
@@ -131,9 +135,22 @@ impl SimDest {
         }
     }
 
-    /// Whether a connection attempt is refused now.
-    pub fn refuses_binds(&self) -> bool {
-        self.crashed && !self.silent || !self.session.takes_binds()
+    /// Whether a connection attempt is refused at `now`: by a dead process,
+    /// or a session that ended, unless it left a record of COMPLETE.
+    pub fn refuses_binds(&self, now: Instant) -> bool {
+        self.crashed && !self.silent || !self.session.takes_binds() && !self.keeps_record(now)
+    }
+
+    /// Whether the ended session's record of COMPLETE is kept at `now`.
+    fn keeps_record(&self, now: Instant) -> bool {
+        let left = self.session.completed();
+        left.is_some_and(|c| !c.expired(now))
+    }
+
+    /// Whether only the ended session's record answers: each reply on the
+    /// connection its frame came on.
+    pub fn answers_late(&self) -> bool {
+        self.session.is_ended()
     }
 
     /// The connections it reads, by channel.
@@ -162,6 +179,7 @@ impl SimDest {
     /// A connection broke: the session hears it as the receiver's channel
     /// task reports it.
     pub fn lost(&mut self, now: Instant, chan: ChannelId, gen: u32) {
+        self.late.remove(&(chan, gen));
         let why = ChannelLoss::Reset;
         self.session.handle_lost(
             now,
@@ -173,7 +191,35 @@ impl SimDest {
 
     /// Connection `gen` of `chan` bound, replacing the one before.
     pub fn bound(&mut self, now: Instant, chan: ChannelId, gen: u32) {
+        if self.session.is_ended() && self.keeps_record(now) {
+            self.late.insert((chan, gen));
+            return;
+        }
         self.session.handle_bound(now, chan, gen);
+    }
+
+    /// A frame on a connection bound to the ended session's record: GO
+    /// sent again gets COMPLETE again, ECHO its answer, the rest nothing.
+    fn late_frame(&mut self, now: Instant, f: Frame) -> Vec<Reply> {
+        let (Some(left), true) = (
+            self.session.completed(),
+            self.late.contains(&(f.chan, f.gen)),
+        ) else {
+            return Vec::new();
+        };
+        let answer = match f.payload {
+            Payload::Eof => {
+                self.late.remove(&(f.chan, f.gen));
+                None
+            }
+            Payload::Msg(Message::Echo(e)) => Some(Message::EchoResponse(e)),
+            Payload::Msg(m) => left.answer(now, &f.header, &m),
+            Payload::Batch { .. } => None,
+        };
+        answer
+            .map(|m| (f.chan, self.header(m.command()), m))
+            .into_iter()
+            .collect()
     }
 
     /// Injects the fault if it is for `point` (once), as the receiver's
@@ -210,7 +256,13 @@ impl SimDest {
 
     /// Handles a frame at `now`; returns what to send back.
     pub fn handle(&mut self, now: Instant, f: Frame) -> Vec<Reply> {
-        if self.crashed || self.session.is_ended() || !self.session.is_current(f.chan, f.gen) {
+        if self.crashed {
+            return Vec::new();
+        }
+        if self.session.is_ended() {
+            return self.late_frame(now, f);
+        }
+        if !self.session.is_current(f.chan, f.gen) {
             return Vec::new();
         }
         let mut out = Vec::new();

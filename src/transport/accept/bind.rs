@@ -2,12 +2,20 @@
 //! the secrets that check it.
 
 use super::*;
+use crate::migration::dest_session::Completed;
 use crate::migration::handshake::BindCheck;
+use crate::transport::dest::Route;
+use std::sync::PoisonError;
+
+/// A bind proved to a completed session's record: the connection, and
+/// what the session left.
+pub(super) type LateBind = (Bind, Completed);
 
 /// A bind joins a live session as one of its channels, proves the session's
 /// secret over a nonce never used before in it, and may replace a channel
 /// that failed (the same number again). Proved, the connection goes to its
-/// session.
+/// session; one to a completed session's record comes back to be answered
+/// from it.
 pub(super) fn route_bind(
     rx: &Shared,
     h: &Header,
@@ -15,8 +23,10 @@ pub(super) fn route_bind(
     binding: &[u8],
     mut reader: FrameReader,
     mut writer: FrameWriter,
-) -> Result<(), (Refusal, MigrationError, FrameWriter)> {
-    let mut map = rx.sessions.lock().unwrap();
+) -> Result<Option<LateBind>, (Refusal, MigrationError, FrameWriter)> {
+    let mut map = rx.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Instant::now();
+    map.retain(|_, e| !e.expired(now));
     let Some(s) = map.get_mut(&h.session_id) else {
         let e = Violation::UnknownSession {
             channel: h.channel,
@@ -42,14 +52,22 @@ pub(super) fn route_bind(
     if let Some(k) = &done.frame_keys {
         reader.authenticate(k.to_dest);
     }
-    let _ = s.tx.send(Bind {
+    let mut bind = Bind {
         channel: h.channel,
-        reader: reader.open_up(),
+        reader,
         writer,
         proof: answer.proof,
         send_key: done.frame_keys.map(|k| k.to_source),
-    });
-    Ok(())
+    };
+    match &s.route {
+        Route::Live(tx) => {
+            bind.reader = bind.reader.open_up();
+            let _ = tx.send(bind);
+            Ok(None)
+        }
+        // Only control frames come: the reader keeps its handshake limit.
+        Route::Completed(record) => Ok(Some((bind, record.clone()))),
+    }
 }
 
 /// Secrets proving the binds of a new session.

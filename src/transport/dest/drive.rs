@@ -117,7 +117,7 @@ impl Session {
                     secret,
                     channels: setup.channels,
                     nonces: Default::default(),
-                    tx: bind_tx,
+                    route: Route::Live(bind_tx),
                     frame_mac,
                 },
             );

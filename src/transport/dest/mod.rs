@@ -11,6 +11,7 @@ use super::gate::{Handshakes, ReceiverStats};
 use super::progress::RunContext;
 use crate::memory::GuestMemory;
 use crate::migration::auth::{BindSecret, SessionKey};
+use crate::migration::dest_session::Completed;
 use crate::migration::fault::Fault;
 use crate::migration::report::Report;
 use crate::migration::{MigratableGuest, DEFAULT_INITIAL_CREDITS};
@@ -29,11 +30,13 @@ use tokio_util::task::TaskTracker;
 mod channel;
 mod control;
 mod drive;
+mod late;
 mod session;
 mod shared;
 
 use channel::*;
 use control::*;
+pub(super) use late::serve_completed;
 pub(super) use session::Session;
 use session::*;
 use shared::*;
@@ -195,9 +198,25 @@ pub(super) struct SessionEntry {
     pub(super) channels: u16,
     /// Bind nonces already used: each proves one bind only.
     pub(super) nonces: std::collections::HashSet<[u8; 16]>,
-    pub(super) tx: mpsc::UnboundedSender<Bind>,
+    pub(super) route: Route,
     /// Whether its frames are authenticated (keyed, without TLS).
     pub(super) frame_mac: bool,
+}
+
+/// Where a proved bind goes.
+pub(super) enum Route {
+    /// To the session, which runs.
+    Live(mpsc::UnboundedSender<Bind>),
+    /// To a task of its own that answers a GO sent again with what the
+    /// completed session left, until the record expires.
+    Completed(Completed),
+}
+
+impl SessionEntry {
+    /// Whether it is a record past its time at `now`.
+    pub(super) fn expired(&self, now: std::time::Instant) -> bool {
+        matches!(&self.route, Route::Completed(c) if c.expired(now))
+    }
 }
 
 pub(super) type Sessions = Arc<Mutex<HashMap<u64, SessionEntry>>>;

@@ -152,10 +152,7 @@ impl Session {
         {
             tracing::warn!(%peer, "a connection of the ended session is still stopping");
         }
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&tally.session_id);
+        self.leave(tally.session_id, &result, shared.as_deref());
         match &result {
             Ok(()) => {
                 tracing::info!(%peer, session = format!("{:016x}", tally.session_id), "incoming migration completed")
@@ -173,6 +170,23 @@ impl Session {
             admitted: true,
         };
         self.finish(at, ending).await
+    }
+
+    /// Takes the ended session out of the receiver's sessions, but keeps
+    /// what a completed one left for a source that may send GO again (a
+    /// bind to it is proved as before), and forgets records past their time.
+    fn leave(&self, id: u64, result: &Result<(), MigrationError>, shared: Option<&Shared>) {
+        let left = match (result, shared) {
+            (Ok(()), Some(sh)) => sh.session().completed().cloned(),
+            _ => None,
+        };
+        let mut map = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        match (left, map.get_mut(&id)) {
+            (Some(record), Some(entry)) => entry.route = Route::Completed(record),
+            _ => drop(map.remove(&id)),
+        }
+        let now = Instant::now();
+        map.retain(|_, e| !e.expired(now));
     }
 
     /// The report of a session whose proved peer was refused in its

@@ -293,6 +293,7 @@ impl SimSource {
             up.sort_by_key(|&(c, _)| (c != chan, c));
             let to = match msg {
                 Message::BatchAck(_) | Message::EchoResponse(_) => own,
+                _ if self.dest.answers_late() => own,
                 _ => up.first().copied(),
             };
             if let Some(conn) = to {
@@ -406,7 +407,7 @@ impl SimSource {
             if self.phase == Phase::Closed {
                 continue;
             }
-            let refused = self.dest.refuses_binds();
+            let refused = self.dest.refuses_binds(self.instant());
             // A stopped process's kernel takes the connection; nothing answers.
             let heals = match self.dest.silent {
                 true => u64::MAX,
