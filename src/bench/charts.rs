@@ -62,7 +62,7 @@ where
     let mut links = ordered(cells.iter().map(|c| c.link_bps));
     links.sort_by_key(|l| l.unwrap_or(u64::MAX));
     let link_names: Vec<String> = links.iter().map(|l| link_label(*l)).collect();
-    let codecs = ordered(cells.iter().map(|c| c.codec.clone()));
+    let codecs = ordered(cells.iter().map(|c| c.row()));
     let times: Vec<f64> = cells
         .iter()
         .filter_map(|c| c.total_ms.map(|s| s.median))
@@ -95,7 +95,7 @@ where
             .filter_map(|(i, l)| {
                 cells
                     .iter()
-                    .find(|c| &c.codec == codec && c.link_bps == *l)
+                    .find(|c| &c.row() == codec && c.link_bps == *l)
                     .and_then(|c| c.total_ms)
                     .map(|s| (i as f64, s.median))
             })
@@ -233,7 +233,7 @@ pub fn write_charts(dir: &Path, cells: &[Cell]) -> DrawResult<Vec<PathBuf>> {
     let mut written = Vec::new();
     for guest in ordered(cells.iter().map(|c| c.guest.clone())) {
         let of_guest: Vec<&Cell> = cells.iter().filter(|c| c.guest == guest).collect();
-        let codecs = ordered(of_guest.iter().map(|c| c.codec.clone()));
+        let codecs = ordered(of_guest.iter().map(|c| c.row()));
         // Wire bytes and CPU: the median over the link speeds of each codec's cells.
         let per_codec = |f: &dyn Fn(&Cell) -> f64| -> Vec<f64> {
             codecs
@@ -241,7 +241,7 @@ pub fn write_charts(dir: &Path, cells: &[Cell]) -> DrawResult<Vec<PathBuf>> {
                 .map(|k| {
                     let v: Vec<f64> = of_guest
                         .iter()
-                        .filter(|c| &c.codec == k && c.repeats > 0)
+                        .filter(|c| &c.row() == k && c.repeats > 0)
                         .map(|c| f(c))
                         .collect();
                     super::Spread::of(&v).map_or(0.0, |s| s.median)

@@ -134,12 +134,15 @@ pub struct SweepPlan {
     pub repeats: u32,
     /// TCP channels per migration.
     pub channels: u16,
+    /// Whether migrations run plain (`false`), over TLS (`true`), or both.
+    pub tls: Vec<bool>,
 }
 
 impl SweepPlan {
     /// Migrations the whole grid runs.
     pub fn runs(&self) -> u64 {
-        (self.codecs.len() * self.links.len() * self.guests.len()) as u64 * u64::from(self.repeats)
+        let cells = self.codecs.len() * self.links.len() * self.guests.len() * self.tls.len();
+        cells as u64 * u64::from(self.repeats)
     }
 }
 
@@ -181,8 +184,26 @@ pub struct Cell {
     pub rounds: f64,
     /// Median CPU time of each side.
     pub cpu_ms: CellCpu,
-    /// Fastest completed codec for this link speed and guest.
+    /// Fastest completed codec for this link speed and guest (and path:
+    /// plain or TLS).
     pub winner: bool,
+    /// Whether the migrations ran over TLS.
+    pub tls: bool,
+}
+
+impl Cell {
+    /// The same cell, run over TLS when `tls`.
+    pub fn over_tls(self, tls: bool) -> Self {
+        Self { tls, ..self }
+    }
+
+    /// Its row in tables and charts: the codec, marked `+tls` over TLS.
+    pub fn row(&self) -> String {
+        match self.tls {
+            true => format!("{}+tls", self.codec),
+            false => self.codec.clone(),
+        }
+    }
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -215,23 +236,24 @@ pub fn summarize(codec: &str, link_bps: Option<u64>, guest: &str, reports: &[Rep
             destination: of(|r| r.cpu_ms.destination.unwrap_or(0.0)),
         },
         winner: false,
+        tls: false,
     }
 }
 
-/// Marks, for each link speed and guest, the cell with the lowest median
-/// total time among those that completed every repeat (ties: lower downtime).
+/// Marks, for each link speed, guest and path (plain or TLS), the cell with
+/// the lowest median total time among those that completed every repeat
+/// (ties: lower downtime).
 pub fn mark_winners(cells: &mut [Cell]) {
     for c in cells.iter_mut() {
         c.winner = false;
     }
-    let mut groups: Vec<(Option<u64>, String)> = cells
+    let mut groups: Vec<(Option<u64>, String, bool)> = cells
         .iter()
-        .map(|c| (c.link_bps, c.guest.clone()))
+        .map(|c| (c.link_bps, c.guest.clone(), c.tls))
         .collect();
-    groups.dedup();
     groups.sort();
     groups.dedup();
-    for (link, guest) in groups {
+    for (link, guest, tls) in groups {
         let key = |c: &Cell| {
             (
                 c.total_ms.map_or(f64::INFINITY, |s| s.median),
@@ -242,7 +264,8 @@ pub fn mark_winners(cells: &mut [Cell]) {
             .iter()
             .enumerate()
             .filter(|(_, c)| {
-                c.link_bps == link && c.guest == guest && c.failures == 0 && c.total_ms.is_some()
+                let done = c.failures == 0 && c.total_ms.is_some();
+                c.link_bps == link && c.guest == guest && c.tls == tls && done
             })
             .min_by(|(_, a), (_, b)| {
                 key(a)
@@ -285,9 +308,10 @@ pub fn table(cells: &[Cell]) -> String {
     let mut links: Vec<Option<u64>> = cells.iter().map(|c| c.link_bps).collect();
     links.sort_by_key(|l| l.unwrap_or(u64::MAX));
     links.dedup();
-    let mut codecs: Vec<&str> = cells.iter().map(|c| c.codec.as_str()).collect();
+    let mut rows: Vec<String> = cells.iter().map(Cell::row).collect();
     let mut seen = std::collections::HashSet::new();
-    codecs.retain(|c| seen.insert(*c));
+    rows.retain(|r| seen.insert(r.clone()));
+    let width = rows.iter().map(String::len).max().unwrap_or(0).max(10);
     let mut seen_guests = std::collections::HashSet::new();
     guests.retain(|g| seen_guests.insert(*g));
     for guest in guests {
@@ -295,17 +319,17 @@ pub fn table(cells: &[Cell]) -> String {
             out,
             "guest {guest}: total time (median), * = fastest for the link"
         );
-        let _ = write!(out, "  {:<10}", "codec");
+        let _ = write!(out, "  {:<width$}", "codec");
         for l in &links {
             let _ = write!(out, "{:>16}", link_label(*l));
         }
         out.push('\n');
-        for codec in &codecs {
-            let _ = write!(out, "  {codec:<10}");
+        for row in &rows {
+            let _ = write!(out, "  {row:<width$}");
             for l in &links {
                 let cell = cells
                     .iter()
-                    .find(|c| c.guest == guest && c.codec == *codec && c.link_bps == *l);
+                    .find(|c| c.guest == guest && c.row() == *row && c.link_bps == *l);
                 let text = cell.map_or("-".into(), |c| {
                     format!(
                         "{}{}",
@@ -330,6 +354,8 @@ pub struct SweepMeta {
     pub channels: u16,
     /// Requested repeats per cell.
     pub repeats: u32,
+    /// The path: `off` (plain TCP), `on` (TLS), or `both`.
+    pub tls: String,
     /// Cores on this machine.
     pub cores: usize,
     /// When the sweep ran (seconds since the Unix epoch).
@@ -348,13 +374,13 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
     let mut csv = String::from(
         "codec,link_bps,guest,repeats,failures,total_ms_median,total_ms_min,total_ms_max,\
          downtime_ms_median,downtime_ms_min,downtime_ms_max,wire_bytes,compression_ratio,\
-         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner\n",
+         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner,tls\n",
     );
     let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     for c in cells {
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{},{}",
             c.codec,
             c.link_bps.map_or(String::new(), |b| b.to_string()),
             c.guest,
@@ -371,7 +397,8 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
             c.throughput_guest_bps,
             c.cpu_ms.source,
             c.cpu_ms.destination,
-            c.winner
+            c.winner,
+            c.tls
         );
     }
     std::fs::write(dir.join("results.csv"), csv)?;
@@ -379,9 +406,10 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
     let mut md = String::from("# ferry compression-versus-bandwidth sweep\n\n");
     let _ = writeln!(
         md,
-        "Links emulated with ferry's `{}`; {} channels; {} repeats per cell; {} cores. \
-         Times are medians; `*` marks the fastest codec for each link and guest.\n",
-        meta.link, meta.channels, meta.repeats, meta.cores
+        "Links emulated with ferry's `{}`; {} channels; TLS {}; {} repeats per cell; {} cores. \
+         Times are medians; `*` marks the fastest codec for each link and guest \
+         (plain and TLS apart; `+tls` rows ran over TLS).\n",
+        meta.link, meta.channels, meta.tls, meta.repeats, meta.cores
     );
     let _ = writeln!(md, "```\n{}```\n", table(cells));
     md.push_str("## Winners\n\n| guest | link | codec | total | downtime | wire bytes | ratio | CPU source / destination |\n|---|---|---|---|---|---|---|---|\n");
@@ -391,7 +419,7 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
             "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} / {:.0} ms |",
             c.guest,
             link_label(c.link_bps),
-            c.codec,
+            c.row(),
             ms_text(c.total_ms),
             c.downtime_ms
                 .map_or("-".into(), |s| format!("{:.1} ms", s.median)),
@@ -408,7 +436,7 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
             let _ = writeln!(
                 md,
                 "- {} on {} for {}: {} of {} runs failed",
-                c.codec,
+                c.row(),
                 link_label(c.link_bps),
                 c.guest,
                 c.failures,
@@ -435,6 +463,9 @@ pub struct CellEnv {
     pub kernel_shaped: bool,
     /// Cancels the running migration and the rest of the cell.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// Over TLS (an ephemeral certificate, the key proved over each
+    /// channel's binding, as agents migrate), or plain TCP.
+    pub tls: bool,
 }
 
 #[cfg(feature = "net")]
@@ -447,6 +478,7 @@ impl CellEnv {
             path: Default::default(),
             kernel_shaped: false,
             cancel: Default::default(),
+            tls: false,
         }
     }
 }
@@ -478,6 +510,10 @@ pub fn run_cell(
         session_key: Some(key.clone()),
         ..MigrationConfig::default()
     };
+    let tls = match env.tls {
+        true => Some(crate::transport::tls::TlsServer::ephemeral().map_err(std::io::Error::other)?),
+        false => None,
+    };
     let mut reports = Vec::new();
     for _ in 0..env.repeats {
         if env.cancel.is_cancelled() {
@@ -493,6 +529,7 @@ pub fn run_cell(
         }
         let ctx = RunContext {
             cancel: env.cancel.child_token(),
+            tls: env.tls.then(crate::transport::tls::TlsClient::bound_to_key),
             ..RunContext::default()
         };
         let (report, _incoming) = migrate_locally(
@@ -501,6 +538,7 @@ pub fn run_cell(
             ctx,
             ReceiverConfig {
                 key: Some(key.clone()),
+                tls: tls.clone(),
                 ..ReceiverConfig::default()
             },
             &env.path,
@@ -508,6 +546,12 @@ pub fn run_cell(
         if report.outcome != Outcome::Completed {
             // A failed run leaves the guest running on the source.
             guest.pause();
+        } else if report.encrypted != env.tls {
+            let e = format!(
+                "asked for TLS {}, migrated with {}",
+                env.tls, report.encrypted
+            );
+            return Err(std::io::Error::other(e));
         }
         after_each();
         reports.push(report);
@@ -643,6 +687,21 @@ mod tests {
     }
 
     #[test]
+    fn plain_and_tls_cells_each_have_their_winner_and_row() {
+        let mut cells = vec![
+            cell("none", None, "a", 100.0, 0),
+            cell("lz4", None, "a", 150.0, 0),
+            cell("none", None, "a", 300.0, 0).over_tls(true),
+            cell("lz4", None, "a", 200.0, 0).over_tls(true),
+        ];
+        mark_winners(&mut cells);
+        let winners: Vec<String> = cells.iter().filter(|c| c.winner).map(Cell::row).collect();
+        assert_eq!(winners, ["none", "lz4+tls"]);
+        let t = table(&cells);
+        assert!(t.contains("lz4+tls") && t.contains("200 ms *"), "{t}");
+    }
+
+    #[test]
     fn link_labels() {
         assert_eq!(link_label(None), "unlimited");
         assert_eq!(link_label(Some(125_000_000)), "1Gbit/s");
@@ -662,6 +721,7 @@ mod tests {
             link: "cap".into(),
             channels: 4,
             repeats: 1,
+            tls: "off".into(),
             cores: 2,
             unix_time: 0,
         };

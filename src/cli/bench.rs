@@ -224,6 +224,7 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
         guests: sweep_guests(&a)?,
         repeats: a.repeats,
         channels: a.channels,
+        tls: a.tls.paths(),
     };
     let (env, mut tbf) = sweep_env(&a, &plan)?;
     // Interrupted: cancel the running migration, stop, and (on drop) tear the
@@ -245,18 +246,24 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
             if let Some(t) = tbf.as_mut() {
                 t.set_rate(link).context("shaping the tbf link")?;
             }
-            for (label, codec) in &plan.codecs {
+            for (&tls, (label, codec)) in plan
+                .tls
+                .iter()
+                .flat_map(|t| plan.codecs.iter().map(move |c| (t, c)))
+            {
+                let path = if tls { " · tls" } else { "" };
                 bar.set_message(format!(
-                    "{} · {} · {label}",
+                    "{} · {}{path} · {label}",
                     spec.label,
                     ferry::bench::sweep::link_label(link)
                 ));
+                let env = ferry::bench::sweep::CellEnv { tls, ..env.clone() };
                 let reports = run_cell(&guest, *codec, link, &env, || bar.inc(1))
                     .context("setting up a migration pair")?;
                 if env.cancel.is_cancelled() {
                     break 'grid;
                 }
-                cells.push(summarize(label, link, &spec.label, &reports));
+                cells.push(summarize(label, link, &spec.label, &reports).over_tls(tls));
             }
         }
     }
@@ -361,6 +368,7 @@ fn write_sweep(
         link: a.link.clone(),
         channels: plan.channels,
         repeats: plan.repeats,
+        tls: a.tls.name().into(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         unix_time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

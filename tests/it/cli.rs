@@ -356,6 +356,41 @@ fn bench_codecs_reports_each_codec_on_the_given_memory() {
 }
 
 #[test]
+fn bench_sweep_over_tls_runs_both_paths_as_an_axis() {
+    let out = run_ok(&[
+        "bench",
+        "sweep",
+        "--memory",
+        "8MiB",
+        "--workload",
+        "idle",
+        "--codecs",
+        "none",
+        "--bandwidth",
+        "unlimited",
+        "--repeats",
+        "1",
+        "--channels",
+        "2",
+        "--tls",
+        "both",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    // Each path is a cell of its own, each its own winner; a run that did
+    // not migrate as asked (TLS or plain) fails the sweep.
+    let paths: Vec<(bool, u64, bool)> = cells
+        .iter()
+        .map(|c| {
+            let tls = c["tls"].as_bool().unwrap();
+            (tls, c["repeats"].as_u64().unwrap(), c["winner"] == true)
+        })
+        .collect();
+    assert_eq!(paths, [(false, 1, true), (true, 1, true)]);
+}
+
+#[test]
 fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
     let dir = std::env::temp_dir().join(format!("ferry-sweep-cli-{}", std::process::id()));
     let out = run_ok(&[

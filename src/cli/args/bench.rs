@@ -57,12 +57,44 @@ pub(crate) struct SweepArgs {
     /// TCP channels per migration.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) channels: u16,
+    /// Migrate over TLS, as agents do (`--tls` or `--tls on`), plain TCP
+    /// (`off`), or both as an axis of the grid (`both`: `+tls` rows).
+    #[arg(long, value_enum, num_args = 0..=1, default_value_t = TlsAxis::Off, default_missing_value = "on")]
+    pub(crate) tls: TlsAxis,
     /// Write results.json, results.csv and report.md into this directory.
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Print the cells as one line of JSON on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// The sweep's path: plain TCP, TLS, or both.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TlsAxis {
+    Off,
+    On,
+    Both,
+}
+
+impl TlsAxis {
+    /// The paths it runs: `false` plain, `true` TLS.
+    pub(crate) fn paths(self) -> Vec<bool> {
+        match self {
+            Self::Off => vec![false],
+            Self::On => vec![true],
+            Self::Both => vec![false, true],
+        }
+    }
+
+    /// Its name, for the results' meta.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::On => "on",
+            Self::Both => "both",
+        }
+    }
 }
 
 #[derive(Args, Debug)]
