@@ -113,8 +113,14 @@ impl Controller<'_> {
             }
             Wake::Bind(b) => self.on_bind(b).await,
             Wake::Event(Event::Failed(ch, gen, e)) => {
+                let completed = matches!(self.machine().outcome(), Some(Ok(())));
                 if e.is_channel_loss() {
                     self.sh.forget_channel(ch, gen);
+                }
+                if completed {
+                    // The source closing its channels once it read COMPLETE.
+                    tracing::debug!(channel = %ch, error = %e, "channel closed after COMPLETE");
+                } else if e.is_channel_loss() {
                     // The source sends its batches again on the others and
                     // rebinds it; silence on every channel ends the session.
                     tracing::warn!(channel = %ch, error = %e, "channel lost; waiting for the source to rebind it");
