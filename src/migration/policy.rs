@@ -2,11 +2,16 @@
 //! throttle the guest, or give up.
 //!
 //! The rule, in order:
-//! 1. Estimate the downtime as `dirty bytes now / measured throughput`.
-//! 2. If the estimate is under the downtime limit, switch over, unless the last
-//!    round still halved the work (it dirtied less than half of what it sent)
-//!    and the estimate is above the switchover floor: then one more round is
-//!    cheap and shortens the pause.
+//! 1. Estimate the downtime as `dirty bytes now / measured throughput`, plus
+//!    what the pause costs besides those bytes (the last dirty-log sync, the
+//!    hand-off's round trips, the guest's state and its build on the
+//!    destination), as the driver measured it.
+//! 2. If the estimate is under the downtime limit, switch over, unless the
+//!    rounds still shrink fast (the last one dirtied less than three quarters
+//!    of what it sent), the estimate is above the switchover floor, and the
+//!    completion budget has room for another round: then one more round
+//!    shortens the pause (without throttling the guest for it). Rounds that
+//!    stop shrinking switch over at once.
 //! 3. Past the completion timeout, or with no new low in the remaining bytes for
 //!    the progress timeout, give up: the guest stays on the source.
 //! 4. A round that dirtied at least half of what it sent is not converging; the
@@ -38,7 +43,8 @@ impl Default for AutoConverge {
 
 /// The switchover pause the source aims under by default: 300 ms.
 pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
-/// Below this estimated pause, switch over without trying another round: 5 ms.
+/// Below this time to send the dirty pages, switch over without trying
+/// another round: 5 ms.
 pub const DEFAULT_SWITCHOVER_FLOOR: Duration = Duration::from_millis(5);
 /// Give up when the remaining bytes make no new low for this long: 150 s.
 pub const DEFAULT_PROGRESS_TIMEOUT: Duration = Duration::from_secs(150);
@@ -50,7 +56,8 @@ pub const COMPLETION_TIMEOUT_PER_GIB: Duration = Duration::from_secs(150);
 pub struct ConvergencePolicy {
     /// The pause to aim under. Default: 300 ms.
     pub downtime_limit: Duration,
-    /// Estimated pauses below this switch over at once. Default: 5 ms.
+    /// Below this, the part of the pause another round could shorten
+    /// (sending the dirty pages) is not worth a round. Default: 5 ms.
     pub switchover_floor: Duration,
     /// Throttling steps, or `None` to never throttle.
     pub auto_converge: Option<AutoConverge>,
@@ -79,6 +86,19 @@ pub fn completion_timeout_for(memory_bytes: u64) -> Duration {
     COMPLETION_TIMEOUT_PER_GIB.mul_f64(gib)
 }
 
+/// What the pause costs on top of the dirty-log sync and the hand-off's
+/// round trips, which the driver measures: pausing the vCPUs, saving their
+/// state, and building and resuming the guest on the destination. Measured
+/// (BENCHMARKS.md, 2026-12-01): a KVM guest's vCPU pause 0.15-0.3 ms, its
+/// state 0.05 ms, the destination's VM 0.8 ms; a synthetic guest's well
+/// under 0.5 ms. Rounded up.
+pub fn handoff_allowance(kind: crate::wire::GuestKind) -> Duration {
+    match kind {
+        crate::wire::GuestKind::Kvm => Duration::from_millis(2),
+        _ => Duration::from_micros(500),
+    }
+}
+
 /// What one pre-copy round did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoundStats {
@@ -92,6 +112,10 @@ pub struct RoundStats {
     pub bytes_sent: u64,
     /// Guest bytes dirty now: what the next round would send.
     pub dirty_bytes: u64,
+    /// What the pause costs besides sending the dirty bytes: the last
+    /// dirty-log sync, the hand-off's round trips, the guest's state and
+    /// its build on the destination.
+    pub pause_cost: Duration,
 }
 
 /// Why pre-copy gave up.
@@ -119,6 +143,10 @@ pub enum Decision {
 /// Don't trust the throughput of rounds smaller than this (latency dominates).
 const MIN_MEASURED_BYTES: u64 = 4 << 20;
 
+/// Rounds still shrink fast while each dirties less than this share of what
+/// it sent (in quarters): three quarters.
+const SHRINKING_QUARTERS: u64 = 3;
+
 /// The policy plus what it has seen so far.
 #[derive(Debug, Clone)]
 pub struct Convergence {
@@ -128,6 +156,7 @@ pub struct Convergence {
     throttle_pct: u8,
     best_remaining: u64,
     best_at: Duration,
+    pause_cost: Duration,
 }
 
 impl Convergence {
@@ -140,6 +169,7 @@ impl Convergence {
             throttle_pct: 0,
             best_remaining: u64::MAX,
             best_at: Duration::ZERO,
+            pause_cost: Duration::ZERO,
         }
     }
 
@@ -153,10 +183,28 @@ impl Convergence {
         self.throughput_bps
     }
 
-    /// The pause expected if the guest stopped with `dirty_bytes` left.
+    /// The pause expected if the guest stopped with `dirty_bytes` left:
+    /// sending them, and the pause's own cost as last measured.
     pub fn expected_downtime(&self, dirty_bytes: u64) -> Option<Duration> {
+        Some(self.transfer_time(dirty_bytes)? + self.pause_cost)
+    }
+
+    /// How long sending `bytes` takes at the measured throughput.
+    fn transfer_time(&self, bytes: u64) -> Option<Duration> {
         let bps = self.throughput_bps?;
-        Duration::try_from_secs_f64(dirty_bytes as f64 / bps).ok()
+        Duration::try_from_secs_f64(bytes as f64 / bps).ok()
+    }
+
+    /// Whether another round is worth running though the pause would be
+    /// under the limit now: the rounds still shrink fast, the part of the
+    /// pause a round can shorten (sending the dirty bytes, `transfer`) is
+    /// above the floor, and the completion budget has room for that round
+    /// and the pause after it.
+    fn another_round_pays(&self, r: &RoundStats, transfer: Duration) -> bool {
+        let shrinking = r.dirty_bytes * 4 < r.bytes_sent * SHRINKING_QUARTERS;
+        let next = r.elapsed + transfer + transfer + r.pause_cost;
+        let room = next < self.policy.completion_timeout;
+        shrinking && transfer > self.policy.switchover_floor && room
     }
 
     /// The throttle in force.
@@ -170,41 +218,82 @@ impl Convergence {
         if secs > 0.0 && (r.bytes_sent >= MIN_MEASURED_BYTES || self.throughput_bps.is_none()) {
             self.throughput_bps = Some(r.bytes_sent as f64 / secs);
         }
-        if let Some(est) = self.expected_downtime(r.dirty_bytes) {
-            let halving = r.bytes_sent > 0 && r.dirty_bytes * 2 < r.bytes_sent;
-            if est <= self.policy.downtime_limit
-                && (!halving || est <= self.policy.switchover_floor)
-            {
-                return Decision::Switchover;
+        self.pause_cost = r.pause_cost;
+        if let Some(transfer) = self.transfer_time(r.dirty_bytes) {
+            if transfer + r.pause_cost <= self.policy.downtime_limit {
+                return self.under_limit(r, transfer);
             }
         }
         if r.elapsed >= self.policy.completion_timeout {
             return Decision::GiveUp(GiveUp::CompletionTimeout(self.policy.completion_timeout));
         }
-        if r.dirty_bytes < self.best_remaining {
-            self.best_remaining = r.dirty_bytes;
-            self.best_at = r.elapsed;
-        } else if r.elapsed.saturating_sub(self.best_at) >= self.policy.progress_timeout {
+        if !self.note_progress(r) {
             return Decision::GiveUp(GiveUp::NoProgress(self.policy.progress_timeout));
         }
         let not_converging = r.round > 0 && r.dirty_bytes * 2 >= r.bytes_sent;
+        self.step(not_converging)
+    }
+
+    /// The pause would be under the limit: another round while rounds still
+    /// shrink fast; a step of the throttle while they do not but the pause
+    /// is above a short one (a sixteenth of the limit); else switch over.
+    fn under_limit(&mut self, r: &RoundStats, transfer: Duration) -> Decision {
+        if self.another_round_pays(r, transfer) {
+            self.note_progress(r);
+            self.bad_rounds = 0;
+            return Decision::Continue;
+        }
+        let short = self.policy.downtime_limit / 16;
+        let room = r.elapsed + transfer + transfer + r.pause_cost < self.policy.completion_timeout;
+        if transfer > short && room {
+            if let Some(p) = self.throttle_up() {
+                self.note_progress(r);
+                return Decision::Throttle(p);
+            }
+        }
+        Decision::Switchover
+    }
+
+    /// A new low of the remaining bytes, or `false` once none came for the
+    /// progress timeout.
+    fn note_progress(&mut self, r: &RoundStats) -> bool {
+        if r.dirty_bytes < self.best_remaining {
+            self.best_remaining = r.dirty_bytes;
+            self.best_at = r.elapsed;
+            return true;
+        }
+        r.elapsed.saturating_sub(self.best_at) < self.policy.progress_timeout
+    }
+
+    /// Another round, throttled one step further on the second round in a
+    /// row that is not converging.
+    fn step(&mut self, not_converging: bool) -> Decision {
         if !not_converging {
             self.bad_rounds = 0;
             return Decision::Continue;
         }
         self.bad_rounds += 1;
-        match self.policy.auto_converge {
-            Some(ac) if self.bad_rounds >= 2 && self.throttle_pct < ac.max_pct => {
-                self.throttle_pct = if self.throttle_pct == 0 {
-                    ac.initial_pct
-                } else {
-                    self.throttle_pct.saturating_add(ac.increment_pct)
-                }
-                .min(ac.max_pct);
-                Decision::Throttle(self.throttle_pct)
-            }
-            _ => Decision::Continue,
+        if self.bad_rounds < 2 {
+            return Decision::Continue;
         }
+        self.throttle_up()
+            .map_or(Decision::Continue, Decision::Throttle)
+    }
+
+    /// One step up of the auto-converge throttle, if it is on and below its
+    /// ceiling.
+    fn throttle_up(&mut self) -> Option<u8> {
+        let ac = self.policy.auto_converge?;
+        if self.throttle_pct >= ac.max_pct {
+            return None;
+        }
+        self.throttle_pct = if self.throttle_pct == 0 {
+            ac.initial_pct
+        } else {
+            self.throttle_pct.saturating_add(ac.increment_pct)
+        }
+        .min(ac.max_pct);
+        Some(self.throttle_pct)
     }
 }
 
@@ -229,6 +318,14 @@ mod tests {
             duration: Duration::from_millis(dur_ms),
             bytes_sent: sent_mb * MB,
             dirty_bytes: dirty_mb * MB,
+            pause_cost: Duration::ZERO,
+        }
+    }
+
+    fn costing(r: RoundStats, cost_ms: u64) -> RoundStats {
+        RoundStats {
+            pause_cost: Duration::from_millis(cost_ms),
+            ..r
         }
     }
 
@@ -238,7 +335,7 @@ mod tests {
         // (round stats, expected decision) in sequence, one tracker per case.
         let cases: Vec<(&str, Vec<(RoundStats, Decision)>)> = vec![
             (
-                "hot set converges: keep going while rounds halve, then switch",
+                "hot set converges: keep going while rounds shrink, then switch",
                 vec![
                     // 1000 MB in 1 s: 1 GB/s; 40 MB left is 40 ms but halving → continue.
                     (round(0, 1.0, 1000, 1000, 40), Continue),
@@ -247,10 +344,67 @@ mod tests {
                 ],
             ),
             (
-                "a plateau under the limit switches at once",
+                "a plateau at a short pause switches at once",
                 vec![
                     (round(0, 1.0, 1000, 1000, 40), Continue),
-                    (round(1, 1.1, 40, 40, 30), Switchover),
+                    (round(1, 1.1, 40, 40, 15), Continue),
+                    // 15 MB in 15 ms, 14 MB left: 14 ms, under 300/16 ms.
+                    (round(2, 1.12, 15, 15, 14), Switchover),
+                ],
+            ),
+            (
+                "a plateau under the limit but above a short pause throttles a step",
+                vec![
+                    (round(0, 1.0, 1000, 1000, 40), Continue),
+                    (round(1, 1.1, 40, 40, 30), Throttle(20)),
+                    (round(2, 1.14, 30, 30, 10), Continue),
+                    (round(3, 1.15, 10, 10, 3), Switchover),
+                ],
+            ),
+            (
+                "rounds under the limit that still shrink go on (unthrottled) to a short pause",
+                vec![
+                    // 1000 MB at 125 MB/s; 64 MB left: 512 ms, over the limit.
+                    (round(0, 8.0, 8000, 1000, 64), Continue),
+                    // 35 MB left is 280 ms: under the limit, but the round
+                    // left 55% of what it sent, so another round.
+                    (round(1, 8.5, 512, 64, 35), Continue),
+                    (round(2, 8.8, 280, 35, 20), Continue),
+                    (round(3, 9.0, 160, 20, 12), Continue),
+                    // 75%: no longer shrinking fast, and 72 ms is more
+                    // than a short pause: a step of the throttle.
+                    (round(4, 9.1, 96, 12, 9), Throttle(20)),
+                    (round(5, 9.2, 72, 9, 4), Continue),
+                    (round(6, 9.24, 32, 4, 1), Continue),
+                    (round(7, 9.25, 8, 1, 0), Switchover),
+                ],
+            ),
+            (
+                "the pause's own cost counts against the limit",
+                vec![
+                    (round(0, 8.0, 8000, 1000, 64), Continue),
+                    // 36.9 MB at 125 MB/s is 295 ms, and the pause costs
+                    // 10 ms more: 305 ms, over the limit.
+                    (costing(round(1, 8.5, 320, 40, 37), 10), Continue),
+                    // Under it now (288 + 3 ms), but no longer shrinking:
+                    // a step of the throttle towards a short pause.
+                    (costing(round(2, 8.8, 296, 37, 36), 3), Throttle(20)),
+                ],
+            ),
+            (
+                "no room in the completion budget for another round",
+                vec![
+                    (round(0, 59.0, 8000, 1000, 64), Continue),
+                    (round(1, 59.6, 512, 64, 35), Switchover),
+                ],
+            ),
+            (
+                "a trickle switches over once only the pause's own cost is left",
+                vec![
+                    (round(0, 1.0, 1000, 1000, 40), Continue),
+                    // 1 MB is 1 ms at 1 GB/s, under the floor; the pause
+                    // costs 8 ms, which another round cannot shorten.
+                    (costing(round(1, 1.04, 40, 40, 1), 8), Switchover),
                 ],
             ),
             (

@@ -64,6 +64,7 @@ pub struct Rounds {
     round: u32,
     round_start: Instant,
     round_pages: u64,
+    pause_cost: Duration,
     stage: Stage,
     digest: u64,
     go_sent: bool,
@@ -79,6 +80,7 @@ impl Rounds {
             round: 0,
             round_start: now,
             round_pages: 0,
+            pause_cost: Duration::ZERO,
             stage: Stage::Precopy,
             digest: 0,
             go_sent: false,
@@ -111,6 +113,12 @@ impl Rounds {
         self.go_sent
     }
 
+    /// What the pause would cost besides sending the dirty pages, as the
+    /// driver measured it last (see [`RoundStats::pause_cost`]).
+    pub fn set_pause_cost(&mut self, cost: Duration) {
+        self.pause_cost = cost;
+    }
+
     /// The round's `pages` are queued at `now`: its clock starts.
     pub fn begin_round(&mut self, now: Instant, pages: u64) {
         self.round_start = now;
@@ -139,6 +147,7 @@ impl Rounds {
             duration,
             bytes_sent: self.round_pages * PAGE_SIZE as u64,
             dirty_bytes: dirty_pages * PAGE_SIZE as u64,
+            pause_cost: self.pause_cost,
         };
         let decision = self.conv.decide(&stats);
         let t = &mut self.totals;

@@ -16,6 +16,7 @@ use crate::wire::{Header, Limits, Message, SessionSetup, SETUP_FRAME_MAC, SETUP_
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -178,12 +179,16 @@ pub(super) async fn open_session(
     let key = config.session_key.clone();
     let source_nonce = auth::random_bytes::<16>();
     let mut hs = SourceHandshake::new(setup, config.codec, key, source_nonce, binding0);
+    let mut rtt = None;
     let done = loop {
+        let sent = Instant::now();
         while let Some((header, msg)) = hs.poll_transmit() {
             wr0.send(header, &msg).await?;
         }
         let what = hs.awaiting().unwrap_or("an answer");
         let (header, msg) = handshake_read(&mut rd0, what).await?;
+        // NEGOTIATE's answer takes the destination no work: a round trip.
+        rtt.get_or_insert(sent.elapsed());
         match hs.handle(&header, msg) {
             Ok(Some(done)) => break done,
             Ok(None) => {}
@@ -196,6 +201,7 @@ pub(super) async fn open_session(
         }
     };
     tally.session_id = done.session_id;
+    tally.rtt = rtt.unwrap_or_default();
     tally.authenticated = done.authenticated;
     connector.session_id = done.session_id;
     connector.secret = Arc::new(done.secret);

@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 struct Tally {
     session_id: u64,
     setup: Duration,
+    /// A round trip to the destination, timed at NEGOTIATE.
+    rtt: Duration,
     totals: RoundTotals,
     downtime: Duration,
     verify: Duration,

@@ -4,7 +4,7 @@
 use super::{Driver, Tally};
 use crate::digest::full_digest;
 use crate::memory::{DirtySnapshot, PAGE_SIZE};
-use crate::migration::policy::{ConvergencePolicy, Decision};
+use crate::migration::policy::{handoff_allowance, ConvergencePolicy, Decision};
 use crate::migration::source_machine::{Rounds, Verdict};
 use crate::migration::GuestStep;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
@@ -48,7 +48,11 @@ async fn precopy(
         rounds.begin_round(t0, n);
         ctx.progress.start_round(Phase::Precopy, round, n);
         d.drain(None).await?;
+        // The count costs a dirty-log sync, as the pause's last one will.
+        let synced = Instant::now();
         let dirty = guest.dirty_pages();
+        let sync = synced.elapsed();
+        rounds.set_pause_cost(sync + tally.rtt * 2 + handoff_allowance(guest.kind()));
         let verdict = rounds.round_drained(Instant::now(), dirty);
         tally.totals = rounds.totals().clone();
         let verdict = match verdict {
