@@ -202,9 +202,13 @@ impl Convergence {
     /// and the pause after it.
     fn another_round_pays(&self, r: &RoundStats, transfer: Duration) -> bool {
         let shrinking = r.dirty_bytes * 4 < r.bytes_sent * SHRINKING_QUARTERS;
-        let next = r.elapsed + transfer + transfer + r.pause_cost;
-        let room = next < self.policy.completion_timeout;
-        shrinking && transfer > self.policy.switchover_floor && room
+        shrinking && transfer > self.policy.switchover_floor && self.room(r, transfer)
+    }
+
+    /// Whether the completion budget has room for another round of about
+    /// `transfer` and the pause after it.
+    fn room(&self, r: &RoundStats, transfer: Duration) -> bool {
+        r.elapsed + transfer + transfer + r.pause_cost < self.policy.completion_timeout
     }
 
     /// The throttle in force.
@@ -244,8 +248,7 @@ impl Convergence {
             return Decision::Continue;
         }
         let short = self.policy.downtime_limit / 16;
-        let room = r.elapsed + transfer + transfer + r.pause_cost < self.policy.completion_timeout;
-        if transfer > short && room {
+        if transfer > short && self.room(r, transfer) {
             if let Some(p) = self.throttle_up() {
                 self.note_progress(r);
                 return Decision::Throttle(p);
