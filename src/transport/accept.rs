@@ -245,11 +245,12 @@ pub(super) async fn handle_connection(
         Ok(Message::ChannelBind(b)) => {
             match route_bind(&rx, &first.header, &b, &binding, reader, writer) {
                 Ok(None) => {}
-                Ok(Some((bind, record))) => {
+                Ok(Some((bind, record, stop))) => {
                     drop(ticket);
                     let id = first.header.session_id;
                     let credits = rx.config.initial_credits;
-                    serve_completed(bind, record, id, credits, &ctx.cancel).await;
+                    let stops = [&ctx.cancel, &stop];
+                    serve_completed(bind, record, id, credits, stops).await;
                 }
                 Err((why, e, mut writer)) => rx.refuse(peer, Some(&mut writer), why, &e).await,
             }

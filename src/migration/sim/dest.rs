@@ -150,7 +150,7 @@ impl SimDest {
     /// Whether only the ended session's record answers: each reply on the
     /// connection its frame came on.
     pub fn answers_late(&self) -> bool {
-        self.session.is_ended()
+        self.session.completed().is_some()
     }
 
     /// The connections it reads, by channel.
@@ -207,6 +207,11 @@ impl SimDest {
         ) else {
             return Vec::new();
         };
+        // Past its time the receiver closed the connection: nothing answers.
+        if left.expired(now) {
+            self.late.remove(&(f.chan, f.gen));
+            return Vec::new();
+        }
         let answer = match f.payload {
             Payload::Eof => {
                 self.late.remove(&(f.chan, f.gen));

@@ -6,10 +6,12 @@ use crate::migration::dest_session::Completed;
 use crate::migration::handshake::BindCheck;
 use crate::transport::dest::Route;
 use std::sync::PoisonError;
+use tokio_util::sync::CancellationToken;
 
-/// A bind proved to a completed session's record: the connection, and
-/// what the session left.
-pub(super) type LateBind = (Bind, Completed);
+/// A bind proved to a completed session's record: the connection, what
+/// the session left, and the token that stops it when its channel is bound
+/// again.
+pub(super) type LateBind = (Bind, Completed, CancellationToken);
 
 /// A bind joins a live session as one of its channels, proves the session's
 /// secret over a nonce never used before in it, and may replace a channel
@@ -59,14 +61,20 @@ pub(super) fn route_bind(
         proof: answer.proof,
         send_key: done.frame_keys.map(|k| k.to_source),
     };
-    match &s.route {
+    match &mut s.route {
         Route::Live(tx) => {
             bind.reader = bind.reader.open_up();
             let _ = tx.send(bind);
             Ok(None)
         }
         // Only control frames come: the reader keeps its handshake limit.
-        Route::Completed(record) => Ok(Some((bind, record.clone()))),
+        Route::Completed(record, conns) => {
+            let stop = CancellationToken::new();
+            if let Some(before) = conns.insert(h.channel, stop.clone()) {
+                before.cancel();
+            }
+            Ok(Some((bind, record.clone(), stop)))
+        }
     }
 }
 

@@ -108,19 +108,19 @@ impl Session {
             )
         });
         let (bind_tx, bind_rx) = mpsc::unbounded_channel();
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                session_id,
-                SessionEntry {
-                    secret,
-                    channels: setup.channels,
-                    nonces: Default::default(),
-                    route: Route::Live(bind_tx),
-                    frame_mac,
-                },
-            );
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            sessions.retain(|_, e| !e.expired(now));
+            let entry = SessionEntry {
+                secret,
+                channels: setup.channels,
+                nonces: Default::default(),
+                route: Route::Live(bind_tx),
+                frame_mac,
+            };
+            sessions.insert(session_id, entry);
+        }
         tracing::info!(%peer, session = format!("{session_id:016x}"), memory = setup.memory_bytes, channels = setup.channels, "incoming migration");
         let (events_tx, events) = mpsc::unbounded_channel();
         let params = DestParams {

@@ -1,7 +1,12 @@
 //! A connection bound to a completed session's record: it answers a GO
 //! sent again with the session's COMPLETE (and ECHO with its answer) until
-//! the record expires, the source closes, or the receiver stops. It reads
-//! control frames only, within the handshake's frame limit.
+//! the record expires, the source closes, its channel is bound again, or
+//! the receiver stops. It reads control frames only, within the
+//! handshake's frame limit, and fails on any other.
+
+/// Longest wait to close the connection (a TLS close_notify to a peer that
+/// stopped reading).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 use super::Bind;
 use crate::migration::dest_session::Completed;
@@ -10,20 +15,22 @@ use crate::wire::{ChannelBindResponse, Command, Header, Limits, Message};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Serves bind `b` of session `session_id` from `record`.
+/// Serves bind `b` of session `session_id` from `record`, until either of
+/// `stops` (the receiver's, the channel's) fires.
 pub(in crate::transport) async fn serve_completed(
     b: Bind,
     record: Completed,
     session_id: u64,
     credits: u16,
-    cancel: &CancellationToken,
+    stops: [&CancellationToken; 2],
 ) {
     let channel = b.channel;
     let deadline = tokio::time::Instant::from_std(record.until());
     let mut writer = None;
     let served = tokio::select! {
         biased;
-        _ = cancel.cancelled() => Ok(()),
+        _ = stops[0].cancelled() => Ok(()),
+        _ = stops[1].cancelled() => Ok(()),
         _ = tokio::time::sleep_until(deadline) => Ok(()),
         r = answer(b, &record, session_id, credits, &mut writer) => r,
     };
@@ -31,7 +38,7 @@ pub(in crate::transport) async fn serve_completed(
         tracing::debug!(%channel, error = %e, "a connection to a completed session ended");
     }
     if let Some(w) = writer.as_mut() {
-        w.shutdown().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, w.shutdown()).await;
     }
 }
 
@@ -71,16 +78,26 @@ async fn answer(
     }
     while let Some(frame) = reader.read_frame().await? {
         if frame.header.session_id != session_id {
-            return Err(Violation::UnknownSession {
+            return Err(Violation::WrongSession {
                 channel,
-                session: frame.header.session_id,
+                got: frame.header.session_id,
+                session: session_id,
             }
             .into());
         }
         let msg = Message::decode(&frame.header, frame.payload, Limits::BEFORE_SETUP)?;
         let reply = match msg {
             Message::Echo(e) => Some(Message::EchoResponse(e)),
-            m => record.answer(Instant::now(), &frame.header, &m),
+            m @ (Message::Go | Message::Abort(_)) => {
+                record.answer(Instant::now(), &frame.header, &m)
+            }
+            other => {
+                return Err(Violation::Unexpected {
+                    want: "GO sent again, or ECHO",
+                    got: other.command(),
+                }
+                .into())
+            }
         };
         let Some(reply) = reply else { continue };
         if matches!(reply, Message::Complete(_)) {

@@ -208,14 +208,19 @@ pub(super) enum Route {
     /// To the session, which runs.
     Live(mpsc::UnboundedSender<Bind>),
     /// To a task of its own that answers a GO sent again with what the
-    /// completed session left, until the record expires.
-    Completed(Completed),
+    /// completed session left, until the record expires: one connection
+    /// per channel (a new bind of a channel stops the one before it), so a
+    /// record holds at most the session's channel count of them.
+    Completed(
+        Completed,
+        HashMap<ChannelId, tokio_util::sync::CancellationToken>,
+    ),
 }
 
 impl SessionEntry {
     /// Whether it is a record past its time at `now`.
     pub(super) fn expired(&self, now: std::time::Instant) -> bool {
-        matches!(&self.route, Route::Completed(c) if c.expired(now))
+        matches!(&self.route, Route::Completed(c, _) if c.expired(now))
     }
 }
 

@@ -182,7 +182,9 @@ impl Session {
         };
         let mut map = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match (left, map.get_mut(&id)) {
-            (Some(record), Some(entry)) => entry.route = Route::Completed(record),
+            (Some(record), Some(entry)) => {
+                entry.route = Route::Completed(record, Default::default())
+            }
             _ => drop(map.remove(&id)),
         }
         let now = Instant::now();

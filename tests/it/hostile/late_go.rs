@@ -116,11 +116,22 @@ fn a_go_sent_again_after_an_early_report_gets_complete_until_the_linger_ends() {
     let (_, answer) = rebind(&h, session, &secret, 7);
     assert!(matches!(answer, Message::Abort(_)), "{answer:?}");
 
+    // One connection per channel: a new bind of channel 0 stops the one
+    // before it (a proved peer cannot pile connections up on a record).
+    let (mut s2, answer) = rebind(&h, session, &secret, 9);
+    assert!(
+        matches!(answer, Message::ChannelBindResponse(_)),
+        "{answer:?}"
+    );
+    assert!(closed_within(&mut s, Duration::from_secs(2)));
+    send(&mut s2, go_again, &Message::Go);
+    assert!(matches!(recv(&mut s2), Some((_, Message::Complete(_)))));
+
     // At the linger's deadline (the idle timeout, 1 s here, and 5 s) the
     // record's connection closes and the record is gone.
     let deadline = completed_at + Duration::from_secs(1) + ferry::migration::dest_session::LINGER;
     let left = deadline.saturating_duration_since(std::time::Instant::now());
-    assert!(closed_within(&mut s, left + Duration::from_secs(2)));
+    assert!(closed_within(&mut s2, left + Duration::from_secs(2)));
     let (_, answer) = rebind(&h, session, &secret, 8);
     let text = abort_text(Some((Header::new(Command::Abort), answer)));
     assert!(text.contains("unknown session"), "{text}");
