@@ -189,7 +189,7 @@ async fn create_migration(
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
     let req = parse_body::<CreateMigration>(&body)?;
-    let config = req.params.config()?;
+    let config = req.params.config(node.migration_defaults())?;
     // A VM that runs on another node: its node runs the migration.
     if let Some(host) = node.host_elsewhere(&req.vm).filter(|_| !q.handed) {
         let value: serde_json::Value = parse_body(&body)?;

@@ -37,6 +37,7 @@
 
 mod checks;
 
+use crate::codec::CodecChoice;
 use crate::units::{parse_bandwidth, parse_size};
 pub(crate) use checks::check_address;
 use checks::{amount, api_limits, check_image_dirs, NodeDefaults};
@@ -128,6 +129,7 @@ struct RawApi {
 struct RawDefaults {
     max_concurrent_migrations: Option<u32>,
     max_bandwidth: Option<Amount>,
+    codec: Option<String>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
 }
@@ -141,6 +143,7 @@ struct RawNode {
     memory_capacity: Amount,
     max_concurrent_migrations: Option<u32>,
     max_bandwidth: Option<Amount>,
+    codec: Option<String>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
@@ -163,6 +166,9 @@ pub struct NodeSpec {
     pub max_concurrent_migrations: u32,
     /// Cap on all its outgoing migrations together, bytes/s (`None`: no cap).
     pub max_bandwidth: Option<u64>,
+    /// The codec of its outgoing migrations where a request names none
+    /// (drains and failbacks included). Default: `auto`.
+    pub codec: CodecChoice,
     /// The program (and its first arguments) that runs a rolling update's
     /// command on this node, the command appended as the last argument; no
     /// hook, no updates.
@@ -231,6 +237,7 @@ impl JoinNode {
             memory_capacity: Amount::Text(need(&self.memory_capacity, "--memory-capacity")?),
             max_concurrent_migrations: None,
             max_bandwidth: None,
+            codec: None,
             update_hook: None,
             preview_hook: None,
             tls_cert: self.tls_cert.clone(),

@@ -58,6 +58,7 @@ pub fn spec_of(r: &NodeRecord, file: Option<&NodeSpec>, cluster: &Cluster) -> Op
         memory_capacity: 0,
         max_concurrent_migrations: super::cluster::DEFAULT_MAX_CONCURRENT_MIGRATIONS,
         max_bandwidth: None,
+        codec: Default::default(),
         update_hook: None,
         preview_hook: None,
         api_cert: None,

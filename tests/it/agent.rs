@@ -386,6 +386,44 @@ fn outgoing_migrations_beyond_the_limit_wait_in_order_and_can_be_cancelled() {
 }
 
 #[test]
+fn a_nodes_codec_applies_to_its_migrations_and_drains_that_name_none() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start(
+        "nodecodec",
+        &[("a", "codec = \"lz4\""), ("b", ""), ("c", "")],
+    ) else {
+        return;
+    };
+    let (s, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(node["limits"]["codec"], "lz4", "{node}");
+    for vm in ["vm1", "vm2", "vm3"] {
+        let body = json!({"name": vm, "memory": "8MiB", "workload": "idle"});
+        let (s, v) = c.call(Method::POST, "a", "/v1/vms", Some(body));
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let migrate = |body: Value| {
+        let (s, m) = c.call(Method::POST, "a", "/v1/migrations", Some(body));
+        assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+        c.wait("a", m["id"].as_str().unwrap())
+    };
+    // Unnamed: the node's codec; named: the request's.
+    let done = migrate(json!({"vm": "vm1", "target": "b"}));
+    assert_eq!(done["report"]["codec"], "lz4", "{done}");
+    let done = migrate(json!({"vm": "vm2", "target": "b", "codec": "none"}));
+    assert_eq!(done["report"]["codec"], "none", "{done}");
+    // A drain names none either.
+    let (s, op) = c.call(Method::POST, "a", "/v1/node/drain", Some(json!({})));
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let op = c.wait_op("a", op["id"].as_str().unwrap());
+    assert_eq!(op["state"], "completed", "{op}");
+    let step = &op["steps"][0];
+    assert_eq!(step["vm"], "vm3", "{op}");
+    let id = step["migration_id"].as_str().unwrap();
+    assert_eq!(c.wait("a", id)["report"]["codec"], "lz4");
+}
+
+#[test]
 fn a_node_bandwidth_limit_caps_its_migrations_together() {
     let _serial = common::serial();
     // Two incompressible 16 MiB VMs leave a together under a's 20 MB/s.

@@ -126,8 +126,10 @@ impl CreateVm {
 }
 
 impl MigrationParams {
-    pub(super) fn config(&self) -> Result<MigrationConfig, ApiError> {
-        let mut c = MigrationConfig::default();
+    /// The migration's configuration: what the request names, over the
+    /// node's `defaults`.
+    pub(super) fn config(&self, defaults: MigrationConfig) -> Result<MigrationConfig, ApiError> {
+        let mut c = defaults;
         if let Some(n) = self.channels {
             c.channels = n;
         }

@@ -132,6 +132,12 @@ impl NodeDefaults<'_> {
                 "node {name}: max_bandwidth {b} B/s is out of range ({lo} to {hi})"
             ));
         }
+        let codec = match n.codec.as_deref().or(self.defaults.codec.as_deref()) {
+            Some(c) => c
+                .parse::<CodecChoice>()
+                .map_err(|e| format!("node {name}: codec {c:?}: {e}"))?,
+            None => CodecChoice::Auto,
+        };
         let update_hook = n.update_hook.or_else(|| self.defaults.update_hook.clone());
         if update_hook.as_ref().is_some_and(|h| h.is_empty()) {
             return Err(format!("node {name}: update_hook is empty"));
@@ -166,6 +172,7 @@ impl NodeDefaults<'_> {
             memory_capacity,
             max_concurrent_migrations,
             max_bandwidth,
+            codec,
             update_hook,
             preview_hook,
         })

@@ -1,6 +1,7 @@
 //! The cluster file's tests: what it takes, and each refusal naming its field.
 
 use super::*;
+use crate::codec::CodecChoice;
 
 fn dir_with_token(token: &str) -> tempdir::Dir {
     let d = tempdir::Dir::new();
@@ -80,6 +81,25 @@ fn the_issue_example_reads_with_defaults_applied() {
     assert_eq!(b.max_bandwidth, Some(125_000_000));
     assert_eq!(b.update_hook, Some(vec!["sh".into(), "-c".into()]));
     assert!(c.require_node("z").unwrap_err().contains("nodes: a, b"));
+    assert_eq!(a.codec, CodecChoice::Auto, "auto unless the file says");
+}
+
+#[test]
+fn a_codec_set_for_the_cluster_applies_unless_a_node_sets_its_own() {
+    let d = dir_with_token("s3cret-s3cret-s3cret");
+    let text = EXAMPLE
+        .replace("[defaults]\n", "[defaults]\ncodec = \"zstd:3\"\n")
+        .replace(
+            "max_concurrent_migrations = 3\n",
+            "max_concurrent_migrations = 3\ncodec = \"none\"\n",
+        );
+    let c = Cluster::parse(&text, &d.path().join("cluster.toml")).unwrap();
+    let zstd3 = CodecChoice::Fixed(crate::codec::Codec::Zstd { level: 3 });
+    assert_eq!(c.node("a").unwrap().codec, zstd3);
+    assert_eq!(
+        c.node("b").unwrap().codec,
+        CodecChoice::Fixed(crate::codec::Codec::None)
+    );
 }
 
 #[test]
@@ -156,6 +176,11 @@ fn bad_files_are_refused_naming_what_is_wrong() {
     }
     assert!(with("\"8GiB\"", "\"2048TiB\"").contains("out of range"));
     assert!(with("\"8GiB\"", "\"8GiB\"\nmax_bandwidth = \"10B/s\"").contains("max_bandwidth"));
+    let bad_codec = with("\"8GiB\"", "\"8GiB\"\ncodec = \"zstd:99\"");
+    assert!(
+        bad_codec.contains("node a: codec \"zstd:99\""),
+        "{bad_codec}"
+    );
     assert!(with("name = \"b\"", &format!("name = \"{}\"", "b".repeat(300))).contains("node name"));
     assert!(with(
         "memory_capacity = \"8GiB\"",

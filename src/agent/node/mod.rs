@@ -240,6 +240,13 @@ pub struct Limits {
     pub max_concurrent_migrations: u32,
     /// Cap on all outgoing migrations together, bytes/s.
     pub max_bandwidth: Option<u64>,
+    /// The codec of outgoing migrations that name none.
+    #[serde(default = "auto_codec")]
+    pub codec: String,
+}
+
+fn auto_codec() -> String {
+    "auto".into()
 }
 
 /// Why the node refused a request; the API maps each to an HTTP status.

@@ -4,6 +4,15 @@
 use super::*;
 
 impl Node {
+    /// What this node's outgoing migrations use where a request names
+    /// nothing: the engine's defaults, with the node's codec.
+    pub fn migration_defaults(&self) -> MigrationConfig {
+        MigrationConfig {
+            codec: self.spec.codec,
+            ..MigrationConfig::default()
+        }
+    }
+
     /// `POST /v1/migrations`: queues the migration of `vm` to `target`;
     /// it starts when one of the node's slots is free.
     pub fn request_migration(

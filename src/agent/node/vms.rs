@@ -26,6 +26,7 @@ impl Node {
             limits: Limits {
                 max_concurrent_migrations: self.spec.max_concurrent_migrations,
                 max_bandwidth: self.spec.max_bandwidth,
+                codec: self.spec.codec.to_string(),
             },
             lease: self.liveness.get().map(|l| l.view()),
             coordinator: self

@@ -171,7 +171,7 @@ impl Node {
             let asked = self.request_migration(
                 &s.vm,
                 &s.target,
-                MigrationConfig::default(),
+                self.migration_defaults(),
                 Some(op.to_string()),
             );
             self.with_op(op, |v| v.steps[i].asked(asked.map(|m| m.id)));

@@ -17,7 +17,6 @@ use types::{ASK_NODE, MAX_OUTPUT};
 use super::client::name_of;
 use super::node::{MigrationState, Node, NodeError, NodeMode, VmState};
 use super::request::{CreateMigration, MigrationParams};
-use crate::migration::MigrationConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
