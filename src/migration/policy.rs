@@ -239,8 +239,10 @@ impl Convergence {
     }
 
     /// The pause would be under the limit: another round while rounds still
-    /// shrink fast; a step of the throttle while they do not but the pause
-    /// is above a short one (a sixteenth of the limit); else switch over.
+    /// shrink fast; while they do not but the pause is above a short one (a
+    /// sixteenth of the limit), a step of the throttle, as far as its first
+    /// two steps (30% by default: a guest is never slowed harder than that
+    /// for a pause already under the limit); else switch over.
     fn under_limit(&mut self, r: &RoundStats, transfer: Duration) -> Decision {
         if self.another_round_pays(r, transfer) {
             self.note_progress(r);
@@ -248,7 +250,11 @@ impl Convergence {
             return Decision::Continue;
         }
         let short = self.policy.downtime_limit / 16;
-        if transfer > short && self.room(r, transfer) {
+        let gentle = self
+            .policy
+            .auto_converge
+            .is_some_and(|ac| self.throttle_pct < ac.initial_pct.saturating_add(ac.increment_pct));
+        if transfer > short && gentle && self.room(r, transfer) {
             if let Some(p) = self.throttle_up() {
                 self.note_progress(r);
                 return Decision::Throttle(p);
@@ -362,6 +368,15 @@ mod tests {
                     (round(1, 1.1, 40, 40, 30), Throttle(20)),
                     (round(2, 1.14, 30, 30, 10), Continue),
                     (round(3, 1.15, 10, 10, 3), Switchover),
+                ],
+            ),
+            (
+                "a hot set rewritten whole is throttled two steps at most for a shorter pause",
+                vec![
+                    (round(0, 1.0, 1000, 1000, 40), Continue),
+                    (round(1, 1.1, 40, 40, 38), Throttle(20)),
+                    (round(2, 1.15, 38, 38, 37), Throttle(30)),
+                    (round(3, 1.2, 37, 37, 36), Switchover),
                 ],
             ),
             (
