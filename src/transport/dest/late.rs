@@ -4,16 +4,16 @@
 //! the receiver stops. It reads control frames only, within the
 //! handshake's frame limit, and fails on any other.
 
-/// Longest wait to close the connection (a TLS close_notify to a peer that
-/// stopped reading).
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
 use super::Bind;
 use crate::migration::dest_session::Completed;
 use crate::migration::{MigrationError, Violation};
 use crate::wire::{ChannelBindResponse, Command, Header, Limits, Message};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Longest wait to close the connection (a TLS close_notify to a peer that
+/// stopped reading).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves bind `b` of session `session_id` from `record`, until either of
 /// `stops` (the receiver's, the channel's) fires.

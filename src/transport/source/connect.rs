@@ -187,8 +187,11 @@ pub(super) async fn open_session(
         }
         let what = hs.awaiting().unwrap_or("an answer");
         let (header, msg) = handshake_read(&mut rd0, what).await?;
-        // NEGOTIATE's answer takes the destination no work: a round trip.
-        rtt.get_or_insert(sent.elapsed());
+        // A round trip: the quickest of the handshake's exchanges, so that
+        // one slow answer (a busy destination) does not count as the
+        // path's and block the switchover's estimate for good.
+        let took = sent.elapsed();
+        rtt = Some(rtt.map_or(took, |r: std::time::Duration| r.min(took)));
         match hs.handle(&header, msg) {
             Ok(Some(done)) => break done,
             Ok(None) => {}

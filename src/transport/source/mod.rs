@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 struct Tally {
     session_id: u64,
     setup: Duration,
-    /// A round trip to the destination, timed at NEGOTIATE.
+    /// A round trip to the destination: the quickest handshake exchange.
     rtt: Duration,
     totals: RoundTotals,
     downtime: Duration,
