@@ -129,6 +129,13 @@ impl Node {
         cancel: CancellationToken,
     ) {
         loop {
+            // Listening before the steps are read: a migration that ends
+            // from here on wakes the loop at once, and the next one starts
+            // without waiting out the tick.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.refresh_steps(&op);
             // Start planned steps while this drain has room.
             let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
             let active = steps
@@ -149,7 +156,7 @@ impl Node {
                 break;
             }
             tokio::select! {
-                _ = self.changed.notified() => {}
+                _ = changed => {}
                 _ = cancel.cancelled(), if !cancel.is_cancelled() => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
