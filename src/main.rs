@@ -8,6 +8,7 @@ mod cli {
     pub mod analyze;
     pub mod args;
     pub mod bench;
+    pub mod bench_drain;
     pub mod demo;
     pub mod demo_cluster;
     pub mod files;
@@ -90,6 +91,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Link(a)) => bench_link(a),
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
+        Command::Bench(BenchCommand::Drain(a)) => cli::bench_drain::bench_drain(a),
         Command::Bench(BenchCommand::Kvm(a)) => bench_kvm(a),
         Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
         Command::Bench(BenchCommand::Hostile(a)) => cli::hostile::hostile(a),

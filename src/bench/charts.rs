@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const SIZE: (u32, u32) = (900, 560);
-const PALETTE: [RGBColor; 6] = [
+pub(crate) const SIZE: (u32, u32) = (900, 560);
+pub(crate) const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -19,7 +19,7 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The bundled font is valid TrueType: registration cannot fail on it.
@@ -27,11 +27,11 @@ fn register_font() {
     });
 }
 
-type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+pub(crate) type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// The label of category `x` on an axis whose categories sit at 0, 1, 2, ...
 /// (empty between them, where plotters may also put a tick).
-fn index_label(x: f64, labels: &[String]) -> String {
+pub(crate) fn index_label(x: f64, labels: &[String]) -> String {
     let i = x.round();
     if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
         labels[i as usize].clone()
@@ -215,7 +215,7 @@ impl Chart<'_> {
     }
 }
 
-fn slug(s: &str) -> String {
+pub(crate) fn slug(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {

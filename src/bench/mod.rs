@@ -4,6 +4,7 @@
 
 #[cfg(feature = "net")]
 pub mod charts;
+pub mod drain;
 #[cfg(feature = "net")]
 pub mod hostile;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

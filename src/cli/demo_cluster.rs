@@ -38,16 +38,25 @@ pub fn demo_cluster(a: DemoClusterArgs) -> Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("ferry-demo-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
-        let file = write_cluster(&dir, &etcd.endpoint)?;
+        let settings = "[defaults]\nmax_concurrent_migrations = 2\n";
+        let file = write_cluster(&dir, &etcd.endpoint, settings, 16 << 30)?;
         run(&a, &file, &etcd.endpoint)
     });
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-/// Writes the demo's token and its cluster file of three nodes on
-/// loopback, their state in etcd at `endpoint`.
-fn write_cluster(dir: &std::path::Path, endpoint: &str) -> Result<std::path::PathBuf> {
+/// Writes a token and a cluster file of three nodes (a, b, c) on loopback
+/// into `dir`, their state in etcd at `endpoint`, each holding `capacity`
+/// bytes of VMs; `settings` (TOML: top-level keys, then tables such as
+/// `[defaults]`) goes between the file's top and its nodes.
+pub(crate) fn write_cluster(
+    dir: &std::path::Path,
+    endpoint: &str,
+    settings: &str,
+    capacity: u64,
+) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
     // A random token, though the agents listen on loopback only and for
     // seconds: the demo should not teach a guessable one.
     let token: String = (0..2)
@@ -63,10 +72,10 @@ fn write_cluster(dir: &std::path::Path, endpoint: &str) -> Result<std::path::Pat
         "token_file = \"cluster.token\"\n# a demo on loopback: plain HTTP\ninsecure_api = true\n"
             .to_string();
     text += &format!("etcd = [\"{}\"]\n", endpoint);
-    text += "[defaults]\nmax_concurrent_migrations = 2\n";
+    text += settings;
     for name in ["a", "b", "c"] {
         text += &format!(
-            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"16GiB\"\n",
+            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = {capacity}\n",
             free_port()?,
             free_port()?
         );

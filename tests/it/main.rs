@@ -8,6 +8,7 @@ mod common;
 
 mod agent;
 mod bandwidth;
+mod bench_drain;
 mod cli;
 mod drain;
 mod durable;

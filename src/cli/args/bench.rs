@@ -11,6 +11,10 @@ pub(crate) enum BenchCommand {
     Codecs(CodecsArgs),
     /// Real migrations over a grid of codecs × link speeds × guests.
     Sweep(SweepArgs),
+    /// Drains of a node's VMs to two others through the node's one link,
+    /// for each concurrency × codec × link speed: drain time, each VM's
+    /// time and pause, wire bytes, the agents' CPU.
+    Drain(DrainBenchArgs),
     /// What a KVM guest's parts cost here: the dirty log's sync per GiB, the
     /// guest's write rate under dirty tracking, and the switchover's steps.
     Kvm(KvmBenchArgs),
@@ -67,6 +71,76 @@ pub(crate) struct SweepArgs {
     /// Print the cells as one line of JSON on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DrainBenchArgs {
+    /// VMs on the drained node.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) vms: u32,
+    /// Memory of each VM [default: 512MiB, or the image's size].
+    #[arg(long, value_parser = size_arg)]
+    pub(crate) memory: Option<u64>,
+    /// Write patterns, given to the VMs in turn (`idle,hot:64MiB`: every
+    /// other VM idle): idle, uniform, sequential, hot:<size>.
+    #[arg(long, default_value = "hot:32MiB", value_parser = workload_list_arg)]
+    pub(crate) workload: WorkloadList,
+    /// Bytes each VM writes per second.
+    #[arg(long, default_value = "50MB/s", value_parser = rate_arg)]
+    pub(crate) dirty_rate: u64,
+    /// Initial content mix by weight: zero, text, binary, random.
+    #[arg(long, default_value = "zero:35,text:30,binary:20,random:15")]
+    pub(crate) fill: FillSpec,
+    /// Every VM's memory from this raw RAM image instead (its size sets
+    /// --memory), e.g. from scripts/real-image.py.
+    #[arg(long, value_name = "FILE", conflicts_with = "fill")]
+    pub(crate) image: Option<PathBuf>,
+    /// The VMs' backend: sim (synthetic) or kvm (KVM guests; needs /dev/kvm).
+    #[arg(long = "guest", value_enum, default_value_t = GuestBackend::Sim)]
+    pub(crate) backend: GuestBackend,
+    /// Migrations at once, each an axis point (1 to 64).
+    #[arg(long, default_value = "1,2,4,8", value_parser = concurrency_list_arg)]
+    pub(crate) max_concurrent: ConcurrencyList,
+    /// Codecs of the drained node's migrations (its `codec` setting).
+    #[arg(long, default_value = "auto", value_parser = choice_list_arg)]
+    pub(crate) codecs: ChoiceList,
+    /// Speeds of the drained node's outgoing link (`unlimited` for none).
+    #[arg(long, default_value = "1Gbit,10Gbit", value_parser = link_list_arg)]
+    pub(crate) bandwidth: LinkList,
+    /// How to emulate the link: `cap` (the node's `max_bandwidth`, one cap
+    /// shared by all its migrations, over loopback).
+    #[arg(long, default_value = "cap", value_parser = ["cap"])]
+    pub(crate) link: String,
+    /// Drains per cell; medians and spreads are over these.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) repeats: u32,
+    /// Write results.json, results.csv, report.md and the charts into this
+    /// directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    /// Print the cells as one line of JSON on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// A comma-separated list of write patterns.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkloadList(pub(crate) Vec<WorkloadPattern>);
+
+pub(crate) fn workload_list_arg(s: &str) -> Result<WorkloadList, String> {
+    labelled_list(s).map(|v| WorkloadList(v.into_iter().map(|(_, w)| w).collect()))
+}
+
+/// A comma-separated list of migrations at once, each as given.
+#[derive(Debug, Clone)]
+pub(crate) struct ConcurrencyList(pub(crate) Vec<(String, u32)>);
+
+pub(crate) fn concurrency_list_arg(s: &str) -> Result<ConcurrencyList, String> {
+    let v: Vec<(String, u32)> = labelled_list(s)?;
+    if let Some((label, _)) = v.iter().find(|(_, n)| !(1..=64).contains(n)) {
+        return Err(format!("max-concurrent {label} is out of range (1 to 64)"));
+    }
+    Ok(ConcurrencyList(v))
 }
 
 /// The sweep's path: plain TCP, TLS, or both.

@@ -1,0 +1,387 @@
+//! `ferry bench drain`: N VMs on node a of three in-process agents on
+//! loopback, drained to b and c through a's one link (its `max_bandwidth`,
+//! shared by all its migrations), for each link speed × codec × migrations
+//! at once, with the drain time, each VM's report and the agents' CPU.
+
+use super::args::{DrainBenchArgs, GuestBackend};
+use super::orchestrate::{ClusterArg, Ctx};
+use crate::{cancel_on_signals, check_kvm, usage};
+use anyhow::{anyhow, bail, Context, Result};
+use ferry::agent::cluster::MAX_CONCURRENT;
+use ferry::agent::request::{Amount, CreateVm, Drain, Resume};
+use ferry::agent::{Cluster, OpState, OperationView};
+use ferry::bench::drain::{mark_best, summarize, table, DrainMeta, DrainRun, VmRun};
+use ferry::bench::sweep::link_label;
+use ferry::cpu::CpuMeter;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How often a drain is looked at, and the agents' CPU sampled.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The bench: every link speed × codec on a fresh cluster, every
+/// concurrency × repeat a drain on it.
+pub(crate) fn bench_drain(a: DrainBenchArgs) -> Result<ExitCode> {
+    let memory = guest_memory(&a)?;
+    if a.backend == GuestBackend::Kvm {
+        check_kvm()?;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-bench-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
+        let cancel = CancellationToken::new();
+        cancel_on_signals(cancel.clone());
+        grid(&a, memory, &dir, &etcd.endpoint, &cancel)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(mut cells) = result? else {
+        eprintln!("interrupted: bench stopped, nothing written");
+        return Ok(ExitCode::from(130));
+    };
+    mark_best(&mut cells);
+    if let Some(out) = &a.out {
+        write(&a, memory, out, &cells)?;
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "cells": cells }));
+    } else {
+        print!("{}", table(&cells));
+    }
+    let failed = cells.iter().any(|c| c.failures > 0);
+    Ok(ExitCode::from(u8::from(failed)))
+}
+
+/// Each VM's memory: the image's size, or --memory.
+fn guest_memory(a: &DrainBenchArgs) -> Result<u64> {
+    match &a.image {
+        Some(p) => {
+            if !p.is_absolute() {
+                return Err(usage(
+                    "--image must be an absolute path: every agent reads it",
+                ));
+            }
+            let len = std::fs::metadata(p)
+                .map_err(|e| usage(format!("cannot read RAM image {}: {e}", p.display())))?
+                .len();
+            match a.memory {
+                Some(m) if m != len => Err(usage(format!(
+                    "--memory {m} differs from the image's size {len}"
+                ))),
+                _ => Ok(len),
+            }
+        }
+        None => Ok(a.memory.unwrap_or(512 << 20)),
+    }
+}
+
+/// Runs the grid; `None` when interrupted.
+fn grid(
+    a: &DrainBenchArgs,
+    memory: u64,
+    dir: &std::path::Path,
+    etcd: &str,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<ferry::bench::drain::DrainCell>>> {
+    let levels = &a.max_concurrent.0;
+    let groups = a.bandwidth.0.len() * a.codecs.0.len();
+    let drains = (groups * levels.len()) as u64 * u64::from(a.repeats);
+    let bar = ProgressBar::with_draw_target(Some(drains), ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_style(
+        ProgressStyle::with_template("drain bench [{bar:30}] {pos}/{len} drains  {msg}  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut cells = Vec::new();
+    let mut group = 0;
+    for &link in &a.bandwidth.0 {
+        for (label, codec) in &a.codecs.0 {
+            group += 1;
+            let settings = format!(
+                "etcd_prefix = \"/ferry-bench-drain/{group}/\"\n[defaults]\ncodec = \"{codec}\"\n{}{}",
+                link.map_or(String::new(), |b| format!("max_bandwidth = {b}\n")),
+                // The node's own limit out of the way: each drain's is the axis.
+                format_args!("max_concurrent_migrations = {MAX_CONCURRENT}\n"),
+            );
+            let capacity = (memory * u64::from(a.vms)).max(16 << 30);
+            let file = super::demo_cluster::write_cluster(
+                &dir.join(format!("cluster-{group}")),
+                etcd,
+                &settings,
+                capacity,
+            )?;
+            let bench = Bench::start(&file, a, memory)?;
+            for (level_label, level) in levels {
+                let mut runs = Vec::new();
+                for _ in 0..a.repeats {
+                    bar.set_message(format!(
+                        "{} · {label} · {level_label} at once",
+                        link_label(link)
+                    ));
+                    match bench.drain_once(*level, cancel, &bar)? {
+                        Some(run) => runs.push(run),
+                        None => {
+                            bar.abandon();
+                            bench.stop();
+                            return Ok(None);
+                        }
+                    }
+                    bar.inc(1);
+                }
+                cells.push(summarize(label, link, level_label, &runs));
+            }
+            bench.stop();
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Some(cells))
+}
+
+/// Three agents in this process and a client of theirs.
+struct Bench<'a> {
+    rt: tokio::runtime::Runtime,
+    agents: Vec<ferry::agent::AgentHandle>,
+    ctx: Ctx,
+    cpu: CpuMeter,
+    args: &'a DrainBenchArgs,
+    memory: u64,
+}
+
+impl<'a> Bench<'a> {
+    fn start(file: &std::path::Path, args: &'a DrainBenchArgs, memory: u64) -> Result<Self> {
+        let cluster = Cluster::load(file).map_err(|e| anyhow!("{e}"))?;
+        let cpu = CpuMeter::new();
+        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
+        let agents = ["a", "b", "c"]
+            .iter()
+            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("starting the agents")?;
+        let ctx = Ctx::new(&ClusterArg {
+            cluster: file.to_path_buf(),
+        })?;
+        Ok(Self {
+            rt,
+            agents,
+            ctx,
+            cpu,
+            args,
+            memory,
+        })
+    }
+
+    fn stop(self) {
+        for agent in self.agents {
+            self.rt.block_on(agent.shutdown());
+        }
+    }
+
+    /// Creates the VMs on a, drains a with `level` at once, reads every
+    /// migration's report, then deletes the VMs and resumes a. `None` when
+    /// interrupted (the drain cancelled, its VMs deleted wherever they run).
+    fn drain_once(
+        &self,
+        level: u32,
+        cancel: &CancellationToken,
+        bar: &ProgressBar,
+    ) -> Result<Option<DrainRun>> {
+        let (ctx, a_node) = (&self.ctx, self.ctx.node("a")?.clone());
+        self.create_vms(&a_node)?;
+        // Let busy workloads reach their steady state.
+        std::thread::sleep(Duration::from_millis(300));
+        let drain = Drain {
+            max_concurrent: Some(level),
+            ..Drain::default()
+        };
+        let op: OperationView = ctx.run(ctx.peers.act_on(&a_node, "a", "drain", &drain))?;
+        let (op, cpu_ms, peak) = self.watch(&a_node, op, cancel, bar)?;
+        let run = self.collect(&op, cpu_ms, peak)?;
+        self.clean_up(&a_node, &op)?;
+        Ok((!cancel.is_cancelled()).then_some(run))
+    }
+
+    fn create_vms(&self, a_node: &ferry::agent::NodeSpec) -> Result<()> {
+        let a = self.args;
+        for i in 0..a.vms {
+            let workload = &a.workload.0[i as usize % a.workload.0.len()];
+            let body = CreateVm {
+                name: format!("vm{}", i + 1),
+                memory: Amount::Int(self.memory),
+                workload: Some(workload.to_string()),
+                dirty_rate: Some(Amount::Int(a.dirty_rate)),
+                fill: a.image.is_none().then(|| a.fill.to_string()),
+                guest: Some(
+                    if a.backend == GuestBackend::Kvm {
+                        "kvm"
+                    } else {
+                        "sim"
+                    }
+                    .into(),
+                ),
+                priority: None,
+                preferred_owners: None,
+                image: a.image.as_ref().map(|p| p.display().to_string()),
+                seed: Some(u64::from(i) + 1),
+            };
+            self.ctx.run(self.ctx.peers.create_vm(a_node, &body))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the drain to end, sampling the agents' CPU; cancels it when
+    /// `cancel` fires. Returns its record, the agents' CPU ms over it, and
+    /// their busiest tick in cores.
+    fn watch(
+        &self,
+        node: &ferry::agent::NodeSpec,
+        op: OperationView,
+        cancel: &CancellationToken,
+        bar: &ProgressBar,
+    ) -> Result<(OperationView, f64, f64)> {
+        let ctx = &self.ctx;
+        let (start_cpu, mut last_cpu, mut last_at) =
+            (self.cpu.total(), self.cpu.total(), Instant::now());
+        let mut peak = 0.0f64;
+        let mut cancelled = false;
+        loop {
+            std::thread::sleep(TICK);
+            let (cpu, at) = (self.cpu.total(), Instant::now());
+            let wall = at.duration_since(last_at).as_secs_f64();
+            if wall > 0.0 {
+                peak = peak.max((cpu - last_cpu).as_secs_f64() / wall);
+            }
+            (last_cpu, last_at) = (cpu, at);
+            if cancel.is_cancelled() && !cancelled {
+                cancelled = true;
+                let _ = ctx.run(ctx.peers.cancel_operation(node, &op.id));
+            }
+            let now = ctx.run(ctx.peers.operation(node, &op.id))?;
+            let moved = now.steps.iter().filter(|s| s.state == "completed").count();
+            bar.set_message(format!("draining: {moved}/{} moved", now.steps.len()));
+            if now.state != OpState::Running {
+                let cpu_ms = (self.cpu.total() - start_cpu).as_secs_f64() * 1000.0;
+                return Ok((now, cpu_ms, peak));
+            }
+        }
+    }
+
+    /// The drain's run from its record and its migrations' reports.
+    fn collect(&self, op: &OperationView, cpu_ms: f64, peak: f64) -> Result<DrainRun> {
+        let a_node = self.ctx.node("a")?;
+        let since = |t: Option<u64>| t.map_or(0.0, |t| t.saturating_sub(op.started_at_ms) as f64);
+        let mut vms = Vec::new();
+        for s in &op.steps {
+            let m = match &s.migration_id {
+                Some(id) => Some(self.ctx.run(self.ctx.peers.migration(a_node, id))?),
+                None => None,
+            };
+            let report = m.as_ref().and_then(|m| m.report.as_ref());
+            let completed = s.state == "completed";
+            vms.push(VmRun {
+                vm: s.vm.clone(),
+                target: if completed {
+                    s.target.clone()
+                } else {
+                    String::new()
+                },
+                completed,
+                total_ms: report.map_or(0.0, |r| r.total_ms),
+                downtime_ms: report.map_or(0.0, |r| r.downtime_ms),
+                wire_bytes: report.map_or(0, |r| r.wire_bytes),
+                waited_ms: since(s.started_at_ms),
+                ended_ms: since(s.finished_at_ms),
+                codec: report.map_or(String::new(), |r| r.codec.clone()),
+                error: s.error.clone(),
+            });
+        }
+        let first = op.steps.iter().filter_map(|s| s.started_at_ms).min();
+        let last = op.steps.iter().filter_map(|s| s.finished_at_ms).max();
+        let completed = op.state == OpState::Completed && vms.iter().all(|v| v.completed);
+        Ok(DrainRun {
+            drain_ms: first.zip(last).map(|(f, l)| l.saturating_sub(f) as f64),
+            completed,
+            cpu_ms,
+            peak_cpu_cores: peak,
+            vms,
+        })
+    }
+
+    /// Deletes the drain's VMs wherever they run and resumes a.
+    fn clean_up(&self, a_node: &ferry::agent::NodeSpec, op: &OperationView) -> Result<()> {
+        let ctx = &self.ctx;
+        for s in &op.steps {
+            let on = if s.state == "completed" {
+                &s.target
+            } else {
+                &s.source
+            };
+            let node = ctx.node(on)?;
+            ctx.run(ctx.peers.delete_vm(node, &s.vm, false))
+                .with_context(|| format!("deleting {} on {on}", s.vm))?;
+        }
+        let resume: OperationView =
+            ctx.run(ctx.peers.act_on(a_node, "a", "resume", &Resume::default()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r: OperationView = ctx.run(ctx.peers.operation(a_node, &resume.id))?;
+            if r.state != OpState::Running {
+                if r.state != OpState::Completed {
+                    bail!("resuming node a: {:?}", r.error);
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("resuming node a took over 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Writes results.json, results.csv, report.md and the charts to `dir`.
+fn write(
+    a: &DrainBenchArgs,
+    memory: u64,
+    dir: &std::path::Path,
+    cells: &[ferry::bench::drain::DrainCell],
+) -> Result<()> {
+    let content = match &a.image {
+        Some(p) => format!("image {}", p.display()),
+        None => format!("fill {}", a.fill),
+    };
+    let guests = a
+        .workload
+        .0
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {w} at {}, {content}",
+                ferry::units::Bytes(memory),
+                ferry::units::Rate(a.dirty_rate as f64)
+            )
+        })
+        .collect();
+    let meta = DrainMeta {
+        link: a.link.clone(),
+        vms: a.vms,
+        guests,
+        repeats: a.repeats,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    ferry::bench::drain::write_outputs(dir, &meta, cells)
+        .with_context(|| format!("writing results to {}", dir.display()))?;
+    let charts = ferry::bench::drain::write_charts(dir, cells)
+        .map_err(|e| anyhow!("drawing charts in {}: {e}", dir.display()))?;
+    if !a.json {
+        eprintln!(
+            "wrote results.json, results.csv, report.md and {} charts to {}",
+            charts.len(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
