@@ -8,6 +8,8 @@ mod cli {
     pub mod analyze;
     pub mod args;
     pub mod bench;
+    pub mod bench_agents;
+    pub mod bench_cycle;
     pub mod bench_drain;
     pub mod demo;
     pub mod demo_cluster;
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Codecs(a)) => bench_codecs(a),
         Command::Bench(BenchCommand::Sweep(a)) => bench_sweep(a),
         Command::Bench(BenchCommand::Drain(a)) => cli::bench_drain::bench_drain(a),
+        Command::Bench(BenchCommand::Cycle(a)) => cli::bench_cycle::bench_cycle(a),
         Command::Bench(BenchCommand::Kvm(a)) => bench_kvm(a),
         Command::Bench(BenchCommand::Soak(a)) => cli::soak::soak(a),
         Command::Bench(BenchCommand::Hostile(a)) => cli::hostile::hostile(a),

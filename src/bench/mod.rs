@@ -4,6 +4,7 @@
 
 #[cfg(feature = "net")]
 pub mod charts;
+pub mod cycle;
 pub mod drain;
 #[cfg(feature = "net")]
 pub mod hostile;

@@ -4,15 +4,14 @@
 //! at once, with the drain time, each VM's report and the agents' CPU.
 
 use super::args::{DrainBenchArgs, GuestBackend};
-use super::orchestrate::{ClusterArg, Ctx};
-use crate::{cancel_on_signals, check_kvm, usage};
-use anyhow::{anyhow, bail, Context, Result};
+use super::bench_agents::{guest_labels, guest_memory, unix_time, LocalAgents};
+use crate::{cancel_on_signals, check_kvm};
+use anyhow::{anyhow, Context, Result};
 use ferry::agent::cluster::MAX_CONCURRENT;
-use ferry::agent::request::{Amount, CreateVm, Drain, Resume};
-use ferry::agent::{Cluster, OpState, OperationView};
+use ferry::agent::request::{Drain, Resume};
+use ferry::agent::{NodeSpec, OpState, OperationView};
 use ferry::bench::drain::{mark_best, summarize, table, DrainMeta, DrainRun, VmRun};
 use ferry::bench::sweep::link_label;
-use ferry::cpu::CpuMeter;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -24,8 +23,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// The bench: every link speed × codec on a fresh cluster, every
 /// concurrency × repeat a drain on it.
 pub(crate) fn bench_drain(a: DrainBenchArgs) -> Result<ExitCode> {
-    let memory = guest_memory(&a)?;
-    if a.backend == GuestBackend::Kvm {
+    let memory = guest_memory(&a.guest)?;
+    if a.guest.backend == GuestBackend::Kvm {
         check_kvm()?;
     }
     let dir = std::env::temp_dir().join(format!("ferry-bench-drain-{}", std::process::id()));
@@ -51,29 +50,6 @@ pub(crate) fn bench_drain(a: DrainBenchArgs) -> Result<ExitCode> {
     }
     let failed = cells.iter().any(|c| c.failures > 0);
     Ok(ExitCode::from(u8::from(failed)))
-}
-
-/// Each VM's memory: the image's size, or --memory.
-fn guest_memory(a: &DrainBenchArgs) -> Result<u64> {
-    match &a.image {
-        Some(p) => {
-            if !p.is_absolute() {
-                return Err(usage(
-                    "--image must be an absolute path: every agent reads it",
-                ));
-            }
-            let len = std::fs::metadata(p)
-                .map_err(|e| usage(format!("cannot read RAM image {}: {e}", p.display())))?
-                .len();
-            match a.memory {
-                Some(m) if m != len => Err(usage(format!(
-                    "--memory {m} differs from the image's size {len}"
-                ))),
-                _ => Ok(len),
-            }
-        }
-        None => Ok(a.memory.unwrap_or(512 << 20)),
-    }
 }
 
 /// Runs the grid; `None` when interrupted.
@@ -138,43 +114,24 @@ fn grid(
     Ok(Some(cells))
 }
 
-/// Three agents in this process and a client of theirs.
+/// The agents of one link speed × codec, and the drains' VMs.
 struct Bench<'a> {
-    rt: tokio::runtime::Runtime,
-    agents: Vec<ferry::agent::AgentHandle>,
-    ctx: Ctx,
-    cpu: CpuMeter,
+    agents: LocalAgents,
     args: &'a DrainBenchArgs,
     memory: u64,
 }
 
 impl<'a> Bench<'a> {
     fn start(file: &std::path::Path, args: &'a DrainBenchArgs, memory: u64) -> Result<Self> {
-        let cluster = Cluster::load(file).map_err(|e| anyhow!("{e}"))?;
-        let cpu = CpuMeter::new();
-        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
-        let agents = ["a", "b", "c"]
-            .iter()
-            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("starting the agents")?;
-        let ctx = Ctx::new(&ClusterArg {
-            cluster: file.to_path_buf(),
-        })?;
         Ok(Self {
-            rt,
-            agents,
-            ctx,
-            cpu,
+            agents: LocalAgents::start(file)?,
             args,
             memory,
         })
     }
 
     fn stop(self) {
-        for agent in self.agents {
-            self.rt.block_on(agent.shutdown());
-        }
+        self.agents.stop();
     }
 
     /// Creates the VMs on a, drains a with `level` at once, reads every
@@ -186,8 +143,10 @@ impl<'a> Bench<'a> {
         cancel: &CancellationToken,
         bar: &ProgressBar,
     ) -> Result<Option<DrainRun>> {
-        let (ctx, a_node) = (&self.ctx, self.ctx.node("a")?.clone());
-        self.create_vms(&a_node)?;
+        let (ctx, a_node) = (&self.agents.ctx, self.agents.node("a")?);
+        let names: Vec<String> = (1..=self.args.vms).map(|i| format!("vm{i}")).collect();
+        self.agents
+            .create_vms(&a_node, &names, &self.args.guest, self.memory)?;
         // Let busy workloads reach their steady state.
         std::thread::sleep(Duration::from_millis(300));
         let drain = Drain {
@@ -201,52 +160,27 @@ impl<'a> Bench<'a> {
         Ok((!cancel.is_cancelled()).then_some(run))
     }
 
-    fn create_vms(&self, a_node: &ferry::agent::NodeSpec) -> Result<()> {
-        let a = self.args;
-        for i in 0..a.vms {
-            let workload = &a.workload.0[i as usize % a.workload.0.len()];
-            let body = CreateVm {
-                name: format!("vm{}", i + 1),
-                memory: Amount::Int(self.memory),
-                workload: Some(workload.to_string()),
-                dirty_rate: Some(Amount::Int(a.dirty_rate)),
-                fill: a.image.is_none().then(|| a.fill.to_string()),
-                guest: Some(
-                    if a.backend == GuestBackend::Kvm {
-                        "kvm"
-                    } else {
-                        "sim"
-                    }
-                    .into(),
-                ),
-                priority: None,
-                preferred_owners: None,
-                image: a.image.as_ref().map(|p| p.display().to_string()),
-                seed: Some(u64::from(i) + 1),
-            };
-            self.ctx.run(self.ctx.peers.create_vm(a_node, &body))?;
-        }
-        Ok(())
-    }
-
     /// Waits for the drain to end, sampling the agents' CPU; cancels it when
     /// `cancel` fires. Returns its record, the agents' CPU ms over it, and
     /// their busiest tick in cores.
     fn watch(
         &self,
-        node: &ferry::agent::NodeSpec,
+        node: &NodeSpec,
         op: OperationView,
         cancel: &CancellationToken,
         bar: &ProgressBar,
     ) -> Result<(OperationView, f64, f64)> {
-        let ctx = &self.ctx;
-        let (start_cpu, mut last_cpu, mut last_at) =
-            (self.cpu.total(), self.cpu.total(), Instant::now());
+        let ctx = &self.agents.ctx;
+        let (start_cpu, mut last_cpu, mut last_at) = (
+            self.agents.cpu.total(),
+            self.agents.cpu.total(),
+            Instant::now(),
+        );
         let mut peak = 0.0f64;
         let mut cancelled = false;
         loop {
             std::thread::sleep(TICK);
-            let (cpu, at) = (self.cpu.total(), Instant::now());
+            let (cpu, at) = (self.agents.cpu.total(), Instant::now());
             let wall = at.duration_since(last_at).as_secs_f64();
             if wall > 0.0 {
                 peak = peak.max((cpu - last_cpu).as_secs_f64() / wall);
@@ -260,7 +194,7 @@ impl<'a> Bench<'a> {
             let moved = now.steps.iter().filter(|s| s.state == "completed").count();
             bar.set_message(format!("draining: {moved}/{} moved", now.steps.len()));
             if now.state != OpState::Running {
-                let cpu_ms = (self.cpu.total() - start_cpu).as_secs_f64() * 1000.0;
+                let cpu_ms = (self.agents.cpu.total() - start_cpu).as_secs_f64() * 1000.0;
                 return Ok((now, cpu_ms, peak));
             }
         }
@@ -268,12 +202,12 @@ impl<'a> Bench<'a> {
 
     /// The drain's run from its record and its migrations' reports.
     fn collect(&self, op: &OperationView, cpu_ms: f64, peak: f64) -> Result<DrainRun> {
-        let a_node = self.ctx.node("a")?;
+        let (ctx, a_node) = (&self.agents.ctx, self.agents.node("a")?);
         let since = |t: Option<u64>| t.map_or(0.0, |t| t.saturating_sub(op.started_at_ms) as f64);
         let mut vms = Vec::new();
         for s in &op.steps {
             let m = match &s.migration_id {
-                Some(id) => Some(self.ctx.run(self.ctx.peers.migration(a_node, id))?),
+                Some(id) => Some(ctx.run(ctx.peers.migration(&a_node, id))?),
                 None => None,
             };
             let report = m.as_ref().and_then(|m| m.report.as_ref());
@@ -308,8 +242,8 @@ impl<'a> Bench<'a> {
     }
 
     /// Deletes the drain's VMs wherever they run and resumes a.
-    fn clean_up(&self, a_node: &ferry::agent::NodeSpec, op: &OperationView) -> Result<()> {
-        let ctx = &self.ctx;
+    fn clean_up(&self, a_node: &NodeSpec, op: &OperationView) -> Result<()> {
+        let ctx = &self.agents.ctx;
         for s in &op.steps {
             let on = if s.state == "completed" {
                 &s.target
@@ -322,20 +256,10 @@ impl<'a> Bench<'a> {
         }
         let resume: OperationView =
             ctx.run(ctx.peers.act_on(a_node, "a", "resume", &Resume::default()))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let r: OperationView = ctx.run(ctx.peers.operation(a_node, &resume.id))?;
-            if r.state != OpState::Running {
-                if r.state != OpState::Completed {
-                    bail!("resuming node a: {:?}", r.error);
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("resuming node a took over 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.agents
+            .wait_op(a_node, &resume.id, Duration::from_secs(30))
+            .context("resuming node a")?;
+        Ok(())
     }
 }
 
@@ -346,31 +270,13 @@ fn write(
     dir: &std::path::Path,
     cells: &[ferry::bench::drain::DrainCell],
 ) -> Result<()> {
-    let content = match &a.image {
-        Some(p) => format!("image {}", p.display()),
-        None => format!("fill {}", a.fill),
-    };
-    let guests = a
-        .workload
-        .0
-        .iter()
-        .map(|w| {
-            format!(
-                "{} {w} at {}, {content}",
-                ferry::units::Bytes(memory),
-                ferry::units::Rate(a.dirty_rate as f64)
-            )
-        })
-        .collect();
     let meta = DrainMeta {
         link: a.link.clone(),
         vms: a.vms,
-        guests,
+        guests: guest_labels(&a.guest, memory),
         repeats: a.repeats,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        unix_time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        unix_time: unix_time(),
     };
     ferry::bench::drain::write_outputs(dir, &meta, cells)
         .with_context(|| format!("writing results to {}", dir.display()))?;

@@ -8,7 +8,7 @@ mod common;
 
 mod agent;
 mod bandwidth;
-mod bench_drain;
+mod bench_cluster;
 mod cli;
 mod drain;
 mod durable;

@@ -15,6 +15,10 @@ pub(crate) enum BenchCommand {
     /// for each concurrency × codec × link speed: drain time, each VM's
     /// time and pause, wire bytes, the agents' CPU.
     Drain(DrainBenchArgs),
+    /// A rolling update of three nodes with VMs on each: every node drained,
+    /// updated (a no-op command) and resumed with failback in turn; the
+    /// total, each phase's time and wire bytes.
+    Cycle(CycleBenchArgs),
     /// What a KVM guest's parts cost here: the dirty log's sync per GiB, the
     /// guest's write rate under dirty tracking, and the switchover's steps.
     Kvm(KvmBenchArgs),
@@ -73,11 +77,9 @@ pub(crate) struct SweepArgs {
     pub(crate) json: bool,
 }
 
+/// The VMs of `bench drain` and `bench cycle`.
 #[derive(Args, Debug)]
-pub(crate) struct DrainBenchArgs {
-    /// VMs on the drained node.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub(crate) vms: u32,
+pub(crate) struct BenchVmArgs {
     /// Memory of each VM [default: 512MiB, or the image's size].
     #[arg(long, value_parser = size_arg)]
     pub(crate) memory: Option<u64>,
@@ -91,13 +93,22 @@ pub(crate) struct DrainBenchArgs {
     /// Initial content mix by weight: zero, text, binary, random.
     #[arg(long, default_value = "zero:35,text:30,binary:20,random:15")]
     pub(crate) fill: FillSpec,
-    /// Every VM's memory from this raw RAM image instead (its size sets
-    /// --memory), e.g. from scripts/real-image.py.
+    /// Every VM's memory from this raw RAM image instead (an absolute path;
+    /// its size sets --memory), e.g. from scripts/real-image.py.
     #[arg(long, value_name = "FILE", conflicts_with = "fill")]
     pub(crate) image: Option<PathBuf>,
     /// The VMs' backend: sim (synthetic) or kvm (KVM guests; needs /dev/kvm).
     #[arg(long = "guest", value_enum, default_value_t = GuestBackend::Sim)]
     pub(crate) backend: GuestBackend,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DrainBenchArgs {
+    /// VMs on the drained node.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) vms: u32,
+    #[command(flatten)]
+    pub(crate) guest: BenchVmArgs,
     /// Migrations at once, each an axis point (1 to 64).
     #[arg(long, default_value = "1,2,4,8", value_parser = concurrency_list_arg)]
     pub(crate) max_concurrent: ConcurrencyList,
@@ -119,6 +130,35 @@ pub(crate) struct DrainBenchArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Print the cells as one line of JSON on stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CycleBenchArgs {
+    /// VMs on each node.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub(crate) vms: u32,
+    #[command(flatten)]
+    pub(crate) guest: BenchVmArgs,
+    /// The nodes' codec (their `codec` setting).
+    #[arg(long, default_value = "auto")]
+    pub(crate) codec: CodecChoice,
+    /// Each node's outgoing link: its `max_bandwidth`, shared by its
+    /// migrations (`unlimited` for none).
+    #[arg(long, default_value = "1Gbit/s", value_parser = bandwidth_arg)]
+    pub(crate) bandwidth: Bandwidth,
+    /// Each node's migrations at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub(crate) max_concurrent: u32,
+    /// Rolling updates; medians and spreads are over these.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) repeats: u32,
+    /// Write results.json and report.md into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    /// Print the summary and every run as one line of JSON on stdout
+    /// instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
 }

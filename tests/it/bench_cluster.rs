@@ -1,5 +1,6 @@
-//! `ferry bench drain` as users run it: a small grid of real drains between
-//! three in-process agents, with its results, files and limits checked.
+//! `ferry bench drain` and `ferry bench cycle` as users run them: real
+//! drains and a real rolling update between three in-process agents, with
+//! their results, files and limits checked.
 
 use crate::common;
 
@@ -145,4 +146,77 @@ fn bench_drain_refuses_bad_axes_naming_the_flag() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn bench_cycle_updates_every_node_in_turn_and_brings_every_vm_home() {
+    if !common::etcd::available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-cycle-cli-{}", std::process::id()));
+    let out = ferry()
+        .args([
+            "bench",
+            "cycle",
+            "--vms",
+            "2",
+            "--memory",
+            "16MiB",
+            "--workload",
+            "idle",
+            "--bandwidth",
+            "200MB/s",
+            "--repeats",
+            "1",
+            "--json",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(text.trim()).unwrap();
+    let s = &v["summary"];
+    assert_eq!(
+        (s["repeats"].as_u64(), s["failures"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+    let phases = v["runs"][0]["phases"].as_array().unwrap();
+    let order: Vec<(&str, &str)> = phases
+        .iter()
+        .map(|p| (p["node"].as_str().unwrap(), p["phase"].as_str().unwrap()))
+        .collect();
+    let mut expected = Vec::new();
+    for node in ["a", "b", "c"] {
+        for phase in ["drain", "update", "failback"] {
+            expected.push((node, phase));
+        }
+    }
+    assert_eq!(order, expected, "{v}");
+    for p in phases {
+        let moved = p["migrations"].as_u64().unwrap();
+        match p["phase"].as_str().unwrap() {
+            // Each node's two VMs leave and come back.
+            "drain" | "failback" => {
+                assert_eq!(moved, 2, "{p}");
+                assert!(p["wire_bytes"].as_u64().unwrap() > 1 << 20, "{p}");
+            }
+            _ => assert_eq!((moved, p["wire_bytes"].as_u64()), (0, Some(0)), "{p}"),
+        }
+    }
+    let total = s["total_ms"]["median"].as_f64().unwrap();
+    let in_phases: f64 = phases.iter().map(|p| p["ms"].as_f64().unwrap()).sum();
+    assert!(
+        total >= in_phases * 0.99,
+        "phases {in_phases} ms of a {total} ms run: {v}"
+    );
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("| c | failback |"), "{md}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,209 @@
+//! `ferry bench cycle`: the operator's maintenance cycle, measured. Three
+//! in-process agents on loopback with VMs on each; a rolling update drains,
+//! updates (a no-op hook) and resumes with failback every node in turn; the
+//! run's total and each phase's time and wire bytes.
+
+use super::args::{CycleBenchArgs, GuestBackend};
+use super::bench_agents::{guest_labels, guest_memory, unix_time, LocalAgents};
+use crate::{cancel_on_signals, check_kvm};
+use anyhow::{bail, Context, Result};
+use ferry::agent::rolling::{RunState, StartUpdate, Turn, UpdateRun};
+use ferry::agent::{NodeSpec, OperationView};
+use ferry::bench::cycle::{summarize, table, CycleMeta, CycleRun, PhaseRun};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const NODES: [&str; 3] = ["a", "b", "c"];
+
+/// Runs the cycle `--repeats` times on one cluster, fresh VMs each time.
+pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
+    let memory = guest_memory(&a.guest)?;
+    if a.guest.backend == GuestBackend::Kvm {
+        check_kvm()?;
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-bench-cycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
+        let settings = format!(
+            "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\n{}",
+            a.codec,
+            a.max_concurrent,
+            a.bandwidth.0.map_or(String::new(), |b| format!("max_bandwidth = {b}\n"))
+        );
+        // Two nodes hold all three's VMs during a turn.
+        let capacity = (memory * u64::from(a.vms) * 2).max(16 << 30);
+        let file = super::demo_cluster::write_cluster(&dir, &etcd.endpoint, &settings, capacity)?;
+        let agents = LocalAgents::start(&file)?;
+        let runs = repeat(&a, &agents, memory, &cancel);
+        agents.stop();
+        runs
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let runs = result?;
+    if cancel.is_cancelled() {
+        eprintln!("interrupted: bench stopped, nothing written");
+        return Ok(ExitCode::from(130));
+    }
+    let summary = summarize(&runs);
+    if let Some(out) = &a.out {
+        let meta = CycleMeta {
+            vms_per_node: a.vms,
+            guests: guest_labels(&a.guest, memory),
+            link_bps: a.bandwidth.0,
+            codec: a.codec.to_string(),
+            max_concurrent: a.max_concurrent,
+            repeats: a.repeats,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            unix_time: unix_time(),
+        };
+        ferry::bench::cycle::write_outputs(out, &meta, &summary, &runs)
+            .with_context(|| format!("writing results to {}", out.display()))?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "summary": summary, "runs": runs })
+        );
+    } else {
+        print!("{}", table(&summary));
+    }
+    Ok(ExitCode::from(u8::from(summary.failures > 0)))
+}
+
+/// The runs: VMs created on every node, a rolling update, the VMs deleted.
+fn repeat(
+    a: &CycleBenchArgs,
+    agents: &LocalAgents,
+    memory: u64,
+    cancel: &CancellationToken,
+) -> Result<Vec<CycleRun>> {
+    let mut runs = Vec::new();
+    for r in 0..a.repeats {
+        if cancel.is_cancelled() {
+            break;
+        }
+        for n in NODES {
+            let names: Vec<String> = (1..=a.vms).map(|i| format!("{n}-vm{i}")).collect();
+            agents.create_vms(&agents.node(n)?, &names, &a.guest, memory)?;
+        }
+        // Let busy workloads reach their steady state.
+        std::thread::sleep(Duration::from_millis(300));
+        eprintln!("bench cycle: rolling update {} of {}", r + 1, a.repeats);
+        let run = cycle_once(agents, cancel)?;
+        delete_all(agents)?;
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// One rolling update, waited for and read back phase by phase.
+fn cycle_once(agents: &LocalAgents, cancel: &CancellationToken) -> Result<CycleRun> {
+    let (ctx, a_node) = (&agents.ctx, agents.node("a")?);
+    let start = StartUpdate {
+        command: "no-op".into(),
+        failback: Some("immediate".into()),
+        ..StartUpdate::default()
+    };
+    let started = ctx.run(ctx.peers.start_update(&a_node, &start))?;
+    let mut cancel_sent = false;
+    let run: UpdateRun = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if cancel.is_cancelled() && !cancel_sent {
+            cancel_sent = true;
+            let _ = ctx.run(ctx.peers.cancel_update(&a_node));
+        }
+        let now = ctx.run(ctx.peers.update_run(&a_node))?;
+        if now.id == started.id && now.state != RunState::Running {
+            break now;
+        }
+    };
+    let mut phases = Vec::new();
+    for turn in &run.nodes {
+        phases.extend(turn_phases(agents, turn)?);
+    }
+    let mut error = run.error.clone();
+    if run.state == RunState::Completed {
+        error = error.or(misplaced(agents)?);
+    }
+    Ok(CycleRun {
+        total_ms: run
+            .finished_at_ms
+            .unwrap_or(run.started_at_ms)
+            .saturating_sub(run.started_at_ms) as f64,
+        completed: run.state == RunState::Completed && error.is_none(),
+        error,
+        phases,
+    })
+}
+
+/// A node's turn as phases: its drain, its update, its failback.
+fn turn_phases(agents: &LocalAgents, turn: &Turn) -> Result<Vec<PhaseRun>> {
+    let node = agents.node(&turn.node)?;
+    let mut out = Vec::new();
+    for (phase, id) in [
+        ("drain", &turn.drain),
+        ("update", &turn.update),
+        ("failback", &turn.resume),
+    ] {
+        let Some(id) = id else { continue };
+        let op: OperationView = agents.ctx.run(agents.ctx.peers.operation(&node, id))?;
+        let ms = op
+            .finished_at_ms
+            .unwrap_or(op.started_at_ms)
+            .saturating_sub(op.started_at_ms);
+        let mut p = PhaseRun {
+            node: turn.node.clone(),
+            phase: phase.into(),
+            ms: ms as f64,
+            wire_bytes: 0,
+            migrations: 0,
+            downtime_ms_max: 0.0,
+        };
+        for s in op.steps.iter().filter(|s| s.state == "completed") {
+            let (Some(mid), Ok(source)) = (&s.migration_id, agents.node(&s.source)) else {
+                continue;
+            };
+            let m = agents.ctx.run(agents.ctx.peers.migration(&source, mid))?;
+            if let Some(r) = &m.report {
+                p.wire_bytes += r.wire_bytes;
+                p.migrations += 1;
+                p.downtime_ms_max = p.downtime_ms_max.max(r.downtime_ms);
+            }
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Says which VMs are not back on their own node after a failback.
+fn misplaced(agents: &LocalAgents) -> Result<Option<String>> {
+    let mut away = Vec::new();
+    for n in NODES {
+        for vm in agents.ctx.run(agents.ctx.peers.vms(&agents.node(n)?))? {
+            if !vm.spec.name.starts_with(&format!("{n}-")) {
+                away.push(format!("{} on {n}", vm.spec.name));
+            }
+        }
+    }
+    Ok((!away.is_empty()).then(|| format!("not back home: {}", away.join(", "))))
+}
+
+/// Deletes every VM of the cluster.
+fn delete_all(agents: &LocalAgents) -> Result<()> {
+    for n in NODES {
+        let node: NodeSpec = agents.node(n)?;
+        for vm in agents.ctx.run(agents.ctx.peers.vms(&node))? {
+            agents
+                .ctx
+                .run(agents.ctx.peers.delete_vm(&node, &vm.spec.name, false))
+                .with_context(|| format!("deleting {} on {n}", vm.spec.name))?;
+        }
+    }
+    if misplaced(agents)?.is_some() {
+        bail!("VMs remain after they were deleted");
+    }
+    Ok(())
+}
