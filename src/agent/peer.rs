@@ -15,6 +15,9 @@ pub struct Peers {
     /// Per node: its client (pinned to its certificate) and URL scheme.
     clients: HashMap<String, (reqwest::Client, &'static str)>,
     token: String,
+    /// How long a kept-alive connection may sit idle before it is dropped
+    /// rather than reused.
+    idle: Duration,
 }
 
 /// A failed call: the agent's own error, or why it could not be reached.
@@ -60,12 +63,21 @@ impl Peers {
 
     /// A client presenting `token` (the read-only one, say).
     pub fn with_token(cluster: &Cluster, token: String) -> Self {
+        // Half the agents' own wait for a kept-alive connection's next
+        // request: a connection the agent is about to close for idleness is
+        // never reused, which a client whose runtime sleeps between calls
+        // (the CLI's) would otherwise do every time, the close unread.
+        let idle = cluster.api.header_timeout / 2;
         let clients = cluster
             .nodes
             .iter()
-            .map(|n| (n.name.clone(), client_for(n)))
+            .map(|n| (n.name.clone(), client_for(n, idle)))
             .collect();
-        Self { clients, token }
+        Self {
+            clients,
+            token,
+            idle,
+        }
     }
 
     /// `method path` on `node`'s API with an optional JSON body.
@@ -78,7 +90,7 @@ impl Peers {
     ) -> Result<Value, PeerError> {
         let (http, scheme) = match self.clients.get(&node.name) {
             Some((c, s)) => (c.clone(), *s),
-            None => client_for(node),
+            None => client_for(node, self.idle),
         };
         let url = format!("{scheme}://{}{path}", node.control);
         let mut req = http.request(method, &url).bearer_auth(&self.token);
@@ -146,10 +158,13 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<String, String> {
 }
 
 /// A client for `node`: HTTPS trusting exactly its certificate, or plain
-/// HTTP when the cluster has none (`insecure_api`).
-fn client_for(node: &NodeSpec) -> (reqwest::Client, &'static str) {
+/// HTTP when the cluster has none (`insecure_api`); connections idle for
+/// `idle` are not reused.
+fn client_for(node: &NodeSpec, idle: Duration) -> (reqwest::Client, &'static str) {
     crate::transport::tls::install_default_provider();
-    let builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    let builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_idle_timeout(idle);
     match &node.api_cert {
         Some(der) => (
             builder

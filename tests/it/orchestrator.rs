@@ -374,3 +374,31 @@ fn the_cluster_demo_drains_and_fails_back_in_one_command() {
     assert_eq!(text.matches(" a → ").count(), 3, "{text}");
     assert_eq!(text.matches(" → a ").count(), 3, "{text}");
 }
+
+/// A client's kept-alive connection is never reused just as the agent
+/// closes it for idleness: calls spaced at about the API's header timeout
+/// all succeed (a rolling update once failed to start with "connection
+/// closed before message completed" after its client sat idle 10 s).
+#[test]
+fn calls_spaced_at_the_header_timeout_never_meet_a_closing_connection() {
+    let top = "[api]\nheader_timeout = \"200ms\"\n";
+    let Some(c) = common::agents::Agents::start_with("idle-reuse", top, &[("a", "")]) else {
+        return;
+    };
+    let cluster = ferry::agent::Cluster::load(&c.file).unwrap();
+    let peers = ferry::agent::peer::Peers::new(&cluster);
+    let node = cluster.node("a").unwrap().clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut failed = Vec::new();
+    for i in 0..20u64 {
+        if let Err(e) = rt.block_on(peers.node(&node)) {
+            failed.push(format!("call {i}: {e}"));
+        }
+        // Around the server's timeout, on both sides of it.
+        std::thread::sleep(std::time::Duration::from_millis(190 + (i % 5) * 5));
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
