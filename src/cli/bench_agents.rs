@@ -163,6 +163,13 @@ pub(crate) fn guest_labels(a: &BenchVmArgs, memory: u64) -> Vec<String> {
         .collect()
 }
 
+/// A fresh folder for a bench's etcd member and cluster files.
+pub(crate) fn bench_dir(name: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_time() -> u64 {
     std::time::SystemTime::now()

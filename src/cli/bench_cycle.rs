@@ -4,7 +4,7 @@
 //! run's total and each phase's time and wire bytes.
 
 use super::args::{CycleBenchArgs, GuestBackend};
-use super::bench_agents::{guest_labels, guest_memory, unix_time, LocalAgents};
+use super::bench_agents::{bench_dir, guest_labels, guest_memory, unix_time, LocalAgents};
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{bail, Context, Result};
 use ferry::agent::rolling::{RunState, StartUpdate, Turn, UpdateRun};
@@ -22,8 +22,7 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
     if a.guest.backend == GuestBackend::Kvm {
         check_kvm()?;
     }
-    let dir = std::env::temp_dir().join(format!("ferry-bench-cycle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = bench_dir("cycle")?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {

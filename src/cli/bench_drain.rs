@@ -4,7 +4,7 @@
 //! at once, with the drain time, each VM's report and the agents' CPU.
 
 use super::args::{DrainBenchArgs, GuestBackend};
-use super::bench_agents::{guest_labels, guest_memory, unix_time, LocalAgents};
+use super::bench_agents::{bench_dir, guest_labels, guest_memory, unix_time, LocalAgents};
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{anyhow, Context, Result};
 use ferry::agent::cluster::MAX_CONCURRENT;
@@ -27,8 +27,7 @@ pub(crate) fn bench_drain(a: DrainBenchArgs) -> Result<ExitCode> {
     if a.guest.backend == GuestBackend::Kvm {
         check_kvm()?;
     }
-    let dir = std::env::temp_dir().join(format!("ferry-bench-drain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = bench_dir("drain")?;
     let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
         let cancel = CancellationToken::new();
         cancel_on_signals(cancel.clone());
