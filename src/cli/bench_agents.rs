@@ -9,12 +9,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry::agent::request::{Amount, CreateVm};
 use ferry::agent::{Cluster, NodeSpec, OpState, OperationView};
 use ferry::cpu::CpuMeter;
+use ferry::transport::Namespace;
 use std::time::{Duration, Instant};
 
 /// Three agents (a, b, c) of one cluster file in this process, and a client.
 pub(crate) struct LocalAgents {
-    rt: tokio::runtime::Runtime,
-    agents: Vec<ferry::agent::AgentHandle>,
+    /// The runtimes the agents run on: one, or a's and then b's and c's.
+    rts: Vec<tokio::runtime::Runtime>,
+    /// Each agent, with the index of its runtime.
+    agents: Vec<(usize, ferry::agent::AgentHandle)>,
     /// The client of the agents.
     pub(crate) ctx: Ctx,
     /// The agents' threads' CPU.
@@ -22,21 +25,50 @@ pub(crate) struct LocalAgents {
 }
 
 impl LocalAgents {
-    /// Starts the agents of `file` (nodes a, b and c).
+    /// Starts the agents of `file` (nodes a, b and c) on one runtime.
     pub(crate) fn start(file: &std::path::Path) -> Result<Self> {
+        Self::start_in(file, None)
+    }
+
+    /// Starts the agents of `file`: with `split`, a on a runtime whose
+    /// threads live in the first namespace and b and c in the second (the
+    /// two ends of a tbf link), each agent started on its runtime's own
+    /// threads so its listeners are bound there.
+    pub(crate) fn start_in(
+        file: &std::path::Path,
+        split: Option<(Namespace, Namespace)>,
+    ) -> Result<Self> {
         let cluster = Cluster::load(file).map_err(|e| anyhow!("{e}"))?;
         let cpu = CpuMeter::new();
-        let rt = ferry::transport::runtime("ferry-agents", 2, &cpu)?;
-        let agents = ["a", "b", "c"]
-            .iter()
-            .map(|n| rt.block_on(ferry::agent::serve_agent(cluster.clone(), n)))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("starting the agents")?;
+        let (rts, homes) = match split {
+            None => (
+                vec![ferry::transport::runtime("ferry-agents", 2, &cpu)?],
+                [0, 0, 0],
+            ),
+            Some((a, rest)) => (
+                vec![
+                    ferry::transport::runtime_in("ferry-agent-a", 1, &cpu, Some(a))?,
+                    ferry::transport::runtime_in("ferry-agents-bc", 2, &cpu, Some(rest))?,
+                ],
+                [0, 1, 1],
+            ),
+        };
+        let mut agents = Vec::new();
+        for (name, home) in ["a", "b", "c"].into_iter().zip(homes) {
+            let cluster = cluster.clone();
+            let agent = rts[home]
+                .block_on(
+                    rts[home].spawn(async move { ferry::agent::serve_agent(cluster, name).await }),
+                )
+                .context("starting an agent")?
+                .with_context(|| format!("starting agent {name}"))?;
+            agents.push((home, agent));
+        }
         let ctx = Ctx::new(&ClusterArg {
             cluster: file.to_path_buf(),
         })?;
         Ok(Self {
-            rt,
+            rts,
             agents,
             ctx,
             cpu,
@@ -45,8 +77,9 @@ impl LocalAgents {
 
     /// Stops the agents.
     pub(crate) fn stop(self) {
-        for agent in self.agents {
-            self.rt.block_on(agent.shutdown());
+        for (home, agent) in self.agents {
+            let rt = &self.rts[home];
+            let _ = rt.block_on(rt.spawn(agent.shutdown()));
         }
     }
 
@@ -175,4 +208,89 @@ pub(crate) fn unix_time() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Where a bench's agents meet: loopback, with the node's own cap as its
+/// link, or (root, Linux) node a in one network namespace and b and c in
+/// another, joined by a veth pair whose a side a `tc` tbf qdisc shapes.
+pub(crate) struct Topology {
+    tbf: Option<ferry::transport::netns::TbfLink>,
+}
+
+impl Topology {
+    /// `link` is `cap` or `tbf` (set up here, torn down on drop).
+    pub(crate) fn new(link: &str) -> Result<Self> {
+        if link != "tbf" {
+            return Ok(Self { tbf: None });
+        }
+        ferry::transport::netns::tbf_available().map_err(usage)?;
+        let tbf = ferry::transport::netns::TbfLink::new()
+            .context("setting up the tbf link (network namespaces, veth, tc)")?;
+        Ok(Self { tbf: Some(tbf) })
+    }
+
+    /// Moves the calling thread to where etcd and the bench's client live
+    /// (b's and c's side); returns etcd's host and its namespace.
+    pub(crate) fn enter_client_side(&self) -> Result<(&'static str, Option<String>)> {
+        match &self.tbf {
+            None => Ok(("127.0.0.1", None)),
+            Some(t) => {
+                t.destination().enter()?;
+                let name = t.destination().name().to_string();
+                Ok((ferry::transport::netns::DEST_IP, Some(name)))
+            }
+        }
+    }
+
+    /// Sets the link to `bps`; returns the cap the node itself must keep
+    /// (`None` where the kernel shapes the link).
+    pub(crate) fn set_link(&mut self, bps: Option<u64>) -> Result<Option<u64>> {
+        match &mut self.tbf {
+            None => Ok(bps),
+            Some(t) => {
+                t.set_rate(bps).context("shaping the tbf link")?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The nodes' (control, data) addresses for the `n`-th cluster of a
+    /// run: free loopback ports, or in the namespaces (fresh, so nothing
+    /// else listens there) ports of their own per cluster.
+    pub(crate) fn addrs(&self, n: u16) -> Result<Vec<(String, String)>> {
+        use ferry::transport::netns::{DEST_IP, SOURCE_IP};
+        if self.tbf.is_none() {
+            let port = || -> Result<u16> {
+                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port())
+            };
+            return (0..3)
+                .map(|_| {
+                    Ok((
+                        format!("127.0.0.1:{}", port()?),
+                        format!("127.0.0.1:{}", port()?),
+                    ))
+                })
+                .collect();
+        }
+        let base = 7100 + (n % 400) * 6;
+        let hosts = [SOURCE_IP, DEST_IP, DEST_IP];
+        Ok((0..3u16)
+            .map(|i| {
+                let p = base + 2 * i;
+                (
+                    format!("{}:{p}", hosts[i as usize]),
+                    format!("{}:{}", hosts[i as usize], p + 1),
+                )
+            })
+            .collect())
+    }
+
+    /// The namespaces of a's side and of b's and c's, when split.
+    pub(crate) fn split(&self) -> Option<(Namespace, Namespace)> {
+        self.tbf
+            .as_ref()
+            .map(|t| (t.source().clone(), t.destination().clone()))
+    }
 }

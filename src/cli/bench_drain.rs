@@ -4,7 +4,10 @@
 //! at once, with the drain time, each VM's report and the agents' CPU.
 
 use super::args::{DrainBenchArgs, GuestBackend};
-use super::bench_agents::{bench_dir, guest_labels, guest_memory, unix_time, LocalAgents};
+use super::bench_agents::{
+    bench_dir, guest_labels, guest_memory, unix_time, LocalAgents, Topology,
+};
+use super::local_etcd::LocalEtcd;
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{anyhow, Context, Result};
 use ferry::agent::cluster::MAX_CONCURRENT;
@@ -28,10 +31,19 @@ pub(crate) fn bench_drain(a: DrainBenchArgs) -> Result<ExitCode> {
         check_kvm()?;
     }
     let dir = bench_dir("drain")?;
-    let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
-        let cancel = CancellationToken::new();
-        cancel_on_signals(cancel.clone());
-        grid(&a, memory, &dir, &etcd.endpoint, &cancel)
+    let mut topology = Topology::new(&a.link)?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    // On its own thread: with a tbf link it moves to b's and c's side, where
+    // etcd and the client live.
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (host, netns) = topology.enter_client_side()?;
+            let etcd = LocalEtcd::start_at(&dir, host, netns.as_deref())?;
+            grid(&a, memory, &dir, &etcd.endpoint, &cancel, &mut topology)
+        })
+        .join()
+        .map_err(|_| anyhow!("the bench's thread panicked"))?
     });
     let _ = std::fs::remove_dir_all(&dir);
     let Some(mut cells) = result? else {
@@ -58,6 +70,7 @@ fn grid(
     dir: &std::path::Path,
     etcd: &str,
     cancel: &CancellationToken,
+    topology: &mut Topology,
 ) -> Result<Option<Vec<ferry::bench::drain::DrainCell>>> {
     let levels = &a.max_concurrent.0;
     let groups = a.bandwidth.0.len() * a.codecs.0.len();
@@ -69,24 +82,26 @@ fn grid(
             .progress_chars("=> "),
     );
     let mut cells = Vec::new();
-    let mut group = 0;
+    let mut group = 0u16;
     for &link in &a.bandwidth.0 {
         for (label, codec) in &a.codecs.0 {
             group += 1;
+            let cap = topology.set_link(link)?;
             let settings = format!(
                 "etcd_prefix = \"/ferry-bench-drain/{group}/\"\n[defaults]\ncodec = \"{codec}\"\n{}{}",
-                link.map_or(String::new(), |b| format!("max_bandwidth = {b}\n")),
+                cap.map_or(String::new(), |b| format!("max_bandwidth = {b}\n")),
                 // The node's own limit out of the way: each drain's is the axis.
                 format_args!("max_concurrent_migrations = {MAX_CONCURRENT}\n"),
             );
             let capacity = (memory * u64::from(a.vms)).max(16 << 30);
-            let file = super::demo_cluster::write_cluster(
+            let file = super::demo_cluster::write_cluster_at(
                 &dir.join(format!("cluster-{group}")),
                 etcd,
                 &settings,
                 capacity,
+                &topology.addrs(group)?,
             )?;
-            let bench = Bench::start(&file, a, memory)?;
+            let bench = Bench::start(&file, a, memory, topology)?;
             for (level_label, level) in levels {
                 let mut runs = Vec::new();
                 for _ in 0..a.repeats {
@@ -121,9 +136,14 @@ struct Bench<'a> {
 }
 
 impl<'a> Bench<'a> {
-    fn start(file: &std::path::Path, args: &'a DrainBenchArgs, memory: u64) -> Result<Self> {
+    fn start(
+        file: &std::path::Path,
+        args: &'a DrainBenchArgs,
+        memory: u64,
+        topology: &Topology,
+    ) -> Result<Self> {
         Ok(Self {
-            agents: LocalAgents::start(file)?,
+            agents: LocalAgents::start_in(file, topology.split())?,
             args,
             memory,
         })

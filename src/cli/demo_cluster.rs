@@ -56,6 +56,24 @@ pub(crate) fn write_cluster(
     settings: &str,
     capacity: u64,
 ) -> Result<std::path::PathBuf> {
+    let mut addrs = Vec::new();
+    for _ in 0..3 {
+        addrs.push((
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+        ));
+    }
+    write_cluster_at(dir, endpoint, settings, capacity, &addrs)
+}
+
+/// As [`write_cluster`], node i (a, b, c) at `addrs[i]` (control, data).
+pub(crate) fn write_cluster_at(
+    dir: &std::path::Path,
+    endpoint: &str,
+    settings: &str,
+    capacity: u64,
+    addrs: &[(String, String)],
+) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir)?;
     // A random token, though the agents listen on loopback only and for
     // seconds: the demo should not teach a guessable one.
@@ -73,11 +91,9 @@ pub(crate) fn write_cluster(
             .to_string();
     text += &format!("etcd = [\"{}\"]\n", endpoint);
     text += settings;
-    for name in ["a", "b", "c"] {
+    for (name, (control, data)) in ["a", "b", "c"].iter().zip(addrs) {
         text += &format!(
-            "[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = {capacity}\n",
-            free_port()?,
-            free_port()?
+            "[[node]]\nname = \"{name}\"\ncontrol = \"{control}\"\ndata = \"{data}\"\nmemory_capacity = {capacity}\n"
         );
     }
     let file = dir.join("cluster.toml");

@@ -15,28 +15,43 @@ pub struct LocalEtcd {
     pub endpoint: String,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A port nothing listens on at `host`, in the calling thread's network
+/// namespace.
+fn free_port(host: &str) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 
 impl LocalEtcd {
-    /// Starts a member with its data under `dir`; returns once it takes
-    /// writes (at most 20 s).
+    /// Starts a member on loopback with its data under `dir`; returns once
+    /// it takes writes (at most 20 s).
     pub fn start(dir: &Path) -> Result<Self> {
-        let (client, peer) = (free_port()?, free_port()?);
+        Self::start_at(dir, "127.0.0.1", None)
+    }
+
+    /// As [`LocalEtcd::start`], listening on `host`, inside the network
+    /// namespace `netns` when given (`ip netns exec`; the calling thread
+    /// must be in it too, to pick its ports and see it ready).
+    pub fn start_at(dir: &Path, host: &str, netns: Option<&str>) -> Result<Self> {
+        let (client, peer) = (free_port(host)?, free_port(host)?);
         let data = dir.join("etcd");
         let log = std::fs::File::create(dir.join("etcd.log"))?;
-        let child = Command::new("etcd")
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        let child = command
             .args(["--name", "demo"])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("demo=http://127.0.0.1:{peer}")])
+            .args(["--listen-client-urls", &format!("http://{host}:{client}")])
+            .args(["--advertise-client-urls", &format!("http://{host}:{client}")])
+            .args(["--listen-peer-urls", &format!("http://{host}:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{host}:{peer}")])
+            .args(["--initial-cluster", &format!("demo=http://{host}:{peer}")])
             .args(["--log-level", "warn"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -50,7 +65,7 @@ impl LocalEtcd {
         let mut member = Self {
             child,
             data,
-            endpoint: format!("127.0.0.1:{client}"),
+            endpoint: format!("{host}:{client}"),
         };
         member.wait_ready(dir)?;
         Ok(member)

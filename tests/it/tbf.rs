@@ -1,5 +1,6 @@
-//! `ferry bench sweep --link tbf`: a kernel-shaped link between two network
-//! namespaces, set up and torn down by the sweep, interrupted or not. Needs
+//! `ferry bench sweep --link tbf` and `bench drain --link tbf`: a
+//! kernel-shaped link between two network namespaces, set up and torn down
+//! by the bench, interrupted or not. Needs
 //! root and iproute2; says so and skips otherwise (fails where `CI` is set).
 
 use crate::common;
@@ -168,4 +169,76 @@ fn bench_link_measures_the_shaped_path() {
     // The payload rate sits just under the shaped rate (tbf counts headers).
     let bps = v["bps"]["median"].as_f64().unwrap();
     assert!((0.8 * 12.5e6..=1.05 * 12.5e6).contains(&bps), "{bps}");
+}
+
+#[test]
+fn a_drain_bench_across_namespaces_is_shaped_by_the_kernel_and_cleans_up() {
+    if let Some(why) = unavailable() {
+        common::missing(&why);
+        return;
+    }
+    if !common::etcd::available() {
+        return;
+    }
+    // Node a alone on one side of the link, b, c and etcd on the other.
+    let child = ferry()
+        .args([
+            "bench",
+            "drain",
+            "--link",
+            "tbf",
+            "--vms",
+            "2",
+            "--memory",
+            "16MiB",
+            "--workload",
+            "idle",
+            "--fill",
+            "random",
+            "--codecs",
+            "none",
+            "--max-concurrent",
+            "2",
+            "--bandwidth",
+            "100Mbit",
+            "--repeats",
+            "1",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let cell = &v["cells"][0];
+    assert_eq!(
+        (cell["repeats"].as_u64(), cell["failures"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+    for vm in cell["runs"][0]["vms"].as_array().unwrap() {
+        assert!(["b", "c"].contains(&vm["target"].as_str().unwrap()), "{vm}");
+    }
+    // 32 MiB of incompressible pages through 12.5 MB/s: at least 2.7 s, held
+    // back by the kernel alone (the node has no cap of its own here).
+    let wire = cell["wire_bytes"].as_f64().unwrap();
+    let ms = cell["drain_ms"]["median"].as_f64().unwrap();
+    assert!(wire > 32e6, "{v}");
+    assert!(
+        ms >= 0.9 * wire / 12_500_000.0 * 1e3,
+        "{ms} ms for {wire} B"
+    );
+    assert!(
+        ms <= 2.0 * wire / 12_500_000.0 * 1e3,
+        "{ms} ms for {wire} B"
+    );
 }

@@ -119,8 +119,10 @@ pub(crate) struct DrainBenchArgs {
     #[arg(long, default_value = "1Gbit,10Gbit", value_parser = link_list_arg)]
     pub(crate) bandwidth: LinkList,
     /// How to emulate the link: `cap` (the node's `max_bandwidth`, one cap
-    /// shared by all its migrations, over loopback).
-    #[arg(long, default_value = "cap", value_parser = ["cap"])]
+    /// shared by all its migrations, over loopback) or `tbf` (root, Linux:
+    /// node a in one network namespace, b, c and etcd in another, joined by
+    /// a veth pair shaped by a `tc` tbf qdisc on a's side).
+    #[arg(long, default_value = "cap", value_parser = ["cap", "tbf"])]
     pub(crate) link: String,
     /// Drains per cell; medians and spreads are over these.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
