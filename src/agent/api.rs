@@ -11,8 +11,8 @@
 use super::cluster::Cluster;
 use super::node::{Node, NodeError, VmSpec};
 use super::request::{
-    Amount, CreateMigration, CreateVm, Drain, MigrationParams, Resolve, Resume, Stop, Stopping,
-    Switch, Update,
+    Amount, Concurrency, CreateMigration, CreateVm, Drain, MigrationParams, Resolve, Resume, Stop,
+    Stopping, Switch, Update,
 };
 use crate::codec::CodecChoice;
 use crate::memory::{FillSpec, WorkloadPattern};
@@ -248,7 +248,7 @@ const MAX_COMMAND_LEN: usize = 4096;
 
 async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     let b: Drain = optional_body(&body)?;
-    if let Some(n) = b.max_concurrent {
+    if let Some(Concurrency::Fixed(n)) = b.max_concurrent {
         if n == 0 || n > MAX_DRAIN_CONCURRENCY {
             return Err(ApiError::bad_request(format!(
                 "max_concurrent: {n} is out of range (1 to {MAX_DRAIN_CONCURRENCY})"

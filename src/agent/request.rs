@@ -145,9 +145,10 @@ pub struct Resolve {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Drain {
-    /// Migrations of this drain at once (1 to 64; default the node's limit).
+    /// Migrations of this drain at once (1 to 64, or `"auto"`: chosen from
+    /// the node's link and its VMs' write rates; default the node's limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_concurrent: Option<u32>,
+    pub max_concurrent: Option<Concurrency>,
     /// Move what fits when the other nodes cannot hold every VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_partial: Option<bool>,
@@ -157,6 +158,66 @@ pub struct Drain {
     /// lost may be sent again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+/// How many migrations run at once: a number, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    /// This many.
+    Fixed(u32),
+    /// As many as the link and the VMs' write rates call for.
+    Auto,
+}
+
+impl std::fmt::Display for Concurrency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(n) => write!(f, "{n}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for Concurrency {
+    type Err = String;
+
+    /// `auto` or a whole number (range-checked where it is used).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            t => t
+                .parse()
+                .map(Self::Fixed)
+                .map_err(|_| format!("{s:?} is neither a whole number nor \"auto\"")),
+        }
+    }
+}
+
+impl Serialize for Concurrency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Fixed(n) => s.serialize_u32(*n),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Number(n)) => Ok(Self::Fixed(n)),
+            Ok(Raw::Text(t)) if t == "auto" => Ok(Self::Auto),
+            _ => Err(serde::de::Error::custom(
+                "max_concurrent: expected a whole number from 1 to 64 or \"auto\"",
+            )),
+        }
+    }
 }
 
 /// `POST /v1/node/resume` (an empty body takes the defaults).

@@ -49,6 +49,10 @@ pub struct DrainRun {
     pub cpu_ms: f64,
     /// The agents' busiest quarter second, in cores.
     pub peak_cpu_cores: f64,
+    /// Migrations at once the drain ran with (as the node chose, for `auto`).
+    pub max_concurrent: u32,
+    /// With `auto`: why the node chose it.
+    pub auto: Option<String>,
     /// Each VM's migration.
     pub vms: Vec<VmRun>,
 }

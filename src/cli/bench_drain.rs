@@ -11,7 +11,7 @@ use super::local_etcd::LocalEtcd;
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{anyhow, Context, Result};
 use ferry::agent::cluster::MAX_CONCURRENT;
-use ferry::agent::request::{Drain, Resume};
+use ferry::agent::request::{Concurrency, Drain, Resume};
 use ferry::agent::{NodeSpec, OpState, OperationView};
 use ferry::bench::drain::{mark_best, summarize, table, DrainMeta, DrainRun, VmRun};
 use ferry::bench::sweep::link_label;
@@ -158,7 +158,7 @@ impl<'a> Bench<'a> {
     /// interrupted (the drain cancelled, its VMs deleted wherever they run).
     fn drain_once(
         &self,
-        level: u32,
+        level: Concurrency,
         cancel: &CancellationToken,
         bar: &ProgressBar,
     ) -> Result<Option<DrainRun>> {
@@ -256,6 +256,8 @@ impl<'a> Bench<'a> {
             completed,
             cpu_ms,
             peak_cpu_cores: peak,
+            max_concurrent: op.params["max_concurrent"].as_u64().unwrap_or(0) as u32,
+            auto: op.params["auto"].as_str().map(String::from),
             vms,
         })
     }

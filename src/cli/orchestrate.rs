@@ -134,9 +134,11 @@ pub enum NodeCommand {
     Drain {
         /// The node.
         node: String,
-        /// Migrations of this drain at once [default: the node's limit].
-        #[arg(long)]
-        max_concurrent: Option<u32>,
+        /// Migrations of this drain at once (1 to 64), or `auto`: chosen
+        /// from the node's link and its VMs' write rates, the reason in the
+        /// operation's `params.auto` [default: the node's limit].
+        #[arg(long, value_parser = super::args::concurrency_arg)]
+        max_concurrent: Option<ferry::agent::request::Concurrency>,
         /// Move what fits when the other nodes cannot hold every VM.
         #[arg(long)]
         allow_partial: bool,

@@ -60,7 +60,7 @@ fn bench_drain_runs_real_drains_per_concurrency_and_writes_its_results() {
             "--dirty-rate",
             "10MB/s",
             "--max-concurrent",
-            "1,3",
+            "1,3,auto",
             "--codecs",
             "lz4",
             "--bandwidth",
@@ -85,7 +85,7 @@ fn bench_drain_runs_real_drains_per_concurrency_and_writes_its_results() {
         .iter()
         .map(|c| c["concurrency"].as_str().unwrap())
         .collect();
-    assert_eq!(levels, ["1", "3"], "{v}");
+    assert_eq!(levels, ["1", "3", "auto"], "{v}");
     for c in cells {
         assert_eq!(
             (c["repeats"].as_u64(), c["failures"].as_u64()),
@@ -105,14 +105,21 @@ fn bench_drain_runs_real_drains_per_concurrency_and_writes_its_results() {
         let at_once = most_at_once(&spans(run));
         match c["concurrency"].as_str().unwrap() {
             "1" => assert_eq!(at_once, 1, "one at a time: {run}"),
-            _ => assert!(at_once >= 2, "three allowed, {at_once} at once: {run}"),
+            "3" => assert!(at_once >= 2, "three allowed, {at_once} at once: {run}"),
+            // 50 MB/s each of two is over twice the 10 MB/s writers: two.
+            _ => {
+                assert_eq!(run["max_concurrent"], 2, "{run}");
+                assert!(run["auto"].as_str().unwrap().contains("2 at once"), "{run}");
+                assert!(at_once <= 2, "{at_once} at once: {run}");
+            }
         }
         let share = c["link_use"].as_f64().unwrap();
         assert!(share > 0.0 && share < 1.2, "the node's cap is shared: {c}");
     }
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert_eq!(csv.lines().count(), 4, "{csv}");
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("## What `auto` chose"), "{md}");
     assert!(md.contains("3 VMs (16.00 MiB idle"), "{md}");
     let charts = std::fs::read_dir(&dir)
         .unwrap()

@@ -307,3 +307,44 @@ fn a_stopping_agent_starts_no_operation_after_marking_its_own_interrupted() {
     let (_, ops) = c.call(Method::GET, "a", "/v1/operations", None);
     assert_eq!(ops.as_array().map(Vec::len), Some(0), "{ops}");
 }
+
+#[test]
+fn an_auto_drain_chooses_from_the_link_and_the_writers_and_says_why() {
+    let _serial = common::serial();
+    // A's link carries 30 MB/s; its VMs write 10 MB/s each: two at once
+    // would leave each 15 MB/s, under twice 10.
+    let Some(c) = Agents::start(
+        "auto",
+        &[("a", "max_bandwidth = \"30MB/s\""), ("b", ""), ("c", "")],
+    ) else {
+        return;
+    };
+    create_vms(&c, "a", 3, "16MiB");
+    for bad in [json!("fast"), json!(0), json!(65), json!(-1)] {
+        let (s, v) = c.call(
+            Method::POST,
+            "a",
+            "/v1/node/drain",
+            Some(json!({ "max_concurrent": bad })),
+        );
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(error_of(&v).1.contains("max_concurrent"), "{bad}: {v}");
+    }
+    let (s, op) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"max_concurrent": "auto"})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(op["params"]["max_concurrent"], 1, "{op}");
+    let why = op["params"]["auto"].as_str().unwrap();
+    assert!(
+        why.contains("30.00 MB/s") && why.contains("one at a time"),
+        "{why}"
+    );
+    let done = c.wait_op("a", op["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
+    assert_eq!(max_overlap(list.as_array().unwrap()), 1, "{list}");
+}

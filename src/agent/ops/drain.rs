@@ -2,6 +2,7 @@
 //! nodes, largest first, where free memory allows, a few at a time.
 
 use super::*;
+use crate::agent::request::Concurrency;
 
 impl Node {
     /// `POST /v1/node/drain`: pauses the node and moves every running VM to
@@ -21,9 +22,14 @@ impl Node {
                 self.spec.name
             )));
         }
-        let max = req
-            .max_concurrent
-            .unwrap_or(self.spec.max_concurrent_migrations);
+        let (max, auto) = match req.max_concurrent {
+            None => (self.spec.max_concurrent_migrations, None),
+            Some(Concurrency::Fixed(n)) => (n, None),
+            Some(Concurrency::Auto) => {
+                let (n, why) = self.auto_concurrency();
+                (n, Some(why))
+            }
+        };
         if max == 0 {
             return Err(NodeError::BadRequest(
                 "max_concurrent must be at least 1".into(),
@@ -103,14 +109,46 @@ impl Node {
         );
         self.set_mode(NodeMode::Draining);
         let mut params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
+        if let Some(why) = &auto {
+            params["auto"] = json!(why);
+        }
         with_request_id(&mut params, req.request_id.as_deref());
         let (id, cancel) = self.new_op(OpKind::Drain, params, steps);
-        tracing::info!(op = %id, vms = placed.len(), left = left.len(), "drain started");
+        tracing::info!(op = %id, vms = placed.len(), left = left.len(), max_concurrent = max, "drain started");
+        if let Some(why) = auto {
+            tracing::info!(op = %id, max_concurrent = max, "drain's concurrency chosen: {why}");
+        }
         let node = self.clone();
         let op = id.clone();
         self.tasks
             .spawn(async move { node.run_drain(op, max as usize, cancel).await });
         self.operation(&id)
+    }
+
+    /// `max_concurrent: "auto"`: from the node's cap (or its fastest
+    /// outgoing migration so far) and its running VMs' write rates.
+    fn auto_concurrency(&self) -> (u32, String) {
+        use super::auto::{choose, Link};
+        let running: Vec<_> = self
+            .vms()
+            .into_iter()
+            .filter(|v| v.state == crate::agent::node::VmState::Running)
+            .collect();
+        let dirtiest = running.iter().map(|v| v.spec.dirty_rate).max().unwrap_or(0);
+        let measured = self
+            .migrations()
+            .iter()
+            .filter(|m| m.source == self.spec.name)
+            .filter_map(|m| m.report.as_ref())
+            .filter(|r| r.outcome == crate::migration::Outcome::Completed)
+            .map(|r| r.throughput_wire_bps as u64)
+            .max();
+        let link = match (self.spec.max_bandwidth, measured) {
+            (Some(cap), _) => Link::Cap(cap),
+            (None, Some(r)) if r > 0 => Link::Measured(r),
+            _ => Link::Unknown,
+        };
+        choose(link, dirtiest, running.len())
     }
 
     /// Running VMs, (name, memory).

@@ -6,6 +6,7 @@
 //! in the node's log afterwards; this file holds their records and the
 //! bookkeeping they share.
 
+pub mod auto;
 mod drain;
 mod resume;
 mod types;

@@ -179,8 +179,8 @@ pub(crate) struct Operation {
 #[derive(Debug, Clone, Default)]
 pub struct DrainRequest {
     /// Migrations of this drain at once (default: the node's limit, which
-    /// also bounds it).
-    pub max_concurrent: Option<u32>,
+    /// also bounds it), or `Auto`: chosen when it starts.
+    pub max_concurrent: Option<crate::agent::request::Concurrency>,
     /// Move what fits instead of refusing when the other nodes cannot hold
     /// every VM.
     pub allow_partial: bool,

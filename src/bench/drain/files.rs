@@ -101,6 +101,24 @@ fn report(meta: &DrainMeta, cells: &[DrainCell]) -> String {
             c.peak_cpu_cores
         );
     }
+    let mut chose = String::new();
+    for c in cells {
+        let mut seen: Vec<(u32, &str)> = Vec::new();
+        for r in &c.runs {
+            if let Some(why) = &r.auto {
+                if !seen.contains(&(r.max_concurrent, why)) {
+                    seen.push((r.max_concurrent, why));
+                }
+            }
+        }
+        for (n, why) in seen {
+            let link = link_label(c.link_bps);
+            let _ = writeln!(chose, "- {link}, {}: {n} at once: {why}", c.codec);
+        }
+    }
+    if !chose.is_empty() {
+        let _ = write!(md, "\n## What `auto` chose\n\n{chose}");
+    }
     let failed: Vec<&DrainCell> = cells.iter().filter(|c| c.failures > 0).collect();
     if !failed.is_empty() {
         md.push_str("\n## Failures\n\n");

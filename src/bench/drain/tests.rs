@@ -21,6 +21,8 @@ fn run(drain_ms: f64, vms: Vec<VmRun>) -> DrainRun {
         completed: true,
         cpu_ms: 1000.0,
         peak_cpu_cores: 1.5,
+        max_concurrent: 2,
+        auto: None,
         vms,
     }
 }

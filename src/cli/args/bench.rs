@@ -2,6 +2,7 @@
 //! (codecs, links, labelled values).
 
 use super::*;
+use ferry::agent::request::Concurrency;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum BenchCommand {
@@ -109,7 +110,8 @@ pub(crate) struct DrainBenchArgs {
     pub(crate) vms: u32,
     #[command(flatten)]
     pub(crate) guest: BenchVmArgs,
-    /// Migrations at once, each an axis point (1 to 64).
+    /// Migrations at once, each an axis point (1 to 64, or `auto`: the
+    /// node chooses, and each drain records what it chose).
     #[arg(long, default_value = "1,2,4,8", value_parser = concurrency_list_arg)]
     pub(crate) max_concurrent: ConcurrencyList,
     /// Codecs of the drained node's migrations (its `codec` setting).
@@ -175,14 +177,24 @@ pub(crate) fn workload_list_arg(s: &str) -> Result<WorkloadList, String> {
 
 /// A comma-separated list of migrations at once, each as given.
 #[derive(Debug, Clone)]
-pub(crate) struct ConcurrencyList(pub(crate) Vec<(String, u32)>);
+pub(crate) struct ConcurrencyList(pub(crate) Vec<(String, Concurrency)>);
 
 pub(crate) fn concurrency_list_arg(s: &str) -> Result<ConcurrencyList, String> {
-    let v: Vec<(String, u32)> = labelled_list(s)?;
-    if let Some((label, _)) = v.iter().find(|(_, n)| !(1..=64).contains(n)) {
-        return Err(format!("max-concurrent {label} is out of range (1 to 64)"));
+    let v: Vec<(String, Concurrency)> = labelled_list(s)?;
+    for (_, c) in &v {
+        concurrency_arg(&c.to_string())?;
     }
     Ok(ConcurrencyList(v))
+}
+
+/// Migrations at once: 1 to 64, or `auto`.
+pub(crate) fn concurrency_arg(s: &str) -> Result<Concurrency, String> {
+    match s.parse::<Concurrency>()? {
+        Concurrency::Fixed(n) if !(1..=64).contains(&n) => {
+            Err(format!("max-concurrent {n} is out of range (1 to 64)"))
+        }
+        c => Ok(c),
+    }
 }
 
 /// The sweep's path: plain TCP, TLS, or both.

@@ -159,6 +159,14 @@ fn follow(
         }
         return Ok(ExitCode::SUCCESS);
     }
+    if let (Some(n), Some(why)) = (
+        op.params["max_concurrent"].as_u64(),
+        op.params["auto"].as_str(),
+    ) {
+        if !out.json {
+            eprintln!("{n} at once: {why}");
+        }
+    }
     let done = watch_op(ctx, node, op)?;
     if out.json {
         print_json(&done);
