@@ -198,7 +198,7 @@ pub fn table(cells: &[DrainCell]) -> String {
         );
         let _ = write!(out, "  {:<width$}", "codec");
         for l in &levels {
-            let _ = write!(out, "{:>12}", format!("{l} at once"));
+            let _ = write!(out, "{:>14}", format!("{l} at once"));
         }
         out.push('\n');
         for codec in &codecs {
@@ -214,7 +214,7 @@ pub fn table(cells: &[DrainCell]) -> String {
                         if c.best { " *" } else { "  " }
                     )
                 });
-                let _ = write!(out, "{text:>12}");
+                let _ = write!(out, "{text:>14}");
             }
             out.push('\n');
         }
