@@ -77,10 +77,7 @@ impl LocalAgents {
 
     /// Stops the agents.
     pub(crate) fn stop(self) {
-        for (home, agent) in self.agents {
-            let rt = &self.rts[home];
-            let _ = rt.block_on(rt.spawn(agent.shutdown()));
-        }
+        drop(self);
     }
 
     /// The node named `name`.
@@ -153,6 +150,17 @@ impl LocalAgents {
     }
 }
 
+impl Drop for LocalAgents {
+    /// Stops the agents, on error paths too: a runtime dropped with agents
+    /// still on it would wait for their blocking work.
+    fn drop(&mut self) {
+        for (home, agent) in self.agents.drain(..) {
+            let rt = &self.rts[home];
+            let _ = rt.block_on(rt.spawn(agent.shutdown()));
+        }
+    }
+}
+
 /// Each VM's memory: the image's size, or --memory (default 512 MiB).
 pub(crate) fn guest_memory(a: &BenchVmArgs) -> Result<u64> {
     match &a.image {
@@ -174,6 +182,16 @@ pub(crate) fn guest_memory(a: &BenchVmArgs) -> Result<u64> {
         }
         None => Ok(a.memory.unwrap_or(512 << 20)),
     }
+    .and_then(|m| {
+        ferry::memory::GuestMemory::check_size(m).map_err(|e| usage(format!("--memory: {e}")))?;
+        Ok(m)
+    })
+}
+
+/// What each node must hold: `vms` VMs of `memory` (at most 16 TiB each,
+/// so no overflow), at least 16 GiB.
+pub(crate) fn capacity(memory: u64, vms: u32) -> u64 {
+    memory.saturating_mul(u64::from(vms)).max(16 << 30)
 }
 
 /// The VMs as the results' meta names them, one per write pattern
@@ -199,6 +217,8 @@ pub(crate) fn guest_labels(a: &BenchVmArgs, memory: u64) -> Vec<String> {
 /// A fresh folder for a bench's etcd member and cluster files.
 pub(crate) fn bench_dir(name: &str) -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("ferry-bench-{name}-{}", std::process::id()));
+    // A killed run's folder under a recycled pid: its etcd data must go.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

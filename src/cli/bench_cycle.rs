@@ -4,7 +4,9 @@
 //! run's total and each phase's time and wire bytes.
 
 use super::args::{CycleBenchArgs, GuestBackend};
-use super::bench_agents::{bench_dir, guest_labels, guest_memory, unix_time, LocalAgents};
+use super::bench_agents::{
+    bench_dir, capacity, guest_labels, guest_memory, unix_time, LocalAgents,
+};
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{bail, Context, Result};
 use ferry::agent::rolling::{RunState, StartUpdate, Turn, UpdateRun};
@@ -33,7 +35,7 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             a.bandwidth.0.map_or(String::new(), |b| format!("max_bandwidth = {b}\n"))
         );
         // Two nodes hold all three's VMs during a turn.
-        let capacity = (memory * u64::from(a.vms) * 2).max(16 << 30);
+        let capacity = capacity(memory, a.vms.saturating_mul(2));
         let file = super::demo_cluster::write_cluster(&dir, &etcd.endpoint, &settings, capacity)?;
         let agents = LocalAgents::start(&file)?;
         let runs = repeat(&a, &agents, memory, &cancel);
@@ -92,6 +94,18 @@ fn repeat(
         std::thread::sleep(Duration::from_millis(300));
         eprintln!("bench cycle: rolling update {} of {}", r + 1, a.repeats);
         let run = cycle_once(agents, cancel)?;
+        if !run.completed {
+            // A failed turn leaves its node paused, as a rolling update
+            // must: the next run could not place its VMs. Stop here and
+            // report what ran.
+            eprintln!(
+                "bench cycle: rolling update {} did not complete ({}); no more runs",
+                r + 1,
+                run.error.as_deref().unwrap_or("cancelled")
+            );
+            runs.push(run);
+            break;
+        }
         delete_all(agents)?;
         runs.push(run);
     }

@@ -5,7 +5,7 @@
 
 use super::args::{DrainBenchArgs, GuestBackend};
 use super::bench_agents::{
-    bench_dir, guest_labels, guest_memory, unix_time, LocalAgents, Topology,
+    bench_dir, capacity, guest_labels, guest_memory, unix_time, LocalAgents, Topology,
 };
 use super::local_etcd::LocalEtcd;
 use crate::{cancel_on_signals, check_kvm};
@@ -93,7 +93,7 @@ fn grid(
                 // The node's own limit out of the way: each drain's is the axis.
                 format_args!("max_concurrent_migrations = {MAX_CONCURRENT}\n"),
             );
-            let capacity = (memory * u64::from(a.vms)).max(16 << 30);
+            let capacity = capacity(memory, a.vms);
             let file = super::demo_cluster::write_cluster_at(
                 &dir.join(format!("cluster-{group}")),
                 etcd,

@@ -42,6 +42,8 @@ fn most_at_once(spans: &[(f64, f64)]) -> usize {
 
 #[test]
 fn bench_drain_runs_real_drains_per_concurrency_and_writes_its_results() {
+    // Real migrations: one at a time in this binary, as the others.
+    let _serial = common::serial();
     // Its agents keep their state in an etcd member it starts.
     if !common::etcd::available() {
         return;
@@ -157,6 +159,7 @@ fn bench_drain_refuses_bad_axes_naming_the_flag() {
 
 #[test]
 fn bench_cycle_updates_every_node_in_turn_and_brings_every_vm_home() {
+    let _serial = common::serial();
     if !common::etcd::available() {
         return;
     }

@@ -173,6 +173,7 @@ fn bench_link_measures_the_shaped_path() {
 
 #[test]
 fn a_drain_bench_across_namespaces_is_shaped_by_the_kernel_and_cleans_up() {
+    let _serial = common::serial();
     if let Some(why) = unavailable() {
         common::missing(&why);
         return;

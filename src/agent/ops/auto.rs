@@ -9,6 +9,7 @@
 //! where two shares would not, one at a time won by up to 2.6 times, since
 //! every page written meanwhile is sent again.
 
+use crate::memory::WorkloadPattern;
 use crate::units::Rate;
 
 /// What the node knows of its outgoing link.
@@ -26,11 +27,19 @@ pub enum Link {
 /// its rounds to shrink fast (each round at most half the one before).
 const HEADROOM: u64 = 2;
 
+/// The fastest write rate of VMs given as (workload, `dirty_rate`): an idle
+/// VM writes nothing, whatever rate it was given.
+pub fn dirtiest(vms: impl Iterator<Item = (WorkloadPattern, u64)>) -> u64 {
+    vms.map(|(w, rate)| if w == WorkloadPattern::Idle { 0 } else { rate })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Chooses how many of `vms` migrations run at once on `link`, the
 /// fastest-writing VM writing `dirtiest` bytes/s; says why.
 pub fn choose(link: Link, dirtiest: u64, vms: usize) -> (u32, String) {
     if vms <= 1 {
-        return (1, format!("{vms} VM to move: one at a time"));
+        return (1, "at most one VM to move: one at a time".into());
     }
     let (rate, what) = match link {
         Link::Cap(r) => (r, "the node's max_bandwidth"),
@@ -97,6 +106,33 @@ mod tests {
         // 1 Gbit/s and 50 MB/s: 62.5 MB/s each is under 100 MB/s.
         assert_eq!(choose(Link::Cap(125 * MB), 50 * MB, 3).0, 1);
         assert_eq!(choose(Link::Cap(199 * MB), 50 * MB, 3).0, 1);
+    }
+
+    #[test]
+    fn concurrency_reads_and_writes_a_number_or_auto_only() {
+        use crate::agent::request::Concurrency;
+        let read = |t: &str| serde_json::from_str::<Concurrency>(t);
+        assert_eq!(read("3").unwrap(), Concurrency::Fixed(3));
+        assert_eq!(read("\"auto\"").unwrap(), Concurrency::Auto);
+        for bad in ["\"AUTO\"", "1.5", "\"2\"", "-1", "true", "4294967296"] {
+            let e = read(bad).unwrap_err().to_string();
+            assert!(e.contains("max_concurrent"), "{bad}: {e}");
+        }
+        for c in [Concurrency::Fixed(7), Concurrency::Auto] {
+            let text = serde_json::to_string(&c).unwrap();
+            assert_eq!(read(&text).unwrap(), c, "{text}");
+            assert_eq!(c.to_string().parse::<Concurrency>().unwrap(), c);
+        }
+        assert!("fast".parse::<Concurrency>().is_err());
+    }
+
+    #[test]
+    fn idle_vms_write_nothing_whatever_their_rate() {
+        let hot = "hot:4MiB".parse::<WorkloadPattern>().unwrap();
+        let vms = [(WorkloadPattern::Idle, 100 * MB), (hot, 10 * MB)];
+        assert_eq!(dirtiest(vms.into_iter()), 10 * MB);
+        assert_eq!(dirtiest([(WorkloadPattern::Idle, 100 * MB)].into_iter()), 0);
+        assert_eq!(dirtiest(std::iter::empty()), 0);
     }
 
     #[test]

@@ -129,12 +129,14 @@ impl Node {
     /// outgoing migration so far) and its running VMs' write rates.
     fn auto_concurrency(&self) -> (u32, String) {
         use super::auto::{choose, Link};
+
         let running: Vec<_> = self
             .vms()
             .into_iter()
             .filter(|v| v.state == crate::agent::node::VmState::Running)
             .collect();
-        let dirtiest = running.iter().map(|v| v.spec.dirty_rate).max().unwrap_or(0);
+        let dirtiest =
+            super::auto::dirtiest(running.iter().map(|v| (v.spec.workload, v.spec.dirty_rate)));
         let measured = self
             .migrations()
             .iter()
@@ -148,7 +150,15 @@ impl Node {
             (None, Some(r)) if r > 0 => Link::Measured(r),
             _ => Link::Unknown,
         };
-        choose(link, dirtiest, running.len())
+        let (n, why) = choose(link, dirtiest, running.len());
+        let limit = self.spec.max_concurrent_migrations;
+        if n > limit {
+            return (
+                limit,
+                format!("{why}; held to the node's max_concurrent_migrations, {limit}"),
+            );
+        }
+        (n, why)
     }
 
     /// Running VMs, (name, memory).
