@@ -112,6 +112,21 @@ impl LocalAgents {
         }
     }
 
+    /// Waits up to `limit` until VM `name` runs on `node`: a migration
+    /// reported completed by its source may still be settling there.
+    pub(crate) fn wait_running(&self, node: &NodeSpec, name: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.ctx.run(self.ctx.peers.vm(node, name)) {
+                Ok(v) if v.state == ferry::agent::VmState::Running => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    bail!("{name} is not running on {} after {limit:?}", node.name)
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// Creates VMs `names` on `node` as `vms` describes, the i-th with the
     /// i-th write pattern in turn and seed i + 1.
     pub(crate) fn create_vms(

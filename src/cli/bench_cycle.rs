@@ -209,6 +209,7 @@ fn delete_all(agents: &LocalAgents) -> Result<()> {
     for n in NODES {
         let node: NodeSpec = agents.node(n)?;
         for vm in agents.ctx.run(agents.ctx.peers.vms(&node))? {
+            agents.wait_running(&node, &vm.spec.name, Duration::from_secs(30))?;
             agents
                 .ctx
                 .run(agents.ctx.peers.delete_vm(&node, &vm.spec.name, false))

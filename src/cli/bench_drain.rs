@@ -272,6 +272,9 @@ impl<'a> Bench<'a> {
                 &s.source
             };
             let node = ctx.node(on)?;
+            // Deleted once it has settled where it runs, not while it arrives.
+            self.agents
+                .wait_running(node, &s.vm, Duration::from_secs(30))?;
             ctx.run(ctx.peers.delete_vm(node, &s.vm, false))
                 .with_context(|| format!("deleting {} on {on}", s.vm))?;
         }
