@@ -3,6 +3,7 @@
 //! from a bundled font, so the PNGs render on machines with no fonts.
 
 use super::sweep::{link_label, Cell};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -100,14 +101,41 @@ where
                     .map(|s| (i as f64, s.median))
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(codec.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        draw_line(&mut chart, points, codec, color)?;
     }
+    finish_lines(&mut chart, &root)
+}
+
+/// Draws one named line, a dot at each point, and its legend entry.
+pub(crate) fn draw_line<'a, DB, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    points: Vec<(f64, f64)>,
+    label: &str,
+    color: RGBColor,
+) -> DrawResult<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    Ok(())
+}
+
+/// Draws the legend of a chart of lines and presents its drawing.
+pub(crate) fn finish_lines<'a, DB, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    root: &DrawingArea<DB, Shift>,
+) -> DrawResult<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))

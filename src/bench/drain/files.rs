@@ -2,7 +2,9 @@
 //! the charts of drain time against concurrency, one per link speed.
 
 use super::{link_label, ordered, secs_text, table, DrainCell, DrainMeta};
-use crate::bench::charts::{index_label, register_font, slug, DrawResult, PALETTE, SIZE};
+use crate::bench::charts::{
+    draw_line, finish_lines, index_label, register_font, slug, DrawResult, PALETTE, SIZE,
+};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -212,20 +214,7 @@ where
                 secs(c).map(|s| (i as f64, s))
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(codec.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        draw_line(&mut chart, points, codec, color)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish_lines(&mut chart, &root)
 }
