@@ -148,8 +148,11 @@ impl Restarter {
         for (r, rev, not_on) in left {
             let why = format!("node {} lost its lease", r.node);
             let not_on = not_on.as_deref();
+            // A record marked restarting or failed counted its loss already:
+            // tries that follow one loss count once.
+            let count = r.state == RecordState::Running;
             plans.extend(
-                self.place(live, token, &mut free, (r, rev), not_on, why, true)
+                self.place(live, token, &mut free, (r, rev), not_on, why, count)
                     .await,
             );
         }
@@ -194,7 +197,7 @@ impl Restarter {
                     "{why} and no other live node has {} free",
                     crate::units::Bytes(r.spec.memory)
                 );
-                self.failed(live, token, r, rev, error).await;
+                self.failed(live, token, (r, rev), error, count).await;
                 None
             }
         }
@@ -326,7 +329,7 @@ impl Restarter {
         self.failures.remove(&name);
         if r.spec.priority == Priority::Off {
             let error = format!("{refused}; its priority is off: never restarted elsewhere");
-            self.failed(live, token, r, rev, error).await;
+            self.failed(live, token, (r, rev), error, false).await;
             return;
         }
         let alive = mirror.alive();
@@ -349,14 +352,23 @@ impl Restarter {
         }
     }
 
-    /// Marks a VM no live node can take as failed, saying why.
-    async fn failed(&mut self, live: &Liveness, token: i64, r: VmRecord, rev: i64, error: String) {
+    /// Marks a VM no live node can take as failed, saying why, counting
+    /// the loss of its node if `count` (its record had not yet).
+    async fn failed(
+        &mut self,
+        live: &Liveness,
+        token: i64,
+        (r, rev): Todo,
+        error: String,
+        count: bool,
+    ) {
         if r.state == RecordState::Failed && r.error.as_ref() == Some(&error) {
             return;
         }
         tracing::error!(vm = %r.spec.name, "{error}");
         let failed = VmRecord {
             state: RecordState::Failed,
+            restarts: r.restarts.saturating_add(count as u32),
             error: Some(error),
             ..r
         };

@@ -79,7 +79,9 @@ pub struct VmRecord {
     pub migration: Option<String>,
     /// Running, restarting, or failed.
     pub state: RecordState,
-    /// Times it was restarted on another node.
+    /// Times it lost its node (a death, a lapsed lease, an agent's restart)
+    /// and had to start again, each loss counted once however many tries
+    /// the start took (one that found no room yet counts too).
     #[serde(default)]
     pub restarts: u32,
     /// The last restart.

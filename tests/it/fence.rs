@@ -12,9 +12,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-/// Etcd of three members; agents `a` (member 0 only) and `b` (all three)
-/// with lease TTL `ttl`; VM `web` running on `a`.
-fn cut_off_cluster(test: &str, ttl: &str) -> (EtcdCluster, Agents) {
+/// Etcd of three members; agents `a` (member 0 only) and `b` (all three,
+/// with node settings `b_conf`) with lease TTL `ttl`; VM `web` running on
+/// `a`.
+fn cut_off_cluster(test: &str, ttl: &str, b_conf: &str) -> (EtcdCluster, Agents) {
     let e = EtcdCluster::start(test, 3);
     let endpoints: Vec<String> = e.endpoints().iter().map(|m| format!("\"{m}\"")).collect();
     let top = format!(
@@ -22,7 +23,7 @@ fn cut_off_cluster(test: &str, ttl: &str) -> (EtcdCluster, Agents) {
         endpoints.join(", ")
     );
     let only0 = e.members[0].client.clone();
-    let c = Agents::start_each(test, &top, &[("a", ""), ("b", "")], |name, cluster| {
+    let c = Agents::start_each(test, &top, &[("a", ""), ("b", b_conf)], |name, cluster| {
         if name == "a" {
             cluster.store.as_mut().unwrap().client.endpoints = vec![only0.clone()];
         }
@@ -54,14 +55,23 @@ fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn alive(e: &EtcdCluster, test: &str) -> Option<i64> {
+    quorum_get(e, &format!("/{test}/alive/a")).map(|kv| kv.lease)
+}
+
+/// VM `name`'s record in etcd.
+fn record(e: &EtcdCluster, test: &str, name: &str) -> Value {
+    let kv = quorum_get(e, &format!("/{test}/vms/{name}")).expect("a record");
+    serde_json::from_slice(&kv.value).unwrap()
+}
+
+fn quorum_get(e: &EtcdCluster, key: &str) -> Option<ferry::agent::etcd::KeyValue> {
     // Members 1 and 2 hold the quorum while member 0 is stopped.
     let quorum = e.client_of(&e.config(e.endpoints()[1..].to_vec()));
-    let key = format!("/{test}/alive/a");
     // A read may meet the election that follows stopping member 0.
     let end = Instant::now() + Duration::from_secs(5);
     loop {
         match e.rt.block_on(quorum.get(key.as_bytes())) {
-            Ok(kv) => return kv.map(|kv| kv.lease),
+            Ok(kv) => return kv,
             Err(err) => assert!(Instant::now() < end, "{err}"),
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -74,7 +84,7 @@ fn an_agent_cut_off_from_etcd_pauses_its_guests_and_resumes_them_if_renewed_in_t
         return;
     }
     let _serial = common::serial();
-    let (e, c) = cut_off_cluster("fence-renewed", "8s");
+    let (e, c) = cut_off_cluster("fence-renewed", "8s", "");
     let lease = alive(&e, "fence-renewed").expect("a is alive");
     e.signal(0, "-STOP");
     until(Duration::from_secs(12), "a fences itself", || {
@@ -118,7 +128,7 @@ fn an_agent_whose_lease_expired_keeps_its_guests_superseded_and_never_resumes_th
     }
     let _serial = common::serial();
     let test = "fence-expired";
-    let (e, mut c) = cut_off_cluster(test, "3s");
+    let (e, mut c) = cut_off_cluster(test, "3s", "");
     let lease = alive(&e, test).expect("a is alive");
     e.signal(0, "-STOP");
     // Sampled throughout: whenever the lease is gone, the guest is paused.
@@ -185,6 +195,50 @@ fn an_agent_whose_lease_expired_keeps_its_guests_superseded_and_never_resumes_th
     until(Duration::from_secs(10), "the copy is removed", || {
         !saved.exists()
     });
+}
+
+/// A superseded VM whose restart found no room is failed until room comes,
+/// and then starts where the room is: its one lost lease counts one restart,
+/// however many tries it took.
+#[test]
+fn a_restart_that_waited_for_room_counts_the_lost_lease_once() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "fence-no-room";
+    let (e, c) = cut_off_cluster(test, "3s", "memory_capacity = \"24MiB\"");
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "filler", "memory": "16MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    e.signal(0, "-STOP");
+    until(Duration::from_secs(15), "a's lease expires", || {
+        alive(&e, test).is_none()
+    });
+    e.signal(0, "-CONT");
+    until(Duration::from_secs(10), "web waits for room", || {
+        record(&e, test, "web")["state"] == "failed"
+    });
+    let r = record(&e, test, "web");
+    assert_eq!(r["restarts"], 1, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("free"), "{r}");
+    // Tried again each round while failed: still one restart.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(record(&e, test, "web")["restarts"], 1);
+    let (s, v) = c.call(Method::DELETE, "b", "/v1/vms/filler", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    until(Duration::from_secs(10), "web runs on b", || {
+        let (s, v) = c.call(Method::GET, "b", "/v1/vms/web", None);
+        s == StatusCode::OK && v["state"] == "running"
+    });
+    let (_, on_b) = c.call(Method::GET, "b", "/v1/vms/web", None);
+    assert_eq!(on_b["restarts"], 1, "{on_b}");
+    assert_eq!(on_b["last_restart"]["to"], "b", "{on_b}");
+    assert_eq!(vm(&c)["state"], "superseded");
 }
 
 #[test]
