@@ -7,6 +7,7 @@
 mod common;
 
 mod agent;
+mod arrival;
 mod bandwidth;
 mod bench_cluster;
 mod cli;
