@@ -37,6 +37,7 @@
 
 mod checks;
 
+use super::request::Concurrency;
 use crate::codec::CodecChoice;
 use crate::units::{parse_bandwidth, parse_size};
 pub(crate) use checks::check_address;
@@ -127,7 +128,7 @@ struct RawApi {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDefaults {
-    max_concurrent_migrations: Option<u32>,
+    max_concurrent_migrations: Option<Concurrency>,
     max_bandwidth: Option<Amount>,
     codec: Option<String>,
     update_hook: Option<Vec<String>>,
@@ -141,7 +142,7 @@ struct RawNode {
     control: String,
     data: String,
     memory_capacity: Amount,
-    max_concurrent_migrations: Option<u32>,
+    max_concurrent_migrations: Option<Concurrency>,
     max_bandwidth: Option<Amount>,
     codec: Option<String>,
     update_hook: Option<Vec<String>>,
@@ -162,8 +163,13 @@ pub struct NodeSpec {
     pub data: String,
     /// What its VMs may use in total, bytes.
     pub memory_capacity: u64,
-    /// Outgoing live migrations at once; more wait in a queue.
+    /// Outgoing live migrations at once; more wait in a queue. With
+    /// `auto_concurrency`, the most the queue's choice may be.
     pub max_concurrent_migrations: u32,
+    /// `max_concurrent_migrations = "auto"`: the queue chooses its limit
+    /// from the link and the moving VMs' write rates (see
+    /// [`super::ops::auto`]).
+    pub auto_concurrency: bool,
     /// Cap on all its outgoing migrations together, bytes/s (`None`: no cap).
     pub max_bandwidth: Option<u64>,
     /// The codec of its outgoing migrations where a request names none

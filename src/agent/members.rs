@@ -57,6 +57,7 @@ pub fn spec_of(r: &NodeRecord, file: Option<&NodeSpec>, cluster: &Cluster) -> Op
         data: String::new(),
         memory_capacity: 0,
         max_concurrent_migrations: super::cluster::DEFAULT_MAX_CONCURRENT_MIGRATIONS,
+        auto_concurrency: false,
         max_bandwidth: None,
         codec: Default::default(),
         update_hook: None,

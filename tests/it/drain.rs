@@ -348,3 +348,73 @@ fn an_auto_drain_chooses_from_the_link_and_the_writers_and_says_why() {
     let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
     assert_eq!(max_overlap(list.as_array().unwrap()), 1, "{list}");
 }
+
+#[test]
+fn a_node_whose_limit_is_auto_sizes_its_queue_and_its_drains_from_the_link() {
+    let _serial = common::serial();
+    // A's link carries 30 MB/s and its VMs write 10 MB/s each: one at a
+    // time. B knows no link rate yet: two.
+    let auto = "max_concurrent_migrations = \"auto\"";
+    let Some(c) = Agents::start(
+        "auto-node",
+        &[
+            ("a", &format!("{auto}\nmax_bandwidth = \"30MB/s\"")),
+            ("b", auto),
+            ("c", ""),
+        ],
+    ) else {
+        return;
+    };
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["limits"]["auto"], "auto", "{node}");
+    create_vms(&c, "a", 3, "16MiB");
+    let ids: Vec<String> = (1..=3)
+        .map(|i| {
+            let (s, m) = c.call(
+                Method::POST,
+                "a",
+                "/v1/migrations",
+                Some(json!({"vm": format!("vm{i}"), "target": "c"})),
+            );
+            assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+            m["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["limits"]["max_concurrent_migrations"], 1, "{node}");
+    let why = node["limits"]["auto"].as_str().unwrap();
+    assert!(why.contains("one at a time"), "{why}");
+    for id in &ids {
+        assert_eq!(c.wait("a", id)["state"], "completed");
+    }
+    let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
+    assert_eq!(max_overlap(list.as_array().unwrap()), 1, "{list}");
+    // B's drain, asked for no number, is sized by the same rule.
+    for i in 1..=3 {
+        let (s, v) = c.call(
+            Method::POST,
+            "b",
+            "/v1/vms",
+            Some(json!({"name": format!("idle{i}"), "memory": "16MiB", "workload": "idle"})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let (s, op) = c.call(Method::POST, "b", "/v1/node/drain", None);
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(op["params"]["max_concurrent"], 2, "{op}");
+    assert!(
+        op["params"]["auto"]
+            .as_str()
+            .unwrap()
+            .contains("no link rate known"),
+        "{op}"
+    );
+    let done = c.wait_op("b", op["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    let (_, list) = c.call(Method::GET, "b", "/v1/migrations", None);
+    assert!(max_overlap(list.as_array().unwrap()) <= 2, "{list}");
+    // The queue chose again as it emptied, and says so.
+    let (_, node) = c.call(Method::GET, "b", "/v1/node", None);
+    let why = node["limits"]["auto"].as_str().unwrap();
+    assert!(why.contains("at most one VM to move"), "{why}");
+}

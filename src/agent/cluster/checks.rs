@@ -113,10 +113,15 @@ impl NodeDefaults<'_> {
                 "node {name}: memory_capacity {memory_capacity} is out of range (1 byte to 1 PiB)"
             ));
         }
-        let max_concurrent_migrations = n
+        let (max_concurrent_migrations, auto_concurrency) = match n
             .max_concurrent_migrations
             .or(self.defaults.max_concurrent_migrations)
-            .unwrap_or(DEFAULT_MAX_CONCURRENT_MIGRATIONS);
+        {
+            None => (DEFAULT_MAX_CONCURRENT_MIGRATIONS, false),
+            Some(Concurrency::Fixed(n)) => (n, false),
+            // Its choice is one or two (see `ops::auto`).
+            Some(Concurrency::Auto) => (DEFAULT_MAX_CONCURRENT_MIGRATIONS, true),
+        };
         if max_concurrent_migrations == 0 || max_concurrent_migrations > MAX_CONCURRENT {
             return Err(format!(
                 "node {name}: max_concurrent_migrations {max_concurrent_migrations} is out of range (1 to {MAX_CONCURRENT})"
@@ -171,6 +176,7 @@ impl NodeDefaults<'_> {
             data: n.data,
             memory_capacity,
             max_concurrent_migrations,
+            auto_concurrency,
             max_bandwidth,
             codec,
             update_hook,

@@ -327,3 +327,33 @@ fn the_store_settings_are_read_and_each_checked() {
         assert!(err(top).contains(field), "{top}: {}", err(top));
     }
 }
+
+#[test]
+fn max_concurrent_migrations_may_be_auto_for_the_cluster_or_a_node() {
+    let d = dir_with_token("s3cret-s3cret-s3cret");
+    let path = d.path().join("cluster.toml");
+    let text = EXAMPLE.replace(
+        "max_concurrent_migrations = 3",
+        "max_concurrent_migrations = \"auto\"",
+    );
+    let c = Cluster::parse(&text, &path).unwrap();
+    let (a, b) = (c.node("a").unwrap(), c.node("b").unwrap());
+    assert!(!a.auto_concurrency && a.max_concurrent_migrations == 2);
+    assert!(b.auto_concurrency, "{b:?}");
+    assert_eq!(b.max_concurrent_migrations, 2, "auto chooses 1 or 2");
+    let text = EXAMPLE.replace(
+        "[defaults]\nmax_concurrent_migrations = 2\n",
+        "[defaults]\nmax_concurrent_migrations = \"auto\"\n",
+    );
+    let c = Cluster::parse(&text, &path).unwrap();
+    assert!(c.node("a").unwrap().auto_concurrency);
+    assert!(!c.node("b").unwrap().auto_concurrency, "b sets its own 3");
+    for bad in ["\"many\"", "-1", "2.5"] {
+        let text = EXAMPLE.replace(
+            "max_concurrent_migrations = 3",
+            &format!("max_concurrent_migrations = {bad}"),
+        );
+        let e = Cluster::parse(&text, &path).unwrap_err().to_string();
+        assert!(e.contains("max_concurrent_migrations"), "{bad}: {e}");
+    }
+}

@@ -4,6 +4,7 @@
 
 mod entry;
 mod incoming;
+mod limit;
 mod outgoing;
 mod resolve;
 mod spec;
@@ -236,8 +237,12 @@ pub struct NodeView {
 /// A node's migration limits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Limits {
-    /// Outgoing migrations at once.
+    /// Outgoing migrations at once (with `"auto"`, the limit chosen last).
     pub max_concurrent_migrations: u32,
+    /// With `max_concurrent_migrations = "auto"`: why the limit is what it
+    /// is (`"auto"` before the queue first chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<String>,
     /// Cap on all outgoing migrations together, bytes/s.
     pub max_bandwidth: Option<u64>,
     /// The codec of outgoing migrations that name none.
@@ -309,6 +314,9 @@ pub(super) struct State {
     /// The node could not renew its lease in time: its guests are paused
     /// and it takes no new work.
     pub(super) fenced: bool,
+    /// With `max_concurrent_migrations = "auto"`: the queue's last limit
+    /// and why.
+    pub(super) auto_limit: Option<(u32, String)>,
     running_out: usize,
     next_id: u64,
 }

@@ -96,7 +96,10 @@ impl Node {
     /// Starts queued migrations while slots are free.
     pub(super) fn pump(self: &Arc<Self>) {
         let mut st = self.state.lock().unwrap();
-        while st.running_out < self.spec.max_concurrent_migrations as usize {
+        loop {
+            if st.running_out >= self.queue_limit(&mut st) {
+                break;
+            }
             let Some(id) = st.queue.pop_front() else {
                 break;
             };

@@ -24,7 +24,15 @@ impl Node {
             migrations_in_flight: in_flight,
             migrations_queued: st.queue.len(),
             limits: Limits {
-                max_concurrent_migrations: self.spec.max_concurrent_migrations,
+                max_concurrent_migrations: st
+                    .auto_limit
+                    .as_ref()
+                    .map_or(self.spec.max_concurrent_migrations, |(n, _)| *n),
+                auto: self.spec.auto_concurrency.then(|| {
+                    st.auto_limit
+                        .as_ref()
+                        .map_or_else(|| "auto".to_string(), |(_, why)| why.clone())
+                }),
                 max_bandwidth: self.spec.max_bandwidth,
                 codec: self.spec.codec.to_string(),
             },

@@ -23,9 +23,9 @@ impl Node {
             )));
         }
         let (max, auto) = match req.max_concurrent {
-            None => (self.spec.max_concurrent_migrations, None),
+            None if !self.spec.auto_concurrency => (self.spec.max_concurrent_migrations, None),
             Some(Concurrency::Fixed(n)) => (n, None),
-            Some(Concurrency::Auto) => {
+            None | Some(Concurrency::Auto) => {
                 let (n, why) = self.auto_concurrency();
                 (n, Some(why))
             }
@@ -125,10 +125,11 @@ impl Node {
         self.operation(&id)
     }
 
-    /// `max_concurrent: "auto"`: from the node's cap (or its fastest
-    /// outgoing migration so far) and its running VMs' write rates.
+    /// `max_concurrent: "auto"` (or none, on a node whose
+    /// `max_concurrent_migrations` is `"auto"`): from the node's cap (or its
+    /// fastest outgoing migration so far) and its running VMs' write rates.
     fn auto_concurrency(&self) -> (u32, String) {
-        use super::auto::{choose, Link};
+        use super::auto::choose;
 
         let running: Vec<_> = self
             .vms()
@@ -137,19 +138,7 @@ impl Node {
             .collect();
         let dirtiest =
             super::auto::dirtiest(running.iter().map(|v| (v.spec.workload, v.spec.dirty_rate)));
-        let measured = self
-            .migrations()
-            .iter()
-            .filter(|m| m.source == self.spec.name)
-            .filter_map(|m| m.report.as_ref())
-            .filter(|r| r.outcome == crate::migration::Outcome::Completed)
-            .map(|r| r.throughput_wire_bps as u64)
-            .max();
-        let link = match (self.spec.max_bandwidth, measured) {
-            (Some(cap), _) => Link::Cap(cap),
-            (None, Some(r)) if r > 0 => Link::Measured(r),
-            _ => Link::Unknown,
-        };
+        let link = self.link();
         let (n, why) = choose(link, dirtiest, running.len());
         let limit = self.spec.max_concurrent_migrations;
         if n > limit {
