@@ -69,7 +69,7 @@ impl Node {
         }
         let link = st.link(&self.spec.name, self.spec.max_bandwidth);
         let (vms, fastest) = st.moving();
-        let (n, why) = choose(link, fastest, vms);
+        let (n, why) = choose(link, fastest, vms, crate::agent::ops::auto::cores());
         let n = n.min(self.spec.max_concurrent_migrations);
         if st.auto_limit.as_ref().map(|(m, _)| *m) != Some(n) {
             tracing::info!(node = %self.spec.name, limit = n, "max_concurrent_migrations auto: {why}");

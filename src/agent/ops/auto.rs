@@ -1,5 +1,7 @@
-//! `max_concurrent: "auto"`: how many of a drain's migrations run at once,
-//! from the node's link and its VMs' write rates, with the reason in words.
+//! `max_concurrent: "auto"`: how many of a drain's (or with
+//! `max_concurrent_migrations = "auto"`, the node queue's) migrations run at
+//! once, from the node's link, its VMs' write rates and its CPU cores, with
+//! the reason in words.
 //!
 //! Measured on real drains (`ferry bench drain`, BENCHMARKS.md): past two at
 //! once a drain gets no shorter, and each VM's migration gets as much longer
@@ -36,10 +38,18 @@ pub fn dirtiest(vms: impl Iterator<Item = (WorkloadPattern, u64)>) -> u64 {
 }
 
 /// Chooses how many of `vms` migrations run at once on `link`, the
-/// fastest-writing VM writing `dirtiest` bytes/s; says why.
-pub fn choose(link: Link, dirtiest: u64, vms: usize) -> (u32, String) {
+/// fastest-writing VM writing `dirtiest` bytes/s, with `cores` CPU cores to
+/// compress and send on; says why.
+pub fn choose(link: Link, dirtiest: u64, vms: usize, cores: usize) -> (u32, String) {
     if vms <= 1 {
         return (1, "at most one VM to move: one at a time".into());
+    }
+    if cores <= 1 {
+        // The second would fill the link with the first one's CPU.
+        return (
+            1,
+            "one CPU core to compress and send on: one at a time".into(),
+        );
     }
     let (rate, what) = match link {
         Link::Cap(r) => (r, "the node's max_bandwidth"),
@@ -77,6 +87,11 @@ pub fn choose(link: Link, dirtiest: u64, vms: usize) -> (u32, String) {
     }
 }
 
+/// The CPU cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,26 +101,26 @@ mod tests {
     #[test]
     fn two_at_once_where_each_share_outruns_the_writers_twice() {
         // The realistic drain of BENCHMARKS.md: 20 MB/s writers, 1 Gbit/s.
-        let (n, why) = choose(Link::Cap(125 * MB), 20 * MB, 8);
+        let (n, why) = choose(Link::Cap(125 * MB), 20 * MB, 8, 2);
         assert_eq!(n, 2, "{why}");
         assert!(
             why.contains("max_bandwidth") && why.contains("62.50 MB/s"),
             "{why}"
         );
-        assert_eq!(choose(Link::Measured(1_050 * MB), 20 * MB, 8).0, 2);
+        assert_eq!(choose(Link::Measured(1_050 * MB), 20 * MB, 8, 2).0, 2);
         // Exactly twice is enough.
-        assert_eq!(choose(Link::Cap(200 * MB), 50 * MB, 3).0, 2);
+        assert_eq!(choose(Link::Cap(200 * MB), 50 * MB, 3, 2).0, 2);
     }
 
     #[test]
     fn one_at_a_time_where_two_shares_would_not_keep_up() {
         // 200 Mbit/s and 50 MB/s writers: one at a time won by 2.6 times.
-        let (n, why) = choose(Link::Cap(25 * MB), 50 * MB, 3);
+        let (n, why) = choose(Link::Cap(25 * MB), 50 * MB, 3, 2);
         assert_eq!(n, 1, "{why}");
         assert!(why.contains("one at a time"), "{why}");
         // 1 Gbit/s and 50 MB/s: 62.5 MB/s each is under 100 MB/s.
-        assert_eq!(choose(Link::Cap(125 * MB), 50 * MB, 3).0, 1);
-        assert_eq!(choose(Link::Cap(199 * MB), 50 * MB, 3).0, 1);
+        assert_eq!(choose(Link::Cap(125 * MB), 50 * MB, 3, 2).0, 1);
+        assert_eq!(choose(Link::Cap(199 * MB), 50 * MB, 3, 2).0, 1);
     }
 
     #[test]
@@ -137,14 +152,18 @@ mod tests {
 
     #[test]
     fn one_vm_or_an_unknown_link() {
-        assert_eq!(choose(Link::Cap(MB), 0, 1).0, 1);
-        assert_eq!(choose(Link::Cap(MB), 0, 0).0, 1);
-        let (n, why) = choose(Link::Unknown, 10 * MB, 4);
+        assert_eq!(choose(Link::Cap(MB), 0, 1, 2).0, 1);
+        assert_eq!(choose(Link::Cap(MB), 0, 0, 2).0, 1);
+        let (n, why) = choose(Link::Unknown, 10 * MB, 4, 2);
         assert_eq!(n, 2, "{why}");
         assert!(why.contains("no link rate known"), "{why}");
         // Idle VMs on any known link: two.
-        assert_eq!(choose(Link::Measured(MB), 0, 4).0, 2);
+        assert_eq!(choose(Link::Measured(MB), 0, 4, 2).0, 2);
+        // One core: one at a time, whatever the link.
+        let (n, why) = choose(Link::Cap(125 * MB), 0, 4, 1);
+        assert_eq!(n, 1, "{why}");
+        assert!(why.contains("one CPU core"), "{why}");
         // Writers faster than any share without overflow.
-        assert_eq!(choose(Link::Cap(u64::MAX), u64::MAX, 4).0, 1);
+        assert_eq!(choose(Link::Cap(u64::MAX), u64::MAX, 4, 2).0, 1);
     }
 }

@@ -139,7 +139,7 @@ impl Node {
         let dirtiest =
             super::auto::dirtiest(running.iter().map(|v| (v.spec.workload, v.spec.dirty_rate)));
         let link = self.link();
-        let (n, why) = choose(link, dirtiest, running.len());
+        let (n, why) = choose(link, dirtiest, running.len(), super::auto::cores());
         let limit = self.spec.max_concurrent_migrations;
         if n > limit {
             return (
