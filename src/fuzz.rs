@@ -349,3 +349,27 @@ pub fn guest_restore(data: &[u8]) {
         let _ = guest.save_state();
     }
 }
+
+/// Any bytes, opened as a retained image (delta failback's kept memory)
+/// and read page by page, never panic: a bad header, length or table is
+/// refused, a page that does not match its hash is an error.
+pub fn retained_image(data: &[u8]) {
+    use crate::migration::retained::Retained;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "ferry-fuzz-retained-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    if let Ok(r) = Retained::open(&path) {
+        let mut page = vec![0u8; crate::memory::PAGE_SIZE];
+        for i in 0..r.hashes().len() as u64 + 1 {
+            let _ = r.page(crate::page::PageIndex(i), &mut page);
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}

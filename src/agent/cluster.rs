@@ -133,6 +133,7 @@ struct RawDefaults {
     codec: Option<String>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
+    failback_retention: Option<Amount>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +151,8 @@ struct RawNode {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    failback_retention: Option<Amount>,
+    failback_retention_dir: Option<PathBuf>,
 }
 
 /// One node of the cluster, defaults applied.
@@ -191,6 +194,11 @@ pub struct NodeSpec {
     /// Where its agent keeps what must outlive its process: the paused last
     /// copies of VMs (`guests/`).
     pub state_dir: PathBuf,
+    /// The disk the images of VMs that left it may take (`failback_retention`,
+    /// default a quarter of `memory_capacity`; 0 keeps none).
+    pub failback_retention: u64,
+    /// Where those images are (default `{state_dir}/retained`).
+    pub failback_retention_dir: PathBuf,
 }
 
 /// This node's fields from `ferry agent`'s flags, over or instead of its
@@ -249,6 +257,8 @@ impl JoinNode {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             state_dir: None,
+            failback_retention: None,
+            failback_retention_dir: None,
         });
         Ok(())
     }

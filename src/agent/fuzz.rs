@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 
 /// The record kinds, in the order the first input byte picks them.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "vm",
     "node",
     "node_state",
@@ -27,6 +27,7 @@ pub const KINDS: [&str; 10] = [
     "operation",
     "admin",
     "kept_vm",
+    "retained",
 ];
 
 /// The names the decoders are asked to find in the records: a record of
@@ -66,7 +67,8 @@ pub fn records(data: &[u8]) -> bool {
             })
         }),
         8 => round_trip(body, decode_admin),
-        _ => round_trip(body, |b| decode_meta(b, VM)),
+        9 => round_trip(body, |b| decode_meta(b, VM)),
+        _ => round_trip(body, super::retain::decode_meta),
     }
 }
 
@@ -121,6 +123,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             "remaining": [{"vm": "vm2", "state": "running"}], "interrupted": false}),
         json!({"version": 1, "state": "paused"}),
         json!({"version": 1, "spec": spec, "state": "paused", "migration": MIGRATION, "target": "b"}),
+        json!({"version": 1, "vm": VM, "migration": MIGRATION, "at_ms": 1_790_000_000_000u64,
+            "memory": 67_108_864u64, "digest": 1234567u64, "bytes": 20_971_520u64}),
     ];
     KINDS
         .iter()

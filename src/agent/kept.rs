@@ -91,7 +91,7 @@ const WHOLE_NAME: usize = 200;
 
 /// The files' stem for VM `vm`: its name, or for a long one its first
 /// 180 bytes and a checksum of the whole (the description says which VM).
-fn stem(vm: &str) -> String {
+pub(super) fn stem(vm: &str) -> String {
     if vm.len() <= WHOLE_NAME {
         vm.to_string()
     } else {

@@ -65,6 +65,8 @@ pub fn spec_of(r: &NodeRecord, file: Option<&NodeSpec>, cluster: &Cluster) -> Op
         api_cert: None,
         api_key_file: None,
         state_dir: std::path::PathBuf::new(),
+        failback_retention: 0,
+        failback_retention_dir: std::path::PathBuf::new(),
     });
     spec.control = r.control.clone();
     spec.data = r.data.clone();

@@ -29,6 +29,7 @@ pub mod quarantine;
 pub mod records;
 pub mod relay;
 pub mod request;
+pub mod retain;
 mod retarget;
 pub mod rolling;
 pub mod schedule;

@@ -15,6 +15,7 @@ mod local;
 mod loss;
 pub mod policy;
 pub(crate) mod report;
+pub mod retained;
 pub mod saved;
 pub mod sim;
 pub mod source_machine;

@@ -14,7 +14,7 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 9] = [
+const TARGETS: [(&str, Property); 10] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
@@ -25,6 +25,7 @@ const TARGETS: [(&str, Property); 9] = [
     }),
     ("guest_state", fuzz::guest_state),
     ("guest_restore", fuzz::guest_restore),
+    ("retained_image", fuzz::retained_image),
     ("records", |d| {
         ferry::agent::fuzz::records(d);
     }),
@@ -85,6 +86,7 @@ fn write_seeds() {
         std::fs::write(root.join(target).join(name), data).unwrap();
     };
     put("receiver", "session.bin", &fuzz::receiver_seed());
+    put("retained_image", "eight-pages.bin", &retained_seed());
     for (kind, data) in ferry::agent::fuzz::seeds() {
         put("records", &format!("{kind}.json"), &data);
     }
@@ -110,6 +112,19 @@ fn write_seeds() {
         data.extend_from_slice(&out);
         put(target, "two-pages.bin", &data);
     }
+}
+
+/// A retained image of eight pages, three with content.
+fn retained_seed() -> Vec<u8> {
+    let mem = ferry::memory::GuestMemory::new(8 * 4096).unwrap();
+    for i in [1u64, 4, 6] {
+        mem.write_page(PageIndex(i), &[i as u8; 4096]);
+    }
+    let path = std::env::temp_dir().join(format!("ferry-retained-seed-{}", std::process::id()));
+    ferry::migration::retained::write(&mem, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    bytes
 }
 
 /// A deterministic xorshift generator: the sweep is the same on every run.

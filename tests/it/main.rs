@@ -29,6 +29,7 @@ mod quorum;
 mod receive;
 mod relay;
 mod resolve;
+mod retention;
 mod rolling;
 mod shutdown;
 mod survive;

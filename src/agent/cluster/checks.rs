@@ -153,6 +153,19 @@ impl NodeDefaults<'_> {
         if preview_hook.as_ref().is_some_and(|h| h.is_empty()) {
             return Err(format!("node {name}: preview_hook is empty"));
         }
+        let failback_retention = match n
+            .failback_retention
+            .as_ref()
+            .or(self.defaults.failback_retention.as_ref())
+        {
+            Some(a) => amount(a, name, "failback_retention", false)?.unwrap_or(0),
+            None => memory_capacity / 4,
+        };
+        if failback_retention > MAX_RETENTION {
+            return Err(format!(
+                "node {name}: failback_retention {failback_retention} is out of range (0 to 1 PiB)"
+            ));
+        }
         let api_cert = match (&n.tls_cert, self.insecure_api) {
             (Some(c), _) => Some(
                 read_cert(&self.dir.join(c))
@@ -167,7 +180,13 @@ impl NodeDefaults<'_> {
             Some(d) => self.dir.join(d),
             None => self.dir.join(self.state_dir).join(name),
         };
+        let failback_retention_dir = match &n.failback_retention_dir {
+            Some(d) => self.dir.join(d),
+            None => state_dir.join("retained"),
+        };
         Ok(NodeSpec {
+            failback_retention,
+            failback_retention_dir,
             state_dir,
             api_cert,
             api_key_file: n.tls_key.as_ref().map(|k| self.dir.join(k)),
@@ -184,6 +203,9 @@ impl NodeDefaults<'_> {
         })
     }
 }
+
+/// The most `failback_retention` may be: 1 PiB.
+const MAX_RETENTION: u64 = 1 << 50;
 
 /// A size (`rate`: a bandwidth, where 0 means none) of a node's `field`.
 pub(super) fn amount(

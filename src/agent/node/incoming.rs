@@ -114,6 +114,8 @@ impl Node {
         }
         let superseded = vm.superseded;
         drop(st);
+        // It runs here again: an image it left with before is past.
+        self.retention.remove(&name);
         // The record names this node from now.
         self.claim_arrived(&name, &source, &id, superseded);
         self.changed.notify_waiters();

@@ -232,6 +232,9 @@ pub struct NodeView {
     /// joined without a `[[node]]` entry knows its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_hook: Option<Vec<String>>,
+    /// The images of VMs that left it, kept for their failback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback_retention: Option<super::retain::RetentionView>,
 }
 
 /// A node's migration limits.
@@ -400,6 +403,8 @@ pub struct Node {
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Its background tasks: outgoing migrations, operations, record edits.
     pub(crate) tasks: tasks::Tasks,
+    /// The images VMs left it with (failback retention).
+    pub(crate) retention: super::retain::Retention,
 }
 
 impl std::fmt::Debug for Node {
@@ -435,6 +440,7 @@ impl Node {
             ))
         });
         let api_limits = cluster.api;
+        let spec_dir = (spec.failback_retention_dir.clone(), spec.failback_retention);
         Ok(Arc::new_cyclic(|this| Self {
             peers: super::peer::Peers::new(&cluster),
             cluster,
@@ -458,6 +464,7 @@ impl Node {
             op_turn: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks::Tasks::default(),
+            retention: super::retain::Retention::open(&spec_dir.0, spec_dir.1),
         }))
     }
 

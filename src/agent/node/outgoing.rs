@@ -215,14 +215,47 @@ impl Node {
                 e.report = Some(report);
             }
         }
+        let left = gone.as_ref().and_then(|v| v.guest.clone());
         // Its guest's threads are joined outside the node's lock.
         drop(gone);
+        if let Some(guest) = left {
+            self.retain_in_background(&vm, &id, guest);
+        }
         self.journal_migration(&id);
         if superseded {
             self.restart_superseded(&vm);
         }
         self.pump();
         self.changed.notify_waiters();
+    }
+
+    /// Keeps the memory VM `vm` left by migration `id` with (paused, as
+    /// the target got it) as its retained image, written in the background;
+    /// the guest is held until then.
+    fn retain_in_background(&self, vm: &str, id: &str, guest: Arc<dyn MigratableGuest>) {
+        if self.spec.failback_retention == 0 {
+            return;
+        }
+        let Some(node) = self.this.upgrade() else {
+            return;
+        };
+        let (vm, id) = (vm.to_string(), id.to_string());
+        self.tasks.spawn(async move {
+            let keep = {
+                let (node, vm) = (node.clone(), vm.clone());
+                tokio::task::spawn_blocking(move || node.retention.keep(&vm, &id, guest.memory()))
+            };
+            match keep.await {
+                Ok(Ok(Some(v))) => {
+                    tracing::info!(%vm, bytes = v.bytes, "retained the image the VM left with")
+                }
+                Ok(Ok(None)) => {
+                    tracing::info!(%vm, budget = node.spec.failback_retention, "the VM's image is larger than failback_retention: not retained")
+                }
+                Ok(Err(e)) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
+                Err(e) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
+            }
+        });
     }
 
     /// `GET /v1/migrations`, newest last.

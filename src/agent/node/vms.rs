@@ -48,6 +48,7 @@ impl Node {
                 .and_then(|m| m.quarantined_until(&self.spec.name)),
             version: env!("CARGO_PKG_VERSION").to_string(),
             update_hook: self.spec.update_hook.clone(),
+            failback_retention: Some(self.retention.view()),
         }
     }
 

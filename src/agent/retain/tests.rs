@@ -1,0 +1,119 @@
+use super::*;
+use crate::page::PageIndex;
+
+/// A folder of its own for each test, removed after.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-retain-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `pages` pages, `data` of them with content.
+fn memory(pages: u64, data: u64, fill: u8) -> GuestMemory {
+    let mem = GuestMemory::new(pages * PAGE_SIZE as u64).unwrap();
+    for i in 0..data {
+        mem.write_page(PageIndex(i), &[fill ^ i as u8 | 1; PAGE_SIZE]);
+    }
+    mem
+}
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+#[test]
+fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
+    let d = Dir::new("kept");
+    let r = Retention::open(&d.0, 1 << 20);
+    assert!(r.view().images.is_empty());
+    let mem = memory(64, 10, 7);
+    let v = r.keep("web.1", "m-1", &mem).unwrap().unwrap();
+    assert_eq!((v.vm.as_str(), v.migration.as_str()), ("web.1", "m-1"));
+    assert_eq!(v.memory, 64 * PAGE);
+    assert!(v.bytes >= 10 * PAGE && v.bytes <= 16 * PAGE, "{v:?}");
+    let again = Retention::open(&d.0, 1 << 20);
+    assert_eq!(again.view().images, vec![v.clone()]);
+    let image = again.open_image("web.1").unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut want = vec![0u8; PAGE_SIZE];
+    for i in 0..64 {
+        image.page(PageIndex(i), &mut page).unwrap();
+        mem.read_page(PageIndex(i), &mut want);
+        assert_eq!(page, want);
+    }
+    // A name as long as names go is kept too.
+    let long = "v".repeat(255);
+    again.keep(&long, "m-9", &memory(4, 1, 1)).unwrap().unwrap();
+    assert!(Retention::open(&d.0, 1 << 20).get(&long).is_some());
+    again.remove(&long);
+    // A later departure replaces it.
+    let w = again
+        .keep("web.1", "m-2", &memory(64, 3, 9))
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.view().images, vec![w]);
+    again.remove("web.1");
+    assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
+}
+
+#[test]
+fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept() {
+    let d = Dir::new("budget");
+    // Room for two images of 8 data pages (and a page of table each).
+    let r = Retention::open(&d.0, 20 * PAGE);
+    for (i, vm) in ["a", "b", "c"].iter().enumerate() {
+        r.keep(vm, "m", &memory(16, 8, i as u8)).unwrap().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let v = r.view();
+    let names: Vec<&str> = v.images.iter().map(|i| i.vm.as_str()).collect();
+    assert_eq!(names, ["b", "c"], "{v:?}");
+    assert!(v.used <= v.budget, "{v:?}");
+    assert!(!d.0.join("a.retained").exists() && !d.0.join("a.json").exists());
+    // Larger than the whole budget: kept nowhere, the others stay.
+    assert_eq!(r.keep("big", "m", &memory(64, 30, 1)).unwrap(), None);
+    assert_eq!(r.view().images.len(), 2);
+    // A budget of 0 keeps nothing.
+    let none = Retention::open(&d.0.join("none"), 0);
+    assert_eq!(none.keep("a", "m", &memory(4, 1, 1)).unwrap(), None);
+    // A smaller budget at the next start evicts down to it.
+    let smaller = Retention::open(&d.0, 12 * PAGE);
+    let names: Vec<String> = smaller.view().images.into_iter().map(|i| i.vm).collect();
+    assert_eq!(names, ["c"]);
+}
+
+#[test]
+fn damaged_and_half_written_images_are_dropped_at_start() {
+    let d = Dir::new("damaged");
+    let r = Retention::open(&d.0, 1 << 20);
+    for vm in ["good", "flipped", "orphan"] {
+        r.keep(vm, "m", &memory(8, 4, 3)).unwrap().unwrap();
+    }
+    // A flipped byte in the hash table, a description without its image, a
+    // partial write, and a stranger.
+    let path = d.0.join("flipped.retained");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[45] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    std::fs::remove_file(d.0.join("orphan.retained")).unwrap();
+    std::fs::write(d.0.join("good.partial-77"), b"half").unwrap();
+    std::fs::write(d.0.join("notes.txt"), b"?").unwrap();
+    std::fs::write(d.0.join("huge.json"), vec![b' '; MAX_META as usize + 1]).unwrap();
+    let again = Retention::open(&d.0, 1 << 20);
+    let names: Vec<String> = again.view().images.into_iter().map(|i| i.vm).collect();
+    assert_eq!(names, ["good"]);
+    let mut left: Vec<String> = std::fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["good.json", "good.retained"]);
+}

@@ -1,0 +1,238 @@
+//! A retained image: the memory a VM left a node with and each page's hash,
+//! kept in one sparse file so that a later migration back to that node need
+//! only send what changed (delta failback). The format:
+//!
+//! ```text
+//! offset size field
+//!      0    8 magic "FERRYRET"
+//!      8    4 version (1)
+//!     12    4 reserved (0)
+//!     16    8 memory bytes (a non-zero multiple of 4096)
+//!     24    8 full digest of the memory (`digest::full_digest`)
+//!     32    4 CRC-32 of the hash table
+//!     36    4 reserved (0)
+//!     40    … the hash table: each page's xxh3-64, 8 bytes little-endian
+//!      M    … memory from the next 4096-byte boundary; zero pages are holes
+//! ```
+//!
+//! Nothing in it is trusted when read back: the header is range-checked, the
+//! table's CRC is checked before any hash is used, and every page read is
+//! checked against its hash ([`Retained::page`]).
+
+use crate::digest::{full_digest, page_hash, zero_page_hash};
+use crate::memory::{is_zero_page, GuestMemory, MAX_MEMORY_BYTES, PAGE_SIZE};
+use crate::page::PageIndex;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"FERRYRET";
+const VERSION: u32 = 1;
+const HEADER: u64 = 40;
+/// Pages hashed or read per step when writing or checking.
+const STEP_PAGES: u64 = 256;
+
+/// Where the memory starts in a file of `pages` pages.
+fn memory_offset(pages: u64) -> u64 {
+    (HEADER + pages * 8).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
+}
+
+/// Why a retained image cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RetainedError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The file is not a retained image this build reads, or is damaged.
+    #[error("{path}: {why}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the field.
+        why: String,
+    },
+}
+
+/// A retained image opened for reading: its header checked, its hash table
+/// read and checked against its CRC.
+#[derive(Debug)]
+pub struct Retained {
+    path: PathBuf,
+    file: File,
+    memory: u64,
+    digest: u64,
+    hashes: Vec<u64>,
+}
+
+/// Writes `mem` to `path` as a retained image (mode 600), through a
+/// temporary file renamed into place when whole and synced. Returns the
+/// file's digest of the memory.
+pub fn write(mem: &GuestMemory, path: &Path) -> Result<u64, RetainedError> {
+    let io = |source| RetainedError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let pages = mem.pages();
+    let base = memory_offset(pages);
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| -> std::io::Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut table = Vec::with_capacity((pages * 8) as usize);
+        let zero = zero_page_hash();
+        let mut first = 0;
+        while first < pages {
+            let count = STEP_PAGES.min(pages - first);
+            mem.with_pages(first, count, |bytes| -> std::io::Result<()> {
+                for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+                    if is_zero_page(page) {
+                        table.extend_from_slice(&zero.to_le_bytes());
+                        continue;
+                    }
+                    table.extend_from_slice(&page_hash(page).to_le_bytes());
+                    f.write_all_at(page, base + (first + i as u64) * PAGE_SIZE as u64)?;
+                }
+                Ok(())
+            })?;
+            first += count;
+        }
+        let digest = full_digest(mem, 1);
+        let mut head = Vec::with_capacity(HEADER as usize);
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&[0; 4]);
+        head.extend_from_slice(&mem.len_bytes().to_le_bytes());
+        head.extend_from_slice(&digest.to_le_bytes());
+        head.extend_from_slice(&crc32fast::hash(&table).to_le_bytes());
+        head.extend_from_slice(&[0; 4]);
+        f.write_all_at(&head, 0)?;
+        f.write_all_at(&table, HEADER)?;
+        f.set_len(base + mem.len_bytes())?;
+        (&f).flush()?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(digest)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
+
+impl Retained {
+    /// Opens the retained image in `path`, checking its header and its hash
+    /// table; reads nothing of the memory yet.
+    pub fn open(path: &Path) -> Result<Self, RetainedError> {
+        let name = path.display().to_string();
+        let io = |source| RetainedError::Io {
+            path: name.clone(),
+            source,
+        };
+        let bad = |why: String| RetainedError::Invalid {
+            path: name.clone(),
+            why,
+        };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let mut head = [0u8; HEADER as usize];
+        file.read_exact_at(&mut head, 0)
+            .map_err(|_| bad("too short for a retained image's header".into()))?;
+        if &head[..8] != MAGIC {
+            return Err(bad("not a retained ferry image".into()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap());
+        if u32_at(8) != VERSION {
+            return Err(bad(format!(
+                "version {} (this build reads {VERSION})",
+                u32_at(8)
+            )));
+        }
+        let memory = u64_at(16);
+        if memory == 0 || !memory.is_multiple_of(PAGE_SIZE as u64) || memory > MAX_MEMORY_BYTES {
+            return Err(bad(format!(
+                "memory {memory} is not a non-zero multiple of 4096 up to {MAX_MEMORY_BYTES}"
+            )));
+        }
+        let pages = memory / PAGE_SIZE as u64;
+        let want = memory_offset(pages) + memory;
+        if size != want {
+            return Err(bad(format!(
+                "length {size}, but {memory} bytes of memory make {want}"
+            )));
+        }
+        // The file's length is checked: the table is as big as the file says.
+        let mut raw = vec![0u8; (pages * 8) as usize];
+        file.read_exact_at(&mut raw, HEADER).map_err(io)?;
+        if crc32fast::hash(&raw) != u32_at(32) {
+            return Err(bad("the hash table's CRC does not match".into()));
+        }
+        let hashes = raw
+            .chunks_exact(8)
+            .map(|h| u64::from_le_bytes(h.try_into().unwrap()))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            memory,
+            digest: u64_at(24),
+            hashes,
+        })
+    }
+
+    /// The memory's size in bytes.
+    pub fn memory(&self) -> u64 {
+        self.memory
+    }
+
+    /// The digest of the memory as it was written.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// Each page's hash as it was written.
+    pub fn hashes(&self) -> &[u64] {
+        &self.hashes
+    }
+
+    /// Reads page `index` into `dst` (4096 bytes) and checks it against its
+    /// hash: a page changed on disk since is an error, never used.
+    pub fn page(&self, index: PageIndex, dst: &mut [u8]) -> Result<(), RetainedError> {
+        let bad = |why: String| RetainedError::Invalid {
+            path: self.path.display().to_string(),
+            why,
+        };
+        let Some(&want) = self.hashes.get(index.0 as usize) else {
+            return Err(bad(format!(
+                "no page {} in {} pages",
+                index.0,
+                self.hashes.len()
+            )));
+        };
+        let base = memory_offset(self.hashes.len() as u64);
+        self.file
+            .read_exact_at(&mut dst[..PAGE_SIZE], base + index.0 * PAGE_SIZE as u64)
+            .map_err(|source| RetainedError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        if page_hash(&dst[..PAGE_SIZE]) != want {
+            return Err(bad(format!("page {} does not match its hash", index.0)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,93 @@
+use super::*;
+
+/// A folder of its own for each test, removed after.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-retained-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn memory(pages: u64) -> GuestMemory {
+    let mem = GuestMemory::new(pages * PAGE_SIZE as u64).unwrap();
+    for i in (0..pages).step_by(3) {
+        mem.write_page(PageIndex(i), &[i as u8 + 1; PAGE_SIZE]);
+    }
+    mem
+}
+
+#[test]
+fn an_image_reads_back_page_for_page_with_zero_pages_as_holes() {
+    let dir = Dir::new("holes");
+    let path = dir.path().join("web.retained");
+    let mem = memory(40);
+    let digest = write(&mem, &path).unwrap();
+    assert_eq!(digest, full_digest(&mem, 1));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Sparse: 14 pages of data, a page of header and table.
+    assert!(
+        meta.blocks() * 512 <= 16 * PAGE_SIZE as u64,
+        "{}",
+        meta.blocks()
+    );
+    let r = Retained::open(&path).unwrap();
+    assert_eq!((r.memory(), r.digest()), (40 * PAGE_SIZE as u64, digest));
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut want = vec![0u8; PAGE_SIZE];
+    for i in 0..40 {
+        r.page(PageIndex(i), &mut page).unwrap();
+        mem.read_page(PageIndex(i), &mut want);
+        assert_eq!(page, want, "page {i}");
+        assert_eq!(r.hashes()[i as usize], page_hash(&want));
+    }
+    assert!(r.page(PageIndex(40), &mut page).is_err());
+    // Only the finished file is left.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1);
+}
+
+#[test]
+fn a_damaged_image_is_refused_naming_what_is_wrong() {
+    let dir = Dir::new("damaged");
+    let path = dir.path().join("web.retained");
+    write(&memory(8), &path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let open_with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = good.clone();
+        edit(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        Retained::open(&path).map(|_| ()).unwrap_err().to_string()
+    };
+    assert!(open_with(&|b| b[0] = b'X').contains("not a retained"));
+    assert!(open_with(&|b| b[8] = 9).contains("version 9"));
+    assert!(open_with(&|b| b[16] = 1).contains("memory"));
+    assert!(open_with(&|b| b.truncate(b.len() - 1)).contains("length"));
+    assert!(open_with(&|b| b[HEADER as usize] ^= 1).contains("CRC"));
+    assert!(open_with(&|b| b.truncate(20)).contains("too short"));
+    // A page changed on disk is refused when read.
+    let mut bytes = good.clone();
+    let at = memory_offset(8) as usize + 3 * PAGE_SIZE + 7;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let r = Retained::open(&path).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    r.page(PageIndex(0), &mut page).unwrap();
+    let e = r.page(PageIndex(3), &mut page).unwrap_err().to_string();
+    assert!(e.contains("page 3 does not match"), "{e}");
+}

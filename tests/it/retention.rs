@@ -1,0 +1,116 @@
+//! Failback retention: a node keeps the image each VM left it with (a
+//! sparse 0600 file with its page hashes), byte for byte what the target
+//! got, lists it in `GET /v1/node`, drops it when the VM comes back, and
+//! keeps none with a budget of 0.
+
+use crate::common;
+
+use common::agents::Agents;
+use common::first_difference;
+use ferry::memory::{GuestMemory, PAGE_SIZE};
+use ferry::migration::retained::Retained;
+use ferry::page::PageIndex;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn migrate(c: &Agents, from: &str, vm: &str, to: &str, paused: bool) -> String {
+    let (s, m) = c.call(
+        Method::POST,
+        from,
+        "/v1/migrations",
+        Some(json!({"vm": vm, "target": to, "leave_paused": paused})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    assert_eq!(c.wait(from, &id)["state"], "completed");
+    id
+}
+
+/// `node`'s retained images once `want` of them are listed.
+fn retained(c: &Agents, node: &str, want: usize) -> Value {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = c.call(Method::GET, node, "/v1/node", None);
+        let r = v["failback_retention"].clone();
+        if r["images"].as_array().map(Vec::len) == Some(want) {
+            return r;
+        }
+        assert!(Instant::now() < end, "{node} retains {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start(
+        "retention",
+        &[("a", ""), ("b", ""), ("c", "failback_retention = 0")],
+    ) else {
+        return;
+    };
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "32MiB", "workload": "hot:8MiB", "dirty_rate": "20MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    std::thread::sleep(Duration::from_millis(100));
+    let r = retained(&c, "a", 0);
+    assert_eq!(r["budget"], 256u64 << 20, "a quarter of 1 GiB: {r}");
+    let id = migrate(&c, "a", "web", "b", true);
+    let r = retained(&c, "a", 1);
+    let image = &r["images"][0];
+    assert_eq!(
+        (image["vm"].as_str(), image["migration"].as_str()),
+        (Some("web"), Some(id.as_str()))
+    );
+    assert_eq!(image["memory"], 32u64 << 20);
+    assert!(image["bytes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["used"], image["bytes"]);
+    // Byte for byte what b got (paused there), each page checked against
+    // its hash; a private file.
+    let path = std::path::Path::new(r["dir"].as_str().unwrap()).join("web.retained");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let kept = Retained::open(&path).unwrap();
+    let copy = GuestMemory::new(kept.memory()).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..copy.pages() {
+        kept.page(PageIndex(i), &mut page).unwrap();
+        copy.write_page(PageIndex(i), &page);
+    }
+    let on_b = c.agent("b").node.guest("web").unwrap();
+    assert_eq!(first_difference(on_b.memory(), &copy), None);
+    assert_eq!(kept.digest(), image["digest"].as_u64().unwrap());
+    // A VM that comes back: its image on a is past, and b keeps the one it
+    // left b with.
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "app", "memory": "16MiB"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    migrate(&c, "a", "app", "b", false);
+    retained(&c, "a", 2);
+    let app = path.with_file_name("app.retained");
+    assert!(app.exists());
+    migrate(&c, "b", "app", "a", false);
+    let r = retained(&c, "a", 1);
+    assert_eq!(r["images"][0]["vm"], "web", "{r}");
+    assert!(!app.exists());
+    retained(&c, "b", 1);
+    // A budget of 0 keeps nothing.
+    migrate(&c, "a", "app", "c", false);
+    let r = retained(&c, "c", 0);
+    assert_eq!(r["budget"], 0);
+    migrate(&c, "c", "app", "b", false);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(retained(&c, "c", 0)["used"], 0);
+}
