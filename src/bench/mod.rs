@@ -5,6 +5,7 @@
 #[cfg(feature = "net")]
 pub mod charts;
 pub mod cycle;
+pub mod dense;
 pub mod drain;
 #[cfg(feature = "net")]
 pub mod hostile;

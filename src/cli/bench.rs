@@ -122,12 +122,16 @@ pub(crate) fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
     let codecs: Vec<Codec> = a.codecs.0.iter().map(|c| c.1).collect();
     let results = ferry::bench::measure_codecs(&mem, &codecs, a.batch_pages, a.sample);
     let sampled = results.first().map_or(0, |r| r.guest_bytes);
+    let dense = a
+        .dense
+        .then(|| ferry::bench::dense::measure_dense(&mem, &codecs, a.batch_pages, a.sample));
     if a.json {
         let out = serde_json::json!({
             "memory_bytes": mem.len_bytes(),
             "sampled_bytes": sampled,
             "batch_pages": a.batch_pages,
             "codecs": results,
+            "dense": dense,
         });
         println!("{out}");
         return Ok(ExitCode::SUCCESS);
@@ -153,7 +157,41 @@ pub(crate) fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
             r.zero_bytes as f64 * 100.0 / r.guest_bytes.max(1) as f64
         );
     }
+    if let Some(dense) = dense {
+        print_dense(&dense);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--dense`: each option's ratio (guest bytes over compressed bytes) and
+/// encode speed on one core.
+fn print_dense(dense: &[ferry::bench::dense::DenseResult]) {
+    if let Some(r) = dense.first() {
+        println!(
+            "dense pages: {:.1}% of the non-zero pages sampled repeat an earlier one",
+            r.duplicate_pages as f64 * 100.0 / r.pages.max(1) as f64
+        );
+    }
+    println!(
+        "  {:<9} {:>15} {:>15} {:>15} {:>9}",
+        "codec", "per batch", "+references", "kept stream", "both"
+    );
+    let ratio =
+        |r: &ferry::bench::dense::DenseResult, b: u64| r.guest_bytes as f64 / b.max(1) as f64;
+    let cell = |ratio: f64, bps: f64| format!("{ratio:.2} {:>9}", Rate(bps).to_string());
+    for r in dense {
+        println!(
+            "  {:<9} {:>15} {:>15} {:>15} {:>9}",
+            r.codec,
+            cell(ratio(r, r.batch_bytes), r.batch_encode_bps),
+            cell(ratio(r, r.dedup_bytes), r.dedup_encode_bps),
+            r.stream_bytes
+                .zip(r.stream_encode_bps)
+                .map_or("-".into(), |(b, bps)| cell(ratio(r, b), bps)),
+            r.dense_bytes
+                .map_or("-".into(), |b| format!("{:.2}", ratio(r, b)))
+        );
+    }
 }
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

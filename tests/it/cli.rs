@@ -340,6 +340,39 @@ fn bench_codecs_reports_each_codec_on_the_given_memory() {
     for c in codecs {
         assert!(c["encode_bps"].as_f64().unwrap() > 0.0 && c["decode_bps"].as_f64().unwrap() > 0.0);
     }
+    assert!(v["dense"].is_null(), "only with --dense: {v}");
+    // Denser pages: text repeats, so references and a kept stream both
+    // shrink it; only zstd keeps a stream.
+    let out = run_ok(&[
+        "bench",
+        "codecs",
+        "--memory",
+        "16MiB",
+        "--fill",
+        "text",
+        "--codecs",
+        "lz4,zstd:1",
+        "--dense",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dense = v["dense"].as_array().unwrap();
+    assert_eq!(dense.len(), 2, "{v}");
+    let bytes = |i: usize, k: &str| dense[i][k].as_u64().unwrap();
+    for i in 0..2 {
+        assert!(bytes(i, "dedup_bytes") <= bytes(i, "batch_bytes"), "{v}");
+        assert!(bytes(i, "pages") > 0, "{v}");
+    }
+    assert!(dense[0]["stream_bytes"].is_null(), "{v}");
+    assert!(bytes(1, "stream_bytes") < bytes(1, "batch_bytes"), "{v}");
+    let out = run_ok(&[
+        "bench", "codecs", "--memory", "16MiB", "--fill", "text", "--codecs", "zstd:1", "--dense",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("kept stream") && text.contains("repeat an earlier one"),
+        "{text}"
+    );
     assert_usage_error(&["bench", "codecs", "--codecs", "lz4,brotli"], "brotli");
     assert_usage_error(
         &["bench", "codecs", "--image", "/nonexistent/ram.img"],

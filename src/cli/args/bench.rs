@@ -335,6 +335,10 @@ pub(crate) struct CodecsArgs {
     /// Guest bytes measured per codec, spread evenly over memory.
     #[arg(long, default_value = "256MiB", value_parser = size_arg)]
     pub(crate) sample: u64,
+    /// Also measure denser pages: duplicates sent as references, and zstd
+    /// keeping its window across batches (one stream, long window).
+    #[arg(long)]
+    pub(crate) dense: bool,
     /// Print the results as one line of JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
