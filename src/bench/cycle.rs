@@ -177,8 +177,12 @@ pub struct CycleMeta {
     pub link_bps: Option<u64>,
     /// The nodes' codec.
     pub codec: String,
-    /// Each node's migrations at once.
+    /// Each node's migrations at once (with `auto`, the most its queue may
+    /// choose).
     pub max_concurrent: u32,
+    /// Whether each node's queue chose (`max_concurrent_migrations = "auto"`).
+    #[serde(default)]
+    pub max_concurrent_auto: bool,
     /// Requested runs.
     pub repeats: u32,
     /// Cores on this machine.
@@ -211,7 +215,11 @@ pub fn write_outputs(
         meta.guests.join("; "),
         super::sweep::link_label(meta.link_bps),
         meta.codec,
-        meta.max_concurrent,
+        if meta.max_concurrent_auto {
+            "auto (chosen by each node)".to_string()
+        } else {
+            meta.max_concurrent.to_string()
+        },
         meta.repeats,
         meta.cores
     );

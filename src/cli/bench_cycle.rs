@@ -9,6 +9,7 @@ use super::bench_agents::{
 };
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{bail, Context, Result};
+use ferry::agent::request::Concurrency;
 use ferry::agent::rolling::{RunState, StartUpdate, Turn, UpdateRun};
 use ferry::agent::{NodeSpec, OperationView};
 use ferry::bench::cycle::{summarize, table, CycleMeta, CycleRun, PhaseRun};
@@ -31,7 +32,10 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
         let settings = format!(
             "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\n{}",
             a.codec,
-            a.max_concurrent,
+            match a.max_concurrent {
+                Concurrency::Fixed(n) => n.to_string(),
+                Concurrency::Auto => "\"auto\"".into(),
+            },
             a.bandwidth.0.map_or(String::new(), |b| format!("max_bandwidth = {b}\n"))
         );
         // Two nodes hold all three's VMs during a turn.
@@ -55,7 +59,11 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             guests: guest_labels(&a.guest, memory),
             link_bps: a.bandwidth.0,
             codec: a.codec.to_string(),
-            max_concurrent: a.max_concurrent,
+            max_concurrent: match a.max_concurrent {
+                Concurrency::Fixed(n) => n,
+                Concurrency::Auto => ferry::agent::cluster::DEFAULT_MAX_CONCURRENT_MIGRATIONS,
+            },
+            max_concurrent_auto: a.max_concurrent == Concurrency::Auto,
             repeats: a.repeats,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             unix_time: unix_time(),

@@ -178,6 +178,8 @@ fn bench_cycle_updates_every_node_in_turn_and_brings_every_vm_home() {
             "200MB/s",
             "--repeats",
             "1",
+            "--max-concurrent",
+            "auto",
             "--json",
             "--out",
         ])
@@ -228,5 +230,9 @@ fn bench_cycle_updates_every_node_in_turn_and_brings_every_vm_home() {
     );
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("| c | failback |"), "{md}");
+    assert!(md.contains("auto (chosen by each node)"), "{md}");
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["meta"]["max_concurrent_auto"], true, "{results}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -66,6 +66,7 @@ fn the_files_hold_the_summary_and_every_run() {
         link_bps: Some(125_000_000),
         codec: "auto".into(),
         max_concurrent: 2,
+        max_concurrent_auto: true,
         repeats: 1,
         cores: 2,
         unix_time: 0,

@@ -152,9 +152,10 @@ pub(crate) struct CycleBenchArgs {
     /// migrations (`unlimited` for none).
     #[arg(long, default_value = "1Gbit/s", value_parser = bandwidth_arg)]
     pub(crate) bandwidth: Bandwidth,
-    /// Each node's migrations at once.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub(crate) max_concurrent: u32,
+    /// Each node's migrations at once (its `max_concurrent_migrations`,
+    /// 1 to 64), or `auto`: each node's queue chooses.
+    #[arg(long, default_value = "2", value_parser = concurrency_arg)]
+    pub(crate) max_concurrent: Concurrency,
     /// Rolling updates; medians and spreads are over these.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) repeats: u32,
