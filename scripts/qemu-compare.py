@@ -2,7 +2,9 @@
 """ferry against QEMU's own live migration, on the same memory, in one run.
 
 Writes a RAM image of the realistic mix with `ferry image` (or takes yours with
---image), then migrates it over loopback:
+--image), then migrates it over loopback, or with --link tbf (root) between
+two network namespaces joined by a veth pair whose source side a `tc` tbf
+qdisc shapes to --bandwidth (the sweep's link: a 4 ms bucket, a 50 ms queue):
 
   * QEMU (qemu-system-x86_64, KVM): the source guest's RAM is a
     memory-backend-file over the image (share=off: the guest gets a private
@@ -20,6 +22,7 @@ Needs: qemu-system-x86 (Debian: apt-get install qemu-system-x86), /dev/kvm,
 and a release build of ferry (cargo build --release).
 
     scripts/qemu-compare.py --memory 1GiB --repeats 3
+    sudo scripts/qemu-compare.py --memory 1GiB --link tbf --bandwidth 1Gbit
 """
 
 import argparse
@@ -40,6 +43,68 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SOURCE_IP, DEST_IP = "10.214.0.1", "10.214.0.2"
+
+
+def parse_rate(text):
+    """Bytes per second of "1Gbit", "500Mbit" or "125MB/s"."""
+    t = text.strip().lower().replace("/s", "")
+    for unit, scale in (("gbit", 1e9 / 8), ("mbit", 1e6 / 8), ("gb", 1e9), ("mb", 1e6)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * scale)
+    return int(t)
+
+
+class TbfLink:
+    """Two network namespaces joined by a veth pair, the source's side shaped
+    by a tbf qdisc; torn down by close()."""
+
+    def __init__(self, bps):
+        tag = os.getpid() % 100000
+        self.src, self.dst = f"fqc{tag}s", f"fqc{tag}d"
+        src_dev, dst_dev = f"fqc{tag}a", f"fqc{tag}b"
+        self.close()
+        try:
+            for ns in (self.src, self.dst):
+                sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", src_dev, "netns", self.src, "type", "veth",
+               "peer", "name", dst_dev, "netns", self.dst)
+            for ns, dev, ip in ((self.src, src_dev, SOURCE_IP), (self.dst, dst_dev, DEST_IP)):
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            burst = max(bps // 250, 128 << 10)
+            limit = max(bps // 20, 2 * burst)
+            sh("ip", "netns", "exec", self.src, "tc", "qdisc", "replace", "dev", src_dev,
+               "root", "tbf", "rate", f"{bps * 8}bit", "burst", str(burst), "limit", str(limit))
+        except Exception:
+            self.close()
+            raise
+
+    def run_in(self, side):
+        return ["ip", "netns", "exec", self.src if side == "src" else self.dst]
+
+    def close(self):
+        for ns in (self.src, self.dst):
+            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+def sh(*args):
+    subprocess.run(args, check=True)
+
+
+def wait_listening(link, port, timeout=10.0):
+    """Until something listens on `port` in the destination's namespace."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(link.run_in("dst") + ["ss", "-Hltn", f"sport = :{port}"],
+                             stdout=subprocess.PIPE, text=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port} in {link.dst}")
 
 
 def parse_size(text):
@@ -86,8 +151,8 @@ class Qmp:
         self.sock.close()
 
 
-def qemu(ram_object, qmp_path, extra):
-    args = [
+def qemu(ram_object, qmp_path, extra, prefix=()):
+    args = list(prefix) + [
         "qemu-system-x86_64",
         "-machine", "pc,accel=kvm,memory-backend=ram",
         "-m", str(MEMORY >> 20) + "M",
@@ -98,15 +163,17 @@ def qemu(ram_object, qmp_path, extra):
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def qemu_once(image, channels, compression, workdir):
+def qemu_once(image, channels, compression, workdir, link=None):
     src_qmp = os.path.join(workdir, "src.qmp")
     dst_qmp = os.path.join(workdir, "dst.qmp")
     for p in (src_qmp, dst_qmp):
         if os.path.exists(p):
             os.unlink(p)
     size = MEMORY
-    src = qemu(f"memory-backend-file,id=ram,size={size},mem-path={image},share=off", src_qmp, [])
-    dst = qemu(f"memory-backend-ram,id=ram,size={size}", dst_qmp, ["-incoming", "defer"])
+    src = qemu(f"memory-backend-file,id=ram,size={size},mem-path={image},share=off", src_qmp, [],
+               link.run_in("src") if link else ())
+    dst = qemu(f"memory-backend-ram,id=ram,size={size}", dst_qmp, ["-incoming", "defer"],
+               link.run_in("dst") if link else ())
     try:
         s, d = Qmp(src_qmp), Qmp(dst_qmp)
         for q in (s, d):
@@ -119,11 +186,12 @@ def qemu_once(image, channels, compression, workdir):
                 "downtime-limit": 300,
             })
         port = free_port()
-        d.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        host = DEST_IP if link else "127.0.0.1"
+        d.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
         s.cmd("cont")  # a live guest: the firmware runs, finds nothing to boot, idles
         time.sleep(0.2)
         started = time.monotonic()
-        s.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        s.cmd("migrate", uri=f"tcp:{host}:{port}")
         deadline = time.time() + 300
         while True:
             info = s.cmd("query-migrate")
@@ -150,26 +218,31 @@ def qemu_once(image, channels, compression, workdir):
             p.wait()
 
 
-def ferry_once(ferry, image, codec, channels):
+def ferry_once(ferry, image, codec, channels, link=None):
     port = free_port()
-    addr = f"127.0.0.1:{port}"
+    addr = f"{DEST_IP if link else '127.0.0.1'}:{port}"
     recv = subprocess.Popen(
-        [ferry, "receive", "--listen", addr, "--once", "--json"],
+        (link.run_in("dst") if link else []) + [ferry, "receive", "--listen", addr, "--once", "--json"]
+        # Plain TCP from the other namespace, as QEMU's migration is.
+        + (["--insecure"] if link else []),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.time() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("ferry receive did not start")
-                time.sleep(0.02)
-        # The probe connection above is refused as a session; receive --once
-        # keeps waiting for a real one.
+        if link:
+            wait_listening(link, port)
+        else:
+            deadline = time.time() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError("ferry receive did not start")
+                    time.sleep(0.02)
+        # A probe connection is refused as a session; receive --once keeps
+        # waiting for a real one.
         out = subprocess.run(
-            [ferry, "send", "--to", addr, "--image", image, "--workload", "idle",
+            (link.run_in("src") if link else []) + [ferry, "send", "--to", addr, "--image", image, "--workload", "idle",
              "--codec", codec, "--channels", str(channels), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
         if out.returncode != 0:
@@ -215,6 +288,9 @@ def main():
     ap.add_argument("--ferry", default=os.path.join(ROOT, "target", "release", "ferry"))
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--seed", type=int, default=1, help="seed of the run order")
+    ap.add_argument("--link", choices=("loopback", "tbf"), default="loopback",
+                    help="tbf (root): two namespaces joined by a tbf-shaped veth pair")
+    ap.add_argument("--bandwidth", default="1Gbit", help="the tbf link's rate (1Gbit, 125MB/s)")
     a = ap.parse_args()
 
     if not os.path.exists(a.ferry):
@@ -224,6 +300,17 @@ def main():
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         sys.exit("/dev/kvm is not usable: QEMU's side needs KVM")
 
+    link = TbfLink(parse_rate(a.bandwidth)) if a.link == "tbf" else None
+    try:
+        results = run_all(a, link)
+    finally:
+        if link:
+            link.close()
+    report(a, results)
+
+
+def run_all(a, link):
+    global MEMORY
     with tempfile.TemporaryDirectory(prefix="ferry-qemu-") as work:
         image = a.image
         if image is None:
@@ -238,10 +325,10 @@ def main():
         for ch in [int(c) for c in a.qemu_channels.split(",")]:
             for comp in a.qemu_compression.split(","):
                 configs.append(("qemu", f"qemu multifd channels={ch} compression={comp}",
-                                lambda ch=ch, comp=comp: qemu_once(image, ch, comp, work)))
+                                lambda ch=ch, comp=comp: qemu_once(image, ch, comp, work, link)))
         for codec in a.ferry_codecs.split(","):
             configs.append(("ferry", f"ferry channels={a.ferry_channels} codec={codec}",
-                            lambda codec=codec: ferry_once(a.ferry, image, codec, a.ferry_channels)))
+                            lambda codec=codec: ferry_once(a.ferry, image, codec, a.ferry_channels, link)))
         runs = {name: [] for _, name, _ in configs}
         rng = random.Random(a.seed)
         for i in range(a.repeats):
@@ -250,17 +337,22 @@ def main():
             for tool, name, once in order:
                 print(f"pass {i + 1}/{a.repeats}: {name}", file=sys.stderr)
                 runs[name].append(once())
-        results = [dict(summarize(name, runs[name]), tool=tool) for tool, name, _ in configs]
+        return [dict(summarize(name, runs[name]), tool=tool) for tool, name, _ in configs]
 
+
+def report(a, results):
     best = {t: min((r for r in results if r["tool"] == t), key=lambda r: r["total_ms"]["median"])
             for t in ("qemu", "ferry")}
     ratio = best["ferry"]["total_ms"]["median"] / best["qemu"]["total_ms"]["median"]
     if a.json:
-        print(json.dumps({"memory_bytes": MEMORY, "results": results,
+        print(json.dumps({"memory_bytes": MEMORY, "link": a.link,
+                          "bandwidth": a.bandwidth if a.link == "tbf" else None,
+                          "results": results,
                           "best": {t: b["config"] for t, b in best.items()},
                           "ferry_over_qemu": ratio}))
         return
-    print(f"{MEMORY >> 20} MiB guest, loopback, {a.repeats} runs each; total time median (min-max)")
+    where = f"a {a.bandwidth} tbf link" if a.link == "tbf" else "loopback"
+    print(f"{MEMORY >> 20} MiB guest, {where}, {a.repeats} runs each; total time median (min-max)")
     print(f"{'configuration':44} {'total':>10} {'spread':>17} {'downtime':>9} {'wire':>10}")
     for r in results:
         t = r["total_ms"]
