@@ -28,6 +28,7 @@ and a release build of ferry (cargo build --release).
 import argparse
 import json
 import random
+import signal
 import os
 import socket
 import statistics
@@ -62,10 +63,9 @@ class TbfLink:
     by a tbf qdisc; torn down by close()."""
 
     def __init__(self, bps):
-        tag = os.getpid() % 100000
+        tag = f"{os.getpid() % 1000}{random.randrange(1000):03d}"
         self.src, self.dst = f"fqc{tag}s", f"fqc{tag}d"
         src_dev, dst_dev = f"fqc{tag}a", f"fqc{tag}b"
-        self.close()
         try:
             for ns in (self.src, self.dst):
                 sh("ip", "netns", "add", ns)
@@ -209,7 +209,7 @@ def qemu_once(image, channels, compression, workdir, link=None):
             "total_ms": wall_ms,
             "qemu_total_time_ms": float(info["total-time"]),
             "downtime_ms": float(info.get("downtime", 0)),
-            "wire_bytes": int(ram.get("transferred", 0)),
+            "wire_bytes": int(ram.get("transferred", 0)),  # QEMU's count, not bytes on the link
             "zero_pages": int(ram.get("duplicate", 0)),
         }
     finally:
@@ -300,7 +300,11 @@ def main():
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         sys.exit("/dev/kvm is not usable: QEMU's side needs KVM")
 
+    if a.link != "tbf" and "--bandwidth" in sys.argv:
+        print("--bandwidth shapes the tbf link only (--link tbf): ignored", file=sys.stderr)
     link = TbfLink(parse_rate(a.bandwidth)) if a.link == "tbf" else None
+    # A SIGTERM unwinds like Ctrl-C, so the namespaces are torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         results = run_all(a, link)
     finally:

@@ -45,6 +45,15 @@ fn share(index: u64, hash: u64, zero: u64) -> u64 {
     }
 }
 
+/// The digest of memory whose pages hash to `hashes`, in order: what
+/// [`full_digest`] gives for that memory, from the hashes alone.
+pub fn digest_of_hashes(hashes: &[u64]) -> u64 {
+    let zero = zero_page_hash();
+    hashes.iter().enumerate().fold(0u64, |acc, (i, &h)| {
+        acc.wrapping_add(share(i as u64, h, zero))
+    })
+}
+
 /// Pages per chunk of the hash table: 32 Ki pages (128 MiB of guest), 256 KiB
 /// of hashes.
 const CHUNK_PAGES: u64 = 1 << 15;

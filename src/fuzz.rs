@@ -365,7 +365,7 @@ pub fn retained_image(data: &[u8]) {
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    if let Ok(r) = Retained::open(&path) {
+    if let Ok(r) = Retained::open(&path, 64 << 20) {
         let mut page = vec![0u8; crate::memory::PAGE_SIZE];
         for i in 0..r.hashes().len() as u64 + 1 {
             let _ = r.page(crate::page::PageIndex(i), &mut page);

@@ -152,6 +152,9 @@ impl Node {
         tokio::task::spawn_blocking(move || node.build_vm(local))
             .await
             .map_err(|e| NodeError::Unavailable(format!("creating the VM failed: {e}")))??;
+        // A new guest of that name: an image an earlier one left with is
+        // not its own.
+        self.retention.remove(&spec.name);
         let created = created(self.name(), &spec);
         match self.edit(&spec.name, &created).await {
             Ok(()) => {}
@@ -432,7 +435,10 @@ fn restarting_here(me: &str, why: &str) -> impl Fn(Option<&VmRecord>) -> Edit + 
         Some(r) if r.node == me && r.state != RecordState::Restarting => {
             Edit::Put(Box::new(VmRecord {
                 state: RecordState::Restarting,
-                restarts: r.restarts.saturating_add(1),
+                // A failed record counted its loss already (`ha::failed`).
+                restarts: r
+                    .restarts
+                    .saturating_add(u32::from(r.state == RecordState::Running)),
                 last_restart: Some(Restart {
                     at_ms: now_ms(),
                     reason: why.clone(),

@@ -54,6 +54,13 @@ pub(crate) fn decode_meta(bytes: &[u8]) -> Result<Meta, String> {
     if meta.version != VERSION {
         return Err(format!("description version {}", meta.version));
     }
+    if !super::node::valid_name(&meta.view.vm) {
+        return Err(format!("vm {:?} is not a VM's name", meta.view.vm));
+    }
+    let m = &meta.view.migration;
+    if m.is_empty() || m.len() > 128 || !m.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("migration {m:?} is not a migration id"));
+    }
     if meta.view.memory == 0 || !meta.view.memory.is_multiple_of(PAGE_SIZE as u64) {
         return Err(format!(
             "memory {} is not a non-zero multiple of 4096",
@@ -81,17 +88,44 @@ pub struct RetentionView {
 pub struct Retention {
     dir: PathBuf,
     budget: u64,
-    images: Mutex<BTreeMap<String, RetainedView>>,
+    /// The most memory an image read back may have (the node's capacity).
+    max_memory: u64,
+    kept: Mutex<Kept>,
+}
+
+/// What is kept, and what is being written.
+#[derive(Debug, Default)]
+struct Kept {
+    images: BTreeMap<String, RetainedView>,
+    /// Writes under way, by VM: their generation and the disk they reserve.
+    /// A later write or a removal replaces or drops the entry, and the
+    /// write it belonged to then discards its file.
+    pending: BTreeMap<String, (u64, u64)>,
+    next: u64,
+}
+
+impl Kept {
+    fn used(&self) -> u64 {
+        let kept: u64 = self.images.values().map(|v| v.bytes).sum();
+        kept.saturating_add(self.pending.values().map(|p| p.1).sum())
+    }
+}
+
+/// Whether `path` is a file a write to a retention folder left half done.
+fn half_written(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    matches!(ext, "retained-tmp" | "meta-tmp" | "json-partial") || ext.starts_with("partial-")
 }
 
 impl Retention {
     /// The images kept in `dir` by an earlier process, checked (a damaged or
     /// incomplete one is removed), evicted down to `budget`.
-    pub fn open(dir: &Path, budget: u64) -> Self {
+    pub fn open(dir: &Path, budget: u64, max_memory: u64) -> Self {
         let r = Self {
             dir: dir.to_path_buf(),
             budget,
-            images: Mutex::new(BTreeMap::new()),
+            max_memory,
+            kept: Mutex::default(),
         };
         let Ok(entries) = std::fs::read_dir(dir) else {
             return r;
@@ -101,12 +135,17 @@ impl Retention {
         let mut found = BTreeMap::new();
         for path in &files {
             if path.extension().is_some_and(|e| e == "json") {
-                match read_meta(path) {
+                match read_meta(path, max_memory) {
                     Ok(v) => {
                         found.insert(v.vm.clone(), v);
                     }
-                    Err(why) => {
-                        tracing::warn!(file = %path.display(), "dropping a retained image: {why}")
+                    // Not a description of ours: left alone.
+                    Err(Unusable::NotOurs(why)) => {
+                        tracing::warn!(file = %path.display(), "not a retained image's description, left alone: {why}")
+                    }
+                    Err(Unusable::Damaged(why)) => {
+                        tracing::warn!(file = %path.display(), "dropping a retained image: {why}");
+                        let _ = std::fs::remove_file(path);
                     }
                 }
             }
@@ -116,22 +155,20 @@ impl Retention {
             found.keys().map(|vm| super::kept::stem(vm)).collect();
         for path in &files {
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-            let ours = path
-                .extension()
-                .is_some_and(|e| e == "json" || e == "retained");
-            if !ours || !stems.contains(stem) {
+            let image = path.extension().is_some_and(|e| e == "retained");
+            if half_written(path) || (image && !stems.contains(stem)) {
                 let _ = std::fs::remove_file(path);
             }
         }
-        *r.images.lock().unwrap() = found;
-        r.evict(0);
+        r.kept.lock().unwrap().images = found;
+        r.evict();
         r
     }
 
     /// What is kept, oldest first.
     pub fn view(&self) -> RetentionView {
-        let images = self.images.lock().unwrap();
-        let mut list: Vec<RetainedView> = images.values().cloned().collect();
+        let kept = self.kept.lock().unwrap();
+        let mut list: Vec<RetainedView> = kept.images.values().cloned().collect();
         list.sort_by_key(|v| v.at_ms);
         RetentionView {
             dir: self.dir.display().to_string(),
@@ -143,81 +180,145 @@ impl Retention {
 
     /// VM `vm`'s retained image, if one is kept.
     pub fn get(&self, vm: &str) -> Option<RetainedView> {
-        self.images.lock().unwrap().get(vm).cloned()
+        self.kept.lock().unwrap().images.get(vm).cloned()
     }
 
     /// Opens VM `vm`'s retained image for reading, checked.
     pub fn open_image(&self, vm: &str) -> Result<Retained, retained::RetainedError> {
-        Retained::open(&self.image_path(vm))
+        Retained::open(&self.image_path(vm), self.max_memory)
     }
 
     /// Keeps `mem`, the memory VM `vm` left by `migration` with, in place of
     /// any image of it kept before, evicting the oldest others to make room.
-    /// Blocking (it writes the image); `None` when the budget cannot hold it.
+    /// Blocking (it writes the image); `stop` ends it early. `None` when the
+    /// budget or the disk cannot hold it, or when the VM came back (or left
+    /// again) before it was written.
     pub fn keep(
         &self,
         vm: &str,
         migration: &str,
         mem: &GuestMemory,
+        stop: &dyn Fn() -> bool,
     ) -> Result<Option<RetainedView>, String> {
-        self.remove(vm);
         let need = need(mem);
-        if need > self.budget {
+        let generation = {
+            let mut kept = self.kept.lock().unwrap();
+            self.drop_locked(&mut kept, vm);
+            if need > self.budget {
+                return Ok(None);
+            }
+            kept.next += 1;
+            let g = kept.next;
+            kept.pending.insert(vm.to_string(), (g, need));
+            g
+        };
+        self.evict();
+        let written = self.write(vm, migration, mem, generation, need, stop);
+        let mut kept = self.kept.lock().unwrap();
+        let current = kept.pending.get(vm).map(|p| p.0) == Some(generation);
+        if current {
+            kept.pending.remove(vm);
+        }
+        let (image, meta) = (self.image_path(vm), self.meta_path(vm));
+        let (tmp, meta_tmp, view) = written?;
+        if !current {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&meta_tmp);
             return Ok(None);
         }
-        self.evict(need);
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
-        let image = self.image_path(vm);
-        let digest = retained::write(mem, &image).map_err(|e| e.to_string())?;
-        let view = RetainedView {
-            vm: vm.to_string(),
-            migration: migration.to_string(),
-            at_ms: super::node::now_ms(),
-            memory: mem.len_bytes(),
-            digest,
-            bytes: disk_bytes(&image),
-        };
-        let meta = Meta {
-            version: VERSION,
-            view: view.clone(),
-        };
-        let json = serde_json::to_vec(&meta).expect("serializable");
-        if let Err(e) = write_whole(&self.meta_path(vm), &json) {
-            let _ = std::fs::remove_file(&image);
-            return Err(e);
+        // Into place under the lock: a newer write's files never lose to an
+        // older one's.
+        let placed = std::fs::rename(&tmp, &image)
+            .and_then(|()| std::fs::rename(&meta_tmp, &meta))
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        if let Err(e) = placed {
+            for f in [&tmp, &meta_tmp, &image, &meta] {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(format!("{}: {e}", image.display()));
         }
-        self.images
-            .lock()
-            .unwrap()
-            .insert(vm.to_string(), view.clone());
+        kept.images.insert(vm.to_string(), view.clone());
+        drop(kept);
+        self.evict();
         Ok(Some(view))
     }
 
-    /// Drops VM `vm`'s image, if one is kept.
+    /// Writes the image and its description under temporary names; their
+    /// paths.
+    fn write(
+        &self,
+        vm: &str,
+        migration: &str,
+        mem: &GuestMemory,
+        generation: u64,
+        need: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(PathBuf, PathBuf, RetainedView), String> {
+        make_private_dir(&self.dir)?;
+        if let Some(free) = free_disk(&self.dir) {
+            // Room for it, and as much again for everything else on the disk.
+            if free < need.saturating_mul(2) {
+                return Err(format!(
+                    "{} has {} free, too little to retain {}",
+                    self.dir.display(),
+                    crate::units::Bytes(free),
+                    crate::units::Bytes(need)
+                ));
+            }
+        }
+        let stem = super::kept::stem(vm);
+        let tmp = self.dir.join(format!("{stem}.{generation}.retained-tmp"));
+        let meta_tmp = self.dir.join(format!("{stem}.{generation}.meta-tmp"));
+        let digest = retained::write(mem, &tmp, stop).map_err(|e| e.to_string())?;
+        let meta = Meta {
+            version: VERSION,
+            view: RetainedView {
+                vm: vm.to_string(),
+                migration: migration.to_string(),
+                at_ms: super::node::now_ms(),
+                memory: mem.len_bytes(),
+                digest,
+                bytes: disk_bytes(&tmp),
+            },
+        };
+        let json = serde_json::to_vec(&meta).expect("serializable");
+        if let Err(e) = write_whole(&meta_tmp, &json) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok((tmp, meta_tmp, meta.view))
+    }
+
+    /// Drops VM `vm`'s image, if one is kept, and any write of one under
+    /// way (it discards its file when it ends).
     pub fn remove(&self, vm: &str) {
-        if self.images.lock().unwrap().remove(vm).is_some() {
+        let mut kept = self.kept.lock().unwrap();
+        self.drop_locked(&mut kept, vm);
+    }
+
+    fn drop_locked(&self, kept: &mut Kept, vm: &str) {
+        kept.pending.remove(vm);
+        if kept.images.remove(vm).is_some() {
             let _ = std::fs::remove_file(self.meta_path(vm));
             let _ = std::fs::remove_file(self.image_path(vm));
         }
     }
 
-    /// Evicts the oldest images until `room` more bytes fit the budget.
-    fn evict(&self, room: u64) {
-        loop {
-            let oldest = {
-                let images = self.images.lock().unwrap();
-                let used: u64 = images.values().map(|v| v.bytes).sum();
-                if used.saturating_add(room) <= self.budget {
-                    return;
-                }
-                images
-                    .values()
-                    .min_by_key(|v| v.at_ms)
-                    .map(|v| v.vm.clone())
+    /// Evicts the oldest images until what is kept, and what writes under
+    /// way reserve, fits the budget.
+    fn evict(&self) {
+        let mut kept = self.kept.lock().unwrap();
+        while kept.used() > self.budget {
+            let Some(vm) = kept
+                .images
+                .values()
+                .min_by_key(|v| v.at_ms)
+                .map(|v| v.vm.clone())
+            else {
+                return;
             };
-            let Some(vm) = oldest else { return };
             tracing::info!(%vm, "evicting the oldest retained image to stay within failback_retention");
-            self.remove(&vm);
+            self.drop_locked(&mut kept, &vm);
         }
     }
 
@@ -230,21 +331,44 @@ impl Retention {
     }
 }
 
-/// The disk an image of `mem` takes at most: its non-zero pages and table.
+/// The disk an image of `mem` takes at most: the memory backed now (no
+/// more can hold data; all of it where the kernel does not say) and the
+/// table.
 fn need(mem: &GuestMemory) -> u64 {
-    let pages = mem.pages();
-    let mut nonzero = 0u64;
-    let mut first = 0;
-    while first < pages {
-        let count = 256.min(pages - first);
-        nonzero += mem.with_pages(first, count, |b| {
-            b.chunks_exact(PAGE_SIZE)
-                .filter(|p| !crate::memory::is_zero_page(p))
-                .count() as u64
-        });
-        first += count;
+    let data = mem
+        .resident_bytes()
+        .map_or(mem.len_bytes(), |r| r.min(mem.len_bytes()));
+    data + mem.pages() * 8 + PAGE_SIZE as u64
+}
+
+/// The free bytes of the disk `dir` is on, where the system says.
+#[allow(unsafe_code)]
+// The field types differ between platforms: u64 on x86-64 Linux.
+#[allow(clippy::unnecessary_cast)]
+fn free_disk(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call, and
+    // `st` is a properly sized, writable statvfs that the call fills in; it
+    // is read only when the call says it succeeded.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
     }
-    (nonzero + 1) * PAGE_SIZE as u64 + pages * 8
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Makes `dir` (mode 700) if it does not exist.
+fn make_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// The disk a file takes (its allocated blocks: holes take none).
@@ -253,22 +377,37 @@ fn disk_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
+/// Why a description read back is not used.
+enum Unusable {
+    /// It is not a retained image's description (another program's file).
+    NotOurs(String),
+    /// It is, but it or its image does not check out: both go.
+    Damaged(String),
+}
+
 /// Reads and checks the description at `path` and the image beside it.
-fn read_meta(path: &Path) -> Result<RetainedView, String> {
-    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+fn read_meta(path: &Path, max_memory: u64) -> Result<RetainedView, Unusable> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Unusable::NotOurs(e.to_string()))?
+        .len();
     if len > MAX_META {
-        return Err(format!("description of {len} bytes, over {MAX_META}"));
+        return Err(Unusable::NotOurs(format!("{len} bytes, over {MAX_META}")));
     }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(path).map_err(|e| Unusable::NotOurs(e.to_string()))?;
+    let meta = decode_meta(&bytes).map_err(Unusable::NotOurs)?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-    let meta = decode_meta(&bytes)?;
     if super::kept::stem(&meta.view.vm) != stem {
-        return Err(format!("describes VM {:?}, not {stem:?}", meta.view.vm));
+        return Err(Unusable::NotOurs(format!(
+            "describes VM {:?}, not {stem:?}",
+            meta.view.vm
+        )));
     }
     let image = path.with_extension("retained");
-    let r = Retained::open(&image).map_err(|e| e.to_string())?;
+    let r = Retained::open(&image, max_memory).map_err(|e| Unusable::Damaged(e.to_string()))?;
     if (r.memory(), r.digest()) != (meta.view.memory, meta.view.digest) {
-        return Err("the image does not match its description".into());
+        return Err(Unusable::Damaged(
+            "the image does not match its description".into(),
+        ));
     }
     Ok(RetainedView {
         bytes: disk_bytes(&image),
@@ -283,10 +422,10 @@ fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json-partial");
     let done = (|| -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(bytes)?;

@@ -1,11 +1,15 @@
 //! `ferry bench codecs --dense`: what denser pages would save on a guest's
 //! memory before the wire carries them, per codec, on one core: pages
-//! identical to one already sent in the sample sent as 8-byte references
-//! (found by hash, confirmed by a full compare), and zstd keeping its window
-//! across the batches of a channel (one stream, flushed at each batch so
-//! each decodes on arrival, with a 128 MiB long-distance window) instead of
-//! starting cold on every batch. Compressed data only: the batches' headers
-//! are the same in every option.
+//! identical to one earlier in the sample sent as 8-byte references (found
+//! by hash, confirmed by a full compare), and zstd keeping its window across
+//! batches (one stream over all of them, flushed at each batch so each
+//! decodes on arrival, with a 128 MiB long-distance window) instead of
+//! starting cold on every batch. Both are upper bounds: a reference here may
+//! point into its own batch or one not yet acknowledged, and a stream per
+//! channel would see only its channel's batches. Compressed data only (the
+//! batches' headers are the same in every option); the speeds leave out the
+//! zero-page check, done once beforehand, so they are not those of the
+//! engine's own table.
 
 use crate::codec::{compress, is_zero_page, Codec};
 use crate::memory::{GuestMemory, PAGE_SIZE};

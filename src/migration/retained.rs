@@ -19,7 +19,7 @@
 //! table's CRC is checked before any hash is used, and every page read is
 //! checked against its hash ([`Retained::page`]).
 
-use crate::digest::{full_digest, page_hash, zero_page_hash};
+use crate::digest::{digest_of_hashes, page_hash, zero_page_hash};
 use crate::memory::{is_zero_page, GuestMemory, MAX_MEMORY_BYTES, PAGE_SIZE};
 use crate::page::PageIndex;
 use std::fs::File;
@@ -71,9 +71,14 @@ pub struct Retained {
 }
 
 /// Writes `mem` to `path` as a retained image (mode 600), through a
-/// temporary file renamed into place when whole and synced. Returns the
-/// file's digest of the memory.
-pub fn write(mem: &GuestMemory, path: &Path) -> Result<u64, RetainedError> {
+/// temporary file renamed into place when whole and synced; `stop` is asked
+/// between steps, and answering true ends the write (nothing left behind).
+/// Returns the file's digest of the memory.
+pub fn write(
+    mem: &GuestMemory,
+    path: &Path,
+    stop: &dyn Fn() -> bool,
+) -> Result<u64, RetainedError> {
     let io = |source| RetainedError::Io {
         path: path.display().to_string(),
         source,
@@ -93,6 +98,9 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<u64, RetainedError> {
         let zero = zero_page_hash();
         let mut first = 0;
         while first < pages {
+            if stop() {
+                return Err(std::io::Error::other("stopped: the agent is stopping"));
+            }
             let count = STEP_PAGES.min(pages - first);
             mem.with_pages(first, count, |bytes| -> std::io::Result<()> {
                 for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
@@ -107,7 +115,11 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<u64, RetainedError> {
             })?;
             first += count;
         }
-        let digest = full_digest(mem, 1);
+        let hashes: Vec<u64> = table
+            .chunks_exact(8)
+            .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
+            .collect();
+        let digest = digest_of_hashes(&hashes);
         let mut head = Vec::with_capacity(HEADER as usize);
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&VERSION.to_le_bytes());
@@ -132,8 +144,9 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<u64, RetainedError> {
 
 impl Retained {
     /// Opens the retained image in `path`, checking its header and its hash
-    /// table; reads nothing of the memory yet.
-    pub fn open(path: &Path) -> Result<Self, RetainedError> {
+    /// table; reads nothing of the memory yet. An image of more than
+    /// `max_memory` bytes is refused before its table is read.
+    pub fn open(path: &Path, max_memory: u64) -> Result<Self, RetainedError> {
         let name = path.display().to_string();
         let io = |source| RetainedError::Io {
             path: name.clone(),
@@ -160,9 +173,10 @@ impl Retained {
             )));
         }
         let memory = u64_at(16);
-        if memory == 0 || !memory.is_multiple_of(PAGE_SIZE as u64) || memory > MAX_MEMORY_BYTES {
+        let most = max_memory.min(MAX_MEMORY_BYTES);
+        if memory == 0 || !memory.is_multiple_of(PAGE_SIZE as u64) || memory > most {
             return Err(bad(format!(
-                "memory {memory} is not a non-zero multiple of 4096 up to {MAX_MEMORY_BYTES}"
+                "memory {memory} is not a non-zero multiple of 4096 up to {most}"
             )));
         }
         let pages = memory / PAGE_SIZE as u64;
@@ -213,6 +227,12 @@ impl Retained {
             path: self.path.display().to_string(),
             why,
         };
+        if dst.len() < PAGE_SIZE {
+            return Err(bad(format!(
+                "a page needs {PAGE_SIZE} bytes, not {}",
+                dst.len()
+            )));
+        }
         let Some(&want) = self.hashes.get(index.0 as usize) else {
             return Err(bad(format!(
                 "no page {} in {} pages",

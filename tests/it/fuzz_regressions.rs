@@ -121,7 +121,7 @@ fn retained_seed() -> Vec<u8> {
         mem.write_page(PageIndex(i), &[i as u8; 4096]);
     }
     let path = std::env::temp_dir().join(format!("ferry-retained-seed-{}", std::process::id()));
-    ferry::migration::retained::write(&mem, &path).unwrap();
+    ferry::migration::retained::write(&mem, &path, &|| false).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let _ = std::fs::remove_file(&path);
     bytes

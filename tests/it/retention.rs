@@ -78,7 +78,7 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let kept = Retained::open(&path).unwrap();
+    let kept = Retained::open(&path, 1 << 30).unwrap();
     let copy = GuestMemory::new(kept.memory()).unwrap();
     let mut page = vec![0u8; PAGE_SIZE];
     for i in 0..copy.pages() {

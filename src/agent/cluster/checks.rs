@@ -184,6 +184,14 @@ impl NodeDefaults<'_> {
             Some(d) => self.dir.join(d),
             None => state_dir.join("retained"),
         };
+        // Its folder of its own: never the kept last copies' folders.
+        if failback_retention_dir == state_dir || failback_retention_dir == state_dir.join("guests")
+        {
+            return Err(format!(
+                "node {name}: failback_retention_dir {} is its state folder: give the images a folder of their own",
+                failback_retention_dir.display()
+            ));
+        }
         Ok(NodeSpec {
             failback_retention,
             failback_retention_dir,

@@ -357,3 +357,42 @@ fn max_concurrent_migrations_may_be_auto_for_the_cluster_or_a_node() {
         assert!(e.contains("max_concurrent_migrations"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn failback_retention_defaults_to_a_quarter_of_memory_in_the_state_folder() {
+    let d = dir_with_token("s3cret-s3cret-s3cret");
+    let path = d.path().join("cluster.toml");
+    let c = Cluster::parse(EXAMPLE, &path).unwrap();
+    let a = c.node("a").unwrap();
+    assert_eq!(a.failback_retention, 2 << 30);
+    assert_eq!(a.failback_retention_dir, a.state_dir.join("retained"));
+    let text = EXAMPLE.replace(
+        "[defaults]\n",
+        "[defaults]\nfailback_retention = \"1GiB\"\n",
+    );
+    let c = Cluster::parse(&text, &path).unwrap();
+    assert_eq!(c.node("b").unwrap().failback_retention, 1 << 30);
+    let text = EXAMPLE.replace("\"8GiB\"", "\"8GiB\"\nfailback_retention = 0");
+    assert_eq!(
+        Cluster::parse(&text, &path)
+            .unwrap()
+            .node("a")
+            .unwrap()
+            .failback_retention,
+        0
+    );
+    let err = |from: &str, to: &str| {
+        Cluster::parse(&EXAMPLE.replace(from, to), &path)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(
+        err("\"8GiB\"", "\"8GiB\"\nfailback_retention = \"lots\"").contains("failback_retention")
+    );
+    assert!(err("\"8GiB\"", "\"8GiB\"\nfailback_retention = \"2048TiB\"").contains("out of range"));
+    let e = err(
+        "\"8GiB\"",
+        "\"8GiB\"\nstate_dir = \"st\"\nfailback_retention_dir = \"st/guests\"",
+    );
+    assert!(e.contains("folder of their own"), "{e}");
+}

@@ -440,7 +440,11 @@ impl Node {
             ))
         });
         let api_limits = cluster.api;
-        let spec_dir = (spec.failback_retention_dir.clone(), spec.failback_retention);
+        let retention = super::retain::Retention::open(
+            &spec.failback_retention_dir,
+            spec.failback_retention,
+            spec.memory_capacity,
+        );
         Ok(Arc::new_cyclic(|this| Self {
             peers: super::peer::Peers::new(&cluster),
             cluster,
@@ -464,7 +468,7 @@ impl Node {
             op_turn: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks::Tasks::default(),
-            retention: super::retain::Retention::open(&spec_dir.0, spec_dir.1),
+            retention,
         }))
     }
 

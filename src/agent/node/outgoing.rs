@@ -96,7 +96,8 @@ impl Node {
     /// Starts queued migrations while slots are free.
     pub(super) fn pump(self: &Arc<Self>) {
         let mut st = self.state.lock().unwrap();
-        loop {
+        // The limit is chosen only while something waits for it.
+        while !st.queue.is_empty() {
             if st.running_out >= self.queue_limit(&mut st) {
                 break;
             }
@@ -243,7 +244,11 @@ impl Node {
         self.tasks.spawn(async move {
             let keep = {
                 let (node, vm) = (node.clone(), vm.clone());
-                tokio::task::spawn_blocking(move || node.retention.keep(&vm, &id, guest.memory()))
+                tokio::task::spawn_blocking(move || {
+                    // An agent that stops does not wait for the write.
+                    let stop = || node.closing.load(Ordering::Relaxed);
+                    node.retention.keep(&vm, &id, guest.memory(), &stop)
+                })
             };
             match keep.await {
                 Ok(Ok(Some(v))) => {

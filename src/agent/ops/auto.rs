@@ -87,9 +87,11 @@ pub fn choose(link: Link, dirtiest: u64, vms: usize, cores: usize) -> (u32, Stri
     }
 }
 
-/// The CPU cores this process may run on.
+/// The CPU cores this process may run on (asked once: the answer reads
+/// cgroup files).
 pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]

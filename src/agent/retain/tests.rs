@@ -32,14 +32,14 @@ const PAGE: u64 = PAGE_SIZE as u64;
 #[test]
 fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
     let d = Dir::new("kept");
-    let r = Retention::open(&d.0, 1 << 20);
+    let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     assert!(r.view().images.is_empty());
     let mem = memory(64, 10, 7);
-    let v = r.keep("web.1", "m-1", &mem).unwrap().unwrap();
+    let v = r.keep("web.1", "m-1", &mem, &|| false).unwrap().unwrap();
     assert_eq!((v.vm.as_str(), v.migration.as_str()), ("web.1", "m-1"));
     assert_eq!(v.memory, 64 * PAGE);
     assert!(v.bytes >= 10 * PAGE && v.bytes <= 16 * PAGE, "{v:?}");
-    let again = Retention::open(&d.0, 1 << 20);
+    let again = Retention::open(&d.0, 1 << 20, 1 << 30);
     assert_eq!(again.view().images, vec![v.clone()]);
     let image = again.open_image("web.1").unwrap();
     let mut page = vec![0u8; PAGE_SIZE];
@@ -51,12 +51,15 @@ fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
     }
     // A name as long as names go is kept too.
     let long = "v".repeat(255);
-    again.keep(&long, "m-9", &memory(4, 1, 1)).unwrap().unwrap();
-    assert!(Retention::open(&d.0, 1 << 20).get(&long).is_some());
+    again
+        .keep(&long, "m-9", &memory(4, 1, 1), &|| false)
+        .unwrap()
+        .unwrap();
+    assert!(Retention::open(&d.0, 1 << 20, 1 << 30).get(&long).is_some());
     again.remove(&long);
     // A later departure replaces it.
     let w = again
-        .keep("web.1", "m-2", &memory(64, 3, 9))
+        .keep("web.1", "m-2", &memory(64, 3, 9), &|| false)
         .unwrap()
         .unwrap();
     assert_eq!(again.view().images, vec![w]);
@@ -68,9 +71,11 @@ fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
 fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept() {
     let d = Dir::new("budget");
     // Room for two images of 8 data pages (and a page of table each).
-    let r = Retention::open(&d.0, 20 * PAGE);
+    let r = Retention::open(&d.0, 20 * PAGE, 1 << 30);
     for (i, vm) in ["a", "b", "c"].iter().enumerate() {
-        r.keep(vm, "m", &memory(16, 8, i as u8)).unwrap().unwrap();
+        r.keep(vm, "m", &memory(16, 8, i as u8), &|| false)
+            .unwrap()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let v = r.view();
@@ -79,13 +84,19 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     assert!(v.used <= v.budget, "{v:?}");
     assert!(!d.0.join("a.retained").exists() && !d.0.join("a.json").exists());
     // Larger than the whole budget: kept nowhere, the others stay.
-    assert_eq!(r.keep("big", "m", &memory(64, 30, 1)).unwrap(), None);
+    assert_eq!(
+        r.keep("big", "m", &memory(64, 30, 1), &|| false).unwrap(),
+        None
+    );
     assert_eq!(r.view().images.len(), 2);
     // A budget of 0 keeps nothing.
-    let none = Retention::open(&d.0.join("none"), 0);
-    assert_eq!(none.keep("a", "m", &memory(4, 1, 1)).unwrap(), None);
+    let none = Retention::open(&d.0.join("none"), 0, 1 << 30);
+    assert_eq!(
+        none.keep("a", "m", &memory(4, 1, 1), &|| false).unwrap(),
+        None
+    );
     // A smaller budget at the next start evicts down to it.
-    let smaller = Retention::open(&d.0, 12 * PAGE);
+    let smaller = Retention::open(&d.0, 12 * PAGE, 1 << 30);
     let names: Vec<String> = smaller.view().images.into_iter().map(|i| i.vm).collect();
     assert_eq!(names, ["c"]);
 }
@@ -93,9 +104,11 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
 #[test]
 fn damaged_and_half_written_images_are_dropped_at_start() {
     let d = Dir::new("damaged");
-    let r = Retention::open(&d.0, 1 << 20);
+    let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     for vm in ["good", "flipped", "orphan"] {
-        r.keep(vm, "m", &memory(8, 4, 3)).unwrap().unwrap();
+        r.keep(vm, "m", &memory(8, 4, 3), &|| false)
+            .unwrap()
+            .unwrap();
     }
     // A flipped byte in the hash table, a description without its image, a
     // partial write, and a stranger.
@@ -105,9 +118,12 @@ fn damaged_and_half_written_images_are_dropped_at_start() {
     std::fs::write(&path, bytes).unwrap();
     std::fs::remove_file(d.0.join("orphan.retained")).unwrap();
     std::fs::write(d.0.join("good.partial-77"), b"half").unwrap();
+    std::fs::write(d.0.join("good.3.retained-tmp"), b"half").unwrap();
+    // Not retention files: never removed, whatever the folder holds.
     std::fs::write(d.0.join("notes.txt"), b"?").unwrap();
     std::fs::write(d.0.join("huge.json"), vec![b' '; MAX_META as usize + 1]).unwrap();
-    let again = Retention::open(&d.0, 1 << 20);
+    std::fs::write(d.0.join("other.json"), b"{\"name\": 1}").unwrap();
+    let again = Retention::open(&d.0, 1 << 20, 1 << 30);
     let names: Vec<String> = again.view().images.into_iter().map(|i| i.vm).collect();
     assert_eq!(names, ["good"]);
     let mut left: Vec<String> = std::fs::read_dir(&d.0)
@@ -115,5 +131,47 @@ fn damaged_and_half_written_images_are_dropped_at_start() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     left.sort();
-    assert_eq!(left, ["good.json", "good.retained"]);
+    assert_eq!(
+        left,
+        [
+            "good.json",
+            "good.retained",
+            "huge.json",
+            "notes.txt",
+            "other.json"
+        ]
+    );
+}
+
+#[test]
+fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
+    let d = Dir::new("raced");
+    let r = Retention::open(&d.0, 1 << 24, 1 << 30);
+    // The arrival's removal lands between two steps of the write.
+    let back = std::cell::Cell::new(false);
+    let stop = || {
+        if !back.get() {
+            back.set(true);
+            r.remove("web");
+        }
+        false
+    };
+    assert_eq!(
+        r.keep("web", "m", &memory(600, 300, 1), &stop).unwrap(),
+        None
+    );
+    assert!(back.get());
+    assert!(r.view().images.is_empty());
+    assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
+    // A stopped write keeps nothing either.
+    assert!(r.keep("web", "m", &memory(600, 300, 1), &|| true).is_err());
+    assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
+    // A description naming no VM is refused, whatever its length.
+    let bad = format!(
+        r#"{{"version":1,"vm":"{}","migration":"m","at_ms":1,"memory":4096,"digest":1,"bytes":1}}"#,
+        "é".repeat(150)
+    );
+    assert!(decode_meta(bad.as_bytes())
+        .unwrap_err()
+        .contains("not a VM's name"));
 }

@@ -25,7 +25,7 @@ impl Drop for Dir {
 fn memory(pages: u64) -> GuestMemory {
     let mem = GuestMemory::new(pages * PAGE_SIZE as u64).unwrap();
     for i in (0..pages).step_by(3) {
-        mem.write_page(PageIndex(i), &[i as u8 + 1; PAGE_SIZE]);
+        mem.write_page(PageIndex(i), &[(i as u8).wrapping_add(1); PAGE_SIZE]);
     }
     mem
 }
@@ -35,8 +35,8 @@ fn an_image_reads_back_page_for_page_with_zero_pages_as_holes() {
     let dir = Dir::new("holes");
     let path = dir.path().join("web.retained");
     let mem = memory(40);
-    let digest = write(&mem, &path).unwrap();
-    assert_eq!(digest, full_digest(&mem, 1));
+    let digest = write(&mem, &path, &|| false).unwrap();
+    assert_eq!(digest, crate::digest::full_digest(&mem, 1));
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -46,7 +46,7 @@ fn an_image_reads_back_page_for_page_with_zero_pages_as_holes() {
         "{}",
         meta.blocks()
     );
-    let r = Retained::open(&path).unwrap();
+    let r = Retained::open(&path, 1 << 30).unwrap();
     assert_eq!((r.memory(), r.digest()), (40 * PAGE_SIZE as u64, digest));
     let mut page = vec![0u8; PAGE_SIZE];
     let mut want = vec![0u8; PAGE_SIZE];
@@ -66,13 +66,16 @@ fn an_image_reads_back_page_for_page_with_zero_pages_as_holes() {
 fn a_damaged_image_is_refused_naming_what_is_wrong() {
     let dir = Dir::new("damaged");
     let path = dir.path().join("web.retained");
-    write(&memory(8), &path).unwrap();
+    write(&memory(8), &path, &|| false).unwrap();
     let good = std::fs::read(&path).unwrap();
     let open_with = |edit: &dyn Fn(&mut Vec<u8>)| {
         let mut bytes = good.clone();
         edit(&mut bytes);
         std::fs::write(&path, &bytes).unwrap();
-        Retained::open(&path).map(|_| ()).unwrap_err().to_string()
+        Retained::open(&path, 1 << 30)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     };
     assert!(open_with(&|b| b[0] = b'X').contains("not a retained"));
     assert!(open_with(&|b| b[8] = 9).contains("version 9"));
@@ -85,9 +88,24 @@ fn a_damaged_image_is_refused_naming_what_is_wrong() {
     let at = memory_offset(8) as usize + 3 * PAGE_SIZE + 7;
     bytes[at] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
-    let r = Retained::open(&path).unwrap();
+    let r = Retained::open(&path, 1 << 30).unwrap();
     let mut page = vec![0u8; PAGE_SIZE];
     r.page(PageIndex(0), &mut page).unwrap();
     let e = r.page(PageIndex(3), &mut page).unwrap_err().to_string();
     assert!(e.contains("page 3 does not match"), "{e}");
+}
+
+#[test]
+fn a_stopped_write_leaves_nothing_and_a_large_image_is_refused_before_its_table() {
+    let dir = Dir::new("stopped");
+    let path = dir.path().join("web.retained");
+    assert!(write(&memory(600), &path, &|| true).is_err());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    write(&memory(8), &path, &|| false).unwrap();
+    let e = Retained::open(&path, 4 * PAGE_SIZE as u64)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("up to 16384"), "{e}");
+    let r = Retained::open(&path, 1 << 30).unwrap();
+    assert!(r.page(PageIndex(0), &mut [0u8; 100]).is_err());
 }
