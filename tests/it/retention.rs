@@ -62,6 +62,17 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     assert_eq!(r["budget"], 256u64 << 20, "a quarter of 1 GiB: {r}");
     let id = migrate(&c, "a", "web", "b", true);
     let r = retained(&c, "a", 1);
+    // The guest's memory counted as used while its image was written, and
+    // free once it is.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
+        if v["memory_used"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "{v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let image = &r["images"][0];
     assert_eq!(
         (image["vm"].as_str(), image["migration"].as_str()),

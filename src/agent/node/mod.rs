@@ -205,7 +205,8 @@ pub struct NodeView {
     pub state: NodeMode,
     /// What its VMs may use in total, bytes.
     pub memory_capacity: u64,
-    /// What its VMs (arriving ones included) use, bytes.
+    /// What its VMs (arriving ones included) use, bytes, with the memory of
+    /// guests that left held while their images are written.
     pub memory_used: u64,
     /// Its VMs.
     pub vms: Vec<VmView>,
@@ -320,6 +321,8 @@ pub(super) struct State {
     /// With `max_concurrent_migrations = "auto"`: the queue's last limit
     /// and why.
     pub(super) auto_limit: Option<(u32, String)>,
+    /// Memory of guests that left, held while their images are retained.
+    pub(super) retaining: u64,
     running_out: usize,
     next_id: u64,
 }
@@ -330,7 +333,8 @@ impl State {
     }
 
     fn memory_used(&self) -> u64 {
-        self.vms.values().map(|v| v.spec.memory).sum()
+        let vms: u64 = self.vms.values().map(|v| v.spec.memory).sum();
+        vms.saturating_add(self.retaining)
     }
 
     /// Forgets the oldest settled migrations (ended, and not unresolved)

@@ -192,8 +192,14 @@ impl Node {
             st.running_out -= 1;
             let fenced = st.fenced;
             match (report.outcome, st.vms.get_mut(&vm)) {
-                // The guest runs on the target now; the paused copy here goes.
-                (Outcome::Completed, _) => gone = st.vms.remove(&vm),
+                // The guest runs on the target now; the paused copy here goes
+                // (its memory held while its image is retained).
+                (Outcome::Completed, _) => {
+                    gone = st.vms.remove(&vm);
+                    if let Some(v) = gone.as_ref().filter(|_| self.spec.failback_retention > 0) {
+                        st.retaining += v.spec.memory;
+                    }
+                }
                 (Outcome::Unresolved, Some(v)) => {
                     // Superseded: restarted elsewhere, after the cluster
                     // has asked the target (the record still marks it).
@@ -216,11 +222,14 @@ impl Node {
                 e.report = Some(report);
             }
         }
-        let left = gone.as_ref().and_then(|v| v.guest.clone());
+        let left = gone
+            .as_ref()
+            .filter(|_| self.spec.failback_retention > 0)
+            .map(|v| (v.spec.memory, v.guest.clone()));
         // Its guest's threads are joined outside the node's lock.
         drop(gone);
-        if let Some(guest) = left {
-            self.retain_in_background(&vm, &id, guest);
+        if let Some((memory, guest)) = left {
+            self.retain_in_background(&vm, &id, memory, guest);
         }
         self.journal_migration(&id);
         if superseded {
@@ -232,13 +241,21 @@ impl Node {
 
     /// Keeps the memory VM `vm` left by migration `id` with (paused, as
     /// the target got it) as its retained image, written in the background;
-    /// the guest is held until then.
-    fn retain_in_background(&self, vm: &str, id: &str, guest: Arc<dyn MigratableGuest>) {
-        if self.spec.failback_retention == 0 {
-            return;
-        }
-        let Some(node) = self.this.upgrade() else {
-            return;
+    /// the guest, and the `memory` counted as used for it, are held until
+    /// then.
+    fn retain_in_background(
+        &self,
+        vm: &str,
+        id: &str,
+        memory: u64,
+        guest: Option<Arc<dyn MigratableGuest>>,
+    ) {
+        let release = || {
+            let mut st = self.state.lock().unwrap();
+            st.retaining = st.retaining.saturating_sub(memory);
+        };
+        let (Some(node), Some(guest)) = (self.this.upgrade(), guest) else {
+            return release();
         };
         let (vm, id) = (vm.to_string(), id.to_string());
         self.tasks.spawn(async move {
@@ -255,11 +272,13 @@ impl Node {
                     tracing::info!(%vm, bytes = v.bytes, "retained the image the VM left with")
                 }
                 Ok(Ok(None)) => {
-                    tracing::info!(%vm, budget = node.spec.failback_retention, "the VM's image is larger than failback_retention: not retained")
+                    tracing::info!(%vm, budget = node.spec.failback_retention, "the VM's image is not retained: larger than failback_retention, or the VM came back meanwhile")
                 }
                 Ok(Err(e)) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
                 Err(e) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
             }
+            let mut st = node.state.lock().unwrap();
+            st.retaining = st.retaining.saturating_sub(memory);
         });
     }
 
