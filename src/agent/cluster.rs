@@ -195,7 +195,7 @@ pub struct NodeSpec {
     /// copies of VMs (`guests/`).
     pub state_dir: PathBuf,
     /// The disk the images of VMs that left it may take (`failback_retention`,
-    /// default a quarter of `memory_capacity`; 0 keeps none).
+    /// 0, none kept, until a delta failback reads them).
     pub failback_retention: u64,
     /// Where those images are (default `{state_dir}/retained`).
     pub failback_retention_dir: PathBuf,

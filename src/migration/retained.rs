@@ -32,6 +32,10 @@ const VERSION: u32 = 1;
 const HEADER: u64 = 40;
 /// Pages hashed or read per step when writing or checking.
 const STEP_PAGES: u64 = 256;
+/// Data written between two flushes to the disk: an image goes out in
+/// small pieces, so that what else shares the disk (etcd's log, above all)
+/// never waits behind hundreds of MiB of it.
+const FLUSH_BYTES: u64 = 8 << 20;
 
 /// Where the memory starts in a file of `pages` pages.
 fn memory_offset(pages: u64) -> u64 {
@@ -97,7 +101,12 @@ pub fn write(
         let mut table = Vec::with_capacity((pages * 8) as usize);
         let zero = zero_page_hash();
         let mut first = 0;
+        let mut unflushed = 0u64;
         while first < pages {
+            if unflushed >= FLUSH_BYTES {
+                f.sync_data()?;
+                unflushed = 0;
+            }
             if stop() {
                 return Err(std::io::Error::other("stopped: the agent is stopping"));
             }
@@ -110,6 +119,7 @@ pub fn write(
                     }
                     table.extend_from_slice(&page_hash(page).to_le_bytes());
                     f.write_all_at(page, base + (first + i as u64) * PAGE_SIZE as u64)?;
+                    unflushed += PAGE_SIZE as u64;
                 }
                 Ok(())
             })?;

@@ -1,7 +1,7 @@
 //! Failback retention: a node keeps the image each VM left it with (a
 //! sparse 0600 file with its page hashes), byte for byte what the target
 //! got, lists it in `GET /v1/node`, drops it when the VM comes back, and
-//! keeps none with a budget of 0.
+//! keeps none without a budget (the default).
 
 use crate::common;
 
@@ -46,7 +46,11 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     let _serial = common::serial();
     let Some(c) = Agents::start(
         "retention",
-        &[("a", ""), ("b", ""), ("c", "failback_retention = 0")],
+        &[
+            ("a", "failback_retention = \"256MiB\""),
+            ("b", "failback_retention = \"256MiB\""),
+            ("c", ""),
+        ],
     ) else {
         return;
     };
@@ -59,7 +63,7 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     std::thread::sleep(Duration::from_millis(100));
     let r = retained(&c, "a", 0);
-    assert_eq!(r["budget"], 256u64 << 20, "a quarter of 1 GiB: {r}");
+    assert_eq!(r["budget"], 256u64 << 20, "{r}");
     let id = migrate(&c, "a", "web", "b", true);
     let r = retained(&c, "a", 1);
     // The guest's memory counted as used while its image was written, and
@@ -117,7 +121,7 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     assert_eq!(r["images"][0]["vm"], "web", "{r}");
     assert!(!app.exists());
     retained(&c, "b", 1);
-    // A budget of 0 keeps nothing.
+    // A node with no budget (the default) keeps nothing.
     migrate(&c, "a", "app", "c", false);
     let r = retained(&c, "c", 0);
     assert_eq!(r["budget"], 0);

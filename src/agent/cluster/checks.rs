@@ -159,7 +159,9 @@ impl NodeDefaults<'_> {
             .or(self.defaults.failback_retention.as_ref())
         {
             Some(a) => amount(a, name, "failback_retention", false)?.unwrap_or(0),
-            None => memory_capacity / 4,
+            // Off until a delta failback reads the images: writing them costs
+            // every migration (BENCHMARKS.md, "retention's cost").
+            None => 0,
         };
         if failback_retention > MAX_RETENTION {
             return Err(format!(
