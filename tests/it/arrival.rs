@@ -11,6 +11,33 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// Creates a small writing VM `name` on node `on`.
+fn create(c: &Agents, on: &str, name: &str) {
+    let (s, v) = c.call(
+        Method::POST,
+        on,
+        "/v1/vms",
+        Some(json!({"name": name, "memory": "16MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
+/// Deletes VM `name` on node `on` at once: a 409 while the node still
+/// settles its arrival, then 200; the guest is gone from the node.
+fn delete_at_once(c: &Agents, on: &str, name: &str) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = c.call(Method::DELETE, on, &format!("/v1/vms/{name}"), None);
+        if s == StatusCode::OK {
+            break;
+        }
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(Instant::now() < end, "never deleted: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(c.agent(on).node.guest(name).is_none());
+}
+
 #[test]
 fn a_vm_deleted_as_it_arrives_goes_with_its_record() {
     let _serial = common::serial();
@@ -19,13 +46,7 @@ fn a_vm_deleted_as_it_arrives_goes_with_its_record() {
     };
     for round in 0..6 {
         let name = format!("vm{round}");
-        let (s, v) = c.call(
-            Method::POST,
-            "a",
-            "/v1/vms",
-            Some(json!({"name": name, "memory": "16MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
-        );
-        assert_eq!(s, StatusCode::CREATED, "{v}");
+        create(&c, "a", &name);
         let (s, m) = c.call(
             Method::POST,
             "a",
@@ -36,19 +57,8 @@ fn a_vm_deleted_as_it_arrives_goes_with_its_record() {
         let id = m["id"].as_str().unwrap().to_string();
         let done = c.wait("a", &id);
         assert_eq!(done["state"], "completed", "{done}");
-        // At once: a 409 while the target still settles the arrival.
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (s, v) = c.call(Method::DELETE, "b", &format!("/v1/vms/{name}"), None);
-            if s == StatusCode::OK {
-                break;
-            }
-            assert_eq!(s, StatusCode::CONFLICT, "{v}");
-            assert!(Instant::now() < end, "never deleted: {v}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // The guest is gone from b, and the name is free again.
-        assert!(c.agent("b").node.guest(&name).is_none());
+        delete_at_once(&c, "b", &name);
+        // The name is free again.
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let (s, v) = c.call(
@@ -80,13 +90,7 @@ fn vms_deleted_as_a_drain_lands_them_go_with_their_records() {
     let names = ["d1", "d2", "d3", "d4"];
     for _ in 0..3 {
         for name in names {
-            let (s, v) = c.call(
-                Method::POST,
-                "a",
-                "/v1/vms",
-                Some(json!({"name": name, "memory": "16MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
-            );
-            assert_eq!(s, StatusCode::CREATED, "{v}");
+            create(&c, "a", name);
         }
         let (s, op) = c.call(Method::POST, "a", "/v1/node/drain", None);
         assert_eq!(s, StatusCode::ACCEPTED, "{op}");
