@@ -101,17 +101,7 @@ fn vms_deleted_as_a_drain_lands_them_go_with_their_records() {
                 step["vm"].as_str().unwrap(),
                 step["target"].as_str().unwrap(),
             );
-            let end = Instant::now() + Duration::from_secs(10);
-            loop {
-                let (s, v) = c.call(Method::DELETE, on, &format!("/v1/vms/{name}"), None);
-                if s == StatusCode::OK {
-                    break;
-                }
-                assert_eq!(s, StatusCode::CONFLICT, "{v}");
-                assert!(Instant::now() < end, "never deleted: {v}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            assert!(c.agent(on).node.guest(name).is_none());
+            delete_at_once(&c, on, name);
         }
         let (s, v) = c.call(
             Method::POST,
