@@ -16,7 +16,8 @@ qdisc shapes to --bandwidth (the sweep's link: a 4 ms bucket, a 50 ms queue):
 Each configuration runs --repeats times; the table gives the median total
 time (ferry's `total_ms`; for QEMU the time from `migrate` until
 query-migrate says `completed`, polled every 5 ms), min-max,
-downtime and wire bytes, and the ratio of ferry's best to QEMU's best.
+downtime, wire bytes (each tool's own count) and, on a tbf link, the bytes
+the link carried, and the ratio of ferry's best to QEMU's best.
 
 Needs: qemu-system-x86 (Debian: apt-get install qemu-system-x86), /dev/kvm,
 and a release build of ferry (cargo build --release).
@@ -66,6 +67,7 @@ class TbfLink:
         tag = f"{os.getpid() % 1000}{random.randrange(1000):03d}"
         self.src, self.dst = f"fqc{tag}s", f"fqc{tag}d"
         src_dev, dst_dev = f"fqc{tag}a", f"fqc{tag}b"
+        self.src_dev = src_dev
         try:
             for ns in (self.src, self.dst):
                 sh("ip", "netns", "add", ns)
@@ -82,6 +84,12 @@ class TbfLink:
         except Exception:
             self.close()
             raise
+
+    def tx_bytes(self):
+        """Bytes the source's side of the link has sent so far."""
+        out = subprocess.run(self.run_in("src") + ["cat", f"/sys/class/net/{self.src_dev}/statistics/tx_bytes"],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        return int(out.strip())
 
     def run_in(self, side):
         return ["ip", "netns", "exec", self.src if side == "src" else self.dst]
@@ -190,6 +198,7 @@ def qemu_once(image, channels, compression, workdir, link=None):
         d.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
         s.cmd("cont")  # a live guest: the firmware runs, finds nothing to boot, idles
         time.sleep(0.2)
+        tx0 = link.tx_bytes() if link else None
         started = time.monotonic()
         s.cmd("migrate", uri=f"tcp:{host}:{port}")
         deadline = time.time() + 300
@@ -210,6 +219,7 @@ def qemu_once(image, channels, compression, workdir, link=None):
             "qemu_total_time_ms": float(info["total-time"]),
             "downtime_ms": float(info.get("downtime", 0)),
             "wire_bytes": int(ram.get("transferred", 0)),  # QEMU's count, not bytes on the link
+            "link_bytes": link.tx_bytes() - tx0 if link else None,
             "zero_pages": int(ram.get("duplicate", 0)),
         }
     finally:
@@ -241,6 +251,7 @@ def ferry_once(ferry, image, codec, channels, link=None):
                     time.sleep(0.02)
         # A probe connection is refused as a session; receive --once keeps
         # waiting for a real one.
+        tx0 = link.tx_bytes() if link else None
         out = subprocess.run(
             (link.run_in("src") if link else []) + [ferry, "send", "--to", addr, "--image", image, "--workload", "idle",
              "--codec", codec, "--channels", str(channels), "--json"],
@@ -255,6 +266,7 @@ def ferry_once(ferry, image, codec, channels, link=None):
             "total_ms": float(r["total_ms"]),
             "downtime_ms": float(r["downtime_ms"]),
             "wire_bytes": int(r["wire_bytes"]),
+            "link_bytes": link.tx_bytes() - tx0 if link else None,
             "zero_pages": int(r["pages"]["zero"]),
         }
     finally:
@@ -270,6 +282,9 @@ def summarize(name, runs):
         "total_ms": {"median": statistics.median(totals), "min": min(totals), "max": max(totals)},
         "downtime_ms": statistics.median(r["downtime_ms"] for r in runs),
         "wire_bytes": int(statistics.median(r["wire_bytes"] for r in runs)),
+        # What the source's side of the tbf link sent (headers included).
+        "link_bytes": (int(statistics.median(r["link_bytes"] for r in runs))
+                       if runs[0]["link_bytes"] is not None else None),
         "zero_pages": int(statistics.median(r["zero_pages"] for r in runs)),
         "repeats": len(runs),
     }
@@ -357,12 +372,15 @@ def report(a, results):
         return
     where = f"a {a.bandwidth} tbf link" if a.link == "tbf" else "loopback"
     print(f"{MEMORY >> 20} MiB guest, {where}, {a.repeats} runs each; total time median (min-max)")
-    print(f"{'configuration':44} {'total':>10} {'spread':>17} {'downtime':>9} {'wire':>10}")
+    print(f"{'configuration':44} {'total':>10} {'spread':>17} {'downtime':>9} {'wire':>10}"
+          + (f" {'on link':>11}" if a.link == "tbf" else ""))
     for r in results:
         t = r["total_ms"]
         mark = " *" if r in best.values() else ""
         print(f"{r['config']:44} {t['median']:8.0f} ms {t['min']:7.0f}-{t['max']:<7.0f}ms"
-              f" {r['downtime_ms']:6.1f} ms {r['wire_bytes'] / 2**20:7.0f} MiB{mark}")
+              f" {r['downtime_ms']:6.1f} ms {r['wire_bytes'] / 2**20:7.0f} MiB"
+              + (f" {r['link_bytes'] / 2**20:7.0f} MiB" if r["link_bytes"] is not None else "")
+              + mark)
     print(f"ferry's best / QEMU's best: {ratio:.3f} (target: at most 0.65 on a 1 Gbit/s link)")
 
 
