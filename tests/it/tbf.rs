@@ -30,6 +30,14 @@ fn namespaces_of(pid: u32) -> Vec<String> {
 
 /// `ferry bench sweep --link tbf` of one idle, incompressible guest, codec
 /// `none`, one repeat per link speed.
+/// `wire` bytes took `ms`: as long as a link of `bps` needs for them, and
+/// no more than twice that.
+fn assert_held_to(ms: f64, wire: f64, bps: f64) {
+    let floor = wire / bps * 1e3;
+    assert!(ms >= 0.9 * floor, "{ms} ms for {wire} B");
+    assert!(ms <= 2.0 * floor, "{ms} ms for {wire} B");
+}
+
 fn tbf_sweep(memory: &str, bandwidth: &str) -> Command {
     let mut c = ferry();
     c.args(["bench", "sweep", "--link", "tbf", "--memory", memory])
@@ -99,14 +107,7 @@ fn sweep_over_a_kernel_shaped_link_is_shaped_and_cleans_up() {
     let wire = shaped["wire_bytes"].as_f64().unwrap();
     let ms = shaped["total_ms"]["median"].as_f64().unwrap();
     assert!(wire > 16e6, "{wire}");
-    assert!(
-        ms >= 0.9 * wire / 12_500_000.0 * 1e3,
-        "{ms} ms for {wire} B"
-    );
-    assert!(
-        ms <= 2.0 * wire / 12_500_000.0 * 1e3,
-        "{ms} ms for {wire} B"
-    );
+    assert_held_to(ms, wire, 12_500_000.0);
     let free_ms = free["total_ms"]["median"].as_f64().unwrap();
     assert!(free_ms * 3.0 < ms, "unlimited {free_ms} ms, shaped {ms} ms");
 }
@@ -234,12 +235,5 @@ fn a_drain_bench_across_namespaces_is_shaped_by_the_kernel_and_cleans_up() {
     let wire = cell["wire_bytes"].as_f64().unwrap();
     let ms = cell["drain_ms"]["median"].as_f64().unwrap();
     assert!(wire > 32e6, "{v}");
-    assert!(
-        ms >= 0.9 * wire / 12_500_000.0 * 1e3,
-        "{ms} ms for {wire} B"
-    );
-    assert!(
-        ms <= 2.0 * wire / 12_500_000.0 * 1e3,
-        "{ms} ms for {wire} B"
-    );
+    assert_held_to(ms, wire, 12_500_000.0);
 }
