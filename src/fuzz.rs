@@ -250,8 +250,8 @@ pub fn receiver_seed() -> Vec<u8> {
 }
 
 /// The messages of [`receiver_seed`] as whole frames (seeds for the frame
-/// decoder), with a few it does not hold: a labelled, proven setup, a bind,
-/// an echo and an abort.
+/// decoder), with a few it does not hold: a labelled, proven setup with a
+/// delta base, its answer, a bind, an echo and an abort.
 pub fn receiver_seed_frames() -> Vec<Vec<u8>> {
     use crate::wire::{
         encode_frame, Abort, AbortCode, ChannelBind, Echo, SessionLabel, SessionSetup,
@@ -280,7 +280,17 @@ pub fn receiver_seed_frames() -> Vec<Vec<u8>> {
                 migration_id: "a-1".into(),
                 source_node: "a".into(),
             }),
+            base: Some(crate::wire::DeltaBase {
+                migration_id: "b-1".into(),
+                digest: 0x1234,
+            }),
             proof: Some([7; 32]),
+        }),
+        Message::SessionSetupResponse(crate::wire::SessionSetupResponse {
+            bind_token: [3; 16],
+            initial_credits: 4,
+            proof: Some([5; 32]),
+            delta: true,
         }),
         Message::ChannelBind(ChannelBind {
             nonce: [1; 16],

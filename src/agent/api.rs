@@ -260,6 +260,7 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
             max_concurrent: b.max_concurrent,
             allow_partial: b.allow_partial.unwrap_or(false),
             request_id: checked_request_id(b.request_id)?,
+            delta: b.delta.as_ref().map_or(Ok(true), |d| d.on("delta"))?,
         })
         .await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
@@ -271,8 +272,9 @@ async fn resume(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
     if b.clear_quarantine == Some(true) {
         node.clear_quarantine().await?;
     }
+    let delta = b.delta.as_ref().map_or(Ok(true), |d| d.on("delta"))?;
     let op = node
-        .resume(b.failback.unwrap_or(false), request_id.as_deref())
+        .resume(b.failback.unwrap_or(false), delta, request_id.as_deref())
         .await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))
 }

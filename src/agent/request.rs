@@ -115,6 +115,10 @@ pub struct MigrationParams {
     /// Leave the VM paused on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leave_paused: Option<bool>,
+    /// Back to a node that kept the image the VM left it with: send only
+    /// the pages that changed since (`on`, the default, or `off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Switch>,
 }
 
 /// `POST /v1/migrations`.
@@ -152,6 +156,9 @@ pub struct Drain {
     /// Move what fits when the other nodes cannot hold every VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_partial: Option<bool>,
+    /// Failbacks by delta for the VMs it moves (`on`, the default, or `off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Switch>,
     /// The asker's key for this request (1 to 128 printable ASCII
     /// characters, no spaces): the same key again gets the operation it
     /// started back instead of a second one, so a request whose answer was
@@ -230,6 +237,10 @@ pub struct Resume {
     /// Lift the node's quarantine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clear_quarantine: Option<bool>,
+    /// With failback: send only what changed since each VM left, where this
+    /// node kept its image (`on`, the default, or `off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Switch>,
     /// The asker's key for this request (1 to 128 printable ASCII
     /// characters, no spaces): the same key again gets the operation it
     /// started back instead of a second one, so a request whose answer was

@@ -143,6 +143,7 @@ impl Node {
             max_concurrent: None,
             allow_partial: true,
             request_id: None,
+            delta: true,
         };
         match self.drain(req).await {
             Ok(op) => tracing::info!(op = %op.id, "stopping: draining the node"),

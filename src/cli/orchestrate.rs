@@ -142,6 +142,10 @@ pub enum NodeCommand {
         /// Move what fits when the other nodes cannot hold every VM.
         #[arg(long)]
         allow_partial: bool,
+        /// on or off: a VM going back to the node it came from sends only the
+        /// pages that changed since, where that node kept its image [default: on].
+        #[arg(long, value_parser = ["on", "off"])]
+        delta: Option<String>,
         #[command(flatten)]
         wait: Wait,
         #[command(flatten)]
@@ -158,6 +162,10 @@ pub enum NodeCommand {
         /// hour), letting the cluster place VMs on it again.
         #[arg(long)]
         clear_quarantine: bool,
+        /// on or off: with --failback, each VM sends only the pages that
+        /// changed since it left, where this node kept its image [default: on].
+        #[arg(long, value_parser = ["on", "off"])]
+        delta: Option<String>,
         #[command(flatten)]
         wait: Wait,
         #[command(flatten)]
@@ -215,6 +223,10 @@ pub struct MigrateVmArgs {
     /// Leave the VM paused on the target.
     #[arg(long)]
     pub leave_paused: bool,
+    /// on or off: back to the node it came from, send only the pages that
+    /// changed since, where that node kept its image [default: on].
+    #[arg(long, value_parser = ["on", "off"])]
+    pub delta: Option<String>,
     #[command(flatten)]
     pub wait: Wait,
     #[command(flatten)]

@@ -204,7 +204,8 @@ fn setup_mac(key: &SessionKey, h: &Handshake, setup: &SessionSetup) -> HmacSha25
     ]);
     m.update(&setup.max_bandwidth.to_le_bytes());
     // The encoder sets the flags that say which parts follow.
-    let flags = setup.flags & !(crate::wire::SETUP_LABELLED | crate::wire::SETUP_PROVEN);
+    let flags = setup.flags
+        & !(crate::wire::SETUP_LABELLED | crate::wire::SETUP_PROVEN | crate::wire::SETUP_DELTA);
     m.update(&flags.to_le_bytes());
     match &setup.label {
         Some(l) => {
@@ -213,6 +214,15 @@ fn setup_mac(key: &SessionKey, h: &Handshake, setup: &SessionSetup) -> HmacSha25
                 m.update(&(text.len() as u32).to_le_bytes());
                 m.update(text.as_bytes());
             }
+        }
+        None => m.update(&[0]),
+    }
+    match &setup.base {
+        Some(b) => {
+            m.update(&[1]);
+            m.update(&(b.migration_id.len() as u32).to_le_bytes());
+            m.update(b.migration_id.as_bytes());
+            m.update(&b.digest.to_le_bytes());
         }
         None => m.update(&[0]),
     }
@@ -244,6 +254,8 @@ pub struct Response<'a> {
     pub token: &'a [u8; 16],
     /// Credits each channel starts with.
     pub credits: u16,
+    /// Whether it took the setup's delta base.
+    pub delta: bool,
 }
 
 fn response_mac(key: &SessionKey, h: &Handshake, r: &Response) -> HmacSha256 {
@@ -251,6 +263,7 @@ fn response_mac(key: &SessionKey, h: &Handshake, r: &Response) -> HmacSha256 {
     m.update(&r.session_id.to_le_bytes());
     m.update(r.token);
     m.update(&r.credits.to_le_bytes());
+    m.update(&[u8::from(r.delta)]);
     m
 }
 
@@ -427,6 +440,7 @@ mod tests {
                 migration_id: "a-1".into(),
                 source_node: "a".into(),
             }),
+            base: None,
             proof: None,
         }
     }
@@ -473,6 +487,17 @@ mod tests {
         let mut bare = s.clone();
         bare.proof = None;
         assert!(!verify_setup_proof(&key, &h, &bare));
+        // A delta base added, or its digest changed, on the way.
+        let mut offered = s.clone();
+        offered.base = Some(crate::wire::DeltaBase {
+            migration_id: "b-1".into(),
+            digest: 5,
+        });
+        assert!(!verify_setup_proof(&key, &h, &offered));
+        offered.proof = Some(setup_proof(&key, &h, &offered));
+        assert!(verify_setup_proof(&key, &h, &offered));
+        offered.base.as_mut().unwrap().digest = 6;
+        assert!(!verify_setup_proof(&key, &h, &offered));
         assert_eq!(format!("{key:?}"), "SessionKey(<11 bytes>)");
     }
 
@@ -489,6 +514,7 @@ mod tests {
             session_id: 42,
             token: &token,
             credits: 16,
+            delta: false,
         };
         let p = response_proof(&key, &h, &r);
         assert!(verify_response_proof(&key, &h, &r, &p));
@@ -501,6 +527,11 @@ mod tests {
         assert!(
             !verify_response_proof(&key, &h, &more_credits, &p),
             "credits are proved"
+        );
+        let delta = Response { delta: true, ..r };
+        assert!(
+            !verify_response_proof(&key, &h, &delta, &p),
+            "taking the delta base is proved"
         );
         let relayed = Handshake { binding: b"x", ..h };
         assert!(!verify_response_proof(&key, &relayed, &r, &p));

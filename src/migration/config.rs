@@ -119,6 +119,12 @@ pub struct MigrationConfig {
     pub peer_timeout: Duration,
     /// Who the session is for, sent in its setup (agents name the VM).
     pub label: Option<SessionLabel>,
+    /// The memory the guest arrived with from the destination, offered as
+    /// the session's starting point when `delta` is on (agents'
+    /// failbacks). Default: none.
+    pub base: Option<super::delta::Base>,
+    /// Offer `base` (`--delta`). Default: on.
+    pub delta: bool,
     /// The cluster's key: a labelled setup carries a proof of it over the
     /// destination's nonce (agents' migrations).
     #[cfg(feature = "net")]
@@ -155,6 +161,8 @@ impl Default for MigrationConfig {
             handoff_timeout: Duration::from_secs(30),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             label: None,
+            base: None,
+            delta: true,
             #[cfg(feature = "net")]
             session_key: None,
             before_go: None,

@@ -52,6 +52,9 @@ pub struct Established {
     pub authenticated: bool,
     /// Channel 0's frame keys, when the session's frames are tagged.
     pub frame_keys: Option<FrameKeys>,
+    /// Whether the destination took the setup's delta base: its memory
+    /// starts as that image.
+    pub delta: bool,
 }
 
 impl std::fmt::Debug for SourceHandshake {
@@ -73,6 +76,7 @@ impl std::fmt::Debug for Established {
             .field("initial_credits", &self.initial_credits)
             .field("authenticated", &self.authenticated)
             .field("frames_tagged", &self.frame_keys.is_some())
+            .field("delta", &self.delta)
             .finish()
     }
 }
@@ -217,6 +221,7 @@ impl SourceHandshake {
                 session_id,
                 token: &r.bind_token,
                 credits: r.initial_credits,
+                delta: r.delta,
             };
             let proven = r
                 .proof
@@ -224,6 +229,9 @@ impl SourceHandshake {
             if !proven {
                 return Err(AuthFailure::Destination.into());
             }
+        }
+        if r.delta && self.setup.base.is_none() {
+            return Err(Violation::DeltaUnoffered.into());
         }
         if r.initial_credits == 0 || r.initial_credits > MAX_CREDITS {
             return Err(Violation::Credits {
@@ -250,6 +258,7 @@ impl SourceHandshake {
             initial_credits: r.initial_credits,
             authenticated: self.key.is_some(),
             frame_keys,
+            delta: r.delta,
         })
     }
 
@@ -323,14 +332,14 @@ pub fn check_setup(
 }
 
 /// The destination's SESSION_SETUP_RESPONSE for session `session_id`:
-/// the bind `token`, channel 0's `credits`, and with a key its proof over
-/// `handshake` and all of these.
+/// the bind `token`, channel 0's `credits`, whether it took the setup's
+/// delta base, and with a key its proof over `handshake` and all of these.
 pub fn setup_response(
     key: Option<&SessionKey>,
     handshake: &auth::Handshake<'_>,
     session_id: u64,
     token: &[u8; 16],
-    credits: u16,
+    (credits, delta): (u16, bool),
 ) -> SessionSetupResponse {
     SessionSetupResponse {
         bind_token: *token,
@@ -340,9 +349,11 @@ pub fn setup_response(
                 session_id,
                 token,
                 credits,
+                delta,
             };
             auth::response_proof(k, handshake, &r)
         }),
+        delta,
     }
 }
 

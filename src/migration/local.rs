@@ -23,6 +23,10 @@ pub enum Task {
     /// The full digest of guest memory.
     #[error("the digest task")]
     Digest,
+    /// A failback's delta: the source's round-0 scan or the destination's
+    /// copy of its retained image.
+    #[error("the delta task")]
+    Delta,
 }
 
 /// What went wrong on this side.

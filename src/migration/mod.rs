@@ -6,6 +6,7 @@
 
 mod config;
 pub mod credits;
+pub mod delta;
 pub mod dest_ledger;
 pub mod dest_session;
 pub mod dest_state;

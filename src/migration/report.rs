@@ -194,6 +194,25 @@ pub struct Report {
     /// keeps each one that arrived until it exits). Absent elsewhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guests_here: Option<GuestsHere>,
+    /// Whether the session started from an image the destination kept (a
+    /// failback by delta), and what that saved.
+    #[serde(default)]
+    pub delta: DeltaUse,
+}
+
+/// A failback by delta as one side saw it. Field names are a contract.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeltaUse {
+    /// The migration whose image was offered as the session's base
+    /// (`null`: none was).
+    pub base: Option<String>,
+    /// Whether the destination started from that image.
+    pub used: bool,
+    /// Pages round 0 left out as unchanged (the destination: pages with
+    /// content it took from the image).
+    pub pages_skipped: u64,
+    /// The destination's reason for not using an offered base.
+    pub declined: Option<String>,
 }
 
 /// The guests a receiver holds, and the memory they take of its limit.

@@ -104,6 +104,9 @@ pub enum Violation {
     /// A setup that asks for authenticated frames without a proven key.
     #[error("the setup asks for authenticated frames without proving a key")]
     MacWithoutKey,
+    /// A setup response that takes a delta base the setup did not offer.
+    #[error("the destination took a delta base the setup did not offer")]
+    DeltaUnoffered,
 }
 
 fn round_text(round: Option<u32>) -> String {

@@ -2,9 +2,9 @@
 //! error: the one place bytes from the peer become a [`Message`].
 
 use super::message::{
-    Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, Echo, GuestKind,
-    Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
-    SessionSetupResponse, Switchover, VerifyMode, SETUP_LABELLED, SETUP_PROVEN,
+    Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, DeltaBase, Echo,
+    GuestKind, Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
+    SessionSetupResponse, Switchover, VerifyMode, SETUP_DELTA, SETUP_LABELLED, SETUP_PROVEN,
 };
 use super::{
     Command, DecodeError, Header, Limits, PageBatch, Reader, MAX_ABORT_MESSAGE, MAX_CHANNELS,
@@ -153,6 +153,7 @@ fn session_setup(r: &mut Reader<'_>) -> Result<SessionSetup, DecodeError> {
         max_bandwidth: r.u64("setup.max_bandwidth")?,
         flags: r.u32("setup.flags")?,
         label: None,
+        base: None,
         proof: None,
     };
     let SessionSetup { flags, .. } = setup;
@@ -160,22 +161,16 @@ fn session_setup(r: &mut Reader<'_>) -> Result<SessionSetup, DecodeError> {
         // Names as the cluster file allows them: letters, digits,
         // '-', '_', '.'; nothing a log line or terminal would
         // take as markup.
-        let mut text = |field: &'static str| -> Result<String, DecodeError> {
-            let len = r.u8(field)?;
-            let bytes = r.bytes(len.into(), field)?;
-            if bytes.is_empty()
-                || !bytes
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
-            {
-                return Err(DecodeError::Invalid { field });
-            }
-            Ok(String::from_utf8(bytes.to_vec()).expect("checked ASCII"))
-        };
         setup.label = Some(SessionLabel {
-            vm: text("setup.label.vm")?,
-            migration_id: text("setup.label.migration_id")?,
-            source_node: text("setup.label.source_node")?,
+            vm: name(r, "setup.label.vm")?,
+            migration_id: name(r, "setup.label.migration_id")?,
+            source_node: name(r, "setup.label.source_node")?,
+        });
+    }
+    if flags & SETUP_DELTA != 0 {
+        setup.base = Some(DeltaBase {
+            migration_id: name(r, "setup.base.migration_id")?,
+            digest: r.u64("setup.base.digest")?,
         });
     }
     if flags & SETUP_PROVEN != 0 {
@@ -184,26 +179,49 @@ fn session_setup(r: &mut Reader<'_>) -> Result<SessionSetup, DecodeError> {
     Ok(setup)
 }
 
+/// A name as the cluster file allows them (a length byte, then 1 to 255
+/// letters, digits, '-', '_', '.'): nothing a log line or terminal would
+/// take as markup.
+fn name(r: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
+    let len = r.u8(field)?;
+    let bytes = r.bytes(len.into(), field)?;
+    if bytes.is_empty()
+        || !bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+    {
+        return Err(DecodeError::Invalid { field });
+    }
+    Ok(String::from_utf8(bytes.to_vec()).expect("checked ASCII"))
+}
+
 fn setup_response(r: &mut Reader<'_>) -> Result<SessionSetupResponse, DecodeError> {
+    let bind_token = r
+        .bytes(16, "setup_response.bind_token")?
+        .try_into()
+        .unwrap();
+    let initial_credits = r.u16("setup_response.initial_credits")?;
+    // Bit 0: a proof follows; bit 1: the delta base was taken.
+    let flags = r.u8("setup_response.flags")?;
+    if flags & !3 != 0 {
+        return Err(DecodeError::Invalid {
+            field: "setup_response.flags",
+        });
+    }
+    let proof = if flags & 1 != 0 {
+        Some(
+            r.bytes(32, "setup_response.proof")?
+                .try_into()
+                .expect("32 bytes"),
+        )
+    } else {
+        None
+    };
     Ok(SessionSetupResponse {
-        bind_token: r
-            .bytes(16, "setup_response.bind_token")?
-            .try_into()
-            .unwrap(),
-        initial_credits: r.u16("setup_response.initial_credits")?,
-        proof: match r.u8("setup_response.proven")? {
-            0 => None,
-            1 => Some(
-                r.bytes(32, "setup_response.proof")?
-                    .try_into()
-                    .expect("32 bytes"),
-            ),
-            _ => {
-                return Err(DecodeError::Invalid {
-                    field: "setup_response.proven",
-                })
-            }
-        },
+        bind_token,
+        initial_credits,
+        proof,
+        delta: flags & 2 != 0,
     })
 }
 

@@ -146,6 +146,23 @@ pub const SETUP_PROVEN: u32 = 4;
 /// it; a receiver with a key refuses a plain session without it. Covered by
 /// the setup's proof, so no one on the path can strip it.
 pub const SETUP_FRAME_MAC: u32 = 8;
+/// Flag in [`SessionSetup::flags`]: a [`DeltaBase`] follows the label (set
+/// by the encoder when `base` is `Some`).
+pub const SETUP_DELTA: u32 = 16;
+
+/// A failback's offer (source → destination): the migration that last
+/// brought this VM from the destination, and the digest of the memory it
+/// brought. A destination that still holds that image takes it as the
+/// session's starting memory, and round 0 then carries only the pages that
+/// changed since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaBase {
+    /// The migration's id, as in a [`SessionLabel`] (1 to
+    /// [`MAX_LABEL_LEN`] name characters).
+    pub migration_id: String,
+    /// The digest (see [`crate::digest`]) of the memory it brought.
+    pub digest: u64,
+}
 
 /// Longest string in a [`SessionLabel`], bytes.
 pub const MAX_LABEL_LEN: usize = 255;
@@ -188,6 +205,9 @@ pub struct SessionSetup {
     pub flags: u32,
     /// Who the session is for (agents' migrations).
     pub label: Option<SessionLabel>,
+    /// The image this session may start from, when the source offers one
+    /// (agents' failbacks).
+    pub base: Option<DeltaBase>,
     /// HMAC-SHA256 under the shared key of both nonces and this setup's
     /// fields (see `migration::auth`), when the source holds a key.
     pub proof: Option<[u8; 32]>,
@@ -208,6 +228,7 @@ impl SessionSetup {
             max_bandwidth: 0,
             flags: 0,
             label: None,
+            base: None,
             proof: None,
         }
     }
@@ -223,6 +244,9 @@ pub struct SessionSetupResponse {
     /// The destination's proof of the shared key over both nonces and the
     /// session id, when the setup carried the source's.
     pub proof: Option<[u8; 32]>,
+    /// Whether the destination took the setup's [`DeltaBase`]: its memory
+    /// now holds that image, so round 0 may leave out unchanged pages.
+    pub delta: bool,
 }
 
 /// Source → destination: join (or rejoin, after a failure) the session in
@@ -408,9 +432,12 @@ impl Message {
                 o.push(m.verify as u8);
                 o.extend_from_slice(&0u16.to_le_bytes());
                 o.extend_from_slice(&m.max_bandwidth.to_le_bytes());
-                let mut flags = m.flags & !(SETUP_LABELLED | SETUP_PROVEN);
+                let mut flags = m.flags & !(SETUP_LABELLED | SETUP_PROVEN | SETUP_DELTA);
                 if m.label.is_some() {
                     flags |= SETUP_LABELLED;
+                }
+                if m.base.is_some() {
+                    flags |= SETUP_DELTA;
                 }
                 if m.proof.is_some() {
                     flags |= SETUP_PROVEN;
@@ -418,15 +445,12 @@ impl Message {
                 o.extend_from_slice(&flags.to_le_bytes());
                 if let Some(l) = &m.label {
                     for text in [&l.vm, &l.migration_id, &l.source_node] {
-                        // Encoders keep to the limit; a longer string is cut at
-                        // a character boundary rather than sent malformed.
-                        let mut end = text.len().min(MAX_LABEL_LEN);
-                        while !text.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        o.push(end as u8);
-                        o.extend_from_slice(&text.as_bytes()[..end]);
+                        push_name(&mut o, text);
                     }
+                }
+                if let Some(b) = &m.base {
+                    push_name(&mut o, &b.migration_id);
+                    o.extend_from_slice(&b.digest.to_le_bytes());
                 }
                 if let Some(proof) = &m.proof {
                     o.extend_from_slice(proof);
@@ -435,7 +459,7 @@ impl Message {
             Self::SessionSetupResponse(m) => {
                 o.extend_from_slice(&m.bind_token);
                 o.extend_from_slice(&m.initial_credits.to_le_bytes());
-                o.push(u8::from(m.proof.is_some()));
+                o.push(u8::from(m.proof.is_some()) | u8::from(m.delta) << 1);
                 if let Some(proof) = &m.proof {
                     o.extend_from_slice(proof);
                 }
@@ -484,6 +508,14 @@ impl Message {
     }
 }
 
+/// A name as a length byte and its bytes. Encoders keep to the limit; a
+/// longer string is cut at a character boundary rather than sent malformed.
+fn push_name(o: &mut Vec<u8>, text: &str) {
+    let text = truncate_utf8(text, MAX_LABEL_LEN);
+    o.push(text.len() as u8);
+    o.extend_from_slice(text.as_bytes());
+}
+
 fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -528,6 +560,7 @@ mod tests {
                 max_bandwidth: 125_000_000,
                 flags: SETUP_LEAVE_PAUSED,
                 label: None,
+                base: None,
                 proof: None,
             }),
             Message::SessionSetup(SessionSetup {
@@ -544,17 +577,34 @@ mod tests {
                     migration_id: "m-0042".into(),
                     source_node: "node-a.example".into(),
                 }),
+                base: None,
                 proof: Some([9; 32]),
+            }),
+            Message::SessionSetup(SessionSetup {
+                flags: SETUP_LABELLED | SETUP_DELTA | SETUP_PROVEN,
+                label: Some(SessionLabel {
+                    vm: "web-1".into(),
+                    migration_id: "m-0043".into(),
+                    source_node: "node-b".into(),
+                }),
+                base: Some(DeltaBase {
+                    migration_id: "m-0042".into(),
+                    digest: 0x0123_4567_89ab_cdef,
+                }),
+                proof: Some([9; 32]),
+                ..SessionSetup::plain(1 << 30, 4)
             }),
             Message::SessionSetupResponse(SessionSetupResponse {
                 bind_token: [7; 16],
                 initial_credits: 8,
                 proof: None,
+                delta: false,
             }),
             Message::SessionSetupResponse(SessionSetupResponse {
                 bind_token: [7; 16],
                 initial_credits: 8,
                 proof: Some([3; 32]),
+                delta: true,
             }),
             Message::ChannelBind(ChannelBind {
                 nonce: [9; 16],
@@ -623,6 +673,7 @@ mod tests {
                     migration_id: "m-1".into(),
                     source_node: node.into(),
                 }),
+                base: None,
                 proof: None,
             });
             let bytes = frame_of(&m);

@@ -37,10 +37,10 @@ pub use frame::{
 };
 pub use mac::{FrameMac, FrameTag, MAC_LEN};
 pub use message::{
-    Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, Echo, GuestKind,
-    Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
-    SessionSetupResponse, Switchover, VerifyMode, MAX_LABEL_LEN, SETUP_FRAME_MAC, SETUP_LABELLED,
-    SETUP_LEAVE_PAUSED, SETUP_PROVEN,
+    Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, DeltaBase, Echo,
+    GuestKind, Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
+    SessionSetupResponse, Switchover, VerifyMode, MAX_LABEL_LEN, SETUP_DELTA, SETUP_FRAME_MAC,
+    SETUP_LABELLED, SETUP_LEAVE_PAUSED, SETUP_PROVEN,
 };
 
 /// `"FRY1"` as a little-endian u32.

@@ -1,7 +1,8 @@
 //! Failback retention: a node keeps the image each VM left it with (a
 //! sparse 0600 file with its page hashes), byte for byte what the target
 //! got, lists it in `GET /v1/node`, drops it when the VM comes back, and
-//! keeps none without a budget (the default).
+//! keeps none without a budget (the default). A drained VM failed back to
+//! it sends only what changed since, unless the delta is turned off.
 
 use crate::common;
 
@@ -128,4 +129,96 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     migrate(&c, "c", "app", "b", false);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(retained(&c, "c", 0)["used"], 0);
+}
+
+/// Runs operation `path` on node `node` with `body` and waits for it to end.
+fn op(c: &Agents, node: &str, path: &str, body: Value) -> Value {
+    let (s, op) = c.call(Method::POST, node, path, Some(body));
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = c.wait_op(node, op["id"].as_str().unwrap());
+    assert_eq!(done["state"], "completed", "{done}");
+    done
+}
+
+/// The report of the migration operation `done`'s only step ran, from the
+/// node that sent it.
+fn step_report(c: &Agents, done: &Value) -> Value {
+    let step = &done["steps"][0];
+    let path = format!("/v1/migrations/{}", step["migration_id"].as_str().unwrap());
+    let (s, m) = c.call(Method::GET, step["source"].as_str().unwrap(), &path, None);
+    assert_eq!(s, StatusCode::OK, "{m}");
+    m["report"].clone()
+}
+
+#[test]
+fn a_drained_vm_fails_back_by_delta_unless_told_not_to() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start(
+        "delta-failback",
+        &[
+            ("a", "failback_retention = \"256MiB\""),
+            ("b", "failback_retention = \"256MiB\""),
+        ],
+    ) else {
+        return;
+    };
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let pages = (64u64 << 20) / PAGE_SIZE as u64;
+    let drained = op(&c, "a", "/v1/node/drain", json!({}));
+    let away = step_report(&c, &drained);
+    retained(&c, "a", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    // Back by delta: only the pages it wrote on b travel in round 0.
+    let back = step_report(
+        &c,
+        &op(&c, "a", "/v1/node/resume", json!({"failback": true})),
+    );
+    let delta = &back["delta"];
+    assert_eq!(delta["used"], true, "{back}");
+    // Its base: the migration the drain moved it by.
+    assert_eq!(delta["base"], drained["steps"][0]["migration_id"], "{back}");
+    assert!(
+        delta["pages_skipped"].as_u64().unwrap() > pages / 2,
+        "{back}"
+    );
+    assert!(
+        back["round_log"][0]["pages"].as_u64().unwrap() < pages / 4,
+        "{back}"
+    );
+    let (full, sent) = (
+        away["wire_bytes"].as_u64().unwrap(),
+        back["wire_bytes"].as_u64().unwrap(),
+    );
+    assert!(sent * 4 < full, "{sent} of {full} bytes");
+    assert_eq!(back["verified"], true);
+    // The same cycle with the delta off on both legs: every page travels.
+    let drained = op(&c, "a", "/v1/node/drain", json!({"delta": "off"}));
+    assert_eq!(step_report(&c, &drained)["delta"]["base"], Value::Null);
+    retained(&c, "a", 1);
+    let back = step_report(
+        &c,
+        &op(
+            &c,
+            "a",
+            "/v1/node/resume",
+            json!({"failback": true, "delta": "off"}),
+        ),
+    );
+    assert_eq!(back["delta"]["base"], Value::Null, "{back}");
+    assert_eq!(back["round_log"][0]["pages"], pages, "{back}");
+    // A wrong switch is refused, naming the field.
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"delta": "maybe"})),
+    );
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("delta"), "{v}");
 }

@@ -164,6 +164,9 @@ impl MigrationParams {
         if let Some(p) = self.leave_paused {
             c.leave_paused = p;
         }
+        if let Some(d) = &self.delta {
+            c.delta = d.on("delta")?;
+        }
         c.validate()
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(c)

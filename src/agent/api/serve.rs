@@ -164,6 +164,7 @@ pub(super) async fn bind_receiver(
 ) -> std::io::Result<Receiver> {
     let weak = Arc::downgrade(node);
     let weak_go = weak.clone();
+    let weak_base = weak.clone();
     Receiver::bind(
         &node.spec.data,
         ReceiverConfig {
@@ -180,6 +181,10 @@ pub(super) async fn bind_receiver(
             fault,
             admit: Some(Arc::new(move |session, setup| match weak.upgrade() {
                 Some(node) => node.admit_incoming(session, setup),
+                None => Err("the agent is shutting down".into()),
+            })),
+            delta_base: Some(Arc::new(move |setup| match weak_base.upgrade() {
+                Some(node) => node.delta_base(setup),
                 None => Err("the agent is shutting down".into()),
             })),
             on_go: Some(Arc::new(move |session, _label, guest, resumed| {

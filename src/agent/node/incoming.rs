@@ -121,6 +121,26 @@ impl Node {
         self.changed.notify_waiters();
     }
 
+    /// The retained image an admitted session's setup offers as its base:
+    /// the one this node kept when the VM left by that migration.
+    pub fn delta_base(
+        &self,
+        setup: &SessionSetup,
+    ) -> Result<crate::migration::retained::Retained, String> {
+        let (Some(label), Some(base)) = (&setup.label, &setup.base) else {
+            return Err("no base offered".into());
+        };
+        let vm = &label.vm;
+        match self.retention.get(vm) {
+            None => Err(format!("node {} keeps no image of VM {vm}", self.spec.name)),
+            Some(kept) if kept.migration != base.migration_id => Err(format!(
+                "node {} keeps VM {vm}'s image from migration {}, not {}",
+                self.spec.name, kept.migration, base.migration_id
+            )),
+            Some(_) => self.retention.open_image(vm).map_err(|e| e.to_string()),
+        }
+    }
+
     /// An incoming session ended: the VM runs here, or its arrival is
     /// undone; the migration's record gets the report. Only an admitted
     /// session has a record, found by its id: a session refused before its
@@ -157,6 +177,14 @@ impl Node {
         e.report = Some(incoming.report);
         let (vm, from, id) = (e.vm.clone(), e.source.clone(), e.id.clone());
         let arrived = outcome == Outcome::Completed && incoming.guest.is_some();
+        if let (true, Some(hashes), Some(v)) = (arrived, incoming.hashes, st.vms.get_mut(&vm)) {
+            // What it arrived with, for a failback to `from`.
+            v.base = Some(crate::migration::delta::Base::new(
+                id.clone(),
+                from.clone(),
+                hashes,
+            ));
+        }
         let gone = if !arrived && st.vms.get(&vm).is_some_and(|v| v.arriving == Some(session)) {
             st.vms.remove(&vm)
         } else {

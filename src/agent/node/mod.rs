@@ -121,6 +121,9 @@ pub(super) struct Vm {
     /// Its guest is held paused by this node until it may run: created
     /// paused until its record is written, or paused by the node's fence.
     pub(super) held: bool,
+    /// The memory it arrived with, by its pages' hashes: offered as the
+    /// base when it goes back to the node it came from.
+    pub(super) base: Option<crate::migration::delta::Base>,
 }
 
 impl Vm {
@@ -137,6 +140,7 @@ impl Vm {
             arriving,
             superseded: false,
             held: false,
+            base: None,
         }
     }
 
@@ -149,6 +153,7 @@ impl Vm {
             arriving: None,
             superseded: state == VmState::Superseded,
             held: true,
+            base: None,
         }
     }
 

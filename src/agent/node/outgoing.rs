@@ -109,7 +109,7 @@ impl Node {
             entry.started = Some(Instant::now());
             entry.started_at_ms = Some(now_ms());
             let vm_name = entry.vm.clone();
-            let config = entry.config.clone();
+            let mut config = entry.config.clone();
             let ctx = entry.ctx.clone();
             let target = entry.target.clone();
             let Some(vm) = st.vms.get_mut(&vm_name) else {
@@ -127,6 +127,10 @@ impl Node {
                 e.error = Some(why);
                 continue;
             };
+            // Back to the node it came from: offer what it arrived with.
+            if config.delta {
+                config.base = vm.base.clone().filter(|b| b.from_node == target);
+            }
             vm.state = VmState::MigratingOut;
             st.running_out += 1;
             let node = self.clone();

@@ -109,6 +109,9 @@ impl Node {
         );
         self.set_mode(NodeMode::Draining);
         let mut params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
+        if !req.delta {
+            params["delta"] = json!("off");
+        }
         if let Some(why) = &auto {
             params["auto"] = json!(why);
         }
@@ -121,7 +124,7 @@ impl Node {
         let node = self.clone();
         let op = id.clone();
         self.tasks
-            .spawn(async move { node.run_drain(op, max as usize, cancel).await });
+            .spawn(async move { node.run_drain(op, (max as usize, req.delta), cancel).await });
         self.operation(&id)
     }
 
@@ -162,7 +165,7 @@ impl Node {
     pub(super) async fn run_drain(
         self: Arc<Self>,
         op: String,
-        max: usize,
+        (max, delta): (usize, bool),
         cancel: CancellationToken,
     ) {
         loop {
@@ -180,7 +183,7 @@ impl Node {
                 .filter(|s| matches!(s.state.as_str(), "queued" | "running"))
                 .count();
             if !cancel.is_cancelled() {
-                self.start_steps(&op, &steps, max.saturating_sub(active));
+                self.start_steps(&op, &steps, max.saturating_sub(active), delta);
             } else {
                 self.stop_steps(&op, &steps);
             }
@@ -203,7 +206,13 @@ impl Node {
     }
 
     /// Asks for the migrations of up to `room` planned steps.
-    pub(super) fn start_steps(self: &Arc<Self>, op: &str, steps: &[Step], mut room: usize) {
+    pub(super) fn start_steps(
+        self: &Arc<Self>,
+        op: &str,
+        steps: &[Step],
+        mut room: usize,
+        delta: bool,
+    ) {
         for (i, s) in steps.iter().enumerate() {
             if room == 0 {
                 break;
@@ -212,12 +221,11 @@ impl Node {
                 continue;
             }
             room -= 1;
-            let asked = self.request_migration(
-                &s.vm,
-                &s.target,
-                self.migration_defaults(),
-                Some(op.to_string()),
-            );
+            let config = crate::migration::MigrationConfig {
+                delta,
+                ..self.migration_defaults()
+            };
+            let asked = self.request_migration(&s.vm, &s.target, config, Some(op.to_string()));
             self.with_op(op, |v| v.steps[i].asked(asked.map(|m| m.id)));
         }
     }

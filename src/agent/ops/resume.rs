@@ -10,6 +10,7 @@ impl Node {
     pub async fn resume(
         self: &Arc<Self>,
         failback: bool,
+        delta: bool,
         request_id: Option<&str>,
     ) -> Result<OperationView, NodeError> {
         let _turn = self.op_turn.lock().await;
@@ -84,16 +85,24 @@ impl Node {
             });
         }
         let mut params = json!({ "failback": failback });
+        if !delta {
+            params["delta"] = json!("off");
+        }
         with_request_id(&mut params, request_id);
         let (id, cancel) = self.new_op(OpKind::Resume, params, steps);
         let node = self.clone();
         let op = id.clone();
         self.tasks
-            .spawn(async move { node.run_failback(op, cancel).await });
+            .spawn(async move { node.run_failback(op, delta, cancel).await });
         self.operation(&id)
     }
 
-    pub(super) async fn run_failback(self: Arc<Self>, op: String, cancel: CancellationToken) {
+    pub(super) async fn run_failback(
+        self: Arc<Self>,
+        op: String,
+        delta: bool,
+        cancel: CancellationToken,
+    ) {
         // Ask each VM's current node to send it back; each node's own limit
         // paces its share.
         let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
@@ -109,7 +118,10 @@ impl Node {
             let body = CreateMigration {
                 vm: s.vm.clone(),
                 target: self.spec.name.clone(),
-                params: MigrationParams::default(),
+                params: MigrationParams {
+                    delta: (!delta).then(|| crate::agent::request::Switch::Text("off".into())),
+                    ..MigrationParams::default()
+                },
             };
             let asked = self.peers.migrate(node, &body).await;
             self.with_op(&op, |v| v.steps[i].asked(asked.map(|m| m.id)));

@@ -186,4 +186,7 @@ pub struct DrainRequest {
     pub allow_partial: bool,
     /// The asker's key: the drain it started before is answered again.
     pub request_id: Option<String>,
+    /// Offer each VM's arrival as a delta base where it goes back to the
+    /// node it came from (`--delta`, default on).
+    pub delta: bool,
 }

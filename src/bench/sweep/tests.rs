@@ -47,6 +47,7 @@ fn report(total: f64, downtime: f64, outcome: Outcome) -> Report {
         round_log: vec![],
         memory_use: Default::default(),
         guests_here: None,
+        delta: Default::default(),
     }
 }
 

@@ -56,6 +56,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             node,
             max_concurrent,
             allow_partial,
+            delta,
             wait,
             out,
         } => {
@@ -64,6 +65,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 max_concurrent,
                 allow_partial: Some(allow_partial),
                 request_id: Some(request_id()),
+                delta: delta.map(Switch::Text),
             };
             let op = start_op(&ctx, n, "drain", &body)?;
             follow(&ctx, n, op, &wait, &out)
@@ -72,6 +74,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             node,
             failback,
             clear_quarantine,
+            delta,
             wait,
             out,
         } => {
@@ -80,6 +83,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 failback: Some(failback),
                 clear_quarantine: clear_quarantine.then_some(true),
                 request_id: Some(request_id()),
+                delta: delta.map(Switch::Text),
             };
             let op = start_op(&ctx, n, "resume", &body)?;
             follow(&ctx, n, op, &wait, &out)

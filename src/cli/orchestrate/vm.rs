@@ -128,6 +128,7 @@ impl MigrateVmArgs {
             progress_timeout: text(&self.progress_timeout),
             peer_timeout: text(&self.peer_timeout),
             leave_paused: self.leave_paused.then_some(true),
+            delta: self.delta.clone().map(Switch::Text),
         }
     }
 }

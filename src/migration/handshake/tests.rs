@@ -47,7 +47,7 @@ fn setup_answer(hs: &mut SourceHandshake, key: Option<&SessionKey>, credits: u16
             "the setup is proved"
         );
     }
-    Message::SessionSetupResponse(setup_response(key, &h, 9, &[3; 16], credits))
+    Message::SessionSetupResponse(setup_response(key, &h, 9, &[3; 16], (credits, false)))
 }
 
 fn header(session_id: u64) -> Header {
@@ -88,6 +88,54 @@ fn a_keyed_handshake_negotiates_proves_both_ways_and_yields_the_bind_secret() {
     };
     assert_eq!(done.secret.bind_proof(&b), theirs.bind_proof(&b));
     assert_eq!(hs.awaiting(), None);
+    assert!(!done.delta);
+}
+
+/// A handshake whose setup offers a delta base (or not), answered with the
+/// destination taking one.
+fn delta_answered(offer: bool) -> Result<Established, MigrationError> {
+    let mut setup = SessionSetup::plain(1 << 20, 2);
+    setup.base = offer.then(|| crate::wire::DeltaBase {
+        migration_id: "m-1".into(),
+        digest: 7,
+    });
+    let mut hs = SourceHandshake::new(
+        setup,
+        CodecChoice::Fixed(Codec::Lz4),
+        Some(key()),
+        [1; 16],
+        Vec::new(),
+    );
+    hs.poll_transmit();
+    let all = CodecId::None.bit() | CodecId::Lz4.bit();
+    hs.handle(&Header::new(Command::NegotiateResponse), answer(all))
+        .unwrap();
+    let Some((_, Message::SessionSetup(sent))) = hs.poll_transmit() else {
+        panic!("the setup is due");
+    };
+    assert_eq!(sent.base.is_some(), offer);
+    let h = auth::Handshake {
+        source_nonce: &[1; 16],
+        dest_nonce: &[2; 16],
+        binding: &[],
+    };
+    assert!(
+        auth::verify_setup_proof(&key(), &h, &sent),
+        "the base is proved"
+    );
+    let reply = setup_response(Some(&key()), &h, 9, &[3; 16], (4, true));
+    hs.handle(&header(9), Message::SessionSetupResponse(reply))
+        .map(|done| done.expect("set up"))
+}
+
+#[test]
+fn a_delta_is_taken_only_when_the_setup_offered_one() {
+    assert!(delta_answered(true).unwrap().delta);
+    let e = delta_answered(false).unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Protocol(Violation::DeltaUnoffered)),
+        "{e}"
+    );
 }
 
 #[test]
@@ -107,7 +155,8 @@ fn an_answer_for_another_session_or_another_key_is_refused() {
             dest_nonce: &[2; 16],
             binding: &[],
         };
-        let reply = Message::SessionSetupResponse(setup_response(Some(&k), &h, 9, &[3; 16], 4));
+        let reply =
+            Message::SessionSetupResponse(setup_response(Some(&k), &h, 9, &[3; 16], (4, false)));
         let e = hs.handle(&header(session), reply).unwrap_err();
         assert!(
             matches!(e, MigrationError::Unauthenticated(AuthFailure::Destination)),

@@ -19,8 +19,8 @@ use crate::migration::handshake::{
 };
 use crate::migration::MigrationError;
 use crate::wire::{
-    Abort, AbortCode, ChannelId, Command, Header, Message, Negotiate, Ready, SessionSetup,
-    SETUP_FRAME_MAC,
+    Abort, AbortCode, ChannelId, Command, DeltaBase, Header, Message, Negotiate, Ready,
+    SessionSetup, SETUP_FRAME_MAC,
 };
 
 /// One on-path change to one message, or a broken destination's answer.
@@ -51,9 +51,16 @@ enum Tamper {
     CreditsOnPath,
     /// The destination answers NEGOTIATE with a setup's answer.
     EarlyAnswer,
+    /// The delta base's digest changed on the way, after the proof.
+    BaseOnPath,
+    /// The answer's delta bit flipped on the way, after the proof.
+    DeltaOnPath,
+    /// The destination says it took a delta base whether offered or not,
+    /// proof and all (a broken destination).
+    DeltaAlways,
 }
 
-const TAMPERS: [Tamper; 13] = [
+const TAMPERS: [Tamper; 16] = [
     Tamper::None,
     Tamper::SourceNonce,
     Tamper::DestNonce,
@@ -67,6 +74,9 @@ const TAMPERS: [Tamper; 13] = [
     Tamper::StripMac,
     Tamper::CreditsOnPath,
     Tamper::EarlyAnswer,
+    Tamper::BaseOnPath,
+    Tamper::DeltaOnPath,
+    Tamper::DeltaAlways,
 ];
 
 /// A drawn handshake: each side's key, the receiver's policy, the peer,
@@ -82,6 +92,10 @@ struct Schedule {
     codec: CodecChoice,
     /// The codecs the destination decodes (a build without some).
     dest_codecs: u32,
+    /// Whether the source offers a delta base, and whether the destination
+    /// holds it.
+    offer: bool,
+    holds: bool,
     tamper: Tamper,
 }
 
@@ -142,6 +156,8 @@ impl Schedule {
             source_binding,
             dest_binding,
             codec,
+            offer: rng.chance(50),
+            holds: rng.chance(50),
             tamper,
         }
     }
@@ -158,6 +174,8 @@ struct DestSide {
     nonce: [u8; 16],
     /// Channel 0's frame keys, when it tags the session's frames.
     frame_keys: Option<auth::FrameKeys>,
+    /// Whether it took the setup's delta base.
+    delta: bool,
 }
 
 /// Runs the handshake of `seed` and checks it, then binds the channels of
@@ -170,6 +188,10 @@ pub fn run(seed: u64) -> Result<(&'static str, u32), String> {
     let channels = 1 + rng.below(4) as u16;
     let mut setup = SessionSetup::plain(64 << 20, channels);
     setup.flags = if mac { SETUP_FRAME_MAC } else { 0 };
+    setup.base = s.offer.then(|| DeltaBase {
+        migration_id: "m-1".into(),
+        digest: 0x5eed,
+    });
     let source_nonce = rng.bytes16();
     let mut hs = SourceHandshake::new(
         setup,
@@ -288,7 +310,7 @@ fn answer_negotiate(
             },
             1,
             &[0; 16],
-            4,
+            (4, false),
         );
         let h = Header::new(Command::SessionSetupResponse);
         return Some((h, Message::SessionSetupResponse(early)));
@@ -328,6 +350,9 @@ fn answer_setup(
     }
     if s.tamper == Tamper::StripMac {
         setup.flags &= !SETUP_FRAME_MAC;
+    }
+    if let (Tamper::BaseOnPath, Some(b)) = (s.tamper, &mut setup.base) {
+        b.digest ^= 1;
     }
     let h = auth::Handshake {
         source_nonce: &side.source_nonce,
@@ -369,7 +394,10 @@ fn answer_setup(
     let token: [u8; 16] = rng.bytes16();
     let credits = if s.tamper == Tamper::Credits { 0 } else { 4 };
     let key = s.dest_key.as_ref();
-    let mut r = setup_response(key, &h, session_id, &token, credits);
+    // As the receiver's driver: a base taken only when offered and held
+    // (a broken destination says so regardless).
+    side.delta = (setup.base.is_some() && s.holds) || s.tamper == Tamper::DeltaAlways;
+    let mut r = setup_response(key, &h, session_id, &token, (credits, side.delta));
     let secret = BindSecret::derive(key, &side.source_nonce, &side.nonce, session_id, &token);
     // As the receiver's driver: tagged when keyed and asked to.
     if key.is_some() && setup.flags & SETUP_FRAME_MAC != 0 {
@@ -379,6 +407,9 @@ fn answer_setup(
     side.secret = Some(secret);
     if s.tamper == Tamper::CreditsOnPath {
         r.initial_credits = 3;
+    }
+    if s.tamper == Tamper::DeltaOnPath {
+        r.delta = !r.delta;
     }
     if s.tamper == Tamper::BindToken {
         r.bind_token[0] ^= 1;
@@ -407,10 +438,12 @@ fn check(
     // keyed without TLS.
     let mac = s.source_key.is_some() && s.source_binding.is_empty();
     let stripped = s.tamper == Tamper::StripMac && mac;
+    let base_changed = s.tamper == Tamper::BaseOnPath && s.offer;
     let exchange_intact = !matches!(
         s.tamper,
         Tamper::SourceNonce | Tamper::DestNonce | Tamper::SetupSize
     ) && !stripped
+        && !base_changed
         && s.source_binding == s.dest_binding;
     let needed = SourceHandshake::needed_codecs(s.codec);
     let codecs = needed & s.dest_codecs == needed;
@@ -451,7 +484,7 @@ fn check(
         // A keyed source trusts only an untouched, proved exchange.
         let answer_intact = !matches!(
             s.tamper,
-            Tamper::BindToken | Tamper::SessionId | Tamper::CreditsOnPath
+            Tamper::BindToken | Tamper::SessionId | Tamper::CreditsOnPath | Tamper::DeltaOnPath
         );
         if !(same_key && exchange_intact && answer_intact) {
             return Err(format!(
@@ -484,6 +517,17 @@ fn check(
     }
     if done.initial_credits == 0 {
         return Err(format!("set up with no credits: {s:?}"));
+    }
+    // Round 0 leaves pages out only when the source offered a base, and,
+    // keyed, only when the destination really took it.
+    if done.delta && !s.offer {
+        return Err(format!("set up as a delta the source never offered: {s:?}"));
+    }
+    if s.source_key.is_some() && done.delta != side.delta {
+        return Err(format!(
+            "the source's delta ({}) is not the destination's ({}): {s:?}",
+            done.delta, side.delta
+        ));
     }
     if !codecs {
         return Err(format!("set up with a codec the destination lacks: {s:?}"));

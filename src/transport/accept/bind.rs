@@ -73,7 +73,7 @@ pub(super) fn route_bind(
             if let Some(before) = conns.insert(h.channel, stop.clone()) {
                 before.cancel();
             }
-            Ok(Some((bind, record.clone(), stop)))
+            Ok(Some((bind, (**record).clone(), stop)))
         }
     }
 }

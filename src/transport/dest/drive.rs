@@ -128,9 +128,14 @@ impl Session {
             idle_timeout: self.config.idle_timeout,
             leave_paused: setup.flags & crate::wire::SETUP_LEAVE_PAUSED != 0,
         };
+        let hashes = PageHashes::new(limits.guest_pages);
+        let (hashes, delta) = self.start_from_base(&setup, &memory, hashes, tally).await?;
         let session = DestSession::new(machine, params, at, Instant::now());
-        let sh = Arc::new(self.shared(session, limits, memory, session_id, events_tx, cancel));
-        self.answer_setup(&mut writer, &sh, &token, &handshake)
+        let mut sh = self.shared(session, limits, memory, session_id, events_tx, cancel);
+        sh.hashes = hashes;
+        sh.prefilled = delta;
+        let sh = Arc::new(sh);
+        self.answer_setup(&mut writer, &sh, &token, &handshake, delta)
             .await?;
         if let Some(keys) = frame_keys {
             reader.authenticate(keys.to_dest);
@@ -158,6 +163,7 @@ impl Session {
     ) -> Shared {
         Shared {
             hashes: PageHashes::new(limits.guest_pages),
+            prefilled: false,
             memory,
             limits,
             session: Mutex::new(session),
@@ -177,6 +183,55 @@ impl Session {
         }
     }
 
+    /// With a delta base offered and this receiver holding it: the guest's
+    /// memory and hashes start as that image (on the blocking pool). Returns
+    /// the hashes and whether the base was taken; a base not taken is said
+    /// in the report and the session sends every page.
+    async fn start_from_base(
+        &self,
+        setup: &crate::wire::SessionSetup,
+        memory: &Arc<crate::memory::GuestMemory>,
+        hashes: PageHashes,
+        tally: &mut Tally,
+    ) -> Result<(PageHashes, bool), MigrationError> {
+        let (Some(base), Some(find)) = (&setup.base, &self.config.delta_base) else {
+            return Ok((hashes, false));
+        };
+        let image = match find(setup) {
+            Ok(image) => image,
+            Err(why) => {
+                tally.delta.declined = Some(why);
+                return Ok((hashes, false));
+            }
+        };
+        let (memory, base) = (memory.clone(), base.clone());
+        let t = Instant::now();
+        let (hashes, taken) = tokio::task::spawn_blocking(move || {
+            let taken = super::prefill::prefill(&memory, &hashes, &image, &base);
+            (hashes, taken)
+        })
+        .await
+        .map_err(|e| crate::transport::task_failed(crate::migration::Task::Delta, &e))?;
+        match taken {
+            Ok(pages) => {
+                tracing::info!(
+                    base = setup.base.as_ref().map_or("", |b| &b.migration_id),
+                    pages,
+                    ms = t.elapsed().as_millis() as u64,
+                    "failback by delta: the guest starts from the retained image"
+                );
+                tally.delta.used = true;
+                tally.delta.pages_skipped = pages;
+                Ok((hashes, true))
+            }
+            Err(why) => {
+                tracing::warn!(%why, "the retained image is not usable: every page is sent");
+                tally.delta.declined = Some(why);
+                Ok((hashes, false))
+            }
+        }
+    }
+
     /// Answers SESSION_SETUP with the bind token, the initial credits and,
     /// with a key, the proof of it.
     async fn answer_setup(
@@ -185,6 +240,7 @@ impl Session {
         sh: &Shared,
         token: &[u8; 16],
         handshake: &crate::migration::auth::Handshake<'_>,
+        delta: bool,
     ) -> Result<(), MigrationError> {
         let session_id = sh.session_id;
         let key = self.config.key.as_ref();
@@ -199,7 +255,11 @@ impl Session {
             .send(
                 header,
                 &Message::SessionSetupResponse(crate::migration::handshake::setup_response(
-                    key, handshake, session_id, token, credits,
+                    key,
+                    handshake,
+                    session_id,
+                    token,
+                    (credits, delta),
                 )),
             )
             .await?;

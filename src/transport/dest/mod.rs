@@ -31,6 +31,7 @@ mod channel;
 mod control;
 mod drive;
 mod late;
+mod prefill;
 mod session;
 mod shared;
 
@@ -62,6 +63,14 @@ pub type AdmitFn = Arc<dyn Fn(u64, &SessionSetup) -> Result<(), String> + Send +
 pub type OnGoFn =
     Arc<dyn Fn(u64, Option<&SessionLabel>, &Arc<dyn MigratableGuest>, bool) + Send + Sync>;
 
+/// Finds the image a session's setup offers as its base (a failback by
+/// delta): called once the session is proved and admitted, and only for a
+/// labelled setup with a base. `Err(reason)`: this receiver does not hold
+/// it, and the session sends every page.
+pub type BaseFn = Arc<
+    dyn Fn(&SessionSetup) -> Result<crate::migration::retained::Retained, String> + Send + Sync,
+>;
+
 pub use crate::migration::handshake::Unauthenticated;
 
 /// Receiver limits.
@@ -79,6 +88,9 @@ pub struct ReceiverConfig {
     pub admit: Option<AdmitFn>,
     /// Told when a guest is handed over (agents list the VM as running then).
     pub on_go: Option<OnGoFn>,
+    /// Where offered delta bases are looked for (agents' retained images).
+    /// Default: none (every session sends every page).
+    pub delta_base: Option<BaseFn>,
     /// The shared key every session must prove (and this receiver proves
     /// back). Default: none.
     pub key: Option<SessionKey>,
@@ -117,6 +129,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("initial_credits", &self.initial_credits)
             .field("idle_timeout", &self.idle_timeout)
             .field("admit", &self.admit.is_some())
+            .field("delta_base", &self.delta_base.is_some())
             .field("key", &self.key)
             .field("unauthenticated", &self.unauthenticated)
             .field("fault", &self.fault)
@@ -138,6 +151,7 @@ impl Default for ReceiverConfig {
             idle_timeout: crate::migration::DEFAULT_PEER_TIMEOUT,
             admit: None,
             on_go: None,
+            delta_base: None,
             key: None,
             unauthenticated: Unauthenticated::default(),
             fault: None,
@@ -160,6 +174,9 @@ pub struct Incoming {
     pub guest: Option<Arc<dyn MigratableGuest>>,
     /// Its memory (also when the session failed after allocating it).
     pub memory: Option<Arc<GuestMemory>>,
+    /// Each page's hash as it arrived, when the migration completed: what a
+    /// later failback offers as its base.
+    pub hashes: Option<Arc<[u64]>>,
     /// Who the session was for, as its setup said (agents' migrations);
     /// kept only once the session was proved and admitted.
     pub label: Option<SessionLabel>,
@@ -212,7 +229,7 @@ pub(super) enum Route {
     /// per channel (a new bind of a channel stops the one before it), so a
     /// record holds at most the session's channel count of them.
     Completed(
-        Completed,
+        Box<Completed>,
         HashMap<ChannelId, tokio_util::sync::CancellationToken>,
     ),
 }

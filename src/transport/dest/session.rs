@@ -41,6 +41,7 @@ pub(super) struct Tally {
     pub(super) frames_authenticated: bool,
     pub(super) failures: u32,
     pub(super) rebinds: u32,
+    pub(super) delta: crate::migration::report::DeltaUse,
 }
 
 impl Tally {
@@ -71,6 +72,10 @@ impl Tally {
             },
             // Kept only now that the session is proved and admitted.
             label: setup.label.clone(),
+            delta: crate::migration::report::DeltaUse {
+                base: setup.base.as_ref().map(|b| b.migration_id.clone()),
+                ..Default::default()
+            },
             authenticated: a.proved_key,
             ..Self::default()
         }
@@ -183,7 +188,7 @@ impl Session {
         let mut map = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match (left, map.get_mut(&id)) {
             (Some(record), Some(entry)) => {
-                entry.route = Route::Completed(record, Default::default())
+                entry.route = Route::Completed(Box::new(record), Default::default())
             }
             _ => drop(map.remove(&id)),
         }
@@ -306,11 +311,18 @@ impl Session {
             round_log: Vec::new(),
             memory_use: MemoryUse::measure(shared.as_ref().map(|s| &*s.memory)),
             guests_here: None,
+            delta: tally.delta.clone(),
         };
         report.finish_derived();
+        // The hashes of what arrived, for a failback's base.
+        let hashes = guest
+            .as_ref()
+            .and(shared.as_ref())
+            .map(|s| Arc::from(s.hashes.to_vec()));
         Incoming {
             report,
             guest,
+            hashes,
             memory: shared.map(|s| s.memory.clone()),
             label: tally.label,
             session_id: tally.session_id,

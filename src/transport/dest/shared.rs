@@ -42,6 +42,9 @@ pub(super) struct DestChan {
 pub(super) struct Shared {
     pub(super) memory: Arc<GuestMemory>,
     pub(super) hashes: PageHashes,
+    /// Whether the memory started as a failback's retained image rather
+    /// than all zeros.
+    pub(super) prefilled: bool,
     pub(super) limits: Limits,
     /// The session's protocol: the machine, its ledgers and timers.
     pub(super) session: Mutex<DestSession>,
@@ -83,7 +86,7 @@ impl Shared {
             panic!("injected fault: a page batch's apply panics");
         }
         let zero_hash = zero_page_hash();
-        let first_pass = batch.round == 0;
+        let first_pass = batch.round == 0 && !self.prefilled;
         SCRATCH.with(|s| {
             batch.apply(&mut s.borrow_mut(), |page, data| match data {
                 Page::Data(bytes) => {
@@ -94,7 +97,8 @@ impl Shared {
                 Page::Placed => {}
                 Page::Zero => {
                     // Round 0 is every page's first copy and fresh memory is
-                    // zero: leave zero pages unbacked.
+                    // zero (unless a retained image filled it): leave zero
+                    // pages unbacked.
                     if !first_pass {
                         self.memory.zero_page(page);
                     }

@@ -206,6 +206,12 @@ pub(super) async fn open_session(
     tally.session_id = done.session_id;
     tally.rtt = rtt.unwrap_or_default();
     tally.authenticated = done.authenticated;
+    tally.delta.base = config
+        .base
+        .as_ref()
+        .filter(|_| config.delta)
+        .map(|b| b.migration_id.clone());
+    tally.delta.used = done.delta;
     connector.session_id = done.session_id;
     connector.secret = Arc::new(done.secret);
     if let Some(keys) = done.frame_keys {
@@ -240,6 +246,11 @@ fn session_setup(guest: &dyn MigratableGuest, config: &MigrationConfig, mac: boo
         max_bandwidth: config.max_bandwidth.unwrap_or(0),
         flags: paused | if mac { SETUP_FRAME_MAC } else { 0 },
         label: config.label.clone(),
+        base: config
+            .base
+            .as_ref()
+            .filter(|_| config.delta)
+            .map(|b| b.offer()),
         proof: None,
     }
 }

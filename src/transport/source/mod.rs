@@ -52,6 +52,7 @@ struct Tally {
     channel_failures: u32,
     batches_resent: u64,
     channel_rebinds: u32,
+    delta: crate::migration::report::DeltaUse,
 }
 
 struct Driver {
@@ -307,6 +308,7 @@ pub async fn migrate(
         round_log: std::mem::take(&mut tally.totals.log),
         memory_use: MemoryUse::measure(Some(guest.memory())),
         guests_here: None,
+        delta: std::mem::take(&mut tally.delta),
     };
     report.finish_derived();
     report

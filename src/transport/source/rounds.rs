@@ -21,7 +21,7 @@ pub(super) async fn precopy_and_handoff(
     tally: &mut Tally,
     policy: ConvergencePolicy,
 ) -> Result<(), MigrationError> {
-    let (mut rounds, snap) = precopy(d, ctx, start, tally, policy).await?;
+    let (mut rounds, snap) = precopy(d, config, ctx, start, tally, policy).await?;
     let paused_at = switch_over(d, config, ctx, tally, &mut rounds, snap).await?;
     hand_off(d, config, ctx, tally, &mut rounds, paused_at).await
 }
@@ -31,6 +31,7 @@ pub(super) async fn precopy_and_handoff(
 /// its last round, and the snapshot to fill with that round's pages.
 async fn precopy(
     d: &mut Driver,
+    config: &MigrationConfig,
     ctx: &RunContext,
     start: Instant,
     tally: &mut Tally,
@@ -38,10 +39,24 @@ async fn precopy(
 ) -> Result<(Rounds, DirtySnapshot), MigrationError> {
     let guest = d.sh.encoder.guest.clone();
     let mut rounds = Rounds::new(policy, start);
-    let mut snap = DirtySnapshot::all(guest.memory().pages());
-    // Forget writes from before the migration: round 0 sends every page.
+    // Forget writes from before the migration: round 0 sends every page,
+    // or with a delta every page that differs from the base.
     let mut discard = DirtySnapshot::new();
     guest.snapshot_dirty(&mut discard);
+    let mut snap = match (&config.base, tally.delta.used) {
+        (Some(base), true) => {
+            let (snap, skipped) = delta_round0(d, base).await?;
+            tally.delta.pages_skipped = skipped;
+            tracing::info!(
+                base = %base.migration_id,
+                skipped,
+                sent = snap.count(),
+                "failback by delta: round 0 sends only the pages that changed"
+            );
+            snap
+        }
+        _ => DirtySnapshot::all(guest.memory().pages()),
+    };
     loop {
         let (round, t0) = (rounds.round(), Instant::now());
         let n = d.enqueue(&snap, round);
@@ -73,6 +88,23 @@ async fn precopy(
         }
         guest.snapshot_dirty(&mut snap);
     }
+}
+
+/// Round 0 of a delta: the pages that differ from `base`, hashed on the
+/// blocking pool; the others count as sent. Returns them and how many were
+/// left out.
+async fn delta_round0(
+    d: &Driver,
+    base: &crate::migration::delta::Base,
+) -> Result<(DirtySnapshot, u64), MigrationError> {
+    let (sh, base) = (d.sh.clone(), base.clone());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::task::spawn_blocking(move || {
+        let e = &sh.encoder;
+        crate::migration::delta::round0(e.guest.memory(), &base, &e.hashes, threads)
+    })
+    .await
+    .map_err(|e| crate::transport::task_failed(crate::migration::Task::Delta, &e))
 }
 
 /// Throttles the guest if the verdict says so, and shows the round in the

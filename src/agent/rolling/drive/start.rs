@@ -69,6 +69,7 @@ pub(super) async fn start(
                     failback: Some(run.failback),
                     clear_quarantine: None,
                     request_id: request_id.clone(),
+                    delta: None,
                 };
                 node.peers.resume(&spec, &r).await
             }
