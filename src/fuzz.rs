@@ -380,6 +380,19 @@ pub fn retained_image(data: &[u8]) {
         for i in 0..r.hashes().len() as u64 + 1 {
             let _ = r.page(crate::page::PageIndex(i), &mut page);
         }
+        // As a failback's base: copied into fresh memory, or refused and
+        // the memory left all zeros.
+        #[cfg(feature = "net")]
+        if let Ok(mem) = crate::memory::GuestMemory::new(r.memory()) {
+            let hashes = crate::digest::PageHashes::new(mem.pages());
+            let base = crate::wire::DeltaBase {
+                migration_id: "m-1".into(),
+                digest: r.digest(),
+            };
+            if crate::transport::prefill(&mem, &hashes, &r, &base).is_err() {
+                assert_eq!(hashes.digest(), 0, "a refused image leaves nothing");
+            }
+        }
     }
     let _ = std::fs::remove_file(&path);
 }

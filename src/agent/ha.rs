@@ -466,7 +466,7 @@ async fn free_memory(
                 if v.state == NodeMode::Active
                     && v.lease.as_ref().is_none_or(|l| name_of(l.state) == "live") =>
             {
-                free.insert(name, v.memory_capacity.saturating_sub(v.memory_used));
+                free.insert(name, v.free_memory());
             }
             Ok(_) => {}
             Err(e) => {

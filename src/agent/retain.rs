@@ -7,6 +7,7 @@
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::migration::retained::{self, Retained};
+use crate::transport::BaseImage;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,17 +98,23 @@ pub struct Retention {
 #[derive(Debug, Default)]
 struct Kept {
     images: BTreeMap<String, RetainedView>,
-    /// Writes under way, by VM: their generation and the disk they reserve.
-    /// A later write or a removal replaces or drops the entry, and the
-    /// write it belonged to then discards its file.
-    pending: BTreeMap<String, (u64, u64)>,
+    /// Writes under way, by VM. A later write or a removal replaces or
+    /// drops the entry, and the write it belonged to then discards its file.
+    pending: BTreeMap<String, Pending>,
     next: u64,
+}
+
+/// A write under way: its generation and the disk it reserves.
+#[derive(Debug)]
+struct Pending {
+    generation: u64,
+    need: u64,
 }
 
 impl Kept {
     fn used(&self) -> u64 {
         let kept: u64 = self.images.values().map(|v| v.bytes).sum();
-        kept.saturating_add(self.pending.values().map(|p| p.1).sum())
+        kept.saturating_add(self.pending.values().map(|p| p.need).sum())
     }
 }
 
@@ -188,6 +195,28 @@ impl Retention {
         Retained::open(&self.image_path(vm), self.max_memory)
     }
 
+    /// The file of the image VM `vm` left by `migration` with, as a
+    /// failback's base. `Err` says why there is none.
+    pub fn base(&self, vm: &str, migration: &str) -> Result<BaseImage, String> {
+        let kept = self.kept.lock().unwrap();
+        if kept.pending.contains_key(vm) {
+            return Err(format!("VM {vm}'s image is still being written"));
+        }
+        match kept.images.get(vm) {
+            None => Err(format!("no image of VM {vm} is kept here")),
+            Some(v) if v.migration != migration => Err(format!(
+                "VM {vm}'s image kept here is from migration {}, not {migration}",
+                v.migration
+            )),
+            Some(_) => {
+                drop(kept);
+                self.open_image(vm)
+                    .map(BaseImage::File)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
     /// Keeps `mem`, the memory VM `vm` left by `migration` with, in place of
     /// any image of it kept before, evicting the oldest others to make room.
     /// Blocking (it writes the image); `stop` ends it early. `None` when the
@@ -209,13 +238,17 @@ impl Retention {
             }
             kept.next += 1;
             let g = kept.next;
-            kept.pending.insert(vm.to_string(), (g, need));
+            let pending = Pending {
+                generation: g,
+                need,
+            };
+            kept.pending.insert(vm.to_string(), pending);
             g
         };
         self.evict();
         let written = self.write(vm, migration, mem, generation, need, stop);
         let mut kept = self.kept.lock().unwrap();
-        let current = kept.pending.get(vm).map(|p| p.0) == Some(generation);
+        let current = kept.pending.get(vm).map(|p| p.generation) == Some(generation);
         if current {
             kept.pending.remove(vm);
         }

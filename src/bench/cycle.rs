@@ -24,6 +24,9 @@ pub struct PhaseRun {
     pub migrations: u32,
     /// The longest pause of its migrations, ms.
     pub downtime_ms_max: f64,
+    /// Its migrations that went by delta (the target kept their image).
+    #[serde(default)]
+    pub by_delta: u32,
 }
 
 /// One rolling update of the whole cluster.
@@ -84,6 +87,8 @@ pub struct CycleSummary {
     pub between_ms: f64,
     /// The longest pause of any migration of any completed run, ms.
     pub downtime_ms_max: f64,
+    /// Migrations by delta in a run, median.
+    pub by_delta: u32,
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -114,6 +119,10 @@ pub fn summarize(runs: &[CycleRun]) -> CycleSummary {
             .iter()
             .flat_map(|r| r.phases.iter().map(|p| p.downtime_ms_max))
             .fold(0.0, f64::max),
+        by_delta: median(
+            ok.iter()
+                .map(|r| r.phases.iter().map(|p| f64::from(p.by_delta)).sum()),
+        ) as u32,
     }
 }
 
@@ -162,6 +171,7 @@ pub fn table(s: &CycleSummary) -> String {
         crate::units::Bytes(s.wire_bytes).to_string()
     );
     let _ = writeln!(out, "  longest pause: {:.1} ms", s.downtime_ms_max);
+    let _ = writeln!(out, "  migrations by delta per run: {}", s.by_delta);
     out
 }
 
@@ -183,6 +193,10 @@ pub struct CycleMeta {
     /// Whether each node's queue chose (`max_concurrent_migrations = "auto"`).
     #[serde(default)]
     pub max_concurrent_auto: bool,
+    /// Whether failbacks went by delta (`--delta`).
+    pub delta: bool,
+    /// Each node's `failback_retention`, bytes.
+    pub retention_bytes: u64,
     /// Requested runs.
     pub repeats: u32,
     /// Cores on this machine.
@@ -210,7 +224,8 @@ pub fn write_outputs(
         md,
         "A rolling update of three nodes with {} VMs each ({}): each node in turn drained, \
          updated (a no-op command) and resumed with failback. Links: {} per node; codec {}; \
-         {} migrations at once per node; {} runs; {} cores.\n",
+         {} migrations at once per node; failback by delta {} (retention {}); {} runs; \
+         {} cores.\n",
         meta.vms_per_node,
         meta.guests.join("; "),
         super::sweep::link_label(meta.link_bps),
@@ -220,6 +235,8 @@ pub fn write_outputs(
         } else {
             meta.max_concurrent.to_string()
         },
+        if meta.delta { "on" } else { "off" },
+        crate::units::Bytes(meta.retention_bytes),
         meta.repeats,
         meta.cores
     );

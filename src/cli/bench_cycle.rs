@@ -28,9 +28,17 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
     let dir = bench_dir("cycle")?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
+    // Two nodes hold all three's VMs during a turn.
+    let capacity = capacity(memory, a.vms.saturating_mul(2));
+    let delta = a.delta == "on";
+    let retention = match a.retention.as_str() {
+        "auto" if delta => capacity / 4,
+        "auto" => 0,
+        r => ferry::units::parse_size(r).map_err(|e| crate::usage(format!("--retention: {e}")))?,
+    };
     let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
         let settings = format!(
-            "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\n{}",
+            "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\nfailback_retention = {retention}\n{}",
             a.codec,
             match a.max_concurrent {
                 Concurrency::Fixed(n) => n.to_string(),
@@ -38,11 +46,9 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             },
             a.bandwidth.0.map_or(String::new(), |b| format!("max_bandwidth = {b}\n"))
         );
-        // Two nodes hold all three's VMs during a turn.
-        let capacity = capacity(memory, a.vms.saturating_mul(2));
         let file = super::demo_cluster::write_cluster(&dir, &etcd.endpoint, &settings, capacity)?;
         let agents = LocalAgents::start(&file)?;
-        let runs = repeat(&a, &agents, memory, &cancel);
+        let runs = repeat(&a, &agents, memory, &cancel, delta);
         agents.stop();
         runs
     });
@@ -64,6 +70,8 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
                 Concurrency::Auto => ferry::agent::cluster::DEFAULT_MAX_CONCURRENT_MIGRATIONS,
             },
             max_concurrent_auto: a.max_concurrent == Concurrency::Auto,
+            delta,
+            retention_bytes: retention,
             repeats: a.repeats,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             unix_time: unix_time(),
@@ -88,6 +96,7 @@ fn repeat(
     agents: &LocalAgents,
     memory: u64,
     cancel: &CancellationToken,
+    delta: bool,
 ) -> Result<Vec<CycleRun>> {
     let mut runs = Vec::new();
     for r in 0..a.repeats {
@@ -101,7 +110,7 @@ fn repeat(
         // Let busy workloads reach their steady state.
         std::thread::sleep(Duration::from_millis(300));
         eprintln!("bench cycle: rolling update {} of {}", r + 1, a.repeats);
-        let run = cycle_once(agents, cancel)?;
+        let run = cycle_once(agents, cancel, delta)?;
         if !run.completed {
             // A failed turn leaves its node paused, as a rolling update
             // must: the next run could not place its VMs. Stop here and
@@ -121,11 +130,12 @@ fn repeat(
 }
 
 /// One rolling update, waited for and read back phase by phase.
-fn cycle_once(agents: &LocalAgents, cancel: &CancellationToken) -> Result<CycleRun> {
+fn cycle_once(agents: &LocalAgents, cancel: &CancellationToken, delta: bool) -> Result<CycleRun> {
     let (ctx, a_node) = (&agents.ctx, agents.node("a")?);
     let start = StartUpdate {
         command: "no-op".into(),
         failback: Some("immediate".into()),
+        delta: Some(if delta { "on" } else { "off" }.into()),
         ..StartUpdate::default()
     };
     let started = ctx.run(ctx.peers.start_update(&a_node, &start))?;
@@ -182,6 +192,7 @@ fn turn_phases(agents: &LocalAgents, turn: &Turn) -> Result<Vec<PhaseRun>> {
             wire_bytes: 0,
             migrations: 0,
             downtime_ms_max: 0.0,
+            by_delta: 0,
         };
         for s in op.steps.iter().filter(|s| s.state == "completed") {
             let (Some(mid), Ok(source)) = (&s.migration_id, agents.node(&s.source)) else {
@@ -192,6 +203,7 @@ fn turn_phases(agents: &LocalAgents, turn: &Turn) -> Result<Vec<PhaseRun>> {
                 p.wire_bytes += r.wire_bytes;
                 p.migrations += 1;
                 p.downtime_ms_max = p.downtime_ms_max.max(r.downtime_ms);
+                p.by_delta += u32::from(r.delta.used);
             }
         }
         out.push(p);

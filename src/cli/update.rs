@@ -48,6 +48,10 @@ pub struct UpdateArgs {
     /// whether a resumed node gets back the VMs its drain moved.
     #[arg(long, value_name = "none|immediate")]
     failback: Option<String>,
+    /// on or off: each VM failed back sends only the pages that changed
+    /// since it left, where its node kept its image [default: on].
+    #[arg(long, value_parser = ["on", "off"])]
+    delta: Option<String>,
     /// the nodes in the order to update them, comma-separated
     /// [default: the cluster file's order].
     #[arg(long, value_name = "NODES", value_delimiter = ',')]
@@ -146,6 +150,7 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         preview,
         detach,
         failback,
+        delta,
         node_order,
         stop_after,
         schedule,
@@ -192,6 +197,7 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
         require_all_nodes_online: require_all_nodes_online.then_some(true),
         pre_update,
         post_update,
+        delta,
     };
     if let Some(when) = schedule {
         return super::rolling::schedule(&ctx, when, start, &out);
@@ -302,7 +308,7 @@ pub(crate) fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
             let free: Vec<(String, u64)> = nodes()
                 .filter(|(o, s)| o.name != n.name && s.state == NodeMode::Active)
                 .map(|(o, s)| {
-                    let free = s.memory_capacity.saturating_sub(s.memory_used);
+                    let free = s.free_memory();
                     (o.name.clone(), free)
                 })
                 .collect();

@@ -32,10 +32,69 @@ const VERSION: u32 = 1;
 const HEADER: u64 = 40;
 /// Pages hashed or read per step when writing or checking.
 const STEP_PAGES: u64 = 256;
-/// Data written between two flushes to the disk: an image goes out in
-/// small pieces, so that what else shares the disk (etcd's log, above all)
-/// never waits behind hundreds of MiB of it.
+/// Data handed to the disk at once: an image goes out in small pieces, so
+/// that what else shares the disk (etcd's log, above all) never waits
+/// behind hundreds of MiB of it.
 const FLUSH_BYTES: u64 = 8 << 20;
+
+/// An image's data going out to the disk behind its writer, a window at a
+/// time: each [`FLUSH_BYTES`] written are handed to the disk at once
+/// (`sync_file_range`, which commits no journal, so another file's `fsync`,
+/// etcd's above all, never waits behind it), and the window before is
+/// waited for. At most two windows are ever dirty. What was written stays
+/// in the page cache (clean, the first to go under pressure): a failback
+/// soon after reads it from there.
+struct Writeback {
+    /// Where the next window starts.
+    next: u64,
+    /// The window handed to the disk and not yet waited for.
+    started: Option<(u64, u64)>,
+}
+
+impl Writeback {
+    fn new(from: u64) -> Self {
+        Self {
+            next: from,
+            started: None,
+        }
+    }
+
+    /// The writer has written everything before `end`.
+    fn advance(&mut self, f: &File, end: u64) -> std::io::Result<()> {
+        if end < self.next + FLUSH_BYTES {
+            return Ok(());
+        }
+        let window = (self.next, end - self.next);
+        self.next = end;
+        if sync_range(f, window, libc::SYNC_FILE_RANGE_WRITE).is_err() {
+            // A file system without it: a flush of the data instead.
+            return f.sync_data();
+        }
+        if let Some(before) = self.started.replace(window) {
+            let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            sync_range(f, before, all).or_else(|_| f.sync_data())?;
+        }
+        Ok(())
+    }
+}
+
+/// `sync_file_range(2)` of `(offset, len)` in `f` with `flags`.
+#[allow(unsafe_code)]
+fn sync_range(f: &File, (offset, len): (u64, u64), flags: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor is `f`'s, open for the whole call; the call
+    // reads and writes no memory of ours.
+    let rc = unsafe { libc::sync_file_range(f.as_raw_fd(), offset, len, flags) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Where the memory starts in a file of `pages` pages.
 fn memory_offset(pages: u64) -> u64 {
@@ -101,12 +160,9 @@ pub fn write(
         let mut table = Vec::with_capacity((pages * 8) as usize);
         let zero = zero_page_hash();
         let mut first = 0;
-        let mut unflushed = 0u64;
+        let mut out = Writeback::new(base);
         while first < pages {
-            if unflushed >= FLUSH_BYTES {
-                f.sync_data()?;
-                unflushed = 0;
-            }
+            out.advance(&f, base + first * PAGE_SIZE as u64)?;
             if stop() {
                 return Err(std::io::Error::other("stopped: the agent is stopping"));
             }
@@ -119,7 +175,6 @@ pub fn write(
                     }
                     table.extend_from_slice(&page_hash(page).to_le_bytes());
                     f.write_all_at(page, base + (first + i as u64) * PAGE_SIZE as u64)?;
-                    unflushed += PAGE_SIZE as u64;
                 }
                 Ok(())
             })?;
@@ -228,6 +283,40 @@ impl Retained {
     /// Each page's hash as it was written.
     pub fn hashes(&self) -> &[u64] {
         &self.hashes
+    }
+
+    /// Reads pages `first..first + count` into `dst` (`count` pages long) in
+    /// one read, and checks each against its hash: a page changed on disk
+    /// since is an error, never used.
+    pub fn pages(&self, first: u64, count: u64, dst: &mut [u8]) -> Result<(), RetainedError> {
+        let bad = |why: String| RetainedError::Invalid {
+            path: self.path.display().to_string(),
+            why,
+        };
+        let total = self.hashes.len() as u64;
+        let end = first.checked_add(count).filter(|&e| e <= total);
+        let (Some(end), Some(len)) = (end, count.checked_mul(PAGE_SIZE as u64)) else {
+            return Err(bad(format!("no pages {first}+{count} in {total} pages")));
+        };
+        if dst.len() as u64 != len {
+            return Err(bad(format!(
+                "{count} pages need {len} bytes, not {}",
+                dst.len()
+            )));
+        }
+        let base = memory_offset(total);
+        self.file
+            .read_exact_at(dst, base + first * PAGE_SIZE as u64)
+            .map_err(|source| RetainedError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
+        for (i, page) in (first..end).zip(dst.chunks_exact(PAGE_SIZE)) {
+            if page_hash(page) != self.hashes[i as usize] {
+                return Err(bad(format!("page {i} does not match its hash")));
+            }
+        }
+        Ok(())
     }
 
     /// Reads page `index` into `dst` (4096 bytes) and checks it against its

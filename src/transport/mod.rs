@@ -17,7 +17,11 @@ pub mod tls;
 
 pub use bucket::TokenBucket;
 pub use channel::{Conn, FrameReader, FrameWriter, Received, HANDSHAKE_MAX_PAYLOAD};
-pub use dest::{AdmitFn, Incoming, Receiver, ReceiverConfig, Unauthenticated, CHANNEL_MEMORY};
+#[cfg(feature = "fuzzing")]
+pub(crate) use dest::prefill;
+pub use dest::{
+    AdmitFn, BaseFn, BaseImage, Incoming, Receiver, ReceiverConfig, Unauthenticated, CHANNEL_MEMORY,
+};
 pub use gate::{ReceiverStats, Refusal};
 pub use local::{migrate_locally, migrate_over_loopback, LocalPath};
 pub use progress::{Phase, Progress, ProgressSnapshot, RunContext};

@@ -7,11 +7,12 @@
 use crate::common;
 
 use common::*;
-use ferry::memory::{FillSpec, WorkloadPattern, PAGE_SIZE};
+use ferry::memory::{FillSpec, GuestMemory, WorkloadPattern, PAGE_SIZE};
 use ferry::migration::delta::Base;
 use ferry::migration::retained::{self, Retained};
 use ferry::migration::{MigrationConfig, Outcome, Report};
-use ferry::transport::{migrate_over_loopback, Incoming, ReceiverConfig, RunContext};
+use ferry::page::PageIndex;
+use ferry::transport::{migrate_over_loopback, BaseImage, Incoming, ReceiverConfig, RunContext};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,20 @@ fn failback(
     delta: bool,
     image: PathBuf,
 ) -> (Report, Incoming) {
+    failback_from(g, base, delta, move || {
+        Retained::open(&image, 1 << 30)
+            .map(BaseImage::File)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Migrates `g` offering `base`, to a receiver whose image is `image()`.
+fn failback_from(
+    g: &Arc<ferry::memory::SyntheticGuest>,
+    base: &Base,
+    delta: bool,
+    image: impl Fn() -> Result<BaseImage, String> + Send + Sync + 'static,
+) -> (Report, Incoming) {
     let config = MigrationConfig {
         leave_paused: true,
         base: Some(base.clone()),
@@ -87,9 +102,7 @@ fn failback(
         ..MigrationConfig::default()
     };
     let receiver = ReceiverConfig {
-        delta_base: Some(Arc::new(move |_setup| {
-            Retained::open(&image, 1 << 30).map_err(|e| e.to_string())
-        })),
+        delta_base: Some(Arc::new(move |_setup| image())),
         ..ReceiverConfig::default()
     };
     let (src, dst) = migrate_over_loopback(g.clone(), &config, RunContext::default(), receiver)
@@ -135,6 +148,53 @@ fn a_failback_to_the_kept_image_sends_only_what_changed() {
     assert_eq!(hashes.len() as u64, pages);
     let digest = ferry::digest::full_digest(dst.memory.as_ref().unwrap(), 2);
     assert_eq!(ferry::digest::digest_of_hashes(hashes), digest);
+}
+
+/// The memory an image holds, as a node keeps it warm.
+fn warm_copy(path: &Path) -> Arc<GuestMemory> {
+    let kept = Retained::open(path, 1 << 30).unwrap();
+    let held = Arc::new(GuestMemory::new(kept.memory()).unwrap());
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..held.pages() {
+        kept.page(PageIndex(i), &mut page).unwrap();
+        held.write_page(PageIndex(i), &page);
+    }
+    held
+}
+
+#[test]
+fn a_warm_copy_is_taken_over_as_the_guests_memory_without_a_copy() {
+    let _serial = serial();
+    let dir = Scratch::new("memory");
+    let (g, path, base) = left_and_ran_on(dir.path());
+    let held = warm_copy(&path);
+    let image = std::sync::Mutex::new(Some(held.clone()));
+    let take = move || Ok(BaseImage::Memory(image.lock().unwrap().take().unwrap()));
+    let (src, dst) = failback_from(&g, &base, true, take);
+    arrived_whole(&g, &src, &dst);
+    assert!(
+        src.delta.used && dst.report.delta.used,
+        "{:?}",
+        dst.report.delta
+    );
+    assert!(src.delta.pages_skipped > g.memory().pages() / 2);
+    assert!(
+        Arc::ptr_eq(dst.memory.as_ref().unwrap(), &held),
+        "taken over, not copied"
+    );
+    // A copy that is not the base (one page changed) is declined by its
+    // digest, and the guest still arrives whole in fresh memory.
+    let other = warm_copy(&path);
+    other.write_page(PageIndex(5), &[0x77; PAGE_SIZE]);
+    g.resume();
+    let image = std::sync::Mutex::new(Some(other.clone()));
+    let take = move || Ok(BaseImage::Memory(image.lock().unwrap().take().unwrap()));
+    let (src, dst) = failback_from(&g, &base, true, take);
+    arrived_whole(&g, &src, &dst);
+    assert!(!src.delta.used);
+    assert!(!Arc::ptr_eq(dst.memory.as_ref().unwrap(), &other));
+    let why = dst.report.delta.declined.clone().unwrap_or_default();
+    assert!(why.contains("digest"), "{why}");
 }
 
 #[test]

@@ -67,17 +67,11 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     assert_eq!(r["budget"], 256u64 << 20, "{r}");
     let id = migrate(&c, "a", "web", "b", true);
     let r = retained(&c, "a", 1);
-    // The guest's memory counted as used while its image was written, and
-    // free once it is.
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
-        if v["memory_used"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < end, "{v}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The memory it left with stays warm for its failback, counted as used
+    // and as reclaimable: it gives way to any VM that needs the room.
+    let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(v["memory_used"], 32u64 << 20, "{v}");
+    assert_eq!(v["memory_reclaimable"], 32u64 << 20, "{v}");
     let image = &r["images"][0];
     assert_eq!(
         (image["vm"].as_str(), image["migration"].as_str()),
@@ -221,4 +215,55 @@ fn a_drained_vm_fails_back_by_delta_unless_told_not_to() {
     );
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v.to_string().contains("delta"), "{v}");
+}
+
+#[test]
+fn a_warm_copy_gives_way_to_a_vm_that_needs_the_room() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start(
+        "warm-room",
+        &[
+            (
+                "a",
+                "failback_retention = \"256MiB\"\nmemory_capacity = \"48MiB\"",
+            ),
+            ("b", ""),
+        ],
+    ) else {
+        return;
+    };
+    let create = |name: &str, memory: &str| {
+        c.call(
+            Method::POST,
+            "a",
+            "/v1/vms",
+            Some(json!({"name": name, "memory": memory})),
+        )
+    };
+    let (s, v) = create("web", "32MiB");
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    migrate(&c, "a", "web", "b", false);
+    let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(v["memory_reclaimable"], 32u64 << 20, "{v}");
+    // 40 MiB fits only without the warm copy: it goes, and the VM is made.
+    let (s, v) = create("big", "40MiB");
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(
+        (v["memory_used"].as_u64(), v["memory_reclaimable"].as_u64()),
+        (Some(40 << 20), Some(0)),
+        "{v}"
+    );
+    // Its file is still kept: the failback goes by delta from it.
+    retained(&c, "a", 1);
+    c.call(Method::DELETE, "a", "/v1/vms/big", None);
+    let back = c.call(
+        Method::POST,
+        "b",
+        "/v1/migrations",
+        Some(json!({"vm": "web", "target": "a"})),
+    );
+    assert_eq!(back.0, StatusCode::ACCEPTED, "{}", back.1);
+    let done = c.wait("b", back.1["id"].as_str().unwrap());
+    assert_eq!(done["report"]["delta"]["used"], true, "{done}");
 }

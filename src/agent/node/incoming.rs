@@ -23,7 +23,7 @@ impl Node {
             ));
         }
         let mut st = self.state.lock().unwrap();
-        self.admit_locked(&st, &label.vm, setup.memory_bytes)
+        self.admit_locked(&mut st, &label.vm, setup.memory_bytes)
             .map_err(|e| e.to_string())?;
         st.vms.insert(
             label.vm.clone(),
@@ -116,6 +116,7 @@ impl Node {
         drop(st);
         // It runs here again: an image it left with before is past.
         self.retention.remove(&name);
+        self.state.lock().unwrap().warm.remove(&name);
         // The record names this node from now.
         self.claim_arrived(&name, &source, &id, superseded);
         self.changed.notify_waiters();
@@ -123,22 +124,26 @@ impl Node {
 
     /// The retained image an admitted session's setup offers as its base:
     /// the one this node kept when the VM left by that migration.
-    pub fn delta_base(
-        &self,
-        setup: &SessionSetup,
-    ) -> Result<crate::migration::retained::Retained, String> {
+    pub fn delta_base(&self, setup: &SessionSetup) -> Result<crate::transport::BaseImage, String> {
         let (Some(label), Some(base)) = (&setup.label, &setup.base) else {
             return Err("no base offered".into());
         };
         let vm = &label.vm;
-        match self.retention.get(vm) {
-            None => Err(format!("node {} keeps no image of VM {vm}", self.spec.name)),
-            Some(kept) if kept.migration != base.migration_id => Err(format!(
-                "node {} keeps VM {vm}'s image from migration {}, not {}",
-                self.spec.name, kept.migration, base.migration_id
-            )),
-            Some(_) => self.retention.open_image(vm).map_err(|e| e.to_string()),
+        {
+            let mut st = self.state.lock().unwrap();
+            if st
+                .warm
+                .get(vm)
+                .is_some_and(|w| w.migration == base.migration_id)
+            {
+                // Taken over by the session: no one else may use it now.
+                let w = st.warm.remove(vm).expect("found above");
+                return Ok(crate::transport::BaseImage::Memory(w.memory));
+            }
         }
+        self.retention
+            .base(vm, &base.migration_id)
+            .map_err(|why| format!("node {}: {why}", self.spec.name))
     }
 
     /// An incoming session ended: the VM runs here, or its arrival is

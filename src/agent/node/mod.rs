@@ -108,6 +108,14 @@ pub enum Direction {
     Incoming,
 }
 
+/// A warm copy: the memory a VM left this node with, untouched since.
+pub(super) struct Warm {
+    /// The migration it left by.
+    pub(super) migration: String,
+    pub(super) memory: Arc<crate::memory::GuestMemory>,
+    pub(super) at: Instant,
+}
+
 pub(super) struct Vm {
     pub(super) spec: VmSpec,
     pub(super) state: VmState,
@@ -210,9 +218,13 @@ pub struct NodeView {
     pub state: NodeMode,
     /// What its VMs may use in total, bytes.
     pub memory_capacity: u64,
-    /// What its VMs (arriving ones included) use, bytes, with the memory of
-    /// guests that left held while their images are written.
+    /// What its VMs (arriving ones included) use, bytes, with the warm
+    /// copies of guests that left (see `memory_reclaimable`).
     pub memory_used: u64,
+    /// Of `memory_used`, the warm copies of guests that left, kept for
+    /// their failback: dropped as soon as a VM needs the room.
+    #[serde(default)]
+    pub memory_reclaimable: u64,
     /// Its VMs.
     pub vms: Vec<VmView>,
     /// Migrations moving memory now, in and out.
@@ -241,6 +253,14 @@ pub struct NodeView {
     /// The images of VMs that left it, kept for their failback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failback_retention: Option<super::retain::RetentionView>,
+}
+
+impl NodeView {
+    /// Memory a VM may still take here: its warm copies give way.
+    pub fn free_memory(&self) -> u64 {
+        self.memory_capacity
+            .saturating_sub(self.memory_used.saturating_sub(self.memory_reclaimable))
+    }
 }
 
 /// A node's migration limits.
@@ -326,8 +346,10 @@ pub(super) struct State {
     /// With `max_concurrent_migrations = "auto"`: the queue's last limit
     /// and why.
     pub(super) auto_limit: Option<(u32, String)>,
-    /// Memory of guests that left, held while their images are retained.
-    pub(super) retaining: u64,
+    /// With retention: the memory each VM left with, held as it was (the
+    /// warm copy a failback takes over without copying) until a VM needs
+    /// the room or the VM comes back.
+    pub(super) warm: BTreeMap<String, Warm>,
     running_out: usize,
     next_id: u64,
 }
@@ -339,7 +361,30 @@ impl State {
 
     fn memory_used(&self) -> u64 {
         let vms: u64 = self.vms.values().map(|v| v.spec.memory).sum();
-        vms.saturating_add(self.retaining)
+        vms.saturating_add(self.warm_bytes())
+    }
+
+    /// Memory of the warm copies, which give way to any VM that needs it.
+    fn warm_bytes(&self) -> u64 {
+        self.warm.values().map(|w| w.memory.len_bytes()).sum()
+    }
+
+    /// Drops the oldest warm copies (but `keep`'s) until `need` more bytes
+    /// fit `capacity`.
+    fn make_room(&mut self, need: u64, capacity: u64, keep: &str) {
+        while self.memory_used().saturating_add(need) > capacity {
+            let Some(vm) = self
+                .warm
+                .iter()
+                .filter(|(vm, _)| vm.as_str() != keep)
+                .min_by_key(|(_, w)| w.at)
+                .map(|(vm, _)| vm.clone())
+            else {
+                return;
+            };
+            tracing::info!(%vm, "dropping the warm copy of a VM that left, to make room");
+            self.warm.remove(&vm);
+        }
     }
 
     /// Forgets the oldest settled migrations (ended, and not unresolved)

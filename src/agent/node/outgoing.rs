@@ -200,8 +200,14 @@ impl Node {
                 // (its memory held while its image is retained).
                 (Outcome::Completed, _) => {
                     gone = st.vms.remove(&vm);
-                    if let Some(v) = gone.as_ref().filter(|_| self.spec.failback_retention > 0) {
-                        st.retaining += v.spec.memory;
+                    let left = gone.as_ref().and_then(|v| v.guest.as_ref());
+                    if let Some(g) = left.filter(|_| self.spec.failback_retention > 0) {
+                        let warm = Warm {
+                            migration: id.clone(),
+                            memory: g.memory().clone(),
+                            at: Instant::now(),
+                        };
+                        st.warm.insert(vm.clone(), warm);
                     }
                 }
                 (Outcome::Unresolved, Some(v)) => {
@@ -229,11 +235,11 @@ impl Node {
         let left = gone
             .as_ref()
             .filter(|_| self.spec.failback_retention > 0)
-            .map(|v| (v.spec.memory, v.guest.clone()));
+            .and_then(|v| v.guest.as_ref().map(|g| g.memory().clone()));
         // Its guest's threads are joined outside the node's lock.
         drop(gone);
-        if let Some((memory, guest)) = left {
-            self.retain_in_background(&vm, &id, memory, guest);
+        if let Some(memory) = left {
+            self.retain_in_background(&vm, &id, memory);
         }
         self.journal_migration(&id);
         if superseded {
@@ -243,23 +249,11 @@ impl Node {
         self.changed.notify_waiters();
     }
 
-    /// Keeps the memory VM `vm` left by migration `id` with (paused, as
-    /// the target got it) as its retained image, written in the background;
-    /// the guest, and the `memory` counted as used for it, are held until
-    /// then.
-    fn retain_in_background(
-        &self,
-        vm: &str,
-        id: &str,
-        memory: u64,
-        guest: Option<Arc<dyn MigratableGuest>>,
-    ) {
-        let release = || {
-            let mut st = self.state.lock().unwrap();
-            st.retaining = st.retaining.saturating_sub(memory);
-        };
-        let (Some(node), Some(guest)) = (self.this.upgrade(), guest) else {
-            return release();
+    /// Keeps `memory`, what VM `vm` left by migration `id` with (as the
+    /// target got it), as its retained image, written in the background.
+    fn retain_in_background(&self, vm: &str, id: &str, memory: Arc<crate::memory::GuestMemory>) {
+        let Some(node) = self.this.upgrade() else {
+            return;
         };
         let (vm, id) = (vm.to_string(), id.to_string());
         self.tasks.spawn(async move {
@@ -268,7 +262,7 @@ impl Node {
                 tokio::task::spawn_blocking(move || {
                     // An agent that stops does not wait for the write.
                     let stop = || node.closing.load(Ordering::Relaxed);
-                    node.retention.keep(&vm, &id, guest.memory(), &stop)
+                    node.retention.keep(&vm, &id, &memory, &stop)
                 })
             };
             match keep.await {
@@ -281,8 +275,6 @@ impl Node {
                 Ok(Err(e)) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
                 Err(e) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
             }
-            let mut st = node.state.lock().unwrap();
-            st.retaining = st.retaining.saturating_sub(memory);
         });
     }
 

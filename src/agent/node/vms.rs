@@ -16,6 +16,7 @@ impl Node {
             state: st.mode(),
             memory_capacity: self.spec.memory_capacity,
             memory_used: st.memory_used(),
+            memory_reclaimable: st.warm_bytes(),
             vms: st
                 .vms
                 .values()
@@ -112,7 +113,7 @@ impl Node {
         }
         {
             let mut st = self.state.lock().unwrap();
-            self.admit_locked(&st, &spec.name, spec.memory)?;
+            self.admit_locked(&mut st, &spec.name, spec.memory)?;
             // Reserve the name and the memory while the guest is built.
             st.vms
                 .insert(spec.name.clone(), Vm::reserved(spec.clone(), None));
@@ -203,7 +204,7 @@ impl Node {
     /// Whether a VM of `memory` bytes named `name` may be placed here.
     pub(super) fn admit_locked(
         &self,
-        st: &State,
+        st: &mut State,
         name: &str,
         memory: u64,
     ) -> Result<(), NodeError> {
@@ -226,8 +227,13 @@ impl Node {
                 self.spec.name
             )));
         }
+        // A VM's own warm copy becomes its memory when it comes back: it
+        // needs only the rest, and the other warm copies give way to it.
+        let own = st.warm.get(name).map_or(0, |w| w.memory.len_bytes());
+        let need = memory.saturating_sub(own);
+        st.make_room(need, self.spec.memory_capacity, name);
         let used = st.memory_used();
-        if used + memory > self.spec.memory_capacity {
+        if used + need > self.spec.memory_capacity {
             return Err(NodeError::InsufficientMemory(format!(
                 "node {} has {} free, VM {name} needs {}",
                 self.spec.name,

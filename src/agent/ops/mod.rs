@@ -325,10 +325,7 @@ impl Node {
                             .as_ref()
                             .is_none_or(|l| l.state == super::fence::FenceState::Live) =>
                 {
-                    free.push((
-                        n.name.clone(),
-                        v.memory_capacity.saturating_sub(v.memory_used),
-                    ));
+                    free.push((n.name.clone(), v.free_memory()));
                 }
                 Ok(v) if v.state != NodeMode::Active => {
                     excluded.push(format!("{} is {}", n.name, name_of(v.state)))

@@ -1,5 +1,6 @@
 use super::*;
 use crate::page::PageIndex;
+use std::sync::Arc;
 
 /// A folder of its own for each test, removed after.
 struct Dir(PathBuf);
@@ -19,12 +20,12 @@ impl Drop for Dir {
 }
 
 /// `pages` pages, `data` of them with content.
-fn memory(pages: u64, data: u64, fill: u8) -> GuestMemory {
+fn memory(pages: u64, data: u64, fill: u8) -> Arc<GuestMemory> {
     let mem = GuestMemory::new(pages * PAGE_SIZE as u64).unwrap();
     for i in 0..data {
         mem.write_page(PageIndex(i), &[fill ^ i as u8 | 1; PAGE_SIZE]);
     }
-    mem
+    Arc::new(mem)
 }
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -174,4 +175,40 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
     assert!(decode_meta(bad.as_bytes())
         .unwrap_err()
         .contains("not a VM's name"));
+}
+
+#[test]
+fn a_failback_starts_from_the_file_once_it_is_whole() {
+    let d = Dir::new("base");
+    let r = Arc::new(Retention::open(&d.0, 1 << 30, 1 << 30));
+    let mem = memory(64, 10, 4);
+    assert!(r.base("web", "m-1").unwrap_err().contains("no image"));
+    // The write waits at its first step until the base was asked for.
+    let (asked_tx, asked_rx) = std::sync::mpsc::channel::<()>();
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let (r, mem) = (r.clone(), mem.clone());
+        let asked = std::sync::Mutex::new(Some((asked_rx, waiting_tx)));
+        std::thread::spawn(move || {
+            let stop = || {
+                if let Some((rx, tx)) = asked.lock().unwrap().take() {
+                    tx.send(()).unwrap();
+                    rx.recv().unwrap();
+                }
+                false
+            };
+            r.keep("web", "m-1", &mem, &stop)
+        })
+    };
+    waiting_rx.recv().unwrap();
+    let e = r.base("web", "m-1").unwrap_err();
+    assert!(e.contains("still being written"), "{e}");
+    asked_tx.send(()).unwrap();
+    writer.join().unwrap().unwrap().unwrap();
+    let Ok(BaseImage::File(f)) = r.base("web", "m-1") else {
+        panic!("the file once written");
+    };
+    assert_eq!(f.digest(), crate::digest::full_digest(&mem, 1));
+    let e = r.base("web", "m-2").err().unwrap();
+    assert!(e.contains("from migration m-1, not m-2"), "{e}");
 }

@@ -28,6 +28,10 @@ pub const DEFAULT_STOP_AFTER_MS: u64 = 3_600_000;
 /// The range of `stop_after`.
 const STOP_AFTER_MS: (u64, u64) = (1_000, 7 * 86_400_000);
 
+fn delta_on() -> bool {
+    true
+}
+
 fn default_stop_after() -> u64 {
     DEFAULT_STOP_AFTER_MS
 }
@@ -50,6 +54,7 @@ pub(crate) struct Checked {
     max_failed_nodes: u32,
     max_retries_per_node: u32,
     require_all_nodes_online: bool,
+    delta: bool,
 }
 
 /// The run's key.
@@ -135,6 +140,11 @@ impl Node {
                 return bad(format!("{field}: 1 to {MAX_COMMAND} bytes"));
             }
         }
+        let delta = match req.delta.as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(d) => return bad(format!("delta {d:?}: on or off")),
+        };
         let failback = match req.failback.as_deref() {
             None | Some("immediate") => true,
             Some("none") => false,
@@ -210,6 +220,7 @@ impl Node {
             max_failed_nodes,
             max_retries_per_node,
             require_all_nodes_online,
+            delta,
         })
     }
 
@@ -246,6 +257,7 @@ impl Node {
             require_all_nodes_online: c.require_all_nodes_online,
             pre_update: req.pre_update,
             post_update: req.post_update,
+            delta: c.delta,
             state: RunState::Running,
             nodes: c
                 .order

@@ -107,6 +107,9 @@ pub struct UpdateRun {
     /// Run on each node after its resume, through its update hook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_update: Option<String>,
+    /// Whether its drains and failbacks go by delta where they can.
+    #[serde(default = "super::delta_on")]
+    pub delta: bool,
     /// Where it is.
     pub state: RunState,
     /// The nodes' turns, in order.
@@ -234,4 +237,8 @@ pub struct StartUpdate {
     /// Run on each node after its resume, through its update hook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_update: Option<String>,
+    /// `on` (the default) or `off`: failbacks by delta, each VM sending
+    /// only what changed since it left where its node kept its image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<String>,
 }

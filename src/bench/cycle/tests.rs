@@ -8,6 +8,7 @@ fn phase(node: &str, phase: &str, ms: f64, wire_bytes: u64) -> PhaseRun {
         wire_bytes,
         migrations: 2,
         downtime_ms_max: ms / 100.0,
+        by_delta: u32::from(phase == "failback"),
     }
 }
 
@@ -50,6 +51,7 @@ fn the_summary_adds_each_phase_over_the_turns_and_keeps_the_rest_between() {
     );
     // The failed run's pauses are not the cell's.
     assert_eq!(s.downtime_ms_max, 20.0);
+    assert_eq!(s.by_delta, 3);
     let t = table(&s);
     assert!(t.contains("2 of 3 runs completed"), "{t}");
     assert!(t.contains("failback"), "{t}");
@@ -67,6 +69,8 @@ fn the_files_hold_the_summary_and_every_run() {
         codec: "auto".into(),
         max_concurrent: 2,
         max_concurrent_auto: true,
+        delta: true,
+        retention_bytes: 4 << 30,
         repeats: 1,
         cores: 2,
         unix_time: 0,
@@ -79,5 +83,9 @@ fn the_files_hold_the_summary_and_every_run() {
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("| b | failback | 0.80 s |"), "{md}");
     assert!(md.contains("1Gbit/s per node"), "{md}");
+    assert!(
+        md.contains("failback by delta on (retention 4.00 GiB)"),
+        "{md}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

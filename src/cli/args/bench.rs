@@ -156,6 +156,14 @@ pub(crate) struct CycleBenchArgs {
     /// 1 to 64), or `auto`: each node's queue chooses.
     #[arg(long, default_value = "2", value_parser = concurrency_arg)]
     pub(crate) max_concurrent: Concurrency,
+    /// on or off: failbacks send only the pages that changed since each VM
+    /// left (the rolling update's `delta`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub(crate) delta: String,
+    /// Each node's `failback_retention` (e.g. 4GiB, or 0), or `auto`: a
+    /// quarter of its memory capacity with `--delta on`, none with it off.
+    #[arg(long, default_value = "auto")]
+    pub(crate) retention: String,
     /// Rolling updates; medians and spreads are over these.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) repeats: u32,

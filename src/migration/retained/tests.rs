@@ -57,6 +57,16 @@ fn an_image_reads_back_page_for_page_with_zero_pages_as_holes() {
         assert_eq!(r.hashes()[i as usize], page_hash(&want));
     }
     assert!(r.page(PageIndex(40), &mut page).is_err());
+    // A range in one read, each page checked; past the end, refused.
+    let mut range = vec![0u8; 7 * PAGE_SIZE];
+    r.pages(30, 7, &mut range).unwrap();
+    for (i, p) in range.chunks_exact(PAGE_SIZE).enumerate() {
+        mem.read_page(PageIndex(30 + i as u64), &mut want);
+        assert_eq!(p, &want[..], "page {}", 30 + i);
+    }
+    assert!(r.pages(35, 7, &mut range).is_err());
+    assert!(r.pages(0, 6, &mut range).is_err(), "a buffer of another size");
+    assert!(r.pages(u64::MAX, 7, &mut range).is_err());
     // Only the finished file is left.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 1);
@@ -92,6 +102,9 @@ fn a_damaged_image_is_refused_naming_what_is_wrong() {
     let mut page = vec![0u8; PAGE_SIZE];
     r.page(PageIndex(0), &mut page).unwrap();
     let e = r.page(PageIndex(3), &mut page).unwrap_err().to_string();
+    assert!(e.contains("page 3 does not match"), "{e}");
+    let mut range = vec![0u8; 8 * PAGE_SIZE];
+    let e = r.pages(0, 8, &mut range).unwrap_err().to_string();
     assert!(e.contains("page 3 does not match"), "{e}");
 }
 

@@ -129,7 +129,7 @@ impl Session {
             leave_paused: setup.flags & crate::wire::SETUP_LEAVE_PAUSED != 0,
         };
         let hashes = PageHashes::new(limits.guest_pages);
-        let (hashes, delta) = self.start_from_base(&setup, &memory, hashes, tally).await?;
+        let (hashes, delta, memory) = self.start_from_base(&setup, memory, hashes, tally).await?;
         let session = DestSession::new(machine, params, at, Instant::now());
         let mut sh = self.shared(session, limits, memory, session_id, events_tx, cancel);
         sh.hashes = hashes;
@@ -184,31 +184,52 @@ impl Session {
     }
 
     /// With a delta base offered and this receiver holding it: the guest's
-    /// memory and hashes start as that image (on the blocking pool). Returns
-    /// the hashes and whether the base was taken; a base not taken is said
-    /// in the report and the session sends every page.
+    /// memory and hashes start as that image (on the blocking pool), a warm
+    /// copy taken over in place of `memory`. Returns the hashes, whether the
+    /// base was taken, and the guest's memory; a base not taken is said in
+    /// the report and the session sends every page.
     async fn start_from_base(
         &self,
         setup: &crate::wire::SessionSetup,
-        memory: &Arc<crate::memory::GuestMemory>,
+        memory: Arc<crate::memory::GuestMemory>,
         hashes: PageHashes,
         tally: &mut Tally,
-    ) -> Result<(PageHashes, bool), MigrationError> {
+    ) -> Result<(PageHashes, bool, Arc<crate::memory::GuestMemory>), MigrationError> {
         let (Some(base), Some(find)) = (&setup.base, &self.config.delta_base) else {
-            return Ok((hashes, false));
+            return Ok((hashes, false, memory));
         };
         let image = match find(setup) {
             Ok(image) => image,
             Err(why) => {
+                tracing::info!(%why, "the offered delta base is not here: every page is sent");
                 tally.delta.declined = Some(why);
-                return Ok((hashes, false));
+                return Ok((hashes, false, memory));
             }
         };
-        let (memory, base) = (memory.clone(), base.clone());
+        let base = base.clone();
         let t = Instant::now();
-        let (hashes, taken) = tokio::task::spawn_blocking(move || {
-            let taken = super::prefill::prefill(&memory, &hashes, &image, &base);
-            (hashes, taken)
+        let (hashes, taken, memory) = tokio::task::spawn_blocking(move || {
+            use super::prefill::{adopt, prefill, BaseImage};
+            match image {
+                BaseImage::Memory(warm) if warm.len_bytes() == memory.len_bytes() => {
+                    match adopt(&warm, &hashes, &base) {
+                        Ok(pages) => (hashes, Ok(pages), warm),
+                        Err(why) => (hashes, Err(why), memory),
+                    }
+                }
+                BaseImage::Memory(warm) => {
+                    let why = format!(
+                        "the warm copy holds {} bytes, the guest {}",
+                        warm.len_bytes(),
+                        memory.len_bytes()
+                    );
+                    (hashes, Err(why), memory)
+                }
+                BaseImage::File(file) => {
+                    let taken = prefill(&memory, &hashes, &file, &base);
+                    (hashes, taken, memory)
+                }
+            }
         })
         .await
         .map_err(|e| crate::transport::task_failed(crate::migration::Task::Delta, &e))?;
@@ -222,12 +243,12 @@ impl Session {
                 );
                 tally.delta.used = true;
                 tally.delta.pages_skipped = pages;
-                Ok((hashes, true))
+                Ok((hashes, true, memory))
             }
             Err(why) => {
                 tracing::warn!(%why, "the retained image is not usable: every page is sent");
                 tally.delta.declined = Some(why);
-                Ok((hashes, false))
+                Ok((hashes, false, memory))
             }
         }
     }

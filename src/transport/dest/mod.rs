@@ -67,9 +67,11 @@ pub type OnGoFn =
 /// delta): called once the session is proved and admitted, and only for a
 /// labelled setup with a base. `Err(reason)`: this receiver does not hold
 /// it, and the session sends every page.
-pub type BaseFn = Arc<
-    dyn Fn(&SessionSetup) -> Result<crate::migration::retained::Retained, String> + Send + Sync,
->;
+pub type BaseFn = Arc<dyn Fn(&SessionSetup) -> Result<BaseImage, String> + Send + Sync>;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use prefill::prefill;
+pub use prefill::BaseImage;
 
 pub use crate::migration::handshake::Unauthenticated;
 

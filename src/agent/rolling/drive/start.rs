@@ -43,6 +43,7 @@ pub(super) async fn start(
             Phase::Draining => {
                 let d = Drain {
                     request_id: request_id.clone(),
+                    delta: off(run.delta),
                     ..Drain::default()
                 };
                 node.peers.drain(&spec, &d).await
@@ -69,7 +70,7 @@ pub(super) async fn start(
                     failback: Some(run.failback),
                     clear_quarantine: None,
                     request_id: request_id.clone(),
-                    delta: None,
+                    delta: off(run.delta),
                 };
                 node.peers.resume(&spec, &r).await
             }
@@ -210,4 +211,9 @@ pub(super) async fn adopt(
             && !turn.discarded.contains(&o.id)
             && !recorded.iter().any(|r| r.as_deref() == Some(o.id.as_str()))
     })
+}
+
+/// A drain's or resume's `delta` for a run with `delta` on or off.
+fn off(delta: bool) -> Option<crate::agent::request::Switch> {
+    (!delta).then(|| crate::agent::request::Switch::Text("off".into()))
 }
