@@ -121,7 +121,10 @@ impl Kept {
 /// Whether `path` is a file a write to a retention folder left half done.
 fn half_written(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    matches!(ext, "retained-tmp" | "meta-tmp" | "json-partial") || ext.starts_with("partial-")
+    matches!(
+        ext,
+        "retained-tmp" | "meta-tmp" | "json-partial" | "json-trash" | "image-trash"
+    ) || ext.starts_with("partial-")
 }
 
 impl Retention {
@@ -332,8 +335,25 @@ impl Retention {
     fn drop_locked(&self, kept: &mut Kept, vm: &str) {
         kept.pending.remove(vm);
         if kept.images.remove(vm).is_some() {
-            let _ = std::fs::remove_file(self.meta_path(vm));
-            let _ = std::fs::remove_file(self.image_path(vm));
+            // Out of the way at once, deleted later: freeing a large file's
+            // blocks can wait on the disk, and a VM's arrival must not.
+            kept.next += 1;
+            let stem = super::kept::stem(vm);
+            let mut gone = Vec::new();
+            for (from, ext) in [(self.meta_path(vm), "json"), (self.image_path(vm), "image")] {
+                let to = self.dir.join(format!("{stem}.{}.{ext}-trash", kept.next));
+                match std::fs::rename(&from, &to) {
+                    Ok(()) => gone.push(to),
+                    Err(_) => {
+                        let _ = std::fs::remove_file(&from);
+                    }
+                }
+            }
+            std::thread::spawn(move || {
+                for f in gone {
+                    let _ = std::fs::remove_file(f);
+                }
+            });
         }
     }
 

@@ -232,14 +232,11 @@ impl Node {
                 e.report = Some(report);
             }
         }
-        let left = gone
-            .as_ref()
-            .filter(|_| self.spec.failback_retention > 0)
-            .and_then(|v| v.guest.as_ref().map(|g| g.memory().clone()));
+        let left = gone.is_some() && self.spec.failback_retention > 0;
         // Its guest's threads are joined outside the node's lock.
         drop(gone);
-        if let Some(memory) = left {
-            self.retain_in_background(&vm, &id, memory);
+        if left {
+            self.retain_in_background(&vm, &id);
         }
         self.journal_migration(&id);
         if superseded {
@@ -249,14 +246,31 @@ impl Node {
         self.changed.notify_waiters();
     }
 
-    /// Keeps `memory`, what VM `vm` left by migration `id` with (as the
-    /// target got it), as its retained image, written in the background.
-    fn retain_in_background(&self, vm: &str, id: &str, memory: Arc<crate::memory::GuestMemory>) {
+    /// Writes the warm copy VM `vm` left by migration `id` with as its
+    /// retained image, once the node moves nothing (its migrations have the
+    /// disk and the cores first; the warm copy serves a failback
+    /// meanwhile). Nothing is written if the copy is gone by then: taken
+    /// over by the VM's failback, or dropped for a VM that needed the room.
+    fn retain_in_background(&self, vm: &str, id: &str) {
         let Some(node) = self.this.upgrade() else {
             return;
         };
         let (vm, id) = (vm.to_string(), id.to_string());
         self.tasks.spawn(async move {
+            let memory = loop {
+                {
+                    let st = node.state.lock().unwrap();
+                    let warm = st.warm.get(&vm).filter(|w| w.migration == id);
+                    let Some(warm) = warm.map(|w| w.memory.clone()) else {
+                        return;
+                    };
+                    let moving = st.running_out > 0 || st.vms.values().any(|v| v.arriving.is_some());
+                    if !moving || node.closing.load(Ordering::Relaxed) {
+                        break warm;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            };
             let keep = {
                 let (node, vm) = (node.clone(), vm.clone());
                 tokio::task::spawn_blocking(move || {

@@ -65,7 +65,10 @@ fn an_image_reads_back_page_for_page_with_zero_pages_as_holes() {
         assert_eq!(p, &want[..], "page {}", 30 + i);
     }
     assert!(r.pages(35, 7, &mut range).is_err());
-    assert!(r.pages(0, 6, &mut range).is_err(), "a buffer of another size");
+    assert!(
+        r.pages(0, 6, &mut range).is_err(),
+        "a buffer of another size"
+    );
     assert!(r.pages(u64::MAX, 7, &mut range).is_err());
     // Only the finished file is left.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
