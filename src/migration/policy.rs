@@ -191,7 +191,11 @@ impl Convergence {
 
     /// How long sending `bytes` takes at the measured throughput.
     fn transfer_time(&self, bytes: u64) -> Option<Duration> {
-        let bps = self.throughput_bps?;
+        // Nothing to send takes no time, whatever the link.
+        if bytes == 0 {
+            return Some(Duration::ZERO);
+        }
+        let bps = self.throughput_bps.filter(|&b| b > 0.0)?;
         Duration::try_from_secs_f64(bytes as f64 / bps).ok()
     }
 
@@ -219,7 +223,13 @@ impl Convergence {
     /// Takes one round's figures and decides.
     pub fn decide(&mut self, r: &RoundStats) -> Decision {
         let secs = r.duration.as_secs_f64();
-        if secs > 0.0 && (r.bytes_sent >= MIN_MEASURED_BYTES || self.throughput_bps.is_none()) {
+        // A round that sent nothing (a failback by delta of an idle guest)
+        // says nothing of the link.
+        let sent = r.bytes_sent > 0;
+        if secs > 0.0
+            && sent
+            && (r.bytes_sent >= MIN_MEASURED_BYTES || self.throughput_bps.is_none())
+        {
             self.throughput_bps = Some(r.bytes_sent as f64 / secs);
         }
         self.pause_cost = r.pause_cost;
@@ -329,6 +339,18 @@ mod tests {
             dirty_bytes: dirty_mb * MB,
             pause_cost: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_round_that_sent_nothing_switches_over_when_nothing_is_dirty() {
+        // A failback by delta of an idle guest: round 0 leaves every page out.
+        let mut c = Convergence::new(policy());
+        assert_eq!(c.decide(&round(0, 0.1, 5, 0, 0)), Decision::Switchover);
+        // Something dirty and no rate known yet: one more round measures it.
+        let mut c = Convergence::new(policy());
+        assert_eq!(c.decide(&round(0, 0.1, 5, 0, 1)), Decision::Continue);
+        assert_eq!(c.throughput_bps(), None);
+        assert_eq!(c.decide(&round(1, 0.2, 10, 1, 0)), Decision::Switchover);
     }
 
     fn costing(r: RoundStats, cost_ms: u64) -> RoundStats {

@@ -213,11 +213,17 @@ fn bench_cycle_updates_every_node_in_turn_and_brings_every_vm_home() {
     assert_eq!(order, expected, "{v}");
     for p in phases {
         let moved = p["migrations"].as_u64().unwrap();
+        let wire = p["wire_bytes"].as_u64().unwrap();
         match p["phase"].as_str().unwrap() {
-            // Each node's two VMs leave and come back.
-            "drain" | "failback" => {
+            // Each node's two VMs leave, with all their pages ...
+            "drain" => {
                 assert_eq!(moved, 2, "{p}");
-                assert!(p["wire_bytes"].as_u64().unwrap() > 1 << 20, "{p}");
+                assert!(wire > 1 << 20, "{p}");
+            }
+            // ... and come back by delta: idle, they changed nothing.
+            "failback" => {
+                assert_eq!((moved, p["by_delta"].as_u64()), (2, Some(2)), "{p}");
+                assert!(wire < 1 << 20, "{p}");
             }
             _ => assert_eq!((moved, p["wire_bytes"].as_u64()), (0, Some(0)), "{p}"),
         }

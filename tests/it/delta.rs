@@ -241,6 +241,25 @@ fn a_stale_image_or_none_at_all_is_declined() {
 }
 
 #[test]
+fn an_idle_guest_fails_back_with_nothing_to_send() {
+    let _serial = serial();
+    let dir = Scratch::new("idle");
+    let g = guest(32 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
+    g.pause();
+    let path = dir.path().join("web.retained");
+    retained::write(g.memory(), &path, &|| false).unwrap();
+    let kept = Retained::open(&path, 1 << 30).unwrap();
+    let base = Base::new("m-1".into(), "b".into(), kept.hashes().into());
+    g.resume();
+    // Round 0 sends nothing, and the pause follows at once.
+    let (src, dst) = failback(&g, &base, true, path);
+    arrived_whole(&g, &src, &dst);
+    assert!(src.delta.used);
+    assert_eq!(src.round_log[0].pages, 0, "{:?}", src.round_log);
+    assert_eq!(src.rounds, 1, "{:?}", src.round_log);
+}
+
+#[test]
 fn delta_off_offers_no_base() {
     let _serial = serial();
     let dir = Scratch::new("off");

@@ -28,6 +28,12 @@ fn migrate(c: &Agents, from: &str, vm: &str, to: &str, paused: bool) -> String {
     id
 }
 
+/// Creates a VM on node `node` from `body`.
+fn create(c: &Agents, node: &str, body: Value) {
+    let (s, v) = c.call(Method::POST, node, "/v1/vms", Some(body));
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
 /// `node`'s retained images once `want` of them are listed.
 fn retained(c: &Agents, node: &str, want: usize) -> Value {
     let end = Instant::now() + Duration::from_secs(10);
@@ -55,13 +61,11 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     ) else {
         return;
     };
-    let (s, v) = c.call(
-        Method::POST,
+    create(
+        &c,
         "a",
-        "/v1/vms",
-        Some(json!({"name": "web", "memory": "32MiB", "workload": "hot:8MiB", "dirty_rate": "20MB/s"})),
+        json!({"name": "web", "memory": "32MiB", "workload": "hot:8MiB", "dirty_rate": "20MB/s"}),
     );
-    assert_eq!(s, StatusCode::CREATED, "{v}");
     std::thread::sleep(Duration::from_millis(100));
     let r = retained(&c, "a", 0);
     assert_eq!(r["budget"], 256u64 << 20, "{r}");
@@ -100,13 +104,7 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     assert_eq!(kept.digest(), image["digest"].as_u64().unwrap());
     // A VM that comes back: its image on a is past, and b keeps the one it
     // left b with.
-    let (s, v) = c.call(
-        Method::POST,
-        "a",
-        "/v1/vms",
-        Some(json!({"name": "app", "memory": "16MiB"})),
-    );
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create(&c, "a", json!({"name": "app", "memory": "16MiB"}));
     migrate(&c, "a", "app", "b", false);
     retained(&c, "a", 2);
     let app = path.with_file_name("app.retained");
@@ -156,13 +154,11 @@ fn a_drained_vm_fails_back_by_delta_unless_told_not_to() {
     ) else {
         return;
     };
-    let (s, v) = c.call(
-        Method::POST,
+    create(
+        &c,
         "a",
-        "/v1/vms",
-        Some(json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"})),
+        json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"}),
     );
-    assert_eq!(s, StatusCode::CREATED, "{v}");
     let pages = (64u64 << 20) / PAGE_SIZE as u64;
     let drained = op(&c, "a", "/v1/node/drain", json!({}));
     let away = step_report(&c, &drained);
@@ -232,24 +228,14 @@ fn a_warm_copy_gives_way_to_a_vm_that_needs_the_room() {
     ) else {
         return;
     };
-    let create = |name: &str, memory: &str| {
-        c.call(
-            Method::POST,
-            "a",
-            "/v1/vms",
-            Some(json!({"name": name, "memory": memory})),
-        )
-    };
-    let (s, v) = create("web", "32MiB");
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create(&c, "a", json!({"name": "web", "memory": "32MiB"}));
     migrate(&c, "a", "web", "b", false);
     let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
     assert_eq!(v["memory_reclaimable"], 32u64 << 20, "{v}");
     // Written once the node moves nothing.
     retained(&c, "a", 1);
     // 40 MiB fits only without the warm copy: it goes, and the VM is made.
-    let (s, v) = create("big", "40MiB");
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    create(&c, "a", json!({"name": "big", "memory": "40MiB"}));
     let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
     assert_eq!(
         (v["memory_used"].as_u64(), v["memory_reclaimable"].as_u64()),
