@@ -152,6 +152,8 @@ const SHRINKING_QUARTERS: u64 = 3;
 pub struct Convergence {
     policy: ConvergencePolicy,
     throughput_bps: Option<f64>,
+    /// Whether the rate came from a round of at least `MIN_MEASURED_BYTES`.
+    throughput_measured: bool,
     bad_rounds: u32,
     throttle_pct: u8,
     best_remaining: u64,
@@ -165,6 +167,7 @@ impl Convergence {
         Self {
             policy,
             throughput_bps: None,
+            throughput_measured: false,
             bad_rounds: 0,
             throttle_pct: 0,
             best_remaining: u64::MAX,
@@ -225,12 +228,13 @@ impl Convergence {
         let secs = r.duration.as_secs_f64();
         // A round that sent nothing (a failback by delta of an idle guest)
         // says nothing of the link.
+        // One from a small round (a few pages of a delta's round 0, sent in
+        // about a round trip) stands only until a later round replaces it.
         let sent = r.bytes_sent > 0;
-        if secs > 0.0
-            && sent
-            && (r.bytes_sent >= MIN_MEASURED_BYTES || self.throughput_bps.is_none())
-        {
+        let measured = r.bytes_sent >= MIN_MEASURED_BYTES;
+        if secs > 0.0 && sent && (measured || !self.throughput_measured) {
             self.throughput_bps = Some(r.bytes_sent as f64 / secs);
+            self.throughput_measured |= measured;
         }
         self.pause_cost = r.pause_cost;
         if let Some(transfer) = self.transfer_time(r.dirty_bytes) {
@@ -351,6 +355,28 @@ mod tests {
         assert_eq!(c.decide(&round(0, 0.1, 5, 0, 1)), Decision::Continue);
         assert_eq!(c.throughput_bps(), None);
         assert_eq!(c.decide(&round(1, 0.2, 10, 1, 0)), Decision::Switchover);
+    }
+
+    #[test]
+    fn a_rate_from_a_small_round_stands_only_until_a_larger_one() {
+        // A delta's round 0 of 40 KB in a 20 ms round trip: 2 MB/s, far
+        // below the link. The next round's 8 MB in 80 ms replaces it, and
+        // 2 MB dirty then fit the limit.
+        let mut c = Convergence::new(policy());
+        let tiny = RoundStats {
+            bytes_sent: 40_000,
+            ..round(0, 0.1, 20, 0, 2)
+        };
+        c.decide(&tiny);
+        assert_eq!(c.throughput_bps(), Some(2_000_000.0));
+        c.decide(&round(1, 0.2, 80, 8, 2));
+        assert_eq!(c.throughput_bps(), Some(100_000_000.0));
+        // A measured rate is not replaced by a small round's.
+        c.decide(&RoundStats {
+            bytes_sent: 40_000,
+            ..round(2, 0.3, 20, 0, 2)
+        });
+        assert_eq!(c.throughput_bps(), Some(100_000_000.0));
     }
 
     fn costing(r: RoundStats, cost_ms: u64) -> RoundStats {

@@ -23,7 +23,8 @@ impl Node {
             ));
         }
         let mut st = self.state.lock().unwrap();
-        self.admit_locked(&mut st, &label.vm, setup.memory_bytes)
+        let base = setup.base.as_ref().map(|b| b.migration_id.as_str());
+        self.admit_locked(&mut st, &label.vm, setup.memory_bytes, base)
             .map_err(|e| e.to_string())?;
         st.vms.insert(
             label.vm.clone(),

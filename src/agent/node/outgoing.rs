@@ -274,8 +274,14 @@ impl Node {
             let keep = {
                 let (node, vm) = (node.clone(), vm.clone());
                 tokio::task::spawn_blocking(move || {
-                    // An agent that stops does not wait for the write.
-                    let stop = || node.closing.load(Ordering::Relaxed);
+                    // An agent that stops does not wait for the write, and a
+                    // copy taken over or dropped for room is not held by it.
+                    let stop = || {
+                        node.closing.load(Ordering::Relaxed) || {
+                            let st = node.state.lock().unwrap();
+                            st.warm.get(&vm).is_none_or(|w| w.migration != id)
+                        }
+                    };
                     node.retention.keep(&vm, &id, &memory, &stop)
                 })
             };

@@ -113,7 +113,7 @@ impl Node {
         }
         {
             let mut st = self.state.lock().unwrap();
-            self.admit_locked(&mut st, &spec.name, spec.memory)?;
+            self.admit_locked(&mut st, &spec.name, spec.memory, None)?;
             // Reserve the name and the memory while the guest is built.
             st.vms
                 .insert(spec.name.clone(), Vm::reserved(spec.clone(), None));
@@ -207,6 +207,7 @@ impl Node {
         st: &mut State,
         name: &str,
         memory: u64,
+        base: Option<&str>,
     ) -> Result<(), NodeError> {
         if st.fenced {
             return Err(NodeError::Conflict(format!(
@@ -227,10 +228,28 @@ impl Node {
                 self.spec.name
             )));
         }
-        // A VM's own warm copy becomes its memory when it comes back: it
-        // needs only the rest, and the other warm copies give way to it.
-        let own = st.warm.get(name).map_or(0, |w| w.memory.len_bytes());
+        // A VM's own warm copy becomes its memory when it comes back by a
+        // delta from it: it needs nothing more. Any other copy of that name
+        // will never be used: it goes.
+        let own = st
+            .warm
+            .get(name)
+            .filter(|w| base == Some(w.migration.as_str()) && w.memory.len_bytes() == memory)
+            .map_or(0, |w| w.memory.len_bytes());
+        if own == 0 {
+            st.warm.remove(name);
+        }
         let need = memory.saturating_sub(own);
+        // The other warm copies give way, but only for a VM that then fits.
+        let used = st.memory_used();
+        if used.saturating_sub(st.warm_bytes()) + own + need > self.spec.memory_capacity {
+            return Err(NodeError::InsufficientMemory(format!(
+                "node {} has {} free, VM {name} needs {}",
+                self.spec.name,
+                crate::units::Bytes(self.spec.memory_capacity.saturating_sub(used)),
+                crate::units::Bytes(memory)
+            )));
+        }
         st.make_room(need, self.spec.memory_capacity, name);
         let used = st.memory_used();
         if used + need > self.spec.memory_capacity {
