@@ -6,6 +6,7 @@
 
 use crate::common;
 
+use common::agents::Dir;
 use common::*;
 use ferry::memory::{FillSpec, GuestMemory, WorkloadPattern, PAGE_SIZE};
 use ferry::migration::delta::Base;
@@ -18,28 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-/// A fresh folder for one test's image, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ferry-delta-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running guest, the image of its memory written at one moment (as the
 /// node it left would keep it) and the base that moment makes; the guest
@@ -127,7 +106,7 @@ fn arrived_whole(g: &Arc<ferry::memory::SyntheticGuest>, src: &Report, dst: &Inc
 #[test]
 fn a_failback_to_the_kept_image_sends_only_what_changed() {
     let _serial = serial();
-    let dir = Scratch::new("kept");
+    let dir = Dir::new("delta-kept");
     let (g, path, base) = left_and_ran_on(dir.path());
     let pages = g.memory().pages();
     let (src, dst) = failback(&g, &base, true, path);
@@ -165,7 +144,7 @@ fn warm_copy(path: &Path) -> Arc<GuestMemory> {
 #[test]
 fn a_warm_copy_is_taken_over_as_the_guests_memory_without_a_copy() {
     let _serial = serial();
-    let dir = Scratch::new("memory");
+    let dir = Dir::new("delta-memory");
     let (g, path, base) = left_and_ran_on(dir.path());
     let held = warm_copy(&path);
     let image = std::sync::Mutex::new(Some(held.clone()));
@@ -200,7 +179,7 @@ fn a_warm_copy_is_taken_over_as_the_guests_memory_without_a_copy() {
 #[test]
 fn a_damaged_image_is_declined_and_every_page_sent() {
     let _serial = serial();
-    let dir = Scratch::new("damaged");
+    let dir = Dir::new("delta-damaged");
     let (g, path, base) = left_and_ran_on(dir.path());
     // One byte of the last page with content, changed on disk: its hash
     // no longer matches when the image is read.
@@ -222,7 +201,7 @@ fn a_damaged_image_is_declined_and_every_page_sent() {
 #[test]
 fn a_stale_image_or_none_at_all_is_declined() {
     let _serial = serial();
-    let dir = Scratch::new("stale");
+    let dir = Dir::new("delta-stale");
     let (g, path, base) = left_and_ran_on(dir.path());
     // The image written again after the guest ran on: not the base offered.
     g.pause();
@@ -243,7 +222,7 @@ fn a_stale_image_or_none_at_all_is_declined() {
 #[test]
 fn an_idle_guest_fails_back_with_nothing_to_send() {
     let _serial = serial();
-    let dir = Scratch::new("idle");
+    let dir = Dir::new("delta-idle");
     let g = guest(32 * MIB, FillSpec::default(), WorkloadPattern::Idle, 0);
     g.pause();
     let path = dir.path().join("web.retained");
@@ -262,7 +241,7 @@ fn an_idle_guest_fails_back_with_nothing_to_send() {
 #[test]
 fn delta_off_offers_no_base() {
     let _serial = serial();
-    let dir = Scratch::new("off");
+    let dir = Dir::new("delta-off");
     let (g, path, base) = left_and_ran_on(dir.path());
     let (src, dst) = failback(&g, &base, false, path);
     arrived_whole(&g, &src, &dst);

@@ -11,15 +11,20 @@ use std::time::{Duration, Instant};
 pub const TOKEN: &str = "test-token-0123456789";
 pub const READONLY_TOKEN: &str = "read-only-token-0123456789";
 
-/// A folder for a test's cluster file, removed at the end.
-struct Dir(PathBuf);
+/// A fresh folder for a test's files (a cluster file, images), removed at
+/// the end.
+pub struct Dir(PathBuf);
 
 impl Dir {
-    fn new(name: &str) -> Self {
+    pub fn new(name: &str) -> Self {
         let p = std::env::temp_dir().join(format!("ferry-agent-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 
