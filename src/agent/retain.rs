@@ -92,6 +92,8 @@ pub struct Retention {
     /// The most memory an image read back may have (the node's capacity).
     max_memory: u64,
     kept: Mutex<Kept>,
+    /// Held while an image is written: one at a time, as they share a disk.
+    writing: Mutex<()>,
 }
 
 /// What is kept, and what is being written.
@@ -136,6 +138,7 @@ impl Retention {
             budget,
             max_memory,
             kept: Mutex::default(),
+            writing: Mutex::default(),
         };
         let Ok(entries) = std::fs::read_dir(dir) else {
             return r;
@@ -220,9 +223,17 @@ impl Retention {
         }
     }
 
+    /// A turn to write an image: writers take it before they take the memory
+    /// they write, so that images go to the disk one at a time and a writer
+    /// waiting for its turn holds no memory.
+    pub fn writer_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Keeps `mem`, the memory VM `vm` left by `migration` with, in place of
     /// any image of it kept before, evicting the oldest others to make room.
-    /// Blocking (it writes the image); `stop` ends it early. `None` when the
+    /// Blocking (it writes the image); `stop`, asked between steps, may hold
+    /// the write back and ends it early. `None` when the
     /// budget or the disk cannot hold it, or when the VM came back (or left
     /// again) before it was written.
     pub fn keep(
@@ -256,7 +267,9 @@ impl Retention {
             kept.pending.remove(vm);
         }
         let (image, meta) = (self.image_path(vm), self.meta_path(vm));
-        let (tmp, meta_tmp, view) = written?;
+        let Some((tmp, meta_tmp, view)) = written? else {
+            return Ok(None);
+        };
         if !current {
             let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&meta_tmp);
@@ -280,7 +293,7 @@ impl Retention {
     }
 
     /// Writes the image and its description under temporary names; their
-    /// paths.
+    /// paths, or `None` when `stop` stopped it.
     fn write(
         &self,
         vm: &str,
@@ -289,7 +302,7 @@ impl Retention {
         generation: u64,
         need: u64,
         stop: &dyn Fn() -> bool,
-    ) -> Result<(PathBuf, PathBuf, RetainedView), String> {
+    ) -> Result<Option<(PathBuf, PathBuf, RetainedView)>, String> {
         make_private_dir(&self.dir)?;
         if let Some(free) = free_disk(&self.dir) {
             // Room for it, and as much again for everything else on the disk.
@@ -305,7 +318,11 @@ impl Retention {
         let stem = super::kept::stem(vm);
         let tmp = self.dir.join(format!("{stem}.{generation}.retained-tmp"));
         let meta_tmp = self.dir.join(format!("{stem}.{generation}.meta-tmp"));
-        let digest = retained::write(mem, &tmp, stop).map_err(|e| e.to_string())?;
+        let digest = match retained::write(mem, &tmp, stop) {
+            Ok(d) => d,
+            Err(retained::RetainedError::Stopped { .. }) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
         let meta = Meta {
             version: VERSION,
             view: RetainedView {
@@ -322,7 +339,7 @@ impl Retention {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        Ok((tmp, meta_tmp, meta.view))
+        Ok(Some((tmp, meta_tmp, meta.view)))
     }
 
     /// Drops VM `vm`'s image, if one is kept, and any write of one under

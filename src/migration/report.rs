@@ -186,7 +186,8 @@ pub struct Report {
     /// Where the paused guest was saved when the migration ended unresolved
     /// (`ferry send`), so that nothing is lost.
     pub saved_to: Option<String>,
-    /// Pre-copy rounds (source side; empty on the destination).
+    /// Pre-copy rounds (source side; empty on the destination): at most
+    /// 256, the first 16 and the latest (`rounds` counts them all).
     pub round_log: Vec<RoundLog>,
     /// Memory this process holds, read when the report is written.
     pub memory_use: MemoryUse,

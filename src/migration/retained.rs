@@ -120,6 +120,12 @@ pub enum RetainedError {
         /// What is wrong, naming the field.
         why: String,
     },
+    /// The write was stopped before the image was whole.
+    #[error("{path}: stopped before the image was whole")]
+    Stopped {
+        /// The file.
+        path: String,
+    },
 }
 
 /// A retained image opened for reading: its header checked, its hash table
@@ -135,7 +141,8 @@ pub struct Retained {
 
 /// Writes `mem` to `path` as a retained image (mode 600), through a
 /// temporary file renamed into place when whole and synced; `stop` is asked
-/// between steps, and answering true ends the write (nothing left behind).
+/// between steps (it may block to hold the write back), and answering true
+/// ends the write (nothing left behind).
 /// Returns the file's digest of the memory.
 pub fn write(
     mem: &GuestMemory,
@@ -164,7 +171,7 @@ pub fn write(
         while first < pages {
             out.advance(&f, base + first * PAGE_SIZE as u64)?;
             if stop() {
-                return Err(std::io::Error::other("stopped: the agent is stopping"));
+                return Err(std::io::ErrorKind::Interrupted.into());
             }
             let count = STEP_PAGES.min(pages - first);
             mem.with_pages(first, count, |bytes| -> std::io::Result<()> {
@@ -204,7 +211,12 @@ pub fn write(
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map_err(io)
+    written.map_err(|e| match e.kind() {
+        std::io::ErrorKind::Interrupted => RetainedError::Stopped {
+            path: path.display().to_string(),
+        },
+        _ => io(e),
+    })
 }
 
 impl Retained {

@@ -1,8 +1,9 @@
 //! Failback retention: a node keeps the image each VM left it with (a
 //! sparse 0600 file with its page hashes), byte for byte what the target
-//! got, lists it in `GET /v1/node`, drops it when the VM comes back, and
-//! keeps none without a budget (the default). A drained VM failed back to
-//! it sends only what changed since, unless the delta is turned off.
+//! got, lists it in `GET /v1/node`, drops it when the VM comes back, writes
+//! it only while the node moves nothing, and keeps none without a budget. A
+//! drained VM failed back to it sends only what changed since, unless the
+//! delta is turned off.
 
 use crate::common;
 
@@ -56,7 +57,7 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
         &[
             ("a", "failback_retention = \"256MiB\""),
             ("b", "failback_retention = \"256MiB\""),
-            ("c", ""),
+            ("c", "failback_retention = 0"),
         ],
     ) else {
         return;
@@ -114,7 +115,7 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     assert_eq!(r["images"][0]["vm"], "web", "{r}");
     assert!(!app.exists());
     retained(&c, "b", 1);
-    // A node with no budget (the default) keeps nothing.
+    // A node with no budget keeps nothing.
     migrate(&c, "a", "app", "c", false);
     let r = retained(&c, "c", 0);
     assert_eq!(r["budget"], 0);
@@ -253,4 +254,51 @@ fn a_warm_copy_gives_way_to_a_vm_that_needs_the_room() {
     assert_eq!(back.0, StatusCode::ACCEPTED, "{}", back.1);
     let done = c.wait("b", back.1["id"].as_str().unwrap());
     assert_eq!(done["report"]["delta"]["used"], true, "{done}");
+}
+
+#[test]
+fn a_node_writes_images_only_while_it_moves_nothing() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start(
+        "retention-quiet",
+        &[
+            (
+                "a",
+                "failback_retention = \"80MiB\"\nmax_bandwidth = \"20MB/s\"",
+            ),
+            ("b", "failback_retention = \"256MiB\""),
+        ],
+    ) else {
+        return;
+    };
+    for name in ["web", "app", "db"] {
+        create(
+            &c,
+            "a",
+            json!({"name": name, "memory": "32MiB", "workload": "hot:4MiB", "dirty_rate": "5MB/s"}),
+        );
+    }
+    // One at a time through a narrow link: the first VM's image could be
+    // written while the other two move, but waits for them.
+    op(&c, "a", "/v1/node/drain", json!({"max_concurrent": 1}));
+    // Warm copies stay within the budget too: two of the three, the oldest
+    // dropped, and an image of each.
+    let r = retained(&c, "a", 2);
+    let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
+    let last_end = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["finished_at_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    for image in r["images"].as_array().unwrap() {
+        let at = image["at_ms"].as_u64().unwrap();
+        assert!(
+            at >= last_end,
+            "{image} written before the drain ended at {last_end}"
+        );
+    }
+    let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(v["memory_reclaimable"], 64u64 << 20, "{v}");
 }

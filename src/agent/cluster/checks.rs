@@ -159,9 +159,9 @@ impl NodeDefaults<'_> {
             .or(self.defaults.failback_retention.as_ref())
         {
             Some(a) => amount(a, name, "failback_retention", false)?.unwrap_or(0),
-            // Off until a delta failback reads the images: writing them costs
-            // every migration (BENCHMARKS.md, "retention's cost").
-            None => 0,
+            // A quarter of its memory: enough for the VMs a drain sends
+            // away to fail back by delta.
+            None => memory_capacity / 4,
         };
         if failback_retention > MAX_RETENTION {
             return Err(format!(

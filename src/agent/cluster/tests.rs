@@ -359,12 +359,12 @@ fn max_concurrent_migrations_may_be_auto_for_the_cluster_or_a_node() {
 }
 
 #[test]
-fn failback_retention_is_off_unless_set_and_kept_in_the_state_folder() {
+fn failback_retention_is_a_quarter_of_memory_unless_set_and_kept_in_the_state_folder() {
     let d = dir_with_token("s3cret-s3cret-s3cret");
     let path = d.path().join("cluster.toml");
     let c = Cluster::parse(EXAMPLE, &path).unwrap();
     let a = c.node("a").unwrap();
-    assert_eq!(a.failback_retention, 0);
+    assert_eq!(a.failback_retention, a.memory_capacity / 4);
     assert_eq!(a.failback_retention_dir, a.state_dir.join("retained"));
     let text = EXAMPLE.replace(
         "[defaults]\n",

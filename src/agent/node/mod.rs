@@ -359,6 +359,11 @@ impl State {
         self.mode.unwrap_or(NodeMode::Active)
     }
 
+    /// Whether a migration leaves or arrives here now.
+    pub(super) fn busy(&self) -> bool {
+        self.running_out > 0 || self.vms.values().any(Vm::arriving)
+    }
+
     fn memory_used(&self) -> u64 {
         let vms: u64 = self.vms.values().map(|v| v.spec.memory).sum();
         vms.saturating_add(self.warm_bytes())
@@ -373,18 +378,43 @@ impl State {
     /// fit `capacity`.
     fn make_room(&mut self, need: u64, capacity: u64, keep: &str) {
         while self.memory_used().saturating_add(need) > capacity {
-            let Some(vm) = self
-                .warm
-                .iter()
-                .filter(|(vm, _)| vm.as_str() != keep)
-                .min_by_key(|(_, w)| w.at)
-                .map(|(vm, _)| vm.clone())
-            else {
+            if !self.drop_oldest_warm(keep) {
                 return;
-            };
-            tracing::info!(%vm, "dropping the warm copy of a VM that left, to make room");
-            self.warm.remove(&vm);
+            }
         }
+    }
+
+    /// Drops the oldest warm copies (but `keep`'s) until they take at most
+    /// `budget` bytes: the node's `failback_retention`, which bounds them as
+    /// it bounds the images on disk.
+    pub(super) fn trim_warm(&mut self, budget: u64, keep: &str) {
+        while self.warm_bytes() > budget {
+            if !self.drop_oldest_warm(keep) {
+                return;
+            }
+        }
+    }
+
+    /// Drops the oldest warm copy but `keep`'s; false when there is none.
+    /// Its memory is freed on a thread of its own: unmapping half a GiB
+    /// takes long enough to matter under the node's lock.
+    fn drop_oldest_warm(&mut self, keep: &str) -> bool {
+        let Some(vm) = self
+            .warm
+            .iter()
+            .filter(|(vm, _)| vm.as_str() != keep)
+            .min_by_key(|(_, w)| w.at)
+            .map(|(vm, _)| vm.clone())
+        else {
+            return false;
+        };
+        tracing::info!(%vm, "dropping the warm copy of a VM that left");
+        if let Some(w) = self.warm.remove(&vm) {
+            let _ = std::thread::Builder::new()
+                .name("warm-free".into())
+                .spawn(move || drop(w));
+        }
+        true
     }
 
     /// Forgets the oldest settled migrations (ended, and not unresolved)

@@ -201,13 +201,15 @@ impl Node {
                 (Outcome::Completed, _) => {
                     gone = st.vms.remove(&vm);
                     let left = gone.as_ref().and_then(|v| v.guest.as_ref());
-                    if let Some(g) = left.filter(|_| self.spec.failback_retention > 0) {
+                    let budget = self.spec.failback_retention;
+                    if let Some(g) = left.filter(|g| g.memory().len_bytes() <= budget) {
                         let warm = Warm {
                             migration: id.clone(),
                             memory: g.memory().clone(),
                             at: Instant::now(),
                         };
                         st.warm.insert(vm.clone(), warm);
+                        st.trim_warm(budget, &vm);
                     }
                 }
                 (Outcome::Unresolved, Some(v)) => {
@@ -247,50 +249,65 @@ impl Node {
     }
 
     /// Writes the warm copy VM `vm` left by migration `id` with as its
-    /// retained image, once the node moves nothing (its migrations have the
-    /// disk and the cores first; the warm copy serves a failback
-    /// meanwhile). Nothing is written if the copy is gone by then: taken
-    /// over by the VM's failback, or dropped for a VM that needed the room.
+    /// retained image, only while the node moves nothing: its migrations
+    /// have the disk and the cores first (the write waits for them, also
+    /// midway), and the warm copy serves a failback meanwhile. Nothing is
+    /// written if the copy is gone: taken over by the VM's failback, or
+    /// dropped for a VM that needed the room.
     fn retain_in_background(&self, vm: &str, id: &str) {
         let Some(node) = self.this.upgrade() else {
             return;
         };
         let (vm, id) = (vm.to_string(), id.to_string());
         self.tasks.spawn(async move {
-            let memory = loop {
-                {
-                    let st = node.state.lock().unwrap();
-                    let warm = st.warm.get(&vm).filter(|w| w.migration == id);
-                    let Some(warm) = warm.map(|w| w.memory.clone()) else {
-                        return;
-                    };
-                    let moving = st.running_out > 0 || st.vms.values().any(|v| v.arriving.is_some());
-                    if !moving || node.closing.load(Ordering::Relaxed) {
-                        break warm;
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            };
-            let keep = {
-                let (node, vm) = (node.clone(), vm.clone());
-                tokio::task::spawn_blocking(move || {
-                    // An agent that stops does not wait for the write, and a
-                    // copy taken over or dropped for room is not held by it.
-                    let stop = || {
-                        node.closing.load(Ordering::Relaxed) || {
-                            let st = node.state.lock().unwrap();
-                            st.warm.get(&vm).is_none_or(|w| w.migration != id)
+            // A thread of its own, not the runtime's blocking pool: a write
+            // waits long for the node's migrations, which need that pool.
+            let (done, keep) = tokio::sync::oneshot::channel();
+            let (writer, vm2) = (node.clone(), vm.clone());
+            let spawned = std::thread::Builder::new()
+                .name("retain-writer".into())
+                .spawn(move || {
+                    let (node, vm) = (writer, vm2);
+                    let _turn = node.retention.writer_turn();
+                    let memory = {
+                        let st = node.state.lock().unwrap();
+                        let warm = st.warm.get(&vm).filter(|w| w.migration == id);
+                        let memory = warm.map(|w| w.memory.clone());
+                        match memory.filter(|_| !node.closing.load(Ordering::Relaxed)) {
+                            Some(m) => m,
+                            None => return drop(done.send(Ok(None))),
                         }
                     };
-                    node.retention.keep(&vm, &id, &memory, &stop)
-                })
-            };
+                    // Asked between steps: waits while the node moves a VM;
+                    // stops for an agent that stops, and for a copy taken
+                    // over or dropped for room (the write does not hold it).
+                    let gate = || loop {
+                        if node.closing.load(Ordering::Relaxed) {
+                            return true;
+                        }
+                        {
+                            let st = node.state.lock().unwrap();
+                            if st.warm.get(&vm).is_none_or(|w| w.migration != id) {
+                                return true;
+                            }
+                            if !st.busy() {
+                                return false;
+                            }
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    };
+                    let _ = done.send(node.retention.keep(&vm, &id, &memory, &gate));
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(%vm, error = %e, "retaining the VM's image failed: no thread");
+                return;
+            }
             match keep.await {
                 Ok(Ok(Some(v))) => {
                     tracing::info!(%vm, bytes = v.bytes, "retained the image the VM left with")
                 }
                 Ok(Ok(None)) => {
-                    tracing::info!(%vm, budget = node.spec.failback_retention, "the VM's image is not retained: larger than failback_retention, or the VM came back meanwhile")
+                    tracing::info!(%vm, budget = node.spec.failback_retention, "the VM's image is not retained: larger than failback_retention, its warm copy taken over or dropped, or the agent stopping")
                 }
                 Ok(Err(e)) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
                 Err(e) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),

@@ -41,8 +41,25 @@ pub struct RoundTotals {
     pub dirty_time: Duration,
     /// The highest throttle asked for, percent.
     pub throttle_max: u8,
-    /// One entry per pre-copy round.
+    /// One entry per pre-copy round, at most [`ROUND_LOG_MAX`]: the first
+    /// [`ROUND_LOG_FIRST`] and the latest.
     pub log: Vec<RoundLog>,
+}
+
+/// The most rounds a report lists: a migration that runs for hours (a
+/// throttled guest) must not grow its report and record without end.
+pub const ROUND_LOG_MAX: usize = 256;
+/// The rounds a full log keeps from its start; the middle gives way.
+pub const ROUND_LOG_FIRST: usize = 16;
+
+impl RoundTotals {
+    /// Logs a round, dropping the oldest past the first ones when full.
+    fn log_round(&mut self, round: RoundLog) {
+        if self.log.len() >= ROUND_LOG_MAX {
+            self.log.remove(ROUND_LOG_FIRST);
+        }
+        self.log.push(round);
+    }
 }
 
 /// The policy's verdict on a drained pre-copy round.
@@ -164,7 +181,7 @@ impl Rounds {
             dirty_pages_after: dirty_pages,
             throttle_pct: self.conv.throttle_pct(),
         };
-        t.log.push(log);
+        t.log_round(log);
         if let Decision::GiveUp(g) = decision {
             self.stage = Stage::Done;
             return Err(MigrationError::NotConverging(g));
@@ -303,6 +320,25 @@ mod tests {
         r.begin_round(t, pages);
         let v = r.round_drained(t + MS * ms as u32, dirty).unwrap();
         (r, t, v)
+    }
+
+    #[test]
+    fn the_round_log_keeps_the_first_and_the_latest_rounds() {
+        let mut t = RoundTotals::default();
+        for round in 0..1_000 {
+            t.log_round(RoundLog {
+                round,
+                pages: 1,
+                ms: 1.0,
+                dirty_pages_after: 1,
+                throttle_pct: 0,
+            });
+        }
+        let rounds: Vec<u32> = t.log.iter().map(|l| l.round).collect();
+        assert_eq!(rounds.len(), ROUND_LOG_MAX);
+        assert_eq!(rounds[..ROUND_LOG_FIRST], (0..16).collect::<Vec<_>>()[..]);
+        assert_eq!(rounds[ROUND_LOG_FIRST], 1_000 - 240);
+        assert_eq!(rounds.last(), Some(&999));
     }
 
     #[test]
