@@ -129,6 +129,10 @@ fn repeat(
     Ok(runs)
 }
 
+/// Polls of the rolling update in a row that may fail (at 250 ms apart)
+/// before the bench gives up on the cluster.
+const POLL_FAILURES: u32 = 40;
+
 /// One rolling update, waited for and read back phase by phase.
 fn cycle_once(agents: &LocalAgents, cancel: &CancellationToken, delta: bool) -> Result<CycleRun> {
     let (ctx, a_node) = (&agents.ctx, agents.node("a")?);
@@ -139,14 +143,29 @@ fn cycle_once(agents: &LocalAgents, cancel: &CancellationToken, delta: bool) -> 
         ..StartUpdate::default()
     };
     let started = ctx.run(ctx.peers.start_update(&a_node, &start))?;
-    let mut cancel_sent = false;
+    let (mut cancel_sent, mut failures) = (false, 0);
     let run: UpdateRun = loop {
         std::thread::sleep(Duration::from_millis(250));
         if cancel.is_cancelled() && !cancel_sent {
             cancel_sent = true;
             let _ = ctx.run(ctx.peers.cancel_update(&a_node));
         }
-        let now = ctx.run(ctx.peers.update_run(&a_node))?;
+        // An agent answers 503 for a moment while etcd is slow to answer
+        // it: the run goes on in the cluster, so the poll does too.
+        let now = match ctx.run(ctx.peers.update_run(&a_node)) {
+            Ok(now) => {
+                failures = 0;
+                now
+            }
+            Err(e) if failures < POLL_FAILURES => {
+                failures += 1;
+                eprintln!(
+                    "bench cycle: asking for the rolling update failed ({e:#}); asking again"
+                );
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         if now.id == started.id && now.state != RunState::Running {
             break now;
         }

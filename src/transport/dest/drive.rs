@@ -195,26 +195,25 @@ impl Session {
         hashes: PageHashes,
         tally: &mut Tally,
     ) -> Result<(PageHashes, bool, Arc<crate::memory::GuestMemory>), MigrationError> {
-        let (Some(base), Some(find)) = (&setup.base, &self.config.delta_base) else {
+        let (Some(base), Some(find)) = (setup.base.clone(), self.config.delta_base.clone()) else {
             return Ok((hashes, false, memory));
         };
-        let image = match find(setup) {
-            Ok(image) => image,
-            Err(why) => {
-                tracing::info!(%why, "the offered delta base is not here: every page is sent");
-                tally.delta.declined = Some(why);
-                return Ok((hashes, false, memory));
-            }
-        };
-        let base = base.clone();
+        let offered = setup.clone();
         let t = Instant::now();
+        // Finding the image opens a file and reads its hash table: blocking
+        // work, as is loading it.
         let (hashes, taken, memory) = tokio::task::spawn_blocking(move || {
             use super::prefill::{adopt, prefill, BaseImage};
+            let image = match find(&offered) {
+                Ok(image) => image,
+                Err(why) => return (hashes, Err(Declined::NotHere(why)), memory),
+            };
+            let unusable = |why| Err(Declined::Unusable(why));
             match image {
                 BaseImage::Memory(warm) if warm.len_bytes() == memory.len_bytes() => {
                     match adopt(&warm, &hashes, &base) {
                         Ok(pages) => (hashes, Ok(pages), warm),
-                        Err(why) => (hashes, Err(why), memory),
+                        Err(why) => (hashes, unusable(why), memory),
                     }
                 }
                 BaseImage::Memory(warm) => {
@@ -223,10 +222,10 @@ impl Session {
                         warm.len_bytes(),
                         memory.len_bytes()
                     );
-                    (hashes, Err(why), memory)
+                    (hashes, unusable(why), memory)
                 }
                 BaseImage::File(file) => {
-                    let taken = prefill(&memory, &hashes, &file, &base);
+                    let taken = prefill(&memory, &hashes, &file, &base).map_err(Declined::Unusable);
                     (hashes, taken, memory)
                 }
             }
@@ -245,7 +244,12 @@ impl Session {
                 tally.delta.pages_skipped = pages;
                 Ok((hashes, true, memory))
             }
-            Err(why) => {
+            Err(Declined::NotHere(why)) => {
+                tracing::info!(%why, "the offered delta base is not here: every page is sent");
+                tally.delta.declined = Some(why);
+                Ok((hashes, false, memory))
+            }
+            Err(Declined::Unusable(why)) => {
                 tracing::warn!(%why, "the retained image is not usable: every page is sent");
                 tally.delta.declined = Some(why);
                 Ok((hashes, false, memory))
@@ -286,4 +290,12 @@ impl Session {
             .await?;
         Ok(())
     }
+}
+
+/// Why an offered delta base was not used.
+enum Declined {
+    /// The destination holds no image of that migration.
+    NotHere(String),
+    /// It holds one, but it does not check out (its memory zeroed again).
+    Unusable(String),
 }
