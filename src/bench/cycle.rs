@@ -182,9 +182,11 @@ pub struct CycleMeta {
     pub vms_per_node: u32,
     /// Their guests, as created.
     pub guests: Vec<String>,
-    /// Each node's outgoing link (its `max_bandwidth`), bytes/s; null when
-    /// unlimited.
+    /// Each node's outgoing link, bytes/s; null when unlimited.
     pub link_bps: Option<u64>,
+    /// How the links were emulated: `cap` (each node's `max_bandwidth`, on
+    /// loopback) or `tbf` (a namespace per node, its side kernel-shaped).
+    pub link: String,
     /// The nodes' codec.
     pub codec: String,
     /// Each node's migrations at once (with `auto`, the most its queue may
@@ -223,12 +225,13 @@ pub fn write_outputs(
     let _ = writeln!(
         md,
         "A rolling update of three nodes with {} VMs each ({}): each node in turn drained, \
-         updated (a no-op command) and resumed with failback. Links: {} per node; codec {}; \
+         updated (a no-op command) and resumed with failback. Links: {} per node ({}); codec {}; \
          {} migrations at once per node; failback by delta {} (retention {}); {} runs; \
          {} cores.\n",
         meta.vms_per_node,
         meta.guests.join("; "),
         super::sweep::link_label(meta.link_bps),
+        meta.link,
         meta.codec,
         if meta.max_concurrent_auto {
             "auto (chosen by each node)".to_string()

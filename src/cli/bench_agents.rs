@@ -25,34 +25,18 @@ pub(crate) struct LocalAgents {
 }
 
 impl LocalAgents {
-    /// Starts the agents of `file` (nodes a, b and c) on one runtime.
-    pub(crate) fn start(file: &std::path::Path) -> Result<Self> {
-        Self::start_in(file, None)
-    }
-
-    /// Starts the agents of `file`: with `split`, a on a runtime whose
-    /// threads live in the first namespace and b and c in the second (the
-    /// two ends of a tbf link), each agent started on its runtime's own
-    /// threads so its listeners are bound there.
-    pub(crate) fn start_in(
-        file: &std::path::Path,
-        split: Option<(Namespace, Namespace)>,
-    ) -> Result<Self> {
+    /// Starts the agents of `file` where `places` says: each agent on its
+    /// runtime's own threads, so that its listeners are bound in that
+    /// runtime's namespace.
+    pub(crate) fn start_in(file: &std::path::Path, places: Places) -> Result<Self> {
         let cluster = Cluster::load(file).map_err(|e| anyhow!("{e}"))?;
         let cpu = CpuMeter::new();
-        let (rts, homes) = match split {
-            None => (
-                vec![ferry::transport::runtime("ferry-agents", 2, &cpu)?],
-                [0, 0, 0],
-            ),
-            Some((a, rest)) => (
-                vec![
-                    ferry::transport::runtime_in("ferry-agent-a", 1, &cpu, Some(a))?,
-                    ferry::transport::runtime_in("ferry-agents-bc", 2, &cpu, Some(rest))?,
-                ],
-                [0, 1, 1],
-            ),
-        };
+        let rts = places
+            .rts
+            .into_iter()
+            .map(|(name, workers, ns)| ferry::transport::runtime_in(name, workers, &cpu, ns))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let homes = places.homes;
         let mut agents = Vec::new();
         for (name, home) in ["a", "b", "c"].into_iter().zip(homes) {
             let cluster = cluster.clone();
@@ -245,87 +229,146 @@ pub(crate) fn unix_time() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The runtimes agents a, b and c run on: each runtime's name, workers and
+/// network namespace, and which runtime each agent is on.
+pub(crate) struct Places {
+    rts: Vec<(&'static str, usize, Option<Namespace>)>,
+    homes: [usize; 3],
+}
+
+impl Places {
+    /// One runtime of two workers on loopback.
+    fn loopback() -> Self {
+        Self {
+            rts: vec![("ferry-agents", 2, None)],
+            homes: [0, 0, 0],
+        }
+    }
+}
+
 /// Where a bench's agents meet: loopback, with the node's own cap as its
-/// link, or (root, Linux) node a in one network namespace and b and c in
-/// another, joined by a veth pair whose a side a `tc` tbf qdisc shapes.
+/// link; or (root, Linux) node a in one network namespace and b and c in
+/// another, joined by a veth pair whose a side a `tc` tbf qdisc shapes
+/// (`pair`); or each node in a namespace of its own, every node's side
+/// shaped, around a hub where etcd and the client are (`star`).
 pub(crate) struct Topology {
     tbf: Option<ferry::transport::netns::TbfLink>,
+    star: Option<ferry::transport::netns::TbfStar>,
 }
 
 impl Topology {
-    /// `link` is `cap` or `tbf` (set up here, torn down on drop).
+    /// `link` is `cap` or `tbf` (a pair, set up here, torn down on drop).
     pub(crate) fn new(link: &str) -> Result<Self> {
         if link != "tbf" {
-            return Ok(Self { tbf: None });
+            return Ok(Self {
+                tbf: None,
+                star: None,
+            });
         }
         ferry::transport::netns::tbf_available().map_err(usage)?;
         let tbf = ferry::transport::netns::TbfLink::new()
             .context("setting up the tbf link (network namespaces, veth, tc)")?;
-        Ok(Self { tbf: Some(tbf) })
+        Ok(Self {
+            tbf: Some(tbf),
+            star: None,
+        })
+    }
+
+    /// `link` is `cap` or `tbf` (a star of three nodes, set up here, torn
+    /// down on drop).
+    pub(crate) fn star(link: &str) -> Result<Self> {
+        if link != "tbf" {
+            return Self::new(link);
+        }
+        ferry::transport::netns::tbf_available().map_err(usage)?;
+        let star = ferry::transport::netns::TbfStar::new(3)
+            .context("setting up the tbf links (network namespaces, a bridge, veth, tc)")?;
+        Ok(Self {
+            tbf: None,
+            star: Some(star),
+        })
     }
 
     /// Moves the calling thread to where etcd and the bench's client live
-    /// (b's and c's side); returns etcd's host and its namespace.
+    /// (b's and c's side of a pair, a star's hub); returns etcd's host and
+    /// its namespace.
     pub(crate) fn enter_client_side(&self) -> Result<(&'static str, Option<String>)> {
-        match &self.tbf {
-            None => Ok(("127.0.0.1", None)),
-            Some(t) => {
-                t.destination().enter()?;
-                let name = t.destination().name().to_string();
-                Ok((ferry::transport::netns::DEST_IP, Some(name)))
-            }
-        }
+        let (ns, host) = match (&self.tbf, &self.star) {
+            (Some(t), _) => (t.destination(), ferry::transport::netns::DEST_IP),
+            (_, Some(s)) => (s.hub(), ferry::transport::netns::HUB_IP),
+            _ => return Ok(("127.0.0.1", None)),
+        };
+        ns.enter()?;
+        Ok((host, Some(ns.name().to_string())))
     }
 
-    /// Sets the link to `bps`; returns the cap the node itself must keep
-    /// (`None` where the kernel shapes the link).
+    /// Sets the link (each node's, in a star) to `bps`; returns the cap the
+    /// node itself must keep (`None` where the kernel shapes the link).
     pub(crate) fn set_link(&mut self, bps: Option<u64>) -> Result<Option<u64>> {
-        match &mut self.tbf {
-            None => Ok(bps),
-            Some(t) => {
-                t.set_rate(bps).context("shaping the tbf link")?;
-                Ok(None)
-            }
+        if let Some(t) = &mut self.tbf {
+            t.set_rate(bps).context("shaping the tbf link")?;
+        } else if let Some(s) = &mut self.star {
+            s.set_rate(bps).context("shaping the tbf links")?;
+        } else {
+            return Ok(bps);
         }
+        Ok(None)
     }
 
     /// The nodes' (control, data) addresses for the `n`-th cluster of a
     /// run: free loopback ports, or in the namespaces (fresh, so nothing
     /// else listens there) ports of their own per cluster.
     pub(crate) fn addrs(&self, n: u16) -> Result<Vec<(String, String)>> {
-        use ferry::transport::netns::{DEST_IP, SOURCE_IP};
-        if self.tbf.is_none() {
-            let port = || -> Result<u16> {
-                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .port())
-            };
-            return (0..3)
-                .map(|_| {
-                    Ok((
-                        format!("127.0.0.1:{}", port()?),
-                        format!("127.0.0.1:{}", port()?),
-                    ))
-                })
-                .collect();
-        }
+        use ferry::transport::netns::{node_ip, DEST_IP, SOURCE_IP};
+        let hosts = match (&self.tbf, &self.star) {
+            (Some(_), _) => [SOURCE_IP, DEST_IP, DEST_IP].map(String::from),
+            (_, Some(_)) => [0, 1, 2].map(node_ip),
+            _ => {
+                let port = || -> Result<u16> {
+                    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                        .local_addr()?
+                        .port())
+                };
+                return (0..3)
+                    .map(|_| {
+                        Ok((
+                            format!("127.0.0.1:{}", port()?),
+                            format!("127.0.0.1:{}", port()?),
+                        ))
+                    })
+                    .collect();
+            }
+        };
         let base = 7100 + (n % 400) * 6;
-        let hosts = [SOURCE_IP, DEST_IP, DEST_IP];
         Ok((0..3u16)
             .map(|i| {
-                let p = base + 2 * i;
-                (
-                    format!("{}:{p}", hosts[i as usize]),
-                    format!("{}:{}", hosts[i as usize], p + 1),
-                )
+                let (host, p) = (&hosts[i as usize], base + 2 * i);
+                (format!("{host}:{p}"), format!("{host}:{}", p + 1))
             })
             .collect())
     }
 
-    /// The namespaces of a's side and of b's and c's, when split.
-    pub(crate) fn split(&self) -> Option<(Namespace, Namespace)> {
-        self.tbf
-            .as_ref()
-            .map(|t| (t.source().clone(), t.destination().clone()))
+    /// The runtimes the agents run on: in a pair, a's on a's side and one
+    /// for b and c on theirs; in a star, one per node in its namespace.
+    pub(crate) fn places(&self) -> Places {
+        if let Some(t) = &self.tbf {
+            return Places {
+                rts: vec![
+                    ("ferry-agent-a", 1, Some(t.source().clone())),
+                    ("ferry-agents-bc", 2, Some(t.destination().clone())),
+                ],
+                homes: [0, 1, 1],
+            };
+        }
+        if let Some(s) = &self.star {
+            let names = ["ferry-agent-a", "ferry-agent-b", "ferry-agent-c"];
+            return Places {
+                rts: (0..3)
+                    .map(|i| (names[i], 1, Some(s.node(i).clone())))
+                    .collect(),
+                homes: [0, 1, 2],
+            };
+        }
+        Places::loopback()
     }
 }

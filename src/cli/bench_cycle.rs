@@ -1,12 +1,15 @@
 //! `ferry bench cycle`: the operator's maintenance cycle, measured. Three
-//! in-process agents on loopback with VMs on each; a rolling update drains,
+//! in-process agents (on loopback, or each in a network namespace of its own
+//! behind a shaped link) with VMs on each; a rolling update drains,
 //! updates (a no-op hook) and resumes with failback every node in turn; the
 //! run's total and each phase's time and wire bytes.
 
 use super::args::{CycleBenchArgs, GuestBackend};
 use super::bench_agents::{
-    bench_dir, capacity, guest_labels, guest_memory, unix_time, LocalAgents,
+    bench_dir, capacity, guest_labels, guest_memory, unix_time, LocalAgents, Topology,
 };
+use super::demo_cluster::write_cluster_at;
+use super::local_etcd::LocalEtcd;
 use crate::{cancel_on_signals, check_kvm};
 use anyhow::{bail, Context, Result};
 use ferry::agent::request::Concurrency;
@@ -36,21 +39,32 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
         "auto" => 0,
         r => ferry::units::parse_size(r).map_err(|e| crate::usage(format!("--retention: {e}")))?,
     };
-    let result = super::local_etcd::LocalEtcd::start(&dir).and_then(|etcd| {
-        let settings = format!(
-            "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\nfailback_retention = {retention}\n{}",
-            a.codec,
-            match a.max_concurrent {
-                Concurrency::Fixed(n) => n.to_string(),
-                Concurrency::Auto => "\"auto\"".into(),
-            },
-            a.bandwidth.0.map_or(String::new(), |b| format!("max_bandwidth = {b}\n"))
-        );
-        let file = super::demo_cluster::write_cluster(&dir, &etcd.endpoint, &settings, capacity)?;
-        let agents = LocalAgents::start(&file)?;
-        let runs = repeat(&a, &agents, memory, &cancel, delta);
-        agents.stop();
-        runs
+    let mut topology = Topology::star(&a.link)?;
+    let cap = topology.set_link(a.bandwidth.0)?;
+    // On its own thread: with tbf links it moves to the hub, where etcd and
+    // the client live.
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (host, netns) = topology.enter_client_side()?;
+            let etcd = LocalEtcd::start_at(&dir, host, netns.as_deref())?;
+            let settings = format!(
+                "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\nfailback_retention = {retention}\n{}",
+                a.codec,
+                match a.max_concurrent {
+                    Concurrency::Fixed(n) => n.to_string(),
+                    Concurrency::Auto => "\"auto\"".into(),
+                },
+                cap.map_or(String::new(), |b| format!("max_bandwidth = {b}\n"))
+            );
+            let addrs = topology.addrs(0)?;
+            let file = write_cluster_at(&dir, &etcd.endpoint, &settings, capacity, &addrs)?;
+            let agents = LocalAgents::start_in(&file, topology.places())?;
+            let runs = repeat(&a, &agents, memory, &cancel, delta);
+            agents.stop();
+            runs
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bench's thread panicked"))?
     });
     let _ = std::fs::remove_dir_all(&dir);
     let runs = result?;
@@ -64,6 +78,7 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             vms_per_node: a.vms,
             guests: guest_labels(&a.guest, memory),
             link_bps: a.bandwidth.0,
+            link: a.link.clone(),
             codec: a.codec.to_string(),
             max_concurrent: match a.max_concurrent {
                 Concurrency::Fixed(n) => n,

@@ -143,7 +143,7 @@ impl<'a> Bench<'a> {
         topology: &Topology,
     ) -> Result<Self> {
         Ok(Self {
-            agents: LocalAgents::start_in(file, topology.split())?,
+            agents: LocalAgents::start_in(file, topology.places())?,
             args,
             memory,
         })

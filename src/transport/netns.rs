@@ -19,6 +19,9 @@ pub const SOURCE_IP: &str = "10.213.0.1";
 pub const DEST_IP: &str = "10.213.0.2";
 const PREFIX: &str = "ferry-";
 
+mod star;
+pub use star::{node_ip, TbfStar, HUB_IP};
+
 /// A named network namespace under `/run/netns`, held open.
 #[derive(Debug)]
 pub struct NetNs {
@@ -122,11 +125,15 @@ pub fn remove_stale() -> Vec<String> {
     removed
 }
 
-/// The process id in a namespace name this module made (`ferry-<pid>-src`).
+/// The process id in a namespace name this module made (`ferry-<pid>-src`,
+/// `-dst`, `-hub`, `-n<i>`).
 fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX)?;
     let (pid, side) = rest.split_once('-')?;
-    matches!(side, "src" | "dst").then_some(())?;
+    let node = side
+        .strip_prefix('n')
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+    (matches!(side, "src" | "dst" | "hub") || node).then_some(())?;
     pid.parse().ok()
 }
 
@@ -276,6 +283,9 @@ mod tests {
     fn names_carry_their_owner() {
         assert_eq!(owner_pid("ferry-123-src"), Some(123));
         assert_eq!(owner_pid("ferry-123-dst"), Some(123));
+        assert_eq!(owner_pid("ferry-123-hub"), Some(123));
+        assert_eq!(owner_pid("ferry-123-n2"), Some(123));
+        assert_eq!(owner_pid("ferry-123-n"), None);
         assert_eq!(owner_pid("ferry-123-other"), None);
         assert_eq!(owner_pid("ferry-x-src"), None);
         assert_eq!(owner_pid("blue"), None);

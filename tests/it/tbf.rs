@@ -1,7 +1,8 @@
-//! `ferry bench sweep --link tbf` and `bench drain --link tbf`: a
-//! kernel-shaped link between two network namespaces, set up and torn down
-//! by the bench, interrupted or not. Needs
-//! root and iproute2; says so and skips otherwise (fails where `CI` is set).
+//! `ferry bench sweep --link tbf`, `bench drain --link tbf` and `bench cycle
+//! --link tbf`: kernel-shaped links between network namespaces (a pair, or a
+//! namespace per node around a bridge), set up and torn down by the bench,
+//! interrupted or not. Needs root and iproute2; says so and skips otherwise
+//! (fails where `CI` is set).
 
 use crate::common;
 
@@ -236,4 +237,53 @@ fn a_drain_bench_across_namespaces_is_shaped_by_the_kernel_and_cleans_up() {
     let ms = cell["drain_ms"]["median"].as_f64().unwrap();
     assert!(wire > 32e6, "{v}");
     assert_held_to(ms, wire, 12_500_000.0);
+}
+
+#[test]
+fn a_cycle_bench_gives_each_node_a_shaped_link_and_cleans_up() {
+    let _serial = common::serial();
+    if let Some(why) = unavailable() {
+        common::missing(&why);
+        return;
+    }
+    if !common::etcd::available() {
+        return;
+    }
+    // Each node in a namespace of its own, etcd at the bridge between them.
+    let out = ferry()
+        .args(["bench", "cycle", "--link", "tbf", "--vms", "1"])
+        .args([
+            "--memory",
+            "16MiB",
+            "--workload",
+            "idle",
+            "--fill",
+            "random",
+        ])
+        .args(["--codec", "none", "--bandwidth", "100Mbit", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = out.id();
+    let out = out.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["summary"]["failures"], 0, "{v}");
+    let phases = v["runs"][0]["phases"].as_array().unwrap();
+    // Every node's drain (16 MiB of incompressible pages) went through its
+    // own link at 12.5 MB/s: the kernel held each back, the nodes had no cap.
+    let drains: Vec<_> = phases.iter().filter(|p| p["phase"] == "drain").collect();
+    assert_eq!(drains.len(), 3, "{v}");
+    for d in drains {
+        let wire = d["wire_bytes"].as_f64().unwrap();
+        assert!(wire > 16e6, "{d}");
+        assert_held_to(d["ms"].as_f64().unwrap(), wire, 12_500_000.0);
+    }
 }

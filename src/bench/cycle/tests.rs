@@ -66,6 +66,7 @@ fn the_files_hold_the_summary_and_every_run() {
         vms_per_node: 2,
         guests: vec!["64MiB idle".into()],
         link_bps: Some(125_000_000),
+        link: "cap".into(),
         codec: "auto".into(),
         max_concurrent: 2,
         max_concurrent_auto: true,

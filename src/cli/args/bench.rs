@@ -148,10 +148,16 @@ pub(crate) struct CycleBenchArgs {
     /// The nodes' codec (their `codec` setting).
     #[arg(long, default_value = "auto")]
     pub(crate) codec: CodecChoice,
-    /// Each node's outgoing link: its `max_bandwidth`, shared by its
-    /// migrations (`unlimited` for none).
+    /// Each node's outgoing link (`unlimited` for none), shared by its
+    /// migrations, emulated as --link says.
     #[arg(long, default_value = "1Gbit/s", value_parser = bandwidth_arg)]
     pub(crate) bandwidth: Bandwidth,
+    /// How to emulate the links: `cap` (each node's `max_bandwidth`, over
+    /// loopback) or `tbf` (root, Linux: each node in a network namespace of
+    /// its own, joined to a bridge by a veth pair whose node side a `tc`
+    /// tbf qdisc shapes; etcd and the bench's client at the bridge).
+    #[arg(long, default_value = "cap", value_parser = ["cap", "tbf"])]
+    pub(crate) link: String,
     /// Each node's migrations at once (its `max_concurrent_migrations`,
     /// 1 to 64), or `auto`: each node's queue chooses.
     #[arg(long, default_value = "2", value_parser = concurrency_arg)]
