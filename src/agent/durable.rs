@@ -464,6 +464,13 @@ impl Node {
                     saved_any = true;
                 }
                 Ok(Err(e)) => {
+                    // Retained images are a cache and a last copy comes
+                    // first: they go, and the save is tried again at once.
+                    let dropped = self.retention.drop_all();
+                    if dropped > 0 {
+                        tracing::warn!(vm = %name, error = %e, dropped, "cannot save the paused copy: dropping the retained images to make room");
+                        continue;
+                    }
                     failed.insert(name.clone(), std::time::Instant::now());
                     tracing::error!(vm = %name, dir = %dir.display(), error = %e, retry_in = ?SAVE_RETRY, "cannot save the paused copy: it is held in memory only")
                 }

@@ -349,6 +349,23 @@ impl Retention {
         self.drop_locked(&mut kept, vm);
     }
 
+    /// Drops every image kept and every write under way (a paused last
+    /// copy needs the disk); how many there were.
+    pub fn drop_all(&self) -> usize {
+        let mut kept = self.kept.lock().unwrap();
+        let vms: Vec<String> = kept
+            .images
+            .keys()
+            .chain(kept.pending.keys())
+            .cloned()
+            .collect();
+        let count = vms.len();
+        for vm in vms {
+            self.drop_locked(&mut kept, &vm);
+        }
+        count
+    }
+
     fn drop_locked(&self, kept: &mut Kept, vm: &str) {
         kept.pending.remove(vm);
         if kept.images.remove(vm).is_some() {

@@ -171,7 +171,7 @@ pub fn write(
         while first < pages {
             out.advance(&f, base + first * PAGE_SIZE as u64)?;
             if stop() {
-                return Err(std::io::ErrorKind::Interrupted.into());
+                return Err(std::io::Error::other(StopAsked));
             }
             let count = STEP_PAGES.min(pages - first);
             mem.with_pages(first, count, |bytes| -> std::io::Result<()> {
@@ -211,13 +211,18 @@ pub fn write(
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map_err(|e| match e.kind() {
-        std::io::ErrorKind::Interrupted => RetainedError::Stopped {
+    written.map_err(|e| match e.get_ref().is_some_and(|e| e.is::<StopAsked>()) {
+        true => RetainedError::Stopped {
             path: path.display().to_string(),
         },
-        _ => io(e),
+        false => io(e),
     })
 }
+
+/// What a write's `stop` answering true ends it with (never an OS error).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped")]
+struct StopAsked;
 
 impl Retained {
     /// Opens the retained image in `path`, checking its header and its hash

@@ -359,9 +359,9 @@ impl State {
         self.mode.unwrap_or(NodeMode::Active)
     }
 
-    /// Whether a migration leaves or arrives here now.
+    /// Whether a migration leaves, waits to leave or arrives here now.
     pub(super) fn busy(&self) -> bool {
-        self.running_out > 0 || self.vms.values().any(Vm::arriving)
+        self.running_out > 0 || !self.queue.is_empty() || self.vms.values().any(Vm::arriving)
     }
 
     fn memory_used(&self) -> u64 {
@@ -395,14 +395,16 @@ impl State {
         }
     }
 
-    /// Drops the oldest warm copy but `keep`'s; false when there is none.
-    /// Its memory is freed on a thread of its own: unmapping half a GiB
-    /// takes long enough to matter under the node's lock.
+    /// Drops the oldest warm copy but `keep`'s and those of VMs arriving
+    /// now (a failback by delta about to take its copy over); false when
+    /// there is none. Its memory is freed on a thread of its own: unmapping
+    /// half a GiB takes long enough to matter under the node's lock.
     fn drop_oldest_warm(&mut self, keep: &str) -> bool {
+        let arriving = |vm: &str| self.vms.get(vm).is_some_and(Vm::arriving);
         let Some(vm) = self
             .warm
             .iter()
-            .filter(|(vm, _)| vm.as_str() != keep)
+            .filter(|(vm, _)| vm.as_str() != keep && !arriving(vm))
             .min_by_key(|(_, w)| w.at)
             .map(|(vm, _)| vm.clone())
         else {

@@ -268,6 +268,10 @@ impl Node {
                 .name("retain-writer".into())
                 .spawn(move || {
                     let (node, vm) = (writer, vm2);
+                    let gone = |st: &super::State| st.warm.get(&vm).is_none_or(|w| w.migration != id);
+                    if node.closing.load(Ordering::Relaxed) || gone(&node.state.lock().unwrap()) {
+                        return drop(done.send(Ok(None)));
+                    }
                     let _turn = node.retention.writer_turn();
                     let memory = {
                         let st = node.state.lock().unwrap();
@@ -287,7 +291,7 @@ impl Node {
                         }
                         {
                             let st = node.state.lock().unwrap();
-                            if st.warm.get(&vm).is_none_or(|w| w.migration != id) {
+                            if gone(&st) {
                                 return true;
                             }
                             if !st.busy() {

@@ -224,3 +224,24 @@ fn a_failback_starts_from_the_file_once_it_is_whole() {
     let e = r.base("web", "m-2").err().unwrap();
     assert!(e.contains("from migration m-1, not m-2"), "{e}");
 }
+
+#[test]
+fn every_image_goes_when_a_last_copy_needs_the_disk() {
+    let d = Dir::new("drop-all");
+    let r = Retention::open(&d.0, 1 << 20, 1 << 30);
+    assert_eq!(r.drop_all(), 0);
+    for vm in ["web", "db"] {
+        r.keep(vm, "m", &memory(16, 4, 3), &|| false)
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(r.drop_all(), 2);
+    assert!(r.view().images.is_empty());
+    assert!(r.base("web", "m").is_err());
+    // Renamed aside at once, deleted in the background.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::read_dir(&d.0).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < end, "files left");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

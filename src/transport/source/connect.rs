@@ -28,8 +28,12 @@ const BASE_LOAD_BPS: u64 = 100_000_000;
 /// a base of `memory` bytes: the destination loads and checks the base
 /// first (seconds for a large guest).
 fn setup_wait(memory: u64) -> Duration {
-    CONNECT_TIMEOUT + Duration::from_secs(memory / BASE_LOAD_BPS)
+    (CONNECT_TIMEOUT + Duration::from_secs(memory / BASE_LOAD_BPS)).min(MAX_SETUP_WAIT)
 }
+
+/// The longest the source waits for that answer: 5 minutes (a cancel ends
+/// the wait at once).
+const MAX_SETUP_WAIT: Duration = Duration::from_secs(300);
 
 /// A bound connection: its halves and the credits it was granted.
 pub(super) type Bound = (FrameReader, FrameWriter, u16);
@@ -203,7 +207,11 @@ pub(super) async fn open_session(
             Some("SESSION_SETUP_RESPONSE") => answer_wait,
             _ => CONNECT_TIMEOUT,
         };
-        let (header, msg) = handshake_read(&mut rd0, what, wait).await?;
+        let (header, msg) = tokio::select! {
+            biased;
+            _ = ctx.cancel.cancelled() => return Err(MigrationError::Cancelled),
+            r = handshake_read(&mut rd0, what, wait) => r?,
+        };
         // A round trip: the quickest of the handshake's exchanges, so that
         // one slow answer (a busy destination) does not count as the
         // path's and block the switchover's estimate for good.
