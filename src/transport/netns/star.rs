@@ -112,25 +112,41 @@ impl TbfStar {
     }
 
     /// Shapes every node's egress to `rate` bytes per second, or removes the
-    /// shaping (`None`).
+    /// shaping (`None`). On a failure no node is left shaped.
     pub fn set_rate(&mut self, rate: Option<u64>) -> io::Result<()> {
-        for (ns, dev) in &self.nodes {
-            let mut args = vec!["netns", "exec", ns.name(), "tc", "qdisc"];
-            let params;
-            match rate {
-                None if self.rate.is_none() => continue,
-                None => args.extend(["del", "dev", dev.as_str(), "root"]),
-                Some(bps) => {
-                    params = tbf_params(bps);
-                    args.extend(["replace", "dev", dev.as_str(), "root", "tbf", "rate"]);
-                    args.extend([params.0.as_str(), "burst", &params.1, "limit", &params.2]);
-                }
+        let result = self.nodes.iter().try_for_each(|(ns, dev)| match rate {
+            None => qdisc(ns, dev, &["del"]).or_else(|e| match self.rate {
+                // Nothing to remove where nothing was shaped.
+                None => Ok(()),
+                Some(_) => Err(e),
+            }),
+            Some(bps) => {
+                let (rate, burst, limit) = tbf_params(bps);
+                let tbf = [
+                    "replace", "tbf", "rate", &rate, "burst", &burst, "limit", &limit,
+                ];
+                qdisc(ns, dev, &tbf)
             }
-            run("ip", &args)?;
+        });
+        if let Err(e) = result {
+            for (ns, dev) in &self.nodes {
+                let _ = qdisc(ns, dev, &["del"]);
+            }
+            self.rate = None;
+            return Err(e);
         }
         self.rate = rate;
         Ok(())
     }
+}
+
+/// `tc qdisc <verb> dev <dev> root <rest...>` in namespace `ns`.
+fn qdisc(ns: &NetNs, dev: &str, verb_and_rest: &[&str]) -> io::Result<()> {
+    let (verb, rest) = verb_and_rest.split_first().expect("a verb");
+    let mut args = vec!["netns", "exec", ns.name(), "tc", "qdisc", verb];
+    args.extend(["dev", dev, "root"]);
+    args.extend(rest);
+    run("ip", &args)
 }
 
 impl Drop for TbfStar {
