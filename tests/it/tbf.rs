@@ -33,6 +33,36 @@ fn namespaces_of(pid: u32) -> Vec<String> {
 /// `none`, one repeat per link speed.
 /// `wire` bytes took `ms`: as long as a link of `bps` needs for them, and
 /// no more than twice that.
+/// Whether this machine can run a bench of agents across namespaces (tbf
+/// and etcd); says what is missing otherwise (a failure where `CI` is set).
+fn with_etcd() -> bool {
+    if let Some(why) = unavailable() {
+        common::missing(&why);
+        return false;
+    }
+    common::etcd::available()
+}
+
+/// Runs a bench with `--json` to its end; its output, once it succeeded
+/// and left no namespace behind.
+fn run_and_clean_up(mut bench: Command) -> serde_json::Value {
+    let child = bench
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
+    serde_json::from_str(text.trim()).unwrap()
+}
+
 fn assert_held_to(ms: f64, wire: f64, bps: f64) {
     let floor = wire / bps * 1e3;
     assert!(ms >= 0.9 * floor, "{ms} ms for {wire} B");
@@ -176,52 +206,35 @@ fn bench_link_measures_the_shaped_path() {
 #[test]
 fn a_drain_bench_across_namespaces_is_shaped_by_the_kernel_and_cleans_up() {
     let _serial = common::serial();
-    if let Some(why) = unavailable() {
-        common::missing(&why);
-        return;
-    }
-    if !common::etcd::available() {
+    if !with_etcd() {
         return;
     }
     // Node a alone on one side of the link, b, c and etcd on the other.
-    let child = ferry()
-        .args([
-            "bench",
-            "drain",
-            "--link",
-            "tbf",
-            "--vms",
-            "2",
-            "--memory",
-            "16MiB",
-            "--workload",
-            "idle",
-            "--fill",
-            "random",
-            "--codecs",
-            "none",
-            "--max-concurrent",
-            "2",
-            "--bandwidth",
-            "100Mbit",
-            "--repeats",
-            "1",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
-    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let mut child = ferry();
+    child.args([
+        "bench",
+        "drain",
+        "--link",
+        "tbf",
+        "--vms",
+        "2",
+        "--memory",
+        "16MiB",
+        "--workload",
+        "idle",
+        "--fill",
+        "random",
+        "--codecs",
+        "none",
+        "--max-concurrent",
+        "2",
+        "--bandwidth",
+        "100Mbit",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let v = run_and_clean_up(child);
     let cell = &v["cells"][0];
     assert_eq!(
         (cell["repeats"].as_u64(), cell["failures"].as_u64()),
@@ -242,39 +255,17 @@ fn a_drain_bench_across_namespaces_is_shaped_by_the_kernel_and_cleans_up() {
 #[test]
 fn a_cycle_bench_gives_each_node_a_shaped_link_and_cleans_up() {
     let _serial = common::serial();
-    if let Some(why) = unavailable() {
-        common::missing(&why);
-        return;
-    }
-    if !common::etcd::available() {
+    if !with_etcd() {
         return;
     }
     // Each node in a namespace of its own, etcd at the bridge between them.
-    let out = ferry()
+    let mut bench = ferry();
+    bench
         .args(["bench", "cycle", "--link", "tbf", "--vms", "1"])
-        .args([
-            "--memory",
-            "16MiB",
-            "--workload",
-            "idle",
-            "--fill",
-            "random",
-        ])
-        .args(["--codec", "none", "--bandwidth", "100Mbit", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = out.id();
-    let out = out.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(namespaces_of(pid).is_empty(), "{:?}", namespaces_of(pid));
-    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        .args(["--memory", "16MiB", "--workload", "idle"])
+        .args(["--fill", "random", "--codec", "none"])
+        .args(["--bandwidth", "100Mbit", "--json"]);
+    let v = run_and_clean_up(bench);
     assert_eq!(v["summary"]["failures"], 0, "{v}");
     let phases = v["runs"][0]["phases"].as_array().unwrap();
     // Every node's drain (16 MiB of incompressible pages) went through its
