@@ -267,40 +267,7 @@ impl Node {
             let spawned = std::thread::Builder::new()
                 .name("retain-writer".into())
                 .spawn(move || {
-                    let (node, vm) = (writer, vm2);
-                    let gone = |st: &super::State| st.warm.get(&vm).is_none_or(|w| w.migration != id);
-                    if node.closing.load(Ordering::Relaxed) || gone(&node.state.lock().unwrap()) {
-                        return drop(done.send(Ok(None)));
-                    }
-                    let _turn = node.retention.writer_turn();
-                    let memory = {
-                        let st = node.state.lock().unwrap();
-                        let warm = st.warm.get(&vm).filter(|w| w.migration == id);
-                        let memory = warm.map(|w| w.memory.clone());
-                        match memory.filter(|_| !node.closing.load(Ordering::Relaxed)) {
-                            Some(m) => m,
-                            None => return drop(done.send(Ok(None))),
-                        }
-                    };
-                    // Asked between steps: waits while the node moves a VM;
-                    // stops for an agent that stops, and for a copy taken
-                    // over or dropped for room (the write does not hold it).
-                    let gate = || loop {
-                        if node.closing.load(Ordering::Relaxed) {
-                            return true;
-                        }
-                        {
-                            let st = node.state.lock().unwrap();
-                            if gone(&st) {
-                                return true;
-                            }
-                            if !st.busy() {
-                                return false;
-                            }
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                    };
-                    let _ = done.send(node.retention.keep(&vm, &id, &memory, &gate));
+                    let _ = done.send(writer.write_retained(&vm2, &id));
                 });
             if let Err(e) = spawned {
                 tracing::warn!(%vm, error = %e, "retaining the VM's image failed: no thread");
@@ -317,6 +284,54 @@ impl Node {
                 Err(e) => tracing::warn!(%vm, error = %e, "retaining the VM's image failed"),
             }
         });
+    }
+
+    /// Writes the warm copy VM `vm` left by migration `id` with, on the
+    /// calling thread, in the node's writer turn and only while the node
+    /// is quiet; `None` when there was nothing to write or it was stopped.
+    fn write_retained(
+        &self,
+        vm: &str,
+        id: &str,
+    ) -> Result<Option<crate::agent::retain::RetainedView>, String> {
+        let gone = |st: &super::State| st.warm.get(vm).is_none_or(|w| w.migration != id);
+        if self.closing.load(Ordering::Relaxed) || gone(&self.state.lock().unwrap()) {
+            return Ok(None);
+        }
+        let _turn = self.retention.writer_turn();
+        // Asked between steps: waits while the node moves a VM; stops for
+        // an agent that stops, and for a copy taken over or dropped for
+        // room (the write does not hold it).
+        let gate = || loop {
+            if self.closing.load(Ordering::Relaxed) {
+                return true;
+            }
+            {
+                let st = self.state.lock().unwrap();
+                if gone(&st) {
+                    return true;
+                }
+                if !st.busy() {
+                    return false;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        // The node quiet first, the memory not yet held: an image reserves
+        // its room, and evicts older ones, only when it is about to be
+        // written.
+        if gate() {
+            return Ok(None);
+        }
+        let memory = {
+            let st = self.state.lock().unwrap();
+            let warm = st.warm.get(vm).filter(|w| w.migration == id);
+            match warm.map(|w| w.memory.clone()) {
+                Some(m) => m,
+                None => return Ok(None),
+            }
+        };
+        self.retention.keep(vm, id, &memory, &gate)
     }
 
     /// `GET /v1/migrations`, newest last.
