@@ -619,6 +619,48 @@ mod tests {
         }
     }
 
+    fn warm(migration: &str, at: Instant) -> Warm {
+        Warm {
+            migration: migration.into(),
+            memory: Arc::new(crate::memory::GuestMemory::new(1 << 20).unwrap()),
+            at,
+        }
+    }
+
+    #[test]
+    fn warm_copies_give_way_oldest_first_but_never_an_arriving_vms() {
+        let t = Instant::now();
+        let mut st = State::default();
+        for (i, vm) in ["old", "back", "new"].into_iter().enumerate() {
+            st.warm.insert(
+                vm.into(),
+                warm("m", t + std::time::Duration::from_millis(i as u64)),
+            );
+        }
+        // "back" is arriving: a failback by delta about to take its copy.
+        let spec = VmSpec {
+            name: "back".into(),
+            memory: 1 << 20,
+            workload: WorkloadPattern::Idle,
+            dirty_rate: 0,
+            fill: FillSpec::default(),
+            guest: crate::wire::GuestKind::Sim,
+            priority: Priority::default(),
+            preferred_owners: Vec::new(),
+            image: None,
+            seed: spec::default_seed(),
+        };
+        st.vms.insert("back".into(), Vm::reserved(spec, Some(7)));
+        // A budget of one copy: "old" goes, then "back" is passed over.
+        st.trim_warm(1 << 20, "new");
+        let left: Vec<&str> = st.warm.keys().map(String::as_str).collect();
+        assert_eq!(left, ["back", "new"]);
+        // Room for 3 MiB more in 4: everything that may go goes, no more.
+        st.make_room(3 << 20, 4 << 20, "none");
+        let left: Vec<&str> = st.warm.keys().map(String::as_str).collect();
+        assert_eq!(left, ["back"]);
+    }
+
     #[test]
     fn only_the_newest_settled_migrations_are_kept_and_no_unresolved_one_goes() {
         let max = super::super::journal::MAX_MIGRATIONS;
