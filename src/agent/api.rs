@@ -125,8 +125,8 @@ async fn delete_vm(
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
     let unresolved = node.unresolved_of(&name);
-    let view = node.delete_vm(&name, q.force)?;
-    node.record_deleted(&name, unresolved);
+    let mut view = node.delete_vm(&name, q.force)?;
+    view.record = node.record_deleted(&name, unresolved).await;
     Ok(json_status(StatusCode::OK, &view))
 }
 

@@ -46,6 +46,9 @@ impl From<RecordError> for NodeError {
     }
 }
 
+/// How long `DELETE /v1/vms/{name}` waits for the VM's record to go.
+const RECORD_WAIT: Duration = Duration::from_secs(5);
+
 /// Tries of one edit before it fails.
 const TRIES: u32 = 8;
 
@@ -372,11 +375,29 @@ impl Node {
         self.edit(name, forgotten(self.name(), unresolved)).await
     }
 
-    /// VM `name` was deleted here: its record goes, in the background (see
-    /// [`forgotten`]).
-    pub(super) fn record_deleted(&self, name: &str, unresolved: Option<String>) {
+    /// VM `name` was deleted here: its record goes (see [`forgotten`]), so
+    /// the name is free when `DELETE` answers. When the store does not
+    /// answer within [`RECORD_WAIT`], the record goes in the background,
+    /// and the answer says so.
+    pub(super) async fn record_deleted(
+        &self,
+        name: &str,
+        unresolved: Option<String>,
+    ) -> Option<String> {
         let edit = forgotten(self.name(), unresolved);
+        let why = match tokio::time::timeout(RECORD_WAIT, self.edit(name, &edit)).await {
+            Ok(Ok(())) => return None,
+            Ok(Err(RecordError::Refused(why))) => {
+                tracing::error!(vm = %name, "deleting the VM's record: refused: {why}");
+                return None;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("the cluster's store did not answer within {RECORD_WAIT:?}"),
+        };
         self.edit_in_background(name, "deleting the VM's record", edit);
+        Some(format!(
+            "its record in the cluster's store is deleted in the background ({why}); until then the name stays taken"
+        ))
     }
 
     /// VM `name` is superseded here (this node's lease expired): if its

@@ -422,3 +422,91 @@ fn a_node_whose_limit_is_auto_sizes_its_queue_and_its_drains_from_the_link() {
         "{why}"
     );
 }
+
+/// Waits until VM `vm` is arriving on `node` (at most 20 s).
+fn wait_arriving(c: &Agents, node: &str, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = c.call(Method::GET, node, &format!("/v1/vms/{vm}"), None);
+        if v["state"] == "migrating-in" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vm} never arrived on {node}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Drains `node` while `vm` arrives there: the step waits as `arriving`.
+fn drain_while_arriving(c: &Agents, node: &str, vm: &str) -> String {
+    let (s, op) = c.call(Method::POST, node, "/v1/node/drain", None);
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let step = &op["steps"][0];
+    assert_eq!(
+        (&step["vm"], &step["state"]),
+        (&json!(vm), &json!("arriving")),
+        "{op}"
+    );
+    op["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_vm_arriving_on_a_draining_node_moves_on_once_it_lands() {
+    let _serial = common::serial();
+    // a's migrations are held to 5 MB/s: the VM arrives for a second or two.
+    let Some(c) = Agents::start(
+        "arriving",
+        &[("a", "max_bandwidth = \"5MB/s\""), ("b", ""), ("c", "")],
+    ) else {
+        return;
+    };
+    create_vms(&c, "a", 1, "48MiB");
+    let migrate = |c: &Agents| {
+        let (s, m) = c.call(
+            Method::POST,
+            "a",
+            "/v1/migrations",
+            Some(json!({"vm": "vm1", "target": "b"})),
+        );
+        assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+        wait_arriving(c, "b", "vm1");
+        m["id"].as_str().unwrap().to_string()
+    };
+    // An arrival that is cancelled never lands: its step is skipped, and
+    // the drain completes with the VM still on its source.
+    let id = migrate(&c);
+    let op = drain_while_arriving(&c, "b", "vm1");
+    let (s, v) = c.call(Method::DELETE, "a", &format!("/v1/migrations/{id}"), None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let done = c.wait_op("b", &op);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["steps"][0]["state"], "skipped", "{done}");
+    assert_eq!(
+        done["steps"][0]["error"], "it did not arrive here",
+        "{done}"
+    );
+    assert_eq!(vm_names(&c, "a"), ["vm1"]);
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/node/resume",
+        Some(json!({"failback": false})),
+    );
+    assert!(s.is_success(), "{v}");
+    c.wait_op("b", v["id"].as_str().unwrap());
+    // One that lands moves on to an active node.
+    let id = migrate(&c);
+    let op = drain_while_arriving(&c, "b", "vm1");
+    let arrived = c.wait("a", &id);
+    assert_eq!(arrived["state"], "completed", "{arrived}");
+    let done = c.wait_op("b", &op);
+    assert_eq!(done["state"], "completed", "{done}");
+    let step = &done["steps"][0];
+    assert_eq!(step["state"], "completed", "{done}");
+    let to = step["target"].as_str().unwrap();
+    assert!(["a", "c"].contains(&to), "{done}");
+    assert_eq!(vm_names(&c, to), ["vm1"]);
+    assert!(settled_vm_names(&c, "b").is_empty());
+}

@@ -331,3 +331,40 @@ fn a_node_that_loses_its_lease_three_times_is_quarantined_until_cleared() {
         c.call(Method::GET, "a", "/v1/node", None).1["quarantined_until_ms"].is_null()
     });
 }
+
+/// A VM deleted while its node cannot reach etcd: `DELETE` answers within
+/// a few seconds, saying its record goes in the background, and it goes
+/// once the store answers again; until then the name stays taken.
+#[test]
+fn a_vm_deleted_while_the_store_is_away_says_its_record_goes_later() {
+    if !available() {
+        return;
+    }
+    let _serial = common::serial();
+    let test = "delete-cut-off";
+    // A lease long enough that a does not fence itself meanwhile.
+    let (e, c) = cut_off_cluster(test, "30s", "");
+    e.signal(0, "-STOP");
+    let asked = Instant::now();
+    let (s, v) = c.call(Method::DELETE, "a", "/v1/vms/web", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        asked.elapsed()
+    );
+    let note = v["record"].as_str().unwrap_or_default();
+    assert!(note.contains("in the background"), "{v}");
+    assert_eq!(record(&e, test, "web")["node"], "a");
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "16MiB"})),
+    );
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    e.signal(0, "-CONT");
+    until(Duration::from_secs(15), "the record goes", || {
+        quorum_get(&e, &format!("/{test}/vms/web")).is_none()
+    });
+}

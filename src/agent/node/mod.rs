@@ -203,6 +203,7 @@ impl Vm {
             state: self.state,
             pages_written: self.guest.as_ref().map_or(0, |g| g.progress_counter()),
             lost: None,
+            record: None,
             restarts: 0,
             last_restart: None,
         }
@@ -578,6 +579,19 @@ impl Node {
     /// agent's) outlives the agent's restarts, in etcd.
     pub fn set_mode(&self, mode: NodeMode) {
         let before = self.state.lock().unwrap().mode.replace(mode);
+        self.mode_changed(before, mode);
+    }
+
+    /// Sets whether it takes VMs in memory only, returning the setting
+    /// before: a drain holds arrivals off while it plans, and sets it back
+    /// if it refuses, or keeps it and calls [`Node::mode_changed`].
+    pub(in crate::agent) fn hold_mode(&self, mode: Option<NodeMode>) -> Option<NodeMode> {
+        std::mem::replace(&mut self.state.lock().unwrap().mode, mode)
+    }
+
+    /// The mode went from `before` to `mode`: an operator's choice is
+    /// journaled.
+    pub(in crate::agent) fn mode_changed(&self, before: Option<NodeMode>, mode: NodeMode) {
         if before != Some(mode) && !self.stop.asked() {
             self.journal_admin(mode);
         }

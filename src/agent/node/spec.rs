@@ -120,6 +120,10 @@ pub struct VmView {
     /// `DELETE` with `force` only: what was discarded with it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
+    /// `DELETE` only, when the store did not answer in time: its record
+    /// goes in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
     /// Times the cluster restarted it on another node.
     #[serde(default)]
     pub restarts: u32,

@@ -2,7 +2,12 @@
 //! nodes, largest first, where free memory allows, a few at a time.
 
 use super::*;
+use crate::agent::node::VmState;
 use crate::agent::request::Concurrency;
+
+/// A drain step's state while its VM is still arriving on the drained node:
+/// its target is chosen once it lands.
+pub(in crate::agent) const ARRIVING: &str = "arriving";
 
 impl Node {
     /// `POST /v1/node/drain`: pauses the node and moves every running VM to
@@ -35,10 +40,17 @@ impl Node {
                 "max_concurrent must be at least 1".into(),
             ));
         }
-        let vms = self.running_vms();
         let (free, excluded) = self.free_elsewhere().await;
+        // From here no VM is admitted, so the plan sees every VM there will
+        // be. A VM arriving now leaves too once it lands: the plan must have
+        // room for it, though its target is chosen only then.
+        let prior = self.hold_mode(Some(NodeMode::Draining));
+        let mut vms = self.running_vms();
+        let arriving = self.arriving_vms();
+        vms.extend(arriving.iter().cloned());
         let (placed, left) = place(&vms, &free);
         if !left.is_empty() && !req.allow_partial {
+            self.hold_mode(prior);
             let need: u64 = left.iter().map(|(_, m)| m).sum();
             let names: Vec<String> = left
                 .iter()
@@ -58,56 +70,8 @@ impl Node {
                 if excluded.is_empty() { String::new() } else { format!(" ({})", excluded.join(", ")) }
             )));
         }
-        let memory_of = |vm: &str| vms.iter().find(|(n, _)| n == vm).map_or(0, |(_, m)| *m);
-        let mut steps: Vec<Step> = placed
-            .iter()
-            .map(|(vm, target)| Step {
-                vm: vm.clone(),
-                memory: memory_of(vm),
-                source: self.spec.name.clone(),
-                target: target.clone(),
-                state: "planned".into(),
-                migration_id: None,
-                error: None,
-                started_at_ms: None,
-                finished_at_ms: None,
-                tried: Vec::new(),
-            })
-            .collect();
-        steps.extend(left.iter().map(|(vm, mem)| Step {
-            vm: vm.clone(),
-            memory: *mem,
-            source: self.spec.name.clone(),
-            target: String::new(),
-            state: "skipped".into(),
-            migration_id: None,
-            error: Some("no active node has room for it".into()),
-            started_at_ms: None,
-            finished_at_ms: None,
-            tried: Vec::new(),
-        }));
-        // VMs that are not running cannot move: they stay, and say why.
-        steps.extend(
-            self.vms()
-                .into_iter()
-                .filter(|v| v.state != crate::agent::node::VmState::Running)
-                .map(|v| Step {
-                    error: Some(format!(
-                        "it is {} here: only running VMs move",
-                        crate::agent::node::name_of(&v.state)
-                    )),
-                    vm: v.spec.name,
-                    memory: v.spec.memory,
-                    source: self.spec.name.clone(),
-                    target: String::new(),
-                    state: "skipped".into(),
-                    migration_id: None,
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                    tried: Vec::new(),
-                }),
-        );
-        self.set_mode(NodeMode::Draining);
+        let steps = self.plan_steps(&placed, &left, &arriving);
+        self.mode_changed(prior, NodeMode::Draining);
         let mut params = json!({ "max_concurrent": max, "allow_partial": req.allow_partial });
         if !req.delta {
             params["delta"] = json!("off");
@@ -128,6 +92,54 @@ impl Node {
         self.operation(&id)
     }
 
+    /// A drain's steps: each VM `placed` to its target; each arriving VM
+    /// waits to land; each left without room, and each VM that neither runs
+    /// nor arrives, is skipped, saying why.
+    fn plan_steps(
+        &self,
+        placed: &[(String, String)],
+        left: &[(String, u64)],
+        arriving: &[(String, u64)],
+    ) -> Vec<Step> {
+        let me = &self.spec.name;
+        let here = self.vms();
+        let memory_of = |vm: &str| {
+            here.iter()
+                .find(|v| v.spec.name == vm)
+                .map_or(0, |v| v.spec.memory)
+        };
+        let is_arriving = |vm: &str| arriving.iter().any(|(n, _)| n == vm);
+        let mut steps: Vec<Step> = placed
+            .iter()
+            .filter(|(vm, _)| !is_arriving(vm))
+            .map(|(vm, to)| Step::new((vm.clone(), memory_of(vm)), me, to, ("planned", None)))
+            .collect();
+        steps.extend(
+            arriving
+                .iter()
+                .map(|vm| Step::new(vm.clone(), me, "", (ARRIVING, None))),
+        );
+        let no_room = || Some("no active node has room for it".to_string());
+        steps.extend(
+            left.iter()
+                .filter(|(vm, _)| !is_arriving(vm))
+                .map(|vm| Step::new(vm.clone(), me, "", ("skipped", no_room()))),
+        );
+        // VMs that neither run nor arrive cannot move: they stay, and say why.
+        steps.extend(
+            here.into_iter()
+                .filter(|v| !matches!(v.state, VmState::Running | VmState::MigratingIn))
+                .map(|v| {
+                    let why = format!(
+                        "it is {} here: only running VMs move",
+                        crate::agent::node::name_of(&v.state)
+                    );
+                    Step::new((v.spec.name, v.spec.memory), me, "", ("skipped", Some(why)))
+                }),
+        );
+        steps
+    }
+
     /// `max_concurrent: "auto"` (or none, on a node whose
     /// `max_concurrent_migrations` is `"auto"`): from the node's cap (or its
     /// fastest outgoing migration so far) and its running VMs' write rates.
@@ -137,7 +149,7 @@ impl Node {
         let running: Vec<_> = self
             .vms()
             .into_iter()
-            .filter(|v| v.state == crate::agent::node::VmState::Running)
+            .filter(|v| v.state == VmState::Running)
             .collect();
         let dirtiest =
             super::auto::dirtiest(running.iter().map(|v| (v.spec.workload, v.spec.dirty_rate)));
@@ -155,9 +167,18 @@ impl Node {
 
     /// Running VMs, (name, memory).
     pub(super) fn running_vms(&self) -> Vec<(String, u64)> {
+        self.vms_in(VmState::Running)
+    }
+
+    /// VMs arriving here now, (name, memory).
+    fn arriving_vms(&self) -> Vec<(String, u64)> {
+        self.vms_in(VmState::MigratingIn)
+    }
+
+    fn vms_in(&self, state: VmState) -> Vec<(String, u64)> {
         self.vms()
             .into_iter()
-            .filter(|v| v.state == crate::agent::node::VmState::Running)
+            .filter(|v| v.state == state)
             .map(|v| (v.spec.name, v.spec.memory))
             .collect()
     }
@@ -176,6 +197,9 @@ impl Node {
             tokio::pin!(changed);
             changed.as_mut().enable();
             self.refresh_steps(&op);
+            if !cancel.is_cancelled() {
+                self.place_landed(&op).await;
+            }
             // Start planned steps while this drain has room.
             let steps = self.with_op(&op, |v| v.steps.clone()).unwrap_or_default();
             let active = steps
@@ -233,7 +257,11 @@ impl Node {
     /// Cancelled: steps not started never will; those in flight stop.
     pub(super) fn stop_steps(&self, op: &str, steps: &[Step]) {
         self.with_op(op, |v| {
-            for s in v.steps.iter_mut().filter(|s| s.state == "planned") {
+            for s in v
+                .steps
+                .iter_mut()
+                .filter(|s| matches!(s.state.as_str(), "planned" | ARRIVING))
+            {
                 s.state = "cancelled".into();
                 s.error = Some("the drain was cancelled".into());
             }

@@ -7,7 +7,7 @@
 //! bookkeeping they share.
 
 pub mod auto;
-mod drain;
+pub(super) mod drain;
 mod resume;
 mod types;
 mod update;

@@ -48,7 +48,9 @@ pub struct Step {
     /// Where it moves to (empty when no node had room).
     pub target: String,
     /// `planned`, then the migration's state (`queued`, `running`,
-    /// `completed`, `failed`, `cancelled`, `unresolved`), or `skipped`.
+    /// `completed`, `failed`, `cancelled`, `unresolved`), or `skipped`; a
+    /// drain's step starts `arriving` while its VM is still arriving on the
+    /// drained node, and is planned once it lands.
     pub state: String,
     /// The migration, once asked for (on the source node).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +71,28 @@ pub struct Step {
 }
 
 impl Step {
+    /// A step of `vm` (`memory` bytes) from `source` to `target`, in
+    /// `state`, not yet asked for.
+    pub(in crate::agent) fn new(
+        (vm, memory): (String, u64),
+        source: &str,
+        target: &str,
+        (state, error): (&str, Option<String>),
+    ) -> Self {
+        Step {
+            vm,
+            memory,
+            source: source.to_string(),
+            target: target.to_string(),
+            state: state.to_string(),
+            migration_id: None,
+            error,
+            started_at_ms: None,
+            finished_at_ms: None,
+            tried: Vec::new(),
+        }
+    }
+
     /// Records the answer to asking for the step's migration: queued under
     /// its id, or failed saying why.
     pub(in crate::agent) fn asked(&mut self, answer: Result<String, impl std::fmt::Display>) {
@@ -84,9 +108,18 @@ impl Step {
         }
     }
 
+    /// It never starts, for `why`.
+    pub(in crate::agent) fn skip(&mut self, why: String) {
+        self.state = "skipped".into();
+        self.error = Some(why);
+    }
+
     /// Whether it ended (or never starts).
     pub(in crate::agent) fn is_final(&self) -> bool {
-        !matches!(self.state.as_str(), "planned" | "queued" | "running")
+        !matches!(
+            self.state.as_str(),
+            "planned" | "queued" | "running" | "arriving"
+        )
     }
 }
 

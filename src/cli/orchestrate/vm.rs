@@ -107,6 +107,9 @@ pub fn vm(cmd: VmCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 if let Some(lost) = &v.lost {
                     println!("discarded: {lost}");
                 }
+                if let Some(record) = &v.record {
+                    println!("note: {record}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
