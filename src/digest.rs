@@ -95,6 +95,15 @@ impl PageHashes {
         chunk[(index % CHUNK_PAGES) as usize].store(hash, Ordering::Relaxed);
     }
 
+    /// The hash recorded for page `index` (a zero page's where none was).
+    #[inline]
+    pub fn get(&self, index: PageIndex) -> u64 {
+        let cell = &self.chunks[(index.0 / CHUNK_PAGES) as usize];
+        cell.get().map_or_else(zero_page_hash, |c| {
+            c[(index.0 % CHUNK_PAGES) as usize].load(Ordering::Relaxed)
+        })
+    }
+
     /// The digest of all pages.
     pub fn digest(&self) -> u64 {
         let zero = zero_page_hash();

@@ -131,6 +131,7 @@ struct RawDefaults {
     max_concurrent_migrations: Option<Concurrency>,
     max_bandwidth: Option<Amount>,
     codec: Option<String>,
+    dense: Option<bool>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
     failback_retention: Option<Amount>,
@@ -146,6 +147,7 @@ struct RawNode {
     max_concurrent_migrations: Option<Concurrency>,
     max_bandwidth: Option<Amount>,
     codec: Option<String>,
+    dense: Option<bool>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
@@ -178,6 +180,9 @@ pub struct NodeSpec {
     /// The codec of its outgoing migrations where a request names none
     /// (drains and failbacks included). Default: `auto`.
     pub codec: CodecChoice,
+    /// Dense pages in its outgoing migrations where a request does not say
+    /// (`dense`). Default: on.
+    pub dense: bool,
     /// The program (and its first arguments) that runs a rolling update's
     /// command on this node, the command appended as the last argument; no
     /// hook, no updates.
@@ -252,6 +257,7 @@ impl JoinNode {
             max_concurrent_migrations: None,
             max_bandwidth: None,
             codec: None,
+            dense: None,
             update_hook: None,
             preview_hook: None,
             tls_cert: self.tls_cert.clone(),

@@ -60,6 +60,7 @@ pub fn spec_of(r: &NodeRecord, file: Option<&NodeSpec>, cluster: &Cluster) -> Op
         auto_concurrency: false,
         max_bandwidth: None,
         codec: Default::default(),
+        dense: true,
         update_hook: None,
         preview_hook: None,
         api_cert: None,

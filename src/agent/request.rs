@@ -119,6 +119,10 @@ pub struct MigrationParams {
     /// the pages that changed since (`on`, the default, or `off`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<Switch>,
+    /// Dense pages: a page identical to one the target already holds from
+    /// this round goes as a reference (`on`, the default, or `off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense: Option<Switch>,
 }
 
 /// `POST /v1/migrations`.

@@ -197,6 +197,8 @@ pub struct CycleMeta {
     pub max_concurrent_auto: bool,
     /// Whether failbacks went by delta (`--delta`).
     pub delta: bool,
+    /// Whether migrations sent dense pages (`--dense`).
+    pub dense: bool,
     /// Each node's `failback_retention`, bytes.
     pub retention_bytes: u64,
     /// Requested runs.
@@ -226,7 +228,7 @@ pub fn write_outputs(
         md,
         "A rolling update of three nodes with {} VMs each ({}): each node in turn drained, \
          updated (a no-op command) and resumed with failback. Links: {} per node ({}); codec {}; \
-         {} migrations at once per node; failback by delta {} (retention {}); {} runs; \
+         {} migrations at once per node; failback by delta {} (retention {}); dense pages {}; {} runs; \
          {} cores.\n",
         meta.vms_per_node,
         meta.guests.join("; "),
@@ -240,6 +242,7 @@ pub fn write_outputs(
         },
         if meta.delta { "on" } else { "off" },
         crate::units::Bytes(meta.retention_bytes),
+        if meta.dense { "on" } else { "off" },
         meta.repeats,
         meta.cores
     );

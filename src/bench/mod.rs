@@ -130,7 +130,9 @@ pub fn measure_codecs(
                         match data {
                             Page::Data(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
                             Page::Zero => placed[at..at + PAGE_SIZE].fill(0),
-                            Page::Placed => unreachable!("whole payloads are not placed"),
+                            Page::Placed | Page::Same { .. } => {
+                                unreachable!("whole payloads without references")
+                            }
                         }
                     })
                     .expect("own batches apply");

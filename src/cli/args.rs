@@ -271,6 +271,10 @@ pub(crate) struct MigrateArgs {
     /// Encrypt every channel with TLS 1.3.
     #[arg(long)]
     pub(crate) tls: bool,
+    /// Dense pages: a page identical to one the destination already holds
+    /// from this round goes as a reference (on or off).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub(crate) dense: String,
     /// Print the report as one line of JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
@@ -289,6 +293,7 @@ impl MigrateArgs {
             progress_timeout: self.progress_timeout,
             leave_paused: self.leave_paused,
             peer_timeout: self.peer_timeout,
+            dense: self.dense == "on",
             ..MigrationConfig::default()
         }
     }

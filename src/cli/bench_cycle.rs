@@ -48,8 +48,9 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             let (host, netns) = topology.enter_client_side()?;
             let etcd = LocalEtcd::start_at(&dir, host, netns.as_deref())?;
             let settings = format!(
-                "[defaults]\ncodec = \"{}\"\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\nfailback_retention = {retention}\n{}",
+                "[defaults]\ncodec = \"{}\"\ndense = {}\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\nfailback_retention = {retention}\n{}",
                 a.codec,
+                a.dense == "on",
                 match a.max_concurrent {
                     Concurrency::Fixed(n) => n.to_string(),
                     Concurrency::Auto => "\"auto\"".into(),
@@ -86,6 +87,7 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             },
             max_concurrent_auto: a.max_concurrent == Concurrency::Auto,
             delta,
+            dense: a.dense == "on",
             retention_bytes: retention,
             repeats: a.repeats,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -227,6 +227,10 @@ pub struct MigrateVmArgs {
     /// changed since, where that node kept its image [default: on].
     #[arg(long, value_parser = ["on", "off"])]
     pub delta: Option<String>,
+    /// on or off: a page identical to one the target already holds from
+    /// this round goes as a reference [default: on].
+    #[arg(long, value_parser = ["on", "off"])]
+    pub dense: Option<String>,
     #[command(flatten)]
     pub wait: Wait,
     #[command(flatten)]

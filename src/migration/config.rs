@@ -125,6 +125,10 @@ pub struct MigrationConfig {
     pub base: Option<super::delta::Base>,
     /// Offer `base` (`--delta`). Default: on.
     pub delta: bool,
+    /// Dense pages (`--dense`): a page identical to one the destination
+    /// already holds from this round goes as a reference, when the
+    /// destination takes them. Default: on.
+    pub dense: bool,
     /// The cluster's key: a labelled setup carries a proof of it over the
     /// destination's nonce (agents' migrations).
     #[cfg(feature = "net")]
@@ -163,6 +167,7 @@ impl Default for MigrationConfig {
             label: None,
             base: None,
             delta: true,
+            dense: true,
             #[cfg(feature = "net")]
             session_key: None,
             before_go: None,

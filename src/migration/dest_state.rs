@@ -22,7 +22,7 @@ use crate::codec::CodecId;
 use crate::memory::{MAX_MEMORY_BYTES, PAGE_SIZE};
 use crate::wire::{
     Command, GuestKind, Limits, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionSetup,
-    Switchover, VERSION,
+    Switchover, CAPABILITIES, VERSION,
 };
 
 /// Where the destination is in the protocol.
@@ -132,7 +132,7 @@ impl DestMachine {
         self.state = DestState::AwaitSetup;
         Ok(NegotiateResponse {
             version: VERSION,
-            capabilities: 0,
+            capabilities: CAPABILITIES & m.capabilities,
             codecs: ours & m.codecs,
             page_size: PAGE_SIZE as u32,
             // The driver draws the challenge.

@@ -27,6 +27,8 @@ pub struct SourceHandshake {
     source_nonce: [u8; 16],
     /// Channel 0's TLS keying material (empty when plain).
     binding: Vec<u8>,
+    /// Capabilities asked for, then those both sides have.
+    capabilities: u32,
     step: Step,
 }
 
@@ -55,6 +57,8 @@ pub struct Established {
     /// Whether the destination took the setup's delta base: its memory
     /// starts as that image.
     pub delta: bool,
+    /// Capabilities both sides have (`CAP_*` bits).
+    pub capabilities: u32,
 }
 
 impl std::fmt::Debug for SourceHandshake {
@@ -98,8 +102,16 @@ impl SourceHandshake {
             key,
             source_nonce,
             binding,
+            capabilities: 0,
             step: Step::Start,
         }
+    }
+
+    /// Asks for `capabilities` (`CAP_*` bits) too; the session has those
+    /// the destination also has.
+    pub fn with_capabilities(mut self, capabilities: u32) -> Self {
+        self.capabilities = capabilities;
+        self
     }
 
     /// The codecs the destination must decode: with auto, every one.
@@ -118,7 +130,7 @@ impl SourceHandshake {
                 let msg = Message::Negotiate(Negotiate {
                     min_version: VERSION,
                     max_version: VERSION,
-                    capabilities: 0,
+                    capabilities: self.capabilities,
                     codecs: Self::needed_codecs(self.codec),
                     page_size: PAGE_SIZE as u32,
                     nonce: self.source_nonce,
@@ -178,6 +190,7 @@ impl SourceHandshake {
         match (self.step, msg) {
             (Step::Negotiating, Message::NegotiateResponse(r)) => {
                 self.check_negotiated(&r)?;
+                self.capabilities &= r.capabilities;
                 self.step = Step::SettingUp {
                     dest_nonce: r.nonce,
                 };
@@ -259,6 +272,7 @@ impl SourceHandshake {
             authenticated: self.key.is_some(),
             frame_keys,
             delta: r.delta,
+            capabilities: self.capabilities,
         })
     }
 

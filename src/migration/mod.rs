@@ -18,6 +18,7 @@ pub mod policy;
 pub(crate) mod report;
 pub mod retained;
 pub mod saved;
+pub mod sent;
 pub mod sim;
 pub mod source_machine;
 mod violation;

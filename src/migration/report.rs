@@ -42,6 +42,10 @@ pub struct PageCounts {
     pub raw: u64,
     /// Pages sent compressed.
     pub compressed: u64,
+    /// Pages sent as references to identical pages the destination held
+    /// (dense pages).
+    #[serde(default)]
+    pub referenced: u64,
 }
 
 /// Page counts that many channel tasks add to at once.
@@ -52,17 +56,19 @@ pub(crate) struct PageCounter {
     zero: AtomicU64,
     raw: AtomicU64,
     compressed: AtomicU64,
+    referenced: AtomicU64,
 }
 
 #[cfg(feature = "net")]
 impl PageCounter {
-    /// Adds one batch: its pages, and how many of them were zero, raw and
-    /// compressed.
-    pub(crate) fn add(&self, total: u64, zero: u64, raw: u64, compressed: u64) {
+    /// Adds one batch: its pages, and how many of them were zero, raw,
+    /// compressed and references.
+    pub(crate) fn add(&self, total: u64, zero: u64, raw: u64, compressed: u64, referenced: u64) {
         self.total.fetch_add(total, Ordering::Relaxed);
         self.zero.fetch_add(zero, Ordering::Relaxed);
         self.raw.fetch_add(raw, Ordering::Relaxed);
         self.compressed.fetch_add(compressed, Ordering::Relaxed);
+        self.referenced.fetch_add(referenced, Ordering::Relaxed);
     }
 
     /// The counts so far.
@@ -72,6 +78,7 @@ impl PageCounter {
             zero: self.zero.load(Ordering::Relaxed),
             raw: self.raw.load(Ordering::Relaxed),
             compressed: self.compressed.load(Ordering::Relaxed),
+            referenced: self.referenced.load(Ordering::Relaxed),
         }
     }
 }

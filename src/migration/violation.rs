@@ -107,6 +107,15 @@ pub enum Violation {
     /// A setup response that takes a delta base the setup did not offer.
     #[error("the destination took a delta base the setup did not offer")]
     DeltaUnoffered,
+    /// A page sent as a reference to a page the destination does not hold
+    /// with the content the reference names.
+    #[error("page {page} was sent as a reference to page {target}, which does not hold that content here")]
+    BadReference {
+        /// The page the reference fills.
+        page: u64,
+        /// The page it names.
+        target: u64,
+    },
 }
 
 fn round_text(round: Option<u32>) -> String {

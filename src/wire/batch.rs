@@ -5,15 +5,23 @@
 //! offset size field
 //!      0    4 round
 //!      4    1 codec id (0 none, 1 lz4, 2 zstd)
-//!      5    1 reserved (0)
+//!      5    1 flags: bit 0 = references follow (see below); others 0
 //!      6    2 run count (1..=1024)
 //!      8    4 page count (1..=1024), the sum of the run lengths
-//!     12    4 data length: bytes after the zero bitmap
-//!     16    4 uncompressed length: 4096 × non-zero pages
+//!     12    4 data length: bytes of the data alone
+//!     16    4 uncompressed length: 4096 × pages sent as data
 //!     20 12×n runs: first page u64, length u32; ascending, disjoint, inside the guest
 //!      …    ⌈pages/8⌉ zero bitmap, bit i set = page i of the batch is zero
-//!      …    data
+//!      …    ⌈pages/8⌉ reference bitmap (with flag bit 0 only), bit i set =
+//!           page i is a reference; never a zero page too
+//!      …    data: the pages neither zero nor references, in order
+//!      … 16×r references (with flag bit 0 only), one per reference bit in
+//!           order: target page u64, inside the guest; its content's hash u64
 //! ```
+//!
+//! A reference says "this page is identical to page `target`, which you
+//! hold with this hash": the receiver copies its own page after checking
+//! that its hash of it is that one, and fails the session otherwise.
 
 use super::PAGE_SIZE;
 use super::{DecodeError, Limits, Reader};
@@ -28,6 +36,10 @@ pub const MAX_PAGES_PER_BATCH: u32 = 1024;
 pub const MAX_RUNS_PER_BATCH: u16 = 1024;
 const FIXED: usize = 20;
 const RUN: usize = 12;
+/// Flag bit: a reference bitmap and references follow.
+const FLAG_REFS: u8 = 1;
+/// Bytes of one reference: target page, hash.
+const REF: usize = 16;
 
 /// One page of a batch, as [`PageBatch::apply`] hands it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +50,31 @@ pub enum Page<'a> {
     Data(&'a [u8]),
     /// The page's bytes are already in guest memory (a placed batch).
     Placed,
+    /// The page is identical to page `target`, which the receiver holds
+    /// with content hashing to `hash` (checked before copying).
+    Same {
+        /// The page to copy.
+        target: PageIndex,
+        /// Its content's hash, as the sender recorded it.
+        hash: u64,
+    },
+}
+
+/// What [`BatchEncoder::encode_refs`]'s reader says of a page it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// All zero (the buffer is dropped unread).
+    Zero,
+    /// Content, copied into the buffer.
+    Data,
+    /// Identical to page `target` of the receiver, whose content hashes to
+    /// `hash` (the buffer is dropped).
+    Same {
+        /// The page the receiver copies.
+        target: PageIndex,
+        /// Its content's hash.
+        hash: u64,
+    },
 }
 
 /// A decoded, checked page batch. Its page data is still encoded.
@@ -48,10 +85,14 @@ pub struct PageBatch {
     /// How `data` is encoded.
     pub codec: CodecId,
     runs: Vec<PageRun>,
-    zero_bits: Bytes,
+    /// The zero bitmap, then the reference bitmap if there is one.
+    bits: Bytes,
+    /// The references (empty without).
+    refs: Bytes,
     data: Bytes,
     page_count: u32,
     nonzero: u32,
+    ref_count: u32,
     placed: bool,
 }
 
@@ -63,9 +104,16 @@ impl PageBatch {
         let mut r = Reader::new(fixed);
         r.u32("batch.round")?;
         r.u8("batch.codec")?;
-        r.u8("batch.reserved")?;
+        let flags = r.u8("batch.flags")?;
         let (run_count, page_count) = Self::counts(&mut r)?;
-        Ok(FIXED + run_count as usize * RUN + page_count.div_ceil(8) as usize)
+        let bitmaps = if flags & FLAG_REFS != 0 { 2 } else { 1 };
+        Ok(FIXED + run_count as usize * RUN + bitmaps * page_count.div_ceil(8) as usize)
+    }
+
+    /// Whether a batch's fixed fields say it carries references: such a
+    /// batch is read whole, never placed.
+    pub fn has_refs(fixed: &[u8]) -> bool {
+        fixed.get(5).is_some_and(|f| f & FLAG_REFS != 0)
     }
 
     /// The codec byte of a batch's fixed fields, if it names a known codec.
@@ -117,9 +165,10 @@ impl PageBatch {
         let codec = CodecId::from_u8(r.u8("batch.codec")?).ok_or(DecodeError::Invalid {
             field: "batch.codec",
         })?;
-        if r.u8("batch.reserved")? != 0 {
+        let flags = r.u8("batch.flags")?;
+        if flags & !FLAG_REFS != 0 {
             return Err(DecodeError::Reserved {
-                field: "batch.reserved",
+                field: "batch.flags",
             });
         }
         let (run_count, page_count) = Self::counts(&mut r)?;
@@ -161,23 +210,47 @@ impl PageBatch {
                 actual: total,
             });
         }
-        let zero_bits = r.bytes(page_count.div_ceil(8) as usize, "batch.zero_bitmap")?;
-        let tail = page_count % 8;
-        if tail != 0 && zero_bits[zero_bits.len() - 1] >> tail != 0 {
-            return Err(DecodeError::Invalid {
-                field: "batch.zero_bitmap",
-            });
-        }
+        let bits_len = page_count.div_ceil(8) as usize;
+        let zero_bits = r.bytes(bits_len, "batch.zero_bitmap")?;
+        check_tail(zero_bits, page_count, "batch.zero_bitmap")?;
         let zeros: u32 = zero_bits.iter().map(|b| b.count_ones()).sum();
+        let bits_at = r.position() - bits_len;
+        let ref_count = if flags & FLAG_REFS != 0 {
+            let ref_bits = r.bytes(bits_len, "batch.ref_bitmap")?;
+            check_tail(ref_bits, page_count, "batch.ref_bitmap")?;
+            let zero_bits = &payload[bits_at..bits_at + bits_len];
+            if ref_bits.iter().zip(zero_bits).any(|(r, z)| r & z != 0) {
+                return Err(DecodeError::Invalid {
+                    field: "batch.ref_bitmap",
+                });
+            }
+            ref_bits.iter().map(|b| b.count_ones()).sum()
+        } else {
+            0
+        };
         let nonzero = page_count - zeros;
-        if u64::from(uncompressed_len) != u64::from(nonzero) * PAGE_SIZE as u64 {
+        let sent = nonzero - ref_count;
+        if u64::from(uncompressed_len) != u64::from(sent) * PAGE_SIZE as u64 {
             return Err(DecodeError::Mismatch {
                 field: "batch.uncompressed_len",
                 declared: uncompressed_len.into(),
-                actual: u64::from(nonzero) * PAGE_SIZE as u64,
+                actual: u64::from(sent) * PAGE_SIZE as u64,
             });
         }
-        let actual = r.remaining() as u64 + elsewhere as u64;
+        // A placed batch's data is all that is elsewhere: no reference
+        // may follow it.
+        if elsewhere > 0 && ref_count > 0 {
+            return Err(DecodeError::Invalid {
+                field: "batch.data",
+            });
+        }
+        let refs_len = ref_count as usize * REF;
+        if r.remaining() < refs_len {
+            return Err(DecodeError::Truncated {
+                field: "batch.refs",
+            });
+        }
+        let actual = (r.remaining() - refs_len) as u64 + elsewhere as u64;
         if u64::from(data_len) != actual {
             return Err(DecodeError::Mismatch {
                 field: "batch.data_len",
@@ -190,23 +263,36 @@ impl PageBatch {
                 field: "batch.data",
             });
         }
-        if (codec == CodecId::None || nonzero == 0) && data_len != uncompressed_len {
+        if (codec == CodecId::None || sent == 0) && data_len != uncompressed_len {
             return Err(DecodeError::Mismatch {
                 field: "batch.data_len",
                 declared: data_len.into(),
                 actual: uncompressed_len.into(),
             });
         }
-        let bits_at = r.position() - zero_bits.len();
         let data_at = r.position();
+        let tail_at = data_at + data_len as usize - elsewhere;
+        let refs = payload.slice(tail_at..);
+        for entry in refs.chunks_exact(REF) {
+            let target = u64::from_le_bytes(entry[..8].try_into().unwrap());
+            if target >= limits.guest_pages {
+                return Err(DecodeError::OutOfRange {
+                    field: "batch.ref.page",
+                    value: target,
+                    limit: limits.guest_pages,
+                });
+            }
+        }
         Ok(Self {
             round,
             codec,
             runs,
-            zero_bits: payload.slice(bits_at..data_at),
-            data: payload.slice(data_at..),
+            bits: payload.slice(bits_at..data_at),
+            refs,
+            data: payload.slice(data_at..tail_at),
             page_count,
             nonzero,
+            ref_count,
             placed: elsewhere > 0,
         })
     }
@@ -221,6 +307,11 @@ impl PageBatch {
         self.nonzero
     }
 
+    /// Pages in the batch sent as references.
+    pub fn ref_pages(&self) -> u32 {
+        self.ref_count
+    }
+
     /// The batch's runs of pages.
     pub fn runs(&self) -> &[PageRun] {
         &self.runs
@@ -233,7 +324,12 @@ impl PageBatch {
     }
 
     fn is_zero(&self, i: usize) -> bool {
-        self.zero_bits[i / 8] & (1 << (i % 8)) != 0
+        self.bits[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    fn is_ref(&self, i: usize) -> bool {
+        let at = self.page_count.div_ceil(8) as usize + i / 8;
+        self.bits.get(at).is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
 
     /// Where the batch's data pages go, in wire order: runs of consecutive
@@ -244,7 +340,7 @@ impl PageBatch {
         let mut i = 0usize;
         for run in &self.runs {
             for page in run.pages() {
-                if !self.is_zero(i) {
+                if !self.is_zero(i) && !self.is_ref(i) {
                     match out.last_mut() {
                         Some(r) if r.end() == page => r.count += 1,
                         _ => out.push(PageRun::new(page, 1)),
@@ -263,7 +359,7 @@ impl PageBatch {
         scratch: &mut Vec<u8>,
         mut store: impl FnMut(PageIndex, Page<'_>),
     ) -> Result<(), CodecError> {
-        let len = self.nonzero as usize * PAGE_SIZE;
+        let len = (self.nonzero - self.ref_count) as usize * PAGE_SIZE;
         let pages: &[u8] = if len == 0 || self.placed {
             &[]
         } else if self.codec == CodecId::None {
@@ -274,11 +370,18 @@ impl PageBatch {
             &scratch[..]
         };
         let mut data = pages.chunks_exact(PAGE_SIZE);
+        let mut refs = self.refs.chunks_exact(REF);
         let mut i = 0usize;
         for run in &self.runs {
             for page in run.pages() {
                 let kind = if self.is_zero(i) {
                     Page::Zero
+                } else if self.is_ref(i) {
+                    let entry = refs.next().expect("reference count checked at decode");
+                    Page::Same {
+                        target: PageIndex(u64::from_le_bytes(entry[..8].try_into().unwrap())),
+                        hash: u64::from_le_bytes(entry[8..].try_into().unwrap()),
+                    }
                 } else if self.placed {
                     Page::Placed
                 } else {
@@ -295,13 +398,27 @@ impl PageBatch {
     pub(crate) fn encode_for_test(&self) -> Vec<u8> {
         let mut o = Vec::new();
         write_fixed(&mut o, self.round, self.codec, &self.runs, self.page_count);
+        if self.bits.len() > self.page_count.div_ceil(8) as usize {
+            o[5] = FLAG_REFS;
+        }
         o.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
-        o.extend_from_slice(&(self.nonzero * PAGE_SIZE as u32).to_le_bytes());
+        let sent = self.nonzero - self.ref_count;
+        o.extend_from_slice(&(sent * PAGE_SIZE as u32).to_le_bytes());
         write_runs(&mut o, &self.runs);
-        o.extend_from_slice(&self.zero_bits);
+        o.extend_from_slice(&self.bits);
         o.extend_from_slice(&self.data);
+        o.extend_from_slice(&self.refs);
         o
     }
+}
+
+/// The bits past `pages` in a batch's last bitmap byte are zero.
+fn check_tail(bits: &[u8], pages: u32, field: &'static str) -> Result<(), DecodeError> {
+    let tail = pages % 8;
+    if tail != 0 && bits[bits.len() - 1] >> tail != 0 {
+        return Err(DecodeError::Invalid { field });
+    }
+    Ok(())
 }
 
 fn write_fixed(o: &mut Vec<u8>, round: u32, codec: CodecId, runs: &[PageRun], pages: u32) {
@@ -332,7 +449,10 @@ pub struct EncodedBatch {
     pub raw: u32,
     /// Pages sent compressed.
     pub compressed: u32,
-    /// Bytes of page data in the payload (after the runs and the zero bitmap).
+    /// Pages sent as references to pages the receiver holds.
+    pub refs: u32,
+    /// Bytes of page data in the payload (after the runs and the bitmaps,
+    /// before any references).
     pub data_bytes: usize,
 }
 
@@ -343,6 +463,7 @@ pub struct EncodedBatch {
 #[derive(Debug, Default)]
 pub struct BatchEncoder {
     pages: Vec<u8>,
+    refs: Vec<u8>,
     out: BytesMut,
 }
 
@@ -368,6 +489,30 @@ impl BatchEncoder {
         runs: &[PageRun],
         mut read: impl FnMut(PageIndex, &mut [u8]) -> bool,
     ) -> Result<EncodedBatch, CodecError> {
+        self.encode_refs(round, codec, runs, false, |page, buf| {
+            if read(page, buf) {
+                Read::Zero
+            } else {
+                Read::Data
+            }
+        })
+    }
+
+    /// As [`BatchEncoder::encode`], with `read` saying of each page whether
+    /// it is zero, data or a reference ([`Read`]). With `refs`, a batch that
+    /// holds a reference carries the reference bitmap and its references;
+    /// without, `read` must never answer [`Read::Same`].
+    ///
+    /// # Panics
+    /// As [`BatchEncoder::encode`]; and on a reference without `refs`.
+    pub fn encode_refs(
+        &mut self,
+        round: u32,
+        codec: Codec,
+        runs: &[PageRun],
+        refs: bool,
+        mut read: impl FnMut(PageIndex, &mut [u8]) -> Read,
+    ) -> Result<EncodedBatch, CodecError> {
         let pages: u32 = runs.iter().map(|r| r.count).sum();
         assert!(
             pages > 0 && pages <= MAX_PAGES_PER_BATCH,
@@ -375,7 +520,11 @@ impl BatchEncoder {
         );
         assert!(runs.len() <= MAX_RUNS_PER_BATCH as usize && runs.iter().all(|r| r.count > 0));
         let bits_len = pages.div_ceil(8) as usize;
-        let head = FIXED + runs.len() * RUN + bits_len;
+        // With refs, room for the reference bitmap after the zero bitmap;
+        // given back below if no page is a reference.
+        let ref_bits_len = if refs { bits_len } else { 0 };
+        let meta = FIXED + runs.len() * RUN + bits_len;
+        let head = meta + ref_bits_len;
         let raw_max = pages as usize * PAGE_SIZE;
         let out = &mut self.out;
         out.clear();
@@ -393,39 +542,50 @@ impl BatchEncoder {
         // Raw: pages land in the payload directly. Compressed: staged once.
         let direct = codec == Codec::None;
         self.pages.clear();
+        self.refs.clear();
         let mut i = 0usize;
-        let mut zero = 0u32;
+        let (mut zero, mut same) = (0u32, 0u32);
         for run in runs {
             for page in run.pages() {
-                let is_zero = if direct {
+                let kind = if direct {
                     let at = out.len();
                     out.resize(at + PAGE_SIZE, 0);
-                    let z = read(page, &mut out[at..]);
-                    if z {
+                    let kind = read(page, &mut out[at..]);
+                    if kind != Read::Data {
                         out.truncate(at);
                     }
-                    z
+                    kind
                 } else {
                     let at = self.pages.len();
                     self.pages.resize(at + PAGE_SIZE, 0);
-                    let z = read(page, &mut self.pages[at..]);
-                    if z {
+                    let kind = read(page, &mut self.pages[at..]);
+                    if kind != Read::Data {
                         self.pages.truncate(at);
                     }
-                    z
+                    kind
                 };
-                if is_zero {
-                    out[bits_at + i / 8] |= 1 << (i % 8);
-                    zero += 1;
+                match kind {
+                    Read::Data => {}
+                    Read::Zero => {
+                        out[bits_at + i / 8] |= 1 << (i % 8);
+                        zero += 1;
+                    }
+                    Read::Same { target, hash } => {
+                        assert!(refs, "a reference in a batch without them");
+                        out[meta + i / 8] |= 1 << (i % 8);
+                        self.refs.extend_from_slice(&target.0.to_le_bytes());
+                        self.refs.extend_from_slice(&hash.to_le_bytes());
+                        same += 1;
+                    }
                 }
                 i += 1;
             }
         }
-        let nonzero = pages - zero;
-        let raw_len = nonzero as usize * PAGE_SIZE;
-        let mut used = if nonzero == 0 { Codec::None } else { codec };
+        let sent = pages - zero - same;
+        let raw_len = sent as usize * PAGE_SIZE;
+        let mut used = if sent == 0 { Codec::None } else { codec };
         let mut data_len = raw_len;
-        if !direct && nonzero > 0 {
+        if !direct && sent > 0 {
             data_len = codec::compress(codec, &self.pages, out)?;
             if data_len >= raw_len {
                 // Incompressible: send the pages as they are.
@@ -438,10 +598,19 @@ impl BatchEncoder {
         out[4] = used.id() as u8;
         out[12..16].copy_from_slice(&(data_len as u32).to_le_bytes());
         out[16..20].copy_from_slice(&(raw_len as u32).to_le_bytes());
+        if same > 0 {
+            out[5] = FLAG_REFS;
+            out.extend_from_slice(&self.refs);
+        } else if ref_bits_len > 0 {
+            // No reference: the metadata moves up over the unused bitmap,
+            // and the payload starts there.
+            out.copy_within(0..meta, ref_bits_len);
+            let _ = out.split_to(ref_bits_len);
+        }
         let (raw, compressed) = if used == Codec::None {
-            (nonzero, 0)
+            (sent, 0)
         } else {
-            (0, nonzero)
+            (0, sent)
         };
         Ok(EncodedBatch {
             payload: out.split().freeze(),
@@ -449,6 +618,7 @@ impl BatchEncoder {
             zero,
             raw,
             compressed,
+            refs: same,
             data_bytes: data_len,
         })
     }
@@ -630,7 +800,7 @@ mod tests {
             e => panic!("unexpected {e}"),
         };
         assert_eq!(field(mutated(|p| p[4] = 9)), "batch.codec");
-        assert_eq!(field(mutated(|p| p[5] = 1)), "batch.reserved");
+        assert_eq!(field(mutated(|p| p[5] = 2)), "batch.flags");
         assert_eq!(
             field(mutated(|p| p[6..8].copy_from_slice(&0u16.to_le_bytes()))),
             "batch.run_count"
@@ -722,3 +892,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod refs_tests;

@@ -103,7 +103,7 @@ pub struct Negotiate {
     pub min_version: u8,
     /// Newest protocol version the source speaks.
     pub max_version: u8,
-    /// Capability bits (none defined yet).
+    /// Capability bits (`CAP_*`) the source asks for.
     pub capabilities: u32,
     /// Codecs the source can send, as a mask of `CodecId::bit`.
     pub codecs: u32,
@@ -129,6 +129,12 @@ pub struct NegotiateResponse {
     /// this in [`SessionSetup::proof`].
     pub nonce: [u8; 16],
 }
+
+/// Capability in [`Negotiate::capabilities`]: the destination applies page
+/// batches that carry references (dense pages, see [`crate::wire::Read`]).
+pub const CAP_PAGE_REFS: u32 = 1;
+/// Every capability this build has.
+pub const CAPABILITIES: u32 = CAP_PAGE_REFS;
 
 /// Flag in [`SessionSetup::flags`]: leave the guest paused on the destination
 /// after the hand-off (as libvirt's `--suspend`).

@@ -16,6 +16,8 @@ mod late_go;
 mod onpath;
 #[path = "hostile/preauth.rs"]
 mod preauth;
+#[path = "hostile/refs.rs"]
+mod refs;
 
 use bytes::BytesMut;
 use ferry::codec::Codec;

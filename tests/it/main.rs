@@ -12,6 +12,7 @@ mod bandwidth;
 mod bench_cluster;
 mod cli;
 mod delta;
+mod dense;
 mod drain;
 mod durable;
 mod etcd;

@@ -167,6 +167,9 @@ impl MigrationParams {
         if let Some(d) = &self.delta {
             c.delta = d.on("delta")?;
         }
+        if let Some(d) = &self.dense {
+            c.dense = d.on("dense")?;
+        }
         c.validate()
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(c)

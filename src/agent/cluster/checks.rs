@@ -208,6 +208,7 @@ impl NodeDefaults<'_> {
             auto_concurrency,
             max_bandwidth,
             codec,
+            dense: n.dense.or(self.defaults.dense).unwrap_or(true),
             update_hook,
             preview_hook,
         })

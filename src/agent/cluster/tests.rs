@@ -82,6 +82,21 @@ fn the_issue_example_reads_with_defaults_applied() {
     assert_eq!(b.update_hook, Some(vec!["sh".into(), "-c".into()]));
     assert!(c.require_node("z").unwrap_err().contains("nodes: a, b"));
     assert_eq!(a.codec, CodecChoice::Auto, "auto unless the file says");
+    assert!(a.dense && b.dense, "dense pages unless the file says");
+}
+
+#[test]
+fn dense_pages_set_for_the_cluster_apply_unless_a_node_sets_its_own() {
+    let d = dir_with_token("s3cret-s3cret-s3cret");
+    let text = EXAMPLE
+        .replace("[defaults]\n", "[defaults]\ndense = false\n")
+        .replace(
+            "max_concurrent_migrations = 3\n",
+            "max_concurrent_migrations = 3\ndense = true\n",
+        );
+    let c = Cluster::parse(&text, &d.path().join("cluster.toml")).unwrap();
+    assert!(!c.node("a").unwrap().dense);
+    assert!(c.node("b").unwrap().dense);
 }
 
 #[test]

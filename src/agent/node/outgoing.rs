@@ -9,6 +9,7 @@ impl Node {
     pub fn migration_defaults(&self) -> MigrationConfig {
         MigrationConfig {
             codec: self.spec.codec,
+            dense: self.spec.dense,
             ..MigrationConfig::default()
         }
     }

@@ -71,6 +71,7 @@ fn the_files_hold_the_summary_and_every_run() {
         max_concurrent: 2,
         max_concurrent_auto: true,
         delta: true,
+        dense: true,
         retention_bytes: 4 << 30,
         repeats: 1,
         cores: 2,

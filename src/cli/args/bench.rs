@@ -166,6 +166,9 @@ pub(crate) struct CycleBenchArgs {
     /// left (the rolling update's `delta`).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub(crate) delta: String,
+    /// on or off: dense pages in every migration (each node's `dense`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub(crate) dense: String,
     /// Each node's `failback_retention` (e.g. 4GiB, or 0), or `auto`: a
     /// quarter of its memory capacity with `--delta on`, none with it off.
     #[arg(long, default_value = "auto")]

@@ -132,6 +132,7 @@ impl MigrateVmArgs {
             peer_timeout: text(&self.peer_timeout),
             leave_paused: self.leave_paused.then_some(true),
             delta: self.delta.clone().map(Switch::Text),
+            dense: self.dense.clone().map(Switch::Text),
         }
     }
 }

@@ -54,6 +54,8 @@ struct Inflight {
     job: BatchJob,
     pages: u32,
     bytes: usize,
+    /// Sent again after a connection failed.
+    again: bool,
 }
 
 /// The source's session protocol.
@@ -228,6 +230,7 @@ impl SourceMachine {
             job,
             pages,
             bytes,
+            again: flags == FLAG_RESEND,
         };
         self.inflight.insert(message_id, inflight);
         Begin::Send(Header {
@@ -306,6 +309,7 @@ impl SourceMachine {
         Ok(Handled::Acked {
             pages: b.pages,
             bytes: b.bytes,
+            once: (!b.again).then_some(b.job),
         })
     }
 

@@ -58,7 +58,11 @@ fn batches_split_by_size_and_wait_for_credit() {
         m.handle_frame(now, ChannelId(0), 0, &h, a).unwrap(),
         Handled::Acked {
             pages: 1,
-            bytes: 100
+            bytes: 100,
+            once: Some(BatchJob {
+                round: 0,
+                runs: vec![PageRun::new(PageIndex(0), 4)]
+            })
         }
     );
     assert!(matches!(

@@ -99,6 +99,9 @@ pub enum Handled {
         pages: u32,
         /// Its payload's size.
         bytes: usize,
+        /// Its pages, when it went out once (never sent again): the
+        /// destination holds them as this one encoding of them sent them.
+        once: Option<BatchJob>,
     },
     /// Anything else (a reply became an event, an echo was answered).
     Other,

@@ -130,7 +130,10 @@ impl FrameReader {
         // reach guest memory before the whole frame's tag holds (placed pages
         // are written before the check, and a connection cut inside them is
         // a channel loss the session survives): read those whole.
-        let placeable = matches!(self.rd.get_ref(), ReadSide::Plain(_)) && self.mac.is_none();
+        // A batch with references is read whole too: they follow its data.
+        let placeable = matches!(self.rd.get_ref(), ReadSide::Plain(_))
+            && self.mac.is_none()
+            && !PageBatch::has_refs(fixed);
         let prefix = match (PageBatch::codec_of(fixed), PageBatch::prefix_len(fixed)) {
             (Some(CodecId::None), Ok(prefix)) if prefix < len && placeable => prefix,
             // Compressed, all-zero or malformed: read it whole; decoding names

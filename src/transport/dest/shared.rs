@@ -4,7 +4,7 @@
 
 use crate::codec::CodecId;
 use crate::digest::{page_hash, zero_page_hash, PageHashes};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::migration::dest_ledger::{Claim, Claimed, Settle};
 use crate::migration::dest_session::DestSession;
 #[cfg(feature = "faults")]
@@ -87,11 +87,26 @@ impl Shared {
         }
         let zero_hash = zero_page_hash();
         let first_pass = batch.round == 0 && !self.prefilled;
+        let mut bad = None;
         SCRATCH.with(|s| {
             batch.apply(&mut s.borrow_mut(), |page, data| match data {
                 Page::Data(bytes) => {
                     self.memory.write_page(page, bytes);
                     self.hashes.set(page, page_hash(bytes));
+                }
+                // Only the destination's own applies write its memory, so
+                // its hash of the target says what the target holds.
+                Page::Same { target, hash } if self.hashes.get(target) == hash => {
+                    let mut copy = [0u8; PAGE_SIZE];
+                    self.memory.read_page(target, &mut copy);
+                    self.memory.write_page(page, &copy);
+                    self.hashes.set(page, hash);
+                }
+                Page::Same { target, .. } => {
+                    bad.get_or_insert(Violation::BadReference {
+                        page: page.0,
+                        target: target.0,
+                    });
                 }
                 // Hashed as it was read and CRC-checked (read_placing).
                 Page::Placed => {}
@@ -106,14 +121,19 @@ impl Shared {
                 }
             })
         })?;
+        if let Some(v) = bad {
+            return Err(v.into());
+        }
         let pages = u64::from(batch.page_count());
         let nonzero = u64::from(batch.nonzero_pages());
+        let refs = u64::from(batch.ref_pages());
         let (raw, compressed) = if batch.codec == CodecId::None {
-            (nonzero, 0)
+            (nonzero - refs, 0)
         } else {
-            (0, nonzero)
+            (0, nonzero - refs)
         };
-        self.counts.add(pages, pages - nonzero, raw, compressed);
+        self.counts
+            .add(pages, pages - nonzero, raw, compressed, refs);
         Ok(())
     }
 }

@@ -308,12 +308,15 @@ async fn read_frames(
                 .handle_frame(Instant::now(), ch, chan.gen, &frame.header, msg)?;
         match handled {
             Handled::Stale => return Ok(()),
-            Handled::Acked { pages, bytes } => {
+            Handled::Acked { pages, bytes, once } => {
                 let progress = &sh.ctx.progress;
                 progress
                     .pages_acked
                     .fetch_add(pages.into(), Ordering::Relaxed);
                 sh.encoder.record_ack(bytes);
+                if let Some(job) = once {
+                    sh.encoder.record_held(&job);
+                }
                 chan.wake.notify_one();
             }
             Handled::Other => {}

@@ -6,10 +6,12 @@ use crate::codec::{AutoChooser, Codec, CodecChoice, SocketRate};
 use crate::digest::{page_hash, zero_page_hash, PageHashes};
 use crate::memory::PAGE_SIZE;
 use crate::migration::report::PageCounter;
-use crate::migration::source_machine::Work;
+use crate::migration::sent::SentIndex;
+use crate::migration::source_machine::{BatchJob, Work};
 use crate::migration::{MigratableGuest, MigrationError};
+use crate::page::PageIndex;
 use crate::page::PageRun;
-use crate::wire::{BatchEncoder, EncodedBatch};
+use crate::wire::{BatchEncoder, EncodedBatch, Read};
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +27,9 @@ pub(super) struct Encoder {
     pub capped: bool,
     pub socket_bps: Mutex<SocketRate>,
     pub counts: PageCounter,
+    /// Dense pages, when the destination takes references: the pages it
+    /// holds, by content.
+    pub sent: Option<SentIndex>,
 }
 
 thread_local! {
@@ -73,14 +78,22 @@ impl Encoder {
             // than cores a batch waits for a core, and wall time would make
             // every codec look slower.
             let t = (self.codec == CodecChoice::Auto).then(crate::cpu::CpuTimer::start);
-            let batch = enc.encode(round, codec, runs, |page, buf| {
+            let refs = self.sent.is_some();
+            let batch = enc.encode_refs(round, codec, runs, refs, |page, buf| {
                 // Checked in place first: a zero page (a third of a typical
                 // guest) is then never copied. A write racing the check or the
                 // copy marks the page dirty, so it is sent again either way.
-                let zero = mem.read_page_unless_zero(page, buf);
-                self.hashes
-                    .set(page, if zero { zero_hash } else { page_hash(buf) });
-                zero
+                if mem.read_page_unless_zero(page, buf) {
+                    self.hashes.set(page, zero_hash);
+                    return Read::Zero;
+                }
+                let hash = page_hash(buf);
+                let same = self.same_as_held(round, page, hash, buf);
+                self.hashes.set(page, hash);
+                match same {
+                    Some(target) => Read::Same { target, hash },
+                    None => Read::Data,
+                }
             })?;
             if let Some(t) = t {
                 let secs = t.secs();
@@ -134,6 +147,39 @@ impl Encoder {
         })
     }
 
+    /// A page the destination holds with the same bytes as `page`'s, read
+    /// into `bytes` and hashing to `hash`, sent in round `round`: found by
+    /// hash, then its recorded hash checked (it is still as it was sent)
+    /// and its bytes compared in full (never a hash alone).
+    fn same_as_held(
+        &self,
+        round: u32,
+        page: PageIndex,
+        hash: u64,
+        bytes: &[u8],
+    ) -> Option<PageIndex> {
+        let target = self.sent.as_ref()?.find(round, hash)?;
+        if target == page || self.hashes.get(target) != hash {
+            return None;
+        }
+        let mut theirs = [0u8; PAGE_SIZE];
+        self.guest.memory().read_page(target, &mut theirs);
+        (theirs[..] == *bytes).then_some(target)
+    }
+
+    /// Batch `job` is applied on the destination and went out once: its
+    /// pages with content are held there as their recorded hashes say.
+    pub fn record_held(&self, job: &BatchJob) {
+        let Some(sent) = &self.sent else { return };
+        let zero = zero_page_hash();
+        for page in job.runs.iter().flat_map(|r| r.pages()) {
+            let hash = self.hashes.get(page);
+            if hash != zero {
+                sent.insert(job.round, page, hash);
+            }
+        }
+    }
+
     /// Records how fast a channel's socket took a frame (no cap in the way).
     pub fn record_socket(&self, bytes: usize, elapsed: Duration, channels: u16) {
         let secs = elapsed.as_secs_f64();
@@ -183,6 +229,7 @@ impl Encoder {
             batch.zero.into(),
             batch.raw.into(),
             batch.compressed.into(),
+            batch.refs.into(),
         );
     }
 }

@@ -21,6 +21,7 @@ use crate::migration::credits::Credits;
 use crate::migration::report::{
     round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side,
 };
+use crate::migration::sent::SentIndex;
 use crate::migration::source_machine::{RoundTotals, SourceEvent, SourceMachine};
 use crate::migration::Violation;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
@@ -53,6 +54,8 @@ struct Tally {
     batches_resent: u64,
     channel_rebinds: u32,
     delta: crate::migration::report::DeltaUse,
+    /// Whether the destination takes references (dense pages are on).
+    page_refs: bool,
 }
 
 struct Driver {
@@ -386,7 +389,7 @@ async fn run(
     let sh = Shared::start(
         machine,
         bound,
-        Arc::new(encoder(&guest, config, ctx)),
+        Arc::new(encoder(&guest, config, ctx, tally.page_refs)),
         connector,
         ctx,
     );
@@ -437,6 +440,7 @@ fn encoder(
     guest: &Arc<dyn MigratableGuest>,
     config: &MigrationConfig,
     ctx: &RunContext,
+    page_refs: bool,
 ) -> Encoder {
     // The chooser leaves the receiving side its share of the cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -453,5 +457,6 @@ fn encoder(
         capped: config.max_bandwidth.is_some() || ctx.shared_bucket.is_some(),
         socket_bps: Mutex::new(SocketRate::default()),
         counts: PageCounter::default(),
+        sent: page_refs.then(|| SentIndex::new(guest.memory().pages())),
     }
 }

@@ -1,0 +1,65 @@
+//! A reference to a page the receiver does not hold with the named content
+//! ends the session naming both pages; one to a page it holds is applied.
+
+use super::*;
+use ferry::digest::page_hash;
+use ferry::wire::Read as PageRead;
+
+/// Sends page `page` of a 256-page guest as batch `id`: filled with 1s, or
+/// a reference to `target` naming `hash`.
+fn send_page(s: &mut TcpStream, session: u64, id: u64, page: u64, same: Option<(u64, u64)>) {
+    let batch = BatchEncoder::new()
+        .encode_refs(
+            0,
+            Codec::None,
+            &[ferry::page::PageRun::new(PageIndex(page), 1)],
+            true,
+            |_, buf| match same {
+                Some((target, hash)) => PageRead::Same {
+                    target: PageIndex(target),
+                    hash,
+                },
+                None => {
+                    buf.fill(1);
+                    PageRead::Data
+                }
+            },
+        )
+        .unwrap();
+    let header = Header {
+        session_id: session,
+        message_id: id,
+        credit_request: 1,
+        ..Header::new(Command::PageBatch)
+    };
+    s.write_all(&encode_frame(&header, &batch.payload)).unwrap();
+}
+
+#[test]
+fn a_reference_to_content_the_receiver_does_not_hold_ends_the_session() {
+    let mut h = start();
+    let mut s = TcpStream::connect(&h.addr).unwrap();
+    let (session, _) = open_session(&mut s, 1 << 20);
+    let ones = page_hash(&[1u8; 4096]);
+    send_page(&mut s, session, 1, 10, None);
+    send_page(&mut s, session, 2, 20, Some((10, ones)));
+    for id in [1, 2] {
+        match recv(&mut s) {
+            Some((_, Message::BatchAck(a))) => assert_eq!(a.message_id, id),
+            other => panic!("expected the ack of batch {id}, got {other:?}"),
+        }
+    }
+    // Page 30 holds nothing: a reference to it naming the 1s is refused.
+    send_page(&mut s, session, 3, 40, Some((30, ones)));
+    let text = abort_text(recv(&mut s));
+    assert!(
+        text.contains("page 40 was sent as a reference to page 30"),
+        "{text}"
+    );
+    let incoming = h.next_session();
+    assert_eq!(incoming.report.outcome, Outcome::Failed);
+    assert!(
+        incoming.guest.is_none(),
+        "nothing runs from a failed session"
+    );
+}
