@@ -46,8 +46,12 @@ pub fn batch(data: &[u8]) {
         let mut count = 0u32;
         let _ = b.apply(&mut scratch, |page, kind| {
             assert!(page.0 < FUZZ_GUEST_PAGES, "page {page} outside the guest");
-            if let Page::Data(bytes) = kind {
-                assert_eq!(bytes.len(), PAGE_SIZE);
+            match kind {
+                Page::Data(bytes) => assert_eq!(bytes.len(), PAGE_SIZE),
+                Page::Same { target, .. } => {
+                    assert!(target.0 < FUZZ_GUEST_PAGES, "reference to {target}")
+                }
+                _ => {}
             }
             assert_ne!(kind, Page::Placed, "a whole payload is never placed");
             count += 1;

@@ -176,6 +176,22 @@ fn seeds() -> Vec<(Vec<u8>, Vec<u8>)> {
         let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
         out.push((frame, b.payload.to_vec()));
     }
+    // Dense pages: every third page a reference to one outside the batch.
+    let runs = [PageRun::new(PageIndex(30), 9)];
+    let b = BatchEncoder::new()
+        .encode_refs(2, Codec::Lz4, &runs, true, |PageIndex(p), buf| {
+            if p % 3 == 0 {
+                return ferry::wire::Read::Same {
+                    target: PageIndex(p / 3),
+                    hash: p,
+                };
+            }
+            buf.fill(p as u8);
+            ferry::wire::Read::Data
+        })
+        .unwrap();
+    let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
+    out.push((frame, b.payload.to_vec()));
     out
 }
 
