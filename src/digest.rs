@@ -21,6 +21,16 @@ pub fn page_hash(page: &[u8]) -> u64 {
     xxh3_64(page)
 }
 
+/// A dense-page reference's tag of a page's bytes: keyed BLAKE3 under the
+/// session's reference key, its first 8 bytes. Unlike [`page_hash`], no
+/// one without the key can make two pages that share a tag, so a
+/// destination that finds its copy of a target carries the tag a reference
+/// names holds the very bytes the source compared.
+pub fn ref_tag(key: &[u8; 32], page: &[u8]) -> u64 {
+    let h = blake3::keyed_hash(key, page);
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("32 bytes"))
+}
+
 /// The hash of an all-zero page.
 pub fn zero_page_hash() -> u64 {
     static ZERO: OnceLock<u64> = OnceLock::new();

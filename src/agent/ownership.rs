@@ -378,23 +378,38 @@ impl Node {
     /// VM `name` was deleted here: its record goes (see [`forgotten`]), so
     /// the name is free when `DELETE` answers. When the store does not
     /// answer within [`RECORD_WAIT`], the record goes in the background,
-    /// and the answer says so.
+    /// and the answer says so. The edit runs as the node's task: an asker
+    /// that goes away does not stop it.
     pub(super) async fn record_deleted(
         &self,
         name: &str,
         unresolved: Option<String>,
     ) -> Option<String> {
-        let edit = forgotten(self.name(), unresolved);
-        let why = match tokio::time::timeout(RECORD_WAIT, self.edit(name, &edit)).await {
-            Ok(Ok(())) => return None,
-            Ok(Err(RecordError::Refused(why))) => {
-                tracing::error!(vm = %name, "deleting the VM's record: refused: {why}");
-                return None;
+        let node = self.this.upgrade()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let vm = name.to_string();
+        self.tasks.spawn(async move {
+            let edit = forgotten(node.name(), unresolved);
+            let why = match tokio::time::timeout(RECORD_WAIT, node.edit(&vm, &edit)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(RecordError::Refused(why))) => {
+                    tracing::error!(%vm, "deleting the VM's record: refused: {why}");
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "the cluster's store did not answer within {RECORD_WAIT:?}"
+                )),
+            };
+            let later = why.is_some();
+            let _ = tx.send(why);
+            if later {
+                node.edit_in_background(&vm, "deleting the VM's record", edit);
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("the cluster's store did not answer within {RECORD_WAIT:?}"),
-        };
-        self.edit_in_background(name, "deleting the VM's record", edit);
+        });
+        let why = rx
+            .await
+            .unwrap_or_else(|_| Some("the agent is stopping".into()))?;
         Some(format!(
             "its record in the cluster's store is deleted in the background ({why}); until then the name stays taken"
         ))

@@ -92,7 +92,7 @@ impl Node {
             .filter(|(_, s)| s.state == ARRIVING)
         {
             let why = match here.iter().find(|v| v.spec.name == s.vm).map(|v| v.state) {
-                Some(VmState::MigratingIn) => continue,
+                Some(VmState::MigratingIn | VmState::Creating) => continue,
                 Some(VmState::Running) => {
                     landed.push(i);
                     continue;

@@ -86,8 +86,13 @@ impl Node {
     /// rest, naming what stays and why in the log each time that changes.
     pub async fn drain_for_stop(self: &Arc<Self>) -> StopEnd {
         let stop = &self.stop;
-        if self.mode() == NodeMode::Active {
-            self.set_mode(NodeMode::Paused);
+        {
+            // Not while a drain plans (it holds arrivals off meanwhile, and
+            // gives the mode back if it refuses).
+            let _turn = self.op_turn.lock().await;
+            if self.mode() == NodeMode::Active {
+                self.set_mode(NodeMode::Paused);
+            }
         }
         let mut told = String::new();
         loop {

@@ -136,13 +136,25 @@ pub struct SweepPlan {
     pub channels: u16,
     /// Whether migrations run plain (`false`), over TLS (`true`), or both.
     pub tls: Vec<bool>,
+    /// Whether migrations send dense pages (`true`), not (`false`), or both.
+    pub dense: Vec<bool>,
 }
 
 impl SweepPlan {
     /// Migrations the whole grid runs.
     pub fn runs(&self) -> u64 {
-        let cells = self.codecs.len() * self.links.len() * self.guests.len() * self.tls.len();
+        let cells = self.links.len() * self.guests.len() * self.options().count();
         cells as u64 * u64::from(self.repeats)
+    }
+
+    /// Each link's and guest's options, in order: path (TLS or not), dense
+    /// pages or not, codec.
+    pub fn options(&self) -> impl Iterator<Item = (bool, bool, &(String, CodecChoice))> + '_ {
+        self.tls.iter().flat_map(move |&t| {
+            self.dense
+                .iter()
+                .flat_map(move |&d| self.codecs.iter().map(move |c| (t, d, c)))
+        })
     }
 }
 
@@ -174,6 +186,8 @@ pub struct Cell {
     pub downtime_ms: Option<Spread>,
     /// Median wire bytes.
     pub wire_bytes: u64,
+    /// Median pages sent as references (dense pages).
+    pub pages_referenced: u64,
     /// Median compression ratio.
     pub compression_ratio: f64,
     /// Median guest throughput, bytes/s.
@@ -189,6 +203,8 @@ pub struct Cell {
     pub winner: bool,
     /// Whether the migrations ran over TLS.
     pub tls: bool,
+    /// Whether they sent dense pages.
+    pub dense: bool,
 }
 
 impl Cell {
@@ -197,12 +213,17 @@ impl Cell {
         Self { tls, ..self }
     }
 
-    /// Its row in tables and charts: the codec, marked `+tls` over TLS.
+    /// The same cell, with dense pages when `dense`.
+    pub fn with_dense(self, dense: bool) -> Self {
+        Self { dense, ..self }
+    }
+
+    /// Its row in tables and charts: the codec, marked `-dense` without
+    /// dense pages and `+tls` over TLS.
     pub fn row(&self) -> String {
-        match self.tls {
-            true => format!("{}+tls", self.codec),
-            false => self.codec.clone(),
-        }
+        let dense = if self.dense { "" } else { "-dense" };
+        let tls = if self.tls { "+tls" } else { "" };
+        format!("{}{dense}{tls}", self.codec)
     }
 }
 
@@ -227,6 +248,7 @@ pub fn summarize(codec: &str, link_bps: Option<u64>, guest: &str, reports: &[Rep
         total_ms: Spread::of(&ok.iter().map(|r| r.total_ms).collect::<Vec<_>>()),
         downtime_ms: Spread::of(&ok.iter().map(|r| r.downtime_ms).collect::<Vec<_>>()),
         wire_bytes: of(|r| r.wire_bytes as f64) as u64,
+        pages_referenced: of(|r| r.pages.referenced as f64) as u64,
         compression_ratio: of(|r| r.compression_ratio),
         throughput_guest_bps: of(|r| r.throughput_guest_bps),
         throughput_wire_bps: of(|r| r.throughput_wire_bps),
@@ -237,6 +259,7 @@ pub fn summarize(codec: &str, link_bps: Option<u64>, guest: &str, reports: &[Rep
         },
         winner: false,
         tls: false,
+        dense: true,
     }
 }
 
@@ -356,6 +379,8 @@ pub struct SweepMeta {
     pub repeats: u32,
     /// The path: `off` (plain TCP), `on` (TLS), or `both`.
     pub tls: String,
+    /// Dense pages: `on`, `off`, or `both`.
+    pub dense: String,
     /// Cores on this machine.
     pub cores: usize,
     /// When the sweep ran (seconds since the Unix epoch).
@@ -374,13 +399,13 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
     let mut csv = String::from(
         "codec,link_bps,guest,repeats,failures,total_ms_median,total_ms_min,total_ms_max,\
          downtime_ms_median,downtime_ms_min,downtime_ms_max,wire_bytes,compression_ratio,\
-         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner,tls\n",
+         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner,tls,dense\n",
     );
     let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     for c in cells {
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{},{},{}",
             c.codec,
             c.link_bps.map_or(String::new(), |b| b.to_string()),
             c.guest,
@@ -398,7 +423,8 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
             c.cpu_ms.source,
             c.cpu_ms.destination,
             c.winner,
-            c.tls
+            c.tls,
+            c.dense
         );
     }
     std::fs::write(dir.join("results.csv"), csv)?;
@@ -406,10 +432,10 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
     let mut md = String::from("# ferry compression-versus-bandwidth sweep\n\n");
     let _ = writeln!(
         md,
-        "Links emulated with ferry's `{}`; {} channels; TLS {}; {} repeats per cell; {} cores. \
-         Times are medians; `*` marks the fastest codec for each link and guest \
-         (plain and TLS apart; `+tls` rows ran over TLS).\n",
-        meta.link, meta.channels, meta.tls, meta.repeats, meta.cores
+        "Links emulated with ferry's `{}`; {} channels; TLS {}; dense pages {}; {} repeats per \
+         cell; {} cores. Times are medians; `*` marks the fastest codec for each link and guest \
+         (plain and TLS apart; `+tls` rows ran over TLS, `-dense` rows without dense pages).\n",
+        meta.link, meta.channels, meta.tls, meta.dense, meta.repeats, meta.cores
     );
     let _ = writeln!(md, "```\n{}```\n", table(cells));
     md.push_str("## Winners\n\n| guest | link | codec | total | downtime | wire bytes | ratio | CPU source / destination |\n|---|---|---|---|---|---|---|---|\n");
@@ -466,6 +492,8 @@ pub struct CellEnv {
     /// Over TLS (an ephemeral certificate, the key proved over each
     /// channel's binding, as agents migrate), or plain TCP.
     pub tls: bool,
+    /// Dense pages (`MigrationConfig::dense`).
+    pub dense: bool,
 }
 
 #[cfg(feature = "net")]
@@ -479,6 +507,7 @@ impl CellEnv {
             kernel_shaped: false,
             cancel: Default::default(),
             tls: false,
+            dense: true,
         }
     }
 }
@@ -508,6 +537,7 @@ pub fn run_cell(
         max_bandwidth: if env.kernel_shaped { None } else { link_bps },
         leave_paused: true,
         session_key: Some(key.clone()),
+        dense: env.dense,
         ..MigrationConfig::default()
     };
     let tls = match env.tls {

@@ -262,7 +262,8 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
         guests: sweep_guests(&a)?,
         repeats: a.repeats,
         channels: a.channels,
-        tls: a.tls.paths(),
+        tls: a.tls.values(),
+        dense: a.dense.values(),
     };
     let (env, mut tbf) = sweep_env(&a, &plan)?;
     // Interrupted: cancel the running migration, stop, and (on drop) tear the
@@ -284,24 +285,26 @@ pub(crate) fn bench_sweep(a: SweepArgs) -> Result<ExitCode> {
             if let Some(t) = tbf.as_mut() {
                 t.set_rate(link).context("shaping the tbf link")?;
             }
-            for (&tls, (label, codec)) in plan
-                .tls
-                .iter()
-                .flat_map(|t| plan.codecs.iter().map(move |c| (t, c)))
-            {
+            for (tls, dense, (label, codec)) in plan.options() {
                 let path = if tls { " · tls" } else { "" };
+                let sparse = if dense { "" } else { " · dense off" };
                 bar.set_message(format!(
-                    "{} · {}{path} · {label}",
+                    "{} · {}{path} · {label}{sparse}",
                     spec.label,
                     ferry::bench::sweep::link_label(link)
                 ));
-                let env = ferry::bench::sweep::CellEnv { tls, ..env.clone() };
+                let env = ferry::bench::sweep::CellEnv {
+                    tls,
+                    dense,
+                    ..env.clone()
+                };
                 let reports = run_cell(&guest, *codec, link, &env, || bar.inc(1))
                     .context("setting up a migration pair")?;
                 if env.cancel.is_cancelled() {
                     break 'grid;
                 }
-                cells.push(summarize(label, link, &spec.label, &reports).over_tls(tls));
+                let cell = summarize(label, link, &spec.label, &reports);
+                cells.push(cell.over_tls(tls).with_dense(dense));
             }
         }
     }
@@ -407,6 +410,7 @@ fn write_sweep(
         channels: plan.channels,
         repeats: plan.repeats,
         tls: a.tls.name().into(),
+        dense: a.dense.name().into(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         unix_time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -7,7 +7,7 @@ use crate::digest::{page_hash, zero_page_hash, PageHashes};
 use crate::migration::dest_ledger::{Claim, Claimed, Settle};
 use crate::migration::dest_session::{DestEvent, DestParams, DestSession};
 use crate::migration::dest_state::{DestMachine, DestState};
-use crate::migration::{MigrationError, Violation};
+use crate::migration::MigrationError;
 use crate::wire::PAGE_SIZE;
 use crate::wire::{ChannelId, Command, Header, Limits, Message, Page, PageBatch, FLAG_RESEND};
 use bytes::Bytes;
@@ -201,29 +201,18 @@ impl Receiver {
             return;
         }
         let (hashes, limits) = (&self.hashes, self.limits);
-        let mut bad = None;
         let applied = b.apply(&mut self.scratch, |page, kind| {
             assert!(page.0 < limits.guest_pages, "page {page} outside the guest");
             let h = match kind {
                 Page::Data(bytes) => page_hash(bytes),
-                // As the receiver: a reference holds only if this side's
-                // hash of its target is the one it names.
-                Page::Same { target, hash } if hashes.get(target) == hash => hash,
-                Page::Same { target, .. } => {
-                    bad.get_or_insert(Violation::BadReference {
-                        page: page.0,
-                        target: target.0,
-                    });
-                    return;
-                }
+                // This model holds hashes, not memory: a reference copies
+                // its target's (the receiver checks the target's bytes
+                // against the reference's keyed tag first).
+                Page::Same { target, .. } => hashes.get(target),
                 _ => zero_page_hash(),
             };
             hashes.set(page, h);
         });
-        if let Some(v) = bad {
-            s.set_claim(header.message_id, None);
-            return s.handle_lost(self.now, header.channel, 1, v.into());
-        }
         match applied {
             Ok(()) => s.set_claim(header.message_id, Some(Claim::Done { round: b.round })),
             Err(e) => {

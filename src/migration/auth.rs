@@ -408,6 +408,15 @@ impl BindSecret {
             to_source: key(b"to source"),
         }
     }
+
+    /// The key of the session's dense-page references (see
+    /// [`crate::digest::ref_tag`]): a guest that cannot learn it cannot
+    /// make two different pages carry the same reference.
+    pub fn refs_key(&self, session_id: u64) -> [u8; 32] {
+        let mut m = mac(&self.0, b"page references");
+        m.update(&session_id.to_le_bytes());
+        finish(m)
+    }
 }
 
 /// Fresh random bytes from the operating system.

@@ -10,8 +10,10 @@
 //! acknowledged, so a page the index names still holds, on the destination,
 //! what it was sent with when a reference to it is applied. The encoder
 //! confirms each hit with a full compare of the two pages' bytes in guest
-//! memory and checks the target's recorded hash is the hit's; the
-//! destination checks its own hash of the target before copying it, and the
+//! memory and checks the target's recorded hash is the hit's; the reference
+//! carries the page's keyed tag, which the destination checks against its
+//! own copy of the target before copying it (a guest that rewrote the
+//! target into a collision of its hash cannot forge the tag), and the
 //! switchover digest covers every page.
 //!
 //! The index is a fixed table, direct-mapped by hash: a newer entry takes

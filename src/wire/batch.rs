@@ -16,12 +16,13 @@
 //!           page i is a reference; never a zero page too
 //!      …    data: the pages neither zero nor references, in order
 //!      … 16×r references (with flag bit 0 only), one per reference bit in
-//!           order: target page u64, inside the guest; its content's hash u64
+//!           order: target page u64, inside the guest; the page's tag u64
 //! ```
 //!
 //! A reference says "this page is identical to page `target`, which you
-//! hold with this hash": the receiver copies its own page after checking
-//! that its hash of it is that one, and fails the session otherwise.
+//! hold": the receiver copies its own page after checking that its copy
+//! carries the tag (`digest::ref_tag`, keyed by the session), and fails the
+//! session otherwise.
 
 use super::PAGE_SIZE;
 use super::{DecodeError, Limits, Reader};
@@ -51,11 +52,11 @@ pub enum Page<'a> {
     /// The page's bytes are already in guest memory (a placed batch).
     Placed,
     /// The page is identical to page `target`, which the receiver holds
-    /// with content hashing to `hash` (checked before copying).
+    /// with content whose keyed tag is `hash` (checked before copying).
     Same {
         /// The page to copy.
         target: PageIndex,
-        /// Its content's hash, as the sender recorded it.
+        /// The page's tag (`digest::ref_tag`).
         hash: u64,
     },
 }
@@ -67,12 +68,12 @@ pub enum Read {
     Zero,
     /// Content, copied into the buffer.
     Data,
-    /// Identical to page `target` of the receiver, whose content hashes to
+    /// Identical to page `target` of the receiver, the page's keyed tag
     /// `hash` (the buffer is dropped).
     Same {
         /// The page the receiver copies.
         target: PageIndex,
-        /// Its content's hash.
+        /// The page's tag (`digest::ref_tag`).
         hash: u64,
     },
 }
@@ -633,8 +634,9 @@ impl BatchEncoder {
             // Compressed (or tried and sent raw): the pages were staged.
             &self.pages
         } else if batch.compressed == 0 {
-            // Raw: the pages are the payload's data.
-            &batch.payload[batch.payload.len() - batch.data_bytes..]
+            // Raw: the pages are the payload's data, before any references.
+            let end = batch.payload.len() - batch.refs as usize * REF;
+            &batch.payload[end - batch.data_bytes..end]
         } else {
             return;
         };

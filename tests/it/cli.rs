@@ -424,6 +424,43 @@ fn bench_sweep_over_tls_runs_both_paths_as_an_axis() {
 }
 
 #[test]
+fn bench_sweep_with_and_without_dense_pages_runs_both_as_an_axis() {
+    let out = run_ok(&[
+        "bench",
+        "sweep",
+        "--memory",
+        "8MiB",
+        "--workload",
+        "idle",
+        "--codecs",
+        "lz4",
+        "--bandwidth",
+        "unlimited",
+        "--repeats",
+        "1",
+        "--channels",
+        "2",
+        "--dense",
+        "both",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cells: Vec<(bool, u64)> = v["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["dense"].as_bool().unwrap(),
+                c["repeats"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(cells, [(false, 1), (true, 1)]);
+    assert_eq!(v["cells"][0]["pages_referenced"], 0, "{v}");
+}
+
+#[test]
 fn bench_sweep_runs_a_small_grid_and_writes_its_results() {
     let dir = std::env::temp_dir().join(format!("ferry-sweep-cli-{}", std::process::id()));
     let out = run_ok(&[

@@ -589,6 +589,15 @@ impl Node {
         std::mem::replace(&mut self.state.lock().unwrap().mode, mode)
     }
 
+    /// A refused drain gives back the mode it held: `before`, unless
+    /// something else (a stopping agent) changed it meanwhile.
+    pub(in crate::agent) fn release_mode(&self, before: Option<NodeMode>) {
+        let mut st = self.state.lock().unwrap();
+        if st.mode == Some(NodeMode::Draining) {
+            st.mode = before;
+        }
+    }
+
     /// The mode went from `before` to `mode`: an operator's choice is
     /// journaled.
     pub(in crate::agent) fn mode_changed(&self, before: Option<NodeMode>, mode: NodeMode) {

@@ -50,7 +50,7 @@ impl Node {
         vms.extend(arriving.iter().cloned());
         let (placed, left) = place(&vms, &free);
         if !left.is_empty() && !req.allow_partial {
-            self.hold_mode(prior);
+            self.release_mode(prior);
             let need: u64 = left.iter().map(|(_, m)| m).sum();
             let names: Vec<String> = left
                 .iter()
@@ -128,7 +128,12 @@ impl Node {
         // VMs that neither run nor arrive cannot move: they stay, and say why.
         steps.extend(
             here.into_iter()
-                .filter(|v| !matches!(v.state, VmState::Running | VmState::MigratingIn))
+                .filter(|v| {
+                    !matches!(
+                        v.state,
+                        VmState::Running | VmState::MigratingIn | VmState::Creating
+                    )
+                })
                 .map(|v| {
                     let why = format!(
                         "it is {} here: only running VMs move",
@@ -170,9 +175,12 @@ impl Node {
         self.vms_in(VmState::Running)
     }
 
-    /// VMs arriving here now, (name, memory).
+    /// VMs arriving here now, or being created here, (name, memory):
+    /// each runs here soon.
     fn arriving_vms(&self) -> Vec<(String, u64)> {
-        self.vms_in(VmState::MigratingIn)
+        let mut vms = self.vms_in(VmState::MigratingIn);
+        vms.extend(self.vms_in(VmState::Creating));
+        vms
     }
 
     fn vms_in(&self, state: VmState) -> Vec<(String, u64)> {

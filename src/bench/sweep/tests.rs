@@ -142,6 +142,20 @@ fn plain_and_tls_cells_each_have_their_winner_and_row() {
 }
 
 #[test]
+fn cells_without_dense_pages_compete_and_say_so_in_their_row() {
+    let mut cells = vec![
+        cell("lz4", None, "a", 150.0, 0),
+        cell("lz4", None, "a", 120.0, 0).with_dense(false),
+        cell("lz4", None, "a", 200.0, 0)
+            .with_dense(false)
+            .over_tls(true),
+    ];
+    mark_winners(&mut cells);
+    let winners: Vec<String> = cells.iter().filter(|c| c.winner).map(Cell::row).collect();
+    assert_eq!(winners, ["lz4-dense", "lz4-dense+tls"]);
+}
+
+#[test]
 fn link_labels() {
     assert_eq!(link_label(None), "unlimited");
     assert_eq!(link_label(Some(125_000_000)), "1Gbit/s");
@@ -162,6 +176,7 @@ fn outputs_are_written_and_parse() {
         channels: 4,
         repeats: 1,
         tls: "off".into(),
+        dense: "on".into(),
         cores: 2,
         unix_time: 0,
     };

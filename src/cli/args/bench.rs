@@ -68,8 +68,12 @@ pub(crate) struct SweepArgs {
     pub(crate) channels: u16,
     /// Migrate over TLS, as agents do (`--tls` or `--tls on`), plain TCP
     /// (`off`), or both as an axis of the grid (`both`: `+tls` rows).
-    #[arg(long, value_enum, num_args = 0..=1, default_value_t = TlsAxis::Off, default_missing_value = "on")]
-    pub(crate) tls: TlsAxis,
+    #[arg(long, value_enum, num_args = 0..=1, default_value_t = Axis::Off, default_missing_value = "on")]
+    pub(crate) tls: Axis,
+    /// Dense pages (`on`, the default), every page's bytes (`off`), or both
+    /// as an axis of the grid (`both`: `-dense` rows have them off).
+    #[arg(long, value_enum, default_value_t = Axis::On)]
+    pub(crate) dense: Axis,
     /// Write results.json, results.csv and report.md into this directory.
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
@@ -215,17 +219,17 @@ pub(crate) fn concurrency_arg(s: &str) -> Result<Concurrency, String> {
     }
 }
 
-/// The sweep's path: plain TCP, TLS, or both.
+/// An on/off axis of the sweep (TLS, dense pages): off, on, or both.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TlsAxis {
+pub(crate) enum Axis {
     Off,
     On,
     Both,
 }
 
-impl TlsAxis {
-    /// The paths it runs: `false` plain, `true` TLS.
-    pub(crate) fn paths(self) -> Vec<bool> {
+impl Axis {
+    /// The values it runs: `false` off, `true` on.
+    pub(crate) fn values(self) -> Vec<bool> {
         match self {
             Self::Off => vec![false],
             Self::On => vec![true],

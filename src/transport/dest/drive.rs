@@ -83,6 +83,7 @@ impl Session {
     ) -> Result<Opened, MigrationError> {
         let token = random_bytes::<16>();
         let secret = crate::transport::accept::bind_secret(&self.config, &admitted, &token);
+        let refs_key = secret.refs_key(admitted.session_id);
         let Admitted {
             machine,
             setup,
@@ -131,7 +132,14 @@ impl Session {
         let hashes = PageHashes::new(limits.guest_pages);
         let (hashes, delta, memory) = self.start_from_base(&setup, memory, hashes, tally).await?;
         let session = DestSession::new(machine, params, at, Instant::now());
-        let mut sh = self.shared(session, limits, memory, session_id, events_tx, cancel);
+        let mut sh = self.shared(
+            session,
+            limits,
+            memory,
+            session_id,
+            events_tx,
+            (cancel, refs_key),
+        );
         sh.hashes = hashes;
         sh.prefilled = delta;
         let sh = Arc::new(sh);
@@ -159,10 +167,11 @@ impl Session {
         memory: Arc<crate::memory::GuestMemory>,
         session_id: u64,
         events: mpsc::UnboundedSender<Event>,
-        cancel: &CancellationToken,
+        (cancel, refs_key): (&CancellationToken, [u8; 32]),
     ) -> Shared {
         Shared {
             hashes: PageHashes::new(limits.guest_pages),
+            refs_key,
             prefilled: false,
             memory,
             limits,

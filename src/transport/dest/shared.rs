@@ -3,7 +3,7 @@
 //! replies.
 
 use crate::codec::CodecId;
-use crate::digest::{page_hash, zero_page_hash, PageHashes};
+use crate::digest::{page_hash, ref_tag, zero_page_hash, PageHashes};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::migration::dest_ledger::{Claim, Claimed, Settle};
 use crate::migration::dest_session::DestSession;
@@ -42,6 +42,8 @@ pub(super) struct DestChan {
 pub(super) struct Shared {
     pub(super) memory: Arc<GuestMemory>,
     pub(super) hashes: PageHashes,
+    /// The key of dense-page references' tags (from the bind secret).
+    pub(super) refs_key: [u8; 32],
     /// Whether the memory started as a failback's retained image rather
     /// than all zeros.
     pub(super) prefilled: bool,
@@ -94,19 +96,20 @@ impl Shared {
                     self.memory.write_page(page, bytes);
                     self.hashes.set(page, page_hash(bytes));
                 }
-                // Only the destination's own applies write its memory, so
-                // its hash of the target says what the target holds.
-                Page::Same { target, hash } if self.hashes.get(target) == hash => {
+                // The target's bytes here must carry the tag the source
+                // made of the page's, under the session's key.
+                Page::Same { target, hash: tag } => {
                     let mut copy = [0u8; PAGE_SIZE];
                     self.memory.read_page(target, &mut copy);
-                    self.memory.write_page(page, &copy);
-                    self.hashes.set(page, hash);
-                }
-                Page::Same { target, .. } => {
-                    bad.get_or_insert(Violation::BadReference {
-                        page: page.0,
-                        target: target.0,
-                    });
+                    if ref_tag(&self.refs_key, &copy) == tag {
+                        self.memory.write_page(page, &copy);
+                        self.hashes.set(page, page_hash(&copy));
+                    } else {
+                        bad.get_or_insert(Violation::BadReference {
+                            page: page.0,
+                            target: target.0,
+                        });
+                    }
                 }
                 // Hashed as it was read and CRC-checked (read_placing).
                 Page::Placed => {}

@@ -239,7 +239,9 @@ pub(super) async fn open_session(
         .filter(|_| config.delta)
         .map(|b| b.migration_id.clone());
     tally.delta.used = done.delta;
-    tally.page_refs = done.capabilities & CAP_PAGE_REFS != 0;
+    if done.capabilities & CAP_PAGE_REFS != 0 {
+        tally.refs_key = Some(done.secret.refs_key(done.session_id));
+    }
     connector.session_id = done.session_id;
     connector.secret = Arc::new(done.secret);
     if let Some(keys) = done.frame_keys {

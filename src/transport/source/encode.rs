@@ -3,7 +3,7 @@
 //! the chooser learns which wins on this link.
 
 use crate::codec::{AutoChooser, Codec, CodecChoice, SocketRate};
-use crate::digest::{page_hash, zero_page_hash, PageHashes};
+use crate::digest::{page_hash, ref_tag, zero_page_hash, PageHashes};
 use crate::memory::PAGE_SIZE;
 use crate::migration::report::PageCounter;
 use crate::migration::sent::SentIndex;
@@ -28,8 +28,8 @@ pub(super) struct Encoder {
     pub socket_bps: Mutex<SocketRate>,
     pub counts: PageCounter,
     /// Dense pages, when the destination takes references: the pages it
-    /// holds, by content.
-    pub sent: Option<SentIndex>,
+    /// holds, by content, and the key of the references' tags.
+    pub sent: Option<(SentIndex, [u8; 32])>,
 }
 
 thread_local! {
@@ -90,15 +90,19 @@ impl Encoder {
                 let hash = page_hash(buf);
                 let same = self.same_as_held(round, page, hash, buf);
                 self.hashes.set(page, hash);
-                match same {
-                    Some(target) => Read::Same { target, hash },
-                    None => Read::Data,
+                match (same, &self.sent) {
+                    (Some(target), Some((_, key))) => Read::Same {
+                        target,
+                        hash: ref_tag(key, buf),
+                    },
+                    _ => Read::Data,
                 }
             })?;
             if let Some(t) = t {
                 let secs = t.secs();
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
-                let nonzero = u64::from(batch.pages - batch.zero) * PAGE_SIZE as u64;
+                // References are not the codec's doing.
+                let nonzero = u64::from(batch.pages - batch.zero - batch.refs) * PAGE_SIZE as u64;
                 // Measure every compressor on a sample of these pages.
                 let mut samples = Vec::new();
                 let mut sampled = 0;
@@ -149,8 +153,9 @@ impl Encoder {
 
     /// A page the destination holds with the same bytes as `page`'s, read
     /// into `bytes` and hashing to `hash`, sent in round `round`: found by
-    /// hash, then its recorded hash checked (it is still as it was sent)
-    /// and its bytes compared in full (never a hash alone).
+    /// hash, its recorded hash checked and its bytes now compared in full.
+    /// That it was sent with these bytes rests on the reference's keyed
+    /// tag, which the destination checks against its own copy.
     fn same_as_held(
         &self,
         round: u32,
@@ -158,7 +163,7 @@ impl Encoder {
         hash: u64,
         bytes: &[u8],
     ) -> Option<PageIndex> {
-        let target = self.sent.as_ref()?.find(round, hash)?;
+        let target = self.sent.as_ref()?.0.find(round, hash)?;
         if target == page || self.hashes.get(target) != hash {
             return None;
         }
@@ -170,7 +175,7 @@ impl Encoder {
     /// Batch `job` is applied on the destination and went out once: its
     /// pages with content are held there as their recorded hashes say.
     pub fn record_held(&self, job: &BatchJob) {
-        let Some(sent) = &self.sent else { return };
+        let Some((sent, _)) = &self.sent else { return };
         let zero = zero_page_hash();
         for page in job.runs.iter().flat_map(|r| r.pages()) {
             let hash = self.hashes.get(page);

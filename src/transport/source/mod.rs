@@ -54,8 +54,8 @@ struct Tally {
     batches_resent: u64,
     channel_rebinds: u32,
     delta: crate::migration::report::DeltaUse,
-    /// Whether the destination takes references (dense pages are on).
-    page_refs: bool,
+    /// The key of dense pages' references, when the destination takes them.
+    refs_key: Option<[u8; 32]>,
 }
 
 struct Driver {
@@ -389,7 +389,7 @@ async fn run(
     let sh = Shared::start(
         machine,
         bound,
-        Arc::new(encoder(&guest, config, ctx, tally.page_refs)),
+        Arc::new(encoder(&guest, config, ctx, tally.refs_key)),
         connector,
         ctx,
     );
@@ -440,7 +440,7 @@ fn encoder(
     guest: &Arc<dyn MigratableGuest>,
     config: &MigrationConfig,
     ctx: &RunContext,
-    page_refs: bool,
+    refs_key: Option<[u8; 32]>,
 ) -> Encoder {
     // The chooser leaves the receiving side its share of the cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -457,6 +457,6 @@ fn encoder(
         capped: config.max_bandwidth.is_some() || ctx.shared_bucket.is_some(),
         socket_bps: Mutex::new(SocketRate::default()),
         counts: PageCounter::default(),
-        sent: page_refs.then(|| SentIndex::new(guest.memory().pages())),
+        sent: refs_key.map(|key| (SentIndex::new(guest.memory().pages()), key)),
     }
 }
