@@ -324,19 +324,18 @@ impl Topology {
             (Some(_), _) => [SOURCE_IP, DEST_IP, DEST_IP].map(String::from),
             (_, Some(_)) => [0, 1, 2].map(node_ip),
             _ => {
-                let port = || -> Result<u16> {
-                    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                        .local_addr()?
-                        .port())
-                };
-                return (0..3)
-                    .map(|_| {
-                        Ok((
-                            format!("127.0.0.1:{}", port()?),
-                            format!("127.0.0.1:{}", port()?),
-                        ))
-                    })
-                    .collect();
+                // All six held until all are chosen: no two the same.
+                let held = (0..6)
+                    .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                let ports = held
+                    .iter()
+                    .map(|l| Ok(l.local_addr()?.port()))
+                    .collect::<Result<Vec<u16>>>()?;
+                return Ok(ports
+                    .chunks(2)
+                    .map(|p| (format!("127.0.0.1:{}", p[0]), format!("127.0.0.1:{}", p[1])))
+                    .collect());
             }
         };
         let base = 7100 + (n % 400) * 6;
