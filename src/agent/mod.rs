@@ -45,6 +45,7 @@ pub use node::{
     ProgressView, VmSpec, VmState, VmView,
 };
 pub use ops::{
-    place, DrainRequest, Interruption, OpKind, OpState, OperationView, Placement, RemainingVm, Step,
+    place, step_ended, DrainRequest, Interruption, OpKind, OpState, OperationView, Placement,
+    RemainingVm, Step,
 };
 pub use shutdown::{Stop, StopEnd};

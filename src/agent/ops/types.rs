@@ -115,11 +115,8 @@ impl Step {
     }
 
     /// Whether it ended (or never starts).
-    pub(in crate::agent) fn is_final(&self) -> bool {
-        !matches!(
-            self.state.as_str(),
-            "planned" | "queued" | "running" | "arriving"
-        )
+    pub fn is_final(&self) -> bool {
+        step_ended(&self.state)
     }
 }
 
@@ -222,4 +219,10 @@ pub struct DrainRequest {
     /// Offer each VM's arrival as a delta base where it goes back to the
     /// node it came from (`--delta`, default on).
     pub delta: bool,
+}
+
+/// Whether a step in `state` ended (or never starts): not `planned`,
+/// `queued`, `running` or `arriving`.
+pub fn step_ended(state: &str) -> bool {
+    !matches!(state, "planned" | "queued" | "running" | "arriving")
 }

@@ -2,6 +2,7 @@
 //! operations (drain, resume, update, remove) and following one to its end.
 
 use super::*;
+use ferry::agent::step_ended;
 
 /// `ferry node status`: every node's view, or why it did not answer.
 fn status(ctx: &Ctx, out: &Output) {
@@ -205,10 +206,6 @@ pub(crate) fn print_steps(op: &OperationView) {
             s.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
         );
     }
-}
-
-fn step_ended(state: &str) -> bool {
-    !matches!(state, "planned" | "queued" | "running")
 }
 
 /// Waits for operation `op` on `node` with bars: overall, and one per
