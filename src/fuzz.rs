@@ -44,7 +44,9 @@ pub fn batch(data: &[u8]) {
     if let Ok(b) = PageBatch::decode(Bytes::copy_from_slice(data), limits) {
         let mut scratch = Vec::new();
         let mut count = 0u32;
-        let _ = b.apply(&mut scratch, |page, kind| {
+        // A kept stream's batch decodes as the first of its connection's.
+        let mut stream = crate::codec::StreamDecoder::new().ok();
+        let _ = b.apply_with(&mut scratch, stream.as_mut(), |page, kind| {
             assert!(page.0 < FUZZ_GUEST_PAGES, "page {page} outside the guest");
             match kind {
                 Page::Data(bytes) => assert_eq!(bytes.len(), PAGE_SIZE),
@@ -143,6 +145,32 @@ pub fn codec(codec: CodecId, data: &[u8]) {
         out[declared..].iter().all(|&b| b == 0xa5),
         "{codec:?} wrote past the declared size"
     );
+}
+
+/// `data` as pieces of a kept zstd stream, each a declared size (u32, taken
+/// modulo the output limit) and a length (u16) then that many bytes,
+/// decoded in order by one connection's decoder: no panic, no write past a
+/// declared size, and once a piece fails the stream is not used again.
+pub fn kept_stream(mut data: &[u8]) {
+    let Ok(mut dec) = crate::codec::StreamDecoder::new() else {
+        return;
+    };
+    while let Some((head, rest)) = data.split_first_chunk::<6>() {
+        let declared =
+            (u32::from_le_bytes(head[..4].try_into().unwrap()) as usize) % (FUZZ_MAX_OUTPUT + 1);
+        let len = usize::from(u16::from_le_bytes([head[4], head[5]])).min(rest.len());
+        let (piece, rest) = rest.split_at(len);
+        data = rest;
+        let mut out = vec![0xa5u8; declared + 64];
+        let r = dec.decompress(piece, &mut out[..declared]);
+        assert!(
+            out[declared..].iter().all(|&b| b == 0xa5),
+            "a kept stream wrote past the declared size"
+        );
+        if r.is_err() {
+            return;
+        }
+    }
 }
 
 /// A whole, valid session in [`receiver`]'s record format: the seed the

@@ -21,7 +21,7 @@ pub use link::{link_once, serve_link_sink, LinkResult};
 use crate::codec::{is_zero_page, Codec};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::page::PageIndex;
-use crate::wire::{BatchEncoder, Limits, Page, PageBatch};
+use crate::wire::{BatchEncoder, Limits, Page, PageBatch, Read};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,14 @@ pub fn measure_codecs(
         .map(|&codec| {
             let mut enc = BatchEncoder::new();
             let mut scratch = Vec::new();
+            // A kept stream: one over the sampled batches, as one channel's.
+            let mut streams = codec.level().filter(|_| codec.is_stream()).map(|level| {
+                let e = crate::codec::StreamEncoder::new(level).expect("a zstd stream");
+                (
+                    e,
+                    crate::codec::StreamDecoder::new().expect("a zstd stream"),
+                )
+            });
             // Decoded pages land in one batch-sized buffer, as into memory that
             // is already backed: the codec's cost, not the kernel's first touch.
             let mut placed = vec![0u8; batch_pages as usize * PAGE_SIZE];
@@ -110,13 +118,19 @@ pub fn measure_codecs(
                 let n = batch_pages.min(mem.pages() - first) as u32;
                 let t = Instant::now();
                 let batch = enc
-                    .encode(
+                    .encode_stream(
                         0,
                         codec,
                         &[crate::page::PageRun::new(PageIndex(first), n)],
+                        false,
+                        streams.as_mut().map(|s| &mut s.0),
                         |p, buf| {
                             mem.read_page(p, buf);
-                            is_zero_page(buf)
+                            if is_zero_page(buf) {
+                                Read::Zero
+                            } else {
+                                Read::Data
+                            }
                         },
                     )
                     .expect("compression of a page batch");
@@ -125,16 +139,20 @@ pub fn measure_codecs(
                 let decoded =
                     PageBatch::decode(batch.payload.clone(), limits).expect("own batches decode");
                 decoded
-                    .apply(&mut scratch, |p, data| {
-                        let at = (PageIndex(first).until(p) as usize) * PAGE_SIZE;
-                        match data {
-                            Page::Data(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
-                            Page::Zero => placed[at..at + PAGE_SIZE].fill(0),
-                            Page::Placed | Page::Same { .. } => {
-                                unreachable!("whole payloads without references")
+                    .apply_with(
+                        &mut scratch,
+                        streams.as_mut().map(|s| &mut s.1),
+                        |p, data| {
+                            let at = (PageIndex(first).until(p) as usize) * PAGE_SIZE;
+                            match data {
+                                Page::Data(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
+                                Page::Zero => placed[at..at + PAGE_SIZE].fill(0),
+                                Page::Placed | Page::Same { .. } => {
+                                    unreachable!("whole payloads without references")
+                                }
                             }
-                        }
-                    })
+                        },
+                    )
                     .expect("own batches apply");
                 decode += t.elapsed();
                 std::hint::black_box(&placed);

@@ -144,12 +144,12 @@ pub(crate) fn bench_codecs(a: CodecsArgs) -> Result<ExitCode> {
         a.batch_pages
     );
     println!(
-        "  {:<9} {:>7} {:>14} {:>14} {:>11}",
+        "  {:<13} {:>7} {:>14} {:>14} {:>11}",
         "codec", "ratio", "encode/core", "decode/core", "zero pages"
     );
     for r in &results {
         println!(
-            "  {:<9} {:>7.2} {:>14} {:>14} {:>10.1}%",
+            "  {:<13} {:>7.2} {:>14} {:>14} {:>10.1}%",
             r.codec,
             r.ratio,
             Rate(r.encode_bps).to_string(),
@@ -173,15 +173,15 @@ fn print_dense(dense: &[ferry::bench::dense::DenseResult]) {
         );
     }
     println!(
-        "  {:<9} {:>15} {:>15} {:>15} {:>9}",
-        "codec", "per batch", "+references", "kept stream", "both"
+        "  {:<9} {:>17} {:>17} {:>17} {:>9}",
+        "codec", "per batch", "+references", "kept streams", "both"
     );
     let ratio =
         |r: &ferry::bench::dense::DenseResult, b: u64| r.guest_bytes as f64 / b.max(1) as f64;
-    let cell = |ratio: f64, bps: f64| format!("{ratio:.2} {:>9}", Rate(bps).to_string());
+    let cell = |ratio: f64, bps: f64| format!("{ratio:.2} {:>12}", Rate(bps).to_string());
     for r in dense {
         println!(
-            "  {:<9} {:>15} {:>15} {:>15} {:>9}",
+            "  {:<9} {:>17} {:>17} {:>17} {:>9}",
             r.codec,
             cell(ratio(r, r.batch_bytes), r.batch_encode_bps),
             cell(ratio(r, r.dedup_bytes), r.dedup_encode_bps),

@@ -49,13 +49,17 @@
 
 use super::Codec;
 
-/// Candidates, from cheapest to strongest.
-pub const CANDIDATES: [Codec; 4] = [
+/// Candidates, from cheapest to strongest. The kept stream only where the
+/// destination decodes it ([`AutoChooser::with_stream`]).
+pub const CANDIDATES: [Codec; 5] = [
     Codec::None,
     Codec::Lz4,
     Codec::Zstd { level: 1 },
     Codec::Zstd { level: 3 },
+    Codec::ZstdStream { level: 1 },
 ];
+/// Where the kept stream is among the candidates.
+const STREAM: usize = 4;
 /// One batch in this many also measures the other candidates on a sample.
 pub const PROBE_EVERY: u64 = 16;
 /// ... or in this many while the decision is close.
@@ -71,7 +75,7 @@ const FAR: f64 = 0.4;
 /// this kind of machine (`ferry bench codecs --image`, realistic mix). With a
 /// known slow link the first batches are compressed rather than sent raw
 /// while the first probes are still out.
-const PRIORS: [(f64, f64); 3] = [(700e6, 2.0), (550e6, 2.4), (400e6, 2.5)];
+const PRIORS: [(f64, f64); 4] = [(700e6, 2.0), (550e6, 2.4), (400e6, 2.5), (300e6, 2.5)];
 /// A batch whose ratio differs from the running average by more than this
 /// share makes the next batch probe: the page mix has changed.
 const MIX_CHANGE: f64 = 0.25;
@@ -148,6 +152,8 @@ pub struct AutoChooser {
     /// Probes so far, and which candidates the next probe measures.
     probes: u64,
     probe_set: [bool; CANDIDATES.len()],
+    /// The candidates this session may use.
+    enabled: [bool; CANDIDATES.len()],
 }
 
 impl AutoChooser {
@@ -165,8 +171,16 @@ impl AutoChooser {
             last_batch: None,
             explored: [false; CANDIDATES.len()],
             probes: 0,
-            probe_set: [true; CANDIDATES.len()],
+            probe_set: std::array::from_fn(|i| i != STREAM),
+            enabled: std::array::from_fn(|i| i != STREAM),
         }
+    }
+
+    /// Lets the chooser use the kept stream (the destination decodes it).
+    pub fn with_stream(mut self, on: bool) -> Self {
+        self.enabled[STREAM] = on;
+        self.probe_set[STREAM] = on;
+        self
     }
 
     /// Sets the link rate in wire bytes per second (a configured cap, or what
@@ -194,6 +208,11 @@ impl AutoChooser {
 
     fn index(codec: Codec) -> Option<usize> {
         CANDIDATES.iter().position(|&c| c == codec)
+    }
+
+    /// The candidates this session may use, by index.
+    fn usable(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..CANDIDATES.len()).filter(|&i| self.enabled[i])
     }
 
     /// Records a whole batch encoded with `codec`: `guest_bytes` of pages, of
@@ -322,6 +341,9 @@ impl AutoChooser {
 
     /// Candidate `i`'s throughput as the CPU and as the link would allow.
     fn bounds(&self, i: usize) -> Option<(f64, f64)> {
+        if !self.enabled[i] {
+            return None;
+        }
         let z = self.zero.unwrap_or(0.0).clamp(0.0, 1.0);
         let base = self.base.unwrap_or(BASE_PRIOR);
         let (cpu, wire) = if CANDIDATES[i] == Codec::None {
@@ -345,7 +367,7 @@ impl AutoChooser {
 
     /// Whether every compressor has been measured.
     pub fn measured(&self) -> bool {
-        (0..CANDIDATES.len())
+        self.usable()
             .all(|i| CANDIDATES[i] == Codec::None || self.estimates[i].cost.is_some())
     }
 
@@ -400,8 +422,10 @@ impl AutoChooser {
                 !self.measured() || self.probe_soon || self.probes.is_multiple_of(PROBE_ALL_EVERY);
             let top = self.throughput(best).unwrap_or(0.0);
             for i in 0..CANDIDATES.len() {
-                self.probe_set[i] =
-                    full || i == best || self.throughput(i).unwrap_or(0.0) >= top * PROBE_RELEVANT;
+                self.probe_set[i] = self.enabled[i]
+                    && (full
+                        || i == best
+                        || self.throughput(i).unwrap_or(0.0) >= top * PROBE_RELEVANT);
             }
         }
         self.probe_soon = false;
@@ -418,7 +442,7 @@ impl AutoChooser {
         }
         if let Some(j) = self.explore(best) {
             // Sent with `j` and probed, the batch teaches `j`'s scale.
-            self.probe_set = [true; CANDIDATES.len()];
+            self.probe_set = self.enabled;
             return (CANDIDATES[j], true);
         }
         (CANDIDATES[best], probe)
@@ -485,6 +509,41 @@ mod tests {
             );
         }
         a
+    }
+
+    #[test]
+    fn the_kept_stream_is_a_candidate_only_where_the_destination_decodes_it() {
+        let stream = Codec::ZstdStream { level: 1 };
+        // The stream: zstd:3's ratio and more, at two thirds of its speed.
+        let with = |on: bool, link: f64| {
+            let mut a = measured(2, Some(link), 0.36, MIX).with_stream(on);
+            let nonzero = 640u64 << 10;
+            a.record_sample(
+                stream,
+                nonzero,
+                (nonzero as f64 / 2.2) as u64,
+                nonzero as f64 / (130.0 * MB),
+            );
+            a
+        };
+        // A slow link: the best ratio wins, the stream's.
+        assert_eq!(with(true, 12.5).best(), stream);
+        assert_eq!(with(false, 12.5).best(), Codec::Zstd { level: 3 });
+        // 1 Gbit/s: the stream cannot keep up, zstd:3 can.
+        assert_eq!(with(true, 125.0).best(), Codec::Zstd { level: 3 });
+        // Without it, never picked, probed or waited for.
+        let mut a = AutoChooser::new(2);
+        assert!(!a.probes(stream));
+        for _ in 0..200 {
+            let (c, _) = a.pick();
+            assert_ne!(c, stream);
+            assert!(!a.probes(stream));
+        }
+        let mut a = AutoChooser::new(2).with_stream(true);
+        let (_, probe) = a.pick();
+        assert!(probe && a.probes(stream), "measured with the others");
+        assert!(!measured(2, None, 0.36, MIX).with_stream(true).measured());
+        assert!(measured(2, None, 0.36, MIX).measured());
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Page codecs: zero-page detection and the batch payload compressors (none,
-//! lz4, zstd at a level).
+//! lz4, zstd at a level, and zstd as a stream kept across a channel's batches).
 
 mod auto;
 mod rate;
+mod stream;
 
 pub use auto::{
     AutoChooser, CANDIDATES, PROBE_BYTES, PROBE_EVERY, PROBE_EVERY_CLOSE, PROBE_EVERY_FAR,
 };
 pub use rate::SocketRate;
+pub use stream::{StreamDecoder, StreamEncoder, STREAM_WINDOW_LOG};
 
 use bytes::BytesMut;
 use std::cell::RefCell;
@@ -27,6 +29,12 @@ pub enum Codec {
     Lz4,
     /// Zstandard at a level from 1 (fast) to 22 (small).
     Zstd {
+        /// Compression level.
+        level: i32,
+    },
+    /// zstd at a level, one stream per channel that keeps its window
+    /// across batches ([`StreamEncoder`]): denser, and slower.
+    ZstdStream {
         /// Compression level.
         level: i32,
     },
@@ -90,6 +98,9 @@ pub enum CodecId {
     Lz4 = 1,
     /// A zstd frame.
     Zstd = 2,
+    /// A flushed part of the channel's kept zstd stream (3 is the setup's
+    /// `auto`).
+    ZstdStream = 4,
 }
 
 impl CodecId {
@@ -99,6 +110,7 @@ impl CodecId {
             0 => Some(Self::None),
             1 => Some(Self::Lz4),
             2 => Some(Self::Zstd),
+            4 => Some(Self::ZstdStream),
             _ => None,
         }
     }
@@ -116,13 +128,29 @@ impl Codec {
             Self::None => CodecId::None,
             Self::Lz4 => CodecId::Lz4,
             Self::Zstd { .. } => CodecId::Zstd,
+            Self::ZstdStream { .. } => CodecId::ZstdStream,
+        }
+    }
+
+    /// Whether a batch's bytes depend on the channel's earlier batches.
+    pub fn is_stream(self) -> bool {
+        matches!(self, Self::ZstdStream { .. })
+    }
+
+    /// The zstd level, for the codecs that have one.
+    pub fn level(self) -> Option<i32> {
+        match self {
+            Self::Zstd { level } | Self::ZstdStream { level } => Some(level),
+            Self::None | Self::Lz4 => None,
         }
     }
 }
 
 /// Why a codec name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid codec {0:?}: use none, lz4, zstd[:level] with level 1..=22, or auto")]
+#[error(
+    "invalid codec {0:?}: use none, lz4, zstd[:level] or zstd-stream[:level] with level 1..=22, or auto"
+)]
 pub struct CodecParseError(String);
 
 impl FromStr for Codec {
@@ -134,17 +162,20 @@ impl FromStr for Codec {
             "none" | "raw" => Ok(Self::None),
             "lz4" => Ok(Self::Lz4),
             "zstd" => Ok(Self::Zstd { level: 3 }),
+            "zstd-stream" => Ok(Self::ZstdStream { level: 1 }),
             other => {
-                let level: i32 = other
-                    .strip_prefix("zstd:")
-                    .ok_or_else(err)?
-                    .parse()
-                    .map_err(|_| err())?;
-                if (1..=MAX_ZSTD_LEVEL).contains(&level) {
-                    Ok(Self::Zstd { level })
-                } else {
-                    Err(err())
+                let (stream, level) = match other.strip_prefix("zstd-stream:") {
+                    Some(l) => (true, l),
+                    None => (false, other.strip_prefix("zstd:").ok_or_else(err)?),
+                };
+                let level: i32 = level.parse().map_err(|_| err())?;
+                if !(1..=MAX_ZSTD_LEVEL).contains(&level) {
+                    return Err(err());
                 }
+                Ok(match stream {
+                    true => Self::ZstdStream { level },
+                    false => Self::Zstd { level },
+                })
             }
         }
     }
@@ -156,6 +187,7 @@ impl fmt::Display for Codec {
             Self::None => f.write_str("none"),
             Self::Lz4 => f.write_str("lz4"),
             Self::Zstd { level } => write!(f, "zstd:{level}"),
+            Self::ZstdStream { level } => write!(f, "zstd-stream:{level}"),
         }
     }
 }
@@ -177,6 +209,9 @@ pub enum CodecError {
         declared: usize,
         actual: usize,
     },
+    /// A kept stream's batch arrived where no stream decodes it.
+    #[error("a kept stream's batch outside a channel's stream")]
+    NoStream,
 }
 
 /// Whether a page is all zero (the test lives with guest memory, which
@@ -189,6 +224,9 @@ thread_local! {
     /// as compressing a 64 KiB probe.
     static ZSTD_C: RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(Vec::new()) };
     static ZSTD_D: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    /// This thread's own kept streams, per level: for probes, which measure
+    /// a kept stream on samples, not for a channel's batches.
+    static ZSTD_S: RefCell<Vec<StreamEncoder>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The largest output `compress` can write for `len` input bytes.
@@ -196,12 +234,28 @@ pub fn max_compressed_len(codec: Codec, len: usize) -> usize {
     match codec {
         Codec::None => len,
         Codec::Lz4 => lz4_flex::block::get_maximum_output_size(len),
-        Codec::Zstd { .. } => zstd::zstd_safe::compress_bound(len),
+        Codec::Zstd { .. } | Codec::ZstdStream { .. } => zstd::zstd_safe::compress_bound(len),
     }
 }
 
-/// Compresses `input` and appends the result to `out`. Returns the bytes appended.
+/// Compresses `input` and appends the result to `out`. Returns the bytes
+/// appended. A kept stream compresses into the thread's own stream of its
+/// level (a probe's measure of one; a channel's batches go through the
+/// channel's [`StreamEncoder`]).
 pub fn compress(codec: Codec, input: &[u8], out: &mut BytesMut) -> Result<usize, CodecError> {
+    if let Codec::ZstdStream { level } = codec {
+        return ZSTD_S.with(|cell| {
+            let mut streams = cell.borrow_mut();
+            let at = match streams.iter().position(|s| s.level() == level) {
+                Some(at) => at,
+                None => {
+                    streams.push(StreamEncoder::new(level)?);
+                    streams.len() - 1
+                }
+            };
+            streams[at].compress(input, out)
+        });
+    }
     let start = out.len();
     out.resize(start + max_compressed_len(codec, input.len()), 0);
     let n = match codec {
@@ -236,12 +290,15 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut BytesMut) -> Result<usize,
                     codec: CodecId::Zstd,
                 })
         })?,
+        Codec::ZstdStream { .. } => unreachable!("compressed above"),
     };
     out.truncate(start + n);
     Ok(n)
 }
 
-/// Decompresses `input` into all of `out`; any other decompressed size is an error.
+/// Decompresses `input` into all of `out`; any other decompressed size is an
+/// error. A kept stream's batch needs its channel's [`StreamDecoder`]: here
+/// it is an error.
 pub fn decompress(codec: CodecId, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
     let declared = out.len();
     let actual = match codec {
@@ -270,6 +327,7 @@ pub fn decompress(codec: CodecId, input: &[u8], out: &mut [u8]) -> Result<(), Co
                 .decompress_to_buffer(input, out)
                 .map_err(|_| CodecError::Corrupt { codec })
         })?,
+        CodecId::ZstdStream => return Err(CodecError::NoStream),
     };
     if actual != declared {
         return Err(CodecError::SizeMismatch {

@@ -128,7 +128,10 @@ impl DestMachine {
                 .into(),
             );
         }
-        let ours = CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit();
+        let ours = CodecId::None.bit()
+            | CodecId::Lz4.bit()
+            | CodecId::Zstd.bit()
+            | CodecId::ZstdStream.bit();
         self.state = DestState::AwaitSetup;
         Ok(NegotiateResponse {
             version: VERSION,

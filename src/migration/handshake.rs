@@ -29,6 +29,8 @@ pub struct SourceHandshake {
     binding: Vec<u8>,
     /// Capabilities asked for, then those both sides have.
     capabilities: u32,
+    /// Codecs asked for, then those the destination decodes of them.
+    codecs: u32,
     step: Step,
 }
 
@@ -59,6 +61,9 @@ pub struct Established {
     pub delta: bool,
     /// Capabilities both sides have (`CAP_*` bits).
     pub capabilities: u32,
+    /// Codecs the destination decodes of those asked for
+    /// ([`CodecId::bit`]s): with `auto`, whether it may use the kept stream.
+    pub codecs: u32,
 }
 
 impl std::fmt::Debug for SourceHandshake {
@@ -103,6 +108,7 @@ impl SourceHandshake {
             source_nonce,
             binding,
             capabilities: 0,
+            codecs: Self::wanted_codecs(codec),
             step: Step::Start,
         }
     }
@@ -114,11 +120,20 @@ impl SourceHandshake {
         self
     }
 
-    /// The codecs the destination must decode: with auto, every one.
+    /// The codecs the destination must decode: with auto, none, lz4 and zstd.
     pub fn needed_codecs(codec: CodecChoice) -> u32 {
         match codec {
             CodecChoice::Fixed(c) => c.id().bit() | CodecId::None.bit(),
             CodecChoice::Auto => CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit(),
+        }
+    }
+
+    /// The codecs asked for: those needed, and with auto those it could
+    /// also use (the kept stream).
+    pub fn wanted_codecs(codec: CodecChoice) -> u32 {
+        match codec {
+            CodecChoice::Fixed(_) => Self::needed_codecs(codec),
+            CodecChoice::Auto => Self::needed_codecs(codec) | CodecId::ZstdStream.bit(),
         }
     }
 
@@ -131,7 +146,7 @@ impl SourceHandshake {
                     min_version: VERSION,
                     max_version: VERSION,
                     capabilities: self.capabilities,
-                    codecs: Self::needed_codecs(self.codec),
+                    codecs: self.codecs,
                     page_size: PAGE_SIZE as u32,
                     nonce: self.source_nonce,
                 });
@@ -191,6 +206,7 @@ impl SourceHandshake {
             (Step::Negotiating, Message::NegotiateResponse(r)) => {
                 self.check_negotiated(&r)?;
                 self.capabilities &= r.capabilities;
+                self.codecs &= r.codecs;
                 self.step = Step::SettingUp {
                     dest_nonce: r.nonce,
                 };
@@ -273,6 +289,7 @@ impl SourceHandshake {
             frame_keys,
             delta: r.delta,
             capabilities: self.capabilities,
+            codecs: self.codecs,
         })
     }
 

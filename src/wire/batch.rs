@@ -4,7 +4,7 @@
 //! ```text
 //! offset size field
 //!      0    4 round
-//!      4    1 codec id (0 none, 1 lz4, 2 zstd)
+//!      4    1 codec id (0 none, 1 lz4, 2 zstd, 4 the channel's kept zstd stream)
 //!      5    1 flags: bit 0 = references follow (see below); others 0
 //!      6    2 run count (1..=1024)
 //!      8    4 page count (1..=1024), the sum of the run lengths
@@ -23,6 +23,11 @@
 //! hold": the receiver copies its own page after checking that its copy
 //! carries the tag (`digest::ref_tag`, keyed by the session), and fails the
 //! session otherwise.
+//!
+//! A kept stream's data is the part of its connection's zstd stream that
+//! holds the batch's pages, flushed ([`crate::codec::StreamEncoder`]): it
+//! decodes only in order after the connection's earlier stream batches, and
+//! is never swapped for raw pages, even when it is larger.
 
 use super::PAGE_SIZE;
 use super::{DecodeError, Limits, Reader};
@@ -358,18 +363,20 @@ impl PageBatch {
     pub fn apply(
         &self,
         scratch: &mut Vec<u8>,
+        store: impl FnMut(PageIndex, Page<'_>),
+    ) -> Result<(), CodecError> {
+        self.apply_with(scratch, None, store)
+    }
+
+    /// As [`PageBatch::apply`], a kept stream's data decoded by `stream`
+    /// (its connection's; without one such a batch is an error).
+    pub fn apply_with(
+        &self,
+        scratch: &mut Vec<u8>,
+        stream: Option<&mut codec::StreamDecoder>,
         mut store: impl FnMut(PageIndex, Page<'_>),
     ) -> Result<(), CodecError> {
-        let len = (self.nonzero - self.ref_count) as usize * PAGE_SIZE;
-        let pages: &[u8] = if len == 0 || self.placed {
-            &[]
-        } else if self.codec == CodecId::None {
-            &self.data
-        } else {
-            scratch.resize(len, 0);
-            codec::decompress(self.codec, &self.data, &mut scratch[..])?;
-            &scratch[..]
-        };
+        let pages = self.decoded(scratch, stream)?;
         let mut data = pages.chunks_exact(PAGE_SIZE);
         let mut refs = self.refs.chunks_exact(REF);
         let mut i = 0usize;
@@ -393,6 +400,29 @@ impl PageBatch {
             }
         }
         Ok(())
+    }
+
+    /// The batch's data pages, decoded (into `scratch` unless raw). A
+    /// receiver that does not apply a kept stream's batch (a repeat) still
+    /// decodes it, to stay in step with its stream.
+    pub fn decoded<'a>(
+        &'a self,
+        scratch: &'a mut Vec<u8>,
+        stream: Option<&mut codec::StreamDecoder>,
+    ) -> Result<&'a [u8], CodecError> {
+        let len = (self.nonzero - self.ref_count) as usize * PAGE_SIZE;
+        if len == 0 || self.placed {
+            return Ok(&[]);
+        }
+        if self.codec == CodecId::None {
+            return Ok(&self.data);
+        }
+        scratch.resize(len, 0);
+        match (self.codec, stream) {
+            (CodecId::ZstdStream, Some(s)) => s.decompress(&self.data, &mut scratch[..])?,
+            (codec, _) => codec::decompress(codec, &self.data, &mut scratch[..])?,
+        }
+        Ok(&scratch[..])
     }
 
     /// Re-encodes the batch as it arrived (for tests of the message layer).
@@ -512,6 +542,24 @@ impl BatchEncoder {
         codec: Codec,
         runs: &[PageRun],
         refs: bool,
+        read: impl FnMut(PageIndex, &mut [u8]) -> Read,
+    ) -> Result<EncodedBatch, CodecError> {
+        self.encode_stream(round, codec, runs, refs, None, read)
+    }
+
+    /// As [`BatchEncoder::encode_refs`], a kept stream's pages compressed
+    /// into `stream` (the channel's), or without one into the thread's own.
+    /// An error leaves the stream unusable.
+    ///
+    /// # Panics
+    /// As [`BatchEncoder::encode_refs`].
+    pub fn encode_stream(
+        &mut self,
+        round: u32,
+        codec: Codec,
+        runs: &[PageRun],
+        refs: bool,
+        stream: Option<&mut codec::StreamEncoder>,
         mut read: impl FnMut(PageIndex, &mut [u8]) -> Read,
     ) -> Result<EncodedBatch, CodecError> {
         let pages: u32 = runs.iter().map(|r| r.count).sum();
@@ -587,8 +635,12 @@ impl BatchEncoder {
         let mut used = if sent == 0 { Codec::None } else { codec };
         let mut data_len = raw_len;
         if !direct && sent > 0 {
-            data_len = codec::compress(codec, &self.pages, out)?;
-            if data_len >= raw_len {
+            data_len = match stream {
+                Some(s) if codec.is_stream() => s.compress(&self.pages, out)?,
+                _ => codec::compress(codec, &self.pages, out)?,
+            };
+            // The stream's receiver must decode every byte it was given.
+            if data_len >= raw_len && !codec.is_stream() {
                 // Incompressible: send the pages as they are.
                 out.truncate(head);
                 out.extend_from_slice(&self.pages);

@@ -8,6 +8,7 @@ use crate::common;
 
 use common::proxy::Proxy;
 use common::*;
+use ferry::codec::Codec;
 use ferry::cpu::CpuMeter;
 use ferry::memory::{FillSpec, SyntheticGuest, WorkloadPattern};
 use ferry::migration::{MigratableGuest, MigrationConfig, Outcome, Report};
@@ -24,13 +25,14 @@ fn through_proxy(
     peer_timeout: Duration,
     fault: impl FnOnce(&Proxy) + Send + 'static,
 ) -> (Report, Option<Incoming>, Arc<SyntheticGuest>, Duration) {
-    through_proxy_with(peer_timeout, false, fault)
+    through_proxy_with(peer_timeout, false, Codec::Lz4, fault)
 }
 
-/// As [`through_proxy`], over TLS with a shared key when `tls`.
+/// As [`through_proxy`], over TLS with a shared key when `tls`, with `codec`.
 fn through_proxy_with(
     peer_timeout: Duration,
     tls: bool,
+    codec: Codec,
     fault: impl FnOnce(&Proxy) + Send + 'static,
 ) -> (Report, Option<Incoming>, Arc<SyntheticGuest>, Duration) {
     let key = ferry::migration::auth::SessionKey(b"failover over TLS, 32 bytes long".to_vec());
@@ -60,6 +62,7 @@ fn through_proxy_with(
         leave_paused: true,
         peer_timeout,
         session_key: tls.then(|| key.clone()),
+        codec: codec.into(),
         ..MigrationConfig::default()
     };
     let p2 = proxy.clone();
@@ -115,6 +118,26 @@ fn a_reset_channel_hands_its_batches_to_the_others_and_rebinds() {
     assert!(src.channel_failures >= 1, "{src:?}");
     assert!(src.channel_rebinds >= 1, "back to full width: {src:?}");
     assert!(dst.channel_rebinds >= 1, "{dst:?}");
+}
+
+#[test]
+fn kept_streams_survive_reset_channels_their_lost_batches_encoded_again_elsewhere() {
+    let _serial = serial();
+    // Every connection's stream dies with it: the batches it lost go into
+    // other connections' streams, and the rebound ones start new streams
+    // on both sides.
+    let stream = Codec::ZstdStream { level: 1 };
+    let (src, dst, g, _) =
+        through_proxy_with(Duration::from_secs(10), false, stream, |p| p.reset_all());
+    let dst = assert_moved_intact(&src, dst, &g);
+    assert_eq!(src.codec, "zstd-stream:1");
+    assert!(src.pages.compressed > 0, "{:?}", src.pages);
+    assert!(
+        src.channel_failures >= 4 && src.channel_rebinds >= 4,
+        "{src:?}"
+    );
+    assert!(src.batches_resent >= 1, "{src:?}");
+    assert!(dst.channel_rebinds >= 4, "{dst:?}");
 }
 
 #[test]
@@ -244,7 +267,8 @@ fn a_failed_migration_can_be_retried_and_succeed() {
 #[test]
 fn over_tls_a_reset_channel_rebinds_with_a_fresh_handshake() {
     let _serial = serial();
-    let (src, dst, g, _) = through_proxy_with(Duration::from_secs(10), true, |p| p.reset(1));
+    let (src, dst, g, _) =
+        through_proxy_with(Duration::from_secs(10), true, Codec::Lz4, |p| p.reset(1));
     let dst = assert_moved_intact(&src, dst, &g);
     assert!(src.encrypted && dst.encrypted);
     assert!(

@@ -14,12 +14,13 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 10] = [
+const TARGETS: [(&str, Property); 11] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
     ("lz4_decode", |d| fuzz::codec(CodecId::Lz4, d)),
     ("zstd_decode", |d| fuzz::codec(CodecId::Zstd, d)),
+    ("kept_stream_decode", fuzz::kept_stream),
     ("receiver", |d| {
         fuzz::receiver(d);
     }),
@@ -112,6 +113,26 @@ fn write_seeds() {
         data.extend_from_slice(&out);
         put(target, "two-pages.bin", &data);
     }
+    put(
+        "kept_stream_decode",
+        "three-pieces.bin",
+        &kept_stream_seed(&page),
+    );
+}
+
+/// Three pieces of one kept stream, the last a repeat of the first, in
+/// `fuzz::kept_stream`'s format.
+fn kept_stream_seed(page: &[u8]) -> Vec<u8> {
+    let mut enc = ferry::codec::StreamEncoder::new(1).unwrap();
+    let mut data = Vec::new();
+    for input in [page, &page[..4096], page] {
+        let mut out = bytes::BytesMut::new();
+        enc.compress(input, &mut out).unwrap();
+        data.extend_from_slice(&(input.len() as u32).to_le_bytes());
+        data.extend_from_slice(&(out.len() as u16).to_le_bytes());
+        data.extend_from_slice(&out);
+    }
+    data
 }
 
 /// A retained image of eight pages, three with content.
@@ -189,6 +210,24 @@ fn seeds() -> Vec<(Vec<u8>, Vec<u8>)> {
             buf.fill(p as u8);
             ferry::wire::Read::Data
         })
+        .unwrap();
+    let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
+    out.push((frame, b.payload.to_vec()));
+    // A kept stream's first batch, as a connection's decoder takes it.
+    let mut stream = ferry::codec::StreamEncoder::new(1).unwrap();
+    let runs = [PageRun::new(PageIndex(50), 6)];
+    let b = BatchEncoder::new()
+        .encode_stream(
+            2,
+            Codec::ZstdStream { level: 1 },
+            &runs,
+            false,
+            Some(&mut stream),
+            |PageIndex(p), buf| {
+                buf.fill((p % 5) as u8 + 1);
+                ferry::wire::Read::Data
+            },
+        )
         .unwrap();
     let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
     out.push((frame, b.payload.to_vec()));

@@ -349,7 +349,7 @@ pub(crate) struct CodecsArgs {
     #[command(flatten)]
     pub(crate) mem: MemoryArgs,
     /// Codecs to measure.
-    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3", value_parser = codec_list_arg)]
+    #[arg(long, default_value = "none,lz4,zstd:1,zstd:3,zstd-stream:1", value_parser = codec_list_arg)]
     pub(crate) codecs: CodecList,
     /// Pages per batch, as the migration sends them.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]

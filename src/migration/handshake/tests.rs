@@ -319,3 +319,39 @@ fn a_bind_answer_is_taken_only_proved_with_credits_in_the_window() {
         Err(MigrationError::Protocol(_))
     ));
 }
+
+#[test]
+fn auto_asks_for_the_kept_stream_and_uses_it_only_if_the_destination_decodes_it() {
+    let stream = CodecId::ZstdStream.bit();
+    let needed = CodecId::None.bit() | CodecId::Lz4.bit() | CodecId::Zstd.bit();
+    for (answered, has) in [(needed | stream, true), (needed, false)] {
+        let mut hs = SourceHandshake::new(
+            SessionSetup::plain(1 << 20, 2),
+            CodecChoice::Auto,
+            None,
+            [1; 16],
+            Vec::new(),
+        );
+        let Some((_, Message::Negotiate(n))) = hs.poll_transmit() else {
+            panic!("NEGOTIATE goes first");
+        };
+        assert_eq!(n.codecs, needed | stream, "asked for, not needed");
+        hs.handle(&Header::new(Command::NegotiateResponse), answer(answered))
+            .expect("a destination without the stream still takes auto");
+        let reply = setup_answer(&mut hs, None, 4);
+        let done = hs.handle(&header(9), reply).unwrap().expect("set up");
+        assert_eq!(done.codecs & stream != 0, has);
+    }
+    // A fixed kept stream needs it.
+    let mut hs = SourceHandshake::new(
+        SessionSetup::plain(1 << 20, 2),
+        CodecChoice::Fixed(Codec::ZstdStream { level: 1 }),
+        None,
+        [1; 16],
+        Vec::new(),
+    );
+    hs.poll_transmit();
+    assert!(hs
+        .handle(&Header::new(Command::NegotiateResponse), answer(needed))
+        .is_err());
+}

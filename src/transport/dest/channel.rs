@@ -2,7 +2,7 @@
 //! pool and acknowledges them; and the answer to a proven bind.
 
 use super::*;
-use crate::codec::CodecId;
+use crate::codec::{CodecId, StreamDecoder};
 use crate::digest::page_hash;
 use crate::migration::dest_ledger::{Claim, Claimed};
 use crate::migration::fault::FaultPoint;
@@ -32,6 +32,7 @@ pub(super) async fn channel_task(
         gen,
         wr: &wr,
         stop: &stop,
+        kept: Default::default(),
     };
     // A panic of this side's own ends the session as a local fault: never
     // blamed on the peer, never a channel left silently unread. Its text
@@ -94,6 +95,8 @@ struct Conn<'a> {
     gen: u32,
     wr: &'a Arc<tokio::sync::Mutex<FrameWriter>>,
     stop: &'a CancellationToken,
+    /// The connection's kept zstd stream, made by its first stream batch.
+    kept: Arc<Mutex<Option<StreamDecoder>>>,
 }
 
 impl Conn<'_> {
@@ -107,6 +110,11 @@ impl Conn<'_> {
             let pages = batch.page_count();
             if fresh {
                 self.apply(&header, batch).await?;
+            } else if batch.codec == CodecId::ZstdStream {
+                self.on_stream(batch, |_, batch, stream| {
+                    Shared::skip_stream(&batch, stream)
+                })
+                .await?;
             }
             if !self.ack(header.message_id, pages).await? {
                 return Ok(());
@@ -237,13 +245,18 @@ impl Conn<'_> {
             id: header.message_id,
             done: false,
         };
-        let applied = if batch.codec == CodecId::None {
-            sh.apply(&batch)
-        } else {
-            let sh2 = sh.clone();
-            tokio::task::spawn_blocking(move || sh2.apply(&batch))
-                .await
-                .map_err(|e| crate::transport::task_failed(crate::migration::Task::Apply, &e))?
+        let applied = match batch.codec {
+            CodecId::None => sh.apply(&batch, None),
+            CodecId::ZstdStream => {
+                self.on_stream(batch, |sh, batch, stream| sh.apply(&batch, Some(stream)))
+                    .await
+            }
+            _ => {
+                let sh2 = sh.clone();
+                tokio::task::spawn_blocking(move || sh2.apply(&batch, None))
+                    .await
+                    .map_err(|e| crate::transport::task_failed(crate::migration::Task::Apply, &e))?
+            }
         };
         applied?;
         claim.done = true;
@@ -255,6 +268,32 @@ impl Conn<'_> {
             sh.fault_at(FaultPoint::MidRound)?;
         }
         Ok(())
+    }
+
+    /// Runs `f` on the blocking pool with the connection's kept stream
+    /// (made by its first stream batch). The channel reads one batch at a
+    /// time, so the stream is never contended; an error leaves it out, and
+    /// the session ends with it.
+    async fn on_stream(
+        &self,
+        batch: PageBatch,
+        f: impl FnOnce(&Shared, PageBatch, &mut StreamDecoder) -> Result<(), MigrationError>
+            + Send
+            + 'static,
+    ) -> Result<(), MigrationError> {
+        let (sh, kept) = (self.sh.clone(), self.kept.clone());
+        tokio::task::spawn_blocking(move || {
+            let taken = kept.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let mut stream = match taken {
+                Some(s) => s,
+                None => StreamDecoder::new()?,
+            };
+            f(&sh, batch, &mut stream)?;
+            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(stream);
+            Ok(())
+        })
+        .await
+        .map_err(|e| crate::transport::task_failed(crate::migration::Task::Apply, &e))?
     }
 
     /// Acknowledges batch `id` with one credit; `false` once told to stop.

@@ -67,6 +67,7 @@ impl Tally {
             codec: match CodecId::from_u8(setup.codec) {
                 None if setup.codec == crate::codec::SETUP_CODEC_AUTO => "auto".into(),
                 Some(CodecId::Zstd) => format!("zstd:{}", setup.codec_level),
+                Some(CodecId::ZstdStream) => format!("zstd-stream:{}", setup.codec_level),
                 Some(CodecId::Lz4) => "lz4".into(),
                 _ => "none".into(),
             },

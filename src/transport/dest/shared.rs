@@ -82,7 +82,22 @@ thread_local! {
 }
 
 impl Shared {
-    pub(super) fn apply(&self, batch: &PageBatch) -> Result<(), MigrationError> {
+    /// Decodes a kept stream's batch that is not applied (a repeat), so
+    /// that the connection's stream stays in step.
+    pub(super) fn skip_stream(
+        batch: &PageBatch,
+        stream: &mut crate::codec::StreamDecoder,
+    ) -> Result<(), MigrationError> {
+        SCRATCH.with(|s| batch.decoded(&mut s.borrow_mut(), Some(stream)).map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Applies a batch, a kept stream's with its connection's `stream`.
+    pub(super) fn apply(
+        &self,
+        batch: &PageBatch,
+        stream: Option<&mut crate::codec::StreamDecoder>,
+    ) -> Result<(), MigrationError> {
         #[cfg(feature = "faults")]
         if self.panic_armed.swap(false, Ordering::Relaxed) {
             panic!("injected fault: a page batch's apply panics");
@@ -91,7 +106,7 @@ impl Shared {
         let first_pass = batch.round == 0 && !self.prefilled;
         let mut bad = None;
         SCRATCH.with(|s| {
-            batch.apply(&mut s.borrow_mut(), |page, data| match data {
+            batch.apply_with(&mut s.borrow_mut(), stream, |page, data| match data {
                 Page::Data(bytes) => {
                     self.memory.write_page(page, bytes);
                     self.hashes.set(page, page_hash(bytes));

@@ -37,6 +37,8 @@ pub(super) struct ChanIo {
     pub dead: CancellationToken,
     /// Wakes its writer: work queued, a credit granted.
     wake: Notify,
+    /// Its kept zstd stream: a new connection starts a new one.
+    kept: super::encode::KeptStream,
 }
 
 /// What the tasks share: the machine and the connections.
@@ -199,6 +201,7 @@ impl ChanIo {
             writer: tokio::sync::Mutex::new(wr),
             dead: session.child_token(),
             wake: Notify::new(),
+            kept: Default::default(),
         })
     }
 }
@@ -229,7 +232,7 @@ async fn write_batches(sh: &Arc<Shared>, chan: &Arc<ChanIo>) -> Result<(), Migra
             },
             Next::Work(w) => w,
         };
-        let batch = match sh.encoder.encode_on_pool(&work).await {
+        let batch = match sh.encoder.encode_on_pool(&work, &chan.kept).await {
             Ok(b) => b,
             Err(e) => {
                 sh.m.lock().unwrap().requeue(work);

@@ -239,6 +239,7 @@ pub(super) async fn open_session(
         .filter(|_| config.delta)
         .map(|b| b.migration_id.clone());
     tally.delta.used = done.delta;
+    tally.kept_stream = done.codecs & CodecId::ZstdStream.bit() != 0;
     if done.capabilities & CAP_PAGE_REFS != 0 {
         tally.refs_key = Some(done.secret.refs_key(done.session_id));
     }
@@ -257,7 +258,9 @@ pub(super) async fn open_session(
 /// The SESSION_SETUP this migration asks for (without its proof).
 fn session_setup(guest: &dyn MigratableGuest, config: &MigrationConfig, mac: bool) -> SessionSetup {
     let (codec, codec_level) = match config.codec {
-        CodecChoice::Fixed(Codec::Zstd { level }) => (CodecId::Zstd as u8, level as i8),
+        CodecChoice::Fixed(c @ (Codec::Zstd { level } | Codec::ZstdStream { level })) => {
+            (c.id() as u8, level as i8)
+        }
         CodecChoice::Fixed(c) => (c.id() as u8, 0),
         CodecChoice::Auto => (SETUP_CODEC_AUTO, 0),
     };

@@ -2,7 +2,7 @@
 //! them with the chosen codec, and (with `auto`) measure every candidate so
 //! the chooser learns which wins on this link.
 
-use crate::codec::{AutoChooser, Codec, CodecChoice, SocketRate};
+use crate::codec::{AutoChooser, Codec, CodecChoice, SocketRate, StreamEncoder, CANDIDATES};
 use crate::digest::{page_hash, ref_tag, zero_page_hash, PageHashes};
 use crate::memory::PAGE_SIZE;
 use crate::migration::report::PageCounter;
@@ -32,6 +32,13 @@ pub(super) struct Encoder {
     pub sent: Option<(SentIndex, [u8; 32])>,
 }
 
+/// Which candidates a probe measures.
+type Probe = [bool; CANDIDATES.len()];
+
+/// A connection's kept zstd stream, made by its first stream batch. Its
+/// writer encodes one batch at a time, so the slot is never contended.
+pub(super) type KeptStream = Arc<Mutex<Option<StreamEncoder>>>;
+
 thread_local! {
     static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
     /// A probe's sample of pages, and the compressors' output.
@@ -43,7 +50,7 @@ thread_local! {
 impl Encoder {
     /// The codec for the next batch, and whether to probe the other candidates
     /// on its pages (`auto` only).
-    fn choose(&self) -> (Codec, Option<[bool; 4]>) {
+    fn choose(&self) -> (Codec, Option<Probe>) {
         match self.codec {
             CodecChoice::Fixed(c) => (c, None),
             CodecChoice::Auto => {
@@ -68,7 +75,8 @@ impl Encoder {
         round: u32,
         runs: &[PageRun],
         codec: Codec,
-        probe: Option<[bool; 4]>,
+        probe: Option<Probe>,
+        stream: Option<&mut StreamEncoder>,
     ) -> Result<EncodedBatch, MigrationError> {
         let mem = self.guest.memory();
         let zero_hash = zero_page_hash();
@@ -79,7 +87,7 @@ impl Encoder {
             // every codec look slower.
             let t = (self.codec == CodecChoice::Auto).then(crate::cpu::CpuTimer::start);
             let refs = self.sent.is_some();
-            let batch = enc.encode_refs(round, codec, runs, refs, |page, buf| {
+            let batch = enc.encode_stream(round, codec, runs, refs, stream, |page, buf| {
                 // Checked in place first: a zero page (a third of a typical
                 // guest) is then never copied. A write racing the check or the
                 // copy marks the page dirty, so it is sent again either way.
@@ -204,12 +212,14 @@ impl Encoder {
         }
     }
 
-    /// Encodes `work`: raw batches here (a copy and a hash, about 0.1 ms per
-    /// MiB: cheaper than a hop to the blocking pool and back), compressed
-    /// ones on the blocking pool, off the runtime's workers.
+    /// Encodes `work` for the connection whose kept stream is `kept`: raw
+    /// batches here (a copy and a hash, about 0.1 ms per MiB: cheaper than
+    /// a hop to the blocking pool and back), compressed ones on the
+    /// blocking pool, off the runtime's workers.
     pub async fn encode_on_pool(
         self: &Arc<Self>,
         work: &Work,
+        kept: &KeptStream,
     ) -> Result<EncodedBatch, MigrationError> {
         let (codec, probe) = match work {
             // A resend is no sample of anything.
@@ -219,12 +229,25 @@ impl Encoder {
         let runs = &work.job().runs;
         let round = work.job().round;
         if codec == Codec::None && probe.is_none() {
-            return self.encode(round, runs, codec, probe);
+            return self.encode(round, runs, codec, probe, None);
         }
-        let (me, runs) = (self.clone(), runs.clone());
-        tokio::task::spawn_blocking(move || me.encode(round, &runs, codec, probe))
-            .await
-            .map_err(|e| crate::transport::task_failed(crate::migration::Task::Encoder, &e))?
+        let (me, runs, kept) = (self.clone(), runs.clone(), kept.clone());
+        tokio::task::spawn_blocking(move || {
+            let Codec::ZstdStream { level } = codec else {
+                return me.encode(round, &runs, codec, probe, None);
+            };
+            // Taken out while it encodes; an error leaves the slot empty,
+            // and the session ends with it.
+            let mut stream = match kept.lock().unwrap().take() {
+                Some(s) => s,
+                None => StreamEncoder::new(level).map_err(MigrationError::from)?,
+            };
+            let batch = me.encode(round, &runs, codec, probe, Some(&mut stream))?;
+            *kept.lock().unwrap() = Some(stream);
+            Ok(batch)
+        })
+        .await
+        .map_err(|e| crate::transport::task_failed(crate::migration::Task::Encoder, &e))?
     }
 
     /// Counts a batch's pages once it is written.

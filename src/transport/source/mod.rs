@@ -56,6 +56,8 @@ struct Tally {
     delta: crate::migration::report::DeltaUse,
     /// The key of dense pages' references, when the destination takes them.
     refs_key: Option<[u8; 32]>,
+    /// Whether the destination decodes kept streams (`auto` may use one).
+    kept_stream: bool,
 }
 
 struct Driver {
@@ -389,7 +391,7 @@ async fn run(
     let sh = Shared::start(
         machine,
         bound,
-        Arc::new(encoder(&guest, config, ctx, tally.refs_key)),
+        Arc::new(encoder(&guest, config, ctx, tally)),
         connector,
         ctx,
     );
@@ -440,11 +442,11 @@ fn encoder(
     guest: &Arc<dyn MigratableGuest>,
     config: &MigrationConfig,
     ctx: &RunContext,
-    refs_key: Option<[u8; 32]>,
+    tally: &Tally,
 ) -> Encoder {
     // The chooser leaves the receiving side its share of the cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut chooser = AutoChooser::new(cores);
+    let mut chooser = AutoChooser::new(cores).with_stream(tally.kept_stream);
     let shared = ctx.shared_bucket.as_ref().map(|b| b.rate());
     if let Some(cap) = config.max_bandwidth.into_iter().chain(shared).min() {
         chooser.set_link_rate(cap as f64);
@@ -457,6 +459,8 @@ fn encoder(
         capped: config.max_bandwidth.is_some() || ctx.shared_bucket.is_some(),
         socket_bps: Mutex::new(SocketRate::default()),
         counts: PageCounter::default(),
-        sent: refs_key.map(|key| (SentIndex::new(guest.memory().pages()), key)),
+        sent: tally
+            .refs_key
+            .map(|key| (SentIndex::new(guest.memory().pages()), key)),
     }
 }
