@@ -39,7 +39,10 @@ use tokio_util::sync::CancellationToken;
 mod checks;
 mod metrics;
 mod nodes;
+mod retained;
 mod serve;
+
+pub(crate) use retained::MAX_HASHES;
 
 use checks::parse_body;
 pub use serve::{serve_agent, serve_agent_with, AgentHandle};
@@ -353,7 +356,7 @@ async fn cancel_operation(State(node): State<Arc<Node>>, Path(id): Path<String>)
 
 /// Every route wants `Authorization: Bearer <token>`, compared in constant
 /// time: the cluster's token for everything, the read-only token for `GET`
-/// (and `HEAD`) routes and `/metrics` only.
+/// (and `HEAD`) routes and `/metrics` only, but a retained image's hashes.
 async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     use subtle::ConstantTimeEq;
     let given = req
@@ -373,13 +376,16 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
             *req.method(),
             axum::http::Method::GET | axum::http::Method::HEAD
         );
-        if reads {
+        // Page hashes say whether a page holds a guessed content.
+        let hashes =
+            req.uri().path().starts_with("/v1/retained/") && req.uri().path().ends_with("/hashes");
+        if reads && !hashes {
             return next.run(req).await;
         }
         return ApiError {
             status: StatusCode::FORBIDDEN,
             code: "forbidden",
-            message: "the read-only token may only read (GET routes and /metrics)".into(),
+            message: "the read-only token may only read (GET routes but retained images' hashes, and /metrics)".into(),
         }
         .into_response();
     }
@@ -426,6 +432,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/node/update", axum::routing::post(update))
         .route("/v1/node/stop", axum::routing::post(stop))
         .route("/v1/node/preview", axum::routing::post(preview))
+        .route("/v1/retained/{vm}", get(retained::get_retained))
+        .route("/v1/retained/{vm}/hashes", get(retained::get_hashes))
         .route(
             "/v1/cluster/update",
             get(get_update_run).post(start_update).delete(cancel_update),

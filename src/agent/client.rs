@@ -9,6 +9,7 @@ use super::ops::OperationView;
 use super::peer::{PeerError, Peers};
 use super::preview::{Preview, PreviewRequest};
 use super::request::{CreateMigration, CreateVm, Drain, Resolve, Resume, Stop, Stopping, Update};
+use super::retain::RetainedView;
 use super::rolling::{StartUpdate, UpdateRun};
 use super::schedule::{SetSchedule, UpdateSchedule};
 use reqwest::Method;
@@ -74,6 +75,40 @@ impl Peers {
 
     async fn get_as<T: DeserializeOwned>(&self, n: &NodeSpec, path: &str) -> Result<T, PeerError> {
         self.typed(n, Method::GET, path, None::<&()>).await
+    }
+
+    /// `GET /v1/retained/{vm}`: the image VM `vm` left node `n` with.
+    pub async fn retained(&self, n: &NodeSpec, vm: &str) -> Result<RetainedView, PeerError> {
+        self.get_as(n, &format!("/v1/retained/{}", seg(n, vm)?))
+            .await
+    }
+
+    /// `GET /v1/retained/{vm}/hashes`: the hashes of pages
+    /// `first..first + count` of that image (at most
+    /// [`super::api::MAX_HASHES`]).
+    pub async fn retained_hashes(
+        &self,
+        n: &NodeSpec,
+        vm: &str,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<u64>, PeerError> {
+        let path = format!(
+            "/v1/retained/{}/hashes?first={first}&count={count}",
+            seg(n, vm)?
+        );
+        let want = count.min(super::api::MAX_HASHES) as usize * 8;
+        let bytes = self.get_bytes(n, &path, want).await?;
+        if bytes.len() != want {
+            return Err(PeerError::Invalid {
+                node: n.name.clone(),
+                message: format!("{path} answered {} bytes, not {want}", bytes.len()),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
+            .collect())
     }
 
     /// `GET /v1/node`.

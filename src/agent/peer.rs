@@ -88,6 +88,50 @@ impl Peers {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, PeerError> {
+        let (resp, url) = self.send(node, method, path, body).await?;
+        let status = resp.status();
+        let text = read_capped(resp, MAX_ANSWER)
+            .await
+            .and_then(|b| String::from_utf8(b).map_err(|_| "the answer is not UTF-8".into()))
+            .map_err(|e| unreachable(node, format!("reading the answer from {url}: {e}")))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|_| unreachable(node, format!("{url} answered {status} with {text:?}")))?;
+        if status.is_success() {
+            Ok(value)
+        } else {
+            Err(api_error(node, status.as_u16(), &value, &text))
+        }
+    }
+
+    /// `GET path` for an answer that is bytes, not JSON, of at most `max`
+    /// bytes (an error is JSON as ever).
+    pub async fn get_bytes(
+        &self,
+        node: &NodeSpec,
+        path: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, PeerError> {
+        let (resp, url) = self.send(node, Method::GET, path, None).await?;
+        let status = resp.status();
+        let body = read_capped(resp, max)
+            .await
+            .map_err(|e| unreachable(node, format!("reading the answer from {url}: {e}")))?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        let text = String::from_utf8_lossy(&body);
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Err(api_error(node, status.as_u16(), &value, &text))
+    }
+
+    /// Sends `method path` to `node` with the token; the answer and the URL.
+    async fn send(
+        &self,
+        node: &NodeSpec,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(reqwest::Response, String), PeerError> {
         let (http, scheme) = match self.clients.get(&node.name) {
             Some((c, s)) => (c.clone(), *s),
             None => client_for(node, self.idle),
@@ -97,33 +141,11 @@ impl Peers {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let unreachable = |message: String| PeerError::Unreachable {
-            node: node.name.clone(),
-            message,
-        };
         let resp = req
             .send()
             .await
-            .map_err(|e| unreachable(format!("cannot reach {url}: {}", chain(&e))))?;
-        let status = resp.status();
-        let text = read_capped(resp)
-            .await
-            .map_err(|e| unreachable(format!("reading the answer from {url}: {e}")))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|_| unreachable(format!("{url} answered {status} with {text:?}")))?;
-        if status.is_success() {
-            Ok(value)
-        } else {
-            Err(PeerError::Api {
-                node: node.name.clone(),
-                status: status.as_u16(),
-                code: value["error"]["code"].as_str().unwrap_or("").into(),
-                message: value["error"]["message"]
-                    .as_str()
-                    .unwrap_or(&text)
-                    .to_string(),
-            })
-        }
+            .map_err(|e| unreachable(node, format!("cannot reach {url}: {}", chain(&e))))?;
+        Ok((resp, url))
     }
 
     /// `GET path`.
@@ -145,16 +167,36 @@ impl Peers {
 /// The largest answer read from an agent.
 const MAX_ANSWER: usize = 16 << 20;
 
-/// The answer's body as text, refused past [`MAX_ANSWER`].
-async fn read_capped(mut resp: reqwest::Response) -> Result<String, String> {
+/// The answer's body, refused past `max` bytes.
+async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() + chunk.len() > MAX_ANSWER {
-            return Err(format!("the answer is over {MAX_ANSWER} bytes"));
+        if body.len() + chunk.len() > max {
+            return Err(format!("the answer is over {max} bytes"));
         }
         body.extend_from_slice(&chunk);
     }
-    String::from_utf8(body).map_err(|_| "the answer is not UTF-8".to_string())
+    Ok(body)
+}
+
+fn unreachable(node: &NodeSpec, message: String) -> PeerError {
+    PeerError::Unreachable {
+        node: node.name.clone(),
+        message,
+    }
+}
+
+/// An agent's error answer: its code and message, or the text it sent.
+fn api_error(node: &NodeSpec, status: u16, value: &Value, text: &str) -> PeerError {
+    PeerError::Api {
+        node: node.name.clone(),
+        status,
+        code: value["error"]["code"].as_str().unwrap_or("").into(),
+        message: value["error"]["message"]
+            .as_str()
+            .unwrap_or(text)
+            .to_string(),
+    }
 }
 
 /// A client for `node`: HTTPS trusting exactly its certificate, or plain

@@ -302,3 +302,84 @@ fn a_node_writes_images_only_while_it_moves_nothing() {
     let (_, v) = c.call(Method::GET, "a", "/v1/node", None);
     assert_eq!(v["memory_reclaimable"], 64u64 << 20, "{v}");
 }
+
+#[test]
+fn a_vm_sent_to_any_node_that_kept_its_image_goes_by_delta() {
+    use common::agents::READONLY_TOKEN;
+    let _serial = common::serial();
+    let kept = "failback_retention = \"256MiB\"";
+    let Some(c) = Agents::start_with(
+        "delta-anywhere",
+        "readonly_token_file = \"readonly.token\"",
+        &[("a", kept), ("b", kept), ("c", kept)],
+    ) else {
+        return;
+    };
+    create(
+        &c,
+        "a",
+        json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"}),
+    );
+    let pages = (64u64 << 20) / PAGE_SIZE as u64;
+    // a → b → c: a keeps the image the VM left it with.
+    let left_a = migrate(&c, "a", "web", "b", false);
+    retained(&c, "a", 1);
+    let (s, v) = c.call(Method::GET, "a", "/v1/retained/web", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["migration"], left_a.as_str(), "{v}");
+    migrate(&c, "b", "web", "c", false);
+    retained(&c, "b", 1);
+    // The hashes: for the cluster's token only, every range checked.
+    let hashes = |token: &str, query: &str| {
+        c.call_with(
+            Some(token),
+            Method::GET,
+            "a",
+            &format!("/v1/retained/web/hashes{query}"),
+            None,
+        )
+    };
+    assert_eq!(hashes(READONLY_TOKEN, "").0, StatusCode::FORBIDDEN);
+    let (s, v) = hashes(common::agents::TOKEN, &format!("?first={}", pages + 1));
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("first"), "{v}");
+    let (s, v) = hashes(common::agents::TOKEN, "?count=x");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = c.call(Method::GET, "a", "/v1/retained/nothing/hashes", None);
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // c → a: c never held a's image, yet only what changed travels, the
+    // base being the image a kept.
+    let back = migrate(&c, "c", "web", "a", true);
+    let (_, m) = c.call(Method::GET, "c", &format!("/v1/migrations/{back}"), None);
+    let report = &m["report"];
+    assert_eq!(report["delta"]["used"], true, "{report}");
+    assert_eq!(report["delta"]["base"], left_a.as_str(), "{report}");
+    assert!(
+        report["delta"]["pages_skipped"].as_u64().unwrap() > pages / 2,
+        "{report}"
+    );
+    assert!(
+        report["round_log"][0]["pages"].as_u64().unwrap() < pages / 4,
+        "{report}"
+    );
+    assert_eq!(report["verified"], true);
+    let (_, first) = c.call(Method::GET, "a", &format!("/v1/migrations/{left_a}"), None);
+    let (full, sent) = (
+        first["report"]["wire_bytes"].as_u64().unwrap(),
+        report["wire_bytes"].as_u64().unwrap(),
+    );
+    eprintln!("a to b: {full} bytes; c back to a by delta: {sent} bytes");
+    assert!(sent * 4 < full, "{sent} of {full} bytes");
+    // Byte for byte what c sent: the image c kept of it.
+    let r = retained(&c, "c", 1);
+    let path = std::path::Path::new(r["dir"].as_str().unwrap()).join("web.retained");
+    let image = Retained::open(&path, 1 << 30).unwrap();
+    let copy = GuestMemory::new(image.memory()).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..copy.pages() {
+        image.page(PageIndex(i), &mut page).unwrap();
+        copy.write_page(PageIndex(i), &page);
+    }
+    let on_a = c.agent("a").node.guest("web").unwrap();
+    assert_eq!(first_difference(on_a.memory(), &copy), None);
+}

@@ -2,6 +2,7 @@
 //! keeps at most `max_concurrent_migrations` outgoing ones running, and the
 //! counters its metrics show.
 
+mod base;
 mod entry;
 mod incoming;
 mod limit;

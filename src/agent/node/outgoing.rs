@@ -128,7 +128,8 @@ impl Node {
                 e.error = Some(why);
                 continue;
             };
-            // Back to the node it came from: offer what it arrived with.
+            // Back to the node it came from: offer what it arrived with
+            // (any other target is asked for an image when the run starts).
             if config.delta {
                 config.base = vm.base.clone().filter(|b| b.from_node == target);
             }
@@ -163,6 +164,13 @@ impl Node {
         ctx.shared_bucket = self.bucket.clone();
         let addr = self.member(&target).map(|n| n.data).unwrap_or_default();
         tracing::info!(%id, %vm, %target, "migration started");
+        if config.delta && config.base.is_none() {
+            let memory = guest.memory().len_bytes();
+            config.base = tokio::select! {
+                b = self.base_held_by(&vm, &target, memory) => b,
+                _ = ctx.cancel.cancelled() => None,
+            };
+        }
         // A restart after this node's death asks the target first.
         let recorded = self.record_moving(&vm, &target, &id).await;
         if recorded.is_err() {

@@ -1,0 +1,98 @@
+//! The routes of what a node keeps of a VM that left it: the retained
+//! image's description, and its pages' hashes, which a node sending the VM
+//! back here later (from wherever it runs then) offers as its base.
+
+use super::{json_status, ApiError, ApiResult};
+use crate::agent::node::Node;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Hashes one answer carries at most: 8 MiB of them.
+pub const MAX_HASHES: u64 = 1 << 20;
+
+/// `?first=&count=`: the pages whose hashes are wanted.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HashRange {
+    #[serde(default)]
+    first: u64,
+    count: Option<u64>,
+}
+
+fn no_image(node: &Node, vm: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "not_found",
+        message: format!("no image of VM {vm} is kept on node {}", node.name()),
+    }
+}
+
+/// `GET /v1/retained/{vm}`: the image VM `vm` left this node with.
+pub(super) async fn get_retained(
+    State(node): State<Arc<Node>>,
+    Path(vm): Path<String>,
+) -> ApiResult {
+    let view = node
+        .retention
+        .get(&vm)
+        .ok_or_else(|| no_image(&node, &vm))?;
+    Ok(json_status(StatusCode::OK, &view))
+}
+
+/// `GET /v1/retained/{vm}/hashes?first=F&count=N`: the hashes of pages
+/// `F..F+N` of that image (all from `F` by default, at most
+/// [`MAX_HASHES`]), 8 bytes each, little-endian, as
+/// `application/octet-stream`. Not for the read-only token: a page's hash
+/// tells whether it holds a guessed content.
+pub(super) async fn get_hashes(
+    State(node): State<Arc<Node>>,
+    Path(vm): Path<String>,
+    q: Result<Query<HashRange>, QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    if node.retention.get(&vm).is_none() {
+        return Err(no_image(&node, &vm));
+    }
+    let node2 = node.clone();
+    let vm2 = vm.clone();
+    let image = tokio::task::spawn_blocking(move || node2.retention.open_image(&vm2))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: format!("reading the image: {e}"),
+        })?
+        .map_err(|e| ApiError {
+            status: StatusCode::CONFLICT,
+            code: "unusable",
+            message: format!("VM {vm}'s image on node {}: {e}", node.name()),
+        })?;
+    let hashes = image.hashes();
+    let pages = hashes.len() as u64;
+    if q.first > pages {
+        return Err(ApiError::bad_request(format!(
+            "first: {} is past the image's {pages} pages",
+            q.first
+        )));
+    }
+    let count = q.count.unwrap_or(pages - q.first).min(pages - q.first);
+    if count > MAX_HASHES {
+        return Err(ApiError::bad_request(format!(
+            "count: {count} hashes asked for, at most {MAX_HASHES} an answer"
+        )));
+    }
+    let body: Vec<u8> = hashes[q.first as usize..(q.first + count) as usize]
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        body,
+    )
+        .into_response())
+}

@@ -1,0 +1,67 @@
+//! A later migration's base: the image a target kept when the VM last left
+//! it, found by asking the target, wherever the VM has been since.
+
+use super::*;
+use crate::migration::delta::Base;
+use std::time::Duration;
+
+/// How long a source waits for a target to describe its image and send its
+/// pages' hashes before it sends every page instead.
+const BASE_WAIT: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// The image `target` kept of VM `vm` (of `memory` bytes) when the VM
+    /// last left it, as a base for sending it there again: the target's
+    /// description and its pages' hashes. `None`, and every page is sent,
+    /// when the target keeps none (or one of another size), does not
+    /// answer in time, or sends hashes that do not make its digest. A wrong
+    /// base costs nothing worse: the destination takes a base only by its
+    /// migration and digest, and the switchover digest proves every page.
+    pub(super) async fn base_held_by(&self, vm: &str, target: &str, memory: u64) -> Option<Base> {
+        let spec = self.member(target)?;
+        let fetch = async {
+            let view = self
+                .peers
+                .retained(&spec, vm)
+                .await
+                .map_err(|e| e.to_string())?;
+            if view.memory != memory {
+                return Err(format!(
+                    "its image is of {} bytes, the VM of {memory}",
+                    view.memory
+                ));
+            }
+            let pages = memory / crate::memory::PAGE_SIZE as u64;
+            let mut hashes = Vec::with_capacity(pages as usize);
+            while (hashes.len() as u64) < pages {
+                let first = hashes.len() as u64;
+                let count = (pages - first).min(crate::agent::api::MAX_HASHES);
+                let got = self
+                    .peers
+                    .retained_hashes(&spec, vm, first, count)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                hashes.extend(got);
+            }
+            let base = Base::new(view.migration, target.to_string(), hashes.into());
+            if base.digest != view.digest {
+                return Err("its pages' hashes do not make its digest".into());
+            }
+            Ok(base)
+        };
+        let found = match tokio::time::timeout(BASE_WAIT, fetch).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {BASE_WAIT:?}")),
+        };
+        match found {
+            Ok(base) => {
+                tracing::info!(%vm, %target, base = %base.migration_id, "the target keeps an image of the VM: offering it as the base");
+                Some(base)
+            }
+            Err(why) => {
+                tracing::info!(%vm, %target, "no base on the target, every page goes: {why}");
+                None
+            }
+        }
+    }
+}
