@@ -408,6 +408,10 @@ pub(crate) struct ReceiveArgs {
     /// Sessions received at once; more are refused.
     #[arg(long, default_value_t = 16)]
     pub(crate) max_sessions: usize,
+    /// Kept zstd streams decoded at once over all sessions (16 MiB each);
+    /// 0 declines the codec.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub(crate) kept_streams: u16,
     /// Longest wait for a connection's first frame and a session's setup.
     #[arg(long, default_value = "10s", value_parser = duration_arg)]
     pub(crate) handshake_timeout: Duration,

@@ -140,6 +140,7 @@ fn config(a: &ReceiveArgs, held: &Arc<Mutex<Held>>) -> Result<ReceiverConfig> {
             _ => None,
         },
         max_sessions: a.max_sessions,
+        kept_streams: ferry::transport::StreamBudget::new(a.kept_streams.into()),
         handshake_timeout: a.handshake_timeout,
         resume_check: Some(Duration::from_secs(1)),
         unauthenticated: if a.insecure {

@@ -18,6 +18,10 @@ use std::str::FromStr;
 
 /// The highest zstd level accepted.
 pub const MAX_ZSTD_LEVEL: i32 = 22;
+/// The highest level of a kept stream: its tables are sized for an input
+/// of unknown length, so higher levels would take hundreds of MiB per
+/// connection (level 19: about 100 MiB; 22: 660 MiB).
+pub const MAX_STREAM_LEVEL: i32 = 9;
 
 /// How a batch's non-zero pages are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -149,7 +153,7 @@ impl Codec {
 /// Why a codec name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid codec {0:?}: use none, lz4, zstd[:level] or zstd-stream[:level] with level 1..=22, or auto"
+    "invalid codec {0:?}: use none, lz4, zstd[:level] with level 1..=22, zstd-stream[:level] with level 1..=9, or auto"
 )]
 pub struct CodecParseError(String);
 
@@ -169,7 +173,12 @@ impl FromStr for Codec {
                     None => (false, other.strip_prefix("zstd:").ok_or_else(err)?),
                 };
                 let level: i32 = level.parse().map_err(|_| err())?;
-                if !(1..=MAX_ZSTD_LEVEL).contains(&level) {
+                let max = if stream {
+                    MAX_STREAM_LEVEL
+                } else {
+                    MAX_ZSTD_LEVEL
+                };
+                if !(1..=max).contains(&level) {
                     return Err(err());
                 }
                 Ok(match stream {
@@ -253,7 +262,12 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut BytesMut) -> Result<usize,
                     streams.len() - 1
                 }
             };
-            streams[at].compress(input, out)
+            let n = streams[at].compress(input, out);
+            if n.is_err() {
+                // Unusable after an error: the next probe makes a new one.
+                streams.remove(at);
+            }
+            n
         });
     }
     let start = out.len();
@@ -367,6 +381,16 @@ mod tests {
         );
         assert!("zstd:0".parse::<Codec>().is_err());
         assert!("zstd:23".parse::<Codec>().is_err());
+        assert_eq!(
+            "zstd-stream".parse::<Codec>().unwrap(),
+            Codec::ZstdStream { level: 1 }
+        );
+        assert_eq!(
+            "zstd-stream:9".parse::<Codec>().unwrap().to_string(),
+            "zstd-stream:9"
+        );
+        assert!("zstd-stream:10".parse::<Codec>().is_err(), "memory");
+        assert!("zstd-stream:0".parse::<Codec>().is_err());
         assert!("gzip".parse::<Codec>().is_err());
         assert_eq!(Codec::Zstd { level: 1 }.to_string(), "zstd:1");
         assert_eq!("auto".parse::<CodecChoice>().unwrap(), CodecChoice::Auto);

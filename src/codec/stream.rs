@@ -26,9 +26,12 @@ pub struct StreamEncoder {
 }
 
 impl StreamEncoder {
-    /// A new stream at `level`, with the kept window and long-distance
-    /// matching.
+    /// A new stream at `level` (at most [`super::MAX_STREAM_LEVEL`]), with
+    /// the kept window and long-distance matching.
     pub fn new(level: i32) -> Result<Self, CodecError> {
+        if !(1..=super::MAX_STREAM_LEVEL).contains(&level) {
+            return Err(CodecError::Compress { codec: CODEC });
+        }
         let fail = |_| CodecError::Compress { codec: CODEC };
         let mut cctx =
             zstd_safe::CCtx::try_create().ok_or(CodecError::Compress { codec: CODEC })?;
@@ -115,9 +118,13 @@ impl StreamDecoder {
                 let mut more = [0u8; 1];
                 let mut probe = OutBuffer::around(&mut more[..]);
                 let mut none = InBuffer::around(&[]);
-                self.dctx
+                let hint = self
+                    .dctx
                     .decompress_stream(&mut probe, &mut none)
                     .map_err(|_| CodecError::Corrupt { codec: CODEC })?;
+                if hint == 0 {
+                    return Err(CodecError::Corrupt { codec: CODEC });
+                }
                 if probe.pos() == 0 {
                     return Ok(());
                 }

@@ -54,6 +54,8 @@ pub struct DestMachine {
     max_memory: u64,
     hosts_kvm: bool,
     setup: Option<SessionSetup>,
+    /// The codecs it decodes, then those agreed ([`CodecId::bit`]s).
+    codecs: u32,
 }
 
 impl DestMachine {
@@ -64,7 +66,26 @@ impl DestMachine {
             max_memory: max_memory.min(MAX_MEMORY_BYTES),
             hosts_kvm: false,
             setup: None,
+            codecs: CodecId::None.bit()
+                | CodecId::Lz4.bit()
+                | CodecId::Zstd.bit()
+                | CodecId::ZstdStream.bit(),
         }
+    }
+
+    /// Whether it decodes kept zstd streams (default: yes). Without, a
+    /// source asking for them is told no at NEGOTIATE.
+    pub fn kept_streams(mut self, yes: bool) -> Self {
+        if !yes {
+            self.codecs &= !CodecId::ZstdStream.bit();
+        }
+        self
+    }
+
+    /// The codecs agreed at NEGOTIATE ([`CodecId::bit`]s): a batch in any
+    /// other is a protocol violation.
+    pub fn codecs(&self) -> u32 {
+        self.codecs
     }
 
     /// Whether this host can run KVM guests (a working `/dev/kvm`); without
@@ -128,15 +149,12 @@ impl DestMachine {
                 .into(),
             );
         }
-        let ours = CodecId::None.bit()
-            | CodecId::Lz4.bit()
-            | CodecId::Zstd.bit()
-            | CodecId::ZstdStream.bit();
+        self.codecs &= m.codecs | CodecId::None.bit();
         self.state = DestState::AwaitSetup;
         Ok(NegotiateResponse {
             version: VERSION,
             capabilities: CAPABILITIES & m.capabilities,
-            codecs: ours & m.codecs,
+            codecs: self.codecs & m.codecs,
             page_size: PAGE_SIZE as u32,
             // The driver draws the challenge.
             nonce: [0; 16],
@@ -325,6 +343,31 @@ mod tests {
         m.handle_go().unwrap();
         m.abort();
         assert_eq!(m.state(), DestState::Running, "after GO the guest stays");
+    }
+
+    #[test]
+    fn the_codecs_agreed_are_those_both_sides_name() {
+        let stream = CodecId::ZstdStream.bit();
+        let asked = CodecId::Lz4.bit() | stream;
+        let mut m = DestMachine::new(1 << 30);
+        let r = m
+            .handle_negotiate(&Negotiate {
+                codecs: asked,
+                ..negotiate()
+            })
+            .unwrap();
+        assert_eq!(r.codecs, asked);
+        assert_eq!(m.codecs(), asked | CodecId::None.bit());
+        // A receiver without kept streams declines them.
+        let mut m = DestMachine::new(1 << 30).kept_streams(false);
+        let r = m
+            .handle_negotiate(&Negotiate {
+                codecs: asked,
+                ..negotiate()
+            })
+            .unwrap();
+        assert_eq!(r.codecs, CodecId::Lz4.bit());
+        assert_eq!(m.codecs() & stream, 0);
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub enum Shortfall {
         /// The receiver's limit.
         limit: u64,
     },
+    /// Kept zstd streams beyond what the receiver decodes at once.
+    #[error("this receiver decodes at most {limit} kept zstd streams at once")]
+    KeptStreams {
+        /// The limit.
+        limit: usize,
+    },
     /// A guest larger than the receiver takes.
     #[error("guest of {bytes} bytes exceeds this receiver's limit of {limit} bytes")]
     GuestSize {

@@ -20,7 +20,8 @@ pub use channel::{Conn, FrameReader, FrameWriter, Received, HANDSHAKE_MAX_PAYLOA
 #[cfg(feature = "fuzzing")]
 pub(crate) use dest::prefill;
 pub use dest::{
-    AdmitFn, BaseFn, BaseImage, Incoming, Receiver, ReceiverConfig, Unauthenticated, CHANNEL_MEMORY,
+    AdmitFn, BaseFn, BaseImage, Incoming, Receiver, ReceiverConfig, StreamBudget, Unauthenticated,
+    CHANNEL_MEMORY,
 };
 pub use gate::{ReceiverStats, Refusal};
 pub use local::{migrate_locally, migrate_over_loopback, LocalPath};

@@ -548,8 +548,9 @@ impl BatchEncoder {
     }
 
     /// As [`BatchEncoder::encode_refs`], a kept stream's pages compressed
-    /// into `stream` (the channel's), or without one into the thread's own.
-    /// An error leaves the stream unusable.
+    /// into `stream` (the connection's; without one, a kept stream's batch
+    /// with data is [`CodecError::NoStream`]). An error leaves the stream
+    /// unusable.
     ///
     /// # Panics
     /// As [`BatchEncoder::encode_refs`].
@@ -637,6 +638,9 @@ impl BatchEncoder {
         if !direct && sent > 0 {
             data_len = match stream {
                 Some(s) if codec.is_stream() => s.compress(&self.pages, out)?,
+                // Only a connection's own stream makes a batch its
+                // receiver can follow.
+                None if codec.is_stream() => return Err(CodecError::NoStream),
                 _ => codec::compress(codec, &self.pages, out)?,
             };
             // The stream's receiver must decode every byte it was given.

@@ -23,6 +23,7 @@ mod ha;
 mod handoff;
 mod hostile;
 mod join;
+mod kept;
 mod kvm;
 mod layers;
 mod migration;

@@ -18,8 +18,9 @@ pub(super) async fn session_handshake(
     binding: &[u8],
 ) -> Result<Admitted, Refused> {
     let config = &rx.config;
-    let mut machine =
-        DestMachine::new(config.max_memory).hosting_kvm(crate::transport::dest::kvm_here());
+    let mut machine = DestMachine::new(config.max_memory)
+        .hosting_kvm(crate::transport::dest::kvm_here())
+        .kept_streams(config.kept_streams.limit() > 0);
     let malformed = |e| Refused::before_proof(e, Refusal::Malformed);
     let mut response = machine.handle_negotiate(negotiate).map_err(malformed)?;
     // A fresh challenge per session: the setup proves the key over it, so a

@@ -1,6 +1,7 @@
 //! A channel's task: reads frames, applies page batches on the blocking
 //! pool and acknowledges them; and the answer to a proven bind.
 
+use super::StreamPermit;
 use super::*;
 use crate::codec::{CodecId, StreamDecoder};
 use crate::digest::page_hash;
@@ -95,8 +96,9 @@ struct Conn<'a> {
     gen: u32,
     wr: &'a Arc<tokio::sync::Mutex<FrameWriter>>,
     stop: &'a CancellationToken,
-    /// The connection's kept zstd stream, made by its first stream batch.
-    kept: Arc<Mutex<Option<StreamDecoder>>>,
+    /// The connection's kept zstd stream, made by its first stream batch,
+    /// with its share of the receiver's budget.
+    kept: Arc<Mutex<Option<(StreamDecoder, StreamPermit)>>>,
 }
 
 impl Conn<'_> {
@@ -271,9 +273,10 @@ impl Conn<'_> {
     }
 
     /// Runs `f` on the blocking pool with the connection's kept stream
-    /// (made by its first stream batch). The channel reads one batch at a
-    /// time, so the stream is never contended; an error leaves it out, and
-    /// the session ends with it.
+    /// (made by its first stream batch, if the session agreed the codec
+    /// and the receiver's budget has room). The channel reads one batch at
+    /// a time, so the stream is never contended; an error leaves it out,
+    /// and the session ends with it.
     async fn on_stream(
         &self,
         batch: PageBatch,
@@ -281,15 +284,33 @@ impl Conn<'_> {
             + Send
             + 'static,
     ) -> Result<(), MigrationError> {
+        let taken = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let (mut stream, permit) = match taken {
+            Some(s) => s,
+            None => {
+                let Some(budget) = &self.sh.streams else {
+                    return Err(Violation::Unexpected {
+                        want: "a batch in a codec the session agreed",
+                        got: Command::PageBatch,
+                    }
+                    .into());
+                };
+                let permit = budget
+                    .take()
+                    .ok_or(crate::migration::Shortfall::KeptStreams {
+                        limit: budget.limit(),
+                    })?;
+                (StreamDecoder::new()?, permit)
+            }
+        };
         let (sh, kept) = (self.sh.clone(), self.kept.clone());
         tokio::task::spawn_blocking(move || {
-            let taken = kept.lock().unwrap_or_else(PoisonError::into_inner).take();
-            let mut stream = match taken {
-                Some(s) => s,
-                None => StreamDecoder::new()?,
-            };
             f(&sh, batch, &mut stream)?;
-            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(stream);
+            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some((stream, permit));
             Ok(())
         })
         .await

@@ -84,6 +84,8 @@ impl Session {
         let token = random_bytes::<16>();
         let secret = crate::transport::accept::bind_secret(&self.config, &admitted, &token);
         let refs_key = secret.refs_key(admitted.session_id);
+        let streams = (admitted.machine.codecs() & crate::codec::CodecId::ZstdStream.bit() != 0)
+            .then(|| self.config.kept_streams.clone());
         let Admitted {
             machine,
             setup,
@@ -142,6 +144,7 @@ impl Session {
         );
         sh.hashes = hashes;
         sh.prefilled = delta;
+        sh.streams = streams;
         let sh = Arc::new(sh);
         self.answer_setup(&mut writer, &sh, &token, &handshake, delta)
             .await?;
@@ -172,6 +175,7 @@ impl Session {
         Shared {
             hashes: PageHashes::new(limits.guest_pages),
             refs_key,
+            streams: None,
             prefilled: false,
             memory,
             limits,

@@ -122,6 +122,66 @@ pub struct ReceiverConfig {
     /// report's `guest_counter_after_resume` (the report waits for it; the
     /// wait is not part of `total_ms`). Default: none (`ferry receive`: 1 s).
     pub resume_check: Option<Duration>,
+    /// Kept zstd streams decoded at once over all sessions, each holding a
+    /// 16 MiB window: a connection whose stream would pass it ends its
+    /// session. With a limit of 0 the codec is not offered. Default: 32
+    /// (about 520 MiB).
+    pub kept_streams: StreamBudget,
+}
+
+/// How many kept zstd streams a receiver decodes at once; clones share the
+/// count.
+#[derive(Debug, Clone)]
+pub struct StreamBudget {
+    limit: usize,
+    used: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StreamBudget {
+    /// At most `limit` at once.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: Default::default(),
+        }
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Streams held now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// One stream's share, until dropped; `None` at the limit.
+    pub(crate) fn take(&self) -> Option<StreamPermit> {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamPermit(self.used.clone()))
+    }
+}
+
+impl Default for StreamBudget {
+    fn default() -> Self {
+        Self::new(32)
+    }
+}
+
+/// A kept stream's share of its receiver's [`StreamBudget`].
+#[derive(Debug)]
+pub(crate) struct StreamPermit(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -141,6 +201,7 @@ impl std::fmt::Debug for ReceiverConfig {
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("tls", &self.tls.is_some())
             .field("resume_check", &self.resume_check)
+            .field("kept_streams", &self.kept_streams.limit())
             .finish()
     }
 }
@@ -163,6 +224,7 @@ impl Default for ReceiverConfig {
             max_inflight_bytes: 64 * CHANNEL_MEMORY,
             tls: None,
             resume_check: None,
+            kept_streams: StreamBudget::default(),
         }
     }
 }

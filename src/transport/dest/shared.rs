@@ -44,6 +44,8 @@ pub(super) struct Shared {
     pub(super) hashes: PageHashes,
     /// The key of dense-page references' tags (from the bind secret).
     pub(super) refs_key: [u8; 32],
+    /// With kept zstd streams agreed: the receiver's budget of them.
+    pub(super) streams: Option<super::StreamBudget>,
     /// Whether the memory started as a failback's retained image rather
     /// than all zeros.
     pub(super) prefilled: bool,

@@ -171,7 +171,9 @@ impl Shared {
                     }
                     let sh = self.clone();
                     self.tasks.spawn(async move {
+                        // Never after half a batch the connection died in.
                         let sent = tokio::select! {
+                            biased;
                             _ = c.dead.cancelled() => Ok(()),
                             r = async { c.writer.lock().await.send(header, &msg).await } => r,
                         };

@@ -132,9 +132,10 @@ impl Encoder {
                         // that would make a codec look several times slower
                         // than it is. Pay it untimed.
                         if !PROBE_WARM.replace(true) {
-                            for &c in crate::codec::CANDIDATES
+                            for (&c, _) in crate::codec::CANDIDATES
                                 .iter()
-                                .filter(|&&c| c != Codec::None)
+                                .zip(set)
+                                .filter(|&(&c, wanted)| c != Codec::None && wanted)
                             {
                                 out.clear();
                                 let _ = crate::codec::compress(c, sample, out);
