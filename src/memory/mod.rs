@@ -104,22 +104,40 @@ impl std::fmt::Debug for GuestMemory {
 impl GuestMemory {
     /// Maps `bytes` of zeroed guest memory. Nothing is backed until written.
     pub fn new(bytes: u64) -> Result<Self, MemoryError> {
+        let memory = Self::without_huge_pages(bytes)?;
+        // Back the guest with transparent huge pages where the kernel allows, as
+        // QEMU does for guest RAM: a first write then costs one fault per 2 MiB
+        // instead of per 4 KiB (on this kind of VM, 18 GB/s against 3 GB/s), and
+        // reading unbacked memory maps the huge zero page. Dirty tracking stays at
+        // 4 KiB: the bitmap is ferry's own.
+        memory.advise_huge_pages();
+        Ok(memory)
+    }
+
+    /// As [`GuestMemory::new`], without asking for huge pages: memory an
+    /// incoming migration fills page by page. There each huge page's first
+    /// write zeroes 2 MiB of memory the host may not have backed yet; on
+    /// this kind of VM receiving 1 GiB cost the destination 4.6-6.6 s of CPU
+    /// so, against 0.9 s without (`BENCHMARKS.md`). The guest asks for them
+    /// once it runs ([`GuestMemory::advise_huge_pages`]).
+    pub fn without_huge_pages(bytes: u64) -> Result<Self, MemoryError> {
         let len = Self::check_size(bytes)?;
         let map = memmap2::MmapOptions::new()
             .len(len)
             .no_reserve_swap()
             .map_anon()
             .map_err(|source| MemoryError::Map { bytes, source })?;
-        // Back the guest with transparent huge pages where the kernel allows, as
-        // QEMU does for guest RAM: a first write then costs one fault per 2 MiB
-        // instead of per 4 KiB (on this kind of VM, 18 GB/s against 3 GB/s), and
-        // reading unbacked memory maps the huge zero page. Dirty tracking stays at
-        // 4 KiB: the bitmap is ferry's own. Advice only: failure changes nothing.
-        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(Self {
             map: memmap2::MmapRaw::from(map),
             pages: bytes >> PAGE_SHIFT,
         })
+    }
+
+    /// Asks the kernel to back this memory with transparent huge pages
+    /// from now on (for memory already written, by collapsing it in the
+    /// background). Advice only: a failure changes nothing.
+    pub fn advise_huge_pages(&self) {
+        let _ = self.map.advise(memmap2::Advice::HugePage);
     }
 
     /// Checks a guest memory size; returns it as a length.
@@ -446,6 +464,41 @@ fn annotate(path: &Path, e: std::io::Error) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the mapping at `addr` is advised for huge pages (`hg` in its
+    /// `VmFlags` in /proc/self/smaps).
+    fn advised_huge(addr: usize) -> bool {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().any(|f| f == "hg");
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn arriving_memory_asks_for_huge_pages_only_once_told() {
+        let m = GuestMemory::without_huge_pages(8 << 20).unwrap();
+        assert!(!advised_huge(m.host_addr() as usize));
+        m.advise_huge_pages();
+        assert!(advised_huge(m.host_addr() as usize));
+        let m = GuestMemory::new(8 << 20).unwrap();
+        assert!(advised_huge(m.host_addr() as usize));
+    }
 
     #[test]
     fn rejects_bad_sizes() {

@@ -77,7 +77,8 @@ pub(super) async fn session_handshake(
     if let Some(admit) = &config.admit {
         admit(session_id, &setup).map_err(|why| refused(Shortfall::Refused(why).into()))?;
     }
-    let memory = GuestMemory::new(setup.memory_bytes).map_err(|e| Refused {
+    // Huge pages once the guest runs here (at GO), not while it arrives.
+    let memory = GuestMemory::without_huge_pages(setup.memory_bytes).map_err(|e| Refused {
         admitted: Some((session_id, setup.label.clone())),
         ..refused(Shortfall::Memory(e).into())
     })?;

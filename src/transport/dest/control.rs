@@ -245,6 +245,9 @@ impl Controller<'_> {
             guest.resume();
         }
         let now = Instant::now();
+        // It runs here now: huge pages from here on (received into small
+        // ones, see `GuestMemory::without_huge_pages`).
+        self.sh.memory.advise_huge_pages();
         self.tally.resumed_at = resume.then_some(now);
         self.machine().handle_resumed(now);
         if let Some(on_go) = &self.session.config.on_go {
