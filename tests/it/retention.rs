@@ -35,6 +35,30 @@ fn create(c: &Agents, node: &str, body: Value) {
     assert_eq!(s, StatusCode::CREATED, "{v}");
 }
 
+/// Creates VM `web` on node a (64 MiB writing a 4 MiB hot set at 10
+/// MB/s); returns its pages.
+fn create_web(c: &Agents) -> u64 {
+    create(
+        c,
+        "a",
+        json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"}),
+    );
+    (64u64 << 20) / PAGE_SIZE as u64
+}
+
+/// The memory a retained image holds, read page by page (each checked
+/// against its hash).
+fn image_memory(path: &std::path::Path) -> GuestMemory {
+    let kept = Retained::open(path, 1 << 30).unwrap();
+    let copy = GuestMemory::new(kept.memory()).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for i in 0..copy.pages() {
+        kept.page(PageIndex(i), &mut page).unwrap();
+        copy.write_page(PageIndex(i), &page);
+    }
+    copy
+}
+
 /// `node`'s retained images once `want` of them are listed.
 fn retained(c: &Agents, node: &str, want: usize) -> Value {
     let end = Instant::now() + Duration::from_secs(10);
@@ -93,15 +117,10 @@ fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let kept = Retained::open(&path, 1 << 30).unwrap();
-    let copy = GuestMemory::new(kept.memory()).unwrap();
-    let mut page = vec![0u8; PAGE_SIZE];
-    for i in 0..copy.pages() {
-        kept.page(PageIndex(i), &mut page).unwrap();
-        copy.write_page(PageIndex(i), &page);
-    }
+    let copy = image_memory(&path);
     let on_b = c.agent("b").node.guest("web").unwrap();
     assert_eq!(first_difference(on_b.memory(), &copy), None);
+    let kept = Retained::open(&path, 1 << 30).unwrap();
     assert_eq!(kept.digest(), image["digest"].as_u64().unwrap());
     // A VM that comes back: its image on a is past, and b keeps the one it
     // left b with.
@@ -155,12 +174,7 @@ fn a_drained_vm_fails_back_by_delta_unless_told_not_to() {
     ) else {
         return;
     };
-    create(
-        &c,
-        "a",
-        json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"}),
-    );
-    let pages = (64u64 << 20) / PAGE_SIZE as u64;
+    let pages = create_web(&c);
     let drained = op(&c, "a", "/v1/node/drain", json!({}));
     let away = step_report(&c, &drained);
     retained(&c, "a", 1);
@@ -315,12 +329,7 @@ fn a_vm_sent_to_any_node_that_kept_its_image_goes_by_delta() {
     ) else {
         return;
     };
-    create(
-        &c,
-        "a",
-        json!({"name": "web", "memory": "64MiB", "workload": "hot:4MiB", "dirty_rate": "10MB/s"}),
-    );
-    let pages = (64u64 << 20) / PAGE_SIZE as u64;
+    let pages = create_web(&c);
     // a → b → c: a keeps the image the VM left it with.
     let left_a = migrate(&c, "a", "web", "b", false);
     retained(&c, "a", 1);
@@ -373,13 +382,7 @@ fn a_vm_sent_to_any_node_that_kept_its_image_goes_by_delta() {
     // Byte for byte what c sent: the image c kept of it.
     let r = retained(&c, "c", 1);
     let path = std::path::Path::new(r["dir"].as_str().unwrap()).join("web.retained");
-    let image = Retained::open(&path, 1 << 30).unwrap();
-    let copy = GuestMemory::new(image.memory()).unwrap();
-    let mut page = vec![0u8; PAGE_SIZE];
-    for i in 0..copy.pages() {
-        image.page(PageIndex(i), &mut page).unwrap();
-        copy.write_page(PageIndex(i), &page);
-    }
+    let copy = image_memory(&path);
     let on_a = c.agent("a").node.guest("web").unwrap();
     assert_eq!(first_difference(on_a.memory(), &copy), None);
 }
