@@ -114,12 +114,13 @@ impl GuestMemory {
         Ok(memory)
     }
 
-    /// As [`GuestMemory::new`], without asking for huge pages: memory an
-    /// incoming migration fills page by page. There each huge page's first
-    /// write zeroes 2 MiB of memory the host may not have backed yet; on
-    /// this kind of VM receiving 1 GiB cost the destination 4.6-6.6 s of CPU
-    /// so, against 0.9 s without (`BENCHMARKS.md`). The guest asks for them
-    /// once it runs ([`GuestMemory::advise_huge_pages`]).
+    /// As [`GuestMemory::new`], refusing huge pages (`MADV_NOHUGEPAGE`, so
+    /// also where the system gives them unasked): memory an incoming
+    /// migration fills page by page. There each huge page's first write
+    /// zeroes 2 MiB of memory the host may not have backed yet; on this kind
+    /// of VM receiving 1 GiB cost the destination 4.6-6.6 s of CPU so,
+    /// against 0.9 s without (`BENCHMARKS.md`). The guest asks for them once
+    /// it runs ([`GuestMemory::advise_huge_pages`]).
     pub fn without_huge_pages(bytes: u64) -> Result<Self, MemoryError> {
         let len = Self::check_size(bytes)?;
         let map = memmap2::MmapOptions::new()
@@ -127,6 +128,8 @@ impl GuestMemory {
             .no_reserve_swap()
             .map_anon()
             .map_err(|source| MemoryError::Map { bytes, source })?;
+        // Advice only: a failure changes nothing.
+        let _ = map.advise(memmap2::Advice::NoHugePage);
         Ok(Self {
             map: memmap2::MmapRaw::from(map),
             pages: bytes >> PAGE_SHIFT,
@@ -135,7 +138,8 @@ impl GuestMemory {
 
     /// Asks the kernel to back this memory with transparent huge pages
     /// from now on (for memory already written, by collapsing it in the
-    /// background). Advice only: a failure changes nothing.
+    /// background), lifting a refusal. Advice only: a failure changes
+    /// nothing.
     pub fn advise_huge_pages(&self) {
         let _ = self.map.advise(memmap2::Advice::HugePage);
     }
@@ -465,9 +469,9 @@ fn annotate(path: &Path, e: std::io::Error) -> std::io::Error {
 mod tests {
     use super::*;
 
-    /// Whether the mapping at `addr` is advised for huge pages (`hg` in its
-    /// `VmFlags` in /proc/self/smaps).
-    fn advised_huge(addr: usize) -> bool {
+    /// Whether the mapping at `addr` has flag `flag` in its `VmFlags` in
+    /// /proc/self/smaps (`hg`: huge pages asked for; `nh`: refused).
+    fn vm_flag(addr: usize, flag: &str) -> bool {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
@@ -483,7 +487,7 @@ mod tests {
             }
             if inside {
                 if let Some(flags) = line.strip_prefix("VmFlags:") {
-                    return flags.split_whitespace().any(|f| f == "hg");
+                    return flags.split_whitespace().any(|f| f == flag);
                 }
             }
         }
@@ -493,11 +497,12 @@ mod tests {
     #[test]
     fn arriving_memory_asks_for_huge_pages_only_once_told() {
         let m = GuestMemory::without_huge_pages(8 << 20).unwrap();
-        assert!(!advised_huge(m.host_addr() as usize));
+        let at = m.host_addr() as usize;
+        assert!(!vm_flag(at, "hg") && vm_flag(at, "nh"));
         m.advise_huge_pages();
-        assert!(advised_huge(m.host_addr() as usize));
+        assert!(vm_flag(at, "hg") && !vm_flag(at, "nh"));
         let m = GuestMemory::new(8 << 20).unwrap();
-        assert!(advised_huge(m.host_addr() as usize));
+        assert!(vm_flag(m.host_addr() as usize, "hg"));
     }
 
     #[test]

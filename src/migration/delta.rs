@@ -4,9 +4,12 @@
 //! A node that receives a VM keeps the hash of every page as it arrived.
 //! When the VM goes back to the node it came from, and that node still holds
 //! the image it sent, the source offers that arrival as the session's base;
-//! a destination that takes it starts from the image, and round 0 sends only
-//! the pages whose hash now differs. The switchover digest still covers
-//! every page.
+//! going to any other node that kept an image of it, the source asks that
+//! node for the image's hashes (`agent/node/base.rs`). A destination that
+//! takes the base starts from the image, and round 0 sends only the pages
+//! whose hash now differs. The switchover digest covers every page's hash;
+//! a page whose content changed but whose xxh3 hash did not (a collision,
+//! which a guest could craft) keeps the base's bytes.
 
 use crate::digest::{digest_of_hashes, page_hash, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, GuestMemory, PAGE_SIZE};

@@ -354,6 +354,9 @@ fn a_vm_sent_to_any_node_that_kept_its_image_goes_by_delta() {
     assert!(v.to_string().contains("first"), "{v}");
     let (s, v) = hashes(common::agents::TOKEN, "?count=x");
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = hashes(common::agents::TOKEN, "?count=1048577");
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("count"), "{v}");
     let (s, _) = c.call(Method::GET, "a", "/v1/retained/nothing/hashes", None);
     assert_eq!(s, StatusCode::NOT_FOUND);
     // c → a: c never held a's image, yet only what changed travels, the

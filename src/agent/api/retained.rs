@@ -44,7 +44,7 @@ pub(super) async fn get_retained(
 }
 
 /// `GET /v1/retained/{vm}/hashes?first=F&count=N`: the hashes of pages
-/// `F..F+N` of that image (all from `F` by default, at most
+/// `F..F+N` of that image (by default from `F` to the end, at most
 /// [`MAX_HASHES`]), 8 bytes each, little-endian, as
 /// `application/octet-stream`. Not for the read-only token: a page's hash
 /// tells whether it holds a guessed content.
@@ -79,12 +79,15 @@ pub(super) async fn get_hashes(
             q.first
         )));
     }
-    let count = q.count.unwrap_or(pages - q.first).min(pages - q.first);
-    if count > MAX_HASHES {
-        return Err(ApiError::bad_request(format!(
-            "count: {count} hashes asked for, at most {MAX_HASHES} an answer"
-        )));
-    }
+    let count = match q.count {
+        None => (pages - q.first).min(MAX_HASHES),
+        Some(n) if n > MAX_HASHES => {
+            return Err(ApiError::bad_request(format!(
+                "count: {n} hashes asked for, at most {MAX_HASHES} an answer"
+            )))
+        }
+        Some(n) => n.min(pages - q.first),
+    };
     let body: Vec<u8> = hashes[q.first as usize..(q.first + count) as usize]
         .iter()
         .flat_map(|h| h.to_le_bytes())

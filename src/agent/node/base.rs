@@ -14,9 +14,10 @@ impl Node {
     /// last left it, as a base for sending it there again: the target's
     /// description and its pages' hashes. `None`, and every page is sent,
     /// when the target keeps none (or one of another size), does not
-    /// answer in time, or sends hashes that do not make its digest. A wrong
-    /// base costs nothing worse: the destination takes a base only by its
-    /// migration and digest, and the switchover digest proves every page.
+    /// answer in time, or sends hashes that do not make its digest. The
+    /// destination takes a base only by its migration and digest; round 0
+    /// skips a page whose hash equals the base's, and the switchover digest
+    /// checks the pages' hashes (see `migration::delta` on collisions).
     pub(super) async fn base_held_by(&self, vm: &str, target: &str, memory: u64) -> Option<Base> {
         let spec = self.member(target)?;
         let fetch = async {
