@@ -241,12 +241,46 @@ impl GuestMemory {
         Ok(written)
     }
 
-    /// Bytes of this memory resident in RAM now (`mincore`); `None` where the
-    /// kernel does not say. Asks a GiB at a time, so a large, mostly unbacked
-    /// guest (a peer may declare up to the receiver's `--max-memory`) costs a
-    /// 256 KiB buffer, not one byte per page.
-    #[allow(unsafe_code)]
+    /// Bytes of this memory resident in RAM now: pages this process backs
+    /// with memory of its own (`/proc/self/pagemap`: present and mapped
+    /// here only), so never-written pages a read mapped to the kernel's
+    /// shared zero page do not count. Where pagemap cannot be read, what
+    /// `mincore` says (which counts those too); `None` where neither tells.
+    /// Asks a GiB at a time, so a large, mostly unbacked guest (a peer may
+    /// declare up to the receiver's `--max-memory`) costs a bounded buffer,
+    /// not one entry per page at once.
     pub fn resident_bytes(&self) -> Option<u64> {
+        self.resident_by_pagemap()
+            .or_else(|| self.resident_by_mincore())
+    }
+
+    fn resident_by_pagemap(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        /// Present in RAM.
+        const PRESENT: u64 = 1 << 63;
+        /// Mapped by this process alone (not the shared zero page).
+        const EXCLUSIVE: u64 = 1 << 56;
+        const CHUNK: u64 = 1 << 16; // pages: 256 MiB, 512 KiB of entries
+        let file = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let base = self.map.as_ptr() as u64 / PAGE_SIZE as u64;
+        let mut buf = vec![0u8; (CHUNK.min(self.pages) * 8) as usize];
+        let (mut resident, mut first) = (0u64, 0u64);
+        while first < self.pages {
+            let count = CHUNK.min(self.pages - first);
+            let bytes = &mut buf[..(count * 8) as usize];
+            file.read_exact_at(bytes, (base + first) * 8).ok()?;
+            resident += bytes
+                .chunks_exact(8)
+                .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+                .filter(|e| e & PRESENT != 0 && e & EXCLUSIVE != 0)
+                .count() as u64;
+            first += count;
+        }
+        Some(resident * PAGE_SIZE as u64)
+    }
+
+    #[allow(unsafe_code)]
+    fn resident_by_mincore(&self) -> Option<u64> {
         const CHUNK: u64 = 1 << 18; // pages: 1 GiB
         let mut vec = vec![0u8; CHUNK.min(self.pages) as usize];
         let mut resident = 0u64;
@@ -598,6 +632,14 @@ mod tests {
         // 4 MiB written; huge pages may back up to the 2 MiB boundaries around it.
         assert!((4 << 20..=8 << 20).contains(&rss), "{rss}");
         assert!(peak_rss_bytes().unwrap() >= rss);
+        // Pages only read map the shared zero page: not this guest's.
+        let small = GuestMemory::without_huge_pages(8 << 20).unwrap();
+        small.write_page(PageIndex(0), &[1u8; PAGE_SIZE]);
+        let mut page = [0u8; PAGE_SIZE];
+        for p in 0..small.pages() {
+            small.read_page(PageIndex(p), &mut page);
+        }
+        assert_eq!(small.resident_bytes(), Some(PAGE_SIZE as u64));
         // Counted a GiB at a time: a page in the third GiB of a lazy guest.
         let big = GuestMemory::new(3 << 30).unwrap();
         big.write_page(PageIndex(big.pages() - 1), &[1u8; PAGE_SIZE]);
