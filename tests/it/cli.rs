@@ -388,8 +388,9 @@ fn bench_codecs_reports_each_codec_on_the_given_memory() {
     );
 }
 
-#[test]
-fn bench_sweep_over_tls_runs_both_paths_as_an_axis() {
+/// A one-cell sweep of an idle 8 MiB guest with `codec`, with `axis` (a
+/// flag taking `both`) on and off; its JSON.
+fn sweep_both(codec: &str, axis: &str) -> serde_json::Value {
     let out = run_ok(&[
         "bench",
         "sweep",
@@ -398,18 +399,23 @@ fn bench_sweep_over_tls_runs_both_paths_as_an_axis() {
         "--workload",
         "idle",
         "--codecs",
-        "none",
+        codec,
         "--bandwidth",
         "unlimited",
         "--repeats",
         "1",
         "--channels",
         "2",
-        "--tls",
+        axis,
         "both",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_sweep_over_tls_runs_both_paths_as_an_axis() {
+    let v = sweep_both("none", "--tls");
     let cells = v["cells"].as_array().unwrap();
     // Each path is a cell of its own, each its own winner; a run that did
     // not migrate as asked (TLS or plain) fails the sweep.
@@ -425,26 +431,7 @@ fn bench_sweep_over_tls_runs_both_paths_as_an_axis() {
 
 #[test]
 fn bench_sweep_with_and_without_dense_pages_runs_both_as_an_axis() {
-    let out = run_ok(&[
-        "bench",
-        "sweep",
-        "--memory",
-        "8MiB",
-        "--workload",
-        "idle",
-        "--codecs",
-        "lz4",
-        "--bandwidth",
-        "unlimited",
-        "--repeats",
-        "1",
-        "--channels",
-        "2",
-        "--dense",
-        "both",
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = sweep_both("lz4", "--dense");
     let cells: Vec<(bool, u64)> = v["cells"]
         .as_array()
         .unwrap()

@@ -54,25 +54,13 @@ pub(super) async fn get_hashes(
     q: Result<Query<HashRange>, QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
-    if node.retention.get(&vm).is_none() {
-        return Err(no_image(&node, &vm));
-    }
-    let node2 = node.clone();
-    let vm2 = vm.clone();
-    let image = tokio::task::spawn_blocking(move || node2.retention.open_image(&vm2))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: format!("reading the image: {e}"),
-        })?
-        .map_err(|e| ApiError {
-            status: StatusCode::CONFLICT,
-            code: "unusable",
-            message: format!("VM {vm}'s image on node {}: {e}", node.name()),
-        })?;
-    let hashes = image.hashes();
-    let pages = hashes.len() as u64;
+    // The range is checked against the image's description before its
+    // file is opened.
+    let view = node
+        .retention
+        .get(&vm)
+        .ok_or_else(|| no_image(&node, &vm))?;
+    let pages = view.memory / crate::memory::PAGE_SIZE as u64;
     if q.first > pages {
         return Err(ApiError::bad_request(format!(
             "first: {} is past the image's {pages} pages",
@@ -88,6 +76,29 @@ pub(super) async fn get_hashes(
         }
         Some(n) => n.min(pages - q.first),
     };
+    let node2 = node.clone();
+    let vm2 = vm.clone();
+    let image = tokio::task::spawn_blocking(move || node2.retention.open_image(&vm2))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: format!("reading the image: {e}"),
+        })?
+        .map_err(|e| ApiError {
+            status: StatusCode::CONFLICT,
+            code: "unusable",
+            message: format!("VM {vm}'s image on node {}: {e}", node.name()),
+        })?;
+    let hashes = image.hashes();
+    if hashes.len() as u64 != pages {
+        // Replaced since its description was read: ask again.
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "unusable",
+            message: format!("VM {vm}'s image on node {} changed", node.name()),
+        });
+    }
     let body: Vec<u8> = hashes[q.first as usize..(q.first + count) as usize]
         .iter()
         .flat_map(|h| h.to_le_bytes())
