@@ -42,8 +42,6 @@ mod nodes;
 mod retained;
 mod serve;
 
-pub(crate) use retained::MAX_HASHES;
-
 use checks::parse_body;
 pub use serve::{serve_agent, serve_agent_with, AgentHandle};
 

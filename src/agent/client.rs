@@ -85,7 +85,7 @@ impl Peers {
 
     /// `GET /v1/retained/{vm}/hashes`: the hashes of pages
     /// `first..first + count` of that image (at most
-    /// [`super::api::MAX_HASHES`]).
+    /// [`super::retain::MAX_HASHES`]).
     pub async fn retained_hashes(
         &self,
         n: &NodeSpec,
@@ -97,7 +97,7 @@ impl Peers {
             "/v1/retained/{}/hashes?first={first}&count={count}",
             seg(n, vm)?
         );
-        let want = count.min(super::api::MAX_HASHES) as usize * 8;
+        let want = count.min(super::retain::MAX_HASHES) as usize * 8;
         let bytes = self.get_bytes(n, &path, want).await?;
         if bytes.len() != want {
             return Err(PeerError::Invalid {

@@ -35,6 +35,10 @@ pub struct RetainedView {
     pub bytes: u64,
 }
 
+/// Hashes of an image's pages one answer of `GET /v1/retained/{vm}/hashes`
+/// carries at most: 8 MiB of them.
+pub const MAX_HASHES: u64 = 1 << 20;
+
 /// The description beside an image.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Meta {

@@ -11,8 +11,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use std::sync::Arc;
 
-/// Hashes one answer carries at most: 8 MiB of them.
-pub const MAX_HASHES: u64 = 1 << 20;
+use crate::agent::retain::MAX_HASHES;
 
 /// `?first=&count=`: the pages whose hashes are wanted.
 #[derive(Debug, Default, Deserialize)]

@@ -36,7 +36,7 @@ impl Node {
             let mut hashes = Vec::with_capacity(pages as usize);
             while (hashes.len() as u64) < pages {
                 let first = hashes.len() as u64;
-                let count = (pages - first).min(crate::agent::api::MAX_HASHES);
+                let count = (pages - first).min(crate::agent::retain::MAX_HASHES);
                 let got = self
                     .peers
                     .retained_hashes(&spec, vm, first, count)
