@@ -510,6 +510,7 @@ mod tests {
             preferred_owners: Vec::new(),
             image: None,
             seed: 1,
+            incarnation: 0,
         };
         spec.preferred_owners = owners.iter().map(|s| s.to_string()).collect();
         VmRecord::new(spec, "dead")

@@ -33,6 +33,10 @@ pub struct RetainedView {
     pub digest: u64,
     /// Disk the image takes (zero pages take none).
     pub bytes: u64,
+    /// The incarnation of the VM it is an image of (`VmSpec::incarnation`;
+    /// 0: unknown, never a base).
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// Hashes of an image's pages one answer of `GET /v1/retained/{vm}/hashes`
@@ -234,7 +238,8 @@ impl Retention {
         self.writing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `mem`, the memory VM `vm` left by `migration` with, in place of
+    /// Keeps `mem`, the memory VM `vm` (of `incarnation`) left by
+    /// `migration` with, in place of
     /// any image of it kept before, evicting the oldest others to make room.
     /// Blocking (it writes the image); `stop`, asked between steps, may hold
     /// the write back and ends it early. `None` when the
@@ -244,6 +249,7 @@ impl Retention {
         &self,
         vm: &str,
         migration: &str,
+        incarnation: u64,
         mem: &GuestMemory,
         stop: &dyn Fn() -> bool,
     ) -> Result<Option<RetainedView>, String> {
@@ -264,7 +270,8 @@ impl Retention {
             g
         };
         self.evict();
-        let written = self.write(vm, migration, mem, generation, need, stop);
+        let id = (migration, incarnation);
+        let written = self.write(vm, id, mem, generation, need, stop);
         let mut kept = self.kept.lock().unwrap();
         let current = kept.pending.get(vm).map(|p| p.generation) == Some(generation);
         if current {
@@ -301,7 +308,7 @@ impl Retention {
     fn write(
         &self,
         vm: &str,
-        migration: &str,
+        (migration, incarnation): (&str, u64),
         mem: &GuestMemory,
         generation: u64,
         need: u64,
@@ -336,6 +343,7 @@ impl Retention {
                 memory: mem.len_bytes(),
                 digest,
                 bytes: disk_bytes(&tmp),
+                incarnation,
             },
         };
         let json = serde_json::to_vec(&meta).expect("serializable");

@@ -9,7 +9,9 @@
 //! takes the base starts from the image, and round 0 sends only the pages
 //! whose hash now differs. The switchover digest covers every page's hash;
 //! a page whose content changed but whose xxh3 hash did not (a collision,
-//! which a guest could craft) keeps the base's bytes.
+//! which a guest could craft) keeps the base's bytes. An agent offers only
+//! an image of the same VM (`VmSpec::incarnation`), so such a page can only
+//! be one that VM held before, never another VM's of the same name.
 
 use crate::digest::{digest_of_hashes, page_hash, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, GuestMemory, PAGE_SIZE};

@@ -389,3 +389,45 @@ fn a_vm_sent_to_any_node_that_kept_its_image_goes_by_delta() {
     let on_a = c.agent("a").node.guest("web").unwrap();
     assert_eq!(first_difference(on_a.memory(), &copy), None);
 }
+
+/// A VM deleted and created again under its name is another VM: the image
+/// a node kept of the first is never the second's base, even with the same
+/// content, so no page of one can stand in for the other's.
+#[test]
+fn an_image_of_an_earlier_vm_of_the_same_name_is_never_a_base() {
+    let _serial = common::serial();
+    let kept = "failback_retention = \"256MiB\"";
+    let Some(c) = Agents::start_with("incarnation", "", &[("a", kept), ("b", kept)]) else {
+        return;
+    };
+    let body = json!({"name": "web", "memory": "64MiB", "workload": "idle"});
+    create(&c, "a", body.clone());
+    let first = |node: &str| {
+        let (s, v) = c.call(Method::GET, node, "/v1/vms/web", None);
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["incarnation"].as_u64().unwrap()
+    };
+    let was = first("a");
+    assert_ne!(was, 0);
+    migrate(&c, "a", "web", "b", false);
+    retained(&c, "a", 1);
+    let (_, image) = c.call(Method::GET, "a", "/v1/retained/web", None);
+    assert_eq!(image["incarnation"], was, "{image}");
+    // The arrived VM is still the same one.
+    assert_eq!(first("b"), was);
+    // Deleted, and a VM of that name and the same content made again.
+    let (s, v) = c.call(Method::DELETE, "b", "/v1/vms/web", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    create(&c, "b", body);
+    let now = first("b");
+    assert!(now != 0 && now != was, "{now} {was}");
+    // To a: a keeps an image of the first VM, which is not this one's.
+    let id = migrate(&c, "b", "web", "a", false);
+    let (_, m) = c.call(Method::GET, "b", &format!("/v1/migrations/{id}"), None);
+    let report = &m["report"];
+    assert_eq!(report["delta"]["used"], false, "{report}");
+    assert_eq!(report["delta"]["base"], Value::Null, "{report}");
+    assert_eq!(report["delta"]["pages_skipped"], 0, "{report}");
+    assert_eq!(report["verified"], true);
+    assert_eq!(first("a"), now);
+}

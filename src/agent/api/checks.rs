@@ -119,6 +119,7 @@ impl CreateVm {
             preferred_owners: self.preferred_owners.unwrap_or_default(),
             image: self.image,
             seed: self.seed.unwrap_or(1),
+            incarnation: crate::agent::node::new_incarnation(),
         };
         spec.check().map_err(ApiError::bad_request)?;
         Ok(spec)

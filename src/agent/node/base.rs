@@ -20,12 +20,22 @@ impl Node {
     /// checks the pages' hashes (see `migration::delta` on collisions).
     pub(super) async fn base_held_by(&self, vm: &str, target: &str, memory: u64) -> Option<Base> {
         let spec = self.member(target)?;
+        let incarnation = self.incarnation(vm);
         let fetch = async {
             let view = self
                 .peers
                 .retained(&spec, vm)
                 .await
                 .map_err(|e| e.to_string())?;
+            // Only an image of this very VM: one of an earlier VM of the
+            // same name holds another tenant's pages, which a crafted hash
+            // collision could otherwise bring into this one.
+            if incarnation == 0 || view.incarnation != incarnation {
+                return Err(format!(
+                    "its image is of another VM of that name (incarnation {}, this one {incarnation})",
+                    view.incarnation
+                ));
+            }
             if view.memory != memory {
                 return Err(format!(
                     "its image is of {} bytes, the VM of {memory}",
@@ -54,6 +64,11 @@ impl Node {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {BASE_WAIT:?}")),
         };
+        self.offered(vm, target, found)
+    }
+
+    /// Says what became of a base looked for on `target`.
+    fn offered(&self, vm: &str, target: &str, found: Result<Base, String>) -> Option<Base> {
         match found {
             Ok(base) => {
                 tracing::info!(%vm, %target, base = %base.migration_id, "the target keeps an image of the VM: offering it as the base");
@@ -64,5 +79,18 @@ impl Node {
                 None
             }
         }
+    }
+
+    /// Which VM named `vm` runs here (`VmSpec::incarnation`): its own
+    /// spec's, else its record's; 0 when neither says.
+    fn incarnation(&self, vm: &str) -> u64 {
+        let local = self.state.lock().unwrap().vms.get(vm).map_or(0, |v| v.spec.incarnation);
+        if local != 0 {
+            return local;
+        }
+        self.mirror
+            .get()
+            .and_then(|m| m.vm(vm))
+            .map_or(0, |(r, _)| r.spec.incarnation)
     }
 }

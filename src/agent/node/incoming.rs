@@ -40,6 +40,7 @@ impl Node {
                     preferred_owners: Vec::new(),
                     image: None,
                     seed: default_seed(),
+                    incarnation: 0,
                 },
                 Some(session),
             ),
@@ -94,6 +95,11 @@ impl Node {
             return;
         };
         {
+            // A migration carries only the guest: which VM it is, the
+            // cluster's record says.
+            if let Some((r, _)) = self.mirror.get().and_then(|m| m.vm(&name)) {
+                vm.spec.incarnation = r.spec.incarnation;
+            }
             if let Some(w) = guest.workload() {
                 vm.spec.workload = w.pattern;
                 vm.spec.dirty_rate = w.dirty_rate;

@@ -27,7 +27,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub(in crate::agent) use entry::MigrationEntry;
 pub use entry::{MigrationView, ProgressView, Resolution};
 use spec::default_seed;
-pub use spec::{valid_name, VmSpec, VmView};
+pub use spec::{new_incarnation, valid_name, VmSpec, VmView};
 
 /// Whether a node takes VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +115,8 @@ pub(super) struct Warm {
     pub(super) migration: String,
     pub(super) memory: Arc<crate::memory::GuestMemory>,
     pub(super) at: Instant,
+    /// The VM's incarnation (`VmSpec::incarnation`), kept with its image.
+    pub(super) incarnation: u64,
 }
 
 pub(super) struct Vm {
@@ -648,6 +650,7 @@ mod tests {
             migration: migration.into(),
             memory: Arc::new(crate::memory::GuestMemory::new(1 << 20).unwrap()),
             at,
+            incarnation: 1,
         }
     }
 
@@ -673,6 +676,7 @@ mod tests {
             preferred_owners: Vec::new(),
             image: None,
             seed: spec::default_seed(),
+            incarnation: 0,
         };
         st.vms.insert("back".into(), Vm::reserved(spec, Some(7)));
         // A budget of one copy: "old" goes, then "back" is passed over.

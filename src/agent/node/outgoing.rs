@@ -210,12 +210,14 @@ impl Node {
                 (Outcome::Completed, _) => {
                     gone = st.vms.remove(&vm);
                     let left = gone.as_ref().and_then(|v| v.guest.as_ref());
+                    let incarnation = gone.as_ref().map_or(0, |v| v.spec.incarnation);
                     let budget = self.spec.failback_retention;
                     if let Some(g) = left.filter(|g| g.memory().len_bytes() <= budget) {
                         let warm = Warm {
                             migration: id.clone(),
                             memory: g.memory().clone(),
                             at: Instant::now(),
+                            incarnation,
                         };
                         st.warm.insert(vm.clone(), warm);
                         st.trim_warm(budget, &vm);
@@ -332,15 +334,15 @@ impl Node {
         if gate() {
             return Ok(None);
         }
-        let memory = {
+        let (memory, incarnation) = {
             let st = self.state.lock().unwrap();
             let warm = st.warm.get(vm).filter(|w| w.migration == id);
-            match warm.map(|w| w.memory.clone()) {
+            match warm.map(|w| (w.memory.clone(), w.incarnation)) {
                 Some(m) => m,
                 None => return Ok(None),
             }
         };
-        self.retention.keep(vm, id, &memory, &gate)
+        self.retention.keep(vm, id, incarnation, &memory, &gate)
     }
 
     /// `GET /v1/migrations`, newest last.

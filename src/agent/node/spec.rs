@@ -33,6 +33,21 @@ pub struct VmSpec {
     /// The seed of its content and workload.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Which VM of this name it is: drawn when the API creates it and kept
+    /// through its migrations and restarts, so an image a node kept of an
+    /// earlier VM of the same name is never its base (0: unknown, never a
+    /// base).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A fresh incarnation: random, never 0.
+pub fn new_incarnation() -> u64 {
+    u64::from_le_bytes(crate::migration::auth::random_bytes::<8>()).max(1)
 }
 
 pub(super) fn default_seed() -> u64 {

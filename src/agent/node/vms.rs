@@ -89,6 +89,7 @@ impl Node {
             v.spec.preferred_owners = r.spec.preferred_owners;
             v.spec.image = r.spec.image;
             v.spec.seed = r.spec.seed;
+            v.spec.incarnation = r.spec.incarnation;
             v.restarts = r.restarts;
             v.last_restart = r.last_restart;
         }

@@ -36,7 +36,7 @@ fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
     let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     assert!(r.view().images.is_empty());
     let mem = memory(64, 10, 7);
-    let v = r.keep("web.1", "m-1", &mem, &|| false).unwrap().unwrap();
+    let v = r.keep("web.1", "m-1", 1, &mem, &|| false).unwrap().unwrap();
     assert_eq!((v.vm.as_str(), v.migration.as_str()), ("web.1", "m-1"));
     assert_eq!(v.memory, 64 * PAGE);
     assert!(v.bytes >= 10 * PAGE && v.bytes <= 16 * PAGE, "{v:?}");
@@ -53,14 +53,14 @@ fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
     // A name as long as names go is kept too.
     let long = "v".repeat(255);
     again
-        .keep(&long, "m-9", &memory(4, 1, 1), &|| false)
+        .keep(&long, "m-9", 1, &memory(4, 1, 1), &|| false)
         .unwrap()
         .unwrap();
     assert!(Retention::open(&d.0, 1 << 20, 1 << 30).get(&long).is_some());
     again.remove(&long);
     // A later departure replaces it.
     let w = again
-        .keep("web.1", "m-2", &memory(64, 3, 9), &|| false)
+        .keep("web.1", "m-2", 1, &memory(64, 3, 9), &|| false)
         .unwrap()
         .unwrap();
     assert_eq!(again.view().images, vec![w]);
@@ -83,7 +83,7 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     // Room for two images of 8 data pages (and a page of table each).
     let r = Retention::open(&d.0, 20 * PAGE, 1 << 30);
     for (i, vm) in ["a", "b", "c"].iter().enumerate() {
-        r.keep(vm, "m", &memory(16, 8, i as u8), &|| false)
+        r.keep(vm, "m", 1, &memory(16, 8, i as u8), &|| false)
             .unwrap()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -95,14 +95,14 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     assert!(!d.0.join("a.retained").exists() && !d.0.join("a.json").exists());
     // Larger than the whole budget: kept nowhere, the others stay.
     assert_eq!(
-        r.keep("big", "m", &memory(64, 30, 1), &|| false).unwrap(),
+        r.keep("big", "m", 1, &memory(64, 30, 1), &|| false).unwrap(),
         None
     );
     assert_eq!(r.view().images.len(), 2);
     // A budget of 0 keeps nothing.
     let none = Retention::open(&d.0.join("none"), 0, 1 << 30);
     assert_eq!(
-        none.keep("a", "m", &memory(4, 1, 1), &|| false).unwrap(),
+        none.keep("a", "m", 1, &memory(4, 1, 1), &|| false).unwrap(),
         None
     );
     // A smaller budget at the next start evicts down to it.
@@ -116,7 +116,7 @@ fn damaged_and_half_written_images_are_dropped_at_start() {
     let d = Dir::new("damaged");
     let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     for vm in ["good", "flipped", "orphan"] {
-        r.keep(vm, "m", &memory(8, 4, 3), &|| false)
+        r.keep(vm, "m", 1, &memory(8, 4, 3), &|| false)
             .unwrap()
             .unwrap();
     }
@@ -167,7 +167,7 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
         false
     };
     assert_eq!(
-        r.keep("web", "m", &memory(600, 300, 1), &stop).unwrap(),
+        r.keep("web", "m", 1, &memory(600, 300, 1), &stop).unwrap(),
         None
     );
     assert!(back.get());
@@ -175,7 +175,7 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
     assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
     // A stopped write keeps nothing either, and is no error.
     assert_eq!(
-        r.keep("web", "m", &memory(600, 300, 1), &|| true).unwrap(),
+        r.keep("web", "m", 1, &memory(600, 300, 1), &|| true).unwrap(),
         None
     );
     assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
@@ -209,7 +209,7 @@ fn a_failback_starts_from_the_file_once_it_is_whole() {
                 }
                 false
             };
-            r.keep("web", "m-1", &mem, &stop)
+            r.keep("web", "m-1", 1, &mem, &stop)
         })
     };
     waiting_rx.recv().unwrap();
@@ -231,7 +231,7 @@ fn every_image_goes_when_a_last_copy_needs_the_disk() {
     let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     assert_eq!(r.drop_all(), 0);
     for vm in ["web", "db"] {
-        r.keep(vm, "m", &memory(16, 4, 3), &|| false)
+        r.keep(vm, "m", 1, &memory(16, 4, 3), &|| false)
             .unwrap()
             .unwrap();
     }
