@@ -393,8 +393,9 @@ pub fn guest_restore(data: &[u8]) {
 }
 
 /// Any bytes, opened as a retained image (delta failback's kept memory)
-/// and read page by page, never panic: a bad header, length or table is
-/// refused, a page that does not match its hash is an error.
+/// and read page by page (and a slice of its hash table alone), never
+/// panic: a bad header, length or table is refused, a page that does not
+/// match its hash is an error.
 pub fn retained_image(data: &[u8]) {
     use crate::migration::retained::Retained;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -406,6 +407,12 @@ pub fn retained_image(data: &[u8]) {
     ));
     if std::fs::write(&path, data).is_err() {
         return;
+    }
+    // A slice of its table, as `GET /v1/retained/{vm}/hashes` reads it.
+    for (first, count) in [(0, u64::MAX), (1, 3), (u64::MAX, 1)] {
+        if let Ok((_, h)) = Retained::read_hashes(&path, 64 << 20, first, count) {
+            assert!(h.len() as u64 <= count);
+        }
     }
     if let Ok(r) = Retained::open(&path, 64 << 20) {
         let mut page = vec![0u8; crate::memory::PAGE_SIZE];

@@ -209,6 +209,18 @@ impl Retention {
         Retained::open(&self.image_path(vm), self.max_memory)
     }
 
+    /// The hashes of pages `first..first + count` of VM `vm`'s image, and
+    /// its memory size, reading only that slice of its table
+    /// (`Retained::read_hashes`).
+    pub fn image_hashes(
+        &self,
+        vm: &str,
+        first: u64,
+        count: u64,
+    ) -> Result<(u64, Vec<u64>), retained::RetainedError> {
+        Retained::read_hashes(&self.image_path(vm), self.max_memory, first, count)
+    }
+
     /// The file of the image VM `vm` left by `migration` with, as a
     /// failback's base. `Err` says why there is none.
     pub fn base(&self, vm: &str, migration: &str) -> Result<BaseImage, String> {

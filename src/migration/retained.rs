@@ -224,19 +224,28 @@ pub fn write(
 #[error("stopped")]
 struct StopAsked;
 
-impl Retained {
-    /// Opens the retained image in `path`, checking its header and its hash
-    /// table; reads nothing of the memory yet. An image of more than
-    /// `max_memory` bytes is refused before its table is read.
-    pub fn open(path: &Path, max_memory: u64) -> Result<Self, RetainedError> {
+/// A retained image's header, read and checked (the memory's size against
+/// the file's length), its file open.
+struct Header {
+    path: String,
+    file: File,
+    memory: u64,
+    digest: u64,
+    crc: u32,
+}
+
+impl Header {
+    /// Reads and checks the header of the image in `path`: an image of more
+    /// than `max_memory` bytes is refused.
+    fn read(path: &Path, max_memory: u64) -> Result<Self, RetainedError> {
         let name = path.display().to_string();
-        let io = |source| RetainedError::Io {
-            path: name.clone(),
-            source,
-        };
         let bad = |why: String| RetainedError::Invalid {
             path: name.clone(),
             why,
+        };
+        let io = |source| RetainedError::Io {
+            path: name.clone(),
+            source,
         };
         let file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
@@ -261,18 +270,50 @@ impl Retained {
                 "memory {memory} is not a non-zero multiple of 4096 up to {most}"
             )));
         }
-        let pages = memory / PAGE_SIZE as u64;
-        let want = memory_offset(pages) + memory;
+        let want = memory_offset(memory / PAGE_SIZE as u64) + memory;
         if size != want {
             return Err(bad(format!(
                 "length {size}, but {memory} bytes of memory make {want}"
             )));
         }
+        Ok(Self {
+            path: name,
+            file,
+            memory,
+            digest: u64_at(24),
+            crc: u32_at(32),
+        })
+    }
+
+    fn bad(&self, why: String) -> RetainedError {
+        RetainedError::Invalid {
+            path: self.path.clone(),
+            why,
+        }
+    }
+
+    fn io(&self, source: std::io::Error) -> RetainedError {
+        RetainedError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+impl Retained {
+    /// Opens the retained image in `path`, checking its header and its hash
+    /// table; reads nothing of the memory yet. An image of more than
+    /// `max_memory` bytes is refused before its table is read.
+    pub fn open(path: &Path, max_memory: u64) -> Result<Self, RetainedError> {
+        let head = Header::read(path, max_memory)?;
+        let pages = head.memory / PAGE_SIZE as u64;
         // The file's length is checked: the table is as big as the file says.
         let mut raw = vec![0u8; (pages * 8) as usize];
-        file.read_exact_at(&mut raw, HEADER).map_err(io)?;
-        if crc32fast::hash(&raw) != u32_at(32) {
-            return Err(bad("the hash table's CRC does not match".into()));
+        head.file
+            .read_exact_at(&mut raw, HEADER)
+            .map_err(|e| head.io(e))?;
+        if crc32fast::hash(&raw) != head.crc {
+            return Err(head.bad("the hash table's CRC does not match".into()));
         }
         let hashes = raw
             .chunks_exact(8)
@@ -280,11 +321,39 @@ impl Retained {
             .collect();
         Ok(Self {
             path: path.to_path_buf(),
-            file,
-            memory,
-            digest: u64_at(24),
+            file: head.file,
+            memory: head.memory,
+            digest: head.digest,
             hashes,
         })
+    }
+
+    /// The hashes of pages `first..first + count` of the image in `path`
+    /// (`count` cut to the image's end), and the image's memory size: the
+    /// header is checked, but only that slice of the table is read, so its
+    /// CRC is not. Whoever uses them checks the whole table against the
+    /// image's digest (a wrong hash then costs a base, never a page).
+    pub fn read_hashes(
+        path: &Path,
+        max_memory: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<(u64, Vec<u64>), RetainedError> {
+        let head = Header::read(path, max_memory)?;
+        let pages = head.memory / PAGE_SIZE as u64;
+        if first > pages {
+            return Err(head.bad(format!("first page {first} is past its {pages} pages")));
+        }
+        let count = count.min(pages - first);
+        let mut raw = vec![0u8; (count * 8) as usize];
+        head.file
+            .read_exact_at(&mut raw, HEADER + first * 8)
+            .map_err(|e| head.io(e))?;
+        let hashes = raw
+            .chunks_exact(8)
+            .map(|h| u64::from_le_bytes(h.try_into().unwrap()))
+            .collect();
+        Ok((head.memory, hashes))
     }
 
     /// The memory's size in bytes.

@@ -77,7 +77,8 @@ pub(super) async fn get_hashes(
     };
     let node2 = node.clone();
     let vm2 = vm.clone();
-    let image = tokio::task::spawn_blocking(move || node2.retention.open_image(&vm2))
+    let read = move || node2.retention.image_hashes(&vm2, q.first, count);
+    let (memory, hashes) = tokio::task::spawn_blocking(read)
         .await
         .map_err(|e| ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,8 +90,7 @@ pub(super) async fn get_hashes(
             code: "unusable",
             message: format!("VM {vm}'s image on node {}: {e}", node.name()),
         })?;
-    let hashes = image.hashes();
-    if hashes.len() as u64 != pages {
+    if memory != view.memory || hashes.len() as u64 != count {
         // Replaced since its description was read: ask again.
         return Err(ApiError {
             status: StatusCode::CONFLICT,
@@ -98,10 +98,7 @@ pub(super) async fn get_hashes(
             message: format!("VM {vm}'s image on node {} changed", node.name()),
         });
     }
-    let body: Vec<u8> = hashes[q.first as usize..(q.first + count) as usize]
-        .iter()
-        .flat_map(|h| h.to_le_bytes())
-        .collect();
+    let body: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/octet-stream")],

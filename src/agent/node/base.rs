@@ -6,8 +6,11 @@ use crate::migration::delta::Base;
 use std::time::Duration;
 
 /// How long a source waits for a target to describe its image and send its
-/// pages' hashes before it sends every page instead.
-const BASE_WAIT: Duration = Duration::from_secs(10);
+/// pages' hashes before it sends every page instead: 10 s, and 1 s more per
+/// 16 GiB of guest (its hashes are 1/512 of it), at most a minute.
+fn base_wait(memory: u64) -> Duration {
+    Duration::from_secs((10 + memory / (16 << 30)).min(60))
+}
 
 impl Node {
     /// The image `target` kept of VM `vm` (of `memory` bytes) when the VM
@@ -60,9 +63,10 @@ impl Node {
             }
             Ok(base)
         };
-        let found = match tokio::time::timeout(BASE_WAIT, fetch).await {
+        let wait = base_wait(memory);
+        let found = match tokio::time::timeout(wait, fetch).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {BASE_WAIT:?}")),
+            Err(_) => Err(format!("no answer within {wait:?}")),
         };
         self.offered(vm, target, found)
     }
@@ -84,7 +88,13 @@ impl Node {
     /// Which VM named `vm` runs here (`VmSpec::incarnation`): its own
     /// spec's, else its record's; 0 when neither says.
     fn incarnation(&self, vm: &str) -> u64 {
-        let local = self.state.lock().unwrap().vms.get(vm).map_or(0, |v| v.spec.incarnation);
+        let local = self
+            .state
+            .lock()
+            .unwrap()
+            .vms
+            .get(vm)
+            .map_or(0, |v| v.spec.incarnation);
         if local != 0 {
             return local;
         }
@@ -92,5 +102,14 @@ impl Node {
             .get()
             .and_then(|m| m.vm(vm))
             .map_or(0, |(r, _)| r.spec.incarnation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_larger_vm_waits_longer_for_its_base_up_to_a_minute() {
+        let wait = |gib: u64| super::base_wait(gib << 30).as_secs();
+        assert_eq!((wait(1), wait(16), wait(256), wait(4096)), (10, 11, 26, 60));
     }
 }

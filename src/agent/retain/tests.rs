@@ -95,7 +95,8 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     assert!(!d.0.join("a.retained").exists() && !d.0.join("a.json").exists());
     // Larger than the whole budget: kept nowhere, the others stay.
     assert_eq!(
-        r.keep("big", "m", 1, &memory(64, 30, 1), &|| false).unwrap(),
+        r.keep("big", "m", 1, &memory(64, 30, 1), &|| false)
+            .unwrap(),
         None
     );
     assert_eq!(r.view().images.len(), 2);
@@ -175,7 +176,8 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
     assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
     // A stopped write keeps nothing either, and is no error.
     assert_eq!(
-        r.keep("web", "m", 1, &memory(600, 300, 1), &|| true).unwrap(),
+        r.keep("web", "m", 1, &memory(600, 300, 1), &|| true)
+            .unwrap(),
         None
     );
     assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);

@@ -125,3 +125,30 @@ fn a_stopped_write_leaves_nothing_and_a_large_image_is_refused_before_its_table(
     let r = Retained::open(&path, 1 << 30).unwrap();
     assert!(r.page(PageIndex(0), &mut [0u8; 100]).is_err());
 }
+
+#[test]
+fn a_slice_of_the_hash_table_reads_alone_its_header_still_checked() {
+    let dir = Dir::new("slice");
+    let path = dir.path().join("web.retained");
+    write(&memory(40), &path, &|| false).unwrap();
+    let all = Retained::open(&path, 1 << 30).unwrap().hashes().to_vec();
+    let (memory, some) = Retained::read_hashes(&path, 1 << 30, 5, 10).unwrap();
+    assert_eq!((memory, &some[..]), (40 * PAGE_SIZE as u64, &all[5..15]));
+    // Cut to the end; the end itself gives none; past it is refused.
+    assert_eq!(
+        Retained::read_hashes(&path, 1 << 30, 30, 99).unwrap().1,
+        &all[30..]
+    );
+    assert!(Retained::read_hashes(&path, 1 << 30, 40, 1)
+        .unwrap()
+        .1
+        .is_empty());
+    let e = Retained::read_hashes(&path, 1 << 30, 41, 1).unwrap_err();
+    assert!(e.to_string().contains("first page 41"), "{e}");
+    // Too large an image, or a damaged header, reads nothing.
+    assert!(Retained::read_hashes(&path, 4096, 0, 1).is_err());
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"XERRYRET", 0).unwrap();
+    let e = Retained::read_hashes(&path, 1 << 30, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("not a retained"), "{e}");
+}
