@@ -14,6 +14,7 @@ pub mod fence;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
 pub mod ha;
+pub mod histogram;
 pub mod journal;
 mod kept;
 mod listen;

@@ -39,6 +39,9 @@ pub struct ProgressSnapshot {
     pub dirty_pages: u64,
     /// Measured guest throughput, bytes/s.
     pub throughput_bps: f64,
+    /// What the guest dirtied during the last round (distinct pages), per
+    /// second of it, bytes/s.
+    pub dirty_rate_bps: f64,
     /// Expected pause if the guest stopped now, ms.
     pub expected_downtime_ms: Option<f64>,
     /// Auto-converge throttle in force, percent.

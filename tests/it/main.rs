@@ -26,6 +26,7 @@ mod join;
 mod kept;
 mod kvm;
 mod layers;
+mod metrics;
 mod migration;
 mod orchestrator;
 mod quorum;

@@ -1,6 +1,7 @@
 //! `GET /metrics`: the node's counters and gauges in Prometheus's text format.
 
 use super::*;
+use crate::agent::node::ProgressView;
 
 pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
     let m = &node.metrics;
@@ -99,5 +100,104 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
         "VMs on this node, arriving ones included.",
         &[(String::new(), vms as f64)],
     );
+    node_gauges(&node, &mut metric);
+    running_gauges(&node, &mut metric);
+    histograms(m, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Adds one metric: its name, type, help and labelled values.
+type Metric<'a> = dyn FnMut(&str, &str, &str, &[(String, f64)]) + 'a;
+
+/// The node's memory, lease and whether it coordinates the cluster.
+fn node_gauges(node: &Node, metric: &mut Metric) {
+    let view = node.view();
+    metric(
+        "ferry_node_memory_used_bytes",
+        "gauge",
+        "Memory this node's VMs use, warm copies of VMs that left included.",
+        &[(String::new(), view.memory_used as f64)],
+    );
+    metric(
+        "ferry_node_memory_capacity_bytes",
+        "gauge",
+        "Memory this node offers its VMs.",
+        &[(String::new(), view.memory_capacity as f64)],
+    );
+    if let Some(lease) = &view.lease {
+        metric(
+            "ferry_node_lease_remaining_seconds",
+            "gauge",
+            "Time left on this node's lease in etcd without another renewal.",
+            &[(String::new(), lease.left_s)],
+        );
+    }
+    if node.liveness.get().is_some() {
+        let me = view.coordinator.as_deref() == Some(node.name());
+        metric(
+            "ferry_node_coordinator",
+            "gauge",
+            "1 while this node is the cluster's elected coordinator, else 0.",
+            &[(String::new(), f64::from(u8::from(me)))],
+        );
+    }
+}
+
+/// One figure of a running migration's progress.
+type Figure<'a> = &'a dyn Fn(&ProgressView) -> f64;
+
+/// Each running outgoing migration's figures, labelled by VM.
+fn running_gauges(node: &Node, metric: &mut Metric) {
+    let running = node.running_out();
+    let series = |f: Figure| -> Vec<(String, f64)> {
+        running
+            .iter()
+            .map(|(id, vm, target, p)| {
+                let labels = format!(
+                    "{{vm=\"{}\",migration=\"{}\",target=\"{}\"}}",
+                    label(vm),
+                    label(id),
+                    label(target)
+                );
+                (labels, f(p))
+            })
+            .collect()
+    };
+    let gauges: [(&str, &str, Figure); 6] = [
+        ("ferry_migration_remaining_bytes", "Guest bytes a running migration still has to send (this round's and those dirtied since).", &|p| p.bytes_left as f64),
+        ("ferry_migration_dirty_rate_bytes_per_second", "What the guest of a running migration dirtied in its last round, per second.", &|p| p.dirty_rate_bps),
+        ("ferry_migration_throttle_ratio", "Auto-converge throttle of a running migration's guest (0 to 1).", &|p| f64::from(p.throttle_pct) / 100.0),
+        ("ferry_migration_guest_rate_bytes_per_second", "Guest bytes a running migration sends per second.", &|p| p.throughput_bps.round()),
+        ("ferry_migration_wire_rate_bytes_per_second", "Wire bytes a running migration sends per second.", &|p| p.wire_bps.round()),
+        ("ferry_migration_expected_downtime_seconds", "The pause a running migration expects if its guest stopped now.", &|p| p.expected_downtime_ms.map_or(f64::NAN, |ms| ms / 1e3)),
+    ];
+    for (name, help, f) in gauges {
+        metric(name, "gauge", help, &series(f));
+    }
+}
+
+/// The finished migrations' histograms.
+fn histograms(m: &crate::agent::node::Metrics, out: &mut String) {
+    m.duration.render(
+        out,
+        "ferry_migration_duration_seconds",
+        "Total time of each finished outgoing migration.",
+    );
+    m.downtime.render(
+        out,
+        "ferry_migration_downtime_seconds",
+        "The guest's pause in each completed outgoing migration.",
+    );
+    m.wire_bytes.render(
+        out,
+        "ferry_migration_wire_bytes",
+        "Wire bytes of each finished outgoing migration.",
+    );
+}
+
+/// A label's value, escaped for the text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

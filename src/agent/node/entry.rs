@@ -25,6 +25,9 @@ pub struct ProgressView {
     pub eta_s: Option<f64>,
     /// Auto-converge throttle, percent.
     pub throttle_pct: u8,
+    /// What the guest dirtied in the last round, per second, bytes/s.
+    #[serde(default)]
+    pub dirty_rate_bps: f64,
 }
 
 /// A migration as the API shows it.
@@ -222,6 +225,7 @@ impl MigrationEntry {
             expected_downtime_ms: s.expected_downtime_ms,
             eta_s: end.map(|e| e.saturating_duration_since(now).as_secs_f64()),
             throttle_pct: s.throttle_pct,
+            dirty_rate_bps: s.dirty_rate_bps.round(),
         }
     }
 }

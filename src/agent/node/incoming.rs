@@ -251,4 +251,15 @@ impl Node {
             .fold(0.0, |a, b| a + b);
         (st.vms.len(), running, st.queue.len(), rate)
     }
+
+    /// Each outgoing migration running now: its id, VM, target and
+    /// progress.
+    pub fn running_out(&self) -> Vec<(String, String, String, ProgressView)> {
+        let mut st = self.state.lock().unwrap();
+        st.migrations
+            .iter_mut()
+            .filter(|m| m.state == MigrationState::Running && m.direction == Direction::Outgoing)
+            .map(|m| (m.id.clone(), m.vm.clone(), m.target.clone(), m.progress()))
+            .collect()
+    }
 }

@@ -324,8 +324,10 @@ impl NodeError {
     }
 }
 
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
+use crate::agent::histogram::Histogram;
+
+/// Counters and histograms for `/metrics`.
+#[derive(Debug)]
 pub struct Metrics {
     /// Finished outgoing migrations by outcome: completed, failed, cancelled,
     /// unresolved.
@@ -334,6 +336,26 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     /// Incoming migrations completed here.
     pub received: AtomicU64,
+    /// Total time of each finished outgoing migration, seconds.
+    pub duration: Histogram,
+    /// The pause of each completed outgoing migration, seconds.
+    pub downtime: Histogram,
+    /// Wire bytes of each finished outgoing migration.
+    pub wire_bytes: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        use crate::agent::histogram::{BYTES_BOUNDS, DOWNTIME_BOUNDS, DURATION_BOUNDS};
+        Self {
+            outcomes: Default::default(),
+            bytes_sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            duration: Histogram::new(DURATION_BOUNDS),
+            downtime: Histogram::new(DOWNTIME_BOUNDS),
+            wire_bytes: Histogram::new(BYTES_BOUNDS),
+        }
+    }
 }
 
 #[derive(Default)]

@@ -198,6 +198,11 @@ impl Node {
         self.metrics
             .bytes_sent
             .fetch_add(report.wire_bytes, Ordering::Relaxed);
+        self.metrics.duration.observe(report.total_ms / 1e3);
+        self.metrics.wire_bytes.observe(report.wire_bytes as f64);
+        if report.outcome == Outcome::Completed {
+            self.metrics.downtime.observe(report.downtime_ms / 1e3);
+        }
         let mut gone = None;
         let mut superseded = false;
         {

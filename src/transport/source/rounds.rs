@@ -123,6 +123,9 @@ fn follow(guest: &dyn MigratableGuest, rounds: &Rounds, v: &Verdict, ctx: &RunCo
     ctx.progress.update(|s| {
         s.dirty_pages = v.log.dirty_pages_after;
         s.throughput_bps = conv.throughput_bps().unwrap_or(0.0);
+        if v.log.ms > 0.0 {
+            s.dirty_rate_bps = dirty_bytes as f64 / (v.log.ms / 1e3);
+        }
         s.expected_downtime_ms = conv
             .expected_downtime(dirty_bytes)
             .map(|d| d.as_secs_f64() * 1e3);
