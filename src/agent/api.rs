@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod checks;
+mod events;
 mod metrics;
 mod nodes;
 mod retained;
@@ -401,6 +402,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let limit = node.api_limits.request_timeout;
     Router::new()
         .route("/v1/node", get(get_node))
+        .route("/v1/events", get(events::events))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route(

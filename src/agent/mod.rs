@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod coordinator;
 pub mod durable;
 pub mod etcd;
+pub mod events;
 pub mod fence;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;

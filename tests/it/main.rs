@@ -16,6 +16,7 @@ mod dense;
 mod drain;
 mod durable;
 mod etcd;
+mod events;
 mod failover;
 mod fence;
 mod fuzz_regressions;

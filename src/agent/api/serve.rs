@@ -251,6 +251,7 @@ pub(super) fn spawn_tasks(
 ) -> TaskTracker {
     let tasks = TaskTracker::new();
     tasks.spawn(node.clone().keep_copies(stop.clone()));
+    tasks.spawn(super::events::publish(node.clone(), stop.clone()));
     if let Some(live) = node.liveness.get().cloned() {
         let mirror = Arc::new(crate::agent::mirror::Mirror::new(
             live.etcd().clone(),

@@ -517,6 +517,8 @@ pub struct Node {
     pub(crate) tasks: tasks::Tasks,
     /// The images VMs left it with (failback retention).
     pub(crate) retention: super::retain::Retention,
+    /// What changed, for `GET /v1/events`.
+    pub(crate) events: super::events::Hub,
 }
 
 impl std::fmt::Debug for Node {
@@ -581,6 +583,7 @@ impl Node {
             closing: std::sync::atomic::AtomicBool::new(false),
             tasks: tasks::Tasks::default(),
             retention,
+            events: super::events::Hub::default(),
         }))
     }
 

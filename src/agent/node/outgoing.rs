@@ -352,11 +352,21 @@ impl Node {
 
     /// `GET /v1/migrations`, newest last.
     pub fn migrations(&self) -> Vec<MigrationView> {
+        self.migration_views(false)
+    }
+
+    /// The migrations, newest last, the running ones with their progress
+    /// (the live events).
+    pub fn migrations_live(&self) -> Vec<MigrationView> {
+        self.migration_views(true)
+    }
+
+    fn migration_views(&self, progress: bool) -> Vec<MigrationView> {
         let mut views = {
             let mut st = self.state.lock().unwrap();
             let st = &mut *st;
             let mut views = st.history.clone();
-            views.extend(st.migrations.iter_mut().map(|m| m.view(false)));
+            views.extend(st.migrations.iter_mut().map(|m| m.view(progress)));
             views
         };
         for v in &mut views {

@@ -1,0 +1,216 @@
+//! Live events for `GET /v1/events`: the node's views (the node, its VMs,
+//! its migrations with their progress, its operations) compared every
+//! quarter second while anyone listens, and what changed published as
+//! numbered events. So each thing sends at most 4 updates a second, the
+//! latest winning; a subscriber that names the last event it saw gets
+//! what followed it while it is still kept, else a `resync` and the whole
+//! state again.
+
+use serde_json::Value;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// How often the views are compared while anyone listens.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Events kept for subscribers that come back (`Last-Event-ID`).
+const RECENT: usize = 4096;
+/// Events a subscriber may fall behind before it is sent a `resync`.
+const BEHIND: usize = 1024;
+
+/// One event: its number, its kind (`node`, `vm`, `migration`,
+/// `operation`, `resync`) and its JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Increases by one per event published, from 1.
+    pub id: u64,
+    /// What it is about.
+    pub kind: &'static str,
+    /// The thing's view as JSON, or `{"<field>": ..., "gone": true}`.
+    pub data: Arc<str>,
+}
+
+/// One thing's current view: its key (unique across kinds), its kind, the
+/// field that names it, and its JSON.
+pub struct Item {
+    /// `node`, `vm/NAME`, `migration/ID` or `operation/ID`.
+    pub key: String,
+    /// `node`, `vm`, `migration` or `operation`.
+    pub kind: &'static str,
+    /// The field naming it, and its value: what a `gone` event carries.
+    pub name: (&'static str, String),
+    /// The view.
+    pub json: String,
+}
+
+/// Where a subscriber starts: the events it missed, or (for a new one, or
+/// one that missed more than is kept) a `resync` and the whole state; and
+/// the last id that covers, so that later events are told apart.
+pub struct Start {
+    /// Events to send first.
+    pub events: Vec<Event>,
+    /// The last event id they cover.
+    pub upto: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The id the next event gets, less one.
+    last_id: u64,
+    /// Each thing's last published view.
+    last: BTreeMap<String, (&'static str, Arc<str>)>,
+    recent: VecDeque<Event>,
+}
+
+/// The node's event publisher and its subscribers.
+pub struct Hub {
+    tx: broadcast::Sender<Event>,
+    state: Mutex<State>,
+    closed: CancellationToken,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(BEHIND).0,
+            state: Mutex::default(),
+            closed: CancellationToken::new(),
+        }
+    }
+}
+
+impl Hub {
+    /// Ends every subscriber's stream: the agent stops.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Cancelled once the agent stops.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
+    /// A new subscriber's receiver: subscribe before [`Hub::start`], so
+    /// that nothing published in between is missed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// Whether anyone listens.
+    pub fn listened(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    /// Publishes what changed between the last views and `now`: an event
+    /// per thing whose view differs, and a `gone` event per thing no longer
+    /// there.
+    pub fn publish(&self, now: Vec<Item>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for item in now {
+            seen.insert(item.key.clone());
+            let same = st
+                .last
+                .get(&item.key)
+                .is_some_and(|(_, j)| **j == *item.json);
+            if !same {
+                let data: Arc<str> = item.json.into();
+                st.last.insert(item.key, (item.kind, data.clone()));
+                out.push((item.kind, data));
+            }
+        }
+        let gone: Vec<String> = st
+            .last
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            let (kind, _) = st.last.remove(&key).expect("listed above");
+            let name = key.split_once('/').map_or("", |(_, n)| n);
+            let field = if kind == "vm" { "name" } else { "id" };
+            let data = serde_json::json!({ field: name, "gone": true }).to_string();
+            out.push((kind, data.into()));
+        }
+        for (kind, data) in out {
+            st.last_id += 1;
+            let e = Event {
+                id: st.last_id,
+                kind,
+                data,
+            };
+            if st.recent.len() == RECENT {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(e.clone());
+            // No one listening is no error: the event is kept all the same.
+            let _ = self.tx.send(e);
+        }
+    }
+
+    /// Where a subscriber that last saw event `after` starts.
+    pub fn start(&self, after: Option<u64>) -> Start {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(after) = after {
+            let oldest = st.recent.front().map_or(st.last_id + 1, |e| e.id);
+            // Kept from right after it (or nothing happened since).
+            if after <= st.last_id && after + 1 >= oldest {
+                let events = st.recent.iter().filter(|e| e.id > after).cloned().collect();
+                return Start {
+                    events,
+                    upto: st.last_id,
+                };
+            }
+        }
+        let reason = match after {
+            None => "a new subscriber: the whole state".to_string(),
+            Some(a) => format!("event {a} is no longer kept: the whole state"),
+        };
+        Self::resync(&st, &reason)
+    }
+
+    /// A subscriber that fell behind: a `resync` and the whole state.
+    pub fn behind(&self) -> Start {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::resync(&st, "this subscriber fell behind: the whole state")
+    }
+
+    fn resync(st: &State, reason: &str) -> Start {
+        let id = st.last_id;
+        let mut events = vec![Event {
+            id,
+            kind: "resync",
+            data: serde_json::json!({ "reason": reason }).to_string().into(),
+        }];
+        events.extend(st.last.values().map(|(kind, data)| Event {
+            id,
+            kind,
+            data: data.clone(),
+        }));
+        Start { events, upto: id }
+    }
+}
+
+/// `v` without what changes on every look and says nothing to a watcher:
+/// the fields `drop`, and numbers in `round` rounded to whole ones.
+pub fn steady(mut v: Value, drop: &[&str], round: &[&[&str]]) -> String {
+    if let Some(o) = v.as_object_mut() {
+        for f in drop {
+            o.remove(*f);
+        }
+    }
+    for path in round {
+        if let Some(n) = v.pointer_mut(&format!("/{}", path.join("/"))) {
+            if let Some(f) = n.as_f64() {
+                *n = serde_json::json!(f.round());
+            }
+        }
+    }
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests;

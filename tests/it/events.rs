@@ -1,0 +1,155 @@
+//! `GET /v1/events`: a node's live events over server-sent events, with
+//! ids a subscriber resumes from, a `resync` when it cannot, and at most 4
+//! updates a second per migration.
+
+use crate::common;
+use common::agents::{Agents, READONLY_TOKEN, TOKEN};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+struct Sse {
+    id: u64,
+    kind: String,
+    data: Value,
+}
+
+/// Node `node`'s event stream, read in the background: its events arrive
+/// on the channel (which closes with the stream).
+fn subscribe(c: &Agents, node: &str, last: Option<u64>) -> mpsc::Receiver<Sse> {
+    let url = format!("http://{}/v1/events", c.agent(node).control_addr);
+    let (tx, rx) = mpsc::channel();
+    c.rt.spawn(async move {
+        let mut req = reqwest::Client::new().get(url).bearer_auth(READONLY_TOKEN);
+        if let Some(id) = last {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let mut resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(kind.starts_with("text/event-stream"), "{kind}");
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame: String = buf.drain(..end + 2).collect();
+                if let Some(e) = parse(&frame) {
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// One frame's event; `None` for a keep-alive comment.
+fn parse(frame: &str) -> Option<Sse> {
+    let (mut id, mut kind, mut data) = (None, None, String::new());
+    for line in frame.lines() {
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.parse().ok();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            kind = Some(v.to_string());
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        }
+    }
+    Some(Sse {
+        id: id?,
+        kind: kind?,
+        data: serde_json::from_str(&data).unwrap(),
+    })
+}
+
+/// Events from `rx` until one satisfies `done` (within 30 s), that one
+/// included.
+fn until(rx: &mpsc::Receiver<Sse>, done: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let e = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("never came; saw {seen:#?}"));
+        let stop = done(&e);
+        seen.push(e);
+        if stop {
+            return seen;
+        }
+    }
+}
+
+#[test]
+fn a_nodes_events_follow_a_migration_and_resume_from_the_last_one_seen() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start_with(
+        "events",
+        "readonly_token_file = \"readonly.token\"",
+        &[("a", ""), ("b", "")],
+    ) else {
+        return;
+    };
+    let (s, _) = c.call_with(None, Method::GET, "a", "/v1/events", None);
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A new subscriber: a resync, then the whole state (the node).
+    let rx = subscribe(&c, "a", None);
+    let first = until(&rx, |e| e.kind == "node");
+    assert_eq!(first[0].kind, "resync", "{first:?}");
+    assert_eq!(first.last().unwrap().data["name"], "a");
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "64MiB", "workload": "hot:8MiB", "dirty_rate": "4MB/s"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let made = until(&rx, |e| e.kind == "vm" && e.data["name"] == "web");
+    let made_id = made.last().unwrap().id;
+    // A migration of about 4 s: 64 MiB at 16 MB/s.
+    let (s, m) = c.call(
+        Method::POST,
+        "a",
+        "/v1/migrations",
+        Some(json!({"vm": "web", "target": "b", "max_bandwidth": "16MB/s", "codec": "none"})),
+    );
+    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+    let id = m["id"].as_str().unwrap().to_string();
+    let ours = |e: &Sse| e.kind == "migration" && e.data["id"] == id.as_str();
+    let seen = until(&rx, |e| ours(e) && e.data["state"] == "completed");
+    let ids: Vec<u64> = seen.iter().map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let progress: Vec<&Sse> = seen
+        .iter()
+        .filter(|e| ours(e) && e.data["state"] == "running" && e.data["progress"].is_object())
+        .collect();
+    assert!(progress.len() >= 4, "{progress:#?}");
+    // At most 4 a second: the running ones span at least (n - 1) / 4 s.
+    let (_, done) = c.call(Method::GET, "a", &format!("/v1/migrations/{id}"), None);
+    let total_s = done["report"]["total_ms"].as_f64().unwrap() / 1e3;
+    assert!(
+        (progress.len() as f64) <= total_s * 4.0 + 2.0,
+        "{} updates in {total_s} s",
+        progress.len()
+    );
+    // The VM left: a gone event.
+    until(&rx, |e| {
+        e.kind == "vm" && e.data == json!({"name": "web", "gone": true})
+    });
+    // Back after the VM's creation: exactly what followed it, no resync.
+    let again = subscribe(&c, "a", Some(made_id));
+    let replay = until(&again, |e| ours(e) && e.data["state"] == "completed");
+    assert_eq!(replay[0].id, made_id + 1, "{replay:#?}");
+    assert!(replay.iter().all(|e| e.kind != "resync"));
+    // From an id the node never sent: the whole state again.
+    let lost = subscribe(&c, "a", Some(u64::MAX / 2));
+    let resync = until(&lost, |e| e.kind == "node");
+    assert_eq!(resync[0].kind, "resync");
+    // The cluster's token reads the stream too.
+    let (s, _) = c.call_with(Some(TOKEN), Method::HEAD, "a", "/v1/node", None);
+    assert_eq!(s, StatusCode::OK);
+}
