@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod checks;
+mod cluster_events;
 mod events;
 mod metrics;
 mod nodes;
@@ -403,6 +404,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/node", get(get_node))
         .route("/v1/events", get(events::events))
+        .route("/v1/cluster/events", get(cluster_events::cluster_events))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route(

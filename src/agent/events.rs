@@ -214,3 +214,51 @@ pub fn steady(mut v: Value, drop: &[&str], round: &[&[&str]]) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// Server-sent events read from a byte stream, frame by frame.
+#[derive(Default)]
+pub struct Frames {
+    buf: Vec<u8>,
+}
+
+/// The longest frame read: a peer sending more without an end is refused.
+pub const MAX_FRAME: usize = 4 << 20;
+
+impl Frames {
+    /// Takes `chunk`; the whole events it completes, as (id, kind, data).
+    /// A frame longer than [`MAX_FRAME`] is an error naming it.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<(u64, String, String)>, String> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = self.buf.drain(..end + 2).collect();
+            if let Some(e) = parse_frame(&String::from_utf8_lossy(&frame)) {
+                out.push(e);
+            }
+        }
+        if self.buf.len() > MAX_FRAME {
+            return Err(format!("an event of over {MAX_FRAME} bytes"));
+        }
+        Ok(out)
+    }
+}
+
+/// One frame's event; `None` for a comment (a keep-alive) or a frame
+/// without an id, a kind or data.
+fn parse_frame(frame: &str) -> Option<(u64, String, String)> {
+    let (mut id, mut kind, mut data) = (None, None, None::<String>);
+    for line in frame.lines() {
+        if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("event:") {
+            kind = Some(v.trim().to_string());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            let v = v.strip_prefix(' ').unwrap_or(v);
+            data = Some(match data {
+                Some(d) => d + "\n" + v,
+                None => v.to_string(),
+            });
+        }
+    }
+    Some((id?, kind?, data?))
+}

@@ -124,6 +124,40 @@ impl Peers {
         Err(api_error(node, status.as_u16(), &value, &text))
     }
 
+    /// `GET /v1/events` of `node`, resuming after event `last`: the answer,
+    /// whose body streams for as long as both ends live (a day at most).
+    pub async fn events(
+        &self,
+        node: &NodeSpec,
+        last: Option<u64>,
+    ) -> Result<reqwest::Response, PeerError> {
+        let (http, scheme) = match self.clients.get(&node.name) {
+            Some((c, s)) => (c.clone(), *s),
+            None => client_for(node, self.idle),
+        };
+        let url = format!("{scheme}://{}/v1/events", node.control);
+        let mut req = http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(24 * 3600));
+        if let Some(id) = last {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| unreachable(node, format!("cannot reach {url}: {}", chain(&e))))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let text =
+                String::from_utf8_lossy(&read_capped(resp, MAX_ANSWER).await.unwrap_or_default())
+                    .to_string();
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            return Err(api_error(node, status, &value, &text));
+        }
+        Ok(resp)
+    }
+
     /// Sends `method path` to `node` with the token; the answer and the URL.
     async fn send(
         &self,

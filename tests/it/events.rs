@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// One server-sent event.
 #[derive(Debug, Clone)]
 struct Sse {
-    id: u64,
+    id: String,
     kind: String,
     data: Value,
 }
@@ -20,12 +20,17 @@ struct Sse {
 /// Node `node`'s event stream, read in the background: its events arrive
 /// on the channel (which closes with the stream).
 fn subscribe(c: &Agents, node: &str, last: Option<u64>) -> mpsc::Receiver<Sse> {
-    let url = format!("http://{}/v1/events", c.agent(node).control_addr);
+    stream(c, node, "/v1/events", last.map(|id| id.to_string()))
+}
+
+/// Node `node`'s stream at `path`, read in the background.
+fn stream(c: &Agents, node: &str, path: &str, last: Option<String>) -> mpsc::Receiver<Sse> {
+    let url = format!("http://{}{path}", c.agent(node).control_addr);
     let (tx, rx) = mpsc::channel();
     c.rt.spawn(async move {
         let mut req = reqwest::Client::new().get(url).bearer_auth(READONLY_TOKEN);
         if let Some(id) = last {
-            req = req.header("Last-Event-ID", id.to_string());
+            req = req.header("Last-Event-ID", id);
         }
         let mut resp = req.send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
@@ -52,7 +57,7 @@ fn parse(frame: &str) -> Option<Sse> {
     let (mut id, mut kind, mut data) = (None, None, String::new());
     for line in frame.lines() {
         if let Some(v) = line.strip_prefix("id: ") {
-            id = v.parse().ok();
+            id = Some(v.to_string());
         } else if let Some(v) = line.strip_prefix("event: ") {
             kind = Some(v.to_string());
         } else if let Some(v) = line.strip_prefix("data: ") {
@@ -109,7 +114,7 @@ fn a_nodes_events_follow_a_migration_and_resume_from_the_last_one_seen() {
     );
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let made = until(&rx, |e| e.kind == "vm" && e.data["name"] == "web");
-    let made_id = made.last().unwrap().id;
+    let made_id: u64 = made.last().unwrap().id.parse().unwrap();
     // A migration of about 4 s: 64 MiB at 16 MB/s.
     let (s, m) = c.call(
         Method::POST,
@@ -121,7 +126,7 @@ fn a_nodes_events_follow_a_migration_and_resume_from_the_last_one_seen() {
     let id = m["id"].as_str().unwrap().to_string();
     let ours = |e: &Sse| e.kind == "migration" && e.data["id"] == id.as_str();
     let seen = until(&rx, |e| ours(e) && e.data["state"] == "completed");
-    let ids: Vec<u64> = seen.iter().map(|e| e.id).collect();
+    let ids: Vec<u64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     let progress: Vec<&Sse> = seen
         .iter()
@@ -143,7 +148,7 @@ fn a_nodes_events_follow_a_migration_and_resume_from_the_last_one_seen() {
     // Back after the VM's creation: exactly what followed it, no resync.
     let again = subscribe(&c, "a", Some(made_id));
     let replay = until(&again, |e| ours(e) && e.data["state"] == "completed");
-    assert_eq!(replay[0].id, made_id + 1, "{replay:#?}");
+    assert_eq!(replay[0].id, (made_id + 1).to_string(), "{replay:#?}");
     assert!(replay.iter().all(|e| e.kind != "resync"));
     // From an id the node never sent: the whole state again.
     let lost = subscribe(&c, "a", Some(u64::MAX / 2));
@@ -152,4 +157,60 @@ fn a_nodes_events_follow_a_migration_and_resume_from_the_last_one_seen() {
     // The cluster's token reads the stream too.
     let (s, _) = c.call_with(Some(TOKEN), Method::HEAD, "a", "/v1/node", None);
     assert_eq!(s, StatusCode::OK);
+}
+
+#[test]
+fn any_agents_cluster_stream_carries_every_nodes_events_and_resumes_each() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start_with(
+        "cluster-events",
+        "readonly_token_file = \"readonly.token\"",
+        &[("a", ""), ("b", "")],
+    ) else {
+        return;
+    };
+    // A new subscriber: each node's resync and whole state.
+    let rx = stream(&c, "a", "/v1/cluster/events", None);
+    let first = until(&rx, |e| e.kind == "node" && e.data["node"] == "b");
+    until(&rx, |e| e.kind == "node" && e.data["node"] == "a");
+    assert!(first
+        .iter()
+        .any(|e| e.kind == "resync" && e.data["node"] == "b"));
+    // A VM made on b shows on a's stream, named as b's.
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "db", "memory": "16MiB", "workload": "idle"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let made = until(&rx, |e| e.kind == "vm" && e.data["name"] == "db");
+    let last = made.last().unwrap();
+    assert_eq!(last.data["node"], "b");
+    assert!(
+        last.id.contains("a:") && last.id.contains("b:"),
+        "{}",
+        last.id
+    );
+    // Back from that event: only what followed, from either node.
+    let (s, v) = c.call(
+        Method::POST,
+        "a",
+        "/v1/vms",
+        Some(json!({"name": "web", "memory": "16MiB", "workload": "idle"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let again = stream(&c, "a", "/v1/cluster/events", Some(last.id.clone()));
+    let after = until(&again, |e| e.kind == "vm" && e.data["name"] == "web");
+    assert!(after.iter().all(|e| e.kind != "resync"), "{after:#?}");
+    assert!(after.iter().all(|e| e.data["name"] != "db"), "{after:#?}");
+    // A node that stops: the stream says so.
+    let (s, v) = c.call(Method::DELETE, "b", "/v1/vms/db", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut c = c;
+    let i = c.agents.iter().position(|h| h.node.name() == "b").unwrap();
+    let stopped = c.agents.remove(i);
+    c.rt.block_on(stopped.shutdown());
+    let down = until(&rx, |e| e.kind == "source" && e.data["node"] == "b");
+    assert_eq!(down.last().unwrap().data["connected"], false);
 }

@@ -76,19 +76,8 @@ pub(super) async fn events(
     State(node): State<Arc<Node>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let after = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let rx = node.events.subscribe();
-    node.events.publish(items(&node));
-    let Start { events, upto } = node.events.start(after);
-    let state = Stream {
-        node,
-        rx,
-        pending: events.into(),
-        upto,
-    };
+    let after = last_event_id(&headers).and_then(|v| v.trim().parse::<u64>().ok());
+    let state = Stream::local(node, after);
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         let e = s.next().await?;
         Some((Ok::<_, std::convert::Infallible>(sse_event(&e)), s))
@@ -98,6 +87,11 @@ pub(super) async fn events(
         .into_response()
 }
 
+/// The `Last-Event-ID` a subscriber sent back.
+pub(super) fn last_event_id(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("last-event-id").and_then(|v| v.to_str().ok())
+}
+
 fn sse_event(e: &Event) -> sse::Event {
     sse::Event::default()
         .id(e.id.to_string())
@@ -105,8 +99,8 @@ fn sse_event(e: &Event) -> sse::Event {
         .data(&*e.data)
 }
 
-/// One subscriber's stream.
-struct Stream {
+/// One subscriber's stream of this node's events.
+pub(super) struct Stream {
     node: Arc<Node>,
     rx: tokio::sync::broadcast::Receiver<Event>,
     pending: VecDeque<Event>,
@@ -115,8 +109,21 @@ struct Stream {
 }
 
 impl Stream {
+    /// A subscriber that last saw event `after` (`None`: a new one).
+    pub(super) fn local(node: Arc<Node>, after: Option<u64>) -> Self {
+        let rx = node.events.subscribe();
+        node.events.publish(items(&node));
+        let Start { events, upto } = node.events.start(after);
+        Stream {
+            node,
+            rx,
+            pending: events.into(),
+            upto,
+        }
+    }
+
     /// The next event to send; `None` once the agent stops.
-    async fn next(&mut self) -> Option<Event> {
+    pub(super) async fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Some(e);

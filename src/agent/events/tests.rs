@@ -71,3 +71,23 @@ fn steady_views_leave_out_what_changes_on_every_look() {
         "{\"lease\":{\"left_s\":4.0,\"ttl_s\":6.0},\"x\":1}"
     );
 }
+
+#[test]
+fn frames_come_whole_whatever_the_chunks_and_an_endless_one_is_refused() {
+    let mut f = Frames::default();
+    let text =
+        b": keep-alive\n\nid: 3\nevent: vm\ndata: {\"a\":1}\n\nid: 4\nevent: node\ndata: {}\n\n";
+    let mut got = Vec::new();
+    for chunk in text.chunks(5) {
+        got.extend(f.push(chunk).unwrap());
+    }
+    assert_eq!(
+        got,
+        [
+            (3, "vm".to_string(), "{\"a\":1}".to_string()),
+            (4, "node".to_string(), "{}".to_string())
+        ]
+    );
+    let e = f.push(&vec![b'x'; MAX_FRAME + 1]).unwrap_err();
+    assert!(e.contains("over"), "{e}");
+}

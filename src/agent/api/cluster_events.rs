@@ -1,0 +1,199 @@
+//! `GET /v1/cluster/events`: every node's live events merged into one
+//! stream. This agent reads its own hub and each other agent's
+//! `/v1/events` (progress stays between agents: it never becomes etcd
+//! writes). Each event's data names its `node`; an event's id is the last
+//! id seen of every node (`a:12,b:40`), so `Last-Event-ID` resumes each
+//! node's stream where it was.
+
+use super::events::{last_event_id, Stream};
+use super::*;
+use crate::agent::events::Frames;
+use crate::agent::node::valid_name;
+use axum::response::sse::{self, KeepAlive, Sse};
+use std::collections::BTreeMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Most nodes a `Last-Event-ID` may name.
+const MAX_NODES: usize = 1024;
+/// A node's stream that sends nothing, not even a keep-alive, this long is
+/// read again.
+const SILENT: Duration = Duration::from_secs(45);
+/// Waits before reading a node's stream again, doubling from the first.
+const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
+
+/// One node's event: the node, the id in its stream, the kind, the data.
+type Tagged = (String, u64, String, String);
+
+/// The per-node ids of a `Last-Event-ID` (`a:12,b:40`); anything else
+/// resumes nothing.
+fn positions(text: Option<&str>) -> BTreeMap<String, u64> {
+    let parse = |t: &str| -> Option<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for part in t.split(',').filter(|p| !p.is_empty()) {
+            let (name, id) = part.trim().split_once(':')?;
+            if !valid_name(name) || out.len() >= MAX_NODES {
+                return None;
+            }
+            out.insert(name.to_string(), id.parse().ok()?);
+        }
+        Some(out)
+    };
+    text.and_then(parse).unwrap_or_default()
+}
+
+fn encode(pos: &BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = pos.iter().map(|(n, id)| format!("{n}:{id}")).collect();
+    parts.join(",")
+}
+
+/// `data` with `"node": name` added.
+fn with_node(name: &str, data: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(serde_json::Value::Object(mut o)) => {
+            o.insert("node".into(), name.into());
+            serde_json::Value::Object(o).to_string()
+        }
+        _ => serde_json::json!({ "node": name, "data": data }).to_string(),
+    }
+}
+
+/// `GET /v1/cluster/events`.
+pub(super) async fn cluster_events(
+    State(node): State<Arc<Node>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let pos = positions(last_event_id(&headers));
+    let (tx, rx) = mpsc::channel::<Tagged>(1024);
+    let stop = CancellationToken::new();
+    for spec in node.members() {
+        let after = pos.get(&spec.name).copied();
+        let (tx, stop) = (tx.clone(), stop.child_token());
+        if spec.name == node.name() {
+            tokio::spawn(local(node.clone(), after, tx, stop));
+        } else {
+            tokio::spawn(remote(node.clone(), spec, after, tx, stop));
+        }
+    }
+    // The subscriber gone, its readers stop.
+    let state = (rx, stop.drop_guard(), pos);
+    let stream = futures_util::stream::unfold(state, |(mut rx, guard, mut pos)| async move {
+        let (name, id, kind, data) = rx.recv().await?;
+        // A `source` event is about the stream, not a position in it.
+        if kind != "source" {
+            pos.insert(name.clone(), id);
+        }
+        let e = sse::Event::default()
+            .id(encode(&pos))
+            .event(kind)
+            .data(with_node(&name, &data));
+        Some((Ok::<_, std::convert::Infallible>(e), (rx, guard, pos)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// This node's events into `tx`.
+async fn local(
+    node: Arc<Node>,
+    after: Option<u64>,
+    tx: mpsc::Sender<Tagged>,
+    stop: CancellationToken,
+) {
+    let name = node.name().to_string();
+    let mut s = Stream::local(node, after);
+    loop {
+        let e = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = s.next() => e,
+        };
+        let Some(e) = e else { return };
+        let out = (name.clone(), e.id, e.kind.to_string(), e.data.to_string());
+        if tx.send(out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Node `spec`'s events into `tx`, read again (after its last event) when
+/// its stream ends or goes silent; a `source` event says when it is not
+/// read and when it is again.
+async fn remote(
+    node: Arc<Node>,
+    spec: crate::agent::cluster::NodeSpec,
+    mut after: Option<u64>,
+    tx: mpsc::Sender<Tagged>,
+    stop: CancellationToken,
+) {
+    let mut wait = RETRY.0;
+    let mut down: Option<String> = None;
+    let name = spec.name.clone();
+    let say = |after: Option<u64>, connected: bool, error: Option<&str>| {
+        let data = serde_json::json!({ "connected": connected, "error": error }).to_string();
+        (name.clone(), after.unwrap_or(0), "source".to_string(), data)
+    };
+    loop {
+        let read = async {
+            let mut resp = node
+                .peers
+                .events(&spec, after)
+                .await
+                .map_err(|e| e.to_string())?;
+            if down.take().is_some() && tx.send(say(after, true, None)).await.is_err() {
+                return Ok(());
+            }
+            wait = RETRY.0;
+            let mut frames = Frames::default();
+            loop {
+                let chunk = tokio::time::timeout(SILENT, resp.chunk())
+                    .await
+                    .map_err(|_| format!("silent for {SILENT:?}"))?
+                    .map_err(|e| e.to_string())?
+                    .ok_or("its stream ended")?;
+                for (id, kind, data) in frames.push(&chunk)? {
+                    after = Some(id);
+                    if tx.send((spec.name.clone(), id, kind, data)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let ended: Result<(), String> = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = read => r,
+        };
+        let Err(why) = ended else { return };
+        if down.is_none() {
+            if tx.send(say(after, false, Some(&why))).await.is_err() {
+                return;
+            }
+            down = Some(why);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(RETRY.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_last_event_id_names_each_nodes_position_or_resumes_nothing() {
+        let pos = positions(Some("a:12,b:40"));
+        assert_eq!(encode(&pos), "a:12,b:40");
+        for bad in ["a:x", "a", "../x:1", "a:1,b"] {
+            assert!(positions(Some(bad)).is_empty(), "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_NODES).map(|i| format!("n{i}:1")).collect();
+        assert!(positions(Some(&many.join(","))).is_empty());
+        assert_eq!(
+            with_node("b", "{\"name\":\"web\"}"),
+            "{\"name\":\"web\",\"node\":\"b\"}"
+        );
+    }
+}
