@@ -103,6 +103,16 @@ impl Hub {
         self.tx.receiver_count() > 0
     }
 
+    /// Subscribers now.
+    pub fn subscribers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// Events published so far.
+    pub fn published(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).last_id
+    }
+
     /// Publishes what changed between the last views and `now`: an event
     /// per thing whose view differs, and a `gone` event per thing no longer
     /// there.
@@ -227,7 +237,7 @@ pub const MAX_FRAME: usize = 4 << 20;
 impl Frames {
     /// Takes `chunk`; the whole events it completes, as (id, kind, data).
     /// A frame longer than [`MAX_FRAME`] is an error naming it.
-    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<(u64, String, String)>, String> {
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<(String, String, String)>, String> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
         while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
@@ -245,11 +255,11 @@ impl Frames {
 
 /// One frame's event; `None` for a comment (a keep-alive) or a frame
 /// without an id, a kind or data.
-fn parse_frame(frame: &str) -> Option<(u64, String, String)> {
+fn parse_frame(frame: &str) -> Option<(String, String, String)> {
     let (mut id, mut kind, mut data) = (None, None, None::<String>);
     for line in frame.lines() {
         if let Some(v) = line.strip_prefix("id:") {
-            id = v.trim().parse().ok();
+            id = Some(v.trim().to_string());
         } else if let Some(v) = line.strip_prefix("event:") {
             kind = Some(v.trim().to_string());
         } else if let Some(v) = line.strip_prefix("data:") {

@@ -124,24 +124,26 @@ impl Peers {
         Err(api_error(node, status.as_u16(), &value, &text))
     }
 
-    /// `GET /v1/events` of `node`, resuming after event `last`: the answer,
+    /// `GET path` of `node` for server-sent events (`/v1/events` or
+    /// `/v1/cluster/events`), resuming after event `last`: the answer,
     /// whose body streams for as long as both ends live (a day at most).
     pub async fn events(
         &self,
         node: &NodeSpec,
-        last: Option<u64>,
+        path: &str,
+        last: Option<&str>,
     ) -> Result<reqwest::Response, PeerError> {
         let (http, scheme) = match self.clients.get(&node.name) {
             Some((c, s)) => (c.clone(), *s),
             None => client_for(node, self.idle),
         };
-        let url = format!("{scheme}://{}/v1/events", node.control);
+        let url = format!("{scheme}://{}{path}", node.control);
         let mut req = http
             .get(&url)
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(24 * 3600));
         if let Some(id) = last {
-            req = req.header("Last-Event-ID", id.to_string());
+            req = req.header("Last-Event-ID", id);
         }
         let resp = req
             .send()

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 mod node;
 mod vm;
+mod watch;
 
 pub use node::{agent_stop, node};
 pub(crate) use node::{print_steps, took, watch_op};

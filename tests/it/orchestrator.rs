@@ -97,6 +97,21 @@ impl Cluster {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Node `node`'s `/metrics`, over plain HTTP.
+    fn metrics(&self, node: &str) -> String {
+        use std::io::{Read, Write};
+        let (_, _, control) = self.agents.iter().find(|(n, _, _)| n == node).unwrap();
+        let mut s = std::net::TcpStream::connect(control).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {control}\r\nAuthorization: Bearer orchestrator-test-token\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.push("--json");
@@ -212,6 +227,20 @@ fn vms_migrate_drain_and_come_back_through_the_command_line() {
     let v = c.json(&["vm", "delete", "vm2"]);
     assert_eq!(v["name"], "vm2");
     assert_eq!(vms_on(&c).len(), 2);
+    // The waits read a's live events rather than asking again and again:
+    // its own stream for the migration, the cluster's for the drain and
+    // the failback (whose migrations ran on b and c).
+    let text = c.metrics("a");
+    for (stream, at_least) in [("node", 1.0), ("cluster", 2.0)] {
+        let series = format!("ferry_event_streams_opened_total{{stream=\"{stream}\"}} ");
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("{series}\n{text}"))
+            .parse()
+            .unwrap();
+        assert!(n >= at_least, "{series}{n}");
+    }
 }
 
 #[test]

@@ -64,6 +64,7 @@ pub(super) async fn cluster_events(
     headers: axum::http::HeaderMap,
 ) -> Response {
     let pos = positions(last_event_id(&headers));
+    node.metrics.event_streams[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel::<Tagged>(1024);
     let stop = CancellationToken::new();
     for spec in node.members() {
@@ -135,9 +136,10 @@ async fn remote(
     };
     loop {
         let read = async {
+            let last = after.map(|a| a.to_string());
             let mut resp = node
                 .peers
-                .events(&spec, after)
+                .events(&spec, "/v1/events", last.as_deref())
                 .await
                 .map_err(|e| e.to_string())?;
             if down.take().is_some() && tx.send(say(after, true, None)).await.is_err() {
@@ -152,6 +154,7 @@ async fn remote(
                     .map_err(|e| e.to_string())?
                     .ok_or("its stream ended")?;
                 for (id, kind, data) in frames.push(&chunk)? {
+                    let id: u64 = id.parse().map_err(|_| format!("event id {id:?}"))?;
                     after = Some(id);
                     if tx.send((spec.name.clone(), id, kind, data)).await.is_err() {
                         return Ok(());

@@ -77,6 +77,7 @@ pub(super) async fn events(
     headers: axum::http::HeaderMap,
 ) -> Response {
     let after = last_event_id(&headers).and_then(|v| v.trim().parse::<u64>().ok());
+    node.metrics.event_streams[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let state = Stream::local(node, after);
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         let e = s.next().await?;

@@ -100,6 +100,33 @@ pub(super) async fn metrics(State(node): State<Arc<Node>>) -> Response {
         "VMs on this node, arriving ones included.",
         &[(String::new(), vms as f64)],
     );
+    metric(
+        "ferry_event_streams_opened_total",
+        "counter",
+        "Event streams opened: this node's (/v1/events) and the cluster's (/v1/cluster/events).",
+        &[
+            (
+                "{stream=\"node\"}".to_string(),
+                m.event_streams[0].load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "{stream=\"cluster\"}".to_string(),
+                m.event_streams[1].load(Ordering::Relaxed) as f64,
+            ),
+        ],
+    );
+    metric(
+        "ferry_event_subscribers",
+        "gauge",
+        "Streams reading this node's events now (the cluster streams' readers included).",
+        &[(String::new(), node.events.subscribers() as f64)],
+    );
+    metric(
+        "ferry_events_published_total",
+        "counter",
+        "Events this node published (things that changed, while anyone listened).",
+        &[(String::new(), node.events.published() as f64)],
+    );
     node_gauges(&node, &mut metric);
     running_gauges(&node, &mut metric);
     histograms(m, &mut out);

@@ -84,8 +84,8 @@ fn frames_come_whole_whatever_the_chunks_and_an_endless_one_is_refused() {
     assert_eq!(
         got,
         [
-            (3, "vm".to_string(), "{\"a\":1}".to_string()),
-            (4, "node".to_string(), "{}".to_string())
+            ("3".into(), "vm".to_string(), "{\"a\":1}".to_string()),
+            ("4".into(), "node".to_string(), "{}".to_string())
         ]
     );
     let e = f.push(&vec![b'x'; MAX_FRAME + 1]).unwrap_err();

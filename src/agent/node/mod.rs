@@ -342,6 +342,9 @@ pub struct Metrics {
     pub downtime: Histogram,
     /// Wire bytes of each finished outgoing migration.
     pub wire_bytes: Histogram,
+    /// Event streams opened: this node's (`/v1/events`), the cluster's
+    /// (`/v1/cluster/events`).
+    pub event_streams: [AtomicU64; 2],
 }
 
 impl Default for Metrics {
@@ -354,6 +357,7 @@ impl Default for Metrics {
             duration: Histogram::new(DURATION_BOUNDS),
             downtime: Histogram::new(DOWNTIME_BOUNDS),
             wire_bytes: Histogram::new(BYTES_BOUNDS),
+            event_streams: Default::default(),
         }
     }
 }

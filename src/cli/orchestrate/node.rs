@@ -218,48 +218,98 @@ pub(crate) fn watch_op(ctx: &Ctx, node: &NodeSpec, op: OperationView) -> Result<
     overall.set_style(bar_style());
     overall.set_prefix(format!("{} {}", name_of(op.kind), node.name));
     let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+    let mut migs: HashMap<String, MigrationView> = HashMap::new();
+    let mut op = op;
+    // The cluster's stream: the operation here, its migrations wherever
+    // they run (a failback's run on the other nodes).
+    let mut watch = super::watch::Watch::new(ctx, node, "/v1/cluster/events");
     let done = loop {
-        let op = ctx.run(ctx.peers.operation(node, &id))?;
-        let finished = op.steps.iter().filter(|s| step_ended(&s.state)).count() as u64;
-        overall.set_position(finished);
-        overall.set_message(match op.params["command"].as_str() {
-            Some(cmd) => format!("running {cmd:?}"),
-            None => format!("{finished}/{total} VMs"),
-        });
-        for s in &op.steps {
-            match (s.state.as_str(), &s.migration_id) {
-                ("running", Some(mid)) => {
-                    let source = ctx.cluster.node(&s.source).unwrap_or(node);
-                    let Ok(m) = ctx.run(ctx.peers.migration(source, mid)) else {
+        match watch.next(Duration::from_secs(1)) {
+            Some(events) => {
+                for (kind, data) in events {
+                    let Ok(v) = serde_json::from_str::<Value>(&data) else {
                         continue;
                     };
-                    let bar = bars.entry(s.vm.clone()).or_insert_with(|| {
-                        let b = mp.add(ProgressBar::new(1));
-                        b.set_style(bar_style());
-                        b.set_prefix(format!("{} → {}", s.vm, s.target));
-                        b
-                    });
-                    show_migration(bar, s.memory, &m);
-                }
-                (state, _) if step_ended(state) => {
-                    if let Some(b) = bars.remove(&s.vm) {
-                        b.finish_and_clear();
-                        mp.remove(&b);
+                    match kind.as_str() {
+                        "operation"
+                            if v["id"] == id.as_str() && v["node"] == node.name.as_str() =>
+                        {
+                            if let Ok(o) = serde_json::from_value(v) {
+                                op = o;
+                            }
+                        }
+                        "migration" => {
+                            if let Ok(m) = serde_json::from_value::<MigrationView>(v) {
+                                migs.insert(m.id.clone(), m);
+                            }
+                        }
+                        _ => {}
                     }
                 }
-                _ => {}
+            }
+            None => {
+                // No stream: ask.
+                op = ctx.run(ctx.peers.operation(node, &id))?;
+                for s in &op.steps {
+                    if let ("running", Some(mid)) = (s.state.as_str(), &s.migration_id) {
+                        let source = ctx.cluster.node(&s.source).unwrap_or(node);
+                        if let Ok(m) = ctx.run(ctx.peers.migration(source, mid)) {
+                            migs.insert(mid.clone(), m);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(150));
             }
         }
+        show_op(&op, &mp, &overall, &mut bars, &migs);
         if op.state != OpState::Running {
             break op;
         }
-        std::thread::sleep(Duration::from_millis(150));
     };
     for (_, b) in bars {
         b.finish_and_clear();
     }
     overall.finish_and_clear();
     Ok(done)
+}
+
+/// Operation `op`'s bars: overall, and one per step whose migration runs
+/// (its figures from `migs`).
+fn show_op(
+    op: &OperationView,
+    mp: &MultiProgress,
+    overall: &ProgressBar,
+    bars: &mut HashMap<String, ProgressBar>,
+    migs: &HashMap<String, MigrationView>,
+) {
+    let total = op.steps.len() as u64;
+    let finished = op.steps.iter().filter(|s| step_ended(&s.state)).count() as u64;
+    overall.set_position(finished);
+    overall.set_message(match op.params["command"].as_str() {
+        Some(cmd) => format!("running {cmd:?}"),
+        None => format!("{finished}/{total} VMs"),
+    });
+    for s in &op.steps {
+        match (s.state.as_str(), &s.migration_id) {
+            ("running", Some(mid)) => {
+                let Some(m) = migs.get(mid) else { continue };
+                let bar = bars.entry(s.vm.clone()).or_insert_with(|| {
+                    let b = mp.add(ProgressBar::new(1));
+                    b.set_style(bar_style());
+                    b.set_prefix(format!("{} → {}", s.vm, s.target));
+                    b
+                });
+                show_migration(bar, s.memory, m);
+            }
+            (state, _) if step_ended(state) => {
+                if let Some(b) = bars.remove(&s.vm) {
+                    b.finish_and_clear();
+                    mp.remove(&b);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// " in 4.21 s": an ended operation's time from its start to its end, or

@@ -164,13 +164,30 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(10));
     bar.set_style(bar_style());
     bar.set_prefix(a.vm.clone());
-    let done = loop {
-        let m = ctx.run(ctx.peers.migration(source, &id))?;
-        if m.state.is_final() {
-            break m;
+    let mut watch = super::watch::Watch::new(&ctx, source, "/v1/events");
+    let done = 'wait: loop {
+        let Some(events) = watch.next(Duration::from_secs(1)) else {
+            // No stream: ask.
+            let m = ctx.run(ctx.peers.migration(source, &id))?;
+            if m.state.is_final() {
+                break m;
+            }
+            show_migration(&bar, vm.spec.memory, &m);
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        for (kind, data) in events {
+            let Ok(m) = serde_json::from_str::<MigrationView>(&data) else {
+                continue;
+            };
+            if kind != "migration" || m.id != id {
+                continue;
+            }
+            if m.state.is_final() {
+                break 'wait m;
+            }
+            show_migration(&bar, vm.spec.memory, &m);
         }
-        show_migration(&bar, vm.spec.memory, &m);
-        std::thread::sleep(Duration::from_millis(100));
     };
     bar.finish_and_clear();
     if a.out.json {

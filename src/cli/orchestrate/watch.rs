@@ -1,0 +1,87 @@
+//! Waiting on an agent's live events (`/v1/events`, `/v1/cluster/events`)
+//! instead of asking it again and again; a command falls back to asking
+//! while the stream cannot be read (an agent without it, say).
+
+use super::Ctx;
+use ferry::agent::cluster::NodeSpec;
+use ferry::agent::events::Frames;
+use std::time::{Duration, Instant};
+
+/// A stream sending nothing, not even a keep-alive, this long is read again.
+const SILENT: Duration = Duration::from_secs(45);
+
+/// One agent's event stream, read again after its last event when it ends.
+pub(crate) struct Watch<'a> {
+    ctx: &'a Ctx,
+    node: &'a NodeSpec,
+    path: &'static str,
+    resp: Option<reqwest::Response>,
+    frames: Frames,
+    after: Option<String>,
+    /// When the stream last sent anything.
+    heard: Instant,
+}
+
+impl<'a> Watch<'a> {
+    /// Node `node`'s stream at `path`, opened when first read.
+    pub(crate) fn new(ctx: &'a Ctx, node: &'a NodeSpec, path: &'static str) -> Self {
+        Self {
+            ctx,
+            node,
+            path,
+            resp: None,
+            frames: Frames::default(),
+            after: None,
+            heard: Instant::now(),
+        }
+    }
+
+    /// The events (kind, data) that arrive within `wait`; `None` when the
+    /// stream cannot be read now (the caller asks instead).
+    pub(crate) fn next(&mut self, wait: Duration) -> Option<Vec<(String, String)>> {
+        if self.resp.is_none() {
+            let open = self
+                .ctx
+                .peers
+                .events(self.node, self.path, self.after.as_deref());
+            self.resp = Some(self.ctx.run(open).ok()?);
+            self.frames = Frames::default();
+            self.heard = Instant::now();
+        }
+        let resp = self.resp.as_mut()?;
+        let read = self.ctx.run(async {
+            match tokio::time::timeout(wait, resp.chunk()).await {
+                Err(_) => Ok(Some(Vec::new())),
+                Ok(Ok(Some(chunk))) => Ok(Some(chunk.to_vec())),
+                Ok(Ok(None)) => Ok(None),
+                Ok(Err(e)) => Err(e.to_string()),
+            }
+        });
+        let chunk = match read {
+            Ok(Some(c)) => c,
+            // Ended or broken: opened again (after the last event) next time.
+            Ok(None) | Err(_) => {
+                self.resp = None;
+                return Some(Vec::new());
+            }
+        };
+        if !chunk.is_empty() {
+            self.heard = Instant::now();
+        } else if self.heard.elapsed() > SILENT {
+            self.resp = None;
+        }
+        let Ok(events) = self.frames.push(&chunk) else {
+            self.resp = None;
+            return None;
+        };
+        Some(
+            events
+                .into_iter()
+                .map(|(id, kind, data)| {
+                    self.after = Some(id);
+                    (kind, data)
+                })
+                .collect(),
+        )
+    }
+}
