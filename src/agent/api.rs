@@ -43,6 +43,7 @@ mod metrics;
 mod nodes;
 mod retained;
 mod serve;
+mod session;
 
 use checks::parse_body;
 pub use serve::{serve_agent, serve_agent_with, AgentHandle};
@@ -371,23 +372,46 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
     if is(&node.cluster.token) {
         return next.run(req).await;
     }
-    if node.cluster.readonly_token.as_deref().is_some_and(is) {
-        let reads = matches!(
-            *req.method(),
-            axum::http::Method::GET | axum::http::Method::HEAD
-        );
-        // Page hashes say whether a page holds a guessed content.
-        let hashes =
-            req.uri().path().starts_with("/v1/retained/") && req.uri().path().ends_with("/hashes");
-        if reads && !hashes {
-            return next.run(req).await;
-        }
-        return ApiError {
+    let reads = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    // Page hashes say whether a page holds a guessed content.
+    let hashes =
+        req.uri().path().starts_with("/v1/retained/") && req.uri().path().ends_with("/hashes");
+    let read_only = || {
+        ApiError {
             status: StatusCode::FORBIDDEN,
             code: "forbidden",
             message: "the read-only token may only read (GET routes but retained images' hashes, and /metrics)".into(),
         }
-        .into_response();
+        .into_response()
+    };
+    if node.cluster.readonly_token.as_deref().is_some_and(is) {
+        if reads && !hashes {
+            return next.run(req).await;
+        }
+        return read_only();
+    }
+    // Signing in and out take no token.
+    let signing = req.uri().path() == "/v1/session"
+        && matches!(
+            *req.method(),
+            axum::http::Method::POST | axum::http::Method::DELETE
+        );
+    if signing {
+        return next.run(req).await;
+    }
+    if given.is_empty() {
+        match session::by_cookie(&node, req.headers(), !reads) {
+            Some(Err(e)) => return e.into_response(),
+            Some(Ok(crate::agent::session::Scope::Admin)) => return next.run(req).await,
+            Some(Ok(crate::agent::session::Scope::Read)) if reads && !hashes => {
+                return next.run(req).await
+            }
+            Some(Ok(crate::agent::session::Scope::Read)) => return read_only(),
+            None => {}
+        }
     }
     ApiError {
         status: StatusCode::UNAUTHORIZED,
@@ -404,6 +428,11 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/node", get(get_node))
         .route("/v1/events", get(events::events))
+        .route(
+            "/v1/session",
+            axum::routing::post(session::sign_in).delete(session::sign_out),
+        )
+        .route("/v1/session/revoke", axum::routing::post(session::revoke))
         .route("/v1/cluster/events", get(cluster_events::cluster_events))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))

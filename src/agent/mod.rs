@@ -35,6 +35,7 @@ pub mod retain;
 mod retarget;
 pub mod rolling;
 pub mod schedule;
+pub mod session;
 mod shutdown;
 pub mod store;
 

@@ -36,6 +36,7 @@ mod relay;
 mod resolve;
 mod retention;
 mod rolling;
+mod session;
 mod shutdown;
 mod survive;
 mod tbf;

@@ -523,6 +523,11 @@ pub struct Node {
     pub(crate) retention: super::retain::Retention,
     /// What changed, for `GET /v1/events`.
     pub(crate) events: super::events::Hub,
+    /// The console's session cookies.
+    pub(crate) sessions: super::session::Sessions,
+    /// The session epoch this agent raised last (etcd's copy may not have
+    /// reached its mirror yet).
+    pub(crate) session_floor: AtomicU64,
 }
 
 impl std::fmt::Debug for Node {
@@ -551,6 +556,7 @@ impl Node {
     /// Node `name` of `cluster`, hosting nothing yet.
     pub fn new(cluster: Cluster, name: &str) -> Result<Arc<Self>, String> {
         let spec = cluster.require_node(name)?.clone();
+        let sessions = super::session::Sessions::new(&cluster.token);
         let bucket = spec.max_bandwidth.map(|bps| {
             Arc::new(crate::transport::TokenBucket::new(
                 bps,
@@ -588,6 +594,8 @@ impl Node {
             tasks: tasks::Tasks::default(),
             retention,
             events: super::events::Hub::default(),
+            sessions,
+            session_floor: AtomicU64::new(0),
         }))
     }
 
