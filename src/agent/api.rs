@@ -369,7 +369,13 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
     let is = |want: &str| {
         given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want.as_bytes()))
     };
-    if is(&node.cluster.token) {
+    // Signing in and out take no token.
+    let signing = req.uri().path() == "/v1/session"
+        && matches!(
+            *req.method(),
+            axum::http::Method::POST | axum::http::Method::DELETE
+        );
+    if signing || is(&node.cluster.token) {
         return next.run(req).await;
     }
     let reads = matches!(
@@ -392,15 +398,6 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
             return next.run(req).await;
         }
         return read_only();
-    }
-    // Signing in and out take no token.
-    let signing = req.uri().path() == "/v1/session"
-        && matches!(
-            *req.method(),
-            axum::http::Method::POST | axum::http::Method::DELETE
-        );
-    if signing {
-        return next.run(req).await;
     }
     if given.is_empty() {
         match session::by_cookie(&node, req.headers(), !reads) {

@@ -15,8 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the views are compared while anyone listens.
 pub const TICK: Duration = Duration::from_millis(250);
-/// Events kept for subscribers that come back (`Last-Event-ID`).
+/// Events kept for subscribers that come back (`Last-Event-ID`), and
+/// their bytes at most.
 const RECENT: usize = 4096;
+const RECENT_BYTES: usize = 16 << 20;
+/// Event streams (`/v1/events`) an agent serves at once: each holds one of
+/// its API's connections.
+pub const MAX_STREAMS: usize = 64;
 /// Events a subscriber may fall behind before it is sent a `resync`.
 const BEHIND: usize = 1024;
 
@@ -24,7 +29,10 @@ const BEHIND: usize = 1024;
 /// `operation`, `resync`) and its JSON.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    /// Increases by one per event published, from 1.
+    /// Increases by one per event published, from a random start per
+    /// process (so an id from an agent's earlier life resumes nothing); 0:
+    /// none (a resync's frames but its last, so that one cut off mid-way
+    /// is not taken for whole).
     pub id: u64,
     /// What it is about.
     pub kind: &'static str,
@@ -62,6 +70,8 @@ struct State {
     /// Each thing's last published view.
     last: BTreeMap<String, (&'static str, Arc<str>)>,
     recent: VecDeque<Event>,
+    /// Bytes of `recent`'s data.
+    recent_bytes: usize,
 }
 
 /// The node's event publisher and its subscribers.
@@ -69,19 +79,32 @@ pub struct Hub {
     tx: broadcast::Sender<Event>,
     state: Mutex<State>,
     closed: CancellationToken,
+    /// A slot per stream served.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Self {
-            tx: broadcast::channel(BEHIND).0,
-            state: Mutex::default(),
-            closed: CancellationToken::new(),
-        }
+        // Below 2^52: exact as a JavaScript number.
+        let start = u64::from_le_bytes(crate::migration::auth::random_bytes::<8>()) >> 12;
+        Self::starting_at(start)
     }
 }
 
 impl Hub {
+    /// A hub whose first event is `last_id + 1`.
+    pub(crate) fn starting_at(last_id: u64) -> Self {
+        Self {
+            tx: broadcast::channel(BEHIND).0,
+            state: Mutex::new(State {
+                last_id,
+                ..State::default()
+            }),
+            closed: CancellationToken::new(),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        }
+    }
+
     /// Ends every subscriber's stream: the agent stops.
     pub fn close(&self) {
         self.closed.cancel();
@@ -152,10 +175,14 @@ impl Hub {
                 kind,
                 data,
             };
-            if st.recent.len() == RECENT {
-                st.recent.pop_front();
-            }
+            st.recent_bytes += e.data.len();
             st.recent.push_back(e.clone());
+            while st.recent.len() > RECENT || st.recent_bytes > RECENT_BYTES {
+                let Some(old) = st.recent.pop_front() else {
+                    break;
+                };
+                st.recent_bytes -= old.data.len();
+            }
             // No one listening is no error: the event is kept all the same.
             let _ = self.tx.send(e);
         }
@@ -188,18 +215,23 @@ impl Hub {
         Self::resync(&st, "this subscriber fell behind: the whole state")
     }
 
+    /// A `resync` and every thing's view; only the last carries an id
+    /// (`last_id`), so a subscriber cut off before it asks for all again.
     fn resync(st: &State, reason: &str) -> Start {
         let id = st.last_id;
         let mut events = vec![Event {
-            id,
+            id: 0,
             kind: "resync",
             data: serde_json::json!({ "reason": reason }).to_string().into(),
         }];
         events.extend(st.last.values().map(|(kind, data)| Event {
-            id,
+            id: 0,
             kind,
             data: data.clone(),
         }));
+        if let Some(last) = events.last_mut() {
+            last.id = id;
+        }
         Start { events, upto: id }
     }
 }
@@ -222,26 +254,59 @@ pub fn steady(mut v: Value, drop: &[&str], round: &[&[&str]]) -> String {
     v.to_string()
 }
 
-#[cfg(test)]
-mod tests;
+/// Most nodes a merged stream's `Last-Event-ID` may name.
+pub const MAX_NODES: usize = 1024;
+
+/// The per-node ids of a `Last-Event-ID` (`a:12,b:40`); anything else
+/// resumes nothing.
+pub fn positions(text: Option<&str>) -> BTreeMap<String, u64> {
+    let parse = |t: &str| -> Option<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for part in t.split(',').filter(|p| !p.is_empty()) {
+            let (name, id) = part.trim().split_once(':')?;
+            if !crate::agent::node::valid_name(name) || out.len() >= MAX_NODES {
+                return None;
+            }
+            out.insert(name.to_string(), id.parse().ok()?);
+        }
+        Some(out)
+    };
+    text.and_then(parse).unwrap_or_default()
+}
+
+/// A merged stream's event id: each node's last id (`a:12,b:40`).
+pub fn encode_positions(pos: &BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = pos.iter().map(|(n, id)| format!("{n}:{id}")).collect();
+    parts.join(",")
+}
 
 /// Server-sent events read from a byte stream, frame by frame.
 #[derive(Default)]
 pub struct Frames {
     buf: Vec<u8>,
+    /// How far `buf` was searched for a frame's end.
+    searched: usize,
 }
 
 /// The longest frame read: a peer sending more without an end is refused.
 pub const MAX_FRAME: usize = 4 << 20;
 
 impl Frames {
-    /// Takes `chunk`; the whole events it completes, as (id, kind, data).
-    /// A frame longer than [`MAX_FRAME`] is an error naming it.
+    /// Takes `chunk`; the whole events it completes, as (id, kind, data),
+    /// the id empty for an event without one. A frame longer than
+    /// [`MAX_FRAME`] is an error naming it.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<(String, String, String)>, String> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+        loop {
+            let from = self.searched.saturating_sub(1);
+            let Some(at) = self.buf[from..].windows(2).position(|w| w == b"\n\n") else {
+                self.searched = self.buf.len();
+                break;
+            };
+            let end = from + at;
             let frame: Vec<u8> = self.buf.drain(..end + 2).collect();
+            self.searched = 0;
             if let Some(e) = parse_frame(&String::from_utf8_lossy(&frame)) {
                 out.push(e);
             }
@@ -254,7 +319,7 @@ impl Frames {
 }
 
 /// One frame's event; `None` for a comment (a keep-alive) or a frame
-/// without an id, a kind or data.
+/// without a kind or data.
 fn parse_frame(frame: &str) -> Option<(String, String, String)> {
     let (mut id, mut kind, mut data) = (None, None, None::<String>);
     for line in frame.lines() {
@@ -270,5 +335,8 @@ fn parse_frame(frame: &str) -> Option<(String, String, String)> {
             });
         }
     }
-    Some((id?, kind?, data?))
+    Some((id.unwrap_or_default(), kind?, data?))
 }
+
+#[cfg(test)]
+mod tests;

@@ -137,3 +137,30 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         })
         .collect()
 }
+
+/// Any bytes, as a peer's event stream (cut into chunks the bytes choose),
+/// a merged stream's `Last-Event-ID`, and a session cookie, never panic:
+/// frames come out whole or the stream is refused, positions read back as
+/// written, and no cookie but one made with the key verifies.
+pub fn live_events(data: &[u8]) {
+    use super::events::{encode_positions, positions, Frames};
+    use super::session::Sessions;
+    let mut frames = Frames::default();
+    let mut rest = data;
+    while let Some((&n, tail)) = rest.split_first() {
+        let (chunk, next) = tail.split_at((n as usize).min(tail.len()));
+        if frames.push(chunk).is_err() {
+            break;
+        }
+        rest = next;
+    }
+    let text = String::from_utf8_lossy(data);
+    let pos = positions(Some(&text));
+    assert_eq!(positions(Some(&encode_positions(&pos))), pos);
+    let sessions = Sessions::new("fuzz-token-0123456789");
+    assert!(
+        sessions.verify(&text, 0, 0).is_err(),
+        "a cookie made without the key"
+    );
+    let _ = super::session::cookie(&text, super::session::COOKIE);
+}

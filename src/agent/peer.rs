@@ -145,9 +145,10 @@ impl Peers {
         if let Some(id) = last {
             req = req.header("Last-Event-ID", id);
         }
-        let resp = req
-            .send()
+        // The stream may last; its answer may not.
+        let resp = tokio::time::timeout(Duration::from_secs(10), req.send())
             .await
+            .map_err(|_| unreachable(node, format!("no answer from {url} within 10 s")))?
             .map_err(|e| unreachable(node, format!("cannot reach {url}: {}", chain(&e))))?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();

@@ -105,7 +105,9 @@ impl Sessions {
         if now_ms >= expires {
             return Err(SessionError::Expired);
         }
-        if made_in != epoch {
+        // Made before everyone was signed out. (One made under a later
+        // epoch than this agent has read yet is the newer.)
+        if made_in < epoch {
             return Err(SessionError::Revoked);
         }
         Ok(scope)
@@ -135,6 +137,7 @@ mod tests {
         assert_eq!(s.verify(&c, 999, 3), Ok(Scope::Read));
         assert_eq!(s.verify(&c, 1_000, 3), Err(SessionError::Expired));
         assert_eq!(s.verify(&c, 10, 4), Err(SessionError::Revoked));
+        assert_eq!(s.verify(&c, 10, 2), Ok(Scope::Read), "an agent behind");
         // Another cluster's key, or any change, is invalid.
         let other = Sessions::new("another-token-0123456789");
         assert_eq!(other.verify(&c, 10, 3), Err(SessionError::Invalid));

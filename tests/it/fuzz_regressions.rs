@@ -14,7 +14,7 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 11] = [
+const TARGETS: [(&str, Property); 12] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
@@ -30,6 +30,7 @@ const TARGETS: [(&str, Property); 11] = [
     ("records", |d| {
         ferry::agent::fuzz::records(d);
     }),
+    ("live_events", ferry::agent::fuzz::live_events),
 ];
 
 /// Runs every file of `fuzz/<kind>/<target>/` through the target's property.

@@ -81,6 +81,17 @@ fn a_session_cookie_signs_in_on_every_agent_until_everyone_is_signed_out() {
         Some(json!({"token": "wrong-token-0123456789"})),
     );
     assert_eq!((s, set), (StatusCode::UNAUTHORIZED, None));
+    // Signing in takes no bearer token, and any (a script's) is no bar.
+    let ro = ("authorization", format!("Bearer {READONLY_TOKEN}"));
+    let (s, v, _) = send(
+        &c,
+        Method::POST,
+        "a",
+        "/v1/session",
+        &[ro],
+        Some(json!({"token": TOKEN})),
+    );
+    assert_eq!(s, StatusCode::OK, "{v}");
     let (admin, attrs) = sign_in(&c, TOKEN);
     assert!(admin.starts_with("ferry_session=admin."), "{admin}");
     for a in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {

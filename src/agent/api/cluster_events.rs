@@ -7,45 +7,22 @@
 
 use super::events::{last_event_id, Stream};
 use super::*;
-use crate::agent::events::Frames;
-use crate::agent::node::valid_name;
+use crate::agent::events::{encode_positions as encode, positions, Frames};
 use axum::response::sse::{self, KeepAlive, Sse};
-use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Most nodes a `Last-Event-ID` may name.
-const MAX_NODES: usize = 1024;
 /// A node's stream that sends nothing, not even a keep-alive, this long is
 /// read again.
 const SILENT: Duration = Duration::from_secs(45);
+/// Cluster streams an agent serves at once: each reads every other agent's
+/// stream, holding a connection there.
+const MAX_CLUSTER_STREAMS: usize = 16;
 /// Waits before reading a node's stream again, doubling from the first.
 const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
 
 /// One node's event: the node, the id in its stream, the kind, the data.
 type Tagged = (String, u64, String, String);
-
-/// The per-node ids of a `Last-Event-ID` (`a:12,b:40`); anything else
-/// resumes nothing.
-fn positions(text: Option<&str>) -> BTreeMap<String, u64> {
-    let parse = |t: &str| -> Option<BTreeMap<String, u64>> {
-        let mut out = BTreeMap::new();
-        for part in t.split(',').filter(|p| !p.is_empty()) {
-            let (name, id) = part.trim().split_once(':')?;
-            if !valid_name(name) || out.len() >= MAX_NODES {
-                return None;
-            }
-            out.insert(name.to_string(), id.parse().ok()?);
-        }
-        Some(out)
-    };
-    text.and_then(parse).unwrap_or_default()
-}
-
-fn encode(pos: &BTreeMap<String, u64>) -> String {
-    let parts: Vec<String> = pos.iter().map(|(n, id)| format!("{n}:{id}")).collect();
-    parts.join(",")
-}
 
 /// `data` with `"node": name` added.
 fn with_node(name: &str, data: &str) -> String {
@@ -64,6 +41,9 @@ pub(super) async fn cluster_events(
     headers: axum::http::HeaderMap,
 ) -> Response {
     let pos = positions(last_event_id(&headers));
+    let Ok(permit) = node.cluster_streams.clone().try_acquire_owned() else {
+        return super::events::busy("cluster event streams", MAX_CLUSTER_STREAMS).into_response();
+    };
     node.metrics.event_streams[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel::<Tagged>(1024);
     let stop = CancellationToken::new();
@@ -77,18 +57,21 @@ pub(super) async fn cluster_events(
         }
     }
     // The subscriber gone, its readers stop.
-    let state = (rx, stop.drop_guard(), pos);
-    let stream = futures_util::stream::unfold(state, |(mut rx, guard, mut pos)| async move {
+    let state = (rx, (stop.drop_guard(), permit), pos);
+    let stream = futures_util::stream::unfold(state, |(mut rx, held, mut pos)| async move {
         let (name, id, kind, data) = rx.recv().await?;
-        // A `source` event is about the stream, not a position in it.
-        if kind != "source" {
-            pos.insert(name.clone(), id);
-        }
         let e = sse::Event::default()
-            .id(encode(&pos))
-            .event(kind)
+            .event(kind.as_str())
             .data(with_node(&name, &data));
-        Some((Ok::<_, std::convert::Infallible>(e), (rx, guard, pos)))
+        // A `source` event is about the stream, not a position in it; an
+        // event without an id (a resync's but its last) moves nothing.
+        let e = if kind != "source" && id != 0 {
+            pos.insert(name, id);
+            e.id(encode(&pos))
+        } else {
+            e
+        };
+        Some((Ok::<_, std::convert::Infallible>(e), (rx, held, pos)))
     });
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
@@ -154,16 +137,23 @@ async fn remote(
                     .map_err(|e| e.to_string())?
                     .ok_or("its stream ended")?;
                 for (id, kind, data) in frames.push(&chunk)? {
-                    let id: u64 = id.parse().map_err(|_| format!("event id {id:?}"))?;
-                    after = Some(id);
+                    let id: u64 = match id.as_str() {
+                        "" => 0,
+                        id => id.parse().map_err(|_| format!("event id {id:?}"))?,
+                    };
+                    if id != 0 {
+                        after = Some(id);
+                    }
                     if tx.send((spec.name.clone(), id, kind, data)).await.is_err() {
                         return Ok(());
                     }
                 }
             }
         };
+        let closed = node.events.closed();
         let ended: Result<(), String> = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = closed.cancelled() => return,
             r = read => r,
         };
         let Err(why) = ended else { return };
@@ -175,6 +165,7 @@ async fn remote(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = closed.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(RETRY.1);
@@ -192,7 +183,9 @@ mod tests {
         for bad in ["a:x", "a", "../x:1", "a:1,b"] {
             assert!(positions(Some(bad)).is_empty(), "{bad}");
         }
-        let many: Vec<String> = (0..=MAX_NODES).map(|i| format!("n{i}:1")).collect();
+        let many: Vec<String> = (0..=crate::agent::events::MAX_NODES)
+            .map(|i| format!("n{i}:1"))
+            .collect();
         assert!(positions(Some(&many.join(","))).is_empty());
         assert_eq!(
             with_node("b", "{\"name\":\"web\"}"),

@@ -77,8 +77,12 @@ pub(super) async fn events(
     headers: axum::http::HeaderMap,
 ) -> Response {
     let after = last_event_id(&headers).and_then(|v| v.trim().parse::<u64>().ok());
+    let Ok(permit) = node.events.streams.clone().try_acquire_owned() else {
+        return busy("event streams", crate::agent::events::MAX_STREAMS).into_response();
+    };
     node.metrics.event_streams[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let state = Stream::local(node, after);
+    let mut state = Stream::local(node, after);
+    state.permit = Some(permit);
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         let e = s.next().await?;
         Some((Ok::<_, std::convert::Infallible>(sse_event(&e)), s))
@@ -88,16 +92,26 @@ pub(super) async fn events(
         .into_response()
 }
 
+/// A refusal: this agent already serves `max` streams of this kind.
+pub(super) fn busy(what: &str, max: usize) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "unavailable",
+        message: format!("this agent serves at most {max} {what} at once: try again later"),
+    }
+}
+
 /// The `Last-Event-ID` a subscriber sent back.
 pub(super) fn last_event_id(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers.get("last-event-id").and_then(|v| v.to_str().ok())
 }
 
 fn sse_event(e: &Event) -> sse::Event {
-    sse::Event::default()
-        .id(e.id.to_string())
-        .event(e.kind)
-        .data(&*e.data)
+    let out = sse::Event::default().event(e.kind).data(&*e.data);
+    match e.id {
+        0 => out,
+        id => out.id(id.to_string()),
+    }
 }
 
 /// One subscriber's stream of this node's events.
@@ -107,6 +121,9 @@ pub(super) struct Stream {
     pending: VecDeque<Event>,
     /// The last event id sent (or covered by a resync).
     upto: u64,
+    /// Its slot among the node's streams (none for a cluster stream's
+    /// own reader, which has a slot of its own).
+    pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Stream {
@@ -120,6 +137,7 @@ impl Stream {
             rx,
             pending: events.into(),
             upto,
+            permit: None,
         }
     }
 

@@ -25,16 +25,30 @@ fn epoch_key(prefix: &str) -> Vec<u8> {
 
 impl Node {
     /// The cluster's session epoch: etcd's as this agent's mirror last read
-    /// it, or what this agent raised it to since, if higher.
-    pub(crate) fn session_epoch(&self) -> u64 {
-        let stored = self
-            .mirror
-            .get()
-            .and_then(|m| m.value(&epoch_key(m.prefix())))
+    /// it, or what this agent raised it to since, if higher. `None` while
+    /// the mirror has not read the cluster whole (an agent just started):
+    /// a session is then neither made nor taken.
+    pub(crate) fn session_epoch(&self) -> Option<u64> {
+        let floor = self.session_floor.load(Ordering::Relaxed);
+        if self.liveness.get().is_none() {
+            return Some(floor);
+        }
+        let m = self.mirror.get().filter(|m| m.ready())?;
+        let stored = m
+            .value(&epoch_key(m.prefix()))
             .and_then(|v| String::from_utf8(v).ok())
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
-        stored.max(self.session_floor.load(Ordering::Relaxed))
+        Some(stored.max(floor))
+    }
+}
+
+fn epoch_unknown() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "unavailable",
+        message: "this agent has not read the cluster's session epoch yet: try again shortly"
+            .into(),
     }
 }
 
@@ -81,7 +95,8 @@ pub(super) async fn sign_in(State(node): State<Arc<Node>>, body: Bytes) -> ApiRe
         });
     };
     let expires = crate::agent::node::now_ms() + LIFETIME.as_millis() as u64;
-    let value = node.sessions.issue(scope, expires, node.session_epoch());
+    let epoch = node.session_epoch().ok_or_else(epoch_unknown)?;
+    let value = node.sessions.issue(scope, expires, epoch);
     let answer = json!({ "scope": scope.as_str(), "expires_at_ms": expires });
     let mut resp = json_status(StatusCode::OK, &answer);
     let cookie = set_cookie(&node, &value, LIFETIME.as_secs());
@@ -128,7 +143,10 @@ pub(super) async fn revoke(State(node): State<Arc<Node>>) -> ApiResult {
             ),
             None => (0, Cmp::absent(&key)),
         };
-        let next = now.max(node.session_epoch()) + 1;
+        let known = node.session_epoch().unwrap_or(0);
+        let Some(next) = now.max(known).checked_add(1) else {
+            return Err(unavailable("the epoch is at its largest".into()));
+        };
         let txn = Txn::new()
             .when(when)
             .then(Op::put(&key, next.to_string().as_bytes(), None));
@@ -180,9 +198,12 @@ pub(super) fn by_cookie(
         .iter()
         .filter_map(|h| h.to_str().ok())
         .find_map(|h| cookie(h, COOKIE))?;
+    let Some(epoch) = node.session_epoch() else {
+        return Some(Err(epoch_unknown()));
+    };
     let checked = node
         .sessions
-        .verify(value, crate::agent::node::now_ms(), node.session_epoch());
+        .verify(value, crate::agent::node::now_ms(), epoch);
     Some(match checked {
         Err(e) => Err(ApiError {
             status: StatusCode::UNAUTHORIZED,

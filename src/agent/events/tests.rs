@@ -17,7 +17,7 @@ fn item(key: &str, json: &str) -> Item {
 
 #[test]
 fn only_what_changed_is_published_and_what_went_says_so() {
-    let hub = Hub::default();
+    let hub = Hub::starting_at(0);
     let mut rx = hub.subscribe();
     hub.publish(vec![item("node", "{}"), item("vm/web", "{\"a\":1}")]);
     hub.publish(vec![item("node", "{}"), item("vm/web", "{\"a\":2}")]);
@@ -38,7 +38,7 @@ fn only_what_changed_is_published_and_what_went_says_so() {
 
 #[test]
 fn a_subscriber_resumes_after_its_last_event_while_it_is_kept_else_resyncs() {
-    let hub = Hub::default();
+    let hub = Hub::starting_at(0);
     for i in 0..10 {
         hub.publish(vec![item("node", &format!("{{\"n\":{i}}}"))]);
     }
@@ -54,6 +54,9 @@ fn a_subscriber_resumes_after_its_last_event_while_it_is_kept_else_resyncs() {
         assert_eq!(s.events[0].kind, "resync");
         assert_eq!(s.events[1].data.as_ref(), "{\"n\":9}");
         assert_eq!(s.events.len(), 2);
+        // Only the last frame carries the id: one cut off before it is
+        // not taken for whole.
+        assert_eq!((s.events[0].id, s.events[1].id), (0, 10));
     }
     for i in 0..RECENT as u64 {
         hub.publish(vec![item("node", &format!("{{\"m\":{i}}}"))]);
@@ -61,6 +64,29 @@ fn a_subscriber_resumes_after_its_last_event_while_it_is_kept_else_resyncs() {
     assert_eq!(hub.start(Some(5)).events[0].kind, "resync");
     // Events 11 onwards are kept: one that saw 10 misses nothing.
     assert_eq!(hub.start(Some(10)).events[0].id, 11);
+}
+
+#[test]
+fn ids_start_anywhere_so_an_earlier_lifes_id_resumes_nothing() {
+    let (a, b) = (Hub::default(), Hub::default());
+    a.publish(vec![item("node", "{}")]);
+    b.publish(vec![item("node", "{}")]);
+    let old = a.published();
+    assert_ne!(old, b.published());
+    assert_eq!(b.start(Some(old)).events[0].kind, "resync");
+    assert!(old < 1 << 52);
+}
+
+#[test]
+fn kept_events_stay_within_their_bytes() {
+    let hub = Hub::starting_at(0);
+    let big = format!("{{\"x\":\"{}\"}}", "a".repeat(1 << 20));
+    for i in 0..40 {
+        hub.publish(vec![item("node", &big.replace('x', &i.to_string()))]);
+    }
+    // 16 MiB of 1 MiB events: the first ones are gone.
+    assert_eq!(hub.start(Some(5)).events[0].kind, "resync");
+    assert_eq!(hub.start(Some(30)).events[0].id, 31);
 }
 
 #[test]
@@ -88,6 +114,9 @@ fn frames_come_whole_whatever_the_chunks_and_an_endless_one_is_refused() {
             ("4".into(), "node".to_string(), "{}".to_string())
         ]
     );
+    // An event without an id comes with an empty one.
+    let got = f.push(b"event: vm\ndata: {}\n\n").unwrap();
+    assert_eq!(got, [(String::new(), "vm".to_string(), "{}".to_string())]);
     let e = f.push(&vec![b'x'; MAX_FRAME + 1]).unwrap_err();
     assert!(e.contains("over"), "{e}");
 }

@@ -523,6 +523,8 @@ pub struct Node {
     pub(crate) retention: super::retain::Retention,
     /// What changed, for `GET /v1/events`.
     pub(crate) events: super::events::Hub,
+    /// A slot per `/v1/cluster/events` stream served.
+    pub(crate) cluster_streams: Arc<tokio::sync::Semaphore>,
     /// The console's session cookies.
     pub(crate) sessions: super::session::Sessions,
     /// The session epoch this agent raised last (etcd's copy may not have
@@ -595,6 +597,7 @@ impl Node {
             retention,
             events: super::events::Hub::default(),
             sessions,
+            cluster_streams: Arc::new(tokio::sync::Semaphore::new(16)),
             session_floor: AtomicU64::new(0),
         }))
     }

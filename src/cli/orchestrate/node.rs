@@ -224,43 +224,47 @@ pub(crate) fn watch_op(ctx: &Ctx, node: &NodeSpec, op: OperationView) -> Result<
     // they run (a failback's run on the other nodes).
     let mut watch = super::watch::Watch::new(ctx, node, "/v1/cluster/events");
     let done = loop {
-        match watch.next(Duration::from_secs(1)) {
-            Some(events) => {
-                for (kind, data) in events {
-                    let Ok(v) = serde_json::from_str::<Value>(&data) else {
-                        continue;
-                    };
-                    match kind.as_str() {
-                        "operation"
-                            if v["id"] == id.as_str() && v["node"] == node.name.as_str() =>
-                        {
-                            if let Ok(o) = serde_json::from_value(v) {
-                                op = o;
-                            }
-                        }
-                        "migration" => {
-                            if let Ok(m) = serde_json::from_value::<MigrationView>(v) {
-                                migs.insert(m.id.clone(), m);
-                            }
-                        }
-                        _ => {}
+        let events = watch.next(Duration::from_secs(1));
+        let ask = events.is_none() || watch.ask_again();
+        for (kind, data) in events.unwrap_or_default() {
+            let Ok(v) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            match kind.as_str() {
+                "operation" if v["id"] == id.as_str() && v["node"] == node.name.as_str() => {
+                    if let Ok(o) = serde_json::from_value(v) {
+                        op = o;
+                    }
+                }
+                "migration" => {
+                    if let Ok(m) = serde_json::from_value::<MigrationView>(v) {
+                        migs.insert(m.id.clone(), m);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if ask {
+            // No stream, or one that may have lost the operation: ask.
+            op = ctx.run(ctx.peers.operation(node, &id))?;
+            for s in &op.steps {
+                if let ("running", Some(mid)) = (s.state.as_str(), &s.migration_id) {
+                    let source = ctx.cluster.node(&s.source).unwrap_or(node);
+                    if let Ok(m) = ctx.run(ctx.peers.migration(source, mid)) {
+                        migs.insert(mid.clone(), m);
                     }
                 }
             }
-            None => {
-                // No stream: ask.
-                op = ctx.run(ctx.peers.operation(node, &id))?;
-                for s in &op.steps {
-                    if let ("running", Some(mid)) = (s.state.as_str(), &s.migration_id) {
-                        let source = ctx.cluster.node(&s.source).unwrap_or(node);
-                        if let Ok(m) = ctx.run(ctx.peers.migration(source, mid)) {
-                            migs.insert(mid.clone(), m);
-                        }
-                    }
-                }
+            if !watch.open() {
                 std::thread::sleep(Duration::from_millis(150));
             }
         }
+        // Only this operation's migrations are kept.
+        migs.retain(|k, _| {
+            op.steps
+                .iter()
+                .any(|s| s.migration_id.as_deref() == Some(k))
+        });
         show_op(&op, &mp, &overall, &mut bars, &migs);
         if op.state != OpState::Running {
             break op;

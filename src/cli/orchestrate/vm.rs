@@ -166,17 +166,19 @@ pub fn migrate(a: MigrateVmArgs, cluster: &ClusterArg) -> Result<ExitCode> {
     bar.set_prefix(a.vm.clone());
     let mut watch = super::watch::Watch::new(&ctx, source, "/v1/events");
     let done = 'wait: loop {
-        let Some(events) = watch.next(Duration::from_secs(1)) else {
-            // No stream: ask.
+        let events = watch.next(Duration::from_secs(1));
+        // No stream, or one that may have lost the migration: ask.
+        if events.is_none() || watch.ask_again() {
             let m = ctx.run(ctx.peers.migration(source, &id))?;
             if m.state.is_final() {
                 break m;
             }
             show_migration(&bar, vm.spec.memory, &m);
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        for (kind, data) in events {
+            if events.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        for (kind, data) in events.unwrap_or_default() {
             let Ok(m) = serde_json::from_str::<MigrationView>(&data) else {
                 continue;
             };

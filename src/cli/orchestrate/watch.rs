@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 /// A stream sending nothing, not even a keep-alive, this long is read again.
 const SILENT: Duration = Duration::from_secs(45);
+/// Even with the stream up, the awaited thing is asked for this often (the
+/// agent may have restarted, its new stream without it).
+const ASK_EVERY: Duration = Duration::from_secs(30);
 
 /// One agent's event stream, read again after its last event when it ends.
 pub(crate) struct Watch<'a> {
@@ -20,6 +23,9 @@ pub(crate) struct Watch<'a> {
     after: Option<String>,
     /// When the stream last sent anything.
     heard: Instant,
+    /// When the caller last asked instead; whether it should now.
+    asked: Instant,
+    ask: bool,
 }
 
 impl<'a> Watch<'a> {
@@ -33,7 +39,25 @@ impl<'a> Watch<'a> {
             frames: Frames::default(),
             after: None,
             heard: Instant::now(),
+            asked: Instant::now(),
+            ask: false,
         }
+    }
+
+    /// Whether the caller should ask for what it awaits instead of
+    /// trusting the stream: it resynced, something went, or it has been
+    /// a while. True once per such occasion.
+    pub(crate) fn ask_again(&mut self) -> bool {
+        if std::mem::take(&mut self.ask) || self.asked.elapsed() > ASK_EVERY {
+            self.asked = Instant::now();
+            return true;
+        }
+        false
+    }
+
+    /// Whether the stream is open now.
+    pub(crate) fn open(&self) -> bool {
+        self.resp.is_some()
     }
 
     /// The events (kind, data) that arrive within `wait`; `None` when the
@@ -78,7 +102,12 @@ impl<'a> Watch<'a> {
             events
                 .into_iter()
                 .map(|(id, kind, data)| {
-                    self.after = Some(id);
+                    if !id.is_empty() {
+                        self.after = Some(id);
+                    }
+                    if kind == "resync" || data.contains("\"gone\":true") {
+                        self.ask = true;
+                    }
                     (kind, data)
                 })
                 .collect(),
