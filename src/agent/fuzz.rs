@@ -157,7 +157,7 @@ pub fn live_events(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let pos = positions(Some(&text));
     assert_eq!(positions(Some(&encode_positions(&pos))), pos);
-    let sessions = Sessions::new("fuzz-token-0123456789");
+    let sessions = Sessions::new("fuzz-token-0123456789", Some("fuzz-read-token-0123"));
     assert!(
         sessions.verify(&text, 0, 0).is_err(),
         "a cookie made without the key"

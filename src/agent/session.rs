@@ -1,8 +1,9 @@
 //! The console's sign-in: a session cookie any agent of the cluster can
 //! verify without asking another. It holds its scope, its expiry and the
 //! cluster's session epoch, with an HMAC-SHA256 over them keyed by a key
-//! derived from the cluster's API token (HKDF, its own label). Raising the
-//! epoch (in etcd) signs everyone out.
+//! derived from the cluster's API token (HKDF, its own label; a read
+//! session's also from the read-only token). Raising the epoch (in etcd)
+//! signs everyone out.
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -48,23 +49,44 @@ pub enum SessionError {
     Revoked,
 }
 
-/// Makes and checks session cookies with the key derived from `token`.
+/// Makes and checks session cookies with keys derived from the cluster's
+/// tokens.
 pub struct Sessions {
-    key: [u8; 32],
+    /// An admin session's key: from the cluster's token.
+    admin: [u8; 32],
+    /// A read session's key: from both tokens, so a new read-only token
+    /// ends the read sessions of the old one.
+    read: [u8; 32],
 }
 
 impl Sessions {
-    /// Sessions of the cluster whose API token is `token`.
-    pub fn new(token: &str) -> Self {
-        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"ferry cluster"), token.as_bytes());
-        let mut key = [0u8; 32];
-        hk.expand(b"ferry v1 console session", &mut key)
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        Self { key }
+    /// Sessions of the cluster whose API token is `token` and read-only
+    /// token `readonly`.
+    pub fn new(token: &str, readonly: Option<&str>) -> Self {
+        let key = |info: &[u8], extra: &[u8]| {
+            let ikm = [token.as_bytes(), b"\0", extra].concat();
+            let hk = hkdf::Hkdf::<Sha256>::new(Some(b"ferry cluster"), &ikm);
+            let mut key = [0u8; 32];
+            hk.expand(info, &mut key)
+                .expect("32 bytes is a valid HKDF-SHA256 output length");
+            key
+        };
+        Self {
+            admin: key(b"ferry v1 console session", b""),
+            read: key(
+                b"ferry v1 console read session",
+                readonly.unwrap_or("").as_bytes(),
+            ),
+        }
     }
 
     fn tag(&self, body: &str) -> String {
-        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("any key length");
+        let key = if body.starts_with("admin.") {
+            &self.admin
+        } else {
+            &self.read
+        };
+        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("any key length");
         m.update(b"ferry session v1|");
         m.update(body.as_bytes());
         hex(&m.finalize().into_bytes())
@@ -132,15 +154,20 @@ mod tests {
 
     #[test]
     fn a_cookie_holds_only_while_unaltered_unexpired_and_of_the_current_epoch() {
-        let s = Sessions::new("cluster-token-0123456789");
+        let s = Sessions::new("cluster-token-0123456789", Some("read-token-0123456789"));
         let c = s.issue(Scope::Read, 1_000, 3);
         assert_eq!(s.verify(&c, 999, 3), Ok(Scope::Read));
         assert_eq!(s.verify(&c, 1_000, 3), Err(SessionError::Expired));
         assert_eq!(s.verify(&c, 10, 4), Err(SessionError::Revoked));
         assert_eq!(s.verify(&c, 10, 2), Ok(Scope::Read), "an agent behind");
         // Another cluster's key, or any change, is invalid.
-        let other = Sessions::new("another-token-0123456789");
+        let other = Sessions::new("another-token-0123456789", Some("read-token-0123456789"));
         assert_eq!(other.verify(&c, 10, 3), Err(SessionError::Invalid));
+        // A new read-only token ends the old one's sessions, not admin ones.
+        let rotated = Sessions::new("cluster-token-0123456789", Some("new-read-token-0123456"));
+        assert_eq!(rotated.verify(&c, 10, 3), Err(SessionError::Invalid));
+        let admin = s.issue(Scope::Admin, 1_000, 3);
+        assert_eq!(rotated.verify(&admin, 10, 3), Ok(Scope::Admin));
         let raised = c.replacen("read", "admin", 1);
         assert_eq!(s.verify(&raised, 10, 3), Err(SessionError::Invalid));
         let later = c.replacen("1000", "9999", 1);

@@ -558,7 +558,8 @@ impl Node {
     /// Node `name` of `cluster`, hosting nothing yet.
     pub fn new(cluster: Cluster, name: &str) -> Result<Arc<Self>, String> {
         let spec = cluster.require_node(name)?.clone();
-        let sessions = super::session::Sessions::new(&cluster.token);
+        let sessions =
+            super::session::Sessions::new(&cluster.token, cluster.readonly_token.as_deref());
         let bucket = spec.max_bandwidth.map(|bps| {
             Arc::new(crate::transport::TokenBucket::new(
                 bps,
