@@ -107,24 +107,11 @@ fn a_nodes_events_follow_a_migration_and_resume_from_the_last_one_seen() {
     let first = until(&rx, |e| e.kind == "node");
     assert_eq!(first[0].kind, "resync", "{first:?}");
     assert_eq!(first.last().unwrap().data["name"], "a");
-    let (s, v) = c.call(
-        Method::POST,
-        "a",
-        "/v1/vms",
-        Some(json!({"name": "web", "memory": "64MiB", "workload": "hot:8MiB", "dirty_rate": "4MB/s"})),
-    );
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    c.create_busy_web();
     let made = until(&rx, |e| e.kind == "vm" && e.data["name"] == "web");
     let made_id: u64 = made.last().unwrap().id.parse().unwrap();
-    // A migration of about 4 s: 64 MiB at 16 MB/s.
-    let (s, m) = c.call(
-        Method::POST,
-        "a",
-        "/v1/migrations",
-        Some(json!({"vm": "web", "target": "b", "max_bandwidth": "16MB/s", "codec": "none"})),
-    );
-    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
-    let id = m["id"].as_str().unwrap().to_string();
+    // A migration of about 4 s.
+    let id = c.start_slow_migration();
     let ours = |e: &Sse| e.kind == "migration" && e.data["id"] == id.as_str();
     let seen = until(&rx, |e| ours(e) && e.data["state"] == "completed");
     let ids: Vec<u64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();

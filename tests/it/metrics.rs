@@ -5,24 +5,9 @@
 use crate::common;
 use common::agents::{Agents, READONLY_TOKEN};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Whether `promtool` runs here; with `CI` set a missing one fails the test.
-fn promtool_available() -> bool {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        common::missing("promtool (Debian's prometheus package)");
-    }
-    found
-}
 
 /// `promtool check metrics` of `text`: passes, or the test fails with what
 /// it said.
@@ -66,7 +51,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 #[test]
 fn metrics_pass_promtool_with_histograms_and_a_running_migrations_gauges() {
     let _serial = common::serial();
-    if !promtool_available() {
+    if !common::tool_available("promtool", "promtool (Debian's prometheus package)") {
         return;
     }
     let Some(c) = Agents::start_with(
@@ -76,13 +61,7 @@ fn metrics_pass_promtool_with_histograms_and_a_running_migrations_gauges() {
     ) else {
         return;
     };
-    let (s, v) = c.call(
-        Method::POST,
-        "a",
-        "/v1/vms",
-        Some(json!({"name": "web", "memory": "64MiB", "workload": "hot:8MiB", "dirty_rate": "4MB/s"})),
-    );
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    c.create_busy_web();
     let before = scrape(&c, "a");
     promtool_check(&before);
     assert_eq!(
@@ -99,15 +78,8 @@ fn metrics_pass_promtool_with_histograms_and_a_running_migrations_gauges() {
         .map(|n| sample(&scrape(&c, n), "ferry_node_coordinator").unwrap())
         .sum();
     assert_eq!(coordinators, 1.0, "exactly one node coordinates");
-    // A migration slow enough to be seen running: 64 MiB at 16 MB/s.
-    let (s, m) = c.call(
-        Method::POST,
-        "a",
-        "/v1/migrations",
-        Some(json!({"vm": "web", "target": "b", "max_bandwidth": "16MB/s", "codec": "none"})),
-    );
-    assert_eq!(s, StatusCode::ACCEPTED, "{m}");
-    let id = m["id"].as_str().unwrap().to_string();
+    // A migration slow enough to be seen running.
+    let id = c.start_slow_migration();
     let labels = format!("{{vm=\"web\",migration=\"{id}\",target=\"b\"}}");
     let end = Instant::now() + Duration::from_secs(20);
     let running = loop {

@@ -170,6 +170,23 @@ impl Agents {
         self.call_with(Some(TOKEN), method, node, path, body.map(|b| b.to_string()))
     }
 
+    /// Creates VM `web` on node a: 64 MiB writing an 8 MiB hot set at 4
+    /// MB/s.
+    pub fn create_busy_web(&self) {
+        let body = serde_json::json!({"name": "web", "memory": "64MiB", "workload": "hot:8MiB", "dirty_rate": "4MB/s"});
+        let (s, v) = self.call(Method::POST, "a", "/v1/vms", Some(body));
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+
+    /// Starts moving VM `web` from node a to b at 16 MB/s without
+    /// compression, slow enough to watch (about 4 s for 64 MiB); its id.
+    pub fn start_slow_migration(&self) -> String {
+        let body = serde_json::json!({"vm": "web", "target": "b", "max_bandwidth": "16MB/s", "codec": "none"});
+        let (s, m) = self.call(Method::POST, "a", "/v1/migrations", Some(body));
+        assert_eq!(s, StatusCode::ACCEPTED, "{m}");
+        m["id"].as_str().unwrap().to_string()
+    }
+
     /// Waits for operation `id` (a drain, a resume, an update) on `node` to
     /// end; returns its record.
     pub fn wait_op(&self, node: &str, id: &str) -> Value {

@@ -26,16 +26,7 @@ pub struct EtcdCluster {
 
 /// Whether `etcd` runs here; with `CI` set a missing one fails the test.
 pub fn available() -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        super::missing("etcd (Debian's etcd-server package)");
-    }
-    found
+    super::tool_available("etcd", "etcd (Debian's etcd-server package)")
 }
 
 /// A CA, and a certificate it signed for `names` (with `usage`): PEMs of

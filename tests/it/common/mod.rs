@@ -22,6 +22,21 @@ pub fn missing(what: &str) {
     eprintln!("SKIPPED: {what}");
 }
 
+/// Whether `cmd --version` runs here; with `CI` set a missing `what` fails
+/// the test.
+pub fn tool_available(cmd: &str, what: &str) -> bool {
+    let found = std::process::Command::new(cmd)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        missing(what);
+    }
+    found
+}
+
 /// Migrations in one test binary run one at a time: they share two cores and
 /// some tests measure time.
 pub fn serial() -> MutexGuard<'static, ()> {
