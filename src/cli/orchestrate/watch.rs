@@ -12,6 +12,9 @@ const SILENT: Duration = Duration::from_secs(45);
 /// Even with the stream up, the awaited thing is asked for this often (the
 /// agent may have restarted, its new stream without it).
 const ASK_EVERY: Duration = Duration::from_secs(30);
+/// A stream that could not be opened is tried again after this long (an
+/// agent without it is asked meanwhile, not sent two requests each time).
+const REOPEN: Duration = Duration::from_secs(5);
 
 /// One agent's event stream, read again after its last event when it ends.
 pub(crate) struct Watch<'a> {
@@ -26,6 +29,8 @@ pub(crate) struct Watch<'a> {
     /// When the caller last asked instead; whether it should now.
     asked: Instant,
     ask: bool,
+    /// Not opened again before this.
+    reopen_at: Instant,
 }
 
 impl<'a> Watch<'a> {
@@ -41,6 +46,7 @@ impl<'a> Watch<'a> {
             heard: Instant::now(),
             asked: Instant::now(),
             ask: false,
+            reopen_at: Instant::now(),
         }
     }
 
@@ -64,11 +70,18 @@ impl<'a> Watch<'a> {
     /// stream cannot be read now (the caller asks instead).
     pub(crate) fn next(&mut self, wait: Duration) -> Option<Vec<(String, String)>> {
         if self.resp.is_none() {
+            if Instant::now() < self.reopen_at {
+                return None;
+            }
             let open = self
                 .ctx
                 .peers
                 .events(self.node, self.path, self.after.as_deref());
-            self.resp = Some(self.ctx.run(open).ok()?);
+            let Ok(resp) = self.ctx.run(open) else {
+                self.reopen_at = Instant::now() + REOPEN;
+                return None;
+            };
+            self.resp = Some(resp);
             self.frames = Frames::default();
             self.heard = Instant::now();
         }
