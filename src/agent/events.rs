@@ -22,6 +22,9 @@ const RECENT_BYTES: usize = 16 << 20;
 /// Event streams (`/v1/events`) an agent serves at once: each holds one of
 /// its API's connections.
 pub const MAX_STREAMS: usize = 64;
+/// Cluster streams (`/v1/cluster/events`) an agent serves at once: each
+/// reads every other agent's stream, holding a connection there.
+pub const MAX_CLUSTER_STREAMS: usize = 16;
 /// Events a subscriber may fall behind before it is sent a `resync`.
 const BEHIND: usize = 1024;
 

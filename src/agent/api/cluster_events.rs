@@ -7,7 +7,7 @@
 
 use super::events::{last_event_id, Stream};
 use super::*;
-use crate::agent::events::{encode_positions as encode, positions, Frames};
+use crate::agent::events::{encode_positions as encode, positions, Frames, MAX_CLUSTER_STREAMS};
 use axum::response::sse::{self, KeepAlive, Sse};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -15,9 +15,6 @@ use tokio_util::sync::CancellationToken;
 /// A node's stream that sends nothing, not even a keep-alive, this long is
 /// read again.
 const SILENT: Duration = Duration::from_secs(45);
-/// Cluster streams an agent serves at once: each reads every other agent's
-/// stream, holding a connection there.
-const MAX_CLUSTER_STREAMS: usize = 16;
 /// Waits before reading a node's stream again, doubling from the first.
 const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(5));
 

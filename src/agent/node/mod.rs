@@ -598,7 +598,9 @@ impl Node {
             retention,
             events: super::events::Hub::default(),
             sessions,
-            cluster_streams: Arc::new(tokio::sync::Semaphore::new(16)),
+            cluster_streams: Arc::new(tokio::sync::Semaphore::new(
+                super::events::MAX_CLUSTER_STREAMS,
+            )),
             session_floor: AtomicU64::new(0),
         }))
     }
