@@ -169,6 +169,10 @@ pub struct Drain {
     /// lost may be sent again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Only say what the drain would do (a [`crate::agent::ops::DrainPlan`],
+    /// answered `200`): nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
 }
 
 /// How many migrations run at once: a number, or `"auto"`.

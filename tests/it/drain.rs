@@ -178,6 +178,23 @@ fn a_drain_the_other_nodes_cannot_hold_is_refused_before_anything_moves() {
     assert_eq!(node["state"], "active");
     let (_, list) = c.call(Method::GET, "a", "/v1/migrations", None);
     assert!(list.as_array().unwrap().is_empty());
+    // Its plan, asked through another agent, says the same and changes
+    // nothing: four move, one (48 MiB) fits nowhere.
+    let (s, plan) = c.call(
+        Method::POST,
+        "b",
+        "/v1/nodes/a/drain",
+        Some(json!({"dry_run": true, "max_concurrent": 2})),
+    );
+    assert!(s.is_success(), "{plan}");
+    assert_eq!(plan["refused"], true, "{plan}");
+    assert_eq!(plan["max_concurrent"], 2, "{plan}");
+    assert_eq!(plan["moves"].as_array().unwrap().len(), 4, "{plan}");
+    assert_eq!(plan["unplaced"].as_array().unwrap().len(), 1, "{plan}");
+    assert_eq!(plan["shortfall"], 48u64 << 20, "{plan}");
+    assert_eq!(plan["room"].as_array().unwrap().len(), 2, "{plan}");
+    let (_, node) = c.call(Method::GET, "a", "/v1/node", None);
+    assert_eq!(node["state"], "active", "a plan changes nothing");
     // Told to move what fits, it moves four and names the fifth.
     let (s, op) = c.call(
         Method::POST,
@@ -197,6 +214,10 @@ fn a_drain_the_other_nodes_cannot_hold_is_refused_before_anything_moves() {
         .filter(|s| s["state"] == "skipped")
         .collect();
     assert_eq!(skipped.len(), 1, "{done}");
+    assert_eq!(
+        skipped[0]["vm"], plan["unplaced"][0]["vm"],
+        "the plan named the VM left behind"
+    );
     assert_eq!(vm_names(&c, "a").len(), 1);
     assert_eq!(vm_names(&c, "b").len() + vm_names(&c, "c").len(), 4);
 }

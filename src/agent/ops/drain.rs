@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::agent::node::VmState;
-use crate::agent::request::Concurrency;
 
 /// A drain step's state while its VM is still arriving on the drained node:
 /// its target is chosen once it lands.
@@ -27,14 +26,7 @@ impl Node {
                 self.spec.name
             )));
         }
-        let (max, auto) = match req.max_concurrent {
-            None if !self.spec.auto_concurrency => (self.spec.max_concurrent_migrations, None),
-            Some(Concurrency::Fixed(n)) => (n, None),
-            None | Some(Concurrency::Auto) => {
-                let (n, why) = self.auto_concurrency();
-                (n, Some(why))
-            }
-        };
+        let (max, auto) = self.drain_concurrency(req.max_concurrent);
         if max == 0 {
             return Err(NodeError::BadRequest(
                 "max_concurrent must be at least 1".into(),
@@ -148,7 +140,7 @@ impl Node {
     /// `max_concurrent: "auto"` (or none, on a node whose
     /// `max_concurrent_migrations` is `"auto"`): from the node's cap (or its
     /// fastest outgoing migration so far) and its running VMs' write rates.
-    fn auto_concurrency(&self) -> (u32, String) {
+    pub(super) fn auto_concurrency(&self) -> (u32, String) {
         use super::auto::choose;
 
         let running: Vec<_> = self
@@ -177,7 +169,7 @@ impl Node {
 
     /// VMs arriving here now, or being created here, (name, memory):
     /// each runs here soon.
-    fn arriving_vms(&self) -> Vec<(String, u64)> {
+    pub(super) fn arriving_vms(&self) -> Vec<(String, u64)> {
         let mut vms = self.vms_in(VmState::MigratingIn);
         vms.extend(self.vms_in(VmState::Creating));
         vms

@@ -8,6 +8,7 @@
 
 pub mod auto;
 pub(super) mod drain;
+pub mod plan;
 mod resume;
 mod types;
 mod update;

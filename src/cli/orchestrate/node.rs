@@ -67,6 +67,7 @@ pub fn node(cmd: NodeCommand, cluster: &ClusterArg) -> Result<ExitCode> {
                 allow_partial: Some(allow_partial),
                 request_id: Some(request_id()),
                 delta: delta.map(Switch::Text),
+                dry_run: None,
             };
             let op = start_op(&ctx, n, "drain", &body)?;
             follow(&ctx, n, op, &wait, &out)
