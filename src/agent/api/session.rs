@@ -105,6 +105,33 @@ pub(super) async fn sign_in(State(node): State<Arc<Node>>, body: Bytes) -> ApiRe
     Ok(resp)
 }
 
+/// `GET /v1/session`: what this request's credentials give (`admin` or
+/// `read`) and how they came (`token` or `cookie`): the console asks on
+/// load, as its cookie is not readable from script.
+pub(super) async fn whoami(State(node): State<Arc<Node>>, headers: HeaderMap) -> ApiResult {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let (scope, via) = match bearer {
+        Some(t) => (scope_of(&node, t), "token"),
+        None => (
+            by_cookie(&node, &headers, false).and_then(Result::ok),
+            "cookie",
+        ),
+    };
+    // The middleware let the request through, so one of them holds.
+    let scope = scope.ok_or_else(|| ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthorized",
+        message: "not signed in".into(),
+    })?;
+    Ok(json_status(
+        StatusCode::OK,
+        &json!({ "scope": scope.as_str(), "via": via }),
+    ))
+}
+
 /// `DELETE /v1/session`: signs this browser out (its cookie cleared).
 pub(super) async fn sign_out(State(node): State<Arc<Node>>) -> Response {
     let mut resp = json_status(StatusCode::OK, &json!({ "signed_out": true }));

@@ -28,6 +28,10 @@ pub struct ProgressView {
     /// What the guest dirtied in the last round, per second, bytes/s.
     #[serde(default)]
     pub dirty_rate_bps: f64,
+    /// The pause it aims under, ms (what `expected_downtime_ms` is held
+    /// against).
+    #[serde(default)]
+    pub downtime_limit_ms: f64,
 }
 
 /// A migration as the API shows it.
@@ -226,6 +230,7 @@ impl MigrationEntry {
             eta_s: end.map(|e| e.saturating_duration_since(now).as_secs_f64()),
             throttle_pct: s.throttle_pct,
             dirty_rate_bps: s.dirty_rate_bps.round(),
+            downtime_limit_ms: self.config.downtime_limit.as_secs_f64() * 1000.0,
         }
     }
 }
