@@ -44,6 +44,7 @@ mod nodes;
 mod retained;
 mod serve;
 mod session;
+mod ui;
 
 use checks::parse_body;
 pub use serve::{serve_agent, serve_agent_with, AgentHandle};
@@ -259,6 +260,10 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
             )));
         }
     }
+    if b.dry_run == Some(true) {
+        let plan = node.drain_plan(b.max_concurrent).await;
+        return Ok(json_status(StatusCode::OK, &plan));
+    }
     let op = node
         .drain(super::ops::DrainRequest {
             max_concurrent: b.max_concurrent,
@@ -375,7 +380,10 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
             *req.method(),
             axum::http::Method::POST | axum::http::Method::DELETE
         );
-    if signing || is(&node.cluster.token) {
+    // The console's files hold no data.
+    let path = req.uri().path();
+    let console = path == "/" || path == "/favicon.ico" || path.starts_with("/ui");
+    if signing || console || is(&node.cluster.token) {
         return next.run(req).await;
     }
     let reads = matches!(
@@ -427,7 +435,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/events", get(events::events))
         .route(
             "/v1/session",
-            axum::routing::post(session::sign_in).delete(session::sign_out),
+            get(session::whoami)
+                .post(session::sign_in)
+                .delete(session::sign_out),
         )
         .route("/v1/session/revoke", axum::routing::post(session::revoke))
         .route("/v1/cluster/events", get(cluster_events::cluster_events))
@@ -476,6 +486,11 @@ pub fn router(node: Arc<Node>) -> Router {
             get(get_operation).delete(cancel_operation),
         )
         .route("/metrics", get(metrics::metrics))
+        .route("/", get(ui::to_console))
+        .route("/ui", get(ui::to_console))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/ui/", get(ui::index))
+        .route("/ui/{file}", get(ui::asset))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,

@@ -11,6 +11,7 @@ mod arrival;
 mod bandwidth;
 mod bench_cluster;
 mod cli;
+mod console;
 mod delta;
 mod dense;
 mod drain;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod browser;
 pub mod etcd;
 pub mod procs;
 pub mod proxy;

@@ -1,0 +1,207 @@
+// What an operator does from the console, each behind a dialog that says
+// what will happen first: migrate, drain (its plan shown), resume (the VMs
+// that come back listed), update, cancel, and settling a hand-off.
+
+import { h } from "./dom.js";
+import { call, post, del, seg } from "./api.js";
+import { store, nodes, vms, migrations } from "./store.js";
+import * as fmt from "./format.js";
+
+let say = () => {};
+/** Where actions report what they did (the live region). */
+export function onSay(f) { say = f; }
+
+/**
+ * Shows the dialog: `body` (nodes), an OK button named `ok` (none: only
+ * Close); `run()` on OK, kept open with its error if it throws.
+ */
+export function dialog(title, body, ok, run) {
+  const d = document.getElementById("dialog");
+  document.getElementById("dialog-title").textContent = title;
+  document.getElementById("dialog-body").replaceChildren(...body.filter(Boolean));
+  const err = document.getElementById("dialog-error");
+  err.textContent = "";
+  const okButton = document.getElementById("dialog-ok");
+  okButton.hidden = !ok;
+  okButton.textContent = ok ?? "OK";
+  okButton.disabled = false;
+  const form = document.getElementById("dialog-form");
+  form.onsubmit = async (e) => {
+    e.preventDefault();
+    okButton.disabled = true;
+    try {
+      const done = await run();
+      d.close();
+      if (done) say(done);
+    } catch (x) {
+      err.textContent = x.message;
+      okButton.disabled = false;
+    }
+  };
+  document.getElementById("dialog-cancel").onclick = () => d.close();
+  if (!d.open) d.showModal();
+  const first = d.querySelector("#dialog-body input, #dialog-body select, #dialog-ok:not([hidden])");
+  (first ?? document.getElementById("dialog-cancel")).focus();
+}
+
+function field(label, input) {
+  const id = `f-${Math.random().toString(36).slice(2)}`;
+  input.id = id;
+  return [h("label", { for: id }, label), input];
+}
+
+function choice(options, value) {
+  return h("select", {}, options.map(([v, label]) => h("option", { value: v, selected: v === value }, label)));
+}
+
+/** The active node with the most free memory that can hold `memory`, but `not`. */
+export function bestNode(memory, not) {
+  let best = null;
+  for (const n of nodes()) {
+    const v = n.view;
+    if (!v || !n.source.connected || v.state !== "active" || n.name === not) continue;
+    const free = v.memory_capacity - (v.memory_used - (v.memory_reclaimable ?? 0));
+    if (free >= memory && (!best || free > best[1])) best = [n.name, free];
+  }
+  return best?.[0];
+}
+
+/** Migrate `names` to a chosen node or each to the best one. */
+export function migrate(names) {
+  if (!names.length) { say("Select the VMs to migrate first."); return; }
+  const target = choice([["", "the best node for each"], ...nodes().map((n) => [n.name, `node ${n.name}`])], "");
+  const bandwidth = h("input", { type: "text", placeholder: "e.g. 100MB/s (none: the node's)" });
+  const codec = choice([["", "the node's (auto by default)"], ["auto", "auto"], ["none", "none"], ["lz4", "lz4"], ["zstd", "zstd"]], "");
+  const title = names.length === 1 ? `Migrate ${names[0]}` : `Migrate ${names.length} VMs`;
+  dialog(title, [
+    h("p", {}, `VMs: ${names.join(", ")}. Each keeps running while its memory is copied, then pauses briefly to switch over.`),
+    ...field("To", target), ...field("Bandwidth cap", bandwidth), ...field("Codec", codec),
+  ], "Migrate", async () => {
+    const all = vms();
+    const out = [];
+    for (const name of names) {
+      const vm = all.find((v) => v.name === name);
+      const to = target.value || bestNode(vm?.memory ?? 0, vm?.node);
+      if (!to) throw new Error(`no active node has room for ${name}`);
+      if (to === vm?.node) throw new Error(`${name} already runs on node ${to}`);
+      const body = { vm: name, target: to };
+      if (bandwidth.value.trim()) body.max_bandwidth = bandwidth.value.trim();
+      if (codec.value) body.codec = codec.value;
+      const m = await post("/v1/migrations", body);
+      out.push(`${name} to ${to} (${m.state})`);
+    }
+    return `Migrating ${out.join(", ")}.`;
+  });
+}
+
+/** Drain `node`: its plan first, then the drain. */
+export async function drain(node) {
+  let plan;
+  try {
+    plan = await post(`/v1/nodes/${seg(node)}/drain`, { dry_run: true });
+  } catch (e) {
+    dialog(`Drain node ${node}`, [h("p", { class: "error" }, e.message)]);
+    return;
+  }
+  const rows = [...plan.moves, ...plan.unplaced].map((m) => h("tr", {},
+    h("th", { scope: "row" }, m.vm), h("td", {}, fmt.bytes(m.memory)),
+    h("td", {}, m.target ? `node ${m.target}` : "nowhere: no node has room")));
+  const partial = h("input", { type: "checkbox" });
+  const body = [
+    h("p", {}, `Node ${node} stops taking VMs, and its ${plan.moves.length + plan.unplaced.length} VMs move away, at most ${plan.max_concurrent} at once${plan.auto ? ` (${plan.auto})` : ""}.`),
+    h("table", {}, h("caption", {}, "The plan"), h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "VM"), h("th", { scope: "col" }, "Memory"), h("th", { scope: "col" }, "Goes to"))), h("tbody", {}, rows)),
+    plan.arriving?.length ? h("p", {}, `Still arriving here, placed once they land: ${plan.arriving.join(", ")}.`) : null,
+    h("p", {}, `Room: ${plan.room.map((r) => `${r.node} ${fmt.bytes(r.free)} free`).join(", ") || "no other node is active"}${plan.excluded.length ? `; not used: ${plan.excluded.join(", ")}` : ""}.`),
+  ];
+  if (plan.refused) {
+    body.push(h("p", { class: "error" }, `The other nodes lack ${fmt.bytes(plan.shortfall)}: ${plan.unplaced.length} VMs cannot move. The drain is refused unless you move what fits.`));
+    body.push(...field("Move what fits and leave the rest", partial));
+  }
+  dialog(`Drain node ${node}`, body, "Drain", async () => {
+    const op = await post(`/v1/nodes/${seg(node)}/drain`, plan.refused ? { allow_partial: partial.checked } : {});
+    return `Drain of node ${node} started (${op.steps?.length ?? 0} VMs).`;
+  });
+}
+
+/** What a resume with failback of `node` brings back: its last drain's moves still where they went. */
+export function failbackList(node) {
+  const drains = [...store.ops.values()].filter((o) => o.kind === "drain" && o.node === node)
+    .sort((a, b) => b.started_at_ms - a.started_at_ms);
+  const last = drains[0];
+  if (!last) return [];
+  const all = vms();
+  return last.steps.filter((s) => s.state === "completed").map((s) => {
+    const now = all.find((v) => v.name === s.vm);
+    const back = now && now.node === s.target && now.state === "running";
+    return { vm: s.vm, from: s.target, back, why: back ? "" : now ? `it is ${now.state} on node ${now.node}` : "it no longer exists" };
+  });
+}
+
+/** Resume `node`, with or without failback. */
+export function resume(node) {
+  const list = failbackList(node);
+  const failback = h("input", { type: "checkbox", checked: list.some((x) => x.back) });
+  const items = list.length ? h("ul", {}, list.map((x) => h("li", {}, x.back ? `${x.vm} comes back from node ${x.from}` : `${x.vm} stays: ${x.why}`)))
+    : h("p", {}, "Its last drain moved no VM that could come back.");
+  dialog(`Resume node ${node}`, [
+    h("p", {}, `Node ${node} takes VMs again.`), ...field("Fail back what its last drain moved", failback), items,
+  ], "Resume", async () => {
+    const op = await post(`/v1/nodes/${seg(node)}/resume`, { failback: failback.checked });
+    return `Node ${node} resumed${failback.checked ? `; ${op.steps?.length ?? 0} VMs come back` : ""}.`;
+  });
+}
+
+/** Run an update command on `node` through its hook (the node must be drained). */
+export function update(node) {
+  const command = h("input", { type: "text", required: true, placeholder: "e.g. apt-get -y upgrade" });
+  dialog(`Update node ${node}`, [
+    h("p", {}, `Runs the command through node ${node}'s update hook. The node must be drained first; its output shows under Operations.`),
+    ...field("Command", command),
+  ], "Run update", async () => {
+    await post(`/v1/nodes/${seg(node)}/update`, { command: command.value });
+    return `Update of node ${node} started.`;
+  });
+}
+
+/** Cancel migration `id`, saying where its VM runs afterwards. */
+export function cancelMigration(id) {
+  const m = migrations();
+  const it = [...m.running, ...m.queued].find((x) => x.id === id);
+  if (!it) return;
+  const late = it.progress && ["switchover", "handoff"].includes(it.progress.phase);
+  dialog(`Cancel the migration of ${it.vm}`, [
+    h("p", {}, late
+      ? `It is switching over: if node ${it.target} has already taken the VM, the cancel comes too late and it runs there; otherwise it keeps running on node ${it.source}. The answer says which.`
+      : `${it.vm} keeps running on node ${it.source}; what was copied to node ${it.target} is dropped.`),
+  ], "Cancel migration", async () => {
+    const v = await del(`/v1/migrations/${seg(id)}`);
+    const where = v.state === "completed" ? v.target : v.source;
+    return `Migration of ${it.vm} ${v.state}: it runs on node ${where}.`;
+  });
+}
+
+/** Cancel operation `id` of `node`. */
+export function cancelOperation(node, id, kind) {
+  dialog(`Cancel the ${kind} of node ${node}`, [
+    h("p", {}, "Steps not yet started do not start; running migrations are cancelled and each VM stays where it runs."),
+  ], "Cancel operation", async () => {
+    const v = await del(`/v1/nodes/${seg(node)}/operations/${seg(id)}`);
+    return `The ${kind} of node ${node} is ${v.state}.`;
+  });
+}
+
+/** Settle an unresolved hand-off: the target decides where the VM runs. */
+export function resolve(id) {
+  const m = migrations().unresolved.find((x) => x.id === id);
+  if (!m) return;
+  const runOn = choice([["destination", `node ${m.target} (the destination)`], ["source", `node ${m.source} (the source)`]], "destination");
+  const force = h("input", { type: "checkbox" });
+  dialog(`Resolve the hand-off of ${m.vm}`, [
+    h("p", {}, `The migration stopped while handing ${m.vm} over, so ferry does not know which copy ran last. Both nodes keep their paused copy until you decide. Choose the node whose copy should run: ferry checks with the other node that its copy is paused and refuses if not.`),
+    ...field("Run it on", runOn),
+    ...field("Force: settle even if the other node cannot be asked (only when that node is gone for good; if it comes back, its copy must not run)", force),
+  ], "Resolve", async () => {
+    const v = await call("POST", `/v1/migrations/${seg(id)}/resolve`, { run_on: runOn.value, force: force.checked });
+    return `The hand-off of ${m.vm} is settled: it runs on ${v.resolution?.run_on === "source" ? m.source : m.target}.`;
+  });
+}
