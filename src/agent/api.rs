@@ -261,7 +261,7 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
         }
     }
     if b.dry_run == Some(true) {
-        let plan = node.drain_plan(b.max_concurrent).await;
+        let plan = node.drain_plan(b.max_concurrent).await?;
         return Ok(json_status(StatusCode::OK, &plan));
     }
     let op = node
@@ -381,8 +381,7 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
             axum::http::Method::POST | axum::http::Method::DELETE
         );
     // The console's files hold no data.
-    let path = req.uri().path();
-    let console = path == "/" || path == "/favicon.ico" || path.starts_with("/ui");
+    let console = ui::exempt(req.method(), req.uri().path());
     if signing || console || is(&node.cluster.token) {
         return next.run(req).await;
     }

@@ -201,3 +201,42 @@ fn a_session_cookie_signs_in_on_every_agent_until_everyone_is_signed_out() {
     let (s, _) = c.call(Method::GET, "b", "/v1/node", None);
     assert_eq!(s, StatusCode::OK);
 }
+
+#[test]
+fn an_event_stream_opened_with_a_session_ends_when_everyone_is_signed_out() {
+    let _serial = common::serial();
+    let Some(c) = Agents::start("session-stream", &[("a", "")]) else {
+        return;
+    };
+    let (admin, _) = sign_in(&c, TOKEN);
+    let url = format!("http://{}/v1/events", c.agent("a").control_addr);
+    let ended = c.rt.block_on(async {
+        let mut resp = reqwest::Client::new()
+            .get(&url)
+            .header("cookie", &admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // The whole state first: the stream is open.
+        assert!(resp.chunk().await.unwrap().is_some());
+        let revoke = reqwest::Client::new()
+            .post(format!("http://{}/v1/session/revoke", c.agent("a").control_addr))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(revoke.status(), StatusCode::OK);
+        let start = Instant::now();
+        // Keep-alives may come; the end must, within the 5 s check.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), resp.chunk()).await {
+                Ok(Ok(Some(_))) => continue,
+                Ok(_) => return Some(start.elapsed()),
+                Err(_) => return None,
+            }
+        }
+    });
+    let took = ended.expect("the stream outlived the session");
+    assert!(took < Duration::from_secs(12), "{took:?}");
+}

@@ -6,6 +6,7 @@
 //! node's stream where it was.
 
 use super::events::{last_event_id, Stream};
+use super::session;
 use super::*;
 use crate::agent::events::{encode_positions as encode, positions, Frames, MAX_CLUSTER_STREAMS};
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -44,6 +45,7 @@ pub(super) async fn cluster_events(
     node.metrics.event_streams[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel::<Tagged>(1024);
     let stop = CancellationToken::new();
+    let node_for_end = node.clone();
     for spec in node.members() {
         let after = pos.get(&spec.name).copied();
         let (tx, stop) = (tx.clone(), stop.child_token());
@@ -70,6 +72,9 @@ pub(super) async fn cluster_events(
         };
         Some((Ok::<_, std::convert::Infallible>(e), (rx, held, pos)))
     });
+    // A stream opened with the session cookie ends with its session.
+    let stream =
+        futures_util::StreamExt::take_until(stream, session::session_end(node_for_end, &headers));
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()

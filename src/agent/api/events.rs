@@ -2,6 +2,7 @@
 //! `agent/events.rs`), and the task that publishes them while anyone
 //! listens.
 
+use super::session;
 use super::*;
 use crate::agent::events::{steady, Event, Item, Start, TICK};
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -81,12 +82,16 @@ pub(super) async fn events(
         return busy("event streams", crate::agent::events::MAX_STREAMS).into_response();
     };
     node.metrics.event_streams[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let node_for_end = node.clone();
     let mut state = Stream::local(node, after);
     state.permit = Some(permit);
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         let e = s.next().await?;
         Some((Ok::<_, std::convert::Infallible>(sse_event(&e)), s))
     });
+    // A stream opened with the session cookie ends with its session.
+    let stream =
+        futures_util::StreamExt::take_until(stream, session::session_end(node_for_end, &headers));
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()

@@ -105,6 +105,46 @@ pub(super) async fn sign_in(State(node): State<Arc<Node>>, body: Bytes) -> ApiRe
     Ok(resp)
 }
 
+/// How often a stream opened with the session cookie checks it still holds.
+const SESSION_CHECK: Duration = Duration::from_secs(5);
+
+/// For a stream opened with the session cookie instead of a bearer token:
+/// a future that ends once that cookie no longer holds (expired, or
+/// everyone signed out), checked every 5 s, so a long-lived stream ends
+/// with its session. Never ends for a bearer token.
+pub(super) fn session_end(
+    node: Arc<Node>,
+    headers: &HeaderMap,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| !t.is_empty());
+    let value = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .find_map(|h| cookie(h, COOKIE))
+        .map(str::to_string);
+    let Some(value) = value.filter(|_| !bearer) else {
+        return Box::pin(std::future::pending());
+    };
+    Box::pin(async move {
+        loop {
+            tokio::time::sleep(SESSION_CHECK).await;
+            // An epoch not known just now (etcd away) ends nothing.
+            let Some(epoch) = node.session_epoch() else {
+                continue;
+            };
+            let now = crate::agent::node::now_ms();
+            if node.sessions.verify(&value, now, epoch).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// `GET /v1/session`: what this request's credentials give (`admin` or
 /// `read`) and how they came (`token` or `cookie`): the console asks on
 /// load, as its cookie is not readable from script.

@@ -41,6 +41,17 @@ pub const ASSETS: &[Asset] = &[
     asset!("rolling.js", "text/javascript; charset=utf-8"),
 ];
 
+/// Whether `method path` asks for the console's files, which take no
+/// token: reads of exactly its routes and files, nothing else.
+pub(super) fn exempt(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    let reads = *method == Method::GET || *method == Method::HEAD;
+    let file = path
+        .strip_prefix("/ui/")
+        .is_some_and(|f| ASSETS.iter().any(|a| a.0 == f));
+    reads && (file || matches!(path, "/" | "/ui" | "/ui/" | "/favicon.ico"))
+}
+
 /// `/ui`: the console is at `/ui/`.
 pub(super) async fn to_console() -> Redirect {
     Redirect::permanent("/ui/")
@@ -80,6 +91,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_reads_of_the_consoles_own_files_take_no_token() {
+        use axum::http::Method;
+        for p in ["/", "/ui", "/ui/", "/ui/main.js", "/favicon.ico"] {
+            assert!(exempt(&Method::GET, p), "{p}");
+            assert!(!exempt(&Method::POST, p), "{p}");
+        }
+        for p in [
+            "/uix",
+            "/ui/../v1/node",
+            "/ui/..%2Fv1%2Fnode",
+            "/ui/x/main.js",
+            "/v1/node",
+            "/ui/nope.js",
+        ] {
+            assert!(!exempt(&Method::GET, p), "{p}");
+        }
+    }
+
+    #[test]
     fn every_asset_the_page_and_its_modules_name_is_served() {
         let text = |name: &str| {
             let (_, _, b) = ASSETS.iter().find(|a| a.0 == name).expect(name);
@@ -87,11 +117,12 @@ mod tests {
         };
         let mut named = vec![];
         let html = text("index.html");
-        for part in html.split("href=\"").chain(html.split("src=\"")).skip(1) {
+        let after = |marker: &str| html.split(marker).skip(1).collect::<Vec<_>>();
+        for part in after("href=\"").into_iter().chain(after("src=\"")) {
             named.push(part.split('"').next().unwrap().to_string());
         }
         for (name, _, _) in ASSETS.iter().filter(|a| a.0.ends_with(".js")) {
-            for part in text(name).split(" from \"./").skip(1) {
+            for part in text(name).split("\"./").skip(1) {
                 named.push(part.split('"').next().unwrap().to_string());
             }
         }
