@@ -40,6 +40,17 @@ pub(super) async fn node_action(
     if !value.is_object() {
         return Err(ApiError::bad_request("the body must be a JSON object"));
     }
+    // A drain's plan changes nothing: asked of the node itself, taking no
+    // turn among the cluster's starts.
+    if action == Action::Drain && value.get("dry_run") == Some(&Value::Bool(true)) {
+        if name == node.name() {
+            return drain(State(node), Bytes::from(value.to_string())).await;
+        }
+        return Ok(json_status(
+            StatusCode::OK,
+            &node.ask_node(&name, action, &value).await?,
+        ));
+    }
     match node.next_hop(&name, q.handed).await? {
         Hop::Coordinator(c) => {
             let answer = node.hand_to(&c, &name, action, &value).await?;

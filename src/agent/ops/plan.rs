@@ -4,6 +4,7 @@
 //! same figures, but nothing changes.
 
 use super::*;
+use crate::agent::node::VmState;
 use crate::agent::request::Concurrency;
 
 /// A drain's plan, as `POST /v1/node/drain` with `"dry_run": true`
@@ -30,9 +31,24 @@ pub struct DrainPlan {
     /// A drain without `allow_partial` would be refused (`unplaced` is not
     /// empty).
     pub refused: bool,
-    /// VMs still arriving here: their targets are chosen once they land.
+    /// VMs still arriving here: counted in the room, their targets chosen
+    /// once they land.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub arriving: Vec<String>,
+    /// VMs the drain would leave here (paused ones, and those already
+    /// leaving), each with its state: the drain ends `partial` if any is
+    /// still here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staying: Vec<Staying>,
+}
+
+/// A VM a drain would not move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Staying {
+    /// The VM.
+    pub vm: String,
+    /// Its state (`paused`, `migrating-out`, ...).
+    pub state: String,
 }
 
 /// One VM in a plan.
@@ -69,8 +85,17 @@ impl Node {
         }
     }
 
-    /// The plan a drain asked for `asked` concurrency would follow now.
-    pub async fn drain_plan(&self, asked: Option<Concurrency>) -> DrainPlan {
+    /// The plan a drain asked for `asked` concurrency would follow now;
+    /// refused as the drain would be, when the node already drains or its
+    /// agent stops.
+    pub async fn drain_plan(&self, asked: Option<Concurrency>) -> Result<DrainPlan, NodeError> {
+        self.refuse_if_closing()?;
+        if self.mode() == NodeMode::Draining {
+            return Err(NodeError::Conflict(format!(
+                "node {} is already draining",
+                self.spec.name
+            )));
+        }
         let (max_concurrent, auto) = self.drain_concurrency(asked);
         let (free, excluded) = self.free_elsewhere().await;
         let mut vms = self.running_vms();
@@ -78,8 +103,10 @@ impl Node {
         vms.extend(arriving.iter().cloned());
         let (placed, left) = place(&vms, &free);
         let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
+        let arrives = |vm: &str| arriving.iter().any(|(v, _)| v == vm);
         let moves = placed
             .into_iter()
+            .filter(|(vm, _)| !arrives(vm))
             .map(|(vm, target)| PlannedMove {
                 memory: memory(&vm),
                 vm,
@@ -94,7 +121,24 @@ impl Node {
                 target: String::new(),
             })
             .collect();
-        DrainPlan {
+        let staying = self
+            .vms()
+            .into_iter()
+            .filter(|v| {
+                !matches!(
+                    v.state,
+                    VmState::Running
+                        | VmState::MigratingIn
+                        | VmState::Creating
+                        | VmState::Superseded
+                )
+            })
+            .map(|v| Staying {
+                vm: v.spec.name.clone(),
+                state: super::name_of(v.state),
+            })
+            .collect();
+        Ok(DrainPlan {
             node: self.name().to_string(),
             moves,
             shortfall: unplaced.iter().map(|m| m.memory).sum(),
@@ -108,6 +152,7 @@ impl Node {
             max_concurrent,
             auto,
             arriving: arriving.into_iter().map(|(v, _)| v).collect(),
-        }
+            staying,
+        })
     }
 }
