@@ -8,6 +8,7 @@ import { store, nodes, vms, migrations } from "./store.js";
 import * as fmt from "./format.js";
 
 let say = () => {};
+let opened = 0;
 /** Where actions report what they did (the live region). */
 export function onSay(f) { say = f; }
 
@@ -26,14 +27,18 @@ export function dialog(title, body, ok, run) {
   okButton.textContent = ok ?? "OK";
   okButton.disabled = false;
   const form = document.getElementById("dialog-form");
+  // A dialog closed while its request runs, and another opened, is not
+  // touched by the first one's answer.
+  const mine = ++opened;
   form.onsubmit = async (e) => {
     e.preventDefault();
     okButton.disabled = true;
     try {
       const done = await run();
-      d.close();
+      if (mine === opened) d.close();
       if (done) say(done);
     } catch (x) {
+      if (mine !== opened) { say(x.message); return; }
       err.textContent = x.message;
       okButton.disabled = false;
     }
@@ -54,13 +59,16 @@ function choice(options, value) {
   return h("select", {}, options.map(([v, label]) => h("option", { value: v, selected: v === value }, label)));
 }
 
-/** The active node with the most free memory that can hold `memory`, but `not`. */
-export function bestNode(memory, not) {
+/**
+ * The active node with the most free memory that can hold `memory`, but
+ * `not`; `given` (node -> bytes) is already promised to other VMs.
+ */
+export function bestNode(memory, not, given = new Map()) {
   let best = null;
   for (const n of nodes()) {
     const v = n.view;
     if (!v || !n.source.connected || v.state !== "active" || n.name === not) continue;
-    const free = v.memory_capacity - (v.memory_used - (v.memory_reclaimable ?? 0));
+    const free = v.memory_capacity - (v.memory_used - (v.memory_reclaimable ?? 0)) - (given.get(n.name) ?? 0);
     if (free >= memory && (!best || free > best[1])) best = [n.name, free];
   }
   return best?.[0];
@@ -78,19 +86,30 @@ export function migrate(names) {
     ...field("To", target), ...field("Bandwidth cap", bandwidth), ...field("Codec", codec),
   ], "Migrate", async () => {
     const all = vms();
+    const given = new Map();
     const out = [];
+    let failed = 0;
+    // Each VM on its own: one refused does not stop the others, and the
+    // memory given to one is not offered to the next.
     for (const name of names) {
       const vm = all.find((v) => v.name === name);
-      const to = target.value || bestNode(vm?.memory ?? 0, vm?.node);
-      if (!to) throw new Error(`no active node has room for ${name}`);
-      if (to === vm?.node) throw new Error(`${name} already runs on node ${to}`);
-      const body = { vm: name, target: to };
-      if (bandwidth.value.trim()) body.max_bandwidth = bandwidth.value.trim();
-      if (codec.value) body.codec = codec.value;
-      const m = await post("/v1/migrations", body);
-      out.push(`${name} to ${to} (${m.state})`);
+      const to = target.value || bestNode(vm?.memory ?? 0, vm?.node, given);
+      try {
+        if (!to) throw new Error("no active node has room");
+        if (to === vm?.node) throw new Error(`it already runs on node ${to}`);
+        const body = { vm: name, target: to };
+        if (bandwidth.value.trim()) body.max_bandwidth = bandwidth.value.trim();
+        if (codec.value) body.codec = codec.value;
+        const m = await post("/v1/migrations", body);
+        given.set(to, (given.get(to) ?? 0) + (vm?.memory ?? 0));
+        out.push(`${name} to ${to}: ${m.state}`);
+      } catch (e) {
+        failed++;
+        out.push(`${name}: ${e.message}`);
+      }
     }
-    return `Migrating ${out.join(", ")}.`;
+    if (failed === names.length) throw new Error(out.join("; "));
+    return `Migrations asked for: ${out.join("; ")}.`;
   });
 }
 
@@ -103,14 +122,18 @@ export async function drain(node) {
     dialog(`Drain node ${node}`, [h("p", { class: "error" }, e.message)]);
     return;
   }
-  const rows = [...plan.moves, ...plan.unplaced].map((m) => h("tr", {},
-    h("th", { scope: "row" }, m.vm), h("td", {}, fmt.bytes(m.memory)),
-    h("td", {}, m.target ? `node ${m.target}` : "nowhere: no node has room")));
+  const row = (vm, memory, where) => h("tr", {}, h("th", { scope: "row" }, vm), h("td", {}, memory), h("td", {}, where));
+  const rows = [
+    ...plan.moves.map((m) => row(m.vm, fmt.bytes(m.memory), `node ${m.target}`)),
+    ...plan.unplaced.map((m) => row(m.vm, fmt.bytes(m.memory), "nowhere: no node has room")),
+    ...(plan.arriving ?? []).map((vm) => row(vm, "", "still arriving here: placed once it lands")),
+    ...(plan.staying ?? []).map((x) => row(x.vm, "", `stays: it is ${x.state}`)),
+  ];
+  const moving = plan.moves.length + plan.unplaced.length + (plan.arriving?.length ?? 0);
   const partial = h("input", { type: "checkbox" });
   const body = [
-    h("p", {}, `Node ${node} stops taking VMs, and its ${plan.moves.length + plan.unplaced.length} VMs move away, at most ${plan.max_concurrent} at once${plan.auto ? ` (${plan.auto})` : ""}.`),
+    h("p", {}, `Node ${node} stops taking VMs, and ${moving} of its VMs move away, at most ${plan.max_concurrent} at once${plan.auto ? ` (${plan.auto})` : ""}.`),
     h("table", {}, h("caption", {}, "The plan"), h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "VM"), h("th", { scope: "col" }, "Memory"), h("th", { scope: "col" }, "Goes to"))), h("tbody", {}, rows)),
-    plan.arriving?.length ? h("p", {}, `Still arriving here, placed once they land: ${plan.arriving.join(", ")}.`) : null,
     h("p", {}, `Room: ${plan.room.map((r) => `${r.node} ${fmt.bytes(r.free)} free`).join(", ") || "no other node is active"}${plan.excluded.length ? `; not used: ${plan.excluded.join(", ")}` : ""}.`),
   ];
   if (plan.refused) {
@@ -175,6 +198,7 @@ export function cancelMigration(id) {
       : `${it.vm} keeps running on node ${it.source}; what was copied to node ${it.target} is dropped.`),
   ], "Cancel migration", async () => {
     const v = await del(`/v1/migrations/${seg(id)}`);
+    if (v.state === "running") return `Cancel of ${it.vm}'s migration asked for: its end is announced with where it runs.`;
     const where = v.state === "completed" ? v.target : v.source;
     return `Migration of ${it.vm} ${v.state}: it runs on node ${where}.`;
   });

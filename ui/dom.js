@@ -6,7 +6,10 @@ export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (v == null || v === false) continue;
-    if (k.startsWith("on") && typeof v === "function") el.addEventListener(k.slice(2), v);
+    if (k.startsWith("on")) {
+      if (typeof v !== "function") throw new TypeError(`${k}: only a function listens`);
+      el.addEventListener(k.slice(2), v);
+    }
     else if (k === "class") el.className = v;
     else if (k === "text") el.textContent = v;
     else el.setAttribute(k, v === true ? "" : v);

@@ -22,8 +22,8 @@ export function seconds(s) {
   if (s == null || !isFinite(s)) return "–";
   if (s < 1) return `${Math.round(s * 1000)} ms`;
   if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
-  const m = Math.floor(s / 60);
-  return `${m} m ${String(Math.round(s % 60)).padStart(2, "0")} s`;
+  const whole = Math.round(s);
+  return `${Math.floor(whole / 60)} m ${String(whole % 60).padStart(2, "0")} s`;
 }
 
 /** Milliseconds: "35 ms". */

@@ -41,7 +41,7 @@ function dirty() {
 }
 
 function show(v) {
-  if (!RENDERS[v]) v = "nodes";
+  if (!Object.hasOwn(RENDERS, v)) v = "nodes";
   view = v;
   for (const b of $("tabs").querySelectorAll("button")) {
     if (b.dataset.view === v) b.setAttribute("aria-current", "page");
@@ -137,7 +137,12 @@ function wire() {
   $("vm-filter").addEventListener("input", () => render());
   $("migrate-selected").addEventListener("click", () => act.migrate(selectedVms()));
   $("sign-out").addEventListener("click", async () => {
-    try { await del("/v1/session"); } finally { signedOut("Signed out."); }
+    try {
+      await del("/v1/session");
+      signedOut("Signed out.");
+    } catch (e) {
+      announce(`Not signed out: ${e.message}`);
+    }
   });
   $("revoke").addEventListener("click", () => act.dialog("Sign everyone out", [
     document.createTextNode("Every session of every agent ends, this one too; scripts with the token are not affected."),

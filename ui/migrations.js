@@ -37,7 +37,7 @@ function card(m) {
 
 function updateCard(el, m) {
   const p = m.progress;
-  const { pct, left } = shownProgress(m);
+  const { pct, left, over } = shownProgress(m);
   text(el.querySelector(".vm"), m.vm);
   text(el.querySelector(".route"), `${m.source} → ${m.target}`);
   stateCell(el.querySelector("header .state"), m.state, "warn");
@@ -51,7 +51,7 @@ function updateCard(el, m) {
     fmt.rate(p.throughput_bps),
     fmt.rate(p.wire_bps),
     fmt.bytes(p.bytes_left),
-    left == null ? "–" : left > 0 ? fmt.seconds(left) : "finishing",
+    left == null ? "–" : left > 0 ? fmt.seconds(left) : over < 1 ? "finishing" : `finishing, ${fmt.seconds(over)} past the estimate`,
     `${fmt.ms(p.expected_downtime_ms)} of ${fmt.ms(p.downtime_limit_ms)} limit`,
     p.throttle_pct ? `${p.throttle_pct} %` : "none",
   ] : [m.phase ?? "starting", "–", "–", "–", "–", "–", "–"];
@@ -64,14 +64,16 @@ function queueRow() {
     h("td", {}, h("button", { type: "button", class: "admin danger" }, "Cancel")));
 }
 
-function updateQueueRow(tr, [m, pos, limit]) {
+function updateQueueRow(tr, [m, pos, waits, planned]) {
   const [n, vm, route, waited, why, actions] = tr.children;
   text(n, pos);
   text(vm, m.vm);
   text(route, `${m.source} → ${m.target}`);
   text(waited, fmt.clock(m.created_at_ms));
-  text(why, `waits for one of node ${m.source}'s ${limit} slots`);
+  text(why, waits);
+  // A step not yet asked for is cancelled with its operation.
   const b = actions.firstChild;
+  b.hidden = !!planned;
   b.setAttribute("aria-label", `Cancel queued migration of ${m.vm}`);
   b.onclick = () => act.cancelMigration(m.id);
 }
@@ -91,7 +93,9 @@ function updateHistoryRow(tr, m) {
   text(rounds, r.rounds ?? "–");
   text(downtime, r.downtime_ms != null ? fmt.ms(r.downtime_ms) : "–");
   text(ratio, r.compression_ratio != null ? `${Number(r.compression_ratio).toFixed(2)}×` : "–");
-  text(codec, r.codec ?? "–");
+  const pages = r.pages;
+  const packed = pages && pages.total ? ` (${Math.round((100 * pages.compressed) / pages.total)} % of pages compressed)` : "";
+  text(codec, r.codec ? `${r.codec}${packed}` : "–");
   const left = (r.round_log ?? []).map((x) => x.dirty_pages_after * 4096);
   if (chart.dataset.n !== String(left.length)) {
     chart.dataset.n = String(left.length);
@@ -106,14 +110,22 @@ function updateHistoryRow(tr, m) {
 export function renderMigrations() {
   const { running, queued, done } = migrations();
   sync(document.getElementById("running"), running, (m) => m.id, card, updateCard);
-  if (!running.length) text(document.getElementById("running"), "Nothing is moving.");
+  document.getElementById("nothing-running").hidden = running.length > 0;
   const pos = new Map();
-  const rows = queued.map((m) => {
-    const n = (pos.get(m.source) ?? 0) + 1;
-    pos.set(m.source, n);
-    const limit = store.nodes.get(m.source)?.limits?.max_concurrent_migrations ?? "?";
-    return [m, n, limit];
-  });
+  const place = (source) => {
+    const n = (pos.get(source) ?? 0) + 1;
+    pos.set(source, n);
+    return n;
+  };
+  const rows = queued.map((m) => [m, place(m.source), `waits for one of node ${m.source}'s ${store.nodes.get(m.source)?.limits?.max_concurrent_migrations ?? "?"} slots`]);
+  // An operation's steps not yet asked for wait behind the node's queue.
+  for (const op of store.ops.values()) {
+    if (op.state !== "running") continue;
+    for (const s of op.steps.filter((x) => x.state === "planned" || x.state === "arriving")) {
+      const m = { id: `${op.id}/${s.vm}`, vm: s.vm, source: s.source, target: s.target || "?", created_at_ms: op.started_at_ms };
+      rows.push([m, place(s.source), `waits its turn in the ${op.kind} of node ${op.node} (at most ${op.params?.max_concurrent ?? "?"} at once)`, true]);
+    }
+  }
   table("queued", ["Position", "VM", "Route", "Asked at", "Waits", "Actions"], rows, (x) => x[0].id, queueRow, updateQueueRow);
   table("history", ["VM", "Route", "State", "Ended", "Rounds", "Pause", "Ratio", "Codec", "Left after each round"], done.slice(0, 100), (m) => m.id, historyRow, updateHistoryRow);
 }

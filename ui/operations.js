@@ -27,7 +27,7 @@ function updateStep(tr, [s, running]) {
   text(to, s.target || "nowhere");
   stateCell(state, s.error ? `${s.state}: ${s.error}` : s.state,
     s.state === "completed" ? "good" : ["failed", "cancelled", "skipped", "unresolved"].includes(s.state) ? "bad" : "warn");
-  const m = running.find((x) => x.id === s.migration_id);
+  const m = running.get(s.migration_id);
   const pct = s.state === "completed" ? 100 : m ? shownProgress(m).pct : 0;
   const [bar, label] = progress.children;
   bar.value = pct;
@@ -47,7 +47,10 @@ function updateOp(el, op) {
   cancel.onclick = () => act.cancelOperation(op.node, op.id, op.kind);
   const remaining = (op.remaining ?? []).map((r) => `${r.vm} (${r.state})`).join(", ");
   text(el.querySelector(".error"), [op.error, remaining && `still on the node: ${remaining}`].filter(Boolean).join("; "));
-  const running = migrations().running;
+  // Every migration, not only running ones: a step's migration may end
+  // before the step says so, and its bar must not fall back meanwhile.
+  const all = migrations();
+  const running = new Map([...all.running, ...all.done].map((m) => [m.id, m]));
   sync(el.querySelector("tbody"), op.steps.map((s) => [s, running]), ([s]) => s.vm, stepRow, updateStep);
   const out = el.querySelector(".output");
   const u = op.update;

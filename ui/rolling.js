@@ -34,7 +34,7 @@ export function start() {
     h("label", { for: "ru-command" }, "Command"), Object.assign(command, { id: "ru-command" }),
     h("label", { for: "ru-failback" }, "Bring each node's VMs back after its update (failback)"), Object.assign(failback, { id: "ru-failback" }),
   ], "Start rolling update", async () => {
-    const r = await post("/v1/cluster/update", { command: command.value, failback: failback.checked ? "immediate" : "none" });
+    const r = await post("/v1/cluster/update", { command: command.value, failback: failback.checked ? "immediate" : "none", node_order: order });
     run = r;
     return `Rolling update started on ${r.nodes.length} nodes.`;
   });

@@ -111,7 +111,8 @@ export function memoryOf(name) {
 
 /**
  * What a migration's bar and ETA show: its share done, never less than
- * shown before, and the seconds left to the soonest end promised.
+ * shown before, the seconds left to the soonest end promised, and how far
+ * past that end it runs.
  */
 export function shownProgress(m, now = Date.now()) {
   const s = store.shown.get(m.id) ?? { pct: 0, end: undefined };
@@ -124,10 +125,13 @@ export function shownProgress(m, now = Date.now()) {
     s.pct = Math.max(s.pct, Math.min(done, p.phase === "precopy" ? 99 : 99.9));
     if (p.eta_s != null) {
       const end = now + p.eta_s * 1000;
+      // Sooner only: an ETA never rises. Past the end it promised, the
+      // view says by how much instead.
       s.end = s.end === undefined ? end : Math.min(s.end, end);
     }
   }
   store.shown.set(m.id, s);
   const left = s.end === undefined ? undefined : Math.max(0, (s.end - now) / 1000);
-  return { pct: s.pct, left };
+  const over = s.end === undefined ? 0 : Math.max(0, (now - s.end) / 1000);
+  return { pct: s.pct, left, over };
 }

@@ -3,7 +3,7 @@
 //! live region tells of its end), and drain with the plan shown first.
 
 use crate::common;
-use common::agents::{Agents, TOKEN};
+use common::agents::{Agents, READONLY_TOKEN, TOKEN};
 use common::browser::{seconds, Browser, DOWN, ENTER, TAB};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -39,11 +39,24 @@ async fn sign_in(b: &Browser, c: &Agents, node: &str) {
 #[test]
 fn a_migration_started_in_the_console_is_watched_to_its_end() {
     let _serial = common::serial();
-    let Some(c) = Agents::start("console-migrate", &[("a", ""), ("b", "")]) else {
+    let ro = "readonly_token_file = \"readonly.token\"";
+    let Some(c) = Agents::start_with("console-migrate", ro, &[("a", ""), ("b", "")]) else {
         return;
     };
     c.create_busy_web();
     c.rt.block_on(async {
+        // The console's files take no token and come under the CSP; the
+        // API still wants one, and no path around it reaches it.
+        let base = format!("http://{}", c.agent("a").control_addr);
+        let get = |p: &str| reqwest::get(format!("{base}{p}"));
+        let page = get("/ui/").await.unwrap();
+        assert_eq!(page.status(), StatusCode::OK);
+        let csp = page.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+        assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+        for (p, want) in [("/v1/node", 401), ("/ui/..%2Fv1%2Fnode", 401), ("/uix", 401), ("/ui/main.js", 200)] {
+            assert_eq!(get(p).await.unwrap().status().as_u16(), want, "{p}");
+        }
         let Some(b) = Browser::start("console-migrate").await else {
             return;
         };
@@ -84,7 +97,9 @@ fn a_migration_started_in_the_console_is_watched_to_its_end() {
         // Every 100 ms until it ends: the bar never falls, the ETA never
         // rises.
         let (mut pct, mut eta, mut samples) = (0.0f64, f64::INFINITY, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
+            assert!(std::time::Instant::now() < deadline, "the migration ran 60 s");
             let v = b
                 .js("const c = document.querySelector('#running .card'); if (!c) return null; \
                      return [c.querySelector('progress').value, c.querySelectorAll('dd')[4].textContent]")
@@ -102,6 +117,7 @@ fn a_migration_started_in_the_console_is_watched_to_its_end() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(samples >= 5, "too few ETA readings: {samples}");
+        assert!(pct >= 50.0, "the bar rose only to {pct} %");
         b.until(
             "the completion announced",
             "return document.getElementById('announce').textContent.includes('Migration of web to node b completed')",
@@ -117,6 +133,26 @@ fn a_migration_started_in_the_console_is_watched_to_its_end() {
         b.until("the history row", "return document.querySelector('#history tbody tr') !== null")
             .await;
         b.shot("migration-history").await;
+        // Signed out, then in with the read-only token: a view without
+        // actions, and the API refuses a change all the same.
+        b.click("#sign-out").await;
+        b.until("the sign-in form again", "return !document.getElementById('signin').hidden")
+            .await;
+        b.type_into("#token", READONLY_TOKEN).await;
+        b.click("#signin-form button").await;
+        b.until("the read-only console", VISIBLE).await;
+        assert!(b.text("#scope").await.contains("read-only"));
+        b.click("[data-view=vms]").await;
+        b.until("web listed", "return document.querySelectorAll('#vms-table tbody tr').length === 1")
+            .await;
+        let hidden = b
+            .js("return [...document.querySelectorAll('button.admin, input.admin')].every(e => e.offsetParent === null)")
+            .await;
+        assert_eq!(hidden, json!(true), "a read-only view shows no action");
+        let status = b
+            .js("return (await fetch('/v1/migrations', {method: 'POST', headers: {'content-type': 'application/json'}, body: JSON.stringify({vm: 'web', target: 'a'})})).status")
+            .await;
+        assert_eq!(status, json!(403));
         b.close().await;
     });
 }
@@ -171,9 +207,13 @@ fn a_drain_shows_its_plan_first_survives_a_reload_cancels_and_fails_back() {
         assert_eq!(state, "active");
         b.shot("drain-plan").await;
         b.click("#dialog-ok").await;
+        b.until("the drain started", "return !document.getElementById('dialog').open")
+            .await;
         b.click("[data-view=operations]").await;
         // Never more than the limit running, until one VM has moved.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let done_before = loop {
+            assert!(std::time::Instant::now() < deadline, "no VM moved in 60 s");
             let v = b.js(DRAIN).await;
             if let Some(steps) = v[1].as_array() {
                 let count = |s: &str| steps.iter().filter(|x| x.as_str() == Some(s)).count();
@@ -196,6 +236,8 @@ fn a_drain_shows_its_plan_first_survives_a_reload_cancels_and_fails_back() {
         b.until("the cancel dialog", "return document.getElementById('dialog').open")
             .await;
         b.click("#dialog-ok").await;
+        b.until("the cancel asked", "return !document.getElementById('dialog').open")
+            .await;
         b.until("the drain cancelled", &format!("const v = (() => {{ {DRAIN} }})(); return !!v && v[0] === 'cancelled'")).await;
         let moved = b.js(DRAIN).await[1]
             .as_array()
@@ -215,6 +257,8 @@ fn a_drain_shows_its_plan_first_survives_a_reload_cancels_and_fails_back() {
         assert_eq!(listed.matches("comes back from node").count(), moved, "{listed}");
         b.shot("resume-failback").await;
         b.click("#dialog-ok").await;
+        b.until("the resume asked", "return !document.getElementById('dialog').open")
+            .await;
         b.click("[data-view=vms]").await;
         b.until("every VM back on a", &all_running(Some("a"))).await;
         b.close().await;

@@ -26,7 +26,11 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        // Its own process group, with the browsers it starts: all end
+        // together, whatever ends the test.
+        use std::os::unix::process::CommandExt;
         let driver = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -145,17 +149,19 @@ impl Browser {
         }
     }
 
-    /// Ends the session and chromedriver.
-    pub async fn close(mut self) {
+    /// Ends the session, then (on drop) chromedriver and its browser.
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.driver.wait();
     }
 }
