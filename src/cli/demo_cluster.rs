@@ -25,6 +25,10 @@ pub struct DemoClusterArgs {
     /// /dev/kvm).
     #[arg(long, default_value = "sim", value_parser = ["sim", "kvm"])]
     pub guest: String,
+    /// After the failback, keep the agents and VMs running until Ctrl-C,
+    /// to look around in the web console.
+    #[arg(long)]
+    pub stay: bool,
 }
 
 fn free_port() -> Result<u16> {
@@ -118,6 +122,12 @@ fn run(a: &DemoClusterArgs, file: &std::path::Path, etcd_endpoint: &str) -> Resu
     let ctx = Ctx::new(&ClusterArg {
         cluster: file.to_path_buf(),
     })?;
+    let token_file = file.with_file_name("cluster.token");
+    eprintln!(
+        "the web console: http://{}/ui/ (any agent's; sign in with the token in {})",
+        agents[0].control_addr,
+        token_file.display()
+    );
     let a_node = ctx.node("a")?.clone();
     create_vms(&ctx, &a_node, a)?;
     let show = |title: &str| status(title, file);
@@ -164,6 +174,14 @@ fn run(a: &DemoClusterArgs, file: &std::path::Path, etcd_endpoint: &str) -> Resu
         took(&resumed)
     );
     show("after the failback:")?;
+    if a.stay {
+        let token = std::fs::read_to_string(&token_file)?;
+        eprintln!(
+            "\nthe agents keep running: open http://{}/ui/ and sign in with {token}; Ctrl-C ends the demo",
+            agents[0].control_addr
+        );
+        rt.block_on(tokio::signal::ctrl_c())?;
+    }
     // Deleted, not left for the cluster to restart as each agent stops.
     for i in 1..=a.vms {
         ctx.run(ctx.peers.delete_vm(&a_node, &format!("vm{i}"), false))?;
