@@ -221,7 +221,10 @@ fn an_event_stream_opened_with_a_session_ends_when_everyone_is_signed_out() {
         // The whole state first: the stream is open.
         assert!(resp.chunk().await.unwrap().is_some());
         let revoke = reqwest::Client::new()
-            .post(format!("http://{}/v1/session/revoke", c.agent("a").control_addr))
+            .post(format!(
+                "http://{}/v1/session/revoke",
+                c.agent("a").control_addr
+            ))
             .bearer_auth(TOKEN)
             .send()
             .await
