@@ -214,18 +214,53 @@ export function cancelOperation(node, id, kind) {
   });
 }
 
-/** Settle an unresolved hand-off: the target decides where the VM runs. */
-export function resolve(id) {
+/**
+ * What node `target` says of VM `vm`: its state there, `null` (it does not
+ * host it) or `undefined` (it cannot be asked), with why.
+ */
+async function askTarget(target, vm) {
+  try {
+    const n = await call("GET", `/v1/nodes/${seg(target)}`);
+    const here = (n.vms ?? []).find((v) => v.name === vm);
+    return { state: here ? here.state : null };
+  } catch (e) {
+    return { state: undefined, why: e.message };
+  }
+}
+
+/**
+ * Settle an unresolved hand-off. The target is asked first, and only the
+ * choices that are safe given its answer are offered (as the agent checks
+ * again when it settles): the destination when the VM runs or is paused
+ * there, the source when it is not there, neither while it is still
+ * arriving, and the source with force, explained, only when the target
+ * cannot be asked.
+ */
+export async function resolve(id) {
   const m = migrations().unresolved.find((x) => x.id === id);
   if (!m) return;
-  const runOn = choice([["destination", `node ${m.target} (the destination)`], ["source", `node ${m.source} (the source)`]], "destination");
-  const force = h("input", { type: "checkbox" });
-  dialog(`Resolve the hand-off of ${m.vm}`, [
-    h("p", {}, `The migration stopped while handing ${m.vm} over, so ferry does not know which copy ran last. Both nodes keep their paused copy until you decide. Choose the node whose copy should run: ferry checks with the other node that its copy is paused and refuses if not.`),
-    ...field("Run it on", runOn),
-    ...field("Force: settle even if the other node cannot be asked (only when that node is gone for good; if it comes back, its copy must not run)", force),
-  ], "Resolve", async () => {
-    const v = await call("POST", `/v1/migrations/${seg(id)}/resolve`, { run_on: runOn.value, force: force.checked });
-    return `The hand-off of ${m.vm} is settled: it runs on ${v.resolution?.run_on === "source" ? m.source : m.target}.`;
-  });
+  const t = await askTarget(m.target, m.vm);
+  const intro = h("p", {}, `The migration of ${m.vm} stopped while handing it over, so ferry does not know which copy ran last. The paused copy on node ${m.source} is kept until this is settled.`);
+  const settle = (runOn, force) => async () => {
+    const v = await call("POST", `/v1/migrations/${seg(id)}/resolve`, { run_on: runOn, force });
+    return `The hand-off of ${m.vm} is settled: it runs on node ${v.resolution?.run_on === "source" ? m.source : m.target}.`;
+  };
+  if (t.state === "running" || t.state === "paused") {
+    dialog(`Resolve the hand-off of ${m.vm}`, [intro,
+      h("p", {}, `Node ${m.target} says ${m.vm} is ${t.state} there: it runs on node ${m.target}, and the paused copy on node ${m.source} is dropped.`)],
+    `Run it on node ${m.target}`, settle("destination", false));
+  } else if (t.state === null) {
+    dialog(`Resolve the hand-off of ${m.vm}`, [intro,
+      h("p", {}, `Node ${m.target} says it does not host ${m.vm}: it never started there, so the paused copy on node ${m.source} resumes.`)],
+    `Run it on node ${m.source}`, settle("source", false));
+  } else if (t.state !== undefined) {
+    dialog(`Resolve the hand-off of ${m.vm}`, [intro,
+      h("p", {}, `Node ${m.target} says ${m.vm} is ${t.state} there: it may still start there, so neither choice is safe yet. Try again once its session has ended.`)]);
+  } else {
+    const sure = h("input", { type: "checkbox", required: true });
+    dialog(`Resolve the hand-off of ${m.vm}`, [intro,
+      h("p", {}, `Node ${m.target} cannot be asked (${t.why}). Wait for it to come back if it may: ferry will then see where the VM is. Only if node ${m.target} is gone for good, force the VM to run on node ${m.source}: a copy that node ${m.target} may hold must then never be started.`),
+      ...field(`Node ${m.target} is gone for good`, sure)],
+    `Force it to run on node ${m.source}`, settle("source", true));
+  }
 }

@@ -27,10 +27,17 @@ function announce(msg) {
   while (box.children.length > 5) box.firstElementChild.remove();
 }
 
+let measures = 0;
+
 function render() {
   pending = false;
+  const start = performance.now();
   RENDERS[view]();
   renderHandoffs();
+  // Each render is a measure in the browser's performance timeline (its
+  // developer tools show them), a bounded number kept.
+  performance.measure("ferry-render", { start });
+  if (++measures % 500 === 0) performance.clearMeasures("ferry-render");
 }
 
 /** Many events, one render, at most every 200 ms. */

@@ -52,6 +52,8 @@ function updateOp(el, op) {
   const all = migrations();
   const running = new Map([...all.running, ...all.done].map((m) => [m.id, m]));
   sync(el.querySelector("tbody"), op.steps.map((s) => [s, running]), ([s]) => s.vm, stepRow, updateStep);
+  // An update or a resume without failback moves no VM: no empty table.
+  el.querySelector("table").hidden = op.steps.length === 0;
   const out = el.querySelector(".output");
   const u = op.update;
   if (u && out.dataset.ms !== String(u.duration_ms)) {

@@ -264,3 +264,56 @@ fn a_drain_shows_its_plan_first_survives_a_reload_cancels_and_fails_back() {
         b.close().await;
     });
 }
+
+#[test]
+fn a_rolling_update_from_the_console_stops_at_a_failing_hook_with_that_node_paused() {
+    let _serial = common::serial();
+    let hook = "[defaults]\nupdate_hook = [\"sh\", \"-c\"]";
+    let nodes = [("a", ""), ("b", ""), ("c", "")];
+    let Some(c) = Agents::start_with("console-rolling", hook, &nodes) else {
+        return;
+    };
+    let body = json!({"name": "vm-b", "memory": "16MiB", "workload": "idle"});
+    let (s, v) = c.call(Method::POST, "b", "/v1/vms", Some(body));
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    c.rt.block_on(async {
+        let Some(b) = Browser::start("console-rolling").await else {
+            return;
+        };
+        sign_in(&b, &c, "c").await;
+        b.click("[data-view=operations]").await;
+        b.click("#rolling-update").await;
+        b.until("the plan", "return document.getElementById('dialog').open")
+            .await;
+        let plan = b.text("#dialog-body").await;
+        assert!(plan.contains("in this order: a, b, c"), "{plan}");
+        // The command fails on node b only.
+        b.type_into("#ru-command", "test \"$FERRY_NODE\" != b").await;
+        b.click("#dialog-ok").await;
+        b.until("the run asked", "return !document.getElementById('dialog').open")
+            .await;
+        b.until(
+            "the run failed",
+            "return document.querySelector('#update-run .card header .state')?.textContent === 'failed'",
+        )
+        .await;
+        let phases = b
+            .js("return [...document.querySelectorAll('#update-run tbody tr')].map(r => [r.children[0].textContent, r.children[1].textContent.split(' ')[0]])")
+            .await;
+        assert_eq!(phases, json!([["a", "done"], ["b", "failed"], ["c", "pending"]]));
+        b.shot("rolling-update-failed").await;
+        // Node b is left paused, its update's output under Operations.
+        b.until(
+            "b's failed update",
+            "return [...document.querySelectorAll('#operations .card')].some(c => c.querySelector('.title').textContent === 'update of node b' && c.querySelector('header .state').textContent === 'failed')",
+        )
+        .await;
+        b.click("[data-view=nodes]").await;
+        b.until(
+            "node b paused",
+            "return [...document.querySelectorAll('#nodes-table tbody tr')].some(r => r.children[0].textContent === 'b' && r.children[1].textContent === 'paused')",
+        )
+        .await;
+        b.close().await;
+    });
+}

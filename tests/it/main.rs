@@ -12,6 +12,7 @@ mod bandwidth;
 mod bench_cluster;
 mod cli;
 mod console;
+mod console_load;
 mod delta;
 mod dense;
 mod drain;

@@ -6,6 +6,7 @@
 
 use crate::common;
 
+use common::browser::Browser;
 use common::free_port;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -374,4 +375,63 @@ fn a_restarted_agent_still_holds_its_unresolved_hand_off_and_its_saved_guest() {
     // The copy on disk (its digest checked as it was read back) is gone
     // by the time the resolve answers: a restart never finds it stale.
     assert!(!saved.exists(), "the copy stays after the resolve");
+}
+
+#[test]
+fn an_unresolved_hand_off_is_settled_from_the_console_offering_only_safe_choices() {
+    let _serial = common::serial();
+    let test = "resolve-console";
+    let Some((e, mut p)) = Pair::with_own_etcd(test, "after-go:kill") else {
+        return;
+    };
+    let id = p.unresolved_migration();
+    let _ = p.b.as_mut().unwrap().wait();
+    unclaimed(&e, test, &id);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let Some(b) = Browser::start(test).await else {
+            return;
+        };
+        b.client
+            .goto(&format!("http://{}/ui/", p.a_control))
+            .await
+            .unwrap();
+        b.until("the sign-in form", "return !document.getElementById('signin').hidden")
+            .await;
+        b.type_into("#token", "resolve-test-token").await;
+        b.click("#signin-form button").await;
+        b.until(
+            "the hand-off banner",
+            "const h = document.getElementById('handoffs'); return !h.hidden && h.textContent.includes('Unresolved hand-off')",
+        )
+        .await;
+        b.shot("handoff-banner").await;
+        let resolve = "button[aria-label='Resolve the hand-off of web']";
+        let open = "return document.getElementById('dialog').open";
+        // b cannot be asked: only the source, forced and explained.
+        b.click(resolve).await;
+        b.until("the dialog", open).await;
+        let body = b.text("#dialog-body").await;
+        assert!(body.contains("cannot be asked") && body.contains("gone for good"), "{body}");
+        assert_eq!(b.text("#dialog-ok").await, "Force it to run on node a");
+        b.shot("handoff-unknown").await;
+        b.click("#dialog-cancel").await;
+        // b back without the VM: the source is the one safe choice.
+        p.b = Some(Pair::agent(&p.file, "b", None, &p.b_control));
+        b.click(resolve).await;
+        b.until("the dialog again", open).await;
+        let body = b.text("#dialog-body").await;
+        assert!(body.contains("does not host web"), "{body}");
+        assert_eq!(b.text("#dialog-ok").await, "Run it on node a");
+        b.click("#dialog-ok").await;
+        b.until("the banner gone", "return document.getElementById('handoffs').hidden")
+            .await;
+        b.until(
+            "the settlement announced",
+            "return document.getElementById('announce').textContent.includes('settled: it runs on node a')",
+        )
+        .await;
+        b.close().await;
+    });
+    assert_eq!(p.vms(), [("web".into(), "a".into(), "running".into())]);
 }
