@@ -4,13 +4,14 @@
 // while the Operations view is open.
 
 import { h, text, sync, stateCell } from "./dom.js";
-import { get, post, del } from "./api.js";
+import { get, post, del, call } from "./api.js";
 import { nodes } from "./store.js";
 import { dialog } from "./actions.js";
 import * as fmt from "./format.js";
 
 const PHASES = ["pending", "preupdate", "draining", "updating", "resuming", "postupdate", "done"];
 let run = null;
+let schedule = null;
 let asked = 0;
 
 /** Reads the run again when the last read is 2 s old. */
@@ -22,19 +23,69 @@ export async function refresh(now = Date.now()) {
   } catch (e) {
     run = e.status === 404 ? null : { error: e.message, nodes: [] };
   }
+  try {
+    schedule = await get("/v1/cluster/update/schedule");
+  } catch {
+    schedule = null;
+  }
 }
 
-/** The plan: the nodes in order, each drained, updated and resumed with failback. */
-export function start() {
-  const command = h("input", { type: "text", required: true, placeholder: "e.g. apt-get -y upgrade && reboot" });
-  const failback = h("input", { type: "checkbox", checked: true });
+/** The schedule, if any, with a way to remove it. */
+function renderSchedule() {
+  const box = document.getElementById("update-schedule");
+  if (!schedule) { box.replaceChildren(); return; }
+  if (!box.firstChild) {
+    box.append(h("p", {}, h("span"), " ", h("button", { type: "button", class: "admin danger", onclick: unschedule }, "Remove schedule")));
+  }
+  const last = schedule.last_run ? `; last: ${schedule.last_run}` : "";
+  text(box.firstChild.firstChild, `Scheduled rolling update "${schedule.command}" (${schedule.schedule}, UTC): next at ${new Date(schedule.next_at_ms).toUTCString()}${last}.`);
+}
+
+function unschedule() {
+  dialog("Remove the schedule", [h("p", {}, "No rolling update starts by itself any more; one running now goes on.")],
+    "Remove schedule", async () => {
+      await del("/v1/cluster/update/schedule");
+      schedule = null;
+      return "The rolling update schedule is removed.";
+    });
+}
+
+/** One node's turn in the plan: where its VMs would go were it drained now. */
+function planItem(node, plan) {
+  if (plan instanceof Error) return h("li", {}, `node ${node}: its drain plan cannot be read (${plan.message})`);
+  const moves = plan.moves.map((m) => `${m.vm} → ${m.target}`);
+  const stuck = plan.unplaced.map((m) => m.vm);
+  return h("li", {}, `node ${node}: drain, run the command, resume`,
+    moves.length ? ` (moving ${moves.join(", ")})` : " (no VM to move)",
+    stuck.length ? h("strong", {}, `; no node has room for ${stuck.join(", ")}: the run would stop here`) : null);
+}
+
+/**
+ * The plan, then the run: the nodes in order, each drained (where each of
+ * its VMs would go, the others as they are now: each node's VMs come back
+ * before the next is drained), updated and resumed; now or on a schedule.
+ */
+export async function start() {
   const order = nodes().map((n) => n.name);
+  const plans = await Promise.all(order.map((n) =>
+    post(`/v1/nodes/${encodeURIComponent(n)}/drain`, { dry_run: true }).catch((e) => e)));
+  const command = h("input", { type: "text", id: "ru-command", required: true, placeholder: "e.g. apt-get -y upgrade && reboot" });
+  const failback = h("input", { type: "checkbox", id: "ru-failback", checked: true });
+  const when = h("input", { type: "text", id: "ru-schedule", placeholder: "now; or \"sun 03:00\" (UTC), \"every 24h\"" });
   dialog("Rolling update", [
-    h("p", {}, `One node at a time, in this order: ${order.join(", ")}. Each is drained (its VMs move to the others), runs the command through its update hook, and resumes. The run stops at the first node whose update fails, leaving that node paused.`),
-    h("label", { for: "ru-command" }, "Command"), Object.assign(command, { id: "ru-command" }),
-    h("label", { for: "ru-failback" }, "Bring each node's VMs back after its update (failback)"), Object.assign(failback, { id: "ru-failback" }),
+    h("p", {}, `One node at a time, in this order: ${order.join(", ")}. The run stops at the first node whose update fails, leaving that node paused. It runs in the cluster: closing the browser changes nothing.`),
+    h("ol", {}, order.map((n, i) => planItem(n, plans[i]))),
+    h("label", { for: "ru-command" }, "Command (through each node's update hook)"), command,
+    h("label", { for: "ru-failback" }, "Bring each node's VMs back after its update (failback)"), failback,
+    h("label", { for: "ru-schedule" }, "When (empty: now)"), when,
   ], "Start rolling update", async () => {
-    const r = await post("/v1/cluster/update", { command: command.value, failback: failback.checked ? "immediate" : "none", node_order: order });
+    const body = { command: command.value, failback: failback.checked ? "immediate" : "none", node_order: order };
+    if (when.value.trim()) {
+      const s = await call("PUT", "/v1/cluster/update/schedule", { schedule: when.value.trim(), ...body });
+      schedule = s;
+      return `Rolling update scheduled: next at ${fmt.clock(s.next_at_ms)}.`;
+    }
+    const r = await post("/v1/cluster/update", body);
     run = r;
     return `Rolling update started on ${r.nodes.length} nodes.`;
   });
@@ -54,8 +105,9 @@ function updateTurn(tr, t) {
   text(error, t.error ?? "");
 }
 
-/** Shows the run, if any. */
+/** Shows the schedule and the run, if any. */
 export function render() {
+  renderSchedule();
   const box = document.getElementById("update-run");
   if (!run) { box.replaceChildren(); return; }
   if (!box.firstChild) {

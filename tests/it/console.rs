@@ -287,6 +287,9 @@ fn a_rolling_update_from_the_console_stops_at_a_failing_hook_with_that_node_paus
             .await;
         let plan = b.text("#dialog-body").await;
         assert!(plan.contains("in this order: a, b, c"), "{plan}");
+        // Each node's drain plan: b's VM goes to a or c.
+        assert!(plan.contains("node b: drain, run the command, resume (moving vm-b →"), "{plan}");
+        assert!(plan.contains("node a: drain, run the command, resume (no VM to move)"), "{plan}");
         // The command fails on node b only.
         b.type_into("#ru-command", "test \"$FERRY_NODE\" != b").await;
         b.click("#dialog-ok").await;
@@ -306,6 +309,27 @@ fn a_rolling_update_from_the_console_stops_at_a_failing_hook_with_that_node_paus
         b.until(
             "b's failed update",
             "return [...document.querySelectorAll('#operations .card')].some(c => c.querySelector('.title').textContent === 'update of node b' && c.querySelector('header .state').textContent === 'failed')",
+        )
+        .await;
+        // A schedule instead of a run now: shown, then removed.
+        b.click("#rolling-update").await;
+        b.until("the dialog again", "return document.getElementById('dialog').open")
+            .await;
+        b.type_into("#ru-command", "true").await;
+        b.type_into("#ru-schedule", "every 24h").await;
+        b.click("#dialog-ok").await;
+        b.until(
+            "the schedule shown",
+            "return document.getElementById('update-schedule').textContent.includes('(every 24h, UTC)')",
+        )
+        .await;
+        b.click("#update-schedule button").await;
+        b.until("the remove dialog", "return document.getElementById('dialog').open")
+            .await;
+        b.click("#dialog-ok").await;
+        b.until(
+            "the schedule gone",
+            "return document.getElementById('update-schedule').textContent === ''",
         )
         .await;
         b.click("[data-view=nodes]").await;
