@@ -78,15 +78,9 @@ fn console_load() {
         let Some(b) = Browser::start("console-load").await else {
             return;
         };
-        b.client
-            .goto(&format!("http://{}/ui/", c.agent("a").control_addr))
-            .await
-            .unwrap();
+        let page = format!("http://{}/ui/", c.agent("a").control_addr);
+        b.sign_in(&page, TOKEN).await;
         b.js("window.__long = []; window.__render = []; new PerformanceObserver(l => window.__long.push(...l.getEntries().map(e => e.duration))).observe({type: 'longtask', buffered: true}); new PerformanceObserver(l => window.__render.push(...l.getEntries().filter(e => e.name === 'ferry-render').map(e => e.duration))).observe({type: 'measure'}); return true")
-            .await;
-        b.type_into("#token", TOKEN).await;
-        b.click("#signin-form button").await;
-        b.until("the console", "return !document.getElementById('tabs').hidden")
             .await;
         b.click("[data-view=migrations]").await;
         b.until("20 running", "return document.querySelectorAll('#running .card').length === 20")

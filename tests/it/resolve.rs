@@ -392,14 +392,8 @@ fn an_unresolved_hand_off_is_settled_from_the_console_offering_only_safe_choices
         let Some(b) = Browser::start(test).await else {
             return;
         };
-        b.client
-            .goto(&format!("http://{}/ui/", p.a_control))
-            .await
-            .unwrap();
-        b.until("the sign-in form", "return !document.getElementById('signin').hidden")
-            .await;
-        b.type_into("#token", "resolve-test-token").await;
-        b.click("#signin-form button").await;
+        let url = format!("http://{}/ui/", p.a_control);
+        b.sign_in(&url, "resolve-test-token").await;
         b.until(
             "the hand-off banner",
             "const h = document.getElementById('handoffs'); return !h.hidden && h.textContent.includes('Unresolved hand-off')",

@@ -76,6 +76,23 @@ impl Browser {
         })
     }
 
+    /// Opens the console at `url` and signs in with `token`.
+    pub async fn sign_in(&self, url: &str, token: &str) {
+        self.client.goto(url).await.expect(url);
+        self.until(
+            "the sign-in form",
+            "return !document.getElementById('signin').hidden",
+        )
+        .await;
+        self.type_into("#token", token).await;
+        self.click("#signin-form button").await;
+        self.until(
+            "the console",
+            "return !document.getElementById('tabs').hidden",
+        )
+        .await;
+    }
+
     /// Runs `js` in the page; its JSON answer.
     pub async fn js(&self, js: &str) -> serde_json::Value {
         self.client.execute(js, vec![]).await.expect(js)
