@@ -224,7 +224,9 @@ async function askTarget(target, vm) {
     const here = (n.vms ?? []).find((v) => v.name === vm);
     return { state: here ? here.state : null };
   } catch (e) {
-    return { state: undefined, why: e.message };
+    // 503: the target (or the relay to it) did not answer; anything else
+    // is no answer about the target at all.
+    return { state: undefined, why: e.message, unreachable: e.status === 503 };
   }
 }
 
@@ -239,6 +241,7 @@ async function askTarget(target, vm) {
 export async function resolve(id) {
   const m = migrations().unresolved.find((x) => x.id === id);
   if (!m) return;
+  say(`Asking node ${m.target} where ${m.vm} is…`);
   const t = await askTarget(m.target, m.vm);
   const intro = h("p", {}, `The migration of ${m.vm} stopped while handing it over, so ferry does not know which copy ran last. The paused copy on node ${m.source} is kept until this is settled.`);
   const settle = (runOn, force) => async () => {
@@ -251,11 +254,14 @@ export async function resolve(id) {
     `Run it on node ${m.target}`, settle("destination", false));
   } else if (t.state === null) {
     dialog(`Resolve the hand-off of ${m.vm}`, [intro,
-      h("p", {}, `Node ${m.target} says it does not host ${m.vm}: it never started there, so the paused copy on node ${m.source} resumes.`)],
+      h("p", {}, `Node ${m.target} says it does not host ${m.vm}, so the paused copy on node ${m.source} resumes (unless the cluster has already started the VM elsewhere: then it is refused, saying so).`)],
     `Run it on node ${m.source}`, settle("source", false));
   } else if (t.state !== undefined) {
     dialog(`Resolve the hand-off of ${m.vm}`, [intro,
-      h("p", {}, `Node ${m.target} says ${m.vm} is ${t.state} there: it may still start there, so neither choice is safe yet. Try again once its session has ended.`)]);
+      h("p", {}, `Node ${m.target} says ${m.vm} is ${t.state} there, neither running nor paused: neither choice is safe now. ${t.state === "migrating-in" ? "Its session may still start it there: try again once that session has ended." : `Settle what it is on node ${m.target} first.`}`)]);
+  } else if (!t.unreachable) {
+    dialog(`Resolve the hand-off of ${m.vm}`, [intro,
+      h("p", { class: "error" }, `Node ${m.target} could not be asked (${t.why}). Nothing is offered until it can be: try again.`)]);
   } else {
     const sure = h("input", { type: "checkbox", required: true });
     dialog(`Resolve the hand-off of ${m.vm}`, [intro,

@@ -13,21 +13,29 @@ const PHASES = ["pending", "preupdate", "draining", "updating", "resuming", "pos
 let run = null;
 let schedule = null;
 let asked = 0;
+/** Bumped by every change made here: an older read does not undo it. */
+let changed = 0;
 
 /** Reads the run again when the last read is 2 s old. */
 export async function refresh(now = Date.now()) {
   if (now - asked < 2000) return;
   asked = now;
+  const at = changed;
+  let r, s = schedule;
   try {
-    run = await get("/v1/cluster/update");
+    r = await get("/v1/cluster/update");
   } catch (e) {
-    run = e.status === 404 ? null : { error: e.message, nodes: [] };
+    r = e.status === 404 ? null : { error: e.message, nodes: [] };
   }
   try {
-    schedule = await get("/v1/cluster/update/schedule");
-  } catch {
-    schedule = null;
+    s = await get("/v1/cluster/update/schedule");
+  } catch (e) {
+    // Only "none" clears it: an error says nothing of the schedule.
+    if (e.status === 404) s = null;
   }
+  if (at !== changed) return;
+  run = r;
+  schedule = s;
 }
 
 /** The schedule, if any, with a way to remove it. */
@@ -38,13 +46,14 @@ function renderSchedule() {
     box.append(h("p", {}, h("span"), " ", h("button", { type: "button", class: "admin danger", onclick: unschedule }, "Remove schedule")));
   }
   const last = schedule.last_run ? `; last: ${schedule.last_run}` : "";
-  text(box.firstChild.firstChild, `Scheduled rolling update "${schedule.command}" (${schedule.schedule}, UTC): next at ${new Date(schedule.next_at_ms).toUTCString()}${last}.`);
+  text(box.firstChild.firstChild, `Scheduled rolling update "${schedule.request?.command ?? ""}" (${schedule.schedule}, UTC): next at ${new Date(schedule.next_at_ms).toUTCString()}${last}.`);
 }
 
 function unschedule() {
   dialog("Remove the schedule", [h("p", {}, "No rolling update starts by itself any more; one running now goes on.")],
     "Remove schedule", async () => {
       await del("/v1/cluster/update/schedule");
+      changed++;
       schedule = null;
       return "The rolling update schedule is removed.";
     });
@@ -73,19 +82,22 @@ export async function start() {
   const failback = h("input", { type: "checkbox", id: "ru-failback", checked: true });
   const when = h("input", { type: "text", id: "ru-schedule", placeholder: "now; or \"sun 03:00\" (UTC), \"every 24h\"" });
   dialog("Rolling update", [
-    h("p", {}, `One node at a time, in this order: ${order.join(", ")}. The run stops at the first node whose update fails, leaving that node paused. It runs in the cluster: closing the browser changes nothing.`),
+    h("p", {}, `One node at a time, in this order: ${order.join(", ")} (a schedule takes every node of the cluster at each run). The run stops at the first node whose update fails, leaving that node paused. It runs in the cluster: closing the browser changes nothing.`),
     h("ol", {}, order.map((n, i) => planItem(n, plans[i]))),
     h("label", { for: "ru-command" }, "Command (through each node's update hook)"), command,
     h("label", { for: "ru-failback" }, "Bring each node's VMs back after its update (failback)"), failback,
     h("label", { for: "ru-schedule" }, "When (empty: now)"), when,
   ], "Start rolling update", async () => {
-    const body = { command: command.value, failback: failback.checked ? "immediate" : "none", node_order: order };
+    const body = { command: command.value, failback: failback.checked ? "immediate" : "none" };
     if (when.value.trim()) {
+      // A schedule takes the cluster's nodes as they are at each run.
       const s = await call("PUT", "/v1/cluster/update/schedule", { schedule: when.value.trim(), ...body });
+      changed++;
       schedule = s;
-      return `Rolling update scheduled: next at ${fmt.clock(s.next_at_ms)}.`;
+      return `Rolling update scheduled: next at ${new Date(s.next_at_ms).toUTCString()}.`;
     }
-    const r = await post("/v1/cluster/update", body);
+    const r = await post("/v1/cluster/update", { ...body, node_order: order });
+    changed++;
     run = r;
     return `Rolling update started on ${r.nodes.length} nodes.`;
   });
@@ -130,6 +142,7 @@ function cancel() {
     h("p", {}, "The run stops once the current node's turn ends: no further node starts."),
   ], "Cancel rolling update", async () => {
     run = await del("/v1/cluster/update");
+    changed++;
     return "The rolling update stops after the current node's turn.";
   });
 }

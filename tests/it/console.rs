@@ -281,6 +281,9 @@ fn a_rolling_update_from_the_console_stops_at_a_failing_hook_with_that_node_paus
             return;
         };
         sign_in(&b, &c, "c").await;
+        // The order shown is the nodes the console knows: all three first.
+        b.until("three nodes", "return document.querySelectorAll('#nodes-table tbody tr').length === 3")
+            .await;
         b.click("[data-view=operations]").await;
         b.click("#rolling-update").await;
         b.until("the plan", "return document.getElementById('dialog').open")
@@ -320,7 +323,7 @@ fn a_rolling_update_from_the_console_stops_at_a_failing_hook_with_that_node_paus
         b.click("#dialog-ok").await;
         b.until(
             "the schedule shown",
-            "return document.getElementById('update-schedule').textContent.includes('(every 24h, UTC)')",
+            "return document.getElementById('update-schedule').textContent.includes('rolling update \"true\" (every 24h, UTC)')",
         )
         .await;
         b.click("#update-schedule button").await;

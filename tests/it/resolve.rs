@@ -260,9 +260,26 @@ fn a_target_stopped_after_go_runs_the_vm_once_resumed_and_resolution_follows_it(
         String::from_utf8_lossy(&out.stderr).contains("node b hosts web"),
         "{out:?}"
     );
-    let (s, m) = p.json(&["resolve", &id, "--run-on", "destination"]);
-    assert_eq!(s, 0, "{m}");
+    // Asked of the target's own agent, which holds a record of its own of
+    // the migration (incoming): it goes to the source, whose record it
+    // settles (as a console signed in on b asks).
+    let url = format!("http://{}/v1/migrations/{id}/resolve", p.b_control);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (s, m) = rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .bearer_auth("resolve-test-token")
+            .header("content-type", "application/json")
+            .body(r#"{"run_on": "destination"}"#)
+            .send()
+            .await
+            .unwrap();
+        let s = resp.status().as_u16();
+        (s, resp.json::<Value>().await.unwrap())
+    });
+    assert_eq!(s, 200, "{m}");
     assert_eq!(m["state"], "completed");
+    assert_eq!(m["source"], "a", "the source's record: {m}");
     assert_eq!(p.vms(), [("web".into(), "b".into(), "running".into())]);
 }
 
@@ -409,6 +426,10 @@ fn an_unresolved_hand_off_is_settled_from_the_console_offering_only_safe_choices
         assert!(body.contains("cannot be asked") && body.contains("gone for good"), "{body}");
         assert_eq!(b.text("#dialog-ok").await, "Force it to run on node a");
         b.shot("handoff-unknown").await;
+        // Not without saying b is gone for good.
+        b.click("#dialog-ok").await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(b.js(open).await, serde_json::json!(true));
         b.click("#dialog-cancel").await;
         // b back without the VM: the source is the one safe choice.
         p.b = Some(Pair::agent(&p.file, "b", None, &p.b_control));

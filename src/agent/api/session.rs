@@ -133,10 +133,9 @@ pub(super) fn session_end(
     Box::pin(async move {
         loop {
             tokio::time::sleep(SESSION_CHECK).await;
-            // An epoch not known just now (etcd away) ends nothing.
-            let Some(epoch) = node.session_epoch() else {
-                continue;
-            };
+            // An epoch not known just now (etcd away): its tag and expiry
+            // are still checked.
+            let epoch = node.session_epoch().unwrap_or(0);
             let now = crate::agent::node::now_ms();
             if node.sessions.verify(&value, now, epoch).is_err() {
                 return;

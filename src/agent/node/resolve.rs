@@ -17,10 +17,15 @@ impl Node {
     ) -> Result<MigrationView, NodeError> {
         let (vm, target) = {
             let mut st = self.state.lock().unwrap();
-            let e = st.entry(id).ok_or_else(|| {
-                NodeError::NotFound(format!("no migration {id:?} on node {}", self.spec.name))
-            })?;
-            if e.state != MigrationState::Unresolved || e.direction != Direction::Outgoing {
+            // The target's own record of an incoming migration is not the
+            // one to settle: not found here, the request goes to the source.
+            let e = st
+                .entry(id)
+                .filter(|e| e.direction == Direction::Outgoing)
+                .ok_or_else(|| {
+                    NodeError::NotFound(format!("no migration {id:?} from node {}", self.spec.name))
+                })?;
+            if e.state != MigrationState::Unresolved {
                 return Err(NodeError::Conflict(format!(
                     "migration {id} is {}, not an unresolved migration from this node",
                     name_of(&e.state)
@@ -40,7 +45,9 @@ impl Node {
         let hosted = match self.peers.vm(&spec, &vm).await {
             Ok(v) => Some(crate::agent::client::name_of(v.state)),
             Err(crate::agent::peer::PeerError::Api { status: 404, .. }) => None,
-            Err(e) if force => {
+            // Force stands in for a target that cannot be reached, never
+            // for one that answered (with an error): that one may run it.
+            Err(e @ crate::agent::peer::PeerError::Unreachable { .. }) if force => {
                 tracing::warn!(%id, %vm, error = %e, "resolving without the target's word (forced)");
                 Some("unknown".into())
             }
@@ -120,7 +127,12 @@ impl Node {
 /// the source's paused copy and refuses both ways until it settles.
 pub(super) fn settle(run_on: &str, hosted: Option<&str>) -> Result<(), String> {
     match (run_on, hosted) {
-        (_, Some("unknown")) => Ok(()),
+        // Forced, the target cannot be asked: only the copy here is known,
+        // and it is never dropped on a guess.
+        ("source", Some("unknown")) => Ok(()),
+        ("destination", Some("unknown")) => Err(
+            "the target cannot be asked, so the VM cannot be known to run there: the paused copy here is the one that is known; force may only resume it here".into(),
+        ),
         ("destination", Some("running" | "paused")) => Ok(()),
         ("destination", None) => Err("it cannot run there; resolve to the source".into()),
         ("source", None) => Ok(()),
@@ -147,7 +159,7 @@ mod tests {
             ("destination", Some("migrating-in"), false),
             ("destination", Some("migrating-out"), false),
             ("destination", None, false),
-            ("destination", Some("unknown"), true),
+            ("destination", Some("unknown"), false),
             ("source", None, true),
             ("source", Some("running"), false),
             ("source", Some("paused"), false),

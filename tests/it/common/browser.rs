@@ -8,8 +8,23 @@ use std::time::{Duration, Instant};
 /// chromedriver and one browser session through it; both end on drop.
 pub struct Browser {
     pub client: Client,
-    driver: Child,
+    _driver: Group,
     _profile: super::agents::Dir,
+}
+
+/// chromedriver in a process group of its own, with the browsers it
+/// starts: all killed on drop, whatever ends the test (a panic included).
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.wait();
+    }
 }
 
 impl Browser {
@@ -29,13 +44,15 @@ impl Browser {
         // Its own process group, with the browsers it starts: all end
         // together, whatever ends the test.
         use std::os::unix::process::CommandExt;
-        let driver = Command::new("chromedriver")
-            .process_group(0)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
+        let driver = Group(
+            Command::new("chromedriver")
+                .process_group(0)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts"),
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "chromedriver did not listen");
@@ -71,7 +88,7 @@ impl Browser {
             .expect("a browser session");
         Some(Browser {
             client,
-            driver,
+            _driver: driver,
             _profile: profile,
         })
     }
@@ -169,17 +186,6 @@ impl Browser {
     /// Ends the session, then (on drop) chromedriver and its browser.
     pub async fn close(self) {
         let _ = self.client.clone().close().await;
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.driver.id());
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.driver.wait();
     }
 }
 
