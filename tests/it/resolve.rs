@@ -264,6 +264,7 @@ fn a_target_stopped_after_go_runs_the_vm_once_resumed_and_resolution_follows_it(
     // the migration (incoming): it goes to the source, whose record it
     // settles (as a console signed in on b asks).
     let url = format!("http://{}/v1/migrations/{id}/resolve", p.b_control);
+    ferry::transport::tls::install_default_provider();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (s, m) = rt.block_on(async {
         let resp = reqwest::Client::new()

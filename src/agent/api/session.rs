@@ -151,7 +151,9 @@ pub(super) async fn whoami(State(node): State<Arc<Node>>, headers: HeaderMap) ->
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| !t.is_empty());
+    // As the token check takes them: an empty bearer token is none.
     let (scope, via) = match bearer {
         Some(t) => (scope_of(&node, t), "token"),
         None => (
