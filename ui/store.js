@@ -26,12 +26,14 @@ const tables = { vm: "vms", migration: "migrations", operation: "ops" };
 /** Takes one event of the merged stream. */
 export function apply(kind, data) {
   const node = data.node;
-  if (kind === "resync") {
-    // The whole state of `node` follows: what it no longer lists is gone.
+  if (kind === "resync" || (kind === "source" && data.left)) {
+    // The whole state of `node` follows, or it left the cluster: what it
+    // no longer lists is gone.
     for (const t of [store.vms, store.migrations, store.ops]) {
       for (const [k, v] of t) if (v.node === node) t.delete(k);
     }
     store.nodes.delete(node);
+    if (kind === "source") store.sources.delete(node);
   } else if (kind === "source") {
     store.sources.set(node, data);
   } else if (kind === "node") {

@@ -218,3 +218,59 @@ fn any_agents_cluster_stream_carries_every_nodes_events_and_resumes_each() {
     let down = until(&rx, |e| e.kind == "source" && e.data["node"] == "b");
     assert_eq!(down.last().unwrap().data["connected"], false);
 }
+
+#[test]
+fn a_cluster_stream_takes_in_a_node_that_joins_and_lets_go_of_one_that_leaves() {
+    let _serial = common::serial();
+    let Some(mut c) = Agents::start_with(
+        "cluster-events-join",
+        "readonly_token_file = \"readonly.token\"",
+        &[("a", ""), ("b", "")],
+    ) else {
+        return;
+    };
+    let rx = stream(&c, "a", "/v1/cluster/events", None);
+    until(&rx, |e| e.kind == "node" && e.data["node"] == "b");
+    // c registers in etcd after the stream opened: a's stream reads it.
+    c.add("c", "");
+    let (s, v) = c.call(
+        Method::POST,
+        "c",
+        "/v1/vms",
+        Some(json!({"name": "late", "memory": "16MiB", "workload": "idle"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let seen = until(&rx, |e| e.kind == "vm" && e.data["name"] == "late");
+    assert_eq!(seen.last().unwrap().data["node"], "c");
+    assert!(seen
+        .iter()
+        .any(|e| e.kind == "node" && e.data["node"] == "c"));
+    let (s, v) = c.call(Method::DELETE, "c", "/v1/vms/late", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Stopped and removed from the cluster, c is let go of: its last event
+    // says it left, and the stream's position no longer names it.
+    let i = c.agents.iter().position(|h| h.node.name() == "c").unwrap();
+    let stopped = c.agents.remove(i);
+    c.rt.block_on(stopped.shutdown());
+    let removed = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, v) = c.call(Method::DELETE, "a", "/v1/nodes/c", None);
+        if s == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < removed, "{s} {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gone = until(&rx, |e| e.kind == "source" && e.data["left"] == true);
+    assert_eq!(gone.last().unwrap().data["node"], "c");
+    let (s, v) = c.call(
+        Method::POST,
+        "b",
+        "/v1/vms",
+        Some(json!({"name": "after", "memory": "16MiB", "workload": "idle"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let after = until(&rx, |e| e.kind == "vm" && e.data["name"] == "after");
+    let id = &after.last().unwrap().id;
+    assert!(id.contains("a:") && !id.contains("c:"), "{id}");
+}

@@ -10,6 +10,7 @@ use super::session;
 use super::*;
 use crate::agent::events::{encode_positions as encode, positions, Frames, MAX_CLUSTER_STREAMS};
 use axum::response::sse::{self, KeepAlive, Sse};
+use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -46,15 +47,7 @@ pub(super) async fn cluster_events(
     let (tx, rx) = mpsc::channel::<Tagged>(1024);
     let stop = CancellationToken::new();
     let node_for_end = node.clone();
-    for spec in node.members() {
-        let after = pos.get(&spec.name).copied();
-        let (tx, stop) = (tx.clone(), stop.child_token());
-        if spec.name == node.name() {
-            tokio::spawn(local(node.clone(), after, tx, stop));
-        } else {
-            tokio::spawn(remote(node.clone(), spec, after, tx, stop));
-        }
-    }
+    tokio::spawn(follow(node, pos.clone(), tx, stop.child_token()));
     // The subscriber gone, its readers stop.
     let state = (rx, (stop.drop_guard(), permit), pos);
     let stream = futures_util::stream::unfold(state, |(mut rx, held, mut pos)| async move {
@@ -68,6 +61,10 @@ pub(super) async fn cluster_events(
             pos.insert(name, id);
             e.id(encode(&pos))
         } else {
+            // A node that left the cluster has no position to resume.
+            if kind == "source" && data.contains("\"left\":true") {
+                pos.remove(&name);
+            }
             e
         };
         Some((Ok::<_, std::convert::Infallible>(e), (rx, held, pos)))
@@ -78,6 +75,75 @@ pub(super) async fn cluster_events(
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// Every member's events into `tx`: this node's, and each other node's
+/// from when it is a member (its registration read from etcd) until it is
+/// no longer one, when its reader says it `left`. Membership is read again
+/// a second after each change of this agent's copy of etcd.
+async fn follow(
+    node: Arc<Node>,
+    pos: BTreeMap<String, u64>,
+    tx: mpsc::Sender<Tagged>,
+    stop: CancellationToken,
+) {
+    let me = node.name().to_string();
+    tokio::spawn(local(
+        node.clone(),
+        pos.get(&me).copied(),
+        tx.clone(),
+        stop.child_token(),
+    ));
+    let mut readers: BTreeMap<String, CancellationToken> = BTreeMap::new();
+    let mut changes = None;
+    loop {
+        let names: BTreeSet<String> = node
+            .members()
+            .into_iter()
+            .map(|n| n.name)
+            .filter(|n| *n != me)
+            .collect();
+        readers.retain(|name, leave| {
+            let stays = names.contains(name);
+            if !stays {
+                leave.cancel();
+            }
+            stays
+        });
+        for name in names {
+            if let std::collections::btree_map::Entry::Vacant(v) = readers.entry(name) {
+                let leave = CancellationToken::new();
+                let after = pos.get(v.key()).copied();
+                let ends = (stop.child_token(), leave.clone());
+                tokio::spawn(remote(
+                    node.clone(),
+                    v.key().clone(),
+                    after,
+                    tx.clone(),
+                    ends,
+                ));
+                v.insert(leave);
+            }
+        }
+        if changes.is_none() {
+            changes = node.mirror.get().map(|m| m.subscribe());
+        }
+        let next = async {
+            let changed = match changes.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => false,
+            };
+            if !changed {
+                // etcd not read yet (or no longer): look again in a while.
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = next => {}
+        }
+    }
 }
 
 /// This node's events into `tx`.
@@ -102,25 +168,29 @@ async fn local(
     }
 }
 
-/// Node `spec`'s events into `tx`, read again (after its last event) when
-/// its stream ends or goes silent; a `source` event says when it is not
-/// read and when it is again.
+/// Node `name`'s events into `tx`, read again (after its last event) when
+/// its stream ends or goes silent, at the address it has then; a `source`
+/// event says when it is not read and when it is again, and when it `left`
+/// the cluster (`ends.1` cancelled), its last. Ends with `ends.0`.
 async fn remote(
     node: Arc<Node>,
-    spec: crate::agent::cluster::NodeSpec,
+    name: String,
     mut after: Option<u64>,
     tx: mpsc::Sender<Tagged>,
-    stop: CancellationToken,
+    (stop, leave): (CancellationToken, CancellationToken),
 ) {
     let mut wait = RETRY.0;
     let mut down: Option<String> = None;
-    let name = spec.name.clone();
     let say = |after: Option<u64>, connected: bool, error: Option<&str>| {
         let data = serde_json::json!({ "connected": connected, "error": error }).to_string();
         (name.clone(), after.unwrap_or(0), "source".to_string(), data)
     };
+    let closed = node.events.closed();
     loop {
         let read = async {
+            let spec = node
+                .member(&name)
+                .ok_or_else(|| "no longer a member".to_string())?;
             let last = after.map(|a| a.to_string());
             let mut resp = node
                 .peers
@@ -146,16 +216,16 @@ async fn remote(
                     if id != 0 {
                         after = Some(id);
                     }
-                    if tx.send((spec.name.clone(), id, kind, data)).await.is_err() {
+                    if tx.send((name.clone(), id, kind, data)).await.is_err() {
                         return Ok(());
                     }
                 }
             }
         };
-        let closed = node.events.closed();
         let ended: Result<(), String> = tokio::select! {
             _ = stop.cancelled() => return,
             _ = closed.cancelled() => return,
+            _ = leave.cancelled() => return left(&name, &tx, &stop).await,
             r = read => r,
         };
         let Err(why) = ended else { return };
@@ -168,9 +238,21 @@ async fn remote(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = closed.cancelled() => return,
+            _ = leave.cancelled() => return left(&name, &tx, &stop).await,
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(RETRY.1);
+    }
+}
+
+/// Says node `name` left the cluster: its reader's last event.
+async fn left(name: &str, tx: &mpsc::Sender<Tagged>, stop: &CancellationToken) {
+    let data =
+        serde_json::json!({ "connected": false, "left": true, "error": "it left the cluster" });
+    let e = (name.to_string(), 0, "source".to_string(), data.to_string());
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tx.send(e) => {}
     }
 }
 

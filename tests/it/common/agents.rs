@@ -226,6 +226,23 @@ impl Agents {
         self.agents.insert(i, new);
     }
 
+    /// Starts an agent of node `name`, which the others' cluster file does
+    /// not name: it joins by registering in etcd (its own file adds its
+    /// entry, `extra` TOML lines in it).
+    pub fn add(&mut self, name: &str, extra: &str) {
+        let mut text = std::fs::read_to_string(&self.file).unwrap();
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"{name}\"\ncontrol = \"127.0.0.1:{}\"\ndata = \"127.0.0.1:{}\"\nmemory_capacity = \"1GiB\"\n{extra}\n",
+            free_port(),
+            free_port()
+        ));
+        let path = self.file.with_file_name(format!("cluster-{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let cluster = Cluster::load(&path).unwrap();
+        let new = self.rt.block_on(serve_agent(cluster, name)).unwrap();
+        self.agents.push(new);
+    }
+
     /// Waits for migration `id` on `node` to end; returns its record.
     pub fn wait(&self, node: &str, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
