@@ -299,3 +299,17 @@ pub struct Stopping {
     /// The VMs still on the node.
     pub vms: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_request_with_a_field_it_does_not_know_is_refused() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<CreateMigration>(v);
+        let ok = parse(serde_json::json!({"vm": "web", "target": "b", "codec": "lz4"})).unwrap();
+        assert_eq!(ok.params.codec.as_deref(), Some("lz4"));
+        let e = parse(serde_json::json!({"vm": "web", "target": "b", "bandwith": "1GB/s"}));
+        assert!(e.unwrap_err().to_string().contains("bandwith"));
+    }
+}

@@ -113,15 +113,32 @@ impl Versioned for UpdateSchedule {
     }
 }
 
-/// The body of `PUT /v1/cluster/update/schedule` (unknown fields are
-/// refused by the request's own check).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The body of `PUT /v1/cluster/update/schedule`: `schedule` beside the
+/// fields of `POST /v1/cluster/update`, any other field refused.
+#[derive(Debug, Clone, Serialize)]
 pub struct SetSchedule {
     /// `"DAY HH:MM"` (UTC) or `"every DURATION"`.
     pub schedule: String,
     /// What each run does.
     #[serde(flatten)]
     pub request: StartUpdate,
+}
+
+impl<'de> Deserialize<'de> for SetSchedule {
+    /// By hand: serde's `flatten` shows the request only the fields it
+    /// names, so its refusal of unknown ones never sees a misspelt one.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = serde_json::Map::deserialize(d)?;
+        let schedule = fields
+            .remove("schedule")
+            .ok_or_else(|| D::Error::missing_field("schedule"))?;
+        let schedule = String::deserialize(schedule)
+            .map_err(|e| D::Error::custom(format!("schedule: {e}")))?;
+        let request = StartUpdate::deserialize(serde_json::Value::Object(fields))
+            .map_err(D::Error::custom)?;
+        Ok(Self { schedule, request })
+    }
 }
 
 /// The schedule's key.
@@ -325,6 +342,19 @@ mod tests {
         assert!(matches!(decide(late, slot, Some(&older)), Slot::Done(why) if why.contains("u3")));
         assert!(matches!(decide(late, slot, None), Slot::Done(why) if why.starts_with("missed")));
         assert_eq!(decide(slot + LATENESS_MS, slot, None), Slot::Start);
+    }
+
+    #[test]
+    fn a_schedule_with_a_field_it_does_not_know_is_refused() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<SetSchedule>(v);
+        let s = parse(serde_json::json!({"schedule": "every 1h", "command": "true"})).unwrap();
+        assert_eq!(
+            (s.schedule.as_str(), s.request.command.as_str()),
+            ("every 1h", "true")
+        );
+        let e =
+            parse(serde_json::json!({"schedule": "every 1h", "command": "true", "comand": "x"}));
+        assert!(e.unwrap_err().to_string().contains("comand"));
     }
 
     #[test]
