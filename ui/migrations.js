@@ -78,6 +78,18 @@ function updateQueueRow(tr, [m, pos, waits, planned]) {
   b.onclick = () => act.cancelMigration(m.id);
 }
 
+/** How many of the pages sent each codec compressed: " (lz4 70 %, zstd-stream 12 %)". */
+function packedBy(pages) {
+  if (!pages || !pages.total) return "";
+  const by = pages.compressed_by ?? {};
+  const pct = (n) => Math.round((100 * n) / pages.total);
+  const parts = [["lz4", by.lz4], ["zstd", by.zstd], ["zstd-stream", by.zstd_stream]]
+    .filter(([, n]) => n > 0)
+    .map(([name, n]) => `${name} ${pct(n)} %`);
+  if (parts.length === 0 && pages.compressed > 0) parts.push(`compressed ${pct(pages.compressed)} %`);
+  return parts.length ? ` (${parts.join(", ")} of pages)` : " (none compressed)";
+}
+
 function historyRow() {
   return h("tr", {}, h("th", { scope: "row" }), h("td"), h("td"), h("td"), h("td", { class: "num" }), h("td", { class: "num" }), h("td", { class: "num" }), h("td"), h("td"));
 }
@@ -93,9 +105,7 @@ function updateHistoryRow(tr, m) {
   text(rounds, r.rounds ?? "–");
   text(downtime, r.downtime_ms != null ? fmt.ms(r.downtime_ms) : "–");
   text(ratio, r.compression_ratio != null ? `${Number(r.compression_ratio).toFixed(2)}×` : "–");
-  const pages = r.pages;
-  const packed = pages && pages.total ? ` (${Math.round((100 * pages.compressed) / pages.total)} % of pages compressed)` : "";
-  text(codec, r.codec ? `${r.codec}${packed}` : "–");
+  text(codec, r.codec ? `${r.codec}${packedBy(r.pages)}` : "–");
   const left = (r.round_log ?? []).map((x) => x.dirty_pages_after * 4096);
   if (chart.dataset.n !== String(left.length)) {
     chart.dataset.n = String(left.length);

@@ -1,6 +1,8 @@
 //! The migration report: one JSON object per side, the same from the library,
 //! the CLI's `--json` and (later) the agent's API.
 
+#[cfg(feature = "net")]
+use crate::codec::CodecId;
 use crate::wire::{GuestKind, VerifyMode};
 use serde::{Deserialize, Serialize};
 #[cfg(feature = "net")]
@@ -46,6 +48,22 @@ pub struct PageCounts {
     /// (dense pages).
     #[serde(default)]
     pub referenced: u64,
+    /// `compressed` by the codec that compressed them: under `auto`, what
+    /// it chose.
+    #[serde(default)]
+    pub compressed_by: CompressedBy,
+}
+
+/// Pages sent compressed, by codec (the wire's codec ids: zstd's level is
+/// the report's `codec` when one was asked for).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressedBy {
+    /// LZ4 blocks.
+    pub lz4: u64,
+    /// zstd frames, each batch on its own.
+    pub zstd: u64,
+    /// Parts of a channel's kept zstd stream.
+    pub zstd_stream: u64,
 }
 
 /// Page counts that many channel tasks add to at once.
@@ -57,18 +75,27 @@ pub(crate) struct PageCounter {
     raw: AtomicU64,
     compressed: AtomicU64,
     referenced: AtomicU64,
+    /// `compressed` by codec: lz4, zstd, zstd-stream.
+    by: [AtomicU64; 3],
 }
 
 #[cfg(feature = "net")]
 impl PageCounter {
-    /// Adds one batch: its pages, and how many of them were zero, raw,
-    /// compressed and references.
-    pub(crate) fn add(&self, total: u64, zero: u64, raw: u64, compressed: u64, referenced: u64) {
+    /// Adds one batch of `codec`: its pages, and how many of them were
+    /// zero, raw, compressed and references.
+    pub(crate) fn add(&self, codec: CodecId, [total, zero, raw, compressed, referenced]: [u64; 5]) {
         self.total.fetch_add(total, Ordering::Relaxed);
         self.zero.fetch_add(zero, Ordering::Relaxed);
         self.raw.fetch_add(raw, Ordering::Relaxed);
         self.compressed.fetch_add(compressed, Ordering::Relaxed);
         self.referenced.fetch_add(referenced, Ordering::Relaxed);
+        let by = match codec {
+            CodecId::None => return,
+            CodecId::Lz4 => 0,
+            CodecId::Zstd => 1,
+            CodecId::ZstdStream => 2,
+        };
+        self.by[by].fetch_add(compressed, Ordering::Relaxed);
     }
 
     /// The counts so far.
@@ -79,6 +106,11 @@ impl PageCounter {
             raw: self.raw.load(Ordering::Relaxed),
             compressed: self.compressed.load(Ordering::Relaxed),
             referenced: self.referenced.load(Ordering::Relaxed),
+            compressed_by: CompressedBy {
+                lz4: self.by[0].load(Ordering::Relaxed),
+                zstd: self.by[1].load(Ordering::Relaxed),
+                zstd_stream: self.by[2].load(Ordering::Relaxed),
+            },
         }
     }
 }

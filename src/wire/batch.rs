@@ -485,6 +485,8 @@ pub struct EncodedBatch {
     /// Bytes of page data in the payload (after the runs and the bitmaps,
     /// before any references).
     pub data_bytes: usize,
+    /// The codec of its page data (none when sent as they are).
+    pub codec: CodecId,
 }
 
 /// Builds page batches. Raw pages go straight from guest memory into the
@@ -677,6 +679,7 @@ impl BatchEncoder {
             compressed,
             refs: same,
             data_bytes: data_len,
+            codec: used.id(),
         })
     }
 

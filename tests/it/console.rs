@@ -133,6 +133,11 @@ fn a_migration_started_in_the_console_is_watched_to_its_end() {
         b.until("the history row", "return document.querySelector('#history tbody tr') !== null")
             .await;
         b.shot("migration-history").await;
+        // Its report: the codec asked for, and what it compressed.
+        let codec = b
+            .js("return document.querySelector('#history tbody tr').children[7].textContent")
+            .await;
+        assert_eq!(codec, json!("none (none compressed)"));
         // Signed out, then in with the read-only token: a view without
         // actions, and the API refuses a change all the same.
         b.click("#sign-out").await;

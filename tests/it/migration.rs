@@ -64,6 +64,16 @@ fn every_codec_moves_memory_byte_for_byte() {
                 "{codec}: {src:?}"
             ),
         }
+        // Every compressed page is counted under the codec that did it.
+        let by = src.pages.compressed_by;
+        let of_codec = match codec {
+            Codec::None => 0,
+            Codec::Lz4 => by.lz4,
+            Codec::Zstd { .. } => by.zstd,
+            Codec::ZstdStream { .. } => by.zstd_stream,
+        };
+        assert_eq!(of_codec, src.pages.compressed, "{codec}: {by:?}");
+        assert_eq!(by.lz4 + by.zstd + by.zstd_stream, of_codec, "{codec}");
         assert_eq!(src.channels, 4);
         assert_eq!(src.codec, codec.to_string());
     }
@@ -374,6 +384,13 @@ fn auto_picks_compression_on_a_slow_link_and_moves_memory_byte_for_byte() {
     // On a 25 MB/s link the realistic mix is worth compressing: after one raw
     // batch to measure `none`, nearly every batch is compressed.
     assert!(src.pages.compressed > 10 * src.pages.raw, "{:?}", src.pages);
+    // What auto chose, by codec, adds up to what it compressed.
+    let by = src.pages.compressed_by;
+    assert_eq!(
+        by.lz4 + by.zstd + by.zstd_stream,
+        src.pages.compressed,
+        "{by:?}"
+    );
     assert!(
         src.compression_ratio > 2.0,
         "ratio {}",

@@ -153,7 +153,7 @@ impl Shared {
             (0, nonzero - refs)
         };
         self.counts
-            .add(pages, pages - nonzero, raw, compressed, refs);
+            .add(batch.codec, [pages, pages - nonzero, raw, compressed, refs]);
         Ok(())
     }
 }

@@ -254,11 +254,14 @@ impl Encoder {
     /// Counts a batch's pages once it is written.
     pub fn count(&self, batch: &EncodedBatch) {
         self.counts.add(
-            batch.pages.into(),
-            batch.zero.into(),
-            batch.raw.into(),
-            batch.compressed.into(),
-            batch.refs.into(),
+            batch.codec,
+            [
+                batch.pages.into(),
+                batch.zero.into(),
+                batch.raw.into(),
+                batch.compressed.into(),
+                batch.refs.into(),
+            ],
         );
     }
 }
