@@ -8,7 +8,7 @@
 use super::Spread;
 use crate::codec::CodecChoice;
 use crate::memory::{ContentKind, FillSpec, WorkloadPattern};
-use crate::migration::{MigratableGuest, Outcome, Report};
+use crate::migration::{CompressedBy, MigratableGuest, Outcome, Report};
 use crate::wire::GuestKind;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -188,6 +188,10 @@ pub struct Cell {
     pub wire_bytes: u64,
     /// Median pages sent as references (dense pages).
     pub pages_referenced: u64,
+    /// Median pages sent (zero pages included).
+    pub pages_total: u64,
+    /// Median pages compressed by each codec: under `auto`, what it chose.
+    pub pages_compressed_by: CompressedBy,
     /// Median compression ratio.
     pub compression_ratio: f64,
     /// Median guest throughput, bytes/s.
@@ -249,6 +253,12 @@ pub fn summarize(codec: &str, link_bps: Option<u64>, guest: &str, reports: &[Rep
         downtime_ms: Spread::of(&ok.iter().map(|r| r.downtime_ms).collect::<Vec<_>>()),
         wire_bytes: of(|r| r.wire_bytes as f64) as u64,
         pages_referenced: of(|r| r.pages.referenced as f64) as u64,
+        pages_total: of(|r| r.pages.total as f64) as u64,
+        pages_compressed_by: CompressedBy {
+            lz4: of(|r| r.pages.compressed_by.lz4 as f64) as u64,
+            zstd: of(|r| r.pages.compressed_by.zstd as f64) as u64,
+            zstd_stream: of(|r| r.pages.compressed_by.zstd_stream as f64) as u64,
+        },
         compression_ratio: of(|r| r.compression_ratio),
         throughput_guest_bps: of(|r| r.throughput_guest_bps),
         throughput_wire_bps: of(|r| r.throughput_wire_bps),
@@ -399,13 +409,14 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
     let mut csv = String::from(
         "codec,link_bps,guest,repeats,failures,total_ms_median,total_ms_min,total_ms_max,\
          downtime_ms_median,downtime_ms_min,downtime_ms_max,wire_bytes,compression_ratio,\
-         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner,tls,dense\n",
+         throughput_guest_bps,cpu_ms_source,cpu_ms_destination,winner,tls,dense,\
+         pages_total,pages_lz4,pages_zstd,pages_zstd_stream\n",
     );
     let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     for c in cells {
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.0},{:.1},{:.1},{},{},{},{},{},{},{}",
             c.codec,
             c.link_bps.map_or(String::new(), |b| b.to_string()),
             c.guest,
@@ -424,7 +435,11 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
             c.cpu_ms.destination,
             c.winner,
             c.tls,
-            c.dense
+            c.dense,
+            c.pages_total,
+            c.pages_compressed_by.lz4,
+            c.pages_compressed_by.zstd,
+            c.pages_compressed_by.zstd_stream
         );
     }
     std::fs::write(dir.join("results.csv"), csv)?;
@@ -455,6 +470,7 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
             c.cpu_ms.destination
         );
     }
+    md.push_str(&auto_chose(cells));
     let failed: Vec<&Cell> = cells.iter().filter(|c| c.failures > 0).collect();
     if !failed.is_empty() {
         md.push_str("\n## Failures\n\n");
@@ -471,6 +487,42 @@ pub fn write_outputs(dir: &Path, meta: &SweepMeta, cells: &[Cell]) -> std::io::R
         }
     }
     std::fs::write(dir.join("report.md"), md)
+}
+
+/// `report.md`'s table of what `auto` chose in each of its cells: the
+/// share of pages each codec compressed (the rest went zero, raw or as
+/// references). Empty without `auto` cells.
+fn auto_chose(cells: &[Cell]) -> String {
+    let auto: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| c.codec == "auto" && c.repeats > 0)
+        .collect();
+    if auto.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n## What auto chose\n\nShare of the pages sent that each codec compressed (medians).\n\n\
+         | guest | link | row | lz4 | zstd | zstd-stream | not compressed |\n|---|---|---|---|---|---|---|\n",
+    );
+    for c in auto {
+        let by = c.pages_compressed_by;
+        let pct = |n: u64| 100.0 * n as f64 / c.pages_total.max(1) as f64;
+        let rest = c
+            .pages_total
+            .saturating_sub(by.lz4 + by.zstd + by.zstd_stream);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} % | {:.0} % | {:.0} % | {:.0} % |",
+            c.guest,
+            link_label(c.link_bps),
+            c.row(),
+            pct(by.lz4),
+            pct(by.zstd),
+            pct(by.zstd_stream),
+            pct(rest)
+        );
+    }
+    md
 }
 
 /// How a sweep's migrations run: channels, repeats, where the two ends meet,

@@ -41,4 +41,6 @@ pub use violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
 // The wire counts pages as guest memory does.
 const _: () = assert!(crate::memory::PAGE_SIZE == crate::wire::PAGE_SIZE);
 pub use guest::{kvm_unavailable, restore_guest, start_guest, MigratableGuest};
-pub use report::{CpuMs, GuestsHere, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side};
+pub use report::{
+    CompressedBy, CpuMs, GuestsHere, MemoryUse, Outcome, PageCounts, Report, RoundLog, Side,
+};

@@ -165,9 +165,17 @@ fn link_labels() {
 
 #[test]
 fn outputs_are_written_and_parse() {
+    let mut auto = cell("auto", None, "a", 120.0, 0);
+    auto.pages_total = 1000;
+    auto.pages_compressed_by = CompressedBy {
+        lz4: 600,
+        zstd: 0,
+        zstd_stream: 250,
+    };
     let mut cells = vec![
         cell("none", None, "a", 100.0, 0),
         cell("lz4", None, "a", 150.0, 0),
+        auto,
     ];
     mark_winners(&mut cells);
     let dir = std::env::temp_dir().join(format!("ferry-sweep-{}", std::process::id()));
@@ -203,7 +211,11 @@ fn outputs_are_written_and_parse() {
     assert_eq!(c["cpu_ms"]["source"], 10.0);
     assert_eq!(c["winner"], true);
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 3);
+    assert_eq!(csv.lines().count(), 4);
+    assert!(
+        csv.lines().nth(3).unwrap().ends_with(",1000,600,0,250"),
+        "{csv}"
+    );
     assert!(csv
         .lines()
         .nth(1)
@@ -211,5 +223,10 @@ fn outputs_are_written_and_parse() {
         .starts_with("none,,a,1,0,100.000"));
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("| a | unlimited | none |"), "{md}");
+    // What auto chose, as shares of the pages sent.
+    assert!(
+        md.contains("| a | unlimited | auto | 60 % | 0 % | 25 % | 15 % |"),
+        "{md}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
