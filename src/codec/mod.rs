@@ -238,6 +238,17 @@ thread_local! {
     static ZSTD_S: RefCell<Vec<StreamEncoder>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Empties the windows of this thread's kept streams for [`compress`]
+/// (their contexts and buffers stay): what a probe compressed before no
+/// longer helps the next. A warm-up that compressed a sample must call
+/// it, or the timed run of the same sample finds it all in the window.
+pub fn forget_streams() {
+    ZSTD_S.with(|cell| {
+        // A stream that cannot be reset is made anew at its next use.
+        cell.borrow_mut().retain_mut(|s| s.forget().is_ok());
+    });
+}
+
 /// The largest output `compress` can write for `len` input bytes.
 pub fn max_compressed_len(codec: Codec, len: usize) -> usize {
     match codec {
@@ -368,6 +379,32 @@ mod tests {
         }
         assert!(is_zero_page(&[0u8; 100]));
         assert!(!is_zero_page(&[0, 0, 3]));
+    }
+
+    #[test]
+    fn a_probe_stream_forgets_what_a_warm_up_gave_it() {
+        // Incompressible bytes: only the window can shrink them.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let sample: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let stream = Codec::ZstdStream { level: 1 };
+        let size = |out: &mut BytesMut| {
+            out.clear();
+            compress(stream, &sample, out).unwrap()
+        };
+        let mut out = BytesMut::new();
+        let first = size(&mut out);
+        assert!(first >= sample.len(), "{first}");
+        // Again into the same window: found whole.
+        assert!(size(&mut out) < sample.len() / 10);
+        forget_streams();
+        assert_eq!(size(&mut out), first);
     }
 
     #[test]

@@ -49,6 +49,15 @@ impl StreamEncoder {
         self.level
     }
 
+    /// Starts the stream afresh: its window forgets everything it was
+    /// given; its parameters and buffers stay.
+    pub fn forget(&mut self) -> Result<(), CodecError> {
+        self.cctx
+            .reset(zstd_safe::ResetDirective::SessionOnly)
+            .map(|_| ())
+            .map_err(|_| CodecError::Compress { codec: CODEC })
+    }
+
     /// Compresses `input` into the stream and flushes it, appending what
     /// the receiver needs to decode all of it to `out`. Returns the bytes
     /// appended. On an error the stream is unusable: its connection's

@@ -140,6 +140,9 @@ impl Encoder {
                                 out.clear();
                                 let _ = crate::codec::compress(c, sample, out);
                             }
+                            // Else the kept stream's timed run below finds
+                            // the whole sample in its window.
+                            crate::codec::forget_streams();
                         }
                         for &c in compressors {
                             out.clear();
