@@ -78,7 +78,7 @@ function updateQueueRow(tr, [m, pos, waits, planned]) {
   b.onclick = () => act.cancelMigration(m.id);
 }
 
-/** How many of the pages sent each codec compressed: " (lz4 70 %, zstd-stream 12 %)". */
+/** How many of the pages sent each codec compressed: " (lz4 70 %, zstd-stream 12 % of pages)". */
 function packedBy(pages) {
   if (!pages || !pages.total) return "";
   const by = pages.compressed_by ?? {};

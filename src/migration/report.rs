@@ -57,6 +57,7 @@ pub struct PageCounts {
 /// Pages sent compressed, by codec (the wire's codec ids: zstd's level is
 /// the report's `codec` when one was asked for).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CompressedBy {
     /// LZ4 blocks.
     pub lz4: u64,

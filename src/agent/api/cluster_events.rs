@@ -39,7 +39,10 @@ pub(super) async fn cluster_events(
     State(node): State<Arc<Node>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let pos = positions(last_event_id(&headers));
+    let mut pos = positions(last_event_id(&headers));
+    // Only members have a position to resume.
+    let members: BTreeSet<String> = node.members().into_iter().map(|n| n.name).collect();
+    pos.retain(|name, _| members.contains(name));
     let Ok(permit) = node.cluster_streams.clone().try_acquire_owned() else {
         return super::events::busy("cluster event streams", MAX_CLUSTER_STREAMS).into_response();
     };
@@ -80,10 +83,11 @@ pub(super) async fn cluster_events(
 /// Every member's events into `tx`: this node's, and each other node's
 /// from when it is a member (its registration read from etcd) until it is
 /// no longer one, when its reader says it `left`. Membership is read again
-/// a second after each change of this agent's copy of etcd.
+/// a second after each change of this agent's copy of etcd; a node is
+/// taken to have left only while that copy is whole.
 async fn follow(
     node: Arc<Node>,
-    pos: BTreeMap<String, u64>,
+    mut pos: BTreeMap<String, u64>,
     tx: mpsc::Sender<Tagged>,
     stop: CancellationToken,
 ) {
@@ -97,16 +101,23 @@ async fn follow(
     let mut readers: BTreeMap<String, CancellationToken> = BTreeMap::new();
     let mut changes = None;
     loop {
+        // Before the members are read: a change meanwhile is seen next.
+        if changes.is_none() {
+            changes = node.mirror.get().map(|m| m.subscribe());
+        }
         let names: BTreeSet<String> = node
             .members()
             .into_iter()
             .map(|n| n.name)
             .filter(|n| *n != me)
             .collect();
+        let whole = node.mirror.get().is_some_and(|m| m.ready());
         readers.retain(|name, leave| {
-            let stays = names.contains(name);
+            let stays = !whole || names.contains(name);
             if !stays {
                 leave.cancel();
+                // Back later, it is read from its start.
+                pos.remove(name);
             }
             stays
         });
@@ -124,9 +135,6 @@ async fn follow(
                 ));
                 v.insert(leave);
             }
-        }
-        if changes.is_none() {
-            changes = node.mirror.get().map(|m| m.subscribe());
         }
         let next = async {
             let changed = match changes.as_mut() {
@@ -209,6 +217,10 @@ async fn remote(
                     .map_err(|e| e.to_string())?
                     .ok_or("its stream ended")?;
                 for (id, kind, data) in frames.push(&chunk)? {
+                    // Only this stream says whether a node is read.
+                    if kind == "source" {
+                        continue;
+                    }
                     let id: u64 = match id.as_str() {
                         "" => 0,
                         id => id.parse().map_err(|_| format!("event id {id:?}"))?,

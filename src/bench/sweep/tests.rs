@@ -83,6 +83,30 @@ fn summaries_take_medians_of_completed_runs() {
     assert_eq!(none.total_ms, None);
 }
 
+#[test]
+fn what_auto_chose_comes_from_one_run() {
+    // Each run compressed with one codec: medians codec by codec would all
+    // be 0, as if nothing had been compressed.
+    let run = |total: f64, by: CompressedBy| {
+        let mut r = report(total, 1.0, Outcome::Completed);
+        r.pages.total = 100;
+        r.pages.compressed_by = by;
+        r
+    };
+    let one = |lz4, zstd, zstd_stream| CompressedBy {
+        lz4,
+        zstd,
+        zstd_stream,
+    };
+    let runs = [
+        run(300.0, one(90, 0, 0)),
+        run(100.0, one(0, 90, 0)),
+        run(200.0, one(0, 0, 90)),
+    ];
+    let c = summarize("auto", None, "g", &runs);
+    assert_eq!((c.pages_total, c.pages_compressed_by), (100, one(0, 0, 90)));
+}
+
 fn cell(codec: &str, link: Option<u64>, guest: &str, total: f64, failures: u32) -> Cell {
     let mut c = summarize(
         codec,

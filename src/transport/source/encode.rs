@@ -13,6 +13,7 @@ use crate::page::PageIndex;
 use crate::page::PageRun;
 use crate::wire::{BatchEncoder, EncodedBatch, Read};
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub(super) struct Encoder {
     /// Dense pages, when the destination takes references: the pages it
     /// holds, by content, and the key of the references' tags.
     pub sent: Option<(SentIndex, [u8; 32])>,
+    /// This encoder among the process's ([`new_encoder_id`]).
+    pub id: u64,
 }
 
 /// Which candidates a probe measures.
@@ -45,6 +48,16 @@ thread_local! {
     static PROBE: RefCell<(Vec<u8>, bytes::BytesMut)> = RefCell::new((Vec::new(), bytes::BytesMut::new()));
     /// Whether this thread's compressors and probe buffers exist yet.
     static PROBE_WARM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The [`Encoder::id`] whose samples this thread's probe streams hold.
+    static PROBE_OWNER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Encoders made in this process so far.
+static ENCODERS: AtomicU64 = AtomicU64::new(0);
+
+/// A number no other encoder of this process has (never 0).
+pub(super) fn new_encoder_id() -> u64 {
+    ENCODERS.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 impl Encoder {
@@ -140,8 +153,13 @@ impl Encoder {
                                 out.clear();
                                 let _ = crate::codec::compress(c, sample, out);
                             }
-                            // Else the kept stream's timed run below finds
-                            // the whole sample in its window.
+                        }
+                        // The thread's probe streams hold this migration's
+                        // samples only: else a kept stream's timed run finds
+                        // a sample the warm-up just gave it, or one an
+                        // earlier migration of the same pages gave it, whole
+                        // in its window, and looks a hundred times smaller.
+                        if PROBE_OWNER.replace(self.id) != self.id {
                             crate::codec::forget_streams();
                         }
                         for &c in compressors {

@@ -462,5 +462,6 @@ fn encoder(
         sent: tally
             .refs_key
             .map(|key| (SentIndex::new(guest.memory().pages()), key)),
+        id: encode::new_encoder_id(),
     }
 }
