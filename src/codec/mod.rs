@@ -240,8 +240,10 @@ thread_local! {
 
 /// Empties the windows of this thread's kept streams for [`compress`]
 /// (their contexts and buffers stay): what a probe compressed before no
-/// longer helps the next. A warm-up that compressed a sample must call
-/// it, or the timed run of the same sample finds it all in the window.
+/// longer helps the next. The source calls it when a thread first probes
+/// for a migration, after its warm-up: else the timed run of a sample the
+/// warm-up (or an earlier migration of the same pages) gave a stream finds
+/// it all in the window.
 pub fn forget_streams() {
     ZSTD_S.with(|cell| {
         // A stream that cannot be reset is made anew at its next use.

@@ -65,7 +65,7 @@ pub(super) async fn cluster_events(
             e.id(encode(&pos))
         } else {
             // A node that left the cluster has no position to resume.
-            if kind == "source" && data.contains("\"left\":true") {
+            if kind == "source" && says_left(&data) {
                 pos.remove(&name);
             }
             e
@@ -257,6 +257,13 @@ async fn remote(
     }
 }
 
+/// Whether a `source` event's data says its node left (as [`left`] writes
+/// it; read as JSON, so no text inside an error message can pass for it).
+fn says_left(data: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(data)
+        .is_ok_and(|v| v.get("left").and_then(|l| l.as_bool()) == Some(true))
+}
+
 /// Says node `name` left the cluster: its reader's last event.
 async fn left(name: &str, tx: &mpsc::Sender<Tagged>, stop: &CancellationToken) {
     let data =
@@ -283,6 +290,9 @@ mod tests {
             .map(|i| format!("n{i}:1"))
             .collect();
         assert!(positions(Some(&many.join(","))).is_empty());
+        assert!(says_left(r#"{"connected":false,"left":true}"#));
+        assert!(!says_left(r#"{"connected":false,"error":"\"left\":true"}"#));
+        assert!(!says_left(r#"{"connected":false,"left":false}"#));
         assert_eq!(
             with_node("b", "{\"name\":\"web\"}"),
             "{\"name\":\"web\",\"node\":\"b\"}"
