@@ -155,7 +155,9 @@ impl Procs {
                     .filter(|(n, _, _)| n == name)
                     .map(|(_, k, v)| (k, v)),
             )
-            .env("RUST_LOG", "warn")
+            // Warnings, and the rolling update's steps (a failing test
+            // prints them).
+            .env("RUST_LOG", "warn,ferry::agent::rolling=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -173,7 +175,9 @@ impl Procs {
             std::thread::sleep(Duration::from_millis(20));
         }
         let log = read_log(child.stderr.take().unwrap());
-        self.logs.retain(|(n, _)| n != name);
+        for (n, _) in self.logs.iter_mut().filter(|(n, _)| n == name) {
+            *n = format!("{name}, an earlier process");
+        }
         self.agents.retain(|(n, _)| n != name);
         self.logs.push((name.to_string(), log));
         self.agents.push((name.to_string(), child));
@@ -298,6 +302,14 @@ fn read_log(mut pipe: std::process::ChildStderr) -> Arc<Mutex<String>> {
 
 impl Drop for Procs {
     fn drop(&mut self) {
+        // A failing test shows what each agent said (the last of it).
+        if std::thread::panicking() {
+            for (name, log) in &self.logs {
+                let log = log.lock().unwrap();
+                let tail = &log[log.floor_char_boundary(log.len().saturating_sub(12_000))..];
+                eprintln!("--- agent {name}'s log (its last 12 KB) ---\n{tail}");
+            }
+        }
         for (_, c) in &mut self.agents {
             let _ = c.kill();
             let _ = c.wait();
