@@ -306,7 +306,11 @@ impl Drop for Procs {
         if std::thread::panicking() {
             for (name, log) in &self.logs {
                 let log = log.lock().unwrap();
-                let tail = &log[log.floor_char_boundary(log.len().saturating_sub(12_000))..];
+                let mut from = log.len().saturating_sub(12_000);
+                while !log.is_char_boundary(from) {
+                    from += 1;
+                }
+                let tail = &log[from..];
                 eprintln!("--- agent {name}'s log (its last 12 KB) ---\n{tail}");
             }
         }
