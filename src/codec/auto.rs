@@ -6,7 +6,8 @@
 //! cpu(c)  = base + (1 - z) * cost(c)         base: copy, zero check, hash
 //! wire(c) = (1 - z) * shrink(c)              z: fraction of zero pages
 //! throughput(c) = min(encode_cores / cpu(c), link_rate / wire(c))
-//! encode_cores  = cores - min(cores / 2, link_rate / RECEIVE_BPS_PER_CORE)
+//! encode_cores  = min(cores - min(cores / 2, link_rate / RECEIVE_BPS_PER_CORE),
+//!                     workers * share)
 //! ```
 //!
 //! The encoder does not have the machine to itself: the guest runs, and on a
@@ -14,7 +15,13 @@
 //! grows with the wire rate. So the encoder counts on all cores but the share
 //! receiving costs at the link's rate, and never more than half of them while
 //! the link is unknown or fast: on a 1 Gbit/s link that leaves it 1.9 of 2
-//! cores, uncapped on loopback 1.
+//! cores, uncapped on loopback 1. Nor are its cores its own: its workers
+//! (one per channel, each encoding a batch at a time) get a `share` of a
+//! core while they encode, their CPU time over the wall time of their
+//! batches. Where two migrations, the guests and the receivers contend for
+//! two cores, four workers get a fifth of a core each, and the encoder counts
+//! on 0.8 cores, not 1.9. A link shared by several migrations (a node's cap)
+//! counts as its share.
 //!
 //! `cost` (CPU seconds per byte) and `shrink` (compressed bytes per byte) are
 //! each compressor's, on the non-zero bytes being sent now (`none`: 0 and 1),
@@ -32,7 +39,9 @@
 //! [`PROBE_EVERY_FAR`] while none comes within 60% (on loopback, where raw wins
 //! by far, a probe costs more than it could gain). Probes weigh more than whole
 //! batches in the ratio's average, so a new kind of page is followed within a
-//! few probes.
+//! few probes. A batch whose ratio strays from the average asks for a probe
+//! too, at most one in [`PROBE_EVERY_CLOSE`] batches: memory of mixed content
+//! strays every other batch, and probing each cost a sixth of the CPU.
 //!
 //! A 64 KiB sample is not a whole batch, and not in the same way for every
 //! codec: a stronger level gains more from a bigger context (zstd:3 about 7%
@@ -143,6 +152,12 @@ pub struct AutoChooser {
     /// means the page mix changed, and the next batch probes.
     batch_ratio: Option<(Codec, f64)>,
     probe_soon: bool,
+    /// The batch that last probed.
+    last_probe: Option<u64>,
+    /// The encoder's workers (batches it encodes at once), when known.
+    workers: Option<f64>,
+    /// The share of a core a worker gets while it encodes, averaged.
+    share: Option<f64>,
     /// The last whole batch: its codec's index, and its wire bytes and
     /// compression seconds per non-zero byte, for pairing with that codec's
     /// sample of the same batch.
@@ -168,6 +183,9 @@ impl AutoChooser {
             batches: 0,
             batch_ratio: None,
             probe_soon: false,
+            last_probe: None,
+            workers: None,
+            share: None,
             last_batch: None,
             explored: [false; CANDIDATES.len()],
             probes: 0,
@@ -181,6 +199,20 @@ impl AutoChooser {
         self.enabled[STREAM] = on;
         self.probe_set[STREAM] = on;
         self
+    }
+
+    /// Says how many batches the encoder encodes at once (its channels).
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers.max(1) as f64);
+        self
+    }
+
+    /// Records that a worker encoding a batch got `cpu` seconds of a core in
+    /// `wall` seconds.
+    pub fn record_share(&mut self, cpu: f64, wall: f64) {
+        if cpu > 0.0 && wall > 0.0 && cpu.is_finite() && wall.is_finite() {
+            self.share = ewma(self.share, (cpu / wall).clamp(0.01, 1.0));
+        }
     }
 
     /// Sets the link rate in wire bytes per second (a configured cap, or what
@@ -197,13 +229,18 @@ impl AutoChooser {
     }
 
     /// Cores the encoder counts on: all but the receiving side's share at the
-    /// link's rate, at most half of them when the link is unknown or fast.
+    /// link's rate, at most half of them when the link is unknown or fast;
+    /// and no more than its workers get while they encode.
     pub fn encode_cores(&self) -> f64 {
         let receive = match self.link_bps {
             Some(link) => (link / RECEIVE_BPS_PER_CORE).min(self.cores / 2.0),
             None => self.cores / 2.0,
         };
-        self.cores - receive
+        let got = match (self.workers, self.share) {
+            (Some(w), Some(s)) => w * s,
+            _ => f64::INFINITY,
+        };
+        (self.cores - receive).min(got)
     }
 
     fn index(codec: Codec) -> Option<usize> {
@@ -415,11 +452,16 @@ impl AutoChooser {
         // migration directly (about 5% at one probe in four): half as often.
         let cpu_bound = self.bounds(best).is_some_and(|(cpu, wire)| cpu < wire);
         let every = if cpu_bound { every * 2 } else { every };
-        let probe = !self.measured() || self.batches.is_multiple_of(every) || self.probe_soon;
+        let soon = self.probe_soon
+            && self
+                .last_probe
+                .is_none_or(|p| self.batches >= p + PROBE_EVERY_CLOSE);
+        let probe = !self.measured() || self.batches.is_multiple_of(every) || soon;
         if probe {
             self.probes += 1;
-            let full =
-                !self.measured() || self.probe_soon || self.probes.is_multiple_of(PROBE_ALL_EVERY);
+            self.probe_soon = false;
+            self.last_probe = Some(self.batches);
+            let full = !self.measured() || soon || self.probes.is_multiple_of(PROBE_ALL_EVERY);
             let top = self.throughput(best).unwrap_or(0.0);
             for i in 0..CANDIDATES.len() {
                 self.probe_set[i] = self.enabled[i]
@@ -428,13 +470,14 @@ impl AutoChooser {
                         || self.throughput(i).unwrap_or(0.0) >= top * PROBE_RELEVANT);
             }
         }
-        self.probe_soon = false;
         if probe {
             tracing::trace!(
                 batch = self.batches,
                 best = %CANDIDATES[best],
-                throughputs = ?(0..CANDIDATES.len())
-                    .map(|i| (self.throughput(i).unwrap_or(0.0) / 1e6).round())
+                cores = self.encode_cores(),
+                share = ?self.share,
+                bounds = ?(0..CANDIDATES.len())
+                    .map(|i| self.bounds(i).map(|(c, w)| ((c / 1e6).round(), (w / 1e6).round())))
                     .collect::<Vec<_>>(),
                 scales = ?self.estimates.iter().map(|e| e.scale).collect::<Vec<_>>(),
                 "auto estimates (MB/s of guest memory)"
@@ -628,6 +671,50 @@ mod tests {
         batch(&mut a, 1.05); // incompressible pages arrive
         assert!(a.pick().1, "the next batch probes");
         assert!(!a.pick().1, "once");
+    }
+
+    #[test]
+    fn memory_of_mixed_content_asks_for_a_probe_at_most_once_in_four_batches() {
+        let mut a = measured(2, Some(125.0), 0.36, MIX);
+        let zstd = Codec::Zstd { level: 1 };
+        let mut probes = 0;
+        for k in 0..64 {
+            probes += usize::from(a.pick().1);
+            // Every batch strays from the last: code, then text, then code.
+            let ratio = if k % 2 == 0 { 3.0 } else { 1.5 };
+            let data = ((1 << 20) as f64 / ratio) as u64;
+            a.record_batch(zstd, 1 << 20, 1 << 20, data, 1e-3);
+        }
+        // The regular ones (one in four: the choice is close) and the first
+        // stray's; every other batch probed before.
+        assert_eq!(probes, 17);
+    }
+
+    #[test]
+    fn a_contended_encoder_counts_on_what_its_workers_get() {
+        // 1 Gbit/s on the realistic mix: alone, zstd:3 (link-bound).
+        let mut a = measured(2, Some(125.0), 0.36, MIX).with_workers(4);
+        assert_eq!(a.best(), Codec::Zstd { level: 3 });
+        // Unmeasured, or each worker a whole core: the cores less the
+        // receiving side's share, as before.
+        assert!((a.encode_cores() - 1.9375).abs() < 1e-9);
+        a.record_share(1e-3, 1e-3);
+        assert!((a.encode_cores() - 1.9375).abs() < 1e-9);
+        // Four workers that get 15% of a core each while they encode (another
+        // migration, the guests and the receivers want the same two cores):
+        // 0.6 cores, on which zstd would be CPU-bound, and lz4 wins.
+        let mut b = measured(2, Some(125.0), 0.36, MIX).with_workers(4);
+        b.record_share(0.15e-3, 1e-3);
+        assert!(
+            (b.encode_cores() - 0.6).abs() < 1e-9,
+            "{}",
+            b.encode_cores()
+        );
+        assert_eq!(b.best(), Codec::Lz4);
+        // Without workers the share says nothing.
+        let mut c = measured(2, Some(125.0), 0.36, MIX);
+        c.record_share(0.15e-3, 1e-3);
+        assert!((c.encode_cores() - 1.9375).abs() < 1e-9);
     }
 
     /// Runs `batches` batches through the chooser: each codec's sample ratio

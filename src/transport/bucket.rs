@@ -1,6 +1,7 @@
 //! A token bucket shared by every channel of a migration: one acquire per frame.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Caps bytes per second. Starts empty; holds at most `burst` bytes of credit;
@@ -11,6 +12,25 @@ pub struct TokenBucket {
     rate: f64,
     burst: f64,
     state: Mutex<(f64, Instant)>,
+    /// Senders that share the bucket now ([`TokenBucket::join`]).
+    users: AtomicUsize,
+}
+
+/// A sender's place among a bucket's users, given up when dropped.
+#[derive(Debug)]
+pub struct BucketUser(Arc<TokenBucket>);
+
+impl BucketUser {
+    /// The bucket it shares.
+    pub fn bucket(&self) -> &TokenBucket {
+        &self.0
+    }
+}
+
+impl Drop for BucketUser {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl TokenBucket {
@@ -26,7 +46,21 @@ impl TokenBucket {
             rate: rate as f64,
             burst: burst.max(1) as f64,
             state: Mutex::new((0.0, now)),
+            users: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts a sender among the bucket's users while the returned guard
+    /// lives (a node's outgoing migrations share one bucket).
+    pub fn join(self: &Arc<Self>) -> BucketUser {
+        self.users.fetch_add(1, Ordering::Relaxed);
+        BucketUser(self.clone())
+    }
+
+    /// The rate each of its users may count on: an even share (the whole
+    /// rate while it has none).
+    pub fn share(&self) -> u64 {
+        self.rate() / self.users.load(Ordering::Relaxed).max(1) as u64
     }
 
     /// The rate, bytes/s.
@@ -63,6 +97,21 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn its_users_share_the_rate_while_they_are_joined() {
+        let b = Arc::new(TokenBucket::new(120, 1));
+        assert_eq!(b.share(), 120);
+        let one = b.join();
+        assert_eq!(b.share(), 120);
+        let two = b.join();
+        let three = b.join();
+        assert_eq!(b.share(), 40);
+        drop((one, two));
+        assert_eq!(b.share(), 120);
+        drop(three);
+        assert_eq!(b.share(), 120);
+    }
 
     #[test]
     fn starts_empty_and_holds_the_rate() {

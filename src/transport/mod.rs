@@ -15,7 +15,7 @@ mod progress;
 mod source;
 pub mod tls;
 
-pub use bucket::TokenBucket;
+pub use bucket::{BucketUser, TokenBucket};
 pub use channel::{Conn, FrameReader, FrameWriter, Received, HANDSHAKE_MAX_PAYLOAD};
 #[cfg(feature = "fuzzing")]
 pub(crate) use dest::prefill;

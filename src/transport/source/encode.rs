@@ -33,6 +33,10 @@ pub(super) struct Encoder {
     pub sent: Option<(SentIndex, [u8; 32])>,
     /// This encoder among the process's ([`new_encoder_id`]).
     pub id: u64,
+    /// Under a cap shared with other migrations (a node's): the migration's
+    /// own cap, if any, and its place among the bucket's users, so `auto`
+    /// counts on its share of the link.
+    pub shared: Option<(Option<u64>, crate::transport::BucketUser)>,
 }
 
 /// Which candidates a probe measures.
@@ -73,6 +77,10 @@ impl Encoder {
                         chooser.set_link_rate(bps);
                     }
                 }
+                if let Some((own, user)) = &self.shared {
+                    let share = user.bucket().share().min(own.unwrap_or(u64::MAX));
+                    chooser.set_link_rate(share as f64);
+                }
                 let (codec, probe) = chooser.pick();
                 tracing::trace!(%codec, probe, link = ?chooser.link_rate(), "auto picked");
                 let set = crate::codec::CANDIDATES.map(|c| chooser.probes(c));
@@ -98,7 +106,8 @@ impl Encoder {
             // Only auto times batches. CPU time, not wall: with more encoders
             // than cores a batch waits for a core, and wall time would make
             // every codec look slower.
-            let t = (self.codec == CodecChoice::Auto).then(crate::cpu::CpuTimer::start);
+            let t = (self.codec == CodecChoice::Auto)
+                .then(|| (crate::cpu::CpuTimer::start(), std::time::Instant::now()));
             let refs = self.sent.is_some();
             let batch = enc.encode_stream(round, codec, runs, refs, stream, |page, buf| {
                 // Checked in place first: a zero page (a third of a typical
@@ -119,8 +128,9 @@ impl Encoder {
                     _ => Read::Data,
                 }
             })?;
-            if let Some(t) = t {
+            if let Some((t, wall)) = t {
                 let secs = t.secs();
+                let wall = wall.elapsed().as_secs_f64();
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
                 // References are not the codec's doing.
                 let nonzero = u64::from(batch.pages - batch.zero - batch.refs) * PAGE_SIZE as u64;
@@ -173,6 +183,7 @@ impl Encoder {
                 }
                 let mut chooser = self.chooser.lock().unwrap();
                 chooser.record_batch(codec, guest, nonzero, batch.data_bytes as u64, secs);
+                chooser.record_share(secs, wall);
                 for (c, n, secs) in samples {
                     chooser.record_sample(c, sampled, n, secs);
                 }

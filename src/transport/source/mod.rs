@@ -446,7 +446,9 @@ fn encoder(
 ) -> Encoder {
     // The chooser leaves the receiving side its share of the cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut chooser = AutoChooser::new(cores).with_stream(tally.kept_stream);
+    let mut chooser = AutoChooser::new(cores)
+        .with_stream(tally.kept_stream)
+        .with_workers(config.channels.into());
     let shared = ctx.shared_bucket.as_ref().map(|b| b.rate());
     if let Some(cap) = config.max_bandwidth.into_iter().chain(shared).min() {
         chooser.set_link_rate(cap as f64);
@@ -463,5 +465,9 @@ fn encoder(
             .refs_key
             .map(|key| (SentIndex::new(guest.memory().pages()), key)),
         id: encode::new_encoder_id(),
+        shared: ctx
+            .shared_bucket
+            .as_ref()
+            .map(|b| (config.max_bandwidth, b.join())),
     }
 }
