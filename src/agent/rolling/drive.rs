@@ -51,7 +51,10 @@ impl Writer<'_> {
                 true
             }
             // Deposed, or the run changed (a cancel): read again next round.
-            Ok(_) => false,
+            Ok(_) => {
+                tracing::info!(id = %run.id, "the rolling update changed in etcd, or this coordinator was deposed: reading it again");
+                false
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "writing the rolling update failed");
                 false
