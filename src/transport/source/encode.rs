@@ -103,9 +103,10 @@ impl Encoder {
         let zero_hash = zero_page_hash();
         ENCODER.with(|e| {
             let mut enc = e.borrow_mut();
-            // Only auto times batches. CPU time, not wall: with more encoders
-            // than cores a batch waits for a core, and wall time would make
-            // every codec look slower.
+            // Only auto times batches. Costs by CPU time, not wall: with more
+            // encoders than cores a batch waits for a core, and wall time
+            // would make every codec look slower. The wall time says what
+            // share of a core the worker got (`record_share`).
             let t = (self.codec == CodecChoice::Auto)
                 .then(|| (crate::cpu::CpuTimer::start(), std::time::Instant::now()));
             let refs = self.sent.is_some();

@@ -449,8 +449,8 @@ fn encoder(
     let mut chooser = AutoChooser::new(cores)
         .with_stream(tally.kept_stream)
         .with_workers(config.channels.into());
-    let shared = ctx.shared_bucket.as_ref().map(|b| b.rate());
-    if let Some(cap) = config.max_bandwidth.into_iter().chain(shared).min() {
+    // A cap shared with other migrations is set per batch, as its share.
+    if let Some(cap) = config.max_bandwidth {
         chooser.set_link_rate(cap as f64);
     }
     Encoder {
