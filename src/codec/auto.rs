@@ -424,7 +424,10 @@ impl AutoChooser {
                 cost: known.iter().map(|s| s.cost).sum::<f64>() / n,
             }
         });
-        let own = if own.wire > 0.0 {
+        // Figures from real batches are positive and finite; anything else
+        // counts as no scale, and never bounds another (a NaN bound panics).
+        let sound = |s: &Scale| s.wire > 0.0 && s.cost > 0.0 && (s.wire + s.cost).is_finite();
+        let own = if sound(&own) {
             own
         } else {
             Scale {
@@ -433,7 +436,7 @@ impl AutoChooser {
             }
         };
         match self.current.and_then(|c| self.estimates[c].scale) {
-            Some(fresh) if self.current != Some(i) => {
+            Some(fresh) if self.current != Some(i) && sound(&fresh) => {
                 let (w, c) = SCALE_SPREAD;
                 Scale {
                     wire: own.wire.clamp(fresh.wire / w, fresh.wire * w),
@@ -847,6 +850,13 @@ mod tests {
         // Once the stream is in use, zstd:1 counts within 10% of it.
         pair(&mut a, stream, 0.75);
         assert!((a.scale(2).wire - a.scale(STREAM).wire * 1.1).abs() < 1e-3);
+        // A scale of nothing on the wire bounds nothing.
+        a.estimates[STREAM].scale = Some(Scale {
+            wire: 0.0,
+            cost: 1.0,
+        });
+        assert!((a.scale(2).wire - 1.0).abs() < 0.02, "{:?}", a.scale(2));
+        assert_eq!(a.scale(STREAM).wire, 1.0);
     }
 
     #[test]
