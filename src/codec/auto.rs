@@ -20,9 +20,8 @@
 //! core while they encode, their CPU time over the wall time of their
 //! batches. Where two migrations, the guests and the receivers contend for
 //! two cores, four workers get a fifth of a core each, and the encoder counts
-//! on 0.8 cores, not 1.9. The share's average falls at once when the share
-//! does and rises slowly: a moment alone on a core says little about the
-//! next batch. A link shared by several migrations (a node's cap) counts as
+//! on 0.8 cores, not 1.9. The share's average follows a fall quickly and a
+//! rise slowly: a moment alone on a core says little about the next batch. A link shared by several migrations (a node's cap) counts as
 //! its share.
 //!
 //! `pipeline` is not the plain minimum of the two: a batch's encode time and
@@ -148,8 +147,8 @@ const PIPELINE_K: f64 = 4.0;
 /// shared host), so stages of nearly equal speed take turns holding each
 /// other up, and their pair runs below either: the p-norm gives 84% of the
 /// slower at equal speeds, 93% when the other is a third faster, 98.5% when
-/// it is twice as fast. A codec that would
-/// just keep up with the link thus loses to a cheaper one with room to spare.
+/// it is twice as fast. A codec that would just keep up with the link thus
+/// loses to a cheaper one with room to spare.
 fn pipeline(a: f64, b: f64) -> f64 {
     let (lo, hi) = (a.min(b), a.max(b));
     if lo.is_nan() || lo <= 0.0 {
@@ -860,7 +859,7 @@ mod tests {
     }
 
     #[test]
-    fn a_workers_share_falls_at_once_and_rises_slowly() {
+    fn a_workers_share_follows_a_fall_quickly_and_a_rise_slowly() {
         let mut a = AutoChooser::new(2).with_workers(4);
         a.record_share(0.5, 1.0);
         a.record_share(0.1, 1.0); // another migration starts
