@@ -362,7 +362,8 @@ async fn cancel_operation(State(node): State<Arc<Node>>, Path(id): Path<String>)
 
 /// Every route wants `Authorization: Bearer <token>`, compared in constant
 /// time: the cluster's token for everything, the read-only token for `GET`
-/// (and `HEAD`) routes and `/metrics` only, but a retained image's hashes.
+/// (and `HEAD`) routes and `/metrics` only, but a retained image's hashes
+/// and the copies kept as bases (`/v1/bases`).
 async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
     use subtle::ConstantTimeEq;
     let given = req
@@ -390,8 +391,10 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
         axum::http::Method::GET | axum::http::Method::HEAD
     );
     // Page hashes say whether a page holds a guessed content.
-    let hashes =
-        req.uri().path().starts_with("/v1/retained/") && req.uri().path().ends_with("/hashes");
+    let path = req.uri().path();
+    let hashes = (path.starts_with("/v1/retained/") && path.ends_with("/hashes"))
+        || path == "/v1/bases"
+        || path.starts_with("/v1/bases/");
     let read_only = || {
         ApiError {
             status: StatusCode::FORBIDDEN,
@@ -471,6 +474,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/node/preview", axum::routing::post(preview))
         .route("/v1/retained/{vm}", get(retained::get_retained))
         .route("/v1/retained/{vm}/hashes", get(retained::get_hashes))
+        .route("/v1/bases", get(retained::get_bases))
+        .route(
+            "/v1/bases/{vm}/tags",
+            axum::routing::post(retained::post_tags),
+        )
         .route(
             "/v1/cluster/update",
             get(get_update_run).post(start_update).delete(cancel_update),

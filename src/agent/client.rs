@@ -4,7 +4,7 @@
 //! definition of every field with the API that serves it.
 
 use super::cluster::NodeSpec;
-use super::node::{MigrationView, NodeView, VmView};
+use super::node::{KinCopy, MigrationView, NodeView, VmView};
 use super::ops::OperationView;
 use super::peer::{PeerError, Peers};
 use super::preview::{Preview, PreviewRequest};
@@ -108,6 +108,50 @@ impl Peers {
         Ok(bytes
             .chunks_exact(8)
             .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")))
+            .collect())
+    }
+
+    /// `GET /v1/bases?image=&memory=`: the copies node `n` holds of VMs
+    /// made from RAM image `image`, of `memory` bytes, newest first.
+    pub async fn kin_copies(
+        &self,
+        n: &NodeSpec,
+        image: &str,
+        memory: u64,
+    ) -> Result<Vec<KinCopy>, PeerError> {
+        let path = format!("/v1/bases?image={}&memory={memory}", seg(n, image)?);
+        self.get_as(n, &path).await
+    }
+
+    /// `POST /v1/bases/{vm}/tags`: each page's xxh3 hash and tag under
+    /// `key`, pages `first..first + count` (at most
+    /// [`super::retain::MAX_HASHES`]), of the copy VM `vm` left node `n`
+    /// with by `migration`.
+    pub async fn kin_tags(
+        &self,
+        n: &NodeSpec,
+        (vm, migration): (&str, &str),
+        key: &[u8; 32],
+        (first, count): (u64, u64),
+    ) -> Result<Vec<(u64, u64)>, PeerError> {
+        let path = format!("/v1/bases/{}/tags", seg(n, vm)?);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let body =
+            serde_json::json!({"migration": migration, "key": hex, "first": first, "count": count});
+        let want = count.min(super::retain::MAX_HASHES) as usize * 16;
+        let bytes = self
+            .bytes(n, Method::POST, &path, Some(&body), want)
+            .await?;
+        if bytes.len() != want {
+            return Err(PeerError::Invalid {
+                node: n.name.clone(),
+                message: format!("{path} answered {} bytes, not {want}", bytes.len()),
+            });
+        }
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        Ok(bytes
+            .chunks_exact(16)
+            .map(|p| (word(&p[..8]), word(&p[8..])))
             .collect())
     }
 

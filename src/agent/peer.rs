@@ -111,7 +111,20 @@ impl Peers {
         path: &str,
         max: usize,
     ) -> Result<Vec<u8>, PeerError> {
-        let (resp, url) = self.send(node, Method::GET, path, None).await?;
+        self.bytes(node, Method::GET, path, None, max).await
+    }
+
+    /// `method path` on `node` with an optional JSON body, the answer's
+    /// body as bytes (at most `max` read).
+    pub async fn bytes(
+        &self,
+        node: &NodeSpec,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        max: usize,
+    ) -> Result<Vec<u8>, PeerError> {
+        let (resp, url) = self.send(node, method, path, body).await?;
         let status = resp.status();
         let body = read_capped(resp, max)
             .await

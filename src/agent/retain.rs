@@ -37,6 +37,10 @@ pub struct RetainedView {
     /// 0: unknown, never a base).
     #[serde(default)]
     pub incarnation: u64,
+    /// The RAM image that VM was made from (`VmSpec::image`), if any: a VM
+    /// made from the same one may start from this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Hashes of an image's pages one answer of `GET /v1/retained/{vm}/hashes`
@@ -69,6 +73,11 @@ pub(crate) fn decode_meta(bytes: &[u8]) -> Result<Meta, String> {
     let m = &meta.view.migration;
     if m.is_empty() || m.len() > 128 || !m.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!("migration {m:?} is not a migration id"));
+    }
+    if let Some(i) = &meta.view.image {
+        if i.is_empty() || i.len() > super::node::MAX_IMAGE_PATH {
+            return Err(format!("image: a path of {} bytes", i.len()));
+        }
     }
     if meta.view.memory == 0 || !meta.view.memory.is_multiple_of(PAGE_SIZE as u64) {
         return Err(format!(
@@ -204,6 +213,35 @@ impl Retention {
         self.kept.lock().unwrap().images.get(vm).cloned()
     }
 
+    /// The images kept of VMs made from RAM image `image`, of `memory`
+    /// bytes each (none still being written).
+    pub fn made_from(&self, image: &str, memory: u64) -> Vec<RetainedView> {
+        let kept = self.kept.lock().unwrap();
+        kept.images
+            .values()
+            .filter(|v| v.image.as_deref() == Some(image) && v.memory == memory)
+            .filter(|v| !kept.pending.contains_key(&v.vm))
+            .cloned()
+            .collect()
+    }
+
+    /// The file of the image some VM left by `migration` with, as the base
+    /// of another VM made from the same RAM image. `Err` says why there is
+    /// none.
+    pub fn base_of_any(&self, migration: &str) -> Result<BaseImage, String> {
+        let vm = {
+            let kept = self.kept.lock().unwrap();
+            kept.images
+                .values()
+                .find(|v| v.migration == migration)
+                .map(|v| v.vm.clone())
+        };
+        match vm {
+            Some(vm) => self.base(&vm, migration),
+            None => Err(format!("no image of migration {migration} is kept here")),
+        }
+    }
+
     /// Opens VM `vm`'s retained image for reading, checked.
     pub fn open_image(&self, vm: &str) -> Result<Retained, retained::RetainedError> {
         Retained::open(&self.image_path(vm), self.max_memory)
@@ -250,8 +288,8 @@ impl Retention {
         self.writing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `mem`, the memory VM `vm` (of `incarnation`) left by
-    /// `migration` with, in place of
+    /// Keeps `mem`, the memory VM `vm` (of `incarnation`, made from RAM
+    /// image `image`) left by `migration` with, in place of
     /// any image of it kept before, evicting the oldest others to make room.
     /// Blocking (it writes the image); `stop`, asked between steps, may hold
     /// the write back and ends it early. `None` when the
@@ -261,7 +299,7 @@ impl Retention {
         &self,
         vm: &str,
         migration: &str,
-        incarnation: u64,
+        (incarnation, image): (u64, Option<String>),
         mem: &GuestMemory,
         stop: &dyn Fn() -> bool,
     ) -> Result<Option<RetainedView>, String> {
@@ -282,7 +320,7 @@ impl Retention {
             g
         };
         self.evict();
-        let id = (migration, incarnation);
+        let id = (migration, incarnation, image);
         let written = self.write(vm, id, mem, generation, need, stop);
         let mut kept = self.kept.lock().unwrap();
         let current = kept.pending.get(vm).map(|p| p.generation) == Some(generation);
@@ -320,7 +358,7 @@ impl Retention {
     fn write(
         &self,
         vm: &str,
-        (migration, incarnation): (&str, u64),
+        (migration, incarnation, image): (&str, u64, Option<String>),
         mem: &GuestMemory,
         generation: u64,
         need: u64,
@@ -356,6 +394,7 @@ impl Retention {
                 digest,
                 bytes: disk_bytes(&tmp),
                 incarnation,
+                image,
             },
         };
         let json = serde_json::to_vec(&meta).expect("serializable");

@@ -12,8 +12,15 @@
 //! which a guest could craft) keeps the base's bytes. An agent offers only
 //! an image of the same VM (`VmSpec::incarnation`), so such a page can only
 //! be one that VM held before, never another VM's of the same name.
+//!
+//! A base may also be another VM's image, of a VM made from the same RAM
+//! image (`VmSpec::image`: clones of one golden image share most pages).
+//! Such a base is compared by keyed tags ([`crate::digest::ref_tag`] under
+//! a key the source draws for that migration and gives the target alone),
+//! never by xxh3: no guest can make its page's tag equal another VM's, so a
+//! page round 0 leaves out holds exactly the bytes the destination has.
 
-use crate::digest::{digest_of_hashes, page_hash, zero_page_hash, PageHashes};
+use crate::digest::{digest_of_hashes, page_hash, ref_tag, zero_page_hash, PageHashes};
 use crate::memory::{DirtySnapshot, GuestMemory, PAGE_SIZE};
 use crate::page::PageIndex;
 use crate::wire::DeltaBase;
@@ -27,10 +34,15 @@ pub struct Base {
     pub migration_id: String,
     /// The node it came from.
     pub from_node: String,
-    /// Each page's hash, in order.
+    /// Each page's hash, in order: xxh3, or the keyed tag under `key`.
     pub hashes: Arc<[u64]>,
-    /// The digest of those pages.
+    /// The digest of the pages (of their xxh3 hashes, as the destination
+    /// checks it).
     pub digest: u64,
+    /// The key of a keyed base's tags (`None`: `hashes` are xxh3).
+    pub key: Option<[u8; 32]>,
+    /// The VM whose image it is, when another VM's (`None`: this VM's).
+    pub image_of: Option<String>,
 }
 
 impl std::fmt::Debug for Base {
@@ -41,6 +53,8 @@ impl std::fmt::Debug for Base {
             .field("from_node", &self.from_node)
             .field("pages", &self.hashes.len())
             .field("digest", &format_args!("{:016x}", self.digest))
+            .field("keyed", &self.key.is_some())
+            .field("image_of", &self.image_of)
             .finish()
     }
 }
@@ -55,6 +69,27 @@ impl Base {
             from_node,
             hashes,
             digest,
+            key: None,
+            image_of: None,
+        }
+    }
+
+    /// A base that is VM `image_of`'s image, kept by `from_node` when that
+    /// VM left it by `migration_id`: each page's keyed tag under `key`, and
+    /// the image's (xxh3) `digest`, which the destination checks.
+    pub fn keyed(
+        (migration_id, from_node, image_of): (String, String, String),
+        tags: Arc<[u64]>,
+        key: [u8; 32],
+        digest: u64,
+    ) -> Self {
+        Self {
+            migration_id,
+            from_node,
+            hashes: tags,
+            digest,
+            key: Some(key),
+            image_of: Some(image_of),
         }
     }
 
@@ -91,7 +126,7 @@ pub fn round0(
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (first, last) = ((t * per).min(words), ((t + 1) * per).min(words));
-                s.spawn(move || scan(mem, &base.hashes, sent, first..last))
+                s.spawn(move || scan(mem, base, sent, first..last))
             })
             .collect();
         handles
@@ -108,14 +143,78 @@ pub fn round0(
     (DirtySnapshot::from_words(bits, pages), skipped)
 }
 
+/// Pages read at once to tag: 1 MiB.
+const TAG_STEP: u64 = 256;
+
+/// Each page's xxh3 hash and keyed tag under `key` ([`ref_tag`]), for the
+/// `count` pages from `first` of an image whose pages `read(first, count,
+/// buf)` fills, on `threads` threads: what a node that kept another VM's
+/// image gives a source that may use it as a base. Its first error, if any.
+pub fn tag_pages(
+    key: &[u8; 32],
+    (first, count): (u64, u64),
+    threads: usize,
+    read: &(dyn Fn(u64, u64, &mut [u8]) -> Result<(), String> + Sync),
+) -> Result<Vec<(u64, u64)>, String> {
+    let steps = count.div_ceil(TAG_STEP);
+    let threads = (threads.max(1) as u64).min(steps.max(1));
+    let per = steps.div_ceil(threads) * TAG_STEP;
+    let parts: Vec<Result<Vec<(u64, u64)>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = (t * per).min(count);
+                let end = ((t + 1) * per).min(count);
+                s.spawn(move || tag_range(key, first + start, end - start, read))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a tagging thread panicked"))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(count as usize);
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+/// [`tag_pages`]' work on one thread.
+fn tag_range(
+    key: &[u8; 32],
+    first: u64,
+    count: u64,
+    read: &(dyn Fn(u64, u64, &mut [u8]) -> Result<(), String> + Sync),
+) -> Result<Vec<(u64, u64)>, String> {
+    let zero = (zero_page_hash(), ref_tag(key, &[0u8; PAGE_SIZE]));
+    let mut buf = vec![0u8; TAG_STEP as usize * PAGE_SIZE];
+    let mut out = Vec::with_capacity(count as usize);
+    let mut done = 0;
+    while done < count {
+        let n = TAG_STEP.min(count - done);
+        let bytes = &mut buf[..n as usize * PAGE_SIZE];
+        read(first + done, n, bytes)?;
+        out.extend(bytes.chunks_exact(PAGE_SIZE).map(|page| {
+            if crate::memory::is_zero_page(page) {
+                zero
+            } else {
+                (page_hash(page), ref_tag(key, page))
+            }
+        }));
+        done += n;
+    }
+    Ok(out)
+}
+
 /// The bitmap words `range` of round 0: a bit for each changed page.
 fn scan(
     mem: &GuestMemory,
-    base: &[u64],
+    base: &Base,
     sent: &PageHashes,
     range: std::ops::Range<u64>,
 ) -> (Vec<u64>, u64) {
     let zero = zero_page_hash();
+    let zero_tag = base.key.map(|k| ref_tag(&k, &[0u8; PAGE_SIZE]));
     let pages = mem.pages();
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut words = Vec::with_capacity((range.end - range.start) as usize);
@@ -128,12 +227,19 @@ fn scan(
                 break;
             }
             let index = PageIndex(page);
-            let now = if mem.read_page_unless_zero(index, &mut buf) {
-                zero
-            } else {
-                page_hash(&buf)
+            let is_zero = mem.read_page_unless_zero(index, &mut buf);
+            let now = if is_zero { zero } else { page_hash(&buf) };
+            let compared = match (base.key, zero_tag) {
+                (Some(key), Some(z)) => {
+                    if is_zero {
+                        z
+                    } else {
+                        ref_tag(&key, &buf)
+                    }
+                }
+                _ => now,
             };
-            if now == base[page as usize] {
+            if compared == base.hashes[page as usize] {
                 sent.set(index, now);
                 skipped += 1;
             } else {
@@ -190,6 +296,82 @@ mod tests {
             }
             assert_eq!(sent.digest(), digest_of_hashes(&hashes_of(&mem)));
         }
+    }
+
+    fn tags_of(mem: &GuestMemory, key: &[u8; 32]) -> Arc<[u64]> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        (0..mem.pages())
+            .map(|p| {
+                mem.read_page(PageIndex(p), &mut buf);
+                ref_tag(key, &buf)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn another_vms_image_is_compared_by_keyed_tags_and_leaves_xxh3_hashes_as_sent() {
+        // Another VM's image: the same pages but two.
+        let other = memory(100);
+        for p in 0..100 {
+            other.write_page(PageIndex(p), &[p as u8 + 1; PAGE_SIZE]);
+        }
+        let mem = memory(100);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for p in 0..100 {
+            other.read_page(PageIndex(p), &mut buf);
+            mem.write_page(PageIndex(p), &buf);
+        }
+        mem.write_page(PageIndex(7), &[0xab; PAGE_SIZE]);
+        mem.zero_page(PageIndex(50));
+        let key = [9u8; 32];
+        let ids = ("m-2".to_string(), "c".to_string(), "db".to_string());
+        let digest = digest_of_hashes(&hashes_of(&other));
+        let base = Base::keyed(ids.clone(), tags_of(&other, &key), key, digest);
+        assert_eq!(base.offer().digest, crate::digest::full_digest(&other, 1));
+        let sent = PageHashes::new(100);
+        let (snap, skipped) = round0(&mem, &base, &sent, 2);
+        let changed: Vec<u64> = (0..100).filter(|&p| snap.contains(PageIndex(p))).collect();
+        assert_eq!((changed.as_slice(), skipped), (&[7, 50][..], 98));
+        for &p in &changed {
+            mem.read_page(PageIndex(p), &mut buf);
+            sent.set(PageIndex(p), page_hash(&buf));
+        }
+        assert_eq!(sent.digest(), digest_of_hashes(&hashes_of(&mem)));
+        // Tags under another key match nothing: every page goes.
+        let stale = Base::keyed(ids, tags_of(&other, &[8u8; 32]), key, digest);
+        let (snap, skipped) = round0(&mem, &stale, &PageHashes::new(100), 2);
+        assert_eq!((snap.count(), skipped), (100, 0));
+    }
+
+    #[test]
+    fn tagging_an_image_gives_each_pages_hash_and_keyed_tag_in_order() {
+        let mem = memory(600);
+        for p in (0..600).step_by(7) {
+            mem.write_page(PageIndex(p), &[p as u8 | 1; PAGE_SIZE]);
+        }
+        let key = [3u8; 32];
+        let read = |first: u64, count: u64, buf: &mut [u8]| {
+            for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                mem.read_page(PageIndex(first + i as u64), page);
+            }
+            assert_eq!(buf.len() as u64, count * PAGE_SIZE as u64);
+            Ok(())
+        };
+        let (hashes, tags) = (hashes_of(&mem), tags_of(&mem, &key));
+        for threads in [1, 2, 3] {
+            let got = tag_pages(&key, (10, 580), threads, &read).unwrap();
+            let want: Vec<(u64, u64)> = (10..590).map(|p| (hashes[p], tags[p])).collect();
+            assert_eq!(got, want, "{threads} threads");
+        }
+        let failing = |first: u64, _: u64, _: &mut [u8]| {
+            if first >= 256 {
+                Err(format!("page {first} unreadable"))
+            } else {
+                Ok(())
+            }
+        };
+        let err = tag_pages(&key, (0, 600), 2, &failing).unwrap_err();
+        assert!(err.contains("unreadable"), "{err}");
     }
 
     #[test]

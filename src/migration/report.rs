@@ -247,6 +247,10 @@ pub struct DeltaUse {
     /// The migration whose image was offered as the session's base
     /// (`null`: none was).
     pub base: Option<String>,
+    /// The VM whose image the base is, when another VM's made from the same
+    /// RAM image (`null`: this VM's own, or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_vm: Option<String>,
     /// Whether the destination started from that image.
     pub used: bool,
     /// Pages round 0 left out as unchanged (the destination: pages with

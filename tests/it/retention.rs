@@ -431,3 +431,121 @@ fn an_image_of_an_earlier_vm_of_the_same_name_is_never_a_base() {
     assert_eq!(report["verified"], true);
     assert_eq!(first("a"), now);
 }
+
+/// Migration `id`'s report on node `node`.
+fn report(c: &Agents, node: &str, id: &str) -> Value {
+    let (_, m) = c.call(Method::GET, node, &format!("/v1/migrations/{id}"), None);
+    m["report"].clone()
+}
+
+/// VMs made from one RAM image are kin: one sent to a node that holds a
+/// copy of another (warm, or on disk) starts from it, the pages compared by
+/// tags keyed for that migration, and sends only what differs; its memory
+/// arrives byte for byte. A VM made from no image takes no kin's copy, and
+/// the copies and their tags are for the cluster's token only.
+#[test]
+fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
+    use common::agents::{READONLY_TOKEN, TOKEN};
+    let _serial = common::serial();
+    let kept = "failback_retention = \"256MiB\"";
+    let Some(c) = Agents::start_with(
+        "kin",
+        "readonly_token_file = \"readonly.token\"",
+        &[("a", kept), ("b", kept)],
+    ) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ferry-kin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("golden.img");
+    let golden = GuestMemory::new(32 << 20).unwrap();
+    ferry::memory::FillSpec::default().fill(&golden, 11, 1);
+    golden.save_image(&path).unwrap();
+    let image = path.to_str().unwrap();
+    let pages = (32u64 << 20) / PAGE_SIZE as u64;
+    let vm = |name: &str, workload: &str, image: Option<&str>| {
+        let mut body =
+            json!({"name": name, "memory": "32MiB", "workload": workload, "dirty_rate": "10MB/s"});
+        if let Some(i) = image {
+            body["image"] = json!(i);
+        }
+        create(&c, "a", body);
+    };
+    vm("one", "idle", Some(image));
+    vm("two", "hot:2MiB", Some(image));
+    vm("three", "idle", None);
+    // one goes to b and back: b holds the copy it left with, warm.
+    let to_b = migrate(&c, "a", "one", "b", false);
+    let left_b = migrate(&c, "b", "one", "a", false);
+    let query = format!(
+        "/v1/bases?image={}&memory={}",
+        image.replace('/', "%2F"),
+        32 << 20
+    );
+    let (s, v) = c.call(Method::GET, "b", &query, None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v[0]["vm"], "one", "{v}");
+    assert_eq!(v[0]["migration"], left_b.as_str(), "{v}");
+    let (s, _) = c.call_with(Some(READONLY_TOKEN), Method::GET, "b", &query, None);
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let tags = |token: &str, body: Value| {
+        c.call_with(
+            Some(token),
+            Method::POST,
+            "b",
+            "/v1/bases/one/tags",
+            Some(body.to_string()),
+        )
+    };
+    let key = "ab".repeat(32);
+    let ask = json!({"migration": left_b, "key": key, "count": 4});
+    assert_eq!(tags(READONLY_TOKEN, ask.clone()).0, StatusCode::FORBIDDEN);
+    for (bad, field) in [
+        (json!({"migration": left_b, "key": "ab", "count": 4}), "key"),
+        (
+            json!({"migration": left_b, "key": key, "count": 1048577}),
+            "count",
+        ),
+    ] {
+        let (s, v) = tags(TOKEN, bad);
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains(field), "{v}");
+    }
+    let (s, v) = tags(
+        TOKEN,
+        json!({"migration": "m-none", "key": key, "count": 4}),
+    );
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = tags(
+        TOKEN,
+        json!({"migration": left_b, "key": key, "first": pages, "count": 1}),
+    );
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // two, writing, goes to b: it starts from one's warm copy there.
+    let two = migrate(&c, "a", "two", "b", true);
+    let r = report(&c, "a", &two);
+    assert_eq!(r["delta"]["used"], true, "{r}");
+    assert_eq!(r["delta"]["base"], left_b.as_str(), "{r}");
+    assert_eq!(r["delta"]["base_vm"], "one", "{r}");
+    assert!(
+        r["delta"]["pages_skipped"].as_u64().unwrap() > pages / 2,
+        "{r}"
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    let full = report(&c, "a", &to_b)["wire_bytes"].as_u64().unwrap();
+    let sent = r["wire_bytes"].as_u64().unwrap();
+    eprintln!("one a to b: {full} bytes; two a to b from one's copy: {sent} bytes");
+    assert!(sent * 3 < full, "{sent} of {full} bytes");
+    // Byte for byte what a sent: the image a kept of two.
+    let kept_a = retained(&c, "a", 1);
+    let at = std::path::Path::new(kept_a["dir"].as_str().unwrap()).join("two.retained");
+    let on_b = c.agent("b").node.guest("two").unwrap();
+    assert_eq!(first_difference(on_b.memory(), &image_memory(&at)), None);
+    // three, made from no image, takes nothing of its neighbours'.
+    let three = migrate(&c, "a", "three", "b", false);
+    let r = report(&c, "a", &three);
+    assert_eq!(r["delta"]["used"], false, "{r}");
+    assert_eq!(r["delta"]["base"], Value::Null, "{r}");
+    assert_eq!(r["verified"], true, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

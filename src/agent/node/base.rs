@@ -21,47 +21,23 @@ impl Node {
     /// destination takes a base only by its migration and digest; round 0
     /// skips a page whose hash equals the base's, and the switchover digest
     /// checks the pages' hashes (see `migration::delta` on collisions).
+    /// Without an image of this VM there, a VM made from a RAM image takes
+    /// the newest copy `target` holds of another VM made from it
+    /// (`kin_base`), compared by keyed tags.
     pub(super) async fn base_held_by(&self, vm: &str, target: &str, memory: u64) -> Option<Base> {
         let spec = self.member(target)?;
-        let incarnation = self.incarnation(vm);
+        let made_from = self.made_from(vm);
         let fetch = async {
-            let view = self
-                .peers
-                .retained(&spec, vm)
-                .await
-                .map_err(|e| e.to_string())?;
-            // Only an image of this very VM: one of an earlier VM of the
-            // same name holds another tenant's pages, which a crafted hash
-            // collision could otherwise bring into this one.
-            if incarnation == 0 || view.incarnation != incarnation {
-                return Err(format!(
-                    "its image is of another VM of that name (incarnation {}, this one {incarnation})",
-                    view.incarnation
-                ));
+            match self.own_base(vm, (target, &spec), memory).await {
+                Ok(base) => Ok(base),
+                Err(why) => match &made_from {
+                    Some(image) => self
+                        .kin_base((target, &spec), image, memory)
+                        .await
+                        .map_err(|kin| format!("{why}; {kin}")),
+                    None => Err(why),
+                },
             }
-            if view.memory != memory {
-                return Err(format!(
-                    "its image is of {} bytes, the VM of {memory}",
-                    view.memory
-                ));
-            }
-            let pages = memory / crate::memory::PAGE_SIZE as u64;
-            let mut hashes = Vec::with_capacity(pages as usize);
-            while (hashes.len() as u64) < pages {
-                let first = hashes.len() as u64;
-                let count = (pages - first).min(crate::agent::retain::MAX_HASHES);
-                let got = self
-                    .peers
-                    .retained_hashes(&spec, vm, first, count)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                hashes.extend(got);
-            }
-            let base = Base::new(view.migration, target.to_string(), hashes.into());
-            if base.digest != view.digest {
-                return Err("its pages' hashes do not make its digest".into());
-            }
-            Ok(base)
         };
         let wait = base_wait(memory);
         let found = match tokio::time::timeout(wait, fetch).await {
@@ -71,11 +47,59 @@ impl Node {
         self.offered(vm, target, found)
     }
 
+    /// The image `target` kept of this very VM, as a base.
+    async fn own_base(
+        &self,
+        vm: &str,
+        (target, spec): (&str, &NodeSpec),
+        memory: u64,
+    ) -> Result<Base, String> {
+        let incarnation = self.incarnation(vm);
+        let view = self
+            .peers
+            .retained(spec, vm)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Only an image of this very VM: one of an earlier VM of the
+        // same name holds another tenant's pages, which a crafted hash
+        // collision could otherwise bring into this one.
+        if incarnation == 0 || view.incarnation != incarnation {
+            return Err(format!(
+                "its image is of another VM of that name (incarnation {}, this one {incarnation})",
+                view.incarnation
+            ));
+        }
+        if view.memory != memory {
+            return Err(format!(
+                "its image is of {} bytes, the VM of {memory}",
+                view.memory
+            ));
+        }
+        let pages = memory / crate::memory::PAGE_SIZE as u64;
+        let mut hashes = Vec::with_capacity(pages as usize);
+        while (hashes.len() as u64) < pages {
+            let first = hashes.len() as u64;
+            let count = (pages - first).min(crate::agent::retain::MAX_HASHES);
+            let got = self
+                .peers
+                .retained_hashes(spec, vm, first, count)
+                .await
+                .map_err(|e| e.to_string())?;
+            hashes.extend(got);
+        }
+        let base = Base::new(view.migration, target.to_string(), hashes.into());
+        if base.digest != view.digest {
+            return Err("its pages' hashes do not make its digest".into());
+        }
+        Ok(base)
+    }
+
     /// Says what became of a base looked for on `target`.
     fn offered(&self, vm: &str, target: &str, found: Result<Base, String>) -> Option<Base> {
         match found {
             Ok(base) => {
-                tracing::info!(%vm, %target, base = %base.migration_id, "the target keeps an image of the VM: offering it as the base");
+                let of = base.image_of.as_deref().unwrap_or(vm);
+                tracing::info!(%vm, %target, base = %base.migration_id, image_of = %of, "the target keeps an image of the VM or its kin: offering it as the base");
                 Some(base)
             }
             Err(why) => {
@@ -83,6 +107,24 @@ impl Node {
                 None
             }
         }
+    }
+
+    /// The RAM image VM `vm` was made from (`VmSpec::image`), if any: its
+    /// own spec's, else its record's.
+    fn made_from(&self, vm: &str) -> Option<String> {
+        let local = self
+            .state
+            .lock()
+            .unwrap()
+            .vms
+            .get(vm)
+            .and_then(|v| v.spec.image.clone());
+        local.or_else(|| {
+            self.mirror
+                .get()
+                .and_then(|m| m.vm(vm))
+                .and_then(|(r, _)| r.spec.image.clone())
+        })
     }
 
     /// Which VM named `vm` runs here (`VmSpec::incarnation`): its own

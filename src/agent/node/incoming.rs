@@ -95,10 +95,11 @@ impl Node {
             return;
         };
         {
-            // A migration carries only the guest: which VM it is, the
-            // cluster's record says.
+            // A migration carries only the guest: which VM it is, and the
+            // RAM image it was made from, the cluster's record says.
             if let Some((r, _)) = self.mirror.get().and_then(|m| m.vm(&name)) {
                 vm.spec.incarnation = r.spec.incarnation;
+                vm.spec.image = r.spec.image.clone();
             }
             if let Some(w) = guest.workload() {
                 vm.spec.workload = w.pattern;
@@ -148,9 +149,28 @@ impl Node {
                 return Ok(crate::transport::BaseImage::Memory(w.memory));
             }
         }
+        let own = match self.retention.base(vm, &base.migration_id) {
+            Ok(image) => return Ok(image),
+            Err(why) => why,
+        };
+        // Another VM's copy, offered for a VM made from the same RAM image
+        // (the source compared their pages by keyed tags): a warm copy is
+        // taken over (a write of its image under way then stops and drops
+        // its file), else its file is copied in.
+        {
+            let mut st = self.state.lock().unwrap();
+            let kin = st
+                .warm
+                .iter()
+                .find(|(_, w)| w.migration == base.migration_id)
+                .map(|(name, _)| name.clone());
+            if let Some(w) = kin.and_then(|name| st.warm.remove(&name)) {
+                return Ok(crate::transport::BaseImage::Memory(w.memory));
+            }
+        }
         self.retention
-            .base(vm, &base.migration_id)
-            .map_err(|why| format!("node {}: {why}", self.spec.name))
+            .base_of_any(&base.migration_id)
+            .map_err(|kin| format!("node {}: {own}; {kin}", self.spec.name))
     }
 
     /// An incoming session ended: the VM runs here, or its arrival is

@@ -5,6 +5,7 @@
 mod base;
 mod entry;
 mod incoming;
+mod kin;
 mod limit;
 mod outgoing;
 mod resolve;
@@ -26,8 +27,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub(in crate::agent) use entry::MigrationEntry;
 pub use entry::{MigrationView, ProgressView, Resolution};
+pub use kin::{KinCopy, TagError};
 use spec::default_seed;
-pub use spec::{new_incarnation, valid_name, VmSpec, VmView};
+pub use spec::{new_incarnation, valid_name, VmSpec, VmView, MAX_IMAGE_PATH};
 
 /// Whether a node takes VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +119,9 @@ pub(super) struct Warm {
     pub(super) at: Instant,
     /// The VM's incarnation (`VmSpec::incarnation`), kept with its image.
     pub(super) incarnation: u64,
+    /// The RAM image the VM was made from (`VmSpec::image`): VMs of the
+    /// same one may start from each other's copies.
+    pub(super) image: Option<String>,
 }
 
 pub(super) struct Vm {
@@ -694,6 +699,7 @@ mod tests {
             memory: Arc::new(crate::memory::GuestMemory::new(1 << 20).unwrap()),
             at,
             incarnation: 1,
+            image: None,
         }
     }
 

@@ -216,6 +216,7 @@ impl Node {
                     gone = st.vms.remove(&vm);
                     let left = gone.as_ref().and_then(|v| v.guest.as_ref());
                     let incarnation = gone.as_ref().map_or(0, |v| v.spec.incarnation);
+                    let image = gone.as_ref().and_then(|v| v.spec.image.clone());
                     let budget = self.spec.failback_retention;
                     if let Some(g) = left.filter(|g| g.memory().len_bytes() <= budget) {
                         let warm = Warm {
@@ -223,6 +224,7 @@ impl Node {
                             memory: g.memory().clone(),
                             at: Instant::now(),
                             incarnation,
+                            image,
                         };
                         st.warm.insert(vm.clone(), warm);
                         st.trim_warm(budget, &vm);
@@ -339,15 +341,15 @@ impl Node {
         if gate() {
             return Ok(None);
         }
-        let (memory, incarnation) = {
+        let (memory, of) = {
             let st = self.state.lock().unwrap();
             let warm = st.warm.get(vm).filter(|w| w.migration == id);
-            match warm.map(|w| (w.memory.clone(), w.incarnation)) {
+            match warm.map(|w| (w.memory.clone(), (w.incarnation, w.image.clone()))) {
                 Some(m) => m,
                 None => return Ok(None),
             }
         };
-        self.retention.keep(vm, id, incarnation, &memory, &gate)
+        self.retention.keep(vm, id, of, &memory, &gate)
     }
 
     /// `GET /v1/migrations`, newest last.

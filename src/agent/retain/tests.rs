@@ -36,7 +36,10 @@ fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
     let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     assert!(r.view().images.is_empty());
     let mem = memory(64, 10, 7);
-    let v = r.keep("web.1", "m-1", 1, &mem, &|| false).unwrap().unwrap();
+    let v = r
+        .keep("web.1", "m-1", (1, None), &mem, &|| false)
+        .unwrap()
+        .unwrap();
     assert_eq!((v.vm.as_str(), v.migration.as_str()), ("web.1", "m-1"));
     assert_eq!(v.memory, 64 * PAGE);
     assert!(v.bytes >= 10 * PAGE && v.bytes <= 16 * PAGE, "{v:?}");
@@ -53,14 +56,14 @@ fn an_image_is_kept_listed_and_read_back_by_the_next_process() {
     // A name as long as names go is kept too.
     let long = "v".repeat(255);
     again
-        .keep(&long, "m-9", 1, &memory(4, 1, 1), &|| false)
+        .keep(&long, "m-9", (1, None), &memory(4, 1, 1), &|| false)
         .unwrap()
         .unwrap();
     assert!(Retention::open(&d.0, 1 << 20, 1 << 30).get(&long).is_some());
     again.remove(&long);
     // A later departure replaces it.
     let w = again
-        .keep("web.1", "m-2", 1, &memory(64, 3, 9), &|| false)
+        .keep("web.1", "m-2", (1, None), &memory(64, 3, 9), &|| false)
         .unwrap()
         .unwrap();
     assert_eq!(again.view().images, vec![w]);
@@ -83,7 +86,7 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     // Room for two images of 8 data pages (and a page of table each).
     let r = Retention::open(&d.0, 20 * PAGE, 1 << 30);
     for (i, vm) in ["a", "b", "c"].iter().enumerate() {
-        r.keep(vm, "m", 1, &memory(16, 8, i as u8), &|| false)
+        r.keep(vm, "m", (1, None), &memory(16, 8, i as u8), &|| false)
             .unwrap()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -95,7 +98,7 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     assert!(!d.0.join("a.retained").exists() && !d.0.join("a.json").exists());
     // Larger than the whole budget: kept nowhere, the others stay.
     assert_eq!(
-        r.keep("big", "m", 1, &memory(64, 30, 1), &|| false)
+        r.keep("big", "m", (1, None), &memory(64, 30, 1), &|| false)
             .unwrap(),
         None
     );
@@ -103,7 +106,8 @@ fn the_oldest_go_first_to_stay_within_the_budget_and_a_too_large_one_is_not_kept
     // A budget of 0 keeps nothing.
     let none = Retention::open(&d.0.join("none"), 0, 1 << 30);
     assert_eq!(
-        none.keep("a", "m", 1, &memory(4, 1, 1), &|| false).unwrap(),
+        none.keep("a", "m", (1, None), &memory(4, 1, 1), &|| false)
+            .unwrap(),
         None
     );
     // A smaller budget at the next start evicts down to it.
@@ -117,7 +121,7 @@ fn damaged_and_half_written_images_are_dropped_at_start() {
     let d = Dir::new("damaged");
     let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     for vm in ["good", "flipped", "orphan"] {
-        r.keep(vm, "m", 1, &memory(8, 4, 3), &|| false)
+        r.keep(vm, "m", (1, None), &memory(8, 4, 3), &|| false)
             .unwrap()
             .unwrap();
     }
@@ -168,7 +172,8 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
         false
     };
     assert_eq!(
-        r.keep("web", "m", 1, &memory(600, 300, 1), &stop).unwrap(),
+        r.keep("web", "m", (1, None), &memory(600, 300, 1), &stop)
+            .unwrap(),
         None
     );
     assert!(back.get());
@@ -176,7 +181,7 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
     assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
     // A stopped write keeps nothing either, and is no error.
     assert_eq!(
-        r.keep("web", "m", 1, &memory(600, 300, 1), &|| true)
+        r.keep("web", "m", (1, None), &memory(600, 300, 1), &|| true)
             .unwrap(),
         None
     );
@@ -211,7 +216,7 @@ fn a_failback_starts_from_the_file_once_it_is_whole() {
                 }
                 false
             };
-            r.keep("web", "m-1", 1, &mem, &stop)
+            r.keep("web", "m-1", (1, None), &mem, &stop)
         })
     };
     waiting_rx.recv().unwrap();
@@ -233,7 +238,7 @@ fn every_image_goes_when_a_last_copy_needs_the_disk() {
     let r = Retention::open(&d.0, 1 << 20, 1 << 30);
     assert_eq!(r.drop_all(), 0);
     for vm in ["web", "db"] {
-        r.keep(vm, "m", 1, &memory(16, 4, 3), &|| false)
+        r.keep(vm, "m", (1, None), &memory(16, 4, 3), &|| false)
             .unwrap()
             .unwrap();
     }

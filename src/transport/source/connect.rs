@@ -238,6 +238,11 @@ pub(super) async fn open_session(
         .as_ref()
         .filter(|_| config.delta)
         .map(|b| b.migration_id.clone());
+    tally.delta.base_vm = config
+        .base
+        .as_ref()
+        .filter(|_| config.delta)
+        .and_then(|b| b.image_of.clone());
     tally.delta.used = done.delta;
     tally.kept_stream = done.codecs & CodecId::ZstdStream.bit() != 0;
     if done.capabilities & CAP_PAGE_REFS != 0 {
