@@ -146,6 +146,9 @@ pub fn round0(
 /// Pages read at once to tag: 1 MiB.
 const TAG_STEP: u64 = 256;
 
+/// Fills `buf` with `count` pages from `first` of an image.
+pub type ReadPages<'a> = dyn Fn(u64, u64, &mut [u8]) -> Result<(), String> + Sync + 'a;
+
 /// Each page's xxh3 hash and keyed tag under `key` ([`ref_tag`]), for the
 /// `count` pages from `first` of an image whose pages `read(first, count,
 /// buf)` fills, on `threads` threads: what a node that kept another VM's
@@ -154,7 +157,7 @@ pub fn tag_pages(
     key: &[u8; 32],
     (first, count): (u64, u64),
     threads: usize,
-    read: &(dyn Fn(u64, u64, &mut [u8]) -> Result<(), String> + Sync),
+    read: &ReadPages<'_>,
 ) -> Result<Vec<(u64, u64)>, String> {
     let steps = count.div_ceil(TAG_STEP);
     let threads = (threads.max(1) as u64).min(steps.max(1));
@@ -184,7 +187,7 @@ fn tag_range(
     key: &[u8; 32],
     first: u64,
     count: u64,
-    read: &(dyn Fn(u64, u64, &mut [u8]) -> Result<(), String> + Sync),
+    read: &ReadPages<'_>,
 ) -> Result<Vec<(u64, u64)>, String> {
     let zero = (zero_page_hash(), ref_tag(key, &[0u8; PAGE_SIZE]));
     let mut buf = vec![0u8; TAG_STEP as usize * PAGE_SIZE];

@@ -474,9 +474,12 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     vm("one", "idle", Some(image));
     vm("two", "hot:2MiB", Some(image));
     vm("three", "idle", None);
+    vm("four", "hot:2MiB", Some(image));
     // one goes to b and back: b holds the copy it left with, warm.
     let to_b = migrate(&c, "a", "one", "b", false);
     let left_b = migrate(&c, "b", "one", "a", false);
+    // b writes one's image to disk too, and keeps the warm copy.
+    retained(&c, "b", 1);
     let query = format!(
         "/v1/bases?image={}&memory={}",
         image.replace('/', "%2F"),
@@ -538,9 +541,20 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     assert!(sent * 3 < full, "{sent} of {full} bytes");
     // Byte for byte what a sent: the image a kept of two.
     let kept_a = retained(&c, "a", 1);
+    assert_eq!(kept_a["images"][0]["image"], image, "{kept_a}");
     let at = std::path::Path::new(kept_a["dir"].as_str().unwrap()).join("two.retained");
     let on_b = c.agent("b").node.guest("two").unwrap();
     assert_eq!(first_difference(on_b.memory(), &image_memory(&at)), None);
+    // four, its kin too: one's warm copy is gone, its file on b serves.
+    let four = migrate(&c, "a", "four", "b", false);
+    let r = report(&c, "a", &four);
+    assert_eq!(r["delta"]["used"], true, "{r}");
+    assert_eq!(r["delta"]["base_vm"], "one", "{r}");
+    assert!(
+        r["delta"]["pages_skipped"].as_u64().unwrap() > pages / 2,
+        "{r}"
+    );
+    assert_eq!(r["verified"], true, "{r}");
     // three, made from no image, takes nothing of its neighbours'.
     let three = migrate(&c, "a", "three", "b", false);
     let r = report(&c, "a", &three);

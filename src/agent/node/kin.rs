@@ -62,7 +62,7 @@ impl Node {
                 });
             }
         }
-        copies.sort_by(|a, b| (b.at_ms, b.warm).cmp(&(a.at_ms, a.warm)));
+        copies.sort_by_key(|c| std::cmp::Reverse((c.at_ms, c.warm)));
         copies
     }
 
