@@ -399,7 +399,7 @@ async fn require_token(State(node): State<Arc<Node>>, req: Request, next: Next) 
         ApiError {
             status: StatusCode::FORBIDDEN,
             code: "forbidden",
-            message: "the read-only token may only read (GET routes but retained images' hashes, and /metrics)".into(),
+            message: "the read-only token may only read (GET routes but retained images' hashes and bases, and /metrics)".into(),
         }
         .into_response()
     };

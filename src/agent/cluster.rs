@@ -132,6 +132,7 @@ struct RawDefaults {
     max_bandwidth: Option<Amount>,
     codec: Option<String>,
     dense: Option<bool>,
+    kin_bases: Option<bool>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
     failback_retention: Option<Amount>,
@@ -148,6 +149,7 @@ struct RawNode {
     max_bandwidth: Option<Amount>,
     codec: Option<String>,
     dense: Option<bool>,
+    kin_bases: Option<bool>,
     update_hook: Option<Vec<String>>,
     preview_hook: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
@@ -183,6 +185,11 @@ pub struct NodeSpec {
     /// Dense pages in its outgoing migrations where a request does not say
     /// (`dense`). Default: on.
     pub dense: bool,
+    /// Kin bases (`kin_bases`): a VM made from a RAM image sent from here
+    /// may start on its target from the copy the target holds of another
+    /// VM made from that image, and this node lists and tags its copies for
+    /// that. Default: on.
+    pub kin_bases: bool,
     /// The program (and its first arguments) that runs a rolling update's
     /// command on this node, the command appended as the last argument; no
     /// hook, no updates.
@@ -258,6 +265,7 @@ impl JoinNode {
             max_bandwidth: None,
             codec: None,
             dense: None,
+            kin_bases: None,
             update_hook: None,
             preview_hook: None,
             tls_cert: self.tls_cert.clone(),

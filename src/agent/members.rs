@@ -61,6 +61,7 @@ pub fn spec_of(r: &NodeRecord, file: Option<&NodeSpec>, cluster: &Cluster) -> Op
         max_bandwidth: None,
         codec: Default::default(),
         dense: true,
+        kin_bases: true,
         update_hook: None,
         preview_hook: None,
         api_cert: None,

@@ -111,6 +111,9 @@ pub struct Retention {
     kept: Mutex<Kept>,
     /// Held while an image is written: one at a time, as they share a disk.
     writing: Mutex<()>,
+    /// Held while a kin's copy is tagged: one at a time, as they share the
+    /// cores with the node's migrations.
+    tagging: Mutex<()>,
 }
 
 /// What is kept, and what is being written.
@@ -156,6 +159,7 @@ impl Retention {
             max_memory,
             kept: Mutex::default(),
             writing: Mutex::default(),
+            tagging: Mutex::default(),
         };
         let Ok(entries) = std::fs::read_dir(dir) else {
             return r;
@@ -225,21 +229,13 @@ impl Retention {
             .collect()
     }
 
-    /// The file of the image some VM left by `migration` with, as the base
-    /// of another VM made from the same RAM image. `Err` says why there is
-    /// none.
-    pub fn base_of_any(&self, migration: &str) -> Result<BaseImage, String> {
-        let vm = {
-            let kept = self.kept.lock().unwrap();
-            kept.images
-                .values()
-                .find(|v| v.migration == migration)
-                .map(|v| v.vm.clone())
-        };
-        match vm {
-            Some(vm) => self.base(&vm, migration),
-            None => Err(format!("no image of migration {migration} is kept here")),
-        }
+    /// The image some VM left by `migration` with, if kept (written).
+    pub fn images_of(&self, migration: &str) -> Option<RetainedView> {
+        let kept = self.kept.lock().unwrap();
+        kept.images
+            .values()
+            .find(|v| v.migration == migration && !kept.pending.contains_key(&v.vm))
+            .cloned()
     }
 
     /// Opens VM `vm`'s retained image for reading, checked.
@@ -281,6 +277,11 @@ impl Retention {
         }
     }
 
+    /// A turn to tag a copy for a kin (`Node::kin_tags`).
+    pub fn tagger_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.tagging.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A turn to write an image: writers take it before they take the memory
     /// they write, so that images go to the disk one at a time and a writer
     /// waiting for its turn holds no memory.
@@ -291,8 +292,8 @@ impl Retention {
     /// Keeps `mem`, the memory VM `vm` (of `incarnation`, made from RAM
     /// image `image`) left by `migration` with, in place of
     /// any image of it kept before, evicting the oldest others to make room.
-    /// Blocking (it writes the image); `stop`, asked between steps, may hold
-    /// the write back and ends it early. `None` when the
+    /// Blocking (it writes the image); `stop`, asked between steps and once
+    /// after the last, may hold the write back and ends it early. `None` when the
     /// budget or the disk cannot hold it, or when the VM came back (or left
     /// again) before it was written.
     pub fn keep(
@@ -322,6 +323,9 @@ impl Retention {
         self.evict();
         let id = (migration, incarnation, image);
         let written = self.write(vm, id, mem, generation, need, stop);
+        // Asked once more after the last read: a copy taken over during
+        // it may have given the file another guest's pages.
+        let stopped = matches!(written, Ok(Some(_))) && stop();
         let mut kept = self.kept.lock().unwrap();
         let current = kept.pending.get(vm).map(|p| p.generation) == Some(generation);
         if current {
@@ -331,7 +335,7 @@ impl Retention {
         let Some((tmp, meta_tmp, view)) = written? else {
             return Ok(None);
         };
-        if !current {
+        if !current || stopped {
             let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&meta_tmp);
             return Ok(None);

@@ -439,19 +439,24 @@ fn report(c: &Agents, node: &str, id: &str) -> Value {
 }
 
 /// VMs made from one RAM image are kin: one sent to a node that holds a
-/// copy of another (warm, or on disk) starts from it, the pages compared by
-/// tags keyed for that migration, and sends only what differs; its memory
-/// arrives byte for byte. A VM made from no image takes no kin's copy, and
-/// the copies and their tags are for the cluster's token only.
+/// copy of another starts from it, the pages compared by tags keyed for
+/// that migration, and sends only what differs; its memory arrives byte for
+/// byte. The kin's kept file is copied in (its warm copy stays); a warm copy
+/// alone is taken over. A VM made from no image, or sent to a node with kin
+/// bases off, takes no kin's copy; the copies and their tags are for the
+/// cluster's token only.
 #[test]
 fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     use common::agents::{READONLY_TOKEN, TOKEN};
     let _serial = common::serial();
     let kept = "failback_retention = \"256MiB\"";
+    // b cannot write images (its folder cannot be made): warm copies only.
+    let warm = "failback_retention = \"256MiB\"\nfailback_retention_dir = \"/proc/ferry-none\"";
+    let off = "failback_retention = \"256MiB\"\nkin_bases = false";
     let Some(c) = Agents::start_with(
         "kin",
         "readonly_token_file = \"readonly.token\"",
-        &[("a", kept), ("b", kept)],
+        &[("a", kept), ("b", warm), ("c", kept), ("d", off)],
     ) else {
         return;
     };
@@ -475,30 +480,38 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     vm("two", "hot:2MiB", Some(image));
     vm("three", "idle", None);
     vm("four", "hot:2MiB", Some(image));
-    // one goes to b and back: b holds the copy it left with, warm.
+    vm("five", "idle", Some(image));
+    // one goes to b, c and d and back: each holds the copy it left with.
     let to_b = migrate(&c, "a", "one", "b", false);
     let left_b = migrate(&c, "b", "one", "a", false);
-    // b writes one's image to disk too, and keeps the warm copy.
-    retained(&c, "b", 1);
+    migrate(&c, "a", "one", "c", false);
+    let left_c = migrate(&c, "c", "one", "a", false);
+    retained(&c, "c", 1);
+    migrate(&c, "a", "one", "d", false);
+    migrate(&c, "d", "one", "a", false);
     let query = format!(
         "/v1/bases?image={}&memory={}",
         image.replace('/', "%2F"),
         32 << 20
     );
-    let (s, v) = c.call(Method::GET, "b", &query, None);
-    assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(v[0]["vm"], "one", "{v}");
+    let bases = |node: &str| {
+        let (s, v) = c.call(Method::GET, node, &query, None);
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v
+    };
+    let v = bases("b");
+    assert_eq!(
+        (&v[0]["vm"], &v[0]["warm"]),
+        (&json!("one"), &json!(true)),
+        "{v}"
+    );
     assert_eq!(v[0]["migration"], left_b.as_str(), "{v}");
+    assert_eq!(bases("d"), json!([]));
     let (s, _) = c.call_with(Some(READONLY_TOKEN), Method::GET, "b", &query, None);
     assert_eq!(s, StatusCode::FORBIDDEN);
     let tags = |token: &str, body: Value| {
-        c.call_with(
-            Some(token),
-            Method::POST,
-            "b",
-            "/v1/bases/one/tags",
-            Some(body.to_string()),
-        )
+        let path = "/v1/bases/one/tags";
+        c.call_with(Some(token), Method::POST, "b", path, Some(body.to_string()))
     };
     let key = "ab".repeat(32);
     let ask = json!({"migration": left_b, "key": key, "count": 4});
@@ -524,7 +537,9 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
         json!({"migration": left_b, "key": key, "first": pages, "count": 1}),
     );
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    // two, writing, goes to b: it starts from one's warm copy there.
+    let (s, v) = tags(TOKEN, ask);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // two, writing, goes to b: it takes one's warm copy over.
     let two = migrate(&c, "a", "two", "b", true);
     let r = report(&c, "a", &two);
     assert_eq!(r["delta"]["used"], true, "{r}");
@@ -535,6 +550,7 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
         "{r}"
     );
     assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(bases("b"), json!([]));
     let full = report(&c, "a", &to_b)["wire_bytes"].as_u64().unwrap();
     let sent = r["wire_bytes"].as_u64().unwrap();
     eprintln!("one a to b: {full} bytes; two a to b from one's copy: {sent} bytes");
@@ -545,21 +561,39 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     let at = std::path::Path::new(kept_a["dir"].as_str().unwrap()).join("two.retained");
     let on_b = c.agent("b").node.guest("two").unwrap();
     assert_eq!(first_difference(on_b.memory(), &image_memory(&at)), None);
-    // four, its kin too: one's warm copy is gone, its file on b serves.
-    let four = migrate(&c, "a", "four", "b", false);
+    // four goes to c: one's file there is copied in, its warm copy stays.
+    let four = migrate(&c, "a", "four", "c", false);
     let r = report(&c, "a", &four);
     assert_eq!(r["delta"]["used"], true, "{r}");
+    assert_eq!(r["delta"]["base"], left_c.as_str(), "{r}");
     assert_eq!(r["delta"]["base_vm"], "one", "{r}");
     assert!(
         r["delta"]["pages_skipped"].as_u64().unwrap() > pages / 2,
         "{r}"
     );
     assert_eq!(r["verified"], true, "{r}");
+    let v = bases("c");
+    assert_eq!(
+        (&v[0]["vm"], &v[0]["warm"]),
+        (&json!("one"), &json!(true)),
+        "{v}"
+    );
+    // d, with kin bases off, lends nothing.
+    let five = migrate(&c, "a", "five", "d", false);
+    let r = report(&c, "a", &five);
+    assert_eq!(
+        (&r["delta"]["used"], &r["delta"]["base"]),
+        (&json!(false), &Value::Null),
+        "{r}"
+    );
     // three, made from no image, takes nothing of its neighbours'.
-    let three = migrate(&c, "a", "three", "b", false);
+    let three = migrate(&c, "a", "three", "c", false);
     let r = report(&c, "a", &three);
-    assert_eq!(r["delta"]["used"], false, "{r}");
-    assert_eq!(r["delta"]["base"], Value::Null, "{r}");
+    assert_eq!(
+        (&r["delta"]["used"], &r["delta"]["base"]),
+        (&json!(false), &Value::Null),
+        "{r}"
+    );
     assert_eq!(r["verified"], true, "{r}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -209,6 +209,7 @@ impl NodeDefaults<'_> {
             max_bandwidth,
             codec,
             dense: n.dense.or(self.defaults.dense).unwrap_or(true),
+            kin_bases: n.kin_bases.or(self.defaults.kin_bases).unwrap_or(true),
             update_hook,
             preview_hook,
         })

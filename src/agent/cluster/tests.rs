@@ -83,6 +83,21 @@ fn the_issue_example_reads_with_defaults_applied() {
     assert!(c.require_node("z").unwrap_err().contains("nodes: a, b"));
     assert_eq!(a.codec, CodecChoice::Auto, "auto unless the file says");
     assert!(a.dense && b.dense, "dense pages unless the file says");
+    assert!(a.kin_bases && b.kin_bases, "kin bases unless the file says");
+}
+
+#[test]
+fn kin_bases_set_for_the_cluster_apply_unless_a_node_sets_its_own() {
+    let d = dir_with_token("s3cret-s3cret-s3cret");
+    let text = EXAMPLE
+        .replace("[defaults]\n", "[defaults]\nkin_bases = false\n")
+        .replace(
+            "max_concurrent_migrations = 3\n",
+            "max_concurrent_migrations = 3\nkin_bases = true\n",
+        );
+    let c = Cluster::parse(&text, &d.path().join("cluster.toml")).unwrap();
+    assert!(!c.node("a").unwrap().kin_bases);
+    assert!(c.node("b").unwrap().kin_bases);
 }
 
 #[test]

@@ -12,6 +12,13 @@ fn base_wait(memory: u64) -> Duration {
     Duration::from_secs((10 + memory / (16 << 30)).min(60))
 }
 
+/// How long a source waits for a target to tag a kin's copy: 10 s, and 1 s
+/// more per GiB of guest (each page read and hashed twice), at most 2
+/// minutes.
+fn kin_wait(memory: u64) -> Duration {
+    Duration::from_secs((10 + memory / (1 << 30)).min(120))
+}
+
 impl Node {
     /// The image `target` kept of VM `vm` (of `memory` bytes) when the VM
     /// last left it, as a base for sending it there again: the target's
@@ -26,23 +33,22 @@ impl Node {
     /// (`kin_base`), compared by keyed tags.
     pub(super) async fn base_held_by(&self, vm: &str, target: &str, memory: u64) -> Option<Base> {
         let spec = self.member(target)?;
-        let made_from = self.made_from(vm);
-        let fetch = async {
-            match self.own_base(vm, (target, &spec), memory).await {
-                Ok(base) => Ok(base),
-                Err(why) => match &made_from {
-                    Some(image) => self
-                        .kin_base((target, &spec), image, memory)
-                        .await
-                        .map_err(|kin| format!("{why}; {kin}")),
-                    None => Err(why),
-                },
-            }
+        let within = |wait: Duration, r: Result<Result<Base, String>, _>| {
+            r.unwrap_or_else(|_| Err(format!("no answer within {wait:?}")))
         };
         let wait = base_wait(memory);
-        let found = match tokio::time::timeout(wait, fetch).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {wait:?}")),
+        let own = self.own_base(vm, (target, &spec), memory);
+        let found = match within(wait, tokio::time::timeout(wait, own).await) {
+            Ok(base) => Ok(base),
+            Err(why) => match self.made_from(vm).filter(|_| self.spec.kin_bases) {
+                Some(image) => {
+                    let wait = kin_wait(memory);
+                    let kin = self.kin_base((target, &spec), &image, memory);
+                    within(wait, tokio::time::timeout(wait, kin).await)
+                        .map_err(|kin| format!("{why}; {kin}"))
+                }
+                None => Err(why),
+            },
         };
         self.offered(vm, target, found)
     }
@@ -111,7 +117,7 @@ impl Node {
 
     /// The RAM image VM `vm` was made from (`VmSpec::image`), if any: its
     /// own spec's, else its record's.
-    fn made_from(&self, vm: &str) -> Option<String> {
+    pub(super) fn made_from(&self, vm: &str) -> Option<String> {
         let local = self
             .state
             .lock()
@@ -153,5 +159,7 @@ mod tests {
     fn a_larger_vm_waits_longer_for_its_base_up_to_a_minute() {
         let wait = |gib: u64| super::base_wait(gib << 30).as_secs();
         assert_eq!((wait(1), wait(16), wait(256), wait(4096)), (10, 11, 26, 60));
+        let kin = |gib: u64| super::kin_wait(gib << 30).as_secs();
+        assert_eq!((kin(0), kin(16), kin(256)), (10, 26, 120));
     }
 }

@@ -153,24 +153,44 @@ impl Node {
             Ok(image) => return Ok(image),
             Err(why) => why,
         };
-        // Another VM's copy, offered for a VM made from the same RAM image
-        // (the source compared their pages by keyed tags): a warm copy is
-        // taken over (a write of its image under way then stops and drops
-        // its file), else its file is copied in.
-        {
-            let mut st = self.state.lock().unwrap();
-            let kin = st
-                .warm
-                .iter()
-                .find(|(_, w)| w.migration == base.migration_id)
-                .map(|(name, _)| name.clone());
-            if let Some(w) = kin.and_then(|name| st.warm.remove(&name)) {
-                return Ok(crate::transport::BaseImage::Memory(w.memory));
+        self.kin_copy(vm, &base.migration_id)
+            .map_err(|kin| format!("node {}: {own}; {kin}", self.spec.name))
+    }
+
+    /// Another VM's copy by `migration`, offered for VM `vm` made from the
+    /// same RAM image (the source compared their pages by keyed tags): its
+    /// kept file, copied in, so the kin keeps its own base here; else its
+    /// warm copy, taken over (a write of its image under way then stops and
+    /// drops its file), unless that VM is arriving itself.
+    fn kin_copy(&self, vm: &str, migration: &str) -> Result<crate::transport::BaseImage, String> {
+        if !self.spec.kin_bases {
+            return Err("kin bases are off here".into());
+        }
+        let Some(image) = self.made_from(vm) else {
+            return Err(format!("VM {vm} was made from no RAM image"));
+        };
+        let file = self
+            .retention
+            .images_of(migration)
+            .filter(|v| v.image.as_deref() == Some(image.as_str()));
+        if let Some(v) = file {
+            if let Ok(file) = self.retention.base(&v.vm, migration) {
+                return Ok(file);
             }
         }
-        self.retention
-            .base_of_any(&base.migration_id)
-            .map_err(|kin| format!("node {}: {own}; {kin}", self.spec.name))
+        let mut st = self.state.lock().unwrap();
+        let kin = st
+            .warm
+            .iter()
+            .find(|(_, w)| w.migration == migration && w.image.as_deref() == Some(image.as_str()))
+            .map(|(name, _)| name.clone())
+            .filter(|name| !st.vms.get(name).is_some_and(Vm::arriving));
+        match kin.and_then(|name| st.warm.remove(&name)) {
+            Some(w) => Ok(crate::transport::BaseImage::Memory(w.memory)),
+            None => Err(format!(
+                "no copy of a VM made from {image} by migration {migration}"
+            )),
+        }
     }
 
     /// An incoming session ended: the VM runs here, or its arrival is

@@ -34,13 +34,19 @@ pub enum TagError {
 impl Node {
     /// The copies held here of VMs made from RAM image `image`, of `memory`
     /// bytes, newest first (a warm copy before the file of the same).
+    /// None when the node's `kin_bases` is off. A VM arriving now keeps its
+    /// own copy: it is not listed.
     pub fn kin_copies(&self, image: &str, memory: u64) -> Vec<KinCopy> {
+        if !self.spec.kin_bases {
+            return Vec::new();
+        }
         let now = now_ms();
         let mut copies: Vec<KinCopy> = {
             let st = self.state.lock().unwrap();
+            let arriving = |vm: &str| st.vms.get(vm).is_some_and(Vm::arriving);
             st.warm
                 .iter()
-                .filter(|(_, w)| w.image.as_deref() == Some(image))
+                .filter(|(vm, w)| w.image.as_deref() == Some(image) && !arriving(vm))
                 .filter(|(_, w)| w.memory.len_bytes() == memory)
                 .map(|(vm, w)| KinCopy {
                     vm: vm.clone(),
@@ -68,14 +74,29 @@ impl Node {
 
     /// Each page's xxh3 hash and tag under `key`, pages `first..first +
     /// count`, of the copy VM `vm` left here by `migration`: its warm copy,
-    /// else its kept image. Blocking: it reads and hashes them.
+    /// else its kept image. Blocking: it reads and hashes them, one copy at
+    /// a time on the node.
     pub fn kin_tags(
         &self,
         (vm, migration): (&str, &str),
         key: &[u8; 32],
         (first, count): (u64, u64),
     ) -> Result<Vec<(u64, u64)>, TagError> {
+        let not_here = || {
+            TagError::NotHere(format!(
+                "no copy of VM {vm} by migration {migration} is held on node {}",
+                self.spec.name
+            ))
+        };
+        if !self.spec.kin_bases {
+            return Err(not_here());
+        }
+        let _turn = self.retention.tagger_turn();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let held = || {
+            let st = self.state.lock().unwrap();
+            st.warm.get(vm).is_some_and(|w| w.migration == migration)
+        };
         let warm = {
             let st = self.state.lock().unwrap();
             st.warm
@@ -101,16 +122,17 @@ impl Node {
                 }
                 Ok(())
             };
-            return tag_pages(key, (first, count), threads, &read).map_err(TagError::Unusable);
+            let tags =
+                tag_pages(key, (first, count), threads, &read).map_err(TagError::Unusable)?;
+            // Still held once read: no one took it over meanwhile.
+            if !held() {
+                return Err(TagError::Unusable("taken over while read".into()));
+            }
+            return Ok(tags);
         }
         match self.retention.get(vm) {
             Some(v) if v.migration == migration => {}
-            _ => {
-                return Err(TagError::NotHere(format!(
-                    "no copy of VM {vm} by migration {migration} is held on node {}",
-                    self.spec.name
-                )))
-            }
+            _ => return Err(not_here()),
         }
         let image = self
             .retention
