@@ -159,6 +159,9 @@ pub struct Convergence {
     best_remaining: u64,
     best_at: Duration,
     pause_cost: Duration,
+    /// Whether the throttle went a step past its gentle ones for a pause
+    /// already under the limit (once at most).
+    stepped_for_pause: bool,
 }
 
 impl Convergence {
@@ -173,6 +176,7 @@ impl Convergence {
             best_remaining: u64::MAX,
             best_at: Duration::ZERO,
             pause_cost: Duration::ZERO,
+            stepped_for_pause: false,
         }
     }
 
@@ -255,8 +259,10 @@ impl Convergence {
     /// The pause would be under the limit: another round while rounds still
     /// shrink fast; while they do not but the pause is above a short one (a
     /// sixteenth of the limit), a step of the throttle, as far as its first
-    /// two steps (30% by default: a guest is never slowed harder than that
-    /// for a pause already under the limit); else switch over.
+    /// two steps (30% by default), or, for a long pause (over a quarter of
+    /// the limit) of a guest the throttle already holds past them, one step
+    /// more, once: its rounds then shrink fast again, and a few of them cost
+    /// the guest less than a long pause. Else switch over.
     fn under_limit(&mut self, r: &RoundStats, transfer: Duration) -> Decision {
         if self.another_round_pays(r, transfer) {
             self.note_progress(r);
@@ -268,8 +274,11 @@ impl Convergence {
             .policy
             .auto_converge
             .is_some_and(|ac| self.throttle_pct < ac.initial_pct.saturating_add(ac.increment_pct));
-        if transfer > short && gentle && self.room(r, transfer) {
+        let long = transfer + r.pause_cost > self.policy.downtime_limit / 4;
+        let once_more = long && !self.stepped_for_pause;
+        if transfer > short && (gentle || once_more) && self.room(r, transfer) {
             if let Some(p) = self.throttle_up() {
+                self.stepped_for_pause |= !gentle;
                 self.note_progress(r);
                 return Decision::Throttle(p);
             }
@@ -425,6 +434,38 @@ mod tests {
                     (round(1, 1.1, 40, 40, 38), Throttle(20)),
                     (round(2, 1.15, 38, 38, 37), Throttle(30)),
                     (round(3, 1.2, 37, 37, 36), Switchover),
+                ],
+            ),
+            (
+                "a long pause of a guest throttled past the gentle steps: one step more, once",
+                vec![
+                    (round(0, 10.0, 10000, 1000, 64), Continue),
+                    (round(1, 10.64, 640, 64, 64), Continue),
+                    (round(2, 11.28, 640, 64, 64), Throttle(20)),
+                    (round(3, 11.92, 640, 64, 60), Throttle(30)),
+                    (round(4, 12.52, 600, 60, 50), Throttle(40)),
+                    // 19 MB at 100 MB/s: 190 ms, under the limit and
+                    // shrinking fast.
+                    (round(5, 13.0, 400, 40, 19), Continue),
+                    // 150 ms, no longer shrinking fast, over a quarter of
+                    // the limit: one step past the gentle ones.
+                    (round(6, 13.2, 190, 19, 15), Throttle(50)),
+                    (round(7, 13.35, 150, 15, 9), Continue),
+                    // 120 ms and not shrinking fast: no second such step.
+                    (round(8, 13.44, 90, 9, 12), Switchover),
+                ],
+            ),
+            (
+                "a pause under a quarter of the limit at a firm throttle switches over",
+                vec![
+                    (round(0, 10.0, 10000, 1000, 64), Continue),
+                    (round(1, 10.64, 640, 64, 64), Continue),
+                    (round(2, 11.28, 640, 64, 64), Throttle(20)),
+                    (round(3, 11.92, 640, 64, 60), Throttle(30)),
+                    (round(4, 12.52, 600, 60, 50), Throttle(40)),
+                    (round(5, 13.0, 400, 40, 9), Continue),
+                    // 70 ms, not shrinking fast: under a quarter of 300 ms.
+                    (round(6, 13.1, 90, 9, 7), Switchover),
                 ],
             ),
             (
