@@ -21,6 +21,7 @@
 
 use crate::wire::ChannelId;
 use crate::wire::SessionSetup;
+use crate::wire::{Negotiate, NegotiateResponse};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::path::Path;
@@ -170,16 +171,40 @@ fn bind_to(m: &mut HmacSha256, binding: &[u8]) {
     m.update(binding);
 }
 
-/// What a session's setup proofs cover besides the key: both nonces and
-/// channel 0's TLS keying material (empty when plain).
+/// What a session's setup proofs cover besides the key: both nonces, the
+/// rest of the negotiation and channel 0's TLS keying material (empty when
+/// plain).
 #[derive(Debug, Clone, Copy)]
 pub struct Handshake<'a> {
     /// The source's nonce, from NEGOTIATE.
     pub source_nonce: &'a [u8; 16],
     /// The destination's nonce, from NEGOTIATE_RESPONSE.
     pub dest_nonce: &'a [u8; 16],
+    /// NEGOTIATE's and NEGOTIATE_RESPONSE's other fields ([`negotiation`]):
+    /// a capability or codec changed on the path fails both proofs.
+    pub negotiation: &'a [u8],
     /// Channel 0's TLS keying material (empty when plain).
     pub binding: &'a [u8],
+}
+
+/// Bytes of [`negotiation`].
+pub const NEGOTIATION_LEN: usize = 27;
+
+/// The fields of NEGOTIATE and NEGOTIATE_RESPONSE the proofs cover besides
+/// the nonces (which they cover apart): versions, capabilities, codecs and
+/// page sizes, as each side sent or read them.
+pub fn negotiation(n: &Negotiate, r: &NegotiateResponse) -> [u8; NEGOTIATION_LEN] {
+    let mut out = [0u8; NEGOTIATION_LEN];
+    out[0] = n.min_version;
+    out[1] = n.max_version;
+    out[2..6].copy_from_slice(&n.capabilities.to_le_bytes());
+    out[6..10].copy_from_slice(&n.codecs.to_le_bytes());
+    out[10..14].copy_from_slice(&n.page_size.to_le_bytes());
+    out[14] = r.version;
+    out[15..19].copy_from_slice(&r.capabilities.to_le_bytes());
+    out[19..23].copy_from_slice(&r.codecs.to_le_bytes());
+    out[23..27].copy_from_slice(&r.page_size.to_le_bytes());
+    out
 }
 
 impl Handshake<'_> {
@@ -187,6 +212,8 @@ impl Handshake<'_> {
         let mut m = mac(&key.0, what);
         m.update(self.source_nonce);
         m.update(self.dest_nonce);
+        m.update(&(self.negotiation.len() as u32).to_le_bytes());
+        m.update(self.negotiation);
         bind_to(&mut m, self.binding);
         m
     }
@@ -461,6 +488,7 @@ mod tests {
         let h = Handshake {
             source_nonce: &ns,
             dest_nonce: &nd,
+            negotiation: b"asked and answered",
             binding: b"tls",
         };
         let mut s = setup();
@@ -483,6 +511,14 @@ mod tests {
         assert!(
             !verify_setup_proof(&key, &relayed, &s),
             "relayed through a middle"
+        );
+        let downgraded = Handshake {
+            negotiation: b"asked and answered less",
+            ..h
+        };
+        assert!(
+            !verify_setup_proof(&key, &downgraded, &s),
+            "a negotiation changed on the way"
         );
         let mut renamed = s.clone();
         renamed.label.as_mut().unwrap().vm = "web-2".into();
@@ -517,6 +553,7 @@ mod tests {
         let h = Handshake {
             source_nonce: &ns,
             dest_nonce: &nd,
+            negotiation: b"asked and answered",
             binding: b"",
         };
         let r = Response {

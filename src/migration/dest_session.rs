@@ -525,6 +525,11 @@ impl DestSession {
         Ok(claimed)
     }
 
+    /// Checks a batch's codec is one the negotiation agreed on.
+    pub fn check_codec(&self, codec: crate::codec::CodecId) -> Result<(), MigrationError> {
+        self.machine.check_codec(codec)
+    }
+
     /// Settles a batch of `round` sent again whose id is claimed; one to
     /// apply must be of a round the machine takes now.
     pub fn settle_resend(&mut self, id: u64, round: u32) -> Result<Settle, MigrationError> {

@@ -206,6 +206,14 @@ impl DestMachine {
         }
     }
 
+    /// Checks a page batch's codec is one NEGOTIATE agreed on.
+    pub fn check_codec(&self, codec: CodecId) -> Result<(), MigrationError> {
+        if self.codecs & codec.bit() == 0 {
+            return Err(Violation::CodecNotAgreed { codec }.into());
+        }
+        Ok(())
+    }
+
     /// Handles ROUND_END.
     pub fn handle_round_end(&mut self, m: &RoundEnd) -> Result<(), MigrationError> {
         match self.state {
@@ -358,6 +366,11 @@ mod tests {
             .unwrap();
         assert_eq!(r.codecs, asked);
         assert_eq!(m.codecs(), asked | CodecId::None.bit());
+        // A batch in a codec not agreed on is a violation.
+        m.check_codec(CodecId::Lz4).unwrap();
+        m.check_codec(CodecId::None).unwrap();
+        let e = m.check_codec(CodecId::Zstd).unwrap_err();
+        assert!(e.to_string().contains("did not agree"), "{e}");
         // A receiver without kept streams declines them.
         let mut m = DestMachine::new(1 << 30).kept_streams(false);
         let r = m

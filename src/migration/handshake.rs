@@ -31,6 +31,9 @@ pub struct SourceHandshake {
     capabilities: u32,
     /// Codecs asked for, then those the destination decodes of them.
     codecs: u32,
+    /// What NEGOTIATE and its answer said, once answered
+    /// ([`auth::negotiation`]): the proofs cover it.
+    negotiation: [u8; auth::NEGOTIATION_LEN],
     step: Step,
 }
 
@@ -109,6 +112,7 @@ impl SourceHandshake {
             binding,
             capabilities: 0,
             codecs: Self::wanted_codecs(codec),
+            negotiation: [0; auth::NEGOTIATION_LEN],
             step: Step::Start,
         }
     }
@@ -142,14 +146,7 @@ impl SourceHandshake {
         match self.step {
             Step::Start => {
                 self.step = Step::Negotiating;
-                let msg = Message::Negotiate(Negotiate {
-                    min_version: VERSION,
-                    max_version: VERSION,
-                    capabilities: self.capabilities,
-                    codecs: self.codecs,
-                    page_size: PAGE_SIZE as u32,
-                    nonce: self.source_nonce,
-                });
+                let msg = Message::Negotiate(self.negotiate());
                 Some((Header::new(Command::Negotiate), msg))
             }
             Step::SettingUp { dest_nonce } => {
@@ -205,6 +202,7 @@ impl SourceHandshake {
         match (self.step, msg) {
             (Step::Negotiating, Message::NegotiateResponse(r)) => {
                 self.check_negotiated(&r)?;
+                self.negotiation = auth::negotiation(&self.negotiate(), &r);
                 self.capabilities &= r.capabilities;
                 self.codecs &= r.codecs;
                 self.step = Step::SettingUp {
@@ -218,6 +216,18 @@ impl SourceHandshake {
                 Ok(Some(done))
             }
             (_, m) => Err(unexpected(self.awaiting().unwrap_or("nothing"), &m)),
+        }
+    }
+
+    /// NEGOTIATE, as sent (before the answer narrows what was asked for).
+    fn negotiate(&self) -> Negotiate {
+        Negotiate {
+            min_version: VERSION,
+            max_version: VERSION,
+            capabilities: self.capabilities,
+            codecs: self.codecs,
+            page_size: PAGE_SIZE as u32,
+            nonce: self.source_nonce,
         }
     }
 
@@ -297,6 +307,7 @@ impl SourceHandshake {
         auth::Handshake {
             source_nonce: &self.source_nonce,
             dest_nonce,
+            negotiation: &self.negotiation,
             binding: &self.binding,
         }
     }

@@ -104,6 +104,12 @@ pub enum Violation {
     /// A setup that asks for authenticated frames without a proven key.
     #[error("the setup asks for authenticated frames without proving a key")]
     MacWithoutKey,
+    /// A page batch in a codec NEGOTIATE did not agree on.
+    #[error("a page batch in {codec:?}, which the negotiation did not agree on")]
+    CodecNotAgreed {
+        /// The batch's codec.
+        codec: crate::codec::CodecId,
+    },
     /// A setup response that takes a delta base the setup did not offer.
     #[error("the destination took a delta base the setup did not offer")]
     DeltaUnoffered,

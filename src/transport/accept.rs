@@ -74,6 +74,8 @@ pub(super) struct Admitted {
     pub(super) session_id: u64,
     pub(super) source_nonce: [u8; 16],
     pub(super) nonce: [u8; 16],
+    /// What NEGOTIATE and its answer said (`auth::negotiation`).
+    pub(super) negotiation: [u8; crate::migration::auth::NEGOTIATION_LEN],
     /// Whether its peer proved the key (rather than being taken without one).
     pub(super) proved_key: bool,
     /// Its place among the receiver's sessions (taken by the session to

@@ -46,8 +46,9 @@ pub use message::{
 /// `"FRY1"` as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// The protocol version this build speaks (2: mutual proofs of the key,
-/// proven channel binds, keepalives and resends).
-pub const VERSION: u8 = 2;
+/// proven channel binds, keepalives and resends; 3: the proofs cover the
+/// negotiation's capabilities and codecs).
+pub const VERSION: u8 = 3;
 /// Header flag on a page batch sent again after the channel that carried it
 /// failed: the receiver applies each message id once and acknowledges a
 /// resend of one it already applied without applying it again.

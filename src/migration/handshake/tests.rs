@@ -39,6 +39,7 @@ fn setup_answer(hs: &mut SourceHandshake, key: Option<&SessionKey>, credits: u16
     let h = auth::Handshake {
         source_nonce: &[1; 16],
         dest_nonce: &[2; 16],
+        negotiation: &hs.negotiation,
         binding: &[],
     };
     if let Some(k) = key {
@@ -117,6 +118,7 @@ fn delta_answered(offer: bool) -> Result<Established, MigrationError> {
     let h = auth::Handshake {
         source_nonce: &[1; 16],
         dest_nonce: &[2; 16],
+        negotiation: &hs.negotiation.clone(),
         binding: &[],
     };
     assert!(
@@ -150,9 +152,11 @@ fn an_answer_for_another_session_or_another_key_is_refused() {
             panic!("the setup is due");
         };
         assert!(setup.proof.is_some());
+        let negotiation = hs.negotiation;
         let h = auth::Handshake {
             source_nonce: &[1; 16],
             dest_nonce: &[2; 16],
+            negotiation: &negotiation,
             binding: &[],
         };
         let reply =
@@ -224,6 +228,7 @@ fn the_destination_takes_a_setup_only_proved_or_as_its_policy_allows() {
     let h = auth::Handshake {
         source_nonce: &[1; 16],
         dest_nonce: &[2; 16],
+        negotiation: &[],
         binding: &[],
     };
     let mut setup = SessionSetup::plain(1 << 20, 1);

@@ -58,9 +58,13 @@ enum Tamper {
     /// The destination says it took a delta base whether offered or not,
     /// proof and all (a broken destination).
     DeltaAlways,
+    /// The capabilities NEGOTIATE asks for changed on the way.
+    AskedOnPath,
+    /// The capabilities NEGOTIATE_RESPONSE grants changed on the way.
+    GrantedOnPath,
 }
 
-const TAMPERS: [Tamper; 16] = [
+const TAMPERS: [Tamper; 18] = [
     Tamper::None,
     Tamper::SourceNonce,
     Tamper::DestNonce,
@@ -77,6 +81,8 @@ const TAMPERS: [Tamper; 16] = [
     Tamper::BaseOnPath,
     Tamper::DeltaOnPath,
     Tamper::DeltaAlways,
+    Tamper::AskedOnPath,
+    Tamper::GrantedOnPath,
 ];
 
 /// A drawn handshake: each side's key, the receiver's policy, the peer,
@@ -176,6 +182,8 @@ struct DestSide {
     frame_keys: Option<auth::FrameKeys>,
     /// Whether it took the setup's delta base.
     delta: bool,
+    /// What NEGOTIATE and its answer said, as it read and sent them.
+    negotiation: [u8; auth::NEGOTIATION_LEN],
 }
 
 /// Runs the handshake of `seed` and checks it, then binds the channels of
@@ -306,6 +314,7 @@ fn answer_negotiate(
             &auth::Handshake {
                 source_nonce: &n.nonce,
                 dest_nonce: &[0; 16],
+                negotiation: &[],
                 binding: &[],
             },
             1,
@@ -314,6 +323,9 @@ fn answer_negotiate(
         );
         let h = Header::new(Command::SessionSetupResponse);
         return Some((h, Message::SessionSetupResponse(early)));
+    }
+    if s.tamper == Tamper::AskedOnPath {
+        n.capabilities ^= crate::wire::CAP_PAGE_REFS;
     }
     let mut r = match dest.handle_negotiate(&n) {
         Ok(r) => r,
@@ -326,9 +338,13 @@ fn answer_negotiate(
     if s.tamper == Tamper::Version {
         r.version = r.version.wrapping_add(1);
     }
+    side.negotiation = auth::negotiation(&n, &r);
     let mut sent = r.clone();
     if s.tamper == Tamper::DestNonce {
         sent.nonce[0] ^= 1;
+    }
+    if s.tamper == Tamper::GrantedOnPath {
+        sent.capabilities ^= 0x80;
     }
     Some((
         Header::new(Command::NegotiateResponse),
@@ -357,6 +373,7 @@ fn answer_setup(
     let h = auth::Handshake {
         source_nonce: &side.source_nonce,
         dest_nonce: &side.nonce,
+        negotiation: &side.negotiation,
         binding: &s.dest_binding,
     };
     let peer = if s.loopback {
@@ -441,7 +458,11 @@ fn check(
     let base_changed = s.tamper == Tamper::BaseOnPath && s.offer;
     let exchange_intact = !matches!(
         s.tamper,
-        Tamper::SourceNonce | Tamper::DestNonce | Tamper::SetupSize
+        Tamper::SourceNonce
+            | Tamper::DestNonce
+            | Tamper::SetupSize
+            | Tamper::AskedOnPath
+            | Tamper::GrantedOnPath
     ) && !stripped
         && !base_changed
         && s.source_binding == s.dest_binding;

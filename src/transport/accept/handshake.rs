@@ -27,6 +27,7 @@ pub(super) async fn session_handshake(
     // recorded setup cannot be replayed.
     response.nonce = random_bytes::<16>();
     let nonce = response.nonce;
+    let negotiation = crate::migration::auth::negotiation(negotiate, &response);
     writer
         .send(
             Header::new(Command::NegotiateResponse),
@@ -38,6 +39,7 @@ pub(super) async fn session_handshake(
     let handshake = crate::migration::auth::Handshake {
         source_nonce: &negotiate.nonce,
         dest_nonce: &nonce,
+        negotiation: &negotiation,
         binding,
     };
     let key = config.key.as_ref();
@@ -89,6 +91,7 @@ pub(super) async fn session_handshake(
         session_id,
         source_nonce: negotiate.nonce,
         nonce,
+        negotiation,
         proved_key: config.key.is_some(),
         slot: Some(slot),
         setup,

@@ -136,6 +136,7 @@ impl Conn<'_> {
             let verdict = Mutex::new(None);
             let accept = |h: &Header, b: &PageBatch| {
                 check_session(sh, ch, h)?;
+                sh.check_codec(b.codec)?;
                 sh.fault_at(FaultPoint::BeforeRound0)?;
                 let claim = Claim::Receiving {
                     chan: ch,
@@ -167,6 +168,7 @@ impl Conn<'_> {
             check_session(sh, ch, &frame.header)?;
             if frame.header.command == Command::PageBatch {
                 let batch = PageBatch::decode(frame.payload, sh.limits)?;
+                sh.check_codec(batch.codec)?;
                 let claimed = verdict
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

@@ -94,6 +94,7 @@ impl Session {
             session_id,
             source_nonce,
             nonce,
+            negotiation,
             proved_key: _,
             slot: _,
         } = admitted;
@@ -101,6 +102,7 @@ impl Session {
         let handshake = crate::migration::auth::Handshake {
             source_nonce: &source_nonce,
             dest_nonce: &nonce,
+            negotiation: &negotiation,
             binding: &self.binding,
         };
         let frame_mac = key.is_some() && setup.flags & SETUP_FRAME_MAC != 0;

@@ -192,6 +192,11 @@ impl Shared {
         self.session().claim_batch(h, round, state)
     }
 
+    /// Checks a batch's codec is one the negotiation agreed on.
+    pub(super) fn check_codec(&self, codec: crate::codec::CodecId) -> Result<(), MigrationError> {
+        self.session().check_codec(codec)
+    }
+
     pub(super) fn set_claim(&self, id: u64, state: Option<Claim>) {
         self.session().set_claim(id, state);
         self.claims_changed.notify_waiters();

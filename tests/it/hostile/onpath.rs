@@ -26,6 +26,9 @@ enum Attack {
     /// Grant one credit per channel instead of what the destination said:
     /// before frames are tagged, only the handshake's proofs cover it.
     Credits,
+    /// Flip a capability the destination grants in NEGOTIATE_RESPONSE (a
+    /// downgrade: dense pages taken away, or a grant made up).
+    Capabilities,
     /// Forward every frame as it is.
     Nothing,
 }
@@ -178,6 +181,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, up: bool, attack: Attack, seen: 
                         seen.changed += 1;
                     }
                     tag_after = seen.mac;
+                }
+                Command::NegotiateResponse if !up && attack == Attack::Capabilities => {
+                    f.payload[4] ^= 1;
+                    reseal(&mut f);
+                    seen.changed += 1;
                 }
                 Command::ChannelBind if up => tag_after = seen.mac,
                 Command::SessionSetupResponse if attack == Attack::Credits => {
@@ -356,6 +364,18 @@ fn with_a_key_the_frame_authentication_flag_cannot_be_stripped() {
 }
 
 #[test]
+fn with_a_key_the_negotiation_cannot_be_narrowed_on_the_path() {
+    let _serial = common::serial();
+    let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
+    let (src, _h, g, seen) = attacked(Some(key), Attack::Capabilities);
+    assert_eq!(seen.lock().unwrap().changed, 1, "the grant was changed");
+    assert_eq!(src.outcome, Outcome::Failed);
+    let why = src.error.clone().unwrap_or_default();
+    assert!(why.contains("proof of the key is wrong"), "{why}");
+    assert!(g.is_running(), "the guest runs on at the source");
+}
+
+#[test]
 fn a_keyed_receiver_without_tls_refuses_a_proven_source_that_does_not_tag_its_frames() {
     let _serial = common::serial();
     let key = SessionKey(b"on-path-attack-key-0123456789".to_vec());
@@ -365,17 +385,22 @@ fn a_keyed_receiver_without_tls_refuses_a_proven_source_that_does_not_tag_its_fr
     });
     let mut s = TcpStream::connect(&h.addr).unwrap();
     send(&mut s, Header::new(Command::Negotiate), &negotiate());
-    let dest_nonce = match recv(&mut s) {
-        Some((_, Message::NegotiateResponse(r))) => r.nonce,
+    let answer = match recv(&mut s) {
+        Some((_, Message::NegotiateResponse(r))) => r,
         other => panic!("{other:?}"),
+    };
+    let Message::Negotiate(asked) = negotiate() else {
+        unreachable!()
     };
     // An older source: the right key, every field proved, no tags asked for.
     let Message::SessionSetup(mut old) = setup(8 << 20) else {
         unreachable!()
     };
+    let negotiation = ferry::migration::auth::negotiation(&asked, &answer);
     let handshake = ferry::migration::auth::Handshake {
         source_nonce: &SOURCE_NONCE,
-        dest_nonce: &dest_nonce,
+        dest_nonce: &answer.nonce,
+        negotiation: &negotiation,
         binding: &[],
     };
     old.proof = Some(ferry::migration::auth::setup_proof(&key, &handshake, &old));
