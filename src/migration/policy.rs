@@ -395,6 +395,21 @@ mod tests {
         }
     }
 
+    /// Rounds that throttle a guest writing faster than the link to 40%,
+    /// then `rest`.
+    fn firm_throttle(rest: Vec<(RoundStats, Decision)>) -> Vec<(RoundStats, Decision)> {
+        use Decision::*;
+        let mut rounds = vec![
+            (round(0, 10.0, 10000, 1000, 64), Continue),
+            (round(1, 10.64, 640, 64, 64), Continue),
+            (round(2, 11.28, 640, 64, 64), Throttle(20)),
+            (round(3, 11.92, 640, 64, 60), Throttle(30)),
+            (round(4, 12.52, 600, 60, 50), Throttle(40)),
+        ];
+        rounds.extend(rest);
+        rounds
+    }
+
     #[test]
     fn table() {
         use Decision::*;
@@ -438,12 +453,7 @@ mod tests {
             ),
             (
                 "a long pause of a guest throttled past the gentle steps: one step more, once",
-                vec![
-                    (round(0, 10.0, 10000, 1000, 64), Continue),
-                    (round(1, 10.64, 640, 64, 64), Continue),
-                    (round(2, 11.28, 640, 64, 64), Throttle(20)),
-                    (round(3, 11.92, 640, 64, 60), Throttle(30)),
-                    (round(4, 12.52, 600, 60, 50), Throttle(40)),
+                firm_throttle(vec![
                     // 19 MB at 100 MB/s: 190 ms, under the limit and
                     // shrinking fast.
                     (round(5, 13.0, 400, 40, 19), Continue),
@@ -453,20 +463,15 @@ mod tests {
                     (round(7, 13.35, 150, 15, 9), Continue),
                     // 120 ms and not shrinking fast: no second such step.
                     (round(8, 13.44, 90, 9, 12), Switchover),
-                ],
+                ]),
             ),
             (
                 "a pause under a quarter of the limit at a firm throttle switches over",
-                vec![
-                    (round(0, 10.0, 10000, 1000, 64), Continue),
-                    (round(1, 10.64, 640, 64, 64), Continue),
-                    (round(2, 11.28, 640, 64, 64), Throttle(20)),
-                    (round(3, 11.92, 640, 64, 60), Throttle(30)),
-                    (round(4, 12.52, 600, 60, 50), Throttle(40)),
+                firm_throttle(vec![
                     (round(5, 13.0, 400, 40, 9), Continue),
                     // 70 ms, not shrinking fast: under a quarter of 300 ms.
                     (round(6, 13.1, 90, 9, 7), Switchover),
-                ],
+                ]),
             ),
             (
                 "rounds under the limit that still shrink go on (unthrottled) to a short pause",

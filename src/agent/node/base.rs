@@ -118,38 +118,28 @@ impl Node {
     /// The RAM image VM `vm` was made from (`VmSpec::image`), if any: its
     /// own spec's, else its record's.
     pub(super) fn made_from(&self, vm: &str) -> Option<String> {
-        let local = self
-            .state
-            .lock()
-            .unwrap()
-            .vms
-            .get(vm)
-            .and_then(|v| v.spec.image.clone());
-        local.or_else(|| {
-            self.mirror
-                .get()
-                .and_then(|m| m.vm(vm))
-                .and_then(|(r, _)| r.spec.image.clone())
-        })
+        self.spec_says(vm, |s| s.image.clone())
     }
 
     /// Which VM named `vm` runs here (`VmSpec::incarnation`): its own
     /// spec's, else its record's; 0 when neither says.
     fn incarnation(&self, vm: &str) -> u64 {
-        let local = self
-            .state
-            .lock()
-            .unwrap()
-            .vms
-            .get(vm)
-            .map_or(0, |v| v.spec.incarnation);
-        if local != 0 {
-            return local;
-        }
-        self.mirror
-            .get()
-            .and_then(|m| m.vm(vm))
-            .map_or(0, |(r, _)| r.spec.incarnation)
+        self.spec_says(vm, |s| Some(s.incarnation).filter(|&i| i != 0))
+            .unwrap_or(0)
+    }
+
+    /// What `field` says of VM `vm`'s spec here, else of its record's.
+    fn spec_says<T>(&self, vm: &str, field: impl Fn(&VmSpec) -> Option<T>) -> Option<T> {
+        let local = {
+            let st = self.state.lock().unwrap();
+            st.vms.get(vm).and_then(|v| field(&v.spec))
+        };
+        local.or_else(|| {
+            self.mirror
+                .get()
+                .and_then(|m| m.vm(vm))
+                .and_then(|(r, _)| field(&r.spec))
+        })
     }
 }
 
