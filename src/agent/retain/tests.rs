@@ -197,6 +197,40 @@ fn a_vm_that_comes_back_while_its_image_is_written_leaves_no_image() {
 }
 
 #[test]
+fn a_write_asks_once_more_after_its_last_read_and_keeps_nothing_if_told_to_stop() {
+    // 600 pages: three steps of 256, each asked before it is read, and
+    // one ask after the last read (a copy taken over during that read
+    // would have given the file another guest's pages).
+    let d = Dir::new("last-ask");
+    let r = Retention::open(&d.0, 1 << 24, 1 << 30);
+    let calls = std::cell::Cell::new(0);
+    let after_last_read = || {
+        calls.set(calls.get() + 1);
+        calls.get() == 4
+    };
+    let kept = r.keep(
+        "web",
+        "m",
+        (1, None),
+        &memory(600, 300, 1),
+        &after_last_read,
+    );
+    assert_eq!(kept.unwrap(), None);
+    assert_eq!(calls.get(), 4);
+    assert!(r.view().images.is_empty());
+    assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), 0);
+    // Not told to stop: the same four asks, and the image is kept.
+    calls.set(0);
+    let never = || {
+        calls.set(calls.get() + 1);
+        false
+    };
+    let kept = r.keep("web", "m", (1, None), &memory(600, 300, 1), &never);
+    assert!(kept.unwrap().is_some());
+    assert_eq!(calls.get(), 4);
+}
+
+#[test]
 fn a_failback_starts_from_the_file_once_it_is_whole() {
     let d = Dir::new("base");
     let r = Arc::new(Retention::open(&d.0, 1 << 30, 1 << 30));
