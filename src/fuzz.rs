@@ -53,6 +53,17 @@ pub fn batch(data: &[u8]) {
                 Page::Same { target, .. } => {
                     assert!(target.0 < FUZZ_GUEST_PAGES, "reference to {target}")
                 }
+                Page::Patch { base, ops, .. } => {
+                    let end = base + PAGE_SIZE as u64;
+                    assert!(
+                        end <= FUZZ_GUEST_PAGES * PAGE_SIZE as u64,
+                        "patch of {base}"
+                    );
+                    assert!(ops.len() <= PAGE_SIZE, "a patch of {} bytes", ops.len());
+                    // Its ops, over any region, build a page or an error.
+                    let mut out = [0u8; PAGE_SIZE];
+                    let _ = crate::wire::patch::apply(&[0u8; PAGE_SIZE], ops, &mut out);
+                }
                 _ => {}
             }
             assert_ne!(kind, Page::Placed, "a whole payload is never placed");
@@ -130,6 +141,28 @@ pub const FUZZ_MAX_OUTPUT: usize = crate::wire::MAX_PAGES_PER_BATCH as usize * P
 
 /// Decompresses `data` with `codec`: the first 4 bytes declare the output
 /// size (as a batch declares its pages), the rest is the compressed input.
+/// Any bytes as a patch (after the first 4096, the region it patches,
+/// zero-padded) build a page or an error, never a panic; and the same
+/// bytes as a page against that region: a patch [`crate::wire::patch::diff`]
+/// makes of it rebuilds it.
+pub fn patch(data: &[u8]) {
+    use crate::wire::patch::{apply, diff};
+    let mut base = [0u8; PAGE_SIZE];
+    let n = data.len().min(PAGE_SIZE);
+    base[..n].copy_from_slice(&data[..n]);
+    let ops = &data[n..];
+    let mut out = [0u8; PAGE_SIZE];
+    let _ = apply(&base, ops, &mut out);
+    let mut page = [0u8; PAGE_SIZE];
+    let m = ops.len().min(PAGE_SIZE);
+    page[..m].copy_from_slice(&ops[..m]);
+    let mut made = [0u8; PAGE_SIZE];
+    if let Some(len) = diff(&page, &base, &mut made) {
+        apply(&base, &made[..len], &mut out).expect("a patch diff made applies");
+        assert_eq!(out, page, "a patch diff made rebuilds its page");
+    }
+}
+
 /// Must not panic or write past the declared size, whatever the input claims
 /// (a compression bomb declaring a huge output fails without allocating
 /// it); a success fills exactly the declared bytes.

@@ -147,7 +147,7 @@ pub fn measure_codecs(
                             match data {
                                 Page::Data(d) => placed[at..at + PAGE_SIZE].copy_from_slice(d),
                                 Page::Zero => placed[at..at + PAGE_SIZE].fill(0),
-                                Page::Placed | Page::Same { .. } => {
+                                Page::Placed | Page::Same { .. } | Page::Patch { .. } => {
                                     unreachable!("whole payloads without references")
                                 }
                             }

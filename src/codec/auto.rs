@@ -140,6 +140,15 @@ const BASE_PRIOR: f64 = 1.0 / 5e9;
 /// How sharply a pipeline's throughput turns from one bound to the other
 /// (see [`pipeline`]).
 const PIPELINE_K: f64 = 4.0;
+/// Batches between searches for patches while the model says they do not
+/// pay: one searches anyway, to keep the estimates of cost and gain fresh.
+pub const PATCH_RECHECK: u64 = 32;
+/// The least gain in throughput a search for patches must promise.
+const PATCH_GAIN: f64 = 1.02;
+/// The share of non-zero bytes a search is counted on to save at least:
+/// early in a round, and while searches are rare, the index holds little
+/// of what the destination holds and patches are fewer than they will be.
+const PATCH_SAVED_FLOOR: f64 = 0.05;
 
 /// The throughput of two stages in series that alone would run at `a` and
 /// `b`: the slower, less the time each spends waiting on the other. A batch's
@@ -219,6 +228,10 @@ pub struct AutoChooser {
     probe_set: [bool; CANDIDATES.len()],
     /// The candidates this session may use.
     enabled: [bool; CANDIDATES.len()],
+    /// The search for patches: seconds per non-zero byte, and the share of
+    /// non-zero bytes its patches left out, averaged over batches searched.
+    patch_cost: Option<f64>,
+    patch_saved: Option<f64>,
 }
 
 impl AutoChooser {
@@ -242,6 +255,8 @@ impl AutoChooser {
             probes: 0,
             probe_set: std::array::from_fn(|i| i != STREAM),
             enabled: std::array::from_fn(|i| i != STREAM),
+            patch_cost: None,
+            patch_saved: None,
         }
     }
 
@@ -477,6 +492,40 @@ impl AutoChooser {
         Some((by_cpu, by_wire))
     }
 
+    /// Records a batch searched for patches: of its `nonzero_bytes`, the
+    /// search took `seconds` and its patches left out `saved` bytes. Kept
+    /// apart from the codecs' costs ([`AutoChooser::record_batch`] takes a
+    /// batch's time without its search).
+    pub fn record_patches(&mut self, nonzero_bytes: u64, seconds: f64, saved: u64) {
+        if nonzero_bytes == 0 || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let n = nonzero_bytes as f64;
+        self.patch_cost = ewma(self.patch_cost, seconds / n);
+        self.patch_saved = ewma(self.patch_saved, (saved as f64 / n).min(0.95));
+    }
+
+    /// Whether the next batch's pages are searched for patches. A search
+    /// costs CPU (on typical memory about a third of zstd:1's) and saves
+    /// wire bytes: it runs while the model says the best candidate's
+    /// pipeline is faster with it (by [`PATCH_GAIN`]), which it is where
+    /// the link, not the CPU, bounds it; else one batch in
+    /// [`PATCH_RECHECK`], to measure again. Until measured, it runs. Its
+    /// saving counts as at least [`PATCH_SAVED_FLOOR`].
+    pub fn patching(&self) -> bool {
+        let best = self.ranked().0;
+        let (Some(cost), Some(saved), Some((cpu, wire))) =
+            (self.patch_cost, self.patch_saved, self.bounds(best))
+        else {
+            return true;
+        };
+        let nonzero = 1.0 - self.zero.unwrap_or(0.0).clamp(0.0, 1.0);
+        let cpu_with = 1.0 / (1.0 / cpu + nonzero * cost / self.encode_cores());
+        let wire_with = wire / (1.0 - saved.max(PATCH_SAVED_FLOOR));
+        let gain = pipeline(cpu_with, wire_with) / pipeline(cpu, wire).max(f64::MIN_POSITIVE);
+        gain > PATCH_GAIN || (self.batches > 0 && self.batches.is_multiple_of(PATCH_RECHECK))
+    }
+
     /// Whether every compressor has been measured.
     pub fn measured(&self) -> bool {
         self.usable()
@@ -663,6 +712,46 @@ mod tests {
         assert!(probe && a.probes(stream), "measured with the others");
         assert!(!measured(2, None, 0.36, MIX).with_stream(true).measured());
         assert!(measured(2, None, 0.36, MIX).measured());
+    }
+
+    #[test]
+    fn patches_are_searched_where_the_link_bounds_the_pipeline_not_the_cpu() {
+        // Unmeasured, a search runs: that is how it is measured.
+        assert!(measured(2, Some(125.0), 0.36, MIX).patching());
+        // The search: 1.5 ns a non-zero byte, saving a tenth of them
+        // (ferry demo on scripts/real-image.py's 1 GiB).
+        let searched = |cores, link| {
+            let mut a = measured(cores, link, 0.36, MIX);
+            a.record_patches(1 << 20, (1u64 << 20) as f64 * 1.5e-9, 1 << 17);
+            a
+        };
+        // 200 Mbit/s and 100 Mbit/s on two cores: the link bounds it.
+        assert!(searched(2, Some(25.0)).patching());
+        assert!(searched(2, Some(12.5)).patching());
+        // 1 Gbit/s: on two cores zstd:1 still outruns the link and the
+        // search pays (by 7% in the model); on one it would not.
+        assert!(searched(2, Some(125.0)).patching());
+        assert!(!searched(1, Some(125.0)).patching());
+        // Loopback: the CPU bounds it.
+        let mut fast = searched(2, None);
+        assert!(!fast.patching());
+        // Stopped, one batch in PATCH_RECHECK searches anyway.
+        let searches = (0..PATCH_RECHECK * 4)
+            .filter(|_| {
+                fast.pick();
+                fast.patching()
+            })
+            .count();
+        assert_eq!(searches, 4);
+        // A search that saves nothing counts on the floor: it runs only
+        // where the CPU has room for it.
+        let mut none = measured(2, Some(12.5), 0.36, MIX);
+        none.record_patches(1 << 20, (1u64 << 20) as f64 * 1.5e-9, 0);
+        assert!(none.patching());
+        // Bad measures change nothing.
+        none.record_patches(0, 1.0, 0);
+        none.record_patches(1 << 20, f64::NAN, 0);
+        assert!(none.patching());
     }
 
     #[test]

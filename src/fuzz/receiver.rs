@@ -209,6 +209,16 @@ impl Receiver {
                 // its target's (the receiver checks the target's bytes
                 // against the reference's keyed tag first).
                 Page::Same { target, .. } => hashes.get(target),
+                // Nor does it hold the region a patch names: its ops are
+                // applied to zeros (the receiver checks the region's tag
+                // first, and fails the session on ops that build no page).
+                Page::Patch { ops, .. } => {
+                    let mut out = [0u8; PAGE_SIZE];
+                    match crate::wire::patch::apply(&[0u8; PAGE_SIZE], ops, &mut out) {
+                        Ok(()) => page_hash(&out),
+                        Err(_) => zero_page_hash(),
+                    }
+                }
                 _ => zero_page_hash(),
             };
             hashes.set(page, h);

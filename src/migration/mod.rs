@@ -20,6 +20,7 @@ pub mod retained;
 pub mod saved;
 pub mod sent;
 pub mod sim;
+pub mod similar;
 pub mod source_machine;
 mod violation;
 
@@ -36,7 +37,7 @@ pub use config::{
 pub use error::MigrationError;
 pub use local::{LocalFault, Task};
 pub use loss::{ChannelLoss, SessionLoss};
-pub use violation::{AuthFailure, GuestStep, Mismatch, Shortfall, Violation};
+pub use violation::{AuthFailure, GuestStep, Mismatch, PatchCause, Shortfall, Violation};
 
 // The wire counts pages as guest memory does.
 const _: () = assert!(crate::memory::PAGE_SIZE == crate::wire::PAGE_SIZE);

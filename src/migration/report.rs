@@ -48,6 +48,11 @@ pub struct PageCounts {
     /// (dense pages).
     #[serde(default)]
     pub referenced: u64,
+    /// Pages sent as patches of a region the destination held (dense
+    /// pages; counted in `raw` or `compressed` too, as their patches
+    /// travel with the data).
+    #[serde(default)]
+    pub patched: u64,
     /// `compressed` by the codec that compressed them: under `auto`, what
     /// it chose.
     #[serde(default)]
@@ -76,6 +81,7 @@ pub(crate) struct PageCounter {
     raw: AtomicU64,
     compressed: AtomicU64,
     referenced: AtomicU64,
+    patched: AtomicU64,
     /// `compressed` by codec: lz4, zstd, zstd-stream.
     by: [AtomicU64; 3],
 }
@@ -83,8 +89,13 @@ pub(crate) struct PageCounter {
 #[cfg(feature = "net")]
 impl PageCounter {
     /// Adds one batch of `codec`: its pages, and how many of them were
-    /// zero, raw, compressed and references.
-    pub(crate) fn add(&self, codec: CodecId, [total, zero, raw, compressed, referenced]: [u64; 5]) {
+    /// zero, raw, compressed, references and patches.
+    pub(crate) fn add(
+        &self,
+        codec: CodecId,
+        [total, zero, raw, compressed, referenced, patched]: [u64; 6],
+    ) {
+        self.patched.fetch_add(patched, Ordering::Relaxed);
         self.total.fetch_add(total, Ordering::Relaxed);
         self.zero.fetch_add(zero, Ordering::Relaxed);
         self.raw.fetch_add(raw, Ordering::Relaxed);
@@ -107,6 +118,7 @@ impl PageCounter {
             raw: self.raw.load(Ordering::Relaxed),
             compressed: self.compressed.load(Ordering::Relaxed),
             referenced: self.referenced.load(Ordering::Relaxed),
+            patched: self.patched.load(Ordering::Relaxed),
             compressed_by: CompressedBy {
                 lz4: self.by[0].load(Ordering::Relaxed),
                 zstd: self.by[1].load(Ordering::Relaxed),

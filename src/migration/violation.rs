@@ -122,6 +122,28 @@ pub enum Violation {
         /// The page it names.
         target: u64,
     },
+    /// A page sent as a patch of a region the destination does not hold
+    /// with the content the patch names, or whose ops build no page.
+    #[error("page {page} was sent as a patch of the region at byte {base}: {cause}")]
+    BadPatch {
+        /// The page the patch fills.
+        page: u64,
+        /// The region's first byte.
+        base: u64,
+        /// What is wrong with it.
+        cause: PatchCause,
+    },
+}
+
+/// What is wrong with a patch ([`Violation::BadPatch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PatchCause {
+    /// Its region's bytes here do not carry the patch's tag.
+    #[error("the region does not hold that content here")]
+    Region,
+    /// Its ops build no page.
+    #[error("{0}")]
+    Ops(crate::wire::patch::PatchError),
 }
 
 fn round_text(round: Option<u32>) -> String {

@@ -133,8 +133,11 @@ pub struct NegotiateResponse {
 /// Capability in [`Negotiate::capabilities`]: the destination applies page
 /// batches that carry references (dense pages, see [`crate::wire::Read`]).
 pub const CAP_PAGE_REFS: u32 = 1;
+/// Capability in [`Negotiate::capabilities`]: the destination applies page
+/// batches that carry patches (dense pages, see [`crate::wire::patch`]).
+pub const CAP_PAGE_PATCHES: u32 = 2;
 /// Every capability this build has.
-pub const CAPABILITIES: u32 = CAP_PAGE_REFS;
+pub const CAPABILITIES: u32 = CAP_PAGE_REFS | CAP_PAGE_PATCHES;
 
 /// Flag in [`SessionSetup::flags`]: leave the guest paused on the destination
 /// after the hand-off (as libvirt's `--suspend`).

@@ -27,6 +27,7 @@ mod decode;
 mod frame;
 mod mac;
 mod message;
+pub mod patch;
 
 pub use batch::{
     BatchEncoder, EncodedBatch, Page, PageBatch, Read, MAX_PAGES_PER_BATCH, MAX_RUNS_PER_BATCH,
@@ -39,8 +40,8 @@ pub use mac::{FrameMac, FrameTag, MAC_LEN};
 pub use message::{
     Abort, AbortCode, BatchAck, ChannelBind, ChannelBindResponse, Complete, DeltaBase, Echo,
     GuestKind, Message, Negotiate, NegotiateResponse, Ready, RoundEnd, SessionLabel, SessionSetup,
-    SessionSetupResponse, Switchover, VerifyMode, CAPABILITIES, CAP_PAGE_REFS, MAX_LABEL_LEN,
-    SETUP_DELTA, SETUP_FRAME_MAC, SETUP_LABELLED, SETUP_LEAVE_PAUSED, SETUP_PROVEN,
+    SessionSetupResponse, Switchover, VerifyMode, CAPABILITIES, CAP_PAGE_PATCHES, CAP_PAGE_REFS,
+    MAX_LABEL_LEN, SETUP_DELTA, SETUP_FRAME_MAC, SETUP_LABELLED, SETUP_LEAVE_PAUSED, SETUP_PROVEN,
 };
 
 /// `"FRY1"` as a little-endian u32.

@@ -1,7 +1,9 @@
 //! Dense pages over real sockets: a page identical to one the destination
-//! already holds from this round travels as a reference, the destination's
-//! memory still matches the source's byte for byte, and `dense: false` (or
-//! a destination that does not take references) sends every page's bytes.
+//! already holds from this round travels as a reference, one that shares
+//! runs of bytes with a region it holds at another offset as a patch; the
+//! destination's memory still matches the source's byte for byte, and
+//! `dense: false` (or a destination that does not take references) sends
+//! every page's bytes.
 
 use crate::common;
 
@@ -13,10 +15,14 @@ use ferry::page::PageIndex;
 
 const MIB: u64 = 1 << 20;
 
-/// Migrates a 128 MiB guest whose last 16 MiB copy its first 16 MiB (the
-/// first 8 MiB of which it keeps writing) with `dense` on or off; checks the
-/// destination's memory against the source's.
+/// Migrates a 128 MiB guest whose last 16 MiB copy its first 16 MiB from
+/// byte `shift` on (the first 8 MiB of which it keeps writing) with `dense`
+/// on or off; checks the destination's memory against the source's.
 fn migrate_with_copies(dense: bool, codec: Codec) -> Report {
+    migrate_with_shifted_copies(dense, codec, 0)
+}
+
+fn migrate_with_shifted_copies(dense: bool, codec: Codec, shift: usize) -> Report {
     let g = guest(
         128 * MIB,
         FillSpec::default(),
@@ -26,10 +32,11 @@ fn migrate_with_copies(dense: bool, codec: Codec) -> Report {
     let mem = g.memory();
     let copies = 16 * MIB / PAGE_SIZE as u64;
     let last = mem.pages() - copies;
-    let mut page = vec![0u8; PAGE_SIZE];
+    let mut two = vec![0u8; 2 * PAGE_SIZE];
     for i in 0..copies {
-        mem.read_page(PageIndex(i), &mut page);
-        mem.write_page(PageIndex(last + i), &page);
+        mem.read_page(PageIndex(i), &mut two[..PAGE_SIZE]);
+        mem.read_page(PageIndex(i + 1), &mut two[PAGE_SIZE..]);
+        mem.write_page(PageIndex(last + i), &two[shift..shift + PAGE_SIZE]);
     }
     let (src, dst) = migrate_paused(
         &g,
@@ -77,4 +84,33 @@ fn pages_the_destination_holds_go_as_references_and_memory_matches() {
             plain.wire_bytes
         );
     }
+}
+
+#[test]
+fn pages_sharing_bytes_at_another_offset_go_as_patches_and_memory_matches() {
+    let _serial = serial();
+    for codec in [Codec::Lz4, Codec::Zstd { level: 1 }] {
+        let dense = migrate_with_shifted_copies(true, codec, 1000);
+        let plain = migrate_with_shifted_copies(false, codec, 1000);
+        // Shifted, the copies match no page whole: no reference finds them.
+        assert!(
+            dense.pages.patched > 1000,
+            "{codec}: {} pages patched, {} referenced",
+            dense.pages.patched,
+            dense.pages.referenced
+        );
+        assert_eq!(plain.pages.patched, 0, "{codec}");
+        let p = &dense.pages;
+        assert_eq!(p.zero + p.raw + p.compressed + p.referenced, p.total);
+        assert!(p.patched <= p.raw + p.compressed);
+        assert!(
+            dense.wire_bytes < plain.wire_bytes,
+            "{codec}: {} bytes dense, {} without",
+            dense.wire_bytes,
+            plain.wire_bytes
+        );
+    }
+    // `none` asks for no CPU beyond a copy: no search.
+    let none = migrate_with_shifted_copies(true, Codec::None, 1000);
+    assert_eq!(none.pages.patched, 0);
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 type Property = fn(&[u8]);
 
 /// Every target, as `cargo fuzz` names it, with the property it checks.
-const TARGETS: [(&str, Property); 12] = [
+const TARGETS: [(&str, Property); 13] = [
     ("frame_decode", fuzz::frame),
     ("batch_decode", fuzz::batch),
     ("stream_decode", fuzz::stream),
@@ -31,6 +31,7 @@ const TARGETS: [(&str, Property); 12] = [
         ferry::agent::fuzz::records(d);
     }),
     ("live_events", ferry::agent::fuzz::live_events),
+    ("patch_apply", fuzz::patch),
 ];
 
 /// Runs every file of `fuzz/<kind>/<target>/` through the target's property.
@@ -119,6 +120,14 @@ fn write_seeds() {
         "three-pieces.bin",
         &kept_stream_seed(&page),
     );
+    // A region, then a page sharing most of it: as ops, and as a page.
+    let region = &page[..4096];
+    let mut changed = region.to_vec();
+    changed[1000..1100].fill(7);
+    let mut ops = vec![0u8; 4096];
+    let n = ferry::wire::patch::diff(&changed, region, &mut ops).unwrap();
+    put("patch_apply", "ops.bin", &[region, &ops[..n]].concat());
+    put("patch_apply", "page.bin", &[region, &changed].concat());
 }
 
 /// Three pieces of one kept stream, the last a repeat of the first, in
@@ -198,6 +207,32 @@ fn seeds() -> Vec<(Vec<u8>, Vec<u8>)> {
         let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
         out.push((frame, b.payload.to_vec()));
     }
+    // Zero pages, a reference, a patch and data, in one batch.
+    let runs = [PageRun::new(PageIndex(300), 4)];
+    let b = BatchEncoder::new()
+        .encode_refs(2, Codec::Lz4, &runs, true, |PageIndex(p), buf| match p {
+            300 => ferry::wire::Read::Zero,
+            301 => ferry::wire::Read::Same {
+                target: PageIndex(5),
+                hash: 9,
+            },
+            302 => {
+                let ops = [0u8, 0, 0xff, 0x0f, 1, 0, 7, 0, 0];
+                buf[..ops.len()].copy_from_slice(&ops);
+                ferry::wire::Read::Patch {
+                    base: 4096 * 7 + 100,
+                    tag: 11,
+                    len: ops.len(),
+                }
+            }
+            _ => {
+                buf.fill(3);
+                ferry::wire::Read::Data
+            }
+        })
+        .unwrap();
+    let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
+    out.push((frame, b.payload.to_vec()));
     // Dense pages: every third page a reference to one outside the batch.
     let runs = [PageRun::new(PageIndex(30), 9)];
     let b = BatchEncoder::new()

@@ -14,6 +14,8 @@ mod bench;
 mod late_go;
 #[path = "hostile/onpath.rs"]
 mod onpath;
+#[path = "hostile/patches.rs"]
+mod patches;
 #[path = "hostile/preauth.rs"]
 mod preauth;
 #[path = "hostile/refs.rs"]

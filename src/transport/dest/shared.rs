@@ -11,8 +11,9 @@ use crate::migration::dest_session::DestSession;
 use crate::migration::fault::FaultKind;
 use crate::migration::fault::{Fault, FaultPoint};
 use crate::migration::report::PageCounter;
-use crate::migration::Violation;
 use crate::migration::{ChannelLoss, MigrationError};
+use crate::migration::{PatchCause, Violation};
+use crate::page::PageIndex;
 use crate::transport::FrameWriter;
 use crate::wire::ChannelId;
 use crate::wire::{Header, Limits, Message, Page, PageBatch};
@@ -128,6 +129,15 @@ impl Shared {
                         });
                     }
                 }
+                Page::Patch { base, tag, ops } => {
+                    if let Err(cause) = self.apply_patch(page, base, tag, ops) {
+                        bad.get_or_insert(Violation::BadPatch {
+                            page: page.0,
+                            base,
+                            cause,
+                        });
+                    }
+                }
                 // Hashed as it was read and CRC-checked (read_placing).
                 Page::Placed => {}
                 Page::Zero => {
@@ -145,6 +155,7 @@ impl Shared {
             return Err(v.into());
         }
         let pages = u64::from(batch.page_count());
+        let patches = u64::from(batch.patch_pages());
         let nonzero = u64::from(batch.nonzero_pages());
         let refs = u64::from(batch.ref_pages());
         let (raw, compressed) = if batch.codec == CodecId::None {
@@ -152,8 +163,40 @@ impl Shared {
         } else {
             (0, nonzero - refs)
         };
-        self.counts
-            .add(batch.codec, [pages, pages - nonzero, raw, compressed, refs]);
+        self.counts.add(
+            batch.codec,
+            [pages, pages - nonzero, raw, compressed, refs, patches],
+        );
+        Ok(())
+    }
+
+    /// Builds page `page` from the 4096 bytes of guest memory at byte
+    /// `base` and `ops`, if those bytes carry the tag `tag` the source made
+    /// of them under the session's key (decode checked the region is
+    /// inside the guest).
+    fn apply_patch(
+        &self,
+        page: PageIndex,
+        base: u64,
+        tag: u64,
+        ops: &[u8],
+    ) -> Result<(), PatchCause> {
+        let mut two = [0u8; 2 * PAGE_SIZE];
+        let first = PageIndex(base / PAGE_SIZE as u64);
+        let at = (base % PAGE_SIZE as u64) as usize;
+        self.memory.read_page(first, &mut two[..PAGE_SIZE]);
+        if at > 0 {
+            self.memory
+                .read_page(PageIndex(first.0 + 1), &mut two[PAGE_SIZE..]);
+        }
+        let region = &two[at..at + PAGE_SIZE];
+        if ref_tag(&self.refs_key, region) != tag {
+            return Err(PatchCause::Region);
+        }
+        let mut built = [0u8; PAGE_SIZE];
+        crate::wire::patch::apply(region, ops, &mut built).map_err(PatchCause::Ops)?;
+        self.memory.write_page(page, &built);
+        self.hashes.set(page, page_hash(&built));
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use crate::migration::{AuthFailure, ChannelLoss, ConfigError, Mismatch};
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
 use crate::transport::RunContext;
 use crate::transport::{connect, Conn, FrameReader, FrameWriter, TokenBucket};
-use crate::wire::{ChannelId, CAP_PAGE_REFS};
+use crate::wire::{ChannelId, CAP_PAGE_PATCHES, CAP_PAGE_REFS};
 use crate::wire::{Header, Limits, Message, SessionSetup, SETUP_FRAME_MAC, SETUP_LEAVE_PAUSED};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -195,7 +195,11 @@ pub(super) async fn open_session(
     };
     let key = config.session_key.clone();
     let source_nonce = auth::random_bytes::<16>();
-    let caps = if config.dense { CAP_PAGE_REFS } else { 0 };
+    let caps = if config.dense {
+        CAP_PAGE_REFS | CAP_PAGE_PATCHES
+    } else {
+        0
+    };
     let mut hs = SourceHandshake::new(setup, config.codec, key, source_nonce, binding0)
         .with_capabilities(caps);
     let mut rtt = None;
@@ -247,6 +251,7 @@ pub(super) async fn open_session(
     tally.kept_stream = done.codecs & CodecId::ZstdStream.bit() != 0;
     if done.capabilities & CAP_PAGE_REFS != 0 {
         tally.refs_key = Some(done.secret.refs_key(done.session_id));
+        tally.patches = done.capabilities & CAP_PAGE_PATCHES != 0;
     }
     connector.session_id = done.session_id;
     connector.secret = Arc::new(done.secret);

@@ -7,11 +7,12 @@ use crate::digest::{page_hash, ref_tag, zero_page_hash, PageHashes};
 use crate::memory::PAGE_SIZE;
 use crate::migration::report::PageCounter;
 use crate::migration::sent::SentIndex;
+use crate::migration::similar::{anchors, AnchorIndex};
 use crate::migration::source_machine::{BatchJob, Work};
 use crate::migration::{MigratableGuest, MigrationError};
 use crate::page::PageIndex;
 use crate::page::PageRun;
-use crate::wire::{BatchEncoder, EncodedBatch, Read};
+use crate::wire::{patch, BatchEncoder, EncodedBatch, Read};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,9 @@ pub(super) struct Encoder {
     /// Dense pages, when the destination takes references: the pages it
     /// holds, by content, and the key of the references' tags.
     pub sent: Option<(SentIndex, [u8; 32])>,
+    /// Patches, when the destination takes them too: where content it
+    /// holds sits, by anchor.
+    pub similar: Option<AnchorIndex>,
     /// This encoder among the process's ([`new_encoder_id`]).
     pub id: u64,
     /// Under a cap shared with other migrations (a node's): the migration's
@@ -48,6 +52,8 @@ pub(super) type KeptStream = Arc<Mutex<Option<StreamEncoder>>>;
 
 thread_local! {
     static ENCODER: RefCell<BatchEncoder> = RefCell::new(BatchEncoder::new());
+    /// A page's anchors, while it is encoded.
+    static ANCHORS: RefCell<Vec<(u16, u64)>> = const { RefCell::new(Vec::new()) };
     /// A probe's sample of pages, and the compressors' output.
     static PROBE: RefCell<(Vec<u8>, bytes::BytesMut)> = RefCell::new((Vec::new(), bytes::BytesMut::new()));
     /// Whether this thread's compressors and probe buffers exist yet.
@@ -65,11 +71,13 @@ pub(super) fn new_encoder_id() -> u64 {
 }
 
 impl Encoder {
-    /// The codec for the next batch, and whether to probe the other candidates
-    /// on its pages (`auto` only).
-    fn choose(&self) -> (Codec, Option<Probe>) {
+    /// The codec for the next batch, whether to probe the other candidates
+    /// on its pages (`auto` only), and whether to search them for patches
+    /// (with a fixed codec, unless it is `none`, which asks for no CPU
+    /// beyond a copy; with `auto`, while the CPU has room).
+    fn choose(&self) -> (Codec, Option<Probe>, bool) {
         match self.codec {
-            CodecChoice::Fixed(c) => (c, None),
+            CodecChoice::Fixed(c) => (c, None, c != Codec::None),
             CodecChoice::Auto => {
                 let mut chooser = self.chooser.lock().unwrap();
                 if !self.capped {
@@ -82,9 +90,10 @@ impl Encoder {
                     chooser.set_link_rate(share as f64);
                 }
                 let (codec, probe) = chooser.pick();
-                tracing::trace!(%codec, probe, link = ?chooser.link_rate(), "auto picked");
+                let patch = self.similar.is_some() && chooser.patching();
+                tracing::trace!(%codec, probe, patch, link = ?chooser.link_rate(), "auto picked");
                 let set = crate::codec::CANDIDATES.map(|c| chooser.probes(c));
-                (codec, probe.then_some(set))
+                (codec, probe.then_some(set), patch)
             }
         }
     }
@@ -95,8 +104,7 @@ impl Encoder {
         &self,
         round: u32,
         runs: &[PageRun],
-        codec: Codec,
-        probe: Option<Probe>,
+        (codec, probe, patch): (Codec, Option<Probe>, bool),
         stream: Option<&mut StreamEncoder>,
     ) -> Result<EncodedBatch, MigrationError> {
         let mem = self.guest.memory();
@@ -110,6 +118,8 @@ impl Encoder {
             let t = (self.codec == CodecChoice::Auto)
                 .then(|| (crate::cpu::CpuTimer::start(), std::time::Instant::now()));
             let refs = self.sent.is_some();
+            // The search for patches, timed apart from the codec's work.
+            let (mut searched, mut saved) = (Duration::ZERO, 0u64);
             let batch = enc.encode_stream(round, codec, runs, refs, stream, |page, buf| {
                 // Checked in place first: a zero page (a third of a typical
                 // guest) is then never copied. A write racing the check or the
@@ -126,12 +136,21 @@ impl Encoder {
                         target,
                         hash: ref_tag(key, buf),
                     },
+                    _ if patch => {
+                        let t = std::time::Instant::now();
+                        let read = self.patch_or_data(round, page, buf);
+                        searched += t.elapsed();
+                        if let Read::Patch { len, .. } = read {
+                            saved += (PAGE_SIZE - len) as u64;
+                        }
+                        read
+                    }
                     _ => Read::Data,
                 }
             })?;
             if let Some((t, wall)) = t {
-                let secs = t.secs();
-                let wall = wall.elapsed().as_secs_f64();
+                let secs = (t.secs() - searched.as_secs_f64()).max(0.0);
+                let wall = (wall.elapsed().as_secs_f64() - searched.as_secs_f64()).max(0.0);
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
                 // References are not the codec's doing.
                 let nonzero = u64::from(batch.pages - batch.zero - batch.refs) * PAGE_SIZE as u64;
@@ -183,8 +202,13 @@ impl Encoder {
                     });
                 }
                 let mut chooser = self.chooser.lock().unwrap();
-                chooser.record_batch(codec, guest, nonzero, batch.data_bytes as u64, secs);
+                // The codec compressed what the patches left of the pages.
+                let input = nonzero.saturating_sub(saved);
+                chooser.record_batch(codec, guest, input, batch.data_bytes as u64, secs);
                 chooser.record_share(secs, wall);
+                if patch && self.similar.is_some() {
+                    chooser.record_patches(nonzero, searched.as_secs_f64(), saved);
+                }
                 for (c, n, secs) in samples {
                     chooser.record_sample(c, sampled, n, secs);
                 }
@@ -212,6 +236,63 @@ impl Encoder {
         let mut theirs = [0u8; PAGE_SIZE];
         self.guest.memory().read_page(target, &mut theirs);
         (theirs[..] == *bytes).then_some(target)
+    }
+
+    /// Page `page`, read into `buf`: a patch of a region the destination
+    /// holds, if one shares enough of its bytes (the patch then fills the
+    /// head of `buf`), else its data. Its anchors enter the index either
+    /// way: the destination will hold its bytes once its batch is applied.
+    fn patch_or_data(&self, round: u32, page: PageIndex, buf: &mut [u8]) -> Read {
+        let Some(similar) = &self.similar else {
+            return Read::Data;
+        };
+        ANCHORS.with(|a| {
+            let mut a = a.borrow_mut();
+            anchors(buf, &mut a);
+            let read = similar
+                .base_for(&a)
+                .and_then(|base| self.patch_of(round, page, base, buf))
+                .unwrap_or(Read::Data);
+            similar.insert(page.0 * PAGE_SIZE as u64, &a);
+            read
+        })
+    }
+
+    /// `buf` (page `page`'s bytes) as a patch of the page-sized region
+    /// from byte `base`, if every page the region touches is held by the
+    /// destination from this round with the bytes guest memory has now
+    /// (read once: the patch and its tag are made of those bytes), and
+    /// the patch is worth sending.
+    fn patch_of(&self, round: u32, page: PageIndex, base: u64, buf: &mut [u8]) -> Option<Read> {
+        let (sent, key) = self.sent.as_ref()?;
+        let first = PageIndex(base / PAGE_SIZE as u64);
+        let at = (base % PAGE_SIZE as u64) as usize;
+        let touched = 1 + usize::from(at > 0);
+        if first.0 + touched as u64 > self.guest.memory().pages() {
+            return None;
+        }
+        let mut two = [0u8; 2 * PAGE_SIZE];
+        for k in 0..touched {
+            let p = PageIndex(first.0 + k as u64);
+            let hash = self.hashes.get(p);
+            if p == page || sent.find(round, hash) != Some(p) {
+                return None;
+            }
+            let bytes = &mut two[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+            self.guest.memory().read_page(p, bytes);
+            if page_hash(bytes) != hash {
+                return None;
+            }
+        }
+        let region = &two[at..at + PAGE_SIZE];
+        let mut ops = [0u8; PAGE_SIZE];
+        let len = patch::diff(buf, region, &mut ops)?;
+        buf[..len].copy_from_slice(&ops[..len]);
+        Some(Read::Patch {
+            base,
+            tag: ref_tag(key, region),
+            len,
+        })
     }
 
     /// Batch `job` is applied on the destination and went out once: its
@@ -255,20 +336,24 @@ impl Encoder {
         work: &Work,
         kept: &KeptStream,
     ) -> Result<EncodedBatch, MigrationError> {
-        let (codec, probe) = match work {
+        let (codec, probe, patch) = match work {
             // A resend is no sample of anything.
-            Work::Again(..) => (self.choose().0, None),
+            Work::Again(..) => {
+                let (codec, _, patch) = self.choose();
+                (codec, None, patch)
+            }
             Work::New(_) => self.choose(),
         };
         let runs = &work.job().runs;
         let round = work.job().round;
-        if codec == Codec::None && probe.is_none() {
-            return self.encode(round, runs, codec, probe, None);
+        // A search for patches is no cheap step either.
+        if codec == Codec::None && probe.is_none() && !(patch && self.similar.is_some()) {
+            return self.encode(round, runs, (codec, probe, patch), None);
         }
         let (me, runs, kept) = (self.clone(), runs.clone(), kept.clone());
         tokio::task::spawn_blocking(move || {
             let Codec::ZstdStream { level } = codec else {
-                return me.encode(round, &runs, codec, probe, None);
+                return me.encode(round, &runs, (codec, probe, patch), None);
             };
             // Taken out while it encodes; an error leaves the slot empty,
             // and the session ends with it.
@@ -276,7 +361,7 @@ impl Encoder {
                 Some(s) => s,
                 None => StreamEncoder::new(level).map_err(MigrationError::from)?,
             };
-            let batch = me.encode(round, &runs, codec, probe, Some(&mut stream))?;
+            let batch = me.encode(round, &runs, (codec, probe, patch), Some(&mut stream))?;
             *kept.lock().unwrap() = Some(stream);
             Ok(batch)
         })
@@ -294,6 +379,7 @@ impl Encoder {
                 batch.raw.into(),
                 batch.compressed.into(),
                 batch.refs.into(),
+                batch.patches.into(),
             ],
         );
     }

@@ -22,6 +22,7 @@ use crate::migration::report::{
     round3, CpuMs, MemoryUse, Outcome, PageCounter, PageCounts, Report, Side,
 };
 use crate::migration::sent::SentIndex;
+use crate::migration::similar::AnchorIndex;
 use crate::migration::source_machine::{RoundTotals, SourceEvent, SourceMachine};
 use crate::migration::Violation;
 use crate::migration::{MigratableGuest, MigrationConfig, MigrationError};
@@ -56,6 +57,8 @@ struct Tally {
     delta: crate::migration::report::DeltaUse,
     /// The key of dense pages' references, when the destination takes them.
     refs_key: Option<[u8; 32]>,
+    /// Whether the destination takes patches (with `refs_key`).
+    patches: bool,
     /// Whether the destination decodes kept streams (`auto` may use one).
     kept_stream: bool,
 }
@@ -464,6 +467,8 @@ fn encoder(
         sent: tally
             .refs_key
             .map(|key| (SentIndex::new(guest.memory().pages()), key)),
+        similar: (tally.refs_key.is_some() && tally.patches)
+            .then(|| AnchorIndex::new(guest.memory().pages())),
         id: encode::new_encoder_id(),
         shared: ctx
             .shared_bucket

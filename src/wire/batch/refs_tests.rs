@@ -118,7 +118,7 @@ fn malformed_references_are_refused_naming_the_field() {
         other => panic!("{other}"),
     };
     // Unknown flag bits.
-    assert_eq!(field(mutated(|p| p[5] |= 2)), "batch.flags");
+    assert_eq!(field(mutated(|p| p[5] |= 4)), "batch.flags");
     // A page both zero and a reference (page 0 is zero).
     assert_eq!(
         field(mutated(|p| p[ref_bits_at()] |= 1)),
