@@ -337,10 +337,26 @@ impl AutoChooser {
         data_bytes: u64,
         seconds: f64,
     ) {
+        self.record_patched_batch(codec, guest_bytes, [nonzero_bytes; 2], data_bytes, seconds);
+    }
+
+    /// As [`AutoChooser::record_batch`], for a batch whose patches left
+    /// the codec `[nonzero_bytes, input]`: the non-zero pages' bytes (the
+    /// zero pages' share is of those) and the bytes it compressed (its
+    /// ratio and cost are of those), so that a patch's saving is counted
+    /// once, by [`AutoChooser::patching`].
+    pub fn record_patched_batch(
+        &mut self,
+        codec: Codec,
+        guest_bytes: u64,
+        [nonzero, nonzero_bytes]: [u64; 2],
+        data_bytes: u64,
+        seconds: f64,
+    ) {
         if guest_bytes == 0 || seconds <= 0.0 {
             return;
         }
-        self.zero = ewma(self.zero, 1.0 - nonzero_bytes as f64 / guest_bytes as f64);
+        self.zero = ewma(self.zero, 1.0 - nonzero as f64 / guest_bytes as f64);
         self.last_batch = None;
         let Some(i) = Self::index(codec) else { return };
         if codec != Codec::None && nonzero_bytes > 0 {
@@ -763,6 +779,18 @@ mod tests {
         none.record_patches(0, 1.0, 0);
         none.record_patches(1 << 20, f64::NAN, 0);
         assert!(none.patching());
+    }
+
+    #[test]
+    fn a_patched_batch_counts_its_saving_as_the_codecs_input_not_as_zero_pages() {
+        let (mut plain, mut patched) = (AutoChooser::new(2), AutoChooser::new(2));
+        plain.record_batch(Codec::Lz4, 1 << 20, 1 << 19, 1 << 17, 1e-3);
+        patched.record_patched_batch(Codec::Lz4, 1 << 20, [1 << 19, 1 << 18], 1 << 17, 1e-3);
+        // Half the guest is zero pages either way.
+        assert_eq!(plain.zero, patched.zero);
+        // The codec's ratio is of what it compressed: half as much.
+        let ratio = |a: &AutoChooser| a.batch_ratio.unwrap().1;
+        assert_eq!(ratio(&plain), 2.0 * ratio(&patched));
     }
 
     #[test]

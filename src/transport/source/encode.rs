@@ -204,7 +204,8 @@ impl Encoder {
                 let mut chooser = self.chooser.lock().unwrap();
                 // The codec compressed what the patches left of the pages.
                 let input = nonzero.saturating_sub(saved);
-                chooser.record_batch(codec, guest, input, batch.data_bytes as u64, secs);
+                let data = batch.data_bytes as u64;
+                chooser.record_patched_batch(codec, guest, [nonzero, input], data, secs);
                 chooser.record_share(secs, wall);
                 if patch && self.similar.is_some() {
                     chooser.record_patches(nonzero, searched.as_secs_f64(), saved);
