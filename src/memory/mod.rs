@@ -17,6 +17,7 @@ mod bitmap;
 mod fill;
 mod place;
 mod synthetic;
+mod table;
 
 pub use bitmap::{DirtyBitmap, DirtySnapshot, Runs};
 pub use fill::{ContentKind, FillError, FillSpec, FILL_EXTENT_PAGES};
@@ -25,6 +26,7 @@ pub use synthetic::{
     GuestState, SyntheticGuest, Workload, WorkloadError, WorkloadPattern, MAX_DIRTY_RATE,
     MAX_WRITERS,
 };
+pub use table::WordTable;
 
 use crate::page::{PageIndex, PageRun};
 use std::fs::File;

@@ -22,8 +22,9 @@
 //! without a lock; a reader that sees half of a write finds a page whose
 //! recorded hash is not the one it looked for, and sends the page's bytes.
 
+use crate::memory::WordTable;
 use crate::page::PageIndex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 /// Most slots: 32 MiB of index, four a page for a 2 GiB guest.
 pub const MAX_SLOTS: usize = 1 << 21;
@@ -37,8 +38,8 @@ const PAGE_MASK: u64 = (1 << PAGE_BITS) - 1;
 /// Pages the destination holds, by content hash (see the module's text).
 #[derive(Debug)]
 pub struct SentIndex {
-    hashes: Box<[AtomicU64]>,
-    tagged: Box<[AtomicU64]>,
+    hashes: WordTable,
+    tagged: WordTable,
     mask: u64,
 }
 
@@ -52,8 +53,8 @@ impl SentIndex {
             .clamp(MIN_SLOTS, MAX_SLOTS)
             .next_power_of_two();
         Self {
-            hashes: (0..slots).map(|_| AtomicU64::new(0)).collect(),
-            tagged: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            hashes: WordTable::new(slots),
+            tagged: WordTable::new(slots),
             mask: slots as u64 - 1,
         }
     }
@@ -83,18 +84,20 @@ impl SentIndex {
             return;
         }
         let i = self.slot(hash);
-        self.hashes[i].store(hash, Ordering::Relaxed);
-        self.tagged[i].store(Self::tag(round, page), Ordering::Relaxed);
+        self.hashes.get(i).store(hash, Ordering::Relaxed);
+        self.tagged
+            .get(i)
+            .store(Self::tag(round, page), Ordering::Relaxed);
     }
 
     /// A page sent in round `round` whose content hashed to `hash`, if the
     /// index holds one. A candidate only: the caller confirms it.
     pub fn find(&self, round: u32, hash: u64) -> Option<PageIndex> {
         let i = self.slot(hash);
-        if self.hashes[i].load(Ordering::Relaxed) != hash {
+        if self.hashes.get(i).load(Ordering::Relaxed) != hash {
             return None;
         }
-        let tagged = self.tagged[i].load(Ordering::Relaxed);
+        let tagged = self.tagged.get(i).load(Ordering::Relaxed);
         let want = Self::tag(round, PageIndex(0)) >> PAGE_BITS;
         (tagged != 0 && tagged >> PAGE_BITS == want).then_some(PageIndex(tagged & PAGE_MASK))
     }

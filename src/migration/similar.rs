@@ -19,8 +19,9 @@
 //! again and checks against their recorded hashes; the patch carries the
 //! region's keyed tag, which the destination checks against its own copy.
 
+use crate::memory::WordTable;
 use crate::memory::PAGE_SIZE;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 /// Bytes between anchors, on average.
 pub const ANCHOR_EVERY: usize = 512;
@@ -77,7 +78,7 @@ pub fn anchors(page: &[u8], out: &mut Vec<(u16, u64)>) {
 /// Where content the destination may hold sits (see the module's text).
 #[derive(Debug)]
 pub struct AnchorIndex {
-    slots: Box<[AtomicU64]>,
+    slots: WordTable,
     mask: u64,
 }
 
@@ -91,7 +92,7 @@ impl AnchorIndex {
             .clamp(MIN_SLOTS, MAX_SLOTS)
             .next_power_of_two();
         Self {
-            slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            slots: WordTable::new(slots),
             mask: slots as u64 - 1,
         }
     }
@@ -114,7 +115,7 @@ impl AnchorIndex {
             if at > ADDR_MASK {
                 return;
             }
-            let slot = &self.slots[(hash & self.mask) as usize];
+            let slot = self.slots.get((hash & self.mask) as usize);
             slot.store(Self::check(hash) | at, Ordering::Relaxed);
         }
     }
@@ -127,7 +128,10 @@ impl AnchorIndex {
         let mut votes: [(u64, u32); MAX_ANCHORS] = [(0, 0); MAX_ANCHORS];
         let mut n = 0;
         for &(offset, hash) in anchors {
-            let entry = self.slots[(hash & self.mask) as usize].load(Ordering::Relaxed);
+            let entry = self
+                .slots
+                .get((hash & self.mask) as usize)
+                .load(Ordering::Relaxed);
             if entry & !ADDR_MASK != Self::check(hash) {
                 continue;
             }
