@@ -153,6 +153,16 @@ const PATCH_SAVED_FLOOR: f64 = 0.1;
 /// hash, index lookups and the diffs of the candidates, on this repository's
 /// 2-vCPU machine about 1.3 ns; counted high).
 const PATCH_COST_PRIOR: f64 = 2e-9;
+/// How a search's measured cost moves its estimate: the estimate is of a
+/// search's steady cost, and a batch above it is mostly a one-off (the
+/// index's first writes faulting its memory in, 10-40 ns a byte on this
+/// repository's machine against 0.7 ns after; a worker preempted mid-search)
+/// while one below it is not. So it falls quickly and rises slowly, by a
+/// sample of at most [`PATCH_COST_JUMP`] times itself (the first, times the
+/// prior).
+const PATCH_COST_DOWN: f64 = 0.5;
+const PATCH_COST_UP: f64 = 0.1;
+const PATCH_COST_JUMP: f64 = 2.0;
 
 /// The throughput of two stages in series that alone would run at `a` and
 /// `b`: the slower, less the time each spends waiting on the other. A batch's
@@ -521,7 +531,12 @@ impl AutoChooser {
             return;
         }
         let n = nonzero_bytes as f64;
-        self.patch_cost = ewma(self.patch_cost, seconds / n);
+        let cost = seconds / n;
+        self.patch_cost = Some(match self.patch_cost {
+            None => cost.min(PATCH_COST_PRIOR * PATCH_COST_JUMP),
+            Some(o) if cost < o => o + PATCH_COST_DOWN * (cost - o),
+            Some(o) => o + PATCH_COST_UP * (cost.min(o * PATCH_COST_JUMP) - o),
+        });
         self.patch_saved = ewma(self.patch_saved, (saved as f64 / n).min(0.95));
     }
 
@@ -534,11 +549,21 @@ impl AutoChooser {
     /// measured: the model's priors could start a search the CPU cannot
     /// afford. Its cost counts as [`PATCH_COST_PRIOR`] until measured, its
     /// saving as at least [`PATCH_SAVED_FLOOR`].
+    ///
+    /// Never while sending pages uncompressed is best: a link that does not
+    /// pay for lz4 does not pay for a search, which saves fewer bytes per
+    /// second of CPU (a tenth of the bytes at half of lz4's cost). Such a
+    /// link is mostly a socket on this host, as fast as the CPU that the
+    /// search would take from it, which the model does not see.
     pub fn patching(&self) -> bool {
         if !self.measured() {
             return false;
         }
-        let Some((cpu, wire)) = self.bounds(self.ranked().0) else {
+        let best = self.ranked().0;
+        if CANDIDATES[best] == Codec::None {
+            return false;
+        }
+        let Some((cpu, wire)) = self.bounds(best) else {
             return false;
         };
         let cost = self.patch_cost.unwrap_or(PATCH_COST_PRIOR);
@@ -760,9 +785,10 @@ mod tests {
         assert!(searched(2, Some(125.0)).patching());
         assert!(!searched(1, Some(125.0)).patching());
         // Loopback: the CPU bounds it.
-        let mut fast = searched(2, None);
-        assert!(!fast.patching());
+        assert!(!searched(2, None).patching());
         // Stopped, one batch in PATCH_RECHECK searches anyway.
+        let mut fast = searched(1, Some(125.0));
+        assert_ne!(fast.best(), Codec::None);
         let searches = (0..PATCH_RECHECK * 4)
             .filter(|_| {
                 fast.pick();
@@ -779,6 +805,42 @@ mod tests {
         none.record_patches(0, 1.0, 0);
         none.record_patches(1 << 20, f64::NAN, 0);
         assert!(none.patching());
+    }
+
+    #[test]
+    fn a_costly_search_moves_the_estimate_a_little_and_a_cheap_one_a_lot() {
+        let mut a = measured(2, Some(125.0), 0.36, MIX);
+        let n = 1u64 << 20;
+        // The first searches fault the index's memory in: 50 ns a byte.
+        a.record_patches(n, n as f64 * 50e-9, 0);
+        assert_eq!(a.patch_cost, Some(PATCH_COST_PRIOR * PATCH_COST_JUMP));
+        a.record_patches(n, n as f64 * 50e-9, 0);
+        let after = PATCH_COST_PRIOR * PATCH_COST_JUMP * (1.0 + PATCH_COST_UP);
+        assert!((a.patch_cost.unwrap() / after - 1.0).abs() < 1e-9);
+        // At the steady 0.7 ns a byte, three batches bring it under the
+        // prior, and the search pays at 1 Gbit/s on two cores again.
+        assert!(!a.patching());
+        for _ in 0..3 {
+            a.record_patches(n, n as f64 * 0.7e-9, n / 10);
+        }
+        assert!(a.patch_cost.unwrap() < PATCH_COST_PRIOR);
+        assert!(a.patching());
+    }
+
+    #[test]
+    fn no_search_while_sending_raw_is_best() {
+        // A fast link on two cores: raw pages win, and a search that the
+        // model alone would run (almost free, saving half) does not.
+        let mut a = measured(2, Some(2000.0), 0.36, MIX);
+        a.record_patches(1 << 20, (1u64 << 20) as f64 * 1e-12, 1 << 19);
+        assert_eq!(a.best(), Codec::None);
+        let rechecks = (0..PATCH_RECHECK * 2)
+            .filter(|_| {
+                a.pick();
+                a.patching()
+            })
+            .count();
+        assert_eq!(rechecks, 0);
     }
 
     #[test]

@@ -149,8 +149,19 @@ impl Encoder {
                 }
             })?;
             if let Some((t, wall)) = t {
-                let secs = (t.secs() - searched.as_secs_f64()).max(0.0);
-                let wall = (wall.elapsed().as_secs_f64() - searched.as_secs_f64()).max(0.0);
+                let (cpu, wall) = (t.secs(), wall.elapsed().as_secs_f64());
+                // The search is timed by the wall clock (a thread's CPU clock
+                // read per page would cost a third of what it measures):
+                // what a worker waiting for a core spent of it is not CPU.
+                // It counts at the share of a core the worker got.
+                let got = if wall > 0.0 {
+                    (cpu / wall).min(1.0)
+                } else {
+                    1.0
+                };
+                let search = searched.as_secs_f64() * got;
+                let secs = (cpu - search).max(0.0);
+                let wall = (wall - searched.as_secs_f64()).max(0.0);
                 let guest = u64::from(batch.pages) * PAGE_SIZE as u64;
                 // References are not the codec's doing.
                 let nonzero = u64::from(batch.pages - batch.zero - batch.refs) * PAGE_SIZE as u64;
@@ -208,7 +219,7 @@ impl Encoder {
                 chooser.record_patched_batch(codec, guest, [nonzero, input], data, secs);
                 chooser.record_share(secs, wall);
                 if patch && self.similar.is_some() {
-                    chooser.record_patches(nonzero, searched.as_secs_f64(), saved);
+                    chooser.record_patches(nonzero, search, saved);
                 }
                 for (c, n, secs) in samples {
                     chooser.record_sample(c, sampled, n, secs);
