@@ -305,6 +305,49 @@ fn frames_and_batches(c: &mut Criterion) {
     g.finish();
 }
 
+/// The search for patches on the source: content-defined anchors over
+/// pages of text, and their lookup and insertion in the anchor table. The
+/// limit beside them is a byte-by-byte scan's (one dependent add a byte).
+fn patches(c: &mut Criterion) {
+    use ferry::migration::similar::{anchors, AnchorIndex};
+    let mut g = c.benchmark_group("patches");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    let pages = pages_of(ContentKind::Text, 256);
+    g.bench_function("bytewise_sum/1MiB", |b| {
+        b.iter(|| {
+            black_box(&pages)
+                .iter()
+                .fold(0u64, |h, &x| h.wrapping_add(h).wrapping_add(u64::from(x)))
+        })
+    });
+    let mut found = Vec::new();
+    g.bench_function("anchors/1MiB", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for page in black_box(&pages).chunks_exact(PAGE_SIZE) {
+                anchors(page, &mut found);
+                n += found.len();
+            }
+            n
+        })
+    });
+    let index = AnchorIndex::new(1 << 18);
+    g.bench_function("anchors_lookup_insert/1MiB", |b| {
+        let mut at = 0u64;
+        b.iter(|| {
+            let mut hits = 0;
+            for page in black_box(&pages).chunks_exact(PAGE_SIZE) {
+                anchors(page, &mut found);
+                hits += usize::from(index.base_for(&found).is_some());
+                index.insert(at, &found);
+                at = (at + PAGE_SIZE as u64) % (1 << 30);
+            }
+            hits
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -315,6 +358,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = baseline, guest_memory, zero_detection, bitmap, codecs, frames_and_batches
+    targets = baseline, guest_memory, zero_detection, bitmap, codecs, frames_and_batches, patches
 }
 criterion_main!(benches);

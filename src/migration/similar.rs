@@ -54,19 +54,76 @@ const GEAR: [u64; 256] = {
     t
 };
 
+/// One step of the gear hash. `h + h` rather than `h << 1`: one `lea` a
+/// byte with the add, a chain's whole dependency.
+#[inline(always)]
+fn step(h: u64, b: u8) -> u64 {
+    h.wrapping_add(h).wrapping_add(GEAR[usize::from(b)])
+}
+
+/// The top bits that are zero at an anchor.
+const MASK: u64 = !(u64::MAX >> ANCHOR_EVERY.trailing_zeros());
+
 /// A page's anchors: (offset in the page of the anchor's last byte, hash),
-/// at most [`MAX_ANCHORS`].
+/// the first [`MAX_ANCHORS`] in page order.
+///
+/// A whole page is hashed as two halves side by side: a step depends on
+/// the one before, so one chain runs at a cycle a byte at best, and two
+/// chains share the core's ports instead. The hash depends on the last 64
+/// bytes only, so the second half, warmed over the first's last 63 bytes,
+/// finds exactly the anchors one chain would.
 pub fn anchors(page: &[u8], out: &mut Vec<(u16, u64)>) {
     out.clear();
-    let mask = !(u64::MAX >> ANCHOR_EVERY.trailing_zeros());
-    // h + h rather than h << 1: one `lea` a byte with the add, the loop's
-    // whole dependency chain.
-    let step = |h: u64, b: u8| h.wrapping_add(h).wrapping_add(GEAR[usize::from(b)]);
-    let warm = WARM.min(page.len());
-    let mut h = page[..warm].iter().fold(0u64, |h, &b| step(h, b));
-    for (i, &b) in page.iter().enumerate().skip(warm) {
+    if page.len() != PAGE_SIZE {
+        return anchors_from(page, out);
+    }
+    let (front, back) = page.split_at(PAGE_SIZE / 2);
+    let mut late = [(0u16, 0u64); MAX_ANCHORS];
+    let mut n_late = 0;
+    let mut a = front[..WARM].iter().fold(0, |h, &b| step(h, b));
+    let mut b = front[front.len() - WARM..]
+        .iter()
+        .fold(0, |h, &b| step(h, b));
+    let pairs = front[WARM..].iter().zip(back);
+    for (i, (&x, &y)) in pairs.enumerate() {
+        a = step(a, x);
+        b = step(b, y);
+        if a & MASK == 0 {
+            out.push(((WARM + i) as u16, a));
+            if out.len() == MAX_ANCHORS {
+                return;
+            }
+        }
+        if b & MASK == 0 && n_late < MAX_ANCHORS {
+            late[n_late] = ((PAGE_SIZE / 2 + i) as u16, b);
+            n_late += 1;
+        }
+    }
+    let room = MAX_ANCHORS - out.len();
+    out.extend_from_slice(&late[..n_late.min(room)]);
+    if n_late < room {
+        // The second half's last WARM bytes, which the pairs did not reach.
+        let from = PAGE_SIZE - WARM;
+        for (i, &y) in back[back.len() - WARM..].iter().enumerate() {
+            b = step(b, y);
+            if b & MASK == 0 {
+                out.push(((from + i) as u16, b));
+                if out.len() == MAX_ANCHORS {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Anchors of `bytes` as one chain, appended to `out` up to
+/// [`MAX_ANCHORS`].
+fn anchors_from(bytes: &[u8], out: &mut Vec<(u16, u64)>) {
+    let warm = WARM.min(bytes.len());
+    let mut h = bytes[..warm].iter().fold(0u64, |h, &b| step(h, b));
+    for (i, &b) in bytes.iter().enumerate().skip(warm) {
         h = step(h, b);
-        if h & mask == 0 {
+        if h & MASK == 0 {
             out.push((i as u16, h));
             if out.len() == MAX_ANCHORS {
                 return;
@@ -172,6 +229,44 @@ mod tests {
                 b"etaoin shrdlu cmfwyp vbgkqjxz\n"[(x % 30) as usize]
             })
             .collect()
+    }
+
+    #[test]
+    fn two_chains_find_the_anchors_one_chain_finds() {
+        let mut pages: Vec<Vec<u8>> = (0..64).map(|s| text(PAGE_SIZE, s + 1)).collect();
+        // Anchors everywhere (more than MAX_ANCHORS in each half), in one
+        // half only, in the last 63 bytes only, and none.
+        let dense: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 7) as u8).collect();
+        pages.push(dense);
+        let mut half = text(PAGE_SIZE, 99);
+        half[..PAGE_SIZE / 2].fill(0);
+        pages.push(half);
+        pages.push(vec![0; PAGE_SIZE]);
+        pages.push(vec![0xff; PAGE_SIZE]);
+        let (mut two, mut one) = (Vec::new(), Vec::new());
+        let mut counts = [0usize; MAX_ANCHORS + 1];
+        for page in &pages {
+            anchors(page, &mut two);
+            one.clear();
+            anchors_from(page, &mut one);
+            assert_eq!(two, one);
+            counts[two.len()] += 1;
+        }
+        // The cases the merge handles all occur: full pages, and pages
+        // with anchors in both halves.
+        assert!(counts[MAX_ANCHORS] > 0 && counts[3..MAX_ANCHORS].iter().sum::<usize>() > 0);
+        // A tail anchor: shift a page until one of its anchors sits in the
+        // last 63 bytes.
+        let long = text(3 * PAGE_SIZE, 5);
+        let tail = (0..PAGE_SIZE).find(|&s| {
+            anchors(&long[s..s + PAGE_SIZE], &mut two);
+            two.last()
+                .is_some_and(|&(o, _)| usize::from(o) >= PAGE_SIZE - WARM)
+        });
+        let s = tail.expect("some shift puts an anchor in the tail");
+        one.clear();
+        anchors_from(&long[s..s + PAGE_SIZE], &mut one);
+        assert_eq!(two, one);
     }
 
     #[test]
