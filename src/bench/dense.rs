@@ -182,7 +182,7 @@ fn stream(
     let t = Instant::now();
     let channels = usize::from(crate::migration::DEFAULT_CHANNELS);
     let mut streams: Vec<_> = (0..channels)
-        .map(|_| crate::codec::StreamEncoder::new(level).expect("a zstd stream"))
+        .map(|_| crate::codec::StreamEncoder::new(level, true).expect("a zstd stream"))
         .collect();
     let (mut raw, mut out, mut bytes) = (Vec::new(), bytes::BytesMut::new(), 0u64);
     for (i, batch) in batches.iter().enumerate() {

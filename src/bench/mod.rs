@@ -101,7 +101,7 @@ pub fn measure_codecs(
             let mut scratch = Vec::new();
             // A kept stream: one over the sampled batches, as one channel's.
             let mut streams = codec.level().filter(|_| codec.is_stream()).map(|level| {
-                let e = crate::codec::StreamEncoder::new(level).expect("a zstd stream");
+                let e = crate::codec::StreamEncoder::new(level, true).expect("a zstd stream");
                 (
                     e,
                     crate::codec::StreamDecoder::new().expect("a zstd stream"),

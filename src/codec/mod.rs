@@ -271,7 +271,9 @@ pub fn compress(codec: Codec, input: &[u8], out: &mut BytesMut) -> Result<usize,
             let at = match streams.iter().position(|s| s.level() == level) {
                 Some(at) => at,
                 None => {
-                    streams.push(StreamEncoder::new(level)?);
+                    // As a session that sends patches (the default) keeps
+                    // its streams: without long-distance matching.
+                    streams.push(StreamEncoder::new(level, false)?);
                     streams.len() - 1
                 }
             };

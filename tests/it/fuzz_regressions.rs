@@ -133,7 +133,7 @@ fn write_seeds() {
 /// Three pieces of one kept stream, the last a repeat of the first, in
 /// `fuzz::kept_stream`'s format.
 fn kept_stream_seed(page: &[u8]) -> Vec<u8> {
-    let mut enc = ferry::codec::StreamEncoder::new(1).unwrap();
+    let mut enc = ferry::codec::StreamEncoder::new(1, true).unwrap();
     let mut data = Vec::new();
     for input in [page, &page[..4096], page] {
         let mut out = bytes::BytesMut::new();
@@ -250,7 +250,7 @@ fn seeds() -> Vec<(Vec<u8>, Vec<u8>)> {
     let frame = encode_frame(&Header::new(Command::PageBatch), &b.payload);
     out.push((frame, b.payload.to_vec()));
     // A kept stream's first batch, as a connection's decoder takes it.
-    let mut stream = ferry::codec::StreamEncoder::new(1).unwrap();
+    let mut stream = ferry::codec::StreamEncoder::new(1, true).unwrap();
     let runs = [PageRun::new(PageIndex(50), 6)];
     let b = BatchEncoder::new()
         .encode_stream(

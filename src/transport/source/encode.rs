@@ -371,7 +371,10 @@ impl Encoder {
             // and the session ends with it.
             let mut stream = match kept.lock().unwrap().take() {
                 Some(s) => s,
-                None => StreamEncoder::new(level).map_err(MigrationError::from)?,
+                // Patches find most of what long-distance matching would.
+                None => {
+                    StreamEncoder::new(level, me.similar.is_none()).map_err(MigrationError::from)?
+                }
             };
             let batch = me.encode(round, &runs, (codec, probe, patch), Some(&mut stream))?;
             *kept.lock().unwrap() = Some(stream);
