@@ -73,9 +73,16 @@ const MASK: u64 = !(u64::MAX >> ANCHOR_EVERY.trailing_zeros());
 /// bytes only, so the second half, warmed over the first's last 63 bytes,
 /// finds exactly the anchors one chain would.
 pub fn anchors(page: &[u8], out: &mut Vec<(u16, u64)>) {
+    anchors_masked(page, MASK, out);
+}
+
+/// [`anchors`] with anchors where `mask`'s bits of the hash are zero (the
+/// tests use denser masks to reach every case of the merge).
+#[inline(always)]
+fn anchors_masked(page: &[u8], mask: u64, out: &mut Vec<(u16, u64)>) {
     out.clear();
     if page.len() != PAGE_SIZE {
-        return anchors_from(page, out);
+        return anchors_from(page, mask, out);
     }
     let (front, back) = page.split_at(PAGE_SIZE / 2);
     let mut late = [(0u16, 0u64); MAX_ANCHORS];
@@ -88,13 +95,13 @@ pub fn anchors(page: &[u8], out: &mut Vec<(u16, u64)>) {
     for (i, (&x, &y)) in pairs.enumerate() {
         a = step(a, x);
         b = step(b, y);
-        if a & MASK == 0 {
+        if a & mask == 0 {
             out.push(((WARM + i) as u16, a));
             if out.len() == MAX_ANCHORS {
                 return;
             }
         }
-        if b & MASK == 0 && n_late < MAX_ANCHORS {
+        if b & mask == 0 && n_late < MAX_ANCHORS {
             late[n_late] = ((PAGE_SIZE / 2 + i) as u16, b);
             n_late += 1;
         }
@@ -106,7 +113,7 @@ pub fn anchors(page: &[u8], out: &mut Vec<(u16, u64)>) {
         let from = PAGE_SIZE - WARM;
         for (i, &y) in back[back.len() - WARM..].iter().enumerate() {
             b = step(b, y);
-            if b & MASK == 0 {
+            if b & mask == 0 {
                 out.push(((from + i) as u16, b));
                 if out.len() == MAX_ANCHORS {
                     return;
@@ -118,12 +125,13 @@ pub fn anchors(page: &[u8], out: &mut Vec<(u16, u64)>) {
 
 /// Anchors of `bytes` as one chain, appended to `out` up to
 /// [`MAX_ANCHORS`].
-fn anchors_from(bytes: &[u8], out: &mut Vec<(u16, u64)>) {
+#[inline(always)]
+fn anchors_from(bytes: &[u8], mask: u64, out: &mut Vec<(u16, u64)>) {
     let warm = WARM.min(bytes.len());
     let mut h = bytes[..warm].iter().fold(0u64, |h, &b| step(h, b));
     for (i, &b) in bytes.iter().enumerate().skip(warm) {
         h = step(h, b);
-        if h & MASK == 0 {
+        if h & mask == 0 {
             out.push((i as u16, h));
             if out.len() == MAX_ANCHORS {
                 return;
@@ -233,39 +241,59 @@ mod tests {
 
     #[test]
     fn two_chains_find_the_anchors_one_chain_finds() {
-        let mut pages: Vec<Vec<u8>> = (0..64).map(|s| text(PAGE_SIZE, s + 1)).collect();
-        // Anchors everywhere (more than MAX_ANCHORS in each half), in one
-        // half only, in the last 63 bytes only, and none.
-        let dense: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 7) as u8).collect();
-        pages.push(dense);
-        let mut half = text(PAGE_SIZE, 99);
-        half[..PAGE_SIZE / 2].fill(0);
-        pages.push(half);
-        pages.push(vec![0; PAGE_SIZE]);
-        pages.push(vec![0xff; PAGE_SIZE]);
+        // Masks of 2 to 9 top bits: from anchors every few bytes (both
+        // halves past MAX_ANCHORS) to the real density, on text and on
+        // pages whose halves differ in density, so that every case of the
+        // merge occurs: the first half full, the second cut to the room
+        // left, the second half's tail needed, and pages of other lengths.
         let (mut two, mut one) = (Vec::new(), Vec::new());
-        let mut counts = [0usize; MAX_ANCHORS + 1];
-        for page in &pages {
-            anchors(page, &mut two);
-            one.clear();
-            anchors_from(page, &mut one);
-            assert_eq!(two, one);
-            counts[two.len()] += 1;
+        let mut seen = [false; 5];
+        let mut back = Vec::new();
+        let mut pages: Vec<Vec<u8>> = (0..48).map(|s| text(PAGE_SIZE, s + 1)).collect();
+        for s in 0..16 {
+            let mut page = text(PAGE_SIZE, 100 + s);
+            // One half made of a single repeated byte: its hash settles on
+            // one value, anchor everywhere or nowhere.
+            let half = if s % 2 == 0 {
+                0..PAGE_SIZE / 2
+            } else {
+                PAGE_SIZE / 2..PAGE_SIZE
+            };
+            page[half].fill(s as u8 * 17);
+            pages.push(page);
         }
-        // The cases the merge handles all occur: full pages, and pages
-        // with anchors in both halves.
-        assert!(counts[MAX_ANCHORS] > 0 && counts[3..MAX_ANCHORS].iter().sum::<usize>() > 0);
-        // A tail anchor: shift a page until one of its anchors sits in the
-        // last 63 bytes.
-        let long = text(3 * PAGE_SIZE, 5);
-        let tail = (0..PAGE_SIZE).find(|&s| {
-            anchors(&long[s..s + PAGE_SIZE], &mut two);
-            two.last()
-                .is_some_and(|&(o, _)| usize::from(o) >= PAGE_SIZE - WARM)
-        });
-        let s = tail.expect("some shift puts an anchor in the tail");
+        pages.push(text(PAGE_SIZE - 1, 7));
+        pages.push(text(100, 8));
+        for bits in 2..=9u32 {
+            let mask = !(u64::MAX >> bits);
+            for page in &pages {
+                anchors_masked(page, mask, &mut two);
+                one.clear();
+                anchors_from(page, mask, &mut one);
+                assert_eq!(two, one, "{bits} bits, {} bytes", page.len());
+                let half = PAGE_SIZE as u16 / 2;
+                let front = two.iter().filter(|(o, _)| *o < half).count();
+                seen[0] |= front == MAX_ANCHORS;
+                seen[1] |= front < MAX_ANCHORS && two.len() == MAX_ANCHORS;
+                seen[2] |= two
+                    .last()
+                    .is_some_and(|&(o, _)| usize::from(o) >= PAGE_SIZE - WARM);
+                seen[3] |= page.len() != PAGE_SIZE && !two.is_empty();
+                // The second half has more anchors than the first left
+                // room for (its own, found by one chain over it and the
+                // 63 bytes before it).
+                if page.len() == PAGE_SIZE {
+                    back.clear();
+                    anchors_from(&page[PAGE_SIZE / 2 - WARM..], mask, &mut back);
+                    seen[4] |= front < MAX_ANCHORS && front + back.len() > MAX_ANCHORS;
+                }
+            }
+        }
+        assert_eq!(seen, [true; 5]);
+        // The real mask finds the real anchors.
+        anchors(&pages[0], &mut two);
         one.clear();
-        anchors_from(&long[s..s + PAGE_SIZE], &mut one);
+        anchors_from(&pages[0], MASK, &mut one);
         assert_eq!(two, one);
     }
 
