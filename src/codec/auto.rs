@@ -151,7 +151,7 @@ const PATCH_GAIN: f64 = 1.02;
 const PATCH_SAVED_FLOOR: f64 = 0.1;
 /// A search's cost until measured: seconds per non-zero byte (the gear
 /// hash, index lookups and the diffs of the candidates, on this repository's
-/// 2-vCPU machine about 1.3 ns; counted high).
+/// 2-vCPU machine about 0.7 ns; counted high).
 const PATCH_COST_PRIOR: f64 = 2e-9;
 /// How a search's measured cost moves its estimate: the estimate is of a
 /// search's steady cost, and a batch above it is mostly a one-off (the
@@ -218,6 +218,8 @@ pub struct AutoChooser {
     zero: Option<f64>,
     cores: f64,
     link_bps: Option<f64>,
+    /// Whether `link_bps` was measured on the sockets rather than set.
+    link_measured: bool,
     batches: u64,
     /// The whole-batch ratio of the codec in use, averaged; a batch far from it
     /// means the page mix changed, and the next batch probes.
@@ -257,6 +259,7 @@ impl AutoChooser {
             zero: None,
             cores: cores.max(1) as f64,
             link_bps: None,
+            link_measured: false,
             batches: 0,
             batch_ratio: None,
             probe_soon: false,
@@ -299,11 +302,21 @@ impl AutoChooser {
         }
     }
 
-    /// Sets the link rate in wire bytes per second (a configured cap, or what
-    /// the sockets are measured to absorb).
+    /// Sets the link rate in wire bytes per second: a configured cap, or a
+    /// share of one.
     pub fn set_link_rate(&mut self, bps: f64) {
         if bps.is_finite() && bps > 0.0 {
             self.link_bps = Some(bps);
+            self.link_measured = false;
+        }
+    }
+
+    /// Sets the link rate to what the sockets were measured to absorb: a
+    /// rate that may be the CPU's own (see [`AutoChooser::patching`]).
+    pub fn set_measured_link_rate(&mut self, bps: f64) {
+        if bps.is_finite() && bps > 0.0 {
+            self.link_bps = Some(bps);
+            self.link_measured = true;
         }
     }
 
@@ -531,12 +544,19 @@ impl AutoChooser {
             return;
         }
         let n = nonzero_bytes as f64;
-        let cost = seconds / n;
-        self.patch_cost = Some(match self.patch_cost {
-            None => cost.min(PATCH_COST_PRIOR * PATCH_COST_JUMP),
-            Some(o) if cost < o => o + PATCH_COST_DOWN * (cost - o),
-            Some(o) => o + PATCH_COST_UP * (cost.min(o * PATCH_COST_JUMP) - o),
-        });
+        // A search takes time: none measured is no measure.
+        if seconds > 0.0 {
+            let cost = seconds / n;
+            self.patch_cost = Some(match self.patch_cost {
+                None => cost.min(PATCH_COST_PRIOR * PATCH_COST_JUMP),
+                Some(o) if cost < o => o + PATCH_COST_DOWN * (cost - o),
+                // Never stuck low: a cap of at least the prior's.
+                Some(o) => {
+                    let cap = o.max(PATCH_COST_PRIOR) * PATCH_COST_JUMP;
+                    o + PATCH_COST_UP * (cost.min(cap) - o)
+                }
+            });
+        }
         self.patch_saved = ewma(self.patch_saved, (saved as f64 / n).min(0.95));
     }
 
@@ -550,17 +570,19 @@ impl AutoChooser {
     /// afford. Its cost counts as [`PATCH_COST_PRIOR`] until measured, its
     /// saving as at least [`PATCH_SAVED_FLOOR`].
     ///
-    /// Never while sending pages uncompressed is best: a link that does not
-    /// pay for lz4 does not pay for a search, which saves fewer bytes per
-    /// second of CPU (a tenth of the bytes at half of lz4's cost). Such a
-    /// link is mostly a socket on this host, as fast as the CPU that the
-    /// search would take from it, which the model does not see.
+    /// Never while sending pages uncompressed is best on a link with no
+    /// cap (its rate unknown or measured on the sockets): there raw pages
+    /// win because the CPU is as fast as the link, which on loopback is the
+    /// same CPU, and what a search takes from it the link loses, which the
+    /// model does not see (one uncapped migration took 1.09 s with the
+    /// search, 0.61-0.68 s without). Under a cap, raw pages may win because
+    /// the memory does not compress, and a search may still pay.
     pub fn patching(&self) -> bool {
         if !self.measured() {
             return false;
         }
         let best = self.ranked().0;
-        if CANDIDATES[best] == Codec::None {
+        if CANDIDATES[best] == Codec::None && (self.link_measured || self.link_bps.is_none()) {
             return false;
         }
         let Some((cpu, wire)) = self.bounds(best) else {
@@ -828,10 +850,12 @@ mod tests {
     }
 
     #[test]
-    fn no_search_while_sending_raw_is_best() {
-        // A fast link on two cores: raw pages win, and a search that the
-        // model alone would run (almost free, saving half) does not.
-        let mut a = measured(2, Some(2000.0), 0.36, MIX);
+    fn no_search_while_sending_raw_is_best_on_a_link_with_no_cap() {
+        // A socket measured fast on two cores: raw pages win, and a search
+        // that the model alone would run (almost free, saving half) does
+        // not, rechecks included.
+        let mut a = measured(2, None, 0.36, MIX);
+        a.set_measured_link_rate(2000.0 * MB);
         a.record_patches(1 << 20, (1u64 << 20) as f64 * 1e-12, 1 << 19);
         assert_eq!(a.best(), Codec::None);
         let rechecks = (0..PATCH_RECHECK * 2)
@@ -841,6 +865,17 @@ mod tests {
             })
             .count();
         assert_eq!(rechecks, 0);
+        // Under a 200 Mbit/s cap, memory that does not compress: raw pages
+        // win, and a search that saves a fifth still pays.
+        let mut capped = measured(2, Some(25.0), 0.36, RANDOM);
+        assert_eq!(capped.best(), Codec::None);
+        capped.record_patches(1 << 20, (1u64 << 20) as f64 * 0.7e-9, 1 << 18);
+        assert!(capped.patching());
+        // A search measured at no time is no measure: else a first such
+        // sample would hold the estimate at zero for good.
+        let mut fresh = measured(2, Some(25.0), 0.36, MIX);
+        fresh.record_patches(1 << 20, 0.0, 0);
+        assert_eq!(fresh.patch_cost, None);
     }
 
     #[test]

@@ -37,7 +37,12 @@ impl WordTable {
     /// kernel refuses, live on the heap.
     pub fn new(len: usize) -> Self {
         let mapped = (len >= HEAP_WORDS)
-            .then(|| GuestMemory::new((len as u64).checked_mul(8)?.next_multiple_of(4096)).ok())
+            .then(|| {
+                let bytes = (len as u64)
+                    .checked_mul(8)?
+                    .checked_next_multiple_of(4096)?;
+                GuestMemory::new(bytes).ok()
+            })
             .flatten();
         let words = match mapped {
             Some(memory) => Words::Mapped(memory),

@@ -82,7 +82,7 @@ impl Encoder {
                 let mut chooser = self.chooser.lock().unwrap();
                 if !self.capped {
                     if let Some(bps) = self.socket_bps.lock().unwrap().rate() {
-                        chooser.set_link_rate(bps);
+                        chooser.set_measured_link_rate(bps);
                     }
                 }
                 if let Some((own, user)) = &self.shared {
