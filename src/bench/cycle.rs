@@ -201,6 +201,9 @@ pub struct CycleMeta {
     pub dense: bool,
     /// Each node's `failback_retention`, bytes.
     pub retention_bytes: u64,
+    /// How long each update took (its command slept), ms; 0: a no-op.
+    #[serde(default)]
+    pub update_ms: u64,
     /// Requested runs.
     pub repeats: u32,
     /// Cores on this machine.
@@ -227,11 +230,16 @@ pub fn write_outputs(
     let _ = writeln!(
         md,
         "A rolling update of three nodes with {} VMs each ({}): each node in turn drained, \
-         updated (a no-op command) and resumed with failback. Links: {} per node ({}); codec {}; \
+         updated ({}) and resumed with failback. Links: {} per node ({}); codec {}; \
          {} migrations at once per node; failback by delta {} (retention {}); dense pages {}; {} runs; \
          {} cores.\n",
         meta.vms_per_node,
         meta.guests.join("; "),
+        if meta.update_ms == 0 {
+            "a no-op command".to_string()
+        } else {
+            format!("a command of {:.1} s", meta.update_ms as f64 / 1000.0)
+        },
         super::sweep::link_label(meta.link_bps),
         meta.link,
         meta.codec,

@@ -47,8 +47,10 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
         s.spawn(|| {
             let (host, netns) = topology.enter_client_side()?;
             let etcd = LocalEtcd::start_at(&dir, host, netns.as_deref())?;
+            // The command goes last: `sleep SECONDS`, or `true no-op`.
+            let hook = if a.update_time.is_zero() { "true" } else { "sleep" };
             let settings = format!(
-                "[defaults]\ncodec = \"{}\"\ndense = {}\nmax_concurrent_migrations = {}\nupdate_hook = [\"true\"]\nfailback_retention = {retention}\n{}",
+                "[defaults]\ncodec = \"{}\"\ndense = {}\nmax_concurrent_migrations = {}\nupdate_hook = [\"{hook}\"]\nfailback_retention = {retention}\n{}",
                 a.codec,
                 a.dense == "on",
                 match a.max_concurrent {
@@ -89,6 +91,7 @@ pub(crate) fn bench_cycle(a: CycleBenchArgs) -> Result<ExitCode> {
             delta,
             dense: a.dense == "on",
             retention_bytes: retention,
+            update_ms: a.update_time.as_millis() as u64,
             repeats: a.repeats,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             unix_time: unix_time(),
@@ -127,7 +130,7 @@ fn repeat(
         // Let busy workloads reach their steady state.
         std::thread::sleep(Duration::from_millis(300));
         eprintln!("bench cycle: rolling update {} of {}", r + 1, a.repeats);
-        let run = cycle_once(agents, cancel, delta)?;
+        let run = cycle_once(agents, cancel, (delta, a.update_time))?;
         if !run.completed {
             // A failed turn leaves its node paused, as a rolling update
             // must: the next run could not place its VMs. Stop here and
@@ -151,10 +154,19 @@ fn repeat(
 const POLL_FAILURES: u32 = 40;
 
 /// One rolling update, waited for and read back phase by phase.
-fn cycle_once(agents: &LocalAgents, cancel: &CancellationToken, delta: bool) -> Result<CycleRun> {
+fn cycle_once(
+    agents: &LocalAgents,
+    cancel: &CancellationToken,
+    (delta, update_time): (bool, Duration),
+) -> Result<CycleRun> {
     let (ctx, a_node) = (&agents.ctx, agents.node("a")?);
+    let command = if update_time.is_zero() {
+        "no-op".to_string()
+    } else {
+        format!("{:.3}", update_time.as_secs_f64())
+    };
     let start = StartUpdate {
-        command: "no-op".into(),
+        command,
         failback: Some("immediate".into()),
         delta: Some(if delta { "on" } else { "off" }.into()),
         ..StartUpdate::default()

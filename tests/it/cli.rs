@@ -205,6 +205,11 @@ fn bad_flags_and_values_are_one_line_errors_with_status_2() {
     ] {
         assert_usage_error(&["receive", "--listen", "127.0.0.1:0", flag, value], flag);
     }
+    assert_usage_error(&["bench", "cycle", "--update-time", "11m"], "--update-time");
+    assert_usage_error(
+        &["bench", "cycle", "--update-time", "soon"],
+        "--update-time",
+    );
 }
 
 #[test]

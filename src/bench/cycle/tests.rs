@@ -73,6 +73,7 @@ fn the_files_hold_the_summary_and_every_run() {
         delta: true,
         dense: true,
         retention_bytes: 4 << 30,
+        update_ms: 0,
         repeats: 1,
         cores: 2,
         unix_time: 0,
@@ -89,5 +90,13 @@ fn the_files_hold_the_summary_and_every_run() {
         md.contains("failback by delta on (retention 4.00 GiB)"),
         "{md}"
     );
+    assert!(md.contains("updated (a no-op command)"), "{md}");
+    let meta = CycleMeta {
+        update_ms: 2500,
+        ..meta
+    };
+    write_outputs(&dir, &meta, &summarize(&runs), &runs).unwrap();
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("updated (a command of 2.5 s)"), "{md}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -177,6 +177,11 @@ pub(crate) struct CycleBenchArgs {
     /// quarter of its memory capacity with `--delta on`, none with it off.
     #[arg(long, default_value = "auto")]
     pub(crate) retention: String,
+    /// How long each node's update takes (its command sleeps that long, as
+    /// a real update's install and reboot would): `0s`, the default, is a
+    /// no-op. At most 10 minutes.
+    #[arg(long, default_value = "0s", value_parser = update_time_arg)]
+    pub(crate) update_time: std::time::Duration,
     /// Rolling updates; medians and spreads are over these.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) repeats: u32,
@@ -364,4 +369,13 @@ pub(crate) struct CodecsArgs {
     /// Print the results as one line of JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `--update-time`: a duration of at most 10 minutes.
+pub(crate) fn update_time_arg(s: &str) -> Result<std::time::Duration, String> {
+    let d = super::duration_arg(s)?;
+    if d > std::time::Duration::from_secs(600) {
+        return Err(format!("{s} is over 10 minutes"));
+    }
+    Ok(d)
 }
