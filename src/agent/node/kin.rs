@@ -5,6 +5,7 @@
 //! another's.
 
 use super::*;
+use crate::agent::peer::PeerError;
 use crate::migration::delta::{tag_pages, Base};
 
 /// A copy a node holds of a VM that left it, as `GET /v1/bases` lists it.
@@ -147,7 +148,8 @@ impl Node {
     /// A base for VM `vm` (of `memory` bytes, made from RAM image `image`)
     /// on `target` from the newest copy `target` holds of another VM made
     /// from that image: its pages' tags under a key drawn now, and its
-    /// digest from their hashes.
+    /// digest from their hashes. A copy another arrival took over (or
+    /// dropped) meanwhile gives way to the next one.
     pub(super) async fn kin_base(
         &self,
         (target, spec): (&str, &NodeSpec),
@@ -159,12 +161,31 @@ impl Node {
             .kin_copies(spec, image, memory)
             .await
             .map_err(|e| e.to_string())?;
-        let Some(copy) = copies.into_iter().find(|c| c.memory == memory) else {
-            return Err(format!(
-                "nor of another VM made from {image} of {}",
-                crate::units::Bytes(memory)
-            ));
-        };
+        let mut why = format!(
+            "nor of another VM made from {image} of {}",
+            crate::units::Bytes(memory)
+        );
+        for copy in copies.into_iter().filter(|c| c.memory == memory) {
+            match self.kin_tags_of((target, spec), copy, memory).await {
+                Ok(base) => return Ok(base),
+                // Gone, or taken over while read: another may still be there.
+                Err(PeerError::Api {
+                    status: 404 | 409, ..
+                }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            why = format!("{why}: each copy was taken by another arrival");
+        }
+        Err(why)
+    }
+
+    /// `copy`'s pages' tags on `target` under a key drawn now, as a base.
+    async fn kin_tags_of(
+        &self,
+        (target, spec): (&str, &NodeSpec),
+        copy: KinCopy,
+        memory: u64,
+    ) -> Result<Base, PeerError> {
         let key = crate::migration::auth::random_bytes::<32>();
         let pages = memory / crate::memory::PAGE_SIZE as u64;
         let mut pairs: Vec<(u64, u64)> = Vec::with_capacity(pages as usize);
@@ -174,8 +195,7 @@ impl Node {
             let got = self
                 .peers
                 .kin_tags(spec, (&copy.vm, &copy.migration), &key, (first, count))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             pairs.extend(got);
         }
         let (hashes, tags): (Vec<u64>, Vec<u64>) = pairs.into_iter().unzip();
