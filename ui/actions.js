@@ -113,6 +113,9 @@ export function migrate(names) {
   });
 }
 
+/** What a drain's target keeps that a VM starts from, as its plan says. */
+const HELD = { own: " (it keeps this VM's image: only changes travel)", kin: " (it keeps a kin's copy: only differences travel)" };
+
 /** Drain `node`: its plan first, then the drain. */
 export async function drain(node) {
   let plan;
@@ -124,7 +127,7 @@ export async function drain(node) {
   }
   const row = (vm, memory, where) => h("tr", {}, h("th", { scope: "row" }, vm), h("td", {}, memory), h("td", {}, where));
   const rows = [
-    ...plan.moves.map((m) => row(m.vm, fmt.bytes(m.memory), `node ${m.target}`)),
+    ...plan.moves.map((m) => row(m.vm, fmt.bytes(m.memory), `node ${m.target}${HELD[m.base] ?? ""}`)),
     ...plan.unplaced.map((m) => row(m.vm, fmt.bytes(m.memory), "nowhere: no node has room")),
     ...(plan.arriving ?? []).map((vm) => row(vm, "", "still arriving here: placed once it lands")),
     ...(plan.staying ?? []).map((x) => row(x.vm, "", `stays: it is ${x.state}`)),

@@ -260,8 +260,9 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
             )));
         }
     }
+    let delta = b.delta.as_ref().map_or(Ok(true), |d| d.on("delta"))?;
     if b.dry_run == Some(true) {
-        let plan = node.drain_plan(b.max_concurrent).await?;
+        let plan = node.drain_plan(b.max_concurrent, delta).await?;
         return Ok(json_status(StatusCode::OK, &plan));
     }
     let op = node
@@ -269,7 +270,7 @@ async fn drain(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult {
             max_concurrent: b.max_concurrent,
             allow_partial: b.allow_partial.unwrap_or(false),
             request_id: checked_request_id(b.request_id)?,
-            delta: b.delta.as_ref().map_or(Ok(true), |d| d.on("delta"))?,
+            delta,
         })
         .await?;
     Ok(json_status(StatusCode::ACCEPTED, &op))

@@ -48,7 +48,7 @@ pub use node::{
     ProgressView, VmSpec, VmState, VmView,
 };
 pub use ops::{
-    place, step_ended, DrainRequest, Interruption, OpKind, OpState, OperationView, Placement,
-    RemainingVm, Step,
+    place, place_near, step_ended, DrainRequest, Held, Interruption, Near, OpKind, OpState,
+    OperationView, Placement, RemainingVm, Step,
 };
 pub use shutdown::{Stop, StopEnd};

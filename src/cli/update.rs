@@ -255,7 +255,12 @@ fn dry(ctx: &Ctx, run: &str, states: &[NodeView], out: &Output) -> Result<ExitCo
             );
             for m in &step.moves {
                 let memory = Bytes(m.memory).to_string();
-                println!("     {:<16} {memory:>10} → {}", m.vm, m.target);
+                let base = match m.base {
+                    ferry::agent::Held::Own => " (it keeps the VM's image)",
+                    ferry::agent::Held::Kin => " (it keeps a kin's copy)",
+                    ferry::agent::Held::None => "",
+                };
+                println!("     {:<16} {memory:>10} → {}{base}", m.vm, m.target);
             }
             for m in &step.unplaced {
                 println!(
@@ -286,6 +291,9 @@ struct Move {
     vm: String,
     memory: u64,
     target: String,
+    /// What the target holds that the VM would start from.
+    #[serde(skip_serializing_if = "ferry::agent::Held::is_none")]
+    base: ferry::agent::Held,
 }
 
 #[derive(Debug, Serialize)]
@@ -305,21 +313,29 @@ pub(crate) fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
                 .iter()
                 .map(|v| (v.spec.name.clone(), v.spec.memory))
                 .collect();
-            let free: Vec<(String, u64)> = nodes()
-                .filter(|(o, s)| o.name != n.name && s.state == NodeMode::Active)
+            let others =
+                || nodes().filter(|(o, s)| o.name != n.name && s.state == NodeMode::Active);
+            let free: Vec<(String, u64)> = others()
                 .map(|(o, s)| {
                     let free = s.free_memory();
                     (o.name.clone(), free)
                 })
                 .collect();
-            let (placed, left) = ferry::agent::place(&vms, &free);
+            // What the others' views show they keep (warm copies are not
+            // in a view); the drain itself also asks for those.
+            let specs: Vec<_> = st.vms.iter().map(|v| v.spec.clone()).collect();
+            let near = ferry::agent::Near::from_views(&specs, others().map(|(_, s)| s), true);
+            let (placed, left) = ferry::agent::place_near(&vms, &free, &near);
             let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
+            let bases = near.bases(&placed);
             PlanStep {
                 node: n.name.clone(),
                 moves: placed
                     .into_iter()
-                    .map(|(vm, target)| Move {
+                    .zip(bases)
+                    .map(|((vm, target), base)| Move {
                         memory: memory(&vm),
+                        base,
                         vm,
                         target,
                     })

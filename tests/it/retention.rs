@@ -73,6 +73,23 @@ fn retained(c: &Agents, node: &str, want: usize) -> Value {
     }
 }
 
+/// `node`'s retained images once one of VM `vm` is listed.
+fn retained_of(c: &Agents, node: &str, vm: &str) -> Value {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = c.call(Method::GET, node, "/v1/node", None);
+        let r = v["failback_retention"].clone();
+        if r["images"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["vm"] == vm))
+        {
+            return r;
+        }
+        assert!(Instant::now() < end, "{node} retains {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_node_keeps_the_image_a_vm_left_with_until_it_comes_back() {
     let _serial = common::serial();
@@ -390,6 +407,50 @@ fn a_vm_sent_to_any_node_that_kept_its_image_goes_by_delta() {
     assert_eq!(first_difference(on_a.memory(), &copy), None);
 }
 
+/// A drain sends each VM where its memory already is, when that node has
+/// room: b's VM goes back to a, which kept its image, though c has more
+/// free memory; its plan says so; and it travels by delta. With the delta
+/// off, nothing is held and the roomiest node takes it.
+#[test]
+fn a_drain_sends_a_vm_where_its_image_is_kept() {
+    let _serial = common::serial();
+    let kept = "failback_retention = \"256MiB\"";
+    let roomy = "failback_retention = \"256MiB\"\nmemory_capacity = \"64GiB\"";
+    let Some(c) = Agents::start("near", &[("a", kept), ("b", kept), ("c", roomy)]) else {
+        return;
+    };
+    let pages = create_web(&c);
+    let left_a = migrate(&c, "a", "web", "b", false);
+    retained(&c, "a", 1);
+    let plan = |body: Value| {
+        let (s, v) = c.call(Method::POST, "b", "/v1/node/drain", Some(body));
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["moves"][0].clone()
+    };
+    let off = plan(json!({"dry_run": true, "delta": "off"}));
+    assert_eq!(
+        (&off["target"], &off["base"]),
+        (&json!("c"), &Value::Null),
+        "{off}"
+    );
+    let near = plan(json!({"dry_run": true}));
+    assert_eq!(
+        (&near["target"], &near["base"]),
+        (&json!("a"), &json!("own")),
+        "{near}"
+    );
+    let drained = op(&c, "b", "/v1/node/drain", json!({}));
+    assert_eq!(drained["steps"][0]["target"], "a", "{drained}");
+    let report = step_report(&c, &drained);
+    assert_eq!(report["delta"]["used"], true, "{report}");
+    assert_eq!(report["delta"]["base"], left_a.as_str(), "{report}");
+    assert!(
+        report["round_log"][0]["pages"].as_u64().unwrap() < pages / 4,
+        "{report}"
+    );
+    assert_eq!(report["verified"], true, "{report}");
+}
+
 /// A VM deleted and created again under its name is another VM: the image
 /// a node kept of the first is never the second's base, even with the same
 /// content, so no page of one can stand in for the other's.
@@ -444,7 +505,7 @@ fn report(c: &Agents, node: &str, id: &str) -> Value {
 /// byte. The kin's kept file is copied in (its warm copy stays); a warm copy
 /// alone is taken over. A VM made from no image, or sent to a node with kin
 /// bases off, takes no kin's copy; the copies and their tags are for the
-/// cluster's token only.
+/// cluster's token only. A drain prefers a node that holds such a copy.
 #[test]
 fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     use common::agents::{READONLY_TOKEN, TOKEN};
@@ -453,10 +514,11 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     // b cannot write images (its folder cannot be made): warm copies only.
     let warm = "failback_retention = \"256MiB\"\nfailback_retention_dir = \"/proc/ferry-none\"";
     let off = "failback_retention = \"256MiB\"\nkin_bases = false";
+    let roomy = format!("{kept}\nmemory_capacity = \"64GiB\"");
     let Some(c) = Agents::start_with(
         "kin",
         "readonly_token_file = \"readonly.token\"",
-        &[("a", kept), ("b", warm), ("c", kept), ("d", off)],
+        &[("a", kept), ("b", warm), ("c", &roomy), ("d", off)],
     ) else {
         return;
     };
@@ -484,6 +546,30 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     // one goes to b, c and d and back: each holds the copy it left with.
     let to_b = migrate(&c, "a", "one", "b", false);
     let left_b = migrate(&c, "b", "one", "a", false);
+    // A drain of a would send one VM made from the image to b, for the
+    // warm copy only b's answer shows (it serves one arrival), though c
+    // has more room; the others go to c with nothing held.
+    let (s, plan) = c.call(
+        Method::POST,
+        "a",
+        "/v1/node/drain",
+        Some(json!({"dry_run": true})),
+    );
+    assert_eq!(s, StatusCode::OK, "{plan}");
+    let moves = plan["moves"].as_array().unwrap();
+    let to = |node: &str| moves.iter().filter(|m| m["target"] == node).count();
+    assert_eq!((to("b"), to("c")), (1, 4), "{plan}");
+    for m in moves {
+        let base = if m["target"] == "b" {
+            json!("kin")
+        } else {
+            Value::Null
+        };
+        assert_eq!(m["base"], base, "{plan}");
+        if m["target"] == "b" {
+            assert_ne!(m["vm"], "three", "{plan}");
+        }
+    }
     migrate(&c, "a", "one", "c", false);
     let left_c = migrate(&c, "c", "one", "a", false);
     retained(&c, "c", 1);
@@ -556,8 +642,14 @@ fn a_vm_starts_from_the_copy_a_node_holds_of_its_kin() {
     eprintln!("one a to b: {full} bytes; two a to b from one's copy: {sent} bytes");
     assert!(sent * 3 < full, "{sent} of {full} bytes");
     // Byte for byte what a sent: the image a kept of two.
-    let kept_a = retained(&c, "a", 1);
-    assert_eq!(kept_a["images"][0]["image"], image, "{kept_a}");
+    // (one's image, if a wrote it before one came back, stays there too.)
+    let kept_a = retained_of(&c, "a", "two");
+    let two_image = kept_a["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["vm"] == "two");
+    assert_eq!(two_image.unwrap()["image"], image, "{kept_a}");
     let at = std::path::Path::new(kept_a["dir"].as_str().unwrap()).join("two.retained");
     let on_b = c.agent("b").node.guest("two").unwrap();
     assert_eq!(first_difference(on_b.memory(), &image_memory(&at)), None);

@@ -32,7 +32,8 @@ impl Node {
                 "max_concurrent must be at least 1".into(),
             ));
         }
-        let (free, excluded) = self.free_elsewhere().await;
+        let (active, excluded) = self.elsewhere().await;
+        let free = free_of(&active);
         // From here no VM is admitted, so the plan sees every VM there will
         // be. A VM arriving now leaves too once it lands: the plan must have
         // room for it, though its target is chosen only then.
@@ -40,7 +41,8 @@ impl Node {
         let mut vms = self.running_vms();
         let arriving = self.arriving_vms();
         vms.extend(arriving.iter().cloned());
-        let (placed, left) = place(&vms, &free);
+        let near = self.near_for(req.delta, &vms, &active).await;
+        let (placed, left) = place_near(&vms, &free, &near);
         if !left.is_empty() && !req.allow_partial {
             self.release_mode(prior);
             let need: u64 = left.iter().map(|(_, m)| m).sum();
@@ -74,6 +76,11 @@ impl Node {
         with_request_id(&mut params, req.request_id.as_deref());
         let (id, cancel) = self.new_op(OpKind::Drain, params, steps);
         tracing::info!(op = %id, vms = placed.len(), left = left.len(), max_concurrent = max, "drain started");
+        for ((vm, to), held) in placed.iter().zip(near.bases(&placed)) {
+            if !held.is_none() {
+                tracing::info!(op = %id, %vm, %to, ?held, "drain: sent where a copy of its memory is held");
+            }
+        }
         if let Some(why) = auto {
             tracing::info!(op = %id, max_concurrent = max, "drain's concurrency chosen: {why}");
         }

@@ -8,16 +8,19 @@
 
 pub mod auto;
 pub(super) mod drain;
+mod near;
 pub mod plan;
 mod resume;
 mod types;
 mod update;
 
+pub use near::{place_near, Held, Near};
 pub use types::*;
 use types::{ASK_NODE, MAX_OUTPUT};
 
 use super::client::name_of;
-use super::node::{MigrationState, Node, NodeError, NodeMode, VmState};
+use super::cluster::NodeSpec;
+use super::node::{MigrationState, Node, NodeError, NodeMode, NodeView, VmState};
 use super::request::{CreateMigration, MigrationParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -47,27 +50,9 @@ pub type Placement = (Vec<(String, String)>, Vec<(String, u64)>);
 
 /// Places `vms` (name, memory) on `free` nodes (name, free bytes): largest VM
 /// first, each on the node with the most free memory that holds it, so the
-/// load spreads.
+/// load spreads ([`place_near`] with nothing held anywhere).
 pub fn place(vms: &[(String, u64)], free: &[(String, u64)]) -> Placement {
-    let mut vms = vms.to_vec();
-    vms.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut free = free.to_vec();
-    let mut placed = Vec::new();
-    let mut left = Vec::new();
-    for (vm, mem) in vms {
-        let best = free
-            .iter_mut()
-            .filter(|(_, f)| *f >= mem)
-            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)));
-        match best {
-            Some((node, f)) => {
-                *f -= mem;
-                placed.push((vm, node.clone()));
-            }
-            None => left.push((vm, mem)),
-        }
-    }
-    (placed, left)
+    place_near(vms, free, &Near::default())
 }
 
 impl Node {
@@ -293,7 +278,14 @@ impl Node {
     /// others do not. Asked all at once, each within [`ASK_NODE`]: a host
     /// that went dark holds nothing up.
     pub(crate) async fn free_elsewhere(&self) -> (Vec<(String, u64)>, Vec<String>) {
-        let mut free = Vec::new();
+        let (active, excluded) = self.elsewhere().await;
+        (free_of(&active), excluded)
+    }
+
+    /// The other nodes that take VMs now, with their views; and why the
+    /// others do not, as [`Node::free_elsewhere`] asks them.
+    pub(crate) async fn elsewhere(&self) -> (Vec<(NodeSpec, NodeView)>, Vec<String>) {
+        let mut active = Vec::new();
         let mut excluded = Vec::new();
         let mut asked = Vec::new();
         for n in self
@@ -326,7 +318,7 @@ impl Node {
                             .as_ref()
                             .is_none_or(|l| l.state == super::fence::FenceState::Live) =>
                 {
-                    free.push((n.name.clone(), v.free_memory()));
+                    active.push((n, v));
                 }
                 Ok(v) if v.state != NodeMode::Active => {
                     excluded.push(format!("{} is {}", n.name, name_of(v.state)))
@@ -335,8 +327,16 @@ impl Node {
                 Err(e) => excluded.push(format!("{} is unreachable ({e})", n.name)),
             }
         }
-        (free, excluded)
+        (active, excluded)
     }
+}
+
+/// Each node's free memory, as [`place`] takes it.
+fn free_of(active: &[(NodeSpec, NodeView)]) -> Vec<(String, u64)> {
+    active
+        .iter()
+        .map(|(n, v)| (n.name.clone(), v.free_memory()))
+        .collect()
 }
 
 /// How long an update command waits for its operation's record to reach

@@ -60,6 +60,11 @@ pub struct PlannedMove {
     pub memory: u64,
     /// Where it would go; empty when nowhere.
     pub target: String,
+    /// What the target holds that it would start from (`own`: the image
+    /// it last left there with; `kin`: a copy of a VM made from the same
+    /// RAM image); absent when nothing.
+    #[serde(default, skip_serializing_if = "Held::is_none")]
+    pub base: Held,
 }
 
 /// A node's free memory.
@@ -85,10 +90,14 @@ impl Node {
         }
     }
 
-    /// The plan a drain asked for `asked` concurrency would follow now;
-    /// refused as the drain would be, when the node already drains or its
-    /// agent stops.
-    pub async fn drain_plan(&self, asked: Option<Concurrency>) -> Result<DrainPlan, NodeError> {
+    /// The plan a drain asked for `asked` concurrency, and to offer bases
+    /// or not (`delta`), would follow now; refused as the drain would be,
+    /// when the node already drains or its agent stops.
+    pub async fn drain_plan(
+        &self,
+        asked: Option<Concurrency>,
+        delta: bool,
+    ) -> Result<DrainPlan, NodeError> {
         self.refuse_if_closing()?;
         if self.mode() == NodeMode::Draining {
             return Err(NodeError::Conflict(format!(
@@ -97,18 +106,23 @@ impl Node {
             )));
         }
         let (max_concurrent, auto) = self.drain_concurrency(asked);
-        let (free, excluded) = self.free_elsewhere().await;
+        let (active, excluded) = self.elsewhere().await;
+        let free = free_of(&active);
         let mut vms = self.running_vms();
         let arriving = self.arriving_vms();
         vms.extend(arriving.iter().cloned());
-        let (placed, left) = place(&vms, &free);
+        let near = self.near_for(delta, &vms, &active).await;
+        let (placed, left) = place_near(&vms, &free, &near);
         let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
         let arrives = |vm: &str| arriving.iter().any(|(v, _)| v == vm);
+        let bases = near.bases(&placed);
         let moves = placed
             .into_iter()
-            .filter(|(vm, _)| !arrives(vm))
-            .map(|(vm, target)| PlannedMove {
+            .zip(bases)
+            .filter(|((vm, _), _)| !arrives(vm))
+            .map(|((vm, target), base)| PlannedMove {
                 memory: memory(&vm),
+                base,
                 vm,
                 target,
             })
@@ -119,6 +133,7 @@ impl Node {
                 vm,
                 memory,
                 target: String::new(),
+                base: Held::None,
             })
             .collect();
         let staying = self
