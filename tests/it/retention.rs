@@ -493,6 +493,46 @@ fn an_image_of_an_earlier_vm_of_the_same_name_is_never_a_base() {
     assert_eq!(first("a"), now);
 }
 
+/// A VM made from a RAM image that comes back to a node leaves the image it
+/// left it with there: no longer its own base, but a copy for its kin,
+/// which the next VM made from that image starts from.
+#[test]
+fn a_vm_back_home_leaves_its_image_there_for_its_kin() {
+    let _serial = common::serial();
+    let kept = "failback_retention = \"256MiB\"";
+    let Some(c) = Agents::start("kin-home", &[("a", kept), ("b", kept)]) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ferry-kin-home-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("golden.img");
+    let golden = GuestMemory::new(32 << 20).unwrap();
+    ferry::memory::FillSpec::default().fill(&golden, 5, 1);
+    golden.save_image(&path).unwrap();
+    let image = path.to_str().unwrap();
+    for (node, vm) in [("a", "one"), ("b", "two")] {
+        let body = json!({"name": vm, "memory": "32MiB", "workload": "hot:2MiB",
+                          "dirty_rate": "10MB/s", "image": image});
+        create(&c, node, body);
+    }
+    let left = migrate(&c, "a", "one", "b", false);
+    retained(&c, "a", 1);
+    let back = migrate(&c, "b", "one", "a", false);
+    assert_eq!(report(&c, "b", &back)["delta"]["base"], left.as_str());
+    // Back home, one's image stays on a.
+    let kept = retained(&c, "a", 1);
+    assert_eq!(kept["images"][0]["vm"], "one", "{kept}");
+    assert_eq!(kept["images"][0]["migration"], left.as_str(), "{kept}");
+    // two starts from it.
+    let id = migrate(&c, "b", "two", "a", false);
+    let r = report(&c, "b", &id);
+    assert_eq!(r["delta"]["used"], true, "{r}");
+    assert_eq!(r["delta"]["base"], left.as_str(), "{r}");
+    assert_eq!(r["delta"]["base_vm"], "one", "{r}");
+    assert_eq!(r["verified"], true, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Migration `id`'s report on node `node`.
 fn report(c: &Agents, node: &str, id: &str) -> Value {
     let (_, m) = c.call(Method::GET, node, &format!("/v1/migrations/{id}"), None);

@@ -121,9 +121,14 @@ impl Node {
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
         }
         let superseded = vm.superseded;
+        let kin = self.spec.kin_bases && vm.spec.image.is_some();
         drop(st);
-        // It runs here again: an image it left with before is past.
-        self.retention.remove(&name);
+        // It runs here again: an image it left with before is past as its
+        // own base, but one of a VM made from a RAM image stays a copy for
+        // its kin (its next departure replaces it). Its warm copy goes.
+        if !kin {
+            self.retention.remove(&name);
+        }
         self.state.lock().unwrap().warm.remove(&name);
         // The record names this node from now.
         self.claim_arrived(&name, &source, &id, superseded);
