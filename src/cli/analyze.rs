@@ -134,7 +134,7 @@ fn fit(ctx: &Ctx, views: &[Option<NodeView>]) -> Check {
     let Some(states) = views.iter().cloned().collect::<Option<Vec<NodeView>>>() else {
         return check(what, false, "not every node answers: no plan");
     };
-    let plan = super::update::plan_update(ctx, &states);
+    let plan = super::update::plan_update(ctx, &states, true);
     let stuck: Vec<String> = plan
         .iter()
         .filter(|p| !p.unplaced.is_empty())

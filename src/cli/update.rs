@@ -185,7 +185,8 @@ pub fn cluster(cmd: ClusterCommand, cluster: &ClusterArg) -> Result<ExitCode> {
             })?;
             states.push(v);
         }
-        return dry(&ctx, &run, &states, &out);
+        let delta = delta.as_deref() != Some("off");
+        return dry(&ctx, (&run, delta), &states, &out);
     }
     let start = ferry::agent::rolling::StartUpdate {
         command: run,
@@ -233,8 +234,13 @@ pub(crate) fn print_run(report: &[NodeRun], failure: Option<&(String, String)>) 
 }
 
 /// `--dry-run`: prints the plan; exit 1 when a drain would be refused.
-fn dry(ctx: &Ctx, run: &str, states: &[NodeView], out: &Output) -> Result<ExitCode> {
-    let plan = plan_update(ctx, states);
+fn dry(
+    ctx: &Ctx,
+    (run, delta): (&str, bool),
+    states: &[NodeView],
+    out: &Output,
+) -> Result<ExitCode> {
+    let plan = plan_update(ctx, states, delta);
     if out.json {
         #[derive(Serialize)]
         struct Dry<'a> {
@@ -303,8 +309,9 @@ pub(crate) struct Unplaced {
 }
 
 /// Where each node's VMs would go when it is drained in turn, the others as
-/// they are now (each node's VMs come back before the next is drained).
-pub(crate) fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
+/// they are now (each node's VMs come back before the next is drained);
+/// with `delta`, preferring nodes whose views show a copy of a VM's memory.
+pub(crate) fn plan_update(ctx: &Ctx, states: &[NodeView], delta: bool) -> Vec<PlanStep> {
     let nodes = || ctx.cluster.nodes.iter().zip(states);
     nodes()
         .map(|(n, st)| {
@@ -324,7 +331,10 @@ pub(crate) fn plan_update(ctx: &Ctx, states: &[NodeView]) -> Vec<PlanStep> {
             // What the others' views show they keep (warm copies are not
             // in a view); the drain itself also asks for those.
             let specs: Vec<_> = st.vms.iter().map(|v| v.spec.clone()).collect();
-            let near = ferry::agent::Near::from_views(&specs, others().map(|(_, s)| s), true);
+            let near = match delta {
+                true => ferry::agent::Near::from_views(&specs, others().map(|(_, s)| s), true),
+                false => ferry::agent::Near::default(),
+            };
             let (placed, left) = ferry::agent::place_near(&vms, &free, &near);
             let memory = |vm: &str| vms.iter().find(|(v, _)| v == vm).map_or(0, |(_, m)| *m);
             let bases = near.bases(&placed);

@@ -530,6 +530,13 @@ fn a_vm_back_home_leaves_its_image_there_for_its_kin() {
     assert_eq!(r["delta"]["base"], left.as_str(), "{r}");
     assert_eq!(r["delta"]["base_vm"], "one", "{r}");
     assert_eq!(r["verified"], true, "{r}");
+    // one leaves again: the copy it left with before is no base of its own.
+    let again = migrate(&c, "a", "one", "b", false);
+    let (s, v) = c.call(Method::GET, "a", "/v1/retained/one", None);
+    assert!(
+        s == StatusCode::NOT_FOUND || v["migration"] == again.as_str(),
+        "{s} {v}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -121,12 +121,13 @@ impl Node {
             self.metrics.received.fetch_add(1, Ordering::Relaxed);
         }
         let superseded = vm.superseded;
-        let kin = self.spec.kin_bases && vm.spec.image.is_some();
+        let (image, incarnation) = (vm.spec.image.clone(), vm.spec.incarnation);
         drop(st);
         // It runs here again: an image it left with before is past as its
         // own base, but one of a VM made from a RAM image stays a copy for
-        // its kin (its next departure replaces it). Its warm copy goes.
-        if !kin {
+        // its kin until it leaves again, unless another VM's copy of the
+        // same image already serves them. Its warm copy goes.
+        if !self.home_copy_for_kin(&name, image.as_deref(), incarnation) {
             self.retention.remove(&name);
         }
         self.state.lock().unwrap().warm.remove(&name);

@@ -32,6 +32,10 @@ pub enum TagError {
     Unusable(String),
 }
 
+/// Most kin copies a source asks a target to tag for one migration (each
+/// is read and hashed whole there).
+const KIN_TRIES: usize = 3;
+
 impl Node {
     /// The copies held here of VMs made from RAM image `image`, of `memory`
     /// bytes, newest first (a warm copy before the file of the same).
@@ -145,6 +149,33 @@ impl Node {
         tag_pages(key, (first, count), threads, &read).map_err(TagError::Unusable)
     }
 
+    /// Whether the image VM `vm` (made from RAM `image`, of `incarnation`)
+    /// left this node with stays, now that the VM is back, as a copy for
+    /// its kin: only with kin bases on, an image of this very VM made from
+    /// that RAM image, and no other VM's kept copy of it here already (one
+    /// copy on disk serves any number of arrivals).
+    pub(super) fn home_copy_for_kin(
+        &self,
+        vm: &str,
+        image: Option<&str>,
+        incarnation: u64,
+    ) -> bool {
+        let (Some(image), true) = (image, self.spec.kin_bases) else {
+            return false;
+        };
+        let Some(kept) = self.retention.get(vm) else {
+            return false;
+        };
+        kept.image.as_deref() == Some(image)
+            && incarnation != 0
+            && kept.incarnation == incarnation
+            && !self
+                .retention
+                .made_from(image, kept.memory)
+                .iter()
+                .any(|other| other.vm != vm)
+    }
+
     /// A base for VM `vm` (of `memory` bytes, made from RAM image `image`)
     /// on `target` from the newest copy `target` holds of another VM made
     /// from that image: its pages' tags under a key drawn now, and its
@@ -161,22 +192,31 @@ impl Node {
             .kin_copies(spec, image, memory)
             .await
             .map_err(|e| e.to_string())?;
-        let mut why = format!(
-            "nor of another VM made from {image} of {}",
-            crate::units::Bytes(memory)
-        );
+        let mut last = None;
+        let mut tried: Vec<String> = Vec::new();
         for copy in copies.into_iter().filter(|c| c.memory == memory) {
+            if tried.len() == KIN_TRIES || tried.contains(&copy.migration) {
+                continue;
+            }
+            tried.push(copy.migration.clone());
             match self.kin_tags_of((target, spec), copy, memory).await {
                 Ok(base) => return Ok(base),
                 // Gone, or taken over while read: another may still be there.
-                Err(PeerError::Api {
-                    status: 404 | 409, ..
-                }) => {}
+                Err(
+                    e @ PeerError::Api {
+                        status: 404 | 409, ..
+                    },
+                ) => last = Some(e),
                 Err(e) => return Err(e.to_string()),
             }
-            why = format!("{why}: each copy was taken by another arrival");
         }
-        Err(why)
+        Err(match last {
+            Some(e) => format!("{} copies of kin tried, the last: {e}", tried.len()),
+            None => format!(
+                "nor of another VM made from {image} of {}",
+                crate::units::Bytes(memory)
+            ),
+        })
     }
 
     /// `copy`'s pages' tags on `target` under a key drawn now, as a base.

@@ -213,6 +213,10 @@ impl Node {
                 // The guest runs on the target now; the paused copy here goes
                 // (its memory held while its image is retained).
                 (Outcome::Completed, _) => {
+                    // An image it left with before, kept here while it was
+                    // home as a copy for its kin, is past: the copy it
+                    // leaves with now is its base here.
+                    self.retention.remove(&vm);
                     gone = st.vms.remove(&vm);
                     let left = gone.as_ref().and_then(|v| v.guest.as_ref());
                     let incarnation = gone.as_ref().map_or(0, |v| v.spec.incarnation);

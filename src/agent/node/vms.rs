@@ -328,6 +328,8 @@ impl Node {
         }
         let vm = st.vms.remove(name).expect("checked above");
         drop(st);
+        // An image it left with, kept here as a copy for its kin, goes too.
+        self.retention.remove(name);
         if let Some(lost) = &lost {
             tracing::warn!(vm = %name, "deleted with force: {lost}");
         }

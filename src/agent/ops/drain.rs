@@ -34,6 +34,10 @@ impl Node {
         }
         let (active, excluded) = self.elsewhere().await;
         let free = free_of(&active);
+        // Asked before the node turns away arrivals: a VM that starts
+        // running here after this holds nothing elsewhere, as far as the
+        // plan knows.
+        let near = self.near_for(req.delta, &self.running_vms(), &active).await;
         // From here no VM is admitted, so the plan sees every VM there will
         // be. A VM arriving now leaves too once it lands: the plan must have
         // room for it, though its target is chosen only then.
@@ -41,7 +45,6 @@ impl Node {
         let mut vms = self.running_vms();
         let arriving = self.arriving_vms();
         vms.extend(arriving.iter().cloned());
-        let near = self.near_for(req.delta, &vms, &active).await;
         let (placed, left) = place_near(&vms, &free, &near);
         if !left.is_empty() && !req.allow_partial {
             self.release_mode(prior);

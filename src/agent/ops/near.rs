@@ -6,6 +6,7 @@
 use super::*;
 use crate::agent::cluster::NodeSpec;
 use crate::agent::node::{NodeView, VmSpec};
+use std::collections::HashMap;
 
 /// What a node holds that a VM sent there could start from, least first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -33,9 +34,8 @@ impl Held {
 /// pools, one per node and RAM image.
 #[derive(Debug, Default, Clone)]
 pub struct Near {
-    /// (vm, node, what, the pool a `Kin` draws on), at most one entry per
-    /// pair.
-    held: Vec<(String, String, Held, Option<usize>)>,
+    /// By (vm, node): what, and the pool a `Kin` draws on.
+    held: HashMap<(String, String), (Held, Option<usize>)>,
     /// How many arrivals each pool serves.
     pools: Vec<usize>,
 }
@@ -43,18 +43,18 @@ pub struct Near {
 impl Near {
     /// What `node` holds for `vm`, pools not counted.
     pub fn of(&self, vm: &str, node: &str) -> Held {
-        self.entry(vm, node).map_or(Held::None, |e| e.2)
+        self.entry(vm, node).map_or(Held::None, |e| e.0)
     }
 
-    fn entry(&self, vm: &str, node: &str) -> Option<&(String, String, Held, Option<usize>)> {
-        self.held.iter().find(|(v, n, ..)| v == vm && n == node)
+    fn entry(&self, vm: &str, node: &str) -> Option<(Held, Option<usize>)> {
+        self.held.get(&(vm.to_string(), node.to_string())).copied()
     }
 
     /// What `node` holds for `vm` with `left` arrivals left in each pool.
     fn of_left(&self, vm: &str, node: &str, left: &[usize]) -> Held {
         match self.entry(vm, node) {
-            Some((.., Held::Kin, Some(p))) if left[*p] == 0 => Held::None,
-            Some(e) => e.2,
+            Some((Held::Kin, Some(p))) if left[p] == 0 => Held::None,
+            Some(e) => e.0,
             None => Held::None,
         }
     }
@@ -62,8 +62,8 @@ impl Near {
     /// Counts `vm`'s arrival on `node` against its pool, if it draws on one.
     fn take(&self, vm: &str, node: &str, left: &mut [usize]) -> Held {
         let held = self.of_left(vm, node, left);
-        if let (Held::Kin, Some((.., Some(p)))) = (held, self.entry(vm, node)) {
-            left[*p] -= 1;
+        if let (Held::Kin, Some((_, Some(p)))) = (held, self.entry(vm, node)) {
+            left[p] -= 1;
         }
         held
     }
@@ -89,11 +89,13 @@ impl Near {
         if what.is_none() {
             return;
         }
-        match self.held.iter_mut().find(|(v, n, ..)| v == vm && n == node) {
-            // A pool's copy adds nothing to a copy on disk.
-            Some(e) if e.2 > what || (e.2 == what && e.3.is_none()) => {}
-            Some(e) => (e.2, e.3) = (what, pool),
-            None => self.held.push((vm.into(), node.into(), what, pool)),
+        let e = self
+            .held
+            .entry((vm.into(), node.into()))
+            .or_insert((Held::None, None));
+        // A pool's copy adds nothing to a copy on disk.
+        if what > e.0 || (what == e.0 && pool.is_none()) {
+            *e = (what, pool);
         }
     }
 
@@ -202,11 +204,12 @@ impl Node {
         }
     }
 
-    /// What the `active` nodes hold for the VMs named in `vms`: their views'
-    /// kept images and, with this node's `kin_bases` on, the copies (warm
-    /// ones too) each says it holds of VMs made from their RAM images,
-    /// asked all at once, each within [`ASK_NODE`]. A node that does not
-    /// answer holds nothing here.
+    /// What the `active` nodes hold for the running VMs among `vms`: their
+    /// views' images of the VMs themselves and, with this node's
+    /// `kin_bases` on, the copies each says it holds (`GET /v1/bases`, so
+    /// none of a node with kin bases off) of VMs made from the same RAM
+    /// images, for at most [`MAX_IMAGES`] images, asked all at once, each
+    /// within [`ASK_NODE`]. A node that does not answer holds nothing here.
     pub(super) async fn near(
         &self,
         vms: &[(String, u64)],
@@ -215,12 +218,12 @@ impl Node {
         let specs: Vec<VmSpec> = self
             .vms()
             .into_iter()
+            .filter(|v| v.state == crate::agent::node::VmState::Running)
             .map(|v| v.spec)
             .filter(|s| vms.iter().any(|(n, _)| *n == s.name))
             .collect();
-        let kin = self.spec.kin_bases;
-        let mut near = Near::from_views(&specs, active.iter().map(|(_, v)| v), kin);
-        if !kin {
+        let mut near = Near::from_views(&specs, active.iter().map(|(_, v)| v), false);
+        if !self.spec.kin_bases {
             return near;
         }
         let mut images: Vec<(&str, u64)> = specs
@@ -229,35 +232,42 @@ impl Node {
             .collect();
         images.sort_unstable();
         images.dedup();
+        images.truncate(MAX_IMAGES);
         let asked = active.iter().flat_map(|(spec, view)| {
             images.iter().map(move |&(image, memory)| async move {
                 let copies = self.peers.kin_copies(spec, image, memory);
                 let found = tokio::time::timeout(ASK_NODE, copies).await;
-                let warm = match found {
-                    Ok(Ok(c)) => c
-                        .iter()
-                        .filter(|c| c.memory == memory && !on_disk(view, &c.migration))
-                        .count(),
-                    _ => 0,
-                };
-                (view.name.as_str(), image, memory, warm)
+                let (mut disk, mut warm) = (false, 0);
+                for c in found.ok().and_then(Result::ok).unwrap_or_default() {
+                    if c.memory != memory {
+                        continue;
+                    }
+                    match on_disk(view, &c.migration) {
+                        true => disk = true,
+                        false => warm += 1,
+                    }
+                }
+                (view.name.as_str(), image, memory, (disk, warm))
             })
         });
-        for (node, image, memory, warm) in futures_util::future::join_all(asked).await {
-            if warm == 0 {
-                continue;
-            }
-            let pool = near.pool(warm);
-            let kin = specs
+        for (node, image, memory, (disk, warm)) in futures_util::future::join_all(asked).await {
+            let kin: Vec<&VmSpec> = specs
                 .iter()
-                .filter(|s| s.memory == memory && s.image.as_deref() == Some(image));
-            for s in kin {
-                near.note_kin(&s.name, node, pool);
+                .filter(|s| s.memory == memory && s.image.as_deref() == Some(image))
+                .collect();
+            if disk {
+                kin.iter().for_each(|s| near.note(&s.name, node, Held::Kin));
+            } else if warm > 0 {
+                let pool = near.pool(warm);
+                kin.iter().for_each(|s| near.note_kin(&s.name, node, pool));
             }
         }
         near
     }
 }
+
+/// Most RAM images whose copies a drain asks each node for.
+const MAX_IMAGES: usize = 16;
 
 /// Whether `view` lists a kept file of the copy left by `migration`.
 fn on_disk(view: &NodeView, migration: &str) -> bool {
