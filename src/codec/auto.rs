@@ -806,7 +806,8 @@ mod tests {
         // search pays (by 7% in the model); on one it would not.
         assert!(searched(2, Some(125.0)).patching());
         assert!(!searched(1, Some(125.0)).patching());
-        // Loopback: the CPU bounds it.
+        // No cap and raw pages best on this memory: the raw-is-best rule,
+        // not the CPU model, keeps it off.
         assert!(!searched(2, None).patching());
         // Stopped, one batch in PATCH_RECHECK searches anyway.
         let mut fast = searched(1, Some(125.0));
