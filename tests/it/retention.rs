@@ -537,6 +537,16 @@ fn a_vm_back_home_leaves_its_image_there_for_its_kin() {
         s == StatusCode::NOT_FOUND || v["migration"] == again.as_str(),
         "{s} {v}"
     );
+    // Its new image written, one comes home again and it stays; deleting
+    // the VM drops it.
+    let kept = retained_of(&c, "a", "one");
+    assert_eq!(kept["images"][0]["migration"], again.as_str(), "{kept}");
+    migrate(&c, "b", "one", "a", false);
+    let kept = retained(&c, "a", 1);
+    assert_eq!(kept["images"][0]["migration"], again.as_str(), "{kept}");
+    let (s, v) = c.call(Method::DELETE, "a", "/v1/vms/one", None);
+    assert_eq!(s, StatusCode::OK, "{v}");
+    retained(&c, "a", 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
