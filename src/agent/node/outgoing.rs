@@ -213,10 +213,6 @@ impl Node {
                 // The guest runs on the target now; the paused copy here goes
                 // (its memory held while its image is retained).
                 (Outcome::Completed, _) => {
-                    // An image it left with before, kept here while it was
-                    // home as a copy for its kin, is past: the copy it
-                    // leaves with now is its base here.
-                    self.retention.remove(&vm);
                     gone = st.vms.remove(&vm);
                     let left = gone.as_ref().and_then(|v| v.guest.as_ref());
                     let incarnation = gone.as_ref().map_or(0, |v| v.spec.incarnation);
@@ -255,6 +251,14 @@ impl Node {
                 e.error = report.error.clone();
                 e.report = Some(report);
             }
+        }
+        if gone.is_some() {
+            // An image it left with before, kept here while it was home as
+            // a copy for its kin, is past: the copy it leaves with now is
+            // its base here. Dropped outside the node's lock (the store's
+            // lock may be held across a rename and an fsync), and before
+            // the new image's write starts, which it would cancel.
+            self.retention.remove(&vm);
         }
         let left = gone.is_some() && self.spec.failback_retention > 0;
         // Its guest's threads are joined outside the node's lock.
