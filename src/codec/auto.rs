@@ -578,23 +578,28 @@ impl AutoChooser {
     /// search, 0.61-0.68 s without). Under a cap, raw pages may win because
     /// the memory does not compress, and a search may still pay.
     pub fn patching(&self) -> bool {
+        self.patch_gain().is_some_and(|gain| {
+            gain > PATCH_GAIN || (self.batches > 0 && self.batches.is_multiple_of(PATCH_RECHECK))
+        })
+    }
+
+    /// What a search for patches promises: the best candidate's pipeline
+    /// throughput with it over without it. `None` where no search may run.
+    fn patch_gain(&self) -> Option<f64> {
         if !self.measured() {
-            return false;
+            return None;
         }
         let best = self.ranked().0;
         if CANDIDATES[best] == Codec::None && (self.link_measured || self.link_bps.is_none()) {
-            return false;
+            return None;
         }
-        let Some((cpu, wire)) = self.bounds(best) else {
-            return false;
-        };
+        let (cpu, wire) = self.bounds(best)?;
         let cost = self.patch_cost.unwrap_or(PATCH_COST_PRIOR);
         let saved = self.patch_saved.unwrap_or(0.0);
         let nonzero = 1.0 - self.zero.unwrap_or(0.0).clamp(0.0, 1.0);
         let cpu_with = 1.0 / (1.0 / cpu + nonzero * cost / self.encode_cores());
         let wire_with = wire / (1.0 - saved.max(PATCH_SAVED_FLOOR));
-        let gain = pipeline(cpu_with, wire_with) / pipeline(cpu, wire).max(f64::MIN_POSITIVE);
-        gain > PATCH_GAIN || (self.batches > 0 && self.batches.is_multiple_of(PATCH_RECHECK))
+        Some(pipeline(cpu_with, wire_with) / pipeline(cpu, wire).max(f64::MIN_POSITIVE))
     }
 
     /// Whether every compressor has been measured.
@@ -675,6 +680,9 @@ impl AutoChooser {
                     .map(|i| self.bounds(i).map(|(c, w)| ((c / 1e6).round(), (w / 1e6).round())))
                     .collect::<Vec<_>>(),
                 scales = ?self.estimates.iter().map(|e| e.scale).collect::<Vec<_>>(),
+                patch_ns = ?self.patch_cost.map(|c| c * 1e9),
+                patch_saved = ?self.patch_saved,
+                patch_gain = ?self.patch_gain(),
                 "auto estimates (MB/s of guest memory)"
             );
         }
