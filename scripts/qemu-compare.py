@@ -13,7 +13,8 @@ qdisc shapes to --bandwidth (the sweep's link: a 4 ms bucket, a 50 ms queue):
     multifd on, max-bandwidth lifted, every --qemu-channels x
     --qemu-compression x --qemu-dirty-tracking combination. With KVM's dirty
     bitmap, QEMU 7.2 on Linux 6.18 sent the whole guest twice in every run of
-    2026-12-07 (its first sync finds every page dirty); with the dirty ring
+    2026-12-07 (every page counted dirty again after the first pass); with the
+    dirty ring
     (`-accel kvm,dirty-ring-size=4096`) it sends it once;
   * ferry: `ferry send --image` to a `ferry receive` in a second process,
     idle guest, for each --ferry-codecs.
@@ -387,14 +388,14 @@ def report(a, results):
     best = {t: min((r for r in results if r["tool"] == t), key=lambda r: r["total_ms"]["median"])
             for t in ("qemu", "ferry")}
     ratio = best["ferry"]["total_ms"]["median"] / best["qemu"]["total_ms"]["median"]
+    fastest = {t: min(r["total_ms"]["min"] for r in results if r["tool"] == t) for t in ("qemu", "ferry")}
     if a.json:
         print(json.dumps({"memory_bytes": MEMORY, "link": a.link,
                           "bandwidth": a.bandwidth if a.link == "tbf" else None,
                           "results": results,
                           "best": {t: b["config"] for t, b in best.items()},
                           "ferry_over_qemu": ratio,
-                          "fastest_ms": {t: min(r["total_ms"]["min"] for r in results if r["tool"] == t)
-                                         for t in ("qemu", "ferry")}}))
+                          "fastest_ms": fastest}))
         return
     where = f"a {a.bandwidth} tbf link" if a.link == "tbf" else "loopback"
     print(f"{MEMORY >> 20} MiB guest, {where}, {a.repeats} runs each; total time median (min-max)")
@@ -409,7 +410,6 @@ def report(a, results):
               + (f" {r['link_bytes'] / 2**20:7.0f} MiB" if r["link_bytes"] is not None else "")
               + mark)
     print(f"ferry's best / QEMU's best: {ratio:.3f} (target: at most 0.65 on a 1 Gbit/s link)")
-    fastest = {t: min(r["total_ms"]["min"] for r in results if r["tool"] == t) for t in ("qemu", "ferry")}
     print(f"fastest single runs: ferry {fastest['ferry']:.0f} ms, QEMU {fastest['qemu']:.0f} ms "
           f"({fastest['ferry'] / fastest['qemu']:.3f})")
     pause = {t: max(r["downtime_ms"] for r in results if r["tool"] == t) for t in ("qemu", "ferry")}
